@@ -1,0 +1,84 @@
+"""The `vgw` command line (CONTRACT §1).
+
+Each subcommand lives in its own module under ``agent.cli`` and exposes ``register(subparsers)``, which
+adds its parser and sets ``func`` (``Callable[[argparse.Namespace], int]``) as the default. ``main`` turns
+every :class:`~agent.errors.VgwError` into one line on stderr and a non-zero exit; ``--debug`` shows the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from agent.errors import VgwError
+
+# Subcommand modules, imported in this order; each registers its own parser.
+_COMMANDS = (
+    "run",
+    "consent",
+    "status",
+    "demo",
+    "sim",
+    "cloud",
+    "audit",
+    "report",
+    "provision",
+    "doctor",
+    "install",
+    "bench",
+)
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_REJECTED = 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vgw", description="vgw: consent-first edge vehicle gateway")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("--version", action="version", version=f"vgw {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _COMMANDS:
+        try:
+            module = importlib.import_module(f"agent.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"agent.cli.{name}":
+                continue  # subcommand not built yet
+            raise
+        module.register(sub)
+    return parser
+
+
+def _version() -> str:
+    from agent import __version__
+
+    return __version__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from agent.logs import setup_logging
+
+    setup_logging(debug=args.debug)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return int(args.func(args))
+    except VgwError as exc:
+        if args.debug:
+            raise
+        print(f"vgw {args.command}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_ERROR
+    finally:
+        logging.shutdown()

@@ -1,0 +1,344 @@
+"""The agent's configuration file (CONTRACT §2): TOML in, frozen dataclasses out.
+
+Unknown keys are an error, because a typo must never silently disable a protection. Relative paths are
+resolved against the config file's folder. :func:`load_config` raises :class:`~agent.errors.ConfigError`
+with a message that names the file, the key and the rule.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.errors import ConfigError
+
+_DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_TOPIC_PREFIX = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    id: str
+    state_dir: Path
+    storage_key: Path
+
+
+@dataclass(frozen=True)
+class CanConfig:
+    interface: str
+    channel: str | None
+    bitrate: int | None
+    dbc: tuple[Path, ...]
+    signal_map: Path
+    dbc_strict: bool = True
+    replay: Path | None = None
+    replay_rate: float = 1.0
+    replay_loop: bool = False
+    replay_exit: bool = False
+    reopen_s: float = 2.0
+
+
+@dataclass(frozen=True)
+class ObdConfig:
+    port: str
+    transport: str = "elm327"
+    baudrate: int | None = None  # None: auto-detect
+    protocol: str = "auto"
+    interval_s: float = 1.0
+    pids: tuple[str, ...] | None = None  # None: auto from the supported-PID bitmaps
+    timeout_s: float = 2.0
+    can_interface: str | None = None  # isotp transport: python-can interface and channel
+    can_channel: str | None = None
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    host: str
+    port: int
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    topic_prefix: str = "vgw"
+    keepalive_s: int = 30
+    server_name: str | None = None  # TLS SNI/hostname to verify, when it differs from host
+    max_inflight: int = 20
+    drain_rate: float = 50.0  # backlog batches per second after a reconnect
+    backoff_min_s: float = 1.0
+    backoff_max_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class ConsentConfig:
+    trust_keys: tuple[Path, ...]
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    max_samples: int = 1000
+    max_interval_s: float = 1.0
+
+
+@dataclass(frozen=True)
+class OutboxConfig:
+    quota_bytes: int = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    device: DeviceConfig
+    mqtt: MqttConfig
+    consent: ConsentConfig
+    can: CanConfig | None = None
+    obd: ObdConfig | None = None
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    outbox: OutboxConfig = field(default_factory=OutboxConfig)
+
+    @property
+    def state_dir(self) -> Path:
+        return self.device.state_dir
+
+
+class _Section:
+    """Reads one TOML table, tracking which keys were used so leftovers can be reported."""
+
+    def __init__(self, path: Path, name: str, table: Any) -> None:
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: [{name}] must be a table")
+        self.path = path
+        self.name = name
+        self.table: dict[str, Any] = table
+        self.used: set[str] = set()
+
+    def _where(self, key: str) -> str:
+        return f"{self.path}: [{self.name}] {key}"
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = ..., *, required: bool = False) -> Any:
+        self.used.add(key)
+        if key not in self.table:
+            if required or default is ...:
+                raise ConfigError(f"{self._where(key)}: required key is missing")
+            return default
+        value = self.table[key]
+        # bool is an int in Python; never accept true for a number.
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if isinstance(value, bool) and bool not in kinds:
+            raise ConfigError(f"{self._where(key)}: expected {_kind_name(kinds)}, got {value!r}")
+        if not isinstance(value, kinds):
+            raise ConfigError(f"{self._where(key)}: expected {_kind_name(kinds)}, got {value!r}")
+        return value
+
+    def path_value(self, key: str, *, required: bool = True, must_exist: bool = True) -> Path | None:
+        raw = self.get(key, str, None if not required else ..., required=required)
+        if raw is None:
+            return None
+        return self._resolve(key, raw, must_exist)
+
+    def _resolve(self, key: str, raw: str, must_exist: bool) -> Path:
+        if not raw:
+            raise ConfigError(f"{self._where(key)}: must not be empty")
+        p = Path(raw).expanduser()
+        if not p.is_absolute():
+            p = (self.path.parent / p).resolve()
+        if must_exist and not p.exists():
+            raise ConfigError(f"{self._where(key)}: file not found: {p}")
+        return p
+
+    def path_list(self, key: str, *, must_exist: bool = True) -> tuple[Path, ...]:
+        raw = self.get(key, (str, list))
+        items = [raw] if isinstance(raw, str) else raw
+        if not items:
+            raise ConfigError(f"{self._where(key)}: must name at least one file")
+        out = []
+        for item in items:
+            if not isinstance(item, str):
+                raise ConfigError(f"{self._where(key)}: expected a list of paths, got {item!r}")
+            out.append(self._resolve(key, item, must_exist))
+        return tuple(out)
+
+    def number(self, key: str, default: Any, *, minimum: float | None = None, integer: bool = False) -> Any:
+        value = self.get(key, (int,) if integer else (int, float), default)
+        if value is not None and minimum is not None and value < minimum:
+            raise ConfigError(f"{self._where(key)}: must be >= {minimum}, got {value!r}")
+        return value
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.table) - self.used)
+        if unknown:
+            raise ConfigError(f"{self.path}: [{self.name}] unknown key {unknown[0]!r} (typo?)")
+
+
+def _kind_name(kinds: tuple[type, ...]) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true/false", list: "a list"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+_SECTIONS = {"device", "can", "obd", "mqtt", "consent", "batch", "outbox"}
+
+
+def load_config(path: str | Path) -> Config:
+    """Load and validate a config file. Raises ConfigError naming the file, key and rule."""
+    path = Path(path).expanduser().resolve()
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from exc
+    try:
+        doc = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+    return config_from_dict(doc, path)
+
+
+def config_from_dict(doc: dict[str, Any], path: Path) -> Config:
+    unknown = sorted(set(doc) - _SECTIONS)
+    if unknown:
+        raise ConfigError(f"{path}: unknown section [{unknown[0]}] (expected one of {sorted(_SECTIONS)})")
+    for required in ("device", "mqtt", "consent"):
+        if required not in doc:
+            raise ConfigError(f"{path}: required section [{required}] is missing")
+    if "can" not in doc and "obd" not in doc:
+        raise ConfigError(f"{path}: no source configured: add a [can] or an [obd] section (or both)")
+
+    device = _device(_Section(path, "device", doc["device"]))
+    mqtt = _mqtt(_Section(path, "mqtt", doc["mqtt"]))
+    consent = _consent(_Section(path, "consent", doc["consent"]))
+    can = _can(_Section(path, "can", doc["can"])) if "can" in doc else None
+    obd = _obd(_Section(path, "obd", doc["obd"])) if "obd" in doc else None
+    batch = _batch(_Section(path, "batch", doc.get("batch", {})))
+    outbox = _outbox(_Section(path, "outbox", doc.get("outbox", {})))
+    return Config(path=path, device=device, mqtt=mqtt, consent=consent, can=can, obd=obd, batch=batch,
+                  outbox=outbox)
+
+
+def _device(s: _Section) -> DeviceConfig:
+    dev_id = s.get("id", str)
+    if not _DEVICE_ID.match(dev_id):
+        raise ConfigError(
+            f"{s.path}: [device] id {dev_id!r}: use 1-64 letters, digits, '.', '_' or '-' "
+            "(it is an MQTT topic segment and client id)"
+        )
+    state_dir = s.path_value("state_dir", must_exist=False)
+    assert state_dir is not None
+    storage_key = s.path_value("storage_key", required=False, must_exist=False) or state_dir / "storage.key"
+    s.finish()
+    return DeviceConfig(id=dev_id, state_dir=state_dir, storage_key=storage_key)
+
+
+def _can(s: _Section) -> CanConfig:
+    interface = s.get("interface", str, "socketcan")
+    if interface == "udp_multicast":
+        # It sends every frame to the LAN; a vehicle's data must not leave the device that way.
+        raise ConfigError(f"{s.path}: [can] interface 'udp_multicast' is not allowed (it sends off the device)")
+    channel = s.get("channel", str, None)
+    bitrate = s.number("bitrate", None, minimum=1, integer=True)
+    dbc = s.path_list("dbc")
+    signal_map = s.path_value("signal_map")
+    assert signal_map is not None
+    dbc_strict = s.get("dbc_strict", bool, True)
+    replay = s.path_value("replay", required=False)
+    replay_rate = float(s.number("replay_rate", 1.0, minimum=0))
+    replay_loop = s.get("replay_loop", bool, False)
+    replay_exit = s.get("replay_exit", bool, False)
+    reopen_s = float(s.number("reopen_s", 2.0, minimum=0.05))
+    if replay is None and interface != "virtual" and channel is None and interface not in ("socketcan",):
+        raise ConfigError(f"{s.path}: [can] channel: required for interface {interface!r}")
+    if replay_loop and replay_exit:
+        raise ConfigError(f"{s.path}: [can] replay_loop and replay_exit cannot both be true")
+    s.finish()
+    return CanConfig(interface=interface, channel=channel if channel is not None else "can0" if interface ==
+                     "socketcan" else channel, bitrate=bitrate, dbc=dbc, signal_map=signal_map,
+                     dbc_strict=dbc_strict, replay=replay, replay_rate=replay_rate, replay_loop=replay_loop,
+                     replay_exit=replay_exit, reopen_s=reopen_s)
+
+
+def _obd(s: _Section) -> ObdConfig:
+    port = s.get("port", str)
+    transport = s.get("transport", str, "elm327")
+    if transport not in ("elm327", "isotp"):
+        raise ConfigError(f"{s.path}: [obd] transport {transport!r}: expected 'elm327' or 'isotp'")
+    baud_raw = s.get("baudrate", (int, str), "auto")
+    if isinstance(baud_raw, str):
+        if baud_raw != "auto":
+            raise ConfigError(f"{s.path}: [obd] baudrate {baud_raw!r}: expected a number or 'auto'")
+        baudrate = None
+    else:
+        if baud_raw <= 0:
+            raise ConfigError(f"{s.path}: [obd] baudrate: must be > 0, got {baud_raw}")
+        baudrate = baud_raw
+    protocol = str(s.get("protocol", (str, int), "auto")).upper()
+    if protocol != "AUTO" and not re.fullmatch(r"[1-9A-C]", protocol):
+        raise ConfigError(f"{s.path}: [obd] protocol {protocol!r}: expected 'auto' or an ELM327 protocol 1-9, A-C")
+    interval_s = float(s.number("interval_s", 1.0, minimum=0.05))
+    pids_raw = s.get("pids", (str, list), "auto")
+    pids: tuple[str, ...] | None
+    if isinstance(pids_raw, str):
+        if pids_raw != "auto":
+            raise ConfigError(f"{s.path}: [obd] pids {pids_raw!r}: expected a list or 'auto'")
+        pids = None
+    else:
+        if not all(isinstance(p, str) for p in pids_raw):
+            raise ConfigError(f"{s.path}: [obd] pids: expected a list of PID names or hex strings")
+        pids = tuple(pids_raw)
+    timeout_s = float(s.number("timeout_s", 2.0, minimum=0.05))
+    can_interface = s.get("can_interface", str, None)
+    can_channel = s.get("can_channel", str, None)
+    if transport == "isotp" and can_interface is None:
+        can_interface = "socketcan"
+    s.finish()
+    return ObdConfig(port=port, transport=transport, baudrate=baudrate, protocol=protocol.lower() if
+                     protocol == "AUTO" else protocol, interval_s=interval_s, pids=pids, timeout_s=timeout_s,
+                     can_interface=can_interface, can_channel=can_channel)
+
+
+def _mqtt(s: _Section) -> MqttConfig:
+    host = s.get("host", str)
+    port = s.number("port", 8883, minimum=1, integer=True)
+    if port > 65535:
+        raise ConfigError(f"{s.path}: [mqtt] port: must be <= 65535, got {port}")
+    ca_file = s.path_value("ca_file")
+    cert_file = s.path_value("cert_file")
+    key_file = s.path_value("key_file")
+    assert ca_file and cert_file and key_file
+    prefix = s.get("topic_prefix", str, "vgw")
+    if not _TOPIC_PREFIX.match(prefix):
+        raise ConfigError(f"{s.path}: [mqtt] topic_prefix {prefix!r}: no wildcards, no empty levels")
+    keepalive = s.number("keepalive_s", 30, minimum=5, integer=True)
+    server_name = s.get("server_name", str, None)
+    max_inflight = s.number("max_inflight", 20, minimum=1, integer=True)
+    drain_rate = float(s.number("drain_rate", 50.0, minimum=0.1))
+    backoff_min = float(s.number("backoff_min_s", 1.0, minimum=0.05))
+    backoff_max = float(s.number("backoff_max_s", 60.0, minimum=0.05))
+    if backoff_max < backoff_min:
+        raise ConfigError(f"{s.path}: [mqtt] backoff_max_s must be >= backoff_min_s")
+    s.finish()
+    return MqttConfig(host=host, port=port, ca_file=ca_file, cert_file=cert_file, key_file=key_file,
+                      topic_prefix=prefix, keepalive_s=keepalive, server_name=server_name,
+                      max_inflight=max_inflight, drain_rate=drain_rate, backoff_min_s=backoff_min,
+                      backoff_max_s=backoff_max)
+
+
+def _consent(s: _Section) -> ConsentConfig:
+    keys = s.path_list("trust_keys")
+    s.finish()
+    return ConsentConfig(trust_keys=keys)
+
+
+def _batch(s: _Section) -> BatchConfig:
+    max_samples = s.number("max_samples", 1000, minimum=1, integer=True)
+    max_interval_s = float(s.number("max_interval_s", 1.0, minimum=0.01))
+    s.finish()
+    return BatchConfig(max_samples=max_samples, max_interval_s=max_interval_s)
+
+
+def _outbox(s: _Section) -> OutboxConfig:
+    quota = s.number("quota_bytes", 64 * 1024 * 1024, minimum=4096, integer=True)
+    s.finish()
+    return OutboxConfig(quota_bytes=quota)

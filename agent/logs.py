@@ -1,0 +1,46 @@
+"""Logging set-up: journald-friendly under systemd, plain on a terminal.
+
+Never log personal data: no VIN, no location, no signal values. Log counts, names of grants and scopes,
+and errors.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+# sd-daemon(3) priority prefixes, read by journald from a service's stderr.
+_SD_PRIORITY = {
+    logging.DEBUG: "<7>",
+    logging.INFO: "<6>",
+    logging.WARNING: "<4>",
+    logging.ERROR: "<3>",
+    logging.CRITICAL: "<2>",
+}
+
+
+class _JournalFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = _SD_PRIORITY.get(record.levelno, "<6>")
+        return f"{prefix}{record.name}: {record.getMessage()}"
+
+
+def under_systemd() -> bool:
+    """True when stderr goes to the journal (systemd sets JOURNAL_STREAM for services)."""
+    return bool(os.environ.get("JOURNAL_STREAM")) or bool(os.environ.get("INVOCATION_ID"))
+
+
+def setup_logging(*, debug: bool = False) -> None:
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    if under_systemd():
+        handler.setFormatter(_JournalFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    for noisy in ("can", "cantools", "paho"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -63,9 +63,8 @@ class MqttConfig:
     key_file: Path
     topic_prefix: str = "vgw"
     keepalive_s: int = 30
-    server_name: str | None = None  # TLS SNI/hostname to verify, when it differs from host
     max_inflight: int = 20
-    drain_rate: float = 50.0  # backlog batches per second after a reconnect
+    drain_rate: float = 200.0  # backlog batches per second after a reconnect
     backoff_min_s: float = 1.0
     backoff_max_s: float = 60.0
 
@@ -311,16 +310,15 @@ def _mqtt(s: _Section) -> MqttConfig:
     if not _TOPIC_PREFIX.match(prefix):
         raise ConfigError(f"{s.path}: [mqtt] topic_prefix {prefix!r}: no wildcards, no empty levels")
     keepalive = s.number("keepalive_s", 30, minimum=5, integer=True)
-    server_name = s.get("server_name", str, None)
     max_inflight = s.number("max_inflight", 20, minimum=1, integer=True)
-    drain_rate = float(s.number("drain_rate", 50.0, minimum=0.1))
+    drain_rate = float(s.number("drain_rate", 200.0, minimum=0.1))
     backoff_min = float(s.number("backoff_min_s", 1.0, minimum=0.05))
     backoff_max = float(s.number("backoff_max_s", 60.0, minimum=0.05))
     if backoff_max < backoff_min:
         raise ConfigError(f"{s.path}: [mqtt] backoff_max_s must be >= backoff_min_s")
     s.finish()
     return MqttConfig(host=host, port=port, ca_file=ca_file, cert_file=cert_file, key_file=key_file,
-                      topic_prefix=prefix, keepalive_s=keepalive, server_name=server_name,
+                      topic_prefix=prefix, keepalive_s=keepalive,
                       max_inflight=max_inflight, drain_rate=drain_rate, backoff_min_s=backoff_min,
                       backoff_max_s=backoff_max)
 

@@ -1,0 +1,116 @@
+"""The hash-chained audit log: append-only JSON lines in the state directory.
+
+Each entry holds ``prev`` (the hash of the entry before it, 64 zeros for the first) and ``hash``
+(SHA-256 over the entry's canonical JSON without ``hash``). Editing, removing or reordering any entry
+breaks the chain from that point, which :func:`verify` reports. Entries hold events, grant ids, scopes,
+versions, counts and reasons, never personal data (no VIN, location or signal value).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.errors import StorageError
+
+GENESIS = "0" * 64
+AUDIT_FILE = "audit.log"
+
+
+def _digest(entry: dict[str, Any]) -> str:
+    body = {k: v for k, v in entry.items() if k != "hash"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    ok: bool
+    entries: int
+    first_bad: int | None = None  # 1-based line number of the first broken link
+    reason: str = ""
+
+
+class AuditLog:
+    """Appends entries; safe across threads and across processes (O_APPEND + flock-free tail read)."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / AUDIT_FILE
+        self._lock = threading.Lock()
+
+    def _last_hash(self) -> tuple[int, str]:
+        try:
+            with self.path.open("rb") as fh:
+                fh.seek(0, os.SEEK_END)
+                size = fh.tell()
+                if size == 0:
+                    return 0, GENESIS
+                block = min(size, 65536)
+                fh.seek(size - block)
+                tail = fh.read().splitlines()
+            last = json.loads(tail[-1])
+            return int(last["n"]), str(last["hash"])
+        except FileNotFoundError:
+            return 0, GENESIS
+        except (ValueError, KeyError, IndexError) as exc:
+            raise StorageError(f"{self.path}: last audit entry unreadable; run `vgw audit verify`") from exc
+
+    def append(self, event: str, **fields: Any) -> dict[str, Any]:
+        import fcntl
+
+        with self._lock:
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            except OSError as exc:
+                raise StorageError(f"{self.path}: cannot open audit log: {exc.strerror}") from exc
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # another vgw process (consent apply) may append too
+                n, prev = self._last_hash()
+                entry: dict[str, Any] = {"n": n + 1, "t": round(time.time(), 3), "event": event, **fields,
+                                         "prev": prev}
+                entry["hash"] = _digest(entry)
+                os.write(fd, (json.dumps(entry, sort_keys=True, separators=(",", ":")) + "\n").encode())
+                os.fsync(fd)
+            except OSError as exc:
+                raise StorageError(f"{self.path}: cannot append to audit log: {exc.strerror}") from exc
+            finally:
+                os.close(fd)
+            return entry
+
+    def entries(self) -> list[dict[str, Any]]:
+        try:
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            return []
+        out = []
+        for line in lines:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                out.append({"event": "unreadable"})
+        return out
+
+    def verify(self) -> VerifyResult:
+        try:
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            return VerifyResult(ok=True, entries=0)
+        prev = GENESIS
+        for i, line in enumerate(lines, start=1):
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                return VerifyResult(False, len(lines), i, "not JSON")
+            if not isinstance(entry, dict) or entry.get("prev") != prev:
+                return VerifyResult(False, len(lines), i, "does not link to the entry before it")
+            if entry.get("n") != i:
+                return VerifyResult(False, len(lines), i, f"entry number {entry.get('n')!r}, expected {i}")
+            if entry.get("hash") != _digest(entry):
+                return VerifyResult(False, len(lines), i, "content does not match its hash")
+            prev = entry["hash"]
+        return VerifyResult(ok=True, entries=len(lines))

@@ -1,0 +1,161 @@
+"""The signal catalogue: DBC files plus the signal map (CONTRACT §2), as one in-memory model.
+
+Each mapped DBC signal becomes a :class:`SignalSpec` (message, signal, VSS path, scope). A DBC signal that
+no entry maps is unknown to the agent: never decoded, stored or sent. Loading validates everything a typo
+could break and raises :class:`~agent.errors.ConfigError` naming the file, the entry and the rule.
+
+String signals (the VIN) are carried over several multiplexed frames; the map says which part each DBC
+signal is with ``part``/``parts`` and the agent assembles the string (big-endian ASCII bytes of each raw
+part, concatenated in part order, NUL padding removed) before policy sees it.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cantools
+from cantools.database.can.database import Database
+from cantools.database.can.message import Message
+
+from agent.errors import ConfigError
+from agent.scopes import SCOPES
+
+_VSS_PATH = re.compile(r"^Vehicle(\.[A-Z][A-Za-z0-9]*)+$")
+_ENTRY_KEYS = {"message", "signal", "path", "scope", "part", "parts"}
+
+
+@dataclass(frozen=True, slots=True)
+class SignalSpec:
+    message: str
+    signal: str
+    path: str
+    scope: str
+    frame_id: int
+    part: int | None = None  # for string signals split over several frames
+    parts: int | None = None
+    byte_len: int = 0  # length of one part in bytes (string signals)
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    """Every mapped signal, indexed by frame id and by scope."""
+
+    messages: dict[int, Message]  # frame id -> cantools message (only messages with a mapped signal)
+    specs: tuple[SignalSpec, ...]
+
+    def specs_for_scopes(self, scopes: Iterable[str]) -> list[SignalSpec]:
+        wanted = set(scopes)
+        return [s for s in self.specs if s.scope in wanted]
+
+    def paths_for_scope(self, scope: str) -> frozenset[str]:
+        return frozenset(s.path for s in self.specs if s.scope == scope)
+
+    def scope_of_path(self) -> dict[str, str]:
+        return {s.path: s.scope for s in self.specs}
+
+
+def load_dbc(paths: Iterable[Path], *, strict: bool = True) -> Database:
+    """Load one or more DBC files into one database. Raises ConfigError naming the file and cantools' reason."""
+    db = cantools.database.can.Database(strict=strict)
+    for path in paths:
+        try:
+            db.add_dbc_file(str(path), encoding="cp1252")
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: DBC file not found") from None
+        except Exception as exc:  # cantools raises many types (ParseError, Error, ValueError...)
+            hint = " (set dbc_strict = false in [can] to load it leniently)" if strict else ""
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ConfigError(f"{path}: DBC rejected: {msg}{hint}") from exc
+    return db
+
+
+def load_catalogue(dbc_paths: Iterable[Path], signal_map: Path, *, strict: bool = True) -> Catalogue:
+    """Load DBC files and the signal map; validate every entry against the DBC and the scope list."""
+    db = load_dbc(dbc_paths, strict=strict)
+    try:
+        doc = tomllib.loads(signal_map.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{signal_map}: signal map not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{signal_map}: cannot read signal map: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{signal_map}: invalid TOML: {exc}") from exc
+    return catalogue_from_map(db, doc, signal_map)
+
+
+def catalogue_from_map(db: Database, doc: dict[str, Any], where: Path) -> Catalogue:
+    extra = set(doc) - {"signal"}
+    if extra:
+        raise ConfigError(f"{where}: unknown top-level key {sorted(extra)[0]!r} (expected [[signal]] entries)")
+    entries = doc.get("signal", [])
+    if not isinstance(entries, list):
+        raise ConfigError(f"{where}: 'signal' must be an array of tables ([[signal]])")
+    specs: list[SignalSpec] = []
+    seen: set[tuple[str, str]] = set()
+    messages: dict[int, Message] = {}
+    for i, entry in enumerate(entries, start=1):
+        at = f"{where}: signal #{i}"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{at}: must be a table")
+        unknown = set(entry) - _ENTRY_KEYS
+        if unknown:
+            raise ConfigError(f"{at}: unknown key {sorted(unknown)[0]!r}")
+        for key in ("message", "signal", "path", "scope"):
+            if not isinstance(entry.get(key), str) or not entry[key]:
+                raise ConfigError(f"{at}: {key!r} is required and must be a string")
+        msg_name, sig_name = entry["message"], entry["signal"]
+        at = f"{where}: signal #{i} ({msg_name}.{sig_name})"
+        try:
+            message = db.get_message_by_name(msg_name)
+        except KeyError:
+            raise ConfigError(f"{at}: no message {msg_name!r} in the DBC files") from None
+        try:
+            signal = message.get_signal_by_name(sig_name)
+        except KeyError:
+            raise ConfigError(f"{at}: message {msg_name!r} has no signal {sig_name!r}") from None
+        if entry["scope"] not in SCOPES:
+            raise ConfigError(f"{at}: unknown scope {entry['scope']!r} (CONTRACT §3 lists the scopes)")
+        if not _VSS_PATH.match(entry["path"]):
+            raise ConfigError(f"{at}: path {entry['path']!r} is not a VSS path (Vehicle.Branch.Leaf)")
+        if (msg_name, sig_name) in seen:
+            raise ConfigError(f"{at}: mapped twice")
+        seen.add((msg_name, sig_name))
+        part, parts = entry.get("part"), entry.get("parts")
+        byte_len = 0
+        if (part is None) != (parts is None):
+            raise ConfigError(f"{at}: 'part' and 'parts' go together")
+        if part is not None:
+            if not (isinstance(part, int) and isinstance(parts, int) and 0 <= part < parts <= 64):
+                raise ConfigError(f"{at}: need 0 <= part < parts, got part={part!r} parts={parts!r}")
+            if signal.length % 8 or signal.is_float or signal.is_signed:
+                raise ConfigError(f"{at}: a string part must be an unsigned whole number of bytes")
+            byte_len = signal.length // 8
+        specs.append(SignalSpec(message=msg_name, signal=sig_name, path=entry["path"], scope=entry["scope"],
+                                frame_id=message.frame_id, part=part, parts=parts, byte_len=byte_len))
+        messages[message.frame_id] = message
+    _check_parts(specs, where)
+    _check_paths(specs, where)
+    return Catalogue(messages=messages, specs=tuple(specs))
+
+
+def _check_parts(specs: list[SignalSpec], where: Path) -> None:
+    by_path: dict[str, list[SignalSpec]] = {}
+    for s in specs:
+        if s.parts is not None:
+            by_path.setdefault(s.path, []).append(s)
+    for path, group in by_path.items():
+        parts = {s.parts for s in group}
+        if len(parts) != 1 or sorted(s.part for s in group if s.part is not None) != list(range(group[0].parts or 0)):
+            raise ConfigError(f"{where}: string path {path!r} needs exactly one entry for each part 0..parts-1")
+
+
+def _check_paths(specs: list[SignalSpec], where: Path) -> None:
+    scope_of: dict[str, str] = {}
+    for s in specs:
+        if scope_of.setdefault(s.path, s.scope) != s.scope:
+            raise ConfigError(f"{where}: path {s.path!r} mapped to two scopes ({scope_of[s.path]}, {s.scope})")

@@ -1,0 +1,162 @@
+"""`vgw consent apply|show`: apply a consent document offline, or show the consent in force."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from agent.errors import ConfigError
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("consent", help="apply or show consent documents", description=__doc__)
+    csub = p.add_subparsers(dest="consent_command", metavar="ACTION", required=True)
+
+    a = csub.add_parser("apply", help="verify a consent document (compact JWS) and put it in force",
+                        description="Verify DOC exactly as if it came from the cloud and, if it passes, cache it "
+                        "in the state directory. Exit 0 applied, 3 rejected. A running `vgw run` on the same "
+                        "state directory enforces it within 1 s.")
+    a.add_argument("--config", required=True, help="agent config file (TOML)")
+    a.add_argument("doc", metavar="DOC", help="file holding the compact JWS")
+    a.set_defaults(func=cmd_apply)
+
+    s = csub.add_parser("show", help="the consent in force: version, grants, scopes, expiry")
+    s.add_argument("--config", required=True, help="agent config file (TOML)")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.set_defaults(func=cmd_show)
+
+
+def _read_doc(path: str) -> bytes:
+    from agent.consent.verifier import MAX_DOCUMENT_BYTES
+
+    p = Path(path)
+    try:
+        with p.open("rb") as fh:
+            data = fh.read(MAX_DOCUMENT_BYTES + 2)  # enough to know it is too big, never more
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: consent document not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read consent document: {exc.strerror}") from exc
+    return data.strip()
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from agent.config import load_config
+    from agent.consent.manager import ConsentManager, load_trust_keys
+    from agent.errors import ConsentError
+    from agent.runtime import AgentLock, open_state
+
+    cfg = load_config(args.config)
+    token = _read_doc(args.doc)
+    outbox, audit, store, signer = open_state(cfg)
+    try:
+        manager = ConsentManager(device=cfg.device.id, store=store, outbox=outbox, audit=audit, signer=signer,
+                                 trust_keys=load_trust_keys(cfg.consent.trust_keys))
+        agent_running = AgentLock.held_by_other(cfg.state_dir)
+        lock = None
+        if not agent_running:
+            lock = AgentLock(cfg.state_dir)
+            if not lock.acquire():
+                agent_running, lock = True, None
+        try:
+            if agent_running:
+                # The running agent owns the effects (memory, rows, keys, receipts): verify here against the
+                # same cache, then hand the document over through the cache file.
+                in_force_token = store.read_token()
+                if in_force_token:
+                    manager.load_cached_readonly()
+                try:
+                    consent = manager.verify(token)
+                except ConsentError as exc:
+                    manager.reject(exc, source="cli", token=token)
+                    print(f"vgw consent apply: {exc}", file=sys.stderr)
+                    return 3
+                if manager.in_force is not None and consent is manager.in_force:
+                    print(f"consent v{consent.ver} is already in force")
+                    return 0
+                store.write_token(consent.token)
+                store.raise_floor(consent.iat)
+                if _wait_for_agent(cfg.state_dir, consent.ver, timeout=5.0):
+                    print(f"consent v{consent.ver} applied by the running agent ({len(consent.grants)} grant(s))")
+                else:
+                    print(f"consent v{consent.ver} cached; the running agent has not confirmed it yet",
+                          file=sys.stderr)
+                return 0
+            manager.load_cached()
+            result = manager.apply(token, source="cli")
+        finally:
+            if lock is not None:
+                lock.release()
+    finally:
+        outbox.close()
+    if result.status == "rejected":
+        print(f"vgw consent apply: {result.error}", file=sys.stderr)
+        return 3
+    assert result.consent is not None
+    if result.status == "duplicate":
+        print(f"consent v{result.consent.ver} is already in force")
+        return 0
+    print(f"consent v{result.consent.ver} applied ({len(result.consent.grants)} grant(s))")
+    for e in result.revoked:
+        print(f"  grant {e.grant_id} revoked: {e.batches_deleted} batch(es) deleted, data key destroyed")
+    return 0
+
+
+def _wait_for_agent(state_dir: Path, ver: int, timeout: float) -> bool:
+    from agent.runtime import STATUS_FILE
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            status = json.loads((state_dir / STATUS_FILE).read_text())
+            if status.get("consent_version") == ver:
+                return True
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.1)
+    return False
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from agent.config import load_config
+    from agent.consent.manager import ConsentManager, load_trust_keys
+    from agent.runtime import open_state
+
+    cfg = load_config(args.config)
+    outbox, audit, store, signer = open_state(cfg)
+    try:
+        manager = ConsentManager(device=cfg.device.id, store=store, outbox=outbox, audit=audit, signer=signer,
+                                 trust_keys=load_trust_keys(cfg.consent.trust_keys))
+        manager.load_cached_readonly()
+    finally:
+        outbox.close()
+    consent = manager.in_force
+    if args.json:
+        doc = consent.summary() if consent else {"version": None, "grants": []}
+        doc["expired"] = manager.expired
+        print(json.dumps(doc, indent=2))
+        return 0
+    if consent is None:
+        print("no consent in force: nothing is collected or sent")
+        return 0
+    state = "EXPIRED" if manager.expired else "in force"
+    print(f"consent v{consent.ver} {state}, issued {_ts(consent.iat)}, expires {_ts(consent.exp)}")
+    for g in consent.grants:
+        print(f"  grant {g.id}  controller={g.controller}  purpose={g.purpose}")
+        print(f"    scopes: {', '.join(g.scopes)}")
+        for scope in g.scopes:
+            lim = g.limits_for(scope)
+            if lim.max_hz or lim.precision_m:
+                parts = [f"max {lim.max_hz:g} Hz" if lim.max_hz else "", f"{lim.precision_m:g} m grid"
+                         if lim.precision_m else ""]
+                print(f"    limit {scope}: {', '.join(p for p in parts if p)}")
+        if g.retention_s:
+            print(f"    retention: {g.retention_s} s")
+    return 0
+
+
+def _ts(t: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))

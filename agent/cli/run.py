@@ -1,0 +1,18 @@
+"""`vgw run --config FILE`: the agent daemon, in the foreground (systemd runs it)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("run", help="run the agent (foreground)", description=__doc__)
+    p.add_argument("--config", required=True, help="agent config file (TOML)")
+    p.set_defaults(func=cmd_run)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from agent.config import load_config
+    from agent.runtime import run_agent
+
+    return run_agent(load_config(args.config))

@@ -1,0 +1,77 @@
+"""`vgw status`: grants in force, outbox rows and bytes per grant, last publish, link state."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("status", help="what the agent holds and does now", description=__doc__)
+    p.add_argument("--config", required=True, help="agent config file (TOML)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_status)
+
+
+def collect_status(config_path: str) -> dict[str, Any]:
+    from agent.config import load_config
+    from agent.consent.manager import ConsentManager, load_trust_keys
+    from agent.runtime import STATUS_FILE, AgentLock, open_state
+
+    cfg = load_config(config_path)
+    outbox, audit, store, signer = open_state(cfg)
+    try:
+        manager = ConsentManager(device=cfg.device.id, store=store, outbox=outbox, audit=audit, signer=signer,
+                                 trust_keys=load_trust_keys(cfg.consent.trust_keys))
+        manager.load_cached_readonly()
+        stats = outbox.stats()
+        counters = outbox.counters()
+        receipts = outbox.receipt_count()
+    finally:
+        outbox.close()
+    running = AgentLock.held_by_other(cfg.state_dir)
+    live: dict[str, Any] = {}
+    try:
+        live = json.loads((cfg.state_dir / STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        pass
+    consent = manager.in_force
+    grants = [{"id": g.id, "scopes": list(g.scopes), "expires": consent.exp}
+              for g in manager.active_grants()] if consent else []
+    outbox_view = {g["id"]: {"rows": 0, "bytes": 0} for g in grants}
+    outbox_view.update(stats)
+    return {
+        "device": cfg.device.id,
+        "consent_version": consent.ver if consent else None,
+        "consent_expired": manager.expired,
+        "grants": grants,
+        "outbox": outbox_view,
+        "receipts_queued": receipts,
+        "agent_running": running,
+        "link": live.get("link", "offline") if running else "stopped",
+        "link_error": live.get("link_error") if running else None,
+        "last_publish": live.get("last_publish"),
+        "counters": {**counters, **live.get("counters", {})},
+    }
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    st = collect_status(args.config)
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    print(f"device {st['device']}: agent {'running' if st['agent_running'] else 'not running'}, link {st['link']}"
+          + (f" ({st['link_error']})" if st["link_error"] else ""))
+    if st["consent_version"] is None:
+        print("consent: none in force (nothing is collected)")
+    else:
+        print(f"consent: v{st['consent_version']}" + (" EXPIRED" if st["consent_expired"] else ""))
+    for g in st["grants"]:
+        ob = st["outbox"].get(g["id"], {"rows": 0, "bytes": 0})
+        print(f"  grant {g['id']}: {', '.join(g['scopes'])}; outbox {ob['rows']} batch(es), {ob['bytes']} bytes")
+    last = st["last_publish"]
+    print(f"last publish: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(last)) if last else 'never'}; "
+          f"receipts queued: {st['receipts_queued']}")
+    return 0

@@ -1,0 +1,216 @@
+"""Applies verified consent documents and carries out their effects.
+
+The verifier decides; the manager acts: it caches the accepted document, tells the runtime which grants
+stopped (so collection stops and in-memory batches go), erases those grants on disk (data key first, then
+rows), writes the audit log and queues the signed receipts. It is used by the running agent (documents from
+MQTT, from ``vgw consent apply`` via the cache file, and on expiry) and by ``vgw consent apply`` itself when
+no agent runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+from agent.audit import AuditLog
+from agent.consent.model import Consent, Grant
+from agent.consent.store import ConsentStore
+from agent.consent.verifier import peek_version, verify_consent
+from agent.crypto.receipts import ReceiptSigner
+from agent.errors import ConfigError, ConsentError
+from agent.outbox import Erasure, Outbox
+
+log = logging.getLogger("vgw.consent")
+
+# Called with the grant ids that stop, before anything is erased on disk: the runtime stops collecting
+# them and drops their in-memory batches.
+RevokeHook = Callable[[frozenset[str]], None]
+
+
+def load_trust_keys(paths: Sequence[Path]) -> list[Ed25519PublicKey]:
+    keys: list[Ed25519PublicKey] = []
+    for p in paths:
+        try:
+            key = load_pem_public_key(p.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{p}: cannot load consent trust key: {exc}") from exc
+        if not isinstance(key, Ed25519PublicKey):
+            raise ConfigError(f"{p}: consent trust keys must be Ed25519 public keys (PEM)")
+        keys.append(key)
+    return keys
+
+
+@dataclass
+class ApplyResult:
+    status: str  # "applied" | "duplicate" | "rejected"
+    consent: Consent | None
+    error: ConsentError | None = None
+    revoked: list[Erasure] = field(default_factory=list)
+
+
+class ConsentManager:
+    def __init__(
+        self,
+        *,
+        device: str,
+        store: ConsentStore,
+        outbox: Outbox,
+        audit: AuditLog,
+        signer: ReceiptSigner,
+        trust_keys: Sequence[Ed25519PublicKey],
+        on_revoke: RevokeHook | None = None,
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
+        self.device = device
+        self.store = store
+        self.outbox = outbox
+        self.audit = audit
+        self.signer = signer
+        self.trust_keys = list(trust_keys)
+        self.on_revoke = on_revoke
+        self.on_change = on_change
+        self.in_force: Consent | None = None
+        self.expired = False
+
+    # -- what is in force ---------------------------------------------------------------------------
+
+    def active_grants(self) -> tuple[Grant, ...]:
+        if self.in_force is None or self.expired:
+            return ()
+        return self.in_force.grants
+
+    def load_cached_readonly(self) -> None:
+        """Load and re-verify the cached document, with no effect on disk (for status and show)."""
+        self.in_force, self.expired = self._read_cache(audit=False)
+
+    def load_cached(self) -> None:
+        """Load and re-verify the cached document; erase anything on disk no grant in force covers."""
+        self.in_force, self.expired = self._read_cache(audit=True)
+        active = {g.id for g in self.active_grants()}
+        self.outbox.set_active_grants(active)
+        orphans = self.outbox.orphan_grants(active)
+        for gid in sorted(orphans):
+            # A crash mid-erasure, an expiry while off, or a cache that no longer verifies: finish the job.
+            self._erase(gid, reason="expired" if self.expired else "not-in-force")
+        if self.in_force is not None:
+            self.store.raise_floor(self.in_force.iat)
+
+    def _read_cache(self, *, audit: bool) -> tuple[Consent | None, bool]:
+        token = self.store.read_token()
+        if token is None:
+            return None, False
+        try:
+            # Re-verify signature, subject and claims; the validity window is judged against the clock
+            # floor instead (an expired document stays the one in force, as expired).
+            consent = verify_consent(token, trust_keys=self.trust_keys, device=self.device,
+                                     now=float(_claim_int(token, "iat")))
+        except (ConsentError, ValueError, IndexError, KeyError) as exc:
+            reason = exc.reason if isinstance(exc, ConsentError) else "malformed"
+            log.warning("cached consent no longer verifies (%s): nothing is in force", reason)
+            if audit:
+                self.audit.append("consent-cache-invalid", reason=reason)
+            return None, False
+        return consent, self.store.now() >= consent.exp
+
+    # -- applying a new document --------------------------------------------------------------------
+
+    def verify(self, token: str | bytes) -> Consent:
+        """Verify against the consent in force at the device's now, without applying. Raises ConsentError."""
+        now = self.store.now()
+        return verify_consent(token, trust_keys=self.trust_keys, device=self.device, now=now, in_force=self.in_force)
+
+    def apply(self, token: str | bytes, *, source: str) -> ApplyResult:
+        """Verify ``token``; on success make it the consent in force and revoke the grants it drops."""
+        try:
+            consent = self.verify(token)
+        except ConsentError as exc:
+            self.reject(exc, source=source, token=token)
+            return ApplyResult("rejected", self.in_force, error=exc)
+        if consent is self.in_force:
+            return ApplyResult("duplicate", consent)
+
+        old = self.in_force
+        old_active = {g.id for g in self.active_grants()}
+        new_ids = consent.grant_ids
+        revoked = frozenset(old_active - new_ids)
+
+        # 1. Stop collection of dropped grants at once (memory first), and let the new grants store.
+        if revoked and self.on_revoke is not None:
+            self.on_revoke(revoked)
+        self.outbox.set_active_grants(set(new_ids))
+        # 2. Cache the document (atomic) and raise the clock floor to its iat.
+        self.store.write_token(consent.token)
+        self.store.raise_floor(consent.iat)
+        self.in_force = consent
+        self.expired = False
+        self.audit.append("consent-applied", ver=consent.ver, source=source,
+                          grants=[{"id": g.id, "scopes": list(g.scopes)} for g in consent.grants],
+                          exp=consent.exp, previous=old.ver if old else None)
+        self.outbox.queue_receipt(self.signer.sign("consent-applied", ver=consent.ver))
+        log.info("consent v%d applied from %s: %d grant(s)", consent.ver, source, len(consent.grants))
+        if self.on_change is not None:
+            self.on_change()
+        # 3. Erase what was revoked: key, rows, then the receipt.
+        erasures = [self._erase(gid, reason="revoked", ver=consent.ver) for gid in sorted(revoked)]
+        return ApplyResult("applied", consent, revoked=erasures)
+
+    def reject(self, exc: ConsentError, *, source: str, token: str | bytes | None = None) -> None:
+        ver = exc.version if exc.version is not None else (peek_version(token) if token is not None else None)
+        claims: dict[str, object] = {"reason": exc.reason, "detail": str(exc)[:300]}
+        if ver is not None:
+            claims["ver"] = ver
+        self.audit.append("consent-rejected", source=source, reason=exc.reason, ver=ver, detail=str(exc)[:300])
+        self.outbox.queue_receipt(self.signer.sign("consent-rejected", **claims))
+        log.warning("%s (from %s)", exc, source)
+
+    # -- expiry -------------------------------------------------------------------------------------
+
+    def check_expiry(self) -> list[Erasure]:
+        """Stop every grant when the document in force expires (as if revoked). Returns the erasures."""
+        if self.in_force is None or self.expired:
+            return []
+        if self.store.now() < self.in_force.exp:
+            return []
+        self.expired = True
+        ids = frozenset(g.id for g in self.in_force.grants)
+        if ids and self.on_revoke is not None:
+            self.on_revoke(ids)
+        self.outbox.set_active_grants(set())
+        self.audit.append("consent-expired", ver=self.in_force.ver, exp=self.in_force.exp)
+        log.info("consent v%d expired: every grant stops", self.in_force.ver)
+        if self.on_change is not None:
+            self.on_change()
+        return [self._erase(gid, reason="expired", ver=self.in_force.ver) for gid in sorted(ids)]
+
+    # -- erasure ------------------------------------------------------------------------------------
+
+    def _erase(self, grant_id: str, *, reason: str, ver: int | None = None) -> Erasure:
+        if ver is None:
+            ver = self.in_force.ver if self.in_force else 0
+        self.audit.append("grant-stopped", grant=grant_id, reason=reason, ver=ver)
+        erasure = self.outbox.erase_grant(grant_id)
+        self.audit.append("key-destroyed", grant=grant_id)
+        self.audit.append("erasure-done", grant=grant_id, batches_deleted=erasure.batches_deleted, reason=reason)
+        # Only now, with memory, rows and key gone, is the receipt signed and queued (CONTRACT §7).
+        self.outbox.queue_receipt(self.signer.sign("erasure", grant=grant_id, ver=ver,
+                                                   batches_deleted=erasure.batches_deleted, key_destroyed=True,
+                                                   reason=reason))
+        log.info("grant %s %s: %d batch(es) deleted, data key destroyed", grant_id, reason, erasure.batches_deleted)
+        return erasure
+
+
+def _claim_int(token: str, name: str) -> int:
+    import base64
+    import json
+
+    payload = token.split(".")[1]
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    value = claims[name]
+    if type(value) is not int:
+        raise ValueError(name)
+    return value

@@ -1,0 +1,97 @@
+"""The consent model (CONTRACT §5) as immutable data, free of JWS and JSON."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+KEM_X25519 = "X25519"
+KEM_MLKEM768_X25519 = "MLKEM768-X25519"
+# Raw public key sizes: X25519 (RFC 7748); X-Wing style ML-KEM-768 + X25519 (1184 + 32).
+KEM_PK_LENGTH = {KEM_X25519: 32, KEM_MLKEM768_X25519: 1216}
+
+# Privacy defaults when a grant sets no limits for these scopes (CONTRACT §6, EDPB Guidelines 01/2020).
+DEFAULT_LIMITS: dict[str, tuple[float | None, float | None]] = {
+    "read_location": (0.2, 100.0),
+    "read_compass": (0.2, None),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_hz: float | None = None
+    precision_m: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Recipient:
+    kem: str
+    pk: bytes
+
+
+@dataclass(frozen=True)
+class Grant:
+    id: str
+    controller: str
+    purpose: str
+    scopes: tuple[str, ...]
+    recipient: Recipient
+    limits: dict[str, Limits] = field(default_factory=dict)
+    retention_s: int | None = None
+
+    def limits_for(self, scope: str) -> Limits:
+        """The limits the device enforces for ``scope``: the grant's, else the privacy default, else none."""
+        if scope in self.limits:
+            return self.limits[scope]
+        max_hz, precision = DEFAULT_LIMITS.get(scope, (None, None))
+        return Limits(max_hz=max_hz, precision_m=precision)
+
+
+@dataclass(frozen=True)
+class Consent:
+    """A verified consent document. ``token`` is the compact JWS it came from; ``digest`` its payload hash."""
+
+    iss: str
+    sub: str
+    ver: int
+    iat: int
+    exp: int
+    grants: tuple[Grant, ...]
+    token: str
+    digest: str
+
+    def grant(self, grant_id: str) -> Grant | None:
+        for g in self.grants:
+            if g.id == grant_id:
+                return g
+        return None
+
+    @property
+    def grant_ids(self) -> frozenset[str]:
+        return frozenset(g.id for g in self.grants)
+
+    def summary(self) -> dict[str, object]:
+        """What `vgw consent show --json` prints: no keys, no personal data."""
+        return {
+            "version": self.ver,
+            "issuer": self.iss,
+            "device": self.sub,
+            "issued_at": self.iat,
+            "expires": self.exp,
+            "grants": [
+                {
+                    "id": g.id,
+                    "controller": g.controller,
+                    "purpose": g.purpose,
+                    "scopes": list(g.scopes),
+                    "limits": {
+                        s: {k: v for k, v in (("max_hz", lim.max_hz), ("precision_m", lim.precision_m)) if v}
+                        for s, lim in ((s, g.limits_for(s)) for s in g.scopes)
+                        if lim.max_hz or lim.precision_m
+                    },
+                    "retention_s": g.retention_s,
+                    "kem": g.recipient.kem,
+                    "expires": self.exp,
+                }
+                for g in self.grants
+            ],
+        }

@@ -1,0 +1,45 @@
+"""Receipts (CONTRACT §7): compact JWS, ES256, signed with the private key of the device's TLS client cert."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+from agent.errors import ConfigError
+
+RECEIPT_TYP = "vgw-receipt+jwt"
+
+
+class ReceiptSigner:
+    """Signs receipts for one device."""
+
+    def __init__(self, device: str, key: ec.EllipticCurvePrivateKey) -> None:
+        if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
+            raise ValueError("receipts need a P-256 key")
+        self.device = device
+        self._key = key
+
+    @classmethod
+    def from_file(cls, device: str, path: Path) -> ReceiptSigner:
+        try:
+            key = load_pem_private_key(path.read_bytes(), password=None)
+        except (OSError, ValueError, TypeError) as exc:
+            raise ConfigError(f"{path}: cannot load the device private key: {exc}") from exc
+        if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
+            raise ConfigError(f"{path}: the device key must be an EC P-256 key (receipts are ES256)")
+        return cls(device, key)
+
+    def sign(self, typ: str, **claims: Any) -> str:
+        body = {"typ": typ, "sub": self.device, "iat": int(time.time()), **claims}
+        return jwt.encode(body, self._key, algorithm="ES256", headers={"typ": RECEIPT_TYP})
+
+
+def verify_receipt(token: str, public_key: ec.EllipticCurvePublicKey) -> dict[str, Any]:
+    """Verify a receipt; raises jwt.PyJWTError on any failure."""
+    claims: dict[str, Any] = jwt.decode(token, public_key, algorithms=["ES256"], options={"verify_iat": False})
+    return claims

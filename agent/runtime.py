@@ -1,0 +1,392 @@
+"""The agent daemon (`vgw run`): wires source -> pipeline -> outbox -> uplink under the consent manager.
+
+Threads:
+  collector  reads the source, routes/decodes/batches under ``self._lock``, seals and commits full batches.
+  uplink     owns the MQTT connection (agent.uplink).
+  main       consent documents (MQTT queue, the cache file written by `vgw consent apply`), expiry,
+             retention, status file, clock floor, systemd watchdog, signals.
+
+A revocation takes ``self._lock``: once it holds it no frame is half-processed, it swaps the router and drops
+the grant's open batch; then the manager erases the grant on disk.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import can
+
+from agent.audit import AuditLog
+from agent.catalogue import Catalogue, load_catalogue
+from agent.config import Config
+from agent.consent.manager import ConsentManager, load_trust_keys
+from agent.consent.store import ConsentStore
+from agent.crypto.envelope import batch_plaintext, load_recipient_key, seal
+from agent.crypto.keys import load_or_create_storage_key
+from agent.crypto.receipts import ReceiptSigner
+from agent.errors import SourceError, StorageError, VgwError
+from agent.fsutil import atomic_write, ensure_private_dir
+from agent.outbox import GrantNotActive, Outbox
+from agent.pipeline.router import GrantBatch, Pipeline
+from agent.sdnotify import notify, watchdog_interval
+from agent.uplink import Uplink
+
+log = logging.getLogger("vgw.agent")
+
+STATUS_FILE = "status.json"
+LOCK_FILE = "agent.lock"
+OUTBOX_FILE = "outbox.sqlite"
+
+
+class AgentLock:
+    """An exclusive flock on the state dir: one `vgw run` per state dir; `vgw consent apply` checks it."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> bool:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    @staticmethod
+    def held_by_other(state_dir: Path) -> bool:
+        lock = AgentLock(state_dir)
+        if not (state_dir / LOCK_FILE).exists():
+            return False
+        if lock.acquire():
+            lock.release()
+            return False
+        return True
+
+
+def open_state(cfg: Config) -> tuple[Outbox, AuditLog, ConsentStore, ReceiptSigner]:
+    """Open the state directory's parts (shared by `vgw run` and the CLI commands)."""
+    ensure_private_dir(cfg.state_dir)
+    storage_key = load_or_create_storage_key(cfg.device.storage_key)
+    outbox = Outbox(cfg.state_dir / OUTBOX_FILE, storage_key, cfg.device.id)
+    audit = AuditLog(cfg.state_dir)
+    store = ConsentStore(cfg.state_dir)
+    signer = ReceiptSigner.from_file(cfg.device.id, cfg.mqtt.key_file)
+    return outbox, audit, store, signer
+
+
+class Agent:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.device = cfg.device.id
+        ensure_private_dir(cfg.state_dir)
+        self.lock_file = AgentLock(cfg.state_dir)
+        if not self.lock_file.acquire():
+            raise StorageError(f"{cfg.state_dir}: another `vgw run` is using this state directory")
+        try:
+            self.outbox, self.audit, self.store, self.signer = open_state(cfg)
+            self.catalogue: Catalogue | None = None
+            if cfg.can is not None:
+                self.catalogue = load_catalogue(cfg.can.dbc, cfg.can.signal_map, strict=cfg.can.dbc_strict)
+            trust = load_trust_keys(cfg.consent.trust_keys)
+        except BaseException:
+            self.lock_file.release()
+            raise
+        self.pipeline = Pipeline(self.catalogue) if self.catalogue else None
+        self._lock = threading.Lock()
+        self._recipients: dict[str, Any] = {}
+        self.manager = ConsentManager(device=self.device, store=self.store, outbox=self.outbox, audit=self.audit,
+                                      signer=self.signer, trust_keys=trust, on_revoke=self._on_revoke,
+                                      on_change=self._on_consent_change)
+        self._consent_queue: queue.Queue[bytes] = queue.Queue(maxsize=16)
+        self.uplink = Uplink(cfg.mqtt, self.device, self.outbox, on_consent=self._enqueue_consent,
+                             status_payload=self._public_status)
+        self._stop = threading.Event()
+        self._source_done = threading.Event()
+        self._collector: threading.Thread | None = None
+        self.counters: dict[str, int] = {"batches": 0, "batches_discarded": 0, "store_failures": 0,
+                                         "consent_dropped": 0, "source_errors": 0}
+        self.healthy = True
+        self.exit_code = 0
+        self._source: Any = None
+
+    # -- consent hooks ------------------------------------------------------------------------------
+
+    def _enqueue_consent(self, payload: bytes) -> None:
+        try:
+            self._consent_queue.put_nowait(payload)
+        except queue.Full:
+            self.counters["consent_dropped"] += 1  # the retained copy is delivered again on reconnect
+
+    def _on_revoke(self, grant_ids: frozenset[str]) -> None:
+        with self._lock:
+            if self.pipeline is not None:
+                remaining = tuple(g for g in self.manager.active_grants() if g.id not in grant_ids)
+                self.pipeline.swap(remaining)
+                self._install_filters()
+            for gid in grant_ids:
+                self._recipients.pop(gid, None)
+        log.info("collection stopped for %d grant(s); in-memory batches dropped", len(grant_ids))
+
+    def _on_consent_change(self) -> None:
+        grants = self.manager.active_grants()
+        with self._lock:
+            self._recipients = {g.id: load_recipient_key(g.recipient.kem, g.recipient.pk) for g in grants}
+            if self.pipeline is not None:
+                self.pipeline.swap(grants)
+                self._install_filters()
+        self.uplink.wake()
+
+    def _install_filters(self) -> None:
+        if self._source is not None and self.pipeline is not None:
+            self._source.set_filters(self.pipeline.router.frame_ids)
+
+    # -- batches ------------------------------------------------------------------------------------
+
+    def _flush(self, batches: list[GrantBatch]) -> None:
+        """Seal and commit batches. Called with self._lock held."""
+        for batch in batches:
+            samples = batch.take()
+            if not samples:
+                continue
+            grant = batch.grant
+            recipient = self._recipients.get(grant.id)
+            if recipient is None:
+                continue
+            kem = grant.recipient.kem
+
+            def make(seq: int, _s: list[dict[str, Any]] = samples, _g: str = grant.id) -> bytes:
+                return seal(kem, recipient, self.device, _g, batch_plaintext(self.device, _g, seq, _s))
+
+            try:
+                self.outbox.commit_batch(grant.id, make, batch.first_t, len(samples))
+                self.counters["batches"] += 1
+            except GrantNotActive:
+                self.counters["batches_discarded"] += 1
+            except StorageError as exc:
+                self.counters["store_failures"] += 1
+                if self.healthy:
+                    log.error("cannot store batch: %s", exc)
+        self.uplink.wake()
+
+    # -- collector thread ---------------------------------------------------------------------------
+
+    def _collect(self) -> None:
+        assert self.cfg.can is not None and self.pipeline is not None
+        from agent.sources import open_source
+
+        can_cfg = self.cfg.can
+        batch_cfg = self.cfg.batch
+        last_check = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                self._source = open_source(can_cfg)
+            except SourceError as exc:
+                self.counters["source_errors"] += 1
+                log.error("%s; retrying in %.1f s", exc, can_cfg.reopen_s)
+                self._stop.wait(can_cfg.reopen_s)
+                continue
+            with self._lock:
+                self._install_filters()
+            source = self._source
+            try:
+                while not self._stop.is_set():
+                    msg = source.recv(0.05)
+                    if msg is not None and not msg.is_error_frame and not msg.is_remote_frame:
+                        with self._lock:
+                            self.pipeline.process(msg.arbitration_id, bytes(msg.data), msg.timestamp)
+                            if self.pipeline.batches:
+                                full = [b for b in self.pipeline.batches.values()
+                                        if len(b.samples) >= batch_cfg.max_samples]
+                                if full:
+                                    self._flush(full)
+                    now = time.monotonic()
+                    if msg is None or now - last_check >= 0.05:
+                        last_check = now
+                        with self._lock:
+                            due = self.pipeline.due(batch_cfg.max_samples, batch_cfg.max_interval_s)
+                            if due:
+                                self._flush(due)
+                    if source.finished:
+                        with self._lock:
+                            self._flush(self.pipeline.due(1, 0, force=True))
+                        self._source_done.set()
+                        return
+            except SourceError as exc:
+                self.counters["source_errors"] += 1
+                log.error("%s; reopening in %.1f s", exc, can_cfg.reopen_s)
+                self._stop.wait(can_cfg.reopen_s)
+            finally:
+                source.close()
+                self._source = None
+
+    # -- status -------------------------------------------------------------------------------------
+
+    def _public_status(self) -> dict[str, Any]:
+        consent = self.manager.in_force
+        return {"device": self.device, "consent_version": consent.ver if consent else None,
+                "grants": [g.id for g in self.manager.active_grants()]}
+
+    def status(self) -> dict[str, Any]:
+        consent = self.manager.in_force
+        pipeline = dict(self.pipeline.counters) if self.pipeline else {}
+        return {
+            "device": self.device,
+            "pid": os.getpid(),
+            "updated": time.time(),
+            "link": self.uplink.state,
+            "link_error": self.uplink.last_error,
+            "last_publish": self.uplink.last_publish,
+            "consent_version": consent.ver if consent else None,
+            "consent_expired": self.manager.expired,
+            "published": {"batches": self.uplink.published_batches, "receipts": self.uplink.published_receipts},
+            "counters": {**pipeline, **self.counters},
+        }
+
+    def _write_status(self) -> None:
+        try:
+            atomic_write(self.cfg.state_dir / STATUS_FILE, json.dumps(self.status()).encode(), mode=0o600)
+        except StorageError:
+            pass
+
+    # -- main loop ----------------------------------------------------------------------------------
+
+    def _check_consent_file(self) -> None:
+        try:
+            token = self.store.read_token()
+        except StorageError:
+            return
+        in_force = self.manager.in_force
+        if token is None or (in_force is not None and token == in_force.token):
+            return
+        # Written by `vgw consent apply` (already verified there); verify again before it takes effect.
+        self.manager.apply(token, source="file")
+        self.uplink.wake()
+
+    def _retention(self) -> None:
+        now = time.time()
+        for g in self.manager.active_grants():
+            if g.retention_s:
+                n = self.outbox.delete_older_than(g.id, now - g.retention_s)
+                if n:
+                    self.outbox.count(f"retention_deleted:{g.id}", n)
+                    self.audit.append("retention-delete", grant=g.id, batches_deleted=n, retention_s=g.retention_s)
+
+    def run(self) -> int:
+        """Run until SIGTERM/SIGINT (or the end of a replay with replay_exit). Returns the exit code."""
+        self._install_signal_handlers()
+        try:
+            self.manager.load_cached()
+            self._on_consent_change()
+            self.uplink.start()
+            if self.pipeline is not None:
+                self._collector = threading.Thread(target=self._collect, name="vgw-collector", daemon=True)
+                self._collector.start()
+            notify("READY=1")
+            log.info("agent %s running (consent v%s)", self.device,
+                     self.manager.in_force.ver if self.manager.in_force else "none")
+            self._main_loop()
+        finally:
+            self._shutdown()
+        return self.exit_code
+
+    def _main_loop(self) -> None:
+        wd = watchdog_interval()
+        last_wd = last_status = last_floor = last_retention = 0.0
+        replay_exit = bool(self.cfg.can and self.cfg.can.replay and self.cfg.can.replay_exit)
+        while not self._stop.is_set():
+            try:
+                payload = self._consent_queue.get(timeout=0.1)
+                self.manager.apply(payload, source="mqtt")
+                self.uplink.wake()
+            except queue.Empty:
+                pass
+            now = time.monotonic()
+            self._check_consent_file()
+            self.manager.check_expiry()
+            if now - last_retention >= 5.0:
+                last_retention = now
+                self._retention()
+            if now - last_status >= 0.5:
+                last_status = now
+                self._write_status()
+            if now - last_floor >= 30.0:
+                last_floor = now
+                self.store.now()
+                try:
+                    self.store.persist()
+                except StorageError:
+                    pass
+            collector_alive = self._collector is None or self._collector.is_alive() or self._source_done.is_set()
+            self.healthy = collector_alive
+            if wd is not None and self.healthy and now - last_wd >= wd:
+                last_wd = now
+                notify("WATCHDOG=1")
+            if replay_exit and self._source_done.is_set():
+                log.info("end of trace: waiting for every batch to be acknowledged")
+                if not self.uplink.drain(timeout=120.0):
+                    log.error("end of trace: outbox not drained within 120 s")
+                    self.exit_code = 1
+                return
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            log.info("signal %d: stopping", signum)
+            self._stop.set()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _shutdown(self) -> None:
+        notify("STOPPING=1")
+        self._stop.set()
+        if self._collector is not None:
+            self._collector.join(5.0)
+        if self.pipeline is not None:
+            with self._lock:
+                self._flush(self.pipeline.due(1, 0, force=True))
+        self.uplink.wake()
+        time.sleep(0.1)
+        self.uplink.publish_offline()
+        self.uplink.stop()
+        self._write_status()
+        try:
+            self.store.now()
+            self.store.persist()
+        except StorageError:
+            pass
+        self.outbox.close()
+        self.lock_file.release()
+        logging.getLogger("vgw.agent").info("agent stopped")
+
+
+def run_agent(cfg: Config) -> int:
+    try:
+        agent = Agent(cfg)
+    except can.CanError as exc:
+        raise VgwError(str(exc)) from exc
+    return agent.run()

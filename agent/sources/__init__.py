@@ -1,0 +1,42 @@
+"""Frame sources behind one small interface, chosen by name from the config.
+
+* ``canbus``: any python-can interface (socketcan, slcan, virtual, ...), kernel filters where supported.
+* ``replay``: a recorded trace through ``can.LogReader`` (candump .log, .asc, .blf, ...).
+* OBD-II sources live in ``agent.obd``.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import can
+
+
+class FrameSource(Protocol):
+    """What the collector needs of a source."""
+
+    #: True once a finite source (a trace without loop) has delivered its last frame.
+    finished: bool
+
+    def recv(self, timeout: float) -> can.Message | None:
+        """The next frame, or None after ``timeout`` s. Raises SourceReadError when the source fails."""
+
+    def set_filters(self, frame_ids: frozenset[int]) -> None:
+        """Only frames with these ids are wanted (a hint: the collector filters again)."""
+
+    def close(self) -> None:
+        """Release the bus/file. Idempotent."""
+
+
+def open_source(can_cfg: "CanConfig") -> FrameSource:  # noqa: F821 - imported lazily below
+    """Open the source a [can] section describes. Raises SourceOpenError."""
+    if can_cfg.replay is not None:
+        from agent.sources.replay import ReplaySource
+
+        return ReplaySource(can_cfg.replay, rate=can_cfg.replay_rate, loop=can_cfg.replay_loop)
+    from agent.sources.canbus import BusSource
+
+    return BusSource(can_cfg.interface, can_cfg.channel, can_cfg.bitrate)
+
+
+from agent.config import CanConfig  # noqa: E402  (kept at the end: config must not import sources)

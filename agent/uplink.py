@@ -1,0 +1,299 @@
+"""The MQTT uplink: mutual TLS (>= 1.2), QoS 1, persistent session, publish from the outbox, delete on PUBACK.
+
+paho-mqtt is a private detail of this module: callbacks only enqueue. One thread owns the connection: it
+connects with jittered exponential backoff (capped), publishes receipts first and then batches oldest first
+(bounded in flight and in rate), deletes each outbox row when its PUBACK arrives, and starts over with a new
+client after any disconnect, so nothing queued inside paho for a revoked grant can leak out later: the
+outbox, not paho, is the only store of unsent data.
+
+Topics (CONTRACT §4), prefix ``vgw``: subscribe ``vgw/<device>/consent`` only; publish ``.../data/<grant>``,
+``.../receipt`` and ``.../status`` (retained, also the last will).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import random
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from agent.config import MqttConfig
+from agent.outbox import Outbox
+
+log = logging.getLogger("vgw.uplink")
+
+SESSION_EXPIRY_S = 24 * 3600
+
+
+def tls_context(cfg: MqttConfig) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cfg.ca_file))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = True
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_cert_chain(str(cfg.cert_file), str(cfg.key_file))
+    return ctx
+
+
+class Uplink:
+    def __init__(
+        self,
+        cfg: MqttConfig,
+        device: str,
+        outbox: Outbox,
+        *,
+        on_consent: Callable[[bytes], None],
+        status_payload: Callable[[], dict[str, Any]],
+    ) -> None:
+        self.cfg = cfg
+        self.device = device
+        self.outbox = outbox
+        self.on_consent = on_consent
+        self.status_payload = status_payload
+        base = f"{cfg.topic_prefix}/{device}"
+        self.topic_consent = f"{base}/consent"
+        self.topic_receipt = f"{base}/receipt"
+        self.topic_status = f"{base}/status"
+        self.topic_data = f"{base}/data/"
+        self.state = "offline"
+        self.last_publish: float | None = None
+        self.last_error: str | None = None
+        self.connects = 0
+        self.published_batches = 0
+        self.published_receipts = 0
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._events: collections.deque[tuple[str, Any]] = collections.deque()
+        self._client: mqtt.Client | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="vgw-uplink", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        """New rows or receipts are waiting."""
+        self._wake.set()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until the outbox holds no batch or receipt (all acknowledged). True if it emptied."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.outbox.stats() and self.outbox.receipt_count() == 0:
+                return True
+            self._wake.set()
+            time.sleep(0.05)
+        return False
+
+    # -- the connection thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        delay = self.cfg.backoff_min_s
+        while not self._stop.is_set():
+            client = self._connect()
+            if client is None:
+                # Full jitter (AWS architecture blog): spreads a fleet's reconnects after a broker outage.
+                sleep = random.uniform(self.cfg.backoff_min_s, delay)
+                self._stop.wait(sleep)
+                delay = min(self.cfg.backoff_max_s, delay * 2)
+                continue
+            delay = self.cfg.backoff_min_s
+            try:
+                self._serve(client)
+            finally:
+                self._teardown(client)
+        self.state = "offline"
+
+    def _new_client(self) -> mqtt.Client:
+        client = mqtt.Client(
+            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+            client_id=self.device,
+            protocol=mqtt.MQTTv5,
+        )
+        client.tls_set_context(tls_context(self.cfg))
+        client.max_inflight_messages_set(self.cfg.max_inflight)
+        client.max_queued_messages_set(0)
+        client.will_set(self.topic_status, json.dumps({"state": "offline", "device": self.device}), qos=1,
+                        retain=True)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_message = self._on_message
+        client.on_subscribe = lambda *a, **k: None
+        return client
+
+    def _connect(self) -> mqtt.Client | None:
+        self.state = "connecting"
+        self._events.clear()
+        try:
+            client = self._new_client()
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = SESSION_EXPIRY_S
+            client.connect(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s, clean_start=False,
+                           properties=props)
+        except ssl.SSLCertVerificationError as exc:
+            self._fail(f"TLS certificate rejected: {exc.verify_message}")
+            return None
+        except ssl.SSLError as exc:
+            self._fail(f"TLS handshake failed: {exc.reason or exc}")
+            return None
+        except (OSError, ValueError) as exc:
+            self._fail(f"cannot reach broker {self.cfg.host}:{self.cfg.port}: {exc}")
+            return None
+        client.loop_start()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not self._stop.is_set():
+            while self._events:
+                kind, value = self._events.popleft()
+                if kind == "connected":
+                    self._after_connect(client)
+                    return client
+                if kind in ("refused", "disconnected"):
+                    self._fail(f"broker refused the connection: {value}")
+                    self._teardown(client)
+                    return None
+            time.sleep(0.02)
+        self._fail("broker did not answer CONNECT in time")
+        self._teardown(client)
+        return None
+
+    def _fail(self, reason: str) -> None:
+        self.state = "offline"
+        if reason != self.last_error:
+            log.warning("uplink: %s", reason)
+        else:
+            log.debug("uplink: %s", reason)
+        self.last_error = reason
+
+    def _after_connect(self, client: mqtt.Client) -> None:
+        self.state = "connected"
+        self.connects += 1
+        self.last_error = None
+        log.info("uplink connected to %s:%d", self.cfg.host, self.cfg.port)
+        client.subscribe(self.topic_consent, qos=1)
+        status = {"state": "online", **self.status_payload()}
+        client.publish(self.topic_status, json.dumps(status), qos=1, retain=True)
+
+    def _teardown(self, client: mqtt.Client) -> None:
+        try:
+            client.disconnect()
+        except Exception:  # paho raises various errors on a dead socket
+            log.debug("disconnect failed", exc_info=True)
+        try:
+            client.loop_stop()
+        except Exception:
+            log.debug("loop_stop failed", exc_info=True)
+        if self.state == "connected":
+            self.state = "offline"
+
+    def _serve(self, client: mqtt.Client) -> None:
+        inflight: dict[int, tuple[str, int]] = {}
+        tokens = float(self.cfg.max_inflight)
+        last_refill = time.monotonic()
+        while not self._stop.is_set():
+            # 1. events from paho's thread
+            while self._events:
+                kind, value = self._events.popleft()
+                if kind == "puback":
+                    mid, ok = value
+                    item = inflight.pop(mid, None)
+                    if item is None:
+                        continue
+                    if ok:
+                        if item[0] == "batch":
+                            self.outbox.delete_batch(item[1])
+                            self.published_batches += 1
+                        else:
+                            self.outbox.delete_receipt(item[1])
+                            self.published_receipts += 1
+                        self.last_publish = time.time()
+                elif kind == "consent":
+                    self.on_consent(value)
+                elif kind == "disconnected":
+                    self._fail(f"connection lost: {value}")
+                    return
+            # 2. publish what is waiting, within the in-flight window and the drain rate
+            now = time.monotonic()
+            tokens = min(float(self.cfg.max_inflight), tokens + (now - last_refill) * self.cfg.drain_rate)
+            last_refill = now
+            room = min(self.cfg.max_inflight - len(inflight), int(tokens))
+            if room > 0:
+                sent = self._publish_some(client, inflight, room)
+                tokens -= sent
+            self._wake.wait(0.02)
+            self._wake.clear()
+
+    def _publish_some(self, client: mqtt.Client, inflight: dict[int, tuple[str, int]], room: int) -> int:
+        sent = 0
+        busy_receipts = {v[1] for v in inflight.values() if v[0] == "receipt"}
+        for rid, token in self.outbox.pending_receipts(room, busy_receipts):
+            info = client.publish(self.topic_receipt, token, qos=1)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                return sent
+            inflight[info.mid] = ("receipt", rid)
+            sent += 1
+        if sent >= room:
+            return sent
+        busy_rows = {v[1] for v in inflight.values() if v[0] == "batch"}
+        # The outbox lock is held across read and publish so a concurrent erasure either happens before
+        # (rows gone) or after (already handed to the socket: "already sent").
+        with self.outbox._lock:
+            for row in self.outbox.pending(room - sent, busy_rows):
+                info = client.publish(self.topic_data + row.grant_id, row.payload, qos=1)
+                if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                    break
+                inflight[info.mid] = ("batch", row.id)
+                sent += 1
+        return sent
+
+    def publish_offline(self) -> None:
+        """Best effort on clean shutdown: mark the device offline (the will covers crashes)."""
+        client = self._client
+        if client is not None and self.state == "connected":
+            try:
+                client.publish(self.topic_status, json.dumps({"state": "offline", "device": self.device}), qos=1,
+                               retain=True).wait_for_publish(2.0)
+            except Exception:
+                log.debug("offline status not published", exc_info=True)
+
+    # -- paho callbacks (paho's thread: enqueue only) -----------------------------------------------
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        if reason_code.is_failure:
+            self._events.append(("refused", str(reason_code)))
+        else:
+            self._client = client
+            self._events.append(("connected", None))
+        self._wake.set()
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
+                       properties: Any) -> None:
+        self._client = None
+        self._events.append(("disconnected", str(reason_code)))
+        self._wake.set()
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
+        ok = not getattr(reason_code, "is_failure", False)
+        self._events.append(("puback", (mid, ok)))
+        self._wake.set()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        if message.topic == self.topic_consent and message.payload:
+            self._events.append(("consent", bytes(message.payload)))
+            self._wake.set()

@@ -1,0 +1,380 @@
+"""A throwaway PKI for tests, the demo and the fleet simulator.
+
+Everything here is for a private loopback broker: one self-signed CA (EC P-256), a server certificate for
+``localhost`` / ``127.0.0.1``, one client certificate per device (CN, DNS SAN and URI SAN ``vgw:device:<id>``
+carry the device id; the device signs receipts ES256 with this key, CONTRACT §7) and one for the cloud peer
+(CN ``cloud``). Fault variants for the TLS fault tests (issue 5) are one call each: a certificate from another
+CA (:meth:`TestPKI.other_ca`), an expired server certificate, a server certificate for the wrong host name.
+
+Every file is PEM with mode 0644 and the directory is chmod 0755: mosquitto started as root drops to the
+``mosquitto`` user and must still read them. The private keys are therefore world-readable: never use this
+module for anything but throwaway keys.
+
+Raises: ``ValueError`` for a bad name or validity window; ``OSError`` when the directory cannot be written.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+__all__ = [
+    "DEVICE_URI_PREFIX",
+    "CertPaths",
+    "PKIPaths",
+    "TestPKI",
+    "device_id_from_cert",
+    "device_public_key_from_cert",
+    "load_private_key",
+]
+
+DEVICE_URI_PREFIX = "vgw:device:"
+"""URI SAN prefix that carries the device id in a device certificate (``vgw:device:dev-0001``)."""
+
+_FILE_MODE = 0o644
+_DIR_MODE = 0o755
+_DEFAULT_DAYS = 30
+# Backdate notBefore a little so a freshly made certificate is valid even with a second of clock skew.
+_BACKDATE = dt.timedelta(minutes=5)
+
+
+@dataclass(frozen=True)
+class CertPaths:
+    """A certificate and its private key, both PEM files."""
+
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True)
+class PKIPaths:
+    """The files of one :class:`TestPKI`: trust anchor, server, cloud peer and devices by id."""
+
+    dir: Path
+    ca_cert: Path
+    ca_key: Path
+    server: CertPaths
+    cloud: CertPaths
+    devices: dict[str, CertPaths] = field(default_factory=dict)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _write(path: Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` (atomic replace) with mode 0644."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+    os.chmod(tmp, _FILE_MODE)
+    os.replace(tmp, path)
+    return path
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _check_name(name: str) -> None:
+    # Names become file names; refuse anything that could escape the directory.
+    if not name or "/" in name or "\\" in name or name.startswith(".") or "\x00" in name:
+        raise ValueError(f"invalid certificate name {name!r}: must be a plain file-name stem")
+
+
+class TestPKI:
+    """A CA in a directory that issues server and client certificates on demand.
+
+    ``TestPKI(dirpath)`` creates the directory (0755), a CA, a server certificate (``localhost`` and
+    ``127.0.0.1``), a cloud client certificate (CN ``cloud``) and one client certificate per id in
+    ``devices``. Every parent of ``dirpath`` must be traversable by others (``tempfile.mkdtemp`` and
+    pytest's ``tmp_path`` are 0700: chmod them 0755) or a root-started mosquitto cannot read.
+    Attributes ``ca``, ``server``, ``cloud`` and ``devices`` hold :class:`CertPaths`; :attr:`paths`
+    returns them as one :class:`PKIPaths`.
+
+    Raises ``ValueError`` for an invalid device id, ``OSError`` if the directory cannot be written.
+    """
+
+    __test__ = False  # not a pytest test class despite the name
+
+    def __init__(
+        self,
+        dirpath: str | os.PathLike[str],
+        *,
+        devices: Iterable[str] = (),
+        ca_name: str = "vgw test CA",
+        cloud_name: str = "cloud",
+        days: int = _DEFAULT_DAYS,
+    ) -> None:
+        self.dir = Path(dirpath)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.dir, _DIR_MODE)
+        self.days = days
+        self._ca_key = ec.generate_private_key(ec.SECP256R1())
+        now = _now()
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ca_name)])
+        ski = x509.SubjectKeyIdentifier.from_public_key(self._ca_key.public_key())
+        self._ca_cert = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(subject)
+            .public_key(self._ca_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - _BACKDATE)
+            .not_valid_after(now + dt.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(ski, critical=False)
+            .sign(self._ca_key, hashes.SHA256())
+        )
+        self.ca = CertPaths(
+            cert=_write(self.dir / "ca.crt", self._ca_cert.public_bytes(serialization.Encoding.PEM)),
+            key=_write(self.dir / "ca.key", _key_pem(self._ca_key)),
+        )
+        self.server = self.server_cert()
+        self.cloud = self.client_cert(cloud_name)
+        self.devices: dict[str, CertPaths] = {}
+        for device_id in devices:
+            self.device(device_id)
+
+    # ------------------------------------------------------------------ views
+
+    @property
+    def paths(self) -> PKIPaths:
+        """All files issued so far (a snapshot; devices added later are not in it)."""
+        return PKIPaths(
+            dir=self.dir,
+            ca_cert=self.ca.cert,
+            ca_key=self.ca.key,
+            server=self.server,
+            cloud=self.cloud,
+            devices=dict(self.devices),
+        )
+
+    # ---------------------------------------------------------------- issuing
+
+    def _issue(
+        self,
+        name: str,
+        common_name: str,
+        *,
+        dns: Iterable[str] = (),
+        ips: Iterable[str] = (),
+        uris: Iterable[str] = (),
+        usage: x509.ObjectIdentifier,
+        not_before: dt.datetime | None,
+        not_after: dt.datetime | None,
+    ) -> CertPaths:
+        _check_name(name)
+        now = _now()
+        nb = not_before if not_before is not None else now - _BACKDATE
+        na = not_after if not_after is not None else now + dt.timedelta(days=self.days)
+        if na <= nb:
+            raise ValueError(f"certificate {name!r}: not_after {na} must be after not_before {nb}")
+        key = ec.generate_private_key(ec.SECP256R1())
+        sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
+        sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+        sans += [x509.UniformResourceIdentifier(u) for u in uris]
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+            .issuer_name(self._ca_cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(nb)
+            .not_valid_after(na)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._ca_key.public_key()), critical=False
+            )
+        )
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        cert = builder.sign(self._ca_key, hashes.SHA256())
+        return CertPaths(
+            cert=_write(self.dir / f"{name}.crt", cert.public_bytes(serialization.Encoding.PEM)),
+            key=_write(self.dir / f"{name}.key", _key_pem(key)),
+        )
+
+    def server_cert(
+        self,
+        name: str = "server",
+        *,
+        hostnames: Iterable[str] = ("localhost",),
+        ips: Iterable[str] = ("127.0.0.1",),
+        not_before: dt.datetime | None = None,
+        not_after: dt.datetime | None = None,
+    ) -> CertPaths:
+        """Issue a TLS server certificate (EKU serverAuth) with the given DNS and IP SANs.
+
+        Raises ``ValueError`` for an invalid name, IP address or validity window.
+        """
+        hostnames = list(hostnames)
+        return self._issue(
+            name,
+            hostnames[0] if hostnames else name,
+            dns=hostnames,
+            ips=ips,
+            usage=ExtendedKeyUsageOID.SERVER_AUTH,
+            not_before=not_before,
+            not_after=not_after,
+        )
+
+    def client_cert(
+        self,
+        identity: str,
+        *,
+        name: str | None = None,
+        not_before: dt.datetime | None = None,
+        not_after: dt.datetime | None = None,
+    ) -> CertPaths:
+        """Issue a TLS client certificate (EKU clientAuth) whose CN and DNS SAN are ``identity``.
+
+        mosquitto's ``use_identity_as_username`` takes the CN, so ``identity`` is the MQTT user name.
+        Raises ``ValueError`` for an invalid name or validity window.
+        """
+        return self._issue(
+            name or identity,
+            identity,
+            dns=[identity],
+            uris=[DEVICE_URI_PREFIX + identity],
+            usage=ExtendedKeyUsageOID.CLIENT_AUTH,
+            not_before=not_before,
+            not_after=not_after,
+        )
+
+    def device(self, device_id: str) -> CertPaths:
+        """The client certificate of ``device_id``, issued on first use (file stem = device id).
+
+        Raises ``ValueError`` if the id cannot be a file name.
+        """
+        if device_id not in self.devices:
+            self.devices[device_id] = self.client_cert(device_id)
+        return self.devices[device_id]
+
+    # ---------------------------------------------------------- fault variants
+
+    def other_ca(self, name: str = "rogue", *, devices: Iterable[str] = ()) -> TestPKI:
+        """A second, unrelated CA in the sub-directory ``name`` (same layout; its certs are not trusted here).
+
+        Use it for "client cert from another CA" and "server cert signed by the wrong CA" faults.
+        """
+        _check_name(name)
+        return TestPKI(self.dir / name, devices=devices, ca_name=f"vgw {name} CA", days=self.days)
+
+    def expired_server_cert(self, name: str = "server-expired") -> CertPaths:
+        """A server certificate for localhost/127.0.0.1 that expired a day ago."""
+        now = _now()
+        return self.server_cert(
+            name, not_before=now - dt.timedelta(days=30), not_after=now - dt.timedelta(days=1)
+        )
+
+    def wrong_host_server_cert(
+        self, name: str = "server-wronghost", hostname: str = "not-this-host.invalid"
+    ) -> CertPaths:
+        """A valid server certificate for ``hostname`` only: neither ``localhost`` nor ``127.0.0.1`` match."""
+        return self.server_cert(name, hostnames=[hostname], ips=())
+
+    def expired_client_cert(self, identity: str, name: str | None = None) -> CertPaths:
+        """A client certificate for ``identity`` that expired a day ago."""
+        now = _now()
+        return self.client_cert(
+            identity,
+            name=name or f"{identity}-expired",
+            not_before=now - dt.timedelta(days=30),
+            not_after=now - dt.timedelta(days=1),
+        )
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _load_cert(path: str | os.PathLike[str]) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(Path(path).read_bytes())
+    except ValueError as exc:
+        raise ValueError(f"{os.fspath(path)}: not a PEM X.509 certificate: {exc}") from exc
+
+
+def device_public_key_from_cert(path: str | os.PathLike[str]) -> ec.EllipticCurvePublicKey:
+    """The EC P-256 public key in the device certificate at ``path`` (verifies its ES256 receipts).
+
+    Raises ``OSError`` if the file cannot be read, ``ValueError`` if it is not a PEM certificate or its key
+    is not EC P-256 (ES256 needs exactly that curve, RFC 7518 §3.4).
+    """
+    cert = _load_cert(path)
+    key = cert.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise ValueError(f"{os.fspath(path)}: certificate key is not EC P-256 (needed for ES256)")
+    return key
+
+
+def device_id_from_cert(path: str | os.PathLike[str]) -> str:
+    """The device id in the certificate at ``path``: the ``vgw:device:`` URI SAN if any, else the CN.
+
+    Raises ``OSError`` if unreadable, ``ValueError`` if not a certificate or it names no device.
+    """
+    cert = _load_cert(path)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
+            if uri.startswith(DEVICE_URI_PREFIX):
+                return uri[len(DEVICE_URI_PREFIX) :]
+    except x509.ExtensionNotFound:
+        pass
+    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if not cns:
+        raise ValueError(f"{os.fspath(path)}: certificate names no device (no URI SAN, no CN)")
+    value = cns[0].value
+    return value if isinstance(value, str) else value.decode()
+
+
+def load_private_key(path: str | os.PathLike[str]) -> ec.EllipticCurvePrivateKey:
+    """Load an unencrypted PEM EC private key (as written by :class:`TestPKI`).
+
+    Raises ``OSError`` if unreadable, ``ValueError`` if it is not an EC private key.
+    """
+    key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{os.fspath(path)}: not an EC private key")
+    return key

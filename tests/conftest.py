@@ -1,0 +1,145 @@
+"""Fixtures shared by the whole suite.
+
+- ``pki`` (session): a throwaway CA with server, ``cloud`` and device certificates for ``dev-0001`` and
+  ``dev-0002`` in a 0755 temp dir (mosquitto, dropped to its own user, must read it).
+- ``broker`` (function): a started private :class:`~simulators.broker.Mosquitto` with mutual TLS and the
+  per-device ACL on a free loopback port; stopped after the test.
+- ``cloud`` (function): a connected :class:`~simulators.cloud.CloudPeer` on ``broker`` that knows both
+  devices' certificates; closed after the test.
+- ``--runslow`` enables tests marked ``@pytest.mark.slow`` (skipped otherwise).
+- An autouse guard fails any test that leaves a new non-daemon thread or paho network thread alive (after a
+  2 s grace) or a child process running (which it then kills, so one leak does not cascade).
+
+Modules add their own fixtures next to their tests; keep this file generic.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from simulators.broker import Mosquitto
+from simulators.cloud import CloudPeer
+from simulators.pki import TestPKI
+
+DEVICES = ("dev-0001", "dev-0002")
+_THREAD_GRACE_S = 2.0
+_PROCESS_GRACE_S = 2.0
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--runslow"):
+        return
+    skip_slow = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip_slow)
+
+
+# ---------------------------------------------------------------- leak guard
+
+
+def _counts(thread: threading.Thread) -> bool:
+    # Non-daemon threads block interpreter exit; paho's network threads are daemons but a left-over one is an
+    # MQTT client nobody closed (loop_stop missing), which keeps publishing into the next test.
+    return thread.is_alive() and (not thread.daemon or thread.name.startswith("paho-mqtt-client-"))
+
+
+def _live_children() -> dict[int, psutil.Process]:
+    out: dict[int, psutil.Process] = {}
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE:
+                out[proc.pid] = proc
+        except psutil.NoSuchProcess:
+            continue
+    return out
+
+
+def _describe(proc: psutil.Process) -> str:
+    try:
+        return f"pid {proc.pid} {' '.join(proc.cmdline())[:120]}"
+    except psutil.Error:
+        return f"pid {proc.pid}"
+
+
+@pytest.fixture(autouse=True)
+def _no_leaks() -> Iterator[None]:
+    """Fail the test if it leaves a new non-daemon thread or a running child process behind."""
+    threads_before = set(threading.enumerate())
+    children_before = set(_live_children())
+    yield
+    deadline = time.monotonic() + _THREAD_GRACE_S
+    while True:
+        leaked = [t for t in threading.enumerate() if t not in threads_before and _counts(t)]
+        if not leaked or time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
+    deadline = time.monotonic() + _PROCESS_GRACE_S
+    while True:
+        procs = [p for pid, p in _live_children().items() if pid not in children_before]
+        if not procs or time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
+    described = [_describe(p) for p in procs]
+    for proc in procs:  # kill what this test started, so the next test starts clean
+        try:
+            proc.kill()
+            proc.wait(5)
+        except psutil.Error:
+            pass
+    problems = [f"thread {t.name!r} still alive" for t in leaked]
+    problems += [f"child process still running: {d}" for d in described]
+    if problems:
+        pytest.fail("test leaked: " + "; ".join(problems), pytrace=False)
+
+
+# ---------------------------------------------------------------- PKI, broker, cloud
+
+
+@pytest.fixture(scope="session")
+def pki() -> Iterator[TestPKI]:
+    """A throwaway PKI: CA, server (localhost/127.0.0.1), ``cloud``, ``dev-0001`` and ``dev-0002``."""
+    # Not tmp_path_factory: its directories are 0700 and mosquitto (dropped to its own user) could not read.
+    root = Path(tempfile.mkdtemp(prefix="vgw-pki-"))
+    os.chmod(root, 0o755)  # noqa: S103 - mkdtemp makes it 0700
+    try:
+        yield TestPKI(root / "pki", devices=DEVICES)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def broker(pki: TestPKI) -> Iterator[Mosquitto]:
+    """A started mosquitto with mutual TLS and the per-device ACL on a free loopback port."""
+    mosq = Mosquitto.from_pki(pki)
+    try:
+        mosq.start()
+        yield mosq
+    finally:
+        mosq.close()
+
+
+@pytest.fixture
+def cloud(broker: Mosquitto, pki: TestPKI) -> Iterator[CloudPeer]:
+    """A connected, subscribed cloud peer on ``broker`` that verifies receipts of every ``pki`` device."""
+    peer = CloudPeer.for_broker(broker, pki)
+    for device_id, paths in pki.devices.items():
+        peer.add_device(device_id, paths.cert)
+    try:
+        peer.connect()
+        yield peer
+    finally:
+        peer.close()

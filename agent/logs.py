@@ -31,7 +31,8 @@ def under_systemd() -> bool:
     return bool(os.environ.get("JOURNAL_STREAM")) or bool(os.environ.get("INVOCATION_ID"))
 
 
-def setup_logging(*, debug: bool = False) -> None:
+def setup_logging(*, debug: bool = False, verbose: bool = False) -> None:
+    """Route logs to stderr. Short-lived commands log warnings only (their result is their output)."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
@@ -41,6 +42,6 @@ def setup_logging(*, debug: bool = False) -> None:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     root.addHandler(handler)
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    root.setLevel(logging.DEBUG if debug else logging.INFO if verbose else logging.ERROR)
     for noisy in ("can", "cantools", "paho"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

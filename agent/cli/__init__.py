@@ -32,6 +32,9 @@ _COMMANDS = (
     "bench",
 )
 
+# Long-running commands log progress at INFO; the others print their result and log errors only.
+_DAEMONS = {"run", "sim"}
+
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -65,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from agent.logs import setup_logging
 
-    setup_logging(debug=args.debug)
+    setup_logging(debug=args.debug, verbose=args.command in _DAEMONS)
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE

@@ -1,0 +1,149 @@
+"""`vgw sim`: the simulators (CONTRACT §1).
+
+``vgw sim can`` drives the demo vehicle onto a bus or into a trace::
+
+    vgw sim can --interface virtual|socketcan|slcan [--channel C] [--bitrate N] [--dbc FILE]
+                [--seed N] [--vin VIN] [--duration S] [--realtime | --fast]
+    vgw sim can --record trace.log [--duration 60] [--realtime | --fast]
+
+With ``--interface slcan`` the pty path is the first line of stdout, then it serves until killed (or
+``--duration``). Other simulators plug in as modules ``agent.cli.sim_<name>`` (see ``_SIM_COMMANDS``)
+exposing ``register(sim_subparsers)``; they are skipped while they do not exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from agent.errors import ConfigError
+
+# Further `vgw sim <name>` commands, each in agent.cli.sim_<name> with register(sim_subparsers).
+_SIM_COMMANDS = ("elm327", "fleet")
+
+DEFAULT_RECORD_S = 60.0
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``sim`` command and its simulators to the top-level ``subparsers``."""
+    sim = subparsers.add_parser(
+        "sim", help="run a simulator (CAN bus, ELM327 ...)", description=__doc__.split("\n\n")[0]
+    )
+    sim.set_defaults(func=lambda _args: _usage(sim))
+    sim_sub = sim.add_subparsers(dest="simulator", metavar="SIMULATOR")
+    _register_can(sim_sub)
+    for name in _SIM_COMMANDS:
+        try:
+            module = importlib.import_module(f"agent.cli.sim_{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"agent.cli.sim_{name}":
+                continue  # not built yet
+            raise
+        module.register(sim_sub)
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return 2
+
+
+def _register_can(sim_sub: Any) -> None:
+    p = sim_sub.add_parser(
+        "can",
+        help="simulated vehicle CAN traffic (virtual bus, SocketCAN, SLCAN pty, or a trace file)",
+        description="Drive the demo vehicle and send its DBC-encoded frames at their cycle times.",
+    )
+    p.add_argument(
+        "--interface", choices=("virtual", "socketcan", "slcan"), help="output bus (default: virtual)"
+    )
+    p.add_argument("--channel", help="bus channel (virtual/socketcan; default vcan0)")
+    p.add_argument("--bitrate", type=int, help="bitrate in bit/s, where the interface takes one")
+    p.add_argument("--dbc", type=Path, help="DBC file (default: the shipped dbc/vehicle.dbc)")
+    p.add_argument("--seed", type=int, default=1, help="vehicle model seed (default 1)")
+    p.add_argument("--vin", help="VIN the vehicle reports (default: a sample VIN)")
+    p.add_argument("--duration", type=float, help="simulated seconds (default: forever; 60 with --record)")
+    p.add_argument(
+        "--record", type=Path, metavar="FILE", help="write a trace (.log = candump) instead of a bus"
+    )
+    pace = p.add_mutually_exclusive_group()
+    pace.add_argument(
+        "--realtime",
+        dest="realtime",
+        action="store_true",
+        default=None,
+        help="pace frames at their real periods (default for buses)",
+    )
+    pace.add_argument(
+        "--fast", dest="realtime", action="store_false", help="as fast as possible (default for --record)"
+    )
+    p.set_defaults(func=run_can)
+
+
+def run_can(args: argparse.Namespace) -> int:
+    """Run ``vgw sim can``. Raises ConfigError / SourceOpenError (printed as one line by the CLI)."""
+    from simulators.can_sim import CanSimulator, open_output
+    from simulators.vehicle import DEFAULT_VIN, VehicleModel
+
+    if args.duration is not None and args.duration < 0:
+        raise ConfigError(f"--duration must be >= 0, got {args.duration}")
+    if args.record is not None and args.interface is not None:
+        raise ConfigError("use either --record FILE or --interface, not both")
+    try:
+        model = VehicleModel(seed=args.seed, vin=args.vin or DEFAULT_VIN)
+    except ValueError as exc:
+        raise ConfigError(f"--vin: {exc}") from exc
+    sim = CanSimulator(args.dbc, model)
+
+    if args.record is not None:
+        duration = DEFAULT_RECORD_S if args.duration is None else args.duration
+        started = time.monotonic()
+        count = sim.record(args.record, duration, realtime=bool(args.realtime))
+        print(
+            f"vgw sim can: recorded {count} frames ({duration:g} s simulated) to {args.record} "
+            f"in {time.monotonic() - started:.2f} s",
+            file=sys.stderr,
+        )
+        return 0
+
+    interface = args.interface or "virtual"
+    bus = open_output(interface, args.channel, args.bitrate)
+    stop = threading.Event()
+    previous = _on_sigterm(stop)
+    try:
+        if interface == "slcan":
+            print(getattr(bus, "path", ""), flush=True)
+        started = time.monotonic()
+        realtime = True if args.realtime is None else args.realtime
+        sent = sim.run(bus, args.duration, realtime=realtime, stop_event=stop)
+        print(
+            f"vgw sim can: sent {sent} frames on {bus.channel_info} in {time.monotonic() - started:.1f} s"
+            + (f" ({sim.dropped} dropped)" if sim.dropped else ""),
+            file=sys.stderr,
+        )
+    finally:
+        bus.shutdown()
+        _restore_sigterm(previous)
+    return 0
+
+
+def _on_sigterm(stop: threading.Event) -> Any:
+    """Let SIGTERM (systemd, ``kill``, a test's terminate()) end the simulator cleanly."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(_signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _restore_sigterm(previous: Any) -> None:
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)

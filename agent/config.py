@@ -67,6 +67,7 @@ class MqttConfig:
     drain_rate: float = 200.0  # backlog batches per second after a reconnect
     backoff_min_s: float = 1.0
     backoff_max_s: float = 60.0
+    protocol: str = "auto"  # "5", "3.1.1", or "auto": MQTT 5, falling back to 3.1.1 if the broker refuses it
 
 
 @dataclass(frozen=True)
@@ -314,13 +315,16 @@ def _mqtt(s: _Section) -> MqttConfig:
     drain_rate = float(s.number("drain_rate", 200.0, minimum=0.1))
     backoff_min = float(s.number("backoff_min_s", 1.0, minimum=0.05))
     backoff_max = float(s.number("backoff_max_s", 60.0, minimum=0.05))
+    protocol = str(s.get("protocol", str, "auto"))
+    if protocol not in ("auto", "5", "3.1.1"):
+        raise ConfigError(f"{s.path}: [mqtt] protocol {protocol!r}: expected 'auto', '5' or '3.1.1'")
     if backoff_max < backoff_min:
         raise ConfigError(f"{s.path}: [mqtt] backoff_max_s must be >= backoff_min_s")
     s.finish()
     return MqttConfig(host=host, port=port, ca_file=ca_file, cert_file=cert_file, key_file=key_file,
                       topic_prefix=prefix, keepalive_s=keepalive,
                       max_inflight=max_inflight, drain_rate=drain_rate, backoff_min_s=backoff_min,
-                      backoff_max_s=backoff_max)
+                      backoff_max_s=backoff_max, protocol=protocol)
 
 
 def _consent(s: _Section) -> ConsentConfig:

@@ -92,7 +92,7 @@ class _Screen:
 
     def draw(self, lines: list[str], t: float) -> None:
         if self.live:
-            body = "\n".join(lines + [""] + self.events[-8:])
+            body = "\n".join([*lines, "", *self.events[-8:]])
             self.out.write("\x1b[H\x1b[2J" + body + "\n")
             self.out.flush()
         elif t - self._last_plain >= 5.0:
@@ -104,14 +104,13 @@ class _Screen:
 def run_demo(duration: float = 20.0, *, as_json: bool = False, out: IO[str] | None = None,
              keep: Path | None = None) -> int:
     """Run the demo for ``duration`` seconds. Returns 0 if every guarantee held, 1 otherwise."""
+    from agent.runtime import Agent
     from simulators.broker import Mosquitto, MosquittoNotFound
     from simulators.can_sim import CanSimulator, open_output
     from simulators.cloud import CloudPeer, RecipientKey, SigningKey, consent_claims, grant, sign_consent
     from simulators.paths import default_dbc, default_signal_map
     from simulators.pki import TestPKI
     from simulators.vehicle import VehicleModel
-
-    from agent.runtime import Agent
 
     if duration < 8:
         raise VgwError(f"demo duration {duration:g} s is too short: use at least 8 s")
@@ -258,9 +257,9 @@ def _summary(cloud: Any, scope_of: dict[str, str], revoked_wall: float | None, r
              receipt_claims: dict[str, Any] | None, rows_after: int | None, key_after: bool | None,
              agent: Any) -> dict[str, Any]:
     applied_v2 = None
-    for entry in agent.audit.entries():
-        if entry.get("event") == "consent-applied" and entry.get("ver") == 2:
-            applied_v2 = float(entry["t"])
+    for audit_entry in agent.audit.entries():
+        if audit_entry.get("event") == "consent-applied" and audit_entry.get("ver") == 2:
+            applied_v2 = float(audit_entry["t"])
     grants_out: dict[str, Any] = {}
     ok = True
     for g in GRANTS:

@@ -91,10 +91,11 @@ class Pipeline:
     :meth:`swap`, so a revocation can never interleave with a half-processed frame.
     """
 
-    def __init__(self, catalogue: Catalogue) -> None:
-        self.catalogue = catalogue
+    def __init__(self, catalogue: Catalogue | None) -> None:
+        # With no catalogue (an OBD-only agent) the pipeline still batches samples offered to it.
+        self.catalogue = catalogue if catalogue is not None else Catalogue(messages={}, specs=())
         self.batches: dict[str, GrantBatch] = {}
-        self.router = Router(catalogue, (), self.batches)
+        self.router = Router(self.catalogue, (), self.batches)
         self._parts: dict[str, list[bytes | None]] = {}
         self._last_lat: float | None = None
         self.counters: dict[str, int] = {
@@ -128,11 +129,12 @@ class Pipeline:
         values, short = decoder.decode(data)
         if short:
             counters["signals_short"] += short
-        for entry, value in values:
+        for entry, decoded in values:
             assert isinstance(entry, _Entry)
             spec = entry.spec
+            value: int | float | str = decoded
             if spec.parts is not None:
-                assembled = self._assemble(spec, value)
+                assembled = self._assemble(spec, decoded)
                 if assembled is None:
                     continue
                 value = assembled
@@ -146,7 +148,7 @@ class Pipeline:
                         counters["samples_rate_limited"] += 1
                         continue
                     batch.last_kept[spec.path] = t
-                out_value = value
+                out_value: int | float | str = value
                 if target.precision_m and entry.coord:
                     snapped = self._snap(entry.coord, float(value), target.precision_m)
                     if snapped is None:
@@ -157,6 +159,45 @@ class Pipeline:
                     batch.first_t = t
                 batch.samples.append({"t": round(t, 6), "path": spec.path, "value": out_value})
                 counters["samples"] += 1
+
+    def granted_scopes(self) -> frozenset[str]:
+        """Scopes at least one grant in force holds (sources poll nothing else: minimisation at the source)."""
+        return frozenset(s for b in self.batches.values() for s in b.grant.scopes)
+
+    def offer(self, path: str, scope: str, t: float, value: Any) -> int:
+        """Route one already-decoded sample (e.g. an OBD-II PID answer) through the same policy.
+
+        Returns how many grants took it. Location/compass limits and max_hz apply exactly as for CAN.
+        """
+        taken = 0
+        leaf = path.rsplit(".", 1)[-1]
+        coord = "lat" if leaf == "Latitude" else "lon" if leaf == "Longitude" else ""
+        if coord == "lat":
+            self._last_lat = float(value)
+        for batch in self.batches.values():
+            grant = batch.grant
+            if scope not in grant.scopes:
+                continue
+            lim = grant.limits_for(scope)
+            if lim.max_hz:
+                last = batch.last_kept.get(path)
+                if last is not None and t - last < 1.0 / lim.max_hz - 1e-9:
+                    self.counters["samples_rate_limited"] += 1
+                    continue
+                batch.last_kept[path] = t
+            out_value = value
+            if lim.precision_m and coord:
+                snapped = self._snap(coord, float(value), lim.precision_m)
+                if snapped is None:
+                    continue
+                out_value = snapped
+            if not batch.samples:
+                batch.opened = time.monotonic()
+                batch.first_t = t
+            batch.samples.append({"t": round(t, 6), "path": path, "value": out_value})
+            self.counters["samples"] += 1
+            taken += 1
+        return taken
 
     def _assemble(self, spec: SignalSpec, value: Any) -> str | None:
         parts = self._parts.setdefault(spec.path, [None] * (spec.parts or 1))

@@ -237,19 +237,30 @@ def run_demo(duration: float = 20.0, *, as_json: bool = False, out: IO[str] | No
 
 def _view(cloud: Any, agent: Any, elapsed: float, duration: float, revoked_wall: float | None) -> list[str]:
     lines = [f"vgw demo  {elapsed:5.1f} s / {duration:g} s   device {DEVICE}   link: {agent.uplink.state}",
-             "signals received by the cloud, per grant (decrypted with that app's HPKE key):"]
+             "what the cloud receives, per grant (each app decrypts only its own grant with its HPKE key):"]
     stats = agent.outbox.stats()
     for g in GRANTS:
         samples = cloud.samples(DEVICE, g.id)
-        by_path: dict[str, int] = {}
+        by_path: dict[str, list[Any]] = {}
         for s in samples:
-            by_path[s.path] = by_path.get(s.path, 0) + 1
-        state = "REVOKED" if (g.id == REVOKED and revoked_wall is not None) else "active"
+            by_path.setdefault(s.path, []).append(s)
+        revoked = g.id == REVOKED and revoked_wall is not None
         ob = stats.get(g.id, {"rows": 0})
-        lines.append(f"  {g.id:<10} [{state}] {g.controller} / {g.purpose}  batches {len(cloud.batches(DEVICE, g.id))}"
-                     f"  outbox {ob['rows']} row(s)")
+        state = "REVOKED" if revoked else "active"
+        lines.append(f"  {g.id} [{state}] {g.controller} / {g.purpose}: {len(cloud.batches(DEVICE, g.id))} batches, "
+                     f"outbox {ob['rows']} row(s)")
+        if g.limits:
+            lines.append("      limits enforced on the car: " + "; ".join(
+                f"{scope} at most {lim['max_hz']:g} Hz on a {lim['precision_m']:g} m grid"
+                for scope, lim in g.limits.items()))
         for path in sorted(by_path):
-            lines.append(f"      {path:<58} {by_path[path]:>6} samples")
+            got = by_path[path]
+            last = got[-1].value
+            shown = f"{last:.5f}" if isinstance(last, float) and "Location" in path else (
+                f"{last:.2f}" if isinstance(last, float) else str(last))
+            after = sum(1 for x in got if revoked_wall is not None and x.arrived > revoked_wall + 1.0) if revoked else 0
+            extra = f"   {after} after revocation" if revoked else ""
+            lines.append(f"      {path:<58} {len(got):>6} samples  last {shown:>12}{extra}")
     return lines
 
 

@@ -8,7 +8,20 @@ Tables:
   seqs           next ``seq`` per grant; assigned at commit, so sequences survive crashes with no gap/reuse.
   batches        sealed envelopes, each encrypted again with its grant's data key (aad binds device/grant/seq).
   receipts       signed receipts waiting for the broker (no personal data, not encrypted).
-  counters       named counters (drops, retention deletes) for status and the privacy report.
+  counters       named counters (drops, retention deletes, what was sent) for status and the privacy report.
+                 Most add up; ``first_sent:<g>`` / ``last_sent:<g>`` (Unix seconds) are kept with a MIN / MAX
+                 upsert instead (see :meth:`Outbox.mark_sent`), so one table serves the report.
+
+Durability (the fault-injection suite in ``tests/test_faults_*.py`` checks each point): a batch counts as
+collected only once its transaction commits; its ``seq`` is assigned in that transaction, so a crash loses at
+most the batch not yet committed and never reuses or skips a seq. On start :func:`open_checked` runs
+``PRAGMA integrity_check``; a corrupt file is renamed ``outbox.sqlite.corrupt-<ts>`` (quarantined, never read
+again by the agent), its ``seqs`` are salvaged if still readable, and a fresh file takes its place.
+
+Quota: :meth:`Outbox.commit_batch` with ``quota_bytes`` drops, in the same transaction, the oldest batches of
+the committing grant until the outbox fits (then, if one grant's new batch alone does not fit beside the
+others, the oldest of the largest grant). A batch already handed to the broker whose PUBACK has not come is
+never dropped for quota (it may have arrived: dropping it would make the ``dropped_quota`` count lie).
 
 ``secure_delete`` overwrites deleted content; after an erasure the WAL is checkpointed and truncated so no
 page of a revoked grant survives in the -wal file either. ``synchronous=FULL`` makes a commit survive power
@@ -17,6 +30,7 @@ loss.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 import time
@@ -27,6 +41,8 @@ from pathlib import Path
 
 from agent.crypto import keys
 from agent.errors import StorageError
+
+log = logging.getLogger("vgw.outbox")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS active_grants (id TEXT PRIMARY KEY) WITHOUT ROWID;
@@ -54,6 +70,14 @@ class Row:
     grant_id: str
     seq: int
     payload: bytes  # the decrypted envelope, ready to publish
+    samples: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    seq: int
+    size: int  # stored bytes of the new row
+    dropped: dict[str, int]  # grant id -> batches dropped for the quota by this commit
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +91,66 @@ class GrantNotActive(StorageError):
     """A batch or key was refused because its grant is not active (revoked meanwhile)."""
 
 
+class OutboxUnwritable(StorageError):
+    """The outbox cannot store now: ``kind`` is ``full`` (disk or page limit), ``read-only`` or ``io``."""
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def _unwritable(path: Path, exc: sqlite3.Error) -> OutboxUnwritable:
+    text = str(exc).lower()
+    if "full" in text:
+        kind = "full"
+    elif "readonly" in text or "read-only" in text or "read only" in text:
+        kind = "read-only"
+    else:
+        kind = "io"
+    return OutboxUnwritable(f"{path}: outbox cannot store ({kind}): {exc}", kind)
+
+
+def integrity_problem(path: Path) -> str | None:
+    """None if ``path`` is absent or passes ``PRAGMA integrity_check``, else a one-line reason."""
+    if not path.exists():
+        return None
+    try:
+        db = sqlite3.connect(path, timeout=10.0, isolation_level=None)
+        try:
+            rows = db.execute("PRAGMA integrity_check").fetchall()
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as exc:
+        return str(exc)
+    if rows and rows[0][0] == "ok":
+        return None
+    return "; ".join(str(r[0]) for r in rows[:3]) or "integrity_check returned nothing"
+
+
+def quarantine(path: Path) -> tuple[Path, dict[str, int]]:
+    """Move a corrupt outbox (and its -wal/-shm) aside as ``<name>.corrupt-<ts>``; salvage its seqs.
+
+    Returns (new path of the quarantined file, {grant: next_seq} read from it, empty if unreadable). The
+    salvaged seqs keep ``seq`` rising for the cloud (CONTRACT §6): a fresh file alone would restart at 1 and
+    the receiver would drop the new batches as re-deliveries.
+    """
+    seqs: dict[str, int] = {}
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
+        try:
+            seqs = {str(g): int(n) for g, n in db.execute("SELECT grant_id, next_seq FROM seqs")}
+        finally:
+            db.close()
+    except (sqlite3.DatabaseError, ValueError, TypeError):
+        seqs = {}
+    target = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+    for suffix in ("", "-wal", "-shm"):
+        src = Path(str(path) + suffix)
+        if src.exists():
+            src.replace(Path(str(target) + suffix))
+    return target, seqs
+
+
 class Outbox:
     """Thread-safe access to the outbox database. Raises StorageError on I/O trouble."""
 
@@ -76,6 +160,8 @@ class Outbox:
         self._storage_key = storage_key
         self._lock = threading.RLock()
         self._data_keys: dict[str, bytes] = {}
+        # Rows handed to the broker whose PUBACK has not come (maybe delivered): never dropped for quota.
+        self.attempted: set[int] = set()
         try:
             self._db = sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -97,19 +183,29 @@ class Outbox:
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                raise StorageError(f"{self.path}: outbox busy or unwritable: {exc}") from exc
+            except sqlite3.DatabaseError as exc:
+                raise _unwritable(self.path, exc) from exc
             try:
                 yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
+            except BaseException as exc:
+                self._rollback()
+                if isinstance(exc, sqlite3.DatabaseError):
+                    # SQLITE_FULL / SQLITE_READONLY / SQLITE_IOERR inside the transaction: the caller must
+                    # see a StorageError, not a raw sqlite3 error that would kill its thread.
+                    raise _unwritable(self.path, exc) from exc
                 raise
             else:
                 try:
                     self._db.execute("COMMIT")
                 except sqlite3.DatabaseError as exc:
-                    self._db.execute("ROLLBACK")
-                    raise StorageError(f"{self.path}: commit failed: {exc}") from exc
+                    self._rollback()
+                    raise _unwritable(self.path, exc) from exc
+
+    def _rollback(self) -> None:
+        try:
+            self._db.execute("ROLLBACK")
+        except sqlite3.DatabaseError:
+            pass  # SQLite already rolled back (e.g. after SQLITE_FULL) or the file is gone
 
     def close(self) -> None:
         with self._lock:
@@ -158,11 +254,14 @@ class Outbox:
             row = self._db.execute("SELECT next_seq FROM seqs WHERE grant_id = ?", (grant_id,)).fetchone()
             return int(row[0]) if row else 1
 
-    def commit_batch(self, grant_id: str, make_payload: Callable[[int], bytes], first_t: float, samples: int) -> tuple[int, int]:
+    def commit_batch(self, grant_id: str, make_payload: Callable[[int], bytes], first_t: float, samples: int,
+                     *, quota_bytes: int | None = None) -> Committed:
         """Assign the next seq, seal the batch with it (``make_payload(seq) -> envelope``) and store it.
 
-        All in one transaction: the seq is persisted with the row. Returns (seq, stored bytes). Raises
-        GrantNotActive if the grant was revoked meanwhile, StorageError on I/O failure.
+        All in one transaction: the seq is persisted with the row, and with ``quota_bytes`` the batches dropped
+        to fit are deleted and counted (``dropped_quota:<grant>``) in it too. Raises GrantNotActive if the grant
+        was revoked meanwhile, OutboxUnwritable when the disk is full or read-only (nothing is stored then and
+        no seq is used, so the cloud sees no gap for a batch that never existed).
         """
         with self._tx() as db:
             if db.execute("SELECT 1 FROM active_grants WHERE id = ?", (grant_id,)).fetchone() is None:
@@ -171,7 +270,7 @@ class Outbox:
             seq = int(row[0]) if row else 1
             payload = make_payload(seq)
             blob = keys.seal_row(self._data_key(db, grant_id), payload, self._aad(grant_id, seq))
-            db.execute(
+            cur = db.execute(
                 "INSERT INTO batches (grant_id, seq, created, first_t, samples, blob) VALUES (?, ?, ?, ?, ?, ?)",
                 (grant_id, seq, time.time(), first_t, samples, blob),
             )
@@ -180,16 +279,58 @@ class Outbox:
                 "ON CONFLICT(grant_id) DO UPDATE SET next_seq = excluded.next_seq",
                 (grant_id, seq + 1),
             )
-            return seq, len(blob)
+            dropped: dict[str, int] = {}
+            if quota_bytes is not None:
+                dropped = self._fit_quota(db, grant_id, int(cur.lastrowid or 0), quota_bytes)
+            return Committed(seq, len(blob), dropped)
+
+    def _fit_quota(self, db: sqlite3.Connection, grant_id: str, new_row: int, quota: int) -> dict[str, int]:
+        total = int(db.execute("SELECT COALESCE(SUM(LENGTH(blob)), 0) FROM batches").fetchone()[0])
+        if total <= quota:
+            return {}
+        dropped: dict[str, int] = {}
+
+        def drop_from(gid: str, keep: int | None) -> None:
+            nonlocal total
+            cur = db.execute("SELECT id, LENGTH(blob) FROM batches WHERE grant_id = ? ORDER BY id", (gid,))
+            victims: list[int] = []
+            for row_id, size in cur.fetchall():
+                if total <= quota:
+                    break
+                if row_id == keep or row_id in self.attempted:
+                    continue
+                victims.append(row_id)
+                total -= int(size)
+            if victims:
+                db.executemany("DELETE FROM batches WHERE id = ?", [(v,) for v in victims])
+                dropped[gid] = dropped.get(gid, 0) + len(victims)
+
+        # 1. The committing grant's own oldest batches (the issue's rule: a grant pays for its own backlog).
+        drop_from(grant_id, keep=new_row)
+        # 2. Still over: its new batch does not fit beside the others; the largest grant gives way, oldest first
+        #    (possibly the committing grant's new batch itself, when it is the largest).
+        while total > quota:
+            big = db.execute("SELECT grant_id FROM batches GROUP BY grant_id ORDER BY SUM(LENGTH(blob)) DESC "
+                             "LIMIT 1").fetchone()
+            if big is None:
+                break
+            before = total
+            drop_from(str(big[0]), keep=None)
+            if total == before:
+                break  # only rows in flight left: wait for their PUBACKs
+        for gid, n in dropped.items():
+            self._count_locked(f"dropped_quota:{gid}", n)
+        return dropped
 
     def pending(self, limit: int, exclude: set[int] | None = None) -> list[Row]:
         """The oldest batches not in ``exclude`` (row ids in flight), decrypted for publishing."""
         exclude = exclude or set()
         out: list[Row] = []
         with self._lock:
-            cur = self._db.execute("SELECT id, grant_id, seq, blob FROM batches ORDER BY id LIMIT ?",
+            cur = self._db.execute("SELECT id, grant_id, seq, samples, blob FROM batches ORDER BY id LIMIT ?",
                                    (limit + len(exclude),))
-            for row_id, grant_id, seq, blob in cur.fetchall():
+            rows = cur.fetchall()
+            for row_id, grant_id, seq, samples, blob in rows:
                 if row_id in exclude:
                     continue
                 key = self._data_keys.get(grant_id)
@@ -203,17 +344,53 @@ class Outbox:
                 try:
                     payload = keys.open_row(key, blob, self._aad(grant_id, seq))
                 except Exception:
-                    self._count_locked("undecryptable_rows", 1)
-                    self._db.execute("DELETE FROM batches WHERE id = ?", (row_id,))
+                    try:
+                        self._count_locked("undecryptable_rows", 1)
+                        self._db.execute("DELETE FROM batches WHERE id = ?", (row_id,))
+                    except sqlite3.DatabaseError:
+                        pass  # unwritable now: the row is skipped again next time
                     continue
-                out.append(Row(row_id, grant_id, seq, payload))
+                out.append(Row(row_id, grant_id, seq, payload, int(samples)))
                 if len(out) >= limit:
                     break
         return out
 
     def delete_batch(self, row_id: int) -> None:
         with self._lock:
-            self._db.execute("DELETE FROM batches WHERE id = ?", (row_id,))
+            self.attempted.discard(row_id)
+            try:
+                self._db.execute("DELETE FROM batches WHERE id = ?", (row_id,))
+            except sqlite3.DatabaseError as exc:
+                raise _unwritable(self.path, exc) from exc
+
+    def mark_sent(self, row: Row, when: float | None = None) -> None:
+        """The broker acknowledged ``row``: delete it and record it for the privacy report, in one transaction.
+
+        ``sent_batches:<g>`` += 1, ``sent_samples:<g>`` += row.samples, ``first_sent:<g>`` = MIN(t),
+        ``last_sent:<g>`` = MAX(t) with t = ``when`` (Unix seconds, default now). If the row is gone already
+        (erased or dropped while its PUBACK was on the way) it still counts: it did reach the broker.
+        """
+        t = int(when if when is not None else time.time())
+        g = row.grant_id
+        with self._lock:
+            self.attempted.discard(row.id)
+            with self._tx() as db:
+                db.execute("DELETE FROM batches WHERE id = ?", (row.id,))
+                self._count_locked(f"sent_batches:{g}", 1)
+                self._count_locked(f"sent_samples:{g}", row.samples)
+                db.execute("INSERT INTO counters (name, value) VALUES (?, ?) "
+                           "ON CONFLICT(name) DO UPDATE SET value = MIN(value, excluded.value)", (f"first_sent:{g}", t))
+                db.execute("INSERT INTO counters (name, value) VALUES (?, ?) "
+                           "ON CONFLICT(name) DO UPDATE SET value = MAX(value, excluded.value)", (f"last_sent:{g}", t))
+
+    def seed_seqs(self, seqs: dict[str, int]) -> None:
+        """Raise each grant's next seq to at least the given value (after a quarantine salvaged them)."""
+        with self._tx() as db:
+            db.executemany(
+                "INSERT INTO seqs (grant_id, next_seq) VALUES (?, ?) "
+                "ON CONFLICT(grant_id) DO UPDATE SET next_seq = MAX(next_seq, excluded.next_seq)",
+                sorted(seqs.items()),
+            )
 
     def stats(self) -> dict[str, dict[str, int]]:
         with self._lock:
@@ -291,7 +468,10 @@ class Outbox:
 
     def delete_receipt(self, receipt_id: int) -> None:
         with self._lock:
-            self._db.execute("DELETE FROM receipts WHERE id = ?", (receipt_id,))
+            try:
+                self._db.execute("DELETE FROM receipts WHERE id = ?", (receipt_id,))
+            except sqlite3.DatabaseError as exc:
+                raise _unwritable(self.path, exc) from exc
 
     def receipt_count(self) -> int:
         with self._lock:
@@ -307,14 +487,56 @@ class Outbox:
 
     def count(self, name: str, n: int = 1) -> None:
         with self._lock:
-            self._count_locked(name, n)
+            try:
+                self._count_locked(name, n)
+            except sqlite3.DatabaseError as exc:
+                raise _unwritable(self.path, exc) from exc
 
     def counters(self) -> dict[str, int]:
         with self._lock:
             return {str(k): int(v) for k, v in self._db.execute("SELECT name, value FROM counters")}
+
+    def page_limit(self, pages: int | None) -> None:
+        """Cap the file at ``pages`` pages (None: SQLite's default). A full disk in tests: SQLITE_FULL."""
+        with self._lock:
+            self._db.execute(f"PRAGMA max_page_count = {int(pages) if pages else 4294967294}")
+
+    def read_only(self, on: bool) -> None:
+        """Refuse every write on this connection (SQLITE_READONLY), as a read-only state dir would."""
+        with self._lock:
+            self._db.execute(f"PRAGMA query_only = {1 if on else 0}")
 
     def integrity_ok(self) -> bool:
         with self._lock:
             row = self._db.execute("PRAGMA integrity_check").fetchone()
         return bool(row and row[0] == "ok")
 
+
+
+@dataclass(frozen=True, slots=True)
+class Quarantined:
+    file: Path  # where the corrupt outbox went
+    reason: str  # what integrity_check said
+    seqs_recovered: dict[str, int]
+
+
+def open_checked(path: Path, storage_key: bytes, device: str) -> tuple[Outbox, Quarantined | None]:
+    """Open the outbox for `vgw run`: integrity-check it first and quarantine a corrupt file.
+
+    A corrupt outbox is never repaired in place (a half-readable row could be replayed or leak): it is moved
+    aside, a fresh file is created, and the seqs that could be read are carried over. The caller audits and
+    logs the returned :class:`Quarantined`. Raises StorageError if even a fresh file cannot be opened.
+    """
+    problem = integrity_problem(path)
+    if problem is None:
+        try:
+            return Outbox(path, storage_key, device), None
+        except StorageError as exc:  # e.g. "file is not a database" only shows when the schema is read
+            problem = str(exc.__cause__ or exc)
+    target, seqs = quarantine(path)
+    log.error("outbox %s failed its integrity check (%s): moved to %s, starting a fresh outbox (%d seq(s) kept)",
+              path, problem, target.name, len(seqs))
+    outbox = Outbox(path, storage_key, device)
+    if seqs:
+        outbox.seed_seqs(seqs)
+    return outbox, Quarantined(target, problem, seqs)

@@ -8,6 +8,16 @@ Threads:
 
 A revocation takes ``self._lock``: once it holds it no frame is half-processed, it swaps the router and drops
 the grant's open batch; then the manager erases the grant on disk.
+
+Faults (what each costs is in docs/guarantees.md; tests/test_faults_*.py prove it):
+  corrupt outbox      integrity_check at start; quarantined, audited, fresh file with the salvaged seqs.
+  outbox over quota   the committing grant's oldest batches go, counted ``dropped_quota:<g>``, audited
+                      (one entry per grant per minute at most) and shown by `vgw status`.
+  disk full/read-only batches are counted in ``store_failures`` and not stored; logged and audited once when
+                      it starts and once when it recovers; ``storage`` in status.json says which.
+  bus down/bus-off    SourceReadError: close, wait ``[can] reopen_s``, reopen; error frames are counted.
+  SIGTERM             collector stopped, open batches committed, up to 2 s to hand them to a live link,
+                      status offline, exit 0. SIGKILL loses at most the batches not yet committed.
 """
 
 from __future__ import annotations
@@ -35,7 +45,7 @@ from agent.crypto.keys import load_or_create_storage_key
 from agent.crypto.receipts import ReceiptSigner
 from agent.errors import SourceError, StorageError, VgwError
 from agent.fsutil import atomic_write, ensure_private_dir
-from agent.outbox import GrantNotActive, Outbox
+from agent.outbox import GrantNotActive, Outbox, OutboxUnwritable, open_checked
 from agent.pipeline.router import GrantBatch, Pipeline
 from agent.sdnotify import notify, watchdog_interval
 from agent.uplink import Uplink
@@ -45,6 +55,8 @@ log = logging.getLogger("vgw.agent")
 STATUS_FILE = "status.json"
 LOCK_FILE = "agent.lock"
 OUTBOX_FILE = "outbox.sqlite"
+QUOTA_AUDIT_EVERY_S = 60.0  # at most one quota-drop audit entry per grant per minute (the counter is exact)
+SHUTDOWN_SEND_S = 2.0  # on SIGTERM, how long a live link may take to send what was just flushed
 
 
 class AgentLock:
@@ -82,12 +94,21 @@ class AgentLock:
         return True
 
 
-def open_state(cfg: Config) -> tuple[Outbox, AuditLog, ConsentStore, ReceiptSigner]:
-    """Open the state directory's parts (shared by `vgw run` and the CLI commands)."""
+def open_state(cfg: Config, *, check: bool = False) -> tuple[Outbox, AuditLog, ConsentStore, ReceiptSigner]:
+    """Open the state directory's parts (shared by `vgw run` and the CLI commands).
+
+    ``check`` (`vgw run` only): integrity-check the outbox first and quarantine a corrupt one (audited).
+    """
     ensure_private_dir(cfg.state_dir)
     storage_key = load_or_create_storage_key(cfg.device.storage_key)
-    outbox = Outbox(cfg.state_dir / OUTBOX_FILE, storage_key, cfg.device.id)
     audit = AuditLog(cfg.state_dir)
+    if check:
+        outbox, quarantined = open_checked(cfg.state_dir / OUTBOX_FILE, storage_key, cfg.device.id)
+        if quarantined is not None:
+            audit.append("outbox-quarantined", file=quarantined.file.name, reason=quarantined.reason[:200],
+                         seqs_recovered=len(quarantined.seqs_recovered))
+    else:
+        outbox = Outbox(cfg.state_dir / OUTBOX_FILE, storage_key, cfg.device.id)
     store = ConsentStore(cfg.state_dir)
     signer = ReceiptSigner.from_file(cfg.device.id, cfg.mqtt.key_file)
     return outbox, audit, store, signer
@@ -102,7 +123,7 @@ class Agent:
         if not self.lock_file.acquire():
             raise StorageError(f"{cfg.state_dir}: another `vgw run` is using this state directory")
         try:
-            self.outbox, self.audit, self.store, self.signer = open_state(cfg)
+            self.outbox, self.audit, self.store, self.signer = open_state(cfg, check=True)
             self.catalogue: Catalogue | None = None
             if cfg.can is not None:
                 self.catalogue = load_catalogue(cfg.can.dbc, cfg.can.signal_map, strict=cfg.can.dbc_strict)
@@ -123,7 +144,14 @@ class Agent:
         self._source_done = threading.Event()
         self._collector: threading.Thread | None = None
         self.counters: dict[str, int] = {"batches": 0, "batches_discarded": 0, "store_failures": 0,
-                                         "consent_dropped": 0, "source_errors": 0}
+                                         "consent_dropped": 0, "source_errors": 0, "error_frames": 0,
+                                         "remote_frames": 0, "rx_overflow": 0, "quota_dropped": 0}
+        self.storage_error: str | None = None  # why the outbox cannot store now (None: it can)
+        self._store_failures_at_error = 0
+        self._quota_pending: dict[str, int] = {}  # drops not yet in the audit log
+        self._quota_audited: dict[str, float] = {}
+        self._quota_view: dict[str, int] = {"quota_bytes": cfg.outbox.quota_bytes, "used_bytes": 0}
+        self._quota_view_at = 0.0
         self.healthy = True
         self.exit_code = 0
         self._source: Any = None
@@ -177,15 +205,55 @@ class Agent:
                 return seal(kem, recipient, self.device, _g, batch_plaintext(self.device, _g, seq, _s))
 
             try:
-                self.outbox.commit_batch(grant.id, make, batch.first_t, len(samples))
-                self.counters["batches"] += 1
+                committed = self.outbox.commit_batch(grant.id, make, batch.first_t, len(samples),
+                                                     quota_bytes=self.cfg.outbox.quota_bytes)
             except GrantNotActive:
                 self.counters["batches_discarded"] += 1
             except StorageError as exc:
                 self.counters["store_failures"] += 1
-                if self.healthy:
-                    log.error("cannot store batch: %s", exc)
+                self._storage_failed(exc)
+            else:
+                self.counters["batches"] += 1
+                if self.storage_error is not None:
+                    self._storage_recovered()
+                for gid, n in committed.dropped.items():
+                    self.counters["quota_dropped"] += n
+                    self._quota_pending[gid] = self._quota_pending.get(gid, 0) + n
         self.uplink.wake()
+
+    def _storage_failed(self, exc: StorageError) -> None:
+        # Logged and audited when the state changes, not per batch: a full disk must not fill the journal.
+        if self.storage_error is None:
+            kind = exc.kind if isinstance(exc, OutboxUnwritable) else "io"
+            self.storage_error = str(exc)
+            self._store_failures_at_error = self.counters["store_failures"] - 1
+            log.error("outbox cannot store (%s): %s; new batches are counted and dropped until it can", kind, exc)
+            self._audit("outbox-unwritable", kind=kind)
+
+    def _storage_recovered(self) -> None:
+        lost = self.counters["store_failures"] - self._store_failures_at_error
+        log.warning("outbox stores again; %d batch(es) were not stored meanwhile", lost)
+        self.storage_error = None
+        self._audit("outbox-recovered", batches_not_stored=lost)
+
+    def _audit(self, event: str, **fields: Any) -> None:
+        try:
+            self.audit.append(event, **fields)
+        except StorageError as exc:  # the same full disk: the counters and the log still tell
+            log.debug("audit entry %s not written: %s", event, exc)
+
+    def _audit_quota_drops(self, *, force: bool = False) -> None:
+        now = time.monotonic()
+        for gid, n in list(self._quota_pending.items()):
+            last = self._quota_audited.get(gid)
+            if force or last is None or now - last >= QUOTA_AUDIT_EVERY_S:
+                if last is None:
+                    log.warning("outbox over its quota of %d bytes: dropping the oldest batches of grant %s",
+                                self.cfg.outbox.quota_bytes, gid)
+                self._audit("outbox-quota-drop", grant=gid, batches_dropped=n,
+                            quota_bytes=self.cfg.outbox.quota_bytes)
+                self._quota_audited[gid] = now
+                del self._quota_pending[gid]
 
     # -- collector thread ---------------------------------------------------------------------------
 
@@ -210,7 +278,11 @@ class Agent:
             try:
                 while not self._stop.is_set():
                     msg = source.recv(0.05)
-                    if msg is not None and not msg.is_error_frame and not msg.is_remote_frame:
+                    if msg is not None and msg.is_error_frame:
+                        self.counters["error_frames"] += 1  # bus errors, bus-off notices: never data
+                    elif msg is not None and msg.is_remote_frame:
+                        self.counters["remote_frames"] += 1
+                    elif msg is not None:
                         with self._lock:
                             self.pipeline.process(msg.arbitration_id, bytes(msg.data), msg.timestamp)
                             if self.pipeline.batches:
@@ -235,6 +307,7 @@ class Agent:
                 log.error("%s; reopening in %.1f s", exc, can_cfg.reopen_s)
                 self._stop.wait(can_cfg.reopen_s)
             finally:
+                self.counters["rx_overflow"] += source.overflow
                 source.close()
                 self._source = None
 
@@ -245,9 +318,22 @@ class Agent:
         return {"device": self.device, "consent_version": consent.ver if consent else None,
                 "grants": [g.id for g in self.manager.active_grants()]}
 
+    def _quota_status(self) -> dict[str, int]:
+        now = time.monotonic()
+        if now - self._quota_view_at >= 5.0:  # a scan of the rows' sizes: not every status tick
+            self._quota_view_at = now
+            try:
+                self._quota_view = {"quota_bytes": self.cfg.outbox.quota_bytes, "used_bytes": self.outbox.total_bytes()}
+            except Exception:  # noqa: BLE001 - a status view must never stop the agent
+                pass
+        return self._quota_view
+
     def status(self) -> dict[str, Any]:
         consent = self.manager.in_force
         pipeline = dict(self.pipeline.counters) if self.pipeline else {}
+        source = self._source
+        live_overflow = source.overflow if source is not None else 0
+        up = self.uplink
         return {
             "device": self.device,
             "pid": os.getpid(),
@@ -258,7 +344,11 @@ class Agent:
             "consent_version": consent.ver if consent else None,
             "consent_expired": self.manager.expired,
             "published": {"batches": self.uplink.published_batches, "receipts": self.uplink.published_receipts},
-            "counters": {**pipeline, **self.counters},
+            "storage": {"ok": self.storage_error is None, "error": self.storage_error},
+            "quota": self._quota_status(),
+            "counters": {**pipeline, **self.counters, "rx_overflow": self.counters["rx_overflow"] + live_overflow,
+                         "connect_attempts": up.connect_attempts, "connect_failures": up.connect_failures,
+                         "mqtt_queue_full": up.queue_full, "ack_store_failures": up.ack_store_failures},
         }
 
     def _write_status(self) -> None:
@@ -315,16 +405,17 @@ class Agent:
         while not self._stop.is_set():
             try:
                 payload = self._consent_queue.get(timeout=0.1)
-                self.manager.apply(payload, source="mqtt")
+                self._guarded(self.manager.apply, payload, source="mqtt")
                 self.uplink.wake()
             except queue.Empty:
                 pass
             now = time.monotonic()
-            self._check_consent_file()
-            self.manager.check_expiry()
+            self._guarded(self._check_consent_file)
+            self._guarded(self.manager.check_expiry)
             if now - last_retention >= 5.0:
                 last_retention = now
-                self._retention()
+                self._guarded(self._retention)
+            self._audit_quota_drops()
             if now - last_status >= 0.5:
                 last_status = now
                 self._write_status()
@@ -346,6 +437,14 @@ class Agent:
                     log.error("end of trace: outbox not drained within 120 s")
                     self.exit_code = 1
                 return
+
+    def _guarded(self, fn: Any, *args: Any, **kwargs: Any) -> None:
+        """Main-loop work that writes the state dir: a full or read-only disk is logged, never fatal."""
+        try:
+            fn(*args, **kwargs)
+        except StorageError as exc:
+            self.counters["store_failures"] += 1
+            self._storage_failed(exc)
 
     def _install_signal_handlers(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -369,8 +468,9 @@ class Agent:
         if self.pipeline is not None:
             with self._lock:
                 self._flush(self.pipeline.due(1, 0, force=True))
-        self.uplink.wake()
-        time.sleep(0.1)
+        self._audit_quota_drops(force=True)
+        if self.uplink.state == "connected":
+            self.uplink.drain(SHUTDOWN_SEND_S)  # best effort; what is not acknowledged stays in the outbox
         self.uplink.publish_offline()
         self.uplink.stop()
         self._write_status()

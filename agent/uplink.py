@@ -6,6 +6,13 @@ connects with jittered exponential backoff (capped), publishes receipts first an
 client after any disconnect, so nothing queued inside paho for a revoked grant can leak out later: the
 outbox, not paho, is the only store of unsent data.
 
+Memory is bounded: paho's queue holds at most ``max_inflight`` + a few messages (``max_queued_messages``;
+a refused publish is counted in ``queue_full`` and retried from the outbox), the event deque only ever holds
+connection events and PUBACKs of the bounded in-flight window, and consent messages go straight to the
+runtime's bounded queue. A failed connection attempt is logged once per distinct reason (repeats go to debug
+and are summed up when the reason changes or the link comes back), so a broker that stays down or a TLS
+fault does not flood the journal.
+
 Topics (CONTRACT §4), prefix ``vgw``: subscribe ``vgw/<device>/consent`` only; publish ``.../data/<grant>``,
 ``.../receipt`` and ``.../status`` (retained, also the last will).
 """
@@ -27,11 +34,13 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.config import MqttConfig
+from agent.errors import StorageError
 from agent.outbox import Outbox
 
 log = logging.getLogger("vgw.uplink")
 
 SESSION_EXPIRY_S = 24 * 3600
+QUEUE_SLACK = 8  # paho queue beyond the in-flight window: the status message and the offline status
 
 
 def tls_context(cfg: MqttConfig) -> ssl.SSLContext:
@@ -69,11 +78,19 @@ class Uplink:
         self.connects = 0
         self.published_batches = 0
         self.published_receipts = 0
+        self.connect_attempts = 0
+        self.connect_failures = 0
+        self.queue_full = 0
+        self.ack_store_failures = 0
+        self._repeats = 0
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._events: collections.deque[tuple[str, Any]] = collections.deque()
         self._client: mqtt.Client | None = None
+        # [mqtt] protocol: "5", "3.1.1", or "auto" (MQTT 5 first; see _fall_back_to_311).
+        self._protocol = "3.1.1" if cfg.protocol == "3.1.1" else "5"
+        self._protocol_settled = cfg.protocol != "auto"
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -124,11 +141,15 @@ class Uplink:
         client = mqtt.Client(
             callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
             client_id=self.device,
-            protocol=mqtt.MQTTv5,
+            protocol=mqtt.MQTTv5 if self._protocol == "5" else mqtt.MQTTv311,
+            # MQTT 3.1.1 has no session expiry: clean_session=False keeps the session (and the QoS 1
+            # subscription to the consent topic) for as long as the broker keeps it.
+            clean_session=None if self._protocol == "5" else False,
         )
         client.tls_set_context(tls_context(self.cfg))
         client.max_inflight_messages_set(self.cfg.max_inflight)
-        client.max_queued_messages_set(0)
+        # 0 would mean "unbounded" to paho; we never hand it more than the window, so this only guards bugs.
+        client.max_queued_messages_set(self.cfg.max_inflight + QUEUE_SLACK)
         client.will_set(self.topic_status, json.dumps({"state": "offline", "device": self.device}), qos=1,
                         retain=True)
         client.on_connect = self._on_connect
@@ -140,13 +161,17 @@ class Uplink:
 
     def _connect(self) -> mqtt.Client | None:
         self.state = "connecting"
+        self.connect_attempts += 1
         self._events.clear()
         try:
             client = self._new_client()
-            props = Properties(PacketTypes.CONNECT)
-            props.SessionExpiryInterval = SESSION_EXPIRY_S
-            client.connect(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s, clean_start=False,
-                           properties=props)
+            if self._protocol == "5":
+                props = Properties(PacketTypes.CONNECT)
+                props.SessionExpiryInterval = SESSION_EXPIRY_S
+                client.connect(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s, clean_start=False,
+                               properties=props)
+            else:
+                client.connect(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
         except ssl.SSLCertVerificationError as exc:
             self._fail(f"TLS certificate rejected: {exc.verify_message}")
             return None
@@ -162,8 +187,12 @@ class Uplink:
             while self._events:
                 kind, value = self._events.popleft()
                 if kind == "connected":
+                    self._protocol_settled = True
                     self._after_connect(client)
                     return client
+                if kind in ("refused", "disconnected") and self._fall_back_to_311(kind, str(value)):
+                    self._teardown(client)
+                    return self._connect()  # at most once: the fallback happens once per process
                 if kind in ("refused", "disconnected"):
                     self._fail(f"broker refused the connection: {value}")
                     self._teardown(client)
@@ -175,15 +204,42 @@ class Uplink:
 
     def _fail(self, reason: str) -> None:
         self.state = "offline"
+        self.connect_failures += 1
         if reason != self.last_error:
-            log.warning("uplink: %s", reason)
+            self._flush_repeats()
+            log.warning("uplink: %s (retrying with backoff up to %g s; data stay in the outbox)", reason,
+                        self.cfg.backoff_max_s)
         else:
+            self._repeats += 1
             log.debug("uplink: %s", reason)
         self.last_error = reason
+
+    def _fall_back_to_311(self, kind: str, reason: str) -> bool:
+        """``auto`` only, before any successful CONNECT: switch to MQTT 3.1.1 for the rest of the process.
+
+        A 3.1.1-only broker (the NATS server's MQTT support, for one) answers an MQTT 5 CONNECT with CONNACK
+        "unacceptable protocol version" or just closes the connection before any CONNACK. Once a CONNECT has
+        succeeded the choice is settled, so a later outage is never mistaken for a protocol refusal.
+        """
+        if self._protocol_settled or self._protocol != "5":
+            return False
+        if kind == "refused" and "protocol" not in reason.lower():
+            return False  # refused for another reason (not authorised, bad client id ...): not a version issue
+        self._protocol = "3.1.1"
+        self._protocol_settled = True
+        log.warning("uplink: broker %s:%d refused MQTT 5 (%s); using MQTT 3.1.1 with clean_session=False for "
+                    "the rest of this process", self.cfg.host, self.cfg.port, reason)
+        return True
+
+    def _flush_repeats(self) -> None:
+        if self._repeats:
+            log.info("uplink: previous failure repeated %d more time(s)", self._repeats)
+            self._repeats = 0
 
     def _after_connect(self, client: mqtt.Client) -> None:
         self.state = "connected"
         self.connects += 1
+        self._flush_repeats()
         self.last_error = None
         log.info("uplink connected to %s:%d", self.cfg.host, self.cfg.port)
         client.subscribe(self.topic_consent, qos=1)
@@ -203,7 +259,7 @@ class Uplink:
             self.state = "offline"
 
     def _serve(self, client: mqtt.Client) -> None:
-        inflight: dict[int, tuple[str, int]] = {}
+        inflight: dict[int, tuple[str, Any]] = {}
         tokens = float(self.cfg.max_inflight)
         last_refill = time.monotonic()
         while not self._stop.is_set():
@@ -216,15 +272,7 @@ class Uplink:
                     if item is None:
                         continue
                     if ok:
-                        if item[0] == "batch":
-                            self.outbox.delete_batch(item[1])
-                            self.published_batches += 1
-                        else:
-                            self.outbox.delete_receipt(item[1])
-                            self.published_receipts += 1
-                        self.last_publish = time.time()
-                elif kind == "consent":
-                    self.on_consent(value)
+                        self._acked(item)
                 elif kind == "disconnected":
                     self._fail(f"connection lost: {value}")
                     return
@@ -239,26 +287,49 @@ class Uplink:
             self._wake.wait(0.02)
             self._wake.clear()
 
-    def _publish_some(self, client: mqtt.Client, inflight: dict[int, tuple[str, int]], room: int) -> int:
+    def _acked(self, item: tuple[str, Any]) -> None:
+        now = time.time()
+        try:
+            if item[0] == "batch":
+                self.outbox.mark_sent(item[1], now)
+                self.published_batches += 1
+            else:
+                self.outbox.delete_receipt(item[1])
+                self.published_receipts += 1
+        except StorageError as exc:
+            # The row stays and goes out again later: a duplicate the receiver drops (§6), never a loss.
+            self.ack_store_failures += 1
+            if self.ack_store_failures == 1:
+                log.error("uplink: acknowledged row not deleted: %s", exc)
+        self.last_publish = now
+
+    def _publish(self, client: mqtt.Client, topic: str, payload: bytes | str) -> int | None:
+        info = client.publish(topic, payload, qos=1)
+        if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
+            self.queue_full += 1
+        return info.mid if info.rc == mqtt.MQTT_ERR_SUCCESS else None
+
+    def _publish_some(self, client: mqtt.Client, inflight: dict[int, tuple[str, Any]], room: int) -> int:
         sent = 0
         busy_receipts = {v[1] for v in inflight.values() if v[0] == "receipt"}
         for rid, token in self.outbox.pending_receipts(room, busy_receipts):
-            info = client.publish(self.topic_receipt, token, qos=1)
-            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            mid = self._publish(client, self.topic_receipt, token)
+            if mid is None:
                 return sent
-            inflight[info.mid] = ("receipt", rid)
+            inflight[mid] = ("receipt", rid)
             sent += 1
         if sent >= room:
             return sent
-        busy_rows = {v[1] for v in inflight.values() if v[0] == "batch"}
+        busy_rows = {v[1].id for v in inflight.values() if v[0] == "batch"}
         # The outbox lock is held across read and publish so a concurrent erasure either happens before
         # (rows gone) or after (already handed to the socket: "already sent").
         with self.outbox._lock:
             for row in self.outbox.pending(room - sent, busy_rows):
-                info = client.publish(self.topic_data + row.grant_id, row.payload, qos=1)
-                if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                mid = self._publish(client, self.topic_data + row.grant_id, row.payload)
+                if mid is None:
                     break
-                inflight[info.mid] = ("batch", row.id)
+                self.outbox.attempted.add(row.id)  # maybe delivered from now on: never a quota victim
+                inflight[mid] = ("batch", row)
                 sent += 1
         return sent
 
@@ -295,5 +366,4 @@ class Uplink:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         if message.topic == self.topic_consent and message.payload:
-            self._events.append(("consent", bytes(message.payload)))
-            self._wake.set()
+            self.on_consent(bytes(message.payload))  # a bounded queue (the runtime counts overflow)

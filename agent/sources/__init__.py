@@ -17,6 +17,8 @@ class FrameSource(Protocol):
 
     #: True once a finite source (a trace without loop) has delivered its last frame.
     finished: bool
+    #: frames lost because a bounded receive queue was full (0 where nothing is queued)
+    overflow: int
 
     def recv(self, timeout: float) -> can.Message | None:
         """The next frame, or None after ``timeout`` s. Raises SourceReadError when the source fails."""

@@ -1,8 +1,17 @@
-"""A live CAN bus through python-can: SocketCAN, SLCAN adapters, the virtual bus, or any other interface."""
+"""A live CAN bus through python-can: SocketCAN, SLCAN adapters, the virtual bus, or any other interface.
+
+Bounded receive side: SocketCAN queues in the kernel socket buffer (bounded; the kernel counts its drops), an
+SLCAN adapter in its serial buffer; python-can's virtual bus would queue without limit, so its queue is
+replaced by one of ``RX_QUEUE_FRAMES`` that drops the newest frame when full and counts it in ``overflow``
+(a real controller loses frames the same way when nobody reads them in time). A failing bus (bus-off,
+interface down, adapter unplugged) raises SourceReadError; the collector closes the source and reopens it
+after ``[can] reopen_s``.
+"""
 
 from __future__ import annotations
 
 import logging
+import queue
 from typing import Any
 
 import can
@@ -13,6 +22,21 @@ log = logging.getLogger("vgw.source")
 
 # Interfaces whose driver filters in the kernel or on the adapter (python-can passes can_filters down).
 _KERNEL_FILTERS = {"socketcan"}
+RX_QUEUE_FRAMES = 4096
+
+
+class _DroppingQueue(queue.Queue):  # type: ignore[type-arg]
+    """A bounded queue whose ``put`` never blocks the sender: a frame that does not fit is counted and lost."""
+
+    def __init__(self, maxsize: int) -> None:
+        super().__init__(maxsize)
+        self.dropped = 0
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        try:
+            super().put(item, block=False)
+        except queue.Full:
+            self.dropped += 1
 
 
 class BusSource:
@@ -33,6 +57,28 @@ class BusSource:
         except (can.CanError, OSError, ValueError, ImportError) as exc:
             raise SourceOpenError(f"cannot open CAN interface {interface!r} channel {channel!r}: {exc}") from exc
         self._closed = False
+        self._rx: _DroppingQueue | None = None
+        if interface == "virtual":
+            self._bound_virtual_queue()
+
+    def _bound_virtual_queue(self) -> None:
+        from can.interfaces import virtual
+
+        bus: Any = self.bus
+        rx = _DroppingQueue(RX_QUEUE_FRAMES)
+        with virtual.channels_lock:
+            try:
+                bus.channel[bus.channel.index(bus.queue)] = rx
+            except (AttributeError, ValueError):  # another python-can layout: keep its own queue
+                log.warning("virtual bus: receive queue left unbounded (unknown python-can layout)")
+                return
+            bus.queue = rx
+        self._rx = rx
+
+    @property
+    def overflow(self) -> int:
+        """Frames lost because the receive queue was full."""
+        return self._rx.dropped if self._rx is not None else 0
 
     def recv(self, timeout: float) -> can.Message | None:
         try:

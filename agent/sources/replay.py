@@ -26,6 +26,7 @@ class ReplaySource:
         self._start_wall: float | None = None
         self._start_trace: float | None = None
         self._pending: can.Message | None = None
+        self.overflow = 0  # nothing is queued: a trace is read on demand
 
     def _open(self) -> Iterator[can.Message]:
         try:

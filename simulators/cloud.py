@@ -506,7 +506,9 @@ class _Stream:
 class CloudPeer:
     """The cloud's MQTT client: publishes consent, records telemetry, receipts and status (CONTRACT §4).
 
-    Connects as an MQTT v5 client over mutual TLS (>= 1.2, broker certificate and host name verified) with
+    Connects as an MQTT v5 client (``protocol="3.1.1"`` for brokers without MQTT 5, such as the NATS server;
+    the session then persists through ``clean_session=False``) over mutual TLS (>= 1.2, broker certificate and
+    host name verified) with
     ``cert_file``/``key_file`` (CN ``cloud``), subscribes ``<prefix>/+/data/+``, ``<prefix>/+/receipt`` and
     ``<prefix>/+/status`` at QoS 1 (data through ``$share/<share_group>/`` when given), and re-subscribes
     after every reconnect. Register recipient keys with :meth:`add_recipient` and device certificates with
@@ -526,8 +528,12 @@ class CloudPeer:
         share_group: str | None = None,
         persistent: bool = False,
         keepalive: int = 30,
+        protocol: str = "5",
     ) -> None:
+        if protocol not in ("5", "3.1.1"):
+            raise ValueError(f"protocol {protocol!r}: expected '5' or '3.1.1'")
         self.host, self.port, self.prefix = host, port, prefix
+        self.protocol = protocol
         self._share_group = share_group
         self._persistent = persistent
         self._keepalive = keepalive
@@ -553,8 +559,13 @@ class CloudPeer:
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.load_verify_locations(cafile=os.fspath(ca_file))
         ctx.load_cert_chain(os.fspath(cert_file), os.fspath(key_file))
+        v5 = protocol == "5"
         client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=MQTTProtocolVersion.MQTTv5
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
+            # MQTT 3.1.1 (e.g. the NATS server): the session is kept with clean_session=False.
+            clean_session=None if v5 else not persistent,
         )
         client.tls_set_context(ctx)
         client.reconnect_delay_set(1, 4)
@@ -608,17 +619,20 @@ class CloudPeer:
         if self._closed or self._started:
             raise RuntimeError("CloudPeer.connect() may be called once, before close()")
         props = None
-        if self._persistent:
+        if self._persistent and self.protocol == "5":
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = 3600
         try:
-            self._client.connect(
-                self.host,
-                self.port,
-                keepalive=self._keepalive,
-                clean_start=not self._persistent,
-                properties=props,
-            )
+            if self.protocol == "5":
+                self._client.connect(
+                    self.host,
+                    self.port,
+                    keepalive=self._keepalive,
+                    clean_start=not self._persistent,
+                    properties=props,
+                )
+            else:
+                self._client.connect(self.host, self.port, keepalive=self._keepalive)
         except (OSError, ssl.SSLError) as exc:
             raise UplinkError(f"cloud peer cannot connect to {self.host}:{self.port}: {exc}") from exc
         self._started = True
@@ -703,7 +717,7 @@ class CloudPeer:
             self._connected = True
             self._subscribed = False
             self._connections += 1
-        opts = SubscribeOptions(qos=1)
+        opts: SubscribeOptions | int = SubscribeOptions(qos=1) if self.protocol == "5" else 1  # 3.1.1: plain QoS
         data = f"{self.prefix}/+/data/+"
         if self._share_group:
             data = f"$share/{self._share_group}/{data}"

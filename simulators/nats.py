@@ -1,0 +1,373 @@
+"""A private NATS server with JetStream and its MQTT listener (mutual TLS) on free loopback ports.
+
+The NATS server is built to cluster (routes, JetStream replication); its MQTT support speaks MQTT 3.1.1
+only (QoS 0/1, retained messages, persistent sessions, all stored in JetStream streams). :class:`NatsMqtt`
+mirrors :class:`simulators.broker.Mosquitto`: it writes a config file into its own work directory, starts
+``nats-server -c``, waits until the MQTT listener is up, stops it (SIGTERM, then SIGKILL; idempotent) and
+restarts it on the same ports with the same JetStream store (retained messages and sessions survive).
+
+Identity and policy (CONTRACT §4): ``tls { verify_and_map: true }`` maps a client certificate to the user
+named by its DNS SAN (our device certificates carry the device id there, see :mod:`simulators.pki`), and
+:func:`nats_config` gives every device user permission to publish only ``vgw.<id>.data.>``, ``.receipt``
+and ``.status`` and to subscribe only ``vgw.<id>.consent``; the cloud user gets everything under ``vgw``.
+MQTT topic ``vgw/dev-0001/data/g`` is NATS subject ``vgw.dev-0001.data.g``, so a device id must not contain
+``.``, ``*``, ``>`` or white space. Every MQTT user also needs ``subscribe $MQTT.sub.>``: the server
+delivers QoS 1 messages through a JetStream consumer whose delivery subject is checked against the user's
+subscribe permissions. (An MQTT client cannot itself subscribe ``$MQTT/...``; the server refuses it.)
+
+Errors (``RuntimeError`` subclasses: a missing or failing test broker is an environment problem)::
+
+    BrokerError                       (simulators.broker)
+     +-- NatsNotFound                 no nats-server binary
+     +-- BrokerStartError             nats-server exited or did not listen in time (log tail in the message)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from types import TracebackType
+from typing import IO, TYPE_CHECKING
+
+from simulators.broker import HOST, BrokerError, BrokerStartError, free_port
+
+if TYPE_CHECKING:
+    from simulators.pki import TestPKI
+
+__all__ = ["NatsMqtt", "NatsNotFound", "device_permissions", "find_nats_server", "nats_config"]
+
+_START_TIMEOUT = 15.0
+_STOP_TIMEOUT = 10.0
+_START_ATTEMPTS = 5
+_READY = "Server is ready"
+_BAD_ID = re.compile(r"[.*>\s]")
+
+
+class NatsNotFound(BrokerError):
+    """No nats-server binary on this machine."""
+
+
+def find_nats_server() -> str:
+    """Path of ``nats-server`` (``$PATH``, then ``/usr/sbin``, ``/usr/local/bin``). Raises :class:`NatsNotFound`."""
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    for candidate in ("/usr/sbin/nats-server", "/usr/local/bin/nats-server", "/usr/bin/nats-server"):
+        if os.access(candidate, os.X_OK):
+            return candidate
+    raise NatsNotFound("nats-server not found: install it (Debian/Ubuntu: `apt-get install -y nats-server`)")
+
+
+def _check_id(name: str) -> None:
+    if not name or _BAD_ID.search(name) or '"' in name or "/" in name:
+        raise ValueError(f"invalid NATS user/device id {name!r}: no '.', '*', '>', '/', quotes or spaces")
+
+
+def device_permissions(device: str, prefix: str = "vgw") -> str:
+    """The NATS ``permissions`` block of one device user (CONTRACT §4), as config text.
+
+    Raises ``ValueError`` for an id or prefix that cannot be a NATS subject token.
+    """
+    _check_id(device)
+    _check_id(prefix)
+    base = f"{prefix}.{device}"
+    return (
+        f'{{publish: {{allow: ["{base}.data.>", "{base}.receipt", "{base}.status"]}}, '
+        f'subscribe: {{allow: ["{base}.consent", "$MQTT.sub.>"]}}}}'
+    )
+
+
+def nats_config(
+    *,
+    devices: Iterable[str],
+    ca_file: str | os.PathLike[str],
+    cert_file: str | os.PathLike[str],
+    key_file: str | os.PathLike[str],
+    store_dir: str | os.PathLike[str],
+    mqtt_listen: str,
+    client_listen: str,
+    prefix: str = "vgw",
+    cloud_users: Iterable[str] = ("cloud",),
+    server_name: str = "vgw-nats",
+    ack_wait: str = "5s",
+    extra: str = "",
+) -> str:
+    """A nats-server config (text) for vgw: JetStream, MQTT over mutual TLS, one user per device certificate.
+
+    ``ack_wait`` is how long the server waits for an MQTT PUBACK before it redelivers a QoS 1 message.
+    Raises ``ValueError`` for an invalid device id or prefix.
+    """
+    _check_id(prefix)
+    tls = (
+        f'tls {{ cert_file: "{cert_file}", key_file: "{key_file}", ca_file: "{ca_file}", '
+        "verify_and_map: true, timeout: 5 }"
+    )
+    users = []
+    for cloud in cloud_users:
+        _check_id(cloud)
+        users.append(
+            f'    {{user: "{cloud}", permissions: {{publish: {{allow: ["{prefix}.>"]}}, '
+            f'subscribe: {{allow: ["{prefix}.>", "$MQTT.sub.>"]}}}}}}'
+        )
+    for device in devices:
+        users.append(f'    {{user: "{device}", permissions: {device_permissions(device, prefix)}}}')
+    return "\n".join(
+        [
+            "# written by simulators.nats: a private NATS server for vgw (MQTT 3.1.1 over mutual TLS)",
+            f"server_name: {server_name}",
+            f"listen: {client_listen}",
+            "# the NATS client port maps certificates to users too: users have no passwords",
+            tls,
+            f'jetstream {{ store_dir: "{store_dir}", max_memory_store: 268435456, max_file_store: 4294967296 }}',
+            "max_payload: 1048576",
+            "authorization {",
+            "  users = [",
+            *users,
+            "  ]",
+            "}",
+            "mqtt {",
+            f"  listen: {mqtt_listen}",
+            f"  {tls}",
+            f'  ack_wait: "{ack_wait}"',
+            "}",
+            extra,
+        ]
+    ) + "\n"
+
+
+class NatsMqtt:
+    """A private ``nats-server`` with JetStream and an MQTT listener over mutual TLS.
+
+    ``devices`` are the device ids (= certificate DNS SAN) that get a user and the per-device permissions;
+    :meth:`add_devices` adds more (config reload, no restart). ``port`` is the MQTT port (fixed, or a free
+    one picked at the first start and kept for restarts). The JetStream store lives in the work directory,
+    so retained messages and sessions survive :meth:`restart`. Raises :class:`NatsNotFound` at
+    construction if nats-server is missing.
+    """
+
+    def __init__(
+        self,
+        *,
+        ca_file: str | os.PathLike[str],
+        cert_file: str | os.PathLike[str],
+        key_file: str | os.PathLike[str],
+        devices: Iterable[str] = (),
+        prefix: str = "vgw",
+        cloud_users: Iterable[str] = ("cloud",),
+        port: int | None = None,
+        ack_wait: str = "5s",
+        workdir: str | os.PathLike[str] | None = None,
+        binary: str | None = None,
+    ) -> None:
+        self._binary = binary or find_nats_server()
+        self.host = HOST
+        self._ca_file = Path(ca_file).resolve()
+        self._cert_file = Path(cert_file).resolve()
+        self._key_file = Path(key_file).resolve()
+        for p in (self._ca_file, self._cert_file, self._key_file):
+            if not p.is_file():
+                raise FileNotFoundError(f"broker TLS file missing: {p}")
+        self.prefix = prefix
+        self._devices: list[str] = []
+        for d in devices:
+            _check_id(d)
+            self._devices.append(d)
+        self._cloud_users = list(cloud_users)
+        self._ack_wait = ack_wait
+        self._port: int | None = port
+        self._client_port: int | None = None
+        self._own_workdir = workdir is None
+        self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="vgw-nats-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.store_dir = self.workdir / "store"
+        self.log_path = self.workdir / "nats.log"
+        self.conf_path = self.workdir / "nats.conf"
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log_fh: IO[bytes] | None = None
+        self._closed = False
+
+    @classmethod
+    def from_pki(cls, pki: TestPKI, *, devices: Iterable[str] | None = None, **kwargs: object) -> NatsMqtt:
+        """A server trusting ``pki``'s CA with its server certificate; users for ``devices`` (default: all
+        of ``pki``'s devices) and ``cloud``. Other keyword arguments go to the constructor."""
+        return cls(
+            ca_file=pki.ca.cert,
+            cert_file=pki.server.cert,
+            key_file=pki.server.key,
+            devices=list(pki.devices) if devices is None else devices,
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+    # ------------------------------------------------------------ properties
+
+    @property
+    def port(self) -> int:
+        """The MQTT listener port. Raises ``RuntimeError`` before the first :meth:`start`."""
+        if self._port is None:
+            raise RuntimeError("broker port is not known before start()")
+        return self._port
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self.running and self._proc is not None else None
+
+    @property
+    def devices(self) -> list[str]:
+        return list(self._devices)
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    # ------------------------------------------------------------ lifecycle
+
+    def _write_config(self, port: int, client_port: int) -> None:
+        text = nats_config(
+            devices=self._devices,
+            ca_file=self._ca_file,
+            cert_file=self._cert_file,
+            key_file=self._key_file,
+            store_dir=self.store_dir,
+            mqtt_listen=f"{self.host}:{port}",
+            client_listen=f"{self.host}:{client_port}",
+            prefix=self.prefix,
+            cloud_users=self._cloud_users,
+            ack_wait=self._ack_wait,
+        )
+        tmp = self.conf_path.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, self.conf_path)
+
+    def add_devices(self, devices: Iterable[str]) -> None:
+        """Give more device ids a user; a running server reloads its config (SIGHUP). Raises ``ValueError``."""
+        new = [d for d in devices if d not in self._devices]
+        for d in new:
+            _check_id(d)
+        self._devices.extend(new)
+        if self.running and self._port is not None and self._client_port is not None and self._proc:
+            self._write_config(self._port, self._client_port)
+            offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+            self._proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and "Reloaded" not in self._log_since(offset):
+                time.sleep(0.02)
+
+    def start(self, timeout: float = _START_TIMEOUT) -> NatsMqtt:
+        """Start the server and wait until it is ready; returns ``self``. Raises :class:`BrokerStartError`."""
+        if self._closed:
+            raise RuntimeError("broker is closed")
+        if self.running:
+            raise RuntimeError("broker is already running")
+        last_error = ""
+        for _attempt in range(_START_ATTEMPTS):
+            port = self._port if self._port is not None else free_port(self.host)
+            client_port = self._client_port if self._client_port is not None else free_port(self.host)
+            ok, last_error = self._try_start(port, client_port, timeout)
+            if ok:
+                self._port, self._client_port = port, client_port
+                return self
+            if "address already in use" in last_error.lower():
+                if self._port is not None:
+                    time.sleep(0.5)
+                else:
+                    self._client_port = None
+                continue
+            break
+        raise BrokerStartError(f"nats-server did not start: {last_error.strip()[-2000:]}")
+
+    def _try_start(self, port: int, client_port: int, timeout: float) -> tuple[bool, str]:
+        self._write_config(port, client_port)
+        self._log_fh = open(self.log_path, "ab")  # closed in _reap()
+        offset = self._log_fh.tell()
+        self._proc = subprocess.Popen(
+            [self._binary, "-c", str(self.conf_path)],
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_fh,
+            stderr=subprocess.STDOUT,
+            close_fds=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                text = self._log_since(offset)
+                self._reap()
+                return False, f"exit code {self._proc.returncode}: {text}"
+            text = self._log_since(offset)
+            if _READY in text and "Listening for MQTT clients" in text:
+                return True, ""
+            time.sleep(0.02)
+        text = self._log_since(offset)
+        self._stop_process()
+        return False, f"not ready on {self.host}:{port} after {timeout:.0f}s: {text}"
+
+    def _log_since(self, offset: int) -> str:
+        try:
+            with open(self.log_path, "rb") as fh:
+                fh.seek(offset)
+                return fh.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def _reap(self) -> None:
+        if self._log_fh is not None:
+            self._log_fh.close()
+            self._log_fh = None
+
+    def _stop_process(self) -> None:
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(_STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(_STOP_TIMEOUT)
+        elif proc is not None:
+            proc.wait()
+        self._reap()
+
+    def stop(self) -> None:
+        """Stop the server (SIGTERM, then SIGKILL). Idempotent; ports and store are kept for restart."""
+        self._stop_process()
+
+    def kill(self) -> None:
+        """SIGKILL the server (no clean shutdown). Idempotent."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        self._stop_process()
+
+    def restart(self, timeout: float = _START_TIMEOUT) -> NatsMqtt:
+        """Stop, then start again on the same ports with the same store. Raises like :meth:`start`."""
+        self.stop()
+        return self.start(timeout)
+
+    def close(self) -> None:
+        """Stop and remove the work directory if this object created it. Idempotent."""
+        self.stop()
+        if not self._closed and self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        self._closed = True
+
+    def __enter__(self) -> NatsMqtt:
+        if not self.running:
+            self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

@@ -96,7 +96,7 @@ def test_config_loads_once_the_certificate_is_installed(inputs: dict[str, Path],
                                                         tmp_path: Path) -> None:
     assert provision(inputs, broker="broker.example.net:8884") == 0
     out = inputs["out"]
-    with pytest.raises(ConfigError, match="device.crt"):
+    with pytest.raises(ConfigError, match=r"device\.crt"):
         load_config(out / "vgw.toml")  # the only thing missing before install-cert
     signed = tmp_path / "signed.crt"
     signed.write_bytes(sign_csr(out / "device.csr", pki))

@@ -1,0 +1,455 @@
+"""The device self-check (`vgw doctor`): one PASS/WARN/FAIL line per thing an installer can get wrong.
+
+Checks, in order: config, catalogue (DBC + signal map), CAN interface (present, up, bitrate and bus state
+where readable) or replay trace, OBD adapter (opens, answers ``ATI``), keys, certificate (matches the key,
+names this device, expiry: WARN within 30 days, FAIL expired), broker (TCP, TLS handshake with the device
+certificate through :func:`agent.uplink.tls_context`, and the broker keeps the connection), clock (not
+before the floor in ``clock.json``), state dir permissions, consent in force and its expiry.
+
+The doctor only reads: it creates no file, and it does not touch an adapter the running agent holds. Its
+output names files, interfaces and counts, never a signal value, VIN or location.
+
+:func:`run_checks` never raises for a broken device; each failure becomes a FAIL line.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import socket
+import ssl
+import stat
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from agent.config import CanConfig, Config, ObdConfig, load_config
+from agent.errors import VgwError
+
+PASS, WARN, FAIL = "PASS", "WARN", "FAIL"
+CERT_WARN_DAYS = 30
+CONSENT_WARN_S = 24 * 3600
+CLOCK_MIN = 1735689600  # 2025-01-01T00:00:00Z: a clock before this was never set (no RTC, no NTP yet)
+ARPHRD_CAN = 280
+IFF_UP = 0x1
+ELM_BAUDRATES = (38400, 9600, 115200, 230400)
+
+# Reads the kernel's link details for a CAN interface (``ip -details -json link show``), or None.
+LinkDetails = Callable[[str], dict[str, Any] | None]
+
+
+@dataclass(frozen=True)
+class Check:
+    """One result line: ``check`` names it, ``status`` is PASS/WARN/FAIL, ``detail`` is one line of reason."""
+
+    check: str
+    status: str
+    detail: str
+
+    def as_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+@dataclass
+class Probes:
+    """Where the doctor looks; tests point these at fakes."""
+
+    sys_class_net: Path = Path("/sys/class/net")
+    link_details: LinkDetails | None = None
+    connect_timeout_s: float = 5.0
+    tls_wait_s: float = 0.5  # how long the broker may take to refuse a client certificate after the handshake
+    serial_timeout_s: float = 1.0
+
+
+def run_checks(config_path: str | Path, probes: Probes | None = None) -> list[Check]:
+    """Run every check for the config at ``config_path``. Never raises for a broken device."""
+    probes = probes or Probes()
+    try:
+        cfg = load_config(config_path)
+    except VgwError as exc:
+        hint = ""
+        if "device.crt" in str(exc) and "not found" in str(exc):
+            hint = " (install the signed certificate: vgw provision --install-cert FILE)"
+        return [Check("config", FAIL, f"{exc}{hint}")]
+    results = [Check("config", PASS, f"{cfg.path} is valid")]
+    steps: list[tuple[str, Callable[[], Check | None]]] = [
+        ("catalogue", lambda: _catalogue(cfg)),
+        ("can", lambda: _can(cfg.can, probes) if cfg.can is not None else None),
+        ("obd", lambda: _obd(cfg, probes) if cfg.obd is not None else None),
+        ("keys", lambda: _keys(cfg)),
+        ("certificate", lambda: _certificate(cfg)),
+        ("broker", lambda: _broker(cfg, probes)),
+        ("clock", lambda: _clock(cfg)),
+        ("state-dir", lambda: _state_dir(cfg)),
+        ("consent", lambda: _consent(cfg)),
+    ]
+    for name, step in steps:
+        try:
+            result = step()
+        except Exception as exc:  # a check must never take the others down with it
+            result = Check(name, FAIL, f"check failed unexpectedly: {type(exc).__name__}: {exc}")
+        if result is not None:
+            results.append(result)
+    return results
+
+
+def exit_code(results: list[Check]) -> int:
+    """1 if any check failed, else 0."""
+    return 1 if any(r.status == FAIL for r in results) else 0
+
+
+# -- sources --------------------------------------------------------------------------------------------
+
+
+def _catalogue(cfg: Config) -> Check | None:
+    if cfg.can is None:
+        return None
+    from agent.catalogue import load_catalogue
+
+    try:
+        cat = load_catalogue(cfg.can.dbc, cfg.can.signal_map, strict=cfg.can.dbc_strict)
+    except VgwError as exc:
+        return Check("catalogue", FAIL, str(exc))
+    scopes = sorted({s.scope for s in cat.specs})
+    return Check("catalogue", PASS, f"{len(cat.specs)} signal(s) mapped from {len(cfg.can.dbc)} DBC file(s), "
+                                    f"{len(scopes)} scope(s)")
+
+
+def ip_link_details(ifname: str) -> dict[str, Any] | None:
+    """``ip -details -json link show dev IF`` as a dict, or None when iproute2 is absent or says nothing."""
+    ip = shutil.which("ip") or ("/usr/sbin/ip" if os.path.exists("/usr/sbin/ip") else None)
+    if ip is None:
+        return None
+    try:
+        proc = subprocess.run([ip, "-details", "-json", "link", "show", "dev", ifname], capture_output=True,
+                              timeout=3, check=False)
+        doc = json.loads(proc.stdout or b"[]")
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        return None
+    return doc[0] if isinstance(doc, list) and doc and isinstance(doc[0], dict) else None
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def check_can_interface(name: str, ifname: str, want_bitrate: int | None, probes: Probes) -> Check:
+    """A SocketCAN interface: present, a CAN device, up; bitrate and bus state when the kernel says them."""
+    base = probes.sys_class_net / ifname
+    if not base.exists():
+        return Check(name, FAIL, f"CAN interface {ifname} not found (CAN HAT overlay in config.txt? "
+                                 f"`vgw-vcan` for a virtual one?)")
+    kind = _read(base / "type")
+    if kind is not None and kind != str(ARPHRD_CAN):
+        return Check(name, FAIL, f"{ifname} is not a CAN interface (link type {kind})")
+    flags = _read(base / "flags")
+    if flags is not None and not int(flags, 16) & IFF_UP:
+        return Check(name, FAIL, f"{ifname} is down (systemd-networkd brings it up with 80-can0.network; "
+                                 f"or: ip link set {ifname} up type can bitrate 500000)")
+    details = (probes.link_details or ip_link_details)(ifname)
+    info = ((details or {}).get("linkinfo") or {})
+    data = info.get("info_data") or {}
+    if info.get("info_kind") == "vcan":
+        return Check(name, PASS, f"{ifname} is up (virtual CAN)")
+    state = data.get("state")
+    bitrate = (data.get("bittiming") or {}).get("bitrate")
+    parts = [f"{ifname} is up"]
+    if bitrate:
+        parts.append(f"{bitrate} bit/s")
+    if state:
+        parts.append(f"bus {state}")
+    detail = ", ".join(parts)
+    if state == "BUS-OFF":
+        return Check(name, FAIL, f"{detail}: the controller left the bus (wrong bitrate or wiring?)")
+    if bitrate and want_bitrate and int(bitrate) != want_bitrate:
+        return Check(name, WARN, f"{detail}, but the config says {want_bitrate} bit/s")
+    if state in ("ERROR-PASSIVE", "ERROR-WARNING"):
+        return Check(name, WARN, f"{detail}: bus errors (bitrate, termination or wiring?)")
+    if not bitrate:
+        detail += " (bitrate not readable)"
+    return Check(name, PASS, detail)
+
+
+def _can(can_cfg: CanConfig, probes: Probes) -> Check:
+    if can_cfg.replay is not None:
+        import can
+
+        try:
+            reader = can.LogReader(str(can_cfg.replay))
+            try:
+                first = next(iter(reader), None)
+            finally:
+                stop = getattr(reader, "stop", None)
+                if callable(stop):
+                    stop()
+        except Exception as exc:  # python-can readers raise many types on a bad file
+            return Check("can", FAIL, f"{can_cfg.replay}: trace not readable: {type(exc).__name__}")
+        if first is None:
+            return Check("can", WARN, f"{can_cfg.replay}: trace readable but holds no frame")
+        return Check("can", PASS, f"{can_cfg.replay}: trace readable")
+    if can_cfg.interface == "virtual":
+        return Check("can", PASS, "virtual bus (no hardware to check)")
+    if can_cfg.interface == "socketcan":
+        return check_can_interface("can", can_cfg.channel or "can0", can_cfg.bitrate, probes)
+    channel = (can_cfg.channel or "").split("@")[0]
+    if channel.startswith("/dev/"):
+        if not os.path.exists(channel):
+            return Check("can", FAIL, f"{can_cfg.interface} adapter {channel} not present (plugged in?)")
+        return Check("can", PASS, f"{can_cfg.interface} adapter {channel} present")
+    return Check("can", WARN, f"interface {can_cfg.interface!r} channel {can_cfg.channel!r}: not checked")
+
+
+def _agent_running(cfg: Config) -> bool:
+    from agent.runtime import AgentLock
+
+    try:
+        return AgentLock.held_by_other(cfg.state_dir)
+    except OSError:
+        return False
+
+
+def ask_ati(port: str, baudrate: int, timeout_s: float) -> str | None:
+    """Open ``port`` (a device path or pyserial URL such as ``socket://host:port``) and send ``ATI``.
+
+    Returns the adapter's identification line, or None if it said nothing. Raises ``serial.SerialException``
+    (an ``OSError``) when the port cannot be opened.
+    """
+    import serial
+
+    with serial.serial_for_url(port, baudrate=baudrate, timeout=0.1, write_timeout=timeout_s) as ser:
+        ser.write(b"\r")  # end any half-typed command; the adapter answers with a prompt we discard
+        time.sleep(0.05)
+        ser.reset_input_buffer()
+        ser.write(b"ATI\r")
+        buf = b""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and b">" not in buf:
+            buf += ser.read(64)
+    lines = [ln.strip() for ln in buf.replace(b">", b"").decode("ascii", "replace").replace("\n", "\r").split("\r")]
+    answer = [ln for ln in lines if ln and ln.upper() != "ATI"]  # drop the echo
+    if not answer:
+        return None
+    # Only printable ASCII, short: the adapter's name and version, nothing else goes to the output.
+    return "".join(ch for ch in answer[0] if 32 <= ord(ch) < 127)[:40]
+
+
+def _obd(cfg: Config, probes: Probes) -> Check:
+    obd: ObdConfig = cfg.obd  # type: ignore[assignment]
+    if obd.transport == "isotp":
+        return check_can_interface("obd", obd.can_channel or "can0", None, probes)
+    if _agent_running(cfg):
+        return Check("obd", PASS, f"adapter {obd.port} in use by the running agent (not probed)")
+    import serial
+
+    bauds = (obd.baudrate,) if obd.baudrate else ELM_BAUDRATES
+    for baud in bauds:
+        try:
+            answer = ask_ati(obd.port, baud, probes.serial_timeout_s)
+        except (serial.SerialException, OSError, ValueError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0][:120]
+            return Check("obd", FAIL, f"cannot open adapter {obd.port}: {reason}")
+        if answer:
+            return Check("obd", PASS, f"adapter {obd.port} answers ATI: {answer}"
+                         + (f" at {baud} baud" if not obd.port.startswith(("socket:", "rfc2217:")) else ""))
+    tried = ", ".join(str(b) for b in bauds)
+    return Check("obd", FAIL, f"adapter {obd.port} opened but did not answer ATI (tried {tried} baud)")
+
+
+# -- identity and link ----------------------------------------------------------------------------------
+
+
+def _keys(cfg: Config) -> Check:
+    key = cfg.mqtt.key_file
+    mode = key.stat().st_mode
+    if mode & 0o077:
+        return Check("keys", FAIL, f"{key} is mode {stat.S_IMODE(mode):04o}; it must be 0600 (chmod 600)")
+    sk = cfg.device.storage_key
+    if not sk.exists():
+        return Check("keys", WARN, f"storage key {sk} missing: the agent creates one on first run "
+                                   "(`vgw provision` makes it ahead)")
+    if sk.stat().st_size != 32:
+        return Check("keys", FAIL, f"storage key {sk} is {sk.stat().st_size} bytes, expected 32")
+    if sk.stat().st_mode & 0o077:
+        return Check("keys", FAIL, f"storage key {sk} is mode {stat.S_IMODE(sk.stat().st_mode):04o}; "
+                                   "it must be 0600")
+    return Check("keys", PASS, "device key and storage key are private (0600)")
+
+
+def _certificate(cfg: Config) -> Check:
+    from agent.provisioning import cert_device_id
+
+    path = cfg.mqtt.cert_file
+    try:
+        cert = x509.load_pem_x509_certificates(path.read_bytes())[0]
+    except (OSError, ValueError, IndexError):
+        return Check("certificate", FAIL, f"{path}: not a PEM certificate")
+    try:
+        key = serialization.load_pem_private_key(cfg.mqtt.key_file.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError):
+        return Check("certificate", FAIL, f"{cfg.mqtt.key_file}: not a usable unencrypted PEM private key")
+    if cert.public_key() != key.public_key():
+        return Check("certificate", FAIL, f"{path} does not match {cfg.mqtt.key_file}")
+    named = cert_device_id(cert)
+    if named != cfg.device.id:
+        return Check("certificate", FAIL, f"{path} names device {named!r}, the config says {cfg.device.id!r}")
+    now = time.time()
+    end = cert.not_valid_after_utc.timestamp()
+    until = cert.not_valid_after_utc.strftime("%Y-%m-%d")
+    if now > end:
+        return Check("certificate", FAIL, f"{path} expired on {until}: renew it (CSR: vgw provision)")
+    if now < cert.not_valid_before_utc.timestamp():
+        return Check("certificate", FAIL, f"{path} is not valid yet (from "
+                                          f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC): clock wrong?")
+    days = int((end - now) // 86400)
+    if days < CERT_WARN_DAYS:
+        return Check("certificate", WARN, f"{path} expires in {days} day(s) ({until}): renew it soon")
+    return Check("certificate", PASS, f"{path} valid until {until} ({days} days)")
+
+
+def _broker(cfg: Config, probes: Probes) -> Check:
+    from agent.uplink import tls_context
+
+    m = cfg.mqtt
+    where = f"{m.host}:{m.port}"
+    try:
+        ctx = tls_context(m)
+    except (ssl.SSLError, OSError) as exc:
+        return Check("broker", FAIL, f"cannot load the TLS files ({m.ca_file}, {m.cert_file}): "
+                                     f"{getattr(exc, 'reason', None) or exc}")
+    try:
+        raw = socket.create_connection((m.host, m.port), timeout=probes.connect_timeout_s)
+    except socket.gaierror:
+        return Check("broker", FAIL, f"cannot resolve {m.host} (DNS, network?)")
+    except TimeoutError:
+        return Check("broker", FAIL, f"{where}: no answer within {probes.connect_timeout_s:g} s (firewall, network?)")
+    except OSError as exc:
+        return Check("broker", FAIL, f"{where}: cannot connect: {exc.strerror or exc}")
+    try:
+        with ctx.wrap_socket(raw, server_hostname=m.host) as tls:
+            version = tls.version()
+            # TLS 1.3: the server judges the client certificate after the handshake; give it a moment to
+            # say no. Nothing arriving (a timeout) means it kept the connection: it accepted us.
+            tls.settimeout(probes.tls_wait_s)
+            try:
+                data = tls.recv(1)
+            except TimeoutError:
+                return Check("broker", PASS, f"{where}: {version} handshake OK, device certificate accepted")
+            except ssl.SSLError as exc:
+                return Check("broker", FAIL, f"{where}: the broker rejected the device certificate "
+                                             f"({exc.reason or exc})")
+            except OSError as exc:
+                return Check("broker", FAIL, f"{where}: connection dropped after the handshake "
+                                             f"({exc.strerror or exc})")
+            if not data:
+                return Check("broker", FAIL, f"{where}: the broker closed the connection after the handshake "
+                                             "(device certificate not accepted?)")
+            return Check("broker", PASS, f"{where}: {version} handshake OK")
+    except ssl.SSLCertVerificationError as exc:
+        return Check("broker", FAIL, f"{where}: broker certificate not trusted by {m.ca_file}: "
+                                     f"{exc.verify_message}")
+    except ssl.SSLError as exc:
+        return Check("broker", FAIL, f"{where}: TLS handshake failed: {exc.reason or exc}")
+    except (TimeoutError, OSError) as exc:
+        return Check("broker", FAIL, f"{where}: TLS handshake failed: {getattr(exc, 'strerror', None) or exc}")
+    finally:
+        raw.close()
+
+
+# -- state ----------------------------------------------------------------------------------------------
+
+
+def _clock(cfg: Config) -> Check:
+    from agent.consent.store import ConsentStore
+
+    now = time.time()
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now))
+    if now < CLOCK_MIN:
+        return Check("clock", FAIL, f"system clock says {stamp}: not set (NTP not synchronised yet? no RTC?)")
+    floor = ConsentStore(cfg.state_dir).floor if cfg.state_dir.is_dir() else 0.0
+    if now + 2 < floor:
+        return Check("clock", FAIL, f"system clock {stamp} is {int(floor - now)} s behind the newest time this "
+                                    "device has seen (clock.json): fix NTP/RTC")
+    return Check("clock", PASS, f"{stamp}, not before anything this device has seen")
+
+
+def _state_dir(cfg: Config) -> Check:
+    d = cfg.state_dir
+    if not d.exists():
+        return Check("state-dir", WARN, f"{d} does not exist yet (the agent creates it 0700)")
+    mode = stat.S_IMODE(d.stat().st_mode)
+    if not d.is_dir():
+        return Check("state-dir", FAIL, f"{d} is not a directory")
+    if mode & 0o077:
+        return Check("state-dir", FAIL, f"{d} is mode {mode:04o}; it must be 0700 (chmod 700 {d})")
+    loose: list[str] = []
+    for root, dirs, files in os.walk(d):
+        for name in dirs + files:
+            p = Path(root, name)
+            st = p.lstat()
+            if not stat.S_ISLNK(st.st_mode) and st.st_mode & 0o077:
+                loose.append(str(p.relative_to(d)))
+    if loose:
+        return Check("state-dir", FAIL, f"{len(loose)} item(s) in {d} readable by others, e.g. {loose[0]} "
+                                        f"(chmod -R go= {d})")
+    return Check("state-dir", PASS, f"{d} is 0700, its files private")
+
+
+def _claims(token: str) -> dict[str, Any]:
+    payload = token.split(".")[1]
+    doc = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    if not isinstance(doc, dict):
+        raise ValueError("claims")
+    return doc
+
+
+def _consent(cfg: Config) -> Check:
+    from agent.consent.manager import load_trust_keys
+    from agent.consent.store import ConsentStore
+    from agent.consent.verifier import verify_consent
+    from agent.errors import ConsentError
+
+    if not cfg.state_dir.is_dir():
+        return Check("consent", WARN, "no consent in force: nothing is collected until the owner consents")
+    store = ConsentStore(cfg.state_dir)
+    token = store.read_token()
+    if token is None:
+        return Check("consent", WARN, "no consent in force: nothing is collected until the owner consents")
+    try:
+        trust = load_trust_keys(cfg.consent.trust_keys)
+        iat = _claims(token)["iat"]
+        # As the agent does on start: signature, subject and claims; the window is judged against the floor.
+        consent = verify_consent(token, trust_keys=trust, device=cfg.device.id, now=float(iat))
+    except (ConsentError, ValueError, KeyError, IndexError, TypeError) as exc:
+        reason = getattr(exc, "reason", "malformed")
+        return Check("consent", FAIL, f"the cached consent no longer verifies ({reason}): nothing is in force")
+    now = store.now()
+    until = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(consent.exp))
+    scopes = sorted({s for g in consent.grants for s in g.scopes})
+    what = f"consent v{consent.ver}: {len(consent.grants)} grant(s)" + (f" ({', '.join(scopes)})" if scopes else "")
+    if now >= consent.exp:
+        return Check("consent", WARN, f"{what} expired on {until}: nothing is collected")
+    if not consent.grants:
+        return Check("consent", WARN, f"{what}: everything revoked, nothing is collected")
+    if consent.exp - now < CONSENT_WARN_S:
+        return Check("consent", WARN, f"{what}, expires in {int((consent.exp - now) // 3600)} h ({until})")
+    return Check("consent", PASS, f"{what}, in force until {until}")
+
+
+def format_text(results: list[Check]) -> str:
+    """The human-readable report: one aligned line per check and a summary line."""
+    width = max(len(r.check) for r in results)
+    lines = [f"{r.status}  {r.check:<{width}}  {r.detail}" for r in results]
+    counts = {s: sum(r.status == s for r in results) for s in (PASS, WARN, FAIL)}
+    lines.append(f"{counts[PASS]} passed, {counts[WARN]} warning(s), {counts[FAIL]} failed")
+    return "\n".join(lines)

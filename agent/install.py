@@ -120,11 +120,14 @@ class Plan:
 
 def find_source(source: Path | None = None) -> Path:
     """The source checkout holding ``pyproject.toml`` and ``systemd/``. Raises ConfigError."""
-    root = source or Path(__file__).resolve().parents[1]
-    if not (root / "pyproject.toml").is_file() or not (root / "systemd" / AGENT_UNIT).is_file():
-        raise ConfigError(f"{root}: not a vgw source checkout (no pyproject.toml or systemd/{AGENT_UNIT}); run "
-                          "`vgw install` from the cloned repository or pass --source DIR")
-    return root
+    # The checkout this module runs from (editable install), else the current folder (a venv with a
+    # non-editable install, run from inside the clone).
+    candidates = [source] if source is not None else [Path(__file__).resolve().parents[1], Path.cwd()]
+    for root in candidates:
+        if (root / "pyproject.toml").is_file() and (root / "systemd" / AGENT_UNIT).is_file():
+            return root
+    raise ConfigError(f"{candidates[0]}: not a vgw source checkout (no pyproject.toml or systemd/{AGENT_UNIT}); "
+                      "run `vgw install` from the cloned repository or pass --source DIR")
 
 
 def _run(cmd: list[str], *, check: bool = True) -> int:

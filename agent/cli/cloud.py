@@ -1,0 +1,258 @@
+"""`vgw cloud`: the cloud side of the contract (CONTRACT §4-§7), for integrators and operators.
+
+    vgw cloud keygen --dir KEYS [--recipient NAME ...] [--force]
+    vgw cloud sign --key KEYS/consent-signer.key --grants grants.toml --device ID [...] [--ver N] [-o OUT]
+    vgw cloud push BROKER-OPTIONS DOC [DOC ...]
+    vgw cloud revoke --key K --current DOC (--grant ID ... | --all) [-o OUT] [BROKER-OPTIONS]
+    vgw cloud listen BROKER-OPTIONS --recipient FILE|DIR --device-cert FILE|DIR [--share GROUP] [--out FILE]
+    vgw cloud verify-receipt --device-cert FILE|DIR FILE
+
+BROKER-OPTIONS: --broker HOST:PORT --ca CA --cert CERT --key KEY [--protocol auto|5|3.1.1] [--prefix vgw].
+Exit codes: 0 success, 1 error (one line on stderr), 3 receipt/document rejected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any
+
+EXIT_REJECTED = 3
+
+
+def register(subparsers: Any) -> None:
+    """Add ``vgw cloud`` and its commands to the top-level ``subparsers``."""
+    p = subparsers.add_parser("cloud", help="the cloud side: consent keys, documents, push, listen, receipts",
+                              description=__doc__.split("\n\n")[0])
+    p.set_defaults(func=lambda _a: (p.print_help(sys.stderr), 2)[1])
+    sub = p.add_subparsers(dest="cloud_command", metavar="COMMAND")
+
+    k = sub.add_parser("keygen", help="consent signing key and HPKE recipient key pairs (private keys 0600)")
+    k.add_argument("--dir", type=Path, required=True, help="key directory (created)")
+    k.add_argument("--recipient", action="append", default=[], metavar="NAME",
+                   help="a controller's recipient key pair recipients/NAME.key + NAME.pub.json (repeatable)")
+    k.add_argument("--no-signer", action="store_true", help="only recipient keys")
+    k.add_argument("--force", action="store_true", help="replace existing keys")
+    k.set_defaults(func=run_keygen)
+
+    s = sub.add_parser("sign", help="sign consent documents from a TOML/JSON grants description")
+    s.add_argument("--key", type=Path, required=True, help="consent signing key (keygen's consent-signer.key)")
+    s.add_argument("--grants", type=Path, required=True, help="grants description (.toml or .json)")
+    s.add_argument("--device", action="append", default=[], metavar="ID", help="device id (repeatable)")
+    s.add_argument("--ver", type=int, help="document version (default: Unix time in ms, always rising)")
+    s.add_argument("-o", "--out", type=Path,
+                   help="output file (one device) or directory (DEVICE.jws each); default stdout")
+    s.set_defaults(func=run_sign)
+
+    pu = sub.add_parser("push", help="publish consent documents retained to their devices' consent topics")
+    _broker_options(pu, required=True)
+    pu.add_argument("docs", nargs="+", type=Path, metavar="DOC", help="consent document files (compact JWS)")
+    pu.set_defaults(func=run_push)
+
+    r = sub.add_parser("revoke", help="the next consent version without some or all grants (and push it)")
+    r.add_argument("--key", type=Path, required=True, help="consent signing key")
+    r.add_argument("--current", type=Path, required=True, help="the document in force (as last signed)")
+    which = r.add_mutually_exclusive_group(required=True)
+    which.add_argument("--grant", action="append", metavar="ID", help="grant to revoke (repeatable)")
+    which.add_argument("--all", action="store_true", help="revoke every grant (\"grants\": [])")
+    r.add_argument("--ver", type=int, help="new version (default: max(current + 1, Unix time in ms))")
+    r.add_argument("-o", "--out", type=Path, help="write the new document here (default: stdout)")
+    _broker_options(r, required=False)
+    r.set_defaults(func=run_revoke)
+
+    li = sub.add_parser("listen", help="receive, decrypt and verify; print JSON lines")
+    _broker_options(li, required=True)
+    li.add_argument("--recipient", action="append", type=Path, required=True, metavar="FILE|DIR",
+                    help="recipient private key(s): a .key file or a keygen directory (repeatable)")
+    li.add_argument("--device-cert", action="append", type=Path, default=[], metavar="FILE|DIR",
+                    help="device certificate(s) that verify receipts (repeatable)")
+    li.add_argument("--share", metavar="GROUP",
+                    help="shared subscription $share/GROUP/<prefix>/+/data/+: workers of a group split the "
+                         "batches; per-worker gap detection is then off")
+    li.add_argument("--out", type=Path, help="append JSON lines to FILE (default stdout)")
+    li.add_argument("--duration", type=float, help="stop after S seconds (default: until SIGINT/SIGTERM)")
+    li.add_argument("--count", type=int, help="stop after N batches")
+    li.add_argument("--no-status", action="store_true", help="do not subscribe to status topics")
+    li.set_defaults(func=run_listen)
+
+    v = sub.add_parser("verify-receipt", help="verify a receipt file against device certificates")
+    v.add_argument("--device-cert", action="append", type=Path, required=True, metavar="FILE|DIR")
+    v.add_argument("file", type=Path, help="receipt (compact JWS, or a JSON line from listen)")
+    v.set_defaults(func=run_verify_receipt)
+
+
+def _broker_options(p: argparse.ArgumentParser, *, required: bool) -> None:
+    g = p.add_argument_group("broker")
+    g.add_argument("--broker", required=required, metavar="HOST:PORT", help="MQTT broker (TLS)")
+    g.add_argument("--ca", type=Path, help="CA certificate of the broker")
+    g.add_argument("--cert", type=Path, help="the cloud's client certificate")
+    g.add_argument("--tls-key", "--client-key", dest="tls_key", type=Path, help="its private key")
+    g.add_argument("--protocol", choices=("auto", "5", "3.1.1"), default="auto",
+                   help="MQTT version (auto: 5, falling back to 3.1.1, e.g. for NATS)")
+    g.add_argument("--prefix", default="vgw", help="topic prefix (default vgw)")
+    g.add_argument("--client-id", default=None, help="MQTT client id (default vgw-cloud-<command>-<pid>)")
+
+
+def _opts(args: argparse.Namespace) -> Any:
+    from simulators.cloudkit import BrokerOptions, CloudKitError
+
+    missing = [n for n in ("ca", "cert", "tls_key") if getattr(args, n) is None]
+    if missing:
+        raise CloudKitError("--broker needs " + ", ".join("--" + m.replace("_", "-") for m in missing))
+    host, port = BrokerOptions.parse_address(args.broker)
+    import os
+
+    return BrokerOptions(host=host, port=port, ca_file=args.ca, cert_file=args.cert, key_file=args.tls_key,
+                         protocol=args.protocol, prefix=args.prefix,
+                         client_id=args.client_id or f"vgw-cloud-{args.cloud_command}-{os.getpid()}")
+
+
+# ---------------------------------------------------------------- commands
+
+
+def run_keygen(args: argparse.Namespace) -> int:
+    from simulators.cloudkit import keygen
+
+    for path in keygen(args.dir, args.recipient, signer=not args.no_signer, force=args.force):
+        print(path)
+    return 0
+
+
+def run_sign(args: argparse.Namespace) -> int:
+    from simulators.cloudkit import load_grants, load_signing_key, sign_documents
+
+    key = load_signing_key(args.key)
+    desc = load_grants(args.grants)
+    docs = sign_documents(key, desc, args.device, ver=args.ver)
+    if args.out is None:
+        for token in docs.values():
+            print(token)
+    elif len(docs) == 1 and not args.out.is_dir():
+        args.out.write_text(next(iter(docs.values())) + "\n")
+        print(args.out)
+    else:
+        args.out.mkdir(parents=True, exist_ok=True)
+        for device, token in docs.items():
+            path = args.out / f"{device}.jws"
+            path.write_text(token + "\n")
+            print(path)
+    return 0
+
+
+def run_push(args: argparse.Namespace) -> int:
+    from simulators.cloudkit import CloudLink, read_document
+
+    docs = [(read_document(p), p) for p in args.docs]
+    link = CloudLink(_opts(args)).connect()
+    try:
+        for claims, path in docs:
+            link.publish(f"{args.prefix}/{claims['sub']}/consent", path.read_text().strip().encode())
+            print(f"pushed consent v{claims['ver']} to {claims['sub']} ({len(claims.get('grants', []))} grant(s))")
+    finally:
+        link.close()
+    return 0
+
+
+def run_revoke(args: argparse.Namespace) -> int:
+    from simulators.cloudkit import CloudLink, load_signing_key, read_document, revoke_document
+
+    key = load_signing_key(args.key)
+    current = read_document(args.current, key)
+    token = revoke_document(key, current, None if args.all else args.grant, ver=args.ver)
+    if args.out is not None:
+        args.out.write_text(token + "\n")
+    else:
+        print(token)
+    if args.broker:
+        link = CloudLink(_opts(args)).connect()
+        try:
+            link.publish(f"{args.prefix}/{current['sub']}/consent", token.encode())
+        finally:
+            link.close()
+        print(f"pushed revocation to {current['sub']}", file=sys.stderr)
+    return 0
+
+
+def run_listen(args: argparse.Namespace) -> int:
+    from simulators.cloudkit import CloudLink, Listener, load_device_certs, load_recipient_keys
+
+    recipients = load_recipient_keys(args.recipient)
+    keys = load_device_certs(args.device_cert)
+    out: IO[str] = open(args.out, "a", buffering=1) if args.out else sys.stdout  # noqa: SIM115
+    lock = threading.Lock()
+    stop = threading.Event()
+    batches = [0]
+
+    def emit(event: dict[str, Any]) -> None:
+        with lock:
+            out.write(json.dumps(event, separators=(",", ":")) + "\n")
+            out.flush()
+            if event["type"] == "batch":
+                batches[0] += 1
+                if args.count is not None and batches[0] >= args.count:
+                    stop.set()
+
+    listener = Listener(args.prefix, recipients, keys, emit, detect_gaps=not args.share)
+    link = CloudLink(_opts(args), on_message=listener.handle)
+    previous = _on_signals(stop)
+    try:
+        link.connect()
+        topics = listener.topics(args.share)
+        if args.no_status:
+            topics = [t for t in topics if not t[0].endswith("/status")]
+        granted = link.subscribe(topics)
+        failed = [t for (t, _q), g in zip(topics, granted, strict=False) if not g.startswith("Granted")]
+        if failed:
+            from agent.errors import UplinkError
+
+            raise UplinkError(f"broker refused subscription(s) {failed}: {granted}")
+        print(f"vgw cloud listen: subscribed (MQTT {link.protocol}) "
+              f"{', '.join(t for t, _ in topics)}", file=sys.stderr, flush=True)
+        deadline = None if args.duration is None else time.monotonic() + args.duration
+        while not stop.is_set():
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                break
+            stop.wait(0.2 if remaining is None else min(0.2, remaining))
+    finally:
+        link.close()
+        _restore(previous)
+        if args.out:
+            out.close()
+    print(json.dumps({"summary": listener.summary()}), file=sys.stderr)
+    return 0
+
+
+def run_verify_receipt(args: argparse.Namespace) -> int:
+    from simulators.cloud import ReceiptError
+    from simulators.cloudkit import load_device_certs, verify_receipt_file
+
+    keys = load_device_certs(args.device_cert)
+    try:
+        claims = verify_receipt_file(args.file, keys)
+    except ReceiptError as exc:
+        print(f"vgw cloud verify-receipt: {exc}", file=sys.stderr)
+        return EXIT_REJECTED
+    print(json.dumps(claims, sort_keys=True))
+    return 0
+
+
+def _on_signals(stop: threading.Event) -> list[Any]:
+    if threading.current_thread() is not threading.main_thread():
+        return []
+
+    def handler(_signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    return [(s, signal.signal(s, handler)) for s in (signal.SIGTERM, signal.SIGINT)]
+
+
+def _restore(previous: list[Any]) -> None:
+    for sig, old in previous:
+        signal.signal(sig, old)

@@ -1,0 +1,265 @@
+"""`vgw cloud`: every command, and the whole consent round trip against the real agent through mosquitto.
+
+keygen -> sign -> push -> the agent applies it -> listen decrypts its samples; revoke -> the agent erases ->
+listen verifies the erasure receipt -> verify-receipt accepts it (and rejects a forgery). Shared
+subscriptions split one stream between two listen workers with each batch handled once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import can
+import pytest
+
+from agent.catalogue import load_catalogue
+from simulators.broker import Mosquitto
+from simulators.can_sim import CanSimulator
+from simulators.cloud import RecipientKey, seal_envelope
+from simulators.cloudkit import Listener
+from simulators.paths import default_dbc, default_signal_map
+from simulators.pki import TestPKI, device_public_key_from_cert
+from simulators.vehicle import VehicleModel
+from tests.agentkit import ROOT, AgentThread, vgw, write_config
+
+DEV = "dev-0001"
+
+
+@pytest.fixture
+def vehicle(request: pytest.FixtureRequest) -> Iterator[str]:
+    channel = f"vgw-cloudcli-{os.getpid()}-{request.node.name}"[:60]
+    bus = can.Bus(interface="virtual", channel=channel, receive_own_messages=False)
+    sim = CanSimulator(default_dbc(), VehicleModel(seed=4))
+    stop = threading.Event()
+    t = threading.Thread(target=sim.run, args=(bus,), kwargs={"stop_event": stop}, daemon=True)
+    t.start()
+    try:
+        yield channel
+    finally:
+        stop.set()
+        t.join(5)
+        bus.shutdown()
+
+
+def broker_args(broker: Any, pki: TestPKI, protocol: str = "auto") -> list[str]:
+    return ["--broker", f"localhost:{broker.port}", "--ca", str(pki.ca.cert), "--cert", str(pki.cloud.cert),
+            "--tls-key", str(pki.cloud.key), "--protocol", protocol]
+
+
+class ListenProc:
+    """`vgw cloud listen` as a child process writing JSON lines to a file."""
+
+    def __init__(self, args: list[str], out: Path) -> None:
+        self.out = out
+        self.proc = subprocess.Popen([sys.executable, "-m", "agent", "cloud", "listen", *args, "--out", str(out)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        assert self.proc.stderr is not None
+        line = self.proc.stderr.readline()
+        assert "subscribed" in line, line + self.proc.stderr.read()
+
+    def events(self, typ: str | None = None) -> list[dict[str, Any]]:
+        if not self.out.exists():
+            return []
+        rows = [json.loads(x) for x in self.out.read_text().splitlines() if x.strip()]
+        return [r for r in rows if typ is None or r["type"] == typ]
+
+    def wait(self, predicate: Any, timeout: float = 15.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return True
+            time.sleep(0.1)
+        return False
+
+    def stop(self) -> dict[str, Any]:
+        self.proc.terminate()
+        _out, err = self.proc.communicate(timeout=15)
+        assert self.proc.returncode == 0, err
+        summary = json.loads(err.strip().splitlines()[-1])["summary"]
+        assert isinstance(summary, dict)
+        return summary
+
+
+def keys_and_grants(tmp_path: Path, scopes: list[str]) -> tuple[Path, Path]:
+    keys = tmp_path / "keys"
+    r = vgw("cloud", "keygen", "--dir", str(keys), "--recipient", "fleet")
+    assert r.returncode == 0, r.stderr
+    grants = tmp_path / "grants.toml"
+    grants.write_text(
+        "ttl_s = 3600\n[[grant]]\nid = \"g-fleet\"\ncontroller = \"com.example.fleet\"\n"
+        f"scopes = {json.dumps(scopes)}\nrecipient = \"keys/recipients/fleet.pub.json\"\nretention_s = 600\n"
+    )
+    return keys, grants
+
+
+def test_keygen_writes_private_keys_0600_and_keeps_the_signer(tmp_path: Path) -> None:
+    keys = tmp_path / "k"
+    r = vgw("cloud", "keygen", "--dir", str(keys), "--recipient", "fleet", "--recipient", "insurer")
+    assert r.returncode == 0, r.stderr
+    for name in ("consent-signer.key", "recipients/fleet.key", "recipients/insurer.key"):
+        assert (keys / name).stat().st_mode & 0o777 == 0o600, name
+    pub = json.loads((keys / "recipients/fleet.pub.json").read_text())
+    assert pub["kem"] == "X25519" and RecipientKey  # a grant's recipient object
+    signer = (keys / "consent-signer.key").read_bytes()
+    assert vgw("cloud", "keygen", "--dir", str(keys)).returncode == 0
+    assert (keys / "consent-signer.key").read_bytes() == signer, "an existing signing key must be kept"
+    again = vgw("cloud", "keygen", "--dir", str(keys), "--recipient", "fleet")
+    assert again.returncode == 1 and "exists" in again.stderr and len(again.stderr.strip().splitlines()) == 1
+
+
+def test_sign_output_is_accepted_by_the_agent_and_bad_scope_is_refused(tmp_path: Path, pki: TestPKI) -> None:
+    keys, grants = keys_and_grants(tmp_path, ["read_odometer", "read_location"])
+    doc = tmp_path / "doc.jws"
+    r = vgw("cloud", "sign", "--key", str(keys / "consent-signer.key"), "--grants", str(grants),
+            "--device", DEV, "--ver", "5", "-o", str(doc))
+    assert r.returncode == 0, r.stderr
+    cfg = write_config(tmp_path, pki, 1, keys / "consent-signer.pub.pem", can={"channel": "unused"})
+    applied = vgw("consent", "apply", "--config", str(cfg), str(doc))
+    assert applied.returncode == 0, applied.stderr
+    show = json.loads(vgw("consent", "show", "--config", str(cfg), "--json").stdout)
+    assert show["version"] == 5 and show["grants"][0]["id"] == "g-fleet"
+    # several devices at once: one document per device in a directory
+    out = tmp_path / "docs"
+    r = vgw("cloud", "sign", "--key", str(keys / "consent-signer.key"), "--grants", str(grants),
+            "--device", "dev-0001", "--device", "dev-0002", "-o", str(out))
+    assert r.returncode == 0 and sorted(p.name for p in out.iterdir()) == ["dev-0001.jws", "dev-0002.jws"]
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text(grants.read_text().replace("read_odometer", "control_doors"))
+    r = vgw("cloud", "sign", "--key", str(keys / "consent-signer.key"), "--grants", str(bad), "--device", DEV)
+    assert r.returncode == 1 and "control_doors" in r.stderr and "grant[0]" in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_push_listen_revoke_verify_receipt_round_trip_with_the_agent(
+    tmp_path: Path, pki: TestPKI, broker: Mosquitto, vehicle: str
+) -> None:
+    keys, grants = keys_and_grants(tmp_path, ["read_speedometer", "read_odometer"])
+    signer = str(keys / "consent-signer.key")
+    doc = tmp_path / "v1.jws"
+    assert vgw("cloud", "sign", "--key", signer, "--grants", str(grants), "--device", DEV, "-o", str(doc)
+               ).returncode == 0
+    listen = ListenProc([*broker_args(broker, pki), "--recipient", str(keys), "--device-cert", str(pki.dir)],
+                        tmp_path / "events.jsonl")
+    try:
+        cfg = write_config(tmp_path, pki, broker.port, keys / "consent-signer.pub.pem", can={"channel": vehicle})
+        with AgentThread(cfg) as runner:
+            assert runner.wait_link()
+            pushed = vgw("cloud", "push", *broker_args(broker, pki), str(doc))
+            assert pushed.returncode == 0, pushed.stderr
+            assert "pushed consent" in pushed.stdout
+            assert listen.wait(lambda: len(listen.events("batch")) >= 3)
+            assert listen.wait(lambda: any(e["receipt"] == "consent-applied" for e in listen.events("receipt")))
+
+            revoked = vgw("cloud", "revoke", "--key", signer, "--current", str(doc), "--all",
+                          "-o", str(tmp_path / "v2.jws"), *broker_args(broker, pki))
+            assert revoked.returncode == 0, revoked.stderr
+            assert listen.wait(lambda: any(e["receipt"] == "erasure" for e in listen.events("receipt")))
+            assert runner.agent.manager.in_force is not None and not runner.agent.manager.in_force.grants
+        summary = listen.stop()
+    finally:
+        if listen.proc.poll() is None:
+            listen.proc.kill()
+            listen.proc.communicate()
+    batches = listen.events("batch")
+    scope_of = load_catalogue([default_dbc()], default_signal_map()).scope_of_path()
+    paths = {s["path"] for b in batches for s in b["samples"]}
+    assert "Vehicle.Speed" in paths
+    assert {scope_of[p] for p in paths} <= {"read_speedometer", "read_odometer"}
+    assert [b["seq"] for b in batches] == list(range(1, len(batches) + 1))
+    assert listen.events("rejected") == [] and listen.events("bad-receipt") == []
+    assert summary["streams"][f"{DEV}/g-fleet"]["missing"] == []
+    erasure = next(e for e in listen.events("receipt") if e["receipt"] == "erasure")
+    assert erasure["claims"]["grant"] == "g-fleet" and erasure["claims"]["key_destroyed"] is True
+
+    receipt = tmp_path / "erasure.jws"
+    receipt.write_text(erasure["token"])
+    ok = vgw("cloud", "verify-receipt", "--device-cert", str(pki.device(DEV).cert), str(receipt))
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["typ"] == "erasure"
+    # the same receipt checked against another device's certificate, and a tampered one, are refused
+    other = vgw("cloud", "verify-receipt", "--device-cert", str(pki.device("dev-0002").cert), str(receipt))
+    assert other.returncode == 3 and "dev-0001" in other.stderr
+    head, payload, sig = erasure["token"].split(".")
+    receipt.write_text(f"{head}.{payload}.{sig[:-6]}AAAAAA")
+    bad = vgw("cloud", "verify-receipt", "--device-cert", str(pki.dir), str(receipt))
+    assert bad.returncode == 3 and "Traceback" not in bad.stderr
+
+
+def test_listener_reports_duplicates_and_gaps_per_device_and_grant(pki: TestPKI) -> None:
+    rk = RecipientKey.generate()
+    events: list[dict[str, Any]] = []
+    keys = {DEV: device_public_key_from_cert(pki.device(DEV).cert)}
+    listener = Listener("vgw", {"fleet": rk.private_key}, keys, events.append)
+
+    def batch(device: str, grant: str, seq: int) -> bytes:
+        return seal_envelope({"v": 1, "device": device, "grant": grant, "seq": seq,
+                              "samples": [{"t": 1.0, "path": "Vehicle.Speed", "value": seq}]}, rk, device, grant)
+
+    for seq in (1, 2, 2, 5, 3):
+        listener.handle(f"vgw/{DEV}/data/g-a", batch(DEV, "g-a", seq))
+    listener.handle("vgw/dev-0002/data/g-a", batch("dev-0002", "g-a", 1))
+    listener.handle(f"vgw/{DEV}/data/g-b", batch(DEV, "g-b", 1))
+    listener.handle(f"vgw/{DEV}/data/g-b", batch("dev-0002", "g-b", 2))  # relabelled: HPKE info mismatch
+    kinds = [(e["type"], e.get("device"), e.get("grant"), e.get("seq")) for e in events]
+    assert kinds.count(("duplicate", DEV, "g-a", 2)) == 1
+    gap = next(e for e in events if e["type"] == "gap")
+    assert (gap["device"], gap["grant"], gap["from"], gap["to"]) == (DEV, "g-a", 3, 4)
+    assert [e["reason"] for e in events if e["type"] == "rejected"] == ["hpke"]
+    summary = listener.summary()["streams"]
+    assert summary[f"{DEV}/g-a"]["missing"] == [[4, 4]]  # 3 arrived late, 4 never
+    assert summary["dev-0002/g-a"]["missing"] == [] and summary[f"{DEV}/g-b"]["batches"] == 1
+
+
+def test_shared_subscription_workers_each_handle_a_batch_once(
+    tmp_path: Path, pki: TestPKI, broker: Mosquitto
+) -> None:
+    import paho.mqtt.client as mqtt
+
+    rk_dir = tmp_path / "keys"
+    assert vgw("cloud", "keygen", "--dir", str(rk_dir), "--recipient", "fleet").returncode == 0
+    pub = json.loads((rk_dir / "recipients/fleet.pub.json").read_text())
+    from simulators.cloud import recipient_public_key
+
+    pk = recipient_public_key(pub)
+    common = [*broker_args(broker, pki, "5"), "--recipient", str(rk_dir), "--share", "workers", "--no-status"]
+    workers = [ListenProc([*common, "--client-id", f"w{i}"], tmp_path / f"w{i}.jsonl") for i in range(2)]
+    try:
+        import ssl
+
+        dev = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=DEV, protocol=mqtt.MQTTv5)
+        ctx = ssl.create_default_context(cafile=str(pki.ca.cert))
+        ctx.load_cert_chain(str(pki.device(DEV).cert), str(pki.device(DEV).key))
+        dev.tls_set_context(ctx)
+        dev.connect("localhost", broker.port)
+        dev.loop_start()
+        try:
+            n = 40
+            for seq in range(1, n + 1):
+                env = seal_envelope({"v": 1, "device": DEV, "grant": "g-s", "seq": seq, "samples": []}, pk, DEV,
+                                    "g-s")
+                dev.publish(f"vgw/{DEV}/data/g-s", env, qos=1).wait_for_publish(5)
+        finally:
+            dev.disconnect()
+            dev.loop_stop()
+        assert workers[0].wait(lambda: sum(len(w.events("batch")) for w in workers) >= n)
+        time.sleep(0.3)
+        for w in workers:
+            w.stop()
+    finally:
+        for w in workers:
+            if w.proc.poll() is None:
+                w.proc.kill()
+                w.proc.communicate()
+    seqs = [[e["seq"] for e in w.events("batch")] for w in workers]
+    assert sorted(seqs[0] + seqs[1]) == list(range(1, n + 1)), "each batch exactly once across the group"
+    assert seqs[0] and seqs[1], "both workers got a share of the load"
+    assert all(w.events("gap") == [] for w in workers), "per-worker gap detection is off under --share"

@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all venv deps demo test test-slow lint typecheck bench install clean
+.PHONY: all venv deps demo test test-slow lint typecheck bench install uninstall clean
 
 all: test
 
@@ -47,6 +47,17 @@ lint: venv
 
 bench: deps venv
 	$(BIN)/vgw bench
+
+# Install the agent on this Debian / Raspberry Pi OS machine (venv under /opt/vgw, config under /etc/vgw,
+# hardened unit, can0 network file, udev rule). DESTDIR=/dir stages the tree there instead.
+# No dependency on `deps`: a car's Pi needs no broker.
+install:
+	@$(PYTHON) -c 'import ensurepip, venv' >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq python3-venv; }
+	@[ -x $(BIN)/vgw ] || { $(PYTHON) -m venv $(VENV) && $(BIN)/python -m pip install -q -e .; }
+	$(SUDO) $(BIN)/vgw install --prefix $(or $(DESTDIR),/)
+
+uninstall:
+	$(SUDO) $(BIN)/vgw uninstall --prefix $(or $(DESTDIR),/)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

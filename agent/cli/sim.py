@@ -83,6 +83,10 @@ def _register_can(sim_sub: Any) -> None:
     pace.add_argument(
         "--fast", dest="realtime", action="store_false", help="as fast as possible (default for --record)"
     )
+    p.add_argument(
+        "--no-obd", dest="obd", action="store_false",
+        help="do not answer OBD-II requests (by default the simulated ECUs answer ISO-TP on 0x7DF/0x7E0)"
+    )
     p.set_defaults(func=run_can)
 
 
@@ -116,9 +120,15 @@ def run_can(args: argparse.Namespace) -> int:
     bus = open_output(interface, args.channel, args.bitrate)
     stop = threading.Event()
     previous = _on_sigterm(stop)
+    responder = None
     try:
         if interface == "slcan":
             print(getattr(bus, "path", ""), flush=True)
+        if args.obd:
+            # The simulated ECUs also answer OBD-II requests (ISO-TP on 0x7DF/0x7E0 -> 0x7E8) on this bus.
+            from simulators.obd_responder import attach
+
+            responder = attach(bus, sim.model)
         started = time.monotonic()
         realtime = True if args.realtime is None else args.realtime
         sent = sim.run(bus, args.duration, realtime=realtime, stop_event=stop)
@@ -128,6 +138,8 @@ def run_can(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     finally:
+        if responder is not None:
+            responder.close()
         bus.shutdown()
         _restore_sigterm(previous)
     return 0

@@ -15,7 +15,7 @@ from typing import Any
 
 from agent.errors import ConfigError
 
-_DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+DEVICE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _TOPIC_PREFIX = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
 
 
@@ -220,7 +220,7 @@ def config_from_dict(doc: dict[str, Any], path: Path) -> Config:
 
 def _device(s: _Section) -> DeviceConfig:
     dev_id = s.get("id", str)
-    if not _DEVICE_ID.match(dev_id):
+    if not DEVICE_ID_PATTERN.match(dev_id):
         raise ConfigError(
             f"{s.path}: [device] id {dev_id!r}: use 1-64 letters, digits, '.', '_' or '-' "
             "(it is an MQTT topic segment and client id)"

@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agent.config import _DEVICE_ID, load_config
+from agent.config import DEVICE_ID_PATTERN, load_config
 from agent.consent.manager import load_trust_keys
 from agent.crypto.keys import KEY_BYTES
 from agent.errors import ConfigError, StorageError
@@ -106,7 +106,7 @@ def parse_broker(value: str) -> tuple[str, int]:
 
 def check_device_id(device_id: str) -> str:
     """The same rule as ``[device] id`` in the config. Raises ConfigError."""
-    if not _DEVICE_ID.match(device_id):
+    if not DEVICE_ID_PATTERN.match(device_id):
         raise ConfigError(
             f"--device-id {device_id!r}: use 1-64 letters, digits, '.', '_' or '-' (it is an MQTT client id and "
             "topic segment)"

@@ -22,7 +22,7 @@ from agent.consent.model import Consent, Grant
 from agent.consent.store import ConsentStore
 from agent.consent.verifier import peek_version, verify_consent
 from agent.crypto.receipts import ReceiptSigner
-from agent.errors import ConfigError, ConsentError
+from agent.errors import ConfigError, ConsentError, SignatureError
 from agent.outbox import Erasure, Outbox
 
 log = logging.getLogger("vgw.consent")
@@ -131,6 +131,13 @@ class ConsentManager:
         except ConsentError as exc:
             self.reject(exc, source=source, token=token)
             return ApplyResult("rejected", self.in_force, error=exc)
+        except Exception as exc:
+            # Any other failure inside a parser is still a malformed document: reject it whole, keep the
+            # consent in force, and let the cloud know (a crash here would be a remote denial of service).
+            err = SignatureError(f"consent rejected: unreadable document ({type(exc).__name__})")
+            err.reason = "malformed"
+            self.reject(err, source=source, token=token)
+            return ApplyResult("rejected", self.in_force, error=err)
         if consent is self.in_force:
             return ApplyResult("duplicate", consent)
 
@@ -148,10 +155,13 @@ class ConsentManager:
         self.store.raise_floor(consent.iat)
         self.in_force = consent
         self.expired = False
-        self.audit.append("consent-applied", ver=consent.ver, source=source,
-                          grants=[{"id": g.id, "scopes": list(g.scopes)} for g in consent.grants],
-                          exp=consent.exp, previous=old.ver if old else None)
-        self.outbox.queue_receipt(self.signer.sign("consent-applied", ver=consent.ver))
+        # Grant metadata (no personal data) so the privacy report can name revoked grants later.
+        entry = self.audit.append("consent-applied", ver=consent.ver, source=source,
+                                  grants=[{"id": g.id, "scopes": list(g.scopes), "controller": g.controller,
+                                           "purpose": g.purpose, "retention_s": g.retention_s}
+                                          for g in consent.grants],
+                                  iat=consent.iat, exp=consent.exp, previous=old.ver if old else None)
+        self.outbox.queue_receipt(self._sign("consent-applied", entry, ver=consent.ver))
         log.info("consent v%d applied from %s: %d grant(s)", consent.ver, source, len(consent.grants))
         if self.on_change is not None:
             self.on_change()
@@ -164,9 +174,13 @@ class ConsentManager:
         claims: dict[str, object] = {"reason": exc.reason, "detail": str(exc)[:300]}
         if ver is not None:
             claims["ver"] = ver
-        self.audit.append("consent-rejected", source=source, reason=exc.reason, ver=ver, detail=str(exc)[:300])
-        self.outbox.queue_receipt(self.signer.sign("consent-rejected", **claims))
+        entry = self.audit.append("consent-rejected", source=source, reason=exc.reason, ver=ver,
+                                  detail=str(exc)[:300])
+        self.outbox.queue_receipt(self._sign("consent-rejected", entry, **claims))
         log.warning("%s (from %s)", exc, source)
+
+    def _sign(self, typ: str, entry: dict[str, object], **claims: object) -> str:
+        return self.signer.sign(typ, audit=_audit_anchor(entry), **claims)
 
     # -- expiry -------------------------------------------------------------------------------------
 
@@ -177,6 +191,9 @@ class ConsentManager:
         if self.store.now() < self.in_force.exp:
             return []
         self.expired = True
+        # Persist the time that made it expire before anything else: after a crash and a clock rolled
+        # back, the floor still says "expired" and the grant cannot come back to life.
+        self.store.persist()
         ids = frozenset(g.id for g in self.in_force.grants)
         if ids and self.on_revoke is not None:
             self.on_revoke(ids)
@@ -195,13 +212,20 @@ class ConsentManager:
         self.audit.append("grant-stopped", grant=grant_id, reason=reason, ver=ver)
         erasure = self.outbox.erase_grant(grant_id)
         self.audit.append("key-destroyed", grant=grant_id)
-        self.audit.append("erasure-done", grant=grant_id, batches_deleted=erasure.batches_deleted, reason=reason)
+        entry = self.audit.append("erasure-done", grant=grant_id, batches_deleted=erasure.batches_deleted,
+                                  reason=reason)
         # Only now, with memory, rows and key gone, is the receipt signed and queued (CONTRACT §7).
-        self.outbox.queue_receipt(self.signer.sign("erasure", grant=grant_id, ver=ver,
-                                                   batches_deleted=erasure.batches_deleted, key_destroyed=True,
-                                                   reason=reason))
+        self.outbox.queue_receipt(self._sign("erasure", entry, grant=grant_id, ver=ver,
+                                             batches_deleted=erasure.batches_deleted, key_destroyed=True,
+                                             reason=reason))
         log.info("grant %s %s: %d batch(es) deleted, data key destroyed", grant_id, reason, erasure.batches_deleted)
         return erasure
+
+
+def _audit_anchor(entry: dict[str, object]) -> dict[str, object]:
+    """The audit head a receipt carries: the cloud holds a signed copy of the chain's position and hash, so
+    cutting entries off the end of the log on the device (which a hash chain alone cannot reveal) shows."""
+    return {"n": entry.get("n"), "hash": entry.get("hash")}
 
 
 def _claim_int(token: str, name: str) -> int:

@@ -40,10 +40,14 @@ class Grant:
 
     def limits_for(self, scope: str) -> Limits:
         """The limits the device enforces for ``scope``: the grant's, else the privacy default, else none."""
-        if scope in self.limits:
-            return self.limits[scope]
-        max_hz, precision = DEFAULT_LIMITS.get(scope, (None, None))
-        return Limits(max_hz=max_hz, precision_m=precision)
+        # Field by field: a grant that sets only max_hz for read_location has not asked for finer than the
+        # 100 m default precision, so it keeps it (EDPB 01/2020: minimisation is the default, not an opt-in).
+        default_hz, default_precision = DEFAULT_LIMITS.get(scope, (None, None))
+        own = self.limits.get(scope)
+        if own is None:
+            return Limits(max_hz=default_hz, precision_m=default_precision)
+        return Limits(max_hz=own.max_hz if own.max_hz is not None else default_hz,
+                      precision_m=own.precision_m if own.precision_m is not None else default_precision)
 
 
 @dataclass(frozen=True)

@@ -81,10 +81,9 @@ def verify_consent(
     if in_force is not None and text == in_force.token:
         return in_force
 
-    try:
-        header = jwt.get_unverified_header(text)
-    except jwt.exceptions.DecodeError as exc:
-        raise _reject(SignatureError, "malformed", f"consent rejected: unreadable JWS header: {exc}", ver_hint) from exc
+    # Parse the protected header ourselves: PyJWT's get_unverified_header already raises on some headers
+    # (e.g. `crit`) with exception types outside DecodeError, and every rule below must be judged here.
+    header = _header(text, ver_hint)
 
     # Algorithm pinned to EdDSA: blocks `alg: none` and HS256-with-the-public-key-as-secret confusion.
     if header.get("alg") != "EdDSA":
@@ -159,6 +158,17 @@ def _verify_signature(text: str, trust_keys: Sequence[Ed25519PublicKey], ver: in
             raise _reject(SignatureError, "malformed", f"consent rejected: {exc}", ver) from exc
     raise _reject(SignatureError, "signature", "consent rejected: signature does not verify under any trust key",
                   ver) from last
+
+
+def _header(text: str, ver: int | None) -> dict[str, Any]:
+    segment = text.split(".", 1)[0]
+    try:
+        header = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+    except (binascii.Error, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise _reject(SignatureError, "malformed", "consent rejected: unreadable JWS header", ver) from exc
+    if not isinstance(header, dict):
+        raise _reject(SignatureError, "malformed", "consent rejected: JWS header is not a JSON object", ver)
+    return header
 
 
 def _int(claims: dict[str, Any], key: str, ver: int | None, *, minimum: int) -> int:

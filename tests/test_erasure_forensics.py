@@ -1,0 +1,173 @@
+"""Erasure, checked the way a forensic examiner would: raw bytes of every file in the state directory.
+
+A grant holding read_vin (so the VIN is a searchable plaintext), read_location and read_speedometer stores real
+batches from simulated traffic next to a grant that stays. After its revocation, and again after a restart,
+no file in the state directory (the SQLite file, its -wal and -shm, the cache, the audit log, anything else)
+holds its wrapped data key, its data key, any stored row, any sealed envelope, or the VIN; and the SQL view
+agrees. The kept grant's key is still found by the same scan, which proves the scan can see.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.catalogue import load_catalogue
+from agent.crypto import keys
+from agent.crypto.envelope import batch_plaintext, load_recipient_key, seal
+from agent.pipeline.router import Pipeline
+from simulators.can_sim import CanSimulator
+from simulators.paths import default_dbc, default_signal_map
+from simulators.vehicle import DEFAULT_VIN, VehicleModel
+from tests.consentkit import Authority, State
+
+DEVICE = "dev-0001"
+GONE, KEPT = "g-vin", "g-keep"
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _where(needle: bytes, files: dict[str, bytes]) -> list[str]:
+    return [name for name, data in files.items() if needle in data]
+
+
+@pytest.fixture
+def world(tmp_path: Path, pki: Any) -> Iterator[dict[str, Any]]:
+    auth = Authority(tmp_path)
+    s = State(tmp_path, pki, auth)
+    now = int(time.time())
+    v1 = auth.doc(DEVICE, 1, [auth.grant(GONE, ["read_vin", "read_location", "read_speedometer"]),
+                              auth.grant(KEPT, ["read_odometer"])], iat=now - 10)
+    assert s.manager.apply(v1, source="mqtt").status == "applied"
+    consent = s.manager.in_force
+    assert consent is not None
+    # Real traffic through the real pipeline, sealed and stored exactly as the runtime does (not sent).
+    pipeline = Pipeline(load_catalogue([default_dbc()], default_signal_map()))
+    pipeline.swap(consent.grants)
+    recipients = {g.id: load_recipient_key(g.recipient.kem, g.recipient.pk) for g in consent.grants}
+    sim = CanSimulator(default_dbc(), VehicleModel(seed=5, start_time=now))
+    next_flush = now + 1.0
+    vin_samples = 0
+    for msg in sim.frames(8.0, start_time=now):
+        pipeline.process(msg.arbitration_id, bytes(msg.data), msg.timestamp)
+        if msg.timestamp >= next_flush:
+            next_flush += 1.0
+            for batch in pipeline.batches.values():
+                samples = batch.take()
+                vin_samples += sum(1 for x in samples if x["value"] == DEFAULT_VIN)
+                if samples:
+                    g = batch.grant
+                    s.outbox.commit_batch(g.id, lambda seq, _s=samples, _g=g: seal(
+                        _g.recipient.kem, recipients[_g.id], DEVICE, _g.id, batch_plaintext(DEVICE, _g.id, seq, _s)),
+                        batch.first_t, len(samples))
+    assert vin_samples > 0
+    db = s.outbox._db
+    wrapped = {gid: bytes(w) for gid, w in db.execute("SELECT grant_id, wrapped FROM grant_keys")}
+    blobs = [bytes(b) for (b,) in db.execute("SELECT blob FROM batches WHERE grant_id = ?", (GONE,))]
+    envelopes = [r.payload for r in s.outbox.pending(10_000) if r.grant_id == GONE]
+    assert set(wrapped) == {GONE, KEPT} and len(blobs) >= 5 and len(envelopes) == len(blobs)
+    secrets = {
+        "wrapped key": wrapped[GONE],
+        "data key": keys.unwrap(load_storage_key(s), wrapped[GONE]),
+        **{f"row {i}": b[:48] for i, b in enumerate(blobs)},  # a 48-byte fragment of each ciphertext row
+        **{f"envelope {i}": e[1:49] for i, e in enumerate(envelopes)},
+        "VIN": DEFAULT_VIN.encode(),
+    }
+    try:
+        yield {"auth": auth, "state": s, "now": now, "secrets": secrets, "kept_key": wrapped[KEPT],
+               "batches": len(blobs)}
+    finally:
+        s.close()
+
+
+def load_storage_key(s: State) -> bytes:
+    return keys.load_or_create_storage_key(s.dir / "storage.key", create=False)
+
+
+def _assert_erased(s: State, secrets: dict[str, bytes], kept_key: bytes) -> None:
+    files = _files(s.dir)
+    assert any(name.startswith("outbox.sqlite") for name in files)
+    found = {what: _where(needle, files) for what, needle in secrets.items()}
+    assert not any(found.values()), {k: v for k, v in found.items() if v}
+    # The same scan still finds what must stay: the scan is able to see.
+    assert _where(kept_key, files)
+    db = s.outbox._db
+    assert db.execute("SELECT COUNT(*) FROM batches WHERE grant_id = ?", (GONE,)).fetchone()[0] == 0
+    assert db.execute("SELECT COUNT(*) FROM grant_keys WHERE grant_id = ?", (GONE,)).fetchone()[0] == 0
+    assert GONE not in s.outbox.active_grants() and not s.outbox.has_key(GONE)
+    assert s.outbox.integrity_ok()
+
+
+def test_plaintext_never_on_disk_even_before_revocation(world: dict[str, Any]) -> None:
+    files = _files(world["state"].dir)
+    assert not _where(DEFAULT_VIN.encode(), files)
+    assert not _where(world["secrets"]["data key"], files)  # only the wrapped form is stored
+
+
+def test_revocation_leaves_no_key_row_or_plaintext_and_survives_restart(world: dict[str, Any]) -> None:
+    s: State = world["state"]
+    auth: Authority = world["auth"]
+    files = _files(s.dir)
+    assert _where(world["secrets"]["wrapped key"], files), "precondition: the wrapped key is on disk"
+    v2 = auth.doc(DEVICE, 2, [auth.grant(KEPT, ["read_odometer"])], iat=world["now"])
+    result = s.manager.apply(v2, source="mqtt")
+    assert result.status == "applied" and [e.grant_id for e in result.revoked] == [GONE]
+    assert result.revoked[0].batches_deleted == world["batches"] and result.revoked[0].key_destroyed
+    assert s.revoked_hook == [frozenset({GONE})]  # memory first
+    _assert_erased(s, world["secrets"], world["kept_key"])
+    # (the -wal file was checkpointed and truncated by the erasure; the receipt queued after it wrote new,
+    # unrelated pages there, which the scan above covered)
+
+    # The erasure receipt: after key and rows went, with what was deleted.
+    erasures = s.receipts("erasure")
+    assert [(r["grant"], r["ver"], r["batches_deleted"], r["key_destroyed"]) for r in erasures] == [
+        (GONE, 2, world["batches"], True)]
+    events = [e["event"] for e in s.events() if e.get("grant") == GONE]
+    assert events == ["grant-stopped", "key-destroyed", "erasure-done"]
+
+    s.reopen()  # restart: nothing comes back, nothing is re-created
+    _assert_erased(s, world["secrets"], world["kept_key"])
+    assert s.manager.in_force is not None and s.manager.in_force.grant_ids == {KEPT}
+    s.close()
+    _assert_erased_files_only(s, world["secrets"])
+
+
+def _assert_erased_files_only(s: State, secrets: dict[str, bytes]) -> None:
+    files = _files(s.dir)
+    found = {what: _where(needle, files) for what, needle in secrets.items()}
+    assert not any(found.values()), {k: v for k, v in found.items() if v}
+
+
+def test_crash_before_erasure_is_finished_on_restart(world: dict[str, Any]) -> None:
+    # `vgw consent apply` wrote v2 to the cache while the agent was dying: on restart the agent erases the
+    # grant it finds on disk that no grant in force covers, and sends the erasure receipt then.
+    s: State = world["state"]
+    auth: Authority = world["auth"]
+    v2 = auth.doc(DEVICE, 2, [auth.grant(KEPT, ["read_odometer"])], iat=world["now"])
+    s.store.write_token(v2)
+    s.reopen()
+    _assert_erased(s, world["secrets"], world["kept_key"])
+    assert [(r["grant"], r["reason"]) for r in s.receipts("erasure")] == [(GONE, "not-in-force")]
+
+
+def test_crash_after_key_destroyed_before_rows_deleted(world: dict[str, Any]) -> None:
+    # The key goes in its own transaction first; a crash right after it leaves unreadable rows, which the
+    # restart deletes (orphans) before anything else happens.
+    s: State = world["state"]
+    auth: Authority = world["auth"]
+    v2 = auth.doc(DEVICE, 2, [auth.grant(KEPT, ["read_odometer"])], iat=world["now"])
+    s.store.write_token(v2)
+    with s.outbox._tx() as db:
+        db.execute("DELETE FROM grant_keys WHERE grant_id = ?", (GONE,))
+        db.execute("DELETE FROM active_grants WHERE id = ?", (GONE,))
+    s.reopen(load=False)  # the crash: memory (and any cached data key) is gone
+    assert s.outbox.stats()[GONE]["rows"] == world["batches"]
+    assert all(r.grant_id != GONE for r in s.outbox.pending(10_000))  # unreadable: never published
+    s.manager.load_cached()
+    _assert_erased(s, world["secrets"], world["kept_key"])

@@ -485,8 +485,21 @@ class Agent:
 
 
 def run_agent(cfg: Config) -> int:
+    # systemd may stop us while we are still starting: remember the request and honour it right after the
+    # agent exists, so a stop is still a clean exit 0 rather than death by SIGTERM.
+    early: list[int] = []
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, lambda signum, frame: early.append(signum))
     try:
         agent = Agent(cfg)
     except can.CanError as exc:
         raise VgwError(str(exc)) from exc
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if early:
+        log.info("signal %d during start: stopping", early[0])
+        agent.stop()
     return agent.run()

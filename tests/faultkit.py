@@ -1,0 +1,158 @@
+"""Helpers for the fault-injection suite (tests/test_faults_*.py): traces, offline consent, waits, a TLS 1.1 server.
+
+Each fault test drives the real agent (in a thread, or as a `vgw run` child process when it must be killed)
+against the real mosquitto and the reference cloud peer, injects one fault, and checks what docs/guarantees.md
+promises for it.
+"""
+
+from __future__ import annotations
+
+import socket
+import sqlite3
+import ssl
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from simulators.broker import Mosquitto
+from simulators.can_sim import CanSimulator
+from simulators.cloud import CloudPeer
+from simulators.paths import default_dbc
+from simulators.pki import TestPKI
+from simulators.vehicle import VehicleModel
+from tests.agentkit import Authority, vgw
+
+DEV = "dev-0001"
+TRACE_START = 1_790_000_000.0
+
+
+def record_trace(tmp: Path, seconds: float = 10.0, seed: int = 7) -> Path:
+    """A candump trace of the simulated vehicle (for a source that survives process restarts)."""
+    trace = tmp / f"drive-{seed}.log"
+    if not trace.exists():
+        CanSimulator(default_dbc(), VehicleModel(seed=seed, start_time=TRACE_START)).record(
+            trace, seconds, start_time=TRACE_START)
+    return trace
+
+
+def apply_offline(cfg: Path, auth: Authority, grants: dict[str, list[str]], tmp: Path, device: str = DEV) -> str:
+    """`vgw consent apply` a new document for ``grants`` (no network needed). Returns the token."""
+    token = auth.doc(device, grants)
+    doc = tmp / f"consent-v{auth.ver}.jws"
+    doc.write_text(token)
+    r = vgw("consent", "apply", "--config", str(cfg), str(doc))
+    assert r.returncode == 0, r.stderr
+    return token
+
+
+def wait_until(pred: Callable[[], Any], timeout: float, step: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(step)
+    return bool(pred())
+
+
+def live_status(state_dir: Path, pid: int | None = None) -> dict[str, Any] | None:
+    """status.json of the running agent (of process ``pid`` if given), or None."""
+    import json
+
+    try:
+        st = json.loads((state_dir / "status.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if pid is not None and st.get("pid") != pid:
+        return None
+    return st if isinstance(st, dict) else None
+
+
+def integrity(path: Path) -> str:
+    """``PRAGMA integrity_check`` of an outbox file, from a separate connection (as after a crash)."""
+    db = sqlite3.connect(path, timeout=10.0)
+    try:
+        return str(db.execute("PRAGMA integrity_check").fetchone()[0])
+    finally:
+        db.close()
+
+
+def outbox_rows(path: Path, grant: str | None = None) -> int:
+    db = sqlite3.connect(path, timeout=10.0)
+    try:
+        if grant is None:
+            return int(db.execute("SELECT COUNT(*) FROM batches").fetchone()[0])
+        return int(db.execute("SELECT COUNT(*) FROM batches WHERE grant_id = ?", (grant,)).fetchone()[0])
+    finally:
+        db.close()
+
+
+@contextmanager
+def persistent_world(pki: TestPKI, auth: Authority, *grants: str,
+                     client_id: str = "cloud-faults") -> Iterator[tuple[Mosquitto, CloudPeer]]:
+    """A broker that keeps sessions across restarts and a cloud peer with a persistent session on it."""
+    broker = Mosquitto.from_pki(pki, persistence=True).start()
+    cloud = CloudPeer.for_broker(broker, pki, persistent=True, client_id=client_id)
+    cloud.add_device(DEV, pki.device(DEV).cert)
+    for gid in grants:
+        cloud.add_recipient(gid, auth.recipient(gid))
+    try:
+        cloud.connect()
+        yield broker, cloud
+    finally:
+        cloud.close()
+        broker.close()
+
+
+class Tls11Server:
+    """A TCP listener on 127.0.0.1 that speaks TLS 1.1 only (``@SECLEVEL=0``) with a valid server certificate.
+
+    Counts handshakes attempted and how many succeeded: a client that pins TLS >= 1.2 must never complete one.
+    """
+
+    def __init__(self, pki: TestPKI) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_1
+            ctx.maximum_version = ssl.TLSVersion.TLSv1_1
+        ctx.load_cert_chain(pki.server.cert, pki.server.key)
+        self._ctx = ctx
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(8)
+        self._sock.settimeout(0.2)
+        self.port = int(self._sock.getsockname()[1])
+        self.attempts = 0
+        self.completed = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="tls11-server", daemon=True)
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except (TimeoutError, OSError):
+                continue
+            self.attempts += 1
+            conn.settimeout(2.0)
+            try:
+                with self._ctx.wrap_socket(conn, server_side=True):
+                    self.completed += 1
+            except (ssl.SSLError, OSError):
+                pass
+            finally:
+                conn.close()
+
+    def __enter__(self) -> Tls11Server:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._sock.close()

@@ -122,7 +122,17 @@ class ConsentManager:
     def verify(self, token: str | bytes) -> Consent:
         """Verify against the consent in force at the device's now, without applying. Raises ConsentError."""
         now = self.store.now()
-        return verify_consent(token, trust_keys=self.trust_keys, device=self.device, now=now, in_force=self.in_force)
+        try:
+            return verify_consent(token, trust_keys=self.trust_keys, device=self.device, now=now,
+                                  in_force=self.in_force)
+        except ConsentError:
+            raise
+        except Exception as exc:
+            # Any other failure inside a parser is still a malformed document: reject it whole, keep the
+            # consent in force (a crash here would be a remote denial of service).
+            err = SignatureError(f"consent rejected: unreadable document ({type(exc).__name__})")
+            err.reason = "malformed"
+            raise err from exc
 
     def apply(self, token: str | bytes, *, source: str) -> ApplyResult:
         """Verify ``token``; on success make it the consent in force and revoke the grants it drops."""
@@ -131,13 +141,6 @@ class ConsentManager:
         except ConsentError as exc:
             self.reject(exc, source=source, token=token)
             return ApplyResult("rejected", self.in_force, error=exc)
-        except Exception as exc:
-            # Any other failure inside a parser is still a malformed document: reject it whole, keep the
-            # consent in force, and let the cloud know (a crash here would be a remote denial of service).
-            err = SignatureError(f"consent rejected: unreadable document ({type(exc).__name__})")
-            err.reason = "malformed"
-            self.reject(err, source=source, token=token)
-            return ApplyResult("rejected", self.in_force, error=err)
         if consent is self.in_force:
             return ApplyResult("duplicate", consent)
 

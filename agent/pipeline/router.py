@@ -141,24 +141,7 @@ class Pipeline:
             if entry.coord == "lat":
                 self._last_lat = float(value)
             for target in entry.targets:
-                batch = target.batch
-                if target.min_interval:
-                    last = batch.last_kept.get(spec.path)
-                    if last is not None and t - last < target.min_interval - 1e-9:
-                        counters["samples_rate_limited"] += 1
-                        continue
-                    batch.last_kept[spec.path] = t
-                out_value: int | float | str = value
-                if target.precision_m and entry.coord:
-                    snapped = self._snap(entry.coord, float(value), target.precision_m)
-                    if snapped is None:
-                        continue
-                    out_value = snapped
-                if not batch.samples:
-                    batch.opened = time.monotonic()
-                    batch.first_t = t
-                batch.samples.append({"t": round(t, 6), "path": spec.path, "value": out_value})
-                counters["samples"] += 1
+                self._emit(target.batch, spec.path, entry.coord, t, value, target.min_interval, target.precision_m)
 
     def granted_scopes(self) -> frozenset[str]:
         """Scopes at least one grant in force holds (sources poll nothing else: minimisation at the source)."""
@@ -175,29 +158,33 @@ class Pipeline:
         if coord == "lat":
             self._last_lat = float(value)
         for batch in self.batches.values():
-            grant = batch.grant
-            if scope not in grant.scopes:
-                continue
-            lim = grant.limits_for(scope)
-            if lim.max_hz:
-                last = batch.last_kept.get(path)
-                if last is not None and t - last < 1.0 / lim.max_hz - 1e-9:
-                    self.counters["samples_rate_limited"] += 1
-                    continue
-                batch.last_kept[path] = t
-            out_value = value
-            if lim.precision_m and coord:
-                snapped = self._snap(coord, float(value), lim.precision_m)
-                if snapped is None:
-                    continue
-                out_value = snapped
-            if not batch.samples:
-                batch.opened = time.monotonic()
-                batch.first_t = t
-            batch.samples.append({"t": round(t, 6), "path": path, "value": out_value})
-            self.counters["samples"] += 1
-            taken += 1
+            if scope in batch.grant.scopes:
+                lim = batch.grant.limits_for(scope)
+                min_interval = 1.0 / lim.max_hz if lim.max_hz else 0.0
+                taken += self._emit(batch, path, coord, t, value, min_interval, lim.precision_m or 0.0)
         return taken
+
+    def _emit(self, batch: GrantBatch, path: str, coord: str, t: float, value: Any, min_interval: float,
+              precision_m: float) -> bool:
+        """Apply one grant's limits to a sample and append it to the grant's batch. True if it was kept."""
+        if min_interval:
+            # max_hz, judged on frame time: never more than one sample per 1/max_hz s per path.
+            last = batch.last_kept.get(path)
+            if last is not None and t - last < min_interval - 1e-9:
+                self.counters["samples_rate_limited"] += 1
+                return False
+            batch.last_kept[path] = t
+        if precision_m and coord:
+            snapped = self._snap(coord, float(value), precision_m)
+            if snapped is None:
+                return False
+            value = snapped
+        if not batch.samples:
+            batch.opened = time.monotonic()
+            batch.first_t = t
+        batch.samples.append({"t": round(t, 6), "path": path, "value": value})
+        self.counters["samples"] += 1
+        return True
 
     def _assemble(self, spec: SignalSpec, value: Any) -> str | None:
         parts = self._parts.setdefault(spec.path, [None] * (spec.parts or 1))

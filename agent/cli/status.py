@@ -29,6 +29,7 @@ def collect_status(config_path: str) -> dict[str, Any]:
         stats = outbox.stats()
         counters = outbox.counters()
         receipts = outbox.receipt_count()
+        used = outbox.total_bytes()
     finally:
         outbox.close()
     running = AgentLock.held_by_other(cfg.state_dir)
@@ -54,6 +55,8 @@ def collect_status(config_path: str) -> dict[str, Any]:
         "link_error": live.get("link_error") if running else None,
         "last_publish": live.get("last_publish"),
         "counters": {**counters, **live.get("counters", {})},
+        "quota": {"quota_bytes": cfg.outbox.quota_bytes, "used_bytes": used},
+        "storage": live.get("storage", {"ok": True, "error": None}) if running else {"ok": True, "error": None},
     }
 
 
@@ -71,6 +74,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     for g in st["grants"]:
         ob = st["outbox"].get(g["id"], {"rows": 0, "bytes": 0})
         print(f"  grant {g['id']}: {', '.join(g['scopes'])}; outbox {ob['rows']} batch(es), {ob['bytes']} bytes")
+    quota = st["quota"]
+    drops = {k.split(":", 1)[1]: v for k, v in st["counters"].items() if k.startswith("dropped_quota:") and v}
+    print(f"outbox: {quota['used_bytes']} of {quota['quota_bytes']} bytes (quota)"
+          + ("; dropped for quota: " + ", ".join(f"{g} {n} batch(es)" for g, n in sorted(drops.items()))
+             if drops else ""))
+    if not st["storage"]["ok"]:
+        print(f"storage: NOT STORING ({st['storage']['error']}); "
+              f"{st['counters'].get('store_failures', 0)} batch(es) not stored")
     last = st["last_publish"]
     print(f"last publish: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(last)) if last else 'never'}; "
           f"receipts queued: {st['receipts_queued']}")

@@ -1,0 +1,90 @@
+"""Disk full and read-only outbox: keep running, stop storing, count, say so once, recover when it can store.
+
+SQLITE_FULL is produced with ``PRAGMA max_page_count`` on the agent's own connection (a small tmpfs is not
+available everywhere, and as root a chmod would not stop writes); SQLITE_READONLY with ``PRAGMA query_only``.
+Both go through the same code path as a real full or read-only file system: the SQLite error at INSERT/COMMIT.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from simulators.broker import Mosquitto, free_port
+from simulators.cloud import CloudPeer
+from tests.agentkit import AgentThread, Authority, vgw, write_config
+from tests.faultkit import DEV, apply_offline, record_trace, wait_until
+
+
+def _page_count(path: Path) -> int:
+    db = sqlite3.connect(path)
+    try:
+        return int(db.execute("PRAGMA page_count").fetchone()[0])
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize("fault", ["disk-full", "read-only"])
+def test_outbox_unwritable_keeps_running_counts_and_recovers(tmp_path, pki, caplog, fault):
+    auth = Authority(tmp_path)
+    trace = record_trace(tmp_path, 20.0)
+    port = free_port()
+    cfg = write_config(tmp_path, pki, port, auth.trust,
+                       can={"replay": str(trace), "replay_rate": 2.0, "replay_loop": True},
+                       batch={"max_interval_s": 0.1})
+    apply_offline(cfg, auth, {"g-1": ["read_speedometer", "read_odometer"]}, tmp_path)
+    outbox_file = tmp_path / "state" / "outbox.sqlite"
+    caplog.set_level(logging.INFO, logger="vgw")
+    broker = Mosquitto.from_pki(pki, port=port)
+    cloud = None
+    try:
+        with AgentThread(cfg) as runner:
+            agent = runner.agent
+            assert wait_until(lambda: agent.outbox.stats().get("g-1", {}).get("rows", 0) >= 3, 10)
+            if fault == "disk-full":
+                agent.outbox.page_limit(_page_count(outbox_file))
+            else:
+                agent.outbox.read_only(True)
+            assert wait_until(lambda: agent.counters["store_failures"] >= 10, 15)
+            rows = agent.outbox.stats()["g-1"]["rows"]
+            st = agent.status()
+            assert st["storage"]["ok"] is False and ("full" if fault == "disk-full" else "read") in st["storage"]["error"]
+            assert wait_until(lambda: json.loads(vgw("status", "--config", str(cfg), "--json").stdout)
+                              ["storage"]["ok"] is False, 5)
+            assert runner.thread.is_alive() and agent.healthy  # still running, still collecting
+            assert agent.outbox.stats()["g-1"]["rows"] == rows  # nothing stored meanwhile
+            failures = agent.counters["store_failures"]
+
+            # Space comes back.
+            if fault == "disk-full":
+                agent.outbox.page_limit(None)
+            else:
+                agent.outbox.read_only(False)
+            assert wait_until(lambda: agent.storage_error is None, 5)
+            assert wait_until(lambda: agent.outbox.stats()["g-1"]["rows"] > rows + 3, 10)
+
+            # The link comes up too: everything stored goes out, and no seq is missing (a batch that could not
+            # be stored never got a seq: the loss shows in store_failures, not as a gap).
+            broker.start()
+            cloud = CloudPeer.for_broker(broker, pki)
+            cloud.add_device(DEV, pki.device(DEV).cert)
+            cloud.add_recipient("g-1", auth.recipient("g-1"))
+            cloud.connect()
+            assert runner.wait_link(10)
+            last = agent.outbox.next_seq("g-1") - 1
+            assert cloud.wait_for(lambda: max(cloud.seqs(DEV, "g-1"), default=0) >= last, 20)
+        assert cloud.missing(DEV, "g-1") == []
+        errors = [r.getMessage() for r in caplog.records if "outbox cannot store" in r.getMessage()]
+        assert len(errors) == 1, errors  # once when it starts, not once per batch
+        assert sum("outbox stores again" in r.getMessage() for r in caplog.records) == 1
+        events = [e["event"] for e in runner.agent.audit.entries()]
+        assert "outbox-unwritable" in events and "outbox-recovered" in events
+        assert failures >= 10
+    finally:
+        if cloud is not None:
+            cloud.close()
+        broker.close()

@@ -1,0 +1,48 @@
+"""`vgw bench`: the pipeline benchmark (issue 7): cantools baseline vs vgw's full path, latency, RSS, CPU,
+revocation time, measured with the real components against a private mosquitto."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("bench", help="measure the data path (frames/s, latency, RSS, CPU, revocation)",
+                       description=__doc__)
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of the table")
+    p.add_argument("--frames", type=int, default=300_000, metavar="N", help="frames in the trace (default 300000)")
+    p.add_argument("--dbc", type=Path, metavar="FILE",
+                   help="DBC to generate the trace from (default: the demo vehicle); every signal is mapped")
+    p.add_argument("--consent", choices=("typical", "all"), default="typical",
+                   help="typical: the demo's two apps (a few scopes); all: every scope (default typical)")
+    p.add_argument("--rt-fps", type=float, default=4000.0, metavar="FPS",
+                   help="frames/s of the realtime phase (default 4000: a saturated 500 kbit/s bus)")
+    p.add_argument("--rt-seconds", type=float, default=5.0, metavar="S", help="length of each realtime phase")
+    p.add_argument("--revoke-rows", type=int, default=100_000, metavar="N",
+                   help="buffered outbox rows when the grant is revoked (default 100000)")
+    p.add_argument("--low-latency-s", type=float, default=0.05, metavar="S",
+                   help="[batch] max_interval_s of the second realtime run (default 0.05)")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from agent.bench import BenchOptions, format_table, run_bench
+    from agent.errors import VgwError
+
+    if args.rt_fps <= 0 or args.rt_seconds <= 0:
+        raise VgwError("--rt-fps and --rt-seconds must be > 0")
+    if not 0.01 <= args.low_latency_s <= 10:
+        raise VgwError(f"--low-latency-s {args.low_latency_s}: must be between 0.01 and 10")
+    if args.revoke_rows < 1:
+        raise VgwError(f"--revoke-rows {args.revoke_rows}: must be >= 1")
+    opts = BenchOptions(frames=args.frames, dbc=args.dbc, consent=args.consent, rt_fps=args.rt_fps,
+                        rt_seconds=args.rt_seconds, revoke_rows=args.revoke_rows,
+                        low_latency_interval_s=args.low_latency_s)
+    result = run_bench(opts)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(format_table(result))
+    return 0

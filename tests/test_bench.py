@@ -1,0 +1,55 @@
+"""`vgw bench` in its short form: it runs end to end (mosquitto, the agent in a child process, the cloud peer)
+and prints its table and its JSON. No thresholds: CI machines vary; docs/performance.md has the numbers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from agent.cli import main
+from simulators.broker import MosquittoNotFound, find_mosquitto
+
+
+def _have_mosquitto() -> bool:
+    try:
+        find_mosquitto()
+    except MosquittoNotFound:
+        return False
+    return True
+
+
+pytestmark = pytest.mark.skipif(not _have_mosquitto(), reason="mosquitto is not installed")
+
+SHORT = ["--frames", "20000", "--rt-seconds", "1", "--revoke-rows", "2000"]
+
+
+def test_bench_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--json", *SHORT]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["trace"]["frames"] == 20000
+    d, fp = result["decode"], result["full_path"]
+    assert d["cantools_decode_fps"] > 0 and d["vgw_decode_fps"] > 0 and d["naive_agent_fps"] > 0
+    assert d["signals_vgw"] == d["signals_cantools"]  # the same values decoded, every signal
+    assert fp["exit_code"] == 0 and fp["fps_ingest"] > 0
+    assert fp["published_batches"] == fp["batches"] > 0  # every batch acknowledged
+    for label in ("default", "low_latency"):
+        rt = result["realtime"][label]
+        assert rt["latency"]["samples"] > 0 and rt["latency"]["p99_ms"] is not None
+        assert rt["cpu_pct_one_core"] is not None
+    rv = result["revocation"]
+    assert rv["rows"] == 2000 and rv["rows_after"] == 0 and rv["key_destroyed_ms"] is not None
+    assert set(result["targets"]) >= {"full_path_100k_fps", "rss_le_60mb", "revocation_le_100ms"}
+
+
+def test_bench_table_all_signals(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--consent", "all", *SHORT]) == 0
+    out = capsys.readouterr().out
+    for text in ("cantools decode_message", "vgw compiled decoders", "full path", "frame->PUBACK p50",
+                 "revocation with 2,000 buffered rows", "targets:"):
+        assert text in out
+
+
+def test_bench_rejects_bad_input(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--frames", "10"]) == 1
+    assert "--frames 10" in capsys.readouterr().err

@@ -78,7 +78,7 @@ class ConsentConfig:
 @dataclass(frozen=True)
 class BatchConfig:
     max_samples: int = 1000
-    max_interval_s: float = 1.0
+    max_interval_s: float = 0.2  # frame-to-PUBACK p99 ~250 ms (docs/performance.md)
 
 
 @dataclass(frozen=True)
@@ -335,7 +335,7 @@ def _consent(s: _Section) -> ConsentConfig:
 
 def _batch(s: _Section) -> BatchConfig:
     max_samples = s.number("max_samples", 1000, minimum=1, integer=True)
-    max_interval_s = float(s.number("max_interval_s", 1.0, minimum=0.01))
+    max_interval_s = float(s.number("max_interval_s", 0.2, minimum=0.01))
     s.finish()
     return BatchConfig(max_samples=max_samples, max_interval_s=max_interval_s)
 

@@ -129,19 +129,20 @@ class Pipeline:
         values, short = decoder.decode(data)
         if short:
             counters["signals_short"] += short
+        t_out = round(t, 6)
         for entry, decoded in values:
-            assert isinstance(entry, _Entry)
-            spec = entry.spec
+            spec = entry.spec  # type: ignore[attr-defined]  # keys are the _Entry objects given to the decoder
             value: int | float | str = decoded
             if spec.parts is not None:
                 assembled = self._assemble(spec, decoded)
                 if assembled is None:
                     continue
                 value = assembled
-            if entry.coord == "lat":
+            coord = entry.coord  # type: ignore[attr-defined]
+            if coord == "lat":
                 self._last_lat = float(value)
-            for target in entry.targets:
-                self._emit(target.batch, spec.path, entry.coord, t, value, target.min_interval, target.precision_m)
+            for target in entry.targets:  # type: ignore[attr-defined]
+                self._emit(target.batch, spec.path, coord, t, t_out, value, target.min_interval, target.precision_m)
 
     def granted_scopes(self) -> frozenset[str]:
         """Scopes at least one grant in force holds (sources poll nothing else: minimisation at the source)."""
@@ -161,11 +162,11 @@ class Pipeline:
             if scope in batch.grant.scopes:
                 lim = batch.grant.limits_for(scope)
                 min_interval = 1.0 / lim.max_hz if lim.max_hz else 0.0
-                taken += self._emit(batch, path, coord, t, value, min_interval, lim.precision_m or 0.0)
+                taken += self._emit(batch, path, coord, t, round(t, 6), value, min_interval, lim.precision_m or 0.0)
         return taken
 
-    def _emit(self, batch: GrantBatch, path: str, coord: str, t: float, value: Any, min_interval: float,
-              precision_m: float) -> bool:
+    def _emit(self, batch: GrantBatch, path: str, coord: str, t: float, t_out: float, value: Any,
+              min_interval: float, precision_m: float) -> bool:
         """Apply one grant's limits to a sample and append it to the grant's batch. True if it was kept."""
         if min_interval:
             # max_hz, judged on frame time: never more than one sample per 1/max_hz s per path.
@@ -182,7 +183,7 @@ class Pipeline:
         if not batch.samples:
             batch.opened = time.monotonic()
             batch.first_t = t
-        batch.samples.append({"t": round(t, 6), "path": path, "value": value})
+        batch.samples.append({"t": t_out, "path": path, "value": value})
         self.counters["samples"] += 1
         return True
 

@@ -41,7 +41,7 @@ from simulators.broker import HOST, BrokerError, BrokerStartError, free_port
 if TYPE_CHECKING:
     from simulators.pki import TestPKI
 
-__all__ = ["NatsMqtt", "NatsNotFound", "device_permissions", "find_nats_server", "nats_config"]
+__all__ = ["NatsMqtt", "NatsNotFound", "authorization_block", "device_permissions", "find_nats_server", "nats_config"]
 
 _START_TIMEOUT = 15.0
 _STOP_TIMEOUT = 10.0
@@ -84,6 +84,25 @@ def device_permissions(device: str, prefix: str = "vgw") -> str:
     )
 
 
+def authorization_block(devices: Iterable[str], *, prefix: str = "vgw",
+                        cloud_users: Iterable[str] = ("cloud",)) -> str:
+    """The ``authorization { users = [...] }`` block: one user per device certificate, plus the cloud.
+
+    Raises ``ValueError`` for an id or prefix that cannot be a NATS subject token.
+    """
+    _check_id(prefix)
+    users = []
+    for cloud in cloud_users:
+        _check_id(cloud)
+        users.append(
+            f'    {{user: "{cloud}", permissions: {{publish: {{allow: ["{prefix}.>"]}}, '
+            f'subscribe: {{allow: ["{prefix}.>", "$MQTT.sub.>"]}}}}}}'
+        )
+    for device in devices:
+        users.append(f'    {{user: "{device}", permissions: {device_permissions(device, prefix)}}}')
+    return "\n".join(["authorization {", "  users = [", *users, "  ]", "}"]) + "\n"
+
+
 def nats_config(
     *,
     devices: Iterable[str],
@@ -109,15 +128,6 @@ def nats_config(
         f'tls {{ cert_file: "{cert_file}", key_file: "{key_file}", ca_file: "{ca_file}", '
         "verify_and_map: true, timeout: 5 }"
     )
-    users = []
-    for cloud in cloud_users:
-        _check_id(cloud)
-        users.append(
-            f'    {{user: "{cloud}", permissions: {{publish: {{allow: ["{prefix}.>"]}}, '
-            f'subscribe: {{allow: ["{prefix}.>", "$MQTT.sub.>"]}}}}}}'
-        )
-    for device in devices:
-        users.append(f'    {{user: "{device}", permissions: {device_permissions(device, prefix)}}}')
     return "\n".join(
         [
             "# written by simulators.nats: a private NATS server for vgw (MQTT 3.1.1 over mutual TLS)",
@@ -127,11 +137,7 @@ def nats_config(
             tls,
             f'jetstream {{ store_dir: "{store_dir}", max_memory_store: 268435456, max_file_store: 4294967296 }}',
             "max_payload: 1048576",
-            "authorization {",
-            "  users = [",
-            *users,
-            "  ]",
-            "}",
+            authorization_block(devices, prefix=prefix, cloud_users=cloud_users).rstrip("\n"),
             "mqtt {",
             f"  listen: {mqtt_listen}",
             f"  {tls}",
@@ -371,3 +377,28 @@ class NatsMqtt:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m simulators.nats users [--prefix P] [--cloud NAME] DEVICE-ID ... | -`` prints the
+    authorization block for deploy/nats (``-``: ids one per line on stdin)."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m simulators.nats")
+    p.add_argument("what", choices=["users"])
+    p.add_argument("--prefix", default="vgw")
+    p.add_argument("--cloud", action="append", default=None, help="cloud user(s) (default: cloud)")
+    p.add_argument("devices", nargs="+")
+    args = p.parse_args(argv)
+    ids = [line.strip() for line in sys.stdin if line.strip()] if args.devices == ["-"] else args.devices
+    try:
+        sys.stdout.write(authorization_block(ids, prefix=args.prefix, cloud_users=args.cloud or ["cloud"]))
+    except ValueError as exc:
+        print(f"python -m simulators.nats: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

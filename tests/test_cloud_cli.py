@@ -24,7 +24,7 @@ from agent.catalogue import load_catalogue
 from simulators.broker import Mosquitto
 from simulators.can_sim import CanSimulator
 from simulators.cloud import RecipientKey, seal_envelope
-from simulators.cloudkit import Listener
+from simulators.cloudlink import Listener
 from simulators.paths import default_dbc, default_signal_map
 from simulators.pki import TestPKI, device_public_key_from_cert
 from simulators.vehicle import VehicleModel
@@ -263,3 +263,14 @@ def test_shared_subscription_workers_each_handle_a_batch_once(
     assert sorted(seqs[0] + seqs[1]) == list(range(1, n + 1)), "each batch exactly once across the group"
     assert seqs[0] and seqs[1], "both workers got a share of the load"
     assert all(w.events("gap") == [] for w in workers), "per-worker gap detection is off under --share"
+
+
+def test_deploy_mosquitto_acl_is_the_tested_policy() -> None:
+    from simulators.broker import device_acl
+
+    root = Path(__file__).resolve().parents[1] / "deploy" / "mosquitto"
+    assert (root / "vgw.acl").read_text() == device_acl("vgw", cloud_user="cloud")
+    conf = (root / "mosquitto.conf").read_text()
+    for line in ("require_certificate true", "use_identity_as_username true", "allow_anonymous false",
+                 "acl_file /etc/mosquitto/vgw.acl", "persistence true"):
+        assert line in conf

@@ -338,3 +338,39 @@ def test_engine_feature_matrix(engine: tuple[str, Any, str], pki: TestPKI) -> No
         b.close()
 
     assert seen == FEATURES[name], f"{name}: observed {seen}"
+
+
+# ---------------------------------------------------------------- the deploy/ examples are the tested policy
+
+
+def test_deploy_nats_example_is_valid_and_matches_the_tested_permissions(tmp_path: Path, pki: TestPKI) -> None:
+    import subprocess
+
+    from simulators.nats import authorization_block
+
+    root = Path(__file__).resolve().parents[1] / "deploy" / "nats"
+    users = (root / "vgw-users.conf").read_text()
+    assert users == authorization_block(["dev-0001", "dev-0002"])  # the block the tests above run with
+    conf = (root / "nats.conf").read_text()
+    conf = conf.replace("/etc/vgw/broker/route", str(pki.dir / "server")).replace("/etc/vgw/broker/", f"{pki.dir}/")
+    conf = conf.replace("/var/lib/nats", str(tmp_path / "js"))
+    (tmp_path / "nats.conf").write_text(conf)
+    (tmp_path / "vgw-users.conf").write_text(users)
+    r = subprocess.run([find_nats_server(), "-t", "-c", str(tmp_path / "nats.conf")], capture_output=True, text=True,
+                       env={**os.environ, "NATS_SERVER_NAME": "nats-1"}, timeout=30)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_cloud_listen_on_nats_falls_back_to_311_and_refuses_share_clearly(
+    tmp_path: Path, pki: TestPKI, nats: NatsMqtt
+) -> None:
+    from tests.agentkit import vgw
+
+    assert vgw("cloud", "keygen", "--dir", str(tmp_path / "k"), "--recipient", "f").returncode == 0
+    common = ["cloud", "listen", "--broker", f"localhost:{nats.port}", "--ca", str(pki.ca.cert), "--cert",
+              str(pki.cloud.cert), "--tls-key", str(pki.cloud.key), "--recipient", str(tmp_path / "k"),
+              "--duration", "0.5"]
+    ok = vgw(*common)
+    assert ok.returncode == 0 and "subscribed (MQTT 3.1.1)" in ok.stderr, ok.stderr
+    shared = vgw(*common, "--share", "workers")
+    assert shared.returncode == 1 and "refused subscription" in shared.stderr and "$share/workers" in shared.stderr

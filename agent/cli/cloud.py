@@ -100,7 +100,8 @@ def _broker_options(p: argparse.ArgumentParser, *, required: bool) -> None:
 
 
 def _opts(args: argparse.Namespace) -> Any:
-    from simulators.cloudkit import BrokerOptions, CloudKitError
+    from simulators.cloudkit import CloudKitError
+    from simulators.cloudlink import BrokerOptions
 
     missing = [n for n in ("ca", "cert", "tls_key") if getattr(args, n) is None]
     if missing:
@@ -146,7 +147,8 @@ def run_sign(args: argparse.Namespace) -> int:
 
 
 def run_push(args: argparse.Namespace) -> int:
-    from simulators.cloudkit import CloudLink, read_document
+    from simulators.cloudkit import read_document
+    from simulators.cloudlink import CloudLink
 
     docs = [(read_document(p), p) for p in args.docs]
     link = CloudLink(_opts(args)).connect()
@@ -160,7 +162,8 @@ def run_push(args: argparse.Namespace) -> int:
 
 
 def run_revoke(args: argparse.Namespace) -> int:
-    from simulators.cloudkit import CloudLink, load_signing_key, read_document, revoke_document
+    from simulators.cloudkit import load_signing_key, read_document, revoke_document
+    from simulators.cloudlink import CloudLink
 
     key = load_signing_key(args.key)
     current = read_document(args.current, key)
@@ -180,11 +183,12 @@ def run_revoke(args: argparse.Namespace) -> int:
 
 
 def run_listen(args: argparse.Namespace) -> int:
-    from simulators.cloudkit import CloudLink, Listener, load_device_certs, load_recipient_keys
+    from simulators.cloudkit import load_device_certs, load_recipient_keys
+    from simulators.cloudlink import CloudLink, Listener
 
     recipients = load_recipient_keys(args.recipient)
     keys = load_device_certs(args.device_cert)
-    out: IO[str] = open(args.out, "a", buffering=1) if args.out else sys.stdout  # noqa: SIM115
+    out: IO[str] = open(args.out, "a", buffering=1) if args.out else sys.stdout
     lock = threading.Lock()
     stop = threading.Event()
     batches = [0]

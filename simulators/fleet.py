@@ -1,0 +1,441 @@
+"""Fleet load simulator: N lightweight devices in one process against a real broker.
+
+Each simulated device has its own client id and certificate (from a throwaway CA), a real mutual-TLS MQTT
+connection, verifies consent documents (EdDSA JWS) exactly like the contract says, seals real HPKE
+envelopes (§6) at ``rate_hz`` per grant and signs real ES256 receipts (§7). A cloud side pushes consent
+(retained), changes it at ``churn_hz`` across the fleet (revoke a grant / grant a new one), and consumes
+everything: it opens every envelope and verifies every receipt.
+
+Threads, not per device: ``threads`` workers (:mod:`simulators.fleet_device`) each own a slice of the
+devices and drive their paho clients with one :mod:`selectors` loop (``loop_read`` / ``loop_write`` /
+``loop_misc``, paho's external event loop hooks for write interest), so 1,000 devices are a few threads
+and ~1,000 sockets. ``RLIMIT_NOFILE`` is
+raised to its hard limit first (brokers started here inherit it).
+
+Reported (:meth:`FleetSim.run` returns a dict): broker ingress (PUBACKed publishes/s) and egress (messages/s
+delivered to the consumer), end-to-end latency percentiles (seal on the device -> opened by the consumer),
+consent push -> ``consent-applied`` and revocation push -> ``erasure`` receipt latencies, and loss (batches
+PUBACKed to a device but never delivered to the consumer) and duplicates.
+
+Errors: ``ValueError`` for bad parameters, :class:`simulators.broker.BrokerError` if a broker cannot start,
+:class:`agent.errors.UplinkError` if the cloud side cannot connect.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import resource
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from agent.errors import UplinkError
+from simulators.cloud import (
+    RecipientKey,
+    SigningKey,
+    consent_claims,
+    grant,
+    open_envelope,
+    sign_consent,
+    verify_receipt,
+)
+from simulators.fleet_device import PREFIX, SimDevice, Worker, connect_client, make_client, tls_context
+from simulators.pki import TestPKI, load_private_key
+
+log = logging.getLogger("vgw.fleet")
+
+__all__ = ["FleetConfig", "FleetSim", "format_report", "raise_nofile"]
+
+
+
+def raise_nofile() -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; returns (soft, hard) after."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+@dataclass
+class FleetConfig:
+    """Parameters of one run. ``broker``: ``mosquitto``, ``nats`` (private instances) or ``HOST:PORT`` (then
+    ``pki_dir`` must hold ``ca.crt``, ``cloud.crt/.key`` and ``sim-NNNNN.crt/.key``, see ``make_pki``)."""
+
+    devices: int = 100
+    rate_hz: float = 1.0
+    duration_s: float = 10.0
+    churn_hz: float = 1.0
+    broker: str = "mosquitto"
+    pki_dir: Path | None = None
+    threads: int = 4
+    samples: int = 5
+    protocol: str | None = None  # None: 5 for mosquitto, 3.1.1 for nats, 5 for HOST:PORT
+    connect_timeout_s: float = 120.0
+    drain_s: float = 5.0
+
+    def validate(self) -> None:
+        if self.devices < 1 or self.devices > 100_000:
+            raise ValueError(f"--devices {self.devices}: expected 1..100000")
+        if not 0 < self.rate_hz <= 100:
+            raise ValueError(f"--rate {self.rate_hz}: expected 0 < HZ <= 100")
+        if self.duration_s <= 0:
+            raise ValueError(f"--duration {self.duration_s}: must be > 0")
+        if self.churn_hz < 0:
+            raise ValueError(f"--churn {self.churn_hz}: must be >= 0")
+        if not 1 <= self.threads <= 64:
+            raise ValueError(f"--threads {self.threads}: expected 1..64")
+        if self.protocol not in (None, "5", "3.1.1"):
+            raise ValueError(f"--protocol {self.protocol!r}: expected 5 or 3.1.1")
+
+
+def device_ids(n: int) -> list[str]:
+    return [f"sim-{i:05d}" for i in range(1, n + 1)]
+
+
+def make_pki(directory: Path, n: int) -> TestPKI:
+    """A throwaway CA with server, cloud and ``n`` device certificates (for an external broker to trust)."""
+    return TestPKI(directory, devices=device_ids(n))
+
+
+def _pct(values: list[float], ps: tuple[float, ...] = (50, 90, 99)) -> dict[str, float | int | None]:
+    if not values:
+        return {"n": 0, **{f"p{int(p)}": None for p in ps}, "max": None}
+    s = sorted(values)
+    out: dict[str, float | int | None] = {"n": len(s)}
+    for p in ps:
+        out[f"p{int(p)}"] = round(s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))] * 1000, 1)
+    out["max"] = round(s[-1] * 1000, 1)
+    return out
+
+
+# ---------------------------------------------------------------- the cloud side
+
+
+@dataclass
+class _Cloud:
+    recipient: RecipientKey
+    device_keys: dict[str, ec.EllipticCurvePublicKey]
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    seen: dict[tuple[str, str], set[int]] = field(default_factory=dict)
+    duplicates: int = 0
+    delivered: int = 0
+    delivered_bytes: int = 0
+    latencies: list[float] = field(default_factory=list)
+    undecryptable: int = 0
+    receipts: list[tuple[str, dict[str, Any], float]] = field(default_factory=list)
+    bad_receipts: int = 0
+    measuring: bool = False
+
+    def on_message(self, c: Any, u: Any, msg: Any) -> None:
+        arrived = time.time()
+        parts = msg.topic.split("/")
+        payload = bytes(msg.payload)
+        if len(parts) == 4 and parts[2] == "data":
+            device, gid = parts[1], parts[3]
+            try:
+                batch = open_envelope(payload, self.recipient, device, gid)
+            except Exception:
+                with self.lock:
+                    self.undecryptable += 1
+                return
+            with self.lock:
+                s = self.seen.setdefault((device, gid), set())
+                if batch["seq"] in s:
+                    self.duplicates += 1
+                    return
+                s.add(batch["seq"])
+                if self.measuring:
+                    self.delivered += 1
+                    self.delivered_bytes += len(payload)
+                    self.latencies.append(arrived - batch["samples"][0]["t"] if batch["samples"] else 0.0)
+        elif len(parts) == 3 and parts[2] == "receipt":
+            key = self.device_keys.get(parts[1])
+            try:
+                if key is None:
+                    raise ValueError("unknown device")
+                claims = verify_receipt(payload.decode("ascii"), key, device=parts[1])
+            except Exception:
+                with self.lock:
+                    self.bad_receipts += 1
+                return
+            with self.lock:
+                self.receipts.append((parts[1], claims, arrived))
+
+
+class FleetSim:
+    """One run of the fleet simulator. ``progress`` gets human-readable progress lines."""
+
+    def __init__(self, cfg: FleetConfig, progress: Callable[[str], None] | None = None) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.progress = progress or (lambda _m: None)
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        nofile = raise_nofile()
+        t_setup = time.monotonic()
+        tmp = Path(tempfile.mkdtemp(prefix="vgw-fleet-"))
+        os.chmod(tmp, 0o755)  # noqa: S103 - a root-started mosquitto reads the PKI as its own user
+        broker: Any = None
+        closers: list[Callable[[], object]] = []
+        try:
+            ids = device_ids(cfg.devices)
+            if cfg.pki_dir is not None:
+                if cfg.broker in ("mosquitto", "nats"):
+                    raise ValueError("--pki is for an external --broker HOST:PORT; private brokers make their own")
+                pki_root = cfg.pki_dir
+                ca, cloud_cert, cloud_key = pki_root / "ca.crt", pki_root / "cloud.crt", pki_root / "cloud.key"
+                dev_files = {d: (pki_root / f"{d}.crt", pki_root / f"{d}.key") for d in ids}
+            else:
+                self.progress(f"issuing {cfg.devices} device certificates")
+                pki = make_pki(tmp / "pki", cfg.devices)
+                ca, cloud_cert, cloud_key = pki.ca.cert, pki.cloud.cert, pki.cloud.key
+                dev_files = {d: (p.cert, p.key) for d, p in pki.devices.items()}
+            engine = cfg.broker
+            if engine == "mosquitto":
+                from simulators.broker import Mosquitto
+
+                broker = Mosquitto.from_pki(pki, extra_config="max_queued_messages 10000")
+                host, protocol = "localhost", cfg.protocol or "5"
+            elif engine == "nats":
+                from simulators.nats import NatsMqtt
+
+                broker = NatsMqtt.from_pki(pki)
+                host, protocol = "localhost", cfg.protocol or "3.1.1"
+            else:
+                if cfg.pki_dir is None:
+                    raise ValueError("--broker HOST:PORT needs --pki DIR (see --make-pki)")
+                host, _, port_s = engine.rpartition(":")
+                if not host or not port_s.isdigit():
+                    raise ValueError(f"--broker {engine!r}: expected mosquitto, nats or HOST:PORT")
+                protocol = cfg.protocol or "5"
+            if broker is not None:
+                self.progress(f"starting private {engine}")
+                broker.start()
+                closers.append(broker.close)
+                port = broker.port
+            else:
+                port = int(port_s)
+
+            signer = SigningKey.generate()
+            recipient = RecipientKey.generate()
+            device_keys = {}
+            for d, (cert, _key) in dev_files.items():
+                from simulators.pki import device_public_key_from_cert
+
+                device_keys[d] = device_public_key_from_cert(cert)
+            cloud = _Cloud(recipient, device_keys)
+            cloud_ctx = tls_context(ca, cloud_cert, cloud_key)
+
+            consumer = make_client(f"fleet-consumer-{os.getpid()}", protocol, cloud_ctx, False)
+            consumer.on_message = cloud.on_message
+            sub_ok = threading.Event()
+            consumer.on_connect = lambda c, u, f, rc, p: c.subscribe(
+                [(f"{PREFIX}/+/data/+", 1), (f"{PREFIX}/+/receipt", 1)])
+            consumer.on_subscribe = lambda *a: sub_ok.set()
+            connect_client(consumer, host, port, protocol, False)
+            consumer.loop_start()
+            closers.append(lambda: (consumer.disconnect(), consumer.loop_stop()))
+            pusher = make_client(f"fleet-pusher-{os.getpid()}", protocol, tls_context(ca, cloud_cert, cloud_key), False)
+            pusher_ready = threading.Event()
+            pusher.on_connect = lambda *a: pusher_ready.set()
+            connect_client(pusher, host, port, protocol, False)
+            pusher.loop_start()
+            closers.append(lambda: (pusher.disconnect(), pusher.loop_stop()))
+            if not (sub_ok.wait(15) and pusher_ready.wait(15)):
+                raise UplinkError(f"fleet cloud side could not connect/subscribe to {host}:{port}")
+
+            # Consent authority: every device starts with one grant; versions rise per device.
+            vers = dict.fromkeys(ids, 1)
+            grant_no = dict.fromkeys(ids, 1)
+            active = dict.fromkeys(ids, True)
+            pushed_at: dict[tuple[str, int], float] = {}
+
+            def push(device: str, with_grant: bool) -> None:
+                gs = [grant(f"g-{grant_no[device]}", ["read_speedometer", "read_odometer"], recipient)] \
+                    if with_grant else []
+                token = sign_consent(consent_claims(device, vers[device], gs), signer)
+                pushed_at[(device, vers[device])] = time.time()
+                pusher.publish(f"{PREFIX}/{device}/consent", token, qos=1, retain=True)
+
+            self.progress(f"pushing consent to {cfg.devices} devices (retained)")
+            for d in ids:
+                push(d, True)
+
+            # Devices and workers.
+            n_threads = min(cfg.threads, cfg.devices)
+            workers = [Worker(str(i), 1.0 / cfg.rate_hz, cfg.samples) for i in range(n_threads)]
+            trust = signer.public_key
+            persistent = True
+            for i, d in enumerate(ids):
+                w = workers[i % n_threads]
+                cert, key = dev_files[d]
+                client = make_client(d, protocol, tls_context(ca, cert, key), persistent)
+                w.devices.append(SimDevice(d, load_private_key(key), trust, w, client))
+            setup_s = time.monotonic() - t_setup
+            self.progress(f"connecting {cfg.devices} devices with {n_threads} threads")
+            t_conn = time.monotonic()
+            for w in workers:
+                w.connect_args = (host, port, protocol, persistent)
+                w.thread.start()
+            def stop_workers() -> None:
+                for w in workers:
+                    w.stop.set()
+
+            closers.append(stop_workers)
+            all_devs = [dev for w in workers for dev in w.devices]
+            deadline = time.monotonic() + cfg.connect_timeout_s
+            while time.monotonic() < deadline:
+                ready = sum(1 for dev in all_devs if dev.connected and dev.ver >= 1)
+                if ready == cfg.devices:
+                    break
+                time.sleep(0.1)
+            connect_s = time.monotonic() - t_conn
+            ready = sum(1 for dev in all_devs if dev.connected and dev.ver >= 1)
+            self.progress(f"{ready}/{cfg.devices} devices connected with consent in {connect_s:.1f} s; "
+                          f"running {cfg.duration_s:g} s at {cfg.rate_hz:g} Hz")
+
+            # Measured run.
+            with cloud.lock:
+                cloud.measuring = True
+                receipts_before = len(cloud.receipts)
+            base_sent = {(dev.id, g): dev.seq.get(g, 0) for dev in all_devs for g in dev.seq}
+            for w in workers:
+                w.publishing.set()
+            t0 = time.monotonic()
+            wall0 = time.time()
+            rng = random.Random(1)
+            churn_events: list[tuple[str, str, int]] = []
+            next_churn = t0 + (1.0 / cfg.churn_hz if cfg.churn_hz else cfg.duration_s + 1)
+            while time.monotonic() - t0 < cfg.duration_s:
+                now = time.monotonic()
+                if cfg.churn_hz and now >= next_churn:
+                    next_churn += 1.0 / cfg.churn_hz
+                    # Alternate: revoke a granted device, then grant a new grant to a revoked one.
+                    revoking = len(churn_events) % 2 == 0 or all(active.values())
+                    pool = [x for x in ids if active[x] == revoking] or ids
+                    d = rng.choice(pool)
+                    vers[d] += 1
+                    if active[d]:
+                        active[d] = False
+                        churn_events.append(("revoke", d, vers[d]))
+                        push(d, False)
+                    else:
+                        active[d] = True
+                        grant_no[d] += 1
+                        churn_events.append(("grant", d, vers[d]))
+                        push(d, True)
+                time.sleep(min(0.01, max(0.0, next_churn - time.monotonic())) if cfg.churn_hz else 0.05)
+            for w in workers:
+                w.publishing.clear()
+            run_s = time.monotonic() - t0
+            acked_run = sum(w.stats["acked"] for w in workers)
+            # Drain: wait until the consumer has everything the broker acknowledged (or drain_s passes).
+            sent_streams = {(dev.id, g): (base_sent.get((dev.id, g), 0), dev.seq[g]) for dev in all_devs
+                            for g in dev.seq}
+            expected = sum(hi - lo for lo, hi in sent_streams.values())
+            end = time.monotonic() + cfg.drain_s
+            while time.monotonic() < end:
+                with cloud.lock:
+                    got = cloud.delivered
+                if got >= expected:
+                    break
+                time.sleep(0.05)
+            time.sleep(0.2)
+            wall1 = time.time()
+
+            # Results.
+            with cloud.lock:
+                delivered, dbytes, lat = cloud.delivered, cloud.delivered_bytes, list(cloud.latencies)
+                seen = {k: set(v) for k, v in cloud.seen.items()}
+                receipts = list(cloud.receipts[receipts_before:])
+                dups, undec, bad = cloud.duplicates, cloud.undecryptable, cloud.bad_receipts
+            lost = 0
+            for (d, g), (lo, hi) in sent_streams.items():
+                s = seen.get((d, g), set())
+                lost += sum(1 for n in range(lo + 1, hi + 1) if n not in s)
+            rev_lat, grant_lat = [], []
+            for d, claims, arrived in receipts:
+                at = pushed_at.get((d, int(claims.get("ver", -1))))
+                if at is None:
+                    continue
+                if claims.get("typ") == "erasure":
+                    rev_lat.append(arrived - at)
+                elif claims.get("typ") == "consent-applied" and (d, int(claims["ver"])) in {
+                        (e[1], e[2]) for e in churn_events if e[0] == "grant"}:
+                    grant_lat.append(arrived - at)
+            revokes = sum(1 for e in churn_events if e[0] == "revoke")
+            report = {
+                "broker": engine if broker is None else f"{engine} (private, 127.0.0.1, mTLS)",
+                "protocol": f"MQTT {protocol}",
+                "devices": cfg.devices,
+                "devices_ready": ready,
+                "threads": n_threads,
+                "rate_hz": cfg.rate_hz,
+                "duration_s": round(run_s, 2),
+                "churn_hz": cfg.churn_hz,
+                "nofile": nofile[0],
+                "setup_s": round(setup_s, 2),
+                "connect_s": round(connect_s, 2),
+                "offered_msgs_per_s": round(cfg.devices * cfg.rate_hz, 1),
+                "ingress_msgs_per_s": round(acked_run / run_s, 1),
+                "egress_msgs_per_s": round(delivered / max(run_s, wall1 - wall0 - 0.2), 1),
+                "egress_kib_per_s": round(dbytes / 1024 / max(run_s, wall1 - wall0 - 0.2), 1),
+                "batches_sent": expected,
+                "batches_delivered": delivered,
+                "lost": lost,
+                "loss_pct": round(100.0 * lost / expected, 3) if expected else 0.0,
+                "duplicates": dups,
+                "undecryptable": undec,
+                "bad_receipts": bad,
+                "e2e_latency_ms": _pct(lat),
+                "revocations": revokes,
+                "revocation_to_receipt_ms": _pct(rev_lat),
+                "grant_to_applied_ms": _pct(grant_lat),
+                "device_disconnects": sum(dev.disconnects for dev in all_devs),
+                "connect_failures": sum(w.stats["connect_failures"] for w in workers),
+            }
+            return report
+        finally:
+            for close in reversed(closers):
+                try:
+                    close()
+                except Exception:
+                    log.debug("fleet teardown step failed", exc_info=True)
+            for w in locals().get("workers", []):
+                w.thread.join(10)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def format_report(r: dict[str, Any]) -> str:
+    """The report as a few human-readable lines."""
+    def lat(d: dict[str, Any]) -> str:
+        if not d.get("n"):
+            return "n/a"
+        return f"p50 {d['p50']} ms, p90 {d['p90']} ms, p99 {d['p99']} ms, max {d['max']} ms (n={d['n']})"
+
+    return "\n".join([
+        f"fleet: {r['devices_ready']}/{r['devices']} devices on {r['broker']} ({r['protocol']}), "
+        f"{r['threads']} threads, {r['rate_hz']:g} Hz, {r['duration_s']:g} s",
+        f"  setup {r['setup_s']} s, connect+consent {r['connect_s']} s, RLIMIT_NOFILE {r['nofile']}",
+        f"  throughput: offered {r['offered_msgs_per_s']} msg/s, broker ingress (PUBACKed) "
+        f"{r['ingress_msgs_per_s']} msg/s, egress to consumer {r['egress_msgs_per_s']} msg/s "
+        f"({r['egress_kib_per_s']} KiB/s)",
+        f"  end-to-end latency: {lat(r['e2e_latency_ms'])}",
+        f"  revocation -> erasure receipt: {lat(r['revocation_to_receipt_ms'])} ({r['revocations']} revocations)",
+        f"  grant -> consent-applied: {lat(r['grant_to_applied_ms'])}",
+        f"  loss: {r['lost']}/{r['batches_sent']} ({r['loss_pct']} %), duplicates {r['duplicates']}, "
+        f"undecryptable {r['undecryptable']}, bad receipts {r['bad_receipts']}, "
+        f"disconnects {r['device_disconnects']}, connect failures {r['connect_failures']}",
+    ])

@@ -1,0 +1,260 @@
+"""The simulated devices of :mod:`simulators.fleet` and the worker threads that drive them.
+
+A :class:`SimDevice` is a device's protocol logic (CONTRACT §5 consent checks, §6 envelopes, §7 receipts)
+around a paho client it does not run itself; a :class:`Worker` owns a slice of the fleet and drives all of
+its clients from one :mod:`selectors` loop (``loop_read`` / ``loop_write`` / ``loop_misc`` plus paho's
+write-interest hooks), publishing each device's batches on its own schedule.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import random
+import selectors
+import ssl
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import jwt
+import paho.mqtt.client as mqtt
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+from simulators.cloud import recipient_public_key, seal_envelope
+
+log = logging.getLogger("vgw.fleet")
+
+__all__ = ["PREFIX", "SimDevice", "Worker", "connect_client", "make_client", "tls_context"]
+
+PREFIX = "vgw"
+_PATHS = ("Vehicle.Speed", "Vehicle.TraveledDistance", "Vehicle.Powertrain.FuelSystem.RelativeLevel",
+          "Vehicle.Cabin.HVAC.AmbientAirTemperature", "Vehicle.Powertrain.CombustionEngine.Speed")
+
+
+def tls_context(ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_verify_locations(cafile=str(ca))
+    ctx.load_cert_chain(str(cert), str(key))
+    return ctx
+
+
+def make_client(client_id: str, protocol: str, ctx: ssl.SSLContext, persistent: bool) -> mqtt.Client:
+    v5 = protocol == "5"
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                    protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
+                    clean_session=None if v5 else not persistent)
+    c.tls_set_context(ctx)
+    return c
+
+
+def connect_client(c: mqtt.Client, host: str, port: int, protocol: str, persistent: bool) -> None:
+    if protocol == "5":
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = 3600 if persistent else 0
+        c.connect(host, port, keepalive=60, clean_start=not persistent, properties=props)
+    else:
+        c.connect(host, port, keepalive=60)
+
+
+# ---------------------------------------------------------------- one simulated device
+
+
+class SimDevice:
+    """A device's protocol logic; its paho client is driven by the worker that owns it."""
+
+    def __init__(self, device_id: str, key: ec.EllipticCurvePrivateKey, trust: ed25519.Ed25519PublicKey,
+                 worker: Worker, client: mqtt.Client) -> None:
+        self.id = device_id
+        self.key = key
+        self.trust = trust
+        self.worker = worker
+        self.client = client
+        self.ver = 0
+        self.grants: dict[str, Any] = {}  # grant id -> HPKE public key
+        self.seq: dict[str, int] = {}
+        self.acked: dict[str, int] = {}
+        self.mids: dict[int, tuple[str, int]] = {}
+        self.connected = False
+        self.disconnects = 0
+        self.rejected = 0
+        self.rng = random.Random(device_id)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        client.on_socket_register_write = lambda c, u, s: worker.want_write(self, True)
+        client.on_socket_unregister_write = lambda c, u, s: worker.want_write(self, False)
+
+    def _on_connect(self, c: Any, u: Any, flags: Any, rc: Any, props: Any) -> None:
+        if rc.is_failure:
+            return
+        self.connected = True
+        c.subscribe(f"{PREFIX}/{self.id}/consent", 1)
+
+    def _on_disconnect(self, c: Any, u: Any, flags: Any, rc: Any, props: Any) -> None:
+        if self.connected:
+            self.disconnects += 1
+        self.connected = False
+        self.worker.forget(self)
+
+    def _on_publish(self, c: Any, u: Any, mid: int, rc: Any, props: Any) -> None:
+        item = self.mids.pop(mid, None)
+        if item is not None and not getattr(rc, "is_failure", False):
+            gid, _seq = item
+            self.acked[gid] = self.acked.get(gid, 0) + 1
+            self.worker.stats["acked"] += 1
+
+    def _on_message(self, c: Any, u: Any, msg: Any) -> None:
+        if not msg.payload:
+            return
+        try:
+            # CONTRACT §5, the rules a device applies: EdDSA only, trusted key, our sub, rising ver, not expired.
+            claims = jwt.decode(bytes(msg.payload), self.trust, algorithms=["EdDSA"], leeway=300,
+                                options={"require": ["sub", "ver", "iat", "exp"]})
+            if claims["sub"] != self.id:
+                raise jwt.InvalidTokenError("sub is not this device")
+        except jwt.PyJWTError:
+            self.rejected += 1
+            return
+        ver = int(claims["ver"])
+        if ver <= self.ver:
+            return  # equal: idempotent re-delivery; lower: rollback refused
+        new = {g["id"]: recipient_public_key(g["recipient"]) for g in claims.get("grants", [])}
+        revoked = [gid for gid in self.grants if gid not in new]
+        self.ver = ver
+        self.grants = new
+        for gid in new:
+            self.seq.setdefault(gid, 0)
+        self._receipt({"typ": "consent-applied", "ver": ver})
+        for gid in revoked:
+            self._receipt({"typ": "erasure", "grant": gid, "ver": ver, "batches_deleted": 0, "key_destroyed": True})
+
+    def _receipt(self, claims: dict[str, Any]) -> None:
+        token = jwt.encode({**claims, "sub": self.id, "iat": int(time.time())}, self.key, algorithm="ES256",
+                           headers={"typ": "vgw-receipt+jwt"})
+        self.client.publish(f"{PREFIX}/{self.id}/receipt", token, qos=1)
+
+    def tick(self, n_samples: int) -> int:
+        """Publish one batch per grant in force; returns how many."""
+        if not self.connected:
+            return 0
+        sent = 0
+        now = time.time()
+        for gid, pk in self.grants.items():
+            self.seq[gid] += 1
+            seq = self.seq[gid]
+            samples = [{"t": now, "path": _PATHS[i % len(_PATHS)], "value": round(self.rng.uniform(0, 100), 2)}
+                       for i in range(n_samples)]
+            env = seal_envelope({"v": 1, "device": self.id, "grant": gid, "seq": seq, "samples": samples}, pk,
+                                self.id, gid)
+            info = self.client.publish(f"{PREFIX}/{self.id}/data/{gid}", env, qos=1)
+            self.mids[info.mid] = (gid, seq)
+            sent += 1
+        return sent
+
+
+# ---------------------------------------------------------------- a worker thread (many devices, one selector)
+
+
+class Worker:
+    def __init__(self, name: str, period_s: float, n_samples: int) -> None:
+        self.name = name
+        self.period = period_s
+        self.n_samples = n_samples
+        self.devices: list[SimDevice] = []
+        self.sel = selectors.DefaultSelector()
+        self.masks: dict[int, int] = {}
+        self.stop = threading.Event()
+        self.publishing = threading.Event()
+        self.stats = {"sent": 0, "acked": 0, "connect_failures": 0}
+        self.thread = threading.Thread(target=self._run, name=f"vgw-fleet-{name}", daemon=True)
+        self.connect_args: tuple[str, int, str, bool] | None = None
+
+    def want_write(self, dev: SimDevice, on: bool) -> None:
+        sock = dev.client.socket()
+        if sock is None:
+            return
+        fd = sock.fileno()
+        mask = selectors.EVENT_READ | (selectors.EVENT_WRITE if on else 0)
+        if fd in self.masks and self.masks[fd] != mask:
+            self.sel.modify(sock, mask, dev)
+            self.masks[fd] = mask
+
+    def forget(self, dev: SimDevice) -> None:
+        for key in list(self.sel.get_map().values()):
+            if key.data is dev:
+                self.sel.unregister(key.fileobj)
+                self.masks.pop(key.fd, None)
+
+    def _run(self) -> None:
+        assert self.connect_args is not None
+        host, port, protocol, persistent = self.connect_args
+        for dev in self.devices:
+            if self.stop.is_set():
+                break
+            try:
+                connect_client(dev.client, host, port, protocol, persistent)
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                self.stats["connect_failures"] += 1
+                log.debug("%s: connect failed: %s", dev.id, exc)
+                continue
+            sock = dev.client.socket()
+            if sock is None:
+                continue
+            mask = selectors.EVENT_READ | (selectors.EVENT_WRITE if dev.client.want_write() else 0)
+            self.sel.register(sock, mask, dev)
+            self.masks[sock.fileno()] = mask
+            self._poll(0)
+        # Publishing schedule: each device at its own phase, so the fleet does not publish in lock-step.
+        heap = [(time.monotonic() + random.uniform(0, self.period), i) for i in range(len(self.devices))]
+        heapq.heapify(heap)
+        last_misc = time.monotonic()
+        while not self.stop.is_set():
+            now = time.monotonic()
+            if self.publishing.is_set():
+                while heap and heap[0][0] <= now:
+                    due, i = heapq.heappop(heap)
+                    self.stats["sent"] += self.devices[i].tick(self.n_samples)
+                    # Keep the schedule, not "period after we got round to it": lag shows up as latency.
+                    heapq.heappush(heap, (max(due + self.period, now - self.period), i))
+            else:
+                heap = [(max(d, now), i) for d, i in heap]
+                heapq.heapify(heap)
+            timeout = 0.05 if not heap or not self.publishing.is_set() else min(0.05, max(0.0, heap[0][0] - now))
+            self._poll(timeout)
+            if now - last_misc >= 1.0:
+                last_misc = now
+                for dev in self.devices:
+                    if dev.client.socket() is not None:
+                        dev.client.loop_misc()
+        for dev in self.devices:
+            try:
+                dev.client.disconnect()
+                self._poll(0)
+            except Exception:  # best effort at shutdown
+                log.debug("%s: disconnect failed", dev.id, exc_info=True)
+        self.sel.close()
+
+    def _poll(self, timeout: float) -> None:
+        if not self.sel.get_map():
+            time.sleep(timeout)
+            return
+        for key, mask in self.sel.select(timeout):
+            dev: SimDevice = key.data
+            c = dev.client
+            if mask & selectors.EVENT_READ:
+                c.loop_read()
+                sock = c.socket()
+                # TLS may hold decrypted bytes the kernel socket no longer signals (paho's loop checks this too).
+                while sock is not None and hasattr(sock, "pending") and sock.pending() > 0:
+                    c.loop_read()
+                    sock = c.socket()
+            if mask & selectors.EVENT_WRITE and c.socket() is not None:
+                c.loop_write()

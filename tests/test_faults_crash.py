@@ -77,13 +77,15 @@ def _kill_loop(tmp_path: Path, pki, auth: Authority, kills: int, seed: int) -> d
             for gid in GRANTS:
                 committed = set(range(1, nxt.get(gid, 1)))
 
-                def covered(g: str = gid, want: set[int] = committed) -> bool:
-                    return want <= set(cloud.seqs(DEV, g)) | rows.get(g, set())
+                on_disk = rows.get(gid, set())
+
+                def covered(g: str = gid, want: set[int] = committed, disk: set[int] = on_disk) -> bool:
+                    return want <= set(cloud.seqs(DEV, g)) | disk
 
                 # Every committed seq is at the cloud or still on disk: only the uncommitted batch was lost,
                 # and since seq is assigned at commit that batch never had a seq, so no gap can open.
-                assert wait_until(covered, 5.0), (
-                    f"kill {i + 1}: {gid} seqs lost: {sorted(committed - set(cloud.seqs(DEV, gid)) - rows.get(gid, set()))}")
+                lost = committed - set(cloud.seqs(DEV, gid)) - on_disk
+                assert wait_until(covered, 5.0), f"kill {i + 1}: {gid} seqs lost: {sorted(lost)}"
                 assert all(s < nxt.get(gid, 1) for s in cloud.seqs(DEV, gid)), "a seq above the committed range"
         # One more run drains what the kills left (while still collecting), then stops cleanly.
         cfg = config(1000.0, 20)

@@ -52,7 +52,8 @@ def test_outbox_unwritable_keeps_running_counts_and_recovers(tmp_path, pki, capl
             assert wait_until(lambda: agent.counters["store_failures"] >= 10, 15)
             rows = agent.outbox.stats()["g-1"]["rows"]
             st = agent.status()
-            assert st["storage"]["ok"] is False and ("full" if fault == "disk-full" else "read") in st["storage"]["error"]
+            assert st["storage"]["ok"] is False
+            assert ("full" if fault == "disk-full" else "read") in st["storage"]["error"]
             assert wait_until(lambda: json.loads(vgw("status", "--config", str(cfg), "--json").stdout)
                               ["storage"]["ok"] is False, 5)
             assert runner.thread.is_alive() and agent.healthy  # still running, still collecting

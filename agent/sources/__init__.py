@@ -17,8 +17,9 @@ class FrameSource(Protocol):
 
     #: True once a finite source (a trace without loop) has delivered its last frame.
     finished: bool
-    #: frames lost because a bounded receive queue was full (0 where nothing is queued)
-    overflow: int
+    @property
+    def overflow(self) -> int:
+        """Frames lost because a bounded receive queue was full (0 where nothing is queued)."""
 
     def recv(self, timeout: float) -> can.Message | None:
         """The next frame, or None after ``timeout`` s. Raises SourceReadError when the source fails."""
@@ -30,7 +31,7 @@ class FrameSource(Protocol):
         """Release the bus/file. Idempotent."""
 
 
-def open_source(can_cfg: "CanConfig") -> FrameSource:  # noqa: F821 - imported lazily below
+def open_source(can_cfg: CanConfig) -> FrameSource:
     """Open the source a [can] section describes. Raises SourceOpenError."""
     if can_cfg.replay is not None:
         from agent.sources.replay import ReplaySource

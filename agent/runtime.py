@@ -131,7 +131,8 @@ class Agent:
         except BaseException:
             self.lock_file.release()
             raise
-        self.pipeline = Pipeline(self.catalogue) if self.catalogue else None
+        self.pipeline = Pipeline(self.catalogue)
+        self._obd: Any = None
         self._lock = threading.Lock()
         self._recipients: dict[str, Any] = {}
         self.manager = ConsentManager(device=self.device, store=self.store, outbox=self.outbox, audit=self.audit,
@@ -311,6 +312,36 @@ class Agent:
                 source.close()
                 self._source = None
 
+    # -- OBD-II -------------------------------------------------------------------------------------
+
+    def granted_scopes(self) -> frozenset[str]:
+        with self._lock:
+            return self.pipeline.granted_scopes()
+
+    def offer_samples(self, samples: list[tuple[str, str, float, Any]]) -> None:
+        """Samples (path, scope, t, value) from a non-CAN source, routed through the same consent policy."""
+        cfg = self.cfg.batch
+        with self._lock:
+            for path, scope, t, value in samples:
+                self.pipeline.offer(path, scope, t, value)
+            due = self.pipeline.due(cfg.max_samples, cfg.max_interval_s)
+            if due:
+                self._flush(due)
+
+    def _start_obd(self) -> None:
+        from agent.obd.poller import ObdPoller  # built by the OBD-II issue
+
+        assert self.cfg.obd is not None
+        self._obd = ObdPoller(self.cfg.obd, wanted_scopes=self.granted_scopes, sink=self.offer_samples,
+                              stop=self._stop)
+        self._obd.start()
+
+    def _flush_due(self) -> None:
+        with self._lock:
+            due = self.pipeline.due(self.cfg.batch.max_samples, self.cfg.batch.max_interval_s)
+            if due:
+                self._flush(due)
+
     # -- status -------------------------------------------------------------------------------------
 
     def _public_status(self) -> dict[str, Any]:
@@ -330,7 +361,7 @@ class Agent:
 
     def status(self) -> dict[str, Any]:
         consent = self.manager.in_force
-        pipeline = dict(self.pipeline.counters) if self.pipeline else {}
+        pipeline = dict(self.pipeline.counters)
         source = self._source
         live_overflow = source.overflow if source is not None else 0
         up = self.uplink
@@ -387,9 +418,11 @@ class Agent:
             self.manager.load_cached()
             self._on_consent_change()
             self.uplink.start()
-            if self.pipeline is not None:
+            if self.cfg.can is not None:
                 self._collector = threading.Thread(target=self._collect, name="vgw-collector", daemon=True)
                 self._collector.start()
+            if self.cfg.obd is not None:
+                self._start_obd()
             notify("READY=1")
             log.info("agent %s running (consent v%s)", self.device,
                      self.manager.in_force.ver if self.manager.in_force else "none")
@@ -426,7 +459,11 @@ class Agent:
                     self.store.persist()
                 except StorageError:
                     pass
+            if self.cfg.can is None:
+                self._flush_due()  # no collector thread to do it
             collector_alive = self._collector is None or self._collector.is_alive() or self._source_done.is_set()
+            if self._obd is not None and not self._obd.is_alive():
+                collector_alive = False
             self.healthy = collector_alive
             if wd is not None and self.healthy and now - last_wd >= wd:
                 last_wd = now
@@ -465,6 +502,8 @@ class Agent:
         self._stop.set()
         if self._collector is not None:
             self._collector.join(5.0)
+        if self._obd is not None:
+            self._obd.join(5.0)
         if self.pipeline is not None:
             with self._lock:
                 self._flush(self.pipeline.due(1, 0, force=True))

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from agent.errors import ConfigError, VgwError
+from agent.logs import quieted
 
 DEVICE = "bench-car-01"
 TYPICAL_SCOPES = {
@@ -530,8 +531,8 @@ def run_bench(opts: BenchOptions, progress: Progress | None = None) -> dict[str,
     if not dbc.is_file():
         raise ConfigError(f"{dbc}: DBC file not found")
     db = load_dbc([dbc], strict=demo)
-    for name in ("vgw", "agent"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    quiet = quieted("vgw", "agent")
+    quiet.__enter__()
 
     root = Path(tempfile.mkdtemp(prefix="vgw-bench-"))
     os.chmod(root, 0o755)  # noqa: S103 - the broker (dropped to user mosquitto) reads the PKI below it
@@ -646,6 +647,7 @@ def run_bench(opts: BenchOptions, progress: Progress | None = None) -> dict[str,
         result["targets"] = _targets(result)
         return result
     finally:
+        quiet.__exit__(None, None, None)
         progress.close()
         if cloud is not None:
             cloud.close()

@@ -10,7 +10,6 @@ just printed: exit 0 only if every guarantee held.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import sys
@@ -24,6 +23,7 @@ from typing import IO, Any
 from agent.catalogue import load_catalogue
 from agent.config import load_config
 from agent.errors import VgwError
+from agent.logs import quieted
 
 DEVICE = "demo-car-01"
 
@@ -116,8 +116,8 @@ def run_demo(duration: float = 20.0, *, as_json: bool = False, out: IO[str] | No
         raise VgwError(f"demo duration {duration:g} s is too short: use at least 8 s")
     out = out or sys.stdout
     screen = _Screen(sys.stderr if as_json else out, live=not as_json)
-    for name in ("vgw", "agent"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    quiet = quieted("vgw", "agent")
+    quiet.__enter__()
 
     root = Path(tempfile.mkdtemp(prefix="vgw-demo-"))
     os.chmod(root, 0o755)  # noqa: S103 - the broker (dropped to user mosquitto) reads the PKI below it
@@ -217,6 +217,7 @@ def run_demo(duration: float = 20.0, *, as_json: bool = False, out: IO[str] | No
             _print_summary(summary, out)
         return 0 if summary["ok"] else 1
     finally:
+        quiet.__exit__(None, None, None)
         stop.set()
         if agent is not None:
             agent.stop()

@@ -6,9 +6,11 @@ and errors.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 
 # sd-daemon(3) priority prefixes, read by journald from a service's stderr.
 _SD_PRIORITY = {
@@ -45,3 +47,17 @@ def setup_logging(*, debug: bool = False, verbose: bool = False) -> None:
     root.setLevel(logging.DEBUG if debug else logging.INFO if verbose else logging.ERROR)
     for noisy in ("can", "cantools", "paho"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@contextlib.contextmanager
+def quieted(*names: str, level: int = logging.WARNING) -> Iterator[None]:
+    """Raise these loggers' level for a while (the demo's screen, the benchmark), then restore it."""
+    loggers = [logging.getLogger(n) for n in names]
+    before = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(level)
+    try:
+        yield
+    finally:
+        for lg, lvl in zip(loggers, before, strict=True):
+            lg.setLevel(lvl)

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -139,7 +140,7 @@ class Uplink:
 
     def _new_client(self) -> mqtt.Client:
         client = mqtt.Client(
-            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+            callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=self.device,
             protocol=mqtt.MQTTv5 if self._protocol == "5" else mqtt.MQTTv311,
             # MQTT 3.1.1 has no session expiry: clean_session=False keeps the session (and the QoS 1
@@ -166,7 +167,7 @@ class Uplink:
         try:
             client = self._new_client()
             if self._protocol == "5":
-                props = Properties(PacketTypes.CONNECT)
+                props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
                 props.SessionExpiryInterval = SESSION_EXPIRY_S
                 client.connect(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s, clean_start=False,
                                properties=props)

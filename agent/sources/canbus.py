@@ -15,6 +15,7 @@ import queue
 from typing import Any
 
 import can
+from can.typechecking import CanFilter
 
 from agent.errors import SourceOpenError, SourceReadError
 
@@ -92,8 +93,12 @@ class BusSource:
             return
         # An empty filter list means "everything" to python-can; with no consented id we want nothing,
         # so match a single impossible id instead (an 11-bit id with all 29 bits set never occurs).
-        filters: list[can.typechecking.CanFilterExtended] = [
-            {"can_id": fid, "can_mask": 0x1FFFFFFF, "extended": fid > 0x7FF} for fid in sorted(frame_ids)
+        # An id that fits in 11 bits may be a standard or an extended frame: let both through (the agent's
+        # own routing filters again by the DBC's frame format).
+        filters: list[CanFilter] = [
+            {"can_id": fid, "can_mask": 0x1FFFFFFF, "extended": ext}
+            for fid in sorted(frame_ids)
+            for ext in ((False, True) if fid <= 0x7FF else (True,))
         ] or [{"can_id": 0x1FFFFFFF, "can_mask": 0x1FFFFFFF, "extended": False}]
         try:
             self.bus.set_filters(filters)

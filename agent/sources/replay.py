@@ -71,7 +71,9 @@ class ReplaySource:
                 self._pending = msg
                 return None
             if wait > 0:
-                time.sleep(wait)
+                # Sleep at least 2 ms: a frame is at most 2 ms late, and the thread wakes 4x less often
+                # (CPU at 4k frames/s: 11 % -> 6.6 %, docs/performance.md).
+                time.sleep(max(wait, 0.002))
         self.frames_read += 1
         return msg
 

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from agent.config import BatchConfig
 from agent.errors import ConfigError, VgwError
 from agent.logs import quieted
 
@@ -632,7 +633,7 @@ def run_bench(opts: BenchOptions, progress: Progress | None = None) -> dict[str,
             time.sleep(0.3)  # the last batches' copies reach the cloud peer
             lat = _latencies(cloud, child.get("replay_start"))
             result["realtime"][label] = {
-                "max_interval_s": interval if interval is not None else 1.0,
+                "max_interval_s": interval if interval is not None else BatchConfig().max_interval_s,
                 "fps": round(rt_frames / child["ingest_s"], 1) if child["ingest_s"] else 0.0,
                 "cpu_pct_one_core": round(100.0 * child["cpu_ingest_s"] / child["ingest_s"], 1)
                 if child["ingest_s"] else None,

@@ -30,6 +30,7 @@ loss.
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 import threading
@@ -56,6 +57,7 @@ CREATE TABLE IF NOT EXISTS batches (
     first_t REAL NOT NULL,
     samples INTEGER NOT NULL,
     blob BLOB NOT NULL,
+    scopes TEXT NOT NULL DEFAULT '{}',
     UNIQUE (grant_id, seq)
 );
 CREATE INDEX IF NOT EXISTS batches_grant ON batches (grant_id, id);
@@ -71,6 +73,7 @@ class Row:
     seq: int
     payload: bytes  # the decrypted envelope, ready to publish
     samples: int = 0
+    scopes: str = "{}"  # JSON {scope: samples} of this batch, for the privacy report (no values)
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +172,9 @@ class Outbox:
             self._db.execute("PRAGMA secure_delete=ON")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(_SCHEMA)
+            columns = {r[1] for r in self._db.execute("PRAGMA table_info(batches)")}
+            if "scopes" not in columns:  # an outbox written by an earlier version
+                self._db.execute("ALTER TABLE batches ADD COLUMN scopes TEXT NOT NULL DEFAULT '{}'")
         except sqlite3.DatabaseError as exc:
             raise StorageError(f"{path}: cannot open outbox: {exc}") from exc
         try:
@@ -255,7 +261,7 @@ class Outbox:
             return int(row[0]) if row else 1
 
     def commit_batch(self, grant_id: str, make_payload: Callable[[int], bytes], first_t: float, samples: int,
-                     *, quota_bytes: int | None = None) -> Committed:
+                     *, quota_bytes: int | None = None, scopes: dict[str, int] | None = None) -> Committed:
         """Assign the next seq, seal the batch with it (``make_payload(seq) -> envelope``) and store it.
 
         All in one transaction: the seq is persisted with the row, and with ``quota_bytes`` the batches dropped
@@ -271,8 +277,9 @@ class Outbox:
             payload = make_payload(seq)
             blob = keys.seal_row(self._data_key(db, grant_id), payload, self._aad(grant_id, seq))
             cur = db.execute(
-                "INSERT INTO batches (grant_id, seq, created, first_t, samples, blob) VALUES (?, ?, ?, ?, ?, ?)",
-                (grant_id, seq, time.time(), first_t, samples, blob),
+                "INSERT INTO batches (grant_id, seq, created, first_t, samples, blob, scopes) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (grant_id, seq, time.time(), first_t, samples, blob, json.dumps(scopes or {}, sort_keys=True)),
             )
             db.execute(
                 "INSERT INTO seqs (grant_id, next_seq) VALUES (?, ?) "
@@ -327,10 +334,10 @@ class Outbox:
         exclude = exclude or set()
         out: list[Row] = []
         with self._lock:
-            cur = self._db.execute("SELECT id, grant_id, seq, samples, blob FROM batches ORDER BY id LIMIT ?",
+            cur = self._db.execute("SELECT id, grant_id, seq, samples, blob, scopes FROM batches ORDER BY id LIMIT ?",
                                    (limit + len(exclude),))
             rows = cur.fetchall()
-            for row_id, grant_id, seq, samples, blob in rows:
+            for row_id, grant_id, seq, samples, blob, scopes in rows:
                 if row_id in exclude:
                     continue
                 key = self._data_keys.get(grant_id)
@@ -350,7 +357,7 @@ class Outbox:
                     except sqlite3.DatabaseError:
                         pass  # unwritable now: the row is skipped again next time
                     continue
-                out.append(Row(row_id, grant_id, seq, payload, int(samples)))
+                out.append(Row(row_id, grant_id, seq, payload, int(samples), str(scopes)))
                 if len(out) >= limit:
                     break
         return out
@@ -378,6 +385,12 @@ class Outbox:
                 db.execute("DELETE FROM batches WHERE id = ?", (row.id,))
                 self._count_locked(f"sent_batches:{g}", 1)
                 self._count_locked(f"sent_samples:{g}", row.samples)
+                try:
+                    per_scope = json.loads(row.scopes)
+                except ValueError:
+                    per_scope = {}
+                for scope, n in sorted(per_scope.items()):
+                    self._count_locked(f"sent_samples:{g}:{scope}", int(n))
                 db.execute("INSERT INTO counters (name, value) VALUES (?, ?) "
                            "ON CONFLICT(name) DO UPDATE SET value = MIN(value, excluded.value)", (f"first_sent:{g}", t))
                 db.execute("INSERT INTO counters (name, value) VALUES (?, ?) "

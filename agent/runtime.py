@@ -132,6 +132,14 @@ class Agent:
             self.lock_file.release()
             raise
         self.pipeline = Pipeline(self.catalogue)
+        # Which scope each path belongs to: counted per batch for the privacy report (counts, never values).
+        self._scope_of: dict[str, str] = self.catalogue.scope_of_path() if self.catalogue else {}
+        if cfg.obd is not None:
+            from agent.obd.pids import DTC_PATH, PENDING_DTC_PATH, PIDS, VIN_PATH
+
+            self._scope_of.update({p.path: p.scope for p in PIDS})
+            self._scope_of.update({VIN_PATH: "read_vin", DTC_PATH: "read_diagnostics",
+                                   PENDING_DTC_PATH: "read_diagnostics"})
         self._obd: Any = None
         self._lock = threading.Lock()
         self._recipients: dict[str, Any] = {}
@@ -206,9 +214,13 @@ class Agent:
                      _r: Any = recipient) -> bytes:
                 return seal(_k, _r, self.device, _g, batch_plaintext(self.device, _g, seq, _s))
 
+            per_scope: dict[str, int] = {}
+            for sample in samples:
+                scope = self._scope_of.get(sample["path"], "")
+                per_scope[scope] = per_scope.get(scope, 0) + 1
             try:
                 committed = self.outbox.commit_batch(grant.id, make, batch.first_t, len(samples),
-                                                     quota_bytes=self.cfg.outbox.quota_bytes)
+                                                     quota_bytes=self.cfg.outbox.quota_bytes, scopes=per_scope)
             except GrantNotActive:
                 self.counters["batches_discarded"] += 1
             except StorageError as exc:

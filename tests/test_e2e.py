@@ -290,3 +290,23 @@ def test_cli_consent_apply_show_status(tmp_path, pki, auth):
     assert status["outbox"] == {"g-1": {"rows": 0, "bytes": 0}}
     human = vgw("status", "--config", str(cfg))
     assert human.returncode == 0 and "g-1" in human.stdout
+
+
+def test_privacy_report_counts_what_left_per_scope(tmp_path, pki, broker, cloud, auth, channel, vehicle):
+    cfg = write_config(tmp_path, pki, broker.port, auth.trust, can={"channel": channel})
+    register(cloud, auth, "g-rep")
+    with AgentThread(cfg) as runner:
+        assert runner.wait_link()
+        cloud.publish_consent(DEV, auth.doc(DEV, {"g-rep": ["read_speedometer", "read_fuel"]}))
+        assert cloud.wait_for(lambda: len(cloud.batches(DEV, "g-rep")) >= 4, 15)
+        assert runner.agent.uplink.drain(10)
+    report = json.loads(vgw("report", "--config", str(cfg), "--json").stdout)
+    (g,) = [g for g in report["grants"] if g["id"] == "g-rep"]
+    got = cloud.samples(DEV, "g-rep")
+    assert g["sent"]["batches"] == len(cloud.batches(DEV, "g-rep"))
+    assert g["sent"]["samples"] == len(got)
+    by_scope = {s["scope"]: s["samples_sent"] for s in g["scopes"]}
+    assert by_scope == {"read_speedometer": sum(1 for s in got if s.path == "Vehicle.Speed"),
+                        "read_fuel": sum(1 for s in got if s.path.startswith("Vehicle.Powertrain.FuelSystem"))}
+    text = json.dumps(report)
+    assert str(vehicle.model.vin) not in text

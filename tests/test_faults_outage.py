@@ -177,3 +177,8 @@ def test_puback_records_what_was_sent_for_the_privacy_report(tmp_path, pki, brok
     assert counters["sent_batches:g-r"] == len(got)
     assert counters["sent_samples:g-r"] == sum(len(b.samples) for b in got)
     assert t0 <= counters["first_sent:g-r"] <= counters["last_sent:g-r"] <= int(time.time())
+    # Per scope, from the scope of each sample's path (counts only, never values).
+    speed = sum(1 for b in got for s in b.samples if s["path"] == "Vehicle.Speed")
+    odo = sum(1 for b in got for s in b.samples if s["path"] == "Vehicle.TraveledDistance")
+    assert counters["sent_samples:g-r:read_speedometer"] == speed > 0
+    assert counters["sent_samples:g-r:read_odometer"] == odo > 0

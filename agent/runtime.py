@@ -545,10 +545,11 @@ class Agent:
         logging.getLogger("vgw.agent").info("agent stopped")
 
 
-def run_agent(cfg: Config) -> int:
+def run_agent(cfg: Config, early: list[int] | None = None) -> int:
+    """Run the agent in the foreground. ``early`` holds signals already received while starting."""
     # systemd may stop us while we are still starting: remember the request and honour it right after the
     # agent exists, so a stop is still a clean exit 0 rather than death by SIGTERM.
-    early: list[int] = []
+    early = early if early is not None else []
     previous = {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from agent.errors import VgwError
@@ -63,7 +65,16 @@ def _version() -> str:
     return __version__
 
 
+# Signals that arrived while `vgw run` was still starting (imports, config); the agent honours them at once.
+EARLY_SIGNALS: list[int] = []
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    args_in = list(sys.argv[1:] if argv is None else argv)
+    if "run" in args_in[:3] and threading.current_thread() is threading.main_thread():
+        # systemd may stop the service before it is up: a SIGTERM now must still end in a clean exit 0.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: EARLY_SIGNALS.append(signum))
     parser = build_parser()
     args = parser.parse_args(argv)
     from agent.logs import setup_logging

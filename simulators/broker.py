@@ -19,12 +19,13 @@ import os
 import pwd
 import shutil
 import socket
-import subprocess
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
-from typing import IO, TYPE_CHECKING
+from typing import TYPE_CHECKING
+
+from simulators.server import START_TIMEOUT as _START_TIMEOUT
+from simulators.server import ServerProcess
 
 if TYPE_CHECKING:
     from simulators.pki import TestPKI
@@ -40,8 +41,6 @@ __all__ = [
 ]
 
 HOST = "127.0.0.1"
-_START_TIMEOUT = 10.0
-_STOP_TIMEOUT = 5.0
 _START_ATTEMPTS = 5
 _RUNNING = " running"
 
@@ -107,7 +106,7 @@ def device_acl(prefix: str = "vgw", cloud_user: str = "cloud") -> str:
     )
 
 
-class Mosquitto:
+class Mosquitto(ServerProcess):
     """A private mosquitto with mutual TLS (``require_certificate``, ``use_identity_as_username``).
 
     ``acl`` is the ACL file body (``None``: no ACL, any authenticated client may use any topic).
@@ -118,6 +117,8 @@ class Mosquitto:
     Use as a context manager or call :meth:`start` / :meth:`close`. Raises :class:`MosquittoNotFound` at
     construction if mosquitto is missing.
     """
+
+    kind = "mosquitto"
 
     def __init__(
         self,
@@ -153,9 +154,7 @@ class Mosquitto:
         os.chmod(self.workdir, 0o755)  # noqa: S103 - the mosquitto user must traverse it
         self.log_path = self.workdir / "mosquitto.log"
         self.conf_path = self.workdir / "mosquitto.conf"
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log_fh: IO[bytes] | None = None
-        self._closed = False
+        self._init_process(own_workdir=self._own_workdir)
 
     @classmethod
     def from_pki(
@@ -189,30 +188,6 @@ class Mosquitto:
         )
 
     # ------------------------------------------------------------ properties
-
-    @property
-    def port(self) -> int:
-        """The listener port. Raises ``RuntimeError`` before the first :meth:`start`."""
-        if self._port is None:
-            raise RuntimeError("broker port is not known before start()")
-        return self._port
-
-    @property
-    def running(self) -> bool:
-        """True while the mosquitto process is alive."""
-        return self._proc is not None and self._proc.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        """The process id while running, else ``None``."""
-        return self._proc.pid if self.running and self._proc is not None else None
-
-    def log_text(self) -> str:
-        """The broker log so far (empty if none)."""
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
 
     # ------------------------------------------------------------- lifecycle
 
@@ -295,15 +270,8 @@ class Mosquitto:
 
     def _try_start(self, port: int, timeout: float) -> tuple[bool, str]:
         self._write_config(port)
-        self._log_fh = open(self.log_path, "ab")  # closed in _reap()
-        start_offset = self._log_fh.tell()
-        self._proc = subprocess.Popen(
-            [self._binary, "-c", str(self.conf_path)],
-            stdin=subprocess.DEVNULL,
-            stdout=self._log_fh,
-            stderr=subprocess.STDOUT,
-            close_fds=True,
-        )
+        start_offset = self._spawn([self._binary, "-c", str(self.conf_path)])
+        assert self._proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
@@ -319,14 +287,6 @@ class Mosquitto:
         self._stop_process()
         return False, f"not listening on {self.host}:{port} after {timeout:.0f}s: {log}"
 
-    def _log_since(self, offset: int) -> str:
-        try:
-            with open(self.log_path, "rb") as fh:
-                fh.seek(offset)
-                return fh.read().decode(errors="replace")
-        except FileNotFoundError:
-            return ""
-
     def _accepts(self, port: int) -> bool:
         # The process is alive and said it is running: check that something listens on the port without
         # connecting (a TCP probe would log a failed TLS handshake). A bind that fails means it is taken.
@@ -336,61 +296,3 @@ class Mosquitto:
             except OSError:
                 return True
             return False
-
-    def _reap(self) -> None:
-        if self._log_fh is not None:
-            self._log_fh.close()
-            self._log_fh = None
-
-    def _stop_process(self) -> None:
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(_STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(_STOP_TIMEOUT)
-        elif proc is not None:
-            proc.wait()
-        self._reap()
-
-    def stop(self) -> None:
-        """Stop mosquitto (SIGTERM, then SIGKILL after 5 s). Idempotent; the port is kept for restart."""
-        self._stop_process()
-
-    def kill(self) -> None:
-        """Kill mosquitto with SIGKILL (no clean shutdown, no final persistence save). Idempotent."""
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-        self._stop_process()
-
-    def restart(self, timeout: float = _START_TIMEOUT) -> Mosquitto:
-        """Stop, then start again on the same port. Raises like :meth:`start`."""
-        self.stop()
-        return self.start(timeout)
-
-    def close(self) -> None:
-        """Stop mosquitto and remove the work directory if this object created it. Idempotent."""
-        self.stop()
-        if not self._closed and self._own_workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-        self._closed = True
-
-    def __enter__(self) -> Mosquitto:
-        if not self.running:
-            self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        state = "running" if self.running else "stopped"
-        return f"<Mosquitto {self.host}:{self._port} {state} workdir={self.workdir}>"

@@ -28,15 +28,14 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from types import TracebackType
-from typing import IO, TYPE_CHECKING
+from typing import TYPE_CHECKING
 
 from simulators.broker import HOST, BrokerError, BrokerStartError, free_port
+from simulators.server import ServerProcess
 
 if TYPE_CHECKING:
     from simulators.pki import TestPKI
@@ -148,7 +147,7 @@ def nats_config(
     ) + "\n"
 
 
-class NatsMqtt:
+class NatsMqtt(ServerProcess):
     """A private ``nats-server`` with JetStream and an MQTT listener over mutual TLS.
 
     ``devices`` are the device ids (= certificate DNS SAN) that get a user and the per-device permissions;
@@ -157,6 +156,9 @@ class NatsMqtt:
     so retained messages and sessions survive :meth:`restart`. Raises :class:`NatsNotFound` at
     construction if nats-server is missing.
     """
+
+    kind = "nats-server"
+    stop_timeout = _STOP_TIMEOUT
 
     def __init__(
         self,
@@ -195,9 +197,7 @@ class NatsMqtt:
         self.store_dir = self.workdir / "store"
         self.log_path = self.workdir / "nats.log"
         self.conf_path = self.workdir / "nats.conf"
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log_fh: IO[bytes] | None = None
-        self._closed = False
+        self._init_process(own_workdir=self._own_workdir)
 
     @classmethod
     def from_pki(cls, pki: TestPKI, *, devices: Iterable[str] | None = None, **kwargs: object) -> NatsMqtt:
@@ -214,29 +214,8 @@ class NatsMqtt:
     # ------------------------------------------------------------ properties
 
     @property
-    def port(self) -> int:
-        """The MQTT listener port. Raises ``RuntimeError`` before the first :meth:`start`."""
-        if self._port is None:
-            raise RuntimeError("broker port is not known before start()")
-        return self._port
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self.running and self._proc is not None else None
-
-    @property
     def devices(self) -> list[str]:
         return list(self._devices)
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
 
     # ------------------------------------------------------------ lifecycle
 
@@ -296,15 +275,8 @@ class NatsMqtt:
 
     def _try_start(self, port: int, client_port: int, timeout: float) -> tuple[bool, str]:
         self._write_config(port, client_port)
-        self._log_fh = open(self.log_path, "ab")  # closed in _reap()
-        offset = self._log_fh.tell()
-        self._proc = subprocess.Popen(
-            [self._binary, "-c", str(self.conf_path)],
-            stdin=subprocess.DEVNULL,
-            stdout=self._log_fh,
-            stderr=subprocess.STDOUT,
-            close_fds=True,
-        )
+        offset = self._spawn([self._binary, "-c", str(self.conf_path)])
+        assert self._proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
@@ -318,65 +290,6 @@ class NatsMqtt:
         text = self._log_since(offset)
         self._stop_process()
         return False, f"not ready on {self.host}:{port} after {timeout:.0f}s: {text}"
-
-    def _log_since(self, offset: int) -> str:
-        try:
-            with open(self.log_path, "rb") as fh:
-                fh.seek(offset)
-                return fh.read().decode(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def _reap(self) -> None:
-        if self._log_fh is not None:
-            self._log_fh.close()
-            self._log_fh = None
-
-    def _stop_process(self) -> None:
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(_STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(_STOP_TIMEOUT)
-        elif proc is not None:
-            proc.wait()
-        self._reap()
-
-    def stop(self) -> None:
-        """Stop the server (SIGTERM, then SIGKILL). Idempotent; ports and store are kept for restart."""
-        self._stop_process()
-
-    def kill(self) -> None:
-        """SIGKILL the server (no clean shutdown). Idempotent."""
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-        self._stop_process()
-
-    def restart(self, timeout: float = _START_TIMEOUT) -> NatsMqtt:
-        """Stop, then start again on the same ports with the same store. Raises like :meth:`start`."""
-        self.stop()
-        return self.start(timeout)
-
-    def close(self) -> None:
-        """Stop and remove the work directory if this object created it. Idempotent."""
-        self.stop()
-        if not self._closed and self._own_workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-        self._closed = True
-
-    def __enter__(self) -> NatsMqtt:
-        if not self.running:
-            self.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
 
 def main(argv: list[str] | None = None) -> int:

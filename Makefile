@@ -25,8 +25,8 @@ deps:
 
 $(BIN)/vgw: pyproject.toml | deps
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	PYTHONWARNINGS=ignore $(BIN)/python -m pip install -q --upgrade pip
+	PYTHONWARNINGS=ignore $(BIN)/python -m pip install -q -e '.[test]'
 	@touch $@
 
 venv: $(BIN)/vgw

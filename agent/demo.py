@@ -155,7 +155,9 @@ def run_demo(duration: float = 20.0, *, as_json: bool = False, out: IO[str] | No
         scope_of = catalogue.scope_of_path()
 
         bus = open_output("virtual", channel)
-        sim = CanSimulator(default_dbc(), VehicleModel(seed=7))
+        model = VehicleModel(seed=7)
+        model.step(11.0)  # skip the standstill at the start of the drive cycle: the car pulls away at once
+        sim = CanSimulator(default_dbc(), model)
         sim_thread = threading.Thread(target=sim.run, args=(bus,), kwargs={"stop_event": stop}, name="demo-sim",
                                       daemon=True)
         sim_thread.start()

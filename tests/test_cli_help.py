@@ -1,0 +1,30 @@
+"""CONTRACT §1: every subcommand answers --help with exit 0; `python -m agent` is the same CLI."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.cli import main
+
+COMMANDS = [
+    [], ["run"], ["consent"], ["consent", "apply"], ["consent", "show"], ["status"], ["demo"], ["bench"],
+    ["sim"], ["sim", "can"], ["sim", "elm327"], ["sim", "fleet"], ["cloud"], ["cloud", "keygen"],
+    ["cloud", "sign"], ["cloud", "push"], ["cloud", "revoke"], ["cloud", "listen"], ["cloud", "verify-receipt"],
+    ["audit"], ["audit", "verify"], ["audit", "show"], ["report"], ["provision"], ["doctor"], ["install"],
+    ["uninstall"],
+]
+
+
+@pytest.mark.parametrize("words", COMMANDS, ids=lambda w: " ".join(w) or "vgw")
+def test_help_exits_0(words: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        main([*words, "--help"])
+    assert done.value.code == 0
+    assert "usage: vgw" in capsys.readouterr().out
+
+
+def test_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["frobnicate"])
+    assert done.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err

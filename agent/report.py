@@ -182,29 +182,20 @@ def build_report(
 def collect(config_path: str | Path) -> dict[str, Any]:
     """Read a state directory (works while `vgw run` runs) and build the report. Raises VgwError."""
     from agent.config import load_config
-    from agent.consent.manager import ConsentManager, load_trust_keys
-    from agent.runtime import open_state
+    from agent.stateview import read_state
 
     cfg = load_config(config_path)
-    outbox, audit, store, signer = open_state(cfg)
-    try:
-        manager = ConsentManager(device=cfg.device.id, store=store, outbox=outbox, audit=audit, signer=signer,
-                                 trust_keys=load_trust_keys(cfg.consent.trust_keys))
-        manager.load_cached_readonly()
-        counters = outbox.counters()
-        stats = outbox.stats()
-    finally:
-        outbox.close()
-    verdict = audit.verify()
-    consent = manager.in_force
+    state = read_state(cfg)
+    verdict = state.audit.verify()
+    consent = state.manager.in_force
     view = None
     if consent is not None:
         summary = consent.summary()
-        view = ConsentView(ver=consent.ver, exp=consent.exp, expired=manager.expired,
+        view = ConsentView(ver=consent.ver, exp=consent.exp, expired=state.manager.expired,
                            grants=tuple(summary["grants"]))  # type: ignore[arg-type]
     problem = None if verdict.ok else f"line {verdict.first_bad}: {verdict.reason}"
-    return build_report(device=cfg.device.id, entries=audit.entries(), counters=counters, outbox=stats,
-                        consent=view, audit_ok=verdict.ok, audit_problem=problem)
+    return build_report(device=cfg.device.id, entries=state.audit.entries(), counters=state.counters,
+                        outbox=state.outbox_stats, consent=view, audit_ok=verdict.ok, audit_problem=problem)
 
 
 # ---------------------------------------------------------------- formatting

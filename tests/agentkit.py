@@ -1,4 +1,5 @@
-"""Helpers for tests that run the real agent: write a config, run the agent in a thread or a process."""
+"""Helpers for tests that run the real agent: write a config, run the agent in a thread or a process, stop a
+child process, run the vehicle simulator on a virtual bus, connect a cloud peer to a broker."""
 
 from __future__ import annotations
 
@@ -9,14 +10,21 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import can
+
 from agent.config import Config, load_config
 from agent.runtime import Agent
-from simulators.cloud import RecipientKey, SigningKey, consent_claims, grant, sign_consent
+from simulators.broker import Mosquitto
+from simulators.can_sim import CanSimulator
+from simulators.cloud import CloudPeer, RecipientKey, SigningKey, consent_claims, grant, sign_consent
+from simulators.nats import NatsMqtt
 from simulators.paths import default_dbc, default_signal_map
 from simulators.pki import TestPKI
+from simulators.vehicle import VehicleModel
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -153,19 +161,63 @@ def agent_process(config: Path, *extra: str) -> Iterator[subprocess.Popen[str]]:
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
+        stop_process(proc, 15)
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
+    """End ``proc`` if it still runs (SIGTERM; SIGKILL after ``timeout`` s), reap it, and close its pipes."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
 
 
 def vgw(*args: str, timeout: float = 60.0, input: str | None = None) -> subprocess.CompletedProcess[str]:
     """Run the `vgw` CLI (as `python -m agent`) and capture its output."""
     return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT, input=input)
+
+
+@dataclass(frozen=True)
+class Vehicle:
+    """The vehicle simulator sending in real time on a virtual CAN channel (see :func:`vehicle_on_bus`)."""
+
+    channel: str
+    sim: CanSimulator
+    bus: can.BusABC  # the sending side: a test may send more frames on it
+
+
+@contextmanager
+def vehicle_on_bus(channel: str, seed: int) -> Iterator[Vehicle]:
+    """Run the simulated vehicle (``VehicleModel(seed=seed)``) on virtual ``channel`` until the block ends."""
+    bus = can.Bus(interface="virtual", channel=channel, receive_own_messages=False)
+    sim = CanSimulator(default_dbc(), VehicleModel(seed=seed))
+    stop = threading.Event()
+    t = threading.Thread(target=sim.run, args=(bus,), kwargs={"stop_event": stop}, daemon=True)
+    t.start()
+    try:
+        yield Vehicle(channel, sim, bus)
+    finally:
+        stop.set()
+        t.join(5)
+        bus.shutdown()
+
+
+@contextmanager
+def connected_cloud(broker: Mosquitto | NatsMqtt, pki: TestPKI, **kwargs: Any) -> Iterator[CloudPeer]:
+    """A connected cloud peer on ``broker`` (``kwargs`` go to :class:`CloudPeer`) that verifies the receipts of
+    every ``pki`` device; closed when the block ends."""
+    peer = CloudPeer.for_broker(broker, pki, **kwargs)  # type: ignore[arg-type]  # NatsMqtt has host and port too
+    for device_id, paths in pki.devices.items():
+        peer.add_device(device_id, paths.cert)
+    try:
+        peer.connect()
+        yield peer
+    finally:
+        peer.close()

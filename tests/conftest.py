@@ -6,6 +6,11 @@
   per-device ACL on a free loopback port; stopped after the test.
 - ``cloud`` (function): a connected :class:`~simulators.cloud.CloudPeer` on ``broker`` that knows both
   devices' certificates; closed after the test.
+- ``db`` (module): the demo DBC as a cantools database (strict).
+- ``channel`` (function): a virtual CAN channel name of the test's own.
+- ``vehicle`` (function): the vehicle simulator sending in real time on ``channel`` (a
+  :class:`~tests.agentkit.Vehicle`), with ``VehicleModel(seed=vehicle_seed)``; ``vehicle_seed`` is 3 unless a
+  module overrides the fixture or a test parametrizes it. ``vehicle_on(channel, seed)`` starts more (or later).
 - ``--runslow`` enables tests marked ``@pytest.mark.slow`` (skipped otherwise).
 - An autouse guard fails any test that leaves a new non-daemon thread or paho network thread alive (after a
   2 s grace) or a child process running (which it then kills, so one leak does not cascade).
@@ -20,15 +25,21 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
+import cantools
 import psutil
 import pytest
+from cantools.database.can import Database
 
 from simulators.broker import Mosquitto
 from simulators.cloud import CloudPeer
+from simulators.paths import default_dbc
 from simulators.pki import TestPKI
+from tests.agentkit import Vehicle, connected_cloud, vehicle_on_bus
 
 DEVICES = ("dev-0001", "dev-0002")
 _THREAD_GRACE_S = 2.0
@@ -135,11 +146,41 @@ def broker(pki: TestPKI) -> Iterator[Mosquitto]:
 @pytest.fixture
 def cloud(broker: Mosquitto, pki: TestPKI) -> Iterator[CloudPeer]:
     """A connected, subscribed cloud peer on ``broker`` that verifies receipts of every ``pki`` device."""
-    peer = CloudPeer.for_broker(broker, pki)
-    for device_id, paths in pki.devices.items():
-        peer.add_device(device_id, paths.cert)
-    try:
-        peer.connect()
+    with connected_cloud(broker, pki) as peer:
         yield peer
-    finally:
-        peer.close()
+
+
+# ---------------------------------------------------------------- the vehicle: its DBC, on a virtual bus
+
+
+@pytest.fixture(scope="module")
+def db() -> Database:
+    """The demo vehicle's DBC, loaded by cantools in strict mode."""
+    loaded = cantools.database.load_file(str(default_dbc()), strict=True)
+    assert isinstance(loaded, Database)
+    return loaded
+
+
+@pytest.fixture
+def channel() -> str:
+    """A virtual CAN channel of this test's own (python-can's virtual channels are process-wide, by name)."""
+    return f"vgw-test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def vehicle_on() -> Iterator[Callable[[str, int], Vehicle]]:
+    """Start the vehicle simulator on a channel with a seed: ``vehicle_on(channel, seed)``; stopped after the test."""
+    with ExitStack() as stack:
+        yield lambda channel, seed: stack.enter_context(vehicle_on_bus(channel, seed))
+
+
+@pytest.fixture
+def vehicle_seed() -> int:
+    """The seed of the ``vehicle`` fixture's model (override the fixture in a module, or parametrize it)."""
+    return 3
+
+
+@pytest.fixture
+def vehicle(channel: str, vehicle_seed: int, vehicle_on: Callable[[str, int], Vehicle]) -> Vehicle:
+    """The vehicle simulator sending in real time on ``channel`` for the whole test."""
+    return vehicle_on(channel, vehicle_seed)

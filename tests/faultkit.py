@@ -24,7 +24,7 @@ from simulators.cloud import CloudPeer
 from simulators.paths import default_dbc
 from simulators.pki import TestPKI
 from simulators.vehicle import VehicleModel
-from tests.agentkit import Authority, vgw
+from tests.agentkit import Authority, connected_cloud, vgw
 
 DEV = "dev-0001"
 TRACE_START = 1_790_000_000.0
@@ -95,15 +95,12 @@ def persistent_world(pki: TestPKI, auth: Authority, *grants: str,
                      client_id: str = "cloud-faults") -> Iterator[tuple[Mosquitto, CloudPeer]]:
     """A broker that keeps sessions across restarts and a cloud peer with a persistent session on it."""
     broker = Mosquitto.from_pki(pki, persistence=True).start()
-    cloud = CloudPeer.for_broker(broker, pki, persistent=True, client_id=client_id)
-    cloud.add_device(DEV, pki.device(DEV).cert)
-    for gid in grants:
-        cloud.add_recipient(gid, auth.recipient(gid))
     try:
-        cloud.connect()
-        yield broker, cloud
+        with connected_cloud(broker, pki, persistent=True, client_id=client_id) as cloud:
+            for gid in grants:  # before any batch can arrive: no agent runs yet
+                cloud.add_recipient(gid, auth.recipient(gid))
+            yield broker, cloud
     finally:
-        cloud.close()
         broker.close()
 
 

@@ -8,45 +8,28 @@ subscriptions split one stream between two listen workers with each batch handle
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import can
 import pytest
 
 from agent.catalogue import load_catalogue
 from simulators.broker import Mosquitto
-from simulators.can_sim import CanSimulator
 from simulators.cloud import RecipientKey, seal_envelope
 from simulators.cloudlink import Listener
 from simulators.paths import default_dbc, default_signal_map
 from simulators.pki import TestPKI, device_public_key_from_cert
-from simulators.vehicle import VehicleModel
-from tests.agentkit import ROOT, AgentThread, vgw, write_config
+from tests.agentkit import ROOT, AgentThread, Vehicle, stop_process, vgw, write_config
 
 DEV = "dev-0001"
 
 
 @pytest.fixture
-def vehicle(request: pytest.FixtureRequest) -> Iterator[str]:
-    channel = f"vgw-cloudcli-{os.getpid()}-{request.node.name}"[:60]
-    bus = can.Bus(interface="virtual", channel=channel, receive_own_messages=False)
-    sim = CanSimulator(default_dbc(), VehicleModel(seed=4))
-    stop = threading.Event()
-    t = threading.Thread(target=sim.run, args=(bus,), kwargs={"stop_event": stop}, daemon=True)
-    t.start()
-    try:
-        yield channel
-    finally:
-        stop.set()
-        t.join(5)
-        bus.shutdown()
+def vehicle_seed() -> int:
+    return 4  # the seed these tests were written against
 
 
 def broker_args(broker: Any, pki: TestPKI, protocol: str = "auto") -> list[str]:
@@ -140,7 +123,7 @@ def test_sign_output_is_accepted_by_the_agent_and_bad_scope_is_refused(tmp_path:
 
 
 def test_push_listen_revoke_verify_receipt_round_trip_with_the_agent(
-    tmp_path: Path, pki: TestPKI, broker: Mosquitto, vehicle: str
+    tmp_path: Path, pki: TestPKI, broker: Mosquitto, vehicle: Vehicle
 ) -> None:
     keys, grants = keys_and_grants(tmp_path, ["read_speedometer", "read_odometer"])
     signer = str(keys / "consent-signer.key")
@@ -150,7 +133,8 @@ def test_push_listen_revoke_verify_receipt_round_trip_with_the_agent(
     listen = ListenProc([*broker_args(broker, pki), "--recipient", str(keys), "--device-cert", str(pki.dir)],
                         tmp_path / "events.jsonl")
     try:
-        cfg = write_config(tmp_path, pki, broker.port, keys / "consent-signer.pub.pem", can={"channel": vehicle})
+        cfg = write_config(tmp_path, pki, broker.port, keys / "consent-signer.pub.pem",
+                           can={"channel": vehicle.channel})
         with AgentThread(cfg) as runner:
             assert runner.wait_link()
             pushed = vgw("cloud", "push", *broker_args(broker, pki), str(doc))
@@ -166,9 +150,7 @@ def test_push_listen_revoke_verify_receipt_round_trip_with_the_agent(
             assert runner.agent.manager.in_force is not None and not runner.agent.manager.in_force.grants
         summary = listen.stop()
     finally:
-        if listen.proc.poll() is None:
-            listen.proc.kill()
-            listen.proc.communicate()
+        stop_process(listen.proc)
     batches = listen.events("batch")
     scope_of = load_catalogue([default_dbc()], default_signal_map()).scope_of_path()
     paths = {s["path"] for b in batches for s in b["samples"]}
@@ -256,9 +238,7 @@ def test_shared_subscription_workers_each_handle_a_batch_once(
             w.stop()
     finally:
         for w in workers:
-            if w.proc.poll() is None:
-                w.proc.kill()
-                w.proc.communicate()
+            stop_process(w.proc)
     seqs = [[e["seq"] for e in w.events("batch")] for w in workers]
     assert sorted(seqs[0] + seqs[1]) == list(range(1, n + 1)), "each batch exactly once across the group"
     assert seqs[0] and seqs[1], "both workers got a share of the load"

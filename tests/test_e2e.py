@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import can
@@ -18,7 +15,8 @@ from simulators.can_sim import CanSimulator
 from simulators.cloud import CloudPeer
 from simulators.paths import default_dbc, default_signal_map
 from simulators.vehicle import VehicleModel
-from tests.agentkit import AgentThread, Authority, agent_process, vgw, write_config
+from tests.agentkit import AgentThread, Authority, agent_process, stop_process, vgw, write_config
+from tests.faultkit import persistent_world
 
 DEV = "dev-0001"
 SCOPE_OF = load_catalogue([default_dbc()], default_signal_map()).scope_of_path()
@@ -31,27 +29,6 @@ def paths_of(scopes: list[str]) -> set[str]:
 @pytest.fixture
 def auth(tmp_path: Path) -> Authority:
     return Authority(tmp_path)
-
-
-@pytest.fixture
-def channel(request: pytest.FixtureRequest) -> str:
-    return f"vgw-test-{os.getpid()}-{request.node.name}"[:60]
-
-
-@pytest.fixture
-def vehicle(channel: str) -> Iterator[CanSimulator]:
-    """The vehicle simulator sending in real time on the test's virtual bus."""
-    bus = can.Bus(interface="virtual", channel=channel, receive_own_messages=False)
-    sim = CanSimulator(default_dbc(), VehicleModel(seed=3))
-    stop = threading.Event()
-    t = threading.Thread(target=sim.run, args=(bus,), kwargs={"stop_event": stop}, daemon=True)
-    t.start()
-    try:
-        yield sim
-    finally:
-        stop.set()
-        t.join(5)
-        bus.shutdown()
 
 
 def register(cloud: CloudPeer, auth: Authority, *gids: str) -> None:
@@ -75,7 +52,7 @@ def test_only_consented_paths_reach_each_grant(tmp_path, pki, broker, cloud, aut
     assert speed_paths == {"Vehicle.Speed"}
     assert fleet_paths == paths_of(["read_fuel", "read_tires", "read_vin"])
     vins = {s.value for s in cloud.samples(DEV, "g-fleet") if s.path.endswith("VIN")}
-    assert vins == {vehicle.model.vin}
+    assert vins == {vehicle.sim.model.vin}
     assert cloud.undecryptable == 0
     for gid in ("g-speed", "g-fleet"):
         assert cloud.missing(DEV, gid) == []
@@ -113,12 +90,7 @@ def test_revocation_mid_stream_erases_and_receipts(tmp_path, pki, broker, cloud,
 
 
 def test_restart_offline_enforces_cached_consent_and_seq_continues(tmp_path, pki, auth, channel, vehicle):
-    broker = Mosquitto.from_pki(pki, persistence=True).start()
-    cloud = CloudPeer.for_broker(broker, pki, persistent=True, client_id="cloud-restart")
-    cloud.add_device(DEV, pki.device(DEV).cert)
-    register(cloud, auth, "g-odo")
-    try:
-        cloud.connect()
+    with persistent_world(pki, auth, "g-odo", client_id="cloud-restart") as (broker, cloud):
         cfg = write_config(tmp_path, pki, broker.port, auth.trust, can={"channel": channel})
         with AgentThread(cfg) as runner:
             assert runner.wait_link()
@@ -145,9 +117,6 @@ def test_restart_offline_enforces_cached_consent_and_seq_continues(tmp_path, pki
         assert cloud.missing(DEV, "g-odo") == []
         assert sorted(seqs) == list(range(1, max(seqs) + 1))
         assert {s.path for s in cloud.samples(DEV, "g-odo")} == paths_of(["read_odometer"])
-    finally:
-        cloud.close()
-        broker.close()
 
 
 def test_broker_unreachable_at_start_then_drains(tmp_path, pki, auth, channel, vehicle):
@@ -248,15 +217,7 @@ def test_slcan_pty_from_separate_simulator_process(tmp_path, pki, broker, cloud,
         paths = {s.path for s in cloud.samples(DEV, "g-slcan")}
         assert paths == paths_of(["read_speedometer", "read_fuel"])
     finally:
-        sim.terminate()
-        try:
-            sim.wait(10)
-        except subprocess.TimeoutExpired:
-            sim.kill()
-            sim.wait(5)
-        for s in (sim.stdout, sim.stderr):
-            if s:
-                s.close()
+        stop_process(sim)
 
 
 def test_cli_consent_apply_show_status(tmp_path, pki, auth):
@@ -309,4 +270,4 @@ def test_privacy_report_counts_what_left_per_scope(tmp_path, pki, broker, cloud,
     assert by_scope == {"read_speedometer": sum(1 for s in got if s.path == "Vehicle.Speed"),
                         "read_fuel": sum(1 for s in got if s.path.startswith("Vehicle.Powertrain.FuelSystem"))}
     text = json.dumps(report)
-    assert str(vehicle.model.vin) not in text
+    assert str(vehicle.sim.model.vin) not in text

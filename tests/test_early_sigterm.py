@@ -10,7 +10,7 @@ import time
 import pytest
 
 from simulators.broker import free_port
-from tests.agentkit import ROOT, Authority, write_config
+from tests.agentkit import ROOT, Authority, stop_process, write_config
 
 
 @pytest.mark.parametrize("delay", [0.25, 0.5, 0.9])
@@ -25,8 +25,4 @@ def test_sigterm_while_starting_exits_0(tmp_path, pki, delay: float) -> None:
         code = proc.wait(20)
         assert code == 0, proc.stderr.read() if proc.stderr else ""
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
-        if proc.stderr:
-            proc.stderr.close()
+        stop_process(proc)

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from simulators.vehicle import DEFAULT_VIN
+from tests.agentkit import stop_process
 
 obd = pytest.importorskip("obd", reason="python-OBD is a test extra: pip install -e '.[test]'")
 
@@ -41,11 +42,4 @@ def test_python_obd_reads_the_simulator_unmodified() -> None:
     finally:
         if conn is not None:
             conn.close()
-        sim.terminate()
-        try:
-            sim.wait(10)
-        except subprocess.TimeoutExpired:
-            sim.kill()
-            sim.wait(5)
-        if sim.stdout:
-            sim.stdout.close()
+        stop_process(sim)

@@ -4,7 +4,6 @@ retention, and the MLKEM768-X25519 hybrid grant end to end through the real brok
 from __future__ import annotations
 
 import itertools
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -18,7 +17,7 @@ from agent.consent.model import Grant, Limits, Recipient
 from agent.errors import ConfigError
 from agent.pipeline.router import Pipeline
 from agent.scopes import SCOPES
-from simulators.can_sim import CanSimulator, open_output
+from simulators.can_sim import CanSimulator
 from simulators.cloud import SigningKey
 from simulators.paths import default_dbc, default_signal_map
 from simulators.vehicle import DEFAULT_VIN, VehicleModel
@@ -157,34 +156,24 @@ def test_retention_deletes_old_rows_unsent_and_counts(tmp_path: Path, pki: Any, 
 # ---------------------------------------------------------------- MLKEM768-X25519 end to end
 
 
-def test_mlkem768_x25519_grant_end_to_end(tmp_path: Path, pki: Any, broker: Any, cloud: Any) -> None:
+def test_mlkem768_x25519_grant_end_to_end(tmp_path: Path, pki: Any, broker: Any, cloud: Any, channel: str,
+                                          vehicle_on: Any) -> None:
     from tests.agentkit import AgentThread, write_config
 
     auth = Authority(tmp_path)
-    channel = f"pq-{uuid.uuid4().hex[:8]}"
     cfg = write_config(tmp_path, pki, broker.port, auth.trust[0], can={"channel": channel})
     pq = auth.recipient("g-pq", "MLKEM768-X25519")
     classic = auth.recipient("g-classic")
     cloud.add_recipient("g-pq", pq)
     cloud.add_recipient("g-classic", classic)
-    bus = open_output("virtual", channel)
-    stop = threading.Event()
-    sim = CanSimulator(default_dbc(), VehicleModel(seed=4))
-    sim_thread = threading.Thread(target=sim.run, args=(bus,), kwargs={"stop_event": stop}, daemon=True)
-    try:
-        with AgentThread(cfg):
-            sim_thread.start()
-            doc = auth.doc(DEVICE, 1, [auth.grant("g-pq", ["read_speedometer", "read_location"],
-                                                  kem="MLKEM768-X25519"),
-                                       auth.grant("g-classic", ["read_odometer"])], iat=int(time.time()))
-            cloud.publish_consent(DEVICE, doc)
-            assert cloud.wait_for(lambda: bool(cloud.samples(DEVICE, "g-pq")) and bool(
-                cloud.samples(DEVICE, "g-classic")), timeout=15)
-    finally:
-        stop.set()
-        if sim_thread.is_alive():
-            sim_thread.join(5)
-        bus.shutdown()
+    with AgentThread(cfg):
+        vehicle_on(channel, 4)
+        doc = auth.doc(DEVICE, 1, [auth.grant("g-pq", ["read_speedometer", "read_location"],
+                                              kem="MLKEM768-X25519"),
+                                   auth.grant("g-classic", ["read_odometer"])], iat=int(time.time()))
+        cloud.publish_consent(DEVICE, doc)
+        assert cloud.wait_for(lambda: bool(cloud.samples(DEVICE, "g-pq")) and bool(
+            cloud.samples(DEVICE, "g-classic")), timeout=15)
     assert cloud.undecryptable == 0
     pq_paths = {s.path for s in cloud.samples(DEVICE, "g-pq")}
     assert pq_paths <= {"Vehicle.Speed", "Vehicle.CurrentLocation.Latitude", "Vehicle.CurrentLocation.Longitude"}

@@ -6,20 +6,15 @@ that fills is the agent's (bounded at agent.sources.canbus.RX_QUEUE_FRAMES, over
 
 from __future__ import annotations
 
-import os
 import random
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import can
 import psutil
 import pytest
 
-from simulators.can_sim import CanSimulator
-from simulators.paths import default_dbc
-from simulators.vehicle import VehicleModel
 from tests.agentkit import AgentThread, Authority, write_config
 from tests.faultkit import DEV, wait_until
 
@@ -33,24 +28,8 @@ def auth(tmp_path: Path) -> Authority:
 
 
 @pytest.fixture
-def channel(request: pytest.FixtureRequest) -> str:
-    return f"vgw-fault-{os.getpid()}-{request.node.name}"[:60]
-
-
-@pytest.fixture
-def bus(channel: str) -> Iterator[can.BusABC]:
-    """The sending side: the vehicle simulator runs on it in real time; tests may send more frames on it."""
-    sender = can.Bus(interface="virtual", channel=channel, receive_own_messages=False)
-    sim = CanSimulator(default_dbc(), VehicleModel(seed=11))
-    stop = threading.Event()
-    t = threading.Thread(target=sim.run, args=(sender,), kwargs={"stop_event": stop}, daemon=True)
-    t.start()
-    try:
-        yield sender
-    finally:
-        stop.set()
-        t.join(5)
-        sender.shutdown()
+def vehicle_seed() -> int:
+    return 11  # the seed these tests were written against
 
 
 def _start(tmp_path: Path, pki, broker, cloud, auth: Authority, channel: str, **can_extra) -> AgentThread:
@@ -64,7 +43,7 @@ def _start(tmp_path: Path, pki, broker, cloud, auth: Authority, channel: str, **
 
 
 def test_flood_of_random_and_short_frames_bounded_memory_and_data_keep_flowing(
-        tmp_path, pki, broker, cloud, auth, channel, bus):
+        tmp_path, pki, broker, cloud, auth, channel, vehicle):
     runner = _start(tmp_path, pki, broker, cloud, auth, channel)
     try:
         agent = runner.agent
@@ -89,7 +68,7 @@ def test_flood_of_random_and_short_frames_bounded_memory_and_data_keep_flowing(
                         dlc = rng.randrange(0, 9)
                         msg = can.Message(arbitration_id=rng.randrange(1 << (29 if ext else 11)), is_extended_id=ext,
                                           data=rng.randbytes(dlc))
-                    bus.send(msg)
+                    vehicle.bus.send(msg)
                     sent += 1
 
         before = len(cloud.batches(DEV, "g-speed"))
@@ -122,12 +101,12 @@ def test_flood_of_random_and_short_frames_bounded_memory_and_data_keep_flowing(
     assert {s.path for s in cloud.samples(DEV, "g-speed")} == {"Vehicle.Speed"}
 
 
-def test_interface_down_reopens_and_error_frames_are_counted(tmp_path, pki, broker, cloud, auth, channel, bus):
+def test_interface_down_reopens_and_error_frames_are_counted(tmp_path, pki, broker, cloud, auth, channel, vehicle):
     runner = _start(tmp_path, pki, broker, cloud, auth, channel, reopen_s=0.3)
     try:
         agent = runner.agent
         for _ in range(5):  # bus-off / error-passive notices from the controller
-            bus.send(can.Message(arbitration_id=0x40, is_error_frame=True, is_extended_id=False, data=bytes(8)))
+            vehicle.bus.send(can.Message(arbitration_id=0x40, is_error_frame=True, is_extended_id=False, data=bytes(8)))
         assert wait_until(lambda: agent.counters["error_frames"] == 5, 5)
 
         # The interface goes down under the agent (bus-off without auto-restart, adapter unplugged).

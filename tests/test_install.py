@@ -16,7 +16,7 @@ from agent.runtime import AgentLock, open_state
 from simulators.broker import Mosquitto
 from simulators.cloud import CloudPeer, RecipientKey, SigningKey, consent_claims, grant, sign_consent
 from simulators.pki import TestPKI
-from tests.test_provision import sign_csr
+from tests.test_provision import install_signed_cert
 
 ROOT = Path(__file__).resolve().parents[1]
 INSTALLED = {
@@ -107,9 +107,7 @@ def provisioned(prefix: Path, pki: TestPKI, port: int) -> tuple[Path, SigningKey
     etc = prefix / "etc/vgw"
     assert main(["provision", "--device-id", "dev-0001", "--broker", f"localhost:{port}", "--ca", str(pki.ca.cert),
                  "--consent-key", str(trust), "--out", str(etc), "--state-dir", str(prefix / "var/lib/vgw")]) == 0
-    signed = prefix.parent / "signed.crt"
-    signed.write_bytes(sign_csr(etc / "device.csr", pki))
-    assert main(["provision", "--install-cert", str(signed), "--out", str(etc)]) == 0
+    install_signed_cert(etc, pki, prefix.parent)
     return etc / "vgw.toml", signer
 
 

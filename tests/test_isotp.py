@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,11 +19,6 @@ from simulators.obd_responder import ObdResponder
 
 VIN = "1M8GDM9AXKP042788"
 NONE: frozenset[str] = frozenset()
-
-
-@pytest.fixture
-def channel() -> str:
-    return f"vgw-isotp-{uuid.uuid4().hex[:8]}"
 
 
 @pytest.fixture

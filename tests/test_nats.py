@@ -17,18 +17,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import can
 import paho.mqtt.client as mqtt
 import pytest
 
 from simulators.broker import Mosquitto
-from simulators.can_sim import CanSimulator
 from simulators.cloud import CloudPeer
 from simulators.nats import NatsMqtt, NatsNotFound, find_nats_server
-from simulators.paths import default_dbc
 from simulators.pki import TestPKI
-from simulators.vehicle import VehicleModel
-from tests.agentkit import AgentThread, Authority, write_config
+from tests.agentkit import AgentThread, Authority, Vehicle, connected_cloud, write_config
 
 try:
     find_nats_server()
@@ -58,44 +54,27 @@ def nats(pki: TestPKI) -> Iterator[NatsMqtt]:
 
 @pytest.fixture
 def ncloud(nats: NatsMqtt, pki: TestPKI) -> Iterator[CloudPeer]:
-    peer = CloudPeer.for_broker(nats, pki, protocol="3.1.1", persistent=True, client_id="cloud-nats")  # type: ignore[arg-type]
-    for device_id, paths in pki.devices.items():
-        peer.add_device(device_id, paths.cert)
-    try:
-        peer.connect()
+    with connected_cloud(nats, pki, protocol="3.1.1", persistent=True, client_id="cloud-nats") as peer:
         yield peer
-    finally:
-        peer.close()
 
 
 @pytest.fixture
-def vehicle(request: pytest.FixtureRequest) -> Iterator[str]:
-    channel = f"vgw-nats-{os.getpid()}-{request.node.name}"[:60]
-    bus = can.Bus(interface="virtual", channel=channel, receive_own_messages=False)
-    sim = CanSimulator(default_dbc(), VehicleModel(seed=7))
-    stop = threading.Event()
-    t = threading.Thread(target=sim.run, args=(bus,), kwargs={"stop_event": stop}, daemon=True)
-    t.start()
-    try:
-        yield channel
-    finally:
-        stop.set()
-        t.join(5)
-        bus.shutdown()
+def vehicle_seed() -> int:
+    return 7  # the seed these tests were written against
 
 
 # ---------------------------------------------------------------- the agent, unchanged, on NATS
 
 
 def test_agent_on_nats_retained_consent_data_and_revocation(
-    tmp_path: Path, pki: TestPKI, nats: NatsMqtt, ncloud: CloudPeer, vehicle: str, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, pki: TestPKI, nats: NatsMqtt, ncloud: CloudPeer, vehicle: Vehicle, caplog: pytest.LogCaptureFixture
 ) -> None:
     auth = Authority(tmp_path)
     for gid in ("g-keep", "g-gone"):
         ncloud.add_recipient(gid, auth.recipient(gid))
     # Consent is published (retained) before the agent exists: it must come from the broker's retained store.
     ncloud.publish_consent(DEV, auth.doc(DEV, {"g-keep": ["read_odometer"], "g-gone": ["read_speedometer"]}))
-    cfg = write_config(tmp_path, pki, nats.port, auth.trust, can={"channel": vehicle})
+    cfg = write_config(tmp_path, pki, nats.port, auth.trust, can={"channel": vehicle.channel})
     caplog.set_level(logging.INFO, logger="vgw.uplink")
     with AgentThread(cfg) as runner:
         assert runner.wait_link(15)
@@ -117,11 +96,11 @@ def test_agent_on_nats_retained_consent_data_and_revocation(
 
 
 def test_agent_on_nats_survives_broker_restart_without_loss(
-    tmp_path: Path, pki: TestPKI, nats: NatsMqtt, ncloud: CloudPeer, vehicle: str
+    tmp_path: Path, pki: TestPKI, nats: NatsMqtt, ncloud: CloudPeer, vehicle: Vehicle
 ) -> None:
     auth = Authority(tmp_path)
     ncloud.add_recipient("g-odo", auth.recipient("g-odo"))
-    cfg = write_config(tmp_path, pki, nats.port, auth.trust, can={"channel": vehicle},
+    cfg = write_config(tmp_path, pki, nats.port, auth.trust, can={"channel": vehicle.channel},
                        mqtt_extra={"protocol": "3.1.1"})
     with AgentThread(cfg) as runner:
         assert runner.wait_link(15)

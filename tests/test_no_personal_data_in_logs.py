@@ -5,21 +5,15 @@ no line may hold the VIN, a latitude/longitude, or any distinctive signal value 
 from __future__ import annotations
 
 import logging
-import os
 import re
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-import can
 import pytest
 
 from agent.logs import _JournalFormatter
-from simulators.can_sim import CanSimulator
 from simulators.cloud import CloudPeer
-from simulators.paths import default_dbc
-from simulators.vehicle import VehicleModel
-from tests.agentkit import AgentThread, Authority, vgw, write_config
+from tests.agentkit import AgentThread, Authority, Vehicle, vgw, write_config
 
 DEV = "dev-0001"
 LOCATION = ("Vehicle.CurrentLocation.Latitude", "Vehicle.CurrentLocation.Longitude")
@@ -57,24 +51,13 @@ def capture() -> Iterator[Capture]:
 
 
 @pytest.fixture
-def vehicle(request: pytest.FixtureRequest) -> Iterator[tuple[str, CanSimulator]]:
-    channel = f"vgw-logs-{os.getpid()}-{request.node.name}"[:60]
-    bus = can.Bus(interface="virtual", channel=channel, receive_own_messages=False)
-    sim = CanSimulator(default_dbc(), VehicleModel(seed=11))
-    stop = threading.Event()
-    t = threading.Thread(target=sim.run, args=(bus,), kwargs={"stop_event": stop}, daemon=True)
-    t.start()
-    try:
-        yield channel, sim
-    finally:
-        stop.set()
-        t.join(5)
-        bus.shutdown()
+def vehicle_seed() -> int:
+    return 11  # the seed these tests were written against
 
 
 def test_no_personal_data_in_any_log_line(tmp_path: Path, pki, broker, cloud: CloudPeer, capture: Capture,
-                                          vehicle: tuple[str, CanSimulator]) -> None:
-    channel, sim = vehicle
+                                          vehicle: Vehicle) -> None:
+    channel, sim = vehicle.channel, vehicle.sim
     auth = Authority(tmp_path)
     cloud.add_recipient("g-all", auth.recipient("g-all"))
     cfg = write_config(tmp_path, pki, broker.port, auth.trust, can={"channel": channel})

@@ -43,6 +43,14 @@ def sign_csr(csr_path: Path, pki: TestPKI, *, days: int = 90, cn: str | None = N
     return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
 
 
+def install_signed_cert(out: Path, pki: TestPKI, work: Path) -> Path:
+    """Sign ``out``'s CSR as the cloud CA would and `vgw provision --install-cert` it; returns the certificate file."""
+    signed = work / "signed.crt"
+    signed.write_bytes(sign_csr(out / "device.csr", pki))
+    assert main(["provision", "--install-cert", str(signed), "--out", str(out)]) == 0
+    return signed
+
+
 @pytest.fixture
 def inputs(tmp_path: Path, pki: TestPKI) -> dict[str, Path]:
     consent_key = SigningKey.generate().write_public_pem(tmp_path / "signer.pub.pem")
@@ -98,9 +106,7 @@ def test_config_loads_once_the_certificate_is_installed(inputs: dict[str, Path],
     out = inputs["out"]
     with pytest.raises(ConfigError, match=r"device\.crt"):
         load_config(out / "vgw.toml")  # the only thing missing before install-cert
-    signed = tmp_path / "signed.crt"
-    signed.write_bytes(sign_csr(out / "device.csr", pki))
-    assert main(["provision", "--install-cert", str(signed), "--out", str(out)]) == 0
+    signed = install_signed_cert(out, pki, tmp_path)
     assert (out / "device.crt").read_bytes() == signed.read_bytes()
 
     cfg = load_config(out / "vgw.toml")
@@ -118,9 +124,7 @@ def test_config_loads_once_the_certificate_is_installed(inputs: dict[str, Path],
 def test_rerun_is_safe_and_keeps_keys(inputs: dict[str, Path], pki: TestPKI, tmp_path: Path,
                                       capsys: pytest.CaptureFixture[str]) -> None:
     assert provision(inputs) == 0
-    signed = tmp_path / "signed.crt"
-    signed.write_bytes(sign_csr(inputs["out"] / "device.csr", pki))
-    assert main(["provision", "--install-cert", str(signed), "--out", str(inputs["out"])]) == 0
+    install_signed_cert(inputs["out"], pki, tmp_path)
     before = snapshot(inputs["out"]) | {"state/" + k: v for k, v in snapshot(inputs["state"]).items()}
     capsys.readouterr()
 
@@ -140,9 +144,7 @@ def test_rerun_is_safe_and_keeps_keys(inputs: dict[str, Path], pki: TestPKI, tmp
 def test_another_identity_needs_force(inputs: dict[str, Path], pki: TestPKI, tmp_path: Path,
                                       capsys: pytest.CaptureFixture[str]) -> None:
     assert provision(inputs) == 0
-    signed = tmp_path / "signed.crt"
-    signed.write_bytes(sign_csr(inputs["out"] / "device.csr", pki))
-    assert main(["provision", "--install-cert", str(signed), "--out", str(inputs["out"])]) == 0
+    install_signed_cert(inputs["out"], pki, tmp_path)
     before = snapshot(inputs["out"])
     capsys.readouterr()
 

@@ -9,6 +9,7 @@ from agent.obd.isotp import IsoTpTransport
 from agent.obd.poller import decode_vin
 from agent.obd.request import build_request
 from simulators.vehicle import DEFAULT_VIN
+from tests.agentkit import stop_process
 
 
 def test_can_simulator_answers_vin_and_speed_over_slcan() -> None:
@@ -28,11 +29,4 @@ def test_can_simulator_answers_vin_and_speed_over_slcan() -> None:
     finally:
         if transport is not None:
             transport.close()
-        sim.terminate()
-        try:
-            sim.wait(10)
-        except subprocess.TimeoutExpired:
-            sim.kill()
-            sim.wait(5)
-        if sim.stdout:
-            sim.stdout.close()
+        stop_process(sim)

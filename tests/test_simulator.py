@@ -10,20 +10,17 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import can
-import cantools
 import pytest
 from cantools.database.can import Database
 
 from agent.errors import ConfigError, SourceOpenError
 from simulators.can_sim import MODEL_TICK_MS, SIGNAL_SOURCES, CanSimulator, open_output, vin_parts
-from simulators.paths import default_dbc
 from simulators.slcan_pty import SlcanPtyBus
 from simulators.vehicle import (
     DEFAULT_VIN,
@@ -39,17 +36,11 @@ from simulators.vehicle import (
     initial_bearing_deg,
     vin_check_digit,
 )
+from tests.agentkit import stop_process
 
 REPO = Path(__file__).resolve().parent.parent
 START = 1_795_920_000.0
 CYCLE_S = 600.0  # long enough to cover urban and extra-urban phases
-
-
-@pytest.fixture(scope="module")
-def db() -> Database:
-    loaded = cantools.database.load_file(str(default_dbc()), strict=True)
-    assert isinstance(loaded, Database)
-    return loaded
 
 
 @pytest.fixture(scope="module")
@@ -293,11 +284,6 @@ def test_bad_dbc_and_message_names_are_config_errors(tmp_path: Path) -> None:
 # --- outputs -----------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def channel() -> str:
-    return f"vgw-test-{uuid.uuid4().hex[:8]}"
-
-
 def test_virtual_bus_is_received_by_another_bus(db: Database, channel: str) -> None:
     sim = CanSimulator(model=VehicleModel(seed=2))
     with can.Bus(interface="virtual", channel=channel) as rx:
@@ -424,16 +410,7 @@ def sim_process() -> Iterator[list[subprocess.Popen[str]]]:
     procs: list[subprocess.Popen[str]] = []
     yield procs
     for p in procs:
-        if p.poll() is None:
-            p.terminate()
-            try:
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(timeout=5)
-        for stream in (p.stdout, p.stderr):
-            if stream is not None:
-                stream.close()
+        stop_process(p, 5)
 
 
 def _vgw(*args: str) -> list[str]:

@@ -7,7 +7,6 @@ import tomllib
 from collections import Counter
 from typing import Any
 
-import cantools
 import pytest
 from cantools.database.can import Database
 
@@ -116,13 +115,6 @@ REQUIRED = {
         "read_diagnostics",
     ),
 }
-
-
-@pytest.fixture(scope="module")
-def db() -> Database:
-    loaded = cantools.database.load_file(str(default_dbc()), strict=True)
-    assert isinstance(loaded, Database)
-    return loaded
 
 
 @pytest.fixture(scope="module")

@@ -17,21 +17,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def collect_status(config_path: str) -> dict[str, Any]:
     from agent.config import load_config
-    from agent.consent.manager import ConsentManager, load_trust_keys
-    from agent.runtime import STATUS_FILE, AgentLock, open_state
+    from agent.runtime import STATUS_FILE, AgentLock
+    from agent.stateview import read_state
 
     cfg = load_config(config_path)
-    outbox, audit, store, signer = open_state(cfg)
-    try:
-        manager = ConsentManager(device=cfg.device.id, store=store, outbox=outbox, audit=audit, signer=signer,
-                                 trust_keys=load_trust_keys(cfg.consent.trust_keys))
-        manager.load_cached_readonly()
-        stats = outbox.stats()
-        counters = outbox.counters()
-        receipts = outbox.receipt_count()
-        used = outbox.total_bytes()
-    finally:
-        outbox.close()
+    state = read_state(cfg)
+    manager = state.manager
     running = AgentLock.held_by_other(cfg.state_dir)
     live: dict[str, Any] = {}
     try:
@@ -42,20 +33,20 @@ def collect_status(config_path: str) -> dict[str, Any]:
     grants = [{"id": g.id, "scopes": list(g.scopes), "expires": consent.exp}
               for g in manager.active_grants()] if consent else []
     outbox_view = {g["id"]: {"rows": 0, "bytes": 0} for g in grants}
-    outbox_view.update(stats)
+    outbox_view.update(state.outbox_stats)
     return {
         "device": cfg.device.id,
         "consent_version": consent.ver if consent else None,
         "consent_expired": manager.expired,
         "grants": grants,
         "outbox": outbox_view,
-        "receipts_queued": receipts,
+        "receipts_queued": state.receipts_queued,
         "agent_running": running,
         "link": live.get("link", "offline") if running else "stopped",
         "link_error": live.get("link_error") if running else None,
         "last_publish": live.get("last_publish"),
-        "counters": {**counters, **live.get("counters", {})},
-        "quota": {"quota_bytes": cfg.outbox.quota_bytes, "used_bytes": used},
+        "counters": {**state.counters, **live.get("counters", {})},
+        "quota": {"quota_bytes": cfg.outbox.quota_bytes, "used_bytes": state.used_bytes},
         "storage": live.get("storage", {"ok": True, "error": None}) if running else {"ok": True, "error": None},
     }
 

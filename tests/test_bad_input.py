@@ -103,7 +103,7 @@ def test_dbc_rejected_names_file_and_offers_lax_parsing(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not SHARED.exists(), reason="../shared/data not present (a user's clone has none)")
 def test_real_world_broken_dbc_is_a_clear_error() -> None:
-    with pytest.raises(ConfigError, match="bad_message_length.dbc: DBC rejected"):
+    with pytest.raises(ConfigError, match=r"bad_message_length\.dbc: DBC rejected"):
         load_catalogue([SHARED / "bad_message_length.dbc"], default_signal_map())
 
 
@@ -129,9 +129,8 @@ def test_signal_map_errors(tmp_path: Path, entry: str, message: str) -> None:
 
 
 def test_unknown_ids_and_short_frames_are_counted_not_fatal() -> None:
-    from simulators.cloud import RecipientKey, consent_claims, grant
-
     from agent.consent.model import Grant, Recipient
+    from simulators.cloud import RecipientKey, consent_claims, grant
 
     del RecipientKey, consent_claims, grant
     cat = load_catalogue([default_dbc()], default_signal_map())

@@ -122,17 +122,9 @@ def _wait_for_agent(state_dir: Path, ver: int, timeout: float) -> bool:
 
 def cmd_show(args: argparse.Namespace) -> int:
     from agent.config import load_config
-    from agent.consent.manager import ConsentManager, load_trust_keys
-    from agent.runtime import open_state
+    from agent.stateview import read_state
 
-    cfg = load_config(args.config)
-    outbox, audit, store, signer = open_state(cfg)
-    try:
-        manager = ConsentManager(device=cfg.device.id, store=store, outbox=outbox, audit=audit, signer=signer,
-                                 trust_keys=load_trust_keys(cfg.consent.trust_keys))
-        manager.load_cached_readonly()
-    finally:
-        outbox.close()
+    manager = read_state(load_config(args.config)).manager
     consent = manager.in_force
     if args.json:
         doc = consent.summary() if consent else {"version": None, "grants": []}

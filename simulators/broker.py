@@ -136,12 +136,7 @@ class Mosquitto(ServerProcess):
     ) -> None:
         self._binary = binary or find_mosquitto()
         self.host = HOST
-        self._ca_file = Path(ca_file).resolve()
-        self._cert_file = Path(cert_file).resolve()
-        self._key_file = Path(key_file).resolve()
-        for p in (self._ca_file, self._cert_file, self._key_file):
-            if not p.is_file():
-                raise FileNotFoundError(f"broker TLS file missing: {p}")
+        self._ca_file, self._cert_file, self._key_file = self._tls_files(ca_file, cert_file, key_file)
         self._acl = acl
         self._persistence = persistence
         self._tls_version = tls_version

@@ -354,19 +354,12 @@ def device_id_from_cert(path: str | os.PathLike[str]) -> str:
 
     Raises ``OSError`` if unreadable, ``ValueError`` if not a certificate or it names no device.
     """
-    cert = _load_cert(path)
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
-            if uri.startswith(DEVICE_URI_PREFIX):
-                return uri[len(DEVICE_URI_PREFIX) :]
-    except x509.ExtensionNotFound:
-        pass
-    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    if not cns:
+    from agent.provisioning import cert_device_id  # one reading of a device certificate's identity
+
+    device = cert_device_id(_load_cert(path))
+    if device is None:
         raise ValueError(f"{os.fspath(path)}: certificate names no device (no URI SAN, no CN)")
-    value = cns[0].value
-    return value if isinstance(value, str) else value.decode()
+    return device
 
 
 def load_private_key(path: str | os.PathLike[str]) -> ec.EllipticCurvePrivateKey:

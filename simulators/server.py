@@ -7,6 +7,7 @@ A subclass sets ``workdir``, ``log_path`` and ``_port`` in its constructor (afte
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -32,6 +33,14 @@ class ServerProcess:
         self._closed = False
         self._own_workdir = own_workdir
         self._port: int | None = getattr(self, "_port", None)
+
+    def _tls_files(self, *paths: str | os.PathLike[str]) -> tuple[Path, ...]:
+        """Resolve the server's TLS files. Raises FileNotFoundError naming a missing one."""
+        resolved = tuple(Path(p).resolve() for p in paths)
+        for p in resolved:
+            if not p.is_file():
+                raise FileNotFoundError(f"broker TLS file missing: {p}")
+        return resolved
 
     # -- to implement ---------------------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all venv deps demo test test-slow lint typecheck bench install uninstall clean
+.PHONY: all venv deps demo test test-slow lint bench install uninstall clean
 
 all: test
 
@@ -41,7 +41,7 @@ test-slow: deps venv
 	$(BIN)/python -m pytest -q --runslow $(PYTEST_ARGS)
 
 lint: venv
-	$(BIN)/python -m pip install -q ruff mypy
+	PYTHONWARNINGS=ignore $(BIN)/python -m pip install -q -e '.[dev]'
 	$(BIN)/ruff check agent simulators tests
 	$(BIN)/mypy
 

@@ -53,6 +53,7 @@ from agent.uplink import Uplink
 log = logging.getLogger("vgw.agent")
 
 STATUS_FILE = "status.json"
+RECOVERED_AFTER_STORES = 3  # consecutive stored batches before a storage fault counts as over
 LOCK_FILE = "agent.lock"
 OUTBOX_FILE = "outbox.sqlite"
 QUOTA_AUDIT_EVERY_S = 60.0  # at most one quota-drop audit entry per grant per minute (the counter is exact)
@@ -157,6 +158,7 @@ class Agent:
                                          "remote_frames": 0, "rx_overflow": 0, "quota_dropped": 0}
         self.storage_error: str | None = None  # why the outbox cannot store now (None: it can)
         self._store_failures_at_error = 0
+        self._stores_since_error = 0
         self._quota_pending: dict[str, int] = {}  # drops not yet in the audit log
         self._quota_audited: dict[str, float] = {}
         self._quota_view: dict[str, int] = {"quota_bytes": cfg.outbox.quota_bytes, "used_bytes": 0}
@@ -225,11 +227,16 @@ class Agent:
                 self.counters["batches_discarded"] += 1
             except StorageError as exc:
                 self.counters["store_failures"] += 1
+                self._stores_since_error = 0
                 self._storage_failed(exc)
             else:
                 self.counters["batches"] += 1
                 if self.storage_error is not None:
-                    self._storage_recovered()
+                    # A nearly full disk can take one small batch now and then; only a run of successes
+                    # means it recovered (else the log and the audit would flap with every batch).
+                    self._stores_since_error += 1
+                    if self._stores_since_error >= RECOVERED_AFTER_STORES:
+                        self._storage_recovered()
                 for gid, n in committed.dropped.items():
                     self.counters["quota_dropped"] += n
                     self._quota_pending[gid] = self._quota_pending.get(gid, 0) + n

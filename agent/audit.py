@@ -50,14 +50,24 @@ class AuditLog:
                 size = fh.tell()
                 if size == 0:
                     return 0, GENESIS
-                block = min(size, 65536)
-                fh.seek(size - block)
-                tail = fh.read().splitlines()
-            last = json.loads(tail[-1])
+                # Read backwards until the start of the last complete line, however long it is.
+                end = size
+                fh.seek(end - 1)
+                if fh.read(1) == b"\n":
+                    end -= 1
+                start, chunk = end, b""
+                while start > 0 and b"\n" not in chunk:
+                    step = min(start, 65536)
+                    start -= step
+                    fh.seek(start)
+                    chunk = fh.read(step) + chunk
+                fh.seek(start)
+                tail = fh.read(end - start)
+            last = json.loads(tail.rsplit(b"\n", 1)[-1])
             return int(last["n"]), str(last["hash"])
         except FileNotFoundError:
             return 0, GENESIS
-        except (ValueError, KeyError, IndexError) as exc:
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
             raise StorageError(f"{self.path}: last audit entry unreadable; run `vgw audit verify`") from exc
 
     def append(self, event: str, **fields: Any) -> dict[str, Any]:

@@ -163,6 +163,7 @@ class Outbox:
         self._storage_key = storage_key
         self._lock = threading.RLock()
         self._data_keys: dict[str, bytes] = {}
+        self._unwrappable: set[str] = set()  # grants whose key does not unwrap (storage key replaced?)
         # Rows handed to the broker whose PUBACK has not come (maybe delivered): never dropped for quota.
         self.attempted: set[int] = set()
         try:
@@ -334,8 +335,12 @@ class Outbox:
         exclude = exclude or set()
         out: list[Row] = []
         with self._lock:
-            cur = self._db.execute("SELECT id, grant_id, seq, samples, blob, scopes FROM batches ORDER BY id LIMIT ?",
-                                   (limit + len(exclude),))
+            skip = sorted(self._unwrappable)
+            cur = self._db.execute(
+                "SELECT id, grant_id, seq, samples, blob, scopes FROM batches "  # noqa: S608 - only "?" placeholders are formatted in
+                f"WHERE grant_id NOT IN ({','.join('?' * len(skip))}) ORDER BY id LIMIT ?",
+                (*skip, limit + len(exclude)),
+            )
             rows = cur.fetchall()
             for row_id, grant_id, seq, samples, blob, scopes in rows:
                 if row_id in exclude:
@@ -346,7 +351,13 @@ class Outbox:
                                             (grant_id,)).fetchone()
                     if krow is None:
                         continue  # key destroyed: the row is unreadable and is being erased
-                    key = keys.unwrap(self._storage_key, krow[0])
+                    try:
+                        key = keys.unwrap(self._storage_key, krow[0])
+                    except StorageError as exc:
+                        # Kept, not deleted (the right storage key may come back), but never blocks the rest.
+                        self._unwrappable.add(grant_id)
+                        log.error("outbox rows of grant %s cannot be read: %s", grant_id, exc)
+                        continue
                     self._data_keys[grant_id] = key
                 try:
                     payload = keys.open_row(key, blob, self._aad(grant_id, seq))
@@ -431,7 +442,9 @@ class Outbox:
                 key_existed = db.execute("DELETE FROM grant_keys WHERE grant_id = ?", (grant_id,)).rowcount > 0
             with self._tx() as db:
                 deleted = db.execute("DELETE FROM batches WHERE grant_id = ?", (grant_id,)).rowcount
-            self.checkpoint()
+        if not self.checkpoint(wait_s=5.0):
+            log.warning("erasure of grant %s: a reader kept the WAL busy; erased pages are overwritten at the "
+                        "next checkpoint", grant_id)
         return Erasure(grant_id=grant_id, batches_deleted=int(deleted), key_destroyed=True if key_existed or
                        not self.has_key(grant_id) else False)
 
@@ -442,12 +455,22 @@ class Outbox:
             ids |= {r[0] for r in self._db.execute("SELECT DISTINCT grant_id FROM batches")}
         return ids - set(keep)
 
-    def checkpoint(self) -> None:
-        with self._lock:
-            try:
-                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            except sqlite3.DatabaseError:
-                pass
+    def checkpoint(self, *, wait_s: float = 0.0) -> bool:
+        """Copy the WAL into the main file and truncate it. With ``wait_s``, retry while a reader (e.g. a
+        concurrent `vgw status`) holds an old snapshot, so erased pages are overwritten everywhere before an
+        erasure receipt says so. True when the checkpoint completed."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            with self._lock:
+                try:
+                    busy = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+                except sqlite3.DatabaseError:
+                    busy = 1
+            if not busy:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
 
     # -- retention and quota ------------------------------------------------------------------------
 

@@ -154,8 +154,8 @@ class Agent:
         self._source_done = threading.Event()
         self._collector: threading.Thread | None = None
         self.counters: dict[str, int] = {"batches": 0, "batches_discarded": 0, "store_failures": 0,
-                                         "consent_dropped": 0, "source_errors": 0, "error_frames": 0,
-                                         "remote_frames": 0, "rx_overflow": 0, "quota_dropped": 0}
+                                         "consent_dropped": 0, "source_errors": 0, "batches_failed": 0,
+                                         "error_frames": 0, "remote_frames": 0, "rx_overflow": 0, "quota_dropped": 0}
         self.storage_error: str | None = None  # why the outbox cannot store now (None: it can)
         self._store_failures_at_error = 0
         self._stores_since_error = 0
@@ -229,6 +229,10 @@ class Agent:
                 self.counters["store_failures"] += 1
                 self._stores_since_error = 0
                 self._storage_failed(exc)
+            except Exception:  # one bad batch must never stop the collector (it would stop all collection)
+                self.counters["batches_failed"] += 1
+                if self.counters["batches_failed"] == 1:
+                    log.exception("a batch of grant %s could not be sealed and was dropped", grant.id)
             else:
                 self.counters["batches"] += 1
                 if self.storage_error is not None:
@@ -420,15 +424,18 @@ class Agent:
     # -- main loop ----------------------------------------------------------------------------------
 
     def _check_consent_file(self) -> None:
+        """A document handed over by `vgw consent apply` (the inbox file): verify and apply it, then remove it.
+
+        Only this process writes consent.jws while it runs, so a hand-over can never overwrite a newer
+        document that arrived over MQTT meanwhile; a rejected hand-over is reported once, not in a loop.
+        """
+        token = self.store.read_inbox()
+        if token is None:
+            return
         try:
-            token = self.store.read_token()
-        except StorageError:
-            return
-        in_force = self.manager.in_force
-        if token is None or (in_force is not None and token == in_force.token):
-            return
-        # Written by `vgw consent apply` (already verified there); verify again before it takes effect.
-        self.manager.apply(token, source="file")
+            self.manager.apply(token, source="file")
+        finally:
+            self.store.clear_inbox()
         self.uplink.wake()
 
     def _retention(self) -> None:
@@ -492,6 +499,8 @@ class Agent:
                 self._flush_due()  # no collector thread to do it
             collector_alive = self._collector is None or self._collector.is_alive() or self._source_done.is_set()
             if self._obd is not None and not self._obd.is_alive():
+                collector_alive = False
+            if not self.uplink.is_alive():
                 collector_alive = False
             self.healthy = collector_alive
             if wd is not None and self.healthy and now - last_wd >= wd:

@@ -99,6 +99,9 @@ class Uplink:
         self._thread = threading.Thread(target=self._run, name="vgw-uplink", daemon=True)
         self._thread.start()
 
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def wake(self) -> None:
         """New rows or receipts are waiting."""
         self._wake.set()
@@ -124,19 +127,28 @@ class Uplink:
     def _run(self) -> None:
         delay = self.cfg.backoff_min_s
         while not self._stop.is_set():
-            client = self._connect()
-            if client is None:
-                # Full jitter (AWS architecture blog): spreads a fleet's reconnects after a broker outage.
-                sleep = random.uniform(self.cfg.backoff_min_s, delay)
-                self._stop.wait(sleep)
-                delay = min(self.cfg.backoff_max_s, delay * 2)
-                continue
-            delay = self.cfg.backoff_min_s
             try:
-                self._serve(client)
-            finally:
-                self._teardown(client)
+                delay = self._cycle(delay)
+            except Exception:  # the uplink must outlive any single failure: log it, back off, go on
+                log.exception("uplink: unexpected error; reconnecting")
+                self.state = "offline"
+                self._stop.wait(delay)
+                delay = min(self.cfg.backoff_max_s, delay * 2)
         self.state = "offline"
+
+    def _cycle(self, delay: float) -> float:
+        """One connection: connect (or back off), serve until it drops. Returns the next backoff."""
+        client = self._connect()
+        if client is None:
+            # Full jitter (AWS architecture blog): spreads a fleet's reconnects after a broker outage.
+            sleep = random.uniform(self.cfg.backoff_min_s, delay)
+            self._stop.wait(sleep)
+            return min(self.cfg.backoff_max_s, delay * 2)
+        try:
+            self._serve(client)
+        finally:
+            self._teardown(client)
+        return self.cfg.backoff_min_s
 
     def _new_client(self) -> mqtt.Client:
         client = mqtt.Client(

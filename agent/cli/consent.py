@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from agent.consent.store import ConsentStore
 from agent.errors import ConfigError
 
 
@@ -77,13 +78,17 @@ def cmd_apply(args: argparse.Namespace) -> int:
                 if manager.in_force is not None and consent is manager.in_force:
                     print(f"consent v{consent.ver} is already in force")
                     return 0
-                store.write_token(consent.token)
-                store.raise_floor(consent.iat)
-                if _wait_for_agent(cfg.state_dir, consent.ver, timeout=5.0):
+                store.write_inbox(consent.token)
+                outcome = _wait_for_agent(store, cfg.state_dir, consent.ver, timeout=5.0)
+                if outcome == "applied":
                     print(f"consent v{consent.ver} applied by the running agent ({len(consent.grants)} grant(s))")
-                else:
-                    print(f"consent v{consent.ver} cached; the running agent has not confirmed it yet",
-                          file=sys.stderr)
+                    return 0
+                if outcome == "rejected":
+                    print(f"vgw consent apply: consent v{consent.ver} rejected by the running agent (a newer "
+                          "document arrived meanwhile; see `vgw audit show`)", file=sys.stderr)
+                    return 3
+                print(f"consent v{consent.ver} handed to the running agent; it has not confirmed it yet",
+                      file=sys.stderr)
                 return 0
             manager.load_cached()
             result = manager.apply(token, source="cli")
@@ -105,19 +110,29 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
-def _wait_for_agent(state_dir: Path, ver: int, timeout: float) -> bool:
+def _wait_for_agent(store: ConsentStore, state_dir: Path, ver: int, timeout: float) -> str:
+    """"applied", "rejected" (the agent took the hand-over and did not apply it) or "pending"."""
     from agent.runtime import STATUS_FILE
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             status = json.loads((state_dir / STATUS_FILE).read_text())
-            if status.get("consent_version") == ver:
-                return True
         except (OSError, ValueError):
-            pass
+            status = {}
+        in_force = status.get("consent_version")
+        if in_force == ver:
+            return "applied"
+        if store.read_inbox() is None:
+            # Taken by the agent; give its status file a moment to show the outcome.
+            time.sleep(0.6)
+            try:
+                status = json.loads((state_dir / STATUS_FILE).read_text())
+            except (OSError, ValueError):
+                status = {}
+            return "applied" if status.get("consent_version") == ver else "rejected"
         time.sleep(0.1)
-    return False
+    return "pending"
 
 
 def cmd_show(args: argparse.Namespace) -> int:

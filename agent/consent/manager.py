@@ -22,7 +22,7 @@ from agent.consent.model import Consent, Grant
 from agent.consent.store import ConsentStore
 from agent.consent.verifier import peek_version, verify_consent
 from agent.crypto.receipts import ReceiptSigner
-from agent.errors import ConfigError, ConsentError, SignatureError
+from agent.errors import ConfigError, ConsentError, SignatureError, StorageError
 from agent.outbox import Erasure, Outbox
 
 log = logging.getLogger("vgw.consent")
@@ -109,11 +109,18 @@ class ConsentManager:
             # floor instead (an expired document stays the one in force, as expired).
             consent = verify_consent(token, trust_keys=self.trust_keys, device=self.device,
                                      now=float(_claim_int(token, "iat")))
-        except (ConsentError, ValueError, IndexError, KeyError) as exc:
+        except (ConsentError, ValueError, IndexError, KeyError, TypeError) as exc:
             reason = exc.reason if isinstance(exc, ConsentError) else "malformed"
             log.warning("cached consent no longer verifies (%s): nothing is in force", reason)
             if audit:
-                self.audit.append("consent-cache-invalid", reason=reason)
+                self._audit("consent-cache-invalid", reason=reason)
+            return None, False
+        if consent.ver < self.store.max_ver:
+            # The cache holds an older version than one applied here before: a rollback of the file.
+            log.warning("cached consent v%d is older than v%d applied before: nothing is in force", consent.ver,
+                        self.store.max_ver)
+            if audit:
+                self._audit("consent-cache-invalid", reason="version-rollback", ver=consent.ver)
             return None, False
         return consent, self.store.now() >= consent.exp
 
@@ -153,23 +160,26 @@ class ConsentManager:
         if revoked and self.on_revoke is not None:
             self.on_revoke(revoked)
         self.outbox.set_active_grants(set(new_ids))
-        # 2. Cache the document (atomic) and raise the clock floor to its iat.
+        # 2. Wipe what was revoked on disk (key first, then rows) before anything else can fail.
+        wiped = {gid: self.outbox.erase_grant(gid) for gid in sorted(revoked)}
+        # 3. Cache the document (atomic), raise the clock floor to its iat and remember its version.
         self.store.write_token(consent.token)
         self.store.raise_floor(consent.iat)
+        self.store.record_version(consent.ver)
         self.in_force = consent
         self.expired = False
         # Grant metadata (no personal data) so the privacy report can name revoked grants later.
-        entry = self.audit.append("consent-applied", ver=consent.ver, source=source,
-                                  grants=[{"id": g.id, "scopes": list(g.scopes), "controller": g.controller,
-                                           "purpose": g.purpose, "retention_s": g.retention_s}
-                                          for g in consent.grants],
-                                  iat=consent.iat, exp=consent.exp, previous=old.ver if old else None)
+        entry = self._audit("consent-applied", ver=consent.ver, source=source,
+                            grants=[{"id": g.id, "scopes": list(g.scopes), "controller": g.controller,
+                                     "purpose": g.purpose, "retention_s": g.retention_s}
+                                    for g in consent.grants],
+                            iat=consent.iat, exp=consent.exp, previous=old.ver if old else None)
         self.outbox.queue_receipt(self._sign("consent-applied", entry, ver=consent.ver))
         log.info("consent v%d applied from %s: %d grant(s)", consent.ver, source, len(consent.grants))
         if self.on_change is not None:
             self.on_change()
-        # 3. Erase what was revoked: key, rows, then the receipt.
-        erasures = [self._erase(gid, reason="revoked", ver=consent.ver) for gid in sorted(revoked)]
+        # 4. Record each erasure and send its receipt: memory, rows and key are gone by now.
+        erasures = [self._erase(gid, reason="revoked", ver=consent.ver, done=wiped[gid]) for gid in sorted(revoked)]
         return ApplyResult("applied", consent, revoked=erasures)
 
     def reject(self, exc: ConsentError, *, source: str, token: str | bytes | None = None) -> None:
@@ -177,8 +187,7 @@ class ConsentManager:
         claims: dict[str, object] = {"reason": exc.reason, "detail": str(exc)[:300]}
         if ver is not None:
             claims["ver"] = ver
-        entry = self.audit.append("consent-rejected", source=source, reason=exc.reason, ver=ver,
-                                  detail=str(exc)[:300])
+        entry = self._audit("consent-rejected", source=source, reason=exc.reason, ver=ver, detail=str(exc)[:300])
         self.outbox.queue_receipt(self._sign("consent-rejected", entry, **claims))
         log.warning("%s (from %s)", exc, source)
 
@@ -201,7 +210,7 @@ class ConsentManager:
         if ids and self.on_revoke is not None:
             self.on_revoke(ids)
         self.outbox.set_active_grants(set())
-        self.audit.append("consent-expired", ver=self.in_force.ver, exp=self.in_force.exp)
+        self._audit("consent-expired", ver=self.in_force.ver, exp=self.in_force.exp)
         log.info("consent v%d expired: every grant stops", self.in_force.ver)
         if self.on_change is not None:
             self.on_change()
@@ -209,20 +218,28 @@ class ConsentManager:
 
     # -- erasure ------------------------------------------------------------------------------------
 
-    def _erase(self, grant_id: str, *, reason: str, ver: int | None = None) -> Erasure:
+    def _erase(self, grant_id: str, *, reason: str, ver: int | None = None, done: Erasure | None = None) -> Erasure:
         if ver is None:
             ver = self.in_force.ver if self.in_force else 0
-        self.audit.append("grant-stopped", grant=grant_id, reason=reason, ver=ver)
-        erasure = self.outbox.erase_grant(grant_id)
-        self.audit.append("key-destroyed", grant=grant_id)
-        entry = self.audit.append("erasure-done", grant=grant_id, batches_deleted=erasure.batches_deleted,
-                                  reason=reason)
+        # The data go first: a failing audit log must never leave a revoked grant's key or rows behind.
+        erasure = done if done is not None else self.outbox.erase_grant(grant_id)
+        self._audit("grant-stopped", grant=grant_id, reason=reason, ver=ver)
+        self._audit("key-destroyed", grant=grant_id)
+        entry = self._audit("erasure-done", grant=grant_id, batches_deleted=erasure.batches_deleted, reason=reason)
         # Only now, with memory, rows and key gone, is the receipt signed and queued (CONTRACT §7).
         self.outbox.queue_receipt(self._sign("erasure", entry, grant=grant_id, ver=ver,
                                              batches_deleted=erasure.batches_deleted, key_destroyed=True,
                                              reason=reason))
         log.info("grant %s %s: %d batch(es) deleted, data key destroyed", grant_id, reason, erasure.batches_deleted)
         return erasure
+
+    def _audit(self, event: str, **fields: object) -> dict[str, object]:
+        """Append to the audit log; a failing log is reported but never stops an erasure or a decision."""
+        try:
+            return self.audit.append(event, **fields)
+        except StorageError as exc:
+            log.error("audit entry %s not written: %s", event, exc)
+            return {"n": None, "hash": None}
 
 
 def _audit_anchor(entry: dict[str, object]) -> dict[str, object]:

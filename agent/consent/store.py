@@ -17,6 +17,7 @@ from agent.errors import StorageError
 from agent.fsutil import atomic_write
 
 CONSENT_FILE = "consent.jws"
+INBOX_FILE = "consent.inbox.jws"  # `vgw consent apply` hands a document to the running agent here
 CLOCK_FILE = "clock.json"
 
 
@@ -24,8 +25,9 @@ class ConsentStore:
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
         self.consent_path = state_dir / CONSENT_FILE
+        self.inbox_path = state_dir / INBOX_FILE
         self.clock_path = state_dir / CLOCK_FILE
-        self._floor = self._read_floor()
+        self._floor, self._max_ver = self._read_clock()
         self._persisted_floor = self._floor
 
     # -- the document -------------------------------------------------------------------------------
@@ -41,6 +43,25 @@ class ConsentStore:
     def write_token(self, token: str) -> None:
         atomic_write(self.consent_path, token.encode("ascii") + b"\n", mode=0o600)
 
+    # -- the hand-over inbox (only the running agent reads and removes it) ---------------------------
+
+    def write_inbox(self, token: str) -> None:
+        atomic_write(self.inbox_path, token.encode("ascii") + b"\n", mode=0o600)
+
+    def read_inbox(self) -> str | None:
+        try:
+            return self.inbox_path.read_text(encoding="ascii").strip() or None
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError):
+            return "\x00unreadable"  # still handed to the verifier, which rejects it as malformed
+
+    def clear_inbox(self) -> None:
+        try:
+            self.inbox_path.unlink()
+        except FileNotFoundError:
+            pass
+
     def token_mtime(self) -> float | None:
         try:
             return self.consent_path.stat().st_mtime_ns / 1e9
@@ -49,14 +70,27 @@ class ConsentStore:
 
     # -- the clock ----------------------------------------------------------------------------------
 
-    def _read_floor(self) -> float:
+    def _read_clock(self) -> tuple[float, int]:
         try:
             doc = json.loads(self.clock_path.read_text(encoding="utf-8"))
-            return float(doc.get("floor", 0.0))
+            return float(doc.get("floor", 0.0)), int(doc.get("max_ver", 0))
         except FileNotFoundError:
-            return 0.0
+            return 0.0, 0
         except (OSError, ValueError, TypeError, AttributeError):
-            return 0.0  # a corrupt clock file only loses rollback protection back to wall time
+            return 0.0, 0  # a corrupt clock file only loses rollback protection back to wall time
+
+    def _read_floor(self) -> float:
+        return self._read_clock()[0]
+
+    @property
+    def max_ver(self) -> int:
+        """The highest consent version ever applied here: a cached document below it is a rollback."""
+        return max(self._max_ver, self._read_clock()[1])
+
+    def record_version(self, ver: int) -> None:
+        if ver > self._max_ver:
+            self._max_ver = ver
+        self.persist()
 
     @property
     def floor(self) -> float:
@@ -81,7 +115,8 @@ class ConsentStore:
         self._floor = current
         if current - self._persisted_floor < min_step_s and self.clock_path.exists():
             return
-        atomic_write(self.clock_path, json.dumps({"floor": current}).encode(), mode=0o600)
+        self._max_ver = max(self._max_ver, self._read_clock()[1])
+        atomic_write(self.clock_path, json.dumps({"floor": current, "max_ver": self._max_ver}).encode(), mode=0o600)
         self._persisted_floor = current
 
     def _read_floor_if_newer(self) -> float:

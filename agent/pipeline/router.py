@@ -104,16 +104,24 @@ class Pipeline:
             "signals_short": 0,
             "samples": 0,
             "samples_rate_limited": 0,
+            "samples_not_finite": 0,
         }
 
     def swap(self, grants: tuple[Grant, ...]) -> list[str]:
         """Route for ``grants`` from now on. Returns ids of grants whose open batches were dropped."""
         dropped = [gid for gid in self.batches if gid not in {g.id for g in grants}]
-        keep = {g.id: self.batches.get(g.id) or GrantBatch(g) for g in grants}
+        keep: dict[str, GrantBatch] = {}
+        for g in grants:
+            batch = self.batches.get(g.id)
+            if batch is not None and batch.grant != g:
+                # Same id, new terms (scopes, limits, recipient, controller): what was collected under the old
+                # terms must not leave under the new ones.
+                batch.samples.clear()
+                batch.last_kept.clear()
+                batch.grant = g
+            keep[g.id] = batch if batch is not None else GrantBatch(g)
         for gid in dropped:
             self.batches[gid].samples.clear()  # in-memory data of a revoked grant go at once
-        for gid, batch in keep.items():
-            batch.grant = next(g for g in grants if g.id == gid)
         self.batches = keep
         self.router = Router(self.catalogue, grants, self.batches)
         self._parts.clear()
@@ -175,6 +183,9 @@ class Pipeline:
                 self.counters["samples_rate_limited"] += 1
                 return False
             batch.last_kept[path] = t
+        if isinstance(value, float) and not math.isfinite(value):
+            self.counters["samples_not_finite"] += 1  # NaN/Inf from a float signal: no JSON for it, no meaning
+            return False
         if precision_m and coord:
             snapped = self._snap(coord, float(value), precision_m)
             if snapped is None:

@@ -104,3 +104,17 @@ def test_audit_log_appends_after_an_entry_larger_than_any_read_block(tmp_path: P
     log.append("after")
     result = log.verify()
     assert result.ok and result.entries == 3
+
+
+def test_a_replayed_rejected_document_is_counted_not_logged_again(tmp_path: Path, pki) -> None:
+    authority = DocAuthority(tmp_path)
+    state = State(tmp_path, pki, authority)
+    try:
+        bad = authority.doc("dev-0002", 1, [authority.grant("g1", ["read_odometer"])])  # another device's
+        for _ in range(50):
+            assert state.manager.apply(bad, source="mqtt").status == "rejected"
+        assert len(state.events("consent-rejected")) == 1
+        assert len(state.receipts("consent-rejected")) == 1
+        assert state.manager.repeated_rejections == 49
+    finally:
+        state.close()

@@ -9,6 +9,8 @@ no agent runs.
 
 from __future__ import annotations
 
+import collections
+import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +28,8 @@ from agent.errors import ConfigError, ConsentError, SignatureError, StorageError
 from agent.outbox import Erasure, Outbox
 
 log = logging.getLogger("vgw.consent")
+
+REJECTED_MEMORY = 256  # how many rejected documents are remembered (by digest) to ignore their replays
 
 # Called with the grant ids that stop, before anything is erased on disk: the runtime stops collecting
 # them and drops their in-memory batches.
@@ -75,6 +79,10 @@ class ConsentManager:
         self.on_revoke = on_revoke
         self.on_change = on_change
         self.in_force: Consent | None = None
+        # Digests of documents already rejected: a replayed copy (a flood of the same bad document on the
+        # consent topic) is counted, not audited and receipted again, so it cannot fill the disk.
+        self._rejected: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self.repeated_rejections = 0
         self.expired = False
 
     # -- what is in force ---------------------------------------------------------------------------
@@ -183,6 +191,16 @@ class ConsentManager:
         return ApplyResult("applied", consent, revoked=erasures)
 
     def reject(self, exc: ConsentError, *, source: str, token: str | bytes | None = None) -> None:
+        if token is not None:
+            digest = hashlib.sha256(token if isinstance(token, bytes) else token.encode("utf-8", "replace")).hexdigest()
+            if digest in self._rejected:
+                self._rejected.move_to_end(digest)
+                self.repeated_rejections += 1
+                log.debug("the same rejected consent document again (%s): counted only", exc.reason)
+                return
+            self._rejected[digest] = None
+            if len(self._rejected) > REJECTED_MEMORY:
+                self._rejected.popitem(last=False)
         ver = exc.version if exc.version is not None else (peek_version(token) if token is not None else None)
         claims: dict[str, object] = {"reason": exc.reason, "detail": str(exc)[:300]}
         if ver is not None:

@@ -265,22 +265,10 @@ class Mosquitto(ServerProcess):
 
     def _try_start(self, port: int, timeout: float) -> tuple[bool, str]:
         self._write_config(port)
-        start_offset = self._spawn([self._binary, "-c", str(self.conf_path)])
-        assert self._proc is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                log = self._log_since(start_offset)
-                self._reap()
-                return False, f"exit code {self._proc.returncode if self._proc else '?'}: {log}"
-            # mosquitto logs "... running" once its listeners are open; reading the log instead of probing
-            # the port keeps failed-handshake noise out of the log.
-            if _RUNNING in self._log_since(start_offset) and self._accepts(port):
-                return True, ""
-            time.sleep(0.02)
-        log = self._log_since(start_offset)
-        self._stop_process()
-        return False, f"not listening on {self.host}:{port} after {timeout:.0f}s: {log}"
+        # mosquitto logs "... running" once its listeners are open; reading the log instead of probing the
+        # port keeps failed-handshake noise out of the log.
+        return self._launch([self._binary, "-c", str(self.conf_path)],
+                            lambda text: _RUNNING in text and self._accepts(port), timeout)
 
     def _accepts(self, port: int) -> bool:
         # The process is alive and said it is running: check that something listens on the port without

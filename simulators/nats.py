@@ -270,21 +270,8 @@ class NatsMqtt(ServerProcess):
 
     def _try_start(self, port: int, client_port: int, timeout: float) -> tuple[bool, str]:
         self._write_config(port, client_port)
-        offset = self._spawn([self._binary, "-c", str(self.conf_path)])
-        assert self._proc is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                text = self._log_since(offset)
-                self._reap()
-                return False, f"exit code {self._proc.returncode}: {text}"
-            text = self._log_since(offset)
-            if _READY in text and "Listening for MQTT clients" in text:
-                return True, ""
-            time.sleep(0.02)
-        text = self._log_since(offset)
-        self._stop_process()
-        return False, f"not ready on {self.host}:{port} after {timeout:.0f}s: {text}"
+        return self._launch([self._binary, "-c", str(self.conf_path)],
+                            lambda text: _READY in text and "Listening for MQTT clients" in text, timeout)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import IO, TypeVar
@@ -75,13 +77,28 @@ class ServerProcess:
 
     # -- process helpers ------------------------------------------------------------------------------
 
-    def _spawn(self, argv: list[str]) -> int:
-        """Start the process with stdout/stderr appended to the log; returns the log offset at start."""
+    def _launch(self, argv: list[str], ready: Callable[[str], bool], timeout: float) -> tuple[bool, str]:
+        """Start the process (output appended to the log) and wait until ``ready(log since start)``.
+
+        Returns (True, "") once ready, or (False, why) if it exited or was not ready within ``timeout``
+        (then it is stopped).
+        """
         self._log_fh = open(self.log_path, "ab")
         offset = self._log_fh.tell()
-        self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._log_fh,
-                                      stderr=subprocess.STDOUT, close_fds=True)
-        return offset
+        proc = self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._log_fh,
+                                             stderr=subprocess.STDOUT, close_fds=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                text = self._log_since(offset)
+                self._reap()
+                return False, f"exit code {proc.returncode}: {text}"
+            if ready(self._log_since(offset)):
+                return True, ""
+            time.sleep(0.02)
+        text = self._log_since(offset)
+        self._stop_process()
+        return False, f"not ready on {self.host} after {timeout:.0f}s: {text}"
 
     def _log_since(self, offset: int) -> str:
         try:

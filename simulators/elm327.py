@@ -32,24 +32,13 @@ import tty
 from collections.abc import Iterable
 from typing import Any
 
+from agent.obd.elm327 import PROTOCOL_NAMES
 from simulators.obd_ecu import ObdEcus, VehicleLike
 
 IDENT = "ELM327 v1.5"
 CLONE_IDENT = "ELM327 v2.1"
-PROTOCOLS = {
-    "1": "SAE J1850 PWM",
-    "2": "SAE J1850 VPW",
-    "3": "ISO 9141-2",
-    "4": "ISO 14230-4 (KWP 5BAUD)",
-    "5": "ISO 14230-4 (KWP FAST)",
-    "6": "ISO 15765-4 (CAN 11/500)",
-    "7": "ISO 15765-4 (CAN 29/500)",
-    "8": "ISO 15765-4 (CAN 11/250)",
-    "9": "ISO 15765-4 (CAN 29/250)",
-    "A": "SAE J1939 (CAN 29/250)",
-    "B": "USER1 CAN (11* /125)",
-    "C": "USER2 CAN (11* /50)",
-}
+# The ELM327 protocol numbers and the names ATDP answers (ELM327 data sheet): one table, the client's.
+PROTOCOLS = PROTOCOL_NAMES
 SIMULATED_CAR_PROTOCOLS = ("3", "6", "7", "8", "9")
 SCENARIOS = ("normal", "engine-off", "unplugged", "clone", "slow", "no-auto")
 CLONE_REJECTS = frozenset({"S0", "S1", "DPN", "@1", "AT0", "AT1", "AT2"})

@@ -31,8 +31,6 @@ import ssl
 import time
 from typing import TYPE_CHECKING, Any
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
@@ -70,6 +68,7 @@ from simulators.envelopes import (
     seal_envelope,
     verify_receipt,
 )
+from simulators.mqttclient import make_client, tls_context
 
 if TYPE_CHECKING:
     from simulators.broker import Mosquitto
@@ -155,19 +154,8 @@ class CloudPeer(CloudRecorder):
         self._started = False
         self._closed = False
 
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_verify_locations(cafile=os.fspath(ca_file))
-        ctx.load_cert_chain(os.fspath(cert_file), os.fspath(key_file))
-        v5 = protocol == "5"
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
-            # MQTT 3.1.1 (e.g. the NATS server): the session is kept with clean_session=False.
-            clean_session=None if v5 else not persistent,
-        )
-        client.tls_set_context(ctx)
+        # MQTT 3.1.1 (e.g. the NATS server): the session is kept with clean_session=False.
+        client = make_client(client_id, protocol, tls_context(ca_file, cert_file, key_file), persistent)
         client.reconnect_delay_set(1, 4)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect

@@ -9,7 +9,6 @@ Errors: :class:`~agent.errors.UplinkError` (broker refused or silent), :class:`s
 from __future__ import annotations
 
 import json
-import os
 import ssl
 import threading
 import time
@@ -20,11 +19,11 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric import ec
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from agent.errors import UplinkError
 from simulators.cloud import EnvelopeError, HpkePrivateKey, ReceiptError, open_envelope, verify_receipt
 from simulators.cloudkit import CloudKitError
+from simulators.mqttclient import make_client, tls_context
 
 __all__ = ["BrokerOptions", "CloudLink", "Listener"]
 
@@ -75,18 +74,11 @@ class CloudLink:
         self._subscriptions: list[tuple[str, int]] = []
 
     def _make(self) -> mqtt.Client:
-        v5 = self.protocol == "5"
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.opts.client_id,
-                             protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
-                             clean_session=None if v5 else not self.opts.persistent)
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         try:
-            ctx.load_verify_locations(cafile=os.fspath(self.opts.ca_file))
-            ctx.load_cert_chain(os.fspath(self.opts.cert_file), os.fspath(self.opts.key_file))
+            ctx = tls_context(self.opts.ca_file, self.opts.cert_file, self.opts.key_file)
         except (OSError, ssl.SSLError) as exc:
             raise CloudKitError(f"TLS files {self.opts.ca_file}, {self.opts.cert_file}: {exc}") from exc
-        client.tls_set_context(ctx)
+        client = make_client(self.opts.client_id, self.protocol, ctx, self.opts.persistent)
         client.reconnect_delay_set(1, 4)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect

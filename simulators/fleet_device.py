@@ -15,15 +15,14 @@ import selectors
 import ssl
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import jwt
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from simulators.cloud import recipient_public_key, seal_envelope
+from simulators.mqttclient import make_client, tls_context
 
 log = logging.getLogger("vgw.fleet")
 
@@ -32,23 +31,6 @@ __all__ = ["PREFIX", "SimDevice", "Worker", "connect_client", "make_client", "tl
 PREFIX = "vgw"
 _PATHS = ("Vehicle.Speed", "Vehicle.TraveledDistance", "Vehicle.Powertrain.FuelSystem.RelativeLevel",
           "Vehicle.Cabin.HVAC.AmbientAirTemperature", "Vehicle.Powertrain.CombustionEngine.Speed")
-
-
-def tls_context(ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_verify_locations(cafile=str(ca))
-    ctx.load_cert_chain(str(cert), str(key))
-    return ctx
-
-
-def make_client(client_id: str, protocol: str, ctx: ssl.SSLContext, persistent: bool) -> mqtt.Client:
-    v5 = protocol == "5"
-    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                    protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
-                    clean_session=None if v5 else not persistent)
-    c.tls_set_context(ctx)
-    return c
 
 
 def connect_client(c: mqtt.Client, host: str, port: int, protocol: str, persistent: bool) -> None:

@@ -48,13 +48,6 @@ class Catalogue:
     messages: dict[int, Message]  # frame id -> cantools message (only messages with a mapped signal)
     specs: tuple[SignalSpec, ...]
 
-    def specs_for_scopes(self, scopes: Iterable[str]) -> list[SignalSpec]:
-        wanted = set(scopes)
-        return [s for s in self.specs if s.scope in wanted]
-
-    def paths_for_scope(self, scope: str) -> frozenset[str]:
-        return frozenset(s.path for s in self.specs if s.scope == scope)
-
     def scope_of_path(self) -> dict[str, str]:
         return {s.path: s.scope for s in self.specs}
 

@@ -480,14 +480,6 @@ class Outbox:
                            (grant_id, created_before)).rowcount
         return int(n)
 
-    def drop_oldest(self, grant_id: str, count: int = 1) -> int:
-        with self._tx() as db:
-            n = db.execute(
-                "DELETE FROM batches WHERE id IN (SELECT id FROM batches WHERE grant_id = ? ORDER BY id LIMIT ?)",
-                (grant_id, count),
-            ).rowcount
-        return int(n)
-
     # -- receipts -----------------------------------------------------------------------------------
 
     def queue_receipt(self, token: str) -> int:

@@ -21,7 +21,3 @@ SCOPES: frozenset[str] = frozenset(
         "read_climate",
     }
 )
-
-
-def is_known(scope: str) -> bool:
-    return scope in SCOPES

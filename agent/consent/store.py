@@ -62,12 +62,6 @@ class ConsentStore:
         except FileNotFoundError:
             pass
 
-    def token_mtime(self) -> float | None:
-        try:
-            return self.consent_path.stat().st_mtime_ns / 1e9
-        except FileNotFoundError:
-            return None
-
     # -- the clock ----------------------------------------------------------------------------------
 
     def _read_clock(self) -> tuple[float, int]:
@@ -111,14 +105,10 @@ class ConsentStore:
 
     def persist(self, *, min_step_s: float = 0.0) -> None:
         """Write the floor if it moved by at least ``min_step_s`` since the last write."""
-        current = max(self._floor, self._read_floor_if_newer())
+        current = max(self._floor, self._read_floor())  # another vgw process may have raised it
         self._floor = current
         if current - self._persisted_floor < min_step_s and self.clock_path.exists():
             return
         self._max_ver = max(self._max_ver, self._read_clock()[1])
         atomic_write(self.clock_path, json.dumps({"floor": current, "max_ver": self._max_ver}).encode(), mode=0o600)
         self._persisted_floor = current
-
-    def _read_floor_if_newer(self) -> float:
-        # Another vgw process (consent apply) may have raised it.
-        return self._read_floor()

@@ -54,15 +54,3 @@ def batch_plaintext(device: str, grant: str, seq: int, samples: Sequence[dict[st
 def seal(kem: str, recipient: RecipientKey, device: str, grant: str, plaintext: bytes) -> bytes:
     """Seal an already-compressed plaintext into an envelope."""
     return bytes([ENVELOPE_VERSION]) + _SUITES[kem].encrypt(plaintext, recipient, info=hpke_info(device, grant))
-
-
-def open_envelope(payload: bytes, kem: str, private_key: Any, device: str, grant: str) -> dict[str, Any]:
-    """Open an envelope (the cloud side; used by tests and the reference peer). Raises ValueError."""
-    if not payload or payload[0] != ENVELOPE_VERSION:
-        raise ValueError("unknown envelope version")
-    try:
-        plain = _SUITES[kem].decrypt(payload[1:], private_key, info=hpke_info(device, grant))
-    except Exception as exc:
-        raise ValueError("envelope does not decrypt") from exc
-    doc: dict[str, Any] = json.loads(zlib.decompress(plain))
-    return doc

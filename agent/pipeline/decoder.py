@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -267,7 +267,3 @@ def decode_all(message: Message, data: bytes) -> dict[str, int | float]:
     dec = MessageDecoder(message, [(s.name, s.name) for s in message.signals])
     values, _ = dec.decode(data)
     return {str(k): v for k, v in values}
-
-
-def signal_names(message: Message) -> Sequence[str]:
-    return [s.name for s in message.signals]

@@ -11,6 +11,8 @@ from typing import Protocol
 
 import can
 
+from agent.config import CanConfig
+
 
 class FrameSource(Protocol):
     """What the collector needs of a source."""
@@ -41,5 +43,3 @@ def open_source(can_cfg: CanConfig) -> FrameSource:
 
     return BusSource(can_cfg.interface, can_cfg.channel, can_cfg.bitrate)
 
-
-from agent.config import CanConfig  # noqa: E402  (kept at the end: config must not import sources)

@@ -214,6 +214,12 @@ class Outbox:
         except sqlite3.DatabaseError:
             pass  # SQLite already rolled back (e.g. after SQLITE_FULL) or the file is gone
 
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold off every other use of the outbox (erasures included) while the caller reads and acts."""
+        with self._lock:
+            yield
+
     def close(self) -> None:
         with self._lock:
             self._data_keys.clear()

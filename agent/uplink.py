@@ -336,7 +336,7 @@ class Uplink:
         busy_rows = {v[1].id for v in inflight.values() if v[0] == "batch"}
         # The outbox lock is held across read and publish so a concurrent erasure either happens before
         # (rows gone) or after (already handed to the socket: "already sent").
-        with self.outbox._lock:
+        with self.outbox.exclusive():
             for row in self.outbox.pending(room - sent, busy_rows):
                 mid = self._publish(client, self.topic_data + row.grant_id, row.payload)
                 if mid is None:

@@ -410,6 +410,7 @@ class Agent:
             "published": {"batches": self.uplink.published_batches, "receipts": self.uplink.published_receipts},
             "storage": {"ok": self.storage_error is None, "error": self.storage_error},
             "quota": self._quota_status(),
+            "obd": self._obd.health() if self._obd is not None else None,
             "counters": {**pipeline, **self.counters, "rx_overflow": self.counters["rx_overflow"] + live_overflow,
                          "connect_attempts": up.connect_attempts, "connect_failures": up.connect_failures,
                          "mqtt_queue_full": up.queue_full, "ack_store_failures": up.ack_store_failures},

@@ -108,10 +108,13 @@ def test_parse_answer_time_is_linear_in_a_huge_line() -> None:
     """A line as long as the client's answer cap, and 30 times that: time grows linearly, not worse."""
     def took(n: int) -> float:
         line = "7E8" + "21" * n
-        start = time.perf_counter()
-        for proto, headers in (("6", True), ("6", False), (None, True), ("3", True), ("3", False)):
-            parse_answer([line, "0:" + "41" * n, f"{n:03X}"[:3]], protocol=proto, headers=headers)
-        return time.perf_counter() - start
+        best = float("inf")
+        for _ in range(3):  # the best of three: a busy machine only ever adds time
+            start = time.perf_counter()
+            for proto, headers in (("6", True), ("6", False), (None, True), ("3", True), ("3", False)):
+                parse_answer([line, "0:" + "41" * n, f"{n:03X}"[:3]], protocol=proto, headers=headers)
+            best = min(best, time.perf_counter() - start)
+        return best
 
     small, big = took(16 * 1024), took(30 * 16 * 1024)
     assert big < 1.0 and big < 30 * max(small, 1e-4) * 4

@@ -93,7 +93,7 @@ def test_query_returns_by_its_deadline_while_bytes_keep_arriving(make_sim: Any, 
         sim.set_scenario(scenario)
         took, result = timed(lambda: elm.query(SPEED), 3.0, sim.close)
         assert isinstance(result, AnswerTimeout), result
-        assert took < 0.6 + 0.4
+        assert took < 0.6 + 0.8  # the deadline, one read timeout and a busy machine; never the stream
         assert "no prompt within 0.6 s after 010D" in str(result)
     finally:
         elm.close()
@@ -233,7 +233,7 @@ def test_isotp_repeated_first_frames_cannot_move_the_deadline_or_flood_flow_cont
     try:
         took, result = timed(lambda: transport.query(build_request(0x09, [0x02], scopes=NONE)), 8.0, ecus.close)
         assert result == {}  # no message ever completed
-        assert took < 0.5 + 0.3
+        assert took < 0.5 + 0.6
         assert wait_until(lambda: sum(ecus.flow_controls.values()) >= 2, 2.0)
         time.sleep(0.2)  # let any late flow control arrive before counting (a negative assertion)
         assert ecus.flow_controls == {0x7E0: 1, 0x7E1: 1}  # one per ECU per exchange
@@ -260,7 +260,7 @@ def test_isotp_a_chattering_ecu_does_not_stop_the_others_answering(channel: str)
     transport.open()
     try:
         took, result = timed(lambda: transport.query(SPEED), 8.0, ecus.close)
-        assert result == {0x7E8: b"\x41\x0d\x32"} and took < 0.8
+        assert result == {0x7E8: b"\x41\x0d\x32"} and took < 0.5 + 0.6
     finally:
         transport.close()
         stop.set()

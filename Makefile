@@ -11,12 +11,18 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 all: test
 
-# apt packages the project needs: mosquitto (the broker of the tests and the demo), and python3-venv
+# apt packages the project needs: mosquitto (the broker of the tests and the demo), nats-server (the cluster
+# tests), and python3-venv
 # where Debian splits it out.
 deps:
 	@if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then \
 		echo "installing mosquitto (apt-get)"; \
 		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq mosquitto; \
+	fi
+	@if ! command -v nats-server >/dev/null 2>&1 && [ ! -x /usr/sbin/nats-server ]; then \
+		echo "installing nats-server (apt-get): the NATS cluster tests"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq nats-server || \
+		echo "nats-server not installed: the NATS tests will be skipped"; \
 	fi
 	@if ! $(PYTHON) -c 'import ensurepip, venv' >/dev/null 2>&1; then \
 		echo "installing python3-venv (apt-get)"; \

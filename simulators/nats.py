@@ -24,6 +24,7 @@ Errors (``RuntimeError`` subclasses: a missing or failing test broker is an envi
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -32,7 +33,7 @@ import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from simulators.broker import HOST, BrokerError, BrokerStartError, free_port
 from simulators.server import ServerProcess
@@ -47,6 +48,11 @@ _STOP_TIMEOUT = 10.0
 _START_ATTEMPTS = 5
 _READY = "Server is ready"
 _BAD_ID = re.compile(r"[.*>\s]")
+
+STREAM = "VGW"
+"""The JetStream stream holding devices' telemetry and receipts (``deploy/nats/stream-vgw.json``)."""
+DURABLE = "vgw-workers"
+"""The durable pull consumer the cloud's listener workers share (``deploy/nats/consumer-vgw-workers.json``)."""
 
 
 class NatsNotFound(BrokerError):
@@ -83,6 +89,54 @@ def device_permissions(device: str, prefix: str = "vgw") -> str:
     )
 
 
+def telemetry_stream_config(prefix: str = "vgw", *, replicas: int = 3, name: str = STREAM) -> dict[str, Any]:
+    """The JetStream stream that keeps what devices publish for the cloud: ``<prefix>.*.data.>`` and
+    ``<prefix>.*.receipt`` (status is latest-value and stays retained MQTT). File storage, ``replicas``
+    copies (3 on a 3-node cluster: it survives a node), limits retention so a stopped consumer catches up.
+    """
+    _check_id(prefix)
+    return {
+        "name": name,
+        "subjects": [f"{prefix}.*.data.>", f"{prefix}.*.receipt"],
+        "retention": "limits",
+        "storage": "file",
+        "num_replicas": replicas,
+        "max_age": 7 * 24 * 3600 * 10**9,  # ns: a week of catch-up for a consumer that was down
+        "discard": "old",
+        "duplicate_window": 120 * 10**9,
+    }
+
+
+def telemetry_consumer_config(*, durable: str = DURABLE, ack_wait_s: float = 30.0,
+                              max_ack_pending: int = 10000) -> dict[str, Any]:
+    """The durable pull consumer that ``vgw cloud listen --nats`` workers share: explicit acks, a batch not
+    acknowledged within ``ack_wait_s`` goes to another worker, delivery starts with the stream's first
+    message (a new consumer reads the history the stream still holds)."""
+    return {
+        "durable_name": durable,
+        "deliver_policy": "all",
+        "ack_policy": "explicit",
+        "ack_wait": int(ack_wait_s * 10**9),
+        "max_ack_pending": max_ack_pending,
+        "max_deliver": -1,
+        "replay_policy": "instant",
+    }
+
+
+def cloud_permissions(prefix: str = "vgw", stream: str = STREAM) -> str:
+    """The cloud user's ``permissions`` block: everything under ``prefix`` (consent out, telemetry in), and
+    the JetStream API of the telemetry stream only (create/inspect it and its consumers, pull, acknowledge);
+    ``_INBOX.>`` for the API's replies. Other streams (the MQTT sessions' ``$MQTT_*``) stay out of reach."""
+    _check_id(prefix)
+    _check_id(stream)
+    api = "$JS.API"
+    pub = [f"{prefix}.>", f"{api}.INFO", f"{api}.STREAM.*.{stream}", f"{api}.CONSUMER.*.{stream}",
+           f"{api}.CONSUMER.*.{stream}.>", f"{api}.CONSUMER.*.*.{stream}.>", f"$JS.ACK.{stream}.>"]
+    sub = [f"{prefix}.>", "$MQTT.sub.>", "_INBOX.>"]
+    return (f"{{publish: {{allow: [{', '.join(json.dumps(x) for x in pub)}]}}, "
+            f"subscribe: {{allow: [{', '.join(json.dumps(x) for x in sub)}]}}}}")
+
+
 def authorization_block(devices: Iterable[str], *, prefix: str = "vgw",
                         cloud_users: Iterable[str] = ("cloud",)) -> str:
     """The ``authorization { users = [...] }`` block: one user per device certificate, plus the cloud.
@@ -93,10 +147,7 @@ def authorization_block(devices: Iterable[str], *, prefix: str = "vgw",
     users = []
     for cloud in cloud_users:
         _check_id(cloud)
-        users.append(
-            f'    {{user: "{cloud}", permissions: {{publish: {{allow: ["{prefix}.>"]}}, '
-            f'subscribe: {{allow: ["{prefix}.>", "$MQTT.sub.>"]}}}}}}'
-        )
+        users.append(f'    {{user: "{cloud}", permissions: {cloud_permissions(prefix)}}}')
     for device in devices:
         users.append(f'    {{user: "{device}", permissions: {device_permissions(device, prefix)}}}')
     return "\n".join(["authorization {", "  users = [", *users, "  ]", "}"]) + "\n"
@@ -115,11 +166,15 @@ def nats_config(
     cloud_users: Iterable[str] = ("cloud",),
     server_name: str = "vgw-nats",
     ack_wait: str = "5s",
+    cluster: str = "",
+    stream_replicas: int = 1,
     extra: str = "",
 ) -> str:
     """A nats-server config (text) for vgw: JetStream, MQTT over mutual TLS, one user per device certificate.
 
     ``ack_wait`` is how long the server waits for an MQTT PUBACK before it redelivers a QoS 1 message.
+    ``cluster`` is a ``cluster { ... }`` block (see :func:`cluster_block`); ``stream_replicas`` the replica
+    count of the MQTT session, retained and QoS 1 streams (3 on a 3-node cluster, so they survive a node).
     Raises ``ValueError`` for an invalid device id or prefix.
     """
     _check_id(prefix)
@@ -136,11 +191,13 @@ def nats_config(
             tls,
             f'jetstream {{ store_dir: "{store_dir}", max_memory_store: 268435456, max_file_store: 4294967296 }}',
             "max_payload: 1048576",
+            cluster,
             authorization_block(devices, prefix=prefix, cloud_users=cloud_users).rstrip("\n"),
             "mqtt {",
             f"  listen: {mqtt_listen}",
             f"  {tls}",
             f'  ack_wait: "{ack_wait}"',
+            f"  stream_replicas: {stream_replicas}",
             "}",
             extra,
         ]
@@ -173,6 +230,10 @@ class NatsMqtt(ServerProcess):
         ack_wait: str = "5s",
         workdir: str | os.PathLike[str] | None = None,
         binary: str | None = None,
+        server_name: str = "vgw-nats",
+        client_port: int | None = None,
+        cluster: str = "",
+        stream_replicas: int = 1,
     ) -> None:
         self._binary = binary or find_nats_server()
         self.host = HOST
@@ -185,7 +246,10 @@ class NatsMqtt(ServerProcess):
         self._cloud_users = list(cloud_users)
         self._ack_wait = ack_wait
         self._port: int | None = port
-        self._client_port: int | None = None
+        self._client_port: int | None = client_port
+        self.server_name = server_name
+        self._cluster = cluster
+        self._stream_replicas = stream_replicas
         self._own_workdir = workdir is None
         self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="vgw-nats-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -212,6 +276,18 @@ class NatsMqtt(ServerProcess):
     def devices(self) -> list[str]:
         return list(self._devices)
 
+    @property
+    def client_port(self) -> int:
+        """The NATS client port (mutual TLS too). Raises ``RuntimeError`` before the first :meth:`start`."""
+        if self._client_port is None:
+            raise RuntimeError("nats-server client port is not known before start()")
+        return self._client_port
+
+    @property
+    def nats_url(self) -> str:
+        """``tls://127.0.0.1:<client port>`` for NATS clients (the cloud's JetStream workers)."""
+        return f"tls://{self.host}:{self.client_port}"
+
     # ------------------------------------------------------------ lifecycle
 
     def _write_config(self, port: int, client_port: int) -> None:
@@ -226,6 +302,9 @@ class NatsMqtt(ServerProcess):
             prefix=self.prefix,
             cloud_users=self._cloud_users,
             ack_wait=self._ack_wait,
+            server_name=self.server_name,
+            cluster=self._cluster,
+            stream_replicas=self._stream_replicas,
         )
         tmp = self.conf_path.with_suffix(".tmp")
         tmp.write_text(text)

@@ -223,7 +223,9 @@ class Listener:
         self._emit = emit
         self.detect_gaps = detect_gaps
         self._lock = threading.Lock()
-        self._streams: dict[tuple[str, str], _Stream] = {}
+        # Keyed by (device, grant, epoch): a seq is unique within one outbox epoch (CONTRACT §6); a batch
+        # without an epoch (agents before epochs) has epoch "".
+        self._streams: dict[tuple[str, str, str], _Stream] = {}
         self._key_of: dict[tuple[str, str], str] = {}
         self.counts: dict[str, int] = {}
 
@@ -276,12 +278,13 @@ class Listener:
                        "detail": str(last) if last else "no recipient key", "arrived": arrived})
             return
         seq: int = batch["seq"]
+        epoch = str(batch.get("epoch", ""))
         events: list[dict[str, Any]] = []
         with self._lock:
-            st = self._streams.setdefault((device, grant), _Stream())
+            st = self._streams.setdefault((device, grant, epoch), _Stream())
             if seq in st.seen:
                 st.duplicates += 1
-                events.append({"type": "duplicate", "device": device, "grant": grant, "seq": seq,
+                events.append({"type": "duplicate", "device": device, "grant": grant, "epoch": epoch, "seq": seq,
                                "arrived": arrived})
             else:
                 # A first-seen seq above high + 1 means seqs in between were lost (or are late). The first
@@ -292,7 +295,7 @@ class Listener:
                                    "to": seq - 1, "arrived": arrived})
                 st.seen.add(seq)
                 st.high = max(st.high, seq)
-                events.append({"type": "batch", "device": device, "grant": grant, "seq": seq,
+                events.append({"type": "batch", "device": device, "grant": grant, "epoch": epoch, "seq": seq,
                                "samples": batch["samples"], "arrived": arrived, "bytes": len(payload)})
         for e in events:
             self._out(e)
@@ -324,7 +327,7 @@ class Listener:
         """Per stream: batches, duplicates, first and highest seq, missing ranges (if gap detection is on)."""
         with self._lock:
             streams = {}
-            for (d, g), st in sorted(self._streams.items()):
+            for (d, g, e), st in sorted(self._streams.items()):
                 lo = min(st.seen) if st.seen else 0
                 missing = [n for n in range(lo, st.high + 1) if n not in st.seen]
                 ranges: list[list[int]] = []
@@ -333,6 +336,6 @@ class Listener:
                         ranges[-1][1] = n
                     else:
                         ranges.append([n, n])
-                streams[f"{d}/{g}"] = {"batches": len(st.seen), "duplicates": st.duplicates, "first": lo,
+                streams[f"{d}/{g}" + (f"@{e}" if e else "")] = {"batches": len(st.seen), "duplicates": st.duplicates, "first": lo,
                                        "high": st.high, **({"missing": ranges} if self.detect_gaps else {})}
             return {"streams": streams, "events": dict(self.counts)}

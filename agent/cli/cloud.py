@@ -5,6 +5,7 @@
     vgw cloud push BROKER-OPTIONS DOC [DOC ...]
     vgw cloud revoke --key K --current DOC (--grant ID ... | --all) [-o OUT] [BROKER-OPTIONS]
     vgw cloud listen BROKER-OPTIONS --recipient FILE|DIR --device-cert FILE|DIR [--share GROUP] [--out FILE]
+    vgw cloud listen --nats HOST:PORT[,...] --ca CA --cert CERT --tls-key KEY --recipient ... [--durable NAME]
     vgw cloud verify-receipt --device-cert FILE|DIR FILE
 
 BROKER-OPTIONS: --broker HOST:PORT --ca CA --cert CERT --key KEY [--protocol auto|5|3.1.1] [--prefix vgw].
@@ -67,7 +68,17 @@ def register(subparsers: Any) -> None:
     r.set_defaults(func=run_revoke)
 
     li = sub.add_parser("listen", help="receive, decrypt and verify; print JSON lines")
-    _broker_options(li, required=True)
+    _broker_options(li, required=False)
+    js = li.add_argument_group("NATS JetStream (instead of --broker; needs nats-py: pip install 'vgw[cloud]')")
+    js.add_argument("--nats", metavar="HOST:PORT[,...]",
+                    help="NATS client port(s) of the cluster: workers share the durable pull consumer --durable "
+                         "on the stream --stream (created if missing), explicit acks (docs/fleet.md)")
+    js.add_argument("--stream", default="VGW", help="JetStream stream of data and receipts (default VGW)")
+    js.add_argument("--durable", default="vgw-workers", help="durable consumer the workers share (default vgw-workers)")
+    js.add_argument("--ack-wait", type=float, default=30.0, metavar="S",
+                    help="redeliver a batch not acknowledged within S seconds to another worker (default 30)")
+    js.add_argument("--replicas", type=int, default=3, help="stream replicas when creating it (default 3)")
+    js.add_argument("--batch", type=int, default=100, help="messages per pull (default 100)")
     li.add_argument("--recipient", action="append", type=Path, required=True, metavar="FILE|DIR",
                     help="recipient private key(s): a .key file or a keygen directory (repeatable)")
     li.add_argument("--device-cert", action="append", type=Path, default=[], metavar="FILE|DIR",
@@ -183,12 +194,11 @@ def run_revoke(args: argparse.Namespace) -> int:
 
 
 def run_listen(args: argparse.Namespace) -> int:
-    from simulators.cloudkit import load_device_certs, load_recipient_keys
+    from simulators.cloudkit import CloudKitError, load_device_certs, load_recipient_keys
     from simulators.cloudlink import CloudLink, Listener
 
     recipients = load_recipient_keys(args.recipient)
     keys = load_device_certs(args.device_cert)
-    out: IO[str] = open(args.out, "a", buffering=1) if args.out else sys.stdout
     lock = threading.Lock()
     stop = threading.Event()
     batches = [0]
@@ -202,6 +212,11 @@ def run_listen(args: argparse.Namespace) -> int:
                 if args.count is not None and batches[0] >= args.count:
                     stop.set()
 
+    if (args.broker is None) == (args.nats is None):
+        raise CloudKitError("vgw cloud listen: give either --broker HOST:PORT (MQTT) or --nats HOST:PORT[,...]")
+    if args.nats is not None:
+        return _listen_nats(args, recipients, keys)
+    out: IO[str] = open(args.out, "a", buffering=1) if args.out else sys.stdout
     listener = Listener(args.prefix, recipients, keys, emit, detect_gaps=not args.share)
     link = CloudLink(_opts(args), on_message=listener.handle)
     previous = _on_signals(stop)
@@ -230,6 +245,61 @@ def run_listen(args: argparse.Namespace) -> int:
         if args.out:
             out.close()
     print(json.dumps({"summary": listener.summary()}), file=sys.stderr)
+    return 0
+
+
+def _listen_nats(args: argparse.Namespace, recipients: Any, keys: Any) -> int:
+    """``listen --nats``: one worker of the durable consumer. A worker sees only part of each stream, so
+    gaps are not reported; duplicates (a redelivered batch another worker had handled) are dropped per
+    worker and must be de-duplicated downstream on (device, grant, epoch, seq)."""
+    from simulators.cloudkit import CloudKitError
+    from simulators.cloudlink import Listener
+    from simulators.jetstream import JetStreamWorker, NatsOptions, parse_servers, require_nats_py
+
+    require_nats_py()
+    missing = [n for n in ("ca", "cert", "tls_key") if getattr(args, n) is None]
+    if missing:
+        raise CloudKitError("--nats needs " + ", ".join("--" + m.replace("_", "-") for m in missing))
+    if args.ack_wait <= 0 or args.replicas < 1 or args.batch < 1:
+        raise CloudKitError("--ack-wait must be > 0, --replicas and --batch >= 1")
+    import os
+
+    out: IO[str] = open(args.out, "a", buffering=1) if args.out else sys.stdout
+    lock = threading.Lock()
+    stop = threading.Event()
+    batches = [0]
+
+    def emit(event: dict[str, Any]) -> None:
+        with lock:
+            out.write(json.dumps(event, separators=(",", ":")) + "\n")
+            out.flush()
+            if event["type"] == "batch":
+                batches[0] += 1
+                if args.count is not None and batches[0] >= args.count:
+                    stop.set()
+
+    listener = Listener(args.prefix, recipients, keys, emit, detect_gaps=False)
+    opts = NatsOptions(servers=parse_servers(args.nats), ca_file=args.ca, cert_file=args.cert,
+                       key_file=args.tls_key, prefix=args.prefix, stream=args.stream, durable=args.durable,
+                       ack_wait_s=args.ack_wait, replicas=args.replicas, batch=args.batch,
+                       name=args.client_id or f"vgw-cloud-listen-{os.getpid()}")
+    worker = JetStreamWorker(opts, listener.handle, None if args.no_status else listener.handle)
+    previous = _on_signals(stop)
+
+    def announce() -> None:
+        if worker.ready.wait(60) and not stop.is_set():
+            print(f"vgw cloud listen: pulling (NATS JetStream) stream {opts.stream} consumer {opts.durable} "
+                  f"via {worker.connected_url}", file=sys.stderr, flush=True)
+
+    threading.Thread(target=announce, daemon=True).start()
+    try:
+        worker.run(stop, deadline=None if args.duration is None else time.monotonic() + args.duration)
+    finally:
+        _restore(previous)
+        if args.out:
+            out.close()
+    print(json.dumps({"summary": {**listener.summary(), "handled": worker.handled,
+                                  "redelivered": worker.redelivered}}), file=sys.stderr)
     return 0
 
 

@@ -68,6 +68,13 @@ class MqttConfig:
     backoff_min_s: float = 1.0
     backoff_max_s: float = 60.0
     protocol: str = "auto"  # "5", "3.1.1", or "auto": MQTT 5, falling back to 3.1.1 if the broker refuses it
+    # Every endpoint of the broker cluster, in the order tried ([mqtt] hosts, CONTRACT §2); one entry, (host,
+    # port), when the config names a single host. host and port are the first endpoint.
+    endpoints: tuple[tuple[str, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.endpoints:
+            object.__setattr__(self, "endpoints", ((self.host, self.port),))
 
 
 @dataclass(frozen=True)
@@ -298,11 +305,41 @@ def _obd(s: _Section) -> ObdConfig:
                      can_interface=can_interface, can_channel=can_channel)
 
 
-def _mqtt(s: _Section) -> MqttConfig:
+def _endpoint(s: _Section, text: Any) -> tuple[str, int]:
+    """One ``[mqtt] hosts`` entry: ``"host:port"`` or ``"[v6-address]:port"``. Raises :class:`ConfigError`."""
+    where = f"{s.path}: [mqtt] hosts"
+    if not isinstance(text, str):
+        raise ConfigError(f"{where}: expected a list of \"host:port\" strings, got {text!r}")
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535 or any(c.isspace() for c in host):
+        raise ConfigError(f"{where}: {text!r}: expected \"host:port\" with a port 1..65535")
+    return host, int(port)
+
+
+def _endpoints(s: _Section) -> tuple[tuple[str, int], ...]:
+    """``hosts`` (several endpoints of one cluster) or ``host`` + ``port`` (one); not both (CONTRACT §2)."""
+    if "hosts" in s.table:
+        if "host" in s.table or "port" in s.table:
+            raise ConfigError(f"{s.path}: [mqtt] give either hosts = [\"host:port\", ...] or host/port, not both")
+        raw = s.get("hosts", list)
+        if not raw:
+            raise ConfigError(f"{s.path}: [mqtt] hosts: must name at least one \"host:port\"")
+        endpoints = tuple(_endpoint(s, item) for item in raw)
+        if len(set(endpoints)) != len(endpoints):
+            raise ConfigError(f"{s.path}: [mqtt] hosts: an endpoint is listed twice")
+        return endpoints
     host = s.get("host", str)
     port = s.number("port", 8883, minimum=1, integer=True)
     if port > 65535:
         raise ConfigError(f"{s.path}: [mqtt] port: must be <= 65535, got {port}")
+    return ((host, port),)
+
+
+def _mqtt(s: _Section) -> MqttConfig:
+    endpoints = _endpoints(s)
+    host, port = endpoints[0]
     ca_file = s.path_value("ca_file")
     cert_file = s.path_value("cert_file")
     key_file = s.path_value("key_file")
@@ -324,7 +361,7 @@ def _mqtt(s: _Section) -> MqttConfig:
     return MqttConfig(host=host, port=port, ca_file=ca_file, cert_file=cert_file, key_file=key_file,
                       topic_prefix=prefix, keepalive_s=keepalive,
                       max_inflight=max_inflight, drain_rate=drain_rate, backoff_min_s=backoff_min,
-                      backoff_max_s=backoff_max, protocol=protocol)
+                      backoff_max_s=backoff_max, protocol=protocol, endpoints=endpoints)
 
 
 def _consent(s: _Section) -> ConsentConfig:

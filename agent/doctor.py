@@ -80,13 +80,13 @@ def run_checks(config_path: str | Path, probes: Probes | None = None) -> list[Ch
             hint = " (install the signed certificate: vgw provision --install-cert FILE)"
         return [Check("config", FAIL, f"{exc}{hint}")]
     results = [Check("config", PASS, f"{cfg.path} is valid")]
-    steps: list[tuple[str, Callable[[], Check | None]]] = [
+    steps: list[tuple[str, Callable[[], Check | list[Check] | None]]] = [
         ("catalogue", lambda: _catalogue(cfg)),
         ("can", lambda: _can(cfg.can, probes) if cfg.can is not None else None),
         ("obd", lambda: _obd(cfg, probes) if cfg.obd is not None else None),
         ("keys", lambda: _keys(cfg)),
         ("certificate", lambda: _certificate(cfg)),
-        ("broker", lambda: _broker(cfg, probes)),
+        ("broker", lambda: _brokers(cfg, probes)),
         ("clock", lambda: _clock(cfg)),
         ("state-dir", lambda: _state_dir(cfg)),
         ("consent", lambda: _consent(cfg)),
@@ -96,7 +96,9 @@ def run_checks(config_path: str | Path, probes: Probes | None = None) -> list[Ch
             result = step()
         except Exception as exc:  # a check must never take the others down with it
             result = Check(name, FAIL, f"check failed unexpectedly: {type(exc).__name__}: {exc}")
-        if result is not None:
+        if isinstance(result, list):
+            results.extend(result)
+        elif result is not None:
             results.append(result)
     return results
 
@@ -317,26 +319,37 @@ def _certificate(cfg: Config) -> Check:
     return Check("certificate", PASS, f"{path} valid until {until} ({days} days)")
 
 
-def _broker(cfg: Config, probes: Probes) -> Check:
+def _brokers(cfg: Config, probes: Probes) -> list[Check]:
+    """One check per ``[mqtt]`` endpoint (CONTRACT §2): named ``broker`` for a single host, ``broker HOST:PORT``
+    for each node of a cluster (the agent fails over between them, so each must work on its own)."""
+    endpoints = cfg.mqtt.endpoints
+    checks = [_broker(cfg, host, port, probes) for host, port in endpoints]
+    if len(endpoints) > 1:
+        checks = [Check(f"broker {host}:{port}", c.status, c.detail) for (host, port), c in zip(endpoints, checks,
+                                                                                                   strict=True)]
+    return checks
+
+
+def _broker(cfg: Config, host: str, port: int, probes: Probes) -> Check:
     from agent.uplink import tls_context
 
     m = cfg.mqtt
-    where = f"{m.host}:{m.port}"
+    where = f"{host}:{port}"
     try:
         ctx = tls_context(m)
     except (ssl.SSLError, OSError) as exc:
         return Check("broker", FAIL, f"cannot load the TLS files ({m.ca_file}, {m.cert_file}): "
                                      f"{getattr(exc, 'reason', None) or exc}")
     try:
-        raw = socket.create_connection((m.host, m.port), timeout=probes.connect_timeout_s)
+        raw = socket.create_connection((host, port), timeout=probes.connect_timeout_s)
     except socket.gaierror:
-        return Check("broker", FAIL, f"cannot resolve {m.host} (DNS, network?)")
+        return Check("broker", FAIL, f"cannot resolve {host} (DNS, network?)")
     except TimeoutError:
         return Check("broker", FAIL, f"{where}: no answer within {probes.connect_timeout_s:g} s (firewall, network?)")
     except OSError as exc:
         return Check("broker", FAIL, f"{where}: cannot connect: {exc.strerror or exc}")
     try:
-        with ctx.wrap_socket(raw, server_hostname=m.host) as tls:
+        with ctx.wrap_socket(raw, server_hostname=host) as tls:
             version = tls.version()
             # TLS 1.3: the server judges the client certificate after the handshake; give it a moment to
             # say no. Nothing arriving (a timeout) means it kept the connection: it accepted us.

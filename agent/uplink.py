@@ -13,6 +13,11 @@ runtime's bounded queue. A failed connection attempt is logged once per distinct
 and are summed up when the reason changes or the link comes back), so a broker that stays down or a TLS
 fault does not flood the journal.
 
+Endpoints (CONTRACT §2): ``[mqtt] hosts`` names several nodes of one broker cluster. A failed connection
+attempt or a lost connection moves to the next endpoint (in order, wrapping round) under the same backoff;
+the persistent session (client id = device id, kept by the cluster) and the outbox are the same on every
+node, and TLS checks each node's certificate against that endpoint's host name.
+
 Topics (CONTRACT §4), prefix ``vgw``: subscribe ``vgw/<device>/consent`` only; publish ``.../data/<grant>``,
 ``.../receipt`` and ``.../status`` (retained, also the last will).
 """
@@ -92,6 +97,19 @@ class Uplink:
         # [mqtt] protocol: "5", "3.1.1", or "auto" (MQTT 5 first; see _fall_back_to_311).
         self._protocol = "3.1.1" if cfg.protocol == "3.1.1" else "5"
         self._protocol_settled = cfg.protocol != "auto"
+        self._endpoint_index = 0  # into cfg.endpoints; owned by the connection thread
+
+    @property
+    def endpoint(self) -> str:
+        """``host:port`` of the endpoint in use (or being tried)."""
+        host, port = self.cfg.endpoints[self._endpoint_index]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def _next_endpoint(self) -> None:
+        """After a failed attempt or a lost connection: try the next endpoint of the cluster next time."""
+        if len(self.cfg.endpoints) > 1:
+            self._endpoint_index = (self._endpoint_index + 1) % len(self.cfg.endpoints)
+            log.info("uplink: next endpoint %s", self.endpoint)
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -140,6 +158,7 @@ class Uplink:
         """One connection: connect (or back off), serve until it drops. Returns the next backoff."""
         client = self._connect()
         if client is None:
+            self._next_endpoint()
             # Full jitter (AWS architecture blog): spreads a fleet's reconnects after a broker outage.
             sleep = random.uniform(self.cfg.backoff_min_s, delay)
             self._stop.wait(sleep)
@@ -148,6 +167,8 @@ class Uplink:
             self._serve(client)
         finally:
             self._teardown(client)
+        if not self._stop.is_set():
+            self._next_endpoint()  # this node dropped us: another node of the cluster may be up
         return self.cfg.backoff_min_s
 
     def _new_client(self) -> mqtt.Client:
@@ -176,15 +197,15 @@ class Uplink:
         self.state = "connecting"
         self.connect_attempts += 1
         self._events.clear()
+        host, port = self.cfg.endpoints[self._endpoint_index]
         try:
             client = self._new_client()
             if self._protocol == "5":
                 props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
                 props.SessionExpiryInterval = SESSION_EXPIRY_S
-                client.connect(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s, clean_start=False,
-                               properties=props)
+                client.connect(host, port, keepalive=self.cfg.keepalive_s, clean_start=False, properties=props)
             else:
-                client.connect(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
+                client.connect(host, port, keepalive=self.cfg.keepalive_s)
         except ssl.SSLCertVerificationError as exc:
             self._fail(f"TLS certificate rejected: {exc.verify_message}")
             return None
@@ -192,7 +213,7 @@ class Uplink:
             self._fail(f"TLS handshake failed: {exc.reason or exc}")
             return None
         except (OSError, ValueError) as exc:
-            self._fail(f"cannot reach broker {self.cfg.host}:{self.cfg.port}: {exc}")
+            self._fail(f"cannot reach broker {self.endpoint}: {exc}")
             return None
         client.loop_start()
         deadline = time.monotonic() + 10
@@ -240,8 +261,8 @@ class Uplink:
             return False  # refused for another reason (not authorised, bad client id ...): not a version issue
         self._protocol = "3.1.1"
         self._protocol_settled = True
-        log.warning("uplink: broker %s:%d refused MQTT 5 (%s); using MQTT 3.1.1 with clean_session=False for "
-                    "the rest of this process", self.cfg.host, self.cfg.port, reason)
+        log.warning("uplink: broker %s refused MQTT 5 (%s); using MQTT 3.1.1 with clean_session=False for "
+                    "the rest of this process", self.endpoint, reason)
         return True
 
     def _flush_repeats(self) -> None:
@@ -254,7 +275,7 @@ class Uplink:
         self.connects += 1
         self._flush_repeats()
         self.last_error = None
-        log.info("uplink connected to %s:%d", self.cfg.host, self.cfg.port)
+        log.info("uplink connected to %s", self.endpoint)
         client.subscribe(self.topic_consent, qos=1)
         status = {"state": "online", **self.status_payload()}
         client.publish(self.topic_status, json.dumps(status), qos=1, retain=True)

@@ -184,3 +184,23 @@ class JetStreamWorker:
                 await nc.flush(timeout=5)  # the acks reached the server
             except Exception:
                 pass  # not confirmed: redelivered after ack_wait, de-duplicated downstream
+
+
+def stream_leader(opts: NatsOptions, timeout: float = 10.0) -> str | None:
+    """The server name of the stream's current leader (``None`` while it has none). For tests and the fleet
+    simulator, which choose the node they kill by its role. Raises :class:`UplinkError` if unreachable."""
+    nats = require_nats_py()
+
+    async def ask() -> str | None:
+        nc = await nats.connect(servers=list(opts.servers), tls=JetStreamWorker(opts, lambda _t, _p: None)._tls(),
+                                connect_timeout=5, max_reconnect_attempts=2)
+        try:
+            info = await nc.jetstream().stream_info(opts.stream)
+            return info.cluster.leader if info.cluster is not None else None
+        finally:
+            await nc.close()
+
+    try:
+        return asyncio.run(asyncio.wait_for(ask(), timeout))
+    except Exception as exc:
+        raise UplinkError(f"JetStream stream {opts.stream}: no leader information: {exc}") from exc

@@ -43,7 +43,8 @@ def write_config(
     outbox: dict[str, Any] | None = None,
     state_dir: Path | None = None,
 ) -> Path:
-    """Write a complete agent config for ``device`` talking to a broker on 127.0.0.1:``port``."""
+    """Write a complete agent config for ``device`` talking to a broker on 127.0.0.1:``port`` (or, with
+    ``mqtt_extra={"hosts": [...]}``, to those endpoints instead; ``port`` is then unused)."""
     dev = pki.device(device)
     trusts = trust if isinstance(trust, list) else [trust]
     lines = [
@@ -52,8 +53,7 @@ def write_config(
         f'state_dir = "{state_dir or tmp / "state"}"',
         "",
         "[mqtt]",
-        'host = "localhost"',
-        f"port = {port}",
+        *([] if "hosts" in (mqtt_extra or {}) else ['host = "localhost"', f"port = {port}"]),
         f'ca_file = "{pki.ca.cert}"',
         f'cert_file = "{dev.cert}"',
         f'key_file = "{dev.key}"',

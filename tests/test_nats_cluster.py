@@ -76,12 +76,13 @@ class Client:
                              tls_context(pki.ca.cert, paths.cert, paths.key), persistent)
         self.c.on_connect = lambda *a: self.connected.set()
         self.c.on_message = self._on_message
+        self.c.reconnect_delay_set(0.2, 1)
         self.c.connect("localhost", port, keepalive=10)
         self.c.loop_start()
         _open_clients.append(self)
         # The first MQTT client on a node after a node was killed waits for JetStream to elect new leaders
         # for the MQTT streams (seconds); paho retries the connection meanwhile.
-        assert self.connected.wait(30), f"{name} did not connect to port {port}"
+        assert self.connected.wait(45), f"{name} did not connect to port {port}"
 
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
         with self._lock:
@@ -299,3 +300,152 @@ def test_kill_a_worker_mid_stream_nothing_lost(workers: Workers, pki: TestPKI, c
     want = _expected(("dev-0001",), range(1, 61))
     assert wait_until(lambda: set(workers.seqs("w1", "w2")) >= want, 30)
     assert set(workers.seqs("w1", "w2")) == want  # after de-duplication on (device, epoch, seq): all, once
+
+
+# ---------------------------------------------------------------- the agent: [mqtt] hosts, failover
+
+
+def test_config_hosts_parses_and_refuses_both_forms(tmp_path: Path, pki: TestPKI) -> None:
+    from agent.config import load_config
+    from agent.errors import ConfigError
+    from tests.agentkit import Authority, write_config
+
+    trust = Authority(tmp_path).trust
+    cfg = load_config(write_config(tmp_path, pki, 0, trust, can={"channel": "x"},
+                                   mqtt_extra={"hosts": ["a.example:8883", "[::1]:8884", "c:1"]}))
+    assert cfg.mqtt.endpoints == (("a.example", 8883), ("::1", 8884), ("c", 1))
+    assert (cfg.mqtt.host, cfg.mqtt.port) == ("a.example", 8883)
+    single = load_config(write_config(tmp_path, pki, 1883, trust, can={"channel": "x"}))
+    assert single.mqtt.endpoints == (("localhost", 1883),)
+    for bad, why in ((["a:8883", "a:8883"], "listed twice"), ([], "at least one"), (["a"], "host:port"),
+                     (["a:0"], "host:port"), ([8883], "host:port")):
+        path = write_config(tmp_path, pki, 0, trust, can={"channel": "x"}, mqtt_extra={"hosts": bad})
+        with pytest.raises(ConfigError, match=why):
+            load_config(path)
+    both = write_config(tmp_path, pki, 0, trust, can={"channel": "x"}, mqtt_extra={"hosts": ["a:1"]})
+    both.write_text(both.read_text().replace("[mqtt]\n", '[mqtt]\nhost = "b"\n'))
+    with pytest.raises(ConfigError, match="not both"):
+        load_config(both)
+
+
+def test_doctor_checks_every_endpoint(tmp_path: Path, pki: TestPKI, cluster: NatsCluster) -> None:
+    from agent.doctor import FAIL, PASS, Probes, run_checks
+    from tests.agentkit import Authority, write_config
+
+    hosts = [f"localhost:{p}" for _h, p in cluster.endpoints]
+    cfg = write_config(tmp_path, pki, 0, Authority(tmp_path).trust, can={"channel": "x"},
+                       mqtt_extra={"hosts": hosts})
+    cluster.kill(1)
+    checks = {c.check: c for c in run_checks(cfg, Probes())}
+    assert [checks[f"broker {h}"].status for h in hosts] == [PASS, FAIL, PASS]
+    assert "cannot connect" in checks[f"broker {hosts[1]}"].detail
+
+
+class JsRecorder:
+    """A cloud recorder fed by one in-process JetStream worker of the durable consumer (a thread)."""
+
+    def __init__(self, pki: TestPKI, cluster: NatsCluster) -> None:
+        from simulators.cloud import CloudRecorder
+        from simulators.jetstream import JetStreamWorker, NatsOptions
+
+        self.rec = CloudRecorder()
+        for d in pki.devices:
+            self.rec.add_device(d, pki.device(d).cert)
+        opts = NatsOptions(tuple(cluster.nats_urls), pki.ca.cert, pki.cloud.cert, pki.cloud.key, ack_wait_s=2)
+        self.worker = JetStreamWorker(opts, self.rec.record)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.worker.run, args=(self.stop,), name="test-js-worker")
+        self.thread.start()
+        assert self.worker.ready.wait(30)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(15)
+
+
+@pytest.fixture
+def vehicle_seed() -> int:
+    return 7
+
+
+def _push(peer: Any, device: str, token: str, timeout: float = 60.0) -> None:
+    """Publish consent until the cluster acknowledges it, as a consent service does: while JetStream elects
+    a new leader for the retained-message stream, a retained publish waits (docs/fleet.md)."""
+    from agent.errors import UplinkError
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            peer.publish_consent(device, token)
+            return
+        except UplinkError:
+            if time.monotonic() > deadline:
+                raise
+
+
+def test_agent_moves_to_another_node_when_its_node_is_killed(
+    tmp_path: Path, pki: TestPKI, cluster: NatsCluster, vehicle: Any
+) -> None:
+    """Agent 1 is on a node that is not the telemetry stream's leader (killing the leader loses what is
+    published during the election: nats-server 2.9 acknowledges an MQTT QoS 1 publish before JetStream has
+    stored it; docs/fleet.md measures that case)."""
+    from agent.runtime import STATUS_FILE
+    from simulators.cloud import CloudPeer
+    from simulators.jetstream import stream_leader
+    from tests.agentkit import AgentThread, Authority, write_config
+
+    auth = Authority(tmp_path)
+    js = JsRecorder(pki, cluster)
+    leader = [n.server_name for n in cluster.nodes].index(stream_leader(js.worker.opts))
+    k = (leader + 1) % 3  # the node agent 1 starts on, and the one killed
+    order = [k, (k + 1) % 3, (k + 2) % 3]
+    hosts = [f"localhost:{cluster.nodes[i].port}" for i in order]
+    # The consent service talks to the leader's node (not killed); agent 2 starts on the third node.
+    peer = CloudPeer("localhost", cluster.nodes[leader].port, ca_file=pki.ca.cert, cert_file=pki.cloud.cert,
+                     key_file=pki.cloud.key, protocol="3.1.1", persistent=True, client_id="cloud-consent")
+    a2_hosts = [hosts[2], hosts[0], hosts[1]] if order[2] != leader else [hosts[1], hosts[2], hosts[0]]
+    try:
+        peer.connect(20)
+        for gid in ("g-keep", "g-gone", "g-new", "g-2"):
+            js.rec.add_recipient(gid, auth.recipient(gid))
+        _push(peer, "dev-0001", auth.doc("dev-0001", {"g-keep": ["read_odometer"], "g-gone": ["read_speedometer"]}))
+        _push(peer, "dev-0002", auth.doc("dev-0002", {"g-2": ["read_speedometer"]}))
+        cfg1 = write_config(tmp_path, pki, 0, auth.trust, can={"channel": vehicle.channel},
+                            mqtt_extra={"hosts": hosts, "protocol": "3.1.1"}, state_dir=tmp_path / "s1")
+        cfg2 = write_config(tmp_path, pki, 0, auth.trust, device="dev-0002", can={"channel": vehicle.channel},
+                            mqtt_extra={"hosts": a2_hosts, "protocol": "3.1.1"}, state_dir=tmp_path / "s2")
+        with AgentThread(cfg1) as a1, AgentThread(cfg2) as a2:
+            assert a1.wait_link(30) and a2.wait_link(30)
+            assert (a1.agent.uplink.endpoint, a2.agent.uplink.endpoint) == (hosts[0], a2_hosts[0])
+            status = tmp_path / "s1" / STATUS_FILE  # what `vgw status` shows
+            assert wait_until(lambda: status.exists() and json.loads(status.read_text())["endpoint"] == hosts[0], 10)
+            rec = js.rec
+            assert rec.wait_for(lambda: len(rec.batches("dev-0001", "g-gone")) >= 3
+                                and len(rec.batches("dev-0002", "g-2")) >= 3, 30)
+            before = max(rec.seqs("dev-0001", "g-keep"))
+            cluster.kill(k)  # kill -9 the node agent 1 is connected to, while data flow
+            # Pushed during the failure: revoke g-gone, grant g-new.
+            _push(peer, "dev-0001", auth.doc("dev-0001", {"g-keep": ["read_odometer"], "g-new": ["read_speedometer"]}))
+            assert wait_until(lambda: a1.agent.uplink.state == "connected" and a1.agent.uplink.endpoint != hosts[0],
+                              60)
+            assert rec.wait_for(lambda: rec.receipts("dev-0001", "erasure"), 30), (
+                a1.agent.manager.in_force.ver if a1.agent.manager.in_force else None,
+                a1.agent.outbox.receipt_count(), js.worker.handled, len(rec.batches()), rec.receipts())
+            erasure = rec.receipts("dev-0001", "erasure")[0]
+            assert erasure.claims["grant"] == "g-gone" and erasure.claims["key_destroyed"] is True
+            assert rec.wait_for(lambda: len(rec.batches("dev-0001", "g-new")) >= 2, 30)
+            assert rec.wait_for(lambda: max(rec.seqs("dev-0001", "g-keep")) > before + 5, 30)
+            cluster.start_node(k)
+            assert a1.agent.uplink.drain(30) and a2.agent.uplink.drain(30)
+            for dev, gid in (("dev-0001", "g-keep"), ("dev-0001", "g-gone"), ("dev-0001", "g-new"),
+                             ("dev-0002", "g-2")):
+                assert rec.wait_for(lambda d=dev, g=gid: rec.missing(d, g) == [], 20), (dev, gid, rec.gaps(dev, gid))
+        # every seq once after de-duplication (the recorder drops copies; none are lost)
+        for dev, gid in (("dev-0001", "g-keep"), ("dev-0002", "g-2")):
+            seqs = rec.seqs(dev, gid)
+            assert len(seqs) == len(set(seqs)) and sorted(seqs) == list(range(1, max(seqs) + 1))
+        assert [b for b in rec.batches("dev-0001", "g-gone") if b.arrived > erasure.arrived + 1.0] == []
+        assert rec.bad_receipts() == [] and rec.undecryptable == 0
+    finally:
+        peer.close()
+        js.close()

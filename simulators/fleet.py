@@ -83,6 +83,13 @@ class FleetConfig:
     protocol: str | None = None  # None: 5 for mosquitto, 3.1.1 for nats, 5 for HOST:PORT
     connect_timeout_s: float = 120.0
     drain_s: float = 5.0
+    # nats-cluster only: consumer worker processes on the durable consumer, and one node killed (SIGKILL)
+    # kill_at_s into the measured run, restarted down_s later; kill_role picks it: "follower" (a node that
+    # does not lead the telemetry stream) or "leader" (the one that does).
+    consumers: int = 1
+    kill_at_s: float | None = None
+    down_s: float = 10.0
+    kill_role: str = "follower"
 
     def validate(self) -> None:
         if self.devices < 1 or self.devices > 100_000:
@@ -97,6 +104,14 @@ class FleetConfig:
             raise ValueError(f"--threads {self.threads}: expected 1..64")
         if self.protocol not in (None, "5", "3.1.1"):
             raise ValueError(f"--protocol {self.protocol!r}: expected 5 or 3.1.1")
+        if not 1 <= self.consumers <= 16:
+            raise ValueError(f"--consumers {self.consumers}: expected 1..16")
+        if self.kill_role not in ("follower", "leader"):
+            raise ValueError(f"--kill-role {self.kill_role!r}: expected follower or leader")
+        if self.kill_at_s is not None and self.broker != "nats-cluster":
+            raise ValueError("--kill-at needs --broker nats-cluster")
+        if self.kill_at_s is not None and not 0 <= self.kill_at_s < self.duration_s:
+            raise ValueError(f"--kill-at {self.kill_at_s}: must be within the run (0 .. --duration)")
 
 
 def device_ids(n: int) -> list[str]:
@@ -192,7 +207,7 @@ class FleetSim:
         try:
             ids = device_ids(cfg.devices)
             if cfg.pki_dir is not None:
-                if cfg.broker in ("mosquitto", "nats"):
+                if cfg.broker in ("mosquitto", "nats", "nats-cluster"):
                     raise ValueError("--pki is for an external --broker HOST:PORT; private brokers make their own")
                 pki_root = cfg.pki_dir
                 ca, cloud_cert, cloud_key = pki_root / "ca.crt", pki_root / "cloud.crt", pki_root / "cloud.key"
@@ -213,18 +228,23 @@ class FleetSim:
 
                 broker = NatsMqtt.from_pki(pki)
                 host, protocol = "localhost", cfg.protocol or "3.1.1"
+            elif engine == "nats-cluster":
+                from simulators.nats_cluster import NatsCluster
+
+                broker = NatsCluster.from_pki(pki, ack_wait="30s")
+                host, protocol = "localhost", cfg.protocol or "3.1.1"
             else:
                 if cfg.pki_dir is None:
                     raise ValueError("--broker HOST:PORT needs --pki DIR (see --make-pki)")
                 host, _, port_s = engine.rpartition(":")
                 if not host or not port_s.isdigit():
-                    raise ValueError(f"--broker {engine!r}: expected mosquitto, nats or HOST:PORT")
+                    raise ValueError(f"--broker {engine!r}: expected mosquitto, nats, nats-cluster or HOST:PORT")
                 protocol = cfg.protocol or "5"
             if broker is not None:
                 self.progress(f"starting private {engine}")
                 broker.start()
                 closers.append(broker.close)
-                port = broker.port
+                port = broker.endpoints[0][1] if engine == "nats-cluster" else broker.port
             else:
                 port = int(port_s)
 
@@ -238,15 +258,35 @@ class FleetSim:
             cloud = _Cloud(recipient, device_keys)
             cloud_ctx = tls_context(ca, cloud_cert, cloud_key)
 
-            consumer = make_client(f"fleet-consumer-{os.getpid()}", protocol, cloud_ctx, False)
-            consumer.on_message = cloud.on_message
             sub_ok = threading.Event()
-            consumer.on_connect = lambda c, u, f, rc, p: c.subscribe(
-                [(f"{PREFIX}/+/data/+", 1), (f"{PREFIX}/+/receipt", 1)])
-            consumer.on_subscribe = lambda *a: sub_ok.set()
-            connect_client(consumer, host, port, protocol, False)
-            consumer.loop_start()
-            closers.append(lambda: (consumer.disconnect(), consumer.loop_stop()))
+            kill_node: int | None = None
+            group = None
+            if engine == "nats-cluster":
+                from simulators.fleet_cluster import ConsumerGroup
+                from simulators.jetstream import NatsOptions, stream_leader
+
+                self.progress(f"starting {cfg.consumers} consumer worker(s) on the durable consumer")
+                group = ConsumerGroup(cfg.consumers, tmp / "consumers", nats_urls=broker.nats_urls, ca=ca,
+                                      cert=cloud_cert, key=cloud_key, recipient=recipient,
+                                      device_cert_dir=pki.dir, sink=cloud, ack_wait_s=5.0)
+                closers.append(group.close)
+                group.start()
+                sub_ok.set()
+                names = [n.server_name for n in broker.nodes]
+                leader = names.index(stream_leader(NatsOptions(tuple(broker.nats_urls), ca, cloud_cert, cloud_key)))
+                if cfg.kill_at_s is not None:
+                    kill_node = leader if cfg.kill_role == "leader" else (leader + 1) % len(names)
+                # The consent service talks to a node that stays up.
+                port = broker.endpoints[(kill_node + 1) % len(names) if kill_node is not None else 0][1]
+            else:
+                consumer = make_client(f"fleet-consumer-{os.getpid()}", protocol, cloud_ctx, False)
+                consumer.on_message = cloud.on_message
+                consumer.on_connect = lambda c, u, f, rc, p: c.subscribe(
+                    [(f"{PREFIX}/+/data/+", 1), (f"{PREFIX}/+/receipt", 1)])
+                consumer.on_subscribe = lambda *a: sub_ok.set()
+                connect_client(consumer, host, port, protocol, False)
+                consumer.loop_start()
+                closers.append(lambda: (consumer.disconnect(), consumer.loop_stop()))
             pusher = make_client(f"fleet-pusher-{os.getpid()}", protocol, tls_context(ca, cloud_cert, cloud_key), False)
             pusher_ready = threading.Event()
             pusher.on_connect = lambda *a: pusher_ready.set()
@@ -282,7 +322,11 @@ class FleetSim:
                 w = workers[i % n_threads]
                 cert, key = dev_files[d]
                 client = make_client(d, protocol, tls_context(ca, cert, key), persistent)
-                w.devices.append(SimDevice(d, load_private_key(key), trust, w, client))
+                dev = SimDevice(d, load_private_key(key), trust, w, client)
+                if engine == "nats-cluster":  # spread over the nodes; each device knows all of them
+                    eps = [("localhost", p) for _h, p in broker.endpoints]
+                    dev.endpoints = eps[i % len(eps):] + eps[:i % len(eps)]
+                w.devices.append(dev)
             setup_s = time.monotonic() - t_setup
             self.progress(f"connecting {cfg.devices} devices with {n_threads} threads")
             t_conn = time.monotonic()
@@ -318,8 +362,23 @@ class FleetSim:
             rng = random.Random(1)
             churn_events: list[tuple[str, str, int]] = []
             next_churn = t0 + (1.0 / cfg.churn_hz if cfg.churn_hz else cfg.duration_s + 1)
+            failure: dict[str, Any] | None = None
             while time.monotonic() - t0 < cfg.duration_s:
                 now = time.monotonic()
+                if kill_node is not None and cfg.kill_at_s is not None:
+                    if failure is None and now - t0 >= cfg.kill_at_s:
+                        on_node = sum(1 for dev in all_devs if dev.connected and dev.endpoints
+                                      and dev.endpoints[dev.endpoint_index][1] == broker.endpoints[kill_node][1])
+                        broker.kill(kill_node)
+                        failure = {"node": broker.nodes[kill_node].server_name, "role": cfg.kill_role,
+                                   "killed_at_s": round(now - t0, 1), "devices_on_node": on_node}
+                        self.progress(f"killed {failure['node']} ({cfg.kill_role} of the telemetry stream) "
+                                      f"with {on_node} devices on it")
+                    elif failure is not None and "restarted_at_s" not in failure \
+                            and now - t0 >= cfg.kill_at_s + cfg.down_s:
+                        broker.start_node(kill_node)
+                        failure["restarted_at_s"] = round(time.monotonic() - t0, 1)
+                        self.progress(f"restarted {failure['node']}")
                 if cfg.churn_hz and now >= next_churn:
                     next_churn += 1.0 / cfg.churn_hz
                     # Alternate: revoke a granted device, then grant a new grant to a revoked one.
@@ -353,6 +412,15 @@ class FleetSim:
                     break
                 time.sleep(0.05)
             time.sleep(0.2)
+            js_state: dict[str, Any] | None = None
+            if group is not None:
+                group.read_once()
+                from simulators.jetstream import NatsOptions, consumer_state
+
+                try:
+                    js_state = consumer_state(NatsOptions(tuple(broker.nats_urls), ca, cloud_cert, cloud_key))
+                except UplinkError as exc:
+                    js_state = {"error": str(exc)}
             wall1 = time.time()
 
             # Results.
@@ -404,6 +472,12 @@ class FleetSim:
                 "revocation_to_receipt_ms": _pct(rev_lat),
                 "grant_to_applied_ms": _pct(grant_lat),
                 "device_disconnects": sum(dev.disconnects for dev in all_devs),
+                "device_failovers": sum(dev.failovers for dev in all_devs),
+                "consumers": cfg.consumers if group is not None else 1,
+                "consumer_kind": "durable JetStream consumer (vgw cloud listen --nats processes)"
+                if group is not None else "one MQTT subscriber (in process)",
+                "failure": failure,
+                "jetstream": js_state,
                 "connect_failures": sum(w.stats["connect_failures"] for w in workers),
             }
             return report
@@ -435,6 +509,11 @@ def format_report(r: dict[str, Any]) -> str:
         f"  end-to-end latency: {lat(r['e2e_latency_ms'])}",
         f"  revocation -> erasure receipt: {lat(r['revocation_to_receipt_ms'])} ({r['revocations']} revocations)",
         f"  grant -> consent-applied: {lat(r['grant_to_applied_ms'])}",
+        *([f"  failure: {r['failure']['node']} ({r['failure']['role']} of the telemetry stream) killed at "
+           f"{r['failure']['killed_at_s']} s with {r['failure']['devices_on_node']} devices on it, restarted at "
+           f"{r['failure'].get('restarted_at_s', '-')} s; device failovers {r['device_failovers']}"]
+          if r.get("failure") else []),
+        f"  cloud side: {r.get('consumers', 1)} x {r.get('consumer_kind', 'MQTT subscriber')}",
         f"  loss: {r['lost']}/{r['batches_sent']} ({r['loss_pct']} %), duplicates {r['duplicates']}, "
         f"undecryptable {r['undecryptable']}, bad receipts {r['bad_receipts']}, "
         f"disconnects {r['device_disconnects']}, connect failures {r['connect_failures']}",

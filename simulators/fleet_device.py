@@ -64,6 +64,12 @@ class SimDevice:
         self.acked: dict[str, int] = {}
         self.mids: dict[int, tuple[str, int]] = {}
         self.connected = False
+        # Every node of the cluster, this device's first; after a lost connection it tries the next
+        # (like the agent's [mqtt] hosts). Empty: the worker's single broker.
+        self.endpoints: list[tuple[str, int]] = []
+        self.endpoint_index = 0
+        self.retry_at = 0.0
+        self.failovers = 0
         self.disconnects = 0
         self.rejected = 0
         self.rng = random.Random(device_id)
@@ -175,25 +181,44 @@ class Worker:
                 self.sel.unregister(key.fileobj)
                 self.masks.pop(key.fd, None)
 
-    def _run(self) -> None:
+    def _connect(self, dev: SimDevice) -> bool:
         assert self.connect_args is not None
         host, port, protocol, persistent = self.connect_args
+        if dev.endpoints:
+            host, port = dev.endpoints[dev.endpoint_index % len(dev.endpoints)]
+        try:
+            connect_client(dev.client, host, port, protocol, persistent)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            self.stats["connect_failures"] += 1
+            log.debug("%s: connect failed: %s", dev.id, exc)
+            return False
+        sock = dev.client.socket()
+        if sock is None:
+            return False
+        mask = selectors.EVENT_READ | (selectors.EVENT_WRITE if dev.client.want_write() else 0)
+        self.sel.register(sock, mask, dev)
+        self.masks[sock.fileno()] = mask
+        return True
+
+    def _reconnect_lost(self, now: float) -> None:
+        """Devices whose connection dropped try the next endpoint (once a second each); paho re-sends their
+        unacknowledged QoS 1 messages on the new connection (persistent session)."""
+        for dev in self.devices:
+            if dev.connected or dev.client.socket() is not None or now < dev.retry_at:
+                continue
+            dev.retry_at = now + 1.0
+            if dev.endpoints:
+                dev.endpoint_index = (dev.endpoint_index + 1) % len(dev.endpoints)
+                dev.failovers += 1
+            self._connect(dev)
+
+    def _run(self) -> None:
         for dev in self.devices:
             if self.stop.is_set():
                 break
-            try:
-                connect_client(dev.client, host, port, protocol, persistent)
-            except (OSError, ssl.SSLError, ValueError) as exc:
-                self.stats["connect_failures"] += 1
-                log.debug("%s: connect failed: %s", dev.id, exc)
-                continue
-            sock = dev.client.socket()
-            if sock is None:
-                continue
-            mask = selectors.EVENT_READ | (selectors.EVENT_WRITE if dev.client.want_write() else 0)
-            self.sel.register(sock, mask, dev)
-            self.masks[sock.fileno()] = mask
-            self._poll(0)
+            dev.retry_at = time.monotonic() + 5.0
+            if self._connect(dev):
+                self._poll(0)
         # Publishing schedule: each device at its own phase, so the fleet does not publish in lock-step.
         heap = [(time.monotonic() + random.uniform(0, self.period), i) for i in range(len(self.devices))]
         heapq.heapify(heap)
@@ -216,6 +241,7 @@ class Worker:
                 for dev in self.devices:
                     if dev.client.socket() is not None:
                         dev.client.loop_misc()
+                self._reconnect_lost(now)
         for dev in self.devices:
             try:
                 dev.client.disconnect()

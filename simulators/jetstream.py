@@ -186,21 +186,43 @@ class JetStreamWorker:
                 pass  # not confirmed: redelivered after ack_wait, de-duplicated downstream
 
 
-def stream_leader(opts: NatsOptions, timeout: float = 10.0) -> str | None:
-    """The server name of the stream's current leader (``None`` while it has none). For tests and the fleet
-    simulator, which choose the node they kill by its role. Raises :class:`UplinkError` if unreachable."""
+def _ask(opts: NatsOptions, query: Callable[[Any], Any], timeout: float) -> Any:
     nats = require_nats_py()
 
-    async def ask() -> str | None:
+    async def ask() -> Any:
         nc = await nats.connect(servers=list(opts.servers), tls=JetStreamWorker(opts, lambda _t, _p: None)._tls(),
                                 connect_timeout=5, max_reconnect_attempts=2)
         try:
-            info = await nc.jetstream().stream_info(opts.stream)
-            return info.cluster.leader if info.cluster is not None else None
+            return await query(nc.jetstream())
         finally:
             await nc.close()
 
     try:
         return asyncio.run(asyncio.wait_for(ask(), timeout))
     except Exception as exc:
-        raise UplinkError(f"JetStream stream {opts.stream}: no leader information: {exc}") from exc
+        raise UplinkError(f"JetStream stream {opts.stream}: {exc or type(exc).__name__}") from exc
+
+
+def stream_leader(opts: NatsOptions, timeout: float = 10.0) -> str | None:
+    """The server name of the stream's current leader (``None`` while it has none). For tests and the fleet
+    simulator, which choose the node they kill by its role. Raises :class:`UplinkError` if unreachable."""
+
+    async def query(js: Any) -> str | None:
+        info = await js.stream_info(opts.stream)
+        return info.cluster.leader if info.cluster is not None else None
+
+    return _ask(opts, query, timeout)  # type: ignore[no-any-return]
+
+
+def consumer_state(opts: NatsOptions, timeout: float = 10.0) -> dict[str, Any]:
+    """Stream and durable consumer counters: messages stored, pending (not yet delivered), delivered but not
+    acknowledged, redelivered, and both leaders. Raises :class:`UplinkError` if unreachable."""
+
+    async def query(js: Any) -> dict[str, Any]:
+        si = await js.stream_info(opts.stream)
+        ci = await js.consumer_info(opts.stream, opts.durable)
+        return {"stream_messages": si.state.messages, "stream_leader": si.cluster.leader if si.cluster else None,
+                "consumer_leader": ci.cluster.leader if ci.cluster else None, "num_pending": ci.num_pending,
+                "num_ack_pending": ci.num_ack_pending, "num_redelivered": ci.num_redelivered}
+
+    return _ask(opts, query, timeout)  # type: ignore[no-any-return]

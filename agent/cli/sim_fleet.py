@@ -27,12 +27,22 @@ def register(sim_subparsers: Any) -> None:
     p.add_argument("--churn", type=float, default=1.0,
                    help="consent changes per second across the fleet, alternately revoke/grant (default 1)")
     p.add_argument("--broker", default="mosquitto",
-                   help="mosquitto or nats (private instance on 127.0.0.1), or HOST:PORT (needs --pki)")
+                   help="mosquitto, nats or nats-cluster (private, on 127.0.0.1; nats-cluster: 3 nodes, the cloud "
+                        "side on the durable JetStream consumer), or HOST:PORT (needs --pki)")
     p.add_argument("--pki", type=Path, help="certificates for an external broker (from --make-pki)")
     p.add_argument("--make-pki", type=Path, metavar="DIR", help="only write a CA + N device certificates")
     p.add_argument("--threads", type=int, default=4, help="network threads driving the devices (default 4)")
     p.add_argument("--samples", type=int, default=5, help="samples per batch (default 5)")
     p.add_argument("--protocol", choices=("5", "3.1.1"), help="MQTT version (default: 5; 3.1.1 for nats)")
+    p.add_argument("--consumers", type=int, default=1,
+                   help="nats-cluster: consumer worker processes sharing the durable consumer (default 1)")
+    p.add_argument("--kill-at", type=float, metavar="S",
+                   help="nats-cluster: SIGKILL one node S seconds into the run, restart it --down S later")
+    p.add_argument("--down", type=float, default=10.0, help="seconds the killed node stays down (default 10)")
+    p.add_argument("--kill-role", choices=("follower", "leader"), default="follower",
+                   help="which node to kill: one that does not lead the telemetry stream (default), or its leader")
+    p.add_argument("--drain", type=float, default=5.0,
+                   help="seconds to wait after the run for the cloud side to catch up (default 5)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run)
 
@@ -46,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     cfg = FleetConfig(devices=args.devices, rate_hz=args.rate, duration_s=args.duration, churn_hz=args.churn,
                       broker=args.broker, pki_dir=args.pki, threads=args.threads, samples=args.samples,
-                      protocol=args.protocol)
+                      protocol=args.protocol, consumers=args.consumers, kill_at_s=args.kill_at,
+                      down_s=args.down, kill_role=args.kill_role, drain_s=args.drain)
     try:
         sim = FleetSim(cfg, progress=lambda m: print(f"vgw sim fleet: {m}", file=sys.stderr, flush=True))
     except ValueError as exc:

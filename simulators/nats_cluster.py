@@ -16,7 +16,9 @@ node did not start or the cluster did not elect a JetStream leader in time).
 from __future__ import annotations
 
 import os
+import random
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -25,16 +27,46 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from simulators.broker import HOST, BrokerStartError, free_port
+from simulators.broker import HOST, BrokerStartError
 from simulators.nats import NatsMqtt, find_nats_server
 
 if TYPE_CHECKING:
     from simulators.pki import TestPKI
 
-__all__ = ["NatsCluster", "cluster_block"]
+__all__ = ["NatsCluster", "cluster_block", "stable_port"]
 
 _START_TIMEOUT = 30.0
 _LEADER = "JetStream cluster new metadata leader"
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def stable_port(host: str = HOST, taken: set[int] | None = None) -> int:
+    """A free port *below* the kernel's ephemeral range. A node killed and restarted must get its ports back,
+    and a port from the ephemeral range (``bind(0)``) can meanwhile become the local port of one of the
+    thousands of outgoing connections a fleet test opens. Raises ``OSError`` if none is found."""
+    low, _high = _ephemeral_range()
+    start, end = (10000, low) if low > 11000 else (61000, 65535)
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(start, end)
+        if taken and port in taken:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+        if taken is not None:
+            taken.add(port)
+        return port
+    raise OSError(f"no free port in {start}..{end} on {host}")
 
 
 def cluster_block(name: str, listen: str, routes: Iterable[str]) -> str:
@@ -61,14 +93,15 @@ class NatsCluster:
         self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="vgw-natsc-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.host = HOST
-        route_ports = [free_port(self.host) for _ in range(size)]
+        taken: set[int] = set()
+        route_ports = [stable_port(self.host, taken) for _ in range(size)]
         routes = [f"{self.host}:{p}" for p in route_ports]
         self.nodes: list[NatsMqtt] = []
         for i in range(size):
             self.nodes.append(NatsMqtt(
                 ca_file=ca_file, cert_file=cert_file, key_file=key_file, devices=devices, ack_wait=ack_wait,
                 workdir=self.workdir / f"node-{i + 1}", server_name=f"nats-{i + 1}",
-                port=free_port(self.host), client_port=free_port(self.host),
+                port=stable_port(self.host, taken), client_port=stable_port(self.host, taken),
                 cluster=cluster_block(name, routes[i], routes), stream_replicas=min(3, size),
             ))
 

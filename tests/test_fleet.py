@@ -50,3 +50,27 @@ def test_fleet_cli_json_and_bad_input() -> None:
     assert bad.returncode == 1 and "--devices 0" in bad.stderr and "Traceback" not in bad.stderr
     ext = vgw("sim", "fleet", "--broker", "127.0.0.1:1")
     assert ext.returncode == 1 and "--pki" in ext.stderr
+
+
+@pytest.mark.skipif(_nats_missing(), reason="nats-server is not installed")
+def test_fleet_on_a_nats_cluster_with_a_node_killed_loses_nothing() -> None:
+    """The CI form of docs/fleet.md's cluster run: 30 devices over 3 nodes, 2 consumer worker processes on
+    the durable consumer, a node that does not lead the telemetry stream killed (SIGKILL) and restarted."""
+    report = FleetSim(FleetConfig(devices=30, rate_hz=2.0, duration_s=10.0, churn_hz=2.0, broker="nats-cluster",
+                                  threads=3, consumers=2, kill_at_s=3.0, down_s=4.0, drain_s=20.0)).run()
+    failure = report["failure"]
+    assert failure is not None and failure["role"] == "follower" and "restarted_at_s" in failure
+    assert failure["devices_on_node"] >= 1 and report["device_failovers"] >= failure["devices_on_node"]
+    assert report["devices_ready"] == 30
+    assert report["lost"] == 0 and report["undecryptable"] == 0 and report["bad_receipts"] == 0
+    assert report["batches_delivered"] == report["batches_sent"] > 0
+    assert report["revocations"] >= 5
+    assert report["revocation_to_receipt_ms"]["n"] == report["revocations"]
+    assert report["consumers"] == 2
+
+
+def test_fleet_cluster_options_are_checked() -> None:
+    bad = vgw("sim", "fleet", "--kill-at", "3")
+    assert bad.returncode == 1 and "--kill-at needs --broker nats-cluster" in bad.stderr
+    bad = vgw("sim", "fleet", "--broker", "nats-cluster", "--consumers", "0")
+    assert bad.returncode == 1 and "--consumers 0" in bad.stderr and "Traceback" not in bad.stderr

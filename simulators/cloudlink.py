@@ -284,8 +284,8 @@ class Listener:
             st = self._streams.setdefault((device, grant, epoch), _Stream())
             if seq in st.seen:
                 st.duplicates += 1
-                events.append({"type": "duplicate", "device": device, "grant": grant, "epoch": epoch, "seq": seq,
-                               "arrived": arrived})
+                events.append({"type": "duplicate", "device": device, "grant": grant, "epoch": epoch,
+                               "seq": seq, "arrived": arrived})
             else:
                 # A first-seen seq above high + 1 means seqs in between were lost (or are late). The first
                 # message of a stream only counts from 1 when seq restarts there: a listener started
@@ -336,6 +336,7 @@ class Listener:
                         ranges[-1][1] = n
                     else:
                         ranges.append([n, n])
-                streams[f"{d}/{g}" + (f"@{e}" if e else "")] = {"batches": len(st.seen), "duplicates": st.duplicates, "first": lo,
-                                       "high": st.high, **({"missing": ranges} if self.detect_gaps else {})}
+                name = f"{d}/{g}" + (f"@{e}" if e else "")
+                streams[name] = {"batches": len(st.seen), "duplicates": st.duplicates, "first": lo,
+                                 "high": st.high, **({"missing": ranges} if self.detect_gaps else {})}
             return {"streams": streams, "events": dict(self.counts)}

@@ -17,6 +17,11 @@ delivered to the consumer), end-to-end latency percentiles (seal on the device -
 consent push -> ``consent-applied`` and revocation push -> ``erasure`` receipt latencies, and loss (batches
 PUBACKed to a device but never delivered to the consumer) and duplicates.
 
+``broker="nats-cluster"``: three nats-server nodes (:mod:`simulators.nats_cluster`), devices spread over
+them and failing over like the agent's ``[mqtt] hosts``, and the cloud side as ``consumers`` worker
+processes on the durable JetStream consumer (:mod:`simulators.fleet_cluster`); ``kill_at_s`` kills one node
+(SIGKILL) in the middle of the run and restarts it ``down_s`` later.
+
 Errors: ``ValueError`` for bad parameters, :class:`simulators.broker.BrokerError` if a broker cannot start,
 :class:`agent.errors.UplinkError` if the cloud side cannot connect.
 """

@@ -22,6 +22,7 @@ Errors: :class:`~agent.errors.UplinkError` (cannot connect, stream or consumer r
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 import threading
 import time
@@ -33,6 +34,8 @@ from typing import Any
 from agent.errors import UplinkError
 from simulators.cloudkit import CloudKitError
 from simulators.nats import DURABLE, STREAM, telemetry_consumer_config, telemetry_stream_config
+
+log = logging.getLogger("vgw.cloud")
 
 __all__ = ["JetStreamWorker", "NatsOptions", "parse_servers", "require_nats_py"]
 
@@ -167,7 +170,7 @@ class JetStreamWorker:
         while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
             try:
                 msgs = await psub.fetch(self.opts.batch, timeout=_FETCH_TIMEOUT_S)
-            except (NatsTimeout, asyncio.TimeoutError):
+            except (TimeoutError, NatsTimeout):
                 continue
             except Exception:  # a node went away mid-fetch: the client reconnects to another; pull again
                 await asyncio.sleep(0.2)
@@ -182,8 +185,8 @@ class JetStreamWorker:
                 await msg.ack()  # only after the handler returned (explicit ack)
             try:
                 await nc.flush(timeout=5)  # the acks reached the server
-            except Exception:
-                pass  # not confirmed: redelivered after ack_wait, de-duplicated downstream
+            except Exception as exc:  # not confirmed: redelivered after ack_wait, de-duplicated downstream
+                log.debug("acknowledgements not confirmed: %s", exc)
 
 
 def _ask(opts: NatsOptions, query: Callable[[Any], Any], timeout: float) -> Any:

@@ -15,6 +15,11 @@ MQTT topic ``vgw/dev-0001/data/g`` is NATS subject ``vgw.dev-0001.data.g``, so a
 delivers QoS 1 messages through a JetStream consumer whose delivery subject is checked against the user's
 subscribe permissions. (An MQTT client cannot itself subscribe ``$MQTT/...``; the server refuses it.)
 
+:mod:`simulators.nats_cluster` runs three of these as one cluster; :func:`telemetry_stream_config` and
+:func:`telemetry_consumer_config` define the JetStream stream and durable consumer the cloud's workers share
+(``deploy/nats/stream-vgw.json``, ``consumer-vgw-workers.json``), and :func:`cloud_permissions` lets the
+cloud user use that stream's JetStream API and no other.
+
 Errors (``RuntimeError`` subclasses: a missing or failing test broker is an environment problem)::
 
     BrokerError                       (simulators.broker)

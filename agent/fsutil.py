@@ -6,7 +6,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from agent.errors import StorageError
+from vgw.errors import StorageError
 
 
 def ensure_private_dir(path: Path) -> Path:

@@ -40,8 +40,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.crypto import keys
-from agent.errors import StorageError
+from vgw.crypto import keys
+from vgw.errors import StorageError
 
 log = logging.getLogger("vgw.outbox")
 

@@ -181,8 +181,8 @@ def build_report(
 
 def collect(config_path: str | Path) -> dict[str, Any]:
     """Read a state directory (works while `vgw run` runs) and build the report. Raises VgwError."""
-    from agent.config import load_config
-    from agent.stateview import read_state
+    from vgw.config import load_config
+    from vgw.stateview import read_state
 
     cfg = load_config(config_path)
     state = read_state(cfg)

@@ -39,9 +39,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.config import MqttConfig
-from agent.errors import StorageError
-from agent.outbox import Outbox
+from vgw.config import MqttConfig
+from vgw.errors import StorageError
+from vgw.outbox import Outbox
 
 log = logging.getLogger("vgw.uplink")
 

@@ -3,13 +3,13 @@ the durable consumer, and a reader that turns their JSON lines into the simulato
 
 Each worker is the real CLI in its own process (so opening envelopes is not limited by the simulator's GIL);
 :class:`ConsumerGroup` starts them, tails their output files and feeds every event into the same counters the
-MQTT consumer of :mod:`simulators.fleet` fills (``seen`` by (device, grant), duplicates, latencies, receipts).
+MQTT consumer of :mod:`vgw.simulators.fleet` fills (``seen`` by (device, grant), duplicates, latencies, receipts).
 A batch that two workers handled (a redelivery after a worker or a node failed) counts once and as a
 duplicate: that is the receivers' de-duplication on (device, grant, epoch, seq).
 
 Owned by the simulator's main thread; one reader thread writes the counters under the counters' lock.
 
-Errors: :class:`~agent.errors.UplinkError` if a worker does not start pulling.
+Errors: :class:`~vgw.errors.UplinkError` if a worker does not start pulling.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 
-from agent.errors import UplinkError
+from vgw.errors import UplinkError
 
 __all__ = ["ConsumerGroup"]
 
@@ -47,7 +47,7 @@ class ConsumerGroup:
         key_path.write_bytes(recipient.private_key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
         key_path.chmod(0o600)
-        self._argv = [sys.executable, "-m", "agent", "cloud", "listen",
+        self._argv = [sys.executable, "-m", "vgw", "cloud", "listen",
                       "--nats", ",".join(u.removeprefix("tls://") for u in nats_urls),
                       "--ca", str(ca), "--cert", str(cert), "--tls-key", str(key), "--recipient", str(key_path),
                       "--device-cert", str(device_cert_dir), "--ack-wait", str(ack_wait_s), "--no-status"]

@@ -2,9 +2,9 @@
 --nats``).
 
 Devices publish over MQTT; the NATS server makes ``vgw/<id>/data/<grant>`` the subject ``vgw.<id>.data.<grant>``.
-The stream ``VGW`` (:func:`simulators.nats.telemetry_stream_config`, ``deploy/nats/stream-vgw.json``) keeps
+The stream ``VGW`` (:func:`vgw.simulators.nats.telemetry_stream_config`, ``deploy/nats/stream-vgw.json``) keeps
 ``vgw.*.data.>`` and ``vgw.*.receipt`` on the cluster (R3), and the durable consumer ``vgw-workers``
-(:func:`simulators.nats.telemetry_consumer_config`) hands each message to one of the workers pulling from it:
+(:func:`vgw.simulators.nats.telemetry_consumer_config`) hands each message to one of the workers pulling from it:
 
 - a message is acknowledged (explicit ack, confirmed by the server) only after the handler returned, so a
   batch is handled once in normal operation;
@@ -15,8 +15,8 @@ The stream ``VGW`` (:func:`simulators.nats.telemetry_stream_config`, ``deploy/na
 :class:`JetStreamWorker` runs its own asyncio loop on the thread that calls :meth:`JetStreamWorker.run`; the
 handler runs on that thread too. nats-py is imported only here, so the MQTT mode needs no NATS client.
 
-Errors: :class:`~agent.errors.UplinkError` (cannot connect, stream or consumer refused),
-:class:`~simulators.cloudkit.CloudKitError` (nats-py missing, unusable TLS files or addresses).
+Errors: :class:`~vgw.errors.UplinkError` (cannot connect, stream or consumer refused),
+:class:`~vgw.simulators.cloudkit.CloudKitError` (nats-py missing, unusable TLS files or addresses).
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.errors import UplinkError
-from simulators.cloudkit import CloudKitError
-from simulators.nats import DURABLE, STREAM, telemetry_consumer_config, telemetry_stream_config
+from vgw.errors import UplinkError
+from vgw.simulators.cloudkit import CloudKitError
+from vgw.simulators.nats import DURABLE, STREAM, telemetry_consumer_config, telemetry_stream_config
 
 log = logging.getLogger("vgw.cloud")
 

@@ -1,7 +1,7 @@
 """A private 3-node NATS cluster on loopback: routes, clustered JetStream and an MQTT listener (mutual TLS)
-on every node, the per-device users of :mod:`simulators.nats` on each.
+on every node, the per-device users of :mod:`vgw.simulators.nats` on each.
 
-Every node is a :class:`~simulators.nats.NatsMqtt` in its own work directory with fixed ports (MQTT, NATS
+Every node is a :class:`~vgw.simulators.nats.NatsMqtt` in its own work directory with fixed ports (MQTT, NATS
 client, cluster route), so :meth:`NatsCluster.kill` (SIGKILL, no clean shutdown) followed by
 :meth:`NatsCluster.start_node` brings a node back on the same ports with the same JetStream store, as a
 restarted machine would. The MQTT session, retained and QoS 1 streams are replicated to all three nodes
@@ -9,7 +9,7 @@ restarted machine would. The MQTT session, retained and QoS 1 streams are replic
 
 Routes are plain TCP on loopback here; ``deploy/nats/nats.conf`` protects them with TLS.
 
-Errors: :class:`~simulators.nats.NatsNotFound` (no binary), :class:`~simulators.broker.BrokerStartError` (a
+Errors: :class:`~vgw.simulators.nats.NatsNotFound` (no binary), :class:`~vgw.simulators.broker.BrokerStartError` (a
 node did not start or the cluster did not elect a JetStream leader in time).
 """
 
@@ -27,11 +27,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from simulators.broker import HOST, BrokerStartError
-from simulators.nats import NatsMqtt, find_nats_server
+from vgw.simulators.broker import HOST, BrokerStartError
+from vgw.simulators.nats import NatsMqtt, find_nats_server
 
 if TYPE_CHECKING:
-    from simulators.pki import TestPKI
+    from vgw.simulators.pki import TestPKI
 
 __all__ = ["NatsCluster", "cluster_block", "stable_port"]
 

@@ -19,17 +19,17 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
-from simulators.cloud import recipient_public_key, seal_envelope
-from simulators.mqttclient import make_client, tls_context
-from simulators.nats import (
+from vgw.simulators.cloud import recipient_public_key, seal_envelope
+from vgw.simulators.mqttclient import make_client, tls_context
+from vgw.simulators.nats import (
     NatsNotFound,
     authorization_block,
     find_nats_server,
     telemetry_consumer_config,
     telemetry_stream_config,
 )
-from simulators.nats_cluster import NatsCluster
-from simulators.pki import TestPKI
+from vgw.simulators.nats_cluster import NatsCluster
+from vgw.simulators.pki import TestPKI
 from tests.agentkit import ROOT, vgw
 
 try:
@@ -148,7 +148,7 @@ class Workers:
     def start(self, name: str) -> subprocess.Popen[bytes]:
         err = open(self.tmp / f"{name}.err", "ab")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "agent", "cloud", "listen", "--nats", ",".join(
+            [sys.executable, "-m", "vgw", "cloud", "listen", "--nats", ",".join(
                 f"127.0.0.1:{n.client_port}" for n in self.cluster.nodes),
              "--ca", str(self.pki.ca.cert), "--cert", str(self.pki.cloud.cert), "--tls-key", str(self.pki.cloud.key),
              "--recipient", str(self.keys), "--device-cert", str(self.pki.dir), "--ack-wait", "2", "--batch", "5",
@@ -306,8 +306,8 @@ def test_kill_a_worker_mid_stream_nothing_lost(workers: Workers, pki: TestPKI, c
 
 
 def test_config_hosts_parses_and_refuses_both_forms(tmp_path: Path, pki: TestPKI) -> None:
-    from agent.config import load_config
-    from agent.errors import ConfigError
+    from vgw.config import load_config
+    from vgw.errors import ConfigError
     from tests.agentkit import Authority, write_config
 
     trust = Authority(tmp_path).trust
@@ -329,7 +329,7 @@ def test_config_hosts_parses_and_refuses_both_forms(tmp_path: Path, pki: TestPKI
 
 
 def test_doctor_checks_every_endpoint(tmp_path: Path, pki: TestPKI, cluster: NatsCluster) -> None:
-    from agent.doctor import FAIL, PASS, Probes, run_checks
+    from vgw.doctor import FAIL, PASS, Probes, run_checks
     from tests.agentkit import Authority, write_config
 
     hosts = [f"localhost:{p}" for _h, p in cluster.endpoints]
@@ -345,8 +345,8 @@ class JsRecorder:
     """A cloud recorder fed by one in-process JetStream worker of the durable consumer (a thread)."""
 
     def __init__(self, pki: TestPKI, cluster: NatsCluster) -> None:
-        from simulators.cloud import CloudRecorder
-        from simulators.jetstream import JetStreamWorker, NatsOptions
+        from vgw.simulators.cloud import CloudRecorder
+        from vgw.simulators.jetstream import JetStreamWorker, NatsOptions
 
         self.rec = CloudRecorder()
         for d in pki.devices:
@@ -371,7 +371,7 @@ def vehicle_seed() -> int:
 def _push(peer: Any, device: str, token: str, timeout: float = 60.0) -> None:
     """Publish consent until the cluster acknowledges it, as a consent service does: while JetStream elects
     a new leader for the retained-message stream, a retained publish waits (docs/fleet.md)."""
-    from agent.errors import UplinkError
+    from vgw.errors import UplinkError
 
     deadline = time.monotonic() + timeout
     while True:
@@ -389,9 +389,9 @@ def test_agent_moves_to_another_node_when_its_node_is_killed(
     """Agent 1 is on a node that is not the telemetry stream's leader (killing the leader loses what is
     published during the election: nats-server 2.9 acknowledges an MQTT QoS 1 publish before JetStream has
     stored it; docs/fleet.md measures that case)."""
-    from agent.runtime import STATUS_FILE
-    from simulators.cloud import CloudPeer
-    from simulators.jetstream import stream_leader
+    from vgw.runtime import STATUS_FILE
+    from vgw.simulators.cloud import CloudPeer
+    from vgw.simulators.jetstream import stream_leader
     from tests.agentkit import AgentThread, Authority, write_config
 
     auth = Authority(tmp_path)

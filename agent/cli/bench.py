@@ -28,8 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from agent.bench import BenchOptions, format_table, run_bench
-    from agent.errors import VgwError
+    from vgw.bench import BenchOptions, format_table, run_bench
+    from vgw.errors import VgwError
 
     if args.rt_fps <= 0 or args.rt_seconds <= 0:
         raise VgwError("--rt-fps and --rt-seconds must be > 0")

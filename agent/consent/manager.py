@@ -19,13 +19,13 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from agent.audit import AuditLog
-from agent.consent.model import Consent, Grant
-from agent.consent.store import ConsentStore
-from agent.consent.verifier import peek_version, verify_consent
-from agent.crypto.receipts import ReceiptSigner
-from agent.errors import ConfigError, ConsentError, SignatureError, StorageError
-from agent.outbox import Erasure, Outbox
+from vgw.audit import AuditLog
+from vgw.consent.model import Consent, Grant
+from vgw.consent.store import ConsentStore
+from vgw.consent.verifier import peek_version, verify_consent
+from vgw.crypto.receipts import ReceiptSigner
+from vgw.errors import ConfigError, ConsentError, SignatureError, StorageError
+from vgw.outbox import Erasure, Outbox
 
 log = logging.getLogger("vgw.consent")
 

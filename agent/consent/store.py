@@ -13,8 +13,8 @@ import json
 import time
 from pathlib import Path
 
-from agent.errors import StorageError
-from agent.fsutil import atomic_write
+from vgw.errors import StorageError
+from vgw.fsutil import atomic_write
 
 CONSENT_FILE = "consent.jws"
 INBOX_FILE = "consent.inbox.jws"  # `vgw consent apply` hands a document to the running agent here

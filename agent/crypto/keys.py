@@ -13,8 +13,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
 
-from agent.errors import StorageError
-from agent.fsutil import atomic_write
+from vgw.errors import StorageError
+from vgw.fsutil import atomic_write
 
 KEY_BYTES = 32
 NONCE_BYTES = 12

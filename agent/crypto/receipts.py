@@ -10,7 +10,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-from agent.errors import ConfigError
+from vgw.errors import ConfigError
 
 RECEIPT_TYP = "vgw-receipt+jwt"
 

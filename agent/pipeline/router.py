@@ -18,9 +18,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.catalogue import Catalogue, SignalSpec
-from agent.consent.model import Grant
-from agent.pipeline.decoder import MessageDecoder
+from vgw.catalogue import Catalogue, SignalSpec
+from vgw.consent.model import Grant
+from vgw.pipeline.decoder import MessageDecoder
 
 _M_PER_DEG = 111_320.0
 

@@ -17,7 +17,7 @@ from typing import Any
 import can
 from can.typechecking import CanFilter
 
-from agent.errors import SourceOpenError, SourceReadError
+from vgw.errors import SourceOpenError, SourceReadError
 
 log = logging.getLogger("vgw.source")
 

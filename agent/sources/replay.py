@@ -12,7 +12,7 @@ from pathlib import Path
 
 import can
 
-from agent.errors import SourceOpenError, SourceReadError
+from vgw.errors import SourceOpenError, SourceReadError
 
 
 class ReplaySource:

@@ -105,9 +105,17 @@ class BusSource:
             # Only the exception's type: its text may quote the frame's bytes.
             raise SourceFrameError(f"CAN {self.interface}:{self.channel}: malformed frame skipped "
                                    f"({type(_root_cause(exc)).__name__})") from exc
-        if msg is None and self._slcan_resync(SLCAN_LINE_MAX):
-            raise SourceFrameError(f"CAN {self.interface}:{self.channel}: more than {SLCAN_LINE_MAX} bytes "
-                                   "without a line terminator discarded")
+        if msg is None:
+            if self._slcan_resync(SLCAN_LINE_MAX):
+                raise SourceFrameError(f"CAN {self.interface}:{self.channel}: more than {SLCAN_LINE_MAX} bytes "
+                                       "without a line terminator discarded")
+            return None
+        if not (msg.is_remote_frame or msg.is_error_frame) and (
+                len(msg.data) != msg.dlc or len(msg.data) > (64 if msg.is_fd else 8)):
+            # python-can builds such frames from garbled SLCAN lines without checking them ("T...9" + 9 bytes:
+            # dlc 12, 9 data bytes): no controller delivers one (ISO 11898-1 data length codes).
+            raise SourceFrameError(f"CAN {self.interface}:{self.channel}: frame with dlc {msg.dlc} and "
+                                   f"{len(msg.data)} data bytes skipped")
         return msg
 
     def _slcan_resync(self, longer_than: int) -> bool:

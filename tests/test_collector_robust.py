@@ -25,6 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.catalogue import load_catalogue
+from agent.cli.status import collect_status
 from agent.consent.model import Grant, Limits, Recipient
 from agent.errors import SourceFrameError
 from agent.pipeline.router import Pipeline
@@ -461,10 +462,12 @@ def test_watchdog_stops_while_the_collector_is_stalled(tmp_path: Path, pki, chan
         assert wait_until(lambda: agent._source is not None, 10)
         assert _watchdog_pings(notify_socket, 1.5) >= 5  # no frame at all: still progress
         with agent._lock:  # the collector blocks on its next flush check: a stall (as a deadlock would be)
-            assert wait_until(lambda: agent.status()["health"]["ok"] is False, 5)
-            assert "collector stalled" in agent.status()["health"]["problem"]
-            _watchdog_pings(notify_socket, 0.3)  # a ping already in flight
+            # Pings stop (the first half second may still carry one sent before the stall was seen) ...
+            assert wait_until(lambda: _watchdog_pings(notify_socket, 0.5) == 0, 5)
             assert _watchdog_pings(notify_socket, 1.0) == 0
+            # ... and status.json says why.
+            assert "collector stalled" in (agent.status()["health"]["problem"] or "")
+            assert wait_until(lambda: collect_status(str(cfg))["health"]["ok"] is False, 5)  # `vgw status`
         assert wait_until(lambda: agent.healthy, 5)
         assert _watchdog_pings(notify_socket, 1.0) >= 3
     finally:
@@ -483,8 +486,8 @@ def test_watchdog_stops_when_the_collector_thread_is_gone(tmp_path: Path, pki, c
         agent._collector = threading.Thread(target=lambda: None)  # a collector thread that has ended
         agent._collector.start()
         agent._collector.join()
-        assert wait_until(lambda: agent.status()["health"] == {"ok": False, "problem": "collector stopped"}, 5)
-        _watchdog_pings(notify_socket, 0.3)
+        assert wait_until(lambda: _watchdog_pings(notify_socket, 0.5) == 0, 5)
         assert _watchdog_pings(notify_socket, 1.0) == 0
+        assert agent.status()["health"] == {"ok": False, "problem": "collector stopped"}
     finally:
         runner.stop()

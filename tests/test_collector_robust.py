@@ -29,7 +29,7 @@ from agent.cli.status import collect_status
 from agent.consent.model import Grant, Limits, Recipient
 from agent.errors import SourceFrameError
 from agent.pipeline.router import Pipeline
-from agent.sources.canbus import SLCAN_LINE_MAX, BusSource, kernel_filters
+from agent.sources.canbus import BusSource, kernel_filters
 from simulators.broker import free_port
 from simulators.slcan_pty import SlcanPtyBus
 from tests.agentkit import AgentThread, Authority, vgw, write_config
@@ -105,10 +105,10 @@ def test_bad_slcan_lines_are_counted_and_collection_goes_on(tmp_path: Path, pki,
         with _Sender(slcan_sim):
             assert wait_until(lambda: agent.pipeline.counters["samples"] >= 5, 10)
             for line in BAD_LINES:
-                slcan_sim.send_raw(line)
                 seen = agent.pipeline.counters["samples"]
+                slcan_sim.send_raw(line)
                 # Frames after each bad line are decoded again (the driver resynchronised on the next line).
-                assert wait_until(lambda: agent.pipeline.counters["samples"] >= seen + 3, 10), line
+                assert wait_until(lambda seen=seen: agent.pipeline.counters["samples"] >= seen + 5, 10), line
             assert runner.thread.is_alive() and agent._collector is not None and agent._collector.is_alive()
             # Every line but the last two: noise without terminator merges with the next line, which python-can
             # then ignores as a line of no known type (bounded, not counted), and an empty line is no frame.

@@ -185,7 +185,8 @@ class Agent:
             for rejected in taken.rejected.values():
                 self.manager.reject(rejected.last, source="mqtt", count=rejected.count)
             for i, consent in enumerate(taken.candidates):
-                if self.manager.apply(consent.token, source="mqtt").status != "rejected":
+                skipped = taken.skipped + [(c.ver, c.grant_ids) for c in taken.candidates[i + 1:]]
+                if self.manager.apply(consent.token, source="mqtt", skipped=skipped).status != "rejected":
                     superseded += len(taken.candidates) - i - 1
                     break
             self.counters["consent_superseded"] += superseded

@@ -96,6 +96,26 @@ def test_a_persistent_sessions_backlog_ends_with_the_newest_in_force(tmp_path: P
                           15)
 
 
+def test_a_revocation_inside_a_burst_is_carried_out(tmp_path: Path, pki: Any, broker: Mosquitto, cloud: Any,
+                                                   auth: consentkit.Authority) -> None:
+    cfg = write_config(tmp_path, pki, broker.port, auth.trust[0], can={"channel": f"intake-{time.time_ns()}"})
+    now = int(time.time())
+    docs = [auth.doc(DEVICE, v, [auth.grant(g, _scopes(g)) for g in (["g-keep"] if v == 16 else BOTH)], iat=now - 60)
+            for v in range(1, 32)]
+    with AgentThread(cfg) as agent:
+        assert agent.wait_link()
+        cloud.publish_consent(DEVICE, docs[0])
+        assert wait_until(lambda: _in_force(agent) == 1, 10)
+        for doc in docs[1:]:  # v16 revokes g-drop, v17..v31 grant it again
+            cloud.publish_consent(DEVICE, doc)
+        assert wait_until(lambda: _in_force(agent) == 31, 15)
+        # Whether v16 was applied or skipped in the burst, g-drop was erased under v16 and then granted afresh.
+        assert wait_until(lambda: [(r.claims["grant"], r.claims["ver"]) for r in cloud.receipts(DEVICE, "erasure")]
+                          == [("g-drop", 16)], 10)
+        assert {g.id for g in agent.agent.manager.active_grants()} == set(BOTH)
+        assert agent.agent.outbox.active_grants() == set(BOTH)
+
+
 def test_forged_high_version_junk_never_pushes_out_the_genuine_newest(tmp_path: Path, pki: Any, broker: Mosquitto,
                                                                       cloud: Any, auth: consentkit.Authority) -> None:
     cfg = write_config(tmp_path, pki, broker.port, auth.trust[0], can={"channel": f"intake-{time.time_ns()}"})
@@ -155,6 +175,40 @@ def test_forged_documents_never_take_a_slot(auth: consentkit.Authority) -> None:
     taken = intake.take()
     assert [c.ver for c in taken.candidates] == [5]
     assert {r: t.count for r, t in taken.rejected.items()} == {"signature": 100, "too-large": 1}
+
+
+def test_a_revocation_in_a_skipped_version_is_not_lost(tmp_path: Path, pki: Any, auth: consentkit.Authority) -> None:
+    # v1 grants both; v2 (revokes g-drop) is superseded in the intake by v3..v6, which grant both again.
+    intake = _intake(auth)
+    now = int(time.time())
+    docs = [auth.doc(DEVICE, v, [auth.grant(g, _scopes(g)) for g in (["g-keep"] if v == 2 else BOTH)], iat=now - 60)
+            for v in range(1, 7)]
+    state = consentkit.State(tmp_path, pki, auth)
+    try:
+        assert state.manager.apply(docs[0], source="mqtt").status == "applied"
+        state.outbox.commit_batch("g-drop", lambda seq: b"sealed-%d" % seq, first_t=now, samples=1)
+        intake.set_in_force(state.manager.in_force)
+        for doc in docs[1:]:
+            intake.offer(doc.encode())
+        taken = intake.take()
+        assert [c.ver for c in taken.candidates] == [6, 5, 4, 3] and taken.skipped == [(2, frozenset({"g-keep"}))]
+        newest = taken.candidates[0]
+        skipped = taken.skipped + [(c.ver, c.grant_ids) for c in taken.candidates[1:]]
+        result = state.manager.apply(newest.token, source="mqtt", skipped=skipped)
+        assert result.status == "applied" and state.manager.in_force.ver == 6
+        erasures = state.receipts("erasure")
+        assert [(r["grant"], r["ver"], r["batches_deleted"]) for r in erasures] == [("g-drop", 2, 1)]
+        assert state.revoked_hook == [frozenset({"g-drop"})]
+        # Granted afresh by v6: active again, with a new data key at its next batch.
+        assert state.outbox.active_grants() == set(BOTH)
+        state.outbox.commit_batch("g-drop", lambda seq: b"sealed-%d" % seq, first_t=now, samples=1)
+        assert state.outbox.has_key("g-drop")
+        # A replayed older version (below the one in force) never erases anything.
+        state.manager.apply(auth.doc(DEVICE, 7, [auth.grant(g, _scopes(g)) for g in BOTH], iat=now - 60),
+                            source="mqtt", skipped=[(2, frozenset({"g-keep"}))])
+        assert len(state.receipts("erasure")) == 1
+    finally:
+        state.close()
 
 
 def test_distinct_invalid_documents_are_coalesced_per_reason(tmp_path: Path, pki: Any,

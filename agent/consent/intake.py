@@ -12,8 +12,12 @@ document is judged when it arrives, not when a slot frees up:
   because the queue was full.
 - ``take`` (main thread) empties the intake; the main thread applies the highest candidate first and falls
   back to the next one only if the manager now rejects it, and takes again until the intake is empty.
+- A superseded version is never applied, but its grant ids are remembered (``Taken.skipped``): a grant that
+  it withdrew and the newest version grants again was still revoked in between, so the manager erases what
+  was stored for it before it starts afresh (a revocation is never lost to a burst).
 
-Memory: ``SLOTS`` documents of at most ``MAX_DOCUMENT_BYTES`` each, plus one error per rejection reason.
+Memory: ``SLOTS`` documents of at most ``MAX_DOCUMENT_BYTES`` each, one error per rejection reason and
+``SKIPPED_MEMORY`` grant-id sets.
 ``offer`` never blocks on the main thread; one lock guards the slots, the tally and the in-force reference.
 """
 
@@ -30,6 +34,7 @@ from agent.consent.verifier import MAX_DOCUMENT_BYTES, verify_consent
 from agent.errors import ClaimsError, ConsentError, SignatureError
 
 SLOTS = 4  # verified candidates kept; more than one so a newest that the manager refuses has a fallback
+SKIPPED_MEMORY = 32  # grant sets of superseded versions remembered (older ones are merged, conservatively)
 
 
 @dataclass
@@ -47,6 +52,7 @@ class Taken:
     candidates: list[Consent] = field(default_factory=list)
     rejected: dict[str, Rejections] = field(default_factory=dict)
     superseded: int = 0  # verified documents a newer one replaced before the main thread got to them
+    skipped: list[tuple[int, frozenset[str]]] = field(default_factory=list)  # their (ver, grant ids)
 
     def __bool__(self) -> bool:
         return bool(self.candidates or self.rejected)
@@ -66,6 +72,7 @@ class ConsentIntake:
         self._candidates: dict[str, Consent] = {}  # digest -> verified document
         self._rejected: dict[str, Rejections] = {}
         self._superseded = 0
+        self._skipped: list[tuple[int, frozenset[str]]] = []
         self.ready = threading.Event()  # set while something waits for take()
         self.offered = 0
 
@@ -104,7 +111,17 @@ class ConsentIntake:
                 lowest = min(self._candidates.values(), key=lambda c: (c.ver, c.digest))
                 del self._candidates[lowest.digest]
                 self._superseded += 1
+                self._remember_skipped(lowest.ver, lowest.grant_ids)
             self.ready.set()
+
+    def _remember_skipped(self, ver: int, grant_ids: frozenset[str]) -> None:
+        self._skipped.append((ver, grant_ids))
+        if len(self._skipped) > SKIPPED_MEMORY:
+            # Merge the two lowest versions: the higher version and the grants both kept. A merged entry can
+            # only make the manager erase more (a still-granted grant restarts with a fresh key), never less.
+            self._skipped.sort(key=lambda e: e[0])
+            (v1, g1), (v2, g2) = self._skipped[:2]
+            self._skipped[:2] = [(max(v1, v2), g1 & g2)]
 
     def _tally(self, exc: ConsentError) -> None:
         with self._lock:
@@ -120,9 +137,10 @@ class ConsentIntake:
         """Everything waiting, emptied out: candidates highest version first, and the rejections by reason."""
         with self._lock:
             taken = Taken(sorted(self._candidates.values(), key=lambda c: (c.ver, c.digest), reverse=True),
-                          self._rejected, self._superseded)
+                          self._rejected, self._superseded, self._skipped)
             self._candidates = {}
             self._rejected = {}
             self._superseded = 0
+            self._skipped = []
             self.ready.clear()
         return taken

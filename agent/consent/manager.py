@@ -155,8 +155,15 @@ class ConsentManager:
             err.reason = "malformed"
             raise err from exc
 
-    def apply(self, token: str | bytes, *, source: str) -> ApplyResult:
-        """Verify ``token``; on success make it the consent in force and revoke the grants it drops."""
+    def apply(self, token: str | bytes, *, source: str, skipped: Sequence[tuple[int, frozenset[str]]] = ()
+              ) -> ApplyResult:
+        """Verify ``token``; on success make it the consent in force and revoke the grants it drops.
+
+        ``skipped``: (ver, grant ids) of verified versions that a newer one superseded before they could be
+        applied (agent.consent.intake). A grant in force that one of them, between the version in force and
+        this one, withdrew was revoked meanwhile even if this version grants it again: it is erased (receipt
+        with that version) and starts afresh, so a burst never loses a revocation.
+        """
         try:
             consent = self.verify(token)
         except ConsentError as exc:
@@ -168,7 +175,12 @@ class ConsentManager:
         old = self.in_force
         old_active = {g.id for g in self.active_grants()}
         new_ids = consent.grant_ids
-        revoked = frozenset(old_active - new_ids)
+        withdrawn: dict[str, int] = {}  # grant -> the skipped version that revoked it
+        for ver, ids in sorted(skipped):
+            if (old is None or ver > old.ver) and ver < consent.ver:
+                for gid in (old_active & new_ids) - ids:
+                    withdrawn.setdefault(gid, ver)
+        revoked = frozenset(old_active - new_ids) | frozenset(withdrawn)
 
         # 1. Stop collection of dropped grants at once (memory first), and let the new grants store.
         if revoked and self.on_revoke is not None:
@@ -176,6 +188,8 @@ class ConsentManager:
         self.outbox.set_active_grants(set(new_ids))
         # 2. Wipe what was revoked on disk (key first, then rows) before anything else can fail.
         wiped = {gid: self.outbox.erase_grant(gid) for gid in sorted(revoked)}
+        if withdrawn:
+            self.outbox.set_active_grants(set(new_ids))  # erasure deactivated them; this version grants them anew
         # 3. Cache the document (atomic), raise the clock floor to its iat and remember its version.
         self.store.write_token(consent.token)
         self.store.raise_floor(consent.iat)
@@ -193,7 +207,8 @@ class ConsentManager:
         if self.on_change is not None:
             self.on_change()
         # 4. Record each erasure and send its receipt: memory, rows and key are gone by now.
-        erasures = [self._erase(gid, reason="revoked", ver=consent.ver, done=wiped[gid]) for gid in sorted(revoked)]
+        erasures = [self._erase(gid, reason="revoked", ver=withdrawn.get(gid, consent.ver), done=wiped[gid])
+                    for gid in sorted(revoked)]
         return ApplyResult("applied", consent, revoked=erasures)
 
     def reject(self, exc: ConsentError, *, source: str, token: str | bytes | None = None, count: int = 1) -> None:

@@ -146,7 +146,7 @@ class _GuardedSocket(ssl.SSLSocket):
     def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
         guard, out = self._guard_state()
         while not out:
-            data = super().recv(max(buflen, READ_CHUNK), flags)  # SSLWantReadError when nothing is there
+            data = super().recv(READ_CHUNK, flags)  # one record at most; SSLWantReadError if none is there
             if not data:
                 return data  # end of stream
             out += guard.feed(data)

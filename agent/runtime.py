@@ -57,6 +57,7 @@ RECOVERED_AFTER_STORES = 3  # consecutive stored batches before a storage fault 
 LOCK_FILE = "agent.lock"
 OUTBOX_FILE = "outbox.sqlite"
 QUOTA_AUDIT_EVERY_S = 60.0  # at most one quota-drop audit entry per grant per minute (the counter is exact)
+INTAKE_ROUNDS = 8  # consent intake emptied at most this often per main-loop turn
 SHUTDOWN_SEND_S = 2.0  # on SIGTERM, how long a live link may take to send what was just flushed
 
 
@@ -175,9 +176,10 @@ class Agent:
         """Apply what the MQTT intake holds, until it is empty: the newest verified document wins.
 
         Rejections on arrival are recorded per reason with their count (the manager coalesces them). Versions
-        a newer one superseded before they were applied are counted, never applied.
+        a newer one superseded before they were applied are counted, never applied. A few rounds per main-loop
+        turn at most: a flood that never stops must not starve expiry and the watchdog (the rest waits one turn).
         """
-        while True:
+        for _ in range(INTAKE_ROUNDS):
             taken = self.intake.take()
             if not taken:
                 return

@@ -11,9 +11,11 @@ a refused publish is counted in ``queue_full`` and retried from the outbox), the
 connection events, PUBACKs of the bounded in-flight window and oversized-message notices, and consent
 messages go straight to the runtime's bounded intake (agent.consent.intake). No packet larger than
 ``MAX_PACKET_BYTES`` is ever buffered: MQTT 5 announces it as the Maximum Packet Size in CONNECT, and for
-both protocols the TLS socket drops an oversized PUBLISH's payload as it is read (agent.packetguard). A failed connection attempt is logged once per distinct reason (repeats go to debug
-and are summed up when the reason changes or the link comes back), so a broker that stays down or a TLS
-fault does not flood the journal.
+both protocols the TLS socket drops an oversized PUBLISH's payload as it is read (agent.packetguard).
+
+A failed connection attempt is logged once per distinct reason (repeats go to debug and are summed up when
+the reason changes or the link comes back), so a broker that stays down or a TLS fault does not flood the
+journal.
 
 Topics (CONTRACT §4), prefix ``vgw``: subscribe ``vgw/<device>/consent`` only; publish ``.../data/<grant>``,
 ``.../receipt`` and ``.../status`` (retained, also the last will). The status is published at connect and

@@ -59,7 +59,12 @@ class Taken:
 
 
 class ConsentIntake:
-    """Bounded intake of consent documents. ``offer`` is called from any thread; ``take`` from the main one."""
+    """Bounded intake of consent documents.
+
+    ``offer`` runs in paho's network thread (any thread will do); ``take`` and ``set_in_force`` in the main
+    thread. ``_lock`` guards the slots, the rejection tally, the skipped grant sets and the in-force reference;
+    verification runs outside it, so the main thread never waits for a signature check.
+    """
 
     def __init__(self, *, trust_keys: Sequence[Ed25519PublicKey], device: str, clock: Callable[[], float],
                  slots: int = SLOTS) -> None:

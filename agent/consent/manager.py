@@ -87,7 +87,7 @@ class ConsentManager:
         # consent topic) is counted, not audited and receipted again, so it cannot fill the disk.
         self._rejected: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.repeated_rejections = 0
-        self._reject_windows: dict[str, _RejectWindow] = {}  # reason -> the current coalescing interval
+        self._reject_windows: dict[tuple[str, str], _RejectWindow] = {}  # (source, reason) -> its interval
         self.coalesced_rejections = 0  # rejections folded into a later counted entry
         self.expired = False
 
@@ -215,9 +215,9 @@ class ConsentManager:
         """Record ``count`` rejected documents of one reason: audit entry and ``consent-rejected`` receipt.
 
         The same document again (by digest) is counted only; distinct documents of one reason are coalesced
-        to one entry and one receipt per reason per ``REJECT_COALESCE_S`` (the first at once, the rest summed
-        with a ``count`` when the interval ends: see :meth:`flush_rejections`), so a flood of invalid
-        documents cannot grow the audit log or the outbox without bound.
+        to one entry and one receipt per source and reason per ``REJECT_COALESCE_S`` (the first at once, the
+        rest summed with a ``count`` when the interval ends: see :meth:`flush_rejections`), so a flood of
+        invalid documents cannot grow the audit log or the outbox without bound.
         """
         if token is not None:
             digest = hashlib.sha256(token if isinstance(token, bytes) else token.encode("utf-8", "replace")).hexdigest()
@@ -231,9 +231,10 @@ class ConsentManager:
                 self._rejected.popitem(last=False)
         ver = exc.version if exc.version is not None else (peek_version(token) if token is not None else None)
         now = time.monotonic()
-        window = self._reject_windows.get(exc.reason)
+        key = (source, exc.reason)
+        window = self._reject_windows.get(key)
         if window is None or (window.pending == 0 and now - window.start >= REJECT_COALESCE_S):
-            self._reject_windows[exc.reason] = _RejectWindow(start=now)
+            self._reject_windows[key] = _RejectWindow(start=now)
             self._record_rejection(exc, ver, source=source, count=count)
             if count > 1:
                 log.warning("%d consent documents rejected (%s) from %s", count, exc.reason, source)
@@ -241,7 +242,7 @@ class ConsentManager:
                 log.warning("%s (from %s)", exc, source)
             return
         window.pending += count
-        window.last, window.ver, window.source = exc, ver, source
+        window.last, window.ver = exc, ver
         self.coalesced_rejections += count
         log.debug("consent rejected again (%s): counted into the next entry", exc.reason)
         self.flush_rejections()
@@ -249,16 +250,17 @@ class ConsentManager:
     def flush_rejections(self, *, force: bool = False) -> None:
         """Write the summed entry and receipt of every reason whose coalescing interval is over (or all)."""
         now = time.monotonic()
-        for reason, window in list(self._reject_windows.items()):
+        for key, window in list(self._reject_windows.items()):
             if not force and now - window.start < REJECT_COALESCE_S:
                 continue
             if window.pending == 0 or window.last is None:
-                del self._reject_windows[reason]
+                del self._reject_windows[key]
                 continue
-            self._record_rejection(window.last, window.ver, source=window.source, count=window.pending)
-            log.warning("%d more consent document(s) rejected (%s) in the last %.0f s", window.pending, reason,
-                        now - window.start)
-            self._reject_windows[reason] = _RejectWindow(start=now)
+            source, reason = key
+            self._record_rejection(window.last, window.ver, source=source, count=window.pending)
+            log.warning("%d more consent document(s) rejected (%s) from %s in the last %.0f s", window.pending,
+                        reason, source, now - window.start)
+            self._reject_windows[key] = _RejectWindow(start=now)
 
     def _record_rejection(self, exc: ConsentError, ver: int | None, *, source: str, count: int) -> None:
         claims: dict[str, object] = {"reason": exc.reason, "detail": str(exc)[:300]}
@@ -329,7 +331,6 @@ class _RejectWindow:
     pending: int = 0
     last: ConsentError | None = None
     ver: int | None = None
-    source: str = "mqtt"
 
 
 def _audit_anchor(entry: dict[str, object]) -> dict[str, object]:

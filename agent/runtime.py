@@ -3,7 +3,7 @@
 Threads:
   collector  reads the source, routes/decodes/batches under ``self._lock``, seals and commits full batches.
   uplink     owns the MQTT connection (agent.uplink).
-  main       consent documents (MQTT queue, the cache file written by `vgw consent apply`), expiry,
+  main       consent documents (MQTT intake, the cache file written by `vgw consent apply`), expiry,
              retention, status file, clock floor, systemd watchdog, signals.
 
 A revocation takes ``self._lock``: once it holds it no frame is half-processed, it swaps the router and drops
@@ -32,7 +32,6 @@ import fcntl
 import json
 import logging
 import os
-import queue
 import signal
 import threading
 import time
@@ -44,6 +43,7 @@ import can
 from agent.audit import AuditLog
 from agent.catalogue import Catalogue, load_catalogue
 from agent.config import Config
+from agent.consent.intake import ConsentIntake
 from agent.consent.manager import ConsentManager, load_trust_keys
 from agent.consent.store import ConsentStore
 from agent.crypto.envelope import batch_plaintext, load_recipient_key, seal
@@ -63,6 +63,7 @@ RECOVERED_AFTER_STORES = 3  # consecutive stored batches before a storage fault 
 LOCK_FILE = "agent.lock"
 OUTBOX_FILE = "outbox.sqlite"
 QUOTA_AUDIT_EVERY_S = 60.0  # at most one quota-drop audit entry per grant per minute (the counter is exact)
+INTAKE_ROUNDS = 8  # consent intake emptied at most this often per main-loop turn
 SHUTDOWN_SEND_S = 2.0  # on SIGTERM, how long a live link may take to send what was just flushed
 COLLECTOR_STALL_S = 10.0  # no collector loop iteration for this long: stalled (health not ok, watchdog not fed)
 BAD_FRAMES_REOPEN = 100  # this many malformed frames in a row with nothing good between: reopen the source
@@ -156,14 +157,16 @@ class Agent:
         self.manager = ConsentManager(device=self.device, store=self.store, outbox=self.outbox, audit=self.audit,
                                       signer=self.signer, trust_keys=trust, on_revoke=self._on_revoke,
                                       on_change=self._on_consent_change)
-        self._consent_queue: queue.Queue[bytes] = queue.Queue(maxsize=16)
-        self.uplink = Uplink(cfg.mqtt, self.device, self.outbox, on_consent=self._enqueue_consent,
+        # Documents from MQTT are judged on arrival and the newest verified one always survives (intake.py).
+        self.intake = ConsentIntake(trust_keys=trust, device=self.device,
+                                    clock=lambda: max(time.time(), self.store.floor))
+        self.uplink = Uplink(cfg.mqtt, self.device, self.outbox, on_consent=self.intake.offer,
                              status_payload=self._public_status)
         self._stop = threading.Event()
         self._source_done = threading.Event()
         self._collector: threading.Thread | None = None
         self.counters: dict[str, int] = {"batches": 0, "batches_discarded": 0, "store_failures": 0,
-                                         "consent_dropped": 0, "source_errors": 0, "batches_failed": 0,
+                                         "consent_superseded": 0, "source_errors": 0, "batches_failed": 0,
                                          "error_frames": 0, "remote_frames": 0, "rx_overflow": 0, "quota_dropped": 0,
                                          "frames_malformed": 0, "frames_failed": 0}
         self.storage_error: str | None = None  # why the outbox cannot store now (None: it can)
@@ -184,11 +187,27 @@ class Agent:
 
     # -- consent hooks ------------------------------------------------------------------------------
 
-    def _enqueue_consent(self, payload: bytes) -> None:
-        try:
-            self._consent_queue.put_nowait(payload)
-        except queue.Full:
-            self.counters["consent_dropped"] += 1  # the retained copy is delivered again on reconnect
+    def _apply_intake(self) -> None:
+        """Apply what the MQTT intake holds, until it is empty: the newest verified document wins.
+
+        Rejections on arrival are recorded per reason with their count (the manager coalesces them). Versions
+        a newer one superseded before they were applied are counted, never applied. A few rounds per main-loop
+        turn at most: a flood that never stops must not starve expiry and the watchdog (the rest waits one turn).
+        """
+        for _ in range(INTAKE_ROUNDS):
+            taken = self.intake.take()
+            if not taken:
+                return
+            superseded = taken.superseded
+            for rejected in taken.rejected.values():
+                self.manager.reject(rejected.last, source="mqtt", count=rejected.count)
+            for i, consent in enumerate(taken.candidates):
+                skipped = taken.skipped + [(c.ver, c.grant_ids) for c in taken.candidates[i + 1:]]
+                if self.manager.apply(consent.token, source="mqtt", skipped=skipped).status != "rejected":
+                    superseded += len(taken.candidates) - i - 1
+                    break
+            self.counters["consent_superseded"] += superseded
+            self.uplink.wake()
 
     def _on_revoke(self, grant_ids: frozenset[str]) -> None:
         with self._lock:
@@ -201,12 +220,14 @@ class Agent:
         log.info("collection stopped for %d grant(s); in-memory batches dropped", len(grant_ids))
 
     def _on_consent_change(self) -> None:
+        self.intake.set_in_force(self.manager.in_force)
         grants = self.manager.active_grants()
         with self._lock:
             self._recipients = {g.id: load_recipient_key(g.recipient.kem, g.recipient.pk) for g in grants}
             if self.pipeline is not None:
                 self.pipeline.swap(grants)
                 self._install_filters()
+        self.uplink.publish_status()  # the retained status names the consent in force (CONTRACT §4)
         self.uplink.wake()
 
     def _install_filters(self) -> None:
@@ -448,7 +469,7 @@ class Agent:
     def _public_status(self) -> dict[str, Any]:
         consent = self.manager.in_force
         return {"device": self.device, "consent_version": consent.ver if consent else None,
-                "grants": [g.id for g in self.manager.active_grants()]}
+                "grants": [g.id for g in self.manager.active_grants()], "healthy": self.healthy}
 
     def _quota_status(self) -> dict[str, int]:
         now = time.monotonic()
@@ -482,7 +503,9 @@ class Agent:
             "obd": self._obd.health() if self._obd is not None else None,
             "counters": {**pipeline, **self.counters, "rx_overflow": self.counters["rx_overflow"] + live_overflow,
                          "connect_attempts": up.connect_attempts, "connect_failures": up.connect_failures,
-                         "mqtt_queue_full": up.queue_full, "ack_store_failures": up.ack_store_failures},
+                         "mqtt_queue_full": up.queue_full, "ack_store_failures": up.ack_store_failures,
+                         "mqtt_oversized_dropped": up.oversized_dropped,
+                         "consent_rejections_coalesced": self.manager.coalesced_rejections},
         }
 
     def _write_status(self) -> None:
@@ -542,12 +565,9 @@ class Agent:
         last_wd = last_status = last_floor = last_retention = 0.0
         replay_exit = bool(self.cfg.can and self.cfg.can.replay and self.cfg.can.replay_exit)
         while not self._stop.is_set():
-            try:
-                payload = self._consent_queue.get(timeout=0.1)
-                self._guarded(self.manager.apply, payload, source="mqtt")
-                self.uplink.wake()
-            except queue.Empty:
-                pass
+            if self.intake.ready.wait(0.1):
+                self._guarded(self._apply_intake)
+            self._guarded(self.manager.flush_rejections)
             now = time.monotonic()
             self._guarded(self._check_consent_file)
             self._guarded(self.manager.check_expiry)
@@ -568,7 +588,10 @@ class Agent:
             if self.cfg.can is None:
                 self._flush_due()  # no collector thread to do it
             self.health_problem = self._health_problem(now)
-            self.healthy = self.health_problem is None
+            healthy = self.health_problem is None
+            if healthy != self.healthy:
+                self.healthy = healthy
+                self.uplink.publish_status()
             if wd is not None and self.healthy and now - last_wd >= wd:
                 last_wd = now
                 notify("WATCHDOG=1")
@@ -630,6 +653,7 @@ class Agent:
             with self._lock:
                 self._flush(self.pipeline.due(1, 0, force=True))
         self._audit_quota_drops(force=True)
+        self._guarded(self.manager.flush_rejections, force=True)
         if self.uplink.state == "connected":
             self.uplink.drain(SHUTDOWN_SEND_S)  # best effort; what is not acknowledged stays in the outbox
         self.uplink.publish_offline()

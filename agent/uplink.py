@@ -35,7 +35,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.config import MqttConfig
-from agent.errors import StorageError
+from agent.errors import ConfigError, StorageError
+from agent.fsutil import MAX_KEY_BYTES, read_small_file
 from agent.outbox import Outbox
 
 log = logging.getLogger("vgw.uplink")
@@ -45,6 +46,9 @@ QUEUE_SLACK = 8  # paho queue beyond the in-flight window: the status message an
 
 
 def tls_context(cfg: MqttConfig) -> ssl.SSLContext:
+    """Raises ConfigError for a TLS file that is not a regular file of sane size (a FIFO would hang ssl)."""
+    for what, path in (("CA file", cfg.ca_file), ("client certificate", cfg.cert_file), ("client key", cfg.key_file)):
+        read_small_file(path, what=what, max_bytes=MAX_KEY_BYTES, error=ConfigError)
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cfg.ca_file))
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.check_hostname = True

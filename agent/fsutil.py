@@ -92,8 +92,9 @@ def check_owner(path: Path, *, what: str, allow_root: bool, error: type[VgwError
 def ensure_private_dir(path: Path) -> Path:
     """Create ``path`` (and parents) with mode 0700 if missing; tighten read bits of our own to 0700.
 
-    Raises StorageError for a path that is a symlink or not a directory, is owned by another user, or is
-    writable by group/others: such a directory was not made by us and may hold planted links.
+    Raises StorageError for a path that is a symlink or not a directory, is owned by another user, is
+    writable by group/others (such a directory was not made by us and may hold planted links), or holds a
+    symbolic link.
     """
     try:
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -113,6 +114,14 @@ def ensure_private_dir(path: Path) -> Path:
             os.chmod(path, 0o700)
         except OSError as exc:
             raise StorageError(f"{path}: cannot make state directory private: {exc.strerror}") from exc
+    # vgw never makes links here: one found was planted (before the directory was ours, or by hand).
+    try:
+        links = sorted(e.name for e in os.scandir(path) if e.is_symlink())
+    except OSError as exc:
+        raise StorageError(f"{path}: cannot list state directory: {exc.strerror}") from exc
+    if links:
+        raise StorageError(f"{path}: state directory holds a symbolic link ({links[0]}); refused (state files "
+                           "are never followed: remove it)")
     return path
 
 

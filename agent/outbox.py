@@ -50,6 +50,11 @@ from agent.fsutil import create_private, destroy_file, refuse_symlink
 
 log = logging.getLogger("vgw.outbox")
 
+BUSY_TIMEOUT_S = 10.0  # how long a statement waits for another process's lock
+# How long an erasure retries its checkpoint before it reports "not verified yet" (the agent's main loop
+# then retries every few seconds; see Outbox.erase_grant).
+ERASE_WAIT_S = 2.0
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS active_grants (id TEXT PRIMARY KEY) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS grant_keys (grant_id TEXT PRIMARY KEY, wrapped BLOB NOT NULL) WITHOUT ROWID;
@@ -218,7 +223,7 @@ class Outbox:
             if side.exists() and side.stat().st_mode & 0o077:
                 side.chmod(0o600)
         try:
-            self._db = sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=False)
+            self._db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA secure_delete=ON")
@@ -482,7 +487,7 @@ class Outbox:
 
     # -- erasure ------------------------------------------------------------------------------------
 
-    def erase_grant(self, grant_id: str, *, wait_s: float = 5.0) -> Erasure:
+    def erase_grant(self, grant_id: str, *, wait_s: float = ERASE_WAIT_S) -> Erasure:
         """Destroy the grant's data key, then delete its rows; then make sure no copy is left in any file.
 
         The key goes first and in its own transaction: from that commit on, every row of the grant is
@@ -546,14 +551,24 @@ class Outbox:
     def checkpoint(self, *, wait_s: float = 0.0) -> bool:
         """Copy the WAL into the main file and truncate it. With ``wait_s``, retry while a reader (e.g. a
         concurrent `vgw status`) holds an old snapshot, so erased pages are overwritten everywhere before an
-        erasure receipt says so. True when the checkpoint completed."""
+        erasure receipt says so. True when the checkpoint completed.
+
+        Each attempt runs with SQLite's busy timeout off: a TRUNCATE checkpoint would otherwise wait the whole
+        connection timeout for a reader, holding up the caller (the agent's main loop) far beyond ``wait_s``.
+        """
         deadline = time.monotonic() + wait_s
         while True:
             with self._lock:
                 try:
+                    self._db.execute("PRAGMA busy_timeout = 0")
                     busy = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
                 except sqlite3.DatabaseError:
                     busy = 1
+                finally:
+                    try:
+                        self._db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+                    except sqlite3.DatabaseError:
+                        pass
             if not busy:
                 return True
             if time.monotonic() >= deadline:

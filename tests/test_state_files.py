@@ -97,25 +97,28 @@ def test_a_link_planted_in_our_own_state_dir_is_refused(setup: dict[str, Any], n
 
 def test_every_state_file_is_created_0600_even_under_umask_022(setup: dict[str, Any]) -> None:
     state: Path = setup["state"]
-    r = apply(setup)
-    assert r.returncode == 0, r.stderr
-    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in state.iterdir()}
-    assert {"outbox.sqlite", "audit.log", "consent.jws", "storage.key"} <= set(modes)
-    assert all(m == 0o600 for m in modes.values()), modes
-    assert stat.S_IMODE(state.stat().st_mode) == 0o700
-
-    # SQLite's -wal and -shm exist only while a connection is open: look at them then.
+    state.mkdir(mode=0o700)
+    # A fresh outbox: SQLite's -wal and -shm exist only while a connection is open, so look at them then.
     old = os.umask(0o022)
     try:
-        outbox = Outbox(state / "outbox.sqlite", load_or_create_storage_key(state / "storage.key"), "dev-0001")
+        key = load_or_create_storage_key(state / "storage.key")
+        outbox = Outbox(state / "outbox.sqlite", key, "dev-0001")
         try:
             outbox.set_active_grants({"g-speed"})
-            side = {p.name: stat.S_IMODE(p.stat().st_mode) for p in state.glob("outbox.sqlite-*")}
-            assert set(side) == {"outbox.sqlite-wal", "outbox.sqlite-shm"} and set(side.values()) == {0o600}, side
+            made = {p.name: stat.S_IMODE(p.stat().st_mode) for p in state.glob("outbox.sqlite*")}
+            assert set(made) == {"outbox.sqlite", "outbox.sqlite-wal", "outbox.sqlite-shm"}, made
+            assert set(made.values()) == {0o600}, made
         finally:
             outbox.close()
     finally:
         os.umask(old)
+
+    r = apply(setup)  # the CLI (umask 022 inherited from this test process) adds the rest
+    assert r.returncode == 0, r.stderr
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in state.iterdir()}
+    assert {"outbox.sqlite", "audit.log", "consent.jws", "storage.key", "agent.lock"} <= set(modes)
+    assert all(m == 0o600 for m in modes.values()), modes
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
 
 
 # -- key and config files: regular files only, capped, owned by us (or root) and writable by nobody else -----------

@@ -655,8 +655,8 @@ def open_checked(path: Path, storage_key: bytes, device: str) -> tuple[Outbox, Q
     """Open the outbox for `vgw run`: integrity-check it first and quarantine a corrupt file.
 
     A corrupt outbox is never repaired in place (a half-readable row could be replayed or leak): its seqs are
-    read, it is destroyed (see :func:`quarantine`), a fresh file is created and the seqs are carried over. The caller audits and
-    logs the returned :class:`Quarantined`. Raises StorageError if even a fresh file cannot be opened.
+    read, it is destroyed (see :func:`quarantine`), a fresh file is created and the seqs are carried over. The
+    caller audits and logs the returned :class:`Quarantined`. Raises StorageError if even a fresh file cannot be opened.
     """
     for name in destroy_quarantined(path):
         log.warning("destroyed quarantined outbox copy %s (it may hold revoked grants' data)", name)

@@ -519,19 +519,15 @@ class Outbox:
     def finish_erasure(self, grant_id: str, *, wait_s: float = 0.0) -> bool:
         """Checkpoint and search the raw files until nothing of ``grant_id`` is left; True once verified.
 
-        Verified means: the grant has no key and no row in the database, a TRUNCATE checkpoint completed (every
-        page is back in the main file, where ``secure_delete`` zeroed the erased content, and the -wal is
-        empty), and, when this process still knows them, none of the grant's wrapped key or row pieces occurs
-        in the outbox, its -wal or a quarantined copy.
+        Only call it after :meth:`erase_grant` committed its deletes. Verified means: a TRUNCATE checkpoint
+        completed after those commits (every page is back in the main file, where ``secure_delete`` zeroed the
+        erased content, and the -wal is empty), no quarantined copy is left, and, when this process still knows
+        them, none of the grant's wrapped key or row pieces occurs in the outbox or its -wal. (The grant may
+        hold a new key and new rows by then if it was granted again: those are not the erased data.)
         """
         deadline = time.monotonic() + wait_s
         while True:
             with self._lock:
-                left = self._db.execute("SELECT (SELECT COUNT(*) FROM grant_keys WHERE grant_id = ?) + "
-                                        "(SELECT COUNT(*) FROM batches WHERE grant_id = ?)",
-                                        (grant_id, grant_id)).fetchone()[0]
-                if left:
-                    return False  # rows stored again: the grant is not erased (a caller error)
                 destroy_quarantined(self.path)
                 if self.checkpoint() and not _files_hold(
                         [self.path, Path(str(self.path) + "-wal")], self._needles.get(grant_id, [])):

@@ -189,6 +189,9 @@ class Uplink:
                                properties=props)
             else:
                 client.connect(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
+        except ConfigError as exc:  # a TLS file that is not a regular file of sane size (tls_context)
+            self._fail(str(exc))
+            return None
         except ssl.SSLCertVerificationError as exc:
             self._fail(f"TLS certificate rejected: {exc.verify_message}")
             return None

@@ -183,3 +183,14 @@ def test_an_oversized_key_file_is_refused_before_it_is_read(setup: dict[str, Any
     with big.open("wb") as fh:
         fh.truncate(1 << 30)  # sparse: 1 GiB that costs no disk
     assert_refused(apply(setup, _with(setup["cfg"], "consent", "trust_keys", big)), "consent trust key", "allowed")
+
+
+def test_a_tls_file_that_is_a_fifo_is_a_link_error_not_a_hung_uplink(setup: dict[str, Any]) -> None:
+    from tests.agentkit import AgentThread
+    from tests.faultkit import wait_until
+
+    cfg = _with(setup["cfg"], "mqtt", "ca_file", _fifo(setup["tmp"]))
+    with AgentThread(cfg) as runner:  # before: the uplink thread blocked for ever opening the FIFO
+        uplink = runner.agent.uplink
+        assert wait_until(lambda: "not a regular file" in (uplink.last_error or ""), 10), uplink.last_error
+        assert uplink.connect_failures >= 1 and uplink.state != "connected"

@@ -78,7 +78,11 @@ class AgentLock:
         self._fd: int | None = None
 
     def acquire(self) -> bool:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            # O_NOFOLLOW: a link planted here must never make us truncate its target (docs/guarantees.md).
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        except OSError as exc:
+            raise StorageError(f"{self.path}: cannot open the agent lock: {exc.strerror}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -574,6 +578,7 @@ class Agent:
             if now - last_retention >= 5.0:
                 last_retention = now
                 self._guarded(self._retention)
+                self._guarded(self.manager.finish_pending_erasures)
             self._audit_quota_drops()
             if now - last_status >= 0.5:
                 last_status = now

@@ -42,7 +42,8 @@ from paho.mqtt.properties import Properties
 
 from agent.config import MqttConfig
 from agent.consent.verifier import MAX_DOCUMENT_BYTES
-from agent.errors import StorageError
+from agent.errors import ConfigError, StorageError
+from agent.fsutil import MAX_KEY_BYTES, read_small_file
 from agent.outbox import Outbox
 from agent.packetguard import guard_context
 
@@ -56,6 +57,9 @@ MAX_PACKET_BYTES = MAX_DOCUMENT_BYTES + 1024
 
 
 def tls_context(cfg: MqttConfig) -> ssl.SSLContext:
+    """Raises ConfigError for a TLS file that is not a regular file of sane size (a FIFO would hang ssl)."""
+    for what, path in (("CA file", cfg.ca_file), ("client certificate", cfg.cert_file), ("client key", cfg.key_file)):
+        read_small_file(path, what=what, max_bytes=MAX_KEY_BYTES, error=ConfigError)
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cfg.ca_file))
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.check_hostname = True
@@ -209,6 +213,9 @@ class Uplink:
                                properties=props)
             else:
                 client.connect(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
+        except ConfigError as exc:  # a TLS file that is not a regular file of sane size (tls_context)
+            self._fail(str(exc))
+            return None
         except ssl.SSLCertVerificationError as exc:
             self._fail(f"TLS certificate rejected: {exc.verify_message}")
             return None

@@ -26,6 +26,7 @@ from agent.consent.store import ConsentStore
 from agent.consent.verifier import peek_version, verify_consent
 from agent.crypto.receipts import ReceiptSigner
 from agent.errors import ConfigError, ConsentError, SignatureError, StorageError
+from agent.fsutil import MAX_KEY_BYTES, check_owner, read_small_file
 from agent.outbox import Erasure, Outbox
 
 log = logging.getLogger("vgw.consent")
@@ -44,7 +45,10 @@ def load_trust_keys(paths: Sequence[Path]) -> list[Ed25519PublicKey]:
     keys: list[Ed25519PublicKey] = []
     for p in paths:
         try:
-            key = load_pem_public_key(p.read_bytes())
+            data = read_small_file(p, what="consent trust key", max_bytes=MAX_KEY_BYTES, error=ConfigError)
+            # A trust key others can replace would let them sign consent: refused like a private key.
+            check_owner(p, what="consent trust key", allow_root=True, error=ConfigError)
+            key = load_pem_public_key(data)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"{p}: cannot load consent trust key: {exc}") from exc
         if not isinstance(key, Ed25519PublicKey):
@@ -111,6 +115,7 @@ class ConsentManager:
         for gid in sorted(orphans):
             # A crash mid-erasure, an expiry while off, or a cache that no longer verifies: finish the job.
             self._erase(gid, reason="expired" if self.expired else "not-in-force")
+        self.finish_pending_erasures()
         if self.in_force is not None:
             self.store.raise_floor(self.in_force.iat)
 
@@ -305,14 +310,39 @@ class ConsentManager:
         # The data go first: a failing audit log must never leave a revoked grant's key or rows behind.
         erasure = done if done is not None else self.outbox.erase_grant(grant_id)
         self._audit("grant-stopped", grant=grant_id, reason=reason, ver=ver)
-        self._audit("key-destroyed", grant=grant_id)
-        entry = self._audit("erasure-done", grant=grant_id, batches_deleted=erasure.batches_deleted, reason=reason)
-        # Only now, with memory, rows and key gone, is the receipt signed and queued (CONTRACT §7).
-        self.outbox.queue_receipt(self._sign("erasure", entry, grant=grant_id, ver=ver,
-                                             batches_deleted=erasure.batches_deleted, key_destroyed=True,
-                                             reason=reason))
-        log.info("grant %s %s: %d batch(es) deleted, data key destroyed", grant_id, reason, erasure.batches_deleted)
+        if not erasure.key_destroyed:
+            # Key and rows are deleted, but a copy is still in the outbox's files (another process holds a read
+            # snapshot, so the WAL cannot be checkpointed). No receipt may say the data are gone yet
+            # (CONTRACT §7): the erasure is recorded as pending (on disk, so a restart finishes it too) and its
+            # receipt is sent by finish_pending_erasures once no copy is found.
+            self._audit("erasure-pending", grant=grant_id, batches_deleted=erasure.batches_deleted, reason=reason,
+                        why="outbox-busy")
+            self.store.add_pending_erasure(grant_id, ver=ver, reason=reason, batches_deleted=erasure.batches_deleted)
+            return erasure
+        self._receipt_erasure(grant_id, ver=ver, reason=reason, batches_deleted=erasure.batches_deleted)
         return erasure
+
+    def _receipt_erasure(self, grant_id: str, *, ver: int, reason: str, batches_deleted: int) -> None:
+        self._audit("key-destroyed", grant=grant_id)
+        entry = self._audit("erasure-done", grant=grant_id, batches_deleted=batches_deleted, reason=reason)
+        # Only now, with memory, rows and key gone and no copy found in any file, is the receipt signed and
+        # queued (CONTRACT §7).
+        self.outbox.queue_receipt(self._sign("erasure", entry, grant=grant_id, ver=ver,
+                                             batches_deleted=batches_deleted, key_destroyed=True,
+                                             reason=reason))
+        log.info("grant %s %s: %d batch(es) deleted, data key destroyed", grant_id, reason, batches_deleted)
+
+    def finish_pending_erasures(self, *, wait_s: float = 0.0) -> list[Erasure]:
+        """Retry the erasures not yet verified; send the receipt of each that is now verified. Returns those."""
+        done = []
+        for p in self.store.pending_erasures():
+            gid = p.grant
+            if not self.outbox.finish_erasure(gid, wait_s=wait_s):
+                continue
+            self._receipt_erasure(gid, ver=p.ver, reason=p.reason, batches_deleted=p.batches_deleted)
+            self.store.remove_pending_erasure(gid)
+            done.append(Erasure(gid, p.batches_deleted, key_destroyed=True))
+        return done
 
     def _audit(self, event: str, **fields: object) -> dict[str, object]:
         """Append to the audit log; a failing log is reported but never stops an erasure or a decision."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from agent.collect.rules import Rule
+
 KEM_X25519 = "X25519"
 KEM_MLKEM768_X25519 = "MLKEM768-X25519"
 # Raw public key sizes: X25519 (RFC 7748); X-Wing style ML-KEM-768 + X25519 (1184 + 32).
@@ -37,6 +39,7 @@ class Grant:
     recipient: Recipient
     limits: dict[str, Limits] = field(default_factory=dict)
     retention_s: int | None = None
+    collect: tuple[Rule, ...] = ()  # collection rules (CONTRACT §5.1); empty: every sample, within limits
 
     def limits_for(self, scope: str) -> Limits:
         """The limits the device enforces for ``scope``: the grant's, else the privacy default, else none."""
@@ -93,6 +96,7 @@ class Consent:
                         if lim.max_hz or lim.precision_m
                     },
                     "retention_s": g.retention_s,
+                    **({"collect": [r.to_json() for r in g.collect]} if g.collect else {}),
                     "kem": g.recipient.kem,
                     "expires": self.exp,
                 }

@@ -222,11 +222,10 @@ class RuleEngine:
         if trig.start <= t <= trig.end:
             out.append((path, t, value))
             return
-        pre = trig.rule.pre_s
-        if pre <= 0:
-            return
+        # Even with pre_s = 0 the samples of this very instant are held: a frame read just before the one
+        # that fires the trigger lies inside its window [t - 0, t + post_s].
         history = trig.history
         history.append((t, path, value))
-        horizon = t - pre
+        horizon = t - trig.rule.pre_s
         while history and (history[0][0] < horizon or len(history) > MAX_HISTORY):
             history.popleft()

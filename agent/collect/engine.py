@@ -83,6 +83,7 @@ class RuleEngine:
             for p in trig.rule.when.paths:
                 self._watched.setdefault(p, []).append(trig)
         self._rule_cache: dict[tuple[str, str], Rule | None] = {}
+        self._scopes: dict[str, str] = {}  # the scope each path was fed under (no values: kept across clear())
         self._values: dict[str, float] = {}  # latest numeric value of each path a condition reads
         self._sent: dict[str, _Sent] = {}  # on_change: last value sent per path
         self._windows: dict[str, tuple[Rule, _Window]] = {}  # periodic/aggregate: the open window per path
@@ -107,6 +108,7 @@ class RuleEngine:
         except KeyError:
             # A path rule overrides its scope's rule (CONTRACT §5.1).
             rule = self._rule_cache[key] = self._by_path.get(path) or self._by_scope.get(scope)
+            self._scopes[path] = scope
         if rule is None:
             out.append((path, t, value))
         elif rule.mode is Mode.ON_CHANGE:
@@ -134,6 +136,10 @@ class RuleEngine:
             trig.evaluator = Evaluator(trig.evaluator.condition)
             trig.was_true = False
             trig.start = trig.end = trig.quiet_until = -math.inf
+
+    def scope_of(self, path: str) -> str:
+        """The scope ``path`` was fed under (every path the engine returns was fed to it)."""
+        return self._scopes[path]
 
     def held(self) -> int:
         """How many samples the engine holds in memory (trigger histories and open windows)."""

@@ -6,6 +6,7 @@ on the same signal keeps receiving every sample, and serves as the truth the rul
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import pytest
 
 from simulators.cloud import CloudPeer, consent_claims, grant, sign_consent
-from tests.agentkit import AgentThread, Authority, write_config
+from tests.agentkit import AgentThread, Authority, vgw, write_config
 
 DEV = "dev-0001"
 SPEED = "Vehicle.Speed"
@@ -79,3 +80,20 @@ def test_rules_applied_over_mqtt_change_what_arrives(tmp_path: Path, pki: Any, b
         checked += 1
     assert checked >= 2
     assert cloud.undecryptable == 0 and cloud.missing(DEV, "g-ins") == []
+
+    # What the owner is shown: the rule in plain words, and the share the rules kept back in the car.
+    shown = vgw("consent", "show", "--config", str(cfg))
+    assert shown.returncode == 0, shown.stderr
+    assert "Speed: the lowest, highest and average (and the count and last value) per second, not the trace" \
+        in shown.stdout
+    report = vgw("report", "--config", str(cfg), "--json")
+    assert report.returncode == 0, report.stderr
+    grants = {g["id"]: g for g in json.loads(report.stdout)["grants"]}
+    ins = grants["g-ins"]["scopes"][0]
+    assert ins["scope"] == "read_speedometer"
+    assert ins["samples_decoded"] > 100 and 0 < ins["samples_after_rules"] < ins["samples_decoded"] / 20
+    assert ins["kept_back_by_rules"] > 0.9
+    assert grants["g-raw"]["scopes"][0]["samples_decoded"] is None  # no rules: nothing is held back by them
+    assert any("per second, not the trace" in line for line in grants["g-ins"]["receives"])
+    text = vgw("report", "--config", str(cfg)).stdout
+    assert "kept back in the car" in text

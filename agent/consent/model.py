@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from agent.collect.describe import describe_grant
 from agent.collect.rules import Rule
 
 KEM_X25519 = "X25519"
@@ -52,6 +53,14 @@ class Grant:
         return Limits(max_hz=own.max_hz if own.max_hz is not None else default_hz,
                       precision_m=own.precision_m if own.precision_m is not None else default_precision)
 
+    def limits_in_force(self) -> dict[str, dict[str, float]]:
+        """Per scope, the limits the device enforces (privacy defaults included), only where there are any."""
+        return {
+            s: {k: v for k, v in (("max_hz", lim.max_hz), ("precision_m", lim.precision_m)) if v}
+            for s, lim in ((s, self.limits_for(s)) for s in self.scopes)
+            if lim.max_hz or lim.precision_m
+        }
+
 
 @dataclass(frozen=True)
 class Consent:
@@ -90,13 +99,11 @@ class Consent:
                     "controller": g.controller,
                     "purpose": g.purpose,
                     "scopes": list(g.scopes),
-                    "limits": {
-                        s: {k: v for k, v in (("max_hz", lim.max_hz), ("precision_m", lim.precision_m)) if v}
-                        for s, lim in ((s, g.limits_for(s)) for s in g.scopes)
-                        if lim.max_hz or lim.precision_m
-                    },
+                    "limits": g.limits_in_force(),
                     "retention_s": g.retention_s,
                     **({"collect": [r.to_json() for r in g.collect]} if g.collect else {}),
+                    # What the app receives, in plain words (CONTRACT §5.1 rules, then limits).
+                    "receives": describe_grant(g.scopes, g.collect, g.limits_in_force()),
                     "kem": g.recipient.kem,
                     "expires": self.exp,
                 }

@@ -203,6 +203,12 @@ class Pipeline:
                                precision_m)
         return kept
 
+    def rule_counts(self) -> dict[str, dict[str, dict[str, int]]]:
+        """Per grant with rules and scope: samples decoded and samples the rules let through (counts only)."""
+        # list() copies in one step under the GIL: safe to call from the status writer while frames flow.
+        return {b.grant.id: {scope: {"decoded": c[0], "after_rules": c[1]} for scope, c in list(b.rule_counts.items())}
+                for b in list(self.batches.values()) if b.rules is not None}
+
     def close_windows(self) -> None:
         """Send what every grant's open periodic and aggregate windows hold (end of trace, shutdown)."""
         for batch in self.batches.values():

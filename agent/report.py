@@ -149,22 +149,13 @@ def build_report(
         }
         held = outbox.get(gid, {})
         counted = (rule_counts or {}).get(gid, {})
-
-        def scope_rec(s: str) -> dict[str, Any]:
-            c = counted.get(s)
-            decoded = int(c.get("decoded", 0)) if c else None
-            after = int(c.get("after_rules", 0)) if c else None
-            kept_back = round(1 - after / decoded, 4) if decoded and after is not None else None
-            return {"scope": s, "label": SCOPE_LABELS.get(s, s), "samples_sent": per_scope[s],
-                    "samples_decoded": decoded, "samples_after_rules": after, "kept_back_by_rules": kept_back}
-
         out_grants.append({
             **rec,
             "status": status,
             "limits": (g or {}).get("limits", {}),
             "retention_s": (g or {}).get("retention_s"),
             "sent": sent,
-            "scopes": [scope_rec(s) for s in rec["scopes"]],
+            "scopes": [_scope_rec(s, per_scope[s], counted.get(s)) for s in rec["scopes"]],
             "collect": list((g or {}).get("collect", [])),
             "receives": list((g or {}).get("receives", [])),
             "held_on_device": {"batches": int(held.get("rows", 0)), "bytes": int(held.get("bytes", 0))},
@@ -180,6 +171,15 @@ def build_report(
         "expiries": expiries,
         "rejected_documents": rejected,
     }
+
+
+def _scope_rec(scope: str, sent: int | None, counted: Mapping[str, int] | None) -> dict[str, Any]:
+    """One scope's line: samples sent, and for a grant with rules, decoded / let through / share kept back."""
+    decoded = int(counted.get("decoded", 0)) if counted else None
+    after = int(counted.get("after_rules", 0)) if counted else None
+    kept_back = round(1 - after / decoded, 4) if decoded and after is not None else None
+    return {"scope": scope, "label": SCOPE_LABELS.get(scope, scope), "samples_sent": sent,
+            "samples_decoded": decoded, "samples_after_rules": after, "kept_back_by_rules": kept_back}
 
 
 def collect(config_path: str | Path) -> dict[str, Any]:

@@ -95,8 +95,8 @@ def test_paths_are_collected() -> None:
     assert c.paths == {"Vehicle.Speed", "Vehicle.Exterior.AirTemperature"}
 
 
-_ALPHABET = st.sampled_from(list("()<>=!+-*/. 0123456789aVnorteshilbgdS_\t") +
-                            ["Vehicle.Speed", " and ", " or ", " not ", "abs(", "rising(", "<=", ">=", "==", "!="])
+_ALPHABET = st.sampled_from([*"()<>=!+-*/. 0123456789aVnorteshilbgdS_\t",
+                             "Vehicle.Speed", " and ", " or ", " not ", "abs(", "rising(", "<=", ">=", "==", "!="])
 
 
 @settings(max_examples=400, deadline=None)

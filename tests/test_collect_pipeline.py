@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from pathlib import Path
@@ -146,7 +147,7 @@ def test_every_sent_sample_satisfies_rules_limits_and_grant(tmp_path: Path, data
     speeds = [s for s in out if s["path"] == SPEED]
     # The limit holds on what the rule let through.
     if max_hz:
-        assert all(b["t"] - a["t"] >= 1 / max_hz - 1e-6 for a, b in zip(speeds, speeds[1:]))
+        assert all(b["t"] - a["t"] >= 1 / max_hz - 1e-6 for a, b in itertools.pairwise(speeds))
     if mode == "aggregate":
         assert all(isinstance(s["value"], dict) and s["t"] % 5 == 0 for s in speeds)
     if mode == "periodic":

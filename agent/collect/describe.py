@@ -91,7 +91,8 @@ def rule_words(rule: Rule) -> str:
     """What one rule lets through, without the data's name: "only when it changes by more than 1"."""
     if rule.mode is Mode.ON_CHANGE:
         change = f"by more than {rule.deadband:g}" if rule.deadband else "at all"
-        return f"only when it changes {change}, and at least once per {duration(rule.heartbeat_s)} while the car sends it"
+        return (f"only when it changes {change}, and at least once per {duration(rule.heartbeat_s)} while the car "
+                "sends it")
     if rule.mode is Mode.PERIODIC:
         return f"one reading per {duration(rule.period_s)}, not the trace"
     if rule.mode is Mode.AGGREGATE:
@@ -112,13 +113,15 @@ def limit_words(limits: Mapping[str, Any]) -> str:
     parts = []
     hz = limits.get("max_hz")
     if hz:
-        parts.append(f"at most one reading every {1 / float(hz):g} s" if hz < 1 else f"at most {float(hz):g} per second")
+        rate = float(hz)
+        parts.append(f"at most one reading every {1 / rate:g} s" if rate < 1 else f"at most {rate:g} per second")
     if limits.get("precision_m"):
         parts.append(f"position rounded to {float(limits['precision_m']):g} m")
     return "; ".join(parts)
 
 
-def describe_grant(scopes: Sequence[str], rules: Sequence[Rule], limits: Mapping[str, Mapping[str, Any]]) -> list[str]:
+def describe_grant(scopes: Sequence[str], rules: Sequence[Rule],
+                   limits: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """One plain sentence per scope (and per path with its own rule) saying what the app receives."""
     by_scope = {r.scope: r for r in rules if r.scope is not None}
     out: list[str] = []

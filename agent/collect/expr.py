@@ -36,7 +36,6 @@ import operator
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Union
 
 from agent.errors import VgwError
 
@@ -115,8 +114,8 @@ class Rising:
     index: int  # which rising() of the condition: its own memory slot in an Evaluator
 
 
-NumExpr = Union[Num, Path, Neg, Abs, Arith]
-BoolExpr = Union[Compare, Logic, Not, Rising]
+NumExpr = Num | Path | Neg | Abs | Arith
+BoolExpr = Compare | Logic | Not | Rising
 _NUM_TYPES = (Num, Path, Neg, Abs, Arith)
 
 
@@ -196,7 +195,7 @@ class _Parser:
     def _bool(self, node: NumExpr | BoolExpr) -> BoolExpr:
         if isinstance(node, _NUM_TYPES):
             raise ConditionError(f"condition: a number where a comparison is needed {self._where()}")
-        return node  # type: ignore[return-value]
+        return node
 
     def _num(self, node: NumExpr | BoolExpr) -> NumExpr:
         if not isinstance(node, _NUM_TYPES):
@@ -264,10 +263,10 @@ class _Parser:
         if value == "(":
             self.pos += 1
             self._enter()
-            node = self._or()
+            inner = self._or()
             self._expect(")")
             self._leave()
-            return node
+            return inner
         if kind == "name" and value in _FUNCTIONS:
             self.pos += 1
             self._expect("(")
@@ -316,7 +315,7 @@ class Evaluator:
     Owned by one rule engine (one grant); not thread-safe by itself.
     """
 
-    __slots__ = ("condition", "_previous")
+    __slots__ = ("_previous", "condition")
 
     def __init__(self, condition: Condition) -> None:
         self.condition = condition

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Collection
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from agent.collect.expr import PATH_RE, Condition, ConditionError, parse_condition
@@ -29,14 +29,14 @@ MAX_DEADBAND = 1e9
 DEFAULT_HEARTBEAT_S = 60.0
 
 
-class Mode(str, Enum):
+class Mode(StrEnum):
     ON_CHANGE = "on_change"
     PERIODIC = "periodic"
     TRIGGER = "trigger"
     AGGREGATE = "aggregate"
 
 
-class RuleReason(str, Enum):
+class RuleReason(StrEnum):
     """Why a ``collect`` list was refused; the value is the ``reason`` of the consent rejection."""
 
     SHAPE = "collect-shape"  # not a list of objects, too many rules
@@ -56,6 +56,7 @@ class RuleError(VgwError):
         self.reason = reason
 
 
+_MODES = {m.value: m for m in Mode}
 # Keys each mode takes besides "mode" and one of "scope"/"path": anything else is refused (fail closed).
 _MODE_KEYS: dict[Mode, frozenset[str]] = {
     Mode.ON_CHANGE: frozenset({"deadband", "heartbeat_s"}),
@@ -128,11 +129,9 @@ def _rule(item: Any, i: int, scopes: Collection[str]) -> Rule:
     if not isinstance(item, dict):
         raise RuleError(RuleReason.SHAPE, f"{where} is not an object")
     mode_name = item.get("mode")
-    try:
-        mode = Mode(mode_name)
-    except ValueError:
-        raise RuleError(RuleReason.MODE, f"{where}: mode {mode_name!r} is not one of "
-                                         f"{', '.join(m.value for m in Mode)}") from None
+    mode = _MODES.get(mode_name) if isinstance(mode_name, str) else None
+    if mode is None:
+        raise RuleError(RuleReason.MODE, f"{where}: mode {mode_name!r} is not one of {', '.join(_MODES)}")
     unknown = set(item) - {"mode", "scope", "path"} - _MODE_KEYS[mode]
     if unknown:
         # An older agent must never ignore a restriction it cannot enforce (CONTRACT §5, fail closed).

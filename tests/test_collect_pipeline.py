@@ -153,3 +153,17 @@ def test_every_sent_sample_satisfies_rules_limits_and_grant(tmp_path: Path, data
     if mode == "periodic":
         periods = [math.floor(s["t"] / 5) for s in speeds]
         assert len(periods) == len(set(periods))  # at most one sample per aligned period
+
+
+def test_released_history_dates_the_batch_from_its_oldest_sample(tmp_path: Path) -> None:
+    # Retention (retention_s) counts from the batch's first_t: a pre-trigger sample 60 s old must set it.
+    p = Pipeline(None)
+    p.swap(grants(tmp_path, {"id": "g", "scopes": ["read_location", "read_speedometer"],
+                             "limits": {"read_location": {"max_hz": 100, "precision_m": 1}},
+                             "collect": [{"scope": "read_location", "mode": "trigger", "when": "Vehicle.Speed > 100",
+                                          "pre_s": 60}]}))
+    feed(p, [(LAT, T0 + i, 48.0) for i in range(30)] + [(SPEED, T0 + 30, 50.0)]
+         + [(LAT, T0 + i, 48.0) for i in range(30, 60)] + [(SPEED, T0 + 60, 120.0)])
+    batch = p.batches["g"]
+    assert batch.samples[0] == {"t": T0 + 30, "path": SPEED, "value": 50.0}  # opened the batch
+    assert batch.samples[1]["t"] == T0 and batch.first_t == T0

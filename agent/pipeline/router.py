@@ -199,8 +199,11 @@ class Pipeline:
                         continue
                     value = snapped
                 precision_m = 0.0
-            kept |= self._emit(batch, path, coord, t, round(t, 6), value, 1.0 / lim.max_hz if lim.max_hz else 0.0,
-                               precision_m)
+            if self._emit(batch, path, coord, t, round(t, 6), value, 1.0 / lim.max_hz if lim.max_hz else 0.0,
+                          precision_m):
+                kept = True
+                # Pre-trigger history is older than the batch's first sample: retention counts from the oldest.
+                batch.first_t = min(batch.first_t, t)
         return kept
 
     def rule_counts(self) -> dict[str, dict[str, dict[str, int]]]:

@@ -240,7 +240,8 @@ def _duration(s: Any) -> str:
 
 
 def _share(v: Any) -> str:
-    return "-" if not isinstance(v, int | float) else f"{100 * v:.1f}%"
+    # Two decimals: 1 - 12/36000 must read 99.97%, not a rounded "100.0%" that would claim nothing was sent.
+    return "-" if not isinstance(v, int | float) else f"{100 * v:.2f}%"
 
 
 def render_text(report: Mapping[str, Any]) -> str:

@@ -214,3 +214,14 @@ def test_history_is_bounded_in_samples_too() -> None:
     for i in range(mod.MAX_HISTORY + 500):
         e.feed(LAT, SCOPE[LAT], T0 + i * 1e-4, 1.0)  # a flood within 60 s
     assert e.held() == mod.MAX_HISTORY
+
+
+@pytest.mark.slow
+@settings(max_examples=2000, deadline=None)
+@given(samples=traffic(paths=(SPEED, LAT, FUEL)), threshold=st.sampled_from([0.0, 50.0, 150.0]),
+       pre=st.sampled_from([0.0, 1.0, 10.0, 60.0]), post=st.sampled_from([0.0, 2.0, 5.0]),
+       pause=st.sampled_from([0.0, 30.0]))
+def test_trigger_window_long_run(samples: list[Sample], threshold: float, pre: float, post: float,
+                                 pause: float) -> None:
+    test_trigger_window_holds_exactly_the_samples_inside_it.hypothesis.inner_test(  # type: ignore[attr-defined]
+        samples, threshold, pre, post, pause)

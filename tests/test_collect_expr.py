@@ -102,7 +102,7 @@ _ALPHABET = st.sampled_from([*"()<>=!+-*/. 0123456789aVnorteshilbgdS_\t",
 @settings(max_examples=400, deadline=None)
 @given(st.one_of(st.text(max_size=300), st.lists(_ALPHABET, max_size=120).map("".join)))
 def test_fuzz_only_condition_error_escapes_in_bounded_time(text: str) -> None:
-    started = time.perf_counter()
+    started = time.thread_time()  # CPU time: other work on a shared machine must not fail it
     try:
         cond = parse_condition(text)
     except ConditionError:
@@ -112,7 +112,7 @@ def test_fuzz_only_condition_error_escapes_in_bounded_time(text: str) -> None:
         e = Evaluator(cond)
         e({p: 1.0 for p in cond.paths})
         e({})
-    assert time.perf_counter() - started < 0.5
+    assert time.thread_time() - started < 0.5
 
 
 _VALID = "Vehicle.Speed > 130 or rising(Vehicle.Speed < 5) and not abs(-Vehicle.Speed * 2 / 3 + 1) >= 7.25"
@@ -126,3 +126,10 @@ def test_fuzz_truncated_and_sliced_valid_condition(start: int, length: int) -> N
         parse_condition(piece)
     except ConditionError:
         pass
+
+
+@pytest.mark.slow
+@settings(max_examples=20_000, deadline=None)
+@given(st.one_of(st.text(max_size=300), st.lists(_ALPHABET, max_size=200).map("".join)))
+def test_fuzz_long_run(text: str) -> None:
+    test_fuzz_only_condition_error_escapes_in_bounded_time.hypothesis.inner_test(text)  # type: ignore[attr-defined]

@@ -407,10 +407,10 @@ class Agent:
             "last_publish": self.uplink.last_publish,
             "consent_version": consent.ver if consent else None,
             "consent_expired": self.manager.expired,
+            "collect": self.pipeline.rule_counts(),  # CONTRACT §5.1 rules: decoded vs let through, per grant/scope
             "published": {"batches": self.uplink.published_batches, "receipts": self.uplink.published_receipts},
             "storage": {"ok": self.storage_error is None, "error": self.storage_error},
             "quota": self._quota_status(),
-            "collect": self.pipeline.rule_counts(),  # CONTRACT §5.1 rules: decoded vs let through, per grant/scope
             "counters": {**pipeline, **self.counters, "rx_overflow": self.counters["rx_overflow"] + live_overflow,
                          "connect_attempts": up.connect_attempts, "connect_failures": up.connect_failures,
                          "mqtt_queue_full": up.queue_full, "ack_store_failures": up.ack_store_failures},

@@ -9,10 +9,6 @@ Policy per grant and path (CONTRACT §6, issue "consent guarantees"):
   * ``max_hz``: a sample is kept only if at least 1/max_hz s (frame time) passed since the last kept one.
   * ``precision_m``: latitude/longitude are snapped to a grid of that size before anything is stored.
   * defaults for read_location (0.2 Hz, 100 m) and read_compass (0.2 Hz) when the grant sets none.
-
-Collection rules (CONTRACT §5.1) apply before the limits: a grant with ``collect`` has a rule engine
-(agent.collect.engine) on its batch, fed every decoded sample of the grant; only what the engine lets through
-meets the limits above. A grant without rules takes exactly the path it always did.
 """
 
 from __future__ import annotations
@@ -47,6 +43,13 @@ class GrantBatch:
         out = self.samples
         self.samples = []
         return out
+
+
+def _drop_rules(batch: GrantBatch) -> None:
+    """Forget a grant's rule state: its pre-trigger history and open windows live in memory only."""
+    if batch.rules is not None:
+        batch.rules.clear()
+        batch.rules = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +97,10 @@ class Router:
 
 class Pipeline:
     """Decodes frames through the current router into per-grant batches.
+
+    Collection rules (CONTRACT §5.1) apply before the limits: a grant with ``collect`` has a rule engine
+    (agent.collect.engine) on its batch, fed every decoded sample of the grant; only what the engine lets
+    through meets the limits. A grant without rules takes exactly the path it always did.
 
     Not thread-safe by itself: the runtime holds one lock around :meth:`process`, :meth:`due` and
     :meth:`swap`, so a revocation can never interleave with a half-processed frame.
@@ -295,10 +302,3 @@ class Pipeline:
             for b in self.batches.values()
             if b.samples and (force or len(b.samples) >= max_samples or now - b.opened >= max_interval_s)
         ]
-
-
-def _drop_rules(batch: GrantBatch) -> None:
-    """Forget a grant's rule state: its pre-trigger history and open windows live in memory only."""
-    if batch.rules is not None:
-        batch.rules.clear()
-        batch.rules = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,9 @@ from agent.outbox import Erasure, Outbox
 log = logging.getLogger("vgw.consent")
 
 REJECTED_MEMORY = 256  # how many rejected documents are remembered (by digest) to ignore their replays
+# A flood of distinct invalid documents: per reason, the first rejection in an interval is audited and receipted
+# at once, the rest are summed into one entry and one receipt (with ``count``) when the interval ends.
+REJECT_COALESCE_S = 60.0
 
 # Called with the grant ids that stop, before anything is erased on disk: the runtime stops collecting
 # them and drops their in-memory batches.
@@ -83,6 +87,8 @@ class ConsentManager:
         # consent topic) is counted, not audited and receipted again, so it cannot fill the disk.
         self._rejected: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.repeated_rejections = 0
+        self._reject_windows: dict[tuple[str, str], _RejectWindow] = {}  # (source, reason) -> its interval
+        self.coalesced_rejections = 0  # rejections folded into a later counted entry
         self.expired = False
 
     # -- what is in force ---------------------------------------------------------------------------
@@ -149,8 +155,15 @@ class ConsentManager:
             err.reason = "malformed"
             raise err from exc
 
-    def apply(self, token: str | bytes, *, source: str) -> ApplyResult:
-        """Verify ``token``; on success make it the consent in force and revoke the grants it drops."""
+    def apply(self, token: str | bytes, *, source: str, skipped: Sequence[tuple[int, frozenset[str]]] = ()
+              ) -> ApplyResult:
+        """Verify ``token``; on success make it the consent in force and revoke the grants it drops.
+
+        ``skipped``: (ver, grant ids) of verified versions that a newer one superseded before they could be
+        applied (agent.consent.intake). A grant in force that one of them, between the version in force and
+        this one, withdrew was revoked meanwhile even if this version grants it again: it is erased (receipt
+        with that version) and starts afresh, so a burst never loses a revocation.
+        """
         try:
             consent = self.verify(token)
         except ConsentError as exc:
@@ -162,7 +175,12 @@ class ConsentManager:
         old = self.in_force
         old_active = {g.id for g in self.active_grants()}
         new_ids = consent.grant_ids
-        revoked = frozenset(old_active - new_ids)
+        withdrawn: dict[str, int] = {}  # grant -> the skipped version that revoked it
+        for ver, ids in sorted(skipped):
+            if (old is None or ver > old.ver) and ver < consent.ver:
+                for gid in (old_active & new_ids) - ids:
+                    withdrawn.setdefault(gid, ver)
+        revoked = frozenset(old_active - new_ids) | frozenset(withdrawn)
 
         # 1. Stop collection of dropped grants at once (memory first), and let the new grants store.
         if revoked and self.on_revoke is not None:
@@ -170,6 +188,8 @@ class ConsentManager:
         self.outbox.set_active_grants(set(new_ids))
         # 2. Wipe what was revoked on disk (key first, then rows) before anything else can fail.
         wiped = {gid: self.outbox.erase_grant(gid) for gid in sorted(revoked)}
+        if withdrawn:
+            self.outbox.set_active_grants(set(new_ids))  # erasure deactivated them; this version grants them anew
         # 3. Cache the document (atomic), raise the clock floor to its iat and remember its version.
         self.store.write_token(consent.token)
         self.store.raise_floor(consent.iat)
@@ -187,10 +207,18 @@ class ConsentManager:
         if self.on_change is not None:
             self.on_change()
         # 4. Record each erasure and send its receipt: memory, rows and key are gone by now.
-        erasures = [self._erase(gid, reason="revoked", ver=consent.ver, done=wiped[gid]) for gid in sorted(revoked)]
+        erasures = [self._erase(gid, reason="revoked", ver=withdrawn.get(gid, consent.ver), done=wiped[gid])
+                    for gid in sorted(revoked)]
         return ApplyResult("applied", consent, revoked=erasures)
 
-    def reject(self, exc: ConsentError, *, source: str, token: str | bytes | None = None) -> None:
+    def reject(self, exc: ConsentError, *, source: str, token: str | bytes | None = None, count: int = 1) -> None:
+        """Record ``count`` rejected documents of one reason: audit entry and ``consent-rejected`` receipt.
+
+        The same document again (by digest) is counted only; distinct documents of one reason are coalesced
+        to one entry and one receipt per source and reason per ``REJECT_COALESCE_S`` (the first at once, the
+        rest summed with a ``count`` when the interval ends: see :meth:`flush_rejections`), so a flood of
+        invalid documents cannot grow the audit log or the outbox without bound.
+        """
         if token is not None:
             digest = hashlib.sha256(token if isinstance(token, bytes) else token.encode("utf-8", "replace")).hexdigest()
             if digest in self._rejected:
@@ -202,12 +230,47 @@ class ConsentManager:
             if len(self._rejected) > REJECTED_MEMORY:
                 self._rejected.popitem(last=False)
         ver = exc.version if exc.version is not None else (peek_version(token) if token is not None else None)
+        now = time.monotonic()
+        key = (source, exc.reason)
+        window = self._reject_windows.get(key)
+        if window is None or (window.pending == 0 and now - window.start >= REJECT_COALESCE_S):
+            self._reject_windows[key] = _RejectWindow(start=now)
+            self._record_rejection(exc, ver, source=source, count=count)
+            if count > 1:
+                log.warning("%d consent documents rejected (%s) from %s", count, exc.reason, source)
+            else:
+                log.warning("%s (from %s)", exc, source)
+            return
+        window.pending += count
+        window.last, window.ver = exc, ver
+        self.coalesced_rejections += count
+        log.debug("consent rejected again (%s): counted into the next entry", exc.reason)
+        self.flush_rejections()
+
+    def flush_rejections(self, *, force: bool = False) -> None:
+        """Write the summed entry and receipt of every reason whose coalescing interval is over (or all)."""
+        now = time.monotonic()
+        for key, window in list(self._reject_windows.items()):
+            if not force and now - window.start < REJECT_COALESCE_S:
+                continue
+            if window.pending == 0 or window.last is None:
+                del self._reject_windows[key]
+                continue
+            source, reason = key
+            self._record_rejection(window.last, window.ver, source=source, count=window.pending)
+            log.warning("%d more consent document(s) rejected (%s) from %s in the last %.0f s", window.pending,
+                        reason, source, now - window.start)
+            self._reject_windows[key] = _RejectWindow(start=now)
+
+    def _record_rejection(self, exc: ConsentError, ver: int | None, *, source: str, count: int) -> None:
         claims: dict[str, object] = {"reason": exc.reason, "detail": str(exc)[:300]}
+        fields: dict[str, object] = {"source": source, "reason": exc.reason, "ver": ver, "detail": str(exc)[:300]}
         if ver is not None:
             claims["ver"] = ver
-        entry = self._audit("consent-rejected", source=source, reason=exc.reason, ver=ver, detail=str(exc)[:300])
+        if count > 1:  # one entry standing for several documents (the last one's ver and detail)
+            claims["count"] = fields["count"] = count
+        entry = self._audit("consent-rejected", **fields)
         self.outbox.queue_receipt(self._sign("consent-rejected", entry, **claims))
-        log.warning("%s (from %s)", exc, source)
 
     def _sign(self, typ: str, entry: dict[str, object], **claims: object) -> str:
         return self.signer.sign(typ, audit=_audit_anchor(entry), **claims)
@@ -258,6 +321,16 @@ class ConsentManager:
         except StorageError as exc:
             log.error("audit entry %s not written: %s", event, exc)
             return {"n": None, "hash": None}
+
+
+@dataclass
+class _RejectWindow:
+    """One reason's coalescing interval: when it began and what was rejected since the entry that began it."""
+
+    start: float
+    pending: int = 0
+    last: ConsentError | None = None
+    ver: int | None = None
 
 
 def _audit_anchor(entry: dict[str, object]) -> dict[str, object]:

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.timefmt import utc_text
+
 REPORT_VERSION = 1
 
 # Why data were deleted, in the owner's words (audit ``reason`` -> report reason).
@@ -202,9 +204,8 @@ def collect(config_path: str | Path) -> dict[str, Any]:
 
 
 def _when(t: Any) -> str:
-    if not isinstance(t, int | float) or isinstance(t, bool):
-        return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+    # The audit log and counters are files: a damaged one may hold any number (2**63, NaN); never a traceback.
+    return utc_text(t)
 
 
 def _num(v: Any) -> str:

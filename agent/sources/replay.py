@@ -72,6 +72,8 @@ class ReplaySource:
             return iter(reader)
         except (ValueError, OSError, can.CanError) as exc:
             raise SourceOpenError(f"{self.path}: cannot read trace: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - a reader reading a damaged header (BLF: struct.error, ...)
+            raise SourceOpenError(f"{self.path}: cannot read trace: damaged ({type(exc).__name__})") from exc
 
     def _release(self) -> None:
         for close in self._closers:

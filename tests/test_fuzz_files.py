@@ -180,7 +180,7 @@ def test_replay_source_on_random_files_ends_cleanly(tmp_path_factory: pytest.Tem
         trace.write_bytes(blob)
         try:
             src = ReplaySource(trace, rate=0, loop=True)
-        except Exception as exc:  # noqa: BLE001 - only the documented open error may escape
+        except Exception as exc:  # only the documented open error may escape
             from agent.errors import SourceOpenError
 
             assert isinstance(exc, SourceOpenError), repr(exc)

@@ -72,15 +72,15 @@ class ReplaySource:
             return iter(reader)
         except (ValueError, OSError, can.CanError) as exc:
             raise SourceOpenError(f"{self.path}: cannot read trace: {exc}") from exc
-        except Exception as exc:  # noqa: BLE001 - a reader reading a damaged header (BLF: struct.error, ...)
+        except Exception as exc:  # a reader reading a damaged header (BLF: struct.error, ...)
             raise SourceOpenError(f"{self.path}: cannot read trace: damaged ({type(exc).__name__})") from exc
 
     def _release(self) -> None:
         for close in self._closers:
             try:
                 close()
-            except Exception:  # noqa: BLE001 - closing a damaged reader must not fail the replay
-                pass
+            except Exception as exc:  # closing a damaged reader must not fail the replay
+                log.debug("%s: closing the trace: %s", self.path, type(exc).__name__)
         self._closers.clear()
 
     def _next(self) -> can.Message | None:
@@ -91,7 +91,7 @@ class ReplaySource:
                 if not self._next_pass():
                     return None
                 continue
-            except Exception as exc:  # noqa: BLE001 - a third-party reader (BLF, ASC, gzip...) may raise anything
+            except Exception as exc:  # a third-party reader (BLF, ASC, gzip...) may raise anything
                 # The reader cannot go on past this point; ending the trace here beats re-reading it from the
                 # start (which sends every frame time again) or a dead collector thread.
                 if self._pass == 0:

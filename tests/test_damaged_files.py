@@ -234,3 +234,29 @@ def test_show_status_report_survive_a_cached_document_with_an_impossible_expiry(
         assert r.returncode == 0 and "Traceback" not in r.stderr, (args, r.stderr)
     shown = json.loads(vgw("consent", "show", "--json", "--config", str(cfg)).stdout)
     assert shown["version"] is None  # the cache no longer verifies: nothing is in force
+
+
+@pytest.mark.parametrize("damage_bytes", [b"\xff\xfe\x00 not text\n", b"[1, 2]\n",
+                                          b'{"n": 99, "t": 1e999, "event": "x"}\n',
+                                          b'{"event": "consent-applied", "grants": 5}\n'])
+def test_report_and_audit_survive_a_damaged_audit_log(tmp_path: Path, pki, damage_bytes: bytes) -> None:
+    import time
+
+    from agent.config import load_config
+
+    auth = Authority(tmp_path)
+    cfg = write_config(tmp_path, pki, 1, auth.trust, device=DEV, can={"channel": "unused"})
+    doc = tmp_path / "consent.jws"
+    doc.write_text(auth.doc(DEV, {"g": ["read_speedometer"]}, ver=1, iat=int(time.time()) - 60))
+    assert vgw("consent", "apply", "--config", str(cfg), str(doc)).returncode == 0
+    log = load_config(cfg).state_dir / "audit.log"
+    with log.open("ab") as fh:
+        fh.write(damage_bytes)
+    r = vgw("report", "--json", "--config", str(cfg))
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert json.loads(r.stdout)["audit"]["intact"] is False
+    for args in (["report"], ["audit", "show"]):
+        r = vgw(*args, "--config", str(cfg))
+        assert r.returncode == 0 and "Traceback" not in r.stderr, (args, r.stderr)
+    r = vgw("audit", "verify", "--config", str(cfg))
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "line 2" in r.stderr, r.stderr

@@ -27,7 +27,9 @@ from agent.timefmt import LATEST_TIME
 from simulators.paths import default_dbc, default_signal_map
 from tests.agentkit import vgw
 
-FAST = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+# Bounded for CI; raise it for a long run: VGW_FUZZ_EXAMPLES=5000 pytest tests/test_fuzz_files.py
+FAST = settings(max_examples=int(os.environ.get("VGW_FUZZ_EXAMPLES", "150")), deadline=None,
+                suppress_health_check=list(HealthCheck))
 LONG = settings(max_examples=5000, deadline=None, suppress_health_check=list(HealthCheck))
 
 GOOD_LINES = [
@@ -326,3 +328,37 @@ def test_slow_trace_lines(data: st.DataObject) -> None:
 def test_slow_config(base_config: tuple[Path, str], data: st.DataObject) -> None:
     folder, text = base_config
     _load_any(folder, _mutate(text, data))
+
+
+# ---------------------------------------------------------------- the privacy report over a damaged audit log
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8)
+_EVENTS = ["consent-applied", "consent-rejected", "consent-expired", "grant-stopped", "erasure-done",
+           "retention-delete", "unreadable"]
+_entry = st.fixed_dictionaries(
+    {"event": st.sampled_from(_EVENTS)},
+    optional={k: _json for k in ("t", "ver", "grant", "grants", "reason", "exp", "batches_deleted", "source")}
+    | {"grants": _json | st.lists(st.fixed_dictionaries({}, optional={"id": _json | st.just("g"), "scopes": _json,
+                                                                       "controller": _json, "purpose": _json}),
+                                  max_size=3)})
+
+
+@FAST
+@given(st.lists(_entry, max_size=12), st.dictionaries(st.sampled_from(["sent_batches:g", "sent_samples:g",
+                                                                        "first_sent:g", "last_sent:g",
+                                                                        "retention_deleted:g"]), st.integers()))
+def test_report_builds_and_renders_from_any_audit_entries(entries: list[dict[str, object]],
+                                                          counters: dict[str, int]) -> None:
+    import json
+
+    from agent.report import build_report, render_html, render_text
+
+    report = build_report(device="dev-0001", entries=entries, counters=counters, outbox={}, consent=None,
+                          audit_ok=False, audit_problem="line 1: not JSON", generated=1_790_000_000.0)
+    render_text(report)
+    render_html(report)
+    json.dumps(report)

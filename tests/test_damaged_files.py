@@ -260,3 +260,18 @@ def test_report_and_audit_survive_a_damaged_audit_log(tmp_path: Path, pki, damag
         assert r.returncode == 0 and "Traceback" not in r.stderr, (args, r.stderr)
     r = vgw("audit", "verify", "--config", str(cfg))
     assert r.returncode != 0 and "Traceback" not in r.stderr and "line 2" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("clock", ['{"floor": NaN, "max_ver": 0}', '{"floor": Infinity}', '{"floor": 1e300}',
+                                   '{"floor": 1, "max_ver": 1e400}'])
+def test_a_damaged_clock_file_falls_back_to_wall_time(tmp_path: Path, clock: str) -> None:
+    """A corrupt clock.json only loses rollback protection (consent/store.py): never a NaN now, never a crash."""
+    import math
+    import time
+
+    from agent.consent.store import ConsentStore
+
+    (tmp_path / "clock.json").write_text(clock)
+    store = ConsentStore(tmp_path)
+    now = store.now()
+    assert math.isfinite(now) and abs(now - time.time()) < 60

@@ -275,3 +275,13 @@ def test_a_damaged_clock_file_falls_back_to_wall_time(tmp_path: Path, clock: str
     store = ConsentStore(tmp_path)
     now = store.now()
     assert math.isfinite(now) and abs(now - time.time()) < 60
+
+
+@pytest.mark.parametrize("name", ["drive.blf", "drive.asc", "drive.trc", "drive.xyz"])
+def test_a_trace_no_reader_can_start_on_ends_at_once(tmp_path: Path, name: str,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    trace = tmp_path / name
+    trace.write_bytes(b"\x00\xffLOGG garbage header\xfe" * 8)
+    src = ReplaySource(trace, rate=0, loop=True)
+    assert drain(src) == [] and src.finished
+    assert caplog.text.count(name) == 1, caplog.text

@@ -61,6 +61,8 @@ class ReplaySource:
     # -- reading --------------------------------------------------------------------------------------
 
     def _open(self) -> Iterator[can.Message | DamagedLine]:
+        """The frames of one pass. Raises SourceOpenError when the file cannot be opened (retried by the
+        collector); a file no reader can start on (unknown format, damaged header) is a trace with no frames."""
         self._release()
         try:
             if is_candump(self.path):
@@ -68,12 +70,16 @@ class ReplaySource:
                 self._closers.append(fh.close)
                 return read_frames(fh)
             reader = can.LogReader(str(self.path))
-            self._closers.append(reader.stop)
-            return iter(reader)
-        except (ValueError, OSError, can.CanError) as exc:
-            raise SourceOpenError(f"{self.path}: cannot read trace: {exc}") from exc
-        except Exception as exc:  # a reader reading a damaged header (BLF: struct.error, ...)
-            raise SourceOpenError(f"{self.path}: cannot read trace: damaged ({type(exc).__name__})") from exc
+        except OSError as exc:
+            raise SourceOpenError(f"{self.path}: cannot read trace: {exc.strerror or exc}") from exc
+        except Exception as exc:  # python-can's readers raise ValueError, struct.error ... on a bad header
+            # Retrying cannot help and must not loop (`replay_exit` would never end): nothing is replayed.
+            if self._pass == 0:
+                log.error("%s: cannot read trace (%s: %s): nothing is replayed", self.path, type(exc).__name__,
+                          str(exc)[:120])
+            return iter(())
+        self._closers.append(reader.stop)
+        return iter(reader)
 
     def _release(self) -> None:
         for close in self._closers:

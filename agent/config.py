@@ -159,7 +159,7 @@ class _Section:
             if not p.is_absolute():
                 p = (self.path.parent / p).resolve()
             if must_exist and not p.exists():
-                raise ConfigError(f"{self._where(key)}: file not found: {_shown(str(p))}")
+                raise ConfigError(f"{self._where(key)}: file not found: {p}")
         except (ValueError, RuntimeError, OSError) as exc:
             # NUL in the path (ValueError), ~unknown-user or a symlink loop (RuntimeError), a name too long.
             raise ConfigError(f"{self._where(key)}: not a usable path: {_shown(raw)}") from exc

@@ -285,3 +285,15 @@ def test_a_trace_no_reader_can_start_on_ends_at_once(tmp_path: Path, name: str,
     src = ReplaySource(trace, rate=0, loop=True)
     assert drain(src) == [] and src.finished
     assert caplog.text.count(name) == 1, caplog.text
+
+
+def test_a_frame_with_an_impossible_time_from_another_format_is_skipped(tmp_path: Path) -> None:
+    trace = tmp_path / "drive.csv"
+    with can.Logger(str(trace)) as out:
+        for t in (START, float("nan"), 1e300, START + 1):
+            out.on_message_received(can.Message(timestamp=t, arbitration_id=SPEED_ID, data=b"\x01\x02"))
+    src = ReplaySource(trace, rate=0)
+    frames = drain(src)
+    src.close()
+    assert [m.timestamp for m in frames] == [START, START + 1]
+    assert src.lines_skipped == 2

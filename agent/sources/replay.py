@@ -30,7 +30,8 @@ from pathlib import Path
 import can
 
 from agent.errors import SourceOpenError
-from agent.sources.candump import DamagedLine, is_candump, open_binary, read_frames
+from agent.sources.candump import Damage, DamagedLine, is_candump, open_binary, read_frames
+from agent.timefmt import valid_time
 
 log = logging.getLogger("vgw.replay")
 
@@ -106,6 +107,9 @@ class ReplaySource:
                 if not self._next_pass():
                     return None
                 continue
+            if not isinstance(item, DamagedLine) and not valid_time(item.timestamp):
+                # Another format's reader may hand out a NaN or a year-30000 time: never into policy or JSON.
+                item = DamagedLine(self._pass_frames + 1, Damage.TIME)  # (a frame number: no lines here)
             if isinstance(item, DamagedLine):
                 if self._pass == 0:
                     self.lines_skipped += 1

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from agent.consent.store import ConsentStore
 from agent.errors import ConfigError
+from agent.timefmt import utc_text
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -172,4 +173,4 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def _ts(t: int) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+    return utc_text(t)  # any cached value prints, even one an older agent accepted

@@ -151,10 +151,11 @@ class _Cloud:
                 return
             with self.lock:
                 s = self.seen.setdefault((device, gid), set())
-                if batch["seq"] in s:
+                key = (batch.get("epoch", ""), batch["seq"])  # §6: a receiver de-duplicates on (epoch, seq)
+                if key in s:
                     self.duplicates += 1
                     return
-                s.add(batch["seq"])
+                s.add(key)
                 if self.measuring:
                     self.delivered += 1
                     self.delivered_bytes += len(payload)

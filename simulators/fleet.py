@@ -364,7 +364,7 @@ class FleetSim:
                 dups, undec, bad = cloud.duplicates, cloud.undecryptable, cloud.bad_receipts
             lost = 0
             for (d, g), (lo, hi) in sent_streams.items():
-                s = seen.get((d, g), set())
+                s = {n for _epoch, n in seen.get((d, g), set())}  # one epoch per simulated device
                 lost += sum(1 for n in range(lo + 1, hi + 1) if n not in s)
             rev_lat, grant_lat = [], []
             for d, claims, arrived in receipts:

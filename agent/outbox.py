@@ -51,7 +51,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.consent.narrowing import Narrowing, NarrowingKind
@@ -111,7 +111,7 @@ class GrantTerms:
 
     digest: str  # terms_digest() of the grant in force
     scopes: frozenset[str]
-    narrowing: Narrowing = Narrowing()
+    narrowing: Narrowing = field(default_factory=Narrowing)
     since: str | None = None  # digest of the terms ``narrowing`` was computed against (None: unknown)
 
 

@@ -39,8 +39,8 @@ from agent.audit import AuditLog
 from agent.catalogue import Catalogue, load_catalogue
 from agent.config import Config
 from agent.consent.manager import ConsentManager, load_trust_keys
-from agent.consent.store import ConsentStore
 from agent.consent.narrowing import terms_digest
+from agent.consent.store import ConsentStore
 from agent.crypto.envelope import batch_plaintext, load_recipient_key, seal
 from agent.crypto.keys import load_or_create_storage_key
 from agent.crypto.receipts import ReceiptSigner

@@ -98,8 +98,8 @@ def open_envelope(
 
     Checks, in order: version byte 0x01; HPKE open (base mode, ``info`` bound to device and grant, so an
     envelope replayed onto another device's or grant's topic fails); zlib within ``MAX_PLAINTEXT``; a JSON
-    object with ``v`` 1, matching ``device`` and ``grant``, integer ``seq`` >= 1, a string ``epoch`` if present (an agent
-    before contract 1.1 sends none; receivers then use "") and a list of samples.
+    object with ``v`` 1, matching ``device`` and ``grant``, integer ``seq`` >= 1, a string ``epoch`` if present
+    (an agent before contract 1.1 sends none; receivers then use "") and a list of samples.
     Raises :class:`EnvelopeError` naming the failed rule.
     """
     sk = recipient_sk.private_key if isinstance(recipient_sk, RecipientKey) else recipient_sk

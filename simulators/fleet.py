@@ -127,7 +127,7 @@ class _Cloud:
     recipient: RecipientKey
     device_keys: dict[str, ec.EllipticCurvePublicKey]
     lock: threading.Lock = field(default_factory=threading.Lock)
-    seen: dict[tuple[str, str], set[int]] = field(default_factory=dict)
+    seen: dict[tuple[str, str], set[tuple[str, int]]] = field(default_factory=dict)  # (epoch, seq) per stream
     duplicates: int = 0
     delivered: int = 0
     delivered_bytes: int = 0
@@ -151,11 +151,11 @@ class _Cloud:
                 return
             with self.lock:
                 s = self.seen.setdefault((device, gid), set())
-                key = (batch.get("epoch", ""), batch["seq"])  # §6: a receiver de-duplicates on (epoch, seq)
-                if key in s:
+                dedup = (str(batch.get("epoch", "")), int(batch["seq"]))  # §6: de-duplicate on (epoch, seq)
+                if dedup in s:
                     self.duplicates += 1
                     return
-                s.add(key)
+                s.add(dedup)
                 if self.measuring:
                     self.delivered += 1
                     self.delivered_bytes += len(payload)

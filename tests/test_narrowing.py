@@ -140,7 +140,6 @@ def test_shortened_retention_deletes_older_stored_batches_with_a_receipt(tmp_pat
             _apply(cfg, _sign(auth, ["read_speedometer"], retention_s=1), tmp_path)
             assert wait_until(lambda: agent.manager.in_force is not None and agent.manager.in_force.ver == auth.ver,
                               2.0)
-            narrowed = time.time()
             broker.start()
             assert runner.wait_link(10)
             assert cloud.wait_for(lambda: any(r.claims.get("reason") == "narrowed"

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import ConfigError
-from agent.fsutil import MAX_CONFIG_BYTES, read_small_file
+from agent.fsutil import read_small_file
 
 DEVICE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _TOPIC_PREFIX = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")

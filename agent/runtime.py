@@ -45,6 +45,7 @@ from agent.catalogue import Catalogue, load_catalogue
 from agent.config import Config
 from agent.consent.intake import ConsentIntake
 from agent.consent.manager import ConsentManager, load_trust_keys
+from agent.consent.narrowing import terms_digest
 from agent.consent.store import ConsentStore
 from agent.crypto.envelope import batch_plaintext, load_recipient_key, seal
 from agent.crypto.keys import load_or_create_storage_key
@@ -254,7 +255,8 @@ class Agent:
 
             def make(seq: int, _s: list[dict[str, Any]] = samples, _g: str = grant.id, _k: str = kem,
                      _r: Any = recipient) -> bytes:
-                return seal(_k, _r, self.device, _g, batch_plaintext(self.device, _g, seq, _s))
+                return seal(_k, _r, self.device, _g, batch_plaintext(self.device, _g, seq, _s,
+                                                                     epoch=self.outbox.epoch))
 
             per_scope: dict[str, int] = {}
             for sample in samples:
@@ -262,7 +264,8 @@ class Agent:
                 per_scope[scope] = per_scope.get(scope, 0) + 1
             try:
                 committed = self.outbox.commit_batch(grant.id, make, batch.first_t, len(samples),
-                                                     quota_bytes=self.cfg.outbox.quota_bytes, scopes=per_scope)
+                                                     quota_bytes=self.cfg.outbox.quota_bytes, scopes=per_scope,
+                                                     terms=terms_digest(grant))
             except GrantNotActive:
                 self.counters["batches_discarded"] += 1
             except StorageError as exc:

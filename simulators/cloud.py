@@ -10,7 +10,7 @@ The peer's jobs live in four modules; this one re-exports every public name of t
 - :mod:`simulators.envelopes` (offline): :func:`seal_envelope` / :func:`open_envelope` (the §6 telemetry
   envelope) and :func:`verify_receipt` (§7);
 - :mod:`simulators.cloud_records` (no I/O): the records and :class:`~simulators.cloud_records.CloudRecorder`,
-  which opens, de-duplicates (by seq, gaps found) and verifies what arrives;
+  which opens, de-duplicates (by epoch and seq, gaps found) and verifies what arrives;
 - here, the online part: :class:`CloudPeer`, an MQTT v5 client over mutual TLS (>= 1.2) that publishes
   retained consent and feeds a recorder with telemetry, receipts and status. paho stays a private member;
   its callbacks only decode and record under one lock; no paho type leaves this module.

@@ -127,7 +127,7 @@ class _Cloud:
     recipient: RecipientKey
     device_keys: dict[str, ec.EllipticCurvePublicKey]
     lock: threading.Lock = field(default_factory=threading.Lock)
-    seen: dict[tuple[str, str], set[int]] = field(default_factory=dict)
+    seen: dict[tuple[str, str], set[tuple[str, int]]] = field(default_factory=dict)  # (epoch, seq) per stream
     duplicates: int = 0
     delivered: int = 0
     delivered_bytes: int = 0
@@ -151,10 +151,11 @@ class _Cloud:
                 return
             with self.lock:
                 s = self.seen.setdefault((device, gid), set())
-                if batch["seq"] in s:
+                dedup = (str(batch.get("epoch", "")), int(batch["seq"]))  # §6: de-duplicate on (epoch, seq)
+                if dedup in s:
                     self.duplicates += 1
                     return
-                s.add(batch["seq"])
+                s.add(dedup)
                 if self.measuring:
                     self.delivered += 1
                     self.delivered_bytes += len(payload)
@@ -363,7 +364,7 @@ class FleetSim:
                 dups, undec, bad = cloud.duplicates, cloud.undecryptable, cloud.bad_receipts
             lost = 0
             for (d, g), (lo, hi) in sent_streams.items():
-                s = seen.get((d, g), set())
+                s = {n for _epoch, n in seen.get((d, g), set())}  # one epoch per simulated device
                 lost += sum(1 for n in range(lo + 1, hi + 1) if n not in s)
             rev_lat, grant_lat = [], []
             for d, claims, arrived in receipts:

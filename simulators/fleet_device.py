@@ -11,6 +11,7 @@ from __future__ import annotations
 import heapq
 import logging
 import random
+import secrets
 import selectors
 import ssl
 import threading
@@ -61,6 +62,7 @@ class SimDevice:
         self.ver = 0
         self.grants: dict[str, Any] = {}  # grant id -> HPKE public key
         self.seq: dict[str, int] = {}
+        self.epoch = secrets.token_hex(8)  # the simulated outbox's epoch (CONTRACT §6)
         self.acked: dict[str, int] = {}
         self.mids: dict[int, tuple[str, int]] = {}
         self.connected = False
@@ -134,7 +136,8 @@ class SimDevice:
             seq = self.seq[gid]
             samples = [{"t": now, "path": _PATHS[i % len(_PATHS)], "value": round(self.rng.uniform(0, 100), 2)}
                        for i in range(n_samples)]
-            env = seal_envelope({"v": 1, "device": self.id, "grant": gid, "seq": seq, "samples": samples}, pk,
+            env = seal_envelope({"v": 1, "device": self.id, "grant": gid, "seq": seq, "epoch": self.epoch,
+                                 "samples": samples}, pk,
                                 self.id, gid)
             info = self.client.publish(f"{PREFIX}/{self.id}/data/{gid}", env, qos=1)
             self.mids[info.mid] = (gid, seq)

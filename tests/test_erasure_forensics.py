@@ -64,7 +64,8 @@ def world(tmp_path: Path, pki: Any) -> Iterator[dict[str, Any]]:
                 if samples:
                     g = batch.grant
                     s.outbox.commit_batch(g.id, lambda seq, _s=samples, _g=g: seal(
-                        _g.recipient.kem, recipients[_g.id], DEVICE, _g.id, batch_plaintext(DEVICE, _g.id, seq, _s)),
+                        _g.recipient.kem, recipients[_g.id], DEVICE, _g.id, batch_plaintext(DEVICE, _g.id, seq, _s,
+                                                                                 epoch=s.outbox.epoch)),
                         batch.first_t, len(samples))
     assert vin_samples > 0
     db = s.outbox._db

@@ -171,7 +171,7 @@ def _fill_and_corrupt(cfg: Path, auth: Authority, tmp_path: Path, *, header: boo
         data[0:100] = b"\xa5" * 100
     else:
         page = 4096
-        for off in range(len(data) // 2, len(data) - page, page * 7):
+        for off in range(len(data) // 2 // page * page, len(data) - page, page * 7):  # page-aligned
             data[off + 8:off + 200] = b"\xff" * 192  # smash cell pointers of pages holding batch rows
     outbox.write_bytes(bytes(data))
     return outbox

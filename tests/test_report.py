@@ -47,7 +47,8 @@ def world(tmp_path: Path, pki: Any) -> Iterator[dict[str, Any]]:
         rk = load_recipient_key(g.recipient.kem, g.recipient.pk)
         for _ in range(3):
             s.outbox.commit_batch(g.id, lambda seq, _g=g, _rk=rk, _s=samples: seal(
-                _g.recipient.kem, _rk, DEVICE, _g.id, batch_plaintext(DEVICE, _g.id, seq, _s)), float(now), 2)
+                _g.recipient.kem, _rk, DEVICE, _g.id,
+                batch_plaintext(DEVICE, _g.id, seq, _s, epoch=s.outbox.epoch)), float(now), 2)
     # What the uplink hook would have counted on PUBACK.
     for name, value in {"sent_batches:g-fleet": 4, "sent_samples:g-fleet": 40, "sent_samples:g-fleet:read_odometer": 30,
                         "sent_samples:g-fleet:read_location": 10, "first_sent:g-fleet": now - 90,

@@ -79,7 +79,7 @@ def drive_cycle(seconds: float = 1800.0, *, seed: int = 7, batch_interval_s: flo
             if samples:
                 seqs[gid] += 1
                 envelope = seal(KEM_X25519, keys[gid], "bench-car-01", gid,
-                                batch_plaintext("bench-car-01", gid, seqs[gid], samples))
+                                batch_plaintext("bench-car-01", gid, seqs[gid], samples, epoch="0123456789abcdef"))
                 tally[gid].samples += len(samples)
                 tally[gid].batches += 1
                 tally[gid].bytes += len(envelope)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.errors import StorageError
+from vgw.errors import StorageError
 
 GENESIS = "0" * 64
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)

@@ -1,7 +1,7 @@
 """The agent's configuration file (CONTRACT §2): TOML in, frozen dataclasses out.
 
 Unknown keys are an error, because a typo must never silently disable a protection. Relative paths are
-resolved against the config file's folder. :func:`load_config` raises :class:`~agent.errors.ConfigError`
+resolved against the config file's folder. :func:`load_config` raises :class:`~vgw.errors.ConfigError`
 with a message that names the file, the key and the rule.
 """
 
@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.errors import ConfigError
-from agent.fsutil import read_small_file
+from vgw.errors import ConfigError
+from vgw.fsutil import read_small_file
 
 DEVICE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _TOPIC_PREFIX = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")

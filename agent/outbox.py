@@ -5,7 +5,7 @@ Tables:
                  (CONTRACT §6) so a receiver tells a wiped or re-provisioned device (seq 1 again) from a
                  re-delivery; ``user_version`` (a PRAGMA) is the schema version, see :data:`SCHEMA_VERSION`.
   active_grants  grants allowed to store data now, each with the digest of its terms in force
-                 (:func:`agent.consent.narrowing.terms_digest`); inserts and key creation check it in the
+                 (:func:`vgw.consent.narrowing.terms_digest`); inserts and key creation check it in the
                  same transaction, so a grant revoked by another process (``vgw consent apply``) can never
                  store again even before this process notices.
   grant_keys     per-grant AES-256-GCM data key, wrapped by the device storage key.
@@ -58,10 +58,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.consent.narrowing import Narrowing, NarrowingKind
-from agent.crypto import keys
-from agent.errors import StorageError
-from agent.fsutil import create_private, destroy_file, refuse_symlink
+from vgw.consent.narrowing import Narrowing, NarrowingKind
+from vgw.crypto import keys
+from vgw.errors import StorageError
+from vgw.fsutil import create_private, destroy_file, refuse_symlink
 
 log = logging.getLogger("vgw.outbox")
 

@@ -19,7 +19,7 @@ A counter the agent does not record (yet) shows as "not recorded", never as zero
 Collection rules (CONTRACT §5.1): for a grant with rules, the running agent's status file holds, per scope,
 the samples decoded and the samples its rules let through since it started (``collect`` in ``status.json``);
 the report shows both and the share the rules kept back in the car, and says in plain words what each app
-receives (:mod:`agent.collect.describe`).
+receives (:mod:`vgw.collect.describe`).
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.collect.describe import SCOPE_LABELS
-from agent.timefmt import utc_text
+from vgw.collect.describe import SCOPE_LABELS
+from vgw.timefmt import utc_text
 
 REPORT_VERSION = 1
 
@@ -188,8 +188,8 @@ def _scope_rec(scope: str, sent: int | None, counted: Mapping[str, int] | None) 
 
 def collect(config_path: str | Path) -> dict[str, Any]:
     """Read a state directory (works while `vgw run` runs) and build the report. Raises VgwError."""
-    from agent.config import load_config
-    from agent.stateview import read_state
+    from vgw.config import load_config
+    from vgw.stateview import read_state
 
     cfg = load_config(config_path)
     state = read_state(cfg)
@@ -211,7 +211,7 @@ def _status_rule_counts(state_dir: Path) -> dict[str, Any]:
     """The rule counters of the running (or last) agent's status file; {} when there are none."""
     import json
 
-    from agent.runtime import STATUS_FILE
+    from vgw.runtime import STATUS_FILE
 
     try:
         counts = json.loads((state_dir / STATUS_FILE).read_text()).get("collect")

@@ -5,9 +5,9 @@
 - :class:`CloudRecorder`: the recipient keys and device keys it opens messages with, the handling of one
   ``<prefix>/<device>/data/<grant>``, ``.../receipt`` or ``.../status`` message (envelopes opened and
   de-duplicated by (epoch, seq), receipts verified, status parsed), and the thread-safe accessors (batches, samples,
-  gaps, receipts, status, summary). :class:`~simulators.cloud.CloudPeer` is this recorder fed by MQTT.
+  gaps, receipts, status, summary). :class:`~vgw.simulators.cloud.CloudPeer` is this recorder fed by MQTT.
 
-:mod:`simulators.cloud` re-exports the record types.
+:mod:`vgw.simulators.cloud` re-exports the record types.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from simulators.consent_authority import HpkePrivateKey, RecipientKey
-from simulators.envelopes import EnvelopeError, ReceiptError, open_envelope, verify_receipt
-from simulators.pki import device_public_key_from_cert
+from vgw.simulators.consent_authority import HpkePrivateKey, RecipientKey
+from vgw.simulators.envelopes import EnvelopeError, ReceiptError, open_envelope, verify_receipt
+from vgw.simulators.pki import device_public_key_from_cert
 
 __all__ = [
     "BadReceipt",
@@ -108,7 +108,7 @@ class _Stream:
 
 
 class CloudRecorder:
-    """The recording half of :class:`~simulators.cloud.CloudPeer`: messages in (topic, payload, arrival time),
+    """The recording half of :class:`~vgw.simulators.cloud.CloudPeer`: messages in (topic, payload, arrival time),
     records out. Every method is thread-safe; accessors return copies.
     """
 

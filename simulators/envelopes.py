@@ -1,7 +1,7 @@
 """Telemetry envelopes (CONTRACT §6) and receipts (§7) on the cloud side. No I/O.
 
 - :func:`seal_envelope` / :func:`open_envelope`: ``0x01 || enc || ct``, HPKE base mode to a grant's
-  :class:`~simulators.consent_authority.RecipientKey`, ``info`` bound to device and grant;
+  :class:`~vgw.simulators.consent_authority.RecipientKey`, ``info`` bound to device and grant;
 - :func:`verify_receipt`: a receipt is an ES256 compact JWS under the device certificate's key.
 
 Errors::
@@ -10,7 +10,7 @@ Errors::
      +-- EnvelopeError     a telemetry envelope failed a rule of §6 (``reason`` says which)
      +-- ReceiptError      a receipt is not a valid ES256 JWS of its device (§7)
 
-:mod:`simulators.cloud` re-exports every name here.
+:mod:`vgw.simulators.cloud` re-exports every name here.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, x25519
 from cryptography.hazmat.primitives.hpke import AEAD, KDF, KEM, Suite
 
-from agent.errors import VgwError
-from simulators.consent_authority import HpkePrivateKey, HpkePublicKey, RecipientKey
+from vgw.errors import VgwError
+from vgw.simulators.consent_authority import HpkePrivateKey, HpkePublicKey, RecipientKey
 
 __all__ = [
     "ENVELOPE_VERSION",

@@ -1,4 +1,4 @@
-"""The simulated devices of :mod:`simulators.fleet` and the worker threads that drive them.
+"""The simulated devices of :mod:`vgw.simulators.fleet` and the worker threads that drive them.
 
 A :class:`SimDevice` is a device's protocol logic (CONTRACT §5 consent checks, §6 envelopes, §7 receipts)
 around a paho client it does not run itself; a :class:`Worker` owns a slice of the fleet and drives all of
@@ -22,8 +22,8 @@ import jwt
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from simulators.cloud import recipient_public_key, seal_envelope
-from simulators.mqttclient import make_client, tls_context
+from vgw.simulators.cloud import recipient_public_key, seal_envelope
+from vgw.simulators.mqttclient import make_client, tls_context
 
 log = logging.getLogger("vgw.fleet")
 

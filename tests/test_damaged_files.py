@@ -13,10 +13,10 @@ from pathlib import Path
 import can
 import pytest
 
-from agent.sources.replay import ReplaySource
-from simulators.can_sim import CanSimulator
-from simulators.paths import default_dbc
-from simulators.vehicle import VehicleModel
+from vgw.sources.replay import ReplaySource
+from vgw.simulators.can_sim import CanSimulator
+from vgw.simulators.paths import default_dbc
+from vgw.simulators.vehicle import VehicleModel
 from tests.agentkit import Authority, agent_process, vgw, write_config
 
 DEV = "dev-0002"
@@ -183,8 +183,8 @@ def test_a_consent_with_an_impossible_time_is_rejected(tmp_path: Path, pki, clai
 
 
 def _status_file(cfg: Path) -> Path:
-    from agent.config import load_config
-    from agent.runtime import STATUS_FILE
+    from vgw.config import load_config
+    from vgw.runtime import STATUS_FILE
 
     state_dir = load_config(cfg).state_dir
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -204,7 +204,7 @@ def test_status_survives_a_damaged_status_file(tmp_path: Path, pki, live: str) -
 
 @pytest.mark.parametrize("t", [2**63, 10**30, 1e300, float("nan"), float("inf"), -5.0, "x", None])
 def test_report_formats_any_time(t: object) -> None:
-    from agent.report import ConsentView, build_report, render_html, render_text
+    from vgw.report import ConsentView, build_report, render_html, render_text
 
     entries = [{"event": "consent-applied", "t": t, "ver": 1, "grants": [{"id": "g", "scopes": ["read_fuel"]}]},
                {"event": "consent-rejected", "t": t, "ver": 2, "reason": "validity"},
@@ -221,8 +221,8 @@ def test_show_status_report_survive_a_cached_document_with_an_impossible_expiry(
     """A cache written before the date check (or by hand) must not crash the commands that print it."""
     import time
 
-    from agent.config import load_config
-    from agent.consent.store import ConsentStore
+    from vgw.config import load_config
+    from vgw.consent.store import ConsentStore
 
     auth = Authority(tmp_path)
     cfg = write_config(tmp_path, pki, 1, auth.trust, device=DEV, can={"channel": "unused"})
@@ -243,7 +243,7 @@ def test_show_status_report_survive_a_cached_document_with_an_impossible_expiry(
 def test_report_and_audit_survive_a_damaged_audit_log(tmp_path: Path, pki, damage_bytes: bytes) -> None:
     import time
 
-    from agent.config import load_config
+    from vgw.config import load_config
 
     auth = Authority(tmp_path)
     cfg = write_config(tmp_path, pki, 1, auth.trust, device=DEV, can={"channel": "unused"})
@@ -270,7 +270,7 @@ def test_a_damaged_clock_file_falls_back_to_wall_time(tmp_path: Path, clock: str
     import math
     import time
 
-    from agent.consent.store import ConsentStore
+    from vgw.consent.store import ConsentStore
 
     (tmp_path / "clock.json").write_text(clock)
     store = ConsentStore(tmp_path)

@@ -11,11 +11,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.crypto.keys import new_data_key
-from agent.outbox import Outbox
-from simulators.cloud import RecipientKey, seal_envelope
-from simulators.cloudlink import Listener
-from simulators.pki import device_public_key_from_cert
+from vgw.crypto.keys import new_data_key
+from vgw.outbox import Outbox
+from vgw.simulators.cloud import RecipientKey, seal_envelope
+from vgw.simulators.cloudlink import Listener
+from vgw.simulators.pki import device_public_key_from_cert
 from tests.agentkit import AgentThread, Authority, vgw, write_config
 from tests.faultkit import DEV
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from simulators.broker import free_port
+from vgw.simulators.broker import free_port
 from tests.agentkit import AgentThread, Authority, agent_process, write_config
 from tests.faultkit import (
     DEV,
@@ -204,6 +204,6 @@ def test_corrupt_outbox_is_quarantined_audited_and_seq_continues(tmp_path, pki, 
 
 
 def integrity_problem_of(path: Path) -> str | None:
-    from agent.outbox import integrity_problem
+    from vgw.outbox import integrity_problem
 
     return integrity_problem(path)

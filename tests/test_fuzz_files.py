@@ -19,12 +19,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.config import MAX_CONFIG_BYTES, load_config
-from agent.errors import ConfigError
-from agent.sources.candump import MAX_LINE_BYTES, DamagedLine, LineError, parse_line, read_frames
-from agent.sources.replay import ReplaySource
-from agent.timefmt import LATEST_TIME
-from simulators.paths import default_dbc, default_signal_map
+from vgw.config import MAX_CONFIG_BYTES, load_config
+from vgw.errors import ConfigError
+from vgw.sources.candump import MAX_LINE_BYTES, DamagedLine, LineError, parse_line, read_frames
+from vgw.sources.replay import ReplaySource
+from vgw.timefmt import LATEST_TIME
+from vgw.simulators.paths import default_dbc, default_signal_map
 from tests.agentkit import vgw
 
 # Bounded for CI; raise it for a long run: VGW_FUZZ_EXAMPLES=5000 pytest tests/test_fuzz_files.py
@@ -183,7 +183,7 @@ def test_replay_source_on_random_files_ends_cleanly(tmp_path_factory: pytest.Tem
         try:
             src = ReplaySource(trace, rate=0, loop=True)
         except Exception as exc:  # only the documented open error may escape
-            from agent.errors import SourceOpenError
+            from vgw.errors import SourceOpenError
 
             assert isinstance(exc, SourceOpenError), repr(exc)
             continue
@@ -355,7 +355,7 @@ def test_report_builds_and_renders_from_any_audit_entries(entries: list[dict[str
                                                           counters: dict[str, int]) -> None:
     import json
 
-    from agent.report import build_report, render_html, render_text
+    from vgw.report import build_report, render_html, render_text
 
     report = build_report(device="dev-0001", entries=entries, counters=counters, outbox={}, consent=None,
                           audit_ok=False, audit_problem="line 1: not JSON", generated=1_790_000_000.0)

@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 
-from agent.consent.model import Grant, Limits, Recipient
-from agent.consent.narrowing import NarrowingKind, narrowing, terms_digest
-from agent.crypto.keys import new_data_key
-from agent.outbox import LEGACY_TERMS, SCHEMA_VERSION, GrantTerms, Outbox, TermsChanged
-from simulators.cloud import RecipientKey, consent_claims, grant, sign_consent
+from vgw.consent.model import Grant, Limits, Recipient
+from vgw.consent.narrowing import NarrowingKind, narrowing, terms_digest
+from vgw.crypto.keys import new_data_key
+from vgw.outbox import LEGACY_TERMS, SCHEMA_VERSION, GrantTerms, Outbox, TermsChanged
+from vgw.simulators.cloud import RecipientKey, consent_claims, grant, sign_consent
 from tests.agentkit import AgentThread, Authority, vgw, write_config
 from tests.faultkit import DEV, persistent_world, wait_until
 

@@ -15,10 +15,10 @@ from typing import Any, ClassVar
 
 import pytest
 
-from agent.cli import main
-from agent.crypto.envelope import batch_plaintext, load_recipient_key, seal
-from agent.report import ConsentView, build_report, collect, render_html, render_text
-from simulators.vehicle import DEFAULT_VIN
+from vgw.cli import main
+from vgw.crypto.envelope import batch_plaintext, load_recipient_key, seal
+from vgw.report import ConsentView, build_report, collect, render_html, render_text
+from vgw.simulators.vehicle import DEFAULT_VIN
 from tests.consentkit import Authority, State
 
 DEVICE = "dev-0001"

@@ -8,17 +8,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.bench.options import DEVICE
-from agent.bench.report import Progress
+from vgw.bench.options import DEVICE
+from vgw.bench.report import Progress
 
 # ---------------------------------------------------------------- phase 5: revocation
 
 
 def bench_revocation(cfg_path: Path, docs: tuple[str, str], rows: int, progress: Progress) -> dict[str, Any]:
     """Fill the outbox with ``rows`` rows of one grant, revoke it; time until its key row is gone."""
-    from agent.config import load_config
-    from agent.crypto.envelope import batch_plaintext, load_recipient_key, seal
-    from agent.runtime import Agent
+    from vgw.config import load_config
+    from vgw.crypto.envelope import batch_plaintext, load_recipient_key, seal
+    from vgw.runtime import Agent
 
     cfg = load_config(cfg_path)
     agent = Agent(cfg)

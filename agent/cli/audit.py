@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from agent.errors import ConfigError
-from agent.timefmt import utc_text
+from vgw.errors import ConfigError
+from vgw.timefmt import utc_text
 
 EXIT_BROKEN = 1
 # Shown first in `audit show`; every other field follows in name order.
@@ -42,21 +42,21 @@ def _source_args(p: argparse.ArgumentParser) -> None:
 
 
 def _log_path(args: argparse.Namespace) -> Path:
-    from agent.audit import AUDIT_FILE
+    from vgw.audit import AUDIT_FILE
 
     if args.file:
         path = Path(args.file)
         if not path.is_file():
             raise ConfigError(f"{path}: audit log not found")
         return path
-    from agent.config import load_config
+    from vgw.config import load_config
 
     cfg = load_config(args.config)
     return cfg.state_dir / AUDIT_FILE
 
 
 def _open(path: Path) -> Any:
-    from agent.audit import AuditLog
+    from vgw.audit import AuditLog
 
     log = AuditLog(path.parent)
     log.path = path

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from agent.timefmt import local_text, valid_time
+from vgw.timefmt import local_text, valid_time
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -19,9 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def collect_status(config_path: str) -> dict[str, Any]:
-    from agent.config import load_config
-    from agent.runtime import STATUS_FILE, AgentLock
-    from agent.stateview import read_state
+    from vgw.config import load_config
+    from vgw.runtime import STATUS_FILE, AgentLock
+    from vgw.stateview import read_state
 
     cfg = load_config(config_path)
     state = read_state(cfg)

@@ -20,15 +20,15 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from agent.audit import AuditLog
-from agent.consent.model import Consent, Grant
-from agent.consent.narrowing import narrowing, terms_digest
-from agent.consent.store import ConsentStore
-from agent.consent.verifier import peek_version, verify_consent
-from agent.crypto.receipts import ReceiptSigner
-from agent.errors import ConfigError, ConsentError, SignatureError, StorageError
-from agent.fsutil import MAX_KEY_BYTES, check_owner, read_small_file
-from agent.outbox import Erasure, GrantTerms, Outbox, Withdrawal
+from vgw.audit import AuditLog
+from vgw.consent.model import Consent, Grant
+from vgw.consent.narrowing import narrowing, terms_digest
+from vgw.consent.store import ConsentStore
+from vgw.consent.verifier import peek_version, verify_consent
+from vgw.crypto.receipts import ReceiptSigner
+from vgw.errors import ConfigError, ConsentError, SignatureError, StorageError
+from vgw.fsutil import MAX_KEY_BYTES, check_owner, read_small_file
+from vgw.outbox import Erasure, GrantTerms, Outbox, Withdrawal
 
 log = logging.getLogger("vgw.consent")
 
@@ -171,7 +171,7 @@ class ConsentManager:
         """Verify ``token``; on success make it the consent in force and revoke the grants it drops.
 
         ``skipped``: (ver, grant ids) of verified versions that a newer one superseded before they could be
-        applied (agent.consent.intake). A grant in force that one of them, between the version in force and
+        applied (vgw.consent.intake). A grant in force that one of them, between the version in force and
         this one, withdrew was revoked meanwhile even if this version grants it again: it is erased (receipt
         with that version) and starts afresh, so a burst never loses a revocation.
         """

@@ -22,7 +22,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from agent.consent.model import Grant
+from vgw.consent.model import Grant
 
 # Fields compared one by one below; any other field that differs is a change this module cannot judge.
 _KNOWN_FIELDS = frozenset({"id", "scopes", "limits", "recipient", "retention_s"})
@@ -53,7 +53,7 @@ def terms_digest(grant: Grant) -> str:
     """A stable digest of everything in ``grant`` that decides what may be sent and to whom.
 
     Each outbox row carries the digest of the terms its samples were collected under; a row is published
-    only while its digest is the one in force (a publish-time check, see :meth:`agent.outbox.Outbox.pending`).
+    only while its digest is the one in force (a publish-time check, see :meth:`vgw.outbox.Outbox.pending`).
     """
     terms = {
         "scopes": sorted(grant.scopes),

@@ -14,9 +14,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from agent.errors import StorageError
-from agent.fsutil import MAX_STATE_BYTES, atomic_write, read_small_file
-from agent.timefmt import valid_time
+from vgw.errors import StorageError
+from vgw.fsutil import MAX_STATE_BYTES, atomic_write, read_small_file
+from vgw.timefmt import valid_time
 
 CONSENT_FILE = "consent.jws"
 INBOX_FILE = "consent.inbox.jws"  # `vgw consent apply` hands a document to the running agent here

@@ -17,11 +17,11 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from agent.collect.rules import RuleError, parse_rules
-from agent.consent.model import KEM_PK_LENGTH, Consent, Grant, Limits, Recipient
-from agent.errors import ClaimsError, ConsentError, FreshnessError, SignatureError
-from agent.scopes import SCOPES
-from agent.timefmt import LATEST_TIME
+from vgw.collect.rules import RuleError, parse_rules
+from vgw.consent.model import KEM_PK_LENGTH, Consent, Grant, Limits, Recipient
+from vgw.errors import ClaimsError, ConsentError, FreshnessError, SignatureError
+from vgw.scopes import SCOPES
+from vgw.timefmt import LATEST_TIME
 
 MAX_DOCUMENT_BYTES = 64 * 1024  # enforced before any parsing: a huge document is a memory/CPU attack
 MAX_GRANTS = 64
@@ -322,7 +322,7 @@ def _recipient(raw: Any, ver: int, gid: str) -> Recipient:
     if len(pk) != KEM_PK_LENGTH[kem]:
         raise _reject(ClaimsError, "recipient", f"consent v{ver} rejected: grant {gid!r} recipient pk is {len(pk)} "
                       f"bytes, {kem} needs {KEM_PK_LENGTH[kem]}", ver)
-    from agent.crypto.envelope import load_recipient_key  # validate the point itself, not just its length
+    from vgw.crypto.envelope import load_recipient_key  # validate the point itself, not just its length
 
     try:
         load_recipient_key(kem, pk)

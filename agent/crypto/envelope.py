@@ -16,7 +16,7 @@ from typing import Any
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
 
-from agent.consent.model import KEM_MLKEM768_X25519, KEM_X25519
+from vgw.consent.model import KEM_MLKEM768_X25519, KEM_X25519
 
 ENVELOPE_VERSION = 0x01
 _SUITES = {

@@ -23,10 +23,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.catalogue import Catalogue, SignalSpec
-from agent.collect.engine import RuleEngine
-from agent.consent.model import Grant
-from agent.pipeline.decoder import MessageDecoder
+from vgw.catalogue import Catalogue, SignalSpec
+from vgw.collect.engine import RuleEngine
+from vgw.consent.model import Grant
+from vgw.pipeline.decoder import MessageDecoder
 
 _M_PER_DEG = 111_320.0
 STANDARD_ID_MAX = 0x7FF
@@ -114,7 +114,7 @@ class Pipeline:
     """Decodes frames through the current router into per-grant batches.
 
     Collection rules (CONTRACT §5.1) apply before the limits: a grant with ``collect`` has a rule engine
-    (agent.collect.engine) on its batch, fed every decoded sample of the grant; only what the engine lets
+    (vgw.collect.engine) on its batch, fed every decoded sample of the grant; only what the engine lets
     through meets the limits. A grant without rules takes exactly the path it always did.
 
     Not thread-safe by itself: the runtime holds one lock around :meth:`process`, :meth:`due` and

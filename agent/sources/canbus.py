@@ -24,7 +24,7 @@ from typing import Any
 import can
 from can.typechecking import CanFilter
 
-from agent.errors import SourceFrameError, SourceOpenError, SourceReadError
+from vgw.errors import SourceFrameError, SourceOpenError, SourceReadError
 
 log = logging.getLogger("vgw.source")
 

@@ -23,7 +23,7 @@ from typing import BinaryIO
 
 import can
 
-from agent.timefmt import LATEST_TIME
+from vgw.timefmt import LATEST_TIME
 
 MAX_LINE_BYTES = 512  # the longest candump -L line (FD, 64 bytes, 16-char channel) is under 200
 CAN_ERR_FLAG = 0x20000000

@@ -6,7 +6,7 @@ ones recorded in the trace (CONTRACT §6). ``loop`` starts over at the end.
 Damaged traces (docs/guarantees.md, "Damaged files"): a trace is read once, from start to end, and never
 re-read from the start because of damage (that sent the same frame times again under new seqs).
 
-* candump ``.log`` (and ``.log.gz``) is read line by line (:mod:`agent.sources.candump`): a damaged line is
+* candump ``.log`` (and ``.log.gz``) is read line by line (:mod:`vgw.sources.candump`): a damaged line is
   skipped and counted; the first one is named as ``file:line`` in the log, once; the count is logged at
   the end of the trace.
 * Any other format goes through ``can.LogReader``, which cannot resume past damage: the trace ends there,
@@ -29,9 +29,9 @@ from pathlib import Path
 
 import can
 
-from agent.errors import SourceOpenError
-from agent.sources.candump import Damage, DamagedLine, is_candump, open_binary, read_frames
-from agent.timefmt import valid_time
+from vgw.errors import SourceOpenError
+from vgw.sources.candump import Damage, DamagedLine, is_candump, open_binary, read_frames
+from vgw.timefmt import valid_time
 
 log = logging.getLogger("vgw.replay")
 

@@ -24,6 +24,9 @@ command  meaning                                state
 ``t``/``T``/``r``/``R`` transmit -> ``z``/``Z`` open (not listen-only)
 ======== ====================================== =====================================
 
+Frames sent to the client may be CAN FD: ``d``/``D``/``b``/``B`` lines of the CANable 2.0 dialect, which
+python-can's slcan parses (an adapter without FD firmware never sends them).
+
 While nobody holds the slave side open the channel counts as closed, so a client that dies without
 ``C`` does not leave frames piling up. Frames that do not fit the pty's buffer (a client that stopped
 reading) are dropped and counted in :attr:`SlcanPtyBus.overruns`, as a real adapter would.
@@ -42,6 +45,7 @@ import tty
 from typing import Any
 
 import can
+from can.util import dlc2len, len2dlc
 
 _OK = b"\r"
 _ERR = b"\a"
@@ -100,6 +104,16 @@ class SlcanPtyBus(can.BusABC):
     def send(self, msg: can.Message, timeout: float | None = None) -> None:
         """Write ``msg`` to the client if the channel is open; otherwise it is lost like on an idle bus."""
         if not self._open or self._stop.is_set():
+            return
+        if msg.is_fd and not msg.is_remote_frame:
+            # CAN FD in the CANable 2.0 dialect python-can's slcan reads: d/D (no bitrate switch), b/B (with
+            # one), then one hex digit of FD DLC code and the data padded to that code's length.
+            code = len2dlc(len(msg.data))
+            data = bytes(msg.data).ljust(dlc2len(code), b"\0")
+            kind = ("B" if msg.bitrate_switch else "D") if msg.is_extended_id else ("b" if msg.bitrate_switch else "d")
+            ident = f"{msg.arbitration_id:08X}" if msg.is_extended_id else f"{msg.arbitration_id:03X}"
+            stamp = f"{int(time.time() * 1000) % 60000:04X}" if self._timestamps else ""
+            self._write((f"{kind}{ident}{code:X}{data.hex().upper()}{stamp}").encode("ascii") + _OK, droppable=True)
             return
         if msg.is_extended_id:
             head = f"{'R' if msg.is_remote_frame else 'T'}{msg.arbitration_id:08X}{msg.dlc:d}"

@@ -6,7 +6,10 @@
                 [--seed N] [--vin VIN] [--duration S] [--realtime | --fast]
     vgw sim can --record trace.log [--duration 60] [--realtime | --fast]
 
-With ``--interface slcan`` the pty path is the first line of stdout, then it serves until killed (or
+A DBC with CAN FD messages (``VFrameFormat`` ``StandardCAN_FD``/``ExtendedCAN_FD``, or more than 8 bytes)
+sends them as FD frames: SocketCAN opens in FD mode (the interface must be up with ``fd on``), the SLCAN pty
+writes them in the CANable 2.0 dialect (``d``/``D``/``b``/``B`` lines) that python-can's slcan reads; an
+adapter firmware without that dialect cannot carry FD. With ``--interface slcan`` the pty path is the first line of stdout, then it serves until killed (or
 ``--duration``). Other simulators plug in as modules ``agent.cli.sim_<name>`` (see ``_SIM_COMMANDS``)
 exposing ``register(sim_subparsers)``; they are skipped while they do not exist.
 """
@@ -117,7 +120,7 @@ def run_can(args: argparse.Namespace) -> int:
         return 0
 
     interface = args.interface or "virtual"
-    bus = open_output(interface, args.channel, args.bitrate)
+    bus = open_output(interface, args.channel, args.bitrate, fd=sim.has_fd)
     stop = threading.Event()
     previous = _on_sigterm(stop)
     responder = None

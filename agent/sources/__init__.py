@@ -41,5 +41,6 @@ def open_source(can_cfg: CanConfig) -> FrameSource:
         return ReplaySource(can_cfg.replay, rate=can_cfg.replay_rate, loop=can_cfg.replay_loop)
     from agent.sources.canbus import BusSource
 
-    return BusSource(can_cfg.interface, can_cfg.channel, can_cfg.bitrate)
+    return BusSource(can_cfg.interface, can_cfg.channel, can_cfg.bitrate, fd=can_cfg.fd,
+                     data_bitrate=can_cfg.data_bitrate)
 

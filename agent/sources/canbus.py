@@ -40,10 +40,29 @@ class _DroppingQueue(queue.Queue):  # type: ignore[type-arg]
             self.dropped += 1
 
 
+def _fd_kwargs(interface: str, bitrate: int | None, data_bitrate: int | None) -> dict[str, Any]:
+    """python-can arguments that open ``interface`` in CAN FD mode (README "CAN FD").
+
+    SocketCAN: ``fd=True`` makes the socket take CANFD_MTU frames (the kernel sets the bit timing).
+    slcan: python-can parses FD frames (CANable 2.0 dialect) in any mode; a data bitrate is set after the
+    adapter opened, with ``set_bitrate(bitrate, data_bitrate)``.
+    Other drivers (pcan, kvaser, vector ...) take ``fd`` and ``data_bitrate``.
+    """
+    if interface == "virtual":
+        return {"protocol": can.CanProtocol.CAN_FD}
+    if interface == "slcan":
+        return {}
+    out: dict[str, Any] = {"fd": True}
+    if data_bitrate and interface != "socketcan":
+        out["data_bitrate"] = data_bitrate
+    return out
+
+
 class BusSource:
     finished = False
 
-    def __init__(self, interface: str, channel: str | None, bitrate: int | None = None) -> None:
+    def __init__(self, interface: str, channel: str | None, bitrate: int | None = None, *, fd: bool = False,
+                 data_bitrate: int | None = None) -> None:
         if interface == "udp_multicast":
             raise SourceOpenError("interface udp_multicast is not allowed: it sends frames off the device")
         self.interface = interface
@@ -53,10 +72,18 @@ class BusSource:
             kwargs["bitrate"] = bitrate
         if interface == "virtual":
             kwargs["receive_own_messages"] = False
+        if fd:
+            kwargs.update(_fd_kwargs(interface, bitrate, data_bitrate))
         try:
             self.bus = can.Bus(**kwargs)
         except (can.CanError, OSError, ValueError, ImportError) as exc:
             raise SourceOpenError(f"cannot open CAN interface {interface!r} channel {channel!r}: {exc}") from exc
+        if fd and interface == "slcan" and bitrate and data_bitrate:
+            try:
+                self.bus.set_bitrate(bitrate, data_bitrate)  # type: ignore[attr-defined]
+            except (can.CanError, OSError, ValueError) as exc:
+                self.bus.shutdown()
+                raise SourceOpenError(f"slcan adapter {channel!r} refused data bitrate {data_bitrate}: {exc}") from exc
         self._closed = False
         self._rx: _DroppingQueue | None = None
         if interface == "virtual":

@@ -23,10 +23,11 @@ from cantools.database.can.database import Database
 from cantools.database.can.message import Message
 
 from agent.errors import ConfigError
+from agent.j1939.ids import is_j1939
 from agent.scopes import SCOPES
 
 _VSS_PATH = re.compile(r"^Vehicle(\.[A-Z][A-Za-z0-9]*)+$")
-_ENTRY_KEYS = {"message", "signal", "path", "scope", "part", "parts"}
+_ENTRY_KEYS = {"message", "signal", "path", "scope", "part", "parts", "source_address"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +40,7 @@ class SignalSpec:
     part: int | None = None  # for string signals split over several frames
     parts: int | None = None
     byte_len: int = 0  # length of one part in bytes (string signals)
+    source_address: int | None = None  # J1939: only frames from this source (None: any source)
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,7 @@ def catalogue_from_map(db: Database, doc: dict[str, Any], where: Path) -> Catalo
     if not isinstance(entries, list):
         raise ConfigError(f"{where}: 'signal' must be an array of tables ([[signal]])")
     specs: list[SignalSpec] = []
-    seen: set[tuple[str, str]] = set()
+    seen: set[tuple[str, str, int | None]] = set()
     messages: dict[int, Message] = {}
     for i, entry in enumerate(entries, start=1):
         at = f"{where}: signal #{i}"
@@ -115,9 +117,10 @@ def catalogue_from_map(db: Database, doc: dict[str, Any], where: Path) -> Catalo
             raise ConfigError(f"{at}: unknown scope {entry['scope']!r} (CONTRACT §3 lists the scopes)")
         if not _VSS_PATH.match(entry["path"]):
             raise ConfigError(f"{at}: path {entry['path']!r} is not a VSS path (Vehicle.Branch.Leaf)")
-        if (msg_name, sig_name) in seen:
+        source = _source_address(entry, message, at)
+        if (msg_name, sig_name, source) in seen:
             raise ConfigError(f"{at}: mapped twice")
-        seen.add((msg_name, sig_name))
+        seen.add((msg_name, sig_name, source))
         part, parts = entry.get("part"), entry.get("parts")
         byte_len = 0
         if (part is None) != (parts is None):
@@ -129,11 +132,25 @@ def catalogue_from_map(db: Database, doc: dict[str, Any], where: Path) -> Catalo
                 raise ConfigError(f"{at}: a string part must be an unsigned whole number of bytes")
             byte_len = signal.length // 8
         specs.append(SignalSpec(message=msg_name, signal=sig_name, path=entry["path"], scope=entry["scope"],
-                                frame_id=message.frame_id, part=part, parts=parts, byte_len=byte_len))
+                                frame_id=message.frame_id, part=part, parts=parts, byte_len=byte_len,
+                                source_address=source))
         messages[message.frame_id] = message
     _check_parts(specs, where)
     _check_paths(specs, where)
     return Catalogue(messages=messages, specs=tuple(specs))
+
+
+def _source_address(entry: dict[str, Any], message: Message, at: str) -> int | None:
+    """The optional ``source_address`` of a J1939 entry (README "SAE J1939"): which ECU's copy of the PGN."""
+    if "source_address" not in entry:
+        return None
+    sa = entry["source_address"]
+    if not is_j1939(message):
+        raise ConfigError(f"{at}: source_address applies to J1939 messages only (VFrameFormat J1939PG)")
+    # 254 is the null address and 255 the global one; neither ever sends data (J1939-81 4.2.2).
+    if isinstance(sa, bool) or not isinstance(sa, int) or not 0 <= sa <= 253:
+        raise ConfigError(f"{at}: source_address must be an integer 0..253 (e.g. 0x00), got {sa!r}")
+    return int(sa)
 
 
 def _check_parts(specs: list[SignalSpec], where: Path) -> None:

@@ -6,7 +6,9 @@
                 [--seed N] [--vin VIN] [--duration S] [--realtime | --fast]
     vgw sim can --record trace.log [--duration 60] [--realtime | --fast]
 
-A DBC with CAN FD messages (``VFrameFormat`` ``StandardCAN_FD``/``ExtendedCAN_FD``, or more than 8 bytes)
+A J1939 DBC (messages with ``VFrameFormat`` ``J1939PG``) drives a J1939 truck: its parameter groups from
+several source addresses, a DM1 fault that comes and goes, VIN and component identification by TP.BAM
+(simulators/j1939_sim.py). A DBC with CAN FD messages (``VFrameFormat`` ``StandardCAN_FD``/``ExtendedCAN_FD``, or more than 8 bytes)
 sends them as FD frames: SocketCAN opens in FD mode (the interface must be up with ``fd on``), the SLCAN pty
 writes them in the CANable 2.0 dialect (``d``/``D``/``b``/``B`` lines) that python-can's slcan reads; an
 adapter firmware without that dialect cannot carry FD. With ``--interface slcan`` the pty path is the first line of stdout, then it serves until killed (or
@@ -96,6 +98,7 @@ def _register_can(sim_sub: Any) -> None:
 def run_can(args: argparse.Namespace) -> int:
     """Run ``vgw sim can``. Raises ConfigError / SourceOpenError (printed as one line by the CLI)."""
     from simulators.can_sim import CanSimulator, open_output
+    from simulators.j1939_sim import J1939Simulator, is_j1939_dbc
     from simulators.vehicle import DEFAULT_VIN, VehicleModel
 
     if args.duration is not None and args.duration < 0:
@@ -107,6 +110,9 @@ def run_can(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ConfigError(f"--vin: {exc}") from exc
     sim = CanSimulator(args.dbc, model)
+    if is_j1939_dbc(sim.messages):
+        # A J1939 DBC (VFrameFormat J1939PG): a truck network -- several sources, DM1, VIN by TP.BAM.
+        sim = J1939Simulator(args.dbc, model)
 
     if args.record is not None:
         duration = DEFAULT_RECORD_S if args.duration is None else args.duration

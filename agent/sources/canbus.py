@@ -18,6 +18,7 @@ import can
 from can.typechecking import CanFilter
 
 from agent.errors import SourceOpenError, SourceReadError
+from agent.j1939 import ids as j1939
 
 log = logging.getLogger("vgw.source")
 
@@ -125,7 +126,12 @@ class BusSource:
         filters: list[CanFilter] = [
             {"can_id": fid, "can_mask": 0x1FFFFFFF, "extended": ext}
             for fid in sorted(frame_ids)
+            if not j1939.is_route_key(fid)
             for ext in ((False, True) if fid <= 0x7FF else (True,))
+        ] + [
+            # J1939 routes match by PGN whatever the priority (and source): a masked filter each.
+            {"can_id": can_id, "can_mask": mask, "extended": True}
+            for can_id, mask in sorted({j1939.kernel_filter(k) for k in frame_ids if j1939.is_route_key(k)})
         ] or [{"can_id": 0x1FFFFFFF, "can_mask": 0x1FFFFFFF, "extended": False}]
         try:
             self.bus.set_filters(filters)

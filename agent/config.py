@@ -42,6 +42,7 @@ class CanConfig:
     fd: bool = False  # CAN FD (README "CAN FD"): open the bus in FD mode
     data_bitrate: int | None = None  # FD data-phase bitrate, for interfaces that set it themselves
     j1939_requests: bool = False  # README "SAE J1939": may the agent send request PGN 59904 at all
+    j1939_address: int | None = None  # the source address it sends requests from (never claimed)
 
 
 @dataclass(frozen=True)
@@ -257,12 +258,20 @@ def _can(s: _Section) -> CanConfig:
         raise ConfigError(f"{s.path}: [can] replay_loop and replay_exit cannot both be true")
     fd, data_bitrate = _can_fd(s, interface, bitrate)
     j1939_requests = s.get("j1939_requests", bool, False)
+    j1939_address = s.get("j1939_address", int, None)
+    if j1939_address is not None and not 0 <= j1939_address <= 253:
+        raise ConfigError(f"{s.path}: [can] j1939_address: must be 0..253 (254 null, 255 global), got {j1939_address}")
+    if j1939_requests and j1939_address is None:
+        raise ConfigError(f"{s.path}: [can] j1939_address: required with j1939_requests = true (a free address "
+                          "such as 0xF9; the agent never claims one)")
+    if j1939_requests and replay is not None:
+        raise ConfigError(f"{s.path}: [can] j1939_requests: a replayed trace cannot answer requests")
     s.finish()
     return CanConfig(interface=interface, channel=channel if channel is not None else "can0" if interface ==
                      "socketcan" else channel, bitrate=bitrate, dbc=dbc, signal_map=signal_map,
                      dbc_strict=dbc_strict, replay=replay, replay_rate=replay_rate, replay_loop=replay_loop,
                      replay_exit=replay_exit, reopen_s=reopen_s, fd=fd, data_bitrate=data_bitrate,
-                     j1939_requests=j1939_requests)
+                     j1939_requests=j1939_requests, j1939_address=j1939_address)
 
 
 # python-can's slcan speaks the CANable 2.0 FD dialect, which knows these data bitrates only.

@@ -45,6 +45,7 @@ from agent.crypto.keys import load_or_create_storage_key
 from agent.crypto.receipts import ReceiptSigner
 from agent.errors import SourceError, StorageError, VgwError
 from agent.fsutil import atomic_write, ensure_private_dir
+from agent.j1939.request import Requester
 from agent.outbox import GrantNotActive, Outbox, OutboxUnwritable, open_checked
 from agent.pipeline.router import GrantBatch, Pipeline
 from agent.sdnotify import notify, watchdog_interval
@@ -285,10 +286,14 @@ class Agent:
     def _collect(self) -> None:
         assert self.cfg.can is not None and self.pipeline is not None
         from agent.sources import open_source
+        from agent.sources.canbus import BusSource
 
         can_cfg = self.cfg.can
         batch_cfg = self.cfg.batch
         last_check = time.monotonic()
+        # README "SAE J1939": requests (PGN 59904) only when the config allows them; rate-limited across reopens.
+        requester = Requester(can_cfg.j1939_address) if can_cfg.j1939_requests and \
+            can_cfg.j1939_address is not None else None
         while not self._stop.is_set():
             try:
                 self._source = open_source(can_cfg)
@@ -331,6 +336,10 @@ class Agent:
                             if due:
                                 self._flush(due)
                             next_full_check = 0
+                            requests = requester.due(now, pipeline.granted_scopes()) if requester else ()
+                        if requests and isinstance(source, BusSource):
+                            for can_id, data in requests:
+                                source.send_j1939_request(can_id, data)
                     if source.finished:
                         with lock:
                             self._flush(pipeline.due(1, 0, force=True))

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from agent.catalogue import catalogue_from_map, load_catalogue, load_dbc
 from agent.consent.model import Grant, Recipient
+from agent.config import load_config
 from agent.errors import ConfigError
 from agent.j1939 import ids
 from agent.j1939.ids import GLOBAL, PGN_TP_CM, PGN_TP_DT, make_id, parse
@@ -25,7 +26,9 @@ from agent.j1939.messages import COMPONENT_PATH, DM1_PATH, VIN_PATH, encode_dm1,
     parse_vin
 from agent.j1939.transport import CM_ABORT, CM_BAM, CM_CTS, CM_EOMA, CM_RTS, MAX_SESSIONS, MAX_SIZE, T1_S, \
     Reassembler
+from agent.j1939.request import Requester
 from agent.pipeline.router import Pipeline
+from agent.sources.canbus import BusSource
 from simulators.can_sim import open_output
 from simulators.j1939_sim import COMPONENT_ID, DM1_OFFSET_S, ENGINE, SECOND_ENGINE, J1939Simulator
 from simulators.paths import dbc_dir
@@ -261,7 +264,9 @@ def check_value_exact(samples: list[Any], frames: list[can.Message], sim: J1939S
         elif path == COMPONENT_PATH:
             assert value == parse_component_id(COMPONENT_ID.encode(), ENGINE)
         elif path == DM1_PATH:
-            event = math.floor(t - base - DM1_OFFSET_S + 1e-6) + DM1_OFFSET_S  # DM1 starts every second at +0.6 s
+            # DM1 starts every second at +0.6 s and completes within 0.1 s; a live bus stamps frames when they
+            # are sent, up to some ms after their schedule (``base`` too), hence the 0.05 s of slack.
+            event = math.floor(t - base - DM1_OFFSET_S + 0.05) + DM1_OFFSET_S
             want = [{"sa": ENGINE, "spn": spn, "fmi": fmi, "oc": oc} for spn, fmi, oc in sim.dm1_at(event)]
             assert value == want
         else:
@@ -364,3 +369,89 @@ def test_j1939_truck_end_to_end_value_exact(tmp_path, pki, broker, cloud) -> Non
     assert {s.path for s in samples} == wanted  # read_vehicle_info not granted: no component identification
     assert check_value_exact(samples, sent, sim, min(f.timestamp for f in sent)) == len(samples)
     assert all(d["sa"] == ENGINE for s in samples if s.path == DM1_PATH for d in s.value)
+
+
+# -- requests: the only frame the agent sends ----------------------------------------------------------------
+
+def test_requester_only_for_consented_pgns_and_rate_limited() -> None:
+    r = Requester(0xF9, interval_s=30.0)
+    assert r.due(0.0, ["read_speedometer", "read_diagnostics"]) == []  # no consent for VIN or component id
+    assert r.due(1.0, ["read_vin"]) == [(0x18EAFFF9, b"\xec\xfe\x00")]
+    assert r.due(2.0, ["read_vin", "read_vehicle_info"]) == [(0x18EAFFF9, b"\xeb\xfe\x00")]
+    assert r.due(20.0, ["read_vin", "read_vehicle_info"]) == []  # rate limit
+    assert len(r.due(40.0, ["read_vin", "read_vehicle_info"])) == 2
+    with pytest.raises(ValueError):
+        Requester(254)
+
+
+def test_bus_source_refuses_every_frame_but_a_request() -> None:
+    src = BusSource("virtual", "j1939-send", fd=False)
+    rx = can.Bus(interface="virtual", channel="j1939-send")
+    try:
+        claim = make_id(0xEE00, 0xF9, destination=GLOBAL)  # address claim: never
+        for can_id, data in ((claim, b"\x00" * 8), (0x18EAFFF9, b"\xca\xfe\x00"), (0x18FEF100, b"\x00" * 8)):
+            with pytest.raises(ValueError):
+                src.send_j1939_request(can_id, data)
+        src.send_j1939_request(0x18EAFFF9, b"\xec\xfe\x00")
+        msg = rx.recv(2.0)
+        assert msg is not None and (msg.arbitration_id, bytes(msg.data)) == (0x18EAFFF9, b"\xec\xfe\x00")
+        assert rx.recv(0.1) is None
+    finally:
+        rx.shutdown()
+        src.close()
+
+
+@pytest.mark.parametrize("lines, needle", [
+    ("j1939_requests = true", "j1939_address: required with j1939_requests"),
+    ("j1939_requests = true\nj1939_address = 254", "must be 0..253"),
+    ("j1939_address = true", "expected an integer"),
+    ("j1939_request = true", "unknown key 'j1939_request'"),
+])
+def test_request_config_is_validated(tmp_path: Path, lines: str, needle: str) -> None:
+    from tests.test_canfd import _cfg
+
+    with pytest.raises(ConfigError) as info:
+        load_config(_cfg(tmp_path, lines))
+    assert needle in str(info.value)
+
+
+@pytest.mark.parametrize("allowed", [True, False])
+def test_agent_requests_vin_only_when_allowed(tmp_path, pki, broker, cloud, allowed: bool) -> None:
+    auth = Authority(tmp_path)
+    channel = f"j1939-req-{allowed}-{id(tmp_path)}"
+    extra = {"j1939_requests": True, "j1939_address": 0xF9} if allowed else {}
+    cfg = write_config(tmp_path, pki, broker.port, auth.trust,
+                       can={"channel": channel, "dbc": [str(TRUCK_DBC)], "signal_map": str(TRUCK_MAP)} | extra)
+    cloud.add_recipient("g", auth.recipient("g"))
+    listener = can.Bus(interface="virtual", channel=channel)
+    tx = open_output("virtual", channel)
+    sim = J1939Simulator(TRUCK_DBC, VehicleModel(seed=4))
+    stop = threading.Event()
+    runner = threading.Thread(target=sim.run, args=(tx,), kwargs={"stop_event": stop}, daemon=True)
+    from_agent: list[can.Message] = []
+
+    def drain() -> None:
+        while (m := listener.recv(0)) is not None:
+            if parse(m.arbitration_id).source == 0xF9 or (m.is_extended_id and parse(m.arbitration_id).pgn in
+                                                           (0xEA00, 0xEE00)):
+                from_agent.append(m)
+
+    try:
+        with AgentThread(cfg) as agent:
+            assert agent.wait_link()
+            runner.start()
+            cloud.publish_consent(DEV, auth.doc(DEV, {"g": ["read_vin", "read_speedometer"]}))
+            assert cloud.wait_for(lambda: VIN_PATH in {s.path for s in cloud.samples(DEV, "g")}, 20)
+            if allowed:
+                assert cloud.wait_for(lambda: drain() or bool(from_agent), 10)
+            drain()
+    finally:
+        stop.set()
+        runner.join(5)
+        tx.shutdown()
+        listener.shutdown()
+    if allowed:
+        # One request for the VIN (read_vin granted), none for the component identification (not granted).
+        assert [(m.arbitration_id, bytes(m.data)) for m in from_agent] == [(0x18EAFFF9, b"\xec\xfe\x00")]
+    else:
+        assert from_agent == []

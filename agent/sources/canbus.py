@@ -19,6 +19,7 @@ from can.typechecking import CanFilter
 
 from agent.errors import SourceOpenError, SourceReadError
 from agent.j1939 import ids as j1939
+from agent.j1939.request import is_request
 
 log = logging.getLogger("vgw.source")
 
@@ -115,6 +116,16 @@ class BusSource:
         except (can.CanError, OSError, ValueError) as exc:
             raise SourceReadError(f"CAN {self.interface}:{self.channel} read failed: {exc}") from exc
         return msg
+
+    def send_j1939_request(self, can_id: int, data: bytes) -> None:
+        """Send one J1939 request (README "SAE J1939"): the only frame the agent ever puts on a bus, so
+        anything else is refused here too. Raises ValueError for another frame, SourceReadError on failure."""
+        if not is_request(can_id, data):
+            raise ValueError("only J1939 requests for a requestable PGN may be sent")
+        try:
+            self.bus.send(can.Message(arbitration_id=can_id, is_extended_id=True, data=data), timeout=0.05)
+        except (can.CanError, OSError, ValueError) as exc:
+            raise SourceReadError(f"CAN {self.interface}:{self.channel} J1939 request failed: {exc}") from exc
 
     def set_filters(self, frame_ids: frozenset[int]) -> None:
         if self.interface not in _KERNEL_FILTERS:

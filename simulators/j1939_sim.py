@@ -63,7 +63,8 @@ class J1939Simulator(CanSimulator):
         wanted = DEFAULT_SOURCES if sources is None else sources
         self.sources = {n: s for n, s in wanted.items() if n in by_name and is_j1939(by_name[n])}
         if identity_period_s < 1 or identity_period_s != int(identity_period_s):
-            raise ValueError("identity_period_s must be a whole number of seconds (the BAMs of one sender must not overlap)")
+            # Whole seconds keep the BAMs of one sender apart (see _network).
+            raise ValueError(f"identity_period_s must be a whole number of seconds >= 1, got {identity_period_s}")
         self.fault_period_s = fault_period_s
         self.identity_period_s = float(identity_period_s)
 
@@ -95,16 +96,18 @@ class J1939Simulator(CanSimulator):
 
     def _copy(self, message: Message, frame: can.Message, source: int, n: int) -> can.Message:
         values = message.decode(bytes(frame.data), decode_choices=False)
-        halved = {}
+        assert isinstance(values, dict)
+        halved: dict[str, float] = {}
         for sig in message.signals:
-            v = values[sig.name] / 2 if isinstance(values[sig.name], (int, float)) else values[sig.name]
+            v = float(values[sig.name]) / 2  # type: ignore[arg-type]  # decode_choices=False: numbers only
             lo = sig.minimum if sig.minimum is not None else -math.inf
             hi = sig.maximum if sig.maximum is not None else math.inf
             halved[sig.name] = min(max(v, lo), hi)
         jid = parse(message.frame_id)
+        priority = 6 if jid.priority != 6 else 3  # another priority than the DBC's: the agent must not care
         return can.Message(
             timestamp=frame.timestamp + n * 0.0005,
-            arbitration_id=make_id(jid.pgn, source, destination=jid.destination, priority=6 if jid.priority != 6 else 3),
+            arbitration_id=make_id(jid.pgn, source, destination=jid.destination, priority=priority),
             is_extended_id=True, data=message.encode(halved, strict=False), channel=self.channel, is_rx=False,
             check=False)
 

@@ -119,13 +119,13 @@ def test_simulator_trace_keeps_fd_frames(tmp_path: Path) -> None:
 
 def test_slcan_pty_carries_fd_frames_to_python_can_slcan() -> None:
     bus = open_output("slcan", fd=True)
-    client = can.Bus(interface="slcan", channel=getattr(bus, "path"), bitrate=500000, sleep_after_open=0)
+    client = can.Bus(interface="slcan", channel=bus.path, bitrate=500000, sleep_after_open=0)
     try:
         sim = CanSimulator(FD_DBC, VehicleModel(seed=3))
         want = list(sim.frames(0.1, start_time=1.7e9))
         got: list[can.Message] = []
         deadline = time.monotonic() + 5
-        while not getattr(bus, "is_open") and time.monotonic() < deadline:  # the pty reads the client's "O"
+        while not bus.is_open and time.monotonic() < deadline:  # the pty reads the client's "O"
             time.sleep(0.01)
         for frame in want:
             bus.send(frame)

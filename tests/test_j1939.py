@@ -17,16 +17,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.catalogue import catalogue_from_map, load_catalogue, load_dbc
-from agent.consent.model import Grant, Recipient
 from agent.config import load_config
+from agent.consent.model import Grant, Recipient
 from agent.errors import ConfigError
 from agent.j1939 import ids
 from agent.j1939.ids import GLOBAL, PGN_TP_CM, PGN_TP_DT, make_id, parse
-from agent.j1939.messages import COMPONENT_PATH, DM1_PATH, VIN_PATH, encode_dm1, parse_component_id, parse_dm1, \
-    parse_vin
-from agent.j1939.transport import CM_ABORT, CM_BAM, CM_CTS, CM_EOMA, CM_RTS, MAX_SESSIONS, MAX_SIZE, T1_S, \
-    Reassembler
+from agent.j1939.messages import (
+    COMPONENT_PATH,
+    DM1_PATH,
+    VIN_PATH,
+    encode_dm1,
+    parse_component_id,
+    parse_dm1,
+    parse_vin,
+)
 from agent.j1939.request import Requester
+from agent.j1939.transport import CM_ABORT, CM_BAM, CM_CTS, CM_EOMA, CM_RTS, MAX_SESSIONS, MAX_SIZE, T1_S, Reassembler
 from agent.pipeline.router import Pipeline
 from agent.sources.canbus import BusSource
 from simulators.can_sim import open_output
@@ -127,7 +133,8 @@ def test_two_ecus_of_one_pgn_map_to_two_paths() -> None:
 
 # -- transport -----------------------------------------------------------------------------------------
 
-def _bam(pgn: int, payload: bytes, source: int = 0, t: float = 0.0, gap: float = 0.05) -> list[tuple[int, bytes, float]]:
+def _bam(pgn: int, payload: bytes, source: int = 0, t: float = 0.0,
+         gap: float = 0.05) -> list[tuple[int, bytes, float]]:
     n = -(-len(payload) // 7)
     out = [(make_id(PGN_TP_CM, source, priority=7),
             bytes([CM_BAM, len(payload) & 0xFF, len(payload) >> 8, n, 0xFF]) + pgn.to_bytes(3, "little"), t)]
@@ -455,3 +462,28 @@ def test_agent_requests_vin_only_when_allowed(tmp_path, pki, broker, cloud, allo
         assert [(m.arbitration_id, bytes(m.data)) for m in from_agent] == [(0x18EAFFF9, b"\xec\xfe\x00")]
     else:
         assert from_agent == []
+
+
+def test_kernel_filters_pass_a_pgn_from_any_priority_and_source() -> None:
+    """The filters BusSource installs, applied by python-can's own filter matching (the same id/mask rule as
+    SocketCAN's CAN_RAW_FILTER; there is no kernel CAN here)."""
+    cat = load_catalogue([TRUCK_DBC], TRUCK_MAP)
+    pipe = Pipeline(cat)
+    pipe.swap((_grant(["read_speedometer", "read_diagnostics", "read_vin"]),))
+    src = BusSource("virtual", "j1939-filters")
+    tx = can.Bus(interface="virtual", channel="j1939-filters")
+    try:
+        src.interface = "socketcan"  # take the kernel-filter branch; the virtual bus applies them in software
+        src.set_filters(pipe.router.frame_ids)
+        src.interface = "virtual"
+        wanted = [0x0CF00400, 0x18F00400, 0x18FEF117, 0x1CFEF1FE, 0x1CECFF00, 0x1CEB00F9, 0x18FECA03]
+        unwanted = [0x0CF00401, 0x18FEFC00, 0x18FEC100, 0x0CF004, 0x18EEFF00]  # EEC1 from 0x01: only 0x00 mapped
+        for can_id in unwanted + wanted:
+            tx.send(can.Message(arbitration_id=can_id, is_extended_id=True, data=b"\x00" * 8))
+        got = []
+        while (m := src.recv(0.2)) is not None:
+            got.append(m.arbitration_id)
+        assert got == wanted
+    finally:
+        tx.shutdown()
+        src.close()

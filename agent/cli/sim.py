@@ -8,10 +8,12 @@
 
 A J1939 DBC (messages with ``VFrameFormat`` ``J1939PG``) drives a J1939 truck: its parameter groups from
 several source addresses, a DM1 fault that comes and goes, VIN and component identification by TP.BAM
-(simulators/j1939_sim.py). A DBC with CAN FD messages (``VFrameFormat`` ``StandardCAN_FD``/``ExtendedCAN_FD``, or more than 8 bytes)
-sends them as FD frames: SocketCAN opens in FD mode (the interface must be up with ``fd on``), the SLCAN pty
-writes them in the CANable 2.0 dialect (``d``/``D``/``b``/``B`` lines) that python-can's slcan reads; an
-adapter firmware without that dialect cannot carry FD. With ``--interface slcan`` the pty path is the first line of stdout, then it serves until killed (or
+(simulators/j1939_sim.py). A DBC with CAN FD messages (``VFrameFormat`` ``StandardCAN_FD`` or
+``ExtendedCAN_FD``, or more than 8 bytes) sends them as FD frames: SocketCAN opens in FD mode (the interface
+must be up with ``fd on``), the SLCAN pty writes them in the CANable 2.0 dialect (``d``/``D``/``b``/``B``
+lines) that python-can's slcan reads; an adapter firmware without that dialect cannot carry FD.
+
+With ``--interface slcan`` the pty path is the first line of stdout, then it serves until killed (or
 ``--duration``). Other simulators plug in as modules ``agent.cli.sim_<name>`` (see ``_SIM_COMMANDS``)
 exposing ``register(sim_subparsers)``; they are skipped while they do not exist.
 """

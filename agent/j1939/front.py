@@ -13,8 +13,16 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from agent.j1939.ids import PGN_TP_CM, PGN_TP_DT, any_destination_key, any_source_key, make_id, parse
-from agent.j1939.messages import BUILTINS, PGN_COMPONENT_ID, PGN_DM1, PGN_VIN, Builtin, parse_component_id, \
-    parse_dm1, parse_vin
+from agent.j1939.messages import (
+    BUILTINS,
+    PGN_COMPONENT_ID,
+    PGN_DM1,
+    PGN_VIN,
+    Builtin,
+    parse_component_id,
+    parse_dm1,
+    parse_vin,
+)
 from agent.j1939.transport import Reassembler
 
 

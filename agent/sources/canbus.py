@@ -134,16 +134,18 @@ class BusSource:
         # so match a single impossible id instead (an 11-bit id with all 29 bits set never occurs).
         # An id that fits in 11 bits may be a standard or an extended frame: let both through (the agent's
         # own routing filters again by the DBC's frame format).
-        filters: list[CanFilter] = [
+        exact: list[CanFilter] = [
             {"can_id": fid, "can_mask": 0x1FFFFFFF, "extended": ext}
             for fid in sorted(frame_ids)
             if not j1939.is_route_key(fid)
             for ext in ((False, True) if fid <= 0x7FF else (True,))
-        ] + [
-            # J1939 routes match by PGN whatever the priority (and source): a masked filter each.
+        ]
+        # J1939 routes match by PGN whatever the priority (and source): a masked filter each.
+        masked: list[CanFilter] = [
             {"can_id": can_id, "can_mask": mask, "extended": True}
             for can_id, mask in sorted({j1939.kernel_filter(k) for k in frame_ids if j1939.is_route_key(k)})
-        ] or [{"can_id": 0x1FFFFFFF, "can_mask": 0x1FFFFFFF, "extended": False}]
+        ]
+        filters = exact + masked or [{"can_id": 0x1FFFFFFF, "can_mask": 0x1FFFFFFF, "extended": False}]
         try:
             self.bus.set_filters(filters)
         except (can.CanError, OSError) as exc:

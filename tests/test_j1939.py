@@ -212,9 +212,23 @@ _CM = st.builds(lambda kind, size, n, rest: bytes([kind]) + size.to_bytes(2, "li
                 st.integers(0, 255), st.binary(max_size=6))
 
 
+_FRAMES = st.lists(st.tuples(_TP_IDS, st.one_of(_CM, st.binary(max_size=8)), st.floats(0, 0.5)), max_size=200)
+
+
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.tuples(_TP_IDS, st.one_of(_CM, st.binary(max_size=8)), st.floats(0, 0.5)), max_size=200))
+@given(_FRAMES)
 def test_reassembler_fuzz_never_raises_and_stays_bounded(frames: list[tuple[int, bytes, float]]) -> None:
+    _fuzz_reassembler(frames)
+
+
+@pytest.mark.slow
+@settings(max_examples=20_000, deadline=None)
+@given(_FRAMES)
+def test_reassembler_fuzz_long(frames: list[tuple[int, bytes, float]]) -> None:
+    _fuzz_reassembler(frames)
+
+
+def _fuzz_reassembler(frames: list[tuple[int, bytes, float]]) -> None:
     r = Reassembler()
     t = 0.0
     for can_id, data, dt in frames:
@@ -225,6 +239,24 @@ def test_reassembler_fuzz_never_raises_and_stays_bounded(frames: list[tuple[int,
             assert 9 <= len(done.data) <= MAX_SIZE
     r.expire(t + 10)
     assert len(r) == 0
+
+
+_TRUCK = load_catalogue([TRUCK_DBC], TRUCK_MAP)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.one_of(_TP_IDS, st.sampled_from([0x18FECA00, 0x18FEEC00, 0x18FEEB00, 0x0CF00400,
+                                                               0x18FEF100])),
+                          st.binary(max_size=64)), max_size=100))
+def test_pipeline_fuzz_j1939_frames_never_raise(frames: list[tuple[int, bytes]]) -> None:
+    """Random and truncated J1939 frames (built-in PGNs, transport, DBC PGNs) through the whole pipeline."""
+    pipe = Pipeline(_TRUCK)
+    pipe.swap((_grant(["read_speedometer", "read_diagnostics", "read_vin", "read_vehicle_info"]),))
+    for i, (can_id, data) in enumerate(frames):
+        pipe.process(can_id, data, 1.0 + i * 0.01)
+    for sample in pipe.batches["g"].samples:
+        if sample["path"] == VIN_PATH:
+            assert isinstance(sample["value"], str) and sample["value"].isprintable()
 
 
 # -- built-in PGNs ---------------------------------------------------------------------------------------

@@ -23,7 +23,8 @@ from cantools.database.can.database import Database
 from cantools.database.can.message import Message
 
 from agent.errors import ConfigError
-from agent.j1939.ids import is_j1939
+from agent.j1939.ids import is_j1939, message_key
+from agent.j1939.ids import parse as parse_id
 from agent.scopes import SCOPES
 
 _VSS_PATH = re.compile(r"^Vehicle(\.[A-Z][A-Za-z0-9]*)+$")
@@ -137,6 +138,7 @@ def catalogue_from_map(db: Database, doc: dict[str, Any], where: Path) -> Catalo
         messages[message.frame_id] = message
     _check_parts(specs, where)
     _check_paths(specs, where)
+    _check_j1939_routes(specs, messages, where)
     return Catalogue(messages=messages, specs=tuple(specs))
 
 
@@ -151,6 +153,20 @@ def _source_address(entry: dict[str, Any], message: Message, at: str) -> int | N
     if isinstance(sa, bool) or not isinstance(sa, int) or not 0 <= sa <= 253:
         raise ConfigError(f"{at}: source_address must be an integer 0..253 (e.g. 0x00), got {sa!r}")
     return int(sa)
+
+
+def _check_j1939_routes(specs: list[SignalSpec], messages: dict[int, Message], where: Path) -> None:
+    """Two J1939 messages of one PGN (and destination) would both claim the same frames: each entry must then
+    name the source address it reads (README "SAE J1939")."""
+    owner: dict[int, str] = {}
+    for s in specs:
+        message = messages[s.frame_id]
+        if not is_j1939(message):
+            continue
+        key = message_key(message, s.source_address)
+        if owner.setdefault(key, message.name) != message.name:
+            raise ConfigError(f"{where}: messages {owner[key]!r} and {message.name!r} are the same J1939 PGN "
+                              f"{parse_id(message.frame_id).pgn}: give each entry a different source_address")
 
 
 def _check_parts(specs: list[SignalSpec], where: Path) -> None:

@@ -519,3 +519,30 @@ def test_kernel_filters_pass_a_pgn_from_any_priority_and_source() -> None:
     finally:
         tx.shutdown()
         src.close()
+
+
+def test_two_dbc_messages_of_one_pgn_need_source_addresses(tmp_path: Path) -> None:
+    text = TRUCK_DBC.read_text().replace(
+        "BO_ 2566844672 CCVS1: 8 Engine",
+        "BO_ 2566844689 CCVS1_Cluster: 8 Cluster\n SG_ ClusterSpeed : 8|16@1+ (0.00390625,0) [0|250.996] \"km/h\" VGW"
+        "\n\nBO_ 2566844672 CCVS1: 8 Engine")
+    text = text.replace('BA_ "VFrameFormat" BO_ 2566844672 3;', 'BA_ "VFrameFormat" BO_ 2566844672 3;\n'
+                        'BA_ "VFrameFormat" BO_ 2566844689 3;')
+    dbc = tmp_path / "two.dbc"
+    dbc.write_text(text)
+    db = load_dbc([dbc])
+    assert db.get_message_by_name("CCVS1_Cluster").protocol == "j1939"
+    both = [{"message": "CCVS1", "signal": "VehicleSpeed", "path": "Vehicle.Speed", "scope": "read_speedometer"},
+            {"message": "CCVS1_Cluster", "signal": "ClusterSpeed", "path": "Vehicle.Speed",
+             "scope": "read_speedometer"}]
+    with pytest.raises(ConfigError, match="same J1939 PGN 65265: give each entry a different source_address"):
+        catalogue_from_map(db, {"signal": both}, Path("m.toml"))
+    both[0]["source_address"], both[1]["source_address"] = 0x00, 0x11
+    cat = catalogue_from_map(db, {"signal": both}, Path("m.toml"))
+    pipe = Pipeline(cat)
+    pipe.swap((_grant(["read_speedometer"]),))
+    cluster = db.get_message_by_name("CCVS1_Cluster")
+    pipe.process(0x18FEF111, cluster.encode({"ClusterSpeed": 50}), 1.0)
+    pipe.process(0x18FEF100, db.get_message_by_name("CCVS1").encode({"ParkingBrakeSwitch": 0,
+                                                                      "VehicleSpeed": 60}), 2.0)
+    assert [s["value"] for s in pipe.batches["g"].samples] == [50, 60]

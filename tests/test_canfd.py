@@ -23,7 +23,7 @@ from agent.sources.canbus import BusSource
 from simulators.can_sim import CanSimulator, open_output
 from simulators.paths import dbc_dir
 from simulators.vehicle import VehicleModel
-from tests.agentkit import AgentThread, Authority, write_config
+from tests.agentkit import AgentThread, Authority, vgw, write_config
 
 FD_DBC = dbc_dir() / "vehicle_fd.dbc"
 FD_MAP = dbc_dir() / "vehicle_fd_signals.toml"
@@ -257,3 +257,11 @@ def test_fd_vehicle_end_to_end_value_exact(tmp_path, pki, broker, cloud) -> None
         assert sample.value == decoded[name], sample.path
         checked += 1
     assert checked >= len(wanted_paths)
+
+
+def test_vgw_sim_can_records_fd_frames(tmp_path: Path) -> None:
+    trace = tmp_path / "fd.log"
+    res = vgw("sim", "can", "--dbc", str(FD_DBC), "--record", str(trace), "--duration", "1")
+    assert res.returncode == 0, res.stderr
+    frames = list(can.LogReader(str(trace)))
+    assert frames and all(f.is_fd and len(f.data) == 64 for f in frames)

@@ -11,7 +11,8 @@
   counts that grow each time they come back; two DTCs need 10 bytes, so the active DM1 goes by TP.BAM, the
   empty one in a single frame;
 - VIN (PGN 65260) and component identification (PGN 65259) by TP.BAM every ``identity_period_s`` seconds,
-  data packets 50 ms apart (J1939-21 5.10.2.4 allows 50..200 ms).
+  data packets 50 ms apart (J1939-21 5.10.2.4 allows 50..200 ms), and on request: :class:`J1939Responder`
+  answers a request (PGN 59904) for them on a live bus.
 
 All times are simulated time, so :meth:`frames` is deterministic like the CAN simulator's.
 """
@@ -21,6 +22,8 @@ from __future__ import annotations
 import heapq
 import math
 import os
+import threading
+import time
 from collections.abc import Iterator
 from operator import attrgetter
 
@@ -28,7 +31,7 @@ import can
 from cantools.database.can import Message
 
 from agent.errors import ConfigError
-from agent.j1939.ids import GLOBAL, PGN_TP_CM, PGN_TP_DT, is_j1939, make_id, parse
+from agent.j1939.ids import GLOBAL, PGN_REQUEST, PGN_TP_CM, PGN_TP_DT, is_j1939, make_id, parse
 from agent.j1939.messages import PGN_COMPONENT_ID, PGN_DM1, PGN_VIN, encode_dm1
 from agent.j1939.transport import CM_BAM
 from simulators.can_sim import CanSimulator
@@ -54,7 +57,7 @@ class J1939Simulator(CanSimulator):
 
     def __init__(self, dbc_path: str | os.PathLike[str] | None = None, model: VehicleModel | None = None, *,
                  sources: dict[str, tuple[int, ...]] | None = None, fault_period_s: float = 10.0,
-                 identity_period_s: float = 5.0, channel: str | None = None) -> None:
+                 identity_period_s: float | None = 5.0, channel: str | None = None) -> None:
         super().__init__(dbc_path, model, channel=channel)
         by_name = {m.name: m for m in self.messages}
         for name in sources or {}:
@@ -62,11 +65,12 @@ class J1939Simulator(CanSimulator):
                 raise ConfigError(f"DBC file {self.dbc_path}: no J1939 message {name!r} to send from more sources")
         wanted = DEFAULT_SOURCES if sources is None else sources
         self.sources = {n: s for n, s in wanted.items() if n in by_name and is_j1939(by_name[n])}
-        if identity_period_s < 1 or identity_period_s != int(identity_period_s):
+        if identity_period_s is not None and (identity_period_s < 1 or identity_period_s != int(identity_period_s)):
             # Whole seconds keep the BAMs of one sender apart (see _network).
             raise ValueError(f"identity_period_s must be a whole number of seconds >= 1, got {identity_period_s}")
         self.fault_period_s = fault_period_s
-        self.identity_period_s = float(identity_period_s)
+        #: None: VIN and component identification only on request (J1939Responder)
+        self.identity_period_s = None if identity_period_s is None else float(identity_period_s)
 
     def dm1_at(self, sim_s: float) -> list[tuple[int, int, int]]:
         """The engine's active DTCs (SPN, FMI, occurrence count) at ``sim_s`` simulated seconds."""
@@ -120,7 +124,7 @@ class J1939Simulator(CanSimulator):
         n = 0
         # One BAM per sender at a time (J1939-21 5.10.3): VIN at +0.05 s (3 packets, to 0.20), component
         # identification at +0.25 s (5 packets, to 0.50), DM1 at +0.6 s (2 packets, to 0.70) of a second.
-        next_dm1, next_identity = DM1_OFFSET_S, 0.05
+        next_dm1, next_identity = DM1_OFFSET_S, 0.05 if self.identity_period_s is not None else math.inf
         while True:
             event = min(next_dm1, next_identity)
             if pending and (pending[0][0] - base < event or event >= end):
@@ -135,12 +139,25 @@ class J1939Simulator(CanSimulator):
                 next_dm1 += 1.0
                 batch = self._pgn(PGN_DM1, ENGINE, encode_dm1(self.dm1_at(event)), base + event)
             else:
-                next_identity += self.identity_period_s
+                next_identity += self.identity_period_s or math.inf
                 batch = self._pgn(PGN_VIN, ENGINE, (self.model.vin + "*").encode("ascii"), base + event)
                 batch += self._pgn(PGN_COMPONENT_ID, ENGINE, COMPONENT_ID.encode("ascii"), base + event + 0.2)
             for frame in batch:
                 heapq.heappush(pending, (frame.timestamp, n, frame))
                 n += 1
+
+    def answer(self, can_id: int, data: bytes, t: float) -> list[can.Message]:
+        """The engine's answer to a request frame (PGN 59904) received at ``t``: VIN or component
+        identification by TP.BAM when it is requested globally or from the engine; nothing otherwise."""
+        jid = parse(can_id)
+        if jid.pgn != PGN_REQUEST or len(data) < 3 or jid.destination not in (GLOBAL, ENGINE):
+            return []
+        pgn = int.from_bytes(bytes(data[:3]), "little")
+        if pgn == PGN_VIN:
+            return self._pgn(PGN_VIN, ENGINE, (self.model.vin + "*").encode("ascii"), t)
+        if pgn == PGN_COMPONENT_ID:
+            return self._pgn(PGN_COMPONENT_ID, ENGINE, COMPONENT_ID.encode("ascii"), t)
+        return []
 
     def _pgn(self, pgn: int, source: int, payload: bytes, t: float) -> list[can.Message]:
         """One frame for up to 8 bytes, else a TP.BAM announcement and its data packets."""
@@ -158,3 +175,45 @@ class J1939Simulator(CanSimulator):
             out.append(frame(make_id(PGN_TP_DT, source, destination=GLOBAL, priority=7), bytes([seq]) + chunk,
                              t + seq * BAM_GAP_S))
         return out
+
+
+class J1939Responder:
+    """Answers J1939 requests on ``bus`` for ``sim`` (a daemon thread reading ``bus.recv()``; the answer's
+    packets go out ``BAM_GAP_S`` apart). Every request seen is kept in :attr:`requests` as (id, data).
+
+    One thread owns the bus's receive side; ``requests`` is appended by that thread only."""
+
+    def __init__(self, bus: can.BusABC, sim: J1939Simulator) -> None:
+        self.bus = bus
+        self.sim = sim
+        self.requests: list[tuple[int, bytes]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="j1939-responder", daemon=True)
+
+    def start(self) -> J1939Responder:
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop the thread (the bus stays open: it belongs to the caller). Idempotent."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(2.0)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                msg = self.bus.recv(0.05)
+            except (can.CanError, OSError, ValueError):
+                return
+            if msg is None or not msg.is_extended_id or parse(msg.arbitration_id).pgn != PGN_REQUEST:
+                continue
+            self.requests.append((msg.arbitration_id, bytes(msg.data)))
+            start = time.time()
+            for frame in self.sim.answer(msg.arbitration_id, bytes(msg.data), start):
+                if self._stop.wait(max(0.0, frame.timestamp - time.time())):
+                    return
+                try:
+                    self.bus.send(frame)
+                except can.CanError:
+                    pass  # a full queue loses the frame, as on a real bus

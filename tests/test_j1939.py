@@ -36,7 +36,7 @@ from agent.j1939.transport import CM_ABORT, CM_BAM, CM_CTS, CM_EOMA, CM_RTS, MAX
 from agent.pipeline.router import Pipeline
 from agent.sources.canbus import BusSource
 from simulators.can_sim import open_output
-from simulators.j1939_sim import COMPONENT_ID, DM1_OFFSET_S, ENGINE, SECOND_ENGINE, J1939Simulator
+from simulators.j1939_sim import COMPONENT_ID, DM1_OFFSET_S, ENGINE, SECOND_ENGINE, J1939Responder, J1939Simulator
 from simulators.paths import dbc_dir
 from simulators.vehicle import VehicleModel
 from tests.agentkit import AgentThread, Authority, vgw, write_config
@@ -456,44 +456,42 @@ def test_request_config_is_validated(tmp_path: Path, lines: str, needle: str) ->
 
 @pytest.mark.parametrize("allowed", [True, False])
 def test_agent_requests_vin_only_when_allowed(tmp_path, pki, broker, cloud, allowed: bool) -> None:
+    """The truck sends its VIN only on request here: with requests allowed the agent asks once (read_vin is
+    granted, read_vehicle_info is not) and the answer by TP.BAM reaches the cloud; without, it sends nothing."""
     auth = Authority(tmp_path)
     channel = f"j1939-req-{allowed}-{id(tmp_path)}"
     extra = {"j1939_requests": True, "j1939_address": 0xF9} if allowed else {}
     cfg = write_config(tmp_path, pki, broker.port, auth.trust,
                        can={"channel": channel, "dbc": [str(TRUCK_DBC)], "signal_map": str(TRUCK_MAP)} | extra)
     cloud.add_recipient("g", auth.recipient("g"))
-    listener = can.Bus(interface="virtual", channel=channel)
     tx = open_output("virtual", channel)
-    sim = J1939Simulator(TRUCK_DBC, VehicleModel(seed=4))
+    ecu_bus = open_output("virtual", channel)
+    sim = J1939Simulator(TRUCK_DBC, VehicleModel(seed=4), identity_period_s=None, fault_period_s=10_000)
+    responder = J1939Responder(ecu_bus, sim).start()
     stop = threading.Event()
     runner = threading.Thread(target=sim.run, args=(tx,), kwargs={"stop_event": stop}, daemon=True)
-    from_agent: list[can.Message] = []
-
-    def drain() -> None:
-        while (m := listener.recv(0)) is not None:
-            if parse(m.arbitration_id).source == 0xF9 or (m.is_extended_id and parse(m.arbitration_id).pgn in
-                                                           (0xEA00, 0xEE00)):
-                from_agent.append(m)
-
     try:
         with AgentThread(cfg) as agent:
             assert agent.wait_link()
             runner.start()
             cloud.publish_consent(DEV, auth.doc(DEV, {"g": ["read_vin", "read_speedometer"]}))
-            assert cloud.wait_for(lambda: VIN_PATH in {s.path for s in cloud.samples(DEV, "g")}, 20)
             if allowed:
-                assert cloud.wait_for(lambda: drain() or bool(from_agent), 10)
-            drain()
+                assert cloud.wait_for(lambda: VIN_PATH in {s.path for s in cloud.samples(DEV, "g")}, 20)
+            else:
+                assert cloud.wait_for(lambda: len([s for s in cloud.samples(DEV, "g")
+                                                   if s.path == "Vehicle.Speed"]) >= 20, 20)
     finally:
         stop.set()
         runner.join(5)
+        responder.close()
         tx.shutdown()
-        listener.shutdown()
+        ecu_bus.shutdown()
+    vins = [s.value for s in cloud.samples(DEV, "g") if s.path == VIN_PATH]
     if allowed:
-        # One request for the VIN (read_vin granted), none for the component identification (not granted).
-        assert [(m.arbitration_id, bytes(m.data)) for m in from_agent] == [(0x18EAFFF9, b"\xec\xfe\x00")]
+        assert responder.requests == [(0x18EAFFF9, b"\xec\xfe\x00")]
+        assert vins and set(vins) == {sim.model.vin}
     else:
-        assert from_agent == []
+        assert responder.requests == [] and vins == []
 
 
 def test_kernel_filters_pass_a_pgn_from_any_priority_and_source() -> None:

@@ -131,11 +131,16 @@ def run_can(args: argparse.Namespace) -> int:
     bus = open_output(interface, args.channel, args.bitrate, fd=sim.has_fd)
     stop = threading.Event()
     previous = _on_sigterm(stop)
-    responder = None
+    responder: Any = None  # ObdResponder or J1939Responder: each has close()
     try:
         if interface == "slcan":
             print(getattr(bus, "path", ""), flush=True)
-        if args.obd:
+        if isinstance(sim, J1939Simulator):
+            # The truck's engine answers J1939 requests (PGN 59904) for its VIN and component identification.
+            from simulators.j1939_sim import J1939Responder
+
+            responder = J1939Responder(bus, sim).start()
+        elif args.obd:
             # The simulated ECUs also answer OBD-II requests (ISO-TP on 0x7DF/0x7E0 -> 0x7E8) on this bus.
             from simulators.obd_responder import attach
 

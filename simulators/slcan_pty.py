@@ -12,6 +12,7 @@ Commands answered (``\\r`` = OK, ``\\a`` = error, as in the Lawicel manual):
 command  meaning                                state
 ======== ====================================== =====================================
 ``Sn``   bitrate n = 0..8 (10k .. 1M)           closed only
+``Yn``   CAN FD data bitrate n = 2/5 (Mbit/s)   closed only
 ``sxxyy`` BTR0/BTR1 register bitrate            closed only
 ``O``    open channel                           closed only
 ``L``    open channel listen-only               closed only
@@ -52,6 +53,7 @@ _ERR = b"\a"
 _VERSION = b"V1013\r"
 _SERIAL = b"NVGW1\r"
 _WRITE_STALL_S = 1.0  # finish a half-written line for at most this long
+_DATA_BITRATES = {"2": 2_000_000, "5": 5_000_000}
 _BITRATES = {
     str(n): rate
     for n, rate in enumerate((10_000, 20_000, 50_000, 100_000, 125_000, 250_000, 500_000, 800_000, 1_000_000))
@@ -87,6 +89,7 @@ class SlcanPtyBus(can.BusABC):
         self._timestamps = False
         self._client_present = False
         self.bitrate: int | None = None
+        self.data_bitrate: int | None = None  # CAN FD data phase (Yn), None: not set
         self.overruns = 0
         self._stop = threading.Event()
         self.channel_info = f"SLCAN pty {self.path}"
@@ -196,6 +199,12 @@ class SlcanPtyBus(can.BusABC):
             if self._open or arg not in _BITRATES:
                 return _ERR
             self.bitrate = _BITRATES[arg]
+            return _OK
+        if op == "Y":
+            # CAN FD data bitrate, CANable 2.0 dialect (Y2 = 2 Mbit/s, Y5 = 5 Mbit/s), as python-can's slcan sends it.
+            if self._open or arg not in _DATA_BITRATES:
+                return _ERR
+            self.data_bitrate = _DATA_BITRATES[arg]
             return _OK
         if op == "s":
             if self._open or len(arg) != 4 or not _is_hex(arg):

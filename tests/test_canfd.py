@@ -265,3 +265,40 @@ def test_vgw_sim_can_records_fd_frames(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     frames = list(can.LogReader(str(trace)))
     assert frames and all(f.is_fd and len(f.data) == 64 for f in frames)
+
+
+def test_fd_over_slcan_from_a_separate_simulator_process(tmp_path, pki, broker, cloud) -> None:
+    """`vgw sim can --interface slcan` with the FD DBC in its own process; the agent opens the pty like a
+    CANable 2.0 adapter in FD mode (data bitrate 2 Mbit/s) and every FD quantity arrives, in range."""
+    import subprocess
+    import sys
+
+    from tests.agentkit import stop_process
+
+    sim = subprocess.Popen([sys.executable, "-m", "agent", "sim", "can", "--interface", "slcan", "--dbc",
+                            str(FD_DBC), "--duration", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    auth = Authority(tmp_path)
+    try:
+        assert sim.stdout is not None
+        pty_path = sim.stdout.readline().strip()
+        assert pty_path.startswith("/dev/"), pty_path
+        cfg = write_config(tmp_path, pki, broker.port, auth.trust,
+                           can={"interface": "slcan", "channel": pty_path, "bitrate": 500000, "fd": True,
+                                "data_bitrate": 2000000, "dbc": [str(FD_DBC)], "signal_map": str(FD_MAP)})
+        cloud.add_recipient("g", auth.recipient("g"))
+        scopes = ["read_speedometer", "read_tires", "read_climate"]
+        catalogue = load_catalogue([FD_DBC], FD_MAP)
+        wanted = {s.path for s in catalogue.specs if s.scope in scopes}
+        with AgentThread(cfg) as runner:
+            assert runner.wait_link()
+            cloud.publish_consent(DEV, auth.doc(DEV, {"g": scopes}))
+            assert cloud.wait_for(lambda: {s.path for s in cloud.samples(DEV, "g")} == wanted, 20)
+    finally:
+        stop_process(sim)
+    db = cantools.database.load_file(str(FD_DBC))
+    ranges = {spec.path: db.get_message_by_name(spec.message).get_signal_by_name(spec.signal)
+              for spec in catalogue.specs}
+    for s in cloud.samples(DEV, "g"):
+        sig = ranges[s.path]
+        assert sig.minimum <= s.value <= sig.maximum, s.path

@@ -576,3 +576,19 @@ def test_vgw_sim_can_drives_a_j1939_truck(tmp_path: Path) -> None:
     frames = list(can.LogReader(str(trace)))
     seen = {(parse(f.arbitration_id).pgn, parse(f.arbitration_id).source) for f in frames}
     assert {(61444, ENGINE), (61444, SECOND_ENGINE), (PGN_TP_CM, ENGINE), (PGN_TP_DT, ENGINE)} <= seen
+
+
+def test_transport_is_not_reassembled_when_no_grant_can_use_it() -> None:
+    """Minimisation: with only DBC PGNs of 8 bytes consented, a VIN by TP.BAM is not even put together."""
+    pipe = Pipeline(load_catalogue([TRUCK_DBC], TRUCK_MAP))
+    pipe.swap((_grant(["read_speedometer"]),))
+    assert not any(ids.is_route_key(k) and k & ids.ANY_DESTINATION for k in pipe.router.frame_ids)
+    frames = _bam(65260, b"1M8GDM9AXKP042788*", t=1.0)
+    for can_id, data, t in frames[:2]:
+        pipe.process(can_id, data, t)
+    assert len(pipe._j1939.reassembler) == 0  # type: ignore[union-attr]
+    pipe.swap((_grant(["read_vin"]),))
+    assert ids.any_destination_key(PGN_TP_CM) in pipe.router.frame_ids
+    for can_id, data, t in frames:
+        pipe.process(can_id, data, t)
+    assert [s["value"] for s in pipe.batches["g"].samples] == ["1M8GDM9AXKP042788"]

@@ -26,11 +26,20 @@ from agent.j1939.messages import (
 from agent.j1939.transport import Reassembler
 
 
-def filter_keys(scopes: Iterable[str]) -> frozenset[int]:
-    """Route keys the kernel must let through besides the DBC's: the transport PGNs and the built-in PGNs
-    that ``scopes`` cover."""
-    keys = {any_destination_key(PGN_TP_CM), any_destination_key(PGN_TP_DT)}
-    keys |= {any_source_key(make_id(b.pgn, 0)) for b in BUILTINS.values() if b.scope in set(scopes)}
+def transport_needed(scopes: Iterable[str], long_messages: bool) -> bool:
+    """Whether any grant can use a multi-packet message: a built-in PGN its scope covers, or a consented DBC
+    message longer than 8 bytes. Otherwise transport frames are not even reassembled (minimisation)."""
+    granted = set(scopes)
+    return long_messages or any(b.scope in granted for b in BUILTINS.values())
+
+
+def filter_keys(scopes: Iterable[str], long_messages: bool) -> frozenset[int]:
+    """Route keys the kernel must let through besides the DBC's: the built-in PGNs that ``scopes`` cover,
+    and the transport PGNs when :func:`transport_needed`."""
+    granted = set(scopes)
+    keys = {any_source_key(make_id(b.pgn, 0)) for b in BUILTINS.values() if b.scope in granted}
+    if transport_needed(granted, long_messages):
+        keys |= {any_destination_key(PGN_TP_CM), any_destination_key(PGN_TP_DT)}
     return frozenset(keys)
 
 
@@ -40,11 +49,15 @@ class J1939Front:
     def __init__(self) -> None:
         self.reassembler = Reassembler()
         self._builtins: dict[int, Builtin] = {}
+        self._transport = False
 
-    def reset(self, scopes: Iterable[str]) -> None:
-        """Consent changed: read the built-in PGNs of ``scopes`` only, and drop every half-read transfer."""
+    def reset(self, scopes: Iterable[str], long_messages: bool) -> None:
+        """Consent changed: read the built-in PGNs of ``scopes`` only, reassemble only if some grant can use
+        it (``long_messages``: a consented DBC message is longer than 8 bytes), and drop every half-read
+        transfer."""
         wanted = set(scopes)
         self._builtins = {pgn: b for pgn, b in BUILTINS.items() if b.scope in wanted}
+        self._transport = transport_needed(wanted, long_messages)
         self.reassembler.clear()
 
     def message(self, can_id: int, data: bytes, t: float) -> tuple[int, bytes] | None:
@@ -53,6 +66,8 @@ class J1939Front:
         pgn = parse(can_id).pgn
         if pgn != PGN_TP_CM and pgn != PGN_TP_DT:
             return can_id, data
+        if not self._transport:
+            return None
         transfer = self.reassembler.feed(can_id, data, t)
         if transfer is None:
             return None

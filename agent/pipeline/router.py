@@ -87,7 +87,10 @@ class Router:
             # Latitude before longitude, so a frame carrying both snaps longitude with its own latitude.
             signals.sort(key=lambda s: 0 if isinstance(s[1], _Entry) and s[1].coord == "lat" else 1)
             self.decoders[key] = MessageDecoder(catalogue.messages[message_of[key]], signals)
-        self._extra_filters = filter_keys({s for g in grants for s in g.scopes}) if self.j1939 else frozenset()
+        # A consented J1939 message longer than 8 bytes arrives by transport protocol (agent.j1939.transport).
+        self.j1939_long = any(j1939.is_route_key(k) and d.length > 8 for k, d in self.decoders.items())
+        scopes = {s for g in grants for s in g.scopes}
+        self._extra_filters = filter_keys(scopes, self.j1939_long) if self.j1939 else frozenset()
 
     @property
     def frame_ids(self) -> frozenset[int]:
@@ -138,7 +141,7 @@ class Pipeline:
         self.router = Router(self.catalogue, grants, self.batches)
         self._parts.clear()
         if self._j1939 is not None:
-            self._j1939.reset({s for g in grants for s in g.scopes})
+            self._j1939.reset({s for g in grants for s in g.scopes}, self.router.j1939_long)
         return dropped
 
     def process(self, arbitration_id: int, data: bytes, t: float) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 from agent.errors import StorageError
 
 GENESIS = "0" * 64
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 AUDIT_FILE = "audit.log"
 
 
@@ -45,7 +46,7 @@ class AuditLog:
 
     def _last_hash(self) -> tuple[int, str]:
         try:
-            with self.path.open("rb") as fh:
+            with os.fdopen(os.open(self.path, os.O_RDONLY | _NOFOLLOW), "rb") as fh:
                 fh.seek(0, os.SEEK_END)
                 size = fh.tell()
                 if size == 0:
@@ -75,7 +76,8 @@ class AuditLog:
 
         with self._lock:
             try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                # Never through a planted link; created 0600 before its first byte (docs/guarantees.md).
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW, 0o600)
             except OSError as exc:
                 raise StorageError(f"{self.path}: cannot open audit log: {exc.strerror}") from exc
             try:

@@ -23,6 +23,7 @@ from cantools.database.can.database import Database
 from cantools.database.can.message import Message
 
 from agent.errors import ConfigError
+from agent.fsutil import MAX_CONFIG_BYTES, MAX_DBC_BYTES, read_small_file
 from agent.j1939.ids import is_j1939, message_key
 from agent.j1939.ids import parse as parse_id
 from agent.scopes import SCOPES
@@ -60,9 +61,11 @@ def load_dbc(paths: Iterable[Path], *, strict: bool = True) -> Database:
     db = cantools.database.can.Database(strict=strict)
     for path in paths:
         try:
-            db.add_dbc_file(str(path), encoding="cp1252")
+            raw = read_small_file(Path(path), what="DBC file", max_bytes=MAX_DBC_BYTES, error=ConfigError)
         except FileNotFoundError:
             raise ConfigError(f"{path}: DBC file not found") from None
+        try:
+            db.add_dbc_string(raw.decode("cp1252").replace("\r\n", "\n").replace("\r", "\n"))
         except Exception as exc:  # cantools raises many types (ParseError, Error, ValueError...)
             hint = " (set dbc_strict = false in [can] to load it leniently)" if strict else ""
             msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -74,7 +77,8 @@ def load_catalogue(dbc_paths: Iterable[Path], signal_map: Path, *, strict: bool 
     """Load DBC files and the signal map; validate every entry against the DBC and the scope list."""
     db = load_dbc(dbc_paths, strict=strict)
     try:
-        doc = tomllib.loads(signal_map.read_text(encoding="utf-8"))
+        doc = tomllib.loads(read_small_file(signal_map, what="signal map", max_bytes=MAX_CONFIG_BYTES,
+                                            error=ConfigError).decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{signal_map}: signal map not found") from None
     except (OSError, UnicodeDecodeError) as exc:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import ConfigError
+from agent.fsutil import MAX_CONFIG_BYTES, read_small_file
 
 DEVICE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _TOPIC_PREFIX = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
@@ -187,7 +188,7 @@ def load_config(path: str | Path) -> Config:
     """Load and validate a config file. Raises ConfigError naming the file, key and rule."""
     path = Path(path).expanduser().resolve()
     try:
-        raw = path.read_bytes()
+        raw = read_small_file(path, what="config file", max_bytes=MAX_CONFIG_BYTES, error=ConfigError)
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except OSError as exc:

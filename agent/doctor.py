@@ -32,7 +32,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from agent.config import CanConfig, Config, ObdConfig, load_config
-from agent.errors import VgwError
+from agent.errors import ConfigError, VgwError
+from agent.fsutil import MAX_KEY_BYTES, read_small_file
 
 PASS, WARN, FAIL = "PASS", "WARN", "FAIL"
 CERT_WARN_DAYS = 30
@@ -314,12 +315,15 @@ def _certificate(cfg: Config) -> Check:
 
     path = cfg.mqtt.cert_file
     try:
-        cert = x509.load_pem_x509_certificates(path.read_bytes())[0]
-    except (OSError, ValueError, IndexError):
+        cert = x509.load_pem_x509_certificates(read_small_file(path, what="certificate", max_bytes=MAX_KEY_BYTES,
+                                                               error=ConfigError))[0]
+    except (OSError, ValueError, IndexError, ConfigError):
         return Check("certificate", FAIL, f"{path}: not a PEM certificate")
     try:
-        key = serialization.load_pem_private_key(cfg.mqtt.key_file.read_bytes(), password=None)
-    except (OSError, ValueError, TypeError):
+        key = serialization.load_pem_private_key(read_small_file(cfg.mqtt.key_file, what="device key",
+                                                                 max_bytes=MAX_KEY_BYTES, error=ConfigError),
+                                                 password=None)
+    except (OSError, ValueError, TypeError, ConfigError):
         return Check("certificate", FAIL, f"{cfg.mqtt.key_file}: not a usable unencrypted PEM private key")
     if cert.public_key() != key.public_key():
         return Check("certificate", FAIL, f"{path} does not match {cfg.mqtt.key_file}")

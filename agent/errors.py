@@ -14,6 +14,7 @@ message as one line and exits non-zero. Programming mistakes raise ``ValueError`
      +-- SourceError            a frame/PID source failed
      |    +-- SourceOpenError   could not open the bus/adapter/trace (initialisation)
      |    +-- SourceReadError   failed while reading (operation)
+     |    +-- SourceFrameError  one frame was malformed and skipped; the source is still usable
      +-- StorageError           state dir / outbox / key store
      +-- UplinkError            MQTT/TLS
 """
@@ -61,6 +62,10 @@ class SourceOpenError(SourceError):
 
 class SourceReadError(SourceError):
     """Reading from an open source failed."""
+
+
+class SourceFrameError(SourceError):
+    """One frame could not be read (garbled or truncated input); it was skipped and the source is still usable."""
 
 
 class StorageError(VgwError):

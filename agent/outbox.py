@@ -15,8 +15,9 @@ Tables:
 Durability (the fault-injection suite in ``tests/test_faults_*.py`` checks each point): a batch counts as
 collected only once its transaction commits; its ``seq`` is assigned in that transaction, so a crash loses at
 most the batch not yet committed and never reuses or skips a seq. On start :func:`open_checked` runs
-``PRAGMA integrity_check``; a corrupt file is renamed ``outbox.sqlite.corrupt-<ts>`` (quarantined, never read
-again by the agent), its ``seqs`` are salvaged if still readable, and a fresh file takes its place.
+``PRAGMA integrity_check``; a corrupt file is quarantined: its ``seqs`` are salvaged if still readable, then the
+file and its -wal/-shm are overwritten and deleted (a corrupt copy would keep revoked grants' wrapped keys and
+rows beyond any erasure, docs/guarantees.md), and a fresh file takes its place.
 
 Quota: :meth:`Outbox.commit_batch` with ``quota_bytes`` drops, in the same transaction, the oldest batches of
 the committing grant until the outbox fits (then, if one grant's new batch alone does not fit beside the
@@ -24,7 +25,10 @@ others, the oldest of the largest grant). A batch already handed to the broker w
 never dropped for quota (it may have arrived: dropping it would make the ``dropped_quota`` count lie).
 
 ``secure_delete`` overwrites deleted content; after an erasure the WAL is checkpointed and truncated so no
-page of a revoked grant survives in the -wal file either. ``synchronous=FULL`` makes a commit survive power
+page of a revoked grant survives in the -wal file either, and the raw bytes of the files are searched for the
+grant's wrapped key and rows: only when none is found is the key reported destroyed (:meth:`Outbox.erase_grant`).
+The file is created 0600 before SQLite opens it (SQLite gives -wal/-shm the mode of the main file) and is never
+opened through a symlink. ``synchronous=FULL`` makes a commit survive power
 loss.
 """
 
@@ -42,8 +46,14 @@ from pathlib import Path
 
 from agent.crypto import keys
 from agent.errors import StorageError
+from agent.fsutil import create_private, destroy_file, refuse_symlink
 
 log = logging.getLogger("vgw.outbox")
+
+BUSY_TIMEOUT_S = 10.0  # how long a statement waits for another process's lock
+# How long an erasure retries its checkpoint before it reports "not verified yet" (the agent's main loop
+# then retries every few seconds; see Outbox.erase_grant).
+ERASE_WAIT_S = 2.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS active_grants (id TEXT PRIMARY KEY) WITHOUT ROWID;
@@ -130,12 +140,17 @@ def integrity_problem(path: Path) -> str | None:
     return "; ".join(str(r[0]) for r in rows[:3]) or "integrity_check returned nothing"
 
 
-def quarantine(path: Path) -> tuple[Path, dict[str, int]]:
-    """Move a corrupt outbox (and its -wal/-shm) aside as ``<name>.corrupt-<ts>``; salvage its seqs.
+QUARANTINE_MARK = ".corrupt-"
 
-    Returns (new path of the quarantined file, {grant: next_seq} read from it, empty if unreadable). The
-    salvaged seqs keep ``seq`` rising for the cloud (CONTRACT §6): a fresh file alone would restart at 1 and
-    the receiver would drop the new batches as re-deliveries.
+
+def quarantine(path: Path) -> tuple[Path, dict[str, int]]:
+    """Take a corrupt outbox (and its -wal/-shm) out of use; salvage its seqs, then destroy it.
+
+    Returns (the name it was moved to before being destroyed, {grant: next_seq} read from it, empty if
+    unreadable). The salvaged seqs keep ``seq`` rising for the cloud (CONTRACT §6): a fresh file alone would
+    restart at 1 and the receiver would drop the new batches as re-deliveries. Nothing else is kept: a copy
+    would hold wrapped keys and rows of grants that a later revocation could no longer reach (CONTRACT §7).
+    The move comes first, so a crash mid-way leaves a ``.corrupt-`` file that the next start destroys.
     """
     seqs: dict[str, int] = {}
     try:
@@ -146,12 +161,44 @@ def quarantine(path: Path) -> tuple[Path, dict[str, int]]:
             db.close()
     except (sqlite3.DatabaseError, ValueError, TypeError):
         seqs = {}
-    target = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+    target = path.with_name(f"{path.name}{QUARANTINE_MARK}{int(time.time())}")
     for suffix in ("", "-wal", "-shm"):
         src = Path(str(path) + suffix)
         if src.exists():
             src.replace(Path(str(target) + suffix))
+    destroy_quarantined(path)
     return target, seqs
+
+
+def destroy_quarantined(path: Path) -> list[str]:
+    """Overwrite and delete every quarantined copy of the outbox at ``path`` (left by a crash mid-quarantine
+    or by an earlier version that kept them). Returns the names destroyed."""
+    gone = []
+    for p in sorted(path.parent.glob(f"{path.name}{QUARANTINE_MARK}*")):
+        if destroy_file(p):
+            gone.append(p.name)
+    return gone
+
+
+def _files_hold(files: list[Path], needles: list[bytes]) -> bool:
+    """True if any needle occurs in the raw bytes of any of ``files`` (read in chunks that overlap)."""
+    needles = [n for n in needles if n]
+    if not needles:
+        return False
+    overlap = max(len(n) for n in needles) - 1
+    for p in files:
+        try:
+            fh = p.open("rb")
+        except FileNotFoundError:
+            continue
+        with fh:
+            tail = b""
+            while chunk := fh.read(1 << 20):
+                window = tail + chunk
+                if any(n in window for n in needles):
+                    return True
+                tail = window[-overlap:] if overlap else b""
+    return False
 
 
 class Outbox:
@@ -166,8 +213,17 @@ class Outbox:
         self._unwrappable: set[str] = set()  # grants whose key does not unwrap (storage key replaced?)
         # Rows handed to the broker whose PUBACK has not come (maybe delivered): never dropped for quota.
         self.attempted: set[int] = set()
+        self._needles: dict[str, list[bytes]] = {}  # erased grants not yet verified gone: what to search for
+        # Created 0600 before SQLite opens it (SQLite makes -wal/-shm with the main file's mode), never through a
+        # planted link; an existing side file that is a link is refused too (docs/guarantees.md).
+        create_private(path)
+        for suffix in ("-wal", "-shm", "-journal"):
+            side = Path(str(path) + suffix)
+            refuse_symlink(side)
+            if side.exists() and side.stat().st_mode & 0o077:
+                side.chmod(0o600)
         try:
-            self._db = sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=False)
+            self._db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA secure_delete=ON")
@@ -178,10 +234,6 @@ class Outbox:
                 self._db.execute("ALTER TABLE batches ADD COLUMN scopes TEXT NOT NULL DEFAULT '{}'")
         except sqlite3.DatabaseError as exc:
             raise StorageError(f"{path}: cannot open outbox: {exc}") from exc
-        try:
-            path.chmod(0o600)
-        except OSError:
-            pass
 
     # -- transactions -------------------------------------------------------------------------------
 
@@ -435,24 +487,55 @@ class Outbox:
 
     # -- erasure ------------------------------------------------------------------------------------
 
-    def erase_grant(self, grant_id: str) -> Erasure:
-        """Destroy the grant's data key, then delete its rows; checkpoint so nothing survives in the WAL.
+    def erase_grant(self, grant_id: str, *, wait_s: float = ERASE_WAIT_S) -> Erasure:
+        """Destroy the grant's data key, then delete its rows; then make sure no copy is left in any file.
 
         The key goes first and in its own transaction: from that commit on, every row of the grant is
-        unreadable, even if the process dies before the rows are gone.
+        unreadable, even if the process dies before the rows are gone. Then the WAL is checkpointed (retried
+        for up to ``wait_s`` while another process holds a read snapshot) and the raw bytes of the outbox, its
+        -wal and any quarantined copy are searched for the wrapped key and the sealed rows. ``key_destroyed``
+        is True only when that search finds nothing; otherwise the caller must not send an erasure receipt
+        yet and finishes later with :meth:`finish_erasure` (CONTRACT §7).
         """
         with self._lock:
             self._data_keys.pop(grant_id, None)
+            needles = [bytes(r[0]) for r in self._db.execute(
+                "SELECT wrapped FROM grant_keys WHERE grant_id = ?", (grant_id,))]
+            # A 32-byte piece of each sealed row (nonce and ciphertext start) identifies it in raw bytes.
+            needles += [bytes(r[0]) for r in self._db.execute(
+                "SELECT substr(blob, 1, 32) FROM batches WHERE grant_id = ?", (grant_id,))]
             with self._tx() as db:
                 db.execute("DELETE FROM active_grants WHERE id = ?", (grant_id,))
-                key_existed = db.execute("DELETE FROM grant_keys WHERE grant_id = ?", (grant_id,)).rowcount > 0
+                db.execute("DELETE FROM grant_keys WHERE grant_id = ?", (grant_id,))
             with self._tx() as db:
                 deleted = db.execute("DELETE FROM batches WHERE grant_id = ?", (grant_id,)).rowcount
-        if not self.checkpoint(wait_s=5.0):
-            log.warning("erasure of grant %s: a reader kept the WAL busy; erased pages are overwritten at the "
-                        "next checkpoint", grant_id)
-        return Erasure(grant_id=grant_id, batches_deleted=int(deleted), key_destroyed=True if key_existed or
-                       not self.has_key(grant_id) else False)
+            self._needles.setdefault(grant_id, []).extend(needles)
+        gone = self.finish_erasure(grant_id, wait_s=wait_s)
+        if not gone:
+            log.warning("erasure of grant %s not verified: another process holds a read snapshot of the outbox, "
+                        "so erased pages are still in its files; retried until they are gone", grant_id)
+        return Erasure(grant_id=grant_id, batches_deleted=int(deleted), key_destroyed=gone)
+
+    def finish_erasure(self, grant_id: str, *, wait_s: float = 0.0) -> bool:
+        """Checkpoint and search the raw files until nothing of ``grant_id`` is left; True once verified.
+
+        Only call it after :meth:`erase_grant` committed its deletes. Verified means: a TRUNCATE checkpoint
+        completed after those commits (every page is back in the main file, where ``secure_delete`` zeroed the
+        erased content, and the -wal is empty), no quarantined copy is left, and, when this process still knows
+        them, none of the grant's wrapped key or row pieces occurs in the outbox or its -wal. (The grant may
+        hold a new key and new rows by then if it was granted again: those are not the erased data.)
+        """
+        deadline = time.monotonic() + wait_s
+        while True:
+            with self._lock:
+                destroy_quarantined(self.path)
+                if self.checkpoint() and not _files_hold(
+                        [self.path, Path(str(self.path) + "-wal")], self._needles.get(grant_id, [])):
+                    self._needles.pop(grant_id, None)
+                    return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
 
     def orphan_grants(self, keep: set[str] | frozenset[str]) -> set[str]:
         """Grants with a key or rows on disk that are not in ``keep`` (left by a crash mid-erasure)."""
@@ -464,14 +547,24 @@ class Outbox:
     def checkpoint(self, *, wait_s: float = 0.0) -> bool:
         """Copy the WAL into the main file and truncate it. With ``wait_s``, retry while a reader (e.g. a
         concurrent `vgw status`) holds an old snapshot, so erased pages are overwritten everywhere before an
-        erasure receipt says so. True when the checkpoint completed."""
+        erasure receipt says so. True when the checkpoint completed.
+
+        Each attempt runs with SQLite's busy timeout off: a TRUNCATE checkpoint would otherwise wait the whole
+        connection timeout for a reader, holding up the caller (the agent's main loop) far beyond ``wait_s``.
+        """
         deadline = time.monotonic() + wait_s
         while True:
             with self._lock:
                 try:
+                    self._db.execute("PRAGMA busy_timeout = 0")
                     busy = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
                 except sqlite3.DatabaseError:
                     busy = 1
+                finally:
+                    try:
+                        self._db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+                    except sqlite3.DatabaseError:
+                        pass
             if not busy:
                 return True
             if time.monotonic() >= deadline:
@@ -549,7 +642,7 @@ class Outbox:
 
 @dataclass(frozen=True, slots=True)
 class Quarantined:
-    file: Path  # where the corrupt outbox went
+    file: Path  # the name the corrupt outbox was quarantined under (then destroyed)
     reason: str  # what integrity_check said
     seqs_recovered: dict[str, int]
 
@@ -557,19 +650,22 @@ class Quarantined:
 def open_checked(path: Path, storage_key: bytes, device: str) -> tuple[Outbox, Quarantined | None]:
     """Open the outbox for `vgw run`: integrity-check it first and quarantine a corrupt file.
 
-    A corrupt outbox is never repaired in place (a half-readable row could be replayed or leak): it is moved
-    aside, a fresh file is created, and the seqs that could be read are carried over. The caller audits and
-    logs the returned :class:`Quarantined`. Raises StorageError if even a fresh file cannot be opened.
+    A corrupt outbox is never repaired in place (a half-readable row could be replayed or leak): its seqs are
+    read, it is destroyed (see :func:`quarantine`), a fresh file is created and the seqs are carried over. The
+    caller audits and logs the returned :class:`Quarantined`. Raises StorageError if even a fresh file cannot be opened.
     """
+    for name in destroy_quarantined(path):
+        log.warning("destroyed quarantined outbox copy %s (it may hold revoked grants' data)", name)
     problem = integrity_problem(path)
     if problem is None:
         try:
             return Outbox(path, storage_key, device), None
         except StorageError as exc:  # e.g. "file is not a database" only shows when the schema is read
             problem = str(exc.__cause__ or exc)
+    problem = " ".join(problem.split())  # integrity_check answers span lines: one log line, one audit field
     target, seqs = quarantine(path)
-    log.error("outbox %s failed its integrity check (%s): moved to %s, starting a fresh outbox (%d seq(s) kept)",
-              path, problem, target.name, len(seqs))
+    log.error("outbox %s failed its integrity check (%s): quarantined as %s and destroyed, starting a fresh "
+              "outbox (%d seq(s) kept)", path, problem, target.name, len(seqs))
     outbox = Outbox(path, storage_key, device)
     if seqs:
         outbox.seed_seqs(seqs)

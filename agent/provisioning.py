@@ -42,7 +42,7 @@ from agent.config import DEVICE_ID_PATTERN, load_config
 from agent.consent.manager import load_trust_keys
 from agent.crypto.keys import KEY_BYTES
 from agent.errors import ConfigError, StorageError
-from agent.fsutil import atomic_write, ensure_private_dir
+from agent.fsutil import MAX_KEY_BYTES, atomic_write, ensure_private_dir, read_small_file
 
 DEFAULT_OUT = Path("/etc/vgw")
 DEFAULT_STATE_DIR = Path("/var/lib/vgw")
@@ -117,7 +117,7 @@ def check_device_id(device_id: str) -> str:
 def load_ca_bundle(path: Path, what: str = "--ca") -> list[x509.Certificate]:
     """Read one or more PEM certificates. Raises ConfigError naming the file."""
     try:
-        data = path.read_bytes()
+        data = read_small_file(path, what=f"{what} certificate bundle", max_bytes=MAX_KEY_BYTES, error=ConfigError)
     except FileNotFoundError:
         raise ConfigError(f"{what} {path}: file not found") from None
     except OSError as exc:
@@ -161,7 +161,8 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 def load_device_key(path: Path) -> ec.EllipticCurvePrivateKey:
     """Load the device's P-256 key. Raises ConfigError naming the file (never its content)."""
     try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        data = read_small_file(path, what="device key", max_bytes=MAX_KEY_BYTES, error=ConfigError)
+        key = serialization.load_pem_private_key(data, password=None)
     except FileNotFoundError:
         raise ConfigError(f"{path}: device key not found (run `vgw provision` first)") from None
     except (OSError, ValueError, TypeError) as exc:

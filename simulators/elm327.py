@@ -16,6 +16,11 @@ lines in, answers ending in the ``>`` prompt out. Supported:
   ``unplugged`` (silence: nothing is answered, not even AT commands); ``clone`` (a v2.1 clone that
   answers ``?`` to ``ATS0/S1``, ``ATDPN``, ``AT@1`` and adaptive timing); ``slow`` (answers arrive late and
   in pieces); ``no-auto`` (automatic protocol search fails; only an explicit ``ATSPh`` connects).
+* Hostile adapters (AT commands are answered normally, so a client can initialise; OBD requests meet the
+  fault): ``endless`` (the answer repeats forever, a line every ``hostile_interval_s``, never a prompt);
+  ``drip`` (one byte every 40 ms, never a prompt); ``flood`` (``flood_bytes`` hex digits on one line, then
+  the prompt); ``echo-probe`` (echoes the ``\\x7f\\x7f`` baud probe with no prompt, as some emulators and
+  clones do; everything else is normal). Like a real chip, any byte received stops an answer in progress.
 
 :attr:`Elm327Simulator.requests` records every OBD request line received (uppercase hex, no spaces, in
 order), whether or not the car answered it, so tests can prove what a client asked for.
@@ -23,13 +28,14 @@ order), whether or not the car answered it, so tests can prove what a client ask
 
 from __future__ import annotations
 
+import itertools
 import os
 import select
 import socket
 import threading
 import time
 import tty
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from agent.obd.elm327 import PROTOCOL_NAMES
@@ -40,7 +46,12 @@ CLONE_IDENT = "ELM327 v2.1"
 # The ELM327 protocol numbers and the names ATDP answers (ELM327 data sheet): one table, the client's.
 PROTOCOLS = PROTOCOL_NAMES
 SIMULATED_CAR_PROTOCOLS = ("3", "6", "7", "8", "9")
-SCENARIOS = ("normal", "engine-off", "unplugged", "clone", "slow", "no-auto")
+SCENARIOS = ("normal", "engine-off", "unplugged", "clone", "slow", "no-auto", "endless", "drip", "flood",
+             "echo-probe")
+HOSTILE = frozenset({"endless", "drip", "flood"})
+DRIP_S = 0.04  # "one byte every 40 ms": under a 50 ms read timeout, so a naive client never sees silence
+# Output comes in pieces: (bytes, seconds to wait before the next piece).
+Piece = tuple[bytes, float]
 CLONE_REJECTS = frozenset({"S0", "S1", "DPN", "@1", "AT0", "AT1", "AT2"})
 _OK_COMMANDS = frozenset({"D", "M0", "M1", "CAF0", "CAF1", "AL", "NL", "R0", "R1", "CFC0", "CFC1", "AT0", "AT1",
                           "AT2", "PC", "BI", "AR", "SS", "KW0", "KW1"})
@@ -70,6 +81,8 @@ class Elm327Simulator:
         slow_s: float = 0.4,
         unsupported: Iterable[int] = (),
         pending_dtcs: Iterable[str] = ("P0301",),
+        flood_bytes: int = 20 * 1024 * 1024,
+        hostile_interval_s: float = 0.005,
     ) -> None:
         if car_protocol not in SIMULATED_CAR_PROTOCOLS:
             raise ValueError(f"car protocol {car_protocol!r}: simulated are {', '.join(SIMULATED_CAR_PROTOCOLS)}")
@@ -81,6 +94,8 @@ class Elm327Simulator:
         self.ecus = ObdEcus(model, realtime=realtime, unsupported=unsupported, pending_dtcs=pending_dtcs)
         self.car_protocol = car_protocol
         self.slow_s = slow_s
+        self.flood_bytes = flood_bytes
+        self.hostile_interval_s = hostile_interval_s
         self.scenario = "normal"
         self.set_scenario(scenario)
         self.requests: list[str] = []  # every OBD request line received (hex, no spaces)
@@ -141,6 +156,8 @@ class Elm327Simulator:
             return None
         with self._lock:
             line = raw.replace("\n", "").replace("\0", "")
+            if self.scenario == "echo-probe" and line.startswith("\x7f"):
+                return line + "\r" if self.echo else ""  # echoed, and no prompt: the client must try ATI
             cmd = line.upper().replace(" ", "")
             if not cmd:
                 cmd = self._last  # an empty line repeats the last command (ELM327 datasheet)
@@ -308,49 +325,97 @@ class Elm327Simulator:
 
     # -- transports ---------------------------------------------------------------------------------
 
-    def _respond(self, line: str, write: Any) -> None:
+    def output(self, line: str) -> Iterator[Piece]:
+        """What the adapter sends for one received ``line``, in pieces (lazily: a flood is never in memory)."""
+        scenario = self.scenario
         out = self.handle(line)
         if out is None:
             return
         data = out.encode("ascii")
-        if self.scenario == "slow" and len(data) > 4:
+        cmd = line.upper().replace(" ", "")
+        if scenario in HOSTILE and cmd and not cmd.startswith("AT") and data.endswith(b">"):
+            yield from self._hostile(scenario, data[:-1])
+        elif scenario == "slow" and len(data) > 4:
             half = len(data) // 2
-            write(data[:half])
-            time.sleep(self.slow_s / 2)
-            write(data[half:])
+            yield data[:half], self.slow_s / 2
+            yield data[half:], 0.0
         else:
-            write(data)
+            yield data, 0.0
+
+    def _hostile(self, scenario: str, answer: bytes) -> Iterator[Piece]:
+        if scenario == "endless":
+            lines = [ln + b"\r" for ln in answer.split(b"\r") if ln.strip()] or [b"NO DATA\r"]
+            for ln in itertools.cycle(lines):
+                yield ln, self.hostile_interval_s
+        elif scenario == "drip":
+            for byte in itertools.cycle(answer.replace(b">", b"") or b"4"):
+                yield bytes((byte,)), DRIP_S
+        else:  # flood: one enormous line of hex digits, then the prompt
+            chunk = b"41" * 32768
+            left = self.flood_bytes
+            while left > 0:
+                yield chunk[:left], 0.0
+                left -= len(chunk)
+            yield b"\r\r>", 0.0
+
+    def _serve(self, fd: int, read: Callable[[], bytes], write: Callable[[bytes], int], *, tcp: bool) -> None:
+        """Serve one connection until it closes: lines in, pieces out, an answer stopped by any new input.
+
+        ``fd`` is non-blocking; ``read`` returns b"" at end of file, ``write`` returns how much it wrote.
+        Unplugging ends a TCP connection (the Wi-Fi is gone); a pty stays, silent, for the replug.
+        """
+        buf = b""
+        pending = b""  # bytes of the current piece not yet written
+        stream: Iterator[Piece] | None = None
+        next_at = 0.0
+        while not self._closing.is_set() and (self.plugged or not tcp):
+            now = time.monotonic()
+            want_write = bool(pending) or (stream is not None and now >= next_at)
+            timeout = 0.05 if want_write or stream is None else min(0.05, max(0.0, next_at - now))
+            try:
+                readable, writable, _ = select.select([fd], [fd] if want_write else [], [], timeout)
+                if readable:
+                    chunk = read()
+                    if not chunk:
+                        return
+                    buf += chunk
+                    if stream is not None or pending:
+                        stream, pending = None, b""  # a real chip stops sending when a byte arrives
+                    while b"\r" in buf and stream is None:
+                        line, buf = buf.split(b"\r", 1)
+                        stream = self.output(line.decode("ascii", "replace"))
+                        next_at = 0.0
+                if writable:
+                    if not pending and stream is not None:
+                        piece = next(stream, None)
+                        if piece is None:
+                            stream = None
+                        else:
+                            pending, delay = piece
+                            next_at = time.monotonic() + delay
+                    if pending:
+                        n = write(pending)
+                        pending = pending[n:]
+                if stream is None and not pending and b"\r" in buf:
+                    line, buf = buf.split(b"\r", 1)
+                    stream = self.output(line.decode("ascii", "replace"))
+                    next_at = 0.0
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                return
 
     def open_pty(self) -> str:
         """Open a raw pseudo-terminal and serve it in a thread; returns the path clients open."""
         master, slave = os.openpty()
         tty.setraw(slave)  # no line discipline: \\r stays \\r, no echo by the kernel
         tty.setraw(master)
+        os.set_blocking(master, False)
         self._fds += [master, slave]
         path = os.ttyname(slave)
-
-        def write(data: bytes) -> None:
-            view = memoryview(data)
-            while view:
-                n = os.write(master, view)
-                view = view[n:]
-
-        def serve() -> None:
-            buf = b""
-            while not self._closing.is_set():
-                try:
-                    ready, _, _ = select.select([master], [], [], 0.05)
-                    if not ready:
-                        continue
-                    chunk = os.read(master, 4096)
-                except OSError:
-                    return
-                buf += chunk
-                while b"\r" in buf:
-                    line, buf = buf.split(b"\r", 1)
-                    self._respond(line.decode("ascii", "replace"), write)
-
-        self._spawn(serve, "elm327-pty")
+        self._spawn(lambda: self._serve(master, lambda: os.read(master, 4096), lambda b: os.write(master, b),
+                                        tcp=False),
+                    "elm327-pty")
         return path
 
     def open_tcp(self, host: str = "127.0.0.1", port: int = 0) -> int:
@@ -384,24 +449,8 @@ class Elm327Simulator:
         return int(listener.getsockname()[1])
 
     def _serve_conn(self, conn: socket.socket) -> None:
-        buf = b""
-        while not self._closing.is_set() and self.plugged:
-            try:
-                ready, _, _ = select.select([conn], [], [], 0.05)
-                if not ready:
-                    continue
-                chunk = conn.recv(4096)
-            except OSError:
-                return
-            if not chunk:
-                return
-            buf += chunk
-            while b"\r" in buf:
-                line, buf = buf.split(b"\r", 1)
-                try:
-                    self._respond(line.decode("ascii", "replace"), conn.sendall)
-                except OSError:
-                    return
+        conn.setblocking(False)
+        self._serve(conn.fileno(), lambda: conn.recv(4096), conn.send, tcp=True)
 
     def _spawn(self, target: Any, name: str) -> None:
         t = threading.Thread(target=target, name=name, daemon=True)

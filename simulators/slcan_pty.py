@@ -126,6 +126,11 @@ class SlcanPtyBus(can.BusABC):
         stamp = f"{int(time.time() * 1000) % 60000:04X}" if self._timestamps else ""
         self._write((head + body + stamp).encode("ascii") + _OK, droppable=True)
 
+    def send_raw(self, data: bytes) -> None:
+        """Write ``data`` to the client as it is, channel open or not: line noise, a truncated or garbled
+        line, bytes without a terminator (what a flaky adapter or cable delivers)."""
+        self._write(data, droppable=False)
+
     def shutdown(self) -> None:
         """Stop serving and close the pty (idempotent)."""
         if self._stop.is_set():

@@ -184,8 +184,8 @@ def test_corrupt_outbox_is_quarantined_audited_and_seq_continues(tmp_path, pki, 
     assert integrity_problem_of(outbox)
     runner = AgentThread(cfg)  # the constructor opens the outbox: the check runs here
     try:
-        quarantined = list(outbox.parent.glob("outbox.sqlite.corrupt-*"))
-        assert len([q for q in quarantined if not q.name.endswith(("-wal", "-shm"))]) == 1
+        # Quarantine keeps no copy: the corrupt file (and its -wal/-shm) would keep revoked grants' data.
+        assert not list(outbox.parent.glob("outbox.sqlite.corrupt-*"))
         assert runner.agent.outbox.integrity_ok()
         events = [e for e in runner.agent.audit.entries() if e.get("event") == "outbox-quarantined"]
         assert len(events) == 1 and events[0]["file"].startswith("outbox.sqlite.corrupt-")

@@ -504,7 +504,7 @@ def test_kernel_filters_pass_a_pgn_from_any_priority_and_source() -> None:
     tx = can.Bus(interface="virtual", channel="j1939-filters")
     try:
         src.interface = "socketcan"  # take the kernel-filter branch; the virtual bus applies them in software
-        src.set_filters(pipe.router.frame_ids)
+        src.set_filters(pipe.router.frames)
         src.interface = "virtual"
         wanted = [0x0CF00400, 0x18F00400, 0x18FEF117, 0x1CFEF1FE, 0x1CECFF00, 0x1CEB00F9, 0x18FECA03]
         unwanted = [0x0CF00401, 0x18FEFC00, 0x18FEC100, 0x0CF004, 0x18EEFF00]  # EEC1 from 0x01: only 0x00 mapped
@@ -582,13 +582,13 @@ def test_transport_is_not_reassembled_when_no_grant_can_use_it() -> None:
     """Minimisation: with only DBC PGNs of 8 bytes consented, a VIN by TP.BAM is not even put together."""
     pipe = Pipeline(load_catalogue([TRUCK_DBC], TRUCK_MAP))
     pipe.swap((_grant(["read_speedometer"]),))
-    assert not any(ids.is_route_key(k) and k & ids.ANY_DESTINATION for k in pipe.router.frame_ids)
+    assert not any(ids.is_route_key(k) and k & ids.ANY_DESTINATION for k, _ in pipe.router.frames)
     frames = _bam(65260, b"1M8GDM9AXKP042788*", t=1.0)
     for can_id, data, t in frames[:2]:
         pipe.process(can_id, data, t)
     assert len(pipe._j1939.reassembler) == 0  # type: ignore[union-attr]
     pipe.swap((_grant(["read_vin"]),))
-    assert ids.any_destination_key(PGN_TP_CM) in pipe.router.frame_ids
+    assert (ids.any_destination_key(PGN_TP_CM), True) in pipe.router.frames
     for can_id, data, t in frames:
         pipe.process(can_id, data, t)
     assert [s["value"] for s in pipe.batches["g"].samples] == ["1M8GDM9AXKP042788"]

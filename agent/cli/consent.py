@@ -106,7 +106,9 @@ def cmd_apply(args: argparse.Namespace) -> int:
         return 0
     print(f"consent v{result.consent.ver} applied ({len(result.consent.grants)} grant(s))")
     for e in result.revoked:
-        print(f"  grant {e.grant_id} revoked: {e.batches_deleted} batch(es) deleted, data key destroyed")
+        print(f"  grant {e.grant_id} revoked: {e.batches_deleted} batch(es) deleted, " + (
+            "data key destroyed" if e.key_destroyed else "erasure pending (another process holds the outbox open; "
+            "the receipt follows once no copy is left)"))
     return 0
 
 

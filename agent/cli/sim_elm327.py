@@ -1,7 +1,7 @@
 """`vgw sim elm327`: a simulated ELM327 v1.5 adapter plugged into the simulated car.
 
-    vgw sim elm327 [--scenario normal|engine-off|unplugged|clone|slow|no-auto] [--tcp [--port N]]
-                   [--seed N] [--protocol 3|6|7|8|9]
+    vgw sim elm327 [--scenario normal|engine-off|unplugged|clone|slow|no-auto|endless|drip|flood|echo-probe]
+                   [--tcp [--port N]] [--seed N] [--protocol 3|6|7|8|9]
 
 The first line of stdout is what to put in ``[obd] port``: the pty path (``/dev/pts/N``), or with ``--tcp``
 a pyserial URL ``socket://127.0.0.1:PORT`` (a Wi-Fi dongle). It then serves until SIGTERM/SIGINT.

@@ -48,6 +48,8 @@ def collect_status(config_path: str) -> dict[str, Any]:
         "counters": {**state.counters, **live.get("counters", {})},
         "quota": {"quota_bytes": cfg.outbox.quota_bytes, "used_bytes": state.used_bytes},
         "storage": live.get("storage", {"ok": True, "error": None}) if running else {"ok": True, "error": None},
+        "obd": live.get("obd") if running else None,
+        "health": live.get("health", {"ok": True, "problem": None}) if running else {"ok": True, "problem": None},
     }
 
 
@@ -73,6 +75,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not st["storage"]["ok"]:
         print(f"storage: NOT STORING ({st['storage']['error']}); "
               f"{st['counters'].get('store_failures', 0)} batch(es) not stored")
+    obd = st["obd"]
+    if obd:
+        print(f"obd: {obd['state']}" + ("" if obd["ok"] else f" (FAILING: {obd['last_error']})"))
+    if not st["health"]["ok"]:
+        print(f"health: NOT OK ({st['health']['problem']}); the systemd watchdog restarts the agent")
     last = st["last_publish"]
     print(f"last publish: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(last)) if last else 'never'}; "
           f"receipts queued: {st['receipts_queued']}")

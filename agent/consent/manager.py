@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +26,15 @@ from agent.consent.store import ConsentStore
 from agent.consent.verifier import peek_version, verify_consent
 from agent.crypto.receipts import ReceiptSigner
 from agent.errors import ConfigError, ConsentError, SignatureError, StorageError
+from agent.fsutil import MAX_KEY_BYTES, check_owner, read_small_file
 from agent.outbox import Erasure, Outbox
 
 log = logging.getLogger("vgw.consent")
 
 REJECTED_MEMORY = 256  # how many rejected documents are remembered (by digest) to ignore their replays
+# A flood of distinct invalid documents: per reason, the first rejection in an interval is audited and receipted
+# at once, the rest are summed into one entry and one receipt (with ``count``) when the interval ends.
+REJECT_COALESCE_S = 60.0
 
 # Called with the grant ids that stop, before anything is erased on disk: the runtime stops collecting
 # them and drops their in-memory batches.
@@ -40,7 +45,10 @@ def load_trust_keys(paths: Sequence[Path]) -> list[Ed25519PublicKey]:
     keys: list[Ed25519PublicKey] = []
     for p in paths:
         try:
-            key = load_pem_public_key(p.read_bytes())
+            data = read_small_file(p, what="consent trust key", max_bytes=MAX_KEY_BYTES, error=ConfigError)
+            # A trust key others can replace would let them sign consent: refused like a private key.
+            check_owner(p, what="consent trust key", allow_root=True, error=ConfigError)
+            key = load_pem_public_key(data)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"{p}: cannot load consent trust key: {exc}") from exc
         if not isinstance(key, Ed25519PublicKey):
@@ -83,6 +91,8 @@ class ConsentManager:
         # consent topic) is counted, not audited and receipted again, so it cannot fill the disk.
         self._rejected: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.repeated_rejections = 0
+        self._reject_windows: dict[tuple[str, str], _RejectWindow] = {}  # (source, reason) -> its interval
+        self.coalesced_rejections = 0  # rejections folded into a later counted entry
         self.expired = False
 
     # -- what is in force ---------------------------------------------------------------------------
@@ -105,6 +115,7 @@ class ConsentManager:
         for gid in sorted(orphans):
             # A crash mid-erasure, an expiry while off, or a cache that no longer verifies: finish the job.
             self._erase(gid, reason="expired" if self.expired else "not-in-force")
+        self.finish_pending_erasures()
         if self.in_force is not None:
             self.store.raise_floor(self.in_force.iat)
 
@@ -149,8 +160,15 @@ class ConsentManager:
             err.reason = "malformed"
             raise err from exc
 
-    def apply(self, token: str | bytes, *, source: str) -> ApplyResult:
-        """Verify ``token``; on success make it the consent in force and revoke the grants it drops."""
+    def apply(self, token: str | bytes, *, source: str, skipped: Sequence[tuple[int, frozenset[str]]] = ()
+              ) -> ApplyResult:
+        """Verify ``token``; on success make it the consent in force and revoke the grants it drops.
+
+        ``skipped``: (ver, grant ids) of verified versions that a newer one superseded before they could be
+        applied (agent.consent.intake). A grant in force that one of them, between the version in force and
+        this one, withdrew was revoked meanwhile even if this version grants it again: it is erased (receipt
+        with that version) and starts afresh, so a burst never loses a revocation.
+        """
         try:
             consent = self.verify(token)
         except ConsentError as exc:
@@ -162,7 +180,12 @@ class ConsentManager:
         old = self.in_force
         old_active = {g.id for g in self.active_grants()}
         new_ids = consent.grant_ids
-        revoked = frozenset(old_active - new_ids)
+        withdrawn: dict[str, int] = {}  # grant -> the skipped version that revoked it
+        for ver, ids in sorted(skipped):
+            if (old is None or ver > old.ver) and ver < consent.ver:
+                for gid in (old_active & new_ids) - ids:
+                    withdrawn.setdefault(gid, ver)
+        revoked = frozenset(old_active - new_ids) | frozenset(withdrawn)
 
         # 1. Stop collection of dropped grants at once (memory first), and let the new grants store.
         if revoked and self.on_revoke is not None:
@@ -170,6 +193,8 @@ class ConsentManager:
         self.outbox.set_active_grants(set(new_ids))
         # 2. Wipe what was revoked on disk (key first, then rows) before anything else can fail.
         wiped = {gid: self.outbox.erase_grant(gid) for gid in sorted(revoked)}
+        if withdrawn:
+            self.outbox.set_active_grants(set(new_ids))  # erasure deactivated them; this version grants them anew
         # 3. Cache the document (atomic), raise the clock floor to its iat and remember its version.
         self.store.write_token(consent.token)
         self.store.raise_floor(consent.iat)
@@ -187,10 +212,18 @@ class ConsentManager:
         if self.on_change is not None:
             self.on_change()
         # 4. Record each erasure and send its receipt: memory, rows and key are gone by now.
-        erasures = [self._erase(gid, reason="revoked", ver=consent.ver, done=wiped[gid]) for gid in sorted(revoked)]
+        erasures = [self._erase(gid, reason="revoked", ver=withdrawn.get(gid, consent.ver), done=wiped[gid])
+                    for gid in sorted(revoked)]
         return ApplyResult("applied", consent, revoked=erasures)
 
-    def reject(self, exc: ConsentError, *, source: str, token: str | bytes | None = None) -> None:
+    def reject(self, exc: ConsentError, *, source: str, token: str | bytes | None = None, count: int = 1) -> None:
+        """Record ``count`` rejected documents of one reason: audit entry and ``consent-rejected`` receipt.
+
+        The same document again (by digest) is counted only; distinct documents of one reason are coalesced
+        to one entry and one receipt per source and reason per ``REJECT_COALESCE_S`` (the first at once, the
+        rest summed with a ``count`` when the interval ends: see :meth:`flush_rejections`), so a flood of
+        invalid documents cannot grow the audit log or the outbox without bound.
+        """
         if token is not None:
             digest = hashlib.sha256(token if isinstance(token, bytes) else token.encode("utf-8", "replace")).hexdigest()
             if digest in self._rejected:
@@ -202,12 +235,47 @@ class ConsentManager:
             if len(self._rejected) > REJECTED_MEMORY:
                 self._rejected.popitem(last=False)
         ver = exc.version if exc.version is not None else (peek_version(token) if token is not None else None)
+        now = time.monotonic()
+        key = (source, exc.reason)
+        window = self._reject_windows.get(key)
+        if window is None or (window.pending == 0 and now - window.start >= REJECT_COALESCE_S):
+            self._reject_windows[key] = _RejectWindow(start=now)
+            self._record_rejection(exc, ver, source=source, count=count)
+            if count > 1:
+                log.warning("%d consent documents rejected (%s) from %s", count, exc.reason, source)
+            else:
+                log.warning("%s (from %s)", exc, source)
+            return
+        window.pending += count
+        window.last, window.ver = exc, ver
+        self.coalesced_rejections += count
+        log.debug("consent rejected again (%s): counted into the next entry", exc.reason)
+        self.flush_rejections()
+
+    def flush_rejections(self, *, force: bool = False) -> None:
+        """Write the summed entry and receipt of every reason whose coalescing interval is over (or all)."""
+        now = time.monotonic()
+        for key, window in list(self._reject_windows.items()):
+            if not force and now - window.start < REJECT_COALESCE_S:
+                continue
+            if window.pending == 0 or window.last is None:
+                del self._reject_windows[key]
+                continue
+            source, reason = key
+            self._record_rejection(window.last, window.ver, source=source, count=window.pending)
+            log.warning("%d more consent document(s) rejected (%s) from %s in the last %.0f s", window.pending,
+                        reason, source, now - window.start)
+            self._reject_windows[key] = _RejectWindow(start=now)
+
+    def _record_rejection(self, exc: ConsentError, ver: int | None, *, source: str, count: int) -> None:
         claims: dict[str, object] = {"reason": exc.reason, "detail": str(exc)[:300]}
+        fields: dict[str, object] = {"source": source, "reason": exc.reason, "ver": ver, "detail": str(exc)[:300]}
         if ver is not None:
             claims["ver"] = ver
-        entry = self._audit("consent-rejected", source=source, reason=exc.reason, ver=ver, detail=str(exc)[:300])
+        if count > 1:  # one entry standing for several documents (the last one's ver and detail)
+            claims["count"] = fields["count"] = count
+        entry = self._audit("consent-rejected", **fields)
         self.outbox.queue_receipt(self._sign("consent-rejected", entry, **claims))
-        log.warning("%s (from %s)", exc, source)
 
     def _sign(self, typ: str, entry: dict[str, object], **claims: object) -> str:
         return self.signer.sign(typ, audit=_audit_anchor(entry), **claims)
@@ -242,14 +310,39 @@ class ConsentManager:
         # The data go first: a failing audit log must never leave a revoked grant's key or rows behind.
         erasure = done if done is not None else self.outbox.erase_grant(grant_id)
         self._audit("grant-stopped", grant=grant_id, reason=reason, ver=ver)
-        self._audit("key-destroyed", grant=grant_id)
-        entry = self._audit("erasure-done", grant=grant_id, batches_deleted=erasure.batches_deleted, reason=reason)
-        # Only now, with memory, rows and key gone, is the receipt signed and queued (CONTRACT §7).
-        self.outbox.queue_receipt(self._sign("erasure", entry, grant=grant_id, ver=ver,
-                                             batches_deleted=erasure.batches_deleted, key_destroyed=True,
-                                             reason=reason))
-        log.info("grant %s %s: %d batch(es) deleted, data key destroyed", grant_id, reason, erasure.batches_deleted)
+        if not erasure.key_destroyed:
+            # Key and rows are deleted, but a copy is still in the outbox's files (another process holds a read
+            # snapshot, so the WAL cannot be checkpointed). No receipt may say the data are gone yet
+            # (CONTRACT §7): the erasure is recorded as pending (on disk, so a restart finishes it too) and its
+            # receipt is sent by finish_pending_erasures once no copy is found.
+            self._audit("erasure-pending", grant=grant_id, batches_deleted=erasure.batches_deleted, reason=reason,
+                        why="outbox-busy")
+            self.store.add_pending_erasure(grant_id, ver=ver, reason=reason, batches_deleted=erasure.batches_deleted)
+            return erasure
+        self._receipt_erasure(grant_id, ver=ver, reason=reason, batches_deleted=erasure.batches_deleted)
         return erasure
+
+    def _receipt_erasure(self, grant_id: str, *, ver: int, reason: str, batches_deleted: int) -> None:
+        self._audit("key-destroyed", grant=grant_id)
+        entry = self._audit("erasure-done", grant=grant_id, batches_deleted=batches_deleted, reason=reason)
+        # Only now, with memory, rows and key gone and no copy found in any file, is the receipt signed and
+        # queued (CONTRACT §7).
+        self.outbox.queue_receipt(self._sign("erasure", entry, grant=grant_id, ver=ver,
+                                             batches_deleted=batches_deleted, key_destroyed=True,
+                                             reason=reason))
+        log.info("grant %s %s: %d batch(es) deleted, data key destroyed", grant_id, reason, batches_deleted)
+
+    def finish_pending_erasures(self, *, wait_s: float = 0.0) -> list[Erasure]:
+        """Retry the erasures not yet verified; send the receipt of each that is now verified. Returns those."""
+        done = []
+        for p in self.store.pending_erasures():
+            gid = p.grant
+            if not self.outbox.finish_erasure(gid, wait_s=wait_s):
+                continue
+            self._receipt_erasure(gid, ver=p.ver, reason=p.reason, batches_deleted=p.batches_deleted)
+            self.store.remove_pending_erasure(gid)
+            done.append(Erasure(gid, p.batches_deleted, key_destroyed=True))
+        return done
 
     def _audit(self, event: str, **fields: object) -> dict[str, object]:
         """Append to the audit log; a failing log is reported but never stops an erasure or a decision."""
@@ -258,6 +351,16 @@ class ConsentManager:
         except StorageError as exc:
             log.error("audit entry %s not written: %s", event, exc)
             return {"n": None, "hash": None}
+
+
+@dataclass
+class _RejectWindow:
+    """One reason's coalescing interval: when it began and what was rejected since the entry that began it."""
+
+    start: float
+    pending: int = 0
+    last: ConsentError | None = None
+    ver: int | None = None
 
 
 def _audit_anchor(entry: dict[str, object]) -> dict[str, object]:

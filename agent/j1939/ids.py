@@ -104,9 +104,10 @@ def message_key(message: Message, source: int | None) -> int:
     return (route_key(message.frame_id) & ~0xFF) | source
 
 
-def widen(routes: dict[int, list[T]]) -> None:
+def widen(routes: dict[tuple[int, bool], list[T]]) -> None:
     """Let each source-specific route also decode what its PGN's any-source route decodes: a frame finds
-    one route only (source-specific first), and must still yield the signals mapped for every source."""
-    for key, entries in routes.items():
-        if key & J1939_FLAG and key & 0xFF != GLOBAL:
-            entries.extend(routes.get(key | GLOBAL, ()))
+    one route only (source-specific first), and must still yield the signals mapped for every source.
+    ``routes`` is keyed like the router's table: (frame id or route key, is_extended)."""
+    for (key, extended), entries in routes.items():
+        if extended and key & J1939_FLAG and key & 0xFF != GLOBAL:
+            entries.extend(routes.get((key | GLOBAL, True), ()))

@@ -7,11 +7,24 @@ ECU it tries the protocols one by one in the order 6, 8, 1, 7, 9, 2, 3, 4, 5, A;
 says which protocol answered. Clone adapters that answer ``?`` to a setting are noted and the client
 carries on without it: the answer parser copes with spaces, echo and missing headers.
 
-Every answer is read up to the ``>`` prompt within ``timeout_s`` (longer while the chip prints
-``SEARCHING...``). ``NO DATA``, ``?``, ``CAN ERROR``, ``UNABLE TO CONNECT``, ``BUS INIT: ...ERROR`` and
-the other ELM327 error texts mean "no value", never an exception. I/O failures and a missing prompt raise
-:class:`~agent.errors.SourceReadError` (the caller reconnects); failure to open or initialise raises
-:class:`~agent.errors.SourceOpenError`.
+Every exchange (one command, its answer, the ``>`` prompt) has an absolute deadline: ``timeout_s`` from
+the moment the command is written (``SEARCH_TIMEOUT_S`` once the chip prints ``SEARCHING...``), however
+the bytes arrive - an adapter that talks forever, drips one byte at a time or sends megabytes without a
+prompt is cut off at the deadline or at ``MAX_ANSWER_BYTES``, whichever comes first. ``NO DATA``, ``?``,
+``CAN ERROR``, ``UNABLE TO CONNECT``, ``BUS INIT: ...ERROR`` and the other ELM327 error texts mean "no
+value", never an exception.
+
+Errors (the poller closes the port and reconnects on each)::
+
+    SourceReadError          I/O failure (agent.errors)
+     +-- AnswerTimeout       no ``>`` prompt before the exchange's deadline
+     +-- AnswerTooLong       more than MAX_ANSWER_BYTES without a prompt
+    SourceOpenError          the port cannot be opened, no adapter or no ECU answers (agent.errors)
+
+Baud rate: only a real serial line has one. On a pseudo-terminal (an emulator), an rfcomm Bluetooth link
+or a network URL the baud rate is left alone; on a serial line each candidate rate is probed with
+``\\x7f\\x7f`` (what python-OBD sends) and, when that gets no prompt (some clones and emulators echo it and
+wait), with ``ATI``.
 
 Only ``AT`` commands and :class:`~agent.obd.request.ObdRequest` objects (made by the safety choke point
 :func:`agent.obd.request.build_request`) are ever written to the adapter. Nothing here logs a value.
@@ -20,7 +33,9 @@ Only ``AT`` commands and :class:`~agent.obd.request.ObdRequest` objects (made by
 from __future__ import annotations
 
 import logging
+import os
 import re
+import stat
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -51,23 +66,60 @@ CAN_29BIT = frozenset("79A")
 KNOWN_CLONE_VERSIONS = ("v2.1",)  # the firmware string of the common PIC18 clones
 SEARCH_TIMEOUT_S = 12.0  # a real chip can search for ~10 s
 RESET_TIMEOUT_S = 3.0
+BAUD_PROBE_TIMEOUT_S = 0.5
+# The longest answer vgw asks for is a few hundred bytes (six PIDs, the VIN, a DTC list of every ECU);
+# the chip's own send buffer is 512 bytes (ELM327 data sheet, "BUFFER FULL"). 32 KiB leaves ample room.
+MAX_ANSWER_BYTES = 32 * 1024
+_PTY_MAJORS = range(136, 144)  # Unix98 pty slaves (Linux devices.txt)
+_RFCOMM_MAJOR = 216  # Bluetooth RFCOMM TTY (Linux devices.txt)
 _NETWORK_URLS = ("socket://", "rfc2217://", "loop://", "spy://")
 _DATA_LINE = re.compile(r"^[0-9A-F]+$")
 _INDEXED_LINE = re.compile(r"^([0-9A-F]):([0-9A-F]*)$")
 _LENGTH_LINE = re.compile(r"^[0-9A-F]{3}$")
 
 
+class AnswerTimeout(SourceReadError):
+    """No ``>`` prompt before the exchange's absolute deadline (silence, or bytes that never end)."""
+
+
+class AnswerTooLong(SourceReadError):
+    """More than :data:`MAX_ANSWER_BYTES` arrived without a ``>`` prompt."""
+
+
+def baud_matters(port: str) -> bool:
+    """True if ``port`` is a real serial line whose baud rate must match the adapter's.
+
+    False for network URLs, pseudo-terminals (emulators, ``vgw sim elm327``) and rfcomm Bluetooth links,
+    where the rate is ignored, so probing it only costs time (python-OBD skips ``/dev/pts`` likewise).
+    """
+    if "://" in port:
+        return False
+    real = os.path.realpath(port)
+    if real.startswith(("/dev/pts/", "/dev/rfcomm")):
+        return False
+    try:
+        st = os.stat(real)
+    except OSError:
+        return True  # opening it will report the problem
+    if stat.S_ISCHR(st.st_mode):
+        major = os.major(st.st_rdev)
+        return major not in _PTY_MAJORS and major != _RFCOMM_MAJOR
+    return True
+
+
 class Elm327:
     """One ELM327 adapter. Not thread-safe: one poller thread owns it.
 
     ``port`` is a device (``/dev/ttyUSB0``) or pyserial URL; ``baudrate`` None = detect; ``protocol``
-    ``"auto"`` or ``"1"``..``"C"``; ``timeout_s`` is the per-answer timeout.
+    ``"auto"`` or ``"1"``..``"C"``; ``timeout_s`` is the deadline of one exchange. ``detect_baud`` None
+    probes the baud rate only when ``baudrate`` is None and :func:`baud_matters`; True or False forces it.
     """
 
     def __init__(self, port: str, *, baudrate: int | None = None, protocol: str = "auto",
-                 timeout_s: float = 2.0) -> None:
+                 timeout_s: float = 2.0, detect_baud: bool | None = None) -> None:
         self.port = port
         self.baudrate = baudrate
+        self.detect_baud = detect_baud
         self.want_protocol = protocol.upper()
         self.timeout_s = timeout_s
         self._ser: Any = None
@@ -128,7 +180,8 @@ class Elm327:
     def query(self, request: ObdRequest) -> dict[int, bytes]:
         """Send one checked OBD request; return each answering ECU's response payload ({} = no answer).
 
-        Raises TypeError for anything but an ObdRequest, SourceReadError on I/O failure or timeout.
+        Raises TypeError for anything but an ObdRequest, SourceReadError (AnswerTimeout, AnswerTooLong) on
+        I/O failure or when no prompt ends the answer in time.
         """
         if not isinstance(request, ObdRequest):
             raise TypeError("Elm327.query takes an ObdRequest from agent.obd.request.build_request")
@@ -150,16 +203,26 @@ class Elm327:
                                                   write_timeout=self.timeout_s)
         except (serial.SerialException, OSError, ValueError) as exc:
             raise SourceOpenError(f"ELM327 at {self.port}: cannot open: {exc}") from exc
-        if network or self.baudrate is not None:
-            return
+        detect = self.detect_baud
+        if detect is None:
+            detect = self.baudrate is None and not network and baud_matters(self.port)
+        if detect:
+            self._detect_baud()
+
+    def _detect_baud(self) -> None:
+        """Find the adapter's baud rate: ``\\x7f\\x7f`` at each candidate, then ``ATI`` if that got no prompt."""
         for baud in BAUD_CANDIDATES:
             try:
                 self._ser.baudrate = baud
-                self._transact("\x7f\x7f", min(0.5, self.timeout_s), raw=True)
-            except (SourceReadError, ValueError, OSError):
+            except (ValueError, OSError):
                 continue
-            self.baudrate = baud
-            return
+            for probe in ("\x7f\x7f", "ATI"):
+                try:
+                    self._transact(probe, min(BAUD_PROBE_TIMEOUT_S, self.timeout_s), raw=True)
+                except SourceReadError:
+                    continue
+                self.baudrate = baud
+                return
         raise SourceOpenError(f"ELM327 at {self.port}: no adapter answered at {', '.join(map(str, BAUD_CANDIDATES))}"
                               " baud")
 
@@ -237,34 +300,45 @@ class Elm327:
     # -- I/O ----------------------------------------------------------------------------------------
 
     def _transact(self, line: str, timeout: float, *, raw: bool = False) -> list[str]:
-        """Write ``line`` + CR, read up to the ``>`` prompt; returns the answer lines without the echo."""
+        """Write ``line`` + CR, read up to the ``>`` prompt; returns the answer lines without the echo.
+
+        The deadline is absolute: it is checked after every read, so bytes that keep coming cannot hold
+        the exchange open. Raises SourceReadError (AnswerTimeout, AnswerTooLong).
+        """
         ser = self._ser
         if ser is None:
             raise SourceReadError(f"ELM327 at {self.port}: not open")
         import serial
 
         what = "baud probe" if raw else line
+        start = time.monotonic()
+        deadline = start + timeout
+        buf = bytearray()
+        prompt = -1
+        searching = False
         try:
             ser.reset_input_buffer()  # a late answer to an earlier, timed-out command must not be read as this one
             ser.write(line.encode("ascii") + b"\r")
-            buf = bytearray()
-            deadline = time.monotonic() + timeout
-            extended = False
-            while b">" not in buf:
-                chunk = ser.read(max(1, ser.in_waiting))
+            while prompt < 0:
+                room = MAX_ANSWER_BYTES - len(buf)
+                if room <= 0:
+                    raise AnswerTooLong(f"ELM327 at {self.port}: answer to {what} longer than "
+                                        f"{MAX_ANSWER_BYTES} bytes without a prompt")
+                chunk = ser.read(min(room, max(1, ser.in_waiting)))
                 if chunk:
+                    scan_from = max(0, len(buf) - len(b"SEARCHING"))  # only the new bytes (and a split word)
                     buf += chunk
-                    if not extended and b"SEARCHING" in buf:
-                        extended = True
-                        deadline = max(deadline, time.monotonic() + SEARCH_TIMEOUT_S)
-                    continue
-                if time.monotonic() >= deadline:
-                    raise SourceReadError(f"ELM327 at {self.port}: no prompt within {timeout:g} s after {what}")
+                    prompt = buf.find(b">", scan_from)
+                    if not searching and buf.find(b"SEARCHING", scan_from) >= 0:
+                        searching = True  # a protocol search: the chip may take ~10 s (ELM327 data sheet)
+                        deadline = max(deadline, start + SEARCH_TIMEOUT_S)
+                if prompt < 0 and time.monotonic() >= deadline:
+                    raise AnswerTimeout(f"ELM327 at {self.port}: no prompt within {deadline - start:g} s after {what}")
         except serial.SerialException as exc:
             raise SourceReadError(f"ELM327 at {self.port}: {exc}") from exc
         except OSError as exc:
             raise SourceReadError(f"ELM327 at {self.port}: {exc.strerror or exc}") from exc
-        text = bytes(buf[: buf.index(b">")]).decode("ascii", "replace")
+        text = bytes(buf[:prompt]).decode("ascii", "replace")
         sent = line.upper().replace(" ", "")
         return [ln.strip() for ln in re.split(r"[\r\n]+", text)
                 if ln.strip() and ln.strip().upper().replace(" ", "") != sent]

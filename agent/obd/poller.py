@@ -15,6 +15,13 @@ Safety: every request is made by :func:`agent.obd.request.build_request` (re-exp
 services 01 and 09 only, plus 03 and 07 while ``read_diagnostics`` is granted; the transports send nothing
 else. The poller never crashes the agent: adapter errors close the session and reconnect with exponential
 backoff; unexpected errors are logged (type only, never a value or the VIN) and retried the same way.
+Every exchange with the adapter has an absolute deadline (the transports enforce it), so a hostile adapter
+costs at most ``timeout_s`` per request before the session is dropped and reopened.
+
+Health (:meth:`ObdPoller.health`, shown by ``vgw status``): ``state`` is ``idle`` (no scope wanted, the
+adapter closed), ``connecting``, ``connected`` or ``failing`` (the last exchange or connection attempt
+failed; reconnecting with backoff); ``ok`` is False only while failing; ``last_error`` is that failure's
+one-line message (port and command, never a value).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from typing import Any, Protocol
 
 from agent.config import ObdConfig
 from agent.errors import SourceError
+from agent.obd.elm327 import AnswerTimeout, AnswerTooLong
 from agent.obd.pids import (
     BITMAP_PIDS,
     BY_NUMBER,
@@ -95,6 +103,8 @@ class _Session:
 class ObdPoller(threading.Thread):
     """Polls consented OBD-II readings until ``stop`` is set. See the module docstring.
 
+    The poller thread owns the transport, ``counters`` and the health fields; :meth:`health` (any thread)
+    reads them under ``_health_lock``, which also guards every write to them.
     Raises ValueError at construction when ``cfg.pids`` names an unknown PID.
     """
 
@@ -125,8 +135,29 @@ class ObdPoller(threading.Thread):
         else:
             self._only_pids, self._only_special = resolve(cfg.pids)
         self.counters: dict[str, int] = {"cycles": 0, "requests": 0, "answers": 0, "no_data": 0, "samples": 0,
-                                         "reconnects": 0, "errors": 0}
+                                         "reconnects": 0, "errors": 0, "timeouts": 0, "too_long": 0,
+                                         "source_errors": 0}
         self.connected = threading.Event()
+        self._health_lock = threading.Lock()
+        self._state = "idle"
+        self._last_error: str | None = None
+        self._last_answer: float | None = None  # Unix time
+
+    def health(self) -> dict[str, Any]:
+        """A snapshot for status.json: state, ok, last_error, last_answer and the counters (no values)."""
+        with self._health_lock:
+            return {"state": self._state, "ok": self._state != "failing", "last_error": self._last_error,
+                    "last_answer": self._last_answer, "counters": dict(self.counters)}
+
+    def _set_state(self, state: str, error: str | None = None) -> None:
+        with self._health_lock:
+            self._state = state
+            if error is not None:
+                self._last_error = error
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._health_lock:
+            self.counters[name] += n
 
     # -- thread -------------------------------------------------------------------------------------
 
@@ -141,12 +172,19 @@ class ObdPoller(threading.Thread):
                     scopes = self._scopes()
                     if scopes:
                         if session is None:
+                            if self._state != "failing":
+                                self._set_state("connecting")
                             session = self._connect()
                             backoff = self.backoff_min_s
                         self._cycle(session, scopes)
-                        self.counters["cycles"] += 1
+                        self._count("cycles")
+                    if session is None:
+                        self._set_state("idle")
                 except SourceError as exc:
                     # Messages name the port and the command, never a value.
+                    self._count("timeouts" if isinstance(exc, AnswerTimeout) else
+                                "too_long" if isinstance(exc, AnswerTooLong) else "source_errors")
+                    self._set_state("failing", str(exc))
                     log.warning("OBD: %s; reconnecting in %.1f s", exc, backoff)
                     self._drop(session)
                     session = None
@@ -154,7 +192,8 @@ class ObdPoller(threading.Thread):
                     backoff = min(self.backoff_max_s, backoff * 2)
                     continue
                 except Exception as exc:
-                    self.counters["errors"] += 1
+                    self._count("errors")
+                    self._set_state("failing", f"unexpected {type(exc).__name__}")
                     log.error("OBD: unexpected %s; reconnecting in %.1f s", type(exc).__name__, backoff)
                     log.debug("OBD poller error", exc_info=True)
                     self._drop(session)
@@ -184,7 +223,8 @@ class ObdPoller(threading.Thread):
         except BaseException:
             transport.close()
             raise
-        self.counters["reconnects"] += 1
+        self._count("reconnects")
+        self._set_state("connected")
         self.connected.set()
         log.info("OBD: connected; the vehicle supports %d service 01 PIDs", len(session.supported))
         return session
@@ -194,12 +234,13 @@ class ObdPoller(threading.Thread):
     def _ask(self, transport: ObdTransport, service: int, pids: list[int]) -> dict[int, bytes]:
         # Scopes are read again right before each request: a revocation stops polling mid-cycle.
         request = build_request(service, pids, scopes=self._scopes())
-        self.counters["requests"] += 1
+        self._count("requests")
         answers = transport.query(request)
-        if answers:
-            self.counters["answers"] += 1
-        else:
-            self.counters["no_data"] += 1
+        self._count("answers" if answers else "no_data")
+        with self._health_lock:
+            self._last_answer = time.time()
+            if self._state == "failing":
+                self._state = "connected"
         return answers
 
     def _read_bitmaps(self, transport: ObdTransport) -> set[int]:
@@ -257,7 +298,7 @@ class ObdPoller(threading.Thread):
 
     def _emit(self, samples: list[Sample]) -> None:
         if samples:
-            self.counters["samples"] += len(samples)
+            self._count("samples", len(samples))
             self._sink(samples)
 
 

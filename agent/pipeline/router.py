@@ -1,14 +1,19 @@
 """Frame routing, consent policy and batching: the hot path between a source and the outbox.
 
 A :class:`Router` is built from the catalogue and the grants in force, and rebuilt whenever consent changes.
-For each frame id that carries at least one consented signal it holds one compiled decoder for just those
+For each frame that carries at least one consented signal it holds one compiled decoder for just those
 signals, and for each signal the grants it goes to with their limits. Every other frame is dropped by a
-single dict miss, before any decoding.
+single dict miss, before any decoding. A frame is keyed by (id, is_extended): the standard id 0x123 and the
+extended id 0x123 are different frames on the bus (ISO 11898-1 base and extended format), so a DBC message of
+one format is never decoded from a frame of the other.
 
 Policy per grant and path (CONTRACT §6, issue "consent guarantees"):
   * ``max_hz``: a sample is kept only if at least 1/max_hz s (frame time) passed since the last kept one.
   * ``precision_m``: latitude/longitude are snapped to a grid of that size before anything is stored.
   * defaults for read_location (0.2 Hz, 100 m) and read_compass (0.2 Hz) when the grant sets none.
+
+A NaN or infinite value (an IEEE-float signal can carry one) is counted in ``samples_not_finite`` and dropped
+before any policy sees it: it has no meaning, no JSON form, and cannot be snapped to a grid.
 """
 
 from __future__ import annotations
@@ -25,6 +30,10 @@ from agent.j1939.front import J1939Front, filter_keys
 from agent.pipeline.decoder import MessageDecoder
 
 _M_PER_DEG = 111_320.0
+STANDARD_ID_MAX = 0x7FF
+
+#: A frame's identity on the bus: (arbitration id, is_extended).
+FrameKey = tuple[int, bool]
 
 
 @dataclass(slots=True)
@@ -61,11 +70,12 @@ class Router:
     """Immutable routing for one consent state; the batches it feeds are owned by the pipeline."""
 
     def __init__(self, catalogue: Catalogue, grants: tuple[Grant, ...], batches: dict[str, GrantBatch]) -> None:
-        # Keyed by frame id, or for a J1939 message by route key (PGN, destination, source: agent.j1939.ids).
-        self.decoders: dict[int, MessageDecoder] = {}
+        # Keyed by (frame id, is_extended); a J1939 message by (route key, True): its PGN, PDU1 destination
+        # and source (agent.j1939.ids).
+        self.decoders: dict[FrameKey, MessageDecoder] = {}
         self.j1939 = any(j1939.is_j1939(m) for m in catalogue.messages.values())
-        wanted: dict[int, list[tuple[str, object]]] = {}
-        message_of: dict[int, int] = {}
+        wanted: dict[FrameKey, list[tuple[str, object]]] = {}
+        message_of: dict[FrameKey, int] = {}
         for spec in catalogue.specs:
             targets = []
             for g in grants:
@@ -79,7 +89,8 @@ class Router:
             leaf = spec.path.rsplit(".", 1)[-1]
             coord = "lat" if leaf == "Latitude" else "lon" if leaf == "Longitude" else ""
             message = catalogue.messages[spec.frame_id]
-            key = j1939.message_key(message, spec.source_address) if j1939.is_j1939(message) else spec.frame_id
+            key = (j1939.message_key(message, spec.source_address), True) if j1939.is_j1939(message) else \
+                (spec.frame_id, bool(message.is_extended_frame))
             message_of[key] = spec.frame_id
             wanted.setdefault(key, []).append((spec.signal, _Entry(spec, coord, tuple(targets))))
         j1939.widen(wanted)
@@ -88,14 +99,20 @@ class Router:
             signals.sort(key=lambda s: 0 if isinstance(s[1], _Entry) and s[1].coord == "lat" else 1)
             self.decoders[key] = MessageDecoder(catalogue.messages[message_of[key]], signals)
         # A consented J1939 message longer than 8 bytes arrives by transport protocol (agent.j1939.transport).
-        self.j1939_long = any(j1939.is_route_key(k) and d.length > 8 for k, d in self.decoders.items())
+        self.j1939_long = any(j1939.is_route_key(k) and d.length > 8 for (k, _), d in self.decoders.items())
         scopes = {s for g in grants for s in g.scopes}
-        self._extra_filters = filter_keys(scopes, self.j1939_long) if self.j1939 else frozenset()
+        extra = filter_keys(scopes, self.j1939_long) if self.j1939 else frozenset()
+        self._extra_filters = frozenset((k, True) for k in extra)
+
+    @property
+    def frames(self) -> frozenset[FrameKey]:
+        """The (id, is_extended) frames that carry a consented signal; J1939 route keys among them
+        (agent.j1939.ids), which the kernel filter turns into masked filters."""
+        return frozenset(self.decoders) | self._extra_filters
 
     @property
     def frame_ids(self) -> frozenset[int]:
-        """What the kernel filter lets through: frame ids, and J1939 route keys (agent.j1939.ids)."""
-        return frozenset(self.decoders) | self._extra_filters
+        return frozenset(fid for fid, _ in self.decoders)
 
 
 class Pipeline:
@@ -144,12 +161,16 @@ class Pipeline:
             self._j1939.reset({s for g in grants for s in g.scopes}, self.router.j1939_long)
         return dropped
 
-    def process(self, arbitration_id: int, data: bytes, t: float) -> None:
+    def process(self, arbitration_id: int, data: bytes, t: float, is_extended: bool | None = None) -> None:
+        """Decode one frame into the batches. ``is_extended`` None: inferred from the id (above 0x7FF it can
+        only be extended); a live source always passes the frame's own flag."""
         counters = self.counters
         counters["frames"] += 1
-        decoder = self.router.decoders.get(arbitration_id)
+        if is_extended is None:
+            is_extended = arbitration_id > STANDARD_ID_MAX
+        decoder = self.router.decoders.get((arbitration_id, is_extended))
         if decoder is None:
-            if self._j1939 is not None:
+            if self._j1939 is not None and is_extended:
                 self._process_j1939(arbitration_id, data, t)
                 return
             counters["frames_unrouted"] += 1
@@ -168,7 +189,7 @@ class Pipeline:
         if builtin is not None:
             self.offer(builtin[0].path, builtin[0].scope, t, builtin[1])
         decoders = self.router.decoders
-        decoder = decoders.get(j1939.route_key(can_id)) or decoders.get(j1939.any_source_key(can_id))
+        decoder = decoders.get((j1939.route_key(can_id), True)) or decoders.get((j1939.any_source_key(can_id), True))
         if decoder is None:
             if builtin is None:
                 self.counters["frames_unrouted"] += 1
@@ -184,6 +205,9 @@ class Pipeline:
         for entry, decoded in values:
             spec = entry.spec  # type: ignore[attr-defined]  # keys are the _Entry objects given to the decoder
             value: int | float | str = decoded
+            if type(value) is float and not math.isfinite(value):
+                counters["samples_not_finite"] += 1
+                continue
             if spec.parts is not None:
                 assembled = self._assemble(spec, decoded)
                 if assembled is None:
@@ -205,6 +229,9 @@ class Pipeline:
         Returns how many grants took it. Location/compass limits and max_hz apply exactly as for CAN.
         """
         taken = 0
+        if isinstance(value, float) and not math.isfinite(value):
+            self.counters["samples_not_finite"] += 1
+            return 0
         leaf = path.rsplit(".", 1)[-1]
         coord = "lat" if leaf == "Latitude" else "lon" if leaf == "Longitude" else ""
         if coord == "lat":
@@ -218,7 +245,12 @@ class Pipeline:
 
     def _emit(self, batch: GrantBatch, path: str, coord: str, t: float, t_out: float, value: Any,
               min_interval: float, precision_m: float) -> bool:
-        """Apply one grant's limits to a sample and append it to the grant's batch. True if it was kept."""
+        """Apply one grant's limits to a finite sample and append it to the grant's batch. True if it was kept."""
+        if precision_m and coord:
+            snapped = self._snap(coord, float(value), precision_m)
+            if snapped is None:
+                return False
+            value = snapped
         if min_interval:
             # max_hz, judged on frame time: never more than one sample per 1/max_hz s per path.
             last = batch.last_kept.get(path)
@@ -226,14 +258,6 @@ class Pipeline:
                 self.counters["samples_rate_limited"] += 1
                 return False
             batch.last_kept[path] = t
-        if isinstance(value, float) and not math.isfinite(value):
-            self.counters["samples_not_finite"] += 1  # NaN/Inf from a float signal: no JSON for it, no meaning
-            return False
-        if precision_m and coord:
-            snapped = self._snap(coord, float(value), precision_m)
-            if snapped is None:
-                return False
-            value = snapped
         if not batch.samples:
             batch.opened = time.monotonic()
             batch.first_t = t
@@ -254,14 +278,17 @@ class Pipeline:
         return text.decode("ascii", errors="replace")
 
     def _snap(self, coord: str, value: float, precision_m: float) -> float | None:
+        """``value`` on the grid, or None when it has none (no latitude yet; a value the grid cannot hold)."""
+        lat_step = precision_m / _M_PER_DEG
         if coord == "lat":
-            step = precision_m / _M_PER_DEG
-            return round(round(value / step) * step, 7)
+            return _on_grid(value, lat_step)
         if self._last_lat is None:
             return None  # cannot size the longitude grid without a latitude: send nothing rather than too much
-        lat = round(self._last_lat / (precision_m / _M_PER_DEG)) * (precision_m / _M_PER_DEG)
+        lat = _on_grid(self._last_lat, lat_step)
+        if lat is None:
+            return None
         step = precision_m / (_M_PER_DEG * max(math.cos(math.radians(min(abs(lat), 89.0))), 1e-3))
-        return round(round(value / step) * step, 7)
+        return _on_grid(value, step)
 
     def due(self, max_samples: int, max_interval_s: float, *, force: bool = False) -> list[GrantBatch]:
         """Batches to flush now: full, old enough, or (``force``) any non-empty one."""
@@ -271,3 +298,13 @@ class Pipeline:
             for b in self.batches.values()
             if b.samples and (force or len(b.samples) >= max_samples or now - b.opened >= max_interval_s)
         ]
+
+
+def _on_grid(value: float, step: float) -> float | None:
+    """``value`` rounded to a multiple of ``step``; None if that is not a finite float (a value near the float
+    range divided by a small step overflows): such a sample is dropped, never sent unsnapped."""
+    cells = value / step
+    if not math.isfinite(cells):
+        return None
+    snapped = round(round(cells) * step, 7)
+    return snapped if math.isfinite(snapped) else None

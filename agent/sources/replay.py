@@ -77,7 +77,7 @@ class ReplaySource:
         self.frames_read += 1
         return msg
 
-    def set_filters(self, frame_ids: frozenset[int]) -> None:
+    def set_filters(self, frames: frozenset[tuple[int, bool]]) -> None:
         return None
 
     def close(self) -> None:

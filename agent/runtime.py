@@ -510,6 +510,7 @@ class Agent:
             "last_publish": self.uplink.last_publish,
             "consent_version": consent.ver if consent else None,
             "consent_expired": self.manager.expired,
+            "collect": self.pipeline.rule_counts(),  # CONTRACT §5.1 rules: decoded vs let through, per grant/scope
             "published": {"batches": self.uplink.published_batches, "receipts": self.uplink.published_receipts},
             "storage": {"ok": self.storage_error is None, "error": self.storage_error},
             "health": {"ok": self.health_problem is None, "problem": self.health_problem},

@@ -29,6 +29,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, x25519
 
+from agent.collect.rules import RuleError, parse_rules
 from agent.errors import ConfigError
 from agent.scopes import SCOPES
 from simulators.cloud import (
@@ -58,7 +59,7 @@ SIGNER_KEY = "consent-signer.key"
 SIGNER_PUB = "consent-signer.pub.pem"
 RECIPIENTS = "recipients"
 DEFAULT_TTL_S = 86400
-_GRANT_KEYS = {"id", "controller", "purpose", "scopes", "recipient", "limits", "retention_s"}
+_GRANT_KEYS = {"id", "controller", "purpose", "scopes", "recipient", "limits", "retention_s", "collect"}
 _TOP_KEYS = {"grant", "grants", "ttl_s", "iss", "ver", "devices"}
 
 
@@ -201,6 +202,10 @@ def load_grants(path: Path) -> dict[str, Any]:
         recipient = "keys/recipients/fleet.pub.json"   # a keygen .pub.json (relative to this file) or {kem, pk}
         retention_s = 86400                # optional
         limits = { read_location = { max_hz = 0.2, precision_m = 1000 } }   # optional
+        [[grant.collect]]                  # optional collection rules (CONTRACT §5.1), one table per rule
+        scope = "read_speedometer"
+        mode = "aggregate"
+        window_s = 60
 
     Returns ``{"grants": [...], "ttl_s": int, "iss": str, "ver": int | None, "devices": [...]}``. Every
     rule the device would apply to the grants (known scopes, unique ids, a usable recipient key) is
@@ -260,6 +265,13 @@ def load_grants(path: Path) -> dict[str, Any]:
             if not isinstance(g["retention_s"], int) or g["retention_s"] <= 0:
                 raise CloudKitError(f"{where}: retention_s must be a positive integer")
             out["retention_s"] = g["retention_s"]
+        if "collect" in g:
+            # The device's own validation (agent.collect.rules): a rule it would reject never gets signed.
+            try:
+                parse_rules(g["collect"], scopes)
+            except RuleError as exc:
+                raise CloudKitError(f"{where}: {exc}") from None
+            out["collect"] = g["collect"]
         grants.append(out)
     ttl = data.get("ttl_s", DEFAULT_TTL_S)
     if not isinstance(ttl, int) or ttl <= 0:

@@ -138,6 +138,7 @@ def _wait_for_agent(store: ConsentStore, state_dir: Path, ver: int, timeout: flo
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    from agent.collect.describe import describe_grant
     from agent.config import load_config
     from agent.stateview import read_state
 
@@ -156,6 +157,9 @@ def cmd_show(args: argparse.Namespace) -> int:
     for g in consent.grants:
         print(f"  grant {g.id}  controller={g.controller}  purpose={g.purpose}")
         print(f"    scopes: {', '.join(g.scopes)}")
+        print("    what it receives:")
+        for line in describe_grant(g.scopes, g.collect, g.limits_in_force()):
+            print(f"      {line}")
         for scope in g.scopes:
             lim = g.limits_for(scope)
             if lim.max_hz or lim.precision_m:

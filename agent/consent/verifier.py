@@ -17,6 +17,7 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from agent.collect.rules import RuleError, parse_rules
 from agent.consent.model import KEM_PK_LENGTH, Consent, Grant, Limits, Recipient
 from agent.errors import ClaimsError, ConsentError, FreshnessError, SignatureError
 from agent.scopes import SCOPES
@@ -27,6 +28,11 @@ MAX_SCOPES_PER_GRANT = len(SCOPES)
 IAT_SKEW_S = 300  # CONTRACT §5: iat - 300 s <= now
 CONSENT_TYP = "vgw-consent+jwt"
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+# Every key a grant and a limit may carry (CONTRACT §5, §5.1). Anything else rejects the document: a
+# restriction this agent cannot enforce must never be silently ignored (fail closed).
+GRANT_KEYS = frozenset({"id", "controller", "purpose", "scopes", "limits", "retention_s", "recipient", "collect"})
+LIMIT_KEYS = frozenset({"max_hz", "precision_m"})
+RECIPIENT_KEYS = frozenset({"kem", "pk"})
 _COMPACT_JWS = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$")
 
 
@@ -208,6 +214,11 @@ def _grants(raw: Any, ver: int) -> tuple[Grant, ...]:
             raise _reject(ClaimsError, "duplicate-grant", f"consent v{ver} rejected: grant id {gid!r} appears twice",
                           ver)
         seen.add(gid)
+        # Unknown keys: e.g. a newer document's restriction this agent cannot enforce. Fail closed.
+        unknown = set(g) - GRANT_KEYS
+        if unknown:
+            raise _reject(ClaimsError, "unknown-key",
+                          f"consent v{ver} rejected: grant {gid!r} has unknown key(s) {sorted(unknown)}", ver)
         where = f"grant {gid!r} "
         controller = _str(g, "controller", ver, where=where)
         purpose = _str(g, "purpose", ver, where=where)
@@ -218,8 +229,13 @@ def _grants(raw: Any, ver: int) -> tuple[Grant, ...]:
             raise _reject(ClaimsError, "claims",
                           f"consent v{ver} rejected: grant {gid!r} retention_s must be a positive integer", ver)
         recipient = _recipient(g.get("recipient"), ver, gid)
+        # Collection rules (CONTRACT §5.1): one bad rule rejects the whole document, like any other rule.
+        try:
+            collect = parse_rules(g.get("collect"), scopes)
+        except RuleError as exc:
+            raise _reject(ClaimsError, exc.reason.value, f"consent v{ver} rejected: grant {gid!r} {exc}", ver) from None
         grants.append(Grant(id=gid, controller=controller, purpose=purpose, scopes=scopes, recipient=recipient,
-                            limits=limits, retention_s=retention))
+                            limits=limits, retention_s=retention, collect=collect))
     return tuple(grants)
 
 
@@ -254,10 +270,14 @@ def _limits(raw: Any, scopes: tuple[str, ...], ver: int, gid: str) -> dict[str, 
         if scope not in scopes:
             raise _reject(ClaimsError, "claims",
                           f"consent v{ver} rejected: grant {gid!r} limits name scope {scope!r} it does not grant", ver)
-        if not isinstance(lim, dict) or set(lim) - {"max_hz", "precision_m"}:
+        if not isinstance(lim, dict):
             raise _reject(ClaimsError, "claims",
-                          f"consent v{ver} rejected: grant {gid!r} limits for {scope!r} take max_hz and precision_m",
-                          ver)
+                          f"consent v{ver} rejected: grant {gid!r} limits for {scope!r} must be an object", ver)
+        # An unknown limit key is a restriction this agent cannot enforce: fail closed.
+        if set(lim) - LIMIT_KEYS:
+            raise _reject(ClaimsError, "unknown-key",
+                          f"consent v{ver} rejected: grant {gid!r} limits for {scope!r} have unknown key(s) "
+                          f"{sorted(set(lim) - LIMIT_KEYS)} (known: max_hz, precision_m)", ver)
         vals: dict[str, float | None] = {}
         for key in ("max_hz", "precision_m"):
             v = lim.get(key)
@@ -273,6 +293,9 @@ def _recipient(raw: Any, ver: int, gid: str) -> Recipient:
     # Without a well-formed recipient key nothing could be encrypted for the app: refuse the grant.
     if not isinstance(raw, dict):
         raise _reject(ClaimsError, "recipient", f"consent v{ver} rejected: grant {gid!r} has no recipient", ver)
+    if set(raw) - RECIPIENT_KEYS:
+        raise _reject(ClaimsError, "unknown-key", f"consent v{ver} rejected: grant {gid!r} recipient has unknown "
+                      f"key(s) {sorted(set(raw) - RECIPIENT_KEYS)}", ver)
     kem = raw.get("kem")
     if kem not in KEM_PK_LENGTH:
         raise _reject(ClaimsError, "recipient", f"consent v{ver} rejected: grant {gid!r} recipient kem {kem!r} "

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.catalogue import Catalogue, SignalSpec
+from agent.collect.engine import RuleEngine
 from agent.consent.model import Grant
 from agent.j1939 import ids as j1939
 from agent.j1939.front import J1939Front, filter_keys
@@ -45,11 +46,21 @@ class GrantBatch:
     opened: float = 0.0  # monotonic time of the first sample
     first_t: float = 0.0
     last_kept: dict[str, float] = field(default_factory=dict)  # path -> frame time of the last kept sample
+    rules: RuleEngine | None = None  # the grant's collection rules (None: it has none)
+    # Grants with rules only: scope -> [samples decoded, samples the rules let through] (the privacy report).
+    rule_counts: dict[str, list[int]] = field(default_factory=dict)
 
     def take(self) -> list[dict[str, Any]]:
         out = self.samples
         self.samples = []
         return out
+
+
+def _drop_rules(batch: GrantBatch) -> None:
+    """Forget a grant's rule state: its pre-trigger history and open windows live in memory only."""
+    if batch.rules is not None:
+        batch.rules.clear()
+        batch.rules = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +129,10 @@ class Router:
 class Pipeline:
     """Decodes frames through the current router into per-grant batches.
 
+    Collection rules (CONTRACT §5.1) apply before the limits: a grant with ``collect`` has a rule engine
+    (agent.collect.engine) on its batch, fed every decoded sample of the grant; only what the engine lets
+    through meets the limits. A grant without rules takes exactly the path it always did.
+
     Not thread-safe by itself: the runtime holds one lock around :meth:`process`, :meth:`due` and
     :meth:`swap`, so a revocation can never interleave with a half-processed frame.
     """
@@ -151,9 +166,13 @@ class Pipeline:
                 batch.samples.clear()
                 batch.last_kept.clear()
                 batch.grant = g
+                _drop_rules(batch)
             keep[g.id] = batch if batch is not None else GrantBatch(g)
+            if keep[g.id].rules is None and g.collect:
+                keep[g.id].rules = RuleEngine(g.collect)
         for gid in dropped:
             self.batches[gid].samples.clear()  # in-memory data of a revoked grant go at once
+            _drop_rules(self.batches[gid])  # and the rules' pre-trigger history and open windows with them
         self.batches = keep
         self.router = Router(self.catalogue, grants, self.batches)
         self._parts.clear()
@@ -217,11 +236,63 @@ class Pipeline:
             if coord == "lat":
                 self._last_lat = float(value)
             for target in entry.targets:  # type: ignore[attr-defined]
-                self._emit(target.batch, spec.path, coord, t, t_out, value, target.min_interval, target.precision_m)
+                self._deliver(target.batch, spec.path, spec.scope, coord, t, t_out, value, target.min_interval,
+                              target.precision_m)
 
     def granted_scopes(self) -> frozenset[str]:
         """Scopes at least one grant in force holds (sources poll nothing else: minimisation at the source)."""
         return frozenset(s for b in self.batches.values() for s in b.grant.scopes)
+
+    def _deliver(self, batch: GrantBatch, path: str, scope: str, coord: str, t: float, t_out: float, value: Any,
+                 min_interval: float, precision_m: float) -> bool:
+        """One sample of one grant: through its collection rules (if any), then its limits. True if kept."""
+        engine = batch.rules
+        if engine is None:
+            return self._emit(batch, path, coord, t, t_out, value, min_interval, precision_m)
+        counts = batch.rule_counts.setdefault(scope, [0, 0])
+        counts[0] += 1
+        out = engine.feed(path, scope, t, value)
+        return self._release(batch, out) if out else False
+
+    def _release(self, batch: GrantBatch, out: list[tuple[str, float, Any]]) -> bool:
+        """What a grant's rules let through, each sample under the limits of its own scope (rules before limits)."""
+        assert batch.rules is not None
+        kept = False
+        for path, t, value in out:
+            scope = batch.rules.scope_of(path)
+            batch.rule_counts.setdefault(scope, [0, 0])[1] += 1
+            lim = batch.grant.limits_for(scope)
+            leaf = path.rsplit(".", 1)[-1]
+            coord = "lat" if leaf == "Latitude" else "lon" if leaf == "Longitude" else ""
+            precision_m = lim.precision_m or 0.0
+            if isinstance(value, dict):  # an aggregate summary: coarsen each statistic to the grid
+                if precision_m and coord:
+                    snapped = {k: self._snap(coord, float(v), precision_m) if k != "n" else v
+                               for k, v in value.items()}
+                    if any(v is None for v in snapped.values()):
+                        continue
+                    value = snapped
+                precision_m = 0.0
+            if self._emit(batch, path, coord, t, round(t, 6), value, 1.0 / lim.max_hz if lim.max_hz else 0.0,
+                          precision_m):
+                kept = True
+                # Pre-trigger history is older than the batch's first sample: retention counts from the oldest.
+                batch.first_t = min(batch.first_t, t)
+        return kept
+
+    def rule_counts(self) -> dict[str, dict[str, dict[str, int]]]:
+        """Per grant with rules and scope: samples decoded and samples the rules let through (counts only)."""
+        # list() copies in one step under the GIL: safe to call from the status writer while frames flow.
+        return {b.grant.id: {scope: {"decoded": c[0], "after_rules": c[1]} for scope, c in list(b.rule_counts.items())}
+                for b in list(self.batches.values()) if b.rules is not None}
+
+    def close_windows(self) -> None:
+        """Send what every grant's open periodic and aggregate windows hold (end of trace, shutdown)."""
+        for batch in self.batches.values():
+            if batch.rules is not None:
+                out = batch.rules.flush()
+                if out:
+                    self._release(batch, out)
 
     def offer(self, path: str, scope: str, t: float, value: Any) -> int:
         """Route one already-decoded sample (e.g. an OBD-II PID answer) through the same policy.
@@ -240,7 +311,8 @@ class Pipeline:
             if scope in batch.grant.scopes:
                 lim = batch.grant.limits_for(scope)
                 min_interval = 1.0 / lim.max_hz if lim.max_hz else 0.0
-                taken += self._emit(batch, path, coord, t, round(t, 6), value, min_interval, lim.precision_m or 0.0)
+                taken += self._deliver(batch, path, scope, coord, t, round(t, 6), value, min_interval,
+                                       lim.precision_m or 0.0)
         return taken
 
     def _emit(self, batch: GrantBatch, path: str, coord: str, t: float, t_out: float, value: Any,
@@ -291,7 +363,9 @@ class Pipeline:
         return _on_grid(value, step)
 
     def due(self, max_samples: int, max_interval_s: float, *, force: bool = False) -> list[GrantBatch]:
-        """Batches to flush now: full, old enough, or (``force``) any non-empty one."""
+        """Batches to flush now: full, old enough, or (``force``) any non-empty one, open rule windows closed."""
+        if force:
+            self.close_windows()
         now = time.monotonic()
         return [
             b

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.errors import StorageError
+from vgw.errors import StorageError
 
 GENESIS = "0" * 64
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -94,23 +94,30 @@ class AuditLog:
                 os.close(fd)
             return entry
 
-    def entries(self) -> list[dict[str, Any]]:
+    def _lines(self) -> list[str] | None:
+        """The log's lines (None: no log yet). A damaged byte becomes U+FFFD, so its line fails the hash check
+        instead of the whole read. Raises StorageError when the file cannot be read."""
         try:
-            lines = self.path.read_text(encoding="utf-8").splitlines()
+            return self.path.read_bytes().decode("utf-8", "replace").splitlines()
         except FileNotFoundError:
-            return []
+            return None
+        except OSError as exc:
+            raise StorageError(f"{self.path}: cannot read audit log: {exc.strerror}") from exc
+
+    def entries(self) -> list[dict[str, Any]]:
+        lines = self._lines() or []
         out = []
         for line in lines:
             try:
-                out.append(json.loads(line))
+                entry = json.loads(line)
             except ValueError:
-                out.append({"event": "unreadable"})
+                entry = None
+            out.append(entry if isinstance(entry, dict) else {"event": "unreadable"})
         return out
 
     def verify(self) -> VerifyResult:
-        try:
-            lines = self.path.read_text(encoding="utf-8").splitlines()
-        except FileNotFoundError:
+        lines = self._lines()
+        if lines is None:
             return VerifyResult(ok=True, entries=0)
         prev = GENESIS
         for i, line in enumerate(lines, start=1):

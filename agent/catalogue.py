@@ -2,7 +2,7 @@
 
 Each mapped DBC signal becomes a :class:`SignalSpec` (message, signal, VSS path, scope). A DBC signal that
 no entry maps is unknown to the agent: never decoded, stored or sent. Loading validates everything a typo
-could break and raises :class:`~agent.errors.ConfigError` naming the file, the entry and the rule.
+could break and raises :class:`~vgw.errors.ConfigError` naming the file, the entry and the rule.
 
 String signals (the VIN) are carried over several multiplexed frames; the map says which part each DBC
 signal is with ``part``/``parts`` and the agent assembles the string (big-endian ASCII bytes of each raw
@@ -22,11 +22,11 @@ import cantools
 from cantools.database.can.database import Database
 from cantools.database.can.message import Message
 
-from agent.errors import ConfigError
-from agent.fsutil import MAX_CONFIG_BYTES, MAX_DBC_BYTES, read_small_file
-from agent.j1939.ids import is_j1939, message_key
-from agent.j1939.ids import parse as parse_id
-from agent.scopes import SCOPES
+from vgw.errors import ConfigError
+from vgw.fsutil import MAX_CONFIG_BYTES, MAX_DBC_BYTES, read_small_file
+from vgw.j1939.ids import is_j1939, message_key
+from vgw.j1939.ids import parse as parse_id
+from vgw.scopes import SCOPES
 
 _VSS_PATH = re.compile(r"^Vehicle(\.[A-Z][A-Za-z0-9]*)+$")
 _ENTRY_KEYS = {"message", "signal", "path", "scope", "part", "parts", "source_address"}

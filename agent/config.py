@@ -1,23 +1,35 @@
 """The agent's configuration file (CONTRACT §2): TOML in, frozen dataclasses out.
 
 Unknown keys are an error, because a typo must never silently disable a protection. Relative paths are
-resolved against the config file's folder. :func:`load_config` raises :class:`~agent.errors.ConfigError`
+resolved against the config file's folder. :func:`load_config` raises :class:`~vgw.errors.ConfigError`
 with a message that names the file, the key and the rule.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.errors import ConfigError
-from agent.fsutil import MAX_CONFIG_BYTES, read_small_file
+from vgw.errors import ConfigError
+from vgw.fsutil import read_small_file
 
 DEVICE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _TOPIC_PREFIX = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
+
+# Damaged or hostile config files (docs/guarantees.md, "Damaged files"): a ConfigError, never a traceback.
+MAX_CONFIG_BYTES = 1024 * 1024  # read no more: a config file is a few kB; /dev/zero must not fill memory
+MAX_DURATION_OR_RATE = 1e9  # float settings (seconds, Hz): finite and below threading.TIMEOUT_MAX (~9.2e9 s)
+MAX_INTEGER = 2**63 - 1  # integer settings fit a C long and SQLite INTEGER
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)``, cut short: an error message stays one readable line whatever the file holds."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 @dataclass(frozen=True)
@@ -131,9 +143,9 @@ class _Section:
         # bool is an int in Python; never accept true for a number.
         kinds = kind if isinstance(kind, tuple) else (kind,)
         if isinstance(value, bool) and bool not in kinds:
-            raise ConfigError(f"{self._where(key)}: expected {_kind_name(kinds)}, got {value!r}")
+            raise ConfigError(f"{self._where(key)}: expected {_kind_name(kinds)}, got {_shown(value)}")
         if not isinstance(value, kinds):
-            raise ConfigError(f"{self._where(key)}: expected {_kind_name(kinds)}, got {value!r}")
+            raise ConfigError(f"{self._where(key)}: expected {_kind_name(kinds)}, got {_shown(value)}")
         return value
 
     def path_value(self, key: str, *, required: bool = True, must_exist: bool = True) -> Path | None:
@@ -145,11 +157,15 @@ class _Section:
     def _resolve(self, key: str, raw: str, must_exist: bool) -> Path:
         if not raw:
             raise ConfigError(f"{self._where(key)}: must not be empty")
-        p = Path(raw).expanduser()
-        if not p.is_absolute():
-            p = (self.path.parent / p).resolve()
-        if must_exist and not p.exists():
-            raise ConfigError(f"{self._where(key)}: file not found: {p}")
+        try:
+            p = Path(raw).expanduser()
+            if not p.is_absolute():
+                p = (self.path.parent / p).resolve()
+            if must_exist and not p.exists():
+                raise ConfigError(f"{self._where(key)}: file not found: {p}")
+        except (ValueError, RuntimeError, OSError) as exc:
+            # NUL in the path (ValueError), ~unknown-user or a symlink loop (RuntimeError), a name too long.
+            raise ConfigError(f"{self._where(key)}: not a usable path: {_shown(raw)}") from exc
         return p
 
     def path_list(self, key: str, *, must_exist: bool = True) -> tuple[Path, ...]:
@@ -160,14 +176,22 @@ class _Section:
         out = []
         for item in items:
             if not isinstance(item, str):
-                raise ConfigError(f"{self._where(key)}: expected a list of paths, got {item!r}")
+                raise ConfigError(f"{self._where(key)}: expected a list of paths, got {_shown(item)}")
             out.append(self._resolve(key, item, must_exist))
         return tuple(out)
 
     def number(self, key: str, default: Any, *, minimum: float | None = None, integer: bool = False) -> Any:
         value = self.get(key, (int,) if integer else (int, float), default)
-        if value is not None and minimum is not None and value < minimum:
-            raise ConfigError(f"{self._where(key)}: must be >= {minimum}, got {value!r}")
+        if value is None:
+            return value
+        # TOML has inf and nan and integers of any size: a NaN passes every `<` check, an inf sleeps forever.
+        if integer and abs(value) > MAX_INTEGER:
+            raise ConfigError(f"{self._where(key)}: must be <= {MAX_INTEGER}, got {_shown(value)}")
+        if not integer and not (math.isfinite(value) and abs(value) <= MAX_DURATION_OR_RATE):
+            raise ConfigError(f"{self._where(key)}: must be a finite number <= {MAX_DURATION_OR_RATE:g}, "
+                              f"got {_shown(value)}")
+        if minimum is not None and value < minimum:
+            raise ConfigError(f"{self._where(key)}: must be >= {minimum}, got {_shown(value)}")
         return value
 
     def finish(self) -> None:
@@ -186,7 +210,10 @@ _SECTIONS = {"device", "can", "obd", "mqtt", "consent", "batch", "outbox"}
 
 def load_config(path: str | Path) -> Config:
     """Load and validate a config file. Raises ConfigError naming the file, key and rule."""
-    path = Path(path).expanduser().resolve()
+    try:
+        path = Path(path).expanduser().resolve()
+    except (ValueError, RuntimeError, OSError) as exc:
+        raise ConfigError(f"{_shown(str(path))}: not a usable path for a config file") from exc
     try:
         raw = read_small_file(path, what="config file", max_bytes=MAX_CONFIG_BYTES, error=ConfigError)
     except FileNotFoundError:
@@ -199,6 +226,8 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(f"{path}: not UTF-8 text") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+    except RecursionError as exc:  # tomllib parses nested arrays and inline tables recursively
+        raise ConfigError(f"{path}: invalid TOML: arrays or tables nested too deeply") from exc
     return config_from_dict(doc, path)
 
 
@@ -227,7 +256,7 @@ def _device(s: _Section) -> DeviceConfig:
     dev_id = s.get("id", str)
     if not DEVICE_ID_PATTERN.match(dev_id):
         raise ConfigError(
-            f"{s.path}: [device] id {dev_id!r}: use 1-64 letters, digits, '.', '_' or '-' "
+            f"{s.path}: [device] id {_shown(dev_id)}: use 1-64 letters, digits, '.', '_' or '-' "
             "(it is an MQTT topic segment and client id)"
         )
     state_dir = s.path_value("state_dir", must_exist=False)

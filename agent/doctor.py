@@ -3,7 +3,7 @@
 Checks, in order: config, catalogue (DBC + signal map), CAN interface (present, up, bitrate and bus state
 where readable) or replay trace, OBD adapter (opens, answers ``ATI``), keys, certificate (matches the key,
 names this device, expiry: WARN within 30 days, FAIL expired), broker (TCP, TLS handshake with the device
-certificate through :func:`agent.uplink.tls_context`, and the broker keeps the connection), clock (not
+certificate through :func:`vgw.uplink.tls_context`, and the broker keeps the connection), clock (not
 before the floor in ``clock.json``), state dir permissions, consent in force and its expiry.
 
 The doctor only reads: it creates no file, and it does not touch an adapter the running agent holds. Its
@@ -31,9 +31,9 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from agent.config import CanConfig, Config, ObdConfig, load_config
-from agent.errors import ConfigError, VgwError
-from agent.fsutil import MAX_KEY_BYTES, read_small_file
+from vgw.config import CanConfig, Config, ObdConfig, load_config
+from vgw.errors import ConfigError, VgwError
+from vgw.fsutil import MAX_KEY_BYTES, read_small_file
 
 PASS, WARN, FAIL = "PASS", "WARN", "FAIL"
 CERT_WARN_DAYS = 30
@@ -114,7 +114,7 @@ def exit_code(results: list[Check]) -> int:
 def _catalogue(cfg: Config) -> Check | None:
     if cfg.can is None:
         return None
-    from agent.catalogue import load_catalogue
+    from vgw.catalogue import load_catalogue
 
     try:
         cat = load_catalogue(cfg.can.dbc, cfg.can.signal_map, strict=cfg.can.dbc_strict)
@@ -235,7 +235,7 @@ def _can(can_cfg: CanConfig, probes: Probes) -> Check:
 
 
 def _agent_running(cfg: Config) -> bool:
-    from agent.runtime import AgentLock
+    from vgw.runtime import AgentLock
 
     try:
         return AgentLock.held_by_other(cfg.state_dir)
@@ -311,7 +311,7 @@ def _keys(cfg: Config) -> Check:
 
 
 def _certificate(cfg: Config) -> Check:
-    from agent.provisioning import cert_device_id
+    from vgw.provisioning import cert_device_id
 
     path = cfg.mqtt.cert_file
     try:
@@ -345,7 +345,7 @@ def _certificate(cfg: Config) -> Check:
 
 
 def _broker(cfg: Config, probes: Probes) -> Check:
-    from agent.uplink import tls_context
+    from vgw.uplink import tls_context
 
     m = cfg.mqtt
     where = f"{m.host}:{m.port}"
@@ -397,7 +397,7 @@ def _broker(cfg: Config, probes: Probes) -> Check:
 
 
 def _clock(cfg: Config) -> Check:
-    from agent.consent.store import ConsentStore
+    from vgw.consent.store import ConsentStore
 
     now = time.time()
     stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now))
@@ -441,10 +441,10 @@ def _claims(token: str) -> dict[str, Any]:
 
 
 def _consent(cfg: Config) -> Check:
-    from agent.consent.manager import load_trust_keys
-    from agent.consent.store import ConsentStore
-    from agent.consent.verifier import verify_consent
-    from agent.errors import ConsentError
+    from vgw.consent.manager import load_trust_keys
+    from vgw.consent.store import ConsentStore
+    from vgw.consent.verifier import verify_consent
+    from vgw.errors import ConsentError
 
     if not cfg.state_dir.is_dir():
         return Check("consent", WARN, "no consent in force: nothing is collected until the owner consents")

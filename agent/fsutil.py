@@ -20,7 +20,7 @@ import stat
 import tempfile
 from pathlib import Path
 
-from agent.errors import StorageError, VgwError
+from vgw.errors import StorageError, VgwError
 
 # Caps for the files the agent reads (a real one is far smaller; more is a wrong path or an attack).
 MAX_KEY_BYTES = 64 * 1024  # PEM keys, certificate chains, the storage key

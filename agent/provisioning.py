@@ -14,8 +14,8 @@ signed certificate; a new storage key would make the encrypted outbox unreadable
 written with the previous one kept as ``vgw.toml.bak``, and a user's own DBC/signal map is never replaced.
 Private key material is never printed or logged.
 
-Raises :class:`~agent.errors.ConfigError` for bad input (names the file or option) and
-:class:`~agent.errors.StorageError` when a file cannot be written.
+Raises :class:`~vgw.errors.ConfigError` for bad input (names the file or option) and
+:class:`~vgw.errors.StorageError` when a file cannot be written.
 """
 
 from __future__ import annotations
@@ -38,11 +38,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agent.config import DEVICE_ID_PATTERN, load_config
-from agent.consent.manager import load_trust_keys
-from agent.crypto.keys import KEY_BYTES
-from agent.errors import ConfigError, StorageError
-from agent.fsutil import MAX_KEY_BYTES, atomic_write, ensure_private_dir, read_small_file
+from vgw.config import DEVICE_ID_PATTERN, load_config
+from vgw.consent.manager import load_trust_keys
+from vgw.crypto.keys import KEY_BYTES
+from vgw.errors import ConfigError, StorageError
+from vgw.fsutil import MAX_KEY_BYTES, atomic_write, ensure_private_dir, read_small_file
 
 DEFAULT_OUT = Path("/etc/vgw")
 DEFAULT_STATE_DIR = Path("/var/lib/vgw")

@@ -19,7 +19,7 @@ A counter the agent does not record (yet) shows as "not recorded", never as zero
 Collection rules (CONTRACT §5.1): for a grant with rules, the running agent's status file holds, per scope,
 the samples decoded and the samples its rules let through since it started (``collect`` in ``status.json``);
 the report shows both and the share the rules kept back in the car, and says in plain words what each app
-receives (:mod:`agent.collect.describe`).
+receives (:mod:`vgw.collect.describe`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.collect.describe import SCOPE_LABELS
+from vgw.collect.describe import SCOPE_LABELS
+from vgw.timefmt import utc_text
 
 REPORT_VERSION = 1
 
@@ -86,14 +87,16 @@ def build_report(
         event = e.get("event")
         t = e.get("t")
         if event == "consent-applied":
-            for g in e.get("grants") or []:
+            listed = e.get("grants")
+            for g in listed if isinstance(listed, list) else []:
                 if not isinstance(g, Mapping) or not isinstance(g.get("id"), str):
                     continue
                 rec = grant_rec(g["id"])
                 if rec["granted_at"] is None or rec["stopped_at"] is not None:
                     rec["granted_at"], rec["granted_in_version"] = t, e.get("ver")
                     rec["stopped_at"] = rec["stop_reason"] = None  # granted again after a stop
-                rec["scopes"] = [s for s in g.get("scopes") or [] if isinstance(s, str)]
+                scopes = g.get("scopes")
+                rec["scopes"] = [s for s in scopes if isinstance(s, str)] if isinstance(scopes, list) else []
                 for k in ("controller", "purpose"):
                     if isinstance(g.get(k), str):
                         rec[k] = g[k]
@@ -111,7 +114,8 @@ def build_report(
                                    "batches": e.get("batches_deleted", 0), "at": t, "key_destroyed": True})
         elif event == "retention-delete" and isinstance(e.get("grant"), str):
             rec = grant_rec(e["grant"])
-            rec["_retention_audit"] += int(e.get("batches_deleted") or 0)
+            n = e.get("batches_deleted")
+            rec["_retention_audit"] += n if type(n) is int and n > 0 else 0  # a damaged entry counts nothing
             rec["_retention_last"] = t
 
     in_force = {g["id"]: g for g in consent.grants} if consent else {}
@@ -184,8 +188,8 @@ def _scope_rec(scope: str, sent: int | None, counted: Mapping[str, int] | None) 
 
 def collect(config_path: str | Path) -> dict[str, Any]:
     """Read a state directory (works while `vgw run` runs) and build the report. Raises VgwError."""
-    from agent.config import load_config
-    from agent.stateview import read_state
+    from vgw.config import load_config
+    from vgw.stateview import read_state
 
     cfg = load_config(config_path)
     state = read_state(cfg)
@@ -207,7 +211,7 @@ def _status_rule_counts(state_dir: Path) -> dict[str, Any]:
     """The rule counters of the running (or last) agent's status file; {} when there are none."""
     import json
 
-    from agent.runtime import STATUS_FILE
+    from vgw.runtime import STATUS_FILE
 
     try:
         counts = json.loads((state_dir / STATUS_FILE).read_text()).get("collect")
@@ -220,9 +224,8 @@ def _status_rule_counts(state_dir: Path) -> dict[str, Any]:
 
 
 def _when(t: Any) -> str:
-    if not isinstance(t, int | float) or isinstance(t, bool):
-        return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+    # The audit log and counters are files: a damaged one may hold any number (2**63, NaN); never a traceback.
+    return utc_text(t)
 
 
 def _num(v: Any) -> str:

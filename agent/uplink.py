@@ -9,7 +9,7 @@ outbox, not paho, is the only store of unsent data.
 Memory is bounded: paho's queue holds at most ``max_inflight`` + a few messages (``max_queued_messages``;
 a refused publish is counted in ``queue_full`` and retried from the outbox), the event deque only ever holds
 connection events, PUBACKs of the bounded in-flight window and oversized-message notices, and consent
-messages go straight to the runtime's bounded intake (agent.consent.intake). No packet larger than
+messages go straight to the runtime's bounded intake (vgw.consent.intake). No packet larger than
 ``MAX_PACKET_BYTES`` is ever buffered: MQTT 5 announces it as the Maximum Packet Size in CONNECT, and for
 both protocols the TLS socket drops an oversized PUBLISH's payload as it is read (agent.packetguard).
 
@@ -40,12 +40,12 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.config import MqttConfig
-from agent.consent.verifier import MAX_DOCUMENT_BYTES
-from agent.errors import ConfigError, StorageError
-from agent.fsutil import MAX_KEY_BYTES, read_small_file
-from agent.outbox import Outbox
-from agent.packetguard import guard_context
+from vgw.config import MqttConfig
+from vgw.consent.verifier import MAX_DOCUMENT_BYTES
+from vgw.errors import ConfigError, StorageError
+from vgw.fsutil import MAX_KEY_BYTES, read_small_file
+from vgw.outbox import Outbox
+from vgw.packetguard import guard_context
 
 log = logging.getLogger("vgw.uplink")
 
@@ -429,4 +429,4 @@ class Uplink:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         if message.topic == self.topic_consent and message.payload:
-            self.on_consent(bytes(message.payload))  # the bounded consent intake (agent.consent.intake)
+            self.on_consent(bytes(message.payload))  # the bounded consent intake (vgw.consent.intake)

@@ -1,6 +1,6 @@
 """CAN simulator: the vehicle model encoded with a DBC, at each message's cycle time.
 
-:class:`CanSimulator` turns :class:`~simulators.vehicle.VehicleModel` states into ``can.Message`` objects
+:class:`CanSimulator` turns :class:`~vgw.simulators.vehicle.VehicleModel` states into ``can.Message`` objects
 with cantools, each message at its ``GenMsgCycleTime`` (multiplexed messages cycle through their
 multiplexer values, one per transmission). Three ways to consume them:
 
@@ -10,11 +10,11 @@ multiplexer values, one per transmission). Three ways to consume them:
 - :meth:`CanSimulator.record`: write a trace (candump ``.log``, or any format ``can.Logger`` knows).
 
 :func:`open_output` opens the buses by name: python-can ``virtual``, ``socketcan`` (vcan0/can0 where the
-kernel has them) and ``slcan`` (an SLCAN adapter on a pseudo-terminal, :mod:`simulators.slcan_pty`).
+kernel has them) and ``slcan`` (an SLCAN adapter on a pseudo-terminal, :mod:`vgw.simulators.slcan_pty`).
 
-Errors: :class:`~agent.errors.ConfigError` for a missing or invalid DBC, an unknown message name or an
-unwritable trace; :class:`~agent.errors.SourceOpenError` when a bus cannot be opened;
-:class:`~agent.errors.SourceError` when an open bus rejects every frame.
+Errors: :class:`~vgw.errors.ConfigError` for a missing or invalid DBC, an unknown message name or an
+unwritable trace; :class:`~vgw.errors.SourceOpenError` when a bus cannot be opened;
+:class:`~vgw.errors.SourceError` when an open bus rejects every frame.
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ import can
 import cantools
 from cantools.database.can import Database, Message
 
-from agent.errors import ConfigError, SourceError, SourceOpenError
-from simulators.paths import default_dbc
-from simulators.vehicle import VehicleModel, VehicleState
+from vgw.errors import ConfigError, SourceError, SourceOpenError
+from vgw.simulators.paths import default_dbc
+from vgw.simulators.vehicle import VehicleModel, VehicleState
 
 INTERFACES = ("virtual", "socketcan", "slcan")
 DEFAULT_CHANNEL = "vcan0"
@@ -451,7 +451,7 @@ def open_output(interface: str, channel: str | None = None, bitrate: int | None 
             if fd:
                 kwargs["fd"] = True
             return can.Bus(interface="socketcan", channel=channel, **kwargs)
-        from simulators.slcan_pty import SlcanPtyBus
+        from vgw.simulators.slcan_pty import SlcanPtyBus
 
         return SlcanPtyBus()
     except SourceOpenError:

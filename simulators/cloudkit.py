@@ -1,6 +1,6 @@
 """The cloud integration kit behind ``vgw cloud``: keys, consent documents, push, revoke, listen, receipts.
 
-Everything the cloud side of CONTRACT §4-§7 needs, as small functions over :mod:`simulators.cloud`'s
+Everything the cloud side of CONTRACT §4-§7 needs, as small functions over :mod:`vgw.simulators.cloud`'s
 primitives (which stay the one implementation of JWS signing, HPKE and receipt verification):
 
 - :func:`keygen`: the consent signing key (Ed25519) and one HPKE recipient key pair per controller;
@@ -8,11 +8,11 @@ primitives (which stay the one implementation of JWS signing, HPKE and receipt v
   description; :func:`revoke_document`: the next version without some (or all) grants;
 - :func:`verify_receipt_file`.
 
-The MQTT side (:class:`~simulators.cloudlink.CloudLink`, :class:`~simulators.cloudlink.Listener`) is in
-:mod:`simulators.cloudlink`.
+The MQTT side (:class:`~vgw.simulators.cloudlink.CloudLink`, :class:`~vgw.simulators.cloudlink.Listener`) is in
+:mod:`vgw.simulators.cloudlink`.
 
 Errors: :class:`CloudKitError` (a ``ConfigError``: bad key file, description, document or option, with the
-file and field named), :class:`~agent.errors.UplinkError` (broker), :class:`~simulators.cloud.ReceiptError`.
+file and field named), :class:`~vgw.errors.UplinkError` (broker), :class:`~vgw.simulators.cloud.ReceiptError`.
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, x25519
 
-from agent.collect.rules import RuleError, parse_rules
-from agent.errors import ConfigError
-from agent.scopes import SCOPES
-from simulators.cloud import (
+from vgw.collect.rules import RuleError, parse_rules
+from vgw.errors import ConfigError
+from vgw.scopes import SCOPES
+from vgw.simulators.cloud import (
     HpkePrivateKey,
     ReceiptError,
     RecipientKey,
@@ -42,7 +42,7 @@ from simulators.cloud import (
     sign_consent,
     verify_receipt,
 )
-from simulators.pki import device_id_from_cert, device_public_key_from_cert
+from vgw.simulators.pki import device_id_from_cert, device_public_key_from_cert
 
 __all__ = [
     "CloudKitError",
@@ -266,7 +266,7 @@ def load_grants(path: Path) -> dict[str, Any]:
                 raise CloudKitError(f"{where}: retention_s must be a positive integer")
             out["retention_s"] = g["retention_s"]
         if "collect" in g:
-            # The device's own validation (agent.collect.rules): a rule it would reject never gets signed.
+            # The device's own validation (vgw.collect.rules): a rule it would reject never gets signed.
             try:
                 parse_rules(g["collect"], scopes)
             except RuleError as exc:

@@ -1,6 +1,6 @@
 """A J1939 truck on the bus (README "SAE J1939"): the vehicle model through a J1939 DBC, from several ECUs.
 
-:class:`J1939Simulator` is a :class:`~simulators.can_sim.CanSimulator` whose frames are a J1939 network:
+:class:`J1939Simulator` is a :class:`~vgw.simulators.can_sim.CanSimulator` whose frames are a J1939 network:
 
 - every DBC message at its cycle time from its DBC source address, and each message named in ``sources``
   also from those further source addresses, with another priority and values of their own (half the
@@ -30,12 +30,12 @@ from operator import attrgetter
 import can
 from cantools.database.can import Message
 
-from agent.errors import ConfigError
-from agent.j1939.ids import GLOBAL, PGN_REQUEST, PGN_TP_CM, PGN_TP_DT, is_j1939, make_id, parse
-from agent.j1939.messages import PGN_COMPONENT_ID, PGN_DM1, PGN_VIN, encode_dm1
-from agent.j1939.transport import CM_BAM
-from simulators.can_sim import CanSimulator
-from simulators.vehicle import VehicleModel
+from vgw.errors import ConfigError
+from vgw.j1939.ids import GLOBAL, PGN_REQUEST, PGN_TP_CM, PGN_TP_DT, is_j1939, make_id, parse
+from vgw.j1939.messages import PGN_COMPONENT_ID, PGN_DM1, PGN_VIN, encode_dm1
+from vgw.j1939.transport import CM_BAM
+from vgw.simulators.can_sim import CanSimulator
+from vgw.simulators.vehicle import VehicleModel
 
 ENGINE = 0x00
 SECOND_ENGINE = 0x01

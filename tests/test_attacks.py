@@ -25,7 +25,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from simulators.cloud import SigningKey, b64url
+from vgw.simulators.cloud import SigningKey, b64url
 from tests.consentkit import Authority, State
 
 DEVICE = "dev-0001"

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from agent.audit import GENESIS, AuditLog, _digest
-from agent.cli import main
+from vgw.audit import GENESIS, AuditLog, _digest
+from vgw.cli import main
 from tests.consentkit import Authority, State
 
 

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from agent.cli import main
-from simulators.broker import MosquittoNotFound, find_mosquitto
+from vgw.cli import main
+from vgw.simulators.broker import MosquittoNotFound, find_mosquitto
 
 
 def _have_mosquitto() -> bool:

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from agent.cli import main
-from simulators.broker import MosquittoNotFound, find_mosquitto
-from simulators.paths import dbc_dir
+from vgw.cli import main
+from vgw.simulators.broker import MosquittoNotFound, find_mosquitto
+from vgw.simulators.paths import dbc_dir
 
 
 def _have_mosquitto() -> bool:

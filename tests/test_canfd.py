@@ -14,15 +14,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.catalogue import load_catalogue
-from agent.config import load_config
-from agent.doctor import FAIL, PASS, WARN, Probes, check_can_interface
-from agent.errors import ConfigError
-from agent.pipeline.decoder import MessageDecoder
-from agent.sources.canbus import BusSource
-from simulators.can_sim import CanSimulator, open_output
-from simulators.paths import dbc_dir
-from simulators.vehicle import VehicleModel
+from vgw.catalogue import load_catalogue
+from vgw.config import load_config
+from vgw.doctor import FAIL, PASS, WARN, Probes, check_can_interface
+from vgw.errors import ConfigError
+from vgw.pipeline.decoder import MessageDecoder
+from vgw.sources.canbus import BusSource
+from vgw.simulators.can_sim import CanSimulator, open_output
+from vgw.simulators.paths import dbc_dir
+from vgw.simulators.vehicle import VehicleModel
 from tests.agentkit import AgentThread, Authority, vgw, write_config
 
 FD_DBC = dbc_dir() / "vehicle_fd.dbc"
@@ -275,7 +275,7 @@ def test_fd_over_slcan_from_a_separate_simulator_process(tmp_path, pki, broker, 
 
     from tests.agentkit import stop_process
 
-    sim = subprocess.Popen([sys.executable, "-m", "agent", "sim", "can", "--interface", "slcan", "--dbc",
+    sim = subprocess.Popen([sys.executable, "-m", "vgw", "sim", "can", "--interface", "slcan", "--dbc",
                             str(FD_DBC), "--duration", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True)
     auth = Authority(tmp_path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from simulators.pki import TestPKI
+from vgw.simulators.pki import TestPKI
 from tests.agentkit import vgw, write_config
 
 DEV = "dev-0001"

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from simulators.cloud import CloudPeer, consent_claims, grant, sign_consent
+from vgw.simulators.cloud import CloudPeer, consent_claims, grant, sign_consent
 from tests.agentkit import AgentThread, Authority, vgw, write_config
 
 DEV = "dev-0001"

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.collect.engine import RuleEngine, is_number
-from agent.collect.rules import parse_rules
+from vgw.collect.engine import RuleEngine, is_number
+from vgw.collect.rules import parse_rules
 
 SPEED, FUEL, LAT, ODO = ("Vehicle.Speed", "Vehicle.Powertrain.FuelSystem.RelativeLevel",
                          "Vehicle.CurrentLocation.Latitude", "Vehicle.TraveledDistance")
@@ -206,7 +206,7 @@ def test_windows_close_when_any_sample_of_the_grant_passes_their_end() -> None:
 
 
 def test_history_is_bounded_in_samples_too() -> None:
-    from agent.collect import engine as mod
+    from vgw.collect import engine as mod
 
     rules = parse_rules([{"scope": "read_location", "mode": "trigger", "when": "Vehicle.Speed > 1", "pre_s": 60}],
                         GRANT_SCOPES)

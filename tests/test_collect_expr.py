@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.collect.expr import MAX_CHARS, MAX_DEPTH, ConditionError, Evaluator, parse_condition
+from vgw.collect.expr import MAX_CHARS, MAX_DEPTH, ConditionError, Evaluator, parse_condition
 
 SPEED = "Vehicle.Speed"
 

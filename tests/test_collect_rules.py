@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from agent.collect.rules import MAX_RULES, Mode, RuleError, RuleReason, parse_rules
-from agent.consent.manager import load_trust_keys
-from agent.consent.verifier import verify_consent
-from agent.errors import ClaimsError
+from vgw.collect.rules import MAX_RULES, Mode, RuleError, RuleReason, parse_rules
+from vgw.consent.manager import load_trust_keys
+from vgw.consent.verifier import verify_consent
+from vgw.errors import ClaimsError
 from tests.consentkit import Authority, State
 
 DEVICE = "dev-0001"

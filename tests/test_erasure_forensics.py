@@ -16,13 +16,13 @@ from typing import Any
 
 import pytest
 
-from agent.catalogue import load_catalogue
-from agent.crypto import keys
-from agent.crypto.envelope import batch_plaintext, load_recipient_key, seal
-from agent.pipeline.router import Pipeline
-from simulators.can_sim import CanSimulator
-from simulators.paths import default_dbc, default_signal_map
-from simulators.vehicle import DEFAULT_VIN, VehicleModel
+from vgw.catalogue import load_catalogue
+from vgw.crypto import keys
+from vgw.crypto.envelope import batch_plaintext, load_recipient_key, seal
+from vgw.pipeline.router import Pipeline
+from vgw.simulators.can_sim import CanSimulator
+from vgw.simulators.paths import default_dbc, default_signal_map
+from vgw.simulators.vehicle import DEFAULT_VIN, VehicleModel
 from tests.consentkit import Authority, State
 
 DEVICE = "dev-0001"
@@ -64,7 +64,8 @@ def world(tmp_path: Path, pki: Any) -> Iterator[dict[str, Any]]:
                 if samples:
                     g = batch.grant
                     s.outbox.commit_batch(g.id, lambda seq, _s=samples, _g=g: seal(
-                        _g.recipient.kem, recipients[_g.id], DEVICE, _g.id, batch_plaintext(DEVICE, _g.id, seq, _s)),
+                        _g.recipient.kem, recipients[_g.id], DEVICE, _g.id, batch_plaintext(DEVICE, _g.id, seq, _s,
+                                                                                 epoch=s.outbox.epoch)),
                         batch.first_t, len(samples))
     assert vin_samples > 0
     db = s.outbox._db
@@ -187,7 +188,7 @@ def _corrupt_keeping_keys(path: Path) -> None:
 
 
 def test_erasure_after_quarantine_leaves_no_copy_anywhere(world: dict[str, Any]) -> None:
-    from agent.outbox import integrity_problem, open_checked
+    from vgw.outbox import integrity_problem, open_checked
 
     s: State = world["state"]
     auth: Authority = world["auth"]

@@ -1,7 +1,7 @@
 """CAN-side faults: a flood of random frames with malformed ones, the interface going down, error frames.
 
 The vehicle and the flood share one sending bus on the in-process virtual channel, so the only receive queue
-that fills is the agent's (bounded at agent.sources.canbus.RX_QUEUE_FRAMES, overflow counted).
+that fills is the agent's (bounded at vgw.sources.canbus.RX_QUEUE_FRAMES, overflow counted).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def test_flood_of_random_and_short_frames_bounded_memory_and_data_keep_flowing(
     runner = _start(tmp_path, pki, broker, cloud, auth, channel)
     try:
         agent = runner.agent
-        consented = sorted(agent.pipeline.router.frame_ids)  # the ids carrying consented signals
+        consented = sorted(vgw.pipeline.router.frame_ids)  # the ids carrying consented signals
         proc = psutil.Process()
         time.sleep(1.0)
         rss0 = proc.memory_info().rss

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from simulators.broker import free_port
+from vgw.simulators.broker import free_port
 from tests.agentkit import AgentThread, Authority, agent_process, write_config
 from tests.faultkit import (
     DEV,
@@ -171,7 +171,7 @@ def _fill_and_corrupt(cfg: Path, auth: Authority, tmp_path: Path, *, header: boo
         data[0:100] = b"\xa5" * 100
     else:
         page = 4096
-        for off in range(len(data) // 2, len(data) - page, page * 7):
+        for off in range(len(data) // 2 // page * page, len(data) - page, page * 7):  # page-aligned
             data[off + 8:off + 200] = b"\xff" * 192  # smash cell pointers of pages holding batch rows
     outbox.write_bytes(bytes(data))
     return outbox
@@ -204,6 +204,6 @@ def test_corrupt_outbox_is_quarantined_audited_and_seq_continues(tmp_path, pki, 
 
 
 def integrity_problem_of(path: Path) -> str | None:
-    from agent.outbox import integrity_problem
+    from vgw.outbox import integrity_problem
 
     return integrity_problem(path)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from simulators.broker import Mosquitto
+from vgw.simulators.broker import Mosquitto
 from tests.agentkit import AgentThread, Authority, write_config
 from tests.faultkit import Tls11Server, apply_offline, record_trace, wait_until
 

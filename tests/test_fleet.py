@@ -11,8 +11,8 @@ import json
 
 import pytest
 
-from simulators.fleet import FleetConfig, FleetSim
-from simulators.nats import NatsNotFound, find_nats_server
+from vgw.simulators.fleet import FleetConfig, FleetSim
+from vgw.simulators.nats import NatsNotFound, find_nats_server
 from tests.agentkit import vgw
 
 

@@ -16,13 +16,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.catalogue import catalogue_from_map, load_catalogue, load_dbc
-from agent.config import load_config
-from agent.consent.model import Grant, Recipient
-from agent.errors import ConfigError
-from agent.j1939 import ids
-from agent.j1939.ids import GLOBAL, PGN_TP_CM, PGN_TP_DT, make_id, parse
-from agent.j1939.messages import (
+from vgw.catalogue import catalogue_from_map, load_catalogue, load_dbc
+from vgw.config import load_config
+from vgw.consent.model import Grant, Recipient
+from vgw.errors import ConfigError
+from vgw.j1939 import ids
+from vgw.j1939.ids import GLOBAL, PGN_TP_CM, PGN_TP_DT, make_id, parse
+from vgw.j1939.messages import (
     COMPONENT_PATH,
     DM1_PATH,
     VIN_PATH,
@@ -31,14 +31,14 @@ from agent.j1939.messages import (
     parse_dm1,
     parse_vin,
 )
-from agent.j1939.request import Requester
-from agent.j1939.transport import CM_ABORT, CM_BAM, CM_CTS, CM_EOMA, CM_RTS, MAX_SESSIONS, MAX_SIZE, T1_S, Reassembler
-from agent.pipeline.router import Pipeline
-from agent.sources.canbus import BusSource
-from simulators.can_sim import open_output
-from simulators.j1939_sim import COMPONENT_ID, DM1_OFFSET_S, ENGINE, SECOND_ENGINE, J1939Responder, J1939Simulator
-from simulators.paths import dbc_dir
-from simulators.vehicle import VehicleModel
+from vgw.j1939.request import Requester
+from vgw.j1939.transport import CM_ABORT, CM_BAM, CM_CTS, CM_EOMA, CM_RTS, MAX_SESSIONS, MAX_SIZE, T1_S, Reassembler
+from vgw.pipeline.router import Pipeline
+from vgw.sources.canbus import BusSource
+from vgw.simulators.can_sim import open_output
+from vgw.simulators.j1939_sim import COMPONENT_ID, DM1_OFFSET_S, ENGINE, SECOND_ENGINE, J1939Responder, J1939Simulator
+from vgw.simulators.paths import dbc_dir
+from vgw.simulators.vehicle import VehicleModel
 from tests.agentkit import AgentThread, Authority, vgw, write_config
 
 TRUCK_DBC = dbc_dir() / "truck_j1939.dbc"

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.logs import _JournalFormatter
-from simulators.cloud import CloudPeer
+from vgw.logs import _JournalFormatter
+from vgw.simulators.cloud import CloudPeer
 from tests.agentkit import AgentThread, Authority, Vehicle, vgw, write_config
 
 DEV = "dev-0001"

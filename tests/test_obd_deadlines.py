@@ -18,14 +18,14 @@ import can
 import psutil
 import pytest
 
-from agent.config import ObdConfig
-from agent.obd.elm327 import MAX_ANSWER_BYTES, AnswerTimeout, AnswerTooLong, Elm327, baud_matters
-from agent.obd.isotp import IsoTpTransport
-from agent.obd.poller import ObdPoller
-from agent.obd.request import build_request
-from simulators.cloud import CloudPeer
-from simulators.elm327 import Elm327Simulator
-from simulators.obd_ecu import frozen_model
+from vgw.config import ObdConfig
+from vgw.obd.elm327 import MAX_ANSWER_BYTES, AnswerTimeout, AnswerTooLong, Elm327, baud_matters
+from vgw.obd.isotp import IsoTpTransport
+from vgw.obd.poller import ObdPoller
+from vgw.obd.request import build_request
+from vgw.simulators.cloud import CloudPeer
+from vgw.simulators.elm327 import Elm327Simulator
+from vgw.simulators.obd_ecu import frozen_model
 from tests.agentkit import Authority, agent_process, vgw, write_config
 
 SPEED = build_request(0x01, [0x0D], scopes=frozenset())

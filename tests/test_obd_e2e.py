@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from simulators.cloud import CloudPeer
-from simulators.elm327 import Elm327Simulator
-from simulators.obd_ecu import frozen_model
+from vgw.simulators.cloud import CloudPeer
+from vgw.simulators.elm327 import Elm327Simulator
+from vgw.simulators.obd_ecu import frozen_model
 from tests.agentkit import AgentThread, Authority, agent_process, write_config
 
 DEV = "dev-0001"

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from agent.bench.report import Progress
+from vgw.bench.report import Progress
 
 _CHUNK = 20_000
 
@@ -32,7 +32,7 @@ def bench_decode(db: Any, trace: Path, frames: int, progress: Progress) -> dict[
     """cantools vs compiled decoders (every signal) on in-memory frames, and the naive agent end to end."""
     import can
 
-    from agent.pipeline.decoder import MessageDecoder
+    from vgw.pipeline.decoder import MessageDecoder
 
     # cantools keys an extended id that fits in 11 bits apart from the standard one (force_extended_id).
     by_id = {(m.frame_id, m.is_extended_frame): m for m in db.messages}

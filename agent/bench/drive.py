@@ -16,8 +16,8 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import x25519
 
-from agent.collect.rules import parse_rules
-from agent.consent.model import KEM_X25519, Grant, Recipient
+from vgw.collect.rules import parse_rules
+from vgw.consent.model import KEM_X25519, Grant, Recipient
 
 DRIVE_SCOPES = ("read_speedometer", "read_fuel", "read_thermometer", "read_climate")
 START = 1_795_920_000.0
@@ -48,13 +48,13 @@ class _Tally:
 
 def drive_cycle(seconds: float = 1800.0, *, seed: int = 7, batch_interval_s: float | None = None) -> dict[str, Any]:
     """Run the measure over ``seconds`` of simulated driving. Returns a JSON-ready dict (see module docstring)."""
-    from agent.catalogue import load_catalogue
-    from agent.config import BatchConfig
-    from agent.crypto.envelope import batch_plaintext, load_recipient_key, seal
-    from agent.pipeline.router import Pipeline
-    from simulators.can_sim import CanSimulator
-    from simulators.paths import default_dbc, default_signal_map
-    from simulators.vehicle import VehicleModel
+    from vgw.catalogue import load_catalogue
+    from vgw.config import BatchConfig
+    from vgw.crypto.envelope import batch_plaintext, load_recipient_key, seal
+    from vgw.pipeline.router import Pipeline
+    from vgw.simulators.can_sim import CanSimulator
+    from vgw.simulators.paths import default_dbc, default_signal_map
+    from vgw.simulators.vehicle import VehicleModel
 
     if seconds <= 0:
         raise ValueError("seconds must be > 0")
@@ -79,7 +79,7 @@ def drive_cycle(seconds: float = 1800.0, *, seed: int = 7, batch_interval_s: flo
             if samples:
                 seqs[gid] += 1
                 envelope = seal(KEM_X25519, keys[gid], "bench-car-01", gid,
-                                batch_plaintext("bench-car-01", gid, seqs[gid], samples))
+                                batch_plaintext("bench-car-01", gid, seqs[gid], samples, epoch="0123456789abcdef"))
                 tally[gid].samples += len(samples)
                 tally[gid].batches += 1
                 tally[gid].bytes += len(envelope)

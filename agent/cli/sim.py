@@ -14,7 +14,7 @@ must be up with ``fd on``), the SLCAN pty writes them in the CANable 2.0 dialect
 lines) that python-can's slcan reads; an adapter firmware without that dialect cannot carry FD.
 
 With ``--interface slcan`` the pty path is the first line of stdout, then it serves until killed (or
-``--duration``). Other simulators plug in as modules ``agent.cli.sim_<name>`` (see ``_SIM_COMMANDS``)
+``--duration``). Other simulators plug in as modules ``vgw.cli.sim_<name>`` (see ``_SIM_COMMANDS``)
 exposing ``register(sim_subparsers)``; they are skipped while they do not exist.
 """
 
@@ -30,9 +30,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from agent.errors import ConfigError
+from vgw.errors import ConfigError
 
-# Further `vgw sim <name>` commands, each in agent.cli.sim_<name> with register(sim_subparsers).
+# Further `vgw sim <name>` commands, each in vgw.cli.sim_<name> with register(sim_subparsers).
 _SIM_COMMANDS = ("elm327", "fleet")
 
 DEFAULT_RECORD_S = 60.0
@@ -48,9 +48,9 @@ def register(subparsers: Any) -> None:
     _register_can(sim_sub)
     for name in _SIM_COMMANDS:
         try:
-            module = importlib.import_module(f"agent.cli.sim_{name}")
+            module = importlib.import_module(f"vgw.cli.sim_{name}")
         except ModuleNotFoundError as exc:
-            if exc.name == f"agent.cli.sim_{name}":
+            if exc.name == f"vgw.cli.sim_{name}":
                 continue  # not built yet
             raise
         module.register(sim_sub)
@@ -99,9 +99,9 @@ def _register_can(sim_sub: Any) -> None:
 
 def run_can(args: argparse.Namespace) -> int:
     """Run ``vgw sim can``. Raises ConfigError / SourceOpenError (printed as one line by the CLI)."""
-    from simulators.can_sim import CanSimulator, open_output
-    from simulators.j1939_sim import J1939Simulator, is_j1939_dbc
-    from simulators.vehicle import DEFAULT_VIN, VehicleModel
+    from vgw.simulators.can_sim import CanSimulator, open_output
+    from vgw.simulators.j1939_sim import J1939Simulator, is_j1939_dbc
+    from vgw.simulators.vehicle import DEFAULT_VIN, VehicleModel
 
     if args.duration is not None and args.duration < 0:
         raise ConfigError(f"--duration must be >= 0, got {args.duration}")
@@ -137,12 +137,12 @@ def run_can(args: argparse.Namespace) -> int:
             print(getattr(bus, "path", ""), flush=True)
         if isinstance(sim, J1939Simulator):
             # The truck's engine answers J1939 requests (PGN 59904) for its VIN and component identification.
-            from simulators.j1939_sim import J1939Responder
+            from vgw.simulators.j1939_sim import J1939Responder
 
             responder = J1939Responder(bus, sim).start()
         elif args.obd:
             # The simulated ECUs also answer OBD-II requests (ISO-TP on 0x7DF/0x7E0 -> 0x7E8) on this bus.
-            from simulators.obd_responder import attach
+            from vgw.simulators.obd_responder import attach
 
             responder = attach(bus, sim.model)
         started = time.monotonic()

@@ -11,8 +11,8 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from agent.collect.expr import Abs, Arith, BoolExpr, Compare, Logic, Neg, Not, Num, NumExpr, Path, Rising
-from agent.collect.rules import Mode, Rule
+from vgw.collect.expr import Abs, Arith, BoolExpr, Compare, Logic, Neg, Not, Num, NumExpr, Path, Rising
+from vgw.collect.rules import Mode, Rule
 
 SCOPE_LABELS = {
     "read_vehicle_info": "Vehicle make, model and year",
@@ -138,6 +138,6 @@ def describe_grant(scopes: Sequence[str], rules: Sequence[Rule],
 
 
 def _scope_of(path: str) -> str | None:
-    from agent.collect.vss import VSS_SCOPES
+    from vgw.collect.vss import VSS_SCOPES
 
     return VSS_SCOPES.get(path)

@@ -25,8 +25,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.collect.expr import Evaluator
-from agent.collect.rules import Mode, Rule
+from vgw.collect.expr import Evaluator
+from vgw.collect.rules import Mode, Rule
 
 Out = tuple[str, float, Any]  # (path, t, value)
 

@@ -37,7 +37,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from agent.errors import VgwError
+from vgw.errors import VgwError
 
 MAX_CHARS = 256
 MAX_DEPTH = 16

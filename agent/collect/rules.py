@@ -7,7 +7,7 @@ signs.
 
 Choices the contract leaves open (docs/privacy.md, "Collection rules"): ``deadband``, ``pre_s``,
 ``post_s`` and ``min_interval_s`` default to 0 (the least data); every duration is at most one day; a path
-must be one this agent knows the scope of (:mod:`agent.collect.vss`).
+must be one this agent knows the scope of (:mod:`vgw.collect.vss`).
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from agent.collect.expr import PATH_RE, Condition, ConditionError, parse_condition
-from agent.collect.vss import VSS_SCOPES
-from agent.errors import VgwError
+from vgw.collect.expr import PATH_RE, Condition, ConditionError, parse_condition
+from vgw.collect.vss import VSS_SCOPES
+from vgw.errors import VgwError
 
 MAX_RULES = 64  # at most one per scope (15) and per path; a bound on the work a document can ask for
 MAX_PRE_S = 60.0  # CONTRACT §5.1: the pre-trigger history is memory-only and at most 60 s

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from agent.collect.describe import describe_grant
-from agent.collect.rules import Rule
+from vgw.collect.describe import describe_grant
+from vgw.collect.rules import Rule
 
 KEM_X25519 = "X25519"
 KEM_MLKEM768_X25519 = "MLKEM768-X25519"

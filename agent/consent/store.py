@@ -14,8 +14,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from agent.errors import StorageError
-from agent.fsutil import MAX_STATE_BYTES, atomic_write, read_small_file
+from vgw.errors import StorageError
+from vgw.fsutil import MAX_STATE_BYTES, atomic_write, read_small_file
+from vgw.timefmt import valid_time
 
 CONSENT_FILE = "consent.jws"
 INBOX_FILE = "consent.inbox.jws"  # `vgw consent apply` hands a document to the running agent here
@@ -117,11 +118,13 @@ class ConsentStore:
     def _read_clock(self) -> tuple[float, int]:
         try:
             doc = json.loads(_read_state(self.clock_path, "clock file"))
-            return float(doc.get("floor", 0.0)), int(doc.get("max_ver", 0))
+            floor, max_ver = float(doc.get("floor", 0.0)), int(doc.get("max_ver", 0))
         except FileNotFoundError:
             return 0.0, 0
-        except (OSError, ValueError, TypeError, AttributeError, StorageError):
+        except (OSError, ValueError, TypeError, AttributeError, OverflowError, StorageError):
             return 0.0, 0  # a corrupt clock file only loses rollback protection back to wall time
+        # NaN or a time no calendar has is corrupt too: a NaN now never compares, so nothing would expire.
+        return (floor if valid_time(floor) else 0.0), max_ver
 
     def _read_floor(self) -> float:
         return self._read_clock()[0]

@@ -17,15 +17,17 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from agent.collect.rules import RuleError, parse_rules
-from agent.consent.model import KEM_PK_LENGTH, Consent, Grant, Limits, Recipient
-from agent.errors import ClaimsError, ConsentError, FreshnessError, SignatureError
-from agent.scopes import SCOPES
+from vgw.collect.rules import RuleError, parse_rules
+from vgw.consent.model import KEM_PK_LENGTH, Consent, Grant, Limits, Recipient
+from vgw.errors import ClaimsError, ConsentError, FreshnessError, SignatureError
+from vgw.scopes import SCOPES
+from vgw.timefmt import LATEST_TIME
 
 MAX_DOCUMENT_BYTES = 64 * 1024  # enforced before any parsing: a huge document is a memory/CPU attack
 MAX_GRANTS = 64
 MAX_SCOPES_PER_GRANT = len(SCOPES)
 IAT_SKEW_S = 300  # CONTRACT §5: iat - 300 s <= now
+EARLIEST_TIME = 946_684_800  # 2000-01-01 00:00:00 UTC: no genuine consent document is older
 CONSENT_TYP = "vgw-consent+jwt"
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 # Every key a grant and a limit may carry (CONTRACT §5, §5.1). Anything else rejects the document: a
@@ -118,6 +120,14 @@ def verify_consent(
     sub = _str(claims, "sub", ver)
     iat = _int(claims, "iat", ver, minimum=0)
     exp = _int(claims, "exp", ver, minimum=0)
+
+    # Real dates only: iat and exp in years 2000..9999 UTC. Blocks a document "valid forever" (exp 2**63) and
+    # values no calendar can show, which crashed every command that prints the expiry (time_t overflow).
+    for key, t in (("iat", iat), ("exp", exp)):
+        if not EARLIEST_TIME <= t <= LATEST_TIME:
+            shown = str(t) if len(str(t)) <= 20 else str(t)[:20] + "..."
+            raise _reject(ClaimsError, "validity",
+                          f"consent v{ver} rejected: {key} {shown} is not a time in years 2000..9999 UTC", ver)
 
     # Audience: a document for another device must never apply here (replay across devices).
     if sub != device:
@@ -312,7 +322,7 @@ def _recipient(raw: Any, ver: int, gid: str) -> Recipient:
     if len(pk) != KEM_PK_LENGTH[kem]:
         raise _reject(ClaimsError, "recipient", f"consent v{ver} rejected: grant {gid!r} recipient pk is {len(pk)} "
                       f"bytes, {kem} needs {KEM_PK_LENGTH[kem]}", ver)
-    from agent.crypto.envelope import load_recipient_key  # validate the point itself, not just its length
+    from vgw.crypto.envelope import load_recipient_key  # validate the point itself, not just its length
 
     try:
         load_recipient_key(kem, pk)

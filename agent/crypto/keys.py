@@ -13,8 +13,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
 
-from agent.errors import StorageError
-from agent.fsutil import MAX_KEY_BYTES, atomic_write, check_owner, read_small_file
+from vgw.errors import StorageError
+from vgw.fsutil import MAX_KEY_BYTES, atomic_write, check_owner, read_small_file
 
 KEY_BYTES = 32
 NONCE_BYTES = 12

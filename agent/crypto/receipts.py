@@ -10,8 +10,8 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-from agent.errors import ConfigError
-from agent.fsutil import MAX_KEY_BYTES, check_owner, read_small_file
+from vgw.errors import ConfigError
+from vgw.fsutil import MAX_KEY_BYTES, check_owner, read_small_file
 
 RECEIPT_TYP = "vgw-receipt+jwt"
 

@@ -1,9 +1,9 @@
 """What the pipeline asks of J1939 for a frame that no exact identifier matched (README "SAE J1939").
 
 :class:`J1939Front` turns the bus's frames into whole J1939 messages -- single frames as they are, transport
-fragments through the :class:`~agent.j1939.transport.Reassembler` -- and parses the built-in PGNs (VIN,
+fragments through the :class:`~vgw.j1939.transport.Reassembler` -- and parses the built-in PGNs (VIN,
 component identification, DM1) for the scopes a grant holds. The pipeline then looks the message up by
-route key (:mod:`agent.j1939.ids`) and decodes it with the DBC like any other frame.
+route key (:mod:`vgw.j1939.ids`) and decodes it with the DBC like any other frame.
 
 Owned by the pipeline; runs in the collector thread under the pipeline's lock.
 """
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from agent.j1939.ids import PGN_TP_CM, PGN_TP_DT, any_destination_key, any_source_key, make_id, parse
-from agent.j1939.messages import (
+from vgw.j1939.ids import PGN_TP_CM, PGN_TP_DT, any_destination_key, any_source_key, make_id, parse
+from vgw.j1939.messages import (
     BUILTINS,
     PGN_COMPONENT_ID,
     PGN_DM1,
@@ -23,7 +23,7 @@ from agent.j1939.messages import (
     parse_dm1,
     parse_vin,
 )
-from agent.j1939.transport import Reassembler
+from vgw.j1939.transport import Reassembler
 
 
 def transport_needed(scopes: Iterable[str], long_messages: bool) -> bool:

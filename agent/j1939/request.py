@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from agent.j1939.ids import GLOBAL, PGN_REQUEST, make_id
-from agent.j1939.messages import BUILTINS, PGN_COMPONENT_ID, PGN_VIN
+from vgw.j1939.ids import GLOBAL, PGN_REQUEST, make_id
+from vgw.j1939.messages import BUILTINS, PGN_COMPONENT_ID, PGN_VIN
 
 REQUEST_INTERVAL_S = 30.0
 REQUESTABLE = (PGN_VIN, PGN_COMPONENT_ID)  # broadcast only on request (J1939-71)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from agent.j1939.ids import GLOBAL, PGN_TP_CM, PGN_TP_DT, parse
+from vgw.j1939.ids import GLOBAL, PGN_TP_CM, PGN_TP_DT, parse
 
 T1_S = 0.75
 T2_S = 1.25

@@ -23,12 +23,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.catalogue import Catalogue, SignalSpec
-from agent.collect.engine import RuleEngine
-from agent.consent.model import Grant
-from agent.j1939 import ids as j1939
-from agent.j1939.front import J1939Front, filter_keys
-from agent.pipeline.decoder import MessageDecoder
+from vgw.catalogue import Catalogue, SignalSpec
+from vgw.collect.engine import RuleEngine
+from vgw.consent.model import Grant
+from vgw.j1939 import ids as j1939
+from vgw.j1939.front import J1939Front, filter_keys
+from vgw.pipeline.decoder import MessageDecoder
 
 _M_PER_DEG = 111_320.0
 STANDARD_ID_MAX = 0x7FF
@@ -82,7 +82,7 @@ class Router:
 
     def __init__(self, catalogue: Catalogue, grants: tuple[Grant, ...], batches: dict[str, GrantBatch]) -> None:
         # Keyed by (frame id, is_extended); a J1939 message by (route key, True): its PGN, PDU1 destination
-        # and source (agent.j1939.ids).
+        # and source (vgw.j1939.ids).
         self.decoders: dict[FrameKey, MessageDecoder] = {}
         self.j1939 = any(j1939.is_j1939(m) for m in catalogue.messages.values())
         wanted: dict[FrameKey, list[tuple[str, object]]] = {}
@@ -109,7 +109,7 @@ class Router:
             # Latitude before longitude, so a frame carrying both snaps longitude with its own latitude.
             signals.sort(key=lambda s: 0 if isinstance(s[1], _Entry) and s[1].coord == "lat" else 1)
             self.decoders[key] = MessageDecoder(catalogue.messages[message_of[key]], signals)
-        # A consented J1939 message longer than 8 bytes arrives by transport protocol (agent.j1939.transport).
+        # A consented J1939 message longer than 8 bytes arrives by transport protocol (vgw.j1939.transport).
         self.j1939_long = any(j1939.is_route_key(k) and d.length > 8 for (k, _), d in self.decoders.items())
         scopes = {s for g in grants for s in g.scopes}
         extra = filter_keys(scopes, self.j1939_long) if self.j1939 else frozenset()
@@ -118,7 +118,7 @@ class Router:
     @property
     def frames(self) -> frozenset[FrameKey]:
         """The (id, is_extended) frames that carry a consented signal; J1939 route keys among them
-        (agent.j1939.ids), which the kernel filter turns into masked filters."""
+        (vgw.j1939.ids), which the kernel filter turns into masked filters."""
         return frozenset(self.decoders) | self._extra_filters
 
     @property
@@ -130,7 +130,7 @@ class Pipeline:
     """Decodes frames through the current router into per-grant batches.
 
     Collection rules (CONTRACT §5.1) apply before the limits: a grant with ``collect`` has a rule engine
-    (agent.collect.engine) on its batch, fed every decoded sample of the grant; only what the engine lets
+    (vgw.collect.engine) on its batch, fed every decoded sample of the grant; only what the engine lets
     through meets the limits. A grant without rules takes exactly the path it always did.
 
     Not thread-safe by itself: the runtime holds one lock around :meth:`process`, :meth:`due` and

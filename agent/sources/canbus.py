@@ -24,9 +24,9 @@ from typing import Any
 import can
 from can.typechecking import CanFilter
 
-from agent.errors import SourceFrameError, SourceOpenError, SourceReadError
-from agent.j1939 import ids as j1939
-from agent.j1939.request import is_request
+from vgw.errors import SourceFrameError, SourceOpenError, SourceReadError
+from vgw.j1939 import ids as j1939
+from vgw.j1939.request import is_request
 
 log = logging.getLogger("vgw.source")
 
@@ -199,7 +199,7 @@ def kernel_filters(frames: frozenset[tuple[int, bool]]) -> list[CanFilter]:
     mask = 0x1FFFFFFF | CAN_EFF_FLAG
     filters: list[CanFilter] = [{"can_id": fid, "can_mask": mask, "extended": ext} for fid, ext in sorted(frames)
                                 if not j1939.is_route_key(fid)]
-    # J1939 route keys (agent.j1939.ids) match a PGN whatever the priority (and the source): one masked
+    # J1939 route keys (vgw.j1939.ids) match a PGN whatever the priority (and the source): one masked
     # extended filter each.
     filters += [{"can_id": can_id, "can_mask": j1939_mask | CAN_EFF_FLAG, "extended": True}
                 for can_id, j1939_mask in sorted({j1939.kernel_filter(fid) for fid, _ in frames

@@ -52,6 +52,10 @@ class CanConfig:
     replay_loop: bool = False
     replay_exit: bool = False
     reopen_s: float = 2.0
+    fd: bool = False  # CAN FD (README "CAN FD"): open the bus in FD mode
+    data_bitrate: int | None = None  # FD data-phase bitrate, for interfaces that set it themselves
+    j1939_requests: bool = False  # README "SAE J1939": may the agent send request PGN 59904 at all
+    j1939_address: int | None = None  # the source address it sends requests from (never claimed)
 
 
 @dataclass(frozen=True)
@@ -282,11 +286,45 @@ def _can(s: _Section) -> CanConfig:
         raise ConfigError(f"{s.path}: [can] channel: required for interface {interface!r}")
     if replay_loop and replay_exit:
         raise ConfigError(f"{s.path}: [can] replay_loop and replay_exit cannot both be true")
+    fd, data_bitrate = _can_fd(s, interface, bitrate)
+    j1939_requests = s.get("j1939_requests", bool, False)
+    j1939_address = s.get("j1939_address", int, None)
+    if j1939_address is not None and not 0 <= j1939_address <= 253:
+        raise ConfigError(f"{s.path}: [can] j1939_address: must be 0..253 (254 null, 255 global), got {j1939_address}")
+    if j1939_requests and j1939_address is None:
+        raise ConfigError(f"{s.path}: [can] j1939_address: required with j1939_requests = true (a free address "
+                          "such as 0xF9; the agent never claims one)")
+    if j1939_requests and replay is not None:
+        raise ConfigError(f"{s.path}: [can] j1939_requests: a replayed trace cannot answer requests")
     s.finish()
     return CanConfig(interface=interface, channel=channel if channel is not None else "can0" if interface ==
                      "socketcan" else channel, bitrate=bitrate, dbc=dbc, signal_map=signal_map,
                      dbc_strict=dbc_strict, replay=replay, replay_rate=replay_rate, replay_loop=replay_loop,
-                     replay_exit=replay_exit, reopen_s=reopen_s)
+                     replay_exit=replay_exit, reopen_s=reopen_s, fd=fd, data_bitrate=data_bitrate,
+                     j1939_requests=j1939_requests, j1939_address=j1939_address)
+
+
+# python-can's slcan speaks the CANable 2.0 FD dialect, which knows these data bitrates only.
+SLCAN_DATA_BITRATES = (2_000_000, 5_000_000)
+
+
+def _can_fd(s: _Section, interface: str, bitrate: int | None) -> tuple[bool, int | None]:
+    """``fd`` and ``data_bitrate`` (README "CAN FD"): checked here so a bus never opens half-configured."""
+    fd = s.get("fd", bool, False)
+    data_bitrate = s.number("data_bitrate", None, minimum=1, integer=True)
+    if data_bitrate is not None and not fd:
+        raise ConfigError(f"{s.path}: [can] data_bitrate: only meaningful with fd = true")
+    if data_bitrate is not None and interface == "socketcan":
+        # The kernel owns SocketCAN bit timing (`ip link set can0 type can ... dbitrate N fd on`).
+        raise ConfigError(f"{s.path}: [can] data_bitrate: SocketCAN takes it from `ip link ... dbitrate`, "
+                          "not from vgw; remove it")
+    if interface == "slcan" and data_bitrate is not None:
+        if data_bitrate not in SLCAN_DATA_BITRATES:
+            raise ConfigError(f"{s.path}: [can] data_bitrate {data_bitrate}: an slcan adapter takes "
+                              f"{' or '.join(str(r) for r in SLCAN_DATA_BITRATES)}")
+        if bitrate is None:
+            raise ConfigError(f"{s.path}: [can] bitrate: required with data_bitrate on slcan")
+    return fd, data_bitrate
 
 
 def _obd(s: _Section) -> ObdConfig:

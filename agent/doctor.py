@@ -30,7 +30,6 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-
 from vgw.config import CanConfig, Config, ObdConfig, load_config
 from vgw.errors import ConfigError, VgwError
 from vgw.fsutil import MAX_KEY_BYTES, read_small_file
@@ -40,6 +39,7 @@ CERT_WARN_DAYS = 30
 CONSENT_WARN_S = 24 * 3600
 CLOCK_MIN = 1735689600  # 2025-01-01T00:00:00Z: a clock before this was never set (no RTC, no NTP yet)
 ARPHRD_CAN = 280
+CAN_MTU, CANFD_MTU = 16, 72  # linux/can.h: the MTU of a SocketCAN interface tells classic CAN from CAN FD
 IFF_UP = 0x1
 ELM_BAUDRATES = (38400, 9600, 115200, 230400)
 
@@ -145,8 +145,10 @@ def _read(path: Path) -> str | None:
         return None
 
 
-def check_can_interface(name: str, ifname: str, want_bitrate: int | None, probes: Probes) -> Check:
-    """A SocketCAN interface: present, a CAN device, up; bitrate and bus state when the kernel says them."""
+def check_can_interface(name: str, ifname: str, want_bitrate: int | None, probes: Probes, *,
+                        want_fd: bool = False) -> Check:
+    """A SocketCAN interface: present, a CAN device, up, in CAN FD mode when ``want_fd`` (MTU 72, README
+    "CAN FD"); bitrate and bus state when the kernel says them."""
     base = probes.sys_class_net / ifname
     if not base.exists():
         return Check(name, FAIL, f"CAN interface {ifname} not found (CAN HAT overlay in config.txt? "
@@ -158,11 +160,14 @@ def check_can_interface(name: str, ifname: str, want_bitrate: int | None, probes
     if flags is not None and not int(flags, 16) & IFF_UP:
         return Check(name, FAIL, f"{ifname} is down (systemd-networkd brings it up with 80-can0.network; "
                                  f"or: ip link set {ifname} up type can bitrate 500000)")
+    fd_check = _fd_mode(ifname, _read(base / "mtu"), want_fd)
+    if fd_check is not None and fd_check[0] == FAIL:
+        return Check(name, *fd_check)
     details = (probes.link_details or ip_link_details)(ifname)
     info = ((details or {}).get("linkinfo") or {})
     data = info.get("info_data") or {}
     if info.get("info_kind") == "vcan":
-        return Check(name, PASS, f"{ifname} is up (virtual CAN)")
+        return Check(name, PASS, f"{ifname} is up (virtual CAN{', FD' if want_fd else ''})")
     state = data.get("state")
     bitrate = (data.get("bittiming") or {}).get("bitrate")
     parts = [f"{ifname} is up"]
@@ -173,13 +178,30 @@ def check_can_interface(name: str, ifname: str, want_bitrate: int | None, probes
     detail = ", ".join(parts)
     if state == "BUS-OFF":
         return Check(name, FAIL, f"{detail}: the controller left the bus (wrong bitrate or wiring?)")
+    if fd_check is not None:
+        return Check(name, *fd_check)  # a WARN (a FAIL returned above)
     if bitrate and want_bitrate and int(bitrate) != want_bitrate:
         return Check(name, WARN, f"{detail}, but the config says {want_bitrate} bit/s")
     if state in ("ERROR-PASSIVE", "ERROR-WARNING"):
         return Check(name, WARN, f"{detail}: bus errors (bitrate, termination or wiring?)")
     if not bitrate:
         detail += " (bitrate not readable)"
+    if want_fd:
+        detail += ", CAN FD (MTU 72)"
     return Check(name, PASS, detail)
+
+
+def _fd_mode(ifname: str, mtu: str | None, want_fd: bool) -> tuple[str, str] | None:
+    """(status, detail) when the interface's FD mode disagrees with ``[can] fd``, else None."""
+    if mtu is None or not mtu.isdigit():
+        return None  # not readable: nothing to say
+    if want_fd and int(mtu) != CANFD_MTU:
+        return FAIL, (f"{ifname} is up in classic CAN mode (MTU {mtu}) but [can] fd = true: no CAN FD frame "
+                      f"arrives (ip link set {ifname} down; ip link set {ifname} up type can bitrate 500000 "
+                      f"dbitrate 2000000 fd on; a vcan: ip link set {ifname} mtu 72)")
+    if not want_fd and int(mtu) == CANFD_MTU:
+        return WARN, f"{ifname} is in CAN FD mode (MTU 72) but [can] fd = false: FD frames are not received"
+    return None
 
 
 def _can(can_cfg: CanConfig, probes: Probes) -> Check:
@@ -202,7 +224,7 @@ def _can(can_cfg: CanConfig, probes: Probes) -> Check:
     if can_cfg.interface == "virtual":
         return Check("can", PASS, "virtual bus (no hardware to check)")
     if can_cfg.interface == "socketcan":
-        return check_can_interface("can", can_cfg.channel or "can0", can_cfg.bitrate, probes)
+        return check_can_interface("can", can_cfg.channel or "can0", can_cfg.bitrate, probes, want_fd=can_cfg.fd)
     channel = (can_cfg.channel or "").split("@")[0]
     if channel.startswith("/dev/"):
         if not os.path.exists(channel):

@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 import can
-
 from vgw.audit import AuditLog
 from vgw.catalogue import Catalogue, load_catalogue
 from vgw.config import Config
@@ -52,9 +51,11 @@ from vgw.crypto.keys import load_or_create_storage_key
 from vgw.crypto.receipts import ReceiptSigner
 from vgw.errors import SourceError, SourceFrameError, SourceReadError, StorageError, VgwError
 from vgw.fsutil import atomic_write, ensure_private_dir
+from vgw.j1939.request import Requester
 from vgw.outbox import GrantNotActive, Outbox, OutboxUnwritable, open_checked
 from vgw.pipeline.router import GrantBatch, Pipeline
 from vgw.sdnotify import notify, watchdog_interval
+from vgw.sources.canbus import BusSource
 from vgw.uplink import Uplink
 
 log = logging.getLogger("vgw.agent")
@@ -332,6 +333,9 @@ class Agent:
         from vgw.sources import open_source
 
         can_cfg = self.cfg.can
+        # README "SAE J1939": requests (PGN 59904) only when the config allows them; rate-limited across reopens.
+        requester = Requester(can_cfg.j1939_address) if can_cfg.j1939_requests and \
+            can_cfg.j1939_address is not None else None
         while not self._stop.is_set():
             self._collector_beat = time.monotonic()
             try:
@@ -345,7 +349,7 @@ class Agent:
             try:
                 with self._lock:
                     self._install_filters()
-                if self._read_source(source):
+                if self._read_source(source, requester):
                     return
             except SourceError as exc:
                 self.counters["source_errors"] += 1
@@ -370,8 +374,9 @@ class Agent:
                 return
             self._stop.wait(min(1.0, deadline - now))
 
-    def _read_source(self, source: Any) -> bool:
-        """Read ``source`` until stop (False) or the end of a finite trace (True, everything flushed).
+    def _read_source(self, source: Any, requester: Requester | None = None) -> bool:
+        """Read ``source`` until stop (False) or the end of a finite trace (True, everything flushed); send the
+        J1939 requests ``requester`` says are due (README "SAE J1939").
 
         Raises SourceReadError when the source fails or sends BAD_FRAMES_REOPEN malformed frames in a row.
         """
@@ -421,6 +426,10 @@ class Agent:
                     if due:
                         self._flush(due)
                     next_full_check = 0
+                    requests = requester.due(now, pipeline.granted_scopes()) if requester else ()
+                if requests and isinstance(source, BusSource):
+                    for can_id, data in requests:
+                        source.send_j1939_request(can_id, data)
             if source.finished:
                 with lock:
                     self._flush(pipeline.due(1, 0, force=True))

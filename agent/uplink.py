@@ -39,7 +39,6 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-
 from vgw.config import MqttConfig
 from vgw.consent.verifier import MAX_DOCUMENT_BYTES
 from vgw.errors import ConfigError, StorageError

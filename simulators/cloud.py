@@ -34,7 +34,6 @@ from typing import TYPE_CHECKING, Any
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
-
 from vgw.errors import UplinkError
 from vgw.simulators.cloud_records import (
     BadReceipt,

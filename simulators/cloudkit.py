@@ -28,7 +28,6 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, x25519
-
 from vgw.collect.rules import RuleError, parse_rules
 from vgw.errors import ConfigError
 from vgw.scopes import SCOPES

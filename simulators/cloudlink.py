@@ -19,7 +19,6 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric import ec
-
 from vgw.errors import UplinkError
 from vgw.simulators.cloud import EnvelopeError, HpkePrivateKey, ReceiptError, open_envelope, verify_receipt
 from vgw.simulators.cloudkit import CloudKitError

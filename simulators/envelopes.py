@@ -23,7 +23,6 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, x25519
 from cryptography.hazmat.primitives.hpke import AEAD, KDF, KEM, Suite
-
 from vgw.errors import VgwError
 from vgw.simulators.consent_authority import HpkePrivateKey, HpkePublicKey, RecipientKey
 

@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
-
 from vgw.errors import UplinkError
 from vgw.simulators.cloud import (
     RecipientKey,

@@ -21,7 +21,6 @@ from typing import Any
 import jwt
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-
 from vgw.simulators.cloud import recipient_public_key, seal_envelope
 from vgw.simulators.mqttclient import make_client, tls_context
 

@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from vgw.catalogue import load_catalogue
 from vgw.simulators.broker import Mosquitto
 from vgw.simulators.cloud import RecipientKey, seal_envelope
 from vgw.simulators.cloudlink import Listener
 from vgw.simulators.paths import default_dbc, default_signal_map
 from vgw.simulators.pki import TestPKI, device_public_key_from_cert
+
 from tests.agentkit import ROOT, AgentThread, Vehicle, stop_process, vgw, write_config
 
 DEV = "dev-0001"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from vgw.bench.drive import drive_cycle
+
 from tests.agentkit import vgw
 
 

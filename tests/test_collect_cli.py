@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from vgw.simulators.pki import TestPKI
+
 from tests.agentkit import vgw, write_config
 
 DEV = "dev-0001"

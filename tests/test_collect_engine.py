@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from vgw.collect.engine import RuleEngine, is_number
 from vgw.collect.rules import parse_rules
 

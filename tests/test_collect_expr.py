@@ -7,7 +7,6 @@ import time
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from vgw.collect.expr import MAX_CHARS, MAX_DEPTH, ConditionError, Evaluator, parse_condition
 
 SPEED = "Vehicle.Speed"

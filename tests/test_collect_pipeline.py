@@ -10,11 +10,11 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from vgw.consent.manager import load_trust_keys
 from vgw.consent.model import Grant
 from vgw.consent.verifier import verify_consent
 from vgw.pipeline.router import Pipeline
+
 from tests.consentkit import Authority
 
 DEVICE = "dev-0001"

@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from vgw.collect.rules import MAX_RULES, Mode, RuleError, RuleReason, parse_rules
 from vgw.consent.manager import load_trust_keys
 from vgw.consent.verifier import verify_consent
 from vgw.errors import ClaimsError
+
 from tests.consentkit import Authority, State
 
 DEVICE = "dev-0001"

@@ -23,15 +23,15 @@ import can
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from vgw.catalogue import load_catalogue
 from vgw.cli.status import collect_status
 from vgw.consent.model import Grant, Limits, Recipient
 from vgw.errors import SourceFrameError
 from vgw.pipeline.router import Pipeline
-from vgw.sources.canbus import BusSource, kernel_filters
 from vgw.simulators.broker import free_port
 from vgw.simulators.slcan_pty import SlcanPtyBus
+from vgw.sources.canbus import BusSource, kernel_filters
+
 from tests.agentkit import AgentThread, Authority, vgw, write_config
 from tests.faultkit import DEV, wait_until
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import can
 import pytest
-
-from vgw.sources.replay import ReplaySource
 from vgw.simulators.can_sim import CanSimulator
 from vgw.simulators.paths import default_dbc
 from vgw.simulators.vehicle import VehicleModel
+from vgw.sources.replay import ReplaySource
+
 from tests.agentkit import Authority, agent_process, vgw, write_config
 
 DEV = "dev-0002"

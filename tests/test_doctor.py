@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from vgw.cli import main
 from vgw.doctor import FAIL, PASS, WARN, Check, Probes, check_can_interface, exit_code, run_checks
 from vgw.simulators.broker import Mosquitto, free_port

@@ -16,6 +16,7 @@ from vgw.outbox import Outbox
 from vgw.simulators.cloud import RecipientKey, seal_envelope
 from vgw.simulators.cloudlink import Listener
 from vgw.simulators.pki import device_public_key_from_cert
+
 from tests.agentkit import AgentThread, Authority, vgw, write_config
 from tests.faultkit import DEV
 

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from vgw.catalogue import load_catalogue
 from vgw.crypto import keys
 from vgw.crypto.envelope import batch_plaintext, load_recipient_key, seal
@@ -23,6 +22,7 @@ from vgw.pipeline.router import Pipeline
 from vgw.simulators.can_sim import CanSimulator
 from vgw.simulators.paths import default_dbc, default_signal_map
 from vgw.simulators.vehicle import DEFAULT_VIN, VehicleModel
+
 from tests.consentkit import Authority, State
 
 DEVICE = "dev-0001"

@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from vgw.simulators.broker import free_port
+
 from tests.agentkit import AgentThread, Authority, agent_process, write_config
 from tests.faultkit import (
     DEV,

@@ -18,13 +18,13 @@ import can
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from vgw.config import MAX_CONFIG_BYTES, load_config
 from vgw.errors import ConfigError
+from vgw.simulators.paths import default_dbc, default_signal_map
 from vgw.sources.candump import MAX_LINE_BYTES, DamagedLine, LineError, parse_line, read_frames
 from vgw.sources.replay import ReplaySource
 from vgw.timefmt import LATEST_TIME
-from vgw.simulators.paths import default_dbc, default_signal_map
+
 from tests.agentkit import vgw
 
 # Bounded for CI; raise it for a long run: VGW_FUZZ_EXAMPLES=5000 pytest tests/test_fuzz_files.py

@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from vgw.consent.model import Grant, Limits, Recipient
 from vgw.consent.narrowing import NarrowingKind, narrowing, terms_digest
 from vgw.crypto.keys import new_data_key
 from vgw.outbox import LEGACY_TERMS, SCHEMA_VERSION, GrantTerms, Outbox, TermsChanged
 from vgw.simulators.cloud import RecipientKey, consent_claims, grant, sign_consent
+
 from tests.agentkit import AgentThread, Authority, vgw, write_config
 from tests.faultkit import DEV, persistent_world, wait_until
 

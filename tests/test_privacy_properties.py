@@ -34,7 +34,6 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from vgw.catalogue import load_catalogue
 from vgw.consent.model import Consent, Grant, Limits
 from vgw.consent.verifier import verify_consent

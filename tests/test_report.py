@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
-
 from vgw.cli import main
 from vgw.crypto.envelope import batch_plaintext, load_recipient_key, seal
 from vgw.report import ConsentView, build_report, collect, render_html, render_text
 from vgw.simulators.vehicle import DEFAULT_VIN
+
 from tests.consentkit import Authority, State
 
 DEVICE = "dev-0001"

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from vgw.crypto.keys import load_or_create_storage_key
 from vgw.outbox import Outbox
+
 from tests.agentkit import ROOT, Authority, write_config
 
 OTHER_UID = 4242  # no such user here: "someone else"

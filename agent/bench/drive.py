@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import x25519
-
 from vgw.collect.rules import parse_rules
 from vgw.consent.model import KEM_X25519, Grant, Recipient
 

@@ -107,8 +107,9 @@ def write_trace(path: Path, frames: Iterator[tuple[float, int, bool, bytes]], co
             if t0 is None:
                 t0 = t
             t_last = t0 + (t - t0) / time_scale
-            lines.append(f"({t_last:.6f}) can0 {ident:08X}#{data.hex().upper()}\n" if ext
-                         else f"({t_last:.6f}) can0 {ident:03X}#{data.hex().upper()}\n")
+            sep = "##1" if len(data) > 8 else "#"  # candump -L writes a CAN FD frame as ID##<flags><data>
+            lines.append(f"({t_last:.6f}) can0 {ident:08X}{sep}{data.hex().upper()}\n" if ext
+                         else f"({t_last:.6f}) can0 {ident:03X}{sep}{data.hex().upper()}\n")
             n += 1
             if len(lines) >= 8192:
                 fh.writelines(lines)

@@ -28,7 +28,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
 from vgw.consent.model import Consent
 from vgw.consent.verifier import MAX_DOCUMENT_BYTES, verify_consent
 from vgw.errors import ClaimsError, ConsentError, SignatureError

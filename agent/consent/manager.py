@@ -19,7 +19,6 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
-
 from vgw.audit import AuditLog
 from vgw.consent.model import Consent, Grant
 from vgw.consent.narrowing import narrowing, terms_digest

@@ -16,7 +16,6 @@ from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
 from vgw.collect.rules import RuleError, parse_rules
 from vgw.consent.model import KEM_PK_LENGTH, Consent, Grant, Limits, Recipient
 from vgw.errors import ClaimsError, ConsentError, FreshnessError, SignatureError

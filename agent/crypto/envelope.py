@@ -15,7 +15,6 @@ from typing import Any
 
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
-
 from vgw.consent.model import KEM_MLKEM768_X25519, KEM_X25519
 
 ENVELOPE_VERSION = 0x01

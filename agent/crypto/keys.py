@@ -12,7 +12,6 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
-
 from vgw.errors import StorageError
 from vgw.fsutil import MAX_KEY_BYTES, atomic_write, check_owner, read_small_file
 

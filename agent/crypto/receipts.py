@@ -9,7 +9,6 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
-
 from vgw.errors import ConfigError
 from vgw.fsutil import MAX_KEY_BYTES, check_owner, read_small_file
 

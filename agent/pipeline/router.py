@@ -26,6 +26,8 @@ from typing import Any
 from vgw.catalogue import Catalogue, SignalSpec
 from vgw.collect.engine import RuleEngine
 from vgw.consent.model import Grant
+from vgw.j1939 import ids as j1939
+from vgw.j1939.front import J1939Front, filter_keys
 from vgw.pipeline.decoder import MessageDecoder
 
 _M_PER_DEG = 111_320.0
@@ -79,8 +81,12 @@ class Router:
     """Immutable routing for one consent state; the batches it feeds are owned by the pipeline."""
 
     def __init__(self, catalogue: Catalogue, grants: tuple[Grant, ...], batches: dict[str, GrantBatch]) -> None:
+        # Keyed by (frame id, is_extended); a J1939 message by (route key, True): its PGN, PDU1 destination
+        # and source (vgw.j1939.ids).
         self.decoders: dict[FrameKey, MessageDecoder] = {}
-        wanted: dict[int, list[tuple[str, object]]] = {}
+        self.j1939 = any(j1939.is_j1939(m) for m in catalogue.messages.values())
+        wanted: dict[FrameKey, list[tuple[str, object]]] = {}
+        message_of: dict[FrameKey, int] = {}
         for spec in catalogue.specs:
             targets = []
             for g in grants:
@@ -93,17 +99,27 @@ class Router:
                 continue  # no grant covers it: never decoded
             leaf = spec.path.rsplit(".", 1)[-1]
             coord = "lat" if leaf == "Latitude" else "lon" if leaf == "Longitude" else ""
-            wanted.setdefault(spec.frame_id, []).append((spec.signal, _Entry(spec, coord, tuple(targets))))
-        for frame_id, signals in wanted.items():
+            message = catalogue.messages[spec.frame_id]
+            key = (j1939.message_key(message, spec.source_address), True) if j1939.is_j1939(message) else \
+                (spec.frame_id, bool(message.is_extended_frame))
+            message_of[key] = spec.frame_id
+            wanted.setdefault(key, []).append((spec.signal, _Entry(spec, coord, tuple(targets))))
+        j1939.widen(wanted)
+        for key, signals in wanted.items():
             # Latitude before longitude, so a frame carrying both snaps longitude with its own latitude.
             signals.sort(key=lambda s: 0 if isinstance(s[1], _Entry) and s[1].coord == "lat" else 1)
-            message = catalogue.messages[frame_id]
-            self.decoders[(frame_id, bool(message.is_extended_frame))] = MessageDecoder(message, signals)
+            self.decoders[key] = MessageDecoder(catalogue.messages[message_of[key]], signals)
+        # A consented J1939 message longer than 8 bytes arrives by transport protocol (vgw.j1939.transport).
+        self.j1939_long = any(j1939.is_route_key(k) and d.length > 8 for (k, _), d in self.decoders.items())
+        scopes = {s for g in grants for s in g.scopes}
+        extra = filter_keys(scopes, self.j1939_long) if self.j1939 else frozenset()
+        self._extra_filters = frozenset((k, True) for k in extra)
 
     @property
     def frames(self) -> frozenset[FrameKey]:
-        """The (id, is_extended) frames that carry a consented signal."""
-        return frozenset(self.decoders)
+        """The (id, is_extended) frames that carry a consented signal; J1939 route keys among them
+        (vgw.j1939.ids), which the kernel filter turns into masked filters."""
+        return frozenset(self.decoders) | self._extra_filters
 
     @property
     def frame_ids(self) -> frozenset[int]:
@@ -126,6 +142,7 @@ class Pipeline:
         self.catalogue = catalogue if catalogue is not None else Catalogue(messages={}, specs=())
         self.batches: dict[str, GrantBatch] = {}
         self.router = Router(self.catalogue, (), self.batches)
+        self._j1939 = J1939Front() if self.router.j1939 else None  # README "SAE J1939"
         self._parts: dict[str, list[bytes | None]] = {}
         self._last_lat: float | None = None
         self.counters: dict[str, int] = {
@@ -159,6 +176,8 @@ class Pipeline:
         self.batches = keep
         self.router = Router(self.catalogue, grants, self.batches)
         self._parts.clear()
+        if self._j1939 is not None:
+            self._j1939.reset({s for g in grants for s in g.scopes}, self.router.j1939_long)
         return dropped
 
     def process(self, arbitration_id: int, data: bytes, t: float, is_extended: bool | None = None) -> None:
@@ -170,8 +189,34 @@ class Pipeline:
             is_extended = arbitration_id > STANDARD_ID_MAX
         decoder = self.router.decoders.get((arbitration_id, is_extended))
         if decoder is None:
+            if self._j1939 is not None and is_extended:
+                self._process_j1939(arbitration_id, data, t)
+                return
             counters["frames_unrouted"] += 1
             return
+        self._decode(decoder, data, t)
+
+    def _process_j1939(self, arbitration_id: int, data: bytes, t: float) -> None:
+        """A frame no exact id matched, on a bus with J1939 messages: route it by PGN (agent.j1939)."""
+        front = self._j1939
+        assert front is not None
+        whole = front.message(arbitration_id, data, t)
+        if whole is None:
+            return  # a transport fragment
+        can_id, payload = whole
+        builtin = front.builtin(can_id, payload)
+        if builtin is not None:
+            self.offer(builtin[0].path, builtin[0].scope, t, builtin[1])
+        decoders = self.router.decoders
+        decoder = decoders.get((j1939.route_key(can_id), True)) or decoders.get((j1939.any_source_key(can_id), True))
+        if decoder is None:
+            if builtin is None:
+                self.counters["frames_unrouted"] += 1
+            return
+        self._decode(decoder, payload, t)
+
+    def _decode(self, decoder: MessageDecoder, data: bytes, t: float) -> None:
+        counters = self.counters
         values, short = decoder.decode(data)
         if short:
             counters["signals_short"] += short

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Protocol
 
 import can
-
 from vgw.config import CanConfig
 
 
@@ -45,5 +44,6 @@ def open_source(can_cfg: CanConfig) -> FrameSource:
         return ReplaySource(can_cfg.replay, rate=can_cfg.replay_rate, loop=can_cfg.replay_loop)
     from vgw.sources.canbus import BusSource
 
-    return BusSource(can_cfg.interface, can_cfg.channel, can_cfg.bitrate)
+    return BusSource(can_cfg.interface, can_cfg.channel, can_cfg.bitrate, fd=can_cfg.fd,
+                     data_bitrate=can_cfg.data_bitrate)
 

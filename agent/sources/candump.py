@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import BinaryIO
 
 import can
-
 from vgw.timefmt import LATEST_TIME
 
 MAX_LINE_BYTES = 512  # the longest candump -L line (FD, 64 bytes, 16-char channel) is under 200

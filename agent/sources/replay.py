@@ -28,7 +28,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import can
-
 from vgw.errors import SourceOpenError
 from vgw.sources.candump import Damage, DamagedLine, is_candump, open_binary, read_frames
 from vgw.timefmt import valid_time

@@ -95,9 +95,11 @@ def test_offline_install_into_a_root_runs_and_names_no_staging_path(
 
     # The installed agent provisions a device (finding the shipped DBC under /opt/vgw/share) and checks it.
     etc = tmp_path / "etc-vgw"
+    share = root / "opt/vgw/share/dbc"
     key = SigningKey.generate().write_public_pem(tmp_path / "signer.pub.pem")
     prov = vgw(root, "provision", "--device-id", "car-0042", "--broker", "127.0.0.1:1", "--ca", str(pki.ca.cert),
-               "--consent-key", str(key), "--out", str(etc))
+               "--consent-key", str(key), "--out", str(etc), "--source", "can",
+               "--dbc", str(share / "vehicle.dbc"), "--signal-map", str(share / "signals.toml"))
     assert prov.returncode == 0, prov.stderr
     (tmp_path / "signed.crt").write_bytes(sign_csr(etc / "device.csr", pki))
     assert vgw(root, "provision", "--install-cert", str(tmp_path / "signed.crt"), "--out", str(etc)).returncode == 0

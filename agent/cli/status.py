@@ -7,10 +7,12 @@ import json
 import time
 from typing import Any
 
+from agent.cli import DEFAULT_CONFIG
+
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("status", help="what the agent holds and does now", description=__doc__)
-    p.add_argument("--config", required=True, help="agent config file (TOML)")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"agent config file (TOML; default {DEFAULT_CONFIG})")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_status)
 

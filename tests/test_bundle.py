@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from simulators.cloud import SigningKey
-from simulators.pki import TestPKI
+from vgw.simulators.cloud import SigningKey
+from vgw.simulators.pki import TestPKI
 from tests.test_provision import sign_csr
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,7 +89,7 @@ def test_offline_install_into_a_root_runs_and_names_no_staging_path(
 
     assert vgw(root, "--help").returncode == 0
     where = subprocess.run([str(root / "opt/vgw/venv/bin/python"), "-c",
-                            "import agent.cli, sys; print(agent.cli.__file__); print(sys.prefix)"],
+                            "import vgw.cli, sys; print(vgw.cli.__file__); print(sys.prefix)"],
                            capture_output=True, text=True, check=True, env=_env(), cwd=tmp_path)
     assert all(line.startswith(str(root)) for line in where.stdout.split())
 

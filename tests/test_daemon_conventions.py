@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.cli import main
-from agent.errors import ConfigError
-from simulators.broker import free_port
-from simulators.paths import default_dbc, default_signal_map
+from vgw.cli import main
+from vgw.errors import ConfigError
+from vgw.simulators.broker import free_port
+from vgw.simulators.paths import default_dbc, default_signal_map
 from tests.agentkit import ROOT, Authority, agent_process, write_config
 from tests.faultkit import wait_until
 
@@ -91,7 +91,7 @@ def test_sighup_reloads_the_log_level_and_names_what_needs_a_restart(tmp_path: P
 
 
 def test_every_logger_is_under_vgw() -> None:
-    """journalctl and `--log-level` filters address `vgw.*`; a module logging as `agent.obd...` escaped them."""
+    """journalctl and `--log-level` filters address `vgw.*`; a module logging as `vgw.obd...` escaped them."""
     source = re.compile(r"getLogger\(([^)]*)\)")
     offenders = []
     for folder in ("agent", "simulators"):
@@ -100,9 +100,9 @@ def test_every_logger_is_under_vgw() -> None:
                 if arg and not arg.startswith('"vgw') and arg not in ("n", "noisy"):
                     offenders.append(f"{path.relative_to(ROOT)}: getLogger({arg})")
     assert offenders == []
-    import agent
+    import vgw
 
-    for mod in pkgutil.walk_packages(agent.__path__, "agent."):
+    for mod in pkgutil.walk_packages(vgw.__path__, "vgw."):
         if not mod.name.endswith("__main__"):
             importlib.import_module(mod.name)
     ours = [n for n in logging.Logger.manager.loggerDict if n.split(".")[0] in ("agent", "simulators")]

@@ -12,14 +12,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-from agent.catalogue import load_catalogue
-from agent.cli import main
-from agent.config import load_config
-from agent.errors import ConfigError
-from agent.provisioning import parse_broker
-from simulators.cloud import SigningKey
-from simulators.pki import TestPKI
+from vgw.catalogue import load_catalogue
+from vgw.cli import main
+from vgw.config import load_config
+from vgw.errors import ConfigError
+from vgw.provisioning import parse_broker
+from vgw.simulators.cloud import SigningKey
+from vgw.simulators.pki import TestPKI
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -242,7 +241,7 @@ def test_parse_broker() -> None:
 
 
 def test_default_state_dir() -> None:
-    from agent.provisioning import default_state_dir
+    from vgw.provisioning import default_state_dir
 
     assert default_state_dir(Path("/etc/vgw")) == Path("/var/lib/vgw")
     assert default_state_dir(Path("/tmp/x")) == Path("/tmp/x/state")
@@ -261,7 +260,7 @@ def test_obd_only_installer_gets_no_can_section(inputs: dict[str, Path], pki: Te
     assert cfg.can is None
     assert cfg.obd is not None and cfg.obd.port == "/dev/vgw-obd"
     assert not (out / "vehicle.dbc").exists() and not (out / "signals.toml").exists()
-    from agent.doctor import Probes, run_checks
+    from vgw.doctor import Probes, run_checks
     lines = [f"{c.status} {c.check} {c.detail}" for c in run_checks(out / "vgw.toml", Probes())]
     assert not any("can0" in line for line in lines), lines
 
@@ -335,7 +334,7 @@ def _converse(argv: list[str], answers: list[tuple[str, str]], cwd: Path) -> tup
     import time
 
     master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "agent", *argv], stdin=slave, stdout=slave, stderr=slave,
+    proc = subprocess.Popen([sys.executable, "-m", "vgw", *argv], stdin=slave, stdout=slave, stderr=slave,
                             cwd=cwd, close_fds=True)
     os.close(slave)
     seen = b""

@@ -17,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from agent.provisioning import DEFAULT_CAN_CHANNEL, DEFAULT_OBD_PORT, DEFAULT_OUT, Report, Sources
+from vgw.provisioning import DEFAULT_CAN_CHANNEL, DEFAULT_OBD_PORT, DEFAULT_OUT, Report, Sources
 
 SOURCE_CHOICES = {"1": "can", "2": "obd", "3": "both", "can": "can", "obd": "obd", "both": "both"}
 
@@ -130,7 +130,7 @@ def resolve_sources(args: argparse.Namespace, parser: argparse.ArgumentParser) -
 
 
 def cmd_provision(args: argparse.Namespace) -> int:
-    from agent.provisioning import install_cert, provision
+    from vgw.provisioning import install_cert, provision
 
     parser: argparse.ArgumentParser = args._parser
     if args.install_cert is not None:

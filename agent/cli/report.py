@@ -6,8 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from agent.cli import DEFAULT_CONFIG
-from agent.errors import ConfigError
+from vgw.errors import ConfigError
+from vgw.cli import DEFAULT_CONFIG
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -20,8 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from agent.fsutil import atomic_write
-    from agent.report import collect, render_html, render_text
+    from vgw.fsutil import atomic_write
+    from vgw.report import collect, render_html, render_text
 
     report = collect(args.config)
     if args.html:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from agent.cli import DEFAULT_CONFIG
+from vgw.cli import DEFAULT_CONFIG
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -14,8 +14,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from agent.cli import EARLY_SIGNALS
-    from agent.config import load_config
-    from agent.runtime import run_agent
+    from vgw.cli import EARLY_SIGNALS
+    from vgw.config import load_config
+    from vgw.runtime import run_agent
 
     return run_agent(load_config(args.config), EARLY_SIGNALS)

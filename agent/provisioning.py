@@ -39,14 +39,13 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from vgw.catalogue import load_catalogue
 from vgw.config import DEVICE_ID_PATTERN, load_config
 from vgw.consent.manager import load_trust_keys
 from vgw.crypto.keys import KEY_BYTES
 from vgw.dbc import shipped_dir
 from vgw.errors import ConfigError, StorageError
 from vgw.fsutil import MAX_KEY_BYTES, atomic_write, ensure_private_dir, read_small_file
-from vgw.catalogue import load_catalogue
-from vgw.fsutil import atomic_write, ensure_private_dir
 
 DEFAULT_OUT = Path("/etc/vgw")
 DEFAULT_STATE_DIR = Path("/var/lib/vgw")

@@ -49,7 +49,7 @@ from typing import Any
 import can
 from vgw.audit import AuditLog
 from vgw.catalogue import Catalogue, load_catalogue
-from vgw.config import Config
+from vgw.config import Config, load_config
 from vgw.consent.intake import ConsentIntake
 from vgw.consent.manager import ConsentManager, load_trust_keys
 from vgw.consent.narrowing import terms_digest
@@ -60,13 +60,12 @@ from vgw.crypto.receipts import ReceiptSigner
 from vgw.errors import SourceError, SourceFrameError, SourceReadError, StorageError, VgwError
 from vgw.fsutil import atomic_write, ensure_private_dir
 from vgw.j1939.request import Requester
+from vgw.logs import apply_config_level
 from vgw.outbox import GrantNotActive, Outbox, OutboxUnwritable, open_checked
 from vgw.pipeline.router import GrantBatch, Pipeline
 from vgw.sdnotify import notify, watchdog_interval
 from vgw.sources.canbus import BusSource
 from vgw.uplink import Uplink
-from vgw.config import Config, load_config
-from vgw.logs import apply_config_level
 
 log = logging.getLogger("vgw.agent")
 

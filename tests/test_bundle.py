@@ -12,9 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from vgw.simulators.cloud import SigningKey
 from vgw.simulators.pki import TestPKI
+
 from tests.test_provision import sign_csr
 
 ROOT = Path(__file__).resolve().parents[1]

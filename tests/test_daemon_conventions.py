@@ -13,11 +13,11 @@ import threading
 from pathlib import Path
 
 import pytest
-
 from vgw.cli import main
 from vgw.errors import ConfigError
 from vgw.simulators.broker import free_port
 from vgw.simulators.paths import default_dbc, default_signal_map
+
 from tests.agentkit import ROOT, Authority, agent_process, write_config
 from tests.faultkit import wait_until
 

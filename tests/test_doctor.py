@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
 from vgw.cli import main
 from vgw.doctor import FAIL, PASS, WARN, Check, Probes, check_can_interface, exit_code, run_checks
 from vgw.simulators.broker import Mosquitto, free_port
 from vgw.simulators.cloud import RecipientKey, SigningKey, consent_claims, grant, sign_consent
 from vgw.simulators.pki import CertPaths, TestPKI
-from cryptography import x509
 
 ROOT = Path(__file__).resolve().parents[1]
 # timesync_flag: any existing file stands in for systemd-timesyncd's flag (this host's clock may be unsynced).

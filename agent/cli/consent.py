@@ -8,10 +8,10 @@ import sys
 import time
 from pathlib import Path
 
+from vgw.cli import DEFAULT_CONFIG
 from vgw.consent.store import ConsentStore
 from vgw.errors import ConfigError
 from vgw.timefmt import utc_text
-from vgw.cli import DEFAULT_CONFIG
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -8,8 +8,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from vgw.timefmt import local_text, valid_time
 from vgw.cli import DEFAULT_CONFIG
+from vgw.timefmt import local_text, valid_time
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all venv deps demo test test-slow lint bench bundle install uninstall clean
+.PHONY: all venv deps test-deps demo test test-slow lint bench bundle install uninstall clean
 
 all: test
 
@@ -23,6 +23,14 @@ deps:
 		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq python3-venv; \
 	fi
 
+# For the tests only: Debian's chromium renders the HTML privacy report headless (tests/test_report.py;
+# without it that one test is skipped and says why).
+test-deps:
+	@if ! command -v chromium >/dev/null 2>&1; then \
+		echo "installing chromium (apt-get; the privacy report rendering test)"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; \
+	fi
+
 $(BIN)/vgw: pyproject.toml | deps
 	$(PYTHON) -m venv $(VENV)
 	PYTHONWARNINGS=ignore $(BIN)/python -m pip install -q --upgrade pip
@@ -34,10 +42,10 @@ venv: $(BIN)/vgw
 demo: deps venv
 	$(BIN)/vgw demo
 
-test: deps venv
+test: deps test-deps venv
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-test-slow: deps venv
+test-slow: deps test-deps venv
 	$(BIN)/python -m pytest -q --runslow $(PYTEST_ARGS)
 
 lint: venv

@@ -7,7 +7,7 @@ certificate through :func:`vgw.uplink.tls_context`, and the broker keeps the con
 before the floor in ``clock.json``), state dir permissions, consent in force and its expiry; then time sync
 (the consent rules -- not before, expiry, the clock floor -- are only as right as the clock: systemd-timesyncd's
 flag file, else the kernel's NTP state via adjtimex(2)) and the CA (a device certificate that outlives the CA
-that signed it stops working when the CA expires).
+that signed it stops working when the CA expires); and, on a live bus, whether the demo car's DBC is in use.
 
 The doctor only reads: it creates no file, and it does not touch an adapter the running agent holds. Its
 output names files, interfaces and counts, never a signal value, VIN or location.
@@ -102,6 +102,7 @@ def run_checks(config_path: str | Path, probes: Probes | None = None) -> list[Ch
         ("consent", lambda: _consent(cfg)),
         ("time-sync", lambda: _time_sync(probes)),
         ("ca", lambda: _ca(cfg)),
+        ("demo-dbc", lambda: _demo_dbc(cfg)),
     ]
     for name, step in steps:
         try:
@@ -446,6 +447,26 @@ def kernel_adjtimex() -> tuple[int, int] | None:
     except (OSError, AttributeError):
         return None
     return (state, int(tx.status)) if state >= 0 else None
+
+
+def _demo_dbc(cfg: Config) -> Check | None:
+    """WARN when a live bus (not a replay, not python-can's virtual bus) is decoded with the demo car's DBC:
+    it names signals of a car that does not exist, so on a real vehicle it decodes nothing meaningful."""
+    from vgw.dbc import DBC_NAME, shipped_dir
+
+    can_cfg = cfg.can
+    if can_cfg is None or can_cfg.replay is not None or can_cfg.interface == "virtual":
+        return None
+    try:
+        demo = (shipped_dir() / DBC_NAME).read_bytes()
+        used = [p for p in can_cfg.dbc if p.read_bytes() == demo]
+    except OSError:
+        return None  # the catalogue check names an unreadable DBC
+    if not used:
+        return None
+    return Check("demo-dbc", WARN, f"{used[0]} is the demo car's DBC: on a real vehicle it decodes nothing "
+                                   "meaningful; use your vehicle's DBC and signal map (vgw provision --dbc FILE "
+                                   "--signal-map FILE)")
 
 
 def _time_sync(probes: Probes) -> Check:

@@ -219,6 +219,10 @@ def install(
 
     if system:
         plan.step(f"create system user and group {SERVICE_USER} (if missing)", _ensure_user)
+    if venv and lay.prefix != Path("/"):
+        # A venv records its own path in its scripts: this one would name the staging folder, not /opt/vgw.
+        echo(f"note: the venv under {lay.prefix} names that folder and cannot be copied onto a device; to stage an "
+             "image use the offline bundle: install.sh --root DIR (make bundle; docs/install-raspberry-pi.md)")
     if venv:
         pip = lay.venv / "bin" / "pip"
         if not (lay.venv / "bin" / "python").exists():

@@ -335,3 +335,13 @@ def test_certificate_outliving_its_ca_warns(device: Device, pki: TestPKI) -> Non
     device.use_cert(pki.client_cert("dev-0001", name="dev-0001-outlives", not_after=ca_end + dt.timedelta(days=90)))
     check = by_name(run_checks(device.config, FAST))["ca"]
     assert check.status == WARN and f"only until {ca_end:%Y-%m-%d}" in check.detail
+
+
+def test_demo_dbc_on_a_live_bus_warns(device: Device) -> None:
+    """The demo car's DBC on a real bus decodes nothing meaningful: provision warns, and so does the doctor."""
+    assert "demo-dbc" not in by_name(run_checks(device.config, FAST))  # python-can's virtual bus: a bench
+    device.sections["can"]["interface"] = "socketcan"
+    device.sections["can"]["channel"] = "can0"
+    device.write()
+    check = by_name(run_checks(device.config, FAST))["demo-dbc"]
+    assert check.status == WARN and "demo car's DBC" in check.detail and "vehicle.dbc" in check.detail

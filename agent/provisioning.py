@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from vgw.config import DEVICE_ID_PATTERN, load_config
 from vgw.consent.manager import load_trust_keys
+from vgw.crypto.certs import DEVICE_URI_PREFIX, cert_device_id
 from vgw.crypto.keys import KEY_BYTES
 from vgw.dbc import shipped_dir
 from vgw.errors import ConfigError, StorageError
@@ -47,7 +48,6 @@ from vgw.fsutil import MAX_KEY_BYTES, atomic_write, ensure_private_dir, read_sma
 DEFAULT_OUT = Path("/etc/vgw")
 DEFAULT_STATE_DIR = Path("/var/lib/vgw")
 SERVICE_USER = "vgw"
-DEVICE_URI_PREFIX = "vgw:device:"
 
 CONFIG_NAME = "vgw.toml"
 KEY_NAME = "device.key"
@@ -255,21 +255,6 @@ def _existing_device_id(config: Path) -> str | None:
     dev = doc.get("device")
     value = dev.get("id") if isinstance(dev, dict) else None
     return value if isinstance(value, str) else None
-
-
-def cert_device_id(cert: x509.Certificate) -> str | None:
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
-            if uri.startswith(DEVICE_URI_PREFIX):
-                return uri[len(DEVICE_URI_PREFIX):]
-    except x509.ExtensionNotFound:
-        pass
-    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    if not cns:
-        return None
-    value = cns[0].value
-    return value if isinstance(value, str) else value.decode()
 
 
 def _give_to(paths: Iterable[Path], user: str | None) -> None:

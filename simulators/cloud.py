@@ -3,13 +3,13 @@
 The peer's jobs live in four modules; this one re-exports every public name of the other three, so
 ``from vgw.simulators.cloud import ...`` keeps working for all of them:
 
-- :mod:`vgw.simulators.consent_authority` (offline, usable by ``vgw cloud``): :class:`SigningKey` (Ed25519; make
+- :mod:`vgw.cloud.consent_authority` (offline, usable by ``vgw cloud``): :class:`SigningKey` (Ed25519; make
   several for rotation), :class:`RecipientKey` (HPKE X25519, or ``MLKEM768-X25519`` as an extension beyond
   §5), :func:`consent_claims`, :func:`grant`, :func:`sign_consent` (compact JWS, ``alg`` EdDSA, ``typ``
   ``vgw-consent+jwt``, §5);
-- :mod:`vgw.simulators.envelopes` (offline): :func:`seal_envelope` / :func:`open_envelope` (the §6 telemetry
+- :mod:`vgw.cloud.envelopes` (offline): :func:`seal_envelope` / :func:`open_envelope` (the §6 telemetry
   envelope) and :func:`verify_receipt` (§7);
-- :mod:`vgw.simulators.cloud_records` (no I/O): the records and :class:`~vgw.simulators.cloud_records.CloudRecorder`,
+- :mod:`vgw.cloud.cloud_records` (no I/O): the records and :class:`~vgw.cloud.cloud_records.CloudRecorder`,
   which opens, de-duplicates (by epoch and seq, gaps found) and verifies what arrives;
 - here, the online part: :class:`CloudPeer`, an MQTT v5 client over mutual TLS (>= 1.2) that publishes
   retained consent and feeds a recorder with telemetry, receipts and status. paho stays a private member;
@@ -34,8 +34,7 @@ from typing import TYPE_CHECKING, Any
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
-from vgw.errors import UplinkError
-from vgw.simulators.cloud_records import (
+from vgw.cloud.cloud_records import (
     BadReceipt,
     CloudRecorder,
     Receipt,
@@ -43,7 +42,7 @@ from vgw.simulators.cloud_records import (
     ReceivedSample,
     RejectedMessage,
 )
-from vgw.simulators.consent_authority import (
+from vgw.cloud.consent_authority import (
     CONSENT_TYP,
     HpkePrivateKey,
     HpkePublicKey,
@@ -56,7 +55,7 @@ from vgw.simulators.consent_authority import (
     recipient_public_key,
     sign_consent,
 )
-from vgw.simulators.envelopes import (
+from vgw.cloud.envelopes import (
     ENVELOPE_VERSION,
     MAX_PLAINTEXT,
     RECEIPT_LEEWAY_S,
@@ -67,7 +66,8 @@ from vgw.simulators.envelopes import (
     seal_envelope,
     verify_receipt,
 )
-from vgw.simulators.mqttclient import make_client, tls_context
+from vgw.cloud.mqttclient import make_client, tls_context
+from vgw.errors import UplinkError
 
 if TYPE_CHECKING:
     from vgw.simulators.broker import Mosquitto

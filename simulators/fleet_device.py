@@ -21,8 +21,8 @@ from typing import Any
 import jwt
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from vgw.cloud.mqttclient import make_client, tls_context
 from vgw.simulators.cloud import recipient_public_key, seal_envelope
-from vgw.simulators.mqttclient import make_client, tls_context
 
 log = logging.getLogger("vgw.fleet")
 

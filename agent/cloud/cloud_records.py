@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
-from vgw.simulators.consent_authority import HpkePrivateKey, RecipientKey
-from vgw.simulators.envelopes import EnvelopeError, ReceiptError, open_envelope, verify_receipt
-from vgw.simulators.pki import device_public_key_from_cert
+from vgw.cloud.consent_authority import HpkePrivateKey, RecipientKey
+from vgw.cloud.envelopes import EnvelopeError, ReceiptError, open_envelope, verify_receipt
+from vgw.crypto.certs import device_public_key_from_cert
 
 __all__ = [
     "BadReceipt",

@@ -1,7 +1,7 @@
 """Telemetry envelopes (CONTRACT §6) and receipts (§7) on the cloud side. No I/O.
 
 - :func:`seal_envelope` / :func:`open_envelope`: ``0x01 || enc || ct``, HPKE base mode to a grant's
-  :class:`~vgw.simulators.consent_authority.RecipientKey`, ``info`` bound to device and grant;
+  :class:`~vgw.cloud.consent_authority.RecipientKey`, ``info`` bound to device and grant;
 - :func:`verify_receipt`: a receipt is an ES256 compact JWS under the device certificate's key.
 
 Errors::
@@ -23,8 +23,8 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, x25519
 from cryptography.hazmat.primitives.hpke import AEAD, KDF, KEM, Suite
+from vgw.cloud.consent_authority import HpkePrivateKey, HpkePublicKey, RecipientKey
 from vgw.errors import VgwError
-from vgw.simulators.consent_authority import HpkePrivateKey, HpkePublicKey, RecipientKey
 
 __all__ = [
     "ENVELOPE_VERSION",

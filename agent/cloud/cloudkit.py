@@ -8,8 +8,8 @@ primitives (which stay the one implementation of JWS signing, HPKE and receipt v
   description; :func:`revoke_document`: the next version without some (or all) grants;
 - :func:`verify_receipt_file`.
 
-The MQTT side (:class:`~vgw.simulators.cloudlink.CloudLink`, :class:`~vgw.simulators.cloudlink.Listener`) is in
-:mod:`vgw.simulators.cloudlink`.
+The MQTT side (:class:`~vgw.cloud.cloudlink.CloudLink`, :class:`~vgw.cloud.cloudlink.Listener`) is in
+:mod:`vgw.cloud.cloudlink`.
 
 Errors: :class:`CloudKitError` (a ``ConfigError``: bad key file, description, document or option, with the
 file and field named), :class:`~vgw.errors.UplinkError` (broker), :class:`~vgw.simulators.cloud.ReceiptError`.
@@ -28,20 +28,19 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, x25519
-from vgw.collect.rules import RuleError, parse_rules
-from vgw.errors import ConfigError
-from vgw.scopes import SCOPES
-from vgw.simulators.cloud import (
+from vgw.cloud.consent_authority import (
     HpkePrivateKey,
-    ReceiptError,
     RecipientKey,
     SigningKey,
     consent_claims,
     recipient_public_key,
     sign_consent,
-    verify_receipt,
 )
-from vgw.simulators.pki import device_id_from_cert, device_public_key_from_cert
+from vgw.cloud.envelopes import ReceiptError, verify_receipt
+from vgw.collect.rules import RuleError, parse_rules
+from vgw.crypto.certs import device_id_from_cert, device_public_key_from_cert
+from vgw.errors import ConfigError
+from vgw.scopes import SCOPES
 
 __all__ = [
     "CloudKitError",

@@ -1,8 +1,8 @@
 """The cloud's MQTT side for ``vgw cloud``: :class:`CloudLink` (one mutual-TLS connection, MQTT 5 or 3.1.1)
 and :class:`Listener` (messages -> JSON-ready events: decrypted batches, duplicates, seq gaps, verified
-receipts, status, rejects). Keys, documents and receipt files are in :mod:`vgw.simulators.cloudkit`.
+receipts, status, rejects). Keys, documents and receipt files are in :mod:`vgw.cloud.cloudkit`.
 
-Errors: :class:`~vgw.errors.UplinkError` (broker refused or silent), :class:`vgw.simulators.cloudkit.CloudKitError`
+Errors: :class:`~vgw.errors.UplinkError` (broker refused or silent), :class:`vgw.cloud.cloudkit.CloudKitError`
 (unusable TLS files or options).
 """
 
@@ -19,10 +19,11 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric import ec
+from vgw.cloud.cloudkit import CloudKitError
+from vgw.cloud.consent_authority import HpkePrivateKey
+from vgw.cloud.envelopes import EnvelopeError, ReceiptError, open_envelope, verify_receipt
+from vgw.cloud.mqttclient import make_client, tls_context
 from vgw.errors import UplinkError
-from vgw.simulators.cloud import EnvelopeError, HpkePrivateKey, ReceiptError, open_envelope, verify_receipt
-from vgw.simulators.cloudkit import CloudKitError
-from vgw.simulators.mqttclient import make_client, tls_context
 
 __all__ = ["BrokerOptions", "CloudLink", "Listener"]
 

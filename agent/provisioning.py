@@ -213,10 +213,10 @@ def _toml_str(value: str) -> str:
 
 
 def render_config(device_id: str, state_dir: Path, host: str, port: int) -> str:
-    """A complete config (CONTRACT §2) whose relative paths point at the files next to it."""
+    """A complete config (README "Configuration (TOML)") whose relative paths point at the files next to it."""
     return f"""\
 # vgw agent configuration, written by `vgw provision`. Relative paths are relative to this file's folder.
-# Unknown keys are an error. Reference: CONTRACT.md section 2.
+# Unknown keys are an error. Reference: README "Configuration (TOML)".
 
 [device]
 id = {_toml_str(device_id)}

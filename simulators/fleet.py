@@ -2,7 +2,8 @@
 
 Each simulated device has its own client id and certificate (from a throwaway CA), a real mutual-TLS MQTT
 connection, verifies consent documents (EdDSA JWS) exactly like the contract says, seals real HPKE
-envelopes (§6) at ``rate_hz`` per grant and signs real ES256 receipts (§7). A cloud side pushes consent
+envelopes (README "Telemetry envelope") at ``rate_hz`` per grant and signs real ES256 receipts (README "Receipts"). A
+cloud side pushes consent
 (retained), changes it at ``churn_hz`` across the fleet (revoke a grant / grant a new one), and consumes
 everything: it opens every envelope and verifies every receipt.
 
@@ -150,7 +151,8 @@ class _Cloud:
                 return
             with self.lock:
                 s = self.seen.setdefault((device, gid), set())
-                dedup = (str(batch.get("epoch", "")), int(batch["seq"]))  # §6: de-duplicate on (epoch, seq)
+                # README "Telemetry envelope": de-duplicate on (epoch, seq)
+                dedup = (str(batch.get("epoch", "")), int(batch["seq"]))
                 if dedup in s:
                     self.duplicates += 1
                     return

@@ -2,8 +2,8 @@
 
 Everything here is for a private loopback broker: one self-signed CA (EC P-256), a server certificate for
 ``localhost`` / ``127.0.0.1``, one client certificate per device (CN, DNS SAN and URI SAN ``vgw:device:<id>``
-carry the device id; the device signs receipts ES256 with this key, CONTRACT §7) and one for the cloud peer
-(CN ``cloud``). Fault variants for the TLS fault tests (issue 5) are one call each: a certificate from another
+carry the device id; the device signs receipts ES256 with this key, README "Receipts") and one for the cloud peer
+(CN ``cloud``). Fault variants for the TLS fault tests are one call each: a certificate from another
 CA (:meth:`TestPKI.other_ca`), an expired server certificate, a server certificate for the wrong host name.
 
 Every file is PEM with mode 0644 and the directory is chmod 0755: mosquitto started as root drops to the

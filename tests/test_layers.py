@@ -9,6 +9,7 @@ the cycle.
 from __future__ import annotations
 
 import ast
+import re
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -162,3 +163,21 @@ def test_allowed_imports_pass() -> None:
     assert violations("vgw.cli.demo", "from vgw.tools.demo import run_demo\n", known) == []
     assert violations("vgw.simulators.cloud", "from vgw.cloud.envelopes import seal_envelope\n", known) == []
     assert violations("vgw.consent.store", "from . import model\nfrom .model import Grant\n", known) == []
+
+
+# Help texts and comments cite what a user of the package can read: README sections, docs/, RFCs. The
+# contract's section numbers map to README "The contract, in our words": §1 "Running the agent", §2
+# "Configuration (TOML)", §3 "Scopes", §4 "Topics", §5 "Consent document", §5.1 "Collection rules", §6
+# "Telemetry envelope" (and "Narrowing applies to stored data"), §7 "Receipts".
+# A section sign must follow a spec and its version or number: "RFC 7515 §2", "MQTT 5.0 §2.1".
+UNREADABLE = re.compile(r"CONTRACT|\b[Ii]ssue #?\d+|(?<!\d )§")
+
+
+def test_citations_are_ones_a_user_can_read() -> None:
+    found = []
+    for folder in package_dirs().values():
+        for path in sorted([*folder.rglob("*.py"), *folder.rglob("*.toml")]):
+            for number, line in enumerate(path.read_text().splitlines(), 1):
+                if UNREADABLE.search(line):
+                    found.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert not found, "cite a README section or an RFC instead (see the map above this test):\n" + "\n".join(found)

@@ -1,4 +1,4 @@
-"""`vgw cloud`: the cloud side of the contract (CONTRACT §4-§7), for integrators and operators.
+"""`vgw cloud`: the cloud side of the contract (README "The contract, in our words"), for integrators and operators.
 
     vgw cloud keygen --dir KEYS [--recipient NAME ...] [--force]
     vgw cloud sign --key KEYS/consent-signer.key --grants grants.toml --device ID [...] [--ver N] [-o OUT]

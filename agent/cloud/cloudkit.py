@@ -1,6 +1,7 @@
 """The cloud integration kit behind ``vgw cloud``: keys, consent documents, push, revoke, listen, receipts.
 
-Everything the cloud side of CONTRACT §4-§7 needs, as small functions over :mod:`vgw.simulators.cloud`'s
+Everything the cloud side of README "The contract, in our words" needs, as small functions over
+:mod:`vgw.simulators.cloud`'s
 primitives (which stay the one implementation of JWS signing, HPKE and receipt verification):
 
 - :func:`keygen`: the consent signing key (Ed25519) and one HPKE recipient key pair per controller;
@@ -200,7 +201,7 @@ def load_grants(path: Path) -> dict[str, Any]:
         recipient = "keys/recipients/fleet.pub.json"   # a keygen .pub.json (relative to this file) or {kem, pk}
         retention_s = 86400                # optional
         limits = { read_location = { max_hz = 0.2, precision_m = 1000 } }   # optional
-        [[grant.collect]]                  # optional collection rules (CONTRACT §5.1), one table per rule
+        [[grant.collect]]                  # optional collection rules (README "Collection rules"), one table per rule
         scope = "read_speedometer"
         mode = "aggregate"
         window_s = 60
@@ -236,7 +237,7 @@ def load_grants(path: Path) -> dict[str, Any]:
             raise CloudKitError(f"{where}: scopes must be a non-empty list of strings")
         bad = [s for s in scopes if s not in SCOPES]
         if bad:
-            raise CloudKitError(f"{where}: scope {bad[0]!r} is not a known read scope (CONTRACT §3)")
+            raise CloudKitError(f"{where}: scope {bad[0]!r} is not a known read scope (README 'Scopes')")
         recipient = g.get("recipient")
         if isinstance(recipient, str):
             rpath = (path.parent / recipient) if not Path(recipient).is_absolute() else Path(recipient)
@@ -287,7 +288,8 @@ def load_grants(path: Path) -> dict[str, Any]:
 def default_version(now: float | None = None) -> int:
     """A version that rises without a counter to keep: Unix time in milliseconds.
 
-    The device accepts only a version greater than the one in force (§5), so two documents signed by
+    The device accepts only a version greater than the one in force (README "Consent document"), so two documents
+    signed by
     different consent-service replicas in order still apply in order.
     """
     return int((time.time() if now is None else now) * 1000)

@@ -201,7 +201,8 @@ class CloudLink:
 
 @dataclass
 class _Stream:
-    seen: set[tuple[str, int]] = field(default_factory=set)  # (epoch, seq): §6 de-duplication key
+    # (epoch, seq): de-duplication key (README "Telemetry envelope")
+    seen: set[tuple[str, int]] = field(default_factory=set)
     high: dict[str, int] = field(default_factory=dict)  # per epoch
     duplicates: int = 0
     epoch: str = ""  # of the newest accepted batch
@@ -281,7 +282,8 @@ class Listener:
         events: list[dict[str, Any]] = []
         with self._lock:
             st = self._streams.setdefault((device, grant), _Stream())
-            # De-duplicate on (epoch, seq) (§6): a wiped or re-provisioned device starts a new epoch at seq 1,
+            # De-duplicate on (epoch, seq) (README "Telemetry envelope"): a wiped or re-provisioned device starts a new
+            # epoch at seq 1,
             # which is new data, not a re-delivery.
             if (epoch, seq) in st.seen:
                 st.duplicates += 1

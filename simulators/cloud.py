@@ -1,9 +1,10 @@
 """The reference cloud peer: the cloud side of README "The contract, in our words", for the demo and the tests.
 
-The peer's jobs live in four modules; this one re-exports every public name of the other three, so
-``from vgw.simulators.cloud import ...`` keeps working for all of them:
+The peer is built on the cloud tools of :mod:`vgw.cloud` (product code, the same ones ``vgw cloud`` runs) and
+re-exports their public names, so a test or simulator writes ``from vgw.simulators.cloud import ...`` for all of
+them (product code imports them from :mod:`vgw.cloud` itself):
 
-- :mod:`vgw.cloud.consent_authority` (offline, usable by ``vgw cloud``): :class:`SigningKey` (Ed25519; make
+- :mod:`vgw.cloud.consent_authority` (offline): :class:`SigningKey` (Ed25519; make
   several for rotation), :class:`RecipientKey` (HPKE X25519, or ``MLKEM768-X25519`` as an extension beyond
   the contract), :func:`consent_claims`, :func:`grant`, :func:`sign_consent` (compact JWS, ``alg`` EdDSA, ``typ``
   ``vgw-consent+jwt``, README "Consent document");

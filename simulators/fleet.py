@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
+from vgw.crypto.certs import device_public_key_from_cert, load_private_key
 from vgw.errors import UplinkError
 from vgw.simulators.cloud import (
     RecipientKey,
@@ -49,7 +50,7 @@ from vgw.simulators.cloud import (
     verify_receipt,
 )
 from vgw.simulators.fleet_device import PREFIX, SimDevice, Worker, connect_client, make_client, tls_context
-from vgw.simulators.pki import TestPKI, load_private_key
+from vgw.simulators.pki import TestPKI
 
 log = logging.getLogger("vgw.fleet")
 
@@ -234,8 +235,6 @@ class FleetSim:
             recipient = RecipientKey.generate()
             device_keys = {}
             for d, (cert, _key) in dev_files.items():
-                from vgw.simulators.pki import device_public_key_from_cert
-
                 device_keys[d] = device_public_key_from_cert(cert)
             cloud = _Cloud(recipient, device_keys)
             cloud_ctx = tls_context(ca, cloud_cert, cloud_key)

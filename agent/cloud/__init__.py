@@ -5,7 +5,7 @@ as the agent. Layer: cloud (README "Layout"): imports only the core, never the a
 simulators.
 
 - :mod:`vgw.cloud.consent_authority`: signing and recipient keys, consent claims and the compact JWS (README
-  "Consent documents").
+  "Consent document").
 - :mod:`vgw.cloud.envelopes`: open (and, for tests, seal) the telemetry envelope; verify a receipt.
 - :mod:`vgw.cloud.cloud_records`: what a receiver records: batches, receipts, rejections, de-duplication.
 - :mod:`vgw.cloud.cloudkit`: key files, grants files and the ``vgw cloud`` offline commands.

@@ -1,4 +1,5 @@
-"""What the reference cloud peer received, and how a received message becomes a record. No MQTT, no I/O.
+"""What a cloud receiver (``vgw cloud listen``, the reference cloud peer) received, and how a received message
+becomes a record. No MQTT, no I/O.
 
 - records: :class:`ReceivedBatch`, :class:`ReceivedSample`, :class:`RejectedMessage`, :class:`Receipt`,
   :class:`BadReceipt`;

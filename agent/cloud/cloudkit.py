@@ -1,8 +1,8 @@
 """The cloud integration kit behind ``vgw cloud``: keys, consent documents, push, revoke, listen, receipts.
 
-Everything the cloud side of README "The contract, in our words" needs, as small functions over
-:mod:`vgw.simulators.cloud`'s
-primitives (which stay the one implementation of JWS signing, HPKE and receipt verification):
+Everything the cloud side of README "The contract, in our words" needs, as small functions over the primitives
+of :mod:`vgw.cloud.consent_authority` and :mod:`vgw.cloud.envelopes` (the one implementation of JWS signing,
+HPKE and receipt verification on the cloud side, which the reference cloud peer uses too):
 
 - :func:`keygen`: the consent signing key (Ed25519) and one HPKE recipient key pair per controller;
 - :func:`load_grants` / :func:`sign_documents`: a consent document per device from a TOML or JSON grants

@@ -1,5 +1,5 @@
-"""The consent authority of the reference cloud peer: its keys and its documents (README "Consent document"). No I/O
-but key files.
+"""The consent authority of ``vgw cloud`` and the reference cloud peer: its keys and its documents (README
+"Consent document"). No I/O but key files.
 
 - :class:`SigningKey`: an Ed25519 consent signing key (make several for rotation);
 - :class:`RecipientKey` / :func:`recipient_public_key`: the HPKE recipient key a grant names (X25519, or

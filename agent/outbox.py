@@ -31,8 +31,8 @@ the committing grant until the outbox fits (then, if one grant's new batch alone
 others, the oldest of the largest grant). A batch already handed to the broker whose PUBACK has not come is
 never dropped for quota (it may have arrived: dropping it would make the ``dropped_quota`` count lie).
 
-Narrowing (README "Narrowing applies to stored data"): no sample of a scope not in force at publish time leaves the
-car. Three checks:
+Narrowing (README "Narrowing applies to stored data"): no sample of a scope not in force at publish time leaves the car.
+Three checks:
 :meth:`Outbox.apply_terms` replaces the terms in force and deletes the withdrawn rows in one transaction
 (under the lock the uplink holds from reading a row to handing it to the socket, so no withdrawn row can be
 published in between); :meth:`Outbox.commit_batch` refuses a batch collected under other terms than those in
@@ -197,8 +197,7 @@ def quarantine(path: Path) -> tuple[Path, dict[str, int]]:
 
     Returns (the name it was moved to before being destroyed, {grant: next_seq} read from it, empty if
     unreadable). The salvaged seqs keep ``seq`` rising for the cloud (README "Telemetry envelope"): a fresh file alone
-    would
-    restart at 1 and the receiver would drop the new batches as re-deliveries. Nothing else is kept: a copy
+    would restart at 1 and the receiver would drop the new batches as re-deliveries. Nothing else is kept: a copy
     would hold wrapped keys and rows of grants that a later revocation could no longer reach (README "Receipts").
     The move comes first, so a crash mid-way leaves a ``.corrupt-`` file that the next start destroys.
     """

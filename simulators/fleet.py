@@ -1,9 +1,8 @@
 """Fleet load simulator: N lightweight devices in one process against a real broker.
 
-Each simulated device has its own client id and certificate (from a throwaway CA), a real mutual-TLS MQTT
-connection, verifies consent documents (EdDSA JWS) exactly like the contract says, seals real HPKE
-envelopes (README "Telemetry envelope") at ``rate_hz`` per grant and signs real ES256 receipts (README "Receipts"). A
-cloud side pushes consent
+Each simulated device has its own client id and certificate (from a throwaway CA), a real mutual-TLS MQTT connection,
+verifies consent documents (EdDSA JWS) exactly like the contract says, seals real HPKE envelopes (README "Telemetry
+envelope") at ``rate_hz`` per grant and signs real ES256 receipts (README "Receipts"). A cloud side pushes consent
 (retained), changes it at ``churn_hz`` across the fleet (revoke a grant / grant a new one), and consumes
 everything: it opens every envelope and verifies every receipt.
 

@@ -175,8 +175,7 @@ class CloudRecorder:
         with self._cond:
             stream = self._streams.setdefault((device, grant_id), _Stream())
             # An (epoch, seq) seen before is a QoS 1 re-delivery (or a replay): drop the copy (README "Telemetry
-            # envelope"). The same
-            # seq in another epoch is new data: a wiped or re-provisioned device starts again at 1.
+            # envelope"). The same seq in another epoch is new data: a wiped or re-provisioned device starts again at 1.
             if (epoch, seq) in stream.seen:
                 stream.duplicates += 1
             else:

@@ -288,9 +288,8 @@ def load_grants(path: Path) -> dict[str, Any]:
 def default_version(now: float | None = None) -> int:
     """A version that rises without a counter to keep: Unix time in milliseconds.
 
-    The device accepts only a version greater than the one in force (README "Consent document"), so two documents
-    signed by
-    different consent-service replicas in order still apply in order.
+    The device accepts only a version greater than the one in force (README "Consent document"), so two documents signed
+    by different consent-service replicas in order still apply in order.
     """
     return int((time.time() if now is None else now) * 1000)
 

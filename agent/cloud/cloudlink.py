@@ -283,8 +283,7 @@ class Listener:
         with self._lock:
             st = self._streams.setdefault((device, grant), _Stream())
             # De-duplicate on (epoch, seq) (README "Telemetry envelope"): a wiped or re-provisioned device starts a new
-            # epoch at seq 1,
-            # which is new data, not a re-delivery.
+            # epoch at seq 1, which is new data, not a re-delivery.
             if (epoch, seq) in st.seen:
                 st.duplicates += 1
                 events.append({"type": "duplicate", "device": device, "grant": grant, "epoch": epoch, "seq": seq,

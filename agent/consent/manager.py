@@ -192,11 +192,10 @@ class ConsentManager:
                     skipped_revoked.setdefault(gid, ver)
         revoked = frozenset(old_active - new_ids) | frozenset(skipped_revoked)
 
-        # 1. Stop collection of dropped grants at once (memory first), and let the new grants store. The new
-        #    terms and the deletion of what they withdraw from stored batches are one outbox transaction
-        #    (README "Telemetry envelope"): no withdrawn row can be published in between, and a batch still in memory
-        # under
-        #    the old terms is refused when it is committed.
+        # 1. Stop collection of dropped grants at once (memory first), and let the new grants store. The new terms and
+        #    the deletion of what they withdraw from stored batches are one outbox transaction (README "Telemetry
+        #    envelope"): no withdrawn row can be published in between, and a batch still in memory under the old terms
+        #    is refused when it is committed.
         if revoked and self.on_revoke is not None:
             self.on_revoke(revoked)
         narrowed = self.outbox.apply_terms(_terms(consent.grants, previous=self.active_grants()))

@@ -30,8 +30,7 @@ EARLIEST_TIME = 946_684_800  # 2000-01-01 00:00:00 UTC: no genuine consent docum
 CONSENT_TYP = "vgw-consent+jwt"
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 # Every key a grant and a limit may carry (README "Consent document" and "Collection rules"). Anything else rejects the
-# document: a
-# restriction this agent cannot enforce must never be silently ignored (fail closed).
+# document: a restriction this agent cannot enforce must never be silently ignored (fail closed).
 GRANT_KEYS = frozenset({"id", "controller", "purpose", "scopes", "limits", "retention_s", "recipient", "collect"})
 LIMIT_KEYS = frozenset({"max_hz", "precision_m"})
 RECIPIENT_KEYS = frozenset({"kem", "pk"})

@@ -181,3 +181,17 @@ def test_citations_are_ones_a_user_can_read() -> None:
                 if UNREADABLE.search(line):
                     found.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
     assert not found, "cite a README section or an RFC instead (see the map above this test):\n" + "\n".join(found)
+
+
+def test_code_names_modules_by_import_name_not_folder() -> None:
+    # The folders agent/, simulators/ and dbc/ are importable by those names only from a clone's root (pytest's
+    # pythonpath); an installed `vgw` has no such modules. Code run as text (`python -c "..."`, a child
+    # process) is not checked by an import, so look at every line.
+    folder_import = re.compile(r"\b(from|import) (agent|simulators|dbc)\b(?! *[:,)\]])")
+    found = []
+    for folder in package_dirs().values():
+        for path in sorted(folder.rglob("*.py")):
+            for number, line in enumerate(path.read_text().splitlines(), 1):
+                if folder_import.search(line):
+                    found.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert not found, "import `vgw...`, not a folder name:\n" + "\n".join(found)

@@ -4,7 +4,10 @@ Checks, in order: config, catalogue (DBC + signal map), CAN interface (present, 
 where readable) or replay trace, OBD adapter (opens, answers ``ATI``), keys, certificate (matches the key,
 names this device, expiry: WARN within 30 days, FAIL expired), broker (TCP, TLS handshake with the device
 certificate through :func:`vgw.uplink.tls_context`, and the broker keeps the connection), clock (not
-before the floor in ``clock.json``), state dir permissions, consent in force and its expiry.
+before the floor in ``clock.json``), state dir permissions, consent in force and its expiry; then time sync
+(the consent rules -- not before, expiry, the clock floor -- are only as right as the clock: systemd-timesyncd's
+flag file, else the kernel's NTP state via adjtimex(2)) and the CA (a device certificate that outlives the CA
+that signed it stops working when the CA expires); and, on a live bus, whether the demo car's DBC is in use.
 
 The doctor only reads: it creates no file, and it does not touch an adapter the running agent holds. Its
 output names files, interfaces and counts, never a signal value, VIN or location.
@@ -15,6 +18,8 @@ output names files, interfaces and counts, never a signal value, VIN or location
 from __future__ import annotations
 
 import base64
+import ctypes
+import ctypes.util
 import json
 import os
 import shutil
@@ -30,15 +35,16 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-
 from vgw.config import CanConfig, Config, ObdConfig, load_config
-from vgw.errors import VgwError
+from vgw.errors import ConfigError, VgwError
+from vgw.fsutil import MAX_KEY_BYTES, read_small_file
 
 PASS, WARN, FAIL = "PASS", "WARN", "FAIL"
 CERT_WARN_DAYS = 30
 CONSENT_WARN_S = 24 * 3600
 CLOCK_MIN = 1735689600  # 2025-01-01T00:00:00Z: a clock before this was never set (no RTC, no NTP yet)
 ARPHRD_CAN = 280
+CAN_MTU, CANFD_MTU = 16, 72  # linux/can.h: the MTU of a SocketCAN interface tells classic CAN from CAN FD
 IFF_UP = 0x1
 ELM_BAUDRATES = (38400, 9600, 115200, 230400)
 
@@ -67,6 +73,10 @@ class Probes:
     connect_timeout_s: float = 5.0
     tls_wait_s: float = 0.5  # how long the broker may take to refuse a client certificate after the handshake
     serial_timeout_s: float = 1.0
+    # systemd-timesyncd creates this once it has synchronised the clock (systemd-timesyncd.service(8)).
+    timesync_flag: Path = Path("/run/systemd/timesync/synchronized")
+    # The kernel's NTP state: (adjtimex return value, timex.status), or None where it cannot be read.
+    adjtimex: Callable[[], tuple[int, int] | None] | None = None
 
 
 def run_checks(config_path: str | Path, probes: Probes | None = None) -> list[Check]:
@@ -90,6 +100,9 @@ def run_checks(config_path: str | Path, probes: Probes | None = None) -> list[Ch
         ("clock", lambda: _clock(cfg)),
         ("state-dir", lambda: _state_dir(cfg)),
         ("consent", lambda: _consent(cfg)),
+        ("time-sync", lambda: _time_sync(probes)),
+        ("ca", lambda: _ca(cfg)),
+        ("demo-dbc", lambda: _demo_dbc(cfg)),
     ]
     for name, step in steps:
         try:
@@ -146,8 +159,10 @@ def _read(path: Path) -> str | None:
         return None
 
 
-def check_can_interface(name: str, ifname: str, want_bitrate: int | None, probes: Probes) -> Check:
-    """A SocketCAN interface: present, a CAN device, up; bitrate and bus state when the kernel says them."""
+def check_can_interface(name: str, ifname: str, want_bitrate: int | None, probes: Probes, *,
+                        want_fd: bool = False) -> Check:
+    """A SocketCAN interface: present, a CAN device, up, in CAN FD mode when ``want_fd`` (MTU 72, README
+    "CAN FD"); bitrate and bus state when the kernel says them."""
     base = probes.sys_class_net / ifname
     if not base.exists():
         return Check(name, FAIL, f"CAN interface {ifname} not found (CAN HAT overlay in config.txt? "
@@ -159,11 +174,14 @@ def check_can_interface(name: str, ifname: str, want_bitrate: int | None, probes
     if flags is not None and not int(flags, 16) & IFF_UP:
         return Check(name, FAIL, f"{ifname} is down (systemd-networkd brings it up with 80-can0.network; "
                                  f"or: ip link set {ifname} up type can bitrate 500000)")
+    fd_check = _fd_mode(ifname, _read(base / "mtu"), want_fd)
+    if fd_check is not None and fd_check[0] == FAIL:
+        return Check(name, *fd_check)
     details = (probes.link_details or ip_link_details)(ifname)
     info = ((details or {}).get("linkinfo") or {})
     data = info.get("info_data") or {}
     if info.get("info_kind") == "vcan":
-        return Check(name, PASS, f"{ifname} is up (virtual CAN)")
+        return Check(name, PASS, f"{ifname} is up (virtual CAN{', FD' if want_fd else ''})")
     state = data.get("state")
     bitrate = (data.get("bittiming") or {}).get("bitrate")
     parts = [f"{ifname} is up"]
@@ -174,13 +192,30 @@ def check_can_interface(name: str, ifname: str, want_bitrate: int | None, probes
     detail = ", ".join(parts)
     if state == "BUS-OFF":
         return Check(name, FAIL, f"{detail}: the controller left the bus (wrong bitrate or wiring?)")
+    if fd_check is not None:
+        return Check(name, *fd_check)  # a WARN (a FAIL returned above)
     if bitrate and want_bitrate and int(bitrate) != want_bitrate:
         return Check(name, WARN, f"{detail}, but the config says {want_bitrate} bit/s")
     if state in ("ERROR-PASSIVE", "ERROR-WARNING"):
         return Check(name, WARN, f"{detail}: bus errors (bitrate, termination or wiring?)")
     if not bitrate:
         detail += " (bitrate not readable)"
+    if want_fd:
+        detail += ", CAN FD (MTU 72)"
     return Check(name, PASS, detail)
+
+
+def _fd_mode(ifname: str, mtu: str | None, want_fd: bool) -> tuple[str, str] | None:
+    """(status, detail) when the interface's FD mode disagrees with ``[can] fd``, else None."""
+    if mtu is None or not mtu.isdigit():
+        return None  # not readable: nothing to say
+    if want_fd and int(mtu) != CANFD_MTU:
+        return FAIL, (f"{ifname} is up in classic CAN mode (MTU {mtu}) but [can] fd = true: no CAN FD frame "
+                      f"arrives (ip link set {ifname} down; ip link set {ifname} up type can bitrate 500000 "
+                      f"dbitrate 2000000 fd on; a vcan: ip link set {ifname} mtu 72)")
+    if not want_fd and int(mtu) == CANFD_MTU:
+        return WARN, f"{ifname} is in CAN FD mode (MTU 72) but [can] fd = false: FD frames are not received"
+    return None
 
 
 def _can(can_cfg: CanConfig, probes: Probes) -> Check:
@@ -203,7 +238,7 @@ def _can(can_cfg: CanConfig, probes: Probes) -> Check:
     if can_cfg.interface == "virtual":
         return Check("can", PASS, "virtual bus (no hardware to check)")
     if can_cfg.interface == "socketcan":
-        return check_can_interface("can", can_cfg.channel or "can0", can_cfg.bitrate, probes)
+        return check_can_interface("can", can_cfg.channel or "can0", can_cfg.bitrate, probes, want_fd=can_cfg.fd)
     channel = (can_cfg.channel or "").split("@")[0]
     if channel.startswith("/dev/"):
         if not os.path.exists(channel):
@@ -289,16 +324,19 @@ def _keys(cfg: Config) -> Check:
 
 
 def _certificate(cfg: Config) -> Check:
-    from vgw.provisioning import cert_device_id
+    from vgw.crypto.certs import cert_device_id
 
     path = cfg.mqtt.cert_file
     try:
-        cert = x509.load_pem_x509_certificates(path.read_bytes())[0]
-    except (OSError, ValueError, IndexError):
+        cert = x509.load_pem_x509_certificates(read_small_file(path, what="certificate", max_bytes=MAX_KEY_BYTES,
+                                                               error=ConfigError))[0]
+    except (OSError, ValueError, IndexError, ConfigError):
         return Check("certificate", FAIL, f"{path}: not a PEM certificate")
     try:
-        key = serialization.load_pem_private_key(cfg.mqtt.key_file.read_bytes(), password=None)
-    except (OSError, ValueError, TypeError):
+        key = serialization.load_pem_private_key(read_small_file(cfg.mqtt.key_file, what="device key",
+                                                                 max_bytes=MAX_KEY_BYTES, error=ConfigError),
+                                                 password=None)
+    except (OSError, ValueError, TypeError, ConfigError):
         return Check("certificate", FAIL, f"{cfg.mqtt.key_file}: not a usable unencrypted PEM private key")
     if cert.public_key() != key.public_key():
         return Check("certificate", FAIL, f"{path} does not match {cfg.mqtt.key_file}")
@@ -394,6 +432,88 @@ def _clock(cfg: Config) -> Check:
         return Check("clock", FAIL, f"system clock {stamp} is {int(floor - now)} s behind the newest time this "
                                     "device has seen (clock.json): fix NTP/RTC")
     return Check("clock", PASS, f"{stamp}, not before anything this device has seen")
+
+
+TIME_ERROR = 5  # adjtimex(2) return value: the clock is not synchronised
+STA_UNSYNC = 0x0040  # timex.status: clock unsynchronised
+
+
+class _Timex(ctypes.Structure):
+    """struct timex of <sys/timex.h> (Linux, 64-bit and 32-bit alike: longs are the C type)."""
+
+    _fields_ = [("modes", ctypes.c_uint), ("offset", ctypes.c_long), ("freq", ctypes.c_long),
+                ("maxerror", ctypes.c_long), ("esterror", ctypes.c_long), ("status", ctypes.c_int),
+                ("constant", ctypes.c_long), ("precision", ctypes.c_long), ("tolerance", ctypes.c_long),
+                ("time_sec", ctypes.c_long), ("time_usec", ctypes.c_long), ("tick", ctypes.c_long),
+                ("ppsfreq", ctypes.c_long), ("jitter", ctypes.c_long), ("shift", ctypes.c_int),
+                ("stabil", ctypes.c_long), ("jitcnt", ctypes.c_long), ("calcnt", ctypes.c_long),
+                ("errcnt", ctypes.c_long), ("stbcnt", ctypes.c_long), ("tai", ctypes.c_int),
+                ("_reserved", ctypes.c_int * 11)]
+
+
+def kernel_adjtimex() -> tuple[int, int] | None:
+    """adjtimex(2) with modes 0 (a read: no privilege needed), or None where libc has no adjtimex."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        tx = _Timex()
+        state = int(libc.adjtimex(ctypes.byref(tx)))
+    except (OSError, AttributeError):
+        return None
+    return (state, int(tx.status)) if state >= 0 else None
+
+
+def _demo_dbc(cfg: Config) -> Check | None:
+    """WARN when a live bus (not a replay, not python-can's virtual bus) is decoded with the demo car's DBC:
+    it names signals of a car that does not exist, so on a real vehicle it decodes nothing meaningful."""
+    from vgw.dbc import DBC_NAME, shipped_dir
+
+    can_cfg = cfg.can
+    if can_cfg is None or can_cfg.replay is not None or can_cfg.interface == "virtual":
+        return None
+    try:
+        demo = (shipped_dir() / DBC_NAME).read_bytes()
+        used = [p for p in can_cfg.dbc if p.read_bytes() == demo]
+    except OSError:
+        return None  # the catalogue check names an unreadable DBC
+    if not used:
+        return None
+    return Check("demo-dbc", WARN, f"{used[0]} is the demo car's DBC: on a real vehicle it decodes nothing "
+                                   "meaningful; use your vehicle's DBC and signal map (vgw provision --dbc FILE "
+                                   "--signal-map FILE)")
+
+
+def _time_sync(probes: Probes) -> Check:
+    if probes.timesync_flag.exists():
+        return Check("time-sync", PASS, "clock synchronised (systemd-timesyncd)")
+    read = probes.adjtimex or kernel_adjtimex
+    got = read()
+    if got is not None and got[0] != TIME_ERROR and not got[1] & STA_UNSYNC:
+        return Check("time-sync", PASS, "clock synchronised (kernel NTP state)")
+    why = "cannot tell" if got is None else "not synchronised"
+    return Check("time-sync", WARN, f"{why}: consent expiry and not-before depend on the clock; enable NTP "
+                                    "(sudo timedatectl set-ntp true; timedatectl shows 'synchronized: yes')")
+
+
+def _ca(cfg: Config) -> Check | None:
+    """The device certificate must not outlive the CA that signed it (nor the CA be expired)."""
+    try:
+        leaf = x509.load_pem_x509_certificates(cfg.mqtt.cert_file.read_bytes())[0]
+        cas = x509.load_pem_x509_certificates(cfg.mqtt.ca_file.read_bytes())
+    except (OSError, ValueError, IndexError):
+        return None  # the certificate and broker checks already say what is wrong with the files
+    chain = x509.load_pem_x509_certificates(cfg.mqtt.cert_file.read_bytes())[1:] + cas
+    issuer = next((c for c in chain if c.subject == leaf.issuer), None)
+    if issuer is None:
+        return Check("ca", WARN, f"{cfg.mqtt.ca_file} holds no certificate named {leaf.issuer.rfc4514_string()!r}, "
+                                 "the device certificate's issuer")
+    ca_end, leaf_end = issuer.not_valid_after_utc, leaf.not_valid_after_utc
+    if ca_end.timestamp() < time.time():
+        return Check("ca", FAIL, f"the CA that signed {cfg.mqtt.cert_file.name} expired on {ca_end:%Y-%m-%d}")
+    if leaf_end > ca_end:
+        return Check("ca", WARN, f"{cfg.mqtt.cert_file.name} is valid until {leaf_end:%Y-%m-%d} but its CA only until "
+                                 f"{ca_end:%Y-%m-%d}: from then on the broker rejects it; renew the CA (or a "
+                                 "certificate within its life) before that")
+    return Check("ca", PASS, f"the CA is valid until {ca_end:%Y-%m-%d}, after the device certificate")
 
 
 def _state_dir(cfg: Config) -> Check:

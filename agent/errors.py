@@ -7,13 +7,14 @@ message as one line and exits non-zero. Programming mistakes raise ``ValueError`
 
     VgwError
      +-- ConfigError            bad config file, DBC, signal map (names the file and field)
-     +-- ConsentError           a consent document broke a rule of CONTRACT §5 (``reason`` says which)
+     +-- ConsentError           a consent document broke a rule of README "Consent document" (``reason`` says which)
      |    +-- SignatureError    not signed by a trusted key, wrong alg/typ, malformed JWS
      |    +-- ClaimsError       wrong subject, scope, grant shape, size
      |    +-- FreshnessError    version rollback/replay, expired, issued in the future
      +-- SourceError            a frame/PID source failed
      |    +-- SourceOpenError   could not open the bus/adapter/trace (initialisation)
      |    +-- SourceReadError   failed while reading (operation)
+     |    +-- SourceFrameError  one frame was malformed and skipped; the source is still usable
      +-- StorageError           state dir / outbox / key store
      +-- UplinkError            MQTT/TLS
 """
@@ -61,6 +62,10 @@ class SourceOpenError(SourceError):
 
 class SourceReadError(SourceError):
     """Reading from an open source failed."""
+
+
+class SourceFrameError(SourceError):
+    """One frame could not be read (garbled or truncated input); it was skipped and the source is still usable."""
 
 
 class StorageError(VgwError):

@@ -15,6 +15,11 @@ Counters the report reads (``counters`` table of the outbox), per grant ``<g>``:
   ``retention_deleted:<g>``     batches deleted unsent because they outlived ``retention_s``
 
 A counter the agent does not record (yet) shows as "not recorded", never as zero.
+
+Collection rules (README "Collection rules"): for a grant with rules, the running agent's status file holds, per scope,
+the samples decoded and the samples its rules let through since it started (``collect`` in ``status.json``);
+the report shows both and the share the rules kept back in the car, and says in plain words what each app
+receives (:mod:`vgw.collect.describe`).
 """
 
 from __future__ import annotations
@@ -26,28 +31,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vgw.collect.describe import SCOPE_LABELS
+from vgw.report_owner import WITHDRAWN_TEXT, app_name, local_when, purpose_text, timeline_svg, version_text, zone_name
+from vgw.timefmt import utc_text
+
 REPORT_VERSION = 1
 
 # Why data were deleted, in the owner's words (audit ``reason`` -> report reason).
 _DELETE_REASONS = {"revoked": "revocation", "expired": "expiry", "not-in-force": "no longer in force"}
 
-SCOPE_LABELS = {
-    "read_vehicle_info": "Vehicle make, model and year",
-    "read_vin": "Vehicle identification number (VIN)",
-    "read_odometer": "Odometer (distance travelled)",
-    "read_fuel": "Fuel level",
-    "read_battery": "High-voltage battery level",
-    "read_charge": "Charging state",
-    "read_engine_oil": "Engine oil life",
-    "read_tires": "Tyre pressures",
-    "read_diagnostics": "Engine and diagnostic data",
-    "read_speedometer": "Speed",
-    "read_thermometer": "Outside temperature",
-    "read_location": "Location (position of the car)",
-    "read_compass": "Heading (compass direction)",
-    "read_security": "Door lock state",
-    "read_climate": "Cabin climate",
-}
+__all__ = ["SCOPE_LABELS", "ConsentView", "build_report", "collect", "render_html", "render_text"]
 
 
 @dataclass(frozen=True)
@@ -75,6 +68,7 @@ def build_report(
     audit_ok: bool = True,
     audit_problem: str | None = None,
     generated: float | None = None,
+    rule_counts: Mapping[str, Mapping[str, Mapping[str, int]]] | None = None,
 ) -> dict[str, Any]:
     """The report as a JSON-ready dict. Pure: reads nothing, and no input it reads holds a signal value."""
     grants: dict[str, dict[str, Any]] = {}
@@ -94,14 +88,16 @@ def build_report(
         event = e.get("event")
         t = e.get("t")
         if event == "consent-applied":
-            for g in e.get("grants") or []:
+            listed = e.get("grants")
+            for g in listed if isinstance(listed, list) else []:
                 if not isinstance(g, Mapping) or not isinstance(g.get("id"), str):
                     continue
                 rec = grant_rec(g["id"])
                 if rec["granted_at"] is None or rec["stopped_at"] is not None:
                     rec["granted_at"], rec["granted_in_version"] = t, e.get("ver")
                     rec["stopped_at"] = rec["stop_reason"] = None  # granted again after a stop
-                rec["scopes"] = [s for s in g.get("scopes") or [] if isinstance(s, str)]
+                scopes = g.get("scopes")
+                rec["scopes"] = [s for s in scopes if isinstance(s, str)] if isinstance(scopes, list) else []
                 for k in ("controller", "purpose"):
                     if isinstance(g.get(k), str):
                         rec[k] = g[k]
@@ -119,7 +115,8 @@ def build_report(
                                    "batches": e.get("batches_deleted", 0), "at": t, "key_destroyed": True})
         elif event == "retention-delete" and isinstance(e.get("grant"), str):
             rec = grant_rec(e["grant"])
-            rec["_retention_audit"] += int(e.get("batches_deleted") or 0)
+            n = e.get("batches_deleted")
+            rec["_retention_audit"] += n if type(n) is int and n > 0 else 0  # a damaged entry counts nothing
             rec["_retention_last"] = t
 
     in_force = {g["id"]: g for g in consent.grants} if consent else {}
@@ -156,14 +153,16 @@ def build_report(
             "last": _counter(counters, f"last_sent:{gid}"),
         }
         held = outbox.get(gid, {})
+        counted = (rule_counts or {}).get(gid, {})
         out_grants.append({
             **rec,
             "status": status,
             "limits": (g or {}).get("limits", {}),
             "retention_s": (g or {}).get("retention_s"),
             "sent": sent,
-            "scopes": [{"scope": s, "label": SCOPE_LABELS.get(s, s), "samples_sent": per_scope[s]}
-                       for s in rec["scopes"]],
+            "scopes": [_scope_rec(s, per_scope[s], counted.get(s)) for s in rec["scopes"]],
+            "collect": list((g or {}).get("collect", [])),
+            "receives": list((g or {}).get("receives", [])),
             "held_on_device": {"batches": int(held.get("rows", 0)), "bytes": int(held.get("bytes", 0))},
         })
     return {
@@ -179,6 +178,15 @@ def build_report(
     }
 
 
+def _scope_rec(scope: str, sent: int | None, counted: Mapping[str, int] | None) -> dict[str, Any]:
+    """One scope's line: samples sent, and for a grant with rules, decoded / let through / share kept back."""
+    decoded = int(counted.get("decoded", 0)) if counted else None
+    after = int(counted.get("after_rules", 0)) if counted else None
+    kept_back = round(1 - after / decoded, 4) if decoded and after is not None else None
+    return {"scope": scope, "label": SCOPE_LABELS.get(scope, scope), "samples_sent": sent,
+            "samples_decoded": decoded, "samples_after_rules": after, "kept_back_by_rules": kept_back}
+
+
 def collect(config_path: str | Path) -> dict[str, Any]:
     """Read a state directory (works while `vgw run` runs) and build the report. Raises VgwError."""
     from vgw.config import load_config
@@ -186,6 +194,7 @@ def collect(config_path: str | Path) -> dict[str, Any]:
 
     cfg = load_config(config_path)
     state = read_state(cfg)
+    rule_counts = _status_rule_counts(cfg.state_dir)
     verdict = state.audit.verify()
     consent = state.manager.in_force
     view = None
@@ -195,16 +204,29 @@ def collect(config_path: str | Path) -> dict[str, Any]:
                            grants=tuple(summary["grants"]))  # type: ignore[arg-type]
     problem = None if verdict.ok else f"line {verdict.first_bad}: {verdict.reason}"
     return build_report(device=cfg.device.id, entries=state.audit.entries(), counters=state.counters,
-                        outbox=state.outbox_stats, consent=view, audit_ok=verdict.ok, audit_problem=problem)
+                        outbox=state.outbox_stats, consent=view, audit_ok=verdict.ok, audit_problem=problem,
+                        rule_counts=rule_counts)
+
+
+def _status_rule_counts(state_dir: Path) -> dict[str, Any]:
+    """The rule counters of the running (or last) agent's status file; {} when there are none."""
+    import json
+
+    from vgw.runtime import STATUS_FILE
+
+    try:
+        counts = json.loads((state_dir / STATUS_FILE).read_text()).get("collect")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return counts if isinstance(counts, dict) else {}
 
 
 # ---------------------------------------------------------------- formatting
 
 
 def _when(t: Any) -> str:
-    if not isinstance(t, int | float) or isinstance(t, bool):
-        return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+    # The audit log and counters are files: a damaged one may hold any number (2**63, NaN); never a traceback.
+    return utc_text(t)
 
 
 def _num(v: Any) -> str:
@@ -221,6 +243,11 @@ def _duration(s: Any) -> str:
     return f"{s} s"
 
 
+def _share(v: Any) -> str:
+    # Two decimals: 1 - 12/36000 must read 99.97%, not a rounded "100.0%" that would claim nothing was sent.
+    return "-" if not isinstance(v, int | float) else f"{100 * v:.2f}%"
+
+
 def render_text(report: Mapping[str, Any]) -> str:
     lines = [f"privacy report for {report['device']}, generated {_when(report['generated'])}"]
     audit = report["audit"]
@@ -235,7 +262,14 @@ def render_text(report: Mapping[str, Any]) -> str:
         lines.append(f"  sent: {_num(s['batches'])} batch(es), {_num(s['samples'])} sample(s); first "
                      f"{_when(s['first'])}, last {_when(s['last'])}")
         for sc in g["scopes"]:
-            lines.append(f"    {sc['scope']:<18} {_num(sc['samples_sent'])} sample(s)")
+            line = f"    {sc['scope']:<18} {_num(sc['samples_sent'])} sample(s)"
+            if sc.get("samples_decoded") is not None:
+                line += (f"; decoded {sc['samples_decoded']}, let through by the rules {sc['samples_after_rules']}"
+                         f" ({_share(sc['kept_back_by_rules'])} kept back in the car)")
+            lines.append(line)
+        if g.get("receives"):
+            lines.append("  what it receives:")
+            lines += [f"    {r}" for r in g["receives"]]
         for d in g["deleted"]:
             lines.append(f"  deleted by {d['reason']}: {d['batches']} batch(es)"
                          + (f" at {_when(d['at'])}" if d.get("at") else "")
@@ -258,8 +292,16 @@ th{background:#eee}caption{text-align:left;font-weight:600;padding:.25rem 0}
 .ok{color:#0a5d1a;font-weight:600}.bad{color:#a00000;font-weight:600}
 .status{display:inline-block;padding:0 .4rem;border:1px solid currentColor;border-radius:.25rem}
 dl{display:grid;grid-template-columns:max-content 1fr;gap:.2rem 1rem}dt{font-weight:600}dd{margin:0}
+.small{font-size:.85rem;color:#444;margin:0}figure.timeline{margin:0;overflow-x:auto}
 @media print{body{margin:0}}
 """
+
+
+def _kept_back(sc: Mapping[str, Any]) -> str:
+    if sc.get("samples_decoded") is None:
+        return "no rule: every reading (within the limits)"
+    return (f"{_share(sc['kept_back_by_rules'])} of {sc['samples_decoded']} readings "
+            "(counted since the agent last started)")
 
 
 def render_html(report: Mapping[str, Any]) -> str:
@@ -277,8 +319,9 @@ def render_html(report: Mapping[str, Any]) -> str:
         "<body>",
         "<main>",
         "<h1>What your car shared</h1>",
-        f"<p>Device <strong>{e(str(report['device']))}</strong>. Report made {e(_when(report['generated']))}. "
-        "It counts what left the car and what was deleted; it never shows the data themselves.</p>",
+        f"<p>Device <strong>{e(str(report['device']))}</strong>. Report made {e(local_when(report['generated']))}. "
+        "It counts what left the car and what was deleted; it never shows the data themselves. Times are in "
+        f"{e(zone_name(report['generated']))}, this device's time zone.</p>",
     ]
     audit = report["audit"]
     if audit["intact"]:
@@ -291,27 +334,38 @@ def render_html(report: Mapping[str, Any]) -> str:
     if c is None:
         out.append("<p>No consent is in force: the car collects and sends nothing.</p>")
     elif c["expired"]:
-        out.append(f"<p>Your consent (version {c['version']}) expired on {e(_when(c['expires']))}. "
-                   "Nothing is collected or sent until you give a new one.</p>")
+        out.append(f"<p>Your consent ({e(version_text(c['version']))}) expired on "
+                   f"{e(local_when(c['expires']))}. Nothing is collected or sent until you give a new one.</p>")
     else:
-        out.append(f"<p>Your consent in force is version {c['version']}; it ends on "
-                   f"{e(_when(c['expires']))} unless you withdraw it earlier.</p>")
+        out.append(f"<p>Your consent in force is the {e(version_text(c['version']))}; it ends on "
+                   f"{e(local_when(c['expires']))} unless you withdraw it earlier.</p>")
     if not report["grants"]:
-        out.append("<p>No company has ever received data from this car through this device.</p>")
+        out.append("<p>No app has ever received data from this car through this device.</p>")
+    svg = timeline_svg(report)
+    if svg:
+        out.append('<section aria-labelledby="timeline"><h2 id="timeline">What was shared when</h2>')
+        out.append(f'<figure class="timeline">{svg}</figure></section>')
+    out.append('<section aria-labelledby="withdrawn"><h2 id="withdrawn">What &ldquo;withdrawn&rdquo; means for '
+               f"data already sent</h2><p>{e(WITHDRAWN_TEXT)}</p></section>")
     for g in report["grants"]:
-        who = g["controller"] or "an unnamed recipient"
+        who = app_name(g["controller"])
         out.append(f'<section aria-labelledby="g-{e(g["id"])}">')
         out.append(f'<h2 id="g-{e(g["id"])}">{e(who)}'
-                   + (f" &mdash; {e(g['purpose'])}" if g["purpose"] else "") + "</h2>")
+                   + (f" &mdash; {e(purpose_text(g['purpose']))}" if g["purpose"] else "") + "</h2>")
+        if g["controller"]:
+            out.append(f"<p class=\"small\">App id <code>{e(str(g['controller']))}</code></p>")
         status_text = {"active": "Sharing now", "revoked": "You withdrew this permission",
                        "expired": "This permission expired", "stopped": "Stopped"}.get(g["status"], g["status"])
         s = g["sent"]
         out.append("<dl>")
         out.append(f"<dt>Permission</dt><dd><span class=\"status\">{e(status_text)}</span> (grant "
                    f"<code>{e(g['id'])}</code>)</dd>")
-        out.append(f"<dt>Given</dt><dd>{e(_when(g['granted_at']))}</dd>")
+        given = local_when(g["granted_at"])
+        if g.get("granted_in_version") is not None:
+            given += f" (consent {version_text(g['granted_in_version'])})"
+        out.append(f"<dt>Given</dt><dd>{e(given)}</dd>")
         if g["stopped_at"]:
-            out.append(f"<dt>Stopped</dt><dd>{e(_when(g['stopped_at']))}</dd>")
+            out.append(f"<dt>Stopped</dt><dd>{e(local_when(g['stopped_at']))}</dd>")
         if s["samples"] is None and s["batches"] is None:
             sent_text = "not recorded by this device"
         elif s["samples"] is None:
@@ -319,17 +373,24 @@ def render_html(report: Mapping[str, Any]) -> str:
         else:
             sent_text = f"{s['samples']} readings in {_num(s['batches'])} encrypted messages"
         out.append(f"<dt>Sent</dt><dd>{e(sent_text)}</dd>")
-        out.append(f"<dt>First sent</dt><dd>{e(_when(s['first']))}</dd>")
-        out.append(f"<dt>Last sent</dt><dd>{e(_when(s['last']))}</dd>")
+        out.append(f"<dt>First sent</dt><dd>{e(local_when(s['first']))}</dd>")
+        out.append(f"<dt>Last sent</dt><dd>{e(local_when(s['last']))}</dd>")
         if g.get("retention_s"):
             out.append(f"<dt>Kept unsent at most</dt><dd>{e(_duration(g['retention_s']))}</dd>")
         held = g["held_on_device"]
         out.append(f"<dt>Waiting in the car</dt><dd>{held['batches']} encrypted messages</dd>")
         out.append("</dl>")
+        if g.get("receives"):
+            out.append(f"<p>What {e(who)} receives, decided in the car before anything is sent:</p><ul>")
+            out += [f"<li>{e(r)}</li>" for r in g["receives"]]
+            out.append("</ul>")
+        ruled = any(sc.get("samples_decoded") is not None for sc in g["scopes"])
         out.append("<table>")
         out.append(f"<caption>What {e(who)} may read, and how much of it left the car</caption>")
         out.append('<thead><tr><th scope="col">Kind of data</th><th scope="col">Readings sent</th>'
-                   '<th scope="col">Limits applied in the car</th></tr></thead><tbody>')
+                   '<th scope="col">Limits applied in the car</th>'
+                   + ('<th scope="col">Kept back in the car by the collection rules</th>' if ruled else "")
+                   + "</tr></thead><tbody>")
         for sc in g["scopes"]:
             lim = (g.get("limits") or {}).get(sc["scope"], {})
             parts = []
@@ -339,7 +400,8 @@ def render_html(report: Mapping[str, Any]) -> str:
             if lim.get("precision_m"):
                 parts.append(f"position rounded to {float(lim['precision_m']):g} m")
             out.append(f'<tr><th scope="row">{e(sc["label"])} <small>(<code>{e(sc["scope"])}</code>)</small></th>'
-                       f"<td>{e(_num(sc['samples_sent']))}</td><td>{e('; '.join(parts) or '-')}</td></tr>")
+                       f"<td>{e(_num(sc['samples_sent']))}</td><td>{e('; '.join(parts) or '-')}</td>"
+                       + (f"<td>{e(_kept_back(sc))}</td>" if ruled else "") + "</tr>")
         out.append("</tbody></table>")
         if g["deleted"]:
             out.append("<table>")
@@ -351,7 +413,7 @@ def render_html(report: Mapping[str, Any]) -> str:
                    "retention": "Kept longer than the agreed time"}
             for d in g["deleted"]:
                 out.append(f"<tr><td>{e(why.get(d['reason'], d['reason']))}</td><td>{e(str(d['batches']))}</td>"
-                           f"<td>{e(_when(d.get('at')))}</td></tr>")
+                           f"<td>{e(local_when(d.get('at')))}</td></tr>")
             out.append("</tbody></table>")
         out.append("</section>")
     if report["rejected_documents"]:
@@ -360,7 +422,7 @@ def render_html(report: Mapping[str, Any]) -> str:
         out.append('<table><thead><tr><th scope="col">When</th><th scope="col">Version</th>'
                    '<th scope="col">Why refused</th></tr></thead><tbody>')
         for r in report["rejected_documents"]:
-            out.append(f"<tr><td>{e(_when(r['at']))}</td><td>{e(_num(r['version']))}</td>"
+            out.append(f"<tr><td>{e(local_when(r['at']))}</td><td>{e(version_text(r['version']))}</td>"
                        f"<td>{e(str(r['reason']))}</td></tr>")
         out.append("</tbody></table></section>")
     out += ["</main>", "</body>", "</html>", ""]

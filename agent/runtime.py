@@ -3,7 +3,7 @@
 Threads:
   collector  reads the source, routes/decodes/batches under ``self._lock``, seals and commits full batches.
   uplink     owns the MQTT connection (agent.uplink).
-  main       consent documents (MQTT queue, the cache file written by `vgw consent apply`), expiry,
+  main       consent documents (MQTT intake, the cache file written by `vgw consent apply`), expiry,
              retention, status file, clock floor, systemd watchdog, signals.
 
 A revocation takes ``self._lock``: once it holds it no frame is half-processed, it swaps the router and drops
@@ -16,17 +16,30 @@ Faults (what each costs is in docs/guarantees.md; tests/test_faults_*.py prove i
   disk full/read-only batches are counted in ``store_failures`` and not stored; logged and audited once when
                       it starts and once when it recovers; ``storage`` in status.json says which.
   bus down/bus-off    SourceReadError: close, wait ``[can] reopen_s``, reopen; error frames are counted.
+  bad frame           malformed input (SourceFrameError) or a frame the pipeline fails on: counted in
+                      ``frames_malformed``/``frames_failed``, skipped, logged at most once a minute;
+                      BAD_FRAMES_REOPEN in a row reopen the source.
+  stalled collector   the collector beats once per loop (a quiet bus still beats); no beat for
+                      COLLECTOR_STALL_S, or a dead thread: health not ok in status.json, no WATCHDOG=1, so
+                      systemd restarts the agent.
   SIGTERM             collector stopped, open batches committed, up to 2 s to hand them to a live link,
                       status offline, exit 0. SIGKILL loses at most the batches not yet committed.
+
+Reload (SIGHUP, `systemctl reload vgw-agent`): the config file is read again. ``[log] level`` applies at once
+(unless --log-level/--debug pinned it). Everything else -- and the DBC and signal map files -- is only
+compared and named in a warning: the collector's open batches, the bus's frame allow-list and the consent
+filter are all built from the catalogue and the source, and swapping them mid-stream would mix two decodings
+in one batch. A restart commits the open batches first (SIGTERM above), so it is the safe way to apply them.
+A config that no longer loads is logged and the running one stays.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import os
-import queue
 import signal
 import threading
 import time
@@ -34,20 +47,24 @@ from pathlib import Path
 from typing import Any
 
 import can
-
 from vgw.audit import AuditLog
 from vgw.catalogue import Catalogue, load_catalogue
-from vgw.config import Config
+from vgw.config import Config, load_config
+from vgw.consent.intake import ConsentIntake
 from vgw.consent.manager import ConsentManager, load_trust_keys
+from vgw.consent.narrowing import terms_digest
 from vgw.consent.store import ConsentStore
 from vgw.crypto.envelope import batch_plaintext, load_recipient_key, seal
 from vgw.crypto.keys import load_or_create_storage_key
 from vgw.crypto.receipts import ReceiptSigner
-from vgw.errors import SourceError, StorageError, VgwError
+from vgw.errors import SourceError, SourceFrameError, SourceReadError, StorageError, VgwError
 from vgw.fsutil import atomic_write, ensure_private_dir
+from vgw.j1939.request import Requester
+from vgw.logs import apply_config_level
 from vgw.outbox import GrantNotActive, Outbox, OutboxUnwritable, open_checked
 from vgw.pipeline.router import GrantBatch, Pipeline
 from vgw.sdnotify import notify, watchdog_interval
+from vgw.sources.canbus import BusSource
 from vgw.uplink import Uplink
 
 log = logging.getLogger("vgw.agent")
@@ -57,7 +74,11 @@ RECOVERED_AFTER_STORES = 3  # consecutive stored batches before a storage fault 
 LOCK_FILE = "vgw.lock"
 OUTBOX_FILE = "outbox.sqlite"
 QUOTA_AUDIT_EVERY_S = 60.0  # at most one quota-drop audit entry per grant per minute (the counter is exact)
+INTAKE_ROUNDS = 8  # consent intake emptied at most this often per main-loop turn
 SHUTDOWN_SEND_S = 2.0  # on SIGTERM, how long a live link may take to send what was just flushed
+COLLECTOR_STALL_S = 10.0  # no collector loop iteration for this long: stalled (health not ok, watchdog not fed)
+BAD_FRAMES_REOPEN = 100  # this many malformed frames in a row with nothing good between: reopen the source
+FRAME_ERROR_LOG_EVERY_S = 60.0  # per-frame errors are counted exactly but logged at most this often
 
 
 class AgentLock:
@@ -68,7 +89,11 @@ class AgentLock:
         self._fd: int | None = None
 
     def acquire(self) -> bool:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            # O_NOFOLLOW: a link planted here must never make us truncate its target (docs/guarantees.md).
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        except OSError as exc:
+            raise StorageError(f"{self.path}: cannot open the agent lock: {exc.strerror}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -147,15 +172,20 @@ class Agent:
         self.manager = ConsentManager(device=self.device, store=self.store, outbox=self.outbox, audit=self.audit,
                                       signer=self.signer, trust_keys=trust, on_revoke=self._on_revoke,
                                       on_change=self._on_consent_change)
-        self._consent_queue: queue.Queue[bytes] = queue.Queue(maxsize=16)
-        self.uplink = Uplink(cfg.mqtt, self.device, self.outbox, on_consent=self._enqueue_consent,
+        # Documents from MQTT are judged on arrival and the newest verified one always survives (intake.py).
+        self.intake = ConsentIntake(trust_keys=trust, device=self.device,
+                                    clock=lambda: max(time.time(), self.store.floor))
+        self.uplink = Uplink(cfg.mqtt, self.device, self.outbox, on_consent=self.intake.offer,
                              status_payload=self._public_status)
         self._stop = threading.Event()
+        self._reload = threading.Event()  # set by SIGHUP, handled by the main loop
+        self._catalogue_digest = _catalogue_digest(cfg)
         self._source_done = threading.Event()
         self._collector: threading.Thread | None = None
         self.counters: dict[str, int] = {"batches": 0, "batches_discarded": 0, "store_failures": 0,
-                                         "consent_dropped": 0, "source_errors": 0, "batches_failed": 0,
-                                         "error_frames": 0, "remote_frames": 0, "rx_overflow": 0, "quota_dropped": 0}
+                                         "consent_superseded": 0, "source_errors": 0, "batches_failed": 0,
+                                         "error_frames": 0, "remote_frames": 0, "rx_overflow": 0, "quota_dropped": 0,
+                                         "frames_malformed": 0, "frames_failed": 0}
         self.storage_error: str | None = None  # why the outbox cannot store now (None: it can)
         self._store_failures_at_error = 0
         self._stores_since_error = 0
@@ -164,16 +194,37 @@ class Agent:
         self._quota_view: dict[str, int] = {"quota_bytes": cfg.outbox.quota_bytes, "used_bytes": 0}
         self._quota_view_at = 0.0
         self.healthy = True
+        self.health_problem: str | None = None  # why the agent is not healthy (None: it is)
+        self.collector_stall_s = COLLECTOR_STALL_S
+        self._collector_beat = time.monotonic()  # monotonic time of the collector loop's last iteration
+        self._frame_errors_logged = 0.0
+        self._frame_errors_unlogged = 0
         self.exit_code = 0
         self._source: Any = None
 
     # -- consent hooks ------------------------------------------------------------------------------
 
-    def _enqueue_consent(self, payload: bytes) -> None:
-        try:
-            self._consent_queue.put_nowait(payload)
-        except queue.Full:
-            self.counters["consent_dropped"] += 1  # the retained copy is delivered again on reconnect
+    def _apply_intake(self) -> None:
+        """Apply what the MQTT intake holds, until it is empty: the newest verified document wins.
+
+        Rejections on arrival are recorded per reason with their count (the manager coalesces them). Versions
+        a newer one superseded before they were applied are counted, never applied. A few rounds per main-loop
+        turn at most: a flood that never stops must not starve expiry and the watchdog (the rest waits one turn).
+        """
+        for _ in range(INTAKE_ROUNDS):
+            taken = self.intake.take()
+            if not taken:
+                return
+            superseded = taken.superseded
+            for rejected in taken.rejected.values():
+                self.manager.reject(rejected.last, source="mqtt", count=rejected.count)
+            for i, consent in enumerate(taken.candidates):
+                skipped = taken.skipped + [(c.ver, c.grant_ids) for c in taken.candidates[i + 1:]]
+                if self.manager.apply(consent.token, source="mqtt", skipped=skipped).status != "rejected":
+                    superseded += len(taken.candidates) - i - 1
+                    break
+            self.counters["consent_superseded"] += superseded
+            self.uplink.wake()
 
     def _on_revoke(self, grant_ids: frozenset[str]) -> None:
         with self._lock:
@@ -186,17 +237,19 @@ class Agent:
         log.info("collection stopped for %d grant(s); in-memory batches dropped", len(grant_ids))
 
     def _on_consent_change(self) -> None:
+        self.intake.set_in_force(self.manager.in_force)
         grants = self.manager.active_grants()
         with self._lock:
             self._recipients = {g.id: load_recipient_key(g.recipient.kem, g.recipient.pk) for g in grants}
             if self.pipeline is not None:
                 self.pipeline.swap(grants)
                 self._install_filters()
+        self.uplink.publish_status()  # the retained status names the consent in force (README "Topics")
         self.uplink.wake()
 
     def _install_filters(self) -> None:
         if self._source is not None and self.pipeline is not None:
-            self._source.set_filters(self.pipeline.router.frame_ids)
+            self._source.set_filters(self.pipeline.router.frames)
 
     # -- batches ------------------------------------------------------------------------------------
 
@@ -214,7 +267,8 @@ class Agent:
 
             def make(seq: int, _s: list[dict[str, Any]] = samples, _g: str = grant.id, _k: str = kem,
                      _r: Any = recipient) -> bytes:
-                return seal(_k, _r, self.device, _g, batch_plaintext(self.device, _g, seq, _s))
+                return seal(_k, _r, self.device, _g, batch_plaintext(self.device, _g, seq, _s,
+                                                                     epoch=self.outbox.epoch))
 
             per_scope: dict[str, int] = {}
             for sample in samples:
@@ -222,7 +276,8 @@ class Agent:
                 per_scope[scope] = per_scope.get(scope, 0) + 1
             try:
                 committed = self.outbox.commit_batch(grant.id, make, batch.first_t, len(samples),
-                                                     quota_bytes=self.cfg.outbox.quota_bytes, scopes=per_scope)
+                                                     quota_bytes=self.cfg.outbox.quota_bytes, scopes=per_scope,
+                                                     terms=terms_digest(grant))
             except GrantNotActive:
                 self.counters["batches_discarded"] += 1
             except StorageError as exc:
@@ -283,67 +338,128 @@ class Agent:
     # -- collector thread ---------------------------------------------------------------------------
 
     def _collect(self) -> None:
+        """The collector thread: open the source, read, route, flush; reopen on failure. Never ends on one bad
+        frame or one failing session: only stop, or the end of a finite trace, ends it."""
         assert self.cfg.can is not None and self.pipeline is not None
         from vgw.sources import open_source
 
         can_cfg = self.cfg.can
-        batch_cfg = self.cfg.batch
-        last_check = time.monotonic()
+        # README "SAE J1939": requests (PGN 59904) only when the config allows them; rate-limited across reopens.
+        requester = Requester(can_cfg.j1939_address) if can_cfg.j1939_requests and \
+            can_cfg.j1939_address is not None else None
         while not self._stop.is_set():
+            self._collector_beat = time.monotonic()
             try:
                 self._source = open_source(can_cfg)
             except SourceError as exc:
                 self.counters["source_errors"] += 1
                 log.error("%s; retrying in %.1f s", exc, can_cfg.reopen_s)
-                self._stop.wait(can_cfg.reopen_s)
+                self._pause(can_cfg.reopen_s)
                 continue
-            with self._lock:
-                self._install_filters()
             source = self._source
-            pipeline, lock, stop = self.pipeline, self._lock, self._stop
-            samples_seen = pipeline.counters
-            max_samples, max_interval = batch_cfg.max_samples, batch_cfg.max_interval_s
-            # A batch can only be full once (max_samples - largest open batch) more samples went in: look for
-            # full batches only then, not after every frame (a hot-path cost measured in docs/performance.md).
-            next_full_check = 0
             try:
-                while not stop.is_set():
-                    msg = source.recv(0.05)
-                    if msg is not None and msg.is_error_frame:
-                        self.counters["error_frames"] += 1  # bus errors, bus-off notices: never data
-                    elif msg is not None and msg.is_remote_frame:
-                        self.counters["remote_frames"] += 1
-                    elif msg is not None:
-                        with lock:
-                            pipeline.process(msg.arbitration_id, bytes(msg.data), msg.timestamp)
-                            if samples_seen["samples"] >= next_full_check:
-                                batches = pipeline.batches.values()
-                                full = [b for b in batches if len(b.samples) >= max_samples]
-                                if full:
-                                    self._flush(full)
-                                largest = max((len(b.samples) for b in batches), default=0)
-                                next_full_check = samples_seen["samples"] + max(1, max_samples - largest)
-                    now = time.monotonic()
-                    if msg is None or now - last_check >= 0.05:
-                        last_check = now
-                        with lock:
-                            due = pipeline.due(max_samples, max_interval)
-                            if due:
-                                self._flush(due)
-                            next_full_check = 0
-                    if source.finished:
-                        with lock:
-                            self._flush(pipeline.due(1, 0, force=True))
-                        self._source_done.set()
-                        return
+                with self._lock:
+                    self._install_filters()
+                if self._read_source(source, requester):
+                    return
             except SourceError as exc:
                 self.counters["source_errors"] += 1
                 log.error("%s; reopening in %.1f s", exc, can_cfg.reopen_s)
-                self._stop.wait(can_cfg.reopen_s)
+                self._pause(can_cfg.reopen_s)
+            except Exception as exc:  # a defect must not end collection: count it, reopen, and say so
+                self.counters["source_errors"] += 1
+                log.error("collector failed (%s); reopening the source in %.1f s", type(exc).__name__,
+                          can_cfg.reopen_s)
+                self._pause(can_cfg.reopen_s)
             finally:
                 self.counters["rx_overflow"] += source.overflow
                 source.close()
                 self._source = None
+
+    def _pause(self, seconds: float) -> None:
+        """Wait (until stop) while still beating: waiting to reopen is progress, not a stall."""
+        deadline = time.monotonic() + seconds
+        while not self._stop.is_set():
+            self._collector_beat = now = time.monotonic()
+            if now >= deadline:
+                return
+            self._stop.wait(min(1.0, deadline - now))
+
+    def _read_source(self, source: Any, requester: Requester | None = None) -> bool:
+        """Read ``source`` until stop (False) or the end of a finite trace (True, everything flushed); send the
+        J1939 requests ``requester`` says are due (README "SAE J1939").
+
+        Raises SourceReadError when the source fails or sends BAD_FRAMES_REOPEN malformed frames in a row.
+        """
+        pipeline, lock, stop = self.pipeline, self._lock, self._stop
+        samples_seen = pipeline.counters
+        max_samples, max_interval = self.cfg.batch.max_samples, self.cfg.batch.max_interval_s
+        # A batch can only be full once (max_samples - largest open batch) more samples went in: look for
+        # full batches only then, not after every frame (a hot-path cost measured in docs/performance.md).
+        next_full_check = 0
+        last_check = time.monotonic()
+        bad_in_row = 0
+        while not stop.is_set():
+            self._collector_beat = time.monotonic()
+            try:
+                msg = source.recv(0.05)
+            except SourceFrameError as exc:
+                self.counters["frames_malformed"] += 1
+                self._frame_error(str(exc))
+                bad_in_row += 1
+                if bad_in_row >= BAD_FRAMES_REOPEN:
+                    raise SourceReadError(f"{bad_in_row} malformed frames in a row") from exc
+                continue
+            bad_in_row = 0
+            if msg is not None and msg.is_error_frame:
+                self.counters["error_frames"] += 1  # bus errors, bus-off notices: never data
+            elif msg is not None and msg.is_remote_frame:
+                self.counters["remote_frames"] += 1
+            elif msg is not None:
+                with lock:
+                    try:
+                        pipeline.process(msg.arbitration_id, bytes(msg.data), msg.timestamp, msg.is_extended_id)
+                    except Exception as exc:  # one frame the pipeline cannot take must not stop collection
+                        self.counters["frames_failed"] += 1
+                        self._frame_error(f"a frame could not be processed ({type(exc).__name__}); skipped")
+                    if samples_seen["samples"] >= next_full_check:
+                        batches = pipeline.batches.values()
+                        full = [b for b in batches if len(b.samples) >= max_samples]
+                        if full:
+                            self._flush(full)
+                        largest = max((len(b.samples) for b in batches), default=0)
+                        next_full_check = samples_seen["samples"] + max(1, max_samples - largest)
+            now = time.monotonic()
+            if msg is None or now - last_check >= 0.05:
+                last_check = now
+                with lock:
+                    due = pipeline.due(max_samples, max_interval)
+                    if due:
+                        self._flush(due)
+                    next_full_check = 0
+                    requests = requester.due(now, pipeline.granted_scopes()) if requester else ()
+                if requests and isinstance(source, BusSource):
+                    for can_id, data in requests:
+                        source.send_j1939_request(can_id, data)
+            if source.finished:
+                with lock:
+                    self._flush(pipeline.due(1, 0, force=True))
+                self._source_done.set()
+                return True
+        return False
+
+    def _frame_error(self, what: str) -> None:
+        """Log a per-frame error: the first at once, then at most once per FRAME_ERROR_LOG_EVERY_S with the
+        number skipped meanwhile (the counters are exact; a noisy line must not fill the journal)."""
+        now = time.monotonic()
+        if self._frame_errors_logged and now - self._frame_errors_logged < FRAME_ERROR_LOG_EVERY_S:
+            self._frame_errors_unlogged += 1
+            return
+        more = f" (and {self._frame_errors_unlogged} more frame error(s) since the last report)" \
+            if self._frame_errors_unlogged else ""
+        log.warning("%s%s", what, more)
+        self._frame_errors_logged = now
+        self._frame_errors_unlogged = 0
 
     # -- OBD-II -------------------------------------------------------------------------------------
 
@@ -380,7 +496,7 @@ class Agent:
     def _public_status(self) -> dict[str, Any]:
         consent = self.manager.in_force
         return {"device": self.device, "consent_version": consent.ver if consent else None,
-                "grants": [g.id for g in self.manager.active_grants()]}
+                "grants": [g.id for g in self.manager.active_grants()], "healthy": self.healthy}
 
     def _quota_status(self) -> dict[str, int]:
         now = time.monotonic()
@@ -408,13 +524,17 @@ class Agent:
             "last_publish": self.uplink.last_publish,
             "consent_version": consent.ver if consent else None,
             "consent_expired": self.manager.expired,
+            "collect": self.pipeline.rule_counts(),  # collection rules: decoded vs let through, per grant/scope
             "published": {"batches": self.uplink.published_batches, "receipts": self.uplink.published_receipts},
             "storage": {"ok": self.storage_error is None, "error": self.storage_error},
+            "health": {"ok": self.health_problem is None, "problem": self.health_problem},
             "quota": self._quota_status(),
             "obd": self._obd.health() if self._obd is not None else None,
             "counters": {**pipeline, **self.counters, "rx_overflow": self.counters["rx_overflow"] + live_overflow,
                          "connect_attempts": up.connect_attempts, "connect_failures": up.connect_failures,
-                         "mqtt_queue_full": up.queue_full, "ack_store_failures": up.ack_store_failures},
+                         "mqtt_queue_full": up.queue_full, "ack_store_failures": up.ack_store_failures,
+                         "mqtt_oversized_dropped": up.oversized_dropped,
+                         "consent_rejections_coalesced": self.manager.coalesced_rejections},
         }
 
     def _write_status(self) -> None:
@@ -474,18 +594,19 @@ class Agent:
         last_wd = last_status = last_floor = last_retention = 0.0
         replay_exit = bool(self.cfg.can and self.cfg.can.replay and self.cfg.can.replay_exit)
         while not self._stop.is_set():
-            try:
-                payload = self._consent_queue.get(timeout=0.1)
-                self._guarded(self.manager.apply, payload, source="mqtt")
-                self.uplink.wake()
-            except queue.Empty:
-                pass
+            if self._reload.is_set():
+                self._reload.clear()
+                self._reload_config()
+            if self.intake.ready.wait(0.1):
+                self._guarded(self._apply_intake)
+            self._guarded(self.manager.flush_rejections)
             now = time.monotonic()
             self._guarded(self._check_consent_file)
             self._guarded(self.manager.check_expiry)
             if now - last_retention >= 5.0:
                 last_retention = now
                 self._guarded(self._retention)
+                self._guarded(self.manager.finish_pending_erasures)
             self._audit_quota_drops()
             if now - last_status >= 0.5:
                 last_status = now
@@ -499,12 +620,11 @@ class Agent:
                     pass
             if self.cfg.can is None:
                 self._flush_due()  # no collector thread to do it
-            collector_alive = self._collector is None or self._collector.is_alive() or self._source_done.is_set()
-            if self._obd is not None and not self._obd.is_alive():
-                collector_alive = False
-            if not self.uplink.is_alive():
-                collector_alive = False
-            self.healthy = collector_alive
+            self.health_problem = self._health_problem(now)
+            healthy = self.health_problem is None
+            if healthy != self.healthy:
+                self.healthy = healthy
+                self.uplink.publish_status()
             if wd is not None and self.healthy and now - last_wd >= wd:
                 last_wd = now
                 notify("WATCHDOG=1")
@@ -514,6 +634,43 @@ class Agent:
                     log.error("end of trace: outbox not drained within 120 s")
                     self.exit_code = 1
                 return
+
+    def _reload_config(self) -> None:
+        """SIGHUP: apply ``[log] level``; name what else changed and needs a restart (module docstring, Reload)."""
+        try:
+            new = load_config(self.cfg.path)
+        except VgwError as exc:
+            log.error("reload: %s; the running configuration stays", exc)
+            return
+        if apply_config_level(new.log_level):
+            log.info("reload: log level %s", new.log_level)
+        changed = [f"[{name}]" for name in ("device", "can", "obd", "mqtt", "consent", "batch", "outbox")
+                   if getattr(new, name) != getattr(self.cfg, name)]
+        if _catalogue_digest(new) != self._catalogue_digest:
+            changed.append("the DBC/signal map files")
+        if changed:
+            log.warning("reload: %s changed; restart the agent to apply (systemctl restart vgw-agent)",
+                        ", ".join(changed))
+        else:
+            log.info("reload: configuration re-read; nothing else changed")
+
+    def _health_problem(self, now: float) -> str | None:
+        """Why the agent is not doing its work, or None. The watchdog is fed only while this is None.
+
+        "Working" for the collector is its loop going round (a quiet bus is legal), not frames arriving.
+        """
+        collector = self._collector
+        if collector is not None and not self._source_done.is_set():
+            if not collector.is_alive():
+                return "collector stopped"
+            stalled = now - self._collector_beat
+            if stalled >= self.collector_stall_s:
+                return f"collector stalled for {stalled:.0f} s"
+        if self._obd is not None and not self._obd.is_alive():
+            return "OBD poller stopped"
+        if not self.uplink.is_alive():
+            return "uplink stopped"
+        return None
 
     def _guarded(self, fn: Any, *args: Any, **kwargs: Any) -> None:
         """Main-loop work that writes the state dir: a full or read-only disk is logged, never fatal."""
@@ -533,6 +690,7 @@ class Agent:
 
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGHUP, lambda signum, frame: self._reload.set())
 
     def stop(self) -> None:
         self._stop.set()
@@ -548,6 +706,7 @@ class Agent:
             with self._lock:
                 self._flush(self.pipeline.due(1, 0, force=True))
         self._audit_quota_drops(force=True)
+        self._guarded(self.manager.flush_rejections, force=True)
         if self.uplink.state == "connected":
             self.uplink.drain(SHUTDOWN_SEND_S)  # best effort; what is not acknowledged stays in the outbox
         self.uplink.publish_offline()
@@ -561,6 +720,17 @@ class Agent:
         self.outbox.close()
         self.lock_file.release()
         logging.getLogger("vgw.agent").info("agent stopped")
+
+
+def _catalogue_digest(cfg: Config) -> str:
+    """A digest of the DBC and signal map files' bytes (a reload compares it; unreadable files count as changed)."""
+    h = hashlib.sha256()
+    for path in [*cfg.can.dbc, cfg.can.signal_map] if cfg.can is not None else []:
+        try:
+            h.update(path.read_bytes())
+        except OSError:
+            h.update(b"unreadable:" + str(path).encode())
+    return h.hexdigest()
 
 
 def run_agent(cfg: Config, early: list[int] | None = None) -> int:
@@ -579,6 +749,7 @@ def run_agent(cfg: Config, early: list[int] | None = None) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    apply_config_level(cfg.log_level)
     if early:
         log.info("signal %d during start: stopping", early[0])
         agent.stop()

@@ -8,18 +8,24 @@ outbox, not paho, is the only store of unsent data.
 
 Memory is bounded: paho's queue holds at most ``max_inflight`` + a few messages (``max_queued_messages``;
 a refused publish is counted in ``queue_full`` and retried from the outbox), the event deque only ever holds
-connection events and PUBACKs of the bounded in-flight window, and consent messages go straight to the
-runtime's bounded queue. A failed connection attempt is logged once per distinct reason (repeats go to debug
-and are summed up when the reason changes or the link comes back), so a broker that stays down or a TLS
-fault does not flood the journal.
+connection events, PUBACKs of the bounded in-flight window and oversized-message notices, and consent
+messages go straight to the runtime's bounded intake (vgw.consent.intake). No packet larger than
+``MAX_PACKET_BYTES`` is ever buffered: MQTT 5 announces it as the Maximum Packet Size in CONNECT, and for
+both protocols the TLS socket drops an oversized PUBLISH's payload as it is read (agent.packetguard).
 
 Endpoints (CONTRACT §2): ``[mqtt] hosts`` names several nodes of one broker cluster. A failed connection
 attempt or a lost connection moves to the next endpoint (in order, wrapping round) under the same backoff;
 the persistent session (client id = device id, kept by the cluster) and the outbox are the same on every
 node, and TLS checks each node's certificate against that endpoint's host name.
 
-Topics (CONTRACT §4), prefix ``vgw``: subscribe ``vgw/<device>/consent`` only; publish ``.../data/<grant>``,
-``.../receipt`` and ``.../status`` (retained, also the last will).
+A failed connection attempt is logged once per distinct reason (repeats go to debug and are summed up when
+the reason changes or the link comes back), so a broker that stays down or a TLS fault does not flood the
+journal.
+
+Topics (README "Topics"), prefix ``vgw``: subscribe ``vgw/<device>/consent`` only; publish ``.../data/<grant>``,
+``.../receipt`` and ``.../status`` (retained, also the last will). The status is published at connect and
+again whenever :meth:`Uplink.publish_status` is called (the runtime does on every consent, link or health
+change), so the retained copy never describes a consent that is no longer in force.
 """
 
 from __future__ import annotations
@@ -38,18 +44,26 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-
 from vgw.config import MqttConfig
-from vgw.errors import StorageError
+from vgw.consent.verifier import MAX_DOCUMENT_BYTES
+from vgw.errors import ConfigError, StorageError
+from vgw.fsutil import MAX_KEY_BYTES, read_small_file
 from vgw.outbox import Outbox
+from vgw.packetguard import guard_context
 
 log = logging.getLogger("vgw.uplink")
 
 SESSION_EXPIRY_S = 24 * 3600
 QUEUE_SLACK = 8  # paho queue beyond the in-flight window: the status message and the offline status
+# The largest packet the agent reads: a consent document at its limit plus room for the fixed header, the
+# topic and (MQTT 5) properties. Larger ones are never buffered (see agent.packetguard).
+MAX_PACKET_BYTES = MAX_DOCUMENT_BYTES + 1024
 
 
 def tls_context(cfg: MqttConfig) -> ssl.SSLContext:
+    """Raises ConfigError for a TLS file that is not a regular file of sane size (a FIFO would hang ssl)."""
+    for what, path in (("CA file", cfg.ca_file), ("client certificate", cfg.cert_file), ("client key", cfg.key_file)):
+        read_small_file(path, what=what, max_bytes=MAX_KEY_BYTES, error=ConfigError)
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cfg.ca_file))
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.check_hostname = True
@@ -88,6 +102,9 @@ class Uplink:
         self.connect_failures = 0
         self.queue_full = 0
         self.ack_store_failures = 0
+        self.oversized_dropped = 0  # inbound PUBLISH packets over MAX_PACKET_BYTES whose payload was dropped
+        self.status_published = 0
+        self._status_due = threading.Event()
         self._repeats = 0
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -122,6 +139,11 @@ class Uplink:
 
     def wake(self) -> None:
         """New rows or receipts are waiting."""
+        self._wake.set()
+
+    def publish_status(self) -> None:
+        """Publish the retained status again (now if connected, else at the next connect)."""
+        self._status_due.set()
         self._wake.set()
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -180,7 +202,10 @@ class Uplink:
             # subscription to the consent topic) for as long as the broker keeps it.
             clean_session=None if self._protocol == "5" else False,
         )
-        client.tls_set_context(tls_context(self.cfg))
+        ctx = tls_context(self.cfg)
+        guard_context(ctx, MAX_PACKET_BYTES, mqtt5=self._protocol == "5",
+                      on_drop=lambda size: self._events.append(("oversized", size)))
+        client.tls_set_context(ctx)
         client.max_inflight_messages_set(self.cfg.max_inflight)
         # 0 would mean "unbounded" to paho; we never hand it more than the window, so this only guards bugs.
         client.max_queued_messages_set(self.cfg.max_inflight + QUEUE_SLACK)
@@ -203,9 +228,14 @@ class Uplink:
             if self._protocol == "5":
                 props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
                 props.SessionExpiryInterval = SESSION_EXPIRY_S
+                # MQTT 5.0 §3.1.2.11.4: the broker must not send us a larger packet (it discards it instead).
+                props.MaximumPacketSize = MAX_PACKET_BYTES
                 client.connect(host, port, keepalive=self.cfg.keepalive_s, clean_start=False, properties=props)
             else:
                 client.connect(host, port, keepalive=self.cfg.keepalive_s)
+        except ConfigError as exc:  # a TLS file that is not a regular file of sane size (tls_context)
+            self._fail(str(exc))
+            return None
         except ssl.SSLCertVerificationError as exc:
             self._fail(f"TLS certificate rejected: {exc.verify_message}")
             return None
@@ -277,8 +307,16 @@ class Uplink:
         self.last_error = None
         log.info("uplink connected to %s", self.endpoint)
         client.subscribe(self.topic_consent, qos=1)
+        self._status_due.clear()
+        self._send_status(client)
+
+    def _send_status(self, client: mqtt.Client) -> None:
         status = {"state": "online", **self.status_payload()}
-        client.publish(self.topic_status, json.dumps(status), qos=1, retain=True)
+        info = client.publish(self.topic_status, json.dumps(status), qos=1, retain=True)
+        if info.rc == mqtt.MQTT_ERR_SUCCESS:
+            self.status_published += 1
+        else:
+            self._status_due.set()  # paho's queue is full: try again on the next turn
 
     def _teardown(self, client: mqtt.Client) -> None:
         try:
@@ -310,6 +348,11 @@ class Uplink:
                 elif kind == "disconnected":
                     self._fail(f"connection lost: {value}")
                     return
+                elif kind == "oversized":
+                    self._oversized(value)
+            if self._status_due.is_set():
+                self._status_due.clear()
+                self._send_status(client)
             # 2. publish what is waiting, within the in-flight window and the drain rate
             now = time.monotonic()
             tokens = min(float(self.cfg.max_inflight), tokens + (now - last_refill) * self.cfg.drain_rate)
@@ -321,6 +364,12 @@ class Uplink:
             self._wake.wait(0.02)
             self._wake.clear()
 
+    def _oversized(self, size: int) -> None:
+        self.oversized_dropped += 1
+        if self.oversized_dropped == 1 or self.oversized_dropped % 100 == 0:
+            log.warning("uplink: dropped an inbound message of %d bytes (limit %d; %d so far)", size,
+                        MAX_PACKET_BYTES, self.oversized_dropped)
+
     def _acked(self, item: tuple[str, Any]) -> None:
         now = time.time()
         try:
@@ -331,7 +380,8 @@ class Uplink:
                 self.outbox.delete_receipt(item[1])
                 self.published_receipts += 1
         except StorageError as exc:
-            # The row stays and goes out again later: a duplicate the receiver drops (§6), never a loss.
+            # The row stays and goes out again later: a duplicate the receiver drops (README "Telemetry envelope"),
+            # never a loss.
             self.ack_store_failures += 1
             if self.ack_store_failures == 1:
                 log.error("uplink: acknowledged row not deleted: %s", exc)
@@ -400,4 +450,4 @@ class Uplink:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         if message.topic == self.topic_consent and message.payload:
-            self.on_consent(bytes(message.payload))  # a bounded queue (the runtime counts overflow)
+            self.on_consent(bytes(message.payload))  # the bounded consent intake (vgw.consent.intake)

@@ -1,8 +1,8 @@
 """Fleet load simulator: N lightweight devices in one process against a real broker.
 
-Each simulated device has its own client id and certificate (from a throwaway CA), a real mutual-TLS MQTT
-connection, verifies consent documents (EdDSA JWS) exactly like the contract says, seals real HPKE
-envelopes (§6) at ``rate_hz`` per grant and signs real ES256 receipts (§7). A cloud side pushes consent
+Each simulated device has its own client id and certificate (from a throwaway CA), a real mutual-TLS MQTT connection,
+verifies consent documents (EdDSA JWS) exactly like the contract says, seals real HPKE envelopes (README "Telemetry
+envelope") at ``rate_hz`` per grant and signs real ES256 receipts (README "Receipts"). A cloud side pushes consent
 (retained), changes it at ``churn_hz`` across the fleet (revoke a grant / grant a new one), and consumes
 everything: it opens every envelope and verifies every receipt.
 
@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
-
+from vgw.crypto.certs import device_public_key_from_cert, load_private_key
 from vgw.errors import UplinkError
 from vgw.simulators.cloud import (
     RecipientKey,
@@ -54,7 +54,7 @@ from vgw.simulators.cloud import (
     verify_receipt,
 )
 from vgw.simulators.fleet_device import PREFIX, SimDevice, Worker, connect_client, make_client, tls_context
-from vgw.simulators.pki import TestPKI, load_private_key
+from vgw.simulators.pki import TestPKI
 
 log = logging.getLogger("vgw.fleet")
 
@@ -147,7 +147,7 @@ class _Cloud:
     recipient: RecipientKey
     device_keys: dict[str, ec.EllipticCurvePublicKey]
     lock: threading.Lock = field(default_factory=threading.Lock)
-    seen: dict[tuple[str, str], set[int]] = field(default_factory=dict)
+    seen: dict[tuple[str, str], set[tuple[str, int]]] = field(default_factory=dict)  # (epoch, seq) per stream
     duplicates: int = 0
     delivered: int = 0
     delivered_bytes: int = 0
@@ -171,10 +171,12 @@ class _Cloud:
                 return
             with self.lock:
                 s = self.seen.setdefault((device, gid), set())
-                if batch["seq"] in s:
+                # README "Telemetry envelope": de-duplicate on (epoch, seq)
+                dedup = (str(batch.get("epoch", "")), int(batch["seq"]))
+                if dedup in s:
                     self.duplicates += 1
                     return
-                s.add(batch["seq"])
+                s.add(dedup)
                 if self.measuring:
                     self.delivered += 1
                     self.delivered_bytes += len(payload)
@@ -257,8 +259,6 @@ class FleetSim:
             recipient = RecipientKey.generate()
             device_keys = {}
             for d, (cert, _key) in dev_files.items():
-                from vgw.simulators.pki import device_public_key_from_cert
-
                 device_keys[d] = device_public_key_from_cert(cert)
             cloud = _Cloud(recipient, device_keys)
             cloud_ctx = tls_context(ca, cloud_cert, cloud_key)
@@ -267,8 +267,8 @@ class FleetSim:
             kill_node: int | None = None
             group = None
             if engine == "nats-cluster":
+                from vgw.cloud.jetstream import NatsOptions, stream_leader
                 from vgw.simulators.fleet_cluster import ConsumerGroup
-                from vgw.simulators.jetstream import NatsOptions, stream_leader
 
                 self.progress(f"starting {cfg.consumers} consumer worker(s) on the durable consumer")
                 group = ConsumerGroup(cfg.consumers, tmp / "consumers", nats_urls=broker.nats_urls, ca=ca,
@@ -420,7 +420,7 @@ class FleetSim:
             js_state: dict[str, Any] | None = None
             if group is not None:
                 group.read_once()
-                from vgw.simulators.jetstream import NatsOptions, consumer_state
+                from vgw.cloud.jetstream import NatsOptions, consumer_state
 
                 try:
                     js_state = consumer_state(NatsOptions(tuple(broker.nats_urls), ca, cloud_cert, cloud_key))
@@ -436,7 +436,7 @@ class FleetSim:
                 dups, undec, bad = cloud.duplicates, cloud.undecryptable, cloud.bad_receipts
             lost = 0
             for (d, g), (lo, hi) in sent_streams.items():
-                s = seen.get((d, g), set())
+                s = {n for _epoch, n in seen.get((d, g), set())}  # one epoch per simulated device
                 lost += sum(1 for n in range(lo + 1, hi + 1) if n not in s)
             rev_lat, grant_lat = [], []
             for d, claims, arrived in receipts:

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
-
 from vgw.errors import UplinkError
 
 __all__ = ["ConsumerGroup"]

@@ -6,7 +6,7 @@ mirrors :class:`vgw.simulators.broker.Mosquitto`: it writes a config file into i
 ``nats-server -c``, waits until the MQTT listener is up, stops it (SIGTERM, then SIGKILL; idempotent) and
 restarts it on the same ports with the same JetStream store (retained messages and sessions survive).
 
-Identity and policy (CONTRACT §4): ``tls { verify_and_map: true }`` maps a client certificate to the user
+Identity and policy (README "Topics"): ``tls { verify_and_map: true }`` maps a client certificate to the user
 named by its DNS SAN (our device certificates carry the device id there, see :mod:`vgw.simulators.pki`), and
 :func:`nats_config` gives every device user permission to publish only ``vgw.<id>.data.>``, ``.receipt``
 and ``.status`` and to subscribe only ``vgw.<id>.consent``; the cloud user gets everything under ``vgw``.
@@ -38,8 +38,9 @@ import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from vgw.cloud.jetstream import STREAM
 from vgw.simulators.broker import HOST, BrokerError, BrokerStartError, free_port
 from vgw.simulators.server import ServerProcess
 
@@ -54,10 +55,6 @@ _START_ATTEMPTS = 5
 _READY = "Server is ready"
 _BAD_ID = re.compile(r"[.*>\s]")
 
-STREAM = "VGW"
-"""The JetStream stream holding devices' telemetry and receipts (``deploy/nats/stream-vgw.json``)."""
-DURABLE = "vgw-workers"
-"""The durable pull consumer the cloud's listener workers share (``deploy/nats/consumer-vgw-workers.json``)."""
 
 
 class NatsNotFound(BrokerError):
@@ -81,7 +78,7 @@ def _check_id(name: str) -> None:
 
 
 def device_permissions(device: str, prefix: str = "vgw") -> str:
-    """The NATS ``permissions`` block of one device user (CONTRACT §4), as config text.
+    """The NATS ``permissions`` block of one device user (README "Topics"), as config text.
 
     Raises ``ValueError`` for an id or prefix that cannot be a NATS subject token.
     """
@@ -92,40 +89,6 @@ def device_permissions(device: str, prefix: str = "vgw") -> str:
         f'{{publish: {{allow: ["{base}.data.>", "{base}.receipt", "{base}.status"]}}, '
         f'subscribe: {{allow: ["{base}.consent", "$MQTT.sub.>"]}}}}'
     )
-
-
-def telemetry_stream_config(prefix: str = "vgw", *, replicas: int = 3, name: str = STREAM) -> dict[str, Any]:
-    """The JetStream stream that keeps what devices publish for the cloud: ``<prefix>.*.data.>`` and
-    ``<prefix>.*.receipt`` (status is latest-value and stays retained MQTT). File storage, ``replicas``
-    copies (3 on a 3-node cluster: it survives a node), limits retention so a stopped consumer catches up.
-    """
-    _check_id(prefix)
-    return {
-        "name": name,
-        "subjects": [f"{prefix}.*.data.>", f"{prefix}.*.receipt"],
-        "retention": "limits",
-        "storage": "file",
-        "num_replicas": replicas,
-        "max_age": 7 * 24 * 3600 * 10**9,  # ns: a week of catch-up for a consumer that was down
-        "discard": "old",
-        "duplicate_window": 120 * 10**9,
-    }
-
-
-def telemetry_consumer_config(*, durable: str = DURABLE, ack_wait_s: float = 30.0,
-                              max_ack_pending: int = 10000) -> dict[str, Any]:
-    """The durable pull consumer that ``vgw cloud listen --nats`` workers share: explicit acks, a batch not
-    acknowledged within ``ack_wait_s`` goes to another worker, delivery starts with the stream's first
-    message (a new consumer reads the history the stream still holds)."""
-    return {
-        "durable_name": durable,
-        "deliver_policy": "all",
-        "ack_policy": "explicit",
-        "ack_wait": int(ack_wait_s * 10**9),
-        "max_ack_pending": max_ack_pending,
-        "max_deliver": -1,
-        "replay_policy": "instant",
-    }
 
 
 def cloud_permissions(prefix: str = "vgw", stream: str = STREAM) -> str:

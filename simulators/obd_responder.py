@@ -21,7 +21,6 @@ import time
 from typing import Any
 
 import can
-
 from vgw.simulators.obd_ecu import ObdEcus, VehicleLike
 
 FUNCTIONAL_ID = 0x7DF

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import can
-
 from vgw.config import Config, load_config
 from vgw.runtime import Agent
 from vgw.simulators.broker import Mosquitto

@@ -34,11 +34,11 @@ import cantools
 import psutil
 import pytest
 from cantools.database.can import Database
-
 from vgw.simulators.broker import Mosquitto
 from vgw.simulators.cloud import CloudPeer
 from vgw.simulators.paths import default_dbc
 from vgw.simulators.pki import TestPKI
+
 from tests.agentkit import Vehicle, connected_cloud, vehicle_on_bus
 
 DEVICES = ("dev-0001", "dev-0002")

@@ -24,6 +24,7 @@ from vgw.simulators.cloud import CloudPeer
 from vgw.simulators.paths import default_dbc
 from vgw.simulators.pki import TestPKI
 from vgw.simulators.vehicle import VehicleModel
+
 from tests.agentkit import Authority, connected_cloud, vgw
 
 DEV = "dev-0001"

@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from vgw.catalogue import load_catalogue
 from vgw.config import load_config
 from vgw.errors import ConfigError
 from vgw.pipeline.router import Pipeline
 from vgw.simulators.broker import free_port
 from vgw.simulators.paths import default_dbc, default_signal_map
+
 from tests.agentkit import Authority, vgw, write_config
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dbc" / "cantools"

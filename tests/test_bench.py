@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from vgw.cli import main
 from vgw.simulators.broker import MosquittoNotFound, find_mosquitto
 

@@ -23,7 +23,6 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, x25519
 from cryptography.hazmat.primitives.hpke import AEAD, KDF, KEM, Suite
-
 from vgw.errors import UplinkError
 from vgw.simulators.broker import Mosquitto, device_acl
 from vgw.simulators.cloud import (

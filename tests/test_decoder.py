@@ -23,7 +23,6 @@ from cantools.database.can.message import Message
 from cantools.database.errors import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from vgw.pipeline.decoder import FieldLayout, MessageDecoder, decode_all
 from vgw.simulators.paths import default_dbc
 

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import can
 import pytest
-
 from vgw.catalogue import load_catalogue
 from vgw.simulators.broker import Mosquitto, free_port
 from vgw.simulators.can_sim import CanSimulator
 from vgw.simulators.cloud import CloudPeer
 from vgw.simulators.paths import default_dbc, default_signal_map
 from vgw.simulators.vehicle import VehicleModel
+
 from tests.agentkit import AgentThread, Authority, agent_process, stop_process, vgw, write_config
 from tests.faultkit import persistent_world
 

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from vgw.config import ObdConfig
 from vgw.errors import SourceOpenError
 from vgw.obd.elm327 import Elm327, parse_answer

@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import pytest
-
 from vgw.simulators.vehicle import DEFAULT_VIN
+
 from tests.agentkit import stop_process
 
 obd = pytest.importorskip("obd", reason="python-OBD is a test extra: pip install -e '.[test]'")

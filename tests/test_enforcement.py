@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from vgw.catalogue import load_catalogue
 from vgw.consent.manager import load_trust_keys
 from vgw.consent.model import Grant, Limits, Recipient
@@ -21,6 +20,7 @@ from vgw.simulators.can_sim import CanSimulator
 from vgw.simulators.cloud import SigningKey
 from vgw.simulators.paths import default_dbc, default_signal_map
 from vgw.simulators.vehicle import DEFAULT_VIN, VehicleModel
+
 from tests.consentkit import Authority, State
 
 DEVICE = "dev-0001"
@@ -122,6 +122,7 @@ def _ec_public_pem(tmp_path: Path) -> Path:
 def test_retention_deletes_old_rows_unsent_and_counts(tmp_path: Path, pki: Any, monkeypatch: pytest.MonkeyPatch
                                                       ) -> None:
     from vgw.runtime import Agent
+
     from tests.agentkit import write_config
 
     auth = Authority(tmp_path)

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 import vgw.consent.store as store_module
+
 from tests.consentkit import Authority, State
 
 DEVICE = "dev-0001"

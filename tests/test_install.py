@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 import vgw.install as inst
 from vgw.cli import main
 from vgw.config import load_config
@@ -16,6 +15,7 @@ from vgw.runtime import AgentLock, open_state
 from vgw.simulators.broker import Mosquitto
 from vgw.simulators.cloud import CloudPeer, RecipientKey, SigningKey, consent_claims, grant, sign_consent
 from vgw.simulators.pki import TestPKI
+
 from tests.test_provision import install_signed_cert
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,7 +106,8 @@ def provisioned(prefix: Path, pki: TestPKI, port: int) -> tuple[Path, SigningKey
     trust = signer.write_public_pem(prefix.parent / "signer.pub.pem")
     etc = prefix / "etc/vgw"
     assert main(["provision", "--device-id", "dev-0001", "--broker", f"localhost:{port}", "--ca", str(pki.ca.cert),
-                 "--consent-key", str(trust), "--out", str(etc), "--state-dir", str(prefix / "var/lib/vgw")]) == 0
+                 "--consent-key", str(trust), "--out", str(etc), "--state-dir", str(prefix / "var/lib/vgw"),
+                 "--source", "can", "--demo-dbc"]) == 0
     install_signed_cert(etc, pki, prefix.parent)
     return etc / "vgw.toml", signer
 

@@ -9,7 +9,6 @@ from typing import Any
 
 import can
 import pytest
-
 from vgw.config import ObdConfig
 from vgw.obd.isotp import IsoTpTransport
 from vgw.obd.poller import ObdPoller, decode_vin

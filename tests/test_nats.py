@@ -19,11 +19,11 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-
 from vgw.simulators.broker import Mosquitto
 from vgw.simulators.cloud import CloudPeer
 from vgw.simulators.nats import NatsMqtt, NatsNotFound, find_nats_server
 from vgw.simulators.pki import TestPKI
+
 from tests.agentkit import AgentThread, Authority, Vehicle, connected_cloud, write_config
 
 try:

@@ -18,18 +18,13 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-
+from vgw.cloud.jetstream import telemetry_consumer_config, telemetry_stream_config
+from vgw.cloud.mqttclient import make_client, tls_context
 from vgw.simulators.cloud import recipient_public_key, seal_envelope
-from vgw.simulators.mqttclient import make_client, tls_context
-from vgw.simulators.nats import (
-    NatsNotFound,
-    authorization_block,
-    find_nats_server,
-    telemetry_consumer_config,
-    telemetry_stream_config,
-)
+from vgw.simulators.nats import NatsNotFound, authorization_block, find_nats_server
 from vgw.simulators.nats_cluster import NatsCluster
 from vgw.simulators.pki import TestPKI
+
 from tests.agentkit import ROOT, vgw
 
 try:
@@ -308,6 +303,7 @@ def test_kill_a_worker_mid_stream_nothing_lost(workers: Workers, pki: TestPKI, c
 def test_config_hosts_parses_and_refuses_both_forms(tmp_path: Path, pki: TestPKI) -> None:
     from vgw.config import load_config
     from vgw.errors import ConfigError
+
     from tests.agentkit import Authority, write_config
 
     trust = Authority(tmp_path).trust
@@ -330,6 +326,7 @@ def test_config_hosts_parses_and_refuses_both_forms(tmp_path: Path, pki: TestPKI
 
 def test_doctor_checks_every_endpoint(tmp_path: Path, pki: TestPKI, cluster: NatsCluster) -> None:
     from vgw.doctor import FAIL, PASS, Probes, run_checks
+
     from tests.agentkit import Authority, write_config
 
     hosts = [f"localhost:{p}" for _h, p in cluster.endpoints]
@@ -345,8 +342,8 @@ class JsRecorder:
     """A cloud recorder fed by one in-process JetStream worker of the durable consumer (a thread)."""
 
     def __init__(self, pki: TestPKI, cluster: NatsCluster) -> None:
+        from vgw.cloud.jetstream import JetStreamWorker, NatsOptions
         from vgw.simulators.cloud import CloudRecorder
-        from vgw.simulators.jetstream import JetStreamWorker, NatsOptions
 
         self.rec = CloudRecorder()
         for d in pki.devices:
@@ -389,9 +386,10 @@ def test_agent_moves_to_another_node_when_its_node_is_killed(
     """Agent 1 is on a node that is not the telemetry stream's leader (killing the leader loses what is
     published during the election: nats-server 2.9 acknowledges an MQTT QoS 1 publish before JetStream has
     stored it; docs/fleet.md measures that case)."""
+    from vgw.cloud.jetstream import stream_leader
     from vgw.runtime import STATUS_FILE
     from vgw.simulators.cloud import CloudPeer
-    from vgw.simulators.jetstream import stream_leader
+
     from tests.agentkit import AgentThread, Authority, write_config
 
     auth = Authority(tmp_path)

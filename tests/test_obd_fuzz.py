@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from vgw.obd.elm327 import PROTOCOL_NAMES, parse_answer
 from vgw.obd.isotp import RESPONSE_IDS, Reassembly
 from vgw.simulators.elm327 import Elm327Simulator, isotp_frames

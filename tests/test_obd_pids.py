@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from vgw.obd.pids import (
     BY_NAME,
     BY_NUMBER,

@@ -34,7 +34,6 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from vgw.catalogue import load_catalogue
 from vgw.consent.model import Consent, Grant, Limits
 from vgw.consent.verifier import verify_consent
@@ -147,7 +146,7 @@ def run(sc: Scenario | None, folder: Path, *, seed: int = 1, duration: float = 1
 
                 def make(seq: int, _s: list[dict[str, Any]] = samples, _g: Grant = g) -> bytes:
                     return seal(_g.recipient.kem, recipients[_g.id], DEVICE, _g.id,
-                                batch_plaintext(DEVICE, _g.id, seq, _s))
+                                batch_plaintext(DEVICE, _g.id, seq, _s, epoch=outbox.epoch))
 
                 outbox.commit_batch(g.id, make, batch.first_t, len(samples))
             # The uplink: oldest first, publish, delete on PUBACK; the cloud opens with its own code.

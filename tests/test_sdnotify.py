@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from vgw.sdnotify import notify, watchdog_interval
 from vgw.simulators.broker import free_port
 from vgw.simulators.pki import TestPKI

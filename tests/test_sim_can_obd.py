@@ -9,6 +9,7 @@ from vgw.obd.isotp import IsoTpTransport
 from vgw.obd.poller import decode_vin
 from vgw.obd.request import build_request
 from vgw.simulators.vehicle import DEFAULT_VIN
+
 from tests.agentkit import stop_process
 
 

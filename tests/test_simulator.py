@@ -18,7 +18,6 @@ from typing import Any
 import can
 import pytest
 from cantools.database.can import Database
-
 from vgw.errors import ConfigError, SourceOpenError
 from vgw.simulators.can_sim import MODEL_TICK_MS, SIGNAL_SOURCES, CanSimulator, open_output, vin_parts
 from vgw.simulators.slcan_pty import SlcanPtyBus
@@ -36,6 +35,7 @@ from vgw.simulators.vehicle import (
     initial_bearing_deg,
     vin_check_digit,
 )
+
 from tests.agentkit import stop_process
 
 REPO = Path(__file__).resolve().parent.parent

@@ -10,10 +10,10 @@ import time
 
 import can
 import pytest
-
 from vgw.simulators.can_sim import CanSimulator
 from vgw.simulators.paths import default_dbc
 from vgw.simulators.vehicle import VehicleModel
+
 from tests.agentkit import AgentThread, Authority, write_config
 
 pytestmark = [

@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 from cantools.database.can import Database
-
 from vgw.scopes import SCOPES
 from vgw.simulators.paths import dbc_dir, default_dbc, default_signal_map
 

@@ -1,4 +1,4 @@
-"""`vgw cloud`: the cloud side of the contract (CONTRACT §4-§7), for integrators and operators.
+"""`vgw cloud`: the cloud side of the contract (README "The contract, in our words"), for integrators and operators.
 
     vgw cloud keygen --dir KEYS [--recipient NAME ...] [--force]
     vgw cloud sign --key KEYS/consent-signer.key --grants grants.toml --device ID [...] [--ver N] [-o OUT]
@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any
+
+import jwt
 
 EXIT_REJECTED = 3
 
@@ -111,8 +113,8 @@ def _broker_options(p: argparse.ArgumentParser, *, required: bool) -> None:
 
 
 def _opts(args: argparse.Namespace) -> Any:
-    from vgw.simulators.cloudkit import CloudKitError
-    from vgw.simulators.cloudlink import BrokerOptions
+    from vgw.cloud.cloudkit import CloudKitError
+    from vgw.cloud.cloudlink import BrokerOptions
 
     missing = [n for n in ("ca", "cert", "tls_key") if getattr(args, n) is None]
     if missing:
@@ -129,7 +131,7 @@ def _opts(args: argparse.Namespace) -> Any:
 
 
 def run_keygen(args: argparse.Namespace) -> int:
-    from vgw.simulators.cloudkit import keygen
+    from vgw.cloud.cloudkit import keygen
 
     for path in keygen(args.dir, args.recipient, signer=not args.no_signer, force=args.force):
         print(path)
@@ -137,7 +139,7 @@ def run_keygen(args: argparse.Namespace) -> int:
 
 
 def run_sign(args: argparse.Namespace) -> int:
-    from vgw.simulators.cloudkit import load_grants, load_signing_key, sign_documents
+    from vgw.cloud.cloudkit import load_grants, load_signing_key, sign_documents
 
     key = load_signing_key(args.key)
     desc = load_grants(args.grants)
@@ -158,8 +160,8 @@ def run_sign(args: argparse.Namespace) -> int:
 
 
 def run_push(args: argparse.Namespace) -> int:
-    from vgw.simulators.cloudkit import read_document
-    from vgw.simulators.cloudlink import CloudLink
+    from vgw.cloud.cloudkit import read_document
+    from vgw.cloud.cloudlink import CloudLink
 
     docs = [(read_document(p), p) for p in args.docs]
     link = CloudLink(_opts(args)).connect()
@@ -173,29 +175,37 @@ def run_push(args: argparse.Namespace) -> int:
 
 
 def run_revoke(args: argparse.Namespace) -> int:
-    from vgw.simulators.cloudkit import load_signing_key, read_document, revoke_document
-    from vgw.simulators.cloudlink import CloudLink
+    from vgw.cloud.cloudkit import load_signing_key, read_document, revoke_document
+    from vgw.cloud.cloudlink import CloudLink
 
     key = load_signing_key(args.key)
     current = read_document(args.current, key)
     token = revoke_document(key, current, None if args.all else args.grant, ver=args.ver)
+    claims = jwt.decode(token, options={"verify_signature": False})  # signed just now, by us
+    gone = sorted({g["id"] for g in current.get("grants", [])} - {g["id"] for g in claims.get("grants", [])})
+    # Like `push`: one line per action on stdout. Only when the document itself is the output (no -o, no
+    # --broker) does stdout carry the token, so that `vgw cloud revoke ... > v2.jws` still works.
+    what = (f"revocation of {', '.join(gone) or 'no grant'}: consent v{claims['ver']} for {claims['sub']} "
+            f"({len(claims.get('grants', []))} grant(s) left)")
     if args.out is not None:
         args.out.write_text(token + "\n")
-    else:
+        print(f"wrote {what} to {args.out}")
+    elif not args.broker:
         print(token)
+        print(f"signed {what}", file=sys.stderr)
     if args.broker:
         link = CloudLink(_opts(args)).connect()
         try:
             link.publish(f"{args.prefix}/{current['sub']}/consent", token.encode())
         finally:
             link.close()
-        print(f"pushed revocation to {current['sub']}", file=sys.stderr)
+        print(f"pushed {what}")
     return 0
 
 
 def run_listen(args: argparse.Namespace) -> int:
-    from vgw.simulators.cloudkit import CloudKitError, load_device_certs, load_recipient_keys
-    from vgw.simulators.cloudlink import CloudLink, Listener
+    from vgw.cloud.cloudkit import CloudKitError, load_device_certs, load_recipient_keys
+    from vgw.cloud.cloudlink import CloudLink, Listener
 
     recipients = load_recipient_keys(args.recipient)
     keys = load_device_certs(args.device_cert)
@@ -252,9 +262,9 @@ def _listen_nats(args: argparse.Namespace, recipients: Any, keys: Any) -> int:
     """``listen --nats``: one worker of the durable consumer. A worker sees only part of each stream, so
     gaps are not reported; duplicates (a redelivered batch another worker had handled) are dropped per
     worker and must be de-duplicated downstream on (device, grant, epoch, seq)."""
-    from vgw.simulators.cloudkit import CloudKitError
-    from vgw.simulators.cloudlink import Listener
-    from vgw.simulators.jetstream import JetStreamWorker, NatsOptions, parse_servers, require_nats_py
+    from vgw.cloud.cloudkit import CloudKitError
+    from vgw.cloud.cloudlink import Listener
+    from vgw.cloud.jetstream import JetStreamWorker, NatsOptions, parse_servers, require_nats_py
 
     require_nats_py()
     missing = [n for n in ("ca", "cert", "tls_key") if getattr(args, n) is None]
@@ -304,8 +314,8 @@ def _listen_nats(args: argparse.Namespace, recipients: Any, keys: Any) -> int:
 
 
 def run_verify_receipt(args: argparse.Namespace) -> int:
+    from vgw.cloud.cloudkit import load_device_certs, verify_receipt_file
     from vgw.simulators.cloud import ReceiptError
-    from vgw.simulators.cloudkit import load_device_certs, verify_receipt_file
 
     keys = load_device_certs(args.device_cert)
     try:

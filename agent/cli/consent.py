@@ -8,8 +8,10 @@ import sys
 import time
 from pathlib import Path
 
+from vgw.cli import DEFAULT_CONFIG
 from vgw.consent.store import ConsentStore
 from vgw.errors import ConfigError
+from vgw.timefmt import utc_text
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -20,12 +22,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                         description="Verify DOC exactly as if it came from the cloud and, if it passes, cache it "
                         "in the state directory. Exit 0 applied, 3 rejected. A running `vgw run` on the same "
                         "state directory enforces it within 1 s.")
-    a.add_argument("--config", required=True, help="agent config file (TOML)")
+    a.add_argument("--config", default=DEFAULT_CONFIG, help=f"agent config file (TOML; default {DEFAULT_CONFIG})")
     a.add_argument("doc", metavar="DOC", help="file holding the compact JWS")
     a.set_defaults(func=cmd_apply)
 
     s = csub.add_parser("show", help="the consent in force: version, grants, scopes, expiry")
-    s.add_argument("--config", required=True, help="agent config file (TOML)")
+    s.add_argument("--config", default=DEFAULT_CONFIG, help=f"agent config file (TOML; default {DEFAULT_CONFIG})")
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(func=cmd_show)
 
@@ -106,7 +108,9 @@ def cmd_apply(args: argparse.Namespace) -> int:
         return 0
     print(f"consent v{result.consent.ver} applied ({len(result.consent.grants)} grant(s))")
     for e in result.revoked:
-        print(f"  grant {e.grant_id} revoked: {e.batches_deleted} batch(es) deleted, data key destroyed")
+        print(f"  grant {e.grant_id} revoked: {e.batches_deleted} batch(es) deleted, " + (
+            "data key destroyed" if e.key_destroyed else "erasure pending (another process holds the outbox open; "
+            "the receipt follows once no copy is left)"))
     return 0
 
 
@@ -136,6 +140,7 @@ def _wait_for_agent(store: ConsentStore, state_dir: Path, ver: int, timeout: flo
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    from vgw.collect.describe import describe_grant
     from vgw.config import load_config
     from vgw.stateview import read_state
 
@@ -154,6 +159,9 @@ def cmd_show(args: argparse.Namespace) -> int:
     for g in consent.grants:
         print(f"  grant {g.id}  controller={g.controller}  purpose={g.purpose}")
         print(f"    scopes: {', '.join(g.scopes)}")
+        print("    what it receives:")
+        for line in describe_grant(g.scopes, g.collect, g.limits_in_force()):
+            print(f"      {line}")
         for scope in g.scopes:
             lim = g.limits_for(scope)
             if lim.max_hz or lim.precision_m:
@@ -166,4 +174,4 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def _ts(t: int) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+    return utc_text(t)  # any cached value prints, even one an older agent accepted

@@ -1,10 +1,17 @@
-"""`vgw sim`: the simulators (CONTRACT §1).
+"""`vgw sim`: the simulators (README "Running the agent").
 
 ``vgw sim can`` drives the demo vehicle onto a bus or into a trace::
 
     vgw sim can --interface virtual|socketcan|slcan [--channel C] [--bitrate N] [--dbc FILE]
                 [--seed N] [--vin VIN] [--duration S] [--realtime | --fast]
     vgw sim can --record trace.log [--duration 60] [--realtime | --fast]
+
+A J1939 DBC (messages with ``VFrameFormat`` ``J1939PG``) drives a J1939 truck: its parameter groups from
+several source addresses, a DM1 fault that comes and goes, VIN and component identification by TP.BAM
+(simulators/j1939_sim.py). A DBC with CAN FD messages (``VFrameFormat`` ``StandardCAN_FD`` or
+``ExtendedCAN_FD``, or more than 8 bytes) sends them as FD frames: SocketCAN opens in FD mode (the interface
+must be up with ``fd on``), the SLCAN pty writes them in the CANable 2.0 dialect (``d``/``D``/``b``/``B``
+lines) that python-can's slcan reads; an adapter firmware without that dialect cannot carry FD.
 
 With ``--interface slcan`` the pty path is the first line of stdout, then it serves until killed (or
 ``--duration``). Other simulators plug in as modules ``vgw.cli.sim_<name>`` (see ``_SIM_COMMANDS``)
@@ -93,6 +100,7 @@ def _register_can(sim_sub: Any) -> None:
 def run_can(args: argparse.Namespace) -> int:
     """Run ``vgw sim can``. Raises ConfigError / SourceOpenError (printed as one line by the CLI)."""
     from vgw.simulators.can_sim import CanSimulator, open_output
+    from vgw.simulators.j1939_sim import J1939Simulator, is_j1939_dbc
     from vgw.simulators.vehicle import DEFAULT_VIN, VehicleModel
 
     if args.duration is not None and args.duration < 0:
@@ -104,6 +112,9 @@ def run_can(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ConfigError(f"--vin: {exc}") from exc
     sim = CanSimulator(args.dbc, model)
+    if is_j1939_dbc(sim.messages):
+        # A J1939 DBC (VFrameFormat J1939PG): a truck network -- several sources, DM1, VIN by TP.BAM.
+        sim = J1939Simulator(args.dbc, model)
 
     if args.record is not None:
         duration = DEFAULT_RECORD_S if args.duration is None else args.duration
@@ -117,14 +128,19 @@ def run_can(args: argparse.Namespace) -> int:
         return 0
 
     interface = args.interface or "virtual"
-    bus = open_output(interface, args.channel, args.bitrate)
+    bus = open_output(interface, args.channel, args.bitrate, fd=sim.has_fd)
     stop = threading.Event()
     previous = _on_sigterm(stop)
-    responder = None
+    responder: Any = None  # ObdResponder or J1939Responder: each has close()
     try:
         if interface == "slcan":
             print(getattr(bus, "path", ""), flush=True)
-        if args.obd:
+        if isinstance(sim, J1939Simulator):
+            # The truck's engine answers J1939 requests (PGN 59904) for its VIN and component identification.
+            from vgw.simulators.j1939_sim import J1939Responder
+
+            responder = J1939Responder(bus, sim).start()
+        elif args.obd:
             # The simulated ECUs also answer OBD-II requests (ISO-TP on 0x7DF/0x7E0 -> 0x7E8) on this bus.
             from vgw.simulators.obd_responder import attach
 

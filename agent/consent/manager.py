@@ -12,24 +12,29 @@ from __future__ import annotations
 import collections
 import hashlib
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
-
 from vgw.audit import AuditLog
 from vgw.consent.model import Consent, Grant
+from vgw.consent.narrowing import narrowing, terms_digest
 from vgw.consent.store import ConsentStore
 from vgw.consent.verifier import peek_version, verify_consent
 from vgw.crypto.receipts import ReceiptSigner
 from vgw.errors import ConfigError, ConsentError, SignatureError, StorageError
-from vgw.outbox import Erasure, Outbox
+from vgw.fsutil import MAX_KEY_BYTES, check_owner, read_small_file
+from vgw.outbox import Erasure, GrantTerms, Outbox, Withdrawal
 
 log = logging.getLogger("vgw.consent")
 
 REJECTED_MEMORY = 256  # how many rejected documents are remembered (by digest) to ignore their replays
+# A flood of distinct invalid documents: per reason, the first rejection in an interval is audited and receipted
+# at once, the rest are summed into one entry and one receipt (with ``count``) when the interval ends.
+REJECT_COALESCE_S = 60.0
 
 # Called with the grant ids that stop, before anything is erased on disk: the runtime stops collecting
 # them and drops their in-memory batches.
@@ -40,7 +45,10 @@ def load_trust_keys(paths: Sequence[Path]) -> list[Ed25519PublicKey]:
     keys: list[Ed25519PublicKey] = []
     for p in paths:
         try:
-            key = load_pem_public_key(p.read_bytes())
+            data = read_small_file(p, what="consent trust key", max_bytes=MAX_KEY_BYTES, error=ConfigError)
+            # A trust key others can replace would let them sign consent: refused like a private key.
+            check_owner(p, what="consent trust key", allow_root=True, error=ConfigError)
+            key = load_pem_public_key(data)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"{p}: cannot load consent trust key: {exc}") from exc
         if not isinstance(key, Ed25519PublicKey):
@@ -55,6 +63,7 @@ class ApplyResult:
     consent: Consent | None
     error: ConsentError | None = None
     revoked: list[Erasure] = field(default_factory=list)
+    narrowed: list[Withdrawal] = field(default_factory=list)
 
 
 class ConsentManager:
@@ -83,6 +92,8 @@ class ConsentManager:
         # consent topic) is counted, not audited and receipted again, so it cannot fill the disk.
         self._rejected: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.repeated_rejections = 0
+        self._reject_windows: dict[tuple[str, str], _RejectWindow] = {}  # (source, reason) -> its interval
+        self.coalesced_rejections = 0  # rejections folded into a later counted entry
         self.expired = False
 
     # -- what is in force ---------------------------------------------------------------------------
@@ -99,12 +110,17 @@ class ConsentManager:
     def load_cached(self) -> None:
         """Load and re-verify the cached document; erase anything on disk no grant in force covers."""
         self.in_force, self.expired = self._read_cache(audit=True)
-        active = {g.id for g in self.active_grants()}
-        self.outbox.set_active_grants(active)
+        grants = self.active_grants()
+        active = {g.id for g in grants}
+        # Rows stamped with other terms than those in force (stored by an earlier version, or a crash between
+        # a narrowing and the cache write) are judged now, before the uplink can publish anything.
+        for withdrawal in self.outbox.apply_terms(_terms(grants, previous=())):
+            self._withdrawn(withdrawal, ver=self.in_force.ver if self.in_force else 0)
         orphans = self.outbox.orphan_grants(active)
         for gid in sorted(orphans):
             # A crash mid-erasure, an expiry while off, or a cache that no longer verifies: finish the job.
             self._erase(gid, reason="expired" if self.expired else "not-in-force")
+        self.finish_pending_erasures()
         if self.in_force is not None:
             self.store.raise_floor(self.in_force.iat)
 
@@ -149,8 +165,15 @@ class ConsentManager:
             err.reason = "malformed"
             raise err from exc
 
-    def apply(self, token: str | bytes, *, source: str) -> ApplyResult:
-        """Verify ``token``; on success make it the consent in force and revoke the grants it drops."""
+    def apply(self, token: str | bytes, *, source: str, skipped: Sequence[tuple[int, frozenset[str]]] = ()
+              ) -> ApplyResult:
+        """Verify ``token``; on success make it the consent in force and revoke the grants it drops.
+
+        ``skipped``: (ver, grant ids) of verified versions that a newer one superseded before they could be
+        applied (vgw.consent.intake). A grant in force that one of them, between the version in force and
+        this one, withdrew was revoked meanwhile even if this version grants it again: it is erased (receipt
+        with that version) and starts afresh, so a burst never loses a revocation.
+        """
         try:
             consent = self.verify(token)
         except ConsentError as exc:
@@ -162,14 +185,24 @@ class ConsentManager:
         old = self.in_force
         old_active = {g.id for g in self.active_grants()}
         new_ids = consent.grant_ids
-        revoked = frozenset(old_active - new_ids)
+        skipped_revoked: dict[str, int] = {}  # grant -> the skipped version that revoked it
+        for ver, ids in sorted(skipped):
+            if (old is None or ver > old.ver) and ver < consent.ver:
+                for gid in (old_active & new_ids) - ids:
+                    skipped_revoked.setdefault(gid, ver)
+        revoked = frozenset(old_active - new_ids) | frozenset(skipped_revoked)
 
-        # 1. Stop collection of dropped grants at once (memory first), and let the new grants store.
+        # 1. Stop collection of dropped grants at once (memory first), and let the new grants store. The new terms and
+        #    the deletion of what they withdraw from stored batches are one outbox transaction (README "Telemetry
+        #    envelope"): no withdrawn row can be published in between, and a batch still in memory under the old terms
+        #    is refused when it is committed.
         if revoked and self.on_revoke is not None:
             self.on_revoke(revoked)
-        self.outbox.set_active_grants(set(new_ids))
+        narrowed = self.outbox.apply_terms(_terms(consent.grants, previous=self.active_grants()))
         # 2. Wipe what was revoked on disk (key first, then rows) before anything else can fail.
         wiped = {gid: self.outbox.erase_grant(gid) for gid in sorted(revoked)}
+        if skipped_revoked:  # erasure deactivated them; this version grants them anew, under its own terms
+            self.outbox.apply_terms(_terms(consent.grants, previous=consent.grants))
         # 3. Cache the document (atomic), raise the clock floor to its iat and remember its version.
         self.store.write_token(consent.token)
         self.store.raise_floor(consent.iat)
@@ -187,10 +220,20 @@ class ConsentManager:
         if self.on_change is not None:
             self.on_change()
         # 4. Record each erasure and send its receipt: memory, rows and key are gone by now.
-        erasures = [self._erase(gid, reason="revoked", ver=consent.ver, done=wiped[gid]) for gid in sorted(revoked)]
-        return ApplyResult("applied", consent, revoked=erasures)
+        erasures = [self._erase(gid, reason="revoked", ver=skipped_revoked.get(gid, consent.ver), done=wiped[gid])
+                    for gid in sorted(revoked)]
+        for withdrawal in narrowed:
+            self._withdrawn(withdrawal, ver=consent.ver)
+        return ApplyResult("applied", consent, revoked=erasures, narrowed=narrowed)
 
-    def reject(self, exc: ConsentError, *, source: str, token: str | bytes | None = None) -> None:
+    def reject(self, exc: ConsentError, *, source: str, token: str | bytes | None = None, count: int = 1) -> None:
+        """Record ``count`` rejected documents of one reason: audit entry and ``consent-rejected`` receipt.
+
+        The same document again (by digest) is counted only; distinct documents of one reason are coalesced
+        to one entry and one receipt per source and reason per ``REJECT_COALESCE_S`` (the first at once, the
+        rest summed with a ``count`` when the interval ends: see :meth:`flush_rejections`), so a flood of
+        invalid documents cannot grow the audit log or the outbox without bound.
+        """
         if token is not None:
             digest = hashlib.sha256(token if isinstance(token, bytes) else token.encode("utf-8", "replace")).hexdigest()
             if digest in self._rejected:
@@ -202,12 +245,47 @@ class ConsentManager:
             if len(self._rejected) > REJECTED_MEMORY:
                 self._rejected.popitem(last=False)
         ver = exc.version if exc.version is not None else (peek_version(token) if token is not None else None)
+        now = time.monotonic()
+        key = (source, exc.reason)
+        window = self._reject_windows.get(key)
+        if window is None or (window.pending == 0 and now - window.start >= REJECT_COALESCE_S):
+            self._reject_windows[key] = _RejectWindow(start=now)
+            self._record_rejection(exc, ver, source=source, count=count)
+            if count > 1:
+                log.warning("%d consent documents rejected (%s) from %s", count, exc.reason, source)
+            else:
+                log.warning("%s (from %s)", exc, source)
+            return
+        window.pending += count
+        window.last, window.ver = exc, ver
+        self.coalesced_rejections += count
+        log.debug("consent rejected again (%s): counted into the next entry", exc.reason)
+        self.flush_rejections()
+
+    def flush_rejections(self, *, force: bool = False) -> None:
+        """Write the summed entry and receipt of every reason whose coalescing interval is over (or all)."""
+        now = time.monotonic()
+        for key, window in list(self._reject_windows.items()):
+            if not force and now - window.start < REJECT_COALESCE_S:
+                continue
+            if window.pending == 0 or window.last is None:
+                del self._reject_windows[key]
+                continue
+            source, reason = key
+            self._record_rejection(window.last, window.ver, source=source, count=window.pending)
+            log.warning("%d more consent document(s) rejected (%s) from %s in the last %.0f s", window.pending,
+                        reason, source, now - window.start)
+            self._reject_windows[key] = _RejectWindow(start=now)
+
+    def _record_rejection(self, exc: ConsentError, ver: int | None, *, source: str, count: int) -> None:
         claims: dict[str, object] = {"reason": exc.reason, "detail": str(exc)[:300]}
+        fields: dict[str, object] = {"source": source, "reason": exc.reason, "ver": ver, "detail": str(exc)[:300]}
         if ver is not None:
             claims["ver"] = ver
-        entry = self._audit("consent-rejected", source=source, reason=exc.reason, ver=ver, detail=str(exc)[:300])
+        if count > 1:  # one entry standing for several documents (the last one's ver and detail)
+            claims["count"] = fields["count"] = count
+        entry = self._audit("consent-rejected", **fields)
         self.outbox.queue_receipt(self._sign("consent-rejected", entry, **claims))
-        log.warning("%s (from %s)", exc, source)
 
     def _sign(self, typ: str, entry: dict[str, object], **claims: object) -> str:
         return self.signer.sign(typ, audit=_audit_anchor(entry), **claims)
@@ -242,14 +320,60 @@ class ConsentManager:
         # The data go first: a failing audit log must never leave a revoked grant's key or rows behind.
         erasure = done if done is not None else self.outbox.erase_grant(grant_id)
         self._audit("grant-stopped", grant=grant_id, reason=reason, ver=ver)
-        self._audit("key-destroyed", grant=grant_id)
-        entry = self._audit("erasure-done", grant=grant_id, batches_deleted=erasure.batches_deleted, reason=reason)
-        # Only now, with memory, rows and key gone, is the receipt signed and queued (CONTRACT §7).
-        self.outbox.queue_receipt(self._sign("erasure", entry, grant=grant_id, ver=ver,
-                                             batches_deleted=erasure.batches_deleted, key_destroyed=True,
-                                             reason=reason))
-        log.info("grant %s %s: %d batch(es) deleted, data key destroyed", grant_id, reason, erasure.batches_deleted)
+        if not erasure.key_destroyed:
+            # Key and rows are deleted, but a copy is still in the outbox's files (another process holds a read
+            # snapshot, so the WAL cannot be checkpointed). No receipt may say the data are gone yet
+            # (README "Receipts"): the erasure is recorded as pending (on disk, so a restart finishes it too) and its
+            # receipt is sent by finish_pending_erasures once no copy is found.
+            self._audit("erasure-pending", grant=grant_id, batches_deleted=erasure.batches_deleted, reason=reason,
+                        why="outbox-busy")
+            self.store.add_pending_erasure(grant_id, ver=ver, reason=reason, batches_deleted=erasure.batches_deleted)
+            return erasure
+        self._receipt_erasure(grant_id, ver=ver, reason=reason, batches_deleted=erasure.batches_deleted)
         return erasure
+
+    def _receipt_erasure(self, grant_id: str, *, ver: int, reason: str, batches_deleted: int) -> None:
+        self._audit("key-destroyed", grant=grant_id)
+        entry = self._audit("erasure-done", grant=grant_id, batches_deleted=batches_deleted, reason=reason)
+        # Only now, with memory, rows and key gone and no copy found in any file, is the receipt signed and
+        # queued (README "Receipts").
+        self.outbox.queue_receipt(self._sign("erasure", entry, grant=grant_id, ver=ver,
+                                             batches_deleted=batches_deleted, key_destroyed=True,
+                                             reason=reason))
+        log.info("grant %s %s: %d batch(es) deleted, data key destroyed", grant_id, reason, batches_deleted)
+
+    def finish_pending_erasures(self, *, wait_s: float = 0.0) -> list[Erasure]:
+        """Retry the erasures not yet verified; send the receipt of each that is now verified. Returns those."""
+        done = []
+        for p in self.store.pending_erasures():
+            gid = p.grant
+            if not self.outbox.finish_erasure(gid, wait_s=wait_s):
+                continue
+            self._receipt_erasure(gid, ver=p.ver, reason=p.reason, batches_deleted=p.batches_deleted)
+            self.store.remove_pending_erasure(gid)
+            done.append(Erasure(gid, p.batches_deleted, key_destroyed=True))
+        return done
+
+    def _withdrawn(self, w: Withdrawal, *, ver: int) -> None:
+        """Audit and receipt stored batches a narrowed grant withdrew (README "Narrowing applies to stored data" and
+        "Receipts").
+
+        The receipt is an ``erasure`` with the claims of README "Receipts" (``batches_deleted``; ``key_destroyed``: the
+        data key
+        that sealed them was replaced) plus ``reason`` = ``narrowed``, ``narrowing`` (the kinds), ``scopes``
+        (the scopes withdrawn, names only) and ``samples_deleted`` (still-permitted samples of mixed batches
+        included). The grant itself stays in force.
+        """
+        kinds = sorted(str(k) for k in w.kinds)
+        entry = self._audit("grant-narrowed", grant=w.grant_id, ver=ver, narrowing=kinds, scopes=sorted(w.scopes),
+                            batches_deleted=w.batches_deleted, samples_deleted=w.samples_deleted,
+                            key_destroyed=w.key_destroyed)
+        self.outbox.queue_receipt(self._sign("erasure", entry, grant=w.grant_id, ver=ver,
+                                             batches_deleted=w.batches_deleted, key_destroyed=w.key_destroyed,
+                                             reason="narrowed", narrowing=kinds, scopes=sorted(w.scopes),
+                                             samples_deleted=w.samples_deleted))
+        log.info("grant %s narrowed (%s): %d stored batch(es) with withdrawn data deleted", w.grant_id,
+                 ", ".join(kinds), w.batches_deleted)
 
     def _audit(self, event: str, **fields: object) -> dict[str, object]:
         """Append to the audit log; a failing log is reported but never stops an erasure or a decision."""
@@ -258,6 +382,28 @@ class ConsentManager:
         except StorageError as exc:
             log.error("audit entry %s not written: %s", event, exc)
             return {"n": None, "hash": None}
+
+
+@dataclass
+class _RejectWindow:
+    """One reason's coalescing interval: when it began and what was rejected since the entry that began it."""
+
+    start: float
+    pending: int = 0
+    last: ConsentError | None = None
+    ver: int | None = None
+
+def _terms(grants: Sequence[Grant], *, previous: Sequence[Grant]) -> dict[str, GrantTerms]:
+    """The outbox's view of ``grants``, each with what it withdraws compared with ``previous``."""
+    before = {g.id: g for g in previous}
+    out: dict[str, GrantTerms] = {}
+    for g in grants:
+        old = before.get(g.id)
+        if old is None or old == g:
+            out[g.id] = GrantTerms(terms_digest(g), frozenset(g.scopes))
+        else:
+            out[g.id] = GrantTerms(terms_digest(g), frozenset(g.scopes), narrowing(old, g), terms_digest(old))
+    return out
 
 
 def _audit_anchor(entry: dict[str, object]) -> dict[str, object]:

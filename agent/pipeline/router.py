@@ -1,14 +1,19 @@
 """Frame routing, consent policy and batching: the hot path between a source and the outbox.
 
 A :class:`Router` is built from the catalogue and the grants in force, and rebuilt whenever consent changes.
-For each frame id that carries at least one consented signal it holds one compiled decoder for just those
+For each frame that carries at least one consented signal it holds one compiled decoder for just those
 signals, and for each signal the grants it goes to with their limits. Every other frame is dropped by a
-single dict miss, before any decoding.
+single dict miss, before any decoding. A frame is keyed by (id, is_extended): the standard id 0x123 and the
+extended id 0x123 are different frames on the bus (ISO 11898-1 base and extended format), so a DBC message of
+one format is never decoded from a frame of the other.
 
-Policy per grant and path (CONTRACT §6, issue "consent guarantees"):
+Policy per grant and path (README "Telemetry envelope", docs/guarantees.md):
   * ``max_hz``: a sample is kept only if at least 1/max_hz s (frame time) passed since the last kept one.
   * ``precision_m``: latitude/longitude are snapped to a grid of that size before anything is stored.
   * defaults for read_location (0.2 Hz, 100 m) and read_compass (0.2 Hz) when the grant sets none.
+
+A NaN or infinite value (an IEEE-float signal can carry one) is counted in ``samples_not_finite`` and dropped
+before any policy sees it: it has no meaning, no JSON form, and cannot be snapped to a grid.
 """
 
 from __future__ import annotations
@@ -19,10 +24,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vgw.catalogue import Catalogue, SignalSpec
+from vgw.collect.engine import RuleEngine
 from vgw.consent.model import Grant
+from vgw.j1939 import ids as j1939
+from vgw.j1939.front import J1939Front, filter_keys
 from vgw.pipeline.decoder import MessageDecoder
 
 _M_PER_DEG = 111_320.0
+STANDARD_ID_MAX = 0x7FF
+
+#: A frame's identity on the bus: (arbitration id, is_extended).
+FrameKey = tuple[int, bool]
 
 
 @dataclass(slots=True)
@@ -34,11 +46,21 @@ class GrantBatch:
     opened: float = 0.0  # monotonic time of the first sample
     first_t: float = 0.0
     last_kept: dict[str, float] = field(default_factory=dict)  # path -> frame time of the last kept sample
+    rules: RuleEngine | None = None  # the grant's collection rules (None: it has none)
+    # Grants with rules only: scope -> [samples decoded, samples the rules let through] (the privacy report).
+    rule_counts: dict[str, list[int]] = field(default_factory=dict)
 
     def take(self) -> list[dict[str, Any]]:
         out = self.samples
         self.samples = []
         return out
+
+
+def _drop_rules(batch: GrantBatch) -> None:
+    """Forget a grant's rule state: its pre-trigger history and open windows live in memory only."""
+    if batch.rules is not None:
+        batch.rules.clear()
+        batch.rules = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,8 +81,12 @@ class Router:
     """Immutable routing for one consent state; the batches it feeds are owned by the pipeline."""
 
     def __init__(self, catalogue: Catalogue, grants: tuple[Grant, ...], batches: dict[str, GrantBatch]) -> None:
-        self.decoders: dict[int, MessageDecoder] = {}
-        wanted: dict[int, list[tuple[str, object]]] = {}
+        # Keyed by (frame id, is_extended); a J1939 message by (route key, True): its PGN, PDU1 destination
+        # and source (vgw.j1939.ids).
+        self.decoders: dict[FrameKey, MessageDecoder] = {}
+        self.j1939 = any(j1939.is_j1939(m) for m in catalogue.messages.values())
+        wanted: dict[FrameKey, list[tuple[str, object]]] = {}
+        message_of: dict[FrameKey, int] = {}
         for spec in catalogue.specs:
             targets = []
             for g in grants:
@@ -73,19 +99,39 @@ class Router:
                 continue  # no grant covers it: never decoded
             leaf = spec.path.rsplit(".", 1)[-1]
             coord = "lat" if leaf == "Latitude" else "lon" if leaf == "Longitude" else ""
-            wanted.setdefault(spec.frame_id, []).append((spec.signal, _Entry(spec, coord, tuple(targets))))
-        for frame_id, signals in wanted.items():
+            message = catalogue.messages[spec.frame_id]
+            key = (j1939.message_key(message, spec.source_address), True) if j1939.is_j1939(message) else \
+                (spec.frame_id, bool(message.is_extended_frame))
+            message_of[key] = spec.frame_id
+            wanted.setdefault(key, []).append((spec.signal, _Entry(spec, coord, tuple(targets))))
+        j1939.widen(wanted)
+        for key, signals in wanted.items():
             # Latitude before longitude, so a frame carrying both snaps longitude with its own latitude.
             signals.sort(key=lambda s: 0 if isinstance(s[1], _Entry) and s[1].coord == "lat" else 1)
-            self.decoders[frame_id] = MessageDecoder(catalogue.messages[frame_id], signals)
+            self.decoders[key] = MessageDecoder(catalogue.messages[message_of[key]], signals)
+        # A consented J1939 message longer than 8 bytes arrives by transport protocol (vgw.j1939.transport).
+        self.j1939_long = any(j1939.is_route_key(k) and d.length > 8 for (k, _), d in self.decoders.items())
+        scopes = {s for g in grants for s in g.scopes}
+        extra = filter_keys(scopes, self.j1939_long) if self.j1939 else frozenset()
+        self._extra_filters = frozenset((k, True) for k in extra)
+
+    @property
+    def frames(self) -> frozenset[FrameKey]:
+        """The (id, is_extended) frames that carry a consented signal; J1939 route keys among them
+        (vgw.j1939.ids), which the kernel filter turns into masked filters."""
+        return frozenset(self.decoders) | self._extra_filters
 
     @property
     def frame_ids(self) -> frozenset[int]:
-        return frozenset(self.decoders)
+        return frozenset(fid for fid, _ in self.decoders)
 
 
 class Pipeline:
     """Decodes frames through the current router into per-grant batches.
+
+    Collection rules (README "Collection rules") apply before the limits: a grant with ``collect`` has a rule engine
+    (vgw.collect.engine) on its batch, fed every decoded sample of the grant; only what the engine lets
+    through meets the limits. A grant without rules takes exactly the path it always did.
 
     Not thread-safe by itself: the runtime holds one lock around :meth:`process`, :meth:`due` and
     :meth:`swap`, so a revocation can never interleave with a half-processed frame.
@@ -96,6 +142,7 @@ class Pipeline:
         self.catalogue = catalogue if catalogue is not None else Catalogue(messages={}, specs=())
         self.batches: dict[str, GrantBatch] = {}
         self.router = Router(self.catalogue, (), self.batches)
+        self._j1939 = J1939Front() if self.router.j1939 else None  # README "SAE J1939"
         self._parts: dict[str, list[bytes | None]] = {}
         self._last_lat: float | None = None
         self.counters: dict[str, int] = {
@@ -119,21 +166,57 @@ class Pipeline:
                 batch.samples.clear()
                 batch.last_kept.clear()
                 batch.grant = g
+                _drop_rules(batch)
             keep[g.id] = batch if batch is not None else GrantBatch(g)
+            if keep[g.id].rules is None and g.collect:
+                keep[g.id].rules = RuleEngine(g.collect)
         for gid in dropped:
             self.batches[gid].samples.clear()  # in-memory data of a revoked grant go at once
+            _drop_rules(self.batches[gid])  # and the rules' pre-trigger history and open windows with them
         self.batches = keep
         self.router = Router(self.catalogue, grants, self.batches)
         self._parts.clear()
+        if self._j1939 is not None:
+            self._j1939.reset({s for g in grants for s in g.scopes}, self.router.j1939_long)
         return dropped
 
-    def process(self, arbitration_id: int, data: bytes, t: float) -> None:
+    def process(self, arbitration_id: int, data: bytes, t: float, is_extended: bool | None = None) -> None:
+        """Decode one frame into the batches. ``is_extended`` None: inferred from the id (above 0x7FF it can
+        only be extended); a live source always passes the frame's own flag."""
         counters = self.counters
         counters["frames"] += 1
-        decoder = self.router.decoders.get(arbitration_id)
+        if is_extended is None:
+            is_extended = arbitration_id > STANDARD_ID_MAX
+        decoder = self.router.decoders.get((arbitration_id, is_extended))
         if decoder is None:
+            if self._j1939 is not None and is_extended:
+                self._process_j1939(arbitration_id, data, t)
+                return
             counters["frames_unrouted"] += 1
             return
+        self._decode(decoder, data, t)
+
+    def _process_j1939(self, arbitration_id: int, data: bytes, t: float) -> None:
+        """A frame no exact id matched, on a bus with J1939 messages: route it by PGN (agent.j1939)."""
+        front = self._j1939
+        assert front is not None
+        whole = front.message(arbitration_id, data, t)
+        if whole is None:
+            return  # a transport fragment
+        can_id, payload = whole
+        builtin = front.builtin(can_id, payload)
+        if builtin is not None:
+            self.offer(builtin[0].path, builtin[0].scope, t, builtin[1])
+        decoders = self.router.decoders
+        decoder = decoders.get((j1939.route_key(can_id), True)) or decoders.get((j1939.any_source_key(can_id), True))
+        if decoder is None:
+            if builtin is None:
+                self.counters["frames_unrouted"] += 1
+            return
+        self._decode(decoder, payload, t)
+
+    def _decode(self, decoder: MessageDecoder, data: bytes, t: float) -> None:
+        counters = self.counters
         values, short = decoder.decode(data)
         if short:
             counters["signals_short"] += short
@@ -141,6 +224,9 @@ class Pipeline:
         for entry, decoded in values:
             spec = entry.spec  # type: ignore[attr-defined]  # keys are the _Entry objects given to the decoder
             value: int | float | str = decoded
+            if type(value) is float and not math.isfinite(value):
+                counters["samples_not_finite"] += 1
+                continue
             if spec.parts is not None:
                 assembled = self._assemble(spec, decoded)
                 if assembled is None:
@@ -150,11 +236,63 @@ class Pipeline:
             if coord == "lat":
                 self._last_lat = float(value)
             for target in entry.targets:  # type: ignore[attr-defined]
-                self._emit(target.batch, spec.path, coord, t, t_out, value, target.min_interval, target.precision_m)
+                self._deliver(target.batch, spec.path, spec.scope, coord, t, t_out, value, target.min_interval,
+                              target.precision_m)
 
     def granted_scopes(self) -> frozenset[str]:
         """Scopes at least one grant in force holds (sources poll nothing else: minimisation at the source)."""
         return frozenset(s for b in self.batches.values() for s in b.grant.scopes)
+
+    def _deliver(self, batch: GrantBatch, path: str, scope: str, coord: str, t: float, t_out: float, value: Any,
+                 min_interval: float, precision_m: float) -> bool:
+        """One sample of one grant: through its collection rules (if any), then its limits. True if kept."""
+        engine = batch.rules
+        if engine is None:
+            return self._emit(batch, path, coord, t, t_out, value, min_interval, precision_m)
+        counts = batch.rule_counts.setdefault(scope, [0, 0])
+        counts[0] += 1
+        out = engine.feed(path, scope, t, value)
+        return self._release(batch, out) if out else False
+
+    def _release(self, batch: GrantBatch, out: list[tuple[str, float, Any]]) -> bool:
+        """What a grant's rules let through, each sample under the limits of its own scope (rules before limits)."""
+        assert batch.rules is not None
+        kept = False
+        for path, t, value in out:
+            scope = batch.rules.scope_of(path)
+            batch.rule_counts.setdefault(scope, [0, 0])[1] += 1
+            lim = batch.grant.limits_for(scope)
+            leaf = path.rsplit(".", 1)[-1]
+            coord = "lat" if leaf == "Latitude" else "lon" if leaf == "Longitude" else ""
+            precision_m = lim.precision_m or 0.0
+            if isinstance(value, dict):  # an aggregate summary: coarsen each statistic to the grid
+                if precision_m and coord:
+                    snapped = {k: self._snap(coord, float(v), precision_m) if k != "n" else v
+                               for k, v in value.items()}
+                    if any(v is None for v in snapped.values()):
+                        continue
+                    value = snapped
+                precision_m = 0.0
+            if self._emit(batch, path, coord, t, round(t, 6), value, 1.0 / lim.max_hz if lim.max_hz else 0.0,
+                          precision_m):
+                kept = True
+                # Pre-trigger history is older than the batch's first sample: retention counts from the oldest.
+                batch.first_t = min(batch.first_t, t)
+        return kept
+
+    def rule_counts(self) -> dict[str, dict[str, dict[str, int]]]:
+        """Per grant with rules and scope: samples decoded and samples the rules let through (counts only)."""
+        # list() copies in one step under the GIL: safe to call from the status writer while frames flow.
+        return {b.grant.id: {scope: {"decoded": c[0], "after_rules": c[1]} for scope, c in list(b.rule_counts.items())}
+                for b in list(self.batches.values()) if b.rules is not None}
+
+    def close_windows(self) -> None:
+        """Send what every grant's open periodic and aggregate windows hold (end of trace, shutdown)."""
+        for batch in self.batches.values():
+            if batch.rules is not None:
+                out = batch.rules.flush()
+                if out:
+                    self._release(batch, out)
 
     def offer(self, path: str, scope: str, t: float, value: Any) -> int:
         """Route one already-decoded sample (e.g. an OBD-II PID answer) through the same policy.
@@ -162,6 +300,9 @@ class Pipeline:
         Returns how many grants took it. Location/compass limits and max_hz apply exactly as for CAN.
         """
         taken = 0
+        if isinstance(value, float) and not math.isfinite(value):
+            self.counters["samples_not_finite"] += 1
+            return 0
         leaf = path.rsplit(".", 1)[-1]
         coord = "lat" if leaf == "Latitude" else "lon" if leaf == "Longitude" else ""
         if coord == "lat":
@@ -170,12 +311,18 @@ class Pipeline:
             if scope in batch.grant.scopes:
                 lim = batch.grant.limits_for(scope)
                 min_interval = 1.0 / lim.max_hz if lim.max_hz else 0.0
-                taken += self._emit(batch, path, coord, t, round(t, 6), value, min_interval, lim.precision_m or 0.0)
+                taken += self._deliver(batch, path, scope, coord, t, round(t, 6), value, min_interval,
+                                       lim.precision_m or 0.0)
         return taken
 
     def _emit(self, batch: GrantBatch, path: str, coord: str, t: float, t_out: float, value: Any,
               min_interval: float, precision_m: float) -> bool:
-        """Apply one grant's limits to a sample and append it to the grant's batch. True if it was kept."""
+        """Apply one grant's limits to a finite sample and append it to the grant's batch. True if it was kept."""
+        if precision_m and coord:
+            snapped = self._snap(coord, float(value), precision_m)
+            if snapped is None:
+                return False
+            value = snapped
         if min_interval:
             # max_hz, judged on frame time: never more than one sample per 1/max_hz s per path.
             last = batch.last_kept.get(path)
@@ -183,14 +330,6 @@ class Pipeline:
                 self.counters["samples_rate_limited"] += 1
                 return False
             batch.last_kept[path] = t
-        if isinstance(value, float) and not math.isfinite(value):
-            self.counters["samples_not_finite"] += 1  # NaN/Inf from a float signal: no JSON for it, no meaning
-            return False
-        if precision_m and coord:
-            snapped = self._snap(coord, float(value), precision_m)
-            if snapped is None:
-                return False
-            value = snapped
         if not batch.samples:
             batch.opened = time.monotonic()
             batch.first_t = t
@@ -211,20 +350,35 @@ class Pipeline:
         return text.decode("ascii", errors="replace")
 
     def _snap(self, coord: str, value: float, precision_m: float) -> float | None:
+        """``value`` on the grid, or None when it has none (no latitude yet; a value the grid cannot hold)."""
+        lat_step = precision_m / _M_PER_DEG
         if coord == "lat":
-            step = precision_m / _M_PER_DEG
-            return round(round(value / step) * step, 7)
+            return _on_grid(value, lat_step)
         if self._last_lat is None:
             return None  # cannot size the longitude grid without a latitude: send nothing rather than too much
-        lat = round(self._last_lat / (precision_m / _M_PER_DEG)) * (precision_m / _M_PER_DEG)
+        lat = _on_grid(self._last_lat, lat_step)
+        if lat is None:
+            return None
         step = precision_m / (_M_PER_DEG * max(math.cos(math.radians(min(abs(lat), 89.0))), 1e-3))
-        return round(round(value / step) * step, 7)
+        return _on_grid(value, step)
 
     def due(self, max_samples: int, max_interval_s: float, *, force: bool = False) -> list[GrantBatch]:
-        """Batches to flush now: full, old enough, or (``force``) any non-empty one."""
+        """Batches to flush now: full, old enough, or (``force``) any non-empty one, open rule windows closed."""
+        if force:
+            self.close_windows()
         now = time.monotonic()
         return [
             b
             for b in self.batches.values()
             if b.samples and (force or len(b.samples) >= max_samples or now - b.opened >= max_interval_s)
         ]
+
+
+def _on_grid(value: float, step: float) -> float | None:
+    """``value`` rounded to a multiple of ``step``; None if that is not a finite float (a value near the float
+    range divided by a small step overflows): such a sample is dropped, never sent unsnapped."""
+    cells = value / step
+    if not math.isfinite(cells):
+        return None
+    snapped = round(round(cells) * step, 7)
+    return snapped if math.isfinite(snapped) else None

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Protocol
 
 import can
-
 from vgw.config import CanConfig
 
 
@@ -24,10 +23,14 @@ class FrameSource(Protocol):
         """Frames lost because a bounded receive queue was full (0 where nothing is queued)."""
 
     def recv(self, timeout: float) -> can.Message | None:
-        """The next frame, or None after ``timeout`` s. Raises SourceReadError when the source fails."""
+        """The next frame, or None after ``timeout`` s.
 
-    def set_filters(self, frame_ids: frozenset[int]) -> None:
-        """Only frames with these ids are wanted (a hint: the collector filters again)."""
+        Raises SourceFrameError for one malformed frame (skipped; the source stays usable) and SourceReadError
+        when the source fails (the collector closes and reopens it).
+        """
+
+    def set_filters(self, frames: frozenset[tuple[int, bool]]) -> None:
+        """Only these (id, is_extended) frames are wanted (a hint: the collector filters again)."""
 
     def close(self) -> None:
         """Release the bus/file. Idempotent."""
@@ -41,5 +44,6 @@ def open_source(can_cfg: CanConfig) -> FrameSource:
         return ReplaySource(can_cfg.replay, rate=can_cfg.replay_rate, loop=can_cfg.replay_loop)
     from vgw.sources.canbus import BusSource
 
-    return BusSource(can_cfg.interface, can_cfg.channel, can_cfg.bitrate)
+    return BusSource(can_cfg.interface, can_cfg.channel, can_cfg.bitrate, fd=can_cfg.fd,
+                     data_bitrate=can_cfg.data_bitrate)
 

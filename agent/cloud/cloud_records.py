@@ -146,6 +146,10 @@ class CloudRecorder:
 
     # ------------------------------------------------------------ message handling
 
+    def record(self, topic: str, payload: bytes, arrived: float | None = None) -> None:
+        """Handle one message from any transport (MQTT, or a JetStream worker: :mod:`vgw.cloud.jetstream`)."""
+        self._handle(topic, payload, time.time() if arrived is None else arrived)
+
     def _handle(self, topic: str, payload: bytes, arrived: float) -> None:
         head = self.prefix + "/"
         if not topic.startswith(head):

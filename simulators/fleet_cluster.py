@@ -113,10 +113,11 @@ class ConsumerGroup:
         with s.lock:
             if typ == "batch":
                 seen = s.seen.setdefault((e["device"], e["grant"]), set())
-                if e["seq"] in seen:
+                key = (str(e.get("epoch", "")), e["seq"])  # receivers de-duplicate on (epoch, seq)
+                if key in seen:
                     s.duplicates += 1
                     return
-                seen.add(e["seq"])
+                seen.add(key)
                 if s.measuring:
                     s.delivered += 1
                     s.delivered_bytes += int(e.get("bytes", 0))

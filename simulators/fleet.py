@@ -412,17 +412,20 @@ class FleetSim:
             end = time.monotonic() + cfg.drain_s
             js_state: dict[str, Any] | None = None
             next_state = time.monotonic() + 1.0
+            revoked = sum(1 for e in churn_events if e[0] == "revoke")
             while time.monotonic() < end:
                 with cloud.lock:
                     got = cloud.delivered
-                if got >= expected:
+                    erasures = sum(1 for _d, c, _a in cloud.receipts[receipts_before:] if c.get("typ") == "erasure")
+                if got >= expected and erasures >= revoked:  # data and the erasure receipts of the run
                     break
                 if group is not None and time.monotonic() >= next_state:
                     # The durable consumer has handed out everything the stream holds and every worker has
                     # acknowledged it: what is still missing never reached the stream (lost, not late).
                     next_state = time.monotonic() + 1.0
                     js_state = _js_state_of(broker, ca, cloud_cert, cloud_key)
-                    if js_state.get("num_pending") == 0 and js_state.get("num_ack_pending") == 0:
+                    if js_state.get("num_pending") == 0 and js_state.get("num_ack_pending") == 0 \
+                            and erasures >= revoked:
                         time.sleep(0.5)
                         group.read_once()
                         break

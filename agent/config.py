@@ -39,6 +39,7 @@ class CanConfig:
     replay_loop: bool = False
     replay_exit: bool = False
     reopen_s: float = 2.0
+    silent_s: float = 10.0  # no frame for this long: the agent warns (log, status); 0 = never
 
 
 @dataclass(frozen=True)
@@ -248,6 +249,7 @@ def _can(s: _Section) -> CanConfig:
     replay_loop = s.get("replay_loop", bool, False)
     replay_exit = s.get("replay_exit", bool, False)
     reopen_s = float(s.number("reopen_s", 2.0, minimum=0.05))
+    silent_s = float(s.number("silent_s", 10.0, minimum=0))
     if replay is None and interface != "virtual" and channel is None and interface not in ("socketcan",):
         raise ConfigError(f"{s.path}: [can] channel: required for interface {interface!r}")
     if replay_loop and replay_exit:
@@ -256,7 +258,7 @@ def _can(s: _Section) -> CanConfig:
     return CanConfig(interface=interface, channel=channel if channel is not None else "can0" if interface ==
                      "socketcan" else channel, bitrate=bitrate, dbc=dbc, signal_map=signal_map,
                      dbc_strict=dbc_strict, replay=replay, replay_rate=replay_rate, replay_loop=replay_loop,
-                     replay_exit=replay_exit, reopen_s=reopen_s)
+                     replay_exit=replay_exit, reopen_s=reopen_s, silent_s=silent_s)
 
 
 def _obd(s: _Section) -> ObdConfig:

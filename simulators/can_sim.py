@@ -413,11 +413,13 @@ def socketcan_available(channel: str) -> bool:
     return os.path.exists(f"/sys/class/net/{channel}")
 
 
-def open_output(interface: str, channel: str | None = None, bitrate: int | None = None) -> can.BusABC:
+def open_output(interface: str, channel: str | None = None, bitrate: int | None = None, *, ptys: int = 1,
+                links: tuple[str, ...] = ()) -> can.BusABC:
     """Open the simulator's output bus by name: ``virtual``, ``socketcan`` or ``slcan`` (pty).
 
     For ``slcan`` the channel is ignored: a new pseudo-terminal is created; its path is the bus's
-    ``path`` attribute. Raises :class:`ConfigError` for an unknown interface and
+    ``path`` attribute. With ``ptys`` > 1 or ``links`` it is a group of adapters on one bus
+    (:class:`~simulators.slcan_pty.SlcanPtyGroup`, paths in ``paths``). Raises :class:`ConfigError` for an unknown interface and
     :class:`SourceOpenError` when the bus cannot be opened (e.g. no vcan0 in this kernel).
     """
     if interface not in INTERFACES:
@@ -434,8 +436,10 @@ def open_output(interface: str, channel: str | None = None, bitrate: int | None 
                 )
             kwargs: dict[str, Any] = {"bitrate": bitrate} if bitrate else {}
             return can.Bus(interface="socketcan", channel=channel, **kwargs)
-        from simulators.slcan_pty import SlcanPtyBus
+        from simulators.slcan_pty import SlcanPtyBus, SlcanPtyGroup
 
+        if ptys > 1 or links:
+            return SlcanPtyGroup(ptys, links)
         return SlcanPtyBus()
     except SourceOpenError:
         raise

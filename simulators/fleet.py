@@ -104,8 +104,9 @@ def device_ids(n: int) -> list[str]:
 
 
 def make_pki(directory: Path, n: int) -> TestPKI:
-    """A throwaway CA with server, cloud and ``n`` device certificates (for an external broker to trust)."""
-    return TestPKI(directory, devices=device_ids(n))
+    """A CA with server, cloud and ``n`` device certificates (for an external broker to trust); private keys
+    0600, readable by whoever runs that broker only."""
+    return TestPKI(directory, devices=device_ids(n), key_mode=0o600)
 
 
 def _pct(values: list[float], ps: tuple[float, ...] = (50, 90, 99)) -> dict[str, float | int | None]:

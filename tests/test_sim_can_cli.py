@@ -120,7 +120,7 @@ def test_play_keeps_the_trace_timing_like_canplayer(tmp_path: Path, procs: list[
     frames = [f for _, f in got]
     head = wanted[:10]
     starts = [i for i in range(len(frames) - 10) if frames[i:i + 10] == head]
-    assert len(starts) >= 2, (len(frames), n, starts, proc.stderr.read() if proc.stderr else "")  # passes 2 and 3 at least
+    assert len(starts) >= 2, (len(frames), n, starts)  # passes 2 and 3 at least
     i, j = starts[-2], starts[-1]
     assert frames[i:j] == wanted  # one pass is the trace, frame for frame
     span, recorded = got[j][0] - got[i][0], first_ts[-1] - first_ts[0]

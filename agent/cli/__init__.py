@@ -32,6 +32,8 @@ _COMMANDS = (
     "doctor",
     "install",
     "bench",
+    "dev",
+    "monitor",
 )
 
 # Long-running commands log progress at INFO; the others print their result and log errors only.

@@ -42,8 +42,8 @@ test-slow: deps venv
 
 lint: venv
 	PYTHONWARNINGS=ignore $(BIN)/python -m pip install -q -e '.[dev]'
-	$(BIN)/ruff check agent simulators tests
-	$(BIN)/mypy
+	$(BIN)/ruff check agent simulators dbc tests
+	MYPY=$(BIN)/mypy .ci/typecheck
 
 bench: deps venv
 	$(BIN)/vgw bench

@@ -1,5 +1,5 @@
-"""`python -m agent` is the same as the `vgw` console script."""
+"""`python -m vgw` is the same as the `vgw` console script."""
 
-from agent.cli import main
+from vgw.cli import main
 
 raise SystemExit(main())

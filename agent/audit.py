@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.errors import StorageError
+from vgw.errors import StorageError
 
 GENESIS = "0" * 64
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 AUDIT_FILE = "audit.log"
 
 
@@ -45,7 +46,7 @@ class AuditLog:
 
     def _last_hash(self) -> tuple[int, str]:
         try:
-            with self.path.open("rb") as fh:
+            with os.fdopen(os.open(self.path, os.O_RDONLY | _NOFOLLOW), "rb") as fh:
                 fh.seek(0, os.SEEK_END)
                 size = fh.tell()
                 if size == 0:
@@ -75,7 +76,8 @@ class AuditLog:
 
         with self._lock:
             try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                # Never through a planted link; created 0600 before its first byte (docs/guarantees.md).
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW, 0o600)
             except OSError as exc:
                 raise StorageError(f"{self.path}: cannot open audit log: {exc.strerror}") from exc
             try:
@@ -92,23 +94,30 @@ class AuditLog:
                 os.close(fd)
             return entry
 
-    def entries(self) -> list[dict[str, Any]]:
+    def _lines(self) -> list[str] | None:
+        """The log's lines (None: no log yet). A damaged byte becomes U+FFFD, so its line fails the hash check
+        instead of the whole read. Raises StorageError when the file cannot be read."""
         try:
-            lines = self.path.read_text(encoding="utf-8").splitlines()
+            return self.path.read_bytes().decode("utf-8", "replace").splitlines()
         except FileNotFoundError:
-            return []
+            return None
+        except OSError as exc:
+            raise StorageError(f"{self.path}: cannot read audit log: {exc.strerror}") from exc
+
+    def entries(self) -> list[dict[str, Any]]:
+        lines = self._lines() or []
         out = []
         for line in lines:
             try:
-                out.append(json.loads(line))
+                entry = json.loads(line)
             except ValueError:
-                out.append({"event": "unreadable"})
+                entry = None
+            out.append(entry if isinstance(entry, dict) else {"event": "unreadable"})
         return out
 
     def verify(self) -> VerifyResult:
-        try:
-            lines = self.path.read_text(encoding="utf-8").splitlines()
-        except FileNotFoundError:
+        lines = self._lines()
+        if lines is None:
             return VerifyResult(ok=True, entries=0)
         prev = GENESIS
         for i, line in enumerate(lines, start=1):

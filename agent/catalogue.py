@@ -2,7 +2,7 @@
 
 Each mapped DBC signal becomes a :class:`SignalSpec` (message, signal, VSS path, scope). A DBC signal that
 no entry maps is unknown to the agent: never decoded, stored or sent. Loading validates everything a typo
-could break and raises :class:`~agent.errors.ConfigError` naming the file, the entry and the rule.
+could break and raises :class:`~vgw.errors.ConfigError` naming the file, the entry and the rule.
 
 String signals (the VIN) are carried over several multiplexed frames; the map says which part each DBC
 signal is with ``part``/``parts`` and the agent assembles the string (big-endian ASCII bytes of each raw
@@ -21,12 +21,14 @@ from typing import Any
 import cantools
 from cantools.database.can.database import Database
 from cantools.database.can.message import Message
-
-from agent.errors import ConfigError
-from agent.scopes import SCOPES
+from vgw.errors import ConfigError
+from vgw.fsutil import MAX_CONFIG_BYTES, MAX_DBC_BYTES, read_small_file
+from vgw.j1939.ids import is_j1939, message_key
+from vgw.j1939.ids import parse as parse_id
+from vgw.scopes import SCOPES
 
 _VSS_PATH = re.compile(r"^Vehicle(\.[A-Z][A-Za-z0-9]*)+$")
-_ENTRY_KEYS = {"message", "signal", "path", "scope", "part", "parts"}
+_ENTRY_KEYS = {"message", "signal", "path", "scope", "part", "parts", "source_address"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +41,7 @@ class SignalSpec:
     part: int | None = None  # for string signals split over several frames
     parts: int | None = None
     byte_len: int = 0  # length of one part in bytes (string signals)
+    source_address: int | None = None  # J1939: only frames from this source (None: any source)
 
 
 @dataclass(frozen=True)
@@ -57,9 +60,11 @@ def load_dbc(paths: Iterable[Path], *, strict: bool = True) -> Database:
     db = cantools.database.can.Database(strict=strict)
     for path in paths:
         try:
-            db.add_dbc_file(str(path), encoding="cp1252")
+            raw = read_small_file(Path(path), what="DBC file", max_bytes=MAX_DBC_BYTES, error=ConfigError)
         except FileNotFoundError:
             raise ConfigError(f"{path}: DBC file not found") from None
+        try:
+            db.add_dbc_string(raw.decode("cp1252").replace("\r\n", "\n").replace("\r", "\n"))
         except Exception as exc:  # cantools raises many types (ParseError, Error, ValueError...)
             hint = " (set dbc_strict = false in [can] to load it leniently)" if strict else ""
             msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -71,7 +76,8 @@ def load_catalogue(dbc_paths: Iterable[Path], signal_map: Path, *, strict: bool 
     """Load DBC files and the signal map; validate every entry against the DBC and the scope list."""
     db = load_dbc(dbc_paths, strict=strict)
     try:
-        doc = tomllib.loads(signal_map.read_text(encoding="utf-8"))
+        doc = tomllib.loads(read_small_file(signal_map, what="signal map", max_bytes=MAX_CONFIG_BYTES,
+                                            error=ConfigError).decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{signal_map}: signal map not found") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -89,7 +95,7 @@ def catalogue_from_map(db: Database, doc: dict[str, Any], where: Path) -> Catalo
     if not isinstance(entries, list):
         raise ConfigError(f"{where}: 'signal' must be an array of tables ([[signal]])")
     specs: list[SignalSpec] = []
-    seen: set[tuple[str, str]] = set()
+    seen: set[tuple[str, str, int | None]] = set()
     messages: dict[int, Message] = {}
     for i, entry in enumerate(entries, start=1):
         at = f"{where}: signal #{i}"
@@ -115,9 +121,10 @@ def catalogue_from_map(db: Database, doc: dict[str, Any], where: Path) -> Catalo
             raise ConfigError(f"{at}: unknown scope {entry['scope']!r} (CONTRACT §3 lists the scopes)")
         if not _VSS_PATH.match(entry["path"]):
             raise ConfigError(f"{at}: path {entry['path']!r} is not a VSS path (Vehicle.Branch.Leaf)")
-        if (msg_name, sig_name) in seen:
+        source = _source_address(entry, message, at)
+        if (msg_name, sig_name, source) in seen:
             raise ConfigError(f"{at}: mapped twice")
-        seen.add((msg_name, sig_name))
+        seen.add((msg_name, sig_name, source))
         part, parts = entry.get("part"), entry.get("parts")
         byte_len = 0
         if (part is None) != (parts is None):
@@ -129,11 +136,40 @@ def catalogue_from_map(db: Database, doc: dict[str, Any], where: Path) -> Catalo
                 raise ConfigError(f"{at}: a string part must be an unsigned whole number of bytes")
             byte_len = signal.length // 8
         specs.append(SignalSpec(message=msg_name, signal=sig_name, path=entry["path"], scope=entry["scope"],
-                                frame_id=message.frame_id, part=part, parts=parts, byte_len=byte_len))
+                                frame_id=message.frame_id, part=part, parts=parts, byte_len=byte_len,
+                                source_address=source))
         messages[message.frame_id] = message
     _check_parts(specs, where)
     _check_paths(specs, where)
+    _check_j1939_routes(specs, messages, where)
     return Catalogue(messages=messages, specs=tuple(specs))
+
+
+def _source_address(entry: dict[str, Any], message: Message, at: str) -> int | None:
+    """The optional ``source_address`` of a J1939 entry (README "SAE J1939"): which ECU's copy of the PGN."""
+    if "source_address" not in entry:
+        return None
+    sa = entry["source_address"]
+    if not is_j1939(message):
+        raise ConfigError(f"{at}: source_address applies to J1939 messages only (VFrameFormat J1939PG)")
+    # 254 is the null address and 255 the global one; neither ever sends data (J1939-81 4.2.2).
+    if isinstance(sa, bool) or not isinstance(sa, int) or not 0 <= sa <= 253:
+        raise ConfigError(f"{at}: source_address must be an integer 0..253 (e.g. 0x00), got {sa!r}")
+    return int(sa)
+
+
+def _check_j1939_routes(specs: list[SignalSpec], messages: dict[int, Message], where: Path) -> None:
+    """Two J1939 messages of one PGN (and destination) would both claim the same frames: each entry must then
+    name the source address it reads (README "SAE J1939")."""
+    owner: dict[int, str] = {}
+    for s in specs:
+        message = messages[s.frame_id]
+        if not is_j1939(message):
+            continue
+        key = message_key(message, s.source_address)
+        if owner.setdefault(key, message.name) != message.name:
+            raise ConfigError(f"{where}: messages {owner[key]!r} and {message.name!r} are the same J1939 PGN "
+                              f"{parse_id(message.frame_id).pgn}: give each entry a different source_address")
 
 
 def _check_parts(specs: list[SignalSpec], where: Path) -> None:

@@ -1,22 +1,35 @@
 """The agent's configuration file (CONTRACT §2): TOML in, frozen dataclasses out.
 
 Unknown keys are an error, because a typo must never silently disable a protection. Relative paths are
-resolved against the config file's folder. :func:`load_config` raises :class:`~agent.errors.ConfigError`
+resolved against the config file's folder. :func:`load_config` raises :class:`~vgw.errors.ConfigError`
 with a message that names the file, the key and the rule.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.errors import ConfigError
+from vgw.errors import ConfigError
+from vgw.fsutil import read_small_file
 
 DEVICE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _TOPIC_PREFIX = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
+
+# Damaged or hostile config files (docs/guarantees.md, "Damaged files"): a ConfigError, never a traceback.
+MAX_CONFIG_BYTES = 1024 * 1024  # read no more: a config file is a few kB; /dev/zero must not fill memory
+MAX_DURATION_OR_RATE = 1e9  # float settings (seconds, Hz): finite and below threading.TIMEOUT_MAX (~9.2e9 s)
+MAX_INTEGER = 2**63 - 1  # integer settings fit a C long and SQLite INTEGER
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)``, cut short: an error message stays one readable line whatever the file holds."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 @dataclass(frozen=True)
@@ -40,6 +53,10 @@ class CanConfig:
     replay_exit: bool = False
     reopen_s: float = 2.0
     silent_s: float = 10.0  # no frame for this long: the agent warns (log, status); 0 = never
+    fd: bool = False  # CAN FD (README "CAN FD"): open the bus in FD mode
+    data_bitrate: int | None = None  # FD data-phase bitrate, for interfaces that set it themselves
+    j1939_requests: bool = False  # README "SAE J1939": may the agent send request PGN 59904 at all
+    j1939_address: int | None = None  # the source address it sends requests from (never claimed)
 
 
 @dataclass(frozen=True)
@@ -127,9 +144,9 @@ class _Section:
         # bool is an int in Python; never accept true for a number.
         kinds = kind if isinstance(kind, tuple) else (kind,)
         if isinstance(value, bool) and bool not in kinds:
-            raise ConfigError(f"{self._where(key)}: expected {_kind_name(kinds)}, got {value!r}")
+            raise ConfigError(f"{self._where(key)}: expected {_kind_name(kinds)}, got {_shown(value)}")
         if not isinstance(value, kinds):
-            raise ConfigError(f"{self._where(key)}: expected {_kind_name(kinds)}, got {value!r}")
+            raise ConfigError(f"{self._where(key)}: expected {_kind_name(kinds)}, got {_shown(value)}")
         return value
 
     def path_value(self, key: str, *, required: bool = True, must_exist: bool = True) -> Path | None:
@@ -141,11 +158,15 @@ class _Section:
     def _resolve(self, key: str, raw: str, must_exist: bool) -> Path:
         if not raw:
             raise ConfigError(f"{self._where(key)}: must not be empty")
-        p = Path(raw).expanduser()
-        if not p.is_absolute():
-            p = (self.path.parent / p).resolve()
-        if must_exist and not p.exists():
-            raise ConfigError(f"{self._where(key)}: file not found: {p}")
+        try:
+            p = Path(raw).expanduser()
+            if not p.is_absolute():
+                p = (self.path.parent / p).resolve()
+            if must_exist and not p.exists():
+                raise ConfigError(f"{self._where(key)}: file not found: {p}")
+        except (ValueError, RuntimeError, OSError) as exc:
+            # NUL in the path (ValueError), ~unknown-user or a symlink loop (RuntimeError), a name too long.
+            raise ConfigError(f"{self._where(key)}: not a usable path: {_shown(raw)}") from exc
         return p
 
     def path_list(self, key: str, *, must_exist: bool = True) -> tuple[Path, ...]:
@@ -156,14 +177,22 @@ class _Section:
         out = []
         for item in items:
             if not isinstance(item, str):
-                raise ConfigError(f"{self._where(key)}: expected a list of paths, got {item!r}")
+                raise ConfigError(f"{self._where(key)}: expected a list of paths, got {_shown(item)}")
             out.append(self._resolve(key, item, must_exist))
         return tuple(out)
 
     def number(self, key: str, default: Any, *, minimum: float | None = None, integer: bool = False) -> Any:
         value = self.get(key, (int,) if integer else (int, float), default)
-        if value is not None and minimum is not None and value < minimum:
-            raise ConfigError(f"{self._where(key)}: must be >= {minimum}, got {value!r}")
+        if value is None:
+            return value
+        # TOML has inf and nan and integers of any size: a NaN passes every `<` check, an inf sleeps forever.
+        if integer and abs(value) > MAX_INTEGER:
+            raise ConfigError(f"{self._where(key)}: must be <= {MAX_INTEGER}, got {_shown(value)}")
+        if not integer and not (math.isfinite(value) and abs(value) <= MAX_DURATION_OR_RATE):
+            raise ConfigError(f"{self._where(key)}: must be a finite number <= {MAX_DURATION_OR_RATE:g}, "
+                              f"got {_shown(value)}")
+        if minimum is not None and value < minimum:
+            raise ConfigError(f"{self._where(key)}: must be >= {minimum}, got {_shown(value)}")
         return value
 
     def finish(self) -> None:
@@ -182,9 +211,12 @@ _SECTIONS = {"device", "can", "obd", "mqtt", "consent", "batch", "outbox"}
 
 def load_config(path: str | Path) -> Config:
     """Load and validate a config file. Raises ConfigError naming the file, key and rule."""
-    path = Path(path).expanduser().resolve()
     try:
-        raw = path.read_bytes()
+        path = Path(path).expanduser().resolve()
+    except (ValueError, RuntimeError, OSError) as exc:
+        raise ConfigError(f"{_shown(str(path))}: not a usable path for a config file") from exc
+    try:
+        raw = read_small_file(path, what="config file", max_bytes=MAX_CONFIG_BYTES, error=ConfigError)
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except OSError as exc:
@@ -195,6 +227,8 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(f"{path}: not UTF-8 text") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+    except RecursionError as exc:  # tomllib parses nested arrays and inline tables recursively
+        raise ConfigError(f"{path}: invalid TOML: arrays or tables nested too deeply") from exc
     return config_from_dict(doc, path)
 
 
@@ -223,7 +257,7 @@ def _device(s: _Section) -> DeviceConfig:
     dev_id = s.get("id", str)
     if not DEVICE_ID_PATTERN.match(dev_id):
         raise ConfigError(
-            f"{s.path}: [device] id {dev_id!r}: use 1-64 letters, digits, '.', '_' or '-' "
+            f"{s.path}: [device] id {_shown(dev_id)}: use 1-64 letters, digits, '.', '_' or '-' "
             "(it is an MQTT topic segment and client id)"
         )
     state_dir = s.path_value("state_dir", must_exist=False)
@@ -254,11 +288,45 @@ def _can(s: _Section) -> CanConfig:
         raise ConfigError(f"{s.path}: [can] channel: required for interface {interface!r}")
     if replay_loop and replay_exit:
         raise ConfigError(f"{s.path}: [can] replay_loop and replay_exit cannot both be true")
+    fd, data_bitrate = _can_fd(s, interface, bitrate)
+    j1939_requests = s.get("j1939_requests", bool, False)
+    j1939_address = s.get("j1939_address", int, None)
+    if j1939_address is not None and not 0 <= j1939_address <= 253:
+        raise ConfigError(f"{s.path}: [can] j1939_address: must be 0..253 (254 null, 255 global), got {j1939_address}")
+    if j1939_requests and j1939_address is None:
+        raise ConfigError(f"{s.path}: [can] j1939_address: required with j1939_requests = true (a free address "
+                          "such as 0xF9; the agent never claims one)")
+    if j1939_requests and replay is not None:
+        raise ConfigError(f"{s.path}: [can] j1939_requests: a replayed trace cannot answer requests")
     s.finish()
     return CanConfig(interface=interface, channel=channel if channel is not None else "can0" if interface ==
                      "socketcan" else channel, bitrate=bitrate, dbc=dbc, signal_map=signal_map,
                      dbc_strict=dbc_strict, replay=replay, replay_rate=replay_rate, replay_loop=replay_loop,
-                     replay_exit=replay_exit, reopen_s=reopen_s, silent_s=silent_s)
+                     replay_exit=replay_exit, reopen_s=reopen_s, silent_s=silent_s, fd=fd,
+                     data_bitrate=data_bitrate, j1939_requests=j1939_requests, j1939_address=j1939_address)
+
+
+# python-can's slcan speaks the CANable 2.0 FD dialect, which knows these data bitrates only.
+SLCAN_DATA_BITRATES = (2_000_000, 5_000_000)
+
+
+def _can_fd(s: _Section, interface: str, bitrate: int | None) -> tuple[bool, int | None]:
+    """``fd`` and ``data_bitrate`` (README "CAN FD"): checked here so a bus never opens half-configured."""
+    fd = s.get("fd", bool, False)
+    data_bitrate = s.number("data_bitrate", None, minimum=1, integer=True)
+    if data_bitrate is not None and not fd:
+        raise ConfigError(f"{s.path}: [can] data_bitrate: only meaningful with fd = true")
+    if data_bitrate is not None and interface == "socketcan":
+        # The kernel owns SocketCAN bit timing (`ip link set can0 type can ... dbitrate N fd on`).
+        raise ConfigError(f"{s.path}: [can] data_bitrate: SocketCAN takes it from `ip link ... dbitrate`, "
+                          "not from vgw; remove it")
+    if interface == "slcan" and data_bitrate is not None:
+        if data_bitrate not in SLCAN_DATA_BITRATES:
+            raise ConfigError(f"{s.path}: [can] data_bitrate {data_bitrate}: an slcan adapter takes "
+                              f"{' or '.join(str(r) for r in SLCAN_DATA_BITRATES)}")
+        if bitrate is None:
+            raise ConfigError(f"{s.path}: [can] bitrate: required with data_bitrate on slcan")
+    return fd, data_bitrate
 
 
 def _obd(s: _Section) -> ObdConfig:

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from agent.catalogue import load_catalogue
-from agent.config import load_config
-from agent.errors import VgwError
-from agent.logs import quieted
+from vgw.catalogue import load_catalogue
+from vgw.config import load_config
+from vgw.errors import VgwError
+from vgw.logs import quieted
 
 DEVICE = "demo-car-01"
 
@@ -104,13 +104,13 @@ class _Screen:
 def run_demo(duration: float = 20.0, *, as_json: bool = False, out: IO[str] | None = None,
              keep: Path | None = None) -> int:
     """Run the demo for ``duration`` seconds. Returns 0 if every guarantee held, 1 otherwise."""
-    from agent.runtime import Agent
-    from simulators.broker import Mosquitto, MosquittoNotFound
-    from simulators.can_sim import CanSimulator, open_output
-    from simulators.cloud import CloudPeer, RecipientKey, SigningKey, consent_claims, grant, sign_consent
-    from simulators.paths import default_dbc, default_signal_map
-    from simulators.pki import TestPKI
-    from simulators.vehicle import VehicleModel
+    from vgw.runtime import Agent
+    from vgw.simulators.broker import Mosquitto, MosquittoNotFound
+    from vgw.simulators.can_sim import CanSimulator, open_output
+    from vgw.simulators.cloud import CloudPeer, RecipientKey, SigningKey, consent_claims, grant, sign_consent
+    from vgw.simulators.paths import default_dbc, default_signal_map
+    from vgw.simulators.pki import TestPKI
+    from vgw.simulators.vehicle import VehicleModel
 
     if duration < 8:
         raise VgwError(f"demo duration {duration:g} s is too short: use at least 8 s")

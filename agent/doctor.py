@@ -3,7 +3,7 @@
 Checks, in order: config, catalogue (DBC + signal map), CAN interface (present, up, bitrate and bus state
 where readable) or replay trace, OBD adapter (opens, answers ``ATI``), keys, certificate (matches the key,
 names this device, expiry: WARN within 30 days, FAIL expired), broker (TCP, TLS handshake with the device
-certificate through :func:`agent.uplink.tls_context`, and the broker keeps the connection), clock (not
+certificate through :func:`vgw.uplink.tls_context`, and the broker keeps the connection), clock (not
 before the floor in ``clock.json``), state dir permissions, consent in force and its expiry.
 
 The doctor only reads: it creates no file, and it does not touch an adapter the running agent holds. Its
@@ -30,15 +30,16 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-
-from agent.config import CanConfig, Config, ObdConfig, load_config
-from agent.errors import VgwError
+from vgw.config import CanConfig, Config, ObdConfig, load_config
+from vgw.errors import ConfigError, VgwError
+from vgw.fsutil import MAX_KEY_BYTES, read_small_file
 
 PASS, WARN, FAIL = "PASS", "WARN", "FAIL"
 CERT_WARN_DAYS = 30
 CONSENT_WARN_S = 24 * 3600
 CLOCK_MIN = 1735689600  # 2025-01-01T00:00:00Z: a clock before this was never set (no RTC, no NTP yet)
 ARPHRD_CAN = 280
+CAN_MTU, CANFD_MTU = 16, 72  # linux/can.h: the MTU of a SocketCAN interface tells classic CAN from CAN FD
 IFF_UP = 0x1
 ELM_BAUDRATES = (38400, 9600, 115200, 230400)
 
@@ -112,7 +113,7 @@ def exit_code(results: list[Check]) -> int:
 def _catalogue(cfg: Config) -> Check | None:
     if cfg.can is None:
         return None
-    from agent.catalogue import load_catalogue
+    from vgw.catalogue import load_catalogue
 
     try:
         cat = load_catalogue(cfg.can.dbc, cfg.can.signal_map, strict=cfg.can.dbc_strict)
@@ -144,8 +145,10 @@ def _read(path: Path) -> str | None:
         return None
 
 
-def check_can_interface(name: str, ifname: str, want_bitrate: int | None, probes: Probes) -> Check:
-    """A SocketCAN interface: present, a CAN device, up; bitrate and bus state when the kernel says them."""
+def check_can_interface(name: str, ifname: str, want_bitrate: int | None, probes: Probes, *,
+                        want_fd: bool = False) -> Check:
+    """A SocketCAN interface: present, a CAN device, up, in CAN FD mode when ``want_fd`` (MTU 72, README
+    "CAN FD"); bitrate and bus state when the kernel says them."""
     base = probes.sys_class_net / ifname
     if not base.exists():
         return Check(name, FAIL, f"CAN interface {ifname} not found (CAN HAT overlay in config.txt? "
@@ -157,11 +160,14 @@ def check_can_interface(name: str, ifname: str, want_bitrate: int | None, probes
     if flags is not None and not int(flags, 16) & IFF_UP:
         return Check(name, FAIL, f"{ifname} is down (systemd-networkd brings it up with 80-can0.network; "
                                  f"or: ip link set {ifname} up type can bitrate 500000)")
+    fd_check = _fd_mode(ifname, _read(base / "mtu"), want_fd)
+    if fd_check is not None and fd_check[0] == FAIL:
+        return Check(name, *fd_check)
     details = (probes.link_details or ip_link_details)(ifname)
     info = ((details or {}).get("linkinfo") or {})
     data = info.get("info_data") or {}
     if info.get("info_kind") == "vcan":
-        return Check(name, PASS, f"{ifname} is up (virtual CAN)")
+        return Check(name, PASS, f"{ifname} is up (virtual CAN{', FD' if want_fd else ''})")
     state = data.get("state")
     bitrate = (data.get("bittiming") or {}).get("bitrate")
     parts = [f"{ifname} is up"]
@@ -172,13 +178,30 @@ def check_can_interface(name: str, ifname: str, want_bitrate: int | None, probes
     detail = ", ".join(parts)
     if state == "BUS-OFF":
         return Check(name, FAIL, f"{detail}: the controller left the bus (wrong bitrate or wiring?)")
+    if fd_check is not None:
+        return Check(name, *fd_check)  # a WARN (a FAIL returned above)
     if bitrate and want_bitrate and int(bitrate) != want_bitrate:
         return Check(name, WARN, f"{detail}, but the config says {want_bitrate} bit/s")
     if state in ("ERROR-PASSIVE", "ERROR-WARNING"):
         return Check(name, WARN, f"{detail}: bus errors (bitrate, termination or wiring?)")
     if not bitrate:
         detail += " (bitrate not readable)"
+    if want_fd:
+        detail += ", CAN FD (MTU 72)"
     return Check(name, PASS, detail)
+
+
+def _fd_mode(ifname: str, mtu: str | None, want_fd: bool) -> tuple[str, str] | None:
+    """(status, detail) when the interface's FD mode disagrees with ``[can] fd``, else None."""
+    if mtu is None or not mtu.isdigit():
+        return None  # not readable: nothing to say
+    if want_fd and int(mtu) != CANFD_MTU:
+        return FAIL, (f"{ifname} is up in classic CAN mode (MTU {mtu}) but [can] fd = true: no CAN FD frame "
+                      f"arrives (ip link set {ifname} down; ip link set {ifname} up type can bitrate 500000 "
+                      f"dbitrate 2000000 fd on; a vcan: ip link set {ifname} mtu 72)")
+    if not want_fd and int(mtu) == CANFD_MTU:
+        return WARN, f"{ifname} is in CAN FD mode (MTU 72) but [can] fd = false: FD frames are not received"
+    return None
 
 
 def _can(can_cfg: CanConfig, probes: Probes) -> Check:
@@ -201,7 +224,7 @@ def _can(can_cfg: CanConfig, probes: Probes) -> Check:
     if can_cfg.interface == "virtual":
         return Check("can", PASS, "virtual bus (no hardware to check)")
     if can_cfg.interface == "socketcan":
-        return check_can_interface("can", can_cfg.channel or "can0", can_cfg.bitrate, probes)
+        return check_can_interface("can", can_cfg.channel or "can0", can_cfg.bitrate, probes, want_fd=can_cfg.fd)
     channel = (can_cfg.channel or "").split("@")[0]
     if channel.startswith("/dev/"):
         if not os.path.exists(channel):
@@ -211,7 +234,7 @@ def _can(can_cfg: CanConfig, probes: Probes) -> Check:
 
 
 def _agent_running(cfg: Config) -> bool:
-    from agent.runtime import AgentLock
+    from vgw.runtime import AgentLock
 
     try:
         return AgentLock.held_by_other(cfg.state_dir)
@@ -287,16 +310,19 @@ def _keys(cfg: Config) -> Check:
 
 
 def _certificate(cfg: Config) -> Check:
-    from agent.provisioning import cert_device_id
+    from vgw.provisioning import cert_device_id
 
     path = cfg.mqtt.cert_file
     try:
-        cert = x509.load_pem_x509_certificates(path.read_bytes())[0]
-    except (OSError, ValueError, IndexError):
+        cert = x509.load_pem_x509_certificates(read_small_file(path, what="certificate", max_bytes=MAX_KEY_BYTES,
+                                                               error=ConfigError))[0]
+    except (OSError, ValueError, IndexError, ConfigError):
         return Check("certificate", FAIL, f"{path}: not a PEM certificate")
     try:
-        key = serialization.load_pem_private_key(cfg.mqtt.key_file.read_bytes(), password=None)
-    except (OSError, ValueError, TypeError):
+        key = serialization.load_pem_private_key(read_small_file(cfg.mqtt.key_file, what="device key",
+                                                                 max_bytes=MAX_KEY_BYTES, error=ConfigError),
+                                                 password=None)
+    except (OSError, ValueError, TypeError, ConfigError):
         return Check("certificate", FAIL, f"{cfg.mqtt.key_file}: not a usable unencrypted PEM private key")
     if cert.public_key() != key.public_key():
         return Check("certificate", FAIL, f"{path} does not match {cfg.mqtt.key_file}")
@@ -318,7 +344,7 @@ def _certificate(cfg: Config) -> Check:
 
 
 def _broker(cfg: Config, probes: Probes) -> Check:
-    from agent.uplink import tls_context
+    from vgw.uplink import tls_context
 
     m = cfg.mqtt
     where = f"{m.host}:{m.port}"
@@ -370,7 +396,7 @@ def _broker(cfg: Config, probes: Probes) -> Check:
 
 
 def _clock(cfg: Config) -> Check:
-    from agent.consent.store import ConsentStore
+    from vgw.consent.store import ConsentStore
 
     now = time.time()
     stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now))
@@ -414,10 +440,10 @@ def _claims(token: str) -> dict[str, Any]:
 
 
 def _consent(cfg: Config) -> Check:
-    from agent.consent.manager import load_trust_keys
-    from agent.consent.store import ConsentStore
-    from agent.consent.verifier import verify_consent
-    from agent.errors import ConsentError
+    from vgw.consent.manager import load_trust_keys
+    from vgw.consent.store import ConsentStore
+    from vgw.consent.verifier import verify_consent
+    from vgw.errors import ConsentError
 
     if not cfg.state_dir.is_dir():
         return Check("consent", WARN, "no consent in force: nothing is collected until the owner consents")

@@ -1,29 +1,198 @@
-"""Small file-system helpers: private directories and crash-safe writes."""
+"""Small file-system helpers: private directories, safe reads of small files, crash-safe writes.
+
+The rules (docs/guarantees.md, "Files the agent reads and writes"):
+
+- The state directory belongs to the user running vgw and nobody else can write to it: a directory owned by
+  someone else or writable by group/others is refused, never adopted (an attacker who made it could have
+  planted symlinks or files in it).
+- Files in the state directory are opened without following symlinks (``O_NOFOLLOW``) and created 0600 before
+  their first byte is written.
+- Every small file the agent reads (keys, certificates, trust keys, DBC, signal map, config, state files) is
+  read through :func:`read_small_file`: non-regular files (``/dev/zero``, a FIFO, a directory) are refused
+  before a byte is read, and the size is capped before the read, so a bad path gives one clear line instead of
+  a hang or a MemoryError.
+"""
 
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from pathlib import Path
 
-from agent.errors import StorageError
+from vgw.errors import StorageError, VgwError
+
+# Caps for the files the agent reads (a real one is far smaller; more is a wrong path or an attack).
+MAX_KEY_BYTES = 64 * 1024  # PEM keys, certificate chains, the storage key
+MAX_CONFIG_BYTES = 1024 * 1024  # config TOML, signal map
+MAX_DBC_BYTES = 64 * 1024 * 1024  # a full-vehicle DBC can be tens of MB
+MAX_STATE_BYTES = 1024 * 1024  # consent cache, inbox, clock file
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def read_small_file(path: Path, *, what: str, max_bytes: int, error: type[VgwError] = StorageError,
+                    follow_symlinks: bool = True) -> bytes:
+    """Read a whole small regular file. Raises ``error`` (one line naming ``path`` and ``what``).
+
+    FileNotFoundError is passed through unchanged, so callers keep their own "missing" message. The file is
+    opened non-blocking (a FIFO would otherwise block in ``open``) and checked with ``fstat`` on the opened
+    descriptor, so what is checked is what is read.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | (0 if follow_symlinks else _NOFOLLOW)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        if not follow_symlinks and os.path.islink(path):
+            raise error(f"{path}: {what} is a symbolic link; refused (state files are never followed)") from exc
+        raise error(f"{path}: cannot read {what}: {exc.strerror}") from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise error(f"{path}: {what} is not a regular file; refused")
+        if st.st_size > max_bytes:
+            raise error(f"{path}: {what} is {st.st_size} bytes, more than the {max_bytes} allowed; refused")
+        os.set_blocking(fd, True)
+        chunks: list[bytes] = []
+        total = 0
+        while True:
+            chunk = os.read(fd, min(65536, max_bytes + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > max_bytes:  # grew while we read
+                raise error(f"{path}: {what} is more than the {max_bytes} bytes allowed; refused")
+        return b"".join(chunks)
+    except OSError as exc:
+        raise error(f"{path}: cannot read {what}: {exc.strerror}") from exc
+    finally:
+        os.close(fd)
+
+
+def check_owner(path: Path, *, what: str, allow_root: bool, error: type[VgwError] = StorageError) -> os.stat_result:
+    """Refuse ``path`` unless it is owned by the running user (or root, with ``allow_root``) and nobody else
+    can write to it. Symlinks are followed (a key may live elsewhere); returns the stat result."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise error(f"{path}: cannot check {what}: {exc.strerror}") from exc
+    me = os.geteuid()
+    if st.st_uid != me and not (allow_root and st.st_uid == 0):
+        raise error(f"{path}: {what} is owned by uid {st.st_uid}, not by the running user (uid {me}); refused")
+    if st.st_mode & 0o022:
+        raise error(f"{path}: {what} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o}); refused")
+    return st
 
 
 def ensure_private_dir(path: Path) -> Path:
-    """Create ``path`` (and parents) with mode 0700 if missing; tighten it to 0700 if it exists."""
+    """Create ``path`` (and parents) with mode 0700 if missing; tighten read bits of our own to 0700.
+
+    Raises StorageError for a path that is a symlink or not a directory, is owned by another user, is
+    writable by group/others (such a directory was not made by us and may hold planted links), or holds a
+    symbolic link.
+    """
     try:
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if path.stat().st_mode & 0o077:
-            os.chmod(path, 0o700)
+        st = os.lstat(path)
     except OSError as exc:
         raise StorageError(f"{path}: cannot create state directory: {exc.strerror}") from exc
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise StorageError(f"{path}: state directory is a symbolic link or not a directory; refused")
+    if st.st_uid != os.geteuid():
+        raise StorageError(f"{path}: state directory is owned by uid {st.st_uid}, not by the running user "
+                           f"(uid {os.geteuid()}); refused (chown it or choose another state_dir)")
+    if st.st_mode & 0o022:
+        raise StorageError(f"{path}: state directory is writable by group or others (mode "
+                           f"{stat.S_IMODE(st.st_mode):o}); refused (chmod 700 it after checking its content)")
+    if st.st_mode & 0o077:
+        try:
+            os.chmod(path, 0o700)
+        except OSError as exc:
+            raise StorageError(f"{path}: cannot make state directory private: {exc.strerror}") from exc
+    # vgw never makes links here: one found was planted (before the directory was ours, or by hand).
+    try:
+        links = sorted(e.name for e in os.scandir(path) if e.is_symlink())
+    except OSError as exc:
+        raise StorageError(f"{path}: cannot list state directory: {exc.strerror}") from exc
+    if links:
+        raise StorageError(f"{path}: state directory holds a symbolic link ({links[0]}); refused (state files "
+                           "are never followed: remove it)")
     return path
+
+
+def create_private(path: Path) -> None:
+    """Create ``path`` empty with mode 0600 if missing, never following a symlink; refuse a non-regular file or
+    one owned by someone else. SQLite then opens it (and makes -wal/-shm with the same mode)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o600)
+    except OSError as exc:
+        if os.path.islink(path):
+            raise StorageError(f"{path}: is a symbolic link; refused (state files are never followed)") from exc
+        raise StorageError(f"{path}: cannot open: {exc.strerror}") from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise StorageError(f"{path}: not a regular file; refused")
+        if st.st_uid != os.geteuid():
+            raise StorageError(f"{path}: owned by uid {st.st_uid}, not by the running user; refused")
+        if stat.S_IMODE(st.st_mode) & 0o077:
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
+def refuse_symlink(path: Path) -> None:
+    """Raise StorageError if ``path`` exists as a symlink or a non-regular file (SQLite's side files)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise StorageError(f"{path}: cannot check: {exc.strerror}") from exc
+    if not stat.S_ISREG(st.st_mode):
+        raise StorageError(f"{path}: is a symbolic link or not a regular file; refused")
+
+
+def destroy_file(path: Path) -> bool:
+    """Overwrite a regular file with zeros, fsync, then unlink it (never following a symlink). True if it
+    existed. On flash or copy-on-write file systems the old blocks may survive the overwrite; the file's
+    name and content are gone from the file system either way."""
+    try:
+        fd = os.open(path, os.O_WRONLY | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        return False
+    except OSError:
+        fd = -1  # a symlink or unwritable: still unlink the name below
+    if fd >= 0:
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode):
+                zeros = b"\0" * 65536
+                left = st.st_size
+                while left > 0:
+                    left -= os.write(fd, zeros[:min(left, len(zeros))])
+                os.fsync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def atomic_write(path: Path, data: bytes, *, mode: int = 0o600) -> None:
     """Write ``data`` to ``path`` so a crash leaves either the old or the new file, never half of one.
 
-    Temp file in the same folder, fsync, ``os.replace``, then fsync the folder so the rename is durable.
+    Temp file in the same folder (created 0600 with O_EXCL: never through a planted link), fsync,
+    ``os.replace`` (which replaces a link itself, never its target), then fsync the folder.
     """
     folder = path.parent
     try:

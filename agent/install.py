@@ -19,7 +19,7 @@ System actions (creating the ``vgw`` user, ``systemctl``, ``udevadm``) run only 
 data key destroyed, rows deleted, audit entry, signed erasure receipt queued and, if the broker is
 reachable within ``receipt_timeout_s``, delivered; only then are the state dir and ``/etc/vgw`` removed.
 
-Raises :class:`~agent.errors.ConfigError` (bad source/config) and :class:`~agent.errors.StorageError`
+Raises :class:`~vgw.errors.ConfigError` (bad source/config) and :class:`~vgw.errors.StorageError`
 (files, a running agent, a failed system command).
 """
 
@@ -35,11 +35,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent.errors import ConfigError, StorageError
+from vgw.dbc import shipped_dir
+from vgw.errors import ConfigError, StorageError
 
 if TYPE_CHECKING:
-    from agent.config import Config
-    from agent.outbox import Outbox
+    from vgw.config import Config
+    from vgw.outbox import Outbox
 
 log = logging.getLogger("vgw.install")
 
@@ -222,7 +223,7 @@ def install(
         plan.step(f"{pip} install --upgrade {src}",
                   lambda: _run([str(pip), "install", "--quiet", "--upgrade", str(src)]))
     for name in ("vehicle.dbc", "signals.toml"):
-        plan.step(f"install {lay.dbc / name}", _copier(src / "dbc" / name, lay.dbc / name))
+        plan.step(f"install {lay.dbc / name}", _copier(shipped_dir() / name, lay.dbc / name))
     if (src / "docs" / GUIDE).is_file():
         plan.step(f"install {lay.docs / GUIDE}", lambda: _copy(src / "docs" / GUIDE, lay.docs / GUIDE))
     plan.step(f"create {lay.etc} (0755)", lambda: _mkdir(lay.etc, 0o755))
@@ -283,9 +284,9 @@ def final_erasure(config_path: Path, *, receipt_timeout_s: float = 10.0) -> Eras
     Raises ConfigError if the config cannot be loaded and StorageError if an agent still runs on the state
     dir (stop it first) or the outbox cannot be erased.
     """
-    from agent.config import load_config
-    from agent.consent.manager import ConsentManager, load_trust_keys
-    from agent.runtime import AgentLock, open_state
+    from vgw.config import load_config
+    from vgw.consent.manager import ConsentManager, load_trust_keys
+    from vgw.runtime import AgentLock, open_state
 
     cfg = load_config(config_path)
     if AgentLock.held_by_other(cfg.state_dir):
@@ -326,7 +327,7 @@ def final_erasure(config_path: Path, *, receipt_timeout_s: float = 10.0) -> Eras
 
 def _deliver_receipts(cfg: Config, outbox: Outbox, timeout_s: float) -> bool:
     """Connect as the agent would and wait until every queued receipt is acknowledged (or the timeout)."""
-    from agent.uplink import Uplink
+    from vgw.uplink import Uplink
 
     uplink = Uplink(cfg.mqtt, cfg.device.id, outbox, on_consent=lambda _payload: None,
                     status_payload=lambda: {"device": cfg.device.id, "consent_version": None, "grants": []})
@@ -373,7 +374,7 @@ def uninstall(
     if purge:
         cfg_path = config or lay.etc / "vgw.toml"
         if cfg_path.exists():
-            from agent.config import load_config
+            from vgw.config import load_config
 
             if not dry_run:
                 state_dirs = [load_config(cfg_path).state_dir]

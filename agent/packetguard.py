@@ -134,12 +134,14 @@ class _GuardedSocket(ssl.SSLSocket):
     """A TLS socket whose ``recv`` passes the stream through a PacketSizeGuard (made by ``_make_guard``)."""
 
     _make_guard: Callable[[], PacketSizeGuard]
+    _vgw_guard: PacketSizeGuard
+    _vgw_out: bytearray
 
     def _guard_state(self) -> tuple[PacketSizeGuard, bytearray]:
         try:
             return self._vgw_guard, self._vgw_out
         except AttributeError:  # SSLSocket instances are built without __init__: set up on first use
-            self._vgw_guard: PacketSizeGuard = type(self)._make_guard()
+            self._vgw_guard = type(self)._make_guard()
             self._vgw_out = bytearray()
             return self._vgw_guard, self._vgw_out
 

@@ -14,8 +14,8 @@ signed certificate; a new storage key would make the encrypted outbox unreadable
 written with the previous one kept as ``vgw.toml.bak``, and a user's own DBC/signal map is never replaced.
 Private key material is never printed or logged.
 
-Raises :class:`~agent.errors.ConfigError` for bad input (names the file or option) and
-:class:`~agent.errors.StorageError` when a file cannot be written.
+Raises :class:`~vgw.errors.ConfigError` for bad input (names the file or option) and
+:class:`~vgw.errors.StorageError` when a file cannot be written.
 """
 
 from __future__ import annotations
@@ -37,12 +37,12 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-from agent.config import DEVICE_ID_PATTERN, load_config
-from agent.consent.manager import load_trust_keys
-from agent.crypto.keys import KEY_BYTES
-from agent.errors import ConfigError, StorageError
-from agent.fsutil import atomic_write, ensure_private_dir
+from vgw.config import DEVICE_ID_PATTERN, load_config
+from vgw.consent.manager import load_trust_keys
+from vgw.crypto.keys import KEY_BYTES
+from vgw.dbc import shipped_dir
+from vgw.errors import ConfigError, StorageError
+from vgw.fsutil import MAX_KEY_BYTES, atomic_write, ensure_private_dir, read_small_file
 
 DEFAULT_OUT = Path("/etc/vgw")
 DEFAULT_STATE_DIR = Path("/var/lib/vgw")
@@ -117,7 +117,7 @@ def check_device_id(device_id: str) -> str:
 def load_ca_bundle(path: Path, what: str = "--ca") -> list[x509.Certificate]:
     """Read one or more PEM certificates. Raises ConfigError naming the file."""
     try:
-        data = path.read_bytes()
+        data = read_small_file(path, what=f"{what} certificate bundle", max_bytes=MAX_KEY_BYTES, error=ConfigError)
     except FileNotFoundError:
         raise ConfigError(f"{what} {path}: file not found") from None
     except OSError as exc:
@@ -134,13 +134,13 @@ def load_ca_bundle(path: Path, what: str = "--ca") -> list[x509.Certificate]:
 def find_shipped_dbc(extra: Iterable[Path] = ()) -> Path:
     """The folder holding the shipped ``vehicle.dbc`` and ``signals.toml``. Raises ConfigError.
 
-    Looked for in ``extra``, ``$VGW_DATA_DIR``, the source checkout this module runs from, and next to the
-    venv the way `vgw install` lays it out (``/opt/vgw/share/dbc``).
+    Looked for in ``extra``, ``$VGW_DATA_DIR``, the package data installed with vgw (``vgw.dbc``), and next
+    to the venv the way `vgw install` lays it out (``/opt/vgw/share/dbc``).
     """
     candidates = list(extra)
     if os.environ.get("VGW_DATA_DIR"):
         candidates.append(Path(os.environ["VGW_DATA_DIR"]))
-    candidates.append(Path(__file__).resolve().parents[1] / "dbc")
+    candidates.append(shipped_dir())
     candidates.append(Path(sys.prefix).parent / "share" / "dbc")
     candidates.append(Path("/opt/vgw/share/dbc"))
     for folder in candidates:
@@ -161,7 +161,8 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 def load_device_key(path: Path) -> ec.EllipticCurvePrivateKey:
     """Load the device's P-256 key. Raises ConfigError naming the file (never its content)."""
     try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        data = read_small_file(path, what="device key", max_bytes=MAX_KEY_BYTES, error=ConfigError)
+        key = serialization.load_pem_private_key(data, password=None)
     except FileNotFoundError:
         raise ConfigError(f"{path}: device key not found (run `vgw provision` first)") from None
     except (OSError, ValueError, TypeError) as exc:

@@ -15,6 +15,11 @@ Counters the report reads (``counters`` table of the outbox), per grant ``<g>``:
   ``retention_deleted:<g>``     batches deleted unsent because they outlived ``retention_s``
 
 A counter the agent does not record (yet) shows as "not recorded", never as zero.
+
+Collection rules (CONTRACT §5.1): for a grant with rules, the running agent's status file holds, per scope,
+the samples decoded and the samples its rules let through since it started (``collect`` in ``status.json``);
+the report shows both and the share the rules kept back in the car, and says in plain words what each app
+receives (:mod:`vgw.collect.describe`).
 """
 
 from __future__ import annotations
@@ -26,28 +31,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vgw.collect.describe import SCOPE_LABELS
+from vgw.timefmt import utc_text
+
 REPORT_VERSION = 1
 
 # Why data were deleted, in the owner's words (audit ``reason`` -> report reason).
 _DELETE_REASONS = {"revoked": "revocation", "expired": "expiry", "not-in-force": "no longer in force"}
 
-SCOPE_LABELS = {
-    "read_vehicle_info": "Vehicle make, model and year",
-    "read_vin": "Vehicle identification number (VIN)",
-    "read_odometer": "Odometer (distance travelled)",
-    "read_fuel": "Fuel level",
-    "read_battery": "High-voltage battery level",
-    "read_charge": "Charging state",
-    "read_engine_oil": "Engine oil life",
-    "read_tires": "Tyre pressures",
-    "read_diagnostics": "Engine and diagnostic data",
-    "read_speedometer": "Speed",
-    "read_thermometer": "Outside temperature",
-    "read_location": "Location (position of the car)",
-    "read_compass": "Heading (compass direction)",
-    "read_security": "Door lock state",
-    "read_climate": "Cabin climate",
-}
+__all__ = ["SCOPE_LABELS", "ConsentView", "build_report", "collect", "render_html", "render_text"]
 
 
 @dataclass(frozen=True)
@@ -75,6 +67,7 @@ def build_report(
     audit_ok: bool = True,
     audit_problem: str | None = None,
     generated: float | None = None,
+    rule_counts: Mapping[str, Mapping[str, Mapping[str, int]]] | None = None,
 ) -> dict[str, Any]:
     """The report as a JSON-ready dict. Pure: reads nothing, and no input it reads holds a signal value."""
     grants: dict[str, dict[str, Any]] = {}
@@ -94,14 +87,16 @@ def build_report(
         event = e.get("event")
         t = e.get("t")
         if event == "consent-applied":
-            for g in e.get("grants") or []:
+            listed = e.get("grants")
+            for g in listed if isinstance(listed, list) else []:
                 if not isinstance(g, Mapping) or not isinstance(g.get("id"), str):
                     continue
                 rec = grant_rec(g["id"])
                 if rec["granted_at"] is None or rec["stopped_at"] is not None:
                     rec["granted_at"], rec["granted_in_version"] = t, e.get("ver")
                     rec["stopped_at"] = rec["stop_reason"] = None  # granted again after a stop
-                rec["scopes"] = [s for s in g.get("scopes") or [] if isinstance(s, str)]
+                scopes = g.get("scopes")
+                rec["scopes"] = [s for s in scopes if isinstance(s, str)] if isinstance(scopes, list) else []
                 for k in ("controller", "purpose"):
                     if isinstance(g.get(k), str):
                         rec[k] = g[k]
@@ -119,7 +114,8 @@ def build_report(
                                    "batches": e.get("batches_deleted", 0), "at": t, "key_destroyed": True})
         elif event == "retention-delete" and isinstance(e.get("grant"), str):
             rec = grant_rec(e["grant"])
-            rec["_retention_audit"] += int(e.get("batches_deleted") or 0)
+            n = e.get("batches_deleted")
+            rec["_retention_audit"] += n if type(n) is int and n > 0 else 0  # a damaged entry counts nothing
             rec["_retention_last"] = t
 
     in_force = {g["id"]: g for g in consent.grants} if consent else {}
@@ -156,14 +152,16 @@ def build_report(
             "last": _counter(counters, f"last_sent:{gid}"),
         }
         held = outbox.get(gid, {})
+        counted = (rule_counts or {}).get(gid, {})
         out_grants.append({
             **rec,
             "status": status,
             "limits": (g or {}).get("limits", {}),
             "retention_s": (g or {}).get("retention_s"),
             "sent": sent,
-            "scopes": [{"scope": s, "label": SCOPE_LABELS.get(s, s), "samples_sent": per_scope[s]}
-                       for s in rec["scopes"]],
+            "scopes": [_scope_rec(s, per_scope[s], counted.get(s)) for s in rec["scopes"]],
+            "collect": list((g or {}).get("collect", [])),
+            "receives": list((g or {}).get("receives", [])),
             "held_on_device": {"batches": int(held.get("rows", 0)), "bytes": int(held.get("bytes", 0))},
         })
     return {
@@ -179,13 +177,23 @@ def build_report(
     }
 
 
+def _scope_rec(scope: str, sent: int | None, counted: Mapping[str, int] | None) -> dict[str, Any]:
+    """One scope's line: samples sent, and for a grant with rules, decoded / let through / share kept back."""
+    decoded = int(counted.get("decoded", 0)) if counted else None
+    after = int(counted.get("after_rules", 0)) if counted else None
+    kept_back = round(1 - after / decoded, 4) if decoded and after is not None else None
+    return {"scope": scope, "label": SCOPE_LABELS.get(scope, scope), "samples_sent": sent,
+            "samples_decoded": decoded, "samples_after_rules": after, "kept_back_by_rules": kept_back}
+
+
 def collect(config_path: str | Path) -> dict[str, Any]:
     """Read a state directory (works while `vgw run` runs) and build the report. Raises VgwError."""
-    from agent.config import load_config
-    from agent.stateview import read_state
+    from vgw.config import load_config
+    from vgw.stateview import read_state
 
     cfg = load_config(config_path)
     state = read_state(cfg)
+    rule_counts = _status_rule_counts(cfg.state_dir)
     verdict = state.audit.verify()
     consent = state.manager.in_force
     view = None
@@ -195,16 +203,29 @@ def collect(config_path: str | Path) -> dict[str, Any]:
                            grants=tuple(summary["grants"]))  # type: ignore[arg-type]
     problem = None if verdict.ok else f"line {verdict.first_bad}: {verdict.reason}"
     return build_report(device=cfg.device.id, entries=state.audit.entries(), counters=state.counters,
-                        outbox=state.outbox_stats, consent=view, audit_ok=verdict.ok, audit_problem=problem)
+                        outbox=state.outbox_stats, consent=view, audit_ok=verdict.ok, audit_problem=problem,
+                        rule_counts=rule_counts)
+
+
+def _status_rule_counts(state_dir: Path) -> dict[str, Any]:
+    """The rule counters of the running (or last) agent's status file; {} when there are none."""
+    import json
+
+    from vgw.runtime import STATUS_FILE
+
+    try:
+        counts = json.loads((state_dir / STATUS_FILE).read_text()).get("collect")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return counts if isinstance(counts, dict) else {}
 
 
 # ---------------------------------------------------------------- formatting
 
 
 def _when(t: Any) -> str:
-    if not isinstance(t, int | float) or isinstance(t, bool):
-        return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+    # The audit log and counters are files: a damaged one may hold any number (2**63, NaN); never a traceback.
+    return utc_text(t)
 
 
 def _num(v: Any) -> str:
@@ -221,6 +242,11 @@ def _duration(s: Any) -> str:
     return f"{s} s"
 
 
+def _share(v: Any) -> str:
+    # Two decimals: 1 - 12/36000 must read 99.97%, not a rounded "100.0%" that would claim nothing was sent.
+    return "-" if not isinstance(v, int | float) else f"{100 * v:.2f}%"
+
+
 def render_text(report: Mapping[str, Any]) -> str:
     lines = [f"privacy report for {report['device']}, generated {_when(report['generated'])}"]
     audit = report["audit"]
@@ -235,7 +261,14 @@ def render_text(report: Mapping[str, Any]) -> str:
         lines.append(f"  sent: {_num(s['batches'])} batch(es), {_num(s['samples'])} sample(s); first "
                      f"{_when(s['first'])}, last {_when(s['last'])}")
         for sc in g["scopes"]:
-            lines.append(f"    {sc['scope']:<18} {_num(sc['samples_sent'])} sample(s)")
+            line = f"    {sc['scope']:<18} {_num(sc['samples_sent'])} sample(s)"
+            if sc.get("samples_decoded") is not None:
+                line += (f"; decoded {sc['samples_decoded']}, let through by the rules {sc['samples_after_rules']}"
+                         f" ({_share(sc['kept_back_by_rules'])} kept back in the car)")
+            lines.append(line)
+        if g.get("receives"):
+            lines.append("  what it receives:")
+            lines += [f"    {r}" for r in g["receives"]]
         for d in g["deleted"]:
             lines.append(f"  deleted by {d['reason']}: {d['batches']} batch(es)"
                          + (f" at {_when(d['at'])}" if d.get("at") else "")
@@ -260,6 +293,13 @@ th{background:#eee}caption{text-align:left;font-weight:600;padding:.25rem 0}
 dl{display:grid;grid-template-columns:max-content 1fr;gap:.2rem 1rem}dt{font-weight:600}dd{margin:0}
 @media print{body{margin:0}}
 """
+
+
+def _kept_back(sc: Mapping[str, Any]) -> str:
+    if sc.get("samples_decoded") is None:
+        return "no rule: every reading (within the limits)"
+    return (f"{_share(sc['kept_back_by_rules'])} of {sc['samples_decoded']} readings "
+            "(counted since the agent last started)")
 
 
 def render_html(report: Mapping[str, Any]) -> str:
@@ -326,10 +366,17 @@ def render_html(report: Mapping[str, Any]) -> str:
         held = g["held_on_device"]
         out.append(f"<dt>Waiting in the car</dt><dd>{held['batches']} encrypted messages</dd>")
         out.append("</dl>")
+        if g.get("receives"):
+            out.append(f"<p>What {e(who)} receives, decided in the car before anything is sent:</p><ul>")
+            out += [f"<li>{e(r)}</li>" for r in g["receives"]]
+            out.append("</ul>")
+        ruled = any(sc.get("samples_decoded") is not None for sc in g["scopes"])
         out.append("<table>")
         out.append(f"<caption>What {e(who)} may read, and how much of it left the car</caption>")
         out.append('<thead><tr><th scope="col">Kind of data</th><th scope="col">Readings sent</th>'
-                   '<th scope="col">Limits applied in the car</th></tr></thead><tbody>')
+                   '<th scope="col">Limits applied in the car</th>'
+                   + ('<th scope="col">Kept back in the car by the collection rules</th>' if ruled else "")
+                   + "</tr></thead><tbody>")
         for sc in g["scopes"]:
             lim = (g.get("limits") or {}).get(sc["scope"], {})
             parts = []
@@ -339,7 +386,8 @@ def render_html(report: Mapping[str, Any]) -> str:
             if lim.get("precision_m"):
                 parts.append(f"position rounded to {float(lim['precision_m']):g} m")
             out.append(f'<tr><th scope="row">{e(sc["label"])} <small>(<code>{e(sc["scope"])}</code>)</small></th>'
-                       f"<td>{e(_num(sc['samples_sent']))}</td><td>{e('; '.join(parts) or '-')}</td></tr>")
+                       f"<td>{e(_num(sc['samples_sent']))}</td><td>{e('; '.join(parts) or '-')}</td>"
+                       + (f"<td>{e(_kept_back(sc))}</td>" if ruled else "") + "</tr>")
         out.append("</tbody></table>")
         if g["deleted"]:
             out.append("<table>")

@@ -41,28 +41,30 @@ from pathlib import Path
 from typing import Any
 
 import can
-
-from agent.audit import AuditLog
-from agent.catalogue import Catalogue, load_catalogue
-from agent.config import Config
-from agent.consent.intake import ConsentIntake
-from agent.consent.manager import ConsentManager, load_trust_keys
-from agent.consent.store import ConsentStore
-from agent.crypto.envelope import batch_plaintext, load_recipient_key, seal
-from agent.crypto.keys import load_or_create_storage_key
-from agent.crypto.receipts import ReceiptSigner
-from agent.errors import SourceError, SourceFrameError, SourceReadError, StorageError, VgwError
-from agent.fsutil import atomic_write, ensure_private_dir
-from agent.outbox import GrantNotActive, Outbox, OutboxUnwritable, open_checked
-from agent.pipeline.router import GrantBatch, Pipeline
-from agent.sdnotify import notify, watchdog_interval
-from agent.uplink import Uplink
+from vgw.audit import AuditLog
+from vgw.catalogue import Catalogue, load_catalogue
+from vgw.config import Config
+from vgw.consent.intake import ConsentIntake
+from vgw.consent.manager import ConsentManager, load_trust_keys
+from vgw.consent.narrowing import terms_digest
+from vgw.consent.store import ConsentStore
+from vgw.crypto.envelope import batch_plaintext, load_recipient_key, seal
+from vgw.crypto.keys import load_or_create_storage_key
+from vgw.crypto.receipts import ReceiptSigner
+from vgw.errors import SourceError, SourceFrameError, SourceReadError, StorageError, VgwError
+from vgw.fsutil import atomic_write, ensure_private_dir
+from vgw.j1939.request import Requester
+from vgw.outbox import GrantNotActive, Outbox, OutboxUnwritable, open_checked
+from vgw.pipeline.router import GrantBatch, Pipeline
+from vgw.sdnotify import notify, watchdog_interval
+from vgw.sources.canbus import BusSource
+from vgw.uplink import Uplink
 
 log = logging.getLogger("vgw.agent")
 
 STATUS_FILE = "status.json"
 RECOVERED_AFTER_STORES = 3  # consecutive stored batches before a storage fault counts as over
-LOCK_FILE = "agent.lock"
+LOCK_FILE = "vgw.lock"
 OUTBOX_FILE = "outbox.sqlite"
 QUOTA_AUDIT_EVERY_S = 60.0  # at most one quota-drop audit entry per grant per minute (the counter is exact)
 INTAKE_ROUNDS = 8  # consent intake emptied at most this often per main-loop turn
@@ -80,7 +82,11 @@ class AgentLock:
         self._fd: int | None = None
 
     def acquire(self) -> bool:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            # O_NOFOLLOW: a link planted here must never make us truncate its target (docs/guarantees.md).
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        except OSError as exc:
+            raise StorageError(f"{self.path}: cannot open the agent lock: {exc.strerror}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -148,7 +154,7 @@ class Agent:
         # Which scope each path belongs to: counted per batch for the privacy report (counts, never values).
         self._scope_of: dict[str, str] = self.catalogue.scope_of_path() if self.catalogue else {}
         if cfg.obd is not None:
-            from agent.obd.pids import DTC_PATH, PENDING_DTC_PATH, PIDS, VIN_PATH
+            from vgw.obd.pids import DTC_PATH, PENDING_DTC_PATH, PIDS, VIN_PATH
 
             self._scope_of.update({p.path: p.scope for p in PIDS})
             self._scope_of.update({VIN_PATH: "read_vin", DTC_PATH: "read_diagnostics",
@@ -254,7 +260,8 @@ class Agent:
 
             def make(seq: int, _s: list[dict[str, Any]] = samples, _g: str = grant.id, _k: str = kem,
                      _r: Any = recipient) -> bytes:
-                return seal(_k, _r, self.device, _g, batch_plaintext(self.device, _g, seq, _s))
+                return seal(_k, _r, self.device, _g, batch_plaintext(self.device, _g, seq, _s,
+                                                                     epoch=self.outbox.epoch))
 
             per_scope: dict[str, int] = {}
             for sample in samples:
@@ -262,7 +269,8 @@ class Agent:
                 per_scope[scope] = per_scope.get(scope, 0) + 1
             try:
                 committed = self.outbox.commit_batch(grant.id, make, batch.first_t, len(samples),
-                                                     quota_bytes=self.cfg.outbox.quota_bytes, scopes=per_scope)
+                                                     quota_bytes=self.cfg.outbox.quota_bytes, scopes=per_scope,
+                                                     terms=terms_digest(grant))
             except GrantNotActive:
                 self.counters["batches_discarded"] += 1
             except StorageError as exc:
@@ -326,9 +334,12 @@ class Agent:
         """The collector thread: open the source, read, route, flush; reopen on failure. Never ends on one bad
         frame or one failing session: only stop, or the end of a finite trace, ends it."""
         assert self.cfg.can is not None and self.pipeline is not None
-        from agent.sources import open_source
+        from vgw.sources import open_source
 
         can_cfg = self.cfg.can
+        # README "SAE J1939": requests (PGN 59904) only when the config allows them; rate-limited across reopens.
+        requester = Requester(can_cfg.j1939_address) if can_cfg.j1939_requests and \
+            can_cfg.j1939_address is not None else None
         while not self._stop.is_set():
             self._collector_beat = time.monotonic()
             try:
@@ -342,7 +353,7 @@ class Agent:
             try:
                 with self._lock:
                     self._install_filters()
-                if self._read_source(source):
+                if self._read_source(source, requester):
                     return
             except SourceError as exc:
                 self.counters["source_errors"] += 1
@@ -367,8 +378,9 @@ class Agent:
                 return
             self._stop.wait(min(1.0, deadline - now))
 
-    def _read_source(self, source: Any) -> bool:
-        """Read ``source`` until stop (False) or the end of a finite trace (True, everything flushed).
+    def _read_source(self, source: Any, requester: Requester | None = None) -> bool:
+        """Read ``source`` until stop (False) or the end of a finite trace (True, everything flushed); send the
+        J1939 requests ``requester`` says are due (README "SAE J1939").
 
         Raises SourceReadError when the source fails or sends BAD_FRAMES_REOPEN malformed frames in a row.
         """
@@ -420,6 +432,10 @@ class Agent:
                     if due:
                         self._flush(due)
                     next_full_check = 0
+                    requests = requester.due(now, pipeline.granted_scopes()) if requester else ()
+                if requests and isinstance(source, BusSource):
+                    for can_id, data in requests:
+                        source.send_j1939_request(can_id, data)
             if source.finished:
                 with lock:
                     self._flush(pipeline.due(1, 0, force=True))
@@ -457,7 +473,7 @@ class Agent:
                 self._flush(due)
 
     def _start_obd(self) -> None:
-        from agent.obd.poller import ObdPoller  # built by the OBD-II issue
+        from vgw.obd.poller import ObdPoller  # built by the OBD-II issue
 
         assert self.cfg.obd is not None
         self._obd = ObdPoller(self.cfg.obd, wanted_scopes=self.granted_scopes, sink=self.offer_samples,
@@ -502,6 +518,7 @@ class Agent:
             "last_publish": self.uplink.last_publish,
             "consent_version": consent.ver if consent else None,
             "consent_expired": self.manager.expired,
+            "collect": self.pipeline.rule_counts(),  # CONTRACT §5.1 rules: decoded vs let through, per grant/scope
             "published": {"batches": self.uplink.published_batches, "receipts": self.uplink.published_receipts},
             "storage": {"ok": self.storage_error is None, "error": self.storage_error},
             "health": {"ok": self.health_problem is None, "problem": self.health_problem},
@@ -581,6 +598,7 @@ class Agent:
             if now - last_retention >= 5.0:
                 last_retention = now
                 self._guarded(self._retention)
+                self._guarded(self.manager.finish_pending_erasures)
             self._audit_quota_drops()
             if now - last_status >= 0.5:
                 last_status = now

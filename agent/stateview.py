@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from agent.audit import AuditLog
-from agent.config import Config
-from agent.consent.manager import ConsentManager, load_trust_keys
-from agent.runtime import open_state
+from vgw.audit import AuditLog
+from vgw.config import Config
+from vgw.consent.manager import ConsentManager, load_trust_keys
+from vgw.runtime import open_state
 
 
 @dataclass(frozen=True)
@@ -26,8 +26,8 @@ class StateView:
 def read_state(cfg: Config) -> StateView:
     """Load the cached consent of ``cfg``'s device (re-verified, read-only) and read the outbox's figures.
 
-    Raises :class:`~agent.errors.ConfigError` for an unreadable trust key or device key and
-    :class:`~agent.errors.StorageError` for the storage key or the outbox.
+    Raises :class:`~vgw.errors.ConfigError` for an unreadable trust key or device key and
+    :class:`~vgw.errors.StorageError` for the storage key or the outbox.
     """
     outbox, audit, store, signer = open_state(cfg)
     try:

@@ -9,7 +9,7 @@ outbox, not paho, is the only store of unsent data.
 Memory is bounded: paho's queue holds at most ``max_inflight`` + a few messages (``max_queued_messages``;
 a refused publish is counted in ``queue_full`` and retried from the outbox), the event deque only ever holds
 connection events, PUBACKs of the bounded in-flight window and oversized-message notices, and consent
-messages go straight to the runtime's bounded intake (agent.consent.intake). No packet larger than
+messages go straight to the runtime's bounded intake (vgw.consent.intake). No packet larger than
 ``MAX_PACKET_BYTES`` is ever buffered: MQTT 5 announces it as the Maximum Packet Size in CONNECT, and for
 both protocols the TLS socket drops an oversized PUBLISH's payload as it is read (agent.packetguard).
 
@@ -39,12 +39,12 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-
-from agent.config import MqttConfig
-from agent.consent.verifier import MAX_DOCUMENT_BYTES
-from agent.errors import StorageError
-from agent.outbox import Outbox
-from agent.packetguard import guard_context
+from vgw.config import MqttConfig
+from vgw.consent.verifier import MAX_DOCUMENT_BYTES
+from vgw.errors import ConfigError, StorageError
+from vgw.fsutil import MAX_KEY_BYTES, read_small_file
+from vgw.outbox import Outbox
+from vgw.packetguard import guard_context
 
 log = logging.getLogger("vgw.uplink")
 
@@ -56,6 +56,9 @@ MAX_PACKET_BYTES = MAX_DOCUMENT_BYTES + 1024
 
 
 def tls_context(cfg: MqttConfig) -> ssl.SSLContext:
+    """Raises ConfigError for a TLS file that is not a regular file of sane size (a FIFO would hang ssl)."""
+    for what, path in (("CA file", cfg.ca_file), ("client certificate", cfg.cert_file), ("client key", cfg.key_file)):
+        read_small_file(path, what=what, max_bytes=MAX_KEY_BYTES, error=ConfigError)
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cfg.ca_file))
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.check_hostname = True
@@ -209,6 +212,9 @@ class Uplink:
                                properties=props)
             else:
                 client.connect(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
+        except ConfigError as exc:  # a TLS file that is not a regular file of sane size (tls_context)
+            self._fail(str(exc))
+            return None
         except ssl.SSLCertVerificationError as exc:
             self._fail(f"TLS certificate rejected: {exc.verify_message}")
             return None
@@ -422,4 +428,4 @@ class Uplink:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         if message.topic == self.topic_consent and message.payload:
-            self.on_consent(bytes(message.payload))  # the bounded consent intake (agent.consent.intake)
+            self.on_consent(bytes(message.payload))  # the bounded consent intake (vgw.consent.intake)

@@ -24,11 +24,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from simulators.server import START_TIMEOUT as _START_TIMEOUT
-from simulators.server import ServerProcess
+from vgw.simulators.server import START_TIMEOUT as _START_TIMEOUT
+from vgw.simulators.server import ServerProcess
 
 if TYPE_CHECKING:
-    from simulators.pki import TestPKI
+    from vgw.simulators.pki import TestPKI
 
 __all__ = [
     "BrokerError",
@@ -188,7 +188,7 @@ class Mosquitto(ServerProcess):
 
     def _write_config(self, port: int) -> None:
         lines = [
-            "# written by simulators.broker for a private test broker",
+            "# written by vgw.simulators.broker for a private test broker",
             "per_listener_settings false",
             "allow_anonymous false",
             f"listener {port} {self.host}",

@@ -1,6 +1,6 @@
 """CAN simulator: the vehicle model encoded with a DBC, at each message's cycle time.
 
-:class:`CanSimulator` turns :class:`~simulators.vehicle.VehicleModel` states into ``can.Message`` objects
+:class:`CanSimulator` turns :class:`~vgw.simulators.vehicle.VehicleModel` states into ``can.Message`` objects
 with cantools, each message at its ``GenMsgCycleTime`` (multiplexed messages cycle through their
 multiplexer values, one per transmission). Three ways to consume them:
 
@@ -10,11 +10,11 @@ multiplexer values, one per transmission). Three ways to consume them:
 - :meth:`CanSimulator.record`: write a trace (candump ``.log``, or any format ``can.Logger`` knows).
 
 :func:`open_output` opens the buses by name: python-can ``virtual``, ``socketcan`` (vcan0/can0 where the
-kernel has them) and ``slcan`` (an SLCAN adapter on a pseudo-terminal, :mod:`simulators.slcan_pty`).
+kernel has them) and ``slcan`` (an SLCAN adapter on a pseudo-terminal, :mod:`vgw.simulators.slcan_pty`).
 
-Errors: :class:`~agent.errors.ConfigError` for a missing or invalid DBC, an unknown message name or an
-unwritable trace; :class:`~agent.errors.SourceOpenError` when a bus cannot be opened;
-:class:`~agent.errors.SourceError` when an open bus rejects every frame.
+Errors: :class:`~vgw.errors.ConfigError` for a missing or invalid DBC, an unknown message name or an
+unwritable trace; :class:`~vgw.errors.SourceOpenError` when a bus cannot be opened;
+:class:`~vgw.errors.SourceError` when an open bus rejects every frame.
 """
 
 from __future__ import annotations
@@ -33,10 +33,9 @@ from typing import Any
 import can
 import cantools
 from cantools.database.can import Database, Message
-
-from agent.errors import ConfigError, SourceError, SourceOpenError
-from simulators.paths import default_dbc
-from simulators.vehicle import VehicleModel, VehicleState
+from vgw.errors import ConfigError, SourceError, SourceOpenError
+from vgw.simulators.paths import default_dbc
+from vgw.simulators.vehicle import VehicleModel, VehicleState
 
 INTERFACES = ("virtual", "socketcan", "slcan")
 DEFAULT_CHANNEL = "vcan0"
@@ -137,6 +136,7 @@ class _Scheduled:
     plans: tuple[_Plan, ...]
     arbitration_id: int
     is_extended_id: bool
+    is_fd: bool = False  # a CAN FD frame (DBC VFrameFormat *_CAN_FD, or more than 8 data bytes)
     next_plan: int = 0
 
 
@@ -227,8 +227,14 @@ class CanSimulator:
                     plans=_plans(msg, _default_value),
                     arbitration_id=msg.frame_id,
                     is_extended_id=msg.is_extended_frame,
+                    is_fd=bool(msg.is_fd) or msg.length > 8,
                 )
             )
+
+    @property
+    def has_fd(self) -> bool:
+        """True if any message this simulator sends is a CAN FD frame."""
+        return any(s.is_fd for s in self._schedule)
 
     @property
     def messages(self) -> list[Message]:
@@ -300,6 +306,8 @@ class CanSimulator:
                 data=payload,
                 channel=channel,
                 is_rx=False,
+                is_fd=item.is_fd,
+                bitrate_switch=item.is_fd,
                 check=False,
             )
 
@@ -378,7 +386,9 @@ class CanSimulator:
                         ident = (
                             f"{msg.arbitration_id:08X}" if msg.is_extended_id else f"{msg.arbitration_id:03X}"
                         )
-                        lines.append(f"({msg.timestamp:.6f}) {channel} {ident}#{msg.data.hex().upper()}\n")
+                        # candump -L: CAN FD frames as ID##<flags nibble><data> (flag 1 = bitrate switch).
+                        sep = f"##{1 if msg.bitrate_switch else 0}" if msg.is_fd else "#"
+                        lines.append(f"({msg.timestamp:.6f}) {channel} {ident}{sep}{msg.data.hex().upper()}\n")
                         if len(lines) >= flush_every:
                             fh.writelines(lines)
                             count += len(lines)
@@ -413,10 +423,12 @@ def socketcan_available(channel: str) -> bool:
     return os.path.exists(f"/sys/class/net/{channel}")
 
 
-def open_output(interface: str, channel: str | None = None, bitrate: int | None = None, *, ptys: int = 1,
-                links: tuple[str, ...] = ()) -> can.BusABC:
+def open_output(interface: str, channel: str | None = None, bitrate: int | None = None, *,
+                fd: bool = False, ptys: int = 1, links: tuple[str, ...] = ()) -> can.BusABC:
     """Open the simulator's output bus by name: ``virtual``, ``socketcan`` or ``slcan`` (pty).
 
+    ``fd`` opens it for CAN FD frames (SocketCAN: the socket takes CANFD_MTU frames; the interface itself
+    must be up with ``fd on``).
     For ``slcan`` the channel is ignored: a new pseudo-terminal is created; its path is the bus's
     ``path`` attribute. With ``ptys`` > 1 or ``links`` it is a group of adapters on one bus
     (:class:`~simulators.slcan_pty.SlcanPtyGroup`, paths in ``paths``). Raises :class:`ConfigError` for an
@@ -427,7 +439,8 @@ def open_output(interface: str, channel: str | None = None, bitrate: int | None 
     channel = channel or DEFAULT_CHANNEL
     try:
         if interface == "virtual":
-            return can.Bus(interface="virtual", channel=channel, receive_own_messages=False)
+            protocol = can.CanProtocol.CAN_FD if fd else can.CanProtocol.CAN_20
+            return can.Bus(interface="virtual", channel=channel, receive_own_messages=False, protocol=protocol)
         if interface == "socketcan":
             if not socketcan_available(channel):
                 raise SourceOpenError(
@@ -435,8 +448,10 @@ def open_output(interface: str, channel: str | None = None, bitrate: int | None 
                     f"ip link add dev {channel} type vcan; ip link set up {channel})"
                 )
             kwargs: dict[str, Any] = {"bitrate": bitrate} if bitrate else {}
+            if fd:
+                kwargs["fd"] = True
             return can.Bus(interface="socketcan", channel=channel, **kwargs)
-        from simulators.slcan_pty import SlcanPtyBus, SlcanPtyGroup
+        from vgw.simulators.slcan_pty import SlcanPtyBus, SlcanPtyGroup
 
         if ptys > 1 or links:
             return SlcanPtyGroup(ptys, links)

@@ -1,16 +1,16 @@
 """The reference cloud peer: the cloud side of CONTRACT §4-§7, for the demo and the tests.
 
 The peer's jobs live in four modules; this one re-exports every public name of the other three, so
-``from simulators.cloud import ...`` keeps working for all of them:
+``from vgw.simulators.cloud import ...`` keeps working for all of them:
 
-- :mod:`simulators.consent_authority` (offline, usable by ``vgw cloud``): :class:`SigningKey` (Ed25519; make
+- :mod:`vgw.simulators.consent_authority` (offline, usable by ``vgw cloud``): :class:`SigningKey` (Ed25519; make
   several for rotation), :class:`RecipientKey` (HPKE X25519, or ``MLKEM768-X25519`` as an extension beyond
   §5), :func:`consent_claims`, :func:`grant`, :func:`sign_consent` (compact JWS, ``alg`` EdDSA, ``typ``
   ``vgw-consent+jwt``, §5);
-- :mod:`simulators.envelopes` (offline): :func:`seal_envelope` / :func:`open_envelope` (the §6 telemetry
+- :mod:`vgw.simulators.envelopes` (offline): :func:`seal_envelope` / :func:`open_envelope` (the §6 telemetry
   envelope) and :func:`verify_receipt` (§7);
-- :mod:`simulators.cloud_records` (no I/O): the records and :class:`~simulators.cloud_records.CloudRecorder`,
-  which opens, de-duplicates (by seq, gaps found) and verifies what arrives;
+- :mod:`vgw.simulators.cloud_records` (no I/O): the records and :class:`~vgw.simulators.cloud_records.CloudRecorder`,
+  which opens, de-duplicates (by epoch and seq, gaps found) and verifies what arrives;
 - here, the online part: :class:`CloudPeer`, an MQTT v5 client over mutual TLS (>= 1.2) that publishes
   retained consent and feeds a recorder with telemetry, receipts and status. paho stays a private member;
   its callbacks only decode and record under one lock; no paho type leaves this module.
@@ -34,9 +34,8 @@ from typing import TYPE_CHECKING, Any
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
-
-from agent.errors import UplinkError
-from simulators.cloud_records import (
+from vgw.errors import UplinkError
+from vgw.simulators.cloud_records import (
     BadReceipt,
     CloudRecorder,
     Receipt,
@@ -44,7 +43,7 @@ from simulators.cloud_records import (
     ReceivedSample,
     RejectedMessage,
 )
-from simulators.consent_authority import (
+from vgw.simulators.consent_authority import (
     CONSENT_TYP,
     HpkePrivateKey,
     HpkePublicKey,
@@ -57,7 +56,7 @@ from simulators.consent_authority import (
     recipient_public_key,
     sign_consent,
 )
-from simulators.envelopes import (
+from vgw.simulators.envelopes import (
     ENVELOPE_VERSION,
     MAX_PLAINTEXT,
     RECEIPT_LEEWAY_S,
@@ -68,11 +67,11 @@ from simulators.envelopes import (
     seal_envelope,
     verify_receipt,
 )
-from simulators.mqttclient import make_client, tls_context
+from vgw.simulators.mqttclient import make_client, tls_context
 
 if TYPE_CHECKING:
-    from simulators.broker import Mosquitto
-    from simulators.pki import TestPKI
+    from vgw.simulators.broker import Mosquitto
+    from vgw.simulators.pki import TestPKI
 
 __all__ = [
     "CONSENT_TYP",
@@ -167,7 +166,7 @@ class CloudPeer(CloudRecorder):
 
     @classmethod
     def for_broker(cls, broker: Mosquitto, pki: TestPKI, **kwargs: Any) -> CloudPeer:
-        """A peer for a :class:`~simulators.broker.Mosquitto` with ``pki``'s CA and cloud certificate."""
+        """A peer for a :class:`~vgw.simulators.broker.Mosquitto` with ``pki``'s CA and cloud certificate."""
         return cls(
             broker.host,
             broker.port,
@@ -182,7 +181,7 @@ class CloudPeer(CloudRecorder):
     def connect(self, timeout: float = 10.0) -> None:
         """Connect, subscribe, and return once the broker acknowledged the subscriptions.
 
-        Raises :class:`~agent.errors.UplinkError` if TLS or MQTT refuse or ``timeout`` passes,
+        Raises :class:`~vgw.errors.UplinkError` if TLS or MQTT refuse or ``timeout`` passes,
         ``RuntimeError`` if already connected or closed.
         """
         if self._closed or self._started:
@@ -266,7 +265,7 @@ class CloudPeer(CloudRecorder):
     def publish_consent(self, device: str, jws: str | bytes, *, timeout: float = 10.0) -> None:
         """Publish a consent document to ``<prefix>/<device>/consent`` (QoS 1, retained) and await PUBACK.
 
-        Raises :class:`~agent.errors.UplinkError` if not acknowledged in ``timeout`` or refused.
+        Raises :class:`~vgw.errors.UplinkError` if not acknowledged in ``timeout`` or refused.
         """
         payload = jws.encode("ascii") if isinstance(jws, str) else jws
         self._publish(f"{self.prefix}/{device}/consent", payload, timeout)

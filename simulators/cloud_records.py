@@ -4,10 +4,10 @@
   :class:`BadReceipt`;
 - :class:`CloudRecorder`: the recipient keys and device keys it opens messages with, the handling of one
   ``<prefix>/<device>/data/<grant>``, ``.../receipt`` or ``.../status`` message (envelopes opened and
-  de-duplicated by seq, receipts verified, status parsed), and the thread-safe accessors (batches, samples,
-  gaps, receipts, status, summary). :class:`~simulators.cloud.CloudPeer` is this recorder fed by MQTT.
+  de-duplicated by (epoch, seq), receipts verified, status parsed), and the thread-safe accessors (batches, samples,
+  gaps, receipts, status, summary). :class:`~vgw.simulators.cloud.CloudPeer` is this recorder fed by MQTT.
 
-:mod:`simulators.cloud` re-exports the record types.
+:mod:`vgw.simulators.cloud` re-exports the record types.
 """
 
 from __future__ import annotations
@@ -21,10 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
-
-from simulators.consent_authority import HpkePrivateKey, RecipientKey
-from simulators.envelopes import EnvelopeError, ReceiptError, open_envelope, verify_receipt
-from simulators.pki import device_public_key_from_cert
+from vgw.simulators.consent_authority import HpkePrivateKey, RecipientKey
+from vgw.simulators.envelopes import EnvelopeError, ReceiptError, open_envelope, verify_receipt
+from vgw.simulators.pki import device_public_key_from_cert
 
 __all__ = [
     "BadReceipt",
@@ -49,6 +48,7 @@ class ReceivedBatch:
     samples: tuple[dict[str, Any], ...]
     arrived: float
     size: int
+    epoch: str = ""  # the outbox epoch (§6): (epoch, seq) identifies a batch, seq alone does not
 
 
 @dataclass(frozen=True)
@@ -100,13 +100,14 @@ class BadReceipt:
 
 @dataclass
 class _Stream:
-    seen: set[int] = field(default_factory=set)
+    seen: set[tuple[str, int]] = field(default_factory=set)  # (epoch, seq)
     batches: list[ReceivedBatch] = field(default_factory=list)
     duplicates: int = 0
+    epoch: str = ""  # of the newest accepted batch
 
 
 class CloudRecorder:
-    """The recording half of :class:`~simulators.cloud.CloudPeer`: messages in (topic, payload, arrival time),
+    """The recording half of :class:`~vgw.simulators.cloud.CloudPeer`: messages in (topic, payload, arrival time),
     records out. Every method is thread-safe; accessors return copies.
     """
 
@@ -167,15 +168,18 @@ class CloudRecorder:
             self._record_rejected(topic, exc.reason, str(exc), arrived)
             return
         seq: int = batch["seq"]
-        record = ReceivedBatch(device, grant_id, seq, tuple(batch["samples"]), arrived, len(payload))
+        epoch: str = batch.get("epoch", "")
+        record = ReceivedBatch(device, grant_id, seq, tuple(batch["samples"]), arrived, len(payload), epoch)
         with self._cond:
             stream = self._streams.setdefault((device, grant_id), _Stream())
-            # A seq seen before is a QoS 1 re-delivery (or a replay): drop the copy (§6).
-            if seq in stream.seen:
+            # An (epoch, seq) seen before is a QoS 1 re-delivery (or a replay): drop the copy (§6). The same
+            # seq in another epoch is new data: a wiped or re-provisioned device starts again at 1.
+            if (epoch, seq) in stream.seen:
                 stream.duplicates += 1
             else:
-                stream.seen.add(seq)
+                stream.seen.add((epoch, seq))
                 stream.batches.append(record)
+                stream.epoch = epoch
             self._cond.notify_all()
 
     def _handle_receipt(self, device: str, payload: bytes, arrived: float) -> None:
@@ -269,18 +273,25 @@ class CloudRecorder:
                 if (device is None or d == device) and (grant is None or g == grant)
             )
 
-    def missing(self, device: str, grant: str, first: int = 1) -> list[int]:
-        """Seqs in ``first`` .. highest seen that never arrived (data lost). ``seq`` starts at 1 (§6)."""
+    def epochs(self, device: str, grant: str) -> list[str]:
+        """The outbox epochs of one stream, in the order they first arrived."""
+        return list(dict.fromkeys(b.epoch for b in self.batches(device, grant)))
+
+    def missing(self, device: str, grant: str, first: int = 1, *, epoch: str | None = None) -> list[int]:
+        """Seqs in ``first`` .. highest seen that never arrived (data lost). ``seq`` starts at 1 per epoch
+        (§6); ``epoch`` defaults to the one of the newest accepted batch."""
         with self._lock:
-            seen = set(self._streams[(device, grant)].seen) if (device, grant) in self._streams else set()
+            stream = self._streams.get((device, grant))
+            want = stream.epoch if stream is not None and epoch is None else epoch
+            seen = {n for e, n in stream.seen if e == want} if stream is not None else set()
         if not seen:
             return []
         return [n for n in range(first, max(seen) + 1) if n not in seen]
 
-    def gaps(self, device: str, grant: str, first: int = 1) -> list[tuple[int, int]]:
+    def gaps(self, device: str, grant: str, first: int = 1, *, epoch: str | None = None) -> list[tuple[int, int]]:
         """:meth:`missing` as inclusive ranges, e.g. ``[(4, 6)]`` when 4, 5 and 6 never arrived."""
         out: list[tuple[int, int]] = []
-        for n in self.missing(device, grant, first):
+        for n in self.missing(device, grant, first, epoch=epoch):
             if out and out[-1][1] == n - 1:
                 out[-1] = (out[-1][0], n)
             else:

@@ -1,6 +1,6 @@
 """The cloud integration kit behind ``vgw cloud``: keys, consent documents, push, revoke, listen, receipts.
 
-Everything the cloud side of CONTRACT §4-§7 needs, as small functions over :mod:`simulators.cloud`'s
+Everything the cloud side of CONTRACT §4-§7 needs, as small functions over :mod:`vgw.simulators.cloud`'s
 primitives (which stay the one implementation of JWS signing, HPKE and receipt verification):
 
 - :func:`keygen`: the consent signing key (Ed25519) and one HPKE recipient key pair per controller;
@@ -8,11 +8,11 @@ primitives (which stay the one implementation of JWS signing, HPKE and receipt v
   description; :func:`revoke_document`: the next version without some (or all) grants;
 - :func:`verify_receipt_file`.
 
-The MQTT side (:class:`~simulators.cloudlink.CloudLink`, :class:`~simulators.cloudlink.Listener`) is in
-:mod:`simulators.cloudlink`.
+The MQTT side (:class:`~vgw.simulators.cloudlink.CloudLink`, :class:`~vgw.simulators.cloudlink.Listener`) is in
+:mod:`vgw.simulators.cloudlink`.
 
 Errors: :class:`CloudKitError` (a ``ConfigError``: bad key file, description, document or option, with the
-file and field named), :class:`~agent.errors.UplinkError` (broker), :class:`~simulators.cloud.ReceiptError`.
+file and field named), :class:`~vgw.errors.UplinkError` (broker), :class:`~vgw.simulators.cloud.ReceiptError`.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, x25519
-
-from agent.errors import ConfigError
-from agent.scopes import SCOPES
-from simulators.cloud import (
+from vgw.collect.rules import RuleError, parse_rules
+from vgw.errors import ConfigError
+from vgw.scopes import SCOPES
+from vgw.simulators.cloud import (
     HpkePrivateKey,
     ReceiptError,
     RecipientKey,
@@ -41,7 +41,7 @@ from simulators.cloud import (
     sign_consent,
     verify_receipt,
 )
-from simulators.pki import device_id_from_cert, device_public_key_from_cert
+from vgw.simulators.pki import device_id_from_cert, device_public_key_from_cert
 
 __all__ = [
     "CloudKitError",
@@ -58,7 +58,7 @@ SIGNER_KEY = "consent-signer.key"
 SIGNER_PUB = "consent-signer.pub.pem"
 RECIPIENTS = "recipients"
 DEFAULT_TTL_S = 86400
-_GRANT_KEYS = {"id", "controller", "purpose", "scopes", "recipient", "limits", "retention_s"}
+_GRANT_KEYS = {"id", "controller", "purpose", "scopes", "recipient", "limits", "retention_s", "collect"}
 _TOP_KEYS = {"grant", "grants", "ttl_s", "iss", "ver", "devices"}
 
 
@@ -201,6 +201,10 @@ def load_grants(path: Path) -> dict[str, Any]:
         recipient = "keys/recipients/fleet.pub.json"   # a keygen .pub.json (relative to this file) or {kem, pk}
         retention_s = 86400                # optional
         limits = { read_location = { max_hz = 0.2, precision_m = 1000 } }   # optional
+        [[grant.collect]]                  # optional collection rules (CONTRACT §5.1), one table per rule
+        scope = "read_speedometer"
+        mode = "aggregate"
+        window_s = 60
 
     Returns ``{"grants": [...], "ttl_s": int, "iss": str, "ver": int | None, "devices": [...]}``. Every
     rule the device would apply to the grants (known scopes, unique ids, a usable recipient key) is
@@ -260,6 +264,13 @@ def load_grants(path: Path) -> dict[str, Any]:
             if not isinstance(g["retention_s"], int) or g["retention_s"] <= 0:
                 raise CloudKitError(f"{where}: retention_s must be a positive integer")
             out["retention_s"] = g["retention_s"]
+        if "collect" in g:
+            # The device's own validation (vgw.collect.rules): a rule it would reject never gets signed.
+            try:
+                parse_rules(g["collect"], scopes)
+            except RuleError as exc:
+                raise CloudKitError(f"{where}: {exc}") from None
+            out["collect"] = g["collect"]
         grants.append(out)
     ttl = data.get("ttl_s", DEFAULT_TTL_S)
     if not isinstance(ttl, int) or ttl <= 0:

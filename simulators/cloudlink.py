@@ -1,8 +1,8 @@
 """The cloud's MQTT side for ``vgw cloud``: :class:`CloudLink` (one mutual-TLS connection, MQTT 5 or 3.1.1)
 and :class:`Listener` (messages -> JSON-ready events: decrypted batches, duplicates, seq gaps, verified
-receipts, status, rejects). Keys, documents and receipt files are in :mod:`simulators.cloudkit`.
+receipts, status, rejects). Keys, documents and receipt files are in :mod:`vgw.simulators.cloudkit`.
 
-Errors: :class:`~agent.errors.UplinkError` (broker refused or silent), :class:`simulators.cloudkit.CloudKitError`
+Errors: :class:`~vgw.errors.UplinkError` (broker refused or silent), :class:`vgw.simulators.cloudkit.CloudKitError`
 (unusable TLS files or options).
 """
 
@@ -19,11 +19,10 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric import ec
-
-from agent.errors import UplinkError
-from simulators.cloud import EnvelopeError, HpkePrivateKey, ReceiptError, open_envelope, verify_receipt
-from simulators.cloudkit import CloudKitError
-from simulators.mqttclient import make_client, tls_context
+from vgw.errors import UplinkError
+from vgw.simulators.cloud import EnvelopeError, HpkePrivateKey, ReceiptError, open_envelope, verify_receipt
+from vgw.simulators.cloudkit import CloudKitError
+from vgw.simulators.mqttclient import make_client, tls_context
 
 __all__ = ["BrokerOptions", "CloudLink", "Listener"]
 
@@ -201,15 +200,16 @@ class CloudLink:
 
 @dataclass
 class _Stream:
-    seen: set[int] = field(default_factory=set)
-    high: int = 0
+    seen: set[tuple[str, int]] = field(default_factory=set)  # (epoch, seq): §6 de-duplication key
+    high: dict[str, int] = field(default_factory=dict)  # per epoch
     duplicates: int = 0
+    epoch: str = ""  # of the newest accepted batch
 
 
 class Listener:
     """Turns messages into events (dicts, one JSON line each); thread-safe.
 
-    Events: ``batch`` (decrypted), ``duplicate`` (a seq seen before: QoS 1 re-delivery, dropped), ``gap``
+    Events: ``batch`` (decrypted), ``duplicate`` (an (epoch, seq) seen before: QoS 1 re-delivery, dropped), ``gap``
     (seqs skipped: ``from``..``to``; off with ``detect_gaps=False``, e.g. for one of several ``--share``
     workers that sees only part of each stream), ``receipt`` / ``bad-receipt``, ``status``, ``rejected``.
     """
@@ -276,23 +276,28 @@ class Listener:
                        "detail": str(last) if last else "no recipient key", "arrived": arrived})
             return
         seq: int = batch["seq"]
+        epoch: str = batch.get("epoch", "")
         events: list[dict[str, Any]] = []
         with self._lock:
             st = self._streams.setdefault((device, grant), _Stream())
-            if seq in st.seen:
+            # De-duplicate on (epoch, seq) (§6): a wiped or re-provisioned device starts a new epoch at seq 1,
+            # which is new data, not a re-delivery.
+            if (epoch, seq) in st.seen:
                 st.duplicates += 1
-                events.append({"type": "duplicate", "device": device, "grant": grant, "seq": seq,
+                events.append({"type": "duplicate", "device": device, "grant": grant, "epoch": epoch, "seq": seq,
                                "arrived": arrived})
             else:
                 # A first-seen seq above high + 1 means seqs in between were lost (or are late). The first
-                # message of a stream only counts from 1 when seq restarts there: a listener started
+                # message of an epoch only counts from 1 when seq restarts there: a listener started
                 # mid-stream has not "lost" the history it never subscribed to.
-                if self.detect_gaps and st.high and seq > st.high + 1:
-                    events.append({"type": "gap", "device": device, "grant": grant, "from": st.high + 1,
-                                   "to": seq - 1, "arrived": arrived})
-                st.seen.add(seq)
-                st.high = max(st.high, seq)
-                events.append({"type": "batch", "device": device, "grant": grant, "seq": seq,
+                high = st.high.get(epoch, 0)
+                if self.detect_gaps and high and seq > high + 1:
+                    events.append({"type": "gap", "device": device, "grant": grant, "epoch": epoch,
+                                   "from": high + 1, "to": seq - 1, "arrived": arrived})
+                st.seen.add((epoch, seq))
+                st.high[epoch] = max(high, seq)
+                st.epoch = epoch
+                events.append({"type": "batch", "device": device, "grant": grant, "epoch": epoch, "seq": seq,
                                "samples": batch["samples"], "arrived": arrived, "bytes": len(payload)})
         for e in events:
             self._out(e)
@@ -321,18 +326,22 @@ class Listener:
         self._out({"type": "status", "device": device, "status": status, "arrived": arrived})
 
     def summary(self) -> dict[str, Any]:
-        """Per stream: batches, duplicates, first and highest seq, missing ranges (if gap detection is on)."""
+        """Per stream: batches, duplicates, epochs, and for the newest epoch its first and highest seq and
+        missing ranges (if gap detection is on)."""
         with self._lock:
             streams = {}
             for (d, g), st in sorted(self._streams.items()):
-                lo = min(st.seen) if st.seen else 0
-                missing = [n for n in range(lo, st.high + 1) if n not in st.seen]
+                seqs = {n for e, n in st.seen if e == st.epoch}
+                lo = min(seqs) if seqs else 0
+                high = st.high.get(st.epoch, 0)
+                missing = [n for n in range(lo, high + 1) if n not in seqs]
                 ranges: list[list[int]] = []
                 for n in missing:
                     if ranges and ranges[-1][1] == n - 1:
                         ranges[-1][1] = n
                     else:
                         ranges.append([n, n])
-                streams[f"{d}/{g}"] = {"batches": len(st.seen), "duplicates": st.duplicates, "first": lo,
-                                       "high": st.high, **({"missing": ranges} if self.detect_gaps else {})}
+                streams[f"{d}/{g}"] = {"batches": len(st.seen), "duplicates": st.duplicates,
+                                       "epochs": len(st.high), "epoch": st.epoch, "first": lo, "high": high,
+                                       **({"missing": ranges} if self.detect_gaps else {})}
             return {"streams": streams, "events": dict(self.counts)}

@@ -7,8 +7,8 @@
   EdDSA, ``typ`` ``vgw-consent+jwt``);
 - :func:`b64url` / :func:`b64url_decode`: base64url without padding (RFC 7515 §2).
 
-Sealing and opening envelopes with these keys is :mod:`simulators.envelopes`; the online peer is
-:mod:`simulators.cloud`, which re-exports every name here.
+Sealing and opening envelopes with these keys is :mod:`vgw.simulators.envelopes`; the online peer is
+:mod:`vgw.simulators.cloud`, which re-exports every name here.
 """
 
 from __future__ import annotations

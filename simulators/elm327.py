@@ -8,7 +8,7 @@ lines in, answers ending in the ``>`` prompt out. Supported:
   ``PC``, ``AT0-2``, ``STxx``, ``M0/M1``, ``CAF0/1``, ``AL``/``NL``; anything else answers ``?``.
 * OBD requests as hex (``010D``, ``010C0D05``, ``0902``, ``03``, ``07``; a trailing response-count digit is
   accepted): ``SEARCHING...`` on the first request under automatic protocol, then the answers of the
-  simulated ECUs (:mod:`simulators.obd_ecu`, values from the vehicle model) formatted for the protocol:
+  simulated ECUs (:mod:`vgw.simulators.obd_ecu`, values from the vehicle model) formatted for the protocol:
   CAN 11/29-bit (6-9) with ISO-TP frames (PCI bytes shown with headers on, ``0:``/``1:`` lines without),
   or ISO 9141-2 (3) style 3-byte headers and checksum. Error answers as a real chip prints them:
   ``NO DATA``, ``CAN ERROR``, ``UNABLE TO CONNECT``, ``BUS INIT: ...ERROR``, ``?``.
@@ -38,8 +38,8 @@ import tty
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from agent.obd.elm327 import PROTOCOL_NAMES
-from simulators.obd_ecu import ObdEcus, VehicleLike
+from vgw.obd.elm327 import PROTOCOL_NAMES
+from vgw.simulators.obd_ecu import ObdEcus, VehicleLike
 
 IDENT = "ELM327 v1.5"
 CLONE_IDENT = "ELM327 v2.1"
@@ -64,7 +64,7 @@ _HEX = frozenset("0123456789ABCDEF")
 class Elm327Simulator:
     """One simulated adapter plugged into one simulated car.
 
-    ``model`` is the vehicle (default: a :class:`~simulators.vehicle.VehicleModel` of ``seed``);
+    ``model`` is the vehicle (default: a :class:`~vgw.simulators.vehicle.VehicleModel` of ``seed``);
     ``car_protocol`` the car's OBD protocol (one of :data:`SIMULATED_CAR_PROTOCOLS`); ``realtime=False``
     freezes the model so answers are deterministic; ``slow_s`` is the delay of the ``slow`` scenario.
     Raises ``ValueError`` for an unknown scenario or protocol.
@@ -87,7 +87,7 @@ class Elm327Simulator:
         if car_protocol not in SIMULATED_CAR_PROTOCOLS:
             raise ValueError(f"car protocol {car_protocol!r}: simulated are {', '.join(SIMULATED_CAR_PROTOCOLS)}")
         if model is None:
-            from simulators.vehicle import VehicleModel
+            from vgw.simulators.vehicle import VehicleModel
 
             model = VehicleModel(seed=seed, dtcs=("P0420",))
             model.step(60.0)  # into the drive cycle: engine warm, moving

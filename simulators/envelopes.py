@@ -1,7 +1,7 @@
 """Telemetry envelopes (CONTRACT §6) and receipts (§7) on the cloud side. No I/O.
 
 - :func:`seal_envelope` / :func:`open_envelope`: ``0x01 || enc || ct``, HPKE base mode to a grant's
-  :class:`~simulators.consent_authority.RecipientKey`, ``info`` bound to device and grant;
+  :class:`~vgw.simulators.consent_authority.RecipientKey`, ``info`` bound to device and grant;
 - :func:`verify_receipt`: a receipt is an ES256 compact JWS under the device certificate's key.
 
 Errors::
@@ -10,7 +10,7 @@ Errors::
      +-- EnvelopeError     a telemetry envelope failed a rule of §6 (``reason`` says which)
      +-- ReceiptError      a receipt is not a valid ES256 JWS of its device (§7)
 
-:mod:`simulators.cloud` re-exports every name here.
+:mod:`vgw.simulators.cloud` re-exports every name here.
 """
 
 from __future__ import annotations
@@ -23,9 +23,8 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, x25519
 from cryptography.hazmat.primitives.hpke import AEAD, KDF, KEM, Suite
-
-from agent.errors import VgwError
-from simulators.consent_authority import HpkePrivateKey, HpkePublicKey, RecipientKey
+from vgw.errors import VgwError
+from vgw.simulators.consent_authority import HpkePrivateKey, HpkePublicKey, RecipientKey
 
 __all__ = [
     "ENVELOPE_VERSION",
@@ -42,6 +41,7 @@ __all__ = [
 ENVELOPE_VERSION = 0x01
 MAX_PLAINTEXT = 4 * 1024 * 1024  # decompression bound: a hostile zlib stream must not exhaust memory
 RECEIPT_LEEWAY_S = 300
+MAX_EPOCH = 64  # the epoch is a short random string (§6); a receiver keys its de-duplication on it
 _SUITES = {
     "X25519": Suite(KEM.X25519, KDF.HKDF_SHA256, AEAD.AES_256_GCM),
     "MLKEM768-X25519": Suite(KEM.MLKEM768_X25519, KDF.HKDF_SHA256, AEAD.AES_256_GCM),
@@ -97,7 +97,8 @@ def open_envelope(
 
     Checks, in order: version byte 0x01; HPKE open (base mode, ``info`` bound to device and grant, so an
     envelope replayed onto another device's or grant's topic fails); zlib within ``MAX_PLAINTEXT``; a JSON
-    object with ``v`` 1, matching ``device`` and ``grant``, integer ``seq`` >= 1 and a list of samples.
+    object with ``v`` 1, matching ``device`` and ``grant``, integer ``seq`` >= 1, a string ``epoch`` if present
+    (an agent before contract 1.1 sends none; receivers then use "") and a list of samples.
     Raises :class:`EnvelopeError` naming the failed rule.
     """
     sk = recipient_sk.private_key if isinstance(recipient_sk, RecipientKey) else recipient_sk
@@ -135,6 +136,10 @@ def open_envelope(
     seq = batch.get("seq")
     if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
         raise EnvelopeError(f"{where}: seq must be an integer >= 1, got {seq!r}", "schema")
+    # The outbox epoch (§6, since contract 1.1); an agent before 1.1 sends none: its epoch is "".
+    epoch = batch.get("epoch", "")
+    if not isinstance(epoch, str) or len(epoch) > MAX_EPOCH:
+        raise EnvelopeError(f"{where}: epoch must be a string of at most {MAX_EPOCH} characters", "schema")
     samples = batch.get("samples")
     if not isinstance(samples, list) or not all(
         isinstance(s, dict) and isinstance(s.get("path"), str) and isinstance(s.get("t"), int | float)

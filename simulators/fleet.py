@@ -6,7 +6,7 @@ envelopes (§6) at ``rate_hz`` per grant and signs real ES256 receipts (§7). A 
 (retained), changes it at ``churn_hz`` across the fleet (revoke a grant / grant a new one), and consumes
 everything: it opens every envelope and verifies every receipt.
 
-Threads, not per device: ``threads`` workers (:mod:`simulators.fleet_device`) each own a slice of the
+Threads, not per device: ``threads`` workers (:mod:`vgw.simulators.fleet_device`) each own a slice of the
 devices and drive their paho clients with one :mod:`selectors` loop (``loop_read`` / ``loop_write`` /
 ``loop_misc``, paho's external event loop hooks for write interest), so 1,000 devices are a few threads
 and ~1,000 sockets. ``RLIMIT_NOFILE`` is
@@ -17,8 +17,8 @@ delivered to the consumer), end-to-end latency percentiles (seal on the device -
 consent push -> ``consent-applied`` and revocation push -> ``erasure`` receipt latencies, and loss (batches
 PUBACKed to a device but never delivered to the consumer) and duplicates.
 
-Errors: ``ValueError`` for bad parameters, :class:`simulators.broker.BrokerError` if a broker cannot start,
-:class:`agent.errors.UplinkError` if the cloud side cannot connect.
+Errors: ``ValueError`` for bad parameters, :class:`vgw.simulators.broker.BrokerError` if a broker cannot start,
+:class:`vgw.errors.UplinkError` if the cloud side cannot connect.
 """
 
 from __future__ import annotations
@@ -37,9 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
-
-from agent.errors import UplinkError
-from simulators.cloud import (
+from vgw.errors import UplinkError
+from vgw.simulators.cloud import (
     RecipientKey,
     SigningKey,
     consent_claims,
@@ -48,8 +47,8 @@ from simulators.cloud import (
     sign_consent,
     verify_receipt,
 )
-from simulators.fleet_device import PREFIX, SimDevice, Worker, connect_client, make_client, tls_context
-from simulators.pki import TestPKI, load_private_key
+from vgw.simulators.fleet_device import PREFIX, SimDevice, Worker, connect_client, make_client, tls_context
+from vgw.simulators.pki import TestPKI, load_private_key
 
 log = logging.getLogger("vgw.fleet")
 
@@ -128,7 +127,7 @@ class _Cloud:
     recipient: RecipientKey
     device_keys: dict[str, ec.EllipticCurvePublicKey]
     lock: threading.Lock = field(default_factory=threading.Lock)
-    seen: dict[tuple[str, str], set[int]] = field(default_factory=dict)
+    seen: dict[tuple[str, str], set[tuple[str, int]]] = field(default_factory=dict)  # (epoch, seq) per stream
     duplicates: int = 0
     delivered: int = 0
     delivered_bytes: int = 0
@@ -152,10 +151,11 @@ class _Cloud:
                 return
             with self.lock:
                 s = self.seen.setdefault((device, gid), set())
-                if batch["seq"] in s:
+                dedup = (str(batch.get("epoch", "")), int(batch["seq"]))  # §6: de-duplicate on (epoch, seq)
+                if dedup in s:
                     self.duplicates += 1
                     return
-                s.add(batch["seq"])
+                s.add(dedup)
                 if self.measuring:
                     self.delivered += 1
                     self.delivered_bytes += len(payload)
@@ -205,12 +205,12 @@ class FleetSim:
                 dev_files = {d: (p.cert, p.key) for d, p in pki.devices.items()}
             engine = cfg.broker
             if engine == "mosquitto":
-                from simulators.broker import Mosquitto
+                from vgw.simulators.broker import Mosquitto
 
                 broker = Mosquitto.from_pki(pki, extra_config="max_queued_messages 10000")
                 host, protocol = "localhost", cfg.protocol or "5"
             elif engine == "nats":
-                from simulators.nats import NatsMqtt
+                from vgw.simulators.nats import NatsMqtt
 
                 broker = NatsMqtt.from_pki(pki)
                 host, protocol = "localhost", cfg.protocol or "3.1.1"
@@ -233,7 +233,7 @@ class FleetSim:
             recipient = RecipientKey.generate()
             device_keys = {}
             for d, (cert, _key) in dev_files.items():
-                from simulators.pki import device_public_key_from_cert
+                from vgw.simulators.pki import device_public_key_from_cert
 
                 device_keys[d] = device_public_key_from_cert(cert)
             cloud = _Cloud(recipient, device_keys)
@@ -364,7 +364,7 @@ class FleetSim:
                 dups, undec, bad = cloud.duplicates, cloud.undecryptable, cloud.bad_receipts
             lost = 0
             for (d, g), (lo, hi) in sent_streams.items():
-                s = seen.get((d, g), set())
+                s = {n for _epoch, n in seen.get((d, g), set())}  # one epoch per simulated device
                 lost += sum(1 for n in range(lo + 1, hi + 1) if n not in s)
             rev_lat, grant_lat = [], []
             for d, claims, arrived in receipts:

@@ -1,4 +1,4 @@
-"""The simulated devices of :mod:`simulators.fleet` and the worker threads that drive them.
+"""The simulated devices of :mod:`vgw.simulators.fleet` and the worker threads that drive them.
 
 A :class:`SimDevice` is a device's protocol logic (CONTRACT §5 consent checks, §6 envelopes, §7 receipts)
 around a paho client it does not run itself; a :class:`Worker` owns a slice of the fleet and drives all of
@@ -11,6 +11,7 @@ from __future__ import annotations
 import heapq
 import logging
 import random
+import secrets
 import selectors
 import ssl
 import threading
@@ -20,9 +21,8 @@ from typing import Any
 import jwt
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-
-from simulators.cloud import recipient_public_key, seal_envelope
-from simulators.mqttclient import make_client, tls_context
+from vgw.simulators.cloud import recipient_public_key, seal_envelope
+from vgw.simulators.mqttclient import make_client, tls_context
 
 log = logging.getLogger("vgw.fleet")
 
@@ -61,6 +61,7 @@ class SimDevice:
         self.ver = 0
         self.grants: dict[str, Any] = {}  # grant id -> HPKE public key
         self.seq: dict[str, int] = {}
+        self.epoch = secrets.token_hex(8)  # the simulated outbox's epoch (CONTRACT §6)
         self.acked: dict[str, int] = {}
         self.mids: dict[int, tuple[str, int]] = {}
         self.connected = False
@@ -134,7 +135,8 @@ class SimDevice:
             seq = self.seq[gid]
             samples = [{"t": now, "path": _PATHS[i % len(_PATHS)], "value": round(self.rng.uniform(0, 100), 2)}
                        for i in range(n_samples)]
-            env = seal_envelope({"v": 1, "device": self.id, "grant": gid, "seq": seq, "samples": samples}, pk,
+            env = seal_envelope({"v": 1, "device": self.id, "grant": gid, "seq": seq, "epoch": self.epoch,
+                                 "samples": samples}, pk,
                                 self.id, gid)
             info = self.client.publish(f"{PREFIX}/{self.id}/data/{gid}", env, qos=1)
             self.mids[info.mid] = (gid, seq)

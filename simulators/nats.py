@@ -2,12 +2,12 @@
 
 The NATS server is built to cluster (routes, JetStream replication); its MQTT support speaks MQTT 3.1.1
 only (QoS 0/1, retained messages, persistent sessions, all stored in JetStream streams). :class:`NatsMqtt`
-mirrors :class:`simulators.broker.Mosquitto`: it writes a config file into its own work directory, starts
+mirrors :class:`vgw.simulators.broker.Mosquitto`: it writes a config file into its own work directory, starts
 ``nats-server -c``, waits until the MQTT listener is up, stops it (SIGTERM, then SIGKILL; idempotent) and
 restarts it on the same ports with the same JetStream store (retained messages and sessions survive).
 
 Identity and policy (CONTRACT §4): ``tls { verify_and_map: true }`` maps a client certificate to the user
-named by its DNS SAN (our device certificates carry the device id there, see :mod:`simulators.pki`), and
+named by its DNS SAN (our device certificates carry the device id there, see :mod:`vgw.simulators.pki`), and
 :func:`nats_config` gives every device user permission to publish only ``vgw.<id>.data.>``, ``.receipt``
 and ``.status`` and to subscribe only ``vgw.<id>.consent``; the cloud user gets everything under ``vgw``.
 MQTT topic ``vgw/dev-0001/data/g`` is NATS subject ``vgw.dev-0001.data.g``, so a device id must not contain
@@ -17,7 +17,7 @@ subscribe permissions. (An MQTT client cannot itself subscribe ``$MQTT/...``; th
 
 Errors (``RuntimeError`` subclasses: a missing or failing test broker is an environment problem)::
 
-    BrokerError                       (simulators.broker)
+    BrokerError                       (vgw.simulators.broker)
      +-- NatsNotFound                 no nats-server binary
      +-- BrokerStartError             nats-server exited or did not listen in time (log tail in the message)
 """
@@ -34,11 +34,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from simulators.broker import HOST, BrokerError, BrokerStartError, free_port
-from simulators.server import ServerProcess
+from vgw.simulators.broker import HOST, BrokerError, BrokerStartError, free_port
+from vgw.simulators.server import ServerProcess
 
 if TYPE_CHECKING:
-    from simulators.pki import TestPKI
+    from vgw.simulators.pki import TestPKI
 
 __all__ = ["NatsMqtt", "NatsNotFound", "authorization_block", "device_permissions", "find_nats_server", "nats_config"]
 
@@ -129,7 +129,7 @@ def nats_config(
     )
     return "\n".join(
         [
-            "# written by simulators.nats: a private NATS server for vgw (MQTT 3.1.1 over mutual TLS)",
+            "# written by vgw.simulators.nats: a private NATS server for vgw (MQTT 3.1.1 over mutual TLS)",
             f"server_name: {server_name}",
             f"listen: {client_listen}",
             "# the NATS client port maps certificates to users too: users have no passwords",
@@ -275,12 +275,12 @@ class NatsMqtt(ServerProcess):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m simulators.nats users [--prefix P] [--cloud NAME] DEVICE-ID ... | -`` prints the
+    """``python -m vgw.simulators.nats users [--prefix P] [--cloud NAME] DEVICE-ID ... | -`` prints the
     authorization block for deploy/nats (``-``: ids one per line on stdin)."""
     import argparse
     import sys
 
-    p = argparse.ArgumentParser(prog="python -m simulators.nats")
+    p = argparse.ArgumentParser(prog="python -m vgw.simulators.nats")
     p.add_argument("what", choices=["users"])
     p.add_argument("--prefix", default="vgw")
     p.add_argument("--cloud", action="append", default=None, help="cloud user(s) (default: cloud)")
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sys.stdout.write(authorization_block(ids, prefix=args.prefix, cloud_users=args.cloud or ["cloud"]))
     except ValueError as exc:
-        print(f"python -m simulators.nats: {exc}", file=sys.stderr)
+        print(f"python -m vgw.simulators.nats: {exc}", file=sys.stderr)
         return 1
     return 0
 

@@ -1,8 +1,8 @@
 """The simulated car's OBD-II ECUs: request bytes in, response payloads per ECU out.
 
-Shared by the ELM327 simulator (:mod:`simulators.elm327`, which formats the payloads as ELM327 text) and
-the ISO-TP responder (:mod:`simulators.obd_responder`, which frames them on a CAN bus). Values come from
-:class:`simulators.vehicle.VehicleModel` (or anything with a ``state`` and ``step(dt)``) and are encoded
+Shared by the ELM327 simulator (:mod:`vgw.simulators.elm327`, which formats the payloads as ELM327 text) and
+the ISO-TP responder (:mod:`vgw.simulators.obd_responder`, which frames them on a CAN bus). Values come from
+:class:`vgw.simulators.vehicle.VehicleModel` (or anything with a ``state`` and ``step(dt)``) and are encoded
 here independently of the agent's decoders, straight from the SAE J1979 formulas, so a decoding mistake on
 either side shows up in the tests.
 
@@ -170,7 +170,7 @@ class ObdEcus:
 
 def frozen_model(seed: int = 1, *, dtcs: Iterable[str] = ("P0420",), warmup_s: float = 90.0) -> Any:
     """A VehicleModel advanced ``warmup_s`` into its drive cycle (moving, engine warm), for tests."""
-    from simulators.vehicle import VehicleModel
+    from vgw.simulators.vehicle import VehicleModel
 
     model = VehicleModel(seed=seed, dtcs=tuple(dtcs))
     if warmup_s > 0 and math.isfinite(warmup_s):

@@ -2,7 +2,7 @@
 
 Attach it to any bus the CAN simulator drives (``virtual``, SocketCAN, or the SLCAN pty's bus object)::
 
-    responder = ObdResponder(bus, model)     # model: simulators.vehicle.VehicleModel
+    responder = ObdResponder(bus, model)     # model: vgw.simulators.vehicle.VehicleModel
     responder.start()                        # a daemon thread reading bus.recv()
     ...
     responder.close()
@@ -11,7 +11,7 @@ It answers functional requests on 0x7DF and physical ones on 0x7E0/0x7E1 (ISO 15
 engine ECU replies on 0x7E8, the transmission ECU on 0x7E9. Answers longer than 7 bytes (the VIN, multi-PID
 answers, DTC lists) go out as a first frame, then wait for the tester's flow control on the ECU's response
 id - 8 and send consecutive frames honouring its block size and STmin (ISO 15765-2). Every request is
-logged in :attr:`ObdResponder.requests` (through :class:`~simulators.obd_ecu.ObdEcus`).
+logged in :attr:`ObdResponder.requests` (through :class:`~vgw.simulators.obd_ecu.ObdEcus`).
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ import time
 from typing import Any
 
 import can
-
-from simulators.obd_ecu import ObdEcus, VehicleLike
+from vgw.simulators.obd_ecu import ObdEcus, VehicleLike
 
 FUNCTIONAL_ID = 0x7DF
 REQUEST_BASE = 0x7E0

@@ -1,20 +1,22 @@
-"""Where the demo vehicle's DBC and signal map are shipped (the repository's ``dbc/`` folder)."""
+"""Where the demo vehicle's DBC and signal map are shipped (package data of ``vgw.dbc``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from vgw.dbc import DBC_NAME, SIGNAL_MAP_NAME, shipped_dir
+
 
 def dbc_dir() -> Path:
-    """The ``dbc/`` folder next to the ``simulators`` package (it may not exist in a bare wheel)."""
-    return Path(__file__).resolve().parent.parent / "dbc"
+    """The folder of the shipped demo DBC and signal map."""
+    return shipped_dir()
 
 
 def default_dbc() -> Path:
-    """Path of the demo vehicle's DBC, ``dbc/vehicle.dbc``."""
-    return dbc_dir() / "vehicle.dbc"
+    """Path of the demo vehicle's DBC."""
+    return shipped_dir() / DBC_NAME
 
 
 def default_signal_map() -> Path:
-    """Path of the demo vehicle's signal map, ``dbc/signals.toml``."""
-    return dbc_dir() / "signals.toml"
+    """Path of the demo vehicle's signal map."""
+    return shipped_dir() / SIGNAL_MAP_NAME

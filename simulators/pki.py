@@ -363,7 +363,7 @@ def device_id_from_cert(path: str | os.PathLike[str]) -> str:
 
     Raises ``OSError`` if unreadable, ``ValueError`` if not a certificate or it names no device.
     """
-    from agent.provisioning import cert_device_id  # one reading of a device certificate's identity
+    from vgw.provisioning import cert_device_id  # one reading of a device certificate's identity
 
     device = cert_device_id(_load_cert(path))
     if device is None:

@@ -12,6 +12,7 @@ Commands answered (``\\r`` = OK, ``\\a`` = error, as in the Lawicel manual):
 command  meaning                                state
 ======== ====================================== =====================================
 ``Sn``   bitrate n = 0..8 (10k .. 1M)           closed only
+``Yn``   CAN FD data bitrate n = 2/5 (Mbit/s)   closed only
 ``sxxyy`` BTR0/BTR1 register bitrate            closed only
 ``O``    open channel                           closed only
 ``L``    open channel listen-only               closed only
@@ -23,6 +24,9 @@ command  meaning                                state
 ``Mx``/``mx`` acceptance code/mask (ignored)    closed only
 ``t``/``T``/``r``/``R`` transmit -> ``z``/``Z`` open (not listen-only)
 ======== ====================================== =====================================
+
+Frames sent to the client may be CAN FD: ``d``/``D``/``b``/``B`` lines of the CANable 2.0 dialect, which
+python-can's slcan parses (an adapter without FD firmware never sends them).
 
 While nobody holds the slave side open the channel counts as closed, so a client that dies without
 ``C`` does not leave frames piling up. Frames that do not fit the pty's buffer (a client that stopped
@@ -42,12 +46,14 @@ import tty
 from typing import Any
 
 import can
+from can.util import dlc2len, len2dlc
 
 _OK = b"\r"
 _ERR = b"\a"
 _VERSION = b"V1013\r"
 _SERIAL = b"NVGW1\r"
 _WRITE_STALL_S = 1.0  # finish a half-written line for at most this long
+_DATA_BITRATES = {"2": 2_000_000, "5": 5_000_000}
 _BITRATES = {
     str(n): rate
     for n, rate in enumerate((10_000, 20_000, 50_000, 100_000, 125_000, 250_000, 500_000, 800_000, 1_000_000))
@@ -85,6 +91,7 @@ class SlcanPtyBus(can.BusABC):
         self._timestamps = False
         self._client_present = False
         self.bitrate: int | None = None
+        self.data_bitrate: int | None = None  # CAN FD data phase (Yn), None: not set
         self.overruns = 0
         self._stop = threading.Event()
         self.channel_info = f"SLCAN pty {self.path}"
@@ -102,6 +109,16 @@ class SlcanPtyBus(can.BusABC):
     def send(self, msg: can.Message, timeout: float | None = None) -> None:
         """Write ``msg`` to the client if the channel is open; otherwise it is lost like on an idle bus."""
         if not self._open or self._stop.is_set():
+            return
+        if msg.is_fd and not msg.is_remote_frame:
+            # CAN FD in the CANable 2.0 dialect python-can's slcan reads: d/D (no bitrate switch), b/B (with
+            # one), then one hex digit of FD DLC code and the data padded to that code's length.
+            code = len2dlc(len(msg.data))
+            data = bytes(msg.data).ljust(dlc2len(code), b"\0")
+            kind = ("B" if msg.bitrate_switch else "D") if msg.is_extended_id else ("b" if msg.bitrate_switch else "d")
+            ident = f"{msg.arbitration_id:08X}" if msg.is_extended_id else f"{msg.arbitration_id:03X}"
+            stamp = f"{int(time.time() * 1000) % 60000:04X}" if self._timestamps else ""
+            self._write((f"{kind}{ident}{code:X}{data.hex().upper()}{stamp}").encode("ascii") + _OK, droppable=True)
             return
         if msg.is_extended_id:
             head = f"{'R' if msg.is_remote_frame else 'T'}{msg.arbitration_id:08X}{msg.dlc:d}"
@@ -189,6 +206,12 @@ class SlcanPtyBus(can.BusABC):
             if self._open or arg not in _BITRATES:
                 return _ERR
             self.bitrate = _BITRATES[arg]
+            return _OK
+        if op == "Y":
+            # CAN FD data bitrate, CANable 2.0 dialect (Y2 = 2 Mbit/s, Y5 = 5 Mbit/s), as python-can's slcan sends it.
+            if self._open or arg not in _DATA_BITRATES:
+                return _ERR
+            self.data_bitrate = _DATA_BITRATES[arg]
             return _OK
         if op == "s":
             if self._open or len(arg) != 4 or not _is_hex(arg):

@@ -15,16 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import can
-
-from agent.config import Config, load_config
-from agent.runtime import Agent
-from simulators.broker import Mosquitto
-from simulators.can_sim import CanSimulator
-from simulators.cloud import CloudPeer, RecipientKey, SigningKey, consent_claims, grant, sign_consent
-from simulators.nats import NatsMqtt
-from simulators.paths import default_dbc, default_signal_map
-from simulators.pki import TestPKI
-from simulators.vehicle import VehicleModel
+from vgw.config import Config, load_config
+from vgw.runtime import Agent
+from vgw.simulators.broker import Mosquitto
+from vgw.simulators.can_sim import CanSimulator
+from vgw.simulators.cloud import CloudPeer, RecipientKey, SigningKey, consent_claims, grant, sign_consent
+from vgw.simulators.nats import NatsMqtt
+from vgw.simulators.paths import default_dbc, default_signal_map
+from vgw.simulators.pki import TestPKI
+from vgw.simulators.vehicle import VehicleModel
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -156,7 +155,7 @@ class AgentThread:
 def agent_process(config: Path, *extra: str) -> Iterator[subprocess.Popen[str]]:
     """`vgw run --config` as a child process; terminated (SIGTERM, then kill) on exit."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(config), *extra],
+    proc = subprocess.Popen([sys.executable, "-m", "vgw", "run", "--config", str(config), *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     try:
         yield proc
@@ -179,8 +178,8 @@ def stop_process(proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
 
 
 def vgw(*args: str, timeout: float = 60.0, input: str | None = None) -> subprocess.CompletedProcess[str]:
-    """Run the `vgw` CLI (as `python -m agent`) and capture its output."""
-    return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True, text=True,
+    """Run the `vgw` CLI (as `python -m vgw`) and capture its output."""
+    return subprocess.run([sys.executable, "-m", "vgw", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT, input=input)
 
 

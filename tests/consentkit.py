@@ -12,14 +12,14 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from agent.audit import AuditLog
-from agent.consent.manager import ConsentManager, load_trust_keys
-from agent.consent.store import ConsentStore
-from agent.crypto.keys import load_or_create_storage_key
-from agent.crypto.receipts import ReceiptSigner
-from agent.outbox import Outbox
-from simulators.cloud import RecipientKey, SigningKey, consent_claims, grant, sign_consent, verify_receipt
-from simulators.pki import TestPKI, device_public_key_from_cert
+from vgw.audit import AuditLog
+from vgw.consent.manager import ConsentManager, load_trust_keys
+from vgw.consent.store import ConsentStore
+from vgw.crypto.keys import load_or_create_storage_key
+from vgw.crypto.receipts import ReceiptSigner
+from vgw.outbox import Outbox
+from vgw.simulators.cloud import RecipientKey, SigningKey, consent_claims, grant, sign_consent, verify_receipt
+from vgw.simulators.pki import TestPKI, device_public_key_from_cert
 
 OUTBOX_FILE = "outbox.sqlite"  # agent.runtime.OUTBOX_FILE (not imported: keeps these tests off the runtime)
 

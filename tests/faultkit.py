@@ -18,12 +18,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from simulators.broker import Mosquitto
-from simulators.can_sim import CanSimulator
-from simulators.cloud import CloudPeer
-from simulators.paths import default_dbc
-from simulators.pki import TestPKI
-from simulators.vehicle import VehicleModel
+from vgw.simulators.broker import Mosquitto
+from vgw.simulators.can_sim import CanSimulator
+from vgw.simulators.cloud import CloudPeer
+from vgw.simulators.paths import default_dbc
+from vgw.simulators.pki import TestPKI
+from vgw.simulators.vehicle import VehicleModel
+
 from tests.agentkit import Authority, connected_cloud, vgw
 
 DEV = "dev-0001"

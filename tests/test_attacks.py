@@ -24,8 +24,8 @@ import paho.mqtt.client as paho
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from vgw.simulators.cloud import SigningKey, b64url
 
-from simulators.cloud import SigningKey, b64url
 from tests.consentkit import Authority, State
 
 DEVICE = "dev-0001"

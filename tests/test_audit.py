@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from vgw.audit import GENESIS, AuditLog, _digest
+from vgw.cli import main
 
-from agent.audit import GENESIS, AuditLog, _digest
-from agent.cli import main
 from tests.consentkit import Authority, State
 
 

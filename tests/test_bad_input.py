@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from vgw.catalogue import load_catalogue
+from vgw.config import load_config
+from vgw.errors import ConfigError
+from vgw.pipeline.router import Pipeline
+from vgw.simulators.broker import free_port
+from vgw.simulators.paths import default_dbc, default_signal_map
 
-from agent.catalogue import load_catalogue
-from agent.config import load_config
-from agent.errors import ConfigError
-from agent.pipeline.router import Pipeline
-from simulators.broker import free_port
-from simulators.paths import default_dbc, default_signal_map
 from tests.agentkit import Authority, vgw, write_config
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dbc" / "cantools"
@@ -129,8 +129,8 @@ def test_signal_map_errors(tmp_path: Path, entry: str, message: str) -> None:
 
 
 def test_unknown_ids_and_short_frames_are_counted_not_fatal() -> None:
-    from agent.consent.model import Grant, Recipient
-    from simulators.cloud import RecipientKey, consent_claims, grant
+    from vgw.consent.model import Grant, Recipient
+    from vgw.simulators.cloud import RecipientKey, consent_claims, grant
 
     del RecipientKey, consent_claims, grant
     cat = load_catalogue([default_dbc()], default_signal_map())

@@ -6,9 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from agent.cli import main
-from simulators.broker import MosquittoNotFound, find_mosquitto
+from vgw.cli import main
+from vgw.simulators.broker import MosquittoNotFound, find_mosquitto
 
 
 def _have_mosquitto() -> bool:

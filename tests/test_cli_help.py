@@ -1,10 +1,9 @@
-"""CONTRACT §1: every subcommand answers --help with exit 0; `python -m agent` is the same CLI."""
+"""CONTRACT §1: every subcommand answers --help with exit 0; `python -m vgw` is the same CLI."""
 
 from __future__ import annotations
 
 import pytest
-
-from agent.cli import main
+from vgw.cli import main
 
 COMMANDS = [
     [], ["run"], ["consent"], ["consent", "apply"], ["consent", "show"], ["status"], ["demo"], ["bench"],

@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from vgw.catalogue import load_catalogue
+from vgw.simulators.broker import Mosquitto
+from vgw.simulators.cloud import RecipientKey, seal_envelope
+from vgw.simulators.cloudlink import Listener
+from vgw.simulators.paths import default_dbc, default_signal_map
+from vgw.simulators.pki import TestPKI, device_public_key_from_cert
 
-from agent.catalogue import load_catalogue
-from simulators.broker import Mosquitto
-from simulators.cloud import RecipientKey, seal_envelope
-from simulators.cloudlink import Listener
-from simulators.paths import default_dbc, default_signal_map
-from simulators.pki import TestPKI, device_public_key_from_cert
 from tests.agentkit import ROOT, AgentThread, Vehicle, stop_process, vgw, write_config
 
 DEV = "dev-0001"
@@ -42,7 +42,7 @@ class ListenProc:
 
     def __init__(self, args: list[str], out: Path) -> None:
         self.out = out
-        self.proc = subprocess.Popen([sys.executable, "-m", "agent", "cloud", "listen", *args, "--out", str(out)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "vgw", "cloud", "listen", *args, "--out", str(out)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
         assert self.proc.stderr is not None
         line = self.proc.stderr.readline()
@@ -209,7 +209,7 @@ def test_shared_subscription_workers_each_handle_a_batch_once(
     rk_dir = tmp_path / "keys"
     assert vgw("cloud", "keygen", "--dir", str(rk_dir), "--recipient", "fleet").returncode == 0
     pub = json.loads((rk_dir / "recipients/fleet.pub.json").read_text())
-    from simulators.cloud import recipient_public_key
+    from vgw.simulators.cloud import recipient_public_key
 
     pk = recipient_public_key(pub)
     common = [*broker_args(broker, pki, "5"), "--recipient", str(rk_dir), "--share", "workers", "--no-status"]
@@ -246,7 +246,7 @@ def test_shared_subscription_workers_each_handle_a_batch_once(
 
 
 def test_deploy_mosquitto_acl_is_the_tested_policy() -> None:
-    from simulators.broker import device_acl
+    from vgw.simulators.broker import device_acl
 
     root = Path(__file__).resolve().parents[1] / "deploy" / "mosquitto"
     assert (root / "vgw.acl").read_text() == device_acl("vgw", cloud_user="cloud")

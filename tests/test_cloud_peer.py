@@ -23,10 +23,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, x25519
 from cryptography.hazmat.primitives.hpke import AEAD, KDF, KEM, Suite
-
-from agent.errors import UplinkError
-from simulators.broker import Mosquitto, device_acl
-from simulators.cloud import (
+from vgw.errors import UplinkError
+from vgw.simulators.broker import Mosquitto, device_acl
+from vgw.simulators.cloud import (
     CONSENT_TYP,
     CloudPeer,
     EnvelopeError,
@@ -40,7 +39,7 @@ from simulators.cloud import (
     sign_consent,
     verify_receipt,
 )
-from simulators.pki import CertPaths, TestPKI, device_public_key_from_cert, load_private_key
+from vgw.simulators.pki import CertPaths, TestPKI, device_public_key_from_cert, load_private_key
 
 GRANT = "g-fleet-1"
 

@@ -14,12 +14,12 @@ from typing import Any
 
 import psutil
 import pytest
+from vgw.consent.intake import SLOTS, ConsentIntake
+from vgw.consent.manager import load_trust_keys
+from vgw.packetguard import PacketSizeGuard, PacketTooLarge
+from vgw.simulators.broker import Mosquitto
+from vgw.simulators.cloud import SigningKey
 
-from agent.consent.intake import SLOTS, ConsentIntake
-from agent.consent.manager import load_trust_keys
-from agent.packetguard import PacketSizeGuard, PacketTooLarge
-from simulators.broker import Mosquitto
-from simulators.cloud import SigningKey
 from tests import consentkit
 from tests.agentkit import AgentThread, agent_process, connected_cloud, vehicle_on_bus, write_config
 from tests.faultkit import live_status, wait_until

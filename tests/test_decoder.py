@@ -23,9 +23,8 @@ from cantools.database.can.message import Message
 from cantools.database.errors import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from agent.pipeline.decoder import FieldLayout, MessageDecoder, decode_all
-from simulators.paths import default_dbc
+from vgw.pipeline.decoder import FieldLayout, MessageDecoder, decode_all
+from vgw.simulators.paths import default_dbc
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DBC_DIR = SHARED / "dbc" / "cantools"
@@ -159,8 +158,8 @@ def test_short_multiplexed_frame_never_crashes() -> None:
 
 
 def test_decode_all_matches_cantools_on_demo_frames() -> None:
-    from simulators.can_sim import CanSimulator
-    from simulators.vehicle import VehicleModel
+    from vgw.simulators.can_sim import CanSimulator
+    from vgw.simulators.vehicle import VehicleModel
 
     sim = CanSimulator(default_dbc(), VehicleModel(seed=3))
     db = cantools.database.load_file(str(default_dbc()))

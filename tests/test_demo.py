@@ -10,7 +10,7 @@ from tests.agentkit import ROOT
 
 
 def test_demo_json_summary_holds_every_guarantee() -> None:
-    r = subprocess.run([sys.executable, "-m", "agent", "demo", "--duration", "10", "--json"], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "vgw", "demo", "--duration", "10", "--json"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(r.stdout)
@@ -36,7 +36,7 @@ def test_demo_json_summary_holds_every_guarantee() -> None:
 
 
 def test_demo_rejects_a_too_short_duration() -> None:
-    r = subprocess.run([sys.executable, "-m", "agent", "demo", "--duration", "2"], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "vgw", "demo", "--duration", "2"], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1
     assert "too short" in r.stderr and "Traceback" not in r.stderr

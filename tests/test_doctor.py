@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from agent.cli import main
-from agent.doctor import FAIL, PASS, WARN, Check, Probes, check_can_interface, exit_code, run_checks
-from simulators.broker import Mosquitto, free_port
-from simulators.cloud import RecipientKey, SigningKey, consent_claims, grant, sign_consent
-from simulators.pki import CertPaths, TestPKI
+from vgw.cli import main
+from vgw.doctor import FAIL, PASS, WARN, Check, Probes, check_can_interface, exit_code, run_checks
+from vgw.simulators.broker import Mosquitto, free_port
+from vgw.simulators.cloud import RecipientKey, SigningKey, consent_claims, grant, sign_consent
+from vgw.simulators.pki import CertPaths, TestPKI
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = Probes(connect_timeout_s=3.0, tls_wait_s=0.5, serial_timeout_s=0.5)

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import can
 import pytest
+from vgw.catalogue import load_catalogue
+from vgw.simulators.broker import Mosquitto, free_port
+from vgw.simulators.can_sim import CanSimulator
+from vgw.simulators.cloud import CloudPeer
+from vgw.simulators.paths import default_dbc, default_signal_map
+from vgw.simulators.vehicle import VehicleModel
 
-from agent.catalogue import load_catalogue
-from simulators.broker import Mosquitto, free_port
-from simulators.can_sim import CanSimulator
-from simulators.cloud import CloudPeer
-from simulators.paths import default_dbc, default_signal_map
-from simulators.vehicle import VehicleModel
 from tests.agentkit import AgentThread, Authority, agent_process, stop_process, vgw, write_config
 from tests.faultkit import persistent_world
 
@@ -201,7 +201,7 @@ def test_slcan_pty_from_separate_simulator_process(tmp_path, pki, broker, cloud,
     import subprocess
     import sys
 
-    sim = subprocess.Popen([sys.executable, "-m", "agent", "sim", "can", "--interface", "slcan",
+    sim = subprocess.Popen([sys.executable, "-m", "vgw", "sim", "can", "--interface", "slcan",
                             "--duration", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert sim.stdout is not None

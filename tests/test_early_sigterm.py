@@ -8,8 +8,8 @@ import sys
 import time
 
 import pytest
+from vgw.simulators.broker import free_port
 
-from simulators.broker import free_port
 from tests.agentkit import ROOT, Authority, stop_process, write_config
 
 
@@ -17,7 +17,7 @@ from tests.agentkit import ROOT, Authority, stop_process, write_config
 def test_sigterm_while_starting_exits_0(tmp_path, pki, delay: float) -> None:
     auth = Authority(tmp_path)
     cfg = write_config(tmp_path, pki, free_port(), auth.trust, can={"channel": "early"})
-    proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(cfg)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "vgw", "run", "--config", str(cfg)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         time.sleep(delay)

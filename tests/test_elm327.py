@@ -16,16 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from agent.config import ObdConfig
-from agent.errors import SourceOpenError
-from agent.obd.elm327 import Elm327, parse_answer
-from agent.obd.pids import PIDS
-from agent.obd.poller import ObdPoller, decode_vin
-from agent.obd.request import ForbiddenRequest, ObdRequest, build_request
-from agent.scopes import SCOPES
-from simulators.elm327 import Elm327Simulator
-from simulators.obd_ecu import frozen_model
+from vgw.config import ObdConfig
+from vgw.errors import SourceOpenError
+from vgw.obd.elm327 import Elm327, parse_answer
+from vgw.obd.pids import PIDS
+from vgw.obd.poller import ObdPoller, decode_vin
+from vgw.obd.request import ForbiddenRequest, ObdRequest, build_request
+from vgw.scopes import SCOPES
+from vgw.simulators.elm327 import Elm327Simulator
+from vgw.simulators.obd_ecu import frozen_model
 
 ALL = frozenset(SCOPES)
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,15 +6,15 @@ import subprocess
 import sys
 
 import pytest
+from vgw.simulators.vehicle import DEFAULT_VIN
 
-from simulators.vehicle import DEFAULT_VIN
 from tests.agentkit import stop_process
 
 obd = pytest.importorskip("obd", reason="python-OBD is a test extra: pip install -e '.[test]'")
 
 
 def test_python_obd_reads_the_simulator_unmodified() -> None:
-    sim = subprocess.Popen([sys.executable, "-m", "agent", "sim", "elm327"], stdout=subprocess.PIPE,
+    sim = subprocess.Popen([sys.executable, "-m", "vgw", "sim", "elm327"], stdout=subprocess.PIPE,
                            stderr=subprocess.DEVNULL, text=True)
     conn = None
     try:

@@ -10,17 +10,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from vgw.catalogue import load_catalogue
+from vgw.consent.manager import load_trust_keys
+from vgw.consent.model import Grant, Limits, Recipient
+from vgw.errors import ConfigError
+from vgw.pipeline.router import Pipeline
+from vgw.scopes import SCOPES
+from vgw.simulators.can_sim import CanSimulator
+from vgw.simulators.cloud import SigningKey
+from vgw.simulators.paths import default_dbc, default_signal_map
+from vgw.simulators.vehicle import DEFAULT_VIN, VehicleModel
 
-from agent.catalogue import load_catalogue
-from agent.consent.manager import load_trust_keys
-from agent.consent.model import Grant, Limits, Recipient
-from agent.errors import ConfigError
-from agent.pipeline.router import Pipeline
-from agent.scopes import SCOPES
-from simulators.can_sim import CanSimulator
-from simulators.cloud import SigningKey
-from simulators.paths import default_dbc, default_signal_map
-from simulators.vehicle import DEFAULT_VIN, VehicleModel
 from tests.consentkit import Authority, State
 
 DEVICE = "dev-0001"
@@ -121,12 +121,13 @@ def _ec_public_pem(tmp_path: Path) -> Path:
 
 def test_retention_deletes_old_rows_unsent_and_counts(tmp_path: Path, pki: Any, monkeypatch: pytest.MonkeyPatch
                                                       ) -> None:
-    from agent.runtime import Agent
+    from vgw.runtime import Agent
+
     from tests.agentkit import write_config
 
     auth = Authority(tmp_path)
     cfg_path = write_config(tmp_path, pki, 1, auth.trust[0], can={"channel": f"ret-{uuid.uuid4().hex[:8]}"})
-    from agent.config import load_config
+    from vgw.config import load_config
 
     agent = Agent(load_config(cfg_path))
     try:
@@ -134,7 +135,7 @@ def test_retention_deletes_old_rows_unsent_and_counts(tmp_path: Path, pki: Any, 
         doc = auth.doc(DEVICE, 1, [auth.grant("g-short", ["read_fuel"], retention_s=60),
                                    auth.grant("g-long", ["read_fuel"])], iat=now)
         assert agent.manager.apply(doc, source="mqtt").status == "applied"
-        import agent.outbox as outbox_module
+        import vgw.outbox as outbox_module
 
         real_time = outbox_module.time.time
         monkeypatch.setattr(outbox_module.time, "time", lambda: real_time() - 120)  # stored 2 minutes ago

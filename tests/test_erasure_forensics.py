@@ -15,14 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from vgw.catalogue import load_catalogue
+from vgw.crypto import keys
+from vgw.crypto.envelope import batch_plaintext, load_recipient_key, seal
+from vgw.pipeline.router import Pipeline
+from vgw.simulators.can_sim import CanSimulator
+from vgw.simulators.paths import default_dbc, default_signal_map
+from vgw.simulators.vehicle import DEFAULT_VIN, VehicleModel
 
-from agent.catalogue import load_catalogue
-from agent.crypto import keys
-from agent.crypto.envelope import batch_plaintext, load_recipient_key, seal
-from agent.pipeline.router import Pipeline
-from simulators.can_sim import CanSimulator
-from simulators.paths import default_dbc, default_signal_map
-from simulators.vehicle import DEFAULT_VIN, VehicleModel
 from tests.consentkit import Authority, State
 
 DEVICE = "dev-0001"
@@ -64,7 +64,8 @@ def world(tmp_path: Path, pki: Any) -> Iterator[dict[str, Any]]:
                 if samples:
                     g = batch.grant
                     s.outbox.commit_batch(g.id, lambda seq, _s=samples, _g=g: seal(
-                        _g.recipient.kem, recipients[_g.id], DEVICE, _g.id, batch_plaintext(DEVICE, _g.id, seq, _s)),
+                        _g.recipient.kem, recipients[_g.id], DEVICE, _g.id, batch_plaintext(DEVICE, _g.id, seq, _s,
+                                                                                 epoch=s.outbox.epoch)),
                         batch.first_t, len(samples))
     assert vin_samples > 0
     db = s.outbox._db
@@ -171,3 +172,110 @@ def test_crash_after_key_destroyed_before_rows_deleted(world: dict[str, Any]) ->
     assert all(r.grant_id != GONE for r in s.outbox.pending(10_000))  # unreadable: never published
     s.manager.load_cached()
     _assert_erased(s, world["secrets"], world["kept_key"])
+
+
+# -- every file that may hold the grant: quarantined copies, and a WAL another process keeps busy ----------------
+
+
+def _corrupt_keeping_keys(path: Path) -> None:
+    """Smash cell pointers of pages in the second half of the file (batch rows): integrity_check fails, while
+    the small grant_keys table near the start keeps the wrapped keys readable in the raw bytes."""
+    data = bytearray(path.read_bytes())
+    page = 4096
+    for off in range(len(data) // 2, len(data) - page, page * 3):
+        data[off + 8:off + 200] = b"\xff" * 192
+    path.write_bytes(bytes(data))
+
+
+def test_erasure_after_quarantine_leaves_no_copy_anywhere(world: dict[str, Any]) -> None:
+    from vgw.outbox import integrity_problem, open_checked
+
+    s: State = world["state"]
+    auth: Authority = world["auth"]
+    outbox_path = s.dir / "outbox.sqlite"
+    s.outbox.close()  # the last connection checkpoints: everything is in the main file now
+    _corrupt_keeping_keys(outbox_path)
+    assert integrity_problem(outbox_path)
+    assert _where(world["secrets"]["wrapped key"], _files(s.dir)), "precondition: the corrupt file holds the key"
+    checked, quarantined = open_checked(outbox_path, load_storage_key(s), DEVICE)  # what `vgw run` does at start
+    checked.close()
+    assert quarantined is not None
+    s.reopen()
+    v2 = auth.doc(DEVICE, 2, [auth.grant(KEPT, ["read_odometer"])], iat=world["now"])
+    result = s.manager.apply(v2, source="mqtt")
+    assert result.status == "applied"
+    assert [r["grant"] for r in s.receipts("erasure")] == [GONE]
+    # The receipt says the data are gone: no file in the state directory may hold the key, a row or the VIN.
+    files = _files(s.dir)
+    found = {what: _where(needle, files) for what, needle in world["secrets"].items()}
+    assert not any(found.values()), {k: v for k, v in found.items() if v}
+
+
+_READER = """
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("BEGIN")
+db.execute("SELECT COUNT(*) FROM batches").fetchone()  # a read snapshot, held until stdin closes
+print("ready", flush=True)
+sys.stdin.read()
+db.execute("COMMIT")
+"""
+
+
+@pytest.fixture
+def reader(world: dict[str, Any]) -> Iterator[Any]:
+    """Another process (as `vgw status` or a backup tool would) holding a read snapshot of the outbox."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", _READER, str(world["state"].dir / "outbox.sqlite")],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+
+
+def _release(proc: Any) -> None:
+    proc.stdin.close()
+    assert proc.wait(timeout=10) == 0
+
+
+def test_busy_reader_means_no_erasure_receipt_until_the_copy_is_gone(world: dict[str, Any], reader: Any) -> None:
+    s: State = world["state"]
+    auth: Authority = world["auth"]
+    v2 = auth.doc(DEVICE, 2, [auth.grant(KEPT, ["read_odometer"])], iat=world["now"])
+    result = s.manager.apply(v2, source="mqtt")
+    assert result.status == "applied" and [e.grant_id for e in result.revoked] == [GONE]
+    # The snapshot keeps the old pages in the files: the scan sees the key, so nobody may claim it destroyed.
+    assert _where(world["secrets"]["wrapped key"], _files(s.dir))
+    assert not result.revoked[0].key_destroyed
+    assert s.receipts("erasure") == []
+    assert [e["event"] for e in s.events() if e.get("grant") == GONE] == ["grant-stopped", "erasure-pending"]
+    assert s.manager.finish_pending_erasures() == []  # still held: still pending
+
+    _release(reader)
+    done = s.manager.finish_pending_erasures()  # the agent's main loop calls this every few seconds
+    assert [(e.grant_id, e.batches_deleted, e.key_destroyed) for e in done] == [(GONE, world["batches"], True)]
+    _assert_erased(s, world["secrets"], world["kept_key"])
+    assert [(r["grant"], r["batches_deleted"], r["key_destroyed"]) for r in s.receipts("erasure")] == [
+        (GONE, world["batches"], True)]
+    assert [e["event"] for e in s.events() if e.get("grant") == GONE] == [
+        "grant-stopped", "erasure-pending", "key-destroyed", "erasure-done"]
+
+
+def test_pending_erasure_survives_a_restart(world: dict[str, Any], reader: Any) -> None:
+    s: State = world["state"]
+    auth: Authority = world["auth"]
+    v2 = auth.doc(DEVICE, 2, [auth.grant(KEPT, ["read_odometer"])], iat=world["now"])
+    assert not s.manager.apply(v2, source="mqtt").revoked[0].key_destroyed
+    s.close()  # the agent stops (or dies) while the reader still holds its snapshot
+    _release(reader)
+    s.reopen()  # the restart finishes the erasure and only then sends its receipt
+    _assert_erased(s, world["secrets"], world["kept_key"])
+    assert [(r["grant"], r["reason"], r["key_destroyed"]) for r in s.receipts("erasure")] == [
+        (GONE, "revoked", True)]
+    assert not (s.dir / "erasures.pending.json").exists()

@@ -16,15 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import vgw.consent.store as store_module
 
-import agent.consent.store as store_module
 from tests.consentkit import Authority, State
 
 DEVICE = "dev-0001"
 
 
 class Clock:
-    """Stands in for the ``time`` module inside agent.consent.store only."""
+    """Stands in for the ``time`` module inside vgw.consent.store only."""
 
     def __init__(self, t: float) -> None:
         self.t = t

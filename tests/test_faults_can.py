@@ -1,7 +1,7 @@
 """CAN-side faults: a flood of random frames with malformed ones, the interface going down, error frames.
 
 The vehicle and the flood share one sending bus on the in-process virtual channel, so the only receive queue
-that fills is the agent's (bounded at agent.sources.canbus.RX_QUEUE_FRAMES, overflow counted).
+that fills is the agent's (bounded at vgw.sources.canbus.RX_QUEUE_FRAMES, overflow counted).
 """
 
 from __future__ import annotations

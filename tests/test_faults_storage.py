@@ -13,9 +13,9 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from vgw.simulators.broker import Mosquitto, free_port
+from vgw.simulators.cloud import CloudPeer
 
-from simulators.broker import Mosquitto, free_port
-from simulators.cloud import CloudPeer
 from tests.agentkit import AgentThread, Authority, vgw, write_config
 from tests.faultkit import DEV, apply_offline, record_trace, wait_until
 

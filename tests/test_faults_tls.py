@@ -9,8 +9,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from vgw.simulators.broker import Mosquitto
 
-from simulators.broker import Mosquitto
 from tests.agentkit import AgentThread, Authority, write_config
 from tests.faultkit import Tls11Server, apply_offline, record_trace, wait_until
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from vgw.simulators.fleet import FleetConfig, FleetSim
+from vgw.simulators.nats import NatsNotFound, find_nats_server
 
-from simulators.fleet import FleetConfig, FleetSim
-from simulators.nats import NatsNotFound, find_nats_server
 from tests.agentkit import vgw
 
 

@@ -8,14 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import vgw.install as inst
+from vgw.cli import main
+from vgw.config import load_config
+from vgw.runtime import AgentLock, open_state
+from vgw.simulators.broker import Mosquitto
+from vgw.simulators.cloud import CloudPeer, RecipientKey, SigningKey, consent_claims, grant, sign_consent
+from vgw.simulators.pki import TestPKI
 
-import agent.install as inst
-from agent.cli import main
-from agent.config import load_config
-from agent.runtime import AgentLock, open_state
-from simulators.broker import Mosquitto
-from simulators.cloud import CloudPeer, RecipientKey, SigningKey, consent_claims, grant, sign_consent
-from simulators.pki import TestPKI
 from tests.test_provision import install_signed_cert
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,13 +9,12 @@ from typing import Any
 
 import can
 import pytest
-
-from agent.config import ObdConfig
-from agent.obd.isotp import IsoTpTransport
-from agent.obd.poller import ObdPoller, decode_vin
-from agent.obd.request import build_request
-from simulators.obd_ecu import frozen_model
-from simulators.obd_responder import ObdResponder
+from vgw.config import ObdConfig
+from vgw.obd.isotp import IsoTpTransport
+from vgw.obd.poller import ObdPoller, decode_vin
+from vgw.obd.request import build_request
+from vgw.simulators.obd_ecu import frozen_model
+from vgw.simulators.obd_responder import ObdResponder
 
 VIN = "1M8GDM9AXKP042788"
 NONE: frozenset[str] = frozenset()

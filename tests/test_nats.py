@@ -19,11 +19,11 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+from vgw.simulators.broker import Mosquitto
+from vgw.simulators.cloud import CloudPeer
+from vgw.simulators.nats import NatsMqtt, NatsNotFound, find_nats_server
+from vgw.simulators.pki import TestPKI
 
-from simulators.broker import Mosquitto
-from simulators.cloud import CloudPeer
-from simulators.nats import NatsMqtt, NatsNotFound, find_nats_server
-from simulators.pki import TestPKI
 from tests.agentkit import AgentThread, Authority, Vehicle, connected_cloud, write_config
 
 try:
@@ -121,7 +121,7 @@ def test_agent_on_nats_survives_broker_restart_without_loss(
 
 
 def test_nats_device_cannot_touch_another_devices_topics(pki: TestPKI, nats: NatsMqtt, ncloud: CloudPeer) -> None:
-    from simulators.cloud import RecipientKey, SigningKey, consent_claims, seal_envelope, sign_consent
+    from vgw.simulators.cloud import RecipientKey, SigningKey, consent_claims, seal_envelope, sign_consent
 
     rk = RecipientKey.generate()
     ncloud.add_recipient("g-1", rk)
@@ -296,7 +296,7 @@ def test_engine_feature_matrix(engine: tuple[str, Any, str], pki: TestPKI) -> No
     taker.drop()
     time.sleep(0.3)
     with Bare(broker, pki, "cloud", proto, client_id="cloud-redeliver", persistent=True) as again:
-        # NATS redelivers after the consumer's ack_wait (5 s in simulators.nats), mosquitto at reconnect.
+        # NATS redelivers after the consumer's ack_wait (5 s in vgw.simulators.nats), mosquitto at reconnect.
         seen["qos1_redelivery"] = got_first and again.wait(
             lambda: any(m[1] == b"unacked" for m in again.messages), 8)
 
@@ -325,7 +325,7 @@ def test_engine_feature_matrix(engine: tuple[str, Any, str], pki: TestPKI) -> No
 def test_deploy_nats_example_is_valid_and_matches_the_tested_permissions(tmp_path: Path, pki: TestPKI) -> None:
     import subprocess
 
-    from simulators.nats import authorization_block
+    from vgw.simulators.nats import authorization_block
 
     root = Path(__file__).resolve().parents[1] / "deploy" / "nats"
     users = (root / "vgw-users.conf").read_text()

@@ -10,9 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from vgw.logs import _JournalFormatter
+from vgw.simulators.cloud import CloudPeer
 
-from agent.logs import _JournalFormatter
-from simulators.cloud import CloudPeer
 from tests.agentkit import AgentThread, Authority, Vehicle, vgw, write_config
 
 DEV = "dev-0001"

@@ -17,15 +17,15 @@ from typing import Any
 import can
 import psutil
 import pytest
+from vgw.config import ObdConfig
+from vgw.obd.elm327 import MAX_ANSWER_BYTES, AnswerTimeout, AnswerTooLong, Elm327, baud_matters
+from vgw.obd.isotp import IsoTpTransport
+from vgw.obd.poller import ObdPoller
+from vgw.obd.request import build_request
+from vgw.simulators.cloud import CloudPeer
+from vgw.simulators.elm327 import Elm327Simulator
+from vgw.simulators.obd_ecu import frozen_model
 
-from agent.config import ObdConfig
-from agent.obd.elm327 import MAX_ANSWER_BYTES, AnswerTimeout, AnswerTooLong, Elm327, baud_matters
-from agent.obd.isotp import IsoTpTransport
-from agent.obd.poller import ObdPoller
-from agent.obd.request import build_request
-from simulators.cloud import CloudPeer
-from simulators.elm327 import Elm327Simulator
-from simulators.obd_ecu import frozen_model
 from tests.agentkit import Authority, agent_process, vgw, write_config
 
 SPEED = build_request(0x01, [0x0D], scopes=frozenset())
@@ -65,7 +65,7 @@ def timed(fn: Callable[[], Any], limit: float, on_overrun: Callable[[], None]) -
     def run() -> None:
         try:
             out.append(fn())
-        except BaseException as exc:  # noqa: BLE001 - handed to the test
+        except BaseException as exc:
             out.append(exc)
 
     t = threading.Thread(target=run, daemon=True)

@@ -12,10 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from vgw.simulators.cloud import CloudPeer
+from vgw.simulators.elm327 import Elm327Simulator
+from vgw.simulators.obd_ecu import frozen_model
 
-from simulators.cloud import CloudPeer
-from simulators.elm327 import Elm327Simulator
-from simulators.obd_ecu import frozen_model
 from tests.agentkit import AgentThread, Authority, agent_process, write_config
 
 DEV = "dev-0001"

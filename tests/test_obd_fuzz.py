@@ -17,11 +17,10 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from agent.obd.elm327 import PROTOCOL_NAMES, parse_answer
-from agent.obd.isotp import RESPONSE_IDS, Reassembly
-from simulators.elm327 import Elm327Simulator, isotp_frames
-from simulators.obd_ecu import frozen_model
+from vgw.obd.elm327 import PROTOCOL_NAMES, parse_answer
+from vgw.obd.isotp import RESPONSE_IDS, Reassembly
+from vgw.simulators.elm327 import Elm327Simulator, isotp_frames
+from vgw.simulators.obd_ecu import frozen_model
 
 CI = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 LONG = settings(max_examples=5000, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from agent.obd.pids import (
+from vgw.obd.pids import (
     BY_NAME,
     BY_NUMBER,
     PIDS,
@@ -13,8 +12,8 @@ from agent.obd.pids import (
     parse_bitmap,
     resolve,
 )
-from agent.obd.poller import decode_vin
-from agent.scopes import SCOPES
+from vgw.obd.poller import decode_vin
+from vgw.scopes import SCOPES
 
 # (PID, data bytes A.., expected value, unit) worked from the J1979 formulas.
 VECTORS = [

@@ -34,19 +34,18 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from agent.catalogue import load_catalogue
-from agent.consent.model import Consent, Grant, Limits
-from agent.consent.verifier import verify_consent
-from agent.crypto.envelope import batch_plaintext, load_recipient_key, seal
-from agent.crypto.keys import load_or_create_storage_key
-from agent.outbox import GrantNotActive, Outbox
-from agent.pipeline.router import Pipeline
-from agent.scopes import SCOPES
-from simulators.can_sim import CanSimulator
-from simulators.cloud import RecipientKey, SigningKey, consent_claims, grant, open_envelope, sign_consent
-from simulators.paths import default_dbc, default_signal_map
-from simulators.vehicle import DEFAULT_VIN, VehicleModel
+from vgw.catalogue import load_catalogue
+from vgw.consent.model import Consent, Grant, Limits
+from vgw.consent.verifier import verify_consent
+from vgw.crypto.envelope import batch_plaintext, load_recipient_key, seal
+from vgw.crypto.keys import load_or_create_storage_key
+from vgw.outbox import GrantNotActive, Outbox
+from vgw.pipeline.router import Pipeline
+from vgw.scopes import SCOPES
+from vgw.simulators.can_sim import CanSimulator
+from vgw.simulators.cloud import RecipientKey, SigningKey, consent_claims, grant, open_envelope, sign_consent
+from vgw.simulators.paths import default_dbc, default_signal_map
+from vgw.simulators.vehicle import DEFAULT_VIN, VehicleModel
 
 DEVICE = "dev-0001"
 T0 = 1_800_000_000.0
@@ -147,7 +146,7 @@ def run(sc: Scenario | None, folder: Path, *, seed: int = 1, duration: float = 1
 
                 def make(seq: int, _s: list[dict[str, Any]] = samples, _g: Grant = g) -> bytes:
                     return seal(_g.recipient.kem, recipients[_g.id], DEVICE, _g.id,
-                                batch_plaintext(DEVICE, _g.id, seq, _s))
+                                batch_plaintext(DEVICE, _g.id, seq, _s, epoch=outbox.epoch))
 
                 outbox.commit_batch(g.id, make, batch.first_t, len(samples))
             # The uplink: oldest first, publish, delete on PUBACK; the cloud opens with its own code.
@@ -181,7 +180,7 @@ def run(sc: Scenario | None, folder: Path, *, seed: int = 1, duration: float = 1
         outbox.close()
 
 
-# The defaults (EDPB 01/2020), restated here independently of agent.consent.model.
+# The defaults (EDPB 01/2020), restated here independently of vgw.consent.model.
 _DEFAULTS = {"read_location": (0.2, 100.0), "read_compass": (0.2, None)}
 
 

@@ -12,14 +12,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-from agent.catalogue import load_catalogue
-from agent.cli import main
-from agent.config import load_config
-from agent.errors import ConfigError
-from agent.provisioning import parse_broker
-from simulators.cloud import SigningKey
-from simulators.pki import TestPKI
+from vgw.catalogue import load_catalogue
+from vgw.cli import main
+from vgw.config import load_config
+from vgw.errors import ConfigError
+from vgw.provisioning import parse_broker
+from vgw.simulators.cloud import SigningKey
+from vgw.simulators.pki import TestPKI
 
 
 def sign_csr(csr_path: Path, pki: TestPKI, *, days: int = 90, cn: str | None = None,
@@ -236,7 +235,7 @@ def test_parse_broker() -> None:
 
 
 def test_default_state_dir() -> None:
-    from agent.provisioning import default_state_dir
+    from vgw.provisioning import default_state_dir
 
     assert default_state_dir(Path("/etc/vgw")) == Path("/var/lib/vgw")
     assert default_state_dir(Path("/tmp/x")) == Path("/tmp/x/state")

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+from vgw.cli import main
+from vgw.crypto.envelope import batch_plaintext, load_recipient_key, seal
+from vgw.report import ConsentView, build_report, collect, render_html, render_text
+from vgw.simulators.vehicle import DEFAULT_VIN
 
-from agent.cli import main
-from agent.crypto.envelope import batch_plaintext, load_recipient_key, seal
-from agent.report import ConsentView, build_report, collect, render_html, render_text
-from simulators.vehicle import DEFAULT_VIN
 from tests.consentkit import Authority, State
 
 DEVICE = "dev-0001"
@@ -47,7 +47,8 @@ def world(tmp_path: Path, pki: Any) -> Iterator[dict[str, Any]]:
         rk = load_recipient_key(g.recipient.kem, g.recipient.pk)
         for _ in range(3):
             s.outbox.commit_batch(g.id, lambda seq, _g=g, _rk=rk, _s=samples: seal(
-                _g.recipient.kem, _rk, DEVICE, _g.id, batch_plaintext(DEVICE, _g.id, seq, _s)), float(now), 2)
+                _g.recipient.kem, _rk, DEVICE, _g.id,
+                batch_plaintext(DEVICE, _g.id, seq, _s, epoch=s.outbox.epoch)), float(now), 2)
     # What the uplink hook would have counted on PUBACK.
     for name, value in {"sent_batches:g-fleet": 4, "sent_samples:g-fleet": 40, "sent_samples:g-fleet:read_odometer": 30,
                         "sent_samples:g-fleet:read_location": 10, "first_sent:g-fleet": now - 90,

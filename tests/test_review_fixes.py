@@ -8,13 +8,13 @@ import time
 from pathlib import Path
 
 import pytest
+from vgw.audit import AuditLog
+from vgw.catalogue import load_catalogue
+from vgw.consent.model import Grant, Limits, Recipient
+from vgw.pipeline.router import Pipeline
+from vgw.simulators.broker import free_port
+from vgw.simulators.paths import default_dbc, default_signal_map
 
-from agent.audit import AuditLog
-from agent.catalogue import load_catalogue
-from agent.consent.model import Grant, Limits, Recipient
-from agent.pipeline.router import Pipeline
-from simulators.broker import free_port
-from simulators.paths import default_dbc, default_signal_map
 from tests.agentkit import AgentThread, Authority, write_config
 from tests.consentkit import Authority as DocAuthority
 from tests.consentkit import State

@@ -15,10 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from agent.sdnotify import notify, watchdog_interval
-from simulators.broker import free_port
-from simulators.pki import TestPKI
+from vgw.sdnotify import notify, watchdog_interval
+from vgw.simulators.broker import free_port
+from vgw.simulators.pki import TestPKI
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,7 +79,7 @@ def test_watchdog_interval(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _agent_config(tmp: Path, pki: TestPKI) -> Path:
-    from simulators.cloud import SigningKey
+    from vgw.simulators.cloud import SigningKey
 
     trust = SigningKey.generate().write_public_pem(tmp / "trust.pem")
     dev = pki.device("dev-0001")
@@ -112,7 +111,7 @@ def test_agent_sends_ready_watchdog_stopping(notify_socket: socket.socket, tmp_p
     """The real daemon as systemd runs it: READY=1 once up, WATCHDOG=1 repeatedly, STOPPING=1 on SIGTERM."""
     env = dict(os.environ, NOTIFY_SOCKET=os.environ["NOTIFY_SOCKET"], WATCHDOG_USEC="200000")
     env.pop("WATCHDOG_PID", None)
-    proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(_agent_config(tmp_path, pki))],
+    proc = subprocess.Popen([sys.executable, "-m", "vgw", "run", "--config", str(_agent_config(tmp_path, pki))],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
     got: list[bytes] = []
     try:

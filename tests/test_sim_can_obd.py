@@ -5,15 +5,16 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from agent.obd.isotp import IsoTpTransport
-from agent.obd.poller import decode_vin
-from agent.obd.request import build_request
-from simulators.vehicle import DEFAULT_VIN
+from vgw.obd.isotp import IsoTpTransport
+from vgw.obd.poller import decode_vin
+from vgw.obd.request import build_request
+from vgw.simulators.vehicle import DEFAULT_VIN
+
 from tests.agentkit import stop_process
 
 
 def test_can_simulator_answers_vin_and_speed_over_slcan() -> None:
-    sim = subprocess.Popen([sys.executable, "-m", "agent", "sim", "can", "--interface", "slcan", "--duration", "30"],
+    sim = subprocess.Popen([sys.executable, "-m", "vgw", "sim", "can", "--interface", "slcan", "--duration", "30"],
                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     transport = None
     try:

@@ -18,11 +18,10 @@ from typing import Any
 import can
 import pytest
 from cantools.database.can import Database
-
-from agent.errors import ConfigError, SourceOpenError
-from simulators.can_sim import MODEL_TICK_MS, SIGNAL_SOURCES, CanSimulator, open_output, vin_parts
-from simulators.slcan_pty import SlcanPtyBus
-from simulators.vehicle import (
+from vgw.errors import ConfigError, SourceOpenError
+from vgw.simulators.can_sim import MODEL_TICK_MS, SIGNAL_SOURCES, CanSimulator, open_output, vin_parts
+from vgw.simulators.slcan_pty import SlcanPtyBus
+from vgw.simulators.vehicle import (
     DEFAULT_VIN,
     DRIVE_CYCLE,
     GEAR_PARK,
@@ -36,6 +35,7 @@ from simulators.vehicle import (
     initial_bearing_deg,
     vin_check_digit,
 )
+
 from tests.agentkit import stop_process
 
 REPO = Path(__file__).resolve().parent.parent
@@ -414,7 +414,7 @@ def sim_process() -> Iterator[list[subprocess.Popen[str]]]:
 
 
 def _vgw(*args: str) -> list[str]:
-    return [sys.executable, "-m", "agent", *args]
+    return [sys.executable, "-m", "vgw", *args]
 
 
 def test_slcan_pty_from_a_separate_process(db: Database, sim_process: list[subprocess.Popen[str]]) -> None:

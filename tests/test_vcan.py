@@ -10,10 +10,10 @@ import time
 
 import can
 import pytest
+from vgw.simulators.can_sim import CanSimulator
+from vgw.simulators.paths import default_dbc
+from vgw.simulators.vehicle import VehicleModel
 
-from simulators.can_sim import CanSimulator
-from simulators.paths import default_dbc
-from simulators.vehicle import VehicleModel
 from tests.agentkit import AgentThread, Authority, write_config
 
 pytestmark = [
@@ -39,7 +39,7 @@ def test_agent_on_vcan0_with_kernel_filters(tmp_path, pki, broker, cloud) -> Non
             cloud.publish_consent(DEV, auth.doc(DEV, {"g-v": ["read_speedometer"]}))
             assert cloud.wait_for(lambda: len(cloud.batches(DEV, "g-v")) >= 3, 15)
             time.sleep(0.5)
-            counters = runner.agent.pipeline.counters
+            counters = runner.vgw.pipeline.counters
             # The kernel filter passes only the consented message id: nothing unrouted reaches the agent.
             assert counters["frames"] > 0
             assert counters["frames_unrouted"] <= counters["frames"] * 0.05

@@ -9,9 +9,8 @@ from typing import Any
 
 import pytest
 from cantools.database.can import Database
-
-from agent.scopes import SCOPES
-from simulators.paths import dbc_dir, default_dbc, default_signal_map
+from vgw.scopes import SCOPES
+from vgw.simulators.paths import dbc_dir, default_dbc, default_signal_map
 
 VSS_PATH = re.compile(r"^Vehicle(\.[A-Z][A-Za-z0-9]*)+$")
 MUX_SELECTOR = ("VehicleIdentification", "VIN_MuxSelector")

@@ -7,7 +7,7 @@ Phases, in one run:
 2. decode: cantools ``decode_message`` of every frame next to vgw's compiled decoders (every signal), on
    frames already in memory; and the *naive agent*: the same trace read by ``can.LogReader`` and decoded
    by cantools frame by frame;
-3. full path: ``vgw run`` semantics (:class:`agent.runtime.Agent` in a child process, so its RSS and CPU are
+3. full path: ``vgw run`` semantics (:class:`vgw.runtime.Agent` in a child process, so its RSS and CPU are
    its own) replays the trace as fast as possible (replay_rate 0, replay_exit) -> filter -> decode -> policy
    -> batch -> HPKE -> outbox -> mutual-TLS publish to a private mosquitto, until every batch is
    acknowledged;
@@ -18,31 +18,31 @@ Phases, in one run:
 5. revocation: ``--revoke-rows`` buffered outbox rows, then a consent document that drops the grant; the time
    until its data key is gone from the database, seen by a separate SQLite connection.
 
-Raises :class:`~agent.errors.VgwError` when a part cannot start (no mosquitto, bad DBC, child failure).
+Raises :class:`~vgw.errors.VgwError` when a part cannot start (no mosquitto, bad DBC, child failure).
 
 Modules, in the order of a run:
 
-- :mod:`agent.bench.options`: :class:`BenchOptions`, the bench device and the grants' scopes;
-- :mod:`agent.bench.trace`: phase 1, the candump trace and, for a foreign DBC, the synthetic signal map;
-- :mod:`agent.bench.decode`: phase 2, the cantools baseline and the naive agent;
-- :mod:`agent.bench.child`: phases 3 and 4, the agent in a child process and its timings;
-- :mod:`agent.bench.latency`: phase 4, frame-to-arrival latency at the cloud peer;
-- :mod:`agent.bench.revocation`: phase 5;
-- :mod:`agent.bench.run`: :func:`run_bench`, every phase in order with the broker, PKI and consent documents;
-- :mod:`agent.bench.report`: the progress bar, the targets and the human-readable table.
+- :mod:`vgw.bench.options`: :class:`BenchOptions`, the bench device and the grants' scopes;
+- :mod:`vgw.bench.trace`: phase 1, the candump trace and, for a foreign DBC, the synthetic signal map;
+- :mod:`vgw.bench.decode`: phase 2, the cantools baseline and the naive agent;
+- :mod:`vgw.bench.child`: phases 3 and 4, the agent in a child process and its timings;
+- :mod:`vgw.bench.latency`: phase 4, frame-to-arrival latency at the cloud peer;
+- :mod:`vgw.bench.revocation`: phase 5;
+- :mod:`vgw.bench.run`: :func:`run_bench`, every phase in order with the broker, PKI and consent documents;
+- :mod:`vgw.bench.report`: the progress bar, the targets and the human-readable table.
 
 Every public name is re-exported here: ``from agent.bench import run_bench`` etc.
 """
 
 from __future__ import annotations
 
-from agent.bench.child import child_main
-from agent.bench.decode import bench_decode
-from agent.bench.options import DEVICE, TYPICAL_SCOPES, BenchOptions
-from agent.bench.report import Progress, format_table
-from agent.bench.revocation import bench_revocation
-from agent.bench.run import run_bench
-from agent.bench.trace import frame_source, synthetic_signal_map, write_trace
+from vgw.bench.child import child_main
+from vgw.bench.decode import bench_decode
+from vgw.bench.options import DEVICE, TYPICAL_SCOPES, BenchOptions
+from vgw.bench.report import Progress, format_table
+from vgw.bench.revocation import bench_revocation
+from vgw.bench.run import run_bench
+from vgw.bench.trace import frame_source, synthetic_signal_map, write_trace
 
 __all__ = [
     "DEVICE",

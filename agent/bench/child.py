@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.bench.options import DEVICE
-from agent.bench.report import Progress
-from agent.errors import VgwError
+from vgw.bench.options import DEVICE
+from vgw.bench.report import Progress
+from vgw.errors import VgwError
 
 # ---------------------------------------------------------------- the agent in a child process
 
@@ -56,8 +56,8 @@ def child_main(config: str) -> int:
     """
     import resource
 
-    from agent.config import load_config
-    from agent.runtime import Agent
+    from vgw.config import load_config
+    from vgw.runtime import Agent
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     cfg = load_config(config)

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from agent.bench.report import Progress
+from vgw.bench.report import Progress
 
 _CHUNK = 20_000
 
@@ -15,12 +15,12 @@ _CHUNK = 20_000
 # ---------------------------------------------------------------- phase 2: decoding
 
 
-def _read_chunks(trace: Path) -> Iterator[list[tuple[int, bytes]]]:
+def _read_chunks(trace: Path) -> Iterator[list[tuple[int, bool, bytes]]]:
     import can
 
-    chunk: list[tuple[int, bytes]] = []
+    chunk: list[tuple[int, bool, bytes]] = []
     for msg in can.LogReader(str(trace)):
-        chunk.append((msg.arbitration_id, bytes(msg.data)))
+        chunk.append((msg.arbitration_id, msg.is_extended_id, bytes(msg.data)))
         if len(chunk) >= _CHUNK:
             yield chunk
             chunk = []
@@ -31,25 +31,26 @@ def _read_chunks(trace: Path) -> Iterator[list[tuple[int, bytes]]]:
 def bench_decode(db: Any, trace: Path, frames: int, progress: Progress) -> dict[str, Any]:
     """cantools vs compiled decoders (every signal) on in-memory frames, and the naive agent end to end."""
     import can
+    from vgw.pipeline.decoder import MessageDecoder
 
-    from agent.pipeline.decoder import MessageDecoder
-
-    by_id = {m.frame_id: m for m in db.messages}
-    compiled = {fid: MessageDecoder(m, [(s.name, s.name) for s in m.signals]) for fid, m in by_id.items()}
+    # cantools keys an extended id that fits in 11 bits apart from the standard one (force_extended_id).
+    by_id = {(m.frame_id, m.is_extended_frame): m for m in db.messages}
+    compiled = {key: MessageDecoder(m, [(s.name, s.name) for s in m.signals]) for key, m in by_id.items()}
     decode = db.decode_message
     t_cantools = t_vgw = 0.0
     signals_cantools = signals_vgw = errors = done = 0
     for chunk in _read_chunks(trace):
         t = time.perf_counter()
-        for fid, data in chunk:
+        for fid, ext, data in chunk:
             try:
-                signals_cantools += len(decode(fid, data, decode_choices=False, allow_truncated=True))
+                signals_cantools += len(decode(fid, data, decode_choices=False, allow_truncated=True,
+                                               force_extended_id=ext))
             except Exception:
                 errors += 1
         t_cantools += time.perf_counter() - t
         t = time.perf_counter()
-        for fid, data in chunk:
-            dec = compiled.get(fid)
+        for fid, ext, data in chunk:
+            dec = compiled.get((fid, ext))
             if dec is not None:
                 signals_vgw += len(dec.decode(data)[0])
         t_vgw += time.perf_counter() - t
@@ -60,7 +61,8 @@ def bench_decode(db: Any, trace: Path, frames: int, progress: Progress) -> dict[
     n = 0
     for msg in can.LogReader(str(trace)):
         try:
-            decode(msg.arbitration_id, msg.data, decode_choices=False, allow_truncated=True)
+            decode(msg.arbitration_id, msg.data, decode_choices=False, allow_truncated=True,
+                   force_extended_id=msg.is_extended_id)
         except Exception:  # noqa: S110 - counted in the decode-only pass above
             pass
         n += 1

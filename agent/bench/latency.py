@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from agent.bench.options import DEVICE
+from vgw.bench.options import DEVICE
 
 
 def _percentile(values: list[float], q: float) -> float:

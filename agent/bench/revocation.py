@@ -8,17 +8,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.bench.options import DEVICE
-from agent.bench.report import Progress
+from vgw.bench.options import DEVICE
+from vgw.bench.report import Progress
 
 # ---------------------------------------------------------------- phase 5: revocation
 
 
 def bench_revocation(cfg_path: Path, docs: tuple[str, str], rows: int, progress: Progress) -> dict[str, Any]:
     """Fill the outbox with ``rows`` rows of one grant, revoke it; time until its key row is gone."""
-    from agent.config import load_config
-    from agent.crypto.envelope import batch_plaintext, load_recipient_key, seal
-    from agent.runtime import Agent
+    from vgw.config import load_config
+    from vgw.crypto.envelope import batch_plaintext, load_recipient_key, seal
+    from vgw.runtime import Agent
 
     cfg = load_config(cfg_path)
     agent = Agent(cfg)
@@ -27,8 +27,9 @@ def bench_revocation(cfg_path: Path, docs: tuple[str, str], rows: int, progress:
         grant = next(g for g in agent.manager.active_grants() if g.id == "g-insurer")
         recipient = load_recipient_key(grant.recipient.kem, grant.recipient.pk)
         samples = [{"t": 1.7e9 + i / 50, "path": "Vehicle.Speed", "value": 50.0 + i % 7} for i in range(100)]
+        epoch = agent.outbox.epoch
         agent.outbox.commit_batch(grant.id, lambda seq: seal(grant.recipient.kem, recipient, DEVICE, grant.id,
-                                  batch_plaintext(DEVICE, grant.id, seq, samples)), 1.7e9, len(samples))
+                                  batch_plaintext(DEVICE, grant.id, seq, samples, epoch=epoch)), 1.7e9, len(samples))
         db_path = agent.outbox.path
         fill = sqlite3.connect(db_path, timeout=30, isolation_level=None)
         blob_len = fill.execute("SELECT LENGTH(blob) FROM batches WHERE grant_id = ?", (grant.id,)).fetchone()[0]

@@ -1,4 +1,4 @@
-"""`vgw bench`: :func:`run_bench`, every phase in order (see :mod:`agent.bench`), around one private broker."""
+"""`vgw bench`: :func:`run_bench`, every phase in order (see :mod:`vgw.bench`), around one private broker."""
 
 from __future__ import annotations
 
@@ -10,29 +10,29 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.bench.child import _config_text, _run_child
-from agent.bench.decode import bench_decode
-from agent.bench.latency import _latencies
-from agent.bench.options import _PRIVACY_SCOPES, DEVICE, TYPICAL_SCOPES, BenchOptions
-from agent.bench.report import Progress, _cpu_name, _targets
-from agent.bench.revocation import bench_revocation
-from agent.bench.trace import frame_source, synthetic_signal_map, write_trace
-from agent.config import BatchConfig
-from agent.errors import ConfigError, VgwError
-from agent.logs import quieted
+from vgw.bench.child import _config_text, _run_child
+from vgw.bench.decode import bench_decode
+from vgw.bench.latency import _latencies
+from vgw.bench.options import _PRIVACY_SCOPES, DEVICE, TYPICAL_SCOPES, BenchOptions
+from vgw.bench.report import Progress, _cpu_name, _targets
+from vgw.bench.revocation import bench_revocation
+from vgw.bench.trace import frame_source, synthetic_signal_map, write_trace
+from vgw.config import BatchConfig
+from vgw.errors import ConfigError, VgwError
+from vgw.logs import quieted
 
 # ---------------------------------------------------------------- orchestration
 
 
 def run_bench(opts: BenchOptions, progress: Progress | None = None) -> dict[str, Any]:
     """Run every phase; return the results (see module docstring)."""
-    from agent.catalogue import load_dbc
-    from agent.consent.store import ConsentStore
-    from agent.scopes import SCOPES
-    from simulators.broker import Mosquitto, MosquittoNotFound
-    from simulators.cloud import CloudPeer, RecipientKey, SigningKey, consent_claims, grant, sign_consent
-    from simulators.paths import default_dbc, default_signal_map
-    from simulators.pki import TestPKI
+    from vgw.catalogue import load_dbc
+    from vgw.consent.store import ConsentStore
+    from vgw.scopes import SCOPES
+    from vgw.simulators.broker import Mosquitto, MosquittoNotFound
+    from vgw.simulators.cloud import CloudPeer, RecipientKey, SigningKey, consent_claims, grant, sign_consent
+    from vgw.simulators.paths import default_dbc, default_signal_map
+    from vgw.simulators.pki import TestPKI
 
     if opts.consent not in ("typical", "all"):
         raise VgwError(f"--consent {opts.consent!r}: use 'typical' or 'all'")

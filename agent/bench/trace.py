@@ -9,9 +9,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from agent.bench.options import _PRIVACY_SCOPES
-from agent.bench.report import Progress
-from agent.errors import ConfigError
+from vgw.bench.options import _PRIVACY_SCOPES
+from vgw.bench.report import Progress
+from vgw.errors import ConfigError
 
 # ---------------------------------------------------------------- trace and signal map
 
@@ -25,7 +25,7 @@ def _vss_leaf(name: str) -> str:
 
 def synthetic_signal_map(db: Any) -> str:
     """Map every signal of ``db`` to a scope (round robin) and the path ``Vehicle.Bench.<Msg>.<Sig>``."""
-    from agent.scopes import SCOPES
+    from vgw.scopes import SCOPES
 
     scopes = sorted(s for s in SCOPES if s not in _PRIVACY_SCOPES)
     lines = ["# written by `vgw bench`: every signal, synthetic VSS paths"]
@@ -63,8 +63,8 @@ def _random_frames(db: Any, seed: int, start: float) -> Iterator[tuple[float, in
 
 
 def _sim_frames(dbc: Path, seed: int, start: float, all_messages: bool) -> Iterator[tuple[float, int, bool, bytes]]:
-    from simulators.can_sim import CanSimulator
-    from simulators.vehicle import VehicleModel
+    from vgw.simulators.can_sim import CanSimulator
+    from vgw.simulators.vehicle import VehicleModel
 
     sim = CanSimulator(dbc, VehicleModel(seed=seed), all_messages=all_messages)
     for m in sim.frames(None, start_time=start):
@@ -79,7 +79,7 @@ def frame_source(dbc: Path, *, demo: bool, seed: int, start: float) -> Iterator[
         gen = _sim_frames(dbc, seed, start, all_messages=True)
         first = next(gen)
     except Exception:  # the simulator is strict (nested mux, odd DBCs): random payloads instead
-        from agent.catalogue import load_dbc
+        from vgw.catalogue import load_dbc
 
         return _random_frames(load_dbc([dbc], strict=False), seed, start)
 
@@ -107,8 +107,9 @@ def write_trace(path: Path, frames: Iterator[tuple[float, int, bool, bytes]], co
             if t0 is None:
                 t0 = t
             t_last = t0 + (t - t0) / time_scale
-            lines.append(f"({t_last:.6f}) can0 {ident:08X}#{data.hex().upper()}\n" if ext
-                         else f"({t_last:.6f}) can0 {ident:03X}#{data.hex().upper()}\n")
+            sep = "##1" if len(data) > 8 else "#"  # candump -L writes a CAN FD frame as ID##<flags><data>
+            lines.append(f"({t_last:.6f}) can0 {ident:08X}{sep}{data.hex().upper()}\n" if ext
+                         else f"({t_last:.6f}) can0 {ident:03X}{sep}{data.hex().upper()}\n")
             n += 1
             if len(lines) >= 8192:
                 fh.writelines(lines)

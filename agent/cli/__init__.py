@@ -1,8 +1,8 @@
 """The `vgw` command line (CONTRACT §1).
 
-Each subcommand lives in its own module under ``agent.cli`` and exposes ``register(subparsers)``, which
+Each subcommand lives in its own module under ``vgw.cli`` and exposes ``register(subparsers)``, which
 adds its parser and sets ``func`` (``Callable[[argparse.Namespace], int]``) as the default. ``main`` turns
-every :class:`~agent.errors.VgwError` into one line on stderr and a non-zero exit; ``--debug`` shows the
+every :class:`~vgw.errors.VgwError` into one line on stderr and a non-zero exit; ``--debug`` shows the
 traceback instead.
 """
 
@@ -16,7 +16,7 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from agent.errors import VgwError
+from vgw.errors import VgwError
 
 # Subcommand modules, imported in this order; each registers its own parser.
 _COMMANDS = (
@@ -52,9 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _COMMANDS:
         try:
-            module = importlib.import_module(f"agent.cli.{name}")
+            module = importlib.import_module(f"vgw.cli.{name}")
         except ModuleNotFoundError as exc:
-            if exc.name == f"agent.cli.{name}":
+            if exc.name == f"vgw.cli.{name}":
                 continue  # subcommand not built yet
             raise
         module.register(sub)
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from agent import __version__
+    from vgw import __version__
 
     return __version__
 
@@ -79,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(sig, lambda signum, frame: EARLY_SIGNALS.append(signum))
     parser = build_parser()
     args = parser.parse_args(argv)
-    from agent.logs import setup_logging
+    from vgw.logs import setup_logging
 
     setup_logging(debug=args.debug, verbose=args.command in _DAEMONS)
     if not getattr(args, "func", None):

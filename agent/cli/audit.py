@@ -8,11 +8,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from agent.errors import ConfigError
+from vgw.errors import ConfigError
+from vgw.timefmt import utc_text
 
 EXIT_BROKEN = 1
 # Shown first in `audit show`; every other field follows in name order.
@@ -42,21 +42,21 @@ def _source_args(p: argparse.ArgumentParser) -> None:
 
 
 def _log_path(args: argparse.Namespace) -> Path:
-    from agent.audit import AUDIT_FILE
+    from vgw.audit import AUDIT_FILE
 
     if args.file:
         path = Path(args.file)
         if not path.is_file():
             raise ConfigError(f"{path}: audit log not found")
         return path
-    from agent.config import load_config
+    from vgw.config import load_config
 
     cfg = load_config(args.config)
     return cfg.state_dir / AUDIT_FILE
 
 
 def _open(path: Path) -> Any:
-    from agent.audit import AuditLog
+    from vgw.audit import AuditLog
 
     log = AuditLog(path.parent)
     log.path = path
@@ -94,7 +94,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 def format_entry(e: dict[str, Any]) -> str:
     """One readable line: number, UTC time, event, then the other fields as key=value."""
     t = e.get("t")
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t)) + "Z" if isinstance(t, int | float) else "?"
+    when = utc_text(t, "%Y-%m-%d %H:%M:%SZ", missing="?")  # a damaged entry may hold any number
     rest = " ".join(f"{k}={_fmt(v)}" for k, v in sorted(e.items()) if k not in _LEAD and k not in _HIDDEN)
     return f"{e.get('n', '?'):>5} {when} {e.get('event', '?'):<18} {rest}".rstrip()
 

@@ -24,13 +24,26 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="buffered outbox rows when the grant is revoked (default 100000)")
     p.add_argument("--low-latency-s", type=float, default=0.05, metavar="S",
                    help="[batch] max_interval_s of the second realtime run (default 0.05)")
+    p.add_argument("--drive-cycle", action="store_true",
+                   help="only the drive-cycle measure: bytes sent per hour per grant under each collection mode "
+                        "(README \"Collection rules\") against streaming every sample, on the demo drive")
+    p.add_argument("--drive-seconds", type=float, default=1800.0, metavar="S",
+                   help="simulated seconds of driving for --drive-cycle (default 1800)")
     p.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from agent.bench import BenchOptions, format_table, run_bench
-    from agent.errors import VgwError
+    from vgw.bench import BenchOptions, format_table, run_bench
+    from vgw.errors import VgwError
 
+    if args.drive_cycle:
+        from vgw.bench.drive import drive_cycle, format_drive
+
+        if not 0 < args.drive_seconds <= 86_400:
+            raise VgwError(f"--drive-seconds {args.drive_seconds}: must be > 0 and <= 86400")
+        drive = drive_cycle(args.drive_seconds)
+        print(json.dumps(drive, indent=2) if args.json else format_drive(drive), end="\n" if args.json else "")
+        return 0
     if args.rt_fps <= 0 or args.rt_seconds <= 0:
         raise VgwError("--rt-fps and --rt-seconds must be > 0")
     if not 0.01 <= args.low_latency_s <= 10:

@@ -100,8 +100,8 @@ def _broker_options(p: argparse.ArgumentParser, *, required: bool) -> None:
 
 
 def _opts(args: argparse.Namespace) -> Any:
-    from simulators.cloudkit import CloudKitError
-    from simulators.cloudlink import BrokerOptions
+    from vgw.simulators.cloudkit import CloudKitError
+    from vgw.simulators.cloudlink import BrokerOptions
 
     missing = [n for n in ("ca", "cert", "tls_key") if getattr(args, n) is None]
     if missing:
@@ -118,7 +118,7 @@ def _opts(args: argparse.Namespace) -> Any:
 
 
 def run_keygen(args: argparse.Namespace) -> int:
-    from simulators.cloudkit import keygen
+    from vgw.simulators.cloudkit import keygen
 
     for path in keygen(args.dir, args.recipient, signer=not args.no_signer, force=args.force):
         print(path)
@@ -126,7 +126,7 @@ def run_keygen(args: argparse.Namespace) -> int:
 
 
 def run_sign(args: argparse.Namespace) -> int:
-    from simulators.cloudkit import load_grants, load_signing_key, sign_documents
+    from vgw.simulators.cloudkit import load_grants, load_signing_key, sign_documents
 
     key = load_signing_key(args.key)
     desc = load_grants(args.grants)
@@ -147,8 +147,8 @@ def run_sign(args: argparse.Namespace) -> int:
 
 
 def run_push(args: argparse.Namespace) -> int:
-    from simulators.cloudkit import read_document
-    from simulators.cloudlink import CloudLink
+    from vgw.simulators.cloudkit import read_document
+    from vgw.simulators.cloudlink import CloudLink
 
     docs = [(read_document(p), p) for p in args.docs]
     link = CloudLink(_opts(args)).connect()
@@ -162,8 +162,8 @@ def run_push(args: argparse.Namespace) -> int:
 
 
 def run_revoke(args: argparse.Namespace) -> int:
-    from simulators.cloudkit import load_signing_key, read_document, revoke_document
-    from simulators.cloudlink import CloudLink
+    from vgw.simulators.cloudkit import load_signing_key, read_document, revoke_document
+    from vgw.simulators.cloudlink import CloudLink
 
     key = load_signing_key(args.key)
     current = read_document(args.current, key)
@@ -183,8 +183,8 @@ def run_revoke(args: argparse.Namespace) -> int:
 
 
 def run_listen(args: argparse.Namespace) -> int:
-    from simulators.cloudkit import load_device_certs, load_recipient_keys
-    from simulators.cloudlink import CloudLink, Listener
+    from vgw.simulators.cloudkit import load_device_certs, load_recipient_keys
+    from vgw.simulators.cloudlink import CloudLink, Listener
 
     recipients = load_recipient_keys(args.recipient)
     keys = load_device_certs(args.device_cert)
@@ -213,7 +213,7 @@ def run_listen(args: argparse.Namespace) -> int:
         granted = link.subscribe(topics)
         failed = [t for (t, _q), g in zip(topics, granted, strict=False) if not g.startswith("Granted")]
         if failed:
-            from agent.errors import UplinkError
+            from vgw.errors import UplinkError
 
             raise UplinkError(f"broker refused subscription(s) {failed}: {granted}")
         print(f"vgw cloud listen: subscribed (MQTT {link.protocol}) "
@@ -234,8 +234,8 @@ def run_listen(args: argparse.Namespace) -> int:
 
 
 def run_verify_receipt(args: argparse.Namespace) -> int:
-    from simulators.cloud import ReceiptError
-    from simulators.cloudkit import load_device_certs, verify_receipt_file
+    from vgw.simulators.cloud import ReceiptError
+    from vgw.simulators.cloudkit import load_device_certs, verify_receipt_file
 
     keys = load_device_certs(args.device_cert)
     try:

@@ -8,8 +8,9 @@ import sys
 import time
 from pathlib import Path
 
-from agent.consent.store import ConsentStore
-from agent.errors import ConfigError
+from vgw.consent.store import ConsentStore
+from vgw.errors import ConfigError
+from vgw.timefmt import utc_text
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -31,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def _read_doc(path: str) -> bytes:
-    from agent.consent.verifier import MAX_DOCUMENT_BYTES
+    from vgw.consent.verifier import MAX_DOCUMENT_BYTES
 
     p = Path(path)
     try:
@@ -45,10 +46,10 @@ def _read_doc(path: str) -> bytes:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    from agent.config import load_config
-    from agent.consent.manager import ConsentManager, load_trust_keys
-    from agent.errors import ConsentError
-    from agent.runtime import AgentLock, open_state
+    from vgw.config import load_config
+    from vgw.consent.manager import ConsentManager, load_trust_keys
+    from vgw.errors import ConsentError
+    from vgw.runtime import AgentLock, open_state
 
     cfg = load_config(args.config)
     token = _read_doc(args.doc)
@@ -106,13 +107,15 @@ def cmd_apply(args: argparse.Namespace) -> int:
         return 0
     print(f"consent v{result.consent.ver} applied ({len(result.consent.grants)} grant(s))")
     for e in result.revoked:
-        print(f"  grant {e.grant_id} revoked: {e.batches_deleted} batch(es) deleted, data key destroyed")
+        print(f"  grant {e.grant_id} revoked: {e.batches_deleted} batch(es) deleted, " + (
+            "data key destroyed" if e.key_destroyed else "erasure pending (another process holds the outbox open; "
+            "the receipt follows once no copy is left)"))
     return 0
 
 
 def _wait_for_agent(store: ConsentStore, state_dir: Path, ver: int, timeout: float) -> str:
     """"applied", "rejected" (the agent took the hand-over and did not apply it) or "pending"."""
-    from agent.runtime import STATUS_FILE
+    from vgw.runtime import STATUS_FILE
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -136,8 +139,9 @@ def _wait_for_agent(store: ConsentStore, state_dir: Path, ver: int, timeout: flo
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from agent.config import load_config
-    from agent.stateview import read_state
+    from vgw.collect.describe import describe_grant
+    from vgw.config import load_config
+    from vgw.stateview import read_state
 
     manager = read_state(load_config(args.config)).manager
     consent = manager.in_force
@@ -154,6 +158,9 @@ def cmd_show(args: argparse.Namespace) -> int:
     for g in consent.grants:
         print(f"  grant {g.id}  controller={g.controller}  purpose={g.purpose}")
         print(f"    scopes: {', '.join(g.scopes)}")
+        print("    what it receives:")
+        for line in describe_grant(g.scopes, g.collect, g.limits_in_force()):
+            print(f"      {line}")
         for scope in g.scopes:
             lim = g.limits_for(scope)
             if lim.max_hz or lim.precision_m:
@@ -166,4 +173,4 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def _ts(t: int) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+    return utc_text(t)  # any cached value prints, even one an older agent accepted

@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from agent.doctor import exit_code, format_text, run_checks
+    from vgw.doctor import exit_code, format_text, run_checks
 
     results = run_checks(args.config)
     if args.json:

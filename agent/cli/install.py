@@ -39,7 +39,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_install(args: argparse.Namespace) -> int:
-    from agent.install import install
+    from vgw.install import install
 
     install(prefix=args.prefix, config=args.config, source=args.source, python=args.python,
             venv=not args.no_venv, system=not args.no_systemctl, dry_run=args.dry_run)
@@ -49,7 +49,7 @@ def cmd_install(args: argparse.Namespace) -> int:
 
 
 def cmd_uninstall(args: argparse.Namespace) -> int:
-    from agent.install import uninstall
+    from vgw.install import uninstall
 
     uninstall(prefix=args.prefix, purge=args.purge, config=args.config, system=not args.no_systemctl,
               dry_run=args.dry_run, receipt_timeout_s=args.receipt_timeout)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from agent.provisioning import DEFAULT_OUT, Report
+from vgw.provisioning import DEFAULT_OUT, Report
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -46,7 +46,7 @@ def _print(report: Report, title: str) -> None:
 
 
 def cmd_provision(args: argparse.Namespace) -> int:
-    from agent.provisioning import install_cert, provision
+    from vgw.provisioning import install_cert, provision
 
     parser: argparse.ArgumentParser = args._parser
     if args.install_cert is not None:

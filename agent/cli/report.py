@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from agent.errors import ConfigError
+from vgw.errors import ConfigError
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -19,8 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from agent.fsutil import atomic_write
-    from agent.report import collect, render_html, render_text
+    from vgw.fsutil import atomic_write
+    from vgw.report import collect, render_html, render_text
 
     report = collect(args.config)
     if args.html:

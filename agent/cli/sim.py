@@ -12,7 +12,14 @@ python-can ``virtual`` bus reaches only its own process). Its path is the first 
 serves until killed (or ``--duration``); stderr says which ``[can]`` lines make the agent read it. Each
 ``--link PATH`` adds one more adapter on the same simulated bus with a stable symbolic link to its pty
 (a pty has one reader: the agent takes one, ``vgw monitor`` another). Other simulators plug in as modules
-``agent.cli.sim_<name>`` (see ``_SIM_COMMANDS``) exposing ``register(sim_subparsers)``.
+``vgw.cli.sim_<name>`` (see ``_SIM_COMMANDS``) exposing ``register(sim_subparsers)``.
+
+A J1939 DBC (messages with ``VFrameFormat`` ``J1939PG``) drives a J1939 truck: its parameter groups from
+several source addresses, a DM1 fault that comes and goes, VIN and component identification by TP.BAM
+(simulators/j1939_sim.py). A DBC with CAN FD messages (``VFrameFormat`` ``StandardCAN_FD`` or
+``ExtendedCAN_FD``, or more than 8 bytes) sends them as FD frames: SocketCAN opens in FD mode (the interface
+must be up with ``fd on``), the SLCAN pty writes them in the CANable 2.0 dialect (``d``/``D``/``b``/``B``
+lines) that python-can's slcan reads; an adapter firmware without that dialect cannot carry FD.
 """
 
 from __future__ import annotations
@@ -27,9 +34,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from agent.errors import ConfigError
+from vgw.errors import ConfigError
 
-# Further `vgw sim <name>` commands, each in agent.cli.sim_<name> with register(sim_subparsers).
+# Further `vgw sim <name>` commands, each in vgw.cli.sim_<name> with register(sim_subparsers).
 _SIM_COMMANDS = ("elm327", "fleet")
 
 DEFAULT_RECORD_S = 60.0
@@ -45,9 +52,9 @@ def register(subparsers: Any) -> None:
     _register_can(sim_sub)
     for name in _SIM_COMMANDS:
         try:
-            module = importlib.import_module(f"agent.cli.sim_{name}")
+            module = importlib.import_module(f"vgw.cli.sim_{name}")
         except ModuleNotFoundError as exc:
-            if exc.name == f"agent.cli.sim_{name}":
+            if exc.name == f"vgw.cli.sim_{name}":
                 continue  # not built yet
             raise
         module.register(sim_sub)
@@ -115,8 +122,9 @@ def _loops(text: str) -> int | None:
 
 def run_can(args: argparse.Namespace) -> int:
     """Run ``vgw sim can``. Raises ConfigError / SourceOpenError (printed as one line by the CLI)."""
-    from simulators.can_sim import CanSimulator, open_output
-    from simulators.vehicle import DEFAULT_VIN, VehicleModel
+    from vgw.simulators.can_sim import CanSimulator, open_output
+    from vgw.simulators.j1939_sim import J1939Simulator, is_j1939_dbc
+    from vgw.simulators.vehicle import DEFAULT_VIN, VehicleModel
 
     if args.duration is not None and args.duration < 0:
         raise ConfigError(f"--duration must be >= 0, got {args.duration}")
@@ -136,6 +144,9 @@ def run_can(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ConfigError(f"--vin: {exc}") from exc
     sim = CanSimulator(args.dbc, model)
+    if is_j1939_dbc(sim.messages):
+        # A J1939 DBC (VFrameFormat J1939PG): a truck network -- several sources, DM1, VIN by TP.BAM.
+        sim = J1939Simulator(args.dbc, model)
 
     if args.record is not None:
         duration = DEFAULT_RECORD_S if args.duration is None else args.duration
@@ -150,19 +161,26 @@ def run_can(args: argparse.Namespace) -> int:
 
     interface = args.interface or "slcan"
     links = tuple(str(Path(link).absolute()) for link in args.link)
-    bus = open_output(interface, args.channel, args.bitrate, links=links)
+    bus = open_output(interface, args.channel, args.bitrate, fd=sim.has_fd, links=links)
     stop = threading.Event()
     previous = _on_sigterm(stop)
-    responder = None
+    responder: Any = None  # ObdResponder or J1939Responder: each has close()
     try:
         if interface == "slcan":
             # CONTRACT §1: the pty path is the first line of stdout; one line per further adapter follows.
             for path in getattr(bus, "paths", [getattr(bus, "path", "")]):
                 print(path, flush=True)
         _hint(interface, bus, args, links)
-        if args.obd and args.play is None:
+        if args.play is not None:
+            pass  # a recorded trace answers nothing
+        elif isinstance(sim, J1939Simulator):
+            # The truck's engine answers J1939 requests (PGN 59904) for its VIN and component identification.
+            from vgw.simulators.j1939_sim import J1939Responder
+
+            responder = J1939Responder(bus, sim).start()
+        elif args.obd:
             # The simulated ECUs also answer OBD-II requests (ISO-TP on 0x7DF/0x7E0 -> 0x7E8) on this bus.
-            from simulators.obd_responder import attach
+            from vgw.simulators.obd_responder import attach
 
             responder = attach(bus, sim.model)
         started = time.monotonic()

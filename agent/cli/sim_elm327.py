@@ -15,12 +15,12 @@ import threading
 from types import FrameType
 from typing import Any
 
-from agent.errors import ConfigError
+from vgw.errors import ConfigError
 
 
 def register(sim_subparsers: Any) -> None:
     """Add ``elm327`` to the ``vgw sim`` subcommands."""
-    from simulators.elm327 import SCENARIOS, SIMULATED_CAR_PROTOCOLS
+    from vgw.simulators.elm327 import SCENARIOS, SIMULATED_CAR_PROTOCOLS
 
     p = sim_subparsers.add_parser("elm327", help="simulated ELM327 OBD-II adapter on a pty (or TCP)",
                                   description=__doc__.split("\n\n")[0])
@@ -35,7 +35,7 @@ def register(sim_subparsers: Any) -> None:
 
 def run_elm327(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT. Raises ConfigError when the TCP port cannot be bound."""
-    from simulators.elm327 import Elm327Simulator
+    from vgw.simulators.elm327 import Elm327Simulator
 
     sim = Elm327Simulator(scenario=args.scenario, seed=args.seed, car_protocol=args.protocol)
     stop = threading.Event()

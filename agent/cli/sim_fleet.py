@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from agent.errors import ConfigError
+from vgw.errors import ConfigError
 
 
 def register(sim_subparsers: Any) -> None:
@@ -38,7 +38,7 @@ def register(sim_subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from simulators.fleet import FleetConfig, FleetSim, format_report, make_pki
+    from vgw.simulators.fleet import FleetConfig, FleetSim, format_report, make_pki
 
     if args.make_pki is not None:
         pki = make_pki(args.make_pki, args.devices)

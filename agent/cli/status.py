@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
+import math
+from pathlib import Path
 from typing import Any
+
+from vgw.timefmt import local_text, valid_time
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -16,19 +19,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def collect_status(config_path: str) -> dict[str, Any]:
-    from agent.config import load_config
-    from agent.runtime import STATUS_FILE, AgentLock
-    from agent.stateview import read_state
+    from vgw.config import load_config
+    from vgw.runtime import STATUS_FILE, AgentLock
+    from vgw.stateview import read_state
 
     cfg = load_config(config_path)
     state = read_state(cfg)
     manager = state.manager
     running = AgentLock.held_by_other(cfg.state_dir)
-    live: dict[str, Any] = {}
-    try:
-        live = json.loads((cfg.state_dir / STATUS_FILE).read_text())
-    except (OSError, ValueError):
-        pass
+    live = read_live_status(cfg.state_dir / STATUS_FILE)
     consent = manager.in_force
     grants = [{"id": g.id, "scopes": list(g.scopes), "expires": consent.exp}
               for g in manager.active_grants()] if consent else []
@@ -52,6 +51,32 @@ def collect_status(config_path: str) -> dict[str, Any]:
         "bus": live.get("bus") if running else None,
         "health": live.get("health", {"ok": True, "problem": None}) if running else {"ok": True, "problem": None},
     }
+
+
+def read_live_status(path: Path) -> dict[str, Any]:
+    """The running agent's status file with its known fields checked: a damaged or hand-edited file (not JSON,
+    not an object, a time no calendar shows, counters that are not numbers) must not break `vgw status`.
+    A field that fails its check is dropped, as if the agent had not written it."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return {}
+    if not isinstance(raw, dict):
+        return {}
+    live: dict[str, Any] = dict(raw)
+    for key in ("link", "link_error"):
+        if not isinstance(live.get(key), str):
+            live.pop(key, None)
+    if not valid_time(live.get("last_publish")):
+        live.pop("last_publish", None)
+    counters = live.pop("counters", None)
+    if isinstance(counters, dict):
+        live["counters"] = {k: v for k, v in counters.items()
+                            if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)}
+    storage = live.pop("storage", None)
+    if isinstance(storage, dict) and isinstance(storage.get("ok"), bool):
+        live["storage"] = {"ok": storage["ok"], "error": str(storage.get("error") or "") or None}
+    return live
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -85,6 +110,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not st["health"]["ok"]:
         print(f"health: NOT OK ({st['health']['problem']}); the systemd watchdog restarts the agent")
     last = st["last_publish"]
-    print(f"last publish: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(last)) if last else 'never'}; "
+    print(f"last publish: {local_text(last) if last else 'never'}; "
           f"receipts queued: {st['receipts_queued']}")
     return 0

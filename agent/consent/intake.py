@@ -28,10 +28,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
-from agent.consent.model import Consent
-from agent.consent.verifier import MAX_DOCUMENT_BYTES, verify_consent
-from agent.errors import ClaimsError, ConsentError, SignatureError
+from vgw.consent.model import Consent
+from vgw.consent.verifier import MAX_DOCUMENT_BYTES, verify_consent
+from vgw.errors import ClaimsError, ConsentError, SignatureError
 
 SLOTS = 4  # verified candidates kept; more than one so a newest that the manager refuses has a fallback
 SKIPPED_MEMORY = 32  # grant sets of superseded versions remembered (older ones are merged, conservatively)

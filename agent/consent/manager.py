@@ -19,14 +19,15 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
-
-from agent.audit import AuditLog
-from agent.consent.model import Consent, Grant
-from agent.consent.store import ConsentStore
-from agent.consent.verifier import peek_version, verify_consent
-from agent.crypto.receipts import ReceiptSigner
-from agent.errors import ConfigError, ConsentError, SignatureError, StorageError
-from agent.outbox import Erasure, Outbox
+from vgw.audit import AuditLog
+from vgw.consent.model import Consent, Grant
+from vgw.consent.narrowing import narrowing, terms_digest
+from vgw.consent.store import ConsentStore
+from vgw.consent.verifier import peek_version, verify_consent
+from vgw.crypto.receipts import ReceiptSigner
+from vgw.errors import ConfigError, ConsentError, SignatureError, StorageError
+from vgw.fsutil import MAX_KEY_BYTES, check_owner, read_small_file
+from vgw.outbox import Erasure, GrantTerms, Outbox, Withdrawal
 
 log = logging.getLogger("vgw.consent")
 
@@ -44,7 +45,10 @@ def load_trust_keys(paths: Sequence[Path]) -> list[Ed25519PublicKey]:
     keys: list[Ed25519PublicKey] = []
     for p in paths:
         try:
-            key = load_pem_public_key(p.read_bytes())
+            data = read_small_file(p, what="consent trust key", max_bytes=MAX_KEY_BYTES, error=ConfigError)
+            # A trust key others can replace would let them sign consent: refused like a private key.
+            check_owner(p, what="consent trust key", allow_root=True, error=ConfigError)
+            key = load_pem_public_key(data)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"{p}: cannot load consent trust key: {exc}") from exc
         if not isinstance(key, Ed25519PublicKey):
@@ -59,6 +63,7 @@ class ApplyResult:
     consent: Consent | None
     error: ConsentError | None = None
     revoked: list[Erasure] = field(default_factory=list)
+    narrowed: list[Withdrawal] = field(default_factory=list)
 
 
 class ConsentManager:
@@ -105,12 +110,17 @@ class ConsentManager:
     def load_cached(self) -> None:
         """Load and re-verify the cached document; erase anything on disk no grant in force covers."""
         self.in_force, self.expired = self._read_cache(audit=True)
-        active = {g.id for g in self.active_grants()}
-        self.outbox.set_active_grants(active)
+        grants = self.active_grants()
+        active = {g.id for g in grants}
+        # Rows stamped with other terms than those in force (stored by an earlier version, or a crash between
+        # a narrowing and the cache write) are judged now, before the uplink can publish anything.
+        for withdrawal in self.outbox.apply_terms(_terms(grants, previous=())):
+            self._withdrawn(withdrawal, ver=self.in_force.ver if self.in_force else 0)
         orphans = self.outbox.orphan_grants(active)
         for gid in sorted(orphans):
             # A crash mid-erasure, an expiry while off, or a cache that no longer verifies: finish the job.
             self._erase(gid, reason="expired" if self.expired else "not-in-force")
+        self.finish_pending_erasures()
         if self.in_force is not None:
             self.store.raise_floor(self.in_force.iat)
 
@@ -160,7 +170,7 @@ class ConsentManager:
         """Verify ``token``; on success make it the consent in force and revoke the grants it drops.
 
         ``skipped``: (ver, grant ids) of verified versions that a newer one superseded before they could be
-        applied (agent.consent.intake). A grant in force that one of them, between the version in force and
+        applied (vgw.consent.intake). A grant in force that one of them, between the version in force and
         this one, withdrew was revoked meanwhile even if this version grants it again: it is erased (receipt
         with that version) and starts afresh, so a burst never loses a revocation.
         """
@@ -175,21 +185,24 @@ class ConsentManager:
         old = self.in_force
         old_active = {g.id for g in self.active_grants()}
         new_ids = consent.grant_ids
-        withdrawn: dict[str, int] = {}  # grant -> the skipped version that revoked it
+        skipped_revoked: dict[str, int] = {}  # grant -> the skipped version that revoked it
         for ver, ids in sorted(skipped):
             if (old is None or ver > old.ver) and ver < consent.ver:
                 for gid in (old_active & new_ids) - ids:
-                    withdrawn.setdefault(gid, ver)
-        revoked = frozenset(old_active - new_ids) | frozenset(withdrawn)
+                    skipped_revoked.setdefault(gid, ver)
+        revoked = frozenset(old_active - new_ids) | frozenset(skipped_revoked)
 
-        # 1. Stop collection of dropped grants at once (memory first), and let the new grants store.
+        # 1. Stop collection of dropped grants at once (memory first), and let the new grants store. The new
+        #    terms and the deletion of what they withdraw from stored batches are one outbox transaction
+        #    (CONTRACT §6): no withdrawn row can be published in between, and a batch still in memory under
+        #    the old terms is refused when it is committed.
         if revoked and self.on_revoke is not None:
             self.on_revoke(revoked)
-        self.outbox.set_active_grants(set(new_ids))
+        narrowed = self.outbox.apply_terms(_terms(consent.grants, previous=self.active_grants()))
         # 2. Wipe what was revoked on disk (key first, then rows) before anything else can fail.
         wiped = {gid: self.outbox.erase_grant(gid) for gid in sorted(revoked)}
-        if withdrawn:
-            self.outbox.set_active_grants(set(new_ids))  # erasure deactivated them; this version grants them anew
+        if skipped_revoked:  # erasure deactivated them; this version grants them anew, under its own terms
+            self.outbox.apply_terms(_terms(consent.grants, previous=consent.grants))
         # 3. Cache the document (atomic), raise the clock floor to its iat and remember its version.
         self.store.write_token(consent.token)
         self.store.raise_floor(consent.iat)
@@ -207,9 +220,11 @@ class ConsentManager:
         if self.on_change is not None:
             self.on_change()
         # 4. Record each erasure and send its receipt: memory, rows and key are gone by now.
-        erasures = [self._erase(gid, reason="revoked", ver=withdrawn.get(gid, consent.ver), done=wiped[gid])
+        erasures = [self._erase(gid, reason="revoked", ver=skipped_revoked.get(gid, consent.ver), done=wiped[gid])
                     for gid in sorted(revoked)]
-        return ApplyResult("applied", consent, revoked=erasures)
+        for withdrawal in narrowed:
+            self._withdrawn(withdrawal, ver=consent.ver)
+        return ApplyResult("applied", consent, revoked=erasures, narrowed=narrowed)
 
     def reject(self, exc: ConsentError, *, source: str, token: str | bytes | None = None, count: int = 1) -> None:
         """Record ``count`` rejected documents of one reason: audit entry and ``consent-rejected`` receipt.
@@ -305,14 +320,58 @@ class ConsentManager:
         # The data go first: a failing audit log must never leave a revoked grant's key or rows behind.
         erasure = done if done is not None else self.outbox.erase_grant(grant_id)
         self._audit("grant-stopped", grant=grant_id, reason=reason, ver=ver)
-        self._audit("key-destroyed", grant=grant_id)
-        entry = self._audit("erasure-done", grant=grant_id, batches_deleted=erasure.batches_deleted, reason=reason)
-        # Only now, with memory, rows and key gone, is the receipt signed and queued (CONTRACT §7).
-        self.outbox.queue_receipt(self._sign("erasure", entry, grant=grant_id, ver=ver,
-                                             batches_deleted=erasure.batches_deleted, key_destroyed=True,
-                                             reason=reason))
-        log.info("grant %s %s: %d batch(es) deleted, data key destroyed", grant_id, reason, erasure.batches_deleted)
+        if not erasure.key_destroyed:
+            # Key and rows are deleted, but a copy is still in the outbox's files (another process holds a read
+            # snapshot, so the WAL cannot be checkpointed). No receipt may say the data are gone yet
+            # (CONTRACT §7): the erasure is recorded as pending (on disk, so a restart finishes it too) and its
+            # receipt is sent by finish_pending_erasures once no copy is found.
+            self._audit("erasure-pending", grant=grant_id, batches_deleted=erasure.batches_deleted, reason=reason,
+                        why="outbox-busy")
+            self.store.add_pending_erasure(grant_id, ver=ver, reason=reason, batches_deleted=erasure.batches_deleted)
+            return erasure
+        self._receipt_erasure(grant_id, ver=ver, reason=reason, batches_deleted=erasure.batches_deleted)
         return erasure
+
+    def _receipt_erasure(self, grant_id: str, *, ver: int, reason: str, batches_deleted: int) -> None:
+        self._audit("key-destroyed", grant=grant_id)
+        entry = self._audit("erasure-done", grant=grant_id, batches_deleted=batches_deleted, reason=reason)
+        # Only now, with memory, rows and key gone and no copy found in any file, is the receipt signed and
+        # queued (CONTRACT §7).
+        self.outbox.queue_receipt(self._sign("erasure", entry, grant=grant_id, ver=ver,
+                                             batches_deleted=batches_deleted, key_destroyed=True,
+                                             reason=reason))
+        log.info("grant %s %s: %d batch(es) deleted, data key destroyed", grant_id, reason, batches_deleted)
+
+    def finish_pending_erasures(self, *, wait_s: float = 0.0) -> list[Erasure]:
+        """Retry the erasures not yet verified; send the receipt of each that is now verified. Returns those."""
+        done = []
+        for p in self.store.pending_erasures():
+            gid = p.grant
+            if not self.outbox.finish_erasure(gid, wait_s=wait_s):
+                continue
+            self._receipt_erasure(gid, ver=p.ver, reason=p.reason, batches_deleted=p.batches_deleted)
+            self.store.remove_pending_erasure(gid)
+            done.append(Erasure(gid, p.batches_deleted, key_destroyed=True))
+        return done
+
+    def _withdrawn(self, w: Withdrawal, *, ver: int) -> None:
+        """Audit and receipt stored batches a narrowed grant withdrew (CONTRACT §6 and §7).
+
+        The receipt is an ``erasure`` with the §7 claims (``batches_deleted``; ``key_destroyed``: the data key
+        that sealed them was replaced) plus ``reason`` = ``narrowed``, ``narrowing`` (the kinds), ``scopes``
+        (the scopes withdrawn, names only) and ``samples_deleted`` (still-permitted samples of mixed batches
+        included). The grant itself stays in force.
+        """
+        kinds = sorted(str(k) for k in w.kinds)
+        entry = self._audit("grant-narrowed", grant=w.grant_id, ver=ver, narrowing=kinds, scopes=sorted(w.scopes),
+                            batches_deleted=w.batches_deleted, samples_deleted=w.samples_deleted,
+                            key_destroyed=w.key_destroyed)
+        self.outbox.queue_receipt(self._sign("erasure", entry, grant=w.grant_id, ver=ver,
+                                             batches_deleted=w.batches_deleted, key_destroyed=w.key_destroyed,
+                                             reason="narrowed", narrowing=kinds, scopes=sorted(w.scopes),
+                                             samples_deleted=w.samples_deleted))
+        log.info("grant %s narrowed (%s): %d stored batch(es) with withdrawn data deleted", w.grant_id,
+                 ", ".join(kinds), w.batches_deleted)
 
     def _audit(self, event: str, **fields: object) -> dict[str, object]:
         """Append to the audit log; a failing log is reported but never stops an erasure or a decision."""
@@ -331,6 +390,18 @@ class _RejectWindow:
     pending: int = 0
     last: ConsentError | None = None
     ver: int | None = None
+
+def _terms(grants: Sequence[Grant], *, previous: Sequence[Grant]) -> dict[str, GrantTerms]:
+    """The outbox's view of ``grants``, each with what it withdraws compared with ``previous``."""
+    before = {g.id: g for g in previous}
+    out: dict[str, GrantTerms] = {}
+    for g in grants:
+        old = before.get(g.id)
+        if old is None or old == g:
+            out[g.id] = GrantTerms(terms_digest(g), frozenset(g.scopes))
+        else:
+            out[g.id] = GrantTerms(terms_digest(g), frozenset(g.scopes), narrowing(old, g), terms_digest(old))
+    return out
 
 
 def _audit_anchor(entry: dict[str, object]) -> dict[str, object]:

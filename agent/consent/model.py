@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from vgw.collect.describe import describe_grant
+from vgw.collect.rules import Rule
+
 KEM_X25519 = "X25519"
 KEM_MLKEM768_X25519 = "MLKEM768-X25519"
 # Raw public key sizes: X25519 (RFC 7748); X-Wing style ML-KEM-768 + X25519 (1184 + 32).
@@ -37,6 +40,7 @@ class Grant:
     recipient: Recipient
     limits: dict[str, Limits] = field(default_factory=dict)
     retention_s: int | None = None
+    collect: tuple[Rule, ...] = ()  # collection rules (CONTRACT §5.1); empty: every sample, within limits
 
     def limits_for(self, scope: str) -> Limits:
         """The limits the device enforces for ``scope``: the grant's, else the privacy default, else none."""
@@ -48,6 +52,14 @@ class Grant:
             return Limits(max_hz=default_hz, precision_m=default_precision)
         return Limits(max_hz=own.max_hz if own.max_hz is not None else default_hz,
                       precision_m=own.precision_m if own.precision_m is not None else default_precision)
+
+    def limits_in_force(self) -> dict[str, dict[str, float]]:
+        """Per scope, the limits the device enforces (privacy defaults included), only where there are any."""
+        return {
+            s: {k: v for k, v in (("max_hz", lim.max_hz), ("precision_m", lim.precision_m)) if v}
+            for s, lim in ((s, self.limits_for(s)) for s in self.scopes)
+            if lim.max_hz or lim.precision_m
+        }
 
 
 @dataclass(frozen=True)
@@ -87,12 +99,11 @@ class Consent:
                     "controller": g.controller,
                     "purpose": g.purpose,
                     "scopes": list(g.scopes),
-                    "limits": {
-                        s: {k: v for k, v in (("max_hz", lim.max_hz), ("precision_m", lim.precision_m)) if v}
-                        for s, lim in ((s, g.limits_for(s)) for s in g.scopes)
-                        if lim.max_hz or lim.precision_m
-                    },
+                    "limits": g.limits_in_force(),
                     "retention_s": g.retention_s,
+                    **({"collect": [r.to_json() for r in g.collect]} if g.collect else {}),
+                    # What the app receives, in plain words (CONTRACT §5.1 rules, then limits).
+                    "receives": describe_grant(g.scopes, g.collect, g.limits_in_force()),
                     "kem": g.recipient.kem,
                     "expires": self.exp,
                 }

@@ -11,14 +11,28 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from agent.errors import StorageError
-from agent.fsutil import atomic_write
+from vgw.errors import StorageError
+from vgw.fsutil import MAX_STATE_BYTES, atomic_write, read_small_file
+from vgw.timefmt import valid_time
 
 CONSENT_FILE = "consent.jws"
 INBOX_FILE = "consent.inbox.jws"  # `vgw consent apply` hands a document to the running agent here
 CLOCK_FILE = "clock.json"
+PENDING_ERASURES_FILE = "erasures.pending.json"  # erasures done in SQL but not yet verified gone from the files
+
+
+@dataclass(frozen=True, slots=True)
+class PendingErasure:
+    """An erasure whose receipt waits until no copy of the grant is found in the outbox's files (no personal
+    data: grant id, version, reason, count)."""
+
+    grant: str
+    ver: int
+    reason: str
+    batches_deleted: int
 
 
 class ConsentStore:
@@ -27,6 +41,7 @@ class ConsentStore:
         self.consent_path = state_dir / CONSENT_FILE
         self.inbox_path = state_dir / INBOX_FILE
         self.clock_path = state_dir / CLOCK_FILE
+        self.pending_path = state_dir / PENDING_ERASURES_FILE
         self._floor, self._max_ver = self._read_clock()
         self._persisted_floor = self._floor
 
@@ -34,9 +49,11 @@ class ConsentStore:
 
     def read_token(self) -> str | None:
         try:
-            return self.consent_path.read_text(encoding="ascii").strip() or None
+            return _read_state(self.consent_path, "cached consent").decode("ascii").strip() or None
         except FileNotFoundError:
             return None
+        except StorageError:
+            raise
         except (OSError, UnicodeDecodeError) as exc:
             raise StorageError(f"{self.consent_path}: cannot read cached consent: {exc}") from exc
 
@@ -50,10 +67,10 @@ class ConsentStore:
 
     def read_inbox(self) -> str | None:
         try:
-            return self.inbox_path.read_text(encoding="ascii").strip() or None
+            return _read_state(self.inbox_path, "consent inbox").decode("ascii").strip() or None
         except FileNotFoundError:
             return None
-        except (OSError, UnicodeDecodeError):
+        except (OSError, UnicodeDecodeError, StorageError):
             return "\x00unreadable"  # still handed to the verifier, which rejects it as malformed
 
     def clear_inbox(self) -> None:
@@ -62,16 +79,52 @@ class ConsentStore:
         except FileNotFoundError:
             pass
 
+    # -- erasures waiting for their receipt ---------------------------------------------------------
+
+    def pending_erasures(self) -> list[PendingErasure]:
+        """The pending erasures, oldest first. Raises StorageError if the file cannot be read: a pending
+        erasure must never be forgotten silently."""
+        try:
+            doc = json.loads(_read_state(self.pending_path, "pending erasures"))
+            return [PendingErasure(str(e["grant"]), int(e["ver"]), str(e["reason"]), int(e["batches_deleted"]))
+                    for e in doc]
+        except FileNotFoundError:
+            return []
+        except (ValueError, TypeError, KeyError) as exc:
+            raise StorageError(f"{self.pending_path}: unreadable pending erasures: {exc}") from exc
+
+    def add_pending_erasure(self, grant: str, *, ver: int, reason: str, batches_deleted: int) -> None:
+        items = [p for p in self.pending_erasures() if p.grant != grant]
+        items.append(PendingErasure(grant, ver, reason, batches_deleted))
+        self._write_pending(items)
+
+    def remove_pending_erasure(self, grant: str) -> None:
+        items = self.pending_erasures()
+        left = [p for p in items if p.grant != grant]
+        if len(left) != len(items):
+            self._write_pending(left)
+
+    def _write_pending(self, items: list[PendingErasure]) -> None:
+        if not items:
+            try:
+                self.pending_path.unlink()
+            except FileNotFoundError:
+                pass
+            return
+        atomic_write(self.pending_path, json.dumps([asdict(p) for p in items]).encode(), mode=0o600)
+
     # -- the clock ----------------------------------------------------------------------------------
 
     def _read_clock(self) -> tuple[float, int]:
         try:
-            doc = json.loads(self.clock_path.read_text(encoding="utf-8"))
-            return float(doc.get("floor", 0.0)), int(doc.get("max_ver", 0))
+            doc = json.loads(_read_state(self.clock_path, "clock file"))
+            floor, max_ver = float(doc.get("floor", 0.0)), int(doc.get("max_ver", 0))
         except FileNotFoundError:
             return 0.0, 0
-        except (OSError, ValueError, TypeError, AttributeError):
+        except (OSError, ValueError, TypeError, AttributeError, OverflowError, StorageError):
             return 0.0, 0  # a corrupt clock file only loses rollback protection back to wall time
+        # NaN or a time no calendar has is corrupt too: a NaN now never compares, so nothing would expire.
+        return (floor if valid_time(floor) else 0.0), max_ver
 
     def _read_floor(self) -> float:
         return self._read_clock()[0]
@@ -112,3 +165,8 @@ class ConsentStore:
         self._max_ver = max(self._max_ver, self._read_clock()[1])
         atomic_write(self.clock_path, json.dumps({"floor": current, "max_ver": self._max_ver}).encode(), mode=0o600)
         self._persisted_floor = current
+
+
+def _read_state(path: Path, what: str) -> bytes:
+    """A state file: regular, capped, and never through a symlink (docs/guarantees.md)."""
+    return read_small_file(path, what=what, max_bytes=MAX_STATE_BYTES, follow_symlinks=False)

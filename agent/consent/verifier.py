@@ -16,17 +16,24 @@ from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
-from agent.consent.model import KEM_PK_LENGTH, Consent, Grant, Limits, Recipient
-from agent.errors import ClaimsError, ConsentError, FreshnessError, SignatureError
-from agent.scopes import SCOPES
+from vgw.collect.rules import RuleError, parse_rules
+from vgw.consent.model import KEM_PK_LENGTH, Consent, Grant, Limits, Recipient
+from vgw.errors import ClaimsError, ConsentError, FreshnessError, SignatureError
+from vgw.scopes import SCOPES
+from vgw.timefmt import LATEST_TIME
 
 MAX_DOCUMENT_BYTES = 64 * 1024  # enforced before any parsing: a huge document is a memory/CPU attack
 MAX_GRANTS = 64
 MAX_SCOPES_PER_GRANT = len(SCOPES)
 IAT_SKEW_S = 300  # CONTRACT §5: iat - 300 s <= now
+EARLIEST_TIME = 946_684_800  # 2000-01-01 00:00:00 UTC: no genuine consent document is older
 CONSENT_TYP = "vgw-consent+jwt"
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+# Every key a grant and a limit may carry (CONTRACT §5, §5.1). Anything else rejects the document: a
+# restriction this agent cannot enforce must never be silently ignored (fail closed).
+GRANT_KEYS = frozenset({"id", "controller", "purpose", "scopes", "limits", "retention_s", "recipient", "collect"})
+LIMIT_KEYS = frozenset({"max_hz", "precision_m"})
+RECIPIENT_KEYS = frozenset({"kem", "pk"})
 _COMPACT_JWS = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$")
 
 
@@ -112,6 +119,14 @@ def verify_consent(
     sub = _str(claims, "sub", ver)
     iat = _int(claims, "iat", ver, minimum=0)
     exp = _int(claims, "exp", ver, minimum=0)
+
+    # Real dates only: iat and exp in years 2000..9999 UTC. Blocks a document "valid forever" (exp 2**63) and
+    # values no calendar can show, which crashed every command that prints the expiry (time_t overflow).
+    for key, t in (("iat", iat), ("exp", exp)):
+        if not EARLIEST_TIME <= t <= LATEST_TIME:
+            shown = str(t) if len(str(t)) <= 20 else str(t)[:20] + "..."
+            raise _reject(ClaimsError, "validity",
+                          f"consent v{ver} rejected: {key} {shown} is not a time in years 2000..9999 UTC", ver)
 
     # Audience: a document for another device must never apply here (replay across devices).
     if sub != device:
@@ -208,6 +223,11 @@ def _grants(raw: Any, ver: int) -> tuple[Grant, ...]:
             raise _reject(ClaimsError, "duplicate-grant", f"consent v{ver} rejected: grant id {gid!r} appears twice",
                           ver)
         seen.add(gid)
+        # Unknown keys: e.g. a newer document's restriction this agent cannot enforce. Fail closed.
+        unknown = set(g) - GRANT_KEYS
+        if unknown:
+            raise _reject(ClaimsError, "unknown-key",
+                          f"consent v{ver} rejected: grant {gid!r} has unknown key(s) {sorted(unknown)}", ver)
         where = f"grant {gid!r} "
         controller = _str(g, "controller", ver, where=where)
         purpose = _str(g, "purpose", ver, where=where)
@@ -218,8 +238,13 @@ def _grants(raw: Any, ver: int) -> tuple[Grant, ...]:
             raise _reject(ClaimsError, "claims",
                           f"consent v{ver} rejected: grant {gid!r} retention_s must be a positive integer", ver)
         recipient = _recipient(g.get("recipient"), ver, gid)
+        # Collection rules (CONTRACT §5.1): one bad rule rejects the whole document, like any other rule.
+        try:
+            collect = parse_rules(g.get("collect"), scopes)
+        except RuleError as exc:
+            raise _reject(ClaimsError, exc.reason.value, f"consent v{ver} rejected: grant {gid!r} {exc}", ver) from None
         grants.append(Grant(id=gid, controller=controller, purpose=purpose, scopes=scopes, recipient=recipient,
-                            limits=limits, retention_s=retention))
+                            limits=limits, retention_s=retention, collect=collect))
     return tuple(grants)
 
 
@@ -254,10 +279,14 @@ def _limits(raw: Any, scopes: tuple[str, ...], ver: int, gid: str) -> dict[str, 
         if scope not in scopes:
             raise _reject(ClaimsError, "claims",
                           f"consent v{ver} rejected: grant {gid!r} limits name scope {scope!r} it does not grant", ver)
-        if not isinstance(lim, dict) or set(lim) - {"max_hz", "precision_m"}:
+        if not isinstance(lim, dict):
             raise _reject(ClaimsError, "claims",
-                          f"consent v{ver} rejected: grant {gid!r} limits for {scope!r} take max_hz and precision_m",
-                          ver)
+                          f"consent v{ver} rejected: grant {gid!r} limits for {scope!r} must be an object", ver)
+        # An unknown limit key is a restriction this agent cannot enforce: fail closed.
+        if set(lim) - LIMIT_KEYS:
+            raise _reject(ClaimsError, "unknown-key",
+                          f"consent v{ver} rejected: grant {gid!r} limits for {scope!r} have unknown key(s) "
+                          f"{sorted(set(lim) - LIMIT_KEYS)} (known: max_hz, precision_m)", ver)
         vals: dict[str, float | None] = {}
         for key in ("max_hz", "precision_m"):
             v = lim.get(key)
@@ -273,6 +302,9 @@ def _recipient(raw: Any, ver: int, gid: str) -> Recipient:
     # Without a well-formed recipient key nothing could be encrypted for the app: refuse the grant.
     if not isinstance(raw, dict):
         raise _reject(ClaimsError, "recipient", f"consent v{ver} rejected: grant {gid!r} has no recipient", ver)
+    if set(raw) - RECIPIENT_KEYS:
+        raise _reject(ClaimsError, "unknown-key", f"consent v{ver} rejected: grant {gid!r} recipient has unknown "
+                      f"key(s) {sorted(set(raw) - RECIPIENT_KEYS)}", ver)
     kem = raw.get("kem")
     if kem not in KEM_PK_LENGTH:
         raise _reject(ClaimsError, "recipient", f"consent v{ver} rejected: grant {gid!r} recipient kem {kem!r} "
@@ -289,7 +321,7 @@ def _recipient(raw: Any, ver: int, gid: str) -> Recipient:
     if len(pk) != KEM_PK_LENGTH[kem]:
         raise _reject(ClaimsError, "recipient", f"consent v{ver} rejected: grant {gid!r} recipient pk is {len(pk)} "
                       f"bytes, {kem} needs {KEM_PK_LENGTH[kem]}", ver)
-    from agent.crypto.envelope import load_recipient_key  # validate the point itself, not just its length
+    from vgw.crypto.envelope import load_recipient_key  # validate the point itself, not just its length
 
     try:
         load_recipient_key(kem, pk)

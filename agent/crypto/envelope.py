@@ -15,8 +15,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
-
-from agent.consent.model import KEM_MLKEM768_X25519, KEM_X25519
+from vgw.consent.model import KEM_MLKEM768_X25519, KEM_X25519
 
 ENVELOPE_VERSION = 0x01
 _SUITES = {
@@ -46,8 +45,10 @@ def hpke_info(device: str, grant: str) -> bytes:
     return b"vgw/1 " + device.encode("utf-8") + b"/" + grant.encode("utf-8")
 
 
-def batch_plaintext(device: str, grant: str, seq: int, samples: Sequence[dict[str, Any]]) -> bytes:
-    doc = {"v": 1, "device": device, "grant": grant, "seq": seq, "samples": list(samples)}
+def batch_plaintext(device: str, grant: str, seq: int, samples: Sequence[dict[str, Any]], *, epoch: str) -> bytes:
+    """The version 1 plaintext (CONTRACT §6). ``epoch`` is the outbox's: receivers de-duplicate on
+    (device, grant, epoch, seq), so a wiped device that starts ``seq`` at 1 again is not taken for a replay."""
+    doc = {"v": 1, "device": device, "grant": grant, "seq": seq, "epoch": epoch, "samples": list(samples)}
     return zlib.compress(json.dumps(doc, separators=(",", ":"), allow_nan=False).encode("utf-8"), 6)
 
 

@@ -12,18 +12,18 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
-
-from agent.errors import StorageError
-from agent.fsutil import atomic_write
+from vgw.errors import StorageError
+from vgw.fsutil import MAX_KEY_BYTES, atomic_write, check_owner, read_small_file
 
 KEY_BYTES = 32
 NONCE_BYTES = 12
 
 
 def load_or_create_storage_key(path: Path, *, create: bool = True) -> bytes:
-    """Read the storage key; create it (0600) when missing and ``create``. Raises StorageError."""
+    """Read the storage key; create it (0600) when missing and ``create``. Raises StorageError for a missing,
+    non-regular, oversized, foreign-owned, group/other-writable or group/other-readable key file."""
     try:
-        key = path.read_bytes()
+        key = read_small_file(path, what="storage key", max_bytes=MAX_KEY_BYTES)
     except FileNotFoundError:
         if not create:
             raise StorageError(f"{path}: storage key missing (run `vgw provision`)") from None
@@ -31,11 +31,10 @@ def load_or_create_storage_key(path: Path, *, create: bool = True) -> bytes:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         atomic_write(path, key, mode=0o600)
         return key
-    except OSError as exc:
-        raise StorageError(f"{path}: cannot read storage key: {exc.strerror}") from exc
+    st = check_owner(path, what="storage key", allow_root=True)
     if len(key) != KEY_BYTES:
         raise StorageError(f"{path}: storage key must be {KEY_BYTES} bytes, found {len(key)}")
-    if path.stat().st_mode & 0o077:
+    if st.st_mode & 0o077:
         raise StorageError(f"{path}: storage key is readable by others; chmod 600 it")
     return key
 

@@ -9,8 +9,8 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
-
-from agent.errors import ConfigError
+from vgw.errors import ConfigError
+from vgw.fsutil import MAX_KEY_BYTES, check_owner, read_small_file
 
 RECEIPT_TYP = "vgw-receipt+jwt"
 
@@ -27,7 +27,9 @@ class ReceiptSigner:
     @classmethod
     def from_file(cls, device: str, path: Path) -> ReceiptSigner:
         try:
-            key = load_pem_private_key(path.read_bytes(), password=None)
+            data = read_small_file(path, what="device private key", max_bytes=MAX_KEY_BYTES, error=ConfigError)
+            check_owner(path, what="device private key", allow_root=True, error=ConfigError)
+            key = load_pem_private_key(data, password=None)
         except (OSError, ValueError, TypeError) as exc:
             raise ConfigError(f"{path}: cannot load the device private key: {exc}") from exc
         if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":

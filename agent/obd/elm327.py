@@ -26,8 +26,8 @@ or a network URL the baud rate is left alone; on a serial line each candidate ra
 ``\\x7f\\x7f`` (what python-OBD sends) and, when that gets no prompt (some clones and emulators echo it and
 wait), with ``ATI``.
 
-Only ``AT`` commands and :class:`~agent.obd.request.ObdRequest` objects (made by the safety choke point
-:func:`agent.obd.request.build_request`) are ever written to the adapter. Nothing here logs a value.
+Only ``AT`` commands and :class:`~vgw.obd.request.ObdRequest` objects (made by the safety choke point
+:func:`vgw.obd.request.build_request`) are ever written to the adapter. Nothing here logs a value.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from agent.errors import SourceOpenError, SourceReadError
-from agent.obd.request import ObdRequest, build_request
+from vgw.errors import SourceOpenError, SourceReadError
+from vgw.obd.request import ObdRequest, build_request
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ class Elm327:
         I/O failure or when no prompt ends the answer in time.
         """
         if not isinstance(request, ObdRequest):
-            raise TypeError("Elm327.query takes an ObdRequest from agent.obd.request.build_request")
+            raise TypeError("Elm327.query takes an ObdRequest from vgw.obd.request.build_request")
         lines = self._transact(request.hex, self.timeout_s)
         return parse_answer(lines, protocol=self.protocol, headers=self.headers)
 

@@ -16,8 +16,8 @@ its thread) per address pair, so a functional OBD request would need eight of th
 and, as ISO 15765-2 asks, it restarts reception and sends a new flow control on every first frame, which
 is the flood this module must refuse. OBD needs the small receiving subset above; see docs/obd.md.
 
-Only :class:`~agent.obd.request.ObdRequest` objects are sent. Opening the bus raises
-:class:`~agent.errors.SourceOpenError`; a failing bus raises :class:`~agent.errors.SourceReadError`.
+Only :class:`~vgw.obd.request.ObdRequest` objects are sent. Opening the bus raises
+:class:`~vgw.errors.SourceOpenError`; a failing bus raises :class:`~vgw.errors.SourceReadError`.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from agent.errors import SourceOpenError, SourceReadError
-from agent.obd.request import ObdRequest
+from vgw.errors import SourceOpenError, SourceReadError
+from vgw.obd.request import ObdRequest
 
 FUNCTIONAL_ID = 0x7DF
 RESPONSE_IDS = range(0x7E8, 0x7F0)
@@ -99,7 +99,7 @@ class IsoTpTransport:
         import can
 
         if not isinstance(request, ObdRequest):
-            raise TypeError("IsoTpTransport.query takes an ObdRequest from agent.obd.request.build_request")
+            raise TypeError("IsoTpTransport.query takes an ObdRequest from vgw.obd.request.build_request")
         if self._bus is None:
             raise SourceReadError(f"ISO-TP on {self.interface}:{self.channel}: not open")
         start = time.monotonic()

@@ -1,6 +1,6 @@
 """The OBD-II poller: the agent's second source, beside CAN.
 
-:class:`ObdPoller` is a daemon thread the runtime starts (``agent.runtime.Agent._start_obd``). Every
+:class:`ObdPoller` is a daemon thread the runtime starts (``vgw.runtime.Agent._start_obd``). Every
 ``interval_s`` it reads ``wanted_scopes()`` - the scopes that grants in force hold right now - and asks the
 vehicle only for PIDs of those scopes that the car announced in its supported-PID bitmaps (and, when the
 config lists ``pids``, only those). When no scope is wanted it polls nothing and does not even open the
@@ -11,7 +11,7 @@ Slow readings - the VIN (service 09 PID 02, ``read_vin``) and the stored/pending
 03/07, ``read_diagnostics``, paths ``Vehicle.OBD.DTCList`` / ``Vehicle.OBD.PendingDTCList``) - are read when
 their scope becomes wanted, after each reconnect, and then every ``slow_interval_s``.
 
-Safety: every request is made by :func:`agent.obd.request.build_request` (re-exported here), which allows
+Safety: every request is made by :func:`vgw.obd.request.build_request` (re-exported here), which allows
 services 01 and 09 only, plus 03 and 07 while ``read_diagnostics`` is granted; the transports send nothing
 else. The poller never crashes the agent: adapter errors close the session and reconnect with exponential
 backoff; unexpected errors are logged (type only, never a value or the VIN) and retried the same way.
@@ -32,10 +32,10 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from agent.config import ObdConfig
-from agent.errors import SourceError
-from agent.obd.elm327 import AnswerTimeout, AnswerTooLong
-from agent.obd.pids import (
+from vgw.config import ObdConfig
+from vgw.errors import SourceError
+from vgw.obd.elm327 import AnswerTimeout, AnswerTooLong
+from vgw.obd.pids import (
     BITMAP_PIDS,
     BY_NUMBER,
     DATA_LENGTH,
@@ -51,7 +51,7 @@ from agent.obd.pids import (
     parse_bitmap,
     resolve,
 )
-from agent.obd.request import MAX_PIDS_PER_REQUEST, ForbiddenRequest, ObdRequest, build_request
+from vgw.obd.request import MAX_PIDS_PER_REQUEST, ForbiddenRequest, ObdRequest, build_request
 
 __all__ = ["ForbiddenRequest", "ObdPoller", "ObdRequest", "ObdTransport", "build_request", "open_transport"]
 
@@ -63,7 +63,7 @@ _SLOW = ((VIN_NAME, 0x09, 0x02, VIN_PATH), (DTC_NAME, 0x03, None, DTC_PATH),
 
 
 class ObdTransport(Protocol):
-    """What the poller needs from an adapter: ELM327 (:mod:`agent.obd.elm327`) or ISO-TP (:mod:`agent.obd.isotp`)."""
+    """What the poller needs from an adapter: ELM327 (:mod:`vgw.obd.elm327`) or ISO-TP (:mod:`vgw.obd.isotp`)."""
 
     @property
     def is_can(self) -> bool: ...
@@ -81,11 +81,11 @@ def open_transport(cfg: ObdConfig) -> ObdTransport:
     For ``isotp`` the CAN channel is ``can_channel``, or ``port`` when that is unset.
     """
     if cfg.transport == "elm327":
-        from agent.obd.elm327 import Elm327
+        from vgw.obd.elm327 import Elm327
 
         return Elm327(cfg.port, baudrate=cfg.baudrate, protocol=cfg.protocol, timeout_s=cfg.timeout_s)
     if cfg.transport == "isotp":
-        from agent.obd.isotp import IsoTpTransport
+        from vgw.obd.isotp import IsoTpTransport
 
         return IsoTpTransport(cfg.can_interface, cfg.can_channel or cfg.port, timeout_s=cfg.timeout_s)
     raise ValueError(f"unknown OBD transport {cfg.transport!r}")

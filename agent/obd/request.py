@@ -8,7 +8,7 @@ read/write data by identifier, 0x27 security access, 0x2F I/O control, 0x31 rout
 can reset, unlock or reflash an ECU. So:
 
 * :func:`build_request` is the only function that returns an :class:`ObdRequest`, and the transports
-  (:mod:`agent.obd.elm327`, :mod:`agent.obd.isotp`) send nothing else to the vehicle: they accept no raw
+  (:mod:`vgw.obd.elm327`, :mod:`vgw.obd.isotp`) send nothing else to the vehicle: they accept no raw
   bytes or hex text, and the ELM327 client sends only ``AT`` commands besides.
 * An :class:`ObdRequest` can only be made with this module's private token, and it re-checks its bytes on
   construction, so a caller that bypasses :func:`build_request` still cannot hold a forbidden request.
@@ -66,7 +66,7 @@ class ObdRequest:
 
     def __post_init__(self) -> None:
         if self._token is not _TOKEN:
-            raise ForbiddenRequest("ObdRequest objects are made by agent.obd.request.build_request only")
+            raise ForbiddenRequest("ObdRequest objects are made by vgw.obd.request.build_request only")
         _check(self.payload)
 
     @property

@@ -23,9 +23,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.catalogue import Catalogue, SignalSpec
-from agent.consent.model import Grant
-from agent.pipeline.decoder import MessageDecoder
+from vgw.catalogue import Catalogue, SignalSpec
+from vgw.collect.engine import RuleEngine
+from vgw.consent.model import Grant
+from vgw.j1939 import ids as j1939
+from vgw.j1939.front import J1939Front, filter_keys
+from vgw.pipeline.decoder import MessageDecoder
 
 _M_PER_DEG = 111_320.0
 STANDARD_ID_MAX = 0x7FF
@@ -43,11 +46,21 @@ class GrantBatch:
     opened: float = 0.0  # monotonic time of the first sample
     first_t: float = 0.0
     last_kept: dict[str, float] = field(default_factory=dict)  # path -> frame time of the last kept sample
+    rules: RuleEngine | None = None  # the grant's collection rules (None: it has none)
+    # Grants with rules only: scope -> [samples decoded, samples the rules let through] (the privacy report).
+    rule_counts: dict[str, list[int]] = field(default_factory=dict)
 
     def take(self) -> list[dict[str, Any]]:
         out = self.samples
         self.samples = []
         return out
+
+
+def _drop_rules(batch: GrantBatch) -> None:
+    """Forget a grant's rule state: its pre-trigger history and open windows live in memory only."""
+    if batch.rules is not None:
+        batch.rules.clear()
+        batch.rules = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,8 +81,12 @@ class Router:
     """Immutable routing for one consent state; the batches it feeds are owned by the pipeline."""
 
     def __init__(self, catalogue: Catalogue, grants: tuple[Grant, ...], batches: dict[str, GrantBatch]) -> None:
+        # Keyed by (frame id, is_extended); a J1939 message by (route key, True): its PGN, PDU1 destination
+        # and source (vgw.j1939.ids).
         self.decoders: dict[FrameKey, MessageDecoder] = {}
-        wanted: dict[int, list[tuple[str, object]]] = {}
+        self.j1939 = any(j1939.is_j1939(m) for m in catalogue.messages.values())
+        wanted: dict[FrameKey, list[tuple[str, object]]] = {}
+        message_of: dict[FrameKey, int] = {}
         for spec in catalogue.specs:
             targets = []
             for g in grants:
@@ -82,17 +99,27 @@ class Router:
                 continue  # no grant covers it: never decoded
             leaf = spec.path.rsplit(".", 1)[-1]
             coord = "lat" if leaf == "Latitude" else "lon" if leaf == "Longitude" else ""
-            wanted.setdefault(spec.frame_id, []).append((spec.signal, _Entry(spec, coord, tuple(targets))))
-        for frame_id, signals in wanted.items():
+            message = catalogue.messages[spec.frame_id]
+            key = (j1939.message_key(message, spec.source_address), True) if j1939.is_j1939(message) else \
+                (spec.frame_id, bool(message.is_extended_frame))
+            message_of[key] = spec.frame_id
+            wanted.setdefault(key, []).append((spec.signal, _Entry(spec, coord, tuple(targets))))
+        j1939.widen(wanted)
+        for key, signals in wanted.items():
             # Latitude before longitude, so a frame carrying both snaps longitude with its own latitude.
             signals.sort(key=lambda s: 0 if isinstance(s[1], _Entry) and s[1].coord == "lat" else 1)
-            message = catalogue.messages[frame_id]
-            self.decoders[(frame_id, bool(message.is_extended_frame))] = MessageDecoder(message, signals)
+            self.decoders[key] = MessageDecoder(catalogue.messages[message_of[key]], signals)
+        # A consented J1939 message longer than 8 bytes arrives by transport protocol (vgw.j1939.transport).
+        self.j1939_long = any(j1939.is_route_key(k) and d.length > 8 for (k, _), d in self.decoders.items())
+        scopes = {s for g in grants for s in g.scopes}
+        extra = filter_keys(scopes, self.j1939_long) if self.j1939 else frozenset()
+        self._extra_filters = frozenset((k, True) for k in extra)
 
     @property
     def frames(self) -> frozenset[FrameKey]:
-        """The (id, is_extended) frames that carry a consented signal."""
-        return frozenset(self.decoders)
+        """The (id, is_extended) frames that carry a consented signal; J1939 route keys among them
+        (vgw.j1939.ids), which the kernel filter turns into masked filters."""
+        return frozenset(self.decoders) | self._extra_filters
 
     @property
     def frame_ids(self) -> frozenset[int]:
@@ -101,6 +128,10 @@ class Router:
 
 class Pipeline:
     """Decodes frames through the current router into per-grant batches.
+
+    Collection rules (CONTRACT §5.1) apply before the limits: a grant with ``collect`` has a rule engine
+    (vgw.collect.engine) on its batch, fed every decoded sample of the grant; only what the engine lets
+    through meets the limits. A grant without rules takes exactly the path it always did.
 
     Not thread-safe by itself: the runtime holds one lock around :meth:`process`, :meth:`due` and
     :meth:`swap`, so a revocation can never interleave with a half-processed frame.
@@ -111,6 +142,7 @@ class Pipeline:
         self.catalogue = catalogue if catalogue is not None else Catalogue(messages={}, specs=())
         self.batches: dict[str, GrantBatch] = {}
         self.router = Router(self.catalogue, (), self.batches)
+        self._j1939 = J1939Front() if self.router.j1939 else None  # README "SAE J1939"
         self._parts: dict[str, list[bytes | None]] = {}
         self._last_lat: float | None = None
         self.counters: dict[str, int] = {
@@ -134,12 +166,18 @@ class Pipeline:
                 batch.samples.clear()
                 batch.last_kept.clear()
                 batch.grant = g
+                _drop_rules(batch)
             keep[g.id] = batch if batch is not None else GrantBatch(g)
+            if keep[g.id].rules is None and g.collect:
+                keep[g.id].rules = RuleEngine(g.collect)
         for gid in dropped:
             self.batches[gid].samples.clear()  # in-memory data of a revoked grant go at once
+            _drop_rules(self.batches[gid])  # and the rules' pre-trigger history and open windows with them
         self.batches = keep
         self.router = Router(self.catalogue, grants, self.batches)
         self._parts.clear()
+        if self._j1939 is not None:
+            self._j1939.reset({s for g in grants for s in g.scopes}, self.router.j1939_long)
         return dropped
 
     def process(self, arbitration_id: int, data: bytes, t: float, is_extended: bool | None = None) -> None:
@@ -151,8 +189,34 @@ class Pipeline:
             is_extended = arbitration_id > STANDARD_ID_MAX
         decoder = self.router.decoders.get((arbitration_id, is_extended))
         if decoder is None:
+            if self._j1939 is not None and is_extended:
+                self._process_j1939(arbitration_id, data, t)
+                return
             counters["frames_unrouted"] += 1
             return
+        self._decode(decoder, data, t)
+
+    def _process_j1939(self, arbitration_id: int, data: bytes, t: float) -> None:
+        """A frame no exact id matched, on a bus with J1939 messages: route it by PGN (agent.j1939)."""
+        front = self._j1939
+        assert front is not None
+        whole = front.message(arbitration_id, data, t)
+        if whole is None:
+            return  # a transport fragment
+        can_id, payload = whole
+        builtin = front.builtin(can_id, payload)
+        if builtin is not None:
+            self.offer(builtin[0].path, builtin[0].scope, t, builtin[1])
+        decoders = self.router.decoders
+        decoder = decoders.get((j1939.route_key(can_id), True)) or decoders.get((j1939.any_source_key(can_id), True))
+        if decoder is None:
+            if builtin is None:
+                self.counters["frames_unrouted"] += 1
+            return
+        self._decode(decoder, payload, t)
+
+    def _decode(self, decoder: MessageDecoder, data: bytes, t: float) -> None:
+        counters = self.counters
         values, short = decoder.decode(data)
         if short:
             counters["signals_short"] += short
@@ -172,11 +236,63 @@ class Pipeline:
             if coord == "lat":
                 self._last_lat = float(value)
             for target in entry.targets:  # type: ignore[attr-defined]
-                self._emit(target.batch, spec.path, coord, t, t_out, value, target.min_interval, target.precision_m)
+                self._deliver(target.batch, spec.path, spec.scope, coord, t, t_out, value, target.min_interval,
+                              target.precision_m)
 
     def granted_scopes(self) -> frozenset[str]:
         """Scopes at least one grant in force holds (sources poll nothing else: minimisation at the source)."""
         return frozenset(s for b in self.batches.values() for s in b.grant.scopes)
+
+    def _deliver(self, batch: GrantBatch, path: str, scope: str, coord: str, t: float, t_out: float, value: Any,
+                 min_interval: float, precision_m: float) -> bool:
+        """One sample of one grant: through its collection rules (if any), then its limits. True if kept."""
+        engine = batch.rules
+        if engine is None:
+            return self._emit(batch, path, coord, t, t_out, value, min_interval, precision_m)
+        counts = batch.rule_counts.setdefault(scope, [0, 0])
+        counts[0] += 1
+        out = engine.feed(path, scope, t, value)
+        return self._release(batch, out) if out else False
+
+    def _release(self, batch: GrantBatch, out: list[tuple[str, float, Any]]) -> bool:
+        """What a grant's rules let through, each sample under the limits of its own scope (rules before limits)."""
+        assert batch.rules is not None
+        kept = False
+        for path, t, value in out:
+            scope = batch.rules.scope_of(path)
+            batch.rule_counts.setdefault(scope, [0, 0])[1] += 1
+            lim = batch.grant.limits_for(scope)
+            leaf = path.rsplit(".", 1)[-1]
+            coord = "lat" if leaf == "Latitude" else "lon" if leaf == "Longitude" else ""
+            precision_m = lim.precision_m or 0.0
+            if isinstance(value, dict):  # an aggregate summary: coarsen each statistic to the grid
+                if precision_m and coord:
+                    snapped = {k: self._snap(coord, float(v), precision_m) if k != "n" else v
+                               for k, v in value.items()}
+                    if any(v is None for v in snapped.values()):
+                        continue
+                    value = snapped
+                precision_m = 0.0
+            if self._emit(batch, path, coord, t, round(t, 6), value, 1.0 / lim.max_hz if lim.max_hz else 0.0,
+                          precision_m):
+                kept = True
+                # Pre-trigger history is older than the batch's first sample: retention counts from the oldest.
+                batch.first_t = min(batch.first_t, t)
+        return kept
+
+    def rule_counts(self) -> dict[str, dict[str, dict[str, int]]]:
+        """Per grant with rules and scope: samples decoded and samples the rules let through (counts only)."""
+        # list() copies in one step under the GIL: safe to call from the status writer while frames flow.
+        return {b.grant.id: {scope: {"decoded": c[0], "after_rules": c[1]} for scope, c in list(b.rule_counts.items())}
+                for b in list(self.batches.values()) if b.rules is not None}
+
+    def close_windows(self) -> None:
+        """Send what every grant's open periodic and aggregate windows hold (end of trace, shutdown)."""
+        for batch in self.batches.values():
+            if batch.rules is not None:
+                out = batch.rules.flush()
+                if out:
+                    self._release(batch, out)
 
     def offer(self, path: str, scope: str, t: float, value: Any) -> int:
         """Route one already-decoded sample (e.g. an OBD-II PID answer) through the same policy.
@@ -195,7 +311,8 @@ class Pipeline:
             if scope in batch.grant.scopes:
                 lim = batch.grant.limits_for(scope)
                 min_interval = 1.0 / lim.max_hz if lim.max_hz else 0.0
-                taken += self._emit(batch, path, coord, t, round(t, 6), value, min_interval, lim.precision_m or 0.0)
+                taken += self._deliver(batch, path, scope, coord, t, round(t, 6), value, min_interval,
+                                       lim.precision_m or 0.0)
         return taken
 
     def _emit(self, batch: GrantBatch, path: str, coord: str, t: float, t_out: float, value: Any,
@@ -246,7 +363,9 @@ class Pipeline:
         return _on_grid(value, step)
 
     def due(self, max_samples: int, max_interval_s: float, *, force: bool = False) -> list[GrantBatch]:
-        """Batches to flush now: full, old enough, or (``force``) any non-empty one."""
+        """Batches to flush now: full, old enough, or (``force``) any non-empty one, open rule windows closed."""
+        if force:
+            self.close_windows()
         now = time.monotonic()
         return [
             b

@@ -2,7 +2,7 @@
 
 * ``canbus``: any python-can interface (socketcan, slcan, virtual, ...), kernel filters where supported.
 * ``replay``: a recorded trace through ``can.LogReader`` (candump .log, .asc, .blf, ...).
-* OBD-II sources live in ``agent.obd``.
+* OBD-II sources live in ``vgw.obd``.
 """
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ from __future__ import annotations
 from typing import Protocol
 
 import can
-
-from agent.config import CanConfig
+from vgw.config import CanConfig
 
 
 class FrameSource(Protocol):
@@ -40,10 +39,11 @@ class FrameSource(Protocol):
 def open_source(can_cfg: CanConfig) -> FrameSource:
     """Open the source a [can] section describes. Raises SourceOpenError."""
     if can_cfg.replay is not None:
-        from agent.sources.replay import ReplaySource
+        from vgw.sources.replay import ReplaySource
 
         return ReplaySource(can_cfg.replay, rate=can_cfg.replay_rate, loop=can_cfg.replay_loop)
-    from agent.sources.canbus import BusSource
+    from vgw.sources.canbus import BusSource
 
-    return BusSource(can_cfg.interface, can_cfg.channel, can_cfg.bitrate)
+    return BusSource(can_cfg.interface, can_cfg.channel, can_cfg.bitrate, fd=can_cfg.fd,
+                     data_bitrate=can_cfg.data_bitrate)
 

@@ -23,8 +23,9 @@ from typing import Any
 
 import can
 from can.typechecking import CanFilter
-
-from agent.errors import SourceFrameError, SourceOpenError, SourceReadError
+from vgw.errors import SourceFrameError, SourceOpenError, SourceReadError
+from vgw.j1939 import ids as j1939
+from vgw.j1939.request import is_request
 
 log = logging.getLogger("vgw.source")
 
@@ -50,10 +51,30 @@ class _DroppingQueue(queue.Queue):  # type: ignore[type-arg]
             self.dropped += 1
 
 
+def _fd_kwargs(interface: str, bitrate: int | None, data_bitrate: int | None) -> dict[str, Any]:
+    """python-can arguments that open ``interface`` in CAN FD mode (README "CAN FD").
+
+    SocketCAN: ``fd=True`` makes the socket take CANFD_MTU frames (the kernel sets the bit timing).
+    slcan: python-can parses FD frames (CANable 2.0 dialect) in any mode; a data bitrate is set after the
+    adapter opened, with ``set_bitrate(bitrate, data_bitrate)``.
+    Other drivers (pcan, kvaser, vector ...) take ``fd`` and ``data_bitrate``.
+    """
+    if interface == "virtual":
+        return {"protocol": can.CanProtocol.CAN_FD}
+    if interface == "slcan":
+        return {}
+    out: dict[str, Any] = {"fd": True}
+    if data_bitrate and interface != "socketcan":
+        out["data_bitrate"] = data_bitrate
+    return out
+
+
 class BusSource:
     finished = False
+    requests_failed = 0  # J1939 requests the bus did not take
 
-    def __init__(self, interface: str, channel: str | None, bitrate: int | None = None) -> None:
+    def __init__(self, interface: str, channel: str | None, bitrate: int | None = None, *, fd: bool = False,
+                 data_bitrate: int | None = None) -> None:
         if interface == "udp_multicast":
             raise SourceOpenError("interface udp_multicast is not allowed: it sends frames off the device")
         self.interface = interface
@@ -63,10 +84,18 @@ class BusSource:
             kwargs["bitrate"] = bitrate
         if interface == "virtual":
             kwargs["receive_own_messages"] = False
+        if fd:
+            kwargs.update(_fd_kwargs(interface, bitrate, data_bitrate))
         try:
             self.bus = can.Bus(**kwargs)
         except (can.CanError, OSError, ValueError, ImportError) as exc:
             raise SourceOpenError(f"cannot open CAN interface {interface!r} channel {channel!r}: {exc}") from exc
+        if fd and interface == "slcan" and bitrate and data_bitrate:
+            try:
+                self.bus.set_bitrate(bitrate, data_bitrate)  # type: ignore[attr-defined]
+            except (can.CanError, OSError, ValueError) as exc:
+                self.bus.shutdown()
+                raise SourceOpenError(f"slcan adapter {channel!r} refused data bitrate {data_bitrate}: {exc}") from exc
         self._closed = False
         self._rx: _DroppingQueue | None = None
         if interface == "virtual":
@@ -118,6 +147,19 @@ class BusSource:
                                    f"{len(msg.data)} data bytes skipped")
         return msg
 
+    def send_j1939_request(self, can_id: int, data: bytes) -> bool:
+        """Send one J1939 request (README "SAE J1939"): the only frame the agent ever puts on a bus, so
+        anything else is refused here too. Raises ValueError for another frame; returns False (counted in
+        ``requests_failed``) when the bus does not take it -- the next one is due after the rate limit anyway."""
+        if not is_request(can_id, data):
+            raise ValueError("only J1939 requests for a requestable PGN may be sent")
+        try:
+            self.bus.send(can.Message(arbitration_id=can_id, is_extended_id=True, data=data), timeout=0.05)
+        except (can.CanError, OSError, ValueError):
+            self.requests_failed += 1
+            return False
+        return True
+
     def _slcan_resync(self, longer_than: int) -> bool:
         """Empty python-can's pending SLCAN line if it is longer than ``longer_than`` bytes. True if it did."""
         buffer = getattr(self.bus, "_buffer", None) if self.interface == "slcan" else None
@@ -154,7 +196,13 @@ def kernel_filters(frames: frozenset[tuple[int, bool]]) -> list[CanFilter]:
     frame and the reverse, whichever layer applies the filter.
     """
     mask = 0x1FFFFFFF | CAN_EFF_FLAG
-    filters: list[CanFilter] = [{"can_id": fid, "can_mask": mask, "extended": ext} for fid, ext in sorted(frames)]
+    filters: list[CanFilter] = [{"can_id": fid, "can_mask": mask, "extended": ext} for fid, ext in sorted(frames)
+                                if not j1939.is_route_key(fid)]
+    # J1939 route keys (vgw.j1939.ids) match a PGN whatever the priority (and the source): one masked
+    # extended filter each.
+    filters += [{"can_id": can_id, "can_mask": j1939_mask | CAN_EFF_FLAG, "extended": True}
+                for can_id, j1939_mask in sorted({j1939.kernel_filter(fid) for fid, _ in frames
+                                                  if j1939.is_route_key(fid)})]
     return filters or [{"can_id": 0x1FFFFFFF, "can_mask": mask, "extended": False}]
 
 

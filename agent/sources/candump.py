@@ -1,0 +1,155 @@
+"""A strict, line-by-line reader of candump ``-L`` log files (``(1700000000.000000) can0 123#DEADBEEF``).
+
+python-can's reader is a generator that dies at the first line it cannot parse, so one garbled line would end
+(or, re-opened, restart) a replay. This reader judges each line alone: a damaged line is reported as a
+:class:`DamagedLine` with its number and a :class:`Damage` kind, and reading goes on with the next line.
+Memory is bounded: a line longer than :data:`MAX_LINE_BYTES` is skipped in chunks, never held whole.
+
+Accepted, as candump (can-utils ``lib.c``) writes it: a time ``(seconds.fraction)``, a channel name, a frame
+``<id>#<data>`` with a 3-digit standard or 8-digit extended hex id, ``<id>#R[<dlc>]`` (remote),
+``<id>##<flags><data>`` (CAN FD), an optional ``_<dlc>`` after 8 data bytes (raw DLC 9..F), an id with the
+error flag (0x20000000) as an error frame, and an optional trailing ``R``/``T`` (direction).
+"""
+
+from __future__ import annotations
+
+import enum
+import gzip
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import can
+from vgw.timefmt import LATEST_TIME
+
+MAX_LINE_BYTES = 512  # the longest candump -L line (FD, 64 bytes, 16-char channel) is under 200
+CAN_ERR_FLAG = 0x20000000
+FD_LENGTHS = frozenset((*range(9), 12, 16, 20, 24, 32, 48, 64))
+_TIME = re.compile(r"\((\d{1,12}(?:\.\d{1,9})?)\)")
+_ID = re.compile(r"[0-9A-Fa-f]{3}|[0-9A-Fa-f]{8}")
+_HEX_DIGIT = re.compile(r"[0-9A-Fa-f]")
+
+
+class Damage(enum.Enum):
+    """Why a line was not a frame (no line content is ever logged: it may hold signal values)."""
+
+    TOO_LONG = f"longer than {MAX_LINE_BYTES} bytes"
+    ENCODING = "not ASCII text"
+    FIELDS = "not '(time) channel frame [R|T]'"
+    TIME = "time is not a number of seconds in years 1970..9999"
+    ID = "frame id is not a 3- or 8-digit hex CAN id"
+    DATA = "frame data is not hex bytes of a valid length"
+
+
+@dataclass(frozen=True)
+class DamagedLine:
+    """Line ``number`` (1-based) of a trace could not be read, for the reason ``damage``."""
+
+    number: int
+    damage: Damage
+
+
+class LineError(ValueError):
+    """One line is not a candump frame; ``damage`` says why."""
+
+    def __init__(self, damage: Damage) -> None:
+        super().__init__(damage.value)
+        self.damage = damage
+
+
+def parse_line(text: str) -> can.Message | None:
+    """The frame on one candump ``-L`` line, or None for a blank line. Raises :class:`LineError`."""
+    fields = text.split()
+    if not fields:
+        return None
+    is_rx = True
+    if len(fields) == 4 and fields[3] in ("R", "T", "r", "t"):
+        is_rx = fields[3] in ("R", "r")
+    elif len(fields) != 3:
+        raise LineError(Damage.FIELDS)
+    stamp, channel_text, frame = fields[0], fields[1], fields[2]
+    m = _TIME.fullmatch(stamp)
+    if m is None:
+        raise LineError(Damage.TIME)
+    timestamp = float(m.group(1))
+    if timestamp > LATEST_TIME:
+        raise LineError(Damage.TIME)
+    ident, sep, data = frame.partition("#")
+    if not sep or _ID.fullmatch(ident) is None:
+        raise LineError(Damage.ID)
+    can_id = int(ident, 16)
+    extended = len(ident) == 8
+    channel: int | str = int(channel_text) if channel_text.isdigit() else channel_text
+    if extended and can_id & CAN_ERR_FLAG:
+        return can.Message(timestamp=timestamp, is_error_frame=True, channel=channel, is_rx=is_rx)
+    if (extended and can_id > 0x1FFFFFFF) or (not extended and can_id > 0x7FF):
+        raise LineError(Damage.ID)
+    if data[:1] in ("R", "r"):
+        dlc_text = data[1:]
+        if dlc_text and not (len(dlc_text) == 1 and "0" <= dlc_text <= "8"):
+            raise LineError(Damage.DATA)
+        return can.Message(timestamp=timestamp, arbitration_id=can_id, is_extended_id=extended,
+                           is_remote_frame=True, dlc=int(dlc_text or "0"), channel=channel, is_rx=is_rx)
+    is_fd = data[:1] == "#"
+    flags = 0
+    if is_fd:
+        if len(data) < 2 or _HEX_DIGIT.fullmatch(data[1]) is None:
+            raise LineError(Damage.DATA)
+        flags, data = int(data[1], 16), data[2:]
+    elif len(data) == 18 and data[16] == "_" and data[17] in "9ABCDEFabcdef":
+        data = data[:16]  # classic CAN with a raw DLC of 9..15: still 8 data bytes
+    try:
+        payload = bytes.fromhex(data)
+    except ValueError:
+        raise LineError(Damage.DATA) from None
+    # bytes.fromhex skips whitespace, which split() already removed; odd lengths and non-hex raise above.
+    if (is_fd and len(payload) not in FD_LENGTHS) or (not is_fd and len(payload) > 8):
+        raise LineError(Damage.DATA)
+    return can.Message(timestamp=timestamp, arbitration_id=can_id, is_extended_id=extended, is_fd=is_fd,
+                       bitrate_switch=bool(flags & 0x01), error_state_indicator=bool(flags & 0x02),
+                       dlc=len(payload), data=payload, channel=channel, is_rx=is_rx)
+
+
+def read_frames(fh: BinaryIO) -> Iterator[can.Message | DamagedLine]:
+    """Every frame of an open binary candump log, and a :class:`DamagedLine` for each line that is not one.
+
+    I/O and decompression errors of ``fh`` propagate (``OSError``, ``EOFError``, ``zlib.error``).
+    """
+    number = 0
+    while True:
+        raw = fh.readline(MAX_LINE_BYTES + 1)
+        if not raw:
+            return
+        number += 1
+        if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+            while raw and not raw.endswith(b"\n"):  # skip the rest of the over-long line, chunk by chunk
+                raw = fh.readline(64 * 1024)
+            yield DamagedLine(number, Damage.TOO_LONG)
+            continue
+        try:
+            text = raw.decode("ascii")
+        except UnicodeDecodeError:
+            yield DamagedLine(number, Damage.ENCODING)
+            continue
+        try:
+            msg = parse_line(text)
+        except LineError as exc:
+            yield DamagedLine(number, exc.damage)
+            continue
+        if msg is not None:
+            yield msg
+
+
+def is_candump(path: Path) -> bool:
+    """True for the files this reader handles: ``*.log`` and ``*.log.gz`` (as ``can.LogReader`` decides)."""
+    suffixes = [s.lower() for s in path.suffixes]
+    return suffixes[-1:] == [".log"] or suffixes[-2:] == [".log", ".gz"]
+
+
+def open_binary(path: Path) -> BinaryIO:
+    """Open a candump log for :func:`read_frames` (gzip-decompressed for ``.gz``). Raises OSError."""
+    if path.suffix.lower() == ".gz":
+        return gzip.open(path, "rb")  # type: ignore[return-value]
+    return path.open("rb")

@@ -1,0 +1,196 @@
+"""The state directory and the files the agent reads cannot be turned against it (docs/guarantees.md, "Files
+the agent reads and writes").
+
+Driven from outside through the real CLI (`vgw consent apply`, a subprocess with a memory cap, so a defect
+shows as a failure, never as a test run eating the machine). The tests run as root here: another user is
+simulated with ``os.chown`` to an unused uid.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from vgw.crypto.keys import load_or_create_storage_key
+from vgw.outbox import Outbox
+
+from tests.agentkit import ROOT, Authority, write_config
+
+OTHER_UID = 4242  # no such user here: "someone else"
+VICTIM_TEXT = b"precious root-owned content\n"
+
+
+def _cap_memory() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+
+
+def vgw(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "vgw", *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT, preexec_fn=_cap_memory)
+
+
+@pytest.fixture
+def setup(tmp_path: Path, pki: Any) -> dict[str, Any]:
+    auth = Authority(tmp_path)
+    cfg = write_config(tmp_path, pki, 1883, auth.trust, can={"channel": "vgw-state-files"})
+    doc = tmp_path / "v1.jws"
+    doc.write_text(auth.doc("dev-0001", {"g-speed": ["read_speedometer"]}))
+    victim = tmp_path / "victim"
+    victim.write_bytes(VICTIM_TEXT)
+    return {"cfg": cfg, "doc": doc, "state": tmp_path / "state", "victim": victim, "tmp": tmp_path, "auth": auth}
+
+
+def apply(s: dict[str, Any], cfg: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return vgw("consent", "apply", "--config", str(cfg or s["cfg"]), str(s["doc"]))
+
+
+def assert_refused(r: subprocess.CompletedProcess[str], *words: str) -> None:
+    assert r.returncode not in (0, 3), (r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    for w in words:
+        assert w in r.stderr, r.stderr
+
+
+def assert_untouched(victim: Path) -> None:
+    assert victim.read_bytes() == VICTIM_TEXT
+    assert victim.stat().st_uid == os.geteuid()
+
+
+# -- the state directory ----------------------------------------------------------------------------------------
+
+
+def test_state_dir_of_another_user_is_refused_and_its_links_never_followed(setup: dict[str, Any]) -> None:
+    state: Path = setup["state"]
+    state.mkdir(mode=0o700)
+    (state / "vgw.lock").symlink_to(setup["victim"])  # planted: the lock file is truncated on open
+    (state / "audit.log").symlink_to(setup["victim"])
+    os.chown(state, OTHER_UID, OTHER_UID)
+    r = apply(setup)
+    assert_refused(r, "owned by uid 4242", str(state))
+    assert_untouched(setup["victim"])
+    assert sorted(p.name for p in state.iterdir()) == ["vgw.lock", "audit.log"]  # nothing adopted or created
+
+
+def test_state_dir_writable_by_others_is_refused(setup: dict[str, Any]) -> None:
+    state: Path = setup["state"]
+    state.mkdir()
+    os.chmod(state, 0o777)  # noqa: S103 - the fault under test
+    assert_refused(apply(setup), "writable by group or others")
+    assert list(state.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["vgw.lock", "audit.log", "outbox.sqlite", "outbox.sqlite-wal", "consent.jws",
+                                  "storage.key"])
+def test_a_link_planted_in_our_own_state_dir_is_refused(setup: dict[str, Any], name: str) -> None:
+    state: Path = setup["state"]
+    state.mkdir(mode=0o700)
+    (state / name).symlink_to(setup["victim"])
+    assert_refused(apply(setup), "symbolic link", name)
+    assert_untouched(setup["victim"])
+
+
+def test_every_state_file_is_created_0600_even_under_umask_022(setup: dict[str, Any]) -> None:
+    state: Path = setup["state"]
+    state.mkdir(mode=0o700)
+    # A fresh outbox: SQLite's -wal and -shm exist only while a connection is open, so look at them then.
+    old = os.umask(0o022)
+    try:
+        key = load_or_create_storage_key(state / "storage.key")
+        outbox = Outbox(state / "outbox.sqlite", key, "dev-0001")
+        try:
+            outbox.set_active_grants({"g-speed"})
+            made = {p.name: stat.S_IMODE(p.stat().st_mode) for p in state.glob("outbox.sqlite*")}
+            assert set(made) == {"outbox.sqlite", "outbox.sqlite-wal", "outbox.sqlite-shm"}, made
+            assert set(made.values()) == {0o600}, made
+        finally:
+            outbox.close()
+    finally:
+        os.umask(old)
+
+    r = apply(setup)  # the CLI (umask 022 inherited from this test process) adds the rest
+    assert r.returncode == 0, r.stderr
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in state.iterdir()}
+    assert {"outbox.sqlite", "audit.log", "consent.jws", "storage.key", "vgw.lock"} <= set(modes)
+    assert all(m == 0o600 for m in modes.values()), modes
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+
+
+# -- key and config files: regular files only, capped, owned by us (or root) and writable by nobody else -----------
+
+
+def _fifo(folder: Path) -> Path:
+    p = folder / "fifo"
+    os.mkfifo(p)
+    return p
+
+
+def _with(cfg: Path, section: str, key: str, value: Path) -> Path:
+    """A copy of ``cfg`` with ``key`` in ``[section]`` set (replaced or added) to ``value``."""
+    out, inside, done = [], False, False
+    for line in cfg.read_text().splitlines():
+        if line.startswith("["):
+            if inside and not done:
+                out.append(f'{key} = "{value}"')
+                done = True
+            inside = line == f"[{section}]"
+        if inside and line.split("=")[0].strip() == key:
+            line, done = f'{key} = "{value}"', True
+        out.append(line)
+    new = cfg.with_name(f"{key}.toml")
+    new.write_text("\n".join(out) + "\n")
+    return new
+
+
+@pytest.mark.parametrize("kind", ["dev-zero", "fifo"])
+@pytest.mark.parametrize("which", ["storage key", "consent trust key", "device private key", "config file"])
+def test_a_key_or_config_path_that_is_not_a_regular_file_gives_one_clear_line(setup: dict[str, Any], which: str,
+                                                                              kind: str) -> None:
+    bad = Path("/dev/zero") if kind == "dev-zero" else _fifo(setup["tmp"])
+    cfg: Path = setup["cfg"]
+    if which == "storage key":
+        cfg = _with(cfg, "device", "storage_key", bad)
+    elif which == "consent trust key":
+        cfg = _with(cfg, "consent", "trust_keys", bad)
+    elif which == "device private key":
+        cfg = _with(cfg, "mqtt", "key_file", bad)
+    else:
+        cfg = bad
+    r = apply(setup, cfg)  # before: MemoryError traceback (/dev/zero) or a hang for ever (FIFO)
+    assert_refused(r, which, "not a regular file")
+
+
+def test_a_storage_key_of_another_user_is_refused(setup: dict[str, Any]) -> None:
+    assert apply(setup).returncode == 0
+    key = setup["state"] / "storage.key"
+    os.chown(key, OTHER_UID, OTHER_UID)
+    assert_refused(apply(setup), "storage key", "owned by uid 4242")
+
+
+def test_a_trust_key_others_can_replace_is_refused(setup: dict[str, Any]) -> None:
+    trust: Path = setup["auth"].trust
+    os.chmod(trust, 0o666)  # noqa: S103 - the fault under test: anyone could swap the consent authority
+    assert_refused(apply(setup), "consent trust key", "writable by group or others")
+
+
+def test_an_oversized_key_file_is_refused_before_it_is_read(setup: dict[str, Any]) -> None:
+    big = setup["tmp"] / "big.pem"
+    with big.open("wb") as fh:
+        fh.truncate(1 << 30)  # sparse: 1 GiB that costs no disk
+    assert_refused(apply(setup, _with(setup["cfg"], "consent", "trust_keys", big)), "consent trust key", "allowed")
+
+
+def test_a_tls_file_that_is_a_fifo_is_a_link_error_not_a_hung_uplink(setup: dict[str, Any]) -> None:
+    from tests.agentkit import AgentThread
+    from tests.faultkit import wait_until
+
+    cfg = _with(setup["cfg"], "mqtt", "ca_file", _fifo(setup["tmp"]))
+    with AgentThread(cfg) as runner:  # before: the uplink thread blocked for ever opening the FIFO
+        uplink = runner.agent.uplink
+        assert wait_until(lambda: "not a regular file" in (uplink.last_error or ""), 10), uplink.last_error
+        assert uplink.connect_failures >= 1 and uplink.state != "connected"

@@ -17,8 +17,8 @@ dev stack"); ``up DIR`` starts the parts in the background; ``down DIR`` stops t
                                   (the agent reads can0; `vgw monitor` reads can1: a pty has one reader)
 
 Every part is a plain process with a pid file; ``down`` stops only processes whose command line names DIR.
-Errors: :class:`~agent.errors.ConfigError` for a directory that is not a stack (or already is one for
-``init``), :class:`~agent.errors.VgwError` when a part does not start (the message names its log).
+Errors: :class:`~vgw.errors.ConfigError` for a directory that is not a stack (or already is one for
+``init``), :class:`~vgw.errors.VgwError` when a part does not start (the message names its log).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.errors import ConfigError, VgwError
+from vgw.errors import ConfigError, VgwError
 
 DEFAULT_DEVICE = "dev-car-01"
 STACK_FILE = "stack.json"
@@ -108,11 +108,11 @@ def init(directory: Path, *, device: str = DEFAULT_DEVICE, trace: Path | None = 
     ``trace``: the agent replays this trace (copied in, looped) instead of reading the simulator's pty.
     Raises :class:`ConfigError` for an existing stack, a bad device id or trace.
     """
-    from agent.config import DEVICE_ID_PATTERN
-    from simulators.broker import free_port
-    from simulators.cloudkit import keygen, load_grants, load_signing_key, sign_documents
-    from simulators.paths import default_dbc, default_signal_map
-    from simulators.pki import TestPKI
+    from vgw.config import DEVICE_ID_PATTERN
+    from vgw.simulators.broker import free_port
+    from vgw.simulators.cloudkit import keygen, load_grants, load_signing_key, sign_documents
+    from vgw.simulators.paths import default_dbc, default_signal_map
+    from vgw.simulators.pki import TestPKI
 
     stack = Stack(directory.expanduser().absolute())
     if (stack.dir / STACK_FILE).exists() or stack.config.exists():
@@ -120,7 +120,7 @@ def init(directory: Path, *, device: str = DEFAULT_DEVICE, trace: Path | None = 
     if not DEVICE_ID_PATTERN.match(device):
         raise ConfigError(f"--device {device!r}: use 1-64 letters, digits, '.', '_' or '-'")
     if trace is not None:
-        from simulators.can_play import check_trace
+        from vgw.simulators.can_play import check_trace
 
         check_trace(trace)
     stack.dir.mkdir(parents=True, exist_ok=True)
@@ -185,7 +185,7 @@ max_interval_s = 0.5
 
 
 def _broker_config(stack: Stack, port: int) -> str:
-    from simulators.broker import device_acl
+    from vgw.simulators.broker import device_acl
 
     acl = stack.dir / "broker" / "acl"
     acl.write_text(device_acl("vgw", cloud_user="cloud"))
@@ -231,9 +231,6 @@ def _pid(stack: Stack, part: str) -> int | None:
 
 def _spawn(stack: Stack, part: str, argv: list[str]) -> subprocess.Popen[bytes]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    # The children import this very copy of vgw, installed or not.
-    package_root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
     with open(stack.log(part), "ab") as log:
         log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} vgw dev up: starting {part}\n".encode())
         log.flush()
@@ -280,7 +277,7 @@ def up(directory: Path, *, progress: Callable[[str], None] = lambda _m: None) ->
     """Start broker, simulator (unless the agent replays a trace), cloud listener and agent in the background,
     push the consent document. Parts already running are left alone. On a failure what this call started is
     stopped again. Raises :class:`ConfigError` / :class:`VgwError`."""
-    from simulators.broker import find_mosquitto
+    from vgw.simulators.broker import find_mosquitto
 
     stack = Stack(directory.expanduser().absolute())
     info = stack.info()
@@ -337,8 +334,8 @@ def up(directory: Path, *, progress: Callable[[str], None] = lambda _m: None) ->
 
 def _push_consent(stack: Stack, device: str, broker_opts: list[str]) -> None:
     """Sign grants.toml afresh (a newer version) when it changed since current.jws, then publish, retained."""
-    from simulators.cloudkit import load_grants, load_signing_key, read_document, sign_documents
-    from simulators.cloudlink import BrokerOptions, CloudLink
+    from vgw.simulators.cloudkit import load_grants, load_signing_key, read_document, sign_documents
+    from vgw.simulators.cloudlink import BrokerOptions, CloudLink
 
     grants, current = stack.dir / "grants.toml", stack.dir / "consent" / "current.jws"
     key = load_signing_key(stack.dir / "consent" / "consent-signer.key")

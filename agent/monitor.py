@@ -13,8 +13,8 @@ holds it back. It changes nothing and sends nothing:
 - values go to the terminal only, never to a log; it refuses to run where stdout is the systemd journal.
 
 :class:`MonitorModel` is the pure part (frames and a consent in, rows out); :func:`run_monitor` the loop.
-Errors: :class:`~agent.errors.ConfigError` (no [can] section, a source already in use, running under systemd),
-:class:`~agent.errors.SourceOpenError` when the source cannot be opened.
+Errors: :class:`~vgw.errors.ConfigError` (no [can] section, a source already in use, running under systemd),
+:class:`~vgw.errors.SourceOpenError` when the source cannot be opened.
 """
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
 
-from agent.catalogue import Catalogue, SignalSpec, load_catalogue
-from agent.config import CanConfig, Config
-from agent.consent.model import Consent
-from agent.errors import ConfigError, SourceError, SourceFrameError
-from agent.pipeline.decoder import MessageDecoder
+from vgw.catalogue import Catalogue, SignalSpec, load_catalogue
+from vgw.config import CanConfig, Config
+from vgw.consent.model import Consent
+from vgw.errors import ConfigError, SourceError, SourceFrameError
+from vgw.pipeline.decoder import MessageDecoder
 
 RATE_WINDOW_S = 5.0
 _CLEAR = "\x1b[H\x1b[2J"
@@ -146,8 +146,8 @@ class ConsentView:
     """The consent in force in a state directory, read-only and re-verified (as `vgw consent show` does)."""
 
     def __init__(self, cfg: Config) -> None:
-        from agent.consent.manager import ConsentManager, load_trust_keys
-        from agent.consent.store import ConsentStore
+        from vgw.consent.manager import ConsentManager, load_trust_keys
+        from vgw.consent.store import ConsentStore
 
         self.path = cfg.state_dir / "consent.jws"
         trust = load_trust_keys(cfg.consent.trust_keys)
@@ -212,10 +212,10 @@ def holders(device: str) -> list[int]:
 def open_monitor_source(can: CanConfig, interface: str | None, channel: str | None) -> tuple[Any, str]:
     """The source to read: the config's, or ``interface``/``channel`` instead. Raises ConfigError when a serial
     adapter is already read by another process, SourceOpenError when it cannot be opened."""
-    from agent.sources.canbus import BusSource
+    from vgw.sources.canbus import BusSource
 
     if can.replay is not None and interface is None and channel is None:
-        from agent.sources.replay import ReplaySource
+        from vgw.sources.replay import ReplaySource
 
         return ReplaySource(can.replay, rate=can.replay_rate or 1.0, loop=True), f"replay {can.replay.name}"
     iface = interface or can.interface
@@ -237,7 +237,7 @@ def run_monitor(cfg: Config, *, interface: str | None = None, channel: str | Non
                 interval: float | None = None, duration: float | None = None, out: IO[str] | None = None,
                 stop: threading.Event | None = None) -> int:
     """Show the live view until ``q``, SIGINT/SIGTERM (``stop``) or ``duration``. Returns 0."""
-    from agent.logs import under_systemd
+    from vgw.logs import under_systemd
 
     if cfg.can is None:
         raise ConfigError(f"{cfg.path}: vgw monitor shows CAN signals; this config has no [can] section")

@@ -6,7 +6,7 @@ from the first frame of the trace (``canplayer`` without ``-t``), or as fast as 
 (``realtime=False``, ``canplayer -t``). ``loops`` plays the trace that many times (``None``: until stopped,
 ``canplayer -l i``); every pass starts its timing afresh.
 
-Errors: :class:`~agent.errors.ConfigError` for a missing or unreadable trace (raised before anything is
+Errors: :class:`~vgw.errors.ConfigError` for a missing or unreadable trace (raised before anything is
 sent, and also for a trace that holds no frame).
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import can
 
-from agent.errors import ConfigError
+from vgw.errors import ConfigError
 
 
 def _frames(path: Path) -> Iterator[can.Message]:

@@ -431,8 +431,9 @@ def open_output(interface: str, channel: str | None = None, bitrate: int | None 
     must be up with ``fd on``).
     For ``slcan`` the channel is ignored: a new pseudo-terminal is created; its path is the bus's
     ``path`` attribute. With ``ptys`` > 1 or ``links`` it is a group of adapters on one bus
-    (:class:`~simulators.slcan_pty.SlcanPtyGroup`, paths in ``paths``). Raises :class:`ConfigError` for an
-    unknown interface and :class:`SourceOpenError` when the bus cannot be opened (e.g. no vcan0 in this kernel).
+    (:class:`~vgw.simulators.slcan_pty.SlcanPtyGroup`, paths in ``paths``). Raises :class:`ConfigError`
+    for an unknown interface and :class:`SourceOpenError` when the bus cannot be opened (e.g. no vcan0 in
+    this kernel).
     """
     if interface not in INTERFACES:
         raise ConfigError(f"unknown simulator interface {interface!r}: choose one of {', '.join(INTERFACES)}")

@@ -17,8 +17,8 @@ from typing import Any
 import psutil
 import pytest
 
-from agent.config import load_config
-from simulators.cloudkit import load_grants
+from vgw.config import load_config
+from vgw.simulators.cloudkit import load_grants
 from tests.agentkit import ROOT, vgw
 
 
@@ -112,7 +112,7 @@ def test_init_up_down_a_kept_stack(stack_dir: Path) -> None:
 
 
 def test_trace_stack_replays_without_a_simulator(stack_dir: Path, tmp_path: Path) -> None:
-    from simulators.can_sim import CanSimulator
+    from vgw.simulators.can_sim import CanSimulator
 
     trace = tmp_path / "drive.log"
     CanSimulator().record(trace, 5.0)
@@ -134,7 +134,7 @@ def test_not_a_stack_is_one_line(tmp_path: Path) -> None:
 
 def test_fleet_make_pki_writes_private_keys_0600(tmp_path: Path) -> None:
     out = tmp_path / "fleet-pki"
-    r = subprocess.run([sys.executable, "-m", "agent", "sim", "fleet", "--make-pki", str(out), "--devices", "2"],
+    r = subprocess.run([sys.executable, "-m", "vgw", "sim", "fleet", "--make-pki", str(out), "--devices", "2"],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     keys = _private_keys(out)

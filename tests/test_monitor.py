@@ -20,10 +20,10 @@ from pathlib import Path
 import can
 import pytest
 
-from simulators.broker import free_port
-from simulators.can_sim import CanSimulator
-from simulators.pki import TestPKI
-from simulators.vehicle import VehicleModel
+from vgw.simulators.broker import free_port
+from vgw.simulators.can_sim import CanSimulator
+from vgw.simulators.pki import TestPKI
+from vgw.simulators.vehicle import VehicleModel
 from tests.agentkit import ROOT, Authority, stop_process, vgw, write_config
 
 DEV = "dev-0001"
@@ -118,7 +118,7 @@ def test_live_view_in_a_pty_follows_the_consent(setup: tuple[Path, Authority], t
                                                 terminal: list[Terminal]) -> None:
     cfg, auth = setup
     _apply(cfg, auth, tmp_path, {"g-speed": ["read_speedometer"]})
-    term = Terminal(["-m", "agent", "monitor", "--config", str(cfg), "--interval", "0.3"])
+    term = Terminal(["-m", "vgw", "monitor", "--config", str(cfg), "--interval", "0.3"])
     terminal.append(term)
     screen = term.wait_screen(_row("Vehicle.Speed") + r"read_speedometer\s+[0-9.]+\s+[1-9][0-9.]*/s\s+sent: g-speed$")
     assert re.search(r"consent v1, 1 grant\(s\)", screen)
@@ -142,7 +142,7 @@ def test_location_limits_are_shown(setup: tuple[Path, Authority], tmp_path: Path
     doc.write_text(auth.doc(DEV, {"g-loc": ["read_location"]},
                             limits={"g-loc": {"read_location": {"max_hz": 0.2, "precision_m": 1000}}}))
     assert vgw("consent", "apply", "--config", str(cfg), str(doc)).returncode == 0
-    term = Terminal(["-m", "agent", "monitor", "--config", str(cfg), "--interval", "0.3"])
+    term = Terminal(["-m", "vgw", "monitor", "--config", str(cfg), "--interval", "0.3"])
     terminal.append(term)
     term.wait_screen(_row("Vehicle.CurrentLocation.Latitude") + r".*sent: g-loc \(<= 0.2 Hz, 1000 m grid\)$")
 
@@ -150,7 +150,7 @@ def test_location_limits_are_shown(setup: tuple[Path, Authority], tmp_path: Path
 def test_piped_output_is_plain_periodic_tables(setup: tuple[Path, Authority], tmp_path: Path) -> None:
     cfg, auth = setup
     _apply(cfg, auth, tmp_path, {"g-speed": ["read_speedometer"]})
-    r = subprocess.run([sys.executable, "-m", "agent", "monitor", "--config", str(cfg), "--interval", "0.5",
+    r = subprocess.run([sys.executable, "-m", "vgw", "monitor", "--config", str(cfg), "--interval", "0.5",
                         "--duration", "2"], cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
     assert "\x1b" not in r.stdout
@@ -160,7 +160,7 @@ def test_piped_output_is_plain_periodic_tables(setup: tuple[Path, Authority], tm
 
 
 def test_a_serial_adapter_read_by_another_process_is_refused(tmp_path: Path, pki: TestPKI) -> None:
-    sim = subprocess.Popen([sys.executable, "-m", "agent", "sim", "can", "--duration", "30"], cwd=ROOT,
+    sim = subprocess.Popen([sys.executable, "-m", "vgw", "sim", "can", "--duration", "30"], cwd=ROOT,
                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         assert sim.stdout is not None
@@ -186,6 +186,6 @@ def test_a_serial_adapter_read_by_another_process_is_refused(tmp_path: Path, pki
 
 def test_refuses_to_print_values_into_the_journal(setup: tuple[Path, Authority]) -> None:
     cfg, _ = setup
-    r = subprocess.run([sys.executable, "-m", "agent", "monitor", "--config", str(cfg), "--duration", "1"], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "vgw", "monitor", "--config", str(cfg), "--duration", "1"], cwd=ROOT,
                        capture_output=True, text=True, timeout=30, env=dict(os.environ, INVOCATION_ID="x"))
     assert r.returncode == 1 and "journal" in r.stderr and r.stdout == ""

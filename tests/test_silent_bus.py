@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from simulators.broker import free_port
-from simulators.pki import TestPKI
+from vgw.simulators.broker import free_port
+from vgw.simulators.pki import TestPKI
 from tests.agentkit import AgentThread, Authority, Vehicle, write_config
 
 
@@ -54,7 +54,7 @@ def test_silent_bus_is_reported_once_and_clears_when_frames_return(
 
 
 def test_status_command_shows_a_silent_bus(tmp_path: Path, pki: TestPKI, channel: str) -> None:
-    from agent.cli.status import collect_status
+    from vgw.cli.status import collect_status
 
     auth = Authority(tmp_path)
     cfg = write_config(tmp_path, pki, free_port(), auth.trust, can={"channel": channel, "silent_s": 0.3})

@@ -14,8 +14,8 @@ from pathlib import Path
 import can
 import pytest
 
-from simulators.can_sim import CanSimulator
-from simulators.vehicle import VehicleModel
+from vgw.simulators.can_sim import CanSimulator
+from vgw.simulators.vehicle import VehicleModel
 from tests.agentkit import ROOT, stop_process
 
 FRAMES_PER_S = 213  # the demo vehicle's frame rate (dbc/vehicle.dbc cycle times)
@@ -30,7 +30,7 @@ def procs() -> Iterator[list[subprocess.Popen[str]]]:
 
 
 def _sim(procs: list[subprocess.Popen[str]], *args: str) -> subprocess.Popen[str]:
-    proc = subprocess.Popen([sys.executable, "-m", "agent", "sim", "can", *args], cwd=ROOT, text=True,
+    proc = subprocess.Popen([sys.executable, "-m", "vgw", "sim", "can", *args], cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     procs.append(proc)
     return proc
@@ -130,7 +130,7 @@ def test_play_keeps_the_trace_timing_like_canplayer(tmp_path: Path, procs: list[
 def test_play_fast_ignores_timestamps(tmp_path: Path) -> None:
     trace, n = _trace(tmp_path, 30.0)
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "agent", "sim", "can", "-i", "virtual", "--play", str(trace),
+    done = subprocess.run([sys.executable, "-m", "vgw", "sim", "can", "-i", "virtual", "--play", str(trace),
                            "--fast"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert f"sent {n} frames" in done.stderr
@@ -144,7 +144,7 @@ def test_play_fast_ignores_timestamps(tmp_path: Path) -> None:
     (("-i", "virtual", "--link", "x"), "--link"),
 ])
 def test_bad_input_is_one_line(args: tuple[str, ...], needle: str) -> None:
-    done = subprocess.run([sys.executable, "-m", "agent", "sim", "can", *args], cwd=ROOT, capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "vgw", "sim", "can", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=30)
     assert done.returncode == 1, done
     lines = done.stderr.strip().splitlines()

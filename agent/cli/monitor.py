@@ -30,9 +30,9 @@ def register(subparsers: Any) -> None:
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:
-    from agent.config import load_config
-    from agent.errors import ConfigError
-    from agent.monitor import run_monitor
+    from vgw.config import load_config
+    from vgw.errors import ConfigError
+    from vgw.monitor import run_monitor
 
     if args.interval is not None and args.interval <= 0:
         raise ConfigError(f"--interval {args.interval}: must be > 0")

@@ -134,7 +134,7 @@ def run_can(args: argparse.Namespace) -> int:
         raise ConfigError("--link makes SLCAN ptys: it needs -i slcan")
     loops = _loops(args.loop)
     if args.play is not None:
-        from simulators.can_play import check_trace
+        from vgw.simulators.can_play import check_trace
 
         check_trace(args.play)  # a bad trace is one line on stderr before any pty appears
         if args.duration is not None:
@@ -186,7 +186,7 @@ def run_can(args: argparse.Namespace) -> int:
         started = time.monotonic()
         realtime = True if args.realtime is None else args.realtime
         if args.play is not None:
-            from simulators.can_play import play
+            from vgw.simulators.can_play import play
 
             sent = play(bus, args.play, loops=loops, realtime=realtime, stop_event=stop)
         else:

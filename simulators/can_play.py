@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import can
-
 from vgw.errors import ConfigError
 
 

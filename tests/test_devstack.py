@@ -16,9 +16,9 @@ from typing import Any
 
 import psutil
 import pytest
-
 from vgw.config import load_config
 from vgw.simulators.cloudkit import load_grants
+
 from tests.agentkit import ROOT, vgw
 
 

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import can
 import pytest
-
 from vgw.simulators.broker import free_port
 from vgw.simulators.can_sim import CanSimulator
 from vgw.simulators.pki import TestPKI
 from vgw.simulators.vehicle import VehicleModel
+
 from tests.agentkit import ROOT, Authority, stop_process, vgw, write_config
 
 DEV = "dev-0001"

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from vgw.simulators.broker import free_port
 from vgw.simulators.pki import TestPKI
+
 from tests.agentkit import AgentThread, Authority, Vehicle, write_config
 
 

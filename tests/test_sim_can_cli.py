@@ -13,9 +13,9 @@ from pathlib import Path
 
 import can
 import pytest
-
 from vgw.simulators.can_sim import CanSimulator
 from vgw.simulators.vehicle import VehicleModel
+
 from tests.agentkit import ROOT, stop_process
 
 FRAMES_PER_S = 213  # the demo vehicle's frame rate (dbc/vehicle.dbc cycle times)

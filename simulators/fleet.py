@@ -200,7 +200,8 @@ class FleetSim:
                 dev_files = {d: (pki_root / f"{d}.crt", pki_root / f"{d}.key") for d in ids}
             else:
                 self.progress(f"issuing {cfg.devices} device certificates")
-                pki = make_pki(tmp / "pki", cfg.devices)
+                # Throwaway keys in a temp dir for a private broker that drops to its own user: 0644 here.
+                pki = TestPKI(tmp / "pki", devices=device_ids(cfg.devices))
                 ca, cloud_cert, cloud_key = pki.ca.cert, pki.cloud.cert, pki.cloud.key
                 dev_files = {d: (p.cert, p.key) for d, p in pki.devices.items()}
             engine = cfg.broker

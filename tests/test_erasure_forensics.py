@@ -182,7 +182,7 @@ def _corrupt_keeping_keys(path: Path) -> None:
     the small grant_keys table near the start keeps the wrapped keys readable in the raw bytes."""
     data = bytearray(path.read_bytes())
     page = 4096
-    for off in range(len(data) // 2, len(data) - page, page * 3):
+    for off in range(len(data) // 2 // page * page, len(data) - page, page * 3):  # page-aligned
         data[off + 8:off + 200] = b"\xff" * 192
     path.write_bytes(bytes(data))
 

@@ -285,7 +285,7 @@ def test_config_of_unbounded_size_or_kind_is_refused_without_reading_it_all(tmp_
     big = tmp_path / "big.toml"
     with big.open("wb") as fh:
         fh.write(b"# " + b"x" * (64 * 1024 * 1024) + b"\n")
-    for target, why in ((big, "larger than"), (Path("/dev/zero"), "not a regular file"), (tmp_path, "regular")):
+    for target, why in ((big, "more than the"), (Path("/dev/zero"), "not a regular file"), (tmp_path, "regular")):
         def load(target: Path = target, why: str = why) -> None:
             with pytest.raises(ConfigError, match=why):
                 load_config(target)

@@ -36,6 +36,7 @@ from vgw.catalogue import Catalogue, SignalSpec, load_catalogue
 from vgw.config import CanConfig, Config
 from vgw.consent.model import Consent
 from vgw.errors import ConfigError, SourceError, SourceFrameError
+from vgw.j1939 import ids as j1939
 from vgw.pipeline.decoder import MessageDecoder
 
 RATE_WINDOW_S = 5.0
@@ -57,14 +58,23 @@ class MonitorModel:
     def __init__(self, catalogue: Catalogue, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self.rows: dict[str, _Row] = {}
-        wanted: dict[int, list[tuple[str, object]]] = {}
+        # Keyed like the agent's router: exact (id, extended), or a J1939 route key (PGN and source, README
+        # "SAE J1939"); messages that arrive by J1939 transport protocol (> 8 bytes) are not reassembled here.
+        wanted: dict[tuple[int, bool], list[tuple[str, object]]] = {}
+        message_of: dict[tuple[int, bool], int] = {}
         for spec in catalogue.specs:
             row = self.rows.setdefault(spec.path, _Row(spec, seen=collections.deque()))
             if spec.parts is not None:
                 row.parts = [None] * spec.parts
-            wanted.setdefault(spec.frame_id, []).append((spec.signal, spec))
-        self.decoders = {(fid, bool(catalogue.messages[fid].is_extended_frame)):
-                         MessageDecoder(catalogue.messages[fid], signals) for fid, signals in wanted.items()}
+            message = catalogue.messages[spec.frame_id]
+            key = ((j1939.message_key(message, spec.source_address), True) if j1939.is_j1939(message)
+                   else (spec.frame_id, bool(message.is_extended_frame)))
+            message_of[key] = spec.frame_id
+            wanted.setdefault(key, []).append((spec.signal, spec))
+        j1939.widen(wanted)
+        self.j1939 = any(j1939.is_j1939(m) for m in catalogue.messages.values())
+        self.decoders = {key: MessageDecoder(catalogue.messages[message_of[key]], signals)
+                         for key, signals in wanted.items()}
         self.frames = 0
         self.started = clock()
         self.consent: Consent | None = None
@@ -74,6 +84,9 @@ class MonitorModel:
         """Decode one frame's mapped signals."""
         self.frames += 1
         decoder = self.decoders.get((arbitration_id, is_extended))
+        if decoder is None and is_extended and self.j1939:
+            decoder = (self.decoders.get((j1939.route_key(arbitration_id), True))
+                       or self.decoders.get((j1939.any_source_key(arbitration_id), True)))
         if decoder is None:
             return
         now = self.clock()

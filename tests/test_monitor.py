@@ -189,3 +189,19 @@ def test_refuses_to_print_values_into_the_journal(setup: tuple[Path, Authority])
     r = subprocess.run([sys.executable, "-m", "vgw", "monitor", "--config", str(cfg), "--duration", "1"], cwd=ROOT,
                        capture_output=True, text=True, timeout=30, env=dict(os.environ, INVOCATION_ID="x"))
     assert r.returncode == 1 and "journal" in r.stderr and r.stdout == ""
+
+
+def test_j1939_frames_are_matched_by_pgn(tmp_path: Path, pki: TestPKI) -> None:
+    dbc, signals = ROOT / "dbc" / "truck_j1939.dbc", ROOT / "dbc" / "truck_j1939_signals.toml"
+    trace = tmp_path / "truck.log"
+    r = vgw("sim", "can", "--dbc", str(dbc), "--record", str(trace), "--duration", "10")
+    assert r.returncode == 0, r.stderr
+    auth = Authority(tmp_path)
+    cfg = write_config(tmp_path, pki, free_port(), auth.trust, can={
+        "replay": str(trace), "replay_loop": True, "dbc": [str(dbc)], "signal_map": str(signals)})
+    r = vgw("monitor", "--config", str(cfg), "--duration", "2.5", "--interval", "2.2")
+    assert r.returncode == 0, r.stderr
+    last = r.stdout.split("--- ")[-1]
+    assert re.search(_row("Vehicle.Powertrain.CombustionEngine.Speed") + r"read_diagnostics\s+[0-9.]+\s+[1-9]",
+                     last, re.MULTILINE), last
+    assert re.search(_row("Vehicle.Speed") + r".*held: no consent in force$", last, re.MULTILINE), last

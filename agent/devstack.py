@@ -106,15 +106,22 @@ def init(directory: Path, *, device: str = DEFAULT_DEVICE, trace: Path | None = 
     """Lay out a new dev stack in ``directory`` (created; an existing stack is refused, nothing overwritten).
 
     ``trace``: the agent replays this trace (copied in, looped) instead of reading the simulator's pty.
-    Raises :class:`ConfigError` for an existing stack, a bad device id or trace.
+    Raises :class:`ConfigError` for an existing stack, a bad device id or trace, a directory it cannot write.
     """
+    stack = Stack(directory.expanduser().absolute())
+    try:
+        return _init(stack, device, trace, progress)
+    except OSError as exc:
+        raise ConfigError(f"{stack.dir}: cannot lay out a dev stack here: {exc.strerror or exc}") from exc
+
+
+def _init(stack: Stack, device: str, trace: Path | None, progress: Callable[[str], None]) -> Stack:
     from vgw.config import DEVICE_ID_PATTERN
     from vgw.simulators.broker import free_port
     from vgw.simulators.cloudkit import keygen, load_grants, load_signing_key, sign_documents
     from vgw.simulators.paths import default_dbc, default_signal_map
     from vgw.simulators.pki import TestPKI
 
-    stack = Stack(directory.expanduser().absolute())
     if (stack.dir / STACK_FILE).exists() or stack.config.exists():
         raise ConfigError(f"{stack.dir}: already holds a dev stack (or a vgw.toml); pick another directory")
     if not DEVICE_ID_PATTERN.match(device):
@@ -277,7 +284,7 @@ def up(directory: Path, *, progress: Callable[[str], None] = lambda _m: None) ->
     """Start broker, simulator (unless the agent replays a trace), cloud listener and agent in the background,
     push the consent document. Parts already running are left alone. On a failure what this call started is
     stopped again. Raises :class:`ConfigError` / :class:`VgwError`."""
-    from vgw.simulators.broker import find_mosquitto
+    from vgw.simulators.broker import MosquittoNotFound, find_mosquitto
 
     stack = Stack(directory.expanduser().absolute())
     info = stack.info()
@@ -293,7 +300,11 @@ def up(directory: Path, *, progress: Callable[[str], None] = lambda _m: None) ->
             conf = stack.dir / "broker" / "mosquitto.conf"
             conf.write_text(_broker_config(stack, port))
             offset = stack.log("broker").stat().st_size if stack.log("broker").exists() else 0
-            proc = _spawn(stack, "broker", [find_mosquitto(), "-c", str(conf)])
+            try:
+                binary = find_mosquitto()
+            except MosquittoNotFound as exc:
+                raise VgwError(str(exc)) from exc
+            proc = _spawn(stack, "broker", [binary, "-c", str(conf)])
             started.append("broker")
             _wait(stack, "broker", proc, lambda: _log_has(stack, "broker", offset, " running") and _listening(port))
             progress(f"broker: mosquitto on 127.0.0.1:{port} (mutual TLS), log logs/broker.log")

@@ -130,6 +130,12 @@ def test_not_a_stack_is_one_line(tmp_path: Path) -> None:
         r = vgw("dev", action, str(tmp_path / "nothing"))
         assert r.returncode == 1 and "not a vgw dev stack" in r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
+    bad_init = ((("/proc/vgw-nope",), "cannot lay out"), ((str(tmp_path / "d"), "--device", "a/b"), "--device"),
+                ((str(tmp_path / "e"), "--trace", str(tmp_path / "none.log")), "none.log not found"))
+    for args, needle in bad_init:
+        r = vgw("dev", "init", *args)
+        assert r.returncode == 1 and needle in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
 
 
 def test_fleet_make_pki_writes_private_keys_0600(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all venv deps demo test test-slow lint bench install uninstall clean
+.PHONY: all venv deps test-deps demo test test-slow lint bench bundle install uninstall clean
 
 all: test
 
@@ -23,6 +23,14 @@ deps:
 		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq python3-venv; \
 	fi
 
+# For the tests only: Debian's chromium renders the HTML privacy report headless (tests/test_report.py;
+# without it that one test is skipped and says why).
+test-deps:
+	@if ! command -v chromium >/dev/null 2>&1; then \
+		echo "installing chromium (apt-get; the privacy report rendering test)"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; \
+	fi
+
 $(BIN)/vgw: pyproject.toml | deps
 	$(PYTHON) -m venv $(VENV)
 	PYTHONWARNINGS=ignore $(BIN)/python -m pip install -q --upgrade pip
@@ -34,10 +42,10 @@ venv: $(BIN)/vgw
 demo: deps venv
 	$(BIN)/vgw demo
 
-test: deps venv
+test: deps test-deps venv
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-test-slow: deps venv
+test-slow: deps test-deps venv
 	$(BIN)/python -m pytest -q --runslow $(PYTEST_ARGS)
 
 lint: venv
@@ -48,16 +56,32 @@ lint: venv
 bench: deps venv
 	$(BIN)/vgw bench
 
+# The offline install bundle for a car without internet: dist/vgw-bundle-<version>-<arch>.tar.gz with every
+# wheel for the target and install.sh (docs/install-raspberry-pi.md, "Offline install").
+# ARCH=aarch64 (Pi OS 64-bit, default), armv7l (32-bit) or host (this machine).
+ARCH    ?= aarch64
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+bundle: venv
+	$(BIN)/python packaging/bundle.py --arch $(ARCH)
+
 # Install the agent on this Debian / Raspberry Pi OS machine (venv under /opt/vgw, config under /etc/vgw,
-# hardened unit, can0 network file, udev rule). DESTDIR=/dir stages the tree there instead.
+# hardened unit, can0 network file, udev rule). DESTDIR=/dir stages the tree there instead, through the
+# offline bundle, so that the staged tree names /opt/vgw (not DESTDIR) and can be copied onto a device.
 # No dependency on `deps`: a car's Pi needs no broker.
 install:
 	@$(PYTHON) -c 'import ensurepip, venv' >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq python3-venv; }
 	@[ -x $(BIN)/vgw ] || { $(PYTHON) -m venv $(VENV) && $(BIN)/python -m pip install -q -e .; }
-	$(SUDO) $(BIN)/vgw install --prefix $(or $(DESTDIR),/)
+ifdef DESTDIR
+	$(BIN)/python packaging/bundle.py --arch host
+	rm -rf build/bundle && mkdir -p build/bundle
+	tar xzf dist/vgw-bundle-$(VERSION)-$$(uname -m).tar.gz -C build/bundle
+	build/bundle/vgw-bundle-$(VERSION)-$$(uname -m)/install.sh --root $(DESTDIR) --python $(PYTHON)
+else
+	$(SUDO) $(BIN)/vgw install --prefix /
+endif
 
 uninstall:
 	$(SUDO) $(BIN)/vgw uninstall --prefix $(or $(DESTDIR),/)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

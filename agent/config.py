@@ -114,6 +114,7 @@ class Config:
     obd: ObdConfig | None = None
     batch: BatchConfig = field(default_factory=BatchConfig)
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
+    log_level: str | None = None  # [log] level: debug, info, warning, error (re-read on SIGHUP)
 
     @property
     def state_dir(self) -> Path:
@@ -206,7 +207,7 @@ def _kind_name(kinds: tuple[type, ...]) -> str:
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
-_SECTIONS = {"device", "can", "obd", "mqtt", "consent", "batch", "outbox"}
+_SECTIONS = {"device", "can", "obd", "mqtt", "consent", "batch", "outbox", "log"}
 
 
 def load_config(path: str | Path) -> Config:
@@ -249,8 +250,17 @@ def config_from_dict(doc: dict[str, Any], path: Path) -> Config:
     obd = _obd(_Section(path, "obd", doc["obd"])) if "obd" in doc else None
     batch = _batch(_Section(path, "batch", doc.get("batch", {})))
     outbox = _outbox(_Section(path, "outbox", doc.get("outbox", {})))
+    log_level = _log_level(_Section(path, "log", doc.get("log", {})))
     return Config(path=path, device=device, mqtt=mqtt, consent=consent, can=can, obd=obd, batch=batch,
-                  outbox=outbox)
+                  outbox=outbox, log_level=log_level)
+
+
+def _log_level(s: _Section) -> str | None:
+    level: str | None = s.get("level", str, None)
+    if level is not None and level not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"{s.path}: [log] level {level!r}: expected debug, info, warning or error")
+    s.finish()
+    return level
 
 
 def _device(s: _Section) -> DeviceConfig:

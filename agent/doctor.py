@@ -4,7 +4,10 @@ Checks, in order: config, catalogue (DBC + signal map), CAN interface (present, 
 where readable) or replay trace, OBD adapter (opens, answers ``ATI``), keys, certificate (matches the key,
 names this device, expiry: WARN within 30 days, FAIL expired), broker (TCP, TLS handshake with the device
 certificate through :func:`vgw.uplink.tls_context`, and the broker keeps the connection), clock (not
-before the floor in ``clock.json``), state dir permissions, consent in force and its expiry.
+before the floor in ``clock.json``), state dir permissions, consent in force and its expiry; then time sync
+(the consent rules -- not before, expiry, the clock floor -- are only as right as the clock: systemd-timesyncd's
+flag file, else the kernel's NTP state via adjtimex(2)) and the CA (a device certificate that outlives the CA
+that signed it stops working when the CA expires); and, on a live bus, whether the demo car's DBC is in use.
 
 The doctor only reads: it creates no file, and it does not touch an adapter the running agent holds. Its
 output names files, interfaces and counts, never a signal value, VIN or location.
@@ -15,6 +18,8 @@ output names files, interfaces and counts, never a signal value, VIN or location
 from __future__ import annotations
 
 import base64
+import ctypes
+import ctypes.util
 import json
 import os
 import shutil
@@ -68,6 +73,10 @@ class Probes:
     connect_timeout_s: float = 5.0
     tls_wait_s: float = 0.5  # how long the broker may take to refuse a client certificate after the handshake
     serial_timeout_s: float = 1.0
+    # systemd-timesyncd creates this once it has synchronised the clock (systemd-timesyncd.service(8)).
+    timesync_flag: Path = Path("/run/systemd/timesync/synchronized")
+    # The kernel's NTP state: (adjtimex return value, timex.status), or None where it cannot be read.
+    adjtimex: Callable[[], tuple[int, int] | None] | None = None
 
 
 def run_checks(config_path: str | Path, probes: Probes | None = None) -> list[Check]:
@@ -91,6 +100,9 @@ def run_checks(config_path: str | Path, probes: Probes | None = None) -> list[Ch
         ("clock", lambda: _clock(cfg)),
         ("state-dir", lambda: _state_dir(cfg)),
         ("consent", lambda: _consent(cfg)),
+        ("time-sync", lambda: _time_sync(probes)),
+        ("ca", lambda: _ca(cfg)),
+        ("demo-dbc", lambda: _demo_dbc(cfg)),
     ]
     for name, step in steps:
         try:
@@ -407,6 +419,88 @@ def _clock(cfg: Config) -> Check:
         return Check("clock", FAIL, f"system clock {stamp} is {int(floor - now)} s behind the newest time this "
                                     "device has seen (clock.json): fix NTP/RTC")
     return Check("clock", PASS, f"{stamp}, not before anything this device has seen")
+
+
+TIME_ERROR = 5  # adjtimex(2) return value: the clock is not synchronised
+STA_UNSYNC = 0x0040  # timex.status: clock unsynchronised
+
+
+class _Timex(ctypes.Structure):
+    """struct timex of <sys/timex.h> (Linux, 64-bit and 32-bit alike: longs are the C type)."""
+
+    _fields_ = [("modes", ctypes.c_uint), ("offset", ctypes.c_long), ("freq", ctypes.c_long),
+                ("maxerror", ctypes.c_long), ("esterror", ctypes.c_long), ("status", ctypes.c_int),
+                ("constant", ctypes.c_long), ("precision", ctypes.c_long), ("tolerance", ctypes.c_long),
+                ("time_sec", ctypes.c_long), ("time_usec", ctypes.c_long), ("tick", ctypes.c_long),
+                ("ppsfreq", ctypes.c_long), ("jitter", ctypes.c_long), ("shift", ctypes.c_int),
+                ("stabil", ctypes.c_long), ("jitcnt", ctypes.c_long), ("calcnt", ctypes.c_long),
+                ("errcnt", ctypes.c_long), ("stbcnt", ctypes.c_long), ("tai", ctypes.c_int),
+                ("_reserved", ctypes.c_int * 11)]
+
+
+def kernel_adjtimex() -> tuple[int, int] | None:
+    """adjtimex(2) with modes 0 (a read: no privilege needed), or None where libc has no adjtimex."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        tx = _Timex()
+        state = int(libc.adjtimex(ctypes.byref(tx)))
+    except (OSError, AttributeError):
+        return None
+    return (state, int(tx.status)) if state >= 0 else None
+
+
+def _demo_dbc(cfg: Config) -> Check | None:
+    """WARN when a live bus (not a replay, not python-can's virtual bus) is decoded with the demo car's DBC:
+    it names signals of a car that does not exist, so on a real vehicle it decodes nothing meaningful."""
+    from vgw.dbc import DBC_NAME, shipped_dir
+
+    can_cfg = cfg.can
+    if can_cfg is None or can_cfg.replay is not None or can_cfg.interface == "virtual":
+        return None
+    try:
+        demo = (shipped_dir() / DBC_NAME).read_bytes()
+        used = [p for p in can_cfg.dbc if p.read_bytes() == demo]
+    except OSError:
+        return None  # the catalogue check names an unreadable DBC
+    if not used:
+        return None
+    return Check("demo-dbc", WARN, f"{used[0]} is the demo car's DBC: on a real vehicle it decodes nothing "
+                                   "meaningful; use your vehicle's DBC and signal map (vgw provision --dbc FILE "
+                                   "--signal-map FILE)")
+
+
+def _time_sync(probes: Probes) -> Check:
+    if probes.timesync_flag.exists():
+        return Check("time-sync", PASS, "clock synchronised (systemd-timesyncd)")
+    read = probes.adjtimex or kernel_adjtimex
+    got = read()
+    if got is not None and got[0] != TIME_ERROR and not got[1] & STA_UNSYNC:
+        return Check("time-sync", PASS, "clock synchronised (kernel NTP state)")
+    why = "cannot tell" if got is None else "not synchronised"
+    return Check("time-sync", WARN, f"{why}: consent expiry and not-before depend on the clock; enable NTP "
+                                    "(sudo timedatectl set-ntp true; timedatectl shows 'synchronized: yes')")
+
+
+def _ca(cfg: Config) -> Check | None:
+    """The device certificate must not outlive the CA that signed it (nor the CA be expired)."""
+    try:
+        leaf = x509.load_pem_x509_certificates(cfg.mqtt.cert_file.read_bytes())[0]
+        cas = x509.load_pem_x509_certificates(cfg.mqtt.ca_file.read_bytes())
+    except (OSError, ValueError, IndexError):
+        return None  # the certificate and broker checks already say what is wrong with the files
+    chain = x509.load_pem_x509_certificates(cfg.mqtt.cert_file.read_bytes())[1:] + cas
+    issuer = next((c for c in chain if c.subject == leaf.issuer), None)
+    if issuer is None:
+        return Check("ca", WARN, f"{cfg.mqtt.ca_file} holds no certificate named {leaf.issuer.rfc4514_string()!r}, "
+                                 "the device certificate's issuer")
+    ca_end, leaf_end = issuer.not_valid_after_utc, leaf.not_valid_after_utc
+    if ca_end.timestamp() < time.time():
+        return Check("ca", FAIL, f"the CA that signed {cfg.mqtt.cert_file.name} expired on {ca_end:%Y-%m-%d}")
+    if leaf_end > ca_end:
+        return Check("ca", WARN, f"{cfg.mqtt.cert_file.name} is valid until {leaf_end:%Y-%m-%d} but its CA only until "
+                                 f"{ca_end:%Y-%m-%d}: from then on the broker rejects it; renew the CA (or a "
+                                 "certificate within its life) before that")
+    return Check("ca", PASS, f"the CA is valid until {ca_end:%Y-%m-%d}, after the device certificate")
 
 
 def _state_dir(cfg: Config) -> Check:

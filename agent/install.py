@@ -124,11 +124,14 @@ def find_source(source: Path | None = None) -> Path:
     # The checkout this module runs from (editable install), else the current folder (a venv with a
     # non-editable install, run from inside the clone).
     candidates = [source] if source is not None else [Path(__file__).resolve().parents[1], Path.cwd()]
+    # An unpacked offline bundle (packaging/bundle.py) has the same systemd/, dbc/ and docs/ folders and a
+    # BUNDLE.txt instead of pyproject.toml; its install.sh runs `vgw install --no-venv --source BUNDLE`.
     for root in candidates:
-        if (root / "pyproject.toml").is_file() and (root / "systemd" / AGENT_UNIT).is_file():
+        if ((root / "pyproject.toml").is_file() or (root / "BUNDLE.txt").is_file()) \
+                and (root / "systemd" / AGENT_UNIT).is_file():
             return root
-    raise ConfigError(f"{candidates[0]}: not a vgw source checkout (no pyproject.toml or systemd/{AGENT_UNIT}); "
-                      "run `vgw install` from the cloned repository or pass --source DIR")
+    raise ConfigError(f"{candidates[0]}: not a vgw source checkout or bundle (no pyproject.toml or "
+                      f"systemd/{AGENT_UNIT}); run `vgw install` from the cloned repository or pass --source DIR")
 
 
 def _run(cmd: list[str], *, check: bool = True) -> int:
@@ -216,6 +219,10 @@ def install(
 
     if system:
         plan.step(f"create system user and group {SERVICE_USER} (if missing)", _ensure_user)
+    if venv and lay.prefix != Path("/"):
+        # A venv records its own path in its scripts: this one would name the staging folder, not /opt/vgw.
+        echo(f"note: the venv under {lay.prefix} names that folder and cannot be copied onto a device; to stage an "
+             "image use the offline bundle: install.sh --root DIR (make bundle; docs/install-raspberry-pi.md)")
     if venv:
         pip = lay.venv / "bin" / "pip"
         if not (lay.venv / "bin" / "python").exists():

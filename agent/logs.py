@@ -33,8 +33,31 @@ def under_systemd() -> bool:
     return bool(os.environ.get("JOURNAL_STREAM")) or bool(os.environ.get("INVOCATION_ID"))
 
 
-def setup_logging(*, debug: bool = False, verbose: bool = False) -> None:
-    """Route logs to stderr. Short-lived commands log warnings only (their result is their output)."""
+# Set when the command line named a level (--log-level, --debug): a config's [log] level then does not apply.
+_PINNED: list[bool] = [False]
+
+
+def parse_level(name: str) -> int:
+    """"debug", "info", "warning" or "error" -> the logging level. Raises ValueError."""
+    level = logging.getLevelName(name.upper())
+    if name.lower() not in ("debug", "info", "warning", "error") or not isinstance(level, int):
+        raise ValueError(f"log level {name!r}: expected debug, info, warning or error")
+    return level
+
+
+def apply_config_level(name: str | None) -> bool:
+    """Set the threshold from the config's ``[log] level`` unless the command line pinned one. True if set."""
+    if name is None or _PINNED[0]:
+        return False
+    logging.getLogger().setLevel(parse_level(name))
+    return True
+
+
+def setup_logging(*, debug: bool = False, verbose: bool = False, level: str | None = None) -> None:
+    """Route logs to stderr. Short-lived commands log errors only (their result is their output).
+
+    ``level`` (``--log-level``) wins over ``debug``, which wins over the default of the command kind.
+    """
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
@@ -44,7 +67,9 @@ def setup_logging(*, debug: bool = False, verbose: bool = False) -> None:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     root.addHandler(handler)
-    root.setLevel(logging.DEBUG if debug else logging.INFO if verbose else logging.ERROR)
+    _PINNED[0] = level is not None or debug
+    root.setLevel(parse_level(level) if level else logging.DEBUG if debug else logging.INFO if verbose
+                  else logging.ERROR)
     for noisy in ("can", "cantools", "paho"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -4,14 +4,16 @@ Two steps, because the cloud CA signs in between:
 
 1. :func:`provision` generates the device's EC P-256 key *on the device* (0600; it never leaves it), writes a
    CSR whose CN and SAN (DNS name and URI ``vgw:device:<id>``) carry the device id, creates the storage key
-   (32 random bytes, 0600) and the state dir (0700), copies the broker CA, the consent trust key, the
-   shipped DBC and signal map next to the config, and writes ``vgw.toml``.
+   (32 random bytes, 0600) and the state dir (0700), copies the broker CA, the consent trust key and, for a
+   CAN source, the installer's DBC and signal map next to the config, and writes ``vgw.toml`` with the
+   sources chosen (:class:`Sources`: CAN, OBD-II or both). The demo car's DBC is used only when asked for
+   (``--demo-dbc``), and then with a loud warning: it decodes nothing meaningful on a real vehicle.
 2. :func:`install_cert` checks that the signed certificate holds the device key's public half, names this
    device and chains to the CA, then writes ``device.crt``.
 
 Re-running is safe: existing keys are never replaced without ``force`` (a new device key would orphan the
 signed certificate; a new storage key would make the encrypted outbox unreadable), a changed config is
-written with the previous one kept as ``vgw.toml.bak``, and a user's own DBC/signal map is never replaced.
+written with the previous one kept as ``vgw.toml.bak``, and the demo DBC never replaces a DBC already there.
 Private key material is never printed or logged.
 
 Raises :class:`~vgw.errors.ConfigError` for bad input (names the file or option) and
@@ -37,6 +39,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from vgw.catalogue import load_catalogue
 from vgw.config import DEVICE_ID_PATTERN, load_config
 from vgw.consent.manager import load_trust_keys
 from vgw.crypto.keys import KEY_BYTES
@@ -58,6 +61,10 @@ TRUST_KEY_NAME = "consent-signer.pub.pem"
 DBC_NAME = "vehicle.dbc"
 SIGNAL_MAP_NAME = "signals.toml"
 STORAGE_KEY_NAME = "storage.key"
+DEFAULT_CAN_CHANNEL = "can0"
+DEFAULT_OBD_PORT = "/dev/vgw-obd"  # the udev symlink of 60-vgw-obd.rules (docs/obd.md)
+DEMO_WARNING = ("the demo car's DBC and signal map are in use: they decode nothing meaningful on a real "
+                "vehicle; pass your vehicle's --dbc FILE and --signal-map FILE")
 
 _HOST = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,252})$")
 
@@ -68,6 +75,7 @@ class Report:
 
     lines: list[str] = field(default_factory=list)
     next_steps: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     def add(self, what: str, path: Path, note: str) -> None:
         self.lines.append(f"{what:<12} {path} ({note})")
@@ -150,6 +158,54 @@ def find_shipped_dbc(extra: Iterable[Path] = ()) -> Path:
                       f"{', '.join(str(c) for c in candidates)}); pass --dbc-dir")
 
 
+@dataclass(frozen=True)
+class Sources:
+    """Where the device reads the vehicle (CONTRACT §2: ``[can]``, ``[obd]`` or both).
+
+    ``dbc``/``signal_map`` are the installer's files for a CAN source; ``demo`` means the shipped demo car's
+    (found by :func:`find_shipped_dbc`; only on explicit request).
+    """
+
+    can: bool
+    obd: bool
+    dbc: tuple[Path, ...] = ()
+    signal_map: Path | None = None
+    demo: bool = False
+    can_channel: str = DEFAULT_CAN_CHANNEL
+    obd_port: str = DEFAULT_OBD_PORT
+
+    def __post_init__(self) -> None:
+        if not (self.can or self.obd):
+            raise ValueError("Sources: choose CAN, OBD-II or both")
+        if self.can and not self.demo and (not self.dbc or self.signal_map is None):
+            raise ValueError("Sources: a CAN source needs a DBC and a signal map, or demo=True")
+
+    @property
+    def kind(self) -> str:
+        return "both" if self.can and self.obd else "can" if self.can else "obd"
+
+
+def resolve_catalogue(sources: Sources, dbc_dir: Path | None = None) -> tuple[list[Path], Path | None]:
+    """The DBC files and signal map to copy, checked to load together. Raises ConfigError naming the file."""
+    if not sources.can:
+        return [], None
+    if sources.demo:
+        folder = find_shipped_dbc([dbc_dir] if dbc_dir else [])
+        dbcs, smap = [folder / DBC_NAME], folder / SIGNAL_MAP_NAME
+    else:
+        assert sources.signal_map is not None
+        dbcs, smap = list(sources.dbc), sources.signal_map
+        for path, flag in [*((d, "--dbc") for d in dbcs), (smap, "--signal-map")]:
+            if not path.is_file():
+                raise ConfigError(f"{flag} {path}: file not found")
+        names = [d.name for d in dbcs]
+        if len(set(names)) != len(names) or smap.name in names:
+            raise ConfigError(f"--dbc {', '.join(names)}: the files are copied next to the config, so their "
+                              "names (and the signal map's) must differ")
+    load_catalogue(dbcs, smap)  # every mapped signal exists in the DBC, every scope is known
+    return dbcs, smap
+
+
 # -- files ----------------------------------------------------------------------------------------------
 
 
@@ -212,28 +268,44 @@ def _toml_str(value: str) -> str:
     return "".join(out)
 
 
-def render_config(device_id: str, state_dir: Path, host: str, port: int) -> str:
-    """A complete config (CONTRACT §2) whose relative paths point at the files next to it."""
+def render_config(device_id: str, state_dir: Path, host: str, port: int, sources: Sources | None = None,
+                  dbc_names: list[str] | None = None, signal_map_name: str = SIGNAL_MAP_NAME) -> str:
+    """A complete config (CONTRACT §2) whose relative paths point at the files next to it.
+
+    Only the sources chosen get a section; the other is left as a comment to fill in later.
+    """
+    sources = sources or Sources(can=True, obd=False, demo=True)
+    dbc_list = ", ".join(_toml_str(n) for n in (dbc_names or [DBC_NAME]))
+    demo_note = "# DEMO DBC: " + DEMO_WARNING + "\n" if sources.demo else ""
+    can = f"""\
+[can]
+interface = "socketcan"           # brought up by systemd-networkd (/etc/systemd/network/80-can0.network)
+channel = {_toml_str(sources.can_channel)}
+bitrate = 500000                  # informational here: the bitrate is set in 80-can0.network
+{demo_note}dbc = [{dbc_list}]
+signal_map = {_toml_str(signal_map_name)}
+"""
+    obd = f"""\
+[obd]
+port = {_toml_str(sources.obd_port)}          # udev symlink from 60-vgw-obd.rules (docs/obd.md)
+baudrate = "auto"
+"""
+    if not sources.can:
+        can = "# A CAN bus as well (a CAN HAT on can0, your vehicle's DBC and signal map):\n" + "".join(
+            "# " + line + "\n" for line in can.replace(demo_note, "").splitlines())
+    if not sources.obd:
+        obd = "# A USB ELM327/OBDLink adapter instead of (or as well as) the CAN bus:\n" + "".join(
+            "# " + line + "\n" for line in obd.splitlines())
     return f"""\
-# vgw agent configuration, written by `vgw provision`. Relative paths are relative to this file's folder.
-# Unknown keys are an error. Reference: CONTRACT.md section 2.
+# vgw agent configuration, written by `vgw provision` (source: {sources.kind}). Relative paths are relative to
+# this file's folder. Unknown keys are an error. Reference: CONTRACT.md section 2.
 
 [device]
 id = {_toml_str(device_id)}
 state_dir = {_toml_str(str(state_dir))}     # consent cache, storage key, outbox, audit log (0700)
 
-[can]
-interface = "socketcan"           # can0 is brought up by systemd-networkd (/etc/systemd/network/80-can0.network)
-channel = "can0"
-bitrate = 500000                  # informational here: the bitrate is set in 80-can0.network
-dbc = ["{DBC_NAME}"]
-signal_map = "{SIGNAL_MAP_NAME}"
-
-# A USB ELM327/OBDLink adapter instead of (or as well as) the CAN bus:
-# [obd]
-# port = "/dev/vgw-obd0"          # udev symlink from 60-vgw-obd.rules
-# baudrate = "auto"
-
+{can}
+{obd}
 [mqtt]
 host = {_toml_str(host)}
 port = {port}
@@ -301,6 +373,7 @@ def provision(
     broker: str,
     ca: Path,
     consent_key: Path,
+    sources: Sources,
     out: Path = DEFAULT_OUT,
     state_dir: Path | None = None,
     dbc_dir: Path | None = None,
@@ -310,12 +383,13 @@ def provision(
     """Create the device identity, keys, state dir and config in ``out``. Raises ConfigError/StorageError.
 
     Every input is checked before anything is written, so a rejected input leaves ``out`` as it was.
+    ``dbc_dir`` is where to look for the demo DBC (``sources.demo``).
     """
     check_device_id(device_id)
     host, port = parse_broker(broker)
     ca_certs = load_ca_bundle(ca)
     load_trust_keys([consent_key])  # Ed25519 PEM or a ConfigError naming the file
-    dbc_src = find_shipped_dbc([dbc_dir] if dbc_dir else [])
+    dbc_files, signal_map = resolve_catalogue(sources, dbc_dir)
     out = out.expanduser().absolute()
     state_dir = (state_dir or default_state_dir(out)).expanduser().absolute()
 
@@ -375,13 +449,16 @@ def provision(
     ca_pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in ca_certs)
     report.add("broker CA", out / CA_NAME, _write_public(out / CA_NAME, ca_pem))
     report.add("consent key", out / TRUST_KEY_NAME, _write_public(out / TRUST_KEY_NAME, consent_key.read_bytes()))
-    for name in (DBC_NAME, SIGNAL_MAP_NAME):
-        dest = out / name
-        if dest.exists():
-            report.add(name, dest, "kept: already there")
+    for src in [*dbc_files, *([signal_map] if signal_map else [])]:
+        dest = out / src.name
+        if sources.demo and dest.exists():
+            report.add(src.name, dest, "kept: already there (the demo file never replaces one)")
+        elif dest.exists() and dest.resolve() == src.resolve():
+            report.add(src.name, dest, "in place")
         else:
-            atomic_write(dest, (dbc_src / name).read_bytes(), mode=0o644)
-            report.add(name, dest, f"copied from {dbc_src}")
+            report.add(src.name, dest, f"{_write_public(dest, src.read_bytes())}, from {src}")
+    if sources.demo:
+        report.warnings.append(DEMO_WARNING)
 
     # The state dir and the storage key (wraps the outbox's per-grant data keys).
     ensure_private_dir(state_dir)
@@ -392,7 +469,8 @@ def provision(
         report.add("storage key", storage_key_path, "new, 0600")
     _give_to([state_dir, storage_key_path], service_user)
 
-    text = render_config(device_id, state_dir, host, port).encode()
+    text = render_config(device_id, state_dir, host, port, sources, [d.name for d in dbc_files],
+                         signal_map.name if signal_map else SIGNAL_MAP_NAME).encode()
     old_text = config_path.read_bytes() if config_path.exists() else None
     if old_text is None:
         atomic_write(config_path, text, mode=0o644)

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from vgw.collect.describe import SCOPE_LABELS
+from vgw.report_owner import WITHDRAWN_TEXT, app_name, local_when, purpose_text, timeline_svg, version_text, zone_name
 from vgw.timefmt import utc_text
 
 REPORT_VERSION = 1
@@ -291,6 +292,7 @@ th{background:#eee}caption{text-align:left;font-weight:600;padding:.25rem 0}
 .ok{color:#0a5d1a;font-weight:600}.bad{color:#a00000;font-weight:600}
 .status{display:inline-block;padding:0 .4rem;border:1px solid currentColor;border-radius:.25rem}
 dl{display:grid;grid-template-columns:max-content 1fr;gap:.2rem 1rem}dt{font-weight:600}dd{margin:0}
+.small{font-size:.85rem;color:#444;margin:0}figure.timeline{margin:0;overflow-x:auto}
 @media print{body{margin:0}}
 """
 
@@ -317,8 +319,9 @@ def render_html(report: Mapping[str, Any]) -> str:
         "<body>",
         "<main>",
         "<h1>What your car shared</h1>",
-        f"<p>Device <strong>{e(str(report['device']))}</strong>. Report made {e(_when(report['generated']))}. "
-        "It counts what left the car and what was deleted; it never shows the data themselves.</p>",
+        f"<p>Device <strong>{e(str(report['device']))}</strong>. Report made {e(local_when(report['generated']))}. "
+        "It counts what left the car and what was deleted; it never shows the data themselves. Times are in "
+        f"{e(zone_name(report['generated']))}, this device's time zone.</p>",
     ]
     audit = report["audit"]
     if audit["intact"]:
@@ -331,27 +334,38 @@ def render_html(report: Mapping[str, Any]) -> str:
     if c is None:
         out.append("<p>No consent is in force: the car collects and sends nothing.</p>")
     elif c["expired"]:
-        out.append(f"<p>Your consent (version {c['version']}) expired on {e(_when(c['expires']))}. "
-                   "Nothing is collected or sent until you give a new one.</p>")
+        out.append(f"<p>Your consent ({e(version_text(c['version']))}) expired on "
+                   f"{e(local_when(c['expires']))}. Nothing is collected or sent until you give a new one.</p>")
     else:
-        out.append(f"<p>Your consent in force is version {c['version']}; it ends on "
-                   f"{e(_when(c['expires']))} unless you withdraw it earlier.</p>")
+        out.append(f"<p>Your consent in force is the {e(version_text(c['version']))}; it ends on "
+                   f"{e(local_when(c['expires']))} unless you withdraw it earlier.</p>")
     if not report["grants"]:
-        out.append("<p>No company has ever received data from this car through this device.</p>")
+        out.append("<p>No app has ever received data from this car through this device.</p>")
+    svg = timeline_svg(report)
+    if svg:
+        out.append('<section aria-labelledby="timeline"><h2 id="timeline">What was shared when</h2>')
+        out.append(f'<figure class="timeline">{svg}</figure></section>')
+    out.append('<section aria-labelledby="withdrawn"><h2 id="withdrawn">What &ldquo;withdrawn&rdquo; means for '
+               f"data already sent</h2><p>{e(WITHDRAWN_TEXT)}</p></section>")
     for g in report["grants"]:
-        who = g["controller"] or "an unnamed recipient"
+        who = app_name(g["controller"])
         out.append(f'<section aria-labelledby="g-{e(g["id"])}">')
         out.append(f'<h2 id="g-{e(g["id"])}">{e(who)}'
-                   + (f" &mdash; {e(g['purpose'])}" if g["purpose"] else "") + "</h2>")
+                   + (f" &mdash; {e(purpose_text(g['purpose']))}" if g["purpose"] else "") + "</h2>")
+        if g["controller"]:
+            out.append(f"<p class=\"small\">App id <code>{e(str(g['controller']))}</code></p>")
         status_text = {"active": "Sharing now", "revoked": "You withdrew this permission",
                        "expired": "This permission expired", "stopped": "Stopped"}.get(g["status"], g["status"])
         s = g["sent"]
         out.append("<dl>")
         out.append(f"<dt>Permission</dt><dd><span class=\"status\">{e(status_text)}</span> (grant "
                    f"<code>{e(g['id'])}</code>)</dd>")
-        out.append(f"<dt>Given</dt><dd>{e(_when(g['granted_at']))}</dd>")
+        given = local_when(g["granted_at"])
+        if g.get("granted_in_version") is not None:
+            given += f" (consent {version_text(g['granted_in_version'])})"
+        out.append(f"<dt>Given</dt><dd>{e(given)}</dd>")
         if g["stopped_at"]:
-            out.append(f"<dt>Stopped</dt><dd>{e(_when(g['stopped_at']))}</dd>")
+            out.append(f"<dt>Stopped</dt><dd>{e(local_when(g['stopped_at']))}</dd>")
         if s["samples"] is None and s["batches"] is None:
             sent_text = "not recorded by this device"
         elif s["samples"] is None:
@@ -359,8 +373,8 @@ def render_html(report: Mapping[str, Any]) -> str:
         else:
             sent_text = f"{s['samples']} readings in {_num(s['batches'])} encrypted messages"
         out.append(f"<dt>Sent</dt><dd>{e(sent_text)}</dd>")
-        out.append(f"<dt>First sent</dt><dd>{e(_when(s['first']))}</dd>")
-        out.append(f"<dt>Last sent</dt><dd>{e(_when(s['last']))}</dd>")
+        out.append(f"<dt>First sent</dt><dd>{e(local_when(s['first']))}</dd>")
+        out.append(f"<dt>Last sent</dt><dd>{e(local_when(s['last']))}</dd>")
         if g.get("retention_s"):
             out.append(f"<dt>Kept unsent at most</dt><dd>{e(_duration(g['retention_s']))}</dd>")
         held = g["held_on_device"]
@@ -399,7 +413,7 @@ def render_html(report: Mapping[str, Any]) -> str:
                    "retention": "Kept longer than the agreed time"}
             for d in g["deleted"]:
                 out.append(f"<tr><td>{e(why.get(d['reason'], d['reason']))}</td><td>{e(str(d['batches']))}</td>"
-                           f"<td>{e(_when(d.get('at')))}</td></tr>")
+                           f"<td>{e(local_when(d.get('at')))}</td></tr>")
             out.append("</tbody></table>")
         out.append("</section>")
     if report["rejected_documents"]:
@@ -408,7 +422,7 @@ def render_html(report: Mapping[str, Any]) -> str:
         out.append('<table><thead><tr><th scope="col">When</th><th scope="col">Version</th>'
                    '<th scope="col">Why refused</th></tr></thead><tbody>')
         for r in report["rejected_documents"]:
-            out.append(f"<tr><td>{e(_when(r['at']))}</td><td>{e(_num(r['version']))}</td>"
+            out.append(f"<tr><td>{e(local_when(r['at']))}</td><td>{e(version_text(r['version']))}</td>"
                        f"<td>{e(str(r['reason']))}</td></tr>")
         out.append("</tbody></table></section>")
     out += ["</main>", "</body>", "</html>", ""]

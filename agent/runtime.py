@@ -26,11 +26,19 @@ Faults (what each costs is in docs/guarantees.md; tests/test_faults_*.py prove i
                       channel, an unplugged cable, a simulator on another bus); cleared when frames come back.
   SIGTERM             collector stopped, open batches committed, up to 2 s to hand them to a live link,
                       status offline, exit 0. SIGKILL loses at most the batches not yet committed.
+
+Reload (SIGHUP, `systemctl reload vgw-agent`): the config file is read again. ``[log] level`` applies at once
+(unless --log-level/--debug pinned it). Everything else -- and the DBC and signal map files -- is only
+compared and named in a warning: the collector's open batches, the bus's frame allow-list and the consent
+filter are all built from the catalogue and the source, and swapping them mid-stream would mix two decodings
+in one batch. A restart commits the open batches first (SIGTERM above), so it is the safe way to apply them.
+A config that no longer loads is logged and the running one stays.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -43,7 +51,7 @@ from typing import Any
 import can
 from vgw.audit import AuditLog
 from vgw.catalogue import Catalogue, load_catalogue
-from vgw.config import Config
+from vgw.config import Config, load_config
 from vgw.consent.intake import ConsentIntake
 from vgw.consent.manager import ConsentManager, load_trust_keys
 from vgw.consent.narrowing import terms_digest
@@ -54,6 +62,7 @@ from vgw.crypto.receipts import ReceiptSigner
 from vgw.errors import SourceError, SourceFrameError, SourceReadError, StorageError, VgwError
 from vgw.fsutil import atomic_write, ensure_private_dir
 from vgw.j1939.request import Requester
+from vgw.logs import apply_config_level
 from vgw.outbox import GrantNotActive, Outbox, OutboxUnwritable, open_checked
 from vgw.pipeline.router import GrantBatch, Pipeline
 from vgw.sdnotify import notify, watchdog_interval
@@ -171,6 +180,8 @@ class Agent:
         self.uplink = Uplink(cfg.mqtt, self.device, self.outbox, on_consent=self.intake.offer,
                              status_payload=self._public_status)
         self._stop = threading.Event()
+        self._reload = threading.Event()  # set by SIGHUP, handled by the main loop
+        self._catalogue_digest = _catalogue_digest(cfg)
         self._source_done = threading.Event()
         self._collector: threading.Thread | None = None
         self.counters: dict[str, int] = {"batches": 0, "batches_discarded": 0, "store_failures": 0,
@@ -589,6 +600,9 @@ class Agent:
         last_wd = last_status = last_floor = last_retention = 0.0
         replay_exit = bool(self.cfg.can and self.cfg.can.replay and self.cfg.can.replay_exit)
         while not self._stop.is_set():
+            if self._reload.is_set():
+                self._reload.clear()
+                self._reload_config()
             if self.intake.ready.wait(0.1):
                 self._guarded(self._apply_intake)
             self._guarded(self.manager.flush_rejections)
@@ -649,6 +663,25 @@ class Agent:
             return None
         return {"silent": self.bus_silent, "last_frame_age_s": round(time.monotonic() - self._frame_at, 1)}
 
+    def _reload_config(self) -> None:
+        """SIGHUP: apply ``[log] level``; name what else changed and needs a restart (module docstring, Reload)."""
+        try:
+            new = load_config(self.cfg.path)
+        except VgwError as exc:
+            log.error("reload: %s; the running configuration stays", exc)
+            return
+        if apply_config_level(new.log_level):
+            log.info("reload: log level %s", new.log_level)
+        changed = [f"[{name}]" for name in ("device", "can", "obd", "mqtt", "consent", "batch", "outbox")
+                   if getattr(new, name) != getattr(self.cfg, name)]
+        if _catalogue_digest(new) != self._catalogue_digest:
+            changed.append("the DBC/signal map files")
+        if changed:
+            log.warning("reload: %s changed; restart the agent to apply (systemctl restart vgw-agent)",
+                        ", ".join(changed))
+        else:
+            log.info("reload: configuration re-read; nothing else changed")
+
     def _health_problem(self, now: float) -> str | None:
         """Why the agent is not doing its work, or None. The watchdog is fed only while this is None.
 
@@ -685,6 +718,7 @@ class Agent:
 
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGHUP, lambda signum, frame: self._reload.set())
 
     def stop(self) -> None:
         self._stop.set()
@@ -719,6 +753,16 @@ class Agent:
 def _source_name(can_cfg: Any) -> str:
     return f"replay {can_cfg.replay.name}" if can_cfg.replay else f"{can_cfg.interface}:{can_cfg.channel}"
 
+def _catalogue_digest(cfg: Config) -> str:
+    """A digest of the DBC and signal map files' bytes (a reload compares it; unreadable files count as changed)."""
+    h = hashlib.sha256()
+    for path in [*cfg.can.dbc, cfg.can.signal_map] if cfg.can is not None else []:
+        try:
+            h.update(path.read_bytes())
+        except OSError:
+            h.update(b"unreadable:" + str(path).encode())
+    return h.hexdigest()
+
 
 def run_agent(cfg: Config, early: list[int] | None = None) -> int:
     """Run the agent in the foreground. ``early`` holds signals already received while starting."""
@@ -736,6 +780,7 @@ def run_agent(cfg: Config, early: list[int] | None = None) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    apply_config_level(cfg.log_level)
     if early:
         log.info("signal %d during start: stopping", early[0])
         agent.stop()

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
 from vgw.catalogue import load_catalogue
 from vgw.simulators.broker import Mosquitto
@@ -146,6 +147,10 @@ def test_push_listen_revoke_verify_receipt_round_trip_with_the_agent(
             revoked = vgw("cloud", "revoke", "--key", signer, "--current", str(doc), "--all",
                           "-o", str(tmp_path / "v2.jws"), *broker_args(broker, pki))
             assert revoked.returncode == 0, revoked.stderr
+            # Reported on stdout like push, with the new version (it used to print only to stderr).
+            ver = jwt.decode((tmp_path / "v2.jws").read_text().strip(), options={"verify_signature": False})["ver"]
+            assert f"pushed revocation of g-fleet: consent v{ver} for {DEV} (0 grant(s) left)" in revoked.stdout
+            assert f"wrote revocation of g-fleet: consent v{ver}" in revoked.stdout
             assert listen.wait(lambda: any(e["receipt"] == "erasure" for e in listen.events("receipt")))
             assert runner.agent.manager.in_force is not None and not runner.agent.manager.in_force.grants
         summary = listen.stop()

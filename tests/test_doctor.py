@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
 from vgw.cli import main
 from vgw.doctor import FAIL, PASS, WARN, Check, Probes, check_can_interface, exit_code, run_checks
 from vgw.simulators.broker import Mosquitto, free_port
@@ -22,7 +24,19 @@ from vgw.simulators.cloud import RecipientKey, SigningKey, consent_claims, grant
 from vgw.simulators.pki import CertPaths, TestPKI
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = Probes(connect_timeout_s=3.0, tls_wait_s=0.5, serial_timeout_s=0.5)
+# timesync_flag: any existing file stands in for systemd-timesyncd's flag (this host's clock may be unsynced).
+FAST = Probes(connect_timeout_s=3.0, tls_wait_s=0.5, serial_timeout_s=0.5, timesync_flag=Path(__file__))
+
+
+@pytest.fixture(scope="module")
+def pki() -> Iterator[TestPKI]:
+    """This module's PKI: a CA for 400 days, so that the year-long device certificate lies within its life."""
+    root = Path(tempfile.mkdtemp(prefix="vgw-pki-doctor-"))
+    os.chmod(root, 0o755)  # noqa: S103 - mosquitto, dropped to its own user, reads the server files
+    try:
+        yield TestPKI(root / "pki", devices=("dev-0001", "dev-0002"), days=400)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 class Device:
@@ -89,7 +103,7 @@ def test_everything_passes(device: Device, capsys: pytest.CaptureFixture[str]) -
     capsys.readouterr()
     results = run_checks(device.config, FAST)
     assert [r.check for r in results] == ["config", "catalogue", "can", "keys", "certificate", "broker", "clock",
-                                          "state-dir", "consent"]
+                                          "state-dir", "consent", "time-sync", "ca"]
     assert all(r.status == PASS for r in results), results
     checks = by_name(results)
     assert "device certificate accepted" in checks["broker"].detail
@@ -101,7 +115,9 @@ def test_everything_passes(device: Device, capsys: pytest.CaptureFixture[str]) -
     assert [set(item) for item in printed] == [{"check", "status", "detail"}] * len(results)
     assert main(["doctor", "--config", str(device.config)]) == 0
     text = capsys.readouterr().out
-    assert text.splitlines()[0].startswith("PASS  config") and "9 passed, 0 warning(s), 0 failed" in text
+    assert text.splitlines()[0].startswith("PASS  config")
+    assert text.count("PASS  ") + text.count("WARN  time-sync") == 11
+    assert "0 failed" in text  # the CLI reads this host's real clock state: time-sync may WARN here
     # No key material, no grant recipient, no consent token in the output.
     assert "PRIVATE" not in text and "g-doctor" not in text and (device.dir / "consent.jws").read_text() not in text
 
@@ -296,3 +312,36 @@ def test_obd_adapter_answers_ati(tmp_path: Path, pki: TestPKI, elm327: tuple[str
     dev.write()
     res = by_name(run_checks(dev.config, FAST))["obd"]
     assert res.status == FAIL and "cannot open adapter" in res.detail
+
+
+def test_time_sync(device: Device, tmp_path: Path) -> None:
+    """The consent rules depend on the clock: the doctor says whether NTP has set it."""
+    flag = tmp_path / "synchronized"
+    flag.touch()
+    assert by_name(run_checks(device.config, Probes(timesync_flag=flag)))["time-sync"].status == PASS
+    absent = tmp_path / "absent"
+    # No timesyncd flag: the kernel's NTP state decides (adjtimex; TIME_ERROR / STA_UNSYNC = not synchronised).
+    unsynced = by_name(run_checks(device.config, Probes(timesync_flag=absent, adjtimex=lambda: (5, 0x40))))
+    assert unsynced["time-sync"].status == WARN and "timedatectl set-ntp true" in unsynced["time-sync"].detail
+    synced = by_name(run_checks(device.config, Probes(timesync_flag=absent, adjtimex=lambda: (0, 0x2001))))
+    assert synced["time-sync"].status == PASS
+    # The real system call answers (whatever this host's state): a PASS or a WARN, never a failed check.
+    real = by_name(run_checks(device.config, Probes(timesync_flag=absent)))["time-sync"]
+    assert real.status in (PASS, WARN) and "unexpectedly" not in real.detail
+
+
+def test_certificate_outliving_its_ca_warns(device: Device, pki: TestPKI) -> None:
+    ca_end = x509.load_pem_x509_certificate(pki.ca.cert.read_bytes()).not_valid_after_utc
+    device.use_cert(pki.client_cert("dev-0001", name="dev-0001-outlives", not_after=ca_end + dt.timedelta(days=90)))
+    check = by_name(run_checks(device.config, FAST))["ca"]
+    assert check.status == WARN and f"only until {ca_end:%Y-%m-%d}" in check.detail
+
+
+def test_demo_dbc_on_a_live_bus_warns(device: Device) -> None:
+    """The demo car's DBC on a real bus decodes nothing meaningful: provision warns, and so does the doctor."""
+    assert "demo-dbc" not in by_name(run_checks(device.config, FAST))  # python-can's virtual bus: a bench
+    device.sections["can"]["interface"] = "socketcan"
+    device.sections["can"]["channel"] = "can0"
+    device.write()
+    check = by_name(run_checks(device.config, FAST))["demo-dbc"]
+    assert check.status == WARN and "demo car's DBC" in check.detail and "vehicle.dbc" in check.detail

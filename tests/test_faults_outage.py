@@ -96,7 +96,7 @@ def test_outage_past_quota_exactly_the_counted_drops_are_missing(tmp_path, pki, 
             time.sleep(1.0)
             assert agent.outbox.total_bytes() <= quota  # the quota holds while the broker is away
             status = json.loads(vgw("status", "--config", str(cfg), "--json").stdout)
-            assert status["counters"]["dropped_quota:g-speed"] >= 3
+            assert status["counters"]["grants"]["g-speed"]["dropped_quota"] >= 3
             assert status["quota"]["quota_bytes"] == quota
             human = vgw("status", "--config", str(cfg)).stdout
             assert "dropped" in human and "quota" in human

@@ -106,7 +106,8 @@ def provisioned(prefix: Path, pki: TestPKI, port: int) -> tuple[Path, SigningKey
     trust = signer.write_public_pem(prefix.parent / "signer.pub.pem")
     etc = prefix / "etc/vgw"
     assert main(["provision", "--device-id", "dev-0001", "--broker", f"localhost:{port}", "--ca", str(pki.ca.cert),
-                 "--consent-key", str(trust), "--out", str(etc), "--state-dir", str(prefix / "var/lib/vgw")]) == 0
+                 "--consent-key", str(trust), "--out", str(etc), "--state-dir", str(prefix / "var/lib/vgw"),
+                 "--source", "can", "--demo-dbc"]) == 0
     install_signed_cert(etc, pki, prefix.parent)
     return etc / "vgw.toml", signer
 

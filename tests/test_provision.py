@@ -20,6 +20,8 @@ from vgw.provisioning import parse_broker
 from vgw.simulators.cloud import SigningKey
 from vgw.simulators.pki import TestPKI
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def sign_csr(csr_path: Path, pki: TestPKI, *, days: int = 90, cn: str | None = None,
              ca_key: Path | None = None, ca_cert: Path | None = None) -> bytes:
@@ -58,9 +60,13 @@ def inputs(tmp_path: Path, pki: TestPKI) -> dict[str, Path]:
 
 def provision(inputs: dict[str, Path], *extra: str, device: str = "dev-0001", broker: str = "mqtt.example.com:8883"
               ) -> int:
+    """`vgw provision` with the installer's own DBC and signal map (here: copies of the repo's) unless ``extra``
+    names the source."""
+    source = [] if any(a.startswith("--source") for a in extra) else [
+        "--source", "can", "--dbc", str(ROOT / "dbc/vehicle.dbc"), "--signal-map", str(ROOT / "dbc/signals.toml")]
     return main(["provision", "--device-id", device, "--broker", broker, "--ca", str(inputs["ca"]),
                  "--consent-key", str(inputs["consent_key"]), "--out", str(inputs["out"]),
-                 "--state-dir", str(inputs["state"]), *extra])
+                 "--state-dir", str(inputs["state"]), *source, *extra])
 
 
 def mode(path: Path) -> int:
@@ -240,3 +246,139 @@ def test_default_state_dir() -> None:
     assert default_state_dir(Path("/etc/vgw")) == Path("/var/lib/vgw")
     assert default_state_dir(Path("/tmp/x")) == Path("/tmp/x/state")
     assert os.sep in str(default_state_dir(Path("rel")))
+
+
+# -- the data source: CAN with the installer's DBC, OBD-II only, or both ------------------------------------
+
+
+def test_obd_only_installer_gets_no_can_section(inputs: dict[str, Path], pki: TestPKI, tmp_path: Path) -> None:
+    """An OBD-only installer got `[can] channel = "can0"` and the demo DBC, so `vgw doctor` said can0 not found."""
+    assert provision(inputs, "--source", "obd") == 0
+    out = inputs["out"]
+    install_signed_cert(out, pki, tmp_path)
+    cfg = load_config(out / "vgw.toml")
+    assert cfg.can is None
+    assert cfg.obd is not None and cfg.obd.port == "/dev/vgw-obd"
+    assert not (out / "vehicle.dbc").exists() and not (out / "signals.toml").exists()
+    from vgw.doctor import Probes, run_checks
+    lines = [f"{c.status} {c.check} {c.detail}" for c in run_checks(out / "vgw.toml", Probes())]
+    assert not any("can0" in line for line in lines), lines
+
+
+def test_both_sources_with_the_installers_own_files(inputs: dict[str, Path], pki: TestPKI, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "my-car.dbc").write_bytes((ROOT / "dbc/vehicle.dbc").read_bytes())
+    (mine / "my-map.toml").write_bytes((ROOT / "dbc/signals.toml").read_bytes())
+    assert provision(inputs, "--source", "both", "--dbc", str(mine / "my-car.dbc"), "--signal-map",
+                     str(mine / "my-map.toml"), "--can-channel", "can1", "--obd-port", "/dev/ttyACM0") == 0
+    assert "WARNING" not in capsys.readouterr().err
+    out = inputs["out"]
+    install_signed_cert(out, pki, tmp_path)
+    cfg = load_config(out / "vgw.toml")
+    assert cfg.can is not None and cfg.can.channel == "can1"
+    assert cfg.can.dbc == (out / "my-car.dbc",) and cfg.can.signal_map == out / "my-map.toml"
+    assert cfg.obd is not None and cfg.obd.port == "/dev/ttyACM0"
+
+
+def test_no_source_off_a_terminal_is_a_usage_error(inputs: dict[str, Path],
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """The old provision silently copied the demo car's DBC and wrote a CAN section."""
+    with pytest.raises(SystemExit) as exc:
+        main(["provision", "--device-id", "dev-0001", "--broker", "h.example", "--ca", str(inputs["ca"]),
+              "--consent-key", str(inputs["consent_key"]), "--out", str(inputs["out"])])
+    assert exc.value.code == 2
+    assert "--source" in capsys.readouterr().err
+    assert not inputs["out"].exists()
+    with pytest.raises(SystemExit) as exc:
+        provision(inputs, "--source", "can")  # CAN without the installer's DBC
+    assert exc.value.code == 2 and "--dbc FILE" in capsys.readouterr().err
+    assert not inputs["out"].exists()
+
+
+def test_demo_dbc_only_on_request_and_loudly(inputs: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    assert provision(inputs, "--source", "can", "--demo-dbc") == 0
+    err = capsys.readouterr().err
+    assert "WARNING" in err and "demo car's DBC" in err
+    text = (inputs["out"] / "vgw.toml").read_text()
+    assert "# DEMO DBC" in text
+    assert (inputs["out"] / "vehicle.dbc").read_bytes() == (ROOT / "dbc/vehicle.dbc").read_bytes()
+
+
+@pytest.mark.parametrize(("flags", "needle"), [
+    (["--dbc", "missing.dbc", "--signal-map", "signals.toml"], "--dbc missing.dbc: file not found"),
+    (["--dbc", "vehicle.dbc", "--signal-map", "bad-map.toml"], "bad-map.toml"),
+])
+def test_bad_dbc_or_map_is_one_line_and_writes_nothing(
+        inputs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        flags: list[str], needle: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "vehicle.dbc").write_bytes((ROOT / "dbc/vehicle.dbc").read_bytes())
+    (tmp_path / "signals.toml").write_bytes((ROOT / "dbc/signals.toml").read_bytes())
+    (tmp_path / "bad-map.toml").write_text('[[signal]]\nmessage = "NoSuchMessage"\nsignal = "X"\n'
+                                           'path = "Vehicle.Speed"\nscope = "telemetry.speed"\n')
+    assert provision(inputs, "--source", "can", *flags) == 1
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1
+    assert not inputs["out"].exists()
+
+
+def _converse(argv: list[str], answers: list[tuple[str, str]], cwd: Path) -> tuple[int, str]:
+    """Run `vgw provision` on a real pseudo-terminal; answer each prompt (waited for by its text)."""
+    import os
+    import pty
+    import select
+    import subprocess
+    import sys
+    import time
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "vgw", *argv], stdin=slave, stdout=slave, stderr=slave,
+                            cwd=cwd, close_fds=True)
+    os.close(slave)
+    seen = b""
+    pending = list(answers)
+    deadline = time.monotonic() + 30
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if ready:
+                try:
+                    chunk = os.read(master, 4096)
+                except OSError:  # EIO: the child closed the terminal
+                    break
+                if not chunk:
+                    break
+                seen += chunk
+            if pending and pending[0][0].encode() in seen:
+                os.write(master, pending.pop(0)[1].encode() + b"\n")
+            if proc.poll() is not None and not ready:
+                break
+        rc = proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    return rc, seen.decode(errors="replace")
+
+
+def test_asks_for_the_source_on_a_terminal(inputs: dict[str, Path], tmp_path: Path) -> None:
+    argv = ["provision", "--device-id", "dev-0001", "--broker", "h.example", "--ca", str(inputs["ca"]),
+            "--consent-key", str(inputs["consent_key"]), "--out", str(inputs["out"]), "--state-dir",
+            str(inputs["state"])]
+    rc, screen = _converse(argv, [("Choose 1, 2 or 3", "7"), ("Please answer 1, 2 or 3", "1"),
+                                  ("DBC file", str(ROOT / "dbc/vehicle.dbc")),
+                                  ("signal map", str(ROOT / "dbc/signals.toml"))], ROOT)
+    assert rc == 0, screen
+    assert "Where does this device read the vehicle's data?" in screen and "(source: can)" in screen
+    text = (inputs["out"] / "vgw.toml").read_text()
+    assert "\n[can]\n" in text and "\n[obd]\n" not in text and "DEMO" not in text
+
+    other = inputs["out"].parent / "etc-obd"
+    argv[argv.index(str(inputs["out"]))] = str(other)
+    rc, screen = _converse(argv, [("Choose 1, 2 or 3", "2")], ROOT)
+    assert rc == 0, screen
+    text = (other / "vgw.toml").read_text()
+    assert "\n[obd]\n" in text and "\n[can]\n" not in text

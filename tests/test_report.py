@@ -5,6 +5,7 @@ no script; a headless Chromium screenshot runs when a browser is installed."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -193,14 +194,85 @@ def test_html_escapes_everything_from_documents() -> None:
     assert "<script>" not in page and "&lt;script&gt;" in page
 
 
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync")
+
+
+@pytest.fixture
+def india_time(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The device's time zone is Asia/Kolkata (UTC+5:30, no daylight saving: a fixed, checkable offset)."""
+    monkeypatch.setenv("TZ", "Asia/Kolkata")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def _owner_report() -> dict[str, Any]:
+    t0 = 1_795_996_800  # 2026-11-30 00:00:00 UTC = 05:30 in Kolkata
+    ver = t0 * 1000  # the consent service numbers versions by Unix time in ms (docs/fleet.md)
+    entries = [
+        {"n": 1, "t": t0, "event": "consent-applied", "ver": ver, "grants": [
+            {"id": "g-fleet", "scopes": ["read_odometer", "read_location"], "controller": "com.example.fleet",
+             "purpose": "fleet-maintenance"},
+            {"id": "g-ins", "scopes": ["read_speedometer"], "controller": "com.example.insurer"}]},
+        {"n": 2, "t": t0 + 7200, "event": "grant-stopped", "grant": "g-ins", "reason": "revoked", "ver": ver + 1},
+        {"n": 3, "t": t0 + 7201, "event": "erasure-done", "grant": "g-ins", "batches_deleted": 3,
+         "reason": "revoked"},
+    ]
+    counters = {"sent_batches:g-fleet": 4, "sent_samples:g-fleet": 40, "sent_samples:g-fleet:read_odometer": 40,
+                "first_sent:g-fleet": t0 + 60, "last_sent:g-fleet": t0 + 3600, "sent_batches:g-ins": 2,
+                "sent_samples:g-ins": 7, "sent_samples:g-ins:read_speedometer": 7, "first_sent:g-ins": t0 + 120,
+                "last_sent:g-ins": t0 + 7000}
+    consent = ConsentView(ver=ver + 1, exp=t0 + 30 * 86400, expired=False, grants=(
+        {"id": "g-fleet", "controller": "com.example.fleet", "purpose": "fleet-maintenance",
+         "scopes": ["read_odometer", "read_location"], "limits": {}, "retention_s": None},))
+    return build_report(device="dev-0001", entries=entries, counters=counters, outbox={}, consent=consent,
+                        generated=t0 + 86400)
+
+
+def test_html_for_the_owner_local_time_dates_names_timeline(india_time: None) -> None:
+    """The page showed UTC times, versions as 13-digit numbers and apps as reverse-DNS ids, and no picture."""
+    page = render_html(_owner_report())
+    p = _Page()
+    p.feed(page)
+    p.close()
+    assert not p.errors and not p.stack
+    words = " ".join(p.text)
+    # Local time (05:30 in Kolkata for 00:00 UTC) and the zone named; no UTC time on the page.
+    assert "30 Nov 2026, 05:31" in words and "IST (UTC+0530)" in words and " UTC" not in words
+    assert "consent in force is the version of 30 Nov 2026, 05:30" in words
+    assert str(1_795_996_800_000) not in words
+    assert "Fleet (example.com)" in words and "Insurer (example.com)" in words and "fleet maintenance" in words
+    # The timeline: inline SVG, one row per app and scope, sent spans only where readings left the car.
+    names = [t for t, _ in p.tags]
+    assert names.count("svg") == 1 and "script" not in names and "image" not in names and "use" not in names
+    assert "Fleet (example.com): Odometer" in words or any("Fleet (example.com): " in w for w in p.text)
+    rows = [w for w in p.text if w.startswith(("Fleet (example.com): ", "Insurer (example.com): "))]
+    assert len(rows) == 3
+    titles = [w for w in p.text if w.startswith("sent ")]
+    assert len(titles) == 2  # fleet odometer and insurer speed: the fleet's location sent nothing
+    assert any(w.startswith("deleted in the car 30 Nov 2026, 07:30") for w in p.text)
+    # What "withdrawn" means for data already sent, in plain words.
+    assert "deletes everything it still holds" in words and "erasure receipt" in words
+    assert "deleting it is the app's duty" in words
+
+
+def chromium() -> str | None:
+    return next((b for b in ("chromium", "chromium-browser") if shutil.which(b)), None)
+
+
+@pytest.mark.skipif(chromium() is None, reason="Debian's chromium is not installed (`make deps` installs it; "
+                                                "apt-get install -y chromium)")
 def test_html_renders_in_headless_chromium(world: dict[str, Any], tmp_path: Path) -> None:
-    browser = next((b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
-    if browser is None:
-        pytest.skip("no headless Chromium installed")
+    browser = chromium()
+    assert browser is not None
     page = tmp_path / "report.html"
     page.write_text(render_html(collect(world["cfg"])), encoding="utf-8")
     shot = tmp_path / "report.png"
-    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
-                    "--window-size=1000,1400", page.as_uri()], check=True, capture_output=True, timeout=60)
+    subprocess.run([browser, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}",
+                    "--window-size=1000,1600", page.as_uri()], check=True, capture_output=True, timeout=90)
     data = shot.read_bytes()
     assert data.startswith(b"\x89PNG") and len(data) > 10_000
+    if os.environ.get("VGW_KEEP_SCREENSHOT"):  # to look at it: VGW_KEEP_SCREENSHOT=/tmp/report.png
+        shutil.copy(shot, os.environ["VGW_KEEP_SCREENSHOT"])

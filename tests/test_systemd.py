@@ -112,23 +112,84 @@ def test_can0_network() -> None:
     assert "#ListenOnly=yes" in net.read_text()  # the listen-only option, off by default
 
 
+_UDEV_KEY = re.compile(r'\s*([A-Z_]+)(?:\{([^}]*)\})?\s*(==|!=|\+=|=)\s*"([^"]*)"\s*,?')
+
+
+def udev_apply(rules_file: Path, dev: dict[str, str]) -> dict[str, object]:
+    """What udev does with one tty event, for the subset of the rules syntax our file uses (udev(7)): match
+    keys (== and != with shell globs), GROUP/MODE/SYMLINK assignments with ``%n``/``%k``/``$env{}``
+    substitution, GOTO and LABEL. IMPORT{builtin} is given as ``dev``'s ID_* properties."""
+    from fnmatch import fnmatchcase
+
+    lines = [ln.strip() for ln in rules_file.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    result: dict[str, object] = {"SYMLINK": []}
+
+    def value(key: str, attr: str | None) -> str:
+        if key == "ENV":
+            return dev.get(attr or "", "")
+        return dev.get(f"{key}{{{attr}}}" if attr else key, "")
+
+    def subst(text: str) -> str:
+        text = text.replace("%n", dev["NUMBER"]).replace("%k", dev["KERNEL"])
+        return re.sub(r"\$env\{([^}]*)\}", lambda m: dev.get(m.group(1), ""), text)
+
+    i = 0
+    while i < len(lines):
+        keys = [(m.group(1), m.group(2), m.group(3), m.group(4)) for m in _UDEV_KEY.finditer(lines[i])]
+        assert keys, f"unparsed udev line: {lines[i]}"
+        i += 1
+        if keys[0][0] == "LABEL":
+            continue
+        matched = all((fnmatchcase(value(k, a), v) if op == "==" else not fnmatchcase(value(k, a), v))
+                      for k, a, op, v in keys if op in ("==", "!="))
+        if not matched:
+            continue
+        for k, _attr, op, v in keys:
+            if k == "SYMLINK" and op == "+=":
+                result["SYMLINK"].append(subst(v))  # type: ignore[attr-defined]
+            elif k in ("GROUP", "MODE") and op == "=":
+                result[k] = v
+            elif k == "GOTO":
+                i = next(j for j, ln in enumerate(lines) if ln == f'LABEL="{v}"')
+    return result
+
+
+def adapter(kernel: str, vendor: str = "1a86", serial: str = "", port: str = "1.3") -> dict[str, str]:
+    dev = {"SUBSYSTEM": "tty", "SUBSYSTEMS": "usb", "KERNEL": kernel, "NUMBER": re.sub(r"\D", "", kernel),
+           "ATTRS{idVendor}": vendor, "ID_PATH_TAG": f"platform-fd500000_pcie-usb-0_{port.replace('.', '_')}_1_0"}
+    if serial:
+        dev["ID_SERIAL_SHORT"] = serial
+    return dev
+
+
 def test_udev_rule_gives_usb_serial_adapters_to_vgw() -> None:
-    rules = [ln for ln in (SYSTEMD / "60-vgw-obd.rules").read_text().splitlines()
-             if ln.strip() and not ln.startswith("#")]
-    vendors = {}
-    for rule in rules:
-        m = re.search(r'ATTRS\{idVendor\}=="([0-9a-f]{4})"', rule)
-        if m:
-            vendors[m.group(1)] = rule
-    # FTDI (also OBDLink), CH340, CP210x, PL2303
-    assert set(vendors) == {"0403", "1a86", "10c4", "067b"}
-    for rule in vendors.values():
-        assert 'GROUP="vgw"' in rule and 'MODE="0660"' in rule and 'SYMLINK+="vgw-obd%n"' in rule
-    assert rules[0].startswith('SUBSYSTEM!="tty"')  # only serial ttys, never the USB device node
-    labels = [r for r in rules if r.startswith("LABEL=")]
-    assert labels == ['LABEL="vgw_obd_end"']
+    rules = SYSTEMD / "60-vgw-obd.rules"
+    for vendor in ("0403", "1a86", "10c4", "067b"):  # FTDI (also OBDLink), CH340, CP210x, PL2303
+        got = udev_apply(rules, adapter("ttyUSB0", vendor))
+        assert got["GROUP"] == "vgw" and got["MODE"] == "0660", vendor
+        assert "vgw-obd" in got["SYMLINK"], vendor  # type: ignore[operator]
+    other = udev_apply(rules, adapter("ttyUSB0", "2341"))  # an Arduino: not ours
+    assert other == {"SYMLINK": []}
+    not_usb = udev_apply(rules, adapter("ttyS0", "0403") | {"SUBSYSTEMS": "platform"})
+    assert not_usb == {"SYMLINK": []}
+    lines = [ln for ln in rules.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    assert lines[0].startswith('SUBSYSTEM!="tty"')  # only serial ttys, never the USB device node
     udevadm = shutil.which("udevadm")
     if udevadm and subprocess.run([udevadm, "verify", "--help"], capture_output=True, check=False).returncode == 0:
-        proc = subprocess.run([udevadm, "verify", str(SYSTEMD / "60-vgw-obd.rules")], capture_output=True,
-                              text=True, check=False)
+        proc = subprocess.run([udevadm, "verify", str(rules)], capture_output=True, text=True, check=False)
         assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize(("serial", "stable"), [("A50285BI", "vgw-obd-A50285BI"), ("", "vgw-obd-platform-")])
+def test_udev_names_survive_replugging_and_reordering(serial: str, stable: str) -> None:
+    """The rule's SYMLINK+="vgw-obd%n" named the adapter after the kernel's number: ttyUSB1 -> /dev/vgw-obd1
+    once another USB serial device came first, so the configured /dev/vgw-obd0 was gone."""
+    rules = SYSTEMD / "60-vgw-obd.rules"
+    first = udev_apply(rules, adapter("ttyUSB0", "0403", serial))
+    replugged = udev_apply(rules, adapter("ttyUSB1", "0403", serial))  # a GPS dongle took ttyUSB0 this boot
+    assert first["SYMLINK"] == replugged["SYMLINK"]
+    assert first["SYMLINK"][0] == "vgw-obd"  # type: ignore[index]
+    assert any(link.startswith(stable) for link in first["SYMLINK"])  # type: ignore[attr-defined]
+    # The default the config is written with (vgw provision --source obd) is the fixed name.
+    from vgw.provisioning import DEFAULT_OBD_PORT
+    assert DEFAULT_OBD_PORT == "/dev/vgw-obd"

@@ -144,7 +144,7 @@ def _thread_cpu() -> dict[str, float]:
 
 
 def _run_child(config: Path, frames: int, progress: Progress, timeout: float) -> dict[str, Any]:
-    cmd = [sys.executable, "-c", "import sys; from agent.bench import child_main; sys.exit(child_main(sys.argv[1]))",
+    cmd = [sys.executable, "-c", "import sys; from vgw.bench import child_main; sys.exit(child_main(sys.argv[1]))",
            str(config)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     status_file = None

@@ -4,6 +4,10 @@ Each subcommand lives in its own module under ``vgw.cli`` and exposes ``register
 adds its parser and sets ``func`` (``Callable[[argparse.Namespace], int]``) as the default. ``main`` turns
 every :class:`~vgw.errors.VgwError` into one line on stderr and a non-zero exit; ``--debug`` shows the
 traceback instead.
+
+Daemon conventions (systemd and can-utils habits): ``--config`` defaults to :data:`DEFAULT_CONFIG`;
+``--debug`` and ``--log-level`` are accepted before or after the subcommand; ``vgw run`` reloads on SIGHUP
+(agent.runtime, "Reload").
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ _COMMANDS = (
 # Long-running commands log progress at INFO; the others print their result and log errors only.
 _DAEMONS = {"run", "sim"}
 
+DEFAULT_CONFIG = "/etc/vgw/vgw.toml"  # where `vgw provision` writes it (docs/install-raspberry-pi.md)
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -47,7 +54,8 @@ EXIT_REJECTED = 3
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vgw", description="vgw: consent-first edge vehicle gateway")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    _log_options(parser, argparse.SUPPRESS)
+    parser.set_defaults(debug=False, log_level=None)
     parser.add_argument("--version", action="version", version=f"vgw {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _COMMANDS:
@@ -58,7 +66,27 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # subcommand not built yet
             raise
         module.register(sub)
+    _log_options_everywhere(sub)
     return parser
+
+
+def _log_options(p: argparse.ArgumentParser, default: object) -> None:
+    p.add_argument("--debug", action="store_true", default=default, help="show tracebacks and debug logs")
+    p.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, default=default,
+                   help="log threshold (default: info for `run` and `sim`, error for the others)")
+
+
+def _log_options_everywhere(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """``--debug``/``--log-level`` after any subcommand too (`vgw run --debug`), as daemons take them.
+
+    SUPPRESS as the default: a subcommand that does not see the option leaves the top-level value alone.
+    """
+    for p in set(sub.choices.values()):
+        if not any(a.dest == "debug" for a in p._actions):
+            _log_options(p, argparse.SUPPRESS)
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _log_options_everywhere(action)
 
 
 def _version() -> str:
@@ -77,11 +105,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         # systemd may stop the service before it is up: a SIGTERM now must still end in a clean exit 0.
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda signum, frame: EARLY_SIGNALS.append(signum))
+        # A reload before the agent is up needs nothing: it reads the config as it starts.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     parser = build_parser()
     args = parser.parse_args(argv)
     from vgw.logs import setup_logging
 
-    setup_logging(debug=args.debug, verbose=args.command in _DAEMONS)
+    setup_logging(debug=args.debug, verbose=args.command in _DAEMONS, level=args.log_level)
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE

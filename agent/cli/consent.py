@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from vgw.cli import DEFAULT_CONFIG
 from vgw.consent.store import ConsentStore
 from vgw.errors import ConfigError
 from vgw.timefmt import utc_text
@@ -21,12 +22,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                         description="Verify DOC exactly as if it came from the cloud and, if it passes, cache it "
                         "in the state directory. Exit 0 applied, 3 rejected. A running `vgw run` on the same "
                         "state directory enforces it within 1 s.")
-    a.add_argument("--config", required=True, help="agent config file (TOML)")
+    a.add_argument("--config", default=DEFAULT_CONFIG, help=f"agent config file (TOML; default {DEFAULT_CONFIG})")
     a.add_argument("doc", metavar="DOC", help="file holding the compact JWS")
     a.set_defaults(func=cmd_apply)
 
     s = csub.add_parser("show", help="the consent in force: version, grants, scopes, expiry")
-    s.add_argument("--config", required=True, help="agent config file (TOML)")
+    s.add_argument("--config", default=DEFAULT_CONFIG, help=f"agent config file (TOML; default {DEFAULT_CONFIG})")
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(func=cmd_show)
 

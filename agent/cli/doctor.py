@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 
+from vgw.cli import DEFAULT_CONFIG
+
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("doctor", help="self-check: config, CAN/OBD, certificate, broker, clock, state, consent",
                        description=__doc__)
-    p.add_argument("--config", required=True, help="agent config file (TOML)")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"agent config file (TOML; default {DEFAULT_CONFIG})")
     p.add_argument("--json", action="store_true", help="print a JSON list of {check, status, detail}")
     p.set_defaults(func=cmd_doctor)
 

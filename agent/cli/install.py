@@ -44,7 +44,8 @@ def cmd_install(args: argparse.Namespace) -> int:
     install(prefix=args.prefix, config=args.config, source=args.source, python=args.python,
             venv=not args.no_venv, system=not args.no_systemctl, dry_run=args.dry_run)
     if not args.dry_run:
-        print("Installed. Next: vgw provision --device-id ID --broker HOST:PORT --ca FILE --consent-key FILE")
+        print("Installed. Next: vgw provision --device-id ID --broker HOST:PORT --ca FILE --consent-key FILE "
+              "--source can|obd|both")
     return 0
 
 

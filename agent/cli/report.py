@@ -6,13 +6,14 @@ import argparse
 import json
 from pathlib import Path
 
+from vgw.cli import DEFAULT_CONFIG
 from vgw.errors import ConfigError
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("report", help="privacy report: what left the car, what was deleted and why",
                        description=__doc__)
-    p.add_argument("--config", required=True, help="agent config file (TOML)")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"agent config file (TOML; default {DEFAULT_CONFIG})")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page for the vehicle owner")
     p.set_defaults(func=cmd_report)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from vgw.cli import DEFAULT_CONFIG
+
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("run", help="run the agent (foreground)", description=__doc__)
-    p.add_argument("--config", required=True, help="agent config file (TOML)")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"agent config file (TOML; default {DEFAULT_CONFIG})")
     p.set_defaults(func=cmd_run)
 
 

@@ -1,19 +1,30 @@
-"""`vgw status`: grants in force, outbox rows and bytes per grant, last publish, link state."""
+"""`vgw status`: grants in force, outbox rows and bytes per grant, last publish, link state.
+
+``--json`` prints one object (CONTRACT §1: ``device``, ``consent_version``, ``grants``, ``outbox`` at least)
+with ``schema_version`` (:data:`SCHEMA_VERSION`, raised when a field changes meaning or moves) and the
+counters as a tree: ``counters.agent`` (name -> n) and ``counters.grants`` (grant -> name -> n, with
+``by_scope`` for per-scope counts), never flat ``name:grant:scope`` keys.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
+from vgw.cli import DEFAULT_CONFIG
 from vgw.timefmt import local_text, valid_time
+
+# 1: flat counters ("dropped_quota:g1"); 2: counters.agent / counters.grants[g] (by_scope), this version.
+SCHEMA_VERSION = 2
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("status", help="what the agent holds and does now", description=__doc__)
-    p.add_argument("--config", required=True, help="agent config file (TOML)")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"agent config file (TOML; default {DEFAULT_CONFIG})")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_status)
 
@@ -34,6 +45,7 @@ def collect_status(config_path: str) -> dict[str, Any]:
     outbox_view = {g["id"]: {"rows": 0, "bytes": 0} for g in grants}
     outbox_view.update(state.outbox_stats)
     return {
+        "schema_version": SCHEMA_VERSION,
         "device": cfg.device.id,
         "consent_version": consent.ver if consent else None,
         "consent_expired": manager.expired,
@@ -44,13 +56,54 @@ def collect_status(config_path: str) -> dict[str, Any]:
         "link": live.get("link", "offline") if running else "stopped",
         "link_error": live.get("link_error") if running else None,
         "last_publish": live.get("last_publish"),
-        "counters": {**state.counters, **live.get("counters", {})},
+        "counters": structured_counters({**state.counters, **live.get("counters", {})}),
         "quota": {"quota_bytes": cfg.outbox.quota_bytes, "used_bytes": state.used_bytes},
         "storage": live.get("storage", {"ok": True, "error": None}) if running else {"ok": True, "error": None},
         "obd": live.get("obd") if running else None,
         "bus": live.get("bus") if running else None,
         "health": live.get("health", {"ok": True, "problem": None}) if running else {"ok": True, "problem": None},
     }
+
+
+def structured_counters(flat: dict[str, Any]) -> dict[str, Any]:
+    """``{"frames": 9, "dropped_quota:g1": 2, "sent_samples:g1:read_fuel": 5}`` ->
+    ``{"agent": {"frames": 9}, "grants": {"g1": {"dropped_quota": 2, "by_scope": {"read_fuel": {"sent_samples": 5}}}}}``
+    """
+    agent: dict[str, Any] = {}
+    grants: dict[str, dict[str, Any]] = {}
+    for key, value in sorted(flat.items()):
+        name, _, rest = key.partition(":")
+        if not rest:
+            agent[name] = value
+            continue
+        gid, _, scope = rest.partition(":")
+        entry = grants.setdefault(gid, {})
+        if scope:
+            entry.setdefault("by_scope", {}).setdefault(scope, {})[name] = value
+        else:
+            entry[name] = value
+    return {"agent": agent, "grants": grants}
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> "1.5 KiB" (IEC units, as df -h and du -h print them)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def human_age(seconds: float) -> str:
+    """65 -> "1 min 5 s ago"."""
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s} s ago"
+    if s < 3600:
+        return f"{s // 60} min {s % 60} s ago"
+    if s < 86400:
+        return f"{s // 3600} h {s % 3600 // 60} min ago"
+    return f"{s // 86400} d {s % 86400 // 3600} h ago"
 
 
 def read_live_status(path: Path) -> dict[str, Any]:
@@ -90,17 +143,20 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("consent: none in force (nothing is collected)")
     else:
         print(f"consent: v{st['consent_version']}" + (" EXPIRED" if st["consent_expired"] else ""))
+    per_grant = st["counters"]["grants"]
     for g in st["grants"]:
         ob = st["outbox"].get(g["id"], {"rows": 0, "bytes": 0})
-        print(f"  grant {g['id']}: {', '.join(g['scopes'])}; outbox {ob['rows']} batch(es), {ob['bytes']} bytes")
+        print(f"  grant {g['id']}: {', '.join(g['scopes'])}; outbox {ob['rows']} batch(es), "
+              f"{human_bytes(ob['bytes'])}")
     quota = st["quota"]
-    drops = {k.split(":", 1)[1]: v for k, v in st["counters"].items() if k.startswith("dropped_quota:") and v}
-    print(f"outbox: {quota['used_bytes']} of {quota['quota_bytes']} bytes (quota)"
+    drops = {gid: c["dropped_quota"] for gid, c in per_grant.items() if c.get("dropped_quota")}
+    share = 100 * quota["used_bytes"] / quota["quota_bytes"] if quota["quota_bytes"] else 0.0
+    print(f"outbox: {human_bytes(quota['used_bytes'])} of {human_bytes(quota['quota_bytes'])} quota ({share:.0f} %)"
           + ("; dropped for quota: " + ", ".join(f"{g} {n} batch(es)" for g, n in sorted(drops.items()))
              if drops else ""))
     if not st["storage"]["ok"]:
         print(f"storage: NOT STORING ({st['storage']['error']}); "
-              f"{st['counters'].get('store_failures', 0)} batch(es) not stored")
+              f"{st['counters']['agent'].get('store_failures', 0)} batch(es) not stored")
     obd = st["obd"]
     if obd:
         print(f"obd: {obd['state']}" + ("" if obd["ok"] else f" (FAILING: {obd['last_error']})"))
@@ -110,6 +166,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not st["health"]["ok"]:
         print(f"health: NOT OK ({st['health']['problem']}); the systemd watchdog restarts the agent")
     last = st["last_publish"]
-    print(f"last publish: {local_text(last) if last else 'never'}; "
+    print(f"last publish: {f'{local_text(last)} ({human_age(time.time() - last)})' if last else 'never'}; "
           f"receipts queued: {st['receipts_queued']}")
     return 0

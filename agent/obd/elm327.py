@@ -43,7 +43,7 @@ from typing import Any
 from vgw.errors import SourceOpenError, SourceReadError
 from vgw.obd.request import ObdRequest, build_request
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("vgw.obd.elm327")
 
 BAUD_CANDIDATES = (38400, 9600, 115200, 57600, 230400, 500000)
 FALLBACK_PROTOCOLS = ("6", "8", "1", "7", "9", "2", "3", "4", "5", "A")

@@ -1,0 +1,130 @@
+"""The owner's view in the HTML privacy report (`vgw report --html`): times in the device's local time zone,
+consent versions as dates, apps by name, and a timeline of what was shared when as inline SVG (no script, no
+font or image to load: the page stays self-contained). Pure formatting of :func:`vgw.report.build_report`'s
+dict; reads nothing but the clock's time zone.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from vgw.timefmt import local_text, valid_time
+
+_LOCAL_FORMAT = "%-d %b %Y, %H:%M"
+
+
+def local_when(t: Any) -> str:
+    """A time as the owner reads it: this device's local time zone (set when the Pi was installed)."""
+    return local_text(t, _LOCAL_FORMAT)
+
+
+def zone_name(t: Any) -> str:
+    return local_text(t if valid_time(t) else time.time(), "%Z (UTC%z)")
+
+
+def version_text(ver: Any) -> str:
+    """A consent version as the owner reads it: "version of 2 Dec 2026, 14:05" when the number is a time (the
+    consent service numbers versions by Unix time in ms, docs/fleet.md; seconds are recognised too), else
+    "version 7"."""
+    if isinstance(ver, bool) or not isinstance(ver, int):
+        return "version ?"
+    for scale in (1000, 1):
+        t = ver / scale
+        if 1_000_000_000 <= t <= 4_102_444_800:  # 2001-09-09 .. 2100-01-01: a plausible issue date
+            return f"version of {local_when(t)}"
+    return f"version {ver}"
+
+
+def app_name(controller: Any) -> str:
+    """An app's name from its controller id: "com.example.fleet" -> "Fleet (example.com)"; other text as is."""
+    if not isinstance(controller, str) or not controller:
+        return "an unnamed app"
+    parts = controller.split(".")
+    if len(parts) >= 3 and all(p.replace("-", "").isalnum() for p in parts):
+        name = " ".join(w.capitalize() for w in parts[-1].replace("_", "-").split("-"))
+        return f"{name} ({'.'.join(reversed(parts[:-1]))})"
+    return controller
+
+
+def purpose_text(purpose: Any) -> str:
+    return str(purpose).replace("-", " ").replace("_", " ") if purpose else ""
+
+
+def timeline_svg(report: Mapping[str, Any]) -> str:
+    """What was shared when, per app and scope, as inline SVG (no script, no font or image to load).
+
+    Each row is one scope of one grant: a light bar while the permission stood, a dark bar from the first to
+    the last message the app received (the device counts those per grant, so every scope that sent readings
+    shows the grant's span), and a mark where data were deleted in the car. "" when no time is known.
+    """
+    end = report.get("generated")
+    rows: list[tuple[str, str, Any, Any, Any, Any, list[Any], bool]] = []
+    for g in report["grants"]:
+        sent = g["sent"]
+        for sc in g["scopes"]:
+            shared = (sc.get("samples_sent") or 0) > 0
+            rows.append((app_name(g["controller"]), sc["label"], g["granted_at"], g["stopped_at"] or end,
+                         sent["first"] if shared else None, sent["last"] if shared else None,
+                         [d.get("at") for d in g["deleted"]], g["status"] == "active"))
+    times = [t for r in rows for t in (r[2], r[3], r[4], r[5], *r[6]) if valid_time(t)]
+    if not rows or not times or not valid_time(end):
+        return ""
+    t0, t1 = min(times), max(max(times), end)
+    span = max(t1 - t0, 60.0)
+    # Each row: its label on one line, the bar under it across the full width (long labels never collide).
+    label_w, bar_w, row_h, top = 0, 700, 36, 30
+    width, height = label_w + bar_w + 4, top + row_h * len(rows) + 30
+
+    def x(t: Any) -> float:
+        return float(label_w + bar_w * (min(max(t, t0), t1) - t0) / span)
+
+    e = html.escape
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" role="img" width="{width}" height="{height}" '
+           f'viewBox="0 0 {width} {height}" aria-labelledby="tl-title tl-desc" font-family="sans-serif" '
+           'font-size="12">',
+           '<title id="tl-title">What was shared when</title>',
+           '<desc id="tl-desc">One row per app and kind of data: light while the permission stood, dark from '
+           "the first to the last message the app received, red where data were deleted in the car.</desc>",
+           f'<text x="{label_w}" y="16" fill="#333">{e(local_when(t0))}</text>',
+           f'<text x="{label_w + bar_w}" y="16" text-anchor="end" fill="#333">{e(local_when(t1))}</text>']
+    for i, (app, scope, start, stop, first, last, deletions, active) in enumerate(rows):
+        y = top + i * row_h
+        out.append(f'<text x="0" y="{y + 10}" fill="#1a1a1a">{e(app)}: {e(scope)}</text>')
+        y += 14  # the bar, under its label
+        out.append(f'<rect x="{label_w}" y="{y + 4}" width="{bar_w}" height="{row_h - 22}" fill="#f3f3f3"/>')
+        if valid_time(start):
+            x0 = x(start)
+            x1 = x(stop if valid_time(stop) else t1)
+            fill = "#b7e1c1" if active else "#d6d6d6"
+            out.append(f'<rect x="{x0:.1f}" y="{y + 4}" width="{max(x1 - x0, 2):.1f}" height="{row_h - 22}" '
+                       f'fill="{fill}"><title>permission {e(local_when(start))} to '
+                       f'{e(local_when(stop) if stop is not end else "now")}</title></rect>')
+        if valid_time(first) and valid_time(last):
+            x0, x1 = x(first), x(last)
+            out.append(f'<rect x="{x0:.1f}" y="{y + 6}" width="{max(x1 - x0, 3):.1f}" height="{row_h - 26}" '
+                       f'fill="#1f5fa8"><title>sent {e(local_when(first))} to {e(local_when(last))}</title></rect>')
+        for d in deletions:
+            if valid_time(d):
+                out.append(f'<rect x="{x(d) - 1.5:.1f}" y="{y + 1}" width="3" height="{row_h - 16}" fill="#b00020">'
+                           f"<title>deleted in the car {e(local_when(d))}</title></rect>")
+    ly = top + row_h * len(rows) + 8
+    for j, (fill, text) in enumerate((("#b7e1c1", "permission given"), ("#d6d6d6", "permission ended"),
+                                      ("#1f5fa8", "data sent"), ("#b00020", "deleted in the car"))):
+        lx = j * 170
+        out.append(f'<rect x="{lx}" y="{ly}" width="14" height="10" fill="{fill}"/>'
+                   f'<text x="{lx + 20}" y="{ly + 10}" fill="#333">{text}</text>')
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+WITHDRAWN_TEXT = (
+    "When you withdraw a permission (or it expires), the car stops collecting for that app at once and deletes "
+    "everything it still holds for it that was not yet sent: it first destroys the encryption key, so nothing "
+    "left on the car can be read again. The car then signs an erasure receipt that says what it deleted and "
+    "when; the app and you can check that receipt. What the app had already received before that is in the "
+    "app's hands: withdrawing does not pull it back, and deleting it is the app's duty (you can ask the app "
+    "to, and the receipt shows when the sharing ended)."
+)

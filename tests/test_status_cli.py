@@ -1,0 +1,67 @@
+"""`vgw status`: a versioned JSON schema with the counters as a tree, and text with units."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from vgw.cli.status import SCHEMA_VERSION, human_bytes, structured_counters
+from vgw.config import load_config
+from vgw.runtime import open_state
+from vgw.simulators.broker import free_port
+from vgw.simulators.pki import TestPKI
+
+from tests.agentkit import Authority, vgw, write_config
+
+DEV = "dev-0001"
+
+
+def _keys(obj: object) -> list[str]:
+    if isinstance(obj, dict):
+        return [k for k, v in obj.items() for k in [k, *_keys(v)]]
+    if isinstance(obj, list):
+        return [k for v in obj for k in _keys(v)]
+    return []
+
+
+def test_status_json_is_versioned_and_its_counters_structured(tmp_path: Path, pki: TestPKI) -> None:
+    """The counters were flat "dropped_quota:g-1" and "sent_samples:g-1:read_fuel" keys: a program reading
+    them had to parse key strings, and nothing said which layout it was reading."""
+    auth = Authority(tmp_path)
+    cfg = write_config(tmp_path, pki, free_port(), auth.trust, can={"channel": "status"},
+                       outbox={"quota_bytes": 3 * 1024 * 1024})
+    doc = tmp_path / "consent.jws"
+    doc.write_text(auth.doc(DEV, {"g-1": ["read_speedometer", "read_fuel"]}))
+    assert vgw("consent", "apply", "--config", str(cfg), str(doc)).returncode == 0
+    outbox, _audit, _store, _signer = open_state(load_config(cfg))
+    try:  # what the agent counts while it works: per grant, and per grant and scope
+        outbox.count("dropped_quota:g-1", 2)
+        outbox.count("sent_samples:g-1:read_fuel", 5)
+    finally:
+        outbox.close()
+
+    st = json.loads(vgw("status", "--config", str(cfg), "--json").stdout)
+    assert st["schema_version"] == SCHEMA_VERSION == 2
+    # CONTRACT §1's fields are all there, as they were.
+    assert st["device"] == DEV and st["consent_version"] == 1
+    assert st["grants"][0]["id"] == "g-1" and set(st["grants"][0]) == {"id", "scopes", "expires"}
+    assert st["outbox"] == {"g-1": {"rows": 0, "bytes": 0}}
+    assert set(st["counters"]) == {"agent", "grants"}
+    assert st["counters"]["grants"]["g-1"]["dropped_quota"] == 2
+    assert st["counters"]["grants"]["g-1"]["by_scope"]["read_fuel"]["sent_samples"] == 5
+    assert not [k for k in _keys(st) if ":" in k]
+
+    text = vgw("status", "--config", str(cfg)).stdout
+    assert "outbox: 0 B of 3.0 MiB quota (0 %); dropped for quota: g-1 2 batch(es)" in text
+    assert "grant g-1: read_speedometer, read_fuel; outbox 0 batch(es), 0 B" in text
+
+
+def test_structured_counters_and_units() -> None:
+    assert structured_counters({"frames": 9, "dropped_quota:g1": 2, "sent_samples:g1:read_fuel": 5,
+                                "sent_samples:g1:read_odometer": 1}) == {
+        "agent": {"frames": 9},
+        "grants": {"g1": {"dropped_quota": 2, "by_scope": {"read_fuel": {"sent_samples": 5},
+                                                          "read_odometer": {"sent_samples": 1}}}},
+    }
+    assert [human_bytes(n) for n in (0, 1023, 1536, 5 * 1024 * 1024, 3 * 1024**3)] == [
+        "0 B", "1023 B", "1.5 KiB", "5.0 MiB", "3.0 GiB"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -90,6 +91,16 @@ def test_init_up_down_a_kept_stack(stack_dir: Path) -> None:
                and min(_batches(stack_dir).values()) >= 2)
     st = json.loads(vgw("status", "--config", str(stack_dir / "vgw.toml"), "--json").stdout)
     assert st["link"] == "connected" and {g["id"] for g in st["grants"]} == {"g-fleet", "g-insurer"}
+
+    # The monitor reads the second adapter while the agent reads the first; the agent's own one is refused.
+    cfg_path = str(stack_dir / "vgw.toml")
+    mon = vgw("monitor", "--config", cfg_path, "-c", str(stack_dir / "run" / "can1"), "--duration", "3",
+              "--interval", "2.5")
+    assert mon.returncode == 0, mon.stderr
+    assert re.search(r"^Vehicle\.Speed\s+read_speedometer\s+\S+\s+[1-9][0-9.]*/s\s+sent: g-insurer$",
+                     mon.stdout.split("--- ")[-1], re.MULTILINE), mon.stdout
+    refused = vgw("monitor", "--config", cfg_path, "--duration", "1")
+    assert refused.returncode == 1 and "already open in process" in refused.stderr
 
     # up again: nothing is started twice.
     r = vgw("dev", "up", str(stack_dir), timeout=90)

@@ -48,10 +48,12 @@ test: deps test-deps venv
 test-slow: deps test-deps venv
 	$(BIN)/python -m pytest -q --runslow $(PYTEST_ARGS)
 
+# ruff, mypy strict over the whole `vgw` package, and the layer contract (README "Layout", tests/test_layers.py)
 lint: venv
 	PYTHONWARNINGS=ignore $(BIN)/python -m pip install -q -e '.[dev]'
 	$(BIN)/ruff check agent simulators dbc tests
 	MYPY=$(BIN)/mypy .ci/typecheck
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_layers.py
 
 bench: deps venv
 	$(BIN)/vgw bench

@@ -1,4 +1,4 @@
-"""The signal catalogue: DBC files plus the signal map (CONTRACT §2), as one in-memory model.
+"""The signal catalogue: DBC files plus the signal map (README "Configuration (TOML)"), as one in-memory model.
 
 Each mapped DBC signal becomes a :class:`SignalSpec` (message, signal, VSS path, scope). A DBC signal that
 no entry maps is unknown to the agent: never decoded, stored or sent. Loading validates everything a typo
@@ -118,7 +118,7 @@ def catalogue_from_map(db: Database, doc: dict[str, Any], where: Path) -> Catalo
         except KeyError:
             raise ConfigError(f"{at}: message {msg_name!r} has no signal {sig_name!r}") from None
         if entry["scope"] not in SCOPES:
-            raise ConfigError(f"{at}: unknown scope {entry['scope']!r} (CONTRACT §3 lists the scopes)")
+            raise ConfigError(f"{at}: unknown scope {entry['scope']!r} (README 'Scopes' lists the scopes)")
         if not _VSS_PATH.match(entry["path"]):
             raise ConfigError(f"{at}: path {entry['path']!r} is not a VSS path (Vehicle.Branch.Leaf)")
         source = _source_address(entry, message, at)

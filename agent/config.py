@@ -1,4 +1,4 @@
-"""The agent's configuration file (CONTRACT §2): TOML in, frozen dataclasses out.
+"""The agent's configuration file (README "Configuration (TOML)"): TOML in, frozen dataclasses out.
 
 Unknown keys are an error, because a typo must never silently disable a protection. Relative paths are
 resolved against the config file's folder. :func:`load_config` raises :class:`~vgw.errors.ConfigError`

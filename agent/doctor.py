@@ -322,7 +322,7 @@ def _keys(cfg: Config) -> Check:
 
 
 def _certificate(cfg: Config) -> Check:
-    from vgw.provisioning import cert_device_id
+    from vgw.crypto.certs import cert_device_id
 
     path = cfg.mqtt.cert_file
     try:

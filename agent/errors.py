@@ -7,7 +7,7 @@ message as one line and exits non-zero. Programming mistakes raise ``ValueError`
 
     VgwError
      +-- ConfigError            bad config file, DBC, signal map (names the file and field)
-     +-- ConsentError           a consent document broke a rule of CONTRACT §5 (``reason`` says which)
+     +-- ConsentError           a consent document broke a rule of README "Consent document" (``reason`` says which)
      |    +-- SignatureError    not signed by a trusted key, wrong alg/typ, malformed JWS
      |    +-- ClaimsError       wrong subject, scope, grant shape, size
      |    +-- FreshnessError    version rollback/replay, expired, issued in the future

@@ -317,7 +317,7 @@ def final_erasure(config_path: Path, *, receipt_timeout_s: float = 10.0) -> Eras
             erasure = outbox.erase_grant(gid)
             audit.append("key-destroyed", grant=gid)
             audit.append("erasure-done", grant=gid, batches_deleted=erasure.batches_deleted, reason="uninstall")
-            # Signed only now, with rows and key gone (CONTRACT §7).
+            # Signed only now, with rows and key gone (README "Receipts").
             outbox.queue_receipt(signer.sign("erasure", grant=gid, ver=ver, batches_deleted=erasure.batches_deleted,
                                              key_destroyed=True, reason="uninstall"))
             summary.grants[gid] = erasure.batches_deleted

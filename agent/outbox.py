@@ -2,7 +2,7 @@
 
 Tables:
   meta           ``epoch``: a random string made when the outbox is created, carried in every batch
-                 (CONTRACT §6) so a receiver tells a wiped or re-provisioned device (seq 1 again) from a
+                 (README "Telemetry envelope") so a receiver tells a wiped or re-provisioned device (seq 1 again) from a
                  re-delivery; ``user_version`` (a PRAGMA) is the schema version, see :data:`SCHEMA_VERSION`.
   active_grants  grants allowed to store data now, each with the digest of its terms in force
                  (:func:`vgw.consent.narrowing.terms_digest`); inserts and key creation check it in the
@@ -31,7 +31,8 @@ the committing grant until the outbox fits (then, if one grant's new batch alone
 others, the oldest of the largest grant). A batch already handed to the broker whose PUBACK has not come is
 never dropped for quota (it may have arrived: dropping it would make the ``dropped_quota`` count lie).
 
-Narrowing (CONTRACT §6): no sample of a scope not in force at publish time leaves the car. Three checks:
+Narrowing (README "Narrowing applies to stored data"): no sample of a scope not in force at publish time leaves the car.
+Three checks:
 :meth:`Outbox.apply_terms` replaces the terms in force and deletes the withdrawn rows in one transaction
 (under the lock the uplink holds from reading a row to handing it to the socket, so no withdrawn row can be
 published in between); :meth:`Outbox.commit_batch` refuses a batch collected under other terms than those in
@@ -195,9 +196,9 @@ def quarantine(path: Path) -> tuple[Path, dict[str, int]]:
     """Take a corrupt outbox (and its -wal/-shm) out of use; salvage its seqs, then destroy it.
 
     Returns (the name it was moved to before being destroyed, {grant: next_seq} read from it, empty if
-    unreadable). The salvaged seqs keep ``seq`` rising for the cloud (CONTRACT §6): a fresh file alone would
-    restart at 1 and the receiver would drop the new batches as re-deliveries. Nothing else is kept: a copy
-    would hold wrapped keys and rows of grants that a later revocation could no longer reach (CONTRACT §7).
+    unreadable). The salvaged seqs keep ``seq`` rising for the cloud (README "Telemetry envelope"): a fresh file alone
+    would restart at 1 and the receiver would drop the new batches as re-deliveries. Nothing else is kept: a copy
+    would hold wrapped keys and rows of grants that a later revocation could no longer reach (README "Receipts").
     The move comes first, so a crash mid-way leaves a ``.corrupt-`` file that the next start destroys.
     """
     seqs: dict[str, int] = {}
@@ -305,7 +306,7 @@ class Outbox:
         self._db.execute("COMMIT")
 
     def _epoch(self) -> str:
-        """The outbox epoch (CONTRACT §6): made once, with the outbox, and kept for its whole life."""
+        """The outbox epoch (README "Telemetry envelope"): made once, with the outbox, and kept for its whole life."""
         row = self._db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
         if row is not None:
             return str(row[0])
@@ -368,7 +369,8 @@ class Outbox:
             db.executemany("INSERT OR IGNORE INTO active_grants (id) VALUES (?)", [(g,) for g in keep])
 
     def apply_terms(self, grants: dict[str, GrantTerms], *, now: float | None = None) -> list[Withdrawal]:
-        """Make ``grants`` the grants in force, with their terms, and delete what they withdraw (CONTRACT §6).
+        """Make ``grants`` the grants in force, with their terms, and delete what they withdraw (README "Telemetry
+        envelope").
 
         One transaction, under the lock the uplink holds while it publishes: before it, rows are published
         under the old terms; after it, every row left is permitted by the new ones. For each grant, a row
@@ -564,7 +566,7 @@ class Outbox:
     def pending(self, limit: int, exclude: set[int] | None = None) -> list[Row]:
         """The oldest batches not in ``exclude`` (row ids in flight), decrypted for publishing.
 
-        Publish-time check (CONTRACT §6): only rows of a grant in force whose terms digest is the one in
+        Publish-time check (README "Telemetry envelope"): only rows of a grant in force whose terms digest is the one in
         force; anything else waits for :meth:`apply_terms` or an erasure to delete it, and is never returned.
         """
         exclude = exclude or set()
@@ -673,7 +675,7 @@ class Outbox:
         for up to ``wait_s`` while another process holds a read snapshot) and the raw bytes of the outbox, its
         -wal and any quarantined copy are searched for the wrapped key and the sealed rows. ``key_destroyed``
         is True only when that search finds nothing; otherwise the caller must not send an erasure receipt
-        yet and finishes later with :meth:`finish_erasure` (CONTRACT §7).
+        yet and finishes later with :meth:`finish_erasure` (README "Receipts").
         """
         with self._lock:
             self._data_keys.pop(grant_id, None)

@@ -42,6 +42,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from vgw.catalogue import load_catalogue
 from vgw.config import DEVICE_ID_PATTERN, load_config
 from vgw.consent.manager import load_trust_keys
+from vgw.crypto.certs import DEVICE_URI_PREFIX, cert_device_id
 from vgw.crypto.keys import KEY_BYTES
 from vgw.dbc import shipped_dir
 from vgw.errors import ConfigError, StorageError
@@ -50,7 +51,6 @@ from vgw.fsutil import MAX_KEY_BYTES, atomic_write, ensure_private_dir, read_sma
 DEFAULT_OUT = Path("/etc/vgw")
 DEFAULT_STATE_DIR = Path("/var/lib/vgw")
 SERVICE_USER = "vgw"
-DEVICE_URI_PREFIX = "vgw:device:"
 
 CONFIG_NAME = "vgw.toml"
 KEY_NAME = "device.key"
@@ -160,7 +160,7 @@ def find_shipped_dbc(extra: Iterable[Path] = ()) -> Path:
 
 @dataclass(frozen=True)
 class Sources:
-    """Where the device reads the vehicle (CONTRACT §2: ``[can]``, ``[obd]`` or both).
+    """Where the device reads the vehicle (README "Configuration (TOML)": ``[can]``, ``[obd]`` or both).
 
     ``dbc``/``signal_map`` are the installer's files for a CAN source; ``demo`` means the shipped demo car's
     (found by :func:`find_shipped_dbc`; only on explicit request).
@@ -270,7 +270,7 @@ def _toml_str(value: str) -> str:
 
 def render_config(device_id: str, state_dir: Path, host: str, port: int, sources: Sources | None = None,
                   dbc_names: list[str] | None = None, signal_map_name: str = SIGNAL_MAP_NAME) -> str:
-    """A complete config (CONTRACT §2) whose relative paths point at the files next to it.
+    """A complete config (README "Configuration (TOML)") whose relative paths point at the files next to it.
 
     Only the sources chosen get a section; the other is left as a comment to fill in later.
     """
@@ -298,7 +298,7 @@ baudrate = "auto"
             "# " + line + "\n" for line in obd.splitlines())
     return f"""\
 # vgw agent configuration, written by `vgw provision` (source: {sources.kind}). Relative paths are relative to
-# this file's folder. Unknown keys are an error. Reference: CONTRACT.md section 2.
+# this file's folder. Unknown keys are an error. Reference: README "Configuration (TOML)".
 
 [device]
 id = {_toml_str(device_id)}
@@ -327,21 +327,6 @@ def _existing_device_id(config: Path) -> str | None:
     dev = doc.get("device")
     value = dev.get("id") if isinstance(dev, dict) else None
     return value if isinstance(value, str) else None
-
-
-def cert_device_id(cert: x509.Certificate) -> str | None:
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
-            if uri.startswith(DEVICE_URI_PREFIX):
-                return uri[len(DEVICE_URI_PREFIX):]
-    except x509.ExtensionNotFound:
-        pass
-    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    if not cns:
-        return None
-    value = cns[0].value
-    return value if isinstance(value, str) else value.decode()
 
 
 def _give_to(paths: Iterable[Path], user: str | None) -> None:

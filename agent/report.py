@@ -16,7 +16,7 @@ Counters the report reads (``counters`` table of the outbox), per grant ``<g>``:
 
 A counter the agent does not record (yet) shows as "not recorded", never as zero.
 
-Collection rules (CONTRACT §5.1): for a grant with rules, the running agent's status file holds, per scope,
+Collection rules (README "Collection rules"): for a grant with rules, the running agent's status file holds, per scope,
 the samples decoded and the samples its rules let through since it started (``collect`` in ``status.json``);
 the report shows both and the share the rules kept back in the car, and says in plain words what each app
 receives (:mod:`vgw.collect.describe`).

@@ -248,7 +248,7 @@ class Agent:
             if self.pipeline is not None:
                 self.pipeline.swap(grants)
                 self._install_filters()
-        self.uplink.publish_status()  # the retained status names the consent in force (CONTRACT §4)
+        self.uplink.publish_status()  # the retained status names the consent in force (README "Topics")
         self.uplink.wake()
 
     def _install_filters(self) -> None:
@@ -529,7 +529,7 @@ class Agent:
             "last_publish": self.uplink.last_publish,
             "consent_version": consent.ver if consent else None,
             "consent_expired": self.manager.expired,
-            "collect": self.pipeline.rule_counts(),  # CONTRACT §5.1 rules: decoded vs let through, per grant/scope
+            "collect": self.pipeline.rule_counts(),  # collection rules: decoded vs let through, per grant/scope
             "published": {"batches": self.uplink.published_batches, "receipts": self.uplink.published_receipts},
             "storage": {"ok": self.storage_error is None, "error": self.storage_error},
             "health": {"ok": self.health_problem is None, "problem": self.health_problem},

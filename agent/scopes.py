@@ -1,4 +1,4 @@
-"""The consent scopes vgw knows (CONTRACT §3): Smartcar's read permission names, nothing else."""
+"""The consent scopes vgw knows (README "Scopes"): Smartcar's read permission names, nothing else."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ A failed connection attempt is logged once per distinct reason (repeats go to de
 the reason changes or the link comes back), so a broker that stays down or a TLS fault does not flood the
 journal.
 
-Topics (CONTRACT §4), prefix ``vgw``: subscribe ``vgw/<device>/consent`` only; publish ``.../data/<grant>``,
+Topics (README "Topics"), prefix ``vgw``: subscribe ``vgw/<device>/consent`` only; publish ``.../data/<grant>``,
 ``.../receipt`` and ``.../status`` (retained, also the last will). The status is published at connect and
 again whenever :meth:`Uplink.publish_status` is called (the runtime does on every consent, link or health
 change), so the retained copy never describes a consent that is no longer in force.
@@ -359,7 +359,8 @@ class Uplink:
                 self.outbox.delete_receipt(item[1])
                 self.published_receipts += 1
         except StorageError as exc:
-            # The row stays and goes out again later: a duplicate the receiver drops (§6), never a loss.
+            # The row stays and goes out again later: a duplicate the receiver drops (README "Telemetry envelope"),
+            # never a loss.
             self.ack_store_failures += 1
             if self.ack_store_failures == 1:
                 log.error("uplink: acknowledged row not deleted: %s", exc)

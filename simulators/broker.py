@@ -3,7 +3,7 @@
 :class:`Mosquitto` writes a ``mosquitto.conf`` into its own work directory (0755, so the ``mosquitto`` user
 that a root-started mosquitto drops to can read it), starts ``mosquitto -c``, waits until the TLS listener
 accepts connections, and stops it (terminate, then kill; idempotent). :meth:`Mosquitto.restart` comes back on
-the same port, for outage tests. :func:`device_acl` is the per-device policy of CONTRACT §4: a device can
+the same port, for outage tests. :func:`device_acl` is the per-device policy of README "Topics": a device can
 touch only ``<prefix>/<its CN>/...``; the cloud user may read and write everything under the prefix.
 
 Errors (all ``RuntimeError``: a missing or failing test broker is an environment problem, not a vgw error)::
@@ -86,7 +86,7 @@ def find_mosquitto() -> str:
 
 
 def device_acl(prefix: str = "vgw", cloud_user: str = "cloud") -> str:
-    """A mosquitto ACL file body for vgw (CONTRACT §4).
+    """A mosquitto ACL file body for vgw (README "Topics").
 
     ``%u`` is the user name, which ``use_identity_as_username`` takes from the client certificate's CN, so a
     device can publish only data, receipts and status under its own id and read only its own consent.

@@ -1,15 +1,16 @@
-"""The reference cloud peer: the cloud side of CONTRACT §4-§7, for the demo and the tests.
+"""The reference cloud peer: the cloud side of README "The contract, in our words", for the demo and the tests.
 
-The peer's jobs live in four modules; this one re-exports every public name of the other three, so
-``from vgw.simulators.cloud import ...`` keeps working for all of them:
+The peer is built on the cloud tools of :mod:`vgw.cloud` (product code, the same ones ``vgw cloud`` runs) and
+re-exports their public names, so a test or simulator writes ``from vgw.simulators.cloud import ...`` for all of
+them (product code imports them from :mod:`vgw.cloud` itself):
 
-- :mod:`vgw.simulators.consent_authority` (offline, usable by ``vgw cloud``): :class:`SigningKey` (Ed25519; make
+- :mod:`vgw.cloud.consent_authority` (offline): :class:`SigningKey` (Ed25519; make
   several for rotation), :class:`RecipientKey` (HPKE X25519, or ``MLKEM768-X25519`` as an extension beyond
-  §5), :func:`consent_claims`, :func:`grant`, :func:`sign_consent` (compact JWS, ``alg`` EdDSA, ``typ``
-  ``vgw-consent+jwt``, §5);
-- :mod:`vgw.simulators.envelopes` (offline): :func:`seal_envelope` / :func:`open_envelope` (the §6 telemetry
-  envelope) and :func:`verify_receipt` (§7);
-- :mod:`vgw.simulators.cloud_records` (no I/O): the records and :class:`~vgw.simulators.cloud_records.CloudRecorder`,
+  the contract), :func:`consent_claims`, :func:`grant`, :func:`sign_consent` (compact JWS, ``alg`` EdDSA, ``typ``
+  ``vgw-consent+jwt``, README "Consent document");
+- :mod:`vgw.cloud.envelopes` (offline): :func:`seal_envelope` / :func:`open_envelope` (the telemetry
+  envelope) and :func:`verify_receipt` (README "Receipts");
+- :mod:`vgw.cloud.cloud_records` (no I/O): the records and :class:`~vgw.cloud.cloud_records.CloudRecorder`,
   which opens, de-duplicates (by epoch and seq, gaps found) and verifies what arrives;
 - here, the online part: :class:`CloudPeer`, an MQTT v5 client over mutual TLS (>= 1.2) that publishes
   retained consent and feeds a recorder with telemetry, receipts and status. paho stays a private member;
@@ -19,8 +20,8 @@ Errors::
 
     VgwError
      +-- UplinkError       CloudPeer could not connect, subscribe or get a PUBACK
-     +-- EnvelopeError     a telemetry envelope failed a rule of §6 (``reason`` says which)
-     +-- ReceiptError      a receipt is not a valid ES256 JWS of its device (§7)
+     +-- EnvelopeError     an envelope broke a rule of README "Telemetry envelope" (``reason``)
+     +-- ReceiptError      a receipt is not a valid ES256 JWS of its device (README "Receipts")
 """
 
 from __future__ import annotations
@@ -34,8 +35,7 @@ from typing import TYPE_CHECKING, Any
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
-from vgw.errors import UplinkError
-from vgw.simulators.cloud_records import (
+from vgw.cloud.cloud_records import (
     BadReceipt,
     CloudRecorder,
     Receipt,
@@ -43,7 +43,7 @@ from vgw.simulators.cloud_records import (
     ReceivedSample,
     RejectedMessage,
 )
-from vgw.simulators.consent_authority import (
+from vgw.cloud.consent_authority import (
     CONSENT_TYP,
     HpkePrivateKey,
     HpkePublicKey,
@@ -56,7 +56,7 @@ from vgw.simulators.consent_authority import (
     recipient_public_key,
     sign_consent,
 )
-from vgw.simulators.envelopes import (
+from vgw.cloud.envelopes import (
     ENVELOPE_VERSION,
     MAX_PLAINTEXT,
     RECEIPT_LEEWAY_S,
@@ -67,7 +67,8 @@ from vgw.simulators.envelopes import (
     seal_envelope,
     verify_receipt,
 )
-from vgw.simulators.mqttclient import make_client, tls_context
+from vgw.cloud.mqttclient import make_client, tls_context
+from vgw.errors import UplinkError
 
 if TYPE_CHECKING:
     from vgw.simulators.broker import Mosquitto
@@ -110,7 +111,7 @@ log = logging.getLogger("vgw.cloud")
 
 
 class CloudPeer(CloudRecorder):
-    """The cloud's MQTT client: publishes consent, records telemetry, receipts and status (CONTRACT §4).
+    """The cloud's MQTT client: publishes consent, records telemetry, receipts and status (README "Topics").
 
     Connects as an MQTT v5 client (``protocol="3.1.1"`` for brokers without MQTT 5, such as the NATS server;
     the session then persists through ``clean_session=False``) over mutual TLS (>= 1.2, broker certificate and

@@ -38,7 +38,7 @@ import tty
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from vgw.obd.elm327 import PROTOCOL_NAMES
+from vgw.obd.protocols import PROTOCOL_NAMES
 from vgw.simulators.obd_ecu import ObdEcus, VehicleLike
 
 IDENT = "ELM327 v1.5"

@@ -1,8 +1,8 @@
 """Fleet load simulator: N lightweight devices in one process against a real broker.
 
-Each simulated device has its own client id and certificate (from a throwaway CA), a real mutual-TLS MQTT
-connection, verifies consent documents (EdDSA JWS) exactly like the contract says, seals real HPKE
-envelopes (§6) at ``rate_hz`` per grant and signs real ES256 receipts (§7). A cloud side pushes consent
+Each simulated device has its own client id and certificate (from a throwaway CA), a real mutual-TLS MQTT connection,
+verifies consent documents (EdDSA JWS) exactly like the contract says, seals real HPKE envelopes (README "Telemetry
+envelope") at ``rate_hz`` per grant and signs real ES256 receipts (README "Receipts"). A cloud side pushes consent
 (retained), changes it at ``churn_hz`` across the fleet (revoke a grant / grant a new one), and consumes
 everything: it opens every envelope and verifies every receipt.
 
@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
+from vgw.crypto.certs import device_public_key_from_cert, load_private_key
 from vgw.errors import UplinkError
 from vgw.simulators.cloud import (
     RecipientKey,
@@ -48,7 +49,7 @@ from vgw.simulators.cloud import (
     verify_receipt,
 )
 from vgw.simulators.fleet_device import PREFIX, SimDevice, Worker, connect_client, make_client, tls_context
-from vgw.simulators.pki import TestPKI, load_private_key
+from vgw.simulators.pki import TestPKI
 
 log = logging.getLogger("vgw.fleet")
 
@@ -151,7 +152,8 @@ class _Cloud:
                 return
             with self.lock:
                 s = self.seen.setdefault((device, gid), set())
-                dedup = (str(batch.get("epoch", "")), int(batch["seq"]))  # §6: de-duplicate on (epoch, seq)
+                # README "Telemetry envelope": de-duplicate on (epoch, seq)
+                dedup = (str(batch.get("epoch", "")), int(batch["seq"]))
                 if dedup in s:
                     self.duplicates += 1
                     return
@@ -234,8 +236,6 @@ class FleetSim:
             recipient = RecipientKey.generate()
             device_keys = {}
             for d, (cert, _key) in dev_files.items():
-                from vgw.simulators.pki import device_public_key_from_cert
-
                 device_keys[d] = device_public_key_from_cert(cert)
             cloud = _Cloud(recipient, device_keys)
             cloud_ctx = tls_context(ca, cloud_cert, cloud_key)

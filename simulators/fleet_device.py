@@ -1,6 +1,6 @@
 """The simulated devices of :mod:`vgw.simulators.fleet` and the worker threads that drive them.
 
-A :class:`SimDevice` is a device's protocol logic (CONTRACT §5 consent checks, §6 envelopes, §7 receipts)
+A :class:`SimDevice` is a device's protocol logic (README "Consent document", "Telemetry envelope", "Receipts")
 around a paho client it does not run itself; a :class:`Worker` owns a slice of the fleet and drives all of
 its clients from one :mod:`selectors` loop (``loop_read`` / ``loop_write`` / ``loop_misc`` plus paho's
 write-interest hooks), publishing each device's batches on its own schedule.
@@ -21,8 +21,8 @@ from typing import Any
 import jwt
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from vgw.cloud.mqttclient import make_client, tls_context
 from vgw.simulators.cloud import recipient_public_key, seal_envelope
-from vgw.simulators.mqttclient import make_client, tls_context
 
 log = logging.getLogger("vgw.fleet")
 
@@ -61,7 +61,7 @@ class SimDevice:
         self.ver = 0
         self.grants: dict[str, Any] = {}  # grant id -> HPKE public key
         self.seq: dict[str, int] = {}
-        self.epoch = secrets.token_hex(8)  # the simulated outbox's epoch (CONTRACT §6)
+        self.epoch = secrets.token_hex(8)  # the simulated outbox's epoch (README "Telemetry envelope")
         self.acked: dict[str, int] = {}
         self.mids: dict[int, tuple[str, int]] = {}
         self.connected = False
@@ -98,7 +98,8 @@ class SimDevice:
         if not msg.payload:
             return
         try:
-            # CONTRACT §5, the rules a device applies: EdDSA only, trusted key, our sub, rising ver, not expired.
+            # README "Consent document", the rules a device applies: EdDSA only, trusted key, our sub, rising ver, not
+            # expired.
             claims = jwt.decode(bytes(msg.payload), self.trust, algorithms=["EdDSA"], leeway=300,
                                 options={"require": ["sub", "ver", "iat", "exp"]})
             if claims["sub"] != self.id:

@@ -6,7 +6,7 @@ mirrors :class:`vgw.simulators.broker.Mosquitto`: it writes a config file into i
 ``nats-server -c``, waits until the MQTT listener is up, stops it (SIGTERM, then SIGKILL; idempotent) and
 restarts it on the same ports with the same JetStream store (retained messages and sessions survive).
 
-Identity and policy (CONTRACT §4): ``tls { verify_and_map: true }`` maps a client certificate to the user
+Identity and policy (README "Topics"): ``tls { verify_and_map: true }`` maps a client certificate to the user
 named by its DNS SAN (our device certificates carry the device id there, see :mod:`vgw.simulators.pki`), and
 :func:`nats_config` gives every device user permission to publish only ``vgw.<id>.data.>``, ``.receipt``
 and ``.status`` and to subscribe only ``vgw.<id>.consent``; the cloud user gets everything under ``vgw``.
@@ -70,7 +70,7 @@ def _check_id(name: str) -> None:
 
 
 def device_permissions(device: str, prefix: str = "vgw") -> str:
-    """The NATS ``permissions`` block of one device user (CONTRACT §4), as config text.
+    """The NATS ``permissions`` block of one device user (README "Topics"), as config text.
 
     Raises ``ValueError`` for an id or prefix that cannot be a NATS subject token.
     """

@@ -2,8 +2,8 @@
 
 Everything here is for a private loopback broker: one self-signed CA (EC P-256), a server certificate for
 ``localhost`` / ``127.0.0.1``, one client certificate per device (CN, DNS SAN and URI SAN ``vgw:device:<id>``
-carry the device id; the device signs receipts ES256 with this key, CONTRACT §7) and one for the cloud peer
-(CN ``cloud``). Fault variants for the TLS fault tests (issue 5) are one call each: a certificate from another
+carry the device id; the device signs receipts ES256 with this key, README "Receipts") and one for the cloud peer
+(CN ``cloud``). Fault variants for the TLS fault tests are one call each: a certificate from another
 CA (:meth:`TestPKI.other_ca`), an expired server certificate, a server certificate for the wrong host name.
 
 Every file is PEM. By default certificates and keys are mode 0644 and the directory 0755: a test mosquitto
@@ -28,6 +28,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from vgw.crypto.certs import (
+    DEVICE_URI_PREFIX,
+    device_id_from_cert,
+    device_public_key_from_cert,
+    load_private_key,
+)
 
 __all__ = [
     "DEVICE_URI_PREFIX",
@@ -38,9 +44,6 @@ __all__ = [
     "device_public_key_from_cert",
     "load_private_key",
 ]
-
-DEVICE_URI_PREFIX = "vgw:device:"
-"""URI SAN prefix that carries the device id in a device certificate (``vgw:device:dev-0001``)."""
 
 _FILE_MODE = 0o644
 _DIR_MODE = 0o755
@@ -333,50 +336,3 @@ class TestPKI:
             not_before=now - dt.timedelta(days=30),
             not_after=now - dt.timedelta(days=1),
         )
-
-
-# ------------------------------------------------------------------ helpers
-
-
-def _load_cert(path: str | os.PathLike[str]) -> x509.Certificate:
-    try:
-        return x509.load_pem_x509_certificate(Path(path).read_bytes())
-    except ValueError as exc:
-        raise ValueError(f"{os.fspath(path)}: not a PEM X.509 certificate: {exc}") from exc
-
-
-def device_public_key_from_cert(path: str | os.PathLike[str]) -> ec.EllipticCurvePublicKey:
-    """The EC P-256 public key in the device certificate at ``path`` (verifies its ES256 receipts).
-
-    Raises ``OSError`` if the file cannot be read, ``ValueError`` if it is not a PEM certificate or its key
-    is not EC P-256 (ES256 needs exactly that curve, RFC 7518 §3.4).
-    """
-    cert = _load_cert(path)
-    key = cert.public_key()
-    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
-        raise ValueError(f"{os.fspath(path)}: certificate key is not EC P-256 (needed for ES256)")
-    return key
-
-
-def device_id_from_cert(path: str | os.PathLike[str]) -> str:
-    """The device id in the certificate at ``path``: the ``vgw:device:`` URI SAN if any, else the CN.
-
-    Raises ``OSError`` if unreadable, ``ValueError`` if not a certificate or it names no device.
-    """
-    from vgw.provisioning import cert_device_id  # one reading of a device certificate's identity
-
-    device = cert_device_id(_load_cert(path))
-    if device is None:
-        raise ValueError(f"{os.fspath(path)}: certificate names no device (no URI SAN, no CN)")
-    return device
-
-
-def load_private_key(path: str | os.PathLike[str]) -> ec.EllipticCurvePrivateKey:
-    """Load an unencrypted PEM EC private key (as written by :class:`TestPKI`).
-
-    Raises ``OSError`` if unreadable, ``ValueError`` if it is not an EC private key.
-    """
-    key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise ValueError(f"{os.fspath(path)}: not an EC private key")
-    return key

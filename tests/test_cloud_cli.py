@@ -17,9 +17,9 @@ from typing import Any
 import jwt
 import pytest
 from vgw.catalogue import load_catalogue
+from vgw.cloud.cloudlink import Listener
 from vgw.simulators.broker import Mosquitto
 from vgw.simulators.cloud import RecipientKey, seal_envelope
-from vgw.simulators.cloudlink import Listener
 from vgw.simulators.paths import default_dbc, default_signal_map
 from vgw.simulators.pki import TestPKI, device_public_key_from_cert
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from vgw.bench.drive import drive_cycle
+from vgw.tools.bench.drive import drive_cycle
 
 from tests.agentkit import vgw
 

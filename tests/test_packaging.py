@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
 import tomllib
+import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,3 +36,23 @@ def test_the_shipped_dbc_is_package_data() -> None:
     assert (shipped_dir() / DBC_NAME).is_file() and (shipped_dir() / SIGNAL_MAP_NAME).is_file()
     data = _pyproject()["tool"]["setuptools"]["package-data"]["vgw.dbc"]
     assert "*.dbc" in data and "*.toml" in data
+
+
+def test_the_wheel_holds_only_vgw(tmp_path: Path) -> None:
+    """Builds a real wheel the way `pip install .` does (isolated build, a few seconds): its top level is
+    `vgw` and its dist-info only, with the cloud tools, the tools and the demo DBC inside."""
+    src = tmp_path / "src"
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "build")
+    for folder in [*FOLDERS.values()]:
+        shutil.copytree(ROOT / folder, src / folder, ignore=skip)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    out = tmp_path / "wheel"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", str(src), "-w", str(out)],
+                   check=True, capture_output=True, timeout=300)
+    (wheel,) = out.glob("vgw-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {n.split("/")[0] for n in names} == {"vgw", wheel.name.rsplit("-", 3)[0] + ".dist-info"}
+    for inside in ("vgw/__main__.py", "vgw/cloud/cloudkit.py", "vgw/tools/demo.py", "vgw/simulators/cloud.py",
+                   "vgw/dbc/vehicle.dbc", "vgw/dbc/signals.toml", "vgw/py.typed"):
+        assert inside in names, inside

@@ -1,4 +1,4 @@
-"""The `vgw` command line (CONTRACT §1).
+"""The `vgw` command line (README "Running the agent").
 
 Each subcommand lives in its own module under ``vgw.cli`` and exposes ``register(subparsers)``, which
 adds its parser and sets ``func`` (``Callable[[argparse.Namespace], int]``) as the default. ``main`` turns

@@ -1,4 +1,4 @@
-"""`vgw bench`: the pipeline benchmark (issue 7): cantools baseline vs vgw's full path, latency, RSS, CPU,
+"""`vgw bench`: the pipeline benchmark: cantools baseline vs vgw's full path, latency, RSS, CPU,
 revocation time, measured with the real components against a private mosquitto."""
 
 from __future__ import annotations
@@ -33,11 +33,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from vgw.bench import BenchOptions, format_table, run_bench
     from vgw.errors import VgwError
+    from vgw.tools.bench import BenchOptions, format_table, run_bench
 
     if args.drive_cycle:
-        from vgw.bench.drive import drive_cycle, format_drive
+        from vgw.tools.bench.drive import drive_cycle, format_drive
 
         if not 0 < args.drive_seconds <= 86_400:
             raise VgwError(f"--drive-seconds {args.drive_seconds}: must be > 0 and <= 86400")

@@ -1,4 +1,4 @@
-"""`vgw cloud`: the cloud side of the contract (CONTRACT §4-§7), for integrators and operators.
+"""`vgw cloud`: the cloud side of the contract (README "The contract, in our words"), for integrators and operators.
 
     vgw cloud keygen --dir KEYS [--recipient NAME ...] [--force]
     vgw cloud sign --key KEYS/consent-signer.key --grants grants.toml --device ID [...] [--ver N] [-o OUT]
@@ -102,8 +102,8 @@ def _broker_options(p: argparse.ArgumentParser, *, required: bool) -> None:
 
 
 def _opts(args: argparse.Namespace) -> Any:
-    from vgw.simulators.cloudkit import CloudKitError
-    from vgw.simulators.cloudlink import BrokerOptions
+    from vgw.cloud.cloudkit import CloudKitError
+    from vgw.cloud.cloudlink import BrokerOptions
 
     missing = [n for n in ("ca", "cert", "tls_key") if getattr(args, n) is None]
     if missing:
@@ -120,7 +120,7 @@ def _opts(args: argparse.Namespace) -> Any:
 
 
 def run_keygen(args: argparse.Namespace) -> int:
-    from vgw.simulators.cloudkit import keygen
+    from vgw.cloud.cloudkit import keygen
 
     for path in keygen(args.dir, args.recipient, signer=not args.no_signer, force=args.force):
         print(path)
@@ -128,7 +128,7 @@ def run_keygen(args: argparse.Namespace) -> int:
 
 
 def run_sign(args: argparse.Namespace) -> int:
-    from vgw.simulators.cloudkit import load_grants, load_signing_key, sign_documents
+    from vgw.cloud.cloudkit import load_grants, load_signing_key, sign_documents
 
     key = load_signing_key(args.key)
     desc = load_grants(args.grants)
@@ -149,8 +149,8 @@ def run_sign(args: argparse.Namespace) -> int:
 
 
 def run_push(args: argparse.Namespace) -> int:
-    from vgw.simulators.cloudkit import read_document
-    from vgw.simulators.cloudlink import CloudLink
+    from vgw.cloud.cloudkit import read_document
+    from vgw.cloud.cloudlink import CloudLink
 
     docs = [(read_document(p), p) for p in args.docs]
     link = CloudLink(_opts(args)).connect()
@@ -164,8 +164,8 @@ def run_push(args: argparse.Namespace) -> int:
 
 
 def run_revoke(args: argparse.Namespace) -> int:
-    from vgw.simulators.cloudkit import load_signing_key, read_document, revoke_document
-    from vgw.simulators.cloudlink import CloudLink
+    from vgw.cloud.cloudkit import load_signing_key, read_document, revoke_document
+    from vgw.cloud.cloudlink import CloudLink
 
     key = load_signing_key(args.key)
     current = read_document(args.current, key)
@@ -193,8 +193,8 @@ def run_revoke(args: argparse.Namespace) -> int:
 
 
 def run_listen(args: argparse.Namespace) -> int:
-    from vgw.simulators.cloudkit import load_device_certs, load_recipient_keys
-    from vgw.simulators.cloudlink import CloudLink, Listener
+    from vgw.cloud.cloudkit import load_device_certs, load_recipient_keys
+    from vgw.cloud.cloudlink import CloudLink, Listener
 
     recipients = load_recipient_keys(args.recipient)
     keys = load_device_certs(args.device_cert)
@@ -244,8 +244,8 @@ def run_listen(args: argparse.Namespace) -> int:
 
 
 def run_verify_receipt(args: argparse.Namespace) -> int:
+    from vgw.cloud.cloudkit import load_device_certs, verify_receipt_file
     from vgw.simulators.cloud import ReceiptError
-    from vgw.simulators.cloudkit import load_device_certs, verify_receipt_file
 
     keys = load_device_certs(args.device_cert)
     try:

@@ -16,6 +16,6 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from vgw.demo import run_demo
+    from vgw.tools.demo import run_demo
 
     return run_demo(args.duration, as_json=args.json, keep=args.keep)

@@ -1,6 +1,7 @@
 """`vgw status`: grants in force, outbox rows and bytes per grant, last publish, link state.
 
-``--json`` prints one object (CONTRACT §1: ``device``, ``consent_version``, ``grants``, ``outbox`` at least)
+``--json`` prints one object (README "Running the agent": ``device``, ``consent_version``, ``grants``,
+``outbox`` at least)
 with ``schema_version`` (:data:`SCHEMA_VERSION`, raised when a field changes meaning or moves) and the
 counters as a tree: ``counters.agent`` (name -> n) and ``counters.grants`` (grant -> name -> n, with
 ``by_scope`` for per-scope counts), never flat ``name:grant:scope`` keys.

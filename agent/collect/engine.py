@@ -1,6 +1,6 @@
 """The rule engine of one grant: decoded samples in, in frame-time order; the samples to send out.
 
-:class:`RuleEngine` applies a grant's collection rules (CONTRACT §5.1) before its limits. It is pure and
+:class:`RuleEngine` applies a grant's collection rules (README "Collection rules") before its limits. It is pure and
 stateful: :meth:`RuleEngine.feed` takes one sample ``(path, scope, t, value)`` of the grant and returns the
 samples it lets through now, as ``(path, t, value)``; :meth:`RuleEngine.flush` closes every open periodic and
 aggregate window (end of a trace, shutdown); :meth:`RuleEngine.clear` forgets everything it holds
@@ -106,7 +106,7 @@ class RuleEngine:
         try:
             rule = self._rule_cache[key]
         except KeyError:
-            # A path rule overrides its scope's rule (CONTRACT §5.1).
+            # A path rule overrides its scope's rule (README "Collection rules").
             rule = self._rule_cache[key] = self._by_path.get(path) or self._by_scope.get(scope)
             self._scopes[path] = scope
         if rule is None:
@@ -161,7 +161,7 @@ class RuleEngine:
     def _window(self, rule: Rule, path: str, t: float, value: Any, out: list[Out]) -> None:
         aggregate = rule.mode is Mode.AGGREGATE
         if aggregate and not is_number(value):
-            return  # CONTRACT §5.1: the summary is over numeric samples; no raw sample of the path is sent
+            return  # README "Collection rules": the summary is over numeric samples; no raw sample of the path is sent
         length = rule.window_s if aggregate else rule.period_s
         k = math.floor(t / length)
         held = self._windows.get(path)

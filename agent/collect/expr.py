@@ -1,4 +1,4 @@
-"""The condition language of a ``trigger`` rule (CONTRACT §5.1), parsed by a grammar of our own.
+"""The condition language of a ``trigger`` rule (README "Collection rules"), parsed by a grammar of our own.
 
 Never ``eval``: the text is tokenised by one regular expression and parsed by recursive descent into a small
 tree of frozen nodes, which :class:`Evaluator` walks. Limits are enforced before and while parsing: the text
@@ -24,7 +24,7 @@ does not parse.
 
 Values at run time: a path with no numeric value yet (never received, or a text value) has no value; an
 arithmetic with no value, or a division by zero, has no value; a comparison with no value is false
-(CONTRACT §5.1). ``rising(c)`` is true at an evaluation where ``c`` is true and was false at the previous
+(README "Collection rules"). ``rising(c)`` is true at an evaluation where ``c`` is true and was false at the previous
 one; before the first evaluation ``c`` counts as false (its paths had no value), so a condition already true
 at its first evaluation rises there.
 """
@@ -136,7 +136,7 @@ def parse_condition(text: str) -> Condition:
     """Parse ``text``. Raises :class:`ConditionError` (and nothing else) for any text that is not a condition."""
     if not isinstance(text, str):
         raise ConditionError("condition must be a string")
-    # Size before anything else: a long text must cost nothing (CONTRACT §5.1: at most 256 characters).
+    # Size before anything else: a long text must cost nothing (README "Collection rules": at most 256 characters).
     if len(text) > MAX_CHARS:
         raise ConditionError(f"condition is {len(text)} characters, more than {MAX_CHARS}")
     parser = _Parser(text)
@@ -328,7 +328,7 @@ class Evaluator:
         if isinstance(node, Compare):
             left, right = self._num(node.left, values), self._num(node.right, values)
             if left is None or right is None:
-                return False  # CONTRACT §5.1: a comparison with a path that has no value yet is false
+                return False  # README "Collection rules": a comparison with a path that has no value yet is false
             return _CMP[node.op](left, right)
         if isinstance(node, Logic):
             # Both sides always run, so every rising() inside sees every evaluation (no short-circuit skips).

@@ -1,4 +1,4 @@
-"""Collection rules of a grant (CONTRACT §5.1) as immutable data, and their strict validation.
+"""Collection rules of a grant (README "Collection rules") as immutable data, and their strict validation.
 
 :func:`parse_rules` turns a grant's ``collect`` list (already JSON-decoded) into a tuple of :class:`Rule`, or
 raises :class:`RuleError` whose ``reason`` (a :class:`RuleReason`) names the broken rule. Pure: no I/O. The
@@ -23,7 +23,7 @@ from vgw.collect.vss import VSS_SCOPES
 from vgw.errors import VgwError
 
 MAX_RULES = 64  # at most one per scope (15) and per path; a bound on the work a document can ask for
-MAX_PRE_S = 60.0  # CONTRACT §5.1: the pre-trigger history is memory-only and at most 60 s
+MAX_PRE_S = 60.0  # README "Collection rules": the pre-trigger history is memory-only and at most 60 s
 MAX_DURATION_S = 86_400.0  # heartbeat, period, window, post-trigger window and pause: at most a day
 MAX_DEADBAND = 1e9
 DEFAULT_HEARTBEAT_S = 60.0
@@ -49,7 +49,7 @@ class RuleReason(StrEnum):
 
 
 class RuleError(VgwError):
-    """A collection rule broke CONTRACT §5.1. ``reason`` says which rule; the message names the field."""
+    """A collection rule broke README "Collection rules". ``reason`` says which rule; the message names the field."""
 
     def __init__(self, reason: RuleReason, message: str) -> None:
         super().__init__(message)
@@ -134,7 +134,7 @@ def _rule(item: Any, i: int, scopes: Collection[str]) -> Rule:
         raise RuleError(RuleReason.MODE, f"{where}: mode {mode_name!r} is not one of {', '.join(_MODES)}")
     unknown = set(item) - {"mode", "scope", "path"} - _MODE_KEYS[mode]
     if unknown:
-        # An older agent must never ignore a restriction it cannot enforce (CONTRACT §5, fail closed).
+        # An older agent must never ignore a restriction it cannot enforce (README "Consent document", fail closed).
         raise RuleError(RuleReason.KEY, f"{where}: unknown key(s) {sorted(unknown)} for mode {mode.value!r}")
     scope, path = _target(item, where, scopes)
     where = f"{where} ({path or scope})"
@@ -150,7 +150,7 @@ def _rule(item: Any, i: int, scopes: Collection[str]) -> Rule:
         return Rule(mode, scope, path, window_s=_number(item, "window_s", where, default=None, low=0.0,
                                                         high=MAX_DURATION_S, low_open=True))
     return Rule(mode, scope, path, when=_condition(item.get("when"), where, scopes),
-                # The pre-trigger history is memory: its bound is the memory bound (CONTRACT §5.1).
+                # The pre-trigger history is memory: its bound is the memory bound (README "Collection rules").
                 pre_s=_number(item, "pre_s", where, default=0.0, low=0.0, high=MAX_PRE_S),
                 post_s=_number(item, "post_s", where, default=0.0, low=0.0, high=MAX_DURATION_S),
                 min_interval_s=_number(item, "min_interval_s", where, default=0.0, low=0.0, high=MAX_DURATION_S))

@@ -1,6 +1,6 @@
 """Which consent scope each VSS path of a collection rule belongs to, for judging a document on its own.
 
-A rule or condition that names a path must name one whose scope the same grant holds (CONTRACT §5.1). The
+A rule or condition that names a path must name one whose scope the same grant holds (README "Collection rules"). The
 verifier is pure and device-independent, so it judges paths against this fixed table rather than one
 vehicle's signal map: a path not in it is refused (fail closed: the agent cannot prove such a path stays
 inside the grant). At run time a rule engine additionally sees only the samples the grant's own scopes let

@@ -192,10 +192,10 @@ class ConsentManager:
                     skipped_revoked.setdefault(gid, ver)
         revoked = frozenset(old_active - new_ids) | frozenset(skipped_revoked)
 
-        # 1. Stop collection of dropped grants at once (memory first), and let the new grants store. The new
-        #    terms and the deletion of what they withdraw from stored batches are one outbox transaction
-        #    (CONTRACT §6): no withdrawn row can be published in between, and a batch still in memory under
-        #    the old terms is refused when it is committed.
+        # 1. Stop collection of dropped grants at once (memory first), and let the new grants store. The new terms and
+        #    the deletion of what they withdraw from stored batches are one outbox transaction (README "Telemetry
+        #    envelope"): no withdrawn row can be published in between, and a batch still in memory under the old terms
+        #    is refused when it is committed.
         if revoked and self.on_revoke is not None:
             self.on_revoke(revoked)
         narrowed = self.outbox.apply_terms(_terms(consent.grants, previous=self.active_grants()))
@@ -323,7 +323,7 @@ class ConsentManager:
         if not erasure.key_destroyed:
             # Key and rows are deleted, but a copy is still in the outbox's files (another process holds a read
             # snapshot, so the WAL cannot be checkpointed). No receipt may say the data are gone yet
-            # (CONTRACT §7): the erasure is recorded as pending (on disk, so a restart finishes it too) and its
+            # (README "Receipts"): the erasure is recorded as pending (on disk, so a restart finishes it too) and its
             # receipt is sent by finish_pending_erasures once no copy is found.
             self._audit("erasure-pending", grant=grant_id, batches_deleted=erasure.batches_deleted, reason=reason,
                         why="outbox-busy")
@@ -336,7 +336,7 @@ class ConsentManager:
         self._audit("key-destroyed", grant=grant_id)
         entry = self._audit("erasure-done", grant=grant_id, batches_deleted=batches_deleted, reason=reason)
         # Only now, with memory, rows and key gone and no copy found in any file, is the receipt signed and
-        # queued (CONTRACT §7).
+        # queued (README "Receipts").
         self.outbox.queue_receipt(self._sign("erasure", entry, grant=grant_id, ver=ver,
                                              batches_deleted=batches_deleted, key_destroyed=True,
                                              reason=reason))
@@ -355,9 +355,11 @@ class ConsentManager:
         return done
 
     def _withdrawn(self, w: Withdrawal, *, ver: int) -> None:
-        """Audit and receipt stored batches a narrowed grant withdrew (CONTRACT §6 and §7).
+        """Audit and receipt stored batches a narrowed grant withdrew (README "Narrowing applies to stored data" and
+        "Receipts").
 
-        The receipt is an ``erasure`` with the §7 claims (``batches_deleted``; ``key_destroyed``: the data key
+        The receipt is an ``erasure`` with the claims of README "Receipts" (``batches_deleted``; ``key_destroyed``: the
+        data key
         that sealed them was replaced) plus ``reason`` = ``narrowed``, ``narrowing`` (the kinds), ``scopes``
         (the scopes withdrawn, names only) and ``samples_deleted`` (still-permitted samples of mixed batches
         included). The grant itself stays in force.

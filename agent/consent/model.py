@@ -1,4 +1,4 @@
-"""The consent model (CONTRACT §5) as immutable data, free of JWS and JSON."""
+"""The consent model (README "Consent document") as immutable data, free of JWS and JSON."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ KEM_MLKEM768_X25519 = "MLKEM768-X25519"
 # Raw public key sizes: X25519 (RFC 7748); X-Wing style ML-KEM-768 + X25519 (1184 + 32).
 KEM_PK_LENGTH = {KEM_X25519: 32, KEM_MLKEM768_X25519: 1216}
 
-# Privacy defaults when a grant sets no limits for these scopes (CONTRACT §6, EDPB Guidelines 01/2020).
+# Privacy defaults when a grant sets no limits for these scopes (README "Telemetry envelope", EDPB Guidelines 01/2020).
 DEFAULT_LIMITS: dict[str, tuple[float | None, float | None]] = {
     "read_location": (0.2, 100.0),
     "read_compass": (0.2, None),
@@ -40,7 +40,7 @@ class Grant:
     recipient: Recipient
     limits: dict[str, Limits] = field(default_factory=dict)
     retention_s: int | None = None
-    collect: tuple[Rule, ...] = ()  # collection rules (CONTRACT §5.1); empty: every sample, within limits
+    collect: tuple[Rule, ...] = ()  # collection rules (README "Collection rules"); empty: every sample, within limits
 
     def limits_for(self, scope: str) -> Limits:
         """The limits the device enforces for ``scope``: the grant's, else the privacy default, else none."""
@@ -102,7 +102,7 @@ class Consent:
                     "limits": g.limits_in_force(),
                     "retention_s": g.retention_s,
                     **({"collect": [r.to_json() for r in g.collect]} if g.collect else {}),
-                    # What the app receives, in plain words (CONTRACT §5.1 rules, then limits).
+                    # What the app receives, in plain words (collection rules, then limits).
                     "receives": describe_grant(g.scopes, g.collect, g.limits_in_force()),
                     "kem": g.recipient.kem,
                     "expires": self.exp,

@@ -1,4 +1,4 @@
-"""What a new consent document withdraws from a grant that stays in force (CONTRACT §6, README "Narrowing").
+"""What a new consent document withdraws from a grant that stays in force (README "Narrowing applies to stored data").
 
 Pure: two :class:`Grant` values in, a :class:`Narrowing` out; no I/O. The outbox uses the result to delete
 the stored batches that hold withdrawn data, since a sealed batch cannot be re-filtered on the device.
@@ -9,7 +9,7 @@ when its grant
   * tightened a limit of one of the batch's scopes: a lower ``max_hz``, a coarser ``precision_m``, or a limit
     where there was none (``limit-tightened``);
   * changed its recipient key, controller, purpose or any other term this agent cannot compare: every batch
-    (``recipient-changed`` / ``terms-changed``; fail closed, as CONTRACT §5 does for unknown keys);
+    (``recipient-changed`` / ``terms-changed``; fail closed, as README "Consent document" does for unknown keys);
   * shortened ``retention_s``: the batches older than the new retention (``retention-shortened``).
 Loosening (a higher ``max_hz``, a new scope, a longer retention) withdraws nothing.
 """

@@ -1,6 +1,6 @@
 """The consent verifier: bytes and a clock in, a verified :class:`Consent` or a specific error out.
 
-No I/O, no MQTT, no disk. Every rule of CONTRACT §5 is one visible check below, with the attack it blocks.
+No I/O, no MQTT, no disk. Every rule of README "Consent document" is one visible check below, with the attack it blocks.
 Any failure rejects the whole document; the caller keeps the consent in force.
 """
 
@@ -25,12 +25,12 @@ from vgw.timefmt import LATEST_TIME
 MAX_DOCUMENT_BYTES = 64 * 1024  # enforced before any parsing: a huge document is a memory/CPU attack
 MAX_GRANTS = 64
 MAX_SCOPES_PER_GRANT = len(SCOPES)
-IAT_SKEW_S = 300  # CONTRACT §5: iat - 300 s <= now
+IAT_SKEW_S = 300  # README "Consent document": iat - 300 s <= now
 EARLIEST_TIME = 946_684_800  # 2000-01-01 00:00:00 UTC: no genuine consent document is older
 CONSENT_TYP = "vgw-consent+jwt"
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
-# Every key a grant and a limit may carry (CONTRACT §5, §5.1). Anything else rejects the document: a
-# restriction this agent cannot enforce must never be silently ignored (fail closed).
+# Every key a grant and a limit may carry (README "Consent document" and "Collection rules"). Anything else rejects the
+# document: a restriction this agent cannot enforce must never be silently ignored (fail closed).
 GRANT_KEYS = frozenset({"id", "controller", "purpose", "scopes", "limits", "retention_s", "recipient", "collect"})
 LIMIT_KEYS = frozenset({"max_hz", "precision_m"})
 RECIPIENT_KEYS = frozenset({"kem", "pk"})
@@ -238,7 +238,7 @@ def _grants(raw: Any, ver: int) -> tuple[Grant, ...]:
             raise _reject(ClaimsError, "claims",
                           f"consent v{ver} rejected: grant {gid!r} retention_s must be a positive integer", ver)
         recipient = _recipient(g.get("recipient"), ver, gid)
-        # Collection rules (CONTRACT §5.1): one bad rule rejects the whole document, like any other rule.
+        # Collection rules (README "Collection rules"): one bad rule rejects the whole document, like any other rule.
         try:
             collect = parse_rules(g.get("collect"), scopes)
         except RuleError as exc:

@@ -1,4 +1,4 @@
-"""The telemetry envelope (CONTRACT §6).
+"""The telemetry envelope (README "Telemetry envelope").
 
 ``payload = 0x01 || enc || ct``: RFC 9180 HPKE single-shot seal, base mode, to the grant's recipient key;
 suite DHKEM(X25519, HKDF-SHA256) / HKDF-SHA256 / AES-256-GCM (or the MLKEM768-X25519 hybrid KEM when the
@@ -46,7 +46,7 @@ def hpke_info(device: str, grant: str) -> bytes:
 
 
 def batch_plaintext(device: str, grant: str, seq: int, samples: Sequence[dict[str, Any]], *, epoch: str) -> bytes:
-    """The version 1 plaintext (CONTRACT §6). ``epoch`` is the outbox's: receivers de-duplicate on
+    """The version 1 plaintext (README "Telemetry envelope"). ``epoch`` is the outbox's: receivers de-duplicate on
     (device, grant, epoch, seq), so a wiped device that starts ``seq`` at 1 again is not taken for a replay."""
     doc = {"v": 1, "device": device, "grant": grant, "seq": seq, "epoch": epoch, "samples": list(samples)}
     return zlib.compress(json.dumps(doc, separators=(",", ":"), allow_nan=False).encode("utf-8"), 6)

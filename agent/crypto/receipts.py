@@ -1,4 +1,4 @@
-"""Receipts (CONTRACT §7): compact JWS, ES256, signed with the private key of the device's TLS client cert."""
+"""Receipts (README "Receipts"): compact JWS, ES256, signed with the private key of the device's TLS client cert."""
 
 from __future__ import annotations
 

@@ -41,26 +41,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from vgw.errors import SourceOpenError, SourceReadError
+from vgw.obd.protocols import PROTOCOL_NAMES
 from vgw.obd.request import ObdRequest, build_request
 
 log = logging.getLogger("vgw.obd.elm327")
 
 BAUD_CANDIDATES = (38400, 9600, 115200, 57600, 230400, 500000)
 FALLBACK_PROTOCOLS = ("6", "8", "1", "7", "9", "2", "3", "4", "5", "A")
-PROTOCOL_NAMES = {
-    "1": "SAE J1850 PWM",
-    "2": "SAE J1850 VPW",
-    "3": "ISO 9141-2",
-    "4": "ISO 14230-4 (KWP 5BAUD)",
-    "5": "ISO 14230-4 (KWP FAST)",
-    "6": "ISO 15765-4 (CAN 11/500)",
-    "7": "ISO 15765-4 (CAN 29/500)",
-    "8": "ISO 15765-4 (CAN 11/250)",
-    "9": "ISO 15765-4 (CAN 29/250)",
-    "A": "SAE J1939 (CAN 29/250)",
-    "B": "USER1 CAN (11* /125)",
-    "C": "USER2 CAN (11* /50)",
-}
 CAN_PROTOCOLS = frozenset("6789ABC")
 CAN_29BIT = frozenset("79A")
 KNOWN_CLONE_VERSIONS = ("v2.1",)  # the firmware string of the common PIC18 clones

@@ -1,6 +1,6 @@
 """The OBD-II PID catalogue: service 01 PIDs, the VIN and DTC readings vgw knows.
 
-Every entry names its COVESA VSS 6.0 path, the consent scope that permits it (CONTRACT §3), its unit and
+Every entry names its COVESA VSS 6.0 path, the consent scope that permits it (README "Scopes"), its unit and
 its SAE J1979 (ISO 15031-5) decoding formula. A PID that is not in this table is never requested. Scope
 choices follow ``dbc/signals.toml``: engine operating data (rpm, coolant and intake temperature, load,
 throttle, run time, module voltage, MIL) are what a diagnostic tool reads, so they sit under

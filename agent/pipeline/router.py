@@ -7,7 +7,7 @@ single dict miss, before any decoding. A frame is keyed by (id, is_extended): th
 extended id 0x123 are different frames on the bus (ISO 11898-1 base and extended format), so a DBC message of
 one format is never decoded from a frame of the other.
 
-Policy per grant and path (CONTRACT §6, issue "consent guarantees"):
+Policy per grant and path (README "Telemetry envelope", docs/guarantees.md):
   * ``max_hz``: a sample is kept only if at least 1/max_hz s (frame time) passed since the last kept one.
   * ``precision_m``: latitude/longitude are snapped to a grid of that size before anything is stored.
   * defaults for read_location (0.2 Hz, 100 m) and read_compass (0.2 Hz) when the grant sets none.
@@ -129,7 +129,7 @@ class Router:
 class Pipeline:
     """Decodes frames through the current router into per-grant batches.
 
-    Collection rules (CONTRACT §5.1) apply before the limits: a grant with ``collect`` has a rule engine
+    Collection rules (README "Collection rules") apply before the limits: a grant with ``collect`` has a rule engine
     (vgw.collect.engine) on its batch, fed every decoded sample of the grant; only what the engine lets
     through meets the limits. A grant without rules takes exactly the path it always did.
 

@@ -1,7 +1,7 @@
 """Replay of a recorded trace (anything ``can.LogReader`` reads) as if it came from a bus.
 
 ``rate`` 1.0 keeps the original timing, 2.0 plays twice as fast, 0 as fast as possible. Frame times stay the
-ones recorded in the trace (CONTRACT §6). ``loop`` starts over at the end.
+ones recorded in the trace (README "Telemetry envelope"). ``loop`` starts over at the end.
 
 Damaged traces (docs/guarantees.md, "Damaged files"): a trace is read once, from start to end, and never
 re-read from the start because of damage (that sent the same frame times again under new seqs).

@@ -1,4 +1,4 @@
-"""`vgw bench`: :func:`run_bench`, every phase in order (see :mod:`vgw.bench`), around one private broker."""
+"""`vgw bench`: :func:`run_bench`, every phase in order (see :mod:`vgw.tools.bench`), around one private broker."""
 
 from __future__ import annotations
 
@@ -10,16 +10,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vgw.bench.child import _config_text, _run_child
-from vgw.bench.decode import bench_decode
-from vgw.bench.latency import _latencies
-from vgw.bench.options import _PRIVACY_SCOPES, DEVICE, TYPICAL_SCOPES, BenchOptions
-from vgw.bench.report import Progress, _cpu_name, _targets
-from vgw.bench.revocation import bench_revocation
-from vgw.bench.trace import frame_source, synthetic_signal_map, write_trace
 from vgw.config import BatchConfig
 from vgw.errors import ConfigError, VgwError
 from vgw.logs import quieted
+from vgw.tools.bench.child import _config_text, _run_child
+from vgw.tools.bench.decode import bench_decode
+from vgw.tools.bench.latency import _latencies
+from vgw.tools.bench.options import _PRIVACY_SCOPES, DEVICE, TYPICAL_SCOPES, BenchOptions
+from vgw.tools.bench.report import Progress, _cpu_name, _targets
+from vgw.tools.bench.revocation import bench_revocation
+from vgw.tools.bench.trace import frame_source, synthetic_signal_map, write_trace
 
 # ---------------------------------------------------------------- orchestration
 
@@ -27,10 +27,11 @@ from vgw.logs import quieted
 def run_bench(opts: BenchOptions, progress: Progress | None = None) -> dict[str, Any]:
     """Run every phase; return the results (see module docstring)."""
     from vgw.catalogue import load_dbc
+    from vgw.cloud.consent_authority import RecipientKey, SigningKey, consent_claims, grant, sign_consent
     from vgw.consent.store import ConsentStore
     from vgw.scopes import SCOPES
     from vgw.simulators.broker import Mosquitto, MosquittoNotFound
-    from vgw.simulators.cloud import CloudPeer, RecipientKey, SigningKey, consent_claims, grant, sign_consent
+    from vgw.simulators.cloud import CloudPeer
     from vgw.simulators.paths import default_dbc, default_signal_map
     from vgw.simulators.pki import TestPKI
 

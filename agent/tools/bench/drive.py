@@ -1,4 +1,5 @@
-"""`vgw bench --drive-cycle`: bytes sent per hour per grant under each collection mode (CONTRACT §5.1) against
+"""`vgw bench --drive-cycle`: bytes sent per hour per grant under each collection mode (README "Collection rules")
+against
 streaming every sample, on the demo vehicle's simulated drive (simulators/vehicle.py).
 
 One pass over the drive, in simulated time (no waiting, no broker): the frames go through the real pipeline

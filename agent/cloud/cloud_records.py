@@ -1,4 +1,5 @@
-"""What the reference cloud peer received, and how a received message becomes a record. No MQTT, no I/O.
+"""What a cloud receiver (``vgw cloud listen``, the reference cloud peer) received, and how a received message
+becomes a record. No MQTT, no I/O.
 
 - records: :class:`ReceivedBatch`, :class:`ReceivedSample`, :class:`RejectedMessage`, :class:`Receipt`,
   :class:`BadReceipt`;
@@ -21,9 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
-from vgw.simulators.consent_authority import HpkePrivateKey, RecipientKey
-from vgw.simulators.envelopes import EnvelopeError, ReceiptError, open_envelope, verify_receipt
-from vgw.simulators.pki import device_public_key_from_cert
+from vgw.cloud.consent_authority import HpkePrivateKey, RecipientKey
+from vgw.cloud.envelopes import EnvelopeError, ReceiptError, open_envelope, verify_receipt
+from vgw.crypto.certs import device_public_key_from_cert
 
 __all__ = [
     "BadReceipt",
@@ -48,7 +49,8 @@ class ReceivedBatch:
     samples: tuple[dict[str, Any], ...]
     arrived: float
     size: int
-    epoch: str = ""  # the outbox epoch (§6): (epoch, seq) identifies a batch, seq alone does not
+    # the outbox epoch (README "Telemetry envelope"): (epoch, seq) identifies a batch, seq alone does not
+    epoch: str = ""
 
 
 @dataclass(frozen=True)
@@ -172,8 +174,8 @@ class CloudRecorder:
         record = ReceivedBatch(device, grant_id, seq, tuple(batch["samples"]), arrived, len(payload), epoch)
         with self._cond:
             stream = self._streams.setdefault((device, grant_id), _Stream())
-            # An (epoch, seq) seen before is a QoS 1 re-delivery (or a replay): drop the copy (§6). The same
-            # seq in another epoch is new data: a wiped or re-provisioned device starts again at 1.
+            # An (epoch, seq) seen before is a QoS 1 re-delivery (or a replay): drop the copy (README "Telemetry
+            # envelope"). The same seq in another epoch is new data: a wiped or re-provisioned device starts again at 1.
             if (epoch, seq) in stream.seen:
                 stream.duplicates += 1
             else:
@@ -279,7 +281,7 @@ class CloudRecorder:
 
     def missing(self, device: str, grant: str, first: int = 1, *, epoch: str | None = None) -> list[int]:
         """Seqs in ``first`` .. highest seen that never arrived (data lost). ``seq`` starts at 1 per epoch
-        (§6); ``epoch`` defaults to the one of the newest accepted batch."""
+        (README "Telemetry envelope"); ``epoch`` defaults to the one of the newest accepted batch."""
         with self._lock:
             stream = self._streams.get((device, grant))
             want = stream.epoch if stream is not None and epoch is None else epoch

@@ -1,13 +1,14 @@
-"""The consent authority of the reference cloud peer: its keys and its documents (CONTRACT §5). No I/O but key files.
+"""The consent authority of ``vgw cloud`` and the reference cloud peer: its keys and its documents (README
+"Consent document"). No I/O but key files.
 
 - :class:`SigningKey`: an Ed25519 consent signing key (make several for rotation);
 - :class:`RecipientKey` / :func:`recipient_public_key`: the HPKE recipient key a grant names (X25519, or
-  ``MLKEM768-X25519`` as an extension beyond §5);
+  ``MLKEM768-X25519`` as an extension beyond the contract);
 - :func:`grant`, :func:`consent_claims`, :func:`sign_consent`: a consent document as a compact JWS (``alg``
   EdDSA, ``typ`` ``vgw-consent+jwt``);
 - :func:`b64url` / :func:`b64url_decode`: base64url without padding (RFC 7515 §2).
 
-Sealing and opening envelopes with these keys is :mod:`vgw.simulators.envelopes`; the online peer is
+Sealing and opening envelopes with these keys is :mod:`vgw.cloud.envelopes`; the online peer is
 :mod:`vgw.simulators.cloud`, which re-exports every name here.
 """
 
@@ -130,7 +131,7 @@ class SigningKey:
 class RecipientKey:
     """An HPKE recipient key pair of one grant/controller.
 
-    ``kem`` is ``"X25519"`` (CONTRACT §5-6) or ``"MLKEM768-X25519"`` (hybrid post-quantum; an extension the
+    ``kem`` is ``"X25519"`` (README "Consent document") or ``"MLKEM768-X25519"`` (hybrid post-quantum; an extension the
     contract does not yet name, public key = ML-KEM-768 public key (1184 B) || X25519 public key (32 B)).
     """
 
@@ -187,7 +188,7 @@ def recipient_public_key(recipient: Mapping[str, Any]) -> HpkePublicKey:
     raise ValueError(f"recipient.kem {kem!r} is not supported")
 
 
-# ---------------------------------------------------------------- consent documents (§5)
+# ---------------------------------------------------------------- consent documents
 
 
 def grant(
@@ -231,7 +232,8 @@ def consent_claims(
     exp: int | None = None,
     iss: str = "consent-service",
 ) -> dict[str, Any]:
-    """The claims of a consent document (§5). ``iat`` defaults to now, ``exp`` to ``iat`` + 1 day."""
+    """The claims of a consent document (README "Consent document"). ``iat`` defaults to now, ``exp`` to ``iat`` + 1
+    day."""
     issued = int(time.time()) if iat is None else iat
     return {
         "iss": iss,
@@ -250,7 +252,7 @@ def sign_consent(
     headers: Mapping[str, Any] | None = None,
     algorithm: str = "EdDSA",
 ) -> str:
-    """Sign ``claims`` as a compact JWS: ``alg`` EdDSA, ``typ`` ``vgw-consent+jwt`` (§5).
+    """Sign ``claims`` as a compact JWS: ``alg`` EdDSA, ``typ`` ``vgw-consent+jwt`` (README "Consent document").
 
     ``headers`` override or add header fields (``{"typ": None}`` removes ``typ``); ``algorithm`` and a
     non-Ed25519 ``key`` exist for attack tests. Raises PyJWT's errors for an unusable key/algorithm pair.

@@ -109,10 +109,11 @@ class _Screen:
 def run_demo(duration: float = 20.0, *, as_json: bool = False, out: IO[str] | None = None,
              keep: Path | None = None) -> int:
     """Run the demo for ``duration`` seconds. Returns 0 if every guarantee held, 1 otherwise."""
+    from vgw.cloud.consent_authority import RecipientKey, SigningKey, consent_claims, grant, sign_consent
     from vgw.runtime import Agent
     from vgw.simulators.broker import Mosquitto, MosquittoNotFound
     from vgw.simulators.can_sim import CanSimulator, open_output
-    from vgw.simulators.cloud import CloudPeer, RecipientKey, SigningKey, consent_claims, grant, sign_consent
+    from vgw.simulators.cloud import CloudPeer
     from vgw.simulators.paths import default_dbc, default_signal_map
     from vgw.simulators.pki import TestPKI
     from vgw.simulators.vehicle import VehicleModel

@@ -1,6 +1,6 @@
-"""The mutual-TLS paho client every simulated cloud or device party uses: TLS >= 1.2 with the CA and a client
-certificate, MQTT 5 or 3.1.1 (the NATS server speaks only 3.1.1; its session is kept with
-clean_session=False)."""
+"""The mutual-TLS paho client of ``vgw cloud`` and of every simulated cloud or device party: TLS >= 1.2 with
+the CA and a client certificate, MQTT 5 or 3.1.1 (the NATS server speaks only 3.1.1; its session is kept
+with clean_session=False)."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from vgw.bench.report import Progress
+from vgw.tools.bench.report import Progress
 
 _CHUNK = 20_000
 

@@ -1,4 +1,4 @@
-"""`vgw bench`: the pipeline benchmark (issue 7), with the real components on one machine.
+"""`vgw bench`: the pipeline benchmark, with the real components on one machine.
 
 Phases, in one run:
 
@@ -22,27 +22,27 @@ Raises :class:`~vgw.errors.VgwError` when a part cannot start (no mosquitto, bad
 
 Modules, in the order of a run:
 
-- :mod:`vgw.bench.options`: :class:`BenchOptions`, the bench device and the grants' scopes;
-- :mod:`vgw.bench.trace`: phase 1, the candump trace and, for a foreign DBC, the synthetic signal map;
-- :mod:`vgw.bench.decode`: phase 2, the cantools baseline and the naive agent;
-- :mod:`vgw.bench.child`: phases 3 and 4, the agent in a child process and its timings;
-- :mod:`vgw.bench.latency`: phase 4, frame-to-arrival latency at the cloud peer;
-- :mod:`vgw.bench.revocation`: phase 5;
-- :mod:`vgw.bench.run`: :func:`run_bench`, every phase in order with the broker, PKI and consent documents;
-- :mod:`vgw.bench.report`: the progress bar, the targets and the human-readable table.
+- :mod:`vgw.tools.bench.options`: :class:`BenchOptions`, the bench device and the grants' scopes;
+- :mod:`vgw.tools.bench.trace`: phase 1, the candump trace and, for a foreign DBC, the synthetic signal map;
+- :mod:`vgw.tools.bench.decode`: phase 2, the cantools baseline and the naive agent;
+- :mod:`vgw.tools.bench.child`: phases 3 and 4, the agent in a child process and its timings;
+- :mod:`vgw.tools.bench.latency`: phase 4, frame-to-arrival latency at the cloud peer;
+- :mod:`vgw.tools.bench.revocation`: phase 5;
+- :mod:`vgw.tools.bench.run`: :func:`run_bench`, every phase in order with the broker, PKI and consent documents;
+- :mod:`vgw.tools.bench.report`: the progress bar, the targets and the human-readable table.
 
-Every public name is re-exported here: ``from vgw.bench import run_bench`` etc.
+Every public name is re-exported here: ``from vgw.tools.bench import run_bench`` etc.
 """
 
 from __future__ import annotations
 
-from vgw.bench.child import child_main
-from vgw.bench.decode import bench_decode
-from vgw.bench.options import DEVICE, TYPICAL_SCOPES, BenchOptions
-from vgw.bench.report import Progress, format_table
-from vgw.bench.revocation import bench_revocation
-from vgw.bench.run import run_bench
-from vgw.bench.trace import frame_source, synthetic_signal_map, write_trace
+from vgw.tools.bench.child import child_main
+from vgw.tools.bench.decode import bench_decode
+from vgw.tools.bench.options import DEVICE, TYPICAL_SCOPES, BenchOptions
+from vgw.tools.bench.report import Progress, format_table
+from vgw.tools.bench.revocation import bench_revocation
+from vgw.tools.bench.run import run_bench
+from vgw.tools.bench.trace import frame_source, synthetic_signal_map, write_trace
 
 __all__ = [
     "DEVICE",

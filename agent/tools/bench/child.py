@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vgw.bench.options import DEVICE
-from vgw.bench.report import Progress
 from vgw.errors import VgwError
+from vgw.tools.bench.options import DEVICE
+from vgw.tools.bench.report import Progress
 
 # ---------------------------------------------------------------- the agent in a child process
 
@@ -144,8 +144,8 @@ def _thread_cpu() -> dict[str, float]:
 
 
 def _run_child(config: Path, frames: int, progress: Progress, timeout: float) -> dict[str, Any]:
-    cmd = [sys.executable, "-c", "import sys; from vgw.bench import child_main; sys.exit(child_main(sys.argv[1]))",
-           str(config)]
+    code = "import sys; from vgw.tools.bench import child_main; sys.exit(child_main(sys.argv[1]))"
+    cmd = [sys.executable, "-c", code, str(config)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     status_file = None
     deadline = time.monotonic() + timeout

@@ -1,8 +1,8 @@
 """The cloud's MQTT side for ``vgw cloud``: :class:`CloudLink` (one mutual-TLS connection, MQTT 5 or 3.1.1)
 and :class:`Listener` (messages -> JSON-ready events: decrypted batches, duplicates, seq gaps, verified
-receipts, status, rejects). Keys, documents and receipt files are in :mod:`vgw.simulators.cloudkit`.
+receipts, status, rejects). Keys, documents and receipt files are in :mod:`vgw.cloud.cloudkit`.
 
-Errors: :class:`~vgw.errors.UplinkError` (broker refused or silent), :class:`vgw.simulators.cloudkit.CloudKitError`
+Errors: :class:`~vgw.errors.UplinkError` (broker refused or silent), :class:`vgw.cloud.cloudkit.CloudKitError`
 (unusable TLS files or options).
 """
 
@@ -19,10 +19,11 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric import ec
+from vgw.cloud.cloudkit import CloudKitError
+from vgw.cloud.consent_authority import HpkePrivateKey
+from vgw.cloud.envelopes import EnvelopeError, ReceiptError, open_envelope, verify_receipt
+from vgw.cloud.mqttclient import make_client, tls_context
 from vgw.errors import UplinkError
-from vgw.simulators.cloud import EnvelopeError, HpkePrivateKey, ReceiptError, open_envelope, verify_receipt
-from vgw.simulators.cloudkit import CloudKitError
-from vgw.simulators.mqttclient import make_client, tls_context
 
 __all__ = ["BrokerOptions", "CloudLink", "Listener"]
 
@@ -200,7 +201,8 @@ class CloudLink:
 
 @dataclass
 class _Stream:
-    seen: set[tuple[str, int]] = field(default_factory=set)  # (epoch, seq): §6 de-duplication key
+    # (epoch, seq): de-duplication key (README "Telemetry envelope")
+    seen: set[tuple[str, int]] = field(default_factory=set)
     high: dict[str, int] = field(default_factory=dict)  # per epoch
     duplicates: int = 0
     epoch: str = ""  # of the newest accepted batch
@@ -280,8 +282,8 @@ class Listener:
         events: list[dict[str, Any]] = []
         with self._lock:
             st = self._streams.setdefault((device, grant), _Stream())
-            # De-duplicate on (epoch, seq) (§6): a wiped or re-provisioned device starts a new epoch at seq 1,
-            # which is new data, not a re-delivery.
+            # De-duplicate on (epoch, seq) (README "Telemetry envelope"): a wiped or re-provisioned device starts a new
+            # epoch at seq 1, which is new data, not a re-delivery.
             if (epoch, seq) in st.seen:
                 st.duplicates += 1
                 events.append({"type": "duplicate", "device": device, "grant": grant, "epoch": epoch, "seq": seq,

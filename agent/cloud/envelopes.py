@@ -1,14 +1,14 @@
-"""Telemetry envelopes (CONTRACT §6) and receipts (§7) on the cloud side. No I/O.
+"""Telemetry envelopes (README "Telemetry envelope") and receipts (README "Receipts") on the cloud side. No I/O.
 
 - :func:`seal_envelope` / :func:`open_envelope`: ``0x01 || enc || ct``, HPKE base mode to a grant's
-  :class:`~vgw.simulators.consent_authority.RecipientKey`, ``info`` bound to device and grant;
+  :class:`~vgw.cloud.consent_authority.RecipientKey`, ``info`` bound to device and grant;
 - :func:`verify_receipt`: a receipt is an ES256 compact JWS under the device certificate's key.
 
 Errors::
 
     VgwError
-     +-- EnvelopeError     a telemetry envelope failed a rule of §6 (``reason`` says which)
-     +-- ReceiptError      a receipt is not a valid ES256 JWS of its device (§7)
+     +-- EnvelopeError     an envelope broke a rule of README "Telemetry envelope" (``reason``)
+     +-- ReceiptError      a receipt is not a valid ES256 JWS of its device (README "Receipts")
 
 :mod:`vgw.simulators.cloud` re-exports every name here.
 """
@@ -23,8 +23,8 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, x25519
 from cryptography.hazmat.primitives.hpke import AEAD, KDF, KEM, Suite
+from vgw.cloud.consent_authority import HpkePrivateKey, HpkePublicKey, RecipientKey
 from vgw.errors import VgwError
-from vgw.simulators.consent_authority import HpkePrivateKey, HpkePublicKey, RecipientKey
 
 __all__ = [
     "ENVELOPE_VERSION",
@@ -41,7 +41,8 @@ __all__ = [
 ENVELOPE_VERSION = 0x01
 MAX_PLAINTEXT = 4 * 1024 * 1024  # decompression bound: a hostile zlib stream must not exhaust memory
 RECEIPT_LEEWAY_S = 300
-MAX_EPOCH = 64  # the epoch is a short random string (§6); a receiver keys its de-duplication on it
+# the epoch is a short random string (README "Telemetry envelope"); a receiver keys its de-duplication on it
+MAX_EPOCH = 64
 _SUITES = {
     "X25519": Suite(KEM.X25519, KDF.HKDF_SHA256, AEAD.AES_256_GCM),
     "MLKEM768-X25519": Suite(KEM.MLKEM768_X25519, KDF.HKDF_SHA256, AEAD.AES_256_GCM),
@@ -50,7 +51,8 @@ _ENC_LEN = {"X25519": 32, "MLKEM768-X25519": 1088 + 32}
 
 
 class EnvelopeError(VgwError):
-    """A telemetry envelope broke CONTRACT §6; ``reason`` is a short tag (version, hpke, zlib, json, ...)."""
+    """A telemetry envelope broke README "Telemetry envelope"; ``reason`` is a short tag (version, hpke, zlib, json,
+    ...)."""
 
     def __init__(self, message: str, reason: str) -> None:
         super().__init__(message)
@@ -58,11 +60,11 @@ class EnvelopeError(VgwError):
 
 
 class ReceiptError(VgwError):
-    """A receipt is not a valid compact JWS signed ES256 by the device it names (CONTRACT §7)."""
+    """A receipt is not a valid compact JWS signed ES256 by the device it names (README "Receipts")."""
 
 
 
-# ---------------------------------------------------------------- envelopes (§6) and receipts (§7)
+# ---------------------------------------------------------------- envelopes and receipts
 
 
 def envelope_info(device: str, grant_id: str) -> bytes:
@@ -79,7 +81,7 @@ def _kem_of(key: HpkePrivateKey | HpkePublicKey) -> str:
 def seal_envelope(
     batch: Mapping[str, Any], recipient: RecipientKey | HpkePublicKey, device: str, grant_id: str
 ) -> bytes:
-    """Reference sealer: ``0x01 || enc || ct`` of zlib(JSON(batch)) to ``recipient`` (§6).
+    """Reference sealer: ``0x01 || enc || ct`` of zlib(JSON(batch)) to ``recipient`` (README "Telemetry envelope").
 
     For simulators and tests; the agent has its own. Raises ``TypeError``/``ValueError`` for unserialisable
     batches.
@@ -93,7 +95,7 @@ def seal_envelope(
 def open_envelope(
     payload: bytes, recipient_sk: HpkePrivateKey | RecipientKey, device: str, grant_id: str
 ) -> dict[str, Any]:
-    """Open a telemetry envelope of ``device``/``grant_id`` (§6) and return the batch object.
+    """Open a telemetry envelope of ``device``/``grant_id`` (README "Telemetry envelope") and return the batch object.
 
     Checks, in order: version byte 0x01; HPKE open (base mode, ``info`` bound to device and grant, so an
     envelope replayed onto another device's or grant's topic fails); zlib within ``MAX_PLAINTEXT``; a JSON
@@ -136,7 +138,8 @@ def open_envelope(
     seq = batch.get("seq")
     if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
         raise EnvelopeError(f"{where}: seq must be an integer >= 1, got {seq!r}", "schema")
-    # The outbox epoch (§6, since contract 1.1); an agent before 1.1 sends none: its epoch is "".
+    # The outbox epoch (README "Telemetry envelope", since contract 1.1); an agent before 1.1 sends none: its epoch is
+    # "".
     epoch = batch.get("epoch", "")
     if not isinstance(epoch, str) or len(epoch) > MAX_EPOCH:
         raise EnvelopeError(f"{where}: epoch must be a string of at most {MAX_EPOCH} characters", "schema")
@@ -152,7 +155,8 @@ def open_envelope(
 def verify_receipt(
     token: str, public_key: ec.EllipticCurvePublicKey, *, device: str | None = None
 ) -> dict[str, Any]:
-    """Verify a receipt (§7): compact JWS, ES256 only, under the device certificate's key; return its claims.
+    """Verify a receipt (README "Receipts"): compact JWS, ES256 only, under the device certificate's key; return its
+    claims.
 
     Requires ``typ``, ``sub`` and ``iat`` (``iat`` at most 300 s in the future); if ``device`` is given,
     ``sub`` must equal it. Raises :class:`ReceiptError` naming the failed rule.

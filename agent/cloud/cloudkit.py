@@ -1,15 +1,16 @@
 """The cloud integration kit behind ``vgw cloud``: keys, consent documents, push, revoke, listen, receipts.
 
-Everything the cloud side of CONTRACT §4-§7 needs, as small functions over :mod:`vgw.simulators.cloud`'s
-primitives (which stay the one implementation of JWS signing, HPKE and receipt verification):
+Everything the cloud side of README "The contract, in our words" needs, as small functions over the primitives
+of :mod:`vgw.cloud.consent_authority` and :mod:`vgw.cloud.envelopes` (the one implementation of JWS signing,
+HPKE and receipt verification on the cloud side, which the reference cloud peer uses too):
 
 - :func:`keygen`: the consent signing key (Ed25519) and one HPKE recipient key pair per controller;
 - :func:`load_grants` / :func:`sign_documents`: a consent document per device from a TOML or JSON grants
   description; :func:`revoke_document`: the next version without some (or all) grants;
 - :func:`verify_receipt_file`.
 
-The MQTT side (:class:`~vgw.simulators.cloudlink.CloudLink`, :class:`~vgw.simulators.cloudlink.Listener`) is in
-:mod:`vgw.simulators.cloudlink`.
+The MQTT side (:class:`~vgw.cloud.cloudlink.CloudLink`, :class:`~vgw.cloud.cloudlink.Listener`) is in
+:mod:`vgw.cloud.cloudlink`.
 
 Errors: :class:`CloudKitError` (a ``ConfigError``: bad key file, description, document or option, with the
 file and field named), :class:`~vgw.errors.UplinkError` (broker), :class:`~vgw.simulators.cloud.ReceiptError`.
@@ -28,20 +29,19 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, x25519
-from vgw.collect.rules import RuleError, parse_rules
-from vgw.errors import ConfigError
-from vgw.scopes import SCOPES
-from vgw.simulators.cloud import (
+from vgw.cloud.consent_authority import (
     HpkePrivateKey,
-    ReceiptError,
     RecipientKey,
     SigningKey,
     consent_claims,
     recipient_public_key,
     sign_consent,
-    verify_receipt,
 )
-from vgw.simulators.pki import device_id_from_cert, device_public_key_from_cert
+from vgw.cloud.envelopes import ReceiptError, verify_receipt
+from vgw.collect.rules import RuleError, parse_rules
+from vgw.crypto.certs import device_id_from_cert, device_public_key_from_cert
+from vgw.errors import ConfigError
+from vgw.scopes import SCOPES
 
 __all__ = [
     "CloudKitError",
@@ -201,7 +201,7 @@ def load_grants(path: Path) -> dict[str, Any]:
         recipient = "keys/recipients/fleet.pub.json"   # a keygen .pub.json (relative to this file) or {kem, pk}
         retention_s = 86400                # optional
         limits = { read_location = { max_hz = 0.2, precision_m = 1000 } }   # optional
-        [[grant.collect]]                  # optional collection rules (CONTRACT §5.1), one table per rule
+        [[grant.collect]]                  # optional collection rules (README "Collection rules"), one table per rule
         scope = "read_speedometer"
         mode = "aggregate"
         window_s = 60
@@ -237,7 +237,7 @@ def load_grants(path: Path) -> dict[str, Any]:
             raise CloudKitError(f"{where}: scopes must be a non-empty list of strings")
         bad = [s for s in scopes if s not in SCOPES]
         if bad:
-            raise CloudKitError(f"{where}: scope {bad[0]!r} is not a known read scope (CONTRACT §3)")
+            raise CloudKitError(f"{where}: scope {bad[0]!r} is not a known read scope (README 'Scopes')")
         recipient = g.get("recipient")
         if isinstance(recipient, str):
             rpath = (path.parent / recipient) if not Path(recipient).is_absolute() else Path(recipient)
@@ -288,8 +288,8 @@ def load_grants(path: Path) -> dict[str, Any]:
 def default_version(now: float | None = None) -> int:
     """A version that rises without a counter to keep: Unix time in milliseconds.
 
-    The device accepts only a version greater than the one in force (§5), so two documents signed by
-    different consent-service replicas in order still apply in order.
+    The device accepts only a version greater than the one in force (README "Consent document"), so two documents signed
+    by different consent-service replicas in order still apply in order.
     """
     return int((time.time() if now is None else now) * 1000)
 

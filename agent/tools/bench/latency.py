@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vgw.bench.options import DEVICE
+from vgw.tools.bench.options import DEVICE
 
 
 def _percentile(values: list[float], q: float) -> float:

@@ -9,9 +9,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from vgw.bench.options import _PRIVACY_SCOPES
-from vgw.bench.report import Progress
 from vgw.errors import ConfigError
+from vgw.tools.bench.options import _PRIVACY_SCOPES
+from vgw.tools.bench.report import Progress
 
 # ---------------------------------------------------------------- trace and signal map
 

@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vgw.bench.options import DEVICE
-from vgw.bench.report import Progress
+from vgw.tools.bench.options import DEVICE
+from vgw.tools.bench.report import Progress
 
 # ---------------------------------------------------------------- phase 5: revocation
 

@@ -7,7 +7,8 @@ holds it back. It changes nothing and sends nothing:
 - it opens the CAN source of the config itself, read-only (a SocketCAN interface has any number of readers;
   a serial SLCAN adapter or pty has one, so a source another process holds open is refused with what to do
   instead; a replayed trace is read again from its file);
-- it decodes only mapped signals (CONTRACT §2: an unmapped signal is never decoded), with the agent's decoder;
+- it decodes only mapped signals (README "Configuration": an unmapped signal is never decoded), with the
+  agent's decoder;
 - it reads the consent in force from the state directory read-only, re-verified like the agent does, and
   follows it while it runs (an applied or revoked document shows within a second);
 - values go to the terminal only, never to a log; it refuses to run where stdout is the systemd journal.

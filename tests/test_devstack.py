@@ -17,8 +17,8 @@ from typing import Any
 
 import psutil
 import pytest
+from vgw.cloud.cloudkit import load_grants
 from vgw.config import load_config
-from vgw.simulators.cloudkit import load_grants
 
 from tests.agentkit import ROOT, vgw
 

@@ -46,7 +46,7 @@ def _say(message: str) -> None:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from vgw.devstack import init
+    from vgw.tools.devstack import init
 
     stack = init(args.dir, device=args.device, trace=args.trace, progress=_say)
     print(f"dev stack laid out in {stack.dir}; start it with: vgw dev up {args.dir}")
@@ -54,7 +54,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from vgw.devstack import up
+    from vgw.tools.devstack import up
 
     stack = up(args.dir, progress=_say)
     d = args.dir
@@ -67,7 +67,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from vgw.devstack import status
+    from vgw.tools.devstack import status
 
     parts = status(args.dir)
     for part, pid in parts.items():
@@ -76,7 +76,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    from vgw.devstack import down
+    from vgw.tools.devstack import down
 
     stack = down(args.dir, progress=_say)
     print(f"dev stack in {stack.dir} stopped (logs, state and keys kept)")

@@ -167,7 +167,7 @@ def run_can(args: argparse.Namespace) -> int:
     responder: Any = None  # ObdResponder or J1939Responder: each has close()
     try:
         if interface == "slcan":
-            # CONTRACT §1: the pty path is the first line of stdout; one line per further adapter follows.
+            # README "Simulated buses": the pty path is the first line of stdout; one line per further adapter follows.
             for path in getattr(bus, "paths", [getattr(bus, "path", "")]):
                 print(path, flush=True)
         _hint(interface, bus, args, links)

@@ -28,7 +28,7 @@ from vgw.catalogue import load_catalogue
 from vgw.config import load_config
 from vgw.errors import VgwError
 from vgw.logs import quieted
-from vgw.progress import Progress
+from vgw.tools.progress import Progress
 
 DEVICE = "demo-car-01"
 
@@ -290,7 +290,7 @@ def _kept_log(path: Path) -> Iterator[None]:
 
 def _keep(keep_dir: Path, root: Path, summary: dict[str, Any], out: IO[str]) -> None:
     """Write the summary next to the kept demo and lay out a dev stack in ``keep_dir``."""
-    from vgw.devstack import init
+    from vgw.tools.devstack import init
 
     (root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     init(keep_dir)

@@ -1,4 +1,4 @@
-"""`vgw bench`: reporting: the progress bar (:class:`vgw.progress.Progress`), the targets a result meets, and
+"""`vgw bench`: reporting: the progress bar (:class:`vgw.tools.progress.Progress`), the targets a result meets, and
 the human-readable table."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from vgw.progress import Progress
+from vgw.tools.progress import Progress
 
 __all__ = ["Progress", "format_table"]
 

@@ -116,9 +116,9 @@ def init(directory: Path, *, device: str = DEFAULT_DEVICE, trace: Path | None = 
 
 
 def _init(stack: Stack, device: str, trace: Path | None, progress: Callable[[str], None]) -> Stack:
+    from vgw.cloud.cloudkit import keygen, load_grants, load_signing_key, sign_documents
     from vgw.config import DEVICE_ID_PATTERN
     from vgw.simulators.broker import free_port
-    from vgw.simulators.cloudkit import keygen, load_grants, load_signing_key, sign_documents
     from vgw.simulators.paths import default_dbc, default_signal_map
     from vgw.simulators.pki import TestPKI
 
@@ -202,7 +202,7 @@ def _broker_config(stack: Stack, port: int) -> str:
     # Started as root, mosquitto would drop to the `mosquitto` user, which cannot read the 0600 keys: it runs
     # as the owner of this directory instead (without root, `user` is ignored).
     return "\n".join([
-        "# written by `vgw dev up`: a private broker with mutual TLS and the per-device ACL (CONTRACT §4)",
+        "# written by `vgw dev up`: a private broker with mutual TLS and the per-device ACL (README \"Topics\")",
         f"user {pwd.getpwuid(os.geteuid()).pw_name}",
         "per_listener_settings false",
         "allow_anonymous false",
@@ -345,8 +345,8 @@ def up(directory: Path, *, progress: Callable[[str], None] = lambda _m: None) ->
 
 def _push_consent(stack: Stack, device: str, broker_opts: list[str]) -> None:
     """Sign grants.toml afresh (a newer version) when it changed since current.jws, then publish, retained."""
-    from vgw.simulators.cloudkit import load_grants, load_signing_key, read_document, sign_documents
-    from vgw.simulators.cloudlink import BrokerOptions, CloudLink
+    from vgw.cloud.cloudkit import load_grants, load_signing_key, read_document, sign_documents
+    from vgw.cloud.cloudlink import BrokerOptions, CloudLink
 
     grants, current = stack.dir / "grants.toml", stack.dir / "consent" / "current.jws"
     key = load_signing_key(stack.dir / "consent" / "consent-signer.key")

@@ -133,7 +133,9 @@ def test_trace_stack_replays_without_a_simulator(stack_dir: Path, tmp_path: Path
     r = vgw("dev", "up", str(stack_dir), timeout=90)
     assert r.returncode == 0, r.stderr
     wait_until(lambda: len(_batches(stack_dir)) == 2)
-    assert vgw("dev", "status", str(stack_dir)).stdout.split("\n")[1].split()[1] == "stopped"  # no sim
+    st = vgw("dev", "status", str(stack_dir))
+    assert st.returncode == 0 and "sim" not in st.stdout  # no simulator in a trace stack, and all is running
+    assert f"vgw monitor --config {stack_dir}/vgw.toml " in r.stdout and "run/can1" not in r.stdout
 
 
 def test_not_a_stack_is_one_line(tmp_path: Path) -> None:

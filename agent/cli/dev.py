@@ -54,13 +54,14 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from vgw.tools.devstack import up
+    from vgw.tools.devstack import parts, up
 
     stack = up(args.dir, progress=_say)
     d = args.dir
+    own_adapter = f" -c {d}/run/can1" if "sim" in parts(stack) else ""  # a pty has one reader: the agent's
     print(f"dev stack running in {stack.dir}. Next:\n"
           f"  vgw status --config {d}/vgw.toml          what the agent holds and sends\n"
-          f"  vgw monitor --config {d}/vgw.toml -c {d}/run/can1   live view of the signals and the consent\n"
+          f"  vgw monitor --config {d}/vgw.toml{own_adapter}   live view of the signals and the consent\n"
           f"  tail -f {d}/logs/agent.log {d}/cloud/received.jsonl\n"
           f"  vgw dev down {d}")
     return 0

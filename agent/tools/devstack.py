@@ -398,8 +398,13 @@ def down(directory: Path, *, progress: Callable[[str], None] = lambda _m: None) 
     return stack
 
 
+def parts(stack: Stack) -> tuple[str, ...]:
+    """The parts this stack runs (no simulator when the agent replays a trace)."""
+    return tuple(p for p in PARTS if p != "sim" or stack.info().get("source") == "slcan")
+
+
 def status(directory: Path) -> dict[str, int | None]:
-    """Part -> pid while it runs, else None. Raises :class:`ConfigError` for no stack."""
+    """Part -> pid while it runs, else None, for the parts this stack runs. Raises :class:`ConfigError` for no
+    stack."""
     stack = Stack(directory.expanduser().absolute())
-    stack.info()
-    return {part: _pid(stack, part) for part in PARTS}
+    return {part: _pid(stack, part) for part in parts(stack)}

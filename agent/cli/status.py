@@ -61,6 +61,7 @@ def collect_status(config_path: str) -> dict[str, Any]:
         "quota": {"quota_bytes": cfg.outbox.quota_bytes, "used_bytes": state.used_bytes},
         "storage": live.get("storage", {"ok": True, "error": None}) if running else {"ok": True, "error": None},
         "obd": live.get("obd") if running else None,
+        "bus": live.get("bus") if running else None,
         "health": live.get("health", {"ok": True, "problem": None}) if running else {"ok": True, "problem": None},
     }
 
@@ -160,6 +161,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     obd = st["obd"]
     if obd:
         print(f"obd: {obd['state']}" + ("" if obd["ok"] else f" (FAILING: {obd['last_error']})"))
+    bus = st["bus"]
+    if bus and bus.get("silent"):
+        print(f"can: SILENT, no frame for {bus['last_frame_age_s']:.0f} s (check [can] channel, cable, simulator)")
     if not st["health"]["ok"]:
         print(f"health: NOT OK ({st['health']['problem']}); the systemd watchdog restarts the agent")
     last = st["last_publish"]

@@ -73,7 +73,7 @@ log = logging.getLogger("vgw.agent")
 
 STATUS_FILE = "status.json"
 RECOVERED_AFTER_STORES = 3  # consecutive stored batches before a storage fault counts as over
-LOCK_FILE = "vgw.lock"
+LOCK_FILE = "agent.lock"
 OUTBOX_FILE = "outbox.sqlite"
 QUOTA_AUDIT_EVERY_S = 60.0  # at most one quota-drop audit entry per grant per minute (the counter is exact)
 INTAKE_ROUNDS = 8  # consent intake emptied at most this often per main-loop turn

@@ -96,3 +96,14 @@ def test_status_shows_pending_erasures_without_personal_data(tmp_path: Path, pki
     st = json.loads(vgw("status", "--config", str(cfg), "--json").stdout)
     assert st["erasures_pending"] == []
     assert "erasures pending" not in vgw("status", "--config", str(cfg)).stdout
+
+
+def test_consent_apply_names_a_narrowing(tmp_path: Path, pki: TestPKI) -> None:
+    auth = Authority(tmp_path)
+    cfg = write_config(tmp_path, pki, free_port(), auth.trust, can={"channel": "status-narrow"})
+    for ver, scopes in ((1, ["read_speedometer", "read_fuel"]), (2, ["read_speedometer"])):
+        doc = tmp_path / f"consent-{ver}.jws"
+        doc.write_text(auth.doc(DEV, {"g-1": scopes}, ver=ver))
+        out = vgw("consent", "apply", "--config", str(cfg), str(doc))
+        assert out.returncode == 0, out.stderr
+    assert "grant g-1 narrowed (scope-removed): 0 stored batch(es) deleted, data key replaced" in out.stdout

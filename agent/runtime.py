@@ -345,6 +345,7 @@ class Agent:
         """The collector thread: open the source, read, route, flush; reopen on failure. Never ends on one bad
         frame or one failing session: only stop, or the end of a finite trace, ends it."""
         assert self.cfg.can is not None and self.pipeline is not None
+        from vgw.errors import SourceEndedError
         from vgw.sources import open_source
 
         can_cfg = self.cfg.can
@@ -355,6 +356,11 @@ class Agent:
             self._collector_beat = time.monotonic()
             try:
                 self._source = open_source(can_cfg)
+            except SourceEndedError as exc:  # a trace that cannot be opened, with replay_exit: end non-zero
+                log.error("%s; ending (replay_exit)", exc)
+                self.exit_code = 1
+                self._source_done.set()
+                return
             except SourceError as exc:
                 self.counters["source_errors"] += 1
                 log.error("%s; retrying in %.1f s", exc, can_cfg.reopen_s)

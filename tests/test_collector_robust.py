@@ -497,3 +497,23 @@ def test_watchdog_stops_when_the_collector_thread_is_gone(tmp_path: Path, pki, c
         assert agent.status()["health"] == {"ok": False, "problem": "collector stopped"}
     finally:
         runner.stop()
+
+
+def test_the_retained_status_follows_a_health_change(tmp_path: Path, pki, broker, cloud, channel: str) -> None:
+    """The retained status topic was only published at connect: a stalled collector (health not ok) and its
+    recovery must reach a subscriber too, as a new retained status, with no reconnect."""
+    auth = Authority(tmp_path)
+    cfg = write_config(tmp_path, pki, broker.port, auth.trust, device=DEV, can={"channel": channel})
+    runner = AgentThread(cfg)
+    agent = runner.agent
+    agent.collector_stall_s = 1.0
+    runner.start()
+    try:
+        assert wait_until(lambda: (cloud.status(DEV) or {}).get("state") == "online", 10)
+        assert cloud.status(DEV)["healthy"] is True
+        with agent._lock:  # the collector blocks on its next flush check: a stall
+            assert wait_until(lambda: (cloud.status(DEV) or {}).get("healthy") is False, 10), cloud.status(DEV)
+        assert wait_until(lambda: (cloud.status(DEV) or {}).get("healthy") is True, 10)
+        assert agent.uplink.connects == 1
+    finally:
+        runner.stop()

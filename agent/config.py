@@ -52,6 +52,7 @@ class CanConfig:
     replay_loop: bool = False
     replay_exit: bool = False
     reopen_s: float = 2.0
+    silent_s: float = 10.0  # no frame for this long: the agent warns (log, status); 0 = never
     fd: bool = False  # CAN FD (README "CAN FD"): open the bus in FD mode
     data_bitrate: int | None = None  # FD data-phase bitrate, for interfaces that set it themselves
     j1939_requests: bool = False  # README "SAE J1939": may the agent send request PGN 59904 at all
@@ -299,6 +300,7 @@ def _can(s: _Section) -> CanConfig:
     replay_loop = s.get("replay_loop", bool, False)
     replay_exit = s.get("replay_exit", bool, False)
     reopen_s = float(s.number("reopen_s", 2.0, minimum=0.05))
+    silent_s = float(s.number("silent_s", 10.0, minimum=0))
     if replay is None and interface != "virtual" and channel is None and interface not in ("socketcan",):
         raise ConfigError(f"{s.path}: [can] channel: required for interface {interface!r}")
     if replay_loop and replay_exit:
@@ -317,8 +319,8 @@ def _can(s: _Section) -> CanConfig:
     return CanConfig(interface=interface, channel=channel if channel is not None else "can0" if interface ==
                      "socketcan" else channel, bitrate=bitrate, dbc=dbc, signal_map=signal_map,
                      dbc_strict=dbc_strict, replay=replay, replay_rate=replay_rate, replay_loop=replay_loop,
-                     replay_exit=replay_exit, reopen_s=reopen_s, fd=fd, data_bitrate=data_bitrate,
-                     j1939_requests=j1939_requests, j1939_address=j1939_address)
+                     replay_exit=replay_exit, reopen_s=reopen_s, silent_s=silent_s, fd=fd,
+                     data_bitrate=data_bitrate, j1939_requests=j1939_requests, j1939_address=j1939_address)
 
 
 # python-can's slcan speaks the CANable 2.0 FD dialect, which knows these data bitrates only.

@@ -60,6 +60,11 @@ class SourceOpenError(SourceError):
     """The bus, adapter or trace could not be opened."""
 
 
+class SourceEndedError(SourceOpenError):
+    """The source cannot be opened and must not be retried (a replayed trace with ``replay_exit``): the run ends
+    with a non-zero exit."""
+
+
 class SourceReadError(SourceError):
     """Reading from an open source failed."""
 

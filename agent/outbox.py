@@ -56,7 +56,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from vgw.consent.narrowing import Narrowing, NarrowingKind
@@ -135,7 +135,9 @@ class Withdrawal:
     scopes: frozenset[str]
     batches_deleted: int
     samples_deleted: int  # every sample of the deleted rows, still-permitted ones of mixed rows included
-    key_destroyed: bool  # the data key that sealed the deleted rows is gone (kept rows were sealed anew)
+    key_destroyed: bool  # the data key that sealed the deleted rows is gone (kept rows were sealed anew), and no
+    #                      copy of it or of a deleted row is left in any file (the same check as erase_grant)
+    pending: bool = False  # key replaced and rows deleted, but a copy is still in the files: finish_erasure later
 
 
 @dataclass(frozen=True, slots=True)
@@ -384,7 +386,8 @@ class Outbox:
         """
         now = time.time() if now is None else now
         out: list[Withdrawal] = []
-        with self._tx() as db:
+        searched = {g: len(n) for g, n in self._needles.items()}
+        with self._lock, self._forget_needles_on_rollback(searched), self._tx() as db:
             ids = sorted(grants)
             db.execute(f"DELETE FROM active_grants WHERE id NOT IN ({','.join('?' * len(ids))})",  # noqa: S608
                        ids)
@@ -395,7 +398,26 @@ class Outbox:
                 w = self._judge_rows(db, gid, grants[gid], now)
                 if w is not None:
                     out.append(w)
-        return out
+        return [self._verify_withdrawal(w) for w in out]
+
+    @contextmanager
+    def _forget_needles_on_rollback(self, searched: dict[str, int]) -> Iterator[None]:
+        """A transaction that rolled back replaced and deleted nothing: drop what it added to search for."""
+        try:
+            yield
+        except BaseException:
+            for gid in list(self._needles):
+                del self._needles[gid][searched.get(gid, 0):]
+            raise
+
+    def _verify_withdrawal(self, w: Withdrawal) -> Withdrawal:
+        """``w`` with ``key_destroyed`` only if the raw files hold neither the replaced wrapped key nor a deleted
+        row (the check of :meth:`erase_grant`); otherwise pending, finished by :meth:`finish_erasure`."""
+        if not w.key_destroyed or self.finish_erasure(w.grant_id, wait_s=ERASE_WAIT_S):
+            return w
+        log.warning("narrowing of grant %s not verified: another process holds a read snapshot of the outbox, "
+                    "so replaced pages are still in its files; retried until they are gone", w.grant_id)
+        return replace(w, key_destroyed=False, pending=True)
 
     def _judge_rows(self, db: sqlite3.Connection, gid: str, terms: GrantTerms, now: float) -> Withdrawal | None:
         n = terms.narrowing
@@ -425,9 +447,16 @@ class Outbox:
             if kept:
                 db.executemany("UPDATE batches SET terms = ? WHERE id = ?", [(terms.digest, r) for r in kept])
             return None
+        # What to search the raw files for once committed (see finish_erasure): the wrapped key about to be
+        # replaced, and a 32-byte piece of each row about to be deleted.
+        needles = [bytes(r[0]) for r in db.execute("SELECT wrapped FROM grant_keys WHERE grant_id = ?", (gid,))]
+        needles += [bytes(db.execute("SELECT substr(blob, 1, 32) FROM batches WHERE id = ?", (r,)).fetchone()[0])
+                    for r in deleted]
         db.executemany("DELETE FROM batches WHERE id = ?", [(r,) for r in deleted])
         db.executemany("UPDATE batches SET terms = ? WHERE id = ?", [(terms.digest, r) for r in kept])
         key_destroyed = self._rotate_key(db, gid, terms.digest)
+        if key_destroyed:
+            self._needles.setdefault(gid, []).extend(needles)
         self._count_locked(f"narrowed_batches:{gid}", len(deleted))
         self._count_locked(f"narrowed_samples:{gid}", samples_deleted)
         kinds = set(n.kinds) | ({NarrowingKind.TERMS_CHANGED} if unknown else set())

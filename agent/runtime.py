@@ -22,6 +22,8 @@ Faults (what each costs is in docs/guarantees.md; tests/test_faults_*.py prove i
   stalled collector   the collector beats once per loop (a quiet bus still beats); no beat for
                       COLLECTOR_STALL_S, or a dead thread: health not ok in status.json, no WATCHDOG=1, so
                       systemd restarts the agent.
+  silent bus          no frame for ``[can] silent_s``: logged once, ``bus.silent`` in status.json (a wrong
+                      channel, an unplugged cable, a simulator on another bus); cleared when frames come back.
   SIGTERM             collector stopped, open batches committed, up to 2 s to hand them to a live link,
                       status offline, exit 0. SIGKILL loses at most the batches not yet committed.
 
@@ -71,7 +73,7 @@ log = logging.getLogger("vgw.agent")
 
 STATUS_FILE = "status.json"
 RECOVERED_AFTER_STORES = 3  # consecutive stored batches before a storage fault counts as over
-LOCK_FILE = "vgw.lock"
+LOCK_FILE = "agent.lock"
 OUTBOX_FILE = "outbox.sqlite"
 QUOTA_AUDIT_EVERY_S = 60.0  # at most one quota-drop audit entry per grant per minute (the counter is exact)
 INTAKE_ROUNDS = 8  # consent intake emptied at most this often per main-loop turn
@@ -197,6 +199,8 @@ class Agent:
         self.health_problem: str | None = None  # why the agent is not healthy (None: it is)
         self.collector_stall_s = COLLECTOR_STALL_S
         self._collector_beat = time.monotonic()  # monotonic time of the collector loop's last iteration
+        self._frame_at = self._collector_beat  # monotonic time the source last delivered a frame
+        self.bus_silent = False
         self._frame_errors_logged = 0.0
         self._frame_errors_unlogged = 0
         self.exit_code = 0
@@ -341,6 +345,7 @@ class Agent:
         """The collector thread: open the source, read, route, flush; reopen on failure. Never ends on one bad
         frame or one failing session: only stop, or the end of a finite trace, ends it."""
         assert self.cfg.can is not None and self.pipeline is not None
+        from vgw.errors import SourceEndedError
         from vgw.sources import open_source
 
         can_cfg = self.cfg.can
@@ -351,6 +356,11 @@ class Agent:
             self._collector_beat = time.monotonic()
             try:
                 self._source = open_source(can_cfg)
+            except SourceEndedError as exc:  # a trace that cannot be opened, with replay_exit: end non-zero
+                log.error("%s; ending (replay_exit)", exc)
+                self.exit_code = 1
+                self._source_done.set()
+                return
             except SourceError as exc:
                 self.counters["source_errors"] += 1
                 log.error("%s; retrying in %.1f s", exc, can_cfg.reopen_s)
@@ -430,6 +440,8 @@ class Agent:
                         largest = max((len(b.samples) for b in batches), default=0)
                         next_full_check = samples_seen["samples"] + max(1, max_samples - largest)
             now = time.monotonic()
+            if msg is not None:
+                self._frame_at = now
             if msg is None or now - last_check >= 0.05:
                 last_check = now
                 with lock:
@@ -530,6 +542,7 @@ class Agent:
             "health": {"ok": self.health_problem is None, "problem": self.health_problem},
             "quota": self._quota_status(),
             "obd": self._obd.health() if self._obd is not None else None,
+            "bus": self._bus_status(),
             "counters": {**pipeline, **self.counters, "rx_overflow": self.counters["rx_overflow"] + live_overflow,
                          "connect_attempts": up.connect_attempts, "connect_failures": up.connect_failures,
                          "mqtt_queue_full": up.queue_full, "ack_store_failures": up.ack_store_failures,
@@ -620,6 +633,8 @@ class Agent:
                     pass
             if self.cfg.can is None:
                 self._flush_due()  # no collector thread to do it
+            else:
+                self._check_silence(now)
             self.health_problem = self._health_problem(now)
             healthy = self.health_problem is None
             if healthy != self.healthy:
@@ -634,6 +649,26 @@ class Agent:
                     log.error("end of trace: outbox not drained within 120 s")
                     self.exit_code = 1
                 return
+
+    def _check_silence(self, now: float) -> None:
+        """Say once when the bus has delivered no frame for ``[can] silent_s``, and once when frames return."""
+        can_cfg = self.cfg.can
+        assert can_cfg is not None
+        quiet = now - self._frame_at
+        silent = bool(can_cfg.silent_s) and quiet >= can_cfg.silent_s and not self._source_done.is_set()
+        if silent and not self.bus_silent:
+            log.warning("CAN %s: no frame for %.0f s (check the channel, the cable or the simulator; "
+                        "`vgw sim can` prints the [can] lines to use)", _source_name(can_cfg), quiet)
+        elif self.bus_silent and not silent:
+            log.info("CAN %s: frames again", _source_name(can_cfg))
+        if silent != self.bus_silent:
+            self.bus_silent = silent
+            self._write_status()
+
+    def _bus_status(self) -> dict[str, Any] | None:
+        if self.cfg.can is None:
+            return None
+        return {"silent": self.bus_silent, "last_frame_age_s": round(time.monotonic() - self._frame_at, 1)}
 
     def _reload_config(self) -> None:
         """SIGHUP: apply ``[log] level``; name what else changed and needs a restart (module docstring, Reload)."""
@@ -721,6 +756,9 @@ class Agent:
         self.lock_file.release()
         logging.getLogger("vgw.agent").info("agent stopped")
 
+
+def _source_name(can_cfg: Any) -> str:
+    return f"replay {can_cfg.replay.name}" if can_cfg.replay else f"{can_cfg.interface}:{can_cfg.channel}"
 
 def _catalogue_digest(cfg: Config) -> str:
     """A digest of the DBC and signal map files' bytes (a reload compares it; unreadable files count as changed)."""

@@ -424,14 +424,16 @@ def socketcan_available(channel: str) -> bool:
 
 
 def open_output(interface: str, channel: str | None = None, bitrate: int | None = None, *,
-                fd: bool = False) -> can.BusABC:
+                fd: bool = False, ptys: int = 1, links: tuple[str, ...] = ()) -> can.BusABC:
     """Open the simulator's output bus by name: ``virtual``, ``socketcan`` or ``slcan`` (pty).
 
     ``fd`` opens it for CAN FD frames (SocketCAN: the socket takes CANFD_MTU frames; the interface itself
     must be up with ``fd on``).
     For ``slcan`` the channel is ignored: a new pseudo-terminal is created; its path is the bus's
-    ``path`` attribute. Raises :class:`ConfigError` for an unknown interface and
-    :class:`SourceOpenError` when the bus cannot be opened (e.g. no vcan0 in this kernel).
+    ``path`` attribute. With ``ptys`` > 1 or ``links`` it is a group of adapters on one bus
+    (:class:`~vgw.simulators.slcan_pty.SlcanPtyGroup`, paths in ``paths``). Raises :class:`ConfigError`
+    for an unknown interface and :class:`SourceOpenError` when the bus cannot be opened (e.g. no vcan0 in
+    this kernel).
     """
     if interface not in INTERFACES:
         raise ConfigError(f"unknown simulator interface {interface!r}: choose one of {', '.join(INTERFACES)}")
@@ -450,8 +452,10 @@ def open_output(interface: str, channel: str | None = None, bitrate: int | None 
             if fd:
                 kwargs["fd"] = True
             return can.Bus(interface="socketcan", channel=channel, **kwargs)
-        from vgw.simulators.slcan_pty import SlcanPtyBus
+        from vgw.simulators.slcan_pty import SlcanPtyBus, SlcanPtyGroup
 
+        if ptys > 1 or links:
+            return SlcanPtyGroup(ptys, links)
         return SlcanPtyBus()
     except SourceOpenError:
         raise

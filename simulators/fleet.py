@@ -124,8 +124,9 @@ def device_ids(n: int) -> list[str]:
 
 
 def make_pki(directory: Path, n: int) -> TestPKI:
-    """A throwaway CA with server, cloud and ``n`` device certificates (for an external broker to trust)."""
-    return TestPKI(directory, devices=device_ids(n))
+    """A CA with server, cloud and ``n`` device certificates (for an external broker to trust); private keys
+    0600, readable by whoever runs that broker only."""
+    return TestPKI(directory, devices=device_ids(n), key_mode=0o600)
 
 
 def _pct(values: list[float], ps: tuple[float, ...] = (50, 90, 99)) -> dict[str, float | int | None]:
@@ -221,7 +222,8 @@ class FleetSim:
                 dev_files = {d: (pki_root / f"{d}.crt", pki_root / f"{d}.key") for d in ids}
             else:
                 self.progress(f"issuing {cfg.devices} device certificates")
-                pki = make_pki(tmp / "pki", cfg.devices)
+                # Throwaway keys in a temp dir for a private broker that drops to its own user: 0644 here.
+                pki = TestPKI(tmp / "pki", devices=device_ids(cfg.devices))
                 ca, cloud_cert, cloud_key = pki.ca.cert, pki.cloud.cert, pki.cloud.key
                 dev_files = {d: (p.cert, p.key) for d, p in pki.devices.items()}
             engine = cfg.broker

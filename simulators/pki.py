@@ -6,15 +6,17 @@ carry the device id; the device signs receipts ES256 with this key, README "Rece
 (CN ``cloud``). Fault variants for the TLS fault tests are one call each: a certificate from another
 CA (:meth:`TestPKI.other_ca`), an expired server certificate, a server certificate for the wrong host name.
 
-Every file is PEM with mode 0644 and the directory is chmod 0755: mosquitto started as root drops to the
-``mosquitto`` user and must still read them. The private keys are therefore world-readable: never use this
-module for anything but throwaway keys.
+Every file is PEM. By default certificates and keys are mode 0644 and the directory 0755: a test mosquitto
+started as root drops to the ``mosquitto`` user and must still read them, so those private keys are
+world-readable and for throwaway use only. ``key_mode=0o600`` writes private keys readable by their owner
+only (what ``vgw sim fleet --make-pki`` and the dev stack use; their broker runs as that owner).
 
 Raises: ``ValueError`` for a bad name or validity window; ``OSError`` when the directory cannot be written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import ipaddress
 import os
@@ -74,12 +76,15 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def _write(path: Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` (atomic replace) with mode 0644."""
+def _write(path: Path, data: bytes, mode: int = _FILE_MODE) -> Path:
+    """Write ``data`` to ``path`` (atomic replace) with ``mode`` (set before any byte is written)."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "wb") as fh:
         fh.write(data)
-    os.chmod(tmp, _FILE_MODE)
+    os.chmod(tmp, mode)
     os.replace(tmp, path)
     return path
 
@@ -101,8 +106,9 @@ class TestPKI:
 
     ``TestPKI(dirpath)`` creates the directory (0755), a CA, a server certificate (``localhost`` and
     ``127.0.0.1``), a cloud client certificate (CN ``cloud``) and one client certificate per id in
-    ``devices``. Every parent of ``dirpath`` must be traversable by others (``tempfile.mkdtemp`` and
-    pytest's ``tmp_path`` are 0700: chmod them 0755) or a root-started mosquitto cannot read.
+    ``devices``; private keys get ``key_mode``. With the default 0644, every parent of ``dirpath`` must be
+    traversable by others (``tempfile.mkdtemp`` and pytest's ``tmp_path`` are 0700: chmod them 0755) or a
+    root-started mosquitto cannot read.
     Attributes ``ca``, ``server``, ``cloud`` and ``devices`` hold :class:`CertPaths`; :attr:`paths`
     returns them as one :class:`PKIPaths`.
 
@@ -119,8 +125,10 @@ class TestPKI:
         ca_name: str = "vgw test CA",
         cloud_name: str = "cloud",
         days: int = _DEFAULT_DAYS,
+        key_mode: int = _FILE_MODE,
     ) -> None:
         self.dir = Path(dirpath)
+        self.key_mode = key_mode
         self.dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir, _DIR_MODE)
         self.days = days
@@ -156,7 +164,7 @@ class TestPKI:
         )
         self.ca = CertPaths(
             cert=_write(self.dir / "ca.crt", self._ca_cert.public_bytes(serialization.Encoding.PEM)),
-            key=_write(self.dir / "ca.key", _key_pem(self._ca_key)),
+            key=_write(self.dir / "ca.key", _key_pem(self._ca_key), key_mode),
         )
         self.server = self.server_cert()
         self.cloud = self.client_cert(cloud_name)
@@ -236,7 +244,7 @@ class TestPKI:
         cert = builder.sign(self._ca_key, hashes.SHA256())
         return CertPaths(
             cert=_write(self.dir / f"{name}.crt", cert.public_bytes(serialization.Encoding.PEM)),
-            key=_write(self.dir / f"{name}.key", _key_pem(key)),
+            key=_write(self.dir / f"{name}.key", _key_pem(key), self.key_mode),
         )
 
     def server_cert(
@@ -303,7 +311,8 @@ class TestPKI:
         Use it for "client cert from another CA" and "server cert signed by the wrong CA" faults.
         """
         _check_name(name)
-        return TestPKI(self.dir / name, devices=devices, ca_name=f"vgw {name} CA", days=self.days)
+        return TestPKI(self.dir / name, devices=devices, ca_name=f"vgw {name} CA", days=self.days,
+                       key_mode=self.key_mode)
 
     def expired_server_cert(self, name: str = "server-expired") -> CertPaths:
         """A server certificate for localhost/127.0.0.1 that expired a day ago."""

@@ -67,7 +67,8 @@ class SlcanPtyBus(can.BusABC):
     ``can.CanInitializationError`` if no pty can be created.
     """
 
-    def __init__(self, channel: Any = None, **kwargs: Any) -> None:
+    def __init__(self, channel: Any = None, *, rx: queue.SimpleQueue[can.Message] | None = None,
+                 **kwargs: Any) -> None:
         try:
             master, slave = os.openpty()
         except OSError as exc:
@@ -83,7 +84,8 @@ class SlcanPtyBus(can.BusABC):
         os.set_blocking(master, False)
         self._master = master
         self._write_lock = threading.Lock()
-        self._rx: queue.SimpleQueue[can.Message] = queue.SimpleQueue()
+        # Frames the client transmits; a group of adapters on one bus shares one queue (SlcanPtyGroup).
+        self._rx: queue.SimpleQueue[can.Message] = rx if rx is not None else queue.SimpleQueue()
         self._open = False
         self._listen_only = False
         self._timestamps = False
@@ -289,6 +291,74 @@ class SlcanPtyBus(can.BusABC):
                         self.overruns += 1
                         return
                     select.select([], [self._master], [], remaining)
+
+
+class SlcanPtyGroup(can.BusABC):
+    """Several SLCAN adapters on one simulated bus, like several nodes on a real one.
+
+    A pty has exactly one reader (two programs reading it would each get half of every line), so a second
+    program (``vgw monitor``, a candump-like tool) needs an adapter of its own. Every frame ``send()`` goes to
+    each adapter whose channel a client opened; what any client transmits comes back from ``recv()``.
+    ``links`` (one path per adapter, or fewer) are symbolic links made to the ptys, replaced if they exist
+    and removed on :meth:`shutdown`: a config can name a path that stays the same across restarts, as a udev
+    rule does for a USB adapter. Raises ``can.CanInitializationError`` if a pty or a link cannot be made.
+    """
+
+    def __init__(self, count: int = 1, links: tuple[str, ...] = (), **kwargs: Any) -> None:
+        count = max(count, len(links), 1)
+        self._rx: queue.SimpleQueue[can.Message] = queue.SimpleQueue()
+        self.adapters: list[SlcanPtyBus] = []
+        self.links: list[str] = []
+        try:
+            for _ in range(count):
+                self.adapters.append(SlcanPtyBus(rx=self._rx))
+            for link, adapter in zip(links, self.adapters, strict=False):
+                _replace_link(link, adapter.path)
+                self.links.append(link)
+        except (OSError, can.CanInitializationError) as exc:
+            self.shutdown()
+            raise can.CanInitializationError(f"cannot set up the SLCAN ptys: {exc}") from exc
+        self.path: str = self.adapters[0].path
+        self.paths: list[str] = [a.path for a in self.adapters]
+        self.channel_info = "SLCAN ptys " + ", ".join(self.paths)
+        super().__init__(channel=self.path, **kwargs)
+
+    @property
+    def overruns(self) -> int:
+        return sum(a.overruns for a in self.adapters)
+
+    def send(self, msg: can.Message, timeout: float | None = None) -> None:
+        for adapter in self.adapters:
+            adapter.send(msg, timeout)
+
+    def _recv_internal(self, timeout: float | None) -> tuple[can.Message | None, bool]:
+        try:
+            if timeout is None:
+                return self._rx.get(), False
+            return self._rx.get(timeout=timeout), False
+        except queue.Empty:
+            return None, False
+
+    def shutdown(self) -> None:
+        """Close every pty and remove the links that still point at them (idempotent)."""
+        for link, adapter in zip(self.links, self.adapters, strict=False):
+            with contextlib.suppress(OSError):
+                if os.readlink(link) == adapter.path:
+                    os.unlink(link)
+        self.links = []
+        for adapter in self.adapters:
+            adapter.shutdown()
+        if hasattr(self, "_is_shutdown"):
+            super().shutdown()
+
+
+def _replace_link(link: str, target: str) -> None:
+    """Point the symbolic link ``link`` at ``target`` (atomically replacing a link or file there)."""
+    tmp = f"{link}.{os.getpid()}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
 
 
 def _is_hex(text: str) -> bool:

@@ -10,7 +10,7 @@ COMMANDS = [
     ["sim"], ["sim", "can"], ["sim", "elm327"], ["sim", "fleet"], ["cloud"], ["cloud", "keygen"],
     ["cloud", "sign"], ["cloud", "push"], ["cloud", "revoke"], ["cloud", "listen"], ["cloud", "verify-receipt"],
     ["audit"], ["audit", "verify"], ["audit", "show"], ["report"], ["provision"], ["doctor"], ["install"],
-    ["uninstall"],
+    ["uninstall"], ["dev"], ["dev", "init"], ["dev", "up"], ["dev", "status"], ["dev", "down"], ["monitor"],
 ]
 
 

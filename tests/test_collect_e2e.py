@@ -97,3 +97,68 @@ def test_rules_applied_over_mqtt_change_what_arrives(tmp_path: Path, pki: Any, b
     assert any("per second, not the trace" in line for line in grants["g-ins"]["receives"])
     text = vgw("report", "--config", str(cfg)).stdout
     assert "kept back in the car" in text
+
+
+LAT = "Vehicle.CurrentLocation.Latitude"
+
+
+def test_revocation_wipes_the_pre_trigger_history_end_to_end(tmp_path: Path, pki: Any, broker: Any,
+                                                              cloud: CloudPeer, auth: Authority, channel: str,
+                                                              db: Any) -> None:
+    """Location held in memory for a trigger's pre-history, then the grant is revoked and granted again under
+    the same id: when the trigger fires, only history from after the new grant is sent, never a sample held
+    before the revocation (README "Collection rules"; docs/privacy.md)."""
+    import can
+
+    cfg = write_config(tmp_path, pki, broker.port, auth.trust, can={"channel": channel})
+    for gid in ("g-raw", "g-trip"):
+        cloud.add_recipient(gid, auth.recipient(gid))
+    gnss, dyn = db.get_message_by_name("GnssPosition"), db.get_message_by_name("VehicleDynamics")
+    rules = [{"scope": "read_location", "mode": "trigger", "when": "Vehicle.Speed > 100", "pre_s": 60}]
+
+    def signed(grants: dict[str, tuple[list[str], list[dict[str, Any]] | None]]) -> str:
+        gs = []
+        for gid, (scopes, rule) in grants.items():
+            g = grant(gid, scopes, auth.recipient(gid),
+                      limits={"read_location": {"max_hz": 100, "precision_m": 1}} if "read_location" in scopes
+                      else None)
+            if rule is not None:
+                g["collect"] = rule
+            gs.append(g)
+        auth.ver += 1
+        return sign_consent(consent_claims(DEV, auth.ver, gs), auth.key)
+
+    trip = (["read_location", "read_speedometer"], rules)
+    with can.Bus(interface="virtual", channel=channel) as bus, AgentThread(cfg) as agent:
+        marker = iter(range(1, 1_000_000))
+
+        def drive(latitude: float, speed: float) -> float:
+            """Send one position and one speed; return when g-raw received that speed (the agent read both)."""
+            kmh = speed + next(marker) * 1e-2 % 1  # a speed value this test sent once
+            bus.send(can.Message(arbitration_id=gnss.frame_id, is_extended_id=gnss.is_extended_frame,
+                                 data=gnss.encode({"Latitude": latitude, "Longitude": 11.0})))
+            bus.send(can.Message(arbitration_id=dyn.frame_id, is_extended_id=False,
+                                 data=dyn.encode({"VehicleSpeed": round(kmh, 2)})))
+            assert cloud.wait_for(lambda: any(s.path == SPEED and abs(s.value - round(kmh, 2)) < 1e-6
+                                              for s in cloud.samples(DEV, "g-raw")), 15)
+            return kmh
+
+        assert agent.wait_link()
+        cloud.publish_consent(DEV, signed({"g-raw": (["read_speedometer"], None), "g-trip": trip}))
+        assert cloud.wait_for(lambda: len(cloud.receipts(DEV, "consent-applied")) == 1, 10)
+        for i in range(5):  # held for the trigger, in memory only
+            drive(10.0 + i * 1e-3, 30.0)
+
+        cloud.publish_consent(DEV, signed({"g-raw": (["read_speedometer"], None)}))  # g-trip revoked
+        assert cloud.wait_for(lambda: [r.claims["grant"] for r in cloud.receipts(DEV, "erasure")] == ["g-trip"], 10)
+        cloud.publish_consent(DEV, signed({"g-raw": (["read_speedometer"], None), "g-trip": trip}))  # again
+        assert cloud.wait_for(lambda: len(cloud.receipts(DEV, "consent-applied")) == 3, 10)
+        for i in range(3):
+            drive(20.0 + i * 1e-3, 30.0)
+        drive(20.5, 120.0)  # the trigger fires: the pre-history is released
+        assert cloud.wait_for(lambda: sum(s.path == LAT for s in cloud.samples(DEV, "g-trip")) >= 4, 15)
+
+    lats = sorted(round(s.value, 4) for s in cloud.samples(DEV, "g-trip") if s.path == LAT)
+    # The history since the new grant (the proof that the trigger released something), and nothing older.
+    assert lats == [20.0, 20.001, 20.002, 20.5]
+    assert cloud.undecryptable == 0

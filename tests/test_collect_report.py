@@ -44,5 +44,5 @@ def test_plain_words_in_text_and_html() -> None:
     assert expected in render_text(r)
     page = render_html(r)
     HTMLParser().feed(page)
-    assert "What com.example.insurer receives" in page and "per minute, not the trace" in page
+    assert "What Insurer (example.com) receives" in page and "per minute, not the trace" in page
     assert "Kept back in the car by the collection rules" in page and "99.97% of 36000 readings" in page

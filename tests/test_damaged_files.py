@@ -163,6 +163,38 @@ def test_replay_exit_with_a_garbled_line_sends_each_frame_time_once_and_exits(tm
     assert sorted(sent) == pytest.approx(good_speed_times)
 
 
+def test_replay_exit_with_a_trace_that_cannot_be_opened_ends_non_zero_naming_it(tmp_path, pki, broker) -> None:
+    """A trace that cannot be opened at all (here a folder: OSError even as root) was retried every reopen_s
+    forever, even with replay_exit: the run never ended."""
+    trace = tmp_path / "drive.log"
+    trace.mkdir()
+    auth = Authority(tmp_path)
+    cfg = write_config(tmp_path, pki, broker.port, auth.trust, device=DEV,
+                       can={"replay": str(trace), "replay_rate": 0, "replay_exit": True, "reopen_s": 0.1})
+    with agent_process(cfg) as proc:
+        try:
+            rc: int | None = proc.wait(30)
+        except subprocess.TimeoutExpired:
+            rc = None
+        assert rc is not None, "vgw run with replay_exit never ended on a trace it cannot open"
+        stderr = proc.stderr.read() if proc.stderr else ""
+    assert rc != 0 and "Traceback" not in stderr
+    assert stderr.count(f"{trace}: cannot read trace") == 1, stderr
+
+
+def test_a_trace_that_cannot_be_opened_is_retried_without_replay_exit(tmp_path: Path) -> None:
+    """Without replay_exit the file may still appear (a mount, a copy in progress): the collector retries."""
+    from vgw.errors import SourceEndedError, SourceOpenError
+
+    folder = tmp_path / "drive.log"
+    folder.mkdir()
+    with pytest.raises(SourceOpenError) as exc:
+        ReplaySource(folder, rate=0)
+    assert not isinstance(exc.value, SourceEndedError)
+    with pytest.raises(SourceEndedError, match=r"drive\.log: cannot read trace"):
+        ReplaySource(folder, rate=0, exit_on_error=True)
+
+
 # ---------------------------------------------------------------- consent times
 
 

@@ -9,6 +9,7 @@ agrees. The kept grant's key is still found by the same scan, which proves the s
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -279,3 +280,67 @@ def test_pending_erasure_survives_a_restart(world: dict[str, Any], reader: Any) 
     assert [(r["grant"], r["reason"], r["key_destroyed"]) for r in s.receipts("erasure")] == [
         (GONE, "revoked", True)]
     assert not (s.dir / "erasures.pending.json").exists()
+
+
+# -- narrowing: a grant that stays in force loses a scope (README "Narrowing applies to stored data") ---------
+
+
+def _narrow(world: dict[str, Any]) -> tuple[dict[str, bytes], Any]:
+    """Drop read_vin from GONE (it stays with location and speed); returns what must be gone, and the result."""
+    s: State = world["state"]
+    auth: Authority = world["auth"]
+    db = s.outbox._db
+    old = {"old wrapped key": world["secrets"]["wrapped key"], "old data key": world["secrets"]["data key"]}
+    # Every row of the grant is withdrawn or sealed anew: no fragment of any old ciphertext may stay.
+    old.update({f"old row {i}": bytes(b)[:48] for i, (b,) in enumerate(
+        db.execute("SELECT blob FROM batches WHERE grant_id = ?", (GONE,)))})
+    v2 = auth.doc(DEVICE, 2, [auth.grant(GONE, ["read_location", "read_speedometer"]),
+                              auth.grant(KEPT, ["read_odometer"])], iat=world["now"])
+    result = s.manager.apply(v2, source="mqtt")
+    assert result.status == "applied" and [w.grant_id for w in result.narrowed] == [GONE]
+    assert result.narrowed[0].batches_deleted > 0
+    return old, result
+
+
+def test_narrowing_receipt_says_key_destroyed_only_when_no_copy_is_in_any_file(world: dict[str, Any]) -> None:
+    """The narrowing receipt said key_destroyed: true from the key row alone, while the replaced wrapped key
+    and the deleted rows were still in the outbox's main file (the WAL had not been checkpointed)."""
+    s: State = world["state"]
+    old, result = _narrow(world)
+    receipts = [r for r in s.receipts("erasure") if r["grant"] == GONE]
+    assert [(r["reason"], r["key_destroyed"]) for r in receipts] == [("narrowed", True)]
+    assert receipts[0]["scopes"] == ["read_vin"]
+    assert receipts[0]["batches_deleted"] == result.narrowed[0].batches_deleted
+    files = _files(s.dir)
+    found = {what: _where(needle, files) for what, needle in old.items()}
+    assert not any(found.values()), {k: v for k, v in found.items() if v}
+    assert _where(world["kept_key"], files)  # the scan can see
+    assert not (s.dir / "erasures.pending.json").exists()
+
+
+def test_narrowing_with_a_busy_reader_is_pending_until_verified(world: dict[str, Any], reader: Any) -> None:
+    """While another process held a read snapshot, the narrowing receipt still said key_destroyed: true with the
+    replaced wrapped key in the file: now no receipt until the raw bytes are clean, then one that says so."""
+    s: State = world["state"]
+    old, result = _narrow(world)
+    w = result.narrowed[0]
+    assert _where(old["old wrapped key"], _files(s.dir))  # the snapshot keeps the old pages
+    assert not w.key_destroyed
+    assert [r for r in s.receipts("erasure") if r["grant"] == GONE] == []
+    pending = json.loads((s.dir / "erasures.pending.json").read_text())
+    assert [(p["grant"], p["reason"], p["batches_deleted"]) for p in pending] == [
+        (GONE, "narrowed", w.batches_deleted)]
+    assert s.manager.finish_pending_erasures() == []  # still held: still pending
+
+    _release(reader)
+    done = s.manager.finish_pending_erasures()
+    assert [(e.grant_id, e.batches_deleted, e.key_destroyed) for e in done] == [(GONE, w.batches_deleted, True)]
+    receipts = [r for r in s.receipts("erasure") if r["grant"] == GONE]
+    assert [(r["reason"], r["key_destroyed"], r["scopes"], r["narrowing"], r["samples_deleted"])
+            for r in receipts] == [("narrowed", True, ["read_vin"], ["scope-removed"], w.samples_deleted)]
+    files = _files(s.dir)
+    found = {what: _where(needle, files) for what, needle in old.items()}
+    assert not any(found.values()), {k: v for k, v in found.items() if v}
+    assert not (s.dir / "erasures.pending.json").exists()
+    # The grant stays in force with its new key: its kept rows are still readable and sendable.
+    assert s.outbox.has_key(GONE) and s.outbox.pending(10_000)

@@ -263,3 +263,53 @@ def test_old_outbox_files_are_migrated_and_unjudgeable_rows_never_leave(tmp_path
     again = Outbox(path, storage, DEV)
     assert again.epoch == epoch  # made once, kept for the outbox's life
     again.close()
+
+
+# -- collection rules (README "Collection rules"; docs/privacy.md, "Narrowing and collection rules") -------------
+
+
+def _ruled(*rules: dict[str, Any], scopes: tuple[str, ...] = ("read_speedometer", "read_odometer",
+                                                                 "read_location")) -> Grant:
+    from vgw.collect.rules import parse_rules
+
+    return _grant(scopes=scopes, collect=parse_rules(list(rules), scopes))
+
+
+def test_a_changed_rule_withdraws_only_the_stored_data_of_its_scope(tmp_path):
+    """A change of the `collect` rules was `terms-changed`: every stored batch of the grant was deleted, the
+    odometer rows collected under an untouched rule too. Now the stored data of each scope whose rule changed
+    in any way (tighter, looser, another mode, added or removed) are withdrawn, and only those."""
+    speed_agg = {"scope": "read_speedometer", "mode": "aggregate", "window_s": 60}
+    odo = {"scope": "read_odometer", "mode": "periodic", "period_s": 60}
+    old = _ruled(speed_agg, odo)
+    assert not narrowing(old, _ruled(speed_agg, odo))
+    assert not narrowing(old, _ruled(odo, speed_agg))  # the order of the rules means nothing
+    cases = {
+        "looser window": (_ruled({**speed_agg, "window_s": 10}, odo), {"read_speedometer"}),
+        "tighter window": (_ruled({**speed_agg, "window_s": 600}, odo), {"read_speedometer"}),
+        "rule removed": (_ruled(odo), {"read_speedometer"}),
+        "rule added": (_ruled(speed_agg, odo, {"scope": "read_location", "mode": "periodic", "period_s": 5}),
+                       {"read_location"}),
+        "rule by path": (_ruled({"path": SPEED, "mode": "on_change", "deadband": 1}, odo), {"read_speedometer"}),
+        "every rule removed": (_grant(scopes=old.scopes), {"read_speedometer", "read_odometer"}),
+    }
+    for name, (new, withdrawn) in cases.items():
+        n = narrowing(old, new)
+        assert (n.kinds, n.scopes, n.withdraw_all) == ({NarrowingKind.RULES_CHANGED}, withdrawn, False), name
+    # A trigger whose condition changed withdraws the scope it collects, not the scopes its condition reads.
+    trig = {"scope": "read_location", "mode": "trigger", "when": "Vehicle.Speed > 100", "pre_s": 10}
+    n = narrowing(_ruled(trig), _ruled({**trig, "when": "Vehicle.Speed > 120"}))
+    assert n.scopes == {"read_location"}
+    # terms_digest is unchanged by this rule: rows stored by the previous version keep their stamp.
+    assert terms_digest(old) != terms_digest(_ruled(odo))
+
+    outbox = Outbox(tmp_path / "outbox.sqlite", new_data_key(), DEV)
+    outbox.apply_terms({G: GrantTerms(terms_digest(old), frozenset(old.scopes))})
+    _commit(outbox, {"read_speedometer": 2}, terms_digest(old))
+    _commit(outbox, {"read_odometer": 3}, terms_digest(old))
+    new = _ruled({**speed_agg, "window_s": 10}, odo)
+    [w] = outbox.apply_terms({G: GrantTerms(terms_digest(new), frozenset(new.scopes), narrowing(old, new),
+                                            terms_digest(old))})
+    assert (w.kinds, w.batches_deleted, w.samples_deleted) == ({NarrowingKind.RULES_CHANGED}, 1, 2)
+    assert [r.seq for r in outbox.pending(10)] == [2]  # the odometer batch stays
+    outbox.close()

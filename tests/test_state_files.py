@@ -68,13 +68,13 @@ def assert_untouched(victim: Path) -> None:
 def test_state_dir_of_another_user_is_refused_and_its_links_never_followed(setup: dict[str, Any]) -> None:
     state: Path = setup["state"]
     state.mkdir(mode=0o700)
-    (state / "vgw.lock").symlink_to(setup["victim"])  # planted: the lock file is truncated on open
+    (state / "agent.lock").symlink_to(setup["victim"])  # planted: the lock file is truncated on open
     (state / "audit.log").symlink_to(setup["victim"])
     os.chown(state, OTHER_UID, OTHER_UID)
     r = apply(setup)
     assert_refused(r, "owned by uid 4242", str(state))
     assert_untouched(setup["victim"])
-    assert sorted(p.name for p in state.iterdir()) == ["vgw.lock", "audit.log"]  # nothing adopted or created
+    assert sorted(p.name for p in state.iterdir()) == ["agent.lock", "audit.log"]  # nothing adopted or created
 
 
 def test_state_dir_writable_by_others_is_refused(setup: dict[str, Any]) -> None:
@@ -85,7 +85,7 @@ def test_state_dir_writable_by_others_is_refused(setup: dict[str, Any]) -> None:
     assert list(state.iterdir()) == []
 
 
-@pytest.mark.parametrize("name", ["vgw.lock", "audit.log", "outbox.sqlite", "outbox.sqlite-wal", "consent.jws",
+@pytest.mark.parametrize("name", ["agent.lock", "audit.log", "outbox.sqlite", "outbox.sqlite-wal", "consent.jws",
                                   "storage.key"])
 def test_a_link_planted_in_our_own_state_dir_is_refused(setup: dict[str, Any], name: str) -> None:
     state: Path = setup["state"]
@@ -116,7 +116,7 @@ def test_every_state_file_is_created_0600_even_under_umask_022(setup: dict[str, 
     r = apply(setup)  # the CLI (umask 022 inherited from this test process) adds the rest
     assert r.returncode == 0, r.stderr
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in state.iterdir()}
-    assert {"outbox.sqlite", "audit.log", "consent.jws", "storage.key", "vgw.lock"} <= set(modes)
+    assert {"outbox.sqlite", "audit.log", "consent.jws", "storage.key", "agent.lock"} <= set(modes)
     assert all(m == 0o600 for m in modes.values()), modes
     assert stat.S_IMODE(state.stat().st_mode) == 0o700
 

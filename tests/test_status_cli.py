@@ -65,3 +65,45 @@ def test_structured_counters_and_units() -> None:
     }
     assert [human_bytes(n) for n in (0, 1023, 1536, 5 * 1024 * 1024, 3 * 1024**3)] == [
         "0 B", "1023 B", "1.5 KiB", "5.0 MiB", "3.0 GiB"]
+
+
+def test_status_shows_pending_erasures_without_personal_data(tmp_path: Path, pki: TestPKI) -> None:
+    """An erasure (or a narrowing) whose receipt waits until no copy is left in the outbox's files was only in
+    erasures.pending.json: neither `vgw status` nor its JSON said that data were still waiting to be gone."""
+    from vgw.consent.store import ConsentStore, PendingErasure
+
+    auth = Authority(tmp_path)
+    cfg = write_config(tmp_path, pki, free_port(), auth.trust, can={"channel": "status-pending"})
+    doc = tmp_path / "consent.jws"
+    doc.write_text(auth.doc(DEV, {"g-1": ["read_speedometer"]}))
+    assert vgw("consent", "apply", "--config", str(cfg), str(doc)).returncode == 0
+    store = ConsentStore(load_config(cfg).state_dir)
+    store.add_pending_erasure(PendingErasure("g-old", 1, "revoked", 7, since=1_700_000_000.0))
+    store.add_pending_erasure(PendingErasure("g-1", 1, "narrowed", 3, since=1_700_000_100.0,
+                                             narrowing=("scope-removed",), scopes=("read_fuel",),
+                                             samples_deleted=40))
+
+    st = json.loads(vgw("status", "--config", str(cfg), "--json").stdout)
+    assert st["erasures_pending"] == [
+        {"grant": "g-old", "reason": "revoked", "since": 1_700_000_000.0, "batches_deleted": 7},
+        {"grant": "g-1", "reason": "narrowed", "since": 1_700_000_100.0, "batches_deleted": 3}]
+    text = vgw("status", "--config", str(cfg)).stdout
+    assert "erasures pending (no receipt until no copy is left): g-old revoked, 7 batch(es), since " in text
+    assert "g-1 narrowed, 3 batch(es), since " in text
+
+    store.remove_pending_erasure(PendingErasure("g-old", 1, "revoked", 7))
+    store.remove_pending_erasure(PendingErasure("g-1", 1, "narrowed", 3))
+    st = json.loads(vgw("status", "--config", str(cfg), "--json").stdout)
+    assert st["erasures_pending"] == []
+    assert "erasures pending" not in vgw("status", "--config", str(cfg)).stdout
+
+
+def test_consent_apply_names_a_narrowing(tmp_path: Path, pki: TestPKI) -> None:
+    auth = Authority(tmp_path)
+    cfg = write_config(tmp_path, pki, free_port(), auth.trust, can={"channel": "status-narrow"})
+    for ver, scopes in ((1, ["read_speedometer", "read_fuel"]), (2, ["read_speedometer"])):
+        doc = tmp_path / f"consent-{ver}.jws"
+        doc.write_text(auth.doc(DEV, {"g-1": scopes}, ver=ver))
+        out = vgw("consent", "apply", "--config", str(cfg), str(doc))
+        assert out.returncode == 0, out.stderr
+    assert "grant g-1 narrowed (scope-removed): 0 stored batch(es) deleted, data key replaced" in out.stdout

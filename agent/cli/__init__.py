@@ -36,6 +36,8 @@ _COMMANDS = (
     "doctor",
     "install",
     "bench",
+    "dev",
+    "monitor",
 )
 
 # Long-running commands log progress at INFO; the others print their result and log errors only.

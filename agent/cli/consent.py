@@ -111,6 +111,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
         print(f"  grant {e.grant_id} revoked: {e.batches_deleted} batch(es) deleted, " + (
             "data key destroyed" if e.key_destroyed else "erasure pending (another process holds the outbox open; "
             "the receipt follows once no copy is left)"))
+    for w in result.narrowed:
+        print(f"  grant {w.grant_id} narrowed ({', '.join(sorted(w.kinds))}): {w.batches_deleted} stored batch(es) "
+              "deleted, " + ("data key replaced" if w.key_destroyed else "erasure pending (the receipt follows once "
+                             "no copy is left)" if w.pending else "old data key could not be replaced"))
     return 0
 
 

@@ -4,7 +4,8 @@
 ``outbox`` at least)
 with ``schema_version`` (:data:`SCHEMA_VERSION`, raised when a field changes meaning or moves) and the
 counters as a tree: ``counters.agent`` (name -> n) and ``counters.grants`` (grant -> name -> n, with
-``by_scope`` for per-scope counts), never flat ``name:grant:scope`` keys.
+``by_scope`` for per-scope counts), never flat ``name:grant:scope`` keys. ``erasures_pending`` lists the
+erasures whose receipt waits until no copy is left in the outbox's files.
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vgw.cli import DEFAULT_CONFIG
 from vgw.timefmt import local_text, valid_time
+
+if TYPE_CHECKING:
+    from vgw.consent.store import ConsentStore
 
 # 1: flat counters ("dropped_quota:g1"); 2: counters.agent / counters.grants[g] (by_scope), this version.
 SCHEMA_VERSION = 2
@@ -61,8 +65,23 @@ def collect_status(config_path: str) -> dict[str, Any]:
         "quota": {"quota_bytes": cfg.outbox.quota_bytes, "used_bytes": state.used_bytes},
         "storage": live.get("storage", {"ok": True, "error": None}) if running else {"ok": True, "error": None},
         "obd": live.get("obd") if running else None,
+        "bus": live.get("bus") if running else None,
         "health": live.get("health", {"ok": True, "problem": None}) if running else {"ok": True, "problem": None},
+        **pending_erasures(manager.store),
     }
+
+
+def pending_erasures(store: ConsentStore) -> dict[str, Any]:
+    """``erasures_pending``: erasures (and narrowings) done in the outbox whose receipt waits until no copy is
+    left in its files (README "Receipts"): grant, reason, since when, batches deleted; no personal data."""
+    from vgw.errors import StorageError
+
+    try:
+        items = store.pending_erasures()
+    except StorageError as exc:
+        return {"erasures_pending": [], "erasures_pending_error": str(exc)}
+    return {"erasures_pending": [{"grant": p.grant, "reason": p.reason, "since": p.since,
+                                  "batches_deleted": p.batches_deleted} for p in items]}
 
 
 def structured_counters(flat: dict[str, Any]) -> dict[str, Any]:
@@ -160,8 +179,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     obd = st["obd"]
     if obd:
         print(f"obd: {obd['state']}" + ("" if obd["ok"] else f" (FAILING: {obd['last_error']})"))
+    bus = st["bus"]
+    if bus and bus.get("silent"):
+        print(f"can: SILENT, no frame for {bus['last_frame_age_s']:.0f} s (check [can] channel, cable, simulator)")
     if not st["health"]["ok"]:
         print(f"health: NOT OK ({st['health']['problem']}); the systemd watchdog restarts the agent")
+    if st["erasures_pending"]:
+        print("erasures pending (no receipt until no copy is left): " + "; ".join(
+            f"{p['grant']} {p['reason']}, {p['batches_deleted']} batch(es), since "
+            + (local_text(p["since"]) if valid_time(p["since"]) else "unknown") for p in st["erasures_pending"]))
+    if st.get("erasures_pending_error"):
+        print(f"erasures pending: UNREADABLE ({st['erasures_pending_error']})")
     last = st["last_publish"]
     print(f"last publish: {f'{local_text(last)} ({human_age(time.time() - last)})' if last else 'never'}; "
           f"receipts queued: {st['receipts_queued']}")

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from vgw.audit import AuditLog
 from vgw.consent.model import Consent, Grant
 from vgw.consent.narrowing import narrowing, terms_digest
-from vgw.consent.store import ConsentStore
+from vgw.consent.store import ConsentStore, PendingErasure
 from vgw.consent.verifier import peek_version, verify_consent
 from vgw.crypto.receipts import ReceiptSigner
 from vgw.errors import ConfigError, ConsentError, SignatureError, StorageError
@@ -35,6 +35,7 @@ REJECTED_MEMORY = 256  # how many rejected documents are remembered (by digest) 
 # A flood of distinct invalid documents: per reason, the first rejection in an interval is audited and receipted
 # at once, the rest are summed into one entry and one receipt (with ``count``) when the interval ends.
 REJECT_COALESCE_S = 60.0
+NARROWED = "narrowed"  # the reason of an erasure receipt for stored data a narrowed grant withdrew
 
 # Called with the grant ids that stop, before anything is erased on disk: the runtime stops collecting
 # them and drops their in-memory batches.
@@ -327,7 +328,8 @@ class ConsentManager:
             # receipt is sent by finish_pending_erasures once no copy is found.
             self._audit("erasure-pending", grant=grant_id, batches_deleted=erasure.batches_deleted, reason=reason,
                         why="outbox-busy")
-            self.store.add_pending_erasure(grant_id, ver=ver, reason=reason, batches_deleted=erasure.batches_deleted)
+            self.store.add_pending_erasure(PendingErasure(grant_id, ver, reason, erasure.batches_deleted,
+                                                          since=self.store.now()))
             return erasure
         self._receipt_erasure(grant_id, ver=ver, reason=reason, batches_deleted=erasure.batches_deleted)
         return erasure
@@ -349,8 +351,13 @@ class ConsentManager:
             gid = p.grant
             if not self.outbox.finish_erasure(gid, wait_s=wait_s):
                 continue
-            self._receipt_erasure(gid, ver=p.ver, reason=p.reason, batches_deleted=p.batches_deleted)
-            self.store.remove_pending_erasure(gid)
+            if p.reason == NARROWED:
+                self._audit("key-destroyed", grant=gid, reason=NARROWED)
+                self._receipt_narrowed(gid, ver=p.ver, kinds=list(p.narrowing), scopes=list(p.scopes),
+                                       batches_deleted=p.batches_deleted, samples_deleted=p.samples_deleted)
+            else:
+                self._receipt_erasure(gid, ver=p.ver, reason=p.reason, batches_deleted=p.batches_deleted)
+            self.store.remove_pending_erasure(p)
             done.append(Erasure(gid, p.batches_deleted, key_destroyed=True))
         return done
 
@@ -358,22 +365,41 @@ class ConsentManager:
         """Audit and receipt stored batches a narrowed grant withdrew (README "Narrowing applies to stored data" and
         "Receipts").
 
-        The receipt is an ``erasure`` with the claims of README "Receipts" (``batches_deleted``; ``key_destroyed``: the
-        data key
-        that sealed them was replaced) plus ``reason`` = ``narrowed``, ``narrowing`` (the kinds), ``scopes``
-        (the scopes withdrawn, names only) and ``samples_deleted`` (still-permitted samples of mixed batches
+        The receipt is an ``erasure`` with the claims of README "Receipts" (``batches_deleted``; ``key_destroyed``:
+        the data key that sealed them was replaced and no copy of it or of a deleted batch is found in the
+        outbox's files; until then the receipt waits, as an erasure's does) plus ``reason`` = ``narrowed``,
+        ``narrowing`` (the kinds), ``scopes`` (the scopes withdrawn, names only) and ``samples_deleted``
+        (still-permitted samples of mixed batches
         included). The grant itself stays in force.
         """
         kinds = sorted(str(k) for k in w.kinds)
         entry = self._audit("grant-narrowed", grant=w.grant_id, ver=ver, narrowing=kinds, scopes=sorted(w.scopes),
                             batches_deleted=w.batches_deleted, samples_deleted=w.samples_deleted,
                             key_destroyed=w.key_destroyed)
-        self.outbox.queue_receipt(self._sign("erasure", entry, grant=w.grant_id, ver=ver,
-                                             batches_deleted=w.batches_deleted, key_destroyed=w.key_destroyed,
-                                             reason="narrowed", narrowing=kinds, scopes=sorted(w.scopes),
-                                             samples_deleted=w.samples_deleted))
         log.info("grant %s narrowed (%s): %d stored batch(es) with withdrawn data deleted", w.grant_id,
                  ", ".join(kinds), w.batches_deleted)
+        if w.pending:
+            # Key replaced and rows deleted, but a copy is still in the outbox's files: as for a revocation, no
+            # receipt until the raw bytes are clean (finish_pending_erasures), never a false key_destroyed.
+            self._audit("erasure-pending", grant=w.grant_id, batches_deleted=w.batches_deleted, reason=NARROWED,
+                        why="outbox-busy")
+            self.store.add_pending_erasure(PendingErasure(
+                w.grant_id, ver, NARROWED, w.batches_deleted, since=self.store.now(), narrowing=tuple(kinds),
+                scopes=tuple(sorted(w.scopes)), samples_deleted=w.samples_deleted))
+            return
+        self._receipt_narrowed(w.grant_id, ver=ver, kinds=kinds, scopes=sorted(w.scopes),
+                               batches_deleted=w.batches_deleted, samples_deleted=w.samples_deleted,
+                               key_destroyed=w.key_destroyed, entry=entry)
+
+    def _receipt_narrowed(self, grant_id: str, *, ver: int, kinds: list[str], scopes: list[str], batches_deleted: int,
+                          samples_deleted: int, key_destroyed: bool = True,
+                          entry: dict[str, object] | None = None) -> None:
+        if entry is None:
+            entry = self._audit("erasure-done", grant=grant_id, batches_deleted=batches_deleted, reason=NARROWED)
+        self.outbox.queue_receipt(self._sign("erasure", entry, grant=grant_id, ver=ver,
+                                             batches_deleted=batches_deleted, key_destroyed=key_destroyed,
+                                             reason=NARROWED, narrowing=kinds, scopes=scopes,
+                                             samples_deleted=samples_deleted))
 
     def _audit(self, event: str, **fields: object) -> dict[str, object]:
         """Append to the audit log; a failing log is reported but never stops an erasure or a decision."""

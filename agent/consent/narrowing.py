@@ -10,7 +10,11 @@ when its grant
     where there was none (``limit-tightened``);
   * changed its recipient key, controller, purpose or any other term this agent cannot compare: every batch
     (``recipient-changed`` / ``terms-changed``; fail closed, as README "Consent document" does for unknown keys);
-  * shortened ``retention_s``: the batches older than the new retention (``retention-shortened``).
+  * shortened ``retention_s``: the batches older than the new retention (``retention-shortened``);
+  * changed the collection rules of one of the batch's scopes in any way: tighter, looser, another mode, a rule
+    added or removed (``rules-changed``; docs/privacy.md, "Narrowing and collection rules"). "Looser" cannot be
+    told across modes (a summary per minute against a trigger window), so every change counts; a scope whose
+    rules did not change keeps its stored batches.
 Loosening (a higher ``max_hz``, a new scope, a longer retention) withdraws nothing.
 """
 
@@ -22,10 +26,14 @@ import hashlib
 import json
 from dataclasses import dataclass
 
+from vgw.collect.vss import VSS_SCOPES
 from vgw.consent.model import Grant
 
 # Fields compared one by one below; any other field that differs is a change this module cannot judge.
 _KNOWN_FIELDS = frozenset({"id", "scopes", "limits", "recipient", "retention_s"})
+# Compared per scope by narrowing(); terms_digest() still counts it among the other fields, so the stamps of
+# stored rows stay what earlier versions wrote.
+_RULES_FIELD = "collect"
 
 
 class NarrowingKind(enum.StrEnum):
@@ -34,6 +42,7 @@ class NarrowingKind(enum.StrEnum):
     RECIPIENT_CHANGED = "recipient-changed"
     RETENTION_SHORTENED = "retention-shortened"
     TERMS_CHANGED = "terms-changed"
+    RULES_CHANGED = "rules-changed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,10 +94,16 @@ def narrowing(old: Grant, new: Grant) -> Narrowing:
         # old one is no longer entitled to them.
         kinds.add(NarrowingKind.RECIPIENT_CHANGED)
         withdraw_all = True
-    others = {f.name for f in dataclasses.fields(old) if f.name not in _KNOWN_FIELDS}
+    old_rules, new_rules = _rules_by_scope(old), _rules_by_scope(new)
+    changed_rules = {scope for scope in (old_rules.keys() | new_rules.keys()) & set(new.scopes)
+                     if old_rules.get(scope) != new_rules.get(scope)}
+    if changed_rules:
+        kinds.add(NarrowingKind.RULES_CHANGED)
+        scopes |= changed_rules
+    others = {f.name for f in dataclasses.fields(old) if f.name not in _KNOWN_FIELDS | {_RULES_FIELD}}
     if any(getattr(old, name) != getattr(new, name, None) for name in others):
         # Another controller or purpose (GDPR Art. 5(1)(b): collected for one purpose, not sent for another),
-        # or a term this agent cannot compare (e.g. collection rules): fail closed.
+        # or a term this agent cannot compare: fail closed.
         kinds.add(NarrowingKind.TERMS_CHANGED)
         withdraw_all = True
     retention = None
@@ -103,3 +118,13 @@ def _tighter(old: Grant, new: Grant, scope: str) -> bool:
     if b.max_hz is not None and (a.max_hz is None or b.max_hz < a.max_hz):
         return True
     return b.precision_m is not None and (a.precision_m is None or b.precision_m > a.precision_m)
+
+
+def _rules_by_scope(grant: Grant) -> dict[str, list[str]]:
+    """Each scope's collection rules (a rule naming a VSS path counts for that path's scope), canonical JSON
+    with defaults filled in, sorted: the order of the rules in the document means nothing."""
+    out: dict[str, list[str]] = {}
+    for rule in grant.collect:
+        scope = rule.scope if rule.path is None else VSS_SCOPES.get(rule.path, rule.path)
+        out.setdefault(str(scope), []).append(json.dumps(rule.to_json(), sort_keys=True))
+    return {scope: sorted(rules) for scope, rules in out.items()}

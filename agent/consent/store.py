@@ -33,6 +33,17 @@ class PendingErasure:
     ver: int
     reason: str
     batches_deleted: int
+    since: float | None = None  # when it became pending (None: recorded by an earlier version)
+    # reason "narrowed" (the grant stays in force): the claims its receipt adds (README "Receipts")
+    narrowing: tuple[str, ...] = ()
+    scopes: tuple[str, ...] = ()
+    samples_deleted: int = 0
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        """One pending erasure per grant, reason and version: a narrowing and a later revocation of the same
+        grant each keep their own receipt."""
+        return (self.grant, self.reason, self.ver)
 
 
 class ConsentStore:
@@ -86,21 +97,25 @@ class ConsentStore:
         erasure must never be forgotten silently."""
         try:
             doc = json.loads(_read_state(self.pending_path, "pending erasures"))
-            return [PendingErasure(str(e["grant"]), int(e["ver"]), str(e["reason"]), int(e["batches_deleted"]))
+            return [PendingErasure(str(e["grant"]), int(e["ver"]), str(e["reason"]), int(e["batches_deleted"]),
+                                   since=None if e.get("since") is None else float(e["since"]),
+                                   narrowing=tuple(str(k) for k in e.get("narrowing", ())),
+                                   scopes=tuple(str(k) for k in e.get("scopes", ())),
+                                   samples_deleted=int(e.get("samples_deleted", 0)))
                     for e in doc]
         except FileNotFoundError:
             return []
         except (ValueError, TypeError, KeyError) as exc:
             raise StorageError(f"{self.pending_path}: unreadable pending erasures: {exc}") from exc
 
-    def add_pending_erasure(self, grant: str, *, ver: int, reason: str, batches_deleted: int) -> None:
-        items = [p for p in self.pending_erasures() if p.grant != grant]
-        items.append(PendingErasure(grant, ver, reason, batches_deleted))
+    def add_pending_erasure(self, entry: PendingErasure) -> None:
+        items = [p for p in self.pending_erasures() if p.key != entry.key]
+        items.append(entry)
         self._write_pending(items)
 
-    def remove_pending_erasure(self, grant: str) -> None:
+    def remove_pending_erasure(self, entry: PendingErasure) -> None:
         items = self.pending_erasures()
-        left = [p for p in items if p.grant != grant]
+        left = [p for p in items if p.key != entry.key]
         if len(left) != len(items):
             self._write_pending(left)
 

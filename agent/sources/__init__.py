@@ -41,7 +41,8 @@ def open_source(can_cfg: CanConfig) -> FrameSource:
     if can_cfg.replay is not None:
         from vgw.sources.replay import ReplaySource
 
-        return ReplaySource(can_cfg.replay, rate=can_cfg.replay_rate, loop=can_cfg.replay_loop)
+        return ReplaySource(can_cfg.replay, rate=can_cfg.replay_rate, loop=can_cfg.replay_loop,
+                            exit_on_error=can_cfg.replay_exit)
     from vgw.sources.canbus import BusSource
 
     return BusSource(can_cfg.interface, can_cfg.channel, can_cfg.bitrate, fd=can_cfg.fd,

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import can
-from vgw.errors import SourceOpenError
+from vgw.errors import SourceEndedError, SourceOpenError
 from vgw.sources.candump import Damage, DamagedLine, is_candump, open_binary, read_frames
 from vgw.timefmt import valid_time
 
@@ -38,10 +38,11 @@ MIN_LOOP_GAP_S = 0.001  # between passes of a trace whose frames all share one t
 
 
 class ReplaySource:
-    def __init__(self, path: Path, *, rate: float = 1.0, loop: bool = False) -> None:
+    def __init__(self, path: Path, *, rate: float = 1.0, loop: bool = False, exit_on_error: bool = False) -> None:
         self.path = path
         self.rate = rate
         self.loop = loop
+        self.exit_on_error = exit_on_error  # ``replay_exit``: a trace that cannot be opened ends the run
         self.finished = False
         self.frames_read = 0
         self.lines_skipped = 0  # damaged lines of the first pass (a loop does not count them again)
@@ -62,7 +63,8 @@ class ReplaySource:
 
     def _open(self) -> Iterator[can.Message | DamagedLine]:
         """The frames of one pass. Raises SourceOpenError when the file cannot be opened (retried by the
-        collector); a file no reader can start on (unknown format, damaged header) is a trace with no frames."""
+        collector; SourceEndedError with ``exit_on_error``);
+        a file no reader can start on (unknown format, damaged header) is a trace with no frames."""
         self._release()
         try:
             if is_candump(self.path):
@@ -71,7 +73,10 @@ class ReplaySource:
                 return read_frames(fh)
             reader = can.LogReader(str(self.path))
         except OSError as exc:
-            raise SourceOpenError(f"{self.path}: cannot read trace: {exc.strerror or exc}") from exc
+            # Retried by the collector (the file may still appear), except with ``replay_exit``: a run that is
+            # meant to end must not wait forever for a file (docs/guarantees.md, "Damaged files").
+            error = SourceEndedError if self.exit_on_error else SourceOpenError
+            raise error(f"{self.path}: cannot read trace: {exc.strerror or exc}") from exc
         except Exception as exc:  # python-can's readers raise ValueError, struct.error ... on a bad header
             # Retrying cannot help and must not loop (`replay_exit` would never end): nothing is replayed.
             if self._pass == 0:

@@ -9,13 +9,17 @@ just printed: exit 0 only if every guarantee held.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import pwd
 import shutil
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -24,6 +28,7 @@ from vgw.catalogue import load_catalogue
 from vgw.config import load_config
 from vgw.errors import VgwError
 from vgw.logs import quieted
+from vgw.tools.progress import Progress
 
 DEVICE = "demo-car-01"
 
@@ -117,19 +122,36 @@ def run_demo(duration: float = 20.0, *, as_json: bool = False, out: IO[str] | No
         raise VgwError(f"demo duration {duration:g} s is too short: use at least 8 s")
     out = out or sys.stdout
     screen = _Screen(sys.stderr if as_json else out, live=not as_json)
-    quiet = quieted("vgw", "agent")
-    quiet.__enter__()
-
-    root = Path(tempfile.mkdtemp(prefix="vgw-demo-"))
-    os.chmod(root, 0o755)  # noqa: S103 - the broker (dropped to user mosquitto) reads the PKI below it
+    setup = Progress()  # set-up steps on a terminal only; a pipe gets the narrative and the summary alone
+    keep_dir = keep.expanduser().absolute() if keep is not None else None
+    if keep_dir is not None:
+        # Kept: the demo works in DIR/demo (config with relative paths, state, PKI with 0600 keys, broker and
+        # agent logs), and DIR becomes a dev stack (README "Your own dev stack").
+        root = keep_dir / "demo"
+        if root.exists() or (keep_dir / "vgw.toml").exists():
+            raise VgwError(f"--keep {keep}: it already holds a demo or a dev stack; give a new directory")
+        root.mkdir(parents=True)
+        os.chmod(root, 0o700)
+    else:
+        root = Path(tempfile.mkdtemp(prefix="vgw-demo-"))
+        os.chmod(root, 0o755)  # noqa: S103 - the broker (dropped to user mosquitto) reads the PKI below it
+    logs = _kept_log(root / "demo.log") if keep_dir is not None else quieted("vgw", "agent")
+    logs.__enter__()
     t0 = time.monotonic()
     stop = threading.Event()
     broker = agent = cloud = bus = None
     sim_thread = agent_thread = None
     try:
-        pki = TestPKI(root / "pki", devices=[DEVICE])
+        setup.step("setting up: certificates")
+        pki = TestPKI(root / "pki", devices=[DEVICE], key_mode=0o600 if keep_dir else 0o644)
+        setup.step("setting up: private mosquitto (mutual TLS)")
         try:
-            broker = Mosquitto.from_pki(pki).start()
+            if keep_dir is not None:
+                # It reads the 0600 keys as their owner (started as root it would drop to `mosquitto`).
+                broker = Mosquitto.from_pki(pki, workdir=root / "broker",
+                                            extra_config=f"user {pwd.getpwuid(os.geteuid()).pw_name}").start()
+            else:
+                broker = Mosquitto.from_pki(pki).start()
         except MosquittoNotFound as exc:
             raise VgwError(str(exc)) from exc
         screen.event(0.0, f"private mosquitto up on 127.0.0.1:{broker.port} (mutual TLS, per-device ACL)")
@@ -141,6 +163,7 @@ def run_demo(duration: float = 20.0, *, as_json: bool = False, out: IO[str] | No
         cloud.add_device(DEVICE, pki.devices[DEVICE].cert)
         for gid, rk in recipients.items():
             cloud.add_recipient(gid, rk)
+        setup.step("setting up: cloud peer")
         cloud.connect()
         screen.event(time.monotonic() - t0, "cloud peer connected (consent signer, one HPKE key per app)")
 
@@ -148,8 +171,11 @@ def run_demo(duration: float = 20.0, *, as_json: bool = False, out: IO[str] | No
         state_dir = root / "state"
         cfg_path = root / "vgw.toml"
         dev = pki.devices[DEVICE]
-        cfg_path.write_text(_config_text(state_dir, default_dbc(), default_signal_map(), channel, broker.port,
-                                         pki.ca.cert, dev.cert, dev.key, trust))
+        def rel(p: Path) -> Path:  # a kept config stays valid wherever DIR goes
+            return p.relative_to(root) if keep_dir is not None and p.is_relative_to(root) else p
+
+        cfg_path.write_text(_config_text(rel(state_dir), default_dbc(), default_signal_map(), channel, broker.port,
+                                         rel(pki.ca.cert), rel(dev.cert), rel(dev.key), rel(trust)))
         cfg = load_config(cfg_path)
         catalogue = load_catalogue(cfg.can.dbc, cfg.can.signal_map) if cfg.can else None
         assert catalogue is not None
@@ -165,9 +191,11 @@ def run_demo(duration: float = 20.0, *, as_json: bool = False, out: IO[str] | No
         screen.event(time.monotonic() - t0, f"vehicle simulator on virtual CAN bus '{channel}' "
                      f"({len(sim.messages)} messages, 10 ms - 1 s periods)")
 
+        setup.step("setting up: agent")
         agent = Agent(cfg)
         agent_thread = threading.Thread(target=agent.run, name="demo-agent", daemon=True)
         agent_thread.start()
+        setup.close()
         screen.event(time.monotonic() - t0, f"agent {DEVICE} started; no consent yet: nothing is decoded")
 
         now = int(time.time())
@@ -218,9 +246,12 @@ def run_demo(duration: float = 20.0, *, as_json: bool = False, out: IO[str] | No
             print(json.dumps(summary, indent=2), file=out)
         else:
             _print_summary(summary, out)
+        if keep_dir is not None:
+            _keep(keep_dir, root, summary, sys.stderr if as_json else out)
         return 0 if summary["ok"] else 1
     finally:
-        quiet.__exit__(None, None, None)
+        setup.close()
+        logs.__exit__(None, None, None)
         stop.set()
         if agent is not None:
             agent.stop()
@@ -234,9 +265,39 @@ def run_demo(duration: float = 20.0, *, as_json: bool = False, out: IO[str] | No
             cloud.close()
         if broker is not None:
             broker.close()
-        if keep is not None:
-            shutil.copytree(root, keep, dirs_exist_ok=True)
-        shutil.rmtree(root, ignore_errors=True)
+        if keep_dir is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _kept_log(path: Path) -> Iterator[None]:
+    """The agent's log of a kept demo goes to ``path`` (INFO and up, never values), not over the live screen."""
+    logger = logging.getLogger("vgw")
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    level, propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
+def _keep(keep_dir: Path, root: Path, summary: dict[str, Any], out: IO[str]) -> None:
+    """Write the summary next to the kept demo and lay out a dev stack in ``keep_dir``."""
+    from vgw.tools.devstack import init
+
+    (root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    init(keep_dir)
+    print(f"kept in {keep_dir}:\n"
+          f"  demo/      the demo's config, state, PKI (keys 0600), broker and agent logs, summary.json\n"
+          f"             (vgw report --config {root / 'vgw.toml'}; vgw audit show --config ...)\n"
+          f"  a dev stack of your own: vgw dev up {keep_dir}   (README \"Your own dev stack\")", file=out)
 
 
 def _view(cloud: Any, agent: Any, elapsed: float, duration: float, revoked_wall: float | None) -> list[str]:

@@ -1,36 +1,14 @@
-"""`vgw bench`: reporting: the progress bar, the targets a result meets, and the human-readable table."""
+"""`vgw bench`: reporting: the progress bar (:class:`vgw.tools.progress.Progress`), the targets a result meets, and
+the human-readable table."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
+from vgw.tools.progress import Progress
 
-class Progress:
-    """A one-line progress bar on a terminal (stderr); silent otherwise."""
-
-    def __init__(self, out: IO[str] | None = None) -> None:
-        self.out = out if out is not None else sys.stderr
-        self.live = self.out.isatty()
-        self._phase = ""
-
-    def phase(self, name: str) -> None:
-        self._phase = name
-        self.update(0.0)
-
-    def update(self, fraction: float, note: str = "") -> None:
-        if not self.live:
-            return
-        width = 30
-        done = int(max(0.0, min(1.0, fraction)) * width)
-        self.out.write(f"\r\x1b[2K{self._phase:<22} [{'#' * done}{'.' * (width - done)}] {note}")
-        self.out.flush()
-
-    def close(self) -> None:
-        if self.live:
-            self.out.write("\r\x1b[2K")
-            self.out.flush()
+__all__ = ["Progress", "format_table"]
 
 
 def _targets(r: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,410 @@
+"""`vgw dev`: a complete development stack laid out in one directory, kept, started and stopped there.
+
+``init DIR`` writes everything a developer needs to run the agent against their own broker (README "Your own
+dev stack"); ``up DIR`` starts the parts in the background; ``down DIR`` stops them. Layout::
+
+    DIR/vgw.toml                  the agent's config (paths relative to it; edit it)
+    DIR/vehicle.dbc, signals.toml the vehicle's DBC and signal map (copies of the demo car's; edit them)
+    DIR/grants.toml               what the cloud grants (the `vgw cloud sign` grants file, README)
+    DIR/pki/                      CA, broker, cloud and device certificates; private keys 0600
+    DIR/consent/                  consent signer key (0600) + public key, recipients/<grant>.key (0600) + .pub.json,
+                                  current.jws: the consent document `up` pushes (retained)
+    DIR/broker/                   mosquitto.conf (mutual TLS on a loopback port chosen at init), acl, db/
+    DIR/state/                    the agent's state directory
+    DIR/logs/                     broker.log, sim.log, cloud.log, agent.log (appended, kept)
+    DIR/cloud/received.jsonl      what the cloud listener received and decrypted (the apps' side)
+    DIR/run/                      <part>.pid, can0 and can1: links to the simulator's two SLCAN ptys
+                                  (the agent reads can0; `vgw monitor` reads can1: a pty has one reader)
+
+Every part is a plain process with a pid file; ``down`` stops only processes whose command line names DIR.
+Errors: :class:`~vgw.errors.ConfigError` for a directory that is not a stack (or already is one for
+``init``), :class:`~vgw.errors.VgwError` when a part does not start (the message names its log).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from vgw.errors import ConfigError, VgwError
+
+DEFAULT_DEVICE = "dev-car-01"
+STACK_FILE = "stack.json"
+START_TIMEOUT_S = 20.0
+STOP_TIMEOUT_S = 10.0
+PARTS = ("broker", "sim", "cloud", "agent")  # started in this order, stopped in the reverse one
+# The demo's two apps: one fleet operator (location coarsened on the car), one insurer.
+GRANTS_TOML = """# What the cloud grants this device: the grants file of `vgw cloud sign` (README "The grants file").
+# `vgw dev up` signs it into consent/current.jws and pushes it; after an edit run `vgw dev up` again
+# (or sign and push yourself, README).
+ttl_s = 86400                       # the document expires this long after it is signed
+
+[[grant]]
+id = "g-fleet"
+controller = "com.example.fleet"
+purpose = "fleet-maintenance"
+scopes = ["read_odometer", "read_fuel", "read_tires", "read_location"]
+recipient = "consent/recipients/g-fleet.pub.json"
+limits = { read_location = { max_hz = 0.5, precision_m = 500 } }
+
+[[grant]]
+id = "g-insurer"
+controller = "com.example.insurer"
+purpose = "usage-based-insurance"
+scopes = ["read_speedometer", "read_odometer", "read_battery"]
+recipient = "consent/recipients/g-insurer.pub.json"
+retention_s = 86400
+"""
+
+
+@dataclass(frozen=True)
+class Stack:
+    """The files of one dev stack directory."""
+
+    dir: Path
+
+    @property
+    def config(self) -> Path:
+        return self.dir / "vgw.toml"
+
+    def pid_file(self, part: str) -> Path:
+        return self.dir / "run" / f"{part}.pid"
+
+    def log(self, part: str) -> Path:
+        return self.dir / "logs" / f"{part}.log"
+
+    @property
+    def can_links(self) -> tuple[Path, Path]:
+        return self.dir / "run" / "can0", self.dir / "run" / "can1"
+
+    def info(self) -> dict[str, object]:
+        try:
+            data = json.loads((self.dir / STACK_FILE).read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{self.dir}: not a vgw dev stack (run `vgw dev init {self.dir}` first)") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{self.dir / STACK_FILE}: not a dev stack description")
+        return data
+
+
+# ---------------------------------------------------------------- init
+
+
+def init(directory: Path, *, device: str = DEFAULT_DEVICE, trace: Path | None = None,
+         progress: Callable[[str], None] = lambda _m: None) -> Stack:
+    """Lay out a new dev stack in ``directory`` (created; an existing stack is refused, nothing overwritten).
+
+    ``trace``: the agent replays this trace (copied in, looped) instead of reading the simulator's pty.
+    Raises :class:`ConfigError` for an existing stack, a bad device id or trace, a directory it cannot write.
+    """
+    stack = Stack(directory.expanduser().absolute())
+    try:
+        return _init(stack, device, trace, progress)
+    except OSError as exc:
+        raise ConfigError(f"{stack.dir}: cannot lay out a dev stack here: {exc.strerror or exc}") from exc
+
+
+def _init(stack: Stack, device: str, trace: Path | None, progress: Callable[[str], None]) -> Stack:
+    from vgw.cloud.cloudkit import keygen, load_grants, load_signing_key, sign_documents
+    from vgw.config import DEVICE_ID_PATTERN
+    from vgw.simulators.broker import free_port
+    from vgw.simulators.paths import default_dbc, default_signal_map
+    from vgw.simulators.pki import TestPKI
+
+    if (stack.dir / STACK_FILE).exists() or stack.config.exists():
+        raise ConfigError(f"{stack.dir}: already holds a dev stack (or a vgw.toml); pick another directory")
+    if not DEVICE_ID_PATTERN.match(device):
+        raise ConfigError(f"--device {device!r}: use 1-64 letters, digits, '.', '_' or '-'")
+    if trace is not None:
+        from vgw.simulators.can_play import check_trace
+
+        check_trace(trace)
+    stack.dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(stack.dir, 0o700)  # it holds private keys and the agent's state
+    for sub in ("logs", "run", "state", "cloud", "broker"):
+        (stack.dir / sub).mkdir(mode=0o700, exist_ok=True)
+    TestPKI(stack.dir / "pki", devices=[device], ca_name="vgw dev CA", days=365, key_mode=0o600)
+    os.chmod(stack.dir / "pki", 0o700)
+    progress("PKI: CA, broker, cloud and device certificates (private keys 0600) in pki/")
+    keygen(stack.dir / "consent", ["g-fleet", "g-insurer"])
+    progress("consent signer key and one HPKE recipient key per app in consent/")
+    (stack.dir / "grants.toml").write_text(GRANTS_TOML)
+    shutil.copyfile(default_dbc(), stack.dir / "vehicle.dbc")
+    shutil.copyfile(default_signal_map(), stack.dir / "signals.toml")
+    if trace is not None:
+        shutil.copyfile(trace, stack.dir / f"trace{trace.suffix}")
+    port = free_port()
+    (stack.dir / "vgw.toml").write_text(_agent_config(stack, device, port, trace))
+    (stack.dir / STACK_FILE).write_text(json.dumps({"device": device, "port": port,
+                                                    "source": "trace" if trace else "slcan"}, indent=2) + "\n")
+    key = load_signing_key(stack.dir / "consent" / "consent-signer.key")
+    token = sign_documents(key, load_grants(stack.dir / "grants.toml"), [device])[device]
+    (stack.dir / "consent" / "current.jws").write_text(token + "\n")
+    progress(f"agent config vgw.toml (device {device}, broker 127.0.0.1:{port}), grants.toml, consent/current.jws")
+    return stack
+
+
+def _agent_config(stack: Stack, device: str, port: int, trace: Path | None) -> str:
+    if trace is None:
+        source = f"""interface = "slcan"
+channel = "{stack.can_links[0]}"   # `vgw dev up` links it to the simulator's SLCAN pty
+bitrate = 500000"""
+    else:
+        source = f"""interface = "virtual"             # unused: the agent replays the trace below
+replay = "trace{trace.suffix}"
+replay_loop = true"""
+    return f"""# The agent's config of a vgw dev stack (README "Your own dev stack"). Paths are relative to this file.
+[device]
+id = "{device}"
+state_dir = "state"
+
+[can]
+{source}
+dbc = ["vehicle.dbc"]
+signal_map = "signals.toml"
+silent_s = 10.0                 # warn when the bus delivers no frame for this long
+
+[mqtt]
+host = "localhost"
+port = {port}
+ca_file = "pki/ca.crt"
+cert_file = "pki/{device}.crt"
+key_file = "pki/{device}.key"
+backoff_max_s = 5.0
+
+[consent]
+trust_keys = ["consent/consent-signer.pub.pem"]
+
+[batch]
+max_interval_s = 0.5
+"""
+
+
+def _broker_config(stack: Stack, port: int) -> str:
+    from vgw.simulators.broker import device_acl
+
+    acl = stack.dir / "broker" / "acl"
+    acl.write_text(device_acl("vgw", cloud_user="cloud"))
+    db = stack.dir / "broker" / "db"
+    db.mkdir(mode=0o700, exist_ok=True)
+    pki = stack.dir / "pki"
+    # Started as root, mosquitto would drop to the `mosquitto` user, which cannot read the 0600 keys: it runs
+    # as the owner of this directory instead (without root, `user` is ignored).
+    return "\n".join([
+        "# written by `vgw dev up`: a private broker with mutual TLS and the per-device ACL (README \"Topics\")",
+        f"user {pwd.getpwuid(os.geteuid()).pw_name}",
+        "per_listener_settings false",
+        "allow_anonymous false",
+        f"listener {port} 127.0.0.1",
+        f"cafile {pki / 'ca.crt'}",
+        f"certfile {pki / 'server.crt'}",
+        f"keyfile {pki / 'server.key'}",
+        "require_certificate true",
+        "use_identity_as_username true",
+        "tls_version tlsv1.2",
+        f"acl_file {acl}",
+        "persistence true",
+        f"persistence_location {db}/",
+        "log_dest stderr",
+        "log_timestamp true",
+        "connection_messages true",
+    ]) + "\n"
+
+
+# ---------------------------------------------------------------- processes
+
+
+def _pid(stack: Stack, part: str) -> int | None:
+    """The pid of ``part`` if it runs and is ours (its command line names the stack directory)."""
+    try:
+        pid = int(stack.pid_file(part).read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        status = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if str(stack.dir) in cmdline and status != "Z" else None
+
+
+def _spawn(stack: Stack, part: str, argv: list[str]) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with open(stack.log(part), "ab") as log:
+        log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} vgw dev up: starting {part}\n".encode())
+        log.flush()
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                cwd=stack.dir, env=env, start_new_session=True, close_fds=True)
+    stack.pid_file(part).write_text(f"{proc.pid}\n")
+    return proc
+
+
+def _wait(stack: Stack, part: str, proc: subprocess.Popen[bytes], ready: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise VgwError(f"{part} exited with code {proc.returncode} during start: see {stack.log(part)}")
+        if ready():
+            return
+        time.sleep(0.05)
+    raise VgwError(f"{part} not ready after {START_TIMEOUT_S:.0f} s: see {stack.log(part)}")
+
+
+def _listening(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+        return False
+
+
+def _log_has(stack: Stack, part: str, offset: int, text: str) -> bool:
+    with open(stack.log(part), "rb") as fh:
+        fh.seek(offset)
+        return text.encode() in fh.read()
+
+
+def _agent_connected(stack: Stack) -> bool:
+    try:
+        return json.loads((stack.dir / "state" / "status.json").read_text()).get("link") == "connected"  # type: ignore[no-any-return]
+    except (OSError, ValueError):
+        return False
+
+
+def up(directory: Path, *, progress: Callable[[str], None] = lambda _m: None) -> Stack:
+    """Start broker, simulator (unless the agent replays a trace), cloud listener and agent in the background,
+    push the consent document. Parts already running are left alone. On a failure what this call started is
+    stopped again. Raises :class:`ConfigError` / :class:`VgwError`."""
+    from vgw.simulators.broker import MosquittoNotFound, find_mosquitto
+
+    stack = Stack(directory.expanduser().absolute())
+    info = stack.info()
+    port = int(str(info["port"]))
+    device = str(info["device"])
+    py = [sys.executable, "-m", __name__.split(".")[0]]
+    started: list[str] = []
+    try:
+        if _pid(stack, "broker") is None:
+            if _listening(port):
+                raise VgwError(f"port {port} of this stack is taken by another program (edit port in "
+                               f"{stack.config} and {stack.dir / STACK_FILE})")
+            conf = stack.dir / "broker" / "mosquitto.conf"
+            conf.write_text(_broker_config(stack, port))
+            offset = stack.log("broker").stat().st_size if stack.log("broker").exists() else 0
+            try:
+                binary = find_mosquitto()
+            except MosquittoNotFound as exc:
+                raise VgwError(str(exc)) from exc
+            proc = _spawn(stack, "broker", [binary, "-c", str(conf)])
+            started.append("broker")
+            _wait(stack, "broker", proc, lambda: _log_has(stack, "broker", offset, " running") and _listening(port))
+            progress(f"broker: mosquitto on 127.0.0.1:{port} (mutual TLS), log logs/broker.log")
+        if info.get("source") == "slcan" and _pid(stack, "sim") is None:
+            links = stack.can_links
+            for link in links:
+                with contextlib.suppress(FileNotFoundError):
+                    link.unlink()
+            proc = _spawn(stack, "sim", [*py, "sim", "can", "--dbc", str(stack.dir / "vehicle.dbc"),
+                                         "--link", str(links[0]), "--link", str(links[1])])
+            started.append("sim")
+            _wait(stack, "sim", proc, lambda: all(os.path.lexists(p) for p in links))
+            progress("simulator: SLCAN ptys run/can0 (agent) and run/can1 (vgw monitor), log logs/sim.log")
+        pki = stack.dir / "pki"
+        broker_opts = ["--broker", f"127.0.0.1:{port}", "--ca", str(pki / "ca.crt"), "--cert",
+                       str(pki / "cloud.crt"), "--tls-key", str(pki / "cloud.key")]
+        if _pid(stack, "cloud") is None:
+            offset = stack.log("cloud").stat().st_size if stack.log("cloud").exists() else 0
+            proc = _spawn(stack, "cloud", [*py, "cloud", "listen", *broker_opts, "--recipient",
+                                           str(stack.dir / "consent"), "--device-cert", str(pki / f"{device}.crt"),
+                                           "--out", str(stack.dir / "cloud" / "received.jsonl")])
+            started.append("cloud")
+            _wait(stack, "cloud", proc, lambda: _log_has(stack, "cloud", offset, "subscribed"))
+            progress("cloud listener: decrypts what the apps receive into cloud/received.jsonl")
+        _push_consent(stack, device, broker_opts)
+        progress("consent: grants.toml signed and pushed (retained) to the device's consent topic")
+        if _pid(stack, "agent") is None:
+            proc = _spawn(stack, "agent", [*py, "run", "--config", str(stack.config)])
+            started.append("agent")
+            _wait(stack, "agent", proc, lambda: _agent_connected(stack))
+            progress(f"agent: {device} connected, log logs/agent.log, state in state/")
+    except BaseException:
+        for part in reversed(started):
+            _stop(stack, part)
+        raise
+    return stack
+
+
+def _push_consent(stack: Stack, device: str, broker_opts: list[str]) -> None:
+    """Sign grants.toml afresh (a newer version) when it changed since current.jws, then publish, retained."""
+    from vgw.cloud.cloudkit import load_grants, load_signing_key, read_document, sign_documents
+    from vgw.cloud.cloudlink import BrokerOptions, CloudLink
+
+    grants, current = stack.dir / "grants.toml", stack.dir / "consent" / "current.jws"
+    key = load_signing_key(stack.dir / "consent" / "consent-signer.key")
+    desc = load_grants(grants)
+    claims = read_document(current, key)
+    if grants.stat().st_mtime > current.stat().st_mtime or claims.get("exp", 0) < time.time() + 3600:
+        current.write_text(sign_documents(key, desc, [device])[device] + "\n")
+    opts = dict(zip(broker_opts[::2], broker_opts[1::2], strict=True))
+    host, port = BrokerOptions.parse_address(opts["--broker"])
+    link = CloudLink(BrokerOptions(host=host, port=port, ca_file=Path(opts["--ca"]), cert_file=Path(opts["--cert"]),
+                                   key_file=Path(opts["--tls-key"]), client_id=f"vgw-dev-up-{os.getpid()}")).connect()
+    try:
+        link.publish(f"vgw/{device}/consent", current.read_text().strip().encode())
+    finally:
+        link.close()
+
+
+def _stop(stack: Stack, part: str) -> bool:
+    """SIGTERM ``part`` (SIGKILL after STOP_TIMEOUT_S) and remove its pid file. True if it was running."""
+    pid = _pid(stack, part)
+    if pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while _pid(stack, part) is not None and time.monotonic() < deadline:
+            _reap(pid)
+            time.sleep(0.05)
+        if _pid(stack, part) is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        _reap(pid)
+    with contextlib.suppress(FileNotFoundError):
+        stack.pid_file(part).unlink()
+    return pid is not None
+
+
+def _reap(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def down(directory: Path, *, progress: Callable[[str], None] = lambda _m: None) -> Stack:
+    """Stop every part of the stack (agent first, broker last). Raises :class:`ConfigError` for no stack."""
+    stack = Stack(directory.expanduser().absolute())
+    stack.info()
+    for part in reversed(PARTS):
+        if _stop(stack, part):
+            progress(f"{part}: stopped")
+    return stack
+
+
+def parts(stack: Stack) -> tuple[str, ...]:
+    """The parts this stack runs (no simulator when the agent replays a trace)."""
+    return tuple(p for p in PARTS if p != "sim" or stack.info().get("source") == "slcan")
+
+
+def status(directory: Path) -> dict[str, int | None]:
+    """Part -> pid while it runs, else None, for the parts this stack runs. Raises :class:`ConfigError` for no
+    stack."""
+    stack = Stack(directory.expanduser().absolute())
+    return {part: _pid(stack, part) for part in parts(stack)}

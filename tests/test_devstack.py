@@ -1,0 +1,163 @@
+"""`vgw dev init|up|status|down`: a complete, kept, runnable dev stack in one directory (README "Your own dev
+stack"), with real mosquitto, the SLCAN pty simulator, the cloud listener and the agent as background
+processes; private keys 0600 (also from `vgw sim fleet --make-pki`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from vgw.cloud.cloudkit import load_grants
+from vgw.config import load_config
+
+from tests.agentkit import ROOT, vgw
+
+
+def wait_until(cond: Callable[[], Any], timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError("condition not met in time")
+
+
+def _private_keys(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*.key"))
+
+
+def _mode(p: Path) -> int:
+    return stat.S_IMODE(p.stat().st_mode)
+
+
+@pytest.fixture
+def stack_dir(tmp_path: Path) -> Iterator[Path]:
+    d = tmp_path / "devstack"
+    yield d
+    if (d / "stack.json").exists():
+        vgw("dev", "down", str(d), timeout=60)  # never leave a stack running after a failed test
+
+
+def _batches(d: Path) -> dict[str, int]:
+    out: dict[str, int] = {}
+    try:
+        lines = (d / "cloud" / "received.jsonl").read_text().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        event = json.loads(line)
+        if event.get("type") == "batch":
+            out[event["grant"]] = out.get(event["grant"], 0) + 1
+    return out
+
+
+def test_init_up_down_a_kept_stack(stack_dir: Path) -> None:
+    r = vgw("dev", "init", str(stack_dir), timeout=60)
+    assert r.returncode == 0, r.stderr
+    keys = _private_keys(stack_dir)
+    names = {p.name for p in keys}
+    assert {"ca.key", "server.key", "cloud.key", "dev-car-01.key", "consent-signer.key", "g-fleet.key",
+            "g-insurer.key"} <= names
+    assert all(_mode(p) == 0o600 for p in keys), {str(p): oct(_mode(p)) for p in keys}
+    assert _mode(stack_dir) == 0o700
+    cfg = load_config(stack_dir / "vgw.toml")  # a valid agent config, paths relative to it
+    assert cfg.state_dir == (stack_dir / "state").resolve() and cfg.can is not None
+    assert cfg.can.interface == "slcan" and cfg.can.channel == str(stack_dir.absolute() / "run" / "can0")
+    assert {g["id"] for g in load_grants(stack_dir / "grants.toml")["grants"]} == {"g-fleet", "g-insurer"}
+
+    again = vgw("dev", "init", str(stack_dir), timeout=60)
+    assert again.returncode == 1 and len(again.stderr.strip().splitlines()) == 1
+    assert "already holds a dev stack" in again.stderr
+
+    r = vgw("dev", "up", str(stack_dir), timeout=90)
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert "vgw monitor --config" in r.stdout
+    pids = {line.split()[0]: int(line.split("pid ")[1].rstrip(")")) for line in
+            vgw("dev", "status", str(stack_dir)).stdout.splitlines()}
+    assert set(pids) == {"broker", "sim", "cloud", "agent"}
+    # Data flows end to end: the cloud listener decrypts batches of both grants.
+    wait_until(lambda: sorted(_batches(stack_dir)) == ["g-fleet", "g-insurer"]
+               and min(_batches(stack_dir).values()) >= 2)
+    st = json.loads(vgw("status", "--config", str(stack_dir / "vgw.toml"), "--json").stdout)
+    assert st["link"] == "connected" and {g["id"] for g in st["grants"]} == {"g-fleet", "g-insurer"}
+
+    # The monitor reads the second adapter while the agent reads the first; the agent's own one is refused.
+    cfg_path = str(stack_dir / "vgw.toml")
+    mon = vgw("monitor", "--config", cfg_path, "-c", str(stack_dir / "run" / "can1"), "--duration", "3",
+              "--interval", "2.5")
+    assert mon.returncode == 0, mon.stderr
+    assert re.search(r"^Vehicle\.Speed\s+read_speedometer\s+\S+\s+[1-9][0-9.]*/s\s+sent: g-insurer$",
+                     mon.stdout.split("--- ")[-1], re.MULTILINE), mon.stdout
+    refused = vgw("monitor", "--config", cfg_path, "--duration", "1")
+    assert refused.returncode == 1 and "already open in process" in refused.stderr
+
+    # up again: nothing is started twice.
+    r = vgw("dev", "up", str(stack_dir), timeout=90)
+    assert r.returncode == 0, r.stderr
+    status = vgw("dev", "status", str(stack_dir))
+    assert status.returncode == 0
+    assert {line.split()[0]: int(line.split("pid ")[1].rstrip(")")) for line in status.stdout.splitlines()} == pids
+
+    r = vgw("dev", "down", str(stack_dir), timeout=60)
+    assert r.returncode == 0, r.stderr
+    for pid in pids.values():
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert vgw("dev", "status", str(stack_dir)).returncode == 3
+    # Everything is kept: logs of every part, the agent's state, what the cloud received.
+    for part in ("broker", "sim", "cloud", "agent"):
+        assert (stack_dir / "logs" / f"{part}.log").stat().st_size > 0
+    assert "consent v" in (stack_dir / "logs" / "agent.log").read_text()
+    assert (stack_dir / "state" / "outbox.sqlite").exists()
+    assert not list((stack_dir / "run").glob("*.pid"))
+
+
+def test_trace_stack_replays_without_a_simulator(stack_dir: Path, tmp_path: Path) -> None:
+    from vgw.simulators.can_sim import CanSimulator
+
+    trace = tmp_path / "drive.log"
+    CanSimulator().record(trace, 5.0)
+    assert vgw("dev", "init", str(stack_dir), "--trace", str(trace), "--device", "bench-car").returncode == 0
+    cfg = load_config(stack_dir / "vgw.toml")
+    assert cfg.can is not None and cfg.can.replay == (stack_dir / "trace.log").resolve() and cfg.can.replay_loop
+    r = vgw("dev", "up", str(stack_dir), timeout=90)
+    assert r.returncode == 0, r.stderr
+    wait_until(lambda: len(_batches(stack_dir)) == 2)
+    st = vgw("dev", "status", str(stack_dir))
+    assert st.returncode == 0 and "sim" not in st.stdout  # no simulator in a trace stack, and all is running
+    assert f"vgw monitor --config {stack_dir}/vgw.toml " in r.stdout and "run/can1" not in r.stdout
+
+
+def test_not_a_stack_is_one_line(tmp_path: Path) -> None:
+    for action in ("up", "down", "status"):
+        r = vgw("dev", action, str(tmp_path / "nothing"))
+        assert r.returncode == 1 and "not a vgw dev stack" in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+    bad_init = ((("/proc/vgw-nope",), "cannot lay out"), ((str(tmp_path / "d"), "--device", "a/b"), "--device"),
+                ((str(tmp_path / "e"), "--trace", str(tmp_path / "none.log")), "none.log not found"))
+    for args, needle in bad_init:
+        r = vgw("dev", "init", *args)
+        assert r.returncode == 1 and needle in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_fleet_make_pki_writes_private_keys_0600(tmp_path: Path) -> None:
+    out = tmp_path / "fleet-pki"
+    r = subprocess.run([sys.executable, "-m", "vgw", "sim", "fleet", "--make-pki", str(out), "--devices", "2"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    keys = _private_keys(out)
+    assert len(keys) == 5  # CA, server, cloud, two devices
+    assert all(_mode(p) == 0o600 for p in keys), {p.name: oct(_mode(p)) for p in keys}
+    assert all(_mode(p) == 0o644 for p in out.glob("*.crt"))
+    assert not any(os.access(p, os.R_OK) and p.stat().st_mode & 0o044 for p in keys)

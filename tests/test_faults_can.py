@@ -47,7 +47,7 @@ def test_flood_of_random_and_short_frames_bounded_memory_and_data_keep_flowing(
     runner = _start(tmp_path, pki, broker, cloud, auth, channel)
     try:
         agent = runner.agent
-        consented = sorted(vgw.pipeline.router.frame_ids)  # the ids carrying consented signals
+        consented = sorted(agent.pipeline.router.frame_ids)  # the ids carrying consented signals
         proc = psutil.Process()
         time.sleep(1.0)
         rss0 = proc.memory_info().rss

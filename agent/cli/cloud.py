@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import signal
 import sys
 import threading
@@ -267,6 +268,9 @@ def _listen_nats(args: argparse.Namespace, recipients: Any, keys: Any) -> int:
     from vgw.cloud.jetstream import JetStreamWorker, NatsOptions, parse_servers, require_nats_py
 
     require_nats_py()
+    # asyncio warns on every TLS close of nats-py's connections ("returning true from eof_received()");
+    # harmless, and not something an operator can act on
+    logging.getLogger("asyncio").setLevel(logging.ERROR)
     missing = [n for n in ("ca", "cert", "tls_key") if getattr(args, n) is None]
     if missing:
         raise CloudKitError("--nats needs " + ", ".join("--" + m.replace("_", "-") for m in missing))

@@ -102,13 +102,20 @@ class AgentLock:
 
     @staticmethod
     def held_by_other(state_dir: Path) -> bool:
-        lock = AgentLock(state_dir)
-        if not (state_dir / LOCK_FILE).exists():
+        """True while a `vgw run` holds the lock; reads only (a shared flock on a read-only descriptor)."""
+        try:
+            fd = os.open(state_dir / LOCK_FILE, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except FileNotFoundError:
             return False
-        if lock.acquire():
-            lock.release()
-            return False
-        return True
+        except OSError as exc:
+            raise StorageError(f"{state_dir / LOCK_FILE}: cannot open the agent lock: {exc.strerror}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
 
 
 def open_state(cfg: Config, *, check: bool = False) -> tuple[Outbox, AuditLog, ConsentStore, ReceiptSigner]:

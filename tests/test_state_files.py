@@ -74,7 +74,7 @@ def test_state_dir_of_another_user_is_refused_and_its_links_never_followed(setup
     r = apply(setup)
     assert_refused(r, "owned by uid 4242", str(state))
     assert_untouched(setup["victim"])
-    assert sorted(p.name for p in state.iterdir()) == ["vgw.lock", "audit.log"]  # nothing adopted or created
+    assert sorted(p.name for p in state.iterdir()) == ["audit.log", "vgw.lock"]  # nothing adopted or created
 
 
 def test_state_dir_writable_by_others_is_refused(setup: dict[str, Any]) -> None:

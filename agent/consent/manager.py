@@ -57,6 +57,38 @@ def load_trust_keys(paths: Sequence[Path]) -> list[Ed25519PublicKey]:
     return keys
 
 
+@dataclass(frozen=True)
+class CachedConsent:
+    """The cached document as re-verified now: ``consent`` is None when there is none or it no longer verifies
+    (``problem`` then names why: a :class:`ConsentError` reason, ``malformed`` or ``version-rollback``)."""
+
+    consent: Consent | None
+    expired: bool = False
+    problem: str | None = None
+    problem_ver: int | None = None
+
+
+def read_cached(store: ConsentStore, trust_keys: Sequence[Ed25519PublicKey], device: str) -> CachedConsent:
+    """Re-verify the cached consent document; reads only (`vgw status` and `consent show` use it too)."""
+    token = store.read_token()
+    if token is None:
+        return CachedConsent(None)
+    try:
+        # Re-verify signature, subject and claims; the validity window is judged against the clock
+        # floor instead (an expired document stays the one in force, as expired).
+        consent = verify_consent(token, trust_keys=trust_keys, device=device, now=float(_claim_int(token, "iat")))
+    except (ConsentError, ValueError, IndexError, KeyError, TypeError) as exc:
+        reason = exc.reason if isinstance(exc, ConsentError) else "malformed"
+        log.warning("cached consent no longer verifies (%s): nothing is in force", reason)
+        return CachedConsent(None, problem=reason)
+    if consent.ver < store.max_ver:
+        # The cache holds an older version than one applied here before: a rollback of the file.
+        log.warning("cached consent v%d is older than v%d applied before: nothing is in force", consent.ver,
+                    store.max_ver)
+        return CachedConsent(None, problem="version-rollback", problem_ver=consent.ver)
+    return CachedConsent(consent, expired=store.now() >= consent.exp)
+
+
 @dataclass
 class ApplyResult:
     status: str  # "applied" | "duplicate" | "rejected"
@@ -125,28 +157,11 @@ class ConsentManager:
             self.store.raise_floor(self.in_force.iat)
 
     def _read_cache(self, *, audit: bool) -> tuple[Consent | None, bool]:
-        token = self.store.read_token()
-        if token is None:
-            return None, False
-        try:
-            # Re-verify signature, subject and claims; the validity window is judged against the clock
-            # floor instead (an expired document stays the one in force, as expired).
-            consent = verify_consent(token, trust_keys=self.trust_keys, device=self.device,
-                                     now=float(_claim_int(token, "iat")))
-        except (ConsentError, ValueError, IndexError, KeyError, TypeError) as exc:
-            reason = exc.reason if isinstance(exc, ConsentError) else "malformed"
-            log.warning("cached consent no longer verifies (%s): nothing is in force", reason)
-            if audit:
-                self._audit("consent-cache-invalid", reason=reason)
-            return None, False
-        if consent.ver < self.store.max_ver:
-            # The cache holds an older version than one applied here before: a rollback of the file.
-            log.warning("cached consent v%d is older than v%d applied before: nothing is in force", consent.ver,
-                        self.store.max_ver)
-            if audit:
-                self._audit("consent-cache-invalid", reason="version-rollback", ver=consent.ver)
-            return None, False
-        return consent, self.store.now() >= consent.exp
+        cached = read_cached(self.store, self.trust_keys, self.device)
+        if cached.problem is not None and audit:
+            extra = {"ver": cached.problem_ver} if cached.problem_ver is not None else {}
+            self._audit("consent-cache-invalid", reason=cached.problem, **extra)
+        return cached.consent, cached.expired
 
     # -- applying a new document --------------------------------------------------------------------
 

@@ -60,7 +60,8 @@ from pathlib import Path
 
 from vgw.consent.narrowing import Narrowing, NarrowingKind
 from vgw.crypto import keys
-from vgw.errors import StorageError
+from vgw.errors import OutboxUnwritable as OutboxUnwritable
+from vgw.errors import StorageError, StorageFault, StorageOpenError
 from vgw.fsutil import create_private, destroy_file, refuse_symlink
 
 log = logging.getLogger("vgw.outbox")
@@ -154,23 +155,17 @@ class TermsChanged(GrantNotActive):
     """A batch was refused because it was collected under terms that are no longer in force."""
 
 
-class OutboxUnwritable(StorageError):
-    """The outbox cannot store now: ``kind`` is ``full`` (disk or page limit), ``read-only`` or ``io``."""
-
-    def __init__(self, message: str, kind: str) -> None:
-        super().__init__(message)
-        self.kind = kind
-
-
 def _unwritable(path: Path, exc: sqlite3.Error) -> OutboxUnwritable:
-    text = str(exc).lower()
-    if "full" in text:
-        kind = "full"
-    elif "readonly" in text or "read-only" in text or "read only" in text:
-        kind = "read-only"
+    """Translate a failed write by SQLite's primary result code (its message text is for people only)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    primary = code & 0xFF if isinstance(code, int) else None  # extended codes keep the primary in the low byte
+    if primary == sqlite3.SQLITE_FULL:
+        fault = StorageFault.FULL
+    elif primary == sqlite3.SQLITE_READONLY:
+        fault = StorageFault.READ_ONLY
     else:
-        kind = "io"
-    return OutboxUnwritable(f"{path}: outbox cannot store ({kind}): {exc}", kind)
+        fault = StorageFault.IO
+    return OutboxUnwritable(f"{path}: outbox cannot store ({fault}): {exc}", fault)
 
 
 def integrity_problem(path: Path) -> str | None:
@@ -282,7 +277,7 @@ class Outbox:
             self._migrate()
             self.epoch = self._epoch()
         except sqlite3.DatabaseError as exc:
-            raise StorageError(f"{path}: cannot open outbox: {exc}") from exc
+            raise StorageOpenError(f"{path}: cannot open outbox: {exc}") from exc
 
     def _migrate(self) -> None:
         """Bring an outbox written by an earlier version to :data:`SCHEMA_VERSION`, in one transaction."""

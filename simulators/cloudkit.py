@@ -29,7 +29,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, x25519
 from vgw.collect.rules import RuleError, parse_rules
-from vgw.errors import ConfigError
+from vgw.errors import CloudKitError
 from vgw.scopes import SCOPES
 from vgw.simulators.cloud import (
     HpkePrivateKey,
@@ -60,10 +60,6 @@ RECIPIENTS = "recipients"
 DEFAULT_TTL_S = 86400
 _GRANT_KEYS = {"id", "controller", "purpose", "scopes", "recipient", "limits", "retention_s", "collect"}
 _TOP_KEYS = {"grant", "grants", "ttl_s", "iss", "ver", "devices"}
-
-
-class CloudKitError(ConfigError):
-    """A key file, grants description, consent document or option is unusable (message names it)."""
 
 
 # ---------------------------------------------------------------- files

@@ -4,7 +4,7 @@
   :class:`~vgw.simulators.consent_authority.RecipientKey`, ``info`` bound to device and grant;
 - :func:`verify_receipt`: a receipt is an ES256 compact JWS under the device certificate's key.
 
-Errors::
+Errors (defined in :mod:`vgw.errors`)::
 
     VgwError
      +-- EnvelopeError     a telemetry envelope failed a rule of §6 (``reason`` says which)
@@ -23,7 +23,7 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, x25519
 from cryptography.hazmat.primitives.hpke import AEAD, KDF, KEM, Suite
-from vgw.errors import VgwError
+from vgw.errors import EnvelopeError, ReceiptError
 from vgw.simulators.consent_authority import HpkePrivateKey, HpkePublicKey, RecipientKey
 
 __all__ = [
@@ -47,19 +47,6 @@ _SUITES = {
     "MLKEM768-X25519": Suite(KEM.MLKEM768_X25519, KDF.HKDF_SHA256, AEAD.AES_256_GCM),
 }
 _ENC_LEN = {"X25519": 32, "MLKEM768-X25519": 1088 + 32}
-
-
-class EnvelopeError(VgwError):
-    """A telemetry envelope broke CONTRACT §6; ``reason`` is a short tag (version, hpke, zlib, json, ...)."""
-
-    def __init__(self, message: str, reason: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-class ReceiptError(VgwError):
-    """A receipt is not a valid compact JWS signed ES256 by the device it names (CONTRACT §7)."""
-
 
 
 # ---------------------------------------------------------------- envelopes (§6) and receipts (§7)

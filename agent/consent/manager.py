@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -25,7 +26,7 @@ from vgw.consent.narrowing import narrowing, terms_digest
 from vgw.consent.store import ConsentStore
 from vgw.consent.verifier import peek_version, verify_consent
 from vgw.crypto.receipts import ReceiptSigner
-from vgw.errors import ConfigError, ConsentError, SignatureError, StorageError
+from vgw.errors import ConfigError, ConsentError, ConsentReason, MalformedError, StorageError
 from vgw.fsutil import MAX_KEY_BYTES, check_owner, read_small_file
 from vgw.outbox import Erasure, GrantTerms, Outbox, Withdrawal
 
@@ -64,7 +65,7 @@ class CachedConsent:
 
     consent: Consent | None
     expired: bool = False
-    problem: str | None = None
+    problem: StrEnum | None = None
     problem_ver: int | None = None
 
 
@@ -78,14 +79,14 @@ def read_cached(store: ConsentStore, trust_keys: Sequence[Ed25519PublicKey], dev
         # floor instead (an expired document stays the one in force, as expired).
         consent = verify_consent(token, trust_keys=trust_keys, device=device, now=float(_claim_int(token, "iat")))
     except (ConsentError, ValueError, IndexError, KeyError, TypeError) as exc:
-        reason = exc.reason if isinstance(exc, ConsentError) else "malformed"
+        reason = exc.reason if isinstance(exc, ConsentError) else ConsentReason.MALFORMED
         log.warning("cached consent no longer verifies (%s): nothing is in force", reason)
         return CachedConsent(None, problem=reason)
     if consent.ver < store.max_ver:
         # The cache holds an older version than one applied here before: a rollback of the file.
         log.warning("cached consent v%d is older than v%d applied before: nothing is in force", consent.ver,
                     store.max_ver)
-        return CachedConsent(None, problem="version-rollback", problem_ver=consent.ver)
+        return CachedConsent(None, problem=ConsentReason.VERSION_ROLLBACK, problem_ver=consent.ver)
     return CachedConsent(consent, expired=store.now() >= consent.exp)
 
 
@@ -176,9 +177,7 @@ class ConsentManager:
         except Exception as exc:
             # Any other failure inside a parser is still a malformed document: reject it whole, keep the
             # consent in force (a crash here would be a remote denial of service).
-            err = SignatureError(f"consent rejected: unreadable document ({type(exc).__name__})")
-            err.reason = "malformed"
-            raise err from exc
+            raise MalformedError(f"consent rejected: unreadable document ({type(exc).__name__})") from exc
 
     def apply(self, token: str | bytes, *, source: str, skipped: Sequence[tuple[int, frozenset[str]]] = ()
               ) -> ApplyResult:

@@ -556,6 +556,7 @@ class Agent:
         self.uplink.wake()
 
     def _retention(self) -> None:
+        self.outbox.drop_undecryptable()
         now = time.time()
         for g in self.manager.active_grants():
             if g.retention_s:

@@ -390,7 +390,7 @@ class Uplink:
                 mid = self._publish(client, self.topic_data + row.grant_id, row.payload)
                 if mid is None:
                     break
-                self.outbox.attempted.add(row.id)  # maybe delivered from now on: never a quota victim
+                self.outbox.mark_attempted(row.id)  # maybe delivered from now on: never a quota victim
                 inflight[mid] = ("batch", row)
                 sent += 1
         return sent

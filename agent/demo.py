@@ -116,7 +116,7 @@ def run_demo(duration: float = 20.0, *, as_json: bool = False, out: IO[str] | No
         raise VgwError(f"demo duration {duration:g} s is too short: use at least 8 s")
     out = out or sys.stdout
     screen = _Screen(sys.stderr if as_json else out, live=not as_json)
-    quiet = quieted("vgw", "agent")
+    quiet = quieted("vgw")
     quiet.__enter__()
 
     root = Path(tempfile.mkdtemp(prefix="vgw-demo-"))

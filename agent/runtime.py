@@ -58,7 +58,7 @@ from vgw.sdnotify import notify, watchdog_interval
 from vgw.sources.canbus import BusSource
 from vgw.uplink import Uplink
 
-log = logging.getLogger("vgw.agent")
+log = logging.getLogger(__name__)
 
 STATUS_FILE = "status.json"
 RECOVERED_AFTER_STORES = 3  # consecutive stored batches before a storage fault counts as over
@@ -692,7 +692,7 @@ class Agent:
             pass
         self.outbox.close()
         self.lock_file.release()
-        logging.getLogger("vgw.agent").info("agent stopped")
+        log.info("agent stopped")
 
 
 def run_agent(cfg: Config, early: list[int] | None = None) -> int:

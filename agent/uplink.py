@@ -46,7 +46,7 @@ from vgw.fsutil import MAX_KEY_BYTES, read_small_file
 from vgw.outbox import Outbox
 from vgw.packetguard import guard_context
 
-log = logging.getLogger("vgw.uplink")
+log = logging.getLogger(__name__)
 
 SESSION_EXPIRY_S = 24 * 3600
 QUEUE_SLACK = 8  # paho queue beyond the in-flight window: the status message and the offline status

@@ -1,4 +1,4 @@
-"""`vgw bench`: the pipeline benchmark (issue 7), with the real components on one machine.
+"""`vgw bench`: the pipeline benchmark (docs/performance.md), with the real components on one machine.
 
 Phases, in one run:
 

@@ -1,4 +1,4 @@
-"""The `vgw` command line (CONTRACT §1).
+"""The `vgw` command line (README "Running the agent").
 
 Each subcommand lives in its own module under ``vgw.cli`` and exposes ``register(subparsers)``, which
 adds its parser and sets ``func`` (``Callable[[argparse.Namespace], int]``) as the default. ``main`` turns
@@ -49,13 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vgw {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _COMMANDS:
-        try:
-            module = importlib.import_module(f"vgw.cli.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"vgw.cli.{name}":
-                continue  # subcommand not built yet
-            raise
-        module.register(sub)
+        importlib.import_module(f"vgw.cli.{name}").register(sub)
     return parser
 
 

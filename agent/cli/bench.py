@@ -1,4 +1,4 @@
-"""`vgw bench`: the pipeline benchmark (issue 7): cantools baseline vs vgw's full path, latency, RSS, CPU,
+"""`vgw bench`: the pipeline benchmark (docs/performance.md): cantools baseline vs vgw's full path, latency, RSS, CPU,
 revocation time, measured with the real components against a private mosquitto."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`vgw sim`: the simulators (CONTRACT §1).
+"""`vgw sim`: the simulators (README "Running the agent").
 
 ``vgw sim can`` drives the demo vehicle onto a bus or into a trace::
 

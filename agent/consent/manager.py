@@ -30,7 +30,7 @@ from vgw.errors import ConfigError, ConsentError, ConsentReason, MalformedError,
 from vgw.fsutil import MAX_KEY_BYTES, check_owner, read_small_file
 from vgw.outbox import Erasure, GrantTerms, Outbox, Withdrawal
 
-log = logging.getLogger("vgw.consent")
+log = logging.getLogger(__name__)
 
 REJECTED_MEMORY = 256  # how many rejected documents are remembered (by digest) to ignore their replays
 # A flood of distinct invalid documents: per reason, the first rejection in an interval is audited and receipted

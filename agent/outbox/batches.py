@@ -42,7 +42,7 @@ from vgw.outbox.counters import Counters
 from vgw.outbox.erasure import Erasing
 from vgw.outbox.receipts import Receipts
 
-log = logging.getLogger("vgw.outbox")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,7 +295,7 @@ class Outbox(Erasing, Receipts, Counters):
                 db.executemany("DELETE FROM batches WHERE id = ?", [(v,) for v in victims])
                 dropped[gid] = dropped.get(gid, 0) + len(victims)
 
-        # 1. The committing grant's own oldest batches (the rule: a grant pays for its own backlog).
+        # 1. The committing grant's own oldest batches (a grant pays for its own backlog first).
         drop_from(grant_id, keep=new_row)
         # 2. Still over: its new batch does not fit beside the others; the largest grant gives way, oldest first
         #    (possibly the committing grant's new batch itself, when it is the largest).

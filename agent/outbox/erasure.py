@@ -17,7 +17,7 @@ from pathlib import Path
 from vgw.outbox.connection import BUSY_TIMEOUT_S, Connection
 from vgw.outbox.quarantine import destroy_quarantined
 
-log = logging.getLogger("vgw.outbox")
+log = logging.getLogger(__name__)
 
 # How long an erasure retries its checkpoint before it reports "not verified yet" (the agent's main loop
 # then retries every few seconds; see Erasing.erase_grant).

@@ -9,7 +9,7 @@ from vgw.errors import StorageError
 from vgw.outbox.batches import Outbox
 from vgw.outbox.quarantine import Quarantined, destroy_quarantined, integrity_problem, quarantine
 
-log = logging.getLogger("vgw.outbox")
+log = logging.getLogger(__name__)
 
 
 def open_checked(path: Path, storage_key: bytes, device: str) -> tuple[Outbox, Quarantined | None]:

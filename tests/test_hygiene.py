@@ -86,3 +86,27 @@ def test_unused_receipt_verifier_is_gone_from_the_device_side() -> None:
     from vgw.crypto import receipts
 
     assert not hasattr(receipts, "verify_receipt")  # the cloud side verifies receipts (vgw.simulators.envelopes)
+
+
+def test_the_leak_guard_sees_vgw_threads_and_open_buses() -> None:
+    import threading
+
+    import can
+
+    from tests.conftest import _counts, _open_buses
+
+    bus = can.Bus(interface="virtual", channel="vgw-leak-guard-self-test")
+    try:
+        assert bus in _open_buses()
+    finally:
+        bus.shutdown()
+    assert bus not in _open_buses()
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait, name="vgw-leak-guard-self-test", daemon=True)
+    thread.start()
+    try:
+        assert _counts(thread)
+    finally:
+        stop.set()
+        thread.join(5)
+    assert not _counts(thread)

@@ -11,9 +11,8 @@ import socket
 import sqlite3
 import ssl
 import threading
-import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -87,15 +86,6 @@ def use_faulty_outbox(monkeypatch: Any) -> list[FaultyOutbox]:
 
     monkeypatch.setattr(outbox_startup, "Outbox", Recorded)
     return opened
-
-
-def wait_until(pred: Callable[[], Any], timeout: float, step: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(step)
-    return bool(pred())
 
 
 def live_status(state_dir: Path, pid: int | None = None) -> dict[str, Any] | None:

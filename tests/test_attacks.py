@@ -305,15 +305,6 @@ def subscriptions(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return seen
 
 
-def _wait(pred: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return pred()
-
-
 def test_attacks_through_broker_to_running_agent(tmp_path: Path, pki: Any, broker: Any, cloud: Any,
                                                  subscriptions: list[str]) -> None:
     from tests.agentkit import AgentThread, write_config

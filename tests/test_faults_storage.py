@@ -13,8 +13,8 @@ import pytest
 from vgw.simulators.broker import Mosquitto, free_port
 from vgw.simulators.cloud import CloudPeer
 
-from tests.agentkit import AgentThread, Authority, vgw, write_config
-from tests.faultkit import DEV, apply_offline, record_trace, use_faulty_outbox, wait_until
+from tests.agentkit import AgentThread, Authority, vgw, wait_until, write_config
+from tests.faultkit import DEV, apply_offline, record_trace, use_faulty_outbox
 
 
 @pytest.mark.parametrize("fault", ["disk-full", "read-only"])

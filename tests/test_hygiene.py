@@ -110,3 +110,10 @@ def test_the_leak_guard_sees_vgw_threads_and_open_buses() -> None:
         stop.set()
         thread.join(5)
     assert not _counts(thread)
+
+
+def test_the_suite_has_one_wait_until() -> None:
+    tests = ROOT / "tests"
+    defs = [f"{p.name}: {m}" for p in sorted(tests.glob("*.py"))
+            for m in re.findall(r"^\s*def (wait_until|wait_for|_wait)\(", p.read_text(), re.M)]
+    assert defs == ["agentkit.py: wait_until"]

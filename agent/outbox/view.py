@@ -27,8 +27,10 @@ def read_figures(path: Path) -> OutboxFigures:
     SQLite's ``mode=ro`` still creates -wal and -shm for a WAL database whose side files are absent (a closed
     outbox), so that case is read with ``immutable=1`` (no locks, no side files) and checked afterwards: if
     the file changed or a -wal appeared meanwhile (an agent started writing), it is read again with
-    ``mode=ro``, which then finds the writer's side files and creates none. A -wal without -shm (an agent that
-    crashed) is read immutable too: the frames still in that -wal show once `vgw run` has recovered them.
+    ``mode=ro``, which then finds the writer's side files and creates none (it does use the -shm, SQLite's
+    shared-memory index that every reader of a live WAL database takes its read lock in). A -wal without
+    -shm (an agent that crashed) is read immutable too: the frames still in that -wal show once `vgw run` has
+    recovered them.
     A missing file has empty figures. Raises StorageError for a file SQLite cannot read.
     """
     for suffix in ("", "-wal", "-shm"):

@@ -12,6 +12,7 @@ values never change.
 
     VgwError
      +-- ConfigError                bad config file, DBC, signal map (names the file and field)
+     |    +-- MissingFileError      a file the config names does not exist (``path``)
      |    +-- CloudKitError         `vgw cloud`: unusable key file, grants description or option
      +-- ConsentError               a consent document broke a rule of CONTRACT §5 (``reason`` says which)
      |    +-- SignatureError        not verifiable as a document signed by a trusted key
@@ -65,6 +66,7 @@ problem of the machine the tests or the demo run on, not something vgw's user ca
 from __future__ import annotations
 
 from enum import StrEnum
+from pathlib import Path
 
 
 class VgwError(Exception):
@@ -76,6 +78,14 @@ class VgwError(Exception):
 
 class ConfigError(VgwError):
     """The configuration (TOML, DBC, signal map) is invalid. The message names the file and field."""
+
+
+class MissingFileError(ConfigError):
+    """A file the configuration names does not exist; ``path`` is that file."""
+
+    def __init__(self, message: str, path: Path) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 class CloudKitError(ConfigError):

@@ -117,3 +117,17 @@ def test_the_suite_has_one_wait_until() -> None:
     defs = [f"{p.name}: {m}" for p in sorted(tests.glob("*.py"))
             for m in re.findall(r"^\s*def (wait_until|wait_for|_wait)\(", p.read_text(), re.M)]
     assert defs == ["agentkit.py: wait_until"]
+
+
+def test_doctor_hints_at_a_missing_certificate_by_type_not_by_message(tmp_path: Path, pki: object) -> None:
+    from vgw.doctor import run_checks
+
+    from tests.agentkit import Authority, write_config
+
+    cfg = write_config(tmp_path, pki, 1883, Authority(tmp_path).trust, can={"channel": "vgw-hygiene-doctor"})
+    text = cfg.read_text()
+    cert = re.search(r'cert_file = "([^"]+)"', text)
+    assert cert is not None
+    cfg.write_text(text.replace(cert.group(1), str(tmp_path / "device.crt")))
+    [check] = run_checks(cfg)
+    assert check.check == "config" and "file not found" in check.detail and "--install-cert" in check.detail

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vgw.errors import ConfigError
+from vgw.errors import ConfigError, MissingFileError
 from vgw.fsutil import read_small_file
 
 DEVICE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -171,7 +171,7 @@ class _Section:
             if not p.is_absolute():
                 p = (self.path.parent / p).resolve()
             if must_exist and not p.exists():
-                raise ConfigError(f"{self._where(key)}: file not found: {p}")
+                raise MissingFileError(f"{self._where(key)}: file not found: {p}", p)
         except (ValueError, RuntimeError, OSError) as exc:
             # NUL in the path (ValueError), ~unknown-user or a symlink loop (RuntimeError), a name too long.
             raise ConfigError(f"{self._where(key)}: not a usable path: {_shown(raw)}") from exc

@@ -36,7 +36,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from vgw.config import CanConfig, Config, ObdConfig, load_config
-from vgw.errors import ConfigError, VgwError
+from vgw.errors import ConfigError, MissingFileError, VgwError
 from vgw.fsutil import MAX_KEY_BYTES, read_small_file
 
 PASS, WARN, FAIL = "PASS", "WARN", "FAIL"
@@ -86,7 +86,7 @@ def run_checks(config_path: str | Path, probes: Probes | None = None) -> list[Ch
         cfg = load_config(config_path)
     except VgwError as exc:
         hint = ""
-        if "device.crt" in str(exc) and "not found" in str(exc):
+        if isinstance(exc, MissingFileError) and exc.path.name == "device.crt":
             hint = " (install the signed certificate: vgw provision --install-cert FILE)"
         return [Check("config", FAIL, f"{exc}{hint}")]
     results = [Check("config", PASS, f"{cfg.path} is valid")]

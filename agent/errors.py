@@ -1,55 +1,259 @@
 """vgw's error tree.
 
 Every error a user can cause or meet in operation derives from :class:`VgwError`; the CLI prints its
-message as one line and exits non-zero. Programming mistakes raise ``ValueError``/``RuntimeError``.
+message as one line and exits non-zero. Programming mistakes raise ``ValueError``/``RuntimeError``. Like
+python-can's, the tree is split by *when* a failure happens (opening a part, operating it, one bad input
+skipped) and, for consent, like python-tuf's: one class per rule, so a caller catches a rollback by type
+(``except RollbackError``) instead of comparing strings. A consent error's ``reason`` (a
+:class:`ConsentReason`, a ``str``) is what rejection receipts and the audit log carry (README "Receipts"); its
+values never change.
 
 ::
 
     VgwError
-     +-- ConfigError            bad config file, DBC, signal map (names the file and field)
-     +-- ConsentError           a consent document broke a rule of README "Consent document" (``reason`` says which)
-     |    +-- SignatureError    not signed by a trusted key, wrong alg/typ, malformed JWS
-     |    +-- ClaimsError       wrong subject, scope, grant shape, size
-     |    +-- FreshnessError    version rollback/replay, expired, issued in the future
-     +-- SourceError            a frame/PID source failed
-     |    +-- SourceOpenError   could not open the bus/adapter/trace (initialisation)
-     |    +-- SourceReadError   failed while reading (operation)
-     |    +-- SourceFrameError  one frame was malformed and skipped; the source is still usable
-     +-- StorageError           state dir / outbox / key store
-     +-- UplinkError            MQTT/TLS
+     +-- ConfigError                bad config file, DBC, signal map (names the file and field)
+     |    +-- MissingFileError      a file the config names does not exist (``path``)
+     |    +-- CloudKitError         `vgw cloud`: unusable key file, grants description or option
+     +-- ConsentError               a consent document broke a rule of README "Consent document" (``reason`` says which)
+     |    +-- SignatureError        not verifiable as a document signed by a trusted key
+     |    |    +-- MalformedError       not a compact JWS, unreadable header          reason "malformed"
+     |    |    +-- AlgorithmError       alg is not EdDSA (alg confusion)              reason "alg"
+     |    |    +-- TypeHeaderError      typ is not vgw-consent+jwt (token confusion)  reason "typ"
+     |    |    +-- CriticalHeaderError  a 'crit' header this agent cannot honour      reason "crit"
+     |    |    +-- UntrustedError       no trust key configured                       reason "untrusted"
+     |    |    +-- BadSignatureError    signature does not verify under any key       reason "signature"
+     |    +-- ClaimsError           the signed claims are not an acceptable document
+     |    |    +-- TooLargeError        document or grant list over its limit         reason "too-large"
+     |    |    +-- PayloadError         payload is not a JSON object                  reason "payload"
+     |    |    +-- WrongDeviceError     sub is another device (replay to a fleet)     reason "subject"
+     |    |    +-- ValidityError        iat/exp missing, out of range, exp <= iat     reason "validity"
+     |    |    +-- BadClaimError        a field of the wrong type or shape            reason "claims"
+     |    |    +-- DuplicateGrantError  one grant id twice                            reason "duplicate-grant"
+     |    |    +-- UnknownKeyError      a key this agent cannot enforce (fail closed) reason "unknown-key"
+     |    |    +-- ControlScopeError    a control (write) scope                       reason "control-scope"
+     |    |    +-- UnknownScopeError    a scope not in the catalogue                  reason "unknown-scope"
+     |    |    +-- RecipientError       no or unusable HPKE recipient key             reason "recipient"
+     |    |    +-- BadRuleError         a rule of README "Collection rules"    reason "collect-*" (RuleReason)
+     |    +-- FreshnessError        the document is not the newest valid one now
+     |         +-- RollbackError        ver below the one in force (rollback)         reason "version-rollback"
+     |         +-- VersionConflictError same ver, other content (equivocation)        reason "version-conflict"
+     |         +-- ExpiredError         exp has passed                                reason "expired"
+     |         +-- NotYetValidError     iat in the future beyond the skew             reason "not-yet-valid"
+     +-- RuleError                  a collection rule broke README "Collection rules" (vgw.collect.rules)
+     +-- ConditionError             a rule's condition does not parse (vgw.collect.expr)
+     +-- PolicyError                vgw refused to do something it must never do
+     |    +-- ForbiddenRequest      an OBD request outside the read-only services (also a ValueError)
+     +-- SourceError                a frame/PID source failed
+     |    +-- SourceOpenError       could not open the bus/adapter/trace (initialisation)
+     |    |    +-- SourceEndedError  a trace that cannot be opened, with replay_exit: the run ends non-zero
+     |    +-- SourceReadError       failed while reading (operation); AnswerTimeout, AnswerTooLong (vgw.obd)
+     |    +-- SourceFrameError      one frame was malformed and skipped; the source is still usable
+     |         +-- LineError        one candump line is not a frame (vgw.sources.candump; also a ValueError)
+     +-- StorageError               state dir / outbox / key store
+     |    +-- StorageOpenError      could not open or create a state file (initialisation)
+     |    +-- OutboxUnwritable      a write failed: ``fault`` is a StorageFault (full, read-only, io)
+     |    +-- GrantNotActive        a batch or key refused: its grant was revoked meanwhile (vgw.outbox)
+     |         +-- TermsChanged     a batch collected under terms no longer in force (vgw.outbox)
+     +-- UplinkError                MQTT/TLS
+     |    +-- PacketTooLarge        a packet over the limit ended the connection (also an OSError, for paho)
+     +-- EnvelopeError              (cloud side) a telemetry envelope failed a rule of README "Telemetry envelope"
+     +-- ReceiptError               (cloud side) a receipt is not a valid ES256 JWS of its device (README "Receipts")
+
+Outside the tree on purpose: ``vgw.simulators.broker.BrokerError`` (``MosquittoNotFound``,
+``BrokerStartError``, ``NatsNotFound``) derives from ``RuntimeError``: a missing or dead test broker is a
+problem of the machine the tests or the demo run on, not something vgw's user caused.
 """
 
 from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
 
 
 class VgwError(Exception):
     """Base of every vgw error a user can meet."""
 
 
+# -- configuration ----------------------------------------------------------------------------------
+
+
 class ConfigError(VgwError):
     """The configuration (TOML, DBC, signal map) is invalid. The message names the file and field."""
 
 
+class MissingFileError(ConfigError):
+    """A file the configuration names does not exist; ``path`` is that file."""
+
+    def __init__(self, message: str, path: Path) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class CloudKitError(ConfigError):
+    """A key file, grants description, consent document or option of `vgw cloud` is unusable (message names it)."""
+
+
+# -- consent ----------------------------------------------------------------------------------------
+
+
+class ConsentReason(StrEnum):
+    """Why a consent document was rejected: the ``reason`` of its rejection receipt (README "Receipts").
+
+    The collection-rule reasons (``collect-*``) are :class:`vgw.collect.rules.RuleReason`.
+    """
+
+    MALFORMED = "malformed"
+    ALG = "alg"
+    TYP = "typ"
+    CRIT = "crit"
+    UNTRUSTED = "untrusted"
+    SIGNATURE = "signature"
+    TOO_LARGE = "too-large"
+    PAYLOAD = "payload"
+    SUBJECT = "subject"
+    VALIDITY = "validity"
+    CLAIMS = "claims"
+    DUPLICATE_GRANT = "duplicate-grant"
+    UNKNOWN_KEY = "unknown-key"
+    CONTROL_SCOPE = "control-scope"
+    UNKNOWN_SCOPE = "unknown-scope"
+    RECIPIENT = "recipient"
+    VERSION_ROLLBACK = "version-rollback"
+    VERSION_CONFLICT = "version-conflict"
+    EXPIRED = "expired"
+    NOT_YET_VALID = "not-yet-valid"
+
+
 class ConsentError(VgwError):
-    """A consent document was rejected; ``reason`` is a short machine-readable tag."""
+    """A consent document was rejected. ``reason`` names the broken rule (a ``str`` enum, see the tree);
+    ``version`` is the document's claimed ``ver`` when it could be read."""
 
-    reason = "invalid"
+    reason: StrEnum = ConsentReason.MALFORMED
 
-    def __init__(self, message: str, *, version: int | None = None) -> None:
+    def __init__(self, message: str, version: int | None = None) -> None:
         super().__init__(message)
         self.version = version
 
 
 class SignatureError(ConsentError):
-    reason = "signature"
+    """The document cannot be verified as signed by a trusted key."""
+
+    reason = ConsentReason.SIGNATURE
+
+
+class MalformedError(SignatureError):
+    reason = ConsentReason.MALFORMED
+
+
+class AlgorithmError(SignatureError):
+    reason = ConsentReason.ALG
+
+
+class TypeHeaderError(SignatureError):
+    reason = ConsentReason.TYP
+
+
+class CriticalHeaderError(SignatureError):
+    reason = ConsentReason.CRIT
+
+
+class UntrustedError(SignatureError):
+    reason = ConsentReason.UNTRUSTED
+
+
+class BadSignatureError(SignatureError):
+    reason = ConsentReason.SIGNATURE
 
 
 class ClaimsError(ConsentError):
-    reason = "claims"
+    """The signed claims do not form an acceptable document."""
+
+    reason: StrEnum = ConsentReason.CLAIMS
+
+
+class TooLargeError(ClaimsError):
+    reason = ConsentReason.TOO_LARGE
+
+
+class PayloadError(ClaimsError):
+    reason = ConsentReason.PAYLOAD
+
+
+class WrongDeviceError(ClaimsError):
+    reason = ConsentReason.SUBJECT
+
+
+class ValidityError(ClaimsError):
+    reason = ConsentReason.VALIDITY
+
+
+class BadClaimError(ClaimsError):
+    reason = ConsentReason.CLAIMS
+
+
+class DuplicateGrantError(ClaimsError):
+    reason = ConsentReason.DUPLICATE_GRANT
+
+
+class UnknownKeyError(ClaimsError):
+    reason = ConsentReason.UNKNOWN_KEY
+
+
+class ControlScopeError(ClaimsError):
+    reason = ConsentReason.CONTROL_SCOPE
+
+
+class UnknownScopeError(ClaimsError):
+    reason = ConsentReason.UNKNOWN_SCOPE
+
+
+class RecipientError(ClaimsError):
+    reason = ConsentReason.RECIPIENT
+
+
+class BadRuleError(ClaimsError):
+    """A collection rule broke README "Collection rules"; ``reason`` is the rule's
+    :class:`~vgw.collect.rules.RuleReason`."""
+
+    def __init__(self, message: str, reason: StrEnum, *, version: int | None = None) -> None:
+        super().__init__(message, version=version)
+        self.reason = reason
 
 
 class FreshnessError(ConsentError):
-    reason = "freshness"
+    """The document is not the newest valid one at the device's now."""
+
+    reason = ConsentReason.VERSION_ROLLBACK
+
+
+class RollbackError(FreshnessError):
+    reason = ConsentReason.VERSION_ROLLBACK
+
+
+class VersionConflictError(FreshnessError):
+    reason = ConsentReason.VERSION_CONFLICT
+
+
+class ExpiredError(FreshnessError):
+    reason = ConsentReason.EXPIRED
+
+
+class NotYetValidError(FreshnessError):
+    reason = ConsentReason.NOT_YET_VALID
+
+
+# -- policy -----------------------------------------------------------------------------------------
+
+
+class PolicyError(VgwError):
+    """vgw refused to do something it must never do (README "What vgw never does")."""
+
+
+class ForbiddenRequest(PolicyError, ValueError):
+    """A request that vgw must never send (wrong service, too many PIDs, DTCs without consent)."""
+
+
+# -- sources ----------------------------------------------------------------------------------------
 
 
 class SourceError(VgwError):
@@ -73,9 +277,52 @@ class SourceFrameError(SourceError):
     """One frame could not be read (garbled or truncated input); it was skipped and the source is still usable."""
 
 
+# -- storage ----------------------------------------------------------------------------------------
+
+
 class StorageError(VgwError):
     """The state directory, outbox or key store failed."""
 
 
+class StorageOpenError(StorageError):
+    """A state file could not be opened or created."""
+
+
+class StorageFault(StrEnum):
+    """Why a write to the outbox failed, from SQLite's result code (never from its message text)."""
+
+    FULL = "full"  # SQLITE_FULL: the disk, or the file's page limit
+    READ_ONLY = "read-only"  # SQLITE_READONLY and its extended codes
+    IO = "io"  # anything else: SQLITE_IOERR, SQLITE_CANTOPEN, a corrupt page ...
+
+
+class OutboxUnwritable(StorageError):
+    """The outbox cannot store now; ``fault`` says why (``kind`` is its string, for logs and the audit)."""
+
+    def __init__(self, message: str, fault: StorageFault) -> None:
+        super().__init__(message)
+        self.fault = fault
+
+    @property
+    def kind(self) -> str:
+        return self.fault.value
+
+
+# -- uplink and cloud -------------------------------------------------------------------------------
+
+
 class UplinkError(VgwError):
     """The MQTT/TLS uplink failed."""
+
+
+class EnvelopeError(VgwError):
+    """A telemetry envelope broke README "Telemetry envelope"; ``reason`` is a short tag (version, hpke, zlib,
+    json, ...)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class ReceiptError(VgwError):
+    """A receipt is not a valid compact JWS signed ES256 by the device it names (README "Receipts")."""

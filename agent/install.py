@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from vgw.config import Config
     from vgw.outbox import Outbox
 
-log = logging.getLogger("vgw.install")
+log = logging.getLogger(__name__)
 
 SERVICE_USER = "vgw"
 AGENT_UNIT = "vgw-agent.service"

@@ -24,12 +24,16 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
+from vgw.errors import UplinkError
+
 PUBLISH = 3
 READ_CHUNK = 16 * 1024  # one TLS record at most
 
 
-class PacketTooLarge(OSError):
-    """A packet other than PUBLISH over the limit, or a malformed remaining length: the connection ends."""
+class PacketTooLarge(UplinkError, OSError):
+    """A packet other than PUBLISH over the limit, or a malformed remaining length: the connection ends.
+
+    Also an ``OSError``: paho treats it as a failed socket read and closes the connection."""
 
 
 def _varint(n: int) -> bytes:

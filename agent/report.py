@@ -196,11 +196,11 @@ def collect(config_path: str | Path) -> dict[str, Any]:
     state = read_state(cfg)
     rule_counts = _status_rule_counts(cfg.state_dir)
     verdict = state.audit.verify()
-    consent = state.manager.in_force
+    consent = state.consent
     view = None
     if consent is not None:
         summary = consent.summary()
-        view = ConsentView(ver=consent.ver, exp=consent.exp, expired=state.manager.expired,
+        view = ConsentView(ver=consent.ver, exp=consent.exp, expired=state.expired,
                            grants=tuple(summary["grants"]))  # type: ignore[arg-type]
     problem = None if verdict.ok else f"line {verdict.first_bad}: {verdict.reason}"
     return build_report(device=cfg.device.id, entries=state.audit.entries(), counters=state.counters,

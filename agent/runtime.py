@@ -69,7 +69,7 @@ from vgw.sdnotify import notify, watchdog_interval
 from vgw.sources.canbus import BusSource
 from vgw.uplink import Uplink
 
-log = logging.getLogger("vgw.agent")
+log = logging.getLogger(__name__)
 
 STATUS_FILE = "status.json"
 RECOVERED_AFTER_STORES = 3  # consecutive stored batches before a storage fault counts as over
@@ -113,13 +113,20 @@ class AgentLock:
 
     @staticmethod
     def held_by_other(state_dir: Path) -> bool:
-        lock = AgentLock(state_dir)
-        if not (state_dir / LOCK_FILE).exists():
+        """True while a `vgw run` holds the lock; reads only (a shared flock on a read-only descriptor)."""
+        try:
+            fd = os.open(state_dir / LOCK_FILE, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except FileNotFoundError:
             return False
-        if lock.acquire():
-            lock.release()
-            return False
-        return True
+        except OSError as exc:
+            raise StorageError(f"{state_dir / LOCK_FILE}: cannot open the agent lock: {exc.strerror}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
 
 
 def open_state(cfg: Config, *, check: bool = False) -> tuple[Outbox, AuditLog, ConsentStore, ReceiptSigner]:
@@ -574,6 +581,7 @@ class Agent:
         self.uplink.wake()
 
     def _retention(self) -> None:
+        self.outbox.drop_undecryptable()
         now = time.time()
         for g in self.manager.active_grants():
             if g.retention_s:
@@ -754,7 +762,7 @@ class Agent:
             pass
         self.outbox.close()
         self.lock_file.release()
-        logging.getLogger("vgw.agent").info("agent stopped")
+        log.info("agent stopped")
 
 
 def _source_name(can_cfg: Any) -> str:

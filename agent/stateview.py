@@ -1,5 +1,10 @@
 """A read-only look at an agent's state directory, for the commands that report on it (`vgw status`,
-`vgw report`): safe while `vgw run` runs, and it changes nothing on disk."""
+`vgw consent show`, `vgw report`): safe while `vgw run` runs, and it changes nothing on disk.
+
+Nothing is created: no state directory, no storage key (the figures shown need no decryption), no SQLite
+schema and no -wal/-shm side files (see :func:`vgw.outbox.read_figures`). A state directory that does not
+exist yet reads as an empty state with ``exists`` False.
+"""
 
 from __future__ import annotations
 
@@ -7,34 +12,56 @@ from dataclasses import dataclass
 
 from vgw.audit import AuditLog
 from vgw.config import Config
-from vgw.consent.manager import ConsentManager, load_trust_keys
-from vgw.runtime import open_state
+from vgw.consent.manager import load_trust_keys, read_cached
+from vgw.consent.model import Consent, Grant
+from vgw.consent.store import ConsentStore
+from vgw.outbox import OUTBOX_FILE, OutboxFigures, read_figures
 
 
 @dataclass(frozen=True)
 class StateView:
-    """What a state directory holds, read once; the outbox is closed again."""
+    """What a state directory holds, read once."""
 
-    manager: ConsentManager  # for reading only (its outbox is closed): ``in_force``, ``expired``, ``active_grants``
+    exists: bool  # False: no state directory yet (nothing was ever applied or run)
+    consent: Consent | None  # the cached consent, re-verified; None if there is none or it no longer verifies
+    expired: bool
     audit: AuditLog
-    outbox_stats: dict[str, dict[str, int]]  # grant id -> {"rows": n, "bytes": n}
-    counters: dict[str, int]
-    receipts_queued: int
-    used_bytes: int
+    outbox: OutboxFigures
+
+    def active_grants(self) -> tuple[Grant, ...]:
+        if self.consent is None or self.expired:
+            return ()
+        return self.consent.grants
+
+    # The outbox's figures, under the names the commands use.
+    @property
+    def outbox_stats(self) -> dict[str, dict[str, int]]:
+        return self.outbox.stats
+
+    @property
+    def counters(self) -> dict[str, int]:
+        return self.outbox.counters
+
+    @property
+    def receipts_queued(self) -> int:
+        return self.outbox.receipts_queued
+
+    @property
+    def used_bytes(self) -> int:
+        return self.outbox.used_bytes
 
 
 def read_state(cfg: Config) -> StateView:
-    """Load the cached consent of ``cfg``'s device (re-verified, read-only) and read the outbox's figures.
+    """Read ``cfg``'s state directory: the cached consent (re-verified) and the outbox's figures.
 
-    Raises :class:`~vgw.errors.ConfigError` for an unreadable trust key or device key and
-    :class:`~vgw.errors.StorageError` for the storage key or the outbox.
+    Raises :class:`~vgw.errors.ConfigError` for an unreadable trust key and :class:`~vgw.errors.StorageError`
+    for an unreadable outbox or state file.
     """
-    outbox, audit, store, signer = open_state(cfg)
-    try:
-        manager = ConsentManager(device=cfg.device.id, store=store, outbox=outbox, audit=audit, signer=signer,
-                                 trust_keys=load_trust_keys(cfg.consent.trust_keys))
-        manager.load_cached_readonly()
-        return StateView(manager=manager, audit=audit, outbox_stats=outbox.stats(), counters=outbox.counters(),
-                         receipts_queued=outbox.receipt_count(), used_bytes=outbox.total_bytes())
-    finally:
-        outbox.close()
+    audit = AuditLog(cfg.state_dir)
+    trust_keys = load_trust_keys(cfg.consent.trust_keys)
+    if not cfg.state_dir.is_dir():
+        return StateView(exists=False, consent=None, expired=False, audit=audit,
+                         outbox=OutboxFigures({}, {}, 0, 0))
+    cached = read_cached(ConsentStore(cfg.state_dir), trust_keys, cfg.device.id)
+    return StateView(exists=True, consent=cached.consent, expired=cached.expired, audit=audit,
+                     outbox=read_figures(cfg.state_dir / OUTBOX_FILE))

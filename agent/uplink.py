@@ -51,7 +51,7 @@ from vgw.fsutil import MAX_KEY_BYTES, read_small_file
 from vgw.outbox import Outbox
 from vgw.packetguard import guard_context
 
-log = logging.getLogger("vgw.uplink")
+log = logging.getLogger(__name__)
 
 SESSION_EXPIRY_S = 24 * 3600
 QUEUE_SLACK = 8  # paho queue beyond the in-flight window: the status message and the offline status
@@ -412,7 +412,7 @@ class Uplink:
                 mid = self._publish(client, self.topic_data + row.grant_id, row.payload)
                 if mid is None:
                     break
-                self.outbox.attempted.add(row.id)  # maybe delivered from now on: never a quota victim
+                self.outbox.mark_attempted(row.id)  # maybe delivered from now on: never a quota victim
                 inflight[mid] = ("batch", row)
                 sent += 1
         return sent

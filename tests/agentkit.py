@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +26,19 @@ from vgw.simulators.pki import TestPKI
 from vgw.simulators.vehicle import VehicleModel
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def wait_until(pred: Callable[[], Any], timeout: float = 10.0, step: float = 0.02) -> Any:
+    """Poll ``pred`` until it returns something true or ``timeout`` seconds pass; returns that value (falsy on
+    timeout, so ``assert wait_until(...)`` fails). The suite's one way to wait: a test waits for a condition,
+    never for a fixed time before a positive assertion."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(step)
+    return pred()
 
 
 def write_config(
@@ -137,12 +150,7 @@ class AgentThread:
             raise self.error
 
     def wait_link(self, timeout: float = 10.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.agent.uplink.state == "connected":
-                return True
-            time.sleep(0.05)
-        return False
+        return wait_until(lambda: self.agent.uplink.state == "connected", timeout)
 
     def __enter__(self) -> AgentThread:
         return self.start()

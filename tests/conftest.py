@@ -12,8 +12,9 @@
   :class:`~tests.agentkit.Vehicle`), with ``VehicleModel(seed=vehicle_seed)``; ``vehicle_seed`` is 3 unless a
   module overrides the fixture or a test parametrizes it. ``vehicle_on(channel, seed)`` starts more (or later).
 - ``--runslow`` enables tests marked ``@pytest.mark.slow`` (skipped otherwise).
-- An autouse guard fails any test that leaves a new non-daemon thread or paho network thread alive (after a
-  2 s grace) or a child process running (which it then kills, so one leak does not cascade).
+- An autouse guard fails any test that leaves a new non-daemon thread, a ``vgw-*`` thread or a paho network
+  thread alive (after a 2 s grace), a child process running (which it then kills, so one leak does not
+  cascade) or a python-can bus open (which it then shuts down).
 
 Modules add their own fixtures next to their tests; keep this file generic.
 """
@@ -26,10 +27,12 @@ import tempfile
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
+import can
 import cantools
 import psutil
 import pytest
@@ -64,8 +67,26 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def _counts(thread: threading.Thread) -> bool:
     # Non-daemon threads block interpreter exit; paho's network threads are daemons but a left-over one is an
-    # MQTT client nobody closed (loop_stop missing), which keeps publishing into the next test.
-    return thread.is_alive() and (not thread.daemon or thread.name.startswith("paho-mqtt-client-"))
+    # MQTT client nobody closed (loop_stop missing), which keeps publishing into the next test; a ``vgw-*``
+    # thread (collector, uplink, a fleet device) is an agent part nobody stopped.
+    return thread.is_alive() and (not thread.daemon or thread.name.startswith(("paho-mqtt-client-", "vgw-")))
+
+
+# Every python-can bus made in this process (any interface), to find the ones a test left open.
+_BUSES: weakref.WeakSet[can.BusABC] = weakref.WeakSet()
+_bus_init = can.BusABC.__init__
+
+
+def _tracked_init(self: can.BusABC, *args: object, **kwargs: object) -> None:
+    _bus_init(self, *args, **kwargs)  # type: ignore[arg-type]
+    _BUSES.add(self)
+
+
+can.BusABC.__init__ = _tracked_init  # type: ignore[method-assign]
+
+
+def _open_buses() -> set[can.BusABC]:
+    return {b for b in list(_BUSES) if not getattr(b, "_is_shutdown", True)}
 
 
 def _live_children() -> dict[int, psutil.Process]:
@@ -88,9 +109,11 @@ def _describe(proc: psutil.Process) -> str:
 
 @pytest.fixture(autouse=True)
 def _no_leaks() -> Iterator[None]:
-    """Fail the test if it leaves a new non-daemon thread or a running child process behind."""
+    """Fail the test if it leaves a new non-daemon or ``vgw-*`` thread, a running child process or an open
+    python-can bus behind."""
     threads_before = set(threading.enumerate())
     children_before = set(_live_children())
+    buses_before = _open_buses()
     yield
     deadline = time.monotonic() + _THREAD_GRACE_S
     while True:
@@ -111,7 +134,11 @@ def _no_leaks() -> Iterator[None]:
             proc.wait(5)
         except psutil.Error:
             pass
+    buses = [b for b in _open_buses() if b not in buses_before]
+    for bus in buses:
+        bus.shutdown()
     problems = [f"thread {t.name!r} still alive" for t in leaked]
+    problems += [f"python-can bus still open: {bus.channel_info}" for bus in buses]
     problems += [f"child process still running: {d}" for d in described]
     if problems:
         pytest.fail("test leaked: " + "; ".join(problems), pytrace=False)

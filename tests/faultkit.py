@@ -11,13 +11,14 @@ import socket
 import sqlite3
 import ssl
 import threading
-import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import vgw.outbox.startup as outbox_startup
+from vgw.outbox import Outbox
 from vgw.simulators.broker import Mosquitto
 from vgw.simulators.can_sim import CanSimulator
 from vgw.simulators.cloud import CloudPeer
@@ -50,13 +51,41 @@ def apply_offline(cfg: Path, auth: Authority, grants: dict[str, list[str]], tmp:
     return token
 
 
-def wait_until(pred: Callable[[], Any], timeout: float, step: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(step)
-    return bool(pred())
+class FaultyOutbox(Outbox):
+    """An outbox whose connection fails the way a full or read-only file system does (test kit only).
+
+    SQLITE_FULL comes from ``PRAGMA max_page_count`` (a small tmpfs is not available everywhere, and as root a
+    chmod would not stop writes), SQLITE_READONLY from ``PRAGMA query_only``. Both reach the agent through
+    the same code path as a real full or read-only file system: the SQLite error at INSERT/COMMIT.
+    """
+
+    def fill_disk(self) -> None:
+        with self._lock:
+            pages = int(self._db.execute("PRAGMA page_count").fetchone()[0])
+            self._db.execute(f"PRAGMA max_page_count = {pages}")
+
+    def make_read_only(self) -> None:
+        with self._lock:
+            self._db.execute("PRAGMA query_only = 1")
+
+    def repair(self) -> None:
+        """Space and write access come back."""
+        with self._lock:
+            self._db.execute("PRAGMA max_page_count = 4294967294")
+            self._db.execute("PRAGMA query_only = 0")
+
+
+def use_faulty_outbox(monkeypatch: Any) -> list[FaultyOutbox]:
+    """Make every outbox `vgw run` opens in this process a :class:`FaultyOutbox`; returns them as opened."""
+    opened: list[FaultyOutbox] = []
+
+    class Recorded(FaultyOutbox):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            opened.append(self)
+
+    monkeypatch.setattr(outbox_startup, "Outbox", Recorded)
+    return opened
 
 
 def live_status(state_dir: Path, pid: int | None = None) -> dict[str, Any] | None:

@@ -24,6 +24,7 @@ import paho.mqtt.client as paho
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from vgw import errors
 from vgw.simulators.cloud import SigningKey, b64url
 
 from tests.consentkit import Authority, State
@@ -184,6 +185,40 @@ CASES: list[tuple[str, Forge, set[str], int | None]] = [
 ]
 
 
+# One exception class per rule (vgw.errors), so a caller can catch e.g. a rollback by type; the reason it
+# carries is the receipt's, unchanged.
+ERROR_OF: dict[str, type[errors.ConsentError]] = {
+    "signature": errors.BadSignatureError, "malformed": errors.MalformedError, "alg": errors.AlgorithmError,
+    "typ": errors.TypeHeaderError, "crit": errors.CriticalHeaderError, "subject": errors.WrongDeviceError,
+    "version-rollback": errors.RollbackError, "version-conflict": errors.VersionConflictError,
+    "expired": errors.ExpiredError, "not-yet-valid": errors.NotYetValidError, "validity": errors.ValidityError,
+    "unknown-scope": errors.UnknownScopeError, "control-scope": errors.ControlScopeError,
+    "duplicate-grant": errors.DuplicateGrantError, "recipient": errors.RecipientError,
+    "too-large": errors.TooLargeError, "payload": errors.PayloadError, "claims": errors.BadClaimError,
+}
+GROUP_OF = {errors.SignatureError: {"signature", "malformed", "alg", "typ", "crit"},
+            errors.FreshnessError: {"version-rollback", "version-conflict", "expired", "not-yet-valid"}}
+
+
+@pytest.mark.parametrize(("forge", "reasons", "ver"), [pytest.param(f, r, v, id=i) for i, f, r, v in CASES])
+def test_attack_raises_the_class_of_its_rule(world: dict[str, Any], forge: Forge, reasons: set[str],
+                                             ver: int | None) -> None:
+    token = forge(world)
+    with pytest.raises(errors.ConsentError) as info:
+        world["state"].manager.verify(token)
+    exc = info.value
+    assert type(exc) is ERROR_OF[exc.reason] and exc.reason in reasons
+    assert isinstance(exc.reason, str) and json.dumps(exc.reason) == f'"{exc.reason}"'  # the wire form
+    for group, members in GROUP_OF.items():
+        assert isinstance(exc, group) == (exc.reason in members), (group, exc)
+
+
+def test_a_rollback_is_caught_by_type(world: dict[str, Any]) -> None:
+    with pytest.raises(errors.RollbackError) as info:
+        world["state"].manager.verify(world["v4"])
+    assert info.value.reason == "version-rollback" and info.value.version == 4
+
+
 @pytest.mark.parametrize(("forge", "reasons", "ver"), [pytest.param(f, r, v, id=i) for i, f, r, v in CASES])
 def test_attack_rejected_whole(world: dict[str, Any], forge: Forge, reasons: set[str], ver: int | None) -> None:
     s: State = world["state"]
@@ -268,15 +303,6 @@ def subscriptions(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     monkeypatch.setattr(paho.Client, "subscribe", spy)
     return seen
-
-
-def _wait(pred: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return pred()
 
 
 def test_attacks_through_broker_to_running_agent(tmp_path: Path, pki: Any, broker: Any, cloud: Any,

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import can
@@ -23,7 +22,7 @@ from vgw.simulators.paths import dbc_dir
 from vgw.simulators.vehicle import VehicleModel
 from vgw.sources.canbus import BusSource
 
-from tests.agentkit import AgentThread, Authority, vgw, write_config
+from tests.agentkit import AgentThread, Authority, vgw, wait_until, write_config
 
 FD_DBC = dbc_dir() / "vehicle_fd.dbc"
 FD_MAP = dbc_dir() / "vehicle_fd_signals.toml"
@@ -124,9 +123,7 @@ def test_slcan_pty_carries_fd_frames_to_python_can_slcan() -> None:
         sim = CanSimulator(FD_DBC, VehicleModel(seed=3))
         want = list(sim.frames(0.1, start_time=1.7e9))
         got: list[can.Message] = []
-        deadline = time.monotonic() + 5
-        while not bus.is_open and time.monotonic() < deadline:  # the pty reads the client's "O"
-            time.sleep(0.01)
+        wait_until(lambda: bus.is_open, 5, step=0.01)  # the pty reads the client's "O"
         for frame in want:
             bus.send(frame)
         while len(got) < len(want):

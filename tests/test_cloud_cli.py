@@ -23,7 +23,7 @@ from vgw.simulators.cloud import RecipientKey, seal_envelope
 from vgw.simulators.paths import default_dbc, default_signal_map
 from vgw.simulators.pki import TestPKI, device_public_key_from_cert
 
-from tests.agentkit import ROOT, AgentThread, Vehicle, stop_process, vgw, write_config
+from tests.agentkit import ROOT, AgentThread, Vehicle, stop_process, vgw, wait_until, write_config
 
 DEV = "dev-0001"
 
@@ -56,12 +56,7 @@ class ListenProc:
         return [r for r in rows if typ is None or r["type"] == typ]
 
     def wait(self, predicate: Any, timeout: float = 15.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return True
-            time.sleep(0.1)
-        return False
+        return wait_until(predicate, timeout, step=0.1)
 
     def stop(self) -> dict[str, Any]:
         self.proc.terminate()

@@ -32,8 +32,8 @@ from vgw.simulators.broker import free_port
 from vgw.simulators.slcan_pty import SlcanPtyBus
 from vgw.sources.canbus import BusSource, kernel_filters
 
-from tests.agentkit import AgentThread, Authority, vgw, write_config
-from tests.faultkit import DEV, wait_until
+from tests.agentkit import AgentThread, Authority, vgw, wait_until, write_config
+from tests.faultkit import DEV
 
 SPEED_ID = 200  # VehicleDynamics in dbc/vehicle.dbc: VehicleSpeed, 16 bits, 0.01 km/h
 

@@ -21,8 +21,8 @@ from vgw.simulators.broker import Mosquitto
 from vgw.simulators.cloud import SigningKey
 
 from tests import consentkit
-from tests.agentkit import AgentThread, agent_process, connected_cloud, vehicle_on_bus, write_config
-from tests.faultkit import live_status, wait_until
+from tests.agentkit import AgentThread, agent_process, connected_cloud, vehicle_on_bus, wait_until, write_config
+from tests.faultkit import live_status
 
 DEVICE = "dev-0001"
 BOTH = ["g-keep", "g-drop"]

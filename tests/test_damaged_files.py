@@ -60,7 +60,7 @@ def test_a_damaged_line_is_skipped_and_named_once(tmp_path: Path, bad: str, capl
     lines = record(trace, 1.0)
     middle = len(lines) // 2
     damage(trace, lines, {middle: bad, middle + 10: bad})
-    caplog.set_level(logging.INFO, logger="vgw.replay")
+    caplog.set_level(logging.INFO, logger="vgw.sources.replay")
     src = ReplaySource(trace, rate=0)
     frames = drain(src)
     src.close()

@@ -10,27 +10,15 @@ import re
 import stat
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
 from vgw.cloud.cloudkit import load_grants
 from vgw.config import load_config
 
-from tests.agentkit import ROOT, vgw
-
-
-def wait_until(cond: Callable[[], Any], timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError("condition not met in time")
+from tests.agentkit import ROOT, vgw, wait_until
 
 
 def _private_keys(root: Path) -> list[Path]:
@@ -87,7 +75,7 @@ def test_init_up_down_a_kept_stack(stack_dir: Path) -> None:
             vgw("dev", "status", str(stack_dir)).stdout.splitlines()}
     assert set(pids) == {"broker", "sim", "cloud", "agent"}
     # Data flows end to end: the cloud listener decrypts batches of both grants.
-    wait_until(lambda: sorted(_batches(stack_dir)) == ["g-fleet", "g-insurer"]
+    assert wait_until(lambda: sorted(_batches(stack_dir)) == ["g-fleet", "g-insurer"]
                and min(_batches(stack_dir).values()) >= 2)
     st = json.loads(vgw("status", "--config", str(stack_dir / "vgw.toml"), "--json").stdout)
     assert st["link"] == "connected" and {g["id"] for g in st["grants"]} == {"g-fleet", "g-insurer"}
@@ -132,7 +120,7 @@ def test_trace_stack_replays_without_a_simulator(stack_dir: Path, tmp_path: Path
     assert cfg.can is not None and cfg.can.replay == (stack_dir / "trace.log").resolve() and cfg.can.replay_loop
     r = vgw("dev", "up", str(stack_dir), timeout=90)
     assert r.returncode == 0, r.stderr
-    wait_until(lambda: len(_batches(stack_dir)) == 2)
+    assert wait_until(lambda: len(_batches(stack_dir)) == 2)
     st = vgw("dev", "status", str(stack_dir))
     assert st.returncode == 0 and "sim" not in st.stdout  # no simulator in a trace stack, and all is running
     assert f"vgw monitor --config {stack_dir}/vgw.toml " in r.stdout and "run/can1" not in r.stdout

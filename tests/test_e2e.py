@@ -15,7 +15,7 @@ from vgw.simulators.cloud import CloudPeer
 from vgw.simulators.paths import default_dbc, default_signal_map
 from vgw.simulators.vehicle import VehicleModel
 
-from tests.agentkit import AgentThread, Authority, agent_process, stop_process, vgw, write_config
+from tests.agentkit import AgentThread, Authority, agent_process, stop_process, vgw, wait_until, write_config
 from tests.faultkit import persistent_world
 
 DEV = "dev-0001"
@@ -78,8 +78,8 @@ def test_revocation_mid_stream_erases_and_receipts(tmp_path, pki, broker, cloud,
         assert agent.outbox.stats().get("g-gone") is None
         assert not agent.outbox.has_key("g-gone")
         keep_before = len(cloud.batches(DEV, "g-keep"))
-        time.sleep(1.5)
-        assert len(cloud.batches(DEV, "g-keep")) > keep_before, "the remaining grant must keep flowing"
+        assert cloud.wait_for(lambda: len(cloud.batches(DEV, "g-keep")) > keep_before, 10), \
+            "the remaining grant must keep flowing"
     late = [b for b in cloud.batches(DEV, "g-gone") if b.arrived > receipt.arrived]
     assert late == []
     assert receipt.claims["ver"] == 2
@@ -101,9 +101,7 @@ def test_restart_offline_enforces_cached_consent_and_seq_continues(tmp_path, pki
         broker.stop()
         with AgentThread(cfg) as runner:
             # Broker down, consent only in the cache: the agent must still enforce it and keep collecting.
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and runner.agent.outbox.stats().get("g-odo", {}).get("rows", 0) < 3:
-                time.sleep(0.1)
+            wait_until(lambda: runner.agent.outbox.stats().get("g-odo", {}).get("rows", 0) >= 3, 10)
             stats = runner.agent.outbox.stats()
             assert stats.get("g-odo", {}).get("rows", 0) >= 3
             assert set(stats) == {"g-odo"}
@@ -130,9 +128,7 @@ def test_broker_unreachable_at_start_then_drains(tmp_path, pki, auth, channel, v
     cloud = None
     try:
         with AgentThread(cfg) as runner:
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and not runner.agent.outbox.stats().get("g-fuel"):
-                time.sleep(0.1)
+            wait_until(lambda: runner.agent.outbox.stats().get("g-fuel"), 10)
             assert runner.agent.outbox.stats()["g-fuel"]["rows"] >= 1
             assert runner.agent.uplink.last_error and "cannot reach broker" in runner.agent.uplink.last_error
             broker.start()
@@ -176,10 +172,7 @@ def test_replay_gives_same_samples_as_live(tmp_path, pki, broker, cloud, auth, c
     with AgentThread(cfg_live) as runner:
         assert runner.wait_link()
         cloud.publish_consent(DEV, auth.doc(DEV, grants, ver=1))
-        deadline = time.monotonic() + 10
-        while runner.agent.manager.in_force is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert runner.agent.manager.in_force is not None
+        assert wait_until(lambda: runner.agent.manager.in_force is not None, 10)
         time.sleep(0.2)
         with can.Bus(interface="virtual", channel=channel, receive_own_messages=False) as bus:
             for msg in frames:

@@ -26,6 +26,8 @@ from vgw.scopes import SCOPES
 from vgw.simulators.elm327 import Elm327Simulator
 from vgw.simulators.obd_ecu import frozen_model
 
+from tests.agentkit import wait_until
+
 ALL = frozenset(SCOPES)
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,15 +87,6 @@ def run_poller() -> Iterator[Callable[..., Run]]:
         r.close()
 
 
-def wait_for(pred: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return pred()
-
-
 def service01_pids(requests: list[str]) -> list[bytes]:
     return [bytes.fromhex(r)[1:] for r in requests if r.startswith("01")]
 
@@ -135,7 +128,7 @@ def test_protocol_fallback(make_sim: Any, car: str, tried: list[str]) -> None:
 def test_explicit_protocol_and_kline_one_pid_per_request(make_sim: Any, run_poller: Any) -> None:
     sim, port = make_sim(car_protocol="3")
     run = run_poller(port, protocol="3")
-    assert wait_for(lambda: "Vehicle.TraveledDistance" in run.paths())
+    assert wait_until(lambda: "Vehicle.TraveledDistance" in run.paths())
     assert "ATSP3" in sim.commands and "ATSP0" not in sim.commands
     assert all(len(p) == 1 for p in service01_pids(sim.requests))
 
@@ -176,7 +169,7 @@ def test_every_pid_decoded_from_the_model(make_sim: Any, run_poller: Any, car: s
     _sim, port = make_sim(model=model, car_protocol=car, tcp=tcp)
     run = run_poller(port)
     want = expected_values(model.state)
-    assert wait_for(lambda: run.paths() >= set(want)), set(want) - run.paths()
+    assert wait_until(lambda: run.paths() >= set(want)), set(want) - run.paths()
     got = {path: value for path, _scope, _t, value in run.samples}
     for path, value in want.items():
         assert got[path] == (pytest.approx(value, abs=1e-6) if isinstance(value, float) else value), path
@@ -235,22 +228,22 @@ def test_engine_off_then_start(make_sim: Any, run_poller: Any) -> None:
     time.sleep(0.5)
     assert run.poller.is_alive() and run.samples == []
     sim.set_scenario("normal")
-    assert wait_for(lambda: "Vehicle.Speed" in run.paths())
+    assert wait_until(lambda: "Vehicle.Speed" in run.paths())
 
 
 @pytest.mark.parametrize("tcp", [False, True], ids=["pty", "tcp"])
 def test_reconnect_after_unplug(make_sim: Any, run_poller: Any, tcp: bool) -> None:
     sim, port = make_sim(tcp=tcp)
     run = run_poller(port, frozenset({"read_speedometer"}))
-    assert wait_for(lambda: run.poller.connected.is_set() and bool(run.samples))
+    assert wait_until(lambda: run.poller.connected.is_set() and bool(run.samples))
     sim.unplug()
-    assert wait_for(lambda: not run.poller.connected.is_set())
+    assert wait_until(lambda: not run.poller.connected.is_set())
     n = len(run.samples)
     time.sleep(0.6)
     assert run.poller.is_alive() and len(run.samples) == n  # silence: nothing to decode, no crash
     resets = sim.resets
     sim.replug()
-    assert wait_for(lambda: len(run.samples) > n)
+    assert wait_until(lambda: len(run.samples) > n)
     assert sim.resets > resets  # re-initialised after the replug (the adapter lost its settings)
     assert run.poller.counters["reconnects"] >= 2
 
@@ -261,7 +254,7 @@ def test_unplugged_at_start(make_sim: Any, run_poller: Any) -> None:
     time.sleep(0.8)
     assert run.poller.is_alive() and not run.samples and sim.commands == []
     sim.replug()
-    assert wait_for(lambda: bool(run.samples))
+    assert wait_until(lambda: bool(run.samples))
 
 
 def test_clone_adapter(make_sim: Any, run_poller: Any) -> None:
@@ -274,13 +267,13 @@ def test_clone_adapter(make_sim: Any, run_poller: Any) -> None:
     finally:
         elm.close()
     run = run_poller(port)
-    assert wait_for(lambda: {"Vehicle.Speed", "Vehicle.VehicleIdentification.VIN"} <= run.paths())
+    assert wait_until(lambda: {"Vehicle.Speed", "Vehicle.VehicleIdentification.VIN"} <= run.paths())
 
 
 def test_slow_adapter(make_sim: Any, run_poller: Any) -> None:
     _sim, port = make_sim(scenario="slow", slow_s=0.2)
     run = run_poller(port, frozenset({"read_speedometer"}), timeout_s=1.5)
-    assert wait_for(lambda: "Vehicle.Speed" in run.paths(), timeout=8)
+    assert wait_until(lambda: "Vehicle.Speed" in run.paths(), timeout=8)
     assert run.poller.counters["reconnects"] == 1  # slow is not dead
 
 
@@ -305,7 +298,7 @@ def test_no_baud_probe_where_baud_means_nothing(make_sim: Any) -> None:
 def test_supported_pid_bitmaps_respected_and_six_per_request(make_sim: Any, run_poller: Any) -> None:
     sim, port = make_sim(unsupported={0x5B, 0x0F, 0xA6})
     run = run_poller(port)
-    assert wait_for(lambda: "Vehicle.Speed" in run.paths() and run.poller.counters["cycles"] >= 2)
+    assert wait_until(lambda: "Vehicle.Speed" in run.paths() and run.poller.counters["cycles"] >= 2)
     polled = service01_pids(sim.requests)
     flat = {p for req in polled for p in req}
     assert not flat & {0x5B, 0x0F, 0xA6}
@@ -318,7 +311,7 @@ def test_supported_pid_bitmaps_respected_and_six_per_request(make_sim: Any, run_
 def test_configured_pids_only(make_sim: Any, run_poller: Any) -> None:
     sim, port = make_sim()
     run = run_poller(port, pids=("speed", "0x2F"))
-    assert wait_for(lambda: run.poller.counters["cycles"] >= 2)
+    assert wait_until(lambda: run.poller.counters["cycles"] >= 2)
     data = [r for r in service01_pids(sim.requests) if r[0] % 0x20]  # skip the bitmap reads
     assert {p for r in data for p in r} == {0x0D, 0x2F}
     assert run.paths() == {"Vehicle.Speed", "Vehicle.Powertrain.FuelSystem.RelativeLevel"}
@@ -328,7 +321,7 @@ def test_configured_pids_only(make_sim: Any, run_poller: Any) -> None:
 def test_consent_filter_on_the_request_log(make_sim: Any, run_poller: Any) -> None:
     sim, port = make_sim()
     run = run_poller(port, frozenset({"read_speedometer"}))
-    assert wait_for(lambda: run.poller.counters["cycles"] >= 3)
+    assert wait_until(lambda: run.poller.counters["cycles"] >= 3)
     data = [r for r in service01_pids(sim.requests) if r[0] % 0x20]
     assert data and all(r == b"\x0d" for r in data)
     assert not [r for r in sim.requests if not r.startswith("01")]  # no VIN, no DTCs without their scope
@@ -341,7 +334,7 @@ def test_consent_filter_on_the_request_log(make_sim: Any, run_poller: Any) -> No
     assert len(sim.requests) == before
 
     run.scopes = frozenset({"read_fuel", "read_vin"})
-    assert wait_for(lambda: "0902" in sim.requests[before:] and "012F" in sim.requests[before:])
+    assert wait_until(lambda: "0902" in sim.requests[before:] and "012F" in sim.requests[before:])
     later = sim.requests[before:]
     assert set(later) <= {"012F", "0902"}
 
@@ -412,11 +405,11 @@ def test_no_code_path_sends_a_forbidden_service(make_sim: Any, run_poller: Any) 
     """With every scope granted, a long poll (and reconnects) only ever sends 01, 09, 03 and 07."""
     sim, port = make_sim()
     run = run_poller(port)
-    assert wait_for(lambda: run.poller.counters["cycles"] >= 3 and "07" in sim.requests)
+    assert wait_until(lambda: run.poller.counters["cycles"] >= 3 and "07" in sim.requests)
     sim.unplug()
     time.sleep(0.5)
     sim.replug()
-    assert wait_for(lambda: run.poller.counters["reconnects"] >= 2)
+    assert wait_until(lambda: run.poller.counters["reconnects"] >= 2)
     services = {r[:2] for r in sim.requests}
     assert services == {"01", "09", "03", "07"}
     assert not sim.ecus.cleared  # the car's codes were never cleared

@@ -135,7 +135,7 @@ def test_retention_deletes_old_rows_unsent_and_counts(tmp_path: Path, pki: Any, 
         doc = auth.doc(DEVICE, 1, [auth.grant("g-short", ["read_fuel"], retention_s=60),
                                    auth.grant("g-long", ["read_fuel"])], iat=now)
         assert agent.manager.apply(doc, source="mqtt").status == "applied"
-        import vgw.outbox as outbox_module
+        import vgw.outbox.batches as outbox_module
 
         real_time = outbox_module.time.time
         monkeypatch.setattr(outbox_module.time, "time", lambda: real_time() - 120)  # stored 2 minutes ago

@@ -15,8 +15,8 @@ import can
 import psutil
 import pytest
 
-from tests.agentkit import AgentThread, Authority, write_config
-from tests.faultkit import DEV, wait_until
+from tests.agentkit import AgentThread, Authority, wait_until, write_config
+from tests.faultkit import DEV
 
 FLOOD_S = 8.0
 RSS_BOUND_MB = 16.0  # growth of the whole test process (agent + simulator + flood) during the flood

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from vgw.simulators.broker import free_port
 
-from tests.agentkit import AgentThread, Authority, agent_process, write_config
+from tests.agentkit import AgentThread, Authority, agent_process, wait_until, write_config
 from tests.faultkit import (
     DEV,
     apply_offline,
@@ -25,7 +25,6 @@ from tests.faultkit import (
     outbox_rows,
     persistent_world,
     record_trace,
-    wait_until,
 )
 
 GRANTS = {"g-speed": ["read_speedometer"], "g-fleet": ["read_odometer", "read_fuel"]}

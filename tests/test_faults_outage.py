@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.agentkit import AgentThread, Authority, vgw, write_config
-from tests.faultkit import DEV, apply_offline, persistent_world, record_trace, wait_until
+from tests.agentkit import AgentThread, Authority, vgw, wait_until, write_config
+from tests.faultkit import DEV, apply_offline, persistent_world, record_trace
 
 OUTAGE_S = 4.0
 

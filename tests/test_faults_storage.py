@@ -1,35 +1,24 @@
 """Disk full and read-only outbox: keep running, stop storing, count, say so once, recover when it can store.
 
-SQLITE_FULL is produced with ``PRAGMA max_page_count`` on the agent's own connection (a small tmpfs is not
-available everywhere, and as root a chmod would not stop writes); SQLITE_READONLY with ``PRAGMA query_only``.
-Both go through the same code path as a real full or read-only file system: the SQLite error at INSERT/COMMIT.
+The faults come from the test kit's :class:`tests.faultkit.FaultyOutbox` (SQLite-level: ``max_page_count`` for
+SQLITE_FULL, ``query_only`` for SQLITE_READONLY), which the agent opens in place of its outbox.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import sqlite3
-from pathlib import Path
 
 import pytest
 from vgw.simulators.broker import Mosquitto, free_port
 from vgw.simulators.cloud import CloudPeer
 
-from tests.agentkit import AgentThread, Authority, vgw, write_config
-from tests.faultkit import DEV, apply_offline, record_trace, wait_until
-
-
-def _page_count(path: Path) -> int:
-    db = sqlite3.connect(path)
-    try:
-        return int(db.execute("PRAGMA page_count").fetchone()[0])
-    finally:
-        db.close()
+from tests.agentkit import AgentThread, Authority, vgw, wait_until, write_config
+from tests.faultkit import DEV, apply_offline, record_trace, use_faulty_outbox
 
 
 @pytest.mark.parametrize("fault", ["disk-full", "read-only"])
-def test_outbox_unwritable_keeps_running_counts_and_recovers(tmp_path, pki, caplog, fault):
+def test_outbox_unwritable_keeps_running_counts_and_recovers(tmp_path, pki, caplog, fault, monkeypatch):
     auth = Authority(tmp_path)
     trace = record_trace(tmp_path, 20.0)
     port = free_port()
@@ -37,18 +26,19 @@ def test_outbox_unwritable_keeps_running_counts_and_recovers(tmp_path, pki, capl
                        can={"replay": str(trace), "replay_rate": 2.0, "replay_loop": True},
                        batch={"max_interval_s": 0.1})
     apply_offline(cfg, auth, {"g-1": ["read_speedometer", "read_odometer"]}, tmp_path)
-    outbox_file = tmp_path / "state" / "outbox.sqlite"
+    opened = use_faulty_outbox(monkeypatch)
     caplog.set_level(logging.INFO, logger="vgw")
     broker = Mosquitto.from_pki(pki, port=port)
     cloud = None
     try:
         with AgentThread(cfg) as runner:
             agent = runner.agent
+            faulty = opened[-1]
             assert wait_until(lambda: agent.outbox.stats().get("g-1", {}).get("rows", 0) >= 3, 10)
             if fault == "disk-full":
-                agent.outbox.page_limit(_page_count(outbox_file))
+                faulty.fill_disk()
             else:
-                agent.outbox.read_only(True)
+                faulty.make_read_only()
             assert wait_until(lambda: agent.counters["store_failures"] >= 10, 15)
             rows = agent.outbox.stats()["g-1"]["rows"]
             st = agent.status()
@@ -61,10 +51,7 @@ def test_outbox_unwritable_keeps_running_counts_and_recovers(tmp_path, pki, capl
             failures = agent.counters["store_failures"]
 
             # Space comes back.
-            if fault == "disk-full":
-                agent.outbox.page_limit(None)
-            else:
-                agent.outbox.read_only(False)
+            faulty.repair()
             assert wait_until(lambda: agent.storage_error is None, 5)
             assert wait_until(lambda: agent.outbox.stats()["g-1"]["rows"] > rows + 3, 10)
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from vgw.simulators.broker import Mosquitto
 
-from tests.agentkit import AgentThread, Authority, write_config
-from tests.faultkit import Tls11Server, apply_offline, record_trace, wait_until
+from tests.agentkit import AgentThread, Authority, wait_until, write_config
+from tests.faultkit import Tls11Server, apply_offline, record_trace
 
 RUN_S = 6.0
 

@@ -16,6 +16,8 @@ from vgw.obd.request import build_request
 from vgw.simulators.obd_ecu import frozen_model
 from vgw.simulators.obd_responder import ObdResponder
 
+from tests.agentkit import wait_until
+
 VIN = "1M8GDM9AXKP042788"
 NONE: frozenset[str] = frozenset()
 
@@ -147,10 +149,7 @@ def test_poller_over_isotp_respects_consent(responder: ObdResponder, channel: st
                        stop=stop, backoff_min_s=0.1)
     poller.start()
     try:
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and not {"Vehicle.Speed", "Vehicle.VehicleIdentification.VIN"} <= {
-                s[0] for s in samples}:
-            time.sleep(0.05)
+        wait_until(lambda: {"Vehicle.Speed", "Vehicle.VehicleIdentification.VIN"} <= {s[0] for s in samples}, 5)
     finally:
         stop.set()
         poller.join(5)

@@ -22,8 +22,8 @@ from vgw.crypto.keys import new_data_key
 from vgw.outbox import LEGACY_TERMS, SCHEMA_VERSION, GrantTerms, Outbox, TermsChanged
 from vgw.simulators.cloud import RecipientKey, consent_claims, grant, sign_consent
 
-from tests.agentkit import AgentThread, Authority, vgw, write_config
-from tests.faultkit import DEV, persistent_world, wait_until
+from tests.agentkit import AgentThread, Authority, vgw, wait_until, write_config
+from tests.faultkit import DEV, persistent_world
 
 G = "g"
 ODO, SPEED = "Vehicle.TraveledDistance", "Vehicle.Speed"

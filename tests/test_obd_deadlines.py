@@ -26,19 +26,10 @@ from vgw.simulators.cloud import CloudPeer
 from vgw.simulators.elm327 import Elm327Simulator
 from vgw.simulators.obd_ecu import frozen_model
 
-from tests.agentkit import Authority, agent_process, vgw, write_config
+from tests.agentkit import Authority, agent_process, vgw, wait_until, write_config
 
 SPEED = build_request(0x01, [0x0D], scopes=frozenset())
 NONE: frozenset[str] = frozenset()
-
-
-def wait_until(pred: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return pred()
 
 
 @pytest.fixture

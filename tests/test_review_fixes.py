@@ -4,7 +4,6 @@ the collector, and a huge audit entry never blocks the log."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ from vgw.pipeline.router import Pipeline
 from vgw.simulators.broker import free_port
 from vgw.simulators.paths import default_dbc, default_signal_map
 
-from tests.agentkit import AgentThread, Authority, write_config
+from tests.agentkit import AgentThread, Authority, vgw, wait_until, write_config
 from tests.consentkit import Authority as DocAuthority
 from tests.consentkit import State
 
@@ -28,24 +27,23 @@ def test_handover_never_overwrites_a_newer_consent(tmp_path: Path, pki) -> None:
     v1 = auth.doc(DEV, {"g1": ["read_odometer"], "g2": ["read_fuel"]}, ver=1)
     v2 = auth.doc(DEV, {"g1": ["read_odometer"], "g2": ["read_fuel"], "g3": ["read_tires"]}, ver=2)
     v3 = auth.doc(DEV, {"g1": ["read_odometer"]}, ver=3)
+    doc = tmp_path / "v1.jws"
+    doc.write_text(v1)
+    assert vgw("consent", "apply", "--config", str(cfg), str(doc)).returncode == 0  # v1 in force before start
     with AgentThread(cfg) as runner:
         agent = runner.agent
-        time.sleep(0.3)  # the agent has loaded its (empty) cache
-        agent.manager.apply(v1, source="test")
-        agent.manager.apply(v3, source="mqtt")  # newer document arrives over MQTT ...
+        # Driven through the agent's inboxes only: the MQTT intake (what paho's thread calls) and the file
+        # `vgw consent apply` hands over to a running agent.
+        agent.intake.offer(v3.encode())  # a newer document arrives over MQTT ...
+        assert wait_until(lambda: agent.manager.in_force is not None and agent.manager.in_force.ver == 3, 10)
         agent.store.write_inbox(v2)  # ... while `vgw consent apply` hands over v2, verified against v1
-        deadline = time.monotonic() + 3
-        while agent.store.read_inbox() is not None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert agent.store.read_inbox() is None  # taken once, not retried in a loop
+        assert wait_until(lambda: agent.store.read_inbox() is None, 3)  # taken once, not retried in a loop
         assert agent.manager.in_force is not None and agent.manager.in_force.ver == 3
         assert agent.store.read_token() == v3
         rejected = [e for e in agent.audit.entries() if e["event"] == "consent-rejected"]
         assert [e["reason"] for e in rejected] == ["version-rollback"]
     with AgentThread(cfg) as runner:  # restart: still v3, g2 stays revoked
-        deadline = time.monotonic() + 5
-        while runner.agent.manager.in_force is None and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: runner.agent.manager.in_force is not None, 5)
         assert runner.agent.manager.in_force is not None and runner.agent.manager.in_force.ver == 3
         assert runner.agent.outbox.active_grants() == {"g1"}
 

@@ -14,17 +14,7 @@ import pytest
 from vgw.simulators.broker import free_port
 from vgw.simulators.pki import TestPKI
 
-from tests.agentkit import AgentThread, Authority, Vehicle, write_config
-
-
-def wait_until(cond: Callable[[], Any], timeout: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
+from tests.agentkit import AgentThread, Authority, Vehicle, wait_until, write_config
 
 
 def _bus(state: Path) -> dict[str, Any] | None:
@@ -39,9 +29,9 @@ def test_silent_bus_is_reported_once_and_clears_when_frames_return(
         caplog: pytest.LogCaptureFixture) -> None:
     auth = Authority(tmp_path)
     cfg = write_config(tmp_path, pki, free_port(), auth.trust, can={"channel": channel, "silent_s": 0.5})
-    caplog.set_level(logging.INFO, logger="vgw.agent")
+    caplog.set_level(logging.INFO, logger="vgw")
     with AgentThread(cfg):
-        wait_until(lambda: (_bus(tmp_path / "state") or {}).get("silent") is True)
+        assert wait_until(lambda: (_bus(tmp_path / "state") or {}).get("silent") is True)
         time.sleep(1.0)  # longer than silent_s again: still one warning, not one per check
         warnings = [r for r in caplog.records if "no frame for" in r.getMessage()]
         assert len(warnings) == 1, warnings
@@ -49,7 +39,7 @@ def test_silent_bus_is_reported_once_and_clears_when_frames_return(
         assert channel in warnings[0].getMessage()
 
         vehicle_on(channel, 3)
-        wait_until(lambda: (_bus(tmp_path / "state") or {}).get("silent") is False)
+        assert wait_until(lambda: (_bus(tmp_path / "state") or {}).get("silent") is False)
         assert any("frames again" in r.getMessage() for r in caplog.records)
 
 
@@ -60,6 +50,7 @@ def test_status_command_shows_a_silent_bus(tmp_path: Path, pki: TestPKI, channel
     cfg = write_config(tmp_path, pki, free_port(), auth.trust, can={"channel": channel, "silent_s": 0.3})
     with AgentThread(cfg):
         st = wait_until(lambda: (s := collect_status(str(cfg)))["bus"] and s["bus"]["silent"] and s)
+        assert st, "the status never said the bus is silent"
         assert st["bus"]["last_frame_age_s"] >= 0.3
 
 
@@ -67,6 +58,6 @@ def test_silent_s_zero_never_warns(tmp_path: Path, pki: TestPKI, channel: str) -
     auth = Authority(tmp_path)
     cfg = write_config(tmp_path, pki, free_port(), auth.trust, can={"channel": channel, "silent_s": 0})
     with AgentThread(cfg):
-        wait_until(lambda: _bus(tmp_path / "state") is not None)
+        assert wait_until(lambda: _bus(tmp_path / "state") is not None)
         time.sleep(0.8)
         assert _bus(tmp_path / "state")["silent"] is False  # type: ignore[index]

@@ -186,8 +186,7 @@ def test_an_oversized_key_file_is_refused_before_it_is_read(setup: dict[str, Any
 
 
 def test_a_tls_file_that_is_a_fifo_is_a_link_error_not_a_hung_uplink(setup: dict[str, Any]) -> None:
-    from tests.agentkit import AgentThread
-    from tests.faultkit import wait_until
+    from tests.agentkit import AgentThread, wait_until
 
     cfg = _with(setup["cfg"], "mqtt", "ca_file", _fifo(setup["tmp"]))
     with AgentThread(cfg) as runner:  # before: the uplink thread blocked for ever opening the FIFO

@@ -59,13 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vgw {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _COMMANDS:
-        try:
-            module = importlib.import_module(f"vgw.cli.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"vgw.cli.{name}":
-                continue  # subcommand not built yet
-            raise
-        module.register(sub)
+        importlib.import_module(f"vgw.cli.{name}").register(sub)
     _log_options_everywhere(sub)
     return parser
 

@@ -148,18 +148,19 @@ def cmd_show(args: argparse.Namespace) -> int:
     from vgw.config import load_config
     from vgw.stateview import read_state
 
-    manager = read_state(load_config(args.config)).manager
-    consent = manager.in_force
+    state = read_state(load_config(args.config))
+    consent = state.consent
     if args.json:
         doc = consent.summary() if consent else {"version": None, "grants": []}
-        doc["expired"] = manager.expired
+        doc["expired"] = state.expired
         print(json.dumps(doc, indent=2))
         return 0
     if consent is None:
-        print("no consent in force: nothing is collected or sent")
+        print("no consent in force: nothing is collected or sent"
+              + ("" if state.exists else f" (no state yet: {state.audit.path.parent} does not exist)"))
         return 0
-    state = "EXPIRED" if manager.expired else "in force"
-    print(f"consent v{consent.ver} {state}, issued {_ts(consent.iat)}, expires {_ts(consent.exp)}")
+    print(f"consent v{consent.ver} {'EXPIRED' if state.expired else 'in force'}, issued {_ts(consent.iat)}, "
+          f"expires {_ts(consent.exp)}")
     for g in consent.grants:
         print(f"  grant {g.id}  controller={g.controller}  purpose={g.purpose}")
         print(f"    scopes: {', '.join(g.scopes)}")

@@ -36,24 +36,26 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def collect_status(config_path: str) -> dict[str, Any]:
     from vgw.config import load_config
+    from vgw.consent.store import ConsentStore
     from vgw.runtime import STATUS_FILE, AgentLock
     from vgw.stateview import read_state
 
     cfg = load_config(config_path)
     state = read_state(cfg)
-    manager = state.manager
     running = AgentLock.held_by_other(cfg.state_dir)
     live = read_live_status(cfg.state_dir / STATUS_FILE)
-    consent = manager.in_force
+    consent = state.consent
     grants = [{"id": g.id, "scopes": list(g.scopes), "expires": consent.exp}
-              for g in manager.active_grants()] if consent else []
+              for g in state.active_grants()] if consent else []
     outbox_view = {g["id"]: {"rows": 0, "bytes": 0} for g in grants}
     outbox_view.update(state.outbox_stats)
     return {
         "schema_version": SCHEMA_VERSION,
         "device": cfg.device.id,
+        "state_dir": str(cfg.state_dir),
         "consent_version": consent.ver if consent else None,
-        "consent_expired": manager.expired,
+        "state": "present" if state.exists else "none",
+        "consent_expired": state.expired,
         "grants": grants,
         "outbox": outbox_view,
         "receipts_queued": state.receipts_queued,
@@ -67,7 +69,7 @@ def collect_status(config_path: str) -> dict[str, Any]:
         "obd": live.get("obd") if running else None,
         "bus": live.get("bus") if running else None,
         "health": live.get("health", {"ok": True, "problem": None}) if running else {"ok": True, "problem": None},
-        **pending_erasures(manager.store),
+        **pending_erasures(ConsentStore(cfg.state_dir)),
     }
 
 
@@ -158,6 +160,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(f"device {st['device']}: agent {'running' if st['agent_running'] else 'not running'}, link {st['link']}"
           + (f" ({st['link_error']})" if st["link_error"] else ""))
+    if st["state"] == "none":
+        print(f"no state yet: {st['state_dir']} does not exist (nothing was applied or collected here)")
     if st["consent_version"] is None:
         print("consent: none in force (nothing is collected)")
     else:

@@ -40,7 +40,7 @@ from vgw.cloud.consent_authority import (
 from vgw.cloud.envelopes import ReceiptError, verify_receipt
 from vgw.collect.rules import RuleError, parse_rules
 from vgw.crypto.certs import device_id_from_cert, device_public_key_from_cert
-from vgw.errors import ConfigError
+from vgw.errors import CloudKitError
 from vgw.scopes import SCOPES
 
 __all__ = [
@@ -60,10 +60,6 @@ RECIPIENTS = "recipients"
 DEFAULT_TTL_S = 86400
 _GRANT_KEYS = {"id", "controller", "purpose", "scopes", "recipient", "limits", "retention_s", "collect"}
 _TOP_KEYS = {"grant", "grants", "ttl_s", "iss", "ver", "devices"}
-
-
-class CloudKitError(ConfigError):
-    """A key file, grants description, consent document or option is unusable (message names it)."""
 
 
 # ---------------------------------------------------------------- files

@@ -4,7 +4,7 @@
   :class:`~vgw.cloud.consent_authority.RecipientKey`, ``info`` bound to device and grant;
 - :func:`verify_receipt`: a receipt is an ES256 compact JWS under the device certificate's key.
 
-Errors::
+Errors (defined in :mod:`vgw.errors`)::
 
     VgwError
      +-- EnvelopeError     an envelope broke a rule of README "Telemetry envelope" (``reason``)
@@ -24,7 +24,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, x25519
 from cryptography.hazmat.primitives.hpke import AEAD, KDF, KEM, Suite
 from vgw.cloud.consent_authority import HpkePrivateKey, HpkePublicKey, RecipientKey
-from vgw.errors import VgwError
+from vgw.errors import EnvelopeError, ReceiptError
 
 __all__ = [
     "ENVELOPE_VERSION",
@@ -48,20 +48,6 @@ _SUITES = {
     "MLKEM768-X25519": Suite(KEM.MLKEM768_X25519, KDF.HKDF_SHA256, AEAD.AES_256_GCM),
 }
 _ENC_LEN = {"X25519": 32, "MLKEM768-X25519": 1088 + 32}
-
-
-class EnvelopeError(VgwError):
-    """A telemetry envelope broke README "Telemetry envelope"; ``reason`` is a short tag (version, hpke, zlib, json,
-    ...)."""
-
-    def __init__(self, message: str, reason: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-class ReceiptError(VgwError):
-    """A receipt is not a valid compact JWS signed ES256 by the device it names (README "Receipts")."""
-
 
 
 # ---------------------------------------------------------------- envelopes and receipts

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from vgw.consent.model import Consent
 from vgw.consent.verifier import MAX_DOCUMENT_BYTES, verify_consent
-from vgw.errors import ClaimsError, ConsentError, SignatureError
+from vgw.errors import ConsentError, MalformedError, TooLargeError
 
 SLOTS = 4  # verified candidates kept; more than one so a newest that the manager refuses has a fallback
 SKIPPED_MEMORY = 32  # grant sets of superseded versions remembered (older ones are merged, conservatively)
@@ -92,9 +92,7 @@ class ConsentIntake:
             self.offered += 1
         # Size before anything else (the verifier checks it too): an oversized payload is not even decoded.
         if len(payload) > MAX_DOCUMENT_BYTES:
-            err: ConsentError = ClaimsError(f"consent rejected: {len(payload)} bytes > {MAX_DOCUMENT_BYTES} limit")
-            err.reason = "too-large"
-            self._tally(err)
+            self._tally(TooLargeError(f"consent rejected: {len(payload)} bytes > {MAX_DOCUMENT_BYTES} limit"))
             return
         try:
             consent = verify_consent(payload, trust_keys=self._trust_keys, device=self._device, now=self._clock(),
@@ -103,9 +101,7 @@ class ConsentIntake:
             self._tally(exc)
             return
         except Exception as exc:  # a parser failure is a malformed document, never a dead network thread
-            err = SignatureError(f"consent rejected: unreadable document ({type(exc).__name__})")
-            err.reason = "malformed"
-            self._tally(err)
+            self._tally(MalformedError(f"consent rejected: unreadable document ({type(exc).__name__})"))
             return
         if consent is in_force:
             return  # the retained copy of what is in force, delivered again on (re)subscribe

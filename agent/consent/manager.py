@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -25,11 +26,11 @@ from vgw.consent.narrowing import narrowing, terms_digest
 from vgw.consent.store import ConsentStore, PendingErasure
 from vgw.consent.verifier import peek_version, verify_consent
 from vgw.crypto.receipts import ReceiptSigner
-from vgw.errors import ConfigError, ConsentError, SignatureError, StorageError
+from vgw.errors import ConfigError, ConsentError, ConsentReason, MalformedError, StorageError
 from vgw.fsutil import MAX_KEY_BYTES, check_owner, read_small_file
 from vgw.outbox import Erasure, GrantTerms, Outbox, Withdrawal
 
-log = logging.getLogger("vgw.consent")
+log = logging.getLogger(__name__)
 
 REJECTED_MEMORY = 256  # how many rejected documents are remembered (by digest) to ignore their replays
 # A flood of distinct invalid documents: per reason, the first rejection in an interval is audited and receipted
@@ -56,6 +57,38 @@ def load_trust_keys(paths: Sequence[Path]) -> list[Ed25519PublicKey]:
             raise ConfigError(f"{p}: consent trust keys must be Ed25519 public keys (PEM)")
         keys.append(key)
     return keys
+
+
+@dataclass(frozen=True)
+class CachedConsent:
+    """The cached document as re-verified now: ``consent`` is None when there is none or it no longer verifies
+    (``problem`` then names why: a :class:`ConsentError` reason, ``malformed`` or ``version-rollback``)."""
+
+    consent: Consent | None
+    expired: bool = False
+    problem: StrEnum | None = None
+    problem_ver: int | None = None
+
+
+def read_cached(store: ConsentStore, trust_keys: Sequence[Ed25519PublicKey], device: str) -> CachedConsent:
+    """Re-verify the cached consent document; reads only (`vgw status` and `consent show` use it too)."""
+    token = store.read_token()
+    if token is None:
+        return CachedConsent(None)
+    try:
+        # Re-verify signature, subject and claims; the validity window is judged against the clock
+        # floor instead (an expired document stays the one in force, as expired).
+        consent = verify_consent(token, trust_keys=trust_keys, device=device, now=float(_claim_int(token, "iat")))
+    except (ConsentError, ValueError, IndexError, KeyError, TypeError) as exc:
+        reason = exc.reason if isinstance(exc, ConsentError) else ConsentReason.MALFORMED
+        log.warning("cached consent no longer verifies (%s): nothing is in force", reason)
+        return CachedConsent(None, problem=reason)
+    if consent.ver < store.max_ver:
+        # The cache holds an older version than one applied here before: a rollback of the file.
+        log.warning("cached consent v%d is older than v%d applied before: nothing is in force", consent.ver,
+                    store.max_ver)
+        return CachedConsent(None, problem=ConsentReason.VERSION_ROLLBACK, problem_ver=consent.ver)
+    return CachedConsent(consent, expired=store.now() >= consent.exp)
 
 
 @dataclass
@@ -126,28 +159,11 @@ class ConsentManager:
             self.store.raise_floor(self.in_force.iat)
 
     def _read_cache(self, *, audit: bool) -> tuple[Consent | None, bool]:
-        token = self.store.read_token()
-        if token is None:
-            return None, False
-        try:
-            # Re-verify signature, subject and claims; the validity window is judged against the clock
-            # floor instead (an expired document stays the one in force, as expired).
-            consent = verify_consent(token, trust_keys=self.trust_keys, device=self.device,
-                                     now=float(_claim_int(token, "iat")))
-        except (ConsentError, ValueError, IndexError, KeyError, TypeError) as exc:
-            reason = exc.reason if isinstance(exc, ConsentError) else "malformed"
-            log.warning("cached consent no longer verifies (%s): nothing is in force", reason)
-            if audit:
-                self._audit("consent-cache-invalid", reason=reason)
-            return None, False
-        if consent.ver < self.store.max_ver:
-            # The cache holds an older version than one applied here before: a rollback of the file.
-            log.warning("cached consent v%d is older than v%d applied before: nothing is in force", consent.ver,
-                        self.store.max_ver)
-            if audit:
-                self._audit("consent-cache-invalid", reason="version-rollback", ver=consent.ver)
-            return None, False
-        return consent, self.store.now() >= consent.exp
+        cached = read_cached(self.store, self.trust_keys, self.device)
+        if cached.problem is not None and audit:
+            extra = {"ver": cached.problem_ver} if cached.problem_ver is not None else {}
+            self._audit("consent-cache-invalid", reason=cached.problem, **extra)
+        return cached.consent, cached.expired
 
     # -- applying a new document --------------------------------------------------------------------
 
@@ -162,9 +178,7 @@ class ConsentManager:
         except Exception as exc:
             # Any other failure inside a parser is still a malformed document: reject it whole, keep the
             # consent in force (a crash here would be a remote denial of service).
-            err = SignatureError(f"consent rejected: unreadable document ({type(exc).__name__})")
-            err.reason = "malformed"
-            raise err from exc
+            raise MalformedError(f"consent rejected: unreadable document ({type(exc).__name__})") from exc
 
     def apply(self, token: str | bytes, *, source: str, skipped: Sequence[tuple[int, frozenset[str]]] = ()
               ) -> ApplyResult:

@@ -54,7 +54,6 @@ class ConsentStore:
         self.clock_path = state_dir / CLOCK_FILE
         self.pending_path = state_dir / PENDING_ERASURES_FILE
         self._floor, self._max_ver = self._read_clock()
-        self._persisted_floor = self._floor
 
     # -- the document -------------------------------------------------------------------------------
 
@@ -171,15 +170,12 @@ class ConsentStore:
         if persist:
             self.persist()
 
-    def persist(self, *, min_step_s: float = 0.0) -> None:
-        """Write the floor if it moved by at least ``min_step_s`` since the last write."""
+    def persist(self) -> None:
+        """Write the floor and the highest version applied (atomically)."""
         current = max(self._floor, self._read_floor())  # another vgw process may have raised it
         self._floor = current
-        if current - self._persisted_floor < min_step_s and self.clock_path.exists():
-            return
         self._max_ver = max(self._max_ver, self._read_clock()[1])
         atomic_write(self.clock_path, json.dumps({"floor": current, "max_ver": self._max_ver}).encode(), mode=0o600)
-        self._persisted_floor = current
 
 
 def _read_state(path: Path, what: str) -> bytes:

@@ -18,7 +18,29 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from vgw.collect.rules import RuleError, parse_rules
 from vgw.consent.model import KEM_PK_LENGTH, Consent, Grant, Limits, Recipient
-from vgw.errors import ClaimsError, ConsentError, FreshnessError, SignatureError
+from vgw.errors import (
+    AlgorithmError,
+    BadClaimError,
+    BadRuleError,
+    BadSignatureError,
+    ControlScopeError,
+    CriticalHeaderError,
+    DuplicateGrantError,
+    ExpiredError,
+    MalformedError,
+    NotYetValidError,
+    PayloadError,
+    RecipientError,
+    RollbackError,
+    TooLargeError,
+    TypeHeaderError,
+    UnknownKeyError,
+    UnknownScopeError,
+    UntrustedError,
+    ValidityError,
+    VersionConflictError,
+    WrongDeviceError,
+)
 from vgw.scopes import SCOPES
 from vgw.timefmt import LATEST_TIME
 
@@ -35,12 +57,6 @@ GRANT_KEYS = frozenset({"id", "controller", "purpose", "scopes", "limits", "rete
 LIMIT_KEYS = frozenset({"max_hz", "precision_m"})
 RECIPIENT_KEYS = frozenset({"kem", "pk"})
 _COMPACT_JWS = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$")
-
-
-def _reject(cls: type[ConsentError], reason: str, message: str, version: int | None = None) -> ConsentError:
-    err = cls(message, version=version)
-    err.reason = reason
-    return err
 
 
 def peek_version(token: str | bytes) -> int | None:
@@ -66,22 +82,23 @@ def verify_consent(
     """Verify a compact-JWS consent document for ``device`` at time ``now``.
 
     Returns ``in_force`` itself when the token is an idempotent re-delivery of it. Raises
-    :class:`SignatureError`, :class:`ClaimsError` or :class:`FreshnessError` (all :class:`ConsentError`)
-    whose ``reason`` tags the broken rule.
+    one :class:`~vgw.errors.ConsentError` subclass per broken rule (see the tree in :mod:`vgw.errors`: e.g.
+    :class:`~vgw.errors.RollbackError`), grouped as SignatureError, ClaimsError and FreshnessError; its
+    ``reason`` is the tag a rejection receipt carries.
     """
     # Size first, before any decoding: an oversized document must cost us nothing.
     if len(token) > MAX_DOCUMENT_BYTES:
-        raise _reject(ClaimsError, "too-large", f"consent rejected: {len(token)} bytes > {MAX_DOCUMENT_BYTES} limit")
+        raise TooLargeError(f"consent rejected: {len(token)} bytes > {MAX_DOCUMENT_BYTES} limit")
     try:
         text = token.decode("ascii") if isinstance(token, bytes) else token
     except UnicodeDecodeError:
-        raise _reject(SignatureError, "malformed", "consent rejected: not a compact JWS (non-ASCII bytes)") from None
+        raise MalformedError("consent rejected: not a compact JWS (non-ASCII bytes)") from None
     text = text.strip()
     ver_hint = peek_version(text)
 
     # Shape: exactly three base64url segments. Blocks truncated tokens and JSON-serialised JWS.
     if not _COMPACT_JWS.match(text):
-        raise _reject(SignatureError, "malformed", "consent rejected: not a compact JWS (header.payload.signature)",
+        raise MalformedError("consent rejected: not a compact JWS (header.payload.signature)",
                       ver_hint)
 
     # Idempotent re-delivery (retained message, QoS 1 duplicate): the same bytes as the document in force.
@@ -94,14 +111,14 @@ def verify_consent(
 
     # Algorithm pinned to EdDSA: blocks `alg: none` and HS256-with-the-public-key-as-secret confusion.
     if header.get("alg") != "EdDSA":
-        raise _reject(SignatureError, "alg", f"consent rejected: alg {header.get('alg')!r} is not EdDSA", ver_hint)
+        raise AlgorithmError(f"consent rejected: alg {header.get('alg')!r} is not EdDSA", ver_hint)
     # Explicit type: blocks a token minted for another purpose by the same signer (cross-JWT confusion).
     if header.get("typ") != CONSENT_TYP:
-        raise _reject(SignatureError, "typ", f"consent rejected: typ {header.get('typ')!r} is not {CONSENT_TYP!r}",
+        raise TypeHeaderError(f"consent rejected: typ {header.get('typ')!r} is not {CONSENT_TYP!r}",
                       ver_hint)
     # Unknown critical extensions must not be ignored (RFC 7515 §4.1.11).
     if "crit" in header:
-        raise _reject(SignatureError, "crit", "consent rejected: unsupported 'crit' header", ver_hint)
+        raise CriticalHeaderError("consent rejected: unsupported 'crit' header", ver_hint)
 
     # Signature under one of the trust keys (several at once: key rotation). Blocks forgery and
     # documents signed by any key the device was not told to trust.
@@ -110,9 +127,9 @@ def verify_consent(
     try:
         claims = json.loads(payload)
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise _reject(ClaimsError, "payload", "consent rejected: payload is not JSON", ver_hint) from None
+        raise PayloadError("consent rejected: payload is not JSON", ver_hint) from None
     if not isinstance(claims, dict):
-        raise _reject(ClaimsError, "payload", "consent rejected: payload is not a JSON object", ver_hint)
+        raise PayloadError("consent rejected: payload is not a JSON object", ver_hint)
 
     ver = _int(claims, "ver", ver_hint, minimum=1)
     iss = _str(claims, "iss", ver)
@@ -125,34 +142,30 @@ def verify_consent(
     for key, t in (("iat", iat), ("exp", exp)):
         if not EARLIEST_TIME <= t <= LATEST_TIME:
             shown = str(t) if len(str(t)) <= 20 else str(t)[:20] + "..."
-            raise _reject(ClaimsError, "validity",
-                          f"consent v{ver} rejected: {key} {shown} is not a time in years 2000..9999 UTC", ver)
+            raise ValidityError(f"consent v{ver} rejected: {key} {shown} is not a time in years 2000..9999 UTC", ver)
 
     # Audience: a document for another device must never apply here (replay across devices).
     if sub != device:
-        raise _reject(ClaimsError, "subject", f"consent v{ver} rejected: sub {sub!r} is not this device", ver)
+        raise WrongDeviceError(f"consent v{ver} rejected: sub {sub!r} is not this device", ver)
 
     # Rollback: an older version (e.g. a replay of a grant after its revocation) is refused.
     if in_force is not None and ver < in_force.ver:
-        raise _reject(FreshnessError, "version-rollback",
-                      f"consent v{ver} rejected: version must be > {in_force.ver} (in force)", ver)
+        raise RollbackError(f"consent v{ver} rejected: version must be > {in_force.ver} (in force)", ver)
     # Same version, different content: two documents cannot both be v{ver}; keep the first.
     digest = hashlib.sha256(payload).hexdigest()
     if in_force is not None and ver == in_force.ver:
         if digest == in_force.digest:
             return in_force
-        raise _reject(FreshnessError, "version-conflict",
-                      f"consent v{ver} rejected: same version as in force with different content", ver)
+        raise VersionConflictError(f"consent v{ver} rejected: same version as in force with different content", ver)
 
     # Validity window on the monotonic device clock: blocks expired documents, and documents minted in
     # the future (a stolen signer pre-dating consent). `now` never runs backwards (see store.py).
     if exp <= iat:
-        raise _reject(ClaimsError, "validity", f"consent v{ver} rejected: exp {exp} is not after iat {iat}", ver)
+        raise ValidityError(f"consent v{ver} rejected: exp {exp} is not after iat {iat}", ver)
     if now >= exp:
-        raise _reject(FreshnessError, "expired", f"consent v{ver} rejected: expired at {exp} (now {int(now)})", ver)
+        raise ExpiredError(f"consent v{ver} rejected: expired at {exp} (now {int(now)})", ver)
     if iat - IAT_SKEW_S > now:
-        raise _reject(FreshnessError, "not-yet-valid",
-                      f"consent v{ver} rejected: iat {iat} is more than {IAT_SKEW_S} s in the future", ver)
+        raise NotYetValidError(f"consent v{ver} rejected: iat {iat} is more than {IAT_SKEW_S} s in the future", ver)
 
     grants = _grants(claims.get("grants"), ver)
     return Consent(iss=iss, sub=sub, ver=ver, iat=iat, exp=exp, grants=grants, token=text, digest=digest)
@@ -160,7 +173,7 @@ def verify_consent(
 
 def _verify_signature(text: str, trust_keys: Sequence[Ed25519PublicKey], ver: int | None) -> bytes:
     if not trust_keys:
-        raise _reject(SignatureError, "untrusted", "consent rejected: no trust keys configured", ver)
+        raise UntrustedError("consent rejected: no trust keys configured", ver)
     jws = jwt.PyJWS()
     last: Exception | None = None
     for key in trust_keys:
@@ -170,8 +183,8 @@ def _verify_signature(text: str, trust_keys: Sequence[Ed25519PublicKey], ver: in
         except jwt.exceptions.InvalidSignatureError as exc:
             last = exc
         except jwt.exceptions.PyJWTError as exc:
-            raise _reject(SignatureError, "malformed", f"consent rejected: {exc}", ver) from exc
-    raise _reject(SignatureError, "signature", "consent rejected: signature does not verify under any trust key",
+            raise MalformedError(f"consent rejected: {exc}", ver) from exc
+    raise BadSignatureError("consent rejected: signature does not verify under any trust key",
                   ver) from last
 
 
@@ -180,9 +193,9 @@ def _header(text: str, ver: int | None) -> dict[str, Any]:
     try:
         header = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
     except (binascii.Error, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise _reject(SignatureError, "malformed", "consent rejected: unreadable JWS header", ver) from exc
+        raise MalformedError("consent rejected: unreadable JWS header", ver) from exc
     if not isinstance(header, dict):
-        raise _reject(SignatureError, "malformed", "consent rejected: JWS header is not a JSON object", ver)
+        raise MalformedError("consent rejected: JWS header is not a JSON object", ver)
     return header
 
 
@@ -191,7 +204,7 @@ def _int(claims: dict[str, Any], key: str, ver: int | None, *, minimum: int) -> 
     # bool is an int in Python and JSON floats like 7.0 are not versions: exact type only.
     if type(value) is not int or value < minimum:
         what = f"consent v{ver}" if ver is not None else "consent"
-        raise _reject(ClaimsError, "claims", f"{what} rejected: {key!r} must be an integer >= {minimum}, got {value!r}",
+        raise BadClaimError(f"{what} rejected: {key!r} must be an integer >= {minimum}, got {value!r}",
                       ver)
     return value
 
@@ -199,35 +212,34 @@ def _int(claims: dict[str, Any], key: str, ver: int | None, *, minimum: int) -> 
 def _str(claims: dict[str, Any], key: str, ver: int | None, *, where: str = "") -> str:
     value = claims.get(key)
     if not isinstance(value, str) or not value or len(value) > 256:
-        raise _reject(ClaimsError, "claims", f"consent v{ver} rejected: {where}{key!r} must be a non-empty string",
+        raise BadClaimError(f"consent v{ver} rejected: {where}{key!r} must be a non-empty string",
                       ver)
     return value
 
 
 def _grants(raw: Any, ver: int) -> tuple[Grant, ...]:
     if not isinstance(raw, list):
-        raise _reject(ClaimsError, "claims", f"consent v{ver} rejected: 'grants' must be a list", ver)
+        raise BadClaimError(f"consent v{ver} rejected: 'grants' must be a list", ver)
     if len(raw) > MAX_GRANTS:
-        raise _reject(ClaimsError, "too-large", f"consent v{ver} rejected: more than {MAX_GRANTS} grants", ver)
+        raise TooLargeError(f"consent v{ver} rejected: more than {MAX_GRANTS} grants", ver)
     grants: list[Grant] = []
     seen: set[str] = set()
     for i, g in enumerate(raw):
         if not isinstance(g, dict):
-            raise _reject(ClaimsError, "claims", f"consent v{ver} rejected: grant #{i} is not an object", ver)
+            raise BadClaimError(f"consent v{ver} rejected: grant #{i} is not an object", ver)
         gid = _str(g, "id", ver, where=f"grant #{i} ")
         if not _ID.match(gid):
-            raise _reject(ClaimsError, "claims", f"consent v{ver} rejected: grant id {gid!r} has invalid characters",
+            raise BadClaimError(f"consent v{ver} rejected: grant id {gid!r} has invalid characters",
                           ver)
         # Unique ids: a duplicate would make revocation of "that grant" ambiguous.
         if gid in seen:
-            raise _reject(ClaimsError, "duplicate-grant", f"consent v{ver} rejected: grant id {gid!r} appears twice",
+            raise DuplicateGrantError(f"consent v{ver} rejected: grant id {gid!r} appears twice",
                           ver)
         seen.add(gid)
         # Unknown keys: e.g. a newer document's restriction this agent cannot enforce. Fail closed.
         unknown = set(g) - GRANT_KEYS
         if unknown:
-            raise _reject(ClaimsError, "unknown-key",
-                          f"consent v{ver} rejected: grant {gid!r} has unknown key(s) {sorted(unknown)}", ver)
+            raise UnknownKeyError(f"consent v{ver} rejected: grant {gid!r} has unknown key(s) {sorted(unknown)}", ver)
         where = f"grant {gid!r} "
         controller = _str(g, "controller", ver, where=where)
         purpose = _str(g, "purpose", ver, where=where)
@@ -235,14 +247,13 @@ def _grants(raw: Any, ver: int) -> tuple[Grant, ...]:
         limits = _limits(g.get("limits"), scopes, ver, gid)
         retention = g.get("retention_s")
         if retention is not None and (type(retention) is not int or retention <= 0):
-            raise _reject(ClaimsError, "claims",
-                          f"consent v{ver} rejected: grant {gid!r} retention_s must be a positive integer", ver)
+            raise BadClaimError(f"consent v{ver} rejected: grant {gid!r} retention_s must be a positive integer", ver)
         recipient = _recipient(g.get("recipient"), ver, gid)
         # Collection rules (README "Collection rules"): one bad rule rejects the whole document, like any other rule.
         try:
             collect = parse_rules(g.get("collect"), scopes)
         except RuleError as exc:
-            raise _reject(ClaimsError, exc.reason.value, f"consent v{ver} rejected: grant {gid!r} {exc}", ver) from None
+            raise BadRuleError(f"consent v{ver} rejected: grant {gid!r} {exc}", exc.reason, version=ver) from None
         grants.append(Grant(id=gid, controller=controller, purpose=purpose, scopes=scopes, recipient=recipient,
                             limits=limits, retention_s=retention, collect=collect))
     return tuple(grants)
@@ -250,20 +261,20 @@ def _grants(raw: Any, ver: int) -> tuple[Grant, ...]:
 
 def _scopes(raw: Any, ver: int, gid: str) -> tuple[str, ...]:
     if not isinstance(raw, list) or not raw or len(raw) > MAX_SCOPES_PER_GRANT * 2:
-        raise _reject(ClaimsError, "claims", f"consent v{ver} rejected: grant {gid!r} scopes must be a non-empty list",
+        raise BadClaimError(f"consent v{ver} rejected: grant {gid!r} scopes must be a non-empty list",
                       ver)
     out: list[str] = []
     for s in raw:
         if not isinstance(s, str):
-            raise _reject(ClaimsError, "claims", f"consent v{ver} rejected: grant {gid!r} scope {s!r} is not a string",
+            raise BadClaimError(f"consent v{ver} rejected: grant {gid!r} scope {s!r} is not a string",
                           ver)
         # Write access is never grantable to this device: any control_* scope rejects the document.
         if s.startswith("control_"):
-            raise _reject(ClaimsError, "control-scope", f"consent v{ver} rejected: scope {s!r} is a control scope",
+            raise ControlScopeError(f"consent v{ver} rejected: scope {s!r} is a control scope",
                           ver)
         # Only known read scopes: an unknown scope could mean a newer policy this agent cannot enforce.
         if s not in SCOPES:
-            raise _reject(ClaimsError, "unknown-scope", f"consent v{ver} rejected: unknown scope {s!r}", ver)
+            raise UnknownScopeError(f"consent v{ver} rejected: unknown scope {s!r}", ver)
         if s not in out:
             out.append(s)
     return tuple(out)
@@ -273,26 +284,24 @@ def _limits(raw: Any, scopes: tuple[str, ...], ver: int, gid: str) -> dict[str, 
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise _reject(ClaimsError, "claims", f"consent v{ver} rejected: grant {gid!r} limits must be an object", ver)
+        raise BadClaimError(f"consent v{ver} rejected: grant {gid!r} limits must be an object", ver)
     out: dict[str, Limits] = {}
     for scope, lim in raw.items():
         if scope not in scopes:
-            raise _reject(ClaimsError, "claims",
-                          f"consent v{ver} rejected: grant {gid!r} limits name scope {scope!r} it does not grant", ver)
+            raise BadClaimError(f"consent v{ver} rejected: grant {gid!r} limits name scope {scope!r} it does not "
+                                "grant", ver)
         if not isinstance(lim, dict):
-            raise _reject(ClaimsError, "claims",
-                          f"consent v{ver} rejected: grant {gid!r} limits for {scope!r} must be an object", ver)
+            raise BadClaimError(f"consent v{ver} rejected: grant {gid!r} limits for {scope!r} must be an object", ver)
         # An unknown limit key is a restriction this agent cannot enforce: fail closed.
         if set(lim) - LIMIT_KEYS:
-            raise _reject(ClaimsError, "unknown-key",
-                          f"consent v{ver} rejected: grant {gid!r} limits for {scope!r} have unknown key(s) "
+            raise UnknownKeyError(f"consent v{ver} rejected: grant {gid!r} limits for {scope!r} have unknown key(s) "
                           f"{sorted(set(lim) - LIMIT_KEYS)} (known: max_hz, precision_m)", ver)
         vals: dict[str, float | None] = {}
         for key in ("max_hz", "precision_m"):
             v = lim.get(key)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v < 1e9):
-                raise _reject(ClaimsError, "claims",
-                              f"consent v{ver} rejected: grant {gid!r} {scope} {key} must be a positive number", ver)
+                raise BadClaimError(f"consent v{ver} rejected: grant {gid!r} {scope} {key} must be a positive "
+                                    "number", ver)
             vals[key] = float(v) if v is not None else None
         out[scope] = Limits(max_hz=vals["max_hz"], precision_m=vals["precision_m"])
     return out
@@ -301,31 +310,31 @@ def _limits(raw: Any, scopes: tuple[str, ...], ver: int, gid: str) -> dict[str, 
 def _recipient(raw: Any, ver: int, gid: str) -> Recipient:
     # Without a well-formed recipient key nothing could be encrypted for the app: refuse the grant.
     if not isinstance(raw, dict):
-        raise _reject(ClaimsError, "recipient", f"consent v{ver} rejected: grant {gid!r} has no recipient", ver)
+        raise RecipientError(f"consent v{ver} rejected: grant {gid!r} has no recipient", ver)
     if set(raw) - RECIPIENT_KEYS:
-        raise _reject(ClaimsError, "unknown-key", f"consent v{ver} rejected: grant {gid!r} recipient has unknown "
+        raise UnknownKeyError(f"consent v{ver} rejected: grant {gid!r} recipient has unknown "
                       f"key(s) {sorted(set(raw) - RECIPIENT_KEYS)}", ver)
     kem = raw.get("kem")
     if kem not in KEM_PK_LENGTH:
-        raise _reject(ClaimsError, "recipient", f"consent v{ver} rejected: grant {gid!r} recipient kem {kem!r} "
+        raise RecipientError(f"consent v{ver} rejected: grant {gid!r} recipient kem {kem!r} "
                       f"not supported (use {' or '.join(KEM_PK_LENGTH)})", ver)
     pk_b64 = raw.get("pk")
     if not isinstance(pk_b64, str) or not re.fullmatch(r"[A-Za-z0-9_-]+={0,2}", pk_b64):
-        raise _reject(ClaimsError, "recipient", f"consent v{ver} rejected: grant {gid!r} recipient pk is not base64url",
+        raise RecipientError(f"consent v{ver} rejected: grant {gid!r} recipient pk is not base64url",
                       ver)
     try:
         pk = base64.urlsafe_b64decode(pk_b64 + "=" * (-len(pk_b64) % 4))
     except (binascii.Error, ValueError):
-        raise _reject(ClaimsError, "recipient", f"consent v{ver} rejected: grant {gid!r} recipient pk is not base64url",
+        raise RecipientError(f"consent v{ver} rejected: grant {gid!r} recipient pk is not base64url",
                       ver) from None
     if len(pk) != KEM_PK_LENGTH[kem]:
-        raise _reject(ClaimsError, "recipient", f"consent v{ver} rejected: grant {gid!r} recipient pk is {len(pk)} "
+        raise RecipientError(f"consent v{ver} rejected: grant {gid!r} recipient pk is {len(pk)} "
                       f"bytes, {kem} needs {KEM_PK_LENGTH[kem]}", ver)
     from vgw.crypto.envelope import load_recipient_key  # validate the point itself, not just its length
 
     try:
         load_recipient_key(kem, pk)
     except ValueError:
-        raise _reject(ClaimsError, "recipient", f"consent v{ver} rejected: grant {gid!r} recipient pk is not a valid "
+        raise RecipientError(f"consent v{ver} rejected: grant {gid!r} recipient pk is not a valid "
                       f"{kem} key", ver) from None
     return Recipient(kem=kem, pk=pk)

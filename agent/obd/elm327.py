@@ -44,7 +44,7 @@ from vgw.errors import SourceOpenError, SourceReadError
 from vgw.obd.protocols import PROTOCOL_NAMES
 from vgw.obd.request import ObdRequest, build_request
 
-log = logging.getLogger("vgw.obd.elm327")
+log = logging.getLogger(__name__)
 
 BAUD_CANDIDATES = (38400, 9600, 115200, 57600, 230400, 500000)
 FALLBACK_PROTOCOLS = ("6", "8", "1", "7", "9", "2", "3", "4", "5", "A")

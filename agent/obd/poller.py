@@ -55,7 +55,7 @@ from vgw.obd.request import MAX_PIDS_PER_REQUEST, ForbiddenRequest, ObdRequest, 
 
 __all__ = ["ForbiddenRequest", "ObdPoller", "ObdRequest", "ObdTransport", "build_request", "open_transport"]
 
-log = logging.getLogger("vgw.obd.poller")
+log = logging.getLogger(__name__)
 
 Sample = tuple[str, str, float, Any]
 _SLOW = ((VIN_NAME, 0x09, 0x02, VIN_PATH), (DTC_NAME, 0x03, None, DTC_PATH),

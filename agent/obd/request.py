@@ -22,6 +22,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from vgw.errors import ForbiddenRequest as ForbiddenRequest
+
 SERVICE_CURRENT_DATA = 0x01
 SERVICE_STORED_DTCS = 0x03
 SERVICE_PENDING_DTCS = 0x07
@@ -33,10 +35,6 @@ _DIAGNOSTIC_SERVICES = frozenset({SERVICE_STORED_DTCS, SERVICE_PENDING_DTCS})
 DIAGNOSTICS_SCOPE = "read_diagnostics"
 
 _TOKEN = object()
-
-
-class ForbiddenRequest(ValueError):
-    """A request that vgw must never send (wrong service, too many PIDs, DTCs without consent)."""
 
 
 def _check(payload: bytes) -> None:

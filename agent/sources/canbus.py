@@ -27,7 +27,7 @@ from vgw.errors import SourceFrameError, SourceOpenError, SourceReadError
 from vgw.j1939 import ids as j1939
 from vgw.j1939.request import is_request
 
-log = logging.getLogger("vgw.source")
+log = logging.getLogger(__name__)
 
 # Interfaces whose driver filters in the kernel or on the adapter (python-can passes can_filters down).
 _KERNEL_FILTERS = {"socketcan"}

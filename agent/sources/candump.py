@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import can
+from vgw.errors import SourceFrameError
 from vgw.timefmt import LATEST_TIME
 
 MAX_LINE_BYTES = 512  # the longest candump -L line (FD, 64 bytes, 16-char channel) is under 200
@@ -51,7 +52,7 @@ class DamagedLine:
     damage: Damage
 
 
-class LineError(ValueError):
+class LineError(SourceFrameError, ValueError):
     """One line is not a candump frame; ``damage`` says why."""
 
     def __init__(self, damage: Damage) -> None:

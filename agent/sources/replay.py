@@ -32,7 +32,7 @@ from vgw.errors import SourceEndedError, SourceOpenError
 from vgw.sources.candump import Damage, DamagedLine, is_candump, open_binary, read_frames
 from vgw.timefmt import valid_time
 
-log = logging.getLogger("vgw.replay")
+log = logging.getLogger(__name__)
 
 MIN_LOOP_GAP_S = 0.001  # between passes of a trace whose frames all share one time
 

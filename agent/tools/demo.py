@@ -135,7 +135,7 @@ def run_demo(duration: float = 20.0, *, as_json: bool = False, out: IO[str] | No
     else:
         root = Path(tempfile.mkdtemp(prefix="vgw-demo-"))
         os.chmod(root, 0o755)  # noqa: S103 - the broker (dropped to user mosquitto) reads the PKI below it
-    logs = _kept_log(root / "demo.log") if keep_dir is not None else quieted("vgw", "agent")
+    logs = _kept_log(root / "demo.log") if keep_dir is not None else quieted("vgw")
     logs.__enter__()
     t0 = time.monotonic()
     stop = threading.Event()

@@ -45,7 +45,7 @@ def run_bench(opts: BenchOptions, progress: Progress | None = None) -> dict[str,
     if not dbc.is_file():
         raise ConfigError(f"{dbc}: DBC file not found")
     db = load_dbc([dbc], strict=demo)
-    quiet = quieted("vgw", "agent")
+    quiet = quieted("vgw")
     quiet.__enter__()
 
     root = Path(tempfile.mkdtemp(prefix="vgw-bench-"))

@@ -1,0 +1,483 @@
+"""Batches in the outbox: the grants allowed to store, their data keys and terms, the sealed batches.
+
+Tables (the whole outbox is described in :mod:`vgw.outbox`):
+  active_grants  grants allowed to store data now, each with the digest of its terms in force
+                 (:func:`vgw.consent.narrowing.terms_digest`); inserts and key creation check it in the
+                 same transaction, so a grant revoked by another process (``vgw consent apply``) can never
+                 store again even before this process notices.
+  grant_keys     per-grant AES-256-GCM data key, wrapped by the device storage key.
+  seqs           next ``seq`` per grant; assigned at commit, so sequences survive crashes with no gap/reuse.
+  batches        sealed envelopes, each encrypted again with its grant's data key (aad binds device/grant/seq);
+                 ``scopes`` = {scope: samples} it holds (no values), ``terms`` = the digest of the terms its
+                 samples were collected under. The agent cannot re-filter a sealed row, so these two decide
+                 whether a narrowed grant still permits it (README "Narrowing applies to stored data").
+
+Quota: :meth:`Outbox.commit_batch` with ``quota_bytes`` drops, in the same transaction, the oldest batches of
+the committing grant until the outbox fits (then, if one grant's new batch alone does not fit beside the
+others, the oldest of the largest grant). A batch already handed to the broker whose PUBACK has not come is
+never dropped for quota (it may have arrived: dropping it would make the ``dropped_quota`` count lie).
+
+Narrowing (README "Narrowing applies to stored data"): no sample of a scope not in force at publish time leaves the
+car. Three checks:
+:meth:`Outbox.apply_terms` replaces the terms in force and deletes the withdrawn rows in one transaction
+(under the lock the uplink holds from reading a row to handing it to the socket, so no withdrawn row can be
+published in between); :meth:`Outbox.commit_batch` refuses a batch collected under other terms than those in
+force; :meth:`Outbox.pending` only returns rows whose terms digest is the one in force.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from vgw.consent.narrowing import Narrowing, NarrowingKind
+from vgw.crypto import keys
+from vgw.errors import StorageError
+from vgw.outbox.connection import LEGACY_TERMS
+from vgw.outbox.counters import Counters
+from vgw.outbox.erasure import ERASE_WAIT_S, Erasing
+from vgw.outbox.receipts import Receipts
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    id: int
+    grant_id: str
+    seq: int
+    payload: bytes  # the decrypted envelope, ready to publish
+    samples: int = 0
+    scopes: str = "{}"  # JSON {scope: samples} of this batch, for the privacy report (no values)
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    seq: int
+    size: int  # stored bytes of the new row
+    dropped: dict[str, int]  # grant id -> batches dropped for the quota by this commit
+
+
+@dataclass(frozen=True, slots=True)
+class GrantTerms:
+    """A grant's terms as the outbox needs them: digest, scopes, and what changed since ``since``."""
+
+    digest: str  # terms_digest() of the grant in force
+    scopes: frozenset[str]
+    narrowing: Narrowing = field(default_factory=Narrowing)
+    since: str | None = None  # digest of the terms ``narrowing`` was computed against (None: unknown)
+
+
+@dataclass(frozen=True, slots=True)
+class Withdrawal:
+    """Stored batches of a grant still in force deleted because its terms narrowed (or could not be told)."""
+
+    grant_id: str
+    kinds: frozenset[NarrowingKind]
+    scopes: frozenset[str]
+    batches_deleted: int
+    samples_deleted: int  # every sample of the deleted rows, still-permitted ones of mixed rows included
+    key_destroyed: bool  # the data key that sealed the deleted rows is gone (kept rows were sealed anew), and no
+    #                      copy of it or of a deleted row is left in any file (the same check as erase_grant)
+    pending: bool = False  # key replaced and rows deleted, but a copy is still in the files: finish_erasure later
+
+
+class GrantNotActive(StorageError):
+    """A batch or key was refused because its grant is not active (revoked meanwhile)."""
+
+
+class TermsChanged(GrantNotActive):
+    """A batch was refused because it was collected under terms that are no longer in force."""
+
+
+class Outbox(Erasing, Receipts, Counters):
+    """The encrypted outbox: batches (here), receipts, counters and erasure (their own modules).
+
+    Threads: the collector commits batches, the uplink reads, marks and deletes them, the agent's main loop
+    applies consent, retention and erasures; one re-entrant lock (``_lock``, :mod:`vgw.outbox.connection`)
+    guards the connection and the in-memory sets below, and every write is one :meth:`_tx` transaction.
+    Raises :class:`~vgw.errors.StorageError` on I/O trouble.
+    """
+
+    def __init__(self, path: Path, storage_key: bytes, device: str) -> None:
+        super().__init__(path, storage_key, device)
+        self._unwrappable: set[str] = set()  # grants whose key does not unwrap (storage key replaced?)
+        self._undecryptable: set[int] = set()  # rows found unreadable by pending(): dropped by drop_undecryptable
+        # Rows handed to the broker whose PUBACK has not come (maybe delivered): never dropped for quota.
+        self._attempted: set[int] = set()
+
+    # -- grants and keys ----------------------------------------------------------------------------
+
+    def set_active_grants(self, grant_ids: set[str] | frozenset[str]) -> None:
+        """Only ``grant_ids`` may store from now on; a grant that stays keeps its terms (see apply_terms)."""
+        with self._tx() as db:
+            keep = sorted(grant_ids)
+            db.execute(f"DELETE FROM active_grants WHERE id NOT IN ({','.join('?' * len(keep))})",  # noqa: S608
+                       keep)
+            db.executemany("INSERT OR IGNORE INTO active_grants (id) VALUES (?)", [(g,) for g in keep])
+
+    def apply_terms(self, grants: dict[str, GrantTerms], *, now: float | None = None) -> list[Withdrawal]:
+        """Make ``grants`` the grants in force, with their terms, and delete what they withdraw (README "Narrowing
+        applies to stored data").
+
+        One transaction, under the lock the uplink holds while it publishes: before it, rows are published
+        under the old terms; after it, every row left is permitted by the new ones. For each grant, a row
+        stamped with other terms than ``digest`` is deleted if it holds a scope the grant no longer has (or
+        scopes it does not record), or, when stamped ``since``, a scope the narrowing withdraws, every scope
+        when it withdraws all, or it is older than a shortened retention; a row stamped with terms that are
+        neither ``since`` nor legacy is deleted (fail closed). Rows kept are stamped ``digest``. When a grant
+        narrowed, its data key is replaced and the kept rows sealed anew, so the deleted rows' key is gone.
+        Grants absent from ``grants`` stop storing (their erasure is :meth:`erase_grant`).
+        Returns one :class:`Withdrawal` per grant that narrowed or lost rows.
+        """
+        now = time.time() if now is None else now
+        out: list[Withdrawal] = []
+        searched = {g: len(n) for g, n in self._needles.items()}
+        with self._lock, self._forget_needles_on_rollback(searched), self._tx() as db:
+            ids = sorted(grants)
+            db.execute(f"DELETE FROM active_grants WHERE id NOT IN ({','.join('?' * len(ids))})",  # noqa: S608
+                       ids)
+            db.executemany("INSERT INTO active_grants (id, terms) VALUES (?, ?) "
+                           "ON CONFLICT(id) DO UPDATE SET terms = excluded.terms",
+                           [(g, grants[g].digest) for g in ids])
+            for gid in ids:
+                w = self._judge_rows(db, gid, grants[gid], now)
+                if w is not None:
+                    out.append(w)
+        return [self._verify_withdrawal(w) for w in out]
+
+    @contextmanager
+    def _forget_needles_on_rollback(self, searched: dict[str, int]) -> Iterator[None]:
+        """A transaction that rolled back replaced and deleted nothing: drop what it added to search for."""
+        try:
+            yield
+        except BaseException:
+            for gid in list(self._needles):
+                del self._needles[gid][searched.get(gid, 0):]
+            raise
+
+    def _verify_withdrawal(self, w: Withdrawal) -> Withdrawal:
+        """``w`` with ``key_destroyed`` only if the raw files hold neither the replaced wrapped key nor a deleted
+        row (the check of :meth:`erase_grant`); otherwise pending, finished by :meth:`finish_erasure`."""
+        if not w.key_destroyed or self.finish_erasure(w.grant_id, wait_s=ERASE_WAIT_S):
+            return w
+        log.warning("narrowing of grant %s not verified: another process holds a read snapshot of the outbox, "
+                    "so replaced pages are still in its files; retried until they are gone", w.grant_id)
+        return replace(w, key_destroyed=False, pending=True)
+
+    def _judge_rows(self, db: sqlite3.Connection, gid: str, terms: GrantTerms, now: float) -> Withdrawal | None:
+        n = terms.narrowing
+        rows = db.execute("SELECT id, terms, scopes, samples, created FROM batches WHERE grant_id = ? "
+                          "AND terms != ?", (gid, terms.digest)).fetchall()
+        deleted: list[int] = []
+        kept: list[int] = []
+        samples_deleted = 0
+        unknown = False
+        for row_id, stamp, scopes_json, samples, created in rows:
+            held = _held_scopes(str(scopes_json))
+            known = terms.since is not None and stamp == terms.since
+            if held is None or not held <= terms.scopes:
+                withdraw = True  # a removed scope, or scopes not recorded: cannot be shown to be permitted
+            elif known:
+                withdraw = n.withdraw_all or bool(held & n.scopes) or (
+                    n.retention_s is not None and created < now - n.retention_s)
+            else:
+                withdraw = stamp not in ("", LEGACY_TERMS)  # collected under terms nobody can name now
+            if withdraw:
+                deleted.append(int(row_id))
+                samples_deleted += int(samples)
+                unknown = unknown or not known
+            else:
+                kept.append(int(row_id))
+        if not deleted and not n:
+            if kept:
+                db.executemany("UPDATE batches SET terms = ? WHERE id = ?", [(terms.digest, r) for r in kept])
+            return None
+        # What to search the raw files for once committed (see finish_erasure): the wrapped key about to be
+        # replaced, and a 32-byte piece of each row about to be deleted.
+        needles = [bytes(r[0]) for r in db.execute("SELECT wrapped FROM grant_keys WHERE grant_id = ?", (gid,))]
+        needles += [bytes(db.execute("SELECT substr(blob, 1, 32) FROM batches WHERE id = ?", (r,)).fetchone()[0])
+                    for r in deleted]
+        db.executemany("DELETE FROM batches WHERE id = ?", [(r,) for r in deleted])
+        db.executemany("UPDATE batches SET terms = ? WHERE id = ?", [(terms.digest, r) for r in kept])
+        key_destroyed = self._rotate_key(db, gid, terms.digest)
+        if key_destroyed:
+            self._needles.setdefault(gid, []).extend(needles)
+        self._count_locked(f"narrowed_batches:{gid}", len(deleted))
+        self._count_locked(f"narrowed_samples:{gid}", samples_deleted)
+        kinds = set(n.kinds) | ({NarrowingKind.TERMS_CHANGED} if unknown else set())
+        return Withdrawal(gid, frozenset(kinds), n.scopes, len(deleted), samples_deleted, key_destroyed)
+
+    def _rotate_key(self, db: sqlite3.Connection, gid: str, digest: str) -> bool:
+        """Replace the grant's data key and seal its remaining rows with the new one. True if the old key is
+        gone (or there was none); False if it cannot be unwrapped (the rows stay under it, unreadable)."""
+        if db.execute("SELECT 1 FROM grant_keys WHERE grant_id = ?", (gid,)).fetchone() is None:
+            return True
+        try:
+            old = self._data_key(db, gid)
+        except StorageError:
+            return False
+        new = keys.new_data_key()
+        for row_id, seq, blob in db.execute("SELECT id, seq, blob FROM batches WHERE grant_id = ?",
+                                            (gid,)).fetchall():
+            aad = self._aad(gid, int(seq))
+            db.execute("UPDATE batches SET blob = ? WHERE id = ?",
+                       (keys.seal_row(new, keys.open_row(old, blob, aad), aad), row_id))
+        db.execute("UPDATE grant_keys SET wrapped = ? WHERE grant_id = ?", (keys.wrap(self._storage_key, new), gid))
+        self._data_keys[gid] = new
+        return True
+
+    def active_grants(self) -> set[str]:
+        with self._lock:
+            return {r[0] for r in self._db.execute("SELECT id FROM active_grants")}
+
+    def _data_key(self, db: sqlite3.Connection, grant_id: str) -> bytes:
+        cached = self._data_keys.get(grant_id)
+        if cached is not None:
+            return cached
+        row = db.execute("SELECT wrapped FROM grant_keys WHERE grant_id = ?", (grant_id,)).fetchone()
+        if row is None:
+            key = keys.new_data_key()
+            db.execute("INSERT INTO grant_keys (grant_id, wrapped) VALUES (?, ?)",
+                       (grant_id, keys.wrap(self._storage_key, key)))
+        else:
+            key = keys.unwrap(self._storage_key, row[0])
+        self._data_keys[grant_id] = key
+        return key
+
+    def has_key(self, grant_id: str) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM grant_keys WHERE grant_id = ?", (grant_id,)).fetchone() is not None
+
+    # -- batches ------------------------------------------------------------------------------------
+
+    def _aad(self, grant_id: str, seq: int) -> bytes:
+        return f"vgw-outbox/1 {self.device}/{grant_id}/{seq}".encode()
+
+    def next_seq(self, grant_id: str) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT next_seq FROM seqs WHERE grant_id = ?", (grant_id,)).fetchone()
+            return int(row[0]) if row else 1
+
+    def commit_batch(self, grant_id: str, make_payload: Callable[[int], bytes], first_t: float, samples: int,
+                     *, quota_bytes: int | None = None, scopes: dict[str, int] | None = None,
+                     terms: str | None = None) -> Committed:
+        """Assign the next seq, seal the batch with it (``make_payload(seq) -> envelope``) and store it.
+
+        All in one transaction: the seq is persisted with the row, and with ``quota_bytes`` the batches dropped
+        to fit are deleted and counted (``dropped_quota:<grant>``) in it too. Raises GrantNotActive if the grant
+        was revoked meanwhile, OutboxUnwritable when the disk is full or read-only (nothing is stored then and
+        no seq is used, so the cloud sees no gap for a batch that never existed).
+
+        ``terms`` is the digest of the terms the samples were collected under; a batch collected under other
+        terms than those in force (a narrowing landed while it was in memory) raises TermsChanged. None: the
+        terms in force. ``scopes`` ({scope: samples}) is what a narrowing judges the row by.
+        """
+        with self._tx() as db:
+            active = db.execute("SELECT terms FROM active_grants WHERE id = ?", (grant_id,)).fetchone()
+            if active is None:
+                raise GrantNotActive(f"grant {grant_id!r} is not active; batch discarded")
+            if terms is not None and terms != active[0]:
+                raise TermsChanged(f"grant {grant_id!r} changed its terms; batch collected under the old ones "
+                                   "discarded")
+            row = db.execute("SELECT next_seq FROM seqs WHERE grant_id = ?", (grant_id,)).fetchone()
+            seq = int(row[0]) if row else 1
+            payload = make_payload(seq)
+            blob = keys.seal_row(self._data_key(db, grant_id), payload, self._aad(grant_id, seq))
+            cur = db.execute(
+                "INSERT INTO batches (grant_id, seq, created, first_t, samples, blob, scopes, terms) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (grant_id, seq, time.time(), first_t, samples, blob, json.dumps(scopes or {}, sort_keys=True),
+                 str(active[0])),
+            )
+            db.execute(
+                "INSERT INTO seqs (grant_id, next_seq) VALUES (?, ?) "
+                "ON CONFLICT(grant_id) DO UPDATE SET next_seq = excluded.next_seq",
+                (grant_id, seq + 1),
+            )
+            dropped: dict[str, int] = {}
+            if quota_bytes is not None:
+                dropped = self._fit_quota(db, grant_id, int(cur.lastrowid or 0), quota_bytes)
+            return Committed(seq, len(blob), dropped)
+
+    def _fit_quota(self, db: sqlite3.Connection, grant_id: str, new_row: int, quota: int) -> dict[str, int]:
+        total = int(db.execute("SELECT COALESCE(SUM(LENGTH(blob)), 0) FROM batches").fetchone()[0])
+        if total <= quota:
+            return {}
+        dropped: dict[str, int] = {}
+
+        def drop_from(gid: str, keep: int | None) -> None:
+            nonlocal total
+            cur = db.execute("SELECT id, LENGTH(blob) FROM batches WHERE grant_id = ? ORDER BY id", (gid,))
+            victims: list[int] = []
+            for row_id, size in cur.fetchall():
+                if total <= quota:
+                    break
+                if row_id == keep or row_id in self._attempted:
+                    continue
+                victims.append(row_id)
+                total -= int(size)
+            if victims:
+                db.executemany("DELETE FROM batches WHERE id = ?", [(v,) for v in victims])
+                dropped[gid] = dropped.get(gid, 0) + len(victims)
+
+        # 1. The committing grant's own oldest batches (a grant pays for its own backlog first).
+        drop_from(grant_id, keep=new_row)
+        # 2. Still over: its new batch does not fit beside the others; the largest grant gives way, oldest first
+        #    (possibly the committing grant's new batch itself, when it is the largest).
+        while total > quota:
+            big = db.execute("SELECT grant_id FROM batches GROUP BY grant_id ORDER BY SUM(LENGTH(blob)) DESC "
+                             "LIMIT 1").fetchone()
+            if big is None:
+                break
+            before = total
+            drop_from(str(big[0]), keep=None)
+            if total == before:
+                break  # only rows in flight left: wait for their PUBACKs
+        for gid, n in dropped.items():
+            self._count_locked(f"dropped_quota:{gid}", n)
+        return dropped
+
+    def pending(self, limit: int, exclude: set[int] | None = None) -> list[Row]:
+        """The oldest batches not in ``exclude`` (row ids in flight), decrypted for publishing. Reads only.
+
+        Publish-time check (README "Narrowing applies to stored data"): only rows of a grant in force whose terms
+        digest is the one in
+        force; anything else waits for :meth:`apply_terms` or an erasure to delete it, and is never returned.
+        A row that does not decrypt is skipped and remembered; :meth:`drop_undecryptable` deletes it.
+        """
+        exclude = exclude or set()
+        out: list[Row] = []
+        with self._lock:
+            skip = sorted(self._unwrappable)
+            cur = self._db.execute(
+                "SELECT b.id, b.grant_id, b.seq, b.samples, b.blob, b.scopes FROM batches b "  # noqa: S608 - only "?" placeholders are formatted in
+                "JOIN active_grants a ON a.id = b.grant_id AND a.terms = b.terms "
+                f"WHERE b.grant_id NOT IN ({','.join('?' * len(skip))}) ORDER BY b.id LIMIT ?",
+                (*skip, limit + len(exclude) + len(self._undecryptable)),
+            )
+            rows = cur.fetchall()
+            for row_id, grant_id, seq, samples, blob, scopes in rows:
+                if row_id in exclude or row_id in self._undecryptable:
+                    continue
+                key = self._data_keys.get(grant_id)
+                if key is None:
+                    krow = self._db.execute("SELECT wrapped FROM grant_keys WHERE grant_id = ?",
+                                            (grant_id,)).fetchone()
+                    if krow is None:
+                        continue  # key destroyed: the row is unreadable and is being erased
+                    try:
+                        key = keys.unwrap(self._storage_key, krow[0])
+                    except StorageError as exc:
+                        # Kept, not deleted (the right storage key may come back), but never blocks the rest.
+                        self._unwrappable.add(grant_id)
+                        log.error("outbox rows of grant %s cannot be read: %s", grant_id, exc)
+                        continue
+                    self._data_keys[grant_id] = key
+                try:
+                    payload = keys.open_row(key, blob, self._aad(grant_id, seq))
+                except Exception:
+                    self._undecryptable.add(int(row_id))
+                    continue
+                out.append(Row(row_id, grant_id, seq, payload, int(samples), str(scopes)))
+                if len(out) >= limit:
+                    break
+        return out
+
+    def drop_undecryptable(self) -> int:
+        """Delete the rows :meth:`pending` found unreadable (counted as ``undecryptable_rows``). Returns how
+        many; they stay remembered (and skipped) if the outbox cannot be written now."""
+        with self._lock:
+            victims = sorted(self._undecryptable)
+            if not victims:
+                return 0
+            with self._tx() as db:
+                db.executemany("DELETE FROM batches WHERE id = ?", [(v,) for v in victims])
+                self._count_locked("undecryptable_rows", len(victims))
+            self._undecryptable.clear()
+            return len(victims)
+
+    def mark_attempted(self, row_id: int) -> None:
+        """``row_id`` was handed to the broker: maybe delivered from now on, so never a quota victim."""
+        with self._lock:
+            self._attempted.add(row_id)
+
+    def delete_batch(self, row_id: int) -> None:
+        with self._tx() as db:
+            self._attempted.discard(row_id)
+            db.execute("DELETE FROM batches WHERE id = ?", (row_id,))
+
+    def mark_sent(self, row: Row, when: float | None = None) -> None:
+        """The broker acknowledged ``row``: delete it and record it for the privacy report, in one transaction.
+
+        ``sent_batches:<g>`` += 1, ``sent_samples:<g>`` += row.samples, ``first_sent:<g>`` = MIN(t),
+        ``last_sent:<g>`` = MAX(t) with t = ``when`` (Unix seconds, default now). If the row is gone already
+        (erased or dropped while its PUBACK was on the way) it still counts: it did reach the broker.
+        """
+        t = int(when if when is not None else time.time())
+        g = row.grant_id
+        with self._tx() as db:
+            self._attempted.discard(row.id)
+            db.execute("DELETE FROM batches WHERE id = ?", (row.id,))
+            self._count_locked(f"sent_batches:{g}", 1)
+            self._count_locked(f"sent_samples:{g}", row.samples)
+            try:
+                per_scope = json.loads(row.scopes)
+            except ValueError:
+                per_scope = {}
+            for scope, n in sorted(per_scope.items()):
+                self._count_locked(f"sent_samples:{g}:{scope}", int(n))
+            db.execute("INSERT INTO counters (name, value) VALUES (?, ?) "
+                       "ON CONFLICT(name) DO UPDATE SET value = MIN(value, excluded.value)", (f"first_sent:{g}", t))
+            db.execute("INSERT INTO counters (name, value) VALUES (?, ?) "
+                       "ON CONFLICT(name) DO UPDATE SET value = MAX(value, excluded.value)", (f"last_sent:{g}", t))
+
+    def seed_seqs(self, seqs: dict[str, int]) -> None:
+        """Raise each grant's next seq to at least the given value (after a quarantine salvaged them)."""
+        with self._tx() as db:
+            db.executemany(
+                "INSERT INTO seqs (grant_id, next_seq) VALUES (?, ?) "
+                "ON CONFLICT(grant_id) DO UPDATE SET next_seq = MAX(next_seq, excluded.next_seq)",
+                sorted(seqs.items()),
+            )
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT grant_id, COUNT(*), COALESCE(SUM(LENGTH(blob)), 0) FROM batches GROUP BY grant_id"
+            ).fetchall()
+        return {g: {"rows": int(n), "bytes": int(b)} for g, n, b in rows}
+
+    def total_bytes(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COALESCE(SUM(LENGTH(blob)), 0) FROM batches").fetchone()[0])
+
+    # -- retention and quota ------------------------------------------------------------------------
+
+    def delete_older_than(self, grant_id: str, created_before: float) -> int:
+        with self._tx() as db:
+            n = db.execute("DELETE FROM batches WHERE grant_id = ? AND created < ?",
+                           (grant_id, created_before)).rowcount
+        return int(n)
+
+
+
+def _held_scopes(scopes_json: str) -> frozenset[str] | None:
+    """The scopes a row records, or None if it records none it can vouch for (unknown paths included)."""
+    try:
+        held = json.loads(scopes_json)
+    except ValueError:
+        return None
+    if not isinstance(held, dict) or not held or "" in held:
+        return None
+    return frozenset(str(s) for s in held)
+
+
+
+

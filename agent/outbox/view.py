@@ -1,0 +1,70 @@
+"""A read-only look at an outbox file, for `vgw status` and `vgw report` (STYLE.md: a read never writes)."""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+from vgw.errors import StorageError
+from vgw.fsutil import refuse_symlink
+from vgw.outbox.connection import BUSY_TIMEOUT_S
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxFigures:
+    """What `vgw status` and `vgw report` show of an outbox: counts and sizes, never contents."""
+
+    stats: dict[str, dict[str, int]]  # grant id -> {"rows": n, "bytes": n}
+    counters: dict[str, int]
+    receipts_queued: int
+    used_bytes: int
+
+
+def read_figures(path: Path) -> OutboxFigures:
+    """Read an outbox's figures without writing anything: no schema, no key, no -wal/-shm created.
+
+    SQLite's ``mode=ro`` still creates -wal and -shm for a WAL database whose side files are absent (a closed
+    outbox), so that case is read with ``immutable=1`` (no locks, no side files) and checked afterwards: if
+    the file changed or a -wal appeared meanwhile (an agent started writing), it is read again with
+    ``mode=ro``, which then finds the writer's side files and creates none (it does use the -shm, SQLite's
+    shared-memory index that every reader of a live WAL database takes its read lock in). A -wal without
+    -shm (an agent that crashed) is read immutable too: the frames still in that -wal show once `vgw run` has
+    recovered them.
+    A missing file has empty figures. Raises StorageError for a file SQLite cannot read.
+    """
+    for suffix in ("", "-wal", "-shm"):
+        refuse_symlink(Path(str(path) + suffix))
+    before = _file_state(path)
+    if before is None:
+        return OutboxFigures({}, {}, 0, 0)
+    wal, shm = Path(str(path) + "-wal"), Path(str(path) + "-shm")
+    if wal.exists() and shm.exists():
+        return _read_figures(path, "mode=ro")
+    figures = _read_figures(path, "immutable=1")
+    if _file_state(path) == before and not wal.exists():
+        return figures
+    return _read_figures(path, "mode=ro")
+
+
+def _file_state(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def _read_figures(path: Path, mode: str) -> OutboxFigures:
+    try:
+        db = sqlite3.connect(f"{path.absolute().as_uri()}?{mode}", uri=True, timeout=BUSY_TIMEOUT_S)
+        try:
+            stats = {str(g): {"rows": int(n), "bytes": int(b)} for g, n, b in db.execute(
+                "SELECT grant_id, COUNT(*), COALESCE(SUM(LENGTH(blob)), 0) FROM batches GROUP BY grant_id")}
+            counters = {str(k): int(v) for k, v in db.execute("SELECT name, value FROM counters")}
+            receipts = int(db.execute("SELECT COUNT(*) FROM receipts").fetchone()[0])
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as exc:
+        raise StorageError(f"{path}: cannot read outbox: {exc}") from exc
+    return OutboxFigures(stats, counters, receipts, sum(s["bytes"] for s in stats.values()))

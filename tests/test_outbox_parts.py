@@ -1,0 +1,69 @@
+"""The outbox's parts: a read only reads, every write is one transaction, faults are told by SQLite's code."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+from vgw.crypto.keys import new_data_key
+from vgw.errors import OutboxUnwritable, StorageFault
+from vgw.outbox import Outbox
+
+from tests.faultkit import DEV, FaultyOutbox
+
+
+def _rows(path: Path) -> list[int]:
+    db = sqlite3.connect(path)
+    try:
+        return [int(r[0]) for r in db.execute("SELECT seq FROM batches ORDER BY seq")]
+    finally:
+        db.close()
+
+
+def test_pending_only_reads_and_the_owner_drops_undecryptable_rows(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.sqlite"
+    outbox = Outbox(path, new_data_key(), DEV)
+    try:
+        outbox.set_active_grants({"g1"})
+        for _ in range(3):
+            outbox.commit_batch("g1", lambda seq: f"envelope {seq}".encode(), 1.0, 1)
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("UPDATE batches SET blob = zeroblob(64) WHERE seq = 2")  # damaged on disk
+        other.close()
+
+        assert [r.seq for r in outbox.pending(10)] == [1, 3]
+        assert _rows(path) == [1, 2, 3]  # a read never writes: the damaged row is still there
+        assert "undecryptable_rows" not in outbox.counters()
+        assert [r.seq for r in outbox.pending(10)] == [1, 3]  # skipped again, cheaply
+
+        assert outbox.drop_undecryptable() == 1
+        assert _rows(path) == [1, 3]
+        assert outbox.counters()["undecryptable_rows"] == 1
+        assert outbox.drop_undecryptable() == 0
+    finally:
+        outbox.close()
+
+
+@pytest.mark.parametrize(("fault", "expected"), [("fill_disk", StorageFault.FULL),
+                                                  ("make_read_only", StorageFault.READ_ONLY)])
+def test_a_failed_write_is_classified_by_sqlite_result_code(tmp_path: Path, fault: str,
+                                                           expected: StorageFault) -> None:
+    outbox = FaultyOutbox(tmp_path / "outbox.sqlite", new_data_key(), DEV)
+    try:
+        outbox.set_active_grants({"g1"})
+        outbox.commit_batch("g1", lambda seq: b"first", 1.0, 1)
+        getattr(outbox, fault)()
+        with pytest.raises(OutboxUnwritable) as info:
+            outbox.commit_batch("g1", lambda seq: os.urandom(64 * 1024), 1.0, 1)
+        assert info.value.fault is expected and info.value.kind == expected.value
+        assert isinstance(info.value.__cause__, sqlite3.Error)
+        if expected is StorageFault.READ_ONLY:  # (a counter may still fit in a page of a full file)
+            with pytest.raises(OutboxUnwritable):
+                outbox.count("drops")  # counters are written in the transaction helper too
+        outbox.repair()
+        outbox.commit_batch("g1", lambda seq: b"again", 1.0, 1)
+        assert outbox.next_seq("g1") == 3  # the failed batch never used a seq
+    finally:
+        outbox.close()

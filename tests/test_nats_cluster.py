@@ -25,7 +25,7 @@ from vgw.simulators.nats import NatsNotFound, authorization_block, find_nats_ser
 from vgw.simulators.nats_cluster import NatsCluster
 from vgw.simulators.pki import TestPKI
 
-from tests.agentkit import ROOT, vgw
+from tests.agentkit import ROOT, vgw, wait_until
 
 try:
     find_nats_server()
@@ -33,15 +33,6 @@ except NatsNotFound:
     pytest.skip("nats-server is not installed (apt-get install nats-server)", allow_module_level=True)
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "nats"
-
-
-def wait_until(predicate: Any, timeout: float, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())
 
 
 _open_clients: list[Client] = []

@@ -74,6 +74,16 @@ class Client:
         with self._lock:
             self.messages.append((msg.topic, bytes(msg.payload)))
 
+    def subscribe_until(self, topic: str, expected: tuple[str, bytes], timeout: float = 60.0) -> bool:
+        """Subscribe until ``expected`` (a retained message) arrives: while JetStream re-elects the leaders a
+        dead node held, a SUBSCRIBE can fail on the server side; subscribing again is idempotent."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.c.subscribe(topic, qos=1)
+            if wait_until(lambda: expected in self.messages, 5):
+                return True
+        return expected in self.messages
+
     def close(self) -> None:
         if self in _open_clients:
             _open_clients.remove(self)
@@ -98,17 +108,17 @@ def test_cluster_has_mqtt_on_every_node_and_survives_kill_and_restart(cluster: N
     cluster.kill(2)
     assert not cluster.nodes[2].running
     other = Client(pki, "dev-0002", cluster.nodes[1].port)
-    other.c.subscribe("vgw/dev-0002/consent", qos=1)
     pub = Client(pki, "cloud", cluster.nodes[0].port, persistent=False)
-    pub.c.publish("vgw/dev-0002/consent", b"doc-v2", qos=1, retain=True).wait_for_publish(10)
-    assert wait_until(lambda: ("vgw/dev-0002/consent", b"doc-v2") in other.messages, 10)
+    # Until JetStream has re-elected the leaders the dead node held, a retained publish waits (seconds on a
+    # loaded machine): give the cluster that time.
+    pub.c.publish("vgw/dev-0002/consent", b"doc-v2", qos=1, retain=True).wait_for_publish(45)
+    assert other.subscribe_until("vgw/dev-0002/consent", ("vgw/dev-0002/consent", b"doc-v2")), other.messages
     # The node comes back on the same ports with its store, and catches up with what it missed.
     port = cluster.nodes[2].port
     cluster.start_node(2)
     assert cluster.nodes[2].port == port
     late = Client(pki, "dev-0002", port, persistent=False)
-    late.c.subscribe("vgw/dev-0002/consent", qos=1)
-    assert wait_until(lambda: ("vgw/dev-0002/consent", b"doc-v2") in late.messages, 15)
+    assert late.subscribe_until("vgw/dev-0002/consent", ("vgw/dev-0002/consent", b"doc-v2")), late.messages
     for c in (late, other, pub):
         c.close()
 

@@ -161,3 +161,19 @@ def test_fleet_make_pki_writes_private_keys_0600(tmp_path: Path) -> None:
     assert all(_mode(p) == 0o600 for p in keys), {p.name: oct(_mode(p)) for p in keys}
     assert all(_mode(p) == 0o644 for p in out.glob("*.crt"))
     assert not any(os.access(p, os.R_OK) and p.stat().st_mode & 0o044 for p in keys)
+
+
+def test_readme_first_screen_is_the_three_commands_tested_here() -> None:
+    """README's first screen takes a developer from a clone to a running agent with their own broker in three
+    commands: `make demo`, then `vgw dev init DIR` and `vgw dev up DIR` (test_init_up_down_a_kept_stack runs
+    the last two; `make demo` is the Makefile target .ci/run and test_demo exercise)."""
+    first_screen = (ROOT / "README.md").read_text().splitlines()[:24]
+    start = first_screen.index("```sh")
+    block = first_screen[start + 1:first_screen.index("```", start + 1)]
+    commands = [line.split("#")[0].split() for line in block if line.strip()]
+    assert len(commands) == 3, block
+    assert commands[0] == ["make", "demo"]
+    assert re.search(r"^demo:", (ROOT / "Makefile").read_text(), re.MULTILINE)
+    init, up = commands[1], commands[2]
+    assert init[0] == up[0] == ".venv/bin/vgw"  # what `make demo` installs
+    assert init[1:3] == ["dev", "init"] and up[1:3] == ["dev", "up"] and init[3] == up[3]

@@ -177,3 +177,43 @@ def test_readme_first_screen_is_the_three_commands_tested_here() -> None:
     init, up = commands[1], commands[2]
     assert init[0] == up[0] == ".venv/bin/vgw"  # what `make demo` installs
     assert init[1:3] == ["dev", "init"] and up[1:3] == ["dev", "up"] and init[3] == up[3]
+
+
+def test_up_again_keeps_a_consent_pushed_by_hand(stack_dir: Path, tmp_path: Path) -> None:
+    """README's recipe revokes a grant by hand (`vgw cloud revoke ... --current current.jws`); a later `vgw dev
+    up` (to restart a stopped simulator, say) re-published the older current.jws as the broker's retained
+    consent: the running agent refused it, but a device starting afresh would take it, the revoked grant back."""
+    from vgw.cloud.cloudlink import BrokerOptions, CloudLink
+
+    assert vgw("dev", "init", str(stack_dir), timeout=60).returncode == 0
+    r = vgw("dev", "up", str(stack_dir), timeout=90)
+    assert r.returncode == 0, r.stderr + r.stdout
+    port = json.loads((stack_dir / "stack.json").read_text())["port"]
+    pki, consent = stack_dir / "pki", stack_dir / "consent"
+    broker = ["--broker", f"127.0.0.1:{port}", "--ca", str(pki / "ca.crt"), "--cert", str(pki / "cloud.crt"),
+              "--tls-key", str(pki / "cloud.key")]
+    by_hand = tmp_path / "v2.jws"
+    r = vgw("cloud", "revoke", "--key", str(consent / "consent-signer.key"), "--current",
+            str(consent / "current.jws"), "--grant", "g-insurer", *broker, "-o", str(by_hand))
+    assert r.returncode == 0, r.stderr
+    v2 = int(re.search(r"consent v(\d+)", r.stdout).group(1))  # type: ignore[union-attr]
+
+    def in_force() -> int | None:
+        st = vgw("status", "--config", str(stack_dir / "vgw.toml"), "--json")
+        return json.loads(st.stdout)["consent_version"] if st.returncode == 0 else None
+
+    wait_until(lambda: in_force() == v2)
+    r = vgw("dev", "up", str(stack_dir), timeout=90)
+    assert r.returncode == 0, r.stderr
+
+    retained: list[bytes] = []
+    link = CloudLink(BrokerOptions(host="127.0.0.1", port=port, ca_file=pki / "ca.crt", cert_file=pki / "cloud.crt",
+                                   key_file=pki / "cloud.key", client_id="test-retained"),
+                     on_message=lambda _t, payload: retained.append(payload)).connect()
+    try:
+        link.subscribe([("vgw/dev-car-01/consent", 1)])
+        wait_until(lambda: retained)
+    finally:
+        link.close()
+    assert retained[0].decode().strip() == by_hand.read_text().strip()
+    assert f"not pushed: the device holds v{v2}" in r.stdout

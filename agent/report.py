@@ -401,7 +401,7 @@ def render_html(report: Mapping[str, Any]) -> str:
             if lim.get("precision_m"):
                 parts.append(f"position rounded to {float(lim['precision_m']):g} m")
             out.append(f'<tr><th scope="row">{e(sc["label"])} <small>(<code>{e(sc["scope"])}</code>)</small></th>'
-                       f"<td>{e(_num(sc['samples_sent']))}</td><td>{e('; '.join(parts) or '-')}</td>"
+                       f"<td>{e(_num(sc['samples_sent']))}</td><td>{e('; '.join(parts) or 'none: every reading')}</td>"
                        + (f"<td>{e(_kept_back(sc))}</td>" if ruled else "") + "</tr>")
         out.append("</tbody></table>")
         if g["deleted"]:

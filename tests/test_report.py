@@ -254,6 +254,8 @@ def test_html_for_the_owner_local_time_dates_names_timeline(india_time: None) ->
     titles = [w for w in p.text if w.startswith("sent ")]
     assert len(titles) == 2  # fleet odometer and insurer speed: the fleet's location sent nothing
     assert any(w.startswith("deleted in the car 30 Nov 2026, 07:30") for w in p.text)
+    # A scope without limits says so in words (it showed a bare "-" that an owner could not read).
+    assert "none: every reading" in p.text
     # What "withdrawn" means for data already sent, in plain words.
     assert "deletes everything it still holds" in words and "erasure receipt" in words
     assert "deleting it is the app's duty" in words

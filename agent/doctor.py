@@ -240,9 +240,11 @@ def _can(can_cfg: CanConfig, probes: Probes) -> Check:
     if can_cfg.interface == "socketcan":
         return check_can_interface("can", can_cfg.channel or "can0", can_cfg.bitrate, probes, want_fd=can_cfg.fd)
     channel = (can_cfg.channel or "").split("@")[0]
-    if channel.startswith("/dev/"):
+    if channel.startswith("/"):  # a serial port, or a link to one (udev's, or a dev stack's run/can0 to a pty)
         if not os.path.exists(channel):
-            return Check("can", FAIL, f"{can_cfg.interface} adapter {channel} not present (plugged in?)")
+            hint = ("plugged in?" if channel.startswith("/dev/") else
+                    "a link to a simulator's pty that is not running? `vgw dev up DIR` or `vgw sim can --link` it")
+            return Check("can", FAIL, f"{can_cfg.interface} adapter {channel} not present ({hint})")
         return Check("can", PASS, f"{can_cfg.interface} adapter {channel} present")
     return Check("can", WARN, f"interface {can_cfg.interface!r} channel {can_cfg.channel!r}: not checked")
 

@@ -38,9 +38,11 @@ from vgw.config import CanConfig, Config
 from vgw.consent.model import Consent
 from vgw.errors import ConfigError, SourceError, SourceFrameError
 from vgw.j1939 import ids as j1939
+from vgw.j1939.transport import Reassembler
 from vgw.pipeline.decoder import MessageDecoder
 
 RATE_WINDOW_S = 5.0
+_CONSENT_MIN = 24  # characters of the CONSENT column kept in view: "sent: g-fleet, g-insurer"
 _CLEAR = "\x1b[H\x1b[2J"
 _SERIAL_INTERFACES = {"slcan", "serial", "seeedstudio", "robotell", "slcan_pty"}
 
@@ -60,7 +62,8 @@ class MonitorModel:
         self.clock = clock
         self.rows: dict[str, _Row] = {}
         # Keyed like the agent's router: exact (id, extended), or a J1939 route key (PGN and source, README
-        # "SAE J1939"); messages that arrive by J1939 transport protocol (> 8 bytes) are not reassembled here.
+        # "SAE J1939"); a mapped message longer than 8 bytes arrives by J1939 transport protocol and is
+        # reassembled as the agent does (vgw.j1939.transport).
         wanted: dict[tuple[int, bool], list[tuple[str, object]]] = {}
         message_of: dict[tuple[int, bool], int] = {}
         for spec in catalogue.specs:
@@ -76,6 +79,9 @@ class MonitorModel:
         self.j1939 = any(j1939.is_j1939(m) for m in catalogue.messages.values())
         self.decoders = {key: MessageDecoder(catalogue.messages[message_of[key]], signals)
                          for key, signals in wanted.items()}
+        long = any(j1939.is_route_key(k) and catalogue.messages[message_of[(k, ext)]].length > 8
+                   for k, ext in wanted)
+        self.reassembler = Reassembler() if long else None
         self.frames = 0
         self.started = clock()
         self.consent: Consent | None = None
@@ -86,6 +92,13 @@ class MonitorModel:
         self.frames += 1
         decoder = self.decoders.get((arbitration_id, is_extended))
         if decoder is None and is_extended and self.j1939:
+            if self.reassembler is not None and j1939.parse(arbitration_id).pgn in (j1939.PGN_TP_CM,
+                                                                                     j1939.PGN_TP_DT):
+                transfer = self.reassembler.feed(arbitration_id, data, self.clock())
+                if transfer is None:
+                    return
+                arbitration_id = j1939.make_id(transfer.pgn, transfer.source, destination=transfer.destination)
+                data = transfer.data
             decoder = (self.decoders.get((j1939.route_key(arbitration_id), True))
                        or self.decoders.get((j1939.any_source_key(arbitration_id), True)))
         if decoder is None:
@@ -135,13 +148,26 @@ class MonitorModel:
         return "sent: " + ", ".join(sent) if sent else f"held: no grant holds {scope}"
 
     def lines(self, width: int) -> list[str]:
-        """The table, one line per mapped path, cut to ``width`` characters."""
-        path_w = min(64, max(len(p) for p in self.rows)) if self.rows else 10
-        out = [f"{'SIGNAL (VSS path)':<{path_w}} {'SCOPE':<18} {'VALUE':>17} {'RATE':>8}  CONSENT"]
-        for path in sorted(self.rows):
-            row = self.rows[path]
-            out.append(f"{path[:path_w]:<{path_w}} {row.spec.scope:<18} {_fmt(row.value):>17} "
-                       f"{self.rate(path):>6.1f}/s  {self.verdict(row.spec.scope)}")
+        """The table, one line per mapped path, cut to ``width`` characters. Where the full table does not fit
+        (an 80-column SSH terminal), the SCOPE column goes (a held verdict names the scope), "Vehicle." is
+        dropped and long paths keep their end, so the CONSENT column stays in view."""
+        paths = sorted(self.rows)
+        path_w = min(64, max(len(p) for p in paths)) if paths else 10
+        if path_w + 1 + 18 + 1 + 17 + 1 + 8 + 2 + _CONSENT_MIN <= width:
+            out = [f"{'SIGNAL (VSS path)':<{path_w}} {'SCOPE':<18} {'VALUE':>17} {'RATE':>8}  CONSENT"]
+            for path in paths:
+                row = self.rows[path]
+                out.append(f"{path[:path_w]:<{path_w}} {row.spec.scope:<18} {_fmt(row.value):>17} "
+                           f"{self.rate(path):>6.1f}/s  {self.verdict(row.spec.scope)}")
+            return [line[:width] for line in out]
+        names = {p: p.removeprefix("Vehicle.") for p in paths}
+        path_w = max(16, min(max((len(n) for n in names.values()), default=10), width - 22 - _CONSENT_MIN))
+        out = [f"{'SIGNAL (VSS path)':<{path_w}} {'VALUE':>10} {'RATE':>8}  CONSENT"]
+        for path in paths:
+            row, name = self.rows[path], names[path]
+            shown = name if len(name) <= path_w else ".." + name[-(path_w - 2):]
+            verdict = self.verdict(row.spec.scope).replace("held: no grant holds ", "held: ")
+            out.append(f"{shown:<{path_w}} {_fmt(row.value)[:10]:>10} {self.rate(path):>6.1f}/s  {verdict}")
         return [line[:width] for line in out]
 
 
@@ -308,11 +334,15 @@ def _draw(out: IO[str], live: bool, model: MonitorModel, cfg: Config, name: str,
     c = model.consent
     held = "none in force" if c is None else f"v{c.ver}, {len(c.grants)} grant(s)" + (" EXPIRED" if model.expired
                                                                                        else "")
-    head = (f"vgw monitor  device {cfg.device.id}  source {name}  consent {held}  "
-            f"frames {model.frames}  {time.strftime('%H:%M:%S')}")
+    head = (f"vgw monitor  device {cfg.device.id}  consent {held}  frames {model.frames}  "
+            f"{time.strftime('%H:%M:%S')}  source {name}")
     if live:
         size = shutil.get_terminal_size((120, 40))
-        body = [head[:size.columns], problem[:size.columns], *model.lines(size.columns)][:size.lines - 2]
+        body = [head[:size.columns], problem[:size.columns], *model.lines(size.columns)]
+        if len(body) > size.lines - 2:  # no scrolling: say what is cut off rather than hide it silently
+            hidden = len(body) - (size.lines - 3)
+            more = f"({hidden} more signal(s) below: a taller terminal shows them, or pipe it: vgw monitor ... | less)"
+            body = [*body[:size.lines - 3], more[:size.columns]]
         out.write(_CLEAR + "\n".join(body) + "\nq or Ctrl-C quits\n")
     else:
         out.write(f"--- {elapsed:.1f} s  {head}\n" + (problem + "\n" if problem else "")

@@ -292,7 +292,8 @@ th{background:#eee}caption{text-align:left;font-weight:600;padding:.25rem 0}
 .ok{color:#0a5d1a;font-weight:600}.bad{color:#a00000;font-weight:600}
 .status{display:inline-block;padding:0 .4rem;border:1px solid currentColor;border-radius:.25rem}
 dl{display:grid;grid-template-columns:max-content 1fr;gap:.2rem 1rem}dt{font-weight:600}dd{margin:0}
-.small{font-size:.85rem;color:#444;margin:0}figure.timeline{margin:0;overflow-x:auto}
+.small{font-size:.85rem;color:#444;margin:0}figure.timeline{margin:0}
+figure.timeline svg{max-width:100%;height:auto}
 @media print{body{margin:0}}
 """
 
@@ -400,7 +401,7 @@ def render_html(report: Mapping[str, Any]) -> str:
             if lim.get("precision_m"):
                 parts.append(f"position rounded to {float(lim['precision_m']):g} m")
             out.append(f'<tr><th scope="row">{e(sc["label"])} <small>(<code>{e(sc["scope"])}</code>)</small></th>'
-                       f"<td>{e(_num(sc['samples_sent']))}</td><td>{e('; '.join(parts) or '-')}</td>"
+                       f"<td>{e(_num(sc['samples_sent']))}</td><td>{e('; '.join(parts) or 'none: every reading')}</td>"
                        + (f"<td>{e(_kept_back(sc))}</td>" if ruled else "") + "</tr>")
         out.append("</tbody></table>")
         if g["deleted"]:

@@ -75,8 +75,10 @@ def timeline_svg(report: Mapping[str, Any]) -> str:
     t0, t1 = min(times), max(max(times), end)
     span = max(t1 - t0, 60.0)
     # Each row: its label on one line, the bar under it across the full width (long labels never collide).
-    label_w, bar_w, row_h, top = 0, 700, 36, 30
-    width, height = label_w + bar_w + 4, top + row_h * len(rows) + 30
+    # 520 units wide, two legend entries a line: the page scales it down to a phone's width (report.py's CSS)
+    # with the text still readable, and nothing (the end time, a deletion mark) hides off the right edge.
+    label_w, bar_w, row_h, top = 0, 520, 40, 30
+    width, height = label_w + bar_w + 4, top + row_h * len(rows) + 52
 
     def x(t: Any) -> float:
         return float(label_w + bar_w * (min(max(t, t0), t1) - t0) / span)
@@ -84,7 +86,7 @@ def timeline_svg(report: Mapping[str, Any]) -> str:
     e = html.escape
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" role="img" width="{width}" height="{height}" '
            f'viewBox="0 0 {width} {height}" aria-labelledby="tl-title tl-desc" font-family="sans-serif" '
-           'font-size="12">',
+           'font-size="14">',
            '<title id="tl-title">What was shared when</title>',
            '<desc id="tl-desc">One row per app and kind of data: light while the permission stood, dark from '
            "the first to the last message the app received, red where data were deleted in the car.</desc>",
@@ -92,30 +94,30 @@ def timeline_svg(report: Mapping[str, Any]) -> str:
            f'<text x="{label_w + bar_w}" y="16" text-anchor="end" fill="#333">{e(local_when(t1))}</text>']
     for i, (app, scope, start, stop, first, last, deletions, active) in enumerate(rows):
         y = top + i * row_h
-        out.append(f'<text x="0" y="{y + 10}" fill="#1a1a1a">{e(app)}: {e(scope)}</text>')
-        y += 14  # the bar, under its label
-        out.append(f'<rect x="{label_w}" y="{y + 4}" width="{bar_w}" height="{row_h - 22}" fill="#f3f3f3"/>')
+        out.append(f'<text x="0" y="{y + 12}" fill="#1a1a1a">{e(app)}: {e(scope)}</text>')
+        y += 18  # the bar, under its label
+        out.append(f'<rect x="{label_w}" y="{y + 4}" width="{bar_w}" height="{row_h - 26}" fill="#f3f3f3"/>')
         if valid_time(start):
             x0 = x(start)
             x1 = x(stop if valid_time(stop) else t1)
             fill = "#b7e1c1" if active else "#d6d6d6"
-            out.append(f'<rect x="{x0:.1f}" y="{y + 4}" width="{max(x1 - x0, 2):.1f}" height="{row_h - 22}" '
+            out.append(f'<rect x="{x0:.1f}" y="{y + 4}" width="{max(x1 - x0, 2):.1f}" height="{row_h - 26}" '
                        f'fill="{fill}"><title>permission {e(local_when(start))} to '
                        f'{e(local_when(stop) if stop is not end else "now")}</title></rect>')
         if valid_time(first) and valid_time(last):
             x0, x1 = x(first), x(last)
-            out.append(f'<rect x="{x0:.1f}" y="{y + 6}" width="{max(x1 - x0, 3):.1f}" height="{row_h - 26}" '
+            out.append(f'<rect x="{x0:.1f}" y="{y + 6}" width="{max(x1 - x0, 3):.1f}" height="{row_h - 30}" '
                        f'fill="#1f5fa8"><title>sent {e(local_when(first))} to {e(local_when(last))}</title></rect>')
         for d in deletions:
             if valid_time(d):
-                out.append(f'<rect x="{x(d) - 1.5:.1f}" y="{y + 1}" width="3" height="{row_h - 16}" fill="#b00020">'
+                out.append(f'<rect x="{x(d) - 1.5:.1f}" y="{y + 1}" width="3" height="{row_h - 20}" fill="#b00020">'
                            f"<title>deleted in the car {e(local_when(d))}</title></rect>")
     ly = top + row_h * len(rows) + 8
     for j, (fill, text) in enumerate((("#b7e1c1", "permission given"), ("#d6d6d6", "permission ended"),
                                       ("#1f5fa8", "data sent"), ("#b00020", "deleted in the car"))):
-        lx = j * 170
-        out.append(f'<rect x="{lx}" y="{ly}" width="14" height="10" fill="{fill}"/>'
-                   f'<text x="{lx + 20}" y="{ly + 10}" fill="#333">{text}</text>')
+        lx, lyj = (j % 2) * 260, ly + (j // 2) * 20
+        out.append(f'<rect x="{lx}" y="{lyj}" width="14" height="10" fill="{fill}"/>'
+                   f'<text x="{lx + 20}" y="{lyj + 10}" fill="#333">{text}</text>')
     out.append("</svg>")
     return "\n".join(out)
 

@@ -149,3 +149,59 @@ def test_fleet_make_pki_writes_private_keys_0600(tmp_path: Path) -> None:
     assert all(_mode(p) == 0o600 for p in keys), {p.name: oct(_mode(p)) for p in keys}
     assert all(_mode(p) == 0o644 for p in out.glob("*.crt"))
     assert not any(os.access(p, os.R_OK) and p.stat().st_mode & 0o044 for p in keys)
+
+
+def test_readme_first_screen_is_the_three_commands_tested_here() -> None:
+    """README's first screen takes a developer from a clone to a running agent with their own broker in three
+    commands: `make demo`, then `vgw dev init DIR` and `vgw dev up DIR` (test_init_up_down_a_kept_stack runs
+    the last two; `make demo` is the Makefile target .ci/run and test_demo exercise)."""
+    first_screen = (ROOT / "README.md").read_text().splitlines()[:24]
+    start = first_screen.index("```sh")
+    block = first_screen[start + 1:first_screen.index("```", start + 1)]
+    commands = [line.split("#")[0].split() for line in block if line.strip()]
+    assert len(commands) == 3, block
+    assert commands[0] == ["make", "demo"]
+    assert re.search(r"^demo:", (ROOT / "Makefile").read_text(), re.MULTILINE)
+    init, up = commands[1], commands[2]
+    assert init[0] == up[0] == ".venv/bin/vgw"  # what `make demo` installs
+    assert init[1:3] == ["dev", "init"] and up[1:3] == ["dev", "up"] and init[3] == up[3]
+
+
+def test_up_again_keeps_a_consent_pushed_by_hand(stack_dir: Path, tmp_path: Path) -> None:
+    """README's recipe revokes a grant by hand (`vgw cloud revoke ... --current current.jws`); a later `vgw dev
+    up` (to restart a stopped simulator, say) re-published the older current.jws as the broker's retained
+    consent: the running agent refused it, but a device starting afresh would take it, the revoked grant back."""
+    from vgw.cloud.cloudlink import BrokerOptions, CloudLink
+
+    assert vgw("dev", "init", str(stack_dir), timeout=60).returncode == 0
+    r = vgw("dev", "up", str(stack_dir), timeout=90)
+    assert r.returncode == 0, r.stderr + r.stdout
+    port = json.loads((stack_dir / "stack.json").read_text())["port"]
+    pki, consent = stack_dir / "pki", stack_dir / "consent"
+    broker = ["--broker", f"127.0.0.1:{port}", "--ca", str(pki / "ca.crt"), "--cert", str(pki / "cloud.crt"),
+              "--tls-key", str(pki / "cloud.key")]
+    by_hand = tmp_path / "v2.jws"
+    r = vgw("cloud", "revoke", "--key", str(consent / "consent-signer.key"), "--current",
+            str(consent / "current.jws"), "--grant", "g-insurer", *broker, "-o", str(by_hand))
+    assert r.returncode == 0, r.stderr
+    v2 = int(re.search(r"consent v(\d+)", r.stdout).group(1))  # type: ignore[union-attr]
+
+    def in_force() -> int | None:
+        st = vgw("status", "--config", str(stack_dir / "vgw.toml"), "--json")
+        return json.loads(st.stdout)["consent_version"] if st.returncode == 0 else None
+
+    wait_until(lambda: in_force() == v2)
+    r = vgw("dev", "up", str(stack_dir), timeout=90)
+    assert r.returncode == 0, r.stderr
+
+    retained: list[bytes] = []
+    link = CloudLink(BrokerOptions(host="127.0.0.1", port=port, ca_file=pki / "ca.crt", cert_file=pki / "cloud.crt",
+                                   key_file=pki / "cloud.key", client_id="test-retained"),
+                     on_message=lambda _t, payload: retained.append(payload)).connect()
+    try:
+        link.subscribe([("vgw/dev-car-01/consent", 1)])
+        wait_until(lambda: retained)
+    finally:
+        link.close()
+    assert retained[0].decode().strip() == by_hand.read_text().strip()
+    assert f"not pushed: the device holds v{v2}" in r.stdout

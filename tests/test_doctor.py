@@ -345,3 +345,27 @@ def test_demo_dbc_on_a_live_bus_warns(device: Device) -> None:
     device.write()
     check = by_name(run_checks(device.config, FAST))["demo-dbc"]
     assert check.status == WARN and "demo car's DBC" in check.detail and "vehicle.dbc" in check.detail
+
+
+def test_serial_adapter_behind_a_link_is_checked(tmp_path: Path) -> None:
+    """A dev stack's channel is DIR/run/can0, a link to the simulator's pty: doctor said "not checked" (WARN)
+    whether the simulator ran or not."""
+    import pty as ptymod
+
+    from vgw.config import CanConfig
+    from vgw.doctor import _can
+
+    link = tmp_path / "run" / "can0"
+    link.parent.mkdir()
+    master, slave = ptymod.openpty()
+    try:
+        link.symlink_to(os.ttyname(slave))
+        cfg = CanConfig(interface="slcan", channel=str(link), bitrate=500000, dbc=(), signal_map=tmp_path / "m")
+        assert _can(cfg, Probes()).status == PASS
+    finally:
+        os.close(master)
+        os.close(slave)
+    link.unlink()
+    link.symlink_to(tmp_path / "gone")  # the simulator stopped: its link dangles
+    res = _can(cfg, Probes())
+    assert res.status == FAIL and "vgw dev up" in res.detail

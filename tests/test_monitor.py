@@ -49,12 +49,13 @@ def _apply(cfg: Path, auth: Authority, tmp_path: Path, grants: dict[str, list[st
 
 
 class Terminal:
-    """A child process on a real pseudo-terminal of 200 x 60 characters; the screen is what it last drew."""
+    """A child process on a real pseudo-terminal (200 x 60 characters unless told); the screen is what it last
+    drew."""
 
-    def __init__(self, argv: list[str]) -> None:
+    def __init__(self, argv: list[str], columns: int = 200, lines: int = 60) -> None:
         pid, fd = pty.fork()
         if pid == 0:  # the child: the monitor, with the pty as its terminal
-            fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 60, 200, 0, 0))
+            fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", lines, columns, 0, 0))
             os.chdir(ROOT)
             env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
             os.execve(sys.executable, [sys.executable, *argv], env)  # noqa: S606 - a test child
@@ -147,6 +148,21 @@ def test_location_limits_are_shown(setup: tuple[Path, Authority], tmp_path: Path
     term.wait_screen(_row("Vehicle.CurrentLocation.Latitude") + r".*sent: g-loc \(<= 0.2 Hz, 1000 m grid\)$")
 
 
+def test_an_80_column_terminal_keeps_the_consent_column(setup: tuple[Path, Authority], tmp_path: Path,
+                                                        terminal: list[Terminal]) -> None:
+    """On an 80 x 24 SSH terminal the table was cut after the 64-character path column, so what consent does
+    with a signal, the point of the view, was off screen, and rows beyond the 22nd vanished without a word."""
+    cfg, auth = setup
+    _apply(cfg, auth, tmp_path, {"g-speed": ["read_speedometer"]})
+    term = Terminal(["-m", "vgw", "monitor", "--config", str(cfg), "--interval", "0.3"], columns=80, lines=24)
+    terminal.append(term)
+    screen = term.wait_screen(r"^\S*Row1\.Wheel\.Left\.Tire\.Pressure\s+[-0-9.]+\s+[0-9.]+/s\s+held: read_tires$")
+    assert all(len(line) <= 80 for line in screen.splitlines()), screen
+    assert len(screen.splitlines()) <= 24
+    # The rows that do not fit are counted, not dropped silently.
+    assert re.search(r"^\(\d+ more signal\(s\) below", screen, re.MULTILINE), screen
+
+
 def test_piped_output_is_plain_periodic_tables(setup: tuple[Path, Authority], tmp_path: Path) -> None:
     cfg, auth = setup
     _apply(cfg, auth, tmp_path, {"g-speed": ["read_speedometer"]})
@@ -205,3 +221,29 @@ def test_j1939_frames_are_matched_by_pgn(tmp_path: Path, pki: TestPKI) -> None:
     assert re.search(_row("Vehicle.Powertrain.CombustionEngine.Speed") + r"read_diagnostics\s+[0-9.]+\s+[1-9]",
                      last, re.MULTILINE), last
     assert re.search(_row("Vehicle.Speed") + r".*held: no consent in force$", last, re.MULTILINE), last
+
+
+def test_j1939_transport_messages_are_reassembled() -> None:
+    """A mapped J1939 message longer than 8 bytes travels by TP.BAM: the monitor showed nothing for it."""
+    from vgw.catalogue import catalogue_from_map, load_dbc
+    from vgw.j1939.ids import PGN_TP_CM, PGN_TP_DT, make_id, parse
+    from vgw.j1939.transport import CM_BAM
+    from vgw.monitor import MonitorModel
+
+    dbc = ROOT.parent / "shared" / "data" / "dbc" / "cantools" / "variable_dlc.dbc"
+    if not dbc.exists():
+        pytest.skip(f"shared test DBCs not found: {dbc}")
+    db = load_dbc([dbc], strict=False)
+    msg = db.get_message_by_name("TestMessage2")
+    cat = catalogue_from_map(db, {"signal": [{"message": "TestMessage2", "signal": s.name,
+                                              "path": f"Vehicle.Bench.{s.name}", "scope": "read_diagnostics"}
+                                             for s in msg.signals]}, Path("m.toml"))
+    model = MonitorModel(cat)
+    payload = bytes(range(1, 11))
+    pgn = parse(msg.frame_id).pgn
+    model.feed(make_id(PGN_TP_CM, 0x21, priority=7), bytes([CM_BAM, 10, 0, 2, 0xFF]) + pgn.to_bytes(3, "little"),
+               True)
+    model.feed(make_id(PGN_TP_DT, 0x21, priority=7), bytes([1]) + payload[:7], True)
+    model.feed(make_id(PGN_TP_DT, 0x21, priority=7), bytes([2]) + payload[7:].ljust(7, b"\xff"), True)
+    want = msg.decode(payload, decode_choices=False)
+    assert {p.rsplit(".", 1)[1]: r.value for p, r in model.rows.items()} == want

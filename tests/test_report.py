@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -253,6 +254,8 @@ def test_html_for_the_owner_local_time_dates_names_timeline(india_time: None) ->
     titles = [w for w in p.text if w.startswith("sent ")]
     assert len(titles) == 2  # fleet odometer and insurer speed: the fleet's location sent nothing
     assert any(w.startswith("deleted in the car 30 Nov 2026, 07:30") for w in p.text)
+    # A scope without limits says so in words (it showed a bare "-" that an owner could not read).
+    assert "none: every reading" in p.text
     # What "withdrawn" means for data already sent, in plain words.
     assert "deletes everything it still holds" in words and "erasure receipt" in words
     assert "deleting it is the app's duty" in words
@@ -276,3 +279,29 @@ def test_html_renders_in_headless_chromium(world: dict[str, Any], tmp_path: Path
     assert data.startswith(b"\x89PNG") and len(data) > 10_000
     if os.environ.get("VGW_KEEP_SCREENSHOT"):  # to look at it: VGW_KEEP_SCREENSHOT=/tmp/report.png
         shutil.copy(shot, os.environ["VGW_KEEP_SCREENSHOT"])
+
+
+@pytest.mark.skipif(chromium() is None, reason="Debian's chromium is not installed (`make deps` installs it; "
+                                                "apt-get install -y chromium)")
+def test_timeline_fits_a_phone_screen(tmp_path: Path) -> None:
+    """On a phone (400 px wide) the 704 px timeline ran off the right edge: the end time, most of each bar and
+    the red deletion marks were hidden behind a horizontal scroll bar. Measured in Chromium's layout: a copy of
+    the page with a measuring script (the report itself has none) writes the timeline's right edge and its
+    text size into the DOM, which --dump-dom prints."""
+    browser = chromium()
+    assert browser is not None
+    page = render_html(_owner_report())
+    probe = ("<script>window.onload=()=>{const s=document.querySelector('figure.timeline svg').getBoundingClientRect();"
+             "const t=document.querySelector('figure.timeline svg text').getBoundingClientRect();"
+             "document.body.setAttribute('data-probe',[Math.round(s.right),document.documentElement.clientWidth,"
+             "Math.round(t.height)].join(','));};</script>")
+    copy = tmp_path / "phone.html"
+    copy.write_text(page.replace("</body>", probe + "</body>"), encoding="utf-8")
+    r = subprocess.run([browser, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom",
+                        "--window-size=400,900", copy.as_uri()], check=True, capture_output=True, text=True,
+                       timeout=90)
+    found = re.search(r'data-probe="(\d+),(\d+),(\d+)"', r.stdout)
+    assert found, r.stdout[-2000:]
+    right, viewport, text_h = map(int, found.groups())
+    assert right <= viewport, (right, viewport)
+    assert text_h >= 10  # the labels are scaled down, but still readable

@@ -127,6 +127,40 @@ def test_play_keeps_the_trace_timing_like_canplayer(tmp_path: Path, procs: list[
     assert recorded * 0.9 < span < recorded * 1.3 + 0.3, (span, recorded)  # with its timing
 
 
+def test_play_waits_for_a_reader_of_the_pty(tmp_path: Path, procs: list[subprocess.Popen[str]]) -> None:
+    """`vgw sim can --play drive.log` started playing onto its new pty at once: a short trace was over (and
+    reported as sent) before anybody could even learn the pty's path, so the agent read nothing of it."""
+    trace, n = _trace(tmp_path, 1.0)
+    wanted = [(m.arbitration_id, bytes(m.data)) for m in can.LogReader(str(trace))]
+    proc = _sim(procs, "--play", str(trace))
+    assert proc.stdout is not None and proc.stderr is not None
+    path = proc.stdout.readline().strip()
+    assert path.startswith("/dev/pts/")
+    said = []
+    for line in proc.stderr:  # the [can] hint, then the wait (the player is not done: the pipe stays open)
+        said.append(line)
+        if "--play waits until a reader" in line:
+            break
+    assert said and "--play waits until a reader" in said[-1], said
+    bus = can.Bus(interface="slcan", channel=path, bitrate=500000)
+    got: list[tuple[int, bytes]] = []
+    try:
+        while True:
+            try:
+                msg = bus.recv(timeout=0.5)
+            except can.CanError:
+                break  # the player finished and closed its pty
+            if msg is not None:
+                got.append((msg.arbitration_id, bytes(msg.data)))
+            elif proc.poll() is not None:
+                break
+    finally:
+        with contextlib.suppress(can.CanError):
+            bus.shutdown()
+    assert proc.wait(10) == 0
+    assert got == wanted and len(got) == n
+
+
 def test_play_fast_ignores_timestamps(tmp_path: Path) -> None:
     trace, n = _trace(tmp_path, 30.0)
     started = time.monotonic()

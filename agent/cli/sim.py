@@ -188,6 +188,8 @@ def run_can(args: argparse.Namespace) -> int:
         if args.play is not None:
             from vgw.simulators.can_play import play
 
+            if interface == "slcan" and not _wait_for_reader(bus, stop):
+                return 0  # stopped before anybody read the bus
             sent = play(bus, args.play, loops=loops, realtime=realtime, stop_event=stop)
         else:
             sent = sim.run(bus, args.duration, realtime=realtime, stop_event=stop)
@@ -202,6 +204,21 @@ def run_can(args: argparse.Namespace) -> int:
         bus.shutdown()
         _restore_sigterm(previous)
     return 0
+
+
+def _wait_for_reader(bus: Any, stop: threading.Event) -> bool:
+    """A trace played onto SLCAN ptys before any program opened one would reach nobody (a pty's path is only
+    known once it exists, so the reader always comes later): wait until one opens its channel. False when
+    stopped first."""
+    adapters = getattr(bus, "adapters", [bus])
+    if any(a.is_open for a in adapters):
+        return True
+    print("vgw sim can: --play waits until a reader (the agent, vgw monitor) opens the channel", file=sys.stderr,
+          flush=True)
+    while not stop.wait(0.05):
+        if any(a.is_open for a in adapters):
+            return True
+    return False
 
 
 def _hint(interface: str, bus: Any, args: argparse.Namespace, links: tuple[str, ...]) -> None:

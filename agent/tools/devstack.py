@@ -329,8 +329,12 @@ def up(directory: Path, *, progress: Callable[[str], None] = lambda _m: None) ->
             started.append("cloud")
             _wait(stack, "cloud", proc, lambda: _log_has(stack, "cloud", offset, "subscribed"))
             progress("cloud listener: decrypts what the apps receive into cloud/received.jsonl")
-        _push_consent(stack, device, broker_opts)
-        progress("consent: grants.toml signed and pushed (retained) to the device's consent topic")
+        newer = _push_consent(stack, device, broker_opts)
+        if newer is None:
+            progress("consent: grants.toml signed and pushed (retained) to the device's consent topic")
+        else:
+            progress(f"consent: not pushed: the device holds v{newer}, newer than consent/current.jws (signed "
+                     "and pushed by hand); edit grants.toml and run `vgw dev up` again to replace it")
         if _pid(stack, "agent") is None:
             proc = _spawn(stack, "agent", [*py, "run", "--config", str(stack.config)])
             started.append("agent")
@@ -343,17 +347,32 @@ def up(directory: Path, *, progress: Callable[[str], None] = lambda _m: None) ->
     return stack
 
 
-def _push_consent(stack: Stack, device: str, broker_opts: list[str]) -> None:
-    """Sign grants.toml afresh (a newer version) when it changed since current.jws, then publish, retained."""
-    from vgw.cloud.cloudkit import load_grants, load_signing_key, read_document, sign_documents
+def _push_consent(stack: Stack, device: str, broker_opts: list[str]) -> int | None:
+    """Sign grants.toml afresh (a newer version) when it changed since current.jws, then publish, retained.
+
+    When grants.toml is unchanged and the device already holds a newer document (one signed and pushed by
+    hand, README "Your own dev stack"), nothing is published: re-publishing current.jws would replace the
+    broker's retained document with an older one, which a device starting afresh would then take (a revoked
+    grant back in force). Returns that newer version then, else None."""
+    from vgw.cloud.cloudkit import CloudKitError, load_grants, load_signing_key, read_document, sign_documents
     from vgw.cloud.cloudlink import BrokerOptions, CloudLink
+    from vgw.config import load_config
 
     grants, current = stack.dir / "grants.toml", stack.dir / "consent" / "current.jws"
     key = load_signing_key(stack.dir / "consent" / "consent-signer.key")
     desc = load_grants(grants)
     claims = read_document(current, key)
-    if grants.stat().st_mtime > current.stat().st_mtime or claims.get("exp", 0) < time.time() + 3600:
+    if grants.stat().st_mtime > current.stat().st_mtime:
         current.write_text(sign_documents(key, desc, [device])[device] + "\n")
+    else:
+        try:
+            held = read_document(load_config(stack.config).state_dir / "consent.jws", key)["ver"]
+        except (CloudKitError, ConfigError):
+            held = None  # no document on the device yet, or one this stack's signer did not sign
+        if isinstance(held, int) and held > claims["ver"]:
+            return held
+        if claims.get("exp", 0) < time.time() + 3600:
+            current.write_text(sign_documents(key, desc, [device])[device] + "\n")
     opts = dict(zip(broker_opts[::2], broker_opts[1::2], strict=True))
     host, port = BrokerOptions.parse_address(opts["--broker"])
     link = CloudLink(BrokerOptions(host=host, port=port, ca_file=Path(opts["--ca"]), cert_file=Path(opts["--cert"]),
@@ -362,6 +381,7 @@ def _push_consent(stack: Stack, device: str, broker_opts: list[str]) -> None:
         link.publish(f"vgw/{device}/consent", current.read_text().strip().encode())
     finally:
         link.close()
+    return None
 
 
 def _stop(stack: Stack, part: str) -> bool:

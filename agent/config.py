@@ -86,8 +86,8 @@ class MqttConfig:
     backoff_min_s: float = 1.0
     backoff_max_s: float = 60.0
     protocol: str = "auto"  # "5", "3.1.1", or "auto": MQTT 5, falling back to 3.1.1 if the broker refuses it
-    # Every endpoint of the broker cluster, in the order tried ([mqtt] hosts, CONTRACT §2); one entry, (host,
-    # port), when the config names a single host. host and port are the first endpoint.
+    # Every endpoint of the broker cluster, in the order tried ([mqtt] hosts, README "Configuration (TOML)"); one
+    # entry, (host, port), when the config names a single host. host and port are the first endpoint.
     endpoints: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
@@ -399,7 +399,8 @@ def _endpoint(s: _Section, text: Any) -> tuple[str, int]:
 
 
 def _endpoints(s: _Section) -> tuple[tuple[str, int], ...]:
-    """``hosts`` (several endpoints of one cluster) or ``host`` + ``port`` (one); not both (CONTRACT §2)."""
+    """``hosts`` (several endpoints of one cluster) or ``host`` + ``port`` (one); not both (README "Configuration
+    (TOML)")."""
     if "hosts" in s.table:
         if "host" in s.table or "port" in s.table:
             raise ConfigError(f"{s.path}: [mqtt] give either hosts = [\"host:port\", ...] or host/port, not both")

@@ -360,7 +360,8 @@ def _certificate(cfg: Config) -> Check:
 
 
 def _brokers(cfg: Config, probes: Probes) -> list[Check]:
-    """One check per ``[mqtt]`` endpoint (CONTRACT §2): named ``broker`` for a single host, ``broker HOST:PORT``
+    """One check per ``[mqtt]`` endpoint (README "Configuration (TOML)"): named ``broker`` for a single host,
+    ``broker HOST:PORT``
     for each node of a cluster (the agent fails over between them, so each must work on its own)."""
     endpoints = cfg.mqtt.endpoints
     checks = [_broker(cfg, host, port, probes) for host, port in endpoints]

@@ -74,6 +74,12 @@ def setup_logging(*, debug: bool = False, verbose: bool = False, level: str | No
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def silence_library(name: str) -> None:
+    """Only errors from a library's logger: nats-py's TLS closes make asyncio warn about something harmless
+    that no operator can act on ("returning true from eof_received()")."""
+    logging.getLogger(name).setLevel(logging.ERROR)
+
+
 @contextlib.contextmanager
 def quieted(*names: str, level: int = logging.WARNING) -> Iterator[None]:
     """Raise these loggers' level for a while (the demo's screen, the benchmark), then restore it."""

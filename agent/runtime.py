@@ -539,7 +539,7 @@ class Agent:
             "updated": time.time(),
             "link": self.uplink.state,
             "link_error": self.uplink.last_error,
-            "endpoint": self.uplink.endpoint,  # [mqtt] host:port in use (or last tried), CONTRACT §2
+            "endpoint": self.uplink.endpoint,  # [mqtt] host:port in use (or last tried), README "Configuration (TOML)"
             "last_publish": self.uplink.last_publish,
             "consent_version": consent.ver if consent else None,
             "consent_expired": self.manager.expired,

@@ -13,7 +13,8 @@ messages go straight to the runtime's bounded intake (vgw.consent.intake). No pa
 ``MAX_PACKET_BYTES`` is ever buffered: MQTT 5 announces it as the Maximum Packet Size in CONNECT, and for
 both protocols the TLS socket drops an oversized PUBLISH's payload as it is read (agent.packetguard).
 
-Endpoints (CONTRACT §2): ``[mqtt] hosts`` names several nodes of one broker cluster. A failed connection
+Endpoints (README "Configuration (TOML)"): ``[mqtt] hosts`` names several nodes of one broker cluster. A failed
+connection
 attempt or a lost connection moves to the next endpoint (in order, wrapping round) under the same backoff;
 the persistent session (client id = device id, kept by the cluster) and the outbox are the same on every
 node, and TLS checks each node's certificate against that endpoint's host name.

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import signal
 import sys
 import threading
@@ -270,7 +269,9 @@ def _listen_nats(args: argparse.Namespace, recipients: Any, keys: Any) -> int:
     require_nats_py()
     # asyncio warns on every TLS close of nats-py's connections ("returning true from eof_received()");
     # harmless, and not something an operator can act on
-    logging.getLogger("asyncio").setLevel(logging.ERROR)
+    from vgw.logs import silence_library
+
+    silence_library("asyncio")
     missing = [n for n in ("ca", "cert", "tls_key") if getattr(args, n) is None]
     if missing:
         raise CloudKitError("--nats needs " + ", ".join("--" + m.replace("_", "-") for m in missing))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -59,7 +58,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     # asyncio warns on every TLS close of nats-py's connections ("returning true from eof_received()");
     # harmless, and not something an operator can act on
-    logging.getLogger("asyncio").setLevel(logging.ERROR)
+    from vgw.logs import silence_library
+
+    silence_library("asyncio")
     cfg = FleetConfig(devices=args.devices, rate_hz=args.rate, duration_s=args.duration, churn_hz=args.churn,
                       broker=args.broker, pki_dir=args.pki, threads=args.threads, samples=args.samples,
                       protocol=args.protocol, consumers=args.consumers, kill_at_s=args.kill_at,

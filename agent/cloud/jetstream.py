@@ -34,7 +34,7 @@ from typing import Any
 from vgw.cloud.cloudkit import CloudKitError
 from vgw.errors import UplinkError
 
-log = logging.getLogger("vgw.cloud")
+log = logging.getLogger(__name__)
 
 __all__ = ["DURABLE", "STREAM", "JetStreamWorker", "NatsOptions", "consumer_state", "parse_servers",
            "require_nats_py", "stream_leader", "telemetry_consumer_config", "telemetry_stream_config"]

@@ -46,7 +46,7 @@ from vgw.consent.intake import ConsentIntake
 from vgw.consent.manager import ConsentManager, load_trust_keys
 from vgw.consent.narrowing import terms_digest
 from vgw.consent.store import ConsentStore
-from vgw.crypto.envelope import batch_plaintext, load_recipient_key, seal
+from vgw.crypto.envelope import columnar_plaintext, load_recipient_key, seal
 from vgw.crypto.keys import load_or_create_storage_key
 from vgw.crypto.receipts import ReceiptSigner
 from vgw.errors import SourceError, SourceFrameError, SourceReadError, StorageError, VgwError
@@ -245,8 +245,9 @@ class Agent:
     def _flush(self, batches: list[GrantBatch]) -> None:
         """Seal and commit batches. Called with self._lock held."""
         for batch in batches:
-            samples = batch.take()
-            if not samples:
+            first_t = batch.first_t
+            cols, n = batch.take_columns()
+            if not n:
                 continue
             grant = batch.grant
             recipient = self._recipients.get(grant.id)
@@ -254,17 +255,17 @@ class Agent:
                 continue
             kem = grant.recipient.kem
 
-            def make(seq: int, _s: list[dict[str, Any]] = samples, _g: str = grant.id, _k: str = kem,
+            def make(seq: int, _c: dict[str, Any] = cols, _g: str = grant.id, _k: str = kem,
                      _r: Any = recipient) -> bytes:
-                return seal(_k, _r, self.device, _g, batch_plaintext(self.device, _g, seq, _s,
-                                                                     epoch=self.outbox.epoch))
+                return seal(_k, _r, self.device, _g, columnar_plaintext(self.device, _g, seq, _c,
+                                                                        epoch=self.outbox.epoch))
 
             per_scope: dict[str, int] = {}
-            for sample in samples:
-                scope = self._scope_of.get(sample["path"], "")
-                per_scope[scope] = per_scope.get(scope, 0) + 1
+            for path, (times, _values) in cols.items():
+                scope = self._scope_of.get(path, "")
+                per_scope[scope] = per_scope.get(scope, 0) + len(times)
             try:
-                committed = self.outbox.commit_batch(grant.id, make, batch.first_t, len(samples),
+                committed = self.outbox.commit_batch(grant.id, make, first_t, n,
                                                      quota_bytes=self.cfg.outbox.quota_bytes, scopes=per_scope,
                                                      terms=terms_digest(grant))
             except GrantNotActive:
@@ -413,10 +414,10 @@ class Agent:
                         self._frame_error(f"a frame could not be processed ({type(exc).__name__}); skipped")
                     if samples_seen["samples"] >= next_full_check:
                         batches = pipeline.batches.values()
-                        full = [b for b in batches if len(b.samples) >= max_samples]
+                        full = [b for b in batches if b.count >= max_samples]
                         if full:
                             self._flush(full)
-                        largest = max((len(b.samples) for b in batches), default=0)
+                        largest = max((b.count for b in batches), default=0)
                         next_full_check = samples_seen["samples"] + max(1, max_samples - largest)
             now = time.monotonic()
             if msg is None or now - last_check >= 0.05:

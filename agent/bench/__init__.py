@@ -31,7 +31,7 @@ Modules, in the order of a run:
 - :mod:`vgw.bench.run`: :func:`run_bench`, every phase in order with the broker, PKI and consent documents;
 - :mod:`vgw.bench.report`: the progress bar, the targets and the human-readable table.
 
-Every public name is re-exported here: ``from agent.bench import run_bench`` etc.
+Every public name is re-exported here: ``from vgw.bench import run_bench`` etc.
 """
 
 from __future__ import annotations

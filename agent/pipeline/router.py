@@ -39,10 +39,15 @@ FrameKey = tuple[int, bool]
 
 @dataclass(slots=True)
 class GrantBatch:
-    """The open batch of one grant."""
+    """The open batch of one grant, kept as columns: path -> (frame times, values), in the order kept.
+
+    Columns are what the version 2 plaintext carries (CONTRACT §6): a sample costs two list appends, and
+    sealing needs no regrouping. :attr:`samples` is the version 1 view (tests, tools), built on demand.
+    """
 
     grant: Grant
-    samples: list[dict[str, Any]] = field(default_factory=list)
+    cols: dict[str, tuple[list[float], list[Any]]] = field(default_factory=dict)
+    count: int = 0  # samples in cols
     opened: float = 0.0  # monotonic time of the first sample
     first_t: float = 0.0
     last_kept: dict[str, float] = field(default_factory=dict)  # path -> frame time of the last kept sample
@@ -50,10 +55,40 @@ class GrantBatch:
     # Grants with rules only: scope -> [samples decoded, samples the rules let through] (the privacy report).
     rule_counts: dict[str, list[int]] = field(default_factory=dict)
 
-    def take(self) -> list[dict[str, Any]]:
-        out = self.samples
-        self.samples = []
+    def append(self, path: str, t: float, value: Any) -> None:
+        if not self.count:
+            self.opened = time.monotonic()
+            self.first_t = t
+        col = self.cols.get(path)
+        if col is None:
+            col = self.cols[path] = ([], [])
+        col[0].append(t)
+        col[1].append(value)
+        self.count += 1
+
+    @property
+    def samples(self) -> list[dict[str, Any]]:
+        """The open samples as version 1 objects (``t`` rounded to 1 µs), in time order (stable)."""
+        out = [{"t": round(t, 6), "path": path, "value": v}
+               for path, (ts, vs) in list(self.cols.items()) for t, v in zip(ts, vs, strict=False)]
+        out.sort(key=lambda s: s["t"])
         return out
+
+    def take(self) -> list[dict[str, Any]]:
+        """The open samples as version 1 objects; the batch is empty after."""
+        out = self.samples
+        self.clear()
+        return out
+
+    def take_columns(self) -> tuple[dict[str, tuple[list[float], list[Any]]], int]:
+        """The open columns and their sample count; the batch is empty after."""
+        cols, n = self.cols, self.count
+        self.cols, self.count = {}, 0
+        return cols, n
+
+    def clear(self) -> None:
+        self.cols = {}
+        self.count = 0
 
 
 def _drop_rules(batch: GrantBatch) -> None:
@@ -68,6 +103,7 @@ class _Target:
     batch: GrantBatch
     min_interval: float  # 0: no rate limit
     precision_m: float  # 0: full resolution
+    direct: bool  # no rules, no rate limit, nothing to snap: the sample goes straight into the columns
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,16 +125,17 @@ class Router:
         message_of: dict[FrameKey, int] = {}
         for spec in catalogue.specs:
             targets = []
+            leaf = spec.path.rsplit(".", 1)[-1]
+            coord = "lat" if leaf == "Latitude" else "lon" if leaf == "Longitude" else ""
             for g in grants:
                 if spec.scope not in g.scopes:
                     continue
                 lim = g.limits_for(spec.scope)
-                targets.append(_Target(batches[g.id], 1.0 / lim.max_hz if lim.max_hz else 0.0,
-                                       lim.precision_m or 0.0))
+                min_interval, precision_m = 1.0 / lim.max_hz if lim.max_hz else 0.0, lim.precision_m or 0.0
+                direct = batches[g.id].rules is None and not min_interval and not (precision_m and coord)
+                targets.append(_Target(batches[g.id], min_interval, precision_m, direct))
             if not targets:
                 continue  # no grant covers it: never decoded
-            leaf = spec.path.rsplit(".", 1)[-1]
-            coord = "lat" if leaf == "Latitude" else "lon" if leaf == "Longitude" else ""
             message = catalogue.messages[spec.frame_id]
             key = (j1939.message_key(message, spec.source_address), True) if j1939.is_j1939(message) else \
                 (spec.frame_id, bool(message.is_extended_frame))
@@ -163,7 +200,7 @@ class Pipeline:
             if batch is not None and batch.grant != g:
                 # Same id, new terms (scopes, limits, recipient, controller): what was collected under the old
                 # terms must not leave under the new ones.
-                batch.samples.clear()
+                batch.clear()
                 batch.last_kept.clear()
                 batch.grant = g
                 _drop_rules(batch)
@@ -171,7 +208,7 @@ class Pipeline:
             if keep[g.id].rules is None and g.collect:
                 keep[g.id].rules = RuleEngine(g.collect)
         for gid in dropped:
-            self.batches[gid].samples.clear()  # in-memory data of a revoked grant go at once
+            self.batches[gid].clear()  # in-memory data of a revoked grant go at once
             _drop_rules(self.batches[gid])  # and the rules' pre-trigger history and open windows with them
         self.batches = keep
         self.router = Router(self.catalogue, grants, self.batches)
@@ -220,7 +257,7 @@ class Pipeline:
         values, short = decoder.decode(data)
         if short:
             counters["signals_short"] += short
-        t_out = round(t, 6)
+        kept = 0
         for entry, decoded in values:
             spec = entry.spec  # type: ignore[attr-defined]  # keys are the _Entry objects given to the decoder
             value: int | float | str = decoded
@@ -236,19 +273,25 @@ class Pipeline:
             if coord == "lat":
                 self._last_lat = float(value)
             for target in entry.targets:  # type: ignore[attr-defined]
-                self._deliver(target.batch, spec.path, spec.scope, coord, t, t_out, value, target.min_interval,
-                              target.precision_m)
+                if target.direct:  # the fast path: straight into the grant's columns
+                    target.batch.append(spec.path, t, value)
+                    kept += 1
+                else:  # the slow path: rules, rate limit, precision snapping
+                    self._deliver(target.batch, spec.path, spec.scope, coord, t, value, target.min_interval,
+                                  target.precision_m)
+        if kept:
+            counters["samples"] += kept
 
     def granted_scopes(self) -> frozenset[str]:
         """Scopes at least one grant in force holds (sources poll nothing else: minimisation at the source)."""
         return frozenset(s for b in self.batches.values() for s in b.grant.scopes)
 
-    def _deliver(self, batch: GrantBatch, path: str, scope: str, coord: str, t: float, t_out: float, value: Any,
+    def _deliver(self, batch: GrantBatch, path: str, scope: str, coord: str, t: float, value: Any,
                  min_interval: float, precision_m: float) -> bool:
         """One sample of one grant: through its collection rules (if any), then its limits. True if kept."""
         engine = batch.rules
         if engine is None:
-            return self._emit(batch, path, coord, t, t_out, value, min_interval, precision_m)
+            return self._emit(batch, path, coord, t, value, min_interval, precision_m)
         counts = batch.rule_counts.setdefault(scope, [0, 0])
         counts[0] += 1
         out = engine.feed(path, scope, t, value)
@@ -273,8 +316,7 @@ class Pipeline:
                         continue
                     value = snapped
                 precision_m = 0.0
-            if self._emit(batch, path, coord, t, round(t, 6), value, 1.0 / lim.max_hz if lim.max_hz else 0.0,
-                          precision_m):
+            if self._emit(batch, path, coord, t, value, 1.0 / lim.max_hz if lim.max_hz else 0.0, precision_m):
                 kept = True
                 # Pre-trigger history is older than the batch's first sample: retention counts from the oldest.
                 batch.first_t = min(batch.first_t, t)
@@ -311,11 +353,10 @@ class Pipeline:
             if scope in batch.grant.scopes:
                 lim = batch.grant.limits_for(scope)
                 min_interval = 1.0 / lim.max_hz if lim.max_hz else 0.0
-                taken += self._deliver(batch, path, scope, coord, t, round(t, 6), value, min_interval,
-                                       lim.precision_m or 0.0)
+                taken += self._deliver(batch, path, scope, coord, t, value, min_interval, lim.precision_m or 0.0)
         return taken
 
-    def _emit(self, batch: GrantBatch, path: str, coord: str, t: float, t_out: float, value: Any,
+    def _emit(self, batch: GrantBatch, path: str, coord: str, t: float, value: Any,
               min_interval: float, precision_m: float) -> bool:
         """Apply one grant's limits to a finite sample and append it to the grant's batch. True if it was kept."""
         if precision_m and coord:
@@ -330,10 +371,7 @@ class Pipeline:
                 self.counters["samples_rate_limited"] += 1
                 return False
             batch.last_kept[path] = t
-        if not batch.samples:
-            batch.opened = time.monotonic()
-            batch.first_t = t
-        batch.samples.append({"t": t_out, "path": path, "value": value})
+        batch.append(path, t, value)
         self.counters["samples"] += 1
         return True
 
@@ -370,7 +408,7 @@ class Pipeline:
         return [
             b
             for b in self.batches.values()
-            if b.samples and (force or len(b.samples) >= max_samples or now - b.opened >= max_interval_s)
+            if b.count and (force or b.count >= max_samples or now - b.opened >= max_interval_s)
         ]
 
 

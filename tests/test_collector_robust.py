@@ -103,12 +103,12 @@ def test_bad_slcan_lines_are_counted_and_collection_goes_on(tmp_path: Path, pki,
     try:
         assert wait_until(lambda: slcan_sim.is_open, 15), "the agent never opened the SLCAN channel"
         with _Sender(slcan_sim):
-            assert wait_until(lambda: vgw.pipeline.counters["samples"] >= 5, 10)
+            assert wait_until(lambda: runner.agent.pipeline.counters["samples"] >= 5, 10)
             for line in BAD_LINES:
-                seen = vgw.pipeline.counters["samples"]
+                seen = runner.agent.pipeline.counters["samples"]
                 slcan_sim.send_raw(line)
                 # Frames after each bad line are decoded again (the driver resynchronised on the next line).
-                assert wait_until(lambda seen=seen: vgw.pipeline.counters["samples"] >= seen + 5, 10), line
+                assert wait_until(lambda seen=seen: runner.agent.pipeline.counters["samples"] >= seen + 5, 10), line
             assert runner.thread.is_alive() and agent._collector is not None and agent._collector.is_alive()
             # Every line but the last two: noise without terminator merges with the next line, which python-can
             # then ignores as a line of no known type (bounded, not counted), and an empty line is no frame.
@@ -134,8 +134,8 @@ def test_a_run_of_bad_lines_reopens_the_source(tmp_path: Path, pki, slcan_sim: S
         # ... closed, reopened after reopen_s, and collecting again.
         assert wait_until(lambda: slcan_sim.is_open, 15)
         with _Sender(slcan_sim):
-            seen = vgw.pipeline.counters["samples"]
-            assert wait_until(lambda: vgw.pipeline.counters["samples"] >= seen + 5, 10)
+            seen = runner.agent.pipeline.counters["samples"]
+            assert wait_until(lambda: runner.agent.pipeline.counters["samples"] >= seen + 5, 10)
         assert agent.healthy
     finally:
         runner.stop()
@@ -339,8 +339,8 @@ def test_nan_latitude_on_the_bus_does_not_stop_the_collector(tmp_path: Path, pki
         bus.send(can.Message(arbitration_id=GNSS_ID, is_extended_id=True, data=_gnss(math.nan, 13.4)))
         bus.send(can.Message(arbitration_id=GNSS_ID, is_extended_id=True, data=_gnss(math.inf, 13.4)))
         with _Sender(bus, as_float=True):
-            assert wait_until(lambda: vgw.pipeline.counters["samples"] >= 5, 10)
-        assert vgw.pipeline.counters["samples_not_finite"] == 2
+            assert wait_until(lambda: runner.agent.pipeline.counters["samples"] >= 5, 10)
+        assert runner.agent.pipeline.counters["samples_not_finite"] == 2
         assert agent._collector is not None and agent._collector.is_alive() and agent.healthy
     finally:
         runner.stop()
@@ -378,9 +378,9 @@ def test_collector_passes_the_frame_format(tmp_path: Path, pki, channel: str) ->
         assert wait_until(lambda: agent._source is not None, 10)
         for _ in range(20):
             bus.send(can.Message(arbitration_id=SPEED_ID, is_extended_id=True, data=struct.pack("<f", 50.0) + bytes(4)))
-        assert wait_until(lambda: vgw.pipeline.counters["frames"] >= 20, 10)
-        assert vgw.pipeline.counters["samples"] == 0
-        assert vgw.pipeline.counters["frames_unrouted"] == 20
+        assert wait_until(lambda: runner.agent.pipeline.counters["frames"] >= 20, 10)
+        assert runner.agent.pipeline.counters["samples"] == 0
+        assert runner.agent.pipeline.counters["frames_unrouted"] == 20
     finally:
         runner.stop()
         bus.shutdown()

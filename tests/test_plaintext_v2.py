@@ -67,7 +67,8 @@ def test_v2_is_smaller_than_v1() -> None:
     ts = [1_795_920_000.0 + i * 0.02 for i in range(1000)]
     series = {p: (ts, [50.0 + i % 7 for i in range(1000)]) for p in PATHS}
     v1 = batch_plaintext("d", "g", 1, [{"t": round(t, 6), "path": p, "value": v}
-                                       for p, (tt, vv) in series.items() for t, v in zip(tt, vv, strict=False)], epoch="e")
+                                       for p, (tt, vv) in series.items()
+                                       for t, v in zip(tt, vv, strict=False)], epoch="e")
     assert len(columnar_plaintext("d", "g", 1, series, epoch="e")) < 0.8 * len(v1)
 
 

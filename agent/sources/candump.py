@@ -9,6 +9,10 @@ Accepted, as candump (can-utils ``lib.c``) writes it: a time ``(seconds.fraction
 ``<id>#<data>`` with a 3-digit standard or 8-digit extended hex id, ``<id>#R[<dlc>]`` (remote),
 ``<id>##<flags><data>`` (CAN FD), an optional ``_<dlc>`` after 8 data bytes (raw DLC 9..F), an id with the
 error flag (0x20000000) as an error frame, and an optional trailing ``R``/``T`` (direction).
+
+:func:`read_frame_tuples` is the collector's reader: it reads the file in blocks, takes the common line (a
+classic data frame) on a fast path straight to a frame tuple (vgw.sources.frame), and hands every other line
+to :func:`parse_line`, so it accepts and refuses exactly the same lines as :func:`read_frames`.
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import can
+from vgw.sources.frame import Frame, frame_of
 from vgw.timefmt import LATEST_TIME
 
 MAX_LINE_BYTES = 512  # the longest candump -L line (FD, 64 bytes, 16-char channel) is under 200
@@ -140,6 +145,89 @@ def read_frames(fh: BinaryIO) -> Iterator[can.Message | DamagedLine]:
             continue
         if msg is not None:
             yield msg
+
+
+BLOCK_BYTES = 256 * 1024
+_HEX = "0123456789abcdefABCDEF"
+
+
+def read_frame_tuples(fh: BinaryIO) -> Iterator[Frame | DamagedLine]:
+    """Every frame of an open binary candump log as a frame tuple, and a :class:`DamagedLine` for each line
+    that is not one: the same lines as :func:`read_frames`, about four times faster. Memory stays bounded by
+    one block plus :data:`MAX_LINE_BYTES` (an over-long line is skipped, never held whole).
+
+    I/O and decompression errors of ``fh`` propagate (``OSError``, ``EOFError``, ``zlib.error``).
+    """
+    number = 0
+    rest = b""
+    skipping = False  # inside an over-long line: drop bytes up to its end
+    while True:
+        block = fh.read(BLOCK_BYTES)
+        if not block:
+            if skipping:
+                yield DamagedLine(number + 1, Damage.TOO_LONG)
+            elif rest:
+                number += 1
+                yield from _slow_line(rest, number)
+            return
+        data = rest + block if rest else block
+        cut = data.rfind(b"\n")
+        if cut < 0:
+            rest = b"" if skipping else data
+            if len(rest) > MAX_LINE_BYTES:
+                skipping, rest = True, b""
+            continue
+        complete, rest = data[:cut], data[cut + 1:]
+        ends_long, skipping = skipping, len(rest) > MAX_LINE_BYTES
+        if skipping:
+            rest = b""
+        try:
+            lines: list[Any] = complete.decode("ascii").split("\n")
+        except UnicodeDecodeError:
+            lines = complete.split(b"\n")  # judged line by line on the slow path
+        if ends_long:
+            lines[0] = None  # the end of an over-long line
+        for line in lines:
+            number += 1
+            if line is None:
+                yield DamagedLine(number, Damage.TOO_LONG)
+                continue
+            if type(line) is not str or len(line) > MAX_LINE_BYTES:
+                yield from _slow_line(line, number)
+                continue
+            fields = line.split()
+            if len(fields) == 3:
+                stamp, _channel, frame = fields
+                ident, sep, hexdata = frame.partition("#")
+                n = len(ident)
+                if sep and (n == 3 or n == 8) and not ident.strip(_HEX) and len(hexdata) <= 16 \
+                        and not len(hexdata) & 1 and not hexdata.strip(_HEX) and _TIME.fullmatch(stamp):
+                    can_id = int(ident, 16)
+                    t = float(stamp[1:-1])
+                    if (can_id <= 0x7FF if n == 3 else can_id <= 0x1FFFFFFF) and t <= LATEST_TIME:
+                        yield (t, can_id, n == 8, bytes.fromhex(hexdata), 0)
+                        continue
+            yield from _slow_line(line, number)
+
+
+def _slow_line(line: str | bytes, number: int) -> Iterator[Frame | DamagedLine]:
+    """One line off the fast path: judged by :func:`parse_line` exactly as :func:`read_frames` judges it."""
+    if len(line) > MAX_LINE_BYTES:
+        yield DamagedLine(number, Damage.TOO_LONG)
+        return
+    if isinstance(line, bytes):
+        try:
+            line = line.decode("ascii")
+        except UnicodeDecodeError:
+            yield DamagedLine(number, Damage.ENCODING)
+            return
+    try:
+        msg = parse_line(line)
+    except LineError as exc:
+        yield DamagedLine(number, exc.damage)
+        return
+    if msg is not None:
+        yield frame_of(msg)
 
 
 def is_candump(path: Path) -> bool:

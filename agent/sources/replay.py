@@ -29,12 +29,17 @@ from pathlib import Path
 
 import can
 from vgw.errors import SourceOpenError
-from vgw.sources.candump import Damage, DamagedLine, is_candump, open_binary, read_frames
+from vgw.sources.candump import Damage, DamagedLine, is_candump, open_binary, read_frame_tuples
+from vgw.sources.frame import DATA, Frame, frame_of, message_of
 from vgw.timefmt import valid_time
 
 log = logging.getLogger("vgw.replay")
 
 MIN_LOOP_GAP_S = 0.001  # between passes of a trace whose frames all share one time
+# At replay_rate > 0, sleep at least this long before a frame that is not due yet: a frame is at most this
+# late, and the collector wakes (and takes a lock) once per chunk of the frames due meanwhile, not per frame
+# (CPU at 4k frames/s, docs/performance.md).
+MIN_SLEEP_S = 0.01
 
 
 class ReplaySource:
@@ -56,11 +61,12 @@ class ReplaySource:
         self._iter = self._open()
         self._start_wall: float | None = None
         self._start_trace: float | None = None
-        self._pending: can.Message | None = None
+        self._pending: Frame | None = None
+        self._checked_times = False  # True for the candump reader, which refuses bad times itself
 
     # -- reading --------------------------------------------------------------------------------------
 
-    def _open(self) -> Iterator[can.Message | DamagedLine]:
+    def _open(self) -> Iterator[Frame | DamagedLine]:
         """The frames of one pass. Raises SourceOpenError when the file cannot be opened (retried by the
         collector); a file no reader can start on (unknown format, damaged header) is a trace with no frames."""
         self._release()
@@ -68,7 +74,8 @@ class ReplaySource:
             if is_candump(self.path):
                 fh = open_binary(self.path)
                 self._closers.append(fh.close)
-                return read_frames(fh)
+                self._checked_times = True
+                return read_frame_tuples(fh)
             reader = can.LogReader(str(self.path))
         except OSError as exc:
             raise SourceOpenError(f"{self.path}: cannot read trace: {exc.strerror or exc}") from exc
@@ -79,7 +86,8 @@ class ReplaySource:
                           str(exc)[:120])
             return iter(())
         self._closers.append(reader.stop)
-        return iter(reader)
+        self._checked_times = False
+        return (frame_of(m) for m in reader)
 
     def _release(self) -> None:
         for close in self._closers:
@@ -89,7 +97,7 @@ class ReplaySource:
                 log.debug("%s: closing the trace: %s", self.path, type(exc).__name__)
         self._closers.clear()
 
-    def _next(self) -> can.Message | None:
+    def _next(self) -> Frame | None:
         while True:
             try:
                 item = next(self._iter)
@@ -106,24 +114,32 @@ class ReplaySource:
                 if not self._next_pass():
                     return None
                 continue
-            if not isinstance(item, DamagedLine) and not valid_time(item.timestamp):
+            if type(item) is not tuple:
+                assert isinstance(item, DamagedLine)
+                self._skipped(item)
+                continue
+            t = item[0]
+            if not self._checked_times and not valid_time(t):
                 # Another format's reader may hand out a NaN or a year-30000 time: never into policy or JSON.
                 item = DamagedLine(self._pass_frames + 1, Damage.TIME)  # (a frame number: no lines here)
-            if isinstance(item, DamagedLine):
-                if self._pass == 0:
-                    self.lines_skipped += 1
-                    if self.lines_skipped == 1:
-                        log.warning("%s:%d: damaged line skipped (%s); further damaged lines are counted, "
-                                    "not logged", self.path, item.number, item.damage.value)
+                self._skipped(item)
                 continue
             if self._pass == 0:
-                t = item.timestamp
-                self._t_min = t if self._t_min is None else min(self._t_min, t)
-                self._t_max = t if self._t_max is None else max(self._t_max, t)
+                if self._t_min is None or t < self._t_min:
+                    self._t_min = t
+                if self._t_max is None or t > self._t_max:
+                    self._t_max = t
             elif self._shift:
-                item.timestamp += self._shift
+                item = (t + self._shift, *item[1:])  # type: ignore[assignment]
             self._pass_frames += 1
             return item
+
+    def _skipped(self, item: DamagedLine) -> None:
+        if self._pass == 0:
+            self.lines_skipped += 1
+            if self.lines_skipped == 1:
+                log.warning("%s:%d: damaged line skipped (%s); further damaged lines are counted, not logged",
+                            self.path, item.number, item.damage.value)
 
     def _next_pass(self) -> bool:
         """At the end of a pass: log it, and start the next pass if looping. False when the trace is done."""
@@ -146,32 +162,56 @@ class ReplaySource:
     # -- the FrameSource interface ---------------------------------------------------------------------
 
     def recv(self, timeout: float) -> can.Message | None:
+        """One frame as a python-can message (the collector uses :meth:`recv_many`)."""
+        frames = self.recv_many(1, timeout)
+        return message_of(frames[0]) if frames else None
+
+    def recv_many(self, max_frames: int, timeout: float) -> list[Frame]:
+        """Up to ``max_frames`` frames: as many as are due now (all of them at rate 0); waits up to ``timeout``
+        s for the first. ``finished`` is set once the last frame was handed out."""
         if self.finished:
             time.sleep(min(timeout, 0.05))
-            return None
-        msg = self._pending or self._next()
-        self._pending = None
-        if msg is None:
-            self.finished = True
-            return None
-        if msg.is_error_frame or msg.is_remote_frame:
-            self.frames_read += 1
-            return msg
-        if self.rate > 0:
+            return []
+        out: list[Frame] = []
+        nxt = self._next
+        if self.rate <= 0:
+            pending, self._pending = self._pending, None
+            if pending is not None:
+                out.append(pending)
+            while len(out) < max_frames:
+                frame = nxt()
+                if frame is None:
+                    self.finished = True
+                    break
+                out.append(frame)
+            self.frames_read += len(out)
+            return out
+        now = time.monotonic()
+        while len(out) < max_frames:
+            frame, self._pending = self._pending or nxt(), None
+            if frame is None:
+                self.finished = True
+                break
+            if frame[4] != DATA:  # error and remote frames are counted at once, never waited for
+                out.append(frame)
+                continue
             if self._start_wall is None or self._start_trace is None:
-                self._start_wall, self._start_trace = time.monotonic(), msg.timestamp
-            due = self._start_wall + (msg.timestamp - self._start_trace) / self.rate
-            wait = due - time.monotonic()
-            if wait > timeout:
-                time.sleep(timeout)
-                self._pending = msg
-                return None
+                self._start_wall, self._start_trace = now, frame[0]
+            wait = self._start_wall + (frame[0] - self._start_trace) / self.rate - now
             if wait > 0:
-                # Sleep at least 2 ms: a frame is at most 2 ms late, and the thread wakes 4x less often
-                # (CPU at 4k frames/s: 11 % -> 6.6 %, docs/performance.md).
-                time.sleep(max(wait, 0.002))
-        self.frames_read += 1
-        return msg
+                if out:
+                    self._pending = frame
+                    break
+                if wait > timeout:
+                    time.sleep(timeout)
+                    self._pending = frame
+                    break
+                # Sleep at least MIN_SLEEP_S: the frames due meanwhile come in one chunk.
+                time.sleep(max(wait, MIN_SLEEP_S))
+                now = time.monotonic()
+            out.append(frame)
+        self.frames_read += len(out)
+        return out
 
     def set_filters(self, frames: frozenset[tuple[int, bool]]) -> None:
         return None

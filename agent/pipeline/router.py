@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,7 @@ from vgw.consent.model import Grant
 from vgw.j1939 import ids as j1939
 from vgw.j1939.front import J1939Front, filter_keys
 from vgw.pipeline.decoder import MessageDecoder
+from vgw.sources.frame import ERROR, Frame
 
 _M_PER_DEG = 111_320.0
 STANDARD_ID_MAX = 0x7FF
@@ -233,6 +235,38 @@ class Pipeline:
             return
         self._decode(decoder, data, t)
 
+    def process_frames(self, frames: Iterable[Frame], on_error: Callable[[Exception], None]) -> tuple[int, int]:
+        """Decode a chunk of frame tuples (vgw.sources.frame) into the batches, as :meth:`process` would one
+        by one. A frame the pipeline fails on goes to ``on_error`` and is skipped. Returns the numbers of error
+        and remote frames met (counted by the caller, never decoded)."""
+        decoders = self.router.decoders
+        j1939_front = self._j1939
+        decode = self._decode
+        errors = remotes = routed = unrouted = 0
+        for t, can_id, extended, data, kind in frames:
+            if kind:
+                if kind == ERROR:
+                    errors += 1
+                else:
+                    remotes += 1
+                continue
+            decoder = decoders.get((can_id, extended))
+            try:
+                if decoder is not None:
+                    routed += 1
+                    decode(decoder, data, t)
+                elif j1939_front is not None and extended:
+                    routed += 1
+                    self._process_j1939(can_id, data, t)
+                else:
+                    unrouted += 1
+            except Exception as exc:  # one frame the pipeline cannot take must not stop collection
+                on_error(exc)
+        counters = self.counters
+        counters["frames"] += routed + unrouted
+        counters["frames_unrouted"] += unrouted
+        return errors, remotes
+
     def _process_j1939(self, arbitration_id: int, data: bytes, t: float) -> None:
         """A frame no exact id matched, on a bus with J1939 messages: route it by PGN (agent.j1939)."""
         front = self._j1939
@@ -273,8 +307,17 @@ class Pipeline:
             if coord == "lat":
                 self._last_lat = float(value)
             for target in entry.targets:  # type: ignore[attr-defined]
-                if target.direct:  # the fast path: straight into the grant's columns
-                    target.batch.append(spec.path, t, value)
+                if target.direct:  # the fast path: straight into the grant's columns (GrantBatch.append)
+                    batch = target.batch
+                    if not batch.count:
+                        batch.opened = time.monotonic()
+                        batch.first_t = t
+                    col = batch.cols.get(spec.path)
+                    if col is None:
+                        col = batch.cols[spec.path] = ([], [])
+                    col[0].append(t)
+                    col[1].append(value)
+                    batch.count += 1
                     kept += 1
                 else:  # the slow path: rules, rate limit, precision snapping
                     self._deliver(target.batch, spec.path, spec.scope, coord, t, value, target.min_interval,

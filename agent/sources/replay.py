@@ -58,11 +58,11 @@ class ReplaySource:
         self._t_max: float | None = None
         self._first_pass_frames = 0
         self._closers: list[Callable[[], object]] = []
+        self._checked_times = False  # True for the candump reader, which refuses bad times itself
         self._iter = self._open()
         self._start_wall: float | None = None
         self._start_trace: float | None = None
         self._pending: Frame | None = None
-        self._checked_times = False  # True for the candump reader, which refuses bad times itself
 
     # -- reading --------------------------------------------------------------------------------------
 

@@ -242,7 +242,7 @@ def destroy_quarantined(path: Path) -> list[str]:
 
 def _files_hold(files: list[Path], needles: list[bytes]) -> bool:
     """True if any needle occurs in the raw bytes of any of ``files`` (read in chunks that overlap)."""
-    needles = [n for n in needles if n]
+    needles = list(dict.fromkeys(n for n in needles if n))  # each distinct needle searched once
     if not needles:
         return False
     overlap = max(len(n) for n in needles) - 1

@@ -727,12 +727,13 @@ class Outbox:
             self._data_keys.pop(grant_id, None)
             needles = [bytes(r[0]) for r in self._db.execute(
                 "SELECT wrapped FROM grant_keys WHERE grant_id = ?", (grant_id,))]
-            # A 32-byte piece of each sealed row (nonce and ciphertext start) identifies it in raw bytes.
-            needles += [bytes(r[0]) for r in self._db.execute(
-                "SELECT substr(blob, 1, 32) FROM batches WHERE grant_id = ?", (grant_id,))]
             with self._tx() as db:
                 db.execute("DELETE FROM active_grants WHERE id = ?", (grant_id,))
                 db.execute("DELETE FROM grant_keys WHERE grant_id = ?", (grant_id,))
+            # Only now, with the key gone: a 32-byte piece of each sealed row (nonce and ciphertext start)
+            # identifies it in raw bytes (reading 100k rows must not delay the key's destruction).
+            needles += [bytes(r[0]) for r in self._db.execute(
+                "SELECT substr(blob, 1, 32) FROM batches WHERE grant_id = ?", (grant_id,))]
             with self._tx() as db:
                 deleted = db.execute("DELETE FROM batches WHERE grant_id = ?", (grant_id,)).rowcount
             self._needles.setdefault(grant_id, []).extend(needles)

@@ -147,17 +147,30 @@ def read_frames(fh: BinaryIO) -> Iterator[can.Message | DamagedLine]:
             yield msg
 
 
-BLOCK_BYTES = 256 * 1024
+BLOCK_BYTES = 64 * 1024
 _HEX = "0123456789abcdefABCDEF"
 
 
 def read_frame_tuples(fh: BinaryIO) -> Iterator[Frame | DamagedLine]:
     """Every frame of an open binary candump log as a frame tuple, and a :class:`DamagedLine` for each line
-    that is not one: the same lines as :func:`read_frames`, about four times faster. Memory stays bounded by
+    that is not one: the same lines as :func:`read_frames`, several times faster. Memory stays bounded by
     one block plus :data:`MAX_LINE_BYTES` (an over-long line is skipped, never held whole).
 
     I/O and decompression errors of ``fh`` propagate (``OSError``, ``EOFError``, ``zlib.error``).
     """
+    for chunk, _clean in read_frame_chunks(fh):
+        yield from chunk
+
+
+# A whole block of common lines (classic data frames, single spaces, nothing after the data) is matched at
+# once; a block with any other line is judged line by line. Ids and times are range-checked after the match.
+_COMMON = re.compile(r"^\((\d{1,12}(?:\.\d{1,9})?)\) [!-~]+ ([0-9A-Fa-f]{3}|[0-9A-Fa-f]{8})#((?:[0-9A-Fa-f]{2}){0,8})$",
+                     re.M)
+
+
+def read_frame_chunks(fh: BinaryIO) -> Iterator[tuple[list[Frame | DamagedLine], bool]]:
+    """:func:`read_frame_tuples` a block at a time: (items, clean), where clean means every item is a frame
+    tuple of a data frame (no damaged line, error or remote frame)."""
     number = 0
     rest = b""
     skipping = False  # inside an over-long line: drop bytes up to its end
@@ -165,10 +178,10 @@ def read_frame_tuples(fh: BinaryIO) -> Iterator[Frame | DamagedLine]:
         block = fh.read(BLOCK_BYTES)
         if not block:
             if skipping:
-                yield DamagedLine(number + 1, Damage.TOO_LONG)
+                yield [DamagedLine(number + 1, Damage.TOO_LONG)], False
             elif rest:
                 number += 1
-                yield from _slow_line(rest, number)
+                yield list(_slow_line(rest, number)), False
             return
         data = rest + block if rest else block
         cut = data.rfind(b"\n")
@@ -181,33 +194,43 @@ def read_frame_tuples(fh: BinaryIO) -> Iterator[Frame | DamagedLine]:
         ends_long, skipping = skipping, len(rest) > MAX_LINE_BYTES
         if skipping:
             rest = b""
-        try:
-            lines: list[Any] = complete.decode("ascii").split("\n")
-        except UnicodeDecodeError:
+        lines_in_block = complete.count(b"\n") + 1
+        if not ends_long and complete.isascii():
+            text = complete.decode("ascii")
+            fast = _fast_block(text, lines_in_block)
+            if fast is not None:
+                number += lines_in_block
+                yield fast, True
+                continue
+            lines: list[Any] = text.split("\n")
+        else:
             lines = complete.split(b"\n")  # judged line by line on the slow path
-        if ends_long:
-            lines[0] = None  # the end of an over-long line
+            if ends_long:
+                lines[0] = None  # the end of an over-long line
+        out: list[Frame | DamagedLine] = []
         for line in lines:
             number += 1
             if line is None:
-                yield DamagedLine(number, Damage.TOO_LONG)
-                continue
-            if type(line) is not str or len(line) > MAX_LINE_BYTES:
-                yield from _slow_line(line, number)
-                continue
-            fields = line.split()
-            if len(fields) == 3:
-                stamp, _channel, frame = fields
-                ident, sep, hexdata = frame.partition("#")
-                n = len(ident)
-                if sep and (n == 3 or n == 8) and not ident.strip(_HEX) and len(hexdata) <= 16 \
-                        and not len(hexdata) & 1 and not hexdata.strip(_HEX) and _TIME.fullmatch(stamp):
-                    can_id = int(ident, 16)
-                    t = float(stamp[1:-1])
-                    if (can_id <= 0x7FF if n == 3 else can_id <= 0x1FFFFFFF) and t <= LATEST_TIME:
-                        yield (t, can_id, n == 8, bytes.fromhex(hexdata), 0)
-                        continue
-            yield from _slow_line(line, number)
+                out.append(DamagedLine(number, Damage.TOO_LONG))
+            else:
+                out.extend(_slow_line(line, number))
+        yield out, False
+
+
+def _fast_block(text: str, lines: int) -> list[Frame | DamagedLine] | None:
+    """The frames of a block whose every line is a common one, or None (then it is judged line by line)."""
+    found = _COMMON.findall(text)
+    if len(found) != lines:
+        return None
+    try:
+        frames: list[Frame | DamagedLine] = [(float(t), int(i, 16), len(i) == 8, bytes.fromhex(d), 0)
+                                             for t, i, d in found]
+    except ValueError:
+        return None
+    if max(f[0] for f in frames) > LATEST_TIME or any(  # type: ignore[index]
+            f[1] > (0x1FFFFFFF if f[2] else 0x7FF) for f in frames):  # type: ignore[index]
+        return None
+    return frames
 
 
 def _slow_line(line: str | bytes, number: int) -> Iterator[Frame | DamagedLine]:

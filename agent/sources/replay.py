@@ -26,10 +26,11 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import can
 from vgw.errors import SourceOpenError
-from vgw.sources.candump import Damage, DamagedLine, is_candump, open_binary, read_frame_tuples
+from vgw.sources.candump import Damage, DamagedLine, is_candump, open_binary, read_frame_chunks
 from vgw.sources.frame import DATA, Frame, frame_of, message_of
 from vgw.timefmt import valid_time
 
@@ -63,11 +64,15 @@ class ReplaySource:
         self._start_wall: float | None = None
         self._start_trace: float | None = None
         self._pending: Frame | None = None
+        self._buf: list[Frame | DamagedLine] = []  # the current chunk, handed out from _pos on
+        self._pos = 0
+        self._clean = False
 
     # -- reading --------------------------------------------------------------------------------------
 
-    def _open(self) -> Iterator[Frame | DamagedLine]:
-        """The frames of one pass. Raises SourceOpenError when the file cannot be opened (retried by the
+    def _open(self) -> Iterator[tuple[list[Frame | DamagedLine], bool]]:
+        """The frames of one pass, a chunk at a time (vgw.sources.candump.read_frame_chunks). Raises
+        SourceOpenError when the file cannot be opened (retried by the
         collector); a file no reader can start on (unknown format, damaged header) is a trace with no frames."""
         self._release()
         try:
@@ -75,7 +80,7 @@ class ReplaySource:
                 fh = open_binary(self.path)
                 self._closers.append(fh.close)
                 self._checked_times = True
-                return read_frame_tuples(fh)
+                return read_frame_chunks(fh)
             reader = can.LogReader(str(self.path))
         except OSError as exc:
             raise SourceOpenError(f"{self.path}: cannot read trace: {exc.strerror or exc}") from exc
@@ -87,7 +92,7 @@ class ReplaySource:
             return iter(())
         self._closers.append(reader.stop)
         self._checked_times = False
-        return (frame_of(m) for m in reader)
+        return _chunks_of(reader)
 
     def _release(self) -> None:
         for close in self._closers:
@@ -97,13 +102,14 @@ class ReplaySource:
                 log.debug("%s: closing the trace: %s", self.path, type(exc).__name__)
         self._closers.clear()
 
-    def _next(self) -> Frame | None:
+    def _refill(self) -> bool:
+        """The next chunk of frames into the buffer; False when the trace is done."""
         while True:
             try:
-                item = next(self._iter)
+                chunk, clean = next(self._iter)
             except StopIteration:
                 if not self._next_pass():
-                    return None
+                    return False
                 continue
             except Exception as exc:  # a third-party reader (BLF, ASC, gzip...) may raise anything
                 # The reader cannot go on past this point; ending the trace here beats re-reading it from the
@@ -112,8 +118,29 @@ class ReplaySource:
                     log.error("%s: trace unreadable after %d frames (%s): the rest of it is skipped", self.path,
                               self._pass_frames, type(exc).__name__)
                 if not self._next_pass():
+                    return False
+                continue
+            # A clean chunk of the first pass (data frames, times checked by the reader) is handed out as it
+            # is, a slice at a time; its time span is taken here, once per chunk.
+            self._clean = clean and self._pass == 0 and self._checked_times
+            self._buf, self._pos = chunk, 0
+            if self._clean and chunk:
+                lo, hi = min(f[0] for f in chunk), max(f[0] for f in chunk)  # type: ignore[index]
+                self._t_min = lo if self._t_min is None else min(self._t_min, lo)
+                self._t_max = hi if self._t_max is None else max(self._t_max, hi)
+                self._pass_frames += len(chunk)
+            return True
+
+    def _next(self) -> Frame | None:
+        while True:
+            if self._pos >= len(self._buf):
+                if not self._refill():
                     return None
                 continue
+            item = self._buf[self._pos]
+            self._pos += 1
+            if self._clean:
+                return item  # type: ignore[return-value]
             if type(item) is not tuple:
                 assert isinstance(item, DamagedLine)
                 self._skipped(item)
@@ -179,6 +206,11 @@ class ReplaySource:
             if pending is not None:
                 out.append(pending)
             while len(out) < max_frames:
+                if self._clean and self._pos < len(self._buf):
+                    take = self._buf[self._pos:self._pos + max_frames - len(out)]
+                    self._pos += len(take)
+                    out.extend(take)  # type: ignore[arg-type]
+                    continue
                 frame = nxt()
                 if frame is None:
                     self.finished = True
@@ -219,3 +251,20 @@ class ReplaySource:
     def close(self) -> None:
         self.finished = True
         self._release()
+
+
+def _chunks_of(reader: Any) -> Iterator[tuple[list[Frame | DamagedLine], bool]]:
+    """python-can's messages as chunks of frame tuples; the frames read before a reader error come first."""
+    buf: list[Frame | DamagedLine] = []
+    try:
+        for msg in reader:
+            buf.append(frame_of(msg))
+            if len(buf) >= 256:
+                yield buf, False
+                buf = []
+    except Exception:
+        if buf:
+            yield buf, False
+        raise
+    if buf:
+        yield buf, False

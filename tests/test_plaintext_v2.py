@@ -17,6 +17,8 @@ from vgw.crypto.envelope import (
     loads,
     plaintext_samples,
     seal,
+    to_us,
+    us_of,
 )
 from vgw.simulators.consent_authority import RecipientKey
 from vgw.simulators.envelopes import EnvelopeError, open_envelope
@@ -43,7 +45,7 @@ def test_v2_round_trip_equals_the_v1_samples(samples: list[tuple[str, float, Any
     series: dict[str, tuple[list[float], list[Any]]] = {}
     for path, t, value in samples:
         col = series.setdefault(path, ([], []))
-        col[0].append(t)
+        col[0].append(us_of(t))
         col[1].append(value)
     v1 = plaintext_samples(_decode(batch_plaintext("d", "g", 1, [{"t": round(t, 6), "path": p, "value": v}
                                                                   for p, t, v in samples], epoch="e")))
@@ -65,10 +67,10 @@ def test_v2_round_trip_equals_the_v1_samples(samples: list[tuple[str, float, Any
 
 def test_v2_is_smaller_than_v1() -> None:
     ts = [1_795_920_000.0 + i * 0.02 for i in range(1000)]
-    series = {p: (ts, [50.0 + i % 7 for i in range(1000)]) for p in PATHS}
+    series = {p: (to_us(ts), [50.0 + i % 7 for i in range(1000)]) for p in PATHS}
     v1 = batch_plaintext("d", "g", 1, [{"t": round(t, 6), "path": p, "value": v}
                                        for p, (tt, vv) in series.items()
-                                       for t, v in zip(tt, vv, strict=False)], epoch="e")
+                                       for t, v in zip(ts, vv, strict=False)], epoch="e")
     assert len(columnar_plaintext("d", "g", 1, series, epoch="e")) < 0.8 * len(v1)
 
 
@@ -90,7 +92,7 @@ def test_the_cloud_side_opens_both_versions() -> None:
     rk = load_recipient_key("X25519", key.public_raw)
     v1 = seal("X25519", rk, "dev", "g", batch_plaintext("dev", "g", 1, [{"t": 1.5, "path": "A.B", "value": 3}],
                                                          epoch="e"))
-    v2 = seal("X25519", rk, "dev", "g", columnar_plaintext("dev", "g", 2, {"A.B": ([1.5, 2.0], [3, 4])},
+    v2 = seal("X25519", rk, "dev", "g", columnar_plaintext("dev", "g", 2, {"A.B": ([1_500_000, 2_000_000], [3, 4])},
                                                             epoch="e"))
     assert open_envelope(v1, key, "dev", "g")["samples"] == [{"t": 1.5, "path": "A.B", "value": 3}]
     doc = open_envelope(v2, key, "dev", "g")

@@ -10,7 +10,7 @@ from typing import Any
 
 from vgw.consent.model import KEM_X25519, Grant, Recipient
 from vgw.counters import Counters
-from vgw.crypto.envelope import load_recipient_key
+from vgw.crypto.envelope import load_recipient_key, to_us
 from vgw.crypto.keys import new_data_key
 from vgw.outbox import Committed, GrantNotActive, NewBatch, Outbox
 from vgw.simulators.cloud import RecipientKey, open_envelope
@@ -28,7 +28,7 @@ def _grant(gid: str, key: RecipientKey) -> Grant:
 
 def _job(grant: Grant, key: RecipientKey, speeds: list[float]) -> SealJob:
     ts = [1_795_920_000.0 + i * 0.02 for i in range(len(speeds))]
-    return SealJob(grant, load_recipient_key(KEM_X25519, key.public_raw), {"Vehicle.Speed": (ts, list(speeds))},
+    return SealJob(grant, load_recipient_key(KEM_X25519, key.public_raw), {"Vehicle.Speed": (to_us(ts), speeds)},
                    len(speeds), ts[0], {"read_speedometer": len(speeds)}, None)
 
 

@@ -30,8 +30,9 @@ except ImportError:  # pragma: no cover - a platform without an orjson wheel
 
 ENVELOPE_VERSION = 0x01
 ZLIB_LEVEL = 6
-#: A series as the collector keeps it: frame times (Unix seconds) and values, in the order they were kept.
-Series = tuple[list[float], list[Any]]
+#: A series as the collector keeps it: frame times (whole microseconds since the Unix epoch, see
+#: :func:`to_us`) and values, in the order they were kept.
+Series = tuple[list[int], list[Any]]
 
 
 def dumps(doc: Any) -> bytes:
@@ -85,17 +86,16 @@ def batch_plaintext(device: str, grant: str, seq: int, samples: Sequence[dict[st
 
 
 def columnar_plaintext(device: str, grant: str, seq: int, series: Mapping[str, Series], *, epoch: str) -> bytes:
-    """The version 2 plaintext (CONTRACT §6) of ``series``: path -> (frame times, values).
+    """The version 2 plaintext (CONTRACT §6) of ``series``: path -> (frame times in µs, values).
 
     Collection rules may keep a path's samples out of time order (pre-trigger history is released after
     the sample that triggered it); such a series is put in time order first (stable), as §6 requires.
     """
     cols: list[tuple[str, list[int], list[Any]]] = []
     t0_us: int | None = None
-    for path, (times, values) in series.items():
-        if not times:
+    for path, (us, values) in series.items():
+        if not us:
             continue
-        us = to_us(times)
         if any(b < a for a, b in itertools.pairwise(us)):
             order = sorted(range(len(us)), key=us.__getitem__)
             us = [us[i] for i in order]
@@ -115,10 +115,16 @@ def columnar_plaintext(device: str, grant: str, seq: int, series: Mapping[str, S
 
 
 def to_us(times: Sequence[float]) -> list[int]:
-    """Frame times in whole microseconds, exactly as ``round(t, 6)`` would round them (so ``us / 1e6`` is the
+    """Frame times in whole microseconds, each as :func:`us_of` gives it."""
+    return [(s := int(t)) * 1_000_000 + round((t - s) * 1e6) for t in times]
+
+
+def us_of(t: float) -> int:
+    """A frame time in whole microseconds, exactly as ``round(t, 6)`` would round it (so ``us / 1e6`` is the
     version 1 time to the bit): the fraction is scaled apart from the whole seconds, where ``t * 1e6`` would
     round a fifth of all times the other way. Also several times cheaper than ``round(t, 6)``."""
-    return [(s := int(t)) * 1_000_000 + round((t - s) * 1e6) for t in times]
+    s = int(t)
+    return s * 1_000_000 + round((t - s) * 1e6)
 
 
 def plaintext_samples(batch: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -27,6 +27,7 @@ from typing import Any
 from vgw.catalogue import Catalogue, SignalSpec
 from vgw.collect.engine import RuleEngine
 from vgw.consent.model import Grant
+from vgw.crypto.envelope import us_of
 from vgw.j1939 import ids as j1939
 from vgw.j1939.front import J1939Front, filter_keys
 from vgw.pipeline.decoder import MessageDecoder
@@ -41,14 +42,14 @@ FrameKey = tuple[int, bool]
 
 @dataclass(slots=True)
 class GrantBatch:
-    """The open batch of one grant, kept as columns: path -> (frame times, values), in the order kept.
+    """The open batch of one grant, kept as columns: path -> (frame times in µs, values), in the order kept.
 
     Columns are what the version 2 plaintext carries (CONTRACT §6): a sample costs two list appends, and
     sealing needs no regrouping. :attr:`samples` is the version 1 view (tests, tools), built on demand.
     """
 
     grant: Grant
-    cols: dict[str, tuple[list[float], list[Any]]] = field(default_factory=dict)
+    cols: dict[str, tuple[list[int], list[Any]]] = field(default_factory=dict)
     count: int = 0  # samples in cols
     opened: float = 0.0  # monotonic time of the first sample
     first_t: float = 0.0
@@ -64,15 +65,15 @@ class GrantBatch:
         col = self.cols.get(path)
         if col is None:
             col = self.cols[path] = ([], [])
-        col[0].append(t)
+        col[0].append(us_of(t))
         col[1].append(value)
         self.count += 1
 
     @property
     def samples(self) -> list[dict[str, Any]]:
         """The open samples as version 1 objects (``t`` rounded to 1 µs), in time order (stable)."""
-        out = [{"t": round(t, 6), "path": path, "value": v}
-               for path, (ts, vs) in list(self.cols.items()) for t, v in zip(ts, vs, strict=False)]
+        out = [{"t": us / 1e6, "path": path, "value": v}
+               for path, (times, vs) in list(self.cols.items()) for us, v in zip(times, vs, strict=False)]
         out.sort(key=lambda s: s["t"])
         return out
 
@@ -82,7 +83,7 @@ class GrantBatch:
         self.clear()
         return out
 
-    def take_columns(self) -> tuple[dict[str, tuple[list[float], list[Any]]], int]:
+    def take_columns(self) -> tuple[dict[str, tuple[list[int], list[Any]]], int]:
         """The open columns and their sample count; the batch is empty after."""
         cols, n = self.cols, self.count
         self.cols, self.count = {}, 0
@@ -292,6 +293,8 @@ class Pipeline:
         if short:
             counters["signals_short"] += short
         kept = 0
+        whole = int(t)
+        t_us = whole * 1_000_000 + round((t - whole) * 1e6)  # us_of(t), once per frame
         for entry, decoded in values:
             spec = entry.spec  # type: ignore[attr-defined]  # keys are the _Entry objects given to the decoder
             value: int | float | str = decoded
@@ -315,7 +318,7 @@ class Pipeline:
                     col = batch.cols.get(spec.path)
                     if col is None:
                         col = batch.cols[spec.path] = ([], [])
-                    col[0].append(t)
+                    col[0].append(t_us)
                     col[1].append(value)
                     batch.count += 1
                     kept += 1

@@ -30,8 +30,8 @@ from vgw.outbox import GrantNotActive, NewBatch, Outbox, OutboxUnwritable
 
 log = logging.getLogger("vgw.agent")
 
-GROUP_BATCHES = 16  # batches per transaction at most: bounds how long a revocation waits for the outbox
-MAX_QUEUED = 8  # batches waiting at most before the collector waits for the writer (bounded memory: RSS)
+GROUP_BATCHES = 8  # batches per transaction at most: bounds how long a revocation waits for the outbox
+MAX_QUEUED = 4  # batches waiting at most before the collector waits for the writer (bounded memory: RSS)
 RECOVERED_AFTER_STORES = 3  # consecutive stored batches before a storage fault counts as over
 
 

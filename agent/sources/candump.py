@@ -204,7 +204,7 @@ def read_frame_chunks(fh: BinaryIO) -> Iterator[tuple[list[Frame | DamagedLine],
                 continue
             lines: list[Any] = text.split("\n")
         else:
-            lines = complete.split(b"\n")  # judged line by line on the slow path
+            lines = list(complete.split(b"\n"))  # judged line by line on the slow path
             if ends_long:
                 lines[0] = None  # the end of an over-long line
         out: list[Frame | DamagedLine] = []

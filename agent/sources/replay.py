@@ -157,7 +157,7 @@ class ReplaySource:
                 if self._t_max is None or t > self._t_max:
                     self._t_max = t
             elif self._shift:
-                item = (t + self._shift, *item[1:])  # type: ignore[assignment]
+                item = (t + self._shift, *item[1:])
             self._pass_frames += 1
             return item
 

@@ -168,27 +168,17 @@ def run_revoke(args: argparse.Namespace) -> int:
     key = load_signing_key(args.key)
     current = read_document(args.current, key)
     token = revoke_document(key, current, None if args.all else args.grant, ver=args.ver)
-    import jwt
-
-    claims = jwt.decode(token, options={"verify_signature": False})  # signed just now, by us
-    gone = sorted({g["id"] for g in current.get("grants", [])} - {g["id"] for g in claims.get("grants", [])})
-    # Like `push`: one line per action on stdout. Only when the document itself is the output (no -o, no
-    # --broker) does stdout carry the token, so that `vgw cloud revoke ... > v2.jws` still works.
-    what = (f"revocation of {', '.join(gone) or 'no grant'}: consent v{claims['ver']} for {claims['sub']} "
-            f"({len(claims.get('grants', []))} grant(s) left)")
     if args.out is not None:
         args.out.write_text(token + "\n")
-        print(f"wrote {what} to {args.out}")
-    elif not args.broker:
+    else:
         print(token)
-        print(f"signed {what}", file=sys.stderr)
     if args.broker:
         link = CloudLink(_opts(args)).connect()
         try:
             link.publish(f"{args.prefix}/{current['sub']}/consent", token.encode())
         finally:
             link.close()
-        print(f"pushed {what}")
+        print(f"pushed revocation to {current['sub']}", file=sys.stderr)
     return 0
 
 

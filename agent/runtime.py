@@ -1,13 +1,22 @@
 """The agent daemon (`vgw run`): wires source -> pipeline -> outbox -> uplink under the consent manager.
 
-Threads:
-  collector  reads the source, routes/decodes/batches under ``self._lock``, seals and commits full batches.
-  uplink     owns the MQTT connection (agent.uplink).
+Threads (each part names the thread that owns it and the lock it takes):
+  collector  vgw-collector: reads the source in chunks (``recv_many``), routes/decodes/batches each chunk under
+             ``self._lock`` (one lock per chunk), hands full or due batches to the writer. Owns the source.
+  writer     vgw-writer (vgw.writer.BatchWriter): seals (README "Telemetry envelope" v2) and stores batches in grouped
+             outbox transactions, off the collector, so fsync never stalls collection; owns the storage-fault
+             state. Its queue has its own lock; a revocation empties it under ``self._lock``.
+  uplink     the MQTT connection and paho's thread (vgw.uplink); calls in only through the consent intake
+             (its own lock) and ``_public_status`` (reads).
+  OBD        the OBD-II poller (vgw.obd.poller), when configured: offers samples under ``self._lock``.
   main       consent documents (MQTT intake, the cache file written by `vgw consent apply`), expiry,
-             retention, status file, clock floor, systemd watchdog, signals.
+             retention, status file, clock floor, systemd watchdog; signals are handled here only
+             (``run_agent`` before the agent exists, ``_install_signal_handlers`` after).
+  ``counters`` is a vgw.counters.Counters: every thread adds with ``add`` under its lock, never ``+=``.
 
-A revocation takes ``self._lock``: once it holds it no frame is half-processed, it swaps the router and drops
-the grant's open batch; then the manager erases the grant on disk.
+A revocation takes ``self._lock``: once it holds it no chunk is half-processed; it swaps the router, drops the
+grant's open batch and its batches queued for the writer; then the manager erases the grant on disk (a batch
+the writer is storing at that moment is refused at commit or deleted by the erasure).
 
 Faults (what each costs is in docs/guarantees.md; tests/test_faults_*.py prove it):
   corrupt outbox      integrity_check at start; quarantined, audited, fresh file with the salvaged seqs.
@@ -56,23 +65,25 @@ from vgw.consent.intake import ConsentIntake
 from vgw.consent.manager import ConsentManager, load_trust_keys
 from vgw.consent.narrowing import terms_digest
 from vgw.consent.store import ConsentStore
-from vgw.crypto.envelope import batch_plaintext, load_recipient_key, seal
+from vgw.counters import Counters
+from vgw.crypto.envelope import load_recipient_key
 from vgw.crypto.keys import load_or_create_storage_key
 from vgw.crypto.receipts import ReceiptSigner
 from vgw.errors import SourceError, SourceFrameError, SourceReadError, StorageError, VgwError
 from vgw.fsutil import atomic_write, ensure_private_dir
 from vgw.j1939.request import Requester
 from vgw.logs import apply_config_level
-from vgw.outbox import GrantNotActive, Outbox, OutboxUnwritable, open_checked
+from vgw.outbox import Outbox, open_checked
 from vgw.pipeline.router import GrantBatch, Pipeline
 from vgw.sdnotify import notify, watchdog_interval
 from vgw.sources.canbus import BusSource
+from vgw.sources.frame import Frame, frame_of
 from vgw.uplink import Uplink
+from vgw.writer import BatchWriter, SealJob
 
 log = logging.getLogger(__name__)
 
 STATUS_FILE = "status.json"
-RECOVERED_AFTER_STORES = 3  # consecutive stored batches before a storage fault counts as over
 LOCK_FILE = "agent.lock"
 OUTBOX_FILE = "outbox.sqlite"
 QUOTA_AUDIT_EVERY_S = 60.0  # at most one quota-drop audit entry per grant per minute (the counter is exact)
@@ -80,6 +91,7 @@ INTAKE_ROUNDS = 8  # consent intake emptied at most this often per main-loop tur
 SHUTDOWN_SEND_S = 2.0  # on SIGTERM, how long a live link may take to send what was just flushed
 COLLECTOR_STALL_S = 10.0  # no collector loop iteration for this long: stalled (health not ok, watchdog not fed)
 BAD_FRAMES_REOPEN = 100  # this many malformed frames in a row with nothing good between: reopen the source
+CHUNK_FRAMES = 256  # frames the collector takes from its source per lock (vgw.sources.FrameSource.recv_many)
 FRAME_ERROR_LOG_EVERY_S = 60.0  # per-frame errors are counted exactly but logged at most this often
 
 
@@ -191,14 +203,13 @@ class Agent:
         self._catalogue_digest = _catalogue_digest(cfg)
         self._source_done = threading.Event()
         self._collector: threading.Thread | None = None
-        self.counters: dict[str, int] = {"batches": 0, "batches_discarded": 0, "store_failures": 0,
-                                         "consent_superseded": 0, "source_errors": 0, "batches_failed": 0,
-                                         "error_frames": 0, "remote_frames": 0, "rx_overflow": 0, "quota_dropped": 0,
-                                         "frames_malformed": 0, "frames_failed": 0}
-        self.storage_error: str | None = None  # why the outbox cannot store now (None: it can)
-        self._store_failures_at_error = 0
-        self._stores_since_error = 0
-        self._quota_pending: dict[str, int] = {}  # drops not yet in the audit log
+        # Added to by the collector, the writer, the main loop and the OBD poller: a thread-safe object.
+        self.counters = Counters(("batches", "batches_discarded", "store_failures", "consent_superseded",
+                                  "source_errors", "batches_failed", "error_frames", "remote_frames", "rx_overflow",
+                                  "quota_dropped", "frames_malformed", "frames_failed"))
+        self.writer = BatchWriter(device=self.device, outbox=self.outbox, counters=self.counters,
+                                  quota_bytes=cfg.outbox.quota_bytes, audit=self._audit, on_stored=self.uplink.wake)
+        self._quota_pending: dict[str, int] = {}  # main loop: quota drops not yet in the audit log
         self._quota_audited: dict[str, float] = {}
         self._quota_view: dict[str, int] = {"quota_bytes": cfg.outbox.quota_bytes, "used_bytes": 0}
         self._quota_view_at = 0.0
@@ -234,7 +245,7 @@ class Agent:
                 if self.manager.apply(consent.token, source="mqtt", skipped=skipped).status != "rejected":
                     superseded += len(taken.candidates) - i - 1
                     break
-            self.counters["consent_superseded"] += superseded
+            self.counters.add("consent_superseded", superseded)
             self.uplink.wake()
 
     def _on_revoke(self, grant_ids: frozenset[str]) -> None:
@@ -245,6 +256,7 @@ class Agent:
                 self._install_filters()
             for gid in grant_ids:
                 self._recipients.pop(gid, None)
+            self.writer.drop(grant_ids)  # batches taken but not yet stored go too
         log.info("collection stopped for %d grant(s); in-memory batches dropped", len(grant_ids))
 
     def _on_consent_change(self) -> None:
@@ -265,67 +277,27 @@ class Agent:
     # -- batches ------------------------------------------------------------------------------------
 
     def _flush(self, batches: list[GrantBatch]) -> None:
-        """Seal and commit batches. Called with self._lock held."""
+        """Hand batches to the writer (vgw.writer), which seals and stores them off this thread. Called with
+        self._lock held, so a revocation sees either the open batch or the queued one, never neither."""
         for batch in batches:
-            samples = batch.take()
-            if not samples:
+            first_t = batch.first_t
+            cols, n = batch.take_columns()
+            if not n:
                 continue
             grant = batch.grant
             recipient = self._recipients.get(grant.id)
             if recipient is None:
                 continue
-            kem = grant.recipient.kem
-
-            def make(seq: int, _s: list[dict[str, Any]] = samples, _g: str = grant.id, _k: str = kem,
-                     _r: Any = recipient) -> bytes:
-                return seal(_k, _r, self.device, _g, batch_plaintext(self.device, _g, seq, _s,
-                                                                     epoch=self.outbox.epoch))
-
             per_scope: dict[str, int] = {}
-            for sample in samples:
-                scope = self._scope_of.get(sample["path"], "")
-                per_scope[scope] = per_scope.get(scope, 0) + 1
-            try:
-                committed = self.outbox.commit_batch(grant.id, make, batch.first_t, len(samples),
-                                                     quota_bytes=self.cfg.outbox.quota_bytes, scopes=per_scope,
-                                                     terms=terms_digest(grant))
-            except GrantNotActive:
-                self.counters["batches_discarded"] += 1
-            except StorageError as exc:
-                self.counters["store_failures"] += 1
-                self._stores_since_error = 0
-                self._storage_failed(exc)
-            except Exception:  # one bad batch must never stop the collector (it would stop all collection)
-                self.counters["batches_failed"] += 1
-                if self.counters["batches_failed"] == 1:
-                    log.exception("a batch of grant %s could not be sealed and was dropped", grant.id)
-            else:
-                self.counters["batches"] += 1
-                if self.storage_error is not None:
-                    # A nearly full disk can take one small batch now and then; only a run of successes
-                    # means it recovered (else the log and the audit would flap with every batch).
-                    self._stores_since_error += 1
-                    if self._stores_since_error >= RECOVERED_AFTER_STORES:
-                        self._storage_recovered()
-                for gid, n in committed.dropped.items():
-                    self.counters["quota_dropped"] += n
-                    self._quota_pending[gid] = self._quota_pending.get(gid, 0) + n
-        self.uplink.wake()
+            for path, (times, _values) in cols.items():
+                scope = self._scope_of.get(path, "")
+                per_scope[scope] = per_scope.get(scope, 0) + len(times)
+            self.writer.submit(SealJob(grant, recipient, cols, n, first_t, per_scope, terms_digest(grant)))
 
-    def _storage_failed(self, exc: StorageError) -> None:
-        # Logged and audited when the state changes, not per batch: a full disk must not fill the journal.
-        if self.storage_error is None:
-            kind = exc.kind if isinstance(exc, OutboxUnwritable) else "io"
-            self.storage_error = str(exc)
-            self._store_failures_at_error = self.counters["store_failures"] - 1
-            log.error("outbox cannot store (%s): %s; new batches are counted and dropped until it can", kind, exc)
-            self._audit("outbox-unwritable", kind=kind)
-
-    def _storage_recovered(self) -> None:
-        lost = self.counters["store_failures"] - self._store_failures_at_error
-        log.warning("outbox stores again; %d batch(es) were not stored meanwhile", lost)
-        self.storage_error = None
-        self._audit("outbox-recovered", batches_not_stored=lost)
+    @property
+    def storage_error(self) -> str | None:
+        """Why the outbox cannot store now (None: it can)."""
+        return self.writer.storage_error
 
     def _audit(self, event: str, **fields: Any) -> None:
         try:
@@ -335,6 +307,8 @@ class Agent:
 
     def _audit_quota_drops(self, *, force: bool = False) -> None:
         now = time.monotonic()
+        for gid, n in self.writer.take_quota_drops().items():
+            self._quota_pending[gid] = self._quota_pending.get(gid, 0) + n
         for gid, n in list(self._quota_pending.items()):
             last = self._quota_audited.get(gid)
             if force or last is None or now - last >= QUOTA_AUDIT_EVERY_S:
@@ -369,7 +343,7 @@ class Agent:
                 self._source_done.set()
                 return
             except SourceError as exc:
-                self.counters["source_errors"] += 1
+                self.counters.add("source_errors", 1)
                 log.error("%s; retrying in %.1f s", exc, can_cfg.reopen_s)
                 self._pause(can_cfg.reopen_s)
                 continue
@@ -380,16 +354,16 @@ class Agent:
                 if self._read_source(source, requester):
                     return
             except SourceError as exc:
-                self.counters["source_errors"] += 1
+                self.counters.add("source_errors", 1)
                 log.error("%s; reopening in %.1f s", exc, can_cfg.reopen_s)
                 self._pause(can_cfg.reopen_s)
             except Exception as exc:  # a defect must not end collection: count it, reopen, and say so
-                self.counters["source_errors"] += 1
+                self.counters.add("source_errors", 1)
                 log.error("collector failed (%s); reopening the source in %.1f s", type(exc).__name__,
                           can_cfg.reopen_s)
                 self._pause(can_cfg.reopen_s)
             finally:
-                self.counters["rx_overflow"] += source.overflow
+                self.counters.add("rx_overflow", source.overflow)
                 source.close()
                 self._source = None
 
@@ -409,53 +383,46 @@ class Agent:
         Raises SourceReadError when the source fails or sends BAD_FRAMES_REOPEN malformed frames in a row.
         """
         pipeline, lock, stop = self.pipeline, self._lock, self._stop
-        samples_seen = pipeline.counters
+        counters = self.counters
         max_samples, max_interval = self.cfg.batch.max_samples, self.cfg.batch.max_interval_s
-        # A batch can only be full once (max_samples - largest open batch) more samples went in: look for
-        # full batches only then, not after every frame (a hot-path cost measured in docs/performance.md).
-        next_full_check = 0
+        recv_many = getattr(source, "recv_many", None)
         last_check = time.monotonic()
         bad_in_row = 0
         while not stop.is_set():
             self._collector_beat = time.monotonic()
             try:
-                msg = source.recv(0.05)
+                frames = recv_many(CHUNK_FRAMES, 0.05) if recv_many is not None else _one(source.recv(0.05))
             except SourceFrameError as exc:
-                self.counters["frames_malformed"] += 1
+                counters.add("frames_malformed", 1)
                 self._frame_error(str(exc))
                 bad_in_row += 1
                 if bad_in_row >= BAD_FRAMES_REOPEN:
                     raise SourceReadError(f"{bad_in_row} malformed frames in a row") from exc
                 continue
-            bad_in_row = 0
-            if msg is not None and msg.is_error_frame:
-                self.counters["error_frames"] += 1  # bus errors, bus-off notices: never data
-            elif msg is not None and msg.is_remote_frame:
-                self.counters["remote_frames"] += 1
-            elif msg is not None:
+            if frames:
+                bad_in_row = 0
+                # One lock per chunk: a revocation waits at most one chunk (CHUNK_FRAMES frames), never a
+                # half-processed frame (docs/guarantees.md).
                 with lock:
-                    try:
-                        pipeline.process(msg.arbitration_id, bytes(msg.data), msg.timestamp, msg.is_extended_id)
-                    except Exception as exc:  # one frame the pipeline cannot take must not stop collection
-                        self.counters["frames_failed"] += 1
-                        self._frame_error(f"a frame could not be processed ({type(exc).__name__}); skipped")
-                    if samples_seen["samples"] >= next_full_check:
-                        batches = pipeline.batches.values()
-                        full = [b for b in batches if len(b.samples) >= max_samples]
-                        if full:
-                            self._flush(full)
-                        largest = max((len(b.samples) for b in batches), default=0)
-                        next_full_check = samples_seen["samples"] + max(1, max_samples - largest)
+                    errors, remotes = pipeline.process_frames(frames, self._frame_failed)
+                    if errors:
+                        counters.add("error_frames", errors)  # bus errors, bus-off notices: never data
+                    if remotes:
+                        counters.add("remote_frames", remotes)
+                    full = [b for b in pipeline.batches.values() if b.count >= max_samples]
+                    if full:
+                        self._flush(full)
+                if full:
+                    self.writer.wait_room()  # a writer far behind (slow disk) holds the collector, not memory
             now = time.monotonic()
-            if msg is not None:
+            if frames:
                 self._frame_at = now
-            if msg is None or now - last_check >= 0.05:
+            if not frames or now - last_check >= 0.05:
                 last_check = now
                 with lock:
                     due = pipeline.due(max_samples, max_interval)
                     if due:
                         self._flush(due)
-                    next_full_check = 0
                     requests = requester.due(now, pipeline.granted_scopes()) if requester else ()
                 if requests and isinstance(source, BusSource):
                     for can_id, data in requests:
@@ -463,9 +430,14 @@ class Agent:
             if source.finished:
                 with lock:
                     self._flush(pipeline.due(1, 0, force=True))
+                self.writer.wait_idle(60.0)  # "done" means stored: replay_exit then waits for the uplink
                 self._source_done.set()
                 return True
         return False
+
+    def _frame_failed(self, exc: Exception) -> None:
+        self.counters.add("frames_failed", 1)
+        self._frame_error(f"a frame could not be processed ({type(exc).__name__}); skipped")
 
     def _frame_error(self, what: str) -> None:
         """Log a per-frame error: the first at once, then at most once per FRAME_ERROR_LOG_EVERY_S with the
@@ -550,7 +522,8 @@ class Agent:
             "quota": self._quota_status(),
             "obd": self._obd.health() if self._obd is not None else None,
             "bus": self._bus_status(),
-            "counters": {**pipeline, **self.counters, "rx_overflow": self.counters["rx_overflow"] + live_overflow,
+            "counters": {**pipeline, **self.counters.snapshot(),
+                         "rx_overflow": self.counters["rx_overflow"] + live_overflow,
                          "connect_attempts": up.connect_attempts, "connect_failures": up.connect_failures,
                          "mqtt_queue_full": up.queue_full, "ack_store_failures": up.ack_store_failures,
                          "mqtt_oversized_dropped": up.oversized_dropped,
@@ -597,6 +570,7 @@ class Agent:
             self.manager.load_cached()
             self._on_consent_change()
             self.uplink.start()
+            self.writer.start()
             if self.cfg.can is not None:
                 self._collector = threading.Thread(target=self._collect, name="vgw-collector", daemon=True)
                 self._collector.start()
@@ -713,6 +687,8 @@ class Agent:
             return "OBD poller stopped"
         if not self.uplink.is_alive():
             return "uplink stopped"
+        if self.writer.started and not self.writer.is_alive():
+            return "batch writer stopped"
         return None
 
     def _guarded(self, fn: Any, *args: Any, **kwargs: Any) -> None:
@@ -720,8 +696,7 @@ class Agent:
         try:
             fn(*args, **kwargs)
         except StorageError as exc:
-            self.counters["store_failures"] += 1
-            self._storage_failed(exc)
+            self.writer.storage_failed(exc)
 
     def _install_signal_handlers(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -748,6 +723,7 @@ class Agent:
         if self.pipeline is not None:
             with self._lock:
                 self._flush(self.pipeline.due(1, 0, force=True))
+        self.writer.close()
         self._audit_quota_drops(force=True)
         self._guarded(self.manager.flush_rejections, force=True)
         if self.uplink.state == "connected":
@@ -777,6 +753,11 @@ def _catalogue_digest(cfg: Config) -> str:
         except OSError:
             h.update(b"unreadable:" + str(path).encode())
     return h.hexdigest()
+
+
+def _one(msg: can.Message | None) -> list[Frame]:
+    """A source without ``recv_many``: its one frame as a chunk."""
+    return [frame_of(msg)] if msg is not None else []
 
 
 def run_agent(cfg: Config, early: list[int] | None = None) -> int:

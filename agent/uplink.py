@@ -336,7 +336,8 @@ class Uplink:
         tokens = float(self.cfg.max_inflight)
         last_refill = time.monotonic()
         while not self._stop.is_set():
-            # 1. events from paho's thread
+            # 1. events from paho's thread; acknowledged batches are deleted together, in one transaction
+            acked: list[tuple[str, Any]] = []
             while self._events:
                 kind, value = self._events.popleft()
                 if kind == "puback":
@@ -345,12 +346,14 @@ class Uplink:
                     if item is None:
                         continue
                     if ok:
-                        self._acked(item)
+                        acked.append(item)
                 elif kind == "disconnected":
                     self._fail(f"connection lost: {value}")
                     return
                 elif kind == "oversized":
                     self._oversized(value)
+            if acked:
+                self._acked(acked)
             if self._status_due.is_set():
                 self._status_due.clear()
                 self._send_status(client)
@@ -371,17 +374,19 @@ class Uplink:
             log.warning("uplink: dropped an inbound message of %d bytes (limit %d; %d so far)", size,
                         MAX_PACKET_BYTES, self.oversized_dropped)
 
-    def _acked(self, item: tuple[str, Any]) -> None:
+    def _acked(self, items: list[tuple[str, Any]]) -> None:
         now = time.time()
+        rows = [value for kind, value in items if kind == "batch"]
         try:
-            if item[0] == "batch":
-                self.outbox.mark_sent(item[1], now)
-                self.published_batches += 1
-            else:
-                self.outbox.delete_receipt(item[1])
-                self.published_receipts += 1
+            if rows:
+                self.outbox.mark_sent_many(rows, now)
+                self.published_batches += len(rows)
+            for kind, value in items:
+                if kind != "batch":
+                    self.outbox.delete_receipt(value)
+                    self.published_receipts += 1
         except StorageError as exc:
-            # The row stays and goes out again later: a duplicate the receiver drops (README "Telemetry envelope"),
+            # The rows stay and go out again later: duplicates the receiver drops (README "Telemetry envelope"),
             # never a loss.
             self.ack_store_failures += 1
             if self.ack_store_failures == 1:

@@ -24,6 +24,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, x25519
 from cryptography.hazmat.primitives.hpke import AEAD, KDF, KEM, Suite
 from vgw.cloud.consent_authority import HpkePrivateKey, HpkePublicKey, RecipientKey
+from vgw.crypto.envelope import loads, plaintext_samples
 from vgw.errors import EnvelopeError, ReceiptError
 
 __all__ = [
@@ -85,8 +86,10 @@ def open_envelope(
 
     Checks, in order: version byte 0x01; HPKE open (base mode, ``info`` bound to device and grant, so an
     envelope replayed onto another device's or grant's topic fails); zlib within ``MAX_PLAINTEXT``; a JSON
-    object with ``v`` 1, matching ``device`` and ``grant``, integer ``seq`` >= 1, a string ``epoch`` if present
-    (an agent before contract 1.1 sends none; receivers then use "") and a list of samples.
+    object with ``v`` 1 or 2, matching ``device`` and ``grant``, integer ``seq`` >= 1, a string ``epoch`` if present
+    (an agent before contract 1.1 sends none; receivers then use "") and samples: a list of them (v1) or
+    ``t0_us`` and series (v2). A v2 batch is returned with its samples also as ``samples`` in v1 form
+    (:func:`vgw.crypto.envelope.plaintext_samples`), so every receiver reads both versions alike.
     Raises :class:`EnvelopeError` naming the failed rule.
     """
     sk = recipient_sk.private_key if isinstance(recipient_sk, RecipientKey) else recipient_sk
@@ -110,11 +113,11 @@ def open_envelope(
     except zlib.error as exc:
         raise EnvelopeError(f"{where}: not a zlib stream: {exc}", "zlib") from exc
     try:
-        batch = json.loads(plaintext.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        batch = loads(plaintext)
+    except ValueError as exc:  # also UnicodeDecodeError and both JSON libraries' decode errors
         raise EnvelopeError(f"{where}: plaintext is not UTF-8 JSON: {exc}", "json") from exc
-    if not isinstance(batch, dict) or batch.get("v") != 1:
-        raise EnvelopeError(f"{where}: batch must be an object with v = 1", "schema")
+    if not isinstance(batch, dict) or batch.get("v") not in (1, 2) or isinstance(batch.get("v"), bool):
+        raise EnvelopeError(f"{where}: batch must be an object with v = 1 or 2", "schema")
     # The topic names device and grant; the sealed copy must agree (blocks re-labelling by a relay).
     if batch.get("device") != device or batch.get("grant") != grant_id:
         raise EnvelopeError(
@@ -129,12 +132,10 @@ def open_envelope(
     epoch = batch.get("epoch", "")
     if not isinstance(epoch, str) or len(epoch) > MAX_EPOCH:
         raise EnvelopeError(f"{where}: epoch must be a string of at most {MAX_EPOCH} characters", "schema")
-    samples = batch.get("samples")
-    if not isinstance(samples, list) or not all(
-        isinstance(s, dict) and isinstance(s.get("path"), str) and isinstance(s.get("t"), int | float)
-        for s in samples
-    ):
-        raise EnvelopeError(f"{where}: samples must be a list of {{t, path, value}} objects", "schema")
+    try:
+        batch["samples"] = plaintext_samples(batch)
+    except ValueError as exc:
+        raise EnvelopeError(f"{where}: {exc}", "schema") from exc
     return batch
 
 

@@ -58,7 +58,16 @@ One module per job; :class:`Outbox` joins them over one connection and one lock:
 from __future__ import annotations
 
 from vgw.errors import OutboxUnwritable
-from vgw.outbox.batches import Committed, GrantNotActive, GrantTerms, Outbox, Row, TermsChanged, Withdrawal
+from vgw.outbox.batches import (
+    Committed,
+    GrantNotActive,
+    GrantTerms,
+    NewBatch,
+    Outbox,
+    Row,
+    TermsChanged,
+    Withdrawal,
+)
 from vgw.outbox.connection import BUSY_TIMEOUT_S, LEGACY_TERMS, SCHEMA_VERSION
 from vgw.outbox.erasure import ERASE_WAIT_S, Erasure
 from vgw.outbox.quarantine import (
@@ -84,6 +93,7 @@ __all__ = [
     "Erasure",
     "GrantNotActive",
     "GrantTerms",
+    "NewBatch",
     "Outbox",
     "OutboxFigures",
     "OutboxUnwritable",

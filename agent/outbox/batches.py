@@ -31,7 +31,7 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -72,6 +72,18 @@ class GrantTerms:
     scopes: frozenset[str]
     narrowing: Narrowing = field(default_factory=Narrowing)
     since: str | None = None  # digest of the terms ``narrowing`` was computed against (None: unknown)
+
+
+@dataclass(frozen=True)
+class NewBatch:
+    """One batch for :meth:`Outbox.commit_batches` (the arguments of :meth:`Outbox.commit_batch`)."""
+
+    grant_id: str
+    make_payload: Callable[[int], bytes]
+    first_t: float
+    samples: int
+    scopes: dict[str, int] | None = None
+    terms: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,31 +292,60 @@ class Outbox(Erasing, Receipts, Counters):
         terms in force. ``scopes`` ({scope: samples}) is what a narrowing judges the row by.
         """
         with self._tx() as db:
-            active = db.execute("SELECT terms FROM active_grants WHERE id = ?", (grant_id,)).fetchone()
-            if active is None:
-                raise GrantNotActive(f"grant {grant_id!r} is not active; batch discarded")
-            if terms is not None and terms != active[0]:
-                raise TermsChanged(f"grant {grant_id!r} changed its terms; batch collected under the old ones "
-                                   "discarded")
-            row = db.execute("SELECT next_seq FROM seqs WHERE grant_id = ?", (grant_id,)).fetchone()
-            seq = int(row[0]) if row else 1
-            payload = make_payload(seq)
-            blob = keys.seal_row(self._data_key(db, grant_id), payload, self._aad(grant_id, seq))
-            cur = db.execute(
-                "INSERT INTO batches (grant_id, seq, created, first_t, samples, blob, scopes, terms) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (grant_id, seq, time.time(), first_t, samples, blob, json.dumps(scopes or {}, sort_keys=True),
-                 str(active[0])),
-            )
-            db.execute(
-                "INSERT INTO seqs (grant_id, next_seq) VALUES (?, ?) "
-                "ON CONFLICT(grant_id) DO UPDATE SET next_seq = excluded.next_seq",
-                (grant_id, seq + 1),
-            )
-            dropped: dict[str, int] = {}
-            if quota_bytes is not None:
-                dropped = self._fit_quota(db, grant_id, int(cur.lastrowid or 0), quota_bytes)
-            return Committed(seq, len(blob), dropped)
+            return self._commit_in(db, grant_id, make_payload, first_t, samples, quota_bytes, scopes, terms)
+
+    def commit_batches(self, batches: Sequence[NewBatch], *, quota_bytes: int | None = None
+                       ) -> list[Committed | Exception]:
+        """:meth:`commit_batch` for several batches in one transaction (one fsync for all of them).
+
+        Each batch is judged alone (a savepoint each): one whose grant is not active or whose terms changed
+        gets its GrantNotActive/TermsChanged, one whose payload cannot be made gets that exception, and the
+        others are stored. Returns one result per batch, in order. Raises OutboxUnwritable when the disk is
+        full or read-only: then nothing of the group is stored and no seq is used.
+        """
+        results: list[Committed | Exception] = []
+        with self._tx() as db:
+            for b in batches:
+                db.execute("SAVEPOINT one_batch")
+                try:
+                    results.append(self._commit_in(db, b.grant_id, b.make_payload, b.first_t, b.samples,
+                                                   quota_bytes, b.scopes, b.terms))
+                except sqlite3.DatabaseError:
+                    raise  # the disk, not this batch: the whole group fails (OutboxUnwritable)
+                except Exception as exc:
+                    db.execute("ROLLBACK TO one_batch")
+                    results.append(exc)
+                db.execute("RELEASE one_batch")
+        return results
+
+    def _commit_in(self, db: sqlite3.Connection, grant_id: str, make_payload: Callable[[int], bytes],
+                   first_t: float, samples: int, quota_bytes: int | None, scopes: dict[str, int] | None,
+                   terms: str | None) -> Committed:
+        active = db.execute("SELECT terms FROM active_grants WHERE id = ?", (grant_id,)).fetchone()
+        if active is None:
+            raise GrantNotActive(f"grant {grant_id!r} is not active; batch discarded")
+        if terms is not None and terms != active[0]:
+            raise TermsChanged(f"grant {grant_id!r} changed its terms; batch collected under the old ones "
+                               "discarded")
+        row = db.execute("SELECT next_seq FROM seqs WHERE grant_id = ?", (grant_id,)).fetchone()
+        seq = int(row[0]) if row else 1
+        payload = make_payload(seq)
+        blob = keys.seal_row(self._data_key(db, grant_id), payload, self._aad(grant_id, seq))
+        cur = db.execute(
+            "INSERT INTO batches (grant_id, seq, created, first_t, samples, blob, scopes, terms) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (grant_id, seq, time.time(), first_t, samples, blob, json.dumps(scopes or {}, sort_keys=True),
+             str(active[0])),
+        )
+        db.execute(
+            "INSERT INTO seqs (grant_id, next_seq) VALUES (?, ?) "
+            "ON CONFLICT(grant_id) DO UPDATE SET next_seq = excluded.next_seq",
+            (grant_id, seq + 1),
+        )
+        dropped: dict[str, int] = {}
+        if quota_bytes is not None:
+            dropped = self._fit_quota(db, grant_id, int(cur.lastrowid or 0), quota_bytes)
+        return Committed(seq, len(blob), dropped)
 
     def _fit_quota(self, db: sqlite3.Connection, grant_id: str, new_row: int, quota: int) -> dict[str, int]:
         total = int(db.execute("SELECT COALESCE(SUM(LENGTH(blob)), 0) FROM batches").fetchone()[0])
@@ -420,23 +461,29 @@ class Outbox(Erasing, Receipts, Counters):
         ``last_sent:<g>`` = MAX(t) with t = ``when`` (Unix seconds, default now). If the row is gone already
         (erased or dropped while its PUBACK was on the way) it still counts: it did reach the broker.
         """
+        self.mark_sent_many([row], when)
+
+    def mark_sent_many(self, rows: Sequence[Row], when: float | None = None) -> None:
+        """:meth:`mark_sent` for several acknowledged rows in one transaction (one fsync for all of them)."""
         t = int(when if when is not None else time.time())
-        g = row.grant_id
         with self._tx() as db:
-            self._attempted.discard(row.id)
-            db.execute("DELETE FROM batches WHERE id = ?", (row.id,))
-            self._count_locked(f"sent_batches:{g}", 1)
-            self._count_locked(f"sent_samples:{g}", row.samples)
-            try:
-                per_scope = json.loads(row.scopes)
-            except ValueError:
-                per_scope = {}
-            for scope, n in sorted(per_scope.items()):
-                self._count_locked(f"sent_samples:{g}:{scope}", int(n))
-            db.execute("INSERT INTO counters (name, value) VALUES (?, ?) "
-                       "ON CONFLICT(name) DO UPDATE SET value = MIN(value, excluded.value)", (f"first_sent:{g}", t))
-            db.execute("INSERT INTO counters (name, value) VALUES (?, ?) "
-                       "ON CONFLICT(name) DO UPDATE SET value = MAX(value, excluded.value)", (f"last_sent:{g}", t))
+            for row in rows:
+                g = row.grant_id
+                self._attempted.discard(row.id)
+                db.execute("DELETE FROM batches WHERE id = ?", (row.id,))
+                self._count_locked(f"sent_batches:{g}", 1)
+                self._count_locked(f"sent_samples:{g}", row.samples)
+                try:
+                    per_scope = json.loads(row.scopes)
+                except ValueError:
+                    per_scope = {}
+                for scope, n in sorted(per_scope.items()):
+                    self._count_locked(f"sent_samples:{g}:{scope}", int(n))
+            for g in sorted({row.grant_id for row in rows}):
+                db.execute("INSERT INTO counters (name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE "
+                           "SET value = MIN(value, excluded.value)", (f"first_sent:{g}", t))
+                db.execute("INSERT INTO counters (name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE "
+                           "SET value = MAX(value, excluded.value)", (f"last_sent:{g}", t))
 
     def seed_seqs(self, seqs: dict[str, int]) -> None:
         """Raise each grant's next seq to at least the given value (after a quarantine salvaged them)."""

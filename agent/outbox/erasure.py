@@ -33,7 +33,7 @@ class Erasure:
 
 def _files_hold(files: list[Path], needles: list[bytes]) -> bool:
     """True if any needle occurs in the raw bytes of any of ``files`` (read in chunks that overlap)."""
-    needles = [n for n in needles if n]
+    needles = list(dict.fromkeys(n for n in needles if n))  # each distinct needle searched once
     if not needles:
         return False
     overlap = max(len(n) for n in needles) - 1
@@ -73,12 +73,13 @@ class Erasing(Connection):
             self._data_keys.pop(grant_id, None)
             needles = [bytes(r[0]) for r in self._db.execute(
                 "SELECT wrapped FROM grant_keys WHERE grant_id = ?", (grant_id,))]
-            # A 32-byte piece of each sealed row (nonce and ciphertext start) identifies it in raw bytes.
-            needles += [bytes(r[0]) for r in self._db.execute(
-                "SELECT substr(blob, 1, 32) FROM batches WHERE grant_id = ?", (grant_id,))]
             with self._tx() as db:
                 db.execute("DELETE FROM active_grants WHERE id = ?", (grant_id,))
                 db.execute("DELETE FROM grant_keys WHERE grant_id = ?", (grant_id,))
+            # Only now, with the key gone: a 32-byte piece of each sealed row (nonce and ciphertext start)
+            # identifies it in raw bytes (reading 100k rows must not delay the key's destruction).
+            needles += [bytes(r[0]) for r in self._db.execute(
+                "SELECT substr(blob, 1, 32) FROM batches WHERE grant_id = ?", (grant_id,))]
             with self._tx() as db:
                 deleted = db.execute("DELETE FROM batches WHERE grant_id = ?", (grant_id,)).rowcount
             self._needles.setdefault(grant_id, []).extend(needles)

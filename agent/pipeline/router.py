@@ -20,15 +20,18 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from vgw.catalogue import Catalogue, SignalSpec
 from vgw.collect.engine import RuleEngine
 from vgw.consent.model import Grant
+from vgw.crypto.envelope import us_of
 from vgw.j1939 import ids as j1939
 from vgw.j1939.front import J1939Front, filter_keys
 from vgw.pipeline.decoder import MessageDecoder
+from vgw.pipeline.frame import ERROR, Frame
 
 _M_PER_DEG = 111_320.0
 STANDARD_ID_MAX = 0x7FF
@@ -39,10 +42,15 @@ FrameKey = tuple[int, bool]
 
 @dataclass(slots=True)
 class GrantBatch:
-    """The open batch of one grant."""
+    """The open batch of one grant, kept as columns: path -> (frame times in µs, values), in the order kept.
+
+    Columns are what the version 2 plaintext carries (README "Telemetry envelope"): a sample costs two list appends, and
+    sealing needs no regrouping. :attr:`samples` is the version 1 view (tests, tools), built on demand.
+    """
 
     grant: Grant
-    samples: list[dict[str, Any]] = field(default_factory=list)
+    cols: dict[str, tuple[list[int], list[Any]]] = field(default_factory=dict)
+    count: int = 0  # samples in cols
     opened: float = 0.0  # monotonic time of the first sample
     first_t: float = 0.0
     last_kept: dict[str, float] = field(default_factory=dict)  # path -> frame time of the last kept sample
@@ -50,10 +58,40 @@ class GrantBatch:
     # Grants with rules only: scope -> [samples decoded, samples the rules let through] (the privacy report).
     rule_counts: dict[str, list[int]] = field(default_factory=dict)
 
-    def take(self) -> list[dict[str, Any]]:
-        out = self.samples
-        self.samples = []
+    def append(self, path: str, t: float, value: Any) -> None:
+        if not self.count:
+            self.opened = time.monotonic()
+            self.first_t = t
+        col = self.cols.get(path)
+        if col is None:
+            col = self.cols[path] = ([], [])
+        col[0].append(us_of(t))
+        col[1].append(value)
+        self.count += 1
+
+    @property
+    def samples(self) -> list[dict[str, Any]]:
+        """The open samples as version 1 objects (``t`` rounded to 1 µs), in time order (stable)."""
+        out = [{"t": us / 1e6, "path": path, "value": v}
+               for path, (times, vs) in list(self.cols.items()) for us, v in zip(times, vs, strict=False)]
+        out.sort(key=lambda s: s["t"])
         return out
+
+    def take(self) -> list[dict[str, Any]]:
+        """The open samples as version 1 objects; the batch is empty after."""
+        out = self.samples
+        self.clear()
+        return out
+
+    def take_columns(self) -> tuple[dict[str, tuple[list[int], list[Any]]], int]:
+        """The open columns and their sample count; the batch is empty after."""
+        cols, n = self.cols, self.count
+        self.cols, self.count = {}, 0
+        return cols, n
+
+    def clear(self) -> None:
+        self.cols = {}
+        self.count = 0
 
 
 def _drop_rules(batch: GrantBatch) -> None:
@@ -68,6 +106,7 @@ class _Target:
     batch: GrantBatch
     min_interval: float  # 0: no rate limit
     precision_m: float  # 0: full resolution
+    direct: bool  # no rules, no rate limit, nothing to snap: the sample goes straight into the columns
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,16 +128,17 @@ class Router:
         message_of: dict[FrameKey, int] = {}
         for spec in catalogue.specs:
             targets = []
+            leaf = spec.path.rsplit(".", 1)[-1]
+            coord = "lat" if leaf == "Latitude" else "lon" if leaf == "Longitude" else ""
             for g in grants:
                 if spec.scope not in g.scopes:
                     continue
                 lim = g.limits_for(spec.scope)
-                targets.append(_Target(batches[g.id], 1.0 / lim.max_hz if lim.max_hz else 0.0,
-                                       lim.precision_m or 0.0))
+                min_interval, precision_m = 1.0 / lim.max_hz if lim.max_hz else 0.0, lim.precision_m or 0.0
+                direct = batches[g.id].rules is None and not min_interval and not (precision_m and coord)
+                targets.append(_Target(batches[g.id], min_interval, precision_m, direct))
             if not targets:
                 continue  # no grant covers it: never decoded
-            leaf = spec.path.rsplit(".", 1)[-1]
-            coord = "lat" if leaf == "Latitude" else "lon" if leaf == "Longitude" else ""
             message = catalogue.messages[spec.frame_id]
             key = (j1939.message_key(message, spec.source_address), True) if j1939.is_j1939(message) else \
                 (spec.frame_id, bool(message.is_extended_frame))
@@ -163,7 +203,7 @@ class Pipeline:
             if batch is not None and batch.grant != g:
                 # Same id, new terms (scopes, limits, recipient, controller): what was collected under the old
                 # terms must not leave under the new ones.
-                batch.samples.clear()
+                batch.clear()
                 batch.last_kept.clear()
                 batch.grant = g
                 _drop_rules(batch)
@@ -171,7 +211,7 @@ class Pipeline:
             if keep[g.id].rules is None and g.collect:
                 keep[g.id].rules = RuleEngine(g.collect)
         for gid in dropped:
-            self.batches[gid].samples.clear()  # in-memory data of a revoked grant go at once
+            self.batches[gid].clear()  # in-memory data of a revoked grant go at once
             _drop_rules(self.batches[gid])  # and the rules' pre-trigger history and open windows with them
         self.batches = keep
         self.router = Router(self.catalogue, grants, self.batches)
@@ -195,6 +235,38 @@ class Pipeline:
             counters["frames_unrouted"] += 1
             return
         self._decode(decoder, data, t)
+
+    def process_frames(self, frames: Iterable[Frame], on_error: Callable[[Exception], None]) -> tuple[int, int]:
+        """Decode a chunk of frame tuples (vgw.sources.frame) into the batches, as :meth:`process` would one
+        by one. A frame the pipeline fails on goes to ``on_error`` and is skipped. Returns the numbers of error
+        and remote frames met (counted by the caller, never decoded)."""
+        decoders = self.router.decoders
+        j1939_front = self._j1939
+        decode = self._decode
+        errors = remotes = routed = unrouted = 0
+        for t, can_id, extended, data, kind in frames:
+            if kind:
+                if kind == ERROR:
+                    errors += 1
+                else:
+                    remotes += 1
+                continue
+            decoder = decoders.get((can_id, extended))
+            try:
+                if decoder is not None:
+                    routed += 1
+                    decode(decoder, data, t)
+                elif j1939_front is not None and extended:
+                    routed += 1
+                    self._process_j1939(can_id, data, t)
+                else:
+                    unrouted += 1
+            except Exception as exc:  # one frame the pipeline cannot take must not stop collection
+                on_error(exc)
+        counters = self.counters
+        counters["frames"] += routed + unrouted
+        counters["frames_unrouted"] += unrouted
+        return errors, remotes
 
     def _process_j1939(self, arbitration_id: int, data: bytes, t: float) -> None:
         """A frame no exact id matched, on a bus with J1939 messages: route it by PGN (agent.j1939)."""
@@ -220,7 +292,9 @@ class Pipeline:
         values, short = decoder.decode(data)
         if short:
             counters["signals_short"] += short
-        t_out = round(t, 6)
+        kept = 0
+        whole = int(t)
+        t_us = whole * 1_000_000 + round((t - whole) * 1e6)  # us_of(t), once per frame
         for entry, decoded in values:
             spec = entry.spec  # type: ignore[attr-defined]  # keys are the _Entry objects given to the decoder
             value: int | float | str = decoded
@@ -236,19 +310,34 @@ class Pipeline:
             if coord == "lat":
                 self._last_lat = float(value)
             for target in entry.targets:  # type: ignore[attr-defined]
-                self._deliver(target.batch, spec.path, spec.scope, coord, t, t_out, value, target.min_interval,
-                              target.precision_m)
+                if target.direct:  # the fast path: straight into the grant's columns (GrantBatch.append)
+                    batch = target.batch
+                    if not batch.count:
+                        batch.opened = time.monotonic()
+                        batch.first_t = t
+                    col = batch.cols.get(spec.path)
+                    if col is None:
+                        col = batch.cols[spec.path] = ([], [])
+                    col[0].append(t_us)
+                    col[1].append(value)
+                    batch.count += 1
+                    kept += 1
+                else:  # the slow path: rules, rate limit, precision snapping
+                    self._deliver(target.batch, spec.path, spec.scope, coord, t, value, target.min_interval,
+                                  target.precision_m)
+        if kept:
+            counters["samples"] += kept
 
     def granted_scopes(self) -> frozenset[str]:
         """Scopes at least one grant in force holds (sources poll nothing else: minimisation at the source)."""
         return frozenset(s for b in self.batches.values() for s in b.grant.scopes)
 
-    def _deliver(self, batch: GrantBatch, path: str, scope: str, coord: str, t: float, t_out: float, value: Any,
+    def _deliver(self, batch: GrantBatch, path: str, scope: str, coord: str, t: float, value: Any,
                  min_interval: float, precision_m: float) -> bool:
         """One sample of one grant: through its collection rules (if any), then its limits. True if kept."""
         engine = batch.rules
         if engine is None:
-            return self._emit(batch, path, coord, t, t_out, value, min_interval, precision_m)
+            return self._emit(batch, path, coord, t, value, min_interval, precision_m)
         counts = batch.rule_counts.setdefault(scope, [0, 0])
         counts[0] += 1
         out = engine.feed(path, scope, t, value)
@@ -273,8 +362,7 @@ class Pipeline:
                         continue
                     value = snapped
                 precision_m = 0.0
-            if self._emit(batch, path, coord, t, round(t, 6), value, 1.0 / lim.max_hz if lim.max_hz else 0.0,
-                          precision_m):
+            if self._emit(batch, path, coord, t, value, 1.0 / lim.max_hz if lim.max_hz else 0.0, precision_m):
                 kept = True
                 # Pre-trigger history is older than the batch's first sample: retention counts from the oldest.
                 batch.first_t = min(batch.first_t, t)
@@ -311,11 +399,10 @@ class Pipeline:
             if scope in batch.grant.scopes:
                 lim = batch.grant.limits_for(scope)
                 min_interval = 1.0 / lim.max_hz if lim.max_hz else 0.0
-                taken += self._deliver(batch, path, scope, coord, t, round(t, 6), value, min_interval,
-                                       lim.precision_m or 0.0)
+                taken += self._deliver(batch, path, scope, coord, t, value, min_interval, lim.precision_m or 0.0)
         return taken
 
-    def _emit(self, batch: GrantBatch, path: str, coord: str, t: float, t_out: float, value: Any,
+    def _emit(self, batch: GrantBatch, path: str, coord: str, t: float, value: Any,
               min_interval: float, precision_m: float) -> bool:
         """Apply one grant's limits to a finite sample and append it to the grant's batch. True if it was kept."""
         if precision_m and coord:
@@ -330,10 +417,7 @@ class Pipeline:
                 self.counters["samples_rate_limited"] += 1
                 return False
             batch.last_kept[path] = t
-        if not batch.samples:
-            batch.opened = time.monotonic()
-            batch.first_t = t
-        batch.samples.append({"t": t_out, "path": path, "value": value})
+        batch.append(path, t, value)
         self.counters["samples"] += 1
         return True
 
@@ -370,7 +454,7 @@ class Pipeline:
         return [
             b
             for b in self.batches.values()
-            if b.samples and (force or len(b.samples) >= max_samples or now - b.opened >= max_interval_s)
+            if b.count and (force or b.count >= max_samples or now - b.opened >= max_interval_s)
         ]
 
 

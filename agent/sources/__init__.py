@@ -1,7 +1,7 @@
 """Frame sources behind one small interface, chosen by name from the config.
 
 * ``canbus``: any python-can interface (socketcan, slcan, virtual, ...), kernel filters where supported.
-* ``replay``: a recorded trace through ``can.LogReader`` (candump .log, .asc, .blf, ...).
+* ``replay``: a recorded trace (candump .log by vgw.sources.candump, anything else through ``can.LogReader``).
 * OBD-II sources live in ``vgw.obd``.
 """
 
@@ -11,6 +11,7 @@ from typing import Protocol
 
 import can
 from vgw.config import CanConfig
+from vgw.sources.frame import Frame
 
 
 class FrameSource(Protocol):
@@ -27,6 +28,13 @@ class FrameSource(Protocol):
 
         Raises SourceFrameError for one malformed frame (skipped; the source stays usable) and SourceReadError
         when the source fails (the collector closes and reopens it).
+        """
+
+    def recv_many(self, max_frames: int, timeout: float) -> list[Frame]:
+        """Up to ``max_frames`` frames (vgw.sources.frame) that are ready, waiting up to ``timeout`` s for the
+        first; an empty list after ``timeout``. The collector takes its lock once per such chunk.
+
+        Raises as :meth:`recv` does; a source raises an error met after the first frame on the next call.
         """
 
     def set_filters(self, frames: frozenset[tuple[int, bool]]) -> None:

@@ -23,9 +23,10 @@ from typing import Any
 
 import can
 from can.typechecking import CanFilter
-from vgw.errors import SourceFrameError, SourceOpenError, SourceReadError
+from vgw.errors import SourceError, SourceFrameError, SourceOpenError, SourceReadError
 from vgw.j1939 import ids as j1939
 from vgw.j1939.request import is_request
+from vgw.sources.frame import Frame, frame_of
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,7 @@ class BusSource:
                 self.bus.shutdown()
                 raise SourceOpenError(f"slcan adapter {channel!r} refused data bitrate {data_bitrate}: {exc}") from exc
         self._closed = False
+        self._error: SourceError | None = None  # raised by the next recv_many (vgw.sources.FrameSource)
         self._rx: _DroppingQueue | None = None
         if interface == "virtual":
             self._bound_virtual_queue()
@@ -146,6 +148,26 @@ class BusSource:
             raise SourceFrameError(f"CAN {self.interface}:{self.channel}: frame with dlc {msg.dlc} and "
                                    f"{len(msg.data)} data bytes skipped")
         return msg
+
+    def recv_many(self, max_frames: int, timeout: float) -> list[Frame]:
+        """Up to ``max_frames`` frames: waits up to ``timeout`` s for the first, then takes what the bus already
+        holds (``recv(0)``), so the collector takes its lock once per chunk. A malformed frame or a failure
+        after the first frame is raised by the next call, after the good frames before it were handed out."""
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+        msg = self.recv(timeout)
+        out: list[Frame] = []
+        while msg is not None:
+            out.append(frame_of(msg))
+            if len(out) >= max_frames:
+                break
+            try:
+                msg = self.recv(0)
+            except SourceError as exc:
+                self._error = exc
+                break
+        return out
 
     def send_j1939_request(self, can_id: int, data: bytes) -> bool:
         """Send one J1939 request (README "SAE J1939"): the only frame the agent ever puts on a bus, so

@@ -26,15 +26,21 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import can
 from vgw.errors import SourceEndedError, SourceOpenError
-from vgw.sources.candump import Damage, DamagedLine, is_candump, open_binary, read_frames
+from vgw.sources.candump import Damage, DamagedLine, is_candump, open_binary, read_frame_chunks
+from vgw.sources.frame import DATA, Frame, frame_of, message_of
 from vgw.timefmt import valid_time
 
 log = logging.getLogger(__name__)
 
 MIN_LOOP_GAP_S = 0.001  # between passes of a trace whose frames all share one time
+# At replay_rate > 0, sleep at least this long before a frame that is not due yet: a frame is at most this
+# late, and the collector wakes (and takes a lock) once per chunk of the frames due meanwhile, not per frame
+# (CPU at 4k frames/s, docs/performance.md).
+MIN_SLEEP_S = 0.01
 
 
 class ReplaySource:
@@ -54,23 +60,29 @@ class ReplaySource:
         self._t_max: float | None = None
         self._first_pass_frames = 0
         self._closers: list[Callable[[], object]] = []
+        self._checked_times = False  # True for the candump reader, which refuses bad times itself
         self._iter = self._open()
         self._start_wall: float | None = None
         self._start_trace: float | None = None
-        self._pending: can.Message | None = None
+        self._pending: Frame | None = None
+        self._buf: list[Frame | DamagedLine] = []  # the current chunk, handed out from _pos on
+        self._pos = 0
+        self._clean = False
 
     # -- reading --------------------------------------------------------------------------------------
 
-    def _open(self) -> Iterator[can.Message | DamagedLine]:
-        """The frames of one pass. Raises SourceOpenError when the file cannot be opened (retried by the
-        collector; SourceEndedError with ``exit_on_error``);
-        a file no reader can start on (unknown format, damaged header) is a trace with no frames."""
+    def _open(self) -> Iterator[tuple[list[Frame | DamagedLine], bool]]:
+        """The frames of one pass, a chunk at a time (vgw.sources.candump.read_frame_chunks). Raises
+        SourceOpenError when the file cannot be opened (retried by the collector; SourceEndedError with
+        ``exit_on_error``); a file no reader can start on (unknown format, damaged header) is a trace with no
+        frames."""
         self._release()
         try:
             if is_candump(self.path):
                 fh = open_binary(self.path)
                 self._closers.append(fh.close)
-                return read_frames(fh)
+                self._checked_times = True
+                return read_frame_chunks(fh)
             reader = can.LogReader(str(self.path))
         except OSError as exc:
             # Retried by the collector (the file may still appear), except with ``replay_exit``: a run that is
@@ -84,7 +96,8 @@ class ReplaySource:
                           str(exc)[:120])
             return iter(())
         self._closers.append(reader.stop)
-        return iter(reader)
+        self._checked_times = False
+        return _chunks_of(reader)
 
     def _release(self) -> None:
         for close in self._closers:
@@ -94,13 +107,14 @@ class ReplaySource:
                 log.debug("%s: closing the trace: %s", self.path, type(exc).__name__)
         self._closers.clear()
 
-    def _next(self) -> can.Message | None:
+    def _refill(self) -> bool:
+        """The next chunk of frames into the buffer; False when the trace is done."""
         while True:
             try:
-                item = next(self._iter)
+                chunk, clean = next(self._iter)
             except StopIteration:
                 if not self._next_pass():
-                    return None
+                    return False
                 continue
             except Exception as exc:  # a third-party reader (BLF, ASC, gzip...) may raise anything
                 # The reader cannot go on past this point; ending the trace here beats re-reading it from the
@@ -109,26 +123,55 @@ class ReplaySource:
                     log.error("%s: trace unreadable after %d frames (%s): the rest of it is skipped", self.path,
                               self._pass_frames, type(exc).__name__)
                 if not self._next_pass():
+                    return False
+                continue
+            # A clean chunk of the first pass (data frames, times checked by the reader) is handed out as it
+            # is, a slice at a time; its time span is taken here, once per chunk.
+            self._clean = clean and self._pass == 0 and self._checked_times
+            self._buf, self._pos = chunk, 0
+            if self._clean and chunk:
+                lo, hi = min(f[0] for f in chunk), max(f[0] for f in chunk)  # type: ignore[index]
+                self._t_min = lo if self._t_min is None else min(self._t_min, lo)
+                self._t_max = hi if self._t_max is None else max(self._t_max, hi)
+                self._pass_frames += len(chunk)
+            return True
+
+    def _next(self) -> Frame | None:
+        while True:
+            if self._pos >= len(self._buf):
+                if not self._refill():
                     return None
                 continue
-            if not isinstance(item, DamagedLine) and not valid_time(item.timestamp):
+            item = self._buf[self._pos]
+            self._pos += 1
+            if self._clean:
+                return item  # type: ignore[return-value]
+            if type(item) is not tuple:
+                assert isinstance(item, DamagedLine)
+                self._skipped(item)
+                continue
+            t = item[0]
+            if not self._checked_times and not valid_time(t):
                 # Another format's reader may hand out a NaN or a year-30000 time: never into policy or JSON.
                 item = DamagedLine(self._pass_frames + 1, Damage.TIME)  # (a frame number: no lines here)
-            if isinstance(item, DamagedLine):
-                if self._pass == 0:
-                    self.lines_skipped += 1
-                    if self.lines_skipped == 1:
-                        log.warning("%s:%d: damaged line skipped (%s); further damaged lines are counted, "
-                                    "not logged", self.path, item.number, item.damage.value)
+                self._skipped(item)
                 continue
             if self._pass == 0:
-                t = item.timestamp
-                self._t_min = t if self._t_min is None else min(self._t_min, t)
-                self._t_max = t if self._t_max is None else max(self._t_max, t)
+                if self._t_min is None or t < self._t_min:
+                    self._t_min = t
+                if self._t_max is None or t > self._t_max:
+                    self._t_max = t
             elif self._shift:
-                item.timestamp += self._shift
+                item = (t + self._shift, *item[1:])
             self._pass_frames += 1
             return item
+
+    def _skipped(self, item: DamagedLine) -> None:
+        if self._pass == 0:
+            self.lines_skipped += 1
+            if self.lines_skipped == 1:
+                log.warning("%s:%d: damaged line skipped (%s); further damaged lines are counted, not logged",
+                            self.path, item.number, item.damage.value)
 
     def _next_pass(self) -> bool:
         """At the end of a pass: log it, and start the next pass if looping. False when the trace is done."""
@@ -151,32 +194,61 @@ class ReplaySource:
     # -- the FrameSource interface ---------------------------------------------------------------------
 
     def recv(self, timeout: float) -> can.Message | None:
+        """One frame as a python-can message (the collector uses :meth:`recv_many`)."""
+        frames = self.recv_many(1, timeout)
+        return message_of(frames[0]) if frames else None
+
+    def recv_many(self, max_frames: int, timeout: float) -> list[Frame]:
+        """Up to ``max_frames`` frames: as many as are due now (all of them at rate 0); waits up to ``timeout``
+        s for the first. ``finished`` is set once the last frame was handed out."""
         if self.finished:
             time.sleep(min(timeout, 0.05))
-            return None
-        msg = self._pending or self._next()
-        self._pending = None
-        if msg is None:
-            self.finished = True
-            return None
-        if msg.is_error_frame or msg.is_remote_frame:
-            self.frames_read += 1
-            return msg
-        if self.rate > 0:
+            return []
+        out: list[Frame] = []
+        nxt = self._next
+        if self.rate <= 0:
+            pending, self._pending = self._pending, None
+            if pending is not None:
+                out.append(pending)
+            while len(out) < max_frames:
+                if self._clean and self._pos < len(self._buf):
+                    take = self._buf[self._pos:self._pos + max_frames - len(out)]
+                    self._pos += len(take)
+                    out.extend(take)  # type: ignore[arg-type]
+                    continue
+                frame = nxt()
+                if frame is None:
+                    self.finished = True
+                    break
+                out.append(frame)
+            self.frames_read += len(out)
+            return out
+        now = time.monotonic()
+        while len(out) < max_frames:
+            frame, self._pending = self._pending or nxt(), None
+            if frame is None:
+                self.finished = True
+                break
+            if frame[4] != DATA:  # error and remote frames are counted at once, never waited for
+                out.append(frame)
+                continue
             if self._start_wall is None or self._start_trace is None:
-                self._start_wall, self._start_trace = time.monotonic(), msg.timestamp
-            due = self._start_wall + (msg.timestamp - self._start_trace) / self.rate
-            wait = due - time.monotonic()
-            if wait > timeout:
-                time.sleep(timeout)
-                self._pending = msg
-                return None
+                self._start_wall, self._start_trace = now, frame[0]
+            wait = self._start_wall + (frame[0] - self._start_trace) / self.rate - now
             if wait > 0:
-                # Sleep at least 2 ms: a frame is at most 2 ms late, and the thread wakes 4x less often
-                # (CPU at 4k frames/s: 11 % -> 6.6 %, docs/performance.md).
-                time.sleep(max(wait, 0.002))
-        self.frames_read += 1
-        return msg
+                if out:
+                    self._pending = frame
+                    break
+                if wait > timeout:
+                    time.sleep(timeout)
+                    self._pending = frame
+                    break
+                # Sleep at least MIN_SLEEP_S: the frames due meanwhile come in one chunk.
+                time.sleep(max(wait, MIN_SLEEP_S))
+                now = time.monotonic()
+            out.append(frame)
+        self.frames_read += len(out)
+        return out
 
     def set_filters(self, frames: frozenset[tuple[int, bool]]) -> None:
         return None
@@ -184,3 +256,20 @@ class ReplaySource:
     def close(self) -> None:
         self.finished = True
         self._release()
+
+
+def _chunks_of(reader: Any) -> Iterator[tuple[list[Frame | DamagedLine], bool]]:
+    """python-can's messages as chunks of frame tuples; the frames read before a reader error come first."""
+    buf: list[Frame | DamagedLine] = []
+    try:
+        for msg in reader:
+            buf.append(frame_of(msg))
+            if len(buf) >= 256:
+                yield buf, False
+                buf = []
+    except Exception:
+        if buf:
+            yield buf, False
+        raise
+    if buf:
+        yield buf, False

@@ -119,7 +119,7 @@ def child_main(config: str) -> int:
         "cpu_total_s": cpu_end - cpu0,
         "cpu_user_s": usage.ru_utime,
         "cpu_system_s": usage.ru_stime,
-        "maxrss_mb": usage.ru_maxrss / 1024.0,
+        "maxrss_mb": _own_peak_rss_mb(usage.ru_maxrss),
         "replay_start": replay_start,
         "counters": counters,
         "published_batches": agent.uplink.published_batches,
@@ -127,6 +127,23 @@ def child_main(config: str) -> int:
     }
     print(json.dumps(out), flush=True)
     return 0
+
+
+def _own_peak_rss_mb(ru_maxrss_kb: int) -> float:
+    """This process's own peak RSS in MB: VmHWM from /proc/self/status (Linux, proc(5)).
+
+    ``ru_maxrss`` of a process started by ``subprocess`` (fork, then exec) keeps the parent's high-water mark
+    when the parent was larger (a child of a 213 MB parent reported 213 MB while its VmHWM was 13.6 MB);
+    VmHWM is reset by exec. ``ru_maxrss`` only where /proc is missing.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return ru_maxrss_kb / 1024.0
 
 
 def _thread_cpu() -> dict[str, float]:

@@ -14,11 +14,12 @@ __all__ = ["Progress", "format_table"]
 def _targets(r: dict[str, Any]) -> dict[str, Any]:
     fp, rt, rv = r["full_path"], r["realtime"]["default"], r["revocation"]
     out: dict[str, Any] = {}
+    # The full path against the naive agent (LogReader + cantools decode_message of every frame, sending
+    # nothing) on the same trace: at least 2x with a typical consent, 1.5x with every signal consented.
     if r["consent"] == "typical":
-        out["full_path_100k_fps"] = fp["fps_ingest"] >= 100_000
+        out["full_path_ge_2x_naive_agent"] = fp["ratio_vs_naive_agent"] >= 2.0
     else:
-        out["full_path_ge_cantools_decode"] = fp["ratio_vs_cantools_decode"] >= 1.0
-        out["full_path_ge_naive_agent"] = fp["ratio_vs_naive_agent"] >= 1.0
+        out["full_path_ge_1_5x_naive_agent"] = fp["ratio_vs_naive_agent"] >= 1.5
     p99 = rt["latency"]["p99_ms"]
     out["p99_le_300ms_default"] = p99 is not None and p99 <= 300
     p99_ll = r["realtime"]["low_latency"]["latency"]["p99_ms"]

@@ -85,7 +85,15 @@ def frame_source(dbc: Path, *, demo: bool, seed: int, start: float) -> Iterator[
 
     def chain() -> Iterator[tuple[float, int, bool, bytes]]:
         yield first
-        yield from gen
+        t = first[0]
+        try:
+            for frame in gen:
+                t = frame[0]
+                yield frame
+        except Exception:  # a value the DBC cannot encode, met later in the drive: random payloads from here
+            from vgw.catalogue import load_dbc
+
+            yield from _random_frames(load_dbc([dbc], strict=False), seed, t)
 
     return chain()
 

@@ -1,20 +1,26 @@
 """The agent daemon (`vgw run`): wires source -> pipeline -> outbox -> uplink under the consent manager.
 
-Threads (each part names the thread that owns it and the lock it takes):
-  collector  vgw-collector: reads the source in chunks (``recv_many``), routes/decodes/batches each chunk under
-             ``self._lock`` (one lock per chunk), hands full or due batches to the writer. Owns the source.
+Threads (each part is a module of vgw.daemon whose docstring names the thread that owns it and the lock it
+takes; ``Agent`` below only builds and wires them, starts them in ``run`` and stops them in ``_shutdown``):
+  collector  vgw-collector (vgw.daemon.collector.Collector): reads the source in chunks (``recv_many``),
+             routes/decodes/batches each chunk under the agent lock (one lock per chunk), hands full or due
+             batches to the writer. Owns the source.
+  pipeline   vgw.daemon.guard.PipelineGuard: the pipeline, recipients and frame filters behind the agent lock
+             (``self._lock``); every thread that touches the pipeline comes in through it.
   writer     vgw-writer (vgw.writer.BatchWriter): seals (README "Telemetry envelope" v2) and stores batches in grouped
              outbox transactions, off the collector, so fsync never stalls collection; owns the storage-fault
-             state. Its queue has its own lock; a revocation empties it under ``self._lock``.
+             state. Its queue has its own lock; a revocation empties it under the agent lock.
   uplink     the MQTT connection and paho's thread (vgw.uplink); calls in only through the consent intake
-             (its own lock) and ``_public_status`` (reads).
-  OBD        the OBD-II poller (vgw.obd.poller), when configured: offers samples under ``self._lock``.
-  main       consent documents (MQTT intake, the cache file written by `vgw consent apply`), expiry,
-             retention, status file, clock floor, systemd watchdog; signals are handled here only
-             (``run_agent`` before the agent exists, ``_install_signal_handlers`` after).
+             (its own lock) and the public status (reads).
+  OBD        the OBD-II poller (vgw.obd.poller), when configured: offers samples under the agent lock.
+  main       the supervisor (vgw.daemon.supervisor): consent documents (MQTT intake, the inbox file written by
+             `vgw consent apply`), expiry, retention, pending erasures, quota audits, the status file
+             (vgw.daemon.status), the clock floor, health and the systemd watchdog (vgw.daemon.health), reload.
+  signals    vgw.daemon.signals.DaemonSignals, the one place handlers are installed: `vgw` installs them before
+             it parses its arguments, ``run`` routes them to this agent's stop and reload events.
   ``counters`` is a vgw.counters.Counters: every thread adds with ``add`` under its lock, never ``+=``.
 
-A revocation takes ``self._lock``: once it holds it no chunk is half-processed; it swaps the router, drops the
+A revocation takes the agent lock: once it holds it no chunk is half-processed; it swaps the router, drops the
 grant's open batch and its batches queued for the writer; then the manager erases the grant on disk (a batch
 the writer is storing at that moment is refused at commit or deleted by the erasure).
 
@@ -46,125 +52,53 @@ A config that no longer loads is logged and the running one stays.
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import json
 import logging
-import os
-import signal
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import can
-from vgw.audit import AuditLog
 from vgw.catalogue import Catalogue, load_catalogue
-from vgw.config import Config, load_config
+from vgw.config import Config
 from vgw.consent.intake import ConsentIntake
 from vgw.consent.manager import ConsentManager, load_trust_keys
-from vgw.consent.narrowing import terms_digest
-from vgw.consent.store import ConsentStore
 from vgw.counters import Counters
-from vgw.crypto.envelope import load_recipient_key
-from vgw.crypto.keys import load_or_create_storage_key
-from vgw.crypto.receipts import ReceiptSigner
-from vgw.errors import SourceError, SourceFrameError, SourceReadError, StorageError, VgwError
-from vgw.fsutil import atomic_write, ensure_private_dir
-from vgw.j1939.request import Requester
+from vgw.daemon.collector import BAD_FRAMES_REOPEN, CHUNK_FRAMES, FRAME_ERROR_LOG_EVERY_S, Collector
+from vgw.daemon.guard import PipelineGuard
+from vgw.daemon.health import COLLECTOR_STALL_S, Health
+from vgw.daemon.signals import DaemonSignals
+from vgw.daemon.statedir import LOCK_FILE, OUTBOX_FILE, STATUS_FILE, AgentLock, open_state
+from vgw.daemon.status import StatusView
+from vgw.daemon.supervisor import INTAKE_ROUNDS, QUOTA_AUDIT_EVERY_S, Supervisor
+from vgw.errors import StorageError, VgwError
+from vgw.fsutil import ensure_private_dir
 from vgw.logs import apply_config_level
-from vgw.outbox import Outbox, open_checked
-from vgw.pipeline.router import GrantBatch, Pipeline
-from vgw.sdnotify import notify, watchdog_interval
-from vgw.sources.canbus import BusSource
-from vgw.sources.frame import Frame, frame_of
+from vgw.sdnotify import notify
 from vgw.uplink import Uplink
-from vgw.writer import BatchWriter, SealJob
+from vgw.writer import BatchWriter
+
+# Names other modules and tests import from here (the parts moved to vgw.daemon).
+__all__ = ["BAD_FRAMES_REOPEN", "CHUNK_FRAMES", "COLLECTOR_STALL_S", "FRAME_ERROR_LOG_EVERY_S", "INTAKE_ROUNDS",
+           "LOCK_FILE", "OUTBOX_FILE", "QUOTA_AUDIT_EVERY_S", "SHUTDOWN_SEND_S", "STATUS_FILE", "Agent",
+           "AgentLock", "open_state", "run_agent"]
 
 log = logging.getLogger(__name__)
 
-STATUS_FILE = "status.json"
-LOCK_FILE = "agent.lock"
-OUTBOX_FILE = "outbox.sqlite"
-QUOTA_AUDIT_EVERY_S = 60.0  # at most one quota-drop audit entry per grant per minute (the counter is exact)
-INTAKE_ROUNDS = 8  # consent intake emptied at most this often per main-loop turn
 SHUTDOWN_SEND_S = 2.0  # on SIGTERM, how long a live link may take to send what was just flushed
-COLLECTOR_STALL_S = 10.0  # no collector loop iteration for this long: stalled (health not ok, watchdog not fed)
-BAD_FRAMES_REOPEN = 100  # this many malformed frames in a row with nothing good between: reopen the source
-CHUNK_FRAMES = 256  # frames the collector takes from its source per lock (vgw.sources.FrameSource.recv_many)
-FRAME_ERROR_LOG_EVERY_S = 60.0  # per-frame errors are counted exactly but logged at most this often
-
-
-class AgentLock:
-    """An exclusive flock on the state dir: one `vgw run` per state dir; `vgw consent apply` checks it."""
-
-    def __init__(self, state_dir: Path) -> None:
-        self.path = state_dir / LOCK_FILE
-        self._fd: int | None = None
-
-    def acquire(self) -> bool:
-        try:
-            # O_NOFOLLOW: a link planted here must never make us truncate its target (docs/guarantees.md).
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
-        except OSError as exc:
-            raise StorageError(f"{self.path}: cannot open the agent lock: {exc.strerror}") from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return False
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self._fd = fd
-        return True
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    @staticmethod
-    def held_by_other(state_dir: Path) -> bool:
-        """True while a `vgw run` holds the lock; reads only (a shared flock on a read-only descriptor)."""
-        try:
-            fd = os.open(state_dir / LOCK_FILE, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-        except FileNotFoundError:
-            return False
-        except OSError as exc:
-            raise StorageError(f"{state_dir / LOCK_FILE}: cannot open the agent lock: {exc.strerror}") from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
-        return False
-
-
-def open_state(cfg: Config, *, check: bool = False) -> tuple[Outbox, AuditLog, ConsentStore, ReceiptSigner]:
-    """Open the state directory's parts (shared by `vgw run` and the CLI commands).
-
-    ``check`` (`vgw run` only): integrity-check the outbox first and quarantine a corrupt one (audited).
-    """
-    ensure_private_dir(cfg.state_dir)
-    storage_key = load_or_create_storage_key(cfg.device.storage_key)
-    audit = AuditLog(cfg.state_dir)
-    if check:
-        outbox, quarantined = open_checked(cfg.state_dir / OUTBOX_FILE, storage_key, cfg.device.id)
-        if quarantined is not None:
-            audit.append("outbox-quarantined", file=quarantined.file.name, reason=quarantined.reason[:200],
-                         seqs_recovered=len(quarantined.seqs_recovered))
-    else:
-        outbox = Outbox(cfg.state_dir / OUTBOX_FILE, storage_key, cfg.device.id)
-    store = ConsentStore(cfg.state_dir)
-    signer = ReceiptSigner.from_file(cfg.device.id, cfg.mqtt.key_file)
-    return outbox, audit, store, signer
 
 
 class Agent:
-    def __init__(self, cfg: Config) -> None:
+    """The daemon's owner: builds its parts (vgw.daemon), wires them, runs them, stops them.
+
+    Constructed and run on one thread (the main thread under `vgw run`); :meth:`stop` may be called from any
+    thread. ``_lock`` is the agent lock (:class:`vgw.daemon.guard.PipelineGuard`); the consent manager's hooks
+    below run on whichever thread applies a document (the main loop) and take it through the guard.
+    """
+
+    def __init__(self, cfg: Config, signals: DaemonSignals | None = None) -> None:
         self.cfg = cfg
         self.device = cfg.device.id
+        self.signals = signals if signals is not None else DaemonSignals()
         ensure_private_dir(cfg.state_dir)
         self.lock_file = AgentLock(cfg.state_dir)
         if not self.lock_file.acquire():
@@ -178,18 +112,9 @@ class Agent:
         except BaseException:
             self.lock_file.release()
             raise
-        self.pipeline = Pipeline(self.catalogue)
-        # Which scope each path belongs to: counted per batch for the privacy report (counts, never values).
-        self._scope_of: dict[str, str] = self.catalogue.scope_of_path() if self.catalogue else {}
-        if cfg.obd is not None:
-            from vgw.obd.pids import DTC_PATH, PENDING_DTC_PATH, PIDS, VIN_PATH
-
-            self._scope_of.update({p.path: p.scope for p in PIDS})
-            self._scope_of.update({VIN_PATH: "read_vin", DTC_PATH: "read_diagnostics",
-                                   PENDING_DTC_PATH: "read_diagnostics"})
         self._obd: Any = None
-        self._lock = threading.Lock()
-        self._recipients: dict[str, Any] = {}
+        self._stop = threading.Event()
+        self._reload = threading.Event()  # set by SIGHUP, handled by the main loop
         self.manager = ConsentManager(device=self.device, store=self.store, outbox=self.outbox, audit=self.audit,
                                       signer=self.signer, trust_keys=trust, on_revoke=self._on_revoke,
                                       on_change=self._on_consent_change)
@@ -198,106 +123,99 @@ class Agent:
                                     clock=lambda: max(time.time(), self.store.floor))
         self.uplink = Uplink(cfg.mqtt, self.device, self.outbox, on_consent=self.intake.offer,
                              status_payload=self._public_status)
-        self._stop = threading.Event()
-        self._reload = threading.Event()  # set by SIGHUP, handled by the main loop
-        self._catalogue_digest = _catalogue_digest(cfg)
-        self._source_done = threading.Event()
-        self._collector: threading.Thread | None = None
         # Added to by the collector, the writer, the main loop and the OBD poller: a thread-safe object.
         self.counters = Counters(("batches", "batches_discarded", "store_failures", "consent_superseded",
                                   "source_errors", "batches_failed", "error_frames", "remote_frames", "rx_overflow",
                                   "quota_dropped", "frames_malformed", "frames_failed"))
         self.writer = BatchWriter(device=self.device, outbox=self.outbox, counters=self.counters,
                                   quota_bytes=cfg.outbox.quota_bytes, audit=self._audit, on_stored=self.uplink.wake)
-        self._quota_pending: dict[str, int] = {}  # main loop: quota drops not yet in the audit log
-        self._quota_audited: dict[str, float] = {}
-        self._quota_view: dict[str, int] = {"quota_bytes": cfg.outbox.quota_bytes, "used_bytes": 0}
-        self._quota_view_at = 0.0
-        self.healthy = True
-        self.health_problem: str | None = None  # why the agent is not healthy (None: it is)
-        self.collector_stall_s = COLLECTOR_STALL_S
-        self._collector_beat = time.monotonic()  # monotonic time of the collector loop's last iteration
-        self._frame_at = self._collector_beat  # monotonic time the source last delivered a frame
-        self.bus_silent = False
-        self._frame_errors_logged = 0.0
-        self._frame_errors_unlogged = 0
-        self.exit_code = 0
-        self._source: Any = None
+        self.guard = PipelineGuard(catalogue=self.catalogue, obd=cfg.obd is not None, writer=self.writer,
+                                   batch=cfg.batch)
+        self.pipeline = self.guard.pipeline
+        self._lock = self.guard.lock
+        self.collector: Collector | None = None
+        if cfg.can is not None:
+            self.collector = Collector(can_cfg=cfg.can, batch=cfg.batch, guard=self.guard, counters=self.counters,
+                                       writer=self.writer, stop=self._stop)
+        self.health = Health(collector=self.collector, writer=self.writer, uplink=self.uplink, obd=self._get_obd,
+                             can_cfg=cfg.can)
+        self.status_view = StatusView(cfg=cfg, manager=self.manager, guard=self.guard, collector=self.collector,
+                                      uplink=self.uplink, outbox=self.outbox, writer=self.writer,
+                                      counters=self.counters, health=self.health, obd=self._get_obd)
+        self.supervisor = Supervisor(cfg=cfg, stop=self._stop, reload=self._reload, intake=self.intake,
+                                     manager=self.manager, store=self.store, outbox=self.outbox, audit=self.audit,
+                                     audit_event=self._audit, uplink=self.uplink, writer=self.writer,
+                                     counters=self.counters, guard=self.guard, collector=self.collector,
+                                     health=self.health, status=self.status_view)
 
-    # -- consent hooks ------------------------------------------------------------------------------
+    # -- what tests, tools and `vgw status` read ------------------------------------------------------
 
-    def _apply_intake(self) -> None:
-        """Apply what the MQTT intake holds, until it is empty: the newest verified document wins.
+    def status(self) -> dict[str, Any]:
+        return self.status_view.snapshot()
 
-        Rejections on arrival are recorded per reason with their count (the manager coalesces them). Versions
-        a newer one superseded before they were applied are counted, never applied. A few rounds per main-loop
-        turn at most: a flood that never stops must not starve expiry and the watchdog (the rest waits one turn).
-        """
-        for _ in range(INTAKE_ROUNDS):
-            taken = self.intake.take()
-            if not taken:
-                return
-            superseded = taken.superseded
-            for rejected in taken.rejected.values():
-                self.manager.reject(rejected.last, source="mqtt", count=rejected.count)
-            for i, consent in enumerate(taken.candidates):
-                skipped = taken.skipped + [(c.ver, c.grant_ids) for c in taken.candidates[i + 1:]]
-                if self.manager.apply(consent.token, source="mqtt", skipped=skipped).status != "rejected":
-                    superseded += len(taken.candidates) - i - 1
-                    break
-            self.counters.add("consent_superseded", superseded)
-            self.uplink.wake()
+    @property
+    def healthy(self) -> bool:
+        return self.health.healthy
 
-    def _on_revoke(self, grant_ids: frozenset[str]) -> None:
-        with self._lock:
-            if self.pipeline is not None:
-                remaining = tuple(g for g in self.manager.active_grants() if g.id not in grant_ids)
-                self.pipeline.swap(remaining)
-                self._install_filters()
-            for gid in grant_ids:
-                self._recipients.pop(gid, None)
-            self.writer.drop(grant_ids)  # batches taken but not yet stored go too
-        log.info("collection stopped for %d grant(s); in-memory batches dropped", len(grant_ids))
+    @property
+    def health_problem(self) -> str | None:
+        return self.health.problem
 
-    def _on_consent_change(self) -> None:
-        self.intake.set_in_force(self.manager.in_force)
-        grants = self.manager.active_grants()
-        with self._lock:
-            self._recipients = {g.id: load_recipient_key(g.recipient.kem, g.recipient.pk) for g in grants}
-            if self.pipeline is not None:
-                self.pipeline.swap(grants)
-                self._install_filters()
-        self.uplink.publish_status()  # the retained status names the consent in force (README "Topics")
-        self.uplink.wake()
+    @property
+    def bus_silent(self) -> bool:
+        return self.health.bus_silent
 
-    def _install_filters(self) -> None:
-        if self._source is not None and self.pipeline is not None:
-            self._source.set_filters(self.pipeline.router.frames)
+    @property
+    def collector_stall_s(self) -> float:
+        return self.health.collector_stall_s
 
-    # -- batches ------------------------------------------------------------------------------------
-
-    def _flush(self, batches: list[GrantBatch]) -> None:
-        """Hand batches to the writer (vgw.writer), which seals and stores them off this thread. Called with
-        self._lock held, so a revocation sees either the open batch or the queued one, never neither."""
-        for batch in batches:
-            first_t = batch.first_t
-            cols, n = batch.take_columns()
-            if not n:
-                continue
-            grant = batch.grant
-            recipient = self._recipients.get(grant.id)
-            if recipient is None:
-                continue
-            per_scope: dict[str, int] = {}
-            for path, (times, _values) in cols.items():
-                scope = self._scope_of.get(path, "")
-                per_scope[scope] = per_scope.get(scope, 0) + len(times)
-            self.writer.submit(SealJob(grant, recipient, cols, n, first_t, per_scope, terms_digest(grant)))
+    @collector_stall_s.setter
+    def collector_stall_s(self, seconds: float) -> None:
+        self.health.collector_stall_s = seconds
 
     @property
     def storage_error(self) -> str | None:
         """Why the outbox cannot store now (None: it can)."""
         return self.writer.storage_error
+
+    @property
+    def _source(self) -> Any:
+        return self.guard.source
+
+    @property
+    def _source_done(self) -> threading.Event:
+        return self.collector.done if self.collector is not None else threading.Event()
+
+    @property
+    def _collector(self) -> threading.Thread | None:
+        return self.collector.thread if self.collector is not None else None
+
+    @_collector.setter
+    def _collector(self, thread: threading.Thread | None) -> None:
+        assert self.collector is not None
+        self.collector.thread = thread
+
+    @property
+    def exit_code(self) -> int:
+        return max(self.collector.exit_code if self.collector is not None else 0, self.supervisor.exit_code)
+
+    def _get_obd(self) -> Any:
+        return self._obd
+
+    def _public_status(self) -> dict[str, Any]:
+        return self.status_view.public()
+
+    # -- consent hooks (the thread applying a document: the main loop) ----------------------------------
+
+    def _on_revoke(self, grant_ids: frozenset[str]) -> None:
+        remaining = tuple(g for g in self.manager.active_grants() if g.id not in grant_ids)
+        self.guard.revoke(grant_ids, remaining)
+
+    def _on_consent_change(self) -> None:
+        self.intake.set_in_force(self.manager.in_force)
+        self.guard.set_grants(self.manager.active_grants())
+        self.uplink.publish_status()  # the retained status names the consent in force (README "Topics")
+        self.uplink.wake()
 
     def _audit(self, event: str, **fields: Any) -> None:
         try:
@@ -305,410 +223,45 @@ class Agent:
         except StorageError as exc:  # the same full disk: the counters and the log still tell
             log.debug("audit entry %s not written: %s", event, exc)
 
-    def _audit_quota_drops(self, *, force: bool = False) -> None:
-        now = time.monotonic()
-        for gid, n in self.writer.take_quota_drops().items():
-            self._quota_pending[gid] = self._quota_pending.get(gid, 0) + n
-        for gid, n in list(self._quota_pending.items()):
-            last = self._quota_audited.get(gid)
-            if force or last is None or now - last >= QUOTA_AUDIT_EVERY_S:
-                if last is None:
-                    log.warning("outbox over its quota of %d bytes: dropping the oldest batches of grant %s",
-                                self.cfg.outbox.quota_bytes, gid)
-                self._audit("outbox-quota-drop", grant=gid, batches_dropped=n,
-                            quota_bytes=self.cfg.outbox.quota_bytes)
-                self._quota_audited[gid] = now
-                del self._quota_pending[gid]
-
-    # -- collector thread ---------------------------------------------------------------------------
-
-    def _collect(self) -> None:
-        """The collector thread: open the source, read, route, flush; reopen on failure. Never ends on one bad
-        frame or one failing session: only stop, or the end of a finite trace, ends it."""
-        assert self.cfg.can is not None and self.pipeline is not None
-        from vgw.errors import SourceEndedError
-        from vgw.sources import open_source
-
-        can_cfg = self.cfg.can
-        # README "SAE J1939": requests (PGN 59904) only when the config allows them; rate-limited across reopens.
-        requester = Requester(can_cfg.j1939_address) if can_cfg.j1939_requests and \
-            can_cfg.j1939_address is not None else None
-        while not self._stop.is_set():
-            self._collector_beat = time.monotonic()
-            try:
-                self._source = open_source(can_cfg)
-            except SourceEndedError as exc:  # a trace that cannot be opened, with replay_exit: end non-zero
-                log.error("%s; ending (replay_exit)", exc)
-                self.exit_code = 1
-                self._source_done.set()
-                return
-            except SourceError as exc:
-                self.counters.add("source_errors", 1)
-                log.error("%s; retrying in %.1f s", exc, can_cfg.reopen_s)
-                self._pause(can_cfg.reopen_s)
-                continue
-            source = self._source
-            try:
-                with self._lock:
-                    self._install_filters()
-                if self._read_source(source, requester):
-                    return
-            except SourceError as exc:
-                self.counters.add("source_errors", 1)
-                log.error("%s; reopening in %.1f s", exc, can_cfg.reopen_s)
-                self._pause(can_cfg.reopen_s)
-            except Exception as exc:  # a defect must not end collection: count it, reopen, and say so
-                self.counters.add("source_errors", 1)
-                log.error("collector failed (%s); reopening the source in %.1f s", type(exc).__name__,
-                          can_cfg.reopen_s)
-                self._pause(can_cfg.reopen_s)
-            finally:
-                self.counters.add("rx_overflow", source.overflow)
-                source.close()
-                self._source = None
-
-    def _pause(self, seconds: float) -> None:
-        """Wait (until stop) while still beating: waiting to reopen is progress, not a stall."""
-        deadline = time.monotonic() + seconds
-        while not self._stop.is_set():
-            self._collector_beat = now = time.monotonic()
-            if now >= deadline:
-                return
-            self._stop.wait(min(1.0, deadline - now))
-
-    def _read_source(self, source: Any, requester: Requester | None = None) -> bool:
-        """Read ``source`` until stop (False) or the end of a finite trace (True, everything flushed); send the
-        J1939 requests ``requester`` says are due (README "SAE J1939").
-
-        Raises SourceReadError when the source fails or sends BAD_FRAMES_REOPEN malformed frames in a row.
-        """
-        pipeline, lock, stop = self.pipeline, self._lock, self._stop
-        counters = self.counters
-        max_samples, max_interval = self.cfg.batch.max_samples, self.cfg.batch.max_interval_s
-        recv_many = getattr(source, "recv_many", None)
-        last_check = time.monotonic()
-        bad_in_row = 0
-        while not stop.is_set():
-            self._collector_beat = time.monotonic()
-            try:
-                frames = recv_many(CHUNK_FRAMES, 0.05) if recv_many is not None else _one(source.recv(0.05))
-            except SourceFrameError as exc:
-                counters.add("frames_malformed", 1)
-                self._frame_error(str(exc))
-                bad_in_row += 1
-                if bad_in_row >= BAD_FRAMES_REOPEN:
-                    raise SourceReadError(f"{bad_in_row} malformed frames in a row") from exc
-                continue
-            if frames:
-                bad_in_row = 0
-                # One lock per chunk: a revocation waits at most one chunk (CHUNK_FRAMES frames), never a
-                # half-processed frame (docs/guarantees.md).
-                with lock:
-                    errors, remotes = pipeline.process_frames(frames, self._frame_failed)
-                    if errors:
-                        counters.add("error_frames", errors)  # bus errors, bus-off notices: never data
-                    if remotes:
-                        counters.add("remote_frames", remotes)
-                    full = [b for b in pipeline.batches.values() if b.count >= max_samples]
-                    if full:
-                        self._flush(full)
-                if full:
-                    self.writer.wait_room()  # a writer far behind (slow disk) holds the collector, not memory
-            now = time.monotonic()
-            if frames:
-                self._frame_at = now
-            if not frames or now - last_check >= 0.05:
-                last_check = now
-                with lock:
-                    due = pipeline.due(max_samples, max_interval)
-                    if due:
-                        self._flush(due)
-                    requests = requester.due(now, pipeline.granted_scopes()) if requester else ()
-                if requests and isinstance(source, BusSource):
-                    for can_id, data in requests:
-                        source.send_j1939_request(can_id, data)
-            if source.finished:
-                with lock:
-                    self._flush(pipeline.due(1, 0, force=True))
-                self.writer.wait_idle(60.0)  # "done" means stored: replay_exit then waits for the uplink
-                self._source_done.set()
-                return True
-        return False
-
-    def _frame_failed(self, exc: Exception) -> None:
-        self.counters.add("frames_failed", 1)
-        self._frame_error(f"a frame could not be processed ({type(exc).__name__}); skipped")
-
-    def _frame_error(self, what: str) -> None:
-        """Log a per-frame error: the first at once, then at most once per FRAME_ERROR_LOG_EVERY_S with the
-        number skipped meanwhile (the counters are exact; a noisy line must not fill the journal)."""
-        now = time.monotonic()
-        if self._frame_errors_logged and now - self._frame_errors_logged < FRAME_ERROR_LOG_EVERY_S:
-            self._frame_errors_unlogged += 1
-            return
-        more = f" (and {self._frame_errors_unlogged} more frame error(s) since the last report)" \
-            if self._frame_errors_unlogged else ""
-        log.warning("%s%s", what, more)
-        self._frame_errors_logged = now
-        self._frame_errors_unlogged = 0
-
-    # -- OBD-II -------------------------------------------------------------------------------------
+    # -- OBD-II (the poller's thread) -----------------------------------------------------------------
 
     def granted_scopes(self) -> frozenset[str]:
-        with self._lock:
-            return self.pipeline.granted_scopes()
+        return self.guard.granted_scopes()
 
     def offer_samples(self, samples: list[tuple[str, str, float, Any]]) -> None:
         """Samples (path, scope, t, value) from a non-CAN source, routed through the same consent policy."""
-        cfg = self.cfg.batch
-        with self._lock:
-            for path, scope, t, value in samples:
-                self.pipeline.offer(path, scope, t, value)
-            due = self.pipeline.due(cfg.max_samples, cfg.max_interval_s)
-            if due:
-                self._flush(due)
+        self.guard.offer_samples(samples)
 
     def _start_obd(self) -> None:
-        from vgw.obd.poller import ObdPoller  # built by the OBD-II issue
+        from vgw.obd.poller import ObdPoller  # imported only when [obd] is configured
 
         assert self.cfg.obd is not None
-        self._obd = ObdPoller(self.cfg.obd, wanted_scopes=self.granted_scopes, sink=self.offer_samples,
+        self._obd = ObdPoller(self.cfg.obd, wanted_scopes=self.guard.granted_scopes, sink=self.guard.offer_samples,
                               stop=self._stop)
         self._obd.start()
 
-    def _flush_due(self) -> None:
-        with self._lock:
-            due = self.pipeline.due(self.cfg.batch.max_samples, self.cfg.batch.max_interval_s)
-            if due:
-                self._flush(due)
-
-    # -- status -------------------------------------------------------------------------------------
-
-    def _public_status(self) -> dict[str, Any]:
-        consent = self.manager.in_force
-        return {"device": self.device, "consent_version": consent.ver if consent else None,
-                "grants": [g.id for g in self.manager.active_grants()], "healthy": self.healthy}
-
-    def _quota_status(self) -> dict[str, int]:
-        now = time.monotonic()
-        if now - self._quota_view_at >= 5.0:  # a scan of the rows' sizes: not every status tick
-            self._quota_view_at = now
-            try:
-                self._quota_view = {"quota_bytes": self.cfg.outbox.quota_bytes, "used_bytes": self.outbox.total_bytes()}
-            except Exception:  # a status view must never stop the agent
-                log.debug("quota view unavailable", exc_info=True)
-        return self._quota_view
-
-    def status(self) -> dict[str, Any]:
-        consent = self.manager.in_force
-        pipeline = dict(self.pipeline.counters)
-        source = self._source
-        live_overflow = source.overflow if source is not None else 0
-        up = self.uplink
-        return {
-            "device": self.device,
-            "pid": os.getpid(),
-            "updated": time.time(),
-            "link": self.uplink.state,
-            "link_error": self.uplink.last_error,
-            "endpoint": self.uplink.endpoint,  # [mqtt] host:port in use (or last tried), README "Configuration (TOML)"
-            "last_publish": self.uplink.last_publish,
-            "consent_version": consent.ver if consent else None,
-            "consent_expired": self.manager.expired,
-            "collect": self.pipeline.rule_counts(),  # collection rules: decoded vs let through, per grant/scope
-            "published": {"batches": self.uplink.published_batches, "receipts": self.uplink.published_receipts},
-            "storage": {"ok": self.storage_error is None, "error": self.storage_error},
-            "health": {"ok": self.health_problem is None, "problem": self.health_problem},
-            "quota": self._quota_status(),
-            "obd": self._obd.health() if self._obd is not None else None,
-            "bus": self._bus_status(),
-            "counters": {**pipeline, **self.counters.snapshot(),
-                         "rx_overflow": self.counters["rx_overflow"] + live_overflow,
-                         "connect_attempts": up.connect_attempts, "connect_failures": up.connect_failures,
-                         "mqtt_queue_full": up.queue_full, "ack_store_failures": up.ack_store_failures,
-                         "mqtt_oversized_dropped": up.oversized_dropped,
-                         "consent_rejections_coalesced": self.manager.coalesced_rejections},
-        }
-
-    def _write_status(self) -> None:
-        try:
-            atomic_write(self.cfg.state_dir / STATUS_FILE, json.dumps(self.status()).encode(), mode=0o600)
-        except StorageError:
-            pass
-
-    # -- main loop ----------------------------------------------------------------------------------
-
-    def _check_consent_file(self) -> None:
-        """A document handed over by `vgw consent apply` (the inbox file): verify and apply it, then remove it.
-
-        Only this process writes consent.jws while it runs, so a hand-over can never overwrite a newer
-        document that arrived over MQTT meanwhile; a rejected hand-over is reported once, not in a loop.
-        """
-        token = self.store.read_inbox()
-        if token is None:
-            return
-        try:
-            self.manager.apply(token, source="file")
-        finally:
-            self.store.clear_inbox()
-        self.uplink.wake()
-
-    def _retention(self) -> None:
-        self.outbox.drop_undecryptable()
-        now = time.time()
-        for g in self.manager.active_grants():
-            if g.retention_s:
-                n = self.outbox.delete_older_than(g.id, now - g.retention_s)
-                if n:
-                    self.outbox.count(f"retention_deleted:{g.id}", n)
-                    self.audit.append("retention-delete", grant=g.id, batches_deleted=n, retention_s=g.retention_s)
+    # -- run and stop ---------------------------------------------------------------------------------
 
     def run(self) -> int:
         """Run until SIGTERM/SIGINT (or the end of a replay with replay_exit). Returns the exit code."""
-        self._install_signal_handlers()
+        if self.signals.install():  # the main thread only: an agent run in another thread is stopped by stop()
+            self.signals.attach(self._stop, self._reload)
         try:
             self.manager.load_cached()
             self._on_consent_change()
             self.uplink.start()
             self.writer.start()
-            if self.cfg.can is not None:
-                self._collector = threading.Thread(target=self._collect, name="vgw-collector", daemon=True)
-                self._collector.start()
+            if self.collector is not None:
+                self.collector.start()
             if self.cfg.obd is not None:
                 self._start_obd()
             notify("READY=1")
             log.info("agent %s running (consent v%s)", self.device,
                      self.manager.in_force.ver if self.manager.in_force else "none")
-            self._main_loop()
+            self.supervisor.run()
         finally:
             self._shutdown()
         return self.exit_code
-
-    def _main_loop(self) -> None:
-        wd = watchdog_interval()
-        last_wd = last_status = last_floor = last_retention = 0.0
-        replay_exit = bool(self.cfg.can and self.cfg.can.replay and self.cfg.can.replay_exit)
-        while not self._stop.is_set():
-            if self._reload.is_set():
-                self._reload.clear()
-                self._reload_config()
-            if self.intake.ready.wait(0.1):
-                self._guarded(self._apply_intake)
-            self._guarded(self.manager.flush_rejections)
-            now = time.monotonic()
-            self._guarded(self._check_consent_file)
-            self._guarded(self.manager.check_expiry)
-            if now - last_retention >= 5.0:
-                last_retention = now
-                self._guarded(self._retention)
-                self._guarded(self.manager.finish_pending_erasures)
-            self._audit_quota_drops()
-            if now - last_status >= 0.5:
-                last_status = now
-                self._write_status()
-            if now - last_floor >= 30.0:
-                last_floor = now
-                self.store.now()
-                try:
-                    self.store.persist()
-                except StorageError:
-                    pass
-            if self.cfg.can is None:
-                self._flush_due()  # no collector thread to do it
-            else:
-                self._check_silence(now)
-            self.health_problem = self._health_problem(now)
-            healthy = self.health_problem is None
-            if healthy != self.healthy:
-                self.healthy = healthy
-                self.uplink.publish_status()
-            if wd is not None and self.healthy and now - last_wd >= wd:
-                last_wd = now
-                notify("WATCHDOG=1")
-            if replay_exit and self._source_done.is_set():
-                log.info("end of trace: waiting for every batch to be acknowledged")
-                if not self.uplink.drain(timeout=120.0):
-                    log.error("end of trace: outbox not drained within 120 s")
-                    self.exit_code = 1
-                return
-
-    def _check_silence(self, now: float) -> None:
-        """Say once when the bus has delivered no frame for ``[can] silent_s``, and once when frames return."""
-        can_cfg = self.cfg.can
-        assert can_cfg is not None
-        quiet = now - self._frame_at
-        silent = bool(can_cfg.silent_s) and quiet >= can_cfg.silent_s and not self._source_done.is_set()
-        if silent and not self.bus_silent:
-            log.warning("CAN %s: no frame for %.0f s (check the channel, the cable or the simulator; "
-                        "`vgw sim can` prints the [can] lines to use)", _source_name(can_cfg), quiet)
-        elif self.bus_silent and not silent:
-            log.info("CAN %s: frames again", _source_name(can_cfg))
-        if silent != self.bus_silent:
-            self.bus_silent = silent
-            self._write_status()
-
-    def _bus_status(self) -> dict[str, Any] | None:
-        if self.cfg.can is None:
-            return None
-        return {"silent": self.bus_silent, "last_frame_age_s": round(time.monotonic() - self._frame_at, 1)}
-
-    def _reload_config(self) -> None:
-        """SIGHUP: apply ``[log] level``; name what else changed and needs a restart (module docstring, Reload)."""
-        try:
-            new = load_config(self.cfg.path)
-        except VgwError as exc:
-            log.error("reload: %s; the running configuration stays", exc)
-            return
-        if apply_config_level(new.log_level):
-            log.info("reload: log level %s", new.log_level)
-        changed = [f"[{name}]" for name in ("device", "can", "obd", "mqtt", "consent", "batch", "outbox")
-                   if getattr(new, name) != getattr(self.cfg, name)]
-        if _catalogue_digest(new) != self._catalogue_digest:
-            changed.append("the DBC/signal map files")
-        if changed:
-            log.warning("reload: %s changed; restart the agent to apply (systemctl restart vgw-agent)",
-                        ", ".join(changed))
-        else:
-            log.info("reload: configuration re-read; nothing else changed")
-
-    def _health_problem(self, now: float) -> str | None:
-        """Why the agent is not doing its work, or None. The watchdog is fed only while this is None.
-
-        "Working" for the collector is its loop going round (a quiet bus is legal), not frames arriving.
-        """
-        collector = self._collector
-        if collector is not None and not self._source_done.is_set():
-            if not collector.is_alive():
-                return "collector stopped"
-            stalled = now - self._collector_beat
-            if stalled >= self.collector_stall_s:
-                return f"collector stalled for {stalled:.0f} s"
-        if self._obd is not None and not self._obd.is_alive():
-            return "OBD poller stopped"
-        if not self.uplink.is_alive():
-            return "uplink stopped"
-        if self.writer.started and not self.writer.is_alive():
-            return "batch writer stopped"
-        return None
-
-    def _guarded(self, fn: Any, *args: Any, **kwargs: Any) -> None:
-        """Main-loop work that writes the state dir: a full or read-only disk is logged, never fatal."""
-        try:
-            fn(*args, **kwargs)
-        except StorageError as exc:
-            self.writer.storage_failed(exc)
-
-    def _install_signal_handlers(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-
-        def handler(signum: int, frame: Any) -> None:
-            log.info("signal %d: stopping", signum)
-            self._stop.set()
-
-        signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGINT, handler)
-        signal.signal(signal.SIGHUP, lambda signum, frame: self._reload.set())
 
     def stop(self) -> None:
         self._stop.set()
@@ -716,21 +269,19 @@ class Agent:
     def _shutdown(self) -> None:
         notify("STOPPING=1")
         self._stop.set()
-        if self._collector is not None:
-            self._collector.join(5.0)
+        if self.collector is not None and self.collector.thread is not None:
+            self.collector.thread.join(5.0)
         if self._obd is not None:
             self._obd.join(5.0)
-        if self.pipeline is not None:
-            with self._lock:
-                self._flush(self.pipeline.due(1, 0, force=True))
+        self.guard.flush_all()
         self.writer.close()
-        self._audit_quota_drops(force=True)
-        self._guarded(self.manager.flush_rejections, force=True)
+        self.supervisor.audit_quota_drops(force=True)
+        self.supervisor.guarded(self.manager.flush_rejections, force=True)
         if self.uplink.state == "connected":
             self.uplink.drain(SHUTDOWN_SEND_S)  # best effort; what is not acknowledged stays in the outbox
         self.uplink.publish_offline()
         self.uplink.stop()
-        self._write_status()
+        self.status_view.write()
         try:
             self.store.now()
             self.store.persist()
@@ -741,43 +292,14 @@ class Agent:
         log.info("agent stopped")
 
 
-def _source_name(can_cfg: Any) -> str:
-    return f"replay {can_cfg.replay.name}" if can_cfg.replay else f"{can_cfg.interface}:{can_cfg.channel}"
-
-def _catalogue_digest(cfg: Config) -> str:
-    """A digest of the DBC and signal map files' bytes (a reload compares it; unreadable files count as changed)."""
-    h = hashlib.sha256()
-    for path in [*cfg.can.dbc, cfg.can.signal_map] if cfg.can is not None else []:
-        try:
-            h.update(path.read_bytes())
-        except OSError:
-            h.update(b"unreadable:" + str(path).encode())
-    return h.hexdigest()
-
-
-def _one(msg: can.Message | None) -> list[Frame]:
-    """A source without ``recv_many``: its one frame as a chunk."""
-    return [frame_of(msg)] if msg is not None else []
-
-
-def run_agent(cfg: Config, early: list[int] | None = None) -> int:
-    """Run the agent in the foreground. ``early`` holds signals already received while starting."""
-    # systemd may stop us while we are still starting: remember the request and honour it right after the
-    # agent exists, so a stop is still a clean exit 0 rather than death by SIGTERM.
-    early = early if early is not None else []
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            previous[sig] = signal.signal(sig, lambda signum, frame: early.append(signum))
+def run_agent(cfg: Config, signals: DaemonSignals | None = None) -> int:
+    """Run the agent in the foreground. ``signals``: the handlers `vgw` installed while starting (a stop
+    requested meanwhile is honoured as soon as the agent exists); without them they are installed here."""
+    signals = signals if signals is not None else DaemonSignals()
+    signals.install()
     try:
-        agent = Agent(cfg)
+        agent = Agent(cfg, signals)
     except can.CanError as exc:
         raise VgwError(str(exc)) from exc
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     apply_config_level(cfg.log_level)
-    if early:
-        log.info("signal %d during start: stopping", early[0])
-        agent.stop()
     return agent.run()

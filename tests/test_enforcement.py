@@ -143,7 +143,7 @@ def test_retention_deletes_old_rows_unsent_and_counts(tmp_path: Path, pki: Any, 
             agent.outbox.commit_batch(gid, lambda seq: b"envelope", float(now), 1)
         monkeypatch.setattr(outbox_module.time, "time", real_time)
         agent.outbox.commit_batch("g-short", lambda seq: b"fresh", float(now), 1)
-        agent._retention()
+        agent.supervisor.retention()
         stats = agent.outbox.stats()
         assert stats["g-short"]["rows"] == 1 and stats["g-long"]["rows"] == 1
         assert agent.outbox.counters()["retention_deleted:g-short"] == 2

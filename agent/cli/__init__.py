@@ -7,7 +7,7 @@ traceback instead.
 
 Daemon conventions (systemd and can-utils habits): ``--config`` defaults to :data:`DEFAULT_CONFIG`;
 ``--debug`` and ``--log-level`` are accepted before or after the subcommand; ``vgw run`` reloads on SIGHUP
-(agent.runtime, "Reload").
+(vgw.runtime, "Reload").
 """
 
 from __future__ import annotations
@@ -15,11 +15,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import signal
 import sys
-import threading
 from collections.abc import Sequence
 
+from vgw.daemon.signals import DaemonSignals
 from vgw.errors import VgwError
 
 # Subcommand modules, imported in this order; each registers its own parser.
@@ -89,18 +88,16 @@ def _version() -> str:
     return __version__
 
 
-# Signals that arrived while `vgw run` was still starting (imports, config); the agent honours them at once.
-EARLY_SIGNALS: list[int] = []
+# `vgw run`'s signal handlers, installed before anything else loads: a stop while it is still starting
+# (imports, config) is remembered and honoured as soon as the agent exists (vgw.daemon.signals).
+RUN_SIGNALS = DaemonSignals()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_in = list(sys.argv[1:] if argv is None else argv)
-    if "run" in args_in[:3] and threading.current_thread() is threading.main_thread():
+    if "run" in args_in[:3]:
         # systemd may stop the service before it is up: a SIGTERM now must still end in a clean exit 0.
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda signum, frame: EARLY_SIGNALS.append(signum))
-        # A reload before the agent is up needs nothing: it reads the config as it starts.
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        RUN_SIGNALS.install()
     parser = build_parser()
     args = parser.parse_args(argv)
     from vgw.logs import setup_logging

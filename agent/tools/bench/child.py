@@ -67,7 +67,9 @@ def child_main(config: str) -> int:
         # Developer aid: cProfile the collector thread (the hot path) and dump pstats to this file.
         import cProfile
 
-        collect = agent._collect
+        assert agent.collector is not None
+        collector = agent.collector
+        collect = collector.run
         prof = cProfile.Profile()
 
         def profiled() -> None:
@@ -76,7 +78,7 @@ def child_main(config: str) -> int:
             finally:
                 prof.dump_stats(f"{profile_to}.{Path(config).stem}")
 
-        agent._collect = profiled  # type: ignore[method-assign]
+        collector.run = profiled  # type: ignore[method-assign]
     rc: list[int] = []
     thread = threading.Thread(target=lambda: rc.append(agent.run()), name="bench-agent")
     mono0, cpu0 = time.monotonic(), time.process_time()

@@ -1,0 +1,90 @@
+"""The state directory's lock and parts, shared by `vgw run` and the CLI commands that read or hand over state.
+
+No thread of its own: :class:`AgentLock` is taken once by the agent's constructor (main thread) and released
+at shutdown; :func:`open_state` runs before any daemon thread starts.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+from vgw.audit import AuditLog
+from vgw.config import Config
+from vgw.consent.store import ConsentStore
+from vgw.crypto.keys import load_or_create_storage_key
+from vgw.crypto.receipts import ReceiptSigner
+from vgw.errors import StorageError
+from vgw.fsutil import ensure_private_dir
+from vgw.outbox import Outbox, open_checked
+
+STATUS_FILE = "status.json"
+LOCK_FILE = "agent.lock"
+OUTBOX_FILE = "outbox.sqlite"
+
+
+class AgentLock:
+    """An exclusive flock on the state dir: one `vgw run` per state dir; `vgw consent apply` checks it."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> bool:
+        try:
+            # O_NOFOLLOW: a link planted here must never make us truncate its target (docs/guarantees.md).
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        except OSError as exc:
+            raise StorageError(f"{self.path}: cannot open the agent lock: {exc.strerror}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    @staticmethod
+    def held_by_other(state_dir: Path) -> bool:
+        """True while a `vgw run` holds the lock; reads only (a shared flock on a read-only descriptor)."""
+        try:
+            fd = os.open(state_dir / LOCK_FILE, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise StorageError(f"{state_dir / LOCK_FILE}: cannot open the agent lock: {exc.strerror}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+
+def open_state(cfg: Config, *, check: bool = False) -> tuple[Outbox, AuditLog, ConsentStore, ReceiptSigner]:
+    """Open the state directory's parts (shared by `vgw run` and the CLI commands).
+
+    ``check`` (`vgw run` only): integrity-check the outbox first and quarantine a corrupt one (audited).
+    """
+    ensure_private_dir(cfg.state_dir)
+    storage_key = load_or_create_storage_key(cfg.device.storage_key)
+    audit = AuditLog(cfg.state_dir)
+    if check:
+        outbox, quarantined = open_checked(cfg.state_dir / OUTBOX_FILE, storage_key, cfg.device.id)
+        if quarantined is not None:
+            audit.append("outbox-quarantined", file=quarantined.file.name, reason=quarantined.reason[:200],
+                         seqs_recovered=len(quarantined.seqs_recovered))
+    else:
+        outbox = Outbox(cfg.state_dir / OUTBOX_FILE, storage_key, cfg.device.id)
+    store = ConsentStore(cfg.state_dir)
+    signer = ReceiptSigner.from_file(cfg.device.id, cfg.mqtt.key_file)
+    return outbox, audit, store, signer

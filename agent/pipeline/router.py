@@ -525,15 +525,19 @@ def _column_writer(decoder: MessageDecoder, counters: dict[str, int]) -> Callabl
     names = list(batch_var.values())
     epilogue = []
     for n in names:
+        count = f"n_{n}" if n in dynamic else str(static.get(n, 0))
         stamp = [f"if not {n}.count:", f"    {n}.opened = _mono()", f"    {n}.first_t = t",
-                 f"{n}.count += n_{n}"]
+                 f"{n}.count += {count}"]
         epilogue += [f"if n_{n}:", *(f"    {line}" for line in stamp)] if n in dynamic else stamp
-    total = " + ".join(f"n_{n}" for n in names)
-    epilogue += [f"kept = {total}", "if kept:", "    _counters['samples'] += kept"]
-    # Once per frame, before any sink: t_us is us_of(t) (vgw.crypto.envelope), each batch's count starts at
-    # the samples it always takes.
+    if dynamic:
+        epilogue += [f"kept = {' + '.join(f'n_{n}' if n in dynamic else str(static.get(n, 0)) for n in names)}",
+                     "if kept:", "    _counters['samples'] += kept"]
+    else:
+        epilogue.append(f"_counters['samples'] += {sum(static.values())}")
+    # Once per frame, before any sink: t_us is us_of(t) (vgw.crypto.envelope); a batch whose count depends on
+    # a guard or a finiteness test starts at the samples it always takes.
     setup = ["_s = int(t)", "t_us = _s * 1000000 + round((t - _s) * 1e6)",
-             *(f"n_{n} = {static.get(n, 0)}" for n in names)]
+             *(f"n_{n} = {static.get(n, 0)}" for n in names if n in dynamic)]
     return compile_sink(decoder, sinks, epilogue, env, setup=setup)
 
 

@@ -91,3 +91,22 @@ def test_the_column_writers_are_used(tmp_path: Path) -> None:
     p = Pipeline(catalogue)
     p.swap(_grants(catalogue, 0))
     assert p.router.writers and set(p.router.writers) == set(p.router.decoders)
+
+
+def test_a_consent_change_compiles_no_column_writer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A revocation rebuilds the router under the agent lock: writers are generated at a message's first
+    frame, not there (a DBC with hundreds of messages would lengthen the revocation)."""
+    import vgw.pipeline.router as router
+
+    compiled: list[str] = []
+    real = router.compile_sink
+    monkeypatch.setattr(router, "compile_sink", lambda dec, *a, **k: compiled.append(dec.name) or real(dec, *a, **k))
+    catalogue = _catalogue("vehicle.dbc", tmp_path)
+    p = Pipeline(catalogue)
+    grants = _grants(catalogue, 0)
+    p.swap(grants)
+    p.swap(grants[:1])
+    assert compiled == []
+    frames = _frames(catalogue, random.Random(3), 50)
+    p.process_frames(frames, pytest.fail)
+    assert compiled and len(compiled) == len(set(compiled))  # once per message that arrived

@@ -155,14 +155,27 @@ class Router:
         self.writers: dict[FrameKey, Callable[[bytes, float], bool]] = {}
         if counters is not None:
             for key, decoder in self.decoders.items():
-                write = _column_writer(decoder, counters)
-                if write is not None:
-                    self.writers[key] = write
+                if _writes_columns(decoder):
+                    self.writers[key] = self._compile_on_first_frame(key, decoder, counters)
         # A consented J1939 message longer than 8 bytes arrives by transport protocol (vgw.j1939.transport).
         self.j1939_long = any(j1939.is_route_key(k) and d.length > 8 for (k, _), d in self.decoders.items())
         scopes = {s for g in grants for s in g.scopes}
         extra = filter_keys(scopes, self.j1939_long) if self.j1939 else frozenset()
         self._extra_filters = frozenset((k, True) for k in extra)
+
+    def _compile_on_first_frame(self, key: FrameKey, decoder: MessageDecoder,
+                                counters: dict[str, int]) -> Callable[[bytes, float], bool]:
+        """A stand-in that generates the message's column writer at its first frame and replaces itself: a
+        consent change (a revocation holds the agent lock while the router is rebuilt) compiles nothing for
+        messages that never arrive, and a DBC with hundreds of messages does not lengthen it."""
+        def first(data: bytes, t: float) -> bool:
+            write = _column_writer(decoder, counters)
+            if write is None:  # cannot happen for a message _writes_columns accepted; the decoder path then
+                self.writers.pop(key, None)
+                return False
+            self.writers[key] = write
+            return write(data, t)
+        return first
 
     @property
     def frames(self) -> frozenset[FrameKey]:
@@ -484,10 +497,9 @@ def _column_writer(decoder: MessageDecoder, counters: dict[str, int]) -> Callabl
     kept sample lands in each of its grants' columns in decoder order, ``samples`` counts them, and a batch's
     first sample stamps ``opened``/``first_t``.
     """
-    entries = [out.key for out in decoder.outputs]
-    if not all(isinstance(e, _Entry) and e.spec.parts is None and not e.coord and e.targets
-               and all(tg.direct for tg in e.targets) for e in entries):
+    if not _writes_columns(decoder):
         return None
+    entries = [out.key for out in decoder.outputs]
     env: dict[str, Any] = {"_counters": counters, "_mono": time.monotonic, "_newcol": _new_column}
     batch_var: dict[int, str] = {}
     static: dict[str, int] = {}  # batch variable -> samples it always takes from a frame of this length
@@ -539,6 +551,12 @@ def _column_writer(decoder: MessageDecoder, counters: dict[str, int]) -> Callabl
     setup = ["_s = int(t)", "t_us = _s * 1000000 + round((t - _s) * 1e6)",
              *(f"n_{n} = {static.get(n, 0)}" for n in names if n in dynamic)]
     return compile_sink(decoder, sinks, epilogue, env, setup=setup)
+
+
+def _writes_columns(decoder: MessageDecoder) -> bool:
+    """True if every sample of ``decoder`` takes the fast path: a column writer can take the message."""
+    return all(isinstance(e, _Entry) and e.spec.parts is None and not e.coord and e.targets
+               and all(tg.direct for tg in e.targets) for e in (out.key for out in decoder.outputs))
 
 
 def _new_column(batch: GrantBatch, path: str) -> tuple[list[int], list[Any]]:

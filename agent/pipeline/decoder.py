@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -162,14 +162,21 @@ class MessageDecoder:
         return values, short
 
 
-def _compile(outputs: tuple[_Output, ...], length: int, generic: DecodeFn) -> tuple[str, DecodeFn]:
-    """Generate ``decode`` for frames of exactly ``length`` bytes; other lengths go to ``generic``.
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """Generated source for frames of one length: selector lines, then per output (guards, value)."""
 
-    Every position is resolved now: a field that cannot fit in ``length`` bytes (a lenient DBC) sends
-    every frame to the generic path, which reports it as short.
-    """
-    env: dict[str, Any] = {"_F32": _F32, "_F64": _F64, "_generic": generic}
-    body: list[str] = []
+    env: dict[str, Any]
+    selectors: list[str]  # lines computing the multiplexer selectors, in order
+    values: list[tuple[list[str], str]]  # per output: guard expressions (all must hold), value expression
+    head: list[str]  # the integer readings of ``data`` the fields need
+
+
+def _plan(outputs: tuple[_Output, ...], length: int) -> _Plan | None:
+    """Every field's expression for frames of exactly ``length`` bytes, or None if one cannot fit in them
+    (a lenient DBC: such a message takes the generic path only)."""
+    env: dict[str, Any] = {"_F32": _F32, "_F64": _F64}
+    selector_lines: list[str] = []
     readings: set[str] = set()
     selectors: dict[FieldLayout, str] = {}
 
@@ -181,8 +188,7 @@ def _compile(outputs: tuple[_Output, ...], length: int, generic: DecodeFn) -> tu
         readings.add(reading)
         return layout.expr(lsb, reading)
 
-    fits = True
-    plain: list[str] = []
+    values: list[tuple[list[str], str]] = []
     for i, out in enumerate(outputs):
         env[f"K{i}"] = out.key
         guards = []
@@ -191,48 +197,91 @@ def _compile(outputs: tuple[_Output, ...], length: int, generic: DecodeFn) -> tu
             if var is None:
                 src = raw_expr(sel)
                 if src is None:
-                    fits = False
-                    break
+                    return None
                 var = selectors[sel] = f"s{len(selectors)}"
-                body.append(f"    {var} = {src}")
+                selector_lines.append(f"{var} = {src}")
             if len(ids) == 1:
                 guards.append(f"{var} == {next(iter(ids))}")
             else:
                 env[f"I{i}_{len(guards)}"] = ids
                 guards.append(f"{var} in I{i}_{len(guards)}")
         src = raw_expr(out.layout)
-        if not fits or src is None:
-            fits = False
-            break
+        if src is None:
+            return None
         if out.layout.identity:
             value = src
         else:
             env[f"A{i}"], env[f"B{i}"] = out.layout.scale, out.layout.offset
             value = _scaled(src, out.layout.scale, out.layout.offset, f"A{i}", f"B{i}")
-        if guards:
-            body.append(f"    if {' and '.join(guards)}:")
-            body.append(f"        append((K{i}, {value}))")
-        else:
-            body.append(f"    append((K{i}, {value}))")
-            plain.append(f"(K{i}, {value})")
-    if not fits:
+        values.append((guards, value))
+    head = []
+    if "le" in readings:
+        head.append("le = _from(data, 'little')")
+    if "be" in readings:
+        head.append("be = _from(data, 'big')")
+    return _Plan(env, selector_lines, values, head)
+
+
+def _compile(outputs: tuple[_Output, ...], length: int, generic: DecodeFn) -> tuple[str, DecodeFn]:
+    """Generate ``decode`` for frames of exactly ``length`` bytes; other lengths go to ``generic``.
+
+    Every position is resolved now: a field that cannot fit in ``length`` bytes (a lenient DBC) sends
+    every frame to the generic path, which reports it as short.
+    """
+    plan = _plan(outputs, length)
+    if plan is None:
         return "# generic path only: a signal does not fit in the DBC length", generic
+    env = plan.env
+    env["_generic"] = generic
     head = ["def decode(data, _len=len, _from=int.from_bytes):",
             f"    if _len(data) != {length}:",
-            "        return _generic(data)"]
-    if "le" in readings:
-        head.append("    le = _from(data, 'little')")
-    if "be" in readings:
-        head.append("    be = _from(data, 'big')")
-    if not selectors:
+            "        return _generic(data)",
+            *(f"    {line}" for line in plan.head)]
+    if not plan.selectors:
         # No multiplexing: one list display, evaluated in order.
-        body = [f"    return [{', '.join(plain)}], 0"]
+        body = [f"    return [{', '.join(f'(K{i}, {value})' for i, (_, value) in enumerate(plan.values))}], 0"]
     else:
-        head += ["    out = []", "    append = out.append"]
+        body = ["    out = []", "    append = out.append", *(f"    {line}" for line in plan.selectors)]
+        for i, (guards, value) in enumerate(plan.values):
+            if guards:
+                body.append(f"    if {' and '.join(guards)}:")
+                body.append(f"        append((K{i}, {value}))")
+            else:
+                body.append(f"    append((K{i}, {value}))")
         body.append("    return out, 0")
     source = "\n".join([*head, *body, ""])
     exec(compile(source, f"<vgw decoder {length} B>", "exec"), env)  # noqa: S102 - our own generated code
     return source, env["decode"]
+
+
+def compile_sink(decoder: MessageDecoder, sinks: list[list[str]], epilogue: list[str], env: dict[str, Any], *,
+                 setup: Sequence[str] = ()) -> Callable[[bytes, float], bool] | None:
+    """A function ``write(data, t) -> bool`` that decodes a frame of the DBC length, runs ``setup``, then for
+    each output i whose multiplexer guards hold ``sinks[i]`` (Python lines using ``v``, the physical value, and
+    ``t``), then ``epilogue``; it returns False, doing nothing, for a frame of another length (the caller
+    then takes :attr:`MessageDecoder.decode`). None if the message has no fixed-length path."""
+    plan = _plan(decoder.outputs, decoder.length)
+    if plan is None:
+        return None
+    genv = {**plan.env, **env}
+    lines = ["def write(data, t, _len=len, _from=int.from_bytes):",
+             f"    if _len(data) != {decoder.length}:",
+             "        return False",
+             *(f"    {line}" for line in plan.head),
+             *(f"    {line}" for line in plan.selectors),
+             *(f"    {line}" for line in setup)]
+    for (guards, value), sink in zip(plan.values, sinks, strict=True):
+        indent = "    "
+        if guards:
+            lines.append(f"    if {' and '.join(guards)}:")
+            indent = "        "
+        lines.append(f"{indent}v = {value}")
+        lines.extend(f"{indent}{line}" for line in sink)
+    lines.extend(f"    {line}" for line in epilogue)
+    lines.append("    return True")
+    source = "\n".join([*lines, ""])
+    exec(compile(source, f"<vgw column writer {decoder.name}>", "exec"), genv)  # noqa: S102 - generated by us
+    return genv["write"]  # type: ignore[no-any-return]
 
 
 def _scaled(src: str, scale: int | float, offset: int | float, scale_name: str, offset_name: str) -> str:

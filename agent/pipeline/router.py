@@ -30,7 +30,7 @@ from vgw.consent.model import Grant
 from vgw.crypto.envelope import us_of
 from vgw.j1939 import ids as j1939
 from vgw.j1939.front import J1939Front, filter_keys
-from vgw.pipeline.decoder import MessageDecoder
+from vgw.pipeline.decoder import MessageDecoder, compile_sink
 from vgw.pipeline.frame import ERROR, Frame
 
 _M_PER_DEG = 111_320.0
@@ -119,7 +119,8 @@ class _Entry:
 class Router:
     """Immutable routing for one consent state; the batches it feeds are owned by the pipeline."""
 
-    def __init__(self, catalogue: Catalogue, grants: tuple[Grant, ...], batches: dict[str, GrantBatch]) -> None:
+    def __init__(self, catalogue: Catalogue, grants: tuple[Grant, ...], batches: dict[str, GrantBatch],
+                 counters: dict[str, int] | None = None) -> None:
         # Keyed by (frame id, is_extended); a J1939 message by (route key, True): its PGN, PDU1 destination
         # and source (vgw.j1939.ids).
         self.decoders: dict[FrameKey, MessageDecoder] = {}
@@ -149,11 +150,32 @@ class Router:
             # Latitude before longitude, so a frame carrying both snaps longitude with its own latitude.
             signals.sort(key=lambda s: 0 if isinstance(s[1], _Entry) and s[1].coord == "lat" else 1)
             self.decoders[key] = MessageDecoder(catalogue.messages[message_of[key]], signals)
+        #: Column writers (:func:`_column_writer`) for the messages whose every sample goes straight into columns;
+        #: built only with the pipeline's ``counters``, which they update.
+        self.writers: dict[FrameKey, Callable[[bytes, float], bool]] = {}
+        if counters is not None:
+            for key, decoder in self.decoders.items():
+                if _writes_columns(decoder):
+                    self.writers[key] = self._compile_on_first_frame(key, decoder, counters)
         # A consented J1939 message longer than 8 bytes arrives by transport protocol (vgw.j1939.transport).
         self.j1939_long = any(j1939.is_route_key(k) and d.length > 8 for (k, _), d in self.decoders.items())
         scopes = {s for g in grants for s in g.scopes}
         extra = filter_keys(scopes, self.j1939_long) if self.j1939 else frozenset()
         self._extra_filters = frozenset((k, True) for k in extra)
+
+    def _compile_on_first_frame(self, key: FrameKey, decoder: MessageDecoder,
+                                counters: dict[str, int]) -> Callable[[bytes, float], bool]:
+        """A stand-in that generates the message's column writer at its first frame and replaces itself: a
+        consent change (a revocation holds the agent lock while the router is rebuilt) compiles nothing for
+        messages that never arrive, and a DBC with hundreds of messages does not lengthen it."""
+        def first(data: bytes, t: float) -> bool:
+            write = _column_writer(decoder, counters)
+            if write is None:  # cannot happen for a message _writes_columns accepted; the decoder path then
+                self.writers.pop(key, None)
+                return False
+            self.writers[key] = write
+            return write(data, t)
+        return first
 
     @property
     def frames(self) -> frozenset[FrameKey]:
@@ -181,10 +203,6 @@ class Pipeline:
         # With no catalogue (an OBD-only agent) the pipeline still batches samples offered to it.
         self.catalogue = catalogue if catalogue is not None else Catalogue(messages={}, specs=())
         self.batches: dict[str, GrantBatch] = {}
-        self.router = Router(self.catalogue, (), self.batches)
-        self._j1939 = J1939Front() if self.router.j1939 else None  # README "SAE J1939"
-        self._parts: dict[str, list[bytes | None]] = {}
-        self._last_lat: float | None = None
         self.counters: dict[str, int] = {
             "frames": 0,
             "frames_unrouted": 0,
@@ -193,6 +211,10 @@ class Pipeline:
             "samples_rate_limited": 0,
             "samples_not_finite": 0,
         }
+        self.router = Router(self.catalogue, (), self.batches, self.counters)
+        self._j1939 = J1939Front() if self.router.j1939 else None  # README "SAE J1939"
+        self._parts: dict[str, list[bytes | None]] = {}
+        self._last_lat: float | None = None
 
     def swap(self, grants: tuple[Grant, ...]) -> list[str]:
         """Route for ``grants`` from now on. Returns ids of grants whose open batches were dropped."""
@@ -214,7 +236,7 @@ class Pipeline:
             self.batches[gid].clear()  # in-memory data of a revoked grant go at once
             _drop_rules(self.batches[gid])  # and the rules' pre-trigger history and open windows with them
         self.batches = keep
-        self.router = Router(self.catalogue, grants, self.batches)
+        self.router = Router(self.catalogue, grants, self.batches, self.counters)
         self._parts.clear()
         if self._j1939 is not None:
             self._j1939.reset({s for g in grants for s in g.scopes}, self.router.j1939_long)
@@ -241,6 +263,7 @@ class Pipeline:
         by one. A frame the pipeline fails on goes to ``on_error`` and is skipped. Returns the numbers of error
         and remote frames met (counted by the caller, never decoded)."""
         decoders = self.router.decoders
+        writers = self.router.writers
         j1939_front = self._j1939
         decode = self._decode
         errors = remotes = routed = unrouted = 0
@@ -251,8 +274,13 @@ class Pipeline:
                 else:
                     remotes += 1
                 continue
-            decoder = decoders.get((can_id, extended))
+            key = (can_id, extended)
+            write = writers.get(key)
             try:
+                if write is not None and write(data, t):
+                    routed += 1
+                    continue
+                decoder = decoders.get(key)
                 if decoder is not None:
                     routed += 1
                     decode(decoder, data, t)
@@ -456,6 +484,85 @@ class Pipeline:
             for b in self.batches.values()
             if b.count and (force or b.count >= max_samples or now - b.opened >= max_interval_s)
         ]
+
+
+def _column_writer(decoder: MessageDecoder, counters: dict[str, int]) -> Callable[[bytes, float], bool] | None:
+    """One generated function that decodes a frame of ``decoder``'s message and appends every value straight
+    to its grants' columns: what :meth:`Pipeline._decode` does on its fast path, without a list of values, a
+    loop over them and a loop over targets per frame. Only for messages whose every sample takes that fast
+    path (no rules, rate limit, snapping or multi-part string in any target); None for the others.
+
+    The same guarantees, in the same order: a non-finite value is counted in ``samples_not_finite`` and
+    dropped (checked only where the signal can hold one: an IEEE float, or a scale that could overflow), each
+    kept sample lands in each of its grants' columns in decoder order, ``samples`` counts them, and a batch's
+    first sample stamps ``opened``/``first_t``.
+    """
+    if not _writes_columns(decoder):
+        return None
+    entries = [out.key for out in decoder.outputs]
+    env: dict[str, Any] = {"_counters": counters, "_mono": time.monotonic, "_newcol": _new_column}
+    batch_var: dict[int, str] = {}
+    static: dict[str, int] = {}  # batch variable -> samples it always takes from a frame of this length
+    dynamic: set[str] = set()  # batch variables whose count depends on a guard or a finiteness test
+    sinks: list[list[str]] = []
+    for i, (out, entry) in enumerate(zip(decoder.outputs, entries, strict=True)):
+        assert isinstance(entry, _Entry)
+        env[f"P{i}"] = entry.spec.path
+        layout = out.layout
+        bound = (1 << layout.length) * abs(layout.scale) + abs(layout.offset)
+        check = layout.is_float or not math.isfinite(bound) or bound > 1e300
+        lines: list[str] = []
+        appends: list[str] = []
+        names = []
+        for target in entry.targets:
+            name = batch_var.setdefault(id(target.batch), f"G{len(batch_var)}")
+            env[name] = target.batch
+            names.append(name)
+            appends += [f"c = {name}.cols.get(P{i})",
+                        "if c is None:",
+                        f"    c = _newcol({name}, P{i})",
+                        "c[0].append(t_us)",
+                        "c[1].append(v)"]
+            if check or out.conditions:
+                appends.append(f"n_{name} += 1")
+                dynamic.add(name)
+            else:
+                static[name] = static.get(name, 0) + 1
+        if check:
+            lines += ["if v - v == 0:", *(f"    {a}" for a in appends),
+                      "else:", "    _counters['samples_not_finite'] += 1"]
+        else:
+            lines += appends
+        sinks.append(lines)
+    names = list(batch_var.values())
+    epilogue = []
+    for n in names:
+        count = f"n_{n}" if n in dynamic else str(static.get(n, 0))
+        stamp = [f"if not {n}.count:", f"    {n}.opened = _mono()", f"    {n}.first_t = t",
+                 f"{n}.count += {count}"]
+        epilogue += [f"if n_{n}:", *(f"    {line}" for line in stamp)] if n in dynamic else stamp
+    if dynamic:
+        epilogue += [f"kept = {' + '.join(f'n_{n}' if n in dynamic else str(static.get(n, 0)) for n in names)}",
+                     "if kept:", "    _counters['samples'] += kept"]
+    else:
+        epilogue.append(f"_counters['samples'] += {sum(static.values())}")
+    # Once per frame, before any sink: t_us is us_of(t) (vgw.crypto.envelope); a batch whose count depends on
+    # a guard or a finiteness test starts at the samples it always takes.
+    setup = ["_s = int(t)", "t_us = _s * 1000000 + round((t - _s) * 1e6)",
+             *(f"n_{n} = {static.get(n, 0)}" for n in names if n in dynamic)]
+    return compile_sink(decoder, sinks, epilogue, env, setup=setup)
+
+
+def _writes_columns(decoder: MessageDecoder) -> bool:
+    """True if every sample of ``decoder`` takes the fast path: a column writer can take the message."""
+    return all(isinstance(e, _Entry) and e.spec.parts is None and not e.coord and e.targets
+               and all(tg.direct for tg in e.targets) for e in (out.key for out in decoder.outputs))
+
+
+def _new_column(batch: GrantBatch, path: str) -> tuple[list[int], list[Any]]:
+    col: tuple[list[int], list[Any]] = ([], [])
+    batch.cols[path] = col
+    return col
 
 
 def _on_grid(value: float, step: float) -> float | None:

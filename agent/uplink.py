@@ -19,6 +19,12 @@ attempt or a lost connection moves to the next endpoint (in order, wrapping roun
 the persistent session (client id = device id, kept by the cluster) and the outbox are the same on every
 node, and TLS checks each node's certificate against that endpoint's host name.
 
+Replay after failover (README "Replay after failover"): a cluster node can PUBACK a message and then lose it
+(nats-server 2.9 during a stream leader election). With ``[mqtt] replay_window_s`` > 0 an acknowledged row is
+kept that long (:meth:`Outbox.mark_sent` with ``keep``), and every reconnect after the first (with several
+endpoints, always to another node) re-publishes the rows acknowledged within the window, oldest first and
+before anything newer; receivers drop the copies by (epoch, seq). ``replayed_batches`` counts them.
+
 A failed connection attempt is logged once per distinct reason (repeats go to debug and are summed up when
 the reason changes or the link comes back), so a broker that stays down or a TLS fault does not flood the
 journal.
@@ -105,6 +111,10 @@ class Uplink:
         self.ack_store_failures = 0
         self.oversized_dropped = 0  # inbound PUBLISH packets over MAX_PACKET_BYTES whose payload was dropped
         self.status_published = 0
+        self.replayed_batches = 0  # rows acknowledged before a failover, re-published and acknowledged again
+        self._replay: tuple[float, int] | None = None  # (acked since, last row id sent) while a replay runs
+        self._ever_connected = False
+        self._last_sweep = 0.0
         self._status_due = threading.Event()
         self._repeats = 0
         self._stop = threading.Event()
@@ -167,6 +177,7 @@ class Uplink:
 
     def _run(self) -> None:
         delay = self.cfg.backoff_min_s
+        self._sweep(force=True)  # rows kept by an earlier run (or under a longer window) go now
         while not self._stop.is_set():
             try:
                 delay = self._cycle(delay)
@@ -183,8 +194,10 @@ class Uplink:
         if client is None:
             self._next_endpoint()
             # Full jitter (AWS architecture blog): spreads a fleet's reconnects after a broker outage.
-            sleep = random.uniform(self.cfg.backoff_min_s, delay)
-            self._stop.wait(sleep)
+            deadline = time.monotonic() + random.uniform(self.cfg.backoff_min_s, delay)
+            while not self._stop.is_set() and (left := deadline - time.monotonic()) > 0:
+                self._stop.wait(min(left, 1.0))
+                self._sweep()  # the replay window holds while offline too (docs/privacy.md)
             return min(self.cfg.backoff_max_s, delay * 2)
         try:
             self._serve(client)
@@ -307,6 +320,11 @@ class Uplink:
         self._flush_repeats()
         self.last_error = None
         log.info("uplink connected to %s", self.endpoint)
+        window = self.cfg.replay_window
+        if self._ever_connected and window > 0:
+            # The node we left may have acknowledged rows it then lost: send what it acked within the window again.
+            self._replay = (time.time() - window, 0)
+        self._ever_connected = True
         client.subscribe(self.topic_consent, qos=1)
         self._status_due.clear()
         self._send_status(client)
@@ -354,6 +372,7 @@ class Uplink:
             if self._status_due.is_set():
                 self._status_due.clear()
                 self._send_status(client)
+            self._sweep()
             # 2. publish what is waiting, within the in-flight window and the drain rate
             now = time.monotonic()
             tokens = min(float(self.cfg.max_inflight), tokens + (now - last_refill) * self.cfg.drain_rate)
@@ -371,12 +390,26 @@ class Uplink:
             log.warning("uplink: dropped an inbound message of %d bytes (limit %d; %d so far)", size,
                         MAX_PACKET_BYTES, self.oversized_dropped)
 
+    def _sweep(self, *, force: bool = False) -> None:
+        """Delete the rows whose replay window has passed (at most once a second)."""
+        now = time.monotonic()
+        if not force and (self.cfg.replay_window <= 0 or now - self._last_sweep < 1.0):
+            return
+        self._last_sweep = now
+        try:
+            self.outbox.sweep_acked(time.time() - self.cfg.replay_window)
+        except StorageError as exc:
+            log.debug("uplink: replay window sweep failed: %s", exc)
+
     def _acked(self, item: tuple[str, Any]) -> None:
         now = time.time()
         try:
             if item[0] == "batch":
-                self.outbox.mark_sent(item[1], now)
+                self.outbox.mark_sent(item[1], now, keep=self.cfg.replay_window > 0)
                 self.published_batches += 1
+            elif item[0] == "replay":
+                self.outbox.mark_replayed(item[1].id)
+                self.replayed_batches += 1
             else:
                 self.outbox.delete_receipt(item[1])
                 self.published_receipts += 1
@@ -409,6 +442,20 @@ class Uplink:
         # The outbox lock is held across read and publish so a concurrent erasure either happens before
         # (rows gone) or after (already handed to the socket: "already sent").
         with self.outbox.exclusive():
+            if self._replay is not None:
+                since, after = self._replay
+                rows = self.outbox.replayable(since, after, room - sent)
+                for row in rows:
+                    mid = self._publish(client, self.topic_data + row.grant_id, row.payload)
+                    if mid is None:
+                        return sent
+                    inflight[mid] = ("replay", row)
+                    self._replay = (since, row.id)
+                    sent += 1
+                if sent >= room:
+                    return sent  # more may follow: newer rows wait until the replay is done
+                log.info("uplink: replayed the rows acknowledged in the last %g s", self.cfg.replay_window)
+                self._replay = None
             for row in self.outbox.pending(room - sent, busy_rows):
                 mid = self._publish(client, self.topic_data + row.grant_id, row.payload)
                 if mid is None:

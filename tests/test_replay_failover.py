@@ -11,7 +11,7 @@ from pathlib import Path
 
 from vgw.config import DEFAULT_REPLAY_WINDOW_S, load_config
 from vgw.crypto.keys import new_data_key
-from vgw.outbox import GrantTerms, Outbox
+from vgw.outbox import GrantTerms, Outbox, read_figures
 from vgw.simulators.broker import Mosquitto
 
 from tests.agentkit import AgentThread, Authority, connected_cloud, wait_until, write_config
@@ -84,6 +84,8 @@ def test_kept_rows_are_not_pending_replay_in_order_and_expire(tmp_path: Path) ->
             outbox.mark_sent(row, keep=True)
         assert [r.seq for r in outbox.pending(10)] == [3]
         assert outbox.stats()[G]["rows"] == 1  # what waits for the broker; kept copies are not a backlog
+        figures = read_figures(outbox.path)  # what `vgw status` shows
+        assert figures.stats[G]["rows"] == 1 and figures.used_bytes == outbox.total_bytes()
         assert outbox.counters()[f"sent_batches:{G}"] == 2
         assert [r.seq for r in outbox.replayable(0.0, 0, 10)] == [1, 2]
         first = outbox.replayable(0.0, 0, 1)[0]

@@ -408,7 +408,8 @@ class Uplink:
                 self.outbox.mark_sent(item[1], now, keep=self.cfg.replay_window > 0)
                 self.published_batches += 1
             elif item[0] == "replay":
-                self.outbox.mark_replayed(item[1].id)
+                # Counted here only: the privacy report counted it as sent at its first PUBACK, and it keeps that
+                # PUBACK's time, so the window still ends when it would have.
                 self.replayed_batches += 1
             else:
                 self.outbox.delete_receipt(item[1])

@@ -460,17 +460,10 @@ class Outbox(Erasing, Receipts, Counters):
             db.execute("INSERT INTO counters (name, value) VALUES (?, ?) "
                        "ON CONFLICT(name) DO UPDATE SET value = MAX(value, excluded.value)", (f"last_sent:{g}", t))
 
-    def mark_replayed(self, row_id: int, *, keep: bool = True) -> None:
-        """A replayed row was acknowledged again (by another node): restart its window (``keep``) or delete it.
-        Not counted as sent again: the privacy report counted it at its first PUBACK."""
-        with self._tx() as db:
-            if keep:
-                db.execute("UPDATE batches SET acked = ? WHERE id = ? AND acked IS NOT NULL", (time.time(), row_id))
-            else:
-                db.execute("DELETE FROM batches WHERE id = ? AND acked IS NOT NULL", (row_id,))
-
     def replayable(self, acked_since: float, after_id: int, limit: int) -> list[Row]:
         """Rows acknowledged at or after ``acked_since`` with id > ``after_id``, oldest first, decrypted.
+
+        A replayed row keeps the time of its first PUBACK, so it stays on the car at most the window after it.
 
         The same publish-time checks as :meth:`pending` (a grant in force, the terms in force), so a replay never
         sends what a narrowing or erasure has withdrawn. Reads only.
@@ -523,9 +516,12 @@ class Outbox(Erasing, Receipts, Counters):
     # -- retention and quota ------------------------------------------------------------------------
 
     def delete_older_than(self, grant_id: str, created_before: float) -> int:
+        """Delete the grant's rows created before ``created_before``; returns how many were still unsent (rows kept
+        after their PUBACK for the replay window go too, but were sent)."""
         with self._tx() as db:
-            n = db.execute("DELETE FROM batches WHERE grant_id = ? AND created < ?",
+            n = db.execute("DELETE FROM batches WHERE grant_id = ? AND created < ? AND acked IS NULL",
                            (grant_id, created_before)).rowcount
+            db.execute("DELETE FROM batches WHERE grant_id = ? AND created < ?", (grant_id, created_before))
         return int(n)
 
 

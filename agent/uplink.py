@@ -61,6 +61,8 @@ from vgw.packetguard import guard_context
 log = logging.getLogger(__name__)
 
 SESSION_EXPIRY_S = 24 * 3600
+# The second replay pass after a failover comes this fraction of the window later (README "Replay after failover").
+SECOND_PASS_AFTER = 1 / 3
 QUEUE_SLACK = 8  # paho queue beyond the in-flight window: the status message and the offline status
 # The largest packet the agent reads: a consent document at its limit plus room for the fixed header, the
 # topic and (MQTT 5) properties. Larger ones are never buffered (see agent.packetguard).
@@ -113,6 +115,7 @@ class Uplink:
         self.status_published = 0
         self.replayed_batches = 0  # rows acknowledged before a failover, re-published and acknowledged again
         self._replay: tuple[float, int] | None = None  # (acked since, last row id sent) while a replay runs
+        self._replay_again: tuple[float, float] | None = None  # (monotonic time, acked since) of the second pass
         self._ever_connected = False
         self._last_sweep = 0.0
         self._status_due = threading.Event()
@@ -323,7 +326,12 @@ class Uplink:
         window = self.cfg.replay_window
         if self._ever_connected and window > 0:
             # The node we left may have acknowledged rows it then lost: send what it acked within the window again.
-            self._replay = (time.time() - window, 0)
+            # The cluster may still be electing the leader the dead node held, and the new node acknowledges
+            # and loses the same way meanwhile (the replay included), so a second pass follows a third of the
+            # window later and sends everything acknowledged since the first pass's start once more.
+            since = time.time() - window
+            self._replay = (since, 0)
+            self._replay_again = (time.monotonic() + window * SECOND_PASS_AFTER, since)
         self._ever_connected = True
         client.subscribe(self.topic_consent, qos=1)
         self._status_due.clear()
@@ -373,6 +381,9 @@ class Uplink:
                 self._status_due.clear()
                 self._send_status(client)
             self._sweep()
+            again = self._replay_again
+            if again is not None and self._replay is None and time.monotonic() >= again[0]:
+                self._replay, self._replay_again = (again[1], 0), None
             # 2. publish what is waiting, within the in-flight window and the drain rate
             now = time.monotonic()
             tokens = min(float(self.cfg.max_inflight), tokens + (now - last_refill) * self.cfg.drain_rate)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from vgw.config import DEFAULT_REPLAY_WINDOW_S, load_config
 from vgw.crypto.keys import new_data_key
 from vgw.outbox import GrantTerms, Outbox, read_figures
@@ -21,7 +22,11 @@ G = "g-speed"
 GRANTS = {G: ["read_speedometer"]}
 
 
-def test_batches_acked_by_a_node_that_failed_reach_the_cloud_through_the_next_node(tmp_path: Path, pki) -> None:
+@pytest.mark.parametrize("window", [None, 5.0])
+def test_batches_acked_by_a_node_that_failed_reach_the_cloud_through_the_next_node(tmp_path: Path, pki,
+                                                                                  window: float | None) -> None:
+    """``window`` None: the default for several hosts. 5 s: the second pass (5/3 s after the failover) is seen
+    too: the rows A acknowledged go out twice, once in each pass."""
     auth = Authority(tmp_path)
     trace = record_trace(tmp_path, 20.0)
     with Mosquitto.from_pki(pki) as node_a, Mosquitto.from_pki(pki) as node_b, \
@@ -29,7 +34,8 @@ def test_batches_acked_by_a_node_that_failed_reach_the_cloud_through_the_next_no
         cloud.add_recipient(G, auth.recipient(G))
         cfg = write_config(tmp_path, pki, 0, auth.trust,
                            can={"replay": str(trace), "replay_rate": 2.0, "replay_loop": True},
-                           mqtt_extra={"hosts": [f"localhost:{node_a.port}", f"localhost:{node_b.port}"]})
+                           mqtt_extra={"hosts": [f"localhost:{node_a.port}", f"localhost:{node_b.port}"],
+                                       **({} if window is None else {"replay_window_s": window})})
         apply_offline(cfg, auth, GRANTS, tmp_path)
         with AgentThread(cfg) as runner:
             up = runner.agent.uplink
@@ -47,6 +53,8 @@ def test_batches_acked_by_a_node_that_failed_reach_the_cloud_through_the_next_no
             assert wait_until(lambda: up.replayed_batches >= acked_by_a - 1, 10), (up.replayed_batches, acked_by_a)
             # Replayed before anything newer: the first seqs to arrive on B are the ones A had acknowledged.
             assert cloud.seqs(DEV, G)[:3] == [1, 2, 3]
+            if window is not None:
+                assert wait_until(lambda: up.replayed_batches >= 2 * acked_by_a, 10), (up.replayed_batches, acked_by_a)
 
 
 def test_a_single_host_deletes_on_puback_as_before(tmp_path: Path, pki) -> None:

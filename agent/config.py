@@ -72,6 +72,12 @@ class ObdConfig:
     can_channel: str | None = None
 
 
+# A cluster node can PUBACK a message it then loses (nats-server 2.9 during a stream leader election,
+# docs/fleet.md "PUBACK is not storage"); its election takes seconds, so 30 s covers it with room to spare.
+DEFAULT_REPLAY_WINDOW_S = 30.0
+MAX_REPLAY_WINDOW_S = 3600.0
+
+
 @dataclass(frozen=True)
 class MqttConfig:
     host: str
@@ -89,10 +95,21 @@ class MqttConfig:
     # Every endpoint of the broker cluster, in the order tried ([mqtt] hosts, README "Configuration (TOML)"); one
     # entry, (host, port), when the config names a single host. host and port are the first endpoint.
     endpoints: tuple[tuple[str, int], ...] = ()
+    # How long an acknowledged batch is kept to be re-published after a failover (README "Replay after
+    # failover"). None: DEFAULT_REPLAY_WINDOW_S with several endpoints, 0 (delete on PUBACK) with one.
+    replay_window_s: float | None = None
 
     def __post_init__(self) -> None:
         if not self.endpoints:
             object.__setattr__(self, "endpoints", ((self.host, self.port),))
+        if self.replay_window_s is None:
+            object.__setattr__(self, "replay_window_s",
+                               DEFAULT_REPLAY_WINDOW_S if len(self.endpoints) > 1 else 0.0)
+
+    @property
+    def replay_window(self) -> float:
+        """``replay_window_s`` resolved (never None after construction)."""
+        return float(self.replay_window_s or 0.0)
 
 
 @dataclass(frozen=True)
@@ -438,11 +455,16 @@ def _mqtt(s: _Section) -> MqttConfig:
         raise ConfigError(f"{s.path}: [mqtt] protocol {protocol!r}: expected 'auto', '5' or '3.1.1'")
     if backoff_max < backoff_min:
         raise ConfigError(f"{s.path}: [mqtt] backoff_max_s must be >= backoff_min_s")
+    replay: float | None = None
+    if "replay_window_s" in s.table:
+        replay = float(s.number("replay_window_s", 0.0, minimum=0.0))
+        if replay > MAX_REPLAY_WINDOW_S:
+            raise ConfigError(f"{s.path}: [mqtt] replay_window_s: must be <= {MAX_REPLAY_WINDOW_S:g}, got {replay:g}")
     s.finish()
     return MqttConfig(host=host, port=port, ca_file=ca_file, cert_file=cert_file, key_file=key_file,
                       topic_prefix=prefix, keepalive_s=keepalive,
                       max_inflight=max_inflight, drain_rate=drain_rate, backoff_min_s=backoff_min,
-                      backoff_max_s=backoff_max, protocol=protocol, endpoints=endpoints)
+                      backoff_max_s=backoff_max, protocol=protocol, endpoints=endpoints, replay_window_s=replay)
 
 
 def _consent(s: _Section) -> ConsentConfig:

@@ -19,6 +19,12 @@ attempt or a lost connection moves to the next endpoint (in order, wrapping roun
 the persistent session (client id = device id, kept by the cluster) and the outbox are the same on every
 node, and TLS checks each node's certificate against that endpoint's host name.
 
+Replay after failover (README "Replay after failover"): a cluster node can PUBACK a message and then lose it
+(nats-server 2.9 during a stream leader election). With ``[mqtt] replay_window_s`` > 0 an acknowledged row is
+kept that long (:meth:`Outbox.mark_sent` with ``keep``), and every reconnect after the first (with several
+endpoints, always to another node) re-publishes the rows acknowledged within the window, oldest first and
+before anything newer; receivers drop the copies by (epoch, seq). ``replayed_batches`` counts them.
+
 A failed connection attempt is logged once per distinct reason (repeats go to debug and are summed up when
 the reason changes or the link comes back), so a broker that stays down or a TLS fault does not flood the
 journal.
@@ -55,6 +61,8 @@ from vgw.packetguard import guard_context
 log = logging.getLogger(__name__)
 
 SESSION_EXPIRY_S = 24 * 3600
+# The second replay pass after a failover comes this fraction of the window later (README "Replay after failover").
+SECOND_PASS_AFTER = 1 / 3
 QUEUE_SLACK = 8  # paho queue beyond the in-flight window: the status message and the offline status
 # The largest packet the agent reads: a consent document at its limit plus room for the fixed header, the
 # topic and (MQTT 5) properties. Larger ones are never buffered (see agent.packetguard).
@@ -105,6 +113,11 @@ class Uplink:
         self.ack_store_failures = 0
         self.oversized_dropped = 0  # inbound PUBLISH packets over MAX_PACKET_BYTES whose payload was dropped
         self.status_published = 0
+        self.replayed_batches = 0  # rows acknowledged before a failover, re-published and acknowledged again
+        self._replay: tuple[float, int] | None = None  # (acked since, last row id sent) while a replay runs
+        self._replay_again: tuple[float, float] | None = None  # (monotonic time, acked since) of the second pass
+        self._ever_connected = False
+        self._last_sweep = 0.0
         self._status_due = threading.Event()
         self._repeats = 0
         self._stop = threading.Event()
@@ -167,6 +180,7 @@ class Uplink:
 
     def _run(self) -> None:
         delay = self.cfg.backoff_min_s
+        self._sweep(force=True)  # rows kept by an earlier run (or under a longer window) go now
         while not self._stop.is_set():
             try:
                 delay = self._cycle(delay)
@@ -183,8 +197,10 @@ class Uplink:
         if client is None:
             self._next_endpoint()
             # Full jitter (AWS architecture blog): spreads a fleet's reconnects after a broker outage.
-            sleep = random.uniform(self.cfg.backoff_min_s, delay)
-            self._stop.wait(sleep)
+            deadline = time.monotonic() + random.uniform(self.cfg.backoff_min_s, delay)
+            while not self._stop.is_set() and (left := deadline - time.monotonic()) > 0:
+                self._stop.wait(min(left, 1.0))
+                self._sweep()  # the replay window holds while offline too (docs/privacy.md)
             return min(self.cfg.backoff_max_s, delay * 2)
         try:
             self._serve(client)
@@ -307,6 +323,16 @@ class Uplink:
         self._flush_repeats()
         self.last_error = None
         log.info("uplink connected to %s", self.endpoint)
+        window = self.cfg.replay_window
+        if self._ever_connected and window > 0:
+            # The node we left may have acknowledged rows it then lost: send what it acked within the window again.
+            # The cluster may still be electing the leader the dead node held, and the new node acknowledges
+            # and loses the same way meanwhile (the replay included), so a second pass follows a third of the
+            # window later and sends everything acknowledged since the first pass's start once more.
+            since = time.time() - window
+            self._replay = (since, 0)
+            self._replay_again = (time.monotonic() + window * SECOND_PASS_AFTER, since)
+        self._ever_connected = True
         client.subscribe(self.topic_consent, qos=1)
         self._status_due.clear()
         self._send_status(client)
@@ -357,6 +383,10 @@ class Uplink:
             if self._status_due.is_set():
                 self._status_due.clear()
                 self._send_status(client)
+            self._sweep()
+            again = self._replay_again
+            if again is not None and self._replay is None and time.monotonic() >= again[0]:
+                self._replay, self._replay_again = (again[1], 0), None
             # 2. publish what is waiting, within the in-flight window and the drain rate
             now = time.monotonic()
             tokens = min(float(self.cfg.max_inflight), tokens + (now - last_refill) * self.cfg.drain_rate)
@@ -374,15 +404,30 @@ class Uplink:
             log.warning("uplink: dropped an inbound message of %d bytes (limit %d; %d so far)", size,
                         MAX_PACKET_BYTES, self.oversized_dropped)
 
+    def _sweep(self, *, force: bool = False) -> None:
+        """Delete the rows whose replay window has passed (at most once a second)."""
+        now = time.monotonic()
+        if not force and (self.cfg.replay_window <= 0 or now - self._last_sweep < 1.0):
+            return
+        self._last_sweep = now
+        try:
+            self.outbox.sweep_acked(time.time() - self.cfg.replay_window)
+        except StorageError as exc:
+            log.debug("uplink: replay window sweep failed: %s", exc)
+
     def _acked(self, items: list[tuple[str, Any]]) -> None:
         now = time.time()
         rows = [value for kind, value in items if kind == "batch"]
         try:
             if rows:
-                self.outbox.mark_sent_many(rows, now)
+                self.outbox.mark_sent_many(rows, now, keep=self.cfg.replay_window > 0)
                 self.published_batches += len(rows)
             for kind, value in items:
-                if kind != "batch":
+                if kind == "replay":
+                    # Counted here only: the privacy report counted it as sent at its first PUBACK, and it keeps
+                    # that PUBACK's time, so the window still ends when it would have.
+                    self.replayed_batches += 1
+                elif kind != "batch":
                     self.outbox.delete_receipt(value)
                     self.published_receipts += 1
         except StorageError as exc:
@@ -414,6 +459,20 @@ class Uplink:
         # The outbox lock is held across read and publish so a concurrent erasure either happens before
         # (rows gone) or after (already handed to the socket: "already sent").
         with self.outbox.exclusive():
+            if self._replay is not None:
+                since, after = self._replay
+                rows = self.outbox.replayable(since, after, room - sent)
+                for row in rows:
+                    mid = self._publish(client, self.topic_data + row.grant_id, row.payload)
+                    if mid is None:
+                        return sent
+                    inflight[mid] = ("replay", row)
+                    self._replay = (since, row.id)
+                    sent += 1
+                if sent >= room:
+                    return sent  # more may follow: newer rows wait until the replay is done
+                log.info("uplink: replayed the rows acknowledged in the last %g s", self.cfg.replay_window)
+                self._replay = None
             for row in self.outbox.pending(room - sent, busy_rows):
                 mid = self._publish(client, self.topic_data + row.grant_id, row.payload)
                 if mid is None:

@@ -95,6 +95,9 @@ class FleetConfig:
     kill_at_s: float | None = None
     down_s: float = 10.0
     kill_role: str = "follower"
+    # nats-cluster only: keep PUBACKed batches this long and replay them after a failover, as the agent does
+    # with several [mqtt] hosts (README "Replay after failover"); 0: delete on PUBACK.
+    replay_window_s: float = 0.0
 
     def validate(self) -> None:
         if self.devices < 1 or self.devices > 100_000:
@@ -333,6 +336,7 @@ class FleetSim:
                 if engine == "nats-cluster":  # spread over the nodes; each device knows all of them
                     eps = [("localhost", p) for _h, p in broker.endpoints]
                     dev.endpoints = eps[i % len(eps):] + eps[:i % len(eps)]
+                    dev.replay_window = cfg.replay_window_s
                 w.devices.append(dev)
             setup_s = time.monotonic() - t_setup
             self.progress(f"connecting {cfg.devices} devices with {n_threads} threads")
@@ -494,6 +498,7 @@ class FleetSim:
                 "failure": failure,
                 "jetstream": js_state,
                 "connect_failures": sum(w.stats["connect_failures"] for w in workers),
+                "replayed": sum(w.stats["replayed"] for w in workers),  # README "Replay after failover"
             }
             return report
         finally:

@@ -8,6 +8,7 @@ write-interest hooks), publishing each device's batches on its own schedule.
 
 from __future__ import annotations
 
+import collections
 import heapq
 import logging
 import random
@@ -63,7 +64,13 @@ class SimDevice:
         self.seq: dict[str, int] = {}
         self.epoch = secrets.token_hex(8)  # the simulated outbox's epoch (README "Telemetry envelope")
         self.acked: dict[str, int] = {}
-        self.mids: dict[int, tuple[str, int]] = {}
+        self.mids: dict[int, tuple[str, int, bytes]] = {}
+        # Replay after failover (README "Replay after failover"), as the agent does it: PUBACKed envelopes kept
+        # replay_window seconds, re-published at a reconnect and once more a third of the window later.
+        self.replay_window = 0.0
+        self.kept: collections.deque[tuple[float, str, bytes]] = collections.deque()  # (monotonic acked, grant, env)
+        self.replay_again: tuple[float, float] | None = None  # (monotonic due, acked since)
+        self.ever_connected = False
         self.connected = False
         # Every node of the cluster, this device's first; after a lost connection it tries the next
         # (like the agent's [mqtt] hosts). Empty: the worker's single broker.
@@ -86,6 +93,19 @@ class SimDevice:
             return
         self.connected = True
         c.subscribe(f"{PREFIX}/{self.id}/consent", 1)
+        if self.ever_connected and self.replay_window > 0:
+            since = time.monotonic() - self.replay_window
+            self._replay(since)
+            self.replay_again = (time.monotonic() + self.replay_window / 3, since)
+        self.ever_connected = True
+
+    def _replay(self, since: float) -> None:
+        while self.kept and self.kept[0][0] < time.monotonic() - self.replay_window:
+            self.kept.popleft()
+        for acked, gid, env in list(self.kept):
+            if acked >= since and gid in self.grants:
+                self.client.publish(f"{PREFIX}/{self.id}/data/{gid}", env, qos=1)
+                self.worker.stats["replayed"] += 1
 
     def _on_disconnect(self, c: Any, u: Any, flags: Any, rc: Any, props: Any) -> None:
         if self.connected:
@@ -96,9 +116,11 @@ class SimDevice:
     def _on_publish(self, c: Any, u: Any, mid: int, rc: Any, props: Any) -> None:
         item = self.mids.pop(mid, None)
         if item is not None and not getattr(rc, "is_failure", False):
-            gid, _seq = item
+            gid, _seq, env = item
             self.acked[gid] = self.acked.get(gid, 0) + 1
             self.worker.stats["acked"] += 1
+            if self.replay_window > 0:
+                self.kept.append((time.monotonic(), gid, env))
 
     def _on_message(self, c: Any, u: Any, msg: Any) -> None:
         if not msg.payload:
@@ -135,6 +157,9 @@ class SimDevice:
         """Publish one batch per grant in force; returns how many."""
         if not self.connected:
             return 0
+        if self.replay_again is not None and time.monotonic() >= self.replay_again[0]:
+            self._replay(self.replay_again[1])
+            self.replay_again = None
         sent = 0
         now = time.time()
         for gid, pk in self.grants.items():
@@ -146,7 +171,7 @@ class SimDevice:
                                  "samples": samples}, pk,
                                 self.id, gid)
             info = self.client.publish(f"{PREFIX}/{self.id}/data/{gid}", env, qos=1)
-            self.mids[info.mid] = (gid, seq)
+            self.mids[info.mid] = (gid, seq, env)
             sent += 1
         return sent
 
@@ -164,7 +189,7 @@ class Worker:
         self.masks: dict[int, int] = {}
         self.stop = threading.Event()
         self.publishing = threading.Event()
-        self.stats = {"sent": 0, "acked": 0, "connect_failures": 0}
+        self.stats = {"sent": 0, "acked": 0, "connect_failures": 0, "replayed": 0}
         self.thread = threading.Thread(target=self._run, name=f"vgw-fleet-{name}", daemon=True)
         self.connect_args: tuple[str, int, str, bool] | None = None
 

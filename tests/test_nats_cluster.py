@@ -448,3 +448,49 @@ def test_agent_moves_to_another_node_when_its_node_is_killed(
     finally:
         peer.close()
         js.close()
+
+
+@pytest.mark.slow
+def test_agent_on_the_stream_leader_replays_what_the_dying_leader_acknowledged(
+    tmp_path: Path, pki: TestPKI, cluster: NatsCluster, vehicle: Any
+) -> None:
+    """Kill -9 the telemetry stream's LEADER node while the agent on it publishes: what that node acknowledged
+    and lost in the election is replayed through the next node (README "Replay after failover"), so after
+    de-duplication every seq arrives. (A device on a node that survives sees no failover and so no replay:
+    docs/fleet.md, "PUBACK is not storage".)"""
+    from vgw.cloud.jetstream import stream_leader
+    from vgw.simulators.cloud import CloudPeer
+
+    from tests.agentkit import AgentThread, Authority, write_config
+
+    auth = Authority(tmp_path)
+    js = JsRecorder(pki, cluster)
+    leader = [n.server_name for n in cluster.nodes].index(stream_leader(js.worker.opts))
+    order = [leader, (leader + 1) % 3, (leader + 2) % 3]
+    hosts = [f"localhost:{cluster.nodes[i].port}" for i in order]
+    peer = CloudPeer("localhost", cluster.nodes[order[1]].port, ca_file=pki.ca.cert, cert_file=pki.cloud.cert,
+                     key_file=pki.cloud.key, protocol="3.1.1", persistent=True, client_id="cloud-consent")
+    try:
+        peer.connect(20)
+        js.rec.add_recipient("g-keep", auth.recipient("g-keep"))
+        _push(peer, "dev-0001", auth.doc("dev-0001", {"g-keep": ["read_speedometer"]}))
+        cfg = write_config(tmp_path, pki, 0, auth.trust, can={"channel": vehicle.channel},
+                           mqtt_extra={"hosts": hosts, "protocol": "3.1.1"}, state_dir=tmp_path / "s1")
+        with AgentThread(cfg) as a1:
+            up = a1.agent.uplink
+            assert a1.wait_link(30) and up.endpoint == hosts[0]
+            rec = js.rec
+            assert rec.wait_for(lambda: len(rec.batches("dev-0001", "g-keep")) >= 5, 30)
+            cluster.kill(leader)  # kill -9 the stream leader, the agent's node, while data flow
+            assert wait_until(lambda: up.state == "connected" and up.endpoint != hosts[0], 60)
+            assert wait_until(lambda: up.replayed_batches > 0, 60)
+            newest = a1.agent.outbox.next_seq("g-keep") - 1
+            cluster.start_node(leader)
+            assert up.drain(30)
+            assert rec.wait_for(lambda: max(rec.seqs("dev-0001", "g-keep"), default=0) >= newest
+                                and rec.missing("dev-0001", "g-keep") == [], 60), rec.gaps("dev-0001", "g-keep")
+        seqs = rec.seqs("dev-0001", "g-keep")
+        assert len(seqs) == len(set(seqs)) and sorted(seqs) == list(range(1, max(seqs) + 1))
+    finally:
+        peer.close()
+        js.close()

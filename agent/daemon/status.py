@@ -103,6 +103,7 @@ class StatusView:
                          "connect_attempts": up.connect_attempts, "connect_failures": up.connect_failures,
                          "mqtt_queue_full": up.queue_full, "ack_store_failures": up.ack_store_failures,
                          "mqtt_oversized_dropped": up.oversized_dropped,
+                         "replayed_batches": up.replayed_batches,  # README "Replay after failover"
                          "consent_rejections_coalesced": self.manager.coalesced_rejections},
         }
 

@@ -14,6 +14,8 @@ Tables:
                  ``scopes`` = {scope: samples} it holds (no values), ``terms`` = the digest of the terms its
                  samples were collected under. The agent cannot re-filter a sealed row, so these two decide
                  whether a narrowed grant still permits it (README "Narrowing applies to stored data").
+                 ``acked`` = when the broker acknowledged it, for rows kept for the replay window (README
+                 "Replay after failover"); NULL while it waits to be sent.
   receipts       signed receipts waiting for the broker (no personal data, not encrypted).
   counters       named counters (drops, retention deletes, what was sent) for status and the privacy report.
                  Most add up; ``first_sent:<g>`` / ``last_sent:<g>`` (Unix seconds) are kept with a MIN / MAX

@@ -16,6 +16,14 @@ Quota: :meth:`Outbox.commit_batch` with ``quota_bytes`` drops, in the same trans
 the committing grant until the outbox fits (then, if one grant's new batch alone does not fit beside the
 others, the oldest of the largest grant). A batch already handed to the broker whose PUBACK has not come is
 never dropped for quota (it may have arrived: dropping it would make the ``dropped_quota`` count lie).
+Rows kept after their PUBACK for the replay window (below) are the first to go, and are not counted as dropped:
+the broker has them.
+
+Replay window (README "Replay after failover"): with ``keep_s`` > 0, :meth:`Outbox.mark_sent` stamps an
+acknowledged row ``acked`` instead of deleting it; it is no longer pending, but an uplink that fails over to
+another node of the cluster re-publishes the rows acked within the window (:meth:`Outbox.replayable`), since
+a node can acknowledge a message and then lose it. :meth:`Outbox.sweep_acked` deletes them once the window
+has passed. They are ordinary rows to retention, narrowing and erasure.
 
 Narrowing (README "Narrowing applies to stored data"): no sample of a scope not in force at publish time leaves the
 car. Three checks:
@@ -351,6 +359,16 @@ class Outbox(Erasing, Receipts, Counters):
         total = int(db.execute("SELECT COALESCE(SUM(LENGTH(blob)), 0) FROM batches").fetchone()[0])
         if total <= quota:
             return {}
+        # 0. Rows kept after their PUBACK for the replay window, oldest first: the broker has them, so they go
+        #    before any unsent batch and are not counted as dropped.
+        for row_id, size in db.execute("SELECT id, LENGTH(blob) FROM batches WHERE acked IS NOT NULL ORDER BY acked, id"
+                                       ).fetchall():
+            if total <= quota:
+                return {}
+            db.execute("DELETE FROM batches WHERE id = ?", (row_id,))
+            total -= int(size)
+        if total <= quota:
+            return {}
         dropped: dict[str, int] = {}
 
         def drop_from(gid: str, keep: int | None) -> None:
@@ -400,7 +418,7 @@ class Outbox(Erasing, Receipts, Counters):
             cur = self._db.execute(
                 "SELECT b.id, b.grant_id, b.seq, b.samples, b.blob, b.scopes FROM batches b "  # noqa: S608 - only "?" placeholders are formatted in
                 "JOIN active_grants a ON a.id = b.grant_id AND a.terms = b.terms "
-                f"WHERE b.grant_id NOT IN ({','.join('?' * len(skip))}) ORDER BY b.id LIMIT ?",
+                f"WHERE b.acked IS NULL AND b.grant_id NOT IN ({','.join('?' * len(skip))}) ORDER BY b.id LIMIT ?",
                 (*skip, limit + len(exclude) + len(self._undecryptable)),
             )
             rows = cur.fetchall()
@@ -454,23 +472,27 @@ class Outbox(Erasing, Receipts, Counters):
             self._attempted.discard(row_id)
             db.execute("DELETE FROM batches WHERE id = ?", (row_id,))
 
-    def mark_sent(self, row: Row, when: float | None = None) -> None:
-        """The broker acknowledged ``row``: delete it and record it for the privacy report, in one transaction.
+    def mark_sent(self, row: Row, when: float | None = None, *, keep: bool = False) -> None:
+        """The broker acknowledged ``row``: delete it (``keep``: stamp it acked, for the replay window) and record
+        it for the privacy report, in one transaction.
 
         ``sent_batches:<g>`` += 1, ``sent_samples:<g>`` += row.samples, ``first_sent:<g>`` = MIN(t),
         ``last_sent:<g>`` = MAX(t) with t = ``when`` (Unix seconds, default now). If the row is gone already
         (erased or dropped while its PUBACK was on the way) it still counts: it did reach the broker.
         """
-        self.mark_sent_many([row], when)
+        self.mark_sent_many([row], when, keep=keep)
 
-    def mark_sent_many(self, rows: Sequence[Row], when: float | None = None) -> None:
+    def mark_sent_many(self, rows: Sequence[Row], when: float | None = None, *, keep: bool = False) -> None:
         """:meth:`mark_sent` for several acknowledged rows in one transaction (one fsync for all of them)."""
         t = int(when if when is not None else time.time())
         with self._tx() as db:
             for row in rows:
                 g = row.grant_id
                 self._attempted.discard(row.id)
-                db.execute("DELETE FROM batches WHERE id = ?", (row.id,))
+                if keep:
+                    db.execute("UPDATE batches SET acked = ? WHERE id = ? AND acked IS NULL", (time.time(), row.id))
+                else:
+                    db.execute("DELETE FROM batches WHERE id = ?", (row.id,))
                 self._count_locked(f"sent_batches:{g}", 1)
                 self._count_locked(f"sent_samples:{g}", row.samples)
                 try:
@@ -485,6 +507,39 @@ class Outbox(Erasing, Receipts, Counters):
                 db.execute("INSERT INTO counters (name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE "
                            "SET value = MAX(value, excluded.value)", (f"last_sent:{g}", t))
 
+    def replayable(self, acked_since: float, after_id: int, limit: int) -> list[Row]:
+        """Rows acknowledged at or after ``acked_since`` with id > ``after_id``, oldest first, decrypted.
+
+        A replayed row keeps the time of its first PUBACK, so it stays on the car at most the window after it.
+
+        The same publish-time checks as :meth:`pending` (a grant in force, the terms in force), so a replay never
+        sends what a narrowing or erasure has withdrawn. Reads only.
+        """
+        out: list[Row] = []
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT b.id, b.grant_id, b.seq, b.samples, b.blob, b.scopes FROM batches b "
+                "JOIN active_grants a ON a.id = b.grant_id AND a.terms = b.terms "
+                "WHERE b.acked IS NOT NULL AND b.acked >= ? AND b.id > ? ORDER BY b.id LIMIT ?",
+                (acked_since, after_id, limit)).fetchall()
+            for row_id, grant_id, seq, samples, blob, scopes in rows:
+                has_key = self._db.execute("SELECT 1 FROM grant_keys WHERE grant_id = ?", (grant_id,)).fetchone()
+                if grant_id in self._unwrappable or has_key is None:
+                    continue  # key destroyed (being erased) or not readable: nothing to replay
+                try:
+                    payload = keys.open_row(self._data_key(self._db, grant_id), blob, self._aad(grant_id, seq))
+                except Exception:  # unreadable: not replayed; drop_undecryptable deletes it
+                    self._undecryptable.add(int(row_id))
+                    continue
+                out.append(Row(row_id, grant_id, seq, payload, int(samples), str(scopes)))
+        return out
+
+    def sweep_acked(self, acked_before: float) -> int:
+        """Delete the rows kept since a PUBACK older than ``acked_before`` (their replay window has passed)."""
+        with self._tx() as db:
+            return int(db.execute("DELETE FROM batches WHERE acked IS NOT NULL AND acked < ?",
+                                  (acked_before,)).rowcount)
+
     def seed_seqs(self, seqs: dict[str, int]) -> None:
         """Raise each grant's next seq to at least the given value (after a quarantine salvaged them)."""
         with self._tx() as db:
@@ -497,8 +552,8 @@ class Outbox(Erasing, Receipts, Counters):
     def stats(self) -> dict[str, dict[str, int]]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT grant_id, COUNT(*), COALESCE(SUM(LENGTH(blob)), 0) FROM batches GROUP BY grant_id"
-            ).fetchall()
+                "SELECT grant_id, COUNT(*), COALESCE(SUM(LENGTH(blob)), 0) FROM batches WHERE acked IS NULL "
+                "GROUP BY grant_id").fetchall()
         return {g: {"rows": int(n), "bytes": int(b)} for g, n, b in rows}
 
     def total_bytes(self) -> int:
@@ -508,9 +563,12 @@ class Outbox(Erasing, Receipts, Counters):
     # -- retention and quota ------------------------------------------------------------------------
 
     def delete_older_than(self, grant_id: str, created_before: float) -> int:
+        """Delete the grant's rows created before ``created_before``; returns how many were still unsent (rows kept
+        after their PUBACK for the replay window go too, but were sent)."""
         with self._tx() as db:
-            n = db.execute("DELETE FROM batches WHERE grant_id = ? AND created < ?",
+            n = db.execute("DELETE FROM batches WHERE grant_id = ? AND created < ? AND acked IS NULL",
                            (grant_id, created_before)).rowcount
+            db.execute("DELETE FROM batches WHERE grant_id = ? AND created < ?", (grant_id, created_before))
         return int(n)
 
 

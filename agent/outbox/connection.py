@@ -19,8 +19,8 @@ from vgw.errors import OutboxUnwritable, StorageError, StorageFault, StorageOpen
 from vgw.fsutil import create_private, refuse_symlink
 
 BUSY_TIMEOUT_S = 10.0  # how long a statement waits for another process's lock
-# 1: scopes per batch. 2: terms per batch and per active grant, meta (epoch).
-SCHEMA_VERSION = 2
+# 1: scopes per batch. 2: terms per batch and per active grant, meta (epoch). 3: acked per batch (replay window).
+SCHEMA_VERSION = 3
 # Stamp of rows stored before terms were recorded: judged by their scopes alone (see Outbox.apply_terms).
 LEGACY_TERMS = "legacy"
 
@@ -39,6 +39,7 @@ _SCHEMA = (
         blob BLOB NOT NULL,
         scopes TEXT NOT NULL DEFAULT '{}',
         terms TEXT NOT NULL DEFAULT '',
+        acked REAL,
         UNIQUE (grant_id, seq)
     )""",
     "CREATE INDEX IF NOT EXISTS batches_grant ON batches (grant_id, id)",
@@ -125,6 +126,8 @@ class Connection:
             # in force (apply_terms, at start) by the scopes they hold; rows without scopes are dropped.
             db.execute("ALTER TABLE batches ADD COLUMN terms TEXT NOT NULL DEFAULT ''")
             db.execute("UPDATE batches SET terms = ?", (LEGACY_TERMS,))
+        if "acked" not in batch_cols:  # NULL: waiting for its PUBACK (README "Replay after failover")
+            db.execute("ALTER TABLE batches ADD COLUMN acked REAL")
         if "terms" not in {r[1] for r in db.execute("PRAGMA table_info(active_grants)")}:
             db.execute("ALTER TABLE active_grants ADD COLUMN terms TEXT NOT NULL DEFAULT ''")
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")

@@ -15,7 +15,7 @@ from vgw.outbox.connection import BUSY_TIMEOUT_S
 class OutboxFigures:
     """What `vgw status` and `vgw report` show of an outbox: counts and sizes, never contents."""
 
-    stats: dict[str, dict[str, int]]  # grant id -> {"rows": n, "bytes": n}
+    stats: dict[str, dict[str, int]]  # grant id -> {"rows": n, "bytes": n} waiting for the broker
     counters: dict[str, int]
     receipts_queued: int
     used_bytes: int
@@ -55,16 +55,24 @@ def _file_state(path: Path) -> tuple[int, int] | None:
     return st.st_size, st.st_mtime_ns
 
 
+def _waiting(db: sqlite3.Connection) -> str:
+    """The WHERE clause for rows still waiting for the broker: not those kept after their PUBACK for the replay
+    window (README "Replay after failover"; an outbox written before that column existed has none)."""
+    return "WHERE acked IS NULL" if "acked" in {r[1] for r in db.execute("PRAGMA table_info(batches)")} else ""
+
+
 def _read_figures(path: Path, mode: str) -> OutboxFigures:
     try:
         db = sqlite3.connect(f"{path.absolute().as_uri()}?{mode}", uri=True, timeout=BUSY_TIMEOUT_S)
         try:
             stats = {str(g): {"rows": int(n), "bytes": int(b)} for g, n, b in db.execute(
-                "SELECT grant_id, COUNT(*), COALESCE(SUM(LENGTH(blob)), 0) FROM batches GROUP BY grant_id")}
+                f"SELECT grant_id, COUNT(*), COALESCE(SUM(LENGTH(blob)), 0) FROM batches {_waiting(db)} "  # noqa: S608
+                "GROUP BY grant_id")}
             counters = {str(k): int(v) for k, v in db.execute("SELECT name, value FROM counters")}
             receipts = int(db.execute("SELECT COUNT(*) FROM receipts").fetchone()[0])
+            used = int(db.execute("SELECT COALESCE(SUM(LENGTH(blob)), 0) FROM batches").fetchone()[0])
         finally:
             db.close()
     except sqlite3.DatabaseError as exc:
         raise StorageError(f"{path}: cannot read outbox: {exc}") from exc
-    return OutboxFigures(stats, counters, receipts, sum(s["bytes"] for s in stats.values()))
+    return OutboxFigures(stats, counters, receipts, used)  # used: kept rows too (they take room)

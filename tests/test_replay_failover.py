@@ -1,0 +1,154 @@
+"""Replay after failover (README "Replay after failover"): rows acknowledged by a node that then failed go out
+again through the next node, and the replay window is an ordinary, bounded part of the outbox.
+
+The end-to-end test uses two private mosquitto brokers as two "endpoints" of one cluster: broker A acknowledges
+every batch but nobody reads it there (a node that acked and lost), the cloud peer reads on broker B only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from vgw.config import DEFAULT_REPLAY_WINDOW_S, load_config
+from vgw.crypto.keys import new_data_key
+from vgw.outbox import GrantTerms, Outbox, read_figures
+from vgw.simulators.broker import Mosquitto
+
+from tests.agentkit import AgentThread, Authority, connected_cloud, wait_until, write_config
+from tests.faultkit import DEV, apply_offline, record_trace
+
+G = "g-speed"
+GRANTS = {G: ["read_speedometer"]}
+
+
+@pytest.mark.parametrize("window", [None, 5.0])
+def test_batches_acked_by_a_node_that_failed_reach_the_cloud_through_the_next_node(tmp_path: Path, pki,
+                                                                                  window: float | None) -> None:
+    """``window`` None: the default for several hosts. 5 s: the second pass (5/3 s after the failover) is seen
+    too: the rows A acknowledged go out twice, once in each pass."""
+    auth = Authority(tmp_path)
+    trace = record_trace(tmp_path, 20.0)
+    with Mosquitto.from_pki(pki) as node_a, Mosquitto.from_pki(pki) as node_b, \
+            connected_cloud(node_b, pki) as cloud:
+        cloud.add_recipient(G, auth.recipient(G))
+        cfg = write_config(tmp_path, pki, 0, auth.trust,
+                           can={"replay": str(trace), "replay_rate": 2.0, "replay_loop": True},
+                           mqtt_extra={"hosts": [f"localhost:{node_a.port}", f"localhost:{node_b.port}"],
+                                       **({} if window is None else {"replay_window_s": window})})
+        apply_offline(cfg, auth, GRANTS, tmp_path)
+        with AgentThread(cfg) as runner:
+            up = runner.agent.uplink
+            assert runner.wait_link()
+            assert up.endpoint == f"localhost:{node_a.port}"
+            assert wait_until(lambda: up.published_batches >= 5, 15)  # acknowledged by A, read by nobody
+            node_a.kill()  # the node that acknowledged them is gone
+            acked_by_a = up.published_batches
+            assert wait_until(lambda: up.state == "connected" and up.endpoint == f"localhost:{node_b.port}", 15)
+            newest = runner.agent.outbox.next_seq(G) - 1
+            # Every seq from 1 arrives on B: the ones A acknowledged (replayed) and the ones after.
+            assert cloud.wait_for(lambda: max(cloud.seqs(DEV, G), default=0) >= newest, 20)
+            assert cloud.missing(DEV, G) == [], cloud.gaps(DEV, G)
+            assert min(cloud.seqs(DEV, G)) == 1
+            assert wait_until(lambda: up.replayed_batches >= acked_by_a - 1, 10), (up.replayed_batches, acked_by_a)
+            # Replayed before anything newer: the first seqs to arrive on B are the ones A had acknowledged.
+            assert cloud.seqs(DEV, G)[:3] == [1, 2, 3]
+            if window is not None:
+                assert wait_until(lambda: up.replayed_batches >= 2 * acked_by_a, 10), (up.replayed_batches, acked_by_a)
+
+
+def test_a_single_host_deletes_on_puback_as_before(tmp_path: Path, pki) -> None:
+    auth = Authority(tmp_path)
+    cfg = write_config(tmp_path, pki, 1883, auth.trust, can={"channel": "x"})
+    assert load_config(cfg).mqtt.replay_window == 0.0
+    explicit = write_config(tmp_path, pki, 1883, auth.trust, can={"channel": "x"},
+                            mqtt_extra={"replay_window_s": 5})
+    assert load_config(explicit).mqtt.replay_window == 5.0
+    several = write_config(tmp_path, pki, 0, auth.trust, can={"channel": "x"},
+                           mqtt_extra={"hosts": ["a.example:8883", "b.example:8883"]})
+    assert load_config(several).mqtt.replay_window == DEFAULT_REPLAY_WINDOW_S  # a cluster: on by default
+
+
+# -- the outbox ----------------------------------------------------------------------------------------------
+
+
+def _outbox(tmp_path: Path) -> Outbox:
+    outbox = Outbox(tmp_path / "outbox.sqlite", new_data_key(), DEV)
+    outbox.apply_terms({G: GrantTerms("t1", frozenset({"read_speedometer"}))})
+    return outbox
+
+
+def _commit(outbox: Outbox, n: int = 1, **kw) -> None:
+    for _ in range(n):
+        outbox.commit_batch(G, lambda seq: b"envelope %d" % seq + b"." * 200, 1.0, 1,
+                            scopes={"read_speedometer": 1}, **kw)
+
+
+def test_kept_rows_are_not_pending_replay_in_order_and_expire(tmp_path: Path) -> None:
+    outbox = _outbox(tmp_path)
+    try:
+        _commit(outbox, 3)
+        for row in outbox.pending(2):
+            outbox.mark_sent(row, keep=True)
+        assert [r.seq for r in outbox.pending(10)] == [3]
+        assert outbox.stats()[G]["rows"] == 1  # what waits for the broker; kept copies are not a backlog
+        figures = read_figures(outbox.path)  # what `vgw status` shows
+        assert figures.stats[G]["rows"] == 1 and figures.used_bytes == outbox.total_bytes()
+        assert outbox.counters()[f"sent_batches:{G}"] == 2
+        assert [r.seq for r in outbox.replayable(0.0, 0, 10)] == [1, 2]
+        first = outbox.replayable(0.0, 0, 1)[0]
+        assert [r.seq for r in outbox.replayable(0.0, first.id, 10)] == [2]  # the cursor moves on
+        assert outbox.sweep_acked(0.0) == 0  # still within the window
+        assert outbox.sweep_acked(float("inf")) == 2  # window passed: gone
+        assert outbox.replayable(0.0, 0, 10) == [] and [r.seq for r in outbox.pending(10)] == [3]
+    finally:
+        outbox.close()
+
+
+def test_quota_drops_kept_rows_first_and_does_not_count_them(tmp_path: Path) -> None:
+    outbox = _outbox(tmp_path)
+    try:
+        _commit(outbox, 4)
+        for row in outbox.pending(2):
+            outbox.mark_sent(row, keep=True)
+        size = outbox.total_bytes() // 4
+        c = outbox.commit_batch(G, lambda seq: b"envelope %d" % seq + b"." * 200, 1.0, 1,
+                                scopes={"read_speedometer": 1}, quota_bytes=size * 4)
+        assert c.dropped == {}  # a kept row made room, not an unsent batch
+        assert [r.seq for r in outbox.pending(10)] == [3, 4, 5]
+        assert [r.seq for r in outbox.replayable(0.0, 0, 10)] == [2]
+        assert f"dropped_quota:{G}" not in outbox.counters()
+    finally:
+        outbox.close()
+
+
+def test_erasure_and_narrowing_cover_kept_rows(tmp_path: Path) -> None:
+    outbox = _outbox(tmp_path)
+    try:
+        _commit(outbox, 2)
+        for row in outbox.pending(10):
+            outbox.mark_sent(row, keep=True)
+        # Terms changed to ones that no longer permit the scope: the kept rows are withdrawn, never replayed.
+        outbox.apply_terms({G: GrantTerms("t2", frozenset({"read_odometer"}), since="t1")})
+        assert outbox.replayable(0.0, 0, 10) == []
+        assert outbox._db.execute("SELECT COUNT(*) FROM batches").fetchone()[0] == 0
+        outbox.apply_terms({G: GrantTerms("t3", frozenset({"read_speedometer"}), since="t2")})
+        _commit(outbox, 2)
+        for row in outbox.pending(10):
+            outbox.mark_sent(row, keep=True)
+        erased = outbox.erase_grant(G)
+        assert erased.batches_deleted == 2 and erased.key_destroyed
+        assert outbox.replayable(0.0, 0, 10) == []
+    finally:
+        outbox.close()
+
+
+def test_retention_deletes_kept_rows_but_counts_only_unsent_ones(tmp_path: Path) -> None:
+    outbox = _outbox(tmp_path)
+    try:
+        _commit(outbox, 3)
+        outbox.mark_sent(outbox.pending(1)[0], keep=True)
+        assert outbox.delete_older_than(G, float("inf")) == 2  # deleted unsent: the kept one had been sent
+        assert outbox._db.execute("SELECT COUNT(*) FROM batches").fetchone()[0] == 0
+    finally:
+        outbox.close()

@@ -20,6 +20,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any
@@ -203,30 +204,38 @@ def run_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _event_sink(out: IO[str], count: int | None) -> tuple[Callable[[dict[str, Any]], None], threading.Event]:
+    """One JSON line per event on ``out`` (from any thread); the event returned is set once ``count`` batches
+    were written (None: never)."""
+    lock = threading.Lock()
+    stop = threading.Event()
+    batches = 0
+
+    def emit(event: dict[str, Any]) -> None:
+        nonlocal batches
+        with lock:
+            out.write(json.dumps(event, separators=(",", ":")) + "\n")
+            out.flush()
+            if event["type"] == "batch":
+                batches += 1
+                if count is not None and batches >= count:
+                    stop.set()
+
+    return emit, stop
+
+
 def run_listen(args: argparse.Namespace) -> int:
     from vgw.cloud.cloudkit import CloudKitError, load_device_certs, load_recipient_keys
     from vgw.cloud.cloudlink import CloudLink, Listener
 
     recipients = load_recipient_keys(args.recipient)
     keys = load_device_certs(args.device_cert)
-    lock = threading.Lock()
-    stop = threading.Event()
-    batches = [0]
-
-    def emit(event: dict[str, Any]) -> None:
-        with lock:
-            out.write(json.dumps(event, separators=(",", ":")) + "\n")
-            out.flush()
-            if event["type"] == "batch":
-                batches[0] += 1
-                if args.count is not None and batches[0] >= args.count:
-                    stop.set()
-
     if (args.broker is None) == (args.nats is None):
         raise CloudKitError("vgw cloud listen: give either --broker HOST:PORT (MQTT) or --nats HOST:PORT[,...]")
     if args.nats is not None:
         return _listen_nats(args, recipients, keys)
     out: IO[str] = open(args.out, "a", buffering=1) if args.out else sys.stdout
+    emit, stop = _event_sink(out, args.count)
     listener = Listener(args.prefix, recipients, keys, emit, detect_gaps=not args.share)
     link = CloudLink(_opts(args), on_message=listener.handle)
     previous = _on_signals(stop)
@@ -280,19 +289,7 @@ def _listen_nats(args: argparse.Namespace, recipients: Any, keys: Any) -> int:
     import os
 
     out: IO[str] = open(args.out, "a", buffering=1) if args.out else sys.stdout
-    lock = threading.Lock()
-    stop = threading.Event()
-    batches = [0]
-
-    def emit(event: dict[str, Any]) -> None:
-        with lock:
-            out.write(json.dumps(event, separators=(",", ":")) + "\n")
-            out.flush()
-            if event["type"] == "batch":
-                batches[0] += 1
-                if args.count is not None and batches[0] >= args.count:
-                    stop.set()
-
+    emit, stop = _event_sink(out, args.count)
     listener = Listener(args.prefix, recipients, keys, emit, detect_gaps=False)
     opts = NatsOptions(servers=parse_servers(args.nats), ca_file=args.ca, cert_file=args.cert,
                        key_file=args.tls_key, prefix=args.prefix, stream=args.stream, durable=args.durable,

@@ -1,16 +1,6 @@
 """Batches in the outbox: the grants allowed to store, their data keys and terms, the sealed batches.
 
-Tables (the whole outbox is described in :mod:`vgw.outbox`):
-  active_grants  grants allowed to store data now, each with the digest of its terms in force
-                 (:func:`vgw.consent.narrowing.terms_digest`); inserts and key creation check it in the
-                 same transaction, so a grant revoked by another process (``vgw consent apply``) can never
-                 store again even before this process notices.
-  grant_keys     per-grant AES-256-GCM data key, wrapped by the device storage key.
-  seqs           next ``seq`` per grant; assigned at commit, so sequences survive crashes with no gap/reuse.
-  batches        sealed envelopes, each encrypted again with its grant's data key (aad binds device/grant/seq);
-                 ``scopes`` = {scope: samples} it holds (no values), ``terms`` = the digest of the terms its
-                 samples were collected under. The agent cannot re-filter a sealed row, so these two decide
-                 whether a narrowed grant still permits it (README "Narrowing applies to stored data").
+Tables: ``active_grants``, ``grant_keys``, ``seqs`` and ``batches`` (each described in :mod:`vgw.outbox`).
 
 Quota: :meth:`Outbox.commit_batch` with ``quota_bytes`` drops, in the same transaction, the oldest batches of
 the committing grant until the outbox fits (then, if one grant's new batch alone does not fit beside the

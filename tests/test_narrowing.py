@@ -313,3 +313,25 @@ def test_a_changed_rule_withdraws_only_the_stored_data_of_its_scope(tmp_path):
     assert (w.kinds, w.batches_deleted, w.samples_deleted) == ({NarrowingKind.RULES_CHANGED}, 1, 2)
     assert [r.seq for r in outbox.pending(10)] == [2]  # the odometer batch stays
     outbox.close()
+
+
+
+def test_a_narrowing_over_a_key_that_cannot_be_unwrapped_destroys_it_and_its_rows(tmp_path: Path) -> None:
+    """README "Receipts": an erasure receipt says key_destroyed true; a key sealed under a replaced storage key
+    cannot be re-sealed, so it goes with the rows it sealed (nobody could read or send them) instead of staying."""
+    wide, narrow = _grant(), _grant(("read_speedometer",))
+    path = tmp_path / "outbox.sqlite"
+    outbox = Outbox(path, new_data_key(), DEV)
+    outbox.apply_terms({wide.id: GrantTerms(terms_digest(wide), frozenset(wide.scopes))})
+    outbox.commit_batch(wide.id, lambda seq: b"sealed", 1.0, 3, scopes={"read_odometer": 3})
+    outbox.commit_batch(wide.id, lambda seq: b"sealed", 2.0, 2, scopes={"read_speedometer": 2})
+    outbox.close()
+    other = Outbox(path, new_data_key(), DEV)  # the storage key was replaced: the data key does not unwrap
+    [w] = other.apply_terms({wide.id: GrantTerms(terms_digest(narrow), frozenset(narrow.scopes),
+                                                 narrowing(wide, narrow), terms_digest(wide))})
+    assert NarrowingKind.SCOPE_REMOVED in w.kinds
+    assert w.key_destroyed and not w.pending
+    assert not other.has_key(wide.id)
+    assert other.stats().get(wide.id, {}).get("rows", 0) == 0
+    assert other.counters().get(f"unreadable_deleted:{wide.id}") == 1
+    other.close()

@@ -225,14 +225,22 @@ class Outbox(Erasing, Receipts, Counters):
         return Withdrawal(gid, frozenset(kinds), n.scopes, len(deleted), samples_deleted, key_destroyed)
 
     def _rotate_key(self, db: sqlite3.Connection, gid: str, digest: str) -> bool:
-        """Replace the grant's data key and seal its remaining rows with the new one. True if the old key is
-        gone (or there was none); False if it cannot be unwrapped (the rows stay under it, unreadable)."""
+        """Replace the grant's data key and seal its remaining rows with the new one; True: the old key is gone.
+
+        A key that cannot be unwrapped (the storage key was replaced) sealed rows nobody can read or send: they
+        are deleted with it (counted ``unreadable_deleted:<g>``), so an erasure receipt can say the key is
+        destroyed (README "Receipts") rather than leave it in the file.
+        """
         if db.execute("SELECT 1 FROM grant_keys WHERE grant_id = ?", (gid,)).fetchone() is None:
             return True
         try:
             old = self._data_key(db, gid)
         except StorageError:
-            return False
+            gone = db.execute("DELETE FROM batches WHERE grant_id = ?", (gid,)).rowcount
+            db.execute("DELETE FROM grant_keys WHERE grant_id = ?", (gid,))
+            self._data_keys.pop(gid, None)
+            self._count_locked(f"unreadable_deleted:{gid}", int(gone))
+            return True
         new = keys.new_data_key()
         for row_id, seq, blob in db.execute("SELECT id, seq, blob FROM batches WHERE grant_id = ?",
                                             (gid,)).fetchall():

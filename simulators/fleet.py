@@ -422,7 +422,8 @@ class FleetSim:
             while time.monotonic() < end:
                 with cloud.lock:
                     got = cloud.delivered
-                    erasures = sum(1 for _d, c, _a in cloud.receipts[receipts_before:] if c.get("typ") == "erasure")
+                    erasures = len({(d, c.get("grant"), c.get("ver")) for d, c, _a in cloud.receipts[receipts_before:]
+                                    if c.get("typ") == "erasure"})  # distinct: a receipt may come twice
                 if got >= expected and erasures >= revoked:  # data and the erasure receipts of the run
                     break
                 if group is not None and time.monotonic() >= next_state:
@@ -453,10 +454,13 @@ class FleetSim:
                 s = {n for _epoch, n in seen.get((d, g), set())}  # one epoch per simulated device
                 lost += sum(1 for n in range(lo + 1, hi + 1) if n not in s)
             rev_lat, grant_lat = [], []
+            counted: set[tuple[str, str, str, int]] = set()  # a receipt sent again after a failover counts once
             for d, claims, arrived in receipts:
                 at = pushed_at.get((d, int(claims.get("ver", -1))))
-                if at is None:
+                receipt_key = (d, str(claims.get("typ")), str(claims.get("grant", "")), int(claims.get("ver", -1)))
+                if at is None or receipt_key in counted:
                     continue
+                counted.add(receipt_key)
                 if claims.get("typ") == "erasure":
                     rev_lat.append(arrived - at)
                 elif claims.get("typ") == "consent-applied" and (d, int(claims["ver"])) in {

@@ -70,6 +70,10 @@ class SimDevice:
         self.replay_window = 0.0
         self.kept: collections.deque[tuple[float, str, bytes]] = collections.deque()  # (monotonic acked, grant, env)
         self.replay_again: tuple[float, float] | None = None  # (monotonic due, acked since)
+        # Receipts, as the agent keeps them in its outbox: sent again after a reconnect until PUBACKed, and
+        # (with a replay window) kept that long after it, like envelopes.
+        self.receipt_mids: dict[int, str] = {}  # mid -> receipt not yet acknowledged
+        self.kept_receipts: collections.deque[tuple[float, str]] = collections.deque()  # (monotonic acked, token)
         self.ever_connected = False
         self.connected = False
         # Every node of the cluster, this device's first; after a lost connection it tries the next
@@ -93,6 +97,10 @@ class SimDevice:
             return
         self.connected = True
         c.subscribe(f"{PREFIX}/{self.id}/consent", 1)
+        if self.ever_connected:
+            unacked, self.receipt_mids = list(self.receipt_mids.values()), {}
+            for token in unacked:
+                self._publish_receipt(token)
         if self.ever_connected and self.replay_window > 0:
             since = time.monotonic() - self.replay_window
             self._replay(since)
@@ -106,6 +114,11 @@ class SimDevice:
             if acked >= since and gid in self.grants:
                 self.client.publish(f"{PREFIX}/{self.id}/data/{gid}", env, qos=1)
                 self.worker.stats["replayed"] += 1
+        while self.kept_receipts and self.kept_receipts[0][0] < time.monotonic() - self.replay_window:
+            self.kept_receipts.popleft()
+        for acked, token in list(self.kept_receipts):
+            if acked >= since:
+                self.client.publish(f"{PREFIX}/{self.id}/receipt", token, qos=1)
 
     def _on_disconnect(self, c: Any, u: Any, flags: Any, rc: Any, props: Any) -> None:
         if self.connected:
@@ -114,6 +127,9 @@ class SimDevice:
         self.worker.forget(self)
 
     def _on_publish(self, c: Any, u: Any, mid: int, rc: Any, props: Any) -> None:
+        token = self.receipt_mids.pop(mid, None)
+        if token is not None and self.replay_window > 0 and not getattr(rc, "is_failure", False):
+            self.kept_receipts.append((time.monotonic(), token))
         item = self.mids.pop(mid, None)
         if item is not None and not getattr(rc, "is_failure", False):
             gid, _seq, env = item
@@ -151,7 +167,11 @@ class SimDevice:
     def _receipt(self, claims: dict[str, Any]) -> None:
         token = jwt.encode({**claims, "sub": self.id, "iat": int(time.time())}, self.key, algorithm="ES256",
                            headers={"typ": "vgw-receipt+jwt"})
-        self.client.publish(f"{PREFIX}/{self.id}/receipt", token, qos=1)
+        self._publish_receipt(token)
+
+    def _publish_receipt(self, token: str) -> None:
+        info = self.client.publish(f"{PREFIX}/{self.id}/receipt", token, qos=1)
+        self.receipt_mids[info.mid] = token
 
     def tick(self, n_samples: int) -> int:
         """Publish one batch per grant in force; returns how many."""

@@ -57,7 +57,8 @@ def test_fleet_on_a_nats_cluster_with_a_node_killed_loses_nothing() -> None:
     """The CI form of docs/fleet.md's cluster run: 30 devices over 3 nodes, 2 consumer worker processes on
     the durable consumer, a node that does not lead the telemetry stream killed (SIGKILL) and restarted."""
     report = FleetSim(FleetConfig(devices=30, rate_hz=2.0, duration_s=10.0, churn_hz=2.0, broker="nats-cluster",
-                                  threads=3, consumers=2, kill_at_s=3.0, down_s=4.0, drain_s=20.0)).run()
+                                  threads=3, consumers=2, kill_at_s=3.0, down_s=4.0, drain_s=20.0,
+                                  replay_window_s=30.0)).run()  # the agent's default with several hosts
     failure = report["failure"]
     assert failure is not None and failure["role"] == "follower" and "restarted_at_s" in failure
     assert failure["devices_on_node"] >= 1 and report["device_failovers"] >= failure["devices_on_node"]

@@ -467,6 +467,12 @@ class FleetSim:
                         (e[1], e[2]) for e in churn_events if e[0] == "grant"}:
                     grant_lat.append(arrived - at)
             revokes = sum(1 for e in churn_events if e[0] == "revoke")
+            # A grant pushed while its device was away and revoked again before it came back was never in force
+            # there (the retained consent holds only the newest document): nothing to erase, no receipt owed.
+            applied = {(d, int(c["ver"])) for d, c, _a in receipts if c.get("typ") == "consent-applied"}
+            granted = {(e[1], e[2]) for e in churn_events if e[0] == "grant"}
+            never_in_force = sum(1 for e in churn_events if e[0] == "revoke" and (e[1], e[2] - 1) in granted
+                                 and (e[1], e[2] - 1) not in applied)
             report = {
                 "broker": engine if broker is None else f"{engine} (private, 127.0.0.1, mTLS)",
                 "protocol": f"MQTT {protocol}",
@@ -492,6 +498,7 @@ class FleetSim:
                 "bad_receipts": bad,
                 "e2e_latency_ms": _pct(lat),
                 "revocations": revokes,
+                "revocations_owing_a_receipt": revokes - never_in_force,
                 "revocation_to_receipt_ms": _pct(rev_lat),
                 "grant_to_applied_ms": _pct(grant_lat),
                 "device_disconnects": sum(dev.disconnects for dev in all_devs),

@@ -68,7 +68,10 @@ def test_fleet_on_a_nats_cluster_with_a_node_killed_loses_nothing() -> None:
     # reader reaches after it started; "lost" is the exact check
     assert report["batches_delivered"] >= report["batches_sent"] > 0
     assert report["revocations"] >= 5
-    assert report["revocation_to_receipt_ms"]["n"] == report["revocations"]
+    # every revocation of a grant that was in force on its device has its erasure receipt (a grant granted and
+    # revoked while the device was away was never in force there: the retained consent is only the newest)
+    assert report["revocation_to_receipt_ms"]["n"] == report["revocations_owing_a_receipt"]
+    assert report["revocations_owing_a_receipt"] >= report["revocations"] - 2
     assert report["consumers"] == 2
 
 

@@ -145,12 +145,7 @@ class SlcanPtyBus(can.BusABC):
             os.close(self._master)
 
     def _recv_internal(self, timeout: float | None) -> tuple[can.Message | None, bool]:
-        try:
-            if timeout is None:
-                return self._rx.get(), False
-            return self._rx.get(timeout=timeout), False
-        except queue.Empty:
-            return None, False
+        return _take(self._rx, timeout), False
 
     # --- the adapter side -------------------------------------------------------------------------
 
@@ -332,12 +327,7 @@ class SlcanPtyGroup(can.BusABC):
             adapter.send(msg, timeout)
 
     def _recv_internal(self, timeout: float | None) -> tuple[can.Message | None, bool]:
-        try:
-            if timeout is None:
-                return self._rx.get(), False
-            return self._rx.get(timeout=timeout), False
-        except queue.Empty:
-            return None, False
+        return _take(self._rx, timeout), False
 
     def shutdown(self) -> None:
         """Close every pty and remove the links that still point at them (idempotent)."""
@@ -363,3 +353,11 @@ def _replace_link(link: str, target: str) -> None:
 
 def _is_hex(text: str) -> bool:
     return bool(text) and all(c in "0123456789abcdefABCDEF" for c in text)
+
+
+def _take(rx: queue.SimpleQueue[can.Message], timeout: float | None) -> can.Message | None:
+    """The next frame a simulated adapter received, waiting up to ``timeout`` (None: for ever)."""
+    try:
+        return rx.get(timeout=timeout)
+    except queue.Empty:
+        return None

@@ -134,18 +134,9 @@ def read_frames(fh: BinaryIO) -> Iterator[can.Message | DamagedLine]:
                 raw = fh.readline(64 * 1024)
             yield DamagedLine(number, Damage.TOO_LONG)
             continue
-        try:
-            text = raw.decode("ascii")
-        except UnicodeDecodeError:
-            yield DamagedLine(number, Damage.ENCODING)
-            continue
-        try:
-            msg = parse_line(text)
-        except LineError as exc:
-            yield DamagedLine(number, exc.damage)
-            continue
-        if msg is not None:
-            yield msg
+        judged = _judge_line(raw, number)
+        if judged is not None:
+            yield judged
 
 
 BLOCK_BYTES = 64 * 1024
@@ -239,19 +230,24 @@ def _slow_line(line: str | bytes, number: int) -> Iterator[Frame | DamagedLine]:
     if len(line) > MAX_LINE_BYTES:
         yield DamagedLine(number, Damage.TOO_LONG)
         return
+    judged = _judge_line(line, number)
+    if isinstance(judged, DamagedLine):
+        yield judged
+    elif judged is not None:
+        yield frame_of(judged)
+
+
+def _judge_line(line: str | bytes, number: int) -> can.Message | DamagedLine | None:
+    """One line of at most MAX_LINE_BYTES: its frame, the damage that makes it none, or None (no frame on it)."""
     if isinstance(line, bytes):
         try:
             line = line.decode("ascii")
         except UnicodeDecodeError:
-            yield DamagedLine(number, Damage.ENCODING)
-            return
+            return DamagedLine(number, Damage.ENCODING)
     try:
-        msg = parse_line(line)
+        return parse_line(line)
     except LineError as exc:
-        yield DamagedLine(number, exc.damage)
-        return
-    if msg is not None:
-        yield frame_of(msg)
+        return DamagedLine(number, exc.damage)
 
 
 def is_candump(path: Path) -> bool:

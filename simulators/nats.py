@@ -40,7 +40,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vgw.cloud.jetstream import STREAM
+from vgw.cloud.jetstream import STREAM, stored_prefix
 from vgw.simulators.broker import HOST, BrokerError, BrokerStartError, free_port
 from vgw.simulators.server import ServerProcess
 
@@ -92,13 +92,15 @@ def device_permissions(device: str, prefix: str = "vgw") -> str:
 
 
 def cloud_permissions(prefix: str = "vgw", stream: str = STREAM) -> str:
-    """The cloud user's ``permissions`` block: everything under ``prefix`` (consent out, telemetry in), and
+    """The cloud user's ``permissions`` block: everything under ``prefix`` (consent out, telemetry in) and
+    ``<prefix>-stored`` (what relays store in the telemetry stream), and
     the JetStream API of the telemetry stream only (create/inspect it and its consumers, pull, acknowledge);
     ``_INBOX.>`` for the API's replies. Other streams (the MQTT sessions' ``$MQTT_*``) stay out of reach."""
     _check_id(prefix)
     _check_id(stream)
     api = "$JS.API"
-    pub = [f"{prefix}.>", f"{api}.INFO", f"{api}.STREAM.*.{stream}", f"{api}.CONSUMER.*.{stream}",
+    stored = stored_prefix(prefix)
+    pub = [f"{prefix}.>", f"{stored}.>", f"{api}.INFO", f"{api}.STREAM.*.{stream}", f"{api}.CONSUMER.*.{stream}",
            f"{api}.CONSUMER.*.{stream}.>", f"{api}.CONSUMER.*.*.{stream}.>", f"$JS.ACK.{stream}.>"]
     sub = [f"{prefix}.>", "$MQTT.sub.>", "_INBOX.>"]
     return (f"{{publish: {{allow: [{', '.join(json.dumps(x) for x in pub)}]}}, "

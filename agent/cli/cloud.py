@@ -6,6 +6,7 @@
     vgw cloud revoke --key K --current DOC (--grant ID ... | --all) [-o OUT] [BROKER-OPTIONS]
     vgw cloud listen BROKER-OPTIONS --recipient FILE|DIR --device-cert FILE|DIR [--share GROUP] [--out FILE]
     vgw cloud listen --nats HOST:PORT[,...] --ca CA --cert CERT --tls-key KEY --recipient ... [--durable NAME]
+    vgw cloud relay --nats HOST:PORT[,...] --ca CA --cert CERT --tls-key KEY [--prefer N] [--drain S]
     vgw cloud verify-receipt --device-cert FILE|DIR FILE
 
 BROKER-OPTIONS: --broker HOST:PORT --ca CA --cert CERT --key KEY [--protocol auto|5|3.1.1] [--prefix vgw].
@@ -15,6 +16,7 @@ Exit codes: 0 success, 1 error (one line on stderr), 3 receipt/document rejected
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import signal
 import sys
@@ -94,6 +96,29 @@ def register(subparsers: Any) -> None:
     li.add_argument("--count", type=int, help="stop after N batches")
     li.add_argument("--no-status", action="store_true", help="do not subscribe to status topics")
     li.set_defaults(func=run_listen)
+
+    rl = sub.add_parser("relay", help="NATS: store what devices publish in the telemetry stream, acknowledged",
+                        description="Take devices' data and receipts with core NATS subscriptions and publish "
+                                    "each again into the JetStream stream, retrying until the stream has stored it "
+                                    "(nats-server acknowledges an MQTT publish before storing it). Run two or more, "
+                                    "on different nodes: the stream keeps one copy (docs/fleet.md).")
+    rl.add_argument("--nats", required=True, metavar="HOST:PORT[,...]", help="NATS client port(s) of the cluster")
+    rl.add_argument("--ca", type=Path, help="CA certificate of the cluster")
+    rl.add_argument("--cert", type=Path, help="the cloud's client certificate")
+    rl.add_argument("--tls-key", "--client-key", dest="tls_key", type=Path, help="its private key")
+    rl.add_argument("--prefix", default="vgw", help="topic prefix (default vgw)")
+    rl.add_argument("--stream", default="VGW", help="JetStream stream (default VGW, created if missing)")
+    rl.add_argument("--replicas", type=int, default=3, help="stream replicas when creating it (default 3)")
+    rl.add_argument("--prefer", type=int, metavar="N",
+                    help="connect to the N-th --nats server first (0-based): give each relay another node")
+    rl.add_argument("--publishers", type=int, default=32, help="stores in flight at once (default 32)")
+    rl.add_argument("--max-held", type=int, default=200_000,
+                    help="messages held while the stream does not store; beyond, new ones are dropped (default 200000)")
+    rl.add_argument("--drain", type=float, default=30.0, metavar="S",
+                    help="on SIGTERM, keep storing what is held for at most S seconds (default 30)")
+    rl.add_argument("--duration", type=float, help="stop after S seconds (default: until SIGINT/SIGTERM)")
+    rl.add_argument("--client-id", default=None, help="NATS connection name (default vgw-cloud-relay-<pid>)")
+    rl.set_defaults(func=run_relay)
 
     v = sub.add_parser("verify-receipt", help="verify a receipt file against device certificates")
     v.add_argument("--device-cert", action="append", type=Path, required=True, metavar="FILE|DIR")
@@ -312,6 +337,50 @@ def _listen_nats(args: argparse.Namespace, recipients: Any, keys: Any) -> int:
             out.close()
     print(json.dumps({"summary": {**listener.summary(), "handled": worker.handled,
                                   "redelivered": worker.redelivered}}), file=sys.stderr)
+    return 0
+
+
+def run_relay(args: argparse.Namespace) -> int:
+    """``relay``: one relay (docs/fleet.md). Exit 0 once everything it received is stored; 1 if its drain time
+    ran out with messages still held, or it dropped some (one line on stderr, and the JSON summary)."""
+    import os
+
+    from vgw.cloud.cloudkit import CloudKitError
+    from vgw.cloud.jetstream import NatsOptions, parse_servers, require_nats_py
+    from vgw.cloud.relay import JetStreamRelay
+    from vgw.logs import silence_library
+
+    require_nats_py()
+    silence_library("asyncio")  # nats-py's TLS closes make asyncio warn; nothing an operator can act on
+    missing = [n for n in ("ca", "cert", "tls_key") if getattr(args, n) is None]
+    if missing:
+        raise CloudKitError("vgw cloud relay needs " + ", ".join("--" + m.replace("_", "-") for m in missing))
+    if args.replicas < 1 or args.publishers < 1 or args.max_held < 1 or args.drain < 0:
+        raise CloudKitError("--replicas, --publishers and --max-held must be >= 1, --drain >= 0")
+    opts = NatsOptions(servers=parse_servers(args.nats), ca_file=args.ca, cert_file=args.cert,
+                       key_file=args.tls_key, prefix=args.prefix, stream=args.stream, replicas=args.replicas,
+                       name=args.client_id or f"vgw-cloud-relay-{os.getpid()}")
+    relay = JetStreamRelay(opts, prefer=args.prefer, publishers=args.publishers, max_held=args.max_held,
+                           drain_s=args.drain)
+    stop = threading.Event()
+    previous = _on_signals(stop)
+
+    def announce() -> None:
+        if relay.ready.wait(60) and not stop.is_set():
+            print(f"vgw cloud relay: relaying {args.prefix}.*.data.>, {args.prefix}.*.receipt into stream "
+                  f"{opts.stream} via {relay.connected_url}", file=sys.stderr, flush=True)
+
+    threading.Thread(target=announce, daemon=True).start()
+    try:
+        relay.run(stop, deadline=None if args.duration is None else time.monotonic() + args.duration)
+    finally:
+        _restore(previous)
+    c = relay.counts
+    print(json.dumps({"summary": dataclasses.asdict(c)}), file=sys.stderr)
+    if c.unstored_at_exit or c.dropped:
+        print(f"vgw cloud relay: {c.unstored_at_exit} message(s) not stored at exit, {c.dropped} dropped",
+              file=sys.stderr)
+        return 1
     return 0
 
 

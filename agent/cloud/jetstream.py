@@ -2,9 +2,13 @@
 --nats``).
 
 Devices publish over MQTT; the NATS server makes ``vgw/<id>/data/<grant>`` the subject ``vgw.<id>.data.<grant>``.
-The stream ``VGW`` (:func:`vgw.simulators.nats.telemetry_stream_config`, ``deploy/nats/stream-vgw.json``) keeps
-``vgw.*.data.>`` and ``vgw.*.receipt`` on the cluster (R3), and the durable consumer ``vgw-workers``
-(:func:`vgw.simulators.nats.telemetry_consumer_config`) hands each message to one of the workers pulling from it:
+The server acknowledges an MQTT QoS 1 publish once it has routed it, not once JetStream has stored it (nats-server
+2.9), so the stream does not capture device subjects itself: relays (:mod:`vgw.cloud.relay`, ``vgw cloud relay``)
+take them with core subscriptions and publish each one again under ``vgw-stored.<id>...`` with JetStream's
+acknowledgement, retrying until it is stored. The stream ``VGW`` (:func:`telemetry_stream_config`,
+``deploy/nats/stream-vgw.json``) keeps ``vgw-stored.*.data.>`` and ``vgw-stored.*.receipt`` on the cluster
+(R3), and the durable consumer ``vgw-workers`` (:func:`telemetry_consumer_config`) hands each message to one of
+the workers pulling from it:
 
 - a message is acknowledged (explicit ack, confirmed by the server) only after the handler returned, so a
   batch is handled once in normal operation;
@@ -36,8 +40,9 @@ from vgw.errors import UplinkError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DURABLE", "STREAM", "JetStreamWorker", "NatsOptions", "consumer_state", "parse_servers",
-           "require_nats_py", "stream_leader", "telemetry_consumer_config", "telemetry_stream_config"]
+__all__ = ["DURABLE", "STREAM", "JetStreamWorker", "NatsOptions", "connect", "consumer_state", "ensure_stream",
+           "parse_servers", "require_nats_py", "stored_prefix", "stream_leader", "telemetry_consumer_config",
+           "telemetry_stream_config", "topic_of"]
 
 _FETCH_TIMEOUT_S = 1.0
 
@@ -52,15 +57,33 @@ def _check_token(name: str) -> None:
         raise ValueError(f"invalid NATS subject token {name!r}: no '.', '*', '>', '/', quotes or spaces")
 
 
-def telemetry_stream_config(prefix: str = "vgw", *, replicas: int = 3, name: str = STREAM) -> dict[str, Any]:
-    """The JetStream stream that keeps what devices publish for the cloud: ``<prefix>.*.data.>`` and
-    ``<prefix>.*.receipt`` (status is latest-value and stays retained MQTT). File storage, ``replicas``
-    copies (3 on a 3-node cluster: it survives a node), limits retention so a stopped consumer catches up.
-    """
+def stored_prefix(prefix: str = "vgw") -> str:
+    """The subject root under which relays store what devices published under ``prefix``: ``vgw-stored``.
+    A root of its own, so no device (allowed only ``vgw.<its id>.…``) can publish into the stream."""
     _check_token(prefix)
+    return f"{prefix}-stored"
+
+
+def topic_of(subject: str, prefix: str = "vgw") -> str:
+    """The MQTT topic a device published for a stored subject: ``vgw-stored.d1.data.g`` -> ``vgw/d1/data/g``
+    (any other subject only has its dots turned into slashes)."""
+    stored = stored_prefix(prefix) + "."
+    if subject.startswith(stored):
+        subject = f"{prefix}.{subject[len(stored):]}"
+    return subject.replace(".", "/")
+
+
+def telemetry_stream_config(prefix: str = "vgw", *, replicas: int = 3, name: str = STREAM) -> dict[str, Any]:
+    """The JetStream stream that keeps what devices publish for the cloud, as the relays store it:
+    ``<prefix>-stored.*.data.>`` and ``<prefix>-stored.*.receipt`` (status is latest-value and stays
+    retained MQTT). File storage, ``replicas`` copies (3 on a 3-node cluster: it survives a node), limits
+    retention so a stopped consumer catches up, and a two-minute duplicate window in which the copies two
+    relays store of one device message (same ``Nats-Msg-Id``) are kept once.
+    """
+    stored = stored_prefix(prefix)
     return {
         "name": name,
-        "subjects": [f"{prefix}.*.data.>", f"{prefix}.*.receipt"],
+        "subjects": [f"{stored}.*.data.>", f"{stored}.*.receipt"],
         "retention": "limits",
         "storage": "file",
         "num_replicas": replicas,
@@ -127,6 +150,58 @@ class NatsOptions:
     name: str = "vgw-cloud-listen"
 
 
+def tls_context(opts: NatsOptions) -> ssl.SSLContext:
+    """Mutual TLS (>= 1.2) to the cluster's client ports. Raises :class:`CloudKitError` for unusable files."""
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(opts.ca_file))
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(str(opts.cert_file), str(opts.key_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise CloudKitError(f"TLS files {opts.ca_file}, {opts.cert_file}: {exc}") from exc
+    return ctx
+
+
+async def connect(opts: NatsOptions, *, servers: tuple[str, ...] | None = None) -> Any:
+    """A nats-py connection to ``servers`` (default: every node of ``opts``), reconnecting to any node for
+    ever. Raises :class:`UplinkError` if none can be reached now."""
+    nats = require_nats_py()
+    errors: list[str] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(str(exc) or type(exc).__name__)
+
+    urls = list(servers or opts.servers)
+    try:
+        return await nats.connect(servers=urls, tls=tls_context(opts), name=opts.name, connect_timeout=5,
+                                  reconnect_time_wait=0.5, max_reconnect_attempts=-1, allow_reconnect=True,
+                                  dont_randomize=servers is not None, error_cb=on_error)
+    except CloudKitError:
+        raise
+    except Exception as exc:
+        raise UplinkError(f"cannot connect to NATS {', '.join(urls)}: {errors[-1] if errors else exc}") from exc
+
+
+async def ensure_stream(js: Any, opts: NatsOptions) -> None:
+    """Create the telemetry stream if it is missing. Raises :class:`UplinkError` if the cluster refuses, or if
+    the stream exists with other subjects (one made before relays stored under ``<prefix>-stored``)."""
+    from nats.js import api
+    from nats.js.errors import NotFoundError
+
+    cfg = telemetry_stream_config(opts.prefix, replicas=opts.replicas, name=opts.stream)
+    try:
+        try:
+            info = await js.stream_info(opts.stream)
+        except NotFoundError:
+            await js.add_stream(api.StreamConfig.from_response(dict(cfg)))
+            return
+    except Exception as exc:
+        raise UplinkError(f"JetStream stream {opts.stream}: {exc or type(exc).__name__}") from exc
+    have = sorted(info.config.subjects or [])
+    if have != sorted(cfg["subjects"]):
+        raise UplinkError(f"JetStream stream {opts.stream} captures {have}, expected {sorted(cfg['subjects'])}: "
+                          f"update it (deploy/nats/stream-vgw.json) and run `vgw cloud relay` (docs/fleet.md)")
+
+
 class JetStreamWorker:
     """One worker of the shared durable consumer. ``handle(topic, payload)`` gets the MQTT topic form
     (``vgw/<id>/data/<grant>``); when it returns, the message is acknowledged. ``on_status`` (optional) gets
@@ -152,41 +227,14 @@ class JetStreamWorker:
         """
         asyncio.run(self._run(stop, deadline))
 
-    def _tls(self) -> ssl.SSLContext:
-        try:
-            ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self.opts.ca_file))
-            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-            ctx.load_cert_chain(str(self.opts.cert_file), str(self.opts.key_file))
-        except (OSError, ssl.SSLError) as exc:
-            raise CloudKitError(f"TLS files {self.opts.ca_file}, {self.opts.cert_file}: {exc}") from exc
-        return ctx
-
     async def _run(self, stop: threading.Event, deadline: float | None) -> None:
-        nats = require_nats_py()
         from nats.js import api
-        from nats.js.errors import NotFoundError
 
-        errors: list[str] = []
-
-        async def on_error(exc: Exception) -> None:
-            errors.append(str(exc) or type(exc).__name__)
-
-        try:
-            nc = await nats.connect(servers=list(self.opts.servers), tls=self._tls(), name=self.opts.name,
-                                    connect_timeout=5, reconnect_time_wait=0.5, max_reconnect_attempts=-1,
-                                    allow_reconnect=True, error_cb=on_error)
-        except Exception as exc:
-            raise UplinkError(f"cannot connect to NATS {', '.join(self.opts.servers)}: "
-                              f"{errors[-1] if errors else exc}") from exc
+        nc = await connect(self.opts)
         try:
             js = nc.jetstream()
+            await ensure_stream(js, self.opts)
             try:
-                try:
-                    await js.stream_info(self.opts.stream)
-                except NotFoundError:
-                    cfg = telemetry_stream_config(self.opts.prefix, replicas=self.opts.replicas,
-                                                  name=self.opts.stream)
-                    await js.add_stream(api.StreamConfig.from_response(dict(cfg)))
                 c = telemetry_consumer_config(durable=self.opts.durable, ack_wait_s=self.opts.ack_wait_s)
                 await js.add_consumer(self.opts.stream, api.ConsumerConfig(
                     name=self.opts.durable, durable_name=self.opts.durable,
@@ -226,7 +274,7 @@ class JetStreamWorker:
                     break  # the rest stay unacknowledged: the consumer redelivers them to another worker
                 if msg.metadata.num_delivered > 1:
                     self.redelivered += 1
-                self._handle(msg.subject.replace(".", "/"), msg.data)
+                self._handle(topic_of(msg.subject, self.opts.prefix), msg.data)
                 self.handled += 1
                 await msg.ack()  # only after the handler returned (explicit ack)
             try:
@@ -239,8 +287,8 @@ def _ask(opts: NatsOptions, query: Callable[[Any], Any], timeout: float) -> Any:
     nats = require_nats_py()
 
     async def ask() -> Any:
-        nc = await nats.connect(servers=list(opts.servers), tls=JetStreamWorker(opts, lambda _t, _p: None)._tls(),
-                                connect_timeout=5, max_reconnect_attempts=2)
+        nc = await nats.connect(servers=list(opts.servers), tls=tls_context(opts), connect_timeout=5,
+                                max_reconnect_attempts=2)
         try:
             return await query(nc.jetstream())
         finally:

@@ -275,7 +275,7 @@ class FleetSim:
                 from vgw.cloud.jetstream import NatsOptions, stream_leader
                 from vgw.simulators.fleet_cluster import ConsumerGroup
 
-                self.progress(f"starting {cfg.consumers} consumer worker(s) on the durable consumer")
+                self.progress(f"starting 2 relays and {cfg.consumers} consumer worker(s) on the durable consumer")
                 group = ConsumerGroup(cfg.consumers, tmp / "consumers", nats_urls=broker.nats_urls, ca=ca,
                                       cert=cloud_cert, key=cloud_key, recipient=recipient,
                                       device_cert_dir=pki.dir, sink=cloud, ack_wait_s=5.0)
@@ -419,6 +419,7 @@ class FleetSim:
             js_state: dict[str, Any] | None = None
             next_state = time.monotonic() + 1.0
             revoked = sum(1 for e in churn_events if e[0] == "revoke")
+            relay_counts: list[dict[str, Any]] | None = None  # set when the relays were stopped
             while time.monotonic() < end:
                 with cloud.lock:
                     got = cloud.delivered
@@ -433,12 +434,20 @@ class FleetSim:
                     js_state = _js_state_of(broker, ca, cloud_cert, cloud_key)
                     if js_state.get("num_pending") == 0 and js_state.get("num_ack_pending") == 0 \
                             and erasures >= revoked:
+                        if relay_counts is None:
+                            # Devices are quiet: the relays store what they still hold and exit; then the
+                            # consumer must be empty once more.
+                            relay_counts = group.stop_relays(max(5.0, end - time.monotonic()))
+                            next_state = time.monotonic()
+                            continue
                         time.sleep(0.5)
                         group.read_once()
                         break
                 time.sleep(0.05)
             time.sleep(0.2)
             if group is not None:
+                if relay_counts is None:
+                    relay_counts = group.stop_relays(10.0)
                 group.read_once()
                 js_state = _js_state_of(broker, ca, cloud_cert, cloud_key)
             wall1 = time.time()
@@ -508,6 +517,7 @@ class FleetSim:
                 if group is not None else "one MQTT subscriber (in process)",
                 "failure": failure,
                 "jetstream": js_state,
+                "relays": relay_counts or [],
                 "connect_failures": sum(w.stats["connect_failures"] for w in workers),
                 "replayed": sum(w.stats["replayed"] for w in workers),  # README "Replay after failover"
             }

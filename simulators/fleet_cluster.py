@@ -1,4 +1,5 @@
-"""The fleet simulator's cloud side on a NATS cluster: ``vgw cloud listen --nats`` worker processes sharing
+"""The fleet simulator's cloud side on a NATS cluster: ``vgw cloud relay`` processes that store what devices
+publish in the telemetry stream (each on another node), ``vgw cloud listen --nats`` worker processes sharing
 the durable consumer, and a reader that turns their JSON lines into the simulator's measurements.
 
 Each worker is the real CLI in its own process (so opening envelopes is not limited by the simulator's GIL);
@@ -9,7 +10,7 @@ duplicate: that is the receivers' de-duplication on (device, grant, epoch, seq).
 
 Owned by the simulator's main thread; one reader thread writes the counters under the counters' lock.
 
-Errors: :class:`~vgw.errors.UplinkError` if a worker does not start pulling.
+Errors: :class:`~vgw.errors.UplinkError` if a relay or a worker does not start.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from vgw.errors import UplinkError
 __all__ = ["ConsumerGroup"]
 
 _READY = "pulling (NATS JetStream)"
+_RELAY_READY = "vgw cloud relay: relaying"
 _ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -37,8 +39,10 @@ class ConsumerGroup:
     ``bad_receipts``, ``undecryptable``, ``measuring``)."""
 
     def __init__(self, n: int, workdir: Path, *, nats_urls: list[str], ca: Path, cert: Path, key: Path,
-                 recipient: Any, device_cert_dir: Path, sink: Any, ack_wait_s: float = 30.0) -> None:
+                 recipient: Any, device_cert_dir: Path, sink: Any, ack_wait_s: float = 30.0,
+                 relays: int = 2) -> None:
         self.n = n
+        self.n_relays = relays
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.sink = sink
@@ -50,13 +54,28 @@ class ConsumerGroup:
                       "--nats", ",".join(u.removeprefix("tls://") for u in nats_urls),
                       "--ca", str(ca), "--cert", str(cert), "--tls-key", str(key), "--recipient", str(key_path),
                       "--device-cert", str(device_cert_dir), "--ack-wait", str(ack_wait_s), "--no-status"]
+        tls = ["--ca", str(ca), "--cert", str(cert), "--tls-key", str(key)]
+        self._relay_argv = [sys.executable, "-m", "vgw", "cloud", "relay",
+                            "--nats", ",".join(u.removeprefix("tls://") for u in nats_urls), *tls, "--drain", "60"]
+        self.relay_procs: list[subprocess.Popen[bytes]] = []
         self.procs: list[subprocess.Popen[bytes]] = []
         self._offsets: dict[int, int] = {}
         self._stop = threading.Event()
         self._reader = threading.Thread(target=self._read_loop, name="vgw-fleet-consumers", daemon=True)
 
     def start(self, timeout: float = 60.0) -> None:
-        """Start the workers (the first creates the stream and consumer) and the reader. Raises UplinkError."""
+        """Start the relays (relay i on node i first; the first creates the stream), the workers (the first
+        creates the consumer) and the reader. Raises UplinkError."""
+        for i in range(self.n_relays):
+            err = open(self.dir / f"r{i}.err", "ab")
+            self.relay_procs.append(subprocess.Popen([*self._relay_argv, "--prefer", str(i)],
+                                                     stdout=subprocess.DEVNULL, stderr=err, cwd=_ROOT))
+            err.close()
+            deadline = time.monotonic() + timeout
+            while _RELAY_READY not in self._text(f"r{i}.err"):
+                if self.relay_procs[i].poll() is not None or time.monotonic() > deadline:
+                    raise UplinkError(f"relay {i} did not start: {self._text(f'r{i}.err').strip()[-500:]}")
+                time.sleep(0.05)
         for i in range(self.n):
             err = open(self.dir / f"w{i}.err", "ab")
             self.procs.append(subprocess.Popen([*self._argv, "--out", str(self.dir / f"w{i}.jsonl")],
@@ -69,20 +88,41 @@ class ConsumerGroup:
                 time.sleep(0.05)
         self._reader.start()
 
-    def _err(self, i: int) -> str:
-        path = self.dir / f"w{i}.err"
+    def _text(self, name: str) -> str:
+        path = self.dir / name
         return path.read_text(errors="replace") if path.exists() else ""
+
+    def _err(self, i: int) -> str:
+        return self._text(f"w{i}.err")
+
+    def _summary(self, name: str) -> dict[str, Any] | None:
+        for line in reversed(self._text(name).splitlines()):
+            if line.startswith('{"summary"'):
+                return dict(json.loads(line)["summary"])
+        return None
 
     def summaries(self) -> list[dict[str, Any]]:
         """Each stopped worker's exit summary (handled, redelivered)."""
         out = []
         for i in range(len(self.procs)):
-            for line in reversed(self._err(i).splitlines()):
-                if line.startswith('{"summary"'):
-                    s = json.loads(line)["summary"]
-                    out.append({"handled": s.get("handled"), "redelivered": s.get("redelivered")})
-                    break
+            s = self._summary(f"w{i}.err")
+            if s is not None:
+                out.append({"handled": s.get("handled"), "redelivered": s.get("redelivered")})
         return out
+
+    def stop_relays(self, timeout: float = 90.0) -> list[dict[str, Any]]:
+        """SIGTERM the relays: they stop taking messages, store what they hold, and exit. Returns each one's
+        summary (received, stored, duplicates, retries, dropped, unstored_at_exit). Idempotent."""
+        for p in self.relay_procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.relay_procs:
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+        return [s for i in range(len(self.relay_procs)) if (s := self._summary(f"r{i}.err")) is not None]
 
     def _read_loop(self) -> None:
         while not self._stop.is_set():
@@ -133,7 +173,8 @@ class ConsumerGroup:
                 s.undecryptable += 1
 
     def close(self) -> None:
-        """Stop the workers (SIGTERM: they acknowledge what they handled and exit) and the reader."""
+        """Stop the relays, the workers (SIGTERM: they acknowledge what they handled and exit) and the reader."""
+        self.stop_relays()
         for p in self.procs:
             if p.poll() is None:
                 p.terminate()

@@ -181,21 +181,27 @@ async def connect(opts: NatsOptions, *, servers: tuple[str, ...] | None = None) 
         raise UplinkError(f"cannot connect to NATS {', '.join(urls)}: {errors[-1] if errors else exc}") from exc
 
 
-async def ensure_stream(js: Any, opts: NatsOptions) -> None:
-    """Create the telemetry stream if it is missing. Raises :class:`UplinkError` if the cluster refuses, or if
-    the stream exists with other subjects (one made before relays stored under ``<prefix>-stored``)."""
+async def ensure_stream(js: Any, opts: NatsOptions, *, timeout: float = 30.0) -> None:
+    """Create the telemetry stream if it is missing, trying for up to ``timeout`` seconds while JetStream does
+    not answer (a cluster that is forming or electing). Raises :class:`UplinkError` if it still cannot, or
+    if the stream exists with other subjects (one made before relays stored under ``<prefix>-stored``)."""
     from nats.js import api
     from nats.js.errors import NotFoundError
 
     cfg = telemetry_stream_config(opts.prefix, replicas=opts.replicas, name=opts.stream)
-    try:
+    deadline = time.monotonic() + timeout
+    while True:
         try:
-            info = await js.stream_info(opts.stream)
-        except NotFoundError:
-            await js.add_stream(api.StreamConfig.from_response(dict(cfg)))
-            return
-    except Exception as exc:
-        raise UplinkError(f"JetStream stream {opts.stream}: {exc or type(exc).__name__}") from exc
+            try:
+                info = await js.stream_info(opts.stream)
+            except NotFoundError:
+                await js.add_stream(api.StreamConfig.from_response(dict(cfg)))
+                return
+            break
+        except Exception as exc:
+            if time.monotonic() > deadline:
+                raise UplinkError(f"JetStream stream {opts.stream}: {exc or type(exc).__name__}") from exc
+            await asyncio.sleep(0.5)
     have = sorted(info.config.subjects or [])
     if have != sorted(cfg["subjects"]):
         raise UplinkError(f"JetStream stream {opts.stream} captures {have}, expected {sorted(cfg['subjects'])}: "

@@ -40,6 +40,7 @@ __all__ = ["JetStreamRelay", "RelayCounts", "message_id"]
 _PUBLISH_TIMEOUT_S = 2.0
 _RETRY_FIRST_S = 0.05
 _RETRY_MAX_S = 1.0
+_CLOSE_TIMEOUT_S = 5.0
 
 
 def message_id(subject: str, payload: bytes) -> str:
@@ -121,10 +122,10 @@ class JetStreamRelay:
             while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
                 await asyncio.sleep(0.1)
             for sub in subs:
-                try:
-                    await sub.drain()  # no new messages; those the client already has still reach the queue
+                try:  # no new messages; those the client already has still reach the queue
+                    await asyncio.wait_for(sub.drain(), _CLOSE_TIMEOUT_S)
                 except Exception as exc:  # the connection is gone: nothing more arrives anyway
-                    log.debug("relay: unsubscribe failed: %s", exc)
+                    log.debug("relay: unsubscribe failed: %s", exc or type(exc).__name__)
             try:
                 await asyncio.wait_for(held.join(), self.drain_s)
             except TimeoutError:
@@ -135,7 +136,10 @@ class JetStreamRelay:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
         finally:
-            await nc.close()
+            try:
+                await asyncio.wait_for(nc.close(), _CLOSE_TIMEOUT_S)
+            except Exception as exc:  # a node going away as we close: the process is ending anyway
+                log.debug("relay: close failed: %s", exc or type(exc).__name__)
 
     async def _publisher(self, js: Any, held: asyncio.Queue[tuple[str, bytes]]) -> None:
         while True:

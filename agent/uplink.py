@@ -23,7 +23,9 @@ Replay after failover (README "Replay after failover"): a cluster node can PUBAC
 (nats-server 2.9 during a stream leader election). With ``[mqtt] replay_window_s`` > 0 an acknowledged row is
 kept that long (:meth:`Outbox.mark_sent` with ``keep``), and every reconnect after the first (with several
 endpoints, always to another node) re-publishes the rows acknowledged within the window, oldest first and
-before anything newer; receivers drop the copies by (epoch, seq). ``replayed_batches`` counts them.
+before anything newer; receivers drop the copies by (epoch, seq). ``replayed_batches`` counts them. Receipts
+are kept the same way (in memory: a receipt is deleted from the outbox on PUBACK as before) and published
+again first; a receiver treats a receipt it has seen as the same receipt. ``replayed_receipts`` counts them.
 
 A failed connection attempt is logged once per distinct reason (repeats go to debug and are summed up when
 the reason changes or the link comes back), so a broker that stays down or a TLS fault does not flood the
@@ -114,6 +116,10 @@ class Uplink:
         self.oversized_dropped = 0  # inbound PUBLISH packets over MAX_PACKET_BYTES whose payload was dropped
         self.status_published = 0
         self.replayed_batches = 0  # rows acknowledged before a failover, re-published and acknowledged again
+        self.replayed_receipts = 0  # the same for receipts
+        # (wall time of its PUBACK, token) of each receipt acknowledged within the replay window, oldest first
+        self._acked_receipts: collections.deque[tuple[float, str]] = collections.deque()
+        self._replay_receipts: list[str] = []  # receipts still to publish again in the running replay pass
         self._replay: tuple[float, int] | None = None  # (acked since, last row id sent) while a replay runs
         self._replay_again: tuple[float, float] | None = None  # (monotonic time, acked since) of the second pass
         self._ever_connected = False
@@ -330,7 +336,7 @@ class Uplink:
             # and loses the same way meanwhile (the replay included), so a second pass follows a third of the
             # window later and sends everything acknowledged since the first pass's start once more.
             since = time.time() - window
-            self._replay = (since, 0)
+            self._start_replay(since)
             self._replay_again = (time.monotonic() + window * SECOND_PASS_AFTER, since)
         self._ever_connected = True
         client.subscribe(self.topic_consent, qos=1)
@@ -386,7 +392,8 @@ class Uplink:
             self._sweep()
             again = self._replay_again
             if again is not None and self._replay is None and time.monotonic() >= again[0]:
-                self._replay, self._replay_again = (again[1], 0), None
+                self._start_replay(again[1])
+                self._replay_again = None
             # 2. publish what is waiting, within the in-flight window and the drain rate
             now = time.monotonic()
             tokens = min(float(self.cfg.max_inflight), tokens + (now - last_refill) * self.cfg.drain_rate)
@@ -397,6 +404,11 @@ class Uplink:
                 tokens -= sent
             self._wake.wait(0.02)
             self._wake.clear()
+
+    def _start_replay(self, since: float) -> None:
+        """A replay pass: rows and receipts acknowledged at or after ``since`` (wall time) go out again."""
+        self._replay = (since, 0)
+        self._replay_receipts = [token for at, token in self._acked_receipts if at >= since]
 
     def _oversized(self, size: int) -> None:
         self.oversized_dropped += 1
@@ -410,6 +422,9 @@ class Uplink:
         if not force and (self.cfg.replay_window <= 0 or now - self._last_sweep < 1.0):
             return
         self._last_sweep = now
+        horizon = time.time() - self.cfg.replay_window
+        while self._acked_receipts and self._acked_receipts[0][0] < horizon:
+            self._acked_receipts.popleft()
         try:
             self.outbox.sweep_acked(time.time() - self.cfg.replay_window)
         except StorageError as exc:
@@ -427,9 +442,14 @@ class Uplink:
                     # Counted here only: the privacy report counted it as sent at its first PUBACK, and it keeps
                     # that PUBACK's time, so the window still ends when it would have.
                     self.replayed_batches += 1
-                elif kind != "batch":
-                    self.outbox.delete_receipt(value)
+                elif kind == "replay-receipt":
+                    self.replayed_receipts += 1
+                elif kind == "receipt":
+                    rid, token = value
+                    self.outbox.delete_receipt(rid)
                     self.published_receipts += 1
+                    if self.cfg.replay_window > 0:
+                        self._acked_receipts.append((now, token))
         except StorageError as exc:
             # The rows stay and go out again later: duplicates the receiver drops (README "Telemetry envelope"),
             # never a loss.
@@ -446,12 +466,18 @@ class Uplink:
 
     def _publish_some(self, client: mqtt.Client, inflight: dict[int, tuple[str, Any]], room: int) -> int:
         sent = 0
-        busy_receipts = {v[1] for v in inflight.values() if v[0] == "receipt"}
-        for rid, token in self.outbox.pending_receipts(room, busy_receipts):
+        while self._replay is not None and self._replay_receipts and sent < room:
+            mid = self._publish(client, self.topic_receipt, self._replay_receipts[0])
+            if mid is None:
+                return sent
+            inflight[mid] = ("replay-receipt", self._replay_receipts.pop(0))
+            sent += 1
+        busy_receipts = {v[1][0] for v in inflight.values() if v[0] == "receipt"}
+        for rid, token in self.outbox.pending_receipts(room - sent, busy_receipts):
             mid = self._publish(client, self.topic_receipt, token)
             if mid is None:
                 return sent
-            inflight[mid] = ("receipt", rid)
+            inflight[mid] = ("receipt", (rid, token))
             sent += 1
         if sent >= room:
             return sent

@@ -254,3 +254,19 @@ def test_deploy_mosquitto_acl_is_the_tested_policy() -> None:
     for line in ("require_certificate true", "use_identity_as_username true", "allow_anonymous false",
                  "acl_file /etc/mosquitto/vgw.acl", "persistence true"):
         assert line in conf
+
+
+def test_listener_reports_a_repeated_receipt_once_then_as_a_duplicate(pki: TestPKI) -> None:
+    """An agent publishes a receipt again after a failover (README "Replay after failover"): the listener
+    reports it once and the copy as a duplicate."""
+    events: list[dict[str, Any]] = []
+    keys = {DEV: device_public_key_from_cert(pki.device(DEV).cert)}
+    listener = Listener("vgw", {}, keys, events.append)
+    key_pem = Path(pki.device(DEV).key).read_bytes()
+    first = jwt.encode({"typ": "erasure", "sub": DEV, "iat": 1, "grant": "g-a", "ver": 2, "batches_deleted": 0,
+                        "key_destroyed": True}, key_pem, algorithm="ES256")
+    other = jwt.encode({"typ": "consent-applied", "sub": DEV, "iat": 1, "ver": 2}, key_pem, algorithm="ES256")
+    for token in (first, other, first):
+        listener.handle(f"vgw/{DEV}/receipt", token.encode())
+    assert [(e["type"], e["receipt"]) for e in events] == [
+        ("receipt", "erasure"), ("receipt", "consent-applied"), ("duplicate", "erasure")]

@@ -357,6 +357,66 @@ def test_kill_a_worker_mid_stream_nothing_lost(workers: Workers, pki: TestPKI, c
 # ---------------------------------------------------------------- the agent: [mqtt] hosts, failover
 
 
+def test_relay_cli_stores_every_message_once_and_refuses_a_stream_made_for_device_subjects(
+    tmp_path: Path, pki: TestPKI, cluster: NatsCluster
+) -> None:
+    import asyncio
+
+    import nats
+    from nats.js import api
+
+    tls = ["--ca", str(pki.ca.cert), "--cert", str(pki.cloud.cert), "--tls-key", str(pki.cloud.key)]
+    servers = ",".join(u.removeprefix("tls://") for u in cluster.nats_urls)
+
+    async def stream(action: str) -> int:
+        nc = await nats.connect(servers=cluster.nats_urls, tls=tls_context(pki.ca.cert, pki.cloud.cert,
+                                                                           pki.cloud.key))
+        js = nc.jetstream()
+        try:
+            if action == "old":  # as made before relays: the stream captures what devices publish itself
+                await js.add_stream(api.StreamConfig(name="VGW", subjects=["vgw.*.data.>", "vgw.*.receipt"],
+                                                     num_replicas=3))
+            elif action == "delete":
+                await js.delete_stream("VGW")
+            return int((await js.stream_info("VGW")).state.messages) if action == "count" else 0
+        finally:
+            await nc.close()
+
+    asyncio.run(stream("old"))
+    old = vgw("cloud", "relay", "--nats", servers, *tls, "--duration", "5", timeout=60)
+    assert old.returncode == 1 and "Traceback" not in old.stderr
+    assert "captures" in old.stderr and "stream-vgw.json" in old.stderr, old.stderr
+    asyncio.run(stream("delete"))
+
+    def start_relay(i: int) -> subprocess.Popen[str]:
+        proc = subprocess.Popen([sys.executable, "-m", "vgw", "cloud", "relay", "--nats", servers, *tls,
+                                 "--prefer", str(i)], stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        assert "vgw cloud relay: relaying vgw.*.data.>, vgw.*.receipt into stream VGW" in line, line
+        return proc
+
+    relays = [start_relay(0), start_relay(1)]
+    a = Client(pki, "dev-0001", cluster.nodes[2].port)
+    seal = _sealer_for_test(tmp_path)
+    _publish(a, "dev-0001", range(1, 11), seal)
+    assert wait_until(lambda: asyncio.run(stream("count")) >= 10, 20)
+    summaries = []
+    for proc in relays:
+        proc.terminate()  # SIGTERM: store what is held, print the summary, exit 0
+        _out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        summaries.append(json.loads(err.strip().splitlines()[-1])["summary"])
+    assert [s["received"] for s in summaries] == [10, 10]  # every relay gets every message
+    assert sum(s["stored"] for s in summaries) == 10 and sum(s["duplicates"] for s in summaries) == 10
+    assert asyncio.run(stream("count")) == 10  # one copy each: the same Nats-Msg-Id from both relays
+
+
+def _sealer_for_test(tmp_path: Path) -> Any:
+    assert vgw("cloud", "keygen", "--dir", str(tmp_path / "keys"), "--recipient", "fleet").returncode == 0
+    return _sealer(tmp_path / "keys")
+
+
 def test_config_hosts_parses_and_refuses_both_forms(tmp_path: Path, pki: TestPKI) -> None:
     from vgw.config import load_config
     from vgw.errors import ConfigError

@@ -57,6 +57,34 @@ def test_batches_acked_by_a_node_that_failed_reach_the_cloud_through_the_next_no
                 assert wait_until(lambda: up.replayed_batches >= 2 * acked_by_a, 10), (up.replayed_batches, acked_by_a)
 
 
+def test_a_receipt_acked_by_a_node_that_failed_reaches_the_cloud_through_the_next_node(tmp_path: Path, pki) -> None:
+    """A receipt acknowledged by node A (read by nobody: acked and lost) is published again on B after the
+    failover. On the code that kept only batches for the window, the erasure receipt never reached B."""
+    auth = Authority(tmp_path)
+    trace = record_trace(tmp_path, 20.0)
+    with Mosquitto.from_pki(pki) as node_a, Mosquitto.from_pki(pki) as node_b, \
+            connected_cloud(node_b, pki) as cloud:
+        cloud.add_recipient(G, auth.recipient(G))
+        cfg = write_config(tmp_path, pki, 0, auth.trust,
+                           can={"replay": str(trace), "replay_rate": 2.0, "replay_loop": True},
+                           mqtt_extra={"hosts": [f"localhost:{node_a.port}", f"localhost:{node_b.port}"]})
+        apply_offline(cfg, auth, GRANTS, tmp_path)
+        with AgentThread(cfg) as runner:
+            up = runner.agent.uplink
+            assert runner.wait_link() and up.endpoint == f"localhost:{node_a.port}"
+            assert wait_until(lambda: up.published_batches >= 2, 15)
+            before = up.published_receipts
+            apply_offline(cfg, auth, {}, tmp_path)  # the owner revokes on the device: an erasure receipt
+            assert wait_until(lambda: up.published_receipts >= before + 2, 15)  # applied + erasure, acked by A
+            node_a.kill()
+            assert wait_until(lambda: up.state == "connected" and up.endpoint == f"localhost:{node_b.port}", 15)
+            assert cloud.wait_for(lambda: cloud.receipts(DEV, "erasure"), 15), cloud.receipts(DEV)
+            erasure = cloud.receipts(DEV, "erasure")[0]
+            assert erasure.claims["grant"] == G and erasure.claims["key_destroyed"] is True
+            assert wait_until(lambda: up.replayed_receipts >= 2, 10), up.replayed_receipts
+            assert runner.agent.outbox.receipt_count() == 0  # deleted on PUBACK as before; the copy is in memory
+
+
 def test_a_single_host_deletes_on_puback_as_before(tmp_path: Path, pki) -> None:
     auth = Authority(tmp_path)
     cfg = write_config(tmp_path, pki, 1883, auth.trust, can={"channel": "x"})

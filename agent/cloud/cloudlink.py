@@ -8,6 +8,8 @@ Errors: :class:`~vgw.errors.UplinkError` (broker refused or silent), :class:`vgw
 
 from __future__ import annotations
 
+import collections
+import hashlib
 import json
 import ssl
 import threading
@@ -26,6 +28,8 @@ from vgw.cloud.mqttclient import make_client, tls_context
 from vgw.errors import UplinkError
 
 __all__ = ["BrokerOptions", "CloudLink", "Listener"]
+
+_RECEIPTS_REMEMBERED = 100_000  # receipt digests a listener keeps to report a repeat as a duplicate
 
 
 # ---------------------------------------------------------------- the MQTT link
@@ -211,7 +215,8 @@ class _Stream:
 class Listener:
     """Turns messages into events (dicts, one JSON line each); thread-safe.
 
-    Events: ``batch`` (decrypted), ``duplicate`` (an (epoch, seq) seen before: QoS 1 re-delivery, dropped), ``gap``
+    Events: ``batch`` (decrypted), ``duplicate`` (an (epoch, seq) seen before: QoS 1 re-delivery or a replay after
+    failover, dropped; or a receipt this listener has already reported, with ``receipt`` set), ``gap``
     (seqs skipped: ``from``..``to``; off with ``detect_gaps=False``, e.g. for one of several ``--share``
     workers that sees only part of each stream), ``receipt`` / ``bad-receipt``, ``status``, ``rejected``.
     """
@@ -227,6 +232,7 @@ class Listener:
         self._lock = threading.Lock()
         self._streams: dict[tuple[str, str], _Stream] = {}
         self._key_of: dict[tuple[str, str], str] = {}
+        self._receipts_seen: collections.OrderedDict[bytes, None] = collections.OrderedDict()
         self.counts: dict[str, int] = {}
 
     def topics(self, share: str | None = None) -> list[tuple[str, int]]:
@@ -314,6 +320,16 @@ class Listener:
         except ReceiptError as exc:
             self._out({"type": "bad-receipt", "device": device, "reason": str(exc), "token": token,
                        "arrived": arrived})
+            return
+        digest = hashlib.sha256(payload).digest()
+        with self._lock:
+            seen = digest in self._receipts_seen
+            if not seen:
+                self._receipts_seen[digest] = None
+                if len(self._receipts_seen) > _RECEIPTS_REMEMBERED:
+                    self._receipts_seen.popitem(last=False)
+        if seen:  # the same signed receipt again (QoS 1 re-delivery, a replay after failover)
+            self._out({"type": "duplicate", "device": device, "receipt": claims.get("typ"), "arrived": arrived})
             return
         self._out({"type": "receipt", "device": device, "receipt": claims.get("typ"), "claims": claims,
                    "token": token, "arrived": arrived})

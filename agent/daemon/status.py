@@ -104,6 +104,7 @@ class StatusView:
                          "mqtt_queue_full": up.queue_full, "ack_store_failures": up.ack_store_failures,
                          "mqtt_oversized_dropped": up.oversized_dropped,
                          "replayed_batches": up.replayed_batches,  # README "Replay after failover"
+                         "replayed_receipts": up.replayed_receipts,
                          "consent_rejections_coalesced": self.manager.coalesced_rejections},
         }
 

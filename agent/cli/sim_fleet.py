@@ -41,9 +41,10 @@ def register(sim_subparsers: Any) -> None:
     p.add_argument("--down", type=float, default=10.0, help="seconds the killed node stays down (default 10)")
     p.add_argument("--kill-role", choices=("follower", "leader"), default="follower",
                    help="which node to kill: one that does not lead the telemetry stream (default), or its leader")
-    p.add_argument("--replay-window", type=float, default=0.0, metavar="S",
-                   help="nats-cluster: devices keep PUBACKed batches S seconds and replay them after a failover, "
-                        "like the agent (README \"Replay after failover\"; default 0: off)")
+    p.add_argument("--replay-window", type=float, default=None, metavar="S",
+                   help="nats-cluster: devices keep PUBACKed batches and receipts S seconds and replay them after a "
+                        "failover, like the agent (README \"Replay after failover\"; default: the agent's default "
+                        "with several hosts, 30; 0: off)")
     p.add_argument("--connect-timeout", type=float, default=120.0, metavar="S",
                    help="seconds to wait for every device to connect and apply consent (default 120)")
     p.add_argument("--drain", type=float, default=5.0,
@@ -53,6 +54,7 @@ def register(sim_subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from vgw.config import DEFAULT_REPLAY_WINDOW_S
     from vgw.simulators.fleet import FleetConfig, FleetSim, format_report, make_pki
 
     if args.make_pki is not None:
@@ -68,7 +70,9 @@ def run(args: argparse.Namespace) -> int:
                       broker=args.broker, pki_dir=args.pki, threads=args.threads, samples=args.samples,
                       protocol=args.protocol, consumers=args.consumers, kill_at_s=args.kill_at,
                       down_s=args.down, kill_role=args.kill_role, drain_s=args.drain,
-                      connect_timeout_s=args.connect_timeout, replay_window_s=args.replay_window)
+                      connect_timeout_s=args.connect_timeout,
+                      replay_window_s=(DEFAULT_REPLAY_WINDOW_S if args.broker == "nats-cluster" else 0.0)
+                      if args.replay_window is None else args.replay_window)
     try:
         sim = FleetSim(cfg, progress=lambda m: print(f"vgw sim fleet: {m}", file=sys.stderr, flush=True))
     except ValueError as exc:

@@ -31,7 +31,8 @@ A failed connection attempt is logged once per distinct reason (repeats go to de
 the reason changes or the link comes back), so a broker that stays down or a TLS fault does not flood the
 journal.
 
-Topics (README "Topics"), prefix ``vgw``: subscribe ``vgw/<device>/consent`` only; publish ``.../data/<grant>``,
+Topics (README "Topics"), prefix ``vgw``: subscribe ``vgw/<device>/consent`` only (a refused SUBACK is asked
+again, backing off from 1 s to 30 s, and counted in ``subscribe_refused``); publish ``.../data/<grant>``,
 ``.../receipt`` and ``.../status`` (retained, also the last will). The status is published at connect and
 again whenever :meth:`Uplink.publish_status` is called (the runtime does on every consent, link or health
 change), so the retained copy never describes a consent that is no longer in force.
@@ -65,6 +66,8 @@ log = logging.getLogger(__name__)
 SESSION_EXPIRY_S = 24 * 3600
 # The second replay pass after a failover comes this fraction of the window later (README "Replay after failover").
 SECOND_PASS_AFTER = 1 / 3
+SUBSCRIBE_RETRY_FIRST_S = 1.0  # a refused consent subscription is asked for again after this, doubling
+SUBSCRIBE_RETRY_MAX_S = 30.0
 QUEUE_SLACK = 8  # paho queue beyond the in-flight window: the status message and the offline status
 # The largest packet the agent reads: a consent document at its limit plus room for the fixed header, the
 # topic and (MQTT 5) properties. Larger ones are never buffered (see agent.packetguard).
@@ -123,6 +126,11 @@ class Uplink:
         self._replay: tuple[float, int] | None = None  # (acked since, last row id sent) while a replay runs
         self._replay_again: tuple[float, float] | None = None  # (monotonic time, acked since) of the second pass
         self._ever_connected = False
+        self.consent_subscribed = False  # the broker granted the consent subscription on this connection
+        self.subscribe_refused = 0  # SUBACKs that refused it (each is retried)
+        self._sub_mid: int | None = None
+        self._sub_delay = SUBSCRIBE_RETRY_FIRST_S
+        self._resubscribe_at: float | None = None
         self._last_sweep = 0.0
         self._status_due = threading.Event()
         self._repeats = 0
@@ -238,7 +246,7 @@ class Uplink:
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.on_message = self._on_message
-        client.on_subscribe = lambda *a, **k: None
+        client.on_subscribe = self._on_subscribe
         return client
 
     def _connect(self) -> mqtt.Client | None:
@@ -339,9 +347,37 @@ class Uplink:
             self._start_replay(since)
             self._replay_again = (time.monotonic() + window * SECOND_PASS_AFTER, since)
         self._ever_connected = True
-        client.subscribe(self.topic_consent, qos=1)
+        self._subscribe(client)
         self._status_due.clear()
         self._send_status(client)
+
+    def _subscribe(self, client: mqtt.Client) -> None:
+        """Subscribe to the consent topic; the SUBACK is checked in :meth:`_serve` (a refusal is retried)."""
+        self._resubscribe_at = None
+        rc, mid = client.subscribe(self.topic_consent, qos=1)
+        self._sub_mid = mid if rc == mqtt.MQTT_ERR_SUCCESS else None
+        self.consent_subscribed = False
+        if self._sub_mid is None:
+            self._resubscribe_at = time.monotonic() + self._sub_delay
+
+    def _suback(self, client: mqtt.Client, mid: int, refused: str | None) -> None:
+        if mid != self._sub_mid:
+            return
+        self._sub_mid = None
+        if refused is None:
+            self.consent_subscribed = True
+            if self._sub_delay > SUBSCRIBE_RETRY_FIRST_S:
+                log.info("uplink: subscribed to the consent topic after %d refusal(s)", self.subscribe_refused)
+            self._sub_delay = SUBSCRIBE_RETRY_FIRST_S
+            return
+        # A cluster node that cannot create the subscription's state in time (nats-server under load: "Unable
+        # to add JetStream consumer") refuses it; without the subscription no consent change would reach us on
+        # this connection, a revocation included, so ask again, backing off.
+        self.subscribe_refused += 1
+        log.warning("uplink: %s refused the consent subscription (%s); retrying in %g s", self.endpoint, refused,
+                    self._sub_delay)
+        self._resubscribe_at = time.monotonic() + self._sub_delay
+        self._sub_delay = min(self._sub_delay * 2, SUBSCRIBE_RETRY_MAX_S)
 
     def _send_status(self, client: mqtt.Client) -> None:
         status = {"state": "online", **self.status_payload()}
@@ -384,11 +420,16 @@ class Uplink:
                     return
                 elif kind == "oversized":
                     self._oversized(value)
+                elif kind == "suback":
+                    self._suback(client, *value)
             if acked:
                 self._acked(acked)
             if self._status_due.is_set():
                 self._status_due.clear()
                 self._send_status(client)
+            if self._resubscribe_at is not None and time.monotonic() >= self._resubscribe_at:
+                self._resubscribe_at = None
+                self._subscribe(client)
             self._sweep()
             again = self._replay_again
             if again is not None and self._replay is None and time.monotonic() >= again[0]:
@@ -537,6 +578,12 @@ class Uplink:
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
         ok = not getattr(reason_code, "is_failure", False)
         self._events.append(("puback", (mid, ok)))
+        self._wake.set()
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any,
+                      properties: Any) -> None:
+        refused = [str(rc) for rc in reason_codes if getattr(rc, "is_failure", False)]
+        self._events.append(("suback", (mid, ", ".join(refused) or None)))
         self._wake.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:

@@ -512,6 +512,7 @@ class FleetSim:
                 "grant_to_applied_ms": _pct(grant_lat),
                 "device_disconnects": sum(dev.disconnects for dev in all_devs),
                 "device_failovers": sum(dev.failovers for dev in all_devs),
+                "consent_subscribe_refused": sum(dev.subscribe_refused for dev in all_devs),
                 "consumers": cfg.consumers if group is not None else 1,
                 "consumer_kind": "durable JetStream consumer (vgw cloud listen --nats processes)"
                 if group is not None else "one MQTT subscriber (in process)",

@@ -84,11 +84,17 @@ class SimDevice:
         self.failovers = 0
         self.disconnects = 0
         self.rejected = 0
+        # A refused consent subscription (a loaded NATS cluster cannot always create its consumer in time) is
+        # asked for again, backing off, as the agent's uplink does.
+        self.sub_mid: int | None = None
+        self.resubscribe_at: float | None = None
+        self.subscribe_refused = 0
         self.rng = random.Random(device_id)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_publish = self._on_publish
+        client.on_subscribe = self._on_subscribe
         client.on_socket_register_write = lambda c, u, s: worker.want_write(self, True)
         client.on_socket_unregister_write = lambda c, u, s: worker.want_write(self, False)
 
@@ -96,7 +102,7 @@ class SimDevice:
         if rc.is_failure:
             return
         self.connected = True
-        c.subscribe(f"{PREFIX}/{self.id}/consent", 1)
+        self.subscribe()
         if self.ever_connected:
             unacked, self.receipt_mids = list(self.receipt_mids.values()), {}
             for token in unacked:
@@ -106,6 +112,16 @@ class SimDevice:
             self._replay(since)
             self.replay_again = (time.monotonic() + self.replay_window / 3, since)
         self.ever_connected = True
+
+    def subscribe(self) -> None:
+        """Subscribe to this device's consent topic (again)."""
+        self.resubscribe_at = None
+        _rc, self.sub_mid = self.client.subscribe(f"{PREFIX}/{self.id}/consent", 1)
+
+    def _on_subscribe(self, c: Any, u: Any, mid: int, reason_codes: Any, props: Any) -> None:
+        if mid == self.sub_mid and any(getattr(rc, "is_failure", False) for rc in reason_codes):
+            self.subscribe_refused += 1
+            self.resubscribe_at = time.monotonic() + min(30.0, 2.0 ** min(self.subscribe_refused - 1, 5))
 
     def _replay(self, since: float) -> None:
         while self.kept and self.kept[0][0] < time.monotonic() - self.replay_window:
@@ -290,6 +306,9 @@ class Worker:
                     if dev.client.socket() is not None:
                         dev.client.loop_misc()
                 self._reconnect_lost(now)
+                for dev in self.devices:
+                    if dev.connected and dev.resubscribe_at is not None and now >= dev.resubscribe_at:
+                        dev.subscribe()
         for dev in self.devices:
             try:
                 dev.client.disconnect()

@@ -105,6 +105,7 @@ class StatusView:
                          "mqtt_oversized_dropped": up.oversized_dropped,
                          "replayed_batches": up.replayed_batches,  # README "Replay after failover"
                          "replayed_receipts": up.replayed_receipts,
+                         "consent_subscribe_refused": up.subscribe_refused,
                          "consent_rejections_coalesced": self.manager.coalesced_rejections},
         }
 

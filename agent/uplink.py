@@ -68,6 +68,7 @@ SESSION_EXPIRY_S = 24 * 3600
 SECOND_PASS_AFTER = 1 / 3
 SUBSCRIBE_RETRY_FIRST_S = 1.0  # a refused consent subscription is asked for again after this, doubling
 SUBSCRIBE_RETRY_MAX_S = 30.0
+SUBACK_TIMEOUT_S = 30.0  # no answer to the consent SUBSCRIBE this long: subscribe again
 QUEUE_SLACK = 8  # paho queue beyond the in-flight window: the status message and the offline status
 # The largest packet the agent reads: a consent document at its limit plus room for the fixed header, the
 # topic and (MQTT 5) properties. Larger ones are never buffered (see agent.packetguard).
@@ -347,23 +348,25 @@ class Uplink:
             self._start_replay(since)
             self._replay_again = (time.monotonic() + window * SECOND_PASS_AFTER, since)
         self._ever_connected = True
+        self._sub_delay = SUBSCRIBE_RETRY_FIRST_S  # a new connection (maybe another node) starts afresh
         self._subscribe(client)
         self._status_due.clear()
         self._send_status(client)
 
     def _subscribe(self, client: mqtt.Client) -> None:
         """Subscribe to the consent topic; the SUBACK is checked in :meth:`_serve` (a refusal is retried)."""
-        self._resubscribe_at = None
         rc, mid = client.subscribe(self.topic_consent, qos=1)
         self._sub_mid = mid if rc == mqtt.MQTT_ERR_SUCCESS else None
         self.consent_subscribed = False
-        if self._sub_mid is None:
-            self._resubscribe_at = time.monotonic() + self._sub_delay
+        # Asked again if no SUBACK comes (or the subscribe could not even be queued).
+        self._resubscribe_at = time.monotonic() + (SUBACK_TIMEOUT_S if self._sub_mid is not None
+                                                   else self._sub_delay)
 
     def _suback(self, client: mqtt.Client, mid: int, refused: str | None) -> None:
         if mid != self._sub_mid:
             return
         self._sub_mid = None
+        self._resubscribe_at = None
         if refused is None:
             self.consent_subscribed = True
             if self._sub_delay > SUBSCRIBE_RETRY_FIRST_S:

@@ -432,8 +432,11 @@ class FleetSim:
                     # acknowledged it: what is still missing never reached the stream (lost, not late).
                     next_state = time.monotonic() + 1.0
                     js_state = _js_state_of(broker, ca, cloud_cert, cloud_key)
+                    # Devices quiet too: nothing in flight, no replay pass still due.
+                    quiet = all(not dev.mids and not dev.receipt_mids and dev.replay_again is None
+                                for dev in all_devs)
                     if js_state.get("num_pending") == 0 and js_state.get("num_ack_pending") == 0 \
-                            and erasures >= revoked:
+                            and erasures >= revoked and quiet:
                         if relay_counts is None:
                             # Devices are quiet: the relays store what they still hold and exit; then the
                             # consumer must be empty once more.

@@ -163,7 +163,7 @@ class ConsumerGroup:
                     s.delivered_bytes += int(e.get("bytes", 0))
                     samples = e.get("samples") or []
                     s.latencies.append(e["arrived"] - samples[0]["t"] if samples else 0.0)
-            elif typ == "duplicate":
+            elif typ == "duplicate":  # a batch; a repeated receipt ("duplicate-receipt") is not counted here
                 s.duplicates += 1
             elif typ == "receipt":
                 s.receipts.append((e["device"], e["claims"], e["arrived"]))

@@ -115,13 +115,20 @@ class SimDevice:
 
     def subscribe(self) -> None:
         """Subscribe to this device's consent topic (again)."""
-        self.resubscribe_at = None
-        _rc, self.sub_mid = self.client.subscribe(f"{PREFIX}/{self.id}/consent", 1)
+        rc, mid = self.client.subscribe(f"{PREFIX}/{self.id}/consent", 1)
+        self.sub_mid = mid if rc == 0 else None
+        # asked again if no SUBACK comes, or at once on the next round if it could not even be sent
+        self.resubscribe_at = time.monotonic() + (30.0 if self.sub_mid is not None else 1.0)
 
     def _on_subscribe(self, c: Any, u: Any, mid: int, reason_codes: Any, props: Any) -> None:
-        if mid == self.sub_mid and any(getattr(rc, "is_failure", False) for rc in reason_codes):
+        if mid != self.sub_mid:
+            return
+        self.sub_mid = None
+        if any(getattr(rc, "is_failure", False) for rc in reason_codes):
             self.subscribe_refused += 1
             self.resubscribe_at = time.monotonic() + min(30.0, 2.0 ** min(self.subscribe_refused - 1, 5))
+        else:
+            self.resubscribe_at = None
 
     def _replay(self, since: float) -> None:
         while self.kept and self.kept[0][0] < time.monotonic() - self.replay_window:

@@ -258,7 +258,7 @@ def test_deploy_mosquitto_acl_is_the_tested_policy() -> None:
 
 def test_listener_reports_a_repeated_receipt_once_then_as_a_duplicate(pki: TestPKI) -> None:
     """An agent publishes a receipt again after a failover (README "Replay after failover"): the listener
-    reports it once and the copy as a duplicate."""
+    reports it once and the copy as a duplicate-receipt."""
     events: list[dict[str, Any]] = []
     keys = {DEV: device_public_key_from_cert(pki.device(DEV).cert)}
     listener = Listener("vgw", {}, keys, events.append)
@@ -269,4 +269,4 @@ def test_listener_reports_a_repeated_receipt_once_then_as_a_duplicate(pki: TestP
     for token in (first, other, first):
         listener.handle(f"vgw/{DEV}/receipt", token.encode())
     assert [(e["type"], e["receipt"]) for e in events] == [
-        ("receipt", "erasure"), ("receipt", "consent-applied"), ("duplicate", "erasure")]
+        ("receipt", "erasure"), ("receipt", "consent-applied"), ("duplicate-receipt", "erasure")]

@@ -412,6 +412,41 @@ def test_relay_cli_stores_every_message_once_and_refuses_a_stream_made_for_devic
     assert asyncio.run(stream("count")) == 10  # one copy each: the same Nats-Msg-Id from both relays
 
 
+def test_a_message_the_stream_can_never_take_does_not_block_a_relay(
+    tmp_path: Path, pki: TestPKI, cluster: NatsCluster
+) -> None:
+    """A device message just under the server's max_payload no longer fits once the relay adds its
+    Nats-Msg-Id header: the relay leaves it out and counts it, instead of retrying it for ever (32 such
+    messages would have tied up every publisher and stopped the relay storing anything)."""
+    import asyncio
+
+    import nats
+
+    relays = Relays(pki, cluster)
+    try:
+        a = Client(pki, "dev-0001", cluster.nodes[1].port)
+        huge = b"x" * (1048576 - 40)  # max_payload is 1 MiB on these nodes
+        for _ in range(40):  # more than the 32 publishers of a relay
+            a.c.publish("vgw/dev-0001/data/g-1", huge, qos=1).wait_for_publish(10)
+        seal = _sealer_for_test(tmp_path)
+        _publish(a, "dev-0001", range(1, 6), seal)
+
+        async def count() -> int:
+            nc = await nats.connect(servers=cluster.nats_urls, tls=tls_context(pki.ca.cert, pki.cloud.cert,
+                                                                               pki.cloud.key))
+            try:
+                return int((await nc.jetstream().stream_info("VGW")).state.messages)
+            finally:
+                await nc.close()
+
+        assert wait_until(lambda: asyncio.run(count()) >= 5, 30), asyncio.run(count())
+    finally:
+        relays.close()
+    assert [r.counts.rejected for r in relays.relays] == [40, 40]
+    assert [r.counts.unstored_at_exit for r in relays.relays] == [0, 0]
+    assert asyncio.run(count()) == 5
+
+
 def _sealer_for_test(tmp_path: Path) -> Any:
     assert vgw("cloud", "keygen", "--dir", str(tmp_path / "keys"), "--recipient", "fleet").returncode == 0
     return _sealer(tmp_path / "keys")
@@ -620,9 +655,16 @@ def test_deploy_relay_unit_runs_a_relay_command_this_vgw_accepts() -> None:
 
     unit = (DEPLOY / "vgw-cloud-relay@.service").read_text()
     exec_start = next(ln for ln in unit.splitlines() if ln.startswith("ExecStart="))
-    argv = exec_start.removeprefix("ExecStart=").replace("%i", "1").split()
+    argv = exec_start.removeprefix("ExecStart=").replace("%i", "1").replace(
+        "${CREDENTIALS_DIRECTORY}", "/run/credentials/vgw-cloud-relay@1.service").split()
     assert argv[0] == "/opt/vgw/venv/bin/vgw"
     args = build_parser().parse_args(argv[1:])
     assert args.func is run_relay and args.prefer == 1 and args.drain == 60
+    # every file it names is a credential the unit loads (a DynamicUser cannot read a 0600 key on disk)
+    loaded = {ln.split("=", 1)[1].split(":", 1)[0] for ln in unit.splitlines() if ln.startswith("LoadCredential=")}
+    assert {Path(p).name for p in (args.ca, args.cert, args.tls_key)} <= loaded
     timeout = next(ln for ln in unit.splitlines() if ln.startswith("TimeoutStopSec="))
-    assert float(timeout.removeprefix("TimeoutStopSec=").removesuffix("s")) > args.drain  # the drain can finish
+    # the drain, ending both subscriptions together (5 s) and closing (5 s) fit, with room to spare
+    assert float(timeout.removeprefix("TimeoutStopSec=").removesuffix("s")) >= args.drain + 20
+    families = next(ln for ln in unit.splitlines() if ln.startswith("RestrictAddressFamilies=")).split("=")[1].split()
+    assert "AF_UNIX" in families  # asyncio's self-pipe is a Unix socket pair

@@ -114,6 +114,8 @@ def register(subparsers: Any) -> None:
     rl.add_argument("--publishers", type=int, default=32, help="stores in flight at once (default 32)")
     rl.add_argument("--max-held", type=int, default=200_000,
                     help="messages held while the stream does not store; beyond, new ones are dropped (default 200000)")
+    rl.add_argument("--max-held-mib", type=int, default=512, metavar="MIB",
+                    help="bytes held at most, in MiB; beyond, new messages are dropped (default 512)")
     rl.add_argument("--drain", type=float, default=30.0, metavar="S",
                     help="on SIGTERM, keep storing what is held for at most S seconds (default 30)")
     rl.add_argument("--duration", type=float, help="stop after S seconds (default: until SIGINT/SIGTERM)")
@@ -355,13 +357,13 @@ def run_relay(args: argparse.Namespace) -> int:
     missing = [n for n in ("ca", "cert", "tls_key") if getattr(args, n) is None]
     if missing:
         raise CloudKitError("vgw cloud relay needs " + ", ".join("--" + m.replace("_", "-") for m in missing))
-    if args.replicas < 1 or args.publishers < 1 or args.max_held < 1 or args.drain < 0:
-        raise CloudKitError("--replicas, --publishers and --max-held must be >= 1, --drain >= 0")
+    if args.replicas < 1 or args.publishers < 1 or args.max_held < 1 or args.max_held_mib < 1 or args.drain < 0:
+        raise CloudKitError("--replicas, --publishers, --max-held and --max-held-mib must be >= 1, --drain >= 0")
     opts = NatsOptions(servers=parse_servers(args.nats), ca_file=args.ca, cert_file=args.cert,
                        key_file=args.tls_key, prefix=args.prefix, stream=args.stream, replicas=args.replicas,
                        name=args.client_id or f"vgw-cloud-relay-{os.getpid()}")
     relay = JetStreamRelay(opts, prefer=args.prefer, publishers=args.publishers, max_held=args.max_held,
-                           drain_s=args.drain)
+                           max_held_bytes=args.max_held_mib * 2**20, drain_s=args.drain)
     stop = threading.Event()
     previous = _on_signals(stop)
 
@@ -377,9 +379,9 @@ def run_relay(args: argparse.Namespace) -> int:
         _restore(previous)
     c = relay.counts
     print(json.dumps({"summary": dataclasses.asdict(c)}), file=sys.stderr)
-    if c.unstored_at_exit or c.dropped:
-        print(f"vgw cloud relay: {c.unstored_at_exit} message(s) not stored at exit, {c.dropped} dropped",
-              file=sys.stderr)
+    if c.unstored_at_exit or c.dropped or c.rejected:
+        print(f"vgw cloud relay: {c.unstored_at_exit} message(s) not stored at exit, {c.dropped} dropped, "
+              f"{c.rejected} rejected by the stream", file=sys.stderr)
         return 1
     return 0
 

@@ -216,7 +216,8 @@ class Listener:
     """Turns messages into events (dicts, one JSON line each); thread-safe.
 
     Events: ``batch`` (decrypted), ``duplicate`` (an (epoch, seq) seen before: QoS 1 re-delivery or a replay after
-    failover, dropped; or a receipt this listener has already reported, with ``receipt`` set), ``gap``
+    failover, dropped), ``duplicate-receipt`` (a receipt token this listener reported before, among the last
+    100,000; other listeners and a restarted one do not know it, so downstream de-duplicates too), ``gap``
     (seqs skipped: ``from``..``to``; off with ``detect_gaps=False``, e.g. for one of several ``--share``
     workers that sees only part of each stream), ``receipt`` / ``bad-receipt``, ``status``, ``rejected``.
     """
@@ -329,7 +330,8 @@ class Listener:
                 if len(self._receipts_seen) > _RECEIPTS_REMEMBERED:
                     self._receipts_seen.popitem(last=False)
         if seen:  # the same signed receipt again (QoS 1 re-delivery, a replay after failover)
-            self._out({"type": "duplicate", "device": device, "receipt": claims.get("typ"), "arrived": arrived})
+            self._out({"type": "duplicate-receipt", "device": device, "receipt": claims.get("typ"),
+                       "arrived": arrived})
             return
         self._out({"type": "receipt", "device": device, "receipt": claims.get("typ"), "claims": claims,
                    "token": token, "arrived": arrived})

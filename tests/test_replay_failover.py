@@ -7,7 +7,10 @@ every batch but nobody reads it there (a node that acked and lost), the cloud pe
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from vgw.config import DEFAULT_REPLAY_WINDOW_S, load_config
@@ -22,12 +25,11 @@ G = "g-speed"
 GRANTS = {G: ["read_speedometer"]}
 
 
-@pytest.mark.parametrize("window", [None, 5.0])
-def test_batches_acked_by_a_node_that_failed_reach_the_cloud_through_the_next_node(tmp_path: Path, pki,
-                                                                                  window: float | None) -> None:
-    """``window`` None: the default for several hosts. 5 s: the second pass (5/3 s after the failover) is seen
-    too: the rows A acknowledged go out twice, once in each pass."""
-    auth = Authority(tmp_path)
+@contextlib.contextmanager
+def _two_nodes(tmp_path: Path, pki, auth: Authority, mqtt_extra: dict[str, Any] | None = None
+               ) -> Iterator[tuple[Mosquitto, Mosquitto, Any, Path]]:
+    """Nodes A and B (two mosquittos) as the agent's two hosts, the cloud reading on B only, the grant applied;
+    yields (A, B, cloud, config path)."""
     trace = record_trace(tmp_path, 20.0)
     with Mosquitto.from_pki(pki) as node_a, Mosquitto.from_pki(pki) as node_b, \
             connected_cloud(node_b, pki) as cloud:
@@ -35,8 +37,19 @@ def test_batches_acked_by_a_node_that_failed_reach_the_cloud_through_the_next_no
         cfg = write_config(tmp_path, pki, 0, auth.trust,
                            can={"replay": str(trace), "replay_rate": 2.0, "replay_loop": True},
                            mqtt_extra={"hosts": [f"localhost:{node_a.port}", f"localhost:{node_b.port}"],
-                                       **({} if window is None else {"replay_window_s": window})})
+                                       **(mqtt_extra or {})})
         apply_offline(cfg, auth, GRANTS, tmp_path)
+        yield node_a, node_b, cloud, cfg
+
+
+@pytest.mark.parametrize("window", [None, 5.0])
+def test_batches_acked_by_a_node_that_failed_reach_the_cloud_through_the_next_node(tmp_path: Path, pki,
+                                                                                  window: float | None) -> None:
+    """``window`` None: the default for several hosts. 5 s: the second pass (5/3 s after the failover) is seen
+    too: the rows A acknowledged go out twice, once in each pass."""
+    auth = Authority(tmp_path)
+    with _two_nodes(tmp_path, pki, auth, {} if window is None else {"replay_window_s": window}) as (
+            node_a, node_b, cloud, cfg):
         with AgentThread(cfg) as runner:
             up = runner.agent.uplink
             assert runner.wait_link()
@@ -61,14 +74,7 @@ def test_a_receipt_acked_by_a_node_that_failed_reaches_the_cloud_through_the_nex
     """A receipt acknowledged by node A (read by nobody: acked and lost) is published again on B after the
     failover. On the code that kept only batches for the window, the erasure receipt never reached B."""
     auth = Authority(tmp_path)
-    trace = record_trace(tmp_path, 20.0)
-    with Mosquitto.from_pki(pki) as node_a, Mosquitto.from_pki(pki) as node_b, \
-            connected_cloud(node_b, pki) as cloud:
-        cloud.add_recipient(G, auth.recipient(G))
-        cfg = write_config(tmp_path, pki, 0, auth.trust,
-                           can={"replay": str(trace), "replay_rate": 2.0, "replay_loop": True},
-                           mqtt_extra={"hosts": [f"localhost:{node_a.port}", f"localhost:{node_b.port}"]})
-        apply_offline(cfg, auth, GRANTS, tmp_path)
+    with _two_nodes(tmp_path, pki, auth) as (node_a, node_b, cloud, cfg):
         with AgentThread(cfg) as runner:
             up = runner.agent.uplink
             assert runner.wait_link() and up.endpoint == f"localhost:{node_a.port}"

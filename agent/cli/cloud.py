@@ -323,18 +323,11 @@ def _listen_nats(args: argparse.Namespace, recipients: Any, keys: Any) -> int:
                        ack_wait_s=args.ack_wait, replicas=args.replicas, batch=args.batch,
                        name=args.client_id or f"vgw-cloud-listen-{os.getpid()}")
     worker = JetStreamWorker(opts, listener.handle, None if args.no_status else listener.handle)
-    previous = _on_signals(stop)
-
-    def announce() -> None:
-        if worker.ready.wait(60) and not stop.is_set():
-            print(f"vgw cloud listen: pulling (NATS JetStream) stream {opts.stream} consumer {opts.durable} "
-                  f"via {worker.connected_url}", file=sys.stderr, flush=True)
-
-    threading.Thread(target=announce, daemon=True).start()
     try:
-        worker.run(stop, deadline=None if args.duration is None else time.monotonic() + args.duration)
+        _run_until_stopped(worker, stop, args.duration,
+                           lambda: f"vgw cloud listen: pulling (NATS JetStream) stream {opts.stream} consumer "
+                                   f"{opts.durable} via {worker.connected_url}")
     finally:
-        _restore(previous)
         if args.out:
             out.close()
     print(json.dumps({"summary": {**listener.summary(), "handled": worker.handled,
@@ -364,19 +357,9 @@ def run_relay(args: argparse.Namespace) -> int:
                        name=args.client_id or f"vgw-cloud-relay-{os.getpid()}")
     relay = JetStreamRelay(opts, prefer=args.prefer, publishers=args.publishers, max_held=args.max_held,
                            max_held_bytes=args.max_held_mib * 2**20, drain_s=args.drain)
-    stop = threading.Event()
-    previous = _on_signals(stop)
-
-    def announce() -> None:
-        if relay.ready.wait(60) and not stop.is_set():
-            print(f"vgw cloud relay: relaying {args.prefix}.*.data.>, {args.prefix}.*.receipt into stream "
-                  f"{opts.stream} via {relay.connected_url}", file=sys.stderr, flush=True)
-
-    threading.Thread(target=announce, daemon=True).start()
-    try:
-        relay.run(stop, deadline=None if args.duration is None else time.monotonic() + args.duration)
-    finally:
-        _restore(previous)
+    _run_until_stopped(relay, threading.Event(), args.duration,
+                       lambda: f"vgw cloud relay: relaying {args.prefix}.*.data.>, {args.prefix}.*.receipt into "
+                               f"stream {opts.stream} via {relay.connected_url}")
     c = relay.counts
     print(json.dumps({"summary": dataclasses.asdict(c)}), file=sys.stderr)
     if c.unstored_at_exit or c.dropped or c.rejected:
@@ -384,6 +367,24 @@ def run_relay(args: argparse.Namespace) -> int:
               f"{c.rejected} rejected by the stream", file=sys.stderr)
         return 1
     return 0
+
+
+def _run_until_stopped(part: Any, stop: threading.Event, duration: float | None, ready_line: Callable[[], str]
+                       ) -> None:
+    """Run a NATS worker or relay (``part.run(stop, deadline=...)``) until SIGTERM/SIGINT sets ``stop`` or
+    ``duration`` seconds pass; print ``ready_line()`` on stderr once ``part.ready`` is set (what scripts and
+    the fleet simulator wait for)."""
+    previous = _on_signals(stop)
+
+    def announce() -> None:
+        if part.ready.wait(60) and not stop.is_set():
+            print(ready_line(), file=sys.stderr, flush=True)
+
+    threading.Thread(target=announce, daemon=True).start()
+    try:
+        part.run(stop, deadline=None if duration is None else time.monotonic() + duration)
+    finally:
+        _restore(previous)
 
 
 def run_verify_receipt(args: argparse.Namespace) -> int:

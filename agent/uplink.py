@@ -362,7 +362,7 @@ class Uplink:
         self._resubscribe_at = time.monotonic() + (SUBACK_TIMEOUT_S if self._sub_mid is not None
                                                    else self._sub_delay)
 
-    def _suback(self, client: mqtt.Client, mid: int, refused: str | None) -> None:
+    def _suback(self, mid: int, refused: str | None) -> None:
         if mid != self._sub_mid:
             return
         self._sub_mid = None
@@ -424,7 +424,7 @@ class Uplink:
                 elif kind == "oversized":
                     self._oversized(value)
                 elif kind == "suback":
-                    self._suback(client, *value)
+                    self._suback(*value)
             if acked:
                 self._acked(acked)
             if self._status_due.is_set():
@@ -470,7 +470,7 @@ class Uplink:
         while self._acked_receipts and self._acked_receipts[0][0] < horizon:
             self._acked_receipts.popleft()
         try:
-            self.outbox.sweep_acked(time.time() - self.cfg.replay_window)
+            self.outbox.sweep_acked(horizon)
         except StorageError as exc:
             log.debug("uplink: replay window sweep failed: %s", exc)
 

@@ -77,7 +77,8 @@ def register(subparsers: Any) -> None:
     js = li.add_argument_group("NATS JetStream (instead of --broker; needs nats-py: pip install 'vgw[cloud]')")
     js.add_argument("--nats", metavar="HOST:PORT[,...]",
                     help="NATS client port(s) of the cluster: workers share the durable pull consumer --durable "
-                         "on the stream --stream (created if missing), explicit acks (docs/fleet.md)")
+                         "on the stream --stream (created if missing), explicit acks; `vgw cloud relay` "
+                         "processes fill the stream (docs/fleet.md)")
     js.add_argument("--stream", default="VGW", help="JetStream stream of data and receipts (default VGW)")
     js.add_argument("--durable", default="vgw-workers", help="durable consumer the workers share (default vgw-workers)")
     js.add_argument("--ack-wait", type=float, default=30.0, metavar="S",

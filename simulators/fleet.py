@@ -275,10 +275,11 @@ class FleetSim:
                 from vgw.cloud.jetstream import NatsOptions, stream_leader
                 from vgw.simulators.fleet_cluster import ConsumerGroup
 
-                self.progress(f"starting 2 relays and {cfg.consumers} consumer worker(s) on the durable consumer")
                 group = ConsumerGroup(cfg.consumers, tmp / "consumers", nats_urls=broker.nats_urls, ca=ca,
                                       cert=cloud_cert, key=cloud_key, recipient=recipient,
                                       device_cert_dir=pki.dir, sink=cloud, ack_wait_s=5.0)
+                self.progress(f"starting {group.n_relays} relays and {cfg.consumers} consumer worker(s) on the "
+                              "durable consumer")
                 closers.append(group.close)
                 group.start()
                 sub_ok.set()

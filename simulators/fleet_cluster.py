@@ -50,13 +50,11 @@ class ConsumerGroup:
         key_path.write_bytes(recipient.private_key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
         key_path.chmod(0o600)
-        self._argv = [sys.executable, "-m", "vgw", "cloud", "listen",
-                      "--nats", ",".join(u.removeprefix("tls://") for u in nats_urls),
-                      "--ca", str(ca), "--cert", str(cert), "--tls-key", str(key), "--recipient", str(key_path),
+        cluster = ["--nats", ",".join(u.removeprefix("tls://") for u in nats_urls),
+                   "--ca", str(ca), "--cert", str(cert), "--tls-key", str(key)]
+        self._argv = [sys.executable, "-m", "vgw", "cloud", "listen", *cluster, "--recipient", str(key_path),
                       "--device-cert", str(device_cert_dir), "--ack-wait", str(ack_wait_s), "--no-status"]
-        tls = ["--ca", str(ca), "--cert", str(cert), "--tls-key", str(key)]
-        self._relay_argv = [sys.executable, "-m", "vgw", "cloud", "relay",
-                            "--nats", ",".join(u.removeprefix("tls://") for u in nats_urls), *tls, "--drain", "60"]
+        self._relay_argv = [sys.executable, "-m", "vgw", "cloud", "relay", *cluster, "--drain", "60"]
         self.relay_procs: list[subprocess.Popen[bytes]] = []
         self.procs: list[subprocess.Popen[bytes]] = []
         self._offsets: dict[int, int] = {}
@@ -67,33 +65,28 @@ class ConsumerGroup:
         """Start the relays (relay i on node i first; the first creates the stream), the workers (the first
         creates the consumer) and the reader. Raises UplinkError."""
         for i in range(self.n_relays):
-            err = open(self.dir / f"r{i}.err", "ab")
-            self.relay_procs.append(subprocess.Popen([*self._relay_argv, "--prefer", str(i)],
-                                                     stdout=subprocess.DEVNULL, stderr=err, cwd=_ROOT))
-            err.close()
-            deadline = time.monotonic() + timeout
-            while _RELAY_READY not in self._text(f"r{i}.err"):
-                if self.relay_procs[i].poll() is not None or time.monotonic() > deadline:
-                    raise UplinkError(f"relay {i} did not start: {self._text(f'r{i}.err').strip()[-500:]}")
-                time.sleep(0.05)
+            self.relay_procs.append(self._launch([*self._relay_argv, "--prefer", str(i)], f"r{i}.err",
+                                                 _RELAY_READY, f"relay {i}", timeout))
         for i in range(self.n):
-            err = open(self.dir / f"w{i}.err", "ab")
-            self.procs.append(subprocess.Popen([*self._argv, "--out", str(self.dir / f"w{i}.jsonl")],
-                                               stdout=subprocess.DEVNULL, stderr=err, cwd=_ROOT))
-            err.close()
-            deadline = time.monotonic() + timeout
-            while _READY not in self._err(i):
-                if self.procs[i].poll() is not None or time.monotonic() > deadline:
-                    raise UplinkError(f"consumer worker {i} did not start: {self._err(i).strip()[-500:]}")
-                time.sleep(0.05)
+            self.procs.append(self._launch([*self._argv, "--out", str(self.dir / f"w{i}.jsonl")], f"w{i}.err",
+                                           _READY, f"consumer worker {i}", timeout))
         self._reader.start()
+
+    def _launch(self, argv: list[str], err_name: str, ready: str, what: str, timeout: float
+                ) -> subprocess.Popen[bytes]:
+        """Start ``argv`` with stderr to ``err_name`` and wait until that shows ``ready``. Raises UplinkError."""
+        with open(self.dir / err_name, "ab") as err:
+            proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, cwd=_ROOT)
+        deadline = time.monotonic() + timeout
+        while ready not in self._text(err_name):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise UplinkError(f"{what} did not start: {self._text(err_name).strip()[-500:]}")
+            time.sleep(0.05)
+        return proc
 
     def _text(self, name: str) -> str:
         path = self.dir / name
         return path.read_text(errors="replace") if path.exists() else ""
-
-    def _err(self, i: int) -> str:
-        return self._text(f"w{i}.err")
 
     def _summary(self, name: str) -> dict[str, Any] | None:
         for line in reversed(self._text(name).splitlines()):

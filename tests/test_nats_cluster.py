@@ -360,33 +360,22 @@ def test_kill_a_worker_mid_stream_nothing_lost(workers: Workers, pki: TestPKI, c
 def test_relay_cli_stores_every_message_once_and_refuses_a_stream_made_for_device_subjects(
     tmp_path: Path, pki: TestPKI, cluster: NatsCluster
 ) -> None:
-    import asyncio
-
-    import nats
     from nats.js import api
 
     tls = ["--ca", str(pki.ca.cert), "--cert", str(pki.cloud.cert), "--tls-key", str(pki.cloud.key)]
     servers = ",".join(u.removeprefix("tls://") for u in cluster.nats_urls)
 
-    async def stream(action: str) -> int:
-        nc = await nats.connect(servers=cluster.nats_urls, tls=tls_context(pki.ca.cert, pki.cloud.cert,
-                                                                           pki.cloud.key))
-        js = nc.jetstream()
-        try:
-            if action == "old":  # as made before relays: the stream captures what devices publish itself
-                await js.add_stream(api.StreamConfig(name="VGW", subjects=["vgw.*.data.>", "vgw.*.receipt"],
-                                                     num_replicas=3))
-            elif action == "delete":
-                await js.delete_stream("VGW")
-            return int((await js.stream_info("VGW")).state.messages) if action == "count" else 0
-        finally:
-            await nc.close()
+    async def old(js: Any) -> None:  # as made before relays: the stream captures what devices publish itself
+        await js.add_stream(api.StreamConfig(name="VGW", subjects=["vgw.*.data.>", "vgw.*.receipt"], num_replicas=3))
 
-    asyncio.run(stream("old"))
+    async def delete(js: Any) -> None:
+        await js.delete_stream("VGW")
+
+    _on_cluster(pki, cluster, old)
     old = vgw("cloud", "relay", "--nats", servers, *tls, "--duration", "5", timeout=60)
     assert old.returncode == 1 and "Traceback" not in old.stderr
     assert "captures" in old.stderr and "stream-vgw.json" in old.stderr, old.stderr
-    asyncio.run(stream("delete"))
+    _on_cluster(pki, cluster, delete)
 
     def start_relay(i: int) -> subprocess.Popen[str]:
         proc = subprocess.Popen([sys.executable, "-m", "vgw", "cloud", "relay", "--nats", servers, *tls,
@@ -400,7 +389,7 @@ def test_relay_cli_stores_every_message_once_and_refuses_a_stream_made_for_devic
     a = Client(pki, "dev-0001", cluster.nodes[2].port)
     seal = _sealer_for_test(tmp_path)
     _publish(a, "dev-0001", range(1, 11), seal)
-    assert wait_until(lambda: asyncio.run(stream("count")) >= 10, 20)
+    assert wait_until(lambda: _stream_messages(pki, cluster) >= 10, 20)
     summaries = []
     for proc in relays:
         proc.terminate()  # SIGTERM: store what is held, print the summary, exit 0
@@ -409,7 +398,7 @@ def test_relay_cli_stores_every_message_once_and_refuses_a_stream_made_for_devic
         summaries.append(json.loads(err.strip().splitlines()[-1])["summary"])
     assert [s["received"] for s in summaries] == [10, 10]  # every relay gets every message
     assert sum(s["stored"] for s in summaries) == 10 and sum(s["duplicates"] for s in summaries) == 10
-    assert asyncio.run(stream("count")) == 10  # one copy each: the same Nats-Msg-Id from both relays
+    assert _stream_messages(pki, cluster) == 10  # one copy each: the same Nats-Msg-Id from both relays
 
 
 def test_a_message_the_stream_can_never_take_does_not_block_a_relay(
@@ -418,10 +407,6 @@ def test_a_message_the_stream_can_never_take_does_not_block_a_relay(
     """A device message just under the server's max_payload no longer fits once the relay adds its
     Nats-Msg-Id header: the relay leaves it out and counts it, instead of retrying it for ever (32 such
     messages would have tied up every publisher and stopped the relay storing anything)."""
-    import asyncio
-
-    import nats
-
     relays = Relays(pki, cluster)
     try:
         a = Client(pki, "dev-0001", cluster.nodes[1].port)
@@ -431,20 +416,38 @@ def test_a_message_the_stream_can_never_take_does_not_block_a_relay(
         seal = _sealer_for_test(tmp_path)
         _publish(a, "dev-0001", range(1, 6), seal)
 
-        async def count() -> int:
-            nc = await nats.connect(servers=cluster.nats_urls, tls=tls_context(pki.ca.cert, pki.cloud.cert,
-                                                                               pki.cloud.key))
-            try:
-                return int((await nc.jetstream().stream_info("VGW")).state.messages)
-            finally:
-                await nc.close()
-
-        assert wait_until(lambda: asyncio.run(count()) >= 5, 30), asyncio.run(count())
+        assert wait_until(lambda: _stream_messages(pki, cluster) >= 5, 30), _stream_messages(pki, cluster)
     finally:
         relays.close()
     assert [r.counts.rejected for r in relays.relays] == [40, 40]
     assert [r.counts.unstored_at_exit for r in relays.relays] == [0, 0]
-    assert asyncio.run(count()) == 5
+    assert _stream_messages(pki, cluster) == 5
+
+
+def _on_cluster(pki: TestPKI, cluster: NatsCluster, action: Any) -> Any:
+    """Run ``action(js)`` (a coroutine function) on a fresh cloud connection to the cluster; its result."""
+    import asyncio
+
+    import nats
+
+    async def run() -> Any:
+        nc = await nats.connect(servers=cluster.nats_urls, tls=tls_context(pki.ca.cert, pki.cloud.cert,
+                                                                           pki.cloud.key))
+        try:
+            return await action(nc.jetstream())
+        finally:
+            await nc.close()
+
+    return asyncio.run(run())
+
+
+def _stream_messages(pki: TestPKI, cluster: NatsCluster) -> int:
+    """How many messages the stream VGW holds."""
+
+    async def count(js: Any) -> int:
+        return int((await js.stream_info("VGW")).state.messages)
+
+    return int(_on_cluster(pki, cluster, count))
 
 
 def _sealer_for_test(tmp_path: Path) -> Any:

@@ -60,6 +60,7 @@ from vgw.errors import ConfigError, StorageError
 from vgw.fsutil import MAX_KEY_BYTES, read_small_file
 from vgw.outbox import Outbox
 from vgw.packetguard import guard_context
+from vgw.tlsfailure import describe as describe_tls
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ QUEUE_SLACK = 8  # paho queue beyond the in-flight window: the status message an
 # The largest packet the agent reads: a consent document at its limit plus room for the fixed header, the
 # topic and (MQTT 5) properties. Larger ones are never buffered (see agent.packetguard).
 MAX_PACKET_BYTES = MAX_DOCUMENT_BYTES + 1024
+UNSUPPORTED_PROTOCOL_VERSION = 0x84  # CONNACK reason code, MQTT 5.0 §3.2.2.2
 
 
 def tls_context(cfg: MqttConfig) -> ssl.SSLContext:
@@ -236,7 +238,8 @@ class Uplink:
         )
         ctx = tls_context(self.cfg)
         guard_context(ctx, MAX_PACKET_BYTES, mqtt5=self._protocol == "5",
-                      on_drop=lambda size: self._events.append(("oversized", size)))
+                      on_drop=lambda size: self._events.append(("oversized", size)),
+                      on_tls_error=lambda exc: self._events.append(("tls", exc)))
         client.tls_set_context(ctx)
         client.max_inflight_messages_set(self.cfg.max_inflight)
         # 0 would mean "unbounded" to paho; we never hand it more than the window, so this only guards bugs.
@@ -269,16 +272,19 @@ class Uplink:
             self._fail(str(exc))
             return None
         except ssl.SSLCertVerificationError as exc:
-            self._fail(f"TLS certificate rejected: {exc.verify_message}")
+            self._fail(f"TLS certificate rejected: {describe_tls(exc)}")
             return None
         except ssl.SSLError as exc:
-            self._fail(f"TLS handshake failed: {exc.reason or exc}")
+            # An alert the socket saw while paho wrote CONNECT names the failure better than the EOF it raised.
+            seen = [value for kind, value in self._events if kind == "tls"]
+            self._fail(describe_tls(seen[-1] if seen else exc))
             return None
         except (OSError, ValueError) as exc:
             self._fail(f"cannot reach broker {self.endpoint}: {exc}")
             return None
         client.loop_start()
         deadline = time.monotonic() + 10
+        tls_error: ssl.SSLError | None = None
         while time.monotonic() < deadline and not self._stop.is_set():
             while self._events:
                 kind, value = self._events.popleft()
@@ -286,7 +292,14 @@ class Uplink:
                     self._protocol_settled = True
                     self._after_connect(client)
                     return client
-                if kind in ("refused", "disconnected") and self._fall_back_to_311(kind, str(value)):
+                if kind == "tls":
+                    tls_error = value  # the disconnect that follows is this alert, not an MQTT answer
+                    continue
+                if kind in ("refused", "disconnected") and tls_error is not None:
+                    self._fail(describe_tls(tls_error))
+                    self._teardown(client)
+                    return None
+                if kind in ("refused", "disconnected") and self._fall_back_to_311(kind, value):
                     self._teardown(client)
                     return self._connect()  # at most once: the fallback happens once per process
                 if kind in ("refused", "disconnected"):
@@ -310,16 +323,18 @@ class Uplink:
             log.debug("uplink: %s", reason)
         self.last_error = reason
 
-    def _fall_back_to_311(self, kind: str, reason: str) -> bool:
+    def _fall_back_to_311(self, kind: str, reason: Any) -> bool:
         """``auto`` only, before any successful CONNECT: switch to MQTT 3.1.1 for the rest of the process.
 
         A 3.1.1-only broker (the NATS server's MQTT support, for one) answers an MQTT 5 CONNECT with CONNACK
-        "unacceptable protocol version" or just closes the connection before any CONNACK. Once a CONNECT has
-        succeeded the choice is settled, so a later outage is never mistaken for a protocol refusal.
+        0x84 "Unsupported Protocol Version" (MQTT 5.0 §3.2.2.2; a 3.1.1 broker's return code 1, which paho
+        reports as the same reason code) or just closes the connection before any CONNACK. A TLS alert is never
+        taken for either (the caller sees it first). Once a CONNECT has succeeded the choice is settled, so a
+        later outage is never mistaken for a protocol refusal.
         """
         if self._protocol_settled or self._protocol != "5":
             return False
-        if kind == "refused" and "protocol" not in reason.lower():
+        if kind == "refused" and getattr(reason, "value", None) != UNSUPPORTED_PROTOCOL_VERSION:
             return False  # refused for another reason (not authorised, bad client id ...): not a version issue
         self._protocol = "3.1.1"
         self._protocol_settled = True
@@ -404,6 +419,7 @@ class Uplink:
 
     def _serve(self, client: mqtt.Client) -> None:
         inflight: dict[int, tuple[str, Any]] = {}
+        tls_error: ssl.SSLError | None = None
         tokens = float(self.cfg.max_inflight)
         last_refill = time.monotonic()
         while not self._stop.is_set():
@@ -418,8 +434,10 @@ class Uplink:
                         continue
                     if ok:
                         acked.append(item)
+                elif kind == "tls":
+                    tls_error = value
                 elif kind == "disconnected":
-                    self._fail(f"connection lost: {value}")
+                    self._fail(f"connection lost: {describe_tls(tls_error) if tls_error is not None else value}")
                     return
                 elif kind == "oversized":
                     self._oversized(value)
@@ -566,7 +584,7 @@ class Uplink:
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         if reason_code.is_failure:
-            self._events.append(("refused", str(reason_code)))
+            self._events.append(("refused", reason_code))
         else:
             self._client = client
             self._events.append(("connected", None))
@@ -575,7 +593,7 @@ class Uplink:
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
                        properties: Any) -> None:
         self._client = None
-        self._events.append(("disconnected", str(reason_code)))
+        self._events.append(("disconnected", reason_code))
         self._wake.set()
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:

@@ -28,10 +28,10 @@ LAYERS: dict[str, tuple[str, ...]] = {
     ),
     "storage": (
         "vgw.outbox", "vgw.audit", "vgw.consent.store", "vgw.consent.manager", "vgw.consent.intake",
-        "vgw.crypto.keys", "vgw.crypto.receipts",
+        "vgw.crypto.keys", "vgw.crypto.receipts", "vgw.crypto.credentials",
     ),
     "sources": ("vgw.sources", "vgw.obd.elm327", "vgw.obd.isotp", "vgw.obd.poller"),
-    "uplink": ("vgw.uplink", "vgw.packetguard"),
+    "uplink": ("vgw.uplink", "vgw.packetguard", "vgw.tlsfailure", "vgw.renewal"),
     "daemon": ("vgw.runtime", "vgw.daemon", "vgw.writer", "vgw.counters", "vgw.sdnotify"),
     "operations": ("vgw.stateview", "vgw.doctor", "vgw.install", "vgw.report", "vgw.report_owner", "vgw.provisioning",
                    "vgw.monitor"),

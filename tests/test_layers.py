@@ -33,7 +33,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "sources": ("vgw.sources", "vgw.obd.elm327", "vgw.obd.isotp", "vgw.obd.poller"),
     "uplink": ("vgw.uplink", "vgw.packetguard", "vgw.tlsfailure", "vgw.renewal"),
     "daemon": ("vgw.runtime", "vgw.daemon", "vgw.writer", "vgw.counters", "vgw.sdnotify"),
-    "operations": ("vgw.stateview", "vgw.doctor", "vgw.install", "vgw.report", "vgw.report_owner", "vgw.provisioning",
+    "operations": ("vgw.stateview", "vgw.doctor", "vgw.install", "vgw.report", "vgw.report_owner", "vgw.provisioning", "vgw.enroll",
                    "vgw.monitor"),
     "cloud": ("vgw.cloud",),
     "simulators": ("vgw.simulators",),

@@ -8,6 +8,7 @@
     vgw cloud listen --nats HOST:PORT[,...] --ca CA --cert CERT --tls-key KEY --recipient ... [--durable NAME]
     vgw cloud relay --nats HOST:PORT[,...] --ca CA --cert CERT --tls-key KEY [--prefer N] [--drain S]
     vgw cloud verify-receipt --device-cert FILE|DIR FILE
+    vgw cloud enroll serve|revoke ...   (README "Enrollment")
 
 BROKER-OPTIONS: --broker HOST:PORT --ca CA --cert CERT --key KEY [--protocol auto|5|3.1.1] [--prefix vgw].
 Exit codes: 0 success, 1 error (one line on stderr), 3 receipt/document rejected.
@@ -122,6 +123,10 @@ def register(subparsers: Any) -> None:
     rl.add_argument("--duration", type=float, help="stop after S seconds (default: until SIGINT/SIGTERM)")
     rl.add_argument("--client-id", default=None, help="NATS connection name (default vgw-cloud-relay-<pid>)")
     rl.set_defaults(func=run_relay)
+
+    from vgw.cli import cloud_enroll
+
+    cloud_enroll.register(sub, _broker_options)
 
     v = sub.add_parser("verify-receipt", help="verify a receipt file against device certificates")
     v.add_argument("--device-cert", action="append", type=Path, required=True, metavar="FILE|DIR")

@@ -113,6 +113,8 @@ class Ledger:
     issued: list[dict[str, Any]] = field(default_factory=list)
     revoked: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # device -> (serial hex, when)
     skipped: int = 0  # lines that were not records (a line torn by a crash)
+    _by_token: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    _serials: dict[str, list[str]] = field(default_factory=dict)  # device -> serials issued
 
     @classmethod
     def open(cls, path: Path) -> Ledger:
@@ -138,6 +140,9 @@ class Ledger:
     def _apply(self, rec: dict[str, Any]) -> None:
         if rec["event"] == "issued":
             self.issued.append(rec)
+            self._serials.setdefault(rec["device"], []).append(rec["serial"])
+            if "token_sha256" in rec:
+                self._by_token.setdefault((rec["device"], rec["token_sha256"]), rec)
         elif rec["event"] == "revoked":
             self.revoked.setdefault(rec["device"], []).extend((s, rec["at"]) for s in rec["serials"])
 
@@ -156,14 +161,13 @@ class Ledger:
         self._apply(rec)
 
     def token_use(self, device: str, token: str) -> dict[str, Any] | None:
-        digest = _sha256(token.encode())
-        return next((r for r in self.issued if r["device"] == device and r.get("token_sha256") == digest), None)
+        return self._by_token.get((device, _sha256(token.encode())))
 
     def knows(self, device: str) -> bool:
-        return any(r["device"] == device for r in self.issued)
+        return device in self._serials
 
     def serials_of(self, device: str) -> list[str]:
-        return [r["serial"] for r in self.issued if r["device"] == device]
+        return list(self._serials.get(device, []))
 
 
 # ---------------------------------------------------------------- the issuer

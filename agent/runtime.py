@@ -74,6 +74,7 @@ from vgw.errors import StorageError, VgwError
 from vgw.fsutil import ensure_private_dir
 from vgw.logs import apply_config_level
 from vgw.sdnotify import notify
+from vgw.renewal import Renewal
 from vgw.uplink import Uplink
 from vgw.writer import BatchWriter
 
@@ -121,8 +122,9 @@ class Agent:
         # Documents from MQTT are judged on arrival and the newest verified one always survives (intake.py).
         self.intake = ConsentIntake(trust_keys=trust, device=self.device,
                                     clock=lambda: max(time.time(), self.store.floor))
+        self.renewal = Renewal(cfg.mqtt, self.device, audit=self._audit, on_renewed=self.signer.use_key)
         self.uplink = Uplink(cfg.mqtt, self.device, self.outbox, on_consent=self.intake.offer,
-                             status_payload=self._public_status)
+                             status_payload=self._public_status, renewal=self.renewal)
         # Added to by the collector, the writer, the main loop and the OBD poller: a thread-safe object.
         self.counters = Counters(("batches", "batches_discarded", "store_failures", "consent_superseded",
                                   "source_errors", "batches_failed", "error_frames", "remote_frames", "rx_overflow",

@@ -48,6 +48,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -60,6 +61,7 @@ from vgw.errors import ConfigError, StorageError
 from vgw.fsutil import MAX_KEY_BYTES, read_small_file
 from vgw.outbox import Outbox
 from vgw.packetguard import guard_context
+from vgw.renewal import Renewal
 from vgw.tlsfailure import describe as describe_tls
 
 log = logging.getLogger(__name__)
@@ -77,15 +79,19 @@ MAX_PACKET_BYTES = MAX_DOCUMENT_BYTES + 1024
 UNSUPPORTED_PROTOCOL_VERSION = 0x84  # CONNACK reason code, MQTT 5.0 §3.2.2.2
 
 
-def tls_context(cfg: MqttConfig) -> ssl.SSLContext:
-    """Raises ConfigError for a TLS file that is not a regular file of sane size (a FIFO would hang ssl)."""
-    for what, path in (("CA file", cfg.ca_file), ("client certificate", cfg.cert_file), ("client key", cfg.key_file)):
+def tls_context(cfg: MqttConfig, cert_file: Path | None = None, key_file: Path | None = None) -> ssl.SSLContext:
+    """Raises ConfigError for a TLS file that is not a regular file of sane size (a FIFO would hang ssl).
+
+    ``cert_file``/``key_file`` replace the config's (a renewed pair being tried, vgw.renewal)."""
+    cert_file = cert_file or cfg.cert_file
+    key_file = key_file or cfg.key_file
+    for what, path in (("CA file", cfg.ca_file), ("client certificate", cert_file), ("client key", key_file)):
         read_small_file(path, what=what, max_bytes=MAX_KEY_BYTES, error=ConfigError)
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cfg.ca_file))
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.check_hostname = True
     ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.load_cert_chain(str(cfg.cert_file), str(cfg.key_file))
+    ctx.load_cert_chain(str(cert_file), str(key_file))
     return ctx
 
 
@@ -98,8 +104,11 @@ class Uplink:
         *,
         on_consent: Callable[[bytes], None],
         status_payload: Callable[[], dict[str, Any]],
+        renewal: Renewal | None = None,
     ) -> None:
         self.cfg = cfg
+        self.renewal = renewal  # certificate renewal (vgw.renewal), driven from the connection thread
+        self._renew_sub_mid: int | None = None  # SUBACK awaited for the renewal answer topic
         self.device = device
         self.outbox = outbox
         self.on_consent = on_consent
@@ -212,6 +221,8 @@ class Uplink:
         """One connection: connect (or back off), serve until it drops. Returns the next backoff."""
         client = self._connect()
         if client is None:
+            if self.renewal is not None:
+                self.renewal.connect_failed()  # a renewed pair the broker refuses is dropped; the old one stays
             self._next_endpoint()
             # Full jitter (AWS architecture blog): spreads a fleet's reconnects after a broker outage.
             deadline = time.monotonic() + random.uniform(self.cfg.backoff_min_s, delay)
@@ -236,7 +247,7 @@ class Uplink:
             # subscription to the consent topic) for as long as the broker keeps it.
             clean_session=None if self._protocol == "5" else False,
         )
-        ctx = tls_context(self.cfg)
+        ctx = tls_context(self.cfg, *self.renewal.credentials()) if self.renewal is not None else tls_context(self.cfg)
         guard_context(ctx, MAX_PACKET_BYTES, mqtt5=self._protocol == "5",
                       on_drop=lambda size: self._events.append(("oversized", size)),
                       on_tls_error=lambda exc: self._events.append(("tls", exc)))
@@ -363,6 +374,9 @@ class Uplink:
             self._start_replay(since)
             self._replay_again = (time.monotonic() + window * SECOND_PASS_AFTER, since)
         self._ever_connected = True
+        self._renew_sub_mid = None
+        if self.renewal is not None:
+            self.renewal.connected()  # connected with a renewed pair: swap it in now
         self._sub_delay = SUBSCRIBE_RETRY_FIRST_S  # a new connection (maybe another node) starts afresh
         self._subscribe(client)
         self._status_due.clear()
@@ -438,9 +452,16 @@ class Uplink:
                     tls_error = value
                 elif kind == "disconnected":
                     self._fail(f"connection lost: {describe_tls(tls_error) if tls_error is not None else value}")
+                    if self.renewal is not None:
+                        self.renewal.connection_lost()
                     return
+                elif kind == "cert":
+                    if self.renewal is not None and self.renewal.answer(value):
+                        return  # a renewed pair is staged: reconnect with it (the old one stays until it connects)
                 elif kind == "oversized":
                     self._oversized(value)
+                elif kind == "suback" and value[0] == self._renew_sub_mid:
+                    self._renew_suback(client, value[1])
                 elif kind == "suback":
                     self._suback(*value)
             if acked:
@@ -452,6 +473,8 @@ class Uplink:
                 self._resubscribe_at = None
                 self._subscribe(client)
             self._sweep()
+            if self.renewal is not None:
+                self._renew_step(client)
             again = self._replay_again
             if again is not None and self._replay is None and time.monotonic() >= again[0]:
                 self._start_replay(again[1])
@@ -466,6 +489,26 @@ class Uplink:
                 tokens -= sent
             self._wake.wait(0.02)
             self._wake.clear()
+
+    def _renew_step(self, client: mqtt.Client) -> None:
+        """Renewal (vgw.renewal): subscribe to the answer topic, then publish the request once it is granted."""
+        renewal = self.renewal
+        assert renewal is not None
+        renewal.tick()
+        if self._renew_sub_mid is None and renewal.wants_request():
+            rc, mid = client.subscribe(renewal.response_topic, qos=1)
+            if rc == mqtt.MQTT_ERR_SUCCESS:
+                self._renew_sub_mid = mid
+
+    def _renew_suback(self, client: mqtt.Client, refused: str | None) -> None:
+        renewal = self.renewal
+        assert renewal is not None
+        self._renew_sub_mid = None
+        if refused is not None:
+            renewal.topic_refused(f"{self.endpoint} refused the subscription to {renewal.response_topic} ({refused})")
+            return
+        # Subscribed first, then the request (README "Enrollment"): the answer cannot pass us by.
+        self._publish(client, renewal.request_topic, renewal.request())
 
     def _start_replay(self, since: float) -> None:
         """A replay pass: rows and receipts acknowledged at or after ``since`` (wall time) go out again."""
@@ -610,3 +653,6 @@ class Uplink:
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         if message.topic == self.topic_consent and message.payload:
             self.on_consent(bytes(message.payload))  # the bounded consent intake (vgw.consent.intake)
+        elif self.renewal is not None and message.topic == self.renewal.response_topic and message.payload:
+            self._events.append(("cert", bytes(message.payload)))
+            self._wake.set()

@@ -113,6 +113,7 @@ class Ledger:
     issued: list[dict[str, Any]] = field(default_factory=list)
     revoked: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # device -> (serial hex, when)
     skipped: int = 0  # lines that were not records (a line torn by a crash)
+    _offset: int = 0  # bytes of the file read so far (complete lines only)
     _by_token: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     _serials: dict[str, list[str]] = field(default_factory=dict)  # device -> serials issued
 
@@ -130,12 +131,25 @@ class Ledger:
                 fh.write(b"\n")  # a crash tore the last line: it stays, unreadable, and the next one starts clean
                 fh.flush()
                 os.fsync(fh.fileno())
-        for line in data.splitlines():
-            try:
-                ledger._apply(json.loads(line))
-            except (ValueError, KeyError, TypeError):
-                ledger.skipped += 1
+        ledger.refresh()
         return ledger
+
+    def refresh(self) -> None:
+        """Read the records appended since the last read (by this process or another: `revoke` while the
+        service runs). Raises CloudKitError."""
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(self._offset)
+                data = fh.read()
+        except OSError as exc:
+            raise CloudKitError(f"{self.path}: cannot read the ledger: {exc.strerror}") from exc
+        end = data.rfind(b"\n") + 1  # a line still being written is read next time
+        self._offset += end
+        for line in data[:end].splitlines():
+            try:
+                self._apply(json.loads(line))
+            except (ValueError, KeyError, TypeError):
+                self.skipped += 1
 
     def _apply(self, rec: dict[str, Any]) -> None:
         if rec["event"] == "issued":
@@ -158,7 +172,7 @@ class Ledger:
                 os.close(fd)
         except OSError as exc:
             raise CloudKitError(f"{self.path}: cannot append to the ledger: {exc.strerror}") from exc
-        self._apply(rec)
+        self.refresh()  # reads it back (with whatever another process appended before it)
 
     def token_use(self, device: str, token: str) -> dict[str, Any] | None:
         return self._by_token.get((device, _sha256(token.encode())))
@@ -208,6 +222,7 @@ class Issuer:
 
     def _decide(self, kind: Kind, device: str, payload: bytes) -> bytes:
         req = decode_request(payload, kind)  # size limit first, then JSON, then the CSR's PEM
+        self.ledger.refresh()  # a `revoke` run meanwhile counts now
         # A revoked device stays out: neither a new enrollment nor a renewal brings it back.
         if device in self.ledger.revoked:
             raise EnrollmentError(f"device {device!r} is revoked", EnrollReason.REVOKED)

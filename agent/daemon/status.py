@@ -89,6 +89,8 @@ class StatusView:
             "link_error": up.last_error,
             "endpoint": up.endpoint,  # [mqtt] host:port in use (or last tried), README "Configuration (TOML)"
             "last_publish": up.last_publish,
+            # client certificate renewal (README "Enrollment"): state, not_after, renew_from, attempts, last_error
+            "certificate": up.renewal.view() if up.renewal is not None else None,
             "consent_version": consent.ver if consent else None,
             "consent_expired": self.manager.expired,
             "collect": self.guard.pipeline.rule_counts(),  # collection rules: decoded vs let through, per grant/scope

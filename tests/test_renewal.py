@@ -1,0 +1,159 @@
+"""Automatic certificate renewal and device revocation (README "Enrollment"), end to end: the real agent,
+`vgw cloud enroll serve`, mosquitto with the deploy ACL (and a CRL), the cloud peer counting every seq."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import stat
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from vgw.simulators.broker import Mosquitto, device_acl
+from vgw.simulators.pki import TestPKI
+
+from tests.agentkit import AgentThread, Authority, vgw, wait_until, write_config
+from tests.enrollkit import claim_identity, device_config, enroll_args, enroll_service, write_allow
+
+
+@pytest.fixture(scope="module")
+def pki() -> Iterator[TestPKI]:
+    """A CA valid for years (the session's lives 30 days: a renewed certificate could not outlast the window)."""
+    root = Path(tempfile.mkdtemp(prefix="vgw-pki-renew-"))
+    os.chmod(root, 0o755)  # noqa: S103 - mosquitto (its own user) reads it
+    try:
+        yield TestPKI(root / "pki", devices=["dev-0001"], days=3650)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def auth(tmp_path: Path) -> Authority:
+    return Authority(tmp_path)
+
+
+def near_expiry_config(tmp: Path, pki, broker: Mosquitto, trust: Path, device: str, channel: str) -> Path:
+    """A config for ``device`` whose certificate (issued by the CA, like a manually provisioned one) expires in
+    two days, with renew_before_days = 30; its key and certificate are copies the renewal may replace."""
+    now = dt.datetime.now(dt.UTC)
+    pair = pki.client_cert(device, name=f"{device}-near", not_after=now + dt.timedelta(days=2))
+    home = tmp / device
+    home.mkdir()
+    shutil.copy(pair.cert, home / "device.crt")
+    shutil.copy(pair.key, home / "device.key")
+    (home / "device.key").chmod(0o600)
+    cfg = write_config(home, pki, broker.port, trust, device=device, can={"channel": channel},
+                       mqtt_extra={"renew_before_days": 30})
+    text = cfg.read_text().replace(f'cert_file = "{pki.device(device).cert}"', f'cert_file = "{home / "device.crt"}"')
+    cfg.write_text(text.replace(f'key_file = "{pki.device(device).key}"', f'key_file = "{home / "device.key"}"'))
+    return cfg
+
+
+def not_after(path: Path) -> dt.datetime:
+    return x509.load_pem_x509_certificates(path.read_bytes())[0].not_valid_after_utc
+
+
+def status(cfg: Path) -> dict:
+    r = vgw("status", "--config", str(cfg), "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_certificate_near_expiry_is_renewed_under_load_with_a_new_key_and_no_seq_gap(
+        tmp_path: Path, pki, broker: Mosquitto, cloud, auth: Authority, channel: str, vehicle) -> None:
+    device = "dev-r01"
+    allow = write_allow(tmp_path / "allow.toml", {device: "tok-r01-secret"})
+    cfg = near_expiry_config(tmp_path, pki, broker, auth.trust, device, channel)
+    home = tmp_path / device
+    old_key, old_end = (home / "device.key").read_bytes(), not_after(home / "device.crt")
+    cloud.add_recipient("g-speed", auth.recipient("g-speed"))
+    with enroll_service(tmp_path, pki, broker, allow) as service, AgentThread(cfg) as runner:
+        assert runner.wait_link(30)
+        cloud.publish_consent(device, auth.doc(device, {"g-speed": ["read_speedometer"]}))
+        assert cloud.wait_for(lambda: len(cloud.batches(device, "g-speed")) >= 3, 30)
+        # Renewed within seconds, while the vehicle keeps the pipeline busy.
+        assert wait_until(lambda: not_after(home / "device.crt") > old_end + dt.timedelta(days=300), 60), \
+            runner.agent.renewal.view()
+        assert (home / "device.key").read_bytes() != old_key, "renewal makes a new key"
+        assert stat.S_IMODE((home / "device.key").stat().st_mode) == 0o600
+        assert not (home / "device.key.new").exists() and not (home / "device.crt.new").exists()
+        new_cert = x509.load_pem_x509_certificates((home / "device.crt").read_bytes())[0]
+        assert new_cert.public_key() == load_pem_private_key((home / "device.key").read_bytes(), None).public_key()
+        # The link came back with the new pair, and data keep flowing over it.
+        up = runner.agent.uplink
+        assert wait_until(lambda: up.state == "connected" and up.connects >= 2, 30)
+        count = len(cloud.batches(device, "g-speed"))
+        assert cloud.wait_for(lambda: len(cloud.batches(device, "g-speed")) >= count + 3, 30)
+        st = status(cfg)
+        assert st["certificate"]["state"] == "valid" and st["certificate"]["not_after"] > new_cert.not_valid_before_utc.timestamp()
+        records = [json.loads(line) for line in service.ledger.read_text().splitlines()]
+        assert [(r["kind"], r["device"]) for r in records] == [("renew", device)]
+    # No sample lost, no seq gap across the swap.
+    seqs = cloud.seqs(device, "g-speed")
+    assert cloud.missing(device, "g-speed") == [] and sorted(set(seqs)) == list(range(1, max(seqs) + 1))
+    audit = tmp_path / device / "state" / "audit.log"
+    events = [json.loads(line)["event"] for line in audit.read_text().splitlines()]
+    assert events.count("certificate-renewed") == 1
+
+
+def test_renewal_refused_keeps_the_old_certificate_and_status_says_so(
+        tmp_path: Path, pki, broker: Mosquitto, cloud, auth: Authority, channel: str, vehicle) -> None:
+    device = "dev-r02"
+    allow = write_allow(tmp_path / "allow.toml", {"dev-other": "tok-other-secret"})  # dev-r02 is not known here
+    cfg = near_expiry_config(tmp_path, pki, broker, auth.trust, device, channel)
+    home = tmp_path / device
+    before = ((home / "device.key").read_bytes(), (home / "device.crt").read_bytes())
+    cloud.add_recipient("g-speed", auth.recipient("g-speed"))
+    with enroll_service(tmp_path, pki, broker, allow), AgentThread(cfg) as runner:
+        assert runner.wait_link(30)
+        cloud.publish_consent(device, auth.doc(device, {"g-speed": ["read_speedometer"]}))
+        assert wait_until(lambda: status(cfg)["certificate"]["state"] == "refused", 60)
+        st = status(cfg)
+        assert "not-enrolled" in st["certificate"]["last_error"] and st["certificate"]["attempts"] >= 1
+        text = vgw("status", "--config", str(cfg)).stdout
+        assert "RENEWAL FAILING" in text and "not-enrolled" in text
+        doctor = vgw("doctor", "--config", str(cfg)).stdout
+        assert "renewal failing" in doctor
+        # Still running on the old certificate: connected, collecting, publishing.
+        count = len(cloud.batches(device, "g-speed"))
+        assert cloud.wait_for(lambda: len(cloud.batches(device, "g-speed")) >= count + 3, 30)
+        assert runner.agent.uplink.state == "connected"
+    assert ((home / "device.key").read_bytes(), (home / "device.crt").read_bytes()) == before
+    assert not (home / "device.key.new").exists()
+
+
+def test_revoked_device_is_refused_by_the_broker(tmp_path: Path, pki, auth: Authority) -> None:
+    ca = ["--ca-cert", str(pki.ca.cert), "--ca-key", str(pki.ca.key)]
+    # In the PKI's folder: a root-started mosquitto reads the CRL as its own user (pytest's tmp is 0700).
+    ledger, crl = tmp_path / "ledger.jsonl", pki.dir / "crl.pem"
+    r = vgw("cloud", "enroll", "revoke", *ca, "--ledger", str(ledger), "--crl", str(crl))  # the first, empty CRL
+    assert r.returncode == 0, r.stderr
+    broker = Mosquitto.from_pki(pki, acl=device_acl(), extra_config=f"crlfile {crl}")
+    try:
+        broker.start()
+        allow = write_allow(tmp_path / "allow.toml", {"dev-v01": "tok-v01-secret", "dev-v02": "tok-v02-secret"})
+        cfgs = {d: device_config(tmp_path, pki, broker, auth.trust, d) for d in ("dev-v01", "dev-v02")}
+        with enroll_service(tmp_path, pki, broker, allow):
+            for d, cfg in cfgs.items():
+                assert vgw(*enroll_args(cfg, claim_identity(pki), f"tok-{d[4:]}-secret")).returncode == 0
+        r = vgw("cloud", "enroll", "revoke", *ca, "--ledger", str(ledger), "--crl", str(crl), "dev-v01")
+        assert r.returncode == 0, r.stderr
+        assert "revoked dev-v01: 1 certificate(s)" in r.stdout
+        revoked = x509.load_pem_x509_crl(crl.read_bytes())
+        serial = int(json.loads(ledger.read_text().splitlines()[0])["serial"], 16)
+        assert revoked.get_revoked_certificate_by_serial_number(serial) is not None
+        broker.restart()  # the broker loads the new CRL
+        with AgentThread(cfgs["dev-v01"]) as revoked_agent, AgentThread(cfgs["dev-v02"]) as other:
+            assert other.wait_link(30), other.agent.uplink.last_error  # the CRL takes only the revoked one
+            up = revoked_agent.agent.uplink
+            assert wait_until(lambda: up.connect_attempts >= 2 and up.last_error is not None, 30)
+            assert up.connects == 0
+            assert "certificate_revoked" in up.last_error, up.last_error
+    finally:
+        broker.close()

@@ -569,3 +569,30 @@ def install_cert(cert_file: Path, *, out: Path = DEFAULT_OUT, ca: Path | None = 
         "Start the agent: sudo systemctl start vgw-agent; follow it: journalctl -u vgw-agent -f",
     ]
     return report
+
+
+# -- the zero-touch path: enroll right after step 1 (README "Enrollment") ------------------------------------
+
+
+def enroll_provisioned(claim_cert: Path, claim_key: Path, token: str, *, out: Path = DEFAULT_OUT,
+                       timeout: float = 60.0) -> Report:
+    """Enroll the device just provisioned in ``out`` with the batch's claim identity and its one-time token:
+    the CSR goes to `vgw cloud enroll serve` instead of a person, and the issued certificate is installed.
+
+    Raises :class:`~vgw.errors.EnrollmentRefused` / :class:`~vgw.errors.EnrollmentTimeout` (vgw.enroll); the
+    key, config and state dir written by step 1 stay (a later `vgw enroll` finishes the job).
+    """
+    from vgw.enroll import enroll
+
+    out = out.expanduser().absolute()
+    config_path = out / CONFIG_NAME
+    done = enroll(config_path, claim_cert, claim_key, token, timeout)
+    report = Report()
+    note = "already enrolled, unchanged" if done.already else "issued by the enrollment service"
+    report.add("certificate", out / CERT_NAME,
+               f"{note}; device {done.device}, valid until {done.not_after:%Y-%m-%d}")
+    report.next_steps += [
+        f"Check the device: vgw doctor --config {config_path}",
+        "Start the agent: sudo systemctl start vgw-agent; follow it: journalctl -u vgw-agent -f",
+    ]
+    return report

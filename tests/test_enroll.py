@@ -202,3 +202,34 @@ def test_enrolled_key_is_made_on_the_device_and_never_sent(tmp_path: Path, pki, 
     for body in seen:
         assert secret not in body and der not in body and b"PRIVATE KEY" not in body
     assert os.stat(tmp_path / "dev-e08" / "device.key").st_mode & 0o077 == 0
+
+
+def test_provision_with_a_claim_enrolls_without_a_csr_round_trip(tmp_path: Path, pki, broker: Mosquitto,
+                                                                 auth: Authority) -> None:
+    allow = write_allow(tmp_path / "allow.toml", {"dev-p01": "tok-p01-secret"})
+    out, claim = tmp_path / "etc", claim_identity(pki)
+    argv = ["provision", "--device-id", "dev-p01", "--broker", f"localhost:{broker.port}", "--ca", str(pki.ca.cert),
+            "--consent-key", str(auth.trust), "--source", "can", "--demo-dbc", "--out", str(out),
+            "--state-dir", str(tmp_path / "state"), "--enroll-claim-cert", str(claim.cert),
+            "--enroll-claim-key", str(claim.key), "--enroll-token", "tok-p01-secret", "--enroll-timeout", "60"]
+    with enroll_service(tmp_path, pki, broker, allow):
+        r = vgw(*argv)
+    assert r.returncode == 0, r.stderr
+    assert "Enrolled." in r.stdout and "--install-cert" not in r.stdout
+    leaf = x509.load_pem_x509_certificates((out / "device.crt").read_bytes())[0]
+    key = serialization.load_pem_private_key((out / "device.key").read_bytes(), password=None)
+    assert leaf.public_key() == key.public_key() and cert_device_id(leaf) == "dev-p01"
+    doctor = vgw("doctor", "--config", str(out / "vgw.toml"))
+    assert "certificate" in doctor.stdout and "names device" not in doctor.stdout
+
+
+def test_provision_with_a_claim_and_no_service_exits_2_and_keeps_step_1(tmp_path: Path, pki, broker: Mosquitto,
+                                                                         auth: Authority) -> None:
+    out, claim = tmp_path / "etc", claim_identity(pki)
+    r = vgw("provision", "--device-id", "dev-p02", "--broker", f"localhost:{broker.port}", "--ca", str(pki.ca.cert),
+            "--consent-key", str(auth.trust), "--source", "can", "--demo-dbc", "--out", str(out),
+            "--state-dir", str(tmp_path / "state"), "--enroll-claim-cert", str(claim.cert),
+            "--enroll-claim-key", str(claim.key), "--enroll-token", "tok-p02-secret", "--enroll-timeout", "2")
+    assert r.returncode == 2, r.stderr
+    assert "vgw enroll --config" in r.stderr
+    assert (out / "device.key").exists() and (out / "vgw.toml").exists() and not (out / "device.crt").exists()

@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 SERVICE_USER = "vgw"
 AGENT_UNIT = "vgw-agent.service"
 VCAN_UNIT = "vgw-vcan.service"
+ENROLL_UNIT = "vgw-enroll.service"  # zero-touch enrollment at boot (README "Enrollment")
 NETWORK_FILE = "80-can0.network"
 UDEV_RULE = "60-vgw-obd.rules"
 GUIDE = "install-raspberry-pi.md"
@@ -98,7 +99,8 @@ class Layout:
         return self._p("/var/lib/vgw")
 
     def installed_files(self) -> list[Path]:
-        return [self.units / AGENT_UNIT, self.units / VCAN_UNIT, self.network / NETWORK_FILE, self.udev / UDEV_RULE]
+        return [self.units / AGENT_UNIT, self.units / ENROLL_UNIT, self.units / VCAN_UNIT, self.network / NETWORK_FILE,
+                self.udev / UDEV_RULE]
 
 
 @dataclass
@@ -244,6 +246,8 @@ def install(
 
         plan.step(f"install {config} as {dest} (an existing one is kept as vgw.toml.bak)", put_config)
     plan.step(f"install {lay.units / AGENT_UNIT}", lambda: _copy(src / "systemd" / AGENT_UNIT, lay.units / AGENT_UNIT))
+    plan.step(f"install {lay.units / ENROLL_UNIT}",
+              lambda: _copy(src / "systemd" / ENROLL_UNIT, lay.units / ENROLL_UNIT))
     plan.step(f"install {lay.units / VCAN_UNIT} (developers; not enabled)",
               lambda: _copy(src / "systemd" / VCAN_UNIT, lay.units / VCAN_UNIT))
     plan.step(f"install {lay.network / NETWORK_FILE}",
@@ -255,6 +259,8 @@ def install(
                   lambda: _own_key(lay.etc / "device.key"))
         plan.step("systemctl daemon-reload", lambda: _run(["systemctl", "daemon-reload"]))
         plan.step(f"systemctl enable {AGENT_UNIT}", lambda: _run(["systemctl", "enable", AGENT_UNIT]))
+        plan.step(f"systemctl enable {ENROLL_UNIT} (runs only while /etc/vgw/claim holds a token)",
+                  lambda: _run(["systemctl", "enable", ENROLL_UNIT]))
 
         def networkd() -> None:
             # Enabling networkd also enables its wait-online unit (Also=), which would wait 2 min at boot

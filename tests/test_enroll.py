@@ -216,6 +216,7 @@ def test_provision_with_a_claim_enrolls_without_a_csr_round_trip(tmp_path: Path,
         r = vgw(*argv)
     assert r.returncode == 0, r.stderr
     assert "Enrolled." in r.stdout and "--install-cert" not in r.stdout
+    assert not (out / "claim").exists()  # spent: nothing of the claim stays on an enrolled device
     leaf = x509.load_pem_x509_certificates((out / "device.crt").read_bytes())[0]
     key = serialization.load_pem_private_key((out / "device.key").read_bytes(), password=None)
     assert leaf.public_key() == key.public_key() and cert_device_id(leaf) == "dev-p01"
@@ -233,3 +234,14 @@ def test_provision_with_a_claim_and_no_service_exits_2_and_keeps_step_1(tmp_path
     assert r.returncode == 2, r.stderr
     assert "vgw enroll --config" in r.stderr
     assert (out / "device.key").exists() and (out / "vgw.toml").exists() and not (out / "device.crt").exists()
+    # The claim stays for the boot unit (root only); the unit's command finishes the job once the service answers.
+    claim_dir = out / "claim"
+    assert stat.S_IMODE(claim_dir.stat().st_mode) == 0o700
+    assert (claim_dir / "token").read_text().strip() == "tok-p02-secret"
+    assert all(stat.S_IMODE((claim_dir / n).stat().st_mode) == 0o600 for n in ("claim.crt", "claim.key", "token"))
+    allow = write_allow(tmp_path / "allow.toml", {"dev-p02": "tok-p02-secret"})
+    with enroll_service(tmp_path, pki, broker, allow):
+        r = vgw("enroll", "--config", str(out / "vgw.toml"), "--claim-cert", str(claim_dir / "claim.crt"),
+                "--claim-key", str(claim_dir / "claim.key"), "--token-file", str(claim_dir / "token"))
+    assert r.returncode == 0, r.stderr
+    assert (out / "device.crt").exists()

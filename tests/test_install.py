@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 INSTALLED = {
     "etc/systemd/system/vgw-agent.service": "systemd/vgw-agent.service",
     "etc/systemd/system/vgw-vcan.service": "systemd/vgw-vcan.service",
+    "etc/systemd/system/vgw-enroll.service": "systemd/vgw-enroll.service",
     "etc/systemd/network/80-can0.network": "systemd/80-can0.network",
     "etc/udev/rules.d/60-vgw-obd.rules": "systemd/60-vgw-obd.rules",
     "opt/vgw/share/dbc/vehicle.dbc": "dbc/vehicle.dbc",

@@ -1,6 +1,7 @@
 """`vgw enroll`: zero-touch enrollment of this device (README "Enrollment").
 
     vgw enroll --config FILE --claim-cert FILE --claim-key FILE --token TOKEN [--timeout S]
+    vgw enroll ... --token-file FILE      (the token from a file, 0600: kept out of the process list)
 
 Exit 0: a certificate was issued and installed (or the device was enrolled already: nothing changed);
 1: refused (the service's reason on stderr); 2: no answer within --timeout.
@@ -24,10 +25,27 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--config", default=DEFAULT_CONFIG, help=f"agent config file (TOML; default {DEFAULT_CONFIG})")
     p.add_argument("--claim-cert", type=Path, required=True, metavar="FILE", help="the batch's claim certificate")
     p.add_argument("--claim-key", type=Path, required=True, metavar="FILE", help="its private key")
-    p.add_argument("--token", required=True, help="this device's one-time enrollment token")
+    token = p.add_mutually_exclusive_group(required=True)
+    token.add_argument("--token", help="this device's one-time enrollment token")
+    token.add_argument("--token-file", type=Path, metavar="FILE", help="read the token from FILE (first line)")
     p.add_argument("--timeout", type=float, default=60.0, metavar="S",
                    help="give up after S seconds without an answer (default 60; exit 2)")
     p.set_defaults(func=cmd_enroll)
+
+
+def read_token(path: Path) -> str:
+    """The first line of a token file. Raises ConfigError naming the file."""
+    from vgw.errors import ConfigError
+    from vgw.fsutil import read_small_file
+
+    try:
+        text = read_small_file(path, what="token file", max_bytes=4096, error=ConfigError).decode()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the token file: {exc}") from exc
+    token = text.strip().splitlines()[0].strip() if text.strip() else ""
+    if not token:
+        raise ConfigError(f"{path}: the token file is empty")
+    return token
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
@@ -37,8 +55,9 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     if not args.timeout > 0:
         print(f"vgw enroll: --timeout {args.timeout}: must be > 0", file=sys.stderr)
         return EXIT_REFUSED
+    token = args.token if args.token is not None else read_token(args.token_file)
     try:
-        done = enroll(Path(args.config), args.claim_cert, args.claim_key, args.token, args.timeout)
+        done = enroll(Path(args.config), args.claim_cert, args.claim_key, token, args.timeout)
     except EnrollmentRefused as exc:
         print(f"vgw enroll: {exc}", file=sys.stderr)
         return EXIT_REFUSED

@@ -39,7 +39,14 @@ from vgw.crypto.enrollment import (
     request_topic,
     response_topic,
 )
-from vgw.errors import ConfigError, EnrollmentError, EnrollmentRefused, EnrollmentTimeout, EnrollReason
+from vgw.errors import (
+    ConfigError,
+    EnrollmentError,
+    EnrollmentRefused,
+    EnrollmentTimeout,
+    EnrollReason,
+    StorageError,
+)
 from vgw.fsutil import MAX_KEY_BYTES, read_small_file
 from vgw.packetguard import guard_context
 from vgw.tlsfailure import describe as describe_tls
@@ -113,8 +120,9 @@ def enroll(config: Path, claim_cert: Path, claim_key: Path, token: str, timeout:
     serial = format(leaf.serial_number, "x")
     if cfg.state_dir.is_dir():
         try:
-            AuditLog(cfg.state_dir).append("enrolled", serial=serial, not_after=int(leaf.not_valid_after_utc.timestamp()))
-        except OSError as exc:  # the certificate is installed; the agent audits its own start
+            AuditLog(cfg.state_dir).append("enrolled", serial=serial,
+                                           not_after=int(leaf.not_valid_after_utc.timestamp()))
+        except (OSError, StorageError) as exc:  # the certificate is installed; the agent audits its own start
             log.warning("enroll: not audited: %s", exc)
     return Enrolled(device, serial, leaf.not_valid_after_utc, already=False, key_made=made)
 

@@ -73,8 +73,8 @@ from vgw.daemon.supervisor import INTAKE_ROUNDS, QUOTA_AUDIT_EVERY_S, Supervisor
 from vgw.errors import StorageError, VgwError
 from vgw.fsutil import ensure_private_dir
 from vgw.logs import apply_config_level
-from vgw.sdnotify import notify
 from vgw.renewal import Renewal
+from vgw.sdnotify import notify
 from vgw.uplink import Uplink
 from vgw.writer import BatchWriter
 

@@ -31,8 +31,8 @@ if TYPE_CHECKING:
     from vgw.simulators.pki import TestPKI
 
 __all__ = [
-    "BrokerError",
     "CLAIM_USER",
+    "BrokerError",
     "BrokerStartError",
     "Mosquitto",
     "MosquittoNotFound",

@@ -45,6 +45,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec
 from vgw.crypto.certs import device_public_key_from_cert, load_private_key
 from vgw.errors import UplinkError
+from vgw.simulators.broker import CLAIM_USER
 from vgw.simulators.cloud import (
     RecipientKey,
     SigningKey,
@@ -54,9 +55,8 @@ from vgw.simulators.cloud import (
     sign_consent,
     verify_receipt,
 )
-from vgw.simulators.broker import CLAIM_USER
-from vgw.simulators.fleet_enroll import EnrollService, enroll_fleet
 from vgw.simulators.fleet_device import PREFIX, SimDevice, Worker, connect_client, make_client, tls_context
+from vgw.simulators.fleet_enroll import EnrollService, enroll_fleet
 from vgw.simulators.pki import CertPaths, TestPKI
 
 log = logging.getLogger("vgw.fleet")
@@ -573,8 +573,8 @@ class FleetSim:
         try:
             service.wait_ready()
             self.progress(f"enrolling {len(ids)} devices through vgw cloud enroll ({cfg.threads} lanes)")
-            report = enroll_fleet(tokens, host=host, port=port, protocol=protocol, ca=pki.ca.cert, claim_cert=claim.cert,
-                                  claim_key=claim.key, out=tmp / "enrolled", lanes=cfg.threads,
+            report = enroll_fleet(tokens, host=host, port=port, protocol=protocol, ca=pki.ca.cert,
+                                  claim_cert=claim.cert, claim_key=claim.key, out=tmp / "enrolled", lanes=cfg.threads,
                                   timeout_s=cfg.enroll_timeout_s)
         finally:
             summary = service.close()

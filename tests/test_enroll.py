@@ -146,7 +146,7 @@ def test_service_restarted_mid_way_still_answers_and_remembers_the_token(
         assert wait_until(lambda: (tmp_path / "dev-e06" / "device.key").exists(), 30)
         time.sleep(1.0)  # the first request went out to nobody
         service.start()
-        out, err = device.communicate(timeout=90)
+        _out, err = device.communicate(timeout=90)
         assert device.returncode == 0, err
         # Restarted: the ledger is read back, and a second key with the same token is refused.
         service.stop()

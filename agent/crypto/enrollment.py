@@ -148,7 +148,7 @@ def decode_request(payload: bytes, kind: Kind) -> Request:
         csr = x509.load_pem_x509_csr(csr_text.encode())
     except ValueError as exc:
         raise EnrollmentError("request: 'csr' is not a PEM certificate signing request", EnrollReason.BAD_CSR) from exc
-    return Request(csr=csr, token=token if kind is Kind.ENROLL else None)  # type: ignore[arg-type]
+    return Request(csr=csr, token=token if kind is Kind.ENROLL else None)
 
 
 @dataclass(frozen=True)

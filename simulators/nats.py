@@ -126,8 +126,10 @@ def authorization_block(devices: Iterable[str], *, prefix: str = "vgw",
     for cloud in cloud_users:
         _check_id(cloud)
         users.append(f'    {{user: "{cloud}", permissions: {cloud_permissions(prefix)}}}')
+    claim_users = list(claim_users)
     for device in devices:
-        users.append(f'    {{user: "{device}", permissions: {device_permissions(device, prefix)}}}')
+        if device not in claim_users:  # a claim identity is no device, whatever certificate it was issued as
+            users.append(f'    {{user: "{device}", permissions: {device_permissions(device, prefix)}}}')
     for claim in claim_users:
         _check_id(claim)
         users.append(f'    {{user: "{claim}", permissions: {claim_permissions(prefix)}}}')

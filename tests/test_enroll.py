@@ -245,3 +245,38 @@ def test_provision_with_a_claim_and_no_service_exits_2_and_keeps_step_1(tmp_path
                 "--claim-key", str(claim_dir / "claim.key"), "--token-file", str(claim_dir / "token"))
     assert r.returncode == 0, r.stderr
     assert (out / "device.crt").exists()
+
+
+def test_claim_identity_on_nats_can_ask_to_enroll_and_nothing_else(pki) -> None:
+    """deploy/nats/vgw-users.conf's claim user (simulators.nats.authorization_block): the enrollment subjects only."""
+    from vgw.simulators.nats import NatsMqtt, NatsNotFound
+
+    try:
+        server = NatsMqtt.from_pki(pki)
+    except NatsNotFound:
+        pytest.skip("nats-server is not installed")
+    claim = claim_identity(pki)
+    seen: list[str] = []
+    try:
+        server.start()
+        cloud = CloudLink(BrokerOptions("127.0.0.1", server.port, pki.ca.cert, pki.cloud.cert, pki.cloud.key,
+                                        protocol="3.1.1", client_id="cloud-watch"),
+                          on_message=lambda topic, _body: seen.append(topic)).connect()
+        link = CloudLink(BrokerOptions("127.0.0.1", server.port, pki.ca.cert, claim.cert, claim.key, protocol="3.1.1",
+                                       client_id="claim-nats")).connect()
+        try:
+            cloud.subscribe([("vgw/+/+/request", 1), ("vgw/+/data/+", 1), ("vgw/+/receipt", 1), ("vgw/+/status", 1)])
+            for topic in ("vgw/dev-0001/data/g-1", "vgw/dev-0001/receipt", "vgw/vgw-claim/status"):
+                try:
+                    link.publish(topic, b"{}", retain=False, timeout=2)
+                except UplinkError:
+                    pass  # refused without a PUBACK: as good as an error
+            link.publish("vgw/enroll/dev-0001/request", b"{}", retain=False)
+            assert wait_until(lambda: "vgw/enroll/dev-0001/request" in seen, 10)
+            assert seen == ["vgw/enroll/dev-0001/request"], seen
+        finally:
+            link.close()
+            cloud.close()
+        assert "Publish Violation" in server.log_text()
+    finally:
+        server.close()

@@ -29,7 +29,7 @@ from cryptography import x509
 from paho.mqtt.enums import CallbackAPIVersion
 from vgw.audit import AuditLog
 from vgw.config import Config, load_config
-from vgw.crypto.credentials import ensure_key, install_chain
+from vgw.crypto.credentials import ensure_key, install_chain, load_key
 from vgw.crypto.enrollment import (
     Kind,
     build_csr,
@@ -85,9 +85,8 @@ def enrolled_already(cfg: Config, now: dt.datetime) -> Enrolled | None:
         return None
     try:
         chain = tuple(x509.load_pem_x509_certificates(cfg.mqtt.cert_file.read_bytes()))
-        key, _made = ensure_key(cfg.mqtt.key_file)
-        leaf = check_issued(chain, key, cfg.device.id, _anchors(cfg), now)
-    except (OSError, ValueError, EnrollmentError):
+        leaf = check_issued(chain, load_key(cfg.mqtt.key_file), cfg.device.id, _anchors(cfg), now)
+    except (OSError, ValueError, EnrollmentError, ConfigError):
         return None
     return Enrolled(cfg.device.id, format(leaf.serial_number, "x"), leaf.not_valid_after_utc, already=True)
 

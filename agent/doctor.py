@@ -36,6 +36,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from vgw.config import CanConfig, Config, ObdConfig, load_config
+from vgw.crypto.credentials import with_credentials_in_use
 from vgw.errors import ConfigError, MissingFileError, VgwError
 from vgw.fsutil import MAX_KEY_BYTES, read_small_file
 
@@ -90,6 +91,7 @@ def run_checks(config_path: str | Path, probes: Probes | None = None) -> list[Ch
             hint = " (install the signed certificate: vgw provision --install-cert FILE)"
         return [Check("config", FAIL, f"{exc}{hint}")]
     results = [Check("config", PASS, f"{cfg.path} is valid")]
+    cfg = with_credentials_in_use(cfg)  # the renewed key and certificate once the agent renewed (README "Enrollment")
     steps: list[tuple[str, Callable[[], Check | list[Check] | None]]] = [
         ("catalogue", lambda: _catalogue(cfg)),
         ("can", lambda: _can(cfg.can, probes) if cfg.can is not None else None),

@@ -29,7 +29,7 @@ from cryptography import x509
 from paho.mqtt.enums import CallbackAPIVersion
 from vgw.audit import AuditLog
 from vgw.config import Config, load_config
-from vgw.crypto.credentials import ensure_key, install_chain, load_key
+from vgw.crypto.credentials import device_credentials, ensure_key, install_chain, load_key
 from vgw.crypto.enrollment import (
     Kind,
     build_csr,
@@ -81,11 +81,12 @@ def _anchors(cfg: Config) -> list[x509.Certificate]:
 
 def enrolled_already(cfg: Config, now: dt.datetime) -> Enrolled | None:
     """The installed certificate, if it is valid now, for this device and key, and chains to the CA."""
-    if not cfg.mqtt.cert_file.exists() or not cfg.mqtt.key_file.exists():
+    cert_file, key_file = device_credentials(cfg.mqtt.cert_file, cfg.mqtt.key_file, cfg.state_dir)
+    if not cert_file.exists() or not key_file.exists():
         return None
     try:
-        chain = tuple(x509.load_pem_x509_certificates(cfg.mqtt.cert_file.read_bytes()))
-        leaf = check_issued(chain, load_key(cfg.mqtt.key_file), cfg.device.id, _anchors(cfg), now)
+        chain = tuple(x509.load_pem_x509_certificates(cert_file.read_bytes()))
+        leaf = check_issued(chain, load_key(key_file), cfg.device.id, _anchors(cfg), now)
     except (OSError, ValueError, EnrollmentError, ConfigError):
         return None
     return Enrolled(cfg.device.id, format(leaf.serial_number, "x"), leaf.not_valid_after_utc, already=True)

@@ -27,7 +27,15 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from vgw.config import MqttConfig
-from vgw.crypto.credentials import Staged, commit_staged, discard_staged, settle, stage
+from vgw.crypto.credentials import (
+    Staged,
+    commit_staged,
+    device_credentials,
+    discard_staged,
+    renewed_pair,
+    settle,
+    stage,
+)
 from vgw.crypto.enrollment import (
     Kind,
     build_csr,
@@ -39,6 +47,7 @@ from vgw.crypto.enrollment import (
     response_topic,
 )
 from vgw.errors import EnrollmentError, StorageError
+from vgw.fsutil import ensure_private_dir
 
 __all__ = ["Renewal", "RenewalState", "RenewalTiming"]
 
@@ -67,7 +76,7 @@ class RenewalTiming:
 class Renewal:
     """The renewal state machine of one device (see the module docstring)."""
 
-    def __init__(self, cfg: MqttConfig, device: str, *, audit: Callable[..., None],
+    def __init__(self, cfg: MqttConfig, device: str, state_dir: Path, *, audit: Callable[..., None],
                  on_renewed: Callable[[ec.EllipticCurvePrivateKey], None] | None = None,
                  timing: RenewalTiming | None = None, clock: Callable[[], float] = time.time) -> None:
         self.cfg = cfg
@@ -78,7 +87,9 @@ class Renewal:
         self.clock = clock
         self.request_topic = request_topic(cfg.topic_prefix, Kind.RENEW, device)
         self.response_topic = response_topic(cfg.topic_prefix, Kind.RENEW, device)
-        self.staged = Staged.beside(cfg.key_file, cfg.cert_file)
+        self.state_dir = state_dir
+        self.cert_file, self.key_file = renewed_pair(state_dir)  # where a renewed pair goes
+        self.staged = Staged.beside(self.key_file, self.cert_file)
         self.state = RenewalState.OFF if cfg.renew_before_days <= 0 else RenewalState.VALID
         self.attempts = 0  # requests that did not end in a new certificate since the last success
         self.renewals = 0
@@ -89,7 +100,7 @@ class Renewal:
         self._asked_at: float | None = None  # monotonic, while REQUESTED
         self._key: ec.EllipticCurvePrivateKey | None = None  # the new key, while REQUESTED or STAGED
         self._view: dict[str, Any] = {}
-        done = settle(cfg.key_file, cfg.cert_file)  # a swap a crash interrupted: finished or dropped
+        done = settle(self.key_file, self.cert_file)  # a swap a crash interrupted: finished or dropped
         if done:
             log.warning("renewal: %s", done)
             self.audit("certificate-swap-recovered", what=done)
@@ -98,10 +109,10 @@ class Renewal:
     # -- the uplink's questions ---------------------------------------------------------------------
 
     def credentials(self) -> tuple[Path, Path]:
-        """(cert, key) to connect with: the staged pair while it is being tried, else the installed one."""
+        """(cert, key) to connect with: the staged pair while it is being tried, else the one in use."""
         if self.state is RenewalState.STAGED:
             return self.staged.cert, self.staged.key
-        return self.cfg.cert_file, self.cfg.key_file
+        return device_credentials(self.cfg.cert_file, self.cfg.key_file, self.state_dir)
 
     def wants_request(self) -> bool:
         """Due, and the backoff (if any) has passed: the uplink subscribes and publishes :meth:`request`."""
@@ -152,6 +163,7 @@ class Renewal:
                 return False
             check_issued(response.chain, self._key, self.device, _anchors(self.cfg.ca_file),
                          dt.datetime.fromtimestamp(self.clock(), dt.UTC))
+            ensure_private_dir(self.key_file.parent)
             stage(self.staged, self._key, response.chain)
         except (EnrollmentError, StorageError, OSError, ValueError) as exc:
             self._failed(RenewalState.FAILED, str(exc))
@@ -166,7 +178,7 @@ class Renewal:
         if self.state is not RenewalState.STAGED or self._key is None:
             return
         try:
-            commit_staged(self.staged, self.cfg.key_file, self.cfg.cert_file)
+            commit_staged(self.staged, self.key_file, self.cert_file)
         except StorageError as exc:
             self._failed(RenewalState.FAILED, str(exc))
             discard_staged(self.staged)
@@ -214,8 +226,9 @@ class Renewal:
         self._refresh_view()
 
     def _read_expiry(self) -> None:
+        cert_file, _key = device_credentials(self.cfg.cert_file, self.cfg.key_file, self.state_dir)
         try:
-            leaf = x509.load_pem_x509_certificates(self.cfg.cert_file.read_bytes())[0]
+            leaf = x509.load_pem_x509_certificates(cert_file.read_bytes())[0]
             self._not_after = leaf.not_valid_after_utc.timestamp()
         except (OSError, ValueError, IndexError):
             self._not_after = None

@@ -122,7 +122,7 @@ class Agent:
         # Documents from MQTT are judged on arrival and the newest verified one always survives (intake.py).
         self.intake = ConsentIntake(trust_keys=trust, device=self.device,
                                     clock=lambda: max(time.time(), self.store.floor))
-        self.renewal = Renewal(cfg.mqtt, self.device, audit=self._audit, on_renewed=self.signer.use_key)
+        self.renewal = Renewal(cfg.mqtt, self.device, cfg.state_dir, audit=self._audit, on_renewed=self.signer.use_key)
         self.uplink = Uplink(cfg.mqtt, self.device, self.outbox, on_consent=self.intake.offer,
                              status_payload=self._public_status, renewal=self.renewal)
         # Added to by the collector, the writer, the main loop and the OBD poller: a thread-safe object.

@@ -71,20 +71,25 @@ def test_certificate_near_expiry_is_renewed_under_load_with_a_new_key_and_no_seq
     allow = write_allow(tmp_path / "allow.toml", {device: "tok-r01-secret"})
     cfg = near_expiry_config(tmp_path, pki, broker, auth.trust, device, channel)
     home = tmp_path / device
-    old_key, old_end = (home / "device.key").read_bytes(), not_after(home / "device.crt")
+    installed = ((home / "device.key").read_bytes(), (home / "device.crt").read_bytes())
+    old_end = not_after(home / "device.crt")
+    # The renewed pair lives in the state directory, the one folder the hardened unit lets the agent write.
+    renewed = tmp_path / device / "state" / "identity"
     cloud.add_recipient("g-speed", auth.recipient("g-speed"))
     with enroll_service(tmp_path, pki, broker, allow) as service, AgentThread(cfg) as runner:
         assert runner.wait_link(30)
         cloud.publish_consent(device, auth.doc(device, {"g-speed": ["read_speedometer"]}))
         assert cloud.wait_for(lambda: len(cloud.batches(device, "g-speed")) >= 3, 30)
         # Renewed within seconds, while the vehicle keeps the pipeline busy.
-        assert wait_until(lambda: not_after(home / "device.crt") > old_end + dt.timedelta(days=300), 60), \
+        assert wait_until(lambda: (renewed / "device.crt").exists()
+                          and not_after(renewed / "device.crt") > old_end + dt.timedelta(days=300), 60), \
             runner.agent.renewal.view()
-        assert (home / "device.key").read_bytes() != old_key, "renewal makes a new key"
-        assert stat.S_IMODE((home / "device.key").stat().st_mode) == 0o600
-        assert not (home / "device.key.new").exists() and not (home / "device.crt.new").exists()
-        new_cert = x509.load_pem_x509_certificates((home / "device.crt").read_bytes())[0]
-        assert new_cert.public_key() == load_pem_private_key((home / "device.key").read_bytes(), None).public_key()
+        assert (renewed / "device.key").read_bytes() != installed[0], "renewal makes a new key"
+        assert stat.S_IMODE((renewed / "device.key").stat().st_mode) == 0o600
+        assert not (renewed / "device.key.new").exists() and not (renewed / "device.crt.new").exists()
+        new_cert = x509.load_pem_x509_certificates((renewed / "device.crt").read_bytes())[0]
+        new_key = load_pem_private_key((renewed / "device.key").read_bytes(), None)
+        assert new_cert.public_key() == new_key.public_key()
         # The link came back with the new pair, and data keep flowing over it.
         up = runner.agent.uplink
         assert wait_until(lambda: up.state == "connected" and up.connects >= 2, 30)
@@ -95,6 +100,14 @@ def test_certificate_near_expiry_is_renewed_under_load_with_a_new_key_and_no_seq
         assert st["certificate"]["not_after"] == new_cert.not_valid_after_utc.timestamp()
         records = [json.loads(line) for line in service.ledger.read_text().splitlines()]
         assert [(r["kind"], r["device"]) for r in records] == [("renew", device)]
+        # Receipts after the swap are signed with the new key.
+        cloud.add_device(device, renewed / "device.crt")
+        cloud.publish_consent(device, auth.doc(device, {"g-speed": ["read_speedometer", "read_odometer"]}))
+        assert cloud.wait_for(lambda: any(r.claims.get("ver") == auth.ver
+                                          for r in cloud.receipts(device, "consent-applied")), 30)
+    assert ((home / "device.key").read_bytes(), (home / "device.crt").read_bytes()) == installed  # untouched
+    doctor = vgw("doctor", "--config", str(cfg)).stdout
+    assert f"{renewed / 'device.crt'} valid until" in doctor, doctor
     # No sample lost, no seq gap across the swap.
     seqs = cloud.seqs(device, "g-speed")
     assert cloud.missing(device, "g-speed") == [] and sorted(set(seqs)) == list(range(1, max(seqs) + 1))
@@ -126,7 +139,8 @@ def test_renewal_refused_keeps_the_old_certificate_and_status_says_so(
         assert cloud.wait_for(lambda: len(cloud.batches(device, "g-speed")) >= count + 3, 30)
         assert runner.agent.uplink.state == "connected"
     assert ((home / "device.key").read_bytes(), (home / "device.crt").read_bytes()) == before
-    assert not (home / "device.key.new").exists()
+    renewed = home / "state" / "identity"
+    assert not renewed.exists() or not any(renewed.iterdir())  # nothing staged is left behind
 
 
 def test_revoked_device_is_refused_by_the_broker(tmp_path: Path, pki, auth: Authority) -> None:
@@ -158,3 +172,24 @@ def test_revoked_device_is_refused_by_the_broker(tmp_path: Path, pki, auth: Auth
             assert "certificate_revoked" in up.last_error, up.last_error
     finally:
         broker.close()
+
+
+def test_a_swap_cut_short_by_a_crash_is_finished_at_the_next_start(tmp_path: Path, pki, broker: Mosquitto,
+                                                                    auth: Authority, channel: str) -> None:
+    """The agent died between renaming the new key and the new certificate into place: the next start finishes
+    the swap (the staged certificate belongs to the key now in place), audits it, and connects with the pair."""
+    device = "dev-r03"
+    cfg = near_expiry_config(tmp_path, pki, broker, auth.trust, device, channel)
+    renewed = tmp_path / device / "state" / "identity"
+    renewed.mkdir(parents=True, mode=0o700)
+    (tmp_path / device / "state").chmod(0o700)
+    fresh = pki.client_cert(device, name=f"{device}-fresh")  # the "renewed" pair the service had issued
+    shutil.copy(fresh.key, renewed / "device.key")
+    (renewed / "device.key").chmod(0o600)
+    shutil.copy(fresh.cert, renewed / "device.crt.new")
+    with AgentThread(cfg) as runner:
+        assert runner.wait_link(30), runner.agent.uplink.last_error
+        assert (renewed / "device.crt").read_bytes() == fresh.cert.read_bytes()
+        assert not (renewed / "device.crt.new").exists()
+    events = [json.loads(line) for line in (tmp_path / device / "state" / "audit.log").read_text().splitlines()]
+    assert any(e["event"] == "certificate-swap-recovered" for e in events)

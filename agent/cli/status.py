@@ -78,10 +78,12 @@ def certificate_status(cfg: Any, live: dict[str, Any]) -> dict[str, Any]:
     """The client certificate (README "Enrollment"): ``not_after`` read from [mqtt] cert_file (a read, nothing
     written), and from the running agent the renewal ``state``, ``attempts`` and ``last_error``."""
     from cryptography import x509
+    from vgw.crypto.credentials import device_credentials
 
     out: dict[str, Any] = {"not_after": None, "state": None, "attempts": 0, "last_error": None}
+    cert_file, _key = device_credentials(cfg.mqtt.cert_file, cfg.mqtt.key_file, cfg.state_dir)
     try:
-        leaf = x509.load_pem_x509_certificates(cfg.mqtt.cert_file.read_bytes())[0]
+        leaf = x509.load_pem_x509_certificates(cert_file.read_bytes())[0]
         out["not_after"] = leaf.not_valid_after_utc.timestamp()
     except (OSError, ValueError, IndexError):
         pass

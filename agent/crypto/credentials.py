@@ -4,9 +4,12 @@ Used by `vgw enroll` (first certificate) and by the agent's renewal (README "Enr
 
 - :func:`ensure_key` makes the key if missing, 0600 from its first byte; it never leaves the device.
 - :func:`install_chain` writes the issued chain (0644, atomic).
-- Renewal stages the new pair next to the old one (``<key_file>.new``, ``<cert_file>.new``) and
-  :func:`commit_staged` swaps it in only after the new pair has connected; :func:`settle` finishes or undoes a
-  swap a crash interrupted, so the files the agent loads always match each other.
+- Renewal keeps the renewed pair in the state directory, ``<state_dir>/identity/device.key|crt`` (the one folder
+  the agent may write under its hardened unit; ``[mqtt] key_file``/``cert_file`` stay as installed).
+  :func:`device_credentials` is the pair in use: the renewed one once there is one, else the config's. The new
+  pair is staged beside it (``device.key.new``, ``device.crt.new``) and :func:`commit_staged` swaps it in only
+  after it has connected; :func:`settle` finishes or undoes a swap a crash interrupted, so the files the agent
+  loads always match each other.
 
 Raises :class:`~vgw.errors.StorageError` (cannot write) and :class:`~vgw.errors.ConfigError` (an unusable key).
 """
@@ -14,6 +17,7 @@ Raises :class:`~vgw.errors.StorageError` (cannot write) and :class:`~vgw.errors.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,14 +25,39 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from vgw.config import Config
 from vgw.crypto.enrollment import key_pem, new_key
 from vgw.errors import ConfigError, StorageError
 from vgw.fsutil import MAX_KEY_BYTES, atomic_write, read_small_file
 
-__all__ = ["Staged", "commit_staged", "discard_staged", "ensure_key", "install_chain", "load_key", "settle",
-           "stage"]
+__all__ = ["IDENTITY_DIR", "Staged", "commit_staged", "device_credentials", "discard_staged", "ensure_key",
+           "install_chain", "load_key", "renewed_pair", "settle", "stage", "with_credentials_in_use"]
 
 STAGED_SUFFIX = ".new"
+IDENTITY_DIR = "identity"  # in the state directory: the renewed key and certificate
+
+
+def renewed_pair(state_dir: Path) -> tuple[Path, Path]:
+    """(certificate, key) where renewal keeps the renewed pair."""
+    home = state_dir / IDENTITY_DIR
+    return home / "device.crt", home / "device.key"
+
+
+def device_credentials(cert_file: Path, key_file: Path, state_dir: Path) -> tuple[Path, Path]:
+    """(certificate, key) the device uses: the renewed pair if renewal made one, else the config's."""
+    cert, key = renewed_pair(state_dir)
+    if cert.is_file() and key.is_file():
+        return cert, key
+    return cert_file, key_file
+
+
+def with_credentials_in_use(cfg: Config) -> Config:
+    """``cfg`` with ``[mqtt] cert_file``/``key_file`` replaced by the pair in use (:func:`device_credentials`),
+    for the checks that look at the device's identity (`vgw doctor`)."""
+    cert, key = device_credentials(cfg.mqtt.cert_file, cfg.mqtt.key_file, cfg.state_dir)
+    if (cert, key) == (cfg.mqtt.cert_file, cfg.mqtt.key_file):
+        return cfg
+    return dataclasses.replace(cfg, mqtt=dataclasses.replace(cfg.mqtt, cert_file=cert, key_file=key))
 
 
 def load_key(path: Path) -> ec.EllipticCurvePrivateKey:

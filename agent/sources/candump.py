@@ -226,7 +226,7 @@ def _fast_block(text: str, lines: int) -> list[Frame | DamagedLine] | None:
     if max(f[0] for f in frames) > LATEST_TIME or any(  # type: ignore[index]
             f[1] > (0x1FFFFFFF if f[2] else 0x7FF) for f in frames):  # type: ignore[index]
         return None
-    if any(len(d) > 16 and not fd or fd and len(d) // 2 not in FD_LENGTHS for _t, _i, fd, d in found):
+    if any((len(d) > 16 and not fd) or (fd and len(d) // 2 not in FD_LENGTHS) for _t, _i, fd, d in found):
         return None  # a classic frame over 8 bytes, or an FD length that does not exist: judged line by line
     return frames
 

@@ -193,3 +193,23 @@ def test_a_swap_cut_short_by_a_crash_is_finished_at_the_next_start(tmp_path: Pat
         assert not (renewed / "device.crt.new").exists()
     events = [json.loads(line) for line in (tmp_path / device / "state" / "audit.log").read_text().splitlines()]
     assert any(e["event"] == "certificate-swap-recovered" for e in events)
+
+
+def test_a_certificate_installed_after_the_renewal_wins(tmp_path: Path, pki, broker: Mosquitto, auth: Authority,
+                                                        channel: str) -> None:
+    """Enrolled again (or --install-cert) after a renewal: the newer installed pair is used, not the renewed one."""
+    device = "dev-r04"
+    cfg = near_expiry_config(tmp_path, pki, broker, auth.trust, device, channel)
+    home = tmp_path / device
+    renewed = home / "state" / "identity"
+    renewed.mkdir(parents=True)
+    old = pki.client_cert(device, name=f"{device}-renewed-earlier",
+                          not_before=dt.datetime.now(dt.UTC) - dt.timedelta(days=10))
+    shutil.copy(old.cert, renewed / "device.crt")
+    shutil.copy(old.key, renewed / "device.key")
+    newer = pki.client_cert(device, name=f"{device}-installed-later")
+    shutil.copy(newer.cert, home / "device.crt")
+    shutil.copy(newer.key, home / "device.key")
+    st = status(cfg)
+    assert st["certificate"]["not_after"] == not_after(newer.cert).timestamp()
+    assert f"{home / 'device.crt'} valid until" in vgw("doctor", "--config", str(cfg)).stdout

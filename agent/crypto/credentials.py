@@ -44,11 +44,25 @@ def renewed_pair(state_dir: Path) -> tuple[Path, Path]:
 
 
 def device_credentials(cert_file: Path, key_file: Path, state_dir: Path) -> tuple[Path, Path]:
-    """(certificate, key) the device uses: the renewed pair if renewal made one, else the config's."""
+    """(certificate, key) the device uses: the renewed pair if renewal made one and its certificate is newer
+    than the installed one, else the config's. A certificate installed after the renewal (enrolled again,
+    `vgw provision --install-cert`) is newer and wins without anyone clearing the renewed pair."""
     cert, key = renewed_pair(state_dir)
-    if cert.is_file() and key.is_file():
-        return cert, key
-    return cert_file, key_file
+    if not (cert.is_file() and key.is_file()):
+        return cert_file, key_file
+    renewed = _issued_at(cert)
+    installed = _issued_at(cert_file)
+    if renewed is None or (installed is not None and installed >= renewed):
+        return cert_file, key_file
+    return cert, key
+
+
+def _issued_at(path: Path) -> float | None:
+    try:
+        data = read_small_file(path, what="certificate", max_bytes=MAX_KEY_BYTES, error=ConfigError)
+        return x509.load_pem_x509_certificates(data)[0].not_valid_before_utc.timestamp()
+    except (ConfigError, OSError, ValueError, IndexError):
+        return None
 
 
 def with_credentials_in_use(cfg: Config) -> Config:

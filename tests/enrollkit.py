@@ -17,9 +17,15 @@ from vgw.simulators.pki import CertPaths, TestPKI
 from tests.agentkit import ROOT, stop_process, wait_until, write_config
 
 
+_CLAIMS: dict[Path, CertPaths] = {}
+
+
 def claim_identity(pki: TestPKI) -> CertPaths:
-    """The batch's claim certificate (CN = the ACL's claim user)."""
-    return pki.client_cert(CLAIM_USER, name="claim")
+    """The batch's claim certificate (CN = the ACL's claim user), issued once per PKI: a running `vgw enroll`
+    must never see its files rewritten."""
+    if pki.dir not in _CLAIMS:
+        _CLAIMS[pki.dir] = pki.client_cert(CLAIM_USER, name="claim")
+    return _CLAIMS[pki.dir]
 
 
 def write_allow(path: Path, tokens: dict[str, str]) -> Path:

@@ -10,6 +10,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from vgw.simulators.broker import CLAIM_USER, Mosquitto
 from vgw.simulators.pki import CertPaths, TestPKI
@@ -54,11 +55,14 @@ def device_config(tmp: Path, pki: TestPKI, broker: Mosquitto, trust: Path, devic
 class Service:
     """`vgw cloud enroll serve` as a child process (stopped with SIGTERM)."""
 
-    def __init__(self, tmp: Path, pki: TestPKI, broker: Mosquitto, allow: Path, *, days: int = 365) -> None:
+    def __init__(self, tmp: Path, pki: TestPKI, broker: Mosquitto, allow: Path, *, days: int = 365,
+                 signing_ca: TestPKI | None = None) -> None:
+        """``signing_ca``: issue with another CA's certificate and key (a misconfigured service)."""
+        issuer = signing_ca or pki
         self.ledger = tmp / "ledger.jsonl"
         self.args = [sys.executable, "-m", "vgw", "cloud", "enroll", "serve", "--broker", f"127.0.0.1:{broker.port}",
                      "--ca", str(pki.ca.cert), "--cert", str(pki.cloud.cert), "--tls-key", str(pki.cloud.key),
-                     "--ca-cert", str(pki.ca.cert), "--ca-key", str(pki.ca.key), "--allow", str(allow),
+                     "--ca-cert", str(issuer.ca.cert), "--ca-key", str(issuer.ca.key), "--allow", str(allow),
                      "--ledger", str(self.ledger), "--days", str(days)]
         self.proc: subprocess.Popen[str] | None = None
         self.stderr: list[str] = []
@@ -85,7 +89,7 @@ class Service:
 
 
 @contextmanager
-def enroll_service(tmp: Path, pki: TestPKI, broker: Mosquitto, allow: Path, **kwargs: int) -> Iterator[Service]:
+def enroll_service(tmp: Path, pki: TestPKI, broker: Mosquitto, allow: Path, **kwargs: Any) -> Iterator[Service]:
     service = Service(tmp, pki, broker, allow, **kwargs).start()
     try:
         yield service

@@ -213,3 +213,23 @@ def test_a_certificate_installed_after_the_renewal_wins(tmp_path: Path, pki, bro
     st = status(cfg)
     assert st["certificate"]["not_after"] == not_after(newer.cert).timestamp()
     assert f"{home / 'device.crt'} valid until" in vgw("doctor", "--config", str(cfg)).stdout
+
+
+def test_a_renewed_certificate_from_another_ca_is_not_installed(tmp_path: Path, pki, broker: Mosquitto, cloud,
+                                                                 auth: Authority, channel: str, vehicle) -> None:
+    """The service signs with the wrong CA: the device's check (chain to [mqtt] ca_file) refuses the answer, keeps
+    its pair, says why in `vgw status`, and keeps publishing."""
+    device = "dev-r05"
+    allow = write_allow(tmp_path / "allow.toml", {device: "tok-r05-secret"})
+    cfg = near_expiry_config(tmp_path, pki, broker, auth.trust, device, channel)
+    rogue = pki.other_ca("rogue-renewal")
+    cloud.add_recipient("g-speed", auth.recipient("g-speed"))
+    with enroll_service(tmp_path, pki, broker, allow, signing_ca=rogue), AgentThread(cfg) as runner:
+        assert runner.wait_link(30)
+        cloud.publish_consent(device, auth.doc(device, {"g-speed": ["read_speedometer"]}))
+        assert wait_until(lambda: status(cfg)["certificate"]["state"] == "failed", 60)
+        assert "does not chain to the CA" in status(cfg)["certificate"]["last_error"]
+        count = len(cloud.batches(device, "g-speed"))
+        assert cloud.wait_for(lambda: len(cloud.batches(device, "g-speed")) >= count + 3, 30)
+    renewed = tmp_path / device / "state" / "identity"
+    assert not renewed.exists() or not any(renewed.iterdir())

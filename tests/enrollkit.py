@@ -17,7 +17,6 @@ from vgw.simulators.pki import CertPaths, TestPKI
 
 from tests.agentkit import ROOT, stop_process, wait_until, write_config
 
-
 _CLAIMS: dict[Path, CertPaths] = {}
 
 

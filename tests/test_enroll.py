@@ -280,3 +280,51 @@ def test_claim_identity_on_nats_can_ask_to_enroll_and_nothing_else(pki) -> None:
         assert "Publish Violation" in server.log_text()
     finally:
         server.close()
+
+
+@pytest.mark.parametrize(("body", "why"), [
+    ('[[device]]\nid = "dev-a"\ntoken = "tok-aaaaaaaa"\n[[device]]\nid = "dev-a"\ntoken = "tok-bbbbbbbb"\n',
+     "listed twice"),
+    ('[[device]]\nid = "dev-a"\ntoken = "short"\n', "at least 8 characters"),
+    ('[[device]]\nid = "enroll"\ntoken = "tok-aaaaaaaa"\n', "not a device id"),
+    ('[[device]]\nid = "dev-a"\n', "exactly 'id' and 'token'"),
+    ("not toml [", "not TOML"),
+])
+def test_serve_refuses_a_bad_allow_file_in_one_line(tmp_path: Path, pki, body: str, why: str) -> None:
+    allow = tmp_path / "allow.toml"
+    allow.write_text(body)
+    r = vgw("cloud", "enroll", "serve", "--broker", "127.0.0.1:1", "--ca", str(pki.ca.cert), "--cert",
+            str(pki.cloud.cert), "--tls-key", str(pki.cloud.key), "--ca-cert", str(pki.ca.cert), "--ca-key",
+            str(pki.ca.key), "--allow", str(allow), "--ledger", str(tmp_path / "ledger.jsonl"))
+    assert r.returncode == 1, r.stderr
+    assert why in r.stderr and str(allow) in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_ledger_with_a_torn_last_line_still_serves_and_revokes(tmp_path: Path, pki, broker: Mosquitto,
+                                                               auth: Authority) -> None:
+    """A crash mid-append leaves half a line: the service starts, the records before it count, new ones append
+    cleanly after it, and `revoke` finds every certificate."""
+    allow = write_allow(tmp_path / "allow.toml", {"dev-t01": "tok-t01-secret", "dev-t02": "tok-t02-secret"})
+    cfgs = {d: device_config(tmp_path, pki, broker, auth.trust, d) for d in ("dev-t01", "dev-t02")}
+    with enroll_service(tmp_path, pki, broker, allow) as service:
+        assert vgw(*enroll_args(cfgs["dev-t01"], claim_identity(pki), "tok-t01-secret")).returncode == 0
+    with service.ledger.open("ab") as fh:
+        fh.write(b'{"event": "issued", "device": "dev-t0')  # torn
+    with enroll_service(tmp_path, pki, broker, allow) as service:
+        assert vgw(*enroll_args(cfgs["dev-t02"], claim_identity(pki), "tok-t02-secret")).returncode == 0
+        (tmp_path / "again").mkdir()
+        again = device_config(tmp_path / "again", pki, broker, auth.trust, "dev-t01")
+        r = vgw(*enroll_args(again, claim_identity(pki), "tok-t01-secret"))
+        assert r.returncode == 1 and "token-used" in r.stderr  # the record before the torn line still counts
+    lines = service.ledger.read_bytes().split(b"\n")
+    assert json.loads(lines[-2])["device"] == "dev-t02"  # appended on a line of its own
+    crl = pki.dir / "crl-torn.pem"
+    for device in ("dev-t01", "dev-t02"):
+        r = vgw("cloud", "enroll", "revoke", "--ca-cert", str(pki.ca.cert), "--ca-key", str(pki.ca.key),
+                "--ledger", str(service.ledger), "--crl", str(crl), device)
+        assert r.returncode == 0 and "1 certificate(s)" in r.stdout, r.stderr
+    assert len(x509.load_pem_x509_crl(crl.read_bytes())) == 2
+    r = vgw("cloud", "enroll", "revoke", "--ca-cert", str(pki.ca.cert), "--ca-key", str(pki.ca.key),
+            "--ledger", str(service.ledger), "--crl", str(crl), "dev-never")
+    assert r.returncode == 1 and "no certificate was issued to 'dev-never'" in r.stderr

@@ -328,3 +328,26 @@ def test_ledger_with_a_torn_last_line_still_serves_and_revokes(tmp_path: Path, p
     r = vgw("cloud", "enroll", "revoke", "--ca-cert", str(pki.ca.cert), "--ca-key", str(pki.ca.key),
             "--ledger", str(service.ledger), "--crl", str(crl), "dev-never")
     assert r.returncode == 1 and "no certificate was issued to 'dev-never'" in r.stderr
+
+
+def test_the_same_key_asking_again_gets_the_same_certificate(tmp_path: Path, pki, broker: Mosquitto) -> None:
+    """An answer lost on the way (the service crashed after recording it, the device's link dropped): the device
+    asks again with the same CSR and gets the certificate already issued, not a refusal and not a second one."""
+    allow = write_allow(tmp_path / "allow.toml", {"dev-e09": "tok-e09-secret"})
+    request = json.dumps({"csr": build_csr(new_key(), "dev-e09").public_bytes(serialization.Encoding.PEM).decode(),
+                          "token": "tok-e09-secret"}).encode()
+    with enroll_service(tmp_path, pki, broker, allow) as service:
+        link = _claim_link(pki, broker, name="claim-repeat-1")
+        try:
+            first = _ask(link, "dev-e09", request)
+        finally:
+            link.close()
+    with enroll_service(tmp_path, pki, broker, allow) as service:  # restarted in between
+        link = _claim_link(pki, broker, name="claim-repeat-2")
+        try:
+            second = _ask(link, "dev-e09", request)
+        finally:
+            link.close()
+    assert first["status"] == second["status"] == "issued"
+    assert first["certificate"] == second["certificate"]
+    assert len(service.ledger.read_text().splitlines()) == 1

@@ -233,3 +233,23 @@ def test_a_renewed_certificate_from_another_ca_is_not_installed(tmp_path: Path, 
         assert cloud.wait_for(lambda: len(cloud.batches(device, "g-speed")) >= count + 3, 30)
     renewed = tmp_path / device / "state" / "identity"
     assert not renewed.exists() or not any(renewed.iterdir())
+
+
+def test_a_device_revoked_while_the_service_runs_is_refused_renewal(tmp_path: Path, pki, broker: Mosquitto,
+                                                                     auth: Authority) -> None:
+    """Where the broker has no CRL (NATS), the service itself refuses a revoked device: `revoke` run next to a
+    running service counts at its next request."""
+    device = "dev-r06"
+    allow = write_allow(tmp_path / "allow.toml", {device: "tok-r06-secret"})
+    # renew_before_days longer than the certificate's life: the renewal is due at once.
+    cfg = device_config(tmp_path, pki, broker, auth.trust, device, mqtt_extra={"renew_before_days": 400})
+    with enroll_service(tmp_path, pki, broker, allow) as service:
+        assert vgw(*enroll_args(cfg, claim_identity(pki), "tok-r06-secret")).returncode == 0
+        r = vgw("cloud", "enroll", "revoke", "--ca-cert", str(pki.ca.cert), "--ca-key", str(pki.ca.key),
+                "--ledger", str(service.ledger), "--crl", str(tmp_path / "crl.pem"), device)
+        assert r.returncode == 0, r.stderr
+        with AgentThread(cfg) as runner:
+            assert runner.wait_link(30)
+            assert wait_until(lambda: status(cfg)["certificate"]["state"] == "refused", 60), \
+                runner.agent.renewal.view()
+            assert "revoked" in status(cfg)["certificate"]["last_error"]

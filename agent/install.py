@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 
 from vgw.dbc import shipped_dir
 from vgw.errors import ConfigError, StorageError
+from vgw.fsutil import acting_for_owner
 
 if TYPE_CHECKING:
     from vgw.config import Config
@@ -292,10 +293,17 @@ def final_erasure(config_path: Path, *, receipt_timeout_s: float = 10.0) -> Eras
     dir (stop it first) or the outbox cannot be erased.
     """
     from vgw.config import load_config
+
+    cfg = load_config(config_path)
+    # Root erases the service user's state as that user's (fsutil.acting_for): no chown, nothing refused.
+    with acting_for_owner(cfg.state_dir):
+        return _final_erasure(cfg, receipt_timeout_s)
+
+
+def _final_erasure(cfg: Config, receipt_timeout_s: float) -> ErasureSummary:
     from vgw.consent.manager import ConsentManager, load_trust_keys
     from vgw.runtime import AgentLock, open_state
 
-    cfg = load_config(config_path)
     if AgentLock.held_by_other(cfg.state_dir):
         raise StorageError(f"{cfg.state_dir}: the agent is running; stop it first (systemctl stop vgw-agent)")
     lock = AgentLock(cfg.state_dir)

@@ -11,12 +11,13 @@ import pytest
 import vgw.install as inst
 from vgw.cli import main
 from vgw.config import load_config
+from vgw.fsutil import acting_for_owner
 from vgw.runtime import AgentLock, open_state
 from vgw.simulators.broker import Mosquitto
 from vgw.simulators.cloud import CloudPeer, RecipientKey, SigningKey, consent_claims, grant, sign_consent
 from vgw.simulators.pki import TestPKI
 
-from tests.test_provision import install_signed_cert
+from tests.test_provision import SERVICE_USER, install_signed_cert
 
 ROOT = Path(__file__).resolve().parents[1]
 INSTALLED = {
@@ -107,7 +108,7 @@ def provisioned(prefix: Path, pki: TestPKI, port: int) -> tuple[Path, SigningKey
     etc = prefix / "etc/vgw"
     assert main(["provision", "--device-id", "dev-0001", "--broker", f"localhost:{port}", "--ca", str(pki.ca.cert),
                  "--consent-key", str(trust), "--out", str(etc), "--state-dir", str(prefix / "var/lib/vgw"),
-                 "--source", "can", "--demo-dbc"]) == 0
+                 "--source", "can", "--demo-dbc", *SERVICE_USER]) == 0
     install_signed_cert(etc, pki, prefix.parent)
     return etc / "vgw.toml", signer
 
@@ -132,12 +133,13 @@ def test_purge_erases_every_grant_then_removes_state(tmp_path: Path, pki: TestPK
         grant("g-idle", ["read_fuel"], RecipientKey.generate())]), signer))
     assert main(["consent", "apply", "--config", str(config), str(doc)]) == 0
     cfg = load_config(config)
-    outbox, *_ = open_state(cfg)
-    try:
-        for _ in range(3):
-            outbox.commit_batch("g-fleet", lambda seq: b"\x01sealed-envelope-%d" % seq, 1.0, 1)
-    finally:
-        outbox.close()
+    with acting_for_owner(cfg.state_dir):  # the agent's rows, in the service user's state dir
+        outbox, *_ = open_state(cfg)
+        try:
+            for _ in range(3):
+                outbox.commit_batch("g-fleet", lambda seq: b"\x01sealed-envelope-%d" % seq, 1.0, 1)
+        finally:
+            outbox.close()
     capsys.readouterr()
 
     assert main(["uninstall", "--prefix", str(prefix), "--purge", "--receipt-timeout", "15"]) == 0
@@ -181,13 +183,15 @@ def test_purge_offline_still_erases(tmp_path: Path, pki: TestPKI, capsys: pytest
     assert main(["consent", "apply", "--config", str(config), str(doc)]) == 0
     summary = inst.final_erasure(config, receipt_timeout_s=0)
     assert summary.grants == {"g-1": 0} and not summary.receipts_delivered
-    outbox, audit, *_ = open_state(load_config(config))
-    try:
-        assert outbox.receipt_count() >= 1 and not outbox.orphan_grants(set())
-        events = [e["event"] for e in audit.entries()]
-        assert events[-3:] == ["grant-stopped", "key-destroyed", "erasure-done"]
-    finally:
-        outbox.close()
+    cfg = load_config(config)
+    with acting_for_owner(cfg.state_dir):
+        outbox, audit, *_ = open_state(cfg)
+        try:
+            assert outbox.receipt_count() >= 1 and not outbox.orphan_grants(set())
+            events = [e["event"] for e in audit.entries()]
+            assert events[-3:] == ["grant-stopped", "key-destroyed", "erasure-done"]
+        finally:
+            outbox.close()
 
 
 def test_system_commands_only_on_the_live_root(tmp_path: Path) -> None:

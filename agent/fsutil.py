@@ -94,8 +94,8 @@ def acting_for(account: Account | None, folder: Path) -> Iterator[None]:
 
 
 def acting_for_owner(state_dir: Path) -> AbstractContextManager[None]:
-    """:func:`acting_for` the owner of ``state_dir`` (root running `vgw consent apply`, `status`, `report`,
-    `audit`, `uninstall --purge` on the service user's state dir)."""
+    """:func:`acting_for` the owner of ``state_dir`` (root running `vgw consent apply` or `uninstall --purge` on
+    the service user's state dir; the read-only commands need no more than root's reading rights)."""
     return acting_for(owner_of(state_dir), state_dir)
 
 

@@ -15,7 +15,6 @@ from vgw.config import Config
 from vgw.consent.manager import load_trust_keys, read_cached
 from vgw.consent.model import Consent, Grant
 from vgw.consent.store import ConsentStore
-from vgw.fsutil import acting_for_owner
 from vgw.outbox import OUTBOX_FILE, OutboxFigures, read_figures
 
 
@@ -63,8 +62,6 @@ def read_state(cfg: Config) -> StateView:
     if not cfg.state_dir.is_dir():
         return StateView(exists=False, consent=None, expired=False, audit=audit,
                          outbox=OutboxFigures({}, {}, 0, 0))
-    # Root (`sudo vgw status`) reads the service user's state as its own and leaves no file of its own there.
-    with acting_for_owner(cfg.state_dir):
-        cached = read_cached(ConsentStore(cfg.state_dir), trust_keys, cfg.device.id)
-        figures = read_figures(cfg.state_dir / OUTBOX_FILE)
-    return StateView(exists=True, consent=cached.consent, expired=cached.expired, audit=audit, outbox=figures)
+    cached = read_cached(ConsentStore(cfg.state_dir), trust_keys, cfg.device.id)
+    return StateView(exists=True, consent=cached.consent, expired=cached.expired, audit=audit,
+                     outbox=read_figures(cfg.state_dir / OUTBOX_FILE))

@@ -85,3 +85,31 @@ def test_the_lock_is_released_on_close(pty_adapter: str) -> None:
         source = BusSource("slcan", pty_adapter, 500000)
         source.close()
     assert os.path.exists(pty_adapter)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="opening a port as another user needs root")
+def test_doctor_opens_the_port_as_the_agents_user(tmp_path: Path, pki: TestPKI, pty_adapter: str) -> None:
+    """`vgw doctor` (as root) said `PASS can slcan adapter /dev/pts/3 present` while the agent, as its own user,
+    logged `Permission denied` every 2 s."""
+    from tests.test_provision import SERVICE
+
+    auth = Authority(tmp_path)
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    os.chown(state, SERVICE, SERVICE)  # the agent's user: the state dir's owner
+    cfg = write_config(tmp_path, pki, 1, auth.trust, state_dir=state,
+                       can={"interface": "slcan", "channel": pty_adapter, "bitrate": 500000})
+
+    def can_line() -> str:
+        r = subprocess.run([sys.executable, "-m", "vgw", "doctor", "--config", str(cfg)], capture_output=True,
+                           text=True, timeout=60, cwd=ROOT)
+        lines = [x for x in r.stdout.splitlines() if x.split()[1:2] == ["can"]]
+        assert len(lines) == 1, r.stdout + r.stderr
+        return lines[0]
+
+    line = can_line()  # the pty is root's, mode 0620: the agent's user cannot open it
+    assert line.startswith("FAIL") and pty_adapter in line and f"uid {SERVICE}" in line, line
+    assert "Permission denied" in line, line
+    os.chown(pty_adapter, SERVICE, -1)
+    line = can_line()
+    assert line.startswith("PASS") and f"uid {SERVICE}" in line, line

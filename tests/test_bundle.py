@@ -70,7 +70,8 @@ def test_bundle_holds_every_wheel_and_the_installer(bundle: Path) -> None:
     wheels = {n.split("/")[1].split("-")[0].lower() for n in names if n.startswith("wheels/")}
     assert {"vgw", "pip", "cryptography", "cantools", "python_can", "paho_mqtt", "pyjwt", "pyserial"} <= wheels
     assert {"install.sh", "BUNDLE.txt", "systemd/vgw-agent.service", "systemd/60-vgw-obd.rules",
-            "dbc/vehicle.dbc", "dbc/signals.toml"} <= names
+            "dbc/vehicle.dbc", "dbc/signals.toml", "systemd/vgw-sysusers.service", "systemd/vgw.sysusers",
+            "systemd/80-vgw.preset"} <= names
 
 
 def test_offline_install_into_a_root_runs_and_names_no_staging_path(

@@ -203,6 +203,47 @@ def _mkdir(path: Path, mode: int) -> None:
         raise StorageError(f"{path}: cannot create: {exc.strerror}") from exc
 
 
+NOBODY = 65534  # an account with no rights, like the agent's: what it can run, the agent can run
+PYTHON_CANDIDATES = ("/usr/bin/python3", "/usr/local/bin/python3")
+
+
+def runs_unprivileged(python: str) -> bool:
+    """True if an account with no rights (so the agent's user too) can run ``python`` and import its standard
+    library. Checked by the kernel itself: a forked child drops to uid/gid 65534 and execs it. Always true
+    when not running as root (then the venv is ours and runs as us)."""
+    if os.geteuid() != 0:
+        return True
+    pid = os.fork()
+    if pid == 0:  # the child only makes system calls, then execs or leaves without any Python cleanup
+        try:
+            null = os.open(os.devnull, os.O_RDWR)
+            os.dup2(null, 1)
+            os.dup2(null, 2)
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            os.execv(python, [python, "-c", "import encodings"])  # noqa: S606 - the exec is what is checked
+        finally:
+            os._exit(127)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) == 0
+
+
+def choose_python(python: str | None) -> str:
+    """The interpreter for /opt/vgw/venv (the venv's python is a link to it, run by the agent's user).
+
+    ``python`` given: checked. Else this vgw's own interpreter, /usr/bin/python3 or /usr/local/bin/python3,
+    whichever an unprivileged user can run first. Raises ConfigError naming the interpreter otherwise."""
+    candidates = [python] if python else [sys.executable, *PYTHON_CANDIDATES]
+    for candidate in candidates:
+        if os.access(candidate, os.X_OK) and runs_unprivileged(candidate):
+            return candidate
+    bad = candidates[0]
+    raise ConfigError(f"{bad} ({os.path.realpath(bad)}) cannot be run by an unprivileged user, so neither by the "
+                      f"agent's user {SERVICE_USER} (is it in a folder only root may enter, such as a pyenv under "
+                      "/root?); pass --python with a system interpreter, e.g. --python /usr/bin/python3")
+
+
 def _is_enabled(unit: str) -> bool:
     proc = subprocess.run(["systemctl", "is-enabled", "--quiet", unit], check=False)
     return proc.returncode == 0
@@ -267,7 +308,7 @@ def install(
     prefix: Path = Path("/"),
     config: Path | None = None,
     source: Path | None = None,
-    python: str = sys.executable,
+    python: str | None = None,
     venv: bool = True,
     system: bool = True,
     dry_run: bool = False,
@@ -279,6 +320,8 @@ def install(
     system = system and lay.prefix == Path("/")
     if config is not None and not config.is_file():
         raise ConfigError(f"--config {config}: file not found")
+    # On the device the agent's user runs the venv's python: pick (or check) one it can run.
+    python = choose_python(python) if venv and system else (python or sys.executable)
     plan = Plan(dry_run=dry_run, echo=echo)
 
     if system:

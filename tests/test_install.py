@@ -291,3 +291,30 @@ def test_a_staged_tree_creates_its_user_at_boot(tmp_path: Path) -> None:
         assert proc.returncode == 0, proc.stderr
         assert {k: v for k, v in links(prefix).items() if k.startswith(WANTS)} == \
             {k: v for k, v in LINKS.items() if k.startswith(WANTS)}
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                                reason="running as another user needs root and setpriv")
+
+
+@needs_root
+def test_the_live_venv_gets_an_interpreter_the_agent_can_run(capsys: pytest.CaptureFixture[str]) -> None:
+    """`make install` made /opt/vgw/venv from the interpreter vgw ran with (a pyenv under /root, mode 0700), so
+    the agent's user got `Permission denied`. Shown with --dry-run: nothing is touched."""
+    from tests.test_bundle import as_nobody
+
+    assert main(["install", "--dry-run"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.endswith("-m venv /opt/vgw/venv"))
+    python = line.removeprefix("would: ").split()[0]
+    ran = as_nobody(python, "-c", "import encodings")
+    assert ran.returncode == 0, (python, ran.stderr)
+
+
+@needs_root
+def test_an_interpreter_the_agent_cannot_run_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    hidden = tmp_path / "hidden"
+    hidden.mkdir(mode=0o700)
+    (hidden / "python3").symlink_to(inst.sys.executable)
+    assert main(["install", "--dry-run", "--python", str(hidden / "python3")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(hidden / "python3") in err[0] and "unprivileged" in err[0] and "--python" in err[0]

@@ -115,4 +115,4 @@ fi
     $( [ "$SYSTEMCTL" = --no-systemctl ] && echo --no-systemctl )
 
 echo "Installed vgw $(sed -n 's/^vgw //p' "$HERE/BUNDLE.txt") for $ARCH into $PREFIX/opt/vgw."
-echo "Next: sudo /opt/vgw/venv/bin/vgw provision --help   (then vgw doctor)"
+echo "Next: sudo vgw provision --help   (then vgw doctor; /usr/local/bin/vgw links to /opt/vgw/venv/bin/vgw)"

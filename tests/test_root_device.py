@@ -164,3 +164,18 @@ def test_a_host_with_a_vgw_user(tmp_path: Path, pki: TestPKI) -> None:
         provision(device_id="dev-0001", broker="127.0.0.1:1", ca=pki.ca.cert, consent_key=trust,
                   sources=Sources(can=False, obd=True), out=out, state_dir=state, service_user=account)
         assert_service_owned(state, out / "device.key")
+
+
+def test_the_agent_itself_never_runs_as_root_on_the_service_users_state(device: Device) -> None:
+    """Acting for the service user is for the commands above; `vgw run` as root would leave root-owned files
+    (SQLite's -wal) the agent could not open: it refuses, saying how the agent runs."""
+    import subprocess
+    import sys
+
+    from tests.agentkit import ROOT
+
+    before = owners(device.state)
+    r = subprocess.run([sys.executable, "-m", "vgw", "run", "--config", str(device.config)], capture_output=True,
+                       text=True, timeout=60, cwd=ROOT)
+    assert r.returncode != 0 and "run the agent as its owner" in r.stderr, r.stderr
+    assert owners(device.state) == before

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import queue
 import ssl
 import time
@@ -47,7 +48,7 @@ from vgw.errors import (
     EnrollReason,
     StorageError,
 )
-from vgw.fsutil import MAX_KEY_BYTES, read_small_file
+from vgw.fsutil import MAX_KEY_BYTES, acting_for_owner, owner_of, read_small_file
 from vgw.packetguard import guard_context
 from vgw.tlsfailure import describe as describe_tls
 from vgw.uplink import MAX_PACKET_BYTES, UNSUPPORTED_PROTOCOL_VERSION
@@ -103,6 +104,8 @@ def enroll(config: Path, claim_cert: Path, claim_key: Path, token: str, timeout:
         read_small_file(path, what=what, max_bytes=MAX_KEY_BYTES, error=ConfigError)
     anchors = _anchors(cfg)
     key, made = ensure_key(cfg.mqtt.key_file)
+    if made:
+        _give_to_agent(cfg)
     device = cfg.device.id
     request = encode_request(build_csr(key, device), token)
     prefix = cfg.mqtt.topic_prefix
@@ -120,11 +123,23 @@ def enroll(config: Path, claim_cert: Path, claim_key: Path, token: str, timeout:
     serial = format(leaf.serial_number, "x")
     if cfg.state_dir.is_dir():
         try:
-            AuditLog(cfg.state_dir).append("enrolled", serial=serial,
-                                           not_after=int(leaf.not_valid_after_utc.timestamp()))
+            with acting_for_owner(cfg.state_dir):  # root enrolling: the audit log stays the agent's user's
+                AuditLog(cfg.state_dir).append("enrolled", serial=serial,
+                                               not_after=int(leaf.not_valid_after_utc.timestamp()))
         except (OSError, StorageError) as exc:  # the certificate is installed; the agent audits its own start
             log.warning("enroll: not audited: %s", exc)
     return Enrolled(device, serial, leaf.not_valid_after_utc, already=False, key_made=made)
+
+
+def _give_to_agent(cfg: Config) -> None:
+    """Root made the device key: hand it to the agent's user (the owner of the state dir), who must read it."""
+    owner = owner_of(cfg.state_dir)
+    if owner is None or os.geteuid() != 0:
+        return
+    try:
+        os.chown(cfg.mqtt.key_file, owner.uid, owner.gid, follow_symlinks=False)
+    except OSError as exc:
+        raise StorageError(f"{cfg.mqtt.key_file}: cannot give the new key to uid {owner.uid}: {exc.strerror}") from exc
 
 
 def _reason(text: str) -> EnrollReason:

@@ -351,3 +351,20 @@ def test_the_same_key_asking_again_gets_the_same_certificate(tmp_path: Path, pki
     assert first["status"] == second["status"] == "issued"
     assert first["certificate"] == second["certificate"]
     assert len(service.ledger.read_text().splitlines()) == 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="root enrolling for the agent's user needs root")
+def test_root_enrolling_leaves_the_key_and_audit_log_to_the_agents_user(tmp_path: Path, pki, broker: Mosquitto,
+                                                                        auth: Authority) -> None:
+    """`sudo vgw enroll` on a device whose state dir belongs to the agent's user (uid 65534 here): the key it
+    makes and the audit entry it writes must stay readable by that user, or the agent could not start."""
+    allow = write_allow(tmp_path / "allow.toml", {"dev-e10": "tok-e10-secret"})
+    cfg = device_config(tmp_path, pki, broker, auth.trust, "dev-e10")
+    state = tmp_path / "dev-e10" / "state"
+    state.mkdir(mode=0o700)
+    os.chown(state, 65534, 65534)
+    with enroll_service(tmp_path, pki, broker, allow):
+        r = vgw(*enroll_args(cfg, claim_identity(pki), "tok-e10-secret"))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "dev-e10" / "device.key").stat().st_uid == 65534
+    assert (state / "audit.log").stat().st_uid == 65534

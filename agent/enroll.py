@@ -21,6 +21,7 @@ import os
 import queue
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,9 +111,19 @@ def enroll(config: Path, claim_cert: Path, claim_key: Path, token: str, timeout:
     request = encode_request(build_csr(key, device), token)
     prefix = cfg.mqtt.topic_prefix
     exchange = _Exchange(cfg, claim_cert, claim_key)
+
+    def ours(payload: bytes) -> bool:
+        # Every holder of the claim may read this topic and ask for this id: a certificate issued over another
+        # key answered someone else's request (the service refused theirs or ours follows); wait for ours.
+        try:
+            chain = decode_response(payload).chain
+        except EnrollmentError:
+            return True  # malformed: reported as such
+        return not chain or chain[0].public_key() == key.public_key()
+
     try:
         payload = exchange.ask(request_topic(prefix, Kind.ENROLL, device), response_topic(prefix, Kind.ENROLL, device),
-                               request, time.monotonic() + timeout)
+                               request, time.monotonic() + timeout, ours)
     finally:
         exchange.close()
     answer = decode_response(payload)
@@ -215,7 +226,8 @@ class _Exchange:
         self.last_error = f"broker {host}:{port} did not answer CONNECT"
         return False
 
-    def ask(self, topic: str, reply_topic: str, request: bytes, deadline: float) -> bytes:
+    def ask(self, topic: str, reply_topic: str, request: bytes, deadline: float,
+            accept: Callable[[bytes], bool]) -> bytes:
         """Subscribe to ``reply_topic`` (SUBACK awaited), publish ``request`` (again every RESEND_S) and return
         the first answer. Raises EnrollmentTimeout at ``deadline``."""
         endpoints = self.cfg.mqtt.endpoints
@@ -226,13 +238,14 @@ class _Exchange:
             if not self._connect(host, port, deadline):
                 time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
                 continue
-            answer = self._serve(topic, reply_topic, request, deadline)
+            answer = self._serve(topic, reply_topic, request, deadline, accept)
             if answer is not None:
                 return answer
         raise EnrollmentTimeout(f"no answer from the enrollment service within the time given ({self.last_error})",
                                 EnrollReason.TIMEOUT)
 
-    def _serve(self, topic: str, reply_topic: str, request: bytes, deadline: float) -> bytes | None:
+    def _serve(self, topic: str, reply_topic: str, request: bytes, deadline: float,
+               accept: Callable[[bytes], bool]) -> bytes | None:
         assert self.client is not None
         _rc, mid = self.client.subscribe(reply_topic, qos=1)
         subscribed = False
@@ -251,7 +264,7 @@ class _Exchange:
                                             "identity allowed the enrollment topics?)", EnrollReason.SERVICE)
                 subscribed = True
                 next_send = time.monotonic()  # subscribed first, then the request (README "Enrollment")
-            elif kind == "message" and value[0] == reply_topic:
+            elif kind == "message" and value[0] == reply_topic and accept(bytes(value[1])):
                 return bytes(value[1])
             elif kind == "disconnected":
                 self.last_error = f"connection lost: {value}"

@@ -368,3 +368,12 @@ def test_root_enrolling_leaves_the_key_and_audit_log_to_the_agents_user(tmp_path
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "dev-e10" / "device.key").stat().st_uid == 65534
     assert (state / "audit.log").stat().st_uid == 65534
+
+
+def test_the_service_outlives_a_broker_restart(tmp_path: Path, pki, broker: Mosquitto, auth: Authority) -> None:
+    allow = write_allow(tmp_path / "allow.toml", {"dev-e11": "tok-e11-secret"})
+    cfg = device_config(tmp_path, pki, broker, auth.trust, "dev-e11")
+    with enroll_service(tmp_path, pki, broker, allow) as service:
+        broker.restart()
+        r = vgw(*enroll_args(cfg, claim_identity(pki), "tok-e11-secret", timeout=60))
+        assert r.returncode == 0, r.stderr + "".join(service.stderr)

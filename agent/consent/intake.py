@@ -66,10 +66,11 @@ class ConsentIntake:
     """
 
     def __init__(self, *, trust_keys: Sequence[Ed25519PublicKey], device: str, clock: Callable[[], float],
-                 slots: int = SLOTS) -> None:
+                 floor_ver: Callable[[], int] = lambda: 0, slots: int = SLOTS) -> None:
         self._trust_keys = list(trust_keys)
         self._device = device
         self._clock = clock
+        self._floor_ver = floor_ver  # the highest version ever accepted (README "Consent document")
         self._slots = slots
         self._lock = threading.Lock()
         self._in_force: Consent | None = None
@@ -96,7 +97,7 @@ class ConsentIntake:
             return
         try:
             consent = verify_consent(payload, trust_keys=self._trust_keys, device=self._device, now=self._clock(),
-                                     in_force=in_force)
+                                     in_force=in_force, floor_ver=self._floor_ver())
         except ConsentError as exc:
             self._tally(exc)
             return

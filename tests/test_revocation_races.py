@@ -108,3 +108,81 @@ def test_end_of_trace_drain_takes_consent_and_ends_promptly_on_sigterm(tmp_path:
         stop_process(proc, 5)
     show = json.loads(vgw("consent", "show", "--config", str(cfg), "--json").stdout)
     assert show["version"] == 2 and [g["id"] for g in show["grants"]] == ["g-1"]
+
+
+# -- after a (re)connect, no stored batch goes out before the retained consent is known (README "Topics") ------
+
+LOC_LIMITS = {"g-loc": {"read_location": {"max_hz": 10.0, "precision_m": 1.0}}}
+
+
+def test_reconnect_takes_the_retained_revocation_before_publishing_the_backlog(tmp_path: Path, pki, broker) -> None:  # noqa: ANN001
+    from tests.proxykit import LinkRelay
+
+    auth = Authority(tmp_path)
+    trace = record_trace(tmp_path, 20.0)
+    with LinkRelay(broker.port) as relay, connected_cloud(broker, pki) as cloud:
+        for gid in ("g-1", "g-loc"):
+            cloud.add_recipient(gid, auth.recipient(gid))
+        cfg = write_config(tmp_path, pki, relay.port, auth.trust,
+                           can={"replay": str(trace), "replay_rate": 2.0, "replay_loop": True},
+                           batch={"max_interval_s": 0.1})
+        grants = {"g-1": ["read_speedometer"], "g-loc": ["read_location"]}
+        cloud.publish_consent(DEV, auth.doc(DEV, grants, limits=LOC_LIMITS))
+        with AgentThread(cfg) as runner:
+            agent = runner.agent
+            assert cloud.wait_for(lambda: len(cloud.samples(DEV, "g-loc")) >= 5, 20)
+            relay.cut()
+            assert wait_until(lambda: agent.uplink.state != "connected", 10)
+            sent_before = len(cloud.samples(DEV, "g-loc"))
+            assert wait_until(lambda: agent.outbox.stats().get("g-loc", {}).get("rows", 0) >= 3, 15)
+            # The broker restarts (the car's session is gone, so nothing is queued for it) and the owner
+            # withdraws g-loc while the car is offline: v2 waits retained at the broker.
+            broker.restart()
+            assert cloud.wait_connected(15)
+            cloud.publish_consent(DEV, auth.doc(DEV, {"g-1": ["read_speedometer"]}))
+            relay.latency = 0.5  # a slow link: the broker's answers (the retained v2 too) come late
+            relay.restore()
+            assert cloud.wait_for(lambda: any(c["grant"] == "g-loc" for c in _receipt_claims(cloud, "erasure")), 30)
+            # Not one location sample of the backlog reached the cloud: v2 was applied before any batch went out.
+            assert len(cloud.samples(DEV, "g-loc")) == sent_before
+            assert wait_until(lambda: agent.status()["consent_sync"] == "retained", 10), agent.status()
+            erasure = next(c for c in _receipt_claims(cloud, "erasure") if c["grant"] == "g-loc")
+            assert erasure["batches_deleted"] >= 3
+        assert len(cloud.samples(DEV, "g-loc")) == sent_before
+
+
+def test_restart_after_kill9_takes_the_retained_revocation_before_publishing_the_backlog(tmp_path: Path, pki,  # noqa: ANN001
+                                                                                         broker) -> None:  # noqa: ANN001
+    from tests.faultkit import outbox_rows
+    from tests.proxykit import LinkRelay
+
+    auth = Authority(tmp_path)
+    trace = record_trace(tmp_path, 20.0)
+    outbox = tmp_path / "state" / "outbox.sqlite"
+    with LinkRelay(broker.port) as relay, connected_cloud(broker, pki) as cloud:
+        for gid in ("g-1", "g-loc"):
+            cloud.add_recipient(gid, auth.recipient(gid))
+        cfg = write_config(tmp_path, pki, relay.port, auth.trust,
+                           can={"replay": str(trace), "replay_rate": 2.0, "replay_loop": True},
+                           batch={"max_interval_s": 0.1})
+        cloud.publish_consent(DEV, auth.doc(DEV, {"g-1": ["read_speedometer"], "g-loc": ["read_location"]},
+                                            limits=LOC_LIMITS))
+        with agent_process(cfg) as proc:
+            assert cloud.wait_for(lambda: len(cloud.samples(DEV, "g-loc")) >= 5, 30)
+            relay.cut()
+            assert wait_until(lambda: outbox_rows(outbox, "g-loc") >= 3, 20)
+            proc.kill()  # kill -9: the cache still holds v1, the outbox the g-loc backlog
+            proc.wait(10)
+        sent_before = len(cloud.samples(DEV, "g-loc"))
+        backlog = outbox_rows(outbox, "g-loc")
+        broker.restart()  # the car's session is gone: nothing is queued for it, only the retained document
+        assert cloud.wait_connected(15)
+        cloud.publish_consent(DEV, auth.doc(DEV, {"g-1": ["read_speedometer"]}))
+        relay.latency = 0.5
+        relay.restore()
+        with agent_process(cfg):
+            assert cloud.wait_for(lambda: any(c["grant"] == "g-loc" for c in _receipt_claims(cloud, "erasure")), 30)
+            assert cloud.wait_for(lambda: len(cloud.samples(DEV, "g-1")) > 0, 15)
+        erasure = next(c for c in _receipt_claims(cloud, "erasure") if c["grant"] == "g-loc")
+        assert erasure["batches_deleted"] >= backlog
+        assert len(cloud.samples(DEV, "g-loc")) == sent_before

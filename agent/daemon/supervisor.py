@@ -144,6 +144,12 @@ class Supervisor:
         a newer one superseded before they were applied are counted, never applied. A few rounds per main-loop
         turn at most: a flood that never stops must not starve expiry and the watchdog (the rest waits one turn).
         """
+        try:
+            self._apply_intake()
+        finally:
+            self.intake.done()
+
+    def _apply_intake(self) -> None:
         for _ in range(INTAKE_ROUNDS):
             taken = self.intake.take()
             if not taken:

@@ -304,3 +304,66 @@ def test_disk_full_revocation_stops_at_once_stays_pending_and_survives_a_restart
             assert len(cloud.samples(DEV, "g-loc")) == sent
         finally:
             stop_process(proc, 10)
+
+
+def test_disk_full_revocation_withholds_the_backlog_until_it_is_erased(tmp_path: Path, pki, broker,  # noqa: ANN001
+                                                                       small_disk: Path) -> None:
+    from tests.faultkit import outbox_rows
+    from tests.proxykit import LinkRelay
+
+    auth = Authority(tmp_path)
+    trace = record_trace(tmp_path, 20.0)
+    state = small_disk / "state"
+    with LinkRelay(broker.port) as relay, connected_cloud(broker, pki) as cloud:
+        for gid in ("g-1", "g-loc"):
+            cloud.add_recipient(gid, auth.recipient(gid))
+        cfg = write_config(tmp_path, pki, relay.port, auth.trust, state_dir=state,
+                           can={"replay": str(trace), "replay_rate": 2.0, "replay_loop": True},
+                           batch={"max_interval_s": 0.1})
+        cloud.publish_consent(DEV, auth.doc(DEV, {"g-1": ["read_speedometer"], "g-loc": ["read_location"]},
+                                            limits=LOC_LIMITS))
+        with agent_process(cfg):
+            assert cloud.wait_for(lambda: len(cloud.samples(DEV, "g-loc")) >= 5, 30)
+            relay.cut()  # offline: a backlog of both grants builds up
+            assert wait_until(lambda: outbox_rows(state / "outbox.sqlite", "g-loc") >= 3
+                              and outbox_rows(state / "outbox.sqlite", "g-1") >= 3, 20)
+            ballast = fill(small_disk)
+            backlog = outbox_rows(state / "outbox.sqlite", "g-loc")
+            sent_loc, sent_1 = len(cloud.samples(DEV, "g-loc")), len(cloud.samples(DEV, "g-1"))
+            broker.restart()
+            assert cloud.wait_connected(15)
+            cloud.publish_consent(DEV, auth.doc(DEV, {"g-1": ["read_speedometer"]}))  # v2 revokes g-loc
+            relay.restore()
+            # v2 is taken before any stored batch goes out; its disk part waits, g-loc's backlog is withheld
+            # while g-1's goes out.
+            assert wait_until(lambda: (_status(cfg).get("consent_pending") or {}).get("ver") == 2, 30), _status(cfg)
+            assert cloud.wait_for(lambda: len(cloud.samples(DEV, "g-1")) > sent_1, 20)
+            assert not _receipt_claims(cloud, "erasure")
+            assert outbox_rows(state / "outbox.sqlite", "g-loc") == backlog  # not erased yet: nothing to claim
+            ballast.unlink()
+            assert cloud.wait_for(lambda: any(c["grant"] == "g-loc" for c in _receipt_claims(cloud, "erasure")), 30)
+            erasure = next(c for c in _receipt_claims(cloud, "erasure") if c["grant"] == "g-loc")
+            assert erasure["batches_deleted"] >= backlog and erasure["key_destroyed"] is True
+            assert outbox_rows(state / "outbox.sqlite", "g-loc") == 0
+        assert len(cloud.samples(DEV, "g-loc")) == sent_loc
+
+
+def test_a_reserved_record_is_rewritten_in_place_and_survives_a_torn_write(tmp_path: Path) -> None:
+    from vgw.fsutil import ReservedRecord
+
+    rec = ReservedRecord(tmp_path / "r", slot_bytes=4096)
+    assert rec.read() is None
+    rec.reserve()
+    assert (tmp_path / "r").stat().st_size == 8192 and (tmp_path / "r").stat().st_mode & 0o777 == 0o600
+    rec.write(b"first")
+    rec.write(b"second")
+    assert rec.read() == b"second"
+    # A crash in the middle of the next write leaves a torn slot: the previous record stands.
+    data = bytearray((tmp_path / "r").read_bytes())
+    seqs = [int.from_bytes(data[i + 4:i + 12], "big") for i in (0, 4096)]  # header: magic, seq, length, sha256
+    older = 0 if seqs[0] < seqs[1] else 4096
+    data[older + 48:older + 60] = b"torn-garbage"
+    (tmp_path / "r").write_bytes(bytes(data))
+    assert rec.read() == b"second"
+    rec.write(b"")
+    assert rec.read() is None

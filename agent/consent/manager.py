@@ -263,6 +263,8 @@ class ConsentManager:
         except ConsentError as exc:
             self.reject(exc, source=source, token=token)
             return ApplyResult("rejected", self.in_force, error=exc)
+        if consent is self.in_force:
+            return ApplyResult("duplicate", consent)
         p = self.pending
         if p is not None and consent.digest == p.consent.digest:
             return self._finish(p)  # the pending document again (a retained re-delivery): try its disk part
@@ -276,8 +278,6 @@ class ConsentManager:
                 self._stop_in_memory(self._stopped_by(consent))
                 return ApplyResult("pending", consent)
             return self.apply(token, source=source, skipped=skipped)
-        if consent is self.in_force:
-            return ApplyResult("duplicate", consent)
 
         old = self.in_force
         old_grants = self.active_grants()
@@ -346,11 +346,11 @@ class ConsentManager:
         except StorageError as exc:
             first = p.error is None
             p.error = str(exc).splitlines()[0][:300]
+            self._journal(p)  # the steps done so far: a restart resumes after them
             if first:
                 log.error("consent v%d applied in memory only: grant(s) %s stopped; not yet on disk (%s); retried "
                           "until it is", p.consent.ver, ", ".join(sorted(p.stopped)) or "none", p.error)
                 self._audit("consent-pending", ver=p.consent.ver, grants_stopped=sorted(p.stopped))
-                self._journal(p)
                 if self.on_change is not None:
                     self.on_change()
             return ApplyResult("pending", p.consent)
@@ -369,7 +369,8 @@ class ConsentManager:
                 previous = in_force.grants if in_force is not None and in_force.digest == p.previous_digest else ()
             p.narrowed = [_withdrawal_record(w) for w in self.outbox.apply_terms(
                 _terms(consent.grants, previous=previous))]
-            self._journal(p)
+            if p.narrowed:  # what was withdrawn must still be receipted after a restart
+                self._journal(p)
         # b. Wipe what was revoked (key first, then rows) before anything else can fail.
         for gid in sorted(p.revoked):
             if gid not in p.wiped:
@@ -401,7 +402,6 @@ class ConsentManager:
                                 iat=consent.iat, exp=consent.exp, previous=p.previous_ver)
             self.outbox.queue_receipt(self._sign("consent-applied", entry, ver=consent.ver))
             p.recorded.add("applied")
-            self._journal(p)
             log.info("consent v%d applied from %s: %d grant(s)", consent.ver, p.source, len(consent.grants))
         erasures = []
         for gid in sorted(p.revoked):
@@ -410,14 +410,12 @@ class ConsentManager:
             if f"erasure:{gid}" not in p.recorded:
                 self._erase(gid, reason="revoked", ver=p.regrant.get(gid, consent.ver), done=done)
                 p.recorded.add(f"erasure:{gid}")
-                self._journal(p)
             erasures.append(done)
         narrowed = [_withdrawal(d) for d in p.narrowed or []]
         for w in narrowed:
             if f"narrowed:{w.grant_id}" not in p.recorded:
                 self._withdrawn(w, ver=consent.ver)
                 p.recorded.add(f"narrowed:{w.grant_id}")
-                self._journal(p)
         self.store.clear_pending_apply()
         self.pending = None
         self._previous_grants = None

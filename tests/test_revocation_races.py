@@ -34,14 +34,14 @@ from tests.agentkit import (
 from tests.faultkit import DEV, apply_offline, live_status, record_trace
 
 
-def _receipt_claims(cloud, typ):  # noqa: ANN001, ANN202
+def _receipt_claims(cloud, typ):
     return [r.claims for r in cloud.receipts(DEV, typ)]
 
 
 # -- the version floor binds whether or not a document is in force (README "Consent document") --------------
 
 
-def test_version_floor_binds_after_cache_damage_over_mqtt_and_at_the_console(tmp_path: Path, pki) -> None:  # noqa: ANN001
+def test_version_floor_binds_after_cache_damage_over_mqtt_and_at_the_console(tmp_path: Path, pki) -> None:
     auth = Authority(tmp_path)
     broker = Mosquitto.from_pki(pki).start()
     try:
@@ -87,7 +87,7 @@ def test_version_floor_binds_after_cache_damage_over_mqtt_and_at_the_console(tmp
 # -- the end-of-trace drain honours SIGTERM and consent (docs/guarantees.md "Revocation wins every race") -----
 
 
-def test_end_of_trace_drain_takes_consent_and_ends_promptly_on_sigterm(tmp_path: Path, pki) -> None:  # noqa: ANN001
+def test_end_of_trace_drain_takes_consent_and_ends_promptly_on_sigterm(tmp_path: Path, pki) -> None:
     auth = Authority(tmp_path)
     trace = record_trace(tmp_path, 3.0)
     cfg = write_config(tmp_path, pki, free_port(), auth.trust,  # nothing listens there: the broker is unreachable
@@ -125,7 +125,7 @@ def test_end_of_trace_drain_takes_consent_and_ends_promptly_on_sigterm(tmp_path:
 LOC_LIMITS = {"g-loc": {"read_location": {"max_hz": 10.0, "precision_m": 1.0}}}
 
 
-def test_reconnect_takes_the_retained_revocation_before_publishing_the_backlog(tmp_path: Path, pki, broker) -> None:  # noqa: ANN001
+def test_reconnect_takes_the_retained_revocation_before_publishing_the_backlog(tmp_path: Path, pki, broker) -> None:
     from tests.proxykit import LinkRelay
 
     auth = Authority(tmp_path)
@@ -161,8 +161,8 @@ def test_reconnect_takes_the_retained_revocation_before_publishing_the_backlog(t
         assert len(cloud.samples(DEV, "g-loc")) == sent_before
 
 
-def test_restart_after_kill9_takes_the_retained_revocation_before_publishing_the_backlog(tmp_path: Path, pki,  # noqa: ANN001
-                                                                                         broker) -> None:  # noqa: ANN001
+def test_restart_after_kill9_takes_the_retained_revocation_before_publishing_the_backlog(tmp_path: Path, pki,
+                                                                                         broker) -> None:
     from tests.faultkit import outbox_rows
     from tests.proxykit import LinkRelay
 
@@ -235,7 +235,7 @@ def _status(cfg: Path) -> dict:
     return json.loads(vgw("status", "--config", str(cfg), "--json").stdout)
 
 
-def test_disk_full_revocation_stops_at_once_stays_pending_and_survives_a_restart(tmp_path: Path, pki, broker,  # noqa: ANN001
+def test_disk_full_revocation_stops_at_once_stays_pending_and_survives_a_restart(tmp_path: Path, pki, broker,
                                                                                  small_disk: Path) -> None:
     from tests.proxykit import LinkRelay
 
@@ -306,7 +306,7 @@ def test_disk_full_revocation_stops_at_once_stays_pending_and_survives_a_restart
             stop_process(proc, 10)
 
 
-def test_disk_full_revocation_withholds_the_backlog_until_it_is_erased(tmp_path: Path, pki, broker,  # noqa: ANN001
+def test_disk_full_revocation_withholds_the_backlog_until_it_is_erased(tmp_path: Path, pki, broker,
                                                                        small_disk: Path) -> None:
     from tests.faultkit import outbox_rows
     from tests.proxykit import LinkRelay

@@ -367,3 +367,61 @@ def test_a_reserved_record_is_rewritten_in_place_and_survives_a_torn_write(tmp_p
     assert rec.read() == b"second"
     rec.write(b"")
     assert rec.read() is None
+
+
+# -- the pending document's bookkeeping, on a real state directory (tests/consentkit.py) ----------------------
+
+
+def _pending_state(tmp_path: Path, pki):
+    from tests.consentkit import Authority as Signer
+    from tests.consentkit import State
+    from tests.faultkit import FaultyOutbox
+
+    signer = Signer(tmp_path)
+    st = State(tmp_path, pki, signer)
+    st.store.pending_apply.reserve()
+    grants = [signer.grant(g, ["read_speedometer"]) for g in ("g-a", "g-b", "g-c")]
+    assert st.manager.apply(signer.doc(DEV, 1, grants), source="test").status == "applied"
+    for g in ("g-a", "g-b", "g-c"):
+        st.outbox.commit_batch(g, lambda seq: b"sealed-" + bytes(100), 1.8e9, 1)
+    st.outbox.__class__ = FaultyOutbox  # the same connection, with the test kit's disk-full switch
+    return signer, st
+
+
+def test_documents_pending_behind_an_unwritable_outbox_apply_in_order_with_true_receipts(tmp_path: Path, pki) -> None:
+    signer, st = _pending_state(tmp_path, pki)
+    st.outbox.make_read_only()  # every write fails, deletes included (a full disk may still delete)
+    r2 = st.manager.apply(signer.doc(DEV, 2, [signer.grant(g, ["read_speedometer"]) for g in ("g-a", "g-b")]),
+                          source="test")
+    assert r2.status == "pending" and st.revoked_hook == [frozenset({"g-c"})]
+    assert [g.id for g in st.manager.active_grants()] == ["g-a", "g-b"]
+    assert {r.grant_id for r in st.outbox.pending(10)} == {"g-a", "g-b"}  # g-c's stored batch is withheld
+    r3 = st.manager.apply(signer.doc(DEV, 3, [signer.grant("g-a", ["read_speedometer"])]), source="test")
+    assert r3.status == "pending" and [g.id for g in st.manager.active_grants()] == ["g-a"]
+    assert {r.grant_id for r in st.outbox.pending(10)} == {"g-a"}
+    assert st.receipts("erasure") == [] and st.manager.in_force.ver == 1
+    assert st.manager.retry_pending().status == "pending"  # still full: nothing consumed, nothing claimed
+
+    st.outbox.repair()
+    assert st.manager.retry_pending().status == "applied"
+    assert st.manager.in_force.ver == 3 and st.manager.pending is None
+    assert [(c["grant"], c["ver"], c["batches_deleted"]) for c in st.receipts("erasure")] == [("g-c", 2, 1),
+                                                                                           ("g-b", 3, 1)]
+    assert [c["ver"] for c in st.receipts("consent-applied")] == [1, 2, 3]
+    assert st.store.read_pending_apply() is None
+    st.close()
+
+
+def test_a_pending_document_is_taken_up_after_a_restart(tmp_path: Path, pki) -> None:
+    signer, st = _pending_state(tmp_path, pki)
+    st.outbox.make_read_only()  # every write fails, deletes included (a full disk may still delete)
+    v2 = signer.doc(DEV, 2, [signer.grant(g, ["read_speedometer"]) for g in ("g-a", "g-b")])
+    assert st.manager.apply(v2, source="test").status == "pending"
+    from tests.consentkit import payload_of
+
+    assert payload_of(st.cache_bytes().decode().strip())["ver"] == 1  # the cache still holds v1
+    st.reopen()  # a restart (with room again): the record, not the cache, decides
+    assert st.manager.in_force.ver == 2 and st.manager.pending is None
+    assert [(c["grant"], c["ver"], c["batches_deleted"]) for c in st.receipts("erasure")] == [("g-c", 2, 1)]
+    assert not st.outbox.has_key("g-c")
+    st.close()

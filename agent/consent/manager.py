@@ -208,7 +208,11 @@ class ConsentManager:
             self._audit("consent-pending-invalid")
             return None
         if self.in_force is not None and self.in_force.ver > consent.ver:
-            return None  # a newer document is in force already (the record was left behind)
+            try:  # a newer document is in force already: the record was left behind
+                self.store.clear_pending_apply()
+            except StorageError:
+                pass
+            return None
         self.pending = p
         self.store.note_version(consent.ver)
         self.outbox.withhold(p.stopped)
@@ -272,10 +276,7 @@ class ConsentManager:
             # A newer document while one is pending: that one's disk part first; if it still cannot be done, the
             # newer one is held, stopped in memory too, and applied right after.
             if self._finish(p).status == "pending":
-                held = self._held
-                carried = list(skipped) + ([(held[0].ver, held[0].grant_ids)] + held[2] if held else [])
-                self._held = (consent, source, carried)
-                self._stop_in_memory(self._stopped_by(consent))
+                self._hold(consent, source, skipped)
                 return ApplyResult("pending", consent)
             return self.apply(token, source=source, skipped=skipped)
 
@@ -311,11 +312,17 @@ class ConsentManager:
         kept = {g.id: g for g in consent.grants}
         return frozenset(g.id for g in self.active_grants() if kept.get(g.id) != g)
 
-    def _stop_in_memory(self, stopped: frozenset[str]) -> None:
+    def _hold(self, consent: Consent, source: str, skipped: Sequence[tuple[int, frozenset[str]]]) -> None:
+        """Keep ``consent`` behind the pending document: stopped in memory now, applied once that one is done.
+        A document held before it is superseded (its revocations are carried as a skipped version's)."""
+        held = self._held
+        carried = list(skipped) + ([(held[0].ver, held[0].grant_ids), *held[2]] if held else [])
+        before = {g.id for g in self.active_grants()}
+        self._held = (consent, source, carried)
+        stopped = frozenset(before - {g.id for g in self.active_grants()})
         if stopped and self.on_revoke is not None:
             self.on_revoke(stopped)
-        waiting = self.pending.stopped if self.pending else frozenset()
-        self.outbox.withhold(waiting | stopped)
+        self.outbox.withhold((self.pending.stopped if self.pending else frozenset()) | stopped | self._held_stops())
 
     def _journal(self, p: PendingApply) -> None:
         """Write the pending document's record (in place: works on a full disk once the space is reserved)."""
@@ -328,18 +335,19 @@ class ConsentManager:
                         p.consent.ver, exc)
 
     def retry_pending(self) -> ApplyResult | None:
-        """Try the pending document's disk part again; then apply the one held behind it. None: nothing pending."""
-        p = self.pending
-        if p is None:
-            return None
-        result = self._finish(p)
+        """Try the pending document's disk part again (then the one held behind it). None: nothing pending."""
+        return self._finish(self.pending) if self.pending is not None else None
+
+    def _finish(self, p: PendingApply) -> ApplyResult:
+        """The disk part of ``p``; once done, the document held behind it is applied (its result is returned)."""
+        result = self._finish_one(p)
         if result.status != "pending" and self._held is not None:
             consent, source, skipped = self._held
             self._held = None
             return self.apply(consent.token, source=source, skipped=skipped)
         return result
 
-    def _finish(self, p: PendingApply) -> ApplyResult:
+    def _finish_one(self, p: PendingApply) -> ApplyResult:
         """The disk part of ``p``, resumed where it stopped. A StorageError leaves it pending (logged once)."""
         try:
             result = self._disk_part(p)

@@ -425,3 +425,33 @@ def test_a_pending_document_is_taken_up_after_a_restart(tmp_path: Path, pki) -> 
     assert [(c["grant"], c["ver"], c["batches_deleted"]) for c in st.receipts("erasure")] == [("g-c", 2, 1)]
     assert not st.outbox.has_key("g-c")
     st.close()
+
+
+def test_with_no_retained_consent_stored_batches_wait_consent_wait_s_and_status_says_so(tmp_path: Path, pki,
+                                                                                         broker) -> None:
+    auth = Authority(tmp_path)
+    trace = record_trace(tmp_path, 20.0)
+    cfg = write_config(tmp_path, pki, broker.port, auth.trust, mqtt_extra={"consent_wait_s": 2.0},
+                       can={"replay": str(trace), "replay_rate": 2.0, "replay_loop": True})
+    apply_offline(cfg, auth, {"g-1": ["read_speedometer"]}, tmp_path)  # nothing retained at the broker
+    with connected_cloud(broker, pki) as cloud:
+        cloud.add_recipient("g-1", auth.recipient("g-1"))
+        with AgentThread(cfg) as runner:
+            assert runner.wait_link(15)
+            connected = time.monotonic()
+            assert runner.agent.status()["consent_sync"] in ("waiting", "none")
+            assert cloud.wait_for(lambda: bool(cloud.batches(DEV, "g-1")), 20)
+            assert time.monotonic() - connected >= 1.5  # the batches waited (consent_wait_s after the SUBACK)
+            assert runner.agent.status()["consent_sync"] == "none"
+            assert wait_until(lambda: _status(cfg).get("consent_sync") == "none", 10)
+
+
+def test_consent_wait_s_is_checked(tmp_path: Path, pki) -> None:
+    auth = Authority(tmp_path)
+    for value, ok in ((0, True), (600, True), (-1, False), (601, False), ("3", False)):
+        cfg = write_config(tmp_path, pki, free_port(), auth.trust, mqtt_extra={"consent_wait_s": value},
+                           can={"channel": "x"})
+        r = vgw("status", "--config", str(cfg), "--json")
+        assert (r.returncode == 0) is ok, (value, r.stderr)
+        if not ok:
+            assert "consent_wait_s" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -9,10 +9,7 @@ no agent runs.
 
 from __future__ import annotations
 
-import collections
-import hashlib
 import logging
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -25,8 +22,9 @@ from vgw.audit import AuditLog
 from vgw.consent.model import Consent, Grant
 from vgw.consent.narrowing import NarrowingKind, narrowing, terms_digest
 from vgw.consent.pending import PendingApply, from_record, read_record
+from vgw.consent.rejections import RejectionLog
 from vgw.consent.store import ConsentStore, PendingErasure
-from vgw.consent.verifier import peek_version, verify_consent
+from vgw.consent.verifier import verify_consent
 from vgw.crypto.receipts import ReceiptSigner
 from vgw.errors import (
     ConfigError,
@@ -41,10 +39,6 @@ from vgw.outbox import Erasure, GrantTerms, Outbox, Withdrawal
 
 log = logging.getLogger(__name__)
 
-REJECTED_MEMORY = 256  # how many rejected documents are remembered (by digest) to ignore their replays
-# A flood of distinct invalid documents: per reason, the first rejection in an interval is audited and receipted
-# at once, the rest are summed into one entry and one receipt (with ``count``) when the interval ends.
-REJECT_COALESCE_S = 60.0
 NARROWED = "narrowed"  # the reason of an erasure receipt for stored data a narrowed grant withdrew
 
 # Called with the grant ids that stop, before anything is erased on disk: the runtime stops collecting
@@ -133,12 +127,7 @@ class ConsentManager:
         self.on_revoke = on_revoke
         self.on_change = on_change
         self.in_force: Consent | None = None
-        # Digests of documents already rejected: a replayed copy (a flood of the same bad document on the
-        # consent topic) is counted, not audited and receipted again, so it cannot fill the disk.
-        self._rejected: collections.OrderedDict[str, None] = collections.OrderedDict()
-        self.repeated_rejections = 0
-        self._reject_windows: dict[tuple[str, str], _RejectWindow] = {}  # (source, reason) -> its interval
-        self.coalesced_rejections = 0  # rejections folded into a later counted entry
+        self._rejections = RejectionLog(record=self._record_rejection)
         self.expired = False
         # A verified document applied in memory whose disk part waits (vgw.consent.pending), and the newest
         # document that arrived meanwhile (applied in memory too; on disk after the pending one).
@@ -437,57 +426,23 @@ class ConsentManager:
         return frozenset(g.id for g in (self.in_force.grants if self.in_force else ()) if kept.get(g.id) != g)
 
     def reject(self, exc: ConsentError, *, source: str, token: str | bytes | None = None, count: int = 1) -> None:
-        """Record ``count`` rejected documents of one reason: audit entry and ``consent-rejected`` receipt.
-
-        The same document again (by digest) is counted only; distinct documents of one reason are coalesced
-        to one entry and one receipt per source and reason per ``REJECT_COALESCE_S`` (the first at once, the
-        rest summed with a ``count`` when the interval ends: see :meth:`flush_rejections`), so a flood of
-        invalid documents cannot grow the audit log or the outbox without bound.
-        """
-        if token is not None:
-            digest = hashlib.sha256(token if isinstance(token, bytes) else token.encode("utf-8", "replace")).hexdigest()
-            if digest in self._rejected:
-                self._rejected.move_to_end(digest)
-                self.repeated_rejections += 1
-                log.debug("the same rejected consent document again (%s): counted only", exc.reason)
-                return
-            self._rejected[digest] = None
-            if len(self._rejected) > REJECTED_MEMORY:
-                self._rejected.popitem(last=False)
-        ver = exc.version if exc.version is not None else (peek_version(token) if token is not None else None)
-        now = time.monotonic()
-        key = (source, exc.reason)
-        window = self._reject_windows.get(key)
-        if window is None or (window.pending == 0 and now - window.start >= REJECT_COALESCE_S):
-            self._reject_windows[key] = _RejectWindow(start=now)
-            self._record_rejection(exc, ver, source=source, count=count)
-            if count > 1:
-                log.warning("%d consent documents rejected (%s) from %s", count, exc.reason, source)
-            else:
-                log.warning("%s (from %s)", exc, source)
-            return
-        window.pending += count
-        window.last, window.ver = exc, ver
-        self.coalesced_rejections += count
-        log.debug("consent rejected again (%s): counted into the next entry", exc.reason)
-        self.flush_rejections()
+        """Record ``count`` rejected documents of one reason: audit entry and ``consent-rejected`` receipt, the
+        same document again counted only, a flood coalesced (vgw.consent.rejections)."""
+        self._rejections.reject(exc, source=source, token=token, count=count)
 
     def flush_rejections(self, *, force: bool = False) -> None:
         """Write the summed entry and receipt of every reason whose coalescing interval is over (or all)."""
-        now = time.monotonic()
-        for key, window in list(self._reject_windows.items()):
-            if not force and now - window.start < REJECT_COALESCE_S:
-                continue
-            if window.pending == 0 or window.last is None:
-                del self._reject_windows[key]
-                continue
-            source, reason = key
-            self._record_rejection(window.last, window.ver, source=source, count=window.pending)
-            log.warning("%d more consent document(s) rejected (%s) from %s in the last %.0f s", window.pending,
-                        reason, source, now - window.start)
-            self._reject_windows[key] = _RejectWindow(start=now)
+        self._rejections.flush(force=force)
 
-    def _record_rejection(self, exc: ConsentError, ver: int | None, *, source: str, count: int) -> None:
+    @property
+    def repeated_rejections(self) -> int:
+        return self._rejections.repeated
+
+    @property
+    def coalesced_rejections(self) -> int:
+        return self._rejections.coalesced
+
+    def _record_rejection(self, exc: ConsentError, ver: int | None, source: str, count: int) -> None:
         claims: dict[str, object] = {"reason": exc.reason, "detail": str(exc)[:300]}
         fields: dict[str, object] = {"source": source, "reason": exc.reason, "ver": ver, "detail": str(exc)[:300]}
         if ver is not None:
@@ -618,15 +573,6 @@ class ConsentManager:
             log.error("audit entry %s not written: %s", event, exc)
             return {"n": None, "hash": None}
 
-
-@dataclass
-class _RejectWindow:
-    """One reason's coalescing interval: when it began and what was rejected since the entry that began it."""
-
-    start: float
-    pending: int = 0
-    last: ConsentError | None = None
-    ver: int | None = None
 
 def _withdrawal_record(w: Withdrawal) -> dict[str, object]:
     """A withdrawal as the pending record keeps it (vgw.consent.pending: ids, kinds, counts)."""

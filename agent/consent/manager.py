@@ -134,6 +134,7 @@ class ConsentManager:
         self.pending: PendingApply | None = None
         self._held: tuple[Consent, str, list[tuple[int, frozenset[str]]]] | None = None
         self._previous_grants: tuple[Grant, ...] | None = None  # the grants the pending document replaces
+        self._journal_warned: int | None = None  # the version whose unwritable record was logged
 
     # -- what is in force ---------------------------------------------------------------------------
 
@@ -320,6 +321,9 @@ class ConsentManager:
         try:
             self.store.write_pending_apply(p.to_json())
         except StorageError as exc:
+            if self._journal_warned == p.consent.ver:
+                return  # said once per document (a read-only disk would say it every retry)
+            self._journal_warned = p.consent.ver
             log.warning("pending consent v%d not recorded (%s): a restart before it is applied would not know it",
                         p.consent.ver, exc)
 

@@ -417,7 +417,10 @@ class ConsentManager:
             if f"narrowed:{w.grant_id}" not in p.recorded:
                 self._withdrawn(w, ver=consent.ver)
                 p.recorded.add(f"narrowed:{w.grant_id}")
-        self.store.clear_pending_apply()
+        try:
+            self.store.clear_pending_apply()
+        except StorageError as exc:  # all is done; a left record is finished again at the next start (no-op)
+            log.warning("pending consent record not cleared: %s", exc)
         self.pending = None
         self._previous_grants = None
         return ApplyResult("applied", consent, revoked=erasures, narrowed=narrowed)

@@ -78,6 +78,8 @@ def collect_status(config_path: str) -> dict[str, Any]:
     pending = pending_consent(ConsentStore(cfg.state_dir))
     out["consent_pending"] = pending
     if pending is not None:
+        # What the cache says is in force, less what the pending document stopped: what is collected now.
+        out["grants"] = [g for g in out["grants"] if g["id"] not in pending["grants_stopped"]]
         # Read from the record itself (written in place, so a full disk that stops status.json cannot hide it).
         out["storage"] = {"ok": False, "error": f"consent v{pending['ver']} not yet stored: "
                           + str(pending.get("error") or "retrying")}

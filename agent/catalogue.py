@@ -12,7 +12,6 @@ part, concatenated in part order, NUL padding removed) before policy sees it.
 from __future__ import annotations
 
 import re
-import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ import cantools
 from cantools.database.can.database import Database
 from cantools.database.can.message import Message
 from vgw.errors import ConfigError
-from vgw.fsutil import MAX_CONFIG_BYTES, MAX_DBC_BYTES, read_small_file
+from vgw.fsutil import MAX_CONFIG_BYTES, MAX_DBC_BYTES, load_toml, read_small_file
 from vgw.j1939.ids import is_j1939, message_key
 from vgw.j1939.ids import parse as parse_id
 from vgw.scopes import SCOPES
@@ -76,14 +75,9 @@ def load_catalogue(dbc_paths: Iterable[Path], signal_map: Path, *, strict: bool 
     """Load DBC files and the signal map; validate every entry against the DBC and the scope list."""
     db = load_dbc(dbc_paths, strict=strict)
     try:
-        doc = tomllib.loads(read_small_file(signal_map, what="signal map", max_bytes=MAX_CONFIG_BYTES,
-                                            error=ConfigError).decode("utf-8"))
+        doc = load_toml(signal_map, what="signal map", max_bytes=MAX_CONFIG_BYTES, error=ConfigError)
     except FileNotFoundError:
         raise ConfigError(f"{signal_map}: signal map not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{signal_map}: cannot read signal map: {exc}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{signal_map}: invalid TOML: {exc}") from exc
     return catalogue_from_map(db, doc, signal_map)
 
 

@@ -154,3 +154,17 @@ def test_unknown_ids_and_short_frames_are_counted_not_fatal() -> None:
         "Vehicle.Speed",
     ]
     assert samples[-1]["value"] == pytest.approx(100.0)
+
+
+@pytest.mark.parametrize("nesting", ["x = " + "[" * 5000 + "]" * 5000, "x = " + "{a = " * 3000 + "1" + "}" * 3000])
+def test_a_signal_map_nested_too_deeply_is_one_line(tmp_path: Path, cfg: Path, nesting: str) -> None:
+    """Before: RecursionError, thousands of lines of traceback (the config file's loader already said "nested
+    too deeply"); now both files go through one TOML loader."""
+    deep = tmp_path / "deep.toml"
+    deep.write_text(nesting + "\n")
+    with pytest.raises(ConfigError, match=r"deep\.toml: invalid TOML: arrays or tables nested too deeply"):
+        load_catalogue([default_dbc()], deep)
+    _rewrite(cfg, f'signal_map = "{default_signal_map()}"', f'signal_map = "{deep}"')
+    r = vgw("run", "--config", str(cfg))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().count("\n") == 0 and "nested too deeply" in r.stderr, r.stderr[-2000:]

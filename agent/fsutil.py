@@ -32,7 +32,6 @@ from vgw.errors import StorageError, VgwError
 # Caps for the files the agent reads (a real one is far smaller; more is a wrong path or an attack).
 MAX_KEY_BYTES = 64 * 1024  # PEM keys, certificate chains, the storage key
 MAX_CONFIG_BYTES = 1024 * 1024  # config TOML, signal map
-MAX_DBC_BYTES = 64 * 1024 * 1024  # a full-vehicle DBC can be tens of MB
 MAX_STATE_BYTES = 1024 * 1024  # consent cache, inbox, clock file, status file, pending erasures
 MAX_AUDIT_BYTES = 64 * 1024 * 1024  # the audit log, read whole by `vgw report` and `vgw audit`: ~200 000 entries
 

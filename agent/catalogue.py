@@ -57,12 +57,12 @@ class Catalogue:
 
 # -- the DBC budget: what a Raspberry Pi can hold of the DBC files of one agent, all files together -----------------
 # cantools builds about 3.3 kB per signal and 300-400 bytes per word it reads (value tables, attributes and
-# comments included), and takes about 0.1 ms per word here. So the files are counted before cantools parses them
+# comments included), and takes 10-20 µs per word here. So the files are counted before cantools parses them
 # (:func:`dbc_counts`: a scan that holds no more than the file's bytes), and a set beyond any cap is refused.
 # At every cap together a load takes about 200 MB and 10 s on this machine (docs/performance.md, "A big DBC").
 MAX_DBC_BYTES = 16 * 1024 * 1024  # one file; a full-vehicle DBC is a few MB
 MAX_DBC_MESSAGES = 4096  # BO_ definitions
-MAX_DBC_SIGNALS = 16_384  # SG_ definitions (a full J1939 DBC, every SPN, has about 10 000)
+MAX_DBC_SIGNALS = 16_384  # SG_ definitions
 MAX_DBC_WORDS = 500_000  # names, numbers and strings: what cantools' tokenizer turns into objects
 
 _BO = re.compile(rb"^[ \t]*BO_[ \t]", re.MULTILINE)

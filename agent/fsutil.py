@@ -64,8 +64,9 @@ def read_small_file(path: Path, *, what: str, max_bytes: int, error: type[VgwErr
         os.close(fd)
 
 
-class NotRegularFile(OSError):
-    """A FIFO, device, socket or directory where a regular file must be."""
+class NotRegularFile(StorageError, OSError):
+    """A FIFO, device, socket or directory where a regular file must be (also an OSError, so a reader that
+    cannot open a file says why in the same words: ``strerror`` is "not a regular file")."""
 
     def __init__(self, path: Path) -> None:
         super().__init__(errno.EINVAL, "not a regular file", str(path))

@@ -23,11 +23,11 @@ transfers that never end cannot lock the VIN out. Each session is dropped when a
   a passive observer also waits that long for the receiver's first CTS);
 * T4 = 1.05 s: a CTS with 0 packets ("hold") keeps the connection open that long;
 * an absolute deadline from the announcement, whatever comes after it: a BAM's packets are sent 50..200 ms
-  apart (J1939-21 5.10.3.5), so it ends T1 after its packet count times 200 ms (:func:`bam_deadline_s`); a
+  apart (J1939-21, TP.BAM), so it ends T1 after its packet count times 200 ms (:func:`bam_deadline_s`); a
   connection may wait T1 + T2 per packet (:func:`cmdt_deadline_s`). Refreshing a session frame by frame
   cannot keep it open.
 
-BAM packets come in order (J1939-21 5.10.3.5: the sender numbers them 1..n and has no way to resend one): a
+BAM packets come in order (J1939-21: the sender numbers them 1..n and has no way to resend one): a
 packet that is not the next one ends the transfer (``out_of_order``), so re-sending packet 1 keeps nothing alive.
 """
 
@@ -40,7 +40,7 @@ from vgw.j1939.ids import GLOBAL, PGN_TP_CM, PGN_TP_DT, parse
 T1_S = 0.75
 T2_S = 1.25
 T4_S = 1.05
-BAM_GAP_MAX_S = 0.2  # J1939-21 5.10.3.5: BAM data packets 50..200 ms apart
+BAM_GAP_MAX_S = 0.2  # J1939-21 TP.BAM: data packets 50..200 ms apart
 MAX_SESSIONS = 32
 MAX_SESSIONS_PER_SOURCE = 4  # one BAM and a few connections; a single sender cannot take every slot
 MAX_SIZE = 1785

@@ -8,6 +8,7 @@ subscriptions split one stream between two listen workers with each batch handle
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -116,6 +117,23 @@ def test_sign_output_is_accepted_by_the_agent_and_bad_scope_is_refused(tmp_path:
     r = vgw("cloud", "sign", "--key", str(keys / "consent-signer.key"), "--grants", str(bad), "--device", DEV)
     assert r.returncode == 1 and "control_doors" in r.stderr and "grant[0]" in r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("name", ["deep.toml", "deep.json", "fifo.toml"])
+def test_sign_answers_a_hostile_grants_file_with_one_line(tmp_path: Path, name: str) -> None:
+    """A grants file nested too deeply (TOML or JSON) was a RecursionError traceback, and a FIFO hung `vgw cloud
+    sign`: it is read like the config file and the signal map (one loader, a regular file, capped)."""
+    keys, _ = keys_and_grants(tmp_path, ["read_odometer"])
+    bad = tmp_path / name
+    if name == "fifo.toml":
+        os.mkfifo(bad)
+    else:
+        bad.write_text("x = " + "[" * 5000 + "]" * 5000 + "\n" if name.endswith(".toml") else "[" * 5000 + "]" * 5000)
+    r = vgw("cloud", "sign", "--key", str(keys / "consent-signer.key"), "--grants", str(bad), "--device", DEV,
+            timeout=30)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert len(r.stderr.strip().splitlines()) == 1 and name in r.stderr, r.stderr[-2000:]
+    assert ("not a regular file" if name == "fifo.toml" else "nested too deeply") in r.stderr, r.stderr
 
 
 def test_push_listen_revoke_verify_receipt_round_trip_with_the_agent(

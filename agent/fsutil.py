@@ -38,8 +38,7 @@ MAX_AUDIT_BYTES = 64 * 1024 * 1024  # the audit log, read whole by `vgw report` 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
-def read_small_file(path: Path, *, what: str, max_bytes: int, error: type[VgwError] = StorageError,
-                    follow_symlinks: bool = True) -> bytes:
+def read_small_file(path: Path, *, what: str, max_bytes: int, error: type[VgwError] = StorageError) -> bytes:
     """Read a whole small regular file. Raises ``error`` (one line naming ``path`` and ``what``).
 
     FileNotFoundError is passed through unchanged, so callers keep their own "missing" message. The file is
@@ -47,14 +46,12 @@ def read_small_file(path: Path, *, what: str, max_bytes: int, error: type[VgwErr
     descriptor, so what is checked is what is read.
     """
     try:
-        fd = open_regular(path, follow_symlinks=follow_symlinks)
+        fd = open_regular(path)
     except FileNotFoundError:
         raise
     except NotRegularFile as exc:
         raise error(f"{path}: {what} is not a regular file; refused") from exc
     except OSError as exc:
-        if not follow_symlinks and os.path.islink(path):
-            raise error(f"{path}: {what} is a symbolic link; refused (state files are never followed)") from exc
         raise error(f"{path}: cannot read {what}: {exc.strerror}") from exc
     try:
         return _read_capped(fd, os.fstat(fd), path, what=what, max_bytes=max_bytes, error=error)
@@ -72,13 +69,12 @@ class NotRegularFile(StorageError, OSError):
         super().__init__(errno.EINVAL, "not a regular file", str(path))
 
 
-def open_regular(path: Path, *, follow_symlinks: bool = True) -> int:
-    """Open ``path`` read-only if it is a regular file; returns a blocking descriptor. The open does not block
-    (``O_NONBLOCK``: a FIFO would wait for a writer) and the check is ``fstat`` on the opened descriptor, so what
-    is checked is what is read. Raises :class:`NotRegularFile` (an OSError) for anything else, OSError as
-    ``open`` does."""
-    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | (0 if follow_symlinks else _NOFOLLOW)
-    fd = os.open(path, flags)
+def open_regular(path: Path) -> int:
+    """Open ``path`` (links followed) read-only if it is a regular file; returns a blocking descriptor. The
+    open does not block (``O_NONBLOCK``: a FIFO would wait for a writer) and the check is ``fstat`` on the
+    opened descriptor, so what is checked is what is read. Raises :class:`NotRegularFile` (an OSError) for
+    anything else, OSError as ``open`` does."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise NotRegularFile(path)

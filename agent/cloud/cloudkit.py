@@ -38,6 +38,7 @@ from vgw.cloud.consent_authority import (
     sign_consent,
 )
 from vgw.cloud.envelopes import ReceiptError, verify_receipt
+from vgw.collect.budget import Tally
 from vgw.collect.rules import RuleError, parse_rules
 from vgw.crypto.certs import device_id_from_cert, device_public_key_from_cert
 from vgw.errors import CloudKitError
@@ -215,6 +216,7 @@ def load_grants(path: Path) -> dict[str, Any]:
         raise CloudKitError(f"{path}: 'grant' must be an array of tables")
     grants: list[dict[str, Any]] = []
     seen: set[str] = set()
+    usage = Tally()  # the device's budgets (docs/guarantees.md "Budgets"), over the whole document
     for i, g in enumerate(raw):
         where = f"{path}: grant[{i}]"
         if not isinstance(g, dict):
@@ -263,7 +265,7 @@ def load_grants(path: Path) -> dict[str, Any]:
         if "collect" in g:
             # The device's own validation (vgw.collect.rules): a rule it would reject never gets signed.
             try:
-                parse_rules(g["collect"], scopes)
+                usage.add(str(gid), parse_rules(g["collect"], scopes))
             except RuleError as exc:
                 raise CloudKitError(f"{where}: {exc}") from None
             out["collect"] = g["collect"]

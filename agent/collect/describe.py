@@ -7,6 +7,7 @@ the lowest, highest and average per minute, not the trace" or "Location (positio
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -62,7 +63,8 @@ _CMP_WORDS = {">": "is above", "<": "is below", ">=": "is at least", "<=": "is a
 def condition_words(node: BoolExpr | NumExpr) -> str:
     """A condition read aloud: ``rising(Vehicle.Speed < 5)`` -> "the moment speed falls below 5"."""
     if isinstance(node, Num):
-        return f"{node.value:g}"
+        # A constant with no value (folded from a division by zero) makes any comparison with it false.
+        return "no value" if math.isnan(node.value) else f"{node.value:g}"
     if isinstance(node, Path):
         return path_words(node.path)
     if isinstance(node, Neg):

@@ -19,13 +19,10 @@ from enum import StrEnum
 from typing import Any
 
 from vgw.collect.expr import PATH_RE, Condition, ConditionError, parse_condition
+from vgw.collect.limits import MAX_DEADBAND, MAX_DURATION_S, MAX_PRE_S, MAX_RULES
 from vgw.collect.vss import VSS_SCOPES
 from vgw.errors import VgwError
 
-MAX_RULES = 64  # at most one per scope (15) and per path; a bound on the work a document can ask for
-MAX_PRE_S = 60.0  # README "Collection rules": the pre-trigger history is memory-only and at most 60 s
-MAX_DURATION_S = 86_400.0  # heartbeat, period, window, post-trigger window and pause: at most a day
-MAX_DEADBAND = 1e9
 DEFAULT_HEARTBEAT_S = 60.0
 
 
@@ -46,6 +43,8 @@ class RuleReason(StrEnum):
     TARGET = "collect-target"  # scope/path missing, both given, or outside the grant
     DUPLICATE = "collect-duplicate"  # two rules for one scope or path
     CONDITION = "collect-condition"  # condition does not parse, too long, too deep, or reads outside the grant
+    CPU = "collect-cpu"  # the document's conditions would evaluate more nodes per second than the agent's budget
+    MEMORY = "collect-memory"  # its pre-trigger histories could hold more samples than the agent's budget
 
 
 class RuleError(VgwError):

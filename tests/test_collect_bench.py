@@ -1,10 +1,16 @@
-"""`vgw bench --drive-cycle`: bytes per hour per collection mode against raw streaming, on the demo drive."""
+"""`vgw bench --drive-cycle`: bytes per hour per collection mode against raw streaming, on the demo drive; and
+`vgw bench --rules`: the costliest rule document the agent accepts against none (no timing asserted: machines
+vary; README "Performance" has the numbers)."""
 
 from __future__ import annotations
 
 import json
 
+from vgw.collect import limits
+from vgw.collect.budget import document_usage
+from vgw.collect.rules import parse_rules
 from vgw.tools.bench.drive import drive_cycle
+from vgw.tools.bench.rules import SCOPES, worst_case_collect
 
 from tests.agentkit import vgw
 
@@ -29,3 +35,27 @@ def test_cli_drive_cycle_json() -> None:
     assert set(out["grants"]) == {"g-raw", "g-on-change", "g-periodic", "g-aggregate", "g-trigger"}
     bad = vgw("bench", "--drive-cycle", "--drive-seconds", "0")
     assert bad.returncode != 0 and "drive-seconds" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_the_worst_case_document_fills_both_budgets_and_fits_a_document() -> None:
+    collect = worst_case_collect()
+    use = document_usage([parse_rules(c, SCOPES) for c in collect])
+    # Within both budgets, and so close to them that no further rule would fit.
+    assert limits.MAX_WORK * 0.98 <= use.work <= limits.MAX_WORK
+    assert limits.MAX_HELD_SAMPLES * 0.9 <= use.held <= limits.MAX_HELD_SAMPLES
+    assert all(len(c) <= limits.MAX_RULES for c in collect)
+
+
+def test_cli_rules_short_form() -> None:
+    r = vgw("bench", "--rules", "--rules-seconds", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)["rules"]
+    assert out["worst_case"]["exit_code"] == out["no_rules"]["exit_code"] == 0
+    assert out["document"]["bytes"] <= 65_536 and out["document"]["rules"] > 50
+    # Never-firing triggers hold back what they cover; without rules every sample goes.
+    assert out["worst_case"]["samples_sent"] < out["no_rules"]["samples_sent"]
+    for run in ("worst_case", "no_rules"):
+        assert out[run]["cpu_us_per_sample"] > 0 and out[run]["peak_rss_mb"] > 0
+    table = vgw("bench", "--rules", "--rules-seconds", "1")
+    assert table.returncode == 0, table.stderr
+    assert "CPU per decoded sample" in table.stdout and "peak RSS" in table.stdout and "targets:" in table.stdout

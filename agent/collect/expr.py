@@ -41,6 +41,7 @@ written into the text), so nothing of the document is ever executed as code.
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 import re
@@ -366,9 +367,12 @@ _CMP_CODE = {"<": "{a} < {b}", "<=": "{a} <= {b}", ">": "{a} > {b}", ">=": "{a} 
              "!=": "{a} < {b} or {a} > {b}"}  # NaN: every comparison false, != included
 
 
+@functools.lru_cache(maxsize=256)
 def _compile(condition: Condition) -> Callable[[Mapping[str, float], list[bool]], bool]:
     """One function ``f(values, previous) -> bool`` of flat statements, one per node of the folded tree: no
-    nesting, whatever the tree's depth (the compiler's own limits never come into play)."""
+    nesting, whatever the tree's depth (the compiler's own limits never come into play). Stateless (the
+    ``rising`` memory is passed in), so grants with the same condition share one (a consent change compiles
+    each distinct condition once)."""
     env: dict[str, Any] = {"NAN": NAN}
     paths: dict[str, str] = {}
     lines: list[str] = []

@@ -33,12 +33,12 @@ MAX_DEADBAND = 1e9
 RATE_HZ = 100.0
 BURST_S = 1.0
 # Work is counted in nodes of a folded condition; one evaluation also costs as much as EVAL_COST nodes (the call,
-# the rate check, the trigger's bookkeeping). Here a node costs about 12 ns and an evaluation's fixed part
-# about 300 ns (tests/test_collect_budget.py prints both with -s).
+# the rate check, the trigger's bookkeeping). Measured on the development machine (docs/performance.md,
+# "Collection rules at their budgets"): a node costs 11-16 ns, an evaluation's fixed part about 300 ns.
 EVAL_COST = 24
-# Nodes evaluated per second by every rule of the agent together: 1,000,000, about 1.2 % of a core here; the
-# worst document within it keeps the agent within 2x of its CPU without rules (`vgw bench --rules`, README
-# "Performance").
+# Nodes evaluated per second by every rule of the agent together: the costliest document within it adds about
+# 2 % of a core there, x1.35 the agent's CPU without rules (`vgw bench --rules`; the target is <= 2x).
 MAX_WORK = 1_000_000
-# Samples held by every trigger rule's pre-trigger history together: 200,000, about 120 bytes each (24 MB).
+# Samples held by every trigger rule's pre-trigger history together: about 77 bytes each, so about 15 MB
+# (x1.27 the agent's peak RSS without rules in the same measure).
 MAX_HELD_SAMPLES = 200_000

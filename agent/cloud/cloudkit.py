@@ -265,7 +265,7 @@ def load_grants(path: Path) -> dict[str, Any]:
         if "collect" in g:
             # The device's own validation (vgw.collect.rules): a rule it would reject never gets signed.
             try:
-                usage.add(str(gid), parse_rules(g["collect"], scopes))
+                usage.add(parse_rules(g["collect"], scopes))
             except RuleError as exc:
                 raise CloudKitError(f"{where}: {exc}") from None
             out["collect"] = g["collect"]

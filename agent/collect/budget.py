@@ -68,19 +68,19 @@ class Tally:
         self.work = 0.0
         self.held = 0
 
-    def add(self, grant_id: str, rules: Sequence[Rule]) -> None:
-        """Count ``rules`` of grant ``grant_id``. Raises :class:`RuleError` (``collect-cpu``,
+    def add(self, rules: Sequence[Rule]) -> None:
+        """Count one grant's ``rules``. Raises :class:`RuleError` (``collect-cpu``,
         ``collect-memory``) when the document so far is over the agent's budget."""
         usage = document_usage([rules])
         self.work += usage.work
         self.held += usage.held
         # One document can make the agent spend a core on conditions (a CPU bomb within every size limit).
         if self.work > MAX_WORK:
-            raise RuleError(RuleReason.CPU, f"collect rules need {self.work:,.0f} nodes/s of condition work with "
-                            f"grant {grant_id!r}, over the agent's budget of {MAX_WORK:,} (docs/guarantees.md "
-                            "\"Budgets\")")
+            raise RuleError(RuleReason.CPU, f"collect rules of this grant and those before it need {self.work:,.0f} "
+                            f"nodes/s of condition work, over the agent's budget of {MAX_WORK:,} "
+                            "(docs/guarantees.md \"Budgets\")")
         # Pre-trigger histories are memory: many grants each holding 60 s would outgrow a Pi.
         if self.held > MAX_HELD_SAMPLES:
-            raise RuleError(RuleReason.MEMORY, f"collect rules may hold {self.held:,} samples of pre-trigger "
-                            f"history with grant {grant_id!r}, over the agent's budget of {MAX_HELD_SAMPLES:,} "
-                            "(docs/guarantees.md \"Budgets\")")
+            raise RuleError(RuleReason.MEMORY, f"collect rules of this grant and those before it may hold "
+                            f"{self.held:,} samples of pre-trigger history, over the agent's budget of "
+                            f"{MAX_HELD_SAMPLES:,} (docs/guarantees.md \"Budgets\")")

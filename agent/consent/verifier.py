@@ -256,7 +256,7 @@ def _grants(raw: Any, ver: int) -> tuple[Grant, ...]:
             collect = parse_rules(g.get("collect"), scopes)
             # Budgets per agent (docs/guarantees.md "Budgets"): a document within every size limit must still
             # not take a core or the memory; counted grant by grant, so the rest is not even read.
-            usage.add(gid, collect)
+            usage.add(collect)
         except RuleError as exc:
             raise BadRuleError(f"consent v{ver} rejected: grant {gid!r} {exc}", exc.reason, version=ver) from None
         grants.append(Grant(id=gid, controller=controller, purpose=purpose, scopes=scopes, recipient=recipient,

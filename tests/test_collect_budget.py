@@ -266,3 +266,19 @@ def test_cloud_sign_refuses_a_document_over_the_budget(tmp_path: Path) -> None:
     assert "collect" in r.stderr and "work" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert not doc.exists()
+
+
+def test_a_cached_document_over_the_budget_is_not_in_force_after_an_update(tmp_path: Path, pki: Any,
+                                                                           auth: Authority) -> None:
+    # A document an agent without budgets accepted, cached on disk: the updated agent re-verifies it at start.
+    when = padded(f"{SPEED}>{SPEED}", "-1")
+    over = auth.doc(DEVICE, 1, [grant(auth, "g-a", triggers(TARGETS[:50], when))])
+    s = State(tmp_path, pki, auth)
+    try:
+        s.store.write_token(over)
+        s.reopen()
+        assert s.manager.in_force is None  # fail closed, as for any rule an update adds
+        invalid = s.events("consent-cache-invalid")
+        assert invalid and invalid[-1]["reason"] == "collect-cpu"
+    finally:
+        s.close()

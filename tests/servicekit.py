@@ -160,3 +160,34 @@ def authorize_url(sd: ServiceDir, client: OAuth2Session, **params: Any) -> tuple
     verifier = generate_token(48)
     url, state = client.create_authorization_url(f"{sd.issuer}/authorize", code_verifier=verifier, **params)
     return url, state, verifier
+
+
+def retained_consent(pki: TestPKI, broker_port: int, device: str = DEVICE, timeout: float = 15.0) -> str | None:
+    """The consent document the broker holds retained for ``device`` (read as the cloud identity), or None."""
+    import threading
+
+    from vgw.cloud.mqttclient import make_client, tls_context
+
+    got: list[str] = []
+    done = threading.Event()
+    client = make_client(f"test-reader-{os.getpid()}-{free_port()}", "5",
+                         tls_context(pki.ca.cert, pki.cloud.cert, pki.cloud.key), False)
+
+    def on_connect(c: Any, *_a: Any) -> None:
+        c.subscribe(f"vgw/{device}/consent", qos=1)
+
+    def on_message(_c: Any, _u: Any, msg: Any) -> None:
+        if msg.retain and msg.payload:
+            got.append(msg.payload.decode())
+            done.set()
+
+    client.on_connect = on_connect
+    client.on_message = on_message
+    client.connect("localhost", broker_port)
+    client.loop_start()
+    try:
+        done.wait(timeout)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return got[-1] if got else None

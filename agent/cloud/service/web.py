@@ -210,6 +210,24 @@ def create_app(cfg: ServiceConfig, store: Store, desk: ConsentDesk) -> Flask:
     def token() -> Any:
         return server.create_token_response()
 
+    @app.get("/api/grant")
+    def api_grant() -> Any:
+        """For the app, with its access token (RFC 6750 bearer): its grant, device, scopes and whether the
+        owner still allows it. A withdrawn grant's tokens are revoked: 401."""
+        auth = request.headers.get("Authorization", "")
+        record = store.token(auth[7:]) if auth[:7].lower() == "bearer " else None
+        row = store.grant(record["grant_id"]) if record else None
+        if record is None or row is None or row.withdrawn_at is not None:
+            resp = jsonify({"error": "invalid_token"})
+            resp.status_code = 401
+            resp.headers["WWW-Authenticate"] = 'Bearer error="invalid_token"'
+            return resp
+        latest = store.latest_document(row.device)
+        return jsonify({"grant_id": row.id, "device": row.device, "scopes": list(row.scopes),
+                        "since": row.granted_at, "consent_version": row.ver_granted,
+                        "delivered": bool(latest and latest.acked_at and row.ver_granted
+                                          and latest.ver >= row.ver_granted)})
+
     @app.post("/withdraw")
     def withdraw() -> Any:
         who = owner()

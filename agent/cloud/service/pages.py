@@ -37,7 +37,7 @@ header{background:#123;color:#fff;padding:.6rem 1rem;display:flex;justify-conten
 header b{letter-spacing:.02em}
 .card{background:#fff;border:1px solid #d8dee4;border-radius:8px;padding:1rem 1.25rem;margin:1rem 0}
 h1{font-size:1.45rem;line-height:1.3;margin:.2rem 0 1rem}
-h2{font-size:1.1rem;margin:1.6rem 0 .4rem}
+h2{font-size:1.1rem;margin:1.6rem 0 .4rem} .card>h2:first-child{margin-top:0}
 ul{padding-left:1.2rem} li{margin:.25rem 0}
 .muted{color:#57606a;font-size:.92rem}
 .ok{color:#1a7f37;font-weight:600} .pending{color:#9a6700;font-weight:600} .bad{color:#cf222e;font-weight:600}
@@ -50,7 +50,7 @@ input[type=text],input[type=password]{font:inherit;width:100%;box-sizing:border-
 border-radius:6px}
 table{border-collapse:collapse;width:100%} td,th{text-align:left;padding:.3rem .4rem;border-bottom:1px solid #d8dee4;
 vertical-align:top} th{font-size:.9rem;color:#57606a}
-code{font-size:.85rem}
+code{font-size:.85rem} td:first-child{white-space:nowrap}
 </style></head>
 <body><header><b>vgw &middot; your car's data</b>{% if owner %}<form method="post" action="/logout">
 <input type="hidden" name="csrf_token" value="{{ csrf }}"><span>{{ owner }}</span>
@@ -85,7 +85,7 @@ sends you a signed receipt that it did.</li></ul>
 
 _OWNER = """<h1>Apps with access to your car</h1>
 <p class="muted">Car <code>{{ device }}</code>.
-{% if doc %}Consent document version {{ doc.ver }}, signed {{ when(doc.signed_at) }}:
+{% if doc %}Consent document signed {{ when(doc.signed_at) }} (version {{ doc.ver }}):
 {% if doc.acked_at %}<span class="ok">delivered to the broker</span>; your car applies it when it is online.
 {% else %}<span class="pending">pending</span>: the broker has not acknowledged it yet; the service keeps trying.
 {% endif %}{% else %}No consent document yet.{% endif %}</p>
@@ -100,8 +100,8 @@ _OWNER = """<h1>Apps with access to your car</h1>
 <b>{{ item.app_name }}</b>: {{ item.labels|join(", ") }}
 <p class="muted">Allowed {{ when(item.grant.granted_at) }}, withdrawn {{ when(item.grant.withdrawn_at) }}.</p>
 {% if item.receipt %}<p><span class="ok">Erasure receipt from your car, signature verified</span>:
-{{ item.receipt.batches_deleted }} stored batch(es) deleted, data key destroyed
-(consent version {{ item.receipt.ver }}), received {{ when(item.receipt.received_at) }}.</p>
+the car deleted {{ item.receipt.batches_deleted }} stored batch(es) not yet sent and destroyed this app's data
+key. Received {{ when(item.receipt.received_at) }}, for consent version {{ item.receipt.ver }}.</p>
 {% else %}<p><span class="pending">Waiting for your car's erasure receipt</span>: the car sends it once it has
 applied the withdrawal.</p>{% endif %}</div>{% endfor %}{% endif %}
 <h2>History</h2><div class="card"><table><tr><th>When</th><th>App</th><th>What</th></tr>

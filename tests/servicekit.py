@@ -21,8 +21,9 @@ from typing import Any
 import requests
 from authlib.common.security import generate_token
 from authlib.integrations.requests_client import OAuth2Session
-from tests.agentkit import ROOT, stop_process, vgw, wait_until
 from vgw.simulators.pki import TestPKI
+
+from tests.agentkit import ROOT, stop_process, vgw, wait_until
 
 OWNER, PASSWORD, DEVICE = "alice", "correct horse battery staple", "dev-0001"
 APP_ID, APP_NAME, PURPOSE = "com.example.insurer", "Example Insurance", "Pay-as-you-drive insurance premium"
@@ -98,7 +99,7 @@ key_file = "{pki.cloud.key}"
 @contextmanager
 def service_process(sd: ServiceDir) -> Iterator[subprocess.Popen[str]]:
     """`vgw cloud serve --config` as a child process, answering HTTP when the block starts."""
-    log = open(sd.root / "serve.log", "a")  # noqa: SIM115 - closed below
+    log = open(sd.root / "serve.log", "a")
     proc = subprocess.Popen([sys.executable, "-m", "vgw", "cloud", "serve", "--config", str(sd.config),
                              "--log-level", "info"], stdout=log, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))

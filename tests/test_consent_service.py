@@ -19,6 +19,10 @@ import requests
 from authlib.integrations.base_client.errors import OAuthError
 from authlib.oauth2.rfc6749 import MismatchingStateException
 from cryptography.hazmat.primitives import serialization
+from vgw.consent.verifier import verify_consent
+from vgw.simulators.broker import Mosquitto
+from vgw.simulators.pki import TestPKI
+
 from tests.agentkit import agent_process, connected_cloud, vgw, wait_until, write_config
 from tests.faultkit import record_trace
 from tests.servicekit import (
@@ -32,9 +36,6 @@ from tests.servicekit import (
     retained_consent,
     service_process,
 )
-from vgw.consent.verifier import verify_consent
-from vgw.simulators.broker import Mosquitto
-from vgw.simulators.pki import TestPKI
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +112,8 @@ def test_allow_gives_the_app_a_token_for_its_grant_and_the_car_a_signed_document
     assert answer.status_code == 302 and answer.headers["Location"].startswith(service.redirect_uri + "?")
     token = client.fetch_token(f"{service.issuer}/token", authorization_response=answer.headers["Location"],
                                code_verifier=verifier, state=state)
-    assert token["token_type"] == "Bearer" and token["access_token"] and token["device"] == DEVICE
+    assert token["token_type"] == "Bearer"  # noqa: S105 - the token type, no secret
+    assert token["access_token"] and token["device"] == DEVICE
     gid = token["grant_id"]
     # the document the broker holds for the car passes the car's own verifier and holds the grant as allowed
     doc = wait_until(lambda: (t := retained_consent(pki, mod_broker.port)) and gid in _grant_ids(t) and t, 15)
@@ -128,7 +130,7 @@ def test_allow_gives_the_app_a_token_for_its_grant_and_the_car_a_signed_document
                       timeout=10).json()
     assert me["grant_id"] == gid and me["device"] == DEVICE and me["delivered"] is True
     # a second allow: a new version above the first, still holding the first grant
-    url2, state2, verifier2 = authorize_url(service, service.client(scope="read_odometer"))
+    url2, state2, _verifier2 = authorize_url(service, service.client(scope="read_odometer"))
     answer2 = owner.decide(url2, "allow")
     assert _query(answer2.headers["Location"])["state"] == state2
     doc2 = wait_until(lambda: (t := retained_consent(pki, mod_broker.port)) and t != doc and t, 15)
@@ -296,7 +298,8 @@ def test_expired_codes_and_password_guessing_are_refused(tmp_path: Path, pki: Te
         assert refused.value.error == "invalid_grant"
         # sign-in: three wrong passwords, then even the right one waits
         guesser = Owner(sd)
-        assert [guesser.sign_in(password="guess").status_code for _ in range(3)] == [401, 401, 401]
+        wrong = "guess"
+        assert [guesser.sign_in(password=wrong).status_code for _ in range(3)] == [401, 401, 401]
         locked = guesser.sign_in()
         assert locked.status_code == 429 and "Too many failed attempts" in locked.text
         log = (sd.root / "serve.log").read_text()
@@ -311,7 +314,7 @@ def test_a_push_the_broker_did_not_acknowledge_is_shown_pending_and_retried(
         assert owner.sign_in().status_code == 303
         assert wait_until(lambda: "connected to the broker" in (sd.root / "serve.log").read_text(), 20)
         broker.stop()
-        url, state, verifier = authorize_url(sd, sd.client(scope="read_climate"))
+        url, _state, _verifier = authorize_url(sd, sd.client(scope="read_climate"))
         answer = owner.decide(url, "allow")
         assert answer.status_code == 302 and "code" in _query(answer.headers["Location"])
         assert ">pending</span>" in owner.home()

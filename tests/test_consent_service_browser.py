@@ -16,11 +16,12 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from vgw.simulators.broker import Mosquitto
+from vgw.simulators.pki import TestPKI
+
 from tests.agentkit import agent_process, connected_cloud, vgw, wait_until, write_config
 from tests.faultkit import record_trace
 from tests.servicekit import DEVICE, OWNER, PASSWORD, authorize_url, make_service_dir, service_process
-from vgw.simulators.broker import Mosquitto
-from vgw.simulators.pki import TestPKI
 
 CHROMIUM = next((p for b in ("chromium", "chromium-browser") if (p := shutil.which(b))), None)
 DRIVER = shutil.which("chromedriver")
@@ -42,7 +43,8 @@ def browser(tmp_path: Path) -> Iterator[Any]:
                 # its own profile: chromium refuses a second instance on a profile another one holds
                 f"--user-data-dir={tmp_path / 'chromium-profile'}"):
         options.add_argument(arg)
-    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=str(DRIVER), log_output=str(tmp_path / "chromedriver.log")))
+    service = webdriver.ChromeService(executable_path=str(DRIVER), log_output=str(tmp_path / "chromedriver.log"))
+    driver = webdriver.Chrome(options=options, service=service)
     try:
         yield driver
     finally:

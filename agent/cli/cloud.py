@@ -30,7 +30,6 @@ from types import FrameType
 from typing import IO, Any
 
 import jwt
-
 from vgw.cli import cloud_service
 
 EXIT_REJECTED = 3

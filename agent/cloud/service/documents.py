@@ -87,11 +87,11 @@ class ConsentDesk:
             verify_consent(token, trust_keys=[self.key.public_key], device=device, now=now)
             doc = Document(device, ver, token, now, None, 0, None)
             self.store.add_document(doc)
-            for g in grants:
-                self.store.set_grant_version(g["id"], ver, withdrawn=False)
-            for g in self.store.grants_of_device(device):
-                if g.withdrawn_at is not None:
-                    self.store.set_grant_version(g.id, ver, withdrawn=True)
+            for signed in grants:
+                self.store.set_grant_version(signed["id"], ver, withdrawn=False)
+            for row in self.store.grants_of_device(device):
+                if row.withdrawn_at is not None:
+                    self.store.set_grant_version(row.id, ver, withdrawn=True)
             log.info("signed consent v%d for %s (%d grant(s))", ver, device, len(grants))
             self._push(doc, PUSH_TIMEOUT_S)
             return self.store.latest_document(device) or doc

@@ -46,8 +46,8 @@ button.primary{background:#1f6feb;border-color:#1f6feb;color:#fff}
 button.danger{color:#cf222e;border-color:#cf222e}
 .row{display:flex;gap:.75rem;margin-top:1rem}
 label{display:block;margin:.6rem 0 .2rem;font-weight:600}
-input[type=text],input[type=password]{font:inherit;width:100%;box-sizing:border-box;padding:.45rem;border:1px solid #8c959f;
-border-radius:6px}
+input[type=text],input[type=password]{font:inherit;width:100%;box-sizing:border-box;padding:.45rem;
+border:1px solid #8c959f;border-radius:6px}
 table{border-collapse:collapse;width:100%} td,th{text-align:left;padding:.3rem .4rem;border-bottom:1px solid #d8dee4;
 vertical-align:top} th{font-size:.9rem;color:#57606a}
 code{font-size:.85rem} td:first-child{white-space:nowrap}
@@ -62,7 +62,8 @@ _LOGIN = """<div class="card"><h1>Sign in</h1>
 {% if error %}<p class="bad" role="alert">{{ error }}</p>{% endif %}
 <form method="post" action="/login">
 <input type="hidden" name="csrf_token" value="{{ csrf }}"><input type="hidden" name="next" value="{{ next }}">
-<label for="username">User name</label><input type="text" id="username" name="username" autocomplete="username" required>
+<label for="username">User name</label>
+<input type="text" id="username" name="username" autocomplete="username" required>
 <label for="password">Password</label>
 <input type="password" id="password" name="password" autocomplete="current-password" required>
 <div class="row"><button class="primary" type="submit">Sign in</button></div></form></div>"""
@@ -105,7 +106,8 @@ key. Received {{ when(item.receipt.received_at) }}, for consent version {{ item.
 {% else %}<p><span class="pending">Waiting for your car's erasure receipt</span>: the car sends it once it has
 applied the withdrawal.</p>{% endif %}</div>{% endfor %}{% endif %}
 <h2>History</h2><div class="card"><table><tr><th>When</th><th>App</th><th>What</th></tr>
-{% for h in history %}<tr><td>{{ when(h.at) }}</td><td>{{ h.app_name }}</td><td>{{ h.event }}: {{ h.labels|join(", ") }}</td></tr>
+{% for h in history %}<tr><td>{{ when(h.at) }}</td><td>{{ h.app_name }}</td>
+<td>{{ h.event }}: {{ h.labels|join(", ") }}</td></tr>
 {% else %}<tr><td colspan="3">Nothing yet.</td></tr>{% endfor %}</table></div>"""
 
 _ERROR = """<div class="card"><h1>{{ heading }}</h1><p>{{ message }}</p></div>"""

@@ -190,45 +190,50 @@ class Store:
     def app(self, client_id: str) -> App | None:
         row = self._one("SELECT client_id, name, purpose, redirect_uri, secret_digest, recipient FROM apps "
                         "WHERE client_id = ?", (client_id,))
-        return App(*row[:5], recipient=json.loads(row[5])) if row else None
+        return App(row[0], row[1], row[2], row[3], row[4], json.loads(row[5])) if row else None
 
     # ------------------------------------------------------------ grants and history
-
-    _GRANT_COLS = "id, client_id, owner, device, scopes, granted_at, withdrawn_at, ver_granted, ver_withdrawn"
 
     def _grant(self, row: tuple[Any, ...]) -> GrantRow:
         return GrantRow(row[0], row[1], row[2], row[3], tuple(json.loads(row[4])), *row[5:])
 
     def add_grant(self, g: GrantRow) -> None:
         with self.transaction():
-            self._exec(f"INSERT INTO grants ({self._GRANT_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            self._exec("INSERT INTO grants (id, client_id, owner, device, scopes, granted_at, withdrawn_at, "
+                       "ver_granted, ver_withdrawn) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        (g.id, g.client_id, g.owner, g.device, json.dumps(list(g.scopes)), g.granted_at, None,
                         None, None))
             self._history(g.owner, g.device, g.client_id, g.id, "allowed", g.scopes, g.granted_at)
 
     def grant(self, grant_id: str) -> GrantRow | None:
-        row = self._one(f"SELECT {self._GRANT_COLS} FROM grants WHERE id = ?", (grant_id,))
+        row = self._one("SELECT id, client_id, owner, device, scopes, granted_at, withdrawn_at, ver_granted, "
+                        "ver_withdrawn FROM grants WHERE id = ?", (grant_id,))
         return self._grant(row) if row else None
 
     def active_grants(self, device: str) -> list[GrantRow]:
         return [self._grant(r) for r in self._all(
-            f"SELECT {self._GRANT_COLS} FROM grants WHERE device = ? AND withdrawn_at IS NULL "
+            "SELECT id, client_id, owner, device, scopes, granted_at, withdrawn_at, ver_granted, ver_withdrawn "
+            "FROM grants WHERE device = ? AND withdrawn_at IS NULL "
             "ORDER BY granted_at, id", (device,))]
 
     def grants_of_device(self, device: str) -> list[GrantRow]:
         return [self._grant(r) for r in self._all(
-            f"SELECT {self._GRANT_COLS} FROM grants WHERE device = ? ORDER BY granted_at DESC, id", (device,))]
+            "SELECT id, client_id, owner, device, scopes, granted_at, withdrawn_at, ver_granted, ver_withdrawn "
+            "FROM grants WHERE device = ? ORDER BY granted_at DESC, id", (device,))]
 
     def set_grant_version(self, grant_id: str, ver: int, *, withdrawn: bool) -> None:
-        col = "ver_withdrawn" if withdrawn else "ver_granted"
         with self._lock:
-            self._exec(f"UPDATE grants SET {col} = ? WHERE id = ? AND {col} IS NULL", (ver, grant_id))
+            if withdrawn:
+                self._exec("UPDATE grants SET ver_withdrawn = ? WHERE id = ? AND ver_withdrawn IS NULL",
+                           (ver, grant_id))
+            else:
+                self._exec("UPDATE grants SET ver_granted = ? WHERE id = ? AND ver_granted IS NULL", (ver, grant_id))
 
     def withdraw_grant(self, grant_id: str, at: float) -> GrantRow | None:
         """Mark the grant withdrawn and revoke its tokens; None if it was not active."""
         with self.transaction():
-            row = self._one(f"SELECT {self._GRANT_COLS} FROM grants WHERE id = ? AND withdrawn_at IS NULL",
-                            (grant_id,))
+            row = self._one("SELECT id, client_id, owner, device, scopes, granted_at, withdrawn_at, ver_granted, "
+                            "ver_withdrawn FROM grants WHERE id = ? AND withdrawn_at IS NULL", (grant_id,))
             if row is None:
                 return None
             g = self._grant(row)
@@ -250,11 +255,9 @@ class Store:
 
     # ------------------------------------------------------------ documents
 
-    _DOC_COLS = "device, ver, token, signed_at, acked_at, attempts, last_error"
-
     def latest_document(self, device: str) -> Document | None:
-        row = self._one(f"SELECT {self._DOC_COLS} FROM documents WHERE device = ? ORDER BY ver DESC LIMIT 1",
-                        (device,))
+        row = self._one("SELECT device, ver, token, signed_at, acked_at, attempts, last_error "
+                        "FROM documents WHERE device = ? ORDER BY ver DESC LIMIT 1", (device,))
         return Document(*row) if row else None
 
     def add_document(self, doc: Document) -> None:
@@ -264,7 +267,8 @@ class Store:
             row = self._one("SELECT MAX(ver) FROM documents WHERE device = ?", (doc.device,))
             if row and row[0] is not None and doc.ver <= int(row[0]):
                 raise ValueError(f"consent v{doc.ver} for {doc.device}: not above v{row[0]}")
-            self._exec(f"INSERT INTO documents ({self._DOC_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            self._exec("INSERT INTO documents (device, ver, token, signed_at, acked_at, attempts, last_error)"
+                       " VALUES (?, ?, ?, ?, ?, ?, ?)",
                        (doc.device, doc.ver, doc.token, doc.signed_at, None, 0, None))
 
     def document_pushed(self, device: str, ver: int, *, acked: bool, error: str | None = None) -> None:
@@ -274,7 +278,8 @@ class Store:
 
     def unacked_latest(self) -> list[Document]:
         """Per device, its newest document if the broker has not acknowledged it yet."""
-        rows = self._all(f"SELECT {self._DOC_COLS} FROM documents d WHERE acked_at IS NULL AND ver = "
+        rows = self._all("SELECT device, ver, token, signed_at, acked_at, attempts, last_error "
+                         "FROM documents d WHERE acked_at IS NULL AND ver = "
                          "(SELECT MAX(ver) FROM documents e WHERE e.device = d.device)")
         return [Document(*r) for r in rows]
 

@@ -54,7 +54,8 @@ class LoginThrottle:
         """Seconds until sign-in opens again for these keys (0: open)."""
         now = time.monotonic()
         with self._lock:
-            waits = [q[0] + self.window_s - now for q in (self._recent(k, now) for k in keys) if len(q) >= self.attempts]
+            queues = [self._recent(k, now) for k in keys]
+            waits = [q[0] + self.window_s - now for q in queues if len(q) >= self.attempts]
         return max(waits, default=0.0)
 
     def failed(self, *keys: str) -> None:

@@ -56,7 +56,8 @@ class ServiceDir:
                              code_challenge_method="S256", **kw)
 
 
-def make_service_dir(tmp: Path, pki: TestPKI, broker_port: int, **service: Any) -> ServiceDir:
+def make_service_dir(tmp: Path, pki: TestPKI, broker_port: int, *, database: str = "consent.sqlite",
+                     **service: Any) -> ServiceDir:
     root = tmp / "service"
     root.mkdir()
     keys = root / "keys"
@@ -72,7 +73,7 @@ def make_service_dir(tmp: Path, pki: TestPKI, broker_port: int, **service: Any) 
     config.write_text(f"""[service]
 listen = "127.0.0.1:{port}"
 issuer = "{issuer}"
-database = "consent.sqlite"
+database = "{database}"
 signing_key = "keys/consent-signer.key"
 device_certs = "devices"
 {extra}

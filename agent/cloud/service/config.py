@@ -7,6 +7,7 @@ Raises :class:`~vgw.errors.ConfigError` naming the file and key at fault.
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ class ServiceConfig:
     host: str
     port: int
     issuer: str
-    database: Path
+    database: str  # a SQLite file's path, or a postgresql:// URL
     signing_key: Path
     device_certs: Path
     broker: BrokerSection
@@ -77,6 +78,11 @@ def _address(text: str, where: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ConfigError(f"{where}: listen {text!r} must be HOST:PORT")
     return host.strip("[]"), int(port)
+
+
+def _database(text: str, rel: Callable[[str], Path]) -> str:
+    """A PostgreSQL URL as given; anything else is a SQLite file, relative to the config file."""
+    return text if text.startswith(("postgresql://", "postgres://")) else str(rel(text))
 
 
 def load_service_config(path: str | Path) -> ServiceConfig:
@@ -122,7 +128,7 @@ def load_service_config(path: str | Path) -> ServiceConfig:
         raise ConfigError(f"{bwhere}: topic_prefix {prefix!r} must be a topic level without + or #")
     return ServiceConfig(
         path=path, host=host, port=port, issuer=issuer,
-        database=rel(_str(service, "database", where)),
+        database=_database(_str(service, "database", where), rel),
         signing_key=rel(_str(service, "signing_key", where)),
         device_certs=rel(_str(service, "device_certs", where)),
         ttl_s=_int(service, "ttl_s", where, 86400, 60),

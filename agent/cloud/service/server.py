@@ -32,10 +32,16 @@ log = logging.getLogger("vgw.cloud.service")
 
 
 def open_store(cfg: ServiceConfig) -> Store:
+    """The database of ``database``: a postgresql:// URL (needs psycopg) or a SQLite file."""
+    postgres = cfg.database.startswith(("postgresql://", "postgres://"))
     try:
-        return Store.open_sqlite(cfg.database)
-    except Exception as exc:  # sqlite3.Error, OSError: name the file
-        raise ConfigError(f"{cfg.path}: [service] database {cfg.database}: {exc}") from exc
+        return Store.open_postgres(cfg.database) if postgres else Store.open_sqlite(Path(cfg.database))
+    except ImportError as exc:
+        raise ConfigError(f"{cfg.path}: [service] database: PostgreSQL needs psycopg (pip install 'psycopg[binary]')"
+                          ) from exc
+    except Exception as exc:  # sqlite3.Error, psycopg.Error, OSError: name the database, never its password
+        where = "the PostgreSQL database" if postgres else cfg.database
+        raise ConfigError(f"{cfg.path}: [service] database {where}: {type(exc).__name__}: {exc}") from exc
 
 
 def _read_recipient(path: Path) -> dict[str, str]:

@@ -1,10 +1,11 @@
 """The consent service's database: owners, apps, grants, signed documents, codes, tokens, receipts, history.
 
-One :class:`Store` over a DB-API connection. The SQL is plain (no SQLite-only syntax but ``INSERT OR
-IGNORE``-free upserts written as two statements) with ``?`` placeholders, so a PostgreSQL deployment runs the
-same class over a psycopg connection whose placeholders :meth:`Store._q` rewrites to ``%s``
-(docs/consent-service.md, "PostgreSQL"). Secrets are never stored: client secrets, authorization codes and
-access tokens as SHA-256 digests (they are long random strings), passwords as scrypt hashes.
+One :class:`Store` over a DB-API connection: SQLite (:meth:`Store.open_sqlite`, the default) or PostgreSQL
+(:meth:`Store.open_postgres`, psycopg 3). The SQL is plain (no upserts, no engine-specific functions; types
+both engines read alike: TEXT, BIGINT, FLOAT8) with ``?`` placeholders that :meth:`Store._q` rewrites to
+``%s`` for psycopg (docs/consent-service.md, "PostgreSQL"). Secrets are never stored: client secrets,
+authorization codes and access tokens as SHA-256 digests (they are long random strings), passwords as scrypt
+hashes.
 
 Thread: any. One lock guards the connection (SQLite in WAL mode; a request and the push worker share it).
 """
@@ -28,25 +29,25 @@ __all__ = ["App", "Document", "GrantRow", "Owner", "Store", "digest"]
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS owners (id TEXT PRIMARY KEY, device TEXT NOT NULL, password TEXT NOT NULL,
-    created REAL NOT NULL);
+    created FLOAT8 NOT NULL);
 CREATE TABLE IF NOT EXISTS apps (client_id TEXT PRIMARY KEY, name TEXT NOT NULL, purpose TEXT NOT NULL,
-    redirect_uri TEXT NOT NULL, secret_digest TEXT NOT NULL, recipient TEXT NOT NULL, created REAL NOT NULL);
+    redirect_uri TEXT NOT NULL, secret_digest TEXT NOT NULL, recipient TEXT NOT NULL, created FLOAT8 NOT NULL);
 CREATE TABLE IF NOT EXISTS grants (id TEXT PRIMARY KEY, client_id TEXT NOT NULL, owner TEXT NOT NULL,
-    device TEXT NOT NULL, scopes TEXT NOT NULL, granted_at REAL NOT NULL, withdrawn_at REAL,
-    ver_granted INTEGER, ver_withdrawn INTEGER);
-CREATE TABLE IF NOT EXISTS documents (device TEXT NOT NULL, ver INTEGER NOT NULL, token TEXT NOT NULL,
-    signed_at REAL NOT NULL, acked_at REAL, attempts INTEGER NOT NULL, last_error TEXT,
+    device TEXT NOT NULL, scopes TEXT NOT NULL, granted_at FLOAT8 NOT NULL, withdrawn_at FLOAT8,
+    ver_granted BIGINT, ver_withdrawn BIGINT);
+CREATE TABLE IF NOT EXISTS documents (device TEXT NOT NULL, ver BIGINT NOT NULL, token TEXT NOT NULL,
+    signed_at FLOAT8 NOT NULL, acked_at FLOAT8, attempts INTEGER NOT NULL, last_error TEXT,
     PRIMARY KEY (device, ver));
 CREATE TABLE IF NOT EXISTS codes (digest TEXT PRIMARY KEY, client_id TEXT NOT NULL, redirect_uri TEXT NOT NULL,
     scope TEXT NOT NULL, challenge TEXT NOT NULL, method TEXT NOT NULL, owner TEXT NOT NULL,
-    grant_id TEXT NOT NULL, issued REAL NOT NULL, expires REAL NOT NULL, used INTEGER NOT NULL);
+    grant_id TEXT NOT NULL, issued FLOAT8 NOT NULL, expires FLOAT8 NOT NULL, used INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS tokens (digest TEXT PRIMARY KEY, client_id TEXT NOT NULL, grant_id TEXT NOT NULL,
-    code_digest TEXT NOT NULL, scope TEXT NOT NULL, issued REAL NOT NULL, expires REAL NOT NULL,
+    code_digest TEXT NOT NULL, scope TEXT NOT NULL, issued FLOAT8 NOT NULL, expires FLOAT8 NOT NULL,
     revoked INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS receipts (digest TEXT PRIMARY KEY, device TEXT NOT NULL, typ TEXT NOT NULL,
-    grant_id TEXT, ver INTEGER, claims TEXT NOT NULL, token TEXT NOT NULL, received_at REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS history (seq INTEGER PRIMARY KEY, owner TEXT NOT NULL, device TEXT NOT NULL,
-    client_id TEXT NOT NULL, grant_id TEXT NOT NULL, event TEXT NOT NULL, scopes TEXT NOT NULL, at REAL NOT NULL);
+    grant_id TEXT, ver BIGINT, claims TEXT NOT NULL, token TEXT NOT NULL, received_at FLOAT8 NOT NULL);
+CREATE TABLE IF NOT EXISTS history (seq {serial}, owner TEXT NOT NULL, device TEXT NOT NULL,
+    client_id TEXT NOT NULL, grant_id TEXT NOT NULL, event TEXT NOT NULL, scopes TEXT NOT NULL, at FLOAT8 NOT NULL);
 """
 
 
@@ -117,9 +118,20 @@ class Store:
         store.create_schema()
         return store
 
+    @classmethod
+    def open_postgres(cls, dsn: str) -> Store:
+        """Connect to PostgreSQL (psycopg 3, an optional dependency) at ``dsn`` and create the schema."""
+        import psycopg  # only a PostgreSQL deployment needs it
+
+        store = cls(psycopg.connect(dsn, autocommit=True), paramstyle="format")
+        store.create_schema()
+        return store
+
     def create_schema(self) -> None:
+        # the one column type that differs: an auto-numbered key (SQLite's row id; PostgreSQL's sequence)
+        serial = "BIGSERIAL PRIMARY KEY" if self._format else "INTEGER PRIMARY KEY"
         with self._lock:
-            for stmt in SCHEMA.split(";"):
+            for stmt in SCHEMA.replace("{serial}", serial).split(";"):
                 if stmt.strip():
                     self._conn.execute(stmt)
 

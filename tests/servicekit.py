@@ -49,15 +49,19 @@ class ServiceDir:
     client_secret: str
     app_key: Path  # the app's recipient private key (opens its telemetry)
     trust: Path  # the signing key's public key: what the car trusts
+    verify: str | bool = True  # the CA that verifies the service's HTTPS certificate
 
     def client(self, scope: str = "read_speedometer read_odometer", **kw: Any) -> OAuth2Session:
         """The app's OAuth 2.0 client (Authlib), PKCE S256."""
-        return OAuth2Session(self.client_id, self.client_secret, scope=scope, redirect_uri=self.redirect_uri,
-                             code_challenge_method="S256", **kw)
+        session = OAuth2Session(self.client_id, self.client_secret, scope=scope, redirect_uri=self.redirect_uri,
+                                code_challenge_method="S256", **kw)
+        session.verify = self.verify
+        session.trust_env = False  # REQUESTS_CA_BUNDLE would override verify; loopback needs no proxy
+        return session
 
 
 def make_service_dir(tmp: Path, pki: TestPKI, broker_port: int, *, database: str = "consent.sqlite",
-                     **service: Any) -> ServiceDir:
+                     https: bool = False, **service: Any) -> ServiceDir:
     root = tmp / "service"
     root.mkdir()
     keys = root / "keys"
@@ -67,7 +71,9 @@ def make_service_dir(tmp: Path, pki: TestPKI, broker_port: int, *, database: str
     for device_id, paths in pki.devices.items():
         shutil.copy(paths.cert, devices / f"{device_id}.crt")
     port = free_port()
-    issuer = f"http://127.0.0.1:{port}"
+    issuer = f"{'https' if https else 'http'}://127.0.0.1:{port}"
+    if https:
+        service |= {"tls_cert": str(pki.server.cert), "tls_key": str(pki.server.key)}
     extra = "".join(f"{k} = {json.dumps(v)}\n" for k, v in service.items())
     config = root / "service.toml"
     config.write_text(f"""[service]
@@ -94,7 +100,8 @@ key_file = "{pki.cloud.key}"
                 input=PASSWORD + "\n")
     assert owner.returncode == 0, owner.stderr
     return ServiceDir(root, config, port, issuer, redirect_uri, creds["client_id"], creds["client_secret"],
-                      keys / "recipients" / "insurer.key", keys / "consent-signer.pub.pem")
+                      keys / "recipients" / "insurer.key", keys / "consent-signer.pub.pem",
+                      str(pki.ca.cert) if https else True)
 
 
 @contextmanager
@@ -107,7 +114,8 @@ def service_process(sd: ServiceDir) -> Iterator[subprocess.Popen[str]]:
     try:
         def up() -> bool:
             try:
-                return requests.get(f"{sd.issuer}/.well-known/oauth-authorization-server", timeout=2).ok
+                return requests.get(f"{sd.issuer}/.well-known/oauth-authorization-server", timeout=2,
+                                    verify=sd.verify).ok
             except requests.ConnectionError:
                 assert proc.poll() is None, (sd.root / "serve.log").read_text()
                 return False
@@ -130,6 +138,8 @@ class Owner:
     def __init__(self, sd: ServiceDir) -> None:
         self.sd = sd
         self.http = requests.Session()
+        self.http.verify = sd.verify
+        self.http.trust_env = False  # REQUESTS_CA_BUNDLE would override verify; loopback needs no proxy
 
     def sign_in(self, username: str = OWNER, password: str = PASSWORD) -> requests.Response:
         page = self.http.get(f"{self.sd.issuer}/login", timeout=10)

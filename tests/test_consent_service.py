@@ -273,6 +273,23 @@ def test_session_cookie_is_httponly_and_samesite(service: ServiceDir) -> None:
     assert "Secure" not in cookie  # plain HTTP on loopback here; over HTTPS the cookie is Secure (__Host-)
 
 
+def test_over_https_the_cookie_is_secure_and_host_bound(tmp_path: Path, pki: TestPKI, broker: Mosquitto) -> None:
+    sd = make_service_dir(tmp_path, pki, broker.port, https=True)
+    with service_process(sd):
+        owner = Owner(sd)
+        cookie = owner.sign_in().headers["Set-Cookie"]
+        assert cookie.startswith("__Host-vgw-session=") and "Secure" in cookie and "HttpOnly" in cookie
+        client = sd.client(scope="read_fuel")
+        url, state, verifier = authorize_url(sd, client)
+        token = client.fetch_token(f"{sd.issuer}/token", code_verifier=verifier, state=state,
+                                   authorization_response=owner.decide(url, "allow").headers["Location"])
+        assert token["device"] == DEVICE
+        meta = requests.get(f"{sd.issuer}/.well-known/oauth-authorization-server", verify=sd.verify, timeout=10)
+        assert meta.json()["token_endpoint"].startswith("https://")
+        with pytest.raises(requests.ConnectionError):  # plain HTTP is not served on the HTTPS port
+            requests.get(f"http://127.0.0.1:{sd.port}/", timeout=10)
+
+
 def test_an_unsigned_in_owner_is_sent_to_sign_in_first(service: ServiceDir) -> None:
     url, _state, _v = authorize_url(service, service.client())
     answer = requests.get(url, allow_redirects=False, timeout=10)

@@ -9,12 +9,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from vgw.cloud.service.store import App, Document, GrantRow, Store, digest
+from vgw.cloud.service.store import Owner as OwnerRow
+from vgw.simulators.broker import Mosquitto
+from vgw.simulators.pki import TestPKI
+
 from tests.agentkit import wait_until
 from tests.pgkit import postgres_server
 from tests.servicekit import Owner, authorize_url, make_service_dir, service_process
-from vgw.cloud.service.store import App, Document, GrantRow, Owner as OwnerRow, Store, digest
-from vgw.simulators.broker import Mosquitto
-from vgw.simulators.pki import TestPKI
 
 
 @pytest.fixture(scope="module")

@@ -108,8 +108,9 @@ key_file = "{pki.cloud.key}"
 def service_process(sd: ServiceDir) -> Iterator[subprocess.Popen[str]]:
     """`vgw cloud serve --config` as a child process, answering HTTP when the block starts."""
     log = open(sd.root / "serve.log", "a")
-    proc = subprocess.Popen([sys.executable, "-m", "vgw", "cloud", "serve", "--config", str(sd.config),
-                             "--log-level", "info"], stdout=log, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+    # no --log-level: `vgw cloud serve` logs its progress (INFO) by default, as `vgw run` does
+    proc = subprocess.Popen([sys.executable, "-m", "vgw", "cloud", "serve", "--config", str(sd.config)],
+                            stdout=log, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
     try:
         def up() -> bool:

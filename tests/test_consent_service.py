@@ -371,6 +371,22 @@ def test_cli_refuses_bad_input_with_one_line(tmp_path: Path, pki: TestPKI, broke
 # ---------------------------------------------------------------- the car
 
 
+def test_the_owner_sees_when_the_car_refuses_the_document(tmp_path: Path, pki: TestPKI, broker: Mosquitto) -> None:
+    sd = make_service_dir(tmp_path, pki, broker.port)
+    from vgw.cloud.consent_authority import SigningKey
+
+    stranger = SigningKey.generate().write_public_pem(tmp_path / "another-signer.pub.pem")
+    cfg = write_config(tmp_path, pki, broker.port, stranger,
+                       can={"replay": str(record_trace(tmp_path, 5.0)), "replay_loop": True})
+    with service_process(sd), agent_process(cfg):  # a car that trusts another signer, not this service
+        owner = Owner(sd)
+        assert owner.sign_in().status_code == 303
+        url, _state, _v = authorize_url(sd, sd.client(scope="read_fuel"))
+        assert owner.decide(url, "allow").status_code == 302
+        assert wait_until(lambda: "refused by your car" in owner.home(), 40), owner.home()
+        assert "applied by your car" not in owner.home()
+
+
 def test_the_car_sends_for_an_allowed_grant_and_erases_when_withdrawn(
         tmp_path: Path, pki: TestPKI, broker: Mosquitto) -> None:
     sd = make_service_dir(tmp_path, pki, broker.port)

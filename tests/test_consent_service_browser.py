@@ -130,6 +130,9 @@ def test_owner_signs_in_allows_and_withdraws_in_a_browser(tmp_path: Path, pki: T
             return "signature verified" in browser.page_source
 
         assert wait_until(receipt_shown, 40, 0.5), browser.page_source
+        # and the car's own word on the newest document: applied (its signed consent-applied receipt)
+        assert wait_until(lambda: (browser.get(f"{sd.issuer}/"), "applied by your car" in browser.page_source)[1],
+                          20, 0.5), browser.page_source
         erased = [r for r in app_side.receipts(DEVICE, "erasure") if r.claims.get("grant") == gid]
         assert erased, "the car's erasure receipt reached the app side too"
         _screenshot(browser, tmp_path / "owner-page.png")

@@ -151,10 +151,14 @@ class ConsentDesk:
             log.warning("receipt queue full: a receipt was dropped (the car re-sends on its next connect)")
 
     def _run(self) -> None:
-        next_retry = 0.0
+        next_retry = next_connect = 0.0
+        delay = 1.0
         while not self._stop.is_set():
-            if self._link is None:
+            if self._link is None and time.monotonic() >= next_connect:
                 self._connect()
+                # back off while the broker stays away (1 s doubling to 30 s); paho reconnects a made link itself
+                delay = 1.0 if self._link is not None else min(delay * 2, 30.0)
+                next_connect = time.monotonic() + delay
             try:
                 topic, payload = self._receipts.get(timeout=0.2)
             except queue.Empty:

@@ -87,7 +87,9 @@ sends you a signed receipt that it did.</li></ul>
 _OWNER = """<h1>Apps with access to your car</h1>
 <p class="muted">Car <code>{{ device }}</code>.
 {% if doc %}Consent document signed {{ when(doc.signed_at) }} (version {{ doc.ver }}):
-{% if doc.acked_at %}<span class="ok">delivered to the broker</span>; your car applies it when it is online.
+{% if applied %}<span class="ok">applied by your car</span> {{ when(applied.iat) }} (its signed receipt verified).
+{% elif rejected %}<span class="bad">refused by your car</span>: {{ rejected.reason }}.
+{% elif doc.acked_at %}<span class="ok">delivered to the broker</span>; your car applies it when it is online.
 {% else %}<span class="pending">pending</span>: the broker has not acknowledged it yet; the service keeps trying.
 {% endif %}{% else %}No consent document yet.{% endif %}</p>
 {% for item in active %}<div class="card"><h2>{{ item.app_name }}</h2>

@@ -274,8 +274,12 @@ def create_app(cfg: ServiceConfig, store: Store, desk: ConsentDesk) -> Flask:
                 withdrawn.append(item)
         history = [{**h, "app_name": app_of(h["client_id"])[0], "labels": pages.labels(h["scopes"]),
                     "event": h["event"].capitalize()} for h in store.history(device)]
+        doc = store.latest_document(device)
+        # what the car itself said about the newest document (README "Receipts"): applied, or refused and why
+        said = {typ: next((r for r in store.receipts(device, typ) if doc and r.get("ver") == doc.ver), None)
+                for typ in ("consent-applied", "consent-rejected")}
         return html(pages.owner_page(csrf(), who, device, active=active, withdrawn=withdrawn, history=history,
-                                     doc=store.latest_document(device)))
+                                     doc=doc, applied=said["consent-applied"], rejected=said["consent-rejected"]))
 
     return app
 

@@ -122,6 +122,8 @@ def service_process(sd: ServiceDir) -> Iterator[subprocess.Popen[str]]:
                 return False
         assert wait_until(up, 30, 0.1), (sd.root / "serve.log").read_text()
         yield proc
+        proc.terminate()  # SIGTERM: a clean stop, exit 0
+        assert proc.wait(20) == 0, (sd.root / "serve.log").read_text()
     finally:
         stop_process(proc, 15)
         log.close()

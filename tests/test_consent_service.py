@@ -229,6 +229,15 @@ def test_pkce_s256_is_required(service: ServiceDir, owner: Owner, change: str) -
     assert answer.status_code == 302 and _query(answer.headers["Location"])["error"] == "invalid_request"
 
 
+def test_the_implicit_grant_is_refused(service: ServiceDir, owner: Owner) -> None:
+    # RFC 9700 §2.1.2: no access token in a redirect URI
+    url, _state, _v = authorize_url(service, service.client(), response_type="token")
+    answer = owner.open(url)
+    assert answer.status_code == 302
+    q = _query(answer.headers["Location"])
+    assert q["error"] == "unsupported_response_type" and "access_token" not in answer.headers["Location"]
+
+
 def test_an_unknown_client_is_refused_without_a_redirect(service: ServiceDir, owner: Owner) -> None:
     from authlib.integrations.requests_client import OAuth2Session
 

@@ -36,6 +36,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "operations": ("vgw.stateview", "vgw.doctor", "vgw.install", "vgw.report", "vgw.report_owner", "vgw.provisioning",
                    "vgw.monitor"),
     "cloud": ("vgw.cloud",),
+    "service": ("vgw.cloud.service",),
     "simulators": ("vgw.simulators",),
     "tools": ("vgw.tools",),
     "cli": ("vgw.cli", "vgw.__main__"),
@@ -51,6 +52,7 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
     "daemon": frozenset({"base", "core", "storage", "sources", "uplink", "daemon"}),
     "operations": frozenset({"base", "core", "storage", "sources", "uplink", "daemon", "operations"}),
     "cloud": frozenset({"base", "core", "cloud"}),
+    "service": frozenset({"base", "core", "cloud", "service"}),
     # The simulators play traces with the agent's own trace reader (both skip the same damaged lines).
     "simulators": frozenset({"base", "core", "sources", "cloud", "simulators"}),
     "tools": frozenset(set(LAYERS) - {"cli"}),

@@ -17,7 +17,7 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from vgw.collect.rules import RuleError, parse_rules
-from vgw.consent.model import KEM_PK_LENGTH, Consent, Grant, Limits, Recipient
+from vgw.consent.model import KEM_PK_LENGTH, Consent, Grant, Limits, Recipient, limited_scopes
 from vgw.errors import (
     AlgorithmError,
     BadClaimError,
@@ -251,7 +251,7 @@ def _grants(raw: Any, ver: int) -> tuple[Grant, ...]:
         recipient = _recipient(g.get("recipient"), ver, gid)
         # Collection rules (README "Collection rules"): one bad rule rejects the whole document, like any other rule.
         try:
-            collect = parse_rules(g.get("collect"), scopes)
+            collect = parse_rules(g.get("collect"), scopes, limited_scopes(scopes, limits))
         except RuleError as exc:
             raise BadRuleError(f"consent v{ver} rejected: grant {gid!r} {exc}", exc.reason, version=ver) from None
         grants.append(Grant(id=gid, controller=controller, purpose=purpose, scopes=scopes, recipient=recipient,

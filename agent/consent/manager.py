@@ -329,6 +329,11 @@ class ConsentManager:
 
     # -- erasure ------------------------------------------------------------------------------------
 
+    def erase(self, grant_id: str, *, reason: str, ver: int | None = None) -> Erasure:
+        """Erase a grant for ``reason`` (e.g. ``uninstall``) exactly as a revocation does: the outbox's one erasure
+        routine, the audit entries, and the signed receipt built from what it found (or a pending erasure)."""
+        return self._erase(grant_id, reason=reason, ver=ver)
+
     def _erase(self, grant_id: str, *, reason: str, ver: int | None = None, done: Erasure | None = None) -> Erasure:
         if ver is None:
             ver = self.in_force.ver if self.in_force else 0

@@ -561,13 +561,9 @@ class Outbox(Erasing, Receipts, Counters):
     # -- retention and quota ------------------------------------------------------------------------
 
     def delete_older_than(self, grant_id: str, created_before: float) -> int:
-        """Delete the grant's rows created before ``created_before``; returns how many were still unsent (rows kept
-        after their PUBACK for the replay window go too, but were sent)."""
-        with self._tx() as db:
-            n = db.execute("DELETE FROM batches WHERE grant_id = ? AND created < ? AND acked IS NULL",
-                           (grant_id, created_before)).rowcount
-            db.execute("DELETE FROM batches WHERE grant_id = ? AND created < ?", (grant_id, created_before))
-        return int(n)
+        """Retention: :meth:`erase` the grant's rows created before ``created_before``; returns how many were still
+        unsent (rows kept after their PUBACK for the replay window go too, but were sent)."""
+        return self.erase(grant_id, older_than=created_before, wait_s=0.0).batches_deleted
 
 
 

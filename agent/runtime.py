@@ -132,6 +132,9 @@ class Agent:
         self.guard = PipelineGuard(catalogue=self.catalogue, obd=cfg.obd is not None, writer=self.writer,
                                    batch=cfg.batch)
         self.pipeline = self.guard.pipeline
+        # Limits hold across restarts: when each path last sent under a max_hz limit (README "Limits hold across
+        # updates").
+        self.pipeline.seed_marks(self.outbox.rate_marks())
         self._lock = self.guard.lock
         self.collector: Collector | None = None
         if cfg.can is not None:

@@ -82,6 +82,7 @@ class NewBatch:
     samples: int
     scopes: dict[str, int] | None = None
     terms: str | None = None
+    marks: dict[str, tuple[float, float]] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,7 +316,7 @@ class Outbox(Erasing, Receipts, Counters):
                 db.execute("SAVEPOINT one_batch")
                 try:
                     results.append(self._commit_in(db, b.grant_id, b.make_payload, b.first_t, b.samples,
-                                                   quota_bytes, b.scopes, b.terms))
+                                                   quota_bytes, b.scopes, b.terms, b.marks))
                 except sqlite3.DatabaseError:
                     raise  # the disk, not this batch: the whole group fails (OutboxUnwritable)
                 except Exception as exc:
@@ -326,7 +327,7 @@ class Outbox(Erasing, Receipts, Counters):
 
     def _commit_in(self, db: sqlite3.Connection, grant_id: str, make_payload: Callable[[int], bytes],
                    first_t: float, samples: int, quota_bytes: int | None, scopes: dict[str, int] | None,
-                   terms: str | None) -> Committed:
+                   terms: str | None, marks: dict[str, tuple[float, float]] | None = None) -> Committed:
         active = db.execute("SELECT terms FROM active_grants WHERE id = ?", (grant_id,)).fetchone()
         if active is None:
             raise GrantNotActive(f"grant {grant_id!r} is not active; batch discarded")
@@ -348,10 +349,25 @@ class Outbox(Erasing, Receipts, Counters):
             "ON CONFLICT(grant_id) DO UPDATE SET next_seq = excluded.next_seq",
             (grant_id, seq + 1),
         )
+        if marks:
+            # With the batch, in its transaction: a stored sample's mark is never lost to a restart, and a batch
+            # that was not stored leaves no mark (README "Limits hold across updates").
+            db.executemany("INSERT INTO rate_marks (grant_id, path, t, min_interval) VALUES (?, ?, ?, ?) "
+                           "ON CONFLICT(grant_id, path) DO UPDATE SET t = excluded.t, "
+                           "min_interval = excluded.min_interval",
+                           [(grant_id, p, t, iv) for p, (t, iv) in sorted(marks.items())])
         dropped: dict[str, int] = {}
         if quota_bytes is not None:
             dropped = self._fit_quota(db, grant_id, int(cur.lastrowid or 0), quota_bytes)
         return Committed(seq, len(blob), dropped)
+
+    def rate_marks(self) -> dict[str, dict[str, tuple[float, float]]]:
+        """Per grant and path, the frame time of the last stored sample a max_hz limit judged, and its interval."""
+        out: dict[str, dict[str, tuple[float, float]]] = {}
+        with self._lock:
+            for gid, path, t, iv in self._db.execute("SELECT grant_id, path, t, min_interval FROM rate_marks"):
+                out.setdefault(str(gid), {})[str(path)] = (float(t), float(iv))
+        return out
 
     def _fit_quota(self, db: sqlite3.Connection, grant_id: str, new_row: int, quota: int) -> dict[str, int]:
         total = int(db.execute("SELECT COALESCE(SUM(LENGTH(blob)), 0) FROM batches").fetchone()[0])

@@ -1,0 +1,112 @@
+"""A car driven through a consent history, and the cloud that receives what it sends (tests only).
+
+:class:`Car` is one device's state directory with the agent's own parts over it: the consent manager (real
+signed documents, real erasures and receipts), the pipeline guard and batch writer (the real routing, rules,
+limits, HPKE seal and encrypted outbox). ``restart()`` stores what is open, closes everything and opens it again
+as a new ``vgw run`` would. :class:`Cloud` takes what the outbox would publish, opens each envelope with the
+app's key, de-duplicates on (grant, epoch, seq) and acknowledges it (``mark_sent``), as the broker's PUBACK does.
+No MQTT here: the uplink's own tests cover the wire; these histories need hundreds of documents per second.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vgw.catalogue import Catalogue, load_catalogue
+from vgw.cloud.envelopes import open_envelope
+from vgw.config import BatchConfig
+from vgw.counters import Counters
+from vgw.daemon.guard import PipelineGuard
+from vgw.simulators.pki import TestPKI
+from vgw.writer import BatchWriter
+
+from tests.consentkit import Authority, State
+
+ROOT = Path(__file__).resolve().parents[1]
+_CATALOGUE: list[Catalogue] = []
+
+
+def catalogue() -> Catalogue:
+    if not _CATALOGUE:
+        _CATALOGUE.append(load_catalogue([ROOT / "dbc" / "vehicle.dbc"], ROOT / "dbc" / "signals.toml"))
+    return _CATALOGUE[0]
+
+
+class Car:
+    """One device: its state directory, consent manager, pipeline and writer. Not thread-safe (one test)."""
+
+    def __init__(self, root: Path, pki: TestPKI, auth: Authority, device: str = "dev-0001") -> None:
+        self.state = State(root, pki, auth, device)
+        self.device = device
+        self._parts()
+        self.state.manager.load_cached()
+
+    def _parts(self) -> None:
+        self.writer = BatchWriter(device=self.device, outbox=self.state.outbox, counters=Counters(()),
+                                  quota_bytes=1 << 30, audit=lambda *_a, **_k: None, on_stored=lambda: None)
+        self.guard = PipelineGuard(catalogue=catalogue(), obd=False, writer=self.writer,
+                                   batch=BatchConfig(max_samples=10_000, max_interval_s=3600))
+        self.guard.pipeline.seed_marks(self.state.outbox.rate_marks())
+        m = self.state.manager
+
+        def on_revoke(ids: frozenset[str]) -> None:
+            self.guard.revoke(ids, tuple(g for g in m.active_grants() if g.id not in ids))
+
+        m.on_revoke = on_revoke
+        m.on_change = lambda: self.guard.set_grants(m.active_grants())
+
+    def apply(self, token: str) -> str:
+        """Apply a document as if it came from the broker; what was collected before it is stored first (the
+        agent stores every 0.2 s, so a document finds at most that much in memory)."""
+        self.flush()
+        return self.state.manager.apply(token, source="mqtt").status
+
+    def feed(self, samples: list[tuple[str, str, float, Any]]) -> None:
+        """Samples (path, scope, frame time, value), routed through the consent policy as a source's are."""
+        self.guard.offer_samples(samples)
+
+    def flush(self) -> None:
+        self.guard.flush_all()
+
+    def restart(self) -> None:
+        """What a stop and a start of `vgw run` does: open batches stored, everything closed and opened again."""
+        self.flush()
+        self.state.reopen(load=False)
+        self._parts()
+        self.state.manager.load_cached()
+        self.guard.set_grants(self.state.manager.active_grants())
+
+    def close(self) -> None:
+        self.state.close()
+
+
+@dataclass
+class Cloud:
+    """What the apps received: per grant, the de-duplicated samples, each with the batch it came in."""
+
+    auth: Authority
+    device: str = "dev-0001"
+    samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    batches: dict[str, int] = field(default_factory=dict)
+    acked_at: list[tuple[str, float, int]] = field(default_factory=list)  # (grant, wall time, samples)
+    _seen: set[tuple[str, str, int]] = field(default_factory=set)
+
+    def drain(self, car: Car) -> int:
+        """Take every batch the outbox would publish now, open it, acknowledge it. Returns how many."""
+        outbox = car.state.outbox
+        n = 0
+        while rows := outbox.pending(100):
+            for row in rows:
+                doc = open_envelope(row.payload, self.auth.recipient(row.grant_id), self.device, row.grant_id)
+                key = (row.grant_id, str(doc.get("epoch", "")), int(doc["seq"]))
+                if key not in self._seen:
+                    self._seen.add(key)
+                    self.samples.setdefault(row.grant_id, []).extend(doc["samples"])
+                    self.batches[row.grant_id] = self.batches.get(row.grant_id, 0) + 1
+                    self.acked_at.append((row.grant_id, time.time(), len(doc["samples"])))
+                outbox.mark_sent(row)
+                n += 1
+        return n

@@ -1,0 +1,100 @@
+"""A limit that stays or tightens holds across consent updates and agent restarts; a looser one starts afresh.
+
+Seen: with ``read_speedometer`` limited to ``max_hz = 0.5`` ("at most one reading every 2 s"), 18 documents 0.7 s
+apart that add or remove ``read_thermometer`` and keep the speed limit let 20 speed samples through in 13 s,
+18 gaps under 2 s: every new document reset the limit. The time each path last kept a sample is now carried
+to the next document with the same or a stricter limit, and kept on disk with the batch for the next start.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from vgw.simulators.pki import TestPKI
+
+from tests.consentkit import Authority
+from tests.historykit import Car, Cloud
+
+DEVICE = "dev-0001"
+SPEED = ("Vehicle.Speed", "read_speedometer")
+TEMP = ("Vehicle.Exterior.AirTemperature", "read_thermometer")
+
+
+def _gaps(cloud: Cloud, gid: str, path: str) -> list[float]:
+    ts = sorted(s["t"] for s in cloud.samples.get(gid, []) if s["path"] == path)
+    return [round(b - a, 3) for a, b in zip(ts, ts[1:], strict=False)]
+
+
+def _doc(auth: Authority, ver: int, scopes: list[str], hz: float | None = 0.5) -> str:
+    limits = {"read_speedometer": {"max_hz": hz}} if hz else {}
+    return auth.doc(DEVICE, ver, [auth.grant("g-fleet", scopes, limits=limits)], iat=int(time.time()) - 10)
+
+
+def _drive(car: Car, t0: float, seconds: float, step: float = 0.1) -> float:
+    n = round(seconds / step)
+    car.feed([(p, s, t0 + i * step, 50.0 + i) for i in range(n) for p, s in (SPEED, TEMP)])
+    return t0 + n * step
+
+
+def test_limit_holds_across_updates_that_keep_it(tmp_path: Path, pki: TestPKI) -> None:
+    auth = Authority(tmp_path)
+    cloud = Cloud(auth)
+    car = Car(tmp_path, pki, auth)
+    try:
+        t = 1_795_920_000.0
+        assert car.apply(_doc(auth, 1, ["read_speedometer"])) == "applied"
+        for ver in range(2, 20):  # 18 documents 0.7 s apart, adding or removing the thermometer
+            t = _drive(car, t, 0.7)
+            scopes = ["read_speedometer", "read_thermometer"] if ver % 2 else ["read_speedometer"]
+            assert car.apply(_doc(auth, ver, scopes)) == "applied"
+        t = _drive(car, t, 0.7)
+        car.flush()
+        cloud.drain(car)
+        gaps = _gaps(cloud, "g-fleet", "Vehicle.Speed")
+        assert gaps and min(gaps) >= 2.0 - 1e-6, gaps
+    finally:
+        car.close()
+
+
+def test_limit_holds_across_a_restart_and_a_stricter_document(tmp_path: Path, pki: TestPKI) -> None:
+    auth = Authority(tmp_path)
+    cloud = Cloud(auth)
+    car = Car(tmp_path, pki, auth)
+    try:
+        t = 1_795_920_000.0
+        assert car.apply(_doc(auth, 1, ["read_speedometer"])) == "applied"
+        t = _drive(car, t, 3.0)
+        car.restart()  # the mark of the last kept speed sample comes back from the disk
+        t = _drive(car, t, 1.5)
+        assert car.apply(_doc(auth, 2, ["read_speedometer", "read_thermometer"], hz=0.25)) == "applied"  # stricter
+        t = _drive(car, t, 9.0)
+        car.restart()
+        t = _drive(car, t, 3.0)
+        car.flush()
+        cloud.drain(car)
+        ts = sorted(s["t"] for s in cloud.samples["g-fleet"] if s["path"] == "Vehicle.Speed")
+        gaps = _gaps(cloud, "g-fleet", "Vehicle.Speed")
+        assert min(gaps) >= 2.0 - 1e-6, gaps
+        stricter = [b - a for a, b in zip(ts, ts[1:], strict=False) if b >= 1_795_920_000.0 + 4.5]
+        assert stricter and min(stricter) >= 4.0 - 1e-6, (ts, stricter)
+    finally:
+        car.close()
+
+
+def test_a_looser_limit_starts_afresh(tmp_path: Path, pki: TestPKI) -> None:
+    auth = Authority(tmp_path)
+    cloud = Cloud(auth)
+    car = Car(tmp_path, pki, auth)
+    try:
+        t = 1_795_920_000.0
+        assert car.apply(_doc(auth, 1, ["read_speedometer"], hz=0.1)) == "applied"  # one every 10 s
+        t = _drive(car, t, 1.0)
+        assert car.apply(_doc(auth, 2, ["read_speedometer"], hz=1.0)) == "applied"  # looser: one a second
+        _drive(car, t, 1.05)
+        car.flush()
+        cloud.drain(car)
+        ts = sorted(s["t"] for s in cloud.samples["g-fleet"] if s["path"] == "Vehicle.Speed")
+        assert ts[0] == 1_795_920_000.0 and ts[1] == t  # the first sample under the new terms is not held back
+    finally:
+        car.close()

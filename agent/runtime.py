@@ -278,6 +278,7 @@ class Agent:
             self._obd.join(5.0)
         self.guard.flush_all()
         self.writer.close()
+        self.supervisor.guarded(self.supervisor.store_rule_counts)
         self.supervisor.audit_quota_drops(force=True)
         self.supervisor.guarded(self.manager.flush_rejections, force=True)
         if self.uplink.state == "connected":

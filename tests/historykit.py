@@ -70,6 +70,7 @@ class Car:
 
     def flush(self) -> None:
         self.guard.flush_all()
+        self.state.outbox.count_many(self.guard.take_rule_counts())  # as the agent's main loop does
 
     def restart(self) -> None:
         """What a stop and a start of `vgw run` does: open batches stored, everything closed and opened again."""
@@ -78,6 +79,20 @@ class Car:
         self._parts()
         self.state.manager.load_cached()
         self.guard.set_grants(self.state.manager.active_grants())
+
+    def report(self, generated: float | None = None) -> dict[str, Any]:
+        """`vgw report --json` of this state directory, read as the command reads it (files only)."""
+        from vgw.outbox import OUTBOX_FILE, read_figures
+        from vgw.report import ConsentView, build_report
+
+        figures = read_figures(self.state.dir / OUTBOX_FILE)
+        m = self.state.manager
+        view = None
+        if m.in_force is not None:
+            view = ConsentView(ver=m.in_force.ver, exp=m.in_force.exp, expired=m.expired,
+                               grants=tuple(m.in_force.summary()["grants"]))  # type: ignore[arg-type]
+        return build_report(device=self.device, entries=self.state.audit.entries(), counters=figures.counters,
+                            outbox=figures.stats, consent=view, generated=generated, sent_log=figures.sent_log)
 
     def close(self) -> None:
         self.state.close()

@@ -148,7 +148,8 @@ class ConsentManager:
         active = {g.id for g in grants}
         # Rows stamped with other terms than those in force (stored by an earlier version, or a crash between
         # a narrowing and the cache write) are judged now, before the uplink can publish anything.
-        for withdrawal in self.outbox.apply_terms(_terms(grants, previous=())):
+        for withdrawal in self.outbox.apply_terms(_terms(grants, previous=()),
+                                                  ver=self.in_force.ver if self.in_force else None):
             self._withdrawn(withdrawal, ver=self.in_force.ver if self.in_force else 0)
         orphans = self.outbox.orphan_grants(active)
         for gid in sorted(orphans):
@@ -213,7 +214,7 @@ class ConsentManager:
         #    is refused when it is committed.
         if revoked and self.on_revoke is not None:
             self.on_revoke(revoked)
-        narrowed = self.outbox.apply_terms(_terms(consent.grants, previous=self.active_grants()))
+        narrowed = self.outbox.apply_terms(_terms(consent.grants, previous=self.active_grants()), ver=consent.ver)
         # 2. Wipe what was revoked on disk (key first, then rows) before anything else can fail.
         wiped = {gid: self.outbox.erase_grant(gid) for gid in sorted(revoked)}
         if skipped_revoked:  # erasure deactivated them; this version grants them anew, under its own terms

@@ -39,6 +39,8 @@ class PipelineGuard:
         self.batch = batch
         self.source: Any = None
         self._recipients: dict[str, Any] = {}
+        # What take_rule_counts last handed out, per grant: (its batch object's id, {scope: (decoded, kept)}).
+        self._rule_counted: dict[str, tuple[int, dict[str, tuple[int, int]]]] = {}
         # Which scope each path belongs to: counted per batch for the privacy report (counts, never values).
         self._scope_of: dict[str, str] = catalogue.scope_of_path() if catalogue else {}
         if obd:
@@ -105,6 +107,28 @@ class PipelineGuard:
         """Flush every open batch (shutdown)."""
         with self.lock:
             self.flush(self.pipeline.due(1, 0, force=True))
+
+    def take_rule_counts(self) -> dict[str, int]:
+        """What the grants' collection rules decoded and let through since the last call, as outbox counters
+        ``rules_decoded:<g>:<scope>`` and ``rules_kept:<g>:<scope>``: the privacy report's figures then survive a
+        restart of the agent (the main loop stores them with the status, and at shutdown)."""
+        out: dict[str, int] = {}
+        with self.lock:
+            for gid, batch in self.pipeline.batches.items():
+                if batch.rules is None and not batch.rule_counts:
+                    continue
+                seen_id, seen = self._rule_counted.get(gid, (0, {}))
+                if seen_id != id(batch):
+                    seen = {}  # a new batch (granted again): its counts start at zero
+                now = {scope: (c[0], c[1]) for scope, c in batch.rule_counts.items()}
+                for scope, (decoded, kept) in now.items():
+                    before = seen.get(scope, (0, 0))
+                    if decoded > before[0]:
+                        out[f"rules_decoded:{gid}:{scope}"] = decoded - before[0]
+                    if kept > before[1]:
+                        out[f"rules_kept:{gid}:{scope}"] = kept - before[1]
+                self._rule_counted[gid] = (id(batch), now)
+        return out
 
     # -- OBD-II (the poller's thread) -----------------------------------------------------------------
 

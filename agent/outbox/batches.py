@@ -133,7 +133,8 @@ class Outbox(Erasing, Receipts, Counters):
                        keep)
             db.executemany("INSERT OR IGNORE INTO active_grants (id) VALUES (?)", [(g,) for g in keep])
 
-    def apply_terms(self, grants: dict[str, GrantTerms], *, now: float | None = None) -> list[Withdrawal]:
+    def apply_terms(self, grants: dict[str, GrantTerms], *, now: float | None = None, ver: int | None = None
+                    ) -> list[Withdrawal]:
         """Make ``grants`` the grants in force, with their terms, and delete what they withdraw (README "Narrowing
         applies to stored data").
 
@@ -145,13 +146,17 @@ class Outbox(Erasing, Receipts, Counters):
         neither ``since`` nor legacy is deleted (fail closed). Rows kept are stamped ``digest``. When a grant
         narrowed, its data key is replaced and the kept rows sealed anew, so the deleted rows' key is gone.
         Grants absent from ``grants`` stop storing (their erasure is :meth:`erase_grant`).
-        Returns one :class:`Withdrawal` per grant that narrowed or lost rows.
+        Returns one :class:`Withdrawal` per grant that narrowed or lost rows. ``ver``: the consent version these
+        terms come from; what the broker acknowledges from now on is logged under it (:meth:`mark_sent`).
         """
         now = time.time() if now is None else now
         out: list[Withdrawal] = []
         searched = {g: len(n) for g, n in self._needles.items()}
         with self._lock, self._forget_needles_on_rollback(searched), self._tx() as db:
             ids = sorted(grants)
+            if ver is not None:
+                db.execute("INSERT INTO meta (key, value) VALUES ('ver', ?) ON CONFLICT(key) DO UPDATE "
+                           "SET value = excluded.value", (str(ver),))
             db.execute(f"DELETE FROM active_grants WHERE id NOT IN ({','.join('?' * len(ids))})",  # noqa: S608
                        ids)
             db.executemany("INSERT INTO active_grants (id, terms) VALUES (?, ?) "
@@ -493,13 +498,18 @@ class Outbox(Erasing, Receipts, Counters):
         ``sent_batches:<g>`` += 1, ``sent_samples:<g>`` += row.samples, ``first_sent:<g>`` = MIN(t),
         ``last_sent:<g>`` = MAX(t) with t = ``when`` (Unix seconds, default now). If the row is gone already
         (erased or dropped while its PUBACK was on the way) it still counts: it did reach the broker.
+        The same goes to ``sent_log`` per grant (scope ''), per scope and per consent version in force (set by
+        :meth:`apply_terms`), with the first and last acknowledgement in ms: the privacy report's periods.
         """
         self.mark_sent_many([row], when, keep=keep)
 
     def mark_sent_many(self, rows: Sequence[Row], when: float | None = None, *, keep: bool = False) -> None:
         """:meth:`mark_sent` for several acknowledged rows in one transaction (one fsync for all of them)."""
-        t = int(when if when is not None else time.time())
+        at = when if when is not None else time.time()
+        t, t_ms = int(at), int(at * 1000)
         with self._tx() as db:
+            got = db.execute("SELECT value FROM meta WHERE key = 'ver'").fetchone()
+            ver = int(got[0]) if got is not None and str(got[0]).isdigit() else 0
             for row in rows:
                 g = row.grant_id
                 self._attempted.discard(row.id)
@@ -513,8 +523,15 @@ class Outbox(Erasing, Receipts, Counters):
                     per_scope = json.loads(row.scopes)
                 except ValueError:
                     per_scope = {}
+                log_rows = [(g, "", ver, row.samples, 1, t_ms, t_ms)]
                 for scope, n in sorted(per_scope.items()):
                     self._count_locked(f"sent_samples:{g}:{scope}", int(n))
+                    log_rows.append((g, str(scope), ver, int(n), 1, t_ms, t_ms))
+                db.executemany(
+                    "INSERT INTO sent_log (grant_id, scope, ver, samples, batches, first_ms, last_ms) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(grant_id, scope, ver) DO UPDATE SET "
+                    "samples = samples + excluded.samples, batches = batches + 1, "
+                    "first_ms = MIN(first_ms, excluded.first_ms), last_ms = MAX(last_ms, excluded.last_ms)", log_rows)
             for g in sorted({row.grant_id for row in rows}):
                 db.execute("INSERT INTO counters (name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE "
                            "SET value = MIN(value, excluded.value)", (f"first_sent:{g}", t))

@@ -1,0 +1,127 @@
+"""The owner's report is computed from the consent history (CONTRACT-level JSON: ``report_version`` 2).
+
+Seen, after g-fleet {odometer, fuel, tires, location} had the thermometer added and then narrowed away, and
+g-insurer was granted, withdrawn, granted again and withdrawn again:
+- the outside temperature sent to Fleet vanished from the HTML and the JSON (the header's total then did not add
+  up to the table);
+- Insurer's timeline drew one "sent" bar through the withdrawal, as if data flowed while it was withdrawn;
+- "Given 06:39 ... First sent 06:33"; the thermometer row showed permission from the grant's start.
+Here a real car (tests/historykit.py) goes through that history; the report must hold each period as it was.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from vgw.report import render_html, render_text
+from vgw.simulators.pki import TestPKI
+
+from tests.consentkit import Authority
+from tests.historykit import Car, Cloud
+
+DEVICE = "dev-0001"
+FLEET = ["read_odometer", "read_fuel", "read_tires", "read_location"]
+PATHS = {"read_odometer": "Vehicle.TraveledDistance", "read_fuel": "Vehicle.Powertrain.FuelSystem.RelativeLevel",
+         "read_thermometer": "Vehicle.Exterior.AirTemperature", "read_speedometer": "Vehicle.Speed"}
+
+
+class Drive:
+    def __init__(self, tmp_path: Path, pki: TestPKI) -> None:
+        self.auth = Authority(tmp_path)
+        self.car = Car(tmp_path, pki, self.auth)
+        self.cloud = Cloud(self.auth)
+        self.t = 1_795_920_000.0
+        self.ver = 0
+        self.changes: list[tuple[float, float]] = []  # wall time just before and just after each document
+
+    def doc(self, fleet: list[str] | None, insurer: bool) -> None:
+        grants = []
+        if fleet is not None:
+            grants.append(self.auth.grant("g-fleet", fleet, controller="com.example.fleet"))
+        if insurer:
+            grants.append(self.auth.grant("g-insurer", ["read_speedometer"], controller="com.example.insurer"))
+        self.ver += 1
+        token = self.auth.doc(DEVICE, self.ver, grants, iat=int(time.time()) - 10)
+        self.car.flush()
+        self.cloud.drain(self.car)
+        before = time.time()
+        assert self.car.apply(token) == "applied"
+        self.changes.append((before, time.time()))
+
+    def drive(self, steps: int = 5) -> None:
+        for _ in range(steps):
+            self.t += 0.5
+            self.car.feed([(path, scope, self.t, 20.0) for scope, path in PATHS.items()])
+            self.car.flush()
+            self.cloud.drain(self.car)
+            time.sleep(0.01)  # acknowledgements spread over time, as a broker's would
+
+
+def _grant(report: dict[str, Any], gid: str) -> dict[str, Any]:
+    [g] = [g for g in report["grants"] if g["id"] == gid]
+    return g
+
+
+def _seen_history(tmp_path: Path, pki: TestPKI) -> tuple[Drive, dict[str, Any]]:
+    d = Drive(tmp_path, pki)
+    d.doc(FLEET, insurer=True)  # 1: both granted
+    d.drive()
+    d.doc(FLEET + ["read_thermometer"], insurer=True)  # 2: thermometer added to fleet
+    d.drive()
+    d.doc(FLEET + ["read_thermometer"], insurer=False)  # 3: insurer withdrawn
+    d.drive()
+    d.doc(FLEET, insurer=True)  # 4: thermometer narrowed away; insurer granted again
+    d.drive()
+    d.doc(FLEET, insurer=False)  # 5: insurer withdrawn again
+    d.drive()
+    return d, d.car.report()
+
+
+def test_report_periods_follow_the_history(tmp_path: Path, pki: TestPKI) -> None:
+    d, r = _seen_history(tmp_path, pki)
+    try:
+        assert r["report_version"] == 2 and r["device"] == DEVICE
+        fleet, ins = _grant(r, "g-fleet"), _grant(r, "g-insurer")
+        # What left the car: every scope that ever sent, the narrowed-away thermometer included; counts add up.
+        got = {sc["scope"]: sc["samples_sent"] for sc in fleet["scopes"]}
+        received = {s: sum(1 for x in d.cloud.samples["g-fleet"] if x["path"] == p) for s, p in PATHS.items()}
+        assert got["read_thermometer"] == received["read_thermometer"] > 0
+        assert sum(v or 0 for v in got.values()) == fleet["sent"]["samples"] == len(d.cloud.samples["g-fleet"])
+        # The thermometer was in force from document 2 to document 4, not from the grant's start.
+        [thermo] = [sc for sc in fleet["scopes"] if sc["scope"] == "read_thermometer"]
+        [tp] = thermo["periods"]
+        assert d.changes[1][0] <= tp["from"] <= d.changes[1][1] and d.changes[3][0] <= tp["to"] <= d.changes[3][1]
+        assert tp["samples_sent"] == received["read_thermometer"]
+        assert len(fleet["periods"]) == 1 and fleet["periods"][0]["to"] is None
+        # The insurer: two periods, each with what the app received in it, sent only inside it.
+        p1, p2 = ins["periods"]
+        assert d.changes[0][0] <= p1["from"] <= d.changes[0][1] and d.changes[2][0] <= p1["to"] <= d.changes[2][1]
+        assert d.changes[3][0] <= p2["from"] <= d.changes[3][1] and d.changes[4][0] <= p2["to"] <= d.changes[4][1]
+        acks = [(t, n) for g, t, n in d.cloud.acked_at if g == "g-insurer"]
+        for p in (p1, p2):
+            assert p["samples"] == sum(n for t, n in acks if p["from"] <= t <= p["to"]) > 0
+            assert p["from"] <= p["first_sent"] <= p["last_sent"] <= p["to"]
+        assert p1["samples"] + p2["samples"] == ins["sent"]["samples"] == len(d.cloud.samples["g-insurer"])
+        [speed] = ins["scopes"]
+        assert [(q["from"], q["to"]) for q in speed["periods"]] == [(p1["from"], p1["to"]), (p2["from"], p2["to"])]
+    finally:
+        d.car.close()
+
+
+def test_text_and_html_show_each_period(tmp_path: Path, pki: TestPKI) -> None:
+    d, r = _seen_history(tmp_path, pki)
+    try:
+        text = render_text(r)
+        assert "read_thermometer" in text
+        ins_lines = text.split("grant g-insurer")[1]
+        assert ins_lines.count("in force ") >= 1 and ins_lines.count(" to ") >= 2, ins_lines
+        page = render_html(r)
+        assert "Outside temperature" in page
+        # One "sent" bar per period with data: the insurer has two rows' worth of separate bars, none across
+        # the withdrawal.
+        assert page.count("<title>sent ") >= 4  # fleet odometer, fuel, thermometer ... and insurer twice
+        assert "g-insurer" not in page.split("<svg")[1].split("</svg>")[0]  # raw ids stay out of the picture
+    finally:
+        d.car.close()

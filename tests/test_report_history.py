@@ -125,3 +125,47 @@ def test_text_and_html_show_each_period(tmp_path: Path, pki: TestPKI) -> None:
         assert "g-insurer" not in page.split("<svg")[1].split("</svg>")[0]  # raw ids stay out of the picture
     finally:
         d.car.close()
+
+
+def test_rule_counts_survive_a_restart(tmp_path: Path, pki: TestPKI, broker: Any, channel: str, vehicle: Any
+                                       ) -> None:
+    """The report's "decoded / let through by the rules" came from the running agent's status file: a restart
+    set them back to zero, so the share kept back in the car described only the last run."""
+    import json
+
+    from vgw.cli import main
+    from vgw.report import collect
+    from vgw.simulators.cloud import consent_claims, grant, sign_consent
+
+    from tests.agentkit import AgentThread, wait_until, write_config
+    from tests.agentkit import Authority as AgentAuthority
+
+    auth = AgentAuthority(tmp_path)
+    cfg = write_config(tmp_path, pki, broker.port, auth.trust, can={"channel": channel})
+    g = grant("g-ins", ["read_speedometer"], auth.recipient("g-ins"))
+    g["collect"] = [{"scope": "read_speedometer", "mode": "aggregate", "window_s": 1}]
+    doc = tmp_path / "v1.jws"
+    doc.write_text(sign_consent(consent_claims(DEVICE, 1, [g]), auth.key))
+    assert main(["consent", "apply", "--config", str(cfg), str(doc)]) == 0
+    status = tmp_path / "state" / "status.json"
+
+    def decoded_now() -> int:
+        try:
+            return int(json.loads(status.read_text())["collect"]["g-ins"]["read_speedometer"]["decoded"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0
+
+    def reported() -> int:
+        [ins] = [x for x in collect(cfg)["grants"] if x["id"] == "g-ins"]
+        [speed] = ins["scopes"]
+        return int(speed["samples_decoded"] or 0)
+
+    with AgentThread(cfg):
+        assert wait_until(lambda: decoded_now() >= 50, timeout=30)
+    first = reported()
+    assert first >= 50
+    status.unlink()
+    with AgentThread(cfg):
+        assert wait_until(lambda: decoded_now() >= 50, timeout=30)
+    second_run = decoded_now()
+    assert reported() >= first + second_run - 1, (first, second_run, reported())

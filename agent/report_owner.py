@@ -111,7 +111,7 @@ def timeline_svg(report: Mapping[str, Any]) -> str:
                 continue
             x0, x1 = x(start), x(stop if valid_time(stop) else t1)
             fill = "#b7e1c1" if stop is None and active else "#d6d6d6"
-            out.append(f'<rect class="permission" x="{x0:.2f}" y="{y + 4}" width="{max(x1 - x0, 2):.2f}" '
+            out.append(f'<rect class="permission" data-row="{i}" x="{x0:.2f}" y="{y + 4}" width="{max(x1 - x0, 2):.2f}" '
                        f'height="{row_h - 26}" fill="{fill}"><title>permission {e(local_second(start))} to '
                        f'{e(local_second(stop) if valid_time(stop) else "now")}</title></rect>')
             first, last = p.get("first_sent"), p.get("last_sent")
@@ -119,7 +119,7 @@ def timeline_svg(report: Mapping[str, Any]) -> str:
                 # At least 1 unit wide so a single message shows, but never past the period's own end.
                 s0, s1 = x(first), x(last)
                 w = min(max(s1 - s0, 1.0), max(x1 - s0, 0.0))
-                out.append(f'<rect class="sent" x="{s0:.2f}" y="{y + 6}" width="{w:.2f}" height="{row_h - 30}" '
+                out.append(f'<rect class="sent" data-row="{i}" x="{s0:.2f}" y="{y + 6}" width="{w:.2f}" height="{row_h - 30}" '
                            f'fill="#1f5fa8"><title>sent {e(local_second(first))} to {e(local_second(last))}'
                            "</title></rect>")
         for d in deletions:

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from vgw.report import render_html, render_text
 from vgw.simulators.pki import TestPKI
 
@@ -169,3 +171,100 @@ def test_rule_counts_survive_a_restart(tmp_path: Path, pki: TestPKI, broker: Any
         assert wait_until(lambda: decoded_now() >= 50, timeout=30)
     second_run = decoded_now()
     assert reported() >= first + second_run - 1, (first, second_run, reported())
+
+
+def _seen_report() -> dict[str, Any]:
+    """The history of the Seen report, as the audit log and the sent log hold it (times of 7 Dec 2026, UTC)."""
+    from vgw.report import ConsentView, build_report
+
+    day = 1_796_600_000.0 - 1_796_600_000.0 % 86400
+    at = {k: day + 6 * 3600 + m * 60 + s for k, (m, s) in {
+        "v1": (32, 0), "v2": (33, 1), "v3": (33, 16), "v4": (33, 27), "v5": (39, 0), "v6": (39, 28),
+        "v7": (39, 38)}.items()}
+    fleet = {"id": "g-fleet", "controller": "com.example.fleet", "purpose": "fleet-maintenance",
+             "scopes": ["read_odometer", "read_fuel", "read_tires", "read_location"]}
+    thermo = {**fleet, "scopes": [*fleet["scopes"], "read_thermometer"]}
+    ins = {"id": "g-insurer", "controller": "com.example.insurer", "purpose": "usage-based-insurance",
+           "scopes": ["read_speedometer"]}
+    entries: list[dict[str, Any]] = []
+    for ver, grants in ((1, [fleet]), (2, [fleet, ins]), (3, [thermo, ins]), (4, [thermo]), (5, [fleet]),
+                        (6, [fleet, ins]), (7, [fleet])):
+        entries.append({"t": at[f"v{ver}"], "event": "consent-applied", "ver": ver, "grants": grants})
+        if ver in (4, 7):
+            entries += [{"t": at[f"v{ver}"] + 0.01, "event": "grant-stopped", "grant": "g-insurer",
+                         "reason": "revoked", "ver": ver},
+                        {"t": at[f"v{ver}"] + 0.02, "event": "erasure-done", "grant": "g-insurer",
+                         "batches_deleted": 1, "reason": "revoked"}]
+
+    def ms(t: float) -> int:
+        return int(t * 1000)
+
+    log = [("g-insurer", "", 2, 26, 26, ms(at["v2"] + 1), ms(at["v3"])),
+           ("g-insurer", "", 3, 10, 10, ms(at["v3"] + 1), ms(at["v4"] - 1)),
+           ("g-insurer", "", 4, 1, 1, ms(at["v4"] + 0.4), ms(at["v4"] + 0.4)),  # a PUBACK after the withdrawal
+           ("g-insurer", "", 6, 10, 10, ms(at["v6"] + 1), ms(at["v7"] - 0.5))]
+    log += [("g-insurer", "read_speedometer", v, n, b, f, last) for _, _, v, n, b, f, last in log[:4]]
+    log += [("g-fleet", "", 1, 300, 30, ms(at["v1"] + 1), ms(at["v7"] + 20)),
+            ("g-fleet", "", 3, 68, 20, ms(at["v3"] + 1), ms(at["v5"] - 1)),
+            ("g-fleet", "read_odometer", 1, 300, 30, ms(at["v1"] + 1), ms(at["v7"] + 20)),
+            ("g-fleet", "read_thermometer", 3, 68, 20, ms(at["v3"] + 1), ms(at["v5"] - 1))]
+    counters = {"sent_samples:g-insurer": 47, "sent_batches:g-insurer": 47, "sent_samples:g-fleet": 368,
+                "sent_batches:g-fleet": 50, "sent_samples:g-insurer:read_speedometer": 47,
+                "sent_samples:g-fleet:read_odometer": 300, "sent_samples:g-fleet:read_thermometer": 68}
+    consent = ConsentView(ver=7, exp=int(at["v7"]) + 86400, expired=False, grants=(fleet,))
+    return build_report(device=DEVICE, entries=entries, counters=counters, outbox={}, consent=consent,
+                        generated=at["v7"] + 60, sent_log=log)
+
+
+def test_timeline_geometry_in_headless_chromium(tmp_path: Path) -> None:
+    """Measured in Chromium's layout: in every row each "sent" bar lies inside one of its "permission" bars (none
+    crosses a withdrawn stretch), and the insurer's row has two permission bars with a gap between them. A copy
+    of the page with a measuring script (the report itself has none) writes the boxes into the DOM, which
+    --dump-dom prints; a screenshot of the page itself is taken too."""
+    import json
+    import re
+    import subprocess
+
+    from tests.test_report import CHROMIUM_FLAGS, chromium
+
+    browser = chromium()
+    if browser is None:
+        pytest.skip("Debian's chromium is not installed (`make test-deps` installs it)")
+    report = _seen_report()
+    ins = _grant(report, "g-insurer")
+    assert [round(p["to"] - p["from"]) for p in ins["periods"]] == [26, 10]
+    assert ins["periods"][0]["last_sent"] <= ins["periods"][0]["to"]
+    page = render_html(report)
+    shot = tmp_path / "report.png"
+    (tmp_path / "report.html").write_text(page, encoding="utf-8")
+    subprocess.run([browser, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile-shot'}", f"--screenshot={shot}",
+                    "--window-size=1000,1800", (tmp_path / "report.html").as_uri()], check=True, capture_output=True,
+                   timeout=90)
+    assert shot.read_bytes().startswith(b"\x89PNG")
+    probe = ("<script>window.onload=()=>{const out=[];for(const r of document.querySelectorAll("
+             "'figure.timeline rect[data-row]')){const b=r.getBoundingClientRect();out.push([r.getAttribute('class'),"
+             "+r.getAttribute('data-row'),b.left,b.right]);}document.body.setAttribute('data-probe',"
+             "JSON.stringify(out));};</script>")
+    copy = tmp_path / "probe.html"
+    copy.write_text(page.replace("</body>", probe + "</body>"), encoding="utf-8")
+    r = subprocess.run([browser, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom",
+                        "--window-size=1000,1800", copy.as_uri()], check=True, capture_output=True, text=True,
+                       timeout=90)
+    found = re.search(r"data-probe=\"([^\"]*)\"", r.stdout)
+    assert found, r.stdout[-2000:]
+    boxes = json.loads(found.group(1).replace("&quot;", '"'))
+    rows: dict[int, dict[str, list[tuple[float, float]]]] = {}
+    for kind, row, left, right in boxes:
+        rows.setdefault(row, {"permission": [], "sent": []})[kind].append((left, right))
+    assert rows and any(b["sent"] for b in rows.values())
+    for row, b in rows.items():
+        for left, right in b["sent"]:
+            assert any(pl - 0.5 <= left and right <= pr + 0.5 for pl, pr in b["permission"]), (row, left, right, b)
+    # The insurer's speed row (the last row): two permission bars, a gap between them, no sent bar in the gap.
+    last = rows[max(rows)]
+    (a0, a1), (b0, b1) = sorted(last["permission"])
+    assert a1 < b0
+    assert not any(left < b0 and right > a1 for left, right in last["sent"])
+    # The thermometer's row: permission only from the document that added it.
+    labels = re.findall(r">([^<]*: Outside temperature)<", page)
+    assert labels

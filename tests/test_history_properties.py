@@ -1,0 +1,270 @@
+"""Property tests over random consent histories: what the cloud received, what the report says, what the
+receipts claim, all agree with the history (README "Privacy report", "Limits hold across updates", "Receipts").
+
+A history is a random sequence of: grant (or grant again), add a scope, narrow a scope away, change a limit,
+revoke, restart the agent, a stretch of driving (frames every 0.25 s of frame time) with the link up or down. It
+runs through a real car (tests/historykit.py: consent manager, pipeline, writer, encrypted outbox) and the cloud
+that opens what it receives. Then:
+(a) every sample the cloud received was covered, at its frame time, by a grant in force holding its scope, on
+    the grant's precision grid, and no closer to the previous sample of its path than the limit allows unless
+    the limit loosened (or the grant or scope stopped) in between;
+(b) the report's counts equal what the cloud received, per grant, per period and per scope, and its periods are
+    the history's (each boundary within the moment its document was applied);
+(c) every erasure receipt's claims hold on disk: no key and no row of the grant right after, the rows deleted
+    are those it held, and the audit anchor names the entry that records it.
+
+`make test` runs a few short histories; `make test-slow` (--runslow) runs many long ones.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from vgw.consent.model import DEFAULT_LIMITS
+from vgw.simulators.pki import TestPKI
+
+from tests.consentkit import Authority, payload_of
+from tests.historykit import Car, Cloud
+
+DEVICE = "dev-0001"
+GRANTS = ("g-a", "g-b")
+SCOPES = ("read_speedometer", "read_thermometer", "read_fuel", "read_location")
+PATHS = {"read_speedometer": ["Vehicle.Speed"], "read_thermometer": ["Vehicle.Exterior.AirTemperature"],
+         "read_fuel": ["Vehicle.Powertrain.FuelSystem.RelativeLevel"],
+         "read_location": ["Vehicle.CurrentLocation.Latitude", "Vehicle.CurrentLocation.Longitude"]}
+SCOPE_OF = {p: s for s, ps in PATHS.items() for p in ps}
+HZ = (None, 0.5, 1.0, 2.0)
+STEP = 0.25  # frame time between two frames of a stretch of driving
+
+action = st.one_of(
+    st.tuples(st.just("grant"), st.sampled_from(GRANTS), st.lists(st.sampled_from(SCOPES), min_size=1, max_size=3,
+                                                                  unique=True)),
+    st.tuples(st.just("add"), st.sampled_from(GRANTS), st.sampled_from(SCOPES)),
+    st.tuples(st.just("narrow"), st.sampled_from(GRANTS), st.sampled_from(SCOPES)),
+    st.tuples(st.just("limit"), st.sampled_from(GRANTS), st.sampled_from(SCOPES), st.sampled_from(HZ)),
+    st.tuples(st.just("revoke"), st.sampled_from(GRANTS)),
+    st.tuples(st.just("restart"),),
+    st.tuples(st.just("drive"), st.integers(1, 12), st.booleans()),
+)
+
+
+@dataclass
+class Terms:
+    """One grant's terms in the model: its scopes and each scope's max_hz (None: none set)."""
+
+    scopes: list[str]
+    hz: dict[str, float | None] = field(default_factory=dict)
+
+    def interval(self, scope: str) -> float:
+        hz = self.hz.get(scope)
+        if hz is None:
+            hz = DEFAULT_LIMITS.get(scope, (None, None))[0]
+        return 1.0 / hz if hz else 0.0
+
+
+@dataclass
+class Change:
+    """A document: the frame time from which it governs, the wall-clock window of its application, its terms."""
+
+    t: float
+    wall: tuple[float, float]
+    grants: dict[str, Terms]
+
+
+class History:
+    def __init__(self, root: Path, pki: TestPKI) -> None:
+        self.auth = Authority(root)
+        self.car = Car(root, pki, self.auth)
+        self.cloud = Cloud(self.auth)
+        self.t = 1_795_920_000.0
+        self.ver = 0
+        self.grants: dict[str, Terms] = {}
+        self.changes: list[Change] = []
+        self.receipt_checks: list[tuple[str, int]] = []  # (grant, rows it held before the revoking document)
+
+    def publish(self) -> None:
+        docs = []
+        for gid, terms in self.grants.items():
+            limits = {s: {"max_hz": terms.hz[s]} for s in terms.scopes if terms.hz.get(s)}
+            docs.append(self.auth.grant(gid, terms.scopes, limits=limits))
+        self.ver += 1
+        token = self.auth.doc(DEVICE, self.ver, docs, iat=int(time.time()) - 10)
+        before_rows = {g: n["rows"] for g, n in self.car.state.outbox.stats().items()}
+        self.car.flush()
+        held = {g: n["rows"] for g, n in self.car.state.outbox.stats().items()}
+        wall0 = time.time()
+        active = {g.id for g in self.car.state.manager.active_grants()}
+        assert self.car.apply(token) == "applied"
+        wall1 = time.time()
+        for gid in sorted(active - set(self.grants)):
+            self.receipt_checks.append((gid, held.get(gid, 0)))
+            # (c) right after the erasure: no key and no row of the revoked grant on disk.
+            assert not self.car.state.outbox.has_key(gid) and gid not in self.car.state.outbox.stats()
+        del before_rows
+        self.changes.append(Change(self.t, (wall0, wall1),
+                                   {g: Terms(list(t.scopes), dict(t.hz)) for g, t in self.grants.items()}))
+
+    def run(self, a: tuple[Any, ...]) -> None:
+        kind = a[0]
+        if kind == "grant":
+            self.grants[a[1]] = Terms(list(a[2]))
+            self.publish()
+        elif kind == "add" and a[1] in self.grants and a[2] not in self.grants[a[1]].scopes:
+            self.grants[a[1]].scopes.append(a[2])
+            self.publish()
+        elif kind == "narrow" and a[1] in self.grants and a[2] in self.grants[a[1]].scopes \
+                and len(self.grants[a[1]].scopes) > 1:
+            self.grants[a[1]].scopes.remove(a[2])
+            self.grants[a[1]].hz.pop(a[2], None)
+            self.publish()
+        elif kind == "limit" and a[1] in self.grants and a[2] in self.grants[a[1]].scopes:
+            self.grants[a[1]].hz[a[2]] = a[3]
+            self.publish()
+        elif kind == "revoke" and a[1] in self.grants:
+            del self.grants[a[1]]
+            self.publish()
+        elif kind == "restart":
+            self.car.restart()
+        elif kind == "drive":
+            for _ in range(a[1]):
+                self.t += STEP
+                self.car.feed([(p, s, self.t, 52.5 + 0.001 * (self.t % 100) if s == "read_location" else
+                                20.0 + self.t % 7) for s, ps in PATHS.items() for p in ps])
+            if a[2]:  # the link is up: what is stored goes, and is acknowledged
+                self.car.flush()
+                self.cloud.drain(self.car)
+
+    def finish(self) -> dict[str, Any]:
+        self.car.flush()
+        self.cloud.drain(self.car)
+        return self.car.report()
+
+    # -- the checks ---------------------------------------------------------------------------------
+
+    def terms_at(self, t: float) -> dict[str, Terms]:
+        current: dict[str, Terms] = {}
+        for c in self.changes:
+            if c.t < t:
+                current = c.grants
+        return current
+
+    def check_samples(self) -> None:
+        """(a) every sample covered by the grant, scope and limits in force at its frame time."""
+        for gid, samples in self.cloud.samples.items():
+            by_path: dict[str, list[float]] = {}
+            for s in samples:
+                terms = self.terms_at(s["t"]).get(gid)
+                scope = SCOPE_OF[s["path"]]
+                assert terms is not None and scope in terms.scopes, (gid, s["t"], s["path"])
+                if scope == "read_location":  # the privacy default grid (100 m), none of these grants sets one
+                    step = 100.0 / 111_320.0
+                    if s["path"].endswith("Latitude"):
+                        assert math.isclose(s["value"] / step, round(s["value"] / step), abs_tol=1e-6)
+                by_path.setdefault(s["path"], []).append(s["t"])
+            for path, ts in by_path.items():
+                ts.sort()
+                scope = SCOPE_OF[path]
+                for t1, t2 in zip(ts, ts[1:], strict=False):
+                    assert t2 > t1, (gid, path, t1)  # nothing twice
+                    if self.loosened_between(gid, scope, t1, t2):
+                        continue
+                    need = self.terms_at(t2)[gid].interval(scope)
+                    assert t2 - t1 >= need - 1e-6, (gid, path, t1, t2, need)
+
+    def loosened_between(self, gid: str, scope: str, t1: float, t2: float) -> bool:
+        prev = self.terms_at(t1).get(gid)
+        for c in self.changes:
+            if t1 <= c.t < t2:
+                now = c.grants.get(gid)
+                if prev is None or now is None or scope not in now.scopes or scope not in prev.scopes:
+                    return True
+                if now.interval(scope) < prev.interval(scope) - 1e-9:
+                    return True
+                prev = now
+        return False
+
+    def check_report(self, report: dict[str, Any]) -> None:
+        """(b) the report's periods are the history's, and its counts are what the cloud received."""
+        listed = {g["id"]: g for g in report["grants"]}
+        for gid in GRANTS:
+            intervals: list[tuple[Change, Change | None]] = []
+            start: Change | None = None
+            for c in self.changes:
+                if gid in c.grants and start is None:
+                    start = c
+                elif gid not in c.grants and start is not None:
+                    intervals.append((start, c))
+                    start = None
+            if start is not None:
+                intervals.append((start, None))
+            received = self.cloud.samples.get(gid, [])
+            if not intervals:
+                assert gid not in listed
+                continue
+            g = listed[gid]
+            assert len(g["periods"]) == len(intervals), (gid, g["periods"], len(intervals))
+            for p, (begin, end) in zip(g["periods"], intervals, strict=True):
+                assert begin.wall[0] <= p["from"] <= begin.wall[1]
+                if end is None:
+                    assert p["to"] is None
+                else:
+                    assert end.wall[0] <= p["to"] <= end.wall[1]
+                acks = sum(n for a, t, n in self.cloud.acked_at if a == gid and p["from"] <= t
+                           and (p["to"] is None or t <= p["to"]))
+                assert p["samples"] == acks, (gid, p, acks)
+                if p["samples"]:
+                    assert p["from"] <= p["first_sent"] <= p["last_sent"] <= (p["to"] or math.inf)
+            assert (g["sent"]["samples"] or 0) == len(received)
+            per_scope = {sc["scope"]: sc["samples_sent"] or 0 for sc in g["scopes"]}
+            for scope in SCOPES:
+                assert per_scope.get(scope, 0) == sum(1 for s in received if SCOPE_OF[s["path"]] == scope)
+
+    def check_receipts(self) -> None:
+        """(c) every erasure receipt of a revocation: what it deleted, its key, its audit anchor."""
+        state = self.car.state
+        entries = {e["n"]: e for e in state.audit.entries()}
+        revoked = [payload_of(t) for _, t in state.outbox.pending_receipts(100_000)]
+        revoked = [r for r in revoked if r["typ"] == "erasure" and r.get("reason") == "revoked"]
+        assert [(r["grant"]) for r in revoked] == [g for g, _ in self.receipt_checks]
+        for r, (gid, rows) in zip(revoked, self.receipt_checks, strict=True):
+            assert r["key_destroyed"] is True and r["batches_deleted"] == rows, (r, rows)
+            anchor = entries[r["audit"]["n"]]
+            assert anchor["hash"] == r["audit"]["hash"] and anchor["event"] == "erasure-done"
+            assert anchor["grant"] == gid
+
+
+def _run(pki: TestPKI, actions: list[tuple[Any, ...]]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        h = History(Path(tmp), pki, )
+        try:
+            for a in actions:
+                h.run(a)
+            report = h.finish()
+            h.check_samples()
+            h.check_report(report)
+            h.check_receipts()
+        finally:
+            h.car.close()
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                 HealthCheck.too_slow])
+@given(actions=st.lists(action, min_size=1, max_size=12))
+def test_random_consent_histories(pki: TestPKI, actions: list[tuple[Any, ...]]) -> None:
+    _run(pki, [("grant", "g-a", ["read_speedometer"]), *actions, ("drive", 4, True)])
+
+
+@pytest.mark.slow
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                  HealthCheck.too_slow])
+@given(actions=st.lists(action, min_size=5, max_size=60))
+def test_long_random_consent_histories(pki: TestPKI, actions: list[tuple[Any, ...]]) -> None:
+    _run(pki, [("grant", "g-a", ["read_speedometer"]), *actions, ("drive", 4, True)])

@@ -98,3 +98,27 @@ def test_a_looser_limit_starts_afresh(tmp_path: Path, pki: TestPKI) -> None:
         assert ts[0] == 1_795_920_000.0 and ts[1] == t  # the first sample under the new terms is not held back
     finally:
         car.close()
+
+
+def test_a_new_limit_counts_from_the_last_reading_sent(tmp_path: Path, pki: TestPKI) -> None:
+    """No limit, then "at most one every 2 s": the first reading under the new terms came 0.25 s after the last
+    one sent under the old (found by tests/test_history_properties.py)."""
+    auth = Authority(tmp_path)
+    cloud = Cloud(auth)
+    car = Car(tmp_path, pki, auth)
+    try:
+        t = 1_795_920_000.0
+        assert car.apply(_doc(auth, 1, ["read_speedometer"], hz=None)) == "applied"
+        t = _drive(car, t, 1.0)
+        car.restart()  # and the time of the last reading sent survives a restart too
+        cloud.drain(car)  # sent before the new limit (a stricter limit deletes what is still stored)
+        assert car.apply(_doc(auth, 2, ["read_speedometer"], hz=0.5)) == "applied"
+        _drive(car, t, 5.0)
+        car.flush()
+        cloud.drain(car)
+        ts = sorted(s["t"] for s in cloud.samples["g-fleet"] if s["path"] == "Vehicle.Speed")
+        before = [x for x in ts if x < t]
+        after = [x for x in ts if x >= t]
+        assert len(before) == 10 and after and after[0] - before[-1] >= 2.0 - 1e-6, (before[-1:], after)
+    finally:
+        car.close()

@@ -58,6 +58,7 @@ class GrantBatch:
     # path -> the max_hz interval (s) its last kept sample was judged under: a later document with the same or a
     # stricter limit carries the mark over (README "Limits hold across updates"), a looser one starts afresh.
     mark_interval: dict[str, float] = field(default_factory=dict)
+    taken_last: dict[str, float] = field(default_factory=dict)  # path -> frame time of its last sample taken out
     rules: RuleEngine | None = None  # the grant's collection rules (None: it has none)
     # Grants with rules only: scope -> [samples decoded, samples the rules let through] (the privacy report).
     rule_counts: dict[str, list[int]] = field(default_factory=dict)
@@ -91,6 +92,9 @@ class GrantBatch:
         """The open columns and their sample count; the batch is empty after."""
         cols, n = self.cols, self.count
         self.cols, self.count = {}, 0
+        for path, (times, _values) in cols.items():
+            if times:  # once per path and batch: the hot path keeps no per-sample time of its own
+                self.taken_last[path] = max(self.taken_last.get(path, 0.0), max(times) / 1e6)
         return cols, n
 
     def clear(self) -> None:
@@ -98,23 +102,30 @@ class GrantBatch:
         self.count = 0
 
     def marks(self) -> dict[str, tuple[float, float]]:
-        """path -> (frame time of its last kept sample, the interval it was judged under), rate-limited paths only."""
-        return {p: (t, self.mark_interval[p]) for p, t in list(self.last_kept.items()) if p in self.mark_interval}
+        """path -> (frame time of its last kept sample, the max_hz interval it was judged under; 0: none)."""
+        last = dict(self.taken_last)
+        for path, (times, _values) in list(self.cols.items()):
+            if times:
+                last[path] = max(last.get(path, 0.0), max(times) / 1e6)
+        for path, t in list(self.last_kept.items()):
+            last[path] = max(last.get(path, 0.0), t)
+        return {p: (t, self.mark_interval.get(p, 0.0)) for p, t in last.items()}
 
     def carry_marks(self, marks: dict[str, tuple[float, float]], scope_of: Callable[[str], str | None]) -> None:
         """Keep the marks whose path is limited at least as strictly by this batch's grant as when they were made.
 
         A limit that stays or tightens holds across a new document and a restart of the agent: "at most one reading
-        every 2 s" stays true for the app, whatever changed beside it. A looser limit (or none) starts afresh.
+        every 2 s" stays true for the app, whatever changed beside it, also when it is new (no limit before: the
+        interval then was 0). A looser limit (or none) starts afresh.
         """
-        self.last_kept, self.mark_interval = {}, {}
+        self.last_kept, self.mark_interval, self.taken_last = {}, {}, {}
         for path, (t, then) in marks.items():
             scope = scope_of(path)
             if scope is None or scope not in self.grant.scopes:
                 continue
             hz = self.grant.limits_for(scope).max_hz
             now = 1.0 / hz if hz else 0.0
-            if now > 0 and now >= then - 1e-9:
+            if now >= then - 1e-9:  # the same or stricter (0 and 0: unlimited still, kept for a later limit)
                 self.last_kept[path], self.mark_interval[path] = t, now
 
 

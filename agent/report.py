@@ -20,8 +20,9 @@ Periods (README "Privacy report"): per grant and per scope, the intervals in for
 broker acknowledged in each, from the outbox's ``sent_log`` (:mod:`vgw.report_periods`).
 
 Collection rules (README "Collection rules"): for a grant with rules, the agent adds to the counters, per scope,
-the samples decoded and the samples its rules let through (``rules_decoded:<g>:<scope>``, ``rules_kept:<g>:<scope>``,
-stored with the status every few seconds and at shutdown, so they survive restarts); the report shows both and the share the rules kept back in the car, and says in plain words what each app
+the samples decoded and the samples its rules let through (``rules_decoded:<g>:<scope>``,
+``rules_kept:<g>:<scope>``, stored with the status every few seconds and at shutdown, so they survive restarts);
+the report shows both and the share the rules kept back in the car, and says in plain words what each app
 receives (:mod:`vgw.collect.describe`).
 """
 
@@ -35,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 from vgw.collect.describe import SCOPE_LABELS
-from vgw.report_periods import SentRow, histories
 from vgw.report_owner import (
     WITHDRAWN_TEXT,
     app_name,
@@ -46,6 +46,7 @@ from vgw.report_owner import (
     version_text,
     zone_name,
 )
+from vgw.report_periods import SentRow, histories
 from vgw.timefmt import utc_text
 
 REPORT_VERSION = 2

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import html
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from vgw.timefmt import local_text, valid_time
@@ -60,6 +60,10 @@ def purpose_text(purpose: Any) -> str:
     return str(purpose).replace("-", " ").replace("_", " ") if purpose else ""
 
 
+def _times(values: Iterable[Any]) -> list[float]:
+    return [float(t) for t in values if isinstance(t, int | float) and valid_time(t)]
+
+
 def timeline_svg(report: Mapping[str, Any]) -> str:
     """What was shared when, per app and scope, as inline SVG (no script, no font or image to load).
 
@@ -74,12 +78,12 @@ def timeline_svg(report: Mapping[str, Any]) -> str:
         for sc in g["scopes"]:
             rows.append((app_name(g["controller"]), sc["label"], list(sc.get("periods") or []),
                          [d.get("at") for d in g["deleted"]], bool(sc.get("in_force"))))
-    times = [t for r in rows for p in r[2] for t in (p.get("from"), p.get("to"), p.get("first_sent"),
-                                                     p.get("last_sent")) if valid_time(t)]
-    times += [t for r in rows for t in r[3] if valid_time(t)]
-    if not rows or not times or not valid_time(end):
+    times = _times(t for r in rows for p in r[2] for t in (p.get("from"), p.get("to"), p.get("first_sent"),
+                                                          p.get("last_sent")))
+    times += _times(t for r in rows for t in r[3])
+    if not rows or not times or not _times([end]):
         return ""
-    t0, t1 = min(times), max(max(times), end)
+    t0, t1 = min(times), max(max(times), _times([end])[0])
     span = max(t1 - t0, 60.0)
     # Each row: its label on one line, the bar under it across the full width (long labels never collide).
     # 520 units wide, two legend entries a line: the page scales it down to a phone's width (report.py's CSS)
@@ -111,7 +115,8 @@ def timeline_svg(report: Mapping[str, Any]) -> str:
                 continue
             x0, x1 = x(start), x(stop if valid_time(stop) else t1)
             fill = "#b7e1c1" if stop is None and active else "#d6d6d6"
-            out.append(f'<rect class="permission" data-row="{i}" x="{x0:.2f}" y="{y + 4}" width="{max(x1 - x0, 2):.2f}" '
+            out.append(f'<rect class="permission" data-row="{i}" x="{x0:.2f}" y="{y + 4}" '
+                       f'width="{max(x1 - x0, 2):.2f}" '
                        f'height="{row_h - 26}" fill="{fill}"><title>permission {e(local_second(start))} to '
                        f'{e(local_second(stop) if valid_time(stop) else "now")}</title></rect>')
             first, last = p.get("first_sent"), p.get("last_sent")
@@ -119,7 +124,8 @@ def timeline_svg(report: Mapping[str, Any]) -> str:
                 # At least 1 unit wide so a single message shows, but never past the period's own end.
                 s0, s1 = x(first), x(last)
                 w = min(max(s1 - s0, 1.0), max(x1 - s0, 0.0))
-                out.append(f'<rect class="sent" data-row="{i}" x="{s0:.2f}" y="{y + 6}" width="{w:.2f}" height="{row_h - 30}" '
+                out.append(f'<rect class="sent" data-row="{i}" x="{s0:.2f}" y="{y + 6}" width="{w:.2f}" '
+                           f'height="{row_h - 30}" '
                            f'fill="#1f5fa8"><title>sent {e(local_second(first))} to {e(local_second(last))}'
                            "</title></rect>")
         for d in deletions:

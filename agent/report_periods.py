@@ -96,7 +96,8 @@ def histories(entries: Iterable[Mapping[str, Any]], sent_log: Iterable[SentRow] 
         if event == "consent-applied":
             ver = e.get("ver") if type(e.get("ver")) is int else None
             listed: dict[str, list[str]] = {}
-            for g in e.get("grants") if isinstance(e.get("grants"), list) else []:
+            grants = e.get("grants")
+            for g in grants if isinstance(grants, list) else []:
                 if isinstance(g, Mapping) and isinstance(g.get("id"), str):
                     scopes = g.get("scopes")
                     listed[g["id"]] = [s for s in scopes if isinstance(s, str)] if isinstance(scopes, list) else []

@@ -88,6 +88,6 @@ def test_purge_never_claims_an_erasure_it_could_not_verify(tmp_path: Path, pki: 
     receipts, _ = _erasure_receipts(config)
     assert not [r for r in receipts if r["grant"] == "g-fleet"], receipts
     inst.final_erasure(config, receipt_timeout_s=0)
-    receipts, entries = _erasure_receipts(config)
+    receipts, _ = _erasure_receipts(config)
     [fleet] = [r for r in receipts if r["grant"] == "g-fleet"]
     assert fleet["key_destroyed"] is True and fleet["batches_deleted"] == 3 and "audit" in fleet

@@ -18,6 +18,7 @@ that opens what it receives. Then:
 
 from __future__ import annotations
 
+import itertools
 import math
 import tempfile
 import time
@@ -172,7 +173,7 @@ class History:
             for path, ts in by_path.items():
                 ts.sort()
                 scope = SCOPE_OF[path]
-                for t1, t2 in zip(ts, ts[1:], strict=False):
+                for t1, t2 in itertools.pairwise(ts):
                     assert t2 > t1, (gid, path, t1)  # nothing twice
                     if self.loosened_between(gid, scope, t1, t2):
                         continue

@@ -8,6 +8,7 @@ to the next document with the same or a stricter limit, and kept on disk with th
 
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
 
@@ -23,7 +24,7 @@ TEMP = ("Vehicle.Exterior.AirTemperature", "read_thermometer")
 
 def _gaps(cloud: Cloud, gid: str, path: str) -> list[float]:
     ts = sorted(s["t"] for s in cloud.samples.get(gid, []) if s["path"] == path)
-    return [round(b - a, 3) for a, b in zip(ts, ts[1:], strict=False)]
+    return [round(b - a, 3) for a, b in itertools.pairwise(ts)]
 
 
 def _doc(auth: Authority, ver: int, scopes: list[str], hz: float | None = 0.5) -> str:
@@ -76,7 +77,7 @@ def test_limit_holds_across_a_restart_and_a_stricter_document(tmp_path: Path, pk
         ts = sorted(s["t"] for s in cloud.samples["g-fleet"] if s["path"] == "Vehicle.Speed")
         gaps = _gaps(cloud, "g-fleet", "Vehicle.Speed")
         assert min(gaps) >= 2.0 - 1e-6, gaps
-        stricter = [b - a for a, b in zip(ts, ts[1:], strict=False) if b >= 1_795_920_000.0 + 4.5]
+        stricter = [b - a for a, b in itertools.pairwise(ts) if b >= 1_795_920_000.0 + 4.5]
         assert stricter and min(stricter) >= 4.0 - 1e-6, (ts, stricter)
     finally:
         car.close()

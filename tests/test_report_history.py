@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from vgw.report import render_html, render_text
 from vgw.simulators.pki import TestPKI
 
@@ -70,9 +69,9 @@ def _seen_history(tmp_path: Path, pki: TestPKI) -> tuple[Drive, dict[str, Any]]:
     d = Drive(tmp_path, pki)
     d.doc(FLEET, insurer=True)  # 1: both granted
     d.drive()
-    d.doc(FLEET + ["read_thermometer"], insurer=True)  # 2: thermometer added to fleet
+    d.doc([*FLEET, "read_thermometer"], insurer=True)  # 2: thermometer added to fleet
     d.drive()
-    d.doc(FLEET + ["read_thermometer"], insurer=False)  # 3: insurer withdrawn
+    d.doc([*FLEET, "read_thermometer"], insurer=False)  # 3: insurer withdrawn
     d.drive()
     d.doc(FLEET, insurer=True)  # 4: thermometer narrowed away; insurer granted again
     d.drive()
@@ -262,7 +261,7 @@ def test_timeline_geometry_in_headless_chromium(tmp_path: Path) -> None:
             assert any(pl - 0.5 <= left and right <= pr + 0.5 for pl, pr in b["permission"]), (row, left, right, b)
     # The insurer's speed row (the last row): two permission bars, a gap between them, no sent bar in the gap.
     last = rows[max(rows)]
-    (a0, a1), (b0, b1) = sorted(last["permission"])
+    (_, a1), (b0, _) = sorted(last["permission"])
     assert a1 < b0
     assert not any(left < b0 and right > a1 for left, right in last["sent"])
     # The thermometer's row: permission only from the document that added it.

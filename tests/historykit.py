@@ -27,6 +27,31 @@ from tests.consentkit import Authority, State
 
 ROOT = Path(__file__).resolve().parents[1]
 _CATALOGUE: list[Catalogue] = []
+_TRACE: list[list[tuple[float, int, bool, bytes, int]]] = []
+TRACE_START = 1_795_920_000.0
+TRACE_S = 240.0
+
+
+def trace() -> list[tuple[float, int, bool, bytes, int]]:
+    """A recorded drive of the demo vehicle (candump -L, TRACE_S seconds from TRACE_START), replayed: its frames
+    as python-can's reader gives them back, in the agent's frame tuples (t, id, extended, data, kind)."""
+    if not _TRACE:
+        import tempfile
+
+        import can
+        from vgw.simulators.can_sim import CanSimulator
+        from vgw.simulators.vehicle import VehicleModel
+        from vgw.tools.bench.trace import write_trace
+
+        sim = CanSimulator(ROOT / "dbc" / "vehicle.dbc", VehicleModel(seed=7))
+        frames = ((m.timestamp, m.arbitration_id, m.is_extended_id, bytes(m.data))
+                  for m in sim.frames(TRACE_S, start_time=TRACE_START))
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "drive.log"
+            write_trace(path, frames, 10**9)
+            _TRACE.append([(m.timestamp, m.arbitration_id, m.is_extended_id, bytes(m.data), 0)
+                           for m in can.LogReader(str(path))])
+    return _TRACE[0]
 
 
 def catalogue() -> Catalogue:
@@ -68,13 +93,25 @@ class Car:
         """Samples (path, scope, frame time, value), routed through the consent policy as a source's are."""
         self.guard.offer_samples(samples)
 
+    def play(self, frames: list[tuple[float, int, bool, bytes, int]]) -> None:
+        """Frames through the pipeline as the collector hands them over (one chunk, under the agent lock)."""
+        def failed(exc: Exception) -> None:
+            raise exc
+
+        with self.guard.lock:
+            self.guard.pipeline.process_frames(frames, failed)
+
     def flush(self) -> None:
-        self.guard.flush_all()
+        """Store every open batch, as the agent does every 0.2 s (rule windows stay open)."""
+        with self.guard.lock:
+            self.guard.flush(self.guard.pipeline.due(1, 0.0))
         self.state.outbox.count_many(self.guard.take_rule_counts())  # as the agent's main loop does
 
     def restart(self) -> None:
-        """What a stop and a start of `vgw run` does: open batches stored, everything closed and opened again."""
-        self.flush()
+        """What a stop and a start of `vgw run` does: open batches stored (rule windows closed, as at shutdown),
+        everything closed and opened again."""
+        self.guard.flush_all()
+        self.state.outbox.count_many(self.guard.take_rule_counts())
         self.state.reopen(load=False)
         self._parts()
         self.state.manager.load_cached()

@@ -2,12 +2,13 @@
 receipts claim, all agree with the history (README "Privacy report", "Limits hold across updates", "Receipts").
 
 A history is a random sequence of: grant (or grant again), add a scope, narrow a scope away, change a limit,
-revoke, restart the agent, a stretch of driving (frames every 0.25 s of frame time) with the link up or down. It
-runs through a real car (tests/historykit.py: consent manager, pipeline, writer, encrypted outbox) and the cloud
-that opens what it receives. Then:
+set or drop a periodic collection rule, revoke, restart the agent, a stretch of a replayed drive (the demo
+vehicle's recorded trace, in steps of 0.25 s of frame time) with the link up or down. It runs through a real car
+(tests/historykit.py: consent manager, pipeline, writer, encrypted outbox) and the cloud that opens what it
+receives. Then:
 (a) every sample the cloud received was covered, at its frame time, by a grant in force holding its scope, on
-    the grant's precision grid, and no closer to the previous sample of its path than the limit allows unless
-    the limit loosened (or the grant or scope stopped) in between;
+    the grant's precision grid, no closer to the previous sample of its path than the limit allows unless the
+    limit loosened (or the grant or scope stopped) in between, and at most one per period of a periodic rule;
 (b) the report's counts equal what the cloud received, per grant, per period and per scope, and its periods are
     the history's (each boundary within the moment its document was applied);
 (c) every erasure receipt's claims hold on disk: no key and no row of the grant right after, the rows deleted
@@ -33,17 +34,14 @@ from vgw.consent.model import DEFAULT_LIMITS
 from vgw.simulators.pki import TestPKI
 
 from tests.consentkit import Authority, payload_of
-from tests.historykit import Car, Cloud
+from tests.historykit import TRACE_START, Car, Cloud, catalogue, trace
 
 DEVICE = "dev-0001"
 GRANTS = ("g-a", "g-b")
-SCOPES = ("read_speedometer", "read_thermometer", "read_fuel", "read_location")
-PATHS = {"read_speedometer": ["Vehicle.Speed"], "read_thermometer": ["Vehicle.Exterior.AirTemperature"],
-         "read_fuel": ["Vehicle.Powertrain.FuelSystem.RelativeLevel"],
-         "read_location": ["Vehicle.CurrentLocation.Latitude", "Vehicle.CurrentLocation.Longitude"]}
-SCOPE_OF = {p: s for s, ps in PATHS.items() for p in ps}
+SCOPES = ("read_speedometer", "read_thermometer", "read_fuel", "read_location", "read_odometer")
+SCOPE_OF = catalogue().scope_of_path()
 HZ = (None, 0.5, 1.0, 2.0)
-STEP = 0.25  # frame time between two frames of a stretch of driving
+STEP = 0.25  # frame time of one step of driving
 
 action = st.one_of(
     st.tuples(st.just("grant"), st.sampled_from(GRANTS), st.lists(st.sampled_from(SCOPES), min_size=1, max_size=3,
@@ -51,6 +49,7 @@ action = st.one_of(
     st.tuples(st.just("add"), st.sampled_from(GRANTS), st.sampled_from(SCOPES)),
     st.tuples(st.just("narrow"), st.sampled_from(GRANTS), st.sampled_from(SCOPES)),
     st.tuples(st.just("limit"), st.sampled_from(GRANTS), st.sampled_from(SCOPES), st.sampled_from(HZ)),
+    st.tuples(st.just("rule"), st.sampled_from(GRANTS), st.sampled_from(SCOPES), st.sampled_from((None, 1.0, 2.0))),
     st.tuples(st.just("revoke"), st.sampled_from(GRANTS)),
     st.tuples(st.just("restart"),),
     st.tuples(st.just("drive"), st.integers(1, 12), st.booleans()),
@@ -63,6 +62,7 @@ class Terms:
 
     scopes: list[str]
     hz: dict[str, float | None] = field(default_factory=dict)
+    period: dict[str, float] = field(default_factory=dict)  # scope -> period_s of its periodic rule
 
     def interval(self, scope: str) -> float:
         hz = self.hz.get(scope)
@@ -85,7 +85,7 @@ class History:
         self.auth = Authority(root)
         self.car = Car(root, pki, self.auth)
         self.cloud = Cloud(self.auth)
-        self.t = 1_795_920_000.0
+        self.t = TRACE_START
         self.ver = 0
         self.grants: dict[str, Terms] = {}
         self.changes: list[Change] = []
@@ -95,7 +95,11 @@ class History:
         docs = []
         for gid, terms in self.grants.items():
             limits = {s: {"max_hz": terms.hz[s]} for s in terms.scopes if terms.hz.get(s)}
-            docs.append(self.auth.grant(gid, terms.scopes, limits=limits))
+            g = self.auth.grant(gid, terms.scopes, limits=limits)
+            rules = [{"scope": s, "mode": "periodic", "period_s": p} for s, p in sorted(terms.period.items())]
+            if rules:
+                g["collect"] = rules
+            docs.append(g)
         self.ver += 1
         token = self.auth.doc(DEVICE, self.ver, docs, iat=int(time.time()) - 10)
         before_rows = {g: n["rows"] for g, n in self.car.state.outbox.stats().items()}
@@ -111,7 +115,8 @@ class History:
             assert not self.car.state.outbox.has_key(gid) and gid not in self.car.state.outbox.stats()
         del before_rows
         self.changes.append(Change(self.t, (wall0, wall1),
-                                   {g: Terms(list(t.scopes), dict(t.hz)) for g, t in self.grants.items()}))
+                                   {g: Terms(list(t.scopes), dict(t.hz), dict(t.period))
+                                    for g, t in self.grants.items()}))
 
     def run(self, a: tuple[Any, ...]) -> None:
         kind = a[0]
@@ -125,6 +130,13 @@ class History:
                 and len(self.grants[a[1]].scopes) > 1:
             self.grants[a[1]].scopes.remove(a[2])
             self.grants[a[1]].hz.pop(a[2], None)
+            self.grants[a[1]].period.pop(a[2], None)
+            self.publish()
+        elif kind == "rule" and a[1] in self.grants and a[2] in self.grants[a[1]].scopes:
+            if a[3] is None:
+                self.grants[a[1]].period.pop(a[2], None)
+            else:
+                self.grants[a[1]].period[a[2]] = a[3]
             self.publish()
         elif kind == "limit" and a[1] in self.grants and a[2] in self.grants[a[1]].scopes:
             self.grants[a[1]].hz[a[2]] = a[3]
@@ -135,10 +147,11 @@ class History:
         elif kind == "restart":
             self.car.restart()
         elif kind == "drive":
-            for _ in range(a[1]):
-                self.t += STEP
-                self.car.feed([(p, s, self.t, 52.5 + 0.001 * (self.t % 100) if s == "read_location" else
-                                20.0 + self.t % 7) for s, ps in PATHS.items() for p in ps])
+            end = self.t + a[1] * STEP
+            frames = [f for f in trace() if self.t <= f[0] < end]
+            for i in range(0, len(frames), 64):  # chunks, as the collector hands them over
+                self.car.play(frames[i:i + 64])
+            self.t = end
             if a[2]:  # the link is up: what is stored goes, and is acknowledged
                 self.car.flush()
                 self.cloud.drain(self.car)
@@ -177,10 +190,17 @@ class History:
                     assert t2 > t1, (gid, path, t1)  # nothing twice
                     if self.loosened_between(gid, scope, t1, t2):
                         continue
-                    need = self.terms_at(t2)[gid].interval(scope)
+                    terms = self.terms_at(t2)[gid]
+                    need = terms.interval(scope)
                     assert t2 - t1 >= need - 1e-6, (gid, path, t1, t2, need)
+                    period = terms.period.get(scope)
+                    if period and self.terms_at(t1)[gid].period.get(scope) == period:
+                        # at most one reading per aligned period (README "Collection rules")
+                        assert math.floor(t1 / period) != math.floor(t2 / period), (gid, path, t1, t2, period)
 
     def loosened_between(self, gid: str, scope: str, t1: float, t2: float) -> bool:
+        """A limit or rule that started afresh between two samples: the grant or scope stopped, the limit
+        loosened, or the rule changed (a new rule starts its periods anew)."""
         prev = self.terms_at(t1).get(gid)
         for c in self.changes:
             if t1 <= c.t < t2:
@@ -188,6 +208,8 @@ class History:
                 if prev is None or now is None or scope not in now.scopes or scope not in prev.scopes:
                     return True
                 if now.interval(scope) < prev.interval(scope) - 1e-9:
+                    return True
+                if now.period.get(scope) != prev.period.get(scope):
                     return True
                 prev = now
         return False
@@ -227,6 +249,9 @@ class History:
             per_scope = {sc["scope"]: sc["samples_sent"] or 0 for sc in g["scopes"]}
             for scope in SCOPES:
                 assert per_scope.get(scope, 0) == sum(1 for s in received if SCOPE_OF[s["path"]] == scope)
+                # Each scope period holds what was acknowledged in it (the sent log, per scope and version).
+            for sc in g["scopes"]:
+                assert sum(p["samples_sent"] for p in sc["periods"]) == (sc["samples_sent"] or 0), sc
 
     def check_receipts(self) -> None:
         """(c) every erasure receipt of a revocation: what it deleted, its key, its audit anchor."""

@@ -123,3 +123,25 @@ def test_a_new_limit_counts_from_the_last_reading_sent(tmp_path: Path, pki: Test
         assert len(before) == 10 and after and after[0] - before[-1] >= 2.0 - 1e-6, (before[-1:], after)
     finally:
         car.close()
+
+
+def test_a_periodic_rule_sends_one_reading_per_period_across_a_restart(tmp_path: Path, pki: TestPKI) -> None:
+    """A restart mid-period sent the partial window at shutdown, and the engine that started afresh sent the same
+    period again (two readings where the rule promises one; found by tests/test_history_properties.py)."""
+    auth = Authority(tmp_path)
+    cloud = Cloud(auth)
+    car = Car(tmp_path, pki, auth)
+    try:
+        g = auth.grant("g-fleet", ["read_speedometer"])
+        g["collect"] = [{"scope": "read_speedometer", "mode": "periodic", "period_s": 10}]
+        assert car.apply(auth.doc(DEVICE, 1, [g], iat=int(time.time()) - 10)) == "applied"
+        t = _drive(car, 1_795_920_000.0, 3.0)
+        car.restart()
+        _drive(car, t, 19.0)
+        car.flush()
+        cloud.drain(car)
+        ts = sorted(s["t"] for s in cloud.samples["g-fleet"] if s["path"] == "Vehicle.Speed")
+        windows = [int(x // 10) for x in ts]
+        assert ts and len(windows) == len(set(windows)), ts
+    finally:
+        car.close()

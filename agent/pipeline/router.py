@@ -111,6 +111,14 @@ class GrantBatch:
             last[path] = max(last.get(path, 0.0), t)
         return {p: (t, self.mark_interval.get(p, 0.0)) for p, t in last.items()}
 
+    def last_sent(self, path: str) -> float | None:
+        """The frame time of the latest sample of ``path`` kept for this grant (open, taken or carried)."""
+        times = [t for t in (self.last_kept.get(path), self.taken_last.get(path)) if t is not None]
+        col = self.cols.get(path)
+        if col is not None and col[0]:
+            times.append(max(col[0]) / 1e6)
+        return max(times) if times else None
+
     def carry_marks(self, marks: dict[str, tuple[float, float]], scope_of: Callable[[str], str | None]) -> None:
         """Keep the marks whose path is limited at least as strictly by this batch's grant as when they were made.
 
@@ -429,6 +437,13 @@ class Pipeline:
         kept = False
         for path, t, value in out:
             scope = batch.rules.scope_of(path)
+            k = batch.rules.window_index(path, t)
+            if k is not None:
+                last = batch.last_sent(path)
+                if last is not None and batch.rules.window_index(path, last) == k:
+                    # This window was sent already: its partial content went at a shutdown (or before new terms),
+                    # and the engine that restarted cannot know. One reading per window, as the rule says.
+                    continue
             batch.rule_counts.setdefault(scope, [0, 0])[1] += 1
             lim = batch.grant.limits_for(scope)
             leaf = path.rsplit(".", 1)[-1]

@@ -102,21 +102,46 @@ class History:
             docs.append(g)
         self.ver += 1
         token = self.auth.doc(DEVICE, self.ver, docs, iat=int(time.time()) - 10)
-        before_rows = {g: n["rows"] for g, n in self.car.state.outbox.stats().items()}
+        outbox = self.car.state.outbox
         self.car.flush()
-        held = {g: n["rows"] for g, n in self.car.state.outbox.stats().items()}
+        held = {g: n["rows"] for g, n in outbox.stats().items()}
+        keys = self._wrapped_keys()
+        receipts_before = len(outbox.pending_receipts(100_000))
         wall0 = time.time()
         active = {g.id for g in self.car.state.manager.active_grants()}
         assert self.car.apply(token) == "applied"
         wall1 = time.time()
+        after = {g: n["rows"] for g, n in outbox.stats().items()}
         for gid in sorted(active - set(self.grants)):
             self.receipt_checks.append((gid, held.get(gid, 0)))
             # (c) right after the erasure: no key and no row of the revoked grant on disk.
-            assert not self.car.state.outbox.has_key(gid) and gid not in self.car.state.outbox.stats()
-        del before_rows
+            assert not outbox.has_key(gid) and gid not in after
+        # (c) a narrowing's receipt: the batches it deleted are those gone from the outbox, and the key it says is
+        # destroyed is in no byte of the outbox's files.
+        for _, token_ in outbox.pending_receipts(100_000)[receipts_before:]:
+            r = payload_of(token_)
+            if r["typ"] != "erasure" or r.get("reason") != "narrowed":
+                continue
+            gid = r["grant"]
+            assert r["batches_deleted"] == held.get(gid, 0) - after.get(gid, 0), (r, held, after)
+            if r["key_destroyed"] and gid in keys:
+                assert not self._on_disk(keys[gid]), r
         self.changes.append(Change(self.t, (wall0, wall1),
                                    {g: Terms(list(t.scopes), dict(t.hz), dict(t.period))
                                     for g, t in self.grants.items()}))
+
+    def _wrapped_keys(self) -> dict[str, bytes]:
+        import sqlite3
+
+        db = sqlite3.connect(f"{(self.car.state.dir / 'outbox.sqlite').as_uri()}?mode=ro", uri=True)
+        try:
+            return {str(g): bytes(k) for g, k in db.execute("SELECT grant_id, wrapped FROM grant_keys")}
+        finally:
+            db.close()
+
+    def _on_disk(self, needle: bytes) -> bool:
+        files = [self.car.state.dir / "outbox.sqlite", self.car.state.dir / "outbox.sqlite-wal"]
+        return any(f.exists() and needle in f.read_bytes() for f in files)
 
     def run(self, a: tuple[Any, ...]) -> None:
         kind = a[0]

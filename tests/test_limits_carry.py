@@ -145,3 +145,25 @@ def test_a_periodic_rule_sends_one_reading_per_period_across_a_restart(tmp_path:
         assert ts and len(windows) == len(set(windows)), ts
     finally:
         car.close()
+
+
+def test_a_trace_replayed_again_after_a_restart_is_a_new_time_line(tmp_path: Path, pki: TestPKI) -> None:
+    """The carried mark must not hold back a trace that starts over (frame times far before the mark): the limit
+    counts afresh in the new time line, and still holds within it."""
+    auth = Authority(tmp_path)
+    cloud = Cloud(auth)
+    car = Car(tmp_path, pki, auth)
+    try:
+        t0 = 1_795_920_000.0
+        assert car.apply(_doc(auth, 1, ["read_speedometer"])) == "applied"
+        _drive(car, t0, 20.0)
+        car.restart()
+        _drive(car, t0, 10.0)  # the same trace from its start
+        car.flush()
+        cloud.drain(car)
+        ts = [s["t"] for s in cloud.samples["g-fleet"] if s["path"] == "Vehicle.Speed"]
+        second = ts[10:]
+        assert len(ts[:10]) == 10 and len(second) == 5, ts
+        assert all(b - a >= 2.0 - 1e-6 for a, b in itertools.pairwise(second))
+    finally:
+        car.close()

@@ -508,7 +508,10 @@ class Pipeline:
         if min_interval:
             # max_hz, judged on frame time: never more than one sample per 1/max_hz s per path.
             last = batch.last_kept.get(path)
-            if last is not None and t - last < min_interval - 1e-9:
+            # Too close to the last kept sample, on either side. A frame time further back than the interval is
+            # a new time line (a trace replayed again from its start after a restart), not a faster rate: the
+            # limit counts afresh in it.
+            if last is not None and last - min_interval < t < last + min_interval - 1e-9:
                 self.counters["samples_rate_limited"] += 1
                 return False
             batch.last_kept[path] = t

@@ -215,16 +215,13 @@ class Outbox(Erasing, Receipts, Counters):
             if kept:
                 db.executemany("UPDATE batches SET terms = ? WHERE id = ?", [(terms.digest, r) for r in kept])
             return None
-        # What to search the raw files for once committed (see finish_erasure): the wrapped key about to be
-        # replaced, and a 32-byte piece of each row about to be deleted.
-        needles = [bytes(r[0]) for r in db.execute("SELECT wrapped FROM grant_keys WHERE grant_id = ?", (gid,))]
-        needles += [bytes(db.execute("SELECT substr(blob, 1, 32) FROM batches WHERE id = ?", (r,)).fetchone()[0])
-                    for r in deleted]
-        db.executemany("DELETE FROM batches WHERE id = ?", [(r,) for r in deleted])
+        # The erasure's own deletion (vgw.outbox.erasure): the rows go, and what to search the raw files for once
+        # committed (finish_erasure) is remembered: a piece of each deleted row and the wrapped key about to be
+        # replaced. A rollback forgets them again (apply_terms).
+        self._remember_key(db, gid)
+        self._delete_rows(db, gid, row_ids=deleted)
         db.executemany("UPDATE batches SET terms = ? WHERE id = ?", [(terms.digest, r) for r in kept])
         key_destroyed = self._rotate_key(db, gid, terms.digest)
-        if key_destroyed:
-            self._needles.setdefault(gid, []).extend(needles)
         self._count_locked(f"narrowed_batches:{gid}", len(deleted))
         self._count_locked(f"narrowed_samples:{gid}", samples_deleted)
         kinds = set(n.kinds) | ({NarrowingKind.TERMS_CHANGED} if unknown else set())

@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,36 +95,64 @@ class Erasing(Connection):
         yet and finishes later with :meth:`finish_erasure` (README "Receipts").
         """
         whole = older_than is None
-        cutoff = float("inf") if older_than is None else older_than
+        key_found = False
         with self._lock:
-            needles = [bytes(r[0]) for r in self._db.execute(
-                "SELECT wrapped FROM grant_keys WHERE grant_id = ?", (grant_id,))] if whole else []
-            key_found = bool(needles)
             if whole:
+                # The key first, in its own transaction: from its commit on every row of the grant is unreadable.
                 self._data_keys.pop(grant_id, None)
-                with self._tx() as db:
+                with self._forgetting_on_rollback(grant_id), self._tx() as db:
+                    key_found = self._remember_key(db, grant_id)
                     db.execute("DELETE FROM active_grants WHERE id = ?", (grant_id,))
                     db.execute("DELETE FROM grant_keys WHERE grant_id = ?", (grant_id,))
                     self._forget_rate_marks(db, grant_id)
-            # Only now, with the key gone: a 32-byte piece of each sealed row (nonce and ciphertext start)
-            # identifies it in raw bytes (reading 100k rows must not delay the key's destruction).
-            needles += [bytes(r[0]) for r in self._db.execute(
-                "SELECT substr(blob, 1, 32) FROM batches WHERE grant_id = ? AND created < ?", (grant_id, cutoff))]
-            with self._tx() as db:
-                unsent = db.execute("SELECT COUNT(*) FROM batches WHERE grant_id = ? AND created < ? AND "
-                                    "acked IS NULL", (grant_id, cutoff)).fetchone()[0]
-                rows = db.execute("DELETE FROM batches WHERE grant_id = ? AND created < ?", (grant_id, cutoff)).rowcount
-                # A revoked grant's receipt counts every row it had; retention counts the unsent ones it cut.
-                deleted = rows if whole else unsent
+            with self._forgetting_on_rollback(grant_id), self._tx() as db:
+                rows, unsent = self._delete_rows(db, grant_id, created_before=older_than)
+            # A revoked grant's receipt counts every row it had; retention counts the unsent ones it cut.
+            deleted = rows if whole else unsent
             if not whole and not rows:
                 return Erasure(grant_id=grant_id, batches_deleted=0, key_destroyed=False, key_found=False)
-            self._needles.setdefault(grant_id, []).extend(needles)
         gone = self.finish_erasure(grant_id, wait_s=wait_s)
         if not gone:
             log.warning("erasure of grant %s not verified: another process holds a read snapshot of the outbox, "
                         "so erased pages are still in its files; retried until they are gone", grant_id)
         return Erasure(grant_id=grant_id, batches_deleted=int(deleted), key_destroyed=whole and gone,
                        key_found=key_found, verified=gone)
+
+    def _remember_key(self, db: sqlite3.Connection, grant_id: str) -> bool:
+        """Remember the grant's wrapped key, about to be deleted or replaced, to search the files for; True if it
+        had one. In the caller's transaction."""
+        wrapped = [bytes(r[0]) for r in db.execute("SELECT wrapped FROM grant_keys WHERE grant_id = ?", (grant_id,))]
+        self._needles.setdefault(grant_id, []).extend(wrapped)
+        return bool(wrapped)
+
+    def _delete_rows(self, db: sqlite3.Connection, grant_id: str, *, row_ids: list[int] | None = None,
+                     created_before: float | None = None) -> tuple[int, int]:
+        """Delete the grant's rows (``row_ids``, or those created before ``created_before``, or all) in the
+        caller's transaction, remembering a 32-byte piece of each (nonce and ciphertext start: it identifies the
+        row in raw bytes) to search the files for. Returns (rows deleted, of which not yet acknowledged)."""
+        params: list[object] = []
+        if row_ids is not None:
+            where, params = f"id IN ({','.join('?' * len(row_ids))})", list(row_ids)
+        elif created_before is not None:
+            where, params = "created < ?", [created_before]
+        else:
+            where = "1"
+        query = f"FROM batches WHERE grant_id = ? AND {where}"
+        pieces = [bytes(r[0]) for r in db.execute(f"SELECT substr(blob, 1, 32) {query}", [grant_id, *params])]
+        unsent = int(db.execute(f"SELECT COUNT(*) {query} AND acked IS NULL", [grant_id, *params]).fetchone()[0])
+        rows = int(db.execute(f"DELETE {query}", [grant_id, *params]).rowcount)
+        self._needles.setdefault(grant_id, []).extend(pieces)
+        return rows, unsent
+
+    @contextmanager
+    def _forgetting_on_rollback(self, grant_id: str) -> Iterator[None]:
+        """A transaction that rolled back deleted nothing: forget what it added to search for."""
+        before = len(self._needles.get(grant_id, []))
+        try:
+            yield
+        except BaseException:
+            del self._needles.get(grant_id, [])[before:]
+            raise
 
     def _forget_rate_marks(self, db: sqlite3.Connection, grant_id: str) -> None:
         """Drop what the grant's limits remembered (when each path last sent): the grant's history goes with it."""

@@ -61,3 +61,23 @@ def test_show_describes_the_rule_as_it_acts(tmp_path: Path) -> None:
     text = "\n".join(receives)
     assert "12.505947" in text, text
     assert not any(line == "Speed: every reading" for line in receives), receives
+
+
+def test_cloud_sign_refuses_it_too(tmp_path: Path) -> None:
+    """`vgw cloud sign` checks the rules exactly as the car will: the document is never signed."""
+    from vgw.cloud.cloudkit import load_grants
+    from vgw.errors import CloudKitError
+    grants = tmp_path / "grants.toml"
+    grants.write_text(f"""
+[[grant]]
+id = "g-ins"
+scopes = ["read_location", "read_speedometer"]
+recipient = {{ kem = "X25519", pk = "{'A' * 43}" }}
+limits = {{ read_location = {{ precision_m = 1000 }} }}
+[[grant.collect]]
+path = "Vehicle.Speed"
+mode = "trigger"
+when = "{LAT} > 52.505947"
+""")
+    with pytest.raises(CloudKitError, match="limits"):
+        load_grants(grants)

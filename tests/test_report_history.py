@@ -267,3 +267,24 @@ def test_timeline_geometry_in_headless_chromium(tmp_path: Path) -> None:
     # The thermometer's row: permission only from the document that added it.
     labels = re.findall(r">([^<]*: Outside temperature)<", page)
     assert labels
+
+
+def test_sent_log_counts_a_batch_once_for_its_grant(tmp_path: Path, pki: TestPKI) -> None:
+    """A batch with a path of unknown scope (counted under '') must not add to the grant's own row twice."""
+    from vgw.outbox import OUTBOX_FILE, read_figures
+    from vgw.outbox.batches import Row
+
+    from tests.consentkit import State
+
+    auth = Authority(tmp_path)
+    s = State(tmp_path, pki, auth)
+    try:
+        assert s.manager.apply(auth.doc(DEVICE, 5, [auth.grant("g", ["read_fuel"])]), source="mqtt").status \
+            == "applied"
+        s.outbox.mark_sent(Row(1, "g", 1, b"", samples=5, scopes='{"": 2, "read_fuel": 3}'), when=1000.5)
+        log = read_figures(s.dir / OUTBOX_FILE).sent_log
+        assert ("g", "", 5, 5, 1, 1_000_500, 1_000_500) in log and ("g", "read_fuel", 5, 3, 1, 1_000_500,
+                                                                     1_000_500) in log
+        assert len(log) == 2
+    finally:
+        s.close()

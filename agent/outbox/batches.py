@@ -523,7 +523,8 @@ class Outbox(Erasing, Receipts, Counters):
                 log_rows = [(g, "", ver, row.samples, 1, t_ms, t_ms)]
                 for scope, n in sorted(per_scope.items()):
                     self._count_locked(f"sent_samples:{g}:{scope}", int(n))
-                    log_rows.append((g, str(scope), ver, int(n), 1, t_ms, t_ms))
+                    if scope:  # '' (a path whose scope is unknown) must not add to the grant's own row
+                        log_rows.append((g, str(scope), ver, int(n), 1, t_ms, t_ms))
                 db.executemany(
                     "INSERT INTO sent_log (grant_id, scope, ver, samples, batches, first_ms, last_ms) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(grant_id, scope, ver) DO UPDATE SET "

@@ -288,3 +288,50 @@ def test_sent_log_counts_a_batch_once_for_its_grant(tmp_path: Path, pki: TestPKI
         assert len(log) == 2
     finally:
         s.close()
+
+
+def test_report_of_a_real_agent_granted_withdrawn_granted_again(tmp_path: Path, pki: TestPKI, broker: Any,
+                                                                cloud: Any, channel: str, vehicle: Any) -> None:
+    """End to end (virtual CAN -> agent -> mosquitto over mutual TLS -> cloud peer): an insurer granted,
+    withdrawn, granted again; `vgw report --json` then has its two periods, each with what the app received in
+    it, and nothing sent between them."""
+    from vgw.report import collect
+    from vgw.simulators.cloud import consent_claims, grant, sign_consent
+
+    from tests.agentkit import AgentThread, write_config
+    from tests.agentkit import Authority as AgentAuthority
+
+    auth = AgentAuthority(tmp_path)
+    cfg = write_config(tmp_path, pki, broker.port, auth.trust, can={"channel": channel})
+    cloud.add_recipient("g-ins", auth.recipient("g-ins"))
+    cloud.add_recipient("g-fleet", auth.recipient("g-fleet"))
+    fleet = grant("g-fleet", ["read_odometer"], auth.recipient("g-fleet"))
+    ins = grant("g-ins", ["read_speedometer"], auth.recipient("g-ins"))
+
+    def publish(ver: int, grants: list[dict[str, Any]]) -> None:
+        cloud.publish_consent(DEVICE, sign_consent(consent_claims(DEVICE, ver, grants), auth.key))
+        assert cloud.wait_for(lambda: any(r.claims.get("ver") == ver
+                                          for r in cloud.receipts(DEVICE, "consent-applied")), 15)
+
+    def speed() -> int:
+        return len(cloud.samples(DEVICE, "g-ins"))
+
+    with AgentThread(cfg) as agent:
+        assert agent.wait_link()
+        publish(1, [fleet, ins])
+        assert cloud.wait_for(lambda: speed() >= 50, 15)
+        publish(2, [fleet])  # withdrawn
+        assert cloud.wait_for(lambda: len(cloud.receipts(DEVICE, "erasure")) == 1, 15)
+        between = speed()
+        n_fleet = len(cloud.samples(DEVICE, "g-fleet"))
+        assert cloud.wait_for(lambda: len(cloud.samples(DEVICE, "g-fleet")) > n_fleet + 5, 15)
+        assert speed() == between  # nothing while withdrawn
+        publish(3, [fleet, ins])  # granted again
+        assert cloud.wait_for(lambda: speed() >= between + 50, 15)
+    report = collect(cfg)
+    g = _grant(report, "g-ins")
+    p1, p2 = g["periods"]
+    assert p1["to"] is not None and p1["to"] < p2["from"] and p2["to"] is None
+    assert p1["samples"] == between and p2["samples"] == speed() - between
+    assert g["sent"]["samples"] == speed() == sum(sc["samples_sent"] for sc in g["scopes"])
+    assert p1["last_sent"] <= p1["to"] and p2["first_sent"] >= p2["from"]

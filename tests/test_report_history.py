@@ -173,7 +173,8 @@ def test_rule_counts_survive_a_restart(tmp_path: Path, pki: TestPKI, broker: Any
 
 
 def _seen_report() -> dict[str, Any]:
-    """The history of the Seen report, as the audit log and the sent log hold it (times of 7 Dec 2026, UTC)."""
+    """The history of a report that once lost the narrowed-away thermometer and drew one sent bar across the
+    insurer's withdrawal, as the audit log and the sent log hold it (times of 6 Dec 2026, UTC)."""
     from vgw.report import ConsentView, build_report
 
     day = 1_796_600_000.0 - 1_796_600_000.0 % 86400

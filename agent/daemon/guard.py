@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 class PipelineGuard:
     """The pipeline, each grant's recipient key and each path's scope, guarded by ``lock``.
 
-    ``lock`` guards ``pipeline``, the recipients and ``source``'s frame filters. Batches go to the writer with
+    ``lock`` guards ``pipeline``, the recipients, ``source``'s frame filters and the rule counts last handed out
+    (:meth:`take_rule_counts`). Batches go to the writer with
     the lock held, so a revocation (which takes it) sees a grant's open batch or its queued one, never neither;
     once it holds the lock no chunk is half-processed. ``source`` is the collector's open source (None while it
     has none): the collector sets it, and its filters are installed under the lock.
@@ -39,8 +40,8 @@ class PipelineGuard:
         self.batch = batch
         self.source: Any = None
         self._recipients: dict[str, Any] = {}
-        # What take_rule_counts last handed out, per grant: (its batch object's id, {scope: (decoded, kept)}).
-        self._rule_counted: dict[str, tuple[int, dict[str, tuple[int, int]]]] = {}
+        # What take_rule_counts last handed out, per grant: (the batch it counted, {scope: (decoded, kept)}).
+        self._rule_counted: dict[str, tuple[GrantBatch | None, dict[str, tuple[int, int]]]] = {}
         # Which scope each path belongs to: counted per batch for the privacy report (counts, never values).
         self._scope_of: dict[str, str] = catalogue.scope_of_path() if catalogue else {}
         if obd:
@@ -117,8 +118,8 @@ class PipelineGuard:
             for gid, batch in self.pipeline.batches.items():
                 if batch.rules is None and not batch.rule_counts:
                     continue
-                seen_id, seen = self._rule_counted.get(gid, (0, {}))
-                if seen_id != id(batch):
+                counted, seen = self._rule_counted.get(gid, (None, {}))
+                if counted is not batch:
                     seen = {}  # a new batch (granted again): its counts start at zero
                 now = {scope: (c[0], c[1]) for scope, c in batch.rule_counts.items()}
                 for scope, (decoded, kept) in now.items():
@@ -127,7 +128,7 @@ class PipelineGuard:
                         out[f"rules_decoded:{gid}:{scope}"] = decoded - before[0]
                     if kept > before[1]:
                         out[f"rules_kept:{gid}:{scope}"] = kept - before[1]
-                self._rule_counted[gid] = (id(batch), now)
+                self._rule_counted[gid] = (batch, now)
         return out
 
     # -- OBD-II (the poller's thread) -----------------------------------------------------------------

@@ -105,13 +105,13 @@ class Car:
         """Store every open batch, as the agent does every 0.2 s (rule windows stay open)."""
         with self.guard.lock:
             self.guard.flush(self.guard.pipeline.due(1, 0.0))
-        self.state.outbox.count_many(self.guard.take_rule_counts())  # as the agent's main loop does
+        self.guard.store_rule_counts(self.state.outbox.count_many)  # as the agent's main loop does
 
     def restart(self) -> None:
         """What a stop and a start of `vgw run` does: open batches stored (rule windows closed, as at shutdown),
         everything closed and opened again."""
         self.guard.flush_all()
-        self.state.outbox.count_many(self.guard.take_rule_counts())
+        self.guard.store_rule_counts(self.state.outbox.count_many)
         self.state.reopen(load=False)
         self._parts()
         self.state.manager.load_cached()

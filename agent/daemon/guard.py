@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from vgw.catalogue import Catalogue
@@ -26,8 +27,7 @@ log = logging.getLogger(__name__)
 class PipelineGuard:
     """The pipeline, each grant's recipient key and each path's scope, guarded by ``lock``.
 
-    ``lock`` guards ``pipeline``, the recipients, ``source``'s frame filters and the rule counts last handed out
-    (:meth:`take_rule_counts`). Batches go to the writer with
+    ``lock`` guards ``pipeline``, the recipients and ``source``'s frame filters. Batches go to the writer with
     the lock held, so a revocation (which takes it) sees a grant's open batch or its queued one, never neither;
     once it holds the lock no chunk is half-processed. ``source`` is the collector's open source (None while it
     has none): the collector sets it, and its filters are installed under the lock.
@@ -40,8 +40,10 @@ class PipelineGuard:
         self.batch = batch
         self.source: Any = None
         self._recipients: dict[str, Any] = {}
-        # What take_rule_counts last handed out, per grant: (the batch it counted, {scope: (decoded, kept)}).
+        # What store_rule_counts last stored, per grant: (the batch it counted, {scope: (decoded, kept)}).
+        # Guarded by its own lock, never the agent lock: the main loop must not wait for a stalled collector.
         self._rule_counted: dict[str, tuple[GrantBatch | None, dict[str, tuple[int, int]]]] = {}
+        self._rule_counted_lock = threading.Lock()
         # Which scope each path belongs to: counted per batch for the privacy report (counts, never values).
         self._scope_of: dict[str, str] = catalogue.scope_of_path() if catalogue else {}
         if obd:
@@ -109,27 +111,32 @@ class PipelineGuard:
         with self.lock:
             self.flush(self.pipeline.due(1, 0, force=True))
 
-    def take_rule_counts(self) -> dict[str, int]:
-        """What the grants' collection rules decoded and let through since the last call, as outbox counters
-        ``rules_decoded:<g>:<scope>`` and ``rules_kept:<g>:<scope>``: the privacy report's figures then survive a
-        restart of the agent (the main loop stores them with the status, and at shutdown)."""
+    def store_rule_counts(self, store: Callable[[dict[str, int]], None]) -> None:
+        """Hand ``store`` what the grants' collection rules decoded and let through since the last stored call, as
+        outbox counters ``rules_decoded:<g>:<scope>`` and ``rules_kept:<g>:<scope>``: the privacy report's
+        figures then survive a restart of the agent (the main loop stores them with the status, and at
+        shutdown). When ``store`` raises (a full disk), the same counts are handed over again next time."""
         out: dict[str, int] = {}
-        with self.lock:
-            for gid, batch in self.pipeline.batches.items():
+        taken: dict[str, tuple[GrantBatch | None, dict[str, tuple[int, int]]]] = {}
+        # Read without the agent lock, as the status writer reads the rule counts (list() copies in one step):
+        # a collector stalled with the lock held must not stop the main loop too.
+        with self._rule_counted_lock:
+            for gid, batch in list(self.pipeline.batches.items()):
                 if batch.rules is None and not batch.rule_counts:
                     continue
                 counted, seen = self._rule_counted.get(gid, (None, {}))
                 if counted is not batch:
                     seen = {}  # a new batch (granted again): its counts start at zero
-                now = {scope: (c[0], c[1]) for scope, c in batch.rule_counts.items()}
+                now = {scope: (c[0], c[1]) for scope, c in list(batch.rule_counts.items())}
                 for scope, (decoded, kept) in now.items():
                     before = seen.get(scope, (0, 0))
                     if decoded > before[0]:
                         out[f"rules_decoded:{gid}:{scope}"] = decoded - before[0]
                     if kept > before[1]:
                         out[f"rules_kept:{gid}:{scope}"] = kept - before[1]
-                self._rule_counted[gid] = (batch, now)
-        return out
+                taken[gid] = (batch, now)
+            store(out)
+            self._rule_counted.update(taken)
 
     # -- OBD-II (the poller's thread) -----------------------------------------------------------------
 

@@ -174,7 +174,7 @@ class Supervisor:
 
     def store_rule_counts(self) -> None:
         """Add what the collection rules counted since the last time to the outbox's counters (the report's)."""
-        self.outbox.count_many(self.guard.take_rule_counts())
+        self.guard.store_rule_counts(self.outbox.count_many)
 
     def audit_quota_drops(self, *, force: bool = False) -> None:
         """Audit the writer's quota drops: one entry per grant per QUOTA_AUDIT_EVERY_S at most (all: ``force``)."""

@@ -19,6 +19,7 @@ import vgw.install as inst
 from vgw.cli import main
 from vgw.config import load_config
 from vgw.errors import StorageError
+from vgw.fsutil import acting_for_owner
 from vgw.runtime import open_state
 from vgw.simulators.cloud import RecipientKey, consent_claims, grant, sign_consent
 from vgw.simulators.pki import TestPKI
@@ -39,22 +40,26 @@ def _setup(tmp_path: Path, pki: TestPKI) -> Path:
         grant("g-fleet", ["read_speedometer"], RecipientKey.generate()),
         grant("g-idle", ["read_fuel"], RecipientKey.generate())]), signer))
     assert main(["consent", "apply", "--config", str(config), str(doc)]) == 0
-    outbox, *_ = open_state(load_config(config))
-    try:
-        for _ in range(3):
-            outbox.commit_batch("g-fleet", lambda seq: b"\x01sealed-envelope-%d" % seq, 1.0, 1)
-    finally:
-        outbox.close()
+    cfg = load_config(config)
+    with acting_for_owner(cfg.state_dir):  # the agent's rows, in the service user's state dir
+        outbox, *_ = open_state(cfg)
+        try:
+            for _ in range(3):
+                outbox.commit_batch("g-fleet", lambda seq: b"\x01sealed-envelope-%d" % seq, 1.0, 1)
+        finally:
+            outbox.close()
     return config
 
 
 def _erasure_receipts(config: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    outbox, audit, *_ = open_state(load_config(config))
-    try:
-        receipts = [_claims(t) for _, t in outbox.pending_receipts(1000)]
-        return [r for r in receipts if r["typ"] == "erasure"], list(audit.entries())
-    finally:
-        outbox.close()
+    cfg = load_config(config)
+    with acting_for_owner(cfg.state_dir):
+        outbox, audit, *_ = open_state(cfg)
+        try:
+            receipts = [_claims(t) for _, t in outbox.pending_receipts(1000)]
+            return [r for r in receipts if r["typ"] == "erasure"], list(audit.entries())
+        finally:
+            outbox.close()
 
 
 def test_purge_receipts_carry_the_audit_anchor_and_what_was_found(tmp_path: Path, pki: TestPKI) -> None:

@@ -336,3 +336,28 @@ def test_report_of_a_real_agent_granted_withdrawn_granted_again(tmp_path: Path, 
     assert p1["samples"] == between and p2["samples"] == speed() - between
     assert g["sent"]["samples"] == speed() == sum(sc["samples_sent"] for sc in g["scopes"])
     assert p1["last_sent"] <= p1["to"] and p2["first_sent"] >= p2["from"]
+
+
+def test_periods_end_at_expiry_and_a_skipped_revocation() -> None:
+    """Expiry ends every period; a grant revoked by a version that a newer one superseded before it was applied
+    (and granted again by the newer one) has two periods meeting at that moment."""
+    from vgw.report import ConsentView, build_report
+
+    g = {"id": "g", "scopes": ["read_fuel"]}
+    entries = [
+        {"t": 100.0, "event": "consent-applied", "ver": 1, "grants": [g]},
+        {"t": 200.0, "event": "consent-expired", "ver": 1, "exp": 200},
+        {"t": 200.0, "event": "grant-stopped", "grant": "g", "reason": "expired", "ver": 1},
+        {"t": 300.0, "event": "consent-applied", "ver": 2, "grants": [g]},
+        {"t": 400.0, "event": "consent-applied", "ver": 4, "grants": [g]},
+        {"t": 400.5, "event": "grant-stopped", "grant": "g", "reason": "revoked", "ver": 3},
+    ]
+    log = [("g", "", 1, 5, 1, 150_000, 150_000), ("g", "", 2, 7, 1, 350_000, 350_000),
+           ("g", "", 4, 9, 1, 450_000, 450_000)]
+    view = ConsentView(ver=4, exp=10_000, expired=False, grants=(g,))
+    [r] = build_report(device="d", entries=entries, counters={}, outbox={}, consent=view, generated=500,
+                       sent_log=log)["grants"]
+    assert [(p["from"], p["to"], p["samples"]) for p in r["periods"]] == [
+        (100.0, 200.0, 5), (300.0, 400.5, 7), (400.5, None, 9)]
+    [fuel] = r["scopes"]
+    assert [(p["from"], p["to"]) for p in fuel["periods"]] == [(100.0, 200.0), (300.0, 400.5), (400.5, None)]

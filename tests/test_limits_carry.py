@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import time
 from pathlib import Path
+from typing import Any
 
 from vgw.simulators.pki import TestPKI
 
@@ -167,3 +168,40 @@ def test_a_trace_replayed_again_after_a_restart_is_a_new_time_line(tmp_path: Pat
         assert all(b - a >= 2.0 - 1e-6 for a, b in itertools.pairwise(second))
     finally:
         car.close()
+
+
+def test_limit_holds_while_documents_arrive_over_mqtt(tmp_path: Path, pki: TestPKI, broker: Any, cloud: Any,
+                                                      channel: str, vehicle: Any) -> None:
+    """End to end (virtual CAN -> agent -> mosquitto -> cloud peer): the speed limited to one reading every 2 s,
+    then 18 documents 0.7 s apart that add or remove the thermometer and keep that limit; every gap the app
+    sees is still at least 2 s."""
+    from vgw.simulators.cloud import consent_claims, grant, sign_consent
+
+    from tests.agentkit import AgentThread, write_config
+    from tests.agentkit import Authority as AgentAuthority
+
+    auth = AgentAuthority(tmp_path)
+    cfg = write_config(tmp_path, pki, broker.port, auth.trust, can={"channel": channel})
+    cloud.add_recipient("g-fleet", auth.recipient("g-fleet"))
+
+    def doc(ver: int, scopes: list[str]) -> str:
+        g = grant("g-fleet", scopes, auth.recipient("g-fleet"), limits={"read_speedometer": {"max_hz": 0.5}})
+        return sign_consent(consent_claims(DEVICE, ver, [g]), auth.key)
+
+    def speeds() -> list[float]:
+        return sorted(s.t for s in cloud.samples(DEVICE, "g-fleet") if s.path == "Vehicle.Speed")
+
+    with AgentThread(cfg) as agent:
+        assert agent.wait_link()
+        cloud.publish_consent(DEVICE, doc(1, ["read_speedometer"]))
+        assert cloud.wait_for(lambda: len(speeds()) >= 1, 15)
+        for ver in range(2, 20):
+            time.sleep(0.7)  # the pace of the documents is the point here, not a wait for a condition
+            cloud.publish_consent(DEVICE, doc(ver, ["read_speedometer", "read_thermometer"] if ver % 2 else
+                                               ["read_speedometer"]))
+        assert cloud.wait_for(lambda: any(r.claims.get("ver") == 19
+                                          for r in cloud.receipts(DEVICE, "consent-applied")), 15)
+        n = len(speeds())
+        assert cloud.wait_for(lambda: len(speeds()) >= n + 2, 15)
+    gaps = [b - a for a, b in itertools.pairwise(speeds())]
+    assert len(gaps) >= 5 and min(gaps) >= 2.0 - 1e-3, gaps

@@ -46,7 +46,8 @@ class SealJob:
     first_t: float
     scopes: dict[str, int]
     terms: str | None  # the digest of the terms it was collected under (None: those in force)
-    marks: dict[str, tuple[float, float]] | None = None  # rate marks to keep with it (Outbox.rate_marks)
+    # path -> (frame time, max_hz interval, scope): rate marks to keep with it (Outbox.rate_marks)
+    marks: dict[str, tuple[float, float, str]] | None = None
 
 
 class BatchWriter:

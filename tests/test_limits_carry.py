@@ -205,3 +205,23 @@ def test_limit_holds_while_documents_arrive_over_mqtt(tmp_path: Path, pki: TestP
         assert cloud.wait_for(lambda: len(speeds()) >= n + 2, 15)
     gaps = [b - a for a, b in itertools.pairwise(speeds())]
     assert len(gaps) >= 5 and min(gaps) >= 2.0 - 1e-3, gaps
+
+
+def test_a_withdrawn_scope_or_grant_leaves_no_rate_mark(tmp_path: Path, pki: TestPKI) -> None:
+    """When each path last sent is timing data about the drive: it goes with the scope narrowed away, and with
+    the grant revoked (the one erasure routine)."""
+    auth = Authority(tmp_path)
+    car = Car(tmp_path, pki, auth)
+    try:
+        t = 1_795_920_000.0
+        assert car.apply(_doc(auth, 1, ["read_speedometer", "read_thermometer"])) == "applied"
+        t = _drive(car, t, 3.0)
+        car.flush()
+        assert set(car.state.outbox.rate_marks()["g-fleet"]) == {SPEED[0], TEMP[0]}
+        assert car.apply(_doc(auth, 2, ["read_speedometer"])) == "applied"
+        assert set(car.state.outbox.rate_marks()["g-fleet"]) == {SPEED[0]}
+        _drive(car, t, 1.0)
+        assert car.apply(auth.doc(DEVICE, 3, [], iat=int(time.time()) - 10)) == "applied"
+        assert car.state.outbox.rate_marks() == {}
+    finally:
+        car.close()

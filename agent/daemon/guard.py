@@ -97,7 +97,8 @@ class PipelineGuard:
                 scope = self._scope_of.get(path, "")
                 per_scope[scope] = per_scope.get(scope, 0) + len(times)
             self.writer.submit(SealJob(grant, recipient, cols, n, first_t, per_scope, terms_digest(grant),
-                                       batch.marks() or None))
+                                       {p: (t, iv, self._scope_of.get(p, "")) for p, (t, iv) in batch.marks().items()}
+                                       or None))
 
     def flush_due(self) -> None:
         """Flush the batches that are full or old enough (the main loop, when no collector does it)."""

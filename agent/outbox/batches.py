@@ -82,7 +82,7 @@ class NewBatch:
     samples: int
     scopes: dict[str, int] | None = None
     terms: str | None = None
-    marks: dict[str, tuple[float, float]] | None = None
+    marks: dict[str, tuple[float, float, str]] | None = None  # path -> (frame time, interval, scope)
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +168,11 @@ class Outbox(Erasing, Receipts, Counters):
                            "SET value = excluded.value", (str(ver),))
             db.execute(f"DELETE FROM active_grants WHERE id NOT IN ({','.join('?' * len(ids))})",  # noqa: S608
                        ids)
+            for gid in ids:
+                # A scope withdrawn leaves no trace of when its paths last sent (README "Limits hold across updates").
+                held = sorted(grants[gid].scopes)
+                db.execute(f"DELETE FROM rate_marks WHERE grant_id = ? AND scope NOT IN "  # noqa: S608 - "?" only
+                           f"({','.join('?' * len(held))})", [gid, *held])
             db.executemany("INSERT INTO active_grants (id, terms) VALUES (?, ?) "
                            "ON CONFLICT(id) DO UPDATE SET terms = excluded.terms",
                            [(g, grants[g].digest) for g in ids])
@@ -338,7 +343,7 @@ class Outbox(Erasing, Receipts, Counters):
 
     def _commit_in(self, db: sqlite3.Connection, grant_id: str, make_payload: Callable[[int], bytes],
                    first_t: float, samples: int, quota_bytes: int | None, scopes: dict[str, int] | None,
-                   terms: str | None, marks: dict[str, tuple[float, float]] | None = None) -> Committed:
+                   terms: str | None, marks: dict[str, tuple[float, float, str]] | None = None) -> Committed:
         active = db.execute("SELECT terms FROM active_grants WHERE id = ?", (grant_id,)).fetchone()
         if active is None or grant_id in self._withheld:
             raise GrantNotActive(f"grant {grant_id!r} is not active; batch discarded")
@@ -363,10 +368,10 @@ class Outbox(Erasing, Receipts, Counters):
         if marks:
             # With the batch, in its transaction: a stored sample's mark is never lost to a restart, and a batch
             # that was not stored leaves no mark (README "Limits hold across updates").
-            db.executemany("INSERT INTO rate_marks (grant_id, path, t, min_interval) VALUES (?, ?, ?, ?) "
+            db.executemany("INSERT INTO rate_marks (grant_id, path, t, min_interval, scope) VALUES (?, ?, ?, ?, ?) "
                            "ON CONFLICT(grant_id, path) DO UPDATE SET t = excluded.t, "
-                           "min_interval = excluded.min_interval",
-                           [(grant_id, p, t, iv) for p, (t, iv) in sorted(marks.items())])
+                           "min_interval = excluded.min_interval, scope = excluded.scope",
+                           [(grant_id, p, t, iv, scope) for p, (t, iv, scope) in sorted(marks.items())])
         dropped: dict[str, int] = {}
         if quota_bytes is not None:
             dropped = self._fit_quota(db, grant_id, int(cur.lastrowid or 0), quota_bytes)

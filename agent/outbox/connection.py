@@ -49,7 +49,7 @@ _SCHEMA = (
     "token TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID",
     "CREATE TABLE IF NOT EXISTS rate_marks (grant_id TEXT NOT NULL, path TEXT NOT NULL, t REAL NOT NULL, "
-    "min_interval REAL NOT NULL, PRIMARY KEY (grant_id, path)) WITHOUT ROWID",
+    "min_interval REAL NOT NULL, scope TEXT NOT NULL DEFAULT '', PRIMARY KEY (grant_id, path)) WITHOUT ROWID",
     "CREATE TABLE IF NOT EXISTS sent_log (grant_id TEXT NOT NULL, scope TEXT NOT NULL, ver INTEGER NOT NULL, "
     "samples INTEGER NOT NULL, batches INTEGER NOT NULL, first_ms INTEGER NOT NULL, last_ms INTEGER NOT NULL, "
     "PRIMARY KEY (grant_id, scope, ver)) WITHOUT ROWID",

@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import math
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vgw.errors import ConfigError, MissingFileError
-from vgw.fsutil import read_small_file
+from vgw.fsutil import MAX_CONFIG_BYTES, load_toml
 
 DEVICE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _TOPIC_PREFIX = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
 
 # Damaged or hostile config files (docs/guarantees.md, "Damaged files"): a ConfigError, never a traceback.
-MAX_CONFIG_BYTES = 1024 * 1024  # read no more: a config file is a few kB; /dev/zero must not fill memory
 MAX_DURATION_OR_RATE = 1e9  # float settings (seconds, Hz): finite and below threading.TIMEOUT_MAX (~9.2e9 s)
 MAX_INTEGER = 2**63 - 1  # integer settings fit a C long and SQLite INTEGER
 
@@ -248,19 +246,9 @@ def load_config(path: str | Path) -> Config:
     except (ValueError, RuntimeError, OSError) as exc:
         raise ConfigError(f"{_shown(str(path))}: not a usable path for a config file") from exc
     try:
-        raw = read_small_file(path, what="config file", max_bytes=MAX_CONFIG_BYTES, error=ConfigError)
+        doc = load_toml(path, what="config file", max_bytes=MAX_CONFIG_BYTES, error=ConfigError)
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from exc
-    try:
-        doc = tomllib.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
-    except RecursionError as exc:  # tomllib parses nested arrays and inline tables recursively
-        raise ConfigError(f"{path}: invalid TOML: arrays or tables nested too deeply") from exc
     return config_from_dict(doc, path)
 
 

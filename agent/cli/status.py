@@ -39,13 +39,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def collect_status(config_path: str) -> dict[str, Any]:
     from vgw.config import load_config
     from vgw.consent.store import ConsentStore
-    from vgw.runtime import STATUS_FILE, AgentLock
+    from vgw.runtime import AgentLock
     from vgw.stateview import read_state
 
     cfg = load_config(config_path)
     state = read_state(cfg)
     running = AgentLock.held_by_other(cfg.state_dir)
-    live = read_live_status(cfg.state_dir / STATUS_FILE)
+    live = read_live_status(cfg.state_dir)
     consent = state.consent
     grants = [{"id": g.id, "scopes": list(g.scopes), "expires": consent.exp}
               for g in state.active_grants()] if consent else []
@@ -159,16 +159,14 @@ def human_age(seconds: float) -> str:
     return f"{s // 86400} d {s % 86400 // 3600} h ago"
 
 
-def read_live_status(path: Path) -> dict[str, Any]:
+def read_live_status(state_dir: Path) -> dict[str, Any]:
     """The running agent's status file with its known fields checked: a damaged or hand-edited file (not JSON,
     not an object, a time no calendar shows, counters that are not numbers) must not break `vgw status`.
-    A field that fails its check is dropped, as if the agent had not written it."""
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        return {}
-    if not isinstance(raw, dict):
-        return {}
+    A field that fails its check is dropped, as if the agent had not written it. Raises StorageError for a file
+    the agent never writes (see :func:`vgw.daemon.statedir.read_status_file`)."""
+    from vgw.daemon.statedir import read_status_file
+
+    raw = read_status_file(state_dir)
     live: dict[str, Any] = dict(raw)
     for key in ("link", "link_error"):
         if not isinstance(live.get(key), str):

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from vgw.audit import AuditLog
+from vgw.catalogue import MAX_DBC_BYTES
 from vgw.config import Config, load_config
 from vgw.consent.intake import ConsentIntake
 from vgw.consent.manager import ConsentManager
@@ -29,6 +30,7 @@ from vgw.daemon.guard import PipelineGuard
 from vgw.daemon.health import Health
 from vgw.daemon.status import StatusView
 from vgw.errors import StorageError, VgwError
+from vgw.fsutil import MAX_CONFIG_BYTES, read_small_file
 from vgw.logs import apply_config_level
 from vgw.outbox import Outbox
 from vgw.sdnotify import notify, watchdog_interval
@@ -252,11 +254,14 @@ class Supervisor:
 
 
 def catalogue_digest(cfg: Config) -> str:
-    """A digest of the DBC and signal map files' bytes (a reload compares it; unreadable files count as changed)."""
+    """A digest of the DBC and signal map files' bytes (a reload compares it). A file that cannot be read as
+    the loaders read it (missing, a FIFO, a device, over its cap) counts as changed and is not read: a FIFO must
+    not block the main loop, nor /dev/zero fill memory."""
     h = hashlib.sha256()
-    for path in [*cfg.can.dbc, cfg.can.signal_map] if cfg.can is not None else []:
+    files = [(p, MAX_DBC_BYTES) for p in cfg.can.dbc] + [(cfg.can.signal_map, MAX_CONFIG_BYTES)] if cfg.can else []
+    for path, cap in files:
         try:
-            h.update(path.read_bytes())
-        except OSError:
+            h.update(read_small_file(path, what="file", max_bytes=cap))
+        except (OSError, VgwError):
             h.update(b"unreadable:" + str(path).encode())
     return h.hexdigest()

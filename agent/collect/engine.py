@@ -170,6 +170,17 @@ class RuleEngine:
         """The scope ``path`` was fed under (every path the engine returns was fed to it)."""
         return self._scopes[path]
 
+    def window_index(self, path: str, t: float) -> int | None:
+        """The index of the periodic or aggregate window a sample at ``t`` of ``path`` belongs to (an aggregate's
+        ``t`` is its window's end); None when another mode, or none, decides the path."""
+        scope = self._scopes.get(path)
+        rule = self._by_path.get(path) or (self._by_scope.get(scope) if scope is not None else None)
+        if rule is None or rule.mode is Mode.ON_CHANGE or rule.mode is Mode.TRIGGER:
+            return None
+        if rule.mode is Mode.PERIODIC:
+            return math.floor(t / rule.period_s)
+        return math.ceil(t / rule.window_s - 1e-9) - 1
+
     def held(self) -> int:
         """How many samples the engine holds in memory (trigger histories and open windows)."""
         return sum(len(t.history) for t in self._triggers.values()) + len(self._windows)

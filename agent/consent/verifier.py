@@ -18,7 +18,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from vgw.collect.budget import Tally
 from vgw.collect.rules import RuleError, parse_rules
-from vgw.consent.model import KEM_PK_LENGTH, Consent, Grant, Limits, Recipient
+from vgw.consent.model import KEM_PK_LENGTH, Consent, Grant, Limits, Recipient, limited_scopes
 from vgw.errors import (
     AlgorithmError,
     BadClaimError,
@@ -262,7 +262,7 @@ def _grants(raw: Any, ver: int) -> tuple[Grant, ...]:
         recipient = _recipient(g.get("recipient"), ver, gid)
         # Collection rules (README "Collection rules"): one bad rule rejects the whole document, like any other rule.
         try:
-            collect = parse_rules(g.get("collect"), scopes)
+            collect = parse_rules(g.get("collect"), scopes, limited_scopes(scopes, limits))
             # Budgets per agent (docs/guarantees.md "Budgets"): a document within every size limit must still
             # not take a core or the memory; counted grant by grant, so the rest is not even read.
             usage.add(collect)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import xml.parsers.expat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,24 +56,35 @@ class Catalogue:
         return {s.path: s.scope for s in self.specs}
 
 
-# -- the DBC budget: what a Raspberry Pi can hold of the DBC files of one agent, all files together -----------------
+# -- the description budget: what a Raspberry Pi can hold of the vehicle descriptions of one agent, all files together --
 # cantools builds about 3.3 kB per signal and 300-400 bytes per word it reads (value tables, attributes and
 # comments included), and takes 10-20 µs per word here. So the files are counted before cantools parses them
 # (:func:`dbc_counts`: a scan that holds no more than the file's bytes), and a set beyond any cap is refused.
 # At every cap together a load takes about 200 MB and 10 s on this machine (docs/performance.md, "A big DBC").
+# The XML formats (ARXML, KCD) are counted the same way by a streaming parse that keeps nothing: each element,
+# attribute and text is one word (what ElementTree turns into an object); SYM is a text format of words like
+# DBC. Their messages and signals are counted after cantools parsed them, against the same caps.
 MAX_DBC_BYTES = 16 * 1024 * 1024  # one file; a full-vehicle DBC is a few MB
-MAX_DBC_MESSAGES = 4096  # BO_ definitions
-MAX_DBC_SIGNALS = 16_384  # SG_ definitions
+MAX_DBC_MESSAGES = 4096  # BO_ definitions (messages, in every format)
+MAX_DBC_SIGNALS = 16_384  # SG_ definitions (signals, in every format)
 MAX_DBC_WORDS = 500_000  # names, numbers and strings: what cantools' tokenizer turns into objects
 
 _BO = re.compile(rb"^[ \t]*BO_[ \t]", re.MULTILINE)
 _SG = re.compile(rb"^[ \t]*SG_[ \t]", re.MULTILINE)
 _WORD = re.compile(rb'"(?:[^"\\]|\\.)*"|[^\s"]+')
 
+#: The formats cantools.database.load_file reads as a CAN database, by file extension (README "Vehicle
+#: descriptions"); a file with another extension is recognised by its content.
+FORMATS = {".dbc": "dbc", ".arxml": "arxml", ".kcd": "kcd", ".sym": "sym"}
+_NAMES = {"dbc": "DBC", "arxml": "ARXML", "kcd": "KCD", "sym": "SYM"}
+_XML_ROOTS = {"AUTOSAR": "arxml", "NetworkDefinition": "kcd"}
+_SYM_HEADER = re.compile(rb"^[ \t]*FormatVersion[ \t]*=", re.MULTILINE)
+_XML_START = re.compile(rb"^(?:\xef\xbb\xbf)?\s*<")
+
 
 @dataclass(frozen=True)
 class DbcCounts:
-    """What a DBC file asks cantools to build: message and signal definitions, and words."""
+    """What a vehicle description asks cantools to build: message and signal definitions, and words."""
 
     messages: int
     signals: int
@@ -89,34 +101,126 @@ def dbc_counts(raw: bytes, *, max_words: int = MAX_DBC_WORDS) -> DbcCounts:
     return DbcCounts(sum(1 for _ in _BO.finditer(raw)), sum(1 for _ in _SG.finditer(raw)), words)
 
 
+class _XmlRefused(Exception):
+    """The streaming scan of an XML description stopped: a DTD, or past the word cap."""
+
+
+def xml_scan(text: str, *, max_words: int = MAX_DBC_WORDS) -> tuple[str, int]:
+    """Scan an XML description without building it: (root element's local name, words), where elements,
+    attributes and texts are words and the count stops just past ``max_words``. Raises :class:`ValueError`
+    for XML that is not well formed or declares a DTD.
+
+    A vehicle description needs no DTD, and a DTD is what entity tricks need (billion laughs, external
+    entities that read local files: OWASP "XML External Entity Prevention"), so any DOCTYPE is refused before
+    cantools' parser (xml.etree) sees the text; this scan uses the same parser (expat) on the same text."""
+    parser = xml.parsers.expat.ParserCreate()
+    root = ""
+    words = 0
+
+    def start(tag: str, attrs: dict[str, str]) -> None:
+        nonlocal root, words
+        root = root or tag.rpartition(":")[2]
+        words += 1 + len(attrs)
+        if words > max_words:
+            raise _XmlRefused("past the cap")
+
+    def chars(data: str) -> None:
+        nonlocal words
+        if not data.isspace():
+            words += 1
+            if words > max_words:
+                raise _XmlRefused("past the cap")
+
+    def doctype(*_: object) -> None:
+        raise _XmlRefused("a DOCTYPE declaration (DTD) is not allowed in a vehicle description")
+
+    parser.StartElementHandler = start
+    parser.CharacterDataHandler = chars
+    parser.StartDoctypeDeclHandler = doctype
+    parser.EntityDeclHandler = doctype
+    try:
+        parser.Parse(text, True)
+    except _XmlRefused as exc:
+        if str(exc) != "past the cap":
+            raise ValueError(str(exc)) from None
+    except xml.parsers.expat.ExpatError as exc:
+        raise ValueError(f"not well-formed XML: {exc}") from None
+    return root, words
+
+
+def description_format(path: Path, raw: bytes) -> str:
+    """The cantools format of a vehicle description: by extension (:data:`FORMATS`), else by content (an
+    AUTOSAR or KCD XML root element, a SYM ``FormatVersion=`` header, else DBC). Raises ConfigError for a
+    diagnostics database (.cdd), which describes no CAN frames."""
+    suffix = path.suffix.lower()
+    if suffix in FORMATS:
+        return FORMATS[suffix]
+    if suffix == ".cdd":
+        raise ConfigError(f"{path}: a .cdd file is a diagnostics database, not a CAN description (README "
+                          "\"Vehicle descriptions\" lists the formats)")
+    if _XML_START.match(raw):
+        try:
+            root, _ = xml_scan(raw.decode("utf-8-sig", errors="replace"), max_words=1)
+        except ValueError as exc:
+            raise ConfigError(f"{path}: vehicle description rejected: {exc}") from None
+        if root in _XML_ROOTS:
+            return _XML_ROOTS[root]
+        raise ConfigError(f"{path}: XML root element {root!r} is neither AUTOSAR (ARXML) nor NetworkDefinition "
+                          "(KCD); refused")
+    if _SYM_HEADER.search(raw[:65536]):
+        return "sym"
+    return "dbc"
+
+
 def _check_budget(path: Path, total: DbcCounts) -> None:
     for count, cap, what in ((total.messages, MAX_DBC_MESSAGES, "messages"),
                              (total.signals, MAX_DBC_SIGNALS, "signals"),
                              (total.words, MAX_DBC_WORDS, "words (names, numbers and strings)")):
         if count > cap:
             shown = f"at least {count}" if cap is MAX_DBC_WORDS else str(count)
-            raise ConfigError(f"{path}: DBC budget exceeded: {shown} {what}, more than the {cap} allowed (all DBC "
-                              "files together); refused: keep the messages the signal map uses")
+            raise ConfigError(f"{path}: DBC budget exceeded: {shown} {what}, more than the {cap} allowed (all "
+                              "vehicle description files together); refused: keep the messages the signal map "
+                              "uses")
 
 
 def load_dbc(paths: Iterable[Path], *, strict: bool = True) -> Database:
-    """Load one or more DBC files into one database. Raises ConfigError naming the file and cantools' reason, or
-    the cap of the DBC budget that the files, counted together before each is parsed, go beyond."""
+    """Load one or more vehicle descriptions (DBC, ARXML, KCD, SYM: :func:`description_format`) into one
+    database, each as ``cantools.database.load_file`` reads it (``strict=False``: as ``cantools --no-strict``).
+    Raises ConfigError naming the file and cantools' reason, or the cap of the description budget that the
+    files, counted together (before each is parsed where the format allows), go beyond."""
     db = cantools.database.can.Database(strict=strict)
     total = DbcCounts(0, 0, 0)
-    for path in paths:
+    for path in map(Path, paths):
+        what = _NAMES.get(FORMATS.get(path.suffix.lower(), ""), "vehicle description")
         try:
-            raw = read_small_file(Path(path), what="DBC file", max_bytes=MAX_DBC_BYTES, error=ConfigError)
+            raw = read_small_file(path, what=f"{what} file", max_bytes=MAX_DBC_BYTES, error=ConfigError)
         except FileNotFoundError:
-            raise ConfigError(f"{path}: DBC file not found") from None
-        total += dbc_counts(raw, max_words=MAX_DBC_WORDS - total.words)
-        _check_budget(Path(path), total)
+            raise ConfigError(f"{path}: {what} file not found") from None
+        fmt = description_format(path, raw)
+        before = (len(db.messages), sum(len(m.signals) for m in db.messages))
         try:
-            db.add_dbc_string(raw.decode("cp1252").replace("\r\n", "\n").replace("\r", "\n"))
+            if fmt == "dbc":
+                total += dbc_counts(raw, max_words=MAX_DBC_WORDS - total.words)
+                _check_budget(path, total)
+                db.add_dbc_string(raw.decode("cp1252").replace("\r\n", "\n").replace("\r", "\n"))
+            elif fmt == "sym":
+                total += DbcCounts(0, 0, dbc_counts(raw, max_words=MAX_DBC_WORDS - total.words).words)
+                _check_budget(path, total)
+                db.add_sym_string(raw.decode("cp1252").replace("\r\n", "\n").replace("\r", "\n"))
+            else:
+                text = raw.decode("utf-8-sig", errors="replace")
+                total += DbcCounts(0, 0, xml_scan(text, max_words=MAX_DBC_WORDS - total.words)[1])
+                _check_budget(path, total)
+                (db.add_arxml_string if fmt == "arxml" else db.add_kcd_string)(text)
+        except ConfigError:
+            raise
         except Exception as exc:  # cantools raises many types (ParseError, Error, ValueError...)
             hint = " (set dbc_strict = false in [can] to load it leniently)" if strict else ""
             msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise ConfigError(f"{path}: DBC rejected: {msg}{hint}") from exc
+            raise ConfigError(f"{path}: {_NAMES[fmt]} rejected: {msg}{hint}") from exc
+        if fmt != "dbc":  # the DBC pre-scan counted them already
+            total += DbcCounts(len(db.messages) - before[0], sum(len(m.signals) for m in db.messages) - before[1], 0)
+            _check_budget(path, total)
     return db
 
 

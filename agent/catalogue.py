@@ -217,6 +217,7 @@ def load_dbc(paths: Iterable[Path], *, strict: bool = True) -> Database:
         except Exception as exc:  # cantools raises many types (ParseError, Error, ValueError...)
             hint = " (set dbc_strict = false in [can] to load it leniently)" if strict else ""
             msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            msg = msg.removeprefix(f"{_NAMES[fmt]}: ")  # cantools names the format too
             raise ConfigError(f"{path}: {_NAMES[fmt]} rejected: {msg}{hint}") from exc
         if fmt != "dbc":  # the DBC pre-scan counted them already
             total += DbcCounts(len(db.messages) - before[0], sum(len(m.signals) for m in db.messages) - before[1], 0)
@@ -259,7 +260,14 @@ def catalogue_from_map(db: Database, doc: dict[str, Any], where: Path) -> Catalo
         try:
             message = db.get_message_by_name(msg_name)
         except KeyError:
-            raise ConfigError(f"{at}: no message {msg_name!r} in the DBC files") from None
+            container = next((m.name for m in db.messages if m.is_container
+                              and any(c.name == msg_name for c in m.contained_messages or ())), None)
+            if container is not None:
+                # A contained PDU has no CAN id of its own: it travels inside a container frame behind a
+                # header (AUTOSAR multiplexed I-PDUs), which vgw does not unpack.
+                raise ConfigError(f"{at}: message {msg_name!r} is carried only inside the container PDU "
+                                  f"{container!r}; container PDUs are not supported") from None
+            raise ConfigError(f"{at}: no message {msg_name!r} in the vehicle description files") from None
         try:
             signal = message.get_signal_by_name(sig_name)
         except KeyError:

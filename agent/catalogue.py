@@ -1,4 +1,5 @@
-"""The signal catalogue: DBC files plus the signal map (README "Configuration (TOML)"), as one in-memory model.
+"""The signal catalogue: vehicle descriptions (DBC, ARXML, KCD, SYM) plus the signal map (README "Configuration
+(TOML)"), as one in-memory model.
 
 Each mapped DBC signal becomes a :class:`SignalSpec` (message, signal, VSS path, scope). A DBC signal that
 no entry maps is unknown to the agent: never decoded, stored or sent. Loading validates everything a typo
@@ -73,8 +74,8 @@ _BO = re.compile(rb"^[ \t]*BO_[ \t]", re.MULTILINE)
 _SG = re.compile(rb"^[ \t]*SG_[ \t]", re.MULTILINE)
 _WORD = re.compile(rb'"(?:[^"\\]|\\.)*"|[^\s"]+')
 
-#: The formats cantools.database.load_file reads as a CAN database, by file extension (README "Vehicle
-#: descriptions"); a file with another extension is recognised by its content.
+#: The formats cantools.database.load_file reads as a CAN database, by file extension (docs/vehicles.md
+#: "Vehicle descriptions"); a file with another extension is recognised by its content.
 FORMATS = {".dbc": "dbc", ".arxml": "arxml", ".kcd": "kcd", ".sym": "sym"}
 _NAMES = {"dbc": "DBC", "arxml": "ARXML", "kcd": "KCD", "sym": "SYM"}
 _XML_ROOTS = {"AUTOSAR": "arxml", "NetworkDefinition": "kcd"}
@@ -156,8 +157,8 @@ def description_format(path: Path, raw: bytes) -> str:
     if suffix in FORMATS:
         return FORMATS[suffix]
     if suffix == ".cdd":
-        raise ConfigError(f"{path}: a .cdd file is a diagnostics database, not a CAN description (README "
-                          "\"Vehicle descriptions\" lists the formats)")
+        raise ConfigError(f"{path}: a .cdd file is a diagnostics database, not a CAN description "
+                          "(docs/vehicles.md \"Vehicle descriptions\" lists the formats)")
     if _XML_START.match(raw):
         try:
             root, _ = xml_scan(raw.decode("utf-8-sig", errors="replace"), max_words=1)

@@ -109,8 +109,8 @@ SIGNAL_SOURCES: dict[str, Getter] = {
 
 
 def load_dbc(path: str | os.PathLike[str]) -> Database:
-    """Load a vehicle description strictly, as the agent does (any format of README "Vehicle descriptions",
-    within its budget). Raises :class:`ConfigError` naming the file if it is missing or invalid."""
+    """Load a vehicle description strictly, as the agent does (any format docs/vehicles.md "Vehicle
+    descriptions" lists, within its budget). Raises :class:`ConfigError` naming the file if it is missing or invalid."""
     return catalogue.load_dbc([Path(path)], strict=True)
 
 

@@ -20,7 +20,7 @@ import cantools
 import pytest
 from cantools.database.can.database import Database
 from cantools.database.errors import DecodeError
-from vgw.catalogue import load_dbc
+from vgw.catalogue import load_catalogue, load_dbc
 from vgw.errors import ConfigError
 from vgw.pipeline.decoder import MessageDecoder
 
@@ -87,3 +87,28 @@ def test_vgw_loads_what_cantools_loads_and_decodes_it_the_same(path: str, strict
             if len(found) >= 5:
                 break
     assert not found, "\n".join(found[:5])
+
+
+def _signal_map(tmp_path: Path, message: str, signal: str) -> Path:
+    smap = tmp_path / "signals.toml"
+    smap.write_text(f'[[signal]]\nmessage = "{message}"\nsignal = "{signal}"\npath = "Vehicle.Speed"\n'
+                    'scope = "read_speedometer"\n')
+    return smap
+
+
+def test_an_arxml_is_recognised_by_its_content_and_maps_its_frames(tmp_path: Path) -> None:
+    """AUTOSAR 4 under a neutral name: recognised by its root element; a frame's signal maps as in a DBC."""
+    copy = tmp_path / "vehicle.xml"
+    copy.write_bytes((FOLDER / "system-4.2.arxml").read_bytes())
+    catalogue = load_catalogue([copy], _signal_map(tmp_path, "Message1", "message1_SeqCounter"))
+    [spec] = catalogue.specs
+    assert catalogue.messages[spec.frame_id].name == "Message1"
+
+
+def test_a_pdu_carried_only_inside_a_container_is_refused_by_name(tmp_path: Path) -> None:
+    """AUTOSAR container PDUs are not unpacked: mapping a contained PDU says so, naming the container."""
+    arxml = FOLDER / "system-4.2.arxml"
+    smap = _signal_map(tmp_path, "message2", "signal3")
+    with pytest.raises(ConfigError, match=r"signal #1 \(message2\.signal3\): message 'message2' is carried only "
+                                          r"inside the container PDU 'OneToContainThemAll'; container PDUs are not"):
+        load_catalogue([arxml], smap)

@@ -57,7 +57,7 @@ class Catalogue:
         return {s.path: s.scope for s in self.specs}
 
 
-# -- the description budget: what a Raspberry Pi can hold of the vehicle descriptions of one agent, all files together --
+# -- the description budget: what a Raspberry Pi holds of the vehicle descriptions of one agent, all files together --
 # cantools builds about 3.3 kB per signal and 300-400 bytes per word it reads (value tables, attributes and
 # comments included), and takes 10-20 µs per word here. So the files are counted before cantools parses them
 # (:func:`dbc_counts`: a scan that holds no more than the file's bytes), and a set beyond any cap is refused.

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import can
-import cantools
 from cantools.database.can import Database, Message
 from vgw import catalogue
 from vgw.errors import ConfigError, SourceError, SourceOpenError

@@ -23,7 +23,6 @@ from cantools.database.errors import DecodeError
 from hypothesis import strategies as st
 from vgw.pipeline.decoder import FieldLayout, MessageDecoder
 
-
 CACHE = Path(os.environ.get("VGW_TEST_CORPUS", Path(tempfile.gettempdir()) / "vgw-test-corpus"))
 
 

@@ -1,6 +1,7 @@
-"""`[can] dbc` takes every vehicle description cantools reads (docs/vehicles.md, "Vehicle descriptions"): DBC, ARXML, KCD,
-SYM, by extension or by content, within the same budget as a DBC, with no DTD in an XML description, and one-line
-errors naming the file. (Conformance with cantools over its own test files: tests/test_decoder_formats.py.)"""
+"""`[can] dbc` takes every vehicle description cantools reads (docs/vehicles.md, "Vehicle descriptions"): DBC,
+ARXML, KCD, SYM, by extension or by content, within the same budget as a DBC, with no DTD in an XML description,
+and one-line errors naming the file. (Conformance with cantools over its own test files:
+tests/test_decoder_formats.py.)"""
 
 from __future__ import annotations
 

@@ -102,10 +102,6 @@ def dbc_counts(raw: bytes, *, max_words: int = MAX_DBC_WORDS) -> DbcCounts:
     return DbcCounts(sum(1 for _ in _BO.finditer(raw)), sum(1 for _ in _SG.finditer(raw)), words)
 
 
-class _XmlRefused(Exception):
-    """The streaming scan of an XML description stopped: a DTD, or past the word cap."""
-
-
 def xml_scan(text: str, *, max_words: int = MAX_DBC_WORDS) -> tuple[str, int]:
     """Scan an XML description without building it: (root element's local name, words), where elements,
     attributes and texts are words and the count stops just past ``max_words``. Raises :class:`ValueError`
@@ -117,23 +113,26 @@ def xml_scan(text: str, *, max_words: int = MAX_DBC_WORDS) -> tuple[str, int]:
     parser = xml.parsers.expat.ParserCreate()
     root = ""
     words = 0
+    over = False  # the scan stopped at the cap (raising from a handler is the way to stop expat)
+
+    def count(n: int) -> None:
+        nonlocal words, over
+        words += n
+        if words > max_words:
+            over = True
+            raise ValueError("past the word cap")
 
     def start(tag: str, attrs: dict[str, str]) -> None:
-        nonlocal root, words
+        nonlocal root
         root = root or tag.rpartition(":")[2]
-        words += 1 + len(attrs)
-        if words > max_words:
-            raise _XmlRefused("past the cap")
+        count(1 + len(attrs))
 
     def chars(data: str) -> None:
-        nonlocal words
         if not data.isspace():
-            words += 1
-            if words > max_words:
-                raise _XmlRefused("past the cap")
+            count(1)
 
     def doctype(*_: object) -> None:
-        raise _XmlRefused("a DOCTYPE declaration (DTD) is not allowed in a vehicle description")
+        raise ValueError("a DOCTYPE declaration (DTD) is not allowed in a vehicle description")
 
     parser.StartElementHandler = start
     parser.CharacterDataHandler = chars
@@ -141,9 +140,9 @@ def xml_scan(text: str, *, max_words: int = MAX_DBC_WORDS) -> tuple[str, int]:
     parser.EntityDeclHandler = doctype
     try:
         parser.Parse(text, True)
-    except _XmlRefused as exc:
-        if str(exc) != "past the cap":
-            raise ValueError(str(exc)) from None
+    except ValueError:
+        if not over:
+            raise
     except xml.parsers.expat.ExpatError as exc:
         raise ValueError(f"not well-formed XML: {exc}") from None
     return root, words

@@ -5,6 +5,8 @@ tests/test_decoder_formats.py.)"""
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import can
@@ -12,7 +14,7 @@ import cantools
 import pytest
 from vgw.catalogue import MAX_DBC_BYTES, MAX_DBC_MESSAGES, MAX_DBC_WORDS, load_catalogue, load_dbc
 from vgw.errors import ConfigError
-from vgw.simulators.broker import Mosquitto
+from vgw.simulators.broker import Mosquitto, free_port
 from vgw.simulators.can_sim import CanSimulator
 from vgw.simulators.can_sim import load_dbc as sim_load_dbc
 from vgw.simulators.cloud import CloudPeer
@@ -197,3 +199,31 @@ def test_the_agent_decodes_and_sends_a_kcd_vehicle_as_cantools_decodes_it(tmp_pa
         got.setdefault(s.path, []).append(s.value)
     assert set(expected) == {s.path for s in specs}
     assert got == expected
+
+
+def test_the_simulator_monitor_and_doctor_take_an_arxml_or_kcd_from_the_command_line(tmp_path: Path,
+                                                                                     pki: TestPKI) -> None:
+    """`vgw sim can --dbc X.kcd --record` writes a drive, `vgw monitor` decodes it through the KCD, and `vgw doctor`
+    counts the KCD's mapped signals; a DTD in the description is one line from each of them."""
+    kcd = _as(tmp_path, "vehicle.kcd", DEMO.as_kcd_string())
+    trace = tmp_path / "drive.log"
+    r = vgw("sim", "can", "--dbc", str(kcd), "--record", str(trace), "--duration", "20")
+    assert r.returncode == 0, r.stderr
+    auth = Authority(tmp_path)
+    cfg = write_config(tmp_path, pki, free_port(), auth.trust,
+                       can={"dbc": [str(kcd)], "replay": str(trace), "replay_loop": True})
+    r = vgw("monitor", "--config", str(cfg), "--duration", "2.5", "--interval", "2.2")
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"^Vehicle\.Speed\s+read_speedometer\s+[0-9.]+\s+[1-9]", r.stdout, re.MULTILINE), r.stdout
+    r = vgw("doctor", "--config", str(cfg), "--json")
+    [catalogue] = [c for c in json.loads(r.stdout) if c["check"] == "catalogue"]
+    mapped = len(load_catalogue([kcd], default_signal_map()).specs)
+    assert catalogue["status"] == "PASS" and f"{mapped} signal(s) mapped from 1 vehicle description" in \
+        catalogue["detail"], catalogue
+
+    kcd.write_text(BILLION_LAUGHS)
+    for args in (("sim", "can", "--dbc", str(kcd), "--duration", "1"), ("monitor", "--config", str(cfg),
+                                                                         "--duration", "1")):
+        r = vgw(*args)
+        assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "DOCTYPE" in r.stderr, r
+        assert str(kcd) in r.stderr

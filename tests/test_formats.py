@@ -13,12 +13,13 @@ import can
 import cantools
 import pytest
 from vgw.catalogue import MAX_DBC_BYTES, MAX_DBC_MESSAGES, MAX_DBC_WORDS, load_catalogue, load_dbc
+from vgw.cli import main
 from vgw.errors import ConfigError
 from vgw.simulators.broker import Mosquitto, free_port
 from vgw.simulators.can_sim import CanSimulator
 from vgw.simulators.can_sim import load_dbc as sim_load_dbc
 from vgw.simulators.cloud import CloudPeer
-from vgw.simulators.paths import default_dbc, default_signal_map
+from vgw.simulators.paths import dbc_dir, default_dbc, default_signal_map
 from vgw.simulators.pki import TestPKI
 from vgw.simulators.vehicle import VehicleModel
 
@@ -227,3 +228,16 @@ def test_the_simulator_monitor_and_doctor_take_an_arxml_or_kcd_from_the_command_
         r = vgw(*args)
         assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "DOCTYPE" in r.stderr, r
         assert str(kcd) in r.stderr
+
+
+def test_bench_runs_on_a_kcd(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`vgw bench --dbc` on the CAN FD demo car described in KCD: every decoded signal agrees with cantools."""
+    fd = cantools.database.load_file(str(dbc_dir() / "vehicle_fd.dbc"))
+    assert isinstance(fd, cantools.database.can.Database)
+    kcd = _as(tmp_path, "vehicle_fd.kcd", fd.as_kcd_string())
+    assert main(["bench", "--json", "--dbc", str(kcd), "--frames", "5000", "--rt-seconds", "1",
+                 "--revoke-rows", "500"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    d, fp = result["decode"], result["full_path"]
+    assert d["cantools_errors"] == 0 and d["signals_vgw"] == d["signals_cantools"] > 0
+    assert fp["exit_code"] == 0 and fp["samples"] > 0

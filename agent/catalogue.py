@@ -197,7 +197,7 @@ def load_dbc(paths: Iterable[Path], *, strict: bool = True) -> Database:
         except FileNotFoundError:
             raise ConfigError(f"{path}: {what} file not found") from None
         fmt = description_format(path, raw)
-        before = (len(db.messages), sum(len(m.signals) for m in db.messages))
+        before = _built(db)
         try:
             if fmt == "dbc":
                 total += dbc_counts(raw, max_words=MAX_DBC_WORDS - total.words)
@@ -220,9 +220,16 @@ def load_dbc(paths: Iterable[Path], *, strict: bool = True) -> Database:
             msg = msg.removeprefix(f"{_NAMES[fmt]}: ")  # cantools names the format too
             raise ConfigError(f"{path}: {_NAMES[fmt]} rejected: {msg}{hint}") from exc
         if fmt != "dbc":  # the DBC pre-scan counted them already
-            total += DbcCounts(len(db.messages) - before[0], sum(len(m.signals) for m in db.messages) - before[1], 0)
+            after = _built(db)
+            total += DbcCounts(after.messages - before.messages, after.signals - before.signals, 0)
             _check_budget(path, total)
     return db
+
+
+def _built(db: Database) -> DbcCounts:
+    """The messages and signals of a loaded database, the PDUs inside AUTOSAR containers included."""
+    messages = [*db.messages, *(c for m in db.messages if m.is_container for c in m.contained_messages or ())]
+    return DbcCounts(len(messages), sum(len(m.signals) for m in messages), 0)
 
 
 def load_catalogue(dbc_paths: Iterable[Path], signal_map: Path, *, strict: bool = True) -> Catalogue:
@@ -293,6 +300,12 @@ def catalogue_from_map(db: Database, doc: dict[str, Any], where: Path) -> Catalo
         specs.append(SignalSpec(message=msg_name, signal=sig_name, path=entry["path"], scope=entry["scope"],
                                 frame_id=message.frame_id, part=part, parts=parts, byte_len=byte_len,
                                 source_address=source))
+        other = messages.get(message.frame_id)
+        if other is not None and other is not message and not is_j1939(message):
+            # A description of several buses may reuse an id on each (KCD <Bus>, ARXML clusters); vgw reads one
+            # bus, and one frame id decodes as one message.
+            raise ConfigError(f"{at}: messages {other.name!r} and {message.name!r} have the same frame id "
+                              f"0x{message.frame_id:X} (on two buses of the description?): map signals of one")
         messages[message.frame_id] = message
     _check_parts(specs, where)
     _check_paths(specs, where)

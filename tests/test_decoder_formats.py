@@ -112,3 +112,18 @@ def test_a_pdu_carried_only_inside_a_container_is_refused_by_name(tmp_path: Path
     with pytest.raises(ConfigError, match=r"signal #1 \(message2\.signal3\): message 'message2' is carried only "
                                           r"inside the container PDU 'OneToContainThemAll'; container PDUs are not"):
         load_catalogue([arxml], smap)
+
+
+def test_two_messages_of_one_frame_id_on_two_buses_cannot_both_be_mapped(tmp_path: Path) -> None:
+    """A KCD (or ARXML) describes several buses, and ids repeat across them (the_homer.kcd: SteeringInfo on
+    Motor and DriverSeat on Comfort are both 0x55B). vgw reads one bus: mapping both is refused by name, and
+    mapping one decodes that one's frames."""
+    homer = FOLDER / "the_homer.kcd"
+    smap = tmp_path / "signals.toml"
+    smap.write_text('[[signal]]\nmessage = "SteeringInfo"\nsignal = "WheelAngle"\npath = "Vehicle.Speed"\n'
+                    'scope = "read_speedometer"\n\n[[signal]]\nmessage = "DriverSeat"\nsignal = "Backrest"\n'
+                    'path = "Vehicle.Cabin.Seat"\nscope = "read_climate"\n')
+    with pytest.raises(ConfigError, match=r"messages 'SteeringInfo' and 'DriverSeat' have the same frame id 0x55B"):
+        load_catalogue([homer], smap)
+    catalogue = load_catalogue([homer], _signal_map(tmp_path, "SteeringInfo", "WheelAngle"))
+    assert catalogue.messages[0x55B].name == "SteeringInfo"

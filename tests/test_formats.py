@@ -165,41 +165,76 @@ def test_the_simulator_reads_a_kcd_too(tmp_path: Path) -> None:
         sim_load_dbc(_as(tmp_path, "laughs.kcd", BILLION_LAUGHS))
 
 
-def test_the_agent_decodes_and_sends_a_kcd_vehicle_as_cantools_decodes_it(tmp_path: Path, pki: TestPKI,
-                                                                          broker: Mosquitto, cloud: CloudPeer) -> None:
-    """`vgw run` replaying a short drive with the demo car described in KCD (no DBC at all): each granted path
-    arrives at the cloud with exactly the values cantools' ``decode_message`` reads from the trace's frames,
-    through the KCD, in the trace's order."""
-    start = 1_790_000_000.0
-    trace = tmp_path / "drive.log"
-    CanSimulator(default_dbc(), VehicleModel(seed=7, start_time=start)).record(trace, 3.0, start_time=start)
-    kcd = _as(tmp_path, "vehicle.kcd", DEMO.as_kcd_string())
+def replay_through_agent(tmp_path: Path, pki: TestPKI, broker: Mosquitto, cloud: CloudPeer, description: Path,
+                         signal_map: Path, trace: Path, scopes: list[str]) -> None:
+    """`vgw run` replays ``trace`` to its end with ``description`` and ``signal_map``, consent for ``scopes``
+    applied beforehand; the granted paths arrive at the cloud with exactly the values cantools'
+    ``decode_message`` reads from the trace's frames through ``description`` (``load_file``), in order."""
     auth = Authority(tmp_path)
-    scopes = ["read_speedometer", "read_fuel", "read_tires", "read_thermometer"]
-    cfg = write_config(tmp_path, pki, broker.port, auth.trust, device="dev-kcd",
-                       can={"dbc": [str(kcd)], "replay": str(trace), "replay_rate": 0, "replay_exit": True})
+    cfg = write_config(tmp_path, pki, broker.port, auth.trust, device="dev-fmt", can={
+        "dbc": [str(description)], "signal_map": str(signal_map), "replay": str(trace), "replay_rate": 0,
+        "replay_exit": True})
     doc = tmp_path / "consent.jws"
-    doc.write_text(auth.doc("dev-kcd", {"g-kcd": scopes}, ver=1))
+    doc.write_text(auth.doc("dev-fmt", {"g-fmt": scopes}, ver=1))
     assert vgw("consent", "apply", "--config", str(cfg), str(doc)).returncode == 0
-    cloud.add_recipient("g-kcd", auth.recipient("g-kcd"))
+    cloud.add_recipient("g-fmt", auth.recipient("g-fmt"))
     with agent_process(cfg) as proc:
         assert proc.wait(60) == 0, proc.stderr.read() if proc.stderr else ""
 
-    reference = cantools.database.load_file(str(kcd))
+    reference = cantools.database.load_file(str(description))
     assert isinstance(reference, cantools.database.can.Database)
-    specs = [s for s in load_catalogue([kcd], default_signal_map()).specs if s.scope in scopes]
+    specs = [s for s in load_catalogue([description], signal_map).specs if s.scope in scopes]
     assert specs and all(s.part is None for s in specs)
     expected: dict[str, list[object]] = {}
     for frame in can.LogReader(str(trace)):
         for spec in (s for s in specs if s.frame_id == frame.arbitration_id):
-            values = reference.decode_message(frame.arbitration_id, bytes(frame.data), decode_choices=False)
+            values = reference.get_message_by_name(spec.message).decode(bytes(frame.data), decode_choices=False)
             if spec.signal in values:
                 expected.setdefault(spec.path, []).append(values[spec.signal])
     got: dict[str, list[object]] = {}
-    for s in sorted(cloud.samples("dev-kcd", "g-kcd"), key=lambda s: (s.seq, s.t)):
+    for s in sorted(cloud.samples("dev-fmt", "g-fmt"), key=lambda s: (s.seq, s.t)):
         got.setdefault(s.path, []).append(s.value)
     assert set(expected) == {s.path for s in specs}
     assert got == expected
+
+
+def test_the_agent_decodes_and_sends_a_kcd_vehicle_as_cantools_decodes_it(tmp_path: Path, pki: TestPKI,
+                                                                          broker: Mosquitto, cloud: CloudPeer) -> None:
+    """A short drive of the demo car described in KCD (no DBC at all), four scopes granted."""
+    start = 1_790_000_000.0
+    trace = tmp_path / "drive.log"
+    CanSimulator(default_dbc(), VehicleModel(seed=7, start_time=start)).record(trace, 3.0, start_time=start)
+    kcd = _as(tmp_path, "vehicle.kcd", DEMO.as_kcd_string())
+    replay_through_agent(tmp_path, pki, broker, cloud, kcd, default_signal_map(), trace,
+                         ["read_speedometer", "read_fuel", "read_tires", "read_thermometer"])
+
+
+# A KCD in the shape of cantools' the_homer.kcd: one signal name in two multiplexer branches (StationId7 under
+# StationMux 6 and 7), a scaled signal outside the multiplexer.
+RADIO_KCD = """<NetworkDefinition xmlns="http://kayak.2codeornot2code.org/1.0"><Bus name="Comfort">
+<Message id="0x79A" name="Radio"><Multiplex name="StationMux" offset="0" length="8">
+<MuxGroup count="0"><Signal name="StationId1" offset="8" length="8"/></MuxGroup>
+<MuxGroup count="6"><Signal name="StationId7" offset="8" length="8"/></MuxGroup>
+<MuxGroup count="7"><Signal name="StationId7" offset="8" length="8"/></MuxGroup>
+</Multiplex><Signal name="SignalStrength" offset="16" length="16"><Value slope="0.5" intercept="-3"/></Signal>
+</Message></Bus></NetworkDefinition>
+"""
+
+
+def test_the_agent_sends_a_name_of_two_multiplexer_branches_from_either(tmp_path: Path, pki: TestPKI,
+                                                                      broker: Mosquitto, cloud: CloudPeer) -> None:
+    """Frames of both branches (and of one that does not carry the name) through `vgw run`: the signal is sent
+    from each frame of branch 6 or 7, as cantools decodes it, and from no other."""
+    kcd = _as(tmp_path, "radio.kcd", RADIO_KCD)
+    smap = _as(tmp_path, "radio.toml", '[[signal]]\nmessage = "Radio"\nsignal = "StationId7"\n'
+               'path = "Vehicle.Cabin.Infotainment.Media.Station"\nscope = "read_vehicle_info"\n\n'
+               '[[signal]]\nmessage = "Radio"\nsignal = "SignalStrength"\n'
+               'path = "Vehicle.Cabin.Infotainment.Media.Level"\nscope = "read_vehicle_info"\n')
+    trace = tmp_path / "radio.log"
+    lines = [f"({1_790_000_000 + i / 100:.6f}) can0 79A#{mux:02X}{(17 * i) % 256:02X}{i:02X}{i % 7:02X}\n"
+             for i, mux in enumerate([6, 7, 0, 7, 6, 0, 6, 7] * 4)]
+    trace.write_text("".join(lines))
+    replay_through_agent(tmp_path, pki, broker, cloud, kcd, smap, trace, ["read_vehicle_info"])
 
 
 def test_the_simulator_monitor_and_doctor_take_an_arxml_or_kcd_from_the_command_line(tmp_path: Path,

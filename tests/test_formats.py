@@ -14,6 +14,7 @@ import cantools
 import pytest
 from vgw.catalogue import MAX_DBC_BYTES, MAX_DBC_MESSAGES, MAX_DBC_WORDS, load_catalogue, load_dbc
 from vgw.cli import main
+from vgw.config import load_config
 from vgw.errors import ConfigError
 from vgw.simulators.broker import Mosquitto, free_port
 from vgw.simulators.can_sim import CanSimulator
@@ -25,6 +26,7 @@ from vgw.simulators.vehicle import VehicleModel
 
 from tests.agentkit import Authority, agent_process, vgw, write_config
 from tests.test_bad_input import _peak_mb
+from tests.test_provision import inputs, install_signed_cert, provision  # noqa: F401 - inputs is a fixture
 
 DEMO = cantools.database.load_file(str(default_dbc()))
 assert isinstance(DEMO, cantools.database.can.Database)
@@ -276,3 +278,17 @@ def test_bench_runs_on_a_kcd(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     d, fp = result["decode"], result["full_path"]
     assert d["cantools_errors"] == 0 and d["signals_vgw"] == d["signals_cantools"] > 0
     assert fp["exit_code"] == 0 and fp["samples"] > 0
+
+
+def test_provision_copies_a_kcd_and_the_config_reads_it(inputs: dict[str, Path], pki: TestPKI,
+                                                        tmp_path: Path) -> None:
+    """`vgw provision --dbc my-car.kcd`: checked, copied under its own name (its extension says its format),
+    and the written config loads it."""
+    mine = _as(tmp_path, "my-car.kcd", DEMO.as_kcd_string())
+    assert provision(inputs, "--source", "can", "--dbc", str(mine), "--signal-map", str(default_signal_map())) == 0
+    install_signed_cert(inputs["out"], pki, tmp_path)
+    cfg = load_config(inputs["out"] / "vgw.toml")
+    assert cfg.can is not None and cfg.can.dbc == (inputs["out"] / "my-car.kcd",)
+    assert load_catalogue(cfg.can.dbc, cfg.can.signal_map).specs == load_catalogue([mine], default_signal_map()).specs
+    laughs = _as(tmp_path, "laughs.kcd", BILLION_LAUGHS)
+    assert provision(inputs, "--source", "can", "--dbc", str(laughs), "--signal-map", str(default_signal_map())) == 1

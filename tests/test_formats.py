@@ -19,14 +19,14 @@ from vgw.errors import ConfigError
 from vgw.simulators.broker import Mosquitto, free_port
 from vgw.simulators.can_sim import CanSimulator
 from vgw.simulators.can_sim import load_dbc as sim_load_dbc
-from vgw.simulators.cloud import CloudPeer
+from vgw.simulators.cloud import CloudPeer, SigningKey
 from vgw.simulators.paths import dbc_dir, default_dbc, default_signal_map
 from vgw.simulators.pki import TestPKI
 from vgw.simulators.vehicle import VehicleModel
 
 from tests.agentkit import Authority, agent_process, vgw, write_config
 from tests.test_bad_input import _peak_mb
-from tests.test_provision import inputs, install_signed_cert, provision  # noqa: F401 - inputs is a fixture
+from tests.test_provision import install_signed_cert, provision
 
 DEMO = cantools.database.load_file(str(default_dbc()))
 assert isinstance(DEMO, cantools.database.can.Database)
@@ -280,10 +280,11 @@ def test_bench_runs_on_a_kcd(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert fp["exit_code"] == 0 and fp["samples"] > 0
 
 
-def test_provision_copies_a_kcd_and_the_config_reads_it(inputs: dict[str, Path], pki: TestPKI,
-                                                        tmp_path: Path) -> None:
+def test_provision_copies_a_kcd_and_the_config_reads_it(pki: TestPKI, tmp_path: Path) -> None:
     """`vgw provision --dbc my-car.kcd`: checked, copied under its own name (its extension says its format),
     and the written config loads it."""
+    consent_key = SigningKey.generate().write_public_pem(tmp_path / "signer.pub.pem")
+    inputs = {"ca": pki.ca.cert, "consent_key": consent_key, "out": tmp_path / "etc-vgw", "state": tmp_path / "state"}
     mine = _as(tmp_path, "my-car.kcd", DEMO.as_kcd_string())
     assert provision(inputs, "--source", "can", "--dbc", str(mine), "--signal-map", str(default_signal_map())) == 0
     install_signed_cert(inputs["out"], pki, tmp_path)

@@ -3,31 +3,35 @@
 Everything a backend reads or writes on the wire (README "Consent document", "Telemetry envelope",
 "Receipts") through four functions, each over small frozen types:
 
-- :func:`open_envelope`: a telemetry envelope (both plaintext versions) into a :class:`Batch` of
-  :class:`Sample` objects;
-- :func:`verify_receipt`: a device's receipt, checked against its :class:`DeviceCertificate`, into a
-  :class:`Receipt`;
-- :func:`check_grants`: a grants file (the TOML or JSON that ``vgw cloud sign --grants`` reads) into a
-  :class:`GrantsFile`, with every rule the device applies to a grant checked first;
-- :func:`sign_consent`: a :class:`GrantsFile` signed for one device into a :class:`SignedConsent`, a
-  document the device's own verifier accepts.
+- [`open_envelope`][vgw.api.open_envelope]: a telemetry envelope (both plaintext versions) into a
+  [`Batch`][vgw.api.Batch] of [`Sample`][vgw.api.Sample] objects;
+- [`verify_receipt`][vgw.api.verify_receipt]: a device's receipt, checked against its
+  [`DeviceCertificate`][vgw.api.DeviceCertificate], into a [`Receipt`][vgw.api.Receipt];
+- [`check_grants`][vgw.api.check_grants]: a grants file (the TOML or JSON that `vgw cloud sign --grants`
+  reads) into a [`GrantsFile`][vgw.api.GrantsFile], with every rule the device applies to a grant checked first;
+- [`sign_consent`][vgw.api.sign_consent]: a [`GrantsFile`][vgw.api.GrantsFile] signed for one device into a
+  [`SignedConsent`][vgw.api.SignedConsent], a document the device's own verifier accepts.
 
-Keys are loaded with :func:`load_signing_key`, :func:`load_recipient_key` and
-:func:`load_device_certificate` (the files ``vgw cloud keygen`` and ``vgw provision`` write).
+Keys are loaded with [`load_signing_key`][vgw.api.load_signing_key],
+[`load_recipient_key`][vgw.api.load_recipient_key] and [`load_device_certificate`][vgw.api.load_device_certificate]
+(the files `vgw cloud keygen` and `vgw provision` write).
 
-Only the names in ``__all__`` are supported; every other module of ``vgw`` is internal and may change in any
-release. Versioning: :data:`PROTOCOL_VERSION` is the version of the public contract (command line, files,
-wire formats) this API speaks; :data:`API_VERSION` is the version of this module's names and signatures: the
-minor number rises when a name or an optional parameter is added, the major number when one changes or goes.
+Only the names in `__all__` are supported; every other module of `vgw` is internal and may change in any
+release. Versioning: [`PROTOCOL_VERSION`][vgw.api.PROTOCOL_VERSION] is the version of the public contract
+(command line, files, wire formats) this API speaks; [`API_VERSION`][vgw.api.API_VERSION] is the version of this
+module's names and signatures: the minor number rises when a name or an optional parameter is added, the major
+number when one changes or goes.
 
-Errors are those of the vgw error tree (:mod:`vgw.errors`)::
+Errors are those of the vgw error tree (`vgw.errors`):
 
-    VgwError
-     +-- ConfigError
-     |    +-- CloudKitError    a key, certificate or grants file is unusable (names the file and field)
-     +-- ConsentError          a document the device would reject (``reason`` names the rule)
-     +-- EnvelopeError         an envelope broke a rule of README "Telemetry envelope" (``reason``)
-     +-- ReceiptError          a receipt is not a valid ES256 JWS of the certificate's device
+```text
+VgwError
+ +-- ConfigError
+ |    +-- CloudKitError    a key, certificate or grants file is unusable (names the file and field)
+ +-- ConsentError          a document the device would reject (``reason`` names the rule)
+ +-- EnvelopeError         an envelope broke a rule of README "Telemetry envelope" (``reason``)
+ +-- ReceiptError          a receipt is not a valid ES256 JWS of the certificate's device
+```
 
 A function given an argument of the wrong type raises ``TypeError``, as Python does. No function here does
 network I/O; the loaders read the one file they are given.
@@ -197,7 +201,7 @@ def load_device_certificate(path: str | os.PathLike[str]) -> DeviceCertificate:
 
     Raises:
         CloudKitError: the file cannot be read or is not a usable device certificate (see
-            :meth:`DeviceCertificate.from_pem`).
+            [`DeviceCertificate.from_pem`][vgw.api.DeviceCertificate.from_pem]).
     """
     try:
         data = Path(path).read_bytes()

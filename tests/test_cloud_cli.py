@@ -164,9 +164,9 @@ def test_push_listen_revoke_verify_receipt_round_trip_with_the_agent(
 
     receipt = tmp_path / "erasure.jws"
     receipt.write_text(erasure["token"])
-    ok = vgw("cloud", "verify-receipt", "--device-cert", str(pki.device(DEV).cert), str(receipt))
+    ok = vgw("cloud", "verify-receipt", "--device-cert", str(pki.device(DEV).cert), "--json", str(receipt))
     assert ok.returncode == 0, ok.stderr
-    assert json.loads(ok.stdout)["typ"] == "erasure"
+    assert json.loads(ok.stdout)["claims"]["typ"] == "erasure"
     # the same receipt checked against another device's certificate, and a tampered one, are refused
     other = vgw("cloud", "verify-receipt", "--device-cert", str(pki.device("dev-0002").cert), str(receipt))
     assert other.returncode == 3 and "dev-0001" in other.stderr
@@ -270,3 +270,36 @@ def test_listener_reports_a_repeated_receipt_once_then_as_a_duplicate(pki: TestP
         listener.handle(f"vgw/{DEV}/receipt", token.encode())
     assert [(e["type"], e["receipt"]) for e in events] == [
         ("receipt", "erasure"), ("receipt", "consent-applied"), ("duplicate-receipt", "erasure")]
+
+
+def test_verify_receipt_says_valid_in_a_line_and_as_json(tmp_path: Path, pki: TestPKI) -> None:
+    """`vgw cloud verify-receipt` answers like `vgw audit verify`: a line that says valid (or why not), and with
+    --json one object a script can read, for a good receipt and a forged one alike."""
+    key_pem = Path(pki.device(DEV).key).read_bytes()
+    token = jwt.encode({"typ": "erasure", "sub": DEV, "iat": int(time.time()), "grant": "g-a", "ver": 7,
+                        "batches_deleted": 3, "key_destroyed": True}, key_pem, algorithm="ES256")
+    receipt = tmp_path / "erasure.jws"
+    receipt.write_text(token)
+    cert = ["--device-cert", str(pki.device(DEV).cert)]
+
+    text = vgw("cloud", "verify-receipt", *cert, str(receipt))
+    assert text.returncode == 0, text.stderr
+    first = text.stdout.splitlines()[0]
+    assert first.startswith(f"{receipt}: valid erasure receipt of {DEV}"), text.stdout
+    assert "grant: g-a" in text.stdout and "batches_deleted: 3" in text.stdout
+
+    as_json = vgw("cloud", "verify-receipt", *cert, "--json", str(receipt))
+    assert as_json.returncode == 0, as_json.stderr
+    out = json.loads(as_json.stdout)
+    assert out["valid"] is True and out["file"] == str(receipt) and out["device"] == DEV
+    assert out["typ"] == "erasure" and out["claims"]["key_destroyed"] is True and out["token"] == token
+
+    head, payload, sig = token.split(".")
+    receipt.write_text(f"{head}.{payload}.{sig[:-6]}AAAAAA")
+    bad = vgw("cloud", "verify-receipt", *cert, "--json", str(receipt))
+    assert bad.returncode == 3 and "Traceback" not in bad.stderr
+    out = json.loads(bad.stdout)
+    assert out["valid"] is False and out["file"] == str(receipt) and "ignature" in out["reason"]
+    plain = vgw("cloud", "verify-receipt", *cert, str(receipt))
+    assert plain.returncode == 3 and plain.stdout == "" and "not valid" in plain.stderr
+    assert len(plain.stderr.strip().splitlines()) == 1

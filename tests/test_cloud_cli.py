@@ -303,3 +303,54 @@ def test_verify_receipt_says_valid_in_a_line_and_as_json(tmp_path: Path, pki: Te
     plain = vgw("cloud", "verify-receipt", *cert, str(receipt))
     assert plain.returncode == 3 and plain.stdout == "" and "not valid" in plain.stderr
     assert len(plain.stderr.strip().splitlines()) == 1
+
+
+def test_listen_writes_decoded_values_without_binary_float_noise(
+    tmp_path: Path, pki: TestPKI, broker: Mosquitto
+) -> None:
+    """A DBC value is raw * scale + offset in binary floating point: 3266 * 0.01 is 32.660000000000004, and that
+    is what the agent sends (value-exact against cantools). What `vgw cloud listen` writes for people and apps
+    reads 32.66: printed to 15 significant digits, all that a double carries (DBL_DIG), the noise goes and no
+    decoded value changes."""
+    import ssl
+
+    import paho.mqtt.client as mqtt
+
+    keys = tmp_path / "keys"
+    assert vgw("cloud", "keygen", "--dir", str(keys), "--recipient", "fleet").returncode == 0
+    from vgw.simulators.cloud import recipient_public_key
+
+    pk = recipient_public_key(json.loads((keys / "recipients/fleet.pub.json").read_text()))
+    noisy = {"Vehicle.Speed": 3266 * 0.01, "Vehicle.Body.Lights.IsHighBeamOn": True, "Vehicle.VIN": "WVW1",
+             "Vehicle.TraveledDistance": 123456789, "Vehicle.Exterior.AirTemperature": -40 + 0.1 * 3,
+             "Vehicle.CurrentLocation.Latitude": 48.137154,
+             "Vehicle.Powertrain.FuelSystem.Level": {"n": 3, "mean": 0.1 + 0.2, "min": 0.1, "max": 0.5, "last": 0.5}}
+    assert str(noisy["Vehicle.Speed"]) == "32.660000000000004"  # the noise this test is about
+    env = seal_envelope({"v": 1, "device": DEV, "grant": "g-n", "seq": 1, "epoch": "e1", "samples": [
+        {"t": 1795920000.125, "path": p, "value": v} for p, v in noisy.items()]}, pk, DEV, "g-n")
+    out = tmp_path / "received.jsonl"
+    listen = ListenProc([*broker_args(broker, pki), "--recipient", str(keys), "--no-status"], out)
+    try:
+        dev = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=DEV, protocol=mqtt.MQTTv5)
+        ctx = ssl.create_default_context(cafile=str(pki.ca.cert))
+        ctx.load_cert_chain(str(pki.device(DEV).cert), str(pki.device(DEV).key))
+        dev.tls_set_context(ctx)
+        dev.connect("localhost", broker.port)
+        dev.loop_start()
+        try:
+            dev.publish(f"vgw/{DEV}/data/g-n", env, qos=1).wait_for_publish(5)
+        finally:
+            dev.disconnect()
+            dev.loop_stop()
+        assert listen.wait(lambda: listen.events("batch"))
+        listen.stop()
+    finally:
+        stop_process(listen.proc)
+    line = next(x for x in out.read_text().splitlines() if '"batch"' in x)
+    samples_text = line[line.index('"samples"'):line.index('"arrived"')]
+    assert "000000000" not in samples_text and "999999999" not in samples_text, line
+    values = {s["path"]: s["value"] for s in json.loads(line)["samples"]}
+    assert values == {**noisy, "Vehicle.Speed": 32.66, "Vehicle.Exterior.AirTemperature": -39.7,
+                      "Vehicle.Powertrain.FuelSystem.Level": {**noisy["Vehicle.Powertrain.FuelSystem.Level"],
+                                                              "mean": 0.3}}
+    assert values["Vehicle.Body.Lights.IsHighBeamOn"] is True and isinstance(values["Vehicle.TraveledDistance"], int)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
+import math
 import ssl
 import threading
 import time
@@ -203,6 +204,20 @@ class CloudLink:
 # ---------------------------------------------------------------- the listener
 
 
+def decimal_value(value: Any) -> Any:
+    """A decoded value as a person reads it: each float to 15 significant digits (C's ``DBL_DIG``, all that a
+    double carries), so the noise of binary arithmetic goes (a DBC's ``raw * scale + offset``: 3266 * 0.01 is
+    32.660000000000004, written 32.66) and no decoded value changes. Objects (an aggregate) and lists element
+    by element; anything else as it is. Frame times are not values: they keep their microseconds."""
+    if isinstance(value, float):
+        return float(f"{value:.15g}") if math.isfinite(value) else value
+    if isinstance(value, dict):
+        return {k: decimal_value(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [decimal_value(v) for v in value]
+    return value
+
+
 @dataclass
 class _Stream:
     # (epoch, seq): de-duplication key (README "Telemetry envelope")
@@ -306,8 +321,9 @@ class Listener:
                 st.seen.add((epoch, seq))
                 st.high[epoch] = max(high, seq)
                 st.epoch = epoch
+                samples = [{**s, "value": decimal_value(s["value"])} if "value" in s else s for s in batch["samples"]]
                 events.append({"type": "batch", "device": device, "grant": grant, "epoch": epoch, "seq": seq,
-                               "samples": batch["samples"], "arrived": arrived, "bytes": len(payload)})
+                               "samples": samples, "arrived": arrived, "bytes": len(payload)})
         for e in events:
             self._out(e)
 

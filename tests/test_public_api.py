@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
+import re
 import ssl
 import threading
 import zlib
@@ -251,3 +252,32 @@ def test_the_public_surface_is_documented_typed_and_frozen() -> None:
     used = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     used |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert {m for m in used if m == "vgw" or m.startswith("vgw.")} == {"vgw.api"}
+
+
+def test_the_examples_in_the_docs_run_as_written(tmp_path: Path, pki: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Python examples of docs/api.md and the cloud team's getting-started page, run in a folder laid out as
+    they assume (keys from `vgw cloud keygen`, a grants file, the device's certificate) with a real envelope
+    and receipt of that device as `payload` / `token`."""
+    import jwt
+
+    root = Path(__file__).resolve().parents[1]
+    keys_and_grants(tmp_path)
+    (tmp_path / "devices").mkdir()
+    (tmp_path / "devices" / f"{DEV}.crt").write_bytes(Path(pki.device(DEV).cert).read_bytes())
+    fleet = api.load_recipient_key(tmp_path / "keys/recipients/fleet.key")
+    payload = _seal({"v": 1, "device": DEV, "grant": "g-fleet", "seq": 1, "epoch": "e",
+                     "samples": [{"t": 1795920000.0, "path": "Vehicle.Speed", "value": 52.4}]},
+                    fleet.public_key(), DEV, "g-fleet")
+    receipt = jwt.encode({"typ": "erasure", "sub": DEV, "iat": 1795920000, "grant": "g-fleet", "ver": 2,
+                          "batches_deleted": 1, "key_destroyed": True},
+                         Path(pki.device(DEV).key).read_bytes(), algorithm="ES256")
+    monkeypatch.chdir(tmp_path)
+    for page in ("docs/api.md", "docs/getting-started/cloud.md"):
+        text = (root / page).read_text()
+        blocks = re.findall(r"^```python\n(.*?)^```", text, flags=re.MULTILINE | re.DOTALL)
+        assert blocks, page
+        for code in blocks:
+            scope: dict[str, Any] = {"payload": payload, "token": receipt}
+            exec(compile(code.replace("car-0042", DEV), page, "exec"), scope)  # noqa: S102
+            assert scope["batch"].samples[0] == api.Sample(1795920000.0, "Vehicle.Speed", 52.4), page
+            assert scope["signed"].device == DEV, page

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import inspect
 import json
 import re
 import ssl
@@ -281,3 +282,45 @@ def test_the_examples_in_the_docs_run_as_written(tmp_path: Path, pki: Any, monke
             exec(compile(code.replace("car-0042", DEV), page, "exec"), scope)  # noqa: S102
             assert scope["batch"].samples[0] == api.Sample(1795920000.0, "Vehicle.Speed", 52.4), page
             assert scope["signed"].device == DEV, page
+
+
+# vgw.api as released under API_VERSION 1.0: every name, each function's signature, each type's fields. A change
+# here is a change of the API: add to it and raise the minor number, or change it and raise the major number.
+SURFACE_1_0 = {
+    "API_VERSION": "str", "PROTOCOL_VERSION": "str", "RecipientPrivateKey": "alias", "SampleValue": "alias",
+    "VgwError": "error", "ConfigError": "error", "CloudKitError": "error", "ConsentError": "error",
+    "EnvelopeError": "error", "ReceiptError": "error",
+    "Sample": ["t", "path", "value"],
+    "Batch": ["device", "grant", "seq", "epoch", "plaintext_version", "samples"],
+    "DeviceCertificate": ["device", "public_key", "certificate"],
+    "Receipt": ["typ", "device", "iat", "ver", "grant", "claims", "token"],
+    "Recipient": ["kem", "pk"],
+    "Grant": ["id", "scopes", "recipient", "controller", "purpose", "limits", "retention_s", "collect"],
+    "GrantsFile": ["grants", "ttl_s", "iss", "ver", "devices"],
+    "SignedConsent": ["token", "device", "ver", "iat", "exp", "grant_ids"],
+    "SigningKey": ["private_key"],
+    "open_envelope": "(payload: 'bytes', key: 'RecipientPrivateKey', *, device: 'str', grant: 'str') -> 'Batch'",
+    "verify_receipt": "(token: 'str | bytes', certificate: 'DeviceCertificate') -> 'Receipt'",
+    "check_grants": "(path: 'str | os.PathLike[str]') -> 'GrantsFile'",
+    "sign_consent": "(grants: 'GrantsFile', key: 'SigningKey', device: 'str', *, ver: 'int | None' = None, "
+                    "now: 'int | None' = None) -> 'SignedConsent'",
+    "load_signing_key": "(path: 'str | os.PathLike[str]') -> 'SigningKey'",
+    "load_recipient_key": "(path: 'str | os.PathLike[str]') -> 'RecipientPrivateKey'",
+    "load_device_certificate": "(path: 'str | os.PathLike[str]') -> 'DeviceCertificate'",
+}
+
+
+def test_the_api_is_the_one_its_version_names() -> None:
+    def shape(name: str) -> Any:
+        obj = getattr(api, name)
+        if isinstance(obj, type) and issubclass(obj, Exception):
+            return "error"
+        if dataclasses.is_dataclass(obj):
+            return [f.name for f in dataclasses.fields(obj)]
+        if inspect.isfunction(obj):
+            return str(inspect.signature(obj))
+        return "str" if name.endswith("_VERSION") else "alias"
+
+    assert api.API_VERSION == "1.0", "a new API version: record its surface here"
+    assert {name: shape(name) for name in api.__all__} == SURFACE_1_0
+    assert all(issubclass(getattr(api, n), api.VgwError) for n, s in SURFACE_1_0.items() if s == "error")

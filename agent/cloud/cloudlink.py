@@ -205,10 +205,12 @@ class CloudLink:
 
 
 def decimal_value(value: Any) -> Any:
-    """A decoded value as a person reads it: each float to 15 significant digits (C's ``DBL_DIG``, all that a
-    double carries), so the noise of binary arithmetic goes (a DBC's ``raw * scale + offset``: 3266 * 0.01 is
-    32.660000000000004, written 32.66) and no decoded value changes. Objects (an aggregate) and lists element
-    by element; anything else as it is. Frame times are not values: they keep their microseconds."""
+    """A decoded value as a person reads it: each float to 15 significant digits (C's ``DBL_DIG``: every decimal
+    of up to 15 digits survives a double exactly), so the noise of binary arithmetic goes (a DBC's
+    ``raw * scale + offset``: 3266 * 0.01 is 32.660000000000004, written 32.66) while a value with up to 15
+    significant digits, such as any raw value times a decimal scale that fit in them, is written as it is.
+    Objects (an aggregate) and lists element by element; anything else as it is. Frame times are not values:
+    they keep their microseconds."""
     if isinstance(value, float):
         return float(f"{value:.15g}") if math.isfinite(value) else value
     if isinstance(value, dict):

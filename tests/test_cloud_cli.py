@@ -310,8 +310,8 @@ def test_listen_writes_decoded_values_without_binary_float_noise(
 ) -> None:
     """A DBC value is raw * scale + offset in binary floating point: 3266 * 0.01 is 32.660000000000004, and that
     is what the agent sends (value-exact against cantools). What `vgw cloud listen` writes for people and apps
-    reads 32.66: printed to 15 significant digits, all that a double carries (DBL_DIG), the noise goes and no
-    decoded value changes."""
+    reads 32.66: printed to 15 significant digits (DBL_DIG: every decimal of that many digits survives a double),
+    the noise goes and such values are written as they are."""
     import ssl
 
     import paho.mqtt.client as mqtt

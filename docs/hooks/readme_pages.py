@@ -6,8 +6,9 @@ under it up to the next ``## ``; its headings move up one level, and links into 
 site. A missing section fails the build (a renamed README heading must be renamed here too).
 
 In every page, a citation README "Section" becomes a link to that heading on its generated page (a heading
-that starts with the cited name counts: README "Topics" is "Topics (prefix `vgw`)"). A citation of a heading
-the README does not have is a warning, so `mkdocs build --strict` fails on it like on a broken link.
+that starts with, else holds, the cited name counts: README "Topics" is "Topics (prefix `vgw`)"). A citation
+of a heading the README does not have is a warning, so `mkdocs build --strict` fails on it like on a broken
+link.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def on_files(files: Files, config: Any) -> Files:
 def _target(cited: str) -> tuple[str, str] | None:
     if cited in _HEADINGS:
         return _HEADINGS[cited]
-    starts = [h for h in _HEADINGS if h.startswith(cited)]
+    starts = [h for h in _HEADINGS if h.startswith(cited)] or [h for h in _HEADINGS if cited in h]
     return _HEADINGS[starts[0]] if starts else None
 
 

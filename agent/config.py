@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import math
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vgw.errors import ConfigError, MissingFileError
-from vgw.fsutil import read_small_file
+from vgw.fsutil import MAX_CONFIG_BYTES, load_toml
 
 DEVICE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _TOPIC_PREFIX = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
 
 # Damaged or hostile config files (docs/guarantees.md, "Damaged files"): a ConfigError, never a traceback.
-MAX_CONFIG_BYTES = 1024 * 1024  # read no more: a config file is a few kB; /dev/zero must not fill memory
 MAX_DURATION_OR_RATE = 1e9  # float settings (seconds, Hz): finite and below threading.TIMEOUT_MAX (~9.2e9 s)
 MAX_INTEGER = 2**63 - 1  # integer settings fit a C long and SQLite INTEGER
 
@@ -76,6 +74,10 @@ class ObdConfig:
 # docs/fleet.md "PUBACK is not storage"); its election takes seconds, so 30 s covers it with room to spare.
 DEFAULT_REPLAY_WINDOW_S = 30.0
 MAX_REPLAY_WINDOW_S = 3600.0
+# After each (re)connect, stored batches wait until the retained consent document is taken, or until this
+# long after the broker granted the consent subscription without one (README "Topics").
+DEFAULT_CONSENT_WAIT_S = 3.0
+MAX_CONSENT_WAIT_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,9 @@ class MqttConfig:
     # How long an acknowledged batch is kept to be re-published after a failover (README "Replay after
     # failover"). None: DEFAULT_REPLAY_WINDOW_S with several endpoints, 0 (delete on PUBACK) with one.
     replay_window_s: float | None = None
+    # After each (re)connect: how long to wait for the retained consent document before stored batches go out
+    # without one (README "Topics").
+    consent_wait_s: float = DEFAULT_CONSENT_WAIT_S
 
     def __post_init__(self) -> None:
         if not self.endpoints:
@@ -241,19 +246,9 @@ def load_config(path: str | Path) -> Config:
     except (ValueError, RuntimeError, OSError) as exc:
         raise ConfigError(f"{_shown(str(path))}: not a usable path for a config file") from exc
     try:
-        raw = read_small_file(path, what="config file", max_bytes=MAX_CONFIG_BYTES, error=ConfigError)
+        doc = load_toml(path, what="config file", max_bytes=MAX_CONFIG_BYTES, error=ConfigError)
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from exc
-    try:
-        doc = tomllib.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
-    except RecursionError as exc:  # tomllib parses nested arrays and inline tables recursively
-        raise ConfigError(f"{path}: invalid TOML: arrays or tables nested too deeply") from exc
     return config_from_dict(doc, path)
 
 
@@ -460,11 +455,15 @@ def _mqtt(s: _Section) -> MqttConfig:
         replay = float(s.number("replay_window_s", 0.0, minimum=0.0))
         if replay > MAX_REPLAY_WINDOW_S:
             raise ConfigError(f"{s.path}: [mqtt] replay_window_s: must be <= {MAX_REPLAY_WINDOW_S:g}, got {replay:g}")
+    consent_wait = float(s.number("consent_wait_s", DEFAULT_CONSENT_WAIT_S, minimum=0.0))
+    if consent_wait > MAX_CONSENT_WAIT_S:
+        raise ConfigError(f"{s.path}: [mqtt] consent_wait_s: must be <= {MAX_CONSENT_WAIT_S:g}, got {consent_wait:g}")
     s.finish()
     return MqttConfig(host=host, port=port, ca_file=ca_file, cert_file=cert_file, key_file=key_file,
                       topic_prefix=prefix, keepalive_s=keepalive,
                       max_inflight=max_inflight, drain_rate=drain_rate, backoff_min_s=backoff_min,
-                      backoff_max_s=backoff_max, protocol=protocol, endpoints=endpoints, replay_window_s=replay)
+                      backoff_max_s=backoff_max, protocol=protocol, endpoints=endpoints, replay_window_s=replay,
+                      consent_wait_s=consent_wait)
 
 
 def _consent(s: _Section) -> ConsentConfig:

@@ -540,6 +540,7 @@ def kernel_adjtimex() -> tuple[int, int] | None:
 def _demo_dbc(cfg: Config) -> Check | None:
     """WARN when a live bus (not a replay, not python-can's virtual bus) is decoded with the demo car's DBC:
     it names signals of a car that does not exist, so on a real vehicle it decodes nothing meaningful."""
+    from vgw.catalogue import MAX_DBC_BYTES
     from vgw.dbc import DBC_NAME, shipped_dir
 
     can_cfg = cfg.can
@@ -547,8 +548,9 @@ def _demo_dbc(cfg: Config) -> Check | None:
         return None
     try:
         demo = (shipped_dir() / DBC_NAME).read_bytes()
-        used = [p for p in can_cfg.dbc if p.read_bytes() == demo]
-    except OSError:
+        used = [p for p in can_cfg.dbc
+                if read_small_file(p, what="DBC file", max_bytes=MAX_DBC_BYTES, error=ConfigError) == demo]
+    except (OSError, VgwError):
         return None  # the catalogue check names an unreadable DBC
     if not used:
         return None
@@ -572,11 +574,14 @@ def _time_sync(probes: Probes) -> Check:
 def _ca(cfg: Config) -> Check | None:
     """The device certificate must not outlive the CA that signed it (nor the CA be expired)."""
     try:
-        leaf = x509.load_pem_x509_certificates(cfg.mqtt.cert_file.read_bytes())[0]
-        cas = x509.load_pem_x509_certificates(cfg.mqtt.ca_file.read_bytes())
-    except (OSError, ValueError, IndexError):
+        # Read as the agent reads them (a regular file, capped): a FIFO must not hang the doctor.
+        ours = x509.load_pem_x509_certificates(read_small_file(cfg.mqtt.cert_file, what="certificate",
+                                                               max_bytes=MAX_KEY_BYTES))
+        cas = x509.load_pem_x509_certificates(read_small_file(cfg.mqtt.ca_file, what="CA file",
+                                                              max_bytes=MAX_KEY_BYTES))
+        leaf, chain = ours[0], ours[1:] + cas
+    except (OSError, VgwError, ValueError, IndexError):
         return None  # the certificate and broker checks already say what is wrong with the files
-    chain = x509.load_pem_x509_certificates(cfg.mqtt.cert_file.read_bytes())[1:] + cas
     issuer = next((c for c in chain if c.subject == leaf.issuer), None)
     if issuer is None:
         return Check("ca", WARN, f"{cfg.mqtt.ca_file} holds no certificate named {leaf.issuer.rfc4514_string()!r}, "

@@ -51,6 +51,7 @@ values never change.
      |         +-- LineError        one candump line is not a frame (vgw.sources.candump; also a ValueError)
      +-- StorageError               state dir / outbox / key store
      |    +-- StorageOpenError      could not open or create a state file (initialisation)
+     |    +-- NotRegularFile        a FIFO, device or folder where a regular file must be (vgw.fsutil; also an OSError)
      |    +-- OutboxUnwritable      a write failed: ``fault`` is a StorageFault (full, read-only, io)
      |    +-- GrantNotActive        a batch or key refused: its grant was revoked meanwhile (vgw.outbox)
      |         +-- TermsChanged     a batch collected under terms no longer in force (vgw.outbox)

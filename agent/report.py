@@ -210,14 +210,9 @@ def collect(config_path: str | Path) -> dict[str, Any]:
 
 def _status_rule_counts(state_dir: Path) -> dict[str, Any]:
     """The rule counters of the running (or last) agent's status file; {} when there are none."""
-    import json
+    from vgw.daemon.statedir import read_status_file
 
-    from vgw.runtime import STATUS_FILE
-
-    try:
-        counts = json.loads((state_dir / STATUS_FILE).read_text()).get("collect")
-    except (OSError, ValueError, AttributeError):
-        return {}
+    counts = read_status_file(state_dir).get("collect")
     return counts if isinstance(counts, dict) else {}
 
 

@@ -11,7 +11,8 @@ takes; ``Agent`` below only builds and wires them, starts them in ``run`` and st
              outbox transactions, off the collector, so fsync never stalls collection; owns the storage-fault
              state. Its queue has its own lock; a revocation empties it under the agent lock.
   uplink     the MQTT connection and paho's thread (vgw.uplink); calls in only through the consent intake
-             (its own lock) and the public status (reads).
+             (its own lock: offer, and settled before stored batches go out after a connect) and the public
+             status (reads).
   OBD        the OBD-II poller (vgw.obd.poller), when configured: offers samples under the agent lock.
   main       the supervisor (vgw.daemon.supervisor): consent documents (MQTT intake, the inbox file written by
              `vgw consent apply`), expiry, retention, pending erasures, quota audits, the status file
@@ -29,7 +30,9 @@ Faults (what each costs is in docs/guarantees.md; tests/test_faults_*.py prove i
   outbox over quota   the committing grant's oldest batches go, counted ``dropped_quota:<g>``, audited
                       (one entry per grant per minute at most) and shown by `vgw status`.
   disk full/read-only batches are counted in ``store_failures`` and not stored; logged and audited once when
-                      it starts and once when it recovers; ``storage`` in status.json says which.
+                      it starts and once when it recovers; ``storage`` in status.json says which. A consent
+                      document whose disk part fails stays pending (vgw.consent.pending): stopped in memory,
+                      retried every second, its record kept in space reserved at start.
   bus down/bus-off    SourceReadError: close, wait ``[can] reopen_s``, reopen; error frames are counted.
   bad frame           malformed input (SourceFrameError) or a frame the pipeline fails on: counted in
                       ``frames_malformed``/``frames_failed``, skipped, logged at most once a minute;
@@ -120,9 +123,10 @@ class Agent:
                                       on_change=self._on_consent_change)
         # Documents from MQTT are judged on arrival and the newest verified one always survives (intake.py).
         self.intake = ConsentIntake(trust_keys=trust, device=self.device,
-                                    clock=lambda: max(time.time(), self.store.floor))
+                                    clock=lambda: max(time.time(), self.store.floor),
+                                    floor_ver=lambda: self.store.max_ver)
         self.uplink = Uplink(cfg.mqtt, self.device, self.outbox, on_consent=self.intake.offer,
-                             status_payload=self._public_status)
+                             status_payload=self._public_status, consent_settled=self.intake.settled)
         # Added to by the collector, the writer, the main loop and the OBD poller: a thread-safe object.
         self.counters = Counters(("batches", "batches_discarded", "store_failures", "consent_superseded",
                                   "source_errors", "batches_failed", "error_frames", "remote_frames", "rx_overflow",
@@ -247,7 +251,15 @@ class Agent:
         if self.signals.install():  # the main thread only: an agent run in another thread is stopped by stop()
             self.signals.attach(self._stop, self._reload)
         try:
-            self.manager.load_cached()
+            try:
+                # Room for a pending consent document's record, taken while there is room (vgw.consent.pending).
+                self.store.pending_apply.reserve()
+            except StorageError as exc:
+                log.warning("no room reserved for a pending consent document: %s", exc)
+            try:
+                self.manager.load_cached()
+            except StorageError as exc:  # a full or read-only disk at start: run, say so, retry (guarantees.md)
+                self.writer.storage_failed(exc)
             self._on_consent_change()
             self.uplink.start()
             self.writer.start()

@@ -27,6 +27,11 @@ before anything newer; receivers drop the copies by (epoch, seq). ``replayed_bat
 are kept the same way (in memory: a receipt is deleted from the outbox on PUBACK as before) and published
 again first; a receiver treats a receipt it has seen as the same receipt. ``replayed_receipts`` counts them.
 
+Consent first (README "Topics"): after every (re)connect, stored batches (replays included) wait until the
+consent at the broker is known: a consent message that arrived after the granted SUBACK has been judged and
+applied by the main thread (``consent_settled``, vgw.consent.intake), or ``[mqtt] consent_wait_s`` passed
+without one. Status and receipts go first. :class:`ConsentSync` says where a connection stands.
+
 A failed connection attempt is logged once per distinct reason (repeats go to debug and are summed up when
 the reason changes or the link comes back), so a broker that stays down or a TLS fault does not flood the
 journal.
@@ -48,6 +53,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
+from enum import StrEnum
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -75,6 +81,15 @@ QUEUE_SLACK = 8  # paho queue beyond the in-flight window: the status message an
 MAX_PACKET_BYTES = MAX_DOCUMENT_BYTES + 1024
 
 
+class ConsentSync(StrEnum):
+    """What a connection knows of the consent retained at the broker (``consent_sync`` in `vgw status`)."""
+
+    OFFLINE = "offline"
+    WAITING = "waiting"  # connected; stored batches wait
+    RETAINED = "retained"  # the retained document was taken
+    NONE = "none"  # none came within [mqtt] consent_wait_s of the SUBACK
+
+
 def tls_context(cfg: MqttConfig) -> ssl.SSLContext:
     """Raises ConfigError for a TLS file that is not a regular file of sane size (a FIFO would hang ssl)."""
     for what, path in (("CA file", cfg.ca_file), ("client certificate", cfg.cert_file), ("client key", cfg.key_file)):
@@ -96,12 +111,14 @@ class Uplink:
         *,
         on_consent: Callable[[bytes], None],
         status_payload: Callable[[], dict[str, Any]],
+        consent_settled: Callable[[], bool] = lambda: True,
     ) -> None:
         self.cfg = cfg
         self.device = device
         self.outbox = outbox
         self.on_consent = on_consent
         self.status_payload = status_payload
+        self.consent_settled = consent_settled
         base = f"{cfg.topic_prefix}/{device}"
         self.topic_consent = f"{base}/consent"
         self.topic_receipt = f"{base}/receipt"
@@ -129,6 +146,10 @@ class Uplink:
         self._ever_connected = False
         self.consent_subscribed = False  # the broker granted the consent subscription on this connection
         self.subscribe_refused = 0  # SUBACKs that refused it (each is retried)
+        self.consent_sync = ConsentSync.OFFLINE  # what this connection knows of the consent at the broker
+        self._consent_msgs = 0  # consent messages handed to the intake (written by paho's thread only)
+        self._msgs_at_suback: int | None = None  # that count when the subscription was granted
+        self._sync_deadline: float | None = None
         self._sub_mid: int | None = None
         self._sub_delay = SUBSCRIBE_RETRY_FIRST_S
         self._resubscribe_at: float | None = None
@@ -348,6 +369,9 @@ class Uplink:
             self._start_replay(since)
             self._replay_again = (time.monotonic() + window * SECOND_PASS_AFTER, since)
         self._ever_connected = True
+        self.consent_sync = ConsentSync.WAITING
+        self._msgs_at_suback = None
+        self._sync_deadline = None
         self._sub_delay = SUBSCRIBE_RETRY_FIRST_S  # a new connection (maybe another node) starts afresh
         self._subscribe(client)
         self._status_due.clear()
@@ -362,13 +386,18 @@ class Uplink:
         self._resubscribe_at = time.monotonic() + (SUBACK_TIMEOUT_S if self._sub_mid is not None
                                                    else self._sub_delay)
 
-    def _suback(self, mid: int, refused: str | None) -> None:
+    def _suback(self, mid: int, refused: str | None, msgs: int = 0) -> None:
         if mid != self._sub_mid:
             return
         self._sub_mid = None
         self._resubscribe_at = None
         if refused is None:
             self.consent_subscribed = True
+            # The broker sends the retained document after this SUBACK; without one, stored batches wait at most
+            # [mqtt] consent_wait_s (MQTT has no "nothing retained" answer).
+            if self._msgs_at_suback is None:
+                self._msgs_at_suback = msgs
+                self._sync_deadline = time.monotonic() + self.cfg.consent_wait_s
             if self._sub_delay > SUBSCRIBE_RETRY_FIRST_S:
                 log.info("uplink: subscribed to the consent topic after %d refusal(s)", self.subscribe_refused)
             self._sub_delay = SUBSCRIBE_RETRY_FIRST_S
@@ -401,6 +430,7 @@ class Uplink:
             log.debug("loop_stop failed", exc_info=True)
         if self.state == "connected":
             self.state = "offline"
+        self.consent_sync = ConsentSync.OFFLINE
 
     def _serve(self, client: mqtt.Client) -> None:
         inflight: dict[int, tuple[str, Any]] = {}
@@ -434,6 +464,7 @@ class Uplink:
                 self._resubscribe_at = None
                 self._subscribe(client)
             self._sweep()
+            self._check_consent_sync()
             again = self._replay_again
             if again is not None and self._replay is None and time.monotonic() >= again[0]:
                 self._start_replay(again[1])
@@ -448,6 +479,21 @@ class Uplink:
                 tokens -= sent
             self._wake.wait(0.02)
             self._wake.clear()
+
+    def _check_consent_sync(self) -> None:
+        """Open the gate for stored batches once the consent at the broker is known (README "Topics")."""
+        if self.consent_sync != ConsentSync.WAITING or not self.consent_subscribed:
+            return
+        seen = self._msgs_at_suback is not None and self._consent_msgs > self._msgs_at_suback
+        if seen and self.consent_settled():
+            self.consent_sync = ConsentSync.RETAINED
+        elif self._sync_deadline is not None and time.monotonic() >= self._sync_deadline and self.consent_settled():
+            self.consent_sync = ConsentSync.NONE
+            log.info("uplink: no consent document retained at %s within %g s; sending stored data", self.endpoint,
+                     self.cfg.consent_wait_s)
+        else:
+            return
+        self._wake.set()
 
     def _start_replay(self, since: float) -> None:
         """A replay pass: rows and receipts acknowledged at or after ``since`` (wall time) go out again."""
@@ -523,8 +569,8 @@ class Uplink:
                 return sent
             inflight[mid] = ("receipt", (rid, token))
             sent += 1
-        if sent >= room:
-            return sent
+        if sent >= room or self.consent_sync not in (ConsentSync.RETAINED, ConsentSync.NONE):
+            return sent  # stored batches wait until the consent at the broker is known (README "Topics")
         busy_rows = {v[1].id for v in inflight.values() if v[0] == "batch"}
         # The outbox lock is held across read and publish so a concurrent erasure either happens before
         # (rows gone) or after (already handed to the socket: "already sent").
@@ -586,9 +632,11 @@ class Uplink:
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any,
                       properties: Any) -> None:
         refused = [str(rc) for rc in reason_codes if getattr(rc, "is_failure", False)]
-        self._events.append(("suback", (mid, ", ".join(refused) or None)))
+        self._events.append(("suback", (mid, ", ".join(refused) or None, self._consent_msgs)))
         self._wake.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         if message.topic == self.topic_consent and message.payload:
             self.on_consent(bytes(message.payload))  # the bounded consent intake (vgw.consent.intake)
+            self._consent_msgs += 1  # after the intake holds it (see _check_consent_sync); paho's thread only
+            self._wake.set()

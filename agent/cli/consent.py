@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from vgw.cli import DEFAULT_CONFIG
 from vgw.consent.store import ConsentStore
-from vgw.errors import ConfigError
+from vgw.errors import ConfigError, StorageError
 from vgw.timefmt import utc_text
 
 if TYPE_CHECKING:
@@ -104,6 +104,10 @@ def _apply(cfg: Config, token: bytes) -> int:
                 print(f"consent v{consent.ver} handed to the running agent; it has not confirmed it yet",
                       file=sys.stderr)
                 return 0
+            try:  # room for the record of a document whose disk part must wait (vgw.consent.pending)
+                store.pending_apply.reserve()
+            except StorageError:
+                pass
             manager.load_cached()
             result = manager.apply(token, source="cli")
         finally:
@@ -114,6 +118,12 @@ def _apply(cfg: Config, token: bytes) -> int:
     if result.status == "rejected":
         print(f"vgw consent apply: {result.error}", file=sys.stderr)
         return 3
+    if result.status == "pending":
+        pending = manager.pending
+        print(f"vgw consent apply: consent v{result.consent.ver if result.consent else '?'} not applied: "
+              f"{pending.error if pending else 'storage failed'}; it is kept pending in the state directory and "
+              "`vgw run` finishes it once the disk can be written", file=sys.stderr)
+        return 1
     assert result.consent is not None
     if result.status == "duplicate":
         print(f"consent v{result.consent.ver} is already in force")
@@ -132,41 +142,44 @@ def _apply(cfg: Config, token: bytes) -> int:
 
 def _wait_for_agent(store: ConsentStore, state_dir: Path, ver: int, timeout: float) -> str:
     """"applied", "rejected" (the agent took the hand-over and did not apply it) or "pending"."""
-    from vgw.runtime import STATUS_FILE
+    from vgw.daemon.statedir import read_status_file
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            status = json.loads((state_dir / STATUS_FILE).read_text())
-        except (OSError, ValueError):
-            status = {}
+        status = read_status_file(state_dir)
         in_force = status.get("consent_version")
         if in_force == ver:
             return "applied"
         if store.read_inbox() is None:
             # Taken by the agent; give its status file a moment to show the outcome.
             time.sleep(0.6)
-            try:
-                status = json.loads((state_dir / STATUS_FILE).read_text())
-            except (OSError, ValueError):
-                status = {}
+            status = read_status_file(state_dir)
             return "applied" if status.get("consent_version") == ver else "rejected"
         time.sleep(0.1)
     return "pending"
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    from vgw.cli.status import pending_consent
     from vgw.collect.describe import describe_grant
     from vgw.config import load_config
     from vgw.stateview import read_state
 
-    state = read_state(load_config(args.config))
+    cfg = load_config(args.config)
+    state = read_state(cfg)
     consent = state.consent
+    # A newer document the running agent applied in memory only (its disk part waits): what the cache says is
+    # no longer what is collected (docs/guarantees.md "Revocation wins every race").
+    pending = pending_consent(ConsentStore(cfg.state_dir))
     if args.json:
         doc = consent.summary() if consent else {"version": None, "grants": []}
         doc["expired"] = state.expired
+        doc["pending"] = pending
         print(json.dumps(doc, indent=2))
         return 0
+    if pending is not None:
+        print(f"consent v{pending['ver']} PENDING: applied in memory, not yet on disk; stopped: "
+              f"{', '.join(pending['grants_stopped']) or 'none'} (what follows is the stored document)")
     if consent is None:
         print("no consent in force: nothing is collected or sent"
               + ("" if state.exists else f" (no state yet: {state.audit.path.parent} does not exist)"))

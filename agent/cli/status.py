@@ -5,7 +5,9 @@
 with ``schema_version`` (:data:`SCHEMA_VERSION`, raised when a field changes meaning or moves) and the
 counters as a tree: ``counters.agent`` (name -> n) and ``counters.grants`` (grant -> name -> n, with
 ``by_scope`` for per-scope counts), never flat ``name:grant:scope`` keys. ``erasures_pending`` lists the
-erasures whose receipt waits until no copy is left in the outbox's files.
+erasures whose receipt waits until no copy is left in the outbox's files; ``consent_pending`` a consent document
+applied in memory whose disk part waits (read from its own record, which a full disk cannot stop); and
+``consent_sync`` what the link knows of the consent retained at the broker (README "Topics").
 """
 
 from __future__ import annotations
@@ -37,19 +39,19 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def collect_status(config_path: str) -> dict[str, Any]:
     from vgw.config import load_config
     from vgw.consent.store import ConsentStore
-    from vgw.runtime import STATUS_FILE, AgentLock
+    from vgw.runtime import AgentLock
     from vgw.stateview import read_state
 
     cfg = load_config(config_path)
     state = read_state(cfg)
     running = AgentLock.held_by_other(cfg.state_dir)
-    live = read_live_status(cfg.state_dir / STATUS_FILE)
+    live = read_live_status(cfg.state_dir)
     consent = state.consent
     grants = [{"id": g.id, "scopes": list(g.scopes), "expires": consent.exp}
               for g in state.active_grants()] if consent else []
     outbox_view = {g["id"]: {"rows": 0, "bytes": 0} for g in grants}
     outbox_view.update(state.outbox_stats)
-    return {
+    out: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "device": cfg.device.id,
         "state_dir": str(cfg.state_dir),
@@ -62,6 +64,8 @@ def collect_status(config_path: str) -> dict[str, Any]:
         "agent_running": running,
         "link": live.get("link", "offline") if running else "stopped",
         "link_error": live.get("link_error") if running else None,
+        # README "Topics": "waiting" while stored batches wait for the consent retained at the broker
+        "consent_sync": live.get("consent_sync") if running and isinstance(live.get("consent_sync"), str) else None,
         "last_publish": live.get("last_publish"),
         "counters": structured_counters({**state.counters, **live.get("counters", {})}),
         "quota": {"quota_bytes": cfg.outbox.quota_bytes, "used_bytes": state.used_bytes},
@@ -71,6 +75,34 @@ def collect_status(config_path: str) -> dict[str, Any]:
         "health": live.get("health", {"ok": True, "problem": None}) if running else {"ok": True, "problem": None},
         **pending_erasures(ConsentStore(cfg.state_dir)),
     }
+    pending = pending_consent(ConsentStore(cfg.state_dir))
+    out["consent_pending"] = pending
+    if pending is not None:
+        # What the cache says is in force, less what the pending document stopped: what is collected now.
+        out["grants"] = [g for g in out["grants"] if g["id"] not in pending["grants_stopped"]]
+        # Read from the record itself (written in place, so a full disk that stops status.json cannot hide it).
+        out["storage"] = {"ok": False, "error": f"consent v{pending['ver']} not yet stored: "
+                          + str(pending.get("error") or "retrying")}
+    return out
+
+
+def pending_consent(store: ConsentStore) -> dict[str, Any] | None:
+    """``consent_pending``: a document applied in memory whose disk part waits (docs/guarantees.md "Revocation
+    wins every race"): its version, the grants it stopped, since when, why. No personal data."""
+    from vgw.consent.pending import read_record
+    from vgw.consent.verifier import peek_version
+    from vgw.errors import StorageError
+
+    try:
+        raw = store.read_pending_apply()
+        doc = read_record(raw) if raw is not None else None
+    except (StorageError, ValueError):
+        return None
+    if doc is None:
+        return None
+    since = doc.get("since")
+    return {"ver": peek_version(doc["token"]), "grants_stopped": sorted(str(g) for g in doc["stopped"]),
+            "since": since if valid_time(since) else None, "error": doc.get("error")}
 
 
 def pending_erasures(store: ConsentStore) -> dict[str, Any]:
@@ -127,16 +159,14 @@ def human_age(seconds: float) -> str:
     return f"{s // 86400} d {s % 86400 // 3600} h ago"
 
 
-def read_live_status(path: Path) -> dict[str, Any]:
+def read_live_status(state_dir: Path) -> dict[str, Any]:
     """The running agent's status file with its known fields checked: a damaged or hand-edited file (not JSON,
     not an object, a time no calendar shows, counters that are not numbers) must not break `vgw status`.
-    A field that fails its check is dropped, as if the agent had not written it."""
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        return {}
-    if not isinstance(raw, dict):
-        return {}
+    A field that fails its check is dropped, as if the agent had not written it. Raises StorageError for a file
+    the agent never writes (see :func:`vgw.daemon.statedir.read_status_file`)."""
+    from vgw.daemon.statedir import read_status_file
+
+    raw = read_status_file(state_dir)
     live: dict[str, Any] = dict(raw)
     for key in ("link", "link_error"):
         if not isinstance(live.get(key), str):
@@ -177,6 +207,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"outbox: {human_bytes(quota['used_bytes'])} of {human_bytes(quota['quota_bytes'])} quota ({share:.0f} %)"
           + ("; dropped for quota: " + ", ".join(f"{g} {n} batch(es)" for g, n in sorted(drops.items()))
              if drops else ""))
+    if st.get("consent_sync") == "waiting":
+        print("link: stored data wait for the consent document retained at the broker")
+    elif st.get("consent_sync") == "none":
+        print("link: no consent document retained at the broker (stored data go out under the cached consent)")
+    if st.get("consent_pending"):
+        p = st["consent_pending"]
+        print(f"consent v{p['ver']} PENDING: applied in memory, not yet on disk ({p.get('error') or 'retrying'}); "
+              f"stopped: {', '.join(p['grants_stopped']) or 'none'}")
     if not st["storage"]["ok"]:
         print(f"storage: NOT STORING ({st['storage']['error']}); "
               f"{st['counters']['agent'].get('store_failures', 0)} batch(es) not stored")

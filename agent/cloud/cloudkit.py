@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import time
-import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ from vgw.cloud.envelopes import ReceiptError, verify_receipt
 from vgw.collect.rules import RuleError, parse_rules
 from vgw.crypto.certs import device_id_from_cert, device_public_key_from_cert
 from vgw.errors import CloudKitError
+from vgw.fsutil import MAX_CONFIG_BYTES, load_toml, read_small_file
 from vgw.scopes import SCOPES
 
 __all__ = [
@@ -172,14 +172,22 @@ def load_device_certs(paths: Iterable[Path]) -> dict[str, ec.EllipticCurvePublic
 
 
 def _load_structured(path: Path) -> dict[str, Any]:
+    """A grants description or a recipient's public key: TOML through the loader of the config file and the
+    signal map (:func:`vgw.fsutil.load_toml`), or JSON when the name ends in ``.json``; a regular file of at
+    most ``MAX_CONFIG_BYTES``, nested no deeper than the parser's recursion allows. Raises CloudKitError."""
     try:
-        text = path.read_text()
-    except OSError as exc:
-        raise CloudKitError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    try:
-        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise CloudKitError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {exc}") from exc
+        if path.suffix != ".json":
+            data: Any = load_toml(path, what="TOML file", error=CloudKitError)
+        else:
+            raw = read_small_file(path, what="JSON file", max_bytes=MAX_CONFIG_BYTES, error=CloudKitError)
+            try:
+                data = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise CloudKitError(f"{path}: not valid JSON: {exc}") from exc
+            except RecursionError as exc:
+                raise CloudKitError(f"{path}: not valid JSON: arrays or objects nested too deeply") from exc
+    except FileNotFoundError as exc:
+        raise CloudKitError(f"{path}: cannot read: {exc.strerror}") from exc
     if not isinstance(data, dict):
         raise CloudKitError(f"{path}: must be an object/table")
     return data

@@ -26,11 +26,19 @@ from vgw.cloud.cloudkit import CloudKitError
 from vgw.cloud.consent_authority import HpkePrivateKey
 from vgw.cloud.envelopes import EnvelopeError, ReceiptError, open_envelope, verify_receipt
 from vgw.cloud.mqttclient import make_client, tls_context
+from vgw.consent.verifier import MAX_GRANTS
 from vgw.errors import UplinkError
 
 __all__ = ["BrokerOptions", "CloudLink", "Listener"]
 
 _RECEIPTS_REMEMBERED = 100_000  # receipt digests a listener keeps to report a repeat as a duplicate
+# De-duplication memory (README "Telemetry envelope", docs/fleet.md "Parts"): per device, grant and
+# epoch, the highest seq up to which every seq arrived and a bitmap of the SEQ_WINDOW seqs above it (512 bytes);
+# per stream the EPOCHS_KEPT epochs used last; per device the STREAMS_PER_DEVICE grants used last (a consent
+# document holds at most 64 grants).
+SEQ_WINDOW = 4096
+EPOCHS_KEPT = 4
+STREAMS_PER_DEVICE = MAX_GRANTS
 
 
 # ---------------------------------------------------------------- the MQTT link
@@ -221,19 +229,77 @@ def decimal_value(value: Any) -> Any:
 
 
 @dataclass
+class _SeqWindow:
+    """Which seqs of one epoch arrived: every seq up to ``floor``, and seq ``floor + 1 + i`` if bit i of ``bits``.
+
+    Memory is bounded whatever arrives: a seq more than SEQ_WINDOW above ``floor`` slides the window up, and the
+    seqs it passes that never arrived are given up (a copy of one, or the seq itself arriving later, is then
+    taken for a duplicate: it is below ``floor``).
+    """
+
+    floor: int = 0
+    bits: int = 0
+    first: int = 0  # the lowest seq accepted (a listener started mid-stream has not lost what came before it)
+    high: int = 0
+
+    def add(self, seq: int) -> bool:
+        """Record ``seq``; False if it arrived before (or is below the window)."""
+        if seq <= self.floor:
+            return False
+        k = seq - self.floor - 1
+        if k >= SEQ_WINDOW:
+            shift = k - SEQ_WINDOW + 1
+            self.bits >>= shift
+            self.floor += shift
+            k -= shift
+        if (self.bits >> k) & 1:
+            return False
+        self.bits |= 1 << k
+        run = (~self.bits & (self.bits + 1)).bit_length() - 1  # the seqs now contiguous with floor
+        self.bits >>= run
+        self.floor += run
+        self.first = min(self.first, seq) if self.first else seq
+        self.high = max(self.high, seq)
+        return True
+
+    def missing(self) -> list[list[int]]:
+        """Seqs from ``first`` to ``high`` that did not arrive (within the window), as inclusive ranges."""
+        ranges: list[list[int]] = []
+        for n in range(max(self.first, self.floor + 1), self.high + 1):
+            if not (self.bits >> (n - self.floor - 1)) & 1:
+                if ranges and ranges[-1][1] == n - 1:
+                    ranges[-1][1] = n
+                else:
+                    ranges.append([n, n])
+        return ranges
+
+
+@dataclass
 class _Stream:
-    # (epoch, seq): de-duplication key (README "Telemetry envelope")
-    seen: set[tuple[str, int]] = field(default_factory=set)
-    high: dict[str, int] = field(default_factory=dict)  # per epoch
+    # (epoch, seq): de-duplication key (README "Telemetry envelope"); the epochs used last, newest at the end
+    windows: collections.OrderedDict[str, _SeqWindow] = field(default_factory=collections.OrderedDict)
+    batches: int = 0
     duplicates: int = 0
+    epochs: int = 0  # epochs seen (one forgotten and seen again counts again)
     epoch: str = ""  # of the newest accepted batch
+
+    def window(self, epoch: str) -> _SeqWindow:
+        win = self.windows.get(epoch)
+        if win is None:
+            win = self.windows[epoch] = _SeqWindow()
+            self.epochs += 1
+            if len(self.windows) > EPOCHS_KEPT:
+                self.windows.popitem(last=False)
+        self.windows.move_to_end(epoch)
+        return win
 
 
 class Listener:
     """Turns messages into events (dicts, one JSON line each); thread-safe.
 
     Events: ``batch`` (decrypted), ``duplicate`` (an (epoch, seq) seen before: QoS 1 re-delivery or a replay after
-    failover, dropped), ``duplicate-receipt`` (a receipt token this listener reported before, among the last
+    failover, dropped; also a seq more than SEQ_WINDOW below the highest of its epoch, which cannot be told from
+    one), ``duplicate-receipt`` (a receipt token this listener reported before, among the last
     100,000; other listeners and a restarted one do not know it, so downstream de-duplicates too), ``gap``
     (seqs skipped: ``from``..``to``; off with ``detect_gaps=False``, e.g. for one of several ``--share``
     workers that sees only part of each stream), ``receipt`` / ``bad-receipt``, ``status``, ``rejected``.
@@ -248,7 +314,7 @@ class Listener:
         self._emit = emit
         self.detect_gaps = detect_gaps
         self._lock = threading.Lock()
-        self._streams: dict[tuple[str, str], _Stream] = {}
+        self._streams: dict[str, collections.OrderedDict[str, _Stream]] = {}  # device -> grant -> stream
         self._key_of: dict[tuple[str, str], str] = {}
         self._receipts_seen: collections.OrderedDict[bytes, None] = collections.OrderedDict()
         self.counts: dict[str, int] = {}
@@ -305,10 +371,12 @@ class Listener:
         epoch: str = batch.get("epoch", "")
         events: list[dict[str, Any]] = []
         with self._lock:
-            st = self._streams.setdefault((device, grant), _Stream())
+            st = self._stream(device, grant)
             # De-duplicate on (epoch, seq) (README "Telemetry envelope"): a wiped or re-provisioned device starts a new
             # epoch at seq 1, which is new data, not a re-delivery.
-            if (epoch, seq) in st.seen:
+            win = st.window(epoch)
+            high = win.high
+            if not win.add(seq):
                 st.duplicates += 1
                 events.append({"type": "duplicate", "device": device, "grant": grant, "epoch": epoch, "seq": seq,
                                "arrived": arrived})
@@ -316,18 +384,28 @@ class Listener:
                 # A first-seen seq above high + 1 means seqs in between were lost (or are late). The first
                 # message of an epoch only counts from 1 when seq restarts there: a listener started
                 # mid-stream has not "lost" the history it never subscribed to.
-                high = st.high.get(epoch, 0)
                 if self.detect_gaps and high and seq > high + 1:
                     events.append({"type": "gap", "device": device, "grant": grant, "epoch": epoch,
                                    "from": high + 1, "to": seq - 1, "arrived": arrived})
-                st.seen.add((epoch, seq))
-                st.high[epoch] = max(high, seq)
+                st.batches += 1
                 st.epoch = epoch
                 samples = [{**s, "value": decimal_value(s["value"])} if "value" in s else s for s in batch["samples"]]
                 events.append({"type": "batch", "device": device, "grant": grant, "epoch": epoch, "seq": seq,
                                "samples": samples, "arrived": arrived, "bytes": len(payload)})
         for e in events:
             self._out(e)
+
+    def _stream(self, device: str, grant: str) -> _Stream:
+        """The stream of ``device``/``grant`` (under the lock); a device's least recently used grant is forgotten
+        beyond STREAMS_PER_DEVICE."""
+        grants = self._streams.setdefault(device, collections.OrderedDict())
+        st = grants.get(grant)
+        if st is None:
+            st = grants[grant] = _Stream()
+            if len(grants) > STREAMS_PER_DEVICE:
+                grants.popitem(last=False)
+        grants.move_to_end(grant)
+        return st
 
     def _receipt(self, device: str, payload: bytes, arrived: float) -> None:
         token = payload.decode("ascii", errors="replace")
@@ -368,18 +446,9 @@ class Listener:
         missing ranges (if gap detection is on)."""
         with self._lock:
             streams = {}
-            for (d, g), st in sorted(self._streams.items()):
-                seqs = {n for e, n in st.seen if e == st.epoch}
-                lo = min(seqs) if seqs else 0
-                high = st.high.get(st.epoch, 0)
-                missing = [n for n in range(lo, high + 1) if n not in seqs]
-                ranges: list[list[int]] = []
-                for n in missing:
-                    if ranges and ranges[-1][1] == n - 1:
-                        ranges[-1][1] = n
-                    else:
-                        ranges.append([n, n])
-                streams[f"{d}/{g}"] = {"batches": len(st.seen), "duplicates": st.duplicates,
-                                       "epochs": len(st.high), "epoch": st.epoch, "first": lo, "high": high,
-                                       **({"missing": ranges} if self.detect_gaps else {})}
+            for d, g, st in sorted((d, g, st) for d, grants in self._streams.items() for g, st in grants.items()):
+                win = st.windows.get(st.epoch) or _SeqWindow()
+                streams[f"{d}/{g}"] = {"batches": st.batches, "duplicates": st.duplicates, "epochs": st.epochs,
+                                       "epoch": st.epoch, "first": win.first, "high": win.high,
+                                       **({"missing": win.missing()} if self.detect_gaps else {})}
             return {"streams": streams, "events": dict(self.counts)}

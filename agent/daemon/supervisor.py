@@ -1,8 +1,10 @@
 """The supervisor: the agent's main loop, on the main thread (``Agent.run``).
 
 It owns the consent documents' intake (the MQTT intake's queue, the inbox file written by `vgw consent apply`),
-expiry, retention, pending erasures, the quota-drop audits, the status file, the clock floor, the config reload
-(SIGHUP, see vgw.runtime "Reload"), health and the systemd watchdog, and the end of a replay (``replay_exit``).
+the retries of a document applied in memory whose disk part waits (vgw.consent.pending), expiry, retention,
+pending erasures, the quota-drop audits, the status file, the clock floor, the config reload (SIGHUP, see
+vgw.runtime "Reload"), health and the systemd watchdog, and the end of a replay (``replay_exit``, a state of the
+loop: consent and SIGTERM are handled while it waits).
 Locks: none of its own; the consent manager, store, outbox and audit log take theirs, and a consent change or
 revocation takes the agent lock through the manager's hooks (:class:`vgw.daemon.guard.PipelineGuard`).
 """
@@ -17,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from vgw.audit import AuditLog
+from vgw.catalogue import MAX_DBC_BYTES
 from vgw.config import Config, load_config
 from vgw.consent.intake import ConsentIntake
 from vgw.consent.manager import ConsentManager
@@ -27,6 +30,7 @@ from vgw.daemon.guard import PipelineGuard
 from vgw.daemon.health import Health
 from vgw.daemon.status import StatusView
 from vgw.errors import StorageError, VgwError
+from vgw.fsutil import MAX_CONFIG_BYTES, read_small_file
 from vgw.logs import apply_config_level
 from vgw.outbox import Outbox
 from vgw.sdnotify import notify, watchdog_interval
@@ -40,6 +44,8 @@ INTAKE_ROUNDS = 8  # consent intake emptied at most this often per main-loop tur
 RETENTION_EVERY_S = 5.0  # retention and pending erasures
 STATUS_EVERY_S = 0.5  # status.json
 FLOOR_EVERY_S = 30.0  # the persisted clock floor (vgw.consent.store)
+PENDING_RETRY_EVERY_S = 1.0  # the disk part of a pending consent document (vgw.consent.pending)
+REPLAY_DRAIN_S = 120.0  # replay_exit: how long the end of the trace waits for every batch to be acknowledged
 
 
 class Supervisor:
@@ -73,8 +79,9 @@ class Supervisor:
     def run(self) -> None:
         """Turn until stop (or, with ``replay_exit``, until the trace's batches are all acknowledged)."""
         wd = watchdog_interval()
-        last_wd = last_status = last_floor = last_retention = 0.0
+        last_wd = last_status = last_floor = last_retention = last_pending = 0.0
         replay_exit = bool(self.cfg.can and self.cfg.can.replay and self.cfg.can.replay_exit)
+        drain_since: float | None = None  # replay_exit: when the end of the trace was reached
         while not self.stop.is_set():
             if self.reload.is_set():
                 self.reload.clear()
@@ -84,6 +91,10 @@ class Supervisor:
             self.guarded(self.manager.flush_rejections)
             now = time.monotonic()
             self.guarded(self.check_consent_file)
+            if self.manager.pending is not None and now - last_pending >= PENDING_RETRY_EVERY_S:
+                last_pending = now  # a document applied in memory whose disk part waits (a full disk)
+                self.guarded(self.manager.retry_pending)
+                self.uplink.wake()
             self.guarded(self.manager.check_expiry)
             if now - last_retention >= RETENTION_EVERY_S:
                 last_retention = now
@@ -106,11 +117,25 @@ class Supervisor:
                 last_wd = now
                 notify("WATCHDOG=1")
             if replay_exit and self.collector is not None and self.collector.done.is_set():
-                log.info("end of trace: waiting for every batch to be acknowledged")
-                if not self.uplink.drain(timeout=120.0):
-                    log.error("end of trace: outbox not drained within 120 s")
+                # The drain is a state of this loop, not a wait beside it: consent documents, expiry, the
+                # watchdog and SIGTERM are handled on every turn until the outbox is empty.
+                if drain_since is None:
+                    drain_since = now
+                    log.info("end of trace: waiting for every batch to be acknowledged")
+                if self.drained():
+                    return
+                self.uplink.wake()
+                if now - drain_since >= REPLAY_DRAIN_S:
+                    log.error("end of trace: outbox not drained within %g s", REPLAY_DRAIN_S)
                     self.exit_code = 1
-                return
+                    return
+
+    def drained(self) -> bool:
+        """The outbox holds no batch or receipt waiting for the broker (a full disk: not yet known, False)."""
+        try:
+            return not self.outbox.stats() and self.outbox.receipt_count() == 0
+        except StorageError:
+            return False
 
     def guarded(self, fn: Any, *args: Any, **kwargs: Any) -> None:
         """Main-loop work that writes the state dir: a full or read-only disk is logged, never fatal."""
@@ -128,6 +153,12 @@ class Supervisor:
         a newer one superseded before they were applied are counted, never applied. A few rounds per main-loop
         turn at most: a flood that never stops must not starve expiry and the watchdog (the rest waits one turn).
         """
+        try:
+            self._apply_intake()
+        finally:
+            self.intake.done()
+
+    def _apply_intake(self) -> None:
         for _ in range(INTAKE_ROUNDS):
             taken = self.intake.take()
             if not taken:
@@ -218,11 +249,14 @@ class Supervisor:
 
 
 def catalogue_digest(cfg: Config) -> str:
-    """A digest of the DBC and signal map files' bytes (a reload compares it; unreadable files count as changed)."""
+    """A digest of the DBC and signal map files' bytes (a reload compares it). A file that cannot be read as
+    the loaders read it (missing, a FIFO, a device, over its cap) counts as changed and is not read: a FIFO must
+    not block the main loop, nor /dev/zero fill memory."""
     h = hashlib.sha256()
-    for path in [*cfg.can.dbc, cfg.can.signal_map] if cfg.can is not None else []:
+    files = [(p, MAX_DBC_BYTES) for p in cfg.can.dbc] + [(cfg.can.signal_map, MAX_CONFIG_BYTES)] if cfg.can else []
+    for path, cap in files:
         try:
-            h.update(path.read_bytes())
-        except OSError:
+            h.update(read_small_file(path, what="file", max_bytes=cap))
+        except (OSError, VgwError):
             h.update(b"unreadable:" + str(path).encode())
     return h.hexdigest()

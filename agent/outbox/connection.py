@@ -24,6 +24,18 @@ SCHEMA_VERSION = 3
 # Stamp of rows stored before terms were recorded: judged by their scopes alone (see Outbox.apply_terms).
 LEGACY_TERMS = "legacy"
 
+def prepare_file(path: Path) -> None:
+    """Create the outbox file 0600 before SQLite opens it (SQLite makes -wal/-shm with the main file's mode),
+    never through a planted link; refuse a FIFO or device in its place (SQLite would block reading it) and a side
+    file that is a link (docs/guarantees.md). Raises StorageError."""
+    create_private(path, what="outbox")
+    for suffix in ("-wal", "-shm", "-journal"):
+        side = Path(str(path) + suffix)
+        refuse_symlink(side)
+        if side.exists() and side.stat().st_mode & 0o077:
+            side.chmod(0o600)
+
+
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",
     "CREATE TABLE IF NOT EXISTS active_grants (id TEXT PRIMARY KEY, terms TEXT NOT NULL DEFAULT '') WITHOUT ROWID",
@@ -76,12 +88,7 @@ class Connection:
         self._data_keys: dict[str, bytes] = {}  # grant id -> unwrapped data key (dropped on erasure and close)
         # Created 0600 before SQLite opens it (SQLite makes -wal/-shm with the main file's mode), never through a
         # planted link; an existing side file that is a link is refused too (docs/guarantees.md).
-        create_private(path)
-        for suffix in ("-wal", "-shm", "-journal"):
-            side = Path(str(path) + suffix)
-            refuse_symlink(side)
-            if side.exists() and side.stat().st_mode & 0o077:
-                side.chmod(0o600)
+        prepare_file(path)
         try:
             self._db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")

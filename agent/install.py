@@ -23,9 +23,11 @@ once the device is provisioned.
 System actions (creating the ``vgw`` user, ``systemctl``, ``udevadm``) run only when ``prefix`` is ``/`` and
 ``system`` is true. ``dry_run`` prints the plan and changes nothing.
 
-`vgw uninstall --purge` first erases every grant (in force, or with data on disk) the way a revocation does:
-data key destroyed, rows deleted, audit entry, signed erasure receipt queued and, if the broker is
-reachable within ``receipt_timeout_s``, delivered; only then are the state dir and ``/etc/vgw`` removed.
+`vgw uninstall --purge` first erases every grant (in force, or with data on disk) with the consent manager's
+erasure, as a revocation does: data key destroyed, rows deleted, audit entry, signed erasure receipt (built
+from what the erasure found, with the audit anchor) queued and, if the broker is reachable within
+``receipt_timeout_s``, delivered; only then are the state dir and ``/etc/vgw`` removed. An erasure that cannot
+be verified (another process holds the outbox open) stops the uninstall with nothing removed.
 
 Raises :class:`~vgw.errors.ConfigError` (bad source/config) and :class:`~vgw.errors.StorageError`
 (files, a running agent, a failed system command).
@@ -418,6 +420,7 @@ def final_erasure(config_path: Path, *, receipt_timeout_s: float = 10.0) -> Eras
 
 def _final_erasure(cfg: Config, receipt_timeout_s: float) -> ErasureSummary:
     from vgw.consent.manager import ConsentManager, load_trust_keys
+    from vgw.outbox.erasure import ERASE_WAIT_S
     from vgw.runtime import AgentLock, open_state
 
     if AgentLock.held_by_other(cfg.state_dir):
@@ -433,19 +436,26 @@ def _final_erasure(cfg: Config, receipt_timeout_s: float) -> ErasureSummary:
         manager.load_cached_readonly()
         consent = manager.in_force
         ver = consent.ver if consent else 0
+        # An erasure an earlier run could not verify: its receipt goes now, if nothing of it is left.
+        for done in manager.finish_pending_erasures(wait_s=ERASE_WAIT_S):
+            summary.grants[done.grant_id] = done.batches_deleted
         ids = {g.id for g in consent.grants} if consent else set()
         ids |= outbox.orphan_grants(set())  # anything with a key or rows on disk
         outbox.set_active_grants(set())  # nothing may store again
-        for gid in sorted(ids):
-            audit.append("grant-stopped", grant=gid, reason="uninstall", ver=ver)
-            erasure = outbox.erase_grant(gid)
-            audit.append("key-destroyed", grant=gid)
-            audit.append("erasure-done", grant=gid, batches_deleted=erasure.batches_deleted, reason="uninstall")
-            # Signed only now, with rows and key gone (README "Receipts").
-            outbox.queue_receipt(signer.sign("erasure", grant=gid, ver=ver, batches_deleted=erasure.batches_deleted,
-                                             key_destroyed=True, reason="uninstall"))
+        for gid in sorted(ids - set(summary.grants)):
+            # The consent manager's erasure, as for a revocation: the one routine of the outbox, the audit
+            # entries, and a receipt built from what it found, with the audit anchor (README "Receipts").
+            erasure = manager.erase(gid, reason="uninstall", ver=ver)
             summary.grants[gid] = erasure.batches_deleted
-            log.info("grant %s erased: %d batch(es), data key destroyed", gid, erasure.batches_deleted)
+            log.info("grant %s erased: %d batch(es)%s", gid, erasure.batches_deleted,
+                     ", data key destroyed" if erasure.key_destroyed else ", not verified yet")
+        manager.finish_pending_erasures(wait_s=ERASE_WAIT_S)
+        pending = sorted({p.grant for p in manager.store.pending_erasures()})
+        if pending:
+            # Rows and keys are deleted, but another process holds the outbox open, so a copy is still in its
+            # files: no receipt may say they are gone, and nothing is removed (run it again once it has let go).
+            raise StorageError(f"{cfg.state_dir}: erasure of grant(s) {', '.join(pending)} not verified: another "
+                               "process holds the outbox open; stop it and run the uninstall again")
         if outbox.receipt_count() and receipt_timeout_s > 0:
             summary.receipts_delivered = _deliver_receipts(cfg, outbox, receipt_timeout_s)
         elif not outbox.receipt_count():

@@ -136,6 +136,9 @@ class Agent:
         self.guard = PipelineGuard(catalogue=self.catalogue, obd=cfg.obd is not None, writer=self.writer,
                                    batch=cfg.batch)
         self.pipeline = self.guard.pipeline
+        # Limits hold across restarts: when each path last sent under a max_hz limit (README "Limits hold across
+        # updates").
+        self.pipeline.seed_marks(self.outbox.rate_marks())
         self._lock = self.guard.lock
         self.collector: Collector | None = None
         if cfg.can is not None:
@@ -287,6 +290,7 @@ class Agent:
             self._obd.join(5.0)
         self.guard.flush_all()
         self.writer.close()
+        self.supervisor.guarded(self.supervisor.store_rule_counts)
         self.supervisor.audit_quota_drops(force=True)
         self.supervisor.guarded(self.manager.flush_rejections, force=True)
         if self.uplink.state == "connected":

@@ -200,7 +200,7 @@ def test_a_tls_file_that_is_a_fifo_is_a_link_error_not_a_hung_uplink(setup: dict
 # -- hostile state files: every reader opens them as the agent does (regular file, ours, capped, never followed) --
 
 _READERS = {  # which command reads which state file
-    "status.json": ("status", "report"),
+    "status.json": ("status",),  # the report takes its counts from the outbox, never from the status file
     "audit.log": ("report", "audit verify"),
     "agent.lock": ("status",),
     "outbox.sqlite": ("status", "report"),

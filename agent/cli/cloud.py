@@ -8,6 +8,8 @@
     vgw cloud listen --nats HOST:PORT[,...] --ca CA --cert CERT --tls-key KEY --recipient ... [--durable NAME]
     vgw cloud relay --nats HOST:PORT[,...] --ca CA --cert CERT --tls-key KEY [--prefer N] [--drain S]
     vgw cloud verify-receipt --device-cert FILE|DIR [--json] FILE
+    vgw cloud serve --config FILE                  (the owner's consent service: vgw.cli.cloud_service)
+    vgw cloud app add ... / vgw cloud owner add ...
 
 BROKER-OPTIONS: --broker HOST:PORT --ca CA --cert CERT --key KEY [--protocol auto|5|3.1.1] [--prefix vgw].
 Exit codes: 0 success, 1 error (one line on stderr), 3 receipt/document rejected.
@@ -28,6 +30,7 @@ from types import FrameType
 from typing import IO, Any
 
 import jwt
+from vgw.cli import cloud_service
 
 EXIT_REJECTED = 3
 
@@ -132,6 +135,8 @@ def register(subparsers: Any) -> None:
                    help="print one JSON object: file, valid, and device, typ, claims, token or reason")
     v.add_argument("file", type=Path, help="receipt (compact JWS, or a JSON line from listen)")
     v.set_defaults(func=run_verify_receipt)
+
+    cloud_service.register(sub)
 
 
 def _broker_options(p: argparse.ArgumentParser, *, required: bool) -> None:

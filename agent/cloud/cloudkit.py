@@ -37,7 +37,9 @@ from vgw.cloud.consent_authority import (
     sign_consent,
 )
 from vgw.cloud.envelopes import ReceiptError, verify_receipt
+from vgw.collect.budget import Tally
 from vgw.collect.rules import RuleError, parse_rules
+from vgw.consent.model import Limits, limited_scopes
 from vgw.crypto.certs import device_id_from_cert, device_public_key_from_cert
 from vgw.errors import CloudKitError
 from vgw.fsutil import MAX_CONFIG_BYTES, load_toml, read_small_file
@@ -223,6 +225,7 @@ def load_grants(path: Path) -> dict[str, Any]:
         raise CloudKitError(f"{path}: 'grant' must be an array of tables")
     grants: list[dict[str, Any]] = []
     seen: set[str] = set()
+    usage = Tally()  # the device's budgets (docs/guarantees.md "Budgets"), over the whole document
     for i, g in enumerate(raw):
         where = f"{path}: grant[{i}]"
         if not isinstance(g, dict):
@@ -271,7 +274,7 @@ def load_grants(path: Path) -> dict[str, Any]:
         if "collect" in g:
             # The device's own validation (vgw.collect.rules): a rule it would reject never gets signed.
             try:
-                parse_rules(g["collect"], scopes)
+                usage.add(parse_rules(g["collect"], scopes, _limited(scopes, out.get("limits", {}))))
             except RuleError as exc:
                 raise CloudKitError(f"{where}: {exc}") from None
             out["collect"] = g["collect"]
@@ -380,3 +383,11 @@ def verify_receipt_file(path: Path, keys: Mapping[str, ec.EllipticCurvePublicKey
     if not isinstance(sub, str) or sub not in keys:
         raise ReceiptError(f"{path}: receipt names device {sub!r}, for which no certificate was given")
     return verify_receipt(token, keys[sub], device=sub)
+
+
+def _limited(scopes: Any, limits: Any) -> frozenset[str]:
+    """The scopes the device will limit (the grant's ``limits`` or the privacy defaults): no condition may read
+    one (vgw.collect.rules)."""
+    parsed = {s: Limits(max_hz=v.get("max_hz"), precision_m=v.get("precision_m")) for s, v in limits.items()
+              if isinstance(v, dict)}
+    return limited_scopes(tuple(scopes), parsed)

@@ -103,6 +103,7 @@ class Supervisor:
             self.audit_quota_drops()
             if now - last_status >= STATUS_EVERY_S:
                 last_status = now
+                self.guarded(self.store_rule_counts)
                 self.status.write()
             if now - last_floor >= FLOOR_EVERY_S:
                 last_floor = now
@@ -201,6 +202,10 @@ class Supervisor:
                 if n:
                     self.outbox.count(f"retention_deleted:{g.id}", n)
                     self.audit.append("retention-delete", grant=g.id, batches_deleted=n, retention_s=g.retention_s)
+
+    def store_rule_counts(self) -> None:
+        """Add what the collection rules counted since the last time to the outbox's counters (the report's)."""
+        self.guard.store_rule_counts(self.outbox.count_many)
 
     def audit_quota_drops(self, *, force: bool = False) -> None:
         """Audit the writer's quota drops: one entry per grant per QUOTA_AUDIT_EVERY_S at most (all: ``force``)."""

@@ -30,7 +30,9 @@ CITATION = re.compile(r'README "([^"`]{1,80})"')
 PAGES: dict[str, tuple[str, tuple[str, ...]]] = {
     "dev-stack.md": ("Your own dev stack", ("Your own dev stack",)),
     "running.md": ("Running the agent", ("Running the agent",)),
+    "owner-consent.md": ("The owner's consent service", ("The owner's consent service",)),
     "contract.md": ("The contract, in our words", ("The contract, in our words",)),
+    "privacy-report.md": ("Privacy report", ("Privacy report",)),
     "collection-rules.md": ("Collection rules", ("Collection rules (per grant)",)),
     "fleet-results.md": ("A fleet: results and replay after failover", ("A fleet",)),
     "performance-summary.md": ("Performance: the numbers", ("Performance",)),

@@ -34,6 +34,7 @@ _COMMANDS = (
     "audit",
     "report",
     "provision",
+    "enroll",
     "doctor",
     "install",
     "bench",

@@ -47,7 +47,9 @@ __all__ = [
 
 _FILE_MODE = 0o644
 _DIR_MODE = 0o755
-_DEFAULT_DAYS = 30
+# A year, as a deployment's certificates: well outside the agent's renewal window ([mqtt] renew_before_days, 30 by
+# default), so an agent on a test PKI renews only when a test makes a certificate near its end on purpose.
+_DEFAULT_DAYS = 365
 # Backdate notBefore a little so a freshly made certificate is valid even with a second of clock skew.
 _BACKDATE = dt.timedelta(minutes=5)
 

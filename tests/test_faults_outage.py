@@ -93,8 +93,9 @@ def test_outage_past_quota_exactly_the_counted_drops_are_missing(tmp_path, pki, 
             assert cloud.wait_for(lambda: all(len(cloud.batches(DEV, g)) >= 2 for g in grants), 15)
             broker.stop()
             assert wait_until(lambda: agent.outbox.counters().get("dropped_quota:g-speed", 0) >= 3, 20)
-            time.sleep(1.0)
-            assert agent.outbox.total_bytes() <= quota  # the quota holds while the broker is away
+            # The quota holds while the broker is away, commit after commit past it.
+            assert wait_until(lambda: agent.outbox.counters().get("dropped_quota:g-speed", 0) >= 6, 20)
+            assert agent.outbox.total_bytes() <= quota
             status = json.loads(vgw("status", "--config", str(cfg), "--json").stdout)
             assert status["counters"]["grants"]["g-speed"]["dropped_quota"] >= 3
             assert status["quota"]["quota_bytes"] == quota
@@ -112,10 +113,11 @@ def test_outage_past_quota_exactly_the_counted_drops_are_missing(tmp_path, pki, 
         for gid in grants:
             dropped = counters.get(f"dropped_quota:{gid}", 0)
             missing = cloud.missing(DEV, gid)
+            # Exactly the counted drops are missing, whatever their shape: the quota takes the oldest batches
+            # not in flight, so batches handed to the broker (e.g. on reconnect) may split the missing seqs
+            # into several runs (the policy itself: test_outbox_parts' quota test).
             assert len(missing) == dropped, (gid, dropped, cloud.gaps(DEV, gid))
             assert audited.get(gid, 0) == dropped
-            if dropped:  # the oldest of the outage went: one contiguous run of seqs
-                assert len(cloud.gaps(DEV, gid)) == 1
         assert counters["dropped_quota:g-speed"] > 0
 
 
@@ -147,8 +149,10 @@ def test_revocation_while_broker_down_never_sends_the_grant(tmp_path, pki, auth)
             assert wait_until(lambda: "g-gone" not in agent.outbox.stats(), 1.5)
             assert not agent.outbox.has_key("g-gone")
             assert agent.outbox.receipt_count() >= 1  # the erasure receipt waits in the outbox
-            time.sleep(1.0)
-            assert "g-gone" not in agent.outbox.stats()  # and nothing new is stored for it
+            # Collection goes on (g-keep stores more batches), and nothing new is stored for g-gone.
+            kept = _rows(runner, "g-keep")
+            assert wait_until(lambda: _rows(runner, "g-keep") >= kept + 3, 20)
+            assert "g-gone" not in agent.outbox.stats()
 
             broker.start()
             assert runner.wait_link(10)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from vgw.daemon.timing import Timing
 
 from tests.agentkit import AgentThread, Authority, vgw, wait_until, write_config
 from tests.faultkit import DEV, apply_offline, persistent_world, record_trace
@@ -87,12 +88,16 @@ def test_outage_past_quota_exactly_the_counted_drops_are_missing(tmp_path, pki, 
     with persistent_world(pki, auth, *grants) as (broker, cloud):
         cfg = _config(tmp_path, pki, broker.port, auth, outbox={"quota_bytes": quota})
         apply_offline(cfg, auth, grants, tmp_path)
-        with AgentThread(cfg) as runner:
+        # Quota drops are audited once per period per grant (a minute in the product): 1 s here, so the audit
+        # shows them while the broker is away, not only at shutdown.
+        with AgentThread(cfg, timing=Timing(quota_audit_every_s=1.0)) as runner:
             agent = runner.agent
             assert runner.wait_link()
             assert cloud.wait_for(lambda: all(len(cloud.batches(DEV, g)) >= 2 for g in grants), 15)
             broker.stop()
             assert wait_until(lambda: agent.outbox.counters().get("dropped_quota:g-speed", 0) >= 3, 20)
+            assert wait_until(lambda: any(e.get("event") == "outbox-quota-drop" and e["grant"] == "g-speed"
+                                          for e in agent.audit.entries()), 10)
             # The quota holds while the broker is away, commit after commit past it.
             assert wait_until(lambda: agent.outbox.counters().get("dropped_quota:g-speed", 0) >= 6, 20)
             assert agent.outbox.total_bytes() <= quota

@@ -37,8 +37,8 @@ def test_agent_on_vcan0_with_kernel_filters(tmp_path, pki, broker, cloud) -> Non
             assert runner.wait_link()
             cloud.publish_consent(DEV, auth.doc(DEV, {"g-v": ["read_speedometer"]}))
             assert cloud.wait_for(lambda: len(cloud.batches(DEV, "g-v")) >= 3, 15)
-            counters = runner.vgw.pipeline.counters
-            assert wait_until(lambda: counters["frames"] > 0, 10)
+            assert wait_until(lambda: runner.agent.status()["counters"]["frames"] > 0, 10)
+            counters = runner.agent.status()["counters"]
             # The kernel filter passes only the consented message id: nothing unrouted reaches the agent.
             assert counters["frames_unrouted"] <= counters["frames"] * 0.05
         assert {s.path for s in cloud.samples(DEV, "g-v")} == {"Vehicle.Speed"}

@@ -103,3 +103,28 @@ def test_quota_evicts_the_oldest_batches_not_in_flight_and_counts_each(tmp_path:
         assert outbox.counters()["dropped_quota:g1"] == 3
     finally:
         outbox.close()
+
+
+def test_quota_passes_over_a_largest_grant_whose_batches_are_all_in_flight(tmp_path: Path) -> None:
+    """Step 2 of the policy: when the committing grant has nothing older to give, the largest grant with a
+    batch not in flight gives way; one whose batches are all in flight cannot, and must not stop the search."""
+    path = tmp_path / "outbox.sqlite"
+    outbox = Outbox(path, new_data_key(), DEV)
+    try:
+        outbox.set_active_grants({"g-big", "g-small", "g-new"})
+        payload = os.urandom(1000)
+        for gid in ("g-big",) * 4 + ("g-small",) * 2:
+            outbox.commit_batch(gid, lambda seq: payload, 1.0, 1)
+        quota = outbox.total_bytes()  # six rows of the same size: full
+        for row in outbox.pending(10):
+            if row.grant_id == "g-big":
+                outbox.mark_attempted(row.id)  # all of g-big is in flight
+
+        new = outbox.commit_batch("g-new", lambda seq: payload, 1.0, 1, quota_bytes=quota)
+        assert new.dropped == {"g-small": 1}  # g-small's oldest, not g-big's (in flight), not the new batch
+        assert outbox.total_bytes() <= quota
+        assert {(r.grant_id, r.seq) for r in outbox.pending(10)} == {
+            ("g-big", 1), ("g-big", 2), ("g-big", 3), ("g-big", 4), ("g-small", 2), ("g-new", 1)}
+        assert outbox.counters()["dropped_quota:g-small"] == 1
+    finally:
+        outbox.close()

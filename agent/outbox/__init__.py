@@ -35,14 +35,14 @@ file and its -wal/-shm are overwritten and deleted (a corrupt copy would keep re
 rows beyond any erasure, docs/guarantees.md), and a fresh file takes its place.
 
 Quota: :meth:`Outbox.commit_batch` with ``quota_bytes``, when the outbox would exceed it, deletes in the same
-transaction, in this order until it fits: (0) rows kept after their PUBACK for the replay window, oldest ack
-first, not counted (the broker has them); (1) the committing grant's oldest batches, its new batch excepted;
-(2) the oldest batches of the grant holding the most bytes (possibly the new batch itself). A batch in flight
-(handed to the broker, PUBACK not come) is never a victim: it may have arrived, and dropping it would make the
-``dropped_quota`` count lie; the next-oldest batch goes instead. So a grant's dropped seqs are exactly the
-counted ones (``dropped_quota:<grant>``, each once), oldest first among those not in flight, and in flight
-batches may split them into several runs. If only batches in flight are left over the quota, the outbox stays
-over it until their PUBACKs come (at most the uplink's in-flight window).
+transaction, in this order until it fits: (0) rows kept after their PUBACK for the replay window, oldest ack first,
+not counted (the broker has them); (1) the committing grant's oldest batches, its new batch excepted; (2) the
+oldest batches of the grant holding the most bytes that has a batch not in flight (possibly the new batch itself).
+A batch in flight (handed to the broker, PUBACK not come) is never a victim: it may have arrived, and dropping it
+would make the ``dropped_quota`` count lie; the next-oldest batch goes instead. So a grant's dropped seqs are
+exactly the counted ones (``dropped_quota:<grant>``, each once), oldest first among those not in flight, and
+batches in flight may split them into several runs. If every batch left is in flight, the outbox stays over the
+quota until their PUBACKs come: it then holds only the batches in flight (the uplink's window).
 
 Narrowing (README "Narrowing applies to stored data"): no sample of a scope not in force at publish time leaves the
 car. Three checks:

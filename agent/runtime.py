@@ -38,8 +38,8 @@ Faults (what each costs is in docs/guarantees.md; tests/test_faults_*.py prove i
                       ``frames_malformed``/``frames_failed``, skipped, logged at most once a minute;
                       BAD_FRAMES_REOPEN in a row reopen the source.
   stalled collector   the collector beats once per loop (a quiet bus still beats); no beat for
-                      COLLECTOR_STALL_S, or a dead thread: health not ok in status.json, no WATCHDOG=1, so
-                      systemd restarts the agent.
+                      ``timing.collector_stall_s`` (vgw.daemon.timing), or a dead thread: health not ok in
+                      status.json, no WATCHDOG=1, so systemd restarts the agent.
   silent bus          no frame for ``[can] silent_s``: logged once, ``bus.silent`` in status.json (a wrong
                       channel, an unplugged cable, a simulator on another bus); cleared when frames come back.
   SIGTERM             collector stopped, open batches committed, up to 2 s to hand them to a live link,
@@ -73,6 +73,7 @@ from vgw.daemon.signals import DaemonSignals
 from vgw.daemon.statedir import LOCK_FILE, OUTBOX_FILE, STATUS_FILE, AgentLock, open_state
 from vgw.daemon.status import StatusView
 from vgw.daemon.supervisor import INTAKE_ROUNDS, QUOTA_AUDIT_EVERY_S, Supervisor
+from vgw.daemon.timing import DEFAULT_TIMING, Timing
 from vgw.errors import StorageError, VgwError
 from vgw.fsutil import ensure_private_dir
 from vgw.logs import apply_config_level
@@ -84,11 +85,11 @@ from vgw.writer import BatchWriter
 # Names other modules and tests import from here (the parts moved to vgw.daemon).
 __all__ = ["BAD_FRAMES_REOPEN", "CHUNK_FRAMES", "COLLECTOR_STALL_S", "FRAME_ERROR_LOG_EVERY_S", "INTAKE_ROUNDS",
            "LOCK_FILE", "OUTBOX_FILE", "QUOTA_AUDIT_EVERY_S", "SHUTDOWN_SEND_S", "STATUS_FILE", "Agent",
-           "AgentLock", "open_state", "run_agent"]
+           "AgentLock", "Timing", "open_state", "run_agent"]
 
 log = logging.getLogger(__name__)
 
-SHUTDOWN_SEND_S = 2.0  # on SIGTERM, how long a live link may take to send what was just flushed
+SHUTDOWN_SEND_S = DEFAULT_TIMING.shutdown_send_s  # on SIGTERM, how long a live link may take to send what was flushed
 
 
 class Agent:
@@ -99,8 +100,9 @@ class Agent:
     below run on whichever thread applies a document (the main loop) and take it through the guard.
     """
 
-    def __init__(self, cfg: Config, signals: DaemonSignals | None = None) -> None:
+    def __init__(self, cfg: Config, signals: DaemonSignals | None = None, *, timing: Timing = DEFAULT_TIMING) -> None:
         self.cfg = cfg
+        self.timing = timing  # the main loop's periods (vgw.daemon.timing): the defaults, or shorter in tests
         self.device = cfg.device.id
         self.signals = signals if signals is not None else DaemonSignals()
         ensure_private_dir(cfg.state_dir)
@@ -148,15 +150,15 @@ class Agent:
             self.collector = Collector(can_cfg=cfg.can, batch=cfg.batch, guard=self.guard, counters=self.counters,
                                        writer=self.writer, stop=self._stop)
         self.health = Health(collector=self.collector, writer=self.writer, uplink=self.uplink, obd=self._get_obd,
-                             can_cfg=cfg.can)
+                             can_cfg=cfg.can, timing=timing)
         self.status_view = StatusView(cfg=cfg, manager=self.manager, guard=self.guard, collector=self.collector,
                                       uplink=self.uplink, outbox=self.outbox, writer=self.writer,
-                                      counters=self.counters, health=self.health, obd=self._get_obd)
+                                      counters=self.counters, health=self.health, obd=self._get_obd, timing=timing)
         self.supervisor = Supervisor(cfg=cfg, stop=self._stop, reload=self._reload, intake=self.intake,
                                      manager=self.manager, store=self.store, outbox=self.outbox, audit=self.audit,
                                      audit_event=self._audit, uplink=self.uplink, writer=self.writer,
                                      counters=self.counters, guard=self.guard, collector=self.collector,
-                                     health=self.health, status=self.status_view)
+                                     health=self.health, status=self.status_view, timing=timing)
 
     # -- what tests, tools and `vgw status` read ------------------------------------------------------
 
@@ -168,42 +170,9 @@ class Agent:
         return self.health.healthy
 
     @property
-    def health_problem(self) -> str | None:
-        return self.health.problem
-
-    @property
-    def bus_silent(self) -> bool:
-        return self.health.bus_silent
-
-    @property
-    def collector_stall_s(self) -> float:
-        return self.health.collector_stall_s
-
-    @collector_stall_s.setter
-    def collector_stall_s(self, seconds: float) -> None:
-        self.health.collector_stall_s = seconds
-
-    @property
     def storage_error(self) -> str | None:
         """Why the outbox cannot store now (None: it can)."""
         return self.writer.storage_error
-
-    @property
-    def _source(self) -> Any:
-        return self.guard.source
-
-    @property
-    def _source_done(self) -> threading.Event:
-        return self.collector.done if self.collector is not None else threading.Event()
-
-    @property
-    def _collector(self) -> threading.Thread | None:
-        return self.collector.thread if self.collector is not None else None
-
-    @_collector.setter
-    def _collector(self, thread: threading.Thread | None) -> None:
-        assert self.collector is not None
-        self.collector.thread = thread
 
     @property
     def exit_code(self) -> int:
@@ -297,7 +266,7 @@ class Agent:
         self.supervisor.audit_quota_drops(force=True)
         self.supervisor.guarded(self.manager.flush_rejections, force=True)
         if self.uplink.state == "connected":
-            self.uplink.drain(SHUTDOWN_SEND_S)  # best effort; what is not acknowledged stays in the outbox
+            self.uplink.drain(self.timing.shutdown_send_s)  # best effort; what is not acknowledged stays in the outbox
         self.uplink.publish_offline()
         self.uplink.stop()
         self.status_view.write()

@@ -16,6 +16,7 @@ from typing import Any
 
 import can
 from vgw.config import Config, load_config
+from vgw.daemon.timing import DEFAULT_TIMING, Timing
 from vgw.runtime import Agent
 from vgw.simulators.broker import Mosquitto
 from vgw.simulators.can_sim import CanSimulator
@@ -127,9 +128,9 @@ class Authority:
 class AgentThread:
     """The real agent, in this process (needed for python-can's in-process virtual bus)."""
 
-    def __init__(self, config: Path | Config) -> None:
+    def __init__(self, config: Path | Config, *, timing: Timing = DEFAULT_TIMING) -> None:
         self.cfg = config if isinstance(config, Config) else load_config(config)
-        self.agent = Agent(self.cfg)
+        self.agent = Agent(self.cfg, timing=timing)  # shorter periods than the product's: vgw.daemon.timing
         self.thread = threading.Thread(target=self._run, name="test-agent", daemon=True)
         self.exit_code: int | None = None
         self.error: BaseException | None = None

@@ -110,6 +110,25 @@ def integrity(path: Path) -> str:
         db.close()
 
 
+def file_query(path: Path, sql: str, params: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
+    """Rows of ``sql`` read from an outbox file by a separate connection, as a forensic reader of the disk
+    would (never the agent's own connection: what it sees is what is on disk)."""
+    db = sqlite3.connect(path, timeout=10.0)
+    try:
+        return list(db.execute(sql, params))
+    finally:
+        db.close()
+
+
+def file_write(path: Path, sql: str, params: tuple[object, ...] = ()) -> None:
+    """Change an outbox file behind the agent's back (a separate connection), as damage or tampering would."""
+    db = sqlite3.connect(path, timeout=10.0, isolation_level=None)
+    try:
+        db.execute(sql, params)
+    finally:
+        db.close()
+
+
 def outbox_rows(path: Path, grant: str | None = None) -> int:
     db = sqlite3.connect(path, timeout=10.0)
     try:

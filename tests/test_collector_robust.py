@@ -26,8 +26,10 @@ from hypothesis import strategies as st
 from vgw.catalogue import load_catalogue
 from vgw.cli.status import collect_status
 from vgw.consent.model import Grant, Limits, Recipient
+from vgw.daemon.timing import Timing
 from vgw.errors import SourceFrameError
 from vgw.pipeline.router import Pipeline
+from vgw.runtime import Agent
 from vgw.simulators.broker import free_port
 from vgw.simulators.slcan_pty import SlcanPtyBus
 from vgw.sources.canbus import BusSource, kernel_filters
@@ -109,7 +111,7 @@ def test_bad_slcan_lines_are_counted_and_collection_goes_on(tmp_path: Path, pki,
                 slcan_sim.send_raw(line)
                 # Frames after each bad line are decoded again (the driver resynchronised on the next line).
                 assert wait_until(lambda seen=seen: agent.pipeline.counters["samples"] >= seen + 5, 10), line
-            assert runner.thread.is_alive() and agent._collector is not None and agent._collector.is_alive()
+            assert runner.thread.is_alive() and agent.status()["health"] == {"ok": True, "problem": None}
             # Every line but the last two: noise without terminator merges with the next line, which python-can
             # then ignores as a line of no known type (bounded, not counted), and an empty line is no frame.
             assert agent.counters["frames_malformed"] >= len(BAD_LINES) - 2
@@ -335,13 +337,13 @@ def test_nan_latitude_on_the_bus_does_not_stop_the_collector(tmp_path: Path, pki
     runner = AgentThread(cfg).start()
     agent = runner.agent
     try:
-        assert wait_until(lambda: agent._source is not None, 10)
+        assert wait_until(lambda: _source_open(agent), 10)
         bus.send(can.Message(arbitration_id=GNSS_ID, is_extended_id=True, data=_gnss(math.nan, 13.4)))
         bus.send(can.Message(arbitration_id=GNSS_ID, is_extended_id=True, data=_gnss(math.inf, 13.4)))
         with _Sender(bus, as_float=True):
             assert wait_until(lambda: agent.pipeline.counters["samples"] >= 5, 10)
         assert agent.pipeline.counters["samples_not_finite"] == 2
-        assert agent._collector is not None and agent._collector.is_alive() and agent.healthy
+        assert agent.status()["health"] == {"ok": True, "problem": None}  # the collector goes on
     finally:
         runner.stop()
         bus.shutdown()
@@ -375,7 +377,7 @@ def test_collector_passes_the_frame_format(tmp_path: Path, pki, channel: str) ->
     runner = AgentThread(cfg).start()
     agent = runner.agent
     try:
-        assert wait_until(lambda: agent._source is not None, 10)
+        assert wait_until(lambda: _source_open(agent), 10)
         for _ in range(20):
             bus.send(can.Message(arbitration_id=SPEED_ID, is_extended_id=True, data=struct.pack("<f", 50.0) + bytes(4)))
         assert wait_until(lambda: agent.pipeline.counters["frames"] >= 20, 10)
@@ -424,6 +426,11 @@ def test_python_can_filters_pass_only_the_consented_frame_format(channel: str) -
         tx.shutdown()
 
 
+def _source_open(agent: Agent) -> bool:
+    """The collector has its source open (the bus, the pty): frames sent from now on are read."""
+    return agent.collector is not None and agent.collector.source is not None
+
+
 # -- watchdog: fed only while the collector makes progress --------------------------------------------------
 
 @pytest.fixture
@@ -460,14 +467,13 @@ def test_watchdog_stops_while_the_collector_is_stalled(tmp_path: Path, pki, chan
     so), and pings resume when it moves again."""
     auth = Authority(tmp_path)
     cfg = write_config(tmp_path, pki, free_port(), auth.trust, can={"channel": channel})
-    runner = AgentThread(cfg)
+    runner = AgentThread(cfg, timing=Timing(collector_stall_s=1.0))
     agent = runner.agent
-    agent.collector_stall_s = 1.0
     runner.start()
     try:
-        assert wait_until(lambda: agent._source is not None, 10)
+        assert wait_until(lambda: _source_open(agent), 10)
         assert _watchdog_pings(notify_socket, 1.5) >= 5  # no frame at all: still progress
-        with agent._lock:  # the collector blocks on its next flush check: a stall (as a deadlock would be)
+        with agent.guard.lock:  # the collector blocks on its next flush check: a stall (as a deadlock would be)
             # Pings stop (the first half second may still carry one sent before the stall was seen) ...
             assert wait_until(lambda: _watchdog_pings(notify_socket, 0.5) == 0, 5)
             assert _watchdog_pings(notify_socket, 1.0) == 0
@@ -487,11 +493,13 @@ def test_watchdog_stops_when_the_collector_thread_is_gone(tmp_path: Path, pki, c
     runner = AgentThread(cfg).start()
     agent = runner.agent
     try:
-        assert wait_until(lambda: agent._source is not None, 10)
+        assert wait_until(lambda: _source_open(agent), 10)
         assert _watchdog_pings(notify_socket, 1.0) >= 3
-        agent._collector = threading.Thread(target=lambda: None)  # a collector thread that has ended
-        agent._collector.start()
-        agent._collector.join()
+        ended = threading.Thread(target=lambda: None)  # a collector thread that has ended
+        ended.start()
+        ended.join()
+        assert agent.collector is not None
+        agent.collector.thread = ended
         assert wait_until(lambda: _watchdog_pings(notify_socket, 0.5) == 0, 5)
         assert _watchdog_pings(notify_socket, 1.0) == 0
         assert agent.status()["health"] == {"ok": False, "problem": "collector stopped"}
@@ -504,14 +512,13 @@ def test_the_retained_status_follows_a_health_change(tmp_path: Path, pki, broker
     recovery must reach a subscriber too, as a new retained status, with no reconnect."""
     auth = Authority(tmp_path)
     cfg = write_config(tmp_path, pki, broker.port, auth.trust, device=DEV, can={"channel": channel})
-    runner = AgentThread(cfg)
+    runner = AgentThread(cfg, timing=Timing(collector_stall_s=1.0))
     agent = runner.agent
-    agent.collector_stall_s = 1.0
     runner.start()
     try:
         assert wait_until(lambda: (cloud.status(DEV) or {}).get("state") == "online", 10)
         assert cloud.status(DEV)["healthy"] is True
-        with agent._lock:  # the collector blocks on its next flush check: a stall
+        with agent.guard.lock:  # the collector blocks on its next flush check: a stall
             assert wait_until(lambda: (cloud.status(DEV) or {}).get("healthy") is False, 10), cloud.status(DEV)
         assert wait_until(lambda: (cloud.status(DEV) or {}).get("healthy") is True, 10)
         assert agent.uplink.connects == 1

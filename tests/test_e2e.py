@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import can
@@ -173,7 +172,9 @@ def test_replay_gives_same_samples_as_live(tmp_path, pki, broker, cloud, auth, c
         assert runner.wait_link()
         cloud.publish_consent(DEV, auth.doc(DEV, grants, ver=1))
         assert wait_until(lambda: runner.agent.manager.in_force is not None, 10)
-        time.sleep(0.2)
+        collector = runner.agent.collector
+        assert collector is not None
+        assert wait_until(lambda: collector.source is not None, 10)  # the agent's bus is open: no frame is lost
         with can.Bus(interface="virtual", channel=channel, receive_own_messages=False) as bus:
             for msg in frames:
                 bus.send(msg)

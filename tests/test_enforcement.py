@@ -121,15 +121,15 @@ def _ec_public_pem(tmp_path: Path) -> Path:
 
 def test_retention_deletes_old_rows_unsent_and_counts(tmp_path: Path, pki: Any, monkeypatch: pytest.MonkeyPatch
                                                       ) -> None:
-    from vgw.runtime import Agent
+    from vgw.daemon.timing import Timing
 
-    from tests.agentkit import write_config
+    from tests.agentkit import AgentThread, wait_until, write_config
 
     auth = Authority(tmp_path)
     cfg_path = write_config(tmp_path, pki, 1, auth.trust[0], can={"channel": f"ret-{uuid.uuid4().hex[:8]}"})
-    from vgw.config import load_config
-
-    agent = Agent(load_config(cfg_path))
+    # The main loop sweeps retention every 5 s in the product; every 0.2 s here.
+    runner = AgentThread(cfg_path, timing=Timing(retention_every_s=0.2))
+    agent = runner.agent
     try:
         now = int(time.time())
         doc = auth.doc(DEVICE, 1, [auth.grant("g-short", ["read_fuel"], retention_s=60),
@@ -143,15 +143,19 @@ def test_retention_deletes_old_rows_unsent_and_counts(tmp_path: Path, pki: Any, 
             agent.outbox.commit_batch(gid, lambda seq: b"envelope", float(now), 1)
         monkeypatch.setattr(outbox_module.time, "time", real_time)
         agent.outbox.commit_batch("g-short", lambda seq: b"fresh", float(now), 1)
-        agent.supervisor.retention()
+        runner.start()  # the agent's own main loop applies retention
+        assert wait_until(lambda: any(e["event"] == "retention-delete" for e in agent.audit.entries()), 10)
         stats = agent.outbox.stats()
         assert stats["g-short"]["rows"] == 1 and stats["g-long"]["rows"] == 1
         assert agent.outbox.counters()["retention_deleted:g-short"] == 2
         [entry] = [e for e in agent.audit.entries() if e["event"] == "retention-delete"]
         assert entry["grant"] == "g-short" and entry["batches_deleted"] == 2 and entry["retention_s"] == 60
     finally:
-        agent.outbox.close()
-        agent.lock_file.release()
+        if runner.thread.is_alive():
+            runner.stop()
+        elif not runner.thread.ident:  # never started: close what the agent opened
+            agent.outbox.close()
+            agent.lock_file.release()
 
 
 # ---------------------------------------------------------------- MLKEM768-X25519 end to end

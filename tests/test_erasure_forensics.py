@@ -25,6 +25,7 @@ from vgw.simulators.paths import default_dbc, default_signal_map
 from vgw.simulators.vehicle import DEFAULT_VIN, VehicleModel
 
 from tests.consentkit import Authority, State
+from tests.faultkit import file_query, file_write
 
 DEVICE = "dev-0001"
 GONE, KEPT = "g-vin", "g-keep"
@@ -69,9 +70,9 @@ def world(tmp_path: Path, pki: Any) -> Iterator[dict[str, Any]]:
                                                                                  epoch=s.outbox.epoch)),
                         batch.first_t, len(samples))
     assert vin_samples > 0
-    db = s.outbox._db
-    wrapped = {gid: bytes(w) for gid, w in db.execute("SELECT grant_id, wrapped FROM grant_keys")}
-    blobs = [bytes(b) for (b,) in db.execute("SELECT blob FROM batches WHERE grant_id = ?", (GONE,))]
+    db = s.outbox.path
+    wrapped = {gid: bytes(w) for gid, w in file_query(db, "SELECT grant_id, wrapped FROM grant_keys")}
+    blobs = [bytes(b) for (b,) in file_query(db, "SELECT blob FROM batches WHERE grant_id = ?", (GONE,))]
     envelopes = [r.payload for r in s.outbox.pending(10_000) if r.grant_id == GONE]
     assert set(wrapped) == {GONE, KEPT} and len(blobs) >= 5 and len(envelopes) == len(blobs)
     secrets = {
@@ -99,9 +100,9 @@ def _assert_erased(s: State, secrets: dict[str, bytes], kept_key: bytes) -> None
     assert not any(found.values()), {k: v for k, v in found.items() if v}
     # The same scan still finds what must stay: the scan is able to see.
     assert _where(kept_key, files)
-    db = s.outbox._db
-    assert db.execute("SELECT COUNT(*) FROM batches WHERE grant_id = ?", (GONE,)).fetchone()[0] == 0
-    assert db.execute("SELECT COUNT(*) FROM grant_keys WHERE grant_id = ?", (GONE,)).fetchone()[0] == 0
+    db = s.outbox.path
+    assert file_query(db, "SELECT COUNT(*) FROM batches WHERE grant_id = ?", (GONE,)) == [(0,)]
+    assert file_query(db, "SELECT COUNT(*) FROM grant_keys WHERE grant_id = ?", (GONE,)) == [(0,)]
     assert GONE not in s.outbox.active_grants() and not s.outbox.has_key(GONE)
     assert s.outbox.integrity_ok()
 
@@ -165,9 +166,8 @@ def test_crash_after_key_destroyed_before_rows_deleted(world: dict[str, Any]) ->
     auth: Authority = world["auth"]
     v2 = auth.doc(DEVICE, 2, [auth.grant(KEPT, ["read_odometer"])], iat=world["now"])
     s.store.write_token(v2)
-    with s.outbox._tx() as db:
-        db.execute("DELETE FROM grant_keys WHERE grant_id = ?", (GONE,))
-        db.execute("DELETE FROM active_grants WHERE id = ?", (GONE,))
+    file_write(s.outbox.path, "DELETE FROM grant_keys WHERE grant_id = ?", (GONE,))
+    file_write(s.outbox.path, "DELETE FROM active_grants WHERE id = ?", (GONE,))
     s.reopen(load=False)  # the crash: memory (and any cached data key) is gone
     assert s.outbox.stats()[GONE]["rows"] == world["batches"]
     assert all(r.grant_id != GONE for r in s.outbox.pending(10_000))  # unreadable: never published
@@ -290,11 +290,11 @@ def _narrow(world: dict[str, Any]) -> tuple[dict[str, bytes], Any]:
     """Drop read_vin from GONE (it stays with location and speed); returns what must be gone, and the result."""
     s: State = world["state"]
     auth: Authority = world["auth"]
-    db = s.outbox._db
+    db = s.outbox.path
     old = {"old wrapped key": world["secrets"]["wrapped key"], "old data key": world["secrets"]["data key"]}
     # Every row of the grant is withdrawn or sealed anew: no fragment of any old ciphertext may stay.
     old.update({f"old row {i}": bytes(b)[:48] for i, (b,) in enumerate(
-        db.execute("SELECT blob FROM batches WHERE grant_id = ?", (GONE,)))})
+        file_query(db, "SELECT blob FROM batches WHERE grant_id = ?", (GONE,)))})
     v2 = auth.doc(DEVICE, 2, [auth.grant(GONE, ["read_location", "read_speedometer"]),
                               auth.grant(KEPT, ["read_odometer"])], iat=world["now"])
     result = s.manager.apply(v2, source="mqtt")

@@ -110,8 +110,10 @@ def test_interface_down_reopens_and_error_frames_are_counted(tmp_path, pki, brok
         assert wait_until(lambda: agent.counters["error_frames"] == 5, 5)
 
         # The interface goes down under the agent (bus-off without auto-restart, adapter unplugged).
-        assert wait_until(lambda: agent._source is not None, 5)
-        agent._source.bus.shutdown()
+        collector = agent.collector
+        assert collector is not None
+        assert wait_until(lambda: collector.source is not None, 5)
+        collector.source.bus.shutdown()
         assert wait_until(lambda: agent.counters["source_errors"] >= 1, 5)
         t_down = time.time()
         # ... it waits reopen_s, opens it again, and data flow again.

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from vgw.daemon.timing import Timing
 
 from tests.agentkit import AgentThread, Authority, vgw, wait_until, write_config
 from tests.faultkit import DEV, apply_offline, persistent_world, record_trace
@@ -87,14 +88,19 @@ def test_outage_past_quota_exactly_the_counted_drops_are_missing(tmp_path, pki, 
     with persistent_world(pki, auth, *grants) as (broker, cloud):
         cfg = _config(tmp_path, pki, broker.port, auth, outbox={"quota_bytes": quota})
         apply_offline(cfg, auth, grants, tmp_path)
-        with AgentThread(cfg) as runner:
+        # Quota drops are audited once per period per grant (a minute in the product): 1 s here, so the audit
+        # shows them while the broker is away, not only at shutdown.
+        with AgentThread(cfg, timing=Timing(quota_audit_every_s=1.0)) as runner:
             agent = runner.agent
             assert runner.wait_link()
             assert cloud.wait_for(lambda: all(len(cloud.batches(DEV, g)) >= 2 for g in grants), 15)
             broker.stop()
             assert wait_until(lambda: agent.outbox.counters().get("dropped_quota:g-speed", 0) >= 3, 20)
-            time.sleep(1.0)
-            assert agent.outbox.total_bytes() <= quota  # the quota holds while the broker is away
+            assert wait_until(lambda: any(e.get("event") == "outbox-quota-drop" and e["grant"] == "g-speed"
+                                          for e in agent.audit.entries()), 10)
+            # The quota holds while the broker is away, commit after commit past it.
+            assert wait_until(lambda: agent.outbox.counters().get("dropped_quota:g-speed", 0) >= 6, 20)
+            assert agent.outbox.total_bytes() <= quota
             status = json.loads(vgw("status", "--config", str(cfg), "--json").stdout)
             assert status["counters"]["grants"]["g-speed"]["dropped_quota"] >= 3
             assert status["quota"]["quota_bytes"] == quota
@@ -112,10 +118,11 @@ def test_outage_past_quota_exactly_the_counted_drops_are_missing(tmp_path, pki, 
         for gid in grants:
             dropped = counters.get(f"dropped_quota:{gid}", 0)
             missing = cloud.missing(DEV, gid)
+            # Exactly the counted drops are missing, whatever their shape: the quota takes the oldest batches
+            # not in flight, so batches handed to the broker (e.g. on reconnect) may split the missing seqs
+            # into several runs (the policy itself: test_outbox_parts' quota test).
             assert len(missing) == dropped, (gid, dropped, cloud.gaps(DEV, gid))
             assert audited.get(gid, 0) == dropped
-            if dropped:  # the oldest of the outage went: one contiguous run of seqs
-                assert len(cloud.gaps(DEV, gid)) == 1
         assert counters["dropped_quota:g-speed"] > 0
 
 
@@ -147,8 +154,10 @@ def test_revocation_while_broker_down_never_sends_the_grant(tmp_path, pki, auth)
             assert wait_until(lambda: "g-gone" not in agent.outbox.stats(), 1.5)
             assert not agent.outbox.has_key("g-gone")
             assert agent.outbox.receipt_count() >= 1  # the erasure receipt waits in the outbox
-            time.sleep(1.0)
-            assert "g-gone" not in agent.outbox.stats()  # and nothing new is stored for it
+            # Collection goes on (g-keep stores more batches), and nothing new is stored for g-gone.
+            kept = _rows(runner, "g-keep")
+            assert wait_until(lambda: _rows(runner, "g-keep") >= kept + 3, 20)
+            assert "g-gone" not in agent.outbox.stats()
 
             broker.start()
             assert runner.wait_link(10)

@@ -10,27 +10,25 @@ import json
 import logging
 
 import pytest
-from vgw.simulators.broker import Mosquitto, free_port
-from vgw.simulators.cloud import CloudPeer
 
 from tests.agentkit import AgentThread, Authority, vgw, wait_until, write_config
-from tests.faultkit import DEV, apply_offline, record_trace, use_faulty_outbox
+from tests.faultkit import DEV, apply_offline, persistent_world, record_trace, use_faulty_outbox
 
 
 @pytest.mark.parametrize("fault", ["disk-full", "read-only"])
 def test_outbox_unwritable_keeps_running_counts_and_recovers(tmp_path, pki, caplog, fault, monkeypatch):
     auth = Authority(tmp_path)
     trace = record_trace(tmp_path, 20.0)
-    port = free_port()
-    cfg = write_config(tmp_path, pki, port, auth.trust,
-                       can={"replay": str(trace), "replay_rate": 2.0, "replay_loop": True},
-                       batch={"max_interval_s": 0.1})
-    apply_offline(cfg, auth, {"g-1": ["read_speedometer", "read_odometer"]}, tmp_path)
-    opened = use_faulty_outbox(monkeypatch)
-    caplog.set_level(logging.INFO, logger="vgw")
-    broker = Mosquitto.from_pki(pki, port=port)
-    cloud = None
-    try:
+    # The cloud subscribes (a persistent session) before the agent runs, so it misses nothing the agent
+    # publishes once the broker is back; the broker stays away until then.
+    with persistent_world(pki, auth, "g-1", client_id="cloud-storage") as (broker, cloud):
+        cfg = write_config(tmp_path, pki, broker.port, auth.trust,
+                           can={"replay": str(trace), "replay_rate": 2.0, "replay_loop": True},
+                           batch={"max_interval_s": 0.1})
+        apply_offline(cfg, auth, {"g-1": ["read_speedometer", "read_odometer"]}, tmp_path)
+        broker.stop()
+        opened = use_faulty_outbox(monkeypatch)
+        caplog.set_level(logging.INFO, logger="vgw")
         with AgentThread(cfg) as runner:
             agent = runner.agent
             faulty = opened[-1]
@@ -58,21 +56,14 @@ def test_outbox_unwritable_keeps_running_counts_and_recovers(tmp_path, pki, capl
             # The link comes up too: everything stored goes out, and no seq is missing (a batch that could not
             # be stored never got a seq: the loss shows in store_failures, not as a gap).
             broker.start()
-            cloud = CloudPeer.for_broker(broker, pki)
-            cloud.add_device(DEV, pki.device(DEV).cert)
-            cloud.add_recipient("g-1", auth.recipient("g-1"))
-            cloud.connect()
             assert runner.wait_link(10)
             last = agent.outbox.next_seq("g-1") - 1
             assert cloud.wait_for(lambda: max(cloud.seqs(DEV, "g-1"), default=0) >= last, 20)
         assert cloud.missing(DEV, "g-1") == []
-        errors = [r.getMessage() for r in caplog.records if "outbox cannot store" in r.getMessage()]
-        assert len(errors) == 1, errors  # once when it starts, not once per batch
-        assert sum("outbox stores again" in r.getMessage() for r in caplog.records) == 1
-        events = [e["event"] for e in runner.agent.audit.entries()]
-        assert "outbox-unwritable" in events and "outbox-recovered" in events
-        assert failures >= 10
-    finally:
-        if cloud is not None:
-            cloud.close()
-        broker.close()
+        assert min(cloud.seqs(DEV, "g-1")) == 1
+    errors = [r.getMessage() for r in caplog.records if "outbox cannot store" in r.getMessage()]
+    assert len(errors) == 1, errors  # once when it starts, not once per batch
+    assert sum("outbox stores again" in r.getMessage() for r in caplog.records) == 1
+    events = [e["event"] for e in runner.agent.audit.entries()]
+    assert "outbox-unwritable" in events and "outbox-recovered" in events
+    assert failures >= 10

@@ -23,7 +23,7 @@ from vgw.outbox import LEGACY_TERMS, SCHEMA_VERSION, GrantTerms, Outbox, TermsCh
 from vgw.simulators.cloud import RecipientKey, consent_claims, grant, sign_consent
 
 from tests.agentkit import AgentThread, Authority, vgw, wait_until, write_config
-from tests.faultkit import DEV, persistent_world
+from tests.faultkit import DEV, file_query, file_write, persistent_world
 
 G = "g"
 ODO, SPEED = "Vehicle.TraveledDistance", "Vehicle.Speed"
@@ -197,27 +197,28 @@ def _commit(outbox: Outbox, scopes: dict[str, int], terms: str | None = None) ->
 
 
 def test_withdrawn_rows_are_never_pending_and_old_batches_are_refused(tmp_path):
-    outbox = Outbox(tmp_path / "outbox.sqlite", new_data_key(), DEV)
+    path = tmp_path / "outbox.sqlite"
+    outbox = Outbox(path, new_data_key(), DEV)
     old, new = _grant(), _grant(scopes=("read_speedometer",))
     outbox.apply_terms({G: GrantTerms(terms_digest(old), frozenset(old.scopes))})
     _commit(outbox, {"read_speedometer": 5, "read_odometer": 1}, terms_digest(old))  # mixed
     _commit(outbox, {"read_speedometer": 5}, terms_digest(old))  # still permitted
     _commit(outbox, {"read_odometer": 2}, terms_digest(old))
-    key_before = outbox._db.execute("SELECT wrapped FROM grant_keys").fetchone()[0]
+    [(key_before,)] = file_query(path, "SELECT wrapped FROM grant_keys")
 
     [w] = outbox.apply_terms({G: GrantTerms(terms_digest(new), frozenset(new.scopes), narrowing(old, new),
                                             terms_digest(old))})
     assert (w.batches_deleted, w.samples_deleted, w.key_destroyed) == (2, 8, True)
     rows = outbox.pending(10)
     assert [(r.seq, r.payload) for r in rows] == [(2, b"sealed-2")]  # resealed under the new key, still opens
-    assert outbox._db.execute("SELECT wrapped FROM grant_keys").fetchone()[0] != key_before
+    assert file_query(path, "SELECT wrapped FROM grant_keys") != [(key_before,)]
     # A batch still in memory under the old terms when the narrowing landed is refused, not stored.
     with pytest.raises(TermsChanged):
         _commit(outbox, {"read_odometer": 1}, terms_digest(old))
     assert _commit(outbox, {"read_speedometer": 1}, terms_digest(new)) == 4
     # Publish-time check: a row whose terms are not the ones in force is never handed out, whatever else
     # happened (here: its stamp is changed behind the outbox's back).
-    outbox._db.execute("UPDATE batches SET terms = 'stale' WHERE seq = 4")
+    file_write(path, "UPDATE batches SET terms = 'stale' WHERE seq = 4")
     assert [r.seq for r in outbox.pending(10)] == [2]
     assert outbox.counters()[f"narrowed_samples:{G}"] == 8
     outbox.close()
@@ -250,14 +251,14 @@ def test_old_outbox_files_are_migrated_and_unjudgeable_rows_never_leave(tmp_path
     db.close()
 
     outbox = Outbox(path, storage, DEV)
-    assert outbox._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
-    assert {r[0] for r in outbox._db.execute("SELECT terms FROM batches")} == {LEGACY_TERMS}
+    assert file_query(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+    assert {r[0] for r in file_query(path, "SELECT terms FROM batches")} == {LEGACY_TERMS}
     assert outbox.pending(10) == []  # nothing legacy leaves before it is judged
     g = _grant(scopes=("read_speedometer",))
     [w] = outbox.apply_terms({G: GrantTerms(terms_digest(g), frozenset(g.scopes))})
     # The odometer row (scope no longer granted) and the row with no recorded scopes are deleted.
     assert (w.batches_deleted, w.kinds) == (2, {NarrowingKind.TERMS_CHANGED})
-    assert [r[0] for r in outbox._db.execute("SELECT seq FROM batches")] == [1]
+    assert file_query(path, "SELECT seq FROM batches") == [(1,)]
     epoch = outbox.epoch
     outbox.close()
     again = Outbox(path, storage, DEV)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import socket
 import threading
-import time
 
 import can
 import pytest
@@ -14,7 +13,7 @@ from vgw.simulators.can_sim import CanSimulator
 from vgw.simulators.paths import default_dbc
 from vgw.simulators.vehicle import VehicleModel
 
-from tests.agentkit import AgentThread, Authority, write_config
+from tests.agentkit import AgentThread, Authority, wait_until, write_config
 
 pytestmark = [
     pytest.mark.vcan,
@@ -38,10 +37,9 @@ def test_agent_on_vcan0_with_kernel_filters(tmp_path, pki, broker, cloud) -> Non
             assert runner.wait_link()
             cloud.publish_consent(DEV, auth.doc(DEV, {"g-v": ["read_speedometer"]}))
             assert cloud.wait_for(lambda: len(cloud.batches(DEV, "g-v")) >= 3, 15)
-            time.sleep(0.5)
-            counters = runner.vgw.pipeline.counters
+            assert wait_until(lambda: runner.agent.status()["counters"]["frames"] > 0, 10)
+            counters = runner.agent.status()["counters"]
             # The kernel filter passes only the consented message id: nothing unrouted reaches the agent.
-            assert counters["frames"] > 0
             assert counters["frames_unrouted"] <= counters["frames"] * 0.05
         assert {s.path for s in cloud.samples(DEV, "g-v")} == {"Vehicle.Speed"}
     finally:

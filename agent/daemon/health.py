@@ -15,19 +15,20 @@ from typing import Any
 
 from vgw.config import CanConfig
 from vgw.daemon.collector import Collector, source_name
+from vgw.daemon.timing import DEFAULT_TIMING, Timing
 from vgw.uplink import Uplink
 from vgw.writer import BatchWriter
 
 log = logging.getLogger(__name__)
 
-COLLECTOR_STALL_S = 10.0  # no collector loop iteration for this long: stalled (health not ok, watchdog not fed)
+COLLECTOR_STALL_S = DEFAULT_TIMING.collector_stall_s  # the period itself: vgw.daemon.timing.Timing
 
 
 class Health:
     """The agent's health and the bus's silence, judged by the main loop (thread: main; no lock)."""
 
     def __init__(self, *, collector: Collector | None, writer: BatchWriter, uplink: Uplink,
-                 obd: Callable[[], Any], can_cfg: CanConfig | None) -> None:
+                 obd: Callable[[], Any], can_cfg: CanConfig | None, timing: Timing = DEFAULT_TIMING) -> None:
         self.collector = collector
         self.writer = writer
         self.uplink = uplink
@@ -35,7 +36,7 @@ class Health:
         self.can_cfg = can_cfg
         self.healthy = True
         self.problem: str | None = None  # why the agent is not healthy (None: it is)
-        self.collector_stall_s = COLLECTOR_STALL_S
+        self.collector_stall_s = timing.collector_stall_s
         self.bus_silent = False
 
     def update(self, now: float) -> bool:

@@ -23,6 +23,7 @@ from vgw.daemon.collector import Collector
 from vgw.daemon.guard import PipelineGuard
 from vgw.daemon.health import Health
 from vgw.daemon.statedir import STATUS_FILE
+from vgw.daemon.timing import DEFAULT_TIMING, Timing
 from vgw.errors import StorageError
 from vgw.fsutil import atomic_write
 from vgw.outbox import Outbox
@@ -31,7 +32,6 @@ from vgw.writer import BatchWriter
 
 log = logging.getLogger(__name__)
 
-QUOTA_VIEW_EVERY_S = 5.0  # the quota view scans the rows' sizes: not every status tick
 
 
 class StatusView:
@@ -39,8 +39,9 @@ class StatusView:
 
     def __init__(self, *, cfg: Config, manager: ConsentManager, guard: PipelineGuard, collector: Collector | None,
                  uplink: Uplink, outbox: Outbox, writer: BatchWriter, counters: Counters, health: Health,
-                 obd: Callable[[], Any]) -> None:
+                 obd: Callable[[], Any], timing: Timing = DEFAULT_TIMING) -> None:
         self.cfg = cfg
+        self.timing = timing
         self.device = cfg.device.id
         self.path: Path = cfg.state_dir / STATUS_FILE
         self.manager = manager
@@ -63,7 +64,7 @@ class StatusView:
 
     def _quota_status(self) -> dict[str, int]:
         now = time.monotonic()
-        if now - self._quota_view_at >= QUOTA_VIEW_EVERY_S:
+        if now - self._quota_view_at >= self.timing.quota_view_every_s:
             self._quota_view_at = now
             try:
                 self._quota_view = {"quota_bytes": self.cfg.outbox.quota_bytes, "used_bytes": self.outbox.total_bytes()}

@@ -29,6 +29,7 @@ from vgw.daemon.collector import Collector
 from vgw.daemon.guard import PipelineGuard
 from vgw.daemon.health import Health
 from vgw.daemon.status import StatusView
+from vgw.daemon.timing import DEFAULT_TIMING, Timing
 from vgw.errors import StorageError, VgwError
 from vgw.fsutil import MAX_CONFIG_BYTES, read_small_file
 from vgw.logs import apply_config_level
@@ -39,13 +40,8 @@ from vgw.writer import BatchWriter
 
 log = logging.getLogger(__name__)
 
-QUOTA_AUDIT_EVERY_S = 60.0  # at most one quota-drop audit entry per grant per minute (the counter is exact)
 INTAKE_ROUNDS = 8  # consent intake emptied at most this often per main-loop turn
-RETENTION_EVERY_S = 5.0  # retention and pending erasures
-STATUS_EVERY_S = 0.5  # status.json
-FLOOR_EVERY_S = 30.0  # the persisted clock floor (vgw.consent.store)
-PENDING_RETRY_EVERY_S = 1.0  # the disk part of a pending consent document (vgw.consent.pending)
-REPLAY_DRAIN_S = 120.0  # replay_exit: how long the end of the trace waits for every batch to be acknowledged
+QUOTA_AUDIT_EVERY_S = DEFAULT_TIMING.quota_audit_every_s  # the periods themselves: vgw.daemon.timing.Timing
 
 
 class Supervisor:
@@ -54,8 +50,10 @@ class Supervisor:
     def __init__(self, *, cfg: Config, stop: threading.Event, reload: threading.Event, intake: ConsentIntake,
                  manager: ConsentManager, store: ConsentStore, outbox: Outbox, audit: AuditLog,
                  audit_event: Callable[..., None], uplink: Uplink, writer: BatchWriter, counters: Counters,
-                 guard: PipelineGuard, collector: Collector | None, health: Health, status: StatusView) -> None:
+                 guard: PipelineGuard, collector: Collector | None, health: Health, status: StatusView,
+                 timing: Timing = DEFAULT_TIMING) -> None:
         self.cfg = cfg
+        self.timing = timing
         self.stop = stop
         self.reload = reload
         self.intake = intake
@@ -79,6 +77,7 @@ class Supervisor:
     def run(self) -> None:
         """Turn until stop (or, with ``replay_exit``, until the trace's batches are all acknowledged)."""
         wd = watchdog_interval()
+        t = self.timing
         last_wd = last_status = last_floor = last_retention = last_pending = 0.0
         replay_exit = bool(self.cfg.can and self.cfg.can.replay and self.cfg.can.replay_exit)
         drain_since: float | None = None  # replay_exit: when the end of the trace was reached
@@ -91,21 +90,21 @@ class Supervisor:
             self.guarded(self.manager.flush_rejections)
             now = time.monotonic()
             self.guarded(self.check_consent_file)
-            if self.manager.pending is not None and now - last_pending >= PENDING_RETRY_EVERY_S:
+            if self.manager.pending is not None and now - last_pending >= t.pending_retry_every_s:
                 last_pending = now  # a document applied in memory whose disk part waits (a full disk)
                 self.guarded(self.manager.retry_pending)
                 self.uplink.wake()
             self.guarded(self.manager.check_expiry)
-            if now - last_retention >= RETENTION_EVERY_S:
+            if now - last_retention >= t.retention_every_s:
                 last_retention = now
                 self.guarded(self.retention)
                 self.guarded(self.manager.finish_pending_erasures)
             self.audit_quota_drops()
-            if now - last_status >= STATUS_EVERY_S:
+            if now - last_status >= t.status_every_s:
                 last_status = now
                 self.guarded(self.store_rule_counts)
                 self.status.write()
-            if now - last_floor >= FLOOR_EVERY_S:
+            if now - last_floor >= t.floor_every_s:
                 last_floor = now
                 self.persist_floor()
             if self.collector is None:
@@ -126,8 +125,8 @@ class Supervisor:
                 if self.drained():
                     return
                 self.uplink.wake()
-                if now - drain_since >= REPLAY_DRAIN_S:
-                    log.error("end of trace: outbox not drained within %g s", REPLAY_DRAIN_S)
+                if now - drain_since >= t.replay_drain_s:
+                    log.error("end of trace: outbox not drained within %g s", t.replay_drain_s)
                     self.exit_code = 1
                     return
 
@@ -208,14 +207,15 @@ class Supervisor:
         self.guard.store_rule_counts(self.outbox.count_many)
 
     def audit_quota_drops(self, *, force: bool = False) -> None:
-        """Audit the writer's quota drops: one entry per grant per QUOTA_AUDIT_EVERY_S at most (all: ``force``)."""
+        """Audit the writer's quota drops: one entry per grant per ``timing.quota_audit_every_s`` at most
+        (all: ``force``)."""
         now = time.monotonic()
         quota = self.cfg.outbox.quota_bytes
         for gid, n in self.writer.take_quota_drops().items():
             self._quota_pending[gid] = self._quota_pending.get(gid, 0) + n
         for gid, n in list(self._quota_pending.items()):
             last = self._quota_audited.get(gid)
-            if force or last is None or now - last >= QUOTA_AUDIT_EVERY_S:
+            if force or last is None or now - last >= self.timing.quota_audit_every_s:
                 if last is None:
                     log.warning("outbox over its quota of %d bytes: dropping the oldest batches of grant %s",
                                 quota, gid)

@@ -34,10 +34,15 @@ most the batch not yet committed and never reuses or skips a seq. On start :func
 file and its -wal/-shm are overwritten and deleted (a corrupt copy would keep revoked grants' wrapped keys and
 rows beyond any erasure, docs/guarantees.md), and a fresh file takes its place.
 
-Quota: :meth:`Outbox.commit_batch` with ``quota_bytes`` drops, in the same transaction, the oldest batches of
-the committing grant until the outbox fits (then, if one grant's new batch alone does not fit beside the
-others, the oldest of the largest grant). A batch already handed to the broker whose PUBACK has not come is
-never dropped for quota (it may have arrived: dropping it would make the ``dropped_quota`` count lie).
+Quota: :meth:`Outbox.commit_batch` with ``quota_bytes``, when the outbox would exceed it, deletes in the same
+transaction, in this order until it fits: (0) rows kept after their PUBACK for the replay window, oldest ack first,
+not counted (the broker has them); (1) the committing grant's oldest batches, its new batch excepted; (2) the
+oldest batches of the grant holding the most bytes that has a batch not in flight (possibly the new batch itself).
+A batch in flight (handed to the broker, PUBACK not come) is never a victim: it may have arrived, and dropping it
+would make the ``dropped_quota`` count lie; the next-oldest batch goes instead. So a grant's dropped seqs are
+exactly the counted ones (``dropped_quota:<grant>``, each once), oldest first among those not in flight, and
+batches in flight may split them into several runs. If every batch left is in flight, the outbox stays over the
+quota until their PUBACKs come: it then holds only the batches in flight (the uplink's window).
 
 Narrowing (README "Narrowing applies to stored data"): no sample of a scope not in force at publish time leaves the
 car. Three checks:

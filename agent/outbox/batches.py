@@ -2,12 +2,15 @@
 
 Tables: ``active_grants``, ``grant_keys``, ``seqs`` and ``batches`` (each described in :mod:`vgw.outbox`).
 
-Quota: :meth:`Outbox.commit_batch` with ``quota_bytes`` drops, in the same transaction, the oldest batches of
-the committing grant until the outbox fits (then, if one grant's new batch alone does not fit beside the
-others, the oldest of the largest grant). A batch already handed to the broker whose PUBACK has not come is
-never dropped for quota (it may have arrived: dropping it would make the ``dropped_quota`` count lie).
-Rows kept after their PUBACK for the replay window (below) are the first to go, and are not counted as dropped:
-the broker has them.
+Quota: :meth:`Outbox.commit_batch` with ``quota_bytes``, when the outbox would exceed it, deletes in the same
+transaction, in this order until it fits: (0) rows kept after their PUBACK for the replay window, oldest ack first,
+not counted (the broker has them); (1) the committing grant's oldest batches, its new batch excepted; (2) the
+oldest batches of the grant holding the most bytes that has a batch not in flight (possibly the new batch itself).
+A batch in flight (handed to the broker, PUBACK not come) is never a victim: it may have arrived, and dropping it
+would make the ``dropped_quota`` count lie; the next-oldest batch goes instead. So a grant's dropped seqs are
+exactly the counted ones (``dropped_quota:<grant>``, each once), oldest first among those not in flight, and
+batches in flight may split them into several runs. If every batch left is in flight, the outbox stays over the
+quota until their PUBACKs come: it then holds only the batches in flight (the uplink's window).
 
 Replay window (README "Replay after failover"): with ``keep_s`` > 0, :meth:`Outbox.mark_sent` stamps an
 acknowledged row ``acked`` instead of deleting it; it is no longer pending, but an uplink that fails over to
@@ -418,15 +421,16 @@ class Outbox(Erasing, Receipts, Counters):
 
         # 1. The committing grant's own oldest batches (a grant pays for its own backlog first).
         drop_from(grant_id, keep=new_row)
-        # 2. Still over: its new batch does not fit beside the others; the largest grant gives way, oldest first
-        #    (possibly the committing grant's new batch itself, when it is the largest).
+        # 2. Still over: its new batch does not fit beside the others; the largest grant that has a batch not in
+        #    flight gives way, oldest first (possibly the committing grant's new batch itself, when it is the
+        #    largest). A grant whose batches are all in flight is passed over, not the end of the search.
         while total > quota:
-            big = db.execute("SELECT grant_id FROM batches GROUP BY grant_id ORDER BY SUM(LENGTH(blob)) DESC "
-                             "LIMIT 1").fetchone()
-            if big is None:
-                break
             before = total
-            drop_from(str(big[0]), keep=None)
+            for (gid,) in db.execute("SELECT grant_id FROM batches GROUP BY grant_id "
+                                     "ORDER BY SUM(LENGTH(blob)) DESC").fetchall():
+                drop_from(str(gid), keep=None)
+                if total < before:
+                    break
             if total == before:
                 break  # only rows in flight left: wait for their PUBACKs
         for gid, n in dropped.items():

@@ -96,13 +96,13 @@ def child_main(config: str) -> int:
             snap_last = _thread_cpu()
             if not snap_start:
                 snap_start = snap_last
-        src = agent._source
+        src = agent.guard.source
         if start is None and src is not None:
             start, cpu_start = now, time.process_time()
         if replay_start is None and src is not None and getattr(src, "_start_wall", None) is not None:
             # ReplaySource maps trace time to monotonic time at its first frame (replay_rate > 0).
             replay_start = (src._start_wall + time.time() - time.monotonic(), src._start_trace)
-        if done is None and agent._source_done.is_set():
+        if done is None and agent.collector is not None and agent.collector.done.is_set():
             done, cpu_done = now, time.process_time()
         if done is not None and acked is None and agent.uplink.published_batches >= agent.counters["batches"]:
             acked = now

@@ -590,9 +590,11 @@ def _ca(cfg: Config) -> Check | None:
     if ca_end.timestamp() < time.time():
         return Check("ca", FAIL, f"the CA that signed {cfg.mqtt.cert_file.name} expired on {ca_end:%Y-%m-%d}")
     if leaf_end > ca_end:
-        return Check("ca", WARN, f"{cfg.mqtt.cert_file.name} is valid until {leaf_end:%Y-%m-%d} but its CA only until "
-                                 f"{ca_end:%Y-%m-%d}: from then on the broker rejects it; renew the CA (or a "
-                                 "certificate within its life) before that")
+        # Dates alone read "until 2027-12-07 but its CA only until 2027-12-07" when both end the same day.
+        shown = "%Y-%m-%d %H:%M:%S UTC" if leaf_end.date() == ca_end.date() else "%Y-%m-%d"
+        return Check("ca", WARN, f"{cfg.mqtt.cert_file.name} is valid until {leaf_end.strftime(shown)} but its CA only "
+                                 f"until {ca_end.strftime(shown)}: from then on the broker rejects it; renew the CA "
+                                 "(or a certificate within its life) before that")
     return Check("ca", PASS, f"the CA is valid until {ca_end:%Y-%m-%d}, after the device certificate")
 
 

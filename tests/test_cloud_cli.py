@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -349,3 +350,41 @@ def test_listener_reports_a_repeated_receipt_once_then_as_a_duplicate(pki: TestP
         listener.handle(f"vgw/{DEV}/receipt", token.encode())
     assert [(e["type"], e["receipt"]) for e in events] == [
         ("receipt", "erasure"), ("receipt", "consent-applied"), ("duplicate-receipt", "erasure")]
+
+
+def test_mosquitto_spellings_of_the_broker_options(tmp_path: Path, pki: TestPKI, broker: Mosquitto) -> None:
+    """mosquitto_pub/sub users type `-h HOST -p PORT --cafile --cert --key`; `vgw cloud` took only `--broker
+    HOST:PORT --ca --cert --tls-key`. Both spellings work, and the same flags read back what was pushed."""
+    keys, grants = keys_and_grants(tmp_path, ["read_odometer"])
+    doc = tmp_path / "v1.jws"
+    r = vgw("cloud", "sign", "--key", str(keys / "consent-signer.key"), "--grants", str(grants),
+            "--device-id", DEV, "-o", str(doc))  # --device-id as `vgw provision` spells it
+    assert r.returncode == 0, r.stderr
+    tls = ["--cafile", str(pki.ca.cert), "--cert", str(pki.cloud.cert), "--key", str(pki.cloud.key)]
+    pushed = vgw("cloud", "push", "-h", "localhost", "-p", str(broker.port), *tls, str(doc))
+    assert pushed.returncode == 0, pushed.stderr
+    assert "pushed consent" in pushed.stdout
+    got = subprocess.run(["mosquitto_sub", "-h", "localhost", "-p", str(broker.port), *tls,
+                          "-t", f"vgw/{DEV}/consent", "-C", "1", "-W", "20"],
+                         capture_output=True, text=True, timeout=30)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout.strip() == doc.read_text().strip()  # retained, as with --broker
+
+    # One broker, one spelling: both at once is a clear one-line error, not a silent pick.
+    both = vgw("cloud", "push", "-h", "localhost", "--broker", f"localhost:{broker.port}", *tls, str(doc))
+    assert both.returncode != 0 and "Traceback" not in both.stderr
+    assert "--broker" in both.stderr and "-h" in both.stderr
+    # --help still prints the help; the help names both spellings.
+    helped = vgw("cloud", "push", "--help")
+    assert helped.returncode == 0
+    for flag in ("-h HOST", "-p PORT", "--broker HOST:PORT", "--cafile", "--ca ", "--tls-key", "--key"):
+        assert flag in helped.stdout, (flag, helped.stdout)
+
+
+@pytest.mark.parametrize("command", [("provision",), ("dev", "init"), ("cloud", "sign"), ("cloud", "owner", "add")])
+def test_every_device_id_option_takes_both_spellings(command: tuple[str, ...]) -> None:
+    """`--device` (cloud sign, dev init, cloud owner add) vs `--device-id` (provision): each command takes both,
+    --device-id named first in its help."""
+    helped = vgw(*command, "--help")
+    assert helped.returncode == 0, helped.stderr
+    assert re.search(r"--device-id ID, --device ID\b", helped.stdout), helped.stdout

@@ -1,7 +1,7 @@
 """`vgw cloud`: the cloud side of the contract (README "The contract, in our words"), for integrators and operators.
 
     vgw cloud keygen --dir KEYS [--recipient NAME ...] [--force]
-    vgw cloud sign --key KEYS/consent-signer.key --grants grants.toml --device ID [...] [--ver N] [-o OUT]
+    vgw cloud sign --key KEYS/consent-signer.key --grants grants.toml --device-id ID [...] [--ver N] [-o OUT]
     vgw cloud push BROKER-OPTIONS DOC [DOC ...]
     vgw cloud revoke --key K --current DOC (--grant ID ... | --all) [-o OUT] [BROKER-OPTIONS]
     vgw cloud listen BROKER-OPTIONS --recipient FILE|DIR --device-cert FILE|DIR [--share GROUP] [--out FILE]
@@ -53,7 +53,8 @@ def register(subparsers: Any) -> None:
     s = sub.add_parser("sign", help="sign consent documents from a TOML/JSON grants description")
     s.add_argument("--key", type=Path, required=True, help="consent signing key (keygen's consent-signer.key)")
     s.add_argument("--grants", type=Path, required=True, help="grants description (.toml or .json)")
-    s.add_argument("--device", action="append", default=[], metavar="ID", help="device id (repeatable)")
+    s.add_argument("--device-id", "--device", dest="device", action="append", default=[], metavar="ID",
+                   help="device id (repeatable)")
     s.add_argument("--ver", type=int, help="document version (default: Unix time in ms, always rising)")
     s.add_argument("-o", "--out", type=Path,
                    help="output file (one device) or directory (DEVICE.jws each); default stdout")

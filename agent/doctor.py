@@ -630,6 +630,7 @@ def _claims(token: str) -> dict[str, Any]:
 
 def _consent(cfg: Config) -> Check:
     from vgw.consent.manager import load_trust_keys
+    from vgw.consent.model import version_text
     from vgw.consent.store import ConsentStore
     from vgw.consent.verifier import verify_consent
     from vgw.errors import ConsentError
@@ -651,7 +652,8 @@ def _consent(cfg: Config) -> Check:
     now = store.now()
     until = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(consent.exp))
     scopes = sorted({s for g in consent.grants for s in g.scopes})
-    what = f"consent v{consent.ver}: {len(consent.grants)} grant(s)" + (f" ({', '.join(scopes)})" if scopes else "")
+    what = f"{version_text(consent.ver)}: {len(consent.grants)} grant(s)" + (f" ({', '.join(scopes)})" if scopes
+                                                                             else "")
     if now >= consent.exp:
         return Check("consent", WARN, f"{what} expired on {until}: nothing is collected")
     if not consent.grants:

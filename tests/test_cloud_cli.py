@@ -163,8 +163,10 @@ def test_push_listen_revoke_verify_receipt_round_trip_with_the_agent(
             assert revoked.returncode == 0, revoked.stderr
             # Reported on stdout like push, with the new version (it used to print only to stderr).
             ver = jwt.decode((tmp_path / "v2.jws").read_text().strip(), options={"verify_signature": False})["ver"]
-            assert f"pushed revocation of g-fleet: consent v{ver} for {DEV} (0 grant(s) left)" in revoked.stdout
-            assert f"wrote revocation of g-fleet: consent v{ver}" in revoked.stdout
+            # The version (Unix ms) is shown with its date (vgw.consent.model.version_text).
+            dated = f"consent v{ver} (dated {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(ver // 1000))})"
+            assert f"pushed revocation of g-fleet: {dated} for {DEV} (0 grant(s) left)" in revoked.stdout
+            assert f"wrote revocation of g-fleet: {dated}" in revoked.stdout
             assert listen.wait(lambda: any(e["receipt"] == "erasure" for e in listen.events("receipt")))
             assert runner.agent.manager.in_force is not None and not runner.agent.manager.in_force.grants
         summary = listen.stop()

@@ -33,6 +33,7 @@ from typing import IO, Any
 
 import jwt
 from vgw.cli import cloud_service
+from vgw.consent.model import version_text
 
 EXIT_REJECTED = 3
 
@@ -251,7 +252,8 @@ def run_push(args: argparse.Namespace) -> int:
     try:
         for claims, path in docs:
             link.publish(f"{args.prefix}/{claims['sub']}/consent", path.read_text().strip().encode())
-            print(f"pushed consent v{claims['ver']} to {claims['sub']} ({len(claims.get('grants', []))} grant(s))")
+            print(f"pushed {version_text(claims['ver'])} to {claims['sub']} "
+                  f"({len(claims.get('grants', []))} grant(s))")
     finally:
         link.close()
     return 0
@@ -268,7 +270,7 @@ def run_revoke(args: argparse.Namespace) -> int:
     gone = sorted({g["id"] for g in current.get("grants", [])} - {g["id"] for g in claims.get("grants", [])})
     # Like `push`: one line per action on stdout. Only when the document itself is the output (no -o, no
     # --broker) does stdout carry the token, so that `vgw cloud revoke ... > v2.jws` still works.
-    what = (f"revocation of {', '.join(gone) or 'no grant'}: consent v{claims['ver']} for {claims['sub']} "
+    what = (f"revocation of {', '.join(gone) or 'no grant'}: {version_text(claims['ver'])} for {claims['sub']} "
             f"({len(claims.get('grants', []))} grant(s) left)")
     if args.out is not None:
         args.out.write_text(token + "\n")

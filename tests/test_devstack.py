@@ -86,7 +86,7 @@ def test_init_up_down_a_kept_stack(stack_dir: Path) -> None:
     mon = vgw("monitor", "--config", cfg_path, "-c", str(stack_dir / "run" / "can1"), "--duration", "3",
               "--interval", "2.5")
     assert mon.returncode == 0, mon.stderr
-    assert re.search(r"^Vehicle\.Speed\s+read_speedometer\s+\S+\s+[1-9][0-9.]*/s\s+sent: g-insurer$",
+    assert re.search(r"^Vehicle\.Speed\s+read_speedometer\s+\S+ km/h\s+[1-9][0-9.]*/s\s+sent: g-insurer$",
                      mon.stdout.split("--- ")[-1], re.MULTILINE), mon.stdout
     refused = vgw("monitor", "--config", cfg_path, "--duration", "1")
     assert refused.returncode == 1 and "already open in process" in refused.stderr

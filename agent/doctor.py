@@ -39,6 +39,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from vgw.config import CanConfig, Config, ObdConfig, load_config
+from vgw.crypto.credentials import with_credentials_in_use
 from vgw.errors import ConfigError, MissingFileError, VgwError
 from vgw.fsutil import MAX_KEY_BYTES, Account, owner_of, read_small_file
 from vgw.sources.serialport import holders
@@ -94,12 +95,14 @@ def run_checks(config_path: str | Path, probes: Probes | None = None) -> list[Ch
             hint = " (install the signed certificate: vgw provision --install-cert FILE)"
         return [Check("config", FAIL, f"{exc}{hint}")]
     results = [Check("config", PASS, f"{cfg.path} is valid")]
+    cfg = with_credentials_in_use(cfg)  # the renewed key and certificate once the agent renewed (README "Enrollment")
     steps: list[tuple[str, Callable[[], Check | list[Check] | None]]] = [
         ("catalogue", lambda: _catalogue(cfg)),
         ("can", lambda: _can(cfg.can, probes, cfg.state_dir) if cfg.can is not None else None),
         ("obd", lambda: _obd(cfg, probes) if cfg.obd is not None else None),
         ("keys", lambda: _keys(cfg)),
         ("certificate", lambda: _certificate(cfg)),
+        ("renewal", lambda: _renewal(cfg)),
         ("broker", lambda: _brokers(cfg, probes)),
         ("clock", lambda: _clock(cfg)),
         ("state-dir", lambda: _state_dir(cfg)),
@@ -378,6 +381,28 @@ def _obd(cfg: Config, probes: Probes) -> Check:
 
 
 # -- identity and link ----------------------------------------------------------------------------------
+
+
+def _renewal(cfg: Config) -> Check | None:
+    """The running agent's certificate renewal (README "Enrollment"), from its status file (read only)."""
+    import json
+
+    from vgw.daemon.statedir import STATUS_FILE, AgentLock
+
+    if not AgentLock.held_by_other(cfg.state_dir):
+        return None
+    try:
+        live = json.loads((cfg.state_dir / STATUS_FILE).read_text(encoding="utf-8"))
+        cert = live["certificate"]
+        state, attempts, error = str(cert["state"]), int(cert["attempts"]), cert.get("last_error")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if state in ("refused", "failed"):
+        return Check("renewal", WARN, f"certificate renewal failing ({attempts} attempt(s)): {str(error)[:200]}; the "
+                                      "agent keeps the current certificate and retries with backoff")
+    if state == "off":
+        return Check("renewal", WARN, "automatic renewal is off ([mqtt] renew_before_days = 0)")
+    return Check("renewal", PASS, f"automatic renewal {state}")
 
 
 def _keys(cfg: Config) -> Check:

@@ -8,6 +8,7 @@ Layout (every path below is under ``prefix``, a root directory: ``/`` on a devic
 ``/opt/vgw/docs``                      the Raspberry Pi guide the unit's ``Documentation=`` points at
 ``/etc/vgw``                           config, device key and certificate (`vgw provision` fills it)
 ``/etc/systemd/system``                ``vgw-agent.service`` (enabled), ``vgw-vcan.service`` (not enabled)
+``/etc/systemd/system``                ``vgw-enroll.service`` (enabled: zero-touch enrollment at boot)
 ``/etc/systemd/network``               ``80-can0.network`` (systemd-networkd sets up can0)
 ``/etc/udev/rules.d``                  ``60-vgw-obd.rules`` (USB OBD and SLCAN adapters -> group vgw)
 ``/etc/systemd/system``                ``vgw-sysusers.service`` (enabled: makes the user at boot)
@@ -58,12 +59,14 @@ log = logging.getLogger(__name__)
 SERVICE_USER = "vgw"
 AGENT_UNIT = "vgw-agent.service"
 VCAN_UNIT = "vgw-vcan.service"
+ENROLL_UNIT = "vgw-enroll.service"  # zero-touch enrollment at boot (README "Enrollment")
 SYSUSERS_UNIT = "vgw-sysusers.service"
 SYSUSERS_SOURCE = "vgw.sysusers"  # in systemd/; installed as SYSUSERS_FILE
 SYSUSERS_FILE = "vgw.conf"
 PRESET = "80-vgw.preset"
 VGW_TARGET = "/opt/vgw/venv/bin/vgw"  # what /usr/local/bin/vgw points at, on the device
-ENABLED_UNITS = (SYSUSERS_UNIT, AGENT_UNIT)
+# vgw-enroll.service runs only while /etc/vgw/claim holds a token and there is no certificate.
+ENABLED_UNITS = (SYSUSERS_UNIT, ENROLL_UNIT, AGENT_UNIT)
 NETWORK_FILE = "80-can0.network"
 UDEV_RULE = "60-vgw-obd.rules"
 GUIDE = "install-raspberry-pi.md"
@@ -131,7 +134,7 @@ class Layout:
         return self._p("/usr/local/bin/vgw")
 
     def installed_files(self) -> list[Path]:
-        return [self.units / AGENT_UNIT, self.units / VCAN_UNIT, self.units / SYSUSERS_UNIT,
+        return [self.units / AGENT_UNIT, self.units / ENROLL_UNIT, self.units / VCAN_UNIT, self.units / SYSUSERS_UNIT,
                 self.network / NETWORK_FILE, self.udev / UDEV_RULE, self.sysusers, self.preset]
 
 
@@ -354,6 +357,8 @@ def install(
 
         plan.step(f"install {config} as {dest} (an existing one is kept as vgw.toml.bak)", put_config)
     plan.step(f"install {lay.units / AGENT_UNIT}", lambda: _copy(src / "systemd" / AGENT_UNIT, lay.units / AGENT_UNIT))
+    plan.step(f"install {lay.units / ENROLL_UNIT}",
+              lambda: _copy(src / "systemd" / ENROLL_UNIT, lay.units / ENROLL_UNIT))
     plan.step(f"install {lay.units / VCAN_UNIT} (developers; not enabled)",
               lambda: _copy(src / "systemd" / VCAN_UNIT, lay.units / VCAN_UNIT))
     plan.step(f"install {lay.network / NETWORK_FILE}",

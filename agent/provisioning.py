@@ -56,6 +56,7 @@ CONFIG_NAME = "vgw.toml"
 KEY_NAME = "device.key"
 CSR_NAME = "device.csr"
 CERT_NAME = "device.crt"
+CLAIM_DIR = "claim"  # the zero-touch claim (claim.crt, claim.key, token) until enrolled; systemd/vgw-enroll.service
 CA_NAME = "ca.pem"
 TRUST_KEY_NAME = "consent-signer.pub.pem"
 DBC_NAME = "vehicle.dbc"
@@ -599,6 +600,50 @@ def install_cert(cert_file: Path, *, out: Path = DEFAULT_OUT, ca: Path | None = 
             load_config(config_path)
         except ConfigError as exc:
             report.next_steps.append(f"Fix the config: {exc}")
+    report.next_steps += [
+        f"Check the device: vgw doctor --config {config_path}",
+        "Start the agent: sudo systemctl start vgw-agent; follow it: journalctl -u vgw-agent -f",
+    ]
+    return report
+
+
+# -- the zero-touch path: enroll right after step 1 (README "Enrollment") ------------------------------------
+
+
+def enroll_provisioned(claim_cert: Path, claim_key: Path, token: str, *, out: Path = DEFAULT_OUT,
+                       timeout: float = 60.0) -> Report:
+    """Enroll the device just provisioned in ``out`` with the batch's claim identity and its one-time token:
+    the CSR goes to `vgw cloud enroll serve` instead of a person, and the issued certificate is installed.
+
+    Raises :class:`~vgw.errors.EnrollmentRefused` / :class:`~vgw.errors.EnrollmentTimeout` (vgw.enroll); the
+    key, config and state dir written by step 1 stay (a later `vgw enroll` finishes the job).
+    """
+    from vgw.enroll import enroll
+    from vgw.errors import EnrollmentTimeout
+
+    out = out.expanduser().absolute()
+    config_path = out / CONFIG_NAME
+    claim_dir = out / CLAIM_DIR
+    # Kept for vgw-enroll.service until enrolled (the bench may have no route to the broker): root only.
+    try:
+        ensure_private_dir(claim_dir)
+        atomic_write(claim_dir / "claim.crt", read_small_file(claim_cert, what="claim certificate",
+                                                             max_bytes=MAX_KEY_BYTES, error=ConfigError), mode=0o600)
+        atomic_write(claim_dir / "claim.key", read_small_file(claim_key, what="claim key", max_bytes=MAX_KEY_BYTES,
+                                                             error=ConfigError), mode=0o600)
+        atomic_write(claim_dir / "token", token.encode() + b"\n", mode=0o600)
+    except OSError as exc:
+        raise StorageError(f"{claim_dir}: cannot keep the claim for enrollment at boot: {exc}") from exc
+    try:
+        done = enroll(config_path, claim_cert, claim_key, token, timeout)
+    except EnrollmentTimeout as exc:
+        raise EnrollmentTimeout(f"{exc}; {claim_dir} is kept: vgw-enroll.service enrolls at the next boot with a "
+                                "route to the broker", exc.reason) from exc
+    shutil.rmtree(claim_dir, ignore_errors=True)  # enrolled: the token is spent, the claim has no use here
+    report = Report()
+    note = "already enrolled, unchanged" if done.already else "issued by the enrollment service"
+    report.add("certificate", out / CERT_NAME,
+               f"{note}; device {done.device}, valid until {done.not_after:%Y-%m-%d}")
     report.next_steps += [
         f"Check the device: vgw doctor --config {config_path}",
         "Start the agent: sudo systemctl start vgw-agent; follow it: journalctl -u vgw-agent -f",

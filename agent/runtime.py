@@ -77,6 +77,7 @@ from vgw.daemon.supervisor import INTAKE_ROUNDS, QUOTA_AUDIT_EVERY_S, Supervisor
 from vgw.errors import StorageError, VgwError
 from vgw.fsutil import ensure_private_dir
 from vgw.logs import apply_config_level
+from vgw.renewal import Renewal
 from vgw.sdnotify import notify
 from vgw.uplink import Uplink
 from vgw.writer import BatchWriter
@@ -126,8 +127,10 @@ class Agent:
         self.intake = ConsentIntake(trust_keys=trust, device=self.device,
                                     clock=lambda: max(time.time(), self.store.floor),
                                     floor_ver=lambda: self.store.max_ver)
+        self.renewal = Renewal(cfg.mqtt, self.device, cfg.state_dir, audit=self._audit, on_renewed=self.signer.use_key)
         self.uplink = Uplink(cfg.mqtt, self.device, self.outbox, on_consent=self.intake.offer,
-                             status_payload=self._public_status, consent_settled=self.intake.settled)
+                             status_payload=self._public_status, consent_settled=self.intake.settled,
+                             renewal=self.renewal)
         # Added to by the collector, the writer, the main loop and the OBD poller: a thread-safe object.
         self.counters = Counters(("batches", "batches_discarded", "store_failures", "consent_superseded",
                                   "source_errors", "batches_failed", "error_frames", "remote_frames", "rx_overflow",

@@ -32,6 +32,7 @@ _COMMANDS = (
     "audit",
     "report",
     "provision",
+    "enroll",
     "doctor",
     "install",
     "bench",

@@ -10,6 +10,7 @@
     vgw cloud verify-receipt --device-cert FILE|DIR FILE
     vgw cloud serve --config FILE                  (the owner's consent service: vgw.cli.cloud_service)
     vgw cloud app add ... / vgw cloud owner add ...
+    vgw cloud enroll serve|revoke ...   (README "Enrollment")
 
 BROKER-OPTIONS: --broker HOST:PORT --ca CA --cert CERT --tls-key KEY [--protocol auto|5|3.1.1] [--prefix vgw],
 or as mosquitto_pub/sub spell them: -h HOST [-p PORT] --cafile CA --cert CERT --key KEY (push, listen, revoke:
@@ -32,7 +33,7 @@ from types import FrameType
 from typing import IO, Any
 
 import jwt
-from vgw.cli import cloud_service
+from vgw.cli import cloud_enroll, cloud_service
 from vgw.consent.model import version_text
 
 EXIT_REJECTED = 3
@@ -131,6 +132,8 @@ def register(subparsers: Any) -> None:
     rl.add_argument("--duration", type=float, help="stop after S seconds (default: until SIGINT/SIGTERM)")
     rl.add_argument("--client-id", default=None, help="NATS connection name (default vgw-cloud-relay-<pid>)")
     rl.set_defaults(func=run_relay)
+
+    cloud_enroll.register(sub, _broker_options)
 
     v = sub.add_parser("verify-receipt", help="verify a receipt file against device certificates")
     v.add_argument("--device-cert", action="append", type=Path, required=True, metavar="FILE|DIR")

@@ -30,6 +30,7 @@ from vgw.errors import UplinkError
 
 __all__ = ["BrokerOptions", "CloudLink", "Listener"]
 
+UNSUPPORTED_PROTOCOL_VERSION = 0x84  # CONNACK reason code, MQTT 5.0 §3.2.2.2
 _RECEIPTS_REMEMBERED = 100_000  # receipt digests a listener keeps to report a repeat as a duplicate
 # De-duplication memory (README "Telemetry envelope", docs/fleet.md "Parts"): per device, grant and
 # epoch, the highest seq up to which every seq arrived and a bitmap of the SEQ_WINDOW seqs above it (512 bytes);
@@ -80,6 +81,7 @@ class CloudLink:
         self._cond = threading.Condition()
         self._connected = False
         self._error: str | None = None
+        self._version_refused = False  # the last attempt's answer says: not this MQTT version
         self._acks: dict[int, str | None] = {}
         self._subacks: dict[int, list[str]] = {}
         self._client: mqtt.Client | None = None
@@ -102,8 +104,9 @@ class CloudLink:
     def connect(self, timeout: float = 10.0) -> CloudLink:
         """Connect (``auto``: MQTT 5, else 3.1.1 if the broker refuses 5). Raises :class:`UplinkError`."""
         ok = self._try(timeout)
-        if not ok and self.opts.protocol == "auto" and self.protocol == "5" and self._error is not None \
-                and ("protocol" in self._error.lower() or "before CONNACK" in self._error):
+        # A 3.1.1-only broker (NATS) answers MQTT 5 with CONNACK 0x84 "Unsupported Protocol Version"
+        # (MQTT 5.0 §3.2.2.2) or closes before any CONNACK; a TLS failure raises in connect and is neither.
+        if not ok and self.opts.protocol == "auto" and self.protocol == "5" and self._version_refused:
             self.protocol = "3.1.1"
             ok = self._try(timeout)
         if not ok:
@@ -113,6 +116,7 @@ class CloudLink:
     def _try(self, timeout: float) -> bool:
         self.close()
         self._error = None
+        self._version_refused = False
         client = self._make()
         self._client = client
         try:
@@ -180,6 +184,7 @@ class CloudLink:
         with self._cond:
             if rc.is_failure:
                 self._error = f"CONNACK {rc}"
+                self._version_refused = rc.value == UNSUPPORTED_PROTOCOL_VERSION
             else:
                 self._connected = True
             self._cond.notify_all()
@@ -190,6 +195,7 @@ class CloudLink:
         with self._cond:
             if not self._connected and self._error is None:
                 self._error = f"disconnected before CONNACK: {rc}"
+                self._version_refused = True
             self._connected = False
             self._cond.notify_all()
 

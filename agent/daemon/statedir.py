@@ -15,6 +15,7 @@ from typing import Any
 from vgw.audit import AuditLog
 from vgw.config import Config
 from vgw.consent.store import ConsentStore
+from vgw.crypto.credentials import device_credentials
 from vgw.crypto.keys import load_or_create_storage_key
 from vgw.crypto.receipts import ReceiptSigner
 from vgw.errors import StorageError
@@ -102,5 +103,7 @@ def open_state(cfg: Config, *, check: bool = False) -> tuple[Outbox, AuditLog, C
     else:
         outbox = Outbox(cfg.state_dir / OUTBOX_FILE, storage_key, cfg.device.id)
     store = ConsentStore(cfg.state_dir)
-    signer = ReceiptSigner.from_file(cfg.device.id, cfg.mqtt.key_file)
+    # The key in use: the renewed one once the agent has renewed its certificate (vgw.crypto.credentials).
+    _cert, key_file = device_credentials(cfg.mqtt.cert_file, cfg.mqtt.key_file, cfg.state_dir)
+    signer = ReceiptSigner.from_file(cfg.device.id, key_file)
     return outbox, audit, store, signer

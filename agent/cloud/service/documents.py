@@ -36,7 +36,7 @@ from vgw.errors import ConsentError, UplinkError
 
 __all__ = ["ConsentDesk"]
 
-log = logging.getLogger("vgw.cloud.service")
+log = logging.getLogger(__name__)
 
 PUSH_TIMEOUT_S = 5.0  # how long an Allow or Withdraw waits for the broker's PUBACK before showing "pending"
 RETRY_S = 2.0

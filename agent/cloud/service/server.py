@@ -28,7 +28,7 @@ from vgw.errors import ConfigError
 
 __all__ = ["ConsentService", "add_app", "add_owner", "open_store"]
 
-log = logging.getLogger("vgw.cloud.service")
+log = logging.getLogger(__name__)
 
 
 def open_store(cfg: ServiceConfig) -> Store:

@@ -32,7 +32,7 @@ from vgw.scopes import SCOPES
 
 __all__ = ["LoginThrottle", "create_app"]
 
-log = logging.getLogger("vgw.cloud.service")
+log = logging.getLogger(__name__)
 
 
 class LoginThrottle:

@@ -37,6 +37,20 @@ def _broker(root: Path) -> tuple[Any, Any]:
         raise VgwError(str(exc)) from exc
 
 
+def _retain(broker: Any, pki: Any, token: str) -> None:
+    """Leave ``token`` retained on the device's consent topic, as the cloud does in a deployment: an agent
+    publishes stored batches only once it has the broker's retained consent (README "MQTT topics"), so with
+    none there it would wait ``[mqtt] consent_wait_s`` after connecting, a wait no deployment has."""
+    from vgw.simulators.cloud import CloudPeer
+
+    peer = CloudPeer.for_broker(broker, pki)
+    try:
+        peer.connect()
+        peer.publish_consent(DEVICE, token)
+    finally:
+        peer.close()
+
+
 def _sign(signer: Any, grants: list[dict[str, Any]], now: int) -> str:
     """A consent document for the bench device holding ``grants`` (id, scopes, collect), each with a fresh
     recipient key (the bench reads no envelope of these)."""
@@ -77,6 +91,7 @@ def run_rules_bench(opts: BenchOptions, progress: Progress | None = None) -> dic
             state = root / f"state-{name}"
             state.mkdir(mode=0o700)
             ConsentStore(state).write_token(token)
+            _retain(broker, pki, token)
             path = root / f"{name}.toml"
             path.write_text(_config_text(state, default_dbc(), default_signal_map(), trace, 1, broker.port, pki,
                                          trust, strict=True, max_interval_s=None))
@@ -160,6 +175,7 @@ def run_bench(opts: BenchOptions, progress: Progress | None = None) -> dict[str,
             state = root / f"state-{name}"
             state.mkdir(mode=0o700)
             ConsentStore(state).write_token(token)  # in force from the agent's first moment, as after a restart
+            _retain(broker, pki, token)
             path = root / f"{name}.toml"
             path.write_text(_config_text(state, dbc, signal_map, trace_path, rate, broker.port, pki, trust,
                                          strict=demo, max_interval_s=interval))

@@ -1,8 +1,8 @@
 """`vgw monitor`: a live view of the mapped signals and of what the consent in force does with each.
 
 Like ``cantools monitor``, but from the agent's own point of view: for every signal the signal map names, its
-latest value with the DBC's unit, its rate, and whether the consent in force sends it (to which grant, within which limits) or
-holds it back. It changes nothing and sends nothing:
+latest value with the DBC's unit, its rate, and whether the consent in force sends it (to which grant, within
+which limits) or holds it back. It changes nothing and sends nothing:
 
 - it opens the CAN source of the config itself, read-only (a SocketCAN interface has any number of readers;
   a serial SLCAN adapter or pty has one, so a source another process holds open is refused with what to do

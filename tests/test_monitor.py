@@ -121,7 +121,8 @@ def test_live_view_in_a_pty_follows_the_consent(setup: tuple[Path, Authority], t
     _apply(cfg, auth, tmp_path, {"g-speed": ["read_speedometer"]})
     term = Terminal(["-m", "vgw", "monitor", "--config", str(cfg), "--interval", "0.3"])
     terminal.append(term)
-    screen = term.wait_screen(_row("Vehicle.Speed") + r"read_speedometer\s+[0-9.]+ km/h\s+[1-9][0-9.]*/s\s+sent: g-speed$")
+    screen = term.wait_screen(_row("Vehicle.Speed")
+                              + r"read_speedometer\s+[0-9.]+ km/h\s+[1-9][0-9.]*/s\s+sent: g-speed$")
     assert re.search(r"consent v1, 1 grant\(s\)", screen)
     assert re.search(_row("Vehicle.TraveledDistance") + r"read_odometer\s+[0-9.]+ km\s+[0-9.]+/s\s+"
                      r"held: no grant holds read_odometer$", screen, re.MULTILINE), screen

@@ -242,7 +242,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("link: no consent document retained at the broker (stored data go out under the cached consent)")
     if st.get("consent_pending"):
         p = st["consent_pending"]
-        print(f"{version_text(p['ver']) if p['ver'] is not None else 'a consent document'} PENDING: applied in memory, not yet on disk ({p.get('error') or 'retrying'}); "
+        which = version_text(p["ver"]) if p["ver"] is not None else "a consent document"
+        print(f"{which} PENDING: applied in memory, not yet on disk ({p.get('error') or 'retrying'}); "
               f"stopped: {', '.join(p['grants_stopped']) or 'none'}")
     if not st["storage"]["ok"]:
         print(f"storage: NOT STORING ({st['storage']['error']}); "

@@ -162,9 +162,11 @@ def _broker_options(p: argparse.ArgumentParser, *, required: bool, key_alias: bo
     signing key). ``required``: a broker must be given (checked by :func:`_broker_address`)."""
     g = p.add_argument_group("broker (mutual TLS)" + (", required" if required else ""))
     g.add_argument("--broker", metavar="HOST:PORT", help="MQTT broker")
-    g.add_argument("-h", "--host", metavar="HOST", help="MQTT broker host, instead of --broker (mosquitto_pub's -h)")
+    # -h is the host only where the command's help is --help alone (see _mqtt_parser); elsewhere it stays help.
+    host = ("--host",) if "-h" in p._option_string_actions else ("-h", "--host")
+    g.add_argument(*host, metavar="HOST", help="MQTT broker host, instead of --broker (mosquitto_pub's -h)")
     g.add_argument("-p", "--port", type=int, metavar="PORT",
-                   help=f"its port, with -h (default {MQTT_TLS_PORT}, MQTT over TLS)")
+                   help=f"its port, with -h/--host (default {MQTT_TLS_PORT}, MQTT over TLS)")
     g.add_argument("--ca", "--cafile", dest="ca", type=Path, metavar="CA", help="CA certificate of the broker")
     g.add_argument("--cert", type=Path, help="the cloud's client certificate")
     keys = ("--tls-key", "--key", "--client-key") if key_alias else ("--tls-key", "--client-key")

@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 PYTEST_WORKERS ?= 4
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all venv deps test-deps demo test test-slow lint bench bundle install uninstall clean
+.PHONY: all venv deps test-deps demo test test-slow lint docs bench bundle install uninstall clean
 
 all: test
 
@@ -65,6 +65,14 @@ lint: venv
 	MYPY=$(BIN)/mypy .ci/typecheck
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_layers.py
 
+# The documentation site (mkdocs.yml, sources in docs/) into site/, with --strict: a broken link, anchor or API
+# reference (mkdocstrings, from the docstrings of vgw.api) fails the build. build/docs/vgw links to agent/,
+# because griffe cannot follow the `vgw` -> agent/ mapping of pyproject's package-dir.
+docs: venv
+	PYTHONWARNINGS=ignore $(BIN)/python -m pip install -q -e '.[docs]'
+	rm -rf build/docs && mkdir -p build/docs && ln -s ../../agent build/docs/vgw
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
 bench: deps venv
 	$(BIN)/vgw bench
 
@@ -98,4 +106,4 @@ uninstall:
 	$(SUDO) $(BIN)/vgw uninstall --prefix $(or $(DESTDIR),/)
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build dist site *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -141,8 +141,8 @@ def _catalogue(cfg: Config) -> Check | None:
     except VgwError as exc:
         return Check("catalogue", FAIL, str(exc))
     scopes = sorted({s.scope for s in cat.specs})
-    return Check("catalogue", PASS, f"{len(cat.specs)} signal(s) mapped from {len(cfg.can.dbc)} DBC file(s), "
-                                    f"{len(scopes)} scope(s)")
+    return Check("catalogue", PASS, f"{len(cat.specs)} signal(s) mapped from {len(cfg.can.dbc)} vehicle "
+                                    f"description(s), {len(scopes)} scope(s)")
 
 
 def ip_link_details(ifname: str) -> dict[str, Any] | None:

@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -43,6 +42,7 @@ from vgw.catalogue import load_catalogue
 from vgw.config import DEVICE_ID_PATTERN, load_config
 from vgw.consent.manager import load_trust_keys
 from vgw.crypto.certs import DEVICE_URI_PREFIX, cert_device_id
+from vgw.crypto.enrollment import chains_to
 from vgw.crypto.keys import KEY_BYTES
 from vgw.dbc import shipped_dir
 from vgw.errors import ConfigError, StorageError
@@ -519,42 +519,6 @@ def _provision(*, device_id: str, host: str, port: int, ca_certs: list[x509.Cert
 # -- step 2: install the signed certificate --------------------------------------------------------------
 
 
-def _chains_to(leaf: x509.Certificate, intermediates: list[x509.Certificate], anchors: list[x509.Certificate],
-               when: dt.datetime) -> bool:
-    """True if ``leaf`` chains through ``intermediates`` to one of ``anchors`` (signatures, names, validity)."""
-    current = leaf
-    pool = list(intermediates)
-    for _depth in range(8):
-        for anchor in anchors:
-            if _issued_by(current, anchor):
-                return _valid_at(anchor, when)
-        nxt = next((c for c in pool if _issued_by(current, c) and _is_ca(c)), None)
-        if nxt is None or not _valid_at(nxt, when):
-            return False
-        pool.remove(nxt)
-        current = nxt
-    return False
-
-
-def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    try:
-        cert.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
-
-
-def _is_ca(cert: x509.Certificate) -> bool:
-    try:
-        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
-    except x509.ExtensionNotFound:
-        return False
-
-
-def _valid_at(cert: x509.Certificate, when: dt.datetime) -> bool:
-    return cert.not_valid_before_utc <= when <= cert.not_valid_after_utc
-
-
 def install_cert(cert_file: Path, *, out: Path = DEFAULT_OUT, ca: Path | None = None) -> Report:
     """Check the signed certificate against the device key, the device id and the CA; write ``device.crt``.
 
@@ -581,7 +545,7 @@ def install_cert(cert_file: Path, *, out: Path = DEFAULT_OUT, ca: Path | None = 
         start = f"{leaf.not_valid_before_utc:%Y-%m-%d %H:%M}"
         raise ConfigError(f"{cert_file}: the certificate is valid only from {start} UTC (is this device's "
                           "clock right?)")
-    if not _chains_to(leaf, intermediates, anchors, now):
+    if not chains_to(leaf, intermediates, anchors, now):
         raise ConfigError(f"{cert_file}: the certificate does not chain to the CA in {ca or out / CA_NAME}")
     try:
         eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value

@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import can
-import cantools
 from cantools.database.can import Database, Message
+from vgw import catalogue
 from vgw.errors import ConfigError, SourceError, SourceOpenError
 from vgw.simulators.paths import default_dbc
 from vgw.simulators.vehicle import VehicleModel, VehicleState
@@ -108,17 +108,9 @@ SIGNAL_SOURCES: dict[str, Getter] = {
 
 
 def load_dbc(path: str | os.PathLike[str]) -> Database:
-    """Load a DBC strictly. Raises :class:`ConfigError` naming the file if it is missing or invalid."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"DBC file {p} not found")
-    try:
-        db = cantools.database.load_file(str(p), database_format="dbc", strict=True)
-    except Exception as exc:  # cantools raises many kinds (ParseError, Error, ValueError ...)
-        raise ConfigError(f"DBC file {p} rejected by cantools: {exc}") from exc
-    if not isinstance(db, Database):
-        raise ConfigError(f"DBC file {p} is not a CAN database")
-    return db
+    """Load a vehicle description strictly, as the agent does (any format docs/vehicles.md "Vehicle
+    descriptions" lists, within its budget). Raises :class:`ConfigError` naming the file if it is missing or invalid."""
+    return catalogue.load_dbc([Path(path)], strict=True)
 
 
 @dataclass(frozen=True, slots=True)

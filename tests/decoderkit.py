@@ -8,13 +8,64 @@ message length, shorter and longer, with multiplexer selectors steered to their 
 from __future__ import annotations
 
 import math
+import os
 import random
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections.abc import Callable
+from functools import cache
+from pathlib import Path
 from typing import Any
 
+import cantools
 from cantools.database.can.message import Message
 from cantools.database.errors import DecodeError
 from hypothesis import strategies as st
 from vgw.pipeline.decoder import FieldLayout, MessageDecoder
+
+CACHE = Path(os.environ.get("VGW_TEST_CORPUS", Path(tempfile.gettempdir()) / "vgw-test-corpus"))
+
+
+def fetch_sdist_files(requirement: str, keep: Callable[[str], bool]) -> Path | None:
+    """The files of ``requirement``'s source distribution (``name==version``) whose path in the archive
+    ``keep`` accepts, downloaded once per machine (``pip download``) into a cache folder outside the repository
+    and flattened into one folder; None when the package registry cannot be reached."""
+    target = CACHE / requirement.replace("==", "-")
+    if (target / "done").exists():
+        return target
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=CACHE) as work:
+        got = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                              requirement, "-d", work], capture_output=True, timeout=180)
+        sdists = list(Path(work).glob("*.tar.gz"))
+        if got.returncode != 0 or not sdists:
+            return None
+        staged = Path(work) / "files"
+        staged.mkdir()
+        with tarfile.open(sdists[0]) as tar:
+            for member in tar.getmembers():
+                if member.isfile() and keep(member.name):
+                    source = tar.extractfile(member)
+                    assert source is not None
+                    (staged / Path(member.name).name).write_bytes(source.read())
+        (staged / "done").write_text("")
+        try:
+            staged.rename(target)
+        except OSError:
+            pass  # another worker got there first
+    return target if (target / "done").exists() else None
+
+
+@cache
+def dbc_messages(path: str) -> tuple[Message, ...]:
+    """The decodable messages of one DBC file loaded leniently (none if cantools cannot load it)."""
+    try:
+        db = cantools.database.load_file(path, database_format="dbc", strict=False, encoding="cp1252")
+    except Exception:
+        return ()
+    return decodable_messages(db)
 
 
 def decodable_messages(db: Any) -> tuple[Message, ...]:
@@ -96,7 +147,7 @@ def random_payload(rng: random.Random, message: Message) -> bytes:
 def mismatches(message: Message, payload: bytes, wanted: list[str] | None = None) -> list[str]:
     """How vgw's decoder of ``wanted`` signals (all by default) differs from cantools on ``payload``: one line
     per difference, empty when they agree (or cantools refuses the frame: then vgw must just not crash)."""
-    names = [s.name for s in message.signals] if wanted is None else wanted
+    names = list(dict.fromkeys(s.name for s in message.signals)) if wanted is None else wanted
     decoder = MessageDecoder(message, [(n, n) for n in names])
     values, short = decoder.decode(payload)
     got = dict(values)  # type: ignore[arg-type]
@@ -119,7 +170,7 @@ def mismatches(message: Message, payload: bytes, wanted: list[str] | None = None
 def check_message(message: Message, data: st.DataObject) -> None:
     """One drawn payload and signal subset of ``message``, compared with cantools."""
     payload = data.draw(st.composite(lambda d: payload_for(d, message))(), label=f"payload of {message.name}")
-    names = [s.name for s in message.signals]
+    names = list(dict.fromkeys(s.name for s in message.signals))  # a name may repeat across multiplexer branches
     subset = data.draw(st.lists(st.sampled_from(names), unique=True, max_size=len(names)), label="subset")
     try:
         expected = message.decode(payload, decode_choices=False, allow_truncated=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from vgw.cli import main
 
@@ -27,3 +29,16 @@ def test_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) ->
         main(["frobnicate"])
     assert done.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+# reStructuredText inline markup, which argparse prints as it is: ``literal``, :role:`target`.
+RST = re.compile(r"``|:(?:data|class|func|meth|mod|attr|exc|obj|ref):`")
+
+
+@pytest.mark.parametrize("words", COMMANDS, ids=lambda w: " ".join(w) or "vgw")
+def test_help_shows_no_restructuredtext_markup(words: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """A help text is read in a terminal: a module docstring used as a description must not show its markup."""
+    with pytest.raises(SystemExit):
+        main([*words, "--help"])
+    out = capsys.readouterr().out
+    assert not RST.search(out), out

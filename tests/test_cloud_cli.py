@@ -185,9 +185,9 @@ def test_push_listen_revoke_verify_receipt_round_trip_with_the_agent(
 
     receipt = tmp_path / "erasure.jws"
     receipt.write_text(erasure["token"])
-    ok = vgw("cloud", "verify-receipt", "--device-cert", str(pki.device(DEV).cert), str(receipt))
+    ok = vgw("cloud", "verify-receipt", "--device-cert", str(pki.device(DEV).cert), "--json", str(receipt))
     assert ok.returncode == 0, ok.stderr
-    assert json.loads(ok.stdout)["typ"] == "erasure"
+    assert json.loads(ok.stdout)["claims"]["typ"] == "erasure"
     # the same receipt checked against another device's certificate, and a tampered one, are refused
     other = vgw("cloud", "verify-receipt", "--device-cert", str(pki.device("dev-0002").cert), str(receipt))
     assert other.returncode == 3 and "dev-0001" in other.stderr
@@ -390,3 +390,87 @@ def test_every_device_id_option_takes_both_spellings(command: tuple[str, ...]) -
     helped = vgw(*command, "--help")
     assert helped.returncode == 0, helped.stderr
     assert re.search(r"--device-id ID, --device ID\b", helped.stdout), helped.stdout
+
+
+def test_verify_receipt_says_valid_in_a_line_and_as_json(tmp_path: Path, pki: TestPKI) -> None:
+    """`vgw cloud verify-receipt` answers like `vgw audit verify`: a line that says valid (or why not), and with
+    --json one object a script can read, for a good receipt and a forged one alike."""
+    key_pem = Path(pki.device(DEV).key).read_bytes()
+    token = jwt.encode({"typ": "erasure", "sub": DEV, "iat": int(time.time()), "grant": "g-a", "ver": 7,
+                        "batches_deleted": 3, "key_destroyed": True}, key_pem, algorithm="ES256")
+    receipt = tmp_path / "erasure.jws"
+    receipt.write_text(token)
+    cert = ["--device-cert", str(pki.device(DEV).cert)]
+
+    text = vgw("cloud", "verify-receipt", *cert, str(receipt))
+    assert text.returncode == 0, text.stderr
+    first = text.stdout.splitlines()[0]
+    assert first.startswith(f"{receipt}: valid erasure receipt of {DEV}"), text.stdout
+    assert "grant: g-a" in text.stdout and "batches_deleted: 3" in text.stdout
+
+    as_json = vgw("cloud", "verify-receipt", *cert, "--json", str(receipt))
+    assert as_json.returncode == 0, as_json.stderr
+    out = json.loads(as_json.stdout)
+    assert out["valid"] is True and out["file"] == str(receipt) and out["device"] == DEV
+    assert out["typ"] == "erasure" and out["claims"]["key_destroyed"] is True and out["token"] == token
+
+    head, payload, sig = token.split(".")
+    receipt.write_text(f"{head}.{payload}.{sig[:-6]}AAAAAA")
+    bad = vgw("cloud", "verify-receipt", *cert, "--json", str(receipt))
+    assert bad.returncode == 3 and "Traceback" not in bad.stderr
+    out = json.loads(bad.stdout)
+    assert out["valid"] is False and out["file"] == str(receipt) and "ignature" in out["reason"]
+    plain = vgw("cloud", "verify-receipt", *cert, str(receipt))
+    assert plain.returncode == 3 and plain.stdout == "" and "not valid" in plain.stderr
+    assert len(plain.stderr.strip().splitlines()) == 1
+
+
+def test_listen_writes_decoded_values_without_binary_float_noise(
+    tmp_path: Path, pki: TestPKI, broker: Mosquitto
+) -> None:
+    """A DBC value is raw * scale + offset in binary floating point: 3266 * 0.01 is 32.660000000000004, and that
+    is what the agent sends (value-exact against cantools). What `vgw cloud listen` writes for people and apps
+    reads 32.66: printed to 15 significant digits (DBL_DIG: every decimal of that many digits survives a double),
+    the noise goes and such values are written as they are."""
+    import ssl
+
+    import paho.mqtt.client as mqtt
+
+    keys = tmp_path / "keys"
+    assert vgw("cloud", "keygen", "--dir", str(keys), "--recipient", "fleet").returncode == 0
+    from vgw.simulators.cloud import recipient_public_key
+
+    pk = recipient_public_key(json.loads((keys / "recipients/fleet.pub.json").read_text()))
+    noisy = {"Vehicle.Speed": 3266 * 0.01, "Vehicle.Body.Lights.IsHighBeamOn": True, "Vehicle.VIN": "WVW1",
+             "Vehicle.TraveledDistance": 123456789, "Vehicle.Exterior.AirTemperature": -40 + 0.1 * 3,
+             "Vehicle.CurrentLocation.Latitude": 48.137154,
+             "Vehicle.Powertrain.FuelSystem.Level": {"n": 3, "mean": 0.1 + 0.2, "min": 0.1, "max": 0.5, "last": 0.5}}
+    assert str(noisy["Vehicle.Speed"]) == "32.660000000000004"  # the noise this test is about
+    env = seal_envelope({"v": 1, "device": DEV, "grant": "g-n", "seq": 1, "epoch": "e1", "samples": [
+        {"t": 1795920000.125, "path": p, "value": v} for p, v in noisy.items()]}, pk, DEV, "g-n")
+    out = tmp_path / "received.jsonl"
+    listen = ListenProc([*broker_args(broker, pki), "--recipient", str(keys), "--no-status"], out)
+    try:
+        dev = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=DEV, protocol=mqtt.MQTTv5)
+        ctx = ssl.create_default_context(cafile=str(pki.ca.cert))
+        ctx.load_cert_chain(str(pki.device(DEV).cert), str(pki.device(DEV).key))
+        dev.tls_set_context(ctx)
+        dev.connect("localhost", broker.port)
+        dev.loop_start()
+        try:
+            dev.publish(f"vgw/{DEV}/data/g-n", env, qos=1).wait_for_publish(5)
+        finally:
+            dev.disconnect()
+            dev.loop_stop()
+        assert listen.wait(lambda: listen.events("batch"))
+        listen.stop()
+    finally:
+        stop_process(listen.proc)
+    line = next(x for x in out.read_text().splitlines() if '"batch"' in x)
+    samples_text = line[line.index('"samples"'):line.index('"arrived"')]
+    assert "000000000" not in samples_text and "999999999" not in samples_text, line
+    values = {s["path"]: s["value"] for s in json.loads(line)["samples"]}
+    assert values == {**noisy, "Vehicle.Speed": 32.66, "Vehicle.Exterior.AirTemperature": -39.7,
+                      "Vehicle.Powertrain.FuelSystem.Level": {**noisy["Vehicle.Powertrain.FuelSystem.Level"],
+                                                              "mean": 0.3}}
+    assert values["Vehicle.Body.Lights.IsHighBeamOn"] is True and isinstance(values["Vehicle.TraveledDistance"], int)

@@ -10,65 +10,22 @@ from __future__ import annotations
 
 import os
 import random
-import subprocess
-import sys
-import tarfile
-import tempfile
-from functools import cache
 from pathlib import Path
 
 import cantools
 import pytest
-from cantools.database.can.message import Message
 from vgw.pipeline.decoder import MessageDecoder
 
-from tests.decoderkit import decodable_messages, mismatches, random_payload
+from tests.decoderkit import dbc_messages, fetch_sdist_files, mismatches, random_payload
 
 OPENDBC = "opendbc==0.3.1"
-CACHE = Path(os.environ.get("VGW_TEST_CORPUS", Path(tempfile.gettempdir()) / "vgw-test-corpus"))
-
-
-def _fetch() -> Path | None:
-    """The folder of opendbc's DBC files, downloaded once per machine (atomic rename: parallel workers)."""
-    target = CACHE / OPENDBC.replace("==", "-")
-    if (target / "done").exists():
-        return target
-    CACHE.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=CACHE) as work:
-        got = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-                              OPENDBC, "-d", work], capture_output=True, timeout=180)
-        sdists = list(Path(work).glob("*.tar.gz"))
-        if got.returncode != 0 or not sdists:
-            return None
-        staged = Path(work) / "dbc"
-        staged.mkdir()
-        with tarfile.open(sdists[0]) as tar:
-            for member in tar.getmembers():
-                if member.isfile() and member.name.endswith(".dbc") and "/opendbc/dbc/" in member.name:
-                    source = tar.extractfile(member)
-                    assert source is not None
-                    (staged / Path(member.name).name).write_bytes(source.read())
-        (staged / "done").write_text("")
-        try:
-            staged.rename(target)
-        except OSError:
-            pass  # another worker got there first
-    return target if (target / "done").exists() else None
-
-
-FOLDER = _fetch()
+FOLDER = fetch_sdist_files(OPENDBC, lambda name: name.endswith(".dbc") and "/opendbc/dbc/" in name)
 if FOLDER is None:
     pytest.skip(f"{OPENDBC} could not be downloaded from the package registry", allow_module_level=True)
 DBCS = sorted(str(p) for p in FOLDER.glob("*.dbc"))
 
 
-@cache
-def _messages(path: str) -> tuple[Message, ...]:
-    try:
-        db = cantools.database.load_file(path, database_format="dbc", strict=False, encoding="cp1252")
-    except Exception:
-        return ()
-    return decodable_messages(db)
+_messages = dbc_messages
 
 
 LOADABLE = [p for p in DBCS if _messages(p)]

@@ -35,7 +35,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "daemon": ("vgw.runtime", "vgw.daemon", "vgw.writer", "vgw.counters", "vgw.sdnotify"),
     "operations": ("vgw.stateview", "vgw.doctor", "vgw.install", "vgw.report", "vgw.report_owner", "vgw.report_periods",
                    "vgw.provisioning", "vgw.monitor", "vgw.enroll"),
-    "cloud": ("vgw.cloud",),
+    "cloud": ("vgw.cloud", "vgw.api"),
     "service": ("vgw.cloud.service",),
     "simulators": ("vgw.simulators",),
     "tools": ("vgw.tools",),

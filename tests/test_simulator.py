@@ -469,7 +469,7 @@ def test_cli_record(tmp_path: Path) -> None:
 def test_cli_bad_input_is_one_line(tmp_path: Path) -> None:
     for args, needle in (
         (("--interface", "socketcan", "--channel", "vgwnope0"), "vgwnope0 not found"),
-        (("--dbc", str(tmp_path / "nope.dbc")), "nope.dbc not found"),
+        (("--dbc", str(tmp_path / "nope.dbc")), "nope.dbc: DBC file not found"),
         (("--vin", "BAD"), "--vin"),
     ):
         done = subprocess.run(

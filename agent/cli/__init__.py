@@ -15,8 +15,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import re
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from vgw.daemon.signals import DaemonSignals
 from vgw.errors import VgwError
@@ -52,8 +54,42 @@ EXIT_USAGE = 2
 EXIT_REJECTED = 3
 
 
+# reStructuredText inline markup of the module docstrings the subcommands take as descriptions.
+_RST_ROLE = re.compile(r":(?:data|class|func|meth|mod|attr|exc|obj|ref):`~?([^`]+)`")
+
+
+def plain_text(text: str) -> str:
+    """A docstring's inline markup as a terminal shows it: ``x`` and :role:`a.b.x` become `x` (the backticks
+    every help text uses for a command or a name); a ``~`` target keeps its last part, as Sphinx shows it."""
+
+    def role(match: re.Match[str]) -> str:
+        target = match.group(1)
+        shown = target.rpartition(".")[2] if match.group(0).find("`~") >= 0 else target
+        return f"`{shown}`"
+
+    return _RST_ROLE.sub(role, text).replace("``", "`")
+
+
+class VgwArgumentParser(argparse.ArgumentParser):
+    """The parser of `vgw` and (by argparse's own inheritance through ``add_subparsers``) of every subcommand:
+    help and usage are printed as plain text (:func:`plain_text`), so a module docstring can be the description.
+    The description is made plain before argparse wraps it; what else carries markup is made plain as printed."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        for key in ("description", "epilog"):
+            if isinstance(kwargs.get(key), str):
+                kwargs[key] = plain_text(kwargs[key])
+        super().__init__(*args, **kwargs)
+
+    def format_help(self) -> str:
+        return plain_text(super().format_help())
+
+    def format_usage(self) -> str:
+        return plain_text(super().format_usage())
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vgw", description="vgw: consent-first edge vehicle gateway")
+    parser = VgwArgumentParser(prog="vgw", description="vgw: consent-first edge vehicle gateway")
     _log_options(parser, argparse.SUPPRESS)
     parser.set_defaults(debug=False, log_level=None)
     parser.add_argument("--version", action="version", version=f"vgw {_version()}")

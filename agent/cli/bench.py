@@ -14,7 +14,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of the table")
     p.add_argument("--frames", type=int, default=300_000, metavar="N", help="frames in the trace (default 300000)")
     p.add_argument("--dbc", type=Path, metavar="FILE",
-                   help="DBC to generate the trace from (default: the demo vehicle); every signal is mapped")
+                   help="vehicle description (DBC, ARXML, KCD or SYM) to generate the trace from (default: "
+                        "the demo vehicle); every signal is mapped")
     p.add_argument("--consent", choices=("typical", "all"), default="typical",
                    help="typical: the demo's two apps (a few scopes); all: every scope (default typical)")
     p.add_argument("--rt-fps", type=float, default=4000.0, metavar="FPS",

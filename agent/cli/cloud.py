@@ -7,7 +7,7 @@
     vgw cloud listen BROKER-OPTIONS --recipient FILE|DIR --device-cert FILE|DIR [--share GROUP] [--out FILE]
     vgw cloud listen --nats HOST:PORT[,...] --ca CA --cert CERT --tls-key KEY --recipient ... [--durable NAME]
     vgw cloud relay --nats HOST:PORT[,...] --ca CA --cert CERT --tls-key KEY [--prefer N] [--drain S]
-    vgw cloud verify-receipt --device-cert FILE|DIR FILE
+    vgw cloud verify-receipt --device-cert FILE|DIR [--json] FILE
     vgw cloud serve --config FILE                  (the owner's consent service: vgw.cli.cloud_service)
     vgw cloud app add ... / vgw cloud owner add ...
     vgw cloud enroll serve|revoke ...   (README "Enrollment")
@@ -135,8 +135,13 @@ def register(subparsers: Any) -> None:
 
     cloud_enroll.register(sub, _broker_options)
 
-    v = sub.add_parser("verify-receipt", help="verify a receipt file against device certificates")
+    v = sub.add_parser("verify-receipt", help="verify a receipt file against device certificates",
+                       description="Verify a receipt (README \"Receipts\": compact JWS, ES256) under the certificate "
+                       "of the device it names. Prints a line that says it is valid, then its claims; exit 0 "
+                       "valid, 3 not valid (why on stderr).")
     v.add_argument("--device-cert", action="append", type=Path, required=True, metavar="FILE|DIR")
+    v.add_argument("--json", action="store_true",
+                   help="print one JSON object: file, valid, and device, typ, claims, token or reason")
     v.add_argument("file", type=Path, help="receipt (compact JWS, or a JSON line from listen)")
     v.set_defaults(func=run_verify_receipt)
 
@@ -453,15 +458,31 @@ def _run_until_stopped(part: Any, stop: threading.Event, duration: float | None,
 def run_verify_receipt(args: argparse.Namespace) -> int:
     from vgw.cloud.cloudkit import load_device_certs, verify_receipt_file
     from vgw.simulators.cloud import ReceiptError
+    from vgw.timefmt import utc_text
 
     keys = load_device_certs(args.device_cert)
     try:
         claims = verify_receipt_file(args.file, keys)
     except ReceiptError as exc:
-        print(f"vgw cloud verify-receipt: {exc}", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"file": str(args.file), "valid": False, "reason": str(exc)}))
+        print(f"vgw cloud verify-receipt: {args.file}: not valid: {exc}", file=sys.stderr)
         return EXIT_REJECTED
-    print(json.dumps(claims, sort_keys=True))
+    if args.json:
+        print(json.dumps({"file": str(args.file), "valid": True, "device": claims["sub"], "typ": claims["typ"],
+                          "claims": claims, "token": _receipt_token(args.file)}, sort_keys=True))
+        return 0
+    print(f"{args.file}: valid {claims['typ']} receipt of {claims['sub']}, signed {utc_text(claims['iat'])}")
+    for name in sorted(set(claims) - {"typ", "sub", "iat"}):
+        value = claims[name]
+        print(f"  {name}: {value if isinstance(value, str) else json.dumps(value, sort_keys=True)}")
     return 0
+
+
+def _receipt_token(path: Path) -> str:
+    """The compact JWS of a receipt file that verified (a JSON line from `vgw cloud listen` carries it as token)."""
+    text = path.read_text().strip()
+    return str(json.loads(text)["token"]) if text.startswith("{") else text
 
 
 def _on_signals(stop: threading.Event) -> list[Any]:

@@ -40,7 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="where the vehicle's data come from: the CAN bus, a USB OBD-II adapter, or both "
                    "(asked on a terminal when omitted)")
     p.add_argument("--dbc", metavar="FILE", type=Path, action="append",
-                   help="your vehicle's DBC file (repeat for several); copied next to the config")
+                   help="your vehicle's description: DBC, ARXML, KCD or SYM (repeat for several); copied "
+                        "next to the config")
     p.add_argument("--signal-map", metavar="FILE", type=Path,
                    help="your signal map (DBC signal -> VSS path -> scope); copied next to the config")
     p.add_argument("--demo-dbc", action="store_true",

@@ -78,7 +78,8 @@ def _register_can(sim_sub: Any) -> None:
     p.add_argument("-b", "--bitrate", type=int, help="bitrate in bit/s, where the interface takes one")
     p.add_argument("--link", action="append", default=[], metavar="PATH",
                    help="slcan: a symbolic link PATH to the pty, one more adapter per --link (repeatable)")
-    p.add_argument("--dbc", type=Path, help="DBC file (default: the shipped dbc/vehicle.dbc)")
+    p.add_argument("--dbc", type=Path, help="vehicle description: DBC, ARXML, KCD or SYM (default: the shipped "
+                   "dbc/vehicle.dbc)")
     p.add_argument("--seed", type=int, default=1, help="vehicle model seed (default 1)")
     p.add_argument("--vin", help="VIN the vehicle reports (default: a sample VIN)")
     p.add_argument("--duration", type=float, help="simulated seconds (default: forever; 60 with --record)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
+import math
 import ssl
 import threading
 import time
@@ -217,6 +218,22 @@ class CloudLink:
 # ---------------------------------------------------------------- the listener
 
 
+def decimal_value(value: Any) -> Any:
+    """A decoded value as a person reads it: each float to 15 significant digits (C's ``DBL_DIG``: every decimal
+    of up to 15 digits survives a double exactly), so the noise of binary arithmetic goes (a DBC's
+    ``raw * scale + offset``: 3266 * 0.01 is 32.660000000000004, written 32.66) while a value with up to 15
+    significant digits, such as any raw value times a decimal scale that fit in them, is written as it is.
+    Objects (an aggregate) and lists element by element; anything else as it is. Frame times are not values:
+    they keep their microseconds."""
+    if isinstance(value, float):
+        return float(f"{value:.15g}") if math.isfinite(value) else value
+    if isinstance(value, dict):
+        return {k: decimal_value(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [decimal_value(v) for v in value]
+    return value
+
+
 @dataclass
 class _SeqWindow:
     """Which seqs of one epoch arrived: every seq up to ``floor``, and seq ``floor + 1 + i`` if bit i of ``bits``.
@@ -378,8 +395,9 @@ class Listener:
                                    "from": high + 1, "to": seq - 1, "arrived": arrived})
                 st.batches += 1
                 st.epoch = epoch
+                samples = [{**s, "value": decimal_value(s["value"])} if "value" in s else s for s in batch["samples"]]
                 events.append({"type": "batch", "device": device, "grant": grant, "epoch": epoch, "seq": seq,
-                               "samples": batch["samples"], "arrived": arrived, "bytes": len(payload)})
+                               "samples": samples, "arrived": arrived, "bytes": len(payload)})
         for e in events:
             self._out(e)
 

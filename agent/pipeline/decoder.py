@@ -18,6 +18,7 @@ the others are counted as ``short`` by the caller and skipped.
 
 from __future__ import annotations
 
+import itertools
 import math
 import struct
 from collections.abc import Callable, Iterable, Sequence
@@ -128,10 +129,16 @@ class MessageDecoder:
         by_name = {s.name: s for s in message.signals}
         outputs = []
         for sig_name, key in wanted:
-            sig = by_name[sig_name]
-            if not decoded_by_cantools(sig, by_name):
-                continue  # cantools never decodes it, so neither do we (value-exact against cantools)
-            outputs.append(_Output(FieldLayout.of(sig), _conditions(sig, by_name), key))
+            if sig_name not in by_name:
+                raise KeyError(sig_name)
+            # One name may stand for several signals, one per multiplexer branch (a KCD or ARXML description
+            # may repeat a name in several branches): cantools returns whichever branch the frame carries.
+            same_name = [_Output(FieldLayout.of(sig), _conditions(sig, by_name), key)
+                         for sig in message.signals if sig.name == sig_name and decoded_by_cantools(sig, by_name)]
+            if not all(_exclusive(a, b) for a, b in itertools.combinations(same_name, 2)):
+                same_name = same_name[-1:]  # cantools' result is a dict by name: the last one decoded wins
+            # A signal cantools never decodes is left out (value-exact against cantools).
+            outputs += same_name
         self.outputs: tuple[_Output, ...] = tuple(outputs)
         self.source, fast = _compile(self.outputs, self.length, self.decode_generic)
         #: ``decode(data) -> ([(key, physical value)], number of wanted signals that did not fit in data)``
@@ -314,6 +321,17 @@ def decoded_by_cantools(sig: Signal, by_name: dict[str, Signal]) -> bool:
             return False
         current = selector
     return True
+
+
+def _exclusive(a: _Output, b: _Output) -> bool:
+    """Whether no frame can satisfy the multiplexer conditions of both ``a`` and ``b``: on the path they share
+    from the outermost selector, one selector requires disjoint ids of them."""
+    for (sel_a, ids_a), (sel_b, ids_b) in zip(a.conditions, b.conditions, strict=False):
+        if sel_a != sel_b:
+            return False
+        if not ids_a & ids_b:
+            return True
+    return False
 
 
 def _conditions(sig: Signal, by_name: dict[str, Signal]) -> tuple[tuple[FieldLayout, frozenset[int]], ...]:

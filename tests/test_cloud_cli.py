@@ -474,3 +474,16 @@ def test_listen_writes_decoded_values_without_binary_float_noise(
                       "Vehicle.Powertrain.FuelSystem.Level": {**noisy["Vehicle.Powertrain.FuelSystem.Level"],
                                                               "mean": 0.3}}
     assert values["Vehicle.Body.Lights.IsHighBeamOn"] is True and isinstance(values["Vehicle.TraveledDistance"], int)
+
+
+def test_enroll_revoke_takes_the_device_as_an_option_too(tmp_path: Path, pki: TestPKI) -> None:
+    """`vgw cloud enroll revoke` took the device id only as a positional DEVICE: `--device-id` (and `--device`)
+    name it as every other command does."""
+    ledger, crl = tmp_path / "ledger.jsonl", tmp_path / "crl.pem"
+    ledger.write_text("")
+    ca = ["--ca-cert", str(pki.ca.cert), "--ca-key", str(pki.ca.key), "--ledger", str(ledger), "--crl", str(crl)]
+    for flag in ("--device-id", "--device"):
+        r = vgw("cloud", "enroll", "revoke", *ca, flag, "dev-never")
+        assert r.returncode == 1 and "no certificate was issued to 'dev-never'" in r.stderr, r.stderr
+    r = vgw("cloud", "enroll", "revoke", *ca, "--device-id", "dev-a", "dev-b")
+    assert r.returncode == 1 and "dev-a" in r.stderr and "dev-b" in r.stderr and "Traceback" not in r.stderr

@@ -615,9 +615,11 @@ def _ca(cfg: Config) -> Check | None:
     if ca_end.timestamp() < time.time():
         return Check("ca", FAIL, f"the CA that signed {cfg.mqtt.cert_file.name} expired on {ca_end:%Y-%m-%d}")
     if leaf_end > ca_end:
-        return Check("ca", WARN, f"{cfg.mqtt.cert_file.name} is valid until {leaf_end:%Y-%m-%d} but its CA only until "
-                                 f"{ca_end:%Y-%m-%d}: from then on the broker rejects it; renew the CA (or a "
-                                 "certificate within its life) before that")
+        # Dates alone read "until 2027-12-07 but its CA only until 2027-12-07" when both end the same day.
+        shown = "%Y-%m-%d %H:%M:%S UTC" if leaf_end.date() == ca_end.date() else "%Y-%m-%d"
+        return Check("ca", WARN, f"{cfg.mqtt.cert_file.name} is valid until {leaf_end.strftime(shown)} but its CA only "
+                                 f"until {ca_end.strftime(shown)}: from then on the broker rejects it; renew the CA "
+                                 "(or a certificate within its life) before that")
     return Check("ca", PASS, f"the CA is valid until {ca_end:%Y-%m-%d}, after the device certificate")
 
 
@@ -653,6 +655,7 @@ def _claims(token: str) -> dict[str, Any]:
 
 def _consent(cfg: Config) -> Check:
     from vgw.consent.manager import load_trust_keys
+    from vgw.consent.model import version_text
     from vgw.consent.store import ConsentStore
     from vgw.consent.verifier import verify_consent
     from vgw.errors import ConsentError
@@ -674,7 +677,8 @@ def _consent(cfg: Config) -> Check:
     now = store.now()
     until = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(consent.exp))
     scopes = sorted({s for g in consent.grants for s in g.scopes})
-    what = f"consent v{consent.ver}: {len(consent.grants)} grant(s)" + (f" ({', '.join(scopes)})" if scopes else "")
+    what = f"{version_text(consent.ver)}: {len(consent.grants)} grant(s)" + (f" ({', '.join(scopes)})" if scopes
+                                                                             else "")
     if now >= consent.exp:
         return Check("consent", WARN, f"{what} expired on {until}: nothing is collected")
     if not consent.grants:

@@ -1,8 +1,8 @@
 """`vgw monitor`: a live view of the mapped signals and of what the consent in force does with each.
 
 Like ``cantools monitor``, but from the agent's own point of view: for every signal the signal map names, its
-latest value, its rate, and whether the consent in force sends it (to which grant, within which limits) or
-holds it back. It changes nothing and sends nothing:
+latest value with the DBC's unit, its rate, and whether the consent in force sends it (to which grant, within
+which limits) or holds it back. It changes nothing and sends nothing:
 
 - it opens the CAN source of the config itself, read-only (a SocketCAN interface has any number of readers;
   a serial SLCAN adapter or pty has one, so a source another process holds open is refused with what to do
@@ -35,7 +35,7 @@ from typing import IO, Any
 
 from vgw.catalogue import Catalogue, SignalSpec, load_catalogue
 from vgw.config import CanConfig, Config
-from vgw.consent.model import Consent
+from vgw.consent.model import Consent, version_text
 from vgw.errors import ConfigError, SourceError, SourceFrameError
 from vgw.j1939 import ids as j1939
 from vgw.j1939.transport import Reassembler
@@ -44,6 +44,7 @@ from vgw.sources.serialport import holders
 
 RATE_WINDOW_S = 5.0
 _CONSENT_MIN = 24  # characters of the CONSENT column kept in view: "sent: g-fleet, g-insurer"
+_UNIT_MAX, _UNIT_MAX_NARROW = 10, 5  # characters of a DBC unit shown ("km/h", "degC", "rpm"), wide and narrow
 _CLEAR = "\x1b[H\x1b[2J"
 _SERIAL_INTERFACES = {"slcan", "serial", "seeedstudio", "robotell", "slcan_pty"}
 
@@ -51,6 +52,7 @@ _SERIAL_INTERFACES = {"slcan", "serial", "seeedstudio", "robotell", "slcan_pty"}
 @dataclass
 class _Row:
     spec: SignalSpec
+    unit: str = ""  # the DBC's unit of the signal, as `cantools monitor` shows it
     value: Any = None
     seen: collections.deque[float] | None = None
     parts: list[bytes | None] | None = None
@@ -68,10 +70,11 @@ class MonitorModel:
         wanted: dict[tuple[int, bool], list[tuple[str, object]]] = {}
         message_of: dict[tuple[int, bool], int] = {}
         for spec in catalogue.specs:
-            row = self.rows.setdefault(spec.path, _Row(spec, seen=collections.deque()))
+            message = catalogue.messages[spec.frame_id]
+            unit = "" if spec.parts is not None else (message.get_signal_by_name(spec.signal).unit or "")
+            row = self.rows.setdefault(spec.path, _Row(spec, unit=unit, seen=collections.deque()))
             if spec.parts is not None:
                 row.parts = [None] * spec.parts
-            message = catalogue.messages[spec.frame_id]
             key = ((j1939.message_key(message, spec.source_address), True) if j1939.is_j1939(message)
                    else (spec.frame_id, bool(message.is_extended_frame)))
             message_of[key] = spec.frame_id
@@ -154,22 +157,44 @@ class MonitorModel:
         dropped and long paths keep their end, so the CONSENT column stays in view."""
         paths = sorted(self.rows)
         path_w = min(64, max(len(p) for p in paths)) if paths else 10
-        if path_w + 1 + 18 + 1 + 17 + 1 + 8 + 2 + _CONSENT_MIN <= width:
-            out = [f"{'SIGNAL (VSS path)':<{path_w}} {'SCOPE':<18} {'VALUE':>17} {'RATE':>8}  CONSENT"]
+        longest_unit = max((len(r.unit) for r in self.rows.values()), default=0)
+        # A UNIT column only when the DBC gives units; a row shows its unit once it has a value.
+        unit_w = min(_UNIT_MAX, max(4, longest_unit)) if longest_unit else 0
+        unit_head = f"{'UNIT':<{unit_w}} " if unit_w else ""
+        if path_w + 1 + 18 + 1 + 17 + 1 + (unit_w + 1 if unit_w else 0) + 8 + 2 + _CONSENT_MIN <= width:
+            out = [f"{'SIGNAL (VSS path)':<{path_w}} {'SCOPE':<18} {'VALUE':>17} {unit_head}{'RATE':>8}  CONSENT"]
             for path in paths:
                 row = self.rows[path]
                 out.append(f"{path[:path_w]:<{path_w}} {row.spec.scope:<18} {_fmt(row.value):>17} "
-                           f"{self.rate(path):>6.1f}/s  {self.verdict(row.spec.scope)}")
+                           f"{_unit(row, unit_w)}{self.rate(path):>6.1f}/s  {self.verdict(row.spec.scope)}")
             return [line[:width] for line in out]
+        # Narrow: the unit goes into the VALUE column ("243.9 kPa"), two characters wider than a bare value.
+        value_w = 12 if unit_w else 10
         names = {p: p.removeprefix("Vehicle.") for p in paths}
-        path_w = max(16, min(max((len(n) for n in names.values()), default=10), width - 22 - _CONSENT_MIN))
-        out = [f"{'SIGNAL (VSS path)':<{path_w}} {'VALUE':>10} {'RATE':>8}  CONSENT"]
+        path_w = max(16, min(max((len(n) for n in names.values()), default=10), width - 12 - value_w - _CONSENT_MIN))
+        out = [f"{'SIGNAL (VSS path)':<{path_w}} {'VALUE':>{value_w}} {'RATE':>8}  CONSENT"]
         for path in paths:
             row, name = self.rows[path], names[path]
             shown = name if len(name) <= path_w else ".." + name[-(path_w - 2):]
             verdict = self.verdict(row.spec.scope).replace("held: no grant holds ", "held: ")
-            out.append(f"{shown:<{path_w}} {_fmt(row.value)[:10]:>10} {self.rate(path):>6.1f}/s  {verdict}")
+            out.append(f"{shown:<{path_w}} {_value_and_unit(row, value_w):>{value_w}} "
+                       f"{self.rate(path):>6.1f}/s  {verdict}")
         return [line[:width] for line in out]
+
+
+def _unit(row: _Row, width: int) -> str:
+    """The UNIT cell and its separator ("" without a UNIT column); blank until the row has a value."""
+    if not width:
+        return ""
+    return f"{(row.unit if row.value is not None else '')[:width]:<{width}} "
+
+
+def _value_and_unit(row: _Row, width: int) -> str:
+    """``243.9 kPa`` in ``width`` characters: the unit (at most _UNIT_MAX_NARROW) kept, the value cut first."""
+    if row.value is None or not row.unit:
+        return _fmt(row.value)[:width]
+    unit = row.unit[:_UNIT_MAX_NARROW]
+    return f"{_fmt(row.value)[:width - len(unit) - 1]} {unit}"
 
 
 def _fmt(value: Any) -> str:
@@ -225,17 +250,26 @@ class ConsentView:
 # ---------------------------------------------------------------- the source
 
 
-def open_monitor_source(can: CanConfig, interface: str | None, channel: str | None) -> tuple[Any, str]:
-    """The source to read: the config's, or ``interface``/``channel`` instead. Raises ConfigError when a serial
-    adapter is already read by another process, SourceOpenError when it cannot be opened."""
+def open_monitor_source(can: CanConfig, interface: str | None, channel: str | None, *, bitrate: int | None = None,
+                        fd: bool = False) -> tuple[Any, str]:
+    """The source to read: the config's, or ``interface``/``channel`` instead; ``bitrate`` and ``fd`` (CAN FD)
+    override the config's bus settings (README "CAN FD"). Returns the source and how it was opened. Raises
+    ConfigError when a serial adapter is already read by another process or bus settings are given for a replayed
+    trace, SourceOpenError when it cannot be opened."""
     from vgw.sources.canbus import BusSource
 
     if can.replay is not None and interface is None and channel is None:
+        if bitrate is not None or fd:
+            raise ConfigError(f"-b/--fd set up a CAN bus; this config replays {can.replay.name}: give -i and -c too")
         from vgw.sources.replay import ReplaySource
 
         return ReplaySource(can.replay, rate=can.replay_rate or 1.0, loop=True), f"replay {can.replay.name}"
+    if bitrate is not None and bitrate <= 0:
+        raise ConfigError(f"-b/--bitrate {bitrate}: must be > 0 (bit/s)")
     iface = interface or can.interface
     chan = channel if channel is not None else can.channel
+    rate = bitrate if bitrate is not None else can.bitrate
+    fd = fd or can.fd
     if iface in _SERIAL_INTERFACES and chan:
         pids = holders(chan)
         if pids:
@@ -243,15 +277,16 @@ def open_monitor_source(can: CanConfig, interface: str | None, channel: str | No
                 f"CAN {iface}:{chan} is already open in process {pids[0]} (the agent?): a serial adapter or pty "
                 "has one reader. Give the monitor its own adapter (`vgw sim can --link A --link B`; in a dev "
                 "stack: -c DIR/run/can1), or share a USB adapter as SocketCAN with slcand and read that")
-    return BusSource(iface, chan, can.bitrate), f"{iface}:{chan}"
+    name = f"{iface}:{chan}" + (f" {rate} bit/s" if rate else "") + (" CAN FD" if fd else "")
+    return BusSource(iface, chan, rate, fd=fd, data_bitrate=can.data_bitrate if fd else None), name
 
 
 # ---------------------------------------------------------------- the loop
 
 
 def run_monitor(cfg: Config, *, interface: str | None = None, channel: str | None = None,
-                interval: float | None = None, duration: float | None = None, out: IO[str] | None = None,
-                stop: threading.Event | None = None) -> int:
+                bitrate: int | None = None, fd: bool = False, interval: float | None = None,
+                duration: float | None = None, out: IO[str] | None = None, stop: threading.Event | None = None) -> int:
     """Show the live view until ``q``, SIGINT/SIGTERM (``stop``) or ``duration``. Returns 0."""
     from vgw.logs import under_systemd
 
@@ -266,7 +301,7 @@ def run_monitor(cfg: Config, *, interface: str | None = None, channel: str | Non
     catalogue = load_catalogue(cfg.can.dbc, cfg.can.signal_map, strict=cfg.can.dbc_strict)
     model = MonitorModel(catalogue)
     consent = ConsentView(cfg)
-    source, name = open_monitor_source(cfg.can, interface, channel)
+    source, name = open_monitor_source(cfg.can, interface, channel, bitrate=bitrate, fd=fd)
     stop = stop or threading.Event()
     keys = _Keys(sys.stdin) if live else None
     started = time.monotonic()
@@ -308,9 +343,9 @@ def run_monitor(cfg: Config, *, interface: str | None = None, channel: str | Non
 def _draw(out: IO[str], live: bool, model: MonitorModel, cfg: Config, name: str, problem: str,
           elapsed: float) -> None:
     c = model.consent
-    held = "none in force" if c is None else f"v{c.ver}, {len(c.grants)} grant(s)" + (" EXPIRED" if model.expired
-                                                                                       else "")
-    head = (f"vgw monitor  device {cfg.device.id}  consent {held}  frames {model.frames}  "
+    held = (version_text(None) if c is None
+            else f"{version_text(c.ver)}, {len(c.grants)} grant(s)" + (" EXPIRED" if model.expired else ""))
+    head = (f"vgw monitor  device {cfg.device.id}  {held}  frames {model.frames}  "
             f"{time.strftime('%H:%M:%S')}  source {name}")
     if live:
         size = shutil.get_terminal_size((120, 40))

@@ -65,6 +65,7 @@ from vgw.catalogue import Catalogue, load_catalogue
 from vgw.config import Config
 from vgw.consent.intake import ConsentIntake
 from vgw.consent.manager import ConsentManager, load_trust_keys
+from vgw.consent.model import version_text
 from vgw.counters import Counters
 from vgw.daemon.collector import BAD_FRAMES_REOPEN, CHUNK_FRAMES, FRAME_ERROR_LOG_EVERY_S, Collector
 from vgw.daemon.guard import PipelineGuard
@@ -243,8 +244,9 @@ class Agent:
             if self.cfg.obd is not None:
                 self._start_obd()
             notify("READY=1")
-            log.info("agent %s running (consent v%s)", self.device,
-                     self.manager.in_force.ver if self.manager.in_force else "none")
+            in_force = self.manager.in_force
+            log.info("agent %s running (%s)", self.device,
+                     f"{version_text(in_force.ver)} in force" if in_force else version_text(None))
             self.supervisor.run()
         finally:
             self._shutdown()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -162,8 +163,10 @@ def test_push_listen_revoke_verify_receipt_round_trip_with_the_agent(
             assert revoked.returncode == 0, revoked.stderr
             # Reported on stdout like push, with the new version (it used to print only to stderr).
             ver = jwt.decode((tmp_path / "v2.jws").read_text().strip(), options={"verify_signature": False})["ver"]
-            assert f"pushed revocation of g-fleet: consent v{ver} for {DEV} (0 grant(s) left)" in revoked.stdout
-            assert f"wrote revocation of g-fleet: consent v{ver}" in revoked.stdout
+            # The version (Unix ms) is shown with its date (vgw.consent.model.version_text).
+            dated = f"consent v{ver} (dated {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(ver // 1000))})"
+            assert f"pushed revocation of g-fleet: {dated} for {DEV} (0 grant(s) left)" in revoked.stdout
+            assert f"wrote revocation of g-fleet: {dated}" in revoked.stdout
             assert listen.wait(lambda: any(e["receipt"] == "erasure" for e in listen.events("receipt")))
             assert runner.agent.manager.in_force is not None and not runner.agent.manager.in_force.grants
         summary = listen.stop()
@@ -351,6 +354,44 @@ def test_listener_reports_a_repeated_receipt_once_then_as_a_duplicate(pki: TestP
         ("receipt", "erasure"), ("receipt", "consent-applied"), ("duplicate-receipt", "erasure")]
 
 
+def test_mosquitto_spellings_of_the_broker_options(tmp_path: Path, pki: TestPKI, broker: Mosquitto) -> None:
+    """mosquitto_pub/sub users type `-h HOST -p PORT --cafile --cert --key`; `vgw cloud` took only `--broker
+    HOST:PORT --ca --cert --tls-key`. Both spellings work, and the same flags read back what was pushed."""
+    keys, grants = keys_and_grants(tmp_path, ["read_odometer"])
+    doc = tmp_path / "v1.jws"
+    r = vgw("cloud", "sign", "--key", str(keys / "consent-signer.key"), "--grants", str(grants),
+            "--device-id", DEV, "-o", str(doc))  # --device-id as `vgw provision` spells it
+    assert r.returncode == 0, r.stderr
+    tls = ["--cafile", str(pki.ca.cert), "--cert", str(pki.cloud.cert), "--key", str(pki.cloud.key)]
+    pushed = vgw("cloud", "push", "-h", "localhost", "-p", str(broker.port), *tls, str(doc))
+    assert pushed.returncode == 0, pushed.stderr
+    assert "pushed consent" in pushed.stdout
+    got = subprocess.run(["mosquitto_sub", "-h", "localhost", "-p", str(broker.port), *tls,
+                          "-t", f"vgw/{DEV}/consent", "-C", "1", "-W", "20"],
+                         capture_output=True, text=True, timeout=30)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout.strip() == doc.read_text().strip()  # retained, as with --broker
+
+    # One broker, one spelling: both at once is a clear one-line error, not a silent pick.
+    both = vgw("cloud", "push", "-h", "localhost", "--broker", f"localhost:{broker.port}", *tls, str(doc))
+    assert both.returncode != 0 and "Traceback" not in both.stderr
+    assert "--broker" in both.stderr and "-h" in both.stderr
+    # --help still prints the help; the help names both spellings.
+    helped = vgw("cloud", "push", "--help")
+    assert helped.returncode == 0
+    for flag in ("-h HOST", "-p PORT", "--broker HOST:PORT", "--cafile", "--ca ", "--tls-key", "--key"):
+        assert flag in helped.stdout, (flag, helped.stdout)
+
+
+@pytest.mark.parametrize("command", [("provision",), ("dev", "init"), ("cloud", "sign"), ("cloud", "owner", "add")])
+def test_every_device_id_option_takes_both_spellings(command: tuple[str, ...]) -> None:
+    """`--device` (cloud sign, dev init, cloud owner add) vs `--device-id` (provision): each command takes both,
+    --device-id named first in its help."""
+    helped = vgw(*command, "--help")
+    assert helped.returncode == 0, helped.stderr
+    assert re.search(r"--device-id ID, --device ID\b", helped.stdout), helped.stdout
+
+
 def test_verify_receipt_says_valid_in_a_line_and_as_json(tmp_path: Path, pki: TestPKI) -> None:
     """`vgw cloud verify-receipt` answers like `vgw audit verify`: a line that says valid (or why not), and with
     --json one object a script can read, for a good receipt and a forged one alike."""
@@ -433,3 +474,16 @@ def test_listen_writes_decoded_values_without_binary_float_noise(
                       "Vehicle.Powertrain.FuelSystem.Level": {**noisy["Vehicle.Powertrain.FuelSystem.Level"],
                                                               "mean": 0.3}}
     assert values["Vehicle.Body.Lights.IsHighBeamOn"] is True and isinstance(values["Vehicle.TraveledDistance"], int)
+
+
+def test_enroll_revoke_takes_the_device_as_an_option_too(tmp_path: Path, pki: TestPKI) -> None:
+    """`vgw cloud enroll revoke` took the device id only as a positional DEVICE: `--device-id` (and `--device`)
+    name it as every other command does."""
+    ledger, crl = tmp_path / "ledger.jsonl", tmp_path / "crl.pem"
+    ledger.write_text("")
+    ca = ["--ca-cert", str(pki.ca.cert), "--ca-key", str(pki.ca.key), "--ledger", str(ledger), "--crl", str(crl)]
+    for flag in ("--device-id", "--device"):
+        r = vgw("cloud", "enroll", "revoke", *ca, flag, "dev-never")
+        assert r.returncode == 1 and "no certificate was issued to 'dev-never'" in r.stderr, r.stderr
+    r = vgw("cloud", "enroll", "revoke", *ca, "--device-id", "dev-a", "dev-b")
+    assert r.returncode == 1 and "dev-a" in r.stderr and "dev-b" in r.stderr and "Traceback" not in r.stderr

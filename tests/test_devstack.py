@@ -86,7 +86,7 @@ def test_init_up_down_a_kept_stack(stack_dir: Path) -> None:
     mon = vgw("monitor", "--config", cfg_path, "-c", str(stack_dir / "run" / "can1"), "--duration", "3",
               "--interval", "2.5")
     assert mon.returncode == 0, mon.stderr
-    assert re.search(r"^Vehicle\.Speed\s+read_speedometer\s+\S+\s+[1-9][0-9.]*/s\s+sent: g-insurer$",
+    assert re.search(r"^Vehicle\.Speed\s+read_speedometer\s+\S+ km/h\s+[1-9][0-9.]*/s\s+sent: g-insurer$",
                      mon.stdout.split("--- ")[-1], re.MULTILINE), mon.stdout
     refused = vgw("monitor", "--config", cfg_path, "--duration", "1")
     assert refused.returncode == 1 and "already open in process" in refused.stderr
@@ -285,3 +285,16 @@ def test_the_broker_runs_as_the_folders_owner(tmp_path: Path) -> None:
     assert "\nuser nobody\n" in _broker_config(stack, 1883, Account(65534, 65534))
     assert "\nuser root\n" in _broker_config(stack, 1883, Account(0, 0))
     assert "\nuser " not in _broker_config(stack, 1883, Account(4242424, 4242424))  # no name: started as it
+
+
+def test_status_json_is_one_object_and_init_takes_device_id(stack_dir: Path) -> None:
+    """`vgw dev status --json` was refused (every other status command has it), and `dev init` took only
+    `--device` where `vgw provision` takes `--device-id`: both spellings work everywhere a device id is taken."""
+    r = vgw("dev", "init", str(stack_dir), "--device-id", "car-7", timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert load_config(stack_dir / "vgw.toml").device.id == "car-7"
+    st = vgw("dev", "status", str(stack_dir), "--json")
+    assert st.returncode == 3, st.stderr  # nothing runs yet: the same exit code as the text form
+    doc = json.loads(st.stdout)  # one JSON object and nothing else on stdout
+    assert doc == {"dir": str(stack_dir.absolute()), "running": False,
+                   "parts": {p: {"running": False, "pid": None} for p in ("broker", "sim", "cloud", "agent")}}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -388,3 +389,18 @@ def test_a_ca_file_that_is_not_a_regular_file_is_a_fail_not_a_hang(device: Devic
                        text=True, timeout=60, cwd=ROOT)
     assert r.returncode == 1 and "Traceback" not in r.stderr, (r.stdout, r.stderr[-2000:])
     assert "not a regular file" in r.stdout, r.stdout
+
+
+def test_a_certificate_ending_the_day_its_ca_ends_shows_the_times(device: Device, pki: TestPKI) -> None:
+    """doctor said `valid until 2027-12-07 but its CA only until 2027-12-07`: on the same day the dates are
+    equal, so the times show (to the second) and the two ends differ on screen as they do in the files."""
+    ca_end = x509.load_pem_x509_certificate(pki.ca.cert.read_bytes()).not_valid_after_utc
+    leaf_end = ca_end + dt.timedelta(seconds=1)
+    device.use_cert(pki.client_cert("dev-0001", name="dev-0001-same-day", not_after=leaf_end))
+    check = by_name(run_checks(device.config, FAST))["ca"]
+    assert check.status == WARN
+    m = re.search(r"valid until (.+?) but its CA only until (.+?): from then on", check.detail)
+    assert m is not None, check.detail
+    assert m.group(1) != m.group(2), check.detail
+    if leaf_end.date() == ca_end.date():
+        assert m.group(1) == f"{leaf_end:%Y-%m-%d %H:%M:%S} UTC" and m.group(2) == f"{ca_end:%Y-%m-%d %H:%M:%S} UTC"

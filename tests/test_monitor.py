@@ -121,9 +121,10 @@ def test_live_view_in_a_pty_follows_the_consent(setup: tuple[Path, Authority], t
     _apply(cfg, auth, tmp_path, {"g-speed": ["read_speedometer"]})
     term = Terminal(["-m", "vgw", "monitor", "--config", str(cfg), "--interval", "0.3"])
     terminal.append(term)
-    screen = term.wait_screen(_row("Vehicle.Speed") + r"read_speedometer\s+[0-9.]+\s+[1-9][0-9.]*/s\s+sent: g-speed$")
+    screen = term.wait_screen(_row("Vehicle.Speed")
+                              + r"read_speedometer\s+[0-9.]+ km/h\s+[1-9][0-9.]*/s\s+sent: g-speed$")
     assert re.search(r"consent v1, 1 grant\(s\)", screen)
-    assert re.search(_row("Vehicle.TraveledDistance") + r"read_odometer\s+[0-9.]+\s+[0-9.]+/s\s+"
+    assert re.search(_row("Vehicle.TraveledDistance") + r"read_odometer\s+[0-9.]+ km\s+[0-9.]+/s\s+"
                      r"held: no grant holds read_odometer$", screen, re.MULTILINE), screen
     assert "Vehicle.CurrentLocation.Latitude" in screen  # every mapped signal has its row
     assert "VIN_MuxSelector" not in screen  # an unmapped signal is never decoded
@@ -156,7 +157,8 @@ def test_an_80_column_terminal_keeps_the_consent_column(setup: tuple[Path, Autho
     _apply(cfg, auth, tmp_path, {"g-speed": ["read_speedometer"]})
     term = Terminal(["-m", "vgw", "monitor", "--config", str(cfg), "--interval", "0.3"], columns=80, lines=24)
     terminal.append(term)
-    screen = term.wait_screen(r"^\S*Row1\.Wheel\.Left\.Tire\.Pressure\s+[-0-9.]+\s+[0-9.]+/s\s+held: read_tires$")
+    screen = term.wait_screen(r"^\S*Row1\.Wheel\.Left\.Tire\.Pressure\s+[-0-9.]+(?: \S+)?\s+[0-9.]+/s\s+"
+                              r"held: read_tires$")
     assert all(len(line) <= 80 for line in screen.splitlines()), screen
     assert len(screen.splitlines()) <= 24
     # The rows that do not fit are counted, not dropped silently.
@@ -218,7 +220,7 @@ def test_j1939_frames_are_matched_by_pgn(tmp_path: Path, pki: TestPKI) -> None:
     r = vgw("monitor", "--config", str(cfg), "--duration", "2.5", "--interval", "2.2")
     assert r.returncode == 0, r.stderr
     last = r.stdout.split("--- ")[-1]
-    assert re.search(_row("Vehicle.Powertrain.CombustionEngine.Speed") + r"read_diagnostics\s+[0-9.]+\s+[1-9]",
+    assert re.search(_row("Vehicle.Powertrain.CombustionEngine.Speed") + r"read_diagnostics\s+[0-9.]+ rpm\s+[1-9]",
                      last, re.MULTILINE), last
     assert re.search(_row("Vehicle.Speed") + r".*held: no consent in force$", last, re.MULTILINE), last
 
@@ -247,3 +249,32 @@ def test_j1939_transport_messages_are_reassembled() -> None:
     model.feed(make_id(PGN_TP_DT, 0x21, priority=7), bytes([2]) + payload[7:].ljust(7, b"\xff"), True)
     want = msg.decode(payload, decode_choices=False)
     assert {p.rsplit(".", 1)[1]: r.value for p, r in model.rows.items()} == want
+
+
+def test_values_carry_their_dbc_units(setup: tuple[Path, Authority], tmp_path: Path) -> None:
+    """`cantools monitor` shows each value with its unit from the DBC; vgw monitor showed bare numbers."""
+    cfg, auth = setup
+    _apply(cfg, auth, tmp_path, {"g-speed": ["read_speedometer"]})
+    r = vgw("monitor", "--config", str(cfg), "--duration", "2.5", "--interval", "2.2")
+    assert r.returncode == 0, r.stderr
+    last = r.stdout.split("--- ")[-1]
+    assert re.search(_row("Vehicle.Speed") + r"read_speedometer\s+[0-9.]+ km/h\s+[1-9][0-9.]*/s\s+sent: g-speed$",
+                     last, re.MULTILINE), last
+    assert re.search(_row("Vehicle.TraveledDistance") + r"read_odometer\s+[0-9.]+ km\s", last, re.MULTILINE), last
+
+
+def test_bitrate_and_fd_options_open_the_bus_as_told(tmp_path: Path, pki: TestPKI) -> None:
+    """Beside `-i/-c`, python-can's and candump's habits `-b/--bitrate` and `--fd`: the monitor opens the bus
+    with them (the header says how it opened it); without them it keeps the config's."""
+    auth = Authority(tmp_path)
+    cfg = write_config(tmp_path, pki, free_port(), auth.trust, can={"channel": "mon-fd"})
+    r = vgw("monitor", "--config", str(cfg), "-i", "virtual", "-c", "mon-fd-2", "-b", "250000", "--fd",
+            "--duration", "1", "--interval", "0.5")
+    assert r.returncode == 0, r.stderr
+    assert "source virtual:mon-fd-2 250000 bit/s CAN FD" in r.stdout, r.stdout
+    r = vgw("monitor", "--config", str(cfg), "--bitrate", "125000", "--duration", "1", "--interval", "0.5")
+    assert r.returncode == 0, r.stderr
+    assert "source virtual:mon-fd 125000 bit/s\n" in r.stdout or "source virtual:mon-fd 125000 bit/s " in r.stdout
+    assert "CAN FD" not in r.stdout
+    helped = vgw("monitor", "--help").stdout
+    assert "-b BITRATE, --bitrate BITRATE" in helped and "--fd" in helped

@@ -281,7 +281,7 @@ def test_disk_full_revocation_stops_at_once_stays_pending_and_survives_a_restart
             proc.kill()
             proc.wait(10)
             proc = start()
-            assert wait_until(lambda: log_path.read_text().count("running (consent") >= 2, 30), log_path.read_text()
+            assert wait_until(lambda: log_path.read_text().count(" running (") >= 2, 30), log_path.read_text()
             assert (_status(cfg).get("consent_pending") or {}).get("ver") == 2
             assert "consent v2 was pending when the agent stopped" in log_path.read_text()
 

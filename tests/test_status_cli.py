@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
+import pytest
 from vgw.cli.status import SCHEMA_VERSION, human_bytes, structured_counters
 from vgw.config import load_config
 from vgw.runtime import open_state
 from vgw.simulators.broker import free_port
 from vgw.simulators.pki import TestPKI
 
-from tests.agentkit import Authority, vgw, write_config
+from tests.agentkit import AgentThread, Authority, vgw, wait_until, write_config
 
 DEV = "dev-0001"
 
@@ -107,3 +109,36 @@ def test_consent_apply_names_a_narrowing(tmp_path: Path, pki: TestPKI) -> None:
         out = vgw("consent", "apply", "--config", str(cfg), str(doc))
         assert out.returncode == 0, out.stderr
     assert "grant g-1 narrowed (scope-removed): 0 stored batch(es) deleted, data key replaced" in out.stdout
+
+
+def test_consent_versions_read_as_dates_and_no_consent_is_said(tmp_path: Path, pki: TestPKI,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """Versions are Unix milliseconds by default (`vgw cloud sign`): people read `consent v1796625176006`, and
+    `consent vnone` in the log. Text shows the version's date beside it; with no document, the words say so;
+    JSON keeps the integer."""
+    ver, dated = 1796625176006, "consent v1796625176006 (dated 2026-12-07 06:32:56 UTC)"
+    auth = Authority(tmp_path)
+    cfg = write_config(tmp_path, pki, free_port(), auth.trust, can={"channel": "versions"})
+    doc = tmp_path / "consent.jws"
+    doc.write_text(auth.doc(DEV, {"g-1": ["read_speedometer"]}, ver=ver))
+    caplog.set_level(logging.INFO, logger="vgw")
+    with AgentThread(cfg):
+        assert wait_until(lambda: any(" running " in r.getMessage() for r in caplog.records))
+        applied = vgw("consent", "apply", "--config", str(cfg), str(doc))
+        assert applied.returncode == 0, applied.stderr
+        assert wait_until(lambda: any("applied from" in r.getMessage() for r in caplog.records))
+    running = next(r.getMessage() for r in caplog.records if " running " in r.getMessage())
+    assert "vnone" not in running and "(no consent in force)" in running, running
+    assert any(r.getMessage().startswith(f"{dated} applied from") for r in caplog.records), caplog.text
+    assert f"{dated} applied by the running agent" in applied.stdout, applied.stdout
+
+    show = vgw("consent", "show", "--config", str(cfg))
+    assert show.stdout.startswith(f"{dated} in force"), show.stdout
+    assert f"consent: v{ver} (dated 2026-12-07 06:32:56 UTC)" in vgw("status", "--config", str(cfg)).stdout
+    # JSON keeps its types: the version is the integer it was.
+    assert json.loads(vgw("consent", "show", "--config", str(cfg), "--json").stdout)["version"] == ver
+    assert json.loads(vgw("status", "--config", str(cfg), "--json").stdout)["consent_version"] == ver
+    # A small version (a test authority's 1, 2, 3) is no date: it stays as it is.
+    from vgw.consent.model import version_text
+
+    assert version_text(7) == "consent v7" and version_text(None) == "no consent in force"

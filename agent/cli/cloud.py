@@ -1,7 +1,7 @@
 """`vgw cloud`: the cloud side of the contract (README "The contract, in our words"), for integrators and operators.
 
     vgw cloud keygen --dir KEYS [--recipient NAME ...] [--force]
-    vgw cloud sign --key KEYS/consent-signer.key --grants grants.toml --device ID [...] [--ver N] [-o OUT]
+    vgw cloud sign --key KEYS/consent-signer.key --grants grants.toml --device-id ID [...] [--ver N] [-o OUT]
     vgw cloud push BROKER-OPTIONS DOC [DOC ...]
     vgw cloud revoke --key K --current DOC (--grant ID ... | --all) [-o OUT] [BROKER-OPTIONS]
     vgw cloud listen BROKER-OPTIONS --recipient FILE|DIR --device-cert FILE|DIR [--share GROUP] [--out FILE]
@@ -12,7 +12,9 @@
     vgw cloud app add ... / vgw cloud owner add ...
     vgw cloud enroll serve|revoke ...   (README "Enrollment")
 
-BROKER-OPTIONS: --broker HOST:PORT --ca CA --cert CERT --key KEY [--protocol auto|5|3.1.1] [--prefix vgw].
+BROKER-OPTIONS: --broker HOST:PORT --ca CA --cert CERT --tls-key KEY [--protocol auto|5|3.1.1] [--prefix vgw],
+or as mosquitto_pub/sub spell them: -h HOST [-p PORT] --cafile CA --cert CERT --key KEY (push, listen, revoke:
+there -h is the broker host and --help the help; in revoke --key stays the consent signing key).
 Exit codes: 0 success, 1 error (one line on stderr), 3 receipt/document rejected.
 """
 
@@ -32,6 +34,7 @@ from typing import IO, Any
 
 import jwt
 from vgw.cli import cloud_enroll, cloud_service
+from vgw.consent.model import version_text
 
 EXIT_REJECTED = 3
 
@@ -54,18 +57,19 @@ def register(subparsers: Any) -> None:
     s = sub.add_parser("sign", help="sign consent documents from a TOML/JSON grants description")
     s.add_argument("--key", type=Path, required=True, help="consent signing key (keygen's consent-signer.key)")
     s.add_argument("--grants", type=Path, required=True, help="grants description (.toml or .json)")
-    s.add_argument("--device", action="append", default=[], metavar="ID", help="device id (repeatable)")
+    s.add_argument("--device-id", "--device", dest="device", action="append", default=[], metavar="ID",
+                   help="device id (repeatable)")
     s.add_argument("--ver", type=int, help="document version (default: Unix time in ms, always rising)")
     s.add_argument("-o", "--out", type=Path,
                    help="output file (one device) or directory (DEVICE.jws each); default stdout")
     s.set_defaults(func=run_sign)
 
-    pu = sub.add_parser("push", help="publish consent documents retained to their devices' consent topics")
+    pu = _mqtt_parser(sub, "push", summary="publish consent documents retained to their devices' consent topics")
     _broker_options(pu, required=True)
     pu.add_argument("docs", nargs="+", type=Path, metavar="DOC", help="consent document files (compact JWS)")
     pu.set_defaults(func=run_push)
 
-    r = sub.add_parser("revoke", help="the next consent version without some or all grants (and push it)")
+    r = _mqtt_parser(sub, "revoke", summary="the next consent version without some or all grants (and push it)")
     r.add_argument("--key", type=Path, required=True, help="consent signing key")
     r.add_argument("--current", type=Path, required=True, help="the document in force (as last signed)")
     which = r.add_mutually_exclusive_group(required=True)
@@ -73,12 +77,13 @@ def register(subparsers: Any) -> None:
     which.add_argument("--all", action="store_true", help="revoke every grant (\"grants\": [])")
     r.add_argument("--ver", type=int, help="new version (default: max(current + 1, Unix time in ms))")
     r.add_argument("-o", "--out", type=Path, help="write the new document here (default: stdout)")
-    _broker_options(r, required=False)
+    _broker_options(r, required=False, key_alias=False)
     r.set_defaults(func=run_revoke)
 
-    li = sub.add_parser("listen", help="receive, decrypt and verify; print JSON lines")
+    li = _mqtt_parser(sub, "listen", summary="receive, decrypt and verify; print JSON lines")
     _broker_options(li, required=False)
-    js = li.add_argument_group("NATS JetStream (instead of --broker; needs nats-py: pip install 'vgw[cloud]')")
+    js = li.add_argument_group("NATS JetStream (instead of --broker or -h; TLS options as for MQTT; needs nats-py: "
+                               "pip install 'vgw[cloud]')")
     js.add_argument("--nats", metavar="HOST:PORT[,...]",
                     help="NATS client port(s) of the cluster: workers share the durable pull consumer --durable "
                          "on the stream --stream (created if missing), explicit acks; `vgw cloud relay` "
@@ -108,9 +113,10 @@ def register(subparsers: Any) -> None:
                                     "(nats-server acknowledges an MQTT publish before storing it). Run two or more, "
                                     "on different nodes: the stream keeps one copy (docs/fleet.md).")
     rl.add_argument("--nats", required=True, metavar="HOST:PORT[,...]", help="NATS client port(s) of the cluster")
-    rl.add_argument("--ca", type=Path, help="CA certificate of the cluster")
+    rl.add_argument("--ca", "--cafile", dest="ca", type=Path, metavar="CA", help="CA certificate of the cluster")
     rl.add_argument("--cert", type=Path, help="the cloud's client certificate")
-    rl.add_argument("--tls-key", "--client-key", dest="tls_key", type=Path, help="its private key")
+    rl.add_argument("--tls-key", "--key", "--client-key", dest="tls_key", type=Path, metavar="KEY",
+                    help="its private key")
     rl.add_argument("--prefix", default="vgw", help="topic prefix (default vgw)")
     rl.add_argument("--stream", default="VGW", help="JetStream stream (default VGW, created if missing)")
     rl.add_argument("--replicas", type=int, default=3, help="stream replicas when creating it (default 3)")
@@ -142,26 +148,72 @@ def register(subparsers: Any) -> None:
     cloud_service.register(sub)
 
 
-def _broker_options(p: argparse.ArgumentParser, *, required: bool) -> None:
-    g = p.add_argument_group("broker")
-    g.add_argument("--broker", required=required, metavar="HOST:PORT", help="MQTT broker (TLS)")
-    g.add_argument("--ca", type=Path, help="CA certificate of the broker")
+def _mqtt_parser(sub: Any, name: str, *, summary: str) -> argparse.ArgumentParser:
+    """A command that talks to an MQTT broker: ``-h`` is the broker host there, as with mosquitto_pub/sub, so
+    its help is ``--help`` only."""
+    p: argparse.ArgumentParser = sub.add_parser(name, help=summary, add_help=False)
+    p.add_argument("--help", action="help", default=argparse.SUPPRESS,
+                   help="show this help and exit (-h is the broker host, as with mosquitto_pub/sub)")
+    return p
+
+
+#: MQTT over TLS: IANA's "secure-mqtt" port, mosquitto_pub's default when it is given --cafile.
+MQTT_TLS_PORT = 8883
+
+
+def _broker_options(p: argparse.ArgumentParser, *, required: bool, key_alias: bool = True) -> None:
+    """The broker and its mutual TLS, in vgw's spelling and in mosquitto_pub/sub's (``-h HOST -p PORT --cafile
+    --cert --key``). ``key_alias``: also take ``--key`` for the TLS key (not where ``--key`` is the consent
+    signing key). ``required``: a broker must be given (checked by :func:`_broker_address`)."""
+    g = p.add_argument_group("broker (mutual TLS)" + (", required" if required else ""))
+    g.add_argument("--broker", metavar="HOST:PORT", help="MQTT broker")
+    # -h is the host only where the command's help is --help alone (see _mqtt_parser); elsewhere it stays help.
+    host = ("--host",) if "-h" in p._option_string_actions else ("-h", "--host")
+    g.add_argument(*host, metavar="HOST", help="MQTT broker host, instead of --broker (mosquitto_pub's -h)")
+    g.add_argument("-p", "--port", type=int, metavar="PORT",
+                   help=f"its port, with -h/--host (default {MQTT_TLS_PORT}, MQTT over TLS)")
+    g.add_argument("--ca", "--cafile", dest="ca", type=Path, metavar="CA", help="CA certificate of the broker")
     g.add_argument("--cert", type=Path, help="the cloud's client certificate")
-    g.add_argument("--tls-key", "--client-key", dest="tls_key", type=Path, help="its private key")
+    keys = ("--tls-key", "--key", "--client-key") if key_alias else ("--tls-key", "--client-key")
+    g.add_argument(*keys, dest="tls_key", type=Path, metavar="KEY",
+                   help="its private key" + ("" if key_alias else " (here --key is the consent signing key)"))
     g.add_argument("--protocol", choices=("auto", "5", "3.1.1"), default="auto",
                    help="MQTT version (auto: 5, falling back to 3.1.1, e.g. for NATS)")
     g.add_argument("--prefix", default="vgw", help="topic prefix (default vgw)")
     g.add_argument("--client-id", default=None, help="MQTT client id (default vgw-cloud-<command>-<pid>)")
 
 
+def _broker_address(args: argparse.Namespace) -> tuple[str, int] | None:
+    """The broker given as ``--broker HOST:PORT`` or ``-h HOST [-p PORT]``; None when neither was. Raises
+    :class:`CloudKitError` for both at once, ``-p`` without ``-h``, or a bad address."""
+    from vgw.cloud.cloudkit import CloudKitError
+    from vgw.cloud.cloudlink import BrokerOptions
+
+    if args.broker is not None and (args.host is not None or args.port is not None):
+        raise CloudKitError(f"give the broker once: --broker {args.broker} or -h HOST [-p PORT], not both")
+    if args.broker is not None:
+        return BrokerOptions.parse_address(args.broker)
+    if args.host is None:
+        if args.port is not None:
+            raise CloudKitError(f"-p {args.port} needs -h HOST (or give --broker HOST:PORT)")
+        return None
+    port = MQTT_TLS_PORT if args.port is None else args.port
+    if not args.host or not 0 < port < 65536:
+        raise CloudKitError(f"-h {args.host!r} -p {port}: expected a host and a port in 1..65535")
+    return args.host, port
+
+
 def _opts(args: argparse.Namespace) -> Any:
     from vgw.cloud.cloudkit import CloudKitError
     from vgw.cloud.cloudlink import BrokerOptions
 
+    address = _broker_address(args)
+    if address is None:
+        raise CloudKitError("no broker: give --broker HOST:PORT or -h HOST [-p PORT]")
     missing = [n for n in ("ca", "cert", "tls_key") if getattr(args, n) is None]
     if missing:
-        raise CloudKitError("--broker needs " + ", ".join("--" + m.replace("_", "-") for m in missing))
-    host, port = BrokerOptions.parse_address(args.broker)
+        raise CloudKitError("the broker needs " + ", ".join("--" + m.replace("_", "-") for m in missing))
+    host, port = address
     import os
 
     return BrokerOptions(host=host, port=port, ca_file=args.ca, cert_file=args.cert, key_file=args.tls_key,
@@ -210,7 +262,8 @@ def run_push(args: argparse.Namespace) -> int:
     try:
         for claims, path in docs:
             link.publish(f"{args.prefix}/{claims['sub']}/consent", path.read_text().strip().encode())
-            print(f"pushed consent v{claims['ver']} to {claims['sub']} ({len(claims.get('grants', []))} grant(s))")
+            print(f"pushed {version_text(claims['ver'])} to {claims['sub']} "
+                  f"({len(claims.get('grants', []))} grant(s))")
     finally:
         link.close()
     return 0
@@ -227,15 +280,15 @@ def run_revoke(args: argparse.Namespace) -> int:
     gone = sorted({g["id"] for g in current.get("grants", [])} - {g["id"] for g in claims.get("grants", [])})
     # Like `push`: one line per action on stdout. Only when the document itself is the output (no -o, no
     # --broker) does stdout carry the token, so that `vgw cloud revoke ... > v2.jws` still works.
-    what = (f"revocation of {', '.join(gone) or 'no grant'}: consent v{claims['ver']} for {claims['sub']} "
+    what = (f"revocation of {', '.join(gone) or 'no grant'}: {version_text(claims['ver'])} for {claims['sub']} "
             f"({len(claims.get('grants', []))} grant(s) left)")
     if args.out is not None:
         args.out.write_text(token + "\n")
         print(f"wrote {what} to {args.out}")
-    elif not args.broker:
+    elif _broker_address(args) is None:
         print(token)
         print(f"signed {what}", file=sys.stderr)
-    if args.broker:
+    if _broker_address(args) is not None:
         link = CloudLink(_opts(args)).connect()
         try:
             link.publish(f"{args.prefix}/{current['sub']}/consent", token.encode())
@@ -271,8 +324,9 @@ def run_listen(args: argparse.Namespace) -> int:
 
     recipients = load_recipient_keys(args.recipient)
     keys = load_device_certs(args.device_cert)
-    if (args.broker is None) == (args.nats is None):
-        raise CloudKitError("vgw cloud listen: give either --broker HOST:PORT (MQTT) or --nats HOST:PORT[,...]")
+    if (_broker_address(args) is None) == (args.nats is None):
+        raise CloudKitError("vgw cloud listen: give either --broker HOST:PORT or -h HOST [-p PORT] (MQTT), or "
+                            "--nats HOST:PORT[,...]")
     if args.nats is not None:
         return _listen_nats(args, recipients, keys)
     out: IO[str] = open(args.out, "a", buffering=1) if args.out else sys.stdout

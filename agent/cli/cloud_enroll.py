@@ -2,7 +2,7 @@
 
     vgw cloud enroll serve --broker HOST:PORT --ca FILE --cert FILE --tls-key FILE
                            --ca-cert FILE --ca-key FILE --allow FILE --ledger FILE [--days N]
-    vgw cloud enroll revoke --ca-cert FILE --ca-key FILE --ledger FILE --crl FILE [DEVICE]
+    vgw cloud enroll revoke --ca-cert FILE --ca-key FILE --ledger FILE --crl FILE [--device-id ID | DEVICE]
 
 ``serve`` answers until SIGTERM/SIGINT and prints a ready line on stderr once subscribed; ``revoke`` without
 DEVICE writes the CRL of the devices revoked so far (an empty one at first: a broker with ``crlfile`` needs one).
@@ -41,7 +41,9 @@ def register(sub: Any, broker_options: Any) -> None:
     _ca_options(r)
     r.add_argument("--ledger", type=Path, required=True, metavar="FILE", help="the service's ledger")
     r.add_argument("--crl", type=Path, required=True, metavar="FILE", help="the CRL to write (the broker's crlfile)")
-    r.add_argument("device", nargs="?", metavar="DEVICE", help="device id (omit: only write the CRL)")
+    r.add_argument("--device-id", "--device", dest="device_id", metavar="ID",
+                   help="device id, as the other commands take it (omit, and DEVICE: only write the CRL)")
+    r.add_argument("device", nargs="?", metavar="DEVICE", help="device id, instead of --device-id")
     r.set_defaults(func=run_revoke)
 
 
@@ -81,10 +83,14 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def run_revoke(args: argparse.Namespace) -> int:
     from vgw.cloud.enrollment import revoke
+    from vgw.errors import ConfigError
 
-    serials = revoke(args.ca_cert, args.ca_key, args.ledger, args.crl, args.device)
-    if args.device is None:
+    if args.device_id is not None and args.device is not None and args.device_id != args.device:
+        raise ConfigError(f"two devices: --device-id {args.device_id} and DEVICE {args.device}; give one")
+    device = args.device_id if args.device_id is not None else args.device
+    serials = revoke(args.ca_cert, args.ca_key, args.ledger, args.crl, device)
+    if device is None:
         print(f"wrote {args.crl}")
     else:
-        print(f"revoked {args.device}: {len(serials)} certificate(s) added; wrote {args.crl}")
+        print(f"revoked {device}: {len(serials)} certificate(s) added; wrote {args.crl}")
     return 0

@@ -2,7 +2,7 @@
 
     vgw cloud serve --config FILE
     vgw cloud app add --config FILE --id ID --name NAME --redirect-uri URI --recipient FILE [--purpose TEXT]
-    vgw cloud owner add --config FILE --id OWNER --device DEVICE      (password on stdin)
+    vgw cloud owner add --config FILE --id OWNER --device-id ID      (password on stdin)
 
 Registered by :mod:`vgw.cli.cloud`. Needs the ``service`` extra (``pip install 'vgw[service]'``).
 """
@@ -49,7 +49,8 @@ def register(sub: Any) -> None:
     oa = osub.add_parser("add", help="register the owner of a device; the password is read from stdin")
     oa.add_argument("--config", type=Path, required=True, help="the service's TOML file")
     oa.add_argument("--id", required=True, help="the owner's user name")
-    oa.add_argument("--device", required=True, help="the device id of the owner's car")
+    oa.add_argument("--device-id", "--device", dest="device", metavar="ID", required=True,
+                    help="the device id of the owner's car")
     oa.set_defaults(func=run_owner_add)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vgw.cli import DEFAULT_CONFIG
+from vgw.consent.model import version_text
 from vgw.consent.store import ConsentStore
 from vgw.errors import ConfigError, StorageError
 from vgw.timefmt import utc_text
@@ -90,18 +91,18 @@ def _apply(cfg: Config, token: bytes) -> int:
                     print(f"vgw consent apply: {exc}", file=sys.stderr)
                     return 3
                 if manager.in_force is not None and consent is manager.in_force:
-                    print(f"consent v{consent.ver} is already in force")
+                    print(f"{version_text(consent.ver)} is already in force")
                     return 0
                 store.write_inbox(consent.token)
                 outcome = _wait_for_agent(store, cfg.state_dir, consent.ver, timeout=5.0)
                 if outcome == "applied":
-                    print(f"consent v{consent.ver} applied by the running agent ({len(consent.grants)} grant(s))")
+                    print(f"{version_text(consent.ver)} applied by the running agent ({len(consent.grants)} grant(s))")
                     return 0
                 if outcome == "rejected":
-                    print(f"vgw consent apply: consent v{consent.ver} rejected by the running agent (a newer "
+                    print(f"vgw consent apply: {version_text(consent.ver)} rejected by the running agent (a newer "
                           "document arrived meanwhile; see `vgw audit show`)", file=sys.stderr)
                     return 3
-                print(f"consent v{consent.ver} handed to the running agent; it has not confirmed it yet",
+                print(f"{version_text(consent.ver)} handed to the running agent; it has not confirmed it yet",
                       file=sys.stderr)
                 return 0
             try:  # room for the record of a document whose disk part must wait (vgw.consent.pending)
@@ -120,15 +121,15 @@ def _apply(cfg: Config, token: bytes) -> int:
         return 3
     if result.status == "pending":
         pending = manager.pending
-        print(f"vgw consent apply: consent v{result.consent.ver if result.consent else '?'} not applied: "
+        print(f"vgw consent apply: {version_text(result.consent.ver) if result.consent else 'consent'} not applied: "
               f"{pending.error if pending else 'storage failed'}; it is kept pending in the state directory and "
               "`vgw run` finishes it once the disk can be written", file=sys.stderr)
         return 1
     assert result.consent is not None
     if result.status == "duplicate":
-        print(f"consent v{result.consent.ver} is already in force")
+        print(f"{version_text(result.consent.ver)} is already in force")
         return 0
-    print(f"consent v{result.consent.ver} applied ({len(result.consent.grants)} grant(s))")
+    print(f"{version_text(result.consent.ver)} applied ({len(result.consent.grants)} grant(s))")
     for e in result.revoked:
         print(f"  grant {e.grant_id} revoked: {e.batches_deleted} batch(es) deleted, " + (
             "data key destroyed" if e.key_destroyed else "erasure pending (another process holds the outbox open; "
@@ -178,13 +179,13 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=2))
         return 0
     if pending is not None:
-        print(f"consent v{pending['ver']} PENDING: applied in memory, not yet on disk; stopped: "
+        print(f"{_pending_version(pending['ver'])} PENDING: applied in memory, not yet on disk; stopped: "
               f"{', '.join(pending['grants_stopped']) or 'none'} (what follows is the stored document)")
     if consent is None:
         print("no consent in force: nothing is collected or sent"
               + ("" if state.exists else f" (no state yet: {state.audit.path.parent} does not exist)"))
         return 0
-    print(f"consent v{consent.ver} {'EXPIRED' if state.expired else 'in force'}, issued {_ts(consent.iat)}, "
+    print(f"{version_text(consent.ver)} {'EXPIRED' if state.expired else 'in force'}, issued {_ts(consent.iat)}, "
           f"expires {_ts(consent.exp)}")
     for g in consent.grants:
         print(f"  grant {g.id}  controller={g.controller}  purpose={g.purpose}")
@@ -201,6 +202,10 @@ def cmd_show(args: argparse.Namespace) -> int:
         if g.retention_s:
             print(f"    retention: {g.retention_s} s")
     return 0
+
+
+def _pending_version(ver: int | None) -> str:
+    return version_text(ver) if ver is not None else "a consent document"  # None: the record names no version
 
 
 def _ts(t: int) -> str:

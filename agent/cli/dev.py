@@ -1,14 +1,15 @@
 """`vgw dev`: your own dev stack in a directory you keep (README "Your own dev stack").
 
-    vgw dev init DIR [--device ID] [--trace FILE]   lay out broker config, PKI, keys, grants, agent config
-    vgw dev up DIR                                  start broker, simulator, cloud listener, agent (background)
-    vgw dev status DIR                              which parts run
+    vgw dev init DIR [--device-id ID] [--trace FILE]   lay out broker config, PKI, keys, grants, agent config
+    vgw dev up DIR                                     start broker, simulator, cloud listener, agent (background)
+    vgw dev status DIR [--json]                        which parts run
     vgw dev down DIR                                stop them (logs, state and keys stay)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,8 @@ def register(subparsers: Any) -> None:
 
     i = sub.add_parser("init", help="lay out a new dev stack in DIR (broker, PKI 0600, keys, grants, config)")
     i.add_argument("dir", type=Path, metavar="DIR")
-    i.add_argument("--device", default="dev-car-01", help="device id (default dev-car-01)")
+    i.add_argument("--device-id", "--device", dest="device", metavar="ID", default="dev-car-01",
+                   help="device id (default dev-car-01)")
     i.add_argument("--trace", type=Path, metavar="FILE",
                    help="the agent replays this trace (copied in, looped) instead of the simulator's SLCAN pty")
     i.set_defaults(func=cmd_init)
@@ -32,8 +34,10 @@ def register(subparsers: Any) -> None:
     u.add_argument("dir", type=Path, metavar="DIR")
     u.set_defaults(func=cmd_up)
 
-    s = sub.add_parser("status", help="which parts of the stack run")
+    s = sub.add_parser("status", help="which parts of the stack run (exit 3 unless all do)")
     s.add_argument("dir", type=Path, metavar="DIR")
+    s.add_argument("--json", action="store_true",
+                   help='one JSON object: {"dir", "running" (all parts), "parts": {NAME: {"running", "pid"}}}')
     s.set_defaults(func=cmd_status)
 
     d = sub.add_parser("down", help="stop the stack's parts (everything on disk stays)")
@@ -71,9 +75,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     from vgw.tools.devstack import status
 
     parts = status(args.dir)
-    for part, pid in parts.items():
-        print(f"{part:<7} {'running (pid ' + str(pid) + ')' if pid else 'stopped'}")
-    return 0 if all(pid for pid in parts.values()) else 3
+    running = all(pid for pid in parts.values())
+    if args.json:
+        print(json.dumps({"dir": str(args.dir.expanduser().absolute()), "running": running,
+                          "parts": {part: {"running": pid is not None, "pid": pid} for part, pid in parts.items()}}))
+    else:
+        for part, pid in parts.items():
+            print(f"{part:<7} {'running (pid ' + str(pid) + ')' if pid else 'stopped'}")
+    return 0 if running else 3
 
 
 def cmd_down(args: argparse.Namespace) -> int:

@@ -1,6 +1,6 @@
 """`vgw monitor`: a live view of each mapped signal, its rate, and whether the consent in force sends it.
 
-    vgw monitor --config FILE [-i INTERFACE] [-c CHANNEL] [--interval S] [--duration S]
+    vgw monitor --config FILE [-i INTERFACE] [-c CHANNEL] [-b BITRATE] [--fd] [--interval S] [--duration S]
 
 On a terminal the view redraws in place (plain ANSI, fine over SSH; q or Ctrl-C quits); otherwise it prints
 the table every --interval seconds (default 5). It reads the CAN source itself and the consent from the state
@@ -23,6 +23,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--config", required=True, help="agent config file (TOML)")
     p.add_argument("-i", "--interface", help="read this python-can interface instead of the config's")
     p.add_argument("-c", "--channel", help="read this channel instead of the config's (e.g. a second SLCAN pty)")
+    p.add_argument("-b", "--bitrate", type=int, help="open the bus at this bitrate in bit/s instead of the config's")
+    p.add_argument("--fd", action="store_true", help="open the bus in CAN FD mode (README \"CAN FD\")")
     p.add_argument("--interval", type=float, metavar="S",
                    help="seconds between redraws (default 0.5 on a terminal, 5 otherwise)")
     p.add_argument("--duration", type=float, metavar="S", help="stop after S seconds (default: until q/Ctrl-C)")
@@ -44,8 +46,8 @@ def cmd_monitor(args: argparse.Namespace) -> int:
 
     previous = [(s, signal.signal(s, handler)) for s in (signal.SIGINT, signal.SIGTERM)]
     try:
-        return run_monitor(cfg, interface=args.interface, channel=args.channel, interval=args.interval,
-                           duration=args.duration, stop=stop)
+        return run_monitor(cfg, interface=args.interface, channel=args.channel, bitrate=args.bitrate, fd=args.fd,
+                           interval=args.interval, duration=args.duration, stop=stop)
     finally:
         for sig, old in previous:
             signal.signal(sig, old)

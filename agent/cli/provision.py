@@ -30,7 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "provision", help="create the device key, CSR, storage key and config; install the signed certificate",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--device-id", metavar="ID", help="this device's id (MQTT client id, certificate CN and SAN)")
+    p.add_argument("--device-id", "--device", dest="device_id", metavar="ID",
+                   help="this device's id (MQTT client id, certificate CN and SAN)")
     p.add_argument("--broker", metavar="HOST:PORT", help="the MQTT broker (port 8883 if omitted)")
     p.add_argument("--ca", metavar="FILE", type=Path, help="PEM CA certificate(s) the broker's certificate chains to")
     p.add_argument("--consent-key", metavar="FILE", type=Path,

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vgw.cli import DEFAULT_CONFIG
+from vgw.consent.model import version_text
 from vgw.timefmt import local_text, valid_time
 
 if TYPE_CHECKING:
@@ -222,7 +223,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if st["consent_version"] is None:
         print("consent: none in force (nothing is collected)")
     else:
-        print(f"consent: v{st['consent_version']}" + (" EXPIRED" if st["consent_expired"] else ""))
+        print(f"consent: {version_text(st['consent_version']).removeprefix('consent ')}"
+              + (" EXPIRED" if st["consent_expired"] else ""))
     per_grant = st["counters"]["grants"]
     for g in st["grants"]:
         ob = st["outbox"].get(g["id"], {"rows": 0, "bytes": 0})
@@ -240,7 +242,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("link: no consent document retained at the broker (stored data go out under the cached consent)")
     if st.get("consent_pending"):
         p = st["consent_pending"]
-        print(f"consent v{p['ver']} PENDING: applied in memory, not yet on disk ({p.get('error') or 'retrying'}); "
+        which = version_text(p["ver"]) if p["ver"] is not None else "a consent document"
+        print(f"{which} PENDING: applied in memory, not yet on disk ({p.get('error') or 'retrying'}); "
               f"stopped: {', '.join(p['grants_stopped']) or 'none'}")
     if not st["storage"]["ok"]:
         print(f"storage: NOT STORING ({st['storage']['error']}); "

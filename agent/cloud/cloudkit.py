@@ -306,7 +306,7 @@ def sign_documents(key: SigningKey, description: Mapping[str, Any], devices: Ite
     """One signed consent document (compact JWS) per device. Raises :class:`CloudKitError` for no devices."""
     targets = list(devices) or list(description.get("devices", []))
     if not targets:
-        raise CloudKitError("no device: give --device ID (repeatable) or 'devices' in the description")
+        raise CloudKitError("no device: give --device-id ID (repeatable) or 'devices' in the description")
     version = ver or description.get("ver") or default_version()
     iat = int(time.time()) if now is None else now
     out: dict[str, str] = {}

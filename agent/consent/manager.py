@@ -19,7 +19,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from vgw.audit import AuditLog
-from vgw.consent.model import Consent, Grant
+from vgw.consent.model import Consent, Grant, version_text
 from vgw.consent.narrowing import NarrowingKind, narrowing, terms_digest
 from vgw.consent.pending import PendingApply, from_record, read_record
 from vgw.consent.rejections import RejectionLog
@@ -88,7 +88,7 @@ def read_cached(store: ConsentStore, trust_keys: Sequence[Ed25519PublicKey], dev
         return CachedConsent(None, problem=reason)
     if consent.ver < store.max_ver:
         # The cache holds an older version than one applied here before: a rollback of the file.
-        log.warning("cached consent v%d is older than v%d applied before: nothing is in force", consent.ver,
+        log.warning("cached %s is older than v%d applied before: nothing is in force", version_text(consent.ver),
                     store.max_ver)
         return CachedConsent(None, problem=ConsentReason.VERSION_ROLLBACK, problem_ver=consent.ver)
     return CachedConsent(consent, expired=store.now() >= consent.exp)
@@ -207,8 +207,8 @@ class ConsentManager:
         self.pending = p
         self.store.note_version(consent.ver)
         self.outbox.withhold(p.stopped)
-        log.warning("consent v%d was pending when the agent stopped: grant(s) %s stay stopped; finishing it",
-                    consent.ver, ", ".join(sorted(p.stopped)) or "none")
+        log.warning("%s was pending when the agent stopped: grant(s) %s stay stopped; finishing it",
+                    version_text(consent.ver), ", ".join(sorted(p.stopped)) or "none")
         return self._finish(p)
 
     def _read_cache(self, *, audit: bool) -> tuple[Consent | None, bool]:
@@ -325,8 +325,8 @@ class ConsentManager:
             if self._journal_warned == p.consent.ver:
                 return  # said once per document (a read-only disk would say it every retry)
             self._journal_warned = p.consent.ver
-            log.warning("pending consent v%d not recorded (%s): a restart before it is applied would not know it",
-                        p.consent.ver, exc)
+            log.warning("pending %s not recorded (%s): a restart before it is applied would not know it",
+                        version_text(p.consent.ver), exc)
 
     def retry_pending(self) -> ApplyResult | None:
         """Try the pending document's disk part again (then the one held behind it). None: nothing pending."""
@@ -350,14 +350,14 @@ class ConsentManager:
             p.error = str(exc).splitlines()[0][:300]
             self._journal(p)  # the steps done so far: a restart resumes after them
             if first:
-                log.error("consent v%d applied in memory only: grant(s) %s stopped; not yet on disk (%s); retried "
-                          "until it is", p.consent.ver, ", ".join(sorted(p.stopped)) or "none", p.error)
+                log.error("%s applied in memory only: grant(s) %s stopped; not yet on disk (%s); retried "
+                          "until it is", version_text(p.consent.ver), ", ".join(sorted(p.stopped)) or "none", p.error)
                 self._audit("consent-pending", ver=p.consent.ver, grants_stopped=sorted(p.stopped))
                 if self.on_change is not None:
                     self.on_change()
             return ApplyResult("pending", p.consent)
         if p.error is not None:
-            log.warning("consent v%d now applied on disk too", p.consent.ver)
+            log.warning("%s now applied on disk too", version_text(p.consent.ver))
         return result
 
     def _disk_part(self, p: PendingApply) -> ApplyResult:
@@ -404,7 +404,7 @@ class ConsentManager:
                                 iat=consent.iat, exp=consent.exp, previous=p.previous_ver)
             self.outbox.queue_receipt(self._sign("consent-applied", entry, ver=consent.ver))
             p.recorded.add("applied")
-            log.info("consent v%d applied from %s: %d grant(s)", consent.ver, p.source, len(consent.grants))
+            log.info("%s applied from %s: %d grant(s)", version_text(consent.ver), p.source, len(consent.grants))
         erasures = []
         for gid in sorted(p.revoked):
             batches, destroyed = p.wiped[gid]
@@ -480,7 +480,7 @@ class ConsentManager:
             self.on_revoke(ids)
         self.outbox.set_active_grants(set())
         self._audit("consent-expired", ver=self.in_force.ver, exp=self.in_force.exp)
-        log.info("consent v%d expired: every grant stops", self.in_force.ver)
+        log.info("%s expired: every grant stops", version_text(self.in_force.ver))
         if self.on_change is not None:
             self.on_change()
         return [self._erase(gid, reason="expired", ver=self.in_force.ver) for gid in sorted(ids)]

@@ -6,11 +6,27 @@ from dataclasses import dataclass, field
 
 from vgw.collect.describe import describe_grant
 from vgw.collect.rules import Rule
+from vgw.timefmt import LATEST_TIME, utc_text
 
 KEM_X25519 = "X25519"
 KEM_MLKEM768_X25519 = "MLKEM768-X25519"
 # Raw public key sizes: X25519 (RFC 7748); X-Wing style ML-KEM-768 + X25519 (1184 + 32).
 KEM_PK_LENGTH = {KEM_X25519: 32, KEM_MLKEM768_X25519: 1216}
+
+# A version is any rising integer (README "Consent document"); `vgw cloud sign` and the consent service default to
+# the signing time in Unix milliseconds. From 10**12 (2001-09-09 in ms) a version is read as such a time.
+_MS_VERSIONS_FROM = 10**12
+
+
+def version_text(ver: int | None) -> str:
+    """A consent version as people read it: ``consent v1796625176006 (dated 2026-12-07 06:32:56 UTC)`` for a
+    version in Unix milliseconds, ``consent v7`` for a small one, ``no consent in force`` for None."""
+    if ver is None:
+        return "no consent in force"
+    if isinstance(ver, int) and not isinstance(ver, bool) and _MS_VERSIONS_FROM <= ver <= LATEST_TIME * 1000:
+        return f"consent v{ver} (dated {utc_text(ver // 1000)})"
+    return f"consent v{ver}"
+
 
 # Privacy defaults when a grant sets no limits for these scopes (README "Telemetry envelope", EDPB Guidelines 01/2020).
 DEFAULT_LIMITS: dict[str, tuple[float | None, float | None]] = {

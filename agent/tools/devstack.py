@@ -132,7 +132,7 @@ def _init(stack: Stack, device: str, trace: Path | None, progress: Callable[[str
     if (stack.dir / STACK_FILE).exists() or stack.config.exists():
         raise ConfigError(f"{stack.dir}: already holds a dev stack (or a vgw.toml); pick another directory")
     if not DEVICE_ID_PATTERN.match(device):
-        raise ConfigError(f"--device {device!r}: use 1-64 letters, digits, '.', '_' or '-'")
+        raise ConfigError(f"--device-id {device!r}: use 1-64 letters, digits, '.', '_' or '-'")
     if trace is not None:
         from vgw.simulators.can_play import check_trace
 

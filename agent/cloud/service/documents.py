@@ -30,6 +30,7 @@ from vgw.cloud.consent_authority import SigningKey, consent_claims, grant, sign_
 from vgw.cloud.envelopes import ReceiptError, verify_receipt
 from vgw.cloud.service.config import ServiceConfig
 from vgw.cloud.service.store import Document, Store
+from vgw.consent.model import version_text
 from vgw.consent.verifier import verify_consent
 from vgw.errors import ConsentError, UplinkError
 
@@ -92,7 +93,7 @@ class ConsentDesk:
             for row in self.store.grants_of_device(device):
                 if row.withdrawn_at is not None:
                     self.store.set_grant_version(row.id, ver, withdrawn=True)
-            log.info("signed consent v%d for %s (%d grant(s))", ver, device, len(grants))
+            log.info("signed %s for %s (%d grant(s))", version_text(ver), device, len(grants))
             self._push(doc, PUSH_TIMEOUT_S)
             return self.store.latest_document(device) or doc
 
@@ -105,11 +106,11 @@ class ConsentDesk:
             link.publish(f"{self.prefix}/{doc.device}/consent", doc.token.encode(), retain=True, timeout=timeout)
         except (UplinkError, RuntimeError, OSError) as exc:
             self.store.document_pushed(doc.device, doc.ver, acked=False, error=str(exc))
-            log.warning("consent v%d for %s not acknowledged by the broker: %s (retrying)", doc.ver, doc.device,
-                        exc)
+            log.warning("%s for %s not acknowledged by the broker: %s (retrying)", version_text(doc.ver),
+                        doc.device, exc)
             return False
         self.store.document_pushed(doc.device, doc.ver, acked=True)
-        log.info("pushed consent v%d to %s", doc.ver, doc.device)
+        log.info("pushed %s to %s", version_text(doc.ver), doc.device)
         return True
 
     # ------------------------------------------------------------ the worker

@@ -1,0 +1,119 @@
+"""The fault-schedule explorer (tests/explore.py): a fixed set of seeds and every kept failing schedule, replayed
+against the real agent, two real brokers and a real (tmpfs) disk; the long form runs with --runslow or
+`make explore N=...`. Also: the oracle flags withdrawn data that reaches the cloud, and shrinking finds the
+minimal step list (docs/guarantees.md, "The fault-schedule explorer").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+
+import pytest
+from vgw.simulators.cloud import seal_envelope
+
+from tests.explore import Outcome, Runner, describe, replay_command
+from tests.explore_model import ConsentModel, Step, generate
+from tests.explore_oracle import Evidence, check
+from tests.explore_world import World
+
+# The short form in the normal suite: a few schedules that together touch every kind of step.
+SEEDS = (3, 11, 12, 40)
+
+# Failing schedules the explorer found, shrunk, kept as regression tests once fixed: (seed, steps, what broke).
+# The seed gives the initial grants (tests/explore_model.py, generate).
+KEPT: list[tuple[int, list[Step], str]] = []
+
+
+@pytest.fixture
+def world() -> Iterator[World]:
+    w = World("t")
+    try:
+        yield w
+    finally:
+        w.close()
+
+
+def _run(runner: Runner, seed: int, steps: list[Step] | None = None) -> Outcome:
+    initial, generated = generate(seed)
+    return runner.run(seed, initial, generated if steps is None else steps)
+
+
+def test_fixed_seeds_keep_every_invariant(world: World) -> None:
+    runner = Runner(world, "t")
+    failed = [out for out in (_run(runner, seed) for seed in SEEDS) if not out.ok]
+    assert not failed, "\n".join(f"{describe(o)}\n  replay: {replay_command(o)}" for o in failed)
+
+
+@pytest.mark.skipif(not KEPT, reason="no failing schedule kept")
+def test_kept_failing_schedules_now_hold(world: World) -> None:
+    runner = Runner(world, "t")
+    failed = [out for out in (_run(runner, seed, steps) for seed, steps, _why in KEPT) if not out.ok]
+    assert not failed, "\n".join(describe(o) for o in failed)
+
+
+@pytest.mark.slow
+def test_long_form_two_hundred_schedules(world: World) -> None:
+    runner = Runner(world, "t")
+    n = int(os.environ.get("VGW_EXPLORE_N", "200"))
+    failed = [out for out in (_run(runner, seed) for seed in range(1000, 1000 + n)) if not out.ok]
+    assert not failed, "\n".join(describe(o) for o in failed)
+
+
+def test_the_oracle_flags_withdrawn_data_published_after_the_device_applied_the_revocation(world: World) -> None:
+    # The oracle must be able to fail: the cloud plays a device that reports v2 (revoking g-loc) and then
+    # publishes a g-loc batch sealed under v1's key, through the real broker, in that order.
+    device = "x-oracle-0001"
+    world.pki.device(device)
+    model = ConsentModel(device, world.signer, world.forger)
+    v1 = model.first({"g-loc": ["read_location"]})
+    model.change({"op": "revoke", "g": "g-loc"})
+    inc = v1.grants["g-loc"][0]
+    obs = world.brokers["A"].observer
+
+    def batch(seq: int) -> bytes:
+        doc = {"v": 1, "device": device, "grant": "g-loc", "seq": seq, "epoch": "e1",
+               "samples": [{"t": 1.0, "path": "Vehicle.CurrentLocation.Latitude", "value": 48.1}]}
+        return seal_envelope(doc, inc.key, device, "g-loc")
+
+    def send(topic: str, payload: bytes) -> None:
+        obs._client.publish(f"vgw/{device}/{topic}", payload, qos=1).wait_for_publish(10)
+
+    send("status", json.dumps({"state": "online", "device": device, "consent_version": 1}).encode())
+    send("data/g-loc", batch(1))  # before the revocation: allowed
+    send("status", json.dumps({"state": "online", "device": device, "consent_version": 2}).encode())
+    send("data/g-loc", batch(2))  # after it, on the same connection: withdrawn data
+    assert obs.barrier()
+    ev = Evidence(device=device, model=model, streams={"A": obs.of_device(device), "B": []}, local=[],
+                  audit_path=world.root / "none", wall0=time.time() - time.monotonic(), disk=None,
+                  device_cert=world.pki.device(device).cert)
+    found = check(ev)
+    obs.forget(device)
+    assert any(v.startswith("a: g-loc#1 seq 2 with read_location (withdrawn in v2)") for v in found), found
+    assert not any("seq 1 " in v for v in found), found
+
+
+class _Stub(Runner):
+    """A runner whose 'schedule' fails exactly when two given steps are both in it (shrinking alone)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def run(self, seed: int, initial: dict[str, list[str]], steps: list[Step]) -> Outcome:
+        self.calls += 1
+        out = Outcome(seed, initial, steps)
+        if {"op": "kill"} in steps and {"op": "revoke", "g": "g-loc"} in steps:
+            out.violations = ["a: withdrawn data"]
+        return out
+
+
+def test_shrinking_finds_the_two_steps_that_matter() -> None:
+    steps: list[Step] = [{"op": "wait", "s": i / 10} for i in range(12)]
+    steps[3] = {"op": "kill"}
+    steps[9] = {"op": "revoke", "g": "g-loc"}
+    stub = _Stub()
+    small = stub.shrink(Outcome(5, {}, steps, ["a: withdrawn data"]))
+    assert small.steps == [{"op": "kill"}, {"op": "revoke", "g": "g-loc"}]
+    assert json.loads(json.dumps(small.steps)) == small.steps  # printable and replayable as JSON

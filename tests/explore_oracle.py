@@ -229,6 +229,7 @@ def _withdrawn_data(ev: Evidence) -> list[str]:
     known_events = _knowledge_events(ev)
     device_msgs = {name: [m.arrived for m in s if not m.topic.startswith("marker/")] for name, s in ev.streams.items()}
     out: list[str] = []
+    bad: dict[tuple[str, str, int, str, str], set[int]] = {}
     for name, stream in ev.streams.items():
         others = [a for other, arr in device_msgs.items() if other != name for a in arr]
         consents: list[tuple[float, int]] = []
@@ -275,10 +276,12 @@ def _withdrawn_data(ev: Evidence) -> list[str]:
                 for scope in sorted(opened.scopes):
                     w = opened.inc.withdrawn_at(scope)
                     if w == 0 or known >= w:
-                        out.append(f"a: {opened.inc.name} seq {opened.seq} with {scope} (withdrawn in v{w}) "
-                                   f"reached the cloud through {name}, but {how}")
+                        bad.setdefault((opened.inc.name, scope, w, name, how), set()).add(opened.seq)
             last_arrival = m.arrived
-    return sorted(set(out))
+    for (inc, scope, w, name, how), seqs in sorted(bad.items()):
+        out.append(f"a: {inc} {scope} (withdrawn in v{w}) reached the cloud through {name} in {len(seqs)} batch(es) "
+                   f"(seq {sorted(seqs)[:6]}), but {how}")
+    return out
 
 
 def _retained(consents: list[tuple[float, int]], connected: float) -> int:

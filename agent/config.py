@@ -76,6 +76,10 @@ class ObdConfig:
 # docs/fleet.md "PUBACK is not storage"); its election takes seconds, so 30 s covers it with room to spare.
 DEFAULT_REPLAY_WINDOW_S = 30.0
 MAX_REPLAY_WINDOW_S = 3600.0
+# After each (re)connect, stored batches wait until the retained consent document is taken, or until this
+# long after the broker granted the consent subscription without one (README "Topics").
+DEFAULT_CONSENT_WAIT_S = 3.0
+MAX_CONSENT_WAIT_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,9 @@ class MqttConfig:
     # How long an acknowledged batch is kept to be re-published after a failover (README "Replay after
     # failover"). None: DEFAULT_REPLAY_WINDOW_S with several endpoints, 0 (delete on PUBACK) with one.
     replay_window_s: float | None = None
+    # After each (re)connect: how long to wait for the retained consent document before stored batches go out
+    # without one (README "Topics").
+    consent_wait_s: float = DEFAULT_CONSENT_WAIT_S
 
     def __post_init__(self) -> None:
         if not self.endpoints:
@@ -460,11 +467,15 @@ def _mqtt(s: _Section) -> MqttConfig:
         replay = float(s.number("replay_window_s", 0.0, minimum=0.0))
         if replay > MAX_REPLAY_WINDOW_S:
             raise ConfigError(f"{s.path}: [mqtt] replay_window_s: must be <= {MAX_REPLAY_WINDOW_S:g}, got {replay:g}")
+    consent_wait = float(s.number("consent_wait_s", DEFAULT_CONSENT_WAIT_S, minimum=0.0))
+    if consent_wait > MAX_CONSENT_WAIT_S:
+        raise ConfigError(f"{s.path}: [mqtt] consent_wait_s: must be <= {MAX_CONSENT_WAIT_S:g}, got {consent_wait:g}")
     s.finish()
     return MqttConfig(host=host, port=port, ca_file=ca_file, cert_file=cert_file, key_file=key_file,
                       topic_prefix=prefix, keepalive_s=keepalive,
                       max_inflight=max_inflight, drain_rate=drain_rate, backoff_min_s=backoff_min,
-                      backoff_max_s=backoff_max, protocol=protocol, endpoints=endpoints, replay_window_s=replay)
+                      backoff_max_s=backoff_max, protocol=protocol, endpoints=endpoints, replay_window_s=replay,
+                      consent_wait_s=consent_wait)
 
 
 def _consent(s: _Section) -> ConsentConfig:

@@ -120,9 +120,10 @@ class Agent:
                                       on_change=self._on_consent_change)
         # Documents from MQTT are judged on arrival and the newest verified one always survives (intake.py).
         self.intake = ConsentIntake(trust_keys=trust, device=self.device,
-                                    clock=lambda: max(time.time(), self.store.floor))
+                                    clock=lambda: max(time.time(), self.store.floor),
+                                    floor_ver=lambda: self.store.max_ver)
         self.uplink = Uplink(cfg.mqtt, self.device, self.outbox, on_consent=self.intake.offer,
-                             status_payload=self._public_status)
+                             status_payload=self._public_status, consent_settled=self.intake.settled)
         # Added to by the collector, the writer, the main loop and the OBD poller: a thread-safe object.
         self.counters = Counters(("batches", "batches_discarded", "store_failures", "consent_superseded",
                                   "source_errors", "batches_failed", "error_frames", "remote_frames", "rx_overflow",

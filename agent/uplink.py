@@ -96,12 +96,14 @@ class Uplink:
         *,
         on_consent: Callable[[bytes], None],
         status_payload: Callable[[], dict[str, Any]],
+        consent_settled: Callable[[], bool] = lambda: True,
     ) -> None:
         self.cfg = cfg
         self.device = device
         self.outbox = outbox
         self.on_consent = on_consent
         self.status_payload = status_payload
+        self.consent_settled = consent_settled
         base = f"{cfg.topic_prefix}/{device}"
         self.topic_consent = f"{base}/consent"
         self.topic_receipt = f"{base}/receipt"
@@ -129,6 +131,13 @@ class Uplink:
         self._ever_connected = False
         self.consent_subscribed = False  # the broker granted the consent subscription on this connection
         self.subscribe_refused = 0  # SUBACKs that refused it (each is retried)
+        # What this connection knows of the consent at the broker (README "Topics"): "offline"; "waiting" (no
+        # stored batch goes out yet); "retained" (the retained document was taken); "none" (none came within
+        # [mqtt] consent_wait_s of the SUBACK).
+        self.consent_sync = "offline"
+        self._consent_msgs = 0  # consent messages handed to the intake (written by paho's thread only)
+        self._msgs_at_suback: int | None = None  # that count when the subscription was granted
+        self._sync_deadline: float | None = None
         self._sub_mid: int | None = None
         self._sub_delay = SUBSCRIBE_RETRY_FIRST_S
         self._resubscribe_at: float | None = None
@@ -348,6 +357,9 @@ class Uplink:
             self._start_replay(since)
             self._replay_again = (time.monotonic() + window * SECOND_PASS_AFTER, since)
         self._ever_connected = True
+        self.consent_sync = "waiting"
+        self._msgs_at_suback = None
+        self._sync_deadline = None
         self._sub_delay = SUBSCRIBE_RETRY_FIRST_S  # a new connection (maybe another node) starts afresh
         self._subscribe(client)
         self._status_due.clear()
@@ -362,13 +374,18 @@ class Uplink:
         self._resubscribe_at = time.monotonic() + (SUBACK_TIMEOUT_S if self._sub_mid is not None
                                                    else self._sub_delay)
 
-    def _suback(self, mid: int, refused: str | None) -> None:
+    def _suback(self, mid: int, refused: str | None, msgs: int = 0) -> None:
         if mid != self._sub_mid:
             return
         self._sub_mid = None
         self._resubscribe_at = None
         if refused is None:
             self.consent_subscribed = True
+            # The broker sends the retained document after this SUBACK; without one, stored batches wait at most
+            # [mqtt] consent_wait_s (MQTT has no "nothing retained" answer).
+            if self._msgs_at_suback is None:
+                self._msgs_at_suback = msgs
+                self._sync_deadline = time.monotonic() + self.cfg.consent_wait_s
             if self._sub_delay > SUBSCRIBE_RETRY_FIRST_S:
                 log.info("uplink: subscribed to the consent topic after %d refusal(s)", self.subscribe_refused)
             self._sub_delay = SUBSCRIBE_RETRY_FIRST_S
@@ -401,6 +418,7 @@ class Uplink:
             log.debug("loop_stop failed", exc_info=True)
         if self.state == "connected":
             self.state = "offline"
+        self.consent_sync = "offline"
 
     def _serve(self, client: mqtt.Client) -> None:
         inflight: dict[int, tuple[str, Any]] = {}
@@ -434,6 +452,7 @@ class Uplink:
                 self._resubscribe_at = None
                 self._subscribe(client)
             self._sweep()
+            self._check_consent_sync()
             again = self._replay_again
             if again is not None and self._replay is None and time.monotonic() >= again[0]:
                 self._start_replay(again[1])
@@ -448,6 +467,21 @@ class Uplink:
                 tokens -= sent
             self._wake.wait(0.02)
             self._wake.clear()
+
+    def _check_consent_sync(self) -> None:
+        """Open the gate for stored batches once the consent at the broker is known (README "Topics")."""
+        if self.consent_sync != "waiting" or not self.consent_subscribed:
+            return
+        seen = self._msgs_at_suback is not None and self._consent_msgs > self._msgs_at_suback
+        if seen and self.consent_settled():
+            self.consent_sync = "retained"
+        elif self._sync_deadline is not None and time.monotonic() >= self._sync_deadline and self.consent_settled():
+            self.consent_sync = "none"
+            log.info("uplink: no consent document retained at %s within %g s; sending stored data", self.endpoint,
+                     self.cfg.consent_wait_s)
+        else:
+            return
+        self._wake.set()
 
     def _start_replay(self, since: float) -> None:
         """A replay pass: rows and receipts acknowledged at or after ``since`` (wall time) go out again."""
@@ -523,8 +557,8 @@ class Uplink:
                 return sent
             inflight[mid] = ("receipt", (rid, token))
             sent += 1
-        if sent >= room:
-            return sent
+        if sent >= room or self.consent_sync not in ("retained", "none"):
+            return sent  # stored batches wait until the consent at the broker is known (README "Topics")
         busy_rows = {v[1].id for v in inflight.values() if v[0] == "batch"}
         # The outbox lock is held across read and publish so a concurrent erasure either happens before
         # (rows gone) or after (already handed to the socket: "already sent").
@@ -586,9 +620,11 @@ class Uplink:
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any,
                       properties: Any) -> None:
         refused = [str(rc) for rc in reason_codes if getattr(rc, "is_failure", False)]
-        self._events.append(("suback", (mid, ", ".join(refused) or None)))
+        self._events.append(("suback", (mid, ", ".join(refused) or None, self._consent_msgs)))
         self._wake.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         if message.topic == self.topic_consent and message.payload:
             self.on_consent(bytes(message.payload))  # the bounded consent intake (vgw.consent.intake)
+            self._consent_msgs += 1  # after the intake holds it (see _check_consent_sync); paho's thread only
+            self._wake.set()

@@ -72,6 +72,8 @@ def write_config(
         "backoff_min_s = 0.2",
         "backoff_max_s = 1.0",
     ]
+    if "consent_wait_s" not in (mqtt_extra or {}):
+        lines.append("consent_wait_s = 0.5")  # most tests retain no consent at the broker: wait briefly
     for k, v in (mqtt_extra or {}).items():
         lines.append(f"{k} = {_toml(v)}")
     lines += ["", "[consent]", "trust_keys = [" + ", ".join(f'"{t}"' for t in trusts) + "]"]

@@ -62,6 +62,8 @@ def collect_status(config_path: str) -> dict[str, Any]:
         "agent_running": running,
         "link": live.get("link", "offline") if running else "stopped",
         "link_error": live.get("link_error") if running else None,
+        # README "Topics": "waiting" while stored batches wait for the consent retained at the broker
+        "consent_sync": live.get("consent_sync") if running and isinstance(live.get("consent_sync"), str) else None,
         "last_publish": live.get("last_publish"),
         "counters": structured_counters({**state.counters, **live.get("counters", {})}),
         "quota": {"quota_bytes": cfg.outbox.quota_bytes, "used_bytes": state.used_bytes},
@@ -177,6 +179,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"outbox: {human_bytes(quota['used_bytes'])} of {human_bytes(quota['quota_bytes'])} quota ({share:.0f} %)"
           + ("; dropped for quota: " + ", ".join(f"{g} {n} batch(es)" for g, n in sorted(drops.items()))
              if drops else ""))
+    if st.get("consent_sync") == "waiting":
+        print("link: stored data wait for the consent document retained at the broker")
+    elif st.get("consent_sync") == "none":
+        print("link: no consent document retained at the broker (stored data go out under the cached consent)")
     if not st["storage"]["ok"]:
         print(f"storage: NOT STORING ({st['storage']['error']}); "
               f"{st['counters']['agent'].get('store_failures', 0)} batch(es) not stored")

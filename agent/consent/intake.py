@@ -66,10 +66,11 @@ class ConsentIntake:
     """
 
     def __init__(self, *, trust_keys: Sequence[Ed25519PublicKey], device: str, clock: Callable[[], float],
-                 slots: int = SLOTS) -> None:
+                 floor_ver: Callable[[], int] = lambda: 0, slots: int = SLOTS) -> None:
         self._trust_keys = list(trust_keys)
         self._device = device
         self._clock = clock
+        self._floor_ver = floor_ver  # the highest version ever accepted (README "Consent document")
         self._slots = slots
         self._lock = threading.Lock()
         self._in_force: Consent | None = None
@@ -79,6 +80,8 @@ class ConsentIntake:
         self._skipped: list[tuple[int, frozenset[str]]] = []
         self.ready = threading.Event()  # set while something waits for take()
         self.offered = 0
+        self._offering = 0  # offers being verified right now (paho's thread)
+        self._applying = False  # the main thread took documents and has not said it is done with them
 
     def set_in_force(self, consent: Consent | None) -> None:
         """The main thread tells the intake what is in force now (judged against on arrival)."""
@@ -90,13 +93,28 @@ class ConsentIntake:
         with self._lock:
             in_force = self._in_force
             self.offered += 1
+            self._offering += 1
+        try:
+            self._judge(payload, in_force)
+        finally:
+            with self._lock:
+                self._offering -= 1
+
+    def settled(self) -> bool:
+        """Every document offered so far has been judged and, if it verified, applied (or refused) by the main
+        thread. The uplink waits for this after a (re)connect before it publishes stored batches (README
+        "Topics"), so a revocation retained at the broker always goes first."""
+        with self._lock:
+            return not (self._offering or self._applying or self._candidates or self._rejected)
+
+    def _judge(self, payload: bytes, in_force: Consent | None) -> None:
         # Size before anything else (the verifier checks it too): an oversized payload is not even decoded.
         if len(payload) > MAX_DOCUMENT_BYTES:
             self._tally(TooLargeError(f"consent rejected: {len(payload)} bytes > {MAX_DOCUMENT_BYTES} limit"))
             return
         try:
             consent = verify_consent(payload, trust_keys=self._trust_keys, device=self._device, now=self._clock(),
-                                     in_force=in_force)
+                                     in_force=in_force, floor_ver=self._floor_ver())
         except ConsentError as exc:
             self._tally(exc)
             return
@@ -142,5 +160,11 @@ class ConsentIntake:
             self._rejected = {}
             self._superseded = 0
             self._skipped = []
+            self._applying = bool(taken)
             self.ready.clear()
         return taken
+
+    def done(self) -> None:
+        """The main thread has applied (or refused) everything it took: see :meth:`settled`."""
+        with self._lock:
+            self._applying = False

@@ -172,7 +172,7 @@ class ConsentManager:
         now = self.store.now()
         try:
             return verify_consent(token, trust_keys=self.trust_keys, device=self.device, now=now,
-                                  in_force=self.in_force)
+                                  in_force=self.in_force, floor_ver=self.store.max_ver)
         except ConsentError:
             raise
         except Exception as exc:

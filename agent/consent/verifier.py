@@ -78,10 +78,13 @@ def verify_consent(
     device: str,
     now: float,
     in_force: Consent | None = None,
+    floor_ver: int = 0,
 ) -> Consent:
     """Verify a compact-JWS consent document for ``device`` at time ``now``.
 
-    Returns ``in_force`` itself when the token is an idempotent re-delivery of it. Raises
+    ``floor_ver`` is the highest version this device ever accepted (README "Consent document"): a lower one is
+    refused whether or not a document is in force. Returns ``in_force`` itself when the token is an
+    idempotent re-delivery of it. Raises
     one :class:`~vgw.errors.ConsentError` subclass per broken rule (see the tree in :mod:`vgw.errors`: e.g.
     :class:`~vgw.errors.RollbackError`), grouped as SignatureError, ClaimsError and FreshnessError; its
     ``reason`` is the tag a rejection receipt carries.
@@ -151,6 +154,12 @@ def verify_consent(
     # Rollback: an older version (e.g. a replay of a grant after its revocation) is refused.
     if in_force is not None and ver < in_force.ver:
         raise RollbackError(f"consent v{ver} rejected: version must be > {in_force.ver} (in force)", ver)
+    # Rollback past a damaged or deleted cache: with nothing in force, a genuine older document (a grant the
+    # owner withdrew since) must not come back; the highest version ever accepted binds (it is kept apart from
+    # the cache). Equal is allowed: the same version delivered again restores what a damaged cache lost.
+    if ver < floor_ver:
+        raise RollbackError(f"consent v{ver} rejected: version must be >= {floor_ver} (the highest accepted "
+                            "here)", ver)
     # Same version, different content: two documents cannot both be v{ver}; keep the first.
     digest = hashlib.sha256(payload).hexdigest()
     if in_force is not None and ver == in_force.ver:

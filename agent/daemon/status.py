@@ -87,6 +87,7 @@ class StatusView:
             "updated": time.time(),
             "link": up.state,
             "link_error": up.last_error,
+            "consent_sync": up.consent_sync,  # what this connection knows of the retained consent (README "Topics")
             "endpoint": up.endpoint,  # [mqtt] host:port in use (or last tried), README "Configuration (TOML)"
             "last_publish": up.last_publish,
             "consent_version": consent.ver if consent else None,

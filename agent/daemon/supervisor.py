@@ -40,6 +40,7 @@ INTAKE_ROUNDS = 8  # consent intake emptied at most this often per main-loop tur
 RETENTION_EVERY_S = 5.0  # retention and pending erasures
 STATUS_EVERY_S = 0.5  # status.json
 FLOOR_EVERY_S = 30.0  # the persisted clock floor (vgw.consent.store)
+REPLAY_DRAIN_S = 120.0  # replay_exit: how long the end of the trace waits for every batch to be acknowledged
 
 
 class Supervisor:
@@ -75,6 +76,7 @@ class Supervisor:
         wd = watchdog_interval()
         last_wd = last_status = last_floor = last_retention = 0.0
         replay_exit = bool(self.cfg.can and self.cfg.can.replay and self.cfg.can.replay_exit)
+        drain_since: float | None = None  # replay_exit: when the end of the trace was reached
         while not self.stop.is_set():
             if self.reload.is_set():
                 self.reload.clear()
@@ -106,11 +108,25 @@ class Supervisor:
                 last_wd = now
                 notify("WATCHDOG=1")
             if replay_exit and self.collector is not None and self.collector.done.is_set():
-                log.info("end of trace: waiting for every batch to be acknowledged")
-                if not self.uplink.drain(timeout=120.0):
-                    log.error("end of trace: outbox not drained within 120 s")
+                # The drain is a state of this loop, not a wait beside it: consent documents, expiry, the
+                # watchdog and SIGTERM are handled on every turn until the outbox is empty.
+                if drain_since is None:
+                    drain_since = now
+                    log.info("end of trace: waiting for every batch to be acknowledged")
+                if self.drained():
+                    return
+                self.uplink.wake()
+                if now - drain_since >= REPLAY_DRAIN_S:
+                    log.error("end of trace: outbox not drained within %g s", REPLAY_DRAIN_S)
                     self.exit_code = 1
-                return
+                    return
+
+    def drained(self) -> bool:
+        """The outbox holds no batch or receipt waiting for the broker (a full disk: not yet known, False)."""
+        try:
+            return not self.outbox.stats() and self.outbox.receipt_count() == 0
+        except StorageError:
+            return False
 
     def guarded(self, fn: Any, *args: Any, **kwargs: Any) -> None:
         """Main-loop work that writes the state dir: a full or read-only disk is logged, never fatal."""
@@ -128,6 +144,12 @@ class Supervisor:
         a newer one superseded before they were applied are counted, never applied. A few rounds per main-loop
         turn at most: a flood that never stops must not starve expiry and the watchdog (the rest waits one turn).
         """
+        try:
+            self._apply_intake()
+        finally:
+            self.intake.done()
+
+    def _apply_intake(self) -> None:
         for _ in range(INTAKE_ROUNDS):
             taken = self.intake.take()
             if not taken:

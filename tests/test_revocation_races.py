@@ -1,0 +1,188 @@
+"""Revocation wins where two events meet: a revocation and a full disk, a reconnect, a damaged cache, a stop.
+
+Each test drives the real agent (a thread, or a `vgw run` child when it must be killed) against real mosquitto,
+real SQLite and, for the full disk, a real 16 MB tmpfs; docs/guarantees.md ("Revocation wins every race") says
+what each proves.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+from vgw.simulators.broker import Mosquitto, free_port
+
+from tests.agentkit import AgentThread, Authority, agent_process, connected_cloud, vgw, wait_until, write_config
+from tests.faultkit import DEV, apply_offline, live_status, record_trace
+
+
+def _receipt_claims(cloud, typ):  # noqa: ANN001, ANN202
+    return [r.claims for r in cloud.receipts(DEV, typ)]
+
+
+# -- the version floor binds whether or not a document is in force (README "Consent document") --------------
+
+
+def test_version_floor_binds_after_cache_damage_over_mqtt_and_at_the_console(tmp_path: Path, pki) -> None:  # noqa: ANN001
+    auth = Authority(tmp_path)
+    broker = Mosquitto.from_pki(pki).start()
+    try:
+        cfg = write_config(tmp_path, pki, broker.port, auth.trust, can={"channel": "floor-bus"})
+        v1 = apply_offline(cfg, auth, {"g-1": ["read_location"]}, tmp_path)
+        apply_offline(cfg, auth, {}, tmp_path)  # v2 revokes g-1
+        state = tmp_path / "state"
+        assert json.loads((state / "clock.json").read_text())["max_ver"] == 2
+        (state / "consent.jws").write_text("damaged\n")
+        (tmp_path / "v1.jws").write_text(v1)
+
+        # Offline, no agent: rejected with the reason, exit 3, never "applied", and a consent-rejected receipt.
+        r = vgw("consent", "apply", "--config", str(cfg), str(tmp_path / "v1.jws"))
+        assert r.returncode == 3, (r.returncode, r.stdout, r.stderr)
+        assert "applied" not in r.stdout and "version" in r.stderr, (r.stdout, r.stderr)
+        assert json.loads(vgw("consent", "show", "--config", str(cfg), "--json").stdout)["version"] is None
+
+        with connected_cloud(broker, pki) as cloud:
+            cloud.add_recipient("g-1", auth.recipient("g-1"))
+            with AgentThread(cfg) as runner:
+                assert runner.wait_link(15)
+                assert runner.agent.manager.in_force is None
+                cloud.publish_consent(DEV, v1)
+                # The genuine but superseded v1 is rejected (a receipt says why), never applied.
+                assert cloud.wait_for(lambda: any(c.get("ver") == 1 and c["reason"] == "version-rollback"
+                                                  for c in _receipt_claims(cloud, "consent-rejected")), 15)
+                # With the agent running, the console hand-over is refused the same way.
+                r = vgw("consent", "apply", "--config", str(cfg), str(tmp_path / "v1.jws"))
+                assert r.returncode == 3 and "applied" not in r.stdout, (r.stdout, r.stderr)
+                assert runner.agent.manager.in_force is None
+                assert runner.agent.manager.active_grants() == ()
+                # The two offline applies' receipts arrive; no third one for v1.
+                assert cloud.wait_for(lambda: len(_receipt_claims(cloud, "consent-rejected")) >= 2, 15)
+            assert [c["ver"] for c in _receipt_claims(cloud, "consent-applied")] == [1, 2]
+            assert cloud.samples(DEV, "g-1") == []
+        events = [e for e in (json.loads(line) for line in (state / "audit.log").read_text().splitlines())
+                  if e.get("event") == "consent-applied"]
+        assert [e["ver"] for e in events] == [1, 2]
+    finally:
+        broker.close()
+
+
+# -- the end-of-trace drain honours SIGTERM and consent (docs/guarantees.md "Revocation wins every race") -----
+
+
+def test_end_of_trace_drain_takes_consent_and_ends_promptly_on_sigterm(tmp_path: Path, pki) -> None:  # noqa: ANN001
+    import os
+    import subprocess
+    import sys
+
+    from tests.agentkit import ROOT, stop_process
+
+    auth = Authority(tmp_path)
+    trace = record_trace(tmp_path, 3.0)
+    cfg = write_config(tmp_path, pki, free_port(), auth.trust,  # nothing listens there: the broker is unreachable
+                       can={"replay": str(trace), "replay_rate": 0.0, "replay_exit": True})
+    apply_offline(cfg, auth, {"g-1": ["read_speedometer"], "g-loc": ["read_location"]}, tmp_path)
+    log_path = tmp_path / "agent.log"
+    with log_path.open("w") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "vgw", "run", "--config", str(cfg)], stdout=log_file,
+                                stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        assert wait_until(lambda: "end of trace" in log_path.read_text(), 60), log_path.read_text()
+        assert proc.poll() is None
+        # A revocation handed over during the drain is applied (its receipt waits in the outbox).
+        doc = tmp_path / "revoke.jws"
+        doc.write_text(auth.doc(DEV, {"g-1": ["read_speedometer"]}))
+        r = vgw("consent", "apply", "--config", str(cfg), str(doc))
+        assert r.returncode == 0 and "applied by the running agent" in r.stdout, (r.stdout, r.stderr)
+        st = live_status(tmp_path / "state", proc.pid)
+        assert st is not None and st["consent_version"] == 2
+        # SIGTERM ends it promptly, with the usual guarantees: exit 0, status written, lock released.
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log_path.read_text()
+        assert time.monotonic() - sent < 15, log_path.read_text()
+        assert "agent stopped" in log_path.read_text()
+    finally:
+        stop_process(proc, 5)
+    show = json.loads(vgw("consent", "show", "--config", str(cfg), "--json").stdout)
+    assert show["version"] == 2 and [g["id"] for g in show["grants"]] == ["g-1"]
+
+
+# -- after a (re)connect, no stored batch goes out before the retained consent is known (README "Topics") ------
+
+LOC_LIMITS = {"g-loc": {"read_location": {"max_hz": 10.0, "precision_m": 1.0}}}
+
+
+def test_reconnect_takes_the_retained_revocation_before_publishing_the_backlog(tmp_path: Path, pki, broker) -> None:  # noqa: ANN001
+    from tests.proxykit import LinkRelay
+
+    auth = Authority(tmp_path)
+    trace = record_trace(tmp_path, 20.0)
+    with LinkRelay(broker.port) as relay, connected_cloud(broker, pki) as cloud:
+        for gid in ("g-1", "g-loc"):
+            cloud.add_recipient(gid, auth.recipient(gid))
+        cfg = write_config(tmp_path, pki, relay.port, auth.trust,
+                           can={"replay": str(trace), "replay_rate": 2.0, "replay_loop": True},
+                           batch={"max_interval_s": 0.1})
+        grants = {"g-1": ["read_speedometer"], "g-loc": ["read_location"]}
+        cloud.publish_consent(DEV, auth.doc(DEV, grants, limits=LOC_LIMITS))
+        with AgentThread(cfg) as runner:
+            agent = runner.agent
+            assert cloud.wait_for(lambda: len(cloud.samples(DEV, "g-loc")) >= 5, 20)
+            relay.cut()
+            assert wait_until(lambda: agent.uplink.state != "connected", 10)
+            sent_before = len(cloud.samples(DEV, "g-loc"))
+            assert wait_until(lambda: agent.outbox.stats().get("g-loc", {}).get("rows", 0) >= 3, 15)
+            # The broker restarts (the car's session is gone, so nothing is queued for it) and the owner
+            # withdraws g-loc while the car is offline: v2 waits retained at the broker.
+            broker.restart()
+            assert cloud.wait_connected(15)
+            cloud.publish_consent(DEV, auth.doc(DEV, {"g-1": ["read_speedometer"]}))
+            relay.latency = 0.5  # a slow link: the broker's answers (the retained v2 too) come late
+            relay.restore()
+            assert cloud.wait_for(lambda: any(c["grant"] == "g-loc" for c in _receipt_claims(cloud, "erasure")), 30)
+            # Not one location sample of the backlog reached the cloud: v2 was applied before any batch went out.
+            assert len(cloud.samples(DEV, "g-loc")) == sent_before
+            assert wait_until(lambda: agent.status()["consent_sync"] == "retained", 10), agent.status()
+            erasure = next(c for c in _receipt_claims(cloud, "erasure") if c["grant"] == "g-loc")
+            assert erasure["batches_deleted"] >= 3
+        assert len(cloud.samples(DEV, "g-loc")) == sent_before
+
+
+def test_restart_after_kill9_takes_the_retained_revocation_before_publishing_the_backlog(tmp_path: Path, pki,  # noqa: ANN001
+                                                                                         broker) -> None:  # noqa: ANN001
+    from tests.faultkit import outbox_rows
+    from tests.proxykit import LinkRelay
+
+    auth = Authority(tmp_path)
+    trace = record_trace(tmp_path, 20.0)
+    outbox = tmp_path / "state" / "outbox.sqlite"
+    with LinkRelay(broker.port) as relay, connected_cloud(broker, pki) as cloud:
+        for gid in ("g-1", "g-loc"):
+            cloud.add_recipient(gid, auth.recipient(gid))
+        cfg = write_config(tmp_path, pki, relay.port, auth.trust,
+                           can={"replay": str(trace), "replay_rate": 2.0, "replay_loop": True},
+                           batch={"max_interval_s": 0.1})
+        cloud.publish_consent(DEV, auth.doc(DEV, {"g-1": ["read_speedometer"], "g-loc": ["read_location"]},
+                                            limits=LOC_LIMITS))
+        with agent_process(cfg) as proc:
+            assert cloud.wait_for(lambda: len(cloud.samples(DEV, "g-loc")) >= 5, 30)
+            relay.cut()
+            assert wait_until(lambda: outbox_rows(outbox, "g-loc") >= 3, 20)
+            proc.kill()  # kill -9: the cache still holds v1, the outbox the g-loc backlog
+            proc.wait(10)
+        sent_before = len(cloud.samples(DEV, "g-loc"))
+        backlog = outbox_rows(outbox, "g-loc")
+        broker.restart()  # the car's session is gone: nothing is queued for it, only the retained document
+        assert cloud.wait_connected(15)
+        cloud.publish_consent(DEV, auth.doc(DEV, {"g-1": ["read_speedometer"]}))
+        relay.latency = 0.5
+        relay.restore()
+        with agent_process(cfg):
+            assert cloud.wait_for(lambda: any(c["grant"] == "g-loc" for c in _receipt_claims(cloud, "erasure")), 30)
+            assert cloud.wait_for(lambda: len(cloud.samples(DEV, "g-1")) > 0, 15)
+        erasure = next(c for c in _receipt_claims(cloud, "erasure") if c["grant"] == "g-loc")
+        assert erasure["batches_deleted"] >= backlog
+        assert len(cloud.samples(DEV, "g-loc")) == sent_before

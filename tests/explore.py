@@ -21,6 +21,7 @@ import contextlib
 import json
 import multiprocessing
 import shutil
+import signal
 import sys
 import time
 import traceback
@@ -153,9 +154,10 @@ class _Schedule:
                 self.retained[name] = token
 
     def newest_status(self) -> dict[str, Any] | None:
+        """The newest "online" status on any broker (a restarted broker may still deliver an old last will)."""
         found = [(m.arrived, status_of(m)) for b in self.world.brokers.values()
                  for m in b.observer.of_device(self.device) if m.topic.endswith("/status")]
-        found = [f for f in found if f[1] is not None]
+        found = [f for f in found if f[1] is not None and f[1].get("state") == "online"]
         return max(found, key=lambda f: f[0])[1] if found else None
 
     def applied(self, ver: int) -> bool:
@@ -252,7 +254,7 @@ class _Schedule:
         self._mark("kill")
         if rc is None:
             self.violations.append(f"d: {why}: still running {SIGTERM_S:g} s after SIGTERM (killed)")
-        elif rc != 0:
+        elif rc not in (0, -signal.SIGTERM):  # killed by SIGTERM before its handler exists: a clean stop too
             self.violations.append(f"d: {why}: exit code {rc} after SIGTERM ({time.monotonic() - t0:.1f} s)")
 
     def _up(self, name: str) -> None:

@@ -15,8 +15,10 @@ The rules (docs/guarantees.md, "Files the agent reads and writes"):
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
+import struct
 import tempfile
 from pathlib import Path
 
@@ -217,3 +219,103 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o600) -> None:
             os.close(dir_fd)
     except OSError as exc:
         raise StorageError(f"{path}: cannot write: {exc.strerror}") from exc
+
+
+class ReservedRecord:
+    """A small record rewritten in place inside a file whose space was reserved beforehand.
+
+    Made for what must reach the disk when the file system is full (a revocation applied in memory whose disk
+    part waits for space must survive a restart): :meth:`reserve` writes the file in full while there is room,
+    and :meth:`write` then only overwrites bytes already allocated, which needs no free block. Two slots of
+    ``slot_bytes``: a write goes to the slot that does not hold the newest record, with a higher sequence number
+    and a SHA-256 of its payload, then fsync; a crash in the middle of a write leaves the previous record whole.
+    The file is created 0600 and never opened through a symbolic link. Raises StorageError.
+    """
+
+    _HEADER = struct.Struct(">4sQI32s")  # magic, sequence, payload length, SHA-256 of the payload
+    _MAGIC = b"VGWR"
+
+    def __init__(self, path: Path, *, slot_bytes: int) -> None:
+        self.path = path
+        self.slot_bytes = slot_bytes
+        self.max_payload = slot_bytes - self._HEADER.size
+
+    def reserve(self) -> None:
+        """Create the file at its full size (zeros written, so its blocks are allocated), if it is not yet."""
+        create_private(self.path)
+        size = 2 * self.slot_bytes
+        try:
+            fd = os.open(self.path, os.O_RDWR | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+            try:
+                if os.fstat(fd).st_size == size:
+                    return
+                os.ftruncate(fd, 0)
+                zeros = b"\0" * self.slot_bytes
+                for _ in range(2):
+                    view = memoryview(zeros)
+                    while view:
+                        view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            try:
+                self.path.unlink()  # a half-reserved file would promise room it does not have
+            except OSError:
+                pass
+            raise StorageError(f"{self.path}: cannot reserve {size} bytes: {exc.strerror}") from exc
+
+    def _slots(self, data: bytes) -> list[tuple[int, bytes]]:
+        """(sequence, payload) of each valid slot."""
+        out = []
+        for i in range(2):
+            raw = data[i * self.slot_bytes:(i + 1) * self.slot_bytes]
+            if len(raw) < self._HEADER.size:
+                continue
+            magic, seq, length, digest = self._HEADER.unpack_from(raw)
+            payload = raw[self._HEADER.size:self._HEADER.size + length]
+            if magic == self._MAGIC and len(payload) == length and hashlib.sha256(payload).digest() == digest:
+                out.append((seq, payload))
+        return out
+
+    def read(self) -> bytes | None:
+        """The newest record (None: none, or an empty one). Reads only."""
+        try:
+            data = read_small_file(self.path, what="reserved record", max_bytes=2 * self.slot_bytes,
+                                   follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        slots = self._slots(data)
+        if not slots:
+            return None
+        return max(slots)[1] or None
+
+    def write(self, payload: bytes) -> None:
+        """Replace the record with ``payload`` (``b""``: no record), in place."""
+        if len(payload) > self.max_payload:
+            raise StorageError(f"{self.path}: record of {len(payload)} bytes > {self.max_payload}")
+        try:
+            fd = os.open(self.path, os.O_RDWR | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            raise StorageError(f"{self.path}: no space was reserved") from None
+        except OSError as exc:
+            raise StorageError(f"{self.path}: cannot open: {exc.strerror}") from exc
+        try:
+            if os.fstat(fd).st_size != 2 * self.slot_bytes:
+                raise StorageError(f"{self.path}: not the reserved size")
+            data = os.pread(fd, 2 * self.slot_bytes, 0)
+            seq, slot = 0, 0
+            for i in range(2):
+                raw = data[i * self.slot_bytes:(i + 1) * self.slot_bytes]
+                magic, s, length, digest = self._HEADER.unpack_from(raw)
+                body = raw[self._HEADER.size:self._HEADER.size + length]
+                if magic == self._MAGIC and hashlib.sha256(body).digest() == digest and s >= seq:
+                    seq, slot = s, i
+            target = 1 - slot if seq else 0
+            record = self._HEADER.pack(self._MAGIC, seq + 1, len(payload), hashlib.sha256(payload).digest()) + payload
+            os.pwrite(fd, record, target * self.slot_bytes)
+            os.fsync(fd)
+        except OSError as exc:
+            raise StorageError(f"{self.path}: cannot write: {exc.strerror}") from exc
+        finally:
+            os.close(fd)

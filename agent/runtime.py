@@ -248,7 +248,15 @@ class Agent:
         if self.signals.install():  # the main thread only: an agent run in another thread is stopped by stop()
             self.signals.attach(self._stop, self._reload)
         try:
-            self.manager.load_cached()
+            try:
+                # Room for a pending consent document's record, taken while there is room (vgw.consent.pending).
+                self.store.pending_apply.reserve()
+            except StorageError as exc:
+                log.warning("no room reserved for a pending consent document: %s", exc)
+            try:
+                self.manager.load_cached()
+            except StorageError as exc:  # a full or read-only disk at start: run, say so, retry (guarantees.md)
+                self.writer.storage_failed(exc)
             self._on_consent_change()
             self.uplink.start()
             self.writer.start()

@@ -8,13 +8,29 @@ what each proves.
 from __future__ import annotations
 
 import json
+import os
 import signal
+import sqlite3
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from vgw.simulators.broker import Mosquitto, free_port
 
-from tests.agentkit import AgentThread, Authority, agent_process, connected_cloud, vgw, wait_until, write_config
+from tests.agentkit import (
+    ROOT,
+    AgentThread,
+    Authority,
+    agent_process,
+    connected_cloud,
+    stop_process,
+    vgw,
+    wait_until,
+    write_config,
+)
 from tests.faultkit import DEV, apply_offline, live_status, record_trace
 
 
@@ -72,12 +88,6 @@ def test_version_floor_binds_after_cache_damage_over_mqtt_and_at_the_console(tmp
 
 
 def test_end_of_trace_drain_takes_consent_and_ends_promptly_on_sigterm(tmp_path: Path, pki) -> None:  # noqa: ANN001
-    import os
-    import subprocess
-    import sys
-
-    from tests.agentkit import ROOT, stop_process
-
     auth = Authority(tmp_path)
     trace = record_trace(tmp_path, 3.0)
     cfg = write_config(tmp_path, pki, free_port(), auth.trust,  # nothing listens there: the broker is unreachable
@@ -186,3 +196,111 @@ def test_restart_after_kill9_takes_the_retained_revocation_before_publishing_the
         erasure = next(c for c in _receipt_claims(cloud, "erasure") if c["grant"] == "g-loc")
         assert erasure["batches_deleted"] >= backlog
         assert len(cloud.samples(DEV, "g-loc")) == sent_before
+
+
+# -- a full disk never loses a revocation (docs/guarantees.md "Revocation wins every race") ------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 16 MB tmpfs (root only: CI runs as root); the test fills it with a ballast file."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs", str(disk)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    """Fill ``disk`` to the last byte (ENOSPC) with one ballast file."""
+    ballast = disk / "ballast"
+    fd = os.open(ballast, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        for size in (1 << 20, 1 << 12, 1):
+            try:
+                while os.write(fd, b"\0" * size):
+                    pass
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+    return ballast
+
+
+def _status(cfg: Path) -> dict:
+    return json.loads(vgw("status", "--config", str(cfg), "--json").stdout)
+
+
+def test_disk_full_revocation_stops_at_once_stays_pending_and_survives_a_restart(tmp_path: Path, pki, broker,  # noqa: ANN001
+                                                                                 small_disk: Path) -> None:
+    from tests.proxykit import LinkRelay
+
+    auth = Authority(tmp_path)
+    trace = record_trace(tmp_path, 20.0)
+    state = small_disk / "state"
+    log_path = tmp_path / "agent.log"
+
+    def start() -> subprocess.Popen[str]:
+        with log_path.open("a") as log_file:
+            return subprocess.Popen([sys.executable, "-m", "vgw", "run", "--config", str(cfg)], stdout=log_file,
+                                    stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                                    env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+    with LinkRelay(broker.port) as relay, connected_cloud(broker, pki) as cloud:
+        for gid in ("g-1", "g-loc"):
+            cloud.add_recipient(gid, auth.recipient(gid))
+        cfg = write_config(tmp_path, pki, relay.port, auth.trust, state_dir=state,
+                           can={"replay": str(trace), "replay_rate": 2.0, "replay_loop": True},
+                           batch={"max_interval_s": 0.1})
+        cloud.publish_consent(DEV, auth.doc(DEV, {"g-1": ["read_speedometer"], "g-loc": ["read_location"]},
+                                            limits=LOC_LIMITS))
+        proc = start()
+        try:
+            assert cloud.wait_for(lambda: len(cloud.samples(DEV, "g-loc")) >= 5, 30), log_path.read_text()
+            ballast = fill(small_disk)
+            cloud.publish_consent(DEV, auth.doc(DEV, {"g-1": ["read_speedometer"]}))  # v2 revokes g-loc
+            # Stopped in memory at once, pending on disk, and said so: storage not ok, the revocation pending.
+            assert wait_until(lambda: (_status(cfg).get("consent_pending") or {}).get("ver") == 2, 20), (
+                _status(cfg), log_path.read_text())
+            st = _status(cfg)
+            assert st["consent_pending"]["grants_stopped"] == ["g-loc"]
+            assert st["storage"]["ok"] is False
+            sent = len(cloud.samples(DEV, "g-loc"))
+            assert "consent v2 applied in memory only: grant(s) g-loc stopped" in log_path.read_text()
+            assert not _receipt_claims(cloud, "erasure")  # nothing is erased yet: no receipt may say so
+
+            # Killed with the disk still full, restarted offline: the cached v1 must not put g-loc back.
+            relay.cut()
+            proc.kill()
+            proc.wait(10)
+            proc = start()
+            assert wait_until(lambda: log_path.read_text().count("running (consent") >= 2, 30), log_path.read_text()
+            assert (_status(cfg).get("consent_pending") or {}).get("ver") == 2
+            assert "consent v2 was pending when the agent stopped" in log_path.read_text()
+
+            # Space comes back: the disk part is done, offline, from what survived the restart.
+            ballast.unlink()
+            assert wait_until(lambda: json.loads(vgw("consent", "show", "--config", str(cfg), "--json").stdout)
+                              ["version"] == 2, 30), log_path.read_text()
+            assert wait_until(lambda: _status(cfg).get("consent_pending") is None
+                              and _status(cfg)["storage"]["ok"], 30), _status(cfg)
+            db = sqlite3.connect(state / "outbox.sqlite")
+            try:
+                assert db.execute("SELECT COUNT(*) FROM grant_keys WHERE grant_id = 'g-loc'").fetchone()[0] == 0
+                assert db.execute("SELECT COUNT(*) FROM batches WHERE grant_id = 'g-loc'").fetchone()[0] == 0
+            finally:
+                db.close()
+
+            # Online again: the erasure receipt (signed only now) arrives; no g-loc sample went out meanwhile.
+            relay.restore()
+            assert cloud.wait_for(lambda: any(c["grant"] == "g-loc" for c in _receipt_claims(cloud, "erasure")), 30)
+            erasure = next(c for c in _receipt_claims(cloud, "erasure") if c["grant"] == "g-loc")
+            assert erasure["ver"] == 2 and erasure["key_destroyed"] is True
+            assert cloud.wait_for(lambda: cloud.samples(DEV, "g-1")[-1].arrived > time.time() - 5, 20)
+            assert len(cloud.samples(DEV, "g-loc")) == sent
+        finally:
+            stop_process(proc, 10)

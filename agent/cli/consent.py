@@ -10,7 +10,7 @@ from pathlib import Path
 
 from vgw.cli import DEFAULT_CONFIG
 from vgw.consent.store import ConsentStore
-from vgw.errors import ConfigError
+from vgw.errors import ConfigError, StorageError
 from vgw.timefmt import utc_text
 
 
@@ -92,6 +92,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
                 print(f"consent v{consent.ver} handed to the running agent; it has not confirmed it yet",
                       file=sys.stderr)
                 return 0
+            try:  # room for the record of a document whose disk part must wait (vgw.consent.pending)
+                store.pending_apply.reserve()
+            except StorageError:
+                pass
             manager.load_cached()
             result = manager.apply(token, source="cli")
         finally:
@@ -102,6 +106,12 @@ def cmd_apply(args: argparse.Namespace) -> int:
     if result.status == "rejected":
         print(f"vgw consent apply: {result.error}", file=sys.stderr)
         return 3
+    if result.status == "pending":
+        pending = manager.pending
+        print(f"vgw consent apply: consent v{result.consent.ver if result.consent else '?'} not applied: "
+              f"{pending.error if pending else 'storage failed'}; it is kept pending in the state directory and "
+              "`vgw run` finishes it once the disk can be written", file=sys.stderr)
+        return 1
     assert result.consent is not None
     if result.status == "duplicate":
         print(f"consent v{result.consent.ver} is already in force")

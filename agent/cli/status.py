@@ -49,7 +49,7 @@ def collect_status(config_path: str) -> dict[str, Any]:
               for g in state.active_grants()] if consent else []
     outbox_view = {g["id"]: {"rows": 0, "bytes": 0} for g in grants}
     outbox_view.update(state.outbox_stats)
-    return {
+    out: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "device": cfg.device.id,
         "state_dir": str(cfg.state_dir),
@@ -73,6 +73,32 @@ def collect_status(config_path: str) -> dict[str, Any]:
         "health": live.get("health", {"ok": True, "problem": None}) if running else {"ok": True, "problem": None},
         **pending_erasures(ConsentStore(cfg.state_dir)),
     }
+    pending = pending_consent(ConsentStore(cfg.state_dir))
+    out["consent_pending"] = pending
+    if pending is not None:
+        # Read from the record itself (written in place, so a full disk that stops status.json cannot hide it).
+        out["storage"] = {"ok": False, "error": f"consent v{pending['ver']} not yet stored: "
+                          + str(pending.get("error") or "retrying")}
+    return out
+
+
+def pending_consent(store: ConsentStore) -> dict[str, Any] | None:
+    """``consent_pending``: a document applied in memory whose disk part waits (docs/guarantees.md "Revocation
+    wins every race"): its version, the grants it stopped, since when, why. No personal data."""
+    from vgw.consent.pending import read_record
+    from vgw.consent.verifier import peek_version
+    from vgw.errors import StorageError
+
+    try:
+        raw = store.read_pending_apply()
+        doc = read_record(raw) if raw is not None else None
+    except (StorageError, ValueError):
+        return None
+    if doc is None:
+        return None
+    since = doc.get("since")
+    return {"ver": peek_version(doc["token"]), "grants_stopped": sorted(str(g) for g in doc["stopped"]),
+            "since": since if valid_time(since) else None, "error": doc.get("error")}
 
 
 def pending_erasures(store: ConsentStore) -> dict[str, Any]:
@@ -183,6 +209,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("link: stored data wait for the consent document retained at the broker")
     elif st.get("consent_sync") == "none":
         print("link: no consent document retained at the broker (stored data go out under the cached consent)")
+    if st.get("consent_pending"):
+        p = st["consent_pending"]
+        print(f"consent v{p['ver']} PENDING: applied in memory, not yet on disk ({p.get('error') or 'retrying'}); "
+              f"stopped: {', '.join(p['grants_stopped']) or 'none'}")
     if not st["storage"]["ok"]:
         print(f"storage: NOT STORING ({st['storage']['error']}); "
               f"{st['counters']['agent'].get('store_failures', 0)} batch(es) not stored")

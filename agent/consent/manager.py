@@ -17,16 +17,25 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from vgw.audit import AuditLog
 from vgw.consent.model import Consent, Grant
-from vgw.consent.narrowing import narrowing, terms_digest
+from vgw.consent.narrowing import NarrowingKind, narrowing, terms_digest
+from vgw.consent.pending import PendingApply, from_record, read_record
 from vgw.consent.store import ConsentStore, PendingErasure
 from vgw.consent.verifier import peek_version, verify_consent
 from vgw.crypto.receipts import ReceiptSigner
-from vgw.errors import ConfigError, ConsentError, ConsentReason, MalformedError, StorageError
+from vgw.errors import (
+    ConfigError,
+    ConsentError,
+    ConsentReason,
+    MalformedError,
+    StorageError,
+    VersionConflictError,
+)
 from vgw.fsutil import MAX_KEY_BYTES, check_owner, read_small_file
 from vgw.outbox import Erasure, GrantTerms, Outbox, Withdrawal
 
@@ -93,7 +102,9 @@ def read_cached(store: ConsentStore, trust_keys: Sequence[Ed25519PublicKey], dev
 
 @dataclass
 class ApplyResult:
-    status: str  # "applied" | "duplicate" | "rejected"
+    # "applied" | "duplicate" | "rejected" | "pending" (applied in memory, its disk part waits: see
+    # vgw.consent.pending; ``error`` is None then and the manager retries it)
+    status: str
     consent: Consent | None
     error: ConsentError | None = None
     revoked: list[Erasure] = field(default_factory=list)
@@ -129,21 +140,38 @@ class ConsentManager:
         self._reject_windows: dict[tuple[str, str], _RejectWindow] = {}  # (source, reason) -> its interval
         self.coalesced_rejections = 0  # rejections folded into a later counted entry
         self.expired = False
+        # A verified document applied in memory whose disk part waits (vgw.consent.pending), and the newest
+        # document that arrived meanwhile (applied in memory too; on disk after the pending one).
+        self.pending: PendingApply | None = None
+        self._held: tuple[Consent, str, list[tuple[int, frozenset[str]]]] | None = None
+        self._previous_grants: tuple[Grant, ...] | None = None  # the grants the pending document replaces
 
     # -- what is in force ---------------------------------------------------------------------------
 
     def active_grants(self) -> tuple[Grant, ...]:
+        """The grants collected and published now. While a document is pending only the grants it keeps
+        unchanged (and the document held behind it too): a grant it stops or changes stopped in memory at once."""
         if self.in_force is None or self.expired:
             return ()
-        return self.in_force.grants
+        grants = self.in_force.grants
+        for consent in self._waiting():
+            kept = {g.id: g for g in consent.grants}
+            grants = tuple(g for g in grants if kept.get(g.id) == g)
+        return grants
+
+    def _waiting(self) -> list[Consent]:
+        return ([self.pending.consent] if self.pending else []) + ([self._held[0]] if self._held else [])
 
     def load_cached_readonly(self) -> None:
         """Load and re-verify the cached document, with no effect on disk (for status and show)."""
         self.in_force, self.expired = self._read_cache(audit=False)
 
     def load_cached(self) -> None:
-        """Load and re-verify the cached document; erase anything on disk no grant in force covers."""
+        """Load and re-verify the cached document; finish a document left pending; erase anything on disk no
+        grant in force covers. Raises StorageError when the disk part cannot be done now (it stays pending)."""
         self.in_force, self.expired = self._read_cache(audit=True)
+        if self._resume_pending() is not None and self.pending is not None:
+            return  # its disk part waits for space: the rest below runs once it is done
         grants = self.active_grants()
         active = {g.id for g in grants}
         # Rows stamped with other terms than those in force (stored by an earlier version, or a crash between
@@ -158,6 +186,36 @@ class ConsentManager:
         if self.in_force is not None:
             self.store.raise_floor(self.in_force.iat)
 
+    def _resume_pending(self) -> ApplyResult | None:
+        """A document a previous run left pending (its record survived in the reserved file): take it up again,
+        memory part first, so the cached older document never puts a grant it stopped back in force."""
+        try:
+            raw = self.store.read_pending_apply()
+        except StorageError as exc:
+            log.error("pending consent record unreadable (%s): ignored", exc)
+            return None
+        if raw is None:
+            return None
+        try:
+            doc = read_record(raw)
+            # Re-verified like the cache (signature, subject, claims; validity judged at its iat): the record is
+            # ours, but a file is never trusted for what a signature can prove.
+            consent = verify_consent(doc["token"], trust_keys=self.trust_keys, device=self.device,
+                                     now=float(_claim_int(doc["token"], "iat")))
+            p = from_record(doc, consent)
+        except (ConsentError, ValueError, TypeError, KeyError, IndexError) as exc:
+            log.error("pending consent record does not verify (%s): ignored", type(exc).__name__)
+            self._audit("consent-pending-invalid")
+            return None
+        if self.in_force is not None and self.in_force.ver > consent.ver:
+            return None  # a newer document is in force already (the record was left behind)
+        self.pending = p
+        self.store.note_version(consent.ver)
+        self.outbox.withhold(p.stopped)
+        log.warning("consent v%d was pending when the agent stopped: grant(s) %s stay stopped; finishing it",
+                    consent.ver, ", ".join(sorted(p.stopped)) or "none")
+        return self._finish(p)
+
     def _read_cache(self, *, audit: bool) -> tuple[Consent | None, bool]:
         cached = read_cached(self.store, self.trust_keys, self.device)
         if cached.problem is not None and audit:
@@ -171,14 +229,21 @@ class ConsentManager:
         """Verify against the consent in force at the device's now, without applying. Raises ConsentError."""
         now = self.store.now()
         try:
-            return verify_consent(token, trust_keys=self.trust_keys, device=self.device, now=now,
-                                  in_force=self.in_force, floor_ver=self.store.max_ver)
+            consent = verify_consent(token, trust_keys=self.trust_keys, device=self.device, now=now,
+                                     in_force=self.in_force, floor_ver=self.store.max_ver)
         except ConsentError:
             raise
         except Exception as exc:
             # Any other failure inside a parser is still a malformed document: reject it whole, keep the
             # consent in force (a crash here would be a remote denial of service).
             raise MalformedError(f"consent rejected: unreadable document ({type(exc).__name__})") from exc
+        # A document applied in memory binds like the one in force: the same version with other content, or an
+        # older one, is refused (the pending one's version is in the floor already).
+        for waiting in self._waiting():
+            if consent.ver == waiting.ver and consent.digest != waiting.digest:
+                raise VersionConflictError(f"consent v{consent.ver} rejected: same version as the one being "
+                                           "applied with different content", consent.ver)
+        return consent
 
     def apply(self, token: str | bytes, *, source: str, skipped: Sequence[tuple[int, frozenset[str]]] = ()
               ) -> ApplyResult:
@@ -188,17 +253,35 @@ class ConsentManager:
         applied (vgw.consent.intake). A grant in force that one of them, between the version in force and
         this one, withdrew was revoked meanwhile even if this version grants it again: it is erased (receipt
         with that version) and starts afresh, so a burst never loses a revocation.
+
+        Memory first, then disk (docs/guarantees.md "Revocation wins every race"): the grants it stops end at
+        once; if the disk part fails (a full or read-only disk) the document is *pending*, not consumed: it
+        stays stopped in memory, its record survives a restart, and :meth:`retry_pending` finishes it.
         """
         try:
             consent = self.verify(token)
         except ConsentError as exc:
             self.reject(exc, source=source, token=token)
             return ApplyResult("rejected", self.in_force, error=exc)
+        p = self.pending
+        if p is not None and consent.digest == p.consent.digest:
+            return self._finish(p)  # the pending document again (a retained re-delivery): try its disk part
+        if p is not None:
+            # A newer document while one is pending: that one's disk part first; if it still cannot be done, the
+            # newer one is held, stopped in memory too, and applied right after.
+            if self._finish(p).status == "pending":
+                held = self._held
+                carried = list(skipped) + ([(held[0].ver, held[0].grant_ids)] + held[2] if held else [])
+                self._held = (consent, source, carried)
+                self._stop_in_memory(self._stopped_by(consent))
+                return ApplyResult("pending", consent)
+            return self.apply(token, source=source, skipped=skipped)
         if consent is self.in_force:
             return ApplyResult("duplicate", consent)
 
         old = self.in_force
-        old_active = {g.id for g in self.active_grants()}
+        old_grants = self.active_grants()
+        old_active = {g.id for g in old_grants}
         new_ids = consent.grant_ids
         skipped_revoked: dict[str, int] = {}  # grant -> the skipped version that revoked it
         for ver, ids in sorted(skipped):
@@ -206,40 +289,146 @@ class ConsentManager:
                 for gid in (old_active & new_ids) - ids:
                     skipped_revoked.setdefault(gid, ver)
         revoked = frozenset(old_active - new_ids) | frozenset(skipped_revoked)
-
-        # 1. Stop collection of dropped grants at once (memory first), and let the new grants store. The new terms and
-        #    the deletion of what they withdraw from stored batches are one outbox transaction (README "Telemetry
-        #    envelope"): no withdrawn row can be published in between, and a batch still in memory under the old terms
-        #    is refused when it is committed.
+        p = PendingApply(consent=consent, source=source, since=self.store.now(),
+                         previous_ver=old.ver if old else None, previous_digest=old.digest if old else None,
+                         revoked=revoked, regrant=skipped_revoked,
+                         stopped=revoked | self._stopped_by(consent))
+        self._previous_grants = old_grants
+        # 1. Memory: stop collecting the revoked grants at once (their in-memory batches go), stop publishing and
+        #    storing every grant it stops or changes, and let its version bind. None of this can fail.
+        self.pending = p
+        self.store.note_version(consent.ver)
         if revoked and self.on_revoke is not None:
             self.on_revoke(revoked)
-        narrowed = self.outbox.apply_terms(_terms(consent.grants, previous=self.active_grants()))
-        # 2. Wipe what was revoked on disk (key first, then rows) before anything else can fail.
-        wiped = {gid: self.outbox.erase_grant(gid) for gid in sorted(revoked)}
-        if skipped_revoked:  # erasure deactivated them; this version grants them anew, under its own terms
+        self.outbox.withhold(p.stopped)
+        # 2. Its record, in place in reserved space, before anything on disk changes: a restart takes it up.
+        self._journal(p)
+        # 3. Disk (vgw.consent.pending): terms, erasures, cache, receipts.
+        return self._finish(p)
+
+    def _stopped_by(self, consent: Consent) -> frozenset[str]:
+        """Grants collected now that ``consent`` revokes or changes."""
+        kept = {g.id: g for g in consent.grants}
+        return frozenset(g.id for g in self.active_grants() if kept.get(g.id) != g)
+
+    def _stop_in_memory(self, stopped: frozenset[str]) -> None:
+        if stopped and self.on_revoke is not None:
+            self.on_revoke(stopped)
+        waiting = self.pending.stopped if self.pending else frozenset()
+        self.outbox.withhold(waiting | stopped)
+
+    def _journal(self, p: PendingApply) -> None:
+        """Write the pending document's record (in place: works on a full disk once the space is reserved)."""
+        if not self.store.pending_apply.path.exists():
+            return  # no room was reserved (said once, when the agent started)
+        try:
+            self.store.write_pending_apply(p.to_json())
+        except StorageError as exc:
+            log.warning("pending consent v%d not recorded (%s): a restart before it is applied would not know it",
+                        p.consent.ver, exc)
+
+    def retry_pending(self) -> ApplyResult | None:
+        """Try the pending document's disk part again; then apply the one held behind it. None: nothing pending."""
+        p = self.pending
+        if p is None:
+            return None
+        result = self._finish(p)
+        if result.status != "pending" and self._held is not None:
+            consent, source, skipped = self._held
+            self._held = None
+            return self.apply(consent.token, source=source, skipped=skipped)
+        return result
+
+    def _finish(self, p: PendingApply) -> ApplyResult:
+        """The disk part of ``p``, resumed where it stopped. A StorageError leaves it pending (logged once)."""
+        try:
+            result = self._disk_part(p)
+        except StorageError as exc:
+            first = p.error is None
+            p.error = str(exc).splitlines()[0][:300]
+            if first:
+                log.error("consent v%d applied in memory only: grant(s) %s stopped; not yet on disk (%s); retried "
+                          "until it is", p.consent.ver, ", ".join(sorted(p.stopped)) or "none", p.error)
+                self._audit("consent-pending", ver=p.consent.ver, grants_stopped=sorted(p.stopped))
+                self._journal(p)
+                if self.on_change is not None:
+                    self.on_change()
+            return ApplyResult("pending", p.consent)
+        if p.error is not None:
+            log.warning("consent v%d now applied on disk too", p.consent.ver)
+        return result
+
+    def _disk_part(self, p: PendingApply) -> ApplyResult:
+        consent = p.consent
+        # a. The new terms, and the deletion of what they withdraw from stored batches: one outbox transaction
+        #    (README "Narrowing applies to stored data").
+        if p.narrowed is None:
+            previous = self._previous_grants
+            if previous is None:  # taken up after a restart: the cache still holds the document it replaces
+                in_force = self.in_force
+                previous = in_force.grants if in_force is not None and in_force.digest == p.previous_digest else ()
+            p.narrowed = [_withdrawal_record(w) for w in self.outbox.apply_terms(
+                _terms(consent.grants, previous=previous))]
+            self._journal(p)
+        # b. Wipe what was revoked (key first, then rows) before anything else can fail.
+        for gid in sorted(p.revoked):
+            if gid not in p.wiped:
+                e = self.outbox.erase_grant(gid)
+                p.wiped[gid] = (e.batches_deleted, e.key_destroyed)
+                self._journal(p)
+        if p.regrant and not p.regranted:  # erasure deactivated them; this version grants them anew
             self.outbox.apply_terms(_terms(consent.grants, previous=consent.grants))
-        # 3. Cache the document (atomic), raise the clock floor to its iat and remember its version.
-        self.store.write_token(consent.token)
-        self.store.raise_floor(consent.iat)
-        self.store.record_version(consent.ver)
-        self.in_force = consent
-        self.expired = False
-        # Grant metadata (no personal data) so the privacy report can name revoked grants later.
-        entry = self._audit("consent-applied", ver=consent.ver, source=source,
-                            grants=[{"id": g.id, "scopes": list(g.scopes), "controller": g.controller,
-                                     "purpose": g.purpose, "retention_s": g.retention_s}
-                                    for g in consent.grants],
-                            iat=consent.iat, exp=consent.exp, previous=old.ver if old else None)
-        self.outbox.queue_receipt(self._sign("consent-applied", entry, ver=consent.ver))
-        log.info("consent v%d applied from %s: %d grant(s)", consent.ver, source, len(consent.grants))
-        if self.on_change is not None:
-            self.on_change()
-        # 4. Record each erasure and send its receipt: memory, rows and key are gone by now.
-        erasures = [self._erase(gid, reason="revoked", ver=skipped_revoked.get(gid, consent.ver), done=wiped[gid])
-                    for gid in sorted(revoked)]
-        for withdrawal in narrowed:
-            self._withdrawn(withdrawal, ver=consent.ver)
+            p.regranted = True
+        # c. Cache the document (atomic), raise the clock floor to its iat and store its version.
+        if not p.cached:
+            self.store.write_token(consent.token)
+            self.store.raise_floor(consent.iat)
+            self.store.record_version(consent.ver)
+            p.cached = True
+            self._journal(p)
+        if self.in_force is not consent:
+            self.in_force = consent
+            self.expired = False
+            self.outbox.withhold(self._held_stops())
+            if self.on_change is not None:
+                self.on_change()
+        # d. Audit and receipts, each once; an erasure's only now that memory, rows and key are gone.
+        if "applied" not in p.recorded:
+            entry = self._audit("consent-applied", ver=consent.ver, source=p.source,
+                                grants=[{"id": g.id, "scopes": list(g.scopes), "controller": g.controller,
+                                         "purpose": g.purpose, "retention_s": g.retention_s}
+                                        for g in consent.grants],
+                                iat=consent.iat, exp=consent.exp, previous=p.previous_ver)
+            self.outbox.queue_receipt(self._sign("consent-applied", entry, ver=consent.ver))
+            p.recorded.add("applied")
+            self._journal(p)
+            log.info("consent v%d applied from %s: %d grant(s)", consent.ver, p.source, len(consent.grants))
+        erasures = []
+        for gid in sorted(p.revoked):
+            batches, destroyed = p.wiped[gid]
+            done = Erasure(gid, batches, destroyed)
+            if f"erasure:{gid}" not in p.recorded:
+                self._erase(gid, reason="revoked", ver=p.regrant.get(gid, consent.ver), done=done)
+                p.recorded.add(f"erasure:{gid}")
+                self._journal(p)
+            erasures.append(done)
+        narrowed = [_withdrawal(d) for d in p.narrowed or []]
+        for w in narrowed:
+            if f"narrowed:{w.grant_id}" not in p.recorded:
+                self._withdrawn(w, ver=consent.ver)
+                p.recorded.add(f"narrowed:{w.grant_id}")
+                self._journal(p)
+        self.store.clear_pending_apply()
+        self.pending = None
+        self._previous_grants = None
         return ApplyResult("applied", consent, revoked=erasures, narrowed=narrowed)
+
+    def _held_stops(self) -> frozenset[str]:
+        """What the document held behind the pending one keeps stopped once the pending one is in force."""
+        if self._held is None:
+            return frozenset()
+        kept = {g.id: g for g in self._held[0].grants}
+        return frozenset(g.id for g in (self.in_force.grants if self.in_force else ()) if kept.get(g.id) != g)
 
     def reject(self, exc: ConsentError, *, source: str, token: str | bytes | None = None, count: int = 1) -> None:
         """Record ``count`` rejected documents of one reason: audit entry and ``consent-rejected`` receipt.
@@ -309,8 +498,8 @@ class ConsentManager:
 
     def check_expiry(self) -> list[Erasure]:
         """Stop every grant when the document in force expires (as if revoked). Returns the erasures."""
-        if self.in_force is None or self.expired:
-            return []
+        if self.in_force is None or self.expired or self.pending is not None:
+            return []  # a pending document is judged once it is in force
         if self.store.now() < self.in_force.exp:
             return []
         self.expired = True
@@ -432,6 +621,19 @@ class _RejectWindow:
     pending: int = 0
     last: ConsentError | None = None
     ver: int | None = None
+
+def _withdrawal_record(w: Withdrawal) -> dict[str, object]:
+    """A withdrawal as the pending record keeps it (vgw.consent.pending: ids, kinds, counts)."""
+    return {"grant": w.grant_id, "kinds": sorted(str(k) for k in w.kinds), "scopes": sorted(w.scopes),
+            "batches_deleted": w.batches_deleted, "samples_deleted": w.samples_deleted,
+            "key_destroyed": w.key_destroyed, "pending": w.pending}
+
+
+def _withdrawal(d: dict[str, Any]) -> Withdrawal:
+    return Withdrawal(str(d["grant"]), frozenset(NarrowingKind(k) for k in d["kinds"]),
+                      frozenset(str(x) for x in d["scopes"]), int(d["batches_deleted"]), int(d["samples_deleted"]),
+                      bool(d["key_destroyed"]), bool(d.get("pending", False)))
+
 
 def _terms(grants: Sequence[Grant], *, previous: Sequence[Grant]) -> dict[str, GrantTerms]:
     """The outbox's view of ``grants``, each with what it withdraws compared with ``previous``."""

@@ -5,6 +5,9 @@
 ``clock.json``   ``floor``: the newest ``iat`` accepted and the latest wall-clock time the agent saw. The
                  agent's now is ``max(time.time(), floor)``: a clock rolled back (flat RTC battery, attacker)
                  cannot revive an expired grant or make an old document acceptable again.
+``consent.pending``  space reserved when the agent starts (vgw.fsutil.ReservedRecord): the document applied in
+                 memory whose disk part waits (vgw.consent.pending), rewritten in place, so even a full disk keeps it
+                 across a restart.
 """
 
 from __future__ import annotations
@@ -15,13 +18,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vgw.errors import StorageError
-from vgw.fsutil import MAX_STATE_BYTES, atomic_write, read_small_file
+from vgw.fsutil import MAX_STATE_BYTES, ReservedRecord, atomic_write, read_small_file
 from vgw.timefmt import valid_time
 
 CONSENT_FILE = "consent.jws"
 INBOX_FILE = "consent.inbox.jws"  # `vgw consent apply` hands a document to the running agent here
 CLOCK_FILE = "clock.json"
 PENDING_ERASURES_FILE = "erasures.pending.json"  # erasures done in SQL but not yet verified gone from the files
+PENDING_APPLY_FILE = "consent.pending"  # a document applied in memory whose disk part waits (vgw.consent.pending)
+PENDING_APPLY_SLOT_BYTES = 128 * 1024  # a document (at most 64 KiB) and the progress of its disk part
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +58,7 @@ class ConsentStore:
         self.inbox_path = state_dir / INBOX_FILE
         self.clock_path = state_dir / CLOCK_FILE
         self.pending_path = state_dir / PENDING_ERASURES_FILE
+        self.pending_apply = ReservedRecord(state_dir / PENDING_APPLY_FILE, slot_bytes=PENDING_APPLY_SLOT_BYTES)
         self._floor, self._max_ver = self._read_clock()
 
     # -- the document -------------------------------------------------------------------------------
@@ -88,6 +94,19 @@ class ConsentStore:
             self.inbox_path.unlink()
         except FileNotFoundError:
             pass
+
+    # -- a document whose disk part waits (written in place: a full disk cannot stop it) ----------------
+
+    def read_pending_apply(self) -> bytes | None:
+        """The pending document's record (vgw.consent.pending), or None. Reads only."""
+        return self.pending_apply.read()
+
+    def write_pending_apply(self, record: bytes) -> None:
+        self.pending_apply.write(record)
+
+    def clear_pending_apply(self) -> None:
+        if self.pending_apply.path.exists():
+            self.pending_apply.write(b"")
 
     # -- erasures waiting for their receipt ---------------------------------------------------------
 
@@ -149,9 +168,13 @@ class ConsentStore:
         return max(self._max_ver, self._read_clock()[1])
 
     def record_version(self, ver: int) -> None:
+        self.note_version(ver)
+        self.persist()
+
+    def note_version(self, ver: int) -> None:
+        """Raise the version floor in memory (a document applied in memory binds before it is on disk)."""
         if ver > self._max_ver:
             self._max_ver = ver
-        self.persist()
 
     @property
     def floor(self) -> float:

@@ -80,6 +80,9 @@ class StatusView:
         up = self.uplink
         obd = self._obd()
         storage_error = self.writer.storage_error
+        pending = self.manager.pending
+        if pending is not None:  # a consent document waits for the disk: storage is not ok, whatever stores now
+            storage_error = f"consent v{pending.consent.ver} not yet stored: {pending.error or 'retrying'}"
         problem = self.health.problem
         return {
             "device": self.device,
@@ -92,6 +95,8 @@ class StatusView:
             "last_publish": up.last_publish,
             "consent_version": consent.ver if consent else None,
             "consent_expired": self.manager.expired,
+            # a document applied in memory whose disk part waits (docs/guarantees.md "Revocation wins every race")
+            "consent_pending": pending.summary() if pending is not None else None,
             "collect": self.guard.pipeline.rule_counts(),  # collection rules: decoded vs let through, per grant/scope
             "published": {"batches": up.published_batches, "receipts": up.published_receipts},
             "storage": {"ok": storage_error is None, "error": storage_error},

@@ -1,7 +1,7 @@
 """The supervisor: the agent's main loop, on the main thread (``Agent.run``).
 
 It owns the consent documents' intake (the MQTT intake's queue, the inbox file written by `vgw consent apply`),
-expiry, retention, pending erasures, the quota-drop audits, the status file, the clock floor, the config reload
+the retries of a document applied in memory whose disk part waits (vgw.consent.pending), expiry, retention, pending erasures, the quota-drop audits, the status file, the clock floor, the config reload
 (SIGHUP, see vgw.runtime "Reload"), health and the systemd watchdog, and the end of a replay (``replay_exit``).
 Locks: none of its own; the consent manager, store, outbox and audit log take theirs, and a consent change or
 revocation takes the agent lock through the manager's hooks (:class:`vgw.daemon.guard.PipelineGuard`).
@@ -40,6 +40,7 @@ INTAKE_ROUNDS = 8  # consent intake emptied at most this often per main-loop tur
 RETENTION_EVERY_S = 5.0  # retention and pending erasures
 STATUS_EVERY_S = 0.5  # status.json
 FLOOR_EVERY_S = 30.0  # the persisted clock floor (vgw.consent.store)
+PENDING_RETRY_EVERY_S = 1.0  # the disk part of a pending consent document (vgw.consent.pending)
 REPLAY_DRAIN_S = 120.0  # replay_exit: how long the end of the trace waits for every batch to be acknowledged
 
 
@@ -74,7 +75,7 @@ class Supervisor:
     def run(self) -> None:
         """Turn until stop (or, with ``replay_exit``, until the trace's batches are all acknowledged)."""
         wd = watchdog_interval()
-        last_wd = last_status = last_floor = last_retention = 0.0
+        last_wd = last_status = last_floor = last_retention = last_pending = 0.0
         replay_exit = bool(self.cfg.can and self.cfg.can.replay and self.cfg.can.replay_exit)
         drain_since: float | None = None  # replay_exit: when the end of the trace was reached
         while not self.stop.is_set():
@@ -86,6 +87,10 @@ class Supervisor:
             self.guarded(self.manager.flush_rejections)
             now = time.monotonic()
             self.guarded(self.check_consent_file)
+            if self.manager.pending is not None and now - last_pending >= PENDING_RETRY_EVERY_S:
+                last_pending = now  # a document applied in memory whose disk part waits (a full disk)
+                self.guarded(self.manager.retry_pending)
+                self.uplink.wake()
             self.guarded(self.manager.check_expiry)
             if now - last_retention >= RETENTION_EVERY_S:
                 last_retention = now

@@ -121,6 +121,9 @@ class Outbox(Erasing, Receipts, Counters):
         self._undecryptable: set[int] = set()  # rows found unreadable by pending(): dropped by drop_undecryptable
         # Rows handed to the broker whose PUBACK has not come (maybe delivered): never dropped for quota.
         self._attempted: set[int] = set()
+        # Grants a consent document stopped in memory while its disk part waits (vgw.consent.pending): never
+        # published or stored, whatever ``active_grants`` on disk still says.
+        self._withheld: frozenset[str] = frozenset()
 
     # -- grants and keys ----------------------------------------------------------------------------
 
@@ -131,6 +134,12 @@ class Outbox(Erasing, Receipts, Counters):
             db.execute(f"DELETE FROM active_grants WHERE id NOT IN ({','.join('?' * len(keep))})",  # noqa: S608
                        keep)
             db.executemany("INSERT OR IGNORE INTO active_grants (id) VALUES (?)", [(g,) for g in keep])
+
+    def withhold(self, grant_ids: frozenset[str]) -> None:
+        """From now on no row of ``grant_ids`` is read for publishing or stored (memory only; replaces the set).
+        Under the lock the uplink holds from reading a row to handing it to the socket."""
+        with self._lock:
+            self._withheld = frozenset(grant_ids)
 
     def apply_terms(self, grants: dict[str, GrantTerms], *, now: float | None = None) -> list[Withdrawal]:
         """Make ``grants`` the grants in force, with their terms, and delete what they withdraw (README "Narrowing
@@ -328,7 +337,7 @@ class Outbox(Erasing, Receipts, Counters):
                    first_t: float, samples: int, quota_bytes: int | None, scopes: dict[str, int] | None,
                    terms: str | None) -> Committed:
         active = db.execute("SELECT terms FROM active_grants WHERE id = ?", (grant_id,)).fetchone()
-        if active is None:
+        if active is None or grant_id in self._withheld:
             raise GrantNotActive(f"grant {grant_id!r} is not active; batch discarded")
         if terms is not None and terms != active[0]:
             raise TermsChanged(f"grant {grant_id!r} changed its terms; batch collected under the old ones "
@@ -412,7 +421,7 @@ class Outbox(Erasing, Receipts, Counters):
         exclude = exclude or set()
         out: list[Row] = []
         with self._lock:
-            skip = sorted(self._unwrappable)
+            skip = sorted(self._unwrappable | self._withheld)
             cur = self._db.execute(
                 "SELECT b.id, b.grant_id, b.seq, b.samples, b.blob, b.scopes FROM batches b "  # noqa: S608 - only "?" placeholders are formatted in
                 "JOIN active_grants a ON a.id = b.grant_id AND a.terms = b.terms "
@@ -522,7 +531,7 @@ class Outbox(Erasing, Receipts, Counters):
                 (acked_since, after_id, limit)).fetchall()
             for row_id, grant_id, seq, samples, blob, scopes in rows:
                 has_key = self._db.execute("SELECT 1 FROM grant_keys WHERE grant_id = ?", (grant_id,)).fetchone()
-                if grant_id in self._unwrappable or has_key is None:
+                if grant_id in self._unwrappable or grant_id in self._withheld or has_key is None:
                     continue  # key destroyed (being erased) or not readable: nothing to replay
                 try:
                     payload = keys.open_row(self._data_key(self._db, grant_id), blob, self._aad(grant_id, seq))

@@ -370,17 +370,17 @@ def replay_command(out: Outcome) -> str:
     return f"python -m tests.explore --seed {out.seed} --steps '{json.dumps(out.steps)}'"
 
 
-def _worker(args: tuple[str, list[int], bool, str]) -> list[dict[str, Any]]:
-    name, seeds, shrink, results_path = args
+def _worker(name: str, seeds: list[int], shrink: bool, results_path: str) -> None:
+    # SIGTERM (a stopped `make explore`) ends the worker through its finally blocks: agent, brokers, tmpfs go.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     world = World(name)
-    results = []
     try:
         runner = Runner(world, name)
         for seed in seeds:
             initial, steps = generate(seed)
             out = runner.run(seed, initial, steps)
             record: dict[str, Any] = {"seed": seed, "ok": out.ok, "seconds": round(out.seconds, 1),
-                                      "steps": len(steps), "violations": out.violations}
+                                      "steps": len(steps), "end": round(time.time(), 1), "violations": out.violations}
             if not out.ok:
                 print(describe(out), flush=True)
                 if shrink:
@@ -391,10 +391,8 @@ def _worker(args: tuple[str, list[int], bool, str]) -> list[dict[str, Any]]:
                           f"  replay: {replay_command(small)}", flush=True)
             with open(results_path, "a") as f:
                 f.write(json.dumps({"worker": name, **record}) + "\n")
-            results.append(record)
     finally:
         world.close()
-    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -424,14 +422,25 @@ def main(argv: list[str] | None = None) -> int:
             world.close()
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     seeds = list(range(args.first, args.first + args.n))
-    jobs = [(f"w{i}", seeds[i::args.j], not args.no_shrink, args.results) for i in range(args.j)]
+    results_path = Path(args.results)
+    done_before = len(results_path.read_text().splitlines()) if results_path.exists() else 0
+    ctx = multiprocessing.get_context("spawn")
+    workers = [ctx.Process(target=_worker, args=(f"w{i}", seeds[i::args.j], not args.no_shrink, args.results),
+                           name=f"explore-w{i}") for i in range(args.j)]
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     t0 = time.monotonic()
-    if args.j == 1:
-        results = _worker(jobs[0])
-    else:
-        with multiprocessing.get_context("spawn").Pool(args.j) as pool:
-            results = [r for part in pool.map(_worker, jobs) for r in part]
+    try:
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    finally:
+        for w in workers:
+            if w.is_alive():
+                w.terminate()
+                w.join(60)
     took = time.monotonic() - t0
+    results = [json.loads(line) for line in results_path.read_text().splitlines()[done_before:]]
     failed = [r for r in results if not r["ok"]]
     print(f"{len(results)} schedule(s) in {took:.0f} s ({60 * len(results) / max(took, 1e-9):.1f}/min), "
           f"{len(failed)} failed: seeds {[r['seed'] for r in failed]}")

@@ -63,6 +63,7 @@ class Observer(CloudPeer):
         super().__init__(broker.host, broker.port, ca_file=pki.ca.cert, cert_file=pki.cloud.cert,
                          key_file=pki.cloud.key, persistent=True, client_id=f"explorer-{name}-{os.getpid()}")
         self.name = name
+        self._client.reconnect_delay_set(0.2, 1)  # back soon after a broker restart: schedules wait for it
         self.stream: list[Message] = []
         self._n = 0
 

@@ -207,6 +207,9 @@ class _Schedule:
             if self.agent.running:
                 self.agent.kill()
                 self._mark("kill")
+        elif op == "stop":
+            if self.agent.running:
+                self._terminate("stop")
         elif op == "start":
             self._start()
         elif op == "restart":

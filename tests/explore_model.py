@@ -14,7 +14,7 @@ Steps (``op``):
 - the cloud misbehaving: ``forge`` (a newer version signed by an untrusted key), ``replay`` (an older genuine
   version published again), ``skew`` (the cloud's clock steps by up to +-250 s for the next documents' ``iat``);
 - the link: ``down`` / ``up`` of broker A or B (stopped and started; with one down the agent fails over);
-- the process: ``kill`` (SIGKILL), ``start``, ``restart`` (SIGTERM, then start);
+- the process: ``kill`` (SIGKILL), ``stop`` (SIGTERM), ``start``, ``restart`` (SIGTERM, then start);
 - storage: ``fill`` (the state file system full), ``free``; ``damage`` (the consent cache truncated, garbled or
   deleted: the agent is killed, the file damaged, the agent started);
 - time passing: ``wait`` (seconds), ``settle`` (until the agent reports the newest version, bounded).
@@ -176,7 +176,7 @@ class ConsentModel:
 
 _WEIGHTS: dict[str, int] = {
     "grant": 10, "revoke": 9, "revoke_all": 2, "rotate": 3, "burst": 4, "local": 3, "forge": 2, "replay": 2,
-    "skew": 2, "down": 6, "up": 6, "kill": 5, "start": 5, "restart": 2, "fill": 4, "free": 4, "damage": 3,
+    "skew": 2, "down": 6, "up": 6, "kill": 5, "stop": 2, "start": 6, "restart": 2, "fill": 4, "free": 4, "damage": 3,
     "wait": 12, "settle": 6,
 }
 
@@ -202,7 +202,7 @@ def generate(seed: int, steps: int | None = None) -> tuple[dict[str, list[str]],
     for _ in range(steps if steps is not None else rng.randint(5, 10)):
         op = rng.choices(list(_WEIGHTS), list(_WEIGHTS.values()))[0]
         # Keep schedules plausible (shrinking may still make any list, and every step copes with any state).
-        if op == "start" and running or op in ("kill", "restart") and not running:
+        if op == "start" and running or op in ("kill", "stop", "restart") and not running:
             op = "wait"
         if op == "up" and not down or op == "down" and len(down) == 2:
             op = "grant"
@@ -231,7 +231,7 @@ def generate(seed: int, steps: int | None = None) -> tuple[dict[str, list[str]],
             step = {"op": op, "s": round(rng.uniform(0.3, 2.0), 2)}
         else:
             step = {"op": op}
-        if op == "kill":
+        if op in ("kill", "stop"):
             running = False
         elif op in ("start", "damage", "restart"):
             running = True

@@ -14,10 +14,12 @@ from collections.abc import Iterator
 import pytest
 from vgw.simulators.cloud import seal_envelope
 
+from tests.agentkit import wait_until, write_config
 from tests.explore import Outcome, Runner, describe, replay_command
 from tests.explore_model import ConsentModel, Step, generate
 from tests.explore_oracle import Evidence, check
-from tests.explore_world import World
+from tests.explore_world import AgentProc, World
+from tests.faultkit import live_status
 
 # The short form in the normal suite: four schedules that together hold every kind of step.
 SEEDS = (3, 6, 43, 74)
@@ -130,3 +132,35 @@ def test_shrinking_finds_the_two_steps_that_matter() -> None:
     small = stub.shrink(Outcome(5, {}, steps, ["a: withdrawn data"]))
     assert small.steps == [{"op": "kill"}, {"op": "revoke", "g": "g-loc"}]
     assert json.loads(json.dumps(small.steps)) == small.steps  # printable and replayable as JSON
+
+
+def test_an_agent_started_on_a_full_disk_waits_for_space_and_then_runs(world: World) -> None:
+    # Found by the explorer (kept schedules 210 and 301): `vgw run` on a full state file system exited 1 at once
+    # (the outbox could not be opened). systemd restarts it, but gives up after 10 starts in 10 minutes
+    # (systemd/vgw-agent.service), and a car whose disk stays full longer had no agent at all after that.
+    if not world.tmpfs:
+        pytest.skip("needs a tmpfs (root) for a real full disk")
+    device = "x-full-0001"
+    world.pki.device(device)
+    state = world.disk / device
+    cfg_dir = world.root / "cfg-full"
+    cfg_dir.mkdir()
+    cfg = write_config(cfg_dir, world.pki, world.brokers["A"].mosq.port, world.trust, device=device,
+                       can={"replay": str(world.trace), "replay_rate": 2.0, "replay_loop": True}, state_dir=state)
+    agent = AgentProc(cfg, cfg_dir / "agent.log")
+    try:
+        agent.start()
+        assert wait_until(lambda: live_status(state) is not None, 30)
+        assert agent.terminate(20) == 0  # a clean stop: the outbox's WAL is gone, opening it must write
+        world.fill_disk()
+        agent.start()
+        assert wait_until(lambda: "waiting for space" in agent.log.read_text(), 30), agent.log.read_text()[-600:]
+        time.sleep(2)  # it keeps waiting: no exit for systemd to count
+        assert agent.running, agent.log.read_text()[-600:]
+        world.free_disk()
+        assert wait_until(lambda: (live_status(state) or {}).get("link") == "connected", 30), \
+            agent.log.read_text()[-600:]
+        assert agent.terminate(20) == 0
+    finally:
+        agent.kill()
+        world.free_disk()

@@ -10,16 +10,19 @@ import json
 import os
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
-from vgw.simulators.cloud import seal_envelope
+from vgw.simulators.broker import free_port
+from vgw.simulators.cloud import seal_envelope, verify_receipt
+from vgw.simulators.pki import device_public_key_from_cert
 
-from tests.agentkit import wait_until, write_config
+from tests.agentkit import AgentThread, Authority, wait_until, write_config
 from tests.explore import Outcome, Runner, describe, replay_command
 from tests.explore_model import ConsentModel, Step, generate
 from tests.explore_oracle import Evidence, check
 from tests.explore_world import AgentProc, World
-from tests.faultkit import live_status
+from tests.faultkit import DEV, apply_offline, live_status, record_trace, use_faulty_outbox
 
 # The short form in the normal suite: four schedules that together hold every kind of step.
 SEEDS = (3, 6, 43, 74)
@@ -164,3 +167,38 @@ def test_an_agent_started_on_a_full_disk_waits_for_space_and_then_runs(world: Wo
     finally:
         agent.kill()
         world.free_disk()
+
+
+def test_an_orphan_erasure_that_failed_at_start_is_retried_until_done(tmp_path, pki, monkeypatch) -> None:  # noqa: ANN001
+    # Found by the explorer (seed 423: kill, full disk, cache damaged, start): with the cache unreadable nothing
+    # is in force, so the grant on disk is an orphan to erase at start; the disk could not take the erasure, the
+    # agent ran on, and nothing tried again: the grant's key and rows stayed, with no receipt, for good.
+    auth = Authority(tmp_path)
+    trace = record_trace(tmp_path, 20.0)
+    cfg = write_config(tmp_path, pki, free_port(), auth.trust,
+                       can={"replay": str(trace), "replay_rate": 2.0, "replay_loop": True})
+    apply_offline(cfg, auth, {"g-speed": ["read_speedometer"]}, tmp_path)
+    with AgentThread(cfg) as first:
+        assert wait_until(lambda: first.agent.outbox.stats().get("g-speed", {}).get("rows", 0) >= 2, 20)
+    state = tmp_path / "state"
+    (state / "consent.jws").write_text("damaged")
+    opened = use_faulty_outbox(monkeypatch)
+    runner = AgentThread(cfg)
+    faulty = opened[-1]
+    faulty.make_read_only()  # the erasure at start fails
+    runner.start()
+    try:
+        assert wait_until(lambda: runner.agent.storage_error is not None, 10)
+        assert runner.agent.outbox.has_key("g-speed")
+        faulty.repair()
+        assert wait_until(lambda: not runner.agent.outbox.has_key("g-speed"), 20), "the orphan erasure was not retried"
+        assert wait_until(lambda: any(r.get("grant") == "g-speed" for r in _queued_erasures(runner, pki)), 10)
+        assert runner.agent.outbox.stats().get("g-speed") is None
+    finally:
+        runner.stop()
+
+
+def _queued_erasures(runner: AgentThread, pki: Any) -> list[dict[str, Any]]:
+    key = device_public_key_from_cert(pki.device(DEV).cert)
+    claims = [verify_receipt(t, key, device=DEV) for _, t in runner.agent.outbox.pending_receipts(1000)]
+    return [c for c in claims if c["typ"] == "erasure"]

@@ -143,6 +143,7 @@ class ConsentManager:
         # A verified document applied in memory whose disk part waits (vgw.consent.pending), and the newest
         # document that arrived meanwhile (applied in memory too; on disk after the pending one).
         self.pending: PendingApply | None = None
+        self.disk_due = False  # settle_disk could not finish (a full or read-only disk): the main loop retries it
         self._held: tuple[Consent, str, list[tuple[int, frozenset[str]]]] | None = None
         self._previous_grants: tuple[Grant, ...] | None = None  # the grants the pending document replaces
 
@@ -168,10 +169,21 @@ class ConsentManager:
 
     def load_cached(self) -> None:
         """Load and re-verify the cached document; finish a document left pending; erase anything on disk no
-        grant in force covers. Raises StorageError when the disk part cannot be done now (it stays pending)."""
+        grant in force covers. Raises StorageError when the disk part cannot be done now (it stays pending, or
+        due: :meth:`settle_disk`)."""
         self.in_force, self.expired = self._read_cache(audit=True)
         if self._resume_pending() is not None and self.pending is not None:
-            return  # its disk part waits for space: the rest below runs once it is done
+            self.disk_due = True
+            return  # its disk part waits for space: the rest (settle_disk) runs once it is done
+        self.settle_disk()
+
+    def settle_disk(self) -> None:
+        """Bring the outbox in line with the grants in force: rows under other terms judged, grants on disk that no
+        grant in force covers erased (with their receipts), erasures left pending finished, the clock floor raised.
+
+        Idempotent. Raises StorageError when the disk cannot take it now; it then stays due (:attr:`disk_due`) and
+        the main loop calls it again, so an erasure a full disk refused at start is not forgotten."""
+        self.disk_due = True
         grants = self.active_grants()
         active = {g.id for g in grants}
         # Rows stamped with other terms than those in force (stored by an earlier version, or a crash between
@@ -185,6 +197,7 @@ class ConsentManager:
         self.finish_pending_erasures()
         if self.in_force is not None:
             self.store.raise_floor(self.in_force.iat)
+        self.disk_due = False
 
     def _resume_pending(self) -> ApplyResult | None:
         """A document a previous run left pending (its record survived in the reserved file): take it up again,

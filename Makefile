@@ -5,6 +5,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
+# Tests run in parallel (pytest-xdist). Most of the suite waits on real time (brokers, agents, replays), so
+# more workers than cores pays: 4 on a 2-core machine. PYTEST_WORKERS=0 runs in one process.
+PYTEST_WORKERS ?= 4
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: all venv deps test-deps demo test test-slow explore lint bench bundle install uninstall clean
@@ -49,10 +52,10 @@ demo: deps venv
 	$(BIN)/vgw demo
 
 test: deps test-deps venv
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 test-slow: deps test-deps venv
-	$(BIN)/python -m pytest -q --runslow $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --runslow $(PYTEST_ARGS)
 
 # The fault-schedule explorer (docs/guarantees.md, "The fault-schedule explorer"): N seeded schedules of faults
 # against the real agent on J workers (each with its own two brokers), failing ones shrunk to a minimal step

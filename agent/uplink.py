@@ -27,6 +27,11 @@ before anything newer; receivers drop the copies by (epoch, seq). ``replayed_bat
 are kept the same way (in memory: a receipt is deleted from the outbox on PUBACK as before) and published
 again first; a receiver treats a receipt it has seen as the same receipt. ``replayed_receipts`` counts them.
 
+Consent first (README "Topics"): after every (re)connect, stored batches (replays included) wait until the
+consent at the broker is known: a consent message that arrived after the granted SUBACK has been judged and
+applied by the main thread (``consent_settled``, vgw.consent.intake), or ``[mqtt] consent_wait_s`` passed
+without one. Status and receipts go first. :class:`ConsentSync` says where a connection stands.
+
 A failed connection attempt is logged once per distinct reason (repeats go to debug and are summed up when
 the reason changes or the link comes back), so a broker that stays down or a TLS fault does not flood the
 journal.
@@ -48,6 +53,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
+from enum import StrEnum
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -73,6 +79,15 @@ QUEUE_SLACK = 8  # paho queue beyond the in-flight window: the status message an
 # The largest packet the agent reads: a consent document at its limit plus room for the fixed header, the
 # topic and (MQTT 5) properties. Larger ones are never buffered (see agent.packetguard).
 MAX_PACKET_BYTES = MAX_DOCUMENT_BYTES + 1024
+
+
+class ConsentSync(StrEnum):
+    """What a connection knows of the consent retained at the broker (``consent_sync`` in `vgw status`)."""
+
+    OFFLINE = "offline"
+    WAITING = "waiting"  # connected; stored batches wait
+    RETAINED = "retained"  # the retained document was taken
+    NONE = "none"  # none came within [mqtt] consent_wait_s of the SUBACK
 
 
 def tls_context(cfg: MqttConfig) -> ssl.SSLContext:
@@ -131,10 +146,7 @@ class Uplink:
         self._ever_connected = False
         self.consent_subscribed = False  # the broker granted the consent subscription on this connection
         self.subscribe_refused = 0  # SUBACKs that refused it (each is retried)
-        # What this connection knows of the consent at the broker (README "Topics"): "offline"; "waiting" (no
-        # stored batch goes out yet); "retained" (the retained document was taken); "none" (none came within
-        # [mqtt] consent_wait_s of the SUBACK).
-        self.consent_sync = "offline"
+        self.consent_sync = ConsentSync.OFFLINE  # what this connection knows of the consent at the broker
         self._consent_msgs = 0  # consent messages handed to the intake (written by paho's thread only)
         self._msgs_at_suback: int | None = None  # that count when the subscription was granted
         self._sync_deadline: float | None = None
@@ -357,7 +369,7 @@ class Uplink:
             self._start_replay(since)
             self._replay_again = (time.monotonic() + window * SECOND_PASS_AFTER, since)
         self._ever_connected = True
-        self.consent_sync = "waiting"
+        self.consent_sync = ConsentSync.WAITING
         self._msgs_at_suback = None
         self._sync_deadline = None
         self._sub_delay = SUBSCRIBE_RETRY_FIRST_S  # a new connection (maybe another node) starts afresh
@@ -418,7 +430,7 @@ class Uplink:
             log.debug("loop_stop failed", exc_info=True)
         if self.state == "connected":
             self.state = "offline"
-        self.consent_sync = "offline"
+        self.consent_sync = ConsentSync.OFFLINE
 
     def _serve(self, client: mqtt.Client) -> None:
         inflight: dict[int, tuple[str, Any]] = {}
@@ -470,13 +482,13 @@ class Uplink:
 
     def _check_consent_sync(self) -> None:
         """Open the gate for stored batches once the consent at the broker is known (README "Topics")."""
-        if self.consent_sync != "waiting" or not self.consent_subscribed:
+        if self.consent_sync != ConsentSync.WAITING or not self.consent_subscribed:
             return
         seen = self._msgs_at_suback is not None and self._consent_msgs > self._msgs_at_suback
         if seen and self.consent_settled():
-            self.consent_sync = "retained"
+            self.consent_sync = ConsentSync.RETAINED
         elif self._sync_deadline is not None and time.monotonic() >= self._sync_deadline and self.consent_settled():
-            self.consent_sync = "none"
+            self.consent_sync = ConsentSync.NONE
             log.info("uplink: no consent document retained at %s within %g s; sending stored data", self.endpoint,
                      self.cfg.consent_wait_s)
         else:
@@ -557,7 +569,7 @@ class Uplink:
                 return sent
             inflight[mid] = ("receipt", (rid, token))
             sent += 1
-        if sent >= room or self.consent_sync not in ("retained", "none"):
+        if sent >= room or self.consent_sync not in (ConsentSync.RETAINED, ConsentSync.NONE):
             return sent  # stored batches wait until the consent at the broker is known (README "Topics")
         busy_rows = {v[1].id for v in inflight.values() if v[0] == "batch"}
         # The outbox lock is held across read and publish so a concurrent erasure either happens before

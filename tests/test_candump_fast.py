@@ -61,7 +61,26 @@ def test_an_endless_line_is_skipped_in_bounded_memory() -> None:
     assert got == [DamagedLine(1, cd.Damage.TOO_LONG)]
 
 
-@pytest.mark.parametrize("line", ["(1700000000.000100) can0 123#DEADBEEF", "(1700000000.1) can0 18FEF100#01"])
+@pytest.mark.parametrize("line", ["(1700000000.000100) can0 123#DEADBEEF", "(1700000000.1) can0 18FEF100#01",
+                                  "(1796624689.040476) can0 2B0#EC66ED797A R", "(1700000000.1) can0 123#00 T",
+                                  "(1700000000.1) can0 123##1" + "00" * 12, "(1700000000.1) can0 123##0" + "ab" * 64])
 def test_a_common_line_takes_the_fast_path(line: str) -> None:
-    [frame] = list(read_frame_tuples(io.BytesIO(line.encode() + b"\n")))
-    assert isinstance(frame, tuple) and frame[4] == 0
+    """Classic frames with or without the direction python-can's Logger and candump write, and CAN FD frames,
+    are read a block at a time (clean), not line by line."""
+    [(frames, clean)] = list(cd.read_frame_chunks(io.BytesIO((line + "\n").encode() * 3)))
+    assert clean and len(frames) == 3 and frames == _norm(read_frames(io.BytesIO((line + "\n").encode() * 3)))
+
+
+def test_a_trace_written_by_python_can_logger_takes_the_fast_path(tmp_path: Any) -> None:
+    import can
+
+    path = tmp_path / "drive.log"
+    with can.Logger(str(path)) as logger:
+        for i in range(2000):
+            for ext, can_id in ((False, 0x2B0), (True, 0x18FEF100)):
+                logger.on_message_received(can.Message(timestamp=1796624689.04 + i / 100, arbitration_id=can_id,
+                                                       is_extended_id=ext, data=bytes([i % 256] * 8), channel="can0"))
+    with path.open("rb") as fh:
+        chunks = list(cd.read_frame_chunks(fh))
+    assert all(clean for _items, clean in chunks)
+    assert sum(len(items) for items, _clean in chunks) == 4000

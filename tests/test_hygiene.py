@@ -1,4 +1,4 @@
-"""How the code reads (STYLE.md): one error tree, loggers named by module under ``vgw``, no test hooks or
+"""How the code reads (docs/style.md): one error tree, loggers named by module under ``vgw``, no test hooks or
 message-text decisions in production code, no dead fallbacks."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """`vgw status`, `vgw consent show` and `vgw report` read the state directory and change nothing on disk.
 
-STYLE.md "a read never writes": no state directory, storage key, SQLite schema or -wal/-shm side file is
+docs/style.md "a read never writes": no state directory, storage key, SQLite schema or -wal/-shm side file is
 created, and no existing file is modified (names, sizes, modes and mtimes compared before and after).
 """
 

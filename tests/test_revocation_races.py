@@ -34,14 +34,14 @@ from tests.agentkit import (
 from tests.faultkit import DEV, apply_offline, live_status, record_trace
 
 
-def _receipt_claims(cloud, typ):  # noqa: ANN001, ANN202
+def _receipt_claims(cloud, typ):
     return [r.claims for r in cloud.receipts(DEV, typ)]
 
 
 # -- the version floor binds whether or not a document is in force (README "Consent document") --------------
 
 
-def test_version_floor_binds_after_cache_damage_over_mqtt_and_at_the_console(tmp_path: Path, pki) -> None:  # noqa: ANN001
+def test_version_floor_binds_after_cache_damage_over_mqtt_and_at_the_console(tmp_path: Path, pki) -> None:
     auth = Authority(tmp_path)
     broker = Mosquitto.from_pki(pki).start()
     try:
@@ -87,7 +87,7 @@ def test_version_floor_binds_after_cache_damage_over_mqtt_and_at_the_console(tmp
 # -- the end-of-trace drain honours SIGTERM and consent (docs/guarantees.md "Revocation wins every race") -----
 
 
-def test_end_of_trace_drain_takes_consent_and_ends_promptly_on_sigterm(tmp_path: Path, pki) -> None:  # noqa: ANN001
+def test_end_of_trace_drain_takes_consent_and_ends_promptly_on_sigterm(tmp_path: Path, pki) -> None:
     auth = Authority(tmp_path)
     trace = record_trace(tmp_path, 3.0)
     cfg = write_config(tmp_path, pki, free_port(), auth.trust,  # nothing listens there: the broker is unreachable
@@ -125,7 +125,7 @@ def test_end_of_trace_drain_takes_consent_and_ends_promptly_on_sigterm(tmp_path:
 LOC_LIMITS = {"g-loc": {"read_location": {"max_hz": 10.0, "precision_m": 1.0}}}
 
 
-def test_reconnect_takes_the_retained_revocation_before_publishing_the_backlog(tmp_path: Path, pki, broker) -> None:  # noqa: ANN001
+def test_reconnect_takes_the_retained_revocation_before_publishing_the_backlog(tmp_path: Path, pki, broker) -> None:
     from tests.proxykit import LinkRelay
 
     auth = Authority(tmp_path)
@@ -161,8 +161,8 @@ def test_reconnect_takes_the_retained_revocation_before_publishing_the_backlog(t
         assert len(cloud.samples(DEV, "g-loc")) == sent_before
 
 
-def test_restart_after_kill9_takes_the_retained_revocation_before_publishing_the_backlog(tmp_path: Path, pki,  # noqa: ANN001
-                                                                                         broker) -> None:  # noqa: ANN001
+def test_restart_after_kill9_takes_the_retained_revocation_before_publishing_the_backlog(tmp_path: Path, pki,
+                                                                                         broker) -> None:
     from tests.faultkit import outbox_rows
     from tests.proxykit import LinkRelay
 
@@ -235,7 +235,7 @@ def _status(cfg: Path) -> dict:
     return json.loads(vgw("status", "--config", str(cfg), "--json").stdout)
 
 
-def test_disk_full_revocation_stops_at_once_stays_pending_and_survives_a_restart(tmp_path: Path, pki, broker,  # noqa: ANN001
+def test_disk_full_revocation_stops_at_once_stays_pending_and_survives_a_restart(tmp_path: Path, pki, broker,
                                                                                  small_disk: Path) -> None:
     from tests.proxykit import LinkRelay
 
@@ -269,6 +269,8 @@ def test_disk_full_revocation_stops_at_once_stays_pending_and_survives_a_restart
             st = _status(cfg)
             assert st["consent_pending"]["grants_stopped"] == ["g-loc"]
             assert st["storage"]["ok"] is False
+            show = vgw("consent", "show", "--config", str(cfg))
+            assert "consent v2 PENDING" in show.stdout and "stopped: g-loc" in show.stdout, show.stdout
             sent = len(cloud.samples(DEV, "g-loc"))
             assert "consent v2 applied in memory only: grant(s) g-loc stopped" in log_path.read_text()
             assert not _receipt_claims(cloud, "erasure")  # nothing is erased yet: no receipt may say so
@@ -304,3 +306,154 @@ def test_disk_full_revocation_stops_at_once_stays_pending_and_survives_a_restart
             assert len(cloud.samples(DEV, "g-loc")) == sent
         finally:
             stop_process(proc, 10)
+
+
+def test_disk_full_revocation_withholds_the_backlog_until_it_is_erased(tmp_path: Path, pki, broker,
+                                                                       small_disk: Path) -> None:
+    from tests.faultkit import outbox_rows
+    from tests.proxykit import LinkRelay
+
+    auth = Authority(tmp_path)
+    trace = record_trace(tmp_path, 20.0)
+    state = small_disk / "state"
+    with LinkRelay(broker.port) as relay, connected_cloud(broker, pki) as cloud:
+        for gid in ("g-1", "g-loc"):
+            cloud.add_recipient(gid, auth.recipient(gid))
+        cfg = write_config(tmp_path, pki, relay.port, auth.trust, state_dir=state,
+                           can={"replay": str(trace), "replay_rate": 2.0, "replay_loop": True},
+                           batch={"max_interval_s": 0.1})
+        cloud.publish_consent(DEV, auth.doc(DEV, {"g-1": ["read_speedometer"], "g-loc": ["read_location"]},
+                                            limits=LOC_LIMITS))
+        with agent_process(cfg):
+            assert cloud.wait_for(lambda: len(cloud.samples(DEV, "g-loc")) >= 5, 30)
+            relay.cut()  # offline: a backlog of both grants builds up
+            assert wait_until(lambda: outbox_rows(state / "outbox.sqlite", "g-loc") >= 3
+                              and outbox_rows(state / "outbox.sqlite", "g-1") >= 3, 20)
+            ballast = fill(small_disk)
+            backlog = outbox_rows(state / "outbox.sqlite", "g-loc")
+            sent_loc, sent_1 = len(cloud.samples(DEV, "g-loc")), len(cloud.samples(DEV, "g-1"))
+            broker.restart()
+            assert cloud.wait_connected(15)
+            cloud.publish_consent(DEV, auth.doc(DEV, {"g-1": ["read_speedometer"]}))  # v2 revokes g-loc
+            relay.restore()
+            # v2 is taken before any stored batch goes out; its disk part waits, g-loc's backlog is withheld
+            # while g-1's goes out.
+            assert wait_until(lambda: (_status(cfg).get("consent_pending") or {}).get("ver") == 2, 30), _status(cfg)
+            assert cloud.wait_for(lambda: len(cloud.samples(DEV, "g-1")) > sent_1, 20)
+            assert not _receipt_claims(cloud, "erasure")
+            assert outbox_rows(state / "outbox.sqlite", "g-loc") == backlog  # not erased yet: nothing to claim
+            ballast.unlink()
+            assert cloud.wait_for(lambda: any(c["grant"] == "g-loc" for c in _receipt_claims(cloud, "erasure")), 30)
+            erasure = next(c for c in _receipt_claims(cloud, "erasure") if c["grant"] == "g-loc")
+            assert erasure["batches_deleted"] >= backlog and erasure["key_destroyed"] is True
+            assert outbox_rows(state / "outbox.sqlite", "g-loc") == 0
+        assert len(cloud.samples(DEV, "g-loc")) == sent_loc
+
+
+def test_a_reserved_record_is_rewritten_in_place_and_survives_a_torn_write(tmp_path: Path) -> None:
+    from vgw.fsutil import ReservedRecord
+
+    rec = ReservedRecord(tmp_path / "r", slot_bytes=4096)
+    assert rec.read() is None
+    rec.reserve()
+    assert (tmp_path / "r").stat().st_size == 8192 and (tmp_path / "r").stat().st_mode & 0o777 == 0o600
+    rec.write(b"first")
+    rec.write(b"second")
+    assert rec.read() == b"second"
+    # A crash in the middle of the next write leaves a torn slot: the previous record stands.
+    data = bytearray((tmp_path / "r").read_bytes())
+    seqs = [int.from_bytes(data[i + 4:i + 12], "big") for i in (0, 4096)]  # header: magic, seq, length, sha256
+    older = 0 if seqs[0] < seqs[1] else 4096
+    data[older + 48:older + 60] = b"torn-garbage"
+    (tmp_path / "r").write_bytes(bytes(data))
+    assert rec.read() == b"second"
+    rec.write(b"")
+    assert rec.read() is None
+
+
+# -- the pending document's bookkeeping, on a real state directory (tests/consentkit.py) ----------------------
+
+
+def _pending_state(tmp_path: Path, pki):
+    from tests.consentkit import Authority as Signer
+    from tests.consentkit import State
+    from tests.faultkit import FaultyOutbox
+
+    signer = Signer(tmp_path)
+    st = State(tmp_path, pki, signer)
+    st.store.pending_apply.reserve()
+    grants = [signer.grant(g, ["read_speedometer"]) for g in ("g-a", "g-b", "g-c")]
+    assert st.manager.apply(signer.doc(DEV, 1, grants), source="test").status == "applied"
+    for g in ("g-a", "g-b", "g-c"):
+        st.outbox.commit_batch(g, lambda seq: b"sealed-" + bytes(100), 1.8e9, 1)
+    st.outbox.__class__ = FaultyOutbox  # the same connection, with the test kit's disk-full switch
+    return signer, st
+
+
+def test_documents_pending_behind_an_unwritable_outbox_apply_in_order_with_true_receipts(tmp_path: Path, pki) -> None:
+    signer, st = _pending_state(tmp_path, pki)
+    st.outbox.make_read_only()  # every write fails, deletes included (a full disk may still delete)
+    r2 = st.manager.apply(signer.doc(DEV, 2, [signer.grant(g, ["read_speedometer"]) for g in ("g-a", "g-b")]),
+                          source="test")
+    assert r2.status == "pending" and st.revoked_hook == [frozenset({"g-c"})]
+    assert [g.id for g in st.manager.active_grants()] == ["g-a", "g-b"]
+    assert {r.grant_id for r in st.outbox.pending(10)} == {"g-a", "g-b"}  # g-c's stored batch is withheld
+    r3 = st.manager.apply(signer.doc(DEV, 3, [signer.grant("g-a", ["read_speedometer"])]), source="test")
+    assert r3.status == "pending" and [g.id for g in st.manager.active_grants()] == ["g-a"]
+    assert {r.grant_id for r in st.outbox.pending(10)} == {"g-a"}
+    assert st.receipts("erasure") == [] and st.manager.in_force.ver == 1
+    assert st.manager.retry_pending().status == "pending"  # still full: nothing consumed, nothing claimed
+
+    st.outbox.repair()
+    assert st.manager.retry_pending().status == "applied"
+    assert st.manager.in_force.ver == 3 and st.manager.pending is None
+    assert [(c["grant"], c["ver"], c["batches_deleted"]) for c in st.receipts("erasure")] == [("g-c", 2, 1),
+                                                                                           ("g-b", 3, 1)]
+    assert [c["ver"] for c in st.receipts("consent-applied")] == [1, 2, 3]
+    assert st.store.read_pending_apply() is None
+    st.close()
+
+
+def test_a_pending_document_is_taken_up_after_a_restart(tmp_path: Path, pki) -> None:
+    signer, st = _pending_state(tmp_path, pki)
+    st.outbox.make_read_only()  # every write fails, deletes included (a full disk may still delete)
+    v2 = signer.doc(DEV, 2, [signer.grant(g, ["read_speedometer"]) for g in ("g-a", "g-b")])
+    assert st.manager.apply(v2, source="test").status == "pending"
+    from tests.consentkit import payload_of
+
+    assert payload_of(st.cache_bytes().decode().strip())["ver"] == 1  # the cache still holds v1
+    st.reopen()  # a restart (with room again): the record, not the cache, decides
+    assert st.manager.in_force.ver == 2 and st.manager.pending is None
+    assert [(c["grant"], c["ver"], c["batches_deleted"]) for c in st.receipts("erasure")] == [("g-c", 2, 1)]
+    assert not st.outbox.has_key("g-c")
+    st.close()
+
+
+def test_with_no_retained_consent_stored_batches_wait_consent_wait_s_and_status_says_so(tmp_path: Path, pki,
+                                                                                         broker) -> None:
+    auth = Authority(tmp_path)
+    trace = record_trace(tmp_path, 20.0)
+    cfg = write_config(tmp_path, pki, broker.port, auth.trust, mqtt_extra={"consent_wait_s": 2.0},
+                       can={"replay": str(trace), "replay_rate": 2.0, "replay_loop": True})
+    apply_offline(cfg, auth, {"g-1": ["read_speedometer"]}, tmp_path)  # nothing retained at the broker
+    with connected_cloud(broker, pki) as cloud:
+        cloud.add_recipient("g-1", auth.recipient("g-1"))
+        with AgentThread(cfg) as runner:
+            assert runner.wait_link(15)
+            connected = time.monotonic()
+            assert runner.agent.status()["consent_sync"] in ("waiting", "none")
+            assert cloud.wait_for(lambda: bool(cloud.batches(DEV, "g-1")), 20)
+            assert time.monotonic() - connected >= 1.5  # the batches waited (consent_wait_s after the SUBACK)
+            assert runner.agent.status()["consent_sync"] == "none"
+            assert wait_until(lambda: _status(cfg).get("consent_sync") == "none", 10)
+
+
+def test_consent_wait_s_is_checked(tmp_path: Path, pki) -> None:
+    auth = Authority(tmp_path)
+    for value, ok in ((0, True), (600, True), (-1, False), (601, False), ("3", False)):
+        cfg = write_config(tmp_path, pki, free_port(), auth.trust, mqtt_extra={"consent_wait_s": value},
+                           can={"channel": "x"})
+        r = vgw("status", "--config", str(cfg), "--json")
+        assert (r.returncode == 0) is ok, (value, r.stderr)
+        if not ok:
+            assert "consent_wait_s" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -154,17 +154,26 @@ def _wait_for_agent(store: ConsentStore, state_dir: Path, ver: int, timeout: flo
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    from vgw.cli.status import pending_consent
     from vgw.collect.describe import describe_grant
     from vgw.config import load_config
     from vgw.stateview import read_state
 
-    state = read_state(load_config(args.config))
+    cfg = load_config(args.config)
+    state = read_state(cfg)
     consent = state.consent
+    # A newer document the running agent applied in memory only (its disk part waits): what the cache says is
+    # no longer what is collected (docs/guarantees.md "Revocation wins every race").
+    pending = pending_consent(ConsentStore(cfg.state_dir))
     if args.json:
         doc = consent.summary() if consent else {"version": None, "grants": []}
         doc["expired"] = state.expired
+        doc["pending"] = pending
         print(json.dumps(doc, indent=2))
         return 0
+    if pending is not None:
+        print(f"consent v{pending['ver']} PENDING: applied in memory, not yet on disk; stopped: "
+              f"{', '.join(pending['grants_stopped']) or 'none'} (what follows is the stored document)")
     if consent is None:
         print("no consent in force: nothing is collected or sent"
               + ("" if state.exists else f" (no state yet: {state.audit.path.parent} does not exist)"))

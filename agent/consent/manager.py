@@ -9,10 +9,7 @@ no agent runs.
 
 from __future__ import annotations
 
-import collections
-import hashlib
 import logging
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -25,8 +22,9 @@ from vgw.audit import AuditLog
 from vgw.consent.model import Consent, Grant
 from vgw.consent.narrowing import NarrowingKind, narrowing, terms_digest
 from vgw.consent.pending import PendingApply, from_record, read_record
+from vgw.consent.rejections import RejectionLog
 from vgw.consent.store import ConsentStore, PendingErasure
-from vgw.consent.verifier import peek_version, verify_consent
+from vgw.consent.verifier import verify_consent
 from vgw.crypto.receipts import ReceiptSigner
 from vgw.errors import (
     ConfigError,
@@ -41,10 +39,6 @@ from vgw.outbox import Erasure, GrantTerms, Outbox, Withdrawal
 
 log = logging.getLogger(__name__)
 
-REJECTED_MEMORY = 256  # how many rejected documents are remembered (by digest) to ignore their replays
-# A flood of distinct invalid documents: per reason, the first rejection in an interval is audited and receipted
-# at once, the rest are summed into one entry and one receipt (with ``count``) when the interval ends.
-REJECT_COALESCE_S = 60.0
 NARROWED = "narrowed"  # the reason of an erasure receipt for stored data a narrowed grant withdrew
 
 # Called with the grant ids that stop, before anything is erased on disk: the runtime stops collecting
@@ -133,12 +127,7 @@ class ConsentManager:
         self.on_revoke = on_revoke
         self.on_change = on_change
         self.in_force: Consent | None = None
-        # Digests of documents already rejected: a replayed copy (a flood of the same bad document on the
-        # consent topic) is counted, not audited and receipted again, so it cannot fill the disk.
-        self._rejected: collections.OrderedDict[str, None] = collections.OrderedDict()
-        self.repeated_rejections = 0
-        self._reject_windows: dict[tuple[str, str], _RejectWindow] = {}  # (source, reason) -> its interval
-        self.coalesced_rejections = 0  # rejections folded into a later counted entry
+        self._rejections = RejectionLog(record=self._record_rejection)
         self.expired = False
         # A verified document applied in memory whose disk part waits (vgw.consent.pending), and the newest
         # document that arrived meanwhile (applied in memory too; on disk after the pending one).
@@ -146,6 +135,7 @@ class ConsentManager:
         self.disk_due = False  # settle_disk could not finish (a full or read-only disk): the main loop retries it
         self._held: tuple[Consent, str, list[tuple[int, frozenset[str]]]] | None = None
         self._previous_grants: tuple[Grant, ...] | None = None  # the grants the pending document replaces
+        self._journal_warned: int | None = None  # the version whose unwritable record was logged
 
     # -- what is in force ---------------------------------------------------------------------------
 
@@ -221,7 +211,11 @@ class ConsentManager:
             self._audit("consent-pending-invalid")
             return None
         if self.in_force is not None and self.in_force.ver > consent.ver:
-            return None  # a newer document is in force already (the record was left behind)
+            try:  # a newer document is in force already: the record was left behind
+                self.store.clear_pending_apply()
+            except StorageError:
+                pass
+            return None
         self.pending = p
         self.store.note_version(consent.ver)
         self.outbox.withhold(p.stopped)
@@ -276,6 +270,8 @@ class ConsentManager:
         except ConsentError as exc:
             self.reject(exc, source=source, token=token)
             return ApplyResult("rejected", self.in_force, error=exc)
+        if consent is self.in_force:
+            return ApplyResult("duplicate", consent)
         p = self.pending
         if p is not None and consent.digest == p.consent.digest:
             return self._finish(p)  # the pending document again (a retained re-delivery): try its disk part
@@ -283,14 +279,9 @@ class ConsentManager:
             # A newer document while one is pending: that one's disk part first; if it still cannot be done, the
             # newer one is held, stopped in memory too, and applied right after.
             if self._finish(p).status == "pending":
-                held = self._held
-                carried = list(skipped) + ([(held[0].ver, held[0].grant_ids)] + held[2] if held else [])
-                self._held = (consent, source, carried)
-                self._stop_in_memory(self._stopped_by(consent))
+                self._hold(consent, source, skipped)
                 return ApplyResult("pending", consent)
             return self.apply(token, source=source, skipped=skipped)
-        if consent is self.in_force:
-            return ApplyResult("duplicate", consent)
 
         old = self.in_force
         old_grants = self.active_grants()
@@ -324,11 +315,17 @@ class ConsentManager:
         kept = {g.id: g for g in consent.grants}
         return frozenset(g.id for g in self.active_grants() if kept.get(g.id) != g)
 
-    def _stop_in_memory(self, stopped: frozenset[str]) -> None:
+    def _hold(self, consent: Consent, source: str, skipped: Sequence[tuple[int, frozenset[str]]]) -> None:
+        """Keep ``consent`` behind the pending document: stopped in memory now, applied once that one is done.
+        A document held before it is superseded (its revocations are carried as a skipped version's)."""
+        held = self._held
+        carried = list(skipped) + ([(held[0].ver, held[0].grant_ids), *held[2]] if held else [])
+        before = {g.id for g in self.active_grants()}
+        self._held = (consent, source, carried)
+        stopped = frozenset(before - {g.id for g in self.active_grants()})
         if stopped and self.on_revoke is not None:
             self.on_revoke(stopped)
-        waiting = self.pending.stopped if self.pending else frozenset()
-        self.outbox.withhold(waiting | stopped)
+        self.outbox.withhold((self.pending.stopped if self.pending else frozenset()) | stopped | self._held_stops())
 
     def _journal(self, p: PendingApply) -> None:
         """Write the pending document's record (in place: works on a full disk once the space is reserved)."""
@@ -337,33 +334,37 @@ class ConsentManager:
         try:
             self.store.write_pending_apply(p.to_json())
         except StorageError as exc:
+            if self._journal_warned == p.consent.ver:
+                return  # said once per document (a read-only disk would say it every retry)
+            self._journal_warned = p.consent.ver
             log.warning("pending consent v%d not recorded (%s): a restart before it is applied would not know it",
                         p.consent.ver, exc)
 
     def retry_pending(self) -> ApplyResult | None:
-        """Try the pending document's disk part again; then apply the one held behind it. None: nothing pending."""
-        p = self.pending
-        if p is None:
-            return None
-        result = self._finish(p)
+        """Try the pending document's disk part again (then the one held behind it). None: nothing pending."""
+        return self._finish(self.pending) if self.pending is not None else None
+
+    def _finish(self, p: PendingApply) -> ApplyResult:
+        """The disk part of ``p``; once done, the document held behind it is applied (its result is returned)."""
+        result = self._finish_one(p)
         if result.status != "pending" and self._held is not None:
             consent, source, skipped = self._held
             self._held = None
             return self.apply(consent.token, source=source, skipped=skipped)
         return result
 
-    def _finish(self, p: PendingApply) -> ApplyResult:
+    def _finish_one(self, p: PendingApply) -> ApplyResult:
         """The disk part of ``p``, resumed where it stopped. A StorageError leaves it pending (logged once)."""
         try:
             result = self._disk_part(p)
         except StorageError as exc:
             first = p.error is None
             p.error = str(exc).splitlines()[0][:300]
+            self._journal(p)  # the steps done so far: a restart resumes after them
             if first:
                 log.error("consent v%d applied in memory only: grant(s) %s stopped; not yet on disk (%s); retried "
                           "until it is", p.consent.ver, ", ".join(sorted(p.stopped)) or "none", p.error)
                 self._audit("consent-pending", ver=p.consent.ver, grants_stopped=sorted(p.stopped))
-                self._journal(p)
                 if self.on_change is not None:
                     self.on_change()
             return ApplyResult("pending", p.consent)
@@ -382,7 +383,8 @@ class ConsentManager:
                 previous = in_force.grants if in_force is not None and in_force.digest == p.previous_digest else ()
             p.narrowed = [_withdrawal_record(w) for w in self.outbox.apply_terms(
                 _terms(consent.grants, previous=previous))]
-            self._journal(p)
+            if p.narrowed:  # what was withdrawn must still be receipted after a restart
+                self._journal(p)
         # b. Wipe what was revoked (key first, then rows) before anything else can fail.
         for gid in sorted(p.revoked):
             if gid not in p.wiped:
@@ -414,7 +416,6 @@ class ConsentManager:
                                 iat=consent.iat, exp=consent.exp, previous=p.previous_ver)
             self.outbox.queue_receipt(self._sign("consent-applied", entry, ver=consent.ver))
             p.recorded.add("applied")
-            self._journal(p)
             log.info("consent v%d applied from %s: %d grant(s)", consent.ver, p.source, len(consent.grants))
         erasures = []
         for gid in sorted(p.revoked):
@@ -423,15 +424,16 @@ class ConsentManager:
             if f"erasure:{gid}" not in p.recorded:
                 self._erase(gid, reason="revoked", ver=p.regrant.get(gid, consent.ver), done=done)
                 p.recorded.add(f"erasure:{gid}")
-                self._journal(p)
             erasures.append(done)
         narrowed = [_withdrawal(d) for d in p.narrowed or []]
         for w in narrowed:
             if f"narrowed:{w.grant_id}" not in p.recorded:
                 self._withdrawn(w, ver=consent.ver)
                 p.recorded.add(f"narrowed:{w.grant_id}")
-                self._journal(p)
-        self.store.clear_pending_apply()
+        try:
+            self.store.clear_pending_apply()
+        except StorageError as exc:  # all is done; a left record is finished again at the next start (no-op)
+            log.warning("pending consent record not cleared: %s", exc)
         self.pending = None
         self._previous_grants = None
         return ApplyResult("applied", consent, revoked=erasures, narrowed=narrowed)
@@ -444,57 +446,23 @@ class ConsentManager:
         return frozenset(g.id for g in (self.in_force.grants if self.in_force else ()) if kept.get(g.id) != g)
 
     def reject(self, exc: ConsentError, *, source: str, token: str | bytes | None = None, count: int = 1) -> None:
-        """Record ``count`` rejected documents of one reason: audit entry and ``consent-rejected`` receipt.
-
-        The same document again (by digest) is counted only; distinct documents of one reason are coalesced
-        to one entry and one receipt per source and reason per ``REJECT_COALESCE_S`` (the first at once, the
-        rest summed with a ``count`` when the interval ends: see :meth:`flush_rejections`), so a flood of
-        invalid documents cannot grow the audit log or the outbox without bound.
-        """
-        if token is not None:
-            digest = hashlib.sha256(token if isinstance(token, bytes) else token.encode("utf-8", "replace")).hexdigest()
-            if digest in self._rejected:
-                self._rejected.move_to_end(digest)
-                self.repeated_rejections += 1
-                log.debug("the same rejected consent document again (%s): counted only", exc.reason)
-                return
-            self._rejected[digest] = None
-            if len(self._rejected) > REJECTED_MEMORY:
-                self._rejected.popitem(last=False)
-        ver = exc.version if exc.version is not None else (peek_version(token) if token is not None else None)
-        now = time.monotonic()
-        key = (source, exc.reason)
-        window = self._reject_windows.get(key)
-        if window is None or (window.pending == 0 and now - window.start >= REJECT_COALESCE_S):
-            self._reject_windows[key] = _RejectWindow(start=now)
-            self._record_rejection(exc, ver, source=source, count=count)
-            if count > 1:
-                log.warning("%d consent documents rejected (%s) from %s", count, exc.reason, source)
-            else:
-                log.warning("%s (from %s)", exc, source)
-            return
-        window.pending += count
-        window.last, window.ver = exc, ver
-        self.coalesced_rejections += count
-        log.debug("consent rejected again (%s): counted into the next entry", exc.reason)
-        self.flush_rejections()
+        """Record ``count`` rejected documents of one reason: audit entry and ``consent-rejected`` receipt, the
+        same document again counted only, a flood coalesced (vgw.consent.rejections)."""
+        self._rejections.reject(exc, source=source, token=token, count=count)
 
     def flush_rejections(self, *, force: bool = False) -> None:
         """Write the summed entry and receipt of every reason whose coalescing interval is over (or all)."""
-        now = time.monotonic()
-        for key, window in list(self._reject_windows.items()):
-            if not force and now - window.start < REJECT_COALESCE_S:
-                continue
-            if window.pending == 0 or window.last is None:
-                del self._reject_windows[key]
-                continue
-            source, reason = key
-            self._record_rejection(window.last, window.ver, source=source, count=window.pending)
-            log.warning("%d more consent document(s) rejected (%s) from %s in the last %.0f s", window.pending,
-                        reason, source, now - window.start)
-            self._reject_windows[key] = _RejectWindow(start=now)
+        self._rejections.flush(force=force)
 
-    def _record_rejection(self, exc: ConsentError, ver: int | None, *, source: str, count: int) -> None:
+    @property
+    def repeated_rejections(self) -> int:
+        return self._rejections.repeated
+
+    @property
+    def coalesced_rejections(self) -> int:
+        return self._rejections.coalesced
+
+    def _record_rejection(self, exc: ConsentError, ver: int | None, source: str, count: int) -> None:
         claims: dict[str, object] = {"reason": exc.reason, "detail": str(exc)[:300]}
         fields: dict[str, object] = {"source": source, "reason": exc.reason, "ver": ver, "detail": str(exc)[:300]}
         if ver is not None:
@@ -625,15 +593,6 @@ class ConsentManager:
             log.error("audit entry %s not written: %s", event, exc)
             return {"n": None, "hash": None}
 
-
-@dataclass
-class _RejectWindow:
-    """One reason's coalescing interval: when it began and what was rejected since the entry that began it."""
-
-    start: float
-    pending: int = 0
-    last: ConsentError | None = None
-    ver: int | None = None
 
 def _withdrawal_record(w: Withdrawal) -> dict[str, object]:
     """A withdrawal as the pending record keeps it (vgw.consent.pending: ids, kinds, counts)."""

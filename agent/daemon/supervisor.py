@@ -1,8 +1,10 @@
 """The supervisor: the agent's main loop, on the main thread (``Agent.run``).
 
 It owns the consent documents' intake (the MQTT intake's queue, the inbox file written by `vgw consent apply`),
-the retries of a document applied in memory whose disk part waits (vgw.consent.pending), expiry, retention, pending erasures, the quota-drop audits, the status file, the clock floor, the config reload
-(SIGHUP, see vgw.runtime "Reload"), health and the systemd watchdog, and the end of a replay (``replay_exit``).
+the retries of a document applied in memory whose disk part waits (vgw.consent.pending), expiry, retention,
+pending erasures, the quota-drop audits, the status file, the clock floor, the config reload (SIGHUP, see
+vgw.runtime "Reload"), health and the systemd watchdog, and the end of a replay (``replay_exit``, a state of the
+loop: consent and SIGTERM are handled while it waits).
 Locks: none of its own; the consent manager, store, outbox and audit log take theirs, and a consent change or
 revocation takes the agent lock through the manager's hooks (:class:`vgw.daemon.guard.PipelineGuard`).
 """

@@ -1,4 +1,4 @@
-"""A read-only look at an outbox file, for `vgw status` and `vgw report` (STYLE.md: a read never writes)."""
+"""A read-only look at an outbox file, for `vgw status` and `vgw report` (docs/style.md: a read never writes)."""
 
 from __future__ import annotations
 

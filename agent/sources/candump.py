@@ -12,7 +12,9 @@ error flag (0x20000000) as an error frame, and an optional trailing ``R``/``T`` 
 
 :func:`read_frame_tuples` is the collector's reader: it reads the file in blocks, takes the common line (a
 classic data frame) on a fast path straight to a frame tuple (vgw.sources.frame), and hands every other line
-to :func:`parse_line`, so it accepts and refuses exactly the same lines as :func:`read_frames`.
+to :func:`parse_line`, so it accepts and refuses exactly the same lines as :func:`read_frames`. The fast path
+takes classic and CAN FD data frames, with or without the direction suffix (python-can's ``can.Logger`` writes
+`` R``), so a trace recorded by python-can or by candump goes at the same speed.
 """
 
 from __future__ import annotations
@@ -154,10 +156,12 @@ def read_frame_tuples(fh: BinaryIO) -> Iterator[Frame | DamagedLine]:
         yield from chunk
 
 
-# A whole block of common lines (classic data frames, single spaces, nothing after the data) is matched at
-# once; a block with any other line is judged line by line. Ids and times are range-checked after the match.
-_COMMON = re.compile(r"^\((\d{1,12}(?:\.\d{1,9})?)\) [!-~]+ ([0-9A-Fa-f]{3}|[0-9A-Fa-f]{8})#((?:[0-9A-Fa-f]{2}){0,8})$",
-                     re.M)
+# A whole block of common lines is matched at once: data frames, classic (up to 8 bytes) or CAN FD
+# (``##<flags><data>``), each with or without the direction suffix that python-can's ``can.Logger`` and some
+# candump options write (`` R``/`` T``), single spaces, nothing else. A block with any other line is judged
+# line by line. Ids, times and data lengths are range-checked after the match.
+_COMMON = re.compile(r"^\((\d{1,12}(?:\.\d{1,9})?)\) [!-~]+ ([0-9A-Fa-f]{3}|[0-9A-Fa-f]{8})#"
+                     r"(#[0-9A-Fa-f])?((?:[0-9A-Fa-f]{2}){0,64})(?: [RTrt])?$", re.M)
 
 
 def read_frame_chunks(fh: BinaryIO) -> Iterator[tuple[list[Frame | DamagedLine], bool]]:
@@ -216,12 +220,14 @@ def _fast_block(text: str, lines: int) -> list[Frame | DamagedLine] | None:
         return None
     try:
         frames: list[Frame | DamagedLine] = [(float(t), int(i, 16), len(i) == 8, bytes.fromhex(d), 0)
-                                             for t, i, d in found]
+                                             for t, i, _fd, d in found]
     except ValueError:
         return None
     if max(f[0] for f in frames) > LATEST_TIME or any(  # type: ignore[index]
             f[1] > (0x1FFFFFFF if f[2] else 0x7FF) for f in frames):  # type: ignore[index]
         return None
+    if any((len(d) > 16 and not fd) or (fd and len(d) // 2 not in FD_LENGTHS) for _t, _i, fd, d in found):
+        return None  # a classic frame over 8 bytes, or an FD length that does not exist: judged line by line
     return frames
 
 

@@ -202,9 +202,9 @@ def generate(seed: int, steps: int | None = None) -> tuple[dict[str, list[str]],
     for _ in range(steps if steps is not None else rng.randint(5, 10)):
         op = rng.choices(list(_WEIGHTS), list(_WEIGHTS.values()))[0]
         # Keep schedules plausible (shrinking may still make any list, and every step copes with any state).
-        if op == "start" and running or op in ("kill", "stop", "restart") and not running:
+        if (op == "start" and running) or (op in ("kill", "stop", "restart") and not running):
             op = "wait"
-        if op == "up" and not down or op == "down" and len(down) == 2:
+        if (op == "up" and not down) or (op == "down" and len(down) == 2):
             op = "grant"
         if op == "free" and not full:
             op = "fill"

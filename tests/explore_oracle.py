@@ -218,7 +218,8 @@ def _knowledge_events(ev: Evidence) -> list[tuple[float, int, str]]:
             if st and st.get("state") == "online" and isinstance(st.get("consent_version"), int):
                 out.append((m.arrived + M_STATUS, st["consent_version"], f"its status on {name} said v"))
     for e in ev.audit():
-        if e.get("event") == "consent-applied" and isinstance(e.get("ver"), int) and isinstance(e.get("t"), (int, float)):
+        if e.get("event") == "consent-applied" and isinstance(e.get("ver"), int) and isinstance(e.get("t"),
+                                                                                               (int, float)):
             out.append((e["t"] - ev.wall0 + M_LOCAL, e["ver"], "its audit log applied v"))
     for at, ver in ev.local:
         out.append((at + M_LOCAL, ver, "`vgw consent apply` applied v"))

@@ -34,7 +34,8 @@ KEPT: list[tuple[int, list[Step], str]] = [
     (200, [{"op": "down", "b": "A"}, {"op": "rotate", "g": "g-drive"}],
      "a: after a failover the stored (and replayed) batches of g-drive under its old recipient went out before "
      "v2, retained at the new broker, was taken"),
-    (209, [{"op": "revoke", "g": "g-diag"}, {"op": "fill"}, {"op": "grant", "g": "g-diag", "scopes": ["read_thermometer"]}],
+    (209, [{"op": "revoke", "g": "g-diag"}, {"op": "fill"},
+           {"op": "grant", "g": "g-diag", "scopes": ["read_thermometer"]}],
      "b: a document that arrived while the disk was full was consumed and never applied"),
     (210, [{"op": "fill"}, {"op": "damage", "how": "truncate"}, {"op": "settle"}],
      "d: the agent exited (rc 1) when it started on a full disk with a damaged cache (orphans to erase)"),
@@ -169,7 +170,7 @@ def test_an_agent_started_on_a_full_disk_waits_for_space_and_then_runs(world: Wo
         world.free_disk()
 
 
-def test_an_orphan_erasure_that_failed_at_start_is_retried_until_done(tmp_path, pki, monkeypatch) -> None:  # noqa: ANN001
+def test_an_orphan_erasure_that_failed_at_start_is_retried_until_done(tmp_path, pki, monkeypatch) -> None:
     # Found by the explorer (seed 423: kill, full disk, cache damaged, start): with the cache unreadable nothing
     # is in force, so the grant on disk is an orphan to erase at start; the disk could not take the erasure, the
     # agent ran on, and nothing tried again: the grant's key and rows stayed, with no receipt, for good.

@@ -4,13 +4,14 @@
     keys of its grant's incarnations (tests/explore_model.py); a sample of scope s sealed to incarnation I is
     withdrawn once a version >= the first that withdrew s from I exists. It is a violation if the device could
     know such a version when it published: it had applied it (its status said so earlier on the same
-    connection, or on any broker more than ``M_STATUS`` s before; its audit log or a `vgw consent apply` more
-    than ``M_LOCAL`` s before), or the document was retained at the broker when this connection began (it
-    reached the broker more than ``M_RETAINED`` s before the connection's first status, which the agent
-    publishes right after it subscribes), or it was delivered live on this connection more than ``T_LIVE`` s
-    before. The broker forwards one publisher's messages to the cloud in order, so "earlier on the same
-    connection" is exact; the margins only make the cross-connection cases conservative (no false alarm
-    from a message in flight).
+    connection; or before this connection began, by ``M_CONNECT`` s: a status on any broker more than
+    ``M_STATUS`` s, its audit log or a `vgw consent apply` more than ``M_LOCAL`` s earlier), or the document was
+    retained at the broker when this connection began (it reached the broker more than ``M_RETAINED`` s before
+    the connection's first status, which the agent publishes right after it subscribes), or it was delivered
+    live on this connection more than ``T_LIVE`` s before (not across a restart of that broker). The broker
+    forwards one publisher's messages to the cloud in order, so "earlier on the same connection" is exact; the
+    margins only make the other cases conservative (no false alarm from a message in flight, or held by a
+    broker that was down and delivered when it came back).
 (b) **Every revocation ends in an erasure receipt that is true on disk.** For each grant the device had applied
     and then applied a version without it (audit log), an ``erasure`` receipt (``revoked``, ``not-in-force`` or
     ``expired``, ``key_destroyed``) reached the cloud or waits in the outbox; a grant not in force at the end
@@ -44,6 +45,7 @@ M_STATUS = 1.0
 M_LOCAL = 2.0
 M_RETAINED = 0.5
 T_LIVE = 8.0
+M_CONNECT = 1.0  # a connection's first status may reach the cloud that late (the cloud reconnecting too)
 REVOKED_REASONS = ("revoked", "not-in-force", "expired")
 
 
@@ -209,20 +211,22 @@ def check(ev: Evidence) -> list[str]:
     return [*_withdrawn_data(ev), *_erasures(ev), *_seqs(ev)]
 
 
-def _knowledge_events(ev: Evidence) -> list[tuple[float, int, str]]:
-    """(monotonic time, version, how) of every moment the device is known to have applied a version."""
-    out: list[tuple[float, int, str]] = []
+def _knowledge_events(ev: Evidence) -> list[tuple[float, float, int, str]]:
+    """(when, when with its margin, version, how) of every moment the device is known to have applied a version
+    (monotonic times)."""
+    out: list[tuple[float, float, int, str]] = []
     for name, stream in ev.streams.items():
         for m in stream:
             st = status_of(m)
             if st and st.get("state") == "online" and isinstance(st.get("consent_version"), int):
-                out.append((m.arrived + M_STATUS, st["consent_version"], f"its status on {name} said v"))
+                out.append((m.arrived, m.arrived + M_STATUS, st["consent_version"], f"its status on {name} said v"))
     for e in ev.audit():
         if e.get("event") == "consent-applied" and isinstance(e.get("ver"), int) and isinstance(e.get("t"),
                                                                                                (int, float)):
-            out.append((e["t"] - ev.wall0 + M_LOCAL, e["ver"], "its audit log applied v"))
+            at = e["t"] - ev.wall0
+            out.append((at + 0.2, at + M_LOCAL, e["ver"], "its audit log applied v"))
     for at, ver in ev.local:
-        out.append((at + M_LOCAL, ver, "`vgw consent apply` applied v"))
+        out.append((at, at + M_LOCAL, ver, "`vgw consent apply` applied v"))
     return sorted(out)
 
 
@@ -236,10 +240,16 @@ def _withdrawn_data(ev: Evidence) -> list[str]:
         consents: list[tuple[float, int]] = []
         live: list[tuple[float, int]] = []
         conn_known, conn_how, status_known = 0, "", 0
+        conn_ref = float("-inf")  # when the current connection began (its first status reached the cloud)
+        started = conn_started = float("-inf")  # when the explorer started the agent process (of this connection)
         pending_connect, last_arrival = True, float("-inf")
         for m in stream:
             if m.topic.startswith("marker/"):
                 pending_connect = True
+                if m.topic == "marker/start":
+                    started = m.arrived
+                if m.topic in ("marker/down", "marker/up"):
+                    live = []  # what the broker still delivers after a restart may have been published before
                 continue
             kind = m.topic.rsplit("/", 2)
             if m.topic.endswith("/consent"):
@@ -255,6 +265,7 @@ def _withdrawn_data(ev: Evidence) -> list[str]:
                     switched = any(last_arrival < a < m.arrived for a in others)
                     if pending_connect or switched:
                         pending_connect = False
+                        conn_ref, conn_started = m.arrived, started
                         conn_known = _retained(consents, m.arrived)
                         conn_how = f"v{conn_known} was retained on {name} when it connected"
                         status_known, live = 0, []
@@ -268,9 +279,12 @@ def _withdrawn_data(ev: Evidence) -> list[str]:
                 known, how = conn_known, conn_how
                 if status_known > known:
                     known, how = status_known, f"its status said v{status_known} earlier on this connection"
-                for at, ver, what in known_events:
-                    if at <= m.arrived and ver > known:
-                        known, how = ver, f"{what}{ver} before"
+                # Knowledge from elsewhere counts from the start of this connection on, not from this message's
+                # arrival (a broker that was down delivers what it held long after it was published): exactly when
+                # it came before the explorer started this agent process, with the margins otherwise.
+                for at, at_margin, ver, what in known_events:
+                    if (at < conn_started or at_margin <= conn_ref - M_CONNECT) and ver > known:
+                        known, how = ver, f"{what}{ver} before this connection began"
                 for at, ver in live:
                     if at + T_LIVE <= m.arrived and ver > known:
                         known, how = ver, f"v{ver} was delivered live on this connection {T_LIVE:g} s before"

@@ -44,6 +44,10 @@ KEPT: list[tuple[int, list[Step], str]] = [
     (200, [{"op": "revoke", "g": "g-loc"}, {"op": "settle"}, {"op": "kill"}, {"op": "replay", "back": 1},
            {"op": "damage", "how": "garble"}, {"op": "wait", "s": 2}],
      "a: after cache damage the genuine, older v1 was applied again and g-loc collected and sent"),
+    (10050, [{"op": "wait", "s": 1.78}, {"op": "fill"}, {"op": "fill"},
+             {"op": "grant", "g": "g-diag", "scopes": ["read_diagnostics"]},
+             {"op": "grant", "g": "g-loc", "scopes": ["read_location"]}, {"op": "fill"}],
+     "d: a narrowing the full disk rolled back left its new data key in memory: the retry died on InvalidTag"),
 ]
 
 

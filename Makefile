@@ -88,6 +88,7 @@ bundle: venv
 # hardened unit, can0 network file, udev rule). DESTDIR=/dir stages the tree there instead, through the
 # offline bundle, so that the staged tree names /opt/vgw (not DESTDIR) and can be copied onto a device.
 # No dependency on `deps`: a car's Pi needs no broker.
+# With DESTDIR, install.sh picks an interpreter the agent's user can run unless PYTHON is given.
 install:
 	@$(PYTHON) -c 'import ensurepip, venv' >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq python3-venv; }
 	@[ -x $(BIN)/vgw ] || { $(PYTHON) -m venv $(VENV) && $(BIN)/python -m pip install -q -e .; }
@@ -95,7 +96,8 @@ ifdef DESTDIR
 	$(BIN)/python packaging/bundle.py --arch host
 	rm -rf build/bundle && mkdir -p build/bundle
 	tar xzf dist/vgw-bundle-$(VERSION)-$$(uname -m).tar.gz -C build/bundle
-	build/bundle/vgw-bundle-$(VERSION)-$$(uname -m)/install.sh --root $(DESTDIR) --python $(PYTHON)
+	build/bundle/vgw-bundle-$(VERSION)-$$(uname -m)/install.sh --root $(DESTDIR) \
+	    $(if $(filter command line environment,$(origin PYTHON)),--python $(PYTHON))
 else
 	$(SUDO) $(BIN)/vgw install --prefix /
 endif

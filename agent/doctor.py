@@ -1,7 +1,8 @@
 """The device self-check (`vgw doctor`): one PASS/WARN/FAIL line per thing an installer can get wrong.
 
 Checks, in order: config, catalogue (DBC + signal map), CAN interface (present, up, bitrate and bus state
-where readable) or replay trace, OBD adapter (opens, answers ``ATI``), keys, certificate (matches the key,
+where readable; a serial adapter opens as the agent's user, the state dir's owner, when run as root) or replay
+trace, OBD adapter (opens as the agent's user, answers ``ATI``), keys, certificate (matches the key,
 names this device, expiry: WARN within 30 days, FAIL expired), broker (TCP, TLS handshake with the device
 certificate through :func:`vgw.uplink.tls_context`, and the broker keeps the connection), clock (not
 before the floor in ``clock.json``), state dir permissions, consent in force and its expiry; then time sync
@@ -20,8 +21,10 @@ from __future__ import annotations
 import base64
 import ctypes
 import ctypes.util
+import errno
 import json
 import os
+import pwd
 import shutil
 import socket
 import ssl
@@ -37,7 +40,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from vgw.config import CanConfig, Config, ObdConfig, load_config
 from vgw.errors import ConfigError, MissingFileError, VgwError
-from vgw.fsutil import MAX_KEY_BYTES, read_small_file
+from vgw.fsutil import MAX_KEY_BYTES, Account, owner_of, read_small_file
+from vgw.sources.serialport import holders
 
 PASS, WARN, FAIL = "PASS", "WARN", "FAIL"
 CERT_WARN_DAYS = 30
@@ -92,7 +96,7 @@ def run_checks(config_path: str | Path, probes: Probes | None = None) -> list[Ch
     results = [Check("config", PASS, f"{cfg.path} is valid")]
     steps: list[tuple[str, Callable[[], Check | list[Check] | None]]] = [
         ("catalogue", lambda: _catalogue(cfg)),
-        ("can", lambda: _can(cfg.can, probes) if cfg.can is not None else None),
+        ("can", lambda: _can(cfg.can, probes, cfg.state_dir) if cfg.can is not None else None),
         ("obd", lambda: _obd(cfg, probes) if cfg.obd is not None else None),
         ("keys", lambda: _keys(cfg)),
         ("certificate", lambda: _certificate(cfg)),
@@ -218,7 +222,67 @@ def _fd_mode(ifname: str, mtu: str | None, want_fd: bool) -> tuple[str, str] | N
     return None
 
 
-def _can(can_cfg: CanConfig, probes: Probes) -> Check:
+def agent_account(state_dir: Path | None) -> Account | None:
+    """The account the agent runs as, when the doctor runs as root: the owner of the state dir (the service user
+    `vgw provision` gave it to). None when the doctor runs as that user itself, or no such owner exists yet."""
+    if os.geteuid() != 0 or state_dir is None:
+        return None
+    return owner_of(state_dir)
+
+
+def open_as(account: Account | None, path: str) -> OSError | None:
+    """Open ``path`` read-write (no controlling tty, non-blocking: nothing is read or written) as ``account``
+    (its groups as the passwd/group files give them, else its gid only), in a forked child, so the answer is
+    the kernel's own. None if it opens; the OSError otherwise."""
+    flags = os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC
+    if account is None:
+        try:
+            os.close(os.open(path, flags))
+        except OSError as exc:
+            return exc
+        return None
+    try:
+        groups = os.getgrouplist(pwd.getpwuid(account.uid).pw_name, account.gid)
+    except KeyError:
+        groups = [account.gid]
+    pid = os.fork()
+    if pid == 0:  # the child only makes system calls, then leaves without running any Python cleanup
+        code = 0
+        try:
+            os.setgroups(groups)
+            os.setgid(account.gid)
+            os.setuid(account.uid)
+            os.close(os.open(path, flags))
+        except OSError as exc:
+            code = exc.errno or 255
+        except BaseException:
+            code = 255
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    return None if code == 0 else OSError(code, os.strerror(code) if code != 255 else "failed", path)
+
+
+def _serial_check(name: str, what: str, path: str, state_dir: Path | None) -> Check:
+    """``what`` at ``path`` (which exists) opens for the agent's user; a port another process reads is left
+    alone (opening it beside its reader is what the check must never do to the agent)."""
+    pids = holders(path)
+    if pids:
+        return Check(name, PASS, f"{what} {path} present, in use by process {pids[0]} (not opened)")
+    account = agent_account(state_dir)
+    who = f"the agent's user (uid {account.uid}, owner of {state_dir})" if account else "this user"
+    error = open_as(account, path)
+    if error is None:
+        return Check(name, PASS, f"{what} {path} present, opens as {who}")
+    if error.errno == errno.EBUSY:
+        return Check(name, PASS, f"{what} {path} present, held exclusively by another process (not opened)")
+    hint = (" (udev: 60-vgw-obd.rules gives USB adapters group vgw; a pty belongs to the user who made it)"
+            if error.errno in (errno.EACCES, errno.EPERM) else "")
+    return Check(name, FAIL, f"{what} {path}: {who} cannot open it: {error.strerror}{hint}")
+
+
+def _can(can_cfg: CanConfig, probes: Probes, state_dir: Path | None = None) -> Check:
     if can_cfg.replay is not None:
         import can
 
@@ -245,7 +309,7 @@ def _can(can_cfg: CanConfig, probes: Probes) -> Check:
             hint = ("plugged in?" if channel.startswith("/dev/") else
                     "a link to a simulator's pty that is not running? `vgw dev up DIR` or `vgw sim can --link` it")
             return Check("can", FAIL, f"{can_cfg.interface} adapter {channel} not present ({hint})")
-        return Check("can", PASS, f"{can_cfg.interface} adapter {channel} present")
+        return _serial_check("can", f"{can_cfg.interface} adapter", channel, state_dir)
     return Check("can", WARN, f"interface {can_cfg.interface!r} channel {can_cfg.channel!r}: not checked")
 
 
@@ -291,6 +355,14 @@ def _obd(cfg: Config, probes: Probes) -> Check:
         return Check("obd", PASS, f"adapter {obd.port} in use by the running agent (not probed)")
     import serial
 
+    account = agent_account(cfg.state_dir)
+    if account is not None and obd.port.startswith("/") and os.path.exists(obd.port):
+        # The ATI probe below runs as root; the agent opens the port as its own user.
+        error = open_as(account, obd.port)
+        if error is not None and error.errno != errno.EBUSY:
+            return Check("obd", FAIL, f"adapter {obd.port}: the agent's user (uid {account.uid}, owner of "
+                                      f"{cfg.state_dir}) cannot open it: {error.strerror} (udev: 60-vgw-obd.rules "
+                                      "gives USB adapters group vgw)")
     bauds = (obd.baudrate,) if obd.baudrate else ELM_BAUDRATES
     for baud in bauds:
         try:

@@ -4,7 +4,10 @@ The rules (docs/guarantees.md, "Files the agent reads and writes"):
 
 - The state directory belongs to the user running vgw and nobody else can write to it: a directory owned by
   someone else or writable by group/others is refused, never adopted (an attacker who made it could have
-  planted symlinks or files in it).
+  planted symlinks or files in it). One exception, scoped by :func:`acting_for`: root running a command on
+  the service user's state dir (`sudo vgw provision` again, `sudo vgw uninstall --purge`) accepts that user's
+  files, and gives every file it created there to that user when the command ends, so the agent can still
+  open them (SQLite's ``-wal``): ownership stays as it was, nobody is asked to chown.
 - Files in the state directory are opened without following symlinks (``O_NOFOLLOW``) and created 0600 before
   their first byte is written.
 - Every small file the agent reads (keys, certificates, trust keys, DBC, signal map, config, state files) is
@@ -20,6 +23,9 @@ import os
 import stat
 import struct
 import tempfile
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from vgw.errors import StorageError, VgwError
@@ -31,6 +37,103 @@ MAX_DBC_BYTES = 64 * 1024 * 1024  # a full-vehicle DBC can be tens of MB
 MAX_STATE_BYTES = 1024 * 1024  # consent cache, inbox, clock file
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+@dataclass(frozen=True)
+class Account:
+    """A user root acts for: the service user that owns the state dir (``name`` only for messages)."""
+
+    uid: int
+    gid: int
+    name: str | None = None
+
+    def __str__(self) -> str:
+        return self.name or f"uid {self.uid}"
+
+
+# The accounts root acts for right now (:func:`acting_for`, entered and left by the main thread only).
+_acting: list[Account] = []
+
+
+def _accepted(uid: int) -> bool:
+    """True if a file owned by ``uid`` counts as our own: the running user's, or, while root acts for the
+    service user, that user's."""
+    me = os.geteuid()
+    return uid == me or (me == 0 and any(a.uid == uid for a in _acting))
+
+
+def owner_of(folder: Path) -> Account | None:
+    """The non-root owner of an existing directory (not a link), or None."""
+    try:
+        st = os.lstat(folder)
+    except OSError:
+        return None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid == 0:
+        return None
+    return Account(st.st_uid, st.st_gid)
+
+
+@contextmanager
+def acting_for(account: Account | None, folder: Path) -> Iterator[None]:
+    """Root runs a command on ``account``'s ``folder`` (its state dir): its files are accepted as our own
+    meanwhile, and on exit every file and folder root created below ``folder`` (and ``folder`` itself, if
+    root made it) is given to ``account``. A no-op unless running as root for a non-root account.
+
+    Given away are only root-owned regular files with one link and folders that were not there on entry,
+    walked without following a link (``os.fwalk``, ``dir_fd``): a hard or symbolic link the service user
+    planted never makes root hand over a file outside. Raises StorageError if a file cannot be given.
+    """
+    if account is None or account.uid == 0 or os.geteuid() != 0:
+        yield
+        return
+    before = _root_owned(folder)
+    _acting.append(account)
+    try:
+        yield
+    finally:
+        _acting.pop()
+        _give_created(folder, account, before)
+
+
+def acting_for_owner(state_dir: Path) -> AbstractContextManager[None]:
+    """:func:`acting_for` the owner of ``state_dir`` (root running `vgw consent apply` or `uninstall --purge` on
+    the service user's state dir; the read-only commands need no more than root's reading rights)."""
+    return acting_for(owner_of(state_dir), state_dir)
+
+
+def _walk(folder: Path) -> Iterator[tuple[str, int | None, os.stat_result]]:
+    """``folder`` and every entry below it: (name, dir_fd, lstat), never following a link."""
+    try:
+        top = os.lstat(folder)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(top.st_mode):
+        return
+    yield str(folder), None, top
+    for _top, dirs, files, top_fd in os.fwalk(folder, follow_symlinks=False):
+        for name in (*dirs, *files):
+            try:
+                yield name, top_fd, os.stat(name, dir_fd=top_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+
+
+def _root_owned(folder: Path) -> set[tuple[int, int]]:
+    return {(st.st_dev, st.st_ino) for _name, _fd, st in _walk(folder) if st.st_uid == 0}
+
+
+def _give_created(folder: Path, account: Account, before: set[tuple[int, int]]) -> None:
+    for name, dir_fd, st in _walk(folder):
+        if st.st_uid != 0 or (st.st_dev, st.st_ino) in before:
+            continue
+        if not (stat.S_ISDIR(st.st_mode) or (stat.S_ISREG(st.st_mode) and st.st_nlink == 1)):
+            continue
+        try:
+            os.chown(name, account.uid, account.gid, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise StorageError(f"{folder}/{name}: cannot give it to {account}: {exc.strerror}") from exc
 
 
 def read_small_file(path: Path, *, what: str, max_bytes: int, error: type[VgwError] = StorageError,
@@ -84,7 +187,7 @@ def check_owner(path: Path, *, what: str, allow_root: bool, error: type[VgwError
     except OSError as exc:
         raise error(f"{path}: cannot check {what}: {exc.strerror}") from exc
     me = os.geteuid()
-    if st.st_uid != me and not (allow_root and st.st_uid == 0):
+    if not _accepted(st.st_uid) and not (allow_root and st.st_uid == 0):
         raise error(f"{path}: {what} is owned by uid {st.st_uid}, not by the running user (uid {me}); refused")
     if st.st_mode & 0o022:
         raise error(f"{path}: {what} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o}); refused")
@@ -105,9 +208,11 @@ def ensure_private_dir(path: Path) -> Path:
         raise StorageError(f"{path}: cannot create state directory: {exc.strerror}") from exc
     if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
         raise StorageError(f"{path}: state directory is a symbolic link or not a directory; refused")
-    if st.st_uid != os.geteuid():
+    if not _accepted(st.st_uid):
+        hint = ("run the agent as its owner, as vgw-agent.service does" if os.geteuid() == 0
+                else "chown it or choose another state_dir")
         raise StorageError(f"{path}: state directory is owned by uid {st.st_uid}, not by the running user "
-                           f"(uid {os.geteuid()}); refused (chown it or choose another state_dir)")
+                           f"(uid {os.geteuid()}); refused ({hint})")
     if st.st_mode & 0o022:
         raise StorageError(f"{path}: state directory is writable by group or others (mode "
                            f"{stat.S_IMODE(st.st_mode):o}); refused (chmod 700 it after checking its content)")
@@ -140,7 +245,7 @@ def create_private(path: Path) -> None:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise StorageError(f"{path}: not a regular file; refused")
-        if st.st_uid != os.geteuid():
+        if not _accepted(st.st_uid):
             raise StorageError(f"{path}: owned by uid {st.st_uid}, not by the running user; refused")
         if stat.S_IMODE(st.st_mode) & 0o077:
             os.fchmod(fd, 0o600)

@@ -9,8 +9,16 @@ Layout (every path below is under ``prefix``, a root directory: ``/`` on a devic
 ``/etc/vgw``                           config, device key and certificate (`vgw provision` fills it)
 ``/etc/systemd/system``                ``vgw-agent.service`` (enabled), ``vgw-vcan.service`` (not enabled)
 ``/etc/systemd/network``               ``80-can0.network`` (systemd-networkd sets up can0)
-``/etc/udev/rules.d``                  ``60-vgw-obd.rules`` (USB OBD adapters -> group vgw)
+``/etc/udev/rules.d``                  ``60-vgw-obd.rules`` (USB OBD and SLCAN adapters -> group vgw)
+``/etc/systemd/system``                ``vgw-sysusers.service`` (enabled: makes the user at boot)
+``/usr/lib/sysusers.d/vgw.conf``       the ``vgw`` user and group (sysusers.d(5))
+``/usr/lib/systemd/system-preset``     ``80-vgw.preset`` (what first boot and `systemctl preset` enable)
+``/usr/local/bin/vgw``                 a link to ``/opt/vgw/venv/bin/vgw``, so ``vgw`` is on root's PATH
 =====================================  ================================================================
+
+A staged tree (``prefix`` not ``/``) also gets the ``multi-user.target.wants`` links `systemctl enable` makes,
+so it can be copied onto a device as it is: at boot vgw-sysusers.service makes the user, and the agent starts
+once the device is provisioned.
 
 System actions (creating the ``vgw`` user, ``systemctl``, ``udevadm``) run only when ``prefix`` is ``/`` and
 ``system`` is true. ``dry_run`` prints the plan and changes nothing.
@@ -37,6 +45,7 @@ from typing import TYPE_CHECKING
 
 from vgw.dbc import shipped_dir
 from vgw.errors import ConfigError, StorageError
+from vgw.fsutil import acting_for_owner
 
 if TYPE_CHECKING:
     from vgw.config import Config
@@ -47,6 +56,12 @@ log = logging.getLogger(__name__)
 SERVICE_USER = "vgw"
 AGENT_UNIT = "vgw-agent.service"
 VCAN_UNIT = "vgw-vcan.service"
+SYSUSERS_UNIT = "vgw-sysusers.service"
+SYSUSERS_SOURCE = "vgw.sysusers"  # in systemd/; installed as SYSUSERS_FILE
+SYSUSERS_FILE = "vgw.conf"
+PRESET = "80-vgw.preset"
+VGW_TARGET = "/opt/vgw/venv/bin/vgw"  # what /usr/local/bin/vgw points at, on the device
+ENABLED_UNITS = (SYSUSERS_UNIT, AGENT_UNIT)
 NETWORK_FILE = "80-can0.network"
 UDEV_RULE = "60-vgw-obd.rules"
 GUIDE = "install-raspberry-pi.md"
@@ -97,8 +112,25 @@ class Layout:
     def state(self) -> Path:
         return self._p("/var/lib/vgw")
 
+    @property
+    def sysusers(self) -> Path:
+        return self._p(f"/usr/lib/sysusers.d/{SYSUSERS_FILE}")
+
+    @property
+    def preset(self) -> Path:
+        return self._p(f"/usr/lib/systemd/system-preset/{PRESET}")
+
+    @property
+    def wants(self) -> Path:
+        return self._p("/etc/systemd/system/multi-user.target.wants")
+
+    @property
+    def bin_link(self) -> Path:
+        return self._p("/usr/local/bin/vgw")
+
     def installed_files(self) -> list[Path]:
-        return [self.units / AGENT_UNIT, self.units / VCAN_UNIT, self.network / NETWORK_FILE, self.udev / UDEV_RULE]
+        return [self.units / AGENT_UNIT, self.units / VCAN_UNIT, self.units / SYSUSERS_UNIT,
+                self.network / NETWORK_FILE, self.udev / UDEV_RULE, self.sysusers, self.preset]
 
 
 @dataclass
@@ -171,12 +203,53 @@ def _mkdir(path: Path, mode: int) -> None:
         raise StorageError(f"{path}: cannot create: {exc.strerror}") from exc
 
 
+NOBODY = 65534  # an account with no rights, like the agent's: what it can run, the agent can run
+PYTHON_CANDIDATES = ("/usr/bin/python3", "/usr/local/bin/python3")
+
+
+def runs_unprivileged(python: str) -> bool:
+    """True if an account with no rights (so the agent's user too) can run ``python`` and import its standard
+    library. Checked by the kernel itself: a forked child drops to uid/gid 65534 and execs it. Always true
+    when not running as root (then the venv is ours and runs as us)."""
+    if os.geteuid() != 0:
+        return True
+    pid = os.fork()
+    if pid == 0:  # the child only makes system calls, then execs or leaves without any Python cleanup
+        try:
+            null = os.open(os.devnull, os.O_RDWR)
+            os.dup2(null, 1)
+            os.dup2(null, 2)
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            os.execv(python, [python, "-c", "import encodings"])  # noqa: S606 - the exec is what is checked
+        finally:
+            os._exit(127)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) == 0
+
+
+def choose_python(python: str | None) -> str:
+    """The interpreter for /opt/vgw/venv (the venv's python is a link to it, run by the agent's user).
+
+    ``python`` given: checked. Else this vgw's own interpreter, /usr/bin/python3 or /usr/local/bin/python3,
+    whichever an unprivileged user can run first. Raises ConfigError naming the interpreter otherwise."""
+    candidates = [python] if python else [sys.executable, *PYTHON_CANDIDATES]
+    for candidate in candidates:
+        if os.access(candidate, os.X_OK) and runs_unprivileged(candidate):
+            return candidate
+    bad = candidates[0]
+    raise ConfigError(f"{bad} ({os.path.realpath(bad)}) cannot be run by an unprivileged user, so neither by the "
+                      f"agent's user {SERVICE_USER} (is it in a folder only root may enter, such as a pyenv under "
+                      "/root?); pass --python with a system interpreter, e.g. --python /usr/bin/python3")
+
+
 def _is_enabled(unit: str) -> bool:
     proc = subprocess.run(["systemctl", "is-enabled", "--quiet", unit], check=False)
     return proc.returncode == 0
 
 
-def _ensure_user() -> None:
+def _ensure_user(sysusers: Path) -> None:
     import pwd
 
     try:
@@ -184,8 +257,40 @@ def _ensure_user() -> None:
         return
     except KeyError:
         pass
+    if shutil.which("systemd-sysusers") and sysusers.is_file():
+        _run(["systemd-sysusers", str(sysusers)])  # the same definition vgw-sysusers.service applies at boot
+        return
     _run(["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
           "--shell", "/usr/sbin/nologin", "--comment", "vgw agent", SERVICE_USER])
+
+
+def _ours(link: Path, target: str) -> bool | None:
+    """True if ``link`` is a link to ``target`` (or to another vgw install's), False if something else is
+    there, None if nothing is."""
+    if link.is_symlink():
+        return os.readlink(link) == target or os.readlink(link).startswith("/opt/vgw/")
+    return False if link.exists() else None
+
+
+def _link(link: Path, target: str, echo: Callable[[str], None]) -> None:
+    """Make ``link`` point at ``target`` (a device path: it need not exist here); leave anything not ours."""
+    if _ours(link, target) is False:
+        echo(f"  {link} exists and is not vgw's link: left alone")
+        return
+    try:
+        link.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        tmp = link.with_name(f".{link.name}.tmp")
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        os.symlink(target, tmp)
+        os.replace(tmp, link)
+    except OSError as exc:
+        raise StorageError(f"{link}: cannot link it to {target}: {exc.strerror}") from exc
+
+
+def _unlink_ours(link: Path, target: str) -> None:
+    if _ours(link, target):
+        _remove(link)
 
 
 def _own_key(key: Path) -> None:
@@ -203,7 +308,7 @@ def install(
     prefix: Path = Path("/"),
     config: Path | None = None,
     source: Path | None = None,
-    python: str = sys.executable,
+    python: str | None = None,
     venv: bool = True,
     system: bool = True,
     dry_run: bool = False,
@@ -215,10 +320,13 @@ def install(
     system = system and lay.prefix == Path("/")
     if config is not None and not config.is_file():
         raise ConfigError(f"--config {config}: file not found")
+    # On the device the agent's user runs the venv's python: pick (or check) one it can run.
+    python = choose_python(python) if venv and system else (python or sys.executable)
     plan = Plan(dry_run=dry_run, echo=echo)
 
     if system:
-        plan.step(f"create system user and group {SERVICE_USER} (if missing)", _ensure_user)
+        plan.step(f"install {lay.sysusers}", lambda: _copy(src / "systemd" / SYSUSERS_SOURCE, lay.sysusers))
+        plan.step(f"create system user and group {SERVICE_USER} (if missing)", lambda: _ensure_user(lay.sysusers))
     if venv and lay.prefix != Path("/"):
         # A venv records its own path in its scripts: this one would name the staging folder, not /opt/vgw.
         echo(f"note: the venv under {lay.prefix} names that folder and cannot be copied onto a device; to stage an "
@@ -249,12 +357,18 @@ def install(
     plan.step(f"install {lay.network / NETWORK_FILE}",
               lambda: _copy(src / "systemd" / NETWORK_FILE, lay.network / NETWORK_FILE))
     plan.step(f"install {lay.udev / UDEV_RULE}", lambda: _copy(src / "systemd" / UDEV_RULE, lay.udev / UDEV_RULE))
+    plan.step(f"install {lay.units / SYSUSERS_UNIT} (makes the {SERVICE_USER} user at boot)",
+              lambda: _copy(src / "systemd" / SYSUSERS_UNIT, lay.units / SYSUSERS_UNIT))
+    if not system:
+        plan.step(f"install {lay.sysusers}", lambda: _copy(src / "systemd" / SYSUSERS_SOURCE, lay.sysusers))
+    plan.step(f"install {lay.preset}", lambda: _copy(src / "systemd" / PRESET, lay.preset))
+    plan.step(f"link {lay.bin_link} -> {VGW_TARGET}", lambda: _link(lay.bin_link, VGW_TARGET, echo))
 
     if system:
         plan.step(f"give {lay.etc / 'device.key'} to {SERVICE_USER} (if present)",
                   lambda: _own_key(lay.etc / "device.key"))
         plan.step("systemctl daemon-reload", lambda: _run(["systemctl", "daemon-reload"]))
-        plan.step(f"systemctl enable {AGENT_UNIT}", lambda: _run(["systemctl", "enable", AGENT_UNIT]))
+        plan.step(f"systemctl enable {' '.join(ENABLED_UNITS)}", lambda: _run(["systemctl", "enable", *ENABLED_UNITS]))
 
         def networkd() -> None:
             # Enabling networkd also enables its wait-online unit (Also=), which would wait 2 min at boot
@@ -271,8 +385,11 @@ def install(
             _run(["udevadm", "control", "--reload"]),
             _run(["udevadm", "trigger", "--subsystem-match=tty", "--action=add"])))
     else:
+        for unit in ENABLED_UNITS:  # what `systemctl enable` makes; the tree may be copied onto a device
+            plan.step(f"enable {unit} in the tree: {lay.wants / unit}",
+                      (lambda u: lambda: _link(lay.wants / u, f"/etc/systemd/system/{u}", echo))(unit))
         plan.step("skip user creation, systemctl and udevadm (not the live system: prefix is not / or "
-                  "--no-systemctl)")
+                  "--no-systemctl); the user is made at boot by vgw-sysusers.service")
     return plan
 
 
@@ -292,10 +409,17 @@ def final_erasure(config_path: Path, *, receipt_timeout_s: float = 10.0) -> Eras
     dir (stop it first) or the outbox cannot be erased.
     """
     from vgw.config import load_config
+
+    cfg = load_config(config_path)
+    # Root erases the service user's state as that user's (fsutil.acting_for): no chown, nothing refused.
+    with acting_for_owner(cfg.state_dir):
+        return _final_erasure(cfg, receipt_timeout_s)
+
+
+def _final_erasure(cfg: Config, receipt_timeout_s: float) -> ErasureSummary:
     from vgw.consent.manager import ConsentManager, load_trust_keys
     from vgw.runtime import AgentLock, open_state
 
-    cfg = load_config(config_path)
     if AgentLock.held_by_other(cfg.state_dir):
         raise StorageError(f"{cfg.state_dir}: the agent is running; stop it first (systemctl stop vgw-agent)")
     lock = AgentLock(cfg.state_dir)
@@ -375,8 +499,8 @@ def uninstall(
     system = system and lay.prefix == Path("/")
     plan = Plan(dry_run=dry_run, echo=echo)
     if system:
-        plan.step(f"systemctl disable --now {AGENT_UNIT} {VCAN_UNIT}",
-                  lambda: _run(["systemctl", "disable", "--now", AGENT_UNIT, VCAN_UNIT], check=False))
+        plan.step(f"systemctl disable --now {AGENT_UNIT} {VCAN_UNIT} {SYSUSERS_UNIT}",
+                  lambda: _run(["systemctl", "disable", "--now", AGENT_UNIT, VCAN_UNIT, SYSUSERS_UNIT], check=False))
     state_dirs: list[Path] = [lay.state]
     if purge:
         cfg_path = config or lay.etc / "vgw.toml"
@@ -398,6 +522,10 @@ def uninstall(
         elif lay.state.exists():
             raise ConfigError(f"{cfg_path}: config not found, so the grants in {lay.state} cannot be erased "
                               "properly; pass --config FILE")
+    for unit in ENABLED_UNITS:
+        plan.step(f"remove {lay.wants / unit}",
+                  (lambda u: lambda: _unlink_ours(lay.wants / u, f"/etc/systemd/system/{u}"))(unit))
+    plan.step(f"remove {lay.bin_link} (if it is vgw's link)", lambda: _unlink_ours(lay.bin_link, VGW_TARGET))
     for path in lay.installed_files():
         plan.step(f"remove {path}", _remover(path))
     plan.step(f"remove {lay.opt}", lambda: _remove(lay.opt))

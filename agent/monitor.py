@@ -40,6 +40,7 @@ from vgw.errors import ConfigError, SourceError, SourceFrameError
 from vgw.j1939 import ids as j1939
 from vgw.j1939.transport import Reassembler
 from vgw.pipeline.decoder import MessageDecoder
+from vgw.sources.serialport import holders
 
 RATE_WINDOW_S = 5.0
 _CONSENT_MIN = 24  # characters of the CONSENT column kept in view: "sent: g-fleet, g-insurer"
@@ -222,31 +223,6 @@ class ConsentView:
 
 
 # ---------------------------------------------------------------- the source
-
-
-def holders(device: str) -> list[int]:
-    """Pids of other processes that hold ``device`` (a tty or serial port) open, as far as /proc shows them."""
-    try:
-        target = os.stat(os.path.realpath(device))
-    except OSError:
-        return []
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            fds = os.listdir(f"/proc/{entry}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                st = os.stat(f"/proc/{entry}/fd/{fd}")
-            except OSError:
-                continue
-            if st.st_rdev == target.st_rdev and st.st_ino == target.st_ino and target.st_rdev:
-                found.append(int(entry))
-                break
-    return found
 
 
 def open_monitor_source(can: CanConfig, interface: str | None, channel: str | None) -> tuple[Any, str]:

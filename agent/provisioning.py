@@ -30,7 +30,7 @@ import re
 import shutil
 import sys
 import tomllib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +46,7 @@ from vgw.crypto.certs import DEVICE_URI_PREFIX, cert_device_id
 from vgw.crypto.keys import KEY_BYTES
 from vgw.dbc import shipped_dir
 from vgw.errors import ConfigError, StorageError
-from vgw.fsutil import MAX_KEY_BYTES, atomic_write, ensure_private_dir, read_small_file
+from vgw.fsutil import MAX_KEY_BYTES, Account, acting_for, atomic_write, ensure_private_dir, owner_of, read_small_file
 
 DEFAULT_OUT = Path("/etc/vgw")
 DEFAULT_STATE_DIR = Path("/var/lib/vgw")
@@ -66,6 +66,7 @@ DEFAULT_OBD_PORT = "/dev/vgw-obd"  # the udev symlink of 60-vgw-obd.rules (docs/
 DEMO_WARNING = ("the demo car's DBC and signal map are in use: they decode nothing meaningful on a real "
                 "vehicle; pass your vehicle's --dbc FILE and --signal-map FILE")
 
+_USER = re.compile(r"^[a-z_][a-z0-9_-]{0,31}\$?$")
 _HOST = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,252})$")
 
 
@@ -329,19 +330,33 @@ def _existing_device_id(config: Path) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _give_to(paths: Iterable[Path], user: str | None) -> None:
-    """Hand secrets to the service user when running as root and the user exists (else leave them)."""
-    if user is None or os.geteuid() != 0:
+def resolve_account(spec: str | None, getpwnam: Callable[[str], pwd.struct_passwd] = pwd.getpwnam
+                    ) -> Account | None:
+    """The service user from ``--service-user``: ``NAME`` (looked up with ``getpwnam``; None if it does not
+    exist yet: `vgw install` creates it), or ``UID[:GID]`` (used as given, with or without a passwd entry).
+    Raises ConfigError for a malformed value."""
+    if spec is None or spec == "":
+        return None
+    uid_text, _, gid_text = spec.partition(":")
+    if uid_text.isdigit() and (gid_text == "" or gid_text.isdigit()):
+        return Account(int(uid_text), int(gid_text or uid_text))
+    if gid_text or not _USER.match(spec):
+        raise ConfigError(f"--service-user {spec!r}: give a user name or UID[:GID]")
+    try:
+        pw = getpwnam(spec)
+    except KeyError:
+        return None
+    return Account(pw.pw_uid, pw.pw_gid, spec)
+
+
+def _give(path: Path, account: Account | None) -> None:
+    """Hand a secret outside the state dir (the device key) to the service user when running as root."""
+    if account is None or os.geteuid() != 0:
         return
     try:
-        pw = pwd.getpwnam(user)
-    except KeyError:
-        return  # `vgw install` creates the user and fixes ownership
-    for p in paths:
-        try:
-            os.chown(p, pw.pw_uid, pw.pw_gid)
-        except OSError as exc:
-            raise StorageError(f"{p}: cannot give it to user {user}: {exc.strerror}") from exc
+        os.chown(path, account.uid, account.gid, follow_symlinks=False)
+    except OSError as exc:
+        raise StorageError(f"{path}: cannot give it to {account}: {exc.strerror}") from exc
 
 
 def default_state_dir(out: Path) -> Path:
@@ -363,12 +378,16 @@ def provision(
     state_dir: Path | None = None,
     dbc_dir: Path | None = None,
     force: bool = False,
-    service_user: str | None = SERVICE_USER,
+    service_user: Account | None = None,
 ) -> Report:
     """Create the device identity, keys, state dir and config in ``out``. Raises ConfigError/StorageError.
 
     Every input is checked before anything is written, so a rejected input leaves ``out`` as it was.
     ``dbc_dir`` is where to look for the demo DBC (``sources.demo``).
+
+    Run as root, the state dir, the files in it and the device key go to the account the agent runs as: the
+    owner of an existing state dir (a re-run leaves ownership as it was), else ``service_user``
+    (:func:`resolve_account`); as anyone else they stay the running user's.
     """
     check_device_id(device_id)
     host, port = parse_broker(broker)
@@ -380,7 +399,6 @@ def provision(
 
     config_path = out / CONFIG_NAME
     key_path = out / KEY_NAME
-    cert_path = out / CERT_NAME
     storage_key_path = state_dir / STORAGE_KEY_NAME
     # Another identity already lives here: refuse, or the signed certificate and the key would disagree.
     previous = _existing_device_id(config_path)
@@ -395,6 +413,21 @@ def provision(
             raise ConfigError(f"{storage_key_path}: storage key is {size} bytes, expected {KEY_BYTES}; "
                               "use --force to replace it")
 
+    account = owner_of(state_dir) or service_user
+    with acting_for(account, state_dir):
+        return _provision(device_id=device_id, host=host, port=port, ca_certs=ca_certs, consent_key=consent_key,
+                          sources=sources, dbc_files=dbc_files, signal_map=signal_map, out=out,
+                          state_dir=state_dir, force=force, account=account)
+
+
+def _provision(*, device_id: str, host: str, port: int, ca_certs: list[x509.Certificate], consent_key: Path,
+               sources: Sources, dbc_files: list[Path], signal_map: Path | None, out: Path, state_dir: Path,
+               force: bool, account: Account | None) -> Report:
+    """:func:`provision` once every input is checked (as the state dir's owner, see :func:`acting_for`)."""
+    config_path = out / CONFIG_NAME
+    key_path = out / KEY_NAME
+    cert_path = out / CERT_NAME
+    storage_key_path = state_dir / STORAGE_KEY_NAME
     report = Report()
     try:
         out.mkdir(parents=True, exist_ok=True, mode=0o755)
@@ -416,7 +449,7 @@ def provision(
             report.add("certificate", cert_path.with_name(CERT_NAME + ".old"), "no longer matches the key")
     if key_path.stat().st_mode & 0o077:
         os.chmod(key_path, 0o600)
-    _give_to([key_path], service_user)
+    _give(key_path, account)
 
     csr_path = out / CSR_NAME
     csr = build_csr(key, device_id).public_bytes(serialization.Encoding.PEM)
@@ -452,7 +485,9 @@ def provision(
     else:
         atomic_write(storage_key_path, os.urandom(KEY_BYTES), mode=0o600)
         report.add("storage key", storage_key_path, "new, 0600")
-    _give_to([state_dir, storage_key_path], service_user)
+    for path in (state_dir, storage_key_path):  # made by root before the service user existed
+        if path.stat().st_uid == 0:
+            _give(path, account)
 
     text = render_config(device_id, state_dir, host, port, sources, [d.name for d in dbc_files],
                          signal_map.name if signal_map else SIGNAL_MAP_NAME).encode()

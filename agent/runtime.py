@@ -11,7 +11,8 @@ takes; ``Agent`` below only builds and wires them, starts them in ``run`` and st
              outbox transactions, off the collector, so fsync never stalls collection; owns the storage-fault
              state. Its queue has its own lock; a revocation empties it under the agent lock.
   uplink     the MQTT connection and paho's thread (vgw.uplink); calls in only through the consent intake
-             (its own lock) and the public status (reads).
+             (its own lock: offer, and settled before stored batches go out after a connect) and the public
+             status (reads).
   OBD        the OBD-II poller (vgw.obd.poller), when configured: offers samples under the agent lock.
   main       the supervisor (vgw.daemon.supervisor): consent documents (MQTT intake, the inbox file written by
              `vgw consent apply`), expiry, retention, pending erasures, quota audits, the status file
@@ -29,7 +30,9 @@ Faults (what each costs is in docs/guarantees.md; tests/test_faults_*.py prove i
   outbox over quota   the committing grant's oldest batches go, counted ``dropped_quota:<g>``, audited
                       (one entry per grant per minute at most) and shown by `vgw status`.
   disk full/read-only batches are counted in ``store_failures`` and not stored; logged and audited once when
-                      it starts and once when it recovers; ``storage`` in status.json says which.
+                      it starts and once when it recovers; ``storage`` in status.json says which. A consent
+                      document whose disk part fails stays pending (vgw.consent.pending): stopped in memory,
+                      retried every second, its record kept in space reserved at start.
   bus down/bus-off    SourceReadError: close, wait ``[can] reopen_s``, reopen; error frames are counted.
   bad frame           malformed input (SourceFrameError) or a frame the pipeline fails on: counted in
                       ``frames_malformed``/``frames_failed``, skipped, logged at most once a minute;

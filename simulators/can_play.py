@@ -6,6 +6,9 @@ from the first frame of the trace (``canplayer`` without ``-t``), or as fast as 
 (``realtime=False``, ``canplayer -t``). ``loops`` plays the trace that many times (``None``: until stopped,
 ``canplayer -l i``); every pass starts its timing afresh.
 
+A candump ``.log`` is read with the agent's own line reader (:mod:`vgw.sources.candump`): a damaged line is
+skipped and counted, as ``canplayer`` and the agent's replay skip it, and the frames after it are sent.
+
 Errors: :class:`~vgw.errors.ConfigError` for a missing or unreadable trace (raised before anything is
 sent, and also for a trace that holds no frame).
 """
@@ -20,14 +23,31 @@ from pathlib import Path
 
 import can
 from vgw.errors import ConfigError
+from vgw.sources.candump import DamagedLine, is_candump, open_binary, read_frames
 
 
-def _frames(path: Path) -> Iterator[can.Message]:
+class Skipped:
+    """Damaged lines skipped while playing (candump traces only)."""
+
+    def __init__(self) -> None:
+        self.lines = 0
+
+
+def _frames(path: Path, skipped: Skipped | None = None) -> Iterator[can.Message]:
     try:
+        if is_candump(path):
+            with open_binary(path) as fh:
+                for item in read_frames(fh):
+                    if isinstance(item, DamagedLine):
+                        if skipped is not None:
+                            skipped.lines += 1
+                    elif not item.is_error_frame:
+                        yield item
+            return
         for msg in can.LogReader(str(path)):
             if not msg.is_error_frame:
                 yield msg
-    except (OSError, ValueError, IndexError, KeyError) as exc:
+    except (OSError, EOFError, ValueError, IndexError, KeyError) as exc:
         raise ConfigError(f"trace file {path}: cannot read it ({type(exc).__name__}: {exc})") from exc
 
 
@@ -42,9 +62,10 @@ def check_trace(path: str | os.PathLike[str]) -> Path:
 
 
 def play(bus: can.BusABC, path: str | os.PathLike[str], *, loops: int | None = 1, realtime: bool = True,
-         stop_event: threading.Event | None = None) -> int:
+         stop_event: threading.Event | None = None, skipped: Skipped | None = None) -> int:
     """Send the trace at ``path`` on ``bus`` ``loops`` times (``None``: until ``stop_event``). Returns the
-    number of frames sent. Frames the bus refuses (full queue) are skipped, as ``canplayer`` does."""
+    number of frames sent. Frames the bus refuses (full queue) are skipped, as ``canplayer`` does; damaged
+    lines of a candump trace are skipped and counted in ``skipped`` (per pass)."""
     p = check_trace(path)
     stop = stop_event or threading.Event()
     sent = 0
@@ -52,7 +73,9 @@ def play(bus: can.BusABC, path: str | os.PathLike[str], *, loops: int | None = 1
     while loops is None or done < loops:
         first: float | None = None
         start = time.monotonic()
-        for msg in _frames(p):
+        if skipped is not None:
+            skipped.lines = 0
+        for msg in _frames(p, skipped):
             if stop.is_set():
                 return sent
             if realtime:

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -70,7 +71,8 @@ def test_bundle_holds_every_wheel_and_the_installer(bundle: Path) -> None:
     wheels = {n.split("/")[1].split("-")[0].lower() for n in names if n.startswith("wheels/")}
     assert {"vgw", "pip", "cryptography", "cantools", "python_can", "paho_mqtt", "pyjwt", "pyserial"} <= wheels
     assert {"install.sh", "BUNDLE.txt", "systemd/vgw-agent.service", "systemd/60-vgw-obd.rules",
-            "dbc/vehicle.dbc", "dbc/signals.toml"} <= names
+            "dbc/vehicle.dbc", "dbc/signals.toml", "systemd/vgw-sysusers.service", "systemd/vgw.sysusers",
+            "systemd/80-vgw.preset"} <= names
 
 
 def test_offline_install_into_a_root_runs_and_names_no_staging_path(
@@ -127,3 +129,51 @@ def test_install_refuses_another_arch_and_a_damaged_wheel(unpacked: Path, tmp_pa
     assert proc.returncode != 0
     assert "wheels do not match BUNDLE.txt" in proc.stderr
     assert not (tmp_path / "r2" / "opt").exists()
+
+
+NOBODY = 65534  # an account with no rights, like the agent's: what it can run, the agent can run
+needs_root = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                                reason="running as another user needs root and setpriv")
+
+
+def as_nobody(*argv: str) -> subprocess.CompletedProcess[str]:
+    """``argv`` run by a shell that is already ``NOBODY`` (setpriv opens its own command while still root)."""
+    return subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "/bin/sh", "-c",
+                           'exec "$@"', "sh", *argv],
+                          capture_output=True, text=True, timeout=60, check=False, cwd="/")
+
+
+@needs_root
+def test_the_venv_runs_as_an_unprivileged_user(unpacked: Path, tmp_path: Path) -> None:
+    """install.sh took `python3` from root's PATH (pyenv under /root, mode 0700), so the service user got
+    `failed to execute /opt/vgw/venv/bin/vgw: Permission denied`. Here `python3` on PATH is this test's own
+    interpreter, wherever it lives."""
+    # pytest's folders are 0700; the device's /opt is not: stage into a folder others can enter.
+    top = Path(tempfile.mkdtemp(prefix="vgw-stage-"))
+    try:
+        os.chmod(top, 0o755)  # noqa: S103 - others must enter it, as they enter /opt
+        root = top / "root"
+        proc = install(unpacked, root)
+        if proc.returncode != 0 and "unprivileged" in proc.stderr:
+            pytest.skip(f"no interpreter of the bundle's version runs unprivileged here: {proc.stderr.strip()}")
+        assert proc.returncode == 0, proc.stderr
+        ran = as_nobody(str(root / "opt/vgw/venv/bin/python"), "-c", "import encodings, json, ssl")
+        assert ran.returncode == 0, (os.path.realpath(root / "opt/vgw/venv/bin/python"), ran.stderr)
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+@needs_root
+def test_an_interpreter_the_agent_cannot_run_is_refused(unpacked: Path, tmp_path: Path) -> None:
+    """An explicit --python in a folder only root can enter (pyenv under /root): one clear line, nothing written."""
+    hidden = tmp_path / "hidden"
+    hidden.mkdir(mode=0o700)
+    (hidden / "python3").symlink_to(sys.executable)
+    proc = subprocess.run([str(unpacked / "install.sh"), "--root", str(tmp_path / "r"), "--python",
+                           str(hidden / "python3")], capture_output=True, text=True, timeout=300, check=False,
+                          env=_env(**NO_NETWORK))
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(hidden / "python3") in lines[0] and "unprivileged" in lines[0], proc.stderr
+    assert "--python" in lines[0]
+    assert not (tmp_path / "r" / "opt").exists()

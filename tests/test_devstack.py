@@ -205,3 +205,81 @@ def test_up_again_keeps_a_consent_pushed_by_hand(stack_dir: Path, tmp_path: Path
         link.close()
     assert retained[0].decode().strip() == by_hand.read_text().strip()
     assert f"not pushed: the device holds v{v2}" in r.stdout
+
+
+# -- root on a stack folder owned by another user ---------------------------------------------------------
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="acting on another user's folder needs root")
+
+
+@pytest.fixture
+def foreign_stack() -> Iterator[Path]:
+    """A stack laid out, then given to the service user (a uid without a passwd entry), in a folder that user
+    can reach (pytest's own folders are 0700)."""
+    import shutil
+    import tempfile
+
+    from tests.test_provision import SERVICE
+
+    top = Path(tempfile.mkdtemp(prefix="vgw-devstack-"))
+    os.chmod(top, 0o755)  # noqa: S103 - the stack's owner must reach its folder, as it reaches its home
+    d = top / "stack"
+    try:
+        assert vgw("dev", "init", str(d), timeout=60).returncode == 0
+        for p in [d, *d.rglob("*")]:
+            os.lchown(p, SERVICE, SERVICE)
+        yield d
+    finally:
+        vgw("dev", "down", str(d), timeout=60)
+        shutil.rmtree(top, ignore_errors=True)
+
+
+@needs_root
+@pytest.mark.parametrize("planted", ["run/broker.pid", "logs/broker.log"])
+def test_up_as_root_never_follows_a_link_planted_in_the_stack(foreign_stack: Path, tmp_path: Path,
+                                                               planted: str) -> None:
+    """`vgw dev up` as root followed links the folder's owner planted: run/broker.pid -> a root-owned file got a
+    PID, logs/broker.log -> another got the broker's log; the agent refused the folder only after the rest ran."""
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"root's own file\n")
+    (foreign_stack / planted).symlink_to(victim)
+    r = vgw("dev", "up", str(foreign_stack), timeout=90)
+    assert r.returncode == 1, r.stdout + r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "symbolic link" in lines[0] and planted in lines[0], r.stderr
+    assert victim.read_bytes() == b"root's own file\n"
+    assert not (foreign_stack / "broker/mosquitto.conf").exists()  # nothing was started or written
+    assert not [p for p in (foreign_stack / "run").iterdir() if p.name.endswith(".pid") and not p.is_symlink()]
+
+
+@needs_root
+def test_up_as_root_runs_every_part_as_the_folders_owner(foreign_stack: Path) -> None:
+    """mosquitto.conf said `user root` (the code used geteuid()), though the README says mosquitto runs as the
+    folder's owner; the agent then refused the foreign state dir."""
+    from tests.test_provision import SERVICE
+
+    r = vgw("dev", "up", str(foreign_stack), timeout=120)
+    if r.returncode == 1 and "cannot be run by the stack's owner" in r.stderr:
+        # This host's interpreter lives where the owner may not go (a pyenv under /root): refused before
+        # anything started, with one line saying so.
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not (foreign_stack / "broker/mosquitto.conf").exists()
+        assert not list((foreign_stack / "run").glob("*.pid"))
+        return
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "user root" not in (foreign_stack / "broker/mosquitto.conf").read_text()
+    for part, pid in ((line.split()[0], int(line.split("pid ")[1].rstrip(")")))
+                      for line in vgw("dev", "status", str(foreign_stack)).stdout.splitlines()):
+        assert psutil.Process(pid).uids().effective == SERVICE, part
+    assert all(os.lstat(p).st_uid == SERVICE for p in [foreign_stack, *foreign_stack.rglob("*")])
+
+
+def test_the_broker_runs_as_the_folders_owner(tmp_path: Path) -> None:
+    from vgw.fsutil import Account
+    from vgw.tools.devstack import Stack, _broker_config
+
+    stack = Stack(tmp_path)
+    (tmp_path / "broker").mkdir()
+    assert "\nuser nobody\n" in _broker_config(stack, 1883, Account(65534, 65534))
+    assert "\nuser root\n" in _broker_config(stack, 1883, Account(0, 0))
+    assert "\nuser " not in _broker_config(stack, 1883, Account(4242424, 4242424))  # no name: started as it

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import pwd
 import stat
 from pathlib import Path
 
@@ -21,6 +22,23 @@ from vgw.simulators.cloud import SigningKey
 from vgw.simulators.pki import TestPKI
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_uid(start: int = 54321) -> int:
+    """A uid (and gid of the same number) that no passwd entry names."""
+    uid = start
+    while True:
+        try:
+            pwd.getpwuid(uid)
+        except KeyError:
+            return uid
+        uid += 1
+
+
+# The account the agent runs as, in every test: a uid without a passwd entry, so a host that has a `vgw`
+# user (a developer's Pi after `make install`) runs the same tests as one that has none.
+SERVICE = free_uid()
+SERVICE_USER = ["--service-user", f"{SERVICE}:{SERVICE}"]
 
 
 def sign_csr(csr_path: Path, pki: TestPKI, *, days: int = 90, cn: str | None = None,
@@ -66,7 +84,7 @@ def provision(inputs: dict[str, Path], *extra: str, device: str = "dev-0001", br
         "--source", "can", "--dbc", str(ROOT / "dbc/vehicle.dbc"), "--signal-map", str(ROOT / "dbc/signals.toml")]
     return main(["provision", "--device-id", device, "--broker", broker, "--ca", str(inputs["ca"]),
                  "--consent-key", str(inputs["consent_key"]), "--out", str(inputs["out"]),
-                 "--state-dir", str(inputs["state"]), *source, *extra])
+                 "--state-dir", str(inputs["state"]), *SERVICE_USER, *source, *extra])
 
 
 def mode(path: Path) -> int:
@@ -367,7 +385,7 @@ def _converse(argv: list[str], answers: list[tuple[str, str]], cwd: Path) -> tup
 def test_asks_for_the_source_on_a_terminal(inputs: dict[str, Path], tmp_path: Path) -> None:
     argv = ["provision", "--device-id", "dev-0001", "--broker", "h.example", "--ca", str(inputs["ca"]),
             "--consent-key", str(inputs["consent_key"]), "--out", str(inputs["out"]), "--state-dir",
-            str(inputs["state"])]
+            str(inputs["state"]), *SERVICE_USER]
     rc, screen = _converse(argv, [("Choose 1, 2 or 3", "7"), ("Please answer 1, 2 or 3", "1"),
                                   ("DBC file", str(ROOT / "dbc/vehicle.dbc")),
                                   ("signal map", str(ROOT / "dbc/signals.toml"))], ROOT)

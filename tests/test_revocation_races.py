@@ -269,6 +269,7 @@ def test_disk_full_revocation_stops_at_once_stays_pending_and_survives_a_restart
             st = _status(cfg)
             assert st["consent_pending"]["grants_stopped"] == ["g-loc"]
             assert st["storage"]["ok"] is False
+            assert [g["id"] for g in st["grants"]] == ["g-1"]
             show = vgw("consent", "show", "--config", str(cfg))
             assert "consent v2 PENDING" in show.stdout and "stopped: g-loc" in show.stdout, show.stdout
             sent = len(cloud.samples(DEV, "g-loc"))

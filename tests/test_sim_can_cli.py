@@ -171,6 +171,21 @@ def test_play_fast_ignores_timestamps(tmp_path: Path) -> None:
     assert time.monotonic() - started < 25
 
 
+def test_play_skips_a_damaged_line_like_canplayer(tmp_path: Path) -> None:
+    """A damaged line in a candump trace is skipped and counted, as canplayer and the agent's replay skip it;
+    the frames after it are still sent (it used to stop with 'ValueError: not enough values to unpack')."""
+    trace, n = _trace(tmp_path, 2.0)
+    lines = trace.read_text().splitlines()
+    lines[len(lines) // 2: len(lines) // 2] = ["(17x) can0", "garbage line", "(1700000000.1) can0 123#zz"]
+    trace.write_text("\n".join(lines) + "\n")
+    done = subprocess.run([sys.executable, "-m", "vgw", "sim", "can", "-i", "virtual", "--play", str(trace),
+                           "--fast"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert f"sent {n} frames" in done.stderr
+    assert "skipped 3 damaged line(s)" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 @pytest.mark.parametrize(("args", "needle"), [
     (("-i", "socketcan", "-c", "vgwnope0"), "vgwnope0 not found"),
     (("--play", "nope.log"), "nope.log not found"),

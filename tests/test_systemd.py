@@ -49,7 +49,7 @@ def test_exposure_score_at_most_2() -> None:
 
 
 @needs_analyze
-@pytest.mark.parametrize("name", ["vgw-agent.service", "vgw-vcan.service"])
+@pytest.mark.parametrize("name", ["vgw-agent.service", "vgw-vcan.service", "vgw-sysusers.service"])
 def test_units_verify(tmp_path: Path, name: str) -> None:
     """`systemd-analyze verify`, with ExecStart pointing at this checkout's vgw (the unit names /opt/vgw)."""
     text = (SYSTEMD / name).read_text()
@@ -193,3 +193,19 @@ def test_udev_names_survive_replugging_and_reordering(serial: str, stable: str) 
     # The default the config is written with (vgw provision --source obd) is the fixed name.
     from vgw.provisioning import DEFAULT_OBD_PORT
     assert DEFAULT_OBD_PORT == "/dev/vgw-obd"
+
+
+@pytest.mark.parametrize(("vendor", "product"), [("16d0", "117e"), ("04d8", "000a")])  # CANable slcan, USBtin
+def test_udev_rule_gives_ttyacm_slcan_adapters_a_group_the_agent_is_in(vendor: str, product: str) -> None:
+    """A CANable (slcan firmware) or USBtin is a ttyACM device; the rule gave it no group the agent is in, so
+    the agent (User=vgw) logged `Permission denied` on it."""
+    rules = SYSTEMD / "60-vgw-obd.rules"
+    got = udev_apply(rules, adapter("ttyACM0", vendor, "205A32A5") | {"ATTRS{idProduct}": product})
+    agent_groups = set(values(UNIT, "Group")) | {g for v in values(UNIT, "SupplementaryGroups") for g in v.split()}
+    assert got.get("GROUP") in agent_groups and got.get("MODE") == "0660", got
+    assert {"vgw-slcan", "vgw-slcan-205A32A5"} <= set(got["SYMLINK"]), got  # type: ignore[call-overload]
+    assert "vgw-obd" not in got["SYMLINK"]  # type: ignore[operator]
+    assert not [x for x in udev_apply(rules, adapter("ttyUSB0", "0403"))["SYMLINK"]  # type: ignore[attr-defined]
+                if x.startswith("vgw-slcan")]  # an OBD adapter is no SLCAN adapter
+    # A modem or an Arduino on ttyACM is not ours.
+    assert udev_apply(rules, adapter("ttyACM0", "2341") | {"ATTRS{idProduct}": "0043"}) == {"SYMLINK": []}

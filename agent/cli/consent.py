@@ -7,11 +7,15 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vgw.cli import DEFAULT_CONFIG
 from vgw.consent.store import ConsentStore
 from vgw.errors import ConfigError, StorageError
 from vgw.timefmt import utc_text
+
+if TYPE_CHECKING:
+    from vgw.config import Config
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -48,12 +52,20 @@ def _read_doc(path: str) -> bytes:
 
 def cmd_apply(args: argparse.Namespace) -> int:
     from vgw.config import load_config
+    from vgw.fsutil import acting_for_owner
+
+    cfg = load_config(args.config)
+    token = _read_doc(args.doc)
+    # Root (`sudo vgw consent apply`) acts on the service user's state dir and leaves its files that user's.
+    with acting_for_owner(cfg.state_dir):
+        return _apply(cfg, token)
+
+
+def _apply(cfg: Config, token: bytes) -> int:
     from vgw.consent.manager import ConsentManager, load_trust_keys
     from vgw.errors import ConsentError
     from vgw.runtime import AgentLock, open_state
 
-    cfg = load_config(args.config)
-    token = _read_doc(args.doc)
     outbox, audit, store, signer = open_state(cfg)
     try:
         manager = ConsentManager(device=cfg.device.id, store=store, outbox=outbox, audit=audit, signer=signer,

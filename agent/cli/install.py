@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 
@@ -14,7 +13,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     _common(p)
     p.add_argument("--config", metavar="FILE", type=Path, help="install FILE as /etc/vgw/vgw.toml")
     p.add_argument("--source", metavar="DIR", type=Path, help="the source checkout (default: this one)")
-    p.add_argument("--python", metavar="EXE", default=sys.executable, help="interpreter for the venv")
+    p.add_argument("--python", metavar="EXE",
+                   help="interpreter for the venv, one the agent's user can run (default: this vgw's, else "
+                   "/usr/bin/python3; an interpreter in a folder only root may enter is refused)")
     p.add_argument("--no-venv", action="store_true", help="skip creating the venv and pip install")
     p.set_defaults(func=cmd_install)
 

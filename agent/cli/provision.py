@@ -17,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from vgw.provisioning import DEFAULT_CAN_CHANNEL, DEFAULT_OBD_PORT, DEFAULT_OUT, Report, Sources
+from vgw.provisioning import DEFAULT_CAN_CHANNEL, DEFAULT_OBD_PORT, DEFAULT_OUT, SERVICE_USER, Report, Sources
 
 SOURCE_CHOICES = {"1": "can", "2": "obd", "3": "both", "can": "can", "obd": "obd", "both": "both"}
 
@@ -54,6 +54,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    "--signal-map DIR/signals.toml")
     p.add_argument("--force", action="store_true",
                    help="replace existing keys (a new identity: the old certificate stops matching)")
+    p.add_argument("--service-user", metavar="NAME|UID[:GID]", default=SERVICE_USER,
+                   help=f"run as root: the account the agent runs as (User= of vgw-agent.service; default "
+                   f"{SERVICE_USER}), given the state dir and the device key; an existing state dir keeps its owner")
     p.add_argument("--install-cert", metavar="FILE", type=Path,
                    help="install the certificate the cloud CA signed (checks it matches the key and the CA)")
     p.set_defaults(func=cmd_provision, _parser=p)
@@ -130,7 +133,7 @@ def resolve_sources(args: argparse.Namespace, parser: argparse.ArgumentParser) -
 
 
 def cmd_provision(args: argparse.Namespace) -> int:
-    from vgw.provisioning import install_cert, provision
+    from vgw.provisioning import install_cert, provision, resolve_account
 
     parser: argparse.ArgumentParser = args._parser
     if args.install_cert is not None:
@@ -148,7 +151,8 @@ def cmd_provision(args: argparse.Namespace) -> int:
         parser.error(f"the following arguments are required: {', '.join(missing)} (or --install-cert FILE)")
     sources = resolve_sources(args, parser)
     report = provision(device_id=args.device_id, broker=args.broker, ca=args.ca, consent_key=args.consent_key,
-                       sources=sources, out=args.out, state_dir=args.state_dir, force=args.force)
+                       sources=sources, out=args.out, state_dir=args.state_dir, force=args.force,
+                       service_user=resolve_account(args.service_user))
     _print(report, f"Provisioned device {args.device_id} in {args.out.expanduser().absolute()} "
                    f"(source: {sources.kind}).")
     return 0

@@ -185,17 +185,21 @@ def run_can(args: argparse.Namespace) -> int:
             responder = attach(bus, sim.model)
         started = time.monotonic()
         realtime = True if args.realtime is None else args.realtime
+        skipped = 0
         if args.play is not None:
-            from vgw.simulators.can_play import play
+            from vgw.simulators.can_play import Skipped, play
 
             if interface == "slcan" and not _wait_for_reader(bus, stop):
                 return 0  # stopped before anybody read the bus
-            sent = play(bus, args.play, loops=loops, realtime=realtime, stop_event=stop)
+            damaged = Skipped()
+            sent = play(bus, args.play, loops=loops, realtime=realtime, stop_event=stop, skipped=damaged)
+            skipped = damaged.lines
         else:
             sent = sim.run(bus, args.duration, realtime=realtime, stop_event=stop)
         print(
             f"vgw sim can: sent {sent} frames on {bus.channel_info} in {time.monotonic() - started:.1f} s"
-            + (f" ({sim.dropped} dropped)" if sim.dropped else ""),
+            + (f" ({sim.dropped} dropped)" if sim.dropped else "")
+            + (f"; skipped {skipped} damaged line(s) of the trace (per pass)" if skipped else ""),
             file=sys.stderr,
         )
     finally:

@@ -5,7 +5,9 @@
 with ``schema_version`` (:data:`SCHEMA_VERSION`, raised when a field changes meaning or moves) and the
 counters as a tree: ``counters.agent`` (name -> n) and ``counters.grants`` (grant -> name -> n, with
 ``by_scope`` for per-scope counts), never flat ``name:grant:scope`` keys. ``erasures_pending`` lists the
-erasures whose receipt waits until no copy is left in the outbox's files.
+erasures whose receipt waits until no copy is left in the outbox's files; ``consent_pending`` a consent document
+applied in memory whose disk part waits (read from its own record, which a full disk cannot stop); and
+``consent_sync`` what the link knows of the consent retained at the broker (README "Topics").
 """
 
 from __future__ import annotations
@@ -76,6 +78,8 @@ def collect_status(config_path: str) -> dict[str, Any]:
     pending = pending_consent(ConsentStore(cfg.state_dir))
     out["consent_pending"] = pending
     if pending is not None:
+        # What the cache says is in force, less what the pending document stopped: what is collected now.
+        out["grants"] = [g for g in out["grants"] if g["id"] not in pending["grants_stopped"]]
         # Read from the record itself (written in place, so a full disk that stops status.json cannot hide it).
         out["storage"] = {"ok": False, "error": f"consent v{pending['ver']} not yet stored: "
                           + str(pending.get("error") or "retrying")}

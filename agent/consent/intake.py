@@ -16,6 +16,10 @@ document is judged when it arrives, not when a slot frees up:
   it withdrew and the newest version grants again was still revoked in between, so the manager erases what
   was stored for it before it starts afresh (a revocation is never lost to a burst).
 
+- ``settled`` (the uplink's thread) is true once every document offered so far has been judged and applied or
+  refused: after a (re)connect the uplink publishes no stored batch before the retained document is settled
+  (README "Topics"). The main thread says when it is done with what it took (``done``).
+
 Memory: ``SLOTS`` documents of at most ``MAX_DOCUMENT_BYTES`` each, one error per rejection reason and
 ``SKIPPED_MEMORY`` grant-id sets.
 ``offer`` never blocks on the main thread; one lock guards the slots, the tally and the in-force reference.

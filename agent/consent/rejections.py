@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from vgw.consent.verifier import peek_version
 from vgw.errors import ConsentError
 
-log = logging.getLogger("vgw.consent.manager")
+log = logging.getLogger(__name__)
 
 REJECTED_MEMORY = 256  # how many rejected documents are remembered (by digest) to ignore their replays
 REJECT_COALESCE_S = 60.0

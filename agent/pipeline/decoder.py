@@ -129,6 +129,8 @@ class MessageDecoder:
         outputs = []
         for sig_name, key in wanted:
             sig = by_name[sig_name]
+            if not decoded_by_cantools(sig, by_name):
+                continue  # cantools never decodes it, so neither do we (value-exact against cantools)
             outputs.append(_Output(FieldLayout.of(sig), _conditions(sig, by_name), key))
         self.outputs: tuple[_Output, ...] = tuple(outputs)
         self.source, fast = _compile(self.outputs, self.length, self.decode_generic)
@@ -294,6 +296,24 @@ def _scaled(src: str, scale: int | float, offset: int | float, scale_name: str, 
     if type(offset) is int and offset == 0:
         return expr
     return f"{expr} + {lit(offset, offset_name)}"
+
+
+def decoded_by_cantools(sig: Signal, by_name: dict[str, Signal]) -> bool:
+    """Whether cantools' ``decode_message`` can ever return ``sig``: a multiplexed signal is reached only
+    through selectors that the DBC marks as multiplexers (``M``/``mXM``), each listing the signal's ids.
+
+    A lenient DBC may list ids under a selector that is not marked as one (Volkswagen PQ's ``Motor_2``: four
+    signals at bit 0 with ids of ``MO2_Mp_Code``, which has no ``M``): cantools decodes none of them."""
+    current, seen = sig, set()
+    while current.multiplexer_signal is not None:
+        if current.name in seen:
+            return False
+        seen.add(current.name)
+        selector = by_name.get(current.multiplexer_signal)
+        if selector is None or not selector.is_multiplexer or not current.multiplexer_ids:
+            return False
+        current = selector
+    return True
 
 
 def _conditions(sig: Signal, by_name: dict[str, Signal]) -> tuple[tuple[FieldLayout, frozenset[int]], ...]:

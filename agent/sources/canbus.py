@@ -27,6 +27,7 @@ from vgw.errors import SourceError, SourceFrameError, SourceOpenError, SourceRea
 from vgw.j1939 import ids as j1939
 from vgw.j1939.request import is_request
 from vgw.sources.frame import Frame, frame_of
+from vgw.sources.serialport import PortClaim, device_path
 
 log = logging.getLogger(__name__)
 
@@ -87,16 +88,28 @@ class BusSource:
             kwargs["receive_own_messages"] = False
         if fd:
             kwargs.update(_fd_kwargs(interface, bitrate, data_bitrate))
+        # A serial port has one reader: claim it before python-can opens it (and writes its setup commands).
+        port = device_path(interface, channel)
+        self._claim = PortClaim(f"{interface}:{channel}", port) if port is not None else None
         try:
             self.bus = can.Bus(**kwargs)
         except (can.CanError, OSError, ValueError, ImportError) as exc:
+            self._release_claim()
             raise SourceOpenError(f"cannot open CAN interface {interface!r} channel {channel!r}: {exc}") from exc
         if fd and interface == "slcan" and bitrate and data_bitrate:
             try:
                 self.bus.set_bitrate(bitrate, data_bitrate)  # type: ignore[attr-defined]
             except (can.CanError, OSError, ValueError) as exc:
                 self.bus.shutdown()
+                self._release_claim()
                 raise SourceOpenError(f"slcan adapter {channel!r} refused data bitrate {data_bitrate}: {exc}") from exc
+        if self._claim is not None:
+            try:
+                self._claim.exclusive()
+            except SourceOpenError:
+                self.bus.shutdown()
+                self._release_claim()
+                raise
         self._closed = False
         self._error: SourceError | None = None  # raised by the next recv_many (vgw.sources.FrameSource)
         self._rx: _DroppingQueue | None = None
@@ -199,6 +212,10 @@ class BusSource:
         except (can.CanError, OSError) as exc:
             log.warning("could not install kernel CAN filters (%s); filtering in the agent only", exc)
 
+    def _release_claim(self) -> None:
+        if self._claim is not None:
+            self._claim.release()
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True
@@ -206,6 +223,7 @@ class BusSource:
                 self.bus.shutdown()
             except (can.CanError, OSError):
                 pass
+            self._release_claim()
 
 
 def kernel_filters(frames: frozenset[tuple[int, bool]]) -> list[CanFilter]:

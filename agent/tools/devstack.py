@@ -17,6 +17,10 @@ dev stack"); ``up DIR`` starts the parts in the background; ``down DIR`` stops t
                                   (the agent reads can0; `vgw monitor` reads can1: a pty has one reader)
 
 Every part is a plain process with a pid file; ``down`` stops only processes whose command line names DIR.
+Before ``up`` starts anything, the whole folder is held to the state directory's rules (docs/guarantees.md):
+owned by one user, writable by nobody else, no symbolic link but the simulator's run/can0 and run/can1. Run
+as root on a folder another user owns, every part runs as that user (mosquitto too: it reads the 0600 keys),
+and what ``up`` writes there is given to that user.
 Errors: :class:`~vgw.errors.ConfigError` for a directory that is not a stack (or already is one for
 ``init``), :class:`~vgw.errors.VgwError` when a part does not start (the message names its log).
 """
@@ -30,6 +34,7 @@ import pwd
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -38,12 +43,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vgw.errors import ConfigError, VgwError
+from vgw.fsutil import Account, acting_for, atomic_write
 
 DEFAULT_DEVICE = "dev-car-01"
 STACK_FILE = "stack.json"
 START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 10.0
 PARTS = ("broker", "sim", "cloud", "agent")  # started in this order, stopped in the reverse one
+LINKS_ALLOWED = ("run/can0", "run/can1")  # the simulator's pty links: the only links a stack holds
 # The demo's two apps: one fleet operator (location coarsened on the car), one insurer.
 GRANTS_TOML = """# What the cloud grants this device: the grants file of `vgw cloud sign` (README "The grants file").
 # `vgw dev up` signs it into consent/current.jws and pushes it; after an edit run `vgw dev up` again
@@ -191,19 +198,22 @@ max_interval_s = 0.5
 """
 
 
-def _broker_config(stack: Stack, port: int) -> str:
+def _broker_config(stack: Stack, port: int, owner: Account) -> str:
     from vgw.simulators.broker import device_acl
 
     acl = stack.dir / "broker" / "acl"
-    acl.write_text(device_acl("vgw", cloud_user="cloud"))
+    _write(acl, device_acl("vgw", cloud_user="cloud").encode(), 0o600, owner)
     db = stack.dir / "broker" / "db"
     db.mkdir(mode=0o700, exist_ok=True)
+    _own(db, owner)
     pki = stack.dir / "pki"
     # Started as root, mosquitto would drop to the `mosquitto` user, which cannot read the 0600 keys: it runs
-    # as the owner of this directory instead (without root, `user` is ignored).
+    # as the owner of this directory instead. It is started as that user already when `up` runs as root on
+    # another user's folder, and `user` is ignored without root; an owner with no name gets no line.
+    name = _user_name(owner.uid)
     return "\n".join([
         "# written by `vgw dev up`: a private broker with mutual TLS and the per-device ACL (README \"Topics\")",
-        f"user {pwd.getpwuid(os.geteuid()).pw_name}",
+        f"user {name}" if name else f"# runs as uid {owner.uid}, the owner of this folder",
         "per_listener_settings false",
         "allow_anonymous false",
         f"listener {port} 127.0.0.1",
@@ -222,6 +232,95 @@ def _broker_config(stack: Stack, port: int) -> str:
     ]) + "\n"
 
 
+def _write(path: Path, data: bytes, mode: int, owner: Account) -> None:
+    """Write a stack file crash-safely (never through a link), owned by the folder's owner: the parts, run as that
+    owner, read it as soon as they start."""
+    atomic_write(path, data, mode=mode)
+    _own(path, owner)
+
+
+def _own(path: Path, owner: Account) -> None:
+    if os.geteuid() == 0 and owner.uid != 0:
+        os.chown(path, owner.uid, owner.gid, follow_symlinks=False)
+
+
+def _user_name(uid: int) -> str | None:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return None
+
+
+def check_stack(stack: Stack) -> Account:
+    """Hold the whole stack folder to the state directory's rules before anything starts; return its owner.
+
+    The folder is a directory (not a link) owned by the running user, or, run as root, by any one user (the
+    parts then run as that user); nobody else may write to it; every entry below it has the same owner and is
+    no symbolic link, but for the simulator's pty links. Raises ConfigError naming the path and the rule.
+    """
+    try:
+        top = os.lstat(stack.dir)
+    except OSError as exc:
+        raise ConfigError(f"{stack.dir}: cannot check the stack folder: {exc.strerror}") from exc
+    if stat.S_ISLNK(top.st_mode) or not stat.S_ISDIR(top.st_mode):
+        raise ConfigError(f"{stack.dir}: the stack folder is a symbolic link or not a directory; refused")
+    me = os.geteuid()
+    if top.st_uid != me and me != 0:
+        raise ConfigError(f"{stack.dir}: owned by uid {top.st_uid}, not by the running user (uid {me}); refused "
+                          "(run `vgw dev up` as its owner)")
+    if top.st_mode & 0o022:
+        raise ConfigError(f"{stack.dir}: writable by group or others (mode {stat.S_IMODE(top.st_mode):o}); "
+                          "refused (chmod 700 it after checking its content)")
+    for folder, dirs, files, dir_fd in os.fwalk(stack.dir, follow_symlinks=False):
+        for name in (*dirs, *files):
+            rel = os.path.relpath(os.path.join(folder, name), stack.dir)
+            try:
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISLNK(st.st_mode) and rel not in LINKS_ALLOWED:
+                raise ConfigError(f"{stack.dir}: holds a symbolic link ({rel}); refused (a stack's files are never "
+                                  "followed: remove it)")
+            if st.st_uid != top.st_uid:
+                raise ConfigError(f"{stack.dir}: {rel} is owned by uid {st.st_uid}, not by the folder's owner "
+                                  f"(uid {top.st_uid}); refused")
+    return Account(top.st_uid, top.st_gid, _user_name(top.st_uid))
+
+
+@dataclass(frozen=True)
+class _Credentials:
+    """Popen's user, group and extra_groups: all None to run a part as ourselves."""
+
+    user: int | None = None
+    group: int | None = None
+    extra_groups: list[int] | None = None
+
+
+def _as_owner(owner: Account) -> _Credentials:
+    """How to run a part as ``owner`` when root starts it on another user's folder (else as ourselves)."""
+    if os.geteuid() != 0 or owner.uid == 0:
+        return _Credentials()
+    return _Credentials(owner.uid, owner.gid, os.getgrouplist(owner.name, owner.gid) if owner.name else [])
+
+
+def _check_owner_runs_python(stack: Stack, owner: Account) -> None:
+    """Root starting another user's stack: that user must be able to run this interpreter and vgw from the
+    stack folder, or the parts would fail one by one after the broker started. Raises ConfigError."""
+    who = _as_owner(owner)
+    if who.user is None:
+        return
+    try:
+        proc = subprocess.run([sys.executable, "-c", "import vgw.cli"], cwd=stack.dir, capture_output=True,
+                              timeout=60, check=False, user=who.user, group=who.group, extra_groups=who.extra_groups)
+        ok = proc.returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        ok = False
+    if not ok:
+        raise ConfigError(f"{sys.executable} cannot be run by the stack's owner (uid {owner.uid}) from {stack.dir} "
+                          "(an interpreter in a folder only root may enter, such as a pyenv under /root?); run "
+                          "`vgw dev up` as that user, or from a venv it can run")
+
+
 # ---------------------------------------------------------------- processes
 
 
@@ -236,14 +335,20 @@ def _pid(stack: Stack, part: str) -> int | None:
     return pid if str(stack.dir) in cmdline and status != "Z" else None
 
 
-def _spawn(stack: Stack, part: str, argv: list[str]) -> subprocess.Popen[bytes]:
+def _spawn(stack: Stack, part: str, argv: list[str], owner: Account) -> subprocess.Popen[bytes]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    with open(stack.log(part), "ab") as log:
+    # Never through a link (check_stack refused them; O_NOFOLLOW holds if one appears since).
+    fd = os.open(stack.log(part), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    if os.geteuid() == 0 and owner.uid != 0:
+        os.fchown(fd, owner.uid, owner.gid)
+    with os.fdopen(fd, "ab") as log:
         log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} vgw dev up: starting {part}\n".encode())
         log.flush()
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                cwd=stack.dir, env=env, start_new_session=True, close_fds=True)
-    stack.pid_file(part).write_text(f"{proc.pid}\n")
+        who = _as_owner(owner)
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=stack.dir,
+                                env=env, start_new_session=True, close_fds=True, user=who.user, group=who.group,
+                                extra_groups=who.extra_groups)
+    _write(stack.pid_file(part), f"{proc.pid}\n".encode(), 0o644, owner)
     return proc
 
 
@@ -284,10 +389,17 @@ def up(directory: Path, *, progress: Callable[[str], None] = lambda _m: None) ->
     """Start broker, simulator (unless the agent replays a trace), cloud listener and agent in the background,
     push the consent document. Parts already running are left alone. On a failure what this call started is
     stopped again. Raises :class:`ConfigError` / :class:`VgwError`."""
-    from vgw.simulators.broker import MosquittoNotFound, find_mosquitto
-
     stack = Stack(directory.expanduser().absolute())
     info = stack.info()
+    owner = check_stack(stack)  # before anything starts
+    _check_owner_runs_python(stack, owner)
+    with acting_for(owner, stack.dir):  # what root writes here goes to the folder's owner
+        return _up(stack, info, owner, progress)
+
+
+def _up(stack: Stack, info: dict[str, object], owner: Account, progress: Callable[[str], None]) -> Stack:
+    from vgw.simulators.broker import MosquittoNotFound, find_mosquitto
+
     port = int(str(info["port"]))
     device = str(info["device"])
     py = [sys.executable, "-m", __name__.split(".")[0]]
@@ -298,13 +410,13 @@ def up(directory: Path, *, progress: Callable[[str], None] = lambda _m: None) ->
                 raise VgwError(f"port {port} of this stack is taken by another program (edit port in "
                                f"{stack.config} and {stack.dir / STACK_FILE})")
             conf = stack.dir / "broker" / "mosquitto.conf"
-            conf.write_text(_broker_config(stack, port))
+            _write(conf, _broker_config(stack, port, owner).encode(), 0o600, owner)
             offset = stack.log("broker").stat().st_size if stack.log("broker").exists() else 0
             try:
                 binary = find_mosquitto()
             except MosquittoNotFound as exc:
                 raise VgwError(str(exc)) from exc
-            proc = _spawn(stack, "broker", [binary, "-c", str(conf)])
+            proc = _spawn(stack, "broker", [binary, "-c", str(conf)], owner)
             started.append("broker")
             _wait(stack, "broker", proc, lambda: _log_has(stack, "broker", offset, " running") and _listening(port))
             progress(f"broker: mosquitto on 127.0.0.1:{port} (mutual TLS), log logs/broker.log")
@@ -314,7 +426,7 @@ def up(directory: Path, *, progress: Callable[[str], None] = lambda _m: None) ->
                 with contextlib.suppress(FileNotFoundError):
                     link.unlink()
             proc = _spawn(stack, "sim", [*py, "sim", "can", "--dbc", str(stack.dir / "vehicle.dbc"),
-                                         "--link", str(links[0]), "--link", str(links[1])])
+                                         "--link", str(links[0]), "--link", str(links[1])], owner)
             started.append("sim")
             _wait(stack, "sim", proc, lambda: all(os.path.lexists(p) for p in links))
             progress("simulator: SLCAN ptys run/can0 (agent) and run/can1 (vgw monitor), log logs/sim.log")
@@ -325,7 +437,7 @@ def up(directory: Path, *, progress: Callable[[str], None] = lambda _m: None) ->
             offset = stack.log("cloud").stat().st_size if stack.log("cloud").exists() else 0
             proc = _spawn(stack, "cloud", [*py, "cloud", "listen", *broker_opts, "--recipient",
                                            str(stack.dir / "consent"), "--device-cert", str(pki / f"{device}.crt"),
-                                           "--out", str(stack.dir / "cloud" / "received.jsonl")])
+                                           "--out", str(stack.dir / "cloud" / "received.jsonl")], owner)
             started.append("cloud")
             _wait(stack, "cloud", proc, lambda: _log_has(stack, "cloud", offset, "subscribed"))
             progress("cloud listener: decrypts what the apps receive into cloud/received.jsonl")
@@ -336,7 +448,7 @@ def up(directory: Path, *, progress: Callable[[str], None] = lambda _m: None) ->
             progress(f"consent: not pushed: the device holds v{newer}, newer than consent/current.jws (signed "
                      "and pushed by hand); edit grants.toml and run `vgw dev up` again to replace it")
         if _pid(stack, "agent") is None:
-            proc = _spawn(stack, "agent", [*py, "run", "--config", str(stack.config)])
+            proc = _spawn(stack, "agent", [*py, "run", "--config", str(stack.config)], owner)
             started.append("agent")
             _wait(stack, "agent", proc, lambda: _agent_connected(stack))
             progress(f"agent: {device} connected, log logs/agent.log, state in state/")
@@ -363,7 +475,7 @@ def _push_consent(stack: Stack, device: str, broker_opts: list[str]) -> int | No
     desc = load_grants(grants)
     claims = read_document(current, key)
     if grants.stat().st_mtime > current.stat().st_mtime:
-        current.write_text(sign_documents(key, desc, [device])[device] + "\n")
+        atomic_write(current, (sign_documents(key, desc, [device])[device] + "\n").encode(), mode=0o644)
     else:
         try:
             held = read_document(load_config(stack.config).state_dir / "consent.jws", key)["ver"]
@@ -372,7 +484,7 @@ def _push_consent(stack: Stack, device: str, broker_opts: list[str]) -> int | No
         if isinstance(held, int) and held > claims["ver"]:
             return held
         if claims.get("exp", 0) < time.time() + 3600:
-            current.write_text(sign_documents(key, desc, [device])[device] + "\n")
+            atomic_write(current, (sign_documents(key, desc, [device])[device] + "\n").encode(), mode=0o644)
     opts = dict(zip(broker_opts[::2], broker_opts[1::2], strict=True))
     host, port = BrokerOptions.parse_address(opts["--broker"])
     link = CloudLink(BrokerOptions(host=host, port=port, ca_file=Path(opts["--ca"]), cert_file=Path(opts["--cert"]),

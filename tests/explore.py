@@ -161,8 +161,10 @@ class _Schedule:
         return max(found, key=lambda f: f[0])[1] if found else None
 
     def applied(self, ver: int) -> bool:
-        st = self.newest_status()
-        return st is not None and st.get("state") == "online" and st.get("consent_version") == ver
+        """The agent reported ``ver`` in force (on any broker: one that was down delivers older statuses late)."""
+        return any(st.get("state") == "online" and st.get("consent_version") == ver
+                   for b in self.world.brokers.values() for m in b.observer.of_device(self.device)
+                   if (st := status_of(m) or {}))
 
     # -- steps ----------------------------------------------------------------------------------------
 

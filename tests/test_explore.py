@@ -48,6 +48,8 @@ KEPT: list[tuple[int, list[Step], str]] = [
              {"op": "grant", "g": "g-diag", "scopes": ["read_diagnostics"]},
              {"op": "grant", "g": "g-loc", "scopes": ["read_location"]}, {"op": "fill"}],
      "d: a narrowing the full disk rolled back left its new data key in memory: the retry died on InvalidTag"),
+    (50019, [{"op": "damage", "how": "garble"}, {"op": "revoke", "g": "g-drive"}, {"op": "revoke", "g": "g-diag"}],
+     "b: a grant the damaged cache forgot, with nothing stored yet, never got an erasure receipt"),
 ]
 
 
@@ -207,3 +209,19 @@ def _queued_erasures(runner: AgentThread, pki: Any) -> list[dict[str, Any]]:
     key = device_public_key_from_cert(pki.device(DEV).cert)
     claims = [verify_receipt(t, key, device=DEV) for _, t in runner.agent.outbox.pending_receipts(1000)]
     return [c for c in claims if c["typ"] == "erasure"]
+
+
+def test_a_grant_the_damaged_cache_forgot_still_ends_in_an_erasure_receipt(tmp_path, pki) -> None:
+    # Found by the explorer (seeds 30035, 50019, 70035 and more: cache damaged, then a version without the grant):
+    # with the cache unreadable nothing is in force, so the grants are erased at start, but only those that left
+    # a key or rows on disk; a grant that had stored nothing yet got no receipt, then or ever, and the cloud never
+    # heard that it stopped.
+    auth = Authority(tmp_path)
+    cfg = write_config(tmp_path, pki, free_port(), auth.trust, can={"channel": f"vgw-forgot-{os.getpid()}"})
+    apply_offline(cfg, auth, {"g-speed": ["read_speedometer"], "g-vin": ["read_vin"]}, tmp_path)
+    (tmp_path / "state" / "consent.jws").write_text("damaged")
+    with AgentThread(cfg) as runner:
+        assert wait_until(lambda: {r.get("grant") for r in _queued_erasures(runner, pki)} >= {"g-speed", "g-vin"},
+                          10), _queued_erasures(runner, pki)
+        assert all(r["reason"] == "not-in-force" and r["key_destroyed"] for r in _queued_erasures(runner, pki))
+        assert not runner.agent.outbox.active_grants()

@@ -133,6 +133,7 @@ class ConsentManager:
         # document that arrived meanwhile (applied in memory too; on disk after the pending one).
         self.pending: PendingApply | None = None
         self.disk_due = False  # settle_disk could not finish (a full or read-only disk): the main loop retries it
+        self._unlisted: set[str] = set()  # grants settle_disk still has to erase (see there)
         self._held: tuple[Consent, str, list[tuple[int, frozenset[str]]]] | None = None
         self._previous_grants: tuple[Grant, ...] | None = None  # the grants the pending document replaces
         self._journal_warned: int | None = None  # the version whose unwritable record was logged
@@ -176,14 +177,19 @@ class ConsentManager:
         self.disk_due = True
         grants = self.active_grants()
         active = {g.id for g in grants}
+        # Grants the outbox was last told to store that are not in force now (a cache that no longer verifies, an
+        # expiry while off): each ends in an erasure receipt even if it left no key or row, so the cloud hears of
+        # every grant that stopped. Remembered until erased: the next statement forgets them on disk.
+        self._unlisted |= self.outbox.active_grants() - active
         # Rows stamped with other terms than those in force (stored by an earlier version, or a crash between
         # a narrowing and the cache write) are judged now, before the uplink can publish anything.
         for withdrawal in self.outbox.apply_terms(_terms(grants, previous=())):
             self._withdrawn(withdrawal, ver=self.in_force.ver if self.in_force else 0)
-        orphans = self.outbox.orphan_grants(active)
+        orphans = self.outbox.orphan_grants(active) | (self._unlisted - active)
         for gid in sorted(orphans):
             # A crash mid-erasure, an expiry while off, or a cache that no longer verifies: finish the job.
             self._erase(gid, reason="expired" if self.expired else "not-in-force")
+            self._unlisted.discard(gid)
         self.finish_pending_erasures()
         if self.in_force is not None:
             self.store.raise_floor(self.in_force.iat)

@@ -48,6 +48,8 @@ KEPT: list[tuple[int, list[Step], str]] = [
              {"op": "grant", "g": "g-diag", "scopes": ["read_diagnostics"]},
              {"op": "grant", "g": "g-loc", "scopes": ["read_location"]}, {"op": "fill"}],
      "d: a narrowing the full disk rolled back left its new data key in memory: the retry died on InvalidTag"),
+    (423, [{"op": "kill"}, {"op": "fill"}, {"op": "damage", "how": "garble"}, {"op": "revoke", "g": "g-loc"}],
+     "b: the start-up erasure the full disk refused was never tried again: key and rows stayed, no receipt"),
     (50019, [{"op": "damage", "how": "garble"}, {"op": "revoke", "g": "g-drive"}, {"op": "revoke", "g": "g-diag"}],
      "b: a grant the damaged cache forgot, with nothing stored yet, never got an erasure receipt"),
 ]

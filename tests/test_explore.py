@@ -50,6 +50,9 @@ KEPT: list[tuple[int, list[Step], str]] = [
      "d: a narrowing the full disk rolled back left its new data key in memory: the retry died on InvalidTag"),
     (423, [{"op": "kill"}, {"op": "fill"}, {"op": "damage", "how": "garble"}, {"op": "revoke", "g": "g-loc"}],
      "b: the start-up erasure the full disk refused was never tried again: key and rows stayed, no receipt"),
+    (100063, [{"op": "down", "b": "A"}, {"op": "fill"}, {"op": "revoke_all"}, {"op": "damage", "how": "delete"},
+              {"op": "up", "b": "A"}, {"op": "wait", "s": 1.49}],
+     "a: with the start-up erasure waiting for the disk, the outbox still listed the old grants and sent them"),
     (50019, [{"op": "damage", "how": "garble"}, {"op": "revoke", "g": "g-drive"}, {"op": "revoke", "g": "g-diag"}],
      "b: a grant the damaged cache forgot, with nothing stored yet, never got an erasure receipt"),
 ]
@@ -227,3 +230,40 @@ def test_a_grant_the_damaged_cache_forgot_still_ends_in_an_erasure_receipt(tmp_p
                           10), _queued_erasures(runner, pki)
         assert all(r["reason"] == "not-in-force" and r["key_destroyed"] for r in _queued_erasures(runner, pki))
         assert not runner.agent.outbox.active_grants()
+
+
+def test_grants_not_in_force_stay_unpublished_while_the_start_up_erasure_waits_for_the_disk(
+        tmp_path, pki, monkeypatch, broker, cloud) -> None:
+    # Found by the explorer (seed 100063: broker down, disk full, all revoked, cache deleted, broker up): with the
+    # cache gone nothing is in force, but the start-up disk part could not run, so the outbox still listed the
+    # old grants as active, and once the consent at the broker was known their stored batches went out.
+    auth = Authority(tmp_path)
+    trace = record_trace(tmp_path, 20.0)
+    cfg = write_config(tmp_path, pki, broker.port, auth.trust,
+                       can={"replay": str(trace), "replay_rate": 2.0, "replay_loop": True})
+    apply_offline(cfg, auth, {"g-speed": ["read_speedometer"]}, tmp_path)
+    cloud.add_recipient("g-speed", auth.recipient("g-speed"))
+    broker.stop()  # stored, not sent
+    with AgentThread(cfg) as first:
+        assert wait_until(lambda: first.agent.outbox.stats().get("g-speed", {}).get("rows", 0) >= 2, 20)
+    broker.start()
+    assert cloud.wait_connected(15)
+    cloud.publish_consent(DEV, auth.doc(DEV, {}))  # v2: nothing granted
+    (tmp_path / "state" / "consent.jws").unlink()
+    opened = use_faulty_outbox(monkeypatch)
+    runner = AgentThread(cfg)
+    faulty = opened[-1]
+    faulty.make_read_only()
+    runner.start()
+    try:
+        assert runner.wait_link(20)
+        assert wait_until(lambda: (runner.agent.status().get("consent_pending") or {}).get("ver") == 2
+                          or runner.agent.manager.in_force is not None, 20), runner.agent.status()
+        time.sleep(2)  # what the uplink would send, it has sent by now
+        assert cloud.batches(DEV, "g-speed") == []
+        faulty.repair()
+        assert wait_until(lambda: any(r.get("grant") == "g-speed" for r in _queued_erasures(runner, pki))
+                          or any(r.claims.get("grant") == "g-speed" for r in cloud.receipts(DEV, "erasure")), 20)
+        assert cloud.batches(DEV, "g-speed") == []
+    finally:
+        runner.stop()

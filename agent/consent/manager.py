@@ -178,9 +178,11 @@ class ConsentManager:
         grants = self.active_grants()
         active = {g.id for g in grants}
         # Grants the outbox was last told to store that are not in force now (a cache that no longer verifies, an
-        # expiry while off): each ends in an erasure receipt even if it left no key or row, so the cloud hears of
-        # every grant that stopped. Remembered until erased: the next statement forgets them on disk.
-        self._unlisted |= self.outbox.active_grants() - active
+        # expiry while off): none of their rows is published from now on (the outbox's own list of active grants
+        # changes only when the disk takes it), and each ends in an erasure receipt even if it left no key or row,
+        # so the cloud hears of every grant that stopped. Remembered until erased.
+        self._unlisted = (self._unlisted | self.outbox.active_grants()) - active
+        self._withhold(self._held_stops())
         # Rows stamped with other terms than those in force (stored by an earlier version, or a crash between
         # a narrowing and the cache write) are judged now, before the uplink can publish anything.
         for withdrawal in self.outbox.apply_terms(_terms(grants, previous=())):
@@ -190,10 +192,16 @@ class ConsentManager:
             # A crash mid-erasure, an expiry while off, or a cache that no longer verifies: finish the job.
             self._erase(gid, reason="expired" if self.expired else "not-in-force")
             self._unlisted.discard(gid)
+        self._withhold(self._held_stops())
         self.finish_pending_erasures()
         if self.in_force is not None:
             self.store.raise_floor(self.in_force.iat)
         self.disk_due = False
+
+    def _withhold(self, grant_ids: frozenset[str]) -> None:
+        """Stop publishing and storing ``grant_ids`` (memory only), and every grant settle_disk still has to erase."""
+        active = {g.id for g in self.active_grants()}
+        self.outbox.withhold(frozenset(grant_ids) | frozenset(self._unlisted - active))
 
     def _resume_pending(self) -> ApplyResult | None:
         """A document a previous run left pending (its record survived in the reserved file): take it up again,
@@ -224,7 +232,7 @@ class ConsentManager:
             return None
         self.pending = p
         self.store.note_version(consent.ver)
-        self.outbox.withhold(p.stopped)
+        self._withhold(p.stopped)
         log.warning("consent v%d was pending when the agent stopped: grant(s) %s stay stopped; finishing it",
                     consent.ver, ", ".join(sorted(p.stopped)) or "none")
         return self._finish(p)
@@ -310,7 +318,7 @@ class ConsentManager:
         self.store.note_version(consent.ver)
         if revoked and self.on_revoke is not None:
             self.on_revoke(revoked)
-        self.outbox.withhold(p.stopped)
+        self._withhold(p.stopped)
         # 2. Its record, in place in reserved space, before anything on disk changes: a restart takes it up.
         self._journal(p)
         # 3. Disk (vgw.consent.pending): terms, erasures, cache, receipts.
@@ -331,7 +339,7 @@ class ConsentManager:
         stopped = frozenset(before - {g.id for g in self.active_grants()})
         if stopped and self.on_revoke is not None:
             self.on_revoke(stopped)
-        self.outbox.withhold((self.pending.stopped if self.pending else frozenset()) | stopped | self._held_stops())
+        self._withhold((self.pending.stopped if self.pending else frozenset()) | stopped | self._held_stops())
 
     def _journal(self, p: PendingApply) -> None:
         """Write the pending document's record (in place: works on a full disk once the space is reserved)."""
@@ -410,7 +418,7 @@ class ConsentManager:
         if self.in_force is not consent:
             self.in_force = consent
             self.expired = False
-            self.outbox.withhold(self._held_stops())
+            self._withhold(self._held_stops())
             if self.on_change is not None:
                 self.on_change()
         # d. Audit and receipts, each once; an erasure's only now that memory, rows and key are gone.

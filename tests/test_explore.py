@@ -53,6 +53,10 @@ KEPT: list[tuple[int, list[Step], str]] = [
     (100063, [{"op": "down", "b": "A"}, {"op": "fill"}, {"op": "revoke_all"}, {"op": "damage", "how": "delete"},
               {"op": "up", "b": "A"}, {"op": "wait", "s": 1.49}],
      "a: with the start-up erasure waiting for the disk, the outbox still listed the old grants and sent them"),
+    (500131, [{"op": "grant", "g": "g-drive", "scopes": ["read_speedometer", "read_fuel"]},
+              {"op": "damage", "how": "garble"}, {"op": "skew", "s": -55}, {"op": "revoke_all"}, {"op": "fill"},
+              {"op": "revoke", "g": "g-loc"}, {"op": "wait", "s": 0.56}, {"op": "settle"}],
+     "a: a pending document taken up again with nothing in force: the outbox's list sent the old grants"),
     (50019, [{"op": "damage", "how": "garble"}, {"op": "revoke", "g": "g-drive"}, {"op": "revoke", "g": "g-diag"}],
      "b: a grant the damaged cache forgot, with nothing stored yet, never got an erasure receipt"),
 ]
@@ -265,5 +269,54 @@ def test_grants_not_in_force_stay_unpublished_while_the_start_up_erasure_waits_f
         assert wait_until(lambda: any(r.get("grant") == "g-speed" for r in _queued_erasures(runner, pki))
                           or any(r.claims.get("grant") == "g-speed" for r in cloud.receipts(DEV, "erasure")), 20)
         assert cloud.batches(DEV, "g-speed") == []
+    finally:
+        runner.stop()
+
+
+def test_grants_not_in_force_stay_unpublished_while_a_resumed_pending_document_waits_for_the_disk(
+        tmp_path, pki, monkeypatch, broker, cloud) -> None:
+    # Found by the explorer (seed 500131: a version pending when the agent was killed, the cache garbled, the disk
+    # full, everything revoked): the agent took the pending document up again with nothing in force, the outbox
+    # still listed the old grants as active, and their stored batches went out although the retained version
+    # revoked them.
+    auth = Authority(tmp_path)
+    trace = record_trace(tmp_path, 20.0)
+    cfg = write_config(tmp_path, pki, broker.port, auth.trust,
+                       can={"replay": str(trace), "replay_rate": 2.0, "replay_loop": True})
+    apply_offline(cfg, auth, {"g-speed": ["read_speedometer"]}, tmp_path)
+    cloud.add_recipient("g-speed", auth.recipient("g-speed"))
+    broker.stop()  # stored, not sent
+    with AgentThread(cfg) as first:
+        assert wait_until(lambda: first.agent.outbox.stats().get("g-speed", {}).get("rows", 0) >= 2, 20)
+    broker.start()
+    assert cloud.wait_connected(15)
+    # v2 keeps g-speed as it is (so it stops nothing) and adds a grant; on the read-only disk it stays pending.
+    cloud.publish_consent(DEV, auth.doc(DEV, {"g-speed": ["read_speedometer"], "g-odo": ["read_odometer"]}))
+    opened = use_faulty_outbox(monkeypatch)
+    second = AgentThread(cfg)
+    opened[-1].make_read_only()
+    with second:
+        assert wait_until(lambda: (second.agent.status().get("consent_pending") or {}).get("ver") == 2, 20)
+    (tmp_path / "state" / "consent.jws").write_text("damaged")
+    cloud.publish_consent(DEV, auth.doc(DEV, {}))  # v3: nothing granted
+    # g-speed's backlog went out under v1 meanwhile, but the read-only disk kept the rows: sent again now, the
+    # cloud would count them as duplicates.
+    def sent() -> int:
+        return len(cloud.batches(DEV, "g-speed")) + cloud.duplicates(DEV, "g-speed")
+
+    before = sent()
+    runner = AgentThread(cfg)
+    faulty = opened[-1]
+    faulty.make_read_only()
+    runner.start()
+    try:
+        assert runner.wait_link(20)
+        time.sleep(3)  # what the uplink would send, it has sent by now
+        assert sent() == before
+        faulty.repair()
+        assert wait_until(lambda: runner.agent.manager.in_force is not None
+                          and runner.agent.manager.in_force.ver == 3, 20)
+        time.sleep(1)
+        assert sent() == before
     finally:
         runner.stop()

@@ -199,9 +199,15 @@ class ConsentManager:
         self.disk_due = False
 
     def _withhold(self, grant_ids: frozenset[str]) -> None:
-        """Stop publishing and storing ``grant_ids`` (memory only), and every grant settle_disk still has to erase."""
+        """Stop publishing and storing ``grant_ids`` (memory only), and every grant the outbox still lists as active
+        that is not active here: its list changes only when the disk takes it, so after a damaged cache, or while a
+        document waits for the disk, it may name grants nothing in force grants any more."""
         active = {g.id for g in self.active_grants()}
-        self.outbox.withhold(frozenset(grant_ids) | frozenset(self._unlisted - active))
+        try:
+            listed = self.outbox.active_grants()
+        except Exception:
+            listed = set()
+        self.outbox.withhold(frozenset(grant_ids) | frozenset((self._unlisted | listed) - active))
 
     def _resume_pending(self) -> ApplyResult | None:
         """A document a previous run left pending (its record survived in the reserved file): take it up again,

@@ -32,12 +32,13 @@ deps:
 		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq python3-venv; \
 	fi
 
-# For the tests only: Debian's chromium renders the HTML privacy report headless (tests/test_report.py;
-# without it that one test is skipped and says why).
+# For the tests only: Debian's chromium renders the HTML privacy report headless (tests/test_report.py), and
+# with chromium-driver Selenium drives it through the consent service's pages
+# (tests/test_consent_service_browser.py); without them those tests are skipped and say why.
 test-deps:
-	@if ! command -v chromium >/dev/null 2>&1; then \
-		echo "installing chromium (apt-get; the privacy report rendering test)"; \
-		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; \
+	@if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then \
+		echo "installing chromium and chromium-driver (apt-get; the report rendering and browser tests)"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium chromium-driver; \
 	fi
 
 $(BIN)/vgw: pyproject.toml | deps

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from vgw.errors import StorageError
+from vgw.fsutil import MAX_AUDIT_BYTES, open_state_file, read_small_file, read_state_file
 
 GENESIS = "0" * 64
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 AUDIT_FILE = "audit.log"
 
 
@@ -38,15 +38,20 @@ class VerifyResult:
 
 
 class AuditLog:
-    """Appends entries; safe across threads and across processes (O_APPEND + flock-free tail read)."""
+    """Appends entries; safe across threads and across processes (O_APPEND + flock-free tail read).
 
-    def __init__(self, state_dir: Path) -> None:
-        self.path = state_dir / AUDIT_FILE
+    ``file``: read a copy given on the command line instead of the state directory's log (any readable regular
+    file, links followed, the same size cap); such a log is only read.
+    """
+
+    def __init__(self, state_dir: Path, *, file: Path | None = None) -> None:
+        self.path = file if file is not None else state_dir / AUDIT_FILE
+        self._copy = file is not None
         self._lock = threading.Lock()
 
     def _last_hash(self) -> tuple[int, str]:
         try:
-            with os.fdopen(os.open(self.path, os.O_RDONLY | _NOFOLLOW), "rb") as fh:
+            with os.fdopen(open_state_file(self.path, what="audit log"), "rb") as fh:
                 fh.seek(0, os.SEEK_END)
                 size = fh.tell()
                 if size == 0:
@@ -77,8 +82,8 @@ class AuditLog:
         with self._lock:
             try:
                 # Never through a planted link; created 0600 before its first byte (docs/guarantees.md).
-                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW, 0o600)
-            except OSError as exc:
+                fd = open_state_file(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, what="audit log")
+            except FileNotFoundError as exc:  # the state directory went away
                 raise StorageError(f"{self.path}: cannot open audit log: {exc.strerror}") from exc
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)  # another vgw process (consent apply) may append too
@@ -96,13 +101,16 @@ class AuditLog:
 
     def _lines(self) -> list[str] | None:
         """The log's lines (None: no log yet). A damaged byte becomes U+FFFD, so its line fails the hash check
-        instead of the whole read. Raises StorageError when the file cannot be read."""
+        instead of the whole read. Raises StorageError when the file cannot be read or is refused (a link, a
+        FIFO, a device, another user's, over ``MAX_AUDIT_BYTES``)."""
         try:
-            return self.path.read_bytes().decode("utf-8", "replace").splitlines()
+            if self._copy:
+                raw = read_small_file(self.path, what="audit log", max_bytes=MAX_AUDIT_BYTES)
+            else:
+                raw = read_state_file(self.path, what="audit log", max_bytes=MAX_AUDIT_BYTES)
         except FileNotFoundError:
             return None
-        except OSError as exc:
-            raise StorageError(f"{self.path}: cannot read audit log: {exc.strerror}") from exc
+        return raw.decode("utf-8", "replace").splitlines()
 
     def entries(self) -> list[dict[str, Any]]:
         lines = self._lines() or []

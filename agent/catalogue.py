@@ -11,8 +11,8 @@ part, concatenated in part order, NUL padding removed) before policy sees it.
 
 from __future__ import annotations
 
+import itertools
 import re
-import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +22,7 @@ import cantools
 from cantools.database.can.database import Database
 from cantools.database.can.message import Message
 from vgw.errors import ConfigError
-from vgw.fsutil import MAX_CONFIG_BYTES, MAX_DBC_BYTES, read_small_file
+from vgw.fsutil import MAX_CONFIG_BYTES, load_toml, read_small_file
 from vgw.j1939.ids import is_j1939, message_key
 from vgw.j1939.ids import parse as parse_id
 from vgw.scopes import SCOPES
@@ -55,14 +55,62 @@ class Catalogue:
         return {s.path: s.scope for s in self.specs}
 
 
+# -- the DBC budget: what a Raspberry Pi can hold of the DBC files of one agent, all files together -----------------
+# cantools builds about 3.3 kB per signal and 300-400 bytes per word it reads (value tables, attributes and
+# comments included), and takes 10-20 µs per word here. So the files are counted before cantools parses them
+# (:func:`dbc_counts`: a scan that holds no more than the file's bytes), and a set beyond any cap is refused.
+# At every cap together a load takes about 200 MB and 10 s on this machine (docs/performance.md, "A big DBC").
+MAX_DBC_BYTES = 16 * 1024 * 1024  # one file; a full-vehicle DBC is a few MB
+MAX_DBC_MESSAGES = 4096  # BO_ definitions
+MAX_DBC_SIGNALS = 16_384  # SG_ definitions
+MAX_DBC_WORDS = 500_000  # names, numbers and strings: what cantools' tokenizer turns into objects
+
+_BO = re.compile(rb"^[ \t]*BO_[ \t]", re.MULTILINE)
+_SG = re.compile(rb"^[ \t]*SG_[ \t]", re.MULTILINE)
+_WORD = re.compile(rb'"(?:[^"\\]|\\.)*"|[^\s"]+')
+
+
+@dataclass(frozen=True)
+class DbcCounts:
+    """What a DBC file asks cantools to build: message and signal definitions, and words."""
+
+    messages: int
+    signals: int
+    words: int
+
+    def __add__(self, other: DbcCounts) -> DbcCounts:
+        return DbcCounts(self.messages + other.messages, self.signals + other.signals, self.words + other.words)
+
+
+def dbc_counts(raw: bytes, *, max_words: int = MAX_DBC_WORDS) -> DbcCounts:
+    """Count a DBC's BO_ and SG_ lines and its words (a quoted string is one word; the count stops past
+    ``max_words``): cheap next to parsing, holding nothing but the file's bytes."""
+    words = sum(1 for _ in itertools.islice(_WORD.finditer(raw), max(0, max_words) + 1))
+    return DbcCounts(sum(1 for _ in _BO.finditer(raw)), sum(1 for _ in _SG.finditer(raw)), words)
+
+
+def _check_budget(path: Path, total: DbcCounts) -> None:
+    for count, cap, what in ((total.messages, MAX_DBC_MESSAGES, "messages"),
+                             (total.signals, MAX_DBC_SIGNALS, "signals"),
+                             (total.words, MAX_DBC_WORDS, "words (names, numbers and strings)")):
+        if count > cap:
+            shown = f"at least {count}" if cap is MAX_DBC_WORDS else str(count)
+            raise ConfigError(f"{path}: DBC budget exceeded: {shown} {what}, more than the {cap} allowed (all DBC "
+                              "files together); refused: keep the messages the signal map uses")
+
+
 def load_dbc(paths: Iterable[Path], *, strict: bool = True) -> Database:
-    """Load one or more DBC files into one database. Raises ConfigError naming the file and cantools' reason."""
+    """Load one or more DBC files into one database. Raises ConfigError naming the file and cantools' reason, or
+    the cap of the DBC budget that the files, counted together before each is parsed, go beyond."""
     db = cantools.database.can.Database(strict=strict)
+    total = DbcCounts(0, 0, 0)
     for path in paths:
         try:
             raw = read_small_file(Path(path), what="DBC file", max_bytes=MAX_DBC_BYTES, error=ConfigError)
         except FileNotFoundError:
             raise ConfigError(f"{path}: DBC file not found") from None
+        total += dbc_counts(raw, max_words=MAX_DBC_WORDS - total.words)
+        _check_budget(Path(path), total)
         try:
             db.add_dbc_string(raw.decode("cp1252").replace("\r\n", "\n").replace("\r", "\n"))
         except Exception as exc:  # cantools raises many types (ParseError, Error, ValueError...)
@@ -76,14 +124,9 @@ def load_catalogue(dbc_paths: Iterable[Path], signal_map: Path, *, strict: bool 
     """Load DBC files and the signal map; validate every entry against the DBC and the scope list."""
     db = load_dbc(dbc_paths, strict=strict)
     try:
-        doc = tomllib.loads(read_small_file(signal_map, what="signal map", max_bytes=MAX_CONFIG_BYTES,
-                                            error=ConfigError).decode("utf-8"))
+        doc = load_toml(signal_map, what="signal map", max_bytes=MAX_CONFIG_BYTES, error=ConfigError)
     except FileNotFoundError:
         raise ConfigError(f"{signal_map}: signal map not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{signal_map}: cannot read signal map: {exc}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{signal_map}: invalid TOML: {exc}") from exc
     return catalogue_from_map(db, doc, signal_map)
 
 

@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import math
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vgw.errors import ConfigError, MissingFileError
-from vgw.fsutil import read_small_file
+from vgw.fsutil import MAX_CONFIG_BYTES, load_toml
 
 DEVICE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _TOPIC_PREFIX = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
 
 # Damaged or hostile config files (docs/guarantees.md, "Damaged files"): a ConfigError, never a traceback.
-MAX_CONFIG_BYTES = 1024 * 1024  # read no more: a config file is a few kB; /dev/zero must not fill memory
 MAX_DURATION_OR_RATE = 1e9  # float settings (seconds, Hz): finite and below threading.TIMEOUT_MAX (~9.2e9 s)
 MAX_INTEGER = 2**63 - 1  # integer settings fit a C long and SQLite INTEGER
 
@@ -75,6 +73,7 @@ class ObdConfig:
 # A cluster node can PUBACK a message it then loses (nats-server 2.9 during a stream leader election,
 # docs/fleet.md "PUBACK is not storage"); its election takes seconds, so 30 s covers it with room to spare.
 DEFAULT_REPLAY_WINDOW_S = 30.0
+DEFAULT_RENEW_BEFORE_DAYS = 30.0
 MAX_REPLAY_WINDOW_S = 3600.0
 # After each (re)connect, stored batches wait until the retained consent document is taken, or until this
 # long after the broker granted the consent subscription without one (README "Topics").
@@ -102,6 +101,8 @@ class MqttConfig:
     # How long an acknowledged batch is kept to be re-published after a failover (README "Replay after
     # failover"). None: DEFAULT_REPLAY_WINDOW_S with several endpoints, 0 (delete on PUBACK) with one.
     replay_window_s: float | None = None
+    # Renew the client certificate this long before it expires (README "Enrollment"); 0: never.
+    renew_before_days: float = 30.0
     # After each (re)connect: how long to wait for the retained consent document before stored batches go out
     # without one (README "Topics").
     consent_wait_s: float = DEFAULT_CONSENT_WAIT_S
@@ -241,30 +242,23 @@ def _kind_name(kinds: tuple[type, ...]) -> str:
 _SECTIONS = {"device", "can", "obd", "mqtt", "consent", "batch", "outbox", "log"}
 
 
-def load_config(path: str | Path) -> Config:
-    """Load and validate a config file. Raises ConfigError naming the file, key and rule."""
+def load_config(path: str | Path, *, enrolling: bool = False) -> Config:
+    """Load and validate a config file. Raises ConfigError naming the file, key and rule.
+
+    ``enrolling`` (`vgw enroll`): ``[mqtt] cert_file`` and ``key_file`` may be missing (enrollment makes them).
+    """
     try:
         path = Path(path).expanduser().resolve()
     except (ValueError, RuntimeError, OSError) as exc:
         raise ConfigError(f"{_shown(str(path))}: not a usable path for a config file") from exc
     try:
-        raw = read_small_file(path, what="config file", max_bytes=MAX_CONFIG_BYTES, error=ConfigError)
+        doc = load_toml(path, what="config file", max_bytes=MAX_CONFIG_BYTES, error=ConfigError)
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from exc
-    try:
-        doc = tomllib.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
-    except RecursionError as exc:  # tomllib parses nested arrays and inline tables recursively
-        raise ConfigError(f"{path}: invalid TOML: arrays or tables nested too deeply") from exc
-    return config_from_dict(doc, path)
+    return config_from_dict(doc, path, enrolling=enrolling)
 
 
-def config_from_dict(doc: dict[str, Any], path: Path) -> Config:
+def config_from_dict(doc: dict[str, Any], path: Path, *, enrolling: bool = False) -> Config:
     unknown = sorted(set(doc) - _SECTIONS)
     if unknown:
         raise ConfigError(f"{path}: unknown section [{unknown[0]}] (expected one of {sorted(_SECTIONS)})")
@@ -275,7 +269,7 @@ def config_from_dict(doc: dict[str, Any], path: Path) -> Config:
         raise ConfigError(f"{path}: no source configured: add a [can] or an [obd] section (or both)")
 
     device = _device(_Section(path, "device", doc["device"]))
-    mqtt = _mqtt(_Section(path, "mqtt", doc["mqtt"]))
+    mqtt = _mqtt(_Section(path, "mqtt", doc["mqtt"]), enrolling=enrolling)
     consent = _consent(_Section(path, "consent", doc["consent"]))
     can = _can(_Section(path, "can", doc["can"])) if "can" in doc else None
     obd = _obd(_Section(path, "obd", doc["obd"])) if "obd" in doc else None
@@ -442,12 +436,12 @@ def _endpoints(s: _Section) -> tuple[tuple[str, int], ...]:
     return ((host, port),)
 
 
-def _mqtt(s: _Section) -> MqttConfig:
+def _mqtt(s: _Section, *, enrolling: bool = False) -> MqttConfig:
     endpoints = _endpoints(s)
     host, port = endpoints[0]
     ca_file = s.path_value("ca_file")
-    cert_file = s.path_value("cert_file")
-    key_file = s.path_value("key_file")
+    cert_file = s.path_value("cert_file", must_exist=not enrolling)
+    key_file = s.path_value("key_file", must_exist=not enrolling)
     assert ca_file and cert_file and key_file
     prefix = s.get("topic_prefix", str, "vgw")
     if not _TOPIC_PREFIX.match(prefix):
@@ -467,11 +461,13 @@ def _mqtt(s: _Section) -> MqttConfig:
         replay = float(s.number("replay_window_s", 0.0, minimum=0.0))
         if replay > MAX_REPLAY_WINDOW_S:
             raise ConfigError(f"{s.path}: [mqtt] replay_window_s: must be <= {MAX_REPLAY_WINDOW_S:g}, got {replay:g}")
+    renew_before = float(s.number("renew_before_days", DEFAULT_RENEW_BEFORE_DAYS, minimum=0.0))
     consent_wait = float(s.number("consent_wait_s", DEFAULT_CONSENT_WAIT_S, minimum=0.0))
     if consent_wait > MAX_CONSENT_WAIT_S:
         raise ConfigError(f"{s.path}: [mqtt] consent_wait_s: must be <= {MAX_CONSENT_WAIT_S:g}, got {consent_wait:g}")
     s.finish()
     return MqttConfig(host=host, port=port, ca_file=ca_file, cert_file=cert_file, key_file=key_file,
+                      renew_before_days=renew_before,
                       topic_prefix=prefix, keepalive_s=keepalive,
                       max_inflight=max_inflight, drain_rate=drain_rate, backoff_min_s=backoff_min,
                       backoff_max_s=backoff_max, protocol=protocol, endpoints=endpoints, replay_window_s=replay,

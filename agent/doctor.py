@@ -39,6 +39,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from vgw.config import CanConfig, Config, ObdConfig, load_config
+from vgw.crypto.credentials import with_credentials_in_use
 from vgw.errors import ConfigError, MissingFileError, VgwError
 from vgw.fsutil import MAX_KEY_BYTES, Account, owner_of, read_small_file
 from vgw.sources.serialport import holders
@@ -94,12 +95,14 @@ def run_checks(config_path: str | Path, probes: Probes | None = None) -> list[Ch
             hint = " (install the signed certificate: vgw provision --install-cert FILE)"
         return [Check("config", FAIL, f"{exc}{hint}")]
     results = [Check("config", PASS, f"{cfg.path} is valid")]
+    cfg = with_credentials_in_use(cfg)  # the renewed key and certificate once the agent renewed (README "Enrollment")
     steps: list[tuple[str, Callable[[], Check | list[Check] | None]]] = [
         ("catalogue", lambda: _catalogue(cfg)),
         ("can", lambda: _can(cfg.can, probes, cfg.state_dir) if cfg.can is not None else None),
         ("obd", lambda: _obd(cfg, probes) if cfg.obd is not None else None),
         ("keys", lambda: _keys(cfg)),
         ("certificate", lambda: _certificate(cfg)),
+        ("renewal", lambda: _renewal(cfg)),
         ("broker", lambda: _brokers(cfg, probes)),
         ("clock", lambda: _clock(cfg)),
         ("state-dir", lambda: _state_dir(cfg)),
@@ -380,6 +383,28 @@ def _obd(cfg: Config, probes: Probes) -> Check:
 # -- identity and link ----------------------------------------------------------------------------------
 
 
+def _renewal(cfg: Config) -> Check | None:
+    """The running agent's certificate renewal (README "Enrollment"), from its status file (read only)."""
+    import json
+
+    from vgw.daemon.statedir import STATUS_FILE, AgentLock
+
+    if not AgentLock.held_by_other(cfg.state_dir):
+        return None
+    try:
+        live = json.loads((cfg.state_dir / STATUS_FILE).read_text(encoding="utf-8"))
+        cert = live["certificate"]
+        state, attempts, error = str(cert["state"]), int(cert["attempts"]), cert.get("last_error")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if state in ("refused", "failed"):
+        return Check("renewal", WARN, f"certificate renewal failing ({attempts} attempt(s)): {str(error)[:200]}; the "
+                                      "agent keeps the current certificate and retries with backoff")
+    if state == "off":
+        return Check("renewal", WARN, "automatic renewal is off ([mqtt] renew_before_days = 0)")
+    return Check("renewal", PASS, f"automatic renewal {state}")
+
+
 def _keys(cfg: Config) -> Check:
     key = cfg.mqtt.key_file
     mode = key.stat().st_mode
@@ -540,6 +565,7 @@ def kernel_adjtimex() -> tuple[int, int] | None:
 def _demo_dbc(cfg: Config) -> Check | None:
     """WARN when a live bus (not a replay, not python-can's virtual bus) is decoded with the demo car's DBC:
     it names signals of a car that does not exist, so on a real vehicle it decodes nothing meaningful."""
+    from vgw.catalogue import MAX_DBC_BYTES
     from vgw.dbc import DBC_NAME, shipped_dir
 
     can_cfg = cfg.can
@@ -547,8 +573,9 @@ def _demo_dbc(cfg: Config) -> Check | None:
         return None
     try:
         demo = (shipped_dir() / DBC_NAME).read_bytes()
-        used = [p for p in can_cfg.dbc if p.read_bytes() == demo]
-    except OSError:
+        used = [p for p in can_cfg.dbc
+                if read_small_file(p, what="DBC file", max_bytes=MAX_DBC_BYTES, error=ConfigError) == demo]
+    except (OSError, VgwError):
         return None  # the catalogue check names an unreadable DBC
     if not used:
         return None
@@ -572,11 +599,14 @@ def _time_sync(probes: Probes) -> Check:
 def _ca(cfg: Config) -> Check | None:
     """The device certificate must not outlive the CA that signed it (nor the CA be expired)."""
     try:
-        leaf = x509.load_pem_x509_certificates(cfg.mqtt.cert_file.read_bytes())[0]
-        cas = x509.load_pem_x509_certificates(cfg.mqtt.ca_file.read_bytes())
-    except (OSError, ValueError, IndexError):
+        # Read as the agent reads them (a regular file, capped): a FIFO must not hang the doctor.
+        ours = x509.load_pem_x509_certificates(read_small_file(cfg.mqtt.cert_file, what="certificate",
+                                                               max_bytes=MAX_KEY_BYTES))
+        cas = x509.load_pem_x509_certificates(read_small_file(cfg.mqtt.ca_file, what="CA file",
+                                                              max_bytes=MAX_KEY_BYTES))
+        leaf, chain = ours[0], ours[1:] + cas
+    except (OSError, VgwError, ValueError, IndexError):
         return None  # the certificate and broker checks already say what is wrong with the files
-    chain = x509.load_pem_x509_certificates(cfg.mqtt.cert_file.read_bytes())[1:] + cas
     issuer = next((c for c in chain if c.subject == leaf.issuer), None)
     if issuer is None:
         return Check("ca", WARN, f"{cfg.mqtt.ca_file} holds no certificate named {leaf.issuer.rfc4514_string()!r}, "

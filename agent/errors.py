@@ -51,6 +51,7 @@ values never change.
      |         +-- LineError        one candump line is not a frame (vgw.sources.candump; also a ValueError)
      +-- StorageError               state dir / outbox / key store
      |    +-- StorageOpenError      could not open or create a state file (initialisation)
+     |    +-- NotRegularFile        a FIFO, device or folder where a regular file must be (vgw.fsutil; also an OSError)
      |    +-- OutboxUnwritable      a write failed: ``fault`` is a StorageFault (full, read-only, io)
      |    +-- GrantNotActive        a batch or key refused: its grant was revoked meanwhile (vgw.outbox)
      |         +-- TermsChanged     a batch collected under terms no longer in force (vgw.outbox)
@@ -58,6 +59,9 @@ values never change.
      |    +-- PacketTooLarge        a packet over the limit ended the connection (also an OSError, for paho)
      +-- EnvelopeError              (cloud side) a telemetry envelope failed a rule of README "Telemetry envelope"
      +-- ReceiptError               (cloud side) a receipt is not a valid ES256 JWS of its device (README "Receipts")
+     +-- EnrollmentError            enrollment or renewal failed (README "Enrollment"); ``reason`` an EnrollReason
+          +-- EnrollmentRefused     the enrollment service said no (its reason is printed; `vgw enroll` exit 1)
+          +-- EnrollmentTimeout     no answer in time (`vgw enroll` exit 2)
 
 Outside the tree on purpose: ``vgw.simulators.broker.BrokerError`` (``MosquittoNotFound``,
 ``BrokerStartError``, ``NatsNotFound``) derives from ``RuntimeError``: a missing or dead test broker is a
@@ -326,3 +330,41 @@ class EnvelopeError(VgwError):
 
 class ReceiptError(VgwError):
     """A receipt is not a valid compact JWS signed ES256 by the device it names (README "Receipts")."""
+
+
+# -- enrollment -------------------------------------------------------------------------------------
+
+
+class EnrollReason(StrEnum):
+    """Why an enrollment or renewal request was refused, or why an issued certificate was not installed
+    (README "Enrollment"). The value travels in a refusal (``{"status": "refused", "reason": ...}``) as its first
+    word; it never changes."""
+
+    TOO_LARGE = "too-large"  # the request is over 16 KiB
+    MALFORMED = "malformed"  # not a JSON object with the fields of the topic
+    BAD_CSR = "bad-csr"  # not a PEM CSR, a bad self-signature, or a key that is not EC P-256
+    SUBJECT = "subject"  # the CSR names another device than the topic
+    UNKNOWN_DEVICE = "unknown-device"  # the allow file does not list the device
+    TOKEN = "token"  # noqa: S105 - a reason word, not a secret: the token is not the allow file's one for the device
+    TOKEN_USED = "token-used"  # noqa: S105 - the token was used before for another key
+    NOT_ENROLLED = "not-enrolled"  # renewal for a device this service never issued to or lets renew
+    REVOKED = "revoked"  # the device was revoked
+    SERVICE = "service"  # the service could not record the issuance (it issues nothing then)
+    BAD_CERTIFICATE = "bad-certificate"  # device side: the issued chain does not match the key, id or CA
+    TIMEOUT = "timeout"  # device side: no answer
+
+
+class EnrollmentError(VgwError):
+    """Enrollment or renewal failed; ``reason`` (an :class:`EnrollReason`) says why."""
+
+    def __init__(self, message: str, reason: EnrollReason) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class EnrollmentRefused(EnrollmentError):
+    """The enrollment service refused the request; the message is its reason."""
+
+
+class EnrollmentTimeout(EnrollmentError):
+    """No answer from the enrollment service in time."""

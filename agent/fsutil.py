@@ -10,31 +10,38 @@ The rules (docs/guarantees.md, "Files the agent reads and writes"):
   open them (SQLite's ``-wal``): ownership stays as it was, nobody is asked to chown.
 - Files in the state directory are opened without following symlinks (``O_NOFOLLOW``) and created 0600 before
   their first byte is written.
-- Every small file the agent reads (keys, certificates, trust keys, DBC, signal map, config, state files) is
-  read through :func:`read_small_file`: non-regular files (``/dev/zero``, a FIFO, a directory) are refused
-  before a byte is read, and the size is capped before the read, so a bad path gives one clear line instead of
-  a hang or a MemoryError.
+- Every small file the agent reads (keys, certificates, trust keys, DBC, signal map, config) is read through
+  :func:`read_small_file`: non-regular files (``/dev/zero``, a FIFO, a directory) are refused before a byte is
+  read, and the size is capped before the read, so a bad path gives one clear line instead of a hang or a
+  MemoryError.
+- Every file of the state directory, by `vgw run` and by the commands that only read it (`vgw status`,
+  `vgw report`, `vgw audit`), is opened through :func:`open_state_file` (or read through
+  :func:`read_state_file`): never following a link, never blocking on a FIFO, a regular file owned by the state
+  directory's owner, its size capped.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import stat
 import struct
 import tempfile
+import tomllib
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from vgw.errors import StorageError, VgwError
 
 # Caps for the files the agent reads (a real one is far smaller; more is a wrong path or an attack).
 MAX_KEY_BYTES = 64 * 1024  # PEM keys, certificate chains, the storage key
 MAX_CONFIG_BYTES = 1024 * 1024  # config TOML, signal map
-MAX_DBC_BYTES = 64 * 1024 * 1024  # a full-vehicle DBC can be tens of MB
-MAX_STATE_BYTES = 1024 * 1024  # consent cache, inbox, clock file
+MAX_STATE_BYTES = 1024 * 1024  # consent cache, inbox, clock file, status file, pending erasures
+MAX_AUDIT_BYTES = 64 * 1024 * 1024  # the audit log, read whole by `vgw report` and `vgw audit`: ~200 000 entries
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
@@ -136,41 +143,139 @@ def _give_created(folder: Path, account: Account, before: set[tuple[int, int]]) 
             raise StorageError(f"{folder}/{name}: cannot give it to {account}: {exc.strerror}") from exc
 
 
-def read_small_file(path: Path, *, what: str, max_bytes: int, error: type[VgwError] = StorageError,
-                    follow_symlinks: bool = True) -> bytes:
+def read_small_file(path: Path, *, what: str, max_bytes: int, error: type[VgwError] = StorageError) -> bytes:
     """Read a whole small regular file. Raises ``error`` (one line naming ``path`` and ``what``).
 
     FileNotFoundError is passed through unchanged, so callers keep their own "missing" message. The file is
     opened non-blocking (a FIFO would otherwise block in ``open``) and checked with ``fstat`` on the opened
     descriptor, so what is checked is what is read.
     """
-    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | (0 if follow_symlinks else _NOFOLLOW)
     try:
-        fd = os.open(path, flags)
+        fd = open_regular(path)
+    except FileNotFoundError:
+        raise
+    except NotRegularFile as exc:
+        raise error(f"{path}: {what} is not a regular file; refused") from exc
+    except OSError as exc:
+        raise error(f"{path}: cannot read {what}: {exc.strerror}") from exc
+    try:
+        return _read_capped(fd, os.fstat(fd), path, what=what, max_bytes=max_bytes, error=error)
+    except OSError as exc:
+        raise error(f"{path}: cannot read {what}: {exc.strerror}") from exc
+    finally:
+        os.close(fd)
+
+
+class NotRegularFile(StorageError, OSError):
+    """A FIFO, device, socket or directory where a regular file must be (also an OSError, so a reader that
+    cannot open a file says why in the same words: ``strerror`` is "not a regular file")."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(errno.EINVAL, "not a regular file", str(path))
+
+
+def open_regular(path: Path) -> int:
+    """Open ``path`` (links followed) read-only if it is a regular file; returns a blocking descriptor. The
+    open does not block (``O_NONBLOCK``: a FIFO would wait for a writer) and the check is ``fstat`` on the
+    opened descriptor, so what is checked is what is read. Raises :class:`NotRegularFile` (an OSError) for
+    anything else, OSError as ``open`` does."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotRegularFile(path)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def load_toml(path: Path, *, what: str, max_bytes: int = MAX_CONFIG_BYTES,
+              error: type[VgwError] = StorageError) -> dict[str, Any]:
+    """Read and parse a TOML file (the config file, the signal map): :func:`read_small_file`, then ``tomllib``.
+
+    Raises ``error`` naming ``path`` for anything wrong: not UTF-8, invalid TOML, arrays or tables nested too
+    deeply (tomllib parses them recursively: thousands of ``[`` would otherwise end in RecursionError). A
+    missing file raises FileNotFoundError, so callers keep their own "not found" message.
+    """
+    raw = read_small_file(path, what=what, max_bytes=max_bytes, error=error)
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: not UTF-8 text") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise error(f"{path}: invalid TOML: {exc}") from exc
+    except RecursionError as exc:
+        raise error(f"{path}: invalid TOML: arrays or tables nested too deeply") from exc
+
+
+def _read_capped(fd: int, st: os.stat_result, path: Path, *, what: str, max_bytes: int,
+                 error: type[VgwError]) -> bytes:
+    """Read a regular file's descriptor whole, refusing one over ``max_bytes`` before and while reading."""
+    if st.st_size > max_bytes:
+        raise error(f"{path}: {what} is {st.st_size} bytes, more than the {max_bytes} allowed; refused")
+    os.set_blocking(fd, True)
+    chunks: list[bytes] = []
+    total = 0
+    while True:
+        chunk = os.read(fd, min(65536, max_bytes + 1 - total))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+        if total > max_bytes:  # grew while we read
+            raise error(f"{path}: {what} is more than the {max_bytes} bytes allowed; refused")
+    return b"".join(chunks)
+
+
+def open_state_file(path: Path, flags: int = os.O_RDONLY, *, what: str, mode: int = 0o600,
+                    error: type[VgwError] = StorageError) -> int:
+    """Open a file of the state directory the one way every reader and writer does; returns a blocking fd.
+
+    Never through a link (``O_NOFOLLOW``: a planted link to ``/dev/zero`` or a victim file), never blocking
+    (``O_NONBLOCK`` until the descriptor is checked: a FIFO would hang ``open`` or the first read), and only a
+    regular file owned by the owner of its folder (the state directory: the agent's user, also when root runs
+    a read-only command) or by a user :func:`acting_for` accepts (root's own files while it acts for the
+    service user). ``flags`` may add ``O_CREAT`` (then created with ``mode``) and the access mode.
+    FileNotFoundError is passed through; anything else refused raises ``error`` (one line naming ``path``).
+    """
+    try:
+        fd = os.open(path, flags | _NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0), mode)
     except FileNotFoundError:
         raise
     except OSError as exc:
-        if not follow_symlinks and os.path.islink(path):
+        # ELOOP (a link) or ENXIO (a FIFO opened for writing with no reader): say which rule, not the errno.
+        try:
+            kind = os.lstat(path).st_mode
+        except OSError:
+            kind = stat.S_IFREG
+        if stat.S_ISLNK(kind):
             raise error(f"{path}: {what} is a symbolic link; refused (state files are never followed)") from exc
-        raise error(f"{path}: cannot read {what}: {exc.strerror}") from exc
+        if not stat.S_ISREG(kind):
+            raise error(f"{path}: {what} is not a regular file; refused") from exc
+        raise error(f"{path}: cannot open {what}: {exc.strerror}") from exc
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise error(f"{path}: {what} is not a regular file; refused")
-        if st.st_size > max_bytes:
-            raise error(f"{path}: {what} is {st.st_size} bytes, more than the {max_bytes} allowed; refused")
+        owner = os.stat(path.parent).st_uid
+        if st.st_uid != owner and not _accepted(st.st_uid):
+            raise error(f"{path}: {what} is owned by uid {st.st_uid}, not by the state directory's owner "
+                        f"(uid {owner}); refused")
         os.set_blocking(fd, True)
-        chunks: list[bytes] = []
-        total = 0
-        while True:
-            chunk = os.read(fd, min(65536, max_bytes + 1 - total))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            total += len(chunk)
-            if total > max_bytes:  # grew while we read
-                raise error(f"{path}: {what} is more than the {max_bytes} bytes allowed; refused")
-        return b"".join(chunks)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_state_file(path: Path, *, what: str, max_bytes: int = MAX_STATE_BYTES,
+                    error: type[VgwError] = StorageError) -> bytes:
+    """Read a whole file of the state directory, opened by :func:`open_state_file`, capped at ``max_bytes``.
+    FileNotFoundError is passed through; anything refused raises ``error``."""
+    fd = open_state_file(path, what=what, error=error)
+    try:
+        return _read_capped(fd, os.fstat(fd), path, what=what, max_bytes=max_bytes, error=error)
     except OSError as exc:
         raise error(f"{path}: cannot read {what}: {exc.strerror}") from exc
     finally:
@@ -199,7 +304,7 @@ def ensure_private_dir(path: Path) -> Path:
 
     Raises StorageError for a path that is a symlink or not a directory, is owned by another user, is
     writable by group/others (such a directory was not made by us and may hold planted links), or holds a
-    symbolic link.
+    symbolic link, a FIFO, a socket or a device.
     """
     try:
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -221,33 +326,30 @@ def ensure_private_dir(path: Path) -> Path:
             os.chmod(path, 0o700)
         except OSError as exc:
             raise StorageError(f"{path}: cannot make state directory private: {exc.strerror}") from exc
-    # vgw never makes links here: one found was planted (before the directory was ours, or by hand).
+    # vgw never makes links, FIFOs, sockets or devices here: one found was planted (before the directory was
+    # ours, or by hand), and would hang or feed without end whatever opens it.
     try:
-        links = sorted(e.name for e in os.scandir(path) if e.is_symlink())
+        entries = sorted(os.scandir(path), key=lambda e: e.name)
+        links = [e.name for e in entries if e.is_symlink()]
+        odd = [e.name for e in entries if not e.is_symlink() and not e.is_file() and not e.is_dir()]
     except OSError as exc:
         raise StorageError(f"{path}: cannot list state directory: {exc.strerror}") from exc
     if links:
         raise StorageError(f"{path}: state directory holds a symbolic link ({links[0]}); refused (state files "
                            "are never followed: remove it)")
+    if odd:
+        raise StorageError(f"{path}: state directory holds {odd[0]}, which is not a regular file; refused "
+                           "(a FIFO or device there was not made by vgw: remove it)")
     return path
 
 
-def create_private(path: Path) -> None:
+def create_private(path: Path, *, what: str = "state file") -> None:
     """Create ``path`` empty with mode 0600 if missing, never following a symlink; refuse a non-regular file or
-    one owned by someone else. SQLite then opens it (and makes -wal/-shm with the same mode)."""
+    one owned by someone else (:func:`open_state_file`). SQLite then opens it (and makes -wal/-shm with the same
+    mode)."""
+    fd = open_state_file(path, os.O_RDWR | os.O_CREAT, what=what)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o600)
-    except OSError as exc:
-        if os.path.islink(path):
-            raise StorageError(f"{path}: is a symbolic link; refused (state files are never followed)") from exc
-        raise StorageError(f"{path}: cannot open: {exc.strerror}") from exc
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise StorageError(f"{path}: not a regular file; refused")
-        if not _accepted(st.st_uid):
-            raise StorageError(f"{path}: owned by uid {st.st_uid}, not by the running user; refused")
-        if stat.S_IMODE(st.st_mode) & 0o077:
+        if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:
             os.fchmod(fd, 0o600)
     finally:
         os.close(fd)
@@ -261,8 +363,10 @@ def refuse_symlink(path: Path) -> None:
         return
     except OSError as exc:
         raise StorageError(f"{path}: cannot check: {exc.strerror}") from exc
+    if stat.S_ISLNK(st.st_mode):
+        raise StorageError(f"{path}: is a symbolic link; refused (state files are never followed)")
     if not stat.S_ISREG(st.st_mode):
-        raise StorageError(f"{path}: is a symbolic link or not a regular file; refused")
+        raise StorageError(f"{path}: is not a regular file; refused")
 
 
 def destroy_file(path: Path) -> bool:
@@ -350,7 +454,7 @@ class ReservedRecord:
         create_private(self.path)
         size = 2 * self.slot_bytes
         try:
-            fd = os.open(self.path, os.O_RDWR | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+            fd = open_state_file(self.path, os.O_RDWR, what="reserved record")
             try:
                 if os.fstat(fd).st_size == size:
                     return
@@ -386,8 +490,7 @@ class ReservedRecord:
     def read(self) -> bytes | None:
         """The newest record (None: none, or an empty one). Reads only."""
         try:
-            data = read_small_file(self.path, what="reserved record", max_bytes=2 * self.slot_bytes,
-                                   follow_symlinks=False)
+            data = read_state_file(self.path, what="reserved record", max_bytes=2 * self.slot_bytes)
         except FileNotFoundError:
             return None
         slots = self._slots(data)
@@ -400,7 +503,7 @@ class ReservedRecord:
         if len(payload) > self.max_payload:
             raise StorageError(f"{self.path}: record of {len(payload)} bytes > {self.max_payload}")
         try:
-            fd = os.open(self.path, os.O_RDWR | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+            fd = open_state_file(self.path, os.O_RDWR, what="reserved record")
         except FileNotFoundError:
             raise StorageError(f"{self.path}: no space was reserved") from None
         except OSError as exc:

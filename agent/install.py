@@ -8,6 +8,7 @@ Layout (every path below is under ``prefix``, a root directory: ``/`` on a devic
 ``/opt/vgw/docs``                      the Raspberry Pi guide the unit's ``Documentation=`` points at
 ``/etc/vgw``                           config, device key and certificate (`vgw provision` fills it)
 ``/etc/systemd/system``                ``vgw-agent.service`` (enabled), ``vgw-vcan.service`` (not enabled)
+``/etc/systemd/system``                ``vgw-enroll.service`` (enabled: zero-touch enrollment at boot)
 ``/etc/systemd/network``               ``80-can0.network`` (systemd-networkd sets up can0)
 ``/etc/udev/rules.d``                  ``60-vgw-obd.rules`` (USB OBD and SLCAN adapters -> group vgw)
 ``/etc/systemd/system``                ``vgw-sysusers.service`` (enabled: makes the user at boot)
@@ -23,9 +24,11 @@ once the device is provisioned.
 System actions (creating the ``vgw`` user, ``systemctl``, ``udevadm``) run only when ``prefix`` is ``/`` and
 ``system`` is true. ``dry_run`` prints the plan and changes nothing.
 
-`vgw uninstall --purge` first erases every grant (in force, or with data on disk) the way a revocation does:
-data key destroyed, rows deleted, audit entry, signed erasure receipt queued and, if the broker is
-reachable within ``receipt_timeout_s``, delivered; only then are the state dir and ``/etc/vgw`` removed.
+`vgw uninstall --purge` first erases every grant (in force, or with data on disk) with the consent manager's
+erasure, as a revocation does: data key destroyed, rows deleted, audit entry, signed erasure receipt (built
+from what the erasure found, with the audit anchor) queued and, if the broker is reachable within
+``receipt_timeout_s``, delivered; only then are the state dir and ``/etc/vgw`` removed. An erasure that cannot
+be verified (another process holds the outbox open) stops the uninstall with nothing removed.
 
 Raises :class:`~vgw.errors.ConfigError` (bad source/config) and :class:`~vgw.errors.StorageError`
 (files, a running agent, a failed system command).
@@ -56,12 +59,14 @@ log = logging.getLogger(__name__)
 SERVICE_USER = "vgw"
 AGENT_UNIT = "vgw-agent.service"
 VCAN_UNIT = "vgw-vcan.service"
+ENROLL_UNIT = "vgw-enroll.service"  # zero-touch enrollment at boot (README "Enrollment")
 SYSUSERS_UNIT = "vgw-sysusers.service"
 SYSUSERS_SOURCE = "vgw.sysusers"  # in systemd/; installed as SYSUSERS_FILE
 SYSUSERS_FILE = "vgw.conf"
 PRESET = "80-vgw.preset"
 VGW_TARGET = "/opt/vgw/venv/bin/vgw"  # what /usr/local/bin/vgw points at, on the device
-ENABLED_UNITS = (SYSUSERS_UNIT, AGENT_UNIT)
+# vgw-enroll.service runs only while /etc/vgw/claim holds a token and there is no certificate.
+ENABLED_UNITS = (SYSUSERS_UNIT, ENROLL_UNIT, AGENT_UNIT)
 NETWORK_FILE = "80-can0.network"
 UDEV_RULE = "60-vgw-obd.rules"
 GUIDE = "install-raspberry-pi.md"
@@ -129,7 +134,7 @@ class Layout:
         return self._p("/usr/local/bin/vgw")
 
     def installed_files(self) -> list[Path]:
-        return [self.units / AGENT_UNIT, self.units / VCAN_UNIT, self.units / SYSUSERS_UNIT,
+        return [self.units / AGENT_UNIT, self.units / ENROLL_UNIT, self.units / VCAN_UNIT, self.units / SYSUSERS_UNIT,
                 self.network / NETWORK_FILE, self.udev / UDEV_RULE, self.sysusers, self.preset]
 
 
@@ -352,6 +357,8 @@ def install(
 
         plan.step(f"install {config} as {dest} (an existing one is kept as vgw.toml.bak)", put_config)
     plan.step(f"install {lay.units / AGENT_UNIT}", lambda: _copy(src / "systemd" / AGENT_UNIT, lay.units / AGENT_UNIT))
+    plan.step(f"install {lay.units / ENROLL_UNIT}",
+              lambda: _copy(src / "systemd" / ENROLL_UNIT, lay.units / ENROLL_UNIT))
     plan.step(f"install {lay.units / VCAN_UNIT} (developers; not enabled)",
               lambda: _copy(src / "systemd" / VCAN_UNIT, lay.units / VCAN_UNIT))
     plan.step(f"install {lay.network / NETWORK_FILE}",
@@ -418,6 +425,7 @@ def final_erasure(config_path: Path, *, receipt_timeout_s: float = 10.0) -> Eras
 
 def _final_erasure(cfg: Config, receipt_timeout_s: float) -> ErasureSummary:
     from vgw.consent.manager import ConsentManager, load_trust_keys
+    from vgw.outbox.erasure import ERASE_WAIT_S
     from vgw.runtime import AgentLock, open_state
 
     if AgentLock.held_by_other(cfg.state_dir):
@@ -433,19 +441,26 @@ def _final_erasure(cfg: Config, receipt_timeout_s: float) -> ErasureSummary:
         manager.load_cached_readonly()
         consent = manager.in_force
         ver = consent.ver if consent else 0
+        # An erasure an earlier run could not verify: its receipt goes now, if nothing of it is left.
+        for done in manager.finish_pending_erasures(wait_s=ERASE_WAIT_S):
+            summary.grants[done.grant_id] = done.batches_deleted
         ids = {g.id for g in consent.grants} if consent else set()
         ids |= outbox.orphan_grants(set())  # anything with a key or rows on disk
         outbox.set_active_grants(set())  # nothing may store again
-        for gid in sorted(ids):
-            audit.append("grant-stopped", grant=gid, reason="uninstall", ver=ver)
-            erasure = outbox.erase_grant(gid)
-            audit.append("key-destroyed", grant=gid)
-            audit.append("erasure-done", grant=gid, batches_deleted=erasure.batches_deleted, reason="uninstall")
-            # Signed only now, with rows and key gone (README "Receipts").
-            outbox.queue_receipt(signer.sign("erasure", grant=gid, ver=ver, batches_deleted=erasure.batches_deleted,
-                                             key_destroyed=True, reason="uninstall"))
+        for gid in sorted(ids - set(summary.grants)):
+            # The consent manager's erasure, as for a revocation: the one routine of the outbox, the audit
+            # entries, and a receipt built from what it found, with the audit anchor (README "Receipts").
+            erasure = manager.erase(gid, reason="uninstall", ver=ver)
             summary.grants[gid] = erasure.batches_deleted
-            log.info("grant %s erased: %d batch(es), data key destroyed", gid, erasure.batches_deleted)
+            log.info("grant %s erased: %d batch(es)%s", gid, erasure.batches_deleted,
+                     ", data key destroyed" if erasure.key_destroyed else ", not verified yet")
+        manager.finish_pending_erasures(wait_s=ERASE_WAIT_S)
+        pending = sorted({p.grant for p in manager.store.pending_erasures()})
+        if pending:
+            # Rows and keys are deleted, but another process holds the outbox open, so a copy is still in its
+            # files: no receipt may say they are gone, and nothing is removed (run it again once it has let go).
+            raise StorageError(f"{cfg.state_dir}: erasure of grant(s) {', '.join(pending)} not verified: another "
+                               "process holds the outbox open; stop it and run the uninstall again")
         if outbox.receipt_count() and receipt_timeout_s > 0:
             summary.receipts_delivered = _deliver_receipts(cfg, outbox, receipt_timeout_s)
         elif not outbox.receipt_count():

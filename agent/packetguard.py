@@ -138,6 +138,7 @@ class _GuardedSocket(ssl.SSLSocket):
     """A TLS socket whose ``recv`` passes the stream through a PacketSizeGuard (made by ``_make_guard``)."""
 
     _make_guard: Callable[[], PacketSizeGuard]
+    _on_tls_error: Callable[[ssl.SSLError], None] | None
     _vgw_guard: PacketSizeGuard
     _vgw_out: bytearray
 
@@ -152,7 +153,17 @@ class _GuardedSocket(ssl.SSLSocket):
     def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
         guard, out = self._guard_state()
         while not out:
-            data = super().recv(READ_CHUNK, flags)  # one record at most; SSLWantReadError if none is there
+            try:
+                data = super().recv(READ_CHUNK, flags)  # one record at most; SSLWantReadError if none is there
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                raise
+            except ssl.SSLError as exc:
+                # A TLS alert from the peer (TLS 1.3 sends a refused client certificate's alert after the
+                # handshake, so it arrives here, not in connect): tell the owner which, then fail as before.
+                hook = type(self)._on_tls_error
+                if hook is not None:
+                    hook(exc)
+                raise
             if not data:
                 return data  # end of stream
             out += guard.feed(data)
@@ -160,19 +171,47 @@ class _GuardedSocket(ssl.SSLSocket):
         del out[:buflen]
         return chunk
 
+    def send(self, data: Any, flags: int = 0) -> int:
+        try:
+            return super().send(data, flags)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise
+        except ssl.SSLError as exc:
+            hook = type(self)._on_tls_error
+            if hook is not None:
+                # The peer may have sent its alert and closed before this write (TLS 1.3: the broker checks our
+                # certificate after the handshake): the alert waits in the read buffer; report it, not the EOF.
+                hook(self._pending_alert() or exc)
+            raise
+
+    def _pending_alert(self) -> ssl.SSLError | None:
+        try:
+            ssl.SSLSocket.recv(self, 1)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return None
+        except ssl.SSLError as exc:
+            return exc
+        except OSError:
+            return None
+        return None
+
     def pending(self) -> int:
         # Bytes already filtered but not yet read count as pending, so the reader does not wait in select().
         _, out = self._guard_state()
         return super().pending() + len(out)
 
 
-def guard_context(ctx: ssl.SSLContext, limit: int, *, mqtt5: bool, on_drop: Callable[[int], None] | None = None
-                  ) -> ssl.SSLContext:
-    """Make every socket ``ctx`` wraps filter inbound MQTT packets larger than ``limit`` bytes. Returns ``ctx``."""
+def guard_context(ctx: ssl.SSLContext, limit: int, *, mqtt5: bool, on_drop: Callable[[int], None] | None = None,
+                  on_tls_error: Callable[[ssl.SSLError], None] | None = None) -> ssl.SSLContext:
+    """Make every socket ``ctx`` wraps filter inbound MQTT packets larger than ``limit`` bytes. Returns ``ctx``.
+
+    ``on_tls_error(exc)`` is called (in the reading thread) with a TLS error a read raised, before it propagates.
+    """
 
     def make() -> PacketSizeGuard:
         return PacketSizeGuard(limit, mqtt5=mqtt5, on_drop=on_drop)
 
-    attrs: dict[str, Any] = {"_make_guard": staticmethod(make)}
+    attrs: dict[str, Any] = {"_make_guard": staticmethod(make),
+                             "_on_tls_error": staticmethod(on_tls_error) if on_tls_error is not None else None}
     ctx.sslsocket_class = type("GuardedSocket", (_GuardedSocket,), attrs)
     return ctx

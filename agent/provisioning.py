@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -43,6 +42,7 @@ from vgw.catalogue import load_catalogue
 from vgw.config import DEVICE_ID_PATTERN, load_config
 from vgw.consent.manager import load_trust_keys
 from vgw.crypto.certs import DEVICE_URI_PREFIX, cert_device_id
+from vgw.crypto.enrollment import chains_to
 from vgw.crypto.keys import KEY_BYTES
 from vgw.dbc import shipped_dir
 from vgw.errors import ConfigError, StorageError
@@ -56,6 +56,7 @@ CONFIG_NAME = "vgw.toml"
 KEY_NAME = "device.key"
 CSR_NAME = "device.csr"
 CERT_NAME = "device.crt"
+CLAIM_DIR = "claim"  # the zero-touch claim (claim.crt, claim.key, token) until enrolled; systemd/vgw-enroll.service
 CA_NAME = "ca.pem"
 TRUST_KEY_NAME = "consent-signer.pub.pem"
 DBC_NAME = "vehicle.dbc"
@@ -518,42 +519,6 @@ def _provision(*, device_id: str, host: str, port: int, ca_certs: list[x509.Cert
 # -- step 2: install the signed certificate --------------------------------------------------------------
 
 
-def _chains_to(leaf: x509.Certificate, intermediates: list[x509.Certificate], anchors: list[x509.Certificate],
-               when: dt.datetime) -> bool:
-    """True if ``leaf`` chains through ``intermediates`` to one of ``anchors`` (signatures, names, validity)."""
-    current = leaf
-    pool = list(intermediates)
-    for _depth in range(8):
-        for anchor in anchors:
-            if _issued_by(current, anchor):
-                return _valid_at(anchor, when)
-        nxt = next((c for c in pool if _issued_by(current, c) and _is_ca(c)), None)
-        if nxt is None or not _valid_at(nxt, when):
-            return False
-        pool.remove(nxt)
-        current = nxt
-    return False
-
-
-def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    try:
-        cert.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
-
-
-def _is_ca(cert: x509.Certificate) -> bool:
-    try:
-        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
-    except x509.ExtensionNotFound:
-        return False
-
-
-def _valid_at(cert: x509.Certificate, when: dt.datetime) -> bool:
-    return cert.not_valid_before_utc <= when <= cert.not_valid_after_utc
-
-
 def install_cert(cert_file: Path, *, out: Path = DEFAULT_OUT, ca: Path | None = None) -> Report:
     """Check the signed certificate against the device key, the device id and the CA; write ``device.crt``.
 
@@ -580,7 +545,7 @@ def install_cert(cert_file: Path, *, out: Path = DEFAULT_OUT, ca: Path | None = 
         start = f"{leaf.not_valid_before_utc:%Y-%m-%d %H:%M}"
         raise ConfigError(f"{cert_file}: the certificate is valid only from {start} UTC (is this device's "
                           "clock right?)")
-    if not _chains_to(leaf, intermediates, anchors, now):
+    if not chains_to(leaf, intermediates, anchors, now):
         raise ConfigError(f"{cert_file}: the certificate does not chain to the CA in {ca or out / CA_NAME}")
     try:
         eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
@@ -599,6 +564,50 @@ def install_cert(cert_file: Path, *, out: Path = DEFAULT_OUT, ca: Path | None = 
             load_config(config_path)
         except ConfigError as exc:
             report.next_steps.append(f"Fix the config: {exc}")
+    report.next_steps += [
+        f"Check the device: vgw doctor --config {config_path}",
+        "Start the agent: sudo systemctl start vgw-agent; follow it: journalctl -u vgw-agent -f",
+    ]
+    return report
+
+
+# -- the zero-touch path: enroll right after step 1 (README "Enrollment") ------------------------------------
+
+
+def enroll_provisioned(claim_cert: Path, claim_key: Path, token: str, *, out: Path = DEFAULT_OUT,
+                       timeout: float = 60.0) -> Report:
+    """Enroll the device just provisioned in ``out`` with the batch's claim identity and its one-time token:
+    the CSR goes to `vgw cloud enroll serve` instead of a person, and the issued certificate is installed.
+
+    Raises :class:`~vgw.errors.EnrollmentRefused` / :class:`~vgw.errors.EnrollmentTimeout` (vgw.enroll); the
+    key, config and state dir written by step 1 stay (a later `vgw enroll` finishes the job).
+    """
+    from vgw.enroll import enroll
+    from vgw.errors import EnrollmentTimeout
+
+    out = out.expanduser().absolute()
+    config_path = out / CONFIG_NAME
+    claim_dir = out / CLAIM_DIR
+    # Kept for vgw-enroll.service until enrolled (the bench may have no route to the broker): root only.
+    try:
+        ensure_private_dir(claim_dir)
+        atomic_write(claim_dir / "claim.crt", read_small_file(claim_cert, what="claim certificate",
+                                                             max_bytes=MAX_KEY_BYTES, error=ConfigError), mode=0o600)
+        atomic_write(claim_dir / "claim.key", read_small_file(claim_key, what="claim key", max_bytes=MAX_KEY_BYTES,
+                                                             error=ConfigError), mode=0o600)
+        atomic_write(claim_dir / "token", token.encode() + b"\n", mode=0o600)
+    except OSError as exc:
+        raise StorageError(f"{claim_dir}: cannot keep the claim for enrollment at boot: {exc}") from exc
+    try:
+        done = enroll(config_path, claim_cert, claim_key, token, timeout)
+    except EnrollmentTimeout as exc:
+        raise EnrollmentTimeout(f"{exc}; {claim_dir} is kept: vgw-enroll.service enrolls at the next boot with a "
+                                "route to the broker", exc.reason) from exc
+    shutil.rmtree(claim_dir, ignore_errors=True)  # enrolled: the token is spent, the claim has no use here
+    report = Report()
+    note = "already enrolled, unchanged" if done.already else "issued by the enrollment service"
+    report.add("certificate", out / CERT_NAME,
+               f"{note}; device {done.device}, valid until {done.not_after:%Y-%m-%d}")
     report.next_steps += [
         f"Check the device: vgw doctor --config {config_path}",
         "Start the agent: sudo systemctl start vgw-agent; follow it: journalctl -u vgw-agent -f",

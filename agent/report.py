@@ -16,8 +16,12 @@ Counters the report reads (``counters`` table of the outbox), per grant ``<g>``:
 
 A counter the agent does not record (yet) shows as "not recorded", never as zero.
 
-Collection rules (README "Collection rules"): for a grant with rules, the running agent's status file holds, per scope,
-the samples decoded and the samples its rules let through since it started (``collect`` in ``status.json``);
+Periods (README "Privacy report"): per grant and per scope, the intervals in force, from the audit log, and what the
+broker acknowledged in each, from the outbox's ``sent_log`` (:mod:`vgw.report_periods`).
+
+Collection rules (README "Collection rules"): for a grant with rules, the agent adds to the counters, per scope,
+the samples decoded and the samples its rules let through (``rules_decoded:<g>:<scope>``,
+``rules_kept:<g>:<scope>``, stored with the status every few seconds and at shutdown, so they survive restarts);
 the report shows both and the share the rules kept back in the car, and says in plain words what each app
 receives (:mod:`vgw.collect.describe`).
 """
@@ -32,10 +36,20 @@ from pathlib import Path
 from typing import Any
 
 from vgw.collect.describe import SCOPE_LABELS
-from vgw.report_owner import WITHDRAWN_TEXT, app_name, local_when, purpose_text, timeline_svg, version_text, zone_name
+from vgw.report_owner import (
+    WITHDRAWN_TEXT,
+    app_name,
+    local_second,
+    local_when,
+    purpose_text,
+    timeline_svg,
+    version_text,
+    zone_name,
+)
+from vgw.report_periods import SentRow, histories
 from vgw.timefmt import utc_text
 
-REPORT_VERSION = 1
+REPORT_VERSION = 2
 
 # Why data were deleted, in the owner's words (audit ``reason`` -> report reason).
 _DELETE_REASONS = {"revoked": "revocation", "expired": "expiry", "not-in-force": "no longer in force"}
@@ -69,8 +83,19 @@ def build_report(
     audit_problem: str | None = None,
     generated: float | None = None,
     rule_counts: Mapping[str, Mapping[str, Mapping[str, int]]] | None = None,
+    sent_log: Iterable[SentRow] = (),
 ) -> dict[str, Any]:
-    """The report as a JSON-ready dict. Pure: reads nothing, and no input it reads holds a signal value."""
+    """The report as a JSON-ready dict. Pure: reads nothing, and no input it reads holds a signal value.
+
+    Each grant and each of its scopes has its ``periods`` in force (from the audit log) with what the broker
+    acknowledged in each (from ``sent_log``, :mod:`vgw.report_periods`); every scope that ever was in force is
+    listed, also after it was narrowed away. ``rule_counts``: per grant and scope, samples decoded and let
+    through by the collection rules; None: read from the persisted counters ``rules_decoded`` / ``rules_kept``.
+    """
+    entries = list(entries)
+    history = histories(entries, sent_log, counters)
+    if rule_counts is None:
+        rule_counts = _persisted_rule_counts(counters)
     grants: dict[str, dict[str, Any]] = {}
     order: list[str] = []
     rejected: list[dict[str, Any]] = []
@@ -96,8 +121,6 @@ def build_report(
                 if rec["granted_at"] is None or rec["stopped_at"] is not None:
                     rec["granted_at"], rec["granted_in_version"] = t, e.get("ver")
                     rec["stopped_at"] = rec["stop_reason"] = None  # granted again after a stop
-                scopes = g.get("scopes")
-                rec["scopes"] = [s for s in scopes if isinstance(s, str)] if isinstance(scopes, list) else []
                 for k in ("controller", "purpose"):
                     if isinstance(g.get(k), str):
                         rec[k] = g[k]
@@ -126,10 +149,13 @@ def build_report(
     for gid in order:
         rec = grants[gid]
         g = in_force.get(gid)
+        h = history.get(gid)
         if g is not None:
             rec["controller"] = g.get("controller") or rec["controller"]
             rec["purpose"] = g.get("purpose") or rec["purpose"]
-            rec["scopes"] = list(g.get("scopes") or rec["scopes"])
+        # Every scope ever in force (narrowed-away ones too), then any in force the audit log does not know.
+        rec["scopes"] = list(h.scopes) if h is not None else []
+        rec["scopes"] += [s for s in (g or {}).get("scopes") or () if s not in rec["scopes"]]
         active = g is not None and consent is not None and not consent.expired
         if active:
             status = "active"
@@ -154,13 +180,24 @@ def build_report(
         }
         held = outbox.get(gid, {})
         counted = (rule_counts or {}).get(gid, {})
+        periods = [p.to_json(count_key="samples") for p in h.periods] if h is not None else []
+        if not active and periods and periods[-1]["to"] is None:
+            periods[-1]["to"] = rec["stopped_at"]  # stopped with no entry the history reads (damaged log)
+        scope_periods = {s: [p.to_json(count_key="samples_sent") for p in ps] for s, ps in h.scopes.items()} \
+            if h is not None else {}
+        in_force_scopes = set((g or {}).get("scopes") or ()) if active else set()
+        for s, ps in scope_periods.items():
+            if ps and ps[-1]["to"] is None and s not in in_force_scopes:
+                ps[-1]["to"] = periods[-1]["to"] if periods else None
         out_grants.append({
             **rec,
+            "periods": periods,
             "status": status,
             "limits": (g or {}).get("limits", {}),
             "retention_s": (g or {}).get("retention_s"),
             "sent": sent,
-            "scopes": [_scope_rec(s, per_scope[s], counted.get(s)) for s in rec["scopes"]],
+            "scopes": [_scope_rec(s, per_scope[s], counted.get(s), scope_periods.get(s, []), s in in_force_scopes)
+                       for s in rec["scopes"]],
             "collect": list((g or {}).get("collect", [])),
             "receives": list((g or {}).get("receives", [])),
             "held_on_device": {"batches": int(held.get("rows", 0)), "bytes": int(held.get("bytes", 0))},
@@ -178,13 +215,29 @@ def build_report(
     }
 
 
-def _scope_rec(scope: str, sent: int | None, counted: Mapping[str, int] | None) -> dict[str, Any]:
-    """One scope's line: samples sent, and for a grant with rules, decoded / let through / share kept back."""
+def _scope_rec(scope: str, sent: int | None, counted: Mapping[str, int] | None, periods: list[dict[str, Any]],
+               in_force: bool) -> dict[str, Any]:
+    """One scope's line: its periods, samples sent, and for a grant with rules, decoded / let through / share kept
+    back."""
     decoded = int(counted.get("decoded", 0)) if counted else None
     after = int(counted.get("after_rules", 0)) if counted else None
     kept_back = round(1 - after / decoded, 4) if decoded and after is not None else None
-    return {"scope": scope, "label": SCOPE_LABELS.get(scope, scope), "samples_sent": sent,
-            "samples_decoded": decoded, "samples_after_rules": after, "kept_back_by_rules": kept_back}
+    return {"scope": scope, "label": SCOPE_LABELS.get(scope, scope), "samples_sent": sent, "periods": periods,
+            "in_force": in_force, "samples_decoded": decoded, "samples_after_rules": after,
+            "kept_back_by_rules": kept_back}
+
+
+def _persisted_rule_counts(counters: Mapping[str, int]) -> dict[str, dict[str, dict[str, int]]]:
+    """``rules_decoded:<g>:<scope>`` / ``rules_kept:<g>:<scope>`` -> {g: {scope: {decoded, after_rules}}}."""
+    out: dict[str, dict[str, dict[str, int]]] = {}
+    for name, value in counters.items():
+        kind, _, rest = name.partition(":")
+        if kind not in ("rules_decoded", "rules_kept"):
+            continue
+        gid, _, scope = rest.rpartition(":")
+        rec = out.setdefault(gid, {}).setdefault(scope, {"decoded": 0, "after_rules": 0})
+        rec["decoded" if kind == "rules_decoded" else "after_rules"] += int(value)
+    return out
 
 
 def collect(config_path: str | Path) -> dict[str, Any]:
@@ -194,7 +247,6 @@ def collect(config_path: str | Path) -> dict[str, Any]:
 
     cfg = load_config(config_path)
     state = read_state(cfg)
-    rule_counts = _status_rule_counts(cfg.state_dir)
     verdict = state.audit.verify()
     consent = state.consent
     view = None
@@ -205,20 +257,7 @@ def collect(config_path: str | Path) -> dict[str, Any]:
     problem = None if verdict.ok else f"line {verdict.first_bad}: {verdict.reason}"
     return build_report(device=cfg.device.id, entries=state.audit.entries(), counters=state.counters,
                         outbox=state.outbox_stats, consent=view, audit_ok=verdict.ok, audit_problem=problem,
-                        rule_counts=rule_counts)
-
-
-def _status_rule_counts(state_dir: Path) -> dict[str, Any]:
-    """The rule counters of the running (or last) agent's status file; {} when there are none."""
-    import json
-
-    from vgw.runtime import STATUS_FILE
-
-    try:
-        counts = json.loads((state_dir / STATUS_FILE).read_text()).get("collect")
-    except (OSError, ValueError, AttributeError):
-        return {}
-    return counts if isinstance(counts, dict) else {}
+                        sent_log=state.outbox.sent_log)
 
 
 # ---------------------------------------------------------------- formatting
@@ -258,11 +297,18 @@ def render_text(report: Mapping[str, Any]) -> str:
     for g in report["grants"]:
         who = " / ".join(x for x in (g["controller"], g["purpose"]) if x)
         lines.append(f"grant {g['id']} ({who or 'unknown recipient'}): {g['status']}")
+        if g.get("periods"):
+            lines.append("  in force: " + "; ".join(
+                f"{_when(p['from'])} to {_when(p['to']) if p['to'] is not None else 'now'} ({p['samples']} sample(s))"
+                for p in g["periods"]))
         s = g["sent"]
         lines.append(f"  sent: {_num(s['batches'])} batch(es), {_num(s['samples'])} sample(s); first "
                      f"{_when(s['first'])}, last {_when(s['last'])}")
         for sc in g["scopes"]:
             line = f"    {sc['scope']:<18} {_num(sc['samples_sent'])} sample(s)"
+            if sc.get("periods"):
+                line += "; in force " + ", ".join(
+                    f"{_when(p['from'])} to {_when(p['to']) if p['to'] is not None else 'now'}" for p in sc["periods"])
             if sc.get("samples_decoded") is not None:
                 line += (f"; decoded {sc['samples_decoded']}, let through by the rules {sc['samples_after_rules']}"
                          f" ({_share(sc['kept_back_by_rules'])} kept back in the car)")
@@ -301,8 +347,22 @@ figure.timeline svg{max-width:100%;height:auto}
 def _kept_back(sc: Mapping[str, Any]) -> str:
     if sc.get("samples_decoded") is None:
         return "no rule: every reading (within the limits)"
-    return (f"{_share(sc['kept_back_by_rules'])} of {sc['samples_decoded']} readings "
-            "(counted since the agent last started)")
+    return f"{_share(sc['kept_back_by_rules'])} of {sc['samples_decoded']} readings"
+
+
+def _period_text(p: Mapping[str, Any], *, count: bool = True) -> str:
+    """"7 Dec 2026, 06:33:01 to 06:33:27: 12 readings" (the date once when both ends share it)."""
+    start, end = local_second(p.get("from")), p.get("to")
+    if end is None:
+        text = f"since {start}"
+    else:
+        stop = local_second(end)
+        same_day = stop.split(", ")[0] == start.split(", ")[0]
+        text = f"{start} to {stop.split(', ')[-1] if same_day else stop}"
+    n = p.get("samples", p.get("samples_sent"))
+    if count and isinstance(n, int):
+        text += f": {n} reading{'s' if n != 1 else ''} sent"
+    return text
 
 
 def render_html(report: Mapping[str, Any]) -> str:
@@ -353,20 +413,19 @@ def render_html(report: Mapping[str, Any]) -> str:
         out.append(f'<section aria-labelledby="g-{e(g["id"])}">')
         out.append(f'<h2 id="g-{e(g["id"])}">{e(who)}'
                    + (f" &mdash; {e(purpose_text(g['purpose']))}" if g["purpose"] else "") + "</h2>")
-        if g["controller"]:
-            out.append(f"<p class=\"small\">App id <code>{e(str(g['controller']))}</code></p>")
         status_text = {"active": "Sharing now", "revoked": "You withdrew this permission",
                        "expired": "This permission expired", "stopped": "Stopped"}.get(g["status"], g["status"])
         s = g["sent"]
         out.append("<dl>")
-        out.append(f"<dt>Permission</dt><dd><span class=\"status\">{e(status_text)}</span> (grant "
-                   f"<code>{e(g['id'])}</code>)</dd>")
-        given = local_when(g["granted_at"])
-        if g.get("granted_in_version") is not None:
-            given += f" (consent {version_text(g['granted_in_version'])})"
-        out.append(f"<dt>Given</dt><dd>{e(given)}</dd>")
-        if g["stopped_at"]:
-            out.append(f"<dt>Stopped</dt><dd>{e(local_when(g['stopped_at']))}</dd>")
+        out.append(f"<dt>Permission</dt><dd><span class=\"status\">{e(status_text)}</span></dd>")
+        periods = g.get("periods") or []
+        if periods:
+            items = "".join(f"<li>{e(_period_text(p))}</li>" for p in periods)
+            out.append(f"<dt>In force</dt><dd><ul class=\"periods\">{items}</ul></dd>")
+        else:
+            out.append(f"<dt>Given</dt><dd>{e(local_second(g['granted_at']))}</dd>")
+            if g["stopped_at"]:
+                out.append(f"<dt>Stopped</dt><dd>{e(local_second(g['stopped_at']))}</dd>")
         if s["samples"] is None and s["batches"] is None:
             sent_text = "not recorded by this device"
         elif s["samples"] is None:
@@ -374,8 +433,9 @@ def render_html(report: Mapping[str, Any]) -> str:
         else:
             sent_text = f"{s['samples']} readings in {_num(s['batches'])} encrypted messages"
         out.append(f"<dt>Sent</dt><dd>{e(sent_text)}</dd>")
-        out.append(f"<dt>First sent</dt><dd>{e(local_when(s['first']))}</dd>")
-        out.append(f"<dt>Last sent</dt><dd>{e(local_when(s['last']))}</dd>")
+        if not periods:
+            out.append(f"<dt>First sent</dt><dd>{e(local_second(s['first']))}</dd>")
+            out.append(f"<dt>Last sent</dt><dd>{e(local_second(s['last']))}</dd>")
         if g.get("retention_s"):
             out.append(f"<dt>Kept unsent at most</dt><dd>{e(_duration(g['retention_s']))}</dd>")
         held = g["held_on_device"]
@@ -388,7 +448,8 @@ def render_html(report: Mapping[str, Any]) -> str:
         ruled = any(sc.get("samples_decoded") is not None for sc in g["scopes"])
         out.append("<table>")
         out.append(f"<caption>What {e(who)} may read, and how much of it left the car</caption>")
-        out.append('<thead><tr><th scope="col">Kind of data</th><th scope="col">Readings sent</th>'
+        out.append('<thead><tr><th scope="col">Kind of data</th><th scope="col">Shared</th>'
+                   '<th scope="col">Readings sent</th>'
                    '<th scope="col">Limits applied in the car</th>'
                    + ('<th scope="col">Kept back in the car by the collection rules</th>' if ruled else "")
                    + "</tr></thead><tbody>")
@@ -400,7 +461,10 @@ def render_html(report: Mapping[str, Any]) -> str:
                 parts.append(f"at most one reading every {1 / hz:g} s" if hz < 1 else f"at most {hz:g} per second")
             if lim.get("precision_m"):
                 parts.append(f"position rounded to {float(lim['precision_m']):g} m")
-            out.append(f'<tr><th scope="row">{e(sc["label"])} <small>(<code>{e(sc["scope"])}</code>)</small></th>'
+            when = "; ".join(_period_text(p, count=False) for p in sc.get("periods") or [])
+            if sc.get("periods") and not sc.get("in_force"):
+                when += " (no longer shared)"
+            out.append(f'<tr><th scope="row">{e(sc["label"])}</th><td>{e(when or "-")}</td>'
                        f"<td>{e(_num(sc['samples_sent']))}</td><td>{e('; '.join(parts) or 'none: every reading')}</td>"
                        + (f"<td>{e(_kept_back(sc))}</td>" if ruled else "") + "</tr>")
         out.append("</tbody></table>")
@@ -416,6 +480,10 @@ def render_html(report: Mapping[str, Any]) -> str:
                 out.append(f"<tr><td>{e(why.get(d['reason'], d['reason']))}</td><td>{e(str(d['batches']))}</td>"
                            f"<td>{e(local_when(d.get('at')))}</td></tr>")
             out.append("</tbody></table>")
+        # The raw identifiers, for a question to the app or a support case: out of the owner's way.
+        ids = [f"grant {g['id']}"] + ([f"app {g['controller']}"] if g["controller"] else []) + [
+            "scopes " + ", ".join(sc["scope"] for sc in g["scopes"])]
+        out.append(f'<p class="small details">Details: {e("; ".join(ids))}</p>')
         out.append("</section>")
     if report["rejected_documents"]:
         out.append('<section aria-labelledby="rejected"><h2 id="rejected">Refused consent documents</h2>')

@@ -8,17 +8,24 @@ from __future__ import annotations
 
 import html
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from vgw.timefmt import local_text, valid_time
 
 _LOCAL_FORMAT = "%-d %b %Y, %H:%M"
+_LOCAL_SECOND = "%-d %b %Y, %H:%M:%S"
 
 
 def local_when(t: Any) -> str:
     """A time as the owner reads it: this device's local time zone (set when the Pi was installed)."""
     return local_text(t, _LOCAL_FORMAT)
+
+
+def local_second(t: Any) -> str:
+    """:func:`local_when` to the second: when a permission began or ended and when data left, where a minute
+    would blur a withdrawal and the data that came before it."""
+    return local_text(t, _LOCAL_SECOND)
 
 
 def zone_name(t: Any) -> str:
@@ -53,26 +60,30 @@ def purpose_text(purpose: Any) -> str:
     return str(purpose).replace("-", " ").replace("_", " ") if purpose else ""
 
 
+def _times(values: Iterable[Any]) -> list[float]:
+    return [float(t) for t in values if isinstance(t, int | float) and valid_time(t)]
+
+
 def timeline_svg(report: Mapping[str, Any]) -> str:
     """What was shared when, per app and scope, as inline SVG (no script, no font or image to load).
 
-    Each row is one scope of one grant: a light bar while the permission stood, a dark bar from the first to
-    the last message the app received (the device counts those per grant, so every scope that sent readings
-    shows the grant's span), and a mark where data were deleted in the car. "" when no time is known.
+    Each row is one scope of one grant. For each period the scope was in force: a light bar from its start to its
+    end (or now), and inside it a dark bar from the first to the last message the app received in that period,
+    only where readings were sent; a red mark where data were deleted in the car. Nothing is drawn where nothing
+    happened: a withdrawn stretch between two periods stays empty. "" when no time is known.
     """
     end = report.get("generated")
-    rows: list[tuple[str, str, Any, Any, Any, Any, list[Any], bool]] = []
+    rows: list[tuple[str, str, list[Mapping[str, Any]], list[Any], bool]] = []
     for g in report["grants"]:
-        sent = g["sent"]
         for sc in g["scopes"]:
-            shared = (sc.get("samples_sent") or 0) > 0
-            rows.append((app_name(g["controller"]), sc["label"], g["granted_at"], g["stopped_at"] or end,
-                         sent["first"] if shared else None, sent["last"] if shared else None,
-                         [d.get("at") for d in g["deleted"]], g["status"] == "active"))
-    times = [t for r in rows for t in (r[2], r[3], r[4], r[5], *r[6]) if valid_time(t)]
-    if not rows or not times or not valid_time(end):
+            rows.append((app_name(g["controller"]), sc["label"], list(sc.get("periods") or []),
+                         [d.get("at") for d in g["deleted"]], bool(sc.get("in_force"))))
+    times = _times(t for r in rows for p in r[2] for t in (p.get("from"), p.get("to"), p.get("first_sent"),
+                                                          p.get("last_sent")))
+    times += _times(t for r in rows for t in r[3])
+    if not rows or not times or not _times([end]):
         return ""
-    t0, t1 = min(times), max(max(times), end)
+    t0, t1 = min(times), max(max(times), _times([end])[0])
     span = max(t1 - t0, 60.0)
     # Each row: its label on one line, the bar under it across the full width (long labels never collide).
     # 520 units wide, two legend entries a line: the page scales it down to a phone's width (report.py's CSS)
@@ -89,29 +100,38 @@ def timeline_svg(report: Mapping[str, Any]) -> str:
            'font-size="14">',
            '<title id="tl-title">What was shared when</title>',
            '<desc id="tl-desc">One row per app and kind of data: light while the permission stood, dark from '
-           "the first to the last message the app received, red where data were deleted in the car.</desc>",
+           "the first to the last message the app received in that time, red where data were deleted in the "
+           "car.</desc>",
            f'<text x="{label_w}" y="16" fill="#333">{e(local_when(t0))}</text>',
            f'<text x="{label_w + bar_w}" y="16" text-anchor="end" fill="#333">{e(local_when(t1))}</text>']
-    for i, (app, scope, start, stop, first, last, deletions, active) in enumerate(rows):
+    for i, (app, scope, periods, deletions, active) in enumerate(rows):
         y = top + i * row_h
         out.append(f'<text x="0" y="{y + 12}" fill="#1a1a1a">{e(app)}: {e(scope)}</text>')
         y += 18  # the bar, under its label
         out.append(f'<rect x="{label_w}" y="{y + 4}" width="{bar_w}" height="{row_h - 26}" fill="#f3f3f3"/>')
-        if valid_time(start):
-            x0 = x(start)
-            x1 = x(stop if valid_time(stop) else t1)
-            fill = "#b7e1c1" if active else "#d6d6d6"
-            out.append(f'<rect x="{x0:.1f}" y="{y + 4}" width="{max(x1 - x0, 2):.1f}" height="{row_h - 26}" '
-                       f'fill="{fill}"><title>permission {e(local_when(start))} to '
-                       f'{e(local_when(stop) if stop is not end else "now")}</title></rect>')
-        if valid_time(first) and valid_time(last):
-            x0, x1 = x(first), x(last)
-            out.append(f'<rect x="{x0:.1f}" y="{y + 6}" width="{max(x1 - x0, 3):.1f}" height="{row_h - 30}" '
-                       f'fill="#1f5fa8"><title>sent {e(local_when(first))} to {e(local_when(last))}</title></rect>')
+        for p in periods:
+            start, stop = p.get("from"), p.get("to")
+            if not valid_time(start):
+                continue
+            x0, x1 = x(start), x(stop if valid_time(stop) else t1)
+            fill = "#b7e1c1" if stop is None and active else "#d6d6d6"
+            out.append(f'<rect class="permission" data-row="{i}" x="{x0:.2f}" y="{y + 4}" '
+                       f'width="{max(x1 - x0, 2):.2f}" '
+                       f'height="{row_h - 26}" fill="{fill}"><title>permission {e(local_second(start))} to '
+                       f'{e(local_second(stop) if valid_time(stop) else "now")}</title></rect>')
+            first, last = p.get("first_sent"), p.get("last_sent")
+            if (p.get("samples_sent") or 0) > 0 and valid_time(first) and valid_time(last):
+                # At least 1 unit wide so a single message shows, but never past the period's own end.
+                s0, s1 = x(first), x(last)
+                w = min(max(s1 - s0, 1.0), max(x1 - s0, 0.0))
+                out.append(f'<rect class="sent" data-row="{i}" x="{s0:.2f}" y="{y + 6}" width="{w:.2f}" '
+                           f'height="{row_h - 30}" '
+                           f'fill="#1f5fa8"><title>sent {e(local_second(first))} to {e(local_second(last))}'
+                           "</title></rect>")
         for d in deletions:
             if valid_time(d):
                 out.append(f'<rect x="{x(d) - 1.5:.1f}" y="{y + 1}" width="3" height="{row_h - 20}" fill="#b00020">'
-                           f"<title>deleted in the car {e(local_when(d))}</title></rect>")
+                           f"<title>deleted in the car {e(local_second(d))}</title></rect>")
     ly = top + row_h * len(rows) + 8
     for j, (fill, text) in enumerate((("#b7e1c1", "permission given"), ("#d6d6d6", "permission ended"),
                                       ("#1f5fa8", "data sent"), ("#b00020", "deleted in the car"))):

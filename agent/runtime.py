@@ -77,6 +77,7 @@ from vgw.errors import StorageError, VgwError
 from vgw.fsutil import ensure_private_dir
 from vgw.logs import apply_config_level
 from vgw.outbox.startup import room_fault
+from vgw.renewal import Renewal
 from vgw.sdnotify import notify
 from vgw.uplink import Uplink
 from vgw.writer import BatchWriter
@@ -128,8 +129,10 @@ class Agent:
         self.intake = ConsentIntake(trust_keys=trust, device=self.device,
                                     clock=lambda: max(time.time(), self.store.floor),
                                     floor_ver=lambda: self.store.max_ver)
+        self.renewal = Renewal(cfg.mqtt, self.device, cfg.state_dir, audit=self._audit, on_renewed=self.signer.use_key)
         self.uplink = Uplink(cfg.mqtt, self.device, self.outbox, on_consent=self.intake.offer,
-                             status_payload=self._public_status, consent_settled=self.intake.settled)
+                             status_payload=self._public_status, consent_settled=self.intake.settled,
+                             renewal=self.renewal)
         # Added to by the collector, the writer, the main loop and the OBD poller: a thread-safe object.
         self.counters = Counters(("batches", "batches_discarded", "store_failures", "consent_superseded",
                                   "source_errors", "batches_failed", "error_frames", "remote_frames", "rx_overflow",
@@ -139,6 +142,9 @@ class Agent:
         self.guard = PipelineGuard(catalogue=self.catalogue, obd=cfg.obd is not None, writer=self.writer,
                                    batch=cfg.batch)
         self.pipeline = self.guard.pipeline
+        # Limits hold across restarts: when each path last sent under a max_hz limit (README "Limits hold across
+        # updates").
+        self.pipeline.seed_marks(self.outbox.rate_marks())
         self._lock = self.guard.lock
         self.collector: Collector | None = None
         if cfg.can is not None:
@@ -290,6 +296,7 @@ class Agent:
             self._obd.join(5.0)
         self.guard.flush_all()
         self.writer.close()
+        self.supervisor.guarded(self.supervisor.store_rule_counts)
         self.supervisor.audit_quota_drops(force=True)
         self.supervisor.guarded(self.manager.flush_rejections, force=True)
         if self.uplink.state == "connected":

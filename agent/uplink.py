@@ -54,6 +54,7 @@ import threading
 import time
 from collections.abc import Callable
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -66,6 +67,8 @@ from vgw.errors import ConfigError, StorageError
 from vgw.fsutil import MAX_KEY_BYTES, read_small_file
 from vgw.outbox import Outbox
 from vgw.packetguard import guard_context
+from vgw.renewal import Renewal
+from vgw.tlsfailure import describe as describe_tls
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +82,7 @@ QUEUE_SLACK = 8  # paho queue beyond the in-flight window: the status message an
 # The largest packet the agent reads: a consent document at its limit plus room for the fixed header, the
 # topic and (MQTT 5) properties. Larger ones are never buffered (see agent.packetguard).
 MAX_PACKET_BYTES = MAX_DOCUMENT_BYTES + 1024
+UNSUPPORTED_PROTOCOL_VERSION = 0x84  # CONNACK reason code, MQTT 5.0 §3.2.2.2
 
 
 class ConsentSync(StrEnum):
@@ -90,15 +94,19 @@ class ConsentSync(StrEnum):
     NONE = "none"  # none came within [mqtt] consent_wait_s of the SUBACK
 
 
-def tls_context(cfg: MqttConfig) -> ssl.SSLContext:
-    """Raises ConfigError for a TLS file that is not a regular file of sane size (a FIFO would hang ssl)."""
-    for what, path in (("CA file", cfg.ca_file), ("client certificate", cfg.cert_file), ("client key", cfg.key_file)):
+def tls_context(cfg: MqttConfig, cert_file: Path | None = None, key_file: Path | None = None) -> ssl.SSLContext:
+    """Raises ConfigError for a TLS file that is not a regular file of sane size (a FIFO would hang ssl).
+
+    ``cert_file``/``key_file`` replace the config's (a renewed pair being tried, vgw.renewal)."""
+    cert_file = cert_file or cfg.cert_file
+    key_file = key_file or cfg.key_file
+    for what, path in (("CA file", cfg.ca_file), ("client certificate", cert_file), ("client key", key_file)):
         read_small_file(path, what=what, max_bytes=MAX_KEY_BYTES, error=ConfigError)
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cfg.ca_file))
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.check_hostname = True
     ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.load_cert_chain(str(cfg.cert_file), str(cfg.key_file))
+    ctx.load_cert_chain(str(cert_file), str(key_file))
     return ctx
 
 
@@ -112,8 +120,11 @@ class Uplink:
         on_consent: Callable[[bytes], None],
         status_payload: Callable[[], dict[str, Any]],
         consent_settled: Callable[[], bool] = lambda: True,
+        renewal: Renewal | None = None,
     ) -> None:
         self.cfg = cfg
+        self.renewal = renewal  # certificate renewal (vgw.renewal), driven from the connection thread
+        self._renew_sub_mid: int | None = None  # SUBACK awaited for the renewal answer topic
         self.device = device
         self.outbox = outbox
         self.on_consent = on_consent
@@ -231,6 +242,8 @@ class Uplink:
         """One connection: connect (or back off), serve until it drops. Returns the next backoff."""
         client = self._connect()
         if client is None:
+            if self.renewal is not None:
+                self.renewal.connect_failed()  # a renewed pair the broker refuses is dropped; the old one stays
             self._next_endpoint()
             # Full jitter (AWS architecture blog): spreads a fleet's reconnects after a broker outage.
             deadline = time.monotonic() + random.uniform(self.cfg.backoff_min_s, delay)
@@ -255,9 +268,10 @@ class Uplink:
             # subscription to the consent topic) for as long as the broker keeps it.
             clean_session=None if self._protocol == "5" else False,
         )
-        ctx = tls_context(self.cfg)
+        ctx = tls_context(self.cfg, *self.renewal.credentials()) if self.renewal is not None else tls_context(self.cfg)
         guard_context(ctx, MAX_PACKET_BYTES, mqtt5=self._protocol == "5",
-                      on_drop=lambda size: self._events.append(("oversized", size)))
+                      on_drop=lambda size: self._events.append(("oversized", size)),
+                      on_tls_error=lambda exc: self._events.append(("tls", exc)))
         client.tls_set_context(ctx)
         client.max_inflight_messages_set(self.cfg.max_inflight)
         # 0 would mean "unbounded" to paho; we never hand it more than the window, so this only guards bugs.
@@ -290,16 +304,19 @@ class Uplink:
             self._fail(str(exc))
             return None
         except ssl.SSLCertVerificationError as exc:
-            self._fail(f"TLS certificate rejected: {exc.verify_message}")
+            self._fail(f"TLS certificate rejected: {describe_tls(exc)}")
             return None
         except ssl.SSLError as exc:
-            self._fail(f"TLS handshake failed: {exc.reason or exc}")
+            # An alert the socket saw while paho wrote CONNECT names the failure better than the EOF it raised.
+            seen = [value for kind, value in self._events if kind == "tls"]
+            self._fail(describe_tls(seen[-1] if seen else exc))
             return None
         except (OSError, ValueError) as exc:
             self._fail(f"cannot reach broker {self.endpoint}: {exc}")
             return None
         client.loop_start()
         deadline = time.monotonic() + 10
+        tls_error: ssl.SSLError | None = None
         while time.monotonic() < deadline and not self._stop.is_set():
             while self._events:
                 kind, value = self._events.popleft()
@@ -307,7 +324,14 @@ class Uplink:
                     self._protocol_settled = True
                     self._after_connect(client)
                     return client
-                if kind in ("refused", "disconnected") and self._fall_back_to_311(kind, str(value)):
+                if kind == "tls":
+                    tls_error = value  # the disconnect that follows is this alert, not an MQTT answer
+                    continue
+                if kind in ("refused", "disconnected") and tls_error is not None:
+                    self._fail(describe_tls(tls_error))
+                    self._teardown(client)
+                    return None
+                if kind in ("refused", "disconnected") and self._fall_back_to_311(kind, value):
                     self._teardown(client)
                     return self._connect()  # at most once: the fallback happens once per process
                 if kind in ("refused", "disconnected"):
@@ -331,16 +355,18 @@ class Uplink:
             log.debug("uplink: %s", reason)
         self.last_error = reason
 
-    def _fall_back_to_311(self, kind: str, reason: str) -> bool:
+    def _fall_back_to_311(self, kind: str, reason: Any) -> bool:
         """``auto`` only, before any successful CONNECT: switch to MQTT 3.1.1 for the rest of the process.
 
         A 3.1.1-only broker (the NATS server's MQTT support, for one) answers an MQTT 5 CONNECT with CONNACK
-        "unacceptable protocol version" or just closes the connection before any CONNACK. Once a CONNECT has
-        succeeded the choice is settled, so a later outage is never mistaken for a protocol refusal.
+        0x84 "Unsupported Protocol Version" (MQTT 5.0 §3.2.2.2; a 3.1.1 broker's return code 1, which paho
+        reports as the same reason code) or just closes the connection before any CONNACK. A TLS alert is never
+        taken for either (the caller sees it first). Once a CONNECT has succeeded the choice is settled, so a
+        later outage is never mistaken for a protocol refusal.
         """
         if self._protocol_settled or self._protocol != "5":
             return False
-        if kind == "refused" and "protocol" not in reason.lower():
+        if kind == "refused" and getattr(reason, "value", None) != UNSUPPORTED_PROTOCOL_VERSION:
             return False  # refused for another reason (not authorised, bad client id ...): not a version issue
         self._protocol = "3.1.1"
         self._protocol_settled = True
@@ -369,6 +395,9 @@ class Uplink:
             self._start_replay(since)
             self._replay_again = (time.monotonic() + window * SECOND_PASS_AFTER, since)
         self._ever_connected = True
+        self._renew_sub_mid = None
+        if self.renewal is not None:
+            self.renewal.connected()  # connected with a renewed pair: swap it in now
         self.consent_sync = ConsentSync.WAITING
         self._msgs_at_suback = None
         self._sync_deadline = None
@@ -434,6 +463,7 @@ class Uplink:
 
     def _serve(self, client: mqtt.Client) -> None:
         inflight: dict[int, tuple[str, Any]] = {}
+        tls_error: ssl.SSLError | None = None
         tokens = float(self.cfg.max_inflight)
         last_refill = time.monotonic()
         while not self._stop.is_set():
@@ -448,11 +478,20 @@ class Uplink:
                         continue
                     if ok:
                         acked.append(item)
+                elif kind == "tls":
+                    tls_error = value
                 elif kind == "disconnected":
-                    self._fail(f"connection lost: {value}")
+                    self._fail(f"connection lost: {describe_tls(tls_error) if tls_error is not None else value}")
+                    if self.renewal is not None:
+                        self.renewal.connection_lost()
                     return
+                elif kind == "cert":
+                    if self.renewal is not None and self.renewal.answer(value):
+                        return  # a renewed pair is staged: reconnect with it (the old one stays until it connects)
                 elif kind == "oversized":
                     self._oversized(value)
+                elif kind == "suback" and value[0] == self._renew_sub_mid:
+                    self._renew_suback(client, value[1])
                 elif kind == "suback":
                     self._suback(*value)
             if acked:
@@ -464,6 +503,8 @@ class Uplink:
                 self._resubscribe_at = None
                 self._subscribe(client)
             self._sweep()
+            if self.renewal is not None:
+                self._renew_step(client)
             self._check_consent_sync()
             again = self._replay_again
             if again is not None and self._replay is None and time.monotonic() >= again[0]:
@@ -479,6 +520,26 @@ class Uplink:
                 tokens -= sent
             self._wake.wait(0.02)
             self._wake.clear()
+
+    def _renew_step(self, client: mqtt.Client) -> None:
+        """Renewal (vgw.renewal): subscribe to the answer topic, then publish the request once it is granted."""
+        renewal = self.renewal
+        assert renewal is not None
+        renewal.tick()
+        if self._renew_sub_mid is None and renewal.wants_request():
+            rc, mid = client.subscribe(renewal.response_topic, qos=1)
+            if rc == mqtt.MQTT_ERR_SUCCESS:
+                self._renew_sub_mid = mid
+
+    def _renew_suback(self, client: mqtt.Client, refused: str | None) -> None:
+        renewal = self.renewal
+        assert renewal is not None
+        self._renew_sub_mid = None
+        if refused is not None:
+            renewal.topic_refused(f"{self.endpoint} refused the subscription to {renewal.response_topic} ({refused})")
+            return
+        # Subscribed first, then the request (README "Enrollment"): the answer cannot pass us by.
+        self._publish(client, renewal.request_topic, renewal.request())
 
     def _check_consent_sync(self) -> None:
         """Open the gate for stored batches once the consent at the broker is known (README "Topics")."""
@@ -612,7 +673,7 @@ class Uplink:
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         if reason_code.is_failure:
-            self._events.append(("refused", str(reason_code)))
+            self._events.append(("refused", reason_code))
         else:
             self._client = client
             self._events.append(("connected", None))
@@ -621,7 +682,7 @@ class Uplink:
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
                        properties: Any) -> None:
         self._client = None
-        self._events.append(("disconnected", str(reason_code)))
+        self._events.append(("disconnected", reason_code))
         self._wake.set()
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
@@ -639,4 +700,7 @@ class Uplink:
         if message.topic == self.topic_consent and message.payload:
             self.on_consent(bytes(message.payload))  # the bounded consent intake (vgw.consent.intake)
             self._consent_msgs += 1  # after the intake holds it (see _check_consent_sync); paho's thread only
+            self._wake.set()
+        elif self.renewal is not None and message.topic == self.renewal.response_topic and message.payload:
+            self._events.append(("cert", bytes(message.payload)))
             self._wake.set()

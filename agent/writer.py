@@ -46,6 +46,8 @@ class SealJob:
     first_t: float
     scopes: dict[str, int]
     terms: str | None  # the digest of the terms it was collected under (None: those in force)
+    # path -> (frame time, max_hz interval, scope): rate marks to keep with it (Outbox.rate_marks)
+    marks: dict[str, tuple[float, float, str]] | None = None
 
 
 class BatchWriter:
@@ -170,7 +172,7 @@ class BatchWriter:
                             columnar_plaintext(device, gid, seq, job.series, epoch=epoch))
             return make
 
-        batches = [NewBatch(j.grant.id, maker(j), j.first_t, j.samples, j.scopes, j.terms) for j in jobs]
+        batches = [NewBatch(j.grant.id, maker(j), j.first_t, j.samples, j.scopes, j.terms, j.marks) for j in jobs]
         try:
             results: list[Any] = self.outbox.commit_batches(batches, quota_bytes=self.quota_bytes)
         except StorageError as exc:

@@ -46,6 +46,7 @@ TARGETS = {"aarch64": "aarch64", "arm64": "aarch64", "armv7l": "armv7l", "armv7"
 SHARE = {  # bundle path -> source path
     "systemd/vgw-agent.service": "systemd/vgw-agent.service",
     "systemd/vgw-vcan.service": "systemd/vgw-vcan.service",
+    "systemd/vgw-enroll.service": "systemd/vgw-enroll.service",
     "systemd/80-can0.network": "systemd/80-can0.network",
     "systemd/60-vgw-obd.rules": "systemd/60-vgw-obd.rules",
     "systemd/vgw-sysusers.service": "systemd/vgw-sysusers.service",

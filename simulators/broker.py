@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from vgw.simulators.pki import TestPKI
 
 __all__ = [
+    "CLAIM_USER",
     "BrokerError",
     "BrokerStartError",
     "Mosquitto",
@@ -41,6 +42,7 @@ __all__ = [
 ]
 
 HOST = "127.0.0.1"
+CLAIM_USER = "vgw-claim"  # CN of the test claim certificate (README "Enrollment")
 _START_ATTEMPTS = 5
 _RUNNING = " running"
 
@@ -85,12 +87,14 @@ def find_mosquitto() -> str:
     )
 
 
-def device_acl(prefix: str = "vgw", cloud_user: str = "cloud") -> str:
-    """A mosquitto ACL file body for vgw (README "Topics").
+def device_acl(prefix: str = "vgw", cloud_user: str = "cloud", claim_user: str = CLAIM_USER) -> str:
+    """A mosquitto ACL file body for vgw (README "Topics", "Enrollment").
 
     ``%u`` is the user name, which ``use_identity_as_username`` takes from the client certificate's CN, so a
-    device can publish only data, receipts and status under its own id and read only its own consent.
-    ``cloud_user`` may read and write everything under ``prefix``.
+    device can publish only data, receipts, status and its renewal request under its own id and read only its
+    own consent and renewal answer. ``claim_user`` (the CN of the batch's claim certificate) may only ask to
+    enroll and read the answers: its ``deny`` overrides the device patterns for its own name. ``cloud_user``
+    may read and write everything under ``prefix``.
     """
     if not prefix or "#" in prefix or "+" in prefix:
         raise ValueError(f"invalid topic prefix {prefix!r}")
@@ -100,6 +104,14 @@ def device_acl(prefix: str = "vgw", cloud_user: str = "cloud") -> str:
         f"pattern write {prefix}/%u/receipt\n"
         f"pattern write {prefix}/%u/status\n"
         f"pattern read {prefix}/%u/consent\n"
+        f"pattern write {prefix}/%u/cert/request\n"
+        f"pattern read {prefix}/%u/cert/response\n"
+        "\n"
+        "# the claim identity: the enrollment topics, nothing else\n"
+        f"user {claim_user}\n"
+        f"topic write {prefix}/enroll/+/request\n"
+        f"topic read {prefix}/enroll/+/response\n"
+        f"topic deny {prefix}/{claim_user}/#\n"
         "\n"
         f"user {cloud_user}\n"
         f"topic readwrite {prefix}/#\n"

@@ -32,6 +32,7 @@ import logging
 import os
 import random
 import resource
+import secrets
 import shutil
 import tempfile
 import threading
@@ -44,6 +45,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec
 from vgw.crypto.certs import device_public_key_from_cert, load_private_key
 from vgw.errors import UplinkError
+from vgw.simulators.broker import CLAIM_USER
 from vgw.simulators.cloud import (
     RecipientKey,
     SigningKey,
@@ -54,7 +56,8 @@ from vgw.simulators.cloud import (
     verify_receipt,
 )
 from vgw.simulators.fleet_device import PREFIX, SimDevice, Worker, connect_client, make_client, tls_context
-from vgw.simulators.pki import TestPKI
+from vgw.simulators.fleet_enroll import EnrollService, enroll_fleet
+from vgw.simulators.pki import CertPaths, TestPKI
 
 log = logging.getLogger("vgw.fleet")
 
@@ -98,6 +101,10 @@ class FleetConfig:
     # nats-cluster only: keep PUBACKed batches this long and replay them after a failover, as the agent does
     # with several [mqtt] hosts (README "Replay after failover"); 0: delete on PUBACK.
     replay_window_s: float = 0.0
+    # Devices start with no certificate and enroll through `vgw cloud enroll serve` first (README "Enrollment";
+    # private mosquitto only): the report gains "enrollment".
+    enroll: bool = False
+    enroll_timeout_s: float = 300.0
 
     def validate(self) -> None:
         if self.devices < 1 or self.devices > 100_000:
@@ -118,6 +125,8 @@ class FleetConfig:
             raise ValueError(f"--kill-role {self.kill_role!r}: expected follower or leader")
         if self.kill_at_s is not None and self.broker != "nats-cluster":
             raise ValueError("--kill-at needs --broker nats-cluster")
+        if self.enroll and (self.broker != "mosquitto" or self.pki_dir is not None):
+            raise ValueError("--enroll needs the private mosquitto (--broker mosquitto, no --pki)")
         if self.kill_at_s is not None and not 0 <= self.kill_at_s < self.duration_s:
             raise ValueError(f"--kill-at {self.kill_at_s}: must be within the run (0 .. --duration)")
 
@@ -223,6 +232,12 @@ class FleetSim:
                 pki_root = cfg.pki_dir
                 ca, cloud_cert, cloud_key = pki_root / "ca.crt", pki_root / "cloud.crt", pki_root / "cloud.key"
                 dev_files = {d: (pki_root / f"{d}.crt", pki_root / f"{d}.key") for d in ids}
+            elif cfg.enroll:
+                # Only the CA, the server, the cloud and the batch's claim identity: devices enroll themselves.
+                pki = TestPKI(tmp / "pki", days=3650)
+                claim = pki.client_cert(CLAIM_USER, name="claim")
+                ca, cloud_cert, cloud_key = pki.ca.cert, pki.cloud.cert, pki.cloud.key
+                dev_files = {}
             else:
                 self.progress(f"issuing {cfg.devices} device certificates")
                 # Throwaway keys in a temp dir for a private broker that drops to its own user: 0644 here.
@@ -260,6 +275,11 @@ class FleetSim:
             else:
                 port = int(port_s)
 
+            enrollment: dict[str, Any] | None = None
+            if cfg.enroll:
+                dev_files, enrollment = self._enroll(tmp, pki, claim, ids, host, port, protocol)
+                if len(dev_files) < len(ids):
+                    ids = [d for d in ids if d in dev_files]  # the run goes on with those enrolled; the report says
             signer = SigningKey.generate()
             recipient = RecipientKey.generate()
             device_keys = {}
@@ -497,6 +517,7 @@ class FleetSim:
                 "churn_hz": cfg.churn_hz,
                 "nofile": nofile[0],
                 "setup_s": round(setup_s, 2),
+                "enrollment": enrollment,
                 "connect_s": round(connect_s, 2),
                 "offered_msgs_per_s": round(cfg.devices * cfg.rate_hz, 1),
                 "ingress_msgs_per_s": round(acked_run / run_s, 1),
@@ -537,6 +558,37 @@ class FleetSim:
                 w.thread.join(10)
             shutil.rmtree(tmp, ignore_errors=True)
 
+    def _enroll(self, tmp: Path, pki: TestPKI, claim: CertPaths, ids: list[str], host: str, port: int,
+                protocol: str) -> tuple[dict[str, tuple[Path, Path]], dict[str, Any]]:
+        """Every device enrolls through a real `vgw cloud enroll serve` (README "Enrollment"); returns the enrolled
+        pairs and the "enrollment" part of the report."""
+        cfg = self.cfg
+        tokens = {d: secrets.token_urlsafe(16) for d in ids}
+        allow = tmp / "allow.toml"
+        allow.write_text("".join(f'[[device]]\nid = "{d}"\ntoken = "{t}"\n' for d, t in tokens.items()))
+        service = EnrollService(["--broker", f"{host}:{port}", "--ca", str(pki.ca.cert), "--cert", str(pki.cloud.cert),
+                                 "--tls-key", str(pki.cloud.key), "--ca-cert", str(pki.ca.cert), "--ca-key",
+                                 str(pki.ca.key), "--allow", str(allow), "--ledger", str(tmp / "ledger.jsonl"),
+                                 "--days", "30"], self.progress)
+        try:
+            service.wait_ready()
+            self.progress(f"enrolling {len(ids)} devices through vgw cloud enroll ({cfg.threads} lanes)")
+            report = enroll_fleet(tokens, host=host, port=port, protocol=protocol, ca=pki.ca.cert,
+                                  claim_cert=claim.cert, claim_key=claim.key, out=tmp / "enrolled", lanes=cfg.threads,
+                                  timeout_s=cfg.enroll_timeout_s)
+        finally:
+            summary = service.close()
+        out = {"devices": len(ids), "enrolled": report.enrolled, "refused": report.refused,
+               "no_answer": report.no_answer, "refusal_reasons": report.reasons,
+               "time_to_all_s": None if report.time_to_all_s is None else round(report.time_to_all_s, 2),
+               "per_device_ms": _pct(report.latencies), "resent": report.resent,
+               "connect_failures": report.connect_failures, "service": summary}
+        self.progress(f"enrolled {report.enrolled}/{len(ids)} (refused {report.refused}, no answer {report.no_answer})"
+                      + (f" in {report.time_to_all_s:.1f} s" if report.time_to_all_s is not None else ""))
+        files = {d: (tmp / "enrolled" / f"{d}.crt", tmp / "enrolled" / f"{d}.key") for d in ids
+                 if (tmp / "enrolled" / f"{d}.crt").exists()}
+        return files, out
+
 
 def _js_state_of(broker: Any, ca: Path, cert: Path, key: Path) -> dict[str, Any]:
     from vgw.cloud.jetstream import NatsOptions, consumer_state
@@ -554,9 +606,15 @@ def format_report(r: dict[str, Any]) -> str:
             return "n/a"
         return f"p50 {d['p50']} ms, p90 {d['p90']} ms, p99 {d['p99']} ms, max {d['max']} ms (n={d['n']})"
 
+    e = r.get("enrollment")
+    enrollment = [] if not e else [
+        f"  enrollment: {e['enrolled']}/{e['devices']} enrolled through vgw cloud enroll in {e['time_to_all_s']} s, "
+        f"refused {e['refused']}, no answer {e['no_answer']}; per device (connect -> certificate checked) "
+        f"p50 {e['per_device_ms']['p50']} ms, p99 {e['per_device_ms']['p99']} ms, max {e['per_device_ms']['max']} ms"]
     return "\n".join([
         f"fleet: {r['devices_ready']}/{r['devices']} devices on {r['broker']} ({r['protocol']}), "
         f"{r['threads']} threads, {r['rate_hz']:g} Hz, {r['duration_s']:g} s",
+        *enrollment,
         f"  setup {r['setup_s']} s, connect+consent {r['connect_s']} s, RLIMIT_NOFILE {r['nofile']}",
         f"  throughput: offered {r['offered_msgs_per_s']} msg/s, broker ingress (PUBACKed) "
         f"{r['ingress_msgs_per_s']} msg/s, egress to consumer {r['egress_msgs_per_s']} msg/s "

@@ -86,9 +86,16 @@ def device_permissions(device: str, prefix: str = "vgw") -> str:
     _check_id(prefix)
     base = f"{prefix}.{device}"
     return (
-        f'{{publish: {{allow: ["{base}.data.>", "{base}.receipt", "{base}.status"]}}, '
-        f'subscribe: {{allow: ["{base}.consent", "$MQTT.sub.>"]}}}}'
+        f'{{publish: {{allow: ["{base}.data.>", "{base}.receipt", "{base}.status", "{base}.cert.request"]}}, '
+        f'subscribe: {{allow: ["{base}.consent", "{base}.cert.response", "$MQTT.sub.>"]}}}}'
     )
+
+
+def claim_permissions(prefix: str = "vgw") -> str:
+    """The ``permissions`` block of a claim identity (README "Enrollment"): ask to enroll, read the answers."""
+    _check_id(prefix)
+    return (f'{{publish: {{allow: ["{prefix}.enroll.*.request"]}}, '
+            f'subscribe: {{allow: ["{prefix}.enroll.*.response", "$MQTT.sub.>"]}}}}')
 
 
 def cloud_permissions(prefix: str = "vgw", stream: str = STREAM) -> str:
@@ -108,8 +115,9 @@ def cloud_permissions(prefix: str = "vgw", stream: str = STREAM) -> str:
 
 
 def authorization_block(devices: Iterable[str], *, prefix: str = "vgw",
-                        cloud_users: Iterable[str] = ("cloud",)) -> str:
-    """The ``authorization { users = [...] }`` block: one user per device certificate, plus the cloud.
+                        cloud_users: Iterable[str] = ("cloud",), claim_users: Iterable[str] = ("vgw-claim",)) -> str:
+    """The ``authorization { users = [...] }`` block: one user per device certificate, the claim identities
+    (enrollment topics only) and the cloud.
 
     Raises ``ValueError`` for an id or prefix that cannot be a NATS subject token.
     """
@@ -118,8 +126,13 @@ def authorization_block(devices: Iterable[str], *, prefix: str = "vgw",
     for cloud in cloud_users:
         _check_id(cloud)
         users.append(f'    {{user: "{cloud}", permissions: {cloud_permissions(prefix)}}}')
+    claim_users = list(claim_users)
     for device in devices:
-        users.append(f'    {{user: "{device}", permissions: {device_permissions(device, prefix)}}}')
+        if device not in claim_users:  # a claim identity is no device, whatever certificate it was issued as
+            users.append(f'    {{user: "{device}", permissions: {device_permissions(device, prefix)}}}')
+    for claim in claim_users:
+        _check_id(claim)
+        users.append(f'    {{user: "{claim}", permissions: {claim_permissions(prefix)}}}')
     return "\n".join(["authorization {", "  users = [", *users, "  ]", "}"]) + "\n"
 
 

@@ -9,12 +9,24 @@ from __future__ import annotations
 
 import math
 import random
+from functools import cache
 from typing import Any
 
+import cantools
 from cantools.database.can.message import Message
 from cantools.database.errors import DecodeError
 from hypothesis import strategies as st
 from vgw.pipeline.decoder import FieldLayout, MessageDecoder
+
+
+@cache
+def dbc_messages(path: str) -> tuple[Message, ...]:
+    """The decodable messages of one DBC file loaded leniently (none if cantools cannot load it)."""
+    try:
+        db = cantools.database.load_file(path, database_format="dbc", strict=False, encoding="cp1252")
+    except Exception:
+        return ()
+    return decodable_messages(db)
 
 
 def decodable_messages(db: Any) -> tuple[Message, ...]:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
-from vgw.catalogue import load_catalogue
+from vgw.catalogue import MAX_DBC_BYTES, MAX_DBC_MESSAGES, MAX_DBC_SIGNALS, MAX_DBC_WORDS, load_catalogue
 from vgw.config import load_config
 from vgw.errors import ConfigError
 from vgw.pipeline.router import Pipeline
@@ -154,3 +155,98 @@ def test_unknown_ids_and_short_frames_are_counted_not_fatal() -> None:
         "Vehicle.Speed",
     ]
     assert samples[-1]["value"] == pytest.approx(100.0)
+
+
+@pytest.mark.parametrize("nesting", ["x = " + "[" * 5000 + "]" * 5000, "x = " + "{a = " * 3000 + "1" + "}" * 3000])
+def test_a_signal_map_nested_too_deeply_is_one_line(tmp_path: Path, cfg: Path, nesting: str) -> None:
+    """Before: RecursionError, thousands of lines of traceback (the config file's loader already said "nested
+    too deeply"); now both files go through one TOML loader."""
+    deep = tmp_path / "deep.toml"
+    deep.write_text(nesting + "\n")
+    with pytest.raises(ConfigError, match=r"deep\.toml: invalid TOML: arrays or tables nested too deeply"):
+        load_catalogue([default_dbc()], deep)
+    _rewrite(cfg, f'signal_map = "{default_signal_map()}"', f'signal_map = "{deep}"')
+    r = vgw("run", "--config", str(cfg))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().count("\n") == 0 and "nested too deeply" in r.stderr, r.stderr[-2000:]
+
+
+# -- a DBC's budget (docs/guarantees.md "Budgets (inputs)"): counted before cantools parses it -------------------
+
+def _big_dbc(path: Path, messages: int, signals_per: int, *, values: int = 0, first: int = 0) -> Path:
+    """A DBC of ``messages`` extended-id messages (ids and names from ``first`` on) of ``signals_per`` signals;
+    ``values`` value descriptions (VAL_) on the first signal of each message."""
+    lines = ['VERSION ""', "NS_ :", "BS_:", "BU_: ECU"]
+    for m in range(first, first + messages):
+        lines.append(f"BO_ {(m + 1) | 0x80000000} M{m}: 8 ECU")
+        lines += [f' SG_ S{m}_{k} : {k % 64}|1@1+ (1,0) [0|1] "" ECU' for k in range(signals_per)]
+    if values:
+        lines += [f"VAL_ {(m + 1) | 0x80000000} S{m}_0 " + " ".join(f'{i} "v{i}"' for i in range(values)) + " ;"
+                  for m in range(first, first + messages)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _peak_mb(fn: Any) -> float:
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        fn()
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak / 1e6
+
+
+@pytest.mark.parametrize(("shape", "needle"), [
+    ((MAX_DBC_MESSAGES + 1, 1, 0), f"{MAX_DBC_MESSAGES + 1} messages, more than the {MAX_DBC_MESSAGES} allowed"),
+    ((MAX_DBC_SIGNALS // 64 + 1, 64, 0), f"signals, more than the {MAX_DBC_SIGNALS} allowed"),
+    ((400, 1, 1000), f"strings), more than the {MAX_DBC_WORDS} allowed"),
+])
+def test_a_dbc_beyond_its_budget_is_refused_before_cantools_parses_it(tmp_path: Path, shape: tuple[int, int, int],
+                                                                      needle: str) -> None:
+    """Before: 100k signals took 19.9 s and 381 MB, and value tables cost more than 40 bytes of memory per byte
+    of DBC; every size under 64 MiB was parsed. Now the messages, signals and words are counted first: the
+    refusal names the file, the count and the cap, and costs a few MB, not what cantools would build."""
+    messages, per, values = shape
+    big = _big_dbc(tmp_path / "big.dbc", messages, per, values=values)
+    err: list[ConfigError] = []
+
+    def load() -> None:
+        try:
+            load_catalogue([big], default_signal_map())
+        except ConfigError as exc:
+            err.append(exc)
+
+    peak = _peak_mb(load)
+    assert err and str(big) in str(err[0]) and needle in str(err[0]), err
+    assert peak < 3 * big.stat().st_size / 1e6 + 5, f"{peak:.0f} MB to refuse a {big.stat().st_size} B DBC"
+
+
+def test_the_dbc_budget_counts_every_file_together(tmp_path: Path) -> None:
+    per_file = MAX_DBC_SIGNALS // 2 // 64 + 1
+    a = _big_dbc(tmp_path / "a.dbc", per_file, 64)
+    b = _big_dbc(tmp_path / "b.dbc", per_file, 64, first=per_file)
+    with pytest.raises(ConfigError, match=r"b\.dbc: .*signals.*more than the"):
+        load_catalogue([a, b], default_signal_map())
+
+
+def test_a_dbc_over_the_byte_cap_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    big = tmp_path / "huge.dbc"
+    with big.open("wb") as fh:
+        fh.truncate(MAX_DBC_BYTES + 1)  # sparse
+    with pytest.raises(ConfigError, match=rf"huge\.dbc: DBC file is {MAX_DBC_BYTES + 1} bytes, more than the"):
+        load_catalogue([big], default_signal_map())
+
+
+@pytest.mark.skipif(not SHARED.exists(), reason="../shared/data not present (a user's clone has none)")
+def test_every_real_dbc_is_within_the_budget() -> None:
+    """The cantools corpus (the largest: vehicle.dbc, 217 messages) loads as before: the budget refuses no real
+    DBC (docs/performance.md records its load time and memory)."""
+    from vgw.catalogue import dbc_counts
+
+    for path in sorted(SHARED.glob("*.dbc")):
+        counts = dbc_counts(path.read_bytes())
+        assert counts.messages <= MAX_DBC_MESSAGES and counts.signals <= MAX_DBC_SIGNALS, path
+        assert counts.words <= MAX_DBC_WORDS, path

@@ -20,7 +20,7 @@ def _have_mosquitto() -> bool:
 
 pytestmark = pytest.mark.skipif(not _have_mosquitto(), reason="mosquitto is not installed")
 
-SHORT = ["--frames", "20000", "--rt-seconds", "1", "--revoke-rows", "2000"]
+SHORT = ["--frames", "20000", "--rt-seconds", "1", "--revoke-rows", "2000", "--rules-seconds", "2"]
 
 
 def test_bench_json(capsys: pytest.CaptureFixture[str]) -> None:
@@ -38,17 +38,26 @@ def test_bench_json(capsys: pytest.CaptureFixture[str]) -> None:
         assert rt["cpu_pct_one_core"] is not None
     rv = result["revocation"]
     assert rv["rows"] == 2000 and rv["rows_after"] == 0 and rv["key_destroyed_ms"] is not None
-    assert set(result["targets"]) >= {"full_path_ge_2x_naive_agent", "rss_le_60mb", "revocation_le_100ms"}
+    assert set(result["targets"]) >= {"full_path_ge_2x_naive_agent", "rss_le_60mb", "revocation_le_100ms",
+                                      "rules_cpu_le_2x_no_rules", "rules_rss_le_2x_no_rules"}
+    rules = result["rules"]
+    assert {rules[run]["exit_code"] for run in ("worst_work", "worst_memory", "no_rules")} == {0}
+    assert all(d["work_nodes_per_s"] <= d["work_budget"] for d in rules["documents"].values())
 
 
 def test_bench_table_all_signals(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "--consent", "all", *SHORT]) == 0
     out = capsys.readouterr().out
     for text in ("cantools decode_message", "vgw compiled decoders", "full path", "frame->PUBACK p50",
-                 "revocation with 2,000 buffered rows", "targets:"):
+                 "revocation with 2,000 buffered rows", "collection rules: the costliest documents accepted",
+                 "targets:"):
         assert text in out
 
 
 def test_bench_rejects_bad_input(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "--frames", "10"]) == 1
     assert "--frames 10" in capsys.readouterr().err
+    assert main(["bench", "--rules", "--rules-seconds", "-1"]) == 1
+    assert "--rules-seconds -1" in capsys.readouterr().err
+    assert main(["bench", "--rules", "--dbc", "x.dbc"]) == 1
+    assert "demo vehicle" in capsys.readouterr().err

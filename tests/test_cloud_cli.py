@@ -8,6 +8,7 @@ subscriptions split one stream between two listen workers with each batch handle
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -118,6 +119,23 @@ def test_sign_output_is_accepted_by_the_agent_and_bad_scope_is_refused(tmp_path:
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("name", ["deep.toml", "deep.json", "fifo.toml"])
+def test_sign_answers_a_hostile_grants_file_with_one_line(tmp_path: Path, name: str) -> None:
+    """A grants file nested too deeply (TOML or JSON) was a RecursionError traceback, and a FIFO hung `vgw cloud
+    sign`: it is read like the config file and the signal map (one loader, a regular file, capped)."""
+    keys, _ = keys_and_grants(tmp_path, ["read_odometer"])
+    bad = tmp_path / name
+    if name == "fifo.toml":
+        os.mkfifo(bad)
+    else:
+        bad.write_text("x = " + "[" * 5000 + "]" * 5000 + "\n" if name.endswith(".toml") else "[" * 5000 + "]" * 5000)
+    r = vgw("cloud", "sign", "--key", str(keys / "consent-signer.key"), "--grants", str(bad), "--device", DEV,
+            timeout=30)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert len(r.stderr.strip().splitlines()) == 1 and name in r.stderr, r.stderr[-2000:]
+    assert ("not a regular file" if name == "fifo.toml" else "nested too deeply") in r.stderr, r.stderr
+
+
 def test_push_listen_revoke_verify_receipt_round_trip_with_the_agent(
     tmp_path: Path, pki: TestPKI, broker: Mosquitto, vehicle: Vehicle
 ) -> None:
@@ -199,6 +217,67 @@ def test_listener_reports_duplicates_and_gaps_per_device_and_grant(pki: TestPKI)
     summary = listener.summary()["streams"]
     assert summary[f"{DEV}/g-a"]["missing"] == [[4, 4]]  # 3 arrived late, 4 never
     assert summary["dev-0002/g-a"]["missing"] == [] and summary[f"{DEV}/g-b"]["batches"] == 1
+
+
+def _sealed(rk: RecipientKey, items: list[tuple[str, int]], grant: str = "g-a") -> list[bytes]:
+    """One sealed batch of DEV/``grant`` per (epoch, seq) of ``items``."""
+    return [seal_envelope({"v": 1, "device": DEV, "grant": grant, "seq": seq, "epoch": epoch,
+                           "samples": [{"t": 1.0, "path": "Vehicle.Speed", "value": seq}]}, rk, DEV, grant)
+            for epoch, seq in items]
+
+
+def test_listener_de_duplication_memory_is_bounded_per_stream() -> None:
+    """Before: the de-duplication set kept every (epoch, seq) ever accepted (about 240 B a batch: 20 GB a day for
+    1000 devices at 1 batch/s). Now a stream keeps, per epoch, the highest seq below which all arrived plus a
+    window above it, and a few epochs: 6000 more batches, 2000 more epochs and 200 more grants of one device
+    leave its memory where it was."""
+    import tracemalloc
+
+    rk = RecipientKey.generate()
+    counts: dict[str, int] = {}
+
+    def count(e: dict[str, Any]) -> None:
+        counts[e["type"]] = counts.get(e["type"], 0) + 1
+
+    listener = Listener("vgw", {"g-a": rk.private_key}, {}, count)
+    warm = _sealed(rk, [("e1", n) for n in range(1, 501)])
+    more = _sealed(rk, [("e1", n) for n in range(501, 6501)])
+    epochs = _sealed(rk, [(f"epoch-{k}", 1) for k in range(2000)])
+    grants = [b for k in range(200) for b in _sealed(rk, [("e1", 1)], grant=f"g-{k}")]
+    for b in warm:
+        listener.handle(f"vgw/{DEV}/data/g-a", b)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for b in more + epochs:
+            listener.handle(f"vgw/{DEV}/data/g-a", b)
+        for k, b in enumerate(grants):
+            listener.handle(f"vgw/{DEV}/data/g-{k}", b)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert counts == {"batch": 8700}
+    assert grown < 150_000, f"{grown} bytes kept for 8200 batches of one device"
+
+
+def test_listener_window_drops_copies_in_and_below_it(pki: TestPKI) -> None:
+    from vgw.cloud.cloudlink import SEQ_WINDOW
+
+    rk = RecipientKey.generate()
+    events: list[dict[str, Any]] = []
+    listener = Listener("vgw", {"g-a": rk.private_key}, {}, events.append)
+    order = [("e1", n) for n in (3, 1, 2, 2, 7, 5, 3)] + [("e2", 1), ("e1", 4), ("e1", 1)]
+    order += [("e1", SEQ_WINDOW + 10), ("e1", 6), ("e1", 8)]  # 6 arrives again; 8 never came, now too late
+    for b in _sealed(rk, order):
+        listener.handle(f"vgw/{DEV}/data/g-a", b)
+    kinds = [(e["type"], e.get("epoch"), e.get("seq")) for e in events if e["type"] != "gap"]
+    assert [k for k in kinds if k[0] == "duplicate"] == [("duplicate", "e1", 2), ("duplicate", "e1", 3),
+                                                         ("duplicate", "e1", 1), ("duplicate", "e1", 6),
+                                                         ("duplicate", "e1", 8)]
+    assert sorted((e, s) for t, e, s in kinds if t == "batch") == sorted(
+        [("e1", n) for n in (1, 2, 3, 4, 5, 7, SEQ_WINDOW + 10)] + [("e2", 1)])
+    stream = listener.summary()["streams"][f"{DEV}/g-a"]
+    assert (stream["batches"], stream["duplicates"], stream["epochs"]) == (8, 5, 2)
 
 
 def test_shared_subscription_workers_each_handle_a_batch_once(

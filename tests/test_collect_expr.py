@@ -7,7 +7,8 @@ import time
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from vgw.collect.expr import MAX_CHARS, MAX_DEPTH, ConditionError, Evaluator, parse_condition
+from vgw.collect.expr import ConditionError, Evaluator, parse_condition
+from vgw.collect.limits import MAX_CHARS, MAX_DEPTH
 
 SPEED = "Vehicle.Speed"
 
@@ -112,6 +113,40 @@ def test_fuzz_only_condition_error_escapes_in_bounded_time(text: str) -> None:
         e({p: 1.0 for p in cond.paths})
         e({})
     assert time.thread_time() - started < 0.5
+
+
+def _numbers() -> st.SearchStrategy[str]:
+    leaf = st.one_of(st.sampled_from(["Vehicle.Speed", "Vehicle.TraveledDistance"]),
+                     st.integers(0, 999).map(str), st.sampled_from(["0.5", "2.25", "10.125"]))
+    return st.recursive(leaf, lambda inner: st.one_of(
+        st.tuples(inner, st.sampled_from([" + ", " - ", " * "]), inner).map("".join),
+        inner.map(lambda x: f"-{x}"), inner.map(lambda x: f"abs({x})"), inner.map(lambda x: f"({x})")),
+        max_leaves=12)
+
+
+def _conditions() -> st.SearchStrategy[str]:
+    compare = st.tuples(_numbers(), st.sampled_from([" < ", " <= ", " > ", " >= ", " == ", " != "]), _numbers()) \
+        .map("".join)
+    return st.recursive(compare, lambda inner: st.one_of(
+        st.tuples(inner, st.sampled_from([" and ", " or "]), inner).map("".join),
+        inner.map(lambda x: f"not {x}"), inner.map(lambda x: f"({x})")), max_leaves=4)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_conditions(), st.floats(-1e3, 1e3), st.floats(-1e3, 1e3))
+def test_folded_and_compiled_conditions_mean_what_python_computes(text: str, speed: float, distance: float) -> None:
+    # Folding and compiling change the cost of a condition, never its value: the same text evaluated by Python
+    # itself (same float operations, same precedence; no division and no overflow here) gives the same answer.
+    try:
+        condition = parse_condition(text)
+    except ConditionError:
+        return  # nested deeper than the limit
+    from types import SimpleNamespace
+
+    vehicle = SimpleNamespace(Speed=speed, TraveledDistance=distance)
+    expected = eval(text, {"__builtins__": {}, "abs": abs, "Vehicle": vehicle})  # noqa: S307 - generated above
+    values = {"Vehicle.Speed": speed, "Vehicle.TraveledDistance": distance}
+    assert Evaluator(condition)(values) is bool(expected)
 
 
 _VALID = "Vehicle.Speed > 130 or rising(Vehicle.Speed < 5) and not abs(-Vehicle.Speed * 2 / 3 + 1) >= 7.25"

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from vgw.collect.rules import MAX_RULES, Mode, RuleError, RuleReason, parse_rules
+from vgw.collect.limits import MAX_RULES
+from vgw.collect.rules import Mode, RuleError, RuleReason, parse_rules
 from vgw.consent.manager import load_trust_keys
 from vgw.consent.verifier import verify_consent
 from vgw.errors import ClaimsError

@@ -3,6 +3,7 @@ SIGHUP re-reads the config (log level applied, the rest named); every logger is 
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import signal
@@ -83,6 +84,33 @@ def test_sighup_reloads_the_log_level_and_names_what_needs_a_restart(tmp_path: P
         proc.send_signal(signal.SIGHUP)
         assert wait_until(lambda: any("the running configuration stays" in line for line in lines), 10)
         assert proc.poll() is None
+        proc.terminate()
+        assert proc.wait(15) == 0
+        pump.join(5)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link-to-dev-zero"])
+def test_sighup_with_a_dbc_that_is_no_longer_a_regular_file_does_not_hang_the_agent(tmp_path: Path, pki: object,
+                                                                                    kind: str) -> None:
+    """A reload compares the DBC's bytes: a DBC replaced by a FIFO blocked the main loop in open (SIGTERM then
+    went unheard), a link to /dev/zero read until memory ran out. Now the file counts as changed, unread."""
+    auth = Authority(tmp_path)
+    dbc = tmp_path / "car.dbc"
+    shutil.copy(default_dbc(), dbc)
+    cfg = write_config(tmp_path, pki, free_port(), auth.trust,  # type: ignore[arg-type]
+                       can={"channel": f"hup-{tmp_path.name[-8:]}", "dbc": [str(dbc)],
+                            "signal_map": str(default_signal_map())})
+    lines: list[str] = []
+    with agent_process(cfg) as proc:
+        pump = _collect(proc.stderr, lines)
+        assert wait_until(lambda: (tmp_path / "state" / "status.json").exists(), 20), "".join(lines)
+        dbc.unlink()
+        if kind == "fifo":
+            os.mkfifo(dbc)
+        else:
+            dbc.symlink_to("/dev/zero")
+        proc.send_signal(signal.SIGHUP)
+        assert wait_until(lambda: any("the DBC/signal map files" in line for line in lines), 15), "".join(lines)
         proc.terminate()
         assert proc.wait(15) == 0
         pump.join(5)

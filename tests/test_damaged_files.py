@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 from pathlib import Path
 
@@ -181,6 +182,31 @@ def test_replay_exit_with_a_trace_that_cannot_be_opened_ends_non_zero_naming_it(
         stderr = proc.stderr.read() if proc.stderr else ""
     assert rc != 0 and "Traceback" not in stderr
     assert stderr.count(f"{trace}: cannot read trace") == 1, stderr
+
+
+@pytest.mark.parametrize(("name", "kind"), [("drive.log", "fifo"), ("drive.log", "link-to-dev-zero"),
+                                           ("drive.asc", "fifo"), ("drive.asc", "link-to-dev-zero")])
+def test_replay_exit_with_a_trace_that_is_not_a_regular_file_ends_non_zero_at_once(tmp_path, pki, broker, name: str,
+                                                                                     kind: str) -> None:
+    """Before: a FIFO as the trace exited 0 (nothing replayed, as if the drive were empty) or blocked in open,
+    and a link to /dev/zero was read for ever. A trace must be a regular file: exit 1 with one line, at once."""
+    trace = tmp_path / name
+    if kind == "fifo":
+        os.mkfifo(trace)
+    else:
+        trace.symlink_to("/dev/zero")
+    auth = Authority(tmp_path)
+    cfg = write_config(tmp_path, pki, broker.port, auth.trust, device=DEV,
+                       can={"replay": str(trace), "replay_rate": 0, "replay_exit": True, "reopen_s": 0.1})
+    with agent_process(cfg) as proc:
+        try:
+            rc: int | None = proc.wait(30)
+        except subprocess.TimeoutExpired:
+            rc = None
+        assert rc is not None, "vgw run with replay_exit never ended on a trace that is not a regular file"
+        stderr = proc.stderr.read() if proc.stderr else ""
+    assert rc != 0 and "Traceback" not in stderr, stderr
+    assert stderr.count(f"{trace}: cannot read trace: not a regular file") == 1, stderr
 
 
 def test_a_trace_that_cannot_be_opened_is_retried_without_replay_exit(tmp_path: Path) -> None:

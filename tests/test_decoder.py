@@ -12,7 +12,6 @@ skipped when that folder is absent) and the demo vehicle's ``dbc/vehicle.dbc``.
 from __future__ import annotations
 
 import os
-from functools import cache
 from pathlib import Path
 
 import cantools
@@ -23,7 +22,7 @@ from hypothesis import strategies as st
 from vgw.pipeline.decoder import MessageDecoder, decode_all
 from vgw.simulators.paths import default_dbc
 
-from tests.decoderkit import check_message, decodable_messages
+from tests.decoderkit import check_message, dbc_messages
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DBC_DIR = SHARED / "dbc" / "cantools"
@@ -32,14 +31,7 @@ if not DBC_DIR.is_dir():
     pytest.skip(f"test DBCs not found: {DBC_DIR} (the shared data folder is absent)", allow_module_level=True)
 
 
-@cache
-def _messages(path: str) -> tuple[Message, ...]:
-    """The decodable messages of one DBC (none if cantools cannot load it)."""
-    try:
-        db = cantools.database.load_file(path, database_format="dbc", strict=False, encoding="cp1252")
-    except Exception:
-        return ()
-    return decodable_messages(db)
+_messages = dbc_messages
 
 
 # Bounded for CI; raise it for a long run: VGW_DECODER_EXAMPLES=2000 pytest tests/test_decoder.py

@@ -14,15 +14,13 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-from functools import cache
 from pathlib import Path
 
 import cantools
 import pytest
-from cantools.database.can.message import Message
 from vgw.pipeline.decoder import MessageDecoder
 
-from tests.decoderkit import decodable_messages, mismatches, random_payload
+from tests.decoderkit import dbc_messages, mismatches, random_payload
 
 OPENDBC = "opendbc==0.3.1"
 CACHE = Path(os.environ.get("VGW_TEST_CORPUS", Path(tempfile.gettempdir()) / "vgw-test-corpus"))
@@ -62,13 +60,7 @@ if FOLDER is None:
 DBCS = sorted(str(p) for p in FOLDER.glob("*.dbc"))
 
 
-@cache
-def _messages(path: str) -> tuple[Message, ...]:
-    try:
-        db = cantools.database.load_file(path, database_format="dbc", strict=False, encoding="cp1252")
-    except Exception:
-        return ()
-    return decodable_messages(db)
+_messages = dbc_messages
 
 
 LOADABLE = [p for p in DBCS if _messages(p)]

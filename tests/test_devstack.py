@@ -71,6 +71,7 @@ def test_init_up_down_a_kept_stack(stack_dir: Path) -> None:
     r = vgw("dev", "up", str(stack_dir), timeout=90)
     assert r.returncode == 0, r.stderr + r.stdout
     assert "vgw monitor --config" in r.stdout
+    assert "signed and pushed" not in r.stdout  # signed by `init`, not now: it only says what it did
     pids = {line.split()[0]: int(line.split("pid ")[1].rstrip(")")) for line in
             vgw("dev", "status", str(stack_dir)).stdout.splitlines()}
     assert set(pids) == {"broker", "sim", "cloud", "agent"}
@@ -90,9 +91,10 @@ def test_init_up_down_a_kept_stack(stack_dir: Path) -> None:
     refused = vgw("monitor", "--config", cfg_path, "--duration", "1")
     assert refused.returncode == 1 and "already open in process" in refused.stderr
 
-    # up again: nothing is started twice.
+    # up again: nothing is started twice, and nothing signed (grants.toml did not change).
     r = vgw("dev", "up", str(stack_dir), timeout=90)
     assert r.returncode == 0, r.stderr
+    assert "grants.toml unchanged" in r.stdout and "signed and pushed" not in r.stdout, r.stdout
     status = vgw("dev", "status", str(stack_dir))
     assert status.returncode == 0
     assert {line.split()[0]: int(line.split("pid ")[1].rstrip(")")) for line in status.stdout.splitlines()} == pids

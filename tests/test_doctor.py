@@ -8,6 +8,8 @@ import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -369,3 +371,20 @@ def test_serial_adapter_behind_a_link_is_checked(tmp_path: Path) -> None:
     link.symlink_to(tmp_path / "gone")  # the simulator stopped: its link dangles
     res = _can(cfg, Probes())
     assert res.status == FAIL and "vgw dev up" in res.detail
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link-to-dev-zero"])
+def test_a_ca_file_that_is_not_a_regular_file_is_a_fail_not_a_hang(device: Device, kind: str) -> None:
+    """The CA check read ``ca_file`` raw: a FIFO hung `vgw doctor` for ever, /dev/zero read until memory ran out.
+    Now every check reads it as the agent does (a regular file, capped): a FAIL naming it, at once."""
+    bad = device.dir / "ca.pem"
+    if kind == "fifo":
+        os.mkfifo(bad)
+    else:
+        bad.symlink_to("/dev/zero")
+    device.ca = bad
+    device.write()
+    r = subprocess.run([sys.executable, "-m", "vgw", "doctor", "--config", str(device.config)], capture_output=True,
+                       text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, (r.stdout, r.stderr[-2000:])
+    assert "not a regular file" in r.stdout, r.stdout

@@ -431,3 +431,27 @@ def test_no_module_makes_requests_around_the_choke_point() -> None:
                 text = node.value.upper().replace(" ", "")
                 if len(text) >= 2 and forbidden_text.match(text):
                     pytest.fail(f"{path}:{node.lineno}: literal {node.value!r} looks like a forbidden request")
+
+
+@pytest.mark.parametrize("tcp", [False, True], ids=["pty", "tcp"])
+def test_sim_elm327_says_which_obd_lines_make_the_agent_read_it(tcp: bool) -> None:
+    """Like `vgw sim can`, the ELM327 simulator prints on stderr the [obd] lines to paste into the config."""
+    import subprocess
+    import sys
+    import tomllib
+
+    from vgw.config import ObdConfig
+
+    proc = subprocess.Popen([sys.executable, "-m", "vgw", "sim", "elm327", *(["--tcp"] if tcp else [])],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        where = proc.stdout.readline().strip()
+    finally:
+        proc.terminate()
+        _out, err = proc.communicate(timeout=10)
+    said = err.splitlines(keepends=True)[:3]
+    assert "put into [obd]" in said[0], said
+    snippet = tomllib.loads("".join(said[1:]))
+    assert snippet == {"port": where, "protocol": "auto"}
+    assert set(snippet) <= {f for f in ObdConfig.__dataclass_fields__}

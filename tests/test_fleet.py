@@ -85,3 +85,18 @@ def test_fleet_cluster_options_are_checked() -> None:
     assert bad.returncode == 1 and "--kill-at needs --broker nats-cluster" in bad.stderr
     bad = vgw("sim", "fleet", "--broker", "nats-cluster", "--consumers", "0")
     assert bad.returncode == 1 and "--consumers 0" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_fleet_enrolls_through_the_enrollment_service_then_runs() -> None:
+    """`vgw sim fleet --enroll`: every device gets its certificate from `vgw cloud enroll serve` with the claim
+    identity and its one-time token, then the fleet runs on those certificates."""
+    r = vgw("sim", "fleet", "--enroll", "--devices", "12", "--rate", "2", "--duration", "2", "--churn", "0",
+            "--threads", "2", "--json", timeout=180)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    e = report["enrollment"]
+    assert e["enrolled"] == 12 and e["refused"] == 0 and e["no_answer"] == 0, e
+    assert e["service"]["issued"] == 12 and e["per_device_ms"]["n"] == 12 and e["time_to_all_s"] > 0
+    assert report["devices_ready"] == 12 and report["lost"] == 0 and report["bad_receipts"] == 0
+    bad = vgw("sim", "fleet", "--enroll", "--broker", "nats")
+    assert bad.returncode == 1 and "--enroll needs" in bad.stderr

@@ -18,8 +18,9 @@ import can
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from vgw.config import MAX_CONFIG_BYTES, load_config
+from vgw.config import load_config
 from vgw.errors import ConfigError
+from vgw.fsutil import MAX_CONFIG_BYTES
 from vgw.simulators.paths import default_dbc, default_signal_map
 from vgw.sources.candump import MAX_LINE_BYTES, DamagedLine, LineError, parse_line, read_frames
 from vgw.sources.replay import ReplaySource

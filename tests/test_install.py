@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 INSTALLED = {
     "etc/systemd/system/vgw-agent.service": "systemd/vgw-agent.service",
     "etc/systemd/system/vgw-vcan.service": "systemd/vgw-vcan.service",
+    "etc/systemd/system/vgw-enroll.service": "systemd/vgw-enroll.service",
     "etc/systemd/network/80-can0.network": "systemd/80-can0.network",
     "etc/udev/rules.d/60-vgw-obd.rules": "systemd/60-vgw-obd.rules",
     "etc/systemd/system/vgw-sysusers.service": "systemd/vgw-sysusers.service",
@@ -88,10 +89,11 @@ def test_live_system_plan(capsys: pytest.CaptureFixture[str]) -> None:
     for expected in ("create system user and group vgw", "/opt/vgw/venv/bin/pip install --upgrade",
                      "install /etc/systemd/system/vgw-agent.service", "install /etc/systemd/network/80-can0.network",
                      "install /etc/udev/rules.d/60-vgw-obd.rules", "systemctl daemon-reload",
-                     "systemctl enable vgw-sysusers.service vgw-agent.service", "systemd-networkd",
+                     "systemctl enable vgw-sysusers.service vgw-enroll.service vgw-agent.service", "systemd-networkd",
                      "udevadm control --reload", "install /usr/lib/sysusers.d/vgw.conf", "link /usr/local/bin/vgw"):
         assert expected in steps, expected
-    assert steps.index("create system user") < steps.index("systemctl enable vgw-sysusers.service vgw-agent.service")
+    enable = "systemctl enable vgw-sysusers.service vgw-enroll.service vgw-agent.service"
+    assert steps.index("create system user") < steps.index(enable)
 
 
 def test_install_config_keeps_a_backup(tmp_path: Path) -> None:
@@ -222,7 +224,8 @@ def test_system_commands_only_on_the_live_root(tmp_path: Path) -> None:
 WANTS = "etc/systemd/system/multi-user.target.wants"
 LINKS = {"usr/local/bin/vgw": "/opt/vgw/venv/bin/vgw",
          f"{WANTS}/vgw-agent.service": "/etc/systemd/system/vgw-agent.service",
-         f"{WANTS}/vgw-sysusers.service": "/etc/systemd/system/vgw-sysusers.service"}
+         f"{WANTS}/vgw-sysusers.service": "/etc/systemd/system/vgw-sysusers.service",
+         f"{WANTS}/vgw-enroll.service": "/etc/systemd/system/vgw-enroll.service"}
 
 
 def test_vgw_is_on_path_and_the_agent_enabled_in_a_staged_tree(tmp_path: Path) -> None:
@@ -277,7 +280,7 @@ def test_a_staged_tree_creates_its_user_at_boot(tmp_path: Path) -> None:
     assert any("systemd-sysusers /usr/lib/sysusers.d/vgw.conf" in v for v in values(boot, "ExecStart"))
     assert ("Install", "WantedBy", "multi-user.target") in directives(boot)
     preset = (prefix / "usr/lib/systemd/system-preset/80-vgw.preset").read_text().splitlines()
-    assert {"enable vgw-agent.service", "enable vgw-sysusers.service"} <= set(preset)
+    assert {"enable vgw-agent.service", "enable vgw-sysusers.service", "enable vgw-enroll.service"} <= set(preset)
 
     # systemd's own tools agree: sysusers makes the user in the tree, the preset enables what is linked.
     if shutil.which("systemd-sysusers"):
@@ -287,7 +290,8 @@ def test_a_staged_tree_creates_its_user_at_boot(tmp_path: Path) -> None:
     if shutil.which("systemctl"):
         shutil.rmtree(prefix / WANTS)
         proc = subprocess.run(["systemctl", f"--root={prefix}", "preset", "vgw-agent.service",
-                               "vgw-sysusers.service"], capture_output=True, text=True, check=False)
+                               "vgw-sysusers.service", "vgw-enroll.service"], capture_output=True, text=True,
+                              check=False)
         assert proc.returncode == 0, proc.stderr
         assert {k: v for k, v in links(prefix).items() if k.startswith(WANTS)} == \
             {k: v for k, v in LINKS.items() if k.startswith(WANTS)}

@@ -31,7 +31,19 @@ from vgw.j1939.messages import (
     parse_vin,
 )
 from vgw.j1939.request import Requester
-from vgw.j1939.transport import CM_ABORT, CM_BAM, CM_CTS, CM_EOMA, CM_RTS, MAX_SESSIONS, MAX_SIZE, T1_S, Reassembler
+from vgw.j1939.transport import (
+    CM_ABORT,
+    CM_BAM,
+    CM_CTS,
+    CM_EOMA,
+    CM_RTS,
+    MAX_SESSIONS,
+    MAX_SESSIONS_PER_SOURCE,
+    MAX_SIZE,
+    T1_S,
+    Reassembler,
+    bam_deadline_s,
+)
 from vgw.pipeline.router import Pipeline
 from vgw.simulators.can_sim import open_output
 from vgw.simulators.j1939_sim import COMPONENT_ID, DM1_OFFSET_S, ENGINE, SECOND_ENGINE, J1939Responder, J1939Simulator
@@ -200,8 +212,80 @@ def test_abort_and_bad_announcements() -> None:
 def test_sessions_are_bounded() -> None:
     r = Reassembler()
     for source in range(MAX_SESSIONS + 10):
-        r.feed(*_bam(65260, b"x" * 30, source=source, t=0.0)[0])
-    assert len(r) == MAX_SESSIONS and r.counters["refused"] == 10
+        r.feed(*_bam(65260, b"x" * 30, source=source, t=0.001 * source)[0])
+    # The oldest give way to the newest (a full table never shuts out a transfer).
+    assert len(r) == MAX_SESSIONS and r.counters["evicted"] == 10
+
+
+def _packet(source: int, seq: int, payload: bytes, t: float) -> tuple[int, bytes, float]:
+    return make_id(PGN_TP_DT, source, priority=7), bytes([seq]) + payload[(seq - 1) * 7: seq * 7].ljust(7, b"\xff"), t
+
+
+def _vin_samples(frames: list[tuple[int, bytes, float]]) -> list[Any]:
+    """The VIN samples a pipeline with a ``read_vin`` grant gets from ``frames`` (fed in time order)."""
+    pipe = Pipeline(load_catalogue([TRUCK_DBC], TRUCK_MAP))
+    pipe.swap((_grant(["read_vin"]),))
+    for can_id, data, t in sorted(frames, key=lambda f: f[2]):
+        pipe.process(can_id, data, t)
+    return [s["value"] for s in pipe.batches["g"].samples if s["path"] == VIN_PATH]
+
+
+GENUINE_VIN = b"1M8GDM9AXKP042788*"
+
+
+def test_vin_gets_through_while_32_bams_are_kept_open_by_resending_packet_one() -> None:
+    """An attacker announces 32 BAMs (one per spoofed source) and re-sends packet 1 of each every 0.5 s, so no
+    gap ever reaches T1; the engine's VIN BAM at t = 5 s must still be reassembled (J1939-21: BAM packets come
+    in order, so a repeated packet ends the transfer)."""
+    junk = bytes(range(70))
+    frames: list[tuple[int, bytes, float]] = []
+    for sa in range(0x80, 0x80 + MAX_SESSIONS):
+        frames += _bam(65226, junk, source=sa, t=0.0)[:2]
+        frames += [_packet(sa, 1, junk, k * 0.5 + 0.01) for k in range(1, 21)]
+    frames += _bam(65260, GENUINE_VIN, source=ENGINE, t=5.02)
+    assert _vin_samples(frames) == ["1M8GDM9AXKP042788"]
+
+
+def test_vin_gets_through_while_32_slow_in_order_bams_hold_every_slot() -> None:
+    """32 BAMs of 255 packets whose packets come in order, 0.7 s apart (under T1): the table is full when the
+    VIN is announced. The oldest transfer gives way, and each slow one ends at its absolute deadline."""
+    junk = bytes(7 * 255)
+    frames: list[tuple[int, bytes, float]] = []
+    for sa in range(0x80, 0x80 + MAX_SESSIONS):
+        frames += _bam(65226, junk, source=sa, t=0.01 * (sa - 0x80), gap=0.7)[:40]
+    frames += _bam(65260, GENUINE_VIN, source=ENGINE, t=5.02)
+    assert _vin_samples(frames) == ["1M8GDM9AXKP042788"]
+
+
+def test_a_bam_ends_at_its_absolute_deadline_however_its_packets_come() -> None:
+    r = Reassembler()
+    frames = _bam(65226, bytes(7 * 255), source=0x80, t=0.0, gap=0.7)
+    for can_id, data, t in frames:
+        assert r.feed(can_id, data, t) is None
+        if t > bam_deadline_s(255):
+            assert len(r) == 0
+    assert r.counters["timed_out"] == 1 and r.counters["completed"] == 0
+
+
+def test_a_bam_packet_out_of_order_ends_the_transfer() -> None:
+    for seqs in ([1, 1, 2, 3], [1, 3, 2], [2, 1, 3]):
+        r = Reassembler()
+        announce, *packets = _bam(65260, GENUINE_VIN, source=ENGINE, t=0.0)
+        r.feed(*announce)
+        out = [r.feed(*packets[s - 1][:2], 0.05 * (k + 1)) for k, s in enumerate(seqs)]
+        assert out == [None] * len(seqs) and len(r) == 0 and r.counters["out_of_order"] == 1, seqs
+
+
+def test_one_source_cannot_hold_more_than_its_share_of_sessions() -> None:
+    """A node that opens connections (RTS) to 40 destinations keeps at most MAX_SESSIONS_PER_SOURCE of them;
+    its own oldest give way, and the engine's VIN BAM has room."""
+    r = Reassembler()
+    rts = bytes([CM_RTS, 20, 0, 3, 2]) + (65259).to_bytes(3, "little")
+    for k, da in enumerate(range(40)):
+        r.feed(make_id(PGN_TP_CM, 0x80, destination=da), rts, 0.01 * k)
+    assert len(r) == MAX_SESSIONS_PER_SOURCE and r.counters["evicted"] == 40 - MAX_SESSIONS_PER_SOURCE
+    done = [r.feed(*f) for f in _bam(65260, GENUINE_VIN, source=ENGINE, t=0.5)]
+    assert done[-1] is not None and done[-1].data == GENUINE_VIN
 
 
 _TP_IDS = st.builds(lambda pgn, sa, da, prio: make_id(pgn, sa, destination=da, priority=prio),

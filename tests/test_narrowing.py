@@ -276,6 +276,39 @@ def _ruled(*rules: dict[str, Any], scopes: tuple[str, ...] = ("read_speedometer"
     return _grant(scopes=scopes, collect=parse_rules(list(rules), scopes))
 
 
+def test_terms_digest_of_rules_is_the_same_in_every_process_and_cheap():
+    """Stored rows are stamped with their grant's terms digest, and a row stamped with another digest is deleted
+    at start. The digest held the repr of the parsed rules: a condition reading two paths printed its path set in
+    hash order, which changes with every process (PYTHONHASHSEED), so a restart could delete the stored batches
+    of a grant whose terms had not changed; and the repr of a condition's whole tree, recomputed for every batch
+    (about 2 ms for a grant of long conditions), took more CPU than evaluating them."""
+    import subprocess
+    import sys
+
+    code = ("from vgw.collect.rules import parse_rules\n"
+            "from vgw.consent.model import Grant, Recipient\n"
+            "from vgw.consent.narrowing import terms_digest\n"
+            "s = ('read_location', 'read_speedometer', 'read_thermometer')\n"
+            "r = parse_rules([{'scope': 'read_location', 'mode': 'trigger', 'when': "
+            "'Vehicle.Speed > 5 and Vehicle.Exterior.AirTemperature < 0 or Vehicle.Speed < 1'}], s)\n"
+            "print(terms_digest(Grant(id='g', controller='c', purpose='p', scopes=s, "
+            "recipient=Recipient('X25519', bytes(32)), collect=r)))\n")
+    digests = {subprocess.run([sys.executable, "-c", code], env={"PYTHONHASHSEED": str(seed)}, capture_output=True,
+                              text=True, check=True).stdout for seed in range(6)}
+    assert len(digests) == 1
+    # The rules as the document states them count, not how this agent holds them: the same rules in another
+    # order are the same terms (as for narrowing), another condition is not.
+    speed = {"scope": "read_speedometer", "mode": "aggregate", "window_s": 60}
+    trig = {"scope": "read_location", "mode": "trigger", "when": "Vehicle.Speed > 1+1"}
+    assert terms_digest(_ruled(speed, trig)) == terms_digest(_ruled(trig, speed))
+    assert terms_digest(_ruled(speed, trig)) != terms_digest(_ruled(speed, {**trig, "when": "Vehicle.Speed > 3"}))
+    # A grant without rules keeps the digest earlier versions stamped its stored rows with (else an update would
+    # delete every unsent batch at start).
+    plain = Grant(id="g", controller="c", purpose="p", scopes=("read_location", "read_speedometer"),
+                  recipient=Recipient("X25519", bytes(32)))
+    assert terms_digest(plain) == "764fc37d8a8f24e6b38b20f445c79e17"
+
+
 def test_a_changed_rule_withdraws_only_the_stored_data_of_its_scope(tmp_path):
     """A change of the `collect` rules was `terms-changed`: every stored batch of the grant was deleted, the
     odometer rows collected under an untouched rule too. Now the stored data of each scope whose rule changed

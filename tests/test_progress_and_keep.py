@@ -17,7 +17,7 @@ from vgw.config import load_config
 
 from tests.agentkit import ROOT, vgw
 
-BENCH = ["bench", "--frames", "5000", "--rt-seconds", "0.5", "--revoke-rows", "200", "--json"]
+BENCH = ["bench", "--frames", "5000", "--rt-seconds", "0.5", "--revoke-rows", "200", "--rules-seconds", "2", "--json"]
 
 
 def _in_pty(args: list[str], timeout: float = 120.0) -> tuple[int, str, str]:

@@ -305,3 +305,22 @@ def test_timeline_fits_a_phone_screen(tmp_path: Path) -> None:
     right, viewport, text_h = map(int, found.groups())
     assert right <= viewport, (right, viewport)
     assert text_h >= 10  # the labels are scaled down, but still readable
+
+
+def test_report_json_is_report_version_2(world: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    """`vgw report --json`: the owner's report of README "Privacy report" (report_version 2): periods per grant
+    and per scope, `to` null while in force, every scope listed, the scopes' counts adding up to the grant's."""
+    assert main(["report", "--config", str(world["cfg"]), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["report_version"] == 2 and doc["device"] == DEVICE
+    by_id = {g["id"]: g for g in doc["grants"]}
+    fleet, ins = by_id["g-fleet"], by_id["g-ins"]
+    for g in (fleet, ins):
+        assert isinstance(g["periods"], list) and g["periods"]
+        assert all(set(p) >= {"from", "to"} and isinstance(p["from"], float) for p in g["periods"])
+        assert set(g["sent"]) >= {"samples", "batches"}
+        for sc in g["scopes"]:
+            assert set(sc) >= {"scope", "samples_sent", "periods"}
+    assert fleet["periods"][-1]["to"] is None and ins["periods"][-1]["to"] is not None
+    assert sum(sc["samples_sent"] for sc in fleet["scopes"]) == fleet["sent"]["samples"] == 40
+    assert [p["to"] is None for sc in fleet["scopes"] for p in sc["periods"]] == [True, True]

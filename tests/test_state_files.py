@@ -195,3 +195,70 @@ def test_a_tls_file_that_is_a_fifo_is_a_link_error_not_a_hung_uplink(setup: dict
         uplink = runner.agent.uplink
         assert wait_until(lambda: "not a regular file" in (uplink.last_error or ""), 10), uplink.last_error
         assert uplink.connect_failures >= 1 and uplink.state != "connected"
+
+
+# -- hostile state files: every reader opens them as the agent does (regular file, ours, capped, never followed) --
+
+_READERS = {  # which command reads which state file
+    "status.json": ("status",),  # the report takes its counts from the outbox, never from the status file
+    "audit.log": ("report", "audit verify"),
+    "agent.lock": ("status",),
+    "outbox.sqlite": ("status", "report"),
+}
+_COMMANDS = ("status", "report", "audit verify")
+
+
+def _plant(state: Path, name: str, kind: str) -> None:
+    target = state / name
+    target.unlink(missing_ok=True)
+    if kind == "fifo":
+        os.mkfifo(target, 0o600)
+    else:
+        target.symlink_to("/dev/zero")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link-to-dev-zero"])
+@pytest.mark.parametrize("name", sorted(_READERS))
+def test_a_hostile_state_file_is_refused_promptly_by_every_read_only_command(setup: dict[str, Any], name: str,
+                                                                            kind: str) -> None:
+    """Before: a FIFO made `vgw status`, `report` and `audit verify` hang for ever, a link to /dev/zero made them
+    read until memory ran out. Now: one line naming the file and the rule, exit 1, at once; a command that does
+    not read the file is not disturbed by it."""
+    assert apply(setup).returncode == 0
+    _plant(setup["state"], name, kind)
+    for command in _COMMANDS:
+        r = vgw(*command.split(), "--config", str(setup["cfg"]), timeout=20)
+        if command in _READERS[name]:
+            assert_refused(r, name)
+            assert ("not a regular file" if kind == "fifo" else "symbolic link") in r.stderr, (command, r.stderr)
+        else:
+            assert r.returncode == 0 and "Traceback" not in r.stderr, (command, r.stdout, r.stderr)
+
+
+def test_an_audit_log_beyond_its_cap_is_refused_before_it_is_read(setup: dict[str, Any]) -> None:
+    from vgw.fsutil import MAX_AUDIT_BYTES
+
+    assert apply(setup).returncode == 0
+    with (setup["state"] / "audit.log").open("r+b") as fh:
+        fh.truncate(MAX_AUDIT_BYTES + 1)  # sparse: costs no disk
+    for command in ("report", "audit verify"):
+        assert_refused(vgw(*command.split(), "--config", str(setup["cfg"]), timeout=20), "audit.log",
+                       f"{MAX_AUDIT_BYTES} allowed")
+
+
+def test_a_state_file_of_another_user_is_refused_by_a_read_only_command(setup: dict[str, Any]) -> None:
+    assert apply(setup).returncode == 0
+    os.chown(setup["state"] / "audit.log", OTHER_UID, OTHER_UID)
+    assert_refused(vgw("audit", "verify", "--config", str(setup["cfg"]), timeout=20), "audit.log",
+                   "owned by uid 4242")
+
+
+@pytest.mark.parametrize("name", ["agent.lock", "outbox.sqlite", "audit.log"])
+def test_vgw_run_refuses_a_fifo_state_file_with_one_line(setup: dict[str, Any], name: str, broker: Any,
+                                                         pki: Any) -> None:
+    """Before: agent.lock a FIFO was a traceback (``os.ftruncate``: EINVAL); outbox.sqlite a FIFO blocked the
+    start and ignored SIGTERM. Now: one line naming the file, exit 1, at once."""
+    cfg = write_config(setup["tmp"], pki, broker.port, setup["auth"].trust, can={"channel": "vgw-state-fifo"})
+    assert vgw("consent", "apply", "--config", str(cfg), str(setup["doc"])).returncode == 0
+    _plant(setup["state"], name, "fifo")
+    assert_refused(vgw("run", "--config", str(cfg), timeout=30), name, "not a regular file")

@@ -49,7 +49,8 @@ def test_exposure_score_at_most_2() -> None:
 
 
 @needs_analyze
-@pytest.mark.parametrize("name", ["vgw-agent.service", "vgw-vcan.service", "vgw-sysusers.service"])
+@pytest.mark.parametrize("name", ["vgw-agent.service", "vgw-vcan.service", "vgw-sysusers.service",
+                                  "vgw-enroll.service"])
 def test_units_verify(tmp_path: Path, name: str) -> None:
     """`systemd-analyze verify`, with ExecStart pointing at this checkout's vgw (the unit names /opt/vgw)."""
     text = (SYSTEMD / name).read_text()

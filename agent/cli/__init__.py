@@ -32,6 +32,7 @@ _COMMANDS = (
     "audit",
     "report",
     "provision",
+    "enroll",
     "doctor",
     "install",
     "bench",
@@ -102,7 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from vgw.logs import setup_logging
 
-    setup_logging(debug=args.debug, verbose=args.command in _DAEMONS, level=args.log_level)
+    daemon = args.command in _DAEMONS or getattr(args, "cloud_command", None) == "serve"  # `vgw cloud serve` too
+    setup_logging(debug=args.debug, verbose=daemon, level=args.log_level)
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE

@@ -41,31 +41,23 @@ def _source_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--file", help="an audit log file to read directly (e.g. a copy taken off the device)")
 
 
-def _log_path(args: argparse.Namespace) -> Path:
-    from vgw.audit import AUDIT_FILE
+def _open(args: argparse.Namespace) -> Any:
+    """The audit log to read: a copy named by ``--file``, or the state directory's (read as a state file)."""
+    from vgw.audit import AuditLog
 
     if args.file:
         path = Path(args.file)
-        if not path.is_file():
+        if not path.exists():
             raise ConfigError(f"{path}: audit log not found")
-        return path
+        return AuditLog(path.parent, file=path)
     from vgw.config import load_config
 
-    cfg = load_config(args.config)
-    return cfg.state_dir / AUDIT_FILE
-
-
-def _open(path: Path) -> Any:
-    from vgw.audit import AuditLog
-
-    log = AuditLog(path.parent)
-    log.path = path
-    return log
+    return AuditLog(load_config(args.config).state_dir)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    path = _log_path(args)
-    result = _open(path).verify()
+    log = _open(args)
+    path, result = log.path, log.verify()
     if args.json:
         print(json.dumps({"file": str(path), "ok": result.ok, "entries": result.entries,
                           "first_bad_line": result.first_bad, "reason": result.reason or None}))
@@ -77,8 +69,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    path = _log_path(args)
-    entries = _open(path).entries()
+    log = _open(args)
+    path, entries = log.path, log.entries()
     if args.json:
         for e in entries:
             print(json.dumps(e, sort_keys=True))

@@ -29,6 +29,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                         "(README \"Collection rules\") against streaming every sample, on the demo drive")
     p.add_argument("--drive-seconds", type=float, default=1800.0, metavar="S",
                    help="simulated seconds of driving for --drive-cycle (default 1800)")
+    p.add_argument("--rules", action="store_true",
+                   help="only the collection-rules measure: the costliest rule document the agent accepts (its "
+                        "budgets, docs/guarantees.md \"Budgets\") against the same grants without rules, on the "
+                        "demo drive in real time: CPU per sample, share of a core, peak RSS")
+    p.add_argument("--rules-seconds", type=float, default=75.0, metavar="S",
+                   help="seconds of the demo drive each rules run replays (default 75: a 60 s history fills; "
+                        "0 leaves the measure out of a full run)")
     p.set_defaults(func=cmd_bench)
 
 
@@ -44,6 +51,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
         drive = drive_cycle(args.drive_seconds)
         print(json.dumps(drive, indent=2) if args.json else format_drive(drive), end="\n" if args.json else "")
         return 0
+    if not 0 <= args.rules_seconds <= 3600:
+        raise VgwError(f"--rules-seconds {args.rules_seconds}: must be between 0 and 3600")
+    if args.rules:
+        from vgw.tools.bench.rules import format_rules
+        from vgw.tools.bench.run import run_rules_bench
+
+        if args.dbc is not None:
+            raise VgwError("--rules runs on the demo vehicle: leave out --dbc")
+        if not args.rules_seconds:
+            raise VgwError("--rules-seconds 0: the rules measure needs a drive to replay")
+        rules = run_rules_bench(BenchOptions(rules_seconds=args.rules_seconds))
+        if args.json:
+            print(json.dumps(rules, indent=2))
+        else:
+            print(format_rules(rules["rules"]))
+            print("targets: " + ", ".join(f"{k} {'MET' if v else 'NOT MET'}" for k, v in rules["targets"].items()))
+        return 0
     if args.rt_fps <= 0 or args.rt_seconds <= 0:
         raise VgwError("--rt-fps and --rt-seconds must be > 0")
     if not 0.01 <= args.low_latency_s <= 10:
@@ -52,7 +76,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise VgwError(f"--revoke-rows {args.revoke_rows}: must be >= 1")
     opts = BenchOptions(frames=args.frames, dbc=args.dbc, consent=args.consent, rt_fps=args.rt_fps,
                         rt_seconds=args.rt_seconds, revoke_rows=args.revoke_rows,
-                        low_latency_interval_s=args.low_latency_s)
+                        low_latency_interval_s=args.low_latency_s, rules_seconds=args.rules_seconds)
     result = run_bench(opts)
     if args.json:
         print(json.dumps(result, indent=2))

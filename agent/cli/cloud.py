@@ -8,6 +8,9 @@
     vgw cloud listen --nats HOST:PORT[,...] --ca CA --cert CERT --tls-key KEY --recipient ... [--durable NAME]
     vgw cloud relay --nats HOST:PORT[,...] --ca CA --cert CERT --tls-key KEY [--prefer N] [--drain S]
     vgw cloud verify-receipt --device-cert FILE|DIR FILE
+    vgw cloud serve --config FILE                  (the owner's consent service: vgw.cli.cloud_service)
+    vgw cloud app add ... / vgw cloud owner add ...
+    vgw cloud enroll serve|revoke ...   (README "Enrollment")
 
 BROKER-OPTIONS: --broker HOST:PORT --ca CA --cert CERT --key KEY [--protocol auto|5|3.1.1] [--prefix vgw].
 Exit codes: 0 success, 1 error (one line on stderr), 3 receipt/document rejected.
@@ -28,6 +31,7 @@ from types import FrameType
 from typing import IO, Any
 
 import jwt
+from vgw.cli import cloud_enroll, cloud_service
 
 EXIT_REJECTED = 3
 
@@ -123,10 +127,14 @@ def register(subparsers: Any) -> None:
     rl.add_argument("--client-id", default=None, help="NATS connection name (default vgw-cloud-relay-<pid>)")
     rl.set_defaults(func=run_relay)
 
+    cloud_enroll.register(sub, _broker_options)
+
     v = sub.add_parser("verify-receipt", help="verify a receipt file against device certificates")
     v.add_argument("--device-cert", action="append", type=Path, required=True, metavar="FILE|DIR")
     v.add_argument("file", type=Path, help="receipt (compact JWS, or a JSON line from listen)")
     v.set_defaults(func=run_verify_receipt)
+
+    cloud_service.register(sub)
 
 
 def _broker_options(p: argparse.ArgumentParser, *, required: bool) -> None:

@@ -142,24 +142,18 @@ def _apply(cfg: Config, token: bytes) -> int:
 
 def _wait_for_agent(store: ConsentStore, state_dir: Path, ver: int, timeout: float) -> str:
     """"applied", "rejected" (the agent took the hand-over and did not apply it) or "pending"."""
-    from vgw.runtime import STATUS_FILE
+    from vgw.daemon.statedir import read_status_file
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            status = json.loads((state_dir / STATUS_FILE).read_text())
-        except (OSError, ValueError):
-            status = {}
+        status = read_status_file(state_dir)
         in_force = status.get("consent_version")
         if in_force == ver:
             return "applied"
         if store.read_inbox() is None:
             # Taken by the agent; give its status file a moment to show the outcome.
             time.sleep(0.6)
-            try:
-                status = json.loads((state_dir / STATUS_FILE).read_text())
-            except (OSError, ValueError):
-                status = {}
+            status = read_status_file(state_dir)
             return "applied" if status.get("consent_version") == ver else "rejected"
         time.sleep(0.1)
     return "pending"

@@ -7,6 +7,9 @@ Step 1: vgw provision --device-id ID --broker HOST:PORT --ca FILE --consent-key 
                       [--out DIR] [--force]
 Step 2: vgw provision --install-cert FILE [--out DIR]
 
+Zero-touch (README "Enrollment"): step 1 plus --enroll-claim-cert FILE --enroll-claim-key FILE
+--enroll-token TOKEN enrolls right away with the batch's claim identity: no CSR to carry, no step 2.
+
 Without --source on a terminal, provision asks. --demo-dbc uses the demo car's DBC (a test bench only: it
 decodes nothing meaningful on a real vehicle).
 """
@@ -59,6 +62,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    f"{SERVICE_USER}), given the state dir and the device key; an existing state dir keeps its owner")
     p.add_argument("--install-cert", metavar="FILE", type=Path,
                    help="install the certificate the cloud CA signed (checks it matches the key and the CA)")
+    e = p.add_argument_group("zero-touch enrollment (instead of step 2)")
+    e.add_argument("--enroll-claim-cert", metavar="FILE", type=Path, help="the batch's claim certificate")
+    e.add_argument("--enroll-claim-key", metavar="FILE", type=Path, help="its private key")
+    e.add_argument("--enroll-token", metavar="TOKEN", help="this device's one-time enrollment token")
+    e.add_argument("--enroll-timeout", metavar="S", type=float, default=60.0,
+                   help="give up waiting for the enrollment service after S seconds (default 60; exit 2)")
     p.set_defaults(func=cmd_provision, _parser=p)
 
 
@@ -149,10 +158,37 @@ def cmd_provision(args: argparse.Namespace) -> int:
                if getattr(args, n) is None]
     if missing:
         parser.error(f"the following arguments are required: {', '.join(missing)} (or --install-cert FILE)")
+    enrolling = [getattr(args, n) is not None for n in ("enroll_claim_cert", "enroll_claim_key", "enroll_token")]
+    if any(enrolling) and not all(enrolling):
+        parser.error("--enroll-claim-cert, --enroll-claim-key and --enroll-token go together")
     sources = resolve_sources(args, parser)
     report = provision(device_id=args.device_id, broker=args.broker, ca=args.ca, consent_key=args.consent_key,
                        sources=sources, out=args.out, state_dir=args.state_dir, force=args.force,
                        service_user=resolve_account(args.service_user))
+    if all(enrolling):
+        return _enroll_now(args, report)
     _print(report, f"Provisioned device {args.device_id} in {args.out.expanduser().absolute()} "
                    f"(source: {sources.kind}).")
+    return 0
+
+
+def _enroll_now(args: argparse.Namespace, step1: Report) -> int:
+    """Step 1 done: enroll now instead of step 2. Exit 0 enrolled, 1 refused, 2 no answer (as `vgw enroll`)."""
+    from vgw.errors import EnrollmentRefused, EnrollmentTimeout
+    from vgw.provisioning import enroll_provisioned
+
+    step1.next_steps.clear()  # the CSR steps: the enrollment service does them
+    _print(step1, f"Provisioned device {args.device_id} in {args.out.expanduser().absolute()}.")
+    again = (f"vgw enroll --config {args.out.expanduser().absolute() / 'vgw.toml'} --claim-cert "
+             f"{args.enroll_claim_cert} --claim-key {args.enroll_claim_key} --token TOKEN")
+    try:
+        report = enroll_provisioned(args.enroll_claim_cert, args.enroll_claim_key, args.enroll_token, out=args.out,
+                                    timeout=args.enroll_timeout)
+    except EnrollmentRefused as exc:
+        print(f"vgw provision: {exc}", file=sys.stderr)
+        return 1
+    except EnrollmentTimeout as exc:
+        print(f"vgw provision: {exc}; when the broker is reachable: {again}", file=sys.stderr)
+        return 2
+    _print(report, "Enrolled.")
     return 0

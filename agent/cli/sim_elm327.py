@@ -4,13 +4,15 @@
                    [--tcp [--port N]] [--seed N] [--protocol 3|6|7|8|9]
 
 The first line of stdout is what to put in ``[obd] port``: the pty path (``/dev/pts/N``), or with ``--tcp``
-a pyserial URL ``socket://127.0.0.1:PORT`` (a Wi-Fi dongle). It then serves until SIGTERM/SIGINT.
+a pyserial URL ``socket://127.0.0.1:PORT`` (a Wi-Fi dongle); stderr says which ``[obd]`` lines make the
+agent read it, as ``vgw sim can`` does for ``[can]``. It then serves until SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
 
 import argparse
 import signal
+import sys
 import threading
 from types import FrameType
 from typing import Any
@@ -50,9 +52,13 @@ def run_elm327(args: argparse.Namespace) -> int:
                 port = sim.open_tcp("127.0.0.1", args.port)
             except OSError as exc:
                 raise ConfigError(f"--port {args.port}: cannot listen on 127.0.0.1: {exc.strerror}") from exc
-            print(f"socket://127.0.0.1:{port}", flush=True)
+            where = f"socket://127.0.0.1:{port}"
         else:
-            print(sim.open_pty(), flush=True)
+            where = sim.open_pty()
+        print(where, flush=True)
+        # protocol "auto" lets the agent find the car's protocol as it would on a real car.
+        print(f'vgw sim elm327: to read this adapter with the agent, put into [obd] of its config:\n'
+              f'    port = "{where}"\n    protocol = "auto"', file=sys.stderr, flush=True)
         while not stop.wait(0.2):
             pass
     finally:

@@ -3,6 +3,7 @@
     vgw sim fleet --devices N --rate HZ --duration S [--broker mosquitto|nats|HOST:PORT] [--churn HZ]
                   [--threads T] [--json]
     vgw sim fleet --make-pki DIR --devices N      # certificates for an external broker (then --pki DIR)
+    vgw sim fleet --enroll --devices N ...        # devices enroll through `vgw cloud enroll serve` first
 """
 
 from __future__ import annotations
@@ -49,6 +50,11 @@ def register(sim_subparsers: Any) -> None:
                    help="seconds to wait for every device to connect and apply consent (default 120)")
     p.add_argument("--drain", type=float, default=5.0,
                    help="seconds to wait after the run for the cloud side to catch up (default 5)")
+    p.add_argument("--enroll", action="store_true",
+                   help="devices start with no certificate and enroll through a real `vgw cloud enroll serve` with a "
+                        "claim identity and one-time tokens first (README \"Enrollment\"; private mosquitto only)")
+    p.add_argument("--enroll-timeout", type=float, default=300.0, metavar="S",
+                   help="seconds the whole fleet may take to enroll (default 300)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run)
 
@@ -70,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
                       broker=args.broker, pki_dir=args.pki, threads=args.threads, samples=args.samples,
                       protocol=args.protocol, consumers=args.consumers, kill_at_s=args.kill_at,
                       down_s=args.down, kill_role=args.kill_role, drain_s=args.drain,
-                      connect_timeout_s=args.connect_timeout,
+                      connect_timeout_s=args.connect_timeout, enroll=args.enroll,
+                      enroll_timeout_s=args.enroll_timeout,
                       replay_window_s=(DEFAULT_REPLAY_WINDOW_S if args.broker == "nats-cluster" else 0.0)
                       if args.replay_window is None else args.replay_window)
     try:
@@ -82,4 +89,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     print(json.dumps(report, indent=2) if args.json else format_report(report))
+    enrolled = report.get("enrollment")
+    if enrolled is not None and enrolled["enrolled"] != cfg.devices:
+        return 1
     return 0 if report["devices_ready"] == cfg.devices else 1

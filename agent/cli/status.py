@@ -39,13 +39,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def collect_status(config_path: str) -> dict[str, Any]:
     from vgw.config import load_config
     from vgw.consent.store import ConsentStore
-    from vgw.runtime import STATUS_FILE, AgentLock
+    from vgw.runtime import AgentLock
     from vgw.stateview import read_state
 
     cfg = load_config(config_path)
     state = read_state(cfg)
     running = AgentLock.held_by_other(cfg.state_dir)
-    live = read_live_status(cfg.state_dir / STATUS_FILE)
+    live = read_live_status(cfg.state_dir)
     consent = state.consent
     grants = [{"id": g.id, "scopes": list(g.scopes), "expires": consent.exp}
               for g in state.active_grants()] if consent else []
@@ -73,6 +73,7 @@ def collect_status(config_path: str) -> dict[str, Any]:
         "obd": live.get("obd") if running else None,
         "bus": live.get("bus") if running else None,
         "health": live.get("health", {"ok": True, "problem": None}) if running else {"ok": True, "problem": None},
+        "certificate": certificate_status(cfg, live if running else {}),
         **pending_erasures(ConsentStore(cfg.state_dir)),
     }
     pending = pending_consent(ConsentStore(cfg.state_dir))
@@ -103,6 +104,32 @@ def pending_consent(store: ConsentStore) -> dict[str, Any] | None:
     since = doc.get("since")
     return {"ver": peek_version(doc["token"]), "grants_stopped": sorted(str(g) for g in doc["stopped"]),
             "since": since if valid_time(since) else None, "error": doc.get("error")}
+
+
+def certificate_status(cfg: Any, live: dict[str, Any]) -> dict[str, Any]:
+    """The client certificate (README "Enrollment"): ``not_after`` read from [mqtt] cert_file (a read, nothing
+    written), and from the running agent the renewal ``state``, ``attempts`` and ``last_error``."""
+    from cryptography import x509
+    from vgw.crypto.credentials import device_credentials
+
+    out: dict[str, Any] = {"not_after": None, "state": None, "attempts": 0, "last_error": None}
+    cert_file, _key = device_credentials(cfg.mqtt.cert_file, cfg.mqtt.key_file, cfg.state_dir)
+    try:
+        leaf = x509.load_pem_x509_certificates(cert_file.read_bytes())[0]
+        out["not_after"] = leaf.not_valid_after_utc.timestamp()
+    except (OSError, ValueError, IndexError):
+        pass
+    renewal = live.get("certificate")
+    if isinstance(renewal, dict):
+        if isinstance(renewal.get("state"), str):
+            out["state"] = renewal["state"]
+        if isinstance(renewal.get("attempts"), int):
+            out["attempts"] = renewal["attempts"]
+        if isinstance(renewal.get("last_error"), str):
+            out["last_error"] = renewal["last_error"][:300]
+        if valid_time(renewal.get("renew_from")):
+            out["renew_from"] = renewal["renew_from"]
+    return out
 
 
 def pending_erasures(store: ConsentStore) -> dict[str, Any]:
@@ -159,16 +186,14 @@ def human_age(seconds: float) -> str:
     return f"{s // 86400} d {s % 86400 // 3600} h ago"
 
 
-def read_live_status(path: Path) -> dict[str, Any]:
+def read_live_status(state_dir: Path) -> dict[str, Any]:
     """The running agent's status file with its known fields checked: a damaged or hand-edited file (not JSON,
     not an object, a time no calendar shows, counters that are not numbers) must not break `vgw status`.
-    A field that fails its check is dropped, as if the agent had not written it."""
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        return {}
-    if not isinstance(raw, dict):
-        return {}
+    A field that fails its check is dropped, as if the agent had not written it. Raises StorageError for a file
+    the agent never writes (see :func:`vgw.daemon.statedir.read_status_file`)."""
+    from vgw.daemon.statedir import read_status_file
+
+    raw = read_status_file(state_dir)
     live: dict[str, Any] = dict(raw)
     for key in ("link", "link_error"):
         if not isinstance(live.get(key), str):
@@ -234,6 +259,15 @@ def cmd_status(args: argparse.Namespace) -> int:
             + (local_text(p["since"]) if valid_time(p["since"]) else "unknown") for p in st["erasures_pending"]))
     if st.get("erasures_pending_error"):
         print(f"erasures pending: UNREADABLE ({st['erasures_pending_error']})")
+    cert = st["certificate"]
+    if cert["not_after"] is not None:
+        line = f"certificate: valid until {local_text(cert['not_after'])}"
+        if cert["state"] in ("refused", "failed"):
+            line += (f"; RENEWAL FAILING ({cert['attempts']} attempt(s): {cert['last_error']}); "
+                     "still using the current certificate, retrying")
+        elif cert["state"] not in (None, "valid", "off"):
+            line += f"; renewal {cert['state']}"
+        print(line)
     last = st["last_publish"]
     print(f"last publish: {f'{local_text(last)} ({human_age(time.time() - last)})' if last else 'never'}; "
           f"receipts queued: {st['receipts_queued']}")

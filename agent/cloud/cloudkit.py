@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import time
-import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -38,9 +37,12 @@ from vgw.cloud.consent_authority import (
     sign_consent,
 )
 from vgw.cloud.envelopes import ReceiptError, verify_receipt
+from vgw.collect.budget import Tally
 from vgw.collect.rules import RuleError, parse_rules
+from vgw.consent.model import Limits, limited_scopes
 from vgw.crypto.certs import device_id_from_cert, device_public_key_from_cert
 from vgw.errors import CloudKitError
+from vgw.fsutil import MAX_CONFIG_BYTES, load_toml, read_small_file
 from vgw.scopes import SCOPES
 
 __all__ = [
@@ -172,14 +174,22 @@ def load_device_certs(paths: Iterable[Path]) -> dict[str, ec.EllipticCurvePublic
 
 
 def _load_structured(path: Path) -> dict[str, Any]:
+    """A grants description or a recipient's public key: TOML through the loader of the config file and the
+    signal map (:func:`vgw.fsutil.load_toml`), or JSON when the name ends in ``.json``; a regular file of at
+    most ``MAX_CONFIG_BYTES``, nested no deeper than the parser's recursion allows. Raises CloudKitError."""
     try:
-        text = path.read_text()
-    except OSError as exc:
-        raise CloudKitError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    try:
-        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise CloudKitError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {exc}") from exc
+        if path.suffix != ".json":
+            data: Any = load_toml(path, what="TOML file", error=CloudKitError)
+        else:
+            raw = read_small_file(path, what="JSON file", max_bytes=MAX_CONFIG_BYTES, error=CloudKitError)
+            try:
+                data = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise CloudKitError(f"{path}: not valid JSON: {exc}") from exc
+            except RecursionError as exc:
+                raise CloudKitError(f"{path}: not valid JSON: arrays or objects nested too deeply") from exc
+    except FileNotFoundError as exc:
+        raise CloudKitError(f"{path}: cannot read: {exc.strerror}") from exc
     if not isinstance(data, dict):
         raise CloudKitError(f"{path}: must be an object/table")
     return data
@@ -215,6 +225,7 @@ def load_grants(path: Path) -> dict[str, Any]:
         raise CloudKitError(f"{path}: 'grant' must be an array of tables")
     grants: list[dict[str, Any]] = []
     seen: set[str] = set()
+    usage = Tally()  # the device's budgets (docs/guarantees.md "Budgets"), over the whole document
     for i, g in enumerate(raw):
         where = f"{path}: grant[{i}]"
         if not isinstance(g, dict):
@@ -263,7 +274,7 @@ def load_grants(path: Path) -> dict[str, Any]:
         if "collect" in g:
             # The device's own validation (vgw.collect.rules): a rule it would reject never gets signed.
             try:
-                parse_rules(g["collect"], scopes)
+                usage.add(parse_rules(g["collect"], scopes, _limited(scopes, out.get("limits", {}))))
             except RuleError as exc:
                 raise CloudKitError(f"{where}: {exc}") from None
             out["collect"] = g["collect"]
@@ -372,3 +383,11 @@ def verify_receipt_file(path: Path, keys: Mapping[str, ec.EllipticCurvePublicKey
     if not isinstance(sub, str) or sub not in keys:
         raise ReceiptError(f"{path}: receipt names device {sub!r}, for which no certificate was given")
     return verify_receipt(token, keys[sub], device=sub)
+
+
+def _limited(scopes: Any, limits: Any) -> frozenset[str]:
+    """The scopes the device will limit (the grant's ``limits`` or the privacy defaults): no condition may read
+    one (vgw.collect.rules)."""
+    parsed = {s: Limits(max_hz=v.get("max_hz"), precision_m=v.get("precision_m")) for s, v in limits.items()
+              if isinstance(v, dict)}
+    return limited_scopes(tuple(scopes), parsed)

@@ -25,11 +25,20 @@ from vgw.cloud.cloudkit import CloudKitError
 from vgw.cloud.consent_authority import HpkePrivateKey
 from vgw.cloud.envelopes import EnvelopeError, ReceiptError, open_envelope, verify_receipt
 from vgw.cloud.mqttclient import make_client, tls_context
+from vgw.consent.verifier import MAX_GRANTS
 from vgw.errors import UplinkError
 
 __all__ = ["BrokerOptions", "CloudLink", "Listener"]
 
+UNSUPPORTED_PROTOCOL_VERSION = 0x84  # CONNACK reason code, MQTT 5.0 §3.2.2.2
 _RECEIPTS_REMEMBERED = 100_000  # receipt digests a listener keeps to report a repeat as a duplicate
+# De-duplication memory (README "Telemetry envelope", docs/fleet.md "Parts"): per device, grant and
+# epoch, the highest seq up to which every seq arrived and a bitmap of the SEQ_WINDOW seqs above it (512 bytes);
+# per stream the EPOCHS_KEPT epochs used last; per device the STREAMS_PER_DEVICE grants used last (a consent
+# document holds at most 64 grants).
+SEQ_WINDOW = 4096
+EPOCHS_KEPT = 4
+STREAMS_PER_DEVICE = MAX_GRANTS
 
 
 # ---------------------------------------------------------------- the MQTT link
@@ -72,6 +81,7 @@ class CloudLink:
         self._cond = threading.Condition()
         self._connected = False
         self._error: str | None = None
+        self._version_refused = False  # the last attempt's answer says: not this MQTT version
         self._acks: dict[int, str | None] = {}
         self._subacks: dict[int, list[str]] = {}
         self._client: mqtt.Client | None = None
@@ -94,8 +104,9 @@ class CloudLink:
     def connect(self, timeout: float = 10.0) -> CloudLink:
         """Connect (``auto``: MQTT 5, else 3.1.1 if the broker refuses 5). Raises :class:`UplinkError`."""
         ok = self._try(timeout)
-        if not ok and self.opts.protocol == "auto" and self.protocol == "5" and self._error is not None \
-                and ("protocol" in self._error.lower() or "before CONNACK" in self._error):
+        # A 3.1.1-only broker (NATS) answers MQTT 5 with CONNACK 0x84 "Unsupported Protocol Version"
+        # (MQTT 5.0 §3.2.2.2) or closes before any CONNACK; a TLS failure raises in connect and is neither.
+        if not ok and self.opts.protocol == "auto" and self.protocol == "5" and self._version_refused:
             self.protocol = "3.1.1"
             ok = self._try(timeout)
         if not ok:
@@ -105,6 +116,7 @@ class CloudLink:
     def _try(self, timeout: float) -> bool:
         self.close()
         self._error = None
+        self._version_refused = False
         client = self._make()
         self._client = client
         try:
@@ -172,6 +184,7 @@ class CloudLink:
         with self._cond:
             if rc.is_failure:
                 self._error = f"CONNACK {rc}"
+                self._version_refused = rc.value == UNSUPPORTED_PROTOCOL_VERSION
             else:
                 self._connected = True
             self._cond.notify_all()
@@ -182,6 +195,7 @@ class CloudLink:
         with self._cond:
             if not self._connected and self._error is None:
                 self._error = f"disconnected before CONNACK: {rc}"
+                self._version_refused = True
             self._connected = False
             self._cond.notify_all()
 
@@ -204,19 +218,77 @@ class CloudLink:
 
 
 @dataclass
+class _SeqWindow:
+    """Which seqs of one epoch arrived: every seq up to ``floor``, and seq ``floor + 1 + i`` if bit i of ``bits``.
+
+    Memory is bounded whatever arrives: a seq more than SEQ_WINDOW above ``floor`` slides the window up, and the
+    seqs it passes that never arrived are given up (a copy of one, or the seq itself arriving later, is then
+    taken for a duplicate: it is below ``floor``).
+    """
+
+    floor: int = 0
+    bits: int = 0
+    first: int = 0  # the lowest seq accepted (a listener started mid-stream has not lost what came before it)
+    high: int = 0
+
+    def add(self, seq: int) -> bool:
+        """Record ``seq``; False if it arrived before (or is below the window)."""
+        if seq <= self.floor:
+            return False
+        k = seq - self.floor - 1
+        if k >= SEQ_WINDOW:
+            shift = k - SEQ_WINDOW + 1
+            self.bits >>= shift
+            self.floor += shift
+            k -= shift
+        if (self.bits >> k) & 1:
+            return False
+        self.bits |= 1 << k
+        run = (~self.bits & (self.bits + 1)).bit_length() - 1  # the seqs now contiguous with floor
+        self.bits >>= run
+        self.floor += run
+        self.first = min(self.first, seq) if self.first else seq
+        self.high = max(self.high, seq)
+        return True
+
+    def missing(self) -> list[list[int]]:
+        """Seqs from ``first`` to ``high`` that did not arrive (within the window), as inclusive ranges."""
+        ranges: list[list[int]] = []
+        for n in range(max(self.first, self.floor + 1), self.high + 1):
+            if not (self.bits >> (n - self.floor - 1)) & 1:
+                if ranges and ranges[-1][1] == n - 1:
+                    ranges[-1][1] = n
+                else:
+                    ranges.append([n, n])
+        return ranges
+
+
+@dataclass
 class _Stream:
-    # (epoch, seq): de-duplication key (README "Telemetry envelope")
-    seen: set[tuple[str, int]] = field(default_factory=set)
-    high: dict[str, int] = field(default_factory=dict)  # per epoch
+    # (epoch, seq): de-duplication key (README "Telemetry envelope"); the epochs used last, newest at the end
+    windows: collections.OrderedDict[str, _SeqWindow] = field(default_factory=collections.OrderedDict)
+    batches: int = 0
     duplicates: int = 0
+    epochs: int = 0  # epochs seen (one forgotten and seen again counts again)
     epoch: str = ""  # of the newest accepted batch
+
+    def window(self, epoch: str) -> _SeqWindow:
+        win = self.windows.get(epoch)
+        if win is None:
+            win = self.windows[epoch] = _SeqWindow()
+            self.epochs += 1
+            if len(self.windows) > EPOCHS_KEPT:
+                self.windows.popitem(last=False)
+        self.windows.move_to_end(epoch)
+        return win
 
 
 class Listener:
     """Turns messages into events (dicts, one JSON line each); thread-safe.
 
     Events: ``batch`` (decrypted), ``duplicate`` (an (epoch, seq) seen before: QoS 1 re-delivery or a replay after
-    failover, dropped), ``duplicate-receipt`` (a receipt token this listener reported before, among the last
+    failover, dropped; also a seq more than SEQ_WINDOW below the highest of its epoch, which cannot be told from
+    one), ``duplicate-receipt`` (a receipt token this listener reported before, among the last
     100,000; other listeners and a restarted one do not know it, so downstream de-duplicates too), ``gap``
     (seqs skipped: ``from``..``to``; off with ``detect_gaps=False``, e.g. for one of several ``--share``
     workers that sees only part of each stream), ``receipt`` / ``bad-receipt``, ``status``, ``rejected``.
@@ -231,7 +303,7 @@ class Listener:
         self._emit = emit
         self.detect_gaps = detect_gaps
         self._lock = threading.Lock()
-        self._streams: dict[tuple[str, str], _Stream] = {}
+        self._streams: dict[str, collections.OrderedDict[str, _Stream]] = {}  # device -> grant -> stream
         self._key_of: dict[tuple[str, str], str] = {}
         self._receipts_seen: collections.OrderedDict[bytes, None] = collections.OrderedDict()
         self.counts: dict[str, int] = {}
@@ -288,10 +360,12 @@ class Listener:
         epoch: str = batch.get("epoch", "")
         events: list[dict[str, Any]] = []
         with self._lock:
-            st = self._streams.setdefault((device, grant), _Stream())
+            st = self._stream(device, grant)
             # De-duplicate on (epoch, seq) (README "Telemetry envelope"): a wiped or re-provisioned device starts a new
             # epoch at seq 1, which is new data, not a re-delivery.
-            if (epoch, seq) in st.seen:
+            win = st.window(epoch)
+            high = win.high
+            if not win.add(seq):
                 st.duplicates += 1
                 events.append({"type": "duplicate", "device": device, "grant": grant, "epoch": epoch, "seq": seq,
                                "arrived": arrived})
@@ -299,17 +373,27 @@ class Listener:
                 # A first-seen seq above high + 1 means seqs in between were lost (or are late). The first
                 # message of an epoch only counts from 1 when seq restarts there: a listener started
                 # mid-stream has not "lost" the history it never subscribed to.
-                high = st.high.get(epoch, 0)
                 if self.detect_gaps and high and seq > high + 1:
                     events.append({"type": "gap", "device": device, "grant": grant, "epoch": epoch,
                                    "from": high + 1, "to": seq - 1, "arrived": arrived})
-                st.seen.add((epoch, seq))
-                st.high[epoch] = max(high, seq)
+                st.batches += 1
                 st.epoch = epoch
                 events.append({"type": "batch", "device": device, "grant": grant, "epoch": epoch, "seq": seq,
                                "samples": batch["samples"], "arrived": arrived, "bytes": len(payload)})
         for e in events:
             self._out(e)
+
+    def _stream(self, device: str, grant: str) -> _Stream:
+        """The stream of ``device``/``grant`` (under the lock); a device's least recently used grant is forgotten
+        beyond STREAMS_PER_DEVICE."""
+        grants = self._streams.setdefault(device, collections.OrderedDict())
+        st = grants.get(grant)
+        if st is None:
+            st = grants[grant] = _Stream()
+            if len(grants) > STREAMS_PER_DEVICE:
+                grants.popitem(last=False)
+        grants.move_to_end(grant)
+        return st
 
     def _receipt(self, device: str, payload: bytes, arrived: float) -> None:
         token = payload.decode("ascii", errors="replace")
@@ -350,18 +434,9 @@ class Listener:
         missing ranges (if gap detection is on)."""
         with self._lock:
             streams = {}
-            for (d, g), st in sorted(self._streams.items()):
-                seqs = {n for e, n in st.seen if e == st.epoch}
-                lo = min(seqs) if seqs else 0
-                high = st.high.get(st.epoch, 0)
-                missing = [n for n in range(lo, high + 1) if n not in seqs]
-                ranges: list[list[int]] = []
-                for n in missing:
-                    if ranges and ranges[-1][1] == n - 1:
-                        ranges[-1][1] = n
-                    else:
-                        ranges.append([n, n])
-                streams[f"{d}/{g}"] = {"batches": len(st.seen), "duplicates": st.duplicates,
-                                       "epochs": len(st.high), "epoch": st.epoch, "first": lo, "high": high,
-                                       **({"missing": ranges} if self.detect_gaps else {})}
+            for d, g, st in sorted((d, g, st) for d, grants in self._streams.items() for g, st in grants.items()):
+                win = st.windows.get(st.epoch) or _SeqWindow()
+                streams[f"{d}/{g}"] = {"batches": st.batches, "duplicates": st.duplicates, "epochs": st.epochs,
+                                       "epoch": st.epoch, "first": win.first, "high": win.high,
+                                       **({"missing": win.missing()} if self.detect_gaps else {})}
             return {"streams": streams, "events": dict(self.counts)}

@@ -7,12 +7,18 @@ the lowest, highest and average per minute, not the trace" or "Location (positio
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from vgw.collect.expr import Abs, Arith, BoolExpr, Compare, Logic, Neg, Not, Num, NumExpr, Path, Rising
 from vgw.collect.rules import Mode, Rule
+from vgw.collect.vss import VSS_SCOPES
+
+SCOPE_PATHS: dict[str, tuple[str, ...]] = {}
+for _path, _scope in sorted(VSS_SCOPES.items()):
+    SCOPE_PATHS[_scope] = (*SCOPE_PATHS.get(_scope, ()), _path)
 
 SCOPE_LABELS = {
     "read_vehicle_info": "Vehicle make, model and year",
@@ -56,13 +62,19 @@ def path_words(path: str) -> str:
     return " ".join(re.sub(r"(?<=[a-z0-9])(?=[A-Z])", " ", w).lower() for w in words)
 
 
+def number_text(value: float) -> str:
+    """A threshold as the rule acts on it: every digit written (52.505947, not a rounded 52.5059), no ".0"."""
+    return f"{value:.15g}"
+
+
 _CMP_WORDS = {">": "is above", "<": "is below", ">=": "is at least", "<=": "is at most", "==": "is", "!=": "is not"}
 
 
 def condition_words(node: BoolExpr | NumExpr) -> str:
     """A condition read aloud: ``rising(Vehicle.Speed < 5)`` -> "the moment speed falls below 5"."""
     if isinstance(node, Num):
-        return f"{node.value:g}"
+        # A constant with no value (folded from a division by zero) makes any comparison with it false.
+        return "no value" if math.isnan(node.value) else number_text(node.value)
     if isinstance(node, Path):
         return path_words(node.path)
     if isinstance(node, Neg):
@@ -128,16 +140,18 @@ def describe_grant(scopes: Sequence[str], rules: Sequence[Rule],
     for scope in scopes:
         label = SCOPE_LABELS.get(scope, scope)
         rule = by_scope.get(scope)
-        how = rule_words(rule) if rule is not None else "every reading"
         lim = limit_words(limits.get(scope, {}))
-        out.append(f"{label}: {how}" + (f" ({lim})" if lim else ""))
-        for r in rules:
-            if r.path is not None and _scope_of(r.path) == scope:
-                out.append(f"{label}, {path_words(r.path)}: {rule_words(r)}")
+        suffix = f" ({lim})" if lim else ""
+        path_rules = [r for r in rules if r.path is not None and VSS_SCOPES.get(r.path) == scope]
+        # A path rule overrides the scope's rule for its path (README "Collection rules"): the scope's line speaks
+        # only of the other paths, and goes when the path rules decide every path the scope has.
+        others = set(SCOPE_PATHS.get(scope, ())) - {r.path for r in path_rules}
+        if not path_rules:
+            out.append(f"{label}: {rule_words(rule) if rule is not None else 'every reading'}{suffix}")
+        elif others:
+            how = rule_words(rule) if rule is not None else "every reading"
+            out.append(f"{label}, other readings: {how}{suffix}")
+        for r in path_rules:
+            assert r.path is not None
+            out.append(f"{label}, {path_words(r.path)}: {rule_words(r)}{suffix}")
     return out
-
-
-def _scope_of(path: str) -> str | None:
-    from vgw.collect.vss import VSS_SCOPES
-
-    return VSS_SCOPES.get(path)

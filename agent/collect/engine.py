@@ -10,6 +10,14 @@ replayed at any rate gives the same result as the drive it recorded.
 The engine's clock is the latest ``t`` it was fed, by any path of the grant: a periodic or aggregate window
 closes as soon as any sample of the grant passes its end, not only a sample of the same path.
 
+A trigger's condition is evaluated when one of its paths takes a new value (the same value again changes
+nothing a condition could see), at most :data:`~vgw.collect.limits.RATE_HZ` times per second of frame time on
+average: a change that comes while its rule is over that rate is judged at the first sample of the grant after
+the rule may evaluate again, with the values of that moment. Its pre-trigger history holds at most the samples
+the verifier counted for it (:func:`vgw.collect.budget.rule_held`); beyond that the oldest go first
+(``held_dropped``). So the work and memory of every engine stay within what the verifier budgeted
+(docs/guarantees.md "Budgets"), whatever the bus sends; ``evaluations`` and ``work`` count what was spent.
+
 A path with no rule (neither its own nor its scope's) passes unchanged. The engine only ever sees the
 grant's own samples (the router feeds it nothing else), so a condition can read no value outside the grant,
 and nothing it returns is a path the grant was not fed.
@@ -22,15 +30,17 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from vgw.collect.budget import rule_held
 from vgw.collect.expr import Evaluator
+from vgw.collect.limits import BURST_S, EVAL_COST, RATE_HZ
 from vgw.collect.rules import Mode, Rule
 
 Out = tuple[str, float, Any]  # (path, t, value)
 
-MAX_HISTORY = 20_000  # samples held per trigger rule for its pre-trigger history (60 s of a 300 Hz signal)
+_BURST = BURST_S * RATE_HZ  # evaluations a rule may spend at once
 
 
 def is_number(value: Any) -> bool:
@@ -61,11 +71,22 @@ class _Window:
 class _Trigger:
     rule: Rule
     evaluator: Evaluator
+    cost: int  # nodes one evaluation costs (vgw.collect.budget)
+    history: deque[tuple[float, str, Any]]  # bounded by the rule's share of the memory budget
     was_true: bool = False
     start: float = -math.inf  # the open window [start, end]; end < start: none open
     end: float = -math.inf
     quiet_until: float = -math.inf  # no new trigger before this (min_interval_s after a window ends)
-    history: deque[tuple[float, str, Any]] = field(default_factory=deque)
+    # A token bucket: evaluations the rule may spend, refilled at RATE_HZ up to _BURST when it runs out (the first
+    # refill, at the first evaluation, fills it).
+    tokens: float = 0.0
+    refill_t: float = -math.inf  # the engine clock of the last refill
+    pending: bool = False  # a change waits for a token
+
+    @staticmethod
+    def of(rule: Rule) -> _Trigger:
+        assert rule.when is not None
+        return _Trigger(rule, Evaluator(rule.when), EVAL_COST + rule.when.cost, deque(maxlen=rule_held(rule)))
 
 
 class RuleEngine:
@@ -75,8 +96,7 @@ class RuleEngine:
         self.rules = tuple(rules)
         self._by_path = {r.path: r for r in self.rules if r.path is not None}
         self._by_scope = {r.scope: r for r in self.rules if r.scope is not None}
-        self._triggers = {id(r): _Trigger(r, Evaluator(r.when)) for r in self.rules
-                          if r.mode is Mode.TRIGGER and r.when is not None}
+        self._triggers = {id(r): _Trigger.of(r) for r in self.rules if r.mode is Mode.TRIGGER and r.when is not None}
         self._watched: dict[str, list[_Trigger]] = {}
         for trig in self._triggers.values():
             assert trig.rule.when is not None
@@ -88,7 +108,12 @@ class RuleEngine:
         self._sent: dict[str, _Sent] = {}  # on_change: last value sent per path
         self._windows: dict[str, tuple[Rule, _Window]] = {}  # periodic/aggregate: the open window per path
         self._next_close = math.inf  # the earliest end of an open window
+        self._pending: list[_Trigger] = []  # triggers with a change waiting for a token
+        self._pending_due = math.inf  # the earliest clock at which one of them has a token again
         self.clock = -math.inf
+        self.evaluations = 0  # conditions evaluated
+        self.work = 0  # nodes they cost (vgw.collect.budget)
+        self.held_dropped = 0  # history samples dropped for the rule's share of the memory budget
 
     # -- public -------------------------------------------------------------------------------------
 
@@ -99,6 +124,8 @@ class RuleEngine:
             self.clock = t
             if t >= self._next_close:
                 self._close(out, t)
+            if t >= self._pending_due:
+                self._run_pending(t, out)
         watchers = self._watched.get(path)
         if watchers is not None:
             self._watch(path, t, value, watchers, out)
@@ -133,13 +160,26 @@ class RuleEngine:
         self._next_close = math.inf
         for trig in self._triggers.values():
             trig.history.clear()
-            trig.evaluator = Evaluator(trig.evaluator.condition)
-            trig.was_true = False
+            trig.evaluator.reset()
+            trig.was_true = trig.pending = False
             trig.start = trig.end = trig.quiet_until = -math.inf
+        self._pending.clear()
+        self._pending_due = math.inf
 
     def scope_of(self, path: str) -> str:
         """The scope ``path`` was fed under (every path the engine returns was fed to it)."""
         return self._scopes[path]
+
+    def window_index(self, path: str, t: float) -> int | None:
+        """The index of the periodic or aggregate window a sample at ``t`` of ``path`` belongs to (an aggregate's
+        ``t`` is its window's end); None when another mode, or none, decides the path."""
+        scope = self._scopes.get(path)
+        rule = self._by_path.get(path) or (self._by_scope.get(scope) if scope is not None else None)
+        if rule is None or rule.mode is Mode.ON_CHANGE or rule.mode is Mode.TRIGGER:
+            return None
+        if rule.mode is Mode.PERIODIC:
+            return math.floor(t / rule.period_s)
+        return math.ceil(t / rule.window_s - 1e-9) - 1
 
     def held(self) -> int:
         """How many samples the engine holds in memory (trigger histories and open windows)."""
@@ -204,25 +244,65 @@ class RuleEngine:
 
     def _watch(self, path: str, t: float, value: Any, watchers: list[_Trigger], out: list[Out]) -> None:
         if is_number(value):
-            self._values[path] = float(value)
+            new: float | None = float(value)
         elif isinstance(value, bool):
-            self._values[path] = 1.0 if value else 0.0
+            new = 1.0 if value else 0.0
         else:
-            self._values.pop(path, None)  # a text value is no value for a comparison
+            new = None  # a text value is no value for a comparison
+        values = self._values
+        if values.get(path) == new:
+            return  # the same value again: no condition can see a difference, none is evaluated
+        if new is None:
+            del values[path]
+        else:
+            values[path] = new
         for trig in watchers:
-            now_true = trig.evaluator(self._values)
-            rose = now_true and not trig.was_true
-            trig.was_true = now_true
-            # A trigger fires when the condition becomes true, outside an open window and its quiet time.
-            if not rose or trig.start <= t <= trig.end or t < trig.quiet_until:
+            if trig.tokens < 1.0 and not self._refill(trig):
                 continue
-            rule = trig.rule
-            trig.start, trig.end = t - rule.pre_s, t + rule.post_s
-            trig.quiet_until = trig.end + rule.min_interval_s
-            for ht, hp, hv in trig.history:
-                if ht >= trig.start:
-                    out.append((hp, ht, hv))
-            trig.history.clear()  # released or too old: memory-only history never outlives its use
+            trig.tokens -= 1.0
+            self._evaluate(trig, t, out)
+
+    def _refill(self, trig: _Trigger) -> bool:
+        """Add the tokens earned since the last refill; False (and the trigger waits) if still none."""
+        clock = self.clock
+        trig.tokens = min(_BURST, trig.tokens + (clock - trig.refill_t) * RATE_HZ)
+        trig.refill_t = clock
+        if trig.tokens >= 1.0:
+            return True
+        if not trig.pending:
+            trig.pending = True
+            self._pending.append(trig)
+            self._pending_due = min(self._pending_due, clock + (1.0 - trig.tokens) / RATE_HZ)
+        return False
+
+    def _run_pending(self, t: float, out: list[Out]) -> None:
+        """Judge the changes that waited for their rule's rate, now that the clock has reached a token."""
+        waiting, self._pending, self._pending_due = self._pending, [], math.inf
+        for trig in waiting:
+            if not trig.pending:
+                continue  # judged meanwhile, by a change that found a token
+            trig.pending = False
+            if self._refill(trig):
+                trig.tokens -= 1.0
+                self._evaluate(trig, t, out)
+
+    def _evaluate(self, trig: _Trigger, t: float, out: list[Out]) -> None:
+        trig.pending = False
+        self.evaluations += 1
+        self.work += trig.cost
+        now_true = trig.evaluator(self._values)
+        rose = now_true and not trig.was_true
+        trig.was_true = now_true
+        # A trigger fires when the condition becomes true, outside an open window and its quiet time.
+        if not rose or trig.start <= t <= trig.end or t < trig.quiet_until:
+            return
+        rule = trig.rule
+        trig.start, trig.end = t - rule.pre_s, t + rule.post_s
+        trig.quiet_until = trig.end + rule.min_interval_s
+        for ht, hp, hv in trig.history:
+            if ht >= trig.start:
+                out.append((hp, ht, hv))
+        trig.history.clear()  # released or too old: memory-only history never outlives its use
 
     def _trigger(self, trig: _Trigger, path: str, t: float, value: Any, out: list[Out]) -> None:
         if trig.start <= t <= trig.end:
@@ -231,7 +311,9 @@ class RuleEngine:
         # Even with pre_s = 0 the samples of this very instant are held: a frame read just before the one
         # that fires the trigger lies inside its window [t - 0, t + post_s].
         history = trig.history
-        history.append((t, path, value))
         horizon = t - trig.rule.pre_s
-        while history and (history[0][0] < horizon or len(history) > MAX_HISTORY):
+        while history and history[0][0] < horizon:
             history.popleft()
+        if len(history) == history.maxlen:
+            self.held_dropped += 1  # over the rule's share of the memory budget: the oldest goes
+        history.append((t, path, value))

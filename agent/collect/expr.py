@@ -27,20 +27,30 @@ arithmetic with no value, or a division by zero, has no value; a comparison with
 (README "Collection rules"). ``rising(c)`` is true at an evaluation where ``c`` is true and was false at the previous
 one; before the first evaluation ``c`` counts as false (its paths had no value), so a condition already true
 at its first evaluation rises there.
+
+Inside, "no value" is NaN: a path without a value reads as NaN, an arithmetic that divides by zero or leaves
+the finite floats gives NaN, and a comparison with NaN is false (``!=`` included), so the rules above hold.
+
+Cost (docs/guarantees.md "Budgets"): the parser folds every constant subtree into one number, with the
+same float operations in the same order as evaluation would (``Vehicle.Speed > 1+1+1`` is ``Vehicle.Speed >
+3``: padding costs nothing), and :attr:`Condition.cost` counts the nodes left, which is what one evaluation
+costs. :class:`Evaluator` compiles the folded tree once into one Python function of flat statements, one per
+node; the source holds only operators and names we generate (numbers and paths are bound as constants, never
+written into the text), so nothing of the document is ever executed as code.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
+from vgw.collect.limits import MAX_CHARS, MAX_DEPTH
 from vgw.errors import VgwError
-
-MAX_CHARS = 256
-MAX_DEPTH = 16
 
 # A VSS path (COVESA VSS: dot-separated branch and leaf names under the root "Vehicle").
 PATH_RE = re.compile(r"Vehicle(?:\.[A-Za-z][A-Za-z0-9_]*)+")
@@ -121,12 +131,14 @@ _NUM_TYPES = (Num, Path, Neg, Abs, Arith)
 
 @dataclass(frozen=True, slots=True)
 class Condition:
-    """A parsed condition: its text, its tree, the paths it reads and how many ``rising`` it holds."""
+    """A parsed condition: its text, its folded tree, the paths it reads, how many ``rising`` it holds, and
+    ``cost``, the nodes of the folded tree (what one evaluation costs, besides its fixed cost)."""
 
     text: str
     root: BoolExpr
     paths: frozenset[str]
     risings: int
+    cost: int
 
 
 # ---------------------------------------------------------------- parsing
@@ -140,8 +152,9 @@ def parse_condition(text: str) -> Condition:
     if len(text) > MAX_CHARS:
         raise ConditionError(f"condition is {len(text)} characters, more than {MAX_CHARS}")
     parser = _Parser(text)
-    root = parser.parse()
-    return Condition(text=text, root=root, paths=frozenset(parser.paths), risings=parser.risings)
+    root = _fold_bool(parser.parse())
+    return Condition(text=text, root=root, paths=frozenset(parser.paths), risings=parser.risings,
+                     cost=_count(root))
 
 
 class _Parser:
@@ -301,64 +314,145 @@ def _tokenise(text: str) -> list[tuple[str, str]]:
     return tokens
 
 
+# ---------------------------------------------------------------- constant folding
+
+NAN = math.nan
+_ARITH: dict[str, Callable[[float, float], float]] = {"+": operator.add, "-": operator.sub, "*": operator.mul}
+
+
+def _arith(op: str, left: float, right: float) -> float:
+    """One arithmetic step as evaluation does it: NaN for no value, a division by zero or a non-finite result."""
+    if op == "/":
+        result = left / right if right else NAN
+    else:
+        result = _ARITH[op](left, right)
+    return result if math.isfinite(result) else NAN
+
+
+def _fold_num(node: NumExpr) -> NumExpr:
+    if isinstance(node, Num | Path):
+        return node
+    if isinstance(node, Neg | Abs):
+        inner = _fold_num(node.operand)
+        if isinstance(inner, Num):
+            return Num(-inner.value if isinstance(node, Neg) else abs(inner.value))
+        return type(node)(inner)
+    left, right = _fold_num(node.left), _fold_num(node.right)
+    if isinstance(left, Num) and isinstance(right, Num):
+        return Num(_arith(node.op, left.value, right.value))
+    return Arith(node.op, left, right)
+
+
+def _fold_bool(node: BoolExpr) -> BoolExpr:
+    if isinstance(node, Compare):
+        return Compare(node.op, _fold_num(node.left), _fold_num(node.right))
+    if isinstance(node, Logic):
+        return Logic(node.op, _fold_bool(node.left), _fold_bool(node.right))
+    if isinstance(node, Not):
+        return Not(_fold_bool(node.operand))
+    return Rising(_fold_bool(node.operand), node.index)
+
+
+def _count(node: NumExpr | BoolExpr) -> int:
+    if isinstance(node, Num | Path):
+        return 1
+    if isinstance(node, Neg | Abs | Not | Rising):
+        return 1 + _count(node.operand)
+    return 1 + _count(node.left) + _count(node.right)
+
+
 # ---------------------------------------------------------------- evaluation
 
-_ARITH: dict[str, Callable[[float, float], float]] = {"+": operator.add, "-": operator.sub, "*": operator.mul}
-_CMP: dict[str, Callable[[float, float], bool]] = {
-    "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "==": operator.eq, "!=": operator.ne,
-}
+_CMP_CODE = {"<": "{a} < {b}", "<=": "{a} <= {b}", ">": "{a} > {b}", ">=": "{a} >= {b}", "==": "{a} == {b}",
+             "!=": "{a} < {b} or {a} > {b}"}  # NaN: every comparison false, != included
+
+
+@functools.lru_cache(maxsize=256)
+def _compile(condition: Condition) -> Callable[[Mapping[str, float], list[bool]], bool]:
+    """One function ``f(values, previous) -> bool`` of flat statements, one per node of the folded tree: no
+    nesting, whatever the tree's depth (the compiler's own limits never come into play). Stateless (the
+    ``rising`` memory is passed in), so grants with the same condition share one (a consent change compiles
+    each distinct condition once)."""
+    env: dict[str, Any] = {"NAN": NAN}
+    paths: dict[str, str] = {}
+    lines: list[str] = []
+
+    def name() -> str:
+        return f"v{len(lines)}"
+
+    def num(node: NumExpr) -> str:
+        if isinstance(node, Num):
+            const = f"C{len(env)}"
+            env[const] = node.value
+            return const
+        if isinstance(node, Path):
+            if node.path not in paths:
+                paths[node.path] = f"p{len(paths)}"
+                env[f"P{len(paths) - 1}"] = node.path
+            return paths[node.path]
+        if isinstance(node, Neg):
+            x, out = num(node.operand), name()
+            lines.append(f"{out} = -{x}")
+            return out
+        if isinstance(node, Abs):
+            x, out = num(node.operand), name()
+            lines.append(f"{out} = {x} if {x} >= 0 else -{x}")
+            return out
+        a, b = num(node.left), num(node.right)
+        out = name()
+        if node.op == "/":
+            lines.append(f"{out} = {a} / {b} if {b} else NAN")
+        else:
+            lines.append(f"{out} = {a} {node.op} {b}")
+        lines.append(f"if {out} - {out}: {out} = NAN")  # inf - inf and NaN - NaN are NaN (true): no value
+        return out
+
+    def boolean(node: BoolExpr) -> str:
+        if isinstance(node, Compare):
+            a, b = num(node.left), num(node.right)
+            out = name()
+            lines.append(f"{out} = " + _CMP_CODE[node.op].format(a=a, b=b))
+            return out
+        if isinstance(node, Logic):
+            # Both sides are computed before either is used: every rising() inside sees every evaluation.
+            a, b = boolean(node.left), boolean(node.right)
+            out = name()
+            lines.append(f"{out} = {a} {node.op} {b}")
+            return out
+        if isinstance(node, Not):
+            x, out = boolean(node.operand), name()
+            lines.append(f"{out} = not {x}")
+            return out
+        x, out = boolean(node.operand), name()
+        lines.append(f"{out} = {x} and not previous[{node.index}]")
+        lines.append(f"previous[{node.index}] = {x}")
+        return out
+
+    result = boolean(condition.root)
+    head = [f"    {var} = get(P{i}, NAN)" for i, var in enumerate(paths.values())]
+    source = "\n".join(["def condition(values, previous):", "    get = values.get", *head,
+                        *(f"    {line}" for line in lines), f"    return {result}", ""])
+    exec(compile(source, "<vgw condition>", "exec"), env)  # noqa: S102 - generated by us; no text of the document
+    return env["condition"]  # type: ignore[no-any-return]
 
 
 class Evaluator:
     """Evaluates one condition against the latest value of each path; holds each ``rising``'s memory.
 
-    Owned by one rule engine (one grant); not thread-safe by itself.
+    The condition is compiled once, here. Owned by one rule engine (one grant); not thread-safe by itself.
     """
 
-    __slots__ = ("_previous", "condition")
+    __slots__ = ("_function", "_previous", "condition")
 
     def __init__(self, condition: Condition) -> None:
         self.condition = condition
+        self._function = _compile(condition)
         self._previous = [False] * condition.risings
 
     def __call__(self, values: Mapping[str, float]) -> bool:
-        return self._bool(self.condition.root, values)
+        """The condition now; a path missing from ``values`` has no value."""
+        return self._function(values, self._previous)
 
-    def _bool(self, node: BoolExpr, values: Mapping[str, float]) -> bool:
-        if isinstance(node, Compare):
-            left, right = self._num(node.left, values), self._num(node.right, values)
-            if left is None or right is None:
-                return False  # README "Collection rules": a comparison with a path that has no value yet is false
-            return _CMP[node.op](left, right)
-        if isinstance(node, Logic):
-            # Both sides always run, so every rising() inside sees every evaluation (no short-circuit skips).
-            left_b, right_b = self._bool(node.left, values), self._bool(node.right, values)
-            return (left_b and right_b) if node.op == "and" else (left_b or right_b)
-        if isinstance(node, Not):
-            return not self._bool(node.operand, values)
-        now = self._bool(node.operand, values)
-        rose = now and not self._previous[node.index]
-        self._previous[node.index] = now
-        return rose
-
-    def _num(self, node: NumExpr, values: Mapping[str, float]) -> float | None:
-        if isinstance(node, Num):
-            return node.value
-        if isinstance(node, Path):
-            return values.get(node.path)
-        if isinstance(node, Neg):
-            v = self._num(node.operand, values)
-            return None if v is None else -v
-        if isinstance(node, Abs):
-            v = self._num(node.operand, values)
-            return None if v is None else abs(v)
-        left, right = self._num(node.left, values), self._num(node.right, values)
-        if left is None or right is None:
-            return None
-        if node.op == "/":
-            if right == 0:
-                return None
-            result = left / right
-        else:
-            result = _ARITH[node.op](left, right)
-        return result if math.isfinite(result) else None
+    def reset(self) -> None:
+        """Forget every ``rising``'s memory (as before the first evaluation)."""
+        self._previous = [False] * self.condition.risings

@@ -19,13 +19,10 @@ from enum import StrEnum
 from typing import Any
 
 from vgw.collect.expr import PATH_RE, Condition, ConditionError, parse_condition
+from vgw.collect.limits import MAX_DEADBAND, MAX_DURATION_S, MAX_PRE_S, MAX_RULES
 from vgw.collect.vss import VSS_SCOPES
 from vgw.errors import VgwError
 
-MAX_RULES = 64  # at most one per scope (15) and per path; a bound on the work a document can ask for
-MAX_PRE_S = 60.0  # README "Collection rules": the pre-trigger history is memory-only and at most 60 s
-MAX_DURATION_S = 86_400.0  # heartbeat, period, window, post-trigger window and pause: at most a day
-MAX_DEADBAND = 1e9
 DEFAULT_HEARTBEAT_S = 60.0
 
 
@@ -46,6 +43,8 @@ class RuleReason(StrEnum):
     TARGET = "collect-target"  # scope/path missing, both given, or outside the grant
     DUPLICATE = "collect-duplicate"  # two rules for one scope or path
     CONDITION = "collect-condition"  # condition does not parse, too long, too deep, or reads outside the grant
+    CPU = "collect-cpu"  # the document's conditions would evaluate more nodes per second than the agent's budget
+    MEMORY = "collect-memory"  # its pre-trigger histories could hold more samples than the agent's budget
 
 
 class RuleError(VgwError):
@@ -102,8 +101,11 @@ class Rule:
         return out
 
 
-def parse_rules(raw: Any, scopes: Collection[str]) -> tuple[Rule, ...]:
-    """Validate a grant's ``collect`` list against the grant's ``scopes``. Raises :class:`RuleError`."""
+def parse_rules(raw: Any, scopes: Collection[str], limited: Collection[str] = ()) -> tuple[Rule, ...]:
+    """Validate a grant's ``collect`` list against the grant's ``scopes``. Raises :class:`RuleError`.
+
+    ``limited``: the scopes the grant limits (its ``limits`` or the privacy defaults); no condition may read one.
+    """
     if raw is None:
         return ()
     if not isinstance(raw, list):
@@ -114,7 +116,7 @@ def parse_rules(raw: Any, scopes: Collection[str]) -> tuple[Rule, ...]:
     rules: list[Rule] = []
     seen: set[tuple[str, str]] = set()
     for i, item in enumerate(raw):
-        rule = _rule(item, i, scopes)
+        rule = _rule(item, i, scopes, limited)
         # One rule per scope and per path: two would leave it open which one the agent enforces.
         key = ("path", rule.path) if rule.path is not None else ("scope", str(rule.scope))
         if key in seen:
@@ -124,7 +126,7 @@ def parse_rules(raw: Any, scopes: Collection[str]) -> tuple[Rule, ...]:
     return tuple(rules)
 
 
-def _rule(item: Any, i: int, scopes: Collection[str]) -> Rule:
+def _rule(item: Any, i: int, scopes: Collection[str], limited: Collection[str]) -> Rule:
     where = f"collect rule #{i}"
     if not isinstance(item, dict):
         raise RuleError(RuleReason.SHAPE, f"{where} is not an object")
@@ -149,7 +151,7 @@ def _rule(item: Any, i: int, scopes: Collection[str]) -> Rule:
     if mode is Mode.AGGREGATE:
         return Rule(mode, scope, path, window_s=_number(item, "window_s", where, default=None, low=0.0,
                                                         high=MAX_DURATION_S, low_open=True))
-    return Rule(mode, scope, path, when=_condition(item.get("when"), where, scopes),
+    return Rule(mode, scope, path, when=_condition(item.get("when"), where, scopes, limited),
                 # The pre-trigger history is memory: its bound is the memory bound (README "Collection rules").
                 pre_s=_number(item, "pre_s", where, default=0.0, low=0.0, high=MAX_PRE_S),
                 post_s=_number(item, "post_s", where, default=0.0, low=0.0, high=MAX_DURATION_S),
@@ -180,7 +182,7 @@ def _check_path(path: Any, where: str, scopes: Collection[str], reason: RuleReas
         raise RuleError(reason, f"{where} {path!r} belongs to scope {owner!r}, which this grant does not hold")
 
 
-def _condition(text: Any, where: str, scopes: Collection[str]) -> Condition:
+def _condition(text: Any, where: str, scopes: Collection[str], limited: Collection[str]) -> Condition:
     if text is None:
         raise RuleError(RuleReason.PARAM, f"{where}: mode 'trigger' needs 'when'")
     try:
@@ -190,6 +192,14 @@ def _condition(text: Any, where: str, scopes: Collection[str]) -> Condition:
     # Nothing outside a grant's consent is evaluated for it: every path must be one of its scopes.
     for path in sorted(condition.paths):
         _check_path(path, f"{where}: condition path", scopes, RuleReason.CONDITION)
+        # A condition is evaluated on every decoded value, at full resolution and frame rate: the moment it
+        # turns true would tell the app a position finer than precision_m, or a timing finer than max_hz (the
+        # first released sample comes milliseconds after the car crosses the threshold). Fail closed.
+        owner = VSS_SCOPES[path]
+        if owner in limited:
+            raise RuleError(RuleReason.CONDITION,
+                            f"{where}: condition path {path!r} belongs to scope {owner!r}, which this grant limits "
+                            "(max_hz, precision_m or the privacy defaults): a condition would read it unlimited")
     return condition
 
 

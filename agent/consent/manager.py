@@ -185,7 +185,8 @@ class ConsentManager:
         self._withhold(self._held_stops())
         # Rows stamped with other terms than those in force (stored by an earlier version, or a crash between
         # a narrowing and the cache write) are judged now, before the uplink can publish anything.
-        for withdrawal in self.outbox.apply_terms(_terms(grants, previous=())):
+        for withdrawal in self.outbox.apply_terms(_terms(grants, previous=()),
+                                                  ver=self.in_force.ver if self.in_force else None):
             self._withdrawn(withdrawal, ver=self.in_force.ver if self.in_force else 0)
         orphans = self.outbox.orphan_grants(active) | (self._unlisted - active)
         for gid in sorted(orphans):
@@ -402,7 +403,7 @@ class ConsentManager:
                 in_force = self.in_force
                 previous = in_force.grants if in_force is not None and in_force.digest == p.previous_digest else ()
             p.narrowed = [_withdrawal_record(w) for w in self.outbox.apply_terms(
-                _terms(consent.grants, previous=previous))]
+                _terms(consent.grants, previous=previous), ver=consent.ver)]
             if p.narrowed:  # what was withdrawn must still be receipted after a restart
                 self._journal(p)
         # b. Wipe what was revoked (key first, then rows) before anything else can fail.
@@ -412,7 +413,7 @@ class ConsentManager:
                 p.wiped[gid] = (e.batches_deleted, e.key_destroyed)
                 self._journal(p)
         if p.regrant and not p.regranted:  # erasure deactivated them; this version grants them anew
-            self.outbox.apply_terms(_terms(consent.grants, previous=consent.grants))
+            self.outbox.apply_terms(_terms(consent.grants, previous=consent.grants), ver=consent.ver)
             p.regranted = True
         # c. Cache the document (atomic), raise the clock floor to its iat and store its version.
         if not p.cached:
@@ -518,6 +519,11 @@ class ConsentManager:
         return [self._erase(gid, reason="expired", ver=self.in_force.ver) for gid in sorted(ids)]
 
     # -- erasure ------------------------------------------------------------------------------------
+
+    def erase(self, grant_id: str, *, reason: str, ver: int | None = None) -> Erasure:
+        """Erase a grant for ``reason`` (e.g. ``uninstall``) exactly as a revocation does: the outbox's one erasure
+        routine, the audit entries, and the signed receipt built from what it found (or a pending erasure)."""
+        return self._erase(grant_id, reason=reason, ver=ver)
 
     def _erase(self, grant_id: str, *, reason: str, ver: int | None = None, done: Erasure | None = None) -> Erasure:
         if ver is None:

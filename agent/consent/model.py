@@ -25,6 +25,17 @@ class Limits:
     precision_m: float | None = None
 
 
+def limited_scopes(scopes: tuple[str, ...], limits: dict[str, Limits]) -> frozenset[str]:
+    """The scopes of a grant whose samples the device limits (``limits`` or the privacy defaults)."""
+    out = set()
+    for s in scopes:
+        own = limits.get(s, Limits())
+        default_hz, default_precision = DEFAULT_LIMITS.get(s, (None, None))
+        if own.max_hz or own.precision_m or default_hz or default_precision:
+            out.add(s)
+    return frozenset(out)
+
+
 @dataclass(frozen=True, slots=True)
 class Recipient:
     kem: str

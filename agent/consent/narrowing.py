@@ -31,8 +31,7 @@ from vgw.consent.model import Grant
 
 # Fields compared one by one below; any other field that differs is a change this module cannot judge.
 _KNOWN_FIELDS = frozenset({"id", "scopes", "limits", "recipient", "retention_s"})
-# Compared per scope by narrowing(); terms_digest() still counts it among the other fields, so the stamps of
-# stored rows stay what earlier versions wrote.
+# Compared per scope by narrowing(); terms_digest() counts the rules as the document states them.
 _RULES_FIELD = "collect"
 
 
@@ -64,13 +63,19 @@ def terms_digest(grant: Grant) -> str:
     Each outbox row carries the digest of the terms its samples were collected under; a row is published
     only while its digest is the one in force (a publish-time check, see :meth:`vgw.outbox.Outbox.pending`).
     """
+    other = {f.name: repr(getattr(grant, f.name)) for f in dataclasses.fields(grant)
+             if f.name not in _KNOWN_FIELDS | {_RULES_FIELD}}
+    # The rules as the document states them (defaults filled in), in a fixed order: not the parsed form, whose
+    # repr prints a condition's path set in hash order (another digest in every process) and its whole tree
+    # (milliseconds per batch). A grant without rules keeps the digest earlier versions stamped its rows with.
+    other[_RULES_FIELD] = json.dumps(sorted(json.dumps(r.to_json(), sort_keys=True) for r in grant.collect)) \
+        if grant.collect else repr(())
     terms = {
         "scopes": sorted(grant.scopes),
         "limits": {s: [grant.limits_for(s).max_hz, grant.limits_for(s).precision_m] for s in sorted(grant.scopes)},
         "recipient": [grant.recipient.kem, grant.recipient.pk.hex()],
         "retention_s": grant.retention_s,
-        "other": {f.name: repr(getattr(grant, f.name)) for f in dataclasses.fields(grant)
-                  if f.name not in _KNOWN_FIELDS},
+        "other": other,
     }
     return hashlib.sha256(json.dumps(terms, sort_keys=True).encode()).hexdigest()[:32]
 

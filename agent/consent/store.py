@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vgw.errors import StorageError
-from vgw.fsutil import MAX_STATE_BYTES, ReservedRecord, atomic_write, read_small_file
+from vgw.fsutil import MAX_STATE_BYTES, ReservedRecord, atomic_write, read_state_file
 from vgw.timefmt import valid_time
 
 CONSENT_FILE = "consent.jws"
@@ -202,5 +202,5 @@ class ConsentStore:
 
 
 def _read_state(path: Path, what: str) -> bytes:
-    """A state file: regular, capped, and never through a symlink (docs/guarantees.md)."""
-    return read_small_file(path, what=what, max_bytes=MAX_STATE_BYTES, follow_symlinks=False)
+    """A state file: regular, ours, capped, and never through a symlink (docs/guarantees.md)."""
+    return read_state_file(path, what=what, max_bytes=MAX_STATE_BYTES)

@@ -16,8 +16,9 @@ from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from vgw.collect.budget import Tally
 from vgw.collect.rules import RuleError, parse_rules
-from vgw.consent.model import KEM_PK_LENGTH, Consent, Grant, Limits, Recipient
+from vgw.consent.model import KEM_PK_LENGTH, Consent, Grant, Limits, Recipient, limited_scopes
 from vgw.errors import (
     AlgorithmError,
     BadClaimError,
@@ -233,6 +234,7 @@ def _grants(raw: Any, ver: int) -> tuple[Grant, ...]:
         raise TooLargeError(f"consent v{ver} rejected: more than {MAX_GRANTS} grants", ver)
     grants: list[Grant] = []
     seen: set[str] = set()
+    usage = Tally()
     for i, g in enumerate(raw):
         if not isinstance(g, dict):
             raise BadClaimError(f"consent v{ver} rejected: grant #{i} is not an object", ver)
@@ -260,7 +262,10 @@ def _grants(raw: Any, ver: int) -> tuple[Grant, ...]:
         recipient = _recipient(g.get("recipient"), ver, gid)
         # Collection rules (README "Collection rules"): one bad rule rejects the whole document, like any other rule.
         try:
-            collect = parse_rules(g.get("collect"), scopes)
+            collect = parse_rules(g.get("collect"), scopes, limited_scopes(scopes, limits))
+            # Budgets per agent (docs/guarantees.md "Budgets"): a document within every size limit must still
+            # not take a core or the memory; counted grant by grant, so the rest is not even read.
+            usage.add(collect)
         except RuleError as exc:
             raise BadRuleError(f"consent v{ver} rejected: grant {gid!r} {exc}", exc.reason, version=ver) from None
         grants.append(Grant(id=gid, controller=controller, purpose=purpose, scopes=scopes, recipient=recipient,

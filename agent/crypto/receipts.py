@@ -36,6 +36,12 @@ class ReceiptSigner:
             raise ConfigError(f"{path}: the device key must be an EC P-256 key (receipts are ES256)")
         return cls(device, key)
 
+    def use_key(self, key: ec.EllipticCurvePrivateKey) -> None:
+        """Sign with ``key`` from now on (the certificate was renewed with a new key, README "Enrollment")."""
+        if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
+            raise ValueError("receipts need a P-256 key")
+        self._key = key  # one assignment: a receipt is signed with the old key or the new, never a mix
+
     def sign(self, typ: str, **claims: Any) -> str:
         body = {"typ": typ, "sub": self.device, "iat": int(time.time()), **claims}
         return jwt.encode(body, self._key, algorithm="ES256", headers={"typ": RECEIPT_TYP})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from vgw.catalogue import Catalogue
@@ -39,6 +40,10 @@ class PipelineGuard:
         self.batch = batch
         self.source: Any = None
         self._recipients: dict[str, Any] = {}
+        # What store_rule_counts last stored, per grant: (the batch it counted, {scope: (decoded, kept)}).
+        # Guarded by its own lock, never the agent lock: the main loop must not wait for a stalled collector.
+        self._rule_counted: dict[str, tuple[GrantBatch | None, dict[str, tuple[int, int]]]] = {}
+        self._rule_counted_lock = threading.Lock()
         # Which scope each path belongs to: counted per batch for the privacy report (counts, never values).
         self._scope_of: dict[str, str] = catalogue.scope_of_path() if catalogue else {}
         if obd:
@@ -91,7 +96,9 @@ class PipelineGuard:
             for path, (times, _values) in cols.items():
                 scope = self._scope_of.get(path, "")
                 per_scope[scope] = per_scope.get(scope, 0) + len(times)
-            self.writer.submit(SealJob(grant, recipient, cols, n, first_t, per_scope, terms_digest(grant)))
+            self.writer.submit(SealJob(grant, recipient, cols, n, first_t, per_scope, terms_digest(grant),
+                                       {p: (t, iv, self._scope_of.get(p, "")) for p, (t, iv) in batch.marks().items()}
+                                       or None))
 
     def flush_due(self) -> None:
         """Flush the batches that are full or old enough (the main loop, when no collector does it)."""
@@ -104,6 +111,33 @@ class PipelineGuard:
         """Flush every open batch (shutdown)."""
         with self.lock:
             self.flush(self.pipeline.due(1, 0, force=True))
+
+    def store_rule_counts(self, store: Callable[[dict[str, int]], None]) -> None:
+        """Hand ``store`` what the grants' collection rules decoded and let through since the last stored call, as
+        outbox counters ``rules_decoded:<g>:<scope>`` and ``rules_kept:<g>:<scope>``: the privacy report's
+        figures then survive a restart of the agent (the main loop stores them with the status, and at
+        shutdown). When ``store`` raises (a full disk), the same counts are handed over again next time."""
+        out: dict[str, int] = {}
+        taken: dict[str, tuple[GrantBatch | None, dict[str, tuple[int, int]]]] = {}
+        # Read without the agent lock, as the status writer reads the rule counts (list() copies in one step):
+        # a collector stalled with the lock held must not stop the main loop too.
+        with self._rule_counted_lock:
+            for gid, batch in list(self.pipeline.batches.items()):
+                if batch.rules is None and not batch.rule_counts:
+                    continue
+                counted, seen = self._rule_counted.get(gid, (None, {}))
+                if counted is not batch:
+                    seen = {}  # a new batch (granted again): its counts start at zero
+                now = {scope: (c[0], c[1]) for scope, c in list(batch.rule_counts.items())}
+                for scope, (decoded, kept) in now.items():
+                    before = seen.get(scope, (0, 0))
+                    if decoded > before[0]:
+                        out[f"rules_decoded:{gid}:{scope}"] = decoded - before[0]
+                    if kept > before[1]:
+                        out[f"rules_kept:{gid}:{scope}"] = kept - before[1]
+                taken[gid] = (batch, now)
+            store(out)
+            self._rule_counted.update(taken)
 
     # -- OBD-II (the poller's thread) -----------------------------------------------------------------
 

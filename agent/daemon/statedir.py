@@ -7,21 +7,35 @@ at shutdown; :func:`open_state` runs before any daemon thread starts.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 from vgw.audit import AuditLog
 from vgw.config import Config
 from vgw.consent.store import ConsentStore
+from vgw.crypto.credentials import device_credentials
 from vgw.crypto.keys import load_or_create_storage_key
 from vgw.crypto.receipts import ReceiptSigner
 from vgw.errors import StorageError
-from vgw.fsutil import ensure_private_dir
+from vgw.fsutil import ensure_private_dir, open_state_file, read_state_file
 from vgw.outbox import Outbox, open_checked
 
 STATUS_FILE = "status.json"
 LOCK_FILE = "agent.lock"
 OUTBOX_FILE = "outbox.sqlite"
+
+
+def read_status_file(state_dir: Path) -> dict[str, Any]:
+    """The status file the running (or last) agent wrote, as a JSON object: {} when there is none, or it is
+    damaged (not UTF-8, not JSON, not an object). A file the agent never writes (a link, a FIFO, a device,
+    another user's, over ``MAX_STATE_BYTES``) raises StorageError, as every state file does."""
+    try:
+        raw = json.loads(read_state_file(state_dir / STATUS_FILE, what="status file").decode("utf-8"))
+    except (FileNotFoundError, ValueError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return {}
+    return raw if isinstance(raw, dict) else {}
 
 
 class AgentLock:
@@ -33,17 +47,22 @@ class AgentLock:
 
     def acquire(self) -> bool:
         try:
-            # O_NOFOLLOW: a link planted here must never make us truncate its target (docs/guarantees.md).
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
-        except OSError as exc:
+            # Never through a link (one planted here must never make us truncate its target), never a FIFO or
+            # device (ftruncate fails on one; docs/guarantees.md).
+            fd = open_state_file(self.path, os.O_RDWR | os.O_CREAT, what="agent lock")
+        except FileNotFoundError as exc:
             raise StorageError(f"{self.path}: cannot open the agent lock: {exc.strerror}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             return False
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+        except OSError as exc:
+            os.close(fd)
+            raise StorageError(f"{self.path}: cannot write the agent lock: {exc.strerror}") from exc
         self._fd = fd
         return True
 
@@ -56,11 +75,9 @@ class AgentLock:
     def held_by_other(state_dir: Path) -> bool:
         """True while a `vgw run` holds the lock; reads only (a shared flock on a read-only descriptor)."""
         try:
-            fd = os.open(state_dir / LOCK_FILE, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            fd = open_state_file(state_dir / LOCK_FILE, what="agent lock")
         except FileNotFoundError:
             return False
-        except OSError as exc:
-            raise StorageError(f"{state_dir / LOCK_FILE}: cannot open the agent lock: {exc.strerror}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -86,5 +103,7 @@ def open_state(cfg: Config, *, check: bool = False) -> tuple[Outbox, AuditLog, C
     else:
         outbox = Outbox(cfg.state_dir / OUTBOX_FILE, storage_key, cfg.device.id)
     store = ConsentStore(cfg.state_dir)
-    signer = ReceiptSigner.from_file(cfg.device.id, cfg.mqtt.key_file)
+    # The key in use: the renewed one once the agent has renewed its certificate (vgw.crypto.credentials).
+    _cert, key_file = device_credentials(cfg.mqtt.cert_file, cfg.mqtt.key_file, cfg.state_dir)
+    signer = ReceiptSigner.from_file(cfg.device.id, key_file)
     return outbox, audit, store, signer

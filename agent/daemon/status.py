@@ -93,6 +93,8 @@ class StatusView:
             "consent_sync": up.consent_sync,  # what this connection knows of the retained consent (README "Topics")
             "endpoint": up.endpoint,  # [mqtt] host:port in use (or last tried), README "Configuration (TOML)"
             "last_publish": up.last_publish,
+            # client certificate renewal (README "Enrollment"): state, not_after, renew_from, attempts, last_error
+            "certificate": up.renewal.view() if up.renewal is not None else None,
             "consent_version": consent.ver if consent else None,
             "consent_expired": self.manager.expired,
             # a document applied in memory whose disk part waits (docs/guarantees.md "Revocation wins every race")

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from vgw.audit import AuditLog
+from vgw.catalogue import MAX_DBC_BYTES
 from vgw.config import Config, load_config
 from vgw.consent.intake import ConsentIntake
 from vgw.consent.manager import ConsentManager
@@ -29,6 +30,7 @@ from vgw.daemon.guard import PipelineGuard
 from vgw.daemon.health import Health
 from vgw.daemon.status import StatusView
 from vgw.errors import StorageError, VgwError
+from vgw.fsutil import MAX_CONFIG_BYTES, read_small_file
 from vgw.logs import apply_config_level
 from vgw.outbox import Outbox
 from vgw.sdnotify import notify, watchdog_interval
@@ -104,6 +106,7 @@ class Supervisor:
             self.audit_quota_drops()
             if now - last_status >= STATUS_EVERY_S:
                 last_status = now
+                self.guarded(self.store_rule_counts)
                 self.status.write()
             if now - last_floor >= FLOOR_EVERY_S:
                 last_floor = now
@@ -203,6 +206,10 @@ class Supervisor:
                     self.outbox.count(f"retention_deleted:{g.id}", n)
                     self.audit.append("retention-delete", grant=g.id, batches_deleted=n, retention_s=g.retention_s)
 
+    def store_rule_counts(self) -> None:
+        """Add what the collection rules counted since the last time to the outbox's counters (the report's)."""
+        self.guard.store_rule_counts(self.outbox.count_many)
+
     def audit_quota_drops(self, *, force: bool = False) -> None:
         """Audit the writer's quota drops: one entry per grant per QUOTA_AUDIT_EVERY_S at most (all: ``force``)."""
         now = time.monotonic()
@@ -250,11 +257,14 @@ class Supervisor:
 
 
 def catalogue_digest(cfg: Config) -> str:
-    """A digest of the DBC and signal map files' bytes (a reload compares it; unreadable files count as changed)."""
+    """A digest of the DBC and signal map files' bytes (a reload compares it). A file that cannot be read as
+    the loaders read it (missing, a FIFO, a device, over its cap) counts as changed and is not read: a FIFO must
+    not block the main loop, nor /dev/zero fill memory."""
     h = hashlib.sha256()
-    for path in [*cfg.can.dbc, cfg.can.signal_map] if cfg.can is not None else []:
+    files = [(p, MAX_DBC_BYTES) for p in cfg.can.dbc] + [(cfg.can.signal_map, MAX_CONFIG_BYTES)] if cfg.can else []
+    for path, cap in files:
         try:
-            h.update(path.read_bytes())
-        except OSError:
+            h.update(read_small_file(path, what="file", max_bytes=cap))
+        except (OSError, VgwError):
             h.update(b"unreadable:" + str(path).encode())
     return h.hexdigest()

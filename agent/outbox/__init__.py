@@ -20,6 +20,12 @@ Tables:
   counters       named counters (drops, retention deletes, what was sent) for status and the privacy report.
                  Most add up; ``first_sent:<g>`` / ``last_sent:<g>`` (Unix seconds) are kept with a MIN / MAX
                  upsert instead (see :meth:`Outbox.mark_sent`), so one table serves the report.
+  rate_marks     per grant and path, the frame time of the last sample stored and the max_hz interval it was
+                 judged under: a limit that stays or tightens holds across new terms and restarts (README
+                 "Limits hold across updates").
+  sent_log       per grant (scope ''), scope and consent version in force: samples and batches the broker
+                 acknowledged, first and last acknowledgement in ms: the privacy report's periods (README
+                 "Privacy report").
 
 Durability (the fault-injection suite in ``tests/test_faults_*.py`` checks each point): a batch counts as
 collected only once its transaction commits; its ``seq`` is assigned in that transaction, so a crash loses at

@@ -82,6 +82,7 @@ class NewBatch:
     samples: int
     scopes: dict[str, int] | None = None
     terms: str | None = None
+    marks: dict[str, tuple[float, float, str]] | None = None  # path -> (frame time, interval, scope)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +142,8 @@ class Outbox(Erasing, Receipts, Counters):
         with self._lock:
             self._withheld = frozenset(grant_ids)
 
-    def apply_terms(self, grants: dict[str, GrantTerms], *, now: float | None = None) -> list[Withdrawal]:
+    def apply_terms(self, grants: dict[str, GrantTerms], *, now: float | None = None, ver: int | None = None
+                    ) -> list[Withdrawal]:
         """Make ``grants`` the grants in force, with their terms, and delete what they withdraw (README "Narrowing
         applies to stored data").
 
@@ -153,15 +155,24 @@ class Outbox(Erasing, Receipts, Counters):
         neither ``since`` nor legacy is deleted (fail closed). Rows kept are stamped ``digest``. When a grant
         narrowed, its data key is replaced and the kept rows sealed anew, so the deleted rows' key is gone.
         Grants absent from ``grants`` stop storing (their erasure is :meth:`erase_grant`).
-        Returns one :class:`Withdrawal` per grant that narrowed or lost rows.
+        Returns one :class:`Withdrawal` per grant that narrowed or lost rows. ``ver``: the consent version these
+        terms come from; what the broker acknowledges from now on is logged under it (:meth:`mark_sent`).
         """
         now = time.time() if now is None else now
         out: list[Withdrawal] = []
         searched = {g: len(n) for g, n in self._needles.items()}
         with self._lock, self._forget_needles_on_rollback(searched), self._tx() as db:
             ids = sorted(grants)
+            if ver is not None:
+                db.execute("INSERT INTO meta (key, value) VALUES ('ver', ?) ON CONFLICT(key) DO UPDATE "
+                           "SET value = excluded.value", (str(ver),))
             db.execute(f"DELETE FROM active_grants WHERE id NOT IN ({','.join('?' * len(ids))})",  # noqa: S608
                        ids)
+            for gid in ids:
+                # A scope withdrawn leaves no trace of when its paths last sent (README "Limits hold across updates").
+                held = sorted(grants[gid].scopes)
+                db.execute(f"DELETE FROM rate_marks WHERE grant_id = ? AND scope NOT IN "  # noqa: S608 - "?" only
+                           f"({','.join('?' * len(held))})", [gid, *held])
             db.executemany("INSERT INTO active_grants (id, terms) VALUES (?, ?) "
                            "ON CONFLICT(id) DO UPDATE SET terms = excluded.terms",
                            [(g, grants[g].digest) for g in ids])
@@ -218,16 +229,13 @@ class Outbox(Erasing, Receipts, Counters):
             if kept:
                 db.executemany("UPDATE batches SET terms = ? WHERE id = ?", [(terms.digest, r) for r in kept])
             return None
-        # What to search the raw files for once committed (see finish_erasure): the wrapped key about to be
-        # replaced, and a 32-byte piece of each row about to be deleted.
-        needles = [bytes(r[0]) for r in db.execute("SELECT wrapped FROM grant_keys WHERE grant_id = ?", (gid,))]
-        needles += [bytes(db.execute("SELECT substr(blob, 1, 32) FROM batches WHERE id = ?", (r,)).fetchone()[0])
-                    for r in deleted]
-        db.executemany("DELETE FROM batches WHERE id = ?", [(r,) for r in deleted])
+        # The erasure's own deletion (vgw.outbox.erasure): the rows go, and what to search the raw files for once
+        # committed (finish_erasure) is remembered: a piece of each deleted row and the wrapped key about to be
+        # replaced. A rollback forgets them again (apply_terms).
+        self._remember_key(db, gid)
+        self._delete_rows(db, gid, row_ids=deleted)
         db.executemany("UPDATE batches SET terms = ? WHERE id = ?", [(terms.digest, r) for r in kept])
         key_destroyed = self._rotate_key(db, gid, terms.digest)
-        if key_destroyed:
-            self._needles.setdefault(gid, []).extend(needles)
         self._count_locked(f"narrowed_batches:{gid}", len(deleted))
         self._count_locked(f"narrowed_samples:{gid}", samples_deleted)
         kinds = set(n.kinds) | ({NarrowingKind.TERMS_CHANGED} if unknown else set())
@@ -324,7 +332,7 @@ class Outbox(Erasing, Receipts, Counters):
                 db.execute("SAVEPOINT one_batch")
                 try:
                     results.append(self._commit_in(db, b.grant_id, b.make_payload, b.first_t, b.samples,
-                                                   quota_bytes, b.scopes, b.terms))
+                                                   quota_bytes, b.scopes, b.terms, b.marks))
                 except sqlite3.DatabaseError:
                     raise  # the disk, not this batch: the whole group fails (OutboxUnwritable)
                 except Exception as exc:
@@ -335,7 +343,7 @@ class Outbox(Erasing, Receipts, Counters):
 
     def _commit_in(self, db: sqlite3.Connection, grant_id: str, make_payload: Callable[[int], bytes],
                    first_t: float, samples: int, quota_bytes: int | None, scopes: dict[str, int] | None,
-                   terms: str | None) -> Committed:
+                   terms: str | None, marks: dict[str, tuple[float, float, str]] | None = None) -> Committed:
         active = db.execute("SELECT terms FROM active_grants WHERE id = ?", (grant_id,)).fetchone()
         if active is None or grant_id in self._withheld:
             raise GrantNotActive(f"grant {grant_id!r} is not active; batch discarded")
@@ -357,10 +365,25 @@ class Outbox(Erasing, Receipts, Counters):
             "ON CONFLICT(grant_id) DO UPDATE SET next_seq = excluded.next_seq",
             (grant_id, seq + 1),
         )
+        if marks:
+            # With the batch, in its transaction: a stored sample's mark is never lost to a restart, and a batch
+            # that was not stored leaves no mark (README "Limits hold across updates").
+            db.executemany("INSERT INTO rate_marks (grant_id, path, t, min_interval, scope) VALUES (?, ?, ?, ?, ?) "
+                           "ON CONFLICT(grant_id, path) DO UPDATE SET t = excluded.t, "
+                           "min_interval = excluded.min_interval, scope = excluded.scope",
+                           [(grant_id, p, t, iv, scope) for p, (t, iv, scope) in sorted(marks.items())])
         dropped: dict[str, int] = {}
         if quota_bytes is not None:
             dropped = self._fit_quota(db, grant_id, int(cur.lastrowid or 0), quota_bytes)
         return Committed(seq, len(blob), dropped)
+
+    def rate_marks(self) -> dict[str, dict[str, tuple[float, float]]]:
+        """Per grant and path, the frame time of the last stored sample a max_hz limit judged, and its interval."""
+        out: dict[str, dict[str, tuple[float, float]]] = {}
+        with self._lock:
+            for gid, path, t, iv in self._db.execute("SELECT grant_id, path, t, min_interval FROM rate_marks"):
+                out.setdefault(str(gid), {})[str(path)] = (float(t), float(iv))
+        return out
 
     def _fit_quota(self, db: sqlite3.Connection, grant_id: str, new_row: int, quota: int) -> dict[str, int]:
         total = int(db.execute("SELECT COALESCE(SUM(LENGTH(blob)), 0) FROM batches").fetchone()[0])
@@ -486,13 +509,18 @@ class Outbox(Erasing, Receipts, Counters):
         ``sent_batches:<g>`` += 1, ``sent_samples:<g>`` += row.samples, ``first_sent:<g>`` = MIN(t),
         ``last_sent:<g>`` = MAX(t) with t = ``when`` (Unix seconds, default now). If the row is gone already
         (erased or dropped while its PUBACK was on the way) it still counts: it did reach the broker.
+        The same goes to ``sent_log`` per grant (scope ''), per scope and per consent version in force (set by
+        :meth:`apply_terms`), with the first and last acknowledgement in ms: the privacy report's periods.
         """
         self.mark_sent_many([row], when, keep=keep)
 
     def mark_sent_many(self, rows: Sequence[Row], when: float | None = None, *, keep: bool = False) -> None:
         """:meth:`mark_sent` for several acknowledged rows in one transaction (one fsync for all of them)."""
-        t = int(when if when is not None else time.time())
+        at = when if when is not None else time.time()
+        t, t_ms = int(at), int(at * 1000)
         with self._tx() as db:
+            got = db.execute("SELECT value FROM meta WHERE key = 'ver'").fetchone()
+            ver = int(got[0]) if got is not None and str(got[0]).isdigit() else 0
             for row in rows:
                 g = row.grant_id
                 self._attempted.discard(row.id)
@@ -506,8 +534,16 @@ class Outbox(Erasing, Receipts, Counters):
                     per_scope = json.loads(row.scopes)
                 except ValueError:
                     per_scope = {}
+                log_rows = [(g, "", ver, row.samples, 1, t_ms, t_ms)]
                 for scope, n in sorted(per_scope.items()):
                     self._count_locked(f"sent_samples:{g}:{scope}", int(n))
+                    if scope:  # '' (a path whose scope is unknown) must not add to the grant's own row
+                        log_rows.append((g, str(scope), ver, int(n), 1, t_ms, t_ms))
+                db.executemany(
+                    "INSERT INTO sent_log (grant_id, scope, ver, samples, batches, first_ms, last_ms) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(grant_id, scope, ver) DO UPDATE SET "
+                    "samples = samples + excluded.samples, batches = batches + 1, "
+                    "first_ms = MIN(first_ms, excluded.first_ms), last_ms = MAX(last_ms, excluded.last_ms)", log_rows)
             for g in sorted({row.grant_id for row in rows}):
                 db.execute("INSERT INTO counters (name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE "
                            "SET value = MIN(value, excluded.value)", (f"first_sent:{g}", t))
@@ -570,13 +606,9 @@ class Outbox(Erasing, Receipts, Counters):
     # -- retention and quota ------------------------------------------------------------------------
 
     def delete_older_than(self, grant_id: str, created_before: float) -> int:
-        """Delete the grant's rows created before ``created_before``; returns how many were still unsent (rows kept
-        after their PUBACK for the replay window go too, but were sent)."""
-        with self._tx() as db:
-            n = db.execute("DELETE FROM batches WHERE grant_id = ? AND created < ? AND acked IS NULL",
-                           (grant_id, created_before)).rowcount
-            db.execute("DELETE FROM batches WHERE grant_id = ? AND created < ?", (grant_id, created_before))
-        return int(n)
+        """Retention: :meth:`erase` the grant's rows created before ``created_before``; returns how many were still
+        unsent (rows kept after their PUBACK for the replay window go too, but were sent)."""
+        return self.erase(grant_id, older_than=created_before, wait_s=0.0).batches_deleted
 
 
 

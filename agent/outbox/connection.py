@@ -20,9 +20,23 @@ from vgw.fsutil import create_private, refuse_symlink
 
 BUSY_TIMEOUT_S = 10.0  # how long a statement waits for another process's lock
 # 1: scopes per batch. 2: terms per batch and per active grant, meta (epoch). 3: acked per batch (replay window).
-SCHEMA_VERSION = 3
+# 4: rate_marks (when each path of a grant last kept a sample under a max_hz limit); sent_log (what the broker
+#    acknowledged, per grant, scope and consent version in force, for the privacy report's periods).
+SCHEMA_VERSION = 4
 # Stamp of rows stored before terms were recorded: judged by their scopes alone (see Outbox.apply_terms).
 LEGACY_TERMS = "legacy"
+
+def prepare_file(path: Path) -> None:
+    """Create the outbox file 0600 before SQLite opens it (SQLite makes -wal/-shm with the main file's mode),
+    never through a planted link; refuse a FIFO or device in its place (SQLite would block reading it) and a side
+    file that is a link (docs/guarantees.md). Raises StorageError."""
+    create_private(path, what="outbox")
+    for suffix in ("-wal", "-shm", "-journal"):
+        side = Path(str(path) + suffix)
+        refuse_symlink(side)
+        if side.exists() and side.stat().st_mode & 0o077:
+            side.chmod(0o600)
+
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",
@@ -46,6 +60,11 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS receipts (id INTEGER PRIMARY KEY AUTOINCREMENT, created REAL NOT NULL, "
     "token TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS rate_marks (grant_id TEXT NOT NULL, path TEXT NOT NULL, t REAL NOT NULL, "
+    "min_interval REAL NOT NULL, scope TEXT NOT NULL DEFAULT '', PRIMARY KEY (grant_id, path)) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS sent_log (grant_id TEXT NOT NULL, scope TEXT NOT NULL, ver INTEGER NOT NULL, "
+    "samples INTEGER NOT NULL, batches INTEGER NOT NULL, first_ms INTEGER NOT NULL, last_ms INTEGER NOT NULL, "
+    "PRIMARY KEY (grant_id, scope, ver)) WITHOUT ROWID",
 )
 
 
@@ -76,12 +95,7 @@ class Connection:
         self._data_keys: dict[str, bytes] = {}  # grant id -> unwrapped data key (dropped on erasure and close)
         # Created 0600 before SQLite opens it (SQLite makes -wal/-shm with the main file's mode), never through a
         # planted link; an existing side file that is a link is refused too (docs/guarantees.md).
-        create_private(path)
-        for suffix in ("-wal", "-shm", "-journal"):
-            side = Path(str(path) + suffix)
-            refuse_symlink(side)
-            if side.exists() and side.stat().st_mode & 0o077:
-                side.chmod(0o600)
+        prepare_file(path)
         try:
             self._db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")

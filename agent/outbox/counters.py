@@ -15,6 +15,14 @@ class Counters(Connection):
         with self._tx():
             self._count_locked(name, n)
 
+    def count_many(self, counts: dict[str, int]) -> None:
+        """Add each of ``counts`` in one transaction. Raises :class:`~vgw.errors.OutboxUnwritable`."""
+        if not counts:
+            return
+        with self._tx():
+            for name, n in sorted(counts.items()):
+                self._count_locked(name, n)
+
     def counters(self) -> dict[str, int]:
         with self._lock:
             return {str(k): int(v) for k, v in self._db.execute("SELECT name, value FROM counters")}

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from vgw.errors import OutboxUnwritable, StorageError, StorageFault
 from vgw.outbox.batches import Outbox
+from vgw.outbox.connection import prepare_file
 from vgw.outbox.quarantine import Quarantined, destroy_quarantined, integrity_problem, quarantine
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ def open_checked(path: Path, storage_key: bytes, device: str) -> tuple[Outbox, Q
     """
     for name in destroy_quarantined(path):
         log.warning("destroyed quarantined outbox copy %s (it may hold revoked grants' data)", name)
+    prepare_file(path)  # a FIFO in its place would block the integrity check for ever
     problem = integrity_problem(path)
     if problem is None:
         try:

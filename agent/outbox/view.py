@@ -19,6 +19,8 @@ class OutboxFigures:
     counters: dict[str, int]
     receipts_queued: int
     used_bytes: int
+    # (grant, scope or '' for the grant, consent version, samples, batches, first ack ms, last ack ms)
+    sent_log: tuple[tuple[str, str, int, int, int, int, int], ...] = ()
 
 
 def read_figures(path: Path) -> OutboxFigures:
@@ -71,8 +73,13 @@ def _read_figures(path: Path, mode: str) -> OutboxFigures:
             counters = {str(k): int(v) for k, v in db.execute("SELECT name, value FROM counters")}
             receipts = int(db.execute("SELECT COUNT(*) FROM receipts").fetchone()[0])
             used = int(db.execute("SELECT COALESCE(SUM(LENGTH(blob)), 0) FROM batches").fetchone()[0])
+            log_rows: tuple[tuple[str, str, int, int, int, int, int], ...] = ()
+            if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'sent_log'").fetchone():
+                log_rows = tuple((str(g), str(s), int(v), int(n), int(b), int(f), int(last)) for g, s, v, n, b, f, last
+                                 in db.execute("SELECT grant_id, scope, ver, samples, batches, first_ms, last_ms "
+                                               "FROM sent_log ORDER BY grant_id, scope, ver"))
         finally:
             db.close()
     except sqlite3.DatabaseError as exc:
         raise StorageError(f"{path}: cannot read outbox: {exc}") from exc
-    return OutboxFigures(stats, counters, receipts, used)  # used: kept rows too (they take room)
+    return OutboxFigures(stats, counters, receipts, used, log_rows)  # used: kept rows too (they take room)

@@ -26,6 +26,7 @@ from typing import Any
 
 from vgw.catalogue import Catalogue, SignalSpec
 from vgw.collect.engine import RuleEngine
+from vgw.collect.vss import VSS_SCOPES
 from vgw.consent.model import Grant
 from vgw.crypto.envelope import us_of
 from vgw.j1939 import ids as j1939
@@ -54,6 +55,10 @@ class GrantBatch:
     opened: float = 0.0  # monotonic time of the first sample
     first_t: float = 0.0
     last_kept: dict[str, float] = field(default_factory=dict)  # path -> frame time of the last kept sample
+    # path -> the max_hz interval (s) its last kept sample was judged under: a later document with the same or a
+    # stricter limit carries the mark over (README "Limits hold across updates"), a looser one starts afresh.
+    mark_interval: dict[str, float] = field(default_factory=dict)
+    taken_last: dict[str, float] = field(default_factory=dict)  # path -> frame time of its last sample taken out
     rules: RuleEngine | None = None  # the grant's collection rules (None: it has none)
     # Grants with rules only: scope -> [samples decoded, samples the rules let through] (the privacy report).
     rule_counts: dict[str, list[int]] = field(default_factory=dict)
@@ -87,11 +92,49 @@ class GrantBatch:
         """The open columns and their sample count; the batch is empty after."""
         cols, n = self.cols, self.count
         self.cols, self.count = {}, 0
+        for path, (times, _values) in cols.items():
+            if times:  # once per path and batch: the hot path keeps no per-sample time of its own
+                self.taken_last[path] = max(self.taken_last.get(path, 0.0), max(times) / 1e6)
         return cols, n
 
     def clear(self) -> None:
         self.cols = {}
         self.count = 0
+
+    def marks(self) -> dict[str, tuple[float, float]]:
+        """path -> (frame time of its last kept sample, the max_hz interval it was judged under; 0: none)."""
+        last = dict(self.taken_last)
+        for path, (times, _values) in list(self.cols.items()):
+            if times:
+                last[path] = max(last.get(path, 0.0), max(times) / 1e6)
+        for path, t in list(self.last_kept.items()):
+            last[path] = max(last.get(path, 0.0), t)
+        return {p: (t, self.mark_interval.get(p, 0.0)) for p, t in last.items()}
+
+    def last_sent(self, path: str) -> float | None:
+        """The frame time of the latest sample of ``path`` kept for this grant (open, taken or carried)."""
+        times = [t for t in (self.last_kept.get(path), self.taken_last.get(path)) if t is not None]
+        col = self.cols.get(path)
+        if col is not None and col[0]:
+            times.append(max(col[0]) / 1e6)
+        return max(times) if times else None
+
+    def carry_marks(self, marks: dict[str, tuple[float, float]], scope_of: Callable[[str], str | None]) -> None:
+        """Keep the marks whose path is limited at least as strictly by this batch's grant as when they were made.
+
+        A limit that stays or tightens holds across a new document and a restart of the agent: "at most one reading
+        every 2 s" stays true for the app, whatever changed beside it, also when it is new (no limit before: the
+        interval then was 0). A looser limit (or none) starts afresh.
+        """
+        self.last_kept, self.mark_interval, self.taken_last = {}, {}, {}
+        for path, (t, then) in marks.items():
+            scope = scope_of(path)
+            if scope is None or scope not in self.grant.scopes:
+                continue
+            hz = self.grant.limits_for(scope).max_hz
+            now = 1.0 / hz if hz else 0.0
+            if now >= then - 1e-9:  # the same or stricter (0 and 0: unlimited still, kept for a later limit)
+                self.last_kept[path], self.mark_interval[path] = t, now
 
 
 def _drop_rules(batch: GrantBatch) -> None:
@@ -215,6 +258,16 @@ class Pipeline:
         self._j1939 = J1939Front() if self.router.j1939 else None  # README "SAE J1939"
         self._parts: dict[str, list[bytes | None]] = {}
         self._last_lat: float | None = None
+        self._scope_of_path = self.catalogue.scope_of_path()
+        self._seeded: dict[str, dict[str, tuple[float, float]]] = {}  # rate marks kept on disk (seed_marks)
+
+    def seed_marks(self, marks: dict[str, dict[str, tuple[float, float]]]) -> None:
+        """The rate marks a previous run stored (grant -> path -> (t, interval)): taken by the next :meth:`swap`,
+        for each grant whose limits are still the same or stricter."""
+        self._seeded = {g: dict(m) for g, m in marks.items()}
+
+    def scope_of(self, path: str) -> str | None:
+        return self._scope_of_path.get(path) or VSS_SCOPES.get(path)
 
     def swap(self, grants: tuple[Grant, ...]) -> list[str]:
         """Route for ``grants`` from now on. Returns ids of grants whose open batches were dropped."""
@@ -226,12 +279,19 @@ class Pipeline:
                 # Same id, new terms (scopes, limits, recipient, controller): what was collected under the old
                 # terms must not leave under the new ones.
                 batch.clear()
-                batch.last_kept.clear()
+                marks = batch.marks()
                 batch.grant = g
+                batch.carry_marks(marks, self.scope_of)
                 _drop_rules(batch)
-            keep[g.id] = batch if batch is not None else GrantBatch(g)
+            if batch is None:
+                batch = GrantBatch(g)
+                seeded = self._seeded.get(g.id)
+                if seeded:
+                    batch.carry_marks(seeded, self.scope_of)
+            keep[g.id] = batch
             if keep[g.id].rules is None and g.collect:
                 keep[g.id].rules = RuleEngine(g.collect)
+        self._seeded = {}  # only the first routing after a start takes them; a later grant starts a new period
         for gid in dropped:
             self.batches[gid].clear()  # in-memory data of a revoked grant go at once
             _drop_rules(self.batches[gid])  # and the rules' pre-trigger history and open windows with them
@@ -377,6 +437,13 @@ class Pipeline:
         kept = False
         for path, t, value in out:
             scope = batch.rules.scope_of(path)
+            k = batch.rules.window_index(path, t)
+            if k is not None:
+                last = batch.last_sent(path)
+                if last is not None and batch.rules.window_index(path, last) == k:
+                    # This window was sent already: its partial content went at a shutdown (or before new terms),
+                    # and the engine that restarted cannot know. One reading per window, as the rule says.
+                    continue
             batch.rule_counts.setdefault(scope, [0, 0])[1] += 1
             lim = batch.grant.limits_for(scope)
             leaf = path.rsplit(".", 1)[-1]
@@ -441,10 +508,14 @@ class Pipeline:
         if min_interval:
             # max_hz, judged on frame time: never more than one sample per 1/max_hz s per path.
             last = batch.last_kept.get(path)
-            if last is not None and t - last < min_interval - 1e-9:
+            # Too close to the last kept sample, on either side. A frame time further back than the interval is
+            # a new time line (a trace replayed again from its start after a restart), not a faster rate: the
+            # limit counts afresh in it.
+            if last is not None and last - min_interval < t < last + min_interval - 1e-9:
                 self.counters["samples_rate_limited"] += 1
                 return False
             batch.last_kept[path] = t
+            batch.mark_interval[path] = min_interval
         batch.append(path, t, value)
         self.counters["samples"] += 1
         return True

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import enum
 import gzip
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from typing import Any, BinaryIO
 
 import can
 from vgw.errors import SourceFrameError
+from vgw.fsutil import open_regular
 from vgw.sources.frame import Frame, frame_of
 from vgw.timefmt import LATEST_TIME
 
@@ -263,7 +265,23 @@ def is_candump(path: Path) -> bool:
 
 
 def open_binary(path: Path) -> BinaryIO:
-    """Open a candump log for :func:`read_frames` (gzip-decompressed for ``.gz``). Raises OSError."""
+    """Open a candump log for :func:`read_frames` (gzip-decompressed for ``.gz``). Raises OSError, and
+    :class:`~vgw.fsutil.NotRegularFile` for a FIFO or device (a FIFO would block, ``/dev/zero`` never end)."""
+    fh = os.fdopen(open_regular(path), "rb")
     if path.suffix.lower() == ".gz":
-        return gzip.open(path, "rb")  # type: ignore[return-value]
-    return path.open("rb")
+        return _GzipReader(fh)  # type: ignore[return-value]
+    return fh
+
+
+class _GzipReader(gzip.GzipFile):
+    """A gzip stream over a file it owns: closing it closes the file too (GzipFile leaves a given one open)."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        super().__init__(fileobj=raw, mode="rb")
+        self._raw = raw
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._raw.close()

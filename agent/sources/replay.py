@@ -12,6 +12,9 @@ re-read from the start because of damage (that sent the same frame times again u
 * Any other format goes through ``can.LogReader``, which cannot resume past damage: the trace ends there,
   logged once with the number of frames read.
 
+A trace must be a regular file (links followed): a FIFO, ``/dev/zero`` or a folder cannot be opened as one
+(``SourceOpenError``, or ``SourceEndedError`` with ``replay_exit``), never read as an empty or endless trace.
+
 So ``recv`` raises :class:`SourceReadError` never: the collector's reopen would start the trace over.
 
 With ``loop``, pass k shifts every frame time by k * (span of the trace + its mean frame interval), so frame
@@ -23,6 +26,7 @@ Owned by the collector thread (``recv``/``close``); nothing here is shared with 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,6 +34,7 @@ from typing import Any
 
 import can
 from vgw.errors import SourceEndedError, SourceOpenError
+from vgw.fsutil import open_regular
 from vgw.sources.candump import Damage, DamagedLine, is_candump, open_binary, read_frame_chunks
 from vgw.sources.frame import DATA, Frame, frame_of, message_of
 from vgw.timefmt import valid_time
@@ -83,6 +88,9 @@ class ReplaySource:
                 self._closers.append(fh.close)
                 self._checked_times = True
                 return read_frame_chunks(fh)
+            # python-can's readers open the file by name: check it first, so a FIFO cannot block the open (or
+            # read as an empty trace) and /dev/zero cannot be read without end.
+            os.close(open_regular(self.path))
             reader = can.LogReader(str(self.path))
         except OSError as exc:
             # Retried by the collector (the file may still appear), except with ``replay_exit``: a run that is

@@ -441,12 +441,16 @@ def _up(stack: Stack, info: dict[str, object], owner: Account, progress: Callabl
             started.append("cloud")
             _wait(stack, "cloud", proc, lambda: _log_has(stack, "cloud", offset, "subscribed"))
             progress("cloud listener: decrypts what the apps receive into cloud/received.jsonl")
-        newer = _push_consent(stack, device, broker_opts)
-        if newer is None:
-            progress("consent: grants.toml signed and pushed (retained) to the device's consent topic")
+        pushed = _push_consent(stack, device, broker_opts)
+        if pushed.held_newer is not None:
+            progress(f"consent: not pushed: the device holds v{pushed.held_newer}, newer than consent/current.jws "
+                     "(signed and pushed by hand); edit grants.toml and run `vgw dev up` again to replace it")
+        elif pushed.signed:
+            progress(f"consent: grants.toml signed (v{pushed.ver}) and pushed (retained) to the device's consent "
+                     "topic")
         else:
-            progress(f"consent: not pushed: the device holds v{newer}, newer than consent/current.jws (signed "
-                     "and pushed by hand); edit grants.toml and run `vgw dev up` again to replace it")
+            progress(f"consent: grants.toml unchanged; consent/current.jws (v{pushed.ver}) pushed again (retained) "
+                     "to the device's consent topic")
         if _pid(stack, "agent") is None:
             proc = _spawn(stack, "agent", [*py, "run", "--config", str(stack.config)], owner)
             started.append("agent")
@@ -459,13 +463,22 @@ def _up(stack: Stack, info: dict[str, object], owner: Account, progress: Callabl
     return stack
 
 
-def _push_consent(stack: Stack, device: str, broker_opts: list[str]) -> int | None:
+@dataclass(frozen=True)
+class _Pushed:
+    """What :func:`_push_consent` did, so `up` says exactly that: signed anew or not, or not pushed at all."""
+
+    ver: int | None  # the version published (None: nothing published)
+    signed: bool  # True: grants.toml was signed now into a new version
+    held_newer: int | None = None  # the device holds this newer version: nothing published
+
+
+def _push_consent(stack: Stack, device: str, broker_opts: list[str]) -> _Pushed:
     """Sign grants.toml afresh (a newer version) when it changed since current.jws, then publish, retained.
 
     When grants.toml is unchanged and the device already holds a newer document (one signed and pushed by
     hand, README "Your own dev stack"), nothing is published: re-publishing current.jws would replace the
     broker's retained document with an older one, which a device starting afresh would then take (a revoked
-    grant back in force). Returns that newer version then, else None."""
+    grant back in force). Says which of these it did."""
     from vgw.cloud.cloudkit import CloudKitError, load_grants, load_signing_key, read_document, sign_documents
     from vgw.cloud.cloudlink import BrokerOptions, CloudLink
     from vgw.config import load_config
@@ -474,17 +487,21 @@ def _push_consent(stack: Stack, device: str, broker_opts: list[str]) -> int | No
     key = load_signing_key(stack.dir / "consent" / "consent-signer.key")
     desc = load_grants(grants)
     claims = read_document(current, key)
+    signed = False
     if grants.stat().st_mtime > current.stat().st_mtime:
         atomic_write(current, (sign_documents(key, desc, [device])[device] + "\n").encode(), mode=0o644)
+        signed = True
     else:
         try:
             held = read_document(load_config(stack.config).state_dir / "consent.jws", key)["ver"]
         except (CloudKitError, ConfigError):
             held = None  # no document on the device yet, or one this stack's signer did not sign
         if isinstance(held, int) and held > claims["ver"]:
-            return held
+            return _Pushed(None, signed=False, held_newer=held)
         if claims.get("exp", 0) < time.time() + 3600:
             atomic_write(current, (sign_documents(key, desc, [device])[device] + "\n").encode(), mode=0o644)
+            signed = True  # the same grants, signed anew because the old document was about to expire
+    ver = read_document(current, key).get("ver")
     opts = dict(zip(broker_opts[::2], broker_opts[1::2], strict=True))
     host, port = BrokerOptions.parse_address(opts["--broker"])
     link = CloudLink(BrokerOptions(host=host, port=port, ca_file=Path(opts["--ca"]), cert_file=Path(opts["--cert"]),
@@ -493,7 +510,7 @@ def _push_consent(stack: Stack, device: str, broker_opts: list[str]) -> int | No
         link.publish(f"vgw/{device}/consent", current.read_text().strip().encode())
     finally:
         link.close()
-    return None
+    return _Pushed(ver if isinstance(ver, int) else None, signed=signed)
 
 
 def _stop(stack: Stack, part: str) -> bool:

@@ -16,7 +16,10 @@ Phases, in one run:
    batch at a subscribed :class:`CloudPeer`; the broker forwards and acknowledges in the same pass), at
    default batching and at the low-latency setting;
 5. revocation: ``--revoke-rows`` buffered outbox rows, then a consent document that drops the grant; the time
-   until its data key is gone from the database, seen by a separate SQLite connection.
+   until its data key is gone from the database, seen by a separate SQLite connection;
+6. collection rules (demo vehicle; ``--rules-seconds``, 0 leaves it out; ``--rules`` runs it alone): the
+   costliest rule document within the agent's budgets against the same grants without rules, the demo drive
+   replayed in real time: CPU per decoded sample, share of a core, peak RSS.
 
 Raises :class:`~vgw.errors.VgwError` when a part cannot start (no mosquitto, bad DBC, child failure).
 
@@ -28,6 +31,7 @@ Modules, in the order of a run:
 - :mod:`vgw.tools.bench.child`: phases 3 and 4, the agent in a child process and its timings;
 - :mod:`vgw.tools.bench.latency`: phase 4, frame-to-arrival latency at the cloud peer;
 - :mod:`vgw.tools.bench.revocation`: phase 5;
+- :mod:`vgw.tools.bench.rules`: phase 6, the worst-case rule document and its measure;
 - :mod:`vgw.tools.bench.run`: :func:`run_bench`, every phase in order with the broker, PKI and consent documents;
 - :mod:`vgw.tools.bench.report`: the progress bar, the targets and the human-readable table.
 
@@ -41,7 +45,8 @@ from vgw.tools.bench.decode import bench_decode
 from vgw.tools.bench.options import DEVICE, TYPICAL_SCOPES, BenchOptions
 from vgw.tools.bench.report import Progress, format_table
 from vgw.tools.bench.revocation import bench_revocation
-from vgw.tools.bench.run import run_bench
+from vgw.tools.bench.rules import bench_rules, format_rules, worst_case_collect
+from vgw.tools.bench.run import run_bench, run_rules_bench
 from vgw.tools.bench.trace import frame_source, synthetic_signal_map, write_trace
 
 __all__ = [
@@ -51,10 +56,14 @@ __all__ = [
     "Progress",
     "bench_decode",
     "bench_revocation",
+    "bench_rules",
     "child_main",
+    "format_rules",
     "format_table",
     "frame_source",
     "run_bench",
+    "run_rules_bench",
     "synthetic_signal_map",
+    "worst_case_collect",
     "write_trace",
 ]

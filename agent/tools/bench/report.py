@@ -66,6 +66,10 @@ def format_table(r: dict[str, Any]) -> str:
         lines.append(f"  {label + ' (max_interval_s ' + str(rt['max_interval_s']) + ')':<42}"
                      f"{rt['fps']:>10,.0f} fps  CPU {rt['cpu_pct_one_core']}% of a core  "
                      f"frame->PUBACK p50 {lat['p50_ms']} ms  p99 {lat['p99_ms']} ms  (RSS {rt['peak_rss_mb']} MB)")
+    if "rules" in r:
+        from vgw.tools.bench.rules import format_rules
+
+        lines += ["", format_rules(r["rules"])]
     lines += [
         "",
         f"revocation with {rv['rows']:,} buffered rows ({rv['row_bytes']} B each): key destroyed after "

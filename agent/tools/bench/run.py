@@ -19,9 +19,94 @@ from vgw.tools.bench.latency import _latencies
 from vgw.tools.bench.options import _PRIVACY_SCOPES, DEVICE, TYPICAL_SCOPES, BenchOptions
 from vgw.tools.bench.report import Progress, _cpu_name, _targets
 from vgw.tools.bench.revocation import bench_revocation
+from vgw.tools.bench.rules import bench_rules, rules_targets
 from vgw.tools.bench.trace import frame_source, synthetic_signal_map, write_trace
 
 # ---------------------------------------------------------------- orchestration
+
+
+def _broker(root: Path) -> tuple[Any, Any]:
+    """A throwaway PKI for the bench device and a private mosquitto with mutual TLS on a free port."""
+    from vgw.simulators.broker import Mosquitto, MosquittoNotFound
+    from vgw.simulators.pki import TestPKI
+
+    pki = TestPKI(root / "pki", devices=[DEVICE])
+    try:
+        return pki, Mosquitto.from_pki(pki).start()
+    except MosquittoNotFound as exc:
+        raise VgwError(str(exc)) from exc
+
+
+def _retain(broker: Any, pki: Any, token: str) -> None:
+    """Leave ``token`` retained on the device's consent topic, as the cloud does in a deployment: an agent
+    publishes stored batches only once it has the broker's retained consent (README "MQTT topics"), so with
+    none there it would wait ``[mqtt] consent_wait_s`` after connecting, a wait no deployment has."""
+    from vgw.simulators.cloud import CloudPeer
+
+    peer = CloudPeer.for_broker(broker, pki)
+    try:
+        peer.connect()
+        peer.publish_consent(DEVICE, token)
+    finally:
+        peer.close()
+
+
+def _sign(signer: Any, grants: list[dict[str, Any]], now: int) -> str:
+    """A consent document for the bench device holding ``grants`` (id, scopes, collect), each with a fresh
+    recipient key (the bench reads no envelope of these)."""
+    from vgw.cloud.consent_authority import RecipientKey, consent_claims, grant, sign_consent
+
+    claims = []
+    for g in grants:
+        out = grant(g["id"], g["scopes"], RecipientKey.generate())
+        if "collect" in g:
+            out["collect"] = g["collect"]
+        claims.append(out)
+    return sign_consent(consent_claims(DEVICE, 1, claims, iat=now), signer)
+
+
+def run_rules_bench(opts: BenchOptions, progress: Progress | None = None) -> dict[str, Any]:
+    """Only phase 6 (`vgw bench --rules`): the costliest accepted collection rules against none."""
+    from vgw.cloud.consent_authority import SigningKey
+    from vgw.consent.store import ConsentStore
+    from vgw.simulators.paths import default_dbc, default_signal_map
+
+    if opts.dbc is not None:
+        raise VgwError("--rules runs on the demo vehicle: leave out --dbc")
+    if not opts.rules_seconds > 0:
+        raise VgwError(f"--rules-seconds {opts.rules_seconds}: must be > 0")
+    progress = progress or Progress()
+    quiet = quieted("vgw")
+    quiet.__enter__()
+    root = Path(tempfile.mkdtemp(prefix="vgw-bench-"))
+    os.chmod(root, 0o755)  # noqa: S103 - the broker (dropped to user mosquitto) reads the PKI below it
+    broker = None
+    try:
+        pki, broker = _broker(root)
+        signer = SigningKey.generate()
+        trust = signer.write_public_pem(root / "consent-signer.pub.pem")
+        now = int(time.time())
+
+        def config(name: str, trace: Path, token: str) -> Path:
+            state = root / f"state-{name}"
+            state.mkdir(mode=0o700)
+            ConsentStore(state).write_token(token)
+            _retain(broker, pki, token)
+            path = root / f"{name}.toml"
+            path.write_text(_config_text(state, default_dbc(), default_signal_map(), trace, 1, broker.port, pki,
+                                         trust, strict=True, max_interval_s=None))
+            return path
+
+        result = bench_rules(lambda grants: _sign(signer, grants, now), config, root, opts.rules_seconds,
+                             opts.seed + 2, progress)
+        return {"python": sys.version.split()[0], "cpu": _cpu_name(), "cores": os.cpu_count(), "rules": result,
+                "targets": rules_targets(result)}
+    finally:
+        quiet.__exit__(None, None, None)
+        progress.close()
+        if broker is not None:
+            broker.close()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def run_bench(opts: BenchOptions, progress: Progress | None = None) -> dict[str, Any]:
@@ -30,10 +115,8 @@ def run_bench(opts: BenchOptions, progress: Progress | None = None) -> dict[str,
     from vgw.cloud.consent_authority import RecipientKey, SigningKey, consent_claims, grant, sign_consent
     from vgw.consent.store import ConsentStore
     from vgw.scopes import SCOPES
-    from vgw.simulators.broker import Mosquitto, MosquittoNotFound
     from vgw.simulators.cloud import CloudPeer
     from vgw.simulators.paths import default_dbc, default_signal_map
-    from vgw.simulators.pki import TestPKI
 
     if opts.consent not in ("typical", "all"):
         raise VgwError(f"--consent {opts.consent!r}: use 'typical' or 'all'")
@@ -70,11 +153,7 @@ def run_bench(opts: BenchOptions, progress: Progress | None = None) -> dict[str,
         result["decode"] = bench_decode(db, trace, n, progress)
 
         # PKI, broker, consent signer and one HPKE key per grant.
-        pki = TestPKI(root / "pki", devices=[DEVICE])
-        try:
-            broker = Mosquitto.from_pki(pki).start()
-        except MosquittoNotFound as exc:
-            raise VgwError(str(exc)) from exc
+        pki, broker = _broker(root)
         signer = SigningKey.generate()
         trust = signer.write_public_pem(root / "consent-signer.pub.pem")
         if opts.consent == "typical":
@@ -92,10 +171,11 @@ def run_bench(opts: BenchOptions, progress: Progress | None = None) -> dict[str,
         doc2 = sign_consent(consent_claims(DEVICE, 2, [g for g in grants if g["id"] != "g-insurer"], iat=now),
                             signer)
 
-        def config(name: str, trace_path: Path, rate: float, interval: float | None) -> Path:
+        def config(name: str, trace_path: Path, rate: float, interval: float | None, token: str = doc1) -> Path:
             state = root / f"state-{name}"
             state.mkdir(mode=0o700)
-            ConsentStore(state).write_token(doc1)  # in force from the agent's first moment, as after a restart
+            ConsentStore(state).write_token(token)  # in force from the agent's first moment, as after a restart
+            _retain(broker, pki, token)
             path = root / f"{name}.toml"
             path.write_text(_config_text(state, dbc, signal_map, trace_path, rate, broker.port, pki, trust,
                                          strict=demo, max_interval_s=interval))
@@ -158,7 +238,14 @@ def run_bench(opts: BenchOptions, progress: Progress | None = None) -> dict[str,
         progress.phase("revocation")
         result["revocation"] = bench_revocation(config("revoke", trace, 0, None), (doc1, doc2), opts.revoke_rows,
                                                 progress)
+        if demo and opts.rules_seconds:
+            # Phase 6: the costliest collection rules the agent accepts, against none (docs/guarantees.md "Budgets").
+            result["rules"] = bench_rules(lambda grants: _sign(signer, grants, now), lambda name, trace_path, token:
+                                          config(name, trace_path, 1, None, token), root, opts.rules_seconds,
+                                          opts.seed + 2, progress)
         result["targets"] = _targets(result)
+        if "rules" in result:
+            result["targets"].update(rules_targets(result["rules"]))
         return result
     finally:
         quiet.__exit__(None, None, None)

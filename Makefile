@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 PYTEST_WORKERS ?= 4
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all venv deps test-deps demo test test-slow lint docs bench bundle install uninstall clean
+.PHONY: all venv deps test-deps demo test test-slow explore lint docs bench bundle install uninstall clean
 
 all: test
 
@@ -57,6 +57,15 @@ test: deps test-deps venv
 
 test-slow: deps test-deps venv
 	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --runslow $(PYTEST_ARGS)
+
+# The fault-schedule explorer (docs/guarantees.md, "The fault-schedule explorer"): N seeded schedules of faults
+# against the real agent on J workers (each with its own two brokers), failing ones shrunk to a minimal step
+# list; SEED=n runs that one schedule again. One JSON line per schedule goes to build/explore-results.jsonl.
+N     ?= 200
+J     ?= 1
+FIRST ?= 1
+explore: deps venv
+	$(BIN)/python -m tests.explore $(if $(SEED),--seed $(SEED),-n $(N) -j $(J) --first $(FIRST))
 
 # ruff, mypy strict over the whole `vgw` package, and the layer contract (README "Layout", tests/test_layers.py)
 lint: venv

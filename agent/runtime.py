@@ -78,6 +78,7 @@ from vgw.daemon.timing import DEFAULT_TIMING, Timing
 from vgw.errors import StorageError, VgwError
 from vgw.fsutil import ensure_private_dir
 from vgw.logs import apply_config_level
+from vgw.outbox.startup import room_fault
 from vgw.renewal import Renewal
 from vgw.sdnotify import notify
 from vgw.uplink import Uplink
@@ -91,6 +92,8 @@ __all__ = ["BAD_FRAMES_REOPEN", "CHUNK_FRAMES", "COLLECTOR_STALL_S", "FRAME_ERRO
 log = logging.getLogger(__name__)
 
 SHUTDOWN_SEND_S = DEFAULT_TIMING.shutdown_send_s  # on SIGTERM, how long a live link may take to send what was flushed
+ROOM_RETRY_FIRST_S = 1.0  # a full or read-only state file system at start: first retry, then doubling
+ROOM_RETRY_MAX_S = 10.0
 
 
 class Agent:
@@ -287,9 +290,38 @@ def run_agent(cfg: Config, signals: DaemonSignals | None = None) -> int:
     requested meanwhile is honoured as soon as the agent exists); without them they are installed here."""
     signals = signals if signals is not None else DaemonSignals()
     signals.install()
-    try:
-        agent = Agent(cfg, signals)
-    except can.CanError as exc:
-        raise VgwError(str(exc)) from exc
+    agent = _open_agent(cfg, signals)
+    if agent is None:
+        return 0  # stopped while it waited for room
     apply_config_level(cfg.log_level)
     return agent.run()
+
+
+def _open_agent(cfg: Config, signals: DaemonSignals) -> Agent | None:
+    """The agent, once its state directory can be opened. A full or read-only state file system at start is
+    waited out (one error line, a retry every few seconds, systemd's start timeout extended meanwhile): exiting
+    would let systemd's start limit (systemd/vgw-agent.service) leave the car without an agent once space is
+    back. None if a stop signal came while it waited (docs/guarantees.md, "What can be lost")."""
+    delay = ROOM_RETRY_FIRST_S
+    said = False
+    while True:
+        try:
+            return Agent(cfg, signals)
+        except can.CanError as exc:
+            raise VgwError(str(exc)) from exc
+        except StorageError as exc:
+            fault = room_fault(cfg.state_dir)
+            if fault is None:
+                raise
+            if not said:
+                log.error("%s; waiting for space (the state file system is %s), retrying every %g s at most",
+                          exc, fault, ROOM_RETRY_MAX_S)
+                said = True
+        notify(f"EXTEND_TIMEOUT_USEC={int((delay + ROOM_RETRY_MAX_S) * 1_000_000)}")
+        deadline = time.monotonic() + delay
+        while time.monotonic() < deadline:
+            if signals.early:
+                log.info("signal %d while waiting for space: stopping", signals.early[0])
+                return None
+            time.sleep(0.1)
+        delay = min(delay * 2, ROOM_RETRY_MAX_S)

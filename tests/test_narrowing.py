@@ -19,6 +19,7 @@ import pytest
 from vgw.consent.model import Grant, Limits, Recipient
 from vgw.consent.narrowing import NarrowingKind, narrowing, terms_digest
 from vgw.crypto.keys import new_data_key
+from vgw.errors import StorageError
 from vgw.outbox import LEGACY_TERMS, SCHEMA_VERSION, GrantTerms, Outbox, TermsChanged
 from vgw.simulators.cloud import RecipientKey, consent_claims, grant, sign_consent
 
@@ -369,3 +370,26 @@ def test_a_narrowing_over_a_key_that_cannot_be_unwrapped_destroys_it_and_its_row
     assert other.stats().get(wide.id, {}).get("rows", 0) == 0
     assert other.counters().get(f"unreadable_deleted:{wide.id}") == 1
     other.close()
+
+
+def test_a_narrowing_the_disk_refuses_leaves_every_row_readable_for_the_retry(tmp_path):
+    # Found by the fault-schedule explorer (docs/guarantees.md): a narrowing replaces the grant's data key; when
+    # its transaction rolled back (a full disk at COMMIT) the outbox still held the new key in memory, so the
+    # retry could not open the rows sealed under the old one (InvalidTag) and the agent died.
+    outbox = Outbox(tmp_path / "outbox.sqlite", new_data_key(), DEV)
+    old, new = _grant(), _grant(scopes=("read_speedometer",))
+    outbox.apply_terms({G: GrantTerms(terms_digest(old), frozenset(old.scopes))})
+    _commit(outbox, {"read_speedometer": 5}, terms_digest(old))
+    _commit(outbox, {"read_odometer": 2}, terms_digest(old))
+    assert [r.seq for r in outbox.pending(10)] == [1, 2]
+    narrowed = {G: GrantTerms(terms_digest(new), frozenset(new.scopes), narrowing(old, new), terms_digest(old))}
+    # The last write of the transaction fails, after the key was replaced, as a full disk does at COMMIT.
+    outbox._db.execute("CREATE TEMP TRIGGER full BEFORE INSERT ON counters BEGIN SELECT RAISE(ABORT, 'full'); END")
+    with pytest.raises(StorageError):
+        outbox.apply_terms(narrowed)
+    outbox._db.execute("DROP TRIGGER full")
+    assert [(r.seq, r.payload) for r in outbox.pending(10)] == [(1, b"sealed-1"), (2, b"sealed-2")]  # old terms
+    [w] = outbox.apply_terms(narrowed)
+    assert (w.batches_deleted, w.key_destroyed) == (1, True)
+    assert [(r.seq, r.payload) for r in outbox.pending(10)] == [(1, b"sealed-1")]
+    outbox.close()

@@ -132,6 +132,8 @@ class ConsentManager:
         # A verified document applied in memory whose disk part waits (vgw.consent.pending), and the newest
         # document that arrived meanwhile (applied in memory too; on disk after the pending one).
         self.pending: PendingApply | None = None
+        self.disk_due = False  # settle_disk could not finish (a full or read-only disk): the main loop retries it
+        self._unlisted: set[str] = set()  # grants settle_disk still has to erase (see there)
         self._held: tuple[Consent, str, list[tuple[int, frozenset[str]]]] | None = None
         self._previous_grants: tuple[Grant, ...] | None = None  # the grants the pending document replaces
         self._journal_warned: int | None = None  # the version whose unwritable record was logged
@@ -158,24 +160,55 @@ class ConsentManager:
 
     def load_cached(self) -> None:
         """Load and re-verify the cached document; finish a document left pending; erase anything on disk no
-        grant in force covers. Raises StorageError when the disk part cannot be done now (it stays pending)."""
+        grant in force covers. Raises StorageError when the disk part cannot be done now (it stays pending, or
+        due: :meth:`settle_disk`)."""
         self.in_force, self.expired = self._read_cache(audit=True)
         if self._resume_pending() is not None and self.pending is not None:
-            return  # its disk part waits for space: the rest below runs once it is done
+            self.disk_due = True
+            return  # its disk part waits for space: the rest (settle_disk) runs once it is done
+        self.settle_disk()
+
+    def settle_disk(self) -> None:
+        """Bring the outbox in line with the grants in force: rows under other terms judged, grants on disk that no
+        grant in force covers erased (with their receipts), erasures left pending finished, the clock floor raised.
+
+        Idempotent. Raises StorageError when the disk cannot take it now; it then stays due (:attr:`disk_due`) and
+        the main loop calls it again, so an erasure a full disk refused at start is not forgotten."""
+        self.disk_due = True
         grants = self.active_grants()
         active = {g.id for g in grants}
+        # Grants the outbox was last told to store that are not in force now (a cache that no longer verifies, an
+        # expiry while off): none of their rows is published from now on (the outbox's own list of active grants
+        # changes only when the disk takes it), and each ends in an erasure receipt even if it left no key or row,
+        # so the cloud hears of every grant that stopped. Remembered until erased.
+        self._unlisted = (self._unlisted | self.outbox.active_grants()) - active
+        self._withhold(self._held_stops())
         # Rows stamped with other terms than those in force (stored by an earlier version, or a crash between
         # a narrowing and the cache write) are judged now, before the uplink can publish anything.
         for withdrawal in self.outbox.apply_terms(_terms(grants, previous=()),
                                                   ver=self.in_force.ver if self.in_force else None):
             self._withdrawn(withdrawal, ver=self.in_force.ver if self.in_force else 0)
-        orphans = self.outbox.orphan_grants(active)
+        orphans = self.outbox.orphan_grants(active) | (self._unlisted - active)
         for gid in sorted(orphans):
             # A crash mid-erasure, an expiry while off, or a cache that no longer verifies: finish the job.
             self._erase(gid, reason="expired" if self.expired else "not-in-force")
+            self._unlisted.discard(gid)
+        self._withhold(self._held_stops())
         self.finish_pending_erasures()
         if self.in_force is not None:
             self.store.raise_floor(self.in_force.iat)
+        self.disk_due = False
+
+    def _withhold(self, grant_ids: frozenset[str]) -> None:
+        """Stop publishing and storing ``grant_ids`` (memory only), and every grant the outbox still lists as active
+        that is not active here: its list changes only when the disk takes it, so after a damaged cache, or while a
+        document waits for the disk, it may name grants nothing in force grants any more."""
+        active = {g.id for g in self.active_grants()}
+        try:
+            listed = self.outbox.active_grants()
+        except Exception:
+            listed = set()
+        self.outbox.withhold(frozenset(grant_ids) | frozenset((self._unlisted | listed) - active))
 
     def _resume_pending(self) -> ApplyResult | None:
         """A document a previous run left pending (its record survived in the reserved file): take it up again,
@@ -206,7 +239,7 @@ class ConsentManager:
             return None
         self.pending = p
         self.store.note_version(consent.ver)
-        self.outbox.withhold(p.stopped)
+        self._withhold(p.stopped)
         log.warning("%s was pending when the agent stopped: grant(s) %s stay stopped; finishing it",
                     version_text(consent.ver), ", ".join(sorted(p.stopped)) or "none")
         return self._finish(p)
@@ -292,7 +325,7 @@ class ConsentManager:
         self.store.note_version(consent.ver)
         if revoked and self.on_revoke is not None:
             self.on_revoke(revoked)
-        self.outbox.withhold(p.stopped)
+        self._withhold(p.stopped)
         # 2. Its record, in place in reserved space, before anything on disk changes: a restart takes it up.
         self._journal(p)
         # 3. Disk (vgw.consent.pending): terms, erasures, cache, receipts.
@@ -313,7 +346,7 @@ class ConsentManager:
         stopped = frozenset(before - {g.id for g in self.active_grants()})
         if stopped and self.on_revoke is not None:
             self.on_revoke(stopped)
-        self.outbox.withhold((self.pending.stopped if self.pending else frozenset()) | stopped | self._held_stops())
+        self._withhold((self.pending.stopped if self.pending else frozenset()) | stopped | self._held_stops())
 
     def _journal(self, p: PendingApply) -> None:
         """Write the pending document's record (in place: works on a full disk once the space is reserved)."""
@@ -392,7 +425,7 @@ class ConsentManager:
         if self.in_force is not consent:
             self.in_force = consent
             self.expired = False
-            self.outbox.withhold(self._held_stops())
+            self._withhold(self._held_stops())
             if self.on_change is not None:
                 self.on_change()
         # d. Audit and receipts, each once; an erasure's only now that memory, rows and key are gone.

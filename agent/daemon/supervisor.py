@@ -78,7 +78,7 @@ class Supervisor:
         """Turn until stop (or, with ``replay_exit``, until the trace's batches are all acknowledged)."""
         wd = watchdog_interval()
         t = self.timing
-        last_wd = last_status = last_floor = last_retention = last_pending = 0.0
+        last_wd = last_status = last_floor = last_retention = last_pending = last_settle = 0.0
         replay_exit = bool(self.cfg.can and self.cfg.can.replay and self.cfg.can.replay_exit)
         drain_since: float | None = None  # replay_exit: when the end of the trace was reached
         while not self.stop.is_set():
@@ -94,6 +94,9 @@ class Supervisor:
                 last_pending = now  # a document applied in memory whose disk part waits (a full disk)
                 self.guarded(self.manager.retry_pending)
                 self.uplink.wake()
+            if self.manager.disk_due and self.manager.pending is None and now - last_settle >= t.pending_retry_every_s:
+                last_settle = now  # the start-up erasures a full disk refused: never forgotten
+                self.guarded(self.manager.settle_disk)
             self.guarded(self.manager.check_expiry)
             if now - last_retention >= t.retention_every_s:
                 last_retention = now

@@ -179,6 +179,9 @@ class Connection:
                     raise unwritable(self.path, exc) from exc
 
     def _rollback(self) -> None:
+        # A data key replaced inside the transaction is rolled back on disk: the cache must not keep it, or rows
+        # still sealed under the old key would no longer open (unwrapped again from disk when next needed).
+        self._data_keys.clear()
         try:
             self._db.execute("ROLLBACK")
         except sqlite3.DatabaseError:

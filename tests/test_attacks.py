@@ -1,4 +1,4 @@
-"""The consent attack suite (issue 3): each hostile document goes through ``ConsentManager.apply(source="mqtt")``,
+"""The consent attack suite: each hostile document goes through ``ConsentManager.apply(source="mqtt")``,
 the path a document from the cloud takes, on a real state directory (SQLite outbox, audit log, cache file).
 
 Every case must be rejected whole: the consent in force is unchanged (version, digest, cache file bytes, active

@@ -1,4 +1,4 @@
-"""CONTRACT §1: every subcommand answers --help with exit 0; `python -m vgw` is the same CLI."""
+"""README "The contract, in our words": every subcommand answers --help with exit 0; `python -m vgw` is the same CLI."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Everything goes through a real mosquitto over TLS; the device side is a bare paho client in this module, and
 envelopes and receipts are made here directly with ``cryptography`` / PyJWT, so the peer is checked against
-CONTRACT §4-§7 rather than against itself.
+README "The contract, in our words" rather than against itself.
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ def recipient(cloud: CloudPeer) -> RecipientKey:
 def seal(
     pk: x25519.X25519PublicKey, device: str, grant_id: str, seq: int, samples: list[dict[str, Any]]
 ) -> bytes:
-    """CONTRACT §6 written out with cryptography alone: 0x01 || HPKE(zlib(JSON))."""
+    """README "Telemetry envelope" written out with cryptography alone: 0x01 || HPKE(zlib(JSON))."""
     batch = {"v": 1, "device": device, "grant": grant_id, "seq": seq, "samples": samples}
     plaintext = zlib.compress(json.dumps(batch).encode("utf-8"))
     suite = Suite(KEM.X25519, KDF.HKDF_SHA256, AEAD.AES_256_GCM)

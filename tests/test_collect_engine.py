@@ -1,4 +1,4 @@
-"""The per-grant rule engine (CONTRACT §5.1) over random traffic and random rules (hypothesis).
+"""The per-grant rule engine (README "Collection rules (per grant)") over random traffic and random rules (hypothesis).
 
 Each property is checked against the raw samples, computed independently of the engine: what the receiver
 can reconstruct, what each window summarises, which samples lie in a trigger's window.

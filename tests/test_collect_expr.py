@@ -1,4 +1,5 @@
-"""The condition language of trigger rules (CONTRACT §5.1): grammar, limits, evaluation, and a fuzz."""
+"""The condition language of trigger rules (README "Collection rules (per grant)"): grammar, limits,
+evaluation, and a fuzz."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def ev(text: str, **values: float) -> bool:
     ("(Vehicle.Speed > 1 or Vehicle.Speed < -1) and not (Vehicle.Speed == 7)", {SPEED: 7.0}, False),
     ("1 + 2 * 3 == 7", {}, True),  # precedence
     ("10 - 4 - 3 == 3", {}, True),  # left associative
-    # CONTRACT §5.1: a comparison with a path that has no value yet is false, negated or not.
+    # README "Collection rules (per grant)": a comparison with a path that has no value yet is false, negated or not.
     ("Vehicle.Speed > 0", {}, False),
     ("Vehicle.Speed <= 0", {}, False),
     ("not Vehicle.Speed > 0", {}, True),

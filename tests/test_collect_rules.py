@@ -1,4 +1,4 @@
-"""Collection rules in signed consent documents (CONTRACT §5.1), judged by the real verifier.
+"""Collection rules in signed consent documents (README "Collection rules (per grant)"), judged by the real verifier.
 
 Each attack is a signed document with one bad rule: it must be rejected whole with a specific reason, and
 through the manager leave the consent in force exactly as it was.
@@ -21,7 +21,7 @@ from tests.consentkit import Authority, State
 
 DEVICE = "dev-0001"
 SCOPES = ["read_speedometer", "read_fuel", "read_location", "read_odometer"]
-EXAMPLE = [  # CONTRACT §5.1's own example
+EXAMPLE = [  # README "Collection rules (per grant)"'s own example
     {"scope": "read_speedometer", "mode": "on_change", "deadband": 1.0, "heartbeat_s": 60},
     {"scope": "read_fuel", "mode": "periodic", "period_s": 30},
     {"path": "Vehicle.CurrentLocation.Latitude", "mode": "trigger",

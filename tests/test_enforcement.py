@@ -1,4 +1,4 @@
-"""Enforcement on the device (issue 3): privacy defaults, VIN only with read_vin, several trust keys,
+"""Enforcement on the device: privacy defaults, VIN only with read_vin, several trust keys,
 retention, and the MLKEM768-X25519 hybrid grant end to end through the real broker and agent."""
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def test_location_and_compass_defaults() -> None:
     g = _grant(["read_location", "read_compass", "read_speedometer"])
     assert g.limits_for("read_location") == Limits(max_hz=0.2, precision_m=100.0)
     assert g.limits_for("read_compass") == Limits(max_hz=0.2, precision_m=None)
-    assert g.limits_for("read_speedometer") == Limits()  # no default: every sample (CONTRACT §6)
+    assert g.limits_for("read_speedometer") == Limits()  # no default: every sample (README "Telemetry envelope")
 
 
 def test_grant_limits_override_field_by_field() -> None:

@@ -1,4 +1,4 @@
-"""The cloud can tell a restart from a duplicate: the outbox epoch (CONTRACT §6).
+"""The cloud can tell a restart from a duplicate: the outbox epoch (README "Telemetry envelope").
 
 A wiped or re-provisioned state directory starts ``seq`` at 1 again; receivers de-duplicate on
 (device, grant, epoch, seq), so the new data are kept, while a real re-delivery is still dropped.

@@ -1,4 +1,4 @@
-"""Expiry and the device's monotonic clock (CONTRACT §5, issue 3).
+"""Expiry and the device's monotonic clock (README "Consent document").
 
 When ``exp`` passes every grant stops as if revoked, with erasure receipts. The device's now is
 ``max(wall clock, floor)``; the floor (newest accepted ``iat`` and latest time seen) is persisted in

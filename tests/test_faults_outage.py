@@ -149,7 +149,8 @@ def test_revocation_while_broker_down_never_sends_the_grant(tmp_path, pki, auth)
             down = time.time()
             assert wait_until(lambda: _rows(runner, "g-gone") >= 5 and _rows(runner, "g-keep") >= 5, 20)
 
-            # The owner revokes g-gone with no network at all (CONTRACT §1: enforced within 1 s).
+            # The owner revokes g-gone with no network at all (enforced within 1 s: README "The contract, in
+            # our words").
             apply_offline(cfg, auth, {"g-keep": grants["g-keep"]}, tmp_path)
             assert wait_until(lambda: "g-gone" not in agent.outbox.stats(), 1.5)
             assert not agent.outbox.has_key("g-gone")

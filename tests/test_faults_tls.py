@@ -67,4 +67,4 @@ def test_tls_fault_refused_logged_once_and_collection_goes_on(tmp_path: Path, pk
         assert why in warnings[0].getMessage()
         assert attempts >= 4
         if tls11 is not None:
-            assert tls11.attempts >= 3 and tls11.completed == 0  # the client pins TLS >= 1.2 (CONTRACT §4 mTLS)
+            assert tls11.attempts >= 3 and tls11.completed == 0  # the client pins TLS >= 1.2 (README "Topics")

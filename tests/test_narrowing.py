@@ -1,4 +1,4 @@
-"""A narrowed grant applies to stored data too (CONTRACT §6, README "Narrowing applies to stored data").
+"""A narrowed grant applies to stored data too (README "Telemetry envelope", README "Narrowing applies to stored data").
 
 End to end: the real agent (live simulated vehicle on a virtual bus) stores batches while the broker
 (mosquitto over mutual TLS) is down, the owner narrows a grant with `vgw consent apply`, the broker comes

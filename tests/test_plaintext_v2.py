@@ -1,5 +1,5 @@
-"""CONTRACT §6 plaintext version 2 (columnar): it carries exactly the samples of version 1 (times to 1 µs),
-and every receiver reads both versions."""
+"""README "Telemetry envelope" plaintext version 2 (columnar): it carries exactly the samples of version 1
+(times to 1 µs), and every receiver reads both versions."""
 
 from __future__ import annotations
 

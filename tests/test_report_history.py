@@ -1,4 +1,4 @@
-"""The owner's report is computed from the consent history (CONTRACT-level JSON: ``report_version`` 2).
+"""The owner's report is computed from the consent history (README "Privacy report": ``report_version`` 2).
 
 Seen, after g-fleet {odometer, fuel, tires, location} had the thermometer added and then narrowed away, and
 g-insurer was granted, withdrawn, granted again and withdrawn again:

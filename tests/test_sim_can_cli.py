@@ -57,7 +57,8 @@ def test_default_output_reaches_another_process_and_says_how(procs: list[subproc
     proc = _sim(procs, "--duration", "20")
     assert proc.stdout is not None and proc.stderr is not None
     path = proc.stdout.readline().strip()
-    assert path.startswith("/dev/pts/"), path  # CONTRACT §1: the pty path is the first line of stdout
+    # README "The contract, in our words": the pty path is the first line of stdout.
+    assert path.startswith("/dev/pts/"), path
     frames = _read(path, 1.0)
     assert len(frames) > 100
     proc.terminate()

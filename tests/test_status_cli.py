@@ -44,7 +44,7 @@ def test_status_json_is_versioned_and_its_counters_structured(tmp_path: Path, pk
 
     st = json.loads(vgw("status", "--config", str(cfg), "--json").stdout)
     assert st["schema_version"] == SCHEMA_VERSION == 2
-    # CONTRACT §1's fields are all there, as they were.
+    # The contract's fields (README "The contract, in our words") are all there, as they were.
     assert st["device"] == DEV and st["consent_version"] == 1
     assert st["grants"][0]["id"] == "g-1" and set(st["grants"][0]) == {"id", "scopes", "expires"}
     assert st["outbox"] == {"g-1": {"rows": 0, "bytes": 0}}

@@ -2,6 +2,9 @@
 
 The defaults are the product's; nothing in the config file sets them. A test that needs the agent to retry,
 sweep or judge sooner passes a shorter :class:`Timing` instead of waiting out the real period.
+
+Threads: no thread owns a :class:`Timing`; it is immutable, so the supervisor's, the collector's and the health
+thread read it without a lock.
 """
 
 from __future__ import annotations

@@ -252,7 +252,8 @@ def test_the_simulator_monitor_and_doctor_take_an_arxml_or_kcd_from_the_command_
                        can={"dbc": [str(kcd)], "replay": str(trace), "replay_loop": True})
     r = vgw("monitor", "--config", str(cfg), "--duration", "2.5", "--interval", "2.2")
     assert r.returncode == 0, r.stderr
-    assert re.search(r"^Vehicle\.Speed\s+read_speedometer\s+[0-9.]+\s+(?:\S+\s+)?[1-9]", r.stdout, re.MULTILINE), r.stdout
+    speed = r"^Vehicle\.Speed\s+read_speedometer\s+[0-9.]+\s+(?:\S+\s+)?[1-9]"  # value, unit if any, rate
+    assert re.search(speed, r.stdout, re.MULTILINE), r.stdout
     r = vgw("doctor", "--config", str(cfg), "--json")
     [catalogue] = [c for c in json.loads(r.stdout) if c["check"] == "catalogue"]
     mapped = len(load_catalogue([kcd], default_signal_map()).specs)

@@ -46,7 +46,16 @@ from vgw.crypto.enrollment import chains_to
 from vgw.crypto.keys import KEY_BYTES
 from vgw.dbc import shipped_dir
 from vgw.errors import ConfigError, StorageError
-from vgw.fsutil import MAX_KEY_BYTES, Account, acting_for, atomic_write, ensure_private_dir, owner_of, read_small_file
+from vgw.fsutil import (
+    MAX_CONFIG_BYTES,
+    MAX_KEY_BYTES,
+    Account,
+    acting_for,
+    atomic_write,
+    ensure_private_dir,
+    owner_of,
+    read_small_file,
+)
 
 DEFAULT_OUT = Path("/etc/vgw")
 DEFAULT_STATE_DIR = Path("/var/lib/vgw")
@@ -321,10 +330,15 @@ trust_keys = ["{TRUST_KEY_NAME}"]
 
 
 def _existing_device_id(config: Path) -> str | None:
-    """The device id of an existing config, read leniently (it may predate the current schema)."""
+    """The device id of an existing config, read leniently (it may predate the current schema). Read the bounded
+    way every config is read: a FIFO or a link to ``/dev/zero`` there raises ConfigError, never hangs."""
     try:
-        doc = tomllib.loads(config.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        raw = read_small_file(config, what="config file", max_bytes=MAX_CONFIG_BYTES, error=ConfigError)
+    except FileNotFoundError:
+        return None
+    try:
+        doc = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError):
         return None
     dev = doc.get("device")
     value = dev.get("id") if isinstance(dev, dict) else None

@@ -487,3 +487,23 @@ def test_enroll_revoke_takes_the_device_as_an_option_too(tmp_path: Path, pki: Te
         assert r.returncode == 1 and "no certificate was issued to 'dev-never'" in r.stderr, r.stderr
     r = vgw("cloud", "enroll", "revoke", *ca, "--device-id", "dev-a", "dev-b")
     assert r.returncode == 1 and "dev-a" in r.stderr and "dev-b" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero"])
+@pytest.mark.parametrize("command", ["push", "verify-receipt"])
+def test_a_document_or_receipt_that_is_not_a_small_regular_file_is_one_line(tmp_path: Path, pki: TestPKI,
+                                                                             kind: str, command: str) -> None:
+    """`vgw cloud push` and `verify-receipt` read their file the bounded way the agent reads its own: a FIFO
+    would hang them and a link to /dev/zero would fill memory; both are refused at once with one line."""
+    path = tmp_path / "doc.jws"
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to("/dev/zero")
+    args = {"push": ["--broker", "127.0.0.1:1", "--ca", str(pki.ca.cert), "--cert", str(pki.ca.cert),
+                     "--tls-key", str(pki.ca.key), str(path)],
+            "verify-receipt": ["--device-cert", str(pki.device(DEV).cert), str(path)]}[command]
+    r = subprocess.run([sys.executable, "-m", "vgw", "cloud", command, *args], cwd=ROOT, capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert str(path) in r.stderr and "Traceback" not in r.stderr

@@ -400,3 +400,26 @@ def test_asks_for_the_source_on_a_terminal(inputs: dict[str, Path], tmp_path: Pa
     assert rc == 0, screen
     text = (other / "vgw.toml").read_text()
     assert "\n[obd]\n" in text and "\n[can]\n" not in text
+
+
+def test_an_existing_config_that_is_a_fifo_is_one_line_not_a_hang(inputs: dict[str, Path],
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Provision reads an existing config to see which device it was made for: the bounded way every config is
+    read, so a FIFO there (or a link to /dev/zero) is one clear line instead of a hang."""
+    import os
+    import threading
+
+    inputs["out"].mkdir(parents=True)
+    os.mkfifo(inputs["out"] / "vgw.toml")
+    result: list[int] = []
+    worker = threading.Thread(target=lambda: result.append(provision(inputs)), daemon=True)
+    worker.start()
+    worker.join(20)
+    if not result:  # still blocked in open(): let it go by opening the FIFO's other end, then fail
+        with open(inputs["out"] / "vgw.toml", "w"):
+            pass
+        worker.join(10)
+        pytest.fail("vgw provision blocked on a FIFO config")
+    assert result == [1]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "vgw.toml" in err[0] and "not a regular file" in err[0], err

@@ -254,14 +254,15 @@ def run_sign(args: argparse.Namespace) -> int:
 
 
 def run_push(args: argparse.Namespace) -> int:
-    from vgw.cloud.cloudkit import read_document
+    from vgw.cloud.cloudkit import read_document, read_token_file
     from vgw.cloud.cloudlink import CloudLink
 
     docs = [(read_document(p), p) for p in args.docs]
     link = CloudLink(_opts(args)).connect()
     try:
         for claims, path in docs:
-            link.publish(f"{args.prefix}/{claims['sub']}/consent", path.read_text().strip().encode())
+            token = read_token_file(path, what="consent document")
+            link.publish(f"{args.prefix}/{claims['sub']}/consent", token.encode())
             print(f"pushed {version_text(claims['ver'])} to {claims['sub']} "
                   f"({len(claims.get('grants', []))} grant(s))")
     finally:
@@ -481,7 +482,9 @@ def run_verify_receipt(args: argparse.Namespace) -> int:
 
 def _receipt_token(path: Path) -> str:
     """The compact JWS of a receipt file that verified (a JSON line from `vgw cloud listen` carries it as token)."""
-    text = path.read_text().strip()
+    from vgw.cloud.cloudkit import read_token_file
+
+    text = read_token_file(path, what="receipt")
     return str(json.loads(text)["token"]) if text.startswith("{") else text
 
 

@@ -317,13 +317,29 @@ def sign_documents(key: SigningKey, description: Mapping[str, Any], devices: Ite
     return out
 
 
+# A consent document is at most 64 KiB (README "Consent document"); a receipt, or the JSON line `vgw cloud listen`
+# wrote it in, is far smaller. A file beyond this is no document, whatever it is.
+MAX_TOKEN_FILE_BYTES = 256 * 1024
+
+
+def read_token_file(path: Path, *, what: str) -> str:
+    """The text of a small token file (a consent document, a receipt): read the bounded way the agent reads
+    its files, so a FIFO or a link to ``/dev/zero`` is one clear line, not a hang or a full memory.
+    Raises :class:`CloudKitError`."""
+    try:
+        raw = read_small_file(path, what=what, max_bytes=MAX_TOKEN_FILE_BYTES, error=CloudKitError)
+    except FileNotFoundError as exc:
+        raise CloudKitError(f"{path}: {what} not found") from exc
+    try:
+        return raw.decode("utf-8").strip()
+    except UnicodeDecodeError as exc:
+        raise CloudKitError(f"{path}: {what} is not UTF-8 text") from exc
+
+
 def read_document(path: Path, key: SigningKey | None = None) -> dict[str, Any]:
     """The claims of a consent document file, verified under ``key`` when given (expiry not checked: a
     revocation of an expired document is still a valid revocation). Raises :class:`CloudKitError`."""
-    try:
-        token = path.read_text().strip()
-    except OSError as exc:
-        raise CloudKitError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    token = read_token_file(path, what="consent document")
     try:
         if key is None:
             claims = jwt.decode(token, options={"verify_signature": False})
@@ -367,10 +383,7 @@ def verify_receipt_file(path: Path, keys: Mapping[str, ec.EllipticCurvePublicKey
 
     Raises :class:`CloudKitError` if unreadable, :class:`ReceiptError` if it does not verify.
     """
-    try:
-        token = path.read_text().strip()
-    except OSError as exc:
-        raise CloudKitError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    token = read_token_file(path, what="receipt")
     if token.startswith("{"):  # a JSON line from `vgw cloud listen`: take its token
         try:
             token = str(json.loads(token)["token"])

@@ -95,9 +95,9 @@ def test_certificate_near_expiry_is_renewed_under_load_with_a_new_key_and_no_seq
         assert wait_until(lambda: up.state == "connected" and up.connects >= 2, 30)
         count = len(cloud.batches(device, "g-speed"))
         assert cloud.wait_for(lambda: len(cloud.batches(device, "g-speed")) >= count + 3, 30)
-        st = status(cfg)
-        assert st["certificate"]["state"] == "valid"
-        assert st["certificate"]["not_after"] == new_cert.not_valid_after_utc.timestamp()
+        # vgw status reads what the agent last wrote (every few seconds): wait for the write after the swap.
+        assert wait_until(lambda: status(cfg)["certificate"]["state"] == "valid", 30), status(cfg)["certificate"]
+        assert status(cfg)["certificate"]["not_after"] == new_cert.not_valid_after_utc.timestamp()
         records = [json.loads(line) for line in service.ledger.read_text().splitlines()]
         assert [(r["kind"], r["device"]) for r in records] == [("renew", device)]
         # Receipts after the swap are signed with the new key.

@@ -253,3 +253,22 @@ def test_a_device_revoked_while_the_service_runs_is_refused_renewal(tmp_path: Pa
             assert wait_until(lambda: status(cfg)["certificate"]["state"] == "refused", 60), \
                 runner.agent.renewal.view()
             assert "revoked" in status(cfg)["certificate"]["last_error"]
+
+
+def test_a_certificate_renewed_in_the_second_it_was_installed_is_the_one_in_use(tmp_path: Path, pki) -> None:
+    """X.509 times have one-second grain: a renewal right after provisioning (a fast machine) gets the same
+    notBefore as the installed certificate. The longer-lived, renewed one must be used; choosing the installed
+    one made the agent see its old expiry and ask again for ever (status stayed "due")."""
+    from vgw.crypto.credentials import device_credentials, renewed_pair
+
+    issued = dt.datetime.now(dt.UTC).replace(microsecond=0) - dt.timedelta(minutes=5)
+    near = pki.client_cert("dev-tie", name="dev-tie-near", not_before=issued, not_after=issued + dt.timedelta(days=2))
+    later = pki.client_cert("dev-tie", name="dev-tie-new", not_before=issued, not_after=issued + dt.timedelta(days=365))
+    state = tmp_path / "state"
+    cert, key = renewed_pair(state)
+    cert.parent.mkdir(parents=True)
+    shutil.copy(later.cert, cert)
+    shutil.copy(later.key, key)
+    assert device_credentials(near.cert, near.key, state) == (cert, key)
+    # The same certificate installed again (same times) is the installed one, as before.
+    assert device_credentials(later.cert, later.key, state) == (later.cert, later.key)

@@ -50,17 +50,21 @@ def device_credentials(cert_file: Path, key_file: Path, state_dir: Path) -> tupl
     cert, key = renewed_pair(state_dir)
     if not (cert.is_file() and key.is_file()):
         return cert_file, key_file
-    renewed = _issued_at(cert)
-    installed = _issued_at(cert_file)
+    renewed = _validity(cert)
+    installed = _validity(cert_file)
+    # Newer = issued later; issued in the same second (X.509 times have no finer grain: a renewal right after
+    # provisioning), the one that lasts longer. A tie in both is the same certificate: the installed one.
     if renewed is None or (installed is not None and installed >= renewed):
         return cert_file, key_file
     return cert, key
 
 
-def _issued_at(path: Path) -> float | None:
+def _validity(path: Path) -> tuple[float, float] | None:
+    """(notBefore, notAfter) of the certificate in ``path``, or None if it cannot be read."""
     try:
         data = read_small_file(path, what="certificate", max_bytes=MAX_KEY_BYTES, error=ConfigError)
-        return x509.load_pem_x509_certificates(data)[0].not_valid_before_utc.timestamp()
+        leaf = x509.load_pem_x509_certificates(data)[0]
+        return leaf.not_valid_before_utc.timestamp(), leaf.not_valid_after_utc.timestamp()
     except (ConfigError, OSError, ValueError, IndexError):
         return None
 

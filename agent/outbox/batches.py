@@ -2,15 +2,8 @@
 
 Tables: ``active_grants``, ``grant_keys``, ``seqs`` and ``batches`` (each described in :mod:`vgw.outbox`).
 
-Quota: :meth:`Outbox.commit_batch` with ``quota_bytes``, when the outbox would exceed it, deletes in the same
-transaction, in this order until it fits: (0) rows kept after their PUBACK for the replay window, oldest ack first,
-not counted (the broker has them); (1) the committing grant's oldest batches, its new batch excepted; (2) the
-oldest batches of the grant holding the most bytes that has a batch not in flight (possibly the new batch itself).
-A batch in flight (handed to the broker, PUBACK not come) is never a victim: it may have arrived, and dropping it
-would make the ``dropped_quota`` count lie; the next-oldest batch goes instead. So a grant's dropped seqs are
-exactly the counted ones (``dropped_quota:<grant>``, each once), oldest first among those not in flight, and
-batches in flight may split them into several runs. If every batch left is in flight, the outbox stays over the
-quota until their PUBACKs come: it then holds only the batches in flight (the uplink's window).
+Quota: the eviction order of :meth:`Outbox.commit_batch` over ``quota_bytes`` is stated once, in :mod:`vgw.outbox`
+("Quota"), and lives in ``_fit_quota`` below.
 
 Replay window (README "Replay after failover"): with ``keep_s`` > 0, :meth:`Outbox.mark_sent` stamps an
 acknowledged row ``acked`` instead of deleting it; it is no longer pending, but an uplink that fails over to

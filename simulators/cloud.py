@@ -287,13 +287,16 @@ class CloudPeer(CloudRecorder):
             self._subscribed = False
             self._connections += 1
         opts: SubscribeOptions | int = SubscribeOptions(qos=1) if self.protocol == "5" else 1  # 3.1.1: plain QoS
+        _rc, mid = client.subscribe([(topic, opts) for topic in self._subscriptions()])
+        with self._cond:
+            self._pending_sub = mid
+
+    def _subscriptions(self) -> list[str]:
+        """The topic filters subscribed on every connect (a subclass that hears more adds to them)."""
         data = f"{self.prefix}/+/data/+"
         if self._share_group:
             data = f"$share/{self._share_group}/{data}"
-        topics = [(data, opts), (f"{self.prefix}/+/receipt", opts), (f"{self.prefix}/+/status", opts)]
-        _rc, mid = client.subscribe(topics)
-        with self._cond:
-            self._pending_sub = mid
+        return [data, f"{self.prefix}/+/receipt", f"{self.prefix}/+/status"]
 
     def _on_subscribe(self, client: Any, userdata: Any, mid: int, reason_codes: Any, properties: Any) -> None:
         with self._cond:

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from paho.mqtt.subscribeoptions import SubscribeOptions
 from vgw.simulators.broker import Mosquitto
 from vgw.simulators.cloud import CloudPeer, SigningKey
 from vgw.simulators.pki import TestPKI
@@ -67,20 +66,9 @@ class Observer(CloudPeer):
         self.stream: list[Message] = []
         self._n = 0
 
-    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
-        with self._cond:
-            if reason_code.is_failure:
-                self._connect_error = f"CONNACK {reason_code}"
-                self._cond.notify_all()
-                return
-            self._connected = True
-            self._subscribed = False
-            self._connections += 1
-        opts = SubscribeOptions(qos=1)
-        _rc, mid = client.subscribe([(f"{self.prefix}/+/{kind}", opts) for kind in
-                                     ("data/+", "receipt", "status", "consent")])
-        with self._cond:
-            self._pending_sub = mid
+    def _subscriptions(self) -> list[str]:
+        # The consent topics too: the oracle judges each batch against the consent the broker held then.
+        return [*super()._subscriptions(), f"{self.prefix}/+/consent"]
 
     def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
         if message.retain:  # a copy for a new subscription, not something that happened now

@@ -222,6 +222,22 @@ class SimDevice:
 # ---------------------------------------------------------------- a worker thread (many devices, one selector)
 
 
+def pump(c: mqtt.Client, mask: int) -> bool:
+    """Let paho read and write what the selector said is ready on ``c``'s socket; False once it has closed."""
+    if mask & selectors.EVENT_READ:
+        c.loop_read()
+        sock = c.socket()
+        # TLS may hold decrypted bytes the kernel socket no longer signals (paho's loop checks this too).
+        while sock is not None and hasattr(sock, "pending") and sock.pending() > 0:
+            c.loop_read()
+            sock = c.socket()
+        if sock is None:
+            return False
+    if mask & selectors.EVENT_WRITE and c.socket() is not None:
+        c.loop_write()
+    return True
+
+
 class Worker:
     def __init__(self, name: str, period_s: float, n_samples: int) -> None:
         self.name = name
@@ -330,13 +346,4 @@ class Worker:
             return
         for key, mask in self.sel.select(timeout):
             dev: SimDevice = key.data
-            c = dev.client
-            if mask & selectors.EVENT_READ:
-                c.loop_read()
-                sock = c.socket()
-                # TLS may hold decrypted bytes the kernel socket no longer signals (paho's loop checks this too).
-                while sock is not None and hasattr(sock, "pending") and sock.pending() > 0:
-                    c.loop_read()
-                    sock = c.socket()
-            if mask & selectors.EVENT_WRITE and c.socket() is not None:
-                c.loop_write()
+            pump(dev.client, mask)

@@ -46,6 +46,7 @@ from vgw.crypto.enrollment import (
     response_topic,
 )
 from vgw.errors import EnrollmentError
+from vgw.simulators.fleet_device import pump
 
 __all__ = ["RESEND_S", "EnrollReport", "EnrollService", "enroll_fleet"]
 
@@ -226,20 +227,11 @@ class _Lane:
             return
         for key, mask in self.sel.select(timeout):
             e: _Enrollee = key.data
-            c = e.client
-            if mask & selectors.EVENT_READ:
-                c.loop_read()
-                sock = c.socket()
-                while sock is not None and hasattr(sock, "pending") and sock.pending() > 0:
-                    c.loop_read()
-                    sock = c.socket()
-                if sock is None:
-                    for k in list(self.sel.get_map().values()):
-                        if k.data is e:
-                            self.sel.unregister(k.fileobj)
-                            self.masks.pop(k.fd, None)
-            if mask & selectors.EVENT_WRITE and c.socket() is not None:
-                c.loop_write()
+            if not pump(e.client, mask):
+                for k in list(self.sel.get_map().values()):
+                    if k.data is e:
+                        self.sel.unregister(k.fileobj)
+                        self.masks.pop(k.fd, None)
 
 
 def enroll_fleet(tokens: dict[str, str], *, host: str, port: int, protocol: str, ca: Path, claim_cert: Path,

@@ -133,8 +133,8 @@ class MessageDecoder:
                 raise KeyError(sig_name)
             # One name may stand for several signals, one per multiplexer branch (a KCD or ARXML description
             # may repeat a name in several branches): cantools returns whichever branch the frame carries.
-            same_name = [_Output(FieldLayout.of(sig), _conditions(sig, by_name), key)
-                         for sig in message.signals if sig.name == sig_name and decoded_by_cantools(sig, by_name)]
+            same_name = [_Output(FieldLayout.of(sig), cond, key) for sig in message.signals
+                         if sig.name == sig_name and (cond := _conditions(sig, by_name)) is not None]
             if not all(_exclusive(a, b) for a, b in itertools.combinations(same_name, 2)):
                 same_name = same_name[-1:]  # cantools' result is a dict by name: the last one decoded wins
             # A signal cantools never decodes is left out (value-exact against cantools).
@@ -305,24 +305,6 @@ def _scaled(src: str, scale: int | float, offset: int | float, scale_name: str, 
     return f"{expr} + {lit(offset, offset_name)}"
 
 
-def decoded_by_cantools(sig: Signal, by_name: dict[str, Signal]) -> bool:
-    """Whether cantools' ``decode_message`` can ever return ``sig``: a multiplexed signal is reached only
-    through selectors that the DBC marks as multiplexers (``M``/``mXM``), each listing the signal's ids.
-
-    A lenient DBC may list ids under a selector that is not marked as one (Volkswagen PQ's ``Motor_2``: four
-    signals at bit 0 with ids of ``MO2_Mp_Code``, which has no ``M``): cantools decodes none of them."""
-    current, seen = sig, set()
-    while current.multiplexer_signal is not None:
-        if current.name in seen:
-            return False
-        seen.add(current.name)
-        selector = by_name.get(current.multiplexer_signal)
-        if selector is None or not selector.is_multiplexer or not current.multiplexer_ids:
-            return False
-        current = selector
-    return True
-
-
 def _exclusive(a: _Output, b: _Output) -> bool:
     """Whether no frame can satisfy the multiplexer conditions of both ``a`` and ``b``: on the path they share
     from the outermost selector, one selector requires disjoint ids of them."""
@@ -334,15 +316,22 @@ def _exclusive(a: _Output, b: _Output) -> bool:
     return False
 
 
-def _conditions(sig: Signal, by_name: dict[str, Signal]) -> tuple[tuple[FieldLayout, frozenset[int]], ...]:
+def _conditions(sig: Signal, by_name: dict[str, Signal]) -> tuple[tuple[FieldLayout, frozenset[int]], ...] | None:
+    """The multiplexer conditions of ``sig``, outermost first (empty if it is not multiplexed), or None when
+    cantools' ``decode_message`` never returns it: a multiplexed signal is reached only through selectors the
+    description marks as multiplexers (``M``/``mXM``), each listing the signal's ids.
+
+    A lenient DBC may list ids under a selector that is not marked as one (Volkswagen PQ's ``Motor_2``: four
+    signals at bit 0 with ids of ``MO2_Mp_Code``, which has no ``M``): cantools decodes none of them."""
     chain: list[tuple[FieldLayout, frozenset[int]]] = []
-    current = sig
-    seen = set()
-    while current.multiplexer_ids and current.multiplexer_signal:
-        if current.name in seen:  # a malformed DBC could loop; cantools would reject it, be safe anyway
-            break
+    current, seen = sig, set()
+    while current.multiplexer_signal is not None:
+        if current.name in seen:  # a malformed description could loop
+            return None
         seen.add(current.name)
-        selector = by_name[current.multiplexer_signal]
+        selector = by_name.get(current.multiplexer_signal)
+        if selector is None or not selector.is_multiplexer or not current.multiplexer_ids:
+            return None
         chain.append((FieldLayout.of(selector), frozenset(current.multiplexer_ids)))
         current = selector
     chain.reverse()

@@ -15,16 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import can
-from vgw.config import Config, load_config
+from vgw.base.config import Config, load_config
 from vgw.daemon.timing import DEFAULT_TIMING, Timing
-from vgw.runtime import Agent
-from vgw.simulators.broker import Mosquitto
-from vgw.simulators.can_sim import CanSimulator
-from vgw.simulators.cloud import CloudPeer, RecipientKey, SigningKey, consent_claims, grant, sign_consent
-from vgw.simulators.nats import NatsMqtt
-from vgw.simulators.paths import default_dbc, default_signal_map
-from vgw.simulators.pki import TestPKI
-from vgw.simulators.vehicle import VehicleModel
+from vgw.daemon.agent import Agent
+from vgw_sim.broker import Mosquitto
+from vgw_sim.can_sim import CanSimulator
+from vgw_sim.cloud import CloudPeer, RecipientKey, SigningKey, consent_claims, grant, sign_consent
+from vgw_sim.nats import NatsMqtt
+from vgw_sim.paths import default_dbc, default_signal_map
+from vgw_sim.pki import TestPKI
+from vgw_sim.vehicle import VehicleModel
 
 ROOT = Path(__file__).resolve().parents[1]
 

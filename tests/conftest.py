@@ -2,9 +2,9 @@
 
 - ``pki`` (session): a throwaway CA with server, ``cloud`` and device certificates for ``dev-0001`` and
   ``dev-0002`` in a 0755 temp dir (mosquitto, dropped to its own user, must read it).
-- ``broker`` (function): a started private :class:`~vgw.simulators.broker.Mosquitto` with mutual TLS and the
+- ``broker`` (function): a started private :class:`~vgw_sim.broker.Mosquitto` with mutual TLS and the
   per-device ACL on a free loopback port; stopped after the test.
-- ``cloud`` (function): a connected :class:`~vgw.simulators.cloud.CloudPeer` on ``broker`` that knows both
+- ``cloud`` (function): a connected :class:`~vgw_sim.cloud.CloudPeer` on ``broker`` that knows both
   devices' certificates; closed after the test.
 - ``db`` (module): the demo DBC as a cantools database (strict).
 - ``channel`` (function): a virtual CAN channel name of the test's own.
@@ -37,10 +37,10 @@ import cantools
 import psutil
 import pytest
 from cantools.database.can import Database
-from vgw.simulators.broker import Mosquitto
-from vgw.simulators.cloud import CloudPeer
-from vgw.simulators.paths import default_dbc
-from vgw.simulators.pki import TestPKI
+from vgw_sim.broker import Mosquitto
+from vgw_sim.cloud import CloudPeer
+from vgw_sim.paths import default_dbc
+from vgw_sim.pki import TestPKI
 
 from tests.agentkit import Vehicle, connected_cloud, vehicle_on_bus
 

@@ -12,14 +12,14 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from vgw.audit import AuditLog
-from vgw.consent.manager import ConsentManager, load_trust_keys
-from vgw.consent.store import ConsentStore
-from vgw.crypto.keys import load_or_create_storage_key
-from vgw.crypto.receipts import ReceiptSigner
-from vgw.outbox import Outbox
-from vgw.simulators.cloud import RecipientKey, SigningKey, consent_claims, grant, sign_consent, verify_receipt
-from vgw.simulators.pki import TestPKI, device_public_key_from_cert
+from vgw.state.audit import AuditLog
+from vgw.state.consent.manager import ConsentManager, load_trust_keys
+from vgw.state.consent.store import ConsentStore
+from vgw.state.keys import load_or_create_storage_key
+from vgw.contract.receipts import ReceiptSigner
+from vgw.state.outbox import Outbox
+from vgw_sim.cloud import RecipientKey, SigningKey, consent_claims, grant, sign_consent, verify_receipt
+from vgw_sim.pki import TestPKI, device_public_key_from_cert
 
 OUTBOX_FILE = "outbox.sqlite"  # agent.runtime.OUTBOX_FILE (not imported: keeps these tests off the runtime)
 

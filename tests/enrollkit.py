@@ -12,8 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from vgw.simulators.broker import CLAIM_USER, Mosquitto
-from vgw.simulators.pki import CertPaths, TestPKI
+from vgw_sim.broker import CLAIM_USER, Mosquitto
+from vgw_sim.pki import CertPaths, TestPKI
 
 from tests.agentkit import ROOT, stop_process, wait_until, write_config
 

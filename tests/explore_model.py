@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from vgw.simulators.cloud import RecipientKey, SigningKey, consent_claims, grant, sign_consent
+from vgw_sim.cloud import RecipientKey, SigningKey, consent_claims, grant, sign_consent
 
 Step = dict[str, Any]
 

@@ -33,10 +33,10 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from vgw.catalogue import load_catalogue
-from vgw.simulators.cloud import EnvelopeError, ReceiptError, open_envelope, verify_receipt
-from vgw.simulators.paths import default_dbc, default_signal_map
-from vgw.simulators.pki import device_public_key_from_cert
+from vgw.pipeline.catalogue import load_catalogue
+from vgw_sim.cloud import EnvelopeError, ReceiptError, open_envelope, verify_receipt
+from vgw_sim.paths import default_dbc, default_signal_map
+from vgw_sim.pki import device_public_key_from_cert
 
 from tests.explore_model import ConsentModel, Incarnation
 from tests.explore_world import Message

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vgw.simulators.broker import Mosquitto
-from vgw.simulators.cloud import CloudPeer, SigningKey
-from vgw.simulators.pki import TestPKI
+from vgw_sim.broker import Mosquitto
+from vgw_sim.cloud import CloudPeer, SigningKey
+from vgw_sim.pki import TestPKI
 
 from tests.agentkit import ROOT
 from tests.faultkit import record_trace

@@ -17,14 +17,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import vgw.outbox.startup as outbox_startup
-from vgw.outbox import Outbox
-from vgw.simulators.broker import Mosquitto
-from vgw.simulators.can_sim import CanSimulator
-from vgw.simulators.cloud import CloudPeer
-from vgw.simulators.paths import default_dbc
-from vgw.simulators.pki import TestPKI
-from vgw.simulators.vehicle import VehicleModel
+import vgw.state.outbox.startup as outbox_startup
+from vgw.state.outbox import Outbox
+from vgw_sim.broker import Mosquitto
+from vgw_sim.can_sim import CanSimulator
+from vgw_sim.cloud import CloudPeer
+from vgw_sim.paths import default_dbc
+from vgw_sim.pki import TestPKI
+from vgw_sim.vehicle import VehicleModel
 
 from tests.agentkit import Authority, connected_cloud, vgw
 

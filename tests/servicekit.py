@@ -21,7 +21,7 @@ from typing import Any
 import requests
 from authlib.common.security import generate_token
 from authlib.integrations.requests_client import OAuth2Session
-from vgw.simulators.pki import TestPKI
+from vgw_sim.pki import TestPKI
 
 from tests.agentkit import ROOT, stop_process, vgw, wait_until
 

@@ -24,8 +24,8 @@ import paho.mqtt.client as paho
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from vgw import errors
-from vgw.simulators.cloud import SigningKey, b64url
+from vgw.base import errors
+from vgw_sim.cloud import SigningKey, b64url
 
 from tests.consentkit import Authority, State
 
@@ -185,7 +185,7 @@ CASES: list[tuple[str, Forge, set[str], int | None]] = [
 ]
 
 
-# One exception class per rule (vgw.errors), so a caller can catch e.g. a rollback by type; the reason it
+# One exception class per rule (vgw.base.errors), so a caller can catch e.g. a rollback by type; the reason it
 # carries is the receipt's, unchanged.
 ERROR_OF: dict[str, type[errors.ConsentError]] = {
     "signature": errors.BadSignatureError, "malformed": errors.MalformedError, "alg": errors.AlgorithmError,

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from vgw.audit import GENESIS, AuditLog, _digest
+from vgw.state.audit import GENESIS, AuditLog, _digest
 from vgw.cli import main
 
 from tests.consentkit import Authority, State

@@ -6,12 +6,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from vgw.catalogue import MAX_DBC_BYTES, MAX_DBC_MESSAGES, MAX_DBC_SIGNALS, MAX_DBC_WORDS, load_catalogue
-from vgw.config import load_config
-from vgw.errors import ConfigError
+from vgw.pipeline.catalogue import MAX_DBC_BYTES, MAX_DBC_MESSAGES, MAX_DBC_SIGNALS, MAX_DBC_WORDS, load_catalogue
+from vgw.base.config import load_config
+from vgw.base.errors import ConfigError
 from vgw.pipeline.router import Pipeline
-from vgw.simulators.broker import free_port
-from vgw.simulators.paths import default_dbc, default_signal_map
+from vgw_sim.broker import free_port
+from vgw_sim.paths import default_dbc, default_signal_map
 
 from tests.agentkit import Authority, vgw, write_config
 
@@ -130,8 +130,8 @@ def test_signal_map_errors(tmp_path: Path, entry: str, message: str) -> None:
 
 
 def test_unknown_ids_and_short_frames_are_counted_not_fatal() -> None:
-    from vgw.consent.model import Grant, Recipient
-    from vgw.simulators.cloud import RecipientKey, consent_claims, grant
+    from vgw.contract.consent.model import Grant, Recipient
+    from vgw_sim.cloud import RecipientKey, consent_claims, grant
 
     del RecipientKey, consent_claims, grant
     cat = load_catalogue([default_dbc()], default_signal_map())
@@ -244,7 +244,7 @@ def test_a_dbc_over_the_byte_cap_is_refused_before_it_is_read(tmp_path: Path) ->
 def test_every_real_dbc_is_within_the_budget() -> None:
     """The cantools corpus (the largest: vehicle.dbc, 217 messages) loads as before: the budget refuses no real
     DBC (docs/performance.md records its load time and memory)."""
-    from vgw.catalogue import dbc_counts
+    from vgw.pipeline.catalogue import dbc_counts
 
     for path in sorted(SHARED.glob("*.dbc")):
         counts = dbc_counts(path.read_bytes())

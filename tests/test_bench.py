@@ -7,7 +7,7 @@ import json
 
 import pytest
 from vgw.cli import main
-from vgw.simulators.broker import MosquittoNotFound, find_mosquitto
+from vgw_sim.broker import MosquittoNotFound, find_mosquitto
 
 
 def _have_mosquitto() -> bool:

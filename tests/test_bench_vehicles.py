@@ -7,8 +7,8 @@ import json
 
 import pytest
 from vgw.cli import main
-from vgw.simulators.broker import MosquittoNotFound, find_mosquitto
-from vgw.simulators.paths import dbc_dir
+from vgw_sim.broker import MosquittoNotFound, find_mosquitto
+from vgw_sim.paths import dbc_dir
 
 
 def _have_mosquitto() -> bool:

@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from vgw.simulators.cloud import SigningKey
-from vgw.simulators.pki import TestPKI
+from vgw_sim.cloud import SigningKey
+from vgw_sim.pki import TestPKI
 
 from tests.test_provision import sign_csr
 

@@ -11,7 +11,7 @@ import vgw.sources.candump as cd
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from vgw.sources.candump import DamagedLine, read_frame_tuples, read_frames
-from vgw.sources.frame import frame_of
+from vgw.sources.canmsg import frame_of
 
 LINES = ["(1700000000.000100) can0 123#DEADBEEF", "(1700000000.5) vcan0 18FEF100#0102030405060708 R",
          "(1.000001) can0 7FF#", "(1700000000.000100) can0 123#R", "(1700000000.1) can0 20000080#0000000000000000",

@@ -18,12 +18,12 @@ from typing import Any
 
 import jwt
 import pytest
-from vgw.catalogue import load_catalogue
+from vgw.pipeline.catalogue import load_catalogue
 from vgw.cloud.cloudlink import Listener
-from vgw.simulators.broker import Mosquitto
-from vgw.simulators.cloud import RecipientKey, seal_envelope
-from vgw.simulators.paths import default_dbc, default_signal_map
-from vgw.simulators.pki import TestPKI, device_public_key_from_cert
+from vgw_sim.broker import Mosquitto
+from vgw_sim.cloud import RecipientKey, seal_envelope
+from vgw_sim.paths import default_dbc, default_signal_map
+from vgw_sim.pki import TestPKI, device_public_key_from_cert
 
 from tests.agentkit import ROOT, AgentThread, Vehicle, stop_process, vgw, wait_until, write_config
 
@@ -163,7 +163,7 @@ def test_push_listen_revoke_verify_receipt_round_trip_with_the_agent(
             assert revoked.returncode == 0, revoked.stderr
             # Reported on stdout like push, with the new version (it used to print only to stderr).
             ver = jwt.decode((tmp_path / "v2.jws").read_text().strip(), options={"verify_signature": False})["ver"]
-            # The version (Unix ms) is shown with its date (vgw.consent.model.version_text).
+            # The version (Unix ms) is shown with its date (vgw.contract.consent.model.version_text).
             dated = f"consent v{ver} (dated {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(ver // 1000))})"
             assert f"pushed revocation of g-fleet: {dated} for {DEV} (0 grant(s) left)" in revoked.stdout
             assert f"wrote revocation of g-fleet: {dated}" in revoked.stdout
@@ -291,7 +291,7 @@ def test_shared_subscription_workers_each_handle_a_batch_once(
     rk_dir = tmp_path / "keys"
     assert vgw("cloud", "keygen", "--dir", str(rk_dir), "--recipient", "fleet").returncode == 0
     pub = json.loads((rk_dir / "recipients/fleet.pub.json").read_text())
-    from vgw.simulators.cloud import recipient_public_key
+    from vgw_sim.cloud import recipient_public_key
 
     pk = recipient_public_key(pub)
     common = [*broker_args(broker, pki, "5"), "--recipient", str(rk_dir), "--share", "workers", "--no-status"]
@@ -328,7 +328,7 @@ def test_shared_subscription_workers_each_handle_a_batch_once(
 
 
 def test_deploy_mosquitto_acl_is_the_tested_policy() -> None:
-    from vgw.simulators.broker import device_acl
+    from vgw_sim.broker import device_acl
 
     root = Path(__file__).resolve().parents[1] / "deploy" / "mosquitto"
     assert (root / "vgw.acl").read_text() == device_acl("vgw", cloud_user="cloud")
@@ -438,7 +438,7 @@ def test_listen_writes_decoded_values_without_binary_float_noise(
 
     keys = tmp_path / "keys"
     assert vgw("cloud", "keygen", "--dir", str(keys), "--recipient", "fleet").returncode == 0
-    from vgw.simulators.cloud import recipient_public_key
+    from vgw_sim.cloud import recipient_public_key
 
     pk = recipient_public_key(json.loads((keys / "recipients/fleet.pub.json").read_text()))
     noisy = {"Vehicle.Speed": 3266 * 0.01, "Vehicle.Body.Lights.IsHighBeamOn": True, "Vehicle.VIN": "WVW1",

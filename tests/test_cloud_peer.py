@@ -23,9 +23,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, x25519
 from cryptography.hazmat.primitives.hpke import AEAD, KDF, KEM, Suite
-from vgw.errors import UplinkError
-from vgw.simulators.broker import Mosquitto, device_acl
-from vgw.simulators.cloud import (
+from vgw.base.errors import UplinkError
+from vgw_sim.broker import Mosquitto, device_acl
+from vgw_sim.cloud import (
     CONSENT_TYP,
     CloudPeer,
     EnvelopeError,
@@ -39,7 +39,7 @@ from vgw.simulators.cloud import (
     sign_consent,
     verify_receipt,
 )
-from vgw.simulators.pki import CertPaths, TestPKI, device_public_key_from_cert, load_private_key
+from vgw_sim.pki import CertPaths, TestPKI, device_public_key_from_cert, load_private_key
 
 GRANT = "g-fleet-1"
 

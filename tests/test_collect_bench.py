@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from vgw.collect import limits
-from vgw.collect.budget import document_usage
-from vgw.collect.rules import parse_rules
+from vgw.contract.rules import limits
+from vgw.contract.rules.budget import document_usage
+from vgw.contract.rules.rules import parse_rules
 from vgw.tools.bench.drive import drive_cycle
 from vgw.tools.bench.rules import SCOPES, worst_case_collect
 

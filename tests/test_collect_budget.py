@@ -14,18 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from vgw.collect import limits
-from vgw.collect.budget import document_usage, rule_held, rule_work
-from vgw.collect.engine import RuleEngine
-from vgw.collect.expr import parse_condition
-from vgw.collect.rules import RuleReason, parse_rules
-from vgw.collect.vss import VSS_SCOPES
-from vgw.consent.manager import load_trust_keys
-from vgw.consent.verifier import verify_consent
-from vgw.errors import ClaimsError
+from vgw.contract.rules import limits
+from vgw.contract.rules.budget import document_usage, rule_held, rule_work
+from vgw.pipeline.rule_engine import RuleEngine
+from vgw.contract.rules.expr import parse_condition
+from vgw.contract.rules.rules import RuleReason, parse_rules
+from vgw.contract.rules.vss import VSS_SCOPES
+from vgw.state.consent.manager import load_trust_keys
+from vgw.contract.consent.verifier import verify_consent
+from vgw.base.errors import ClaimsError
 from vgw.pipeline.router import Pipeline
-from vgw.scopes import SCOPES
-from vgw.simulators.paths import default_dbc, default_signal_map
+from vgw.contract.scopes import SCOPES
+from vgw_sim.paths import default_dbc, default_signal_map
 
 from tests.consentkit import Authority, State
 
@@ -73,7 +73,7 @@ def test_constant_padding_folds_away() -> None:
     condition = parse_condition(text)
     assert condition.cost == parse_condition(f"{RPM} > 3").cost == 3  # compare, path, number
     # Folding keeps the meaning: the same value on either side of the folded bound.
-    from vgw.collect.expr import Evaluator
+    from vgw.contract.rules.expr import Evaluator
 
     bound = 1 + (len(text) - len(f"{RPM}>1")) // 2
     assert Evaluator(condition)({RPM: bound + 0.5}) is True
@@ -108,7 +108,7 @@ def test_demo_vehicle_document_is_accepted_or_refused_whole_by_its_work(tmp_path
                                                                         padding: str) -> None:
     # As reported on the demo vehicle: one trigger rule per mapped path (25) in each of two grants, every
     # condition on Vehicle.Speed padded to the length limit.
-    from vgw.catalogue import load_catalogue
+    from vgw.pipeline.catalogue import load_catalogue
 
     catalogue = load_catalogue([default_dbc()], default_signal_map())
     paths = sorted({s.path for s in catalogue.specs})

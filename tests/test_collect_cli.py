@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vgw.simulators.pki import TestPKI
+from vgw_sim.pki import TestPKI
 
 from tests.agentkit import vgw, write_config
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from vgw.simulators.cloud import CloudPeer, consent_claims, grant, sign_consent
+from vgw_sim.cloud import CloudPeer, consent_claims, grant, sign_consent
 
 from tests.agentkit import AgentThread, Authority, vgw, write_config
 

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from vgw.collect.engine import RuleEngine, is_number
-from vgw.collect.rules import parse_rules
+from vgw.pipeline.rule_engine import RuleEngine, is_number
+from vgw.contract.rules.rules import parse_rules
 
 SPEED, FUEL, LAT, ODO = ("Vehicle.Speed", "Vehicle.Powertrain.FuelSystem.RelativeLevel",
                          "Vehicle.CurrentLocation.Latitude", "Vehicle.TraveledDistance")
@@ -205,7 +205,7 @@ def test_windows_close_when_any_sample_of_the_grant_passes_their_end() -> None:
 
 
 def test_history_is_bounded_in_samples_too() -> None:
-    from vgw.collect.budget import rule_held
+    from vgw.contract.rules.budget import rule_held
 
     rules = parse_rules([{"scope": "read_location", "mode": "trigger", "when": "Vehicle.Speed > 1", "pre_s": 60}],
                         GRANT_SCOPES)

@@ -8,8 +8,8 @@ import time
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from vgw.collect.expr import ConditionError, Evaluator, parse_condition
-from vgw.collect.limits import MAX_CHARS, MAX_DEPTH
+from vgw.contract.rules.expr import ConditionError, Evaluator, parse_condition
+from vgw.contract.rules.limits import MAX_CHARS, MAX_DEPTH
 
 SPEED = "Vehicle.Speed"
 

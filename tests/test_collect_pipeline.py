@@ -10,9 +10,9 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from vgw.consent.manager import load_trust_keys
-from vgw.consent.model import Grant
-from vgw.consent.verifier import verify_consent
+from vgw.state.consent.manager import load_trust_keys
+from vgw.contract.consent.model import Grant
+from vgw.contract.consent.verifier import verify_consent
 from vgw.pipeline.router import Pipeline
 
 from tests.consentkit import Authority
@@ -127,7 +127,7 @@ def test_new_terms_for_the_same_grant_start_a_new_engine(tmp_path: Path) -> None
 def test_every_sent_sample_satisfies_rules_limits_and_grant(tmp_path: Path, data: st.DataObject) -> None:
     mode = data.draw(st.sampled_from(["on_change", "periodic", "trigger", "aggregate"]))
     max_hz = data.draw(st.sampled_from([None, 0.5, 2.0]))
-    # A condition may not read a scope the grant limits (vgw.collect.rules): with a speed limit the trigger
+    # A condition may not read a scope the grant limits (vgw.contract.rules.rules): with a speed limit the trigger
     # watches the outside temperature instead, which the grant then holds, unlimited.
     watched = "Vehicle.Exterior.AirTemperature" if max_hz else "Vehicle.Speed"
     params = {"on_change": {"deadband": 2.0, "heartbeat_s": 10}, "periodic": {"period_s": 5},

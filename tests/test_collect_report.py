@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from html.parser import HTMLParser
 
-from vgw.collect.describe import describe_grant
-from vgw.collect.rules import parse_rules
-from vgw.report import ConsentView, build_report, render_html, render_text
+from vgw.contract.rules.describe import describe_grant
+from vgw.contract.rules.rules import parse_rules
+from vgw.ops.report import ConsentView, build_report, render_html, render_text
 
 SCOPES = ["read_speedometer", "read_location"]
 RULES = parse_rules([{"scope": "read_speedometer", "mode": "aggregate", "window_s": 60},

@@ -1,7 +1,7 @@
 """No single bad input stops collection (docs/guarantees.md, "No single bad input stops collection").
 
 Real parts: python-can's own ``slcan`` driver through pyserial on a real pseudo-terminal served by
-simulators/slcan_pty.py, the real agent in this process (python-can's virtual bus is in-process), cantools DBCs,
+simulators/vgw_sim/slcan_pty.py, the real agent in this process (python-can's virtual bus is in-process), cantools DBCs,
 and systemd's notify protocol on a real AF_UNIX datagram socket.
 """
 
@@ -23,15 +23,15 @@ import can
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from vgw.catalogue import load_catalogue
+from vgw.pipeline.catalogue import load_catalogue
 from vgw.cli.status import collect_status
-from vgw.consent.model import Grant, Limits, Recipient
+from vgw.contract.consent.model import Grant, Limits, Recipient
 from vgw.daemon.timing import Timing
-from vgw.errors import SourceFrameError
+from vgw.base.errors import SourceFrameError
 from vgw.pipeline.router import Pipeline
-from vgw.runtime import Agent
-from vgw.simulators.broker import free_port
-from vgw.simulators.slcan_pty import SlcanPtyBus
+from vgw.daemon.agent import Agent
+from vgw_sim.broker import free_port
+from vgw_sim.slcan_pty import SlcanPtyBus
 from vgw.sources.canbus import BusSource, kernel_filters
 
 from tests.agentkit import AgentThread, Authority, vgw, wait_until, write_config

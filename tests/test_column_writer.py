@@ -17,10 +17,10 @@ import cantools
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from vgw.catalogue import load_catalogue
-from vgw.consent.model import KEM_X25519, Grant, Recipient
+from vgw.pipeline.catalogue import load_catalogue
+from vgw.contract.consent.model import KEM_X25519, Grant, Recipient
 from vgw.pipeline.router import Pipeline
-from vgw.simulators.paths import default_dbc, default_signal_map
+from vgw_sim.paths import default_dbc, default_signal_map
 from vgw.tools.bench.trace import synthetic_signal_map
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "dbc" / "cantools"

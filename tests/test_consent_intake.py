@@ -14,11 +14,11 @@ from typing import Any
 
 import psutil
 import pytest
-from vgw.consent.intake import SLOTS, ConsentIntake
-from vgw.consent.manager import load_trust_keys
-from vgw.packetguard import PacketSizeGuard, PacketTooLarge
-from vgw.simulators.broker import Mosquitto
-from vgw.simulators.cloud import SigningKey
+from vgw.state.consent.intake import SLOTS, ConsentIntake
+from vgw.state.consent.manager import load_trust_keys
+from vgw.uplink.packetguard import PacketSizeGuard, PacketTooLarge
+from vgw_sim.broker import Mosquitto
+from vgw_sim.cloud import SigningKey
 
 from tests import consentkit
 from tests.agentkit import AgentThread, agent_process, connected_cloud, vehicle_on_bus, wait_until, write_config

@@ -19,9 +19,9 @@ import requests
 from authlib.integrations.base_client.errors import OAuthError
 from authlib.oauth2.rfc6749 import MismatchingStateException
 from cryptography.hazmat.primitives import serialization
-from vgw.consent.verifier import verify_consent
-from vgw.simulators.broker import Mosquitto
-from vgw.simulators.pki import TestPKI
+from vgw.contract.consent.verifier import verify_consent
+from vgw_sim.broker import Mosquitto
+from vgw_sim.pki import TestPKI
 
 from tests.agentkit import agent_process, connected_cloud, vgw, wait_until, write_config
 from tests.faultkit import record_trace

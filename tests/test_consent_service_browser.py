@@ -16,8 +16,8 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from vgw.simulators.broker import Mosquitto
-from vgw.simulators.pki import TestPKI
+from vgw_sim.broker import Mosquitto
+from vgw_sim.pki import TestPKI
 
 from tests.agentkit import agent_process, connected_cloud, vgw, wait_until, write_config
 from tests.faultkit import record_trace

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from vgw.cloud.service.store import App, Document, GrantRow, Store, digest
 from vgw.cloud.service.store import Owner as OwnerRow
-from vgw.simulators.broker import Mosquitto
-from vgw.simulators.pki import TestPKI
+from vgw_sim.broker import Mosquitto
+from vgw_sim.pki import TestPKI
 
 from tests.agentkit import wait_until
 from tests.pgkit import postgres_server

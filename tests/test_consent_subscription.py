@@ -15,8 +15,8 @@ import signal
 from pathlib import Path
 
 import pytest
-from vgw.runtime import STATUS_FILE
-from vgw.simulators.nats import NatsMqtt, NatsNotFound, find_nats_server
+from vgw.daemon.agent import STATUS_FILE
+from vgw_sim.nats import NatsMqtt, NatsNotFound, find_nats_server
 
 from tests.agentkit import AgentThread, Authority, connected_cloud, wait_until, write_config
 

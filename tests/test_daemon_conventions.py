@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 from vgw.cli import main
-from vgw.errors import ConfigError
-from vgw.simulators.broker import free_port
-from vgw.simulators.paths import default_dbc, default_signal_map
+from vgw.base.errors import ConfigError
+from vgw_sim.broker import free_port
+from vgw_sim.paths import default_dbc, default_signal_map
 
 from tests.agentkit import ROOT, Authority, agent_process, wait_until, write_config
 
@@ -117,7 +117,7 @@ def test_sighup_with_a_dbc_that_is_no_longer_a_regular_file_does_not_hang_the_ag
 
 
 def test_every_logger_is_under_vgw() -> None:
-    """journalctl and `--log-level` filters address `vgw.*`; a module logging as `vgw.obd...` escaped them."""
+    """journalctl and `--log-level` filters address `vgw.*`; a module logging as `vgw.sources.obd...` escaped them."""
     source = re.compile(r"getLogger\(([^)]*)\)")
     offenders = []
     for folder in ("agent", "simulators"):

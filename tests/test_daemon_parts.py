@@ -1,4 +1,4 @@
-"""The daemon's shape (README "Layout", vgw.runtime): small parts that each name their thread and lock, and one
+"""The daemon's shape (README "Layout", vgw.daemon.agent): small parts that each name their thread and lock, and one
 place that installs signal handlers for `vgw run`."""
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def _installs_handlers(path: Path) -> list[int]:
 
 def test_signal_handlers_are_installed_in_one_place() -> None:
     found = {str(p.relative_to(ROOT)): lines for p in RUN_PATH if (lines := _installs_handlers(p))}
-    assert list(found) == ["agent/daemon/signals.py"], found
+    assert list(found) == ["agent/vgw/daemon/signals.py"], found
 
 
 def test_each_daemon_part_names_its_thread_and_lock() -> None:

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import can
 import pytest
-from vgw.simulators.can_sim import CanSimulator
-from vgw.simulators.paths import default_dbc
-from vgw.simulators.vehicle import VehicleModel
-from vgw.sources.frame import frame_of
+from vgw_sim.can_sim import CanSimulator
+from vgw_sim.paths import default_dbc
+from vgw_sim.vehicle import VehicleModel
+from vgw.sources.canmsg import frame_of
 from vgw.sources.replay import ReplaySource
 
 from tests.agentkit import Authority, agent_process, vgw, write_config
@@ -211,7 +211,7 @@ def test_replay_exit_with_a_trace_that_is_not_a_regular_file_ends_non_zero_at_on
 
 def test_a_trace_that_cannot_be_opened_is_retried_without_replay_exit(tmp_path: Path) -> None:
     """Without replay_exit the file may still appear (a mount, a copy in progress): the collector retries."""
-    from vgw.errors import SourceEndedError, SourceOpenError
+    from vgw.base.errors import SourceEndedError, SourceOpenError
 
     folder = tmp_path / "drive.log"
     folder.mkdir()
@@ -242,8 +242,8 @@ def test_a_consent_with_an_impossible_time_is_rejected(tmp_path: Path, pki, clai
 
 
 def _status_file(cfg: Path) -> Path:
-    from vgw.config import load_config
-    from vgw.runtime import STATUS_FILE
+    from vgw.base.config import load_config
+    from vgw.daemon.agent import STATUS_FILE
 
     state_dir = load_config(cfg).state_dir
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -263,7 +263,7 @@ def test_status_survives_a_damaged_status_file(tmp_path: Path, pki, live: str) -
 
 @pytest.mark.parametrize("t", [2**63, 10**30, 1e300, float("nan"), float("inf"), -5.0, "x", None])
 def test_report_formats_any_time(t: object) -> None:
-    from vgw.report import ConsentView, build_report, render_html, render_text
+    from vgw.ops.report import ConsentView, build_report, render_html, render_text
 
     entries = [{"event": "consent-applied", "t": t, "ver": 1, "grants": [{"id": "g", "scopes": ["read_fuel"]}]},
                {"event": "consent-rejected", "t": t, "ver": 2, "reason": "validity"},
@@ -280,8 +280,8 @@ def test_show_status_report_survive_a_cached_document_with_an_impossible_expiry(
     """A cache written before the date check (or by hand) must not crash the commands that print it."""
     import time
 
-    from vgw.config import load_config
-    from vgw.consent.store import ConsentStore
+    from vgw.base.config import load_config
+    from vgw.state.consent.store import ConsentStore
 
     auth = Authority(tmp_path)
     cfg = write_config(tmp_path, pki, 1, auth.trust, device=DEV, can={"channel": "unused"})
@@ -302,7 +302,7 @@ def test_show_status_report_survive_a_cached_document_with_an_impossible_expiry(
 def test_report_and_audit_survive_a_damaged_audit_log(tmp_path: Path, pki, damage_bytes: bytes) -> None:
     import time
 
-    from vgw.config import load_config
+    from vgw.base.config import load_config
 
     auth = Authority(tmp_path)
     cfg = write_config(tmp_path, pki, 1, auth.trust, device=DEV, can={"channel": "unused"})
@@ -329,7 +329,7 @@ def test_a_damaged_clock_file_falls_back_to_wall_time(tmp_path: Path, clock: str
     import math
     import time
 
-    from vgw.consent.store import ConsentStore
+    from vgw.state.consent.store import ConsentStore
 
     (tmp_path / "clock.json").write_text(clock)
     store = ConsentStore(tmp_path)

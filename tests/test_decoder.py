@@ -20,7 +20,7 @@ from cantools.database.can.message import Message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from vgw.pipeline.decoder import MessageDecoder, decode_all
-from vgw.simulators.paths import default_dbc
+from vgw_sim.paths import default_dbc
 
 from tests.decoderkit import check_message, dbc_messages
 
@@ -74,8 +74,8 @@ def test_short_multiplexed_frame_never_crashes() -> None:
 
 
 def test_decode_all_matches_cantools_on_demo_frames() -> None:
-    from vgw.simulators.can_sim import CanSimulator
-    from vgw.simulators.vehicle import VehicleModel
+    from vgw_sim.can_sim import CanSimulator
+    from vgw_sim.vehicle import VehicleModel
 
     sim = CanSimulator(default_dbc(), VehicleModel(seed=3))
     db = cantools.database.load_file(str(default_dbc()))

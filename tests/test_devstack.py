@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 from vgw.cloud.cloudkit import load_grants
-from vgw.config import load_config
+from vgw.base.config import load_config
 
 from tests.agentkit import ROOT, vgw, wait_until
 
@@ -113,7 +113,7 @@ def test_init_up_down_a_kept_stack(stack_dir: Path) -> None:
 
 
 def test_trace_stack_replays_without_a_simulator(stack_dir: Path, tmp_path: Path) -> None:
-    from vgw.simulators.can_sim import CanSimulator
+    from vgw_sim.can_sim import CanSimulator
 
     trace = tmp_path / "drive.log"
     CanSimulator().record(trace, 5.0)
@@ -277,7 +277,7 @@ def test_up_as_root_runs_every_part_as_the_folders_owner(foreign_stack: Path) ->
 
 
 def test_the_broker_runs_as_the_folders_owner(tmp_path: Path) -> None:
-    from vgw.fsutil import Account
+    from vgw.base.fsutil import Account
     from vgw.tools.devstack import Stack, _broker_config
 
     stack = Stack(tmp_path)

@@ -21,10 +21,10 @@ from typing import Any
 import pytest
 from cryptography import x509
 from vgw.cli import main
-from vgw.doctor import FAIL, PASS, WARN, Check, Probes, check_can_interface, exit_code, run_checks
-from vgw.simulators.broker import Mosquitto, free_port
-from vgw.simulators.cloud import RecipientKey, SigningKey, consent_claims, grant, sign_consent
-from vgw.simulators.pki import CertPaths, TestPKI
+from vgw.ops.doctor import FAIL, PASS, WARN, Check, Probes, check_can_interface, exit_code, run_checks
+from vgw_sim.broker import Mosquitto, free_port
+from vgw_sim.cloud import RecipientKey, SigningKey, consent_claims, grant, sign_consent
+from vgw_sim.pki import CertPaths, TestPKI
 
 ROOT = Path(__file__).resolve().parents[1]
 # timesync_flag: any existing file stands in for systemd-timesyncd's flag (this host's clock may be unsynced).
@@ -355,8 +355,8 @@ def test_serial_adapter_behind_a_link_is_checked(tmp_path: Path) -> None:
     whether the simulator ran or not."""
     import pty as ptymod
 
-    from vgw.config import CanConfig
-    from vgw.doctor import _can
+    from vgw.base.config import CanConfig
+    from vgw.ops.doctor import _can
 
     link = tmp_path / "run" / "can0"
     link.parent.mkdir()

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import can
 import pytest
-from vgw.catalogue import load_catalogue
-from vgw.simulators.broker import Mosquitto, free_port
-from vgw.simulators.can_sim import CanSimulator
-from vgw.simulators.cloud import CloudPeer
-from vgw.simulators.paths import default_dbc, default_signal_map
-from vgw.simulators.vehicle import VehicleModel
+from vgw.pipeline.catalogue import load_catalogue
+from vgw_sim.broker import Mosquitto, free_port
+from vgw_sim.can_sim import CanSimulator
+from vgw_sim.cloud import CloudPeer
+from vgw_sim.paths import default_dbc, default_signal_map
+from vgw_sim.vehicle import VehicleModel
 
 from tests.agentkit import AgentThread, Authority, agent_process, stop_process, vgw, wait_until, write_config
 from tests.faultkit import persistent_world

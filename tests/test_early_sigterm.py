@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from vgw.simulators.broker import free_port
+from vgw_sim.broker import free_port
 
 from tests.agentkit import ROOT, Authority, stop_process, write_config
 

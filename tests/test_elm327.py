@@ -16,15 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from vgw.config import ObdConfig
-from vgw.errors import SourceOpenError
-from vgw.obd.elm327 import Elm327, parse_answer
-from vgw.obd.pids import PIDS
-from vgw.obd.poller import ObdPoller, decode_vin
-from vgw.obd.request import ForbiddenRequest, ObdRequest, build_request
-from vgw.scopes import SCOPES
-from vgw.simulators.elm327 import Elm327Simulator
-from vgw.simulators.obd_ecu import frozen_model
+from vgw.base.config import ObdConfig
+from vgw.base.errors import SourceOpenError
+from vgw.sources.obd.elm327 import Elm327, parse_answer
+from vgw.pipeline.obd.pids import PIDS
+from vgw.sources.obd.poller import ObdPoller, decode_vin
+from vgw.pipeline.obd.request import ForbiddenRequest, ObdRequest, build_request
+from vgw.contract.scopes import SCOPES
+from vgw_sim.elm327 import Elm327Simulator
+from vgw_sim.obd_ecu import frozen_model
 
 from tests.agentkit import wait_until
 
@@ -416,7 +416,7 @@ def test_no_code_path_sends_a_forbidden_service(make_sim: Any, run_poller: Any) 
 
 
 def test_no_module_makes_requests_around_the_choke_point() -> None:
-    """Static check: only agent/obd/request.py constructs ObdRequest; no literal service 04/08 request."""
+    """Static check: only agent/vgw/pipeline/obd/request.py constructs ObdRequest; no literal service 04/08 request."""
     forbidden_text = re.compile(r"^(04|08|10|11|14|22|27|2E|2F|31|34|3E|85)[0-9A-F]*$")
     for path in (ROOT / "agent").rglob("*.py"):
         tree = ast.parse(path.read_text(), str(path))
@@ -440,7 +440,7 @@ def test_sim_elm327_says_which_obd_lines_make_the_agent_read_it(tcp: bool) -> No
     import sys
     import tomllib
 
-    from vgw.config import ObdConfig
+    from vgw.base.config import ObdConfig
 
     proc = subprocess.Popen([sys.executable, "-m", "vgw", "sim", "elm327", *(["--tcp"] if tcp else [])],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from vgw.simulators.vehicle import DEFAULT_VIN
+from vgw_sim.vehicle import DEFAULT_VIN
 
 from tests.agentkit import stop_process
 

@@ -10,16 +10,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from vgw.catalogue import load_catalogue
-from vgw.consent.manager import load_trust_keys
-from vgw.consent.model import Grant, Limits, Recipient
-from vgw.errors import ConfigError
+from vgw.pipeline.catalogue import load_catalogue
+from vgw.state.consent.manager import load_trust_keys
+from vgw.contract.consent.model import Grant, Limits, Recipient
+from vgw.base.errors import ConfigError
 from vgw.pipeline.router import Pipeline
-from vgw.scopes import SCOPES
-from vgw.simulators.can_sim import CanSimulator
-from vgw.simulators.cloud import SigningKey
-from vgw.simulators.paths import default_dbc, default_signal_map
-from vgw.simulators.vehicle import DEFAULT_VIN, VehicleModel
+from vgw.contract.scopes import SCOPES
+from vgw_sim.can_sim import CanSimulator
+from vgw_sim.cloud import SigningKey
+from vgw_sim.paths import default_dbc, default_signal_map
+from vgw_sim.vehicle import DEFAULT_VIN, VehicleModel
 
 from tests.consentkit import Authority, State
 
@@ -135,7 +135,7 @@ def test_retention_deletes_old_rows_unsent_and_counts(tmp_path: Path, pki: Any, 
         doc = auth.doc(DEVICE, 1, [auth.grant("g-short", ["read_fuel"], retention_s=60),
                                    auth.grant("g-long", ["read_fuel"])], iat=now)
         assert agent.manager.apply(doc, source="mqtt").status == "applied"
-        import vgw.outbox.batches as outbox_module
+        import vgw.state.outbox.batches as outbox_module
 
         real_time = outbox_module.time.time
         monkeypatch.setattr(outbox_module.time, "time", lambda: real_time() - 120)  # stored 2 minutes ago

@@ -15,10 +15,10 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from vgw.cloud.cloudlink import BrokerOptions, CloudLink
-from vgw.crypto.certs import cert_device_id
-from vgw.crypto.enrollment import build_csr, new_key
-from vgw.errors import UplinkError
-from vgw.simulators.broker import Mosquitto
+from vgw.contract.certs import cert_device_id
+from vgw.contract.enrollment import build_csr, new_key
+from vgw.base.errors import UplinkError
+from vgw_sim.broker import Mosquitto
 
 from tests.agentkit import ROOT, AgentThread, Authority, stop_process, vgw, wait_until
 from tests.enrollkit import Service, claim_identity, device_config, enroll_args, enroll_service, write_allow
@@ -249,7 +249,7 @@ def test_provision_with_a_claim_and_no_service_exits_2_and_keeps_step_1(tmp_path
 
 def test_claim_identity_on_nats_can_ask_to_enroll_and_nothing_else(pki) -> None:
     """deploy/nats/vgw-users.conf's claim user (simulators.nats.authorization_block): the enrollment subjects only."""
-    from vgw.simulators.nats import NatsMqtt, NatsNotFound
+    from vgw_sim.nats import NatsMqtt, NatsNotFound
 
     try:
         server = NatsMqtt.from_pki(pki)

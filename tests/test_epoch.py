@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from vgw.cloud.cloudlink import Listener
-from vgw.crypto.keys import new_data_key
-from vgw.outbox import Outbox
-from vgw.simulators.cloud import RecipientKey, seal_envelope
-from vgw.simulators.pki import device_public_key_from_cert
+from vgw.state.keys import new_data_key
+from vgw.state.outbox import Outbox
+from vgw_sim.cloud import RecipientKey, seal_envelope
+from vgw_sim.pki import device_public_key_from_cert
 
 from tests.agentkit import AgentThread, Authority, vgw, write_config
 from tests.faultkit import DEV

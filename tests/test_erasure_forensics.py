@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from vgw.catalogue import load_catalogue
-from vgw.crypto import keys
-from vgw.crypto.envelope import batch_plaintext, load_recipient_key, seal
+from vgw.pipeline.catalogue import load_catalogue
+from vgw.state import keys
+from vgw.contract.envelope import batch_plaintext, load_recipient_key, seal
 from vgw.pipeline.router import Pipeline
-from vgw.simulators.can_sim import CanSimulator
-from vgw.simulators.paths import default_dbc, default_signal_map
-from vgw.simulators.vehicle import DEFAULT_VIN, VehicleModel
+from vgw_sim.can_sim import CanSimulator
+from vgw_sim.paths import default_dbc, default_signal_map
+from vgw_sim.vehicle import DEFAULT_VIN, VehicleModel
 
 from tests.consentkit import Authority, State
 from tests.faultkit import file_query, file_write
@@ -190,7 +190,7 @@ def _corrupt_keeping_keys(path: Path) -> None:
 
 
 def test_erasure_after_quarantine_leaves_no_copy_anywhere(world: dict[str, Any]) -> None:
-    from vgw.outbox import integrity_problem, open_checked
+    from vgw.state.outbox import integrity_problem, open_checked
 
     s: State = world["state"]
     auth: Authority = world["auth"]

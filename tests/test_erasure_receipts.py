@@ -15,14 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import vgw.install as inst
+import vgw.ops.install as inst
 from vgw.cli import main
-from vgw.config import load_config
-from vgw.errors import StorageError
-from vgw.fsutil import acting_for_owner
-from vgw.runtime import open_state
-from vgw.simulators.cloud import RecipientKey, consent_claims, grant, sign_consent
-from vgw.simulators.pki import TestPKI
+from vgw.base.config import load_config
+from vgw.base.errors import StorageError
+from vgw.base.fsutil import acting_for_owner
+from vgw.daemon.agent import open_state
+from vgw_sim.cloud import RecipientKey, consent_claims, grant, sign_consent
+from vgw_sim.pki import TestPKI
 
 from tests.test_install import no_system_commands, provisioned  # noqa: F401  (the fixture, used by name)
 

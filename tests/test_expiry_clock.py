@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import vgw.consent.store as store_module
+import vgw.state.consent.store as store_module
 
 from tests.consentkit import Authority, State
 
@@ -24,7 +24,7 @@ DEVICE = "dev-0001"
 
 
 class Clock:
-    """Stands in for the ``time`` module inside vgw.consent.store only."""
+    """Stands in for the ``time`` module inside vgw.state.consent.store only."""
 
     def __init__(self, t: float) -> None:
         self.t = t

@@ -13,9 +13,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from vgw.simulators.broker import free_port
-from vgw.simulators.cloud import seal_envelope, verify_receipt
-from vgw.simulators.pki import device_public_key_from_cert
+from vgw_sim.broker import free_port
+from vgw_sim.cloud import seal_envelope, verify_receipt
+from vgw_sim.pki import device_public_key_from_cert
 
 from tests.agentkit import AgentThread, Authority, wait_until, write_config
 from tests.explore import Outcome, Runner, describe, replay_command

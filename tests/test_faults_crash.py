@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from vgw.simulators.broker import free_port
+from vgw_sim.broker import free_port
 
 from tests.agentkit import AgentThread, Authority, agent_process, wait_until, write_config
 from tests.faultkit import (
@@ -234,6 +234,6 @@ def test_corrupt_outbox_is_quarantined_audited_and_seq_continues(tmp_path, pki, 
 
 
 def integrity_problem_of(path: Path) -> str | None:
-    from vgw.outbox import integrity_problem
+    from vgw.state.outbox import integrity_problem
 
     return integrity_problem(path)

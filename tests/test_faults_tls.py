@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from vgw.simulators.broker import Mosquitto
+from vgw_sim.broker import Mosquitto
 
 from tests.agentkit import AgentThread, Authority, wait_until, write_config
 from tests.faultkit import Tls11Server, apply_offline, record_trace
@@ -52,7 +52,7 @@ def test_tls_fault_refused_logged_once_and_collection_goes_on(tmp_path: Path, pk
         cfg = write_config(tmp_path, pki, port, auth.trust,
                            can={"replay": str(trace), "replay_rate": 2.0, "replay_loop": True})
         apply_offline(cfg, auth, {"g-1": ["read_speedometer"]}, tmp_path)
-        caplog.set_level(logging.DEBUG, logger="vgw.uplink")
+        caplog.set_level(logging.DEBUG, logger="vgw.uplink.link")
         with AgentThread(cfg) as runner:
             up = runner.agent.uplink
             assert wait_until(lambda: up.connect_attempts >= 4, RUN_S + 3)
@@ -61,7 +61,7 @@ def test_tls_fault_refused_logged_once_and_collection_goes_on(tmp_path: Path, pk
             rows = runner.agent.outbox.stats().get("g-1", {}).get("rows", 0)
             assert rows >= 2, "collection must go on while the broker is refused"
             attempts = up.connect_attempts
-        warnings = [r for r in caplog.records if r.name == "vgw.uplink" and r.levelno >= logging.WARNING]
+        warnings = [r for r in caplog.records if r.name == "vgw.uplink.link" and r.levelno >= logging.WARNING]
         # One line says why; the identical retries that followed are at debug level only.
         assert len(warnings) == 1, [r.getMessage() for r in warnings]
         assert why in warnings[0].getMessage()

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from vgw.simulators.fleet import FleetConfig, FleetSim
-from vgw.simulators.nats import NatsNotFound, find_nats_server
+from vgw_sim.fleet import FleetConfig, FleetSim
+from vgw_sim.nats import NatsNotFound, find_nats_server
 
 from tests.agentkit import vgw
 

@@ -12,17 +12,17 @@ from pathlib import Path
 import can
 import cantools
 import pytest
-from vgw.catalogue import MAX_DBC_BYTES, MAX_DBC_MESSAGES, MAX_DBC_WORDS, load_catalogue, load_dbc
+from vgw.pipeline.catalogue import MAX_DBC_BYTES, MAX_DBC_MESSAGES, MAX_DBC_WORDS, load_catalogue, load_dbc
 from vgw.cli import main
-from vgw.config import load_config
-from vgw.errors import ConfigError
-from vgw.simulators.broker import Mosquitto, free_port
-from vgw.simulators.can_sim import CanSimulator
-from vgw.simulators.can_sim import load_dbc as sim_load_dbc
-from vgw.simulators.cloud import CloudPeer, SigningKey
-from vgw.simulators.paths import dbc_dir, default_dbc, default_signal_map
-from vgw.simulators.pki import TestPKI
-from vgw.simulators.vehicle import VehicleModel
+from vgw.base.config import load_config
+from vgw.base.errors import ConfigError
+from vgw_sim.broker import Mosquitto, free_port
+from vgw_sim.can_sim import CanSimulator
+from vgw_sim.can_sim import load_dbc as sim_load_dbc
+from vgw_sim.cloud import CloudPeer, SigningKey
+from vgw_sim.paths import dbc_dir, default_dbc, default_signal_map
+from vgw_sim.pki import TestPKI
+from vgw_sim.vehicle import VehicleModel
 
 from tests.agentkit import Authority, agent_process, vgw, write_config
 from tests.test_bad_input import _peak_mb

@@ -18,13 +18,13 @@ import can
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from vgw.config import load_config
-from vgw.errors import ConfigError
-from vgw.fsutil import MAX_CONFIG_BYTES
-from vgw.simulators.paths import default_dbc, default_signal_map
+from vgw.base.config import load_config
+from vgw.base.errors import ConfigError
+from vgw.base.fsutil import MAX_CONFIG_BYTES
+from vgw_sim.paths import default_dbc, default_signal_map
 from vgw.sources.candump import MAX_LINE_BYTES, DamagedLine, LineError, parse_line, read_frames
 from vgw.sources.replay import ReplaySource
-from vgw.timefmt import LATEST_TIME
+from vgw.base.timefmt import LATEST_TIME
 
 from tests.agentkit import vgw
 
@@ -184,7 +184,7 @@ def test_replay_source_on_random_files_ends_cleanly(tmp_path_factory: pytest.Tem
         try:
             src = ReplaySource(trace, rate=0, loop=True)
         except Exception as exc:  # only the documented open error may escape
-            from vgw.errors import SourceOpenError
+            from vgw.base.errors import SourceOpenError
 
             assert isinstance(exc, SourceOpenError), repr(exc)
             continue
@@ -356,7 +356,7 @@ def test_report_builds_and_renders_from_any_audit_entries(entries: list[dict[str
                                                           counters: dict[str, int]) -> None:
     import json
 
-    from vgw.report import build_report, render_html, render_text
+    from vgw.ops.report import build_report, render_html, render_text
 
     report = build_report(device="dev-0001", entries=entries, counters=counters, outbox={}, consent=None,
                           audit_ok=False, audit_problem="line 1: not JSON", generated=1_790_000_000.0)

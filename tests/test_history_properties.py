@@ -30,8 +30,8 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from vgw.consent.model import DEFAULT_LIMITS
-from vgw.simulators.pki import TestPKI
+from vgw.contract.consent.model import DEFAULT_LIMITS
+from vgw_sim.pki import TestPKI
 
 from tests.consentkit import Authority, payload_of
 from tests.historykit import TRACE_START, Car, Cloud, catalogue, trace

@@ -10,12 +10,12 @@ import re
 from pathlib import Path
 
 import vgw
-from vgw import errors
+from vgw.base import errors
 
 from tests.agentkit import ROOT
 
 AGENT = ROOT / "agent"
-# Derived from RuntimeError on purpose: a missing or dead test broker is the machine's problem (vgw.errors).
+# Derived from RuntimeError on purpose: a missing or dead test broker is the machine's problem (vgw.base.errors).
 ENVIRONMENT_ERRORS = {"BrokerError", "MosquittoNotFound", "BrokerStartError", "NatsNotFound"}
 
 
@@ -44,7 +44,7 @@ def test_the_tree_in_the_docstring_names_every_error_class() -> None:
     doc = errors.__doc__ or ""
     for name, cls in inspect.getmembers(errors, inspect.isclass):
         if issubclass(cls, errors.VgwError):
-            assert re.search(rf"\b{name}\b", doc), f"{name} missing from the tree in vgw.errors"
+            assert re.search(rf"\b{name}\b", doc), f"{name} missing from the tree in vgw.base.errors"
 
 
 def test_each_consent_rule_has_its_own_class_and_unchanged_reason() -> None:
@@ -68,7 +68,7 @@ def test_loggers_are_named_by_module_under_vgw() -> None:
 
 
 def test_no_test_hooks_or_message_text_decisions_in_the_outbox() -> None:
-    from vgw.outbox import Outbox
+    from vgw.state.outbox import Outbox
 
     for hook in ("page_limit", "read_only", "attempted"):
         assert not hasattr(Outbox, hook), hook
@@ -83,9 +83,9 @@ def test_no_fallback_hides_a_missing_subcommand_module() -> None:
 
 
 def test_unused_receipt_verifier_is_gone_from_the_device_side() -> None:
-    from vgw.crypto import receipts
+    from vgw.contract import receipts
 
-    assert not hasattr(receipts, "verify_receipt")  # the cloud side verifies receipts (vgw.simulators.envelopes)
+    assert not hasattr(receipts, "verify_receipt")  # the cloud side verifies receipts (vgw_sim.envelopes)
 
 
 def test_the_leak_guard_sees_vgw_threads_and_open_buses() -> None:
@@ -120,7 +120,7 @@ def test_the_suite_has_one_wait_until() -> None:
 
 
 def test_doctor_hints_at_a_missing_certificate_by_type_not_by_message(tmp_path: Path, pki: object) -> None:
-    from vgw.doctor import run_checks
+    from vgw.ops.doctor import run_checks
 
     from tests.agentkit import Authority, write_config
 

@@ -12,14 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import vgw.install as inst
+import vgw.ops.install as inst
 from vgw.cli import main
-from vgw.config import load_config
-from vgw.fsutil import acting_for_owner
-from vgw.runtime import AgentLock, open_state
-from vgw.simulators.broker import Mosquitto
-from vgw.simulators.cloud import CloudPeer, RecipientKey, SigningKey, consent_claims, grant, sign_consent
-from vgw.simulators.pki import TestPKI
+from vgw.base.config import load_config
+from vgw.base.fsutil import acting_for_owner
+from vgw.daemon.agent import AgentLock, open_state
+from vgw_sim.broker import Mosquitto
+from vgw_sim.cloud import CloudPeer, RecipientKey, SigningKey, consent_claims, grant, sign_consent
+from vgw_sim.pki import TestPKI
 
 from tests.test_provision import SERVICE_USER, install_signed_cert
 

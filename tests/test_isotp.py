@@ -1,4 +1,4 @@
-"""ISO-TP OBD on a python-can ``virtual`` bus against simulators/obd_responder.py."""
+"""ISO-TP OBD on a python-can ``virtual`` bus against simulators/vgw_sim/obd_responder.py."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ from typing import Any
 
 import can
 import pytest
-from vgw.config import ObdConfig
-from vgw.obd.isotp import IsoTpTransport
-from vgw.obd.poller import ObdPoller, decode_vin
-from vgw.obd.request import build_request
-from vgw.simulators.obd_ecu import frozen_model
-from vgw.simulators.obd_responder import ObdResponder
+from vgw.base.config import ObdConfig
+from vgw.sources.obd.isotp import IsoTpTransport
+from vgw.sources.obd.poller import ObdPoller, decode_vin
+from vgw.pipeline.obd.request import build_request
+from vgw_sim.obd_ecu import frozen_model
+from vgw_sim.obd_responder import ObdResponder
 
 from tests.agentkit import wait_until
 

@@ -19,25 +19,25 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 # Layer -> the modules in it. A name covers the module and, for a package, everything below it, unless a
-# longer name puts a sub-module elsewhere (vgw.consent.store is storage though vgw.consent is core).
+# longer name puts a sub-module elsewhere (vgw.state.consent.store is storage though vgw.state.consent is core).
 LAYERS: dict[str, tuple[str, ...]] = {
-    "base": ("vgw.__init__", "vgw.errors", "vgw.fsutil", "vgw.timefmt", "vgw.logs", "vgw.dbc"),
+    "base": ("vgw.__init__", "vgw.base.errors", "vgw.base.fsutil", "vgw.base.timefmt", "vgw.base.logs", "vgw.dbc"),
     "core": (
-        "vgw.scopes", "vgw.config", "vgw.catalogue", "vgw.collect", "vgw.consent", "vgw.crypto", "vgw.pipeline",
-        "vgw.j1939", "vgw.obd", "vgw.obd.pids", "vgw.obd.request", "vgw.obd.protocols",
+        "vgw.contract.scopes", "vgw.base.config", "vgw.pipeline.catalogue", "vgw.contract.rules", "vgw.state.consent", "vgw.crypto", "vgw.pipeline",
+        "vgw.pipeline.j1939", "vgw.sources.obd", "vgw.pipeline.obd.pids", "vgw.pipeline.obd.request", "vgw.sources.obd.protocols",
     ),
     "storage": (
-        "vgw.outbox", "vgw.audit", "vgw.consent.store", "vgw.consent.manager", "vgw.consent.intake",
-        "vgw.crypto.keys", "vgw.crypto.receipts", "vgw.crypto.credentials",
+        "vgw.state.outbox", "vgw.state.audit", "vgw.state.consent.store", "vgw.state.consent.manager", "vgw.state.consent.intake",
+        "vgw.state.keys", "vgw.contract.receipts", "vgw.state.credentials",
     ),
-    "sources": ("vgw.sources", "vgw.obd.elm327", "vgw.obd.isotp", "vgw.obd.poller"),
-    "uplink": ("vgw.uplink", "vgw.packetguard", "vgw.tlsfailure", "vgw.renewal"),
-    "daemon": ("vgw.runtime", "vgw.daemon", "vgw.writer", "vgw.counters", "vgw.sdnotify"),
-    "operations": ("vgw.stateview", "vgw.doctor", "vgw.install", "vgw.report", "vgw.report_owner", "vgw.report_periods",
-                   "vgw.provisioning", "vgw.monitor", "vgw.enroll"),
+    "sources": ("vgw.sources", "vgw.sources.obd.elm327", "vgw.sources.obd.isotp", "vgw.sources.obd.poller"),
+    "uplink": ("vgw.uplink.link", "vgw.uplink.packetguard", "vgw.uplink.tlsfailure", "vgw.uplink.renewal"),
+    "daemon": ("vgw.daemon.agent", "vgw.daemon", "vgw.daemon.writer", "vgw.daemon.counters", "vgw.daemon.sdnotify"),
+    "operations": ("vgw.ops.stateview", "vgw.ops.doctor", "vgw.ops.install", "vgw.ops.report", "vgw.ops.report_owner", "vgw.ops.report_periods",
+                   "vgw.ops.provisioning", "vgw.ops.monitor", "vgw.ops.enroll"),
     "cloud": ("vgw.cloud", "vgw.api"),
     "service": ("vgw.cloud.service",),
-    "simulators": ("vgw.simulators",),
+    "simulators": ("vgw_sim",),
     "tools": ("vgw.tools",),
     "cli": ("vgw.cli", "vgw.__main__"),
 }
@@ -115,7 +115,7 @@ def imported(module: str, source: str) -> Iterator[tuple[int, str]]:
 
 
 def target_layer(name: str, known: dict[str, Path]) -> str | None:
-    """The layer of an imported vgw name, trimming a trailing attribute (`vgw.errors.VgwError`)."""
+    """The layer of an imported vgw name, trimming a trailing attribute (`vgw.base.errors.VgwError`)."""
     while name and name not in known and f"{name}.__init__" not in known:
         name = name.rpartition(".")[0]
     return layer_of(name) if name else None
@@ -140,7 +140,7 @@ def violations(module: str, source: str, known: dict[str, Path]) -> list[str]:
 
 def test_every_module_is_in_a_layer_and_imports_only_below() -> None:
     known = modules()
-    assert "vgw.runtime" in known and "vgw.simulators.vehicle" in known and "vgw.dbc.__init__" in known
+    assert "vgw.daemon.agent" in known and "vgw_sim.vehicle" in known and "vgw.dbc.__init__" in known
     broken = [v for module, path in known.items() for v in violations(module, path.read_text(), known)]
     assert not broken, "layer contract (README 'Layout') broken:\n" + "\n".join(broken)
 
@@ -149,11 +149,11 @@ def test_every_module_is_in_a_layer_and_imports_only_below() -> None:
     ("module", "source", "expected"),
     [
         # the cycle this contract removed: the throwaway PKI reaching up into provisioning inside a function
-        ("vgw.simulators.pki", "def f():\n    from vgw.provisioning import cert_device_id\n", "(operations)"),
-        ("vgw.outbox", "from vgw.runtime import Agent\n", "(daemon)"),
-        ("vgw.runtime", "import vgw.simulators.broker\n", "(simulators)"),
+        ("vgw_sim.pki", "def f():\n    from vgw.ops.provisioning import cert_device_id\n", "(operations)"),
+        ("vgw.state.outbox", "from vgw.daemon.agent import Agent\n", "(daemon)"),
+        ("vgw.daemon.agent", "import vgw_sim.broker\n", "(simulators)"),
         ("vgw.cloud.cloudkit", "from ..outbox import Outbox\n", "(storage)"),
-        ("vgw.consent.verifier", "import sqlite3\n", "does no I/O"),
+        ("vgw.contract.consent.verifier", "import sqlite3\n", "does no I/O"),
         ("vgw.newthing", "", "in no layer"),
     ],
 )
@@ -165,8 +165,8 @@ def test_the_check_catches(module: str, source: str, expected: str) -> None:
 def test_allowed_imports_pass() -> None:
     known = modules()
     assert violations("vgw.cli.demo", "from vgw.tools.demo import run_demo\n", known) == []
-    assert violations("vgw.simulators.cloud", "from vgw.cloud.envelopes import seal_envelope\n", known) == []
-    assert violations("vgw.consent.store", "from . import model\nfrom .model import Grant\n", known) == []
+    assert violations("vgw_sim.cloud", "from vgw.cloud.envelopes import seal_envelope\n", known) == []
+    assert violations("vgw.state.consent.store", "from . import model\nfrom .model import Grant\n", known) == []
 
 
 # Help texts and comments cite what a user of the package can read: README sections, docs/, RFCs. The

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vgw.simulators.pki import TestPKI
+from vgw_sim.pki import TestPKI
 
 from tests.consentkit import Authority
 from tests.historykit import Car, Cloud
@@ -175,7 +175,7 @@ def test_limit_holds_while_documents_arrive_over_mqtt(tmp_path: Path, pki: TestP
     """End to end (virtual CAN -> agent -> mosquitto -> cloud peer): the speed limited to one reading every 2 s,
     then 18 documents 0.7 s apart that add or remove the thermometer and keep that limit; every gap the app
     sees is still at least 2 s."""
-    from vgw.simulators.cloud import consent_claims, grant, sign_consent
+    from vgw_sim.cloud import consent_claims, grant, sign_consent
 
     from tests.agentkit import AgentThread, write_config
     from tests.agentkit import Authority as AgentAuthority

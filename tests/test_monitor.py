@@ -19,10 +19,10 @@ from pathlib import Path
 
 import can
 import pytest
-from vgw.simulators.broker import free_port
-from vgw.simulators.can_sim import CanSimulator
-from vgw.simulators.pki import TestPKI
-from vgw.simulators.vehicle import VehicleModel
+from vgw_sim.broker import free_port
+from vgw_sim.can_sim import CanSimulator
+from vgw_sim.pki import TestPKI
+from vgw_sim.vehicle import VehicleModel
 
 from tests.agentkit import ROOT, Authority, stop_process, vgw, write_config
 
@@ -227,10 +227,10 @@ def test_j1939_frames_are_matched_by_pgn(tmp_path: Path, pki: TestPKI) -> None:
 
 def test_j1939_transport_messages_are_reassembled() -> None:
     """A mapped J1939 message longer than 8 bytes travels by TP.BAM: the monitor showed nothing for it."""
-    from vgw.catalogue import catalogue_from_map, load_dbc
-    from vgw.j1939.ids import PGN_TP_CM, PGN_TP_DT, make_id, parse
-    from vgw.j1939.transport import CM_BAM
-    from vgw.monitor import MonitorModel
+    from vgw.pipeline.catalogue import catalogue_from_map, load_dbc
+    from vgw.pipeline.j1939.ids import PGN_TP_CM, PGN_TP_DT, make_id, parse
+    from vgw.pipeline.j1939.transport import CM_BAM
+    from vgw.ops.monitor import MonitorModel
 
     dbc = ROOT.parent / "shared" / "data" / "dbc" / "cantools" / "variable_dlc.dbc"
     if not dbc.exists():

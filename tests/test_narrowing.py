@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from vgw.consent.model import Grant, Limits, Recipient
-from vgw.consent.narrowing import NarrowingKind, narrowing, terms_digest
-from vgw.crypto.keys import new_data_key
-from vgw.errors import StorageError
-from vgw.outbox import LEGACY_TERMS, SCHEMA_VERSION, GrantTerms, Outbox, TermsChanged
-from vgw.simulators.cloud import RecipientKey, consent_claims, grant, sign_consent
+from vgw.contract.consent.model import Grant, Limits, Recipient
+from vgw.contract.consent.narrowing import NarrowingKind, narrowing, terms_digest
+from vgw.state.keys import new_data_key
+from vgw.base.errors import StorageError
+from vgw.state.outbox import LEGACY_TERMS, SCHEMA_VERSION, GrantTerms, Outbox, TermsChanged
+from vgw_sim.cloud import RecipientKey, consent_claims, grant, sign_consent
 
 from tests.agentkit import AgentThread, Authority, vgw, wait_until, write_config
 from tests.faultkit import DEV, file_query, file_write, persistent_world
@@ -272,7 +272,7 @@ def test_old_outbox_files_are_migrated_and_unjudgeable_rows_never_leave(tmp_path
 
 def _ruled(*rules: dict[str, Any], scopes: tuple[str, ...] = ("read_speedometer", "read_odometer",
                                                                  "read_location")) -> Grant:
-    from vgw.collect.rules import parse_rules
+    from vgw.contract.rules.rules import parse_rules
 
     return _grant(scopes=scopes, collect=parse_rules(list(rules), scopes))
 
@@ -286,9 +286,9 @@ def test_terms_digest_of_rules_is_the_same_in_every_process_and_cheap():
     import subprocess
     import sys
 
-    code = ("from vgw.collect.rules import parse_rules\n"
-            "from vgw.consent.model import Grant, Recipient\n"
-            "from vgw.consent.narrowing import terms_digest\n"
+    code = ("from vgw.contract.rules.rules import parse_rules\n"
+            "from vgw.contract.consent.model import Grant, Recipient\n"
+            "from vgw.contract.consent.narrowing import terms_digest\n"
             "s = ('read_location', 'read_speedometer', 'read_thermometer')\n"
             "r = parse_rules([{'scope': 'read_location', 'mode': 'trigger', 'when': "
             "'Vehicle.Speed > 5 and Vehicle.Exterior.AirTemperature < 0 or Vehicle.Speed < 1'}], s)\n"

@@ -19,10 +19,10 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-from vgw.simulators.broker import Mosquitto
-from vgw.simulators.cloud import CloudPeer
-from vgw.simulators.nats import NatsMqtt, NatsNotFound, find_nats_server
-from vgw.simulators.pki import TestPKI
+from vgw_sim.broker import Mosquitto
+from vgw_sim.cloud import CloudPeer
+from vgw_sim.nats import NatsMqtt, NatsNotFound, find_nats_server
+from vgw_sim.pki import TestPKI
 
 from tests.agentkit import AgentThread, Authority, Vehicle, connected_cloud, wait_until, write_config
 
@@ -75,7 +75,7 @@ def test_agent_on_nats_retained_consent_data_and_revocation(
     # Consent is published (retained) before the agent exists: it must come from the broker's retained store.
     ncloud.publish_consent(DEV, auth.doc(DEV, {"g-keep": ["read_odometer"], "g-gone": ["read_speedometer"]}))
     cfg = write_config(tmp_path, pki, nats.port, auth.trust, can={"channel": vehicle.channel})
-    caplog.set_level(logging.INFO, logger="vgw.uplink")
+    caplog.set_level(logging.INFO, logger="vgw.uplink.link")
     with AgentThread(cfg) as runner:
         assert runner.wait_link(15)
         assert runner.agent.uplink._protocol == "3.1.1"
@@ -121,7 +121,7 @@ def test_agent_on_nats_survives_broker_restart_without_loss(
 
 
 def test_nats_device_cannot_touch_another_devices_topics(pki: TestPKI, nats: NatsMqtt, ncloud: CloudPeer) -> None:
-    from vgw.simulators.cloud import RecipientKey, SigningKey, consent_claims, seal_envelope, sign_consent
+    from vgw_sim.cloud import RecipientKey, SigningKey, consent_claims, seal_envelope, sign_consent
 
     rk = RecipientKey.generate()
     ncloud.add_recipient("g-1", rk)
@@ -294,7 +294,7 @@ def test_engine_feature_matrix(engine: tuple[str, Any, str], pki: TestPKI) -> No
     taker.drop()
     time.sleep(0.3)
     with Bare(broker, pki, "cloud", proto, client_id="cloud-redeliver", persistent=True) as again:
-        # NATS redelivers after the consumer's ack_wait (5 s in vgw.simulators.nats), mosquitto at reconnect.
+        # NATS redelivers after the consumer's ack_wait (5 s in vgw_sim.nats), mosquitto at reconnect.
         seen["qos1_redelivery"] = got_first and again.wait(
             lambda: any(m[1] == b"unacked" for m in again.messages), 8)
 
@@ -324,7 +324,7 @@ def test_engine_feature_matrix(engine: tuple[str, Any, str], pki: TestPKI) -> No
 def test_deploy_nats_example_is_valid_and_matches_the_tested_permissions(tmp_path: Path, pki: TestPKI) -> None:
     import subprocess
 
-    from vgw.simulators.nats import authorization_block
+    from vgw_sim.nats import authorization_block
 
     root = Path(__file__).resolve().parents[1] / "deploy" / "nats"
     users = (root / "vgw-users.conf").read_text()

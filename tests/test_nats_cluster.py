@@ -20,10 +20,10 @@ import paho.mqtt.client as mqtt
 import pytest
 from vgw.cloud.jetstream import telemetry_consumer_config, telemetry_stream_config
 from vgw.cloud.mqttclient import make_client, tls_context
-from vgw.simulators.cloud import recipient_public_key, seal_envelope
-from vgw.simulators.nats import NatsNotFound, authorization_block, find_nats_server
-from vgw.simulators.nats_cluster import NatsCluster
-from vgw.simulators.pki import TestPKI
+from vgw_sim.cloud import recipient_public_key, seal_envelope
+from vgw_sim.nats import NatsNotFound, authorization_block, find_nats_server
+from vgw_sim.nats_cluster import NatsCluster
+from vgw_sim.pki import TestPKI
 
 from tests.agentkit import ROOT, vgw, wait_until
 
@@ -456,8 +456,8 @@ def _sealer_for_test(tmp_path: Path) -> Any:
 
 
 def test_config_hosts_parses_and_refuses_both_forms(tmp_path: Path, pki: TestPKI) -> None:
-    from vgw.config import load_config
-    from vgw.errors import ConfigError
+    from vgw.base.config import load_config
+    from vgw.base.errors import ConfigError
 
     from tests.agentkit import Authority, write_config
 
@@ -480,7 +480,7 @@ def test_config_hosts_parses_and_refuses_both_forms(tmp_path: Path, pki: TestPKI
 
 
 def test_doctor_checks_every_endpoint(tmp_path: Path, pki: TestPKI, cluster: NatsCluster) -> None:
-    from vgw.doctor import FAIL, PASS, Probes, run_checks
+    from vgw.ops.doctor import FAIL, PASS, Probes, run_checks
 
     from tests.agentkit import Authority, write_config
 
@@ -498,7 +498,7 @@ class JsRecorder:
 
     def __init__(self, pki: TestPKI, cluster: NatsCluster) -> None:
         from vgw.cloud.jetstream import JetStreamWorker, NatsOptions
-        from vgw.simulators.cloud import CloudRecorder
+        from vgw_sim.cloud import CloudRecorder
 
         self.rec = CloudRecorder()
         for d in pki.devices:
@@ -525,7 +525,7 @@ def vehicle_seed() -> int:
 def _push(peer: Any, device: str, token: str, timeout: float = 60.0) -> None:
     """Publish consent until the cluster acknowledges it, as a consent service does: while JetStream elects
     a new leader for the retained-message stream, a retained publish waits (docs/fleet.md)."""
-    from vgw.errors import UplinkError
+    from vgw.base.errors import UplinkError
 
     deadline = time.monotonic() + timeout
     while True:
@@ -544,8 +544,8 @@ def test_agent_moves_to_another_node_when_its_node_is_killed(
     test below, and the leader under devices on other nodes is
     test_killing_the_stream_leader_loses_nothing_published_on_the_surviving_nodes."""
     from vgw.cloud.jetstream import stream_leader
-    from vgw.runtime import STATUS_FILE
-    from vgw.simulators.cloud import CloudPeer
+    from vgw.daemon.agent import STATUS_FILE
+    from vgw_sim.cloud import CloudPeer
 
     from tests.agentkit import AgentThread, Authority, write_config
 
@@ -615,7 +615,7 @@ def test_agent_on_the_stream_leader_replays_what_the_dying_leader_acknowledged(
     de-duplication every seq arrives. (A device on a node that survives sees no failover; the relays cover
     it: docs/fleet.md, "PUBACK is not storage".)"""
     from vgw.cloud.jetstream import stream_leader
-    from vgw.simulators.cloud import CloudPeer
+    from vgw_sim.cloud import CloudPeer
 
     from tests.agentkit import AgentThread, Authority, write_config
 

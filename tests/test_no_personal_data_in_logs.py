@@ -10,8 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from vgw.logs import _JournalFormatter
-from vgw.simulators.cloud import CloudPeer
+from vgw.base.logs import _JournalFormatter
+from vgw_sim.cloud import CloudPeer
 
 from tests.agentkit import AgentThread, Authority, Vehicle, vgw, write_config
 

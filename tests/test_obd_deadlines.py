@@ -17,14 +17,14 @@ from typing import Any
 import can
 import psutil
 import pytest
-from vgw.config import ObdConfig
-from vgw.obd.elm327 import MAX_ANSWER_BYTES, AnswerTimeout, AnswerTooLong, Elm327, baud_matters
-from vgw.obd.isotp import IsoTpTransport
-from vgw.obd.poller import ObdPoller
-from vgw.obd.request import build_request
-from vgw.simulators.cloud import CloudPeer
-from vgw.simulators.elm327 import Elm327Simulator
-from vgw.simulators.obd_ecu import frozen_model
+from vgw.base.config import ObdConfig
+from vgw.sources.obd.elm327 import MAX_ANSWER_BYTES, AnswerTimeout, AnswerTooLong, Elm327, baud_matters
+from vgw.sources.obd.isotp import IsoTpTransport
+from vgw.sources.obd.poller import ObdPoller
+from vgw.pipeline.obd.request import build_request
+from vgw_sim.cloud import CloudPeer
+from vgw_sim.elm327 import Elm327Simulator
+from vgw_sim.obd_ecu import frozen_model
 
 from tests.agentkit import Authority, agent_process, vgw, wait_until, write_config
 

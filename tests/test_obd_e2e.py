@@ -12,9 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from vgw.simulators.cloud import CloudPeer
-from vgw.simulators.elm327 import Elm327Simulator
-from vgw.simulators.obd_ecu import frozen_model
+from vgw_sim.cloud import CloudPeer
+from vgw_sim.elm327 import Elm327Simulator
+from vgw_sim.obd_ecu import frozen_model
 
 from tests.agentkit import AgentThread, Authority, agent_process, write_config
 

@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from vgw.obd.elm327 import PROTOCOL_NAMES, parse_answer
-from vgw.obd.isotp import RESPONSE_IDS, Reassembly
-from vgw.simulators.elm327 import Elm327Simulator, isotp_frames
-from vgw.simulators.obd_ecu import frozen_model
+from vgw.sources.obd.elm327 import PROTOCOL_NAMES, parse_answer
+from vgw.sources.obd.isotp import RESPONSE_IDS, Reassembly
+from vgw_sim.elm327 import Elm327Simulator, isotp_frames
+from vgw_sim.obd_ecu import frozen_model
 
 CI = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 LONG = settings(max_examples=5000, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from vgw.obd.pids import (
+from vgw.pipeline.obd.pids import (
     BY_NAME,
     BY_NUMBER,
     PIDS,
@@ -12,8 +12,8 @@ from vgw.obd.pids import (
     parse_bitmap,
     resolve,
 )
-from vgw.obd.poller import decode_vin
-from vgw.scopes import SCOPES
+from vgw.sources.obd.poller import decode_vin
+from vgw.contract.scopes import SCOPES
 
 # (PID, data bytes A.., expected value, unit) worked from the J1979 formulas.
 VECTORS = [

@@ -7,9 +7,9 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from vgw.crypto.keys import new_data_key
-from vgw.errors import OutboxUnwritable, StorageFault
-from vgw.outbox import Outbox
+from vgw.state.keys import new_data_key
+from vgw.base.errors import OutboxUnwritable, StorageFault
+from vgw.state.outbox import Outbox
 
 from tests.faultkit import DEV, FaultyOutbox
 

@@ -10,7 +10,7 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDERS = {"vgw": "agent", "vgw.simulators": "simulators", "vgw.dbc": "dbc"}
+FOLDERS = {"vgw": "agent", "vgw_sim": "simulators", "vgw.dbc": "dbc"}
 
 
 def _pyproject() -> dict:

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from vgw.cloud.consent_authority import RecipientKey
 from vgw.cloud.envelopes import EnvelopeError, open_envelope
-from vgw.crypto.envelope import (
+from vgw.contract.envelope import (
     batch_plaintext,
     columnar_plaintext,
     dumps,

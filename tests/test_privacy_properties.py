@@ -34,18 +34,18 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from vgw.catalogue import load_catalogue
-from vgw.consent.model import Consent, Grant, Limits
-from vgw.consent.verifier import verify_consent
-from vgw.crypto.envelope import batch_plaintext, load_recipient_key, seal
-from vgw.crypto.keys import load_or_create_storage_key
-from vgw.outbox import GrantNotActive, Outbox
+from vgw.pipeline.catalogue import load_catalogue
+from vgw.contract.consent.model import Consent, Grant, Limits
+from vgw.contract.consent.verifier import verify_consent
+from vgw.contract.envelope import batch_plaintext, load_recipient_key, seal
+from vgw.state.keys import load_or_create_storage_key
+from vgw.state.outbox import GrantNotActive, Outbox
 from vgw.pipeline.router import Pipeline
-from vgw.scopes import SCOPES
-from vgw.simulators.can_sim import CanSimulator
-from vgw.simulators.cloud import RecipientKey, SigningKey, consent_claims, grant, open_envelope, sign_consent
-from vgw.simulators.paths import default_dbc, default_signal_map
-from vgw.simulators.vehicle import DEFAULT_VIN, VehicleModel
+from vgw.contract.scopes import SCOPES
+from vgw_sim.can_sim import CanSimulator
+from vgw_sim.cloud import RecipientKey, SigningKey, consent_claims, grant, open_envelope, sign_consent
+from vgw_sim.paths import default_dbc, default_signal_map
+from vgw_sim.vehicle import DEFAULT_VIN, VehicleModel
 
 DEVICE = "dev-0001"
 T0 = 1_800_000_000.0
@@ -180,7 +180,7 @@ def run(sc: Scenario | None, folder: Path, *, seed: int = 1, duration: float = 1
         outbox.close()
 
 
-# The defaults (EDPB 01/2020), restated here independently of vgw.consent.model.
+# The defaults (EDPB 01/2020), restated here independently of vgw.contract.consent.model.
 _DEFAULTS = {"read_location": (0.2, 100.0), "read_compass": (0.2, None)}
 
 

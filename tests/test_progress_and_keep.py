@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from vgw.config import load_config
+from vgw.base.config import load_config
 
 from tests.agentkit import ROOT, vgw
 

@@ -13,13 +13,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from vgw.catalogue import load_catalogue
+from vgw.pipeline.catalogue import load_catalogue
 from vgw.cli import main
-from vgw.config import load_config
-from vgw.errors import ConfigError
-from vgw.provisioning import parse_broker
-from vgw.simulators.cloud import SigningKey
-from vgw.simulators.pki import TestPKI
+from vgw.base.config import load_config
+from vgw.base.errors import ConfigError
+from vgw.ops.provisioning import parse_broker
+from vgw_sim.cloud import SigningKey
+from vgw_sim.pki import TestPKI
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -259,7 +259,7 @@ def test_parse_broker() -> None:
 
 
 def test_default_state_dir() -> None:
-    from vgw.provisioning import default_state_dir
+    from vgw.ops.provisioning import default_state_dir
 
     assert default_state_dir(Path("/etc/vgw")) == Path("/var/lib/vgw")
     assert default_state_dir(Path("/tmp/x")) == Path("/tmp/x/state")
@@ -278,7 +278,7 @@ def test_obd_only_installer_gets_no_can_section(inputs: dict[str, Path], pki: Te
     assert cfg.can is None
     assert cfg.obd is not None and cfg.obd.port == "/dev/vgw-obd"
     assert not (out / "vehicle.dbc").exists() and not (out / "signals.toml").exists()
-    from vgw.doctor import Probes, run_checks
+    from vgw.ops.doctor import Probes, run_checks
     lines = [f"{c.status} {c.check} {c.detail}" for c in run_checks(out / "vgw.toml", Probes())]
     assert not any("can0" in line for line in lines), lines
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
-from vgw.simulators.broker import Mosquitto, device_acl
-from vgw.simulators.pki import TestPKI
+from vgw_sim.broker import Mosquitto, device_acl
+from vgw_sim.pki import TestPKI
 
 from tests.agentkit import AgentThread, Authority, vgw, wait_until, write_config
 from tests.enrollkit import claim_identity, device_config, enroll_args, enroll_service, write_allow
@@ -259,7 +259,7 @@ def test_a_certificate_renewed_in_the_second_it_was_installed_is_the_one_in_use(
     """X.509 times have one-second grain: a renewal right after provisioning (a fast machine) gets the same
     notBefore as the installed certificate. The longer-lived, renewed one must be used; choosing the installed
     one made the agent see its old expiry and ask again for ever (status stayed "due")."""
-    from vgw.crypto.credentials import device_credentials, renewed_pair
+    from vgw.state.credentials import device_credentials, renewed_pair
 
     issued = dt.datetime.now(dt.UTC).replace(microsecond=0) - dt.timedelta(minutes=5)
     near = pki.client_cert("dev-tie", name="dev-tie-near", not_before=issued, not_after=issued + dt.timedelta(days=2))

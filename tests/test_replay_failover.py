@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from vgw.config import DEFAULT_REPLAY_WINDOW_S, load_config
-from vgw.crypto.keys import new_data_key
-from vgw.outbox import GrantTerms, Outbox, read_figures
-from vgw.simulators.broker import Mosquitto
+from vgw.base.config import DEFAULT_REPLAY_WINDOW_S, load_config
+from vgw.state.keys import new_data_key
+from vgw.state.outbox import GrantTerms, Outbox, read_figures
+from vgw_sim.broker import Mosquitto
 
 from tests.agentkit import AgentThread, Authority, connected_cloud, wait_until, write_config
 from tests.faultkit import DEV, apply_offline, record_trace

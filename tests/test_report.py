@@ -17,9 +17,9 @@ from typing import Any, ClassVar
 
 import pytest
 from vgw.cli import main
-from vgw.crypto.envelope import batch_plaintext, load_recipient_key, seal
-from vgw.report import ConsentView, build_report, collect, render_html, render_text
-from vgw.simulators.vehicle import DEFAULT_VIN
+from vgw.contract.envelope import batch_plaintext, load_recipient_key, seal
+from vgw.ops.report import ConsentView, build_report, collect, render_html, render_text
+from vgw_sim.vehicle import DEFAULT_VIN
 
 from tests.consentkit import Authority, State
 

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from vgw.report import render_html, render_text
-from vgw.simulators.pki import TestPKI
+from vgw.ops.report import render_html, render_text
+from vgw_sim.pki import TestPKI
 
 from tests.consentkit import Authority
 from tests.historykit import Car, Cloud
@@ -135,8 +135,8 @@ def test_rule_counts_survive_a_restart(tmp_path: Path, pki: TestPKI, broker: Any
     import json
 
     from vgw.cli import main
-    from vgw.report import collect
-    from vgw.simulators.cloud import consent_claims, grant, sign_consent
+    from vgw.ops.report import collect
+    from vgw_sim.cloud import consent_claims, grant, sign_consent
 
     from tests.agentkit import AgentThread, wait_until, write_config
     from tests.agentkit import Authority as AgentAuthority
@@ -175,7 +175,7 @@ def test_rule_counts_survive_a_restart(tmp_path: Path, pki: TestPKI, broker: Any
 def _seen_report() -> dict[str, Any]:
     """The history of a report that once lost the narrowed-away thermometer and drew one sent bar across the
     insurer's withdrawal, as the audit log and the sent log hold it (times of 6 Dec 2026, UTC)."""
-    from vgw.report import ConsentView, build_report
+    from vgw.ops.report import ConsentView, build_report
 
     day = 1_796_600_000.0 - 1_796_600_000.0 % 86400
     at = {k: day + 6 * 3600 + m * 60 + s for k, (m, s) in {
@@ -272,8 +272,8 @@ def test_timeline_geometry_in_headless_chromium(tmp_path: Path) -> None:
 
 def test_sent_log_counts_a_batch_once_for_its_grant(tmp_path: Path, pki: TestPKI) -> None:
     """A batch with a path of unknown scope (counted under '') must not add to the grant's own row twice."""
-    from vgw.outbox import OUTBOX_FILE, read_figures
-    from vgw.outbox.batches import Row
+    from vgw.state.outbox import OUTBOX_FILE, read_figures
+    from vgw.state.outbox.batches import Row
 
     from tests.consentkit import State
 
@@ -296,8 +296,8 @@ def test_report_of_a_real_agent_granted_withdrawn_granted_again(tmp_path: Path, 
     """End to end (virtual CAN -> agent -> mosquitto over mutual TLS -> cloud peer): an insurer granted,
     withdrawn, granted again; `vgw report --json` then has its two periods, each with what the app received in
     it, and nothing sent between them."""
-    from vgw.report import collect
-    from vgw.simulators.cloud import consent_claims, grant, sign_consent
+    from vgw.ops.report import collect
+    from vgw_sim.cloud import consent_claims, grant, sign_consent
 
     from tests.agentkit import AgentThread, write_config
     from tests.agentkit import Authority as AgentAuthority
@@ -341,7 +341,7 @@ def test_report_of_a_real_agent_granted_withdrawn_granted_again(tmp_path: Path, 
 def test_periods_end_at_expiry_and_a_skipped_revocation() -> None:
     """Expiry ends every period; a grant revoked by a version that a newer one superseded before it was applied
     (and granted again by the newer one) has two periods meeting at that moment."""
-    from vgw.report import ConsentView, build_report
+    from vgw.ops.report import ConsentView, build_report
 
     g = {"id": "g", "scopes": ["read_fuel"]}
     entries = [

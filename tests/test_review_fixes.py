@@ -7,12 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from vgw.audit import AuditLog
-from vgw.catalogue import load_catalogue
-from vgw.consent.model import Grant, Limits, Recipient
+from vgw.state.audit import AuditLog
+from vgw.pipeline.catalogue import load_catalogue
+from vgw.contract.consent.model import Grant, Limits, Recipient
 from vgw.pipeline.router import Pipeline
-from vgw.simulators.broker import free_port
-from vgw.simulators.paths import default_dbc, default_signal_map
+from vgw_sim.broker import free_port
+from vgw_sim.paths import default_dbc, default_signal_map
 
 from tests.agentkit import AgentThread, Authority, vgw, wait_until, write_config
 from tests.consentkit import Authority as DocAuthority

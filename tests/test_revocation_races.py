@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from vgw.simulators.broker import Mosquitto, free_port
+from vgw_sim.broker import Mosquitto, free_port
 
 from tests.agentkit import (
     ROOT,
@@ -352,7 +352,7 @@ def test_disk_full_revocation_withholds_the_backlog_until_it_is_erased(tmp_path:
 
 
 def test_a_reserved_record_is_rewritten_in_place_and_survives_a_torn_write(tmp_path: Path) -> None:
-    from vgw.fsutil import ReservedRecord
+    from vgw.base.fsutil import ReservedRecord
 
     rec = ReservedRecord(tmp_path / "r", slot_bytes=4096)
     assert rec.read() is None

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 from vgw.cli import main
-from vgw.config import load_config
-from vgw.simulators.cloud import RecipientKey, SigningKey, consent_claims, grant, sign_consent
-from vgw.simulators.pki import TestPKI
+from vgw.base.config import load_config
+from vgw_sim.cloud import RecipientKey, SigningKey, consent_claims, grant, sign_consent
+from vgw_sim.pki import TestPKI
 
 from tests.test_provision import SERVICE, SERVICE_USER, sign_csr
 
@@ -145,8 +145,8 @@ def test_a_host_with_a_vgw_user(tmp_path: Path, pki: TestPKI) -> None:
     """`make test` failed on a host that has a `vgw` user (a developer's Pi after `make install`): provision
     gave the test's state dir to that user, and the re-run was refused. The service user is looked up through
     a parameter; here the lookup answers as such a host would."""
-    from vgw.fsutil import Account
-    from vgw.provisioning import Sources, provision, resolve_account
+    from vgw.base.fsutil import Account
+    from vgw.ops.provisioning import Sources, provision, resolve_account
 
     def host_with_vgw(name: str) -> pwd.struct_passwd:
         if name != "vgw":

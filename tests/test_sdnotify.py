@@ -1,4 +1,4 @@
-"""sd_notify(3) without libsystemd: agent/sdnotify.py against a real AF_UNIX datagram socket as NOTIFY_SOCKET,
+"""sd_notify(3) without libsystemd: agent/vgw/daemon/sdnotify.py against a real AF_UNIX datagram socket as NOTIFY_SOCKET,
 and the real `vgw run` sending READY=1, WATCHDOG=1 (main loop, at WATCHDOG_USEC/2) and STOPPING=1."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from vgw.sdnotify import notify, watchdog_interval
-from vgw.simulators.broker import free_port
-from vgw.simulators.pki import TestPKI
+from vgw.daemon.sdnotify import notify, watchdog_interval
+from vgw_sim.broker import free_port
+from vgw_sim.pki import TestPKI
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,7 +79,7 @@ def test_watchdog_interval(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _agent_config(tmp: Path, pki: TestPKI) -> Path:
-    from vgw.simulators.cloud import SigningKey
+    from vgw_sim.cloud import SigningKey
 
     trust = SigningKey.generate().write_public_pem(tmp / "trust.pem")
     dev = pki.device("dev-0001")

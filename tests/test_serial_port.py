@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from vgw.simulators.pki import TestPKI
+from vgw_sim.pki import TestPKI
 
 from tests.agentkit import ROOT, Authority, stop_process, wait_until, write_config
 

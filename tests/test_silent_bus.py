@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from vgw.simulators.broker import free_port
-from vgw.simulators.pki import TestPKI
+from vgw_sim.broker import free_port
+from vgw_sim.pki import TestPKI
 
 from tests.agentkit import AgentThread, Authority, Vehicle, wait_until, write_config
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import can
 import pytest
-from vgw.simulators.can_sim import CanSimulator
-from vgw.simulators.vehicle import VehicleModel
+from vgw_sim.can_sim import CanSimulator
+from vgw_sim.vehicle import VehicleModel
 
 from tests.agentkit import ROOT, stop_process
 

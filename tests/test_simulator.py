@@ -18,10 +18,10 @@ from typing import Any
 import can
 import pytest
 from cantools.database.can import Database
-from vgw.errors import ConfigError, SourceOpenError
-from vgw.simulators.can_sim import MODEL_TICK_MS, SIGNAL_SOURCES, CanSimulator, open_output, vin_parts
-from vgw.simulators.slcan_pty import SlcanPtyBus
-from vgw.simulators.vehicle import (
+from vgw.base.errors import ConfigError, SourceOpenError
+from vgw_sim.can_sim import MODEL_TICK_MS, SIGNAL_SOURCES, CanSimulator, open_output, vin_parts
+from vgw_sim.slcan_pty import SlcanPtyBus
+from vgw_sim.vehicle import (
     DEFAULT_VIN,
     DRIVE_CYCLE,
     GEAR_PARK,

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from vgw.crypto.keys import load_or_create_storage_key
-from vgw.outbox import Outbox
+from vgw.state.keys import load_or_create_storage_key
+from vgw.state.outbox import Outbox
 
 from tests.agentkit import ROOT, Authority, write_config
 
@@ -236,7 +236,7 @@ def test_a_hostile_state_file_is_refused_promptly_by_every_read_only_command(set
 
 
 def test_an_audit_log_beyond_its_cap_is_refused_before_it_is_read(setup: dict[str, Any]) -> None:
-    from vgw.fsutil import MAX_AUDIT_BYTES
+    from vgw.base.fsutil import MAX_AUDIT_BYTES
 
     assert apply(setup).returncode == 0
     with (setup["state"] / "audit.log").open("r+b") as fh:

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 from vgw.cli.status import SCHEMA_VERSION, human_bytes, structured_counters
-from vgw.config import load_config
-from vgw.runtime import open_state
-from vgw.simulators.broker import free_port
-from vgw.simulators.pki import TestPKI
+from vgw.base.config import load_config
+from vgw.daemon.agent import open_state
+from vgw_sim.broker import free_port
+from vgw_sim.pki import TestPKI
 
 from tests.agentkit import AgentThread, Authority, vgw, wait_until, write_config
 
@@ -72,7 +72,7 @@ def test_structured_counters_and_units() -> None:
 def test_status_shows_pending_erasures_without_personal_data(tmp_path: Path, pki: TestPKI) -> None:
     """An erasure (or a narrowing) whose receipt waits until no copy is left in the outbox's files was only in
     erasures.pending.json: neither `vgw status` nor its JSON said that data were still waiting to be gone."""
-    from vgw.consent.store import ConsentStore, PendingErasure
+    from vgw.state.consent.store import ConsentStore, PendingErasure
 
     auth = Authority(tmp_path)
     cfg = write_config(tmp_path, pki, free_port(), auth.trust, can={"channel": "status-pending"})
@@ -139,6 +139,6 @@ def test_consent_versions_read_as_dates_and_no_consent_is_said(tmp_path: Path, p
     assert json.loads(vgw("consent", "show", "--config", str(cfg), "--json").stdout)["version"] == ver
     assert json.loads(vgw("status", "--config", str(cfg), "--json").stdout)["consent_version"] == ver
     # A small version (a test authority's 1, 2, 3) is no date: it stays as it is.
-    from vgw.consent.model import version_text
+    from vgw.contract.consent.model import version_text
 
     assert version_text(7) == "consent v7" and version_text(None) == "no consent in force"

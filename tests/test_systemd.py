@@ -192,7 +192,7 @@ def test_udev_names_survive_replugging_and_reordering(serial: str, stable: str) 
     assert first["SYMLINK"][0] == "vgw-obd"  # type: ignore[index]
     assert any(link.startswith(stable) for link in first["SYMLINK"])  # type: ignore[attr-defined]
     # The default the config is written with (vgw provision --source obd) is the fixed name.
-    from vgw.provisioning import DEFAULT_OBD_PORT
+    from vgw.ops.provisioning import DEFAULT_OBD_PORT
     assert DEFAULT_OBD_PORT == "/dev/vgw-obd"
 
 

@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 import pytest
-from vgw.simulators.broker import Mosquitto
-from vgw.simulators.pki import CertPaths
+from vgw_sim.broker import Mosquitto
+from vgw_sim.pki import CertPaths
 
 from tests.agentkit import AgentThread, Authority, wait_until, write_config
 from tests.faultkit import apply_offline, record_trace
@@ -41,7 +41,7 @@ def test_refused_client_certificate_is_named_and_never_falls_back(tmp_path: Path
     cfg = with_client_cert(write_config(tmp_path, pki, broker.port, auth.trust,
                                         can={"replay": str(trace), "replay_rate": 2.0, "replay_loop": True}), pair)
     apply_offline(cfg, auth, {"g-1": ["read_speedometer"]}, tmp_path)
-    caplog.set_level(logging.DEBUG, logger="vgw.uplink")
+    caplog.set_level(logging.DEBUG, logger="vgw.uplink.link")
     with AgentThread(cfg) as runner:
         up = runner.agent.uplink
         assert wait_until(lambda: up.connect_attempts >= 3, 20)
@@ -50,8 +50,8 @@ def test_refused_client_certificate_is_named_and_never_falls_back(tmp_path: Path
         time.sleep(0.2)
         assert up.connects == 0
         assert up.last_error is not None and alert in up.last_error and advice in up.last_error, up.last_error
-    text = "\n".join(r.getMessage() for r in caplog.records if r.name == "vgw.uplink")
+    text = "\n".join(r.getMessage() for r in caplog.records if r.name == "vgw.uplink.link")
     assert "3.1.1" not in text, text  # a TLS refusal says nothing about the MQTT version
     assert "Unspecified error" not in text
-    warnings = [r for r in caplog.records if r.name == "vgw.uplink" and r.levelno >= logging.WARNING]
+    warnings = [r for r in caplog.records if r.name == "vgw.uplink.link" and r.levelno >= logging.WARNING]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]  # once, not per retry

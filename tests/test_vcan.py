@@ -9,9 +9,9 @@ import threading
 
 import can
 import pytest
-from vgw.simulators.can_sim import CanSimulator
-from vgw.simulators.paths import default_dbc
-from vgw.simulators.vehicle import VehicleModel
+from vgw_sim.can_sim import CanSimulator
+from vgw_sim.paths import default_dbc
+from vgw_sim.vehicle import VehicleModel
 
 from tests.agentkit import AgentThread, Authority, wait_until, write_config
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 from cantools.database.can import Database
-from vgw.scopes import SCOPES
-from vgw.simulators.paths import dbc_dir, default_dbc, default_signal_map
+from vgw.contract.scopes import SCOPES
+from vgw_sim.paths import dbc_dir, default_dbc, default_signal_map
 
 VSS_PATH = re.compile(r"^Vehicle(\.[A-Z][A-Za-z0-9]*)+$")
 MUX_SELECTOR = ("VehicleIdentification", "VIN_MuxSelector")

@@ -1,4 +1,4 @@
-"""The batch writer (vgw.writer) and the outbox's grouped commit: batches are judged one by one inside one
+"""The batch writer (vgw.daemon.writer) and the outbox's grouped commit: batches are judged one by one inside one
 transaction, a revocation takes queued batches back before they reach the disk, and counters added to from
 several threads lose nothing."""
 
@@ -8,13 +8,13 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from vgw.consent.model import KEM_X25519, Grant, Recipient
-from vgw.counters import Counters
-from vgw.crypto.envelope import load_recipient_key, to_us
-from vgw.crypto.keys import new_data_key
-from vgw.outbox import Committed, GrantNotActive, NewBatch, Outbox
-from vgw.simulators.cloud import RecipientKey, open_envelope
-from vgw.writer import BatchWriter, SealJob
+from vgw.contract.consent.model import KEM_X25519, Grant, Recipient
+from vgw.daemon.counters import Counters
+from vgw.contract.envelope import load_recipient_key, to_us
+from vgw.state.keys import new_data_key
+from vgw.state.outbox import Committed, GrantNotActive, NewBatch, Outbox
+from vgw_sim.cloud import RecipientKey, open_envelope
+from vgw.daemon.writer import BatchWriter, SealJob
 
 from tests.agentkit import wait_until
 

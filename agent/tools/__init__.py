@@ -1,5 +1,0 @@
-"""Developer tools that run the whole product on one machine: ``vgw demo`` and ``vgw bench``.
-
-Layer: tools (README "Layout"), just under the CLI: the only part of the package besides the CLI that may
-import :mod:`vgw.simulators` (a private broker, the CAN simulator, the reference cloud peer).
-"""

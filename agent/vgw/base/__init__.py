@@ -1,0 +1,1 @@
+"""The base layer: errors, file-system helpers, time text, logging, the agent's configuration file."""

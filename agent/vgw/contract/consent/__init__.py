@@ -1,0 +1,1 @@
+"""The consent document: its model, its verifier, and what narrowing withdraws."""

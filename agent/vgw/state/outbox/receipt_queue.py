@@ -1,0 +1,32 @@
+"""Signed receipts waiting for the broker (README "Receipts"): no personal data, so stored as they are."""
+
+from __future__ import annotations
+
+import time
+
+from vgw.state.outbox.connection import Connection
+
+
+class Receipts(Connection):
+    def queue_receipt(self, token: str) -> int:
+        """Store a signed receipt until the broker acknowledges it. Returns its row id."""
+        with self._tx() as db:
+            cur = db.execute("INSERT INTO receipts (created, token) VALUES (?, ?)", (time.time(), token))
+            return int(cur.lastrowid or 0)
+
+    def pending_receipts(self, limit: int, exclude: set[int] | None = None) -> list[tuple[int, str]]:
+        """The oldest receipts not in ``exclude`` (ids in flight): (id, token)."""
+        exclude = exclude or set()
+        with self._lock:
+            rows = self._db.execute("SELECT id, token FROM receipts ORDER BY id LIMIT ?",
+                                    (limit + len(exclude),)).fetchall()
+        return [(int(i), str(t)) for i, t in rows if i not in exclude][:limit]
+
+    def delete_receipt(self, receipt_id: int) -> None:
+        """The broker acknowledged the receipt. Raises :class:`~vgw.base.errors.OutboxUnwritable`."""
+        with self._tx() as db:
+            db.execute("DELETE FROM receipts WHERE id = ?", (receipt_id,))
+
+    def receipt_count(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM receipts").fetchone()[0])

@@ -79,7 +79,6 @@ lint: venv
 # because griffe cannot follow the `vgw` -> agent/ mapping of pyproject's package-dir.
 docs: venv
 	PYTHONWARNINGS=ignore $(BIN)/python -m pip install -q -e '.[docs]'
-	rm -rf build/docs && mkdir -p build/docs && ln -s ../../agent build/docs/vgw
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 bench: deps venv

@@ -123,7 +123,8 @@ def build(arch: str, out: Path, *, cache: Path | None = None, extra_wheels: Path
         stage = Path(tmp) / name
         wheels = stage / "wheels"
         wheels.mkdir(parents=True)
-        _pip(["wheel", "--quiet", "--no-deps", "--wheel-dir", str(wheels), str(ROOT)],
+        # the car's distribution: the agent without the simulators (agent/pyproject.toml)
+        _pip(["wheel", "--quiet", "--no-deps", "--wheel-dir", str(wheels), str(ROOT / "agent")],
              env=env)
         own = next(wheels.glob("vgw-*.whl"))
         fetch = ["download", "--only-binary=:all:", "--dest", str(wheels)]

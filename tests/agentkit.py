@@ -16,8 +16,8 @@ from typing import Any
 
 import can
 from vgw.base.config import Config, load_config
-from vgw.daemon.timing import DEFAULT_TIMING, Timing
 from vgw.daemon.agent import Agent
+from vgw.daemon.timing import DEFAULT_TIMING, Timing
 from vgw_sim.broker import Mosquitto
 from vgw_sim.can_sim import CanSimulator
 from vgw_sim.cloud import CloudPeer, RecipientKey, SigningKey, consent_claims, grant, sign_consent

@@ -12,11 +12,11 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from vgw.contract.receipts import ReceiptSigner
 from vgw.state.audit import AuditLog
 from vgw.state.consent.manager import ConsentManager, load_trust_keys
 from vgw.state.consent.store import ConsentStore
 from vgw.state.keys import load_or_create_storage_key
-from vgw.contract.receipts import ReceiptSigner
 from vgw.state.outbox import Outbox
 from vgw_sim.cloud import RecipientKey, SigningKey, consent_claims, grant, sign_consent, verify_receipt
 from vgw_sim.pki import TestPKI, device_public_key_from_cert

@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vgw.pipeline.catalogue import Catalogue, load_catalogue
-from vgw.cloud.envelopes import open_envelope
 from vgw.base.config import BatchConfig
+from vgw.cloud.envelopes import open_envelope
 from vgw.daemon.counters import Counters
 from vgw.daemon.locked_pipeline import PipelineGuard
-from vgw_sim.pki import TestPKI
 from vgw.daemon.writer import BatchWriter
+from vgw.pipeline.catalogue import Catalogue, load_catalogue
+from vgw_sim.pki import TestPKI
 
 from tests.consentkit import Authority, State
 
@@ -39,9 +39,9 @@ def trace() -> list[tuple[float, int, bool, bytes, int]]:
         import tempfile
 
         import can
+        from vgw.tools.bench.trace import write_trace
         from vgw_sim.can_sim import CanSimulator
         from vgw_sim.vehicle import VehicleModel
-        from vgw.tools.bench.trace import write_trace
 
         sim = CanSimulator(ROOT / "dbc" / "vehicle.dbc", VehicleModel(seed=7))
         frames = ((m.timestamp, m.arbitration_id, m.is_extended_id, bytes(m.data))
@@ -119,8 +119,8 @@ class Car:
 
     def report(self, generated: float | None = None) -> dict[str, Any]:
         """`vgw report --json` of this state directory, read as the command reads it (files only)."""
-        from vgw.state.outbox import OUTBOX_FILE, read_figures
         from vgw.ops.report import ConsentView, build_report
+        from vgw.state.outbox import OUTBOX_FILE, read_figures
 
         figures = read_figures(self.state.dir / OUTBOX_FILE)
         m = self.state.manager

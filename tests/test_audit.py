@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from vgw.state.audit import GENESIS, AuditLog, _digest
 from vgw.cli import main
+from vgw.state.audit import GENESIS, AuditLog, _digest
 
 from tests.consentkit import Authority, State
 

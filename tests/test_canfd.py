@@ -12,15 +12,15 @@ import cantools
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from vgw.pipeline.catalogue import load_catalogue
 from vgw.base.config import load_config
-from vgw.ops.doctor import FAIL, PASS, WARN, Probes, check_can_interface
 from vgw.base.errors import ConfigError
+from vgw.ops.doctor import FAIL, PASS, WARN, Probes, check_can_interface
+from vgw.pipeline.catalogue import load_catalogue
 from vgw.pipeline.decoder import MessageDecoder
+from vgw.sources.canbus import BusSource
 from vgw_sim.can_sim import CanSimulator, open_output
 from vgw_sim.paths import dbc_dir
 from vgw_sim.vehicle import VehicleModel
-from vgw.sources.canbus import BusSource
 
 from tests.agentkit import AgentThread, Authority, vgw, wait_until, write_config
 

@@ -18,8 +18,8 @@ from typing import Any
 
 import jwt
 import pytest
-from vgw.pipeline.catalogue import load_catalogue
 from vgw.cloud.cloudlink import Listener
+from vgw.pipeline.catalogue import load_catalogue
 from vgw_sim.broker import Mosquitto
 from vgw_sim.cloud import RecipientKey, seal_envelope
 from vgw_sim.paths import default_dbc, default_signal_map

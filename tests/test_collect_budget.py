@@ -14,17 +14,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from vgw.base.errors import ClaimsError
+from vgw.contract.consent.verifier import verify_consent
 from vgw.contract.rules import limits
 from vgw.contract.rules.budget import document_usage, rule_held, rule_work
-from vgw.pipeline.rule_engine import RuleEngine
 from vgw.contract.rules.expr import parse_condition
 from vgw.contract.rules.rules import RuleReason, parse_rules
 from vgw.contract.rules.vss import VSS_SCOPES
-from vgw.state.consent.manager import load_trust_keys
-from vgw.contract.consent.verifier import verify_consent
-from vgw.base.errors import ClaimsError
-from vgw.pipeline.router import Pipeline
 from vgw.contract.scopes import SCOPES
+from vgw.pipeline.router import Pipeline
+from vgw.pipeline.rule_engine import RuleEngine
+from vgw.state.consent.manager import load_trust_keys
 from vgw_sim.paths import default_dbc, default_signal_map
 
 from tests.consentkit import Authority, State

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from vgw.pipeline.rule_engine import RuleEngine, is_number
 from vgw.contract.rules.rules import parse_rules
+from vgw.pipeline.rule_engine import RuleEngine, is_number
 
 SPEED, FUEL, LAT, ODO = ("Vehicle.Speed", "Vehicle.Powertrain.FuelSystem.RelativeLevel",
                          "Vehicle.CurrentLocation.Latitude", "Vehicle.TraveledDistance")

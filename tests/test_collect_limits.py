@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from vgw.base.errors import ConsentError
+from vgw.contract.consent.verifier import verify_consent
 from vgw.contract.rules.rules import RuleReason
 from vgw.state.consent.manager import load_trust_keys
-from vgw.contract.consent.verifier import verify_consent
-from vgw.base.errors import ConsentError
 
 from tests.consentkit import Authority
 
@@ -65,8 +65,8 @@ def test_show_describes_the_rule_as_it_acts(tmp_path: Path) -> None:
 
 def test_cloud_sign_refuses_it_too(tmp_path: Path) -> None:
     """`vgw cloud sign` checks the rules exactly as the car will: the document is never signed."""
-    from vgw.cloud.cloudkit import load_grants
     from vgw.base.errors import CloudKitError
+    from vgw.cloud.cloudkit import load_grants
     grants = tmp_path / "grants.toml"
     grants.write_text(f"""
 [[grant]]

@@ -10,10 +10,10 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from vgw.state.consent.manager import load_trust_keys
 from vgw.contract.consent.model import Grant
 from vgw.contract.consent.verifier import verify_consent
 from vgw.pipeline.router import Pipeline
+from vgw.state.consent.manager import load_trust_keys
 
 from tests.consentkit import Authority
 

@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from vgw.base.errors import ClaimsError
+from vgw.contract.consent.verifier import verify_consent
 from vgw.contract.rules.limits import MAX_RULES
 from vgw.contract.rules.rules import Mode, RuleError, RuleReason, parse_rules
 from vgw.state.consent.manager import load_trust_keys
-from vgw.contract.consent.verifier import verify_consent
-from vgw.base.errors import ClaimsError
 
 from tests.consentkit import Authority, State
 

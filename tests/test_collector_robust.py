@@ -23,16 +23,16 @@ import can
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from vgw.pipeline.catalogue import load_catalogue
+from vgw.base.errors import SourceFrameError
 from vgw.cli.status import collect_status
 from vgw.contract.consent.model import Grant, Limits, Recipient
-from vgw.daemon.timing import Timing
-from vgw.base.errors import SourceFrameError
-from vgw.pipeline.router import Pipeline
 from vgw.daemon.agent import Agent
+from vgw.daemon.timing import Timing
+from vgw.pipeline.catalogue import load_catalogue
+from vgw.pipeline.router import Pipeline
+from vgw.sources.canbus import BusSource, kernel_filters
 from vgw_sim.broker import free_port
 from vgw_sim.slcan_pty import SlcanPtyBus
-from vgw.sources.canbus import BusSource, kernel_filters
 
 from tests.agentkit import AgentThread, Authority, vgw, wait_until, write_config
 from tests.faultkit import DEV

@@ -17,11 +17,11 @@ import cantools
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from vgw.pipeline.catalogue import load_catalogue
 from vgw.contract.consent.model import KEM_X25519, Grant, Recipient
+from vgw.pipeline.catalogue import load_catalogue
 from vgw.pipeline.router import Pipeline
-from vgw_sim.paths import default_dbc, default_signal_map
 from vgw.tools.bench.trace import synthetic_signal_map
+from vgw_sim.paths import default_dbc, default_signal_map
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "dbc" / "cantools"
 DBCS = ["vehicle.dbc", "multiplex_2.dbc", "issue_184_extended_mux_cascaded.dbc", "floating_point.dbc",

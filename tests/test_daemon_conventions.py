@@ -13,8 +13,8 @@ import threading
 from pathlib import Path
 
 import pytest
-from vgw.cli import main
 from vgw.base.errors import ConfigError
+from vgw.cli import main
 from vgw_sim.broker import free_port
 from vgw_sim.paths import default_dbc, default_signal_map
 

@@ -15,8 +15,8 @@ from tests.agentkit import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 # What `vgw run` executes: the command line's entry and run modules, the runtime and its parts.
-RUN_PATH = [ROOT / "agent" / "cli" / "__init__.py", ROOT / "agent" / "cli" / "run.py", ROOT / "agent" / "runtime.py",
-            *sorted((ROOT / "agent" / "daemon").glob("*.py"))]
+PACKAGE = ROOT / "agent" / "vgw"
+RUN_PATH = [PACKAGE / "cli" / "__init__.py", PACKAGE / "cli" / "run.py", *sorted((PACKAGE / "daemon").glob("*.py"))]
 
 
 def _installs_handlers(path: Path) -> list[int]:
@@ -32,7 +32,7 @@ def test_signal_handlers_are_installed_in_one_place() -> None:
 
 
 def test_each_daemon_part_names_its_thread_and_lock() -> None:
-    parts = [p for p in sorted((ROOT / "agent" / "daemon").glob("*.py")) if p.name != "__init__.py"]
+    parts = [p for p in sorted((PACKAGE / "daemon").glob("*.py")) if p.name != "__init__.py"]
     assert {p.stem for p in parts} >= {"collector", "health", "status", "supervisor", "signals"}
     for path in parts:
         doc = (ast.get_docstring(ast.parse(path.read_text())) or "").lower()

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import can
 import pytest
+from vgw.sources.canmsg import frame_of
+from vgw.sources.replay import ReplaySource
 from vgw_sim.can_sim import CanSimulator
 from vgw_sim.paths import default_dbc
 from vgw_sim.vehicle import VehicleModel
-from vgw.sources.canmsg import frame_of
-from vgw.sources.replay import ReplaySource
 
 from tests.agentkit import Authority, agent_process, vgw, write_config
 

@@ -20,8 +20,8 @@ import cantools
 import pytest
 from cantools.database.can.database import Database
 from cantools.database.errors import DecodeError
-from vgw.pipeline.catalogue import load_catalogue, load_dbc
 from vgw.base.errors import ConfigError
+from vgw.pipeline.catalogue import load_catalogue, load_dbc
 from vgw.pipeline.decoder import MessageDecoder
 
 from tests.decoderkit import decodable_messages, fetch_sdist_files, mismatches, random_payload, same

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-from vgw.cloud.cloudkit import load_grants
 from vgw.base.config import load_config
+from vgw.cloud.cloudkit import load_grants
 
 from tests.agentkit import ROOT, vgw, wait_until
 

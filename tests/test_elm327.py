@@ -18,11 +18,11 @@ from typing import Any
 import pytest
 from vgw.base.config import ObdConfig
 from vgw.base.errors import SourceOpenError
-from vgw.sources.obd.elm327 import Elm327, parse_answer
-from vgw.pipeline.obd.pids import PIDS
-from vgw.sources.obd.poller import ObdPoller, decode_vin
-from vgw.pipeline.obd.request import ForbiddenRequest, ObdRequest, build_request
 from vgw.contract.scopes import SCOPES
+from vgw.pipeline.obd.pids import PIDS
+from vgw.pipeline.obd.request import ForbiddenRequest, ObdRequest, build_request
+from vgw.sources.obd.elm327 import Elm327, parse_answer
+from vgw.sources.obd.poller import ObdPoller, decode_vin
 from vgw_sim.elm327 import Elm327Simulator
 from vgw_sim.obd_ecu import frozen_model
 

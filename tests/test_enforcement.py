@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from vgw.pipeline.catalogue import load_catalogue
-from vgw.state.consent.manager import load_trust_keys
-from vgw.contract.consent.model import Grant, Limits, Recipient
 from vgw.base.errors import ConfigError
-from vgw.pipeline.router import Pipeline
+from vgw.contract.consent.model import Grant, Limits, Recipient
 from vgw.contract.scopes import SCOPES
+from vgw.pipeline.catalogue import load_catalogue
+from vgw.pipeline.router import Pipeline
+from vgw.state.consent.manager import load_trust_keys
 from vgw_sim.can_sim import CanSimulator
 from vgw_sim.cloud import SigningKey
 from vgw_sim.paths import default_dbc, default_signal_map

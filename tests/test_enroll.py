@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from vgw.base.errors import UplinkError
 from vgw.cloud.cloudlink import BrokerOptions, CloudLink
 from vgw.contract.certs import cert_device_id
 from vgw.contract.enrollment import build_csr, new_key
-from vgw.base.errors import UplinkError
 from vgw_sim.broker import Mosquitto
 
 from tests.agentkit import ROOT, AgentThread, Authority, stop_process, vgw, wait_until

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from vgw.pipeline.catalogue import load_catalogue
-from vgw.state import keys
 from vgw.contract.envelope import batch_plaintext, load_recipient_key, seal
+from vgw.pipeline.catalogue import load_catalogue
 from vgw.pipeline.router import Pipeline
+from vgw.state import keys
 from vgw_sim.can_sim import CanSimulator
 from vgw_sim.paths import default_dbc, default_signal_map
 from vgw_sim.vehicle import DEFAULT_VIN, VehicleModel

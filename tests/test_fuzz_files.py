@@ -21,10 +21,10 @@ from hypothesis import strategies as st
 from vgw.base.config import load_config
 from vgw.base.errors import ConfigError
 from vgw.base.fsutil import MAX_CONFIG_BYTES
-from vgw_sim.paths import default_dbc, default_signal_map
+from vgw.base.timefmt import LATEST_TIME
 from vgw.sources.candump import MAX_LINE_BYTES, DamagedLine, LineError, parse_line, read_frames
 from vgw.sources.replay import ReplaySource
-from vgw.base.timefmt import LATEST_TIME
+from vgw_sim.paths import default_dbc, default_signal_map
 
 from tests.agentkit import vgw
 

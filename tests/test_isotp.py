@@ -10,9 +10,9 @@ from typing import Any
 import can
 import pytest
 from vgw.base.config import ObdConfig
+from vgw.pipeline.obd.request import build_request
 from vgw.sources.obd.isotp import IsoTpTransport
 from vgw.sources.obd.poller import ObdPoller, decode_vin
-from vgw.pipeline.obd.request import build_request
 from vgw_sim.obd_ecu import frozen_model
 from vgw_sim.obd_responder import ObdResponder
 

@@ -15,10 +15,10 @@ import cantools
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from vgw.pipeline.catalogue import catalogue_from_map, load_catalogue, load_dbc
 from vgw.base.config import load_config
-from vgw.contract.consent.model import Grant, Recipient
 from vgw.base.errors import ConfigError
+from vgw.contract.consent.model import Grant, Recipient
+from vgw.pipeline.catalogue import catalogue_from_map, load_catalogue, load_dbc
 from vgw.pipeline.j1939 import ids
 from vgw.pipeline.j1939.ids import GLOBAL, PGN_TP_CM, PGN_TP_DT, make_id, parse
 from vgw.pipeline.j1939.messages import (
@@ -45,11 +45,11 @@ from vgw.pipeline.j1939.transport import (
     bam_deadline_s,
 )
 from vgw.pipeline.router import Pipeline
+from vgw.sources.canbus import BusSource
 from vgw_sim.can_sim import open_output
 from vgw_sim.j1939_sim import COMPONENT_ID, DM1_OFFSET_S, ENGINE, SECOND_ENGINE, J1939Responder, J1939Simulator
 from vgw_sim.paths import dbc_dir
 from vgw_sim.vehicle import VehicleModel
-from vgw.sources.canbus import BusSource
 
 from tests.agentkit import AgentThread, Authority, vgw, write_config
 

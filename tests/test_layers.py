@@ -18,83 +18,71 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Layer -> the modules in it. A name covers the module and, for a package, everything below it, unless a
-# longer name puts a sub-module elsewhere (vgw.state.consent.store is storage though vgw.state.consent is core).
-LAYERS: dict[str, tuple[str, ...]] = {
-    "base": ("vgw.__init__", "vgw.base.errors", "vgw.base.fsutil", "vgw.base.timefmt", "vgw.base.logs", "vgw.dbc"),
-    "core": (
-        "vgw.contract.scopes", "vgw.base.config", "vgw.pipeline.catalogue", "vgw.contract.rules", "vgw.state.consent", "vgw.crypto", "vgw.pipeline",
-        "vgw.pipeline.j1939", "vgw.sources.obd", "vgw.pipeline.obd.pids", "vgw.pipeline.obd.request", "vgw.sources.obd.protocols",
-    ),
-    "storage": (
-        "vgw.state.outbox", "vgw.state.audit", "vgw.state.consent.store", "vgw.state.consent.manager", "vgw.state.consent.intake",
-        "vgw.state.keys", "vgw.contract.receipts", "vgw.state.credentials",
-    ),
-    "sources": ("vgw.sources", "vgw.sources.obd.elm327", "vgw.sources.obd.isotp", "vgw.sources.obd.poller"),
-    "uplink": ("vgw.uplink.link", "vgw.uplink.packetguard", "vgw.uplink.tlsfailure", "vgw.uplink.renewal"),
-    "daemon": ("vgw.daemon.agent", "vgw.daemon", "vgw.daemon.writer", "vgw.daemon.counters", "vgw.daemon.sdnotify"),
-    "operations": ("vgw.ops.stateview", "vgw.ops.doctor", "vgw.ops.install", "vgw.ops.report", "vgw.ops.report_owner", "vgw.ops.report_periods",
-                   "vgw.ops.provisioning", "vgw.ops.monitor", "vgw.ops.enroll"),
-    "cloud": ("vgw.cloud", "vgw.api"),
-    "service": ("vgw.cloud.service",),
-    "simulators": ("vgw_sim",),
-    "tools": ("vgw.tools",),
-    "cli": ("vgw.cli", "vgw.__main__"),
-}
-
-# Layer -> the layers it may import (itself included).
+# One layer per folder of agent/vgw (README "Layout" is `ls agent/vgw`), plus the simulators' own root, bottom up.
+# Layer -> the layers it may import (itself included). No module is placed apart from its folder.
 MAY_IMPORT: dict[str, frozenset[str]] = {
     "base": frozenset({"base"}),
-    "core": frozenset({"base", "core"}),
-    "storage": frozenset({"base", "core", "storage"}),
-    "sources": frozenset({"base", "core", "sources"}),
-    "uplink": frozenset({"base", "core", "storage", "uplink"}),
-    "daemon": frozenset({"base", "core", "storage", "sources", "uplink", "daemon"}),
-    "operations": frozenset({"base", "core", "storage", "sources", "uplink", "daemon", "operations"}),
-    "cloud": frozenset({"base", "core", "cloud"}),
-    "service": frozenset({"base", "core", "cloud", "service"}),
+    "contract": frozenset({"base", "contract"}),
+    "pipeline": frozenset({"base", "contract", "pipeline"}),
+    "sources": frozenset({"base", "contract", "pipeline", "sources"}),
+    "state": frozenset({"base", "contract", "pipeline", "state"}),
+    "uplink": frozenset({"base", "contract", "pipeline", "state", "uplink"}),
+    "daemon": frozenset({"base", "contract", "pipeline", "sources", "state", "uplink", "daemon"}),
+    "ops": frozenset({"base", "contract", "pipeline", "sources", "state", "uplink", "daemon", "ops", "dbc"}),
+    "cloud": frozenset({"base", "contract", "cloud"}),
+    "api": frozenset({"base", "contract", "cloud", "api"}),
     # The simulators play traces with the agent's own trace reader (both skip the same damaged lines).
-    "simulators": frozenset({"base", "core", "sources", "cloud", "simulators"}),
-    "tools": frozenset(set(LAYERS) - {"cli"}),
-    "cli": frozenset(LAYERS),
+    "vgw_sim": frozenset({"base", "contract", "pipeline", "sources", "cloud", "vgw_sim", "dbc"}),
+    "tools": frozenset({"base", "contract", "pipeline", "sources", "state", "uplink", "daemon", "ops", "cloud",
+                        "api", "vgw_sim", "dbc", "tools"}),
+    "cli": frozenset({"base", "contract", "pipeline", "sources", "state", "uplink", "daemon", "ops", "cloud",
+                      "api", "vgw_sim", "dbc", "tools", "cli"}),
+    "dbc": frozenset({"dbc"}),
 }
+# The package's own two files belong to the layers they are: `vgw` (its version) to base, `python -m vgw` to cli.
+TOP_FILES = {"vgw.__init__": "base", "vgw.__main__": "cli"}
 
 # The pure layers do no network, threads, processes or databases: they may not import these at all.
+PURE = ("base", "contract", "pipeline")
 NO_IO = ("socket", "ssl", "sqlite3", "threading", "subprocess", "multiprocessing", "asyncio", "selectors",
          "paho", "can", "serial", "http", "urllib")
 
 
+ROOTS = {"vgw": ROOT / "agent" / "vgw", "vgw_sim": ROOT / "simulators" / "vgw_sim"}
+
+
 def package_dirs() -> dict[str, Path]:
-    """Import name -> folder, from pyproject's package-dir (the folders agent/, simulators/, dbc/)."""
+    """Import name -> folder of each top-level package: the two source roots (pyproject's packages.find)."""
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    return {name: ROOT / folder for name, folder in config["tool"]["setuptools"]["package-dir"].items()}
+    where = config["tool"]["setuptools"]["packages"]["find"]["where"]
+    found = {p.name: p for w in where for p in (ROOT / w).iterdir() if (p / "__init__.py").is_file()}
+    assert found == ROOTS, found
+    return found
 
 
 def modules() -> dict[str, Path]:
-    """Every module of the package by dotted name (a package's own file is `pkg.__init__`)."""
-    dirs = package_dirs()
+    """Every module of both packages by dotted name (a package's own file is `pkg.__init__`); agent/vgw/dbc is the
+    link to the top-level dbc/ folder, so it is walked like any other folder."""
     found: dict[str, Path] = {}
-    for name, folder in dirs.items():
-        nested = [other for other in dirs.values() if other != folder and other.is_relative_to(folder)]
+    for name, folder in package_dirs().items():
         for path in sorted(folder.rglob("*.py")):
-            if any(path.is_relative_to(n) for n in nested):
-                continue
             parts = path.relative_to(folder).with_suffix("").parts
             found[".".join((name, *parts))] = path
+    for path in sorted((ROOTS["vgw"] / "dbc").glob("*.py")):
+        found[f"vgw.dbc.{path.stem}"] = path
     return found
 
 
 def layer_of(module: str) -> str | None:
-    """The layer of a dotted module name: the longest listed name that is it or a package above it."""
-    best: tuple[int, str] | None = None
-    for layer, names in LAYERS.items():
-        for name in names:
-            if module == name or module.startswith(name + "."):
-                if best is None or len(name) > best[0]:
-                    best = (len(name), layer)
-    if best is None and module.endswith(".__init__"):
-        return layer_of(module.removesuffix(".__init__"))
-    return best[1] if best else None
+    """The layer of a dotted module name: its folder under agent/vgw (or the simulators' root)."""
+    if module in TOP_FILES:
+        return TOP_FILES[module]
+    parts = module.split(".")
+    if parts[0] == "vgw_sim":
+        return "vgw_sim"
+    if parts[0] == "vgw" and len(parts) > 1 and parts[1] in MAY_IMPORT:
+        return parts[1]
+    return None
 
 
 def imported(module: str, source: str) -> Iterator[tuple[int, str]]:
@@ -125,15 +113,15 @@ def violations(module: str, source: str, known: dict[str, Path]) -> list[str]:
     """Every import of `module` that breaks the contract, as one line each."""
     layer = layer_of(module)
     if layer is None:
-        return [f"{module}: in no layer; add it to LAYERS here and to README 'Layout'"]
+        return [f"{module}: in no layer; put it in a layer's folder (README 'Layout')"]
     found = []
     for line, name in imported(module, source):
-        if name == "vgw" or name.startswith("vgw."):
+        if name in ("vgw", "vgw_sim") or name.startswith(("vgw.", "vgw_sim.")):
             other = target_layer(name, known)
             if other is not None and other not in MAY_IMPORT[layer]:
                 allowed = ", ".join(sorted(MAY_IMPORT[layer]))
                 found.append(f"{module}:{line} ({layer}) imports {name} ({other}); {layer} may import {allowed}")
-        elif layer in ("base", "core") and name.split(".")[0] in NO_IO:
+        elif layer in PURE and name.split(".")[0] in NO_IO:
             found.append(f"{module}:{line} ({layer}) imports {name}: the {layer} layer does no I/O")
     return found
 
@@ -149,10 +137,10 @@ def test_every_module_is_in_a_layer_and_imports_only_below() -> None:
     ("module", "source", "expected"),
     [
         # the cycle this contract removed: the throwaway PKI reaching up into provisioning inside a function
-        ("vgw_sim.pki", "def f():\n    from vgw.ops.provisioning import cert_device_id\n", "(operations)"),
+        ("vgw_sim.pki", "def f():\n    from vgw.ops.provisioning import cert_device_id\n", "(ops)"),
         ("vgw.state.outbox", "from vgw.daemon.agent import Agent\n", "(daemon)"),
-        ("vgw.daemon.agent", "import vgw_sim.broker\n", "(simulators)"),
-        ("vgw.cloud.cloudkit", "from ..outbox import Outbox\n", "(storage)"),
+        ("vgw.daemon.agent", "import vgw_sim.broker\n", "(vgw_sim)"),
+        ("vgw.cloud.cloudkit", "from ..state.outbox import Outbox\n", "(state)"),
         ("vgw.contract.consent.verifier", "import sqlite3\n", "does no I/O"),
         ("vgw.newthing", "", "in no layer"),
     ],
@@ -179,7 +167,7 @@ UNREADABLE = re.compile(r"CONTRACT|\b[Ii]ssue #?\d+|(?<!\d )§")
 
 def test_citations_are_ones_a_user_can_read() -> None:
     found = []
-    for folder in package_dirs().values():
+    for folder in [*package_dirs().values(), ROOT / "dbc"]:
         for path in sorted([*folder.rglob("*.py"), *folder.rglob("*.toml")]):
             for number, line in enumerate(path.read_text().splitlines(), 1):
                 if UNREADABLE.search(line):

@@ -227,10 +227,10 @@ def test_j1939_frames_are_matched_by_pgn(tmp_path: Path, pki: TestPKI) -> None:
 
 def test_j1939_transport_messages_are_reassembled() -> None:
     """A mapped J1939 message longer than 8 bytes travels by TP.BAM: the monitor showed nothing for it."""
+    from vgw.ops.monitor import MonitorModel
     from vgw.pipeline.catalogue import catalogue_from_map, load_dbc
     from vgw.pipeline.j1939.ids import PGN_TP_CM, PGN_TP_DT, make_id, parse
     from vgw.pipeline.j1939.transport import CM_BAM
-    from vgw.ops.monitor import MonitorModel
 
     dbc = ROOT.parent / "shared" / "data" / "dbc" / "cantools" / "variable_dlc.dbc"
     if not dbc.exists():

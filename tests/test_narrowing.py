@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from vgw.base.errors import StorageError
 from vgw.contract.consent.model import Grant, Limits, Recipient
 from vgw.contract.consent.narrowing import NarrowingKind, narrowing, terms_digest
 from vgw.state.keys import new_data_key
-from vgw.base.errors import StorageError
 from vgw.state.outbox import LEGACY_TERMS, SCHEMA_VERSION, GrantTerms, Outbox, TermsChanged
 from vgw_sim.cloud import RecipientKey, consent_claims, grant, sign_consent
 

@@ -18,10 +18,10 @@ import can
 import psutil
 import pytest
 from vgw.base.config import ObdConfig
+from vgw.pipeline.obd.request import build_request
 from vgw.sources.obd.elm327 import MAX_ANSWER_BYTES, AnswerTimeout, AnswerTooLong, Elm327, baud_matters
 from vgw.sources.obd.isotp import IsoTpTransport
 from vgw.sources.obd.poller import ObdPoller
-from vgw.pipeline.obd.request import build_request
 from vgw_sim.cloud import CloudPeer
 from vgw_sim.elm327 import Elm327Simulator
 from vgw_sim.obd_ecu import frozen_model

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from vgw.contract.scopes import SCOPES
 from vgw.pipeline.obd.pids import (
     BY_NAME,
     BY_NUMBER,
@@ -13,7 +14,6 @@ from vgw.pipeline.obd.pids import (
     resolve,
 )
 from vgw.sources.obd.poller import decode_vin
-from vgw.contract.scopes import SCOPES
 
 # (PID, data bytes A.., expected value, unit) worked from the J1979 formulas.
 VECTORS = [

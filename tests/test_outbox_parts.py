@@ -7,8 +7,8 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from vgw.state.keys import new_data_key
 from vgw.base.errors import OutboxUnwritable, StorageFault
+from vgw.state.keys import new_data_key
 from vgw.state.outbox import Outbox
 
 from tests.faultkit import DEV, FaultyOutbox

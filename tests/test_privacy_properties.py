@@ -34,14 +34,14 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from vgw.pipeline.catalogue import load_catalogue
 from vgw.contract.consent.model import Consent, Grant, Limits
 from vgw.contract.consent.verifier import verify_consent
 from vgw.contract.envelope import batch_plaintext, load_recipient_key, seal
+from vgw.contract.scopes import SCOPES
+from vgw.pipeline.catalogue import load_catalogue
+from vgw.pipeline.router import Pipeline
 from vgw.state.keys import load_or_create_storage_key
 from vgw.state.outbox import GrantNotActive, Outbox
-from vgw.pipeline.router import Pipeline
-from vgw.contract.scopes import SCOPES
 from vgw_sim.can_sim import CanSimulator
 from vgw_sim.cloud import RecipientKey, SigningKey, consent_claims, grant, open_envelope, sign_consent
 from vgw_sim.paths import default_dbc, default_signal_map

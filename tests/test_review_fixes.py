@@ -7,10 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from vgw.state.audit import AuditLog
-from vgw.pipeline.catalogue import load_catalogue
 from vgw.contract.consent.model import Grant, Limits, Recipient
+from vgw.pipeline.catalogue import load_catalogue
 from vgw.pipeline.router import Pipeline
+from vgw.state.audit import AuditLog
 from vgw_sim.broker import free_port
 from vgw_sim.paths import default_dbc, default_signal_map
 

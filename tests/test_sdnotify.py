@@ -1,5 +1,5 @@
-"""sd_notify(3) without libsystemd: agent/vgw/daemon/sdnotify.py against a real AF_UNIX datagram socket as NOTIFY_SOCKET,
-and the real `vgw run` sending READY=1, WATCHDOG=1 (main loop, at WATCHDOG_USEC/2) and STOPPING=1."""
+"""sd_notify(3) without libsystemd: agent/vgw/daemon/sdnotify.py against a real AF_UNIX datagram socket
+as NOTIFY_SOCKET, and the real `vgw run` sending READY=1, WATCHDOG=1 (main loop, at WATCHDOG_USEC/2) and STOPPING=1."""
 
 from __future__ import annotations
 

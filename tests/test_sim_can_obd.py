@@ -5,9 +5,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from vgw.pipeline.obd.request import build_request
 from vgw.sources.obd.isotp import IsoTpTransport
 from vgw.sources.obd.poller import decode_vin
-from vgw.pipeline.obd.request import build_request
 from vgw_sim.vehicle import DEFAULT_VIN
 
 from tests.agentkit import stop_process

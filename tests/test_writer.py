@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from vgw.contract.consent.model import KEM_X25519, Grant, Recipient
-from vgw.daemon.counters import Counters
 from vgw.contract.envelope import load_recipient_key, to_us
+from vgw.daemon.counters import Counters
+from vgw.daemon.writer import BatchWriter, SealJob
 from vgw.state.keys import new_data_key
 from vgw.state.outbox import Committed, GrantNotActive, NewBatch, Outbox
 from vgw_sim.cloud import RecipientKey, open_envelope
-from vgw.daemon.writer import BatchWriter, SealJob
 
 from tests.agentkit import wait_until
 

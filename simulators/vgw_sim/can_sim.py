@@ -32,8 +32,9 @@ from typing import Any
 
 import can
 from cantools.database.can import Database, Message
-from vgw.pipeline import catalogue
 from vgw.base.errors import ConfigError, SourceError, SourceOpenError
+from vgw.pipeline import catalogue
+
 from vgw_sim.paths import default_dbc
 from vgw_sim.vehicle import VehicleModel, VehicleState
 

@@ -35,14 +35,7 @@ from typing import TYPE_CHECKING, Any
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
-from vgw.cloud.records import (
-    BadReceipt,
-    CloudRecorder,
-    Receipt,
-    ReceivedBatch,
-    ReceivedSample,
-    RejectedMessage,
-)
+from vgw.base.errors import UplinkError
 from vgw.cloud.consent_authority import (
     CONSENT_TYP,
     HpkePrivateKey,
@@ -68,7 +61,14 @@ from vgw.cloud.envelopes import (
     verify_receipt,
 )
 from vgw.cloud.mqttclient import make_client, tls_context
-from vgw.base.errors import UplinkError
+from vgw.cloud.records import (
+    BadReceipt,
+    CloudRecorder,
+    Receipt,
+    ReceivedBatch,
+    ReceivedSample,
+    RejectedMessage,
+)
 
 if TYPE_CHECKING:
     from vgw_sim.broker import Mosquitto

@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from vgw.sources.obd.protocols import PROTOCOL_NAMES
+
 from vgw_sim.obd_ecu import ObdEcus, VehicleLike
 
 IDENT = "ELM327 v1.5"

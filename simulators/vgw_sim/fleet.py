@@ -43,8 +43,9 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
-from vgw.contract.certs import device_public_key_from_cert, load_private_key
 from vgw.base.errors import UplinkError
+from vgw.contract.certs import device_public_key_from_cert, load_private_key
+
 from vgw_sim.broker import CLAIM_USER
 from vgw_sim.cloud import (
     RecipientKey,
@@ -293,6 +294,7 @@ class FleetSim:
             group = None
             if engine == "nats-cluster":
                 from vgw.cloud.jetstream import NatsOptions, stream_leader
+
                 from vgw_sim.fleet_cluster import ConsumerGroup
 
                 group = ConsumerGroup(cfg.consumers, tmp / "consumers", nats_urls=broker.nats_urls, ca=ca,

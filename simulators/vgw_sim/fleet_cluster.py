@@ -30,7 +30,7 @@ __all__ = ["ConsumerGroup"]
 
 _READY = "pulling (NATS JetStream)"
 _RELAY_READY = "vgw cloud relay: relaying"
-_ROOT = Path(__file__).resolve().parents[1]
+_ROOT = Path(__file__).resolve().parents[2]
 
 
 class ConsumerGroup:

@@ -23,6 +23,7 @@ import jwt
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from vgw.cloud.mqttclient import make_client, tls_context
+
 from vgw_sim.cloud import recipient_public_key, seal_envelope
 
 log = logging.getLogger("vgw.fleet")

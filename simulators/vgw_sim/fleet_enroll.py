@@ -32,6 +32,7 @@ import paho.mqtt.client as mqtt
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
+from vgw.base.errors import EnrollmentError
 from vgw.cloud.mqttclient import make_client
 from vgw.contract.certs import cert_device_id
 from vgw.contract.enrollment import (
@@ -45,7 +46,7 @@ from vgw.contract.enrollment import (
     request_topic,
     response_topic,
 )
-from vgw.base.errors import EnrollmentError
+
 from vgw_sim.fleet_device import pump
 
 __all__ = ["RESEND_S", "EnrollReport", "EnrollService", "enroll_fleet"]

@@ -33,6 +33,7 @@ from vgw.base.errors import ConfigError
 from vgw.pipeline.j1939.ids import GLOBAL, PGN_REQUEST, PGN_TP_CM, PGN_TP_DT, is_j1939, make_id, parse
 from vgw.pipeline.j1939.messages import PGN_COMPONENT_ID, PGN_DM1, PGN_VIN, encode_dm1
 from vgw.pipeline.j1939.transport import CM_BAM
+
 from vgw_sim.can_sim import CanSimulator
 from vgw_sim.vehicle import VehicleModel
 

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vgw.cloud.jetstream import STREAM, stored_prefix
+
 from vgw_sim.broker import HOST, BrokerError, BrokerStartError, free_port
 from vgw_sim.server import ServerProcess
 

@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 import can
+
 from vgw_sim.obd_ecu import ObdEcus, VehicleLike
 
 FUNCTIONAL_ID = 0x7DF

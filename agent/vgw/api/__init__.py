@@ -49,12 +49,12 @@ from typing import Any, TypeAlias
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
-from vgw.cloud import cloudkit
-from vgw.cloud import envelopes
-from vgw.cloud.consent_authority import HpkePrivateKey, SigningKey
-from vgw.contract.consent.verifier import verify_consent
-from vgw.contract.certs import cert_device_id
+
 from vgw.base.errors import CloudKitError, ConfigError, ConsentError, EnvelopeError, ReceiptError, VgwError
+from vgw.cloud import cloudkit, envelopes
+from vgw.cloud.consent_authority import HpkePrivateKey, SigningKey
+from vgw.contract.certs import cert_device_id
+from vgw.contract.consent.verifier import verify_consent
 
 __all__ = [
     "API_VERSION",

@@ -51,7 +51,7 @@ values never change.
      |         +-- LineError        one candump line is not a frame (vgw.sources.candump; also a ValueError)
      +-- StorageError               state dir / outbox / key store
      |    +-- StorageOpenError      could not open or create a state file (initialisation)
-     |    +-- NotRegularFile        a FIFO, device or folder where a regular file must be (vgw.base.fsutil; also an OSError)
+     |    +-- NotRegularFile        a FIFO, device or folder where a regular file must be (fsutil; also OSError)
      |    +-- OutboxUnwritable      a write failed: ``fault`` is a StorageFault (full, read-only, io)
      |    +-- GrantNotActive        a batch or key refused: its grant was revoked meanwhile (vgw.state.outbox)
      |         +-- TermsChanged     a batch collected under terms no longer in force (vgw.state.outbox)

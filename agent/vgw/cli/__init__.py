@@ -20,8 +20,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from vgw.daemon.signals import DaemonSignals
 from vgw.base.errors import VgwError
+from vgw.daemon.signals import DaemonSignals
 
 # Subcommand modules, imported in this order; each registers its own parser.
 _COMMANDS = (
@@ -150,6 +150,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"vgw {args.command}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] != "vgw_sim" or args.debug:
+            raise
+        # The car's install (agent/pyproject.toml, what `vgw install` lays out) has no simulators.
+        print(f"vgw {args.command}: needs the simulators (vgw_sim), which the car's install leaves out; install vgw "
+              "from the repository's top folder (pip install .) on a development machine", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130

@@ -33,8 +33,8 @@ from types import FrameType
 from typing import IO, Any
 
 import jwt
-from vgw.cli import cloud_enroll
-from vgw.cli import cloud_service
+
+from vgw.cli import cloud_enroll, cloud_service
 from vgw.contract.consent.model import version_text
 
 EXIT_REJECTED = 3
@@ -410,10 +410,10 @@ def run_relay(args: argparse.Namespace) -> int:
     ran out with messages still held, or it dropped some (one line on stderr, and the JSON summary)."""
     import os
 
+    from vgw.base.logs import silence_library
     from vgw.cloud.cloudkit import CloudKitError
     from vgw.cloud.jetstream import NatsOptions, parse_servers, require_nats_py
     from vgw.cloud.relay import JetStreamRelay
-    from vgw.base.logs import silence_library
 
     require_nats_py()
     silence_library("asyncio")  # nats-py's TLS closes make asyncio warn; nothing an operator can act on
@@ -458,9 +458,10 @@ def _run_until_stopped(part: Any, stop: threading.Event, duration: float | None,
 
 
 def run_verify_receipt(args: argparse.Namespace) -> int:
-    from vgw.cloud.cloudkit import load_device_certs, verify_receipt_file
     from vgw_sim.cloud import ReceiptError
+
     from vgw.base.timefmt import utc_text
+    from vgw.cloud.cloudkit import load_device_certs, verify_receipt_file
 
     keys = load_device_certs(args.device_cert)
     try:

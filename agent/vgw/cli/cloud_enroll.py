@@ -82,8 +82,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_revoke(args: argparse.Namespace) -> int:
-    from vgw.cloud.enrollment import revoke
     from vgw.base.errors import ConfigError
+    from vgw.cloud.enrollment import revoke
 
     if args.device_id is not None and args.device is not None and args.device_id != args.device:
         raise ConfigError(f"two devices: --device-id {args.device_id} and DEVICE {args.device}; give one")

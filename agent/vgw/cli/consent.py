@@ -9,11 +9,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vgw.base.errors import ConfigError, StorageError
+from vgw.base.timefmt import utc_text
 from vgw.cli import DEFAULT_CONFIG
 from vgw.contract.consent.model import version_text
 from vgw.state.consent.store import ConsentStore
-from vgw.base.errors import ConfigError, StorageError
-from vgw.base.timefmt import utc_text
 
 if TYPE_CHECKING:
     from vgw.base.config import Config
@@ -63,9 +63,9 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 def _apply(cfg: Config, token: bytes) -> int:
-    from vgw.state.consent.manager import ConsentManager, load_trust_keys
     from vgw.base.errors import ConsentError
     from vgw.daemon.agent import AgentLock, open_state
+    from vgw.state.consent.manager import ConsentManager, load_trust_keys
 
     outbox, audit, store, signer = open_state(cfg)
     try:
@@ -161,9 +161,9 @@ def _wait_for_agent(store: ConsentStore, state_dir: Path, ver: int, timeout: flo
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    from vgw.base.config import load_config
     from vgw.cli.status import pending_consent
     from vgw.contract.rules.describe import describe_grant
-    from vgw.base.config import load_config
     from vgw.ops.stateview import read_state
 
     cfg = load_config(args.config)

@@ -49,8 +49,8 @@ def read_token(path: Path) -> str:
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
-    from vgw.ops.enroll import enroll
     from vgw.base.errors import EnrollmentRefused, EnrollmentTimeout
+    from vgw.ops.enroll import enroll
 
     if not args.timeout > 0:
         print(f"vgw enroll: --timeout {args.timeout}: must be > 0", file=sys.stderr)

@@ -6,8 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from vgw.cli import DEFAULT_CONFIG
 from vgw.base.errors import ConfigError
+from vgw.cli import DEFAULT_CONFIG
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -22,15 +22,22 @@ from vgw.base.errors import ConfigError
 
 def register(sim_subparsers: Any) -> None:
     """Add ``elm327`` to the ``vgw sim`` subcommands."""
-    from vgw_sim.elm327 import SCENARIOS, SIMULATED_CAR_PROTOCOLS
+    scenarios: tuple[str, ...] | None = None
+    protocols: tuple[str, ...] | None = None
+    try:
+        from vgw_sim.elm327 import SCENARIOS, SIMULATED_CAR_PROTOCOLS
+
+        scenarios, protocols = SCENARIOS, SIMULATED_CAR_PROTOCOLS
+    except ModuleNotFoundError:  # the car's install: `vgw sim elm327` then says what is missing when run
+        pass
 
     p = sim_subparsers.add_parser("elm327", help="simulated ELM327 OBD-II adapter on a pty (or TCP)",
                                   description=__doc__.split("\n\n")[0])
-    p.add_argument("--scenario", default="normal", choices=SCENARIOS, help="fault scenario (default normal)")
+    p.add_argument("--scenario", default="normal", choices=scenarios, help="fault scenario (default normal)")
     p.add_argument("--tcp", action="store_true", help="listen on 127.0.0.1 like a Wi-Fi dongle instead of a pty")
     p.add_argument("--port", type=int, default=0, help="TCP port with --tcp (default: a free port)")
     p.add_argument("--seed", type=int, default=1, help="vehicle model seed (default 1)")
-    p.add_argument("--protocol", default="6", choices=SIMULATED_CAR_PROTOCOLS,
+    p.add_argument("--protocol", default="6", choices=protocols,
                    help="the car's OBD protocol (ELM327 numbering; default 6 = CAN 11/500)")
     p.set_defaults(func=run_elm327)
 

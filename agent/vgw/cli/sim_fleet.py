@@ -60,8 +60,9 @@ def register(sim_subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vgw.base.config import DEFAULT_REPLAY_WINDOW_S
     from vgw_sim.fleet import FleetConfig, FleetSim, format_report, make_pki
+
+    from vgw.base.config import DEFAULT_REPLAY_WINDOW_S
 
     if args.make_pki is not None:
         pki = make_pki(args.make_pki, args.devices)

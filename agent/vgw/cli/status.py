@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vgw.base.timefmt import local_text, valid_time
 from vgw.cli import DEFAULT_CONFIG
 from vgw.contract.consent.model import version_text
-from vgw.base.timefmt import local_text, valid_time
 
 if TYPE_CHECKING:
     from vgw.state.consent.store import ConsentStore
@@ -39,9 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def collect_status(config_path: str) -> dict[str, Any]:
     from vgw.base.config import load_config
-    from vgw.state.consent.store import ConsentStore
     from vgw.daemon.agent import AgentLock
     from vgw.ops.stateview import read_state
+    from vgw.state.consent.store import ConsentStore
 
     cfg = load_config(config_path)
     state = read_state(cfg)
@@ -91,9 +91,9 @@ def collect_status(config_path: str) -> dict[str, Any]:
 def pending_consent(store: ConsentStore) -> dict[str, Any] | None:
     """``consent_pending``: a document applied in memory whose disk part waits (docs/guarantees.md "Revocation
     wins every race"): its version, the grants it stopped, since when, why. No personal data."""
-    from vgw.state.consent.pending import read_record
-    from vgw.contract.consent.verifier import peek_version
     from vgw.base.errors import StorageError
+    from vgw.contract.consent.verifier import peek_version
+    from vgw.state.consent.pending import read_record
 
     try:
         raw = store.read_pending_apply()
@@ -111,6 +111,7 @@ def certificate_status(cfg: Any, live: dict[str, Any]) -> dict[str, Any]:
     """The client certificate (README "Enrollment"): ``not_after`` read from [mqtt] cert_file (a read, nothing
     written), and from the running agent the renewal ``state``, ``attempts`` and ``last_error``."""
     from cryptography import x509
+
     from vgw.state.credentials import device_credentials
 
     out: dict[str, Any] = {"not_after": None, "state": None, "attempts": 0, "last_error": None}

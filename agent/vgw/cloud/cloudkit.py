@@ -28,6 +28,9 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, x25519
+
+from vgw.base.errors import CloudKitError
+from vgw.base.fsutil import MAX_CONFIG_BYTES, load_toml, read_small_file
 from vgw.cloud.consent_authority import (
     HpkePrivateKey,
     RecipientKey,
@@ -37,12 +40,10 @@ from vgw.cloud.consent_authority import (
     sign_consent,
 )
 from vgw.cloud.envelopes import ReceiptError, verify_receipt
+from vgw.contract.certs import device_id_from_cert, device_public_key_from_cert
+from vgw.contract.consent.model import Limits, limited_scopes
 from vgw.contract.rules.budget import Tally
 from vgw.contract.rules.rules import RuleError, parse_rules
-from vgw.contract.consent.model import Limits, limited_scopes
-from vgw.contract.certs import device_id_from_cert, device_public_key_from_cert
-from vgw.base.errors import CloudKitError
-from vgw.base.fsutil import MAX_CONFIG_BYTES, load_toml, read_small_file
 from vgw.contract.scopes import SCOPES
 
 __all__ = [

@@ -22,12 +22,13 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric import ec
+
+from vgw.base.errors import UplinkError
 from vgw.cloud.cloudkit import CloudKitError
 from vgw.cloud.consent_authority import HpkePrivateKey
 from vgw.cloud.envelopes import EnvelopeError, ReceiptError, open_envelope, verify_receipt
 from vgw.cloud.mqttclient import make_client, tls_context
 from vgw.contract.consent.verifier import MAX_GRANTS
-from vgw.base.errors import UplinkError
 
 __all__ = ["BrokerOptions", "CloudLink", "Listener"]
 

@@ -32,8 +32,10 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from vgw.cloud.cloudlink import BrokerOptions, CloudLink
+
 from vgw.base.config import DEVICE_ID_PATTERN
+from vgw.base.errors import CloudKitError, EnrollmentError, EnrollReason, UplinkError
+from vgw.cloud.cloudlink import BrokerOptions, CloudLink
 from vgw.contract.enrollment import (
     ENROLL_SEGMENT,
     Kind,
@@ -45,7 +47,6 @@ from vgw.contract.enrollment import (
     parse_request_topic,
     response_topic,
 )
-from vgw.base.errors import CloudKitError, EnrollmentError, EnrollReason, UplinkError
 
 __all__ = ["AllowList", "EnrollService", "Issuer", "Ledger", "revoke"]
 

@@ -23,9 +23,10 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, x25519
 from cryptography.hazmat.primitives.hpke import AEAD, KDF, KEM, Suite
+
+from vgw.base.errors import EnvelopeError, ReceiptError
 from vgw.cloud.consent_authority import HpkePrivateKey, HpkePublicKey, RecipientKey
 from vgw.contract.envelope import loads, plaintext_samples
-from vgw.base.errors import EnvelopeError, ReceiptError
 
 __all__ = [
     "ENVELOPE_VERSION",

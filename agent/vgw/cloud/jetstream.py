@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vgw.cloud.cloudkit import CloudKitError
 from vgw.base.errors import UplinkError
+from vgw.cloud.cloudkit import CloudKitError
 
 log = logging.getLogger(__name__)
 

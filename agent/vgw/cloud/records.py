@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
+
 from vgw.cloud.consent_authority import HpkePrivateKey, RecipientKey
 from vgw.cloud.envelopes import EnvelopeError, ReceiptError, open_envelope, verify_receipt
 from vgw.contract.certs import device_public_key_from_cert

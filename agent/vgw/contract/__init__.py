@@ -1,1 +1,2 @@
-"""The device contract, pure (no network, threads or databases): what the agent, the cloud kit and the simulators all speak (README "The contract, in our words")."""
+"""The device contract, pure (no network, threads or databases): what the agent, the cloud kit and the simulators all
+speak (README "The contract, in our words")."""

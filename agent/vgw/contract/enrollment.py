@@ -27,8 +27,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from vgw.contract.certs import DEVICE_URI_PREFIX, cert_device_id
+
 from vgw.base.errors import EnrollmentError, EnrollReason
+from vgw.contract.certs import DEVICE_URI_PREFIX, cert_device_id
 
 __all__ = [
     "ENROLL_SEGMENT",

@@ -21,6 +21,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
+
 from vgw.contract.consent.model import KEM_MLKEM768_X25519, KEM_X25519
 
 try:

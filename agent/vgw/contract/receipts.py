@@ -9,6 +9,7 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
 from vgw.base.errors import ConfigError
 from vgw.base.fsutil import MAX_KEY_BYTES, check_owner, read_small_file
 

@@ -11,6 +11,6 @@ Each module is one job, and its docstring says which thread owns it and which lo
     supervisor  Supervisor: the main loop (consent intake and inbox, expiry, retention, erasures, quota
                 audits, status file, clock floor, reload, watchdog)
 
-The batch writer (vgw.daemon.writer), the shared counters (vgw.daemon.counters) and sd_notify (vgw.daemon.sdnotify) are daemon
-parts too. Nothing is imported here: `vgw` installs the signal handlers before anything heavy loads.
+The batch writer (vgw.daemon.writer), the shared counters (vgw.daemon.counters) and sd_notify (vgw.daemon.sdnotify)
+are daemon parts too. Nothing is imported here: `vgw` installs the signal handlers before anything heavy loads.
 """

@@ -5,11 +5,11 @@ takes; ``Agent`` below only builds and wires them, starts them in ``run`` and st
   collector  vgw-collector (vgw.daemon.collector.Collector): reads the source in chunks (``recv_many``),
              routes/decodes/batches each chunk under the agent lock (one lock per chunk), hands full or due
              batches to the writer. Owns the source.
-  pipeline   vgw.daemon.locked_pipeline.PipelineGuard: the pipeline, recipients and frame filters behind the agent lock
-             (``self._lock``); every thread that touches the pipeline comes in through it.
-  writer     vgw-writer (vgw.daemon.writer.BatchWriter): seals (README "Telemetry envelope" v2) and stores batches in grouped
-             outbox transactions, off the collector, so fsync never stalls collection; owns the storage-fault
-             state. Its queue has its own lock; a revocation empties it under the agent lock.
+  pipeline   vgw.daemon.locked_pipeline.PipelineGuard: the pipeline, recipients and frame filters behind the
+             agent lock (``self._lock``); every thread that touches the pipeline comes in through it.
+  writer     vgw-writer (vgw.daemon.writer.BatchWriter): seals (README "Telemetry envelope" v2) and stores
+             batches in grouped outbox transactions, off the collector, so fsync never stalls collection; owns
+             the storage-fault state. Its queue has its own lock; a revocation empties it under the agent lock.
   uplink     the MQTT connection and paho's thread (vgw.uplink.link); calls in only through the consent intake
              (its own lock: offer, and settled before stored batches go out after a connect) and the public
              status (reads).
@@ -61,28 +61,29 @@ import time
 from typing import Any
 
 import can
-from vgw.pipeline.catalogue import Catalogue, load_catalogue
+
 from vgw.base.config import Config
-from vgw.state.consent.intake import ConsentIntake
-from vgw.state.consent.manager import ConsentManager, load_trust_keys
-from vgw.contract.consent.model import version_text
-from vgw.daemon.counters import Counters
-from vgw.daemon.collector import BAD_FRAMES_REOPEN, CHUNK_FRAMES, FRAME_ERROR_LOG_EVERY_S, Collector
-from vgw.daemon.locked_pipeline import PipelineGuard
-from vgw.daemon.health import COLLECTOR_STALL_S, Health
-from vgw.daemon.signals import DaemonSignals
-from vgw.state.statedir import LOCK_FILE, OUTBOX_FILE, STATUS_FILE, AgentLock, open_state
-from vgw.daemon.status import StatusView
-from vgw.daemon.supervisor import INTAKE_ROUNDS, QUOTA_AUDIT_EVERY_S, Supervisor
-from vgw.daemon.timing import DEFAULT_TIMING, Timing
 from vgw.base.errors import StorageError, VgwError
 from vgw.base.fsutil import ensure_private_dir
 from vgw.base.logs import apply_config_level
-from vgw.state.outbox.startup import room_fault
-from vgw.uplink.renewal import Renewal
+from vgw.contract.consent.model import version_text
+from vgw.daemon.collector import BAD_FRAMES_REOPEN, CHUNK_FRAMES, FRAME_ERROR_LOG_EVERY_S, Collector
+from vgw.daemon.counters import Counters
+from vgw.daemon.health import COLLECTOR_STALL_S, Health
+from vgw.daemon.locked_pipeline import PipelineGuard
 from vgw.daemon.sdnotify import notify
-from vgw.uplink.link import Uplink
+from vgw.daemon.signals import DaemonSignals
+from vgw.daemon.status import StatusView
+from vgw.daemon.supervisor import INTAKE_ROUNDS, QUOTA_AUDIT_EVERY_S, Supervisor
+from vgw.daemon.timing import DEFAULT_TIMING, Timing
 from vgw.daemon.writer import BatchWriter
+from vgw.pipeline.catalogue import Catalogue, load_catalogue
+from vgw.state.consent.intake import ConsentIntake
+from vgw.state.consent.manager import ConsentManager, load_trust_keys
+from vgw.state.outbox.startup import room_fault
+from vgw.state.statedir import LOCK_FILE, OUTBOX_FILE, STATUS_FILE, AgentLock, open_state
+from vgw.uplink.link import Uplink
+from vgw.uplink.renewal import Renewal
 
 # Names other modules and tests import from here (the parts moved to vgw.daemon).
 __all__ = ["BAD_FRAMES_REOPEN", "CHUNK_FRAMES", "COLLECTOR_STALL_S", "FRAME_ERROR_LOG_EVERY_S", "INTAKE_ROUNDS",

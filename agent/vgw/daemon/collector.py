@@ -15,15 +15,16 @@ import time
 from typing import Any
 
 import can
+
 from vgw.base.config import BatchConfig, CanConfig
+from vgw.base.errors import SourceEndedError, SourceError, SourceFrameError, SourceReadError
 from vgw.daemon.counters import Counters
 from vgw.daemon.locked_pipeline import PipelineGuard
-from vgw.base.errors import SourceEndedError, SourceError, SourceFrameError, SourceReadError
+from vgw.daemon.writer import BatchWriter
 from vgw.pipeline.j1939.request import Requester
 from vgw.sources import open_source
 from vgw.sources.canbus import BusSource
 from vgw.sources.canmsg import Frame, frame_of
-from vgw.daemon.writer import BatchWriter
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from typing import Any
 from vgw.base.config import CanConfig
 from vgw.daemon.collector import Collector, source_name
 from vgw.daemon.timing import DEFAULT_TIMING, Timing
-from vgw.uplink.link import Uplink
 from vgw.daemon.writer import BatchWriter
+from vgw.uplink.link import Uplink
 
 log = logging.getLogger(__name__)
 

@@ -13,13 +13,13 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from vgw.pipeline.catalogue import Catalogue
 from vgw.base.config import BatchConfig
 from vgw.contract.consent.model import Grant
 from vgw.contract.consent.narrowing import terms_digest
 from vgw.contract.envelope import load_recipient_key
-from vgw.pipeline.router import GrantBatch, Pipeline
 from vgw.daemon.writer import BatchWriter, SealJob
+from vgw.pipeline.catalogue import Catalogue
+from vgw.pipeline.router import GrantBatch, Pipeline
 
 log = logging.getLogger(__name__)
 

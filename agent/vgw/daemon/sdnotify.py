@@ -1,4 +1,7 @@
-"""sd_notify(3) over $NOTIFY_SOCKET, without libsystemd: READY=1, WATCHDOG=1, STOPPING=1, STATUS=..."""
+"""sd_notify(3) over $NOTIFY_SOCKET, without libsystemd: READY=1, WATCHDOG=1, STOPPING=1, STATUS=...
+
+Any thread may call :func:`notify` (the main loop does); it takes no lock: each call is one datagram on its own
+socket."""
 
 from __future__ import annotations
 

@@ -17,18 +17,18 @@ from pathlib import Path
 from typing import Any
 
 from vgw.base.config import Config
-from vgw.state.consent.manager import ConsentManager
-from vgw.daemon.counters import Counters
-from vgw.daemon.collector import Collector
-from vgw.daemon.locked_pipeline import PipelineGuard
-from vgw.daemon.health import Health
-from vgw.state.statedir import STATUS_FILE
-from vgw.daemon.timing import DEFAULT_TIMING, Timing
 from vgw.base.errors import StorageError
 from vgw.base.fsutil import atomic_write
-from vgw.state.outbox import Outbox
-from vgw.uplink.link import Uplink
+from vgw.daemon.collector import Collector
+from vgw.daemon.counters import Counters
+from vgw.daemon.health import Health
+from vgw.daemon.locked_pipeline import PipelineGuard
+from vgw.daemon.timing import DEFAULT_TIMING, Timing
 from vgw.daemon.writer import BatchWriter
+from vgw.state.consent.manager import ConsentManager
+from vgw.state.outbox import Outbox
+from vgw.state.statedir import STATUS_FILE
+from vgw.uplink.link import Uplink
 
 log = logging.getLogger(__name__)
 

@@ -18,25 +18,25 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from vgw.state.audit import AuditLog
-from vgw.pipeline.catalogue import MAX_DBC_BYTES
 from vgw.base.config import Config, load_config
-from vgw.state.consent.intake import ConsentIntake
-from vgw.state.consent.manager import ConsentManager
-from vgw.state.consent.store import ConsentStore
-from vgw.daemon.counters import Counters
-from vgw.daemon.collector import Collector
-from vgw.daemon.locked_pipeline import PipelineGuard
-from vgw.daemon.health import Health
-from vgw.daemon.status import StatusView
-from vgw.daemon.timing import DEFAULT_TIMING, Timing
 from vgw.base.errors import StorageError, VgwError
 from vgw.base.fsutil import MAX_CONFIG_BYTES, read_small_file
 from vgw.base.logs import apply_config_level
-from vgw.state.outbox import Outbox
+from vgw.daemon.collector import Collector
+from vgw.daemon.counters import Counters
+from vgw.daemon.health import Health
+from vgw.daemon.locked_pipeline import PipelineGuard
 from vgw.daemon.sdnotify import notify, watchdog_interval
-from vgw.uplink.link import Uplink
+from vgw.daemon.status import StatusView
+from vgw.daemon.timing import DEFAULT_TIMING, Timing
 from vgw.daemon.writer import BatchWriter
+from vgw.pipeline.catalogue import MAX_DBC_BYTES
+from vgw.state.audit import AuditLog
+from vgw.state.consent.intake import ConsentIntake
+from vgw.state.consent.manager import ConsentManager
+from vgw.state.consent.store import ConsentStore
+from vgw.state.outbox import Outbox
+from vgw.uplink.link import Uplink
 
 log = logging.getLogger(__name__)
 

@@ -22,10 +22,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from vgw.contract.consent.model import Grant
-from vgw.daemon.counters import Counters
-from vgw.contract.envelope import Series, columnar_plaintext, seal
 from vgw.base.errors import StorageError
+from vgw.contract.consent.model import Grant
+from vgw.contract.envelope import Series, columnar_plaintext, seal
+from vgw.daemon.counters import Counters
 from vgw.state.outbox import GrantNotActive, NewBatch, Outbox, OutboxUnwritable
 
 log = logging.getLogger(__name__)

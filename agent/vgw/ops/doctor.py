@@ -38,11 +38,12 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+
 from vgw.base.config import CanConfig, Config, ObdConfig, load_config
-from vgw.state.credentials import with_credentials_in_use
 from vgw.base.errors import ConfigError, MissingFileError, VgwError
 from vgw.base.fsutil import MAX_KEY_BYTES, Account, owner_of, read_small_file
 from vgw.sources.serialport import holders
+from vgw.state.credentials import with_credentials_in_use
 
 PASS, WARN, FAIL = "PASS", "WARN", "FAIL"
 CERT_WARN_DAYS = 30
@@ -565,8 +566,8 @@ def kernel_adjtimex() -> tuple[int, int] | None:
 def _demo_dbc(cfg: Config) -> Check | None:
     """WARN when a live bus (not a replay, not python-can's virtual bus) is decoded with the demo car's DBC:
     it names signals of a car that does not exist, so on a real vehicle it decodes nothing meaningful."""
-    from vgw.pipeline.catalogue import MAX_DBC_BYTES
     from vgw.dbc import DBC_NAME, shipped_dir
+    from vgw.pipeline.catalogue import MAX_DBC_BYTES
 
     can_cfg = cfg.can
     if can_cfg is None or can_cfg.replay is not None or can_cfg.interface == "virtual":
@@ -654,11 +655,11 @@ def _claims(token: str) -> dict[str, Any]:
 
 
 def _consent(cfg: Config) -> Check:
-    from vgw.state.consent.manager import load_trust_keys
-    from vgw.contract.consent.model import version_text
-    from vgw.state.consent.store import ConsentStore
-    from vgw.contract.consent.verifier import verify_consent
     from vgw.base.errors import ConsentError
+    from vgw.contract.consent.model import version_text
+    from vgw.contract.consent.verifier import verify_consent
+    from vgw.state.consent.manager import load_trust_keys
+    from vgw.state.consent.store import ConsentStore
 
     if not cfg.state_dir.is_dir():
         return Check("consent", WARN, "no consent in force: nothing is collected until the owner consents")

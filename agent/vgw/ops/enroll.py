@@ -29,18 +29,8 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from cryptography import x509
 from paho.mqtt.enums import CallbackAPIVersion
-from vgw.state.audit import AuditLog
+
 from vgw.base.config import Config, load_config
-from vgw.state.credentials import device_credentials, ensure_key, install_chain, load_key
-from vgw.contract.enrollment import (
-    Kind,
-    build_csr,
-    check_issued,
-    decode_response,
-    encode_request,
-    request_topic,
-    response_topic,
-)
 from vgw.base.errors import (
     ConfigError,
     EnrollmentError,
@@ -50,9 +40,20 @@ from vgw.base.errors import (
     StorageError,
 )
 from vgw.base.fsutil import MAX_KEY_BYTES, acting_for_owner, owner_of, read_small_file
+from vgw.contract.enrollment import (
+    Kind,
+    build_csr,
+    check_issued,
+    decode_response,
+    encode_request,
+    request_topic,
+    response_topic,
+)
+from vgw.state.audit import AuditLog
+from vgw.state.credentials import device_credentials, ensure_key, install_chain, load_key
+from vgw.uplink.link import MAX_PACKET_BYTES, UNSUPPORTED_PROTOCOL_VERSION
 from vgw.uplink.packetguard import guard_context
 from vgw.uplink.tlsfailure import describe as describe_tls
-from vgw.uplink.link import MAX_PACKET_BYTES, UNSUPPORTED_PROTOCOL_VERSION
 
 __all__ = ["RESEND_S", "Enrolled", "enroll", "enrolled_already"]
 

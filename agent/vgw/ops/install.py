@@ -46,9 +46,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vgw.dbc import shipped_dir
 from vgw.base.errors import ConfigError, StorageError
 from vgw.base.fsutil import acting_for_owner
+from vgw.dbc import shipped_dir
 
 if TYPE_CHECKING:
     from vgw.base.config import Config
@@ -160,7 +160,7 @@ def find_source(source: Path | None = None) -> Path:
     """The source checkout holding ``pyproject.toml`` and ``systemd/``. Raises ConfigError."""
     # The checkout this module runs from (editable install), else the current folder (a venv with a
     # non-editable install, run from inside the clone).
-    candidates = [source] if source is not None else [Path(__file__).resolve().parents[1], Path.cwd()]
+    candidates = [source] if source is not None else [Path(__file__).resolve().parents[3], Path.cwd()]
     # An unpacked offline bundle (packaging/bundle.py) has the same systemd/, dbc/ and docs/ folders and a
     # BUNDLE.txt instead of pyproject.toml; its install.sh runs `vgw install --no-venv --source BUNDLE`.
     for root in candidates:
@@ -340,8 +340,10 @@ def install(
         pip = lay.venv / "bin" / "pip"
         if not (lay.venv / "bin" / "python").exists():
             plan.step(f"{python} -m venv {lay.venv}", lambda: _run([python, "-m", "venv", str(lay.venv)]))
-        plan.step(f"{pip} install --upgrade {src}",
-                  lambda: _run([str(pip), "install", "--quiet", "--upgrade", str(src)]))
+        # The car's distribution (agent/pyproject.toml): the agent without the simulators (README "Layout").
+        car = src / "agent" if (src / "agent" / "pyproject.toml").is_file() else src
+        plan.step(f"{pip} install --upgrade {car}",
+                  lambda: _run([str(pip), "install", "--quiet", "--upgrade", str(car)]))
     for name in ("vehicle.dbc", "signals.toml"):
         plan.step(f"install {lay.dbc / name}", _copier(shipped_dir() / name, lay.dbc / name))
     if (src / "docs" / GUIDE).is_file():
@@ -424,9 +426,9 @@ def final_erasure(config_path: Path, *, receipt_timeout_s: float = 10.0) -> Eras
 
 
 def _final_erasure(cfg: Config, receipt_timeout_s: float) -> ErasureSummary:
+    from vgw.daemon.agent import AgentLock, open_state
     from vgw.state.consent.manager import ConsentManager, load_trust_keys
     from vgw.state.outbox.erasure import ERASE_WAIT_S
-    from vgw.daemon.agent import AgentLock, open_state
 
     if AgentLock.held_by_other(cfg.state_dir):
         raise StorageError(f"{cfg.state_dir}: the agent is running; stop it first (systemctl stop vgw-agent)")

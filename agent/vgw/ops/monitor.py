@@ -33,13 +33,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
 
-from vgw.pipeline.catalogue import Catalogue, SignalSpec, load_catalogue
 from vgw.base.config import CanConfig, Config
-from vgw.contract.consent.model import Consent, version_text
 from vgw.base.errors import ConfigError, SourceError, SourceFrameError
+from vgw.contract.consent.model import Consent, version_text
+from vgw.pipeline.catalogue import Catalogue, SignalSpec, load_catalogue
+from vgw.pipeline.decoder import MessageDecoder
 from vgw.pipeline.j1939 import ids as j1939
 from vgw.pipeline.j1939.transport import Reassembler
-from vgw.pipeline.decoder import MessageDecoder
 from vgw.sources.serialport import holders
 
 RATE_WINDOW_S = 5.0

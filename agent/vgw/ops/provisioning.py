@@ -38,13 +38,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from vgw.pipeline.catalogue import load_catalogue
+
 from vgw.base.config import DEVICE_ID_PATTERN, load_config
-from vgw.state.consent.manager import load_trust_keys
-from vgw.contract.certs import DEVICE_URI_PREFIX, cert_device_id
-from vgw.contract.enrollment import chains_to
-from vgw.state.keys import KEY_BYTES
-from vgw.dbc import shipped_dir
 from vgw.base.errors import ConfigError, StorageError
 from vgw.base.fsutil import (
     MAX_CONFIG_BYTES,
@@ -56,6 +51,12 @@ from vgw.base.fsutil import (
     owner_of,
     read_small_file,
 )
+from vgw.contract.certs import DEVICE_URI_PREFIX, cert_device_id
+from vgw.contract.enrollment import chains_to
+from vgw.dbc import shipped_dir
+from vgw.pipeline.catalogue import load_catalogue
+from vgw.state.consent.manager import load_trust_keys
+from vgw.state.keys import KEY_BYTES
 
 DEFAULT_OUT = Path("/etc/vgw")
 DEFAULT_STATE_DIR = Path("/var/lib/vgw")
@@ -593,11 +594,11 @@ def enroll_provisioned(claim_cert: Path, claim_key: Path, token: str, *, out: Pa
     """Enroll the device just provisioned in ``out`` with the batch's claim identity and its one-time token:
     the CSR goes to `vgw cloud enroll serve` instead of a person, and the issued certificate is installed.
 
-    Raises :class:`~vgw.base.errors.EnrollmentRefused` / :class:`~vgw.base.errors.EnrollmentTimeout` (vgw.ops.enroll); the
-    key, config and state dir written by step 1 stay (a later `vgw enroll` finishes the job).
+    Raises :class:`~vgw.base.errors.EnrollmentRefused` / :class:`~vgw.base.errors.EnrollmentTimeout`
+    (vgw.ops.enroll); the key, config and state dir written by step 1 stay (a later `vgw enroll` finishes the job).
     """
-    from vgw.ops.enroll import enroll
     from vgw.base.errors import EnrollmentTimeout
+    from vgw.ops.enroll import enroll
 
     out = out.expanduser().absolute()
     config_path = out / CONFIG_NAME

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vgw.base.timefmt import utc_text
 from vgw.contract.rules.describe import SCOPE_LABELS
 from vgw.ops.report_owner import (
     WITHDRAWN_TEXT,
@@ -47,7 +48,6 @@ from vgw.ops.report_owner import (
     zone_name,
 )
 from vgw.ops.report_periods import SentRow, histories
-from vgw.base.timefmt import utc_text
 
 REPORT_VERSION = 2
 

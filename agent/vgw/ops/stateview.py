@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vgw.state.audit import AuditLog
 from vgw.base.config import Config
-from vgw.state.consent.manager import load_trust_keys, read_cached
 from vgw.contract.consent.model import Consent, Grant
+from vgw.state.audit import AuditLog
+from vgw.state.consent.manager import load_trust_keys, read_cached
 from vgw.state.consent.store import ConsentStore
 from vgw.state.outbox import OUTBOX_FILE, OutboxFigures, read_figures
 

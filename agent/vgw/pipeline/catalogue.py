@@ -23,11 +23,12 @@ from typing import Any
 import cantools
 from cantools.database.can.database import Database
 from cantools.database.can.message import Message
+
 from vgw.base.errors import ConfigError
 from vgw.base.fsutil import MAX_CONFIG_BYTES, load_toml, read_small_file
+from vgw.contract.scopes import SCOPES
 from vgw.pipeline.j1939.ids import is_j1939, message_key
 from vgw.pipeline.j1939.ids import parse as parse_id
-from vgw.contract.scopes import SCOPES
 
 _VSS_PATH = re.compile(r"^Vehicle(\.[A-Z][A-Za-z0-9]*)+$")
 _ENTRY_KEYS = {"message", "signal", "path", "scope", "part", "parts", "source_address"}

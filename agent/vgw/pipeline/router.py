@@ -24,15 +24,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from vgw.pipeline.catalogue import Catalogue, SignalSpec
-from vgw.pipeline.rule_engine import RuleEngine
-from vgw.contract.rules.vss import VSS_SCOPES
 from vgw.contract.consent.model import Grant
 from vgw.contract.envelope import us_of
-from vgw.pipeline.j1939 import ids as j1939
-from vgw.pipeline.j1939.unmatched import J1939Front, filter_keys
+from vgw.contract.rules.vss import VSS_SCOPES
+from vgw.pipeline.catalogue import Catalogue, SignalSpec
 from vgw.pipeline.decoder import MessageDecoder, compile_sink
 from vgw.pipeline.frame import ERROR, Frame
+from vgw.pipeline.j1939 import ids as j1939
+from vgw.pipeline.j1939.unmatched import J1939Front, filter_keys
+from vgw.pipeline.rule_engine import RuleEngine
 
 _M_PER_DEG = 111_320.0
 STANDARD_ID_MAX = 0x7FF

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Protocol
 
 import can
+
 from vgw.base.config import CanConfig
 from vgw.sources.canmsg import Frame
 

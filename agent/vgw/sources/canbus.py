@@ -23,6 +23,7 @@ from typing import Any
 
 import can
 from can.typechecking import CanFilter
+
 from vgw.base.errors import SourceError, SourceFrameError, SourceOpenError, SourceReadError
 from vgw.pipeline.j1939 import ids as j1939
 from vgw.pipeline.j1939.request import is_request

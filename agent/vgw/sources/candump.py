@@ -29,10 +29,11 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import can
+
 from vgw.base.errors import SourceFrameError
 from vgw.base.fsutil import open_regular
-from vgw.sources.canmsg import Frame, frame_of
 from vgw.base.timefmt import LATEST_TIME
+from vgw.sources.canmsg import Frame, frame_of
 
 MAX_LINE_BYTES = 512  # the longest candump -L line (FD, 64 bytes, 16-char channel) is under 200
 CAN_ERR_FLAG = 0x20000000

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import can
+
 from vgw.pipeline.frame import DATA, ERROR, REMOTE, Frame
 
 __all__ = ["DATA", "ERROR", "REMOTE", "Frame", "frame_of", "message_of"]

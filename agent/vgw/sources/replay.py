@@ -33,11 +33,12 @@ from pathlib import Path
 from typing import Any
 
 import can
+
 from vgw.base.errors import SourceEndedError, SourceOpenError
 from vgw.base.fsutil import open_regular
+from vgw.base.timefmt import valid_time
 from vgw.sources.candump import Damage, DamagedLine, is_candump, open_binary, read_frame_chunks
 from vgw.sources.canmsg import DATA, Frame, frame_of, message_of
-from vgw.base.timefmt import valid_time
 
 log = logging.getLogger(__name__)
 

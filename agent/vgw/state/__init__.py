@@ -1,1 +1,2 @@
-"""The agent's state on disk: the encrypted outbox, the audit log, keys and credentials, the consent cache and the manager that applies consent."""
+"""The agent's state on disk: the encrypted outbox, the audit log, keys and credentials, the consent cache and the
+manager that applies consent."""

@@ -11,7 +11,8 @@ Used by `vgw enroll` (first certificate) and by the agent's renewal (README "Enr
   after it has connected; :func:`settle` finishes or undoes a swap a crash interrupted, so the files the agent
   loads always match each other.
 
-Raises :class:`~vgw.base.errors.StorageError` (cannot write) and :class:`~vgw.base.errors.ConfigError` (an unusable key).
+Raises :class:`~vgw.base.errors.StorageError` (cannot write) and :class:`~vgw.base.errors.ConfigError` (an unusable
+key).
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+
 from vgw.base.config import Config
-from vgw.contract.enrollment import key_pem, new_key
 from vgw.base.errors import ConfigError, StorageError
 from vgw.base.fsutil import MAX_KEY_BYTES, atomic_write, read_small_file
+from vgw.contract.enrollment import key_pem, new_key
 
 __all__ = ["IDENTITY_DIR", "Staged", "commit_staged", "device_credentials", "discard_staged", "ensure_key",
            "install_chain", "load_key", "renewed_pair", "settle", "stage", "with_credentials_in_use"]

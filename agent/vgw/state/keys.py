@@ -12,6 +12,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
+
 from vgw.base.errors import StorageError
 from vgw.base.fsutil import MAX_KEY_BYTES, atomic_write, check_owner, read_small_file
 

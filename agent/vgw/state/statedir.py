@@ -12,14 +12,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from vgw.state.audit import AuditLog
 from vgw.base.config import Config
+from vgw.base.errors import StorageError
+from vgw.base.fsutil import ensure_private_dir, open_state_file, read_state_file
+from vgw.contract.receipts import ReceiptSigner
+from vgw.state.audit import AuditLog
 from vgw.state.consent.store import ConsentStore
 from vgw.state.credentials import device_credentials
 from vgw.state.keys import load_or_create_storage_key
-from vgw.contract.receipts import ReceiptSigner
-from vgw.base.errors import StorageError
-from vgw.base.fsutil import ensure_private_dir, open_state_file, read_state_file
 from vgw.state.outbox import Outbox, open_checked
 
 STATUS_FILE = "status.json"

@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from vgw.pipeline.catalogue import load_catalogue
 from vgw.base.config import load_config
 from vgw.base.errors import VgwError
 from vgw.base.logs import quieted
+from vgw.pipeline.catalogue import load_catalogue
 from vgw.tools.progress import Progress
 
 DEVICE = "demo-car-01"
@@ -109,14 +109,15 @@ class _Screen:
 def run_demo(duration: float = 20.0, *, as_json: bool = False, out: IO[str] | None = None,
              keep: Path | None = None) -> int:
     """Run the demo for ``duration`` seconds. Returns 0 if every guarantee held, 1 otherwise."""
-    from vgw.cloud.consent_authority import RecipientKey, SigningKey, consent_claims, grant, sign_consent
-    from vgw.daemon.agent import Agent
     from vgw_sim.broker import Mosquitto, MosquittoNotFound
     from vgw_sim.can_sim import CanSimulator, open_output
     from vgw_sim.cloud import CloudPeer
     from vgw_sim.paths import default_dbc, default_signal_map
     from vgw_sim.pki import TestPKI
     from vgw_sim.vehicle import VehicleModel
+
+    from vgw.cloud.consent_authority import RecipientKey, SigningKey, consent_claims, grant, sign_consent
+    from vgw.daemon.agent import Agent
 
     if duration < 8:
         raise VgwError(f"demo duration {duration:g} s is too short: use at least 8 s")

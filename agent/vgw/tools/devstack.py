@@ -123,11 +123,12 @@ def init(directory: Path, *, device: str = DEFAULT_DEVICE, trace: Path | None = 
 
 
 def _init(stack: Stack, device: str, trace: Path | None, progress: Callable[[str], None]) -> Stack:
-    from vgw.cloud.cloudkit import keygen, load_grants, load_signing_key, sign_documents
-    from vgw.base.config import DEVICE_ID_PATTERN
     from vgw_sim.broker import free_port
     from vgw_sim.paths import default_dbc, default_signal_map
     from vgw_sim.pki import TestPKI
+
+    from vgw.base.config import DEVICE_ID_PATTERN
+    from vgw.cloud.cloudkit import keygen, load_grants, load_signing_key, sign_documents
 
     if (stack.dir / STACK_FILE).exists() or stack.config.exists():
         raise ConfigError(f"{stack.dir}: already holds a dev stack (or a vgw.toml); pick another directory")
@@ -479,9 +480,9 @@ def _push_consent(stack: Stack, device: str, broker_opts: list[str]) -> _Pushed:
     hand, README "Your own dev stack"), nothing is published: re-publishing current.jws would replace the
     broker's retained document with an older one, which a device starting afresh would then take (a revoked
     grant back in force). Says which of these it did."""
+    from vgw.base.config import load_config
     from vgw.cloud.cloudkit import CloudKitError, load_grants, load_signing_key, read_document, sign_documents
     from vgw.cloud.cloudlink import BrokerOptions, CloudLink
-    from vgw.base.config import load_config
 
     grants, current = stack.dir / "grants.toml", stack.dir / "consent" / "current.jws"
     key = load_signing_key(stack.dir / "consent" / "consent-signer.key")

@@ -61,10 +61,11 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+
 from vgw.base.config import MqttConfig
-from vgw.contract.consent.verifier import MAX_DOCUMENT_BYTES
 from vgw.base.errors import ConfigError, StorageError
 from vgw.base.fsutil import MAX_KEY_BYTES, read_small_file
+from vgw.contract.consent.verifier import MAX_DOCUMENT_BYTES
 from vgw.state.outbox import Outbox
 from vgw.uplink.packetguard import guard_context
 from vgw.uplink.renewal import Renewal

@@ -26,16 +26,10 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
+
 from vgw.base.config import MqttConfig
-from vgw.state.credentials import (
-    Staged,
-    commit_staged,
-    device_credentials,
-    discard_staged,
-    renewed_pair,
-    settle,
-    stage,
-)
+from vgw.base.errors import EnrollmentError, StorageError
+from vgw.base.fsutil import ensure_private_dir
 from vgw.contract.enrollment import (
     Kind,
     build_csr,
@@ -46,8 +40,15 @@ from vgw.contract.enrollment import (
     request_topic,
     response_topic,
 )
-from vgw.base.errors import EnrollmentError, StorageError
-from vgw.base.fsutil import ensure_private_dir
+from vgw.state.credentials import (
+    Staged,
+    commit_staged,
+    device_credentials,
+    discard_staged,
+    renewed_pair,
+    settle,
+    stage,
+)
 
 __all__ = ["Renewal", "RenewalState", "RenewalTiming"]
 

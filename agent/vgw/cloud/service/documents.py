@@ -24,6 +24,8 @@ from collections.abc import Callable
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
+
+from vgw.base.errors import ConsentError, UplinkError
 from vgw.cloud.cloudkit import default_version, load_device_certs
 from vgw.cloud.cloudlink import BrokerOptions, CloudLink
 from vgw.cloud.consent_authority import SigningKey, consent_claims, grant, sign_consent
@@ -32,7 +34,6 @@ from vgw.cloud.service.config import ServiceConfig
 from vgw.cloud.service.store import Document, Store
 from vgw.contract.consent.model import version_text
 from vgw.contract.consent.verifier import verify_consent
-from vgw.base.errors import ConsentError, UplinkError
 
 __all__ = ["ConsentDesk"]
 

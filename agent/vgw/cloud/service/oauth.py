@@ -18,6 +18,7 @@ from authlib.integrations.flask_oauth2 import AuthorizationServer
 from authlib.oauth2.rfc6749 import ClientMixin, InvalidRequestError, grants
 from authlib.oauth2.rfc7636 import CodeChallenge
 from flask import Flask, g
+
 from vgw.cloud.service.store import App, Store, digest
 from vgw.contract.scopes import SCOPES
 

@@ -1,6 +1,7 @@
 """The service's HTML, server-rendered with Jinja (autoescaped; no script, no external font or image):
 sign-in, consent, the owner's page, errors. Each scope is named in the owner's words, the same texts as the
-owner's report (:data:`vgw.contract.rules.describe.SCOPE_LABELS`, :func:`vgw.contract.rules.describe.describe_grant`)."""
+owner's report (:data:`vgw.contract.rules.describe.SCOPE_LABELS`,
+:func:`vgw.contract.rules.describe.describe_grant`)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from flask import render_template_string
-from vgw.contract.rules.describe import SCOPE_LABELS, describe_grant
+
 from vgw.contract.consent.model import DEFAULT_LIMITS
+from vgw.contract.rules.describe import SCOPE_LABELS, describe_grant
 
 __all__ = ["consent_page", "error_page", "login_page", "owner_page", "scope_sentences", "when"]
 

@@ -8,6 +8,7 @@ import os
 
 from cryptography.exceptions import InvalidKey
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
 from vgw.cloud.consent_authority import b64url, b64url_decode
 
 __all__ = ["hash_password", "verify_password"]

@@ -17,6 +17,8 @@ from typing import Any
 
 from cheroot import wsgi
 from cheroot.ssl.builtin import BuiltinSSLAdapter
+
+from vgw.base.errors import ConfigError
 from vgw.cloud.cloudkit import load_signing_key
 from vgw.cloud.consent_authority import recipient_public_key
 from vgw.cloud.service.config import ServiceConfig
@@ -24,7 +26,6 @@ from vgw.cloud.service.documents import ConsentDesk
 from vgw.cloud.service.passwords import hash_password
 from vgw.cloud.service.store import App, Owner, Store, digest
 from vgw.cloud.service.web import create_app
-from vgw.base.errors import ConfigError
 
 __all__ = ["ConsentService", "add_app", "add_owner", "open_store"]
 

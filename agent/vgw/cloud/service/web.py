@@ -21,13 +21,14 @@ from urllib.parse import quote
 
 from authlib.oauth2 import OAuth2Error
 from flask import Flask, Response, abort, g, jsonify, redirect, request, session
+
+from vgw.base.errors import ConsentError
 from vgw.cloud.service import pages
 from vgw.cloud.service.config import ServiceConfig
 from vgw.cloud.service.documents import ConsentDesk
 from vgw.cloud.service.oauth import AUTH_METHODS, make_authorization_server
 from vgw.cloud.service.passwords import dummy_check, verify_password
 from vgw.cloud.service.store import GrantRow, Store
-from vgw.base.errors import ConsentError
 from vgw.contract.scopes import SCOPES
 
 __all__ = ["LoginThrottle", "create_app"]

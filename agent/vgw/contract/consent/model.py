@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from vgw.base.timefmt import LATEST_TIME, utc_text
 from vgw.contract.rules.describe import describe_grant
 from vgw.contract.rules.rules import Rule
-from vgw.base.timefmt import LATEST_TIME, utc_text
 
 KEM_X25519 = "X25519"
 KEM_MLKEM768_X25519 = "MLKEM768-X25519"

@@ -26,8 +26,8 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from vgw.contract.rules.vss import VSS_SCOPES
 from vgw.contract.consent.model import Grant
+from vgw.contract.rules.vss import VSS_SCOPES
 
 # Fields compared one by one below; any other field that differs is a change this module cannot judge.
 _KNOWN_FIELDS = frozenset({"id", "scopes", "limits", "recipient", "retention_s"})

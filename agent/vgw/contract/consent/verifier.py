@@ -16,9 +16,7 @@ from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from vgw.contract.rules.budget import Tally
-from vgw.contract.rules.rules import RuleError, parse_rules
-from vgw.contract.consent.model import KEM_PK_LENGTH, Consent, Grant, Limits, Recipient, limited_scopes
+
 from vgw.base.errors import (
     AlgorithmError,
     BadClaimError,
@@ -42,8 +40,11 @@ from vgw.base.errors import (
     VersionConflictError,
     WrongDeviceError,
 )
-from vgw.contract.scopes import SCOPES
 from vgw.base.timefmt import LATEST_TIME
+from vgw.contract.consent.model import KEM_PK_LENGTH, Consent, Grant, Limits, Recipient, limited_scopes
+from vgw.contract.rules.budget import Tally
+from vgw.contract.rules.rules import RuleError, parse_rules
+from vgw.contract.scopes import SCOPES
 
 MAX_DOCUMENT_BYTES = 64 * 1024  # enforced before any parsing: a huge document is a memory/CPU attack
 MAX_GRANTS = 64

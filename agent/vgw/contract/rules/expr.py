@@ -49,8 +49,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from vgw.contract.rules.limits import MAX_CHARS, MAX_DEPTH
 from vgw.base.errors import VgwError
+from vgw.contract.rules.limits import MAX_CHARS, MAX_DEPTH
 
 # A VSS path (COVESA VSS: dot-separated branch and leaf names under the root "Vehicle").
 PATH_RE = re.compile(r"Vehicle(?:\.[A-Za-z][A-Za-z0-9_]*)+")

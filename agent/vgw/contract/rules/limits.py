@@ -1,10 +1,10 @@
 """Every limit on collection rules (README "Collection rules"), in one place: sizes a document may use, and
 the budgets of work and memory its rules may cause in one agent (docs/guarantees.md, "Budgets").
 
-Sizes are judged while a document is read (:mod:`vgw.contract.rules.expr`, :mod:`vgw.contract.rules.rules`); budgets once
-its rules are read, over every grant of the document together (:mod:`vgw.contract.rules.budget`), and again at run
-time by the engine (:mod:`vgw.pipeline.rule_engine`), which never lets a rule work or hold more than the verifier
-counted for it.
+Sizes are judged while a document is read (:mod:`vgw.contract.rules.expr`, :mod:`vgw.contract.rules.rules`);
+budgets once its rules are read, over every grant of the document together (:mod:`vgw.contract.rules.budget`),
+and again at run time by the engine (:mod:`vgw.pipeline.rule_engine`), which never lets a rule work or hold more
+than the verifier counted for it.
 
 Work is counted in *nodes*: one evaluation of a condition costs :data:`EVAL_COST` plus the nodes of its
 tree after constant folding. A rule is budgeted for :data:`RATE_HZ` evaluations per second and for

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from vgw.base.errors import VgwError
 from vgw.contract.rules.expr import PATH_RE, Condition, ConditionError, parse_condition
 from vgw.contract.rules.limits import MAX_DEADBAND, MAX_DURATION_S, MAX_PRE_S, MAX_RULES
 from vgw.contract.rules.vss import VSS_SCOPES
-from vgw.base.errors import VgwError
 
 DEFAULT_HEARTBEAT_S = 60.0
 

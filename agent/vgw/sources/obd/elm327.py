@@ -41,8 +41,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from vgw.base.errors import SourceOpenError, SourceReadError
-from vgw.sources.obd.protocols import PROTOCOL_NAMES
 from vgw.pipeline.obd.request import ObdRequest, build_request
+from vgw.sources.obd.protocols import PROTOCOL_NAMES
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,6 @@ from typing import Any, Protocol
 
 from vgw.base.config import ObdConfig
 from vgw.base.errors import SourceError
-from vgw.sources.obd.elm327 import AnswerTimeout, AnswerTooLong
 from vgw.pipeline.obd.pids import (
     BITMAP_PIDS,
     BY_NUMBER,
@@ -52,6 +51,7 @@ from vgw.pipeline.obd.pids import (
     resolve,
 )
 from vgw.pipeline.obd.request import MAX_PIDS_PER_REQUEST, ForbiddenRequest, ObdRequest, build_request
+from vgw.sources.obd.elm327 import AnswerTimeout, AnswerTooLong
 
 __all__ = ["ForbiddenRequest", "ObdPoller", "ObdRequest", "ObdTransport", "build_request", "open_transport"]
 
@@ -63,7 +63,8 @@ _SLOW = ((VIN_NAME, 0x09, 0x02, VIN_PATH), (DTC_NAME, 0x03, None, DTC_PATH),
 
 
 class ObdTransport(Protocol):
-    """What the poller needs from an adapter: ELM327 (:mod:`vgw.sources.obd.elm327`) or ISO-TP (:mod:`vgw.sources.obd.isotp`)."""
+    """What the poller needs from an adapter: ELM327 (:mod:`vgw.sources.obd.elm327`) or ISO-TP
+    (:mod:`vgw.sources.obd.isotp`)."""
 
     @property
     def is_can(self) -> bool: ...

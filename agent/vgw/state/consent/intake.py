@@ -32,9 +32,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from vgw.base.errors import ConsentError, MalformedError, TooLargeError
 from vgw.contract.consent.model import Consent
 from vgw.contract.consent.verifier import MAX_DOCUMENT_BYTES, verify_consent
-from vgw.base.errors import ConsentError, MalformedError, TooLargeError
 
 SLOTS = 4  # verified candidates kept; more than one so a newest that the manager refuses has a fallback
 SKIPPED_MEMORY = 32  # grant sets of superseded versions remembered (older ones are merged, conservatively)

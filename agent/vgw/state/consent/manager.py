@@ -18,14 +18,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
-from vgw.state.audit import AuditLog
-from vgw.contract.consent.model import Consent, Grant, version_text
-from vgw.contract.consent.narrowing import NarrowingKind, narrowing, terms_digest
-from vgw.state.consent.pending import PendingApply, from_record, read_record
-from vgw.state.consent.rejections import RejectionLog
-from vgw.state.consent.store import ConsentStore, PendingErasure
-from vgw.contract.consent.verifier import verify_consent
-from vgw.contract.receipts import ReceiptSigner
+
 from vgw.base.errors import (
     ConfigError,
     ConsentError,
@@ -35,6 +28,14 @@ from vgw.base.errors import (
     VersionConflictError,
 )
 from vgw.base.fsutil import MAX_KEY_BYTES, check_owner, read_small_file
+from vgw.contract.consent.model import Consent, Grant, version_text
+from vgw.contract.consent.narrowing import NarrowingKind, narrowing, terms_digest
+from vgw.contract.consent.verifier import verify_consent
+from vgw.contract.receipts import ReceiptSigner
+from vgw.state.audit import AuditLog
+from vgw.state.consent.pending import PendingApply, from_record, read_record
+from vgw.state.consent.rejections import RejectionLog
+from vgw.state.consent.store import ConsentStore, PendingErasure
 from vgw.state.outbox import Erasure, GrantTerms, Outbox, Withdrawal
 
 log = logging.getLogger(__name__)

@@ -16,8 +16,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from vgw.contract.consent.verifier import peek_version
 from vgw.base.errors import ConsentError
+from vgw.contract.consent.verifier import peek_version
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@
                  agent's now is ``max(time.time(), floor)``: a clock rolled back (flat RTC battery, attacker)
                  cannot revive an expired grant or make an old document acceptable again.
 ``consent.pending``  space reserved when the agent starts (vgw.base.fsutil.ReservedRecord): the document applied in
-                 memory whose disk part waits (vgw.state.consent.pending), rewritten in place, so even a full disk keeps it
-                 across a restart.
+                 memory whose disk part waits (vgw.state.consent.pending), rewritten in place, so even a full disk
+                 keeps it across a restart.
 """
 
 from __future__ import annotations

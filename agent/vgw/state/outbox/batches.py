@@ -30,13 +30,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from vgw.base.errors import StorageError
 from vgw.contract.consent.narrowing import Narrowing, NarrowingKind
 from vgw.state import keys
-from vgw.base.errors import StorageError
 from vgw.state.outbox.connection import LEGACY_TERMS
-from vgw.state.outbox.tallies import Counters
 from vgw.state.outbox.erasure import ERASE_WAIT_S, Erasing
 from vgw.state.outbox.receipt_queue import Receipts
+from vgw.state.outbox.tallies import Counters
 
 log = logging.getLogger(__name__)
 

@@ -31,6 +31,7 @@ def _read_chunks(trace: Path) -> Iterator[list[tuple[int, bool, bytes]]]:
 def bench_decode(db: Any, trace: Path, frames: int, progress: Progress) -> dict[str, Any]:
     """cantools vs compiled decoders (every signal) on in-memory frames, and the naive agent end to end."""
     import can
+
     from vgw.pipeline.decoder import MessageDecoder
 
     # cantools keys an extended id that fits in 11 bits apart from the standard one (force_extended_id).

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import x25519
-from vgw.contract.rules.rules import parse_rules
+
 from vgw.contract.consent.model import KEM_X25519, Grant, Recipient
+from vgw.contract.rules.rules import parse_rules
 
 DRIVE_SCOPES = ("read_speedometer", "read_fuel", "read_thermometer", "read_climate")
 START = 1_795_920_000.0
@@ -48,13 +49,14 @@ class _Tally:
 
 def drive_cycle(seconds: float = 1800.0, *, seed: int = 7, batch_interval_s: float | None = None) -> dict[str, Any]:
     """Run the measure over ``seconds`` of simulated driving. Returns a JSON-ready dict (see module docstring)."""
-    from vgw.pipeline.catalogue import load_catalogue
-    from vgw.base.config import BatchConfig
-    from vgw.contract.envelope import batch_plaintext, load_recipient_key, seal
-    from vgw.pipeline.router import Pipeline
     from vgw_sim.can_sim import CanSimulator
     from vgw_sim.paths import default_dbc, default_signal_map
     from vgw_sim.vehicle import VehicleModel
+
+    from vgw.base.config import BatchConfig
+    from vgw.contract.envelope import batch_plaintext, load_recipient_key, seal
+    from vgw.pipeline.catalogue import load_catalogue
+    from vgw.pipeline.router import Pipeline
 
     if seconds <= 0:
         raise ValueError("seconds must be > 0")

@@ -50,8 +50,9 @@ def worst_case_condition() -> str:
 
 def _unsent_paths() -> list[str]:
     """Paths of :data:`SCOPES` (vgw.contract.rules.vss) that the demo vehicle's signal map never produces."""
-    from vgw.pipeline.catalogue import load_catalogue
     from vgw_sim.paths import default_dbc, default_signal_map
+
+    from vgw.pipeline.catalogue import load_catalogue
 
     sent = {spec.path for spec in load_catalogue([default_dbc()], default_signal_map()).specs}
     return [p for p, s in sorted(VSS_SCOPES.items()) if s in SCOPES and p not in sent]
@@ -85,8 +86,9 @@ def bench_rules(sign: Callable[[list[dict[str, Any]]], str], make_config: Callab
     """Replay ``seconds`` of the demo drive in real time three times: each worst-case document, then the same
     grants without rules. ``sign(grants)`` makes a consent document of grant specs (``id``, ``scopes``,
     ``collect``); ``make_config(name, trace, token)`` writes an agent config with ``token`` in force."""
-    from vgw.contract.rules.budget import document_usage
     from vgw_sim.paths import default_dbc
+
+    from vgw.contract.rules.budget import document_usage
 
     trace = root / "rules.log"
     frames = int(seconds * 213) + 1  # the demo vehicle sends 213 frames/s

@@ -67,9 +67,10 @@ def _sign(signer: Any, grants: list[dict[str, Any]], now: int) -> str:
 
 def run_rules_bench(opts: BenchOptions, progress: Progress | None = None) -> dict[str, Any]:
     """Only phase 6 (`vgw bench --rules`): the costliest accepted collection rules against none."""
+    from vgw_sim.paths import default_dbc, default_signal_map
+
     from vgw.cloud.consent_authority import SigningKey
     from vgw.state.consent.store import ConsentStore
-    from vgw_sim.paths import default_dbc, default_signal_map
 
     if opts.dbc is not None:
         raise VgwError("--rules runs on the demo vehicle: leave out --dbc")
@@ -111,12 +112,13 @@ def run_rules_bench(opts: BenchOptions, progress: Progress | None = None) -> dic
 
 def run_bench(opts: BenchOptions, progress: Progress | None = None) -> dict[str, Any]:
     """Run every phase; return the results (see module docstring)."""
-    from vgw.pipeline.catalogue import load_dbc
-    from vgw.cloud.consent_authority import RecipientKey, SigningKey, consent_claims, grant, sign_consent
-    from vgw.state.consent.store import ConsentStore
-    from vgw.contract.scopes import SCOPES
     from vgw_sim.cloud import CloudPeer
     from vgw_sim.paths import default_dbc, default_signal_map
+
+    from vgw.cloud.consent_authority import RecipientKey, SigningKey, consent_claims, grant, sign_consent
+    from vgw.contract.scopes import SCOPES
+    from vgw.pipeline.catalogue import load_dbc
+    from vgw.state.consent.store import ConsentStore
 
     if opts.consent not in ("typical", "all"):
         raise VgwError(f"--consent {opts.consent!r}: use 'typical' or 'all'")

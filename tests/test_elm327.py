@@ -23,7 +23,7 @@ from vgw.pipeline.obd.pids import PIDS
 from vgw.pipeline.obd.request import ForbiddenRequest, ObdRequest, build_request
 from vgw.sources.obd.elm327 import Elm327, parse_answer
 from vgw.sources.obd.poller import ObdPoller, decode_vin
-from vgw_sim.elm327 import Elm327Simulator
+from vgw_sim.elm327_sim import Elm327Simulator
 from vgw_sim.obd_ecu import frozen_model
 
 from tests.agentkit import wait_until

@@ -23,7 +23,7 @@ from vgw.sources.obd.elm327 import MAX_ANSWER_BYTES, AnswerTimeout, AnswerTooLon
 from vgw.sources.obd.isotp import IsoTpTransport
 from vgw.sources.obd.poller import ObdPoller
 from vgw_sim.cloud import CloudPeer
-from vgw_sim.elm327 import Elm327Simulator
+from vgw_sim.elm327_sim import Elm327Simulator
 from vgw_sim.obd_ecu import frozen_model
 
 from tests.agentkit import Authority, agent_process, vgw, wait_until, write_config

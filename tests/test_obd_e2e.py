@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from vgw_sim.cloud import CloudPeer
-from vgw_sim.elm327 import Elm327Simulator
+from vgw_sim.elm327_sim import Elm327Simulator
 from vgw_sim.obd_ecu import frozen_model
 
 from tests.agentkit import AgentThread, Authority, agent_process, write_config

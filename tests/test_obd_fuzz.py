@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from vgw.sources.obd.elm327 import PROTOCOL_NAMES, parse_answer
 from vgw.sources.obd.isotp import RESPONSE_IDS, Reassembly
-from vgw_sim.elm327 import Elm327Simulator, isotp_frames
+from vgw_sim.elm327_sim import Elm327Simulator, isotp_frames
 from vgw_sim.obd_ecu import frozen_model
 
 CI = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])

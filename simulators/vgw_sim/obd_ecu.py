@@ -1,6 +1,6 @@
 """The simulated car's OBD-II ECUs: request bytes in, response payloads per ECU out.
 
-Shared by the ELM327 simulator (:mod:`vgw_sim.elm327`, which formats the payloads as ELM327 text) and
+Shared by the ELM327 simulator (:mod:`vgw_sim.elm327_sim`, which formats the payloads as ELM327 text) and
 the ISO-TP responder (:mod:`vgw_sim.obd_responder`, which frames them on a CAN bus). Values come from
 :class:`vgw_sim.vehicle.VehicleModel` (or anything with a ``state`` and ``step(dt)``) and are encoded
 here independently of the agent's decoders, straight from the SAE J1979 formulas, so a decoding mistake on

@@ -25,7 +25,7 @@ def register(sim_subparsers: Any) -> None:
     scenarios: tuple[str, ...] | None = None
     protocols: tuple[str, ...] | None = None
     try:
-        from vgw_sim.elm327 import SCENARIOS, SIMULATED_CAR_PROTOCOLS
+        from vgw_sim.elm327_sim import SCENARIOS, SIMULATED_CAR_PROTOCOLS
 
         scenarios, protocols = SCENARIOS, SIMULATED_CAR_PROTOCOLS
     except ModuleNotFoundError:  # the car's install: `vgw sim elm327` then says what is missing when run
@@ -44,7 +44,7 @@ def register(sim_subparsers: Any) -> None:
 
 def run_elm327(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT. Raises ConfigError when the TCP port cannot be bound."""
-    from vgw_sim.elm327 import Elm327Simulator
+    from vgw_sim.elm327_sim import Elm327Simulator
 
     sim = Elm327Simulator(scenario=args.scenario, seed=args.seed, car_protocol=args.protocol)
     stop = threading.Event()

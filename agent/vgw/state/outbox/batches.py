@@ -35,8 +35,8 @@ from vgw.contract.consent.narrowing import Narrowing, NarrowingKind
 from vgw.state import keys
 from vgw.state.outbox.connection import LEGACY_TERMS
 from vgw.state.outbox.erasure import ERASE_WAIT_S, Erasing
-from vgw.state.outbox.receipt_queue import Receipts
-from vgw.state.outbox.tallies import Counters
+from vgw.state.outbox.receipt_queue import ReceiptQueue
+from vgw.state.outbox.tallies import Tallies
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class TermsChanged(GrantNotActive):
     """A batch was refused because it was collected under terms that are no longer in force."""
 
 
-class Outbox(Erasing, Receipts, Counters):
+class Outbox(Erasing, ReceiptQueue, Tallies):
     """The encrypted outbox: batches (here), receipts, counters and erasure (their own modules).
 
     Threads: the collector commits batches, the uplink reads, marks and deletes them, the agent's main loop

@@ -7,7 +7,7 @@ import time
 from vgw.state.outbox.connection import Connection
 
 
-class Receipts(Connection):
+class ReceiptQueue(Connection):
     def queue_receipt(self, token: str) -> int:
         """Store a signed receipt until the broker acknowledges it. Returns its row id."""
         with self._tx() as db:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from vgw.state.outbox.connection import Connection
 
 
-class Counters(Connection):
+class Tallies(Connection):
     def count(self, name: str, n: int = 1) -> None:
         """Add ``n`` to counter ``name``. Raises :class:`~vgw.base.errors.OutboxUnwritable`."""
         with self._tx():

@@ -14,7 +14,7 @@ from vgw.base import errors
 
 from tests.agentkit import ROOT
 
-AGENT = ROOT / "agent"
+AGENT = ROOT / "agent" / "vgw"
 # Derived from RuntimeError on purpose: a missing or dead test broker is the machine's problem (vgw.base.errors).
 ENVIRONMENT_ERRORS = {"BrokerError", "MosquittoNotFound", "BrokerStartError", "NatsNotFound"}
 
@@ -77,9 +77,15 @@ def test_no_test_hooks_or_message_text_decisions_in_the_outbox() -> None:
         assert not re.search(r"in str\(exc\)|str\(exc\)\.lower\(\)|\.args\[", text), p
 
 
-def test_no_fallback_hides_a_missing_subcommand_module() -> None:
-    text = (AGENT / "cli" / "__init__.py").read_text()
-    assert "ModuleNotFoundError" not in text
+def test_no_fallback_hides_a_missing_module_of_vgw() -> None:
+    # Only the simulators may be missing (the car's install leaves them out, and says so); a missing module of the
+    # agent itself is a broken install and must show as one.
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['vgw.tools.demo'] = None; import vgw.cli; sys.exit(vgw.cli.main(['demo']))"
+    out = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "ModuleNotFoundError" in out.stderr and "vgw.tools.demo" in out.stderr
 
 
 def test_unused_receipt_verifier_is_gone_from_the_device_side() -> None:

@@ -254,13 +254,10 @@ def test_frames_come_at_their_periods_in_time_order(db: Database) -> None:
     assert mux[:6] == [0, 1, 2, 0, 1, 2]
 
 
-def test_frames_are_fast() -> None:
+def test_two_minutes_of_the_city_loop_are_every_message_at_its_cycle_time() -> None:
+    # how fast they are made is `vgw bench`'s business (a timed unit test fails on a busy machine)
     sim = CanSimulator(model=VehicleModel(seed=1, start_time=START))
-    started = time.perf_counter()
-    count = sum(1 for _ in sim.frames(120.0))
-    rate = count / (time.perf_counter() - started)
-    assert count == 213 * 120
-    assert rate > 20_000, f"{rate:.0f} frames/s"
+    assert sum(1 for _ in sim.frames(120.0)) == 213 * 120
 
 
 def test_vin_parts() -> None:

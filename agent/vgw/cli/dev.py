@@ -1,7 +1,9 @@
 """`vgw dev`: your own dev stack in a directory you keep (README "Your own dev stack").
 
     vgw dev init DIR [--device-id ID] [--trace FILE]   lay out broker config, PKI, keys, grants, agent config
-    vgw dev up DIR                                     start broker, simulator, cloud listener, agent (background)
+    vgw dev up DIR [--service | --no-service]          start broker, simulator, cloud listener, agent (background);
+                                                       --service: the owner's consent service signs the car's
+                                                       consent from now on, --no-service: grants.toml again
     vgw dev status DIR [--json]                        which parts run
     vgw dev down DIR                                stop them (logs, state and keys stay)
 """
@@ -32,6 +34,10 @@ def register(subparsers: Any) -> None:
 
     u = sub.add_parser("up", help="start the stack's parts in the background (pid files in DIR/run)")
     u.add_argument("dir", type=Path, metavar="DIR")
+    u.add_argument("--service", action=argparse.BooleanOptionalAction, default=None,
+                   help="--service: start the owner's consent service (docs/consent-service.md) and let it alone "
+                        "sign the car's consent from now on, every later `up` too (grants.toml is then not pushed); "
+                        "--no-service: stop it and sign grants.toml again. Default: keep the stack's choice")
     u.set_defaults(func=cmd_up)
 
     s = sub.add_parser("status", help="which parts of the stack run (exit 3 unless all do)")
@@ -60,7 +66,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     from vgw.tools.devstack import parts, up
 
-    stack = up(args.dir, progress=_say)
+    stack = up(args.dir, service=args.service, progress=_say)
     d = args.dir
     own_adapter = f" -c {d}/run/can1" if "sim" in parts(stack) else ""  # a pty has one reader: the agent's
     print(f"dev stack running in {stack.dir}. Next:\n"

@@ -1,10 +1,14 @@
 """`vgw demo`: the whole system on one machine, no hardware, no cloud account.
 
 A private mosquitto with mutual TLS on a free loopback port and throwaway certificates; the vehicle
-simulator on a python-can virtual bus; the reference cloud peer, which signs and publishes a consent
-document with two grants; and the real agent. Half-way through, the cloud revokes one grant; the demo
-shows its data stop, its outbox rows and key go, and its erasure receipt arrive. The summary is checked, not
-just printed: exit 0 only if every guarantee held.
+simulator on a python-can virtual bus; the owner's consent service (docs/consent-service.md), where two apps
+ask through OAuth 2.0 and the owner allows both; the reference cloud peer, which opens what each app receives;
+and the real agent. Half-way through, the owner withdraws one app's grant on the owner's page; the demo
+shows its data stop, its outbox rows and key go, and the car's erasure receipt arrive, at the cloud and on
+the owner's page. The browser is played over HTTP (:mod:`vgw.tools.service_play`); the URLs are printed to
+open in a real one meanwhile. Without the ``service`` extra the cloud peer signs the consent itself, and the
+demo says so in one line (:mod:`vgw.tools.demo_consent`). The summary is checked, not just printed: exit 0
+only if every guarantee held.
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -28,28 +31,8 @@ from vgw.base.config import load_config
 from vgw.base.errors import VgwError
 from vgw.base.logs import quieted
 from vgw.pipeline.catalogue import load_catalogue
+from vgw.tools.demo_consent import DEVICE, REVOKED_APP, LiveGrant, PeerConsent, ServiceConsent
 from vgw.tools.progress import Progress
-
-DEVICE = "demo-car-01"
-
-
-@dataclass
-class _Grant:
-    id: str
-    controller: str
-    purpose: str
-    scopes: list[str]
-    limits: dict[str, Any] = field(default_factory=dict)
-
-
-GRANTS = [
-    _Grant("g-fleet", "com.example.fleet", "fleet-maintenance",
-           ["read_odometer", "read_fuel", "read_tires", "read_location"],
-           {"read_location": {"max_hz": 0.5, "precision_m": 500}}),
-    _Grant("g-insurer", "com.example.insurer", "usage-based-insurance",
-           ["read_speedometer", "read_odometer", "read_battery"]),
-]
-REVOKED = "g-insurer"
 
 
 def _config_text(state_dir: Path, dbc: Path, signal_map: Path, channel: str, broker_port: int, ca: Path,
@@ -116,8 +99,8 @@ def run_demo(duration: float = 20.0, *, as_json: bool = False, out: IO[str] | No
     from vgw_sim.pki import TestPKI
     from vgw_sim.vehicle import VehicleModel
 
-    from vgw.cloud.consent_authority import RecipientKey, SigningKey, consent_claims, grant, sign_consent
     from vgw.daemon.agent import Agent
+    from vgw.tools.service_play import service_missing
 
     if duration < 8:
         raise VgwError(f"demo duration {duration:g} s is too short: use at least 8 s")
@@ -141,6 +124,7 @@ def run_demo(duration: float = 20.0, *, as_json: bool = False, out: IO[str] | No
     t0 = time.monotonic()
     stop = threading.Event()
     broker = agent = cloud = bus = None
+    consent: PeerConsent | ServiceConsent | None = None
     sim_thread = agent_thread = None
     try:
         setup.step("setting up: certificates")
@@ -157,16 +141,21 @@ def run_demo(duration: float = 20.0, *, as_json: bool = False, out: IO[str] | No
             raise VgwError(str(exc)) from exc
         screen.event(0.0, f"private mosquitto up on 127.0.0.1:{broker.port} (mutual TLS, per-device ACL)")
 
-        signer = SigningKey.generate()
-        trust = signer.write_public_pem(root / "consent-signer.pub.pem")
-        recipients = {g.id: RecipientKey.generate() for g in GRANTS}
         cloud = CloudPeer.for_broker(broker, pki)
         cloud.add_device(DEVICE, pki.devices[DEVICE].cert)
-        for gid, rk in recipients.items():
-            cloud.add_recipient(gid, rk)
         setup.step("setting up: cloud peer")
         cloud.connect()
-        screen.event(time.monotonic() - t0, "cloud peer connected (consent signer, one HPKE key per app)")
+        missing = service_missing()
+        if missing is None:
+            setup.step("setting up: the owner's consent service")
+            consent = ServiceConsent(root, pki, broker.port, cloud)
+        else:
+            consent = PeerConsent(root, cloud, missing)
+        screen.event(time.monotonic() - t0, "cloud peer connected (one HPKE key per app: it opens what each app "
+                     "receives)")
+        if missing is not None:
+            screen.event(time.monotonic() - t0, f"consent service not shown: its extra is not installed ({missing} "
+                         "missing: pip install 'vgw[service]'); the cloud peer signs the consent itself")
 
         channel = f"vgw-demo-{os.getpid()}"
         state_dir = root / "state"
@@ -176,7 +165,7 @@ def run_demo(duration: float = 20.0, *, as_json: bool = False, out: IO[str] | No
             return p.relative_to(root) if keep_dir is not None and p.is_relative_to(root) else p
 
         cfg_path.write_text(_config_text(rel(state_dir), default_dbc(), default_signal_map(), channel, broker.port,
-                                         rel(pki.ca.cert), rel(dev.cert), rel(dev.key), rel(trust)))
+                                         rel(pki.ca.cert), rel(dev.cert), rel(dev.key), rel(consent.trust)))
         cfg = load_config(cfg_path)
         catalogue = load_catalogue(cfg.can.dbc, cfg.can.signal_map) if cfg.can else None
         assert catalogue is not None
@@ -192,55 +181,60 @@ def run_demo(duration: float = 20.0, *, as_json: bool = False, out: IO[str] | No
         screen.event(time.monotonic() - t0, f"vehicle simulator on virtual CAN bus '{channel}' "
                      f"({len(sim.messages)} messages, 10 ms - 1 s periods)")
 
+        # The consent first, retained at the broker: the agent takes it when it connects (README "Topics"). Each
+        # app's grant id is known (and its key registered with the cloud peer) before any of its data can come.
+        grants = consent.allow(lambda text: screen.event(time.monotonic() - t0, text))
+        setup.close()
         setup.step("setting up: agent")
         agent = Agent(cfg)
         agent_thread = threading.Thread(target=agent.run, name="demo-agent", daemon=True)
         agent_thread.start()
         setup.close()
-        screen.event(time.monotonic() - t0, f"agent {DEVICE} started; no consent yet: nothing is decoded")
+        started = time.monotonic() - t0
+        screen.event(started, f"agent {DEVICE} started; it takes the retained consent from the broker and decodes "
+                     "only what it grants")
 
-        now = int(time.time())
-        doc1 = [grant(g.id, g.scopes, recipients[g.id], controller=g.controller, purpose=g.purpose,
-                      limits=g.limits or None) for g in GRANTS]
-        cloud.publish_consent(DEVICE, sign_consent(consent_claims(DEVICE, 1, doc1, iat=now), signer))
-        screen.event(time.monotonic() - t0, "cloud publishes consent v1: " + "; ".join(
-            f"{g.id} -> {', '.join(g.scopes)}" for g in GRANTS))
-
-        revoke_at = duration * 0.55
+        # The story runs from the agent's start: half of it with both grants, half after the withdrawal.
+        live = max(duration - started, 6.0)
+        end, revoke_at = started + live, started + live * 0.5
+        revoked = next(g for g in grants if g.app == REVOKED_APP)
         revoked_wall: float | None = None
         receipt_wall: float | None = None
         receipt_claims: dict[str, Any] | None = None
         rows_after: int | None = None
         key_after: bool | None = None
-        while (elapsed := time.monotonic() - t0) < duration:
+        while (elapsed := time.monotonic() - t0) < end:
             if revoked_wall is None and elapsed >= revoke_at:
-                doc2 = [d for d in doc1 if d["id"] != REVOKED]
-                cloud.publish_consent(DEVICE, sign_consent(consent_claims(DEVICE, 2, doc2, iat=int(time.time())),
-                                                           signer))
-                revoked_wall = time.time()
-                screen.event(elapsed, f"owner withdraws consent: cloud publishes v2 without {REVOKED}")
+                revoked_wall = time.time()  # before the request: the car may apply it before the answer comes
+                consent.withdraw(revoked, lambda text: screen.event(time.monotonic() - t0, text))
             if revoked_wall is not None and receipt_wall is None:
                 for r in cloud.receipts(DEVICE, "erasure"):
-                    if r.claims.get("grant") == REVOKED:
+                    if r.claims.get("grant") == revoked.id:
                         receipt_wall, receipt_claims = r.arrived, r.claims
                         stats = agent.outbox.stats()
-                        rows_after = stats.get(REVOKED, {}).get("rows", 0)
-                        key_after = agent.outbox.has_key(REVOKED)
-                        screen.event(elapsed, f"agent stopped {REVOKED}: dropped its batch in memory, deleted "
+                        rows_after = stats.get(revoked.id, {}).get("rows", 0)
+                        key_after = agent.outbox.has_key(revoked.id)
+                        screen.event(elapsed, f"agent stopped {revoked.id}: dropped its batch in memory, deleted "
                                      f"{r.claims.get('batches_deleted')} outbox batch(es), destroyed its data key")
-                        screen.event(elapsed, f"erasure receipt for {REVOKED} arrived; ES256 signature verified "
+                        screen.event(elapsed, f"erasure receipt for {revoked.id} arrived; ES256 signature verified "
                                      f"against the device certificate (outbox rows now {rows_after}, key "
                                      f"{'PRESENT' if key_after else 'gone'})")
-            screen.draw(_view(cloud, agent, elapsed, duration, revoked_wall), elapsed)
+            screen.draw(_view(cloud, agent, grants, elapsed, end, revoked, revoked_wall), elapsed)
             time.sleep(0.5)
 
+        service_checks = consent.checks(revoked, receipt_wall is not None)
+        if service_checks:
+            screen.event(time.monotonic() - t0, consent.verdict(service_checks))
         stop.set()
         agent.stop()
         agent_thread.join(10)
         # Let the last acknowledged batches land at the cloud.
         time.sleep(0.5)
-        summary = _summary(cloud, scope_of, revoked_wall, receipt_wall, receipt_claims, rows_after, key_after,
-                           agent)
+        summary = _summary(cloud, grants, scope_of, revoked, revoked_wall, receipt_wall, receipt_claims, rows_after,
+                           key_after, agent)
+        summary["consent_service"] = consent.describe(service_checks)
+        if service_checks:
+            summary["ok"] = summary["ok"] and all(service_checks.values())
         summary["broker_port"] = broker.port
         summary["duration_s"] = duration
         if as_json:
@@ -262,6 +256,8 @@ def run_demo(duration: float = 20.0, *, as_json: bool = False, out: IO[str] | No
             sim_thread.join(5)
         if bus is not None:
             bus.shutdown()
+        if consent is not None:
+            consent.close()
         if cloud is not None:
             cloud.close()
         if broker is not None:
@@ -296,50 +292,56 @@ def _keep(keep_dir: Path, root: Path, summary: dict[str, Any], out: IO[str]) -> 
     (root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     init(keep_dir)
     print(f"kept in {keep_dir}:\n"
-          f"  demo/      the demo's config, state, PKI (keys 0600), broker and agent logs, summary.json\n"
+          f"  demo/      the demo's config, state, PKI (keys 0600), broker and agent logs, summary.json,\n"
+          f"             service/: the consent service's config, keys and database (when it ran)\n"
           f"             (vgw report --config {root / 'vgw.toml'}; vgw audit show --config ...)\n"
           f"  a dev stack of your own: vgw dev up {keep_dir}   (README \"Your own dev stack\")", file=out)
 
 
-def _view(cloud: Any, agent: Any, elapsed: float, duration: float, revoked_wall: float | None) -> list[str]:
-    lines = [f"vgw demo  {elapsed:5.1f} s / {duration:g} s   device {DEVICE}   link: {agent.uplink.state}",
+def _view(cloud: Any, agent: Any, grants: list[LiveGrant], elapsed: float, end: float, revoked: LiveGrant,
+          revoked_wall: float | None) -> list[str]:
+    lines = [f"vgw demo  {elapsed:5.1f} s / {end:.0f} s   device {DEVICE}   link: {agent.uplink.state}",
              "what the cloud receives, per grant (each app decrypts only its own grant with its HPKE key):"]
     stats = agent.outbox.stats()
-    for g in GRANTS:
+    for g in grants:
         samples = cloud.samples(DEVICE, g.id)
         by_path: dict[str, list[Any]] = {}
         for s in samples:
             by_path.setdefault(s.path, []).append(s)
-        revoked = g.id == REVOKED and revoked_wall is not None
+        is_revoked = g.id == revoked.id and revoked_wall is not None
         ob = stats.get(g.id, {"rows": 0})
-        state = "REVOKED" if revoked else "active"
+        state = "REVOKED" if is_revoked else "active"
         lines.append(f"  {g.id} [{state}] {g.controller} / {g.purpose}: {len(cloud.batches(DEVICE, g.id))} batches, "
                      f"outbox {ob['rows']} row(s)")
         if g.limits:
             lines.append("      limits enforced on the car: " + "; ".join(
-                f"{scope} at most {lim['max_hz']:g} Hz on a {lim['precision_m']:g} m grid"
-                for scope, lim in g.limits.items()))
+                f"{scope} at most {lim['max_hz']:g} Hz" + (f" on a {lim['precision_m']:g} m grid"
+                                                           if lim.get("precision_m") else "")
+                for scope, lim in g.limits.items() if lim.get("max_hz")))
         for path in sorted(by_path):
             got = by_path[path]
             last = got[-1].value
             shown = f"{last:.5f}" if isinstance(last, float) and "Location" in path else (
                 f"{last:.2f}" if isinstance(last, float) else str(last))
-            after = sum(1 for x in got if revoked_wall is not None and x.arrived > revoked_wall + 1.0) if revoked else 0
-            extra = f"   {after} after revocation" if revoked else ""
+            after = sum(1 for x in got if revoked_wall is not None and x.arrived > revoked_wall + 1.0) \
+                if is_revoked else 0
+            extra = f"   {after} after revocation" if is_revoked else ""
             lines.append(f"      {path:<58} {len(got):>6} samples  last {shown:>12}{extra}")
     return lines
 
 
-def _summary(cloud: Any, scope_of: dict[str, str], revoked_wall: float | None, receipt_wall: float | None,
-             receipt_claims: dict[str, Any] | None, rows_after: int | None, key_after: bool | None,
-             agent: Any) -> dict[str, Any]:
-    applied_v2 = None
+def _summary(cloud: Any, grants: list[LiveGrant], scope_of: dict[str, str], revoked: LiveGrant,
+             revoked_wall: float | None, receipt_wall: float | None, receipt_claims: dict[str, Any] | None,
+             rows_after: int | None, key_after: bool | None, agent: Any) -> dict[str, Any]:
+    applied_after: float | None = None  # when the agent applied the withdrawal (its audit's consent-applied)
     for audit_entry in agent.audit.entries():
-        if audit_entry.get("event") == "consent-applied" and audit_entry.get("ver") == 2:
-            applied_v2 = float(audit_entry["t"])
+        t = audit_entry.get("t")
+        if (audit_entry.get("event") == "consent-applied" and revoked_wall is not None and isinstance(t, int | float)
+                and t >= revoked_wall and applied_after is None):
+            applied_after = float(t)
     grants_out: dict[str, Any] = {}
     ok = True
-    for g in GRANTS:
+    for g in grants:
         samples = cloud.samples(DEVICE, g.id)
         by_path: dict[str, int] = {}
         outside = 0
@@ -348,8 +350,10 @@ def _summary(cloud: Any, scope_of: dict[str, str], revoked_wall: float | None, r
             if scope_of.get(s.path) not in g.scopes:
                 outside += 1
         entry: dict[str, Any] = {
+            "app": g.app,
             "controller": g.controller,
             "scopes": g.scopes,
+            "limits": g.limits,
             "batches": len(cloud.batches(DEVICE, g.id)),
             "samples_by_path": dict(sorted(by_path.items())),
             "samples_outside_consent": outside,
@@ -357,12 +361,12 @@ def _summary(cloud: Any, scope_of: dict[str, str], revoked_wall: float | None, r
             "duplicates_dropped": cloud.duplicates(DEVICE, g.id),
         }
         good = bool(samples) and outside == 0 and not entry["seq_gaps"]
-        if g.id == REVOKED:
+        if g.id == revoked.id:
             after = 0
             for s in samples:
                 if receipt_wall is not None and s.arrived > receipt_wall:
                     after += 1
-                elif applied_v2 is not None and s.t > applied_v2:
+                elif applied_after is not None and s.t > applied_after:
                     after += 1
             entry.update({
                 "revoked": revoked_wall is not None,
@@ -383,19 +387,25 @@ def _summary(cloud: Any, scope_of: dict[str, str], revoked_wall: float | None, r
         entry["ok"] = good
         ok = ok and good
         grants_out[g.id] = entry
-    return {"device": DEVICE, "ok": ok, "grants": grants_out, "undecryptable": cloud.undecryptable,
-            "bad_receipts": len(cloud.bad_receipts())}
+    return {"device": DEVICE, "ok": ok, "revoked_grant": revoked.id, "grants": grants_out,
+            "undecryptable": cloud.undecryptable, "bad_receipts": len(cloud.bad_receipts())}
 
 
 def _print_summary(summary: dict[str, Any], out: IO[str]) -> None:
     print("", file=out)
     print("summary", file=out)
     for gid, g in summary["grants"].items():
-        print(f"  {gid}: {g['batches']} batches, {sum(g['samples_by_path'].values())} samples; outside consent "
-              f"{g['samples_outside_consent']}; seq gaps {len(g['seq_gaps'])}", file=out)
+        print(f"  {gid} ({g['controller']}): {g['batches']} batches, {sum(g['samples_by_path'].values())} samples; "
+              f"outside consent {g['samples_outside_consent']}; seq gaps {len(g['seq_gaps'])}", file=out)
         if g.get("revoked"):
             print(f"    revoked: after-revocation samples {g['samples_after_revocation']}, outbox rows "
                   f"{g['outbox_rows_after_revocation']}, key destroyed {g['key_destroyed']}, erasure receipt "
                   f"verified {g['erasure_receipt_verified']} ({g['revocation_to_receipt_s']} s after the revoke)",
                   file=out)
+    service = summary.get("consent_service") or {}
+    if service.get("shown"):
+        print(f"  consent service {service['url']}: owner's page shows the erasure receipt "
+              f"{service['owner_page_shows_erasure_receipt']}, withdrawn app's token refused "
+              f"{service['withdrawn_app_token_refused']}, other app's token valid {service['other_app_token_valid']}",
+              file=out)
     print(f"RESULT: {'PASS: every guarantee held' if summary['ok'] else 'FAIL'}", file=out)

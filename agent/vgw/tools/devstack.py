@@ -15,6 +15,13 @@ dev stack"); ``up DIR`` starts the parts in the background; ``down DIR`` stops t
     DIR/cloud/received.jsonl      what the cloud listener received and decrypted (the apps' side)
     DIR/run/                      <part>.pid, can0 and can1: links to the simulator's two SLCAN ptys
                                   (the agent reads can0; `vgw monitor` reads can1: a pty has one reader)
+    DIR/service/                  after ``up --service``: the owner's consent service's service.toml, database,
+                                  owner-password and apps.json (0600)
+
+One signer per car: the device's consent document is signed either from grants.toml (the default) or, after
+``up --service``, by the owner's consent service alone (docs/consent-service.md), until ``up --no-service``.
+Which one is kept in stack.json (``"consent"``) and every ``up`` keeps to it; each hand-over signs a version
+above every one either signer made, so the car's version floor never locks the new signer out.
 
 Every part is a plain process with a pid file; ``down`` stops only processes whose command line names DIR.
 Before ``up`` starts anything, the whole folder is held to the state directory's rules (docs/guarantees.md):
@@ -44,17 +51,19 @@ from pathlib import Path
 
 from vgw.base.errors import ConfigError, VgwError
 from vgw.base.fsutil import Account, acting_for, atomic_write
+from vgw.tools import devstack_service
 
 DEFAULT_DEVICE = "dev-car-01"
 STACK_FILE = "stack.json"
 START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 10.0
-PARTS = ("broker", "sim", "cloud", "agent")  # started in this order, stopped in the reverse one
+PARTS = ("broker", "sim", "cloud", "service", "agent")  # started in this order, stopped in the reverse one
 LINKS_ALLOWED = ("run/can0", "run/can1")  # the simulator's pty links: the only links a stack holds
 # The demo's two apps: one fleet operator (location coarsened on the car), one insurer.
 GRANTS_TOML = """# What the cloud grants this device: the grants file of `vgw cloud sign` (README "The grants file").
 # `vgw dev up` signs it into consent/current.jws and pushes it; after an edit run `vgw dev up` again
-# (or sign and push yourself, README).
+# (or sign and push yourself, README). After `vgw dev up --service` the owner's consent service alone signs
+# the car's consent and this file is not pushed, until `vgw dev up --no-service` (README "One signer per car").
 ttl_s = 86400                       # the document expires this long after it is signed
 
 [[grant]]
@@ -386,23 +395,37 @@ def _agent_connected(stack: Stack) -> bool:
         return False
 
 
-def up(directory: Path, *, progress: Callable[[str], None] = lambda _m: None) -> Stack:
-    """Start broker, simulator (unless the agent replays a trace), cloud listener and agent in the background,
-    push the consent document. Parts already running are left alone. On a failure what this call started is
-    stopped again. Raises :class:`ConfigError` / :class:`VgwError`."""
+def up(directory: Path, *, service: bool | None = None, progress: Callable[[str], None] = lambda _m: None) -> Stack:
+    """Start broker, simulator (unless the agent replays a trace), cloud listener, the owner's consent service
+    (when it signs the car's consent) and agent in the background; push the consent document. Parts already
+    running are left alone. On a failure what this call started is stopped again.
+
+    ``service``: True hands the car's consent to the consent service, False gives it back to grants.toml, None
+    keeps the stack's choice (stack.json ``"consent"``). Raises :class:`ConfigError` (also for ``True`` without
+    the ``service`` extra, before anything starts) / :class:`VgwError`."""
     stack = Stack(directory.expanduser().absolute())
     info = stack.info()
     owner = check_stack(stack)  # before anything starts
+    if service or (service is None and info.get("consent") == "service"):
+        from vgw.tools.service_play import service_missing
+
+        missing = service_missing()
+        if missing is not None:
+            raise ConfigError(f"{stack.dir}: the owner's consent service needs its extra: pip install 'vgw[service]' "
+                              f"({missing} missing)")
     _check_owner_runs_python(stack, owner)
     with acting_for(owner, stack.dir):  # what root writes here goes to the folder's owner
-        return _up(stack, info, owner, progress)
+        return _up(stack, info, owner, service, progress)
 
 
-def _up(stack: Stack, info: dict[str, object], owner: Account, progress: Callable[[str], None]) -> Stack:
+def _up(stack: Stack, info: dict[str, object], owner: Account, service: bool | None,
+        progress: Callable[[str], None]) -> Stack:
     from vgw_sim.broker import MosquittoNotFound, find_mosquitto
 
     port = int(str(info["port"]))
     device = str(info["device"])
+    was = "service" if info.get("consent") == "service" else "grants"
+    signer = was if service is None else ("service" if service else "grants")
     py = [sys.executable, "-m", __name__.split(".")[0]]
     started: list[str] = []
     try:
@@ -442,16 +465,29 @@ def _up(stack: Stack, info: dict[str, object], owner: Account, progress: Callabl
             started.append("cloud")
             _wait(stack, "cloud", proc, lambda: _log_has(stack, "cloud", offset, "subscribed"))
             progress("cloud listener: decrypts what the apps receive into cloud/received.jsonl")
-        pushed = _push_consent(stack, device, broker_opts)
-        if pushed.held_newer is not None:
-            progress(f"consent: not pushed: the device holds v{pushed.held_newer}, newer than consent/current.jws "
-                     "(signed and pushed by hand); edit grants.toml and run `vgw dev up` again to replace it")
-        elif pushed.signed:
-            progress(f"consent: grants.toml signed (v{pushed.ver}) and pushed (retained) to the device's consent "
-                     "topic")
+        if signer == "grants":
+            floor = None
+            if was == "service":
+                # Given back: the service stops first (it signs nothing more), and grants.toml is signed above
+                # every version the service made, whatever the car holds of them.
+                _stop(stack, "service")
+                floor = devstack_service.latest_version(stack.dir, device)
+            pushed = _push_consent(stack, device, broker_opts, floor=floor, force=was == "service")
+            if was == "service":
+                _set_signer(stack, info, "grants", owner)
+                progress(f"consent: given back to grants.toml: signed (v{pushed.ver}) and pushed (retained); the "
+                         "consent service is stopped and signs nothing for this car until `vgw dev up --service`")
+            elif pushed.held_newer is not None:
+                progress(f"consent: not pushed: the device holds v{pushed.held_newer}, newer than consent/current.jws "
+                         "(signed and pushed by hand); edit grants.toml and run `vgw dev up` again to replace it")
+            elif pushed.signed:
+                progress(f"consent: grants.toml signed (v{pushed.ver}) and pushed (retained) to the device's consent "
+                         "topic")
+            else:
+                progress(f"consent: grants.toml unchanged; consent/current.jws (v{pushed.ver}) pushed again (retained) "
+                         "to the device's consent topic")
         else:
-            progress(f"consent: grants.toml unchanged; consent/current.jws (v{pushed.ver}) pushed again (retained) "
-                     "to the device's consent topic")
+            _serve_consent(stack, info, owner, was, broker_opts, py, started, progress)
         if _pid(stack, "agent") is None:
             proc = _spawn(stack, "agent", [*py, "run", "--config", str(stack.config)], owner)
             started.append("agent")
@@ -464,6 +500,83 @@ def _up(stack: Stack, info: dict[str, object], owner: Account, progress: Callabl
     return stack
 
 
+def _set_signer(stack: Stack, info: dict[str, object], signer: str, owner: Account) -> None:
+    """Record which one signs the car's consent (stack.json ``"consent"``): every later `up` keeps to it."""
+    info = {**info, "consent": signer}
+    _write(stack.dir / STACK_FILE, (json.dumps(info, indent=2) + "\n").encode(), 0o644, owner)
+
+
+def _serve_consent(stack: Stack, info: dict[str, object], owner: Account, was: str, broker_opts: list[str],
+                   py: list[str], started: list[str], progress: Callable[[str], None]) -> None:
+    """The consent service signs the car's consent: hand it over if grants.toml signed until now, start the
+    service unless it runs, print its pages. Appends to ``started`` what it started."""
+    device = str(info["device"])
+
+    def write(path: Path, data: bytes, mode: int) -> None:
+        _write(path, data, mode, owner)
+
+    if was == "grants":
+        ver, token = devstack_service.hand_over(
+            stack.dir, device, int(str(info["port"])), held=_held_versions(stack),
+            publish=lambda tok: _publish(broker_opts, device, tok), write=write)
+        atomic_write(stack.dir / "consent" / "current.jws", (token + "\n").encode(), mode=0o644)
+        for path in [stack.dir / "service", *(stack.dir / "service").iterdir()]:  # what this process created,
+            _own(path, owner)  # for the service, which runs as the folder's owner (root's acting_for gives it later)
+        _set_signer(stack, info, "service", owner)
+        progress(f"consent: handed to the owner's consent service, which alone signs {device}'s consent from now "
+                 "on (grants.toml is not pushed; `vgw dev up --no-service` gives it back)")
+        progress(f"consent: the service signed v{ver} with the grants owners allowed on it and pushed it (retained): "
+                 "the car stops what grants.toml granted and erases what it holds of it")
+    elif (stack.dir / "grants.toml").stat().st_mtime > (stack.dir / "consent" / "current.jws").stat().st_mtime:
+        progress("consent: grants.toml changed but not signed: the consent service signs this car's consent (allow "
+                 "and withdraw on its pages, or `vgw dev up --no-service` to sign grants.toml again)")
+    url = devstack_service.service_url(stack.dir)
+    if _pid(stack, "service") is None:
+        offset = stack.log("service").stat().st_size if stack.log("service").exists() else 0
+        proc = _spawn(stack, "service", [*py, "cloud", "serve", "--config",
+                                         str(devstack_service.config_path(stack.dir))], owner)
+        started.append("service")
+        _wait(stack, "service", proc, lambda: _log_has(stack, "service", offset, "listening on"))
+    progress(f"consent service: {url}/ (the owner's page: sign in as {devstack_service.OWNER}, password in "
+             "service/owner-password), log logs/service.log")
+    for client_id, ask in devstack_service.ask_urls(stack.dir, write).items():
+        progress(f"  {client_id} asks (open it, sign in, Allow): {ask}")
+
+
+def _held_versions(stack: Stack) -> list[tuple[int, str]]:
+    """(version, token) of the documents this stack's signer made that the car may hold: consent/current.jws and
+    the device's own copy (state/consent.jws); unreadable ones are left out."""
+    from vgw.base.config import load_config
+    from vgw.cloud.cloudkit import CloudKitError, load_signing_key, read_document
+
+    key = load_signing_key(stack.dir / "consent" / "consent-signer.key")
+    out = []
+    paths = [stack.dir / "consent" / "current.jws"]
+    with contextlib.suppress(ConfigError):
+        paths.append(load_config(stack.config).state_dir / "consent.jws")
+    for path in paths:
+        try:
+            claims = read_document(path, key)
+            out.append((int(claims["ver"]), path.read_text().strip()))
+        except (CloudKitError, OSError):
+            continue
+    return out
+
+
+def _publish(broker_opts: list[str], device: str, token: str) -> None:
+    """Publish ``token`` retained at QoS 1 on the device's consent topic as the cloud identity; PUBACK awaited."""
+    from vgw.cloud.cloudlink import BrokerOptions, CloudLink
+
+    opts = dict(zip(broker_opts[::2], broker_opts[1::2], strict=True))
+    host, port = BrokerOptions.parse_address(opts["--broker"])
+    link = CloudLink(BrokerOptions(host=host, port=port, ca_file=Path(opts["--ca"]), cert_file=Path(opts["--cert"]),
+                                   key_file=Path(opts["--tls-key"]), client_id=f"vgw-dev-up-{os.getpid()}")).connect()
+    try:
+        link.publish(f"vgw/{device}/consent", token.encode())
+    finally:
+        link.close()
+
+
 @dataclass(frozen=True)
 class _Pushed:
     """What :func:`_push_consent` did, so `up` says exactly that: signed anew or not, or not pushed at all."""
@@ -473,23 +586,36 @@ class _Pushed:
     held_newer: int | None = None  # the device holds this newer version: nothing published
 
 
-def _push_consent(stack: Stack, device: str, broker_opts: list[str]) -> _Pushed:
+def _push_consent(stack: Stack, device: str, broker_opts: list[str], *, floor: int | None = None,
+                  force: bool = False) -> _Pushed:
     """Sign grants.toml afresh (a newer version) when it changed since current.jws, then publish, retained.
 
     When grants.toml is unchanged and the device already holds a newer document (one signed and pushed by
     hand, README "Your own dev stack"), nothing is published: re-publishing current.jws would replace the
     broker's retained document with an older one, which a device starting afresh would then take (a revoked
-    grant back in force). Says which of these it did."""
+    grant back in force). ``force``: sign anew in any case, above ``floor`` and every version the car may hold
+    (the consent service gives the car's consent back). Says which of these it did."""
     from vgw.base.config import load_config
-    from vgw.cloud.cloudkit import CloudKitError, load_grants, load_signing_key, read_document, sign_documents
-    from vgw.cloud.cloudlink import BrokerOptions, CloudLink
+    from vgw.cloud.cloudkit import (
+        CloudKitError,
+        default_version,
+        load_grants,
+        load_signing_key,
+        read_document,
+        sign_documents,
+    )
 
     grants, current = stack.dir / "grants.toml", stack.dir / "consent" / "current.jws"
     key = load_signing_key(stack.dir / "consent" / "consent-signer.key")
     desc = load_grants(grants)
     claims = read_document(current, key)
     signed = False
-    if grants.stat().st_mtime > current.stat().st_mtime:
+    if force:
+        above = max([floor or 0, *(v for v, _t in _held_versions(stack))])
+        next_ver = max(default_version(), above + 1, int(desc.get("ver") or 0))
+        atomic_write(current, (sign_documents(key, desc, [device], ver=next_ver)[device] + "\n").encode(), mode=0o644)
+        signed = True
+    elif grants.stat().st_mtime > current.stat().st_mtime:
         atomic_write(current, (sign_documents(key, desc, [device])[device] + "\n").encode(), mode=0o644)
         signed = True
     else:
@@ -503,14 +629,7 @@ def _push_consent(stack: Stack, device: str, broker_opts: list[str]) -> _Pushed:
             atomic_write(current, (sign_documents(key, desc, [device])[device] + "\n").encode(), mode=0o644)
             signed = True  # the same grants, signed anew because the old document was about to expire
     ver = read_document(current, key).get("ver")
-    opts = dict(zip(broker_opts[::2], broker_opts[1::2], strict=True))
-    host, port = BrokerOptions.parse_address(opts["--broker"])
-    link = CloudLink(BrokerOptions(host=host, port=port, ca_file=Path(opts["--ca"]), cert_file=Path(opts["--cert"]),
-                                   key_file=Path(opts["--tls-key"]), client_id=f"vgw-dev-up-{os.getpid()}")).connect()
-    try:
-        link.publish(f"vgw/{device}/consent", current.read_text().strip().encode())
-    finally:
-        link.close()
+    _publish(broker_opts, device, current.read_text().strip())
     return _Pushed(ver if isinstance(ver, int) else None, signed=signed)
 
 
@@ -549,8 +668,11 @@ def down(directory: Path, *, progress: Callable[[str], None] = lambda _m: None) 
 
 
 def parts(stack: Stack) -> tuple[str, ...]:
-    """The parts this stack runs (no simulator when the agent replays a trace)."""
-    return tuple(p for p in PARTS if p != "sim" or stack.info().get("source") == "slcan")
+    """The parts this stack runs (no simulator when the agent replays a trace, the consent service only while it
+    signs the car's consent)."""
+    info = stack.info()
+    return tuple(p for p in PARTS if (p != "sim" or info.get("source") == "slcan")
+                 and (p != "service" or info.get("consent") == "service"))
 
 
 def status(directory: Path) -> dict[str, int | None]:

@@ -3,7 +3,7 @@
 `vgw uninstall --purge` signed ``key_destroyed: true`` without looking at what the erasure found (another
 process holding the outbox open leaves erased pages in its files), and without the ``audit`` anchor README
 "Receipts" promises on every receipt: install.py re-implemented the consent manager's erasure. Now both take
-the storage layer's one erasure routine and the manager's receipt.
+the state layer's one erasure routine and the manager's receipt.
 """
 
 from __future__ import annotations

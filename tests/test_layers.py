@@ -22,6 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # longer name puts a sub-module elsewhere (vgw.state.consent.store is storage though vgw.state.consent is core).
 LAYERS: dict[str, tuple[str, ...]] = {
     "base": ("vgw.__init__", "vgw.base.errors", "vgw.base.fsutil", "vgw.base.timefmt", "vgw.base.logs", "vgw.dbc"),
+    # What every MQTT/NATS client of the tree shares, agent and cloud alike: the TLS context, the MQTT version rule.
+    "transport": ("vgw.transport.tlsctx", "vgw.transport.mqttversion"),
     "core": (
         "vgw.contract.scopes", "vgw.base.config", "vgw.pipeline.catalogue", "vgw.contract.rules", "vgw.state.consent", "vgw.crypto", "vgw.pipeline",
         "vgw.pipeline.j1939", "vgw.sources.obd", "vgw.pipeline.obd.pids", "vgw.pipeline.obd.request", "vgw.sources.obd.protocols",
@@ -31,7 +33,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "vgw.state.keys", "vgw.contract.receipts", "vgw.state.credentials",
     ),
     "sources": ("vgw.sources", "vgw.sources.obd.elm327", "vgw.sources.obd.isotp", "vgw.sources.obd.poller"),
-    "uplink": ("vgw.uplink.link", "vgw.uplink.packetguard", "vgw.uplink.tlsfailure", "vgw.uplink.renewal"),
+    "uplink": ("vgw.uplink.link", "vgw.uplink.mqttloop", "vgw.uplink.packetguard", "vgw.uplink.tlsfailure", "vgw.uplink.renewal"),
     "daemon": ("vgw.daemon.agent", "vgw.daemon", "vgw.daemon.writer", "vgw.daemon.counters", "vgw.daemon.sdnotify"),
     "operations": ("vgw.ops.stateview", "vgw.ops.doctor", "vgw.ops.install", "vgw.ops.report", "vgw.ops.report_owner", "vgw.ops.report_periods",
                    "vgw.ops.provisioning", "vgw.ops.monitor", "vgw.ops.enroll"),
@@ -45,16 +47,17 @@ LAYERS: dict[str, tuple[str, ...]] = {
 # Layer -> the layers it may import (itself included).
 MAY_IMPORT: dict[str, frozenset[str]] = {
     "base": frozenset({"base"}),
+    "transport": frozenset({"base", "transport"}),
     "core": frozenset({"base", "core"}),
     "storage": frozenset({"base", "core", "storage"}),
     "sources": frozenset({"base", "core", "sources"}),
-    "uplink": frozenset({"base", "core", "storage", "uplink"}),
-    "daemon": frozenset({"base", "core", "storage", "sources", "uplink", "daemon"}),
-    "operations": frozenset({"base", "core", "storage", "sources", "uplink", "daemon", "operations"}),
-    "cloud": frozenset({"base", "core", "cloud"}),
-    "service": frozenset({"base", "core", "cloud", "service"}),
+    "uplink": frozenset({"base", "transport", "core", "storage", "uplink"}),
+    "daemon": frozenset({"base", "transport", "core", "storage", "sources", "uplink", "daemon"}),
+    "operations": frozenset({"base", "transport", "core", "storage", "sources", "uplink", "daemon", "operations"}),
+    "cloud": frozenset({"base", "transport", "core", "cloud"}),
+    "service": frozenset({"base", "transport", "core", "cloud", "service"}),
     # The simulators play traces with the agent's own trace reader (both skip the same damaged lines).
-    "simulators": frozenset({"base", "core", "sources", "cloud", "simulators"}),
+    "simulators": frozenset({"base", "transport", "core", "sources", "cloud", "simulators"}),
     "tools": frozenset(set(LAYERS) - {"cli"}),
     "cli": frozenset(LAYERS),
 }

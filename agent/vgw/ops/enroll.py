@@ -50,9 +50,11 @@ from vgw.base.errors import (
     StorageError,
 )
 from vgw.base.fsutil import MAX_KEY_BYTES, acting_for_owner, owner_of, read_small_file
+from vgw.transport.mqttversion import refuses_mqtt5
 from vgw.uplink.packetguard import guard_context
+from vgw.transport.tlsctx import client_context
 from vgw.uplink.tlsfailure import describe as describe_tls
-from vgw.uplink.link import MAX_PACKET_BYTES, UNSUPPORTED_PROTOCOL_VERSION
+from vgw.uplink.link import MAX_PACKET_BYTES
 
 __all__ = ["RESEND_S", "Enrolled", "enroll", "enrolled_already"]
 
@@ -172,12 +174,9 @@ class _Exchange:
 
     def _context(self) -> ssl.SSLContext:
         try:
-            ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self.cfg.mqtt.ca_file))
-            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-            ctx.load_cert_chain(str(self.claim[0]), str(self.claim[1]))
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"{self.claim[0]}, {self.claim[1]}: not a usable claim certificate and key: {exc}") \
-                from exc
+            ctx = client_context(self.cfg.mqtt.ca_file, *self.claim)
+        except ConfigError as exc:
+            raise ConfigError(f"not a usable claim certificate and key: {exc}") from exc
         return guard_context(ctx, MAX_PACKET_BYTES, mqtt5=self.protocol == "5",
                              on_tls_error=lambda exc: self.events.put(("tls", exc)))
 
@@ -217,9 +216,9 @@ class _Exchange:
                     # The broker refused the claim certificate: a person must act; retrying will not help.
                     raise EnrollmentRefused(f"the broker refused the claim certificate: {describe_tls(tls)}",
                                             EnrollReason.SERVICE)
-                if self.protocol == "5" and self.cfg.mqtt.protocol == "auto" and (
-                        kind == "disconnected" or getattr(value, "value", None) == UNSUPPORTED_PROTOCOL_VERSION):
-                    self.protocol = "3.1.1"  # a 3.1.1-only broker (see vgw.uplink.link)
+                if self.protocol == "5" and self.cfg.mqtt.protocol == "auto" and \
+                        refuses_mqtt5(value if kind == "refused" else None):
+                    self.protocol = "3.1.1"  # a 3.1.1-only broker (vgw.transport.mqttversion)
                     return self._connect(host, port, deadline)
                 self.last_error = f"broker {host}:{port} refused the claim identity: {value}"
                 return False

@@ -153,7 +153,7 @@ class AgentThread:
             raise self.error
 
     def wait_link(self, timeout: float = 10.0) -> bool:
-        return wait_until(lambda: self.agent.uplink.state == "connected", timeout)
+        return wait_until(lambda: self.agent.uplink.view().state == "connected", timeout)
 
     def __enter__(self) -> AgentThread:
         return self.start()

@@ -181,12 +181,13 @@ def retained_consent(pki: TestPKI, broker_port: int, device: str = DEVICE, timeo
     """The consent document the broker holds retained for ``device`` (read as the cloud identity), or None."""
     import threading
 
-    from vgw.cloud.mqttclient import make_client, tls_context
+    from vgw.cloud.mqttclient import make_client
+    from vgw.transport.tlsctx import client_context
 
     got: list[str] = []
     done = threading.Event()
     client = make_client(f"test-reader-{os.getpid()}-{free_port()}", "5",
-                         tls_context(pki.ca.cert, pki.cloud.cert, pki.cloud.key), False)
+                         client_context(pki.ca.cert, pki.cloud.cert, pki.cloud.key), False)
 
     def on_connect(c: Any, *_a: Any) -> None:
         c.subscribe(f"vgw/{device}/consent", qos=1)

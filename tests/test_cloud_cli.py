@@ -20,6 +20,7 @@ import jwt
 import pytest
 from vgw.cloud.cloudlink import Listener
 from vgw.pipeline.catalogue import load_catalogue
+from vgw.transport.tlsctx import client_context
 from vgw_sim.broker import Mosquitto
 from vgw_sim.cloud import RecipientKey, seal_envelope
 from vgw_sim.paths import default_dbc, default_signal_map
@@ -297,12 +298,8 @@ def test_shared_subscription_workers_each_handle_a_batch_once(
     common = [*broker_args(broker, pki, "5"), "--recipient", str(rk_dir), "--share", "workers", "--no-status"]
     workers = [ListenProc([*common, "--client-id", f"w{i}"], tmp_path / f"w{i}.jsonl") for i in range(2)]
     try:
-        import ssl
-
         dev = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=DEV, protocol=mqtt.MQTTv5)
-        ctx = ssl.create_default_context(cafile=str(pki.ca.cert))
-        ctx.load_cert_chain(str(pki.device(DEV).cert), str(pki.device(DEV).key))
-        dev.tls_set_context(ctx)
+        dev.tls_set_context(client_context(pki.ca.cert, pki.device(DEV).cert, pki.device(DEV).key))
         dev.connect("localhost", broker.port)
         dev.loop_start()
         try:
@@ -432,8 +429,6 @@ def test_listen_writes_decoded_values_without_binary_float_noise(
     is what the agent sends (value-exact against cantools). What `vgw cloud listen` writes for people and apps
     reads 32.66: printed to 15 significant digits (DBL_DIG: every decimal of that many digits survives a double),
     the noise goes and such values are written as they are."""
-    import ssl
-
     import paho.mqtt.client as mqtt
 
     keys = tmp_path / "keys"
@@ -452,9 +447,7 @@ def test_listen_writes_decoded_values_without_binary_float_noise(
     listen = ListenProc([*broker_args(broker, pki), "--recipient", str(keys), "--no-status"], out)
     try:
         dev = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=DEV, protocol=mqtt.MQTTv5)
-        ctx = ssl.create_default_context(cafile=str(pki.ca.cert))
-        ctx.load_cert_chain(str(pki.device(DEV).cert), str(pki.device(DEV).key))
-        dev.tls_set_context(ctx)
+        dev.tls_set_context(client_context(pki.ca.cert, pki.device(DEV).cert, pki.device(DEV).key))
         dev.connect("localhost", broker.port)
         dev.loop_start()
         try:

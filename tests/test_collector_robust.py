@@ -521,6 +521,6 @@ def test_the_retained_status_follows_a_health_change(tmp_path: Path, pki, broker
         with agent.guard.lock:  # the collector blocks on its next flush check: a stall
             assert wait_until(lambda: (cloud.status(DEV) or {}).get("healthy") is False, 10), cloud.status(DEV)
         assert wait_until(lambda: (cloud.status(DEV) or {}).get("healthy") is True, 10)
-        assert agent.uplink.connects == 1
+        assert agent.uplink.view().connects == 1
     finally:
         runner.stop()

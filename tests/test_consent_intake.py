@@ -322,7 +322,7 @@ def test_the_retained_status_follows_every_consent_change(tmp_path: Path, pki: A
         cloud.publish_consent(DEVICE, v2)
         assert wait_until(lambda: (cloud.status(DEVICE) or {}).get("consent_version") == 2, 10)
         assert cloud.status(DEVICE)["grants"] == ["g-keep"] and cloud.status(DEVICE)["healthy"] is True
-        assert agent.agent.uplink.connects == 1  # no reconnect was needed
+        assert agent.agent.uplink.view().connects == 1  # no reconnect was needed
         # A subscriber arriving now gets the retained copy: it names v2, not what was true at connect.
         with connected_cloud(broker, pki, client_id="late") as late:
             assert late.wait_for(lambda: late.status(DEVICE) is not None, 10)

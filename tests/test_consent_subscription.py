@@ -51,10 +51,10 @@ def test_a_refused_consent_subscription_is_retried_until_the_broker_grants_it(tm
         with AgentThread(cfg) as runner:
             up = runner.agent.uplink
             assert runner.wait_link(30)
-            assert wait_until(lambda: up.subscribe_refused >= 2, 15), up.subscribe_refused  # asked again
-            assert not up.consent_subscribed and runner.agent.manager.in_force is None
+            assert wait_until(lambda: up.view().subscribe_refused >= 2, 15), up.view().subscribe_refused  # asked again
+            assert not up.view().consent_subscribed and runner.agent.manager.in_force is None
             _reload(broker, allowed)
-            assert wait_until(lambda: up.consent_subscribed, 40)
+            assert wait_until(lambda: up.view().consent_subscribed, 40)
             assert wait_until(lambda: runner.agent.manager.in_force is not None
                               and runner.agent.manager.in_force.ver == auth.ver, 10)
             status = tmp_path / "state" / STATUS_FILE

@@ -104,7 +104,7 @@ def test_restart_offline_enforces_cached_consent_and_seq_continues(tmp_path, pki
             stats = runner.agent.outbox.stats()
             assert stats.get("g-odo", {}).get("rows", 0) >= 3
             assert set(stats) == {"g-odo"}
-            assert runner.agent.uplink.state != "connected"
+            assert runner.agent.uplink.view().state != "connected"
             broker.restart()
             assert cloud.wait_connected(15)
             assert runner.wait_link(15)
@@ -129,7 +129,8 @@ def test_broker_unreachable_at_start_then_drains(tmp_path, pki, auth, channel, v
         with AgentThread(cfg) as runner:
             wait_until(lambda: runner.agent.outbox.stats().get("g-fuel"), 10)
             assert runner.agent.outbox.stats()["g-fuel"]["rows"] >= 1
-            assert runner.agent.uplink.last_error and "cannot reach broker" in runner.agent.uplink.last_error
+            error = runner.agent.uplink.view().last_error
+            assert error and "cannot reach broker" in error
             broker.start()
             cloud = CloudPeer.for_broker(broker, pki)
             cloud.add_device(DEV, pki.device(DEV).cert)

@@ -72,7 +72,7 @@ def test_enroll_happy_path_installs_a_working_identity_and_a_rerun_changes_nothi
         assert len(service.ledger.read_text().splitlines()) == 1
     # The installed identity is the device's: the agent connects with it under the per-device ACL.
     with AgentThread(cfg) as runner:
-        assert runner.wait_link(30), runner.agent.uplink.last_error
+        assert runner.wait_link(30), runner.agent.uplink.view().last_error
 
 
 def test_token_reused_by_another_key_is_refused(tmp_path: Path, pki, broker: Mosquitto, auth: Authority) -> None:

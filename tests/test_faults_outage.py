@@ -54,11 +54,11 @@ def test_outage_within_quota_loses_nothing_and_drains_oldest_first_at_bounded_ra
             assert cloud.wait_for(lambda: all(len(cloud.batches(DEV, g)) >= 3 for g in grants), 15)
 
             broker.stop()
-            attempts0 = agent.uplink.connect_attempts
+            attempts0 = agent.uplink.view().connect_attempts
             time.sleep(OUTAGE_S)
             backlog = {g: _rows(runner, g) for g in grants}
             assert all(n >= 10 for n in backlog.values()), backlog  # collection went on into the outbox
-            attempts = agent.uplink.connect_attempts - attempts0
+            attempts = agent.uplink.view().connect_attempts - attempts0
             # Backoff 0.2 .. 1.0 s (capped, jittered): it keeps trying at least about once per cap, never spins.
             assert 3 <= attempts <= OUTAGE_S / 0.2 + 2, attempts
 

@@ -55,12 +55,12 @@ def test_tls_fault_refused_logged_once_and_collection_goes_on(tmp_path: Path, pk
         caplog.set_level(logging.DEBUG, logger="vgw.uplink.link")
         with AgentThread(cfg) as runner:
             up = runner.agent.uplink
-            assert wait_until(lambda: up.connect_attempts >= 4, RUN_S + 3)
-            assert wait_until(lambda: up.last_error is not None and why in up.last_error, 10), up.last_error
-            assert up.connects == 0 and up.state != "connected"
+            assert wait_until(lambda: up.view().connect_attempts >= 4, RUN_S + 3)
+            assert wait_until(lambda: why in (up.view().last_error or ""), 10), up.view().last_error
+            assert up.view().connects == 0 and up.view().state != "connected"
             rows = runner.agent.outbox.stats().get("g-1", {}).get("rows", 0)
             assert rows >= 2, "collection must go on while the broker is refused"
-            attempts = up.connect_attempts
+            attempts = up.view().connect_attempts
         warnings = [r for r in caplog.records if r.name == "vgw.uplink.link" and r.levelno >= logging.WARNING]
         # One line says why; the identical retries that followed are at debug level only.
         assert len(warnings) == 1, [r.getMessage() for r in warnings]

@@ -104,7 +104,7 @@ def test_narrowing_while_offline_never_sends_withdrawn_stored_data(case, tmp_pat
                 assert cloud.wait_for(lambda: any(s.t > narrowed + 0.5 for s in cloud.samples(DEV, G)), 15)
                 assert [m for m in cloud.rejected() if m.topic.endswith(f"/data/{G}")] == []
             assert wait_until(lambda: agent.uplink.drain(0.1), 20)
-            assert cloud.wait_for(lambda: _arrived(cloud) >= agent.uplink.published_batches, 15)
+            assert cloud.wait_for(lambda: _arrived(cloud) >= agent.uplink.view().published_batches, 15)
             leaked = [(s.path, s.t) for s in cloud.samples(DEV, G) if s.path in withdrawn and down < s.t < applying]
             assert leaked == [], f"{len(leaked)} withdrawn sample(s) collected offline reached the cloud"
             assert cloud.wait_for(lambda: any(r.claims.get("reason") == "narrowed"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+from vgw.transport.tlsctx import client_context
 from vgw_sim.broker import Mosquitto
 from vgw_sim.cloud import CloudPeer
 from vgw_sim.nats import NatsMqtt, NatsNotFound, find_nats_server
@@ -78,7 +78,7 @@ def test_agent_on_nats_retained_consent_data_and_revocation(
     caplog.set_level(logging.INFO, logger="vgw.uplink.link")
     with AgentThread(cfg) as runner:
         assert runner.wait_link(15)
-        assert runner.agent.uplink._protocol == "3.1.1"
+        assert runner.agent.uplink.view().protocol == "3.1.1"
         assert ncloud.wait_for(lambda: len(ncloud.batches(DEV, "g-gone")) >= 3, 15)
         assert ncloud.wait_for(lambda: ncloud.receipts(DEV, "consent-applied"), 5)
         ncloud.publish_consent(DEV, auth.doc(DEV, {"g-keep": ["read_odometer"]}))
@@ -159,9 +159,7 @@ class Bare:
         self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or name,
                              protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
                              clean_session=None if v5 else not persistent, manual_ack=manual_ack)
-        ctx = ssl.create_default_context(cafile=str(pki.ca.cert))
-        ctx.load_cert_chain(str(creds.cert), str(creds.key))
-        self.c.tls_set_context(ctx)
+        self.c.tls_set_context(client_context(pki.ca.cert, creds.cert, creds.key))
         self.cond = threading.Condition()
         self.messages: list[Any] = []
         self.subacks: dict[int, list[int]] = {}
@@ -253,9 +251,7 @@ def test_engine_feature_matrix(engine: tuple[str, Any, str], pki: TestPKI) -> No
     probe = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="cloud-v5probe", protocol=mqtt.MQTTv5)
     result: list[str] = []
     probe.on_connect = lambda c, u, f, rc, p: result.append(str(rc))
-    ctx = ssl.create_default_context(cafile=str(pki.ca.cert))
-    ctx.load_cert_chain(str(pki.cloud.cert), str(pki.cloud.key))
-    probe.tls_set_context(ctx)
+    probe.tls_set_context(client_context(pki.ca.cert, pki.cloud.cert, pki.cloud.key))
     probe.connect("localhost", broker.port)
     probe.loop_start()
     wait_until(lambda: result, 5)

@@ -19,7 +19,8 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 from vgw.cloud.jetstream import telemetry_consumer_config, telemetry_stream_config
-from vgw.cloud.mqttclient import make_client, tls_context
+from vgw.cloud.mqttclient import make_client
+from vgw.transport.tlsctx import client_context
 from vgw_sim.cloud import recipient_public_key, seal_envelope
 from vgw_sim.nats import NatsNotFound, authorization_block, find_nats_server
 from vgw_sim.nats_cluster import NatsCluster
@@ -59,7 +60,7 @@ class Client:
         self.connected = threading.Event()
         self._lock = threading.Lock()
         self.c = make_client(name if name != "cloud" else "cloud-bare", "3.1.1",
-                             tls_context(pki.ca.cert, paths.cert, paths.key), persistent)
+                             client_context(pki.ca.cert, paths.cert, paths.key), persistent)
         self.c.on_connect = lambda *a: self.connected.set()
         self.c.on_message = self._on_message
         self.c.reconnect_delay_set(0.2, 1)
@@ -315,7 +316,7 @@ def test_unacked_batches_of_a_dead_worker_go_to_another_and_stopped_workers_catc
 
     async def die_holding(n: int) -> int:
         """A worker that pulls n messages and dies before acknowledging any."""
-        ctx = tls_context(pki.ca.cert, pki.cloud.cert, pki.cloud.key)
+        ctx = client_context(pki.ca.cert, pki.cloud.cert, pki.cloud.key)
         nc = await nats.connect(servers=cluster.nats_urls, tls=ctx)
         sub = await nc.jetstream().pull_subscribe_bind(durable="vgw-workers", stream="VGW")
         msgs = await sub.fetch(n, timeout=5)
@@ -431,7 +432,7 @@ def _on_cluster(pki: TestPKI, cluster: NatsCluster, action: Any) -> Any:
     import nats
 
     async def run() -> Any:
-        nc = await nats.connect(servers=cluster.nats_urls, tls=tls_context(pki.ca.cert, pki.cloud.cert,
+        nc = await nats.connect(servers=cluster.nats_urls, tls=client_context(pki.ca.cert, pki.cloud.cert,
                                                                            pki.cloud.key))
         try:
             return await action(nc.jetstream())
@@ -571,7 +572,7 @@ def test_agent_moves_to_another_node_when_its_node_is_killed(
                             mqtt_extra={"hosts": a2_hosts, "protocol": "3.1.1"}, state_dir=tmp_path / "s2")
         with AgentThread(cfg1) as a1, AgentThread(cfg2) as a2:
             assert a1.wait_link(30) and a2.wait_link(30)
-            assert (a1.agent.uplink.endpoint, a2.agent.uplink.endpoint) == (hosts[0], a2_hosts[0])
+            assert (a1.agent.uplink.view().endpoint, a2.agent.uplink.view().endpoint) == (hosts[0], a2_hosts[0])
             status = tmp_path / "s1" / STATUS_FILE  # what `vgw status` shows
             assert wait_until(lambda: status.exists() and json.loads(status.read_text())["endpoint"] == hosts[0], 10)
             rec = js.rec
@@ -581,7 +582,7 @@ def test_agent_moves_to_another_node_when_its_node_is_killed(
             cluster.kill(k)  # kill -9 the node agent 1 is connected to, while data flow
             # Pushed during the failure: revoke g-gone, grant g-new.
             _push(peer, "dev-0001", auth.doc("dev-0001", {"g-keep": ["read_odometer"], "g-new": ["read_speedometer"]}))
-            assert wait_until(lambda: a1.agent.uplink.state == "connected" and a1.agent.uplink.endpoint != hosts[0],
+            assert wait_until(lambda: (v := a1.agent.uplink.view()).state == "connected" and v.endpoint != hosts[0],
                               60)
             assert rec.wait_for(lambda: rec.receipts("dev-0001", "erasure"), 30), (
                 a1.agent.manager.in_force.ver if a1.agent.manager.in_force else None,
@@ -634,12 +635,12 @@ def test_agent_on_the_stream_leader_replays_what_the_dying_leader_acknowledged(
                            mqtt_extra={"hosts": hosts, "protocol": "3.1.1"}, state_dir=tmp_path / "s1")
         with AgentThread(cfg) as a1:
             up = a1.agent.uplink
-            assert a1.wait_link(30) and up.endpoint == hosts[0]
+            assert a1.wait_link(30) and up.view().endpoint == hosts[0]
             rec = js.rec
             assert rec.wait_for(lambda: len(rec.batches("dev-0001", "g-keep")) >= 5, 30)
             cluster.kill(leader)  # kill -9 the stream leader, the agent's node, while data flow
-            assert wait_until(lambda: up.state == "connected" and up.endpoint != hosts[0], 60)
-            assert wait_until(lambda: up.replayed_batches > 0, 60)
+            assert wait_until(lambda: up.view().state == "connected" and up.view().endpoint != hosts[0], 60)
+            assert wait_until(lambda: up.view().replayed_batches > 0, 60)
             newest = a1.agent.outbox.next_seq("g-keep") - 1
             cluster.start_node(leader)
             assert up.drain(30)

@@ -92,7 +92,7 @@ def test_certificate_near_expiry_is_renewed_under_load_with_a_new_key_and_no_seq
         assert new_cert.public_key() == new_key.public_key()
         # The link came back with the new pair, and data keep flowing over it.
         up = runner.agent.uplink
-        assert wait_until(lambda: up.state == "connected" and up.connects >= 2, 30)
+        assert wait_until(lambda: up.view().state == "connected" and up.view().connects >= 2, 30)
         count = len(cloud.batches(device, "g-speed"))
         assert cloud.wait_for(lambda: len(cloud.batches(device, "g-speed")) >= count + 3, 30)
         # vgw status reads what the agent last wrote (every few seconds): wait for the write after the swap.
@@ -137,7 +137,7 @@ def test_renewal_refused_keeps_the_old_certificate_and_status_says_so(
         # Still running on the old certificate: connected, collecting, publishing.
         count = len(cloud.batches(device, "g-speed"))
         assert cloud.wait_for(lambda: len(cloud.batches(device, "g-speed")) >= count + 3, 30)
-        assert runner.agent.uplink.state == "connected"
+        assert runner.agent.uplink.view().state == "connected"
     assert ((home / "device.key").read_bytes(), (home / "device.crt").read_bytes()) == before
     renewed = home / "state" / "identity"
     assert not renewed.exists() or not any(renewed.iterdir())  # nothing staged is left behind
@@ -165,11 +165,11 @@ def test_revoked_device_is_refused_by_the_broker(tmp_path: Path, pki, auth: Auth
         assert revoked.get_revoked_certificate_by_serial_number(serial) is not None
         broker.restart()  # the broker loads the new CRL
         with AgentThread(cfgs["dev-v01"]) as revoked_agent, AgentThread(cfgs["dev-v02"]) as other:
-            assert other.wait_link(30), other.agent.uplink.last_error  # the CRL takes only the revoked one
+            assert other.wait_link(30), other.agent.uplink.view().last_error  # the CRL takes only the revoked one
             up = revoked_agent.agent.uplink
-            assert wait_until(lambda: up.connect_attempts >= 2 and up.last_error is not None, 30)
-            assert up.connects == 0
-            assert "certificate_revoked" in up.last_error, up.last_error
+            assert wait_until(lambda: up.view().connect_attempts >= 2 and up.view().last_error is not None, 30)
+            assert up.view().connects == 0
+            assert "certificate_revoked" in up.view().last_error, up.view().last_error
     finally:
         broker.close()
 
@@ -188,7 +188,7 @@ def test_a_swap_cut_short_by_a_crash_is_finished_at_the_next_start(tmp_path: Pat
     (renewed / "device.key").chmod(0o600)
     shutil.copy(fresh.cert, renewed / "device.crt.new")
     with AgentThread(cfg) as runner:
-        assert runner.wait_link(30), runner.agent.uplink.last_error
+        assert runner.wait_link(30), runner.agent.uplink.view().last_error
         assert (renewed / "device.crt").read_bytes() == fresh.cert.read_bytes()
         assert not (renewed / "device.crt.new").exists()
     events = [json.loads(line) for line in (tmp_path / device / "state" / "audit.log").read_text().splitlines()]

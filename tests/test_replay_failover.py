@@ -53,21 +53,25 @@ def test_batches_acked_by_a_node_that_failed_reach_the_cloud_through_the_next_no
         with AgentThread(cfg) as runner:
             up = runner.agent.uplink
             assert runner.wait_link()
-            assert up.endpoint == f"localhost:{node_a.port}"
-            assert wait_until(lambda: up.published_batches >= 5, 15)  # acknowledged by A, read by nobody
+            assert up.view().endpoint == f"localhost:{node_a.port}"
+            assert wait_until(lambda: up.view().published_batches >= 5, 15)  # acknowledged by A, read by nobody
             node_a.kill()  # the node that acknowledged them is gone
-            acked_by_a = up.published_batches
-            assert wait_until(lambda: up.state == "connected" and up.endpoint == f"localhost:{node_b.port}", 15)
+            acked_by_a = up.view().published_batches
+            assert wait_until(lambda: (v := up.view()).state == "connected"
+                              and v.endpoint == f"localhost:{node_b.port}",
+                              15)
             newest = runner.agent.outbox.next_seq(G) - 1
             # Every seq from 1 arrives on B: the ones A acknowledged (replayed) and the ones after.
             assert cloud.wait_for(lambda: max(cloud.seqs(DEV, G), default=0) >= newest, 20)
             assert cloud.missing(DEV, G) == [], cloud.gaps(DEV, G)
             assert min(cloud.seqs(DEV, G)) == 1
-            assert wait_until(lambda: up.replayed_batches >= acked_by_a - 1, 10), (up.replayed_batches, acked_by_a)
+            assert wait_until(lambda: up.view().replayed_batches >= acked_by_a - 1, 10), \
+                (up.view().replayed_batches, acked_by_a)
             # Replayed before anything newer: the first seqs to arrive on B are the ones A had acknowledged.
             assert cloud.seqs(DEV, G)[:3] == [1, 2, 3]
             if window is not None:
-                assert wait_until(lambda: up.replayed_batches >= 2 * acked_by_a, 10), (up.replayed_batches, acked_by_a)
+                assert wait_until(lambda: up.view().replayed_batches >= 2 * acked_by_a, 10), \
+                    (up.view().replayed_batches, acked_by_a)
 
 
 def test_a_receipt_acked_by_a_node_that_failed_reaches_the_cloud_through_the_next_node(tmp_path: Path, pki) -> None:
@@ -77,17 +81,19 @@ def test_a_receipt_acked_by_a_node_that_failed_reaches_the_cloud_through_the_nex
     with _two_nodes(tmp_path, pki, auth) as (node_a, node_b, cloud, cfg):
         with AgentThread(cfg) as runner:
             up = runner.agent.uplink
-            assert runner.wait_link() and up.endpoint == f"localhost:{node_a.port}"
-            assert wait_until(lambda: up.published_batches >= 2, 15)
-            before = up.published_receipts
+            assert runner.wait_link() and up.view().endpoint == f"localhost:{node_a.port}"
+            assert wait_until(lambda: up.view().published_batches >= 2, 15)
+            before = up.view().published_receipts
             apply_offline(cfg, auth, {}, tmp_path)  # the owner revokes on the device: an erasure receipt
-            assert wait_until(lambda: up.published_receipts >= before + 2, 15)  # applied + erasure, acked by A
+            assert wait_until(lambda: up.view().published_receipts >= before + 2, 15)  # applied + erasure, acked by A
             node_a.kill()
-            assert wait_until(lambda: up.state == "connected" and up.endpoint == f"localhost:{node_b.port}", 15)
+            assert wait_until(lambda: (v := up.view()).state == "connected"
+                              and v.endpoint == f"localhost:{node_b.port}",
+                              15)
             assert cloud.wait_for(lambda: cloud.receipts(DEV, "erasure"), 15), cloud.receipts(DEV)
             erasure = cloud.receipts(DEV, "erasure")[0]
             assert erasure.claims["grant"] == G and erasure.claims["key_destroyed"] is True
-            assert wait_until(lambda: up.replayed_receipts >= 2, 10), up.replayed_receipts
+            assert wait_until(lambda: up.view().replayed_receipts >= 2, 10), up.view().replayed_receipts
             assert runner.agent.outbox.receipt_count() == 0  # deleted on PUBACK as before; the copy is in memory
 
 

@@ -142,7 +142,7 @@ def test_reconnect_takes_the_retained_revocation_before_publishing_the_backlog(t
             agent = runner.agent
             assert cloud.wait_for(lambda: len(cloud.samples(DEV, "g-loc")) >= 5, 20)
             relay.cut()
-            assert wait_until(lambda: agent.uplink.state != "connected", 10)
+            assert wait_until(lambda: agent.uplink.view().state != "connected", 10)
             sent_before = len(cloud.samples(DEV, "g-loc"))
             assert wait_until(lambda: agent.outbox.stats().get("g-loc", {}).get("rows", 0) >= 3, 15)
             # The broker restarts (the car's session is gone, so nothing is queued for it) and the owner

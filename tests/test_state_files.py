@@ -193,8 +193,9 @@ def test_a_tls_file_that_is_a_fifo_is_a_link_error_not_a_hung_uplink(setup: dict
     cfg = _with(setup["cfg"], "mqtt", "ca_file", _fifo(setup["tmp"]))
     with AgentThread(cfg) as runner:  # before: the uplink thread blocked for ever opening the FIFO
         uplink = runner.agent.uplink
-        assert wait_until(lambda: "not a regular file" in (uplink.last_error or ""), 10), uplink.last_error
-        assert uplink.connect_failures >= 1 and uplink.state != "connected"
+        assert wait_until(lambda: "not a regular file" in (uplink.view().last_error or ""), 10), \
+            uplink.view().last_error
+        assert uplink.view().connect_failures >= 1 and uplink.view().state != "connected"
 
 
 # -- hostile state files: every reader opens them as the agent does (regular file, ours, capped, never followed) --

@@ -44,12 +44,13 @@ def test_refused_client_certificate_is_named_and_never_falls_back(tmp_path: Path
     caplog.set_level(logging.DEBUG, logger="vgw.uplink.link")
     with AgentThread(cfg) as runner:
         up = runner.agent.uplink
-        assert wait_until(lambda: up.connect_attempts >= 3, 20)
+        assert wait_until(lambda: up.view().connect_attempts >= 3, 20)
         assert wait_until(lambda: runner.agent.outbox.stats().get("g-1", {}).get("rows", 0) >= 2, 20), \
             "collection must go on while the broker refuses the certificate"
         time.sleep(0.2)
-        assert up.connects == 0
-        assert up.last_error is not None and alert in up.last_error and advice in up.last_error, up.last_error
+        assert up.view().connects == 0
+        error = up.view().last_error
+        assert error is not None and alert in error and advice in error, error
     text = "\n".join(r.getMessage() for r in caplog.records if r.name == "vgw.uplink.link")
     assert "3.1.1" not in text, text  # a TLS refusal says nothing about the MQTT version
     assert "Unspecified error" not in text

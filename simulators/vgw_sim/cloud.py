@@ -60,7 +60,7 @@ from vgw.cloud.envelopes import (
     seal_envelope,
     verify_receipt,
 )
-from vgw.cloud.mqttclient import make_client, tls_context
+from vgw.cloud.mqttclient import make_client
 from vgw.cloud.records import (
     BadReceipt,
     CloudRecorder,
@@ -69,6 +69,7 @@ from vgw.cloud.records import (
     ReceivedSample,
     RejectedMessage,
 )
+from vgw.transport.tlsctx import client_context
 
 if TYPE_CHECKING:
     from vgw_sim.broker import Mosquitto
@@ -155,7 +156,7 @@ class CloudPeer(CloudRecorder):
         self._closed = False
 
         # MQTT 3.1.1 (e.g. the NATS server): the session is kept with clean_session=False.
-        client = make_client(client_id, protocol, tls_context(ca_file, cert_file, key_file), persistent)
+        client = make_client(client_id, protocol, client_context(ca_file, cert_file, key_file), persistent)
         client.reconnect_delay_set(1, 4)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect

@@ -45,6 +45,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec
 from vgw.base.errors import UplinkError
 from vgw.contract.certs import device_public_key_from_cert, load_private_key
+from vgw.transport.tlsctx import client_context
 
 from vgw_sim.broker import CLAIM_USER
 from vgw_sim.cloud import (
@@ -56,7 +57,7 @@ from vgw_sim.cloud import (
     sign_consent,
     verify_receipt,
 )
-from vgw_sim.fleet_device import PREFIX, SimDevice, Worker, connect_client, make_client, tls_context
+from vgw_sim.fleet_device import PREFIX, SimDevice, Worker, connect_client, make_client
 from vgw_sim.fleet_enroll import EnrollService, enroll_fleet
 from vgw_sim.pki import CertPaths, TestPKI
 
@@ -287,7 +288,7 @@ class FleetSim:
             for d, (cert, _key) in dev_files.items():
                 device_keys[d] = device_public_key_from_cert(cert)
             cloud = _Cloud(recipient, device_keys)
-            cloud_ctx = tls_context(ca, cloud_cert, cloud_key)
+            cloud_ctx = client_context(ca, cloud_cert, cloud_key)
 
             sub_ok = threading.Event()
             kill_node: int | None = None
@@ -320,7 +321,8 @@ class FleetSim:
                 connect_client(consumer, host, port, protocol, False)
                 consumer.loop_start()
                 closers.append(lambda: (consumer.disconnect(), consumer.loop_stop()))
-            pusher = make_client(f"fleet-pusher-{os.getpid()}", protocol, tls_context(ca, cloud_cert, cloud_key), False)
+            pusher = make_client(f"fleet-pusher-{os.getpid()}", protocol, client_context(ca, cloud_cert, cloud_key),
+                                 False)
             pusher_ready = threading.Event()
             pusher.on_connect = lambda *a: pusher_ready.set()
             connect_client(pusher, host, port, protocol, False)
@@ -354,7 +356,7 @@ class FleetSim:
             for i, d in enumerate(ids):
                 w = workers[i % n_threads]
                 cert, key = dev_files[d]
-                client = make_client(d, protocol, tls_context(ca, cert, key), persistent)
+                client = make_client(d, protocol, client_context(ca, cert, key), persistent)
                 dev = SimDevice(d, load_private_key(key), trust, w, client)
                 if engine == "nats-cluster":  # spread over the nodes; each device knows all of them
                     eps = [("localhost", p) for _h, p in broker.endpoints]

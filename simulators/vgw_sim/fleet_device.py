@@ -22,13 +22,13 @@ from typing import Any
 import jwt
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-from vgw.cloud.mqttclient import make_client, tls_context
+from vgw.cloud.mqttclient import make_client
 
 from vgw_sim.cloud import recipient_public_key, seal_envelope
 
 log = logging.getLogger("vgw.fleet")
 
-__all__ = ["PREFIX", "SimDevice", "Worker", "connect_client", "make_client", "tls_context"]
+__all__ = ["PREFIX", "SimDevice", "Worker", "connect_client", "make_client"]
 
 PREFIX = "vgw"
 _PATHS = ("Vehicle.Speed", "Vehicle.TraveledDistance", "Vehicle.Powertrain.FuelSystem.RelativeLevel",

@@ -46,6 +46,7 @@ from vgw.contract.enrollment import (
     request_topic,
     response_topic,
 )
+from vgw.transport.tlsctx import client_context
 
 from vgw_sim.fleet_device import pump
 
@@ -239,10 +240,7 @@ def enroll_fleet(tokens: dict[str, str], *, host: str, port: int, protocol: str,
                  claim_key: Path, out: Path, lanes: int = 4, window: int = 64, timeout_s: float = 300.0
                  ) -> EnrollReport:
     """Enroll every device of ``tokens`` (id -> token); each enrolled pair is written to ``out/<id>.crt|key``."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_verify_locations(cafile=os.fspath(ca))
-    ctx.load_cert_chain(os.fspath(claim_cert), os.fspath(claim_key))
+    ctx = client_context(ca, claim_cert, claim_key)
     anchors = x509.load_pem_x509_certificates(ca.read_bytes())
     out.mkdir(parents=True, exist_ok=True)
     report = EnrollReport()

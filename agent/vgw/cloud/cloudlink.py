@@ -27,12 +27,13 @@ from vgw.base.errors import UplinkError
 from vgw.cloud.cloudkit import CloudKitError
 from vgw.cloud.consent_authority import HpkePrivateKey
 from vgw.cloud.envelopes import EnvelopeError, ReceiptError, open_envelope, verify_receipt
-from vgw.cloud.mqttclient import make_client, tls_context
+from vgw.cloud.mqttclient import make_client
 from vgw.contract.consent.verifier import MAX_GRANTS
+from vgw.transport.mqttversion import refuses_mqtt5
+from vgw.transport.tlsctx import client_context
 
 __all__ = ["BrokerOptions", "CloudLink", "Listener"]
 
-UNSUPPORTED_PROTOCOL_VERSION = 0x84  # CONNACK reason code, MQTT 5.0 §3.2.2.2
 _RECEIPTS_REMEMBERED = 100_000  # receipt digests a listener keeps to report a repeat as a duplicate
 # De-duplication memory (README "Telemetry envelope", docs/fleet.md "Parts"): per device, grant and
 # epoch, the highest seq up to which every seq arrived and a bitmap of the SEQ_WINDOW seqs above it (512 bytes);
@@ -90,10 +91,7 @@ class CloudLink:
         self._subscriptions: list[tuple[str, int]] = []
 
     def _make(self) -> mqtt.Client:
-        try:
-            ctx = tls_context(self.opts.ca_file, self.opts.cert_file, self.opts.key_file)
-        except (OSError, ssl.SSLError) as exc:
-            raise CloudKitError(f"TLS files {self.opts.ca_file}, {self.opts.cert_file}: {exc}") from exc
+        ctx = client_context(self.opts.ca_file, self.opts.cert_file, self.opts.key_file, error=CloudKitError)
         client = make_client(self.opts.client_id, self.protocol, ctx, self.opts.persistent)
         client.reconnect_delay_set(1, 4)
         client.on_connect = self._on_connect
@@ -106,8 +104,8 @@ class CloudLink:
     def connect(self, timeout: float = 10.0) -> CloudLink:
         """Connect (``auto``: MQTT 5, else 3.1.1 if the broker refuses 5). Raises :class:`UplinkError`."""
         ok = self._try(timeout)
-        # A 3.1.1-only broker (NATS) answers MQTT 5 with CONNACK 0x84 "Unsupported Protocol Version"
-        # (MQTT 5.0 §3.2.2.2) or closes before any CONNACK; a TLS failure raises in connect and is neither.
+        # A 3.1.1-only broker (NATS) refuses MQTT 5 (vgw.transport.mqttversion); a TLS failure raises in connect and
+        # is not that.
         if not ok and self.opts.protocol == "auto" and self.protocol == "5" and self._version_refused:
             self.protocol = "3.1.1"
             ok = self._try(timeout)
@@ -186,7 +184,7 @@ class CloudLink:
         with self._cond:
             if rc.is_failure:
                 self._error = f"CONNACK {rc}"
-                self._version_refused = rc.value == UNSUPPORTED_PROTOCOL_VERSION
+                self._version_refused = refuses_mqtt5(rc)
             else:
                 self._connected = True
             self._cond.notify_all()
@@ -197,7 +195,7 @@ class CloudLink:
         with self._cond:
             if not self._connected and self._error is None:
                 self._error = f"disconnected before CONNACK: {rc}"
-                self._version_refused = True
+                self._version_refused = refuses_mqtt5(None)
             self._connected = False
             self._cond.notify_all()
 

@@ -37,6 +37,7 @@ from typing import Any
 
 from vgw.base.errors import UplinkError
 from vgw.cloud.cloudkit import CloudKitError
+from vgw.transport.tlsctx import client_context
 
 log = logging.getLogger(__name__)
 
@@ -152,13 +153,7 @@ class NatsOptions:
 
 def tls_context(opts: NatsOptions) -> ssl.SSLContext:
     """Mutual TLS (>= 1.2) to the cluster's client ports. Raises :class:`CloudKitError` for unusable files."""
-    try:
-        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(opts.ca_file))
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_cert_chain(str(opts.cert_file), str(opts.key_file))
-    except (OSError, ssl.SSLError) as exc:
-        raise CloudKitError(f"TLS files {opts.ca_file}, {opts.cert_file}: {exc}") from exc
-    return ctx
+    return client_context(opts.ca_file, opts.cert_file, opts.key_file, error=CloudKitError)
 
 
 async def connect(opts: NatsOptions, *, servers: tuple[str, ...] | None = None) -> Any:

@@ -10,9 +10,12 @@ takes; ``Agent`` below only builds and wires them, starts them in ``run`` and st
   writer     vgw-writer (vgw.daemon.writer.BatchWriter): seals (README "Telemetry envelope" v2) and stores
              batches in grouped outbox transactions, off the collector, so fsync never stalls collection; owns
              the storage-fault state. Its queue has its own lock; a revocation empties it under the agent lock.
-  uplink     the MQTT connection and paho's thread (vgw.uplink.link); calls in only through the consent intake
-             (its own lock: offer, and settled before stored batches go out after a connect) and the public
-             status (reads).
+  uplink     vgw-uplink (vgw.uplink.link.Uplink): the one owner of the MQTT client and its socket; it drives paho
+             itself (select on the socket and a doorbell; paho starts no thread) and sleeps until a packet, the
+             doorbell or one of its timers. Others never call the client: they ring the doorbell (``wake`` for
+             new rows or receipts, ``publish_status``, ``stop``) and read ``view()``, an immutable snapshot. It
+             calls in only through the consent intake (its own lock: offer, and settled before stored batches go
+             out after a connect) and the public status (reads).
   OBD        the OBD-II poller (vgw.sources.obd.poller), when configured: offers samples under the agent lock.
   main       the supervisor (vgw.daemon.supervisor): consent documents (MQTT intake, the inbox file written by
              `vgw consent apply`), expiry, retention, pending erasures, quota audits, the status file
@@ -137,6 +140,7 @@ class Agent:
         self.uplink = Uplink(cfg.mqtt, self.device, self.outbox, on_consent=self.intake.offer,
                              status_payload=self._public_status, consent_settled=self.intake.settled,
                              renewal=self.renewal)
+        self.outbox.on_receipt = self.uplink.wake  # receipts the consent manager queues go out without a poll
         # Added to by the collector, the writer, the main loop and the OBD poller: a thread-safe object.
         self.counters = Counters(("batches", "batches_discarded", "store_failures", "consent_superseded",
                                   "source_errors", "batches_failed", "error_frames", "remote_frames", "rx_overflow",
@@ -271,10 +275,9 @@ class Agent:
         self.supervisor.guarded(self.supervisor.store_rule_counts)
         self.supervisor.audit_quota_drops(force=True)
         self.supervisor.guarded(self.manager.flush_rejections, force=True)
-        if self.uplink.state == "connected":
+        if self.uplink.view().state == "connected":
             self.uplink.drain(self.timing.shutdown_send_s)  # best effort; what is not acknowledged stays in the outbox
-        self.uplink.publish_offline()
-        self.uplink.stop()
+        self.uplink.stop()  # the owner thread publishes the offline status first (the will covers crashes)
         self.status_view.write()
         try:
             self.store.now()

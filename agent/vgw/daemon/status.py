@@ -2,8 +2,9 @@
 
 Owned by the main loop, which writes status.json (every half second, on a bus-silence change and at shutdown)
 and is the only writer of the cached quota view. Read from other threads too: :meth:`StatusView.public` runs on
-paho's thread, :meth:`StatusView.snapshot` wherever a caller asks (tests, the bench). Both only read: plain
-attributes, the counters' snapshot (under the counters' own lock) and the outbox (under the outbox's lock).
+the uplink's thread, :meth:`StatusView.snapshot` wherever a caller asks (tests, the bench). Both only read: plain
+attributes, the uplink's immutable view, the counters' snapshot (under the counters' own lock) and the outbox
+(under the outbox's lock).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ class StatusView:
         self._quota_view_at = 0.0
 
     def public(self) -> dict[str, Any]:
-        """The retained status the uplink publishes (paho's thread)."""
+        """The retained status the uplink publishes (the uplink's thread)."""
         consent = self.manager.in_force
         return {"device": self.device, "consent_version": consent.ver if consent else None,
                 "grants": [g.id for g in self.manager.active_grants()], "healthy": self.health.healthy}
@@ -78,7 +79,7 @@ class StatusView:
         pipeline = dict(self.guard.pipeline.counters)
         source = self.guard.source
         live_overflow = source.overflow if source is not None else 0
-        up = self.uplink
+        up = self.uplink.view()  # one consistent snapshot of the link
         obd = self._obd()
         storage_error = self.writer.storage_error
         pending = self.manager.pending
@@ -95,7 +96,7 @@ class StatusView:
             "endpoint": up.endpoint,  # [mqtt] host:port in use (or last tried), README "Configuration (TOML)"
             "last_publish": up.last_publish,
             # client certificate renewal (README "Enrollment"): state, not_after, renew_from, attempts, last_error
-            "certificate": up.renewal.view() if up.renewal is not None else None,
+            "certificate": self.uplink.renewal.view() if self.uplink.renewal is not None else None,
             "consent_version": consent.ver if consent else None,
             "consent_expired": self.manager.expired,
             # a document applied in memory whose disk part waits (docs/guarantees.md "Revocation wins every race")

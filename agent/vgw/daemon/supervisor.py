@@ -160,6 +160,9 @@ class Supervisor:
             self._apply_intake()
         finally:
             self.intake.done()
+            # Now settled (vgw.state.consent.intake): the uplink sleeps until rung, and its stored batches may wait
+            # for this.
+            self.uplink.wake()
 
     def _apply_intake(self) -> None:
         for _ in range(INTAKE_ROUNDS):
@@ -175,7 +178,6 @@ class Supervisor:
                     superseded += len(taken.candidates) - i - 1
                     break
             self.counters.add("consent_superseded", superseded)
-            self.uplink.wake()
 
     def check_consent_file(self) -> None:
         """A document handed over by `vgw consent apply` (the inbox file): verify and apply it, then remove it.

@@ -4,11 +4,12 @@ Checks, in order: config, catalogue (DBC + signal map), CAN interface (present, 
 where readable; a serial adapter opens as the agent's user, the state dir's owner, when run as root) or replay
 trace, OBD adapter (opens as the agent's user, answers ``ATI``), keys, certificate (matches the key,
 names this device, expiry: WARN within 30 days, FAIL expired), broker (TCP, TLS handshake with the device
-certificate through :func:`vgw.uplink.link.tls_context`, and the broker keeps the connection), clock (not
-before the floor in ``clock.json``), state dir permissions, consent in force and its expiry; then time sync
-(the consent rules -- not before, expiry, the clock floor -- are only as right as the clock: systemd-timesyncd's
-flag file, else the kernel's NTP state via adjtimex(2)) and the CA (a device certificate that outlives the CA
-that signed it stops working when the CA expires); and, on a live bus, whether the demo car's DBC is in use.
+certificate through :func:`vgw.transport.tlsctx.client_context`, as the uplink, and the broker keeps the
+connection), clock (not before the floor in ``clock.json``), state dir permissions, consent in force and its expiry;
+then time sync (the consent rules -- not before, expiry, the clock floor -- are only as right as the clock:
+systemd-timesyncd's flag file, else the kernel's NTP state via adjtimex(2)) and the CA (a device certificate that
+outlives the CA that signed it stops working when the CA expires); and, on a live bus, whether the demo car's DBC is
+in use.
 
 The doctor only reads: it creates no file, and it does not touch an adapter the running agent holds. Its
 output names files, interfaces and counts, never a signal value, VIN or location.
@@ -44,6 +45,7 @@ from vgw.base.errors import ConfigError, MissingFileError, VgwError
 from vgw.base.fsutil import MAX_KEY_BYTES, Account, owner_of, read_small_file
 from vgw.sources.serialport import holders
 from vgw.state.credentials import with_credentials_in_use
+from vgw.transport.tlsctx import client_context
 
 PASS, WARN, FAIL = "PASS", "WARN", "FAIL"
 CERT_WARN_DAYS = 30
@@ -470,15 +472,12 @@ def _brokers(cfg: Config, probes: Probes) -> list[Check]:
 
 
 def _broker(cfg: Config, host: str, port: int, probes: Probes) -> Check:
-    from vgw.uplink.link import tls_context
-
     m = cfg.mqtt
     where = f"{host}:{port}"
     try:
-        ctx = tls_context(m)
-    except (ssl.SSLError, OSError) as exc:
-        return Check("broker", FAIL, f"cannot load the TLS files ({m.ca_file}, {m.cert_file}): "
-                                     f"{getattr(exc, 'reason', None) or exc}")
+        ctx = client_context(m.ca_file, m.cert_file, m.key_file)
+    except ConfigError as exc:
+        return Check("broker", FAIL, f"cannot load the TLS files: {exc}")
     try:
         raw = socket.create_connection((host, port), timeout=probes.connect_timeout_s)
     except socket.gaierror:

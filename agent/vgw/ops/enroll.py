@@ -51,7 +51,9 @@ from vgw.contract.enrollment import (
 )
 from vgw.state.audit import AuditLog
 from vgw.state.credentials import device_credentials, ensure_key, install_chain, load_key
-from vgw.uplink.link import MAX_PACKET_BYTES, UNSUPPORTED_PROTOCOL_VERSION
+from vgw.transport.mqttversion import refuses_mqtt5
+from vgw.transport.tlsctx import client_context
+from vgw.uplink.link import MAX_PACKET_BYTES
 from vgw.uplink.packetguard import guard_context
 from vgw.uplink.tlsfailure import describe as describe_tls
 
@@ -173,12 +175,9 @@ class _Exchange:
 
     def _context(self) -> ssl.SSLContext:
         try:
-            ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self.cfg.mqtt.ca_file))
-            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-            ctx.load_cert_chain(str(self.claim[0]), str(self.claim[1]))
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"{self.claim[0]}, {self.claim[1]}: not a usable claim certificate and key: {exc}") \
-                from exc
+            ctx = client_context(self.cfg.mqtt.ca_file, *self.claim)
+        except ConfigError as exc:
+            raise ConfigError(f"not a usable claim certificate and key: {exc}") from exc
         return guard_context(ctx, MAX_PACKET_BYTES, mqtt5=self.protocol == "5",
                              on_tls_error=lambda exc: self.events.put(("tls", exc)))
 
@@ -218,9 +217,9 @@ class _Exchange:
                     # The broker refused the claim certificate: a person must act; retrying will not help.
                     raise EnrollmentRefused(f"the broker refused the claim certificate: {describe_tls(tls)}",
                                             EnrollReason.SERVICE)
-                if self.protocol == "5" and self.cfg.mqtt.protocol == "auto" and (
-                        kind == "disconnected" or getattr(value, "value", None) == UNSUPPORTED_PROTOCOL_VERSION):
-                    self.protocol = "3.1.1"  # a 3.1.1-only broker (see vgw.uplink.link)
+                if self.protocol == "5" and self.cfg.mqtt.protocol == "auto" and \
+                        refuses_mqtt5(value if kind == "refused" else None):
+                    self.protocol = "3.1.1"  # a 3.1.1-only broker (vgw.transport.mqttversion)
                     return self._connect(host, port, deadline)
                 self.last_error = f"broker {host}:{port} refused the claim identity: {value}"
                 return False

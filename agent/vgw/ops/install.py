@@ -481,11 +481,9 @@ def _deliver_receipts(cfg: Config, outbox: Outbox, timeout_s: float) -> bool:
                     status_payload=lambda: {"device": cfg.device.id, "consent_version": None, "grants": []})
     uplink.start()
     try:
-        ok = uplink.drain(timeout_s)
-        uplink.publish_offline()
-        return ok
+        return uplink.drain(timeout_s)
     finally:
-        uplink.stop()
+        uplink.stop()  # publishes the offline status first
 
 
 def _remove(path: Path) -> None:

@@ -300,7 +300,7 @@ def _keep(keep_dir: Path, root: Path, summary: dict[str, Any], out: IO[str]) -> 
 
 def _view(cloud: Any, agent: Any, grants: list[LiveGrant], elapsed: float, end: float, revoked: LiveGrant,
           revoked_wall: float | None) -> list[str]:
-    lines = [f"vgw demo  {elapsed:5.1f} s / {end:.0f} s   device {DEVICE}   link: {agent.uplink.state}",
+    lines = [f"vgw demo  {elapsed:5.1f} s / {end:.0f} s   device {DEVICE}   link: {agent.uplink.view().state}",
              "what the cloud receives, per grant (each app decrypts only its own grant with its HPKE key):"]
     stats = agent.outbox.stats()
     for g in grants:

@@ -9,8 +9,9 @@ audited. A refusal, no answer, or a staged pair the broker refuses keeps the cur
 backoff, and shows in `vgw status` and `vgw doctor`. Collection never waits for any of this: the outbox keeps
 every batch and the reconnect resumes where it stopped.
 
-Threads: every method runs on the uplink's connection thread except :meth:`view`, which reads a snapshot
-the owner refreshes (one assignment of a new dict).
+Threads: every method runs on the uplink's thread (the one owner of the MQTT client, vgw.uplink.link) except
+:meth:`view`, which reads a snapshot the owner refreshes (one assignment of a new dict). The uplink sleeps
+between events; :meth:`next_check` tells it when the renewal needs it next.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ from vgw.state.credentials import (
 __all__ = ["Renewal", "RenewalState", "RenewalTiming"]
 
 log = logging.getLogger(__name__)
+
+CLOCK_RECHECK_S = 3600.0  # see Renewal.next_check
 
 
 class RenewalState(StrEnum):
@@ -137,6 +140,20 @@ class Renewal:
         self._asked_at = time.monotonic()
         self._refresh_view()
         return encode_request(build_csr(self._key, self.device), None)
+
+    def next_check(self) -> float | None:
+        """When (monotonic) the uplink must next call :meth:`wants_request` and :meth:`tick`; None: not before one
+        of its own events. A renewal days away is looked at again at least every ``CLOCK_RECHECK_S`` (the wall
+        clock it is measured on may be stepped meanwhile)."""
+        now = time.monotonic()
+        if self.state is RenewalState.REQUESTED:
+            return (self._asked_at or now) + self.timing.answer_timeout_s
+        if self.state in (RenewalState.OFF, RenewalState.STAGED) or self._not_after is None:
+            return None
+        due_in = self._not_after - self.cfg.renew_before_days * 86400 - self.clock()
+        if due_in > 0:
+            return now + min(due_in, CLOCK_RECHECK_S)
+        return max(now, self._retry_at)
 
     def tick(self) -> None:
         """No answer within the timeout: a failure (retried later)."""

@@ -4,9 +4,10 @@ A burst (31 versions published back to back, or a persistent session's backlog a
 end with the newest genuine document in force, and a flood of forged documents must not push it out. So a
 document is judged when it arrives, not when a slot frees up:
 
-- ``offer`` (paho's network thread) runs the pure verifier (no I/O, well under a millisecond) against the
-  consent in force. Only a document that verifies can take a slot, so its ``ver`` is the authority's word,
-  not the sender's; a forged or invalid document costs one tally entry per reason and is forgotten.
+- ``offer`` (the uplink's thread, which owns paho's client) runs the pure verifier (no I/O, well under a
+  millisecond) against the consent in force. Only a document that verifies can take a slot, so its ``ver`` is the
+  authority's word, not the sender's; a forged or invalid document costs one tally entry per reason and is
+  forgotten.
 - The slots keep the ``SLOTS`` highest verified versions (by version, then by digest). A full intake drops
   its lowest version, which a newer verified document has superseded anyway: nothing is ever dropped
   because the queue was full.
@@ -65,7 +66,7 @@ class Taken:
 class ConsentIntake:
     """Bounded intake of consent documents.
 
-    ``offer`` runs in paho's network thread (any thread will do); ``take`` and ``set_in_force`` in the main
+    ``offer`` runs in the uplink's thread (any thread will do); ``take`` and ``set_in_force`` in the main
     thread. ``_lock`` guards the slots, the rejection tally, the skipped grant sets and the in-force reference;
     verification runs outside it, so the main thread never waits for a signature check.
     """
@@ -85,7 +86,7 @@ class ConsentIntake:
         self._skipped: list[tuple[int, frozenset[str]]] = []
         self.ready = threading.Event()  # set while something waits for take()
         self.offered = 0
-        self._offering = 0  # offers being verified right now (paho's thread)
+        self._offering = 0  # offers being verified right now (the uplink's thread)
         self._applying = False  # the main thread took documents and has not said it is done with them
 
     def set_in_force(self, consent: Consent | None) -> None:

@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from vgw.state.outbox.connection import Connection
 
 
 class ReceiptQueue(Connection):
+    # Called (in the storing thread) after each receipt is stored: the daemon wakes the uplink with it, which
+    # otherwise sleeps until it has something to do (vgw.uplink.link).
+    on_receipt: Callable[[], None] | None = None
+
     def queue_receipt(self, token: str) -> int:
         """Store a signed receipt until the broker acknowledges it. Returns its row id."""
         with self._tx() as db:
             cur = db.execute("INSERT INTO receipts (created, token) VALUES (?, ?)", (time.time(), token))
-            return int(cur.lastrowid or 0)
+            rid = int(cur.lastrowid or 0)
+        if self.on_receipt is not None:
+            self.on_receipt()
+        return rid
 
     def pending_receipts(self, limit: int, exclude: set[int] | None = None) -> list[tuple[int, str]]:
         """The oldest receipts not in ``exclude`` (ids in flight): (id, token)."""

@@ -104,7 +104,7 @@ def child_main(config: str) -> int:
             replay_start = (src._start_wall + time.time() - time.monotonic(), src._start_trace)
         if done is None and agent.collector is not None and agent.collector.done.is_set():
             done, cpu_done = now, time.process_time()
-        if done is not None and acked is None and agent.uplink.published_batches >= agent.counters["batches"]:
+        if done is not None and acked is None and agent.uplink.view().published_batches >= agent.counters["batches"]:
             acked = now
         thread.join(0.003)
     end, cpu_end = time.monotonic(), time.process_time()
@@ -124,7 +124,7 @@ def child_main(config: str) -> int:
         "maxrss_mb": _own_peak_rss_mb(usage.ru_maxrss),
         "replay_start": replay_start,
         "counters": counters,
-        "published_batches": agent.uplink.published_batches,
+        "published_batches": agent.uplink.view().published_batches,
         "thread_cpu_ingest_s": {k: round(v - snap_start.get(k, 0.0), 3) for k, v in snap_last.items()},
     }
     print(json.dumps(out), flush=True)

@@ -5,13 +5,19 @@ from __future__ import annotations
 import time
 
 from vgw.state.outbox.connection import Connection
+from vgw.state.outbox.erasure import BEGUN
 
 
 class Receipts(Connection):
-    def queue_receipt(self, token: str) -> int:
-        """Store a signed receipt until the broker acknowledges it. Returns its row id."""
+    def queue_receipt(self, token: str, *, ends_erasure: str | None = None) -> int:
+        """Store a signed receipt until the broker acknowledges it. Returns its row id.
+
+        ``ends_erasure``: the grant whose erasure this receipt reports; it leaves the ledger of erasures begun in
+        the same transaction (vgw.state.outbox.erasure), so a crash never loses the receipt nor sends it twice."""
         with self._tx() as db:
             cur = db.execute("INSERT INTO receipts (created, token) VALUES (?, ?)", (time.time(), token))
+            if ends_erasure is not None:
+                db.execute("DELETE FROM meta WHERE key = ?", (BEGUN + ends_erasure,))
             return int(cur.lastrowid or 0)
 
     def pending_receipts(self, limit: int, exclude: set[int] | None = None) -> list[tuple[int, str]]:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from vgw_sim.broker import Mosquitto, free_port
+from vgw_sim.cloud import verify_receipt
 
 from tests.agentkit import (
     ROOT,
@@ -458,3 +459,68 @@ def test_consent_wait_s_is_checked(tmp_path: Path, pki) -> None:
         assert (r.returncode == 0) is ok, (value, r.stderr)
         if not ok:
             assert "consent_wait_s" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+# -- an erasure the process died in still ends in a receipt with the true count ------------------------------
+
+
+class _Killed(BaseException):
+    """The process dies here (kill -9): nothing after this point runs, the files keep what was committed."""
+
+
+@pytest.mark.parametrize("how", ["cache-damaged", "revoked"])
+@pytest.mark.parametrize("dies_in", ["verification", "receipt"])
+def test_an_erasure_killed_before_its_receipt_is_receipted_after_the_restart_with_its_true_count(
+        tmp_path: Path, pki, monkeypatch, how: str, dies_in: str) -> None:
+    # Found by the explorer (seed 900197: both brokers down, the cache damaged, a kill soon after the restart): the
+    # erasure at start of the grants nothing was in force for deleted a grant's key and rows, and the process died
+    # before its receipt was queued. Nothing on disk remembered it (no key, no row, not in the outbox's list of
+    # grants), so no receipt ever came and the deleted batches were a seq gap nothing accounted for. The same death
+    # inside a revocation's disk part made the retry count 0 deleted batches.
+    from tests.consentkit import Authority as ConsentAuthority
+    from tests.consentkit import State
+
+    s = State(tmp_path, pki, ConsentAuthority(tmp_path))
+    auth = s.authority
+    try:
+        now = int(time.time())
+        s.manager.apply(auth.doc(s.device, 1, [auth.grant("g-a", ["read_fuel"]), auth.grant("g-b", ["read_vin"])],
+                                 iat=now), source="mqtt")
+        for _ in range(3):
+            s.outbox.commit_batch("g-a", lambda _seq: os.urandom(200), 1.0, 1, scopes={"read_fuel": 1})
+        if how == "cache-damaged":
+            s.store.consent_path.write_text("damaged")
+            s.reopen(load=False)
+        died = []
+
+        def die(*_a: object, **_kw: object) -> object:
+            died.append(True)
+            raise _Killed
+
+        if dies_in == "verification":  # rows deleted and committed, verification and receipt not yet
+            monkeypatch.setattr(s.outbox, "finish_erasure", die)
+        else:
+            real = s.outbox.queue_receipt
+
+            def queue(token: str, *a: object, **kw: object) -> int:
+                if verify_receipt(token, s.device_public_key, device=s.device)["typ"] == "erasure":
+                    die()
+                return real(token, *a, **kw)  # type: ignore[arg-type]
+
+            monkeypatch.setattr(s.outbox, "queue_receipt", queue)
+        with pytest.raises(_Killed):
+            if how == "cache-damaged":
+                s.manager.load_cached()
+            else:
+                s.manager.apply(auth.doc(s.device, 2, [auth.grant("g-b", ["read_vin"])], iat=now + 1), source="mqtt")
+        assert died
+        monkeypatch.undo()
+        s.reopen()  # the restart
+        erasures = {r["grant"]: r for r in s.receipts("erasure")}
+        assert "g-a" in erasures, f"no erasure receipt for g-a after the restart: {s.receipts()}"
+        assert erasures["g-a"]["batches_deleted"] == 3 and erasures["g-a"]["key_destroyed"] is True
+        assert len([r for r in s.receipts("erasure") if r["grant"] == "g-a"]) == 1
+        assert not s.outbox.has_key("g-a") and "g-a" not in s.outbox.stats()
+        assert s.outbox.erasures_begun() == []
+    finally:
+        s.close()

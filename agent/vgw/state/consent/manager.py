@@ -10,6 +10,7 @@ no agent runs.
 from __future__ import annotations
 
 import logging
+import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -36,7 +37,7 @@ from vgw.state.audit import AuditLog
 from vgw.state.consent.pending import PendingApply, from_record, read_record
 from vgw.state.consent.rejections import RejectionLog
 from vgw.state.consent.store import ConsentStore, PendingErasure
-from vgw.state.outbox import Erasure, GrantTerms, Outbox, Withdrawal
+from vgw.state.outbox import ERASE_WAIT_S, Erasure, GrantTerms, Outbox, Withdrawal
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +165,9 @@ class ConsentManager:
         grant in force covers. Raises StorageError when the disk part cannot be done now (it stays pending, or
         due: :meth:`settle_disk`)."""
         self.in_force, self.expired = self._read_cache(audit=True)
+        # Before a document left pending is taken up: its disk part replaces the outbox's list of active grants,
+        # the only record of which grants were in force before the cache failed (see settle_disk).
+        self._note_unlisted()
         if self._resume_pending() is not None and self.pending is not None:
             self.disk_due = True
             return  # its disk part waits for space: the rest (settle_disk) runs once it is done
@@ -178,27 +182,60 @@ class ConsentManager:
         self.disk_due = True
         grants = self.active_grants()
         active = {g.id for g in grants}
-        # Grants the outbox was last told to store that are not in force now (a cache that no longer verifies, an
-        # expiry while off): none of their rows is published from now on (the outbox's own list of active grants
-        # changes only when the disk takes it), and each ends in an erasure receipt even if it left no key or row,
-        # so the cloud hears of every grant that stopped. Remembered until erased.
-        self._unlisted = (self._unlisted | self.outbox.active_grants()) - active
+        self._note_unlisted()
         self._withhold(self._held_stops())
         # Rows stamped with other terms than those in force (stored by an earlier version, or a crash between
         # a narrowing and the cache write) are judged now, before the uplink can publish anything.
         for withdrawal in self.outbox.apply_terms(_terms(grants, previous=()),
                                                   ver=self.in_force.ver if self.in_force else None):
             self._withdrawn(withdrawal, ver=self.in_force.ver if self.in_force else 0)
-        orphans = self.outbox.orphan_grants(active) | (self._unlisted - active)
-        for gid in sorted(orphans):
-            # A crash mid-erasure, an expiry while off, or a cache that no longer verifies: finish the job.
-            self._erase(gid, reason="expired" if self.expired else "not-in-force")
-            self._unlisted.discard(gid)
+        # A crash mid-erasure, an expiry while off, or a cache that no longer verifies: finish the job.
+        self._finish_begun(active)
+        self._erase_unlisted(keep=active, also=self.outbox.orphan_grants(active))
         self._withhold(self._held_stops())
         self.finish_pending_erasures()
         if self.in_force is not None:
             self.store.raise_floor(self.in_force.iat)
         self.disk_due = False
+
+    def _note_unlisted(self) -> None:
+        """Remember the grants the outbox was last told to store that are not in force now (a cache that no longer
+        verifies, an expiry while off): none of their rows is published from now on (the outbox's own list of
+        active grants changes only when the disk takes it), and each ends in an erasure receipt even if it left no
+        key or row, so the cloud hears of every grant that stopped. Remembered until erased
+        (:meth:`_erase_unlisted`)."""
+        active = {g.id for g in self.active_grants()}
+        try:
+            listed = self.outbox.active_grants()
+        except (StorageError, sqlite3.Error):  # unreadable now: settle_disk, retried until done, reads it again
+            listed = set()
+        self._unlisted = (self._unlisted | listed) - active
+
+    def _finish_begun(self, active: set[str]) -> None:
+        """Erasures a process began and never receipted (killed between deleting and queueing the receipt: the
+        outbox's ledger, vgw.state.outbox.erasure): finished now, the receipt counting every batch they deleted."""
+        waiting = {p.grant for p in self.store.pending_erasures() if p.reason != NARROWED}
+        for begun in self.outbox.erasures_begun():
+            gid = begun.grant_id
+            if gid in waiting:  # its receipt waits in the pending erasures already (finish_pending_erasures)
+                self.outbox.end_erasure(gid)
+                continue
+            reason = begun.reason or ("expired" if self.expired else "not-in-force")
+            if gid in active:
+                # Granted again since: its new key and rows are not what was erased; only the receipt is owed.
+                done = Erasure(gid, begun.batches_deleted,
+                               key_destroyed=self.outbox.finish_erasure(gid, wait_s=ERASE_WAIT_S))
+                self._erase(gid, reason=reason, ver=begun.ver, done=done)
+            else:
+                self._erase(gid, reason=reason, ver=begun.ver)
+            self._unlisted.discard(gid)
+
+    def _erase_unlisted(self, *, keep: set[str] | frozenset[str], also: set[str] | frozenset[str] = frozenset()
+                        ) -> None:
+        """Erase (with receipts) the remembered grants not in force that ``keep`` does not grant, and ``also``."""
+        for gid in sorted((self._unlisted - set(keep)) | set(also)):
+            self._erase(gid, reason="expired" if self.expired else "not-in-force")
+            self._unlisted.discard(gid)
 
     def _withhold(self, grant_ids: frozenset[str]) -> None:
         """Stop publishing and storing ``grant_ids`` (memory only), and every grant the outbox still lists as active
@@ -396,6 +433,11 @@ class ConsentManager:
 
     def _disk_part(self, p: PendingApply) -> ApplyResult:
         consent = p.consent
+        # 0. Grants that stopped when the cache failed (nothing was in force) and that this document does not grant:
+        #    erased with their receipts before its terms replace the outbox's list of active grants, the last
+        #    record of them. Left for later, a document held behind this one could grant one again first, and its
+        #    stop would never be receipted.
+        self._erase_unlisted(keep=consent.grant_ids)
         # a. The new terms, and the deletion of what they withdraw from stored batches: one outbox transaction
         #    (README "Narrowing applies to stored data").
         if p.narrowed is None:
@@ -410,7 +452,7 @@ class ConsentManager:
         # b. Wipe what was revoked (key first, then rows) before anything else can fail.
         for gid in sorted(p.revoked):
             if gid not in p.wiped:
-                e = self.outbox.erase_grant(gid)
+                e = self.outbox.erase_grant(gid, reason="revoked", ver=p.regrant.get(gid, consent.ver))
                 p.wiped[gid] = (e.batches_deleted, e.key_destroyed)
                 self._journal(p)
         if p.regrant and not p.regranted:  # erasure deactivated them; this version grants them anew
@@ -530,7 +572,7 @@ class ConsentManager:
         if ver is None:
             ver = self.in_force.ver if self.in_force else 0
         # The data go first: a failing audit log must never leave a revoked grant's key or rows behind.
-        erasure = done if done is not None else self.outbox.erase_grant(grant_id)
+        erasure = done if done is not None else self.outbox.erase_grant(grant_id, reason=reason, ver=ver)
         self._audit("grant-stopped", grant=grant_id, reason=reason, ver=ver)
         if not erasure.key_destroyed:
             # Key and rows are deleted, but a copy is still in the outbox's files (another process holds a read
@@ -541,18 +583,22 @@ class ConsentManager:
                         why="outbox-busy")
             self.store.add_pending_erasure(PendingErasure(grant_id, ver, reason, erasure.batches_deleted,
                                                           since=self.store.now()))
+            self.outbox.end_erasure(grant_id)  # the pending erasure carries it from here (its count included)
             return erasure
-        self._receipt_erasure(grant_id, ver=ver, reason=reason, batches_deleted=erasure.batches_deleted)
+        self._receipt_erasure(grant_id, ver=ver, reason=reason, batches_deleted=erasure.batches_deleted, ends=True)
         return erasure
 
-    def _receipt_erasure(self, grant_id: str, *, ver: int, reason: str, batches_deleted: int) -> None:
+    def _receipt_erasure(self, grant_id: str, *, ver: int, reason: str, batches_deleted: int,
+                         ends: bool = False) -> None:
+        """Audit and queue the erasure receipt; ``ends``: it also takes the erasure out of the outbox's ledger of
+        erasures begun (in the same transaction)."""
         self._audit("key-destroyed", grant=grant_id)
         entry = self._audit("erasure-done", grant=grant_id, batches_deleted=batches_deleted, reason=reason)
         # Only now, with memory, rows and key gone and no copy found in any file, is the receipt signed and
         # queued (README "Receipts").
         self.outbox.queue_receipt(self._sign("erasure", entry, grant=grant_id, ver=ver,
                                              batches_deleted=batches_deleted, key_destroyed=True,
-                                             reason=reason))
+                                             reason=reason), ends_erasure=grant_id if ends else None)
         log.info("grant %s %s: %d batch(es) deleted, data key destroyed", grant_id, reason, batches_deleted)
 
     def finish_pending_erasures(self, *, wait_s: float = 0.0) -> list[Erasure]:

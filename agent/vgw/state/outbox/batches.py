@@ -193,8 +193,9 @@ class Outbox(Erasing, ReceiptQueue, Tallies):
         row (the check of :meth:`erase_grant`); otherwise pending, finished by :meth:`finish_erasure`."""
         if not w.key_destroyed or self.finish_erasure(w.grant_id, wait_s=ERASE_WAIT_S):
             return w
-        log.warning("narrowing of grant %s not verified: another process holds a read snapshot of the outbox, "
-                    "so replaced pages are still in its files; retried until they are gone", w.grant_id)
+        log.warning("narrowing of grant %s not verified: another process holds a read snapshot of the outbox, or "
+                    "the disk has no room to rebuild it, so replaced pages are still in its files; retried until "
+                    "they are gone", w.grant_id)
         return replace(w, key_destroyed=False, pending=True)
 
     def _judge_rows(self, db: sqlite3.Connection, gid: str, terms: GrantTerms, now: float) -> Withdrawal | None:

@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 
 from vgw.state.outbox.connection import Connection
+from vgw.state.outbox.erasure import BEGUN
 
 
 class ReceiptQueue(Connection):
@@ -13,10 +14,15 @@ class ReceiptQueue(Connection):
     # otherwise sleeps until it has something to do (vgw.uplink.link).
     on_receipt: Callable[[], None] | None = None
 
-    def queue_receipt(self, token: str) -> int:
-        """Store a signed receipt until the broker acknowledges it. Returns its row id."""
+    def queue_receipt(self, token: str, *, ends_erasure: str | None = None) -> int:
+        """Store a signed receipt until the broker acknowledges it. Returns its row id.
+
+        ``ends_erasure``: the grant whose erasure this receipt reports; it leaves the ledger of erasures begun in
+        the same transaction (vgw.state.outbox.erasure), so a crash never loses the receipt nor sends it twice."""
         with self._tx() as db:
             cur = db.execute("INSERT INTO receipts (created, token) VALUES (?, ?)", (time.time(), token))
+            if ends_erasure is not None:
+                db.execute("DELETE FROM meta WHERE key = ?", (BEGUN + ends_erasure,))
             rid = int(cur.lastrowid or 0)
         if self.on_receipt is not None:
             self.on_receipt()

@@ -81,8 +81,16 @@ docs: venv
 	PYTHONWARNINGS=ignore $(BIN)/python -m pip install -q -e '.[docs]'
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
+# The headline of docs/performance.md: `vgw run` as a whole process against the naive process, on the demo vehicle
+# and on a real DBC with many messages (comma.ai's opendbc mazda_3_2019.dbc, 59 messages: fetched with pip into the
+# test corpus cache of tests/decoderkit.py, never committed), 400k frames, 3 alternating rounds; then the stages
+# with every signal of that DBC. BENCH_DBC=FILE benches another DBC; BENCH_ARGS=--json etc. adds options.
+BENCH_DBC ?= $(shell $(BIN)/python -c 'from tests.decoderkit import fetch_sdist_files as f; \
+	d = f("opendbc==0.3.1", lambda n: n.endswith(".dbc") and "/opendbc/dbc/" in n); \
+	print(d / "mazda_3_2019.dbc" if d else "")' 2>/dev/null)
+BENCH_ARGS ?= --frames 400000 --rounds 3
 bench: deps venv
-	$(BIN)/vgw bench
+	$(BIN)/vgw bench $(if $(BENCH_DBC),--dbc $(BENCH_DBC) --consent all,) $(BENCH_ARGS)
 
 # The offline install bundle for a car without internet: dist/vgw-bundle-<version>-<arch>.tar.gz with every
 # wheel for the target and install.sh (docs/install-raspberry-pi.md, "Offline install").

@@ -1,5 +1,6 @@
 """`vgw bench` in its short form: it runs end to end (mosquitto, the agent in a child process, the cloud peer)
-and prints its table and its JSON. No thresholds: CI machines vary; docs/performance.md has the numbers."""
+and prints its table and its JSON. No thresholds: CI machines vary; docs/performance.md has the numbers.
+The headline (whole processes) is tests/test_bench_headline.py."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def _have_mosquitto() -> bool:
 
 pytestmark = pytest.mark.skipif(not _have_mosquitto(), reason="mosquitto is not installed")
 
-SHORT = ["--frames", "20000", "--rt-seconds", "1", "--revoke-rows", "2000", "--rules-seconds", "2"]
+SHORT = ["--stages", "--frames", "20000", "--rt-seconds", "1", "--revoke-rows", "2000", "--rules-seconds", "2"]
 
 
 def test_bench_json(capsys: pytest.CaptureFixture[str]) -> None:

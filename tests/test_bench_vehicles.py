@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(not _have_mosquitto(), reason="mosquitto is not 
 
 @pytest.mark.parametrize("dbc", ["vehicle_fd.dbc", "truck_j1939.dbc"])
 def test_bench_runs_on_fd_and_j1939_dbcs(dbc: str, capsys: pytest.CaptureFixture[str]) -> None:
-    args = ["bench", "--json", "--dbc", str(dbc_dir() / dbc), "--frames", "5000", "--rt-seconds", "1",
+    args = ["bench", "--stages", "--json", "--dbc", str(dbc_dir() / dbc), "--frames", "5000", "--rt-seconds", "1",
             "--revoke-rows", "500"]
     assert main(args) == 0
     result = json.loads(capsys.readouterr().out)

@@ -88,13 +88,16 @@ class VgwArgumentParser(argparse.ArgumentParser):
         return plain_text(super().format_usage())
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of `vgw`; with ``command`` (one of :data:`_COMMANDS`), only that subcommand's module is
+    imported and registered: `vgw run` does not import the modules of `vgw provision`, `vgw cloud`, ... at
+    every start (docs/performance.md, "A lighter start"). Without it, every subcommand (help, a typo)."""
     parser = VgwArgumentParser(prog="vgw", description="vgw: consent-first edge vehicle gateway")
     _log_options(parser, argparse.SUPPRESS)
     parser.set_defaults(debug=False, log_level=None)
     parser.add_argument("--version", action="version", version=f"vgw {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in _COMMANDS:
+    for name in (command,) if command in _COMMANDS else _COMMANDS:
         importlib.import_module(f"vgw.cli.{name}").register(sub)
     _log_options_everywhere(sub)
     return parser
@@ -119,6 +122,21 @@ def _log_options_everywhere(sub: argparse._SubParsersAction) -> None:  # type: i
                 _log_options_everywhere(action)
 
 
+def command_of(args: Sequence[str]) -> str | None:
+    """The subcommand ``args`` name (after the global ``--debug``, ``--log-level LEVEL``), or None (none, an
+    option such as ``--help`` or ``--version`` first, or a name that is no subcommand)."""
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--log-level":
+            i += 2
+        elif arg == "--debug" or arg.startswith("--log-level="):
+            i += 1
+        else:
+            return arg if arg in _COMMANDS else None
+    return None
+
+
 def _version() -> str:
     from vgw import __version__
 
@@ -135,8 +153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "run" in args_in[:3]:
         # systemd may stop the service before it is up: a SIGTERM now must still end in a clean exit 0.
         RUN_SIGNALS.install()
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    parser = build_parser(command_of(args_in))
+    args = parser.parse_args(args_in)
     from vgw.base.logs import setup_logging
 
     daemon = args.command in _DAEMONS or getattr(args, "cloud_command", None) == "serve"  # `vgw cloud serve` too

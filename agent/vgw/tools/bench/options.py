@@ -24,4 +24,5 @@ class BenchOptions:
     revoke_rows: int = 100_000
     low_latency_interval_s: float = 0.05
     seed: int = 7
+    rounds: int = 3  # the headline's alternating rounds
     rules_seconds: float = 75.0  # phase 6, demo vehicle only (0: skip): a 60 s history fills, then 15 s more

@@ -110,6 +110,68 @@ def run_rules_bench(opts: BenchOptions, progress: Progress | None = None) -> dic
         shutil.rmtree(root, ignore_errors=True)
 
 
+def run_headline_bench(opts: BenchOptions, progress: Progress | None = None) -> dict[str, Any]:
+    """The headline (:mod:`vgw.tools.bench.headline`): ``vgw run`` and the naive process, whole process, on the
+    demo DBC and on ``opts.dbc`` if given, each trace form and consent, ``opts.rounds`` alternating rounds."""
+    from vgw_sim.paths import default_dbc
+
+    from vgw.cloud.consent_authority import RecipientKey, SigningKey, consent_claims, grant, sign_consent
+    from vgw.state.consent.store import ConsentStore
+    from vgw.tools.bench.headline import run_headline
+
+    if opts.frames < 1000:
+        raise VgwError(f"--frames {opts.frames}: use at least 1000")
+    if not 1 <= opts.rounds <= 20:
+        raise VgwError(f"--rounds {opts.rounds}: use 1 to 20")
+    dbcs: list[tuple[str, Path, bool]] = [("demo", default_dbc().resolve(), True)]
+    if opts.dbc is not None:
+        real = opts.dbc.resolve()
+        if not real.is_file():
+            raise ConfigError(f"{real}: DBC file not found")
+        dbcs.append((real.stem, real, False))
+    progress = progress or Progress()
+    quiet = quieted("vgw")
+    quiet.__enter__()
+    root = Path(tempfile.mkdtemp(prefix="vgw-bench-"))
+    os.chmod(root, 0o755)  # noqa: S103 - the broker (dropped to user mosquitto) reads the PKI below it
+    broker = None
+    try:
+        pki, broker = _broker(root)
+        signer = SigningKey.generate()
+        trust = signer.write_public_pem(root / "consent-signer.pub.pem")
+        now = int(time.time())
+        retained: list[str] = []
+
+        def sign(scopes: list[str]) -> str:
+            return sign_consent(consent_claims(DEVICE, 1, [grant("g-app", scopes, RecipientKey.generate())],
+                                               iat=now), signer)
+
+        def retain(token: str) -> None:
+            if retained != [token]:  # the broker keeps it: only a change of document is published
+                _retain(broker, pki, token)
+                retained[:] = [token]
+
+        def vgw_config(name: str, dbc: Path, signal_map: Path, trace: Path, strict: bool, token: str) -> Path:
+            state = root / f"state-{name}"
+            state.mkdir(mode=0o700)
+            ConsentStore(state).write_token(token)
+            path = root / f"{name}.toml"
+            path.write_text(_config_text(state, dbc, signal_map, trace, 0, broker.port, pki, trust, strict=strict,
+                                         max_interval_s=None))
+            return path
+
+        headline = run_headline(dbcs=dbcs, frames=opts.frames, rounds=opts.rounds, seed=opts.seed, root=root,
+                                broker=broker, pki=pki, sign=sign, vgw_config=vgw_config, progress=progress,
+                                retain=retain)
+        return {"python": sys.version.split()[0], "cpu": _cpu_name(), "cores": os.cpu_count(), "headline": headline}
+    finally:
+        quiet.__exit__(None, None, None)
+        progress.close()
+        if broker is not None:
+            broker.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def run_bench(opts: BenchOptions, progress: Progress | None = None) -> dict[str, Any]:
     """Run every phase; return the results (see module docstring)."""
     from vgw_sim.cloud import CloudPeer

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import random
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +23,13 @@ def _vss_leaf(name: str) -> str:
     return clean[0].upper() + clean[1:]
 
 
-def synthetic_signal_map(db: Any) -> str:
-    """Map every signal of ``db`` to a scope (round robin) and the path ``Vehicle.Bench.<Msg>.<Sig>``."""
+def synthetic_signal_map(db: Any, pinned: Mapping[tuple[str, str], str] | None = None) -> str:
+    """Map every signal of ``db`` to the path ``Vehicle.Bench.<Msg>.<Sig>`` and a scope: the one ``pinned`` gives
+    its (message, signal), else the other scopes round robin (the privacy scopes left out)."""
     from vgw.contract.scopes import SCOPES
 
-    scopes = sorted(s for s in SCOPES if s not in _PRIVACY_SCOPES)
+    pinned = pinned or {}
+    scopes = sorted(s for s in SCOPES if s not in _PRIVACY_SCOPES and s not in set(pinned.values()))
     lines = ["# written by `vgw bench`: every signal, synthetic VSS paths"]
     seen_paths: set[str] = set()
     i = 0
@@ -39,9 +41,12 @@ def synthetic_signal_map(db: Any) -> str:
                 path = f"Vehicle.Bench.{_vss_leaf(msg.name)}.{_vss_leaf(sig.name)}{n}"
                 n += 1
             seen_paths.add(path)
+            scope = pinned.get((msg.name, sig.name))
+            if scope is None:
+                scope = scopes[i % len(scopes)]
+                i += 1
             lines += ["[[signal]]", f"message = {json.dumps(msg.name)}", f"signal = {json.dumps(sig.name)}",
-                      f'path = "{path}"', f'scope = "{scopes[i % len(scopes)]}"', ""]
-            i += 1
+                      f'path = "{path}"', f'scope = "{scope}"', ""]
     return "\n".join(lines)
 
 

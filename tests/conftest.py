@@ -42,7 +42,7 @@ from vgw_sim.cloud import CloudPeer
 from vgw_sim.paths import default_dbc
 from vgw_sim.pki import TestPKI
 
-from tests.agentkit import Vehicle, connected_cloud, vehicle_on_bus
+from tests.agentkit import Vehicle, connected_cloud, vehicle_on_bus, vgw
 
 DEVICES = ("dev-0001", "dev-0002")
 _THREAD_GRACE_S = 2.0
@@ -211,3 +211,25 @@ def vehicle_seed() -> int:
 def vehicle(channel: str, vehicle_seed: int, vehicle_on: Callable[[str, int], Vehicle]) -> Vehicle:
     """The vehicle simulator sending in real time on ``channel`` for the whole test."""
     return vehicle_on(channel, vehicle_seed)
+
+
+@pytest.fixture
+def foreign_stack() -> Iterator[Path]:
+    """A stack laid out, then given to the service user (a uid without a passwd entry), in a folder that user
+    can reach (pytest's own folders are 0700)."""
+    import shutil
+    import tempfile
+
+    from tests.test_provision import SERVICE
+
+    top = Path(tempfile.mkdtemp(prefix="vgw-devstack-"))
+    os.chmod(top, 0o755)  # noqa: S103 - the stack's owner must reach its folder, as it reaches its home
+    d = top / "stack"
+    try:
+        assert vgw("dev", "init", str(d), timeout=60).returncode == 0
+        for p in [d, *d.rglob("*")]:
+            os.lchown(p, SERVICE, SERVICE)
+        yield d
+    finally:
+        vgw("dev", "down", str(d), timeout=60)
+        shutil.rmtree(top, ignore_errors=True)

@@ -214,28 +214,6 @@ def test_up_again_keeps_a_consent_pushed_by_hand(stack_dir: Path, tmp_path: Path
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="acting on another user's folder needs root")
 
 
-@pytest.fixture
-def foreign_stack() -> Iterator[Path]:
-    """A stack laid out, then given to the service user (a uid without a passwd entry), in a folder that user
-    can reach (pytest's own folders are 0700)."""
-    import shutil
-    import tempfile
-
-    from tests.test_provision import SERVICE
-
-    top = Path(tempfile.mkdtemp(prefix="vgw-devstack-"))
-    os.chmod(top, 0o755)  # noqa: S103 - the stack's owner must reach its folder, as it reaches its home
-    d = top / "stack"
-    try:
-        assert vgw("dev", "init", str(d), timeout=60).returncode == 0
-        for p in [d, *d.rglob("*")]:
-            os.lchown(p, SERVICE, SERVICE)
-        yield d
-    finally:
-        vgw("dev", "down", str(d), timeout=60)
-        shutil.rmtree(top, ignore_errors=True)
-
-
 @needs_root
 @pytest.mark.parametrize("planted", ["run/broker.pid", "logs/broker.log"])
 def test_up_as_root_never_follows_a_link_planted_in_the_stack(foreign_stack: Path, tmp_path: Path,

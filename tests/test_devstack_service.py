@@ -196,29 +196,7 @@ def test_up_service_without_its_extra_is_one_line_and_starts_nothing(stack_dir: 
     assert "consent" not in json.loads((stack_dir / "stack.json").read_text())
 
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="acting on another user's folder needs root")
-
-
-@pytest.fixture
-def foreign_stack() -> Iterator[Path]:
-    """A stack laid out, then given to the service user (a uid without a passwd entry), in a folder that user
-    can reach (pytest's own folders are 0700), as in tests/test_devstack.py."""
-    import shutil
-    import tempfile
-
-    from tests.test_provision import SERVICE
-
-    top = Path(tempfile.mkdtemp(prefix="vgw-devstack-"))
-    os.chmod(top, 0o755)  # noqa: S103 - the stack's owner must reach its folder, as it reaches its home
-    d = top / "stack"
-    try:
-        assert vgw("dev", "init", str(d), timeout=60).returncode == 0
-        for p in [d, *d.rglob("*")]:
-            os.lchown(p, SERVICE, SERVICE)
-        yield d
-    finally:
-        vgw("dev", "down", str(d), timeout=60)
-        shutil.rmtree(top, ignore_errors=True)
+from tests.test_devstack import needs_root  # noqa: E402 - beside the tests that need it; foreign_stack: conftest
 
 
 @needs_root

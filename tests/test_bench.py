@@ -8,18 +8,6 @@ import json
 
 import pytest
 from vgw.cli import main
-from vgw_sim.broker import MosquittoNotFound, find_mosquitto
-
-
-def _have_mosquitto() -> bool:
-    try:
-        find_mosquitto()
-    except MosquittoNotFound:
-        return False
-    return True
-
-
-pytestmark = pytest.mark.skipif(not _have_mosquitto(), reason="mosquitto is not installed")
 
 SHORT = ["--stages", "--frames", "20000", "--rt-seconds", "1", "--revoke-rows", "2000", "--rules-seconds", "2"]
 

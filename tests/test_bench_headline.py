@@ -11,19 +11,7 @@ import json
 import pytest
 from vgw.cli import main
 from vgw.tools.bench.headline import format_headline
-from vgw_sim.broker import MosquittoNotFound, find_mosquitto
 from vgw_sim.paths import dbc_dir
-
-
-def _have_mosquitto() -> bool:
-    try:
-        find_mosquitto()
-    except MosquittoNotFound:
-        return False
-    return True
-
-
-pytestmark = pytest.mark.skipif(not _have_mosquitto(), reason="mosquitto is not installed")
 
 
 def test_headline_runs_every_case(capsys: pytest.CaptureFixture[str]) -> None:

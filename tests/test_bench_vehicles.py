@@ -7,19 +7,7 @@ import json
 
 import pytest
 from vgw.cli import main
-from vgw_sim.broker import MosquittoNotFound, find_mosquitto
 from vgw_sim.paths import dbc_dir
-
-
-def _have_mosquitto() -> bool:
-    try:
-        find_mosquitto()
-    except MosquittoNotFound:
-        return False
-    return True
-
-
-pytestmark = pytest.mark.skipif(not _have_mosquitto(), reason="mosquitto is not installed")
 
 
 @pytest.mark.parametrize("dbc", ["vehicle_fd.dbc", "truck_j1939.dbc"])

@@ -6,6 +6,9 @@ client, cluster route), so :meth:`NatsCluster.kill` (SIGKILL, no clean shutdown)
 :meth:`NatsCluster.start_node` brings a node back on the same ports with the same JetStream store, as a
 restarted machine would. The MQTT session, retained and QoS 1 streams are replicated to all three nodes
 (``mqtt { stream_replicas: 3 }``), so a cluster that lost one node keeps its quorum and its sessions.
+:meth:`NatsCluster.restore` starts whatever was killed and waits until every node's monitoring ``/healthz``
+says it is current with the JetStream metadata leader and every stream it holds: one cluster can then serve
+a whole test module, each test finding it whole.
 
 Routes are plain TCP on loopback here; ``deploy/nats/nats.conf`` protects them with TLS.
 
@@ -103,6 +106,7 @@ class NatsCluster:
                 workdir=self.workdir / f"node-{i + 1}", server_name=f"nats-{i + 1}",
                 port=stable_port(self.host, taken), client_port=stable_port(self.host, taken),
                 cluster=cluster_block(name, routes[i], routes), stream_replicas=min(3, size),
+                http_port=stable_port(self.host, taken),
             ))
 
     @classmethod
@@ -167,6 +171,28 @@ class NatsCluster:
                 return
             time.sleep(0.05)
         raise BrokerStartError(f"NATS cluster {self.name}: no JetStream metadata leader after {timeout:.0f}s")
+
+    def wait_healthy(self, timeout: float = _START_TIMEOUT) -> None:
+        """Wait until every node runs and says it is healthy (``/healthz``: in contact and current with the
+        JetStream metadata leader, every stream and consumer replica it holds current). Raises
+        :class:`BrokerStartError` naming each node that is not, and why."""
+        deadline = time.monotonic() + timeout
+        while True:
+            why = {n.server_name: n.healthz() for n in self.nodes}
+            bad = {name: reason for name, reason in why.items() if reason is not None}
+            if not bad:
+                return
+            if time.monotonic() >= deadline:
+                raise BrokerStartError(f"NATS cluster {self.name} not healthy after {timeout:.0f}s: "
+                                       + "; ".join(f"{k}: {v}" for k, v in bad.items()))
+            time.sleep(0.1)
+
+    def restore(self, timeout: float = 60.0) -> NatsCluster:
+        """Start every node that is down (a test killed it) and wait until the whole cluster is healthy
+        (:meth:`wait_healthy`). Raises :class:`BrokerStartError`."""
+        self.start(timeout)
+        self.wait_healthy(timeout)
+        return self
 
     def start_node(self, index: int, timeout: float = _START_TIMEOUT) -> NatsMqtt:
         """Start node ``index`` again (same ports, same JetStream store). Raises :class:`BrokerStartError`."""

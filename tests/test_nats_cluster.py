@@ -3,12 +3,13 @@ workers, and the agent moving between nodes when the one it uses dies (README "F
 
 Three nats-server processes on loopback (routes, clustered JetStream, MQTT over mutual TLS on every node),
 one cluster for the whole module (starting one costs seconds). Each test gets it whole and clean from the
-``cluster`` fixture: nodes a test killed are started again and the fixture waits until every node's
-``/healthz`` is ok (JetStream metadata leader, every stream replica current); the telemetry stream is deleted
-(its durable consumer with it, as a test that makes them finds them on a fresh cluster: the cloud user may
-only use the one stream ``VGW``, so names per test are no option), the retained consent and status messages
-are cleared and the persistent MQTT sessions dropped. The module runs as one xdist group, so one worker holds
-the cluster. Skipped, with the reason, only where nats-server is not installed.
+``cluster`` fixture: nodes a test killed are started again and the fixture waits until the cluster is
+healthy (every node current with the JetStream metadata leader, every stream's replicas current); the
+telemetry stream is deleted (its durable consumer with it, as a test that makes them finds them on a fresh
+cluster: the cloud user may only use the one stream ``VGW``, so names per test are no option), the retained
+consent and status messages are cleared and the persistent MQTT sessions dropped. The module runs as one
+xdist group, so one worker holds the cluster. Skipped, with the reason, only where nats-server is not
+installed.
 """
 
 from __future__ import annotations
@@ -83,13 +84,20 @@ def cluster(module_cluster: ModuleCluster, pki: TestPKI) -> Iterator[NatsCluster
     """The module's cluster, whole (killed nodes started again, every node healthy) and clean (no telemetry
     stream, no retained consent or status, no persistent session)."""
     c = module_cluster.cluster
-    c.restore()
-    _clean(c, pki)
+    _whole_and_clean(c, pki)
     try:
         yield c
     finally:
         while _open_clients:
             _open_clients.pop().close()
+
+
+def _whole_and_clean(c: NatsCluster, pki: TestPKI) -> None:
+    """Start what a test killed, clean what it left, and wait until every node is healthy again (dropping
+    the stream and the sessions changes what each node holds)."""
+    c.restore()
+    _clean(c, pki)
+    c.wait_healthy(60)
 
 
 def _clean(c: NatsCluster, pki: TestPKI) -> None:
@@ -127,7 +135,8 @@ class Client:
         self._lock = threading.Lock()
         self.c = make_client(client_id or (name if name != "cloud" else "cloud-bare"), "3.1.1",
                              tls_context(pki.ca.cert, paths.cert, paths.key), persistent)
-        self.c.on_connect = lambda *a: self.connected.set()
+        self.session_present: bool | None = None
+        self.c.on_connect = self._on_connect
         self.c.on_message = self._on_message
         self.c.reconnect_delay_set(0.2, 1)
         self.c.connect("localhost", port, keepalive=10)
@@ -136,6 +145,10 @@ class Client:
         # The first MQTT client on a node after a node was killed waits for JetStream to elect new leaders
         # for the MQTT streams (seconds); paho retries the connection meanwhile.
         assert self.connected.wait(45), f"{name} did not connect to port {port}"
+
+    def _on_connect(self, _c: Any, _u: Any, flags: Any, *_rest: Any) -> None:
+        self.session_present = bool(flags.session_present)
+        self.connected.set()
 
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
         with self._lock:
@@ -231,6 +244,54 @@ def test_servers_run_and_write_in_their_own_work_dirs(
     cluster.restore()
     assert Path(psutil.Process(cluster.nodes[1].pid).cwd()) == cluster.nodes[1].workdir.resolve()
     assert sorted(p.name for p in module_cluster.start_cwd.iterdir()) == []
+
+
+def test_the_fixture_gives_each_test_the_cluster_whole_and_clean(cluster: NatsCluster, pki: TestPKI) -> None:
+    """What one test leaves (a killed node, the stream, a retained message, a persistent session with its
+    subscription) is gone when the fixture hands the module's cluster to the next."""
+    from nats.js import api
+    from nats.js.errors import NotFoundError
+
+    topic = "vgw/dev-0001/consent"
+    pub = Client(pki, "cloud", cluster.nodes[0].port, persistent=False)
+    dev = Client(pki, "dev-0001", cluster.nodes[1].port)
+    dev.c.subscribe(topic, qos=1)
+    info = pub.c.publish(topic, b"left-over", qos=1, retain=True)
+    info.wait_for_publish(30)
+    assert info.is_published() and dev.subscribe_until(topic, (topic, b"left-over")), dev.messages
+
+    async def make_stream(js: Any) -> None:
+        await js.add_stream(api.StreamConfig.from_response(telemetry_stream_config()))
+
+    _on_cluster(pki, cluster, make_stream)
+    dev.close()
+    pub.close()
+    cluster.kill(2)
+
+    _whole_and_clean(cluster, pki)  # what the fixture does before each test
+
+    assert all(n.running for n in cluster.nodes) and cluster.problems() == []
+
+    async def no_stream(js: Any) -> bool:
+        try:
+            await js.stream_info("VGW")
+        except NotFoundError:
+            return True
+        return False
+
+    assert _on_cluster(pki, cluster, no_stream)
+    again = Client(pki, "dev-0001", cluster.nodes[2].port)
+    assert again.session_present is False  # the persistent session (and its subscription) was dropped
+    # The retained messages matching a new subscription go out together as the server sets it up: once a
+    # retained marker has come, a left-over would have come with it.
+    pub = Client(pki, "cloud", cluster.nodes[0].port, persistent=False)
+    info = pub.c.publish("vgw/dev-0002/consent", b"marker", qos=1, retain=True)
+    info.wait_for_publish(30)
+    assert info.is_published()
+    assert pub.subscribe_until("vgw/+/consent", ("vgw/dev-0002/consent", b"marker")), pub.messages
+    assert not wait_until(lambda: (topic, b"left-over") in pub.messages, 2), pub.messages
+    for c in (again, pub):
+        c.close()
 
 
 def test_deploy_nats_definitions_are_the_tested_ones() -> None:

@@ -40,7 +40,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from vgw.cloud.jetstream import STREAM, stored_prefix
 
@@ -304,29 +304,43 @@ class NatsMqtt(ServerProcess):
         tmp.write_text(text)
         os.replace(tmp, self.conf_path)
 
-    def healthz(self, timeout: float = 2.0) -> str | None:
-        """None if the running server says it is healthy (``/healthz`` of the monitoring listener: accepting
-        connections and, in a cluster, in contact and current with the JetStream metadata leader and every
-        stream and consumer replica it holds), else why not. Raises ``RuntimeError`` without ``http_port``."""
+    def _monitor(self, query: str, timeout: float) -> tuple[dict[str, Any] | None, str]:
+        """GET ``/<query>`` of the monitoring listener: (answer, "") or (None, why not)."""
         if self.http_port is None:
             raise RuntimeError(f"{self.server_name}: no monitoring listener (http_port)")
         if not self.running:
-            return "not running"
-        url = f"http://{self.host}:{self.http_port}/healthz"
+            return None, "not running"
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as resp:  # our own loopback URL
+            with urllib.request.urlopen(f"http://{self.host}:{self.http_port}/{query}", timeout=timeout) as resp:
                 body = resp.read()
-        except urllib.error.HTTPError as exc:  # 503 while not current, with the reason in the body
+        except urllib.error.HTTPError as exc:  # healthz: 503 while not current, the reason in the body
             body = exc.read()
         except OSError as exc:
-            return f"monitoring listener: {exc}"
+            return None, f"monitoring listener: {exc}"
         try:
             answer = json.loads(body)
         except ValueError:
-            return f"healthz answered {body[:200]!r}"
-        if answer.get("status") == "ok":
-            return None
-        return str(answer.get("error") or answer)
+            return None, f"/{query} answered {body[:200]!r}"
+        return (answer, "") if isinstance(answer, dict) else (None, f"/{query} answered {body[:200]!r}")
+
+    def healthz(self, timeout: float = 2.0) -> str | None:
+        """None if the running server is healthy as a JetStream server (``/healthz?js-server-only=true``:
+        accepting connections, in contact and current with the metadata leader), else why not. The streams
+        are :meth:`streams`' business. Raises ``RuntimeError`` without ``http_port``."""
+        answer, why = self._monitor("healthz?js-server-only=true", timeout)
+        if answer is None:
+            return why
+        return None if answer.get("status") == "ok" else str(answer.get("error") or answer)
+
+    def streams(self, timeout: float = 2.0) -> list[dict[str, Any]] | str:
+        """The JetStream streams this server holds (``/jsz``), each ``{"account", "name", "cluster"}`` where
+        ``cluster`` has ``leader`` and ``replicas`` (``name``, ``current``, ``offline``; exact only on the
+        leader), or why they cannot be read. Raises ``RuntimeError`` without ``http_port``."""
+        answer, why = self._monitor("jsz?accounts=true&streams=true&config=false", timeout)
+        if answer is None:
+            return why
+        return [{"account": acc.get("name"), "name": st.get("name"), "cluster": st.get("cluster") or {}}
+                for acc in answer.get("account_details") or [] for st in acc.get("stream_detail") or []]
 
     def add_devices(self, devices: Iterable[str]) -> None:
         """Give more device ids a user; a running server reloads its config (SIGHUP). Raises ``ValueError``."""

@@ -6,8 +6,11 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 # Tests run in parallel (pytest-xdist). Most of the suite waits on real time (brokers, agents, replays), so
-# more workers than cores pays: 4 on a 2-core machine. PYTEST_WORKERS=0 runs in one process.
+# more workers than cores pays: 4 on a 2-core machine. PYTEST_WORKERS=0 runs in one process. --dist loadgroup
+# keeps each xdist_group on one worker: "timing" (tests bound to wall-clock time, one at a time) and
+# "nats-cluster" (one shared cluster); README "Layout" says more.
 PYTEST_WORKERS ?= 4
+PYTEST_DIST    := $(if $(filter 0,$(PYTEST_WORKERS)),,--dist loadgroup)
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: all venv deps test-deps demo test test-slow explore lint docs bench bundle install uninstall clean
@@ -53,10 +56,10 @@ demo: deps venv
 	$(BIN)/vgw demo
 
 test: deps test-deps venv
-	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) $(PYTEST_DIST) $(PYTEST_ARGS)
 
 test-slow: deps test-deps venv
-	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --runslow $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) $(PYTEST_DIST) --runslow $(PYTEST_ARGS)
 
 # The fault-schedule explorer (docs/guarantees.md, "The fault-schedule explorer"): N seeded schedules of faults
 # against the real agent on J workers (each with its own two brokers), failing ones shrunk to a minimal step

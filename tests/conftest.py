@@ -15,6 +15,9 @@
 - An autouse guard fails any test that leaves a new non-daemon thread, a ``vgw-*`` thread or a paho network
   thread alive (after a 2 s grace), a child process running (which it then kills, so one leak does not
   cascade) or a python-can bus open (which it then shuts down).
+- ``shared_processes`` (session): where a module- or session-scoped fixture registers the servers it owns
+  (``shared_processes.add(lambda: pids)``), so the guard leaves them to that fixture even when a test
+  restarted one (a NATS node killed and started again has a new pid).
 
 Modules add their own fixtures next to their tests; keep this file generic.
 """
@@ -28,7 +31,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -107,10 +110,34 @@ def _describe(proc: psutil.Process) -> str:
         return f"pid {proc.pid}"
 
 
+class SharedProcesses:
+    """The child processes that fixtures wider than one test own (their pids, asked for at each check)."""
+
+    def __init__(self) -> None:
+        self._owners: list[Callable[[], Iterable[int | None]]] = []
+
+    def add(self, pids: Callable[[], Iterable[int | None]]) -> Callable[[], None]:
+        """Register ``pids`` (called at every check); returns the function that unregisters it."""
+        self._owners.append(pids)
+        return lambda: self._owners.remove(pids)
+
+    def pids(self) -> set[int]:
+        return {pid for owner in self._owners for pid in owner() if pid is not None}
+
+
+_SHARED = SharedProcesses()
+
+
+@pytest.fixture(scope="session")
+def shared_processes() -> SharedProcesses:
+    """Register the servers a module- or session-scoped fixture owns, so the leak guard leaves them alone."""
+    return _SHARED
+
+
 @pytest.fixture(autouse=True)
 def _no_leaks() -> Iterator[None]:
-    """Fail the test if it leaves a new non-daemon or ``vgw-*`` thread, a running child process or an open
-    python-can bus behind."""
+    """Fail the test if it leaves a new non-daemon or ``vgw-*`` thread, a running child process (other than
+    the ``shared_processes``) or an open python-can bus behind."""
     threads_before = set(threading.enumerate())
     children_before = set(_live_children())
     buses_before = _open_buses()
@@ -123,7 +150,8 @@ def _no_leaks() -> Iterator[None]:
         time.sleep(0.05)
     deadline = time.monotonic() + _PROCESS_GRACE_S
     while True:
-        procs = [p for pid, p in _live_children().items() if pid not in children_before]
+        shared = _SHARED.pids()
+        procs = [p for pid, p in _live_children().items() if pid not in children_before and pid not in shared]
         if not procs or time.monotonic() >= deadline:
             break
         time.sleep(0.05)

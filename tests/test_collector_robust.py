@@ -461,6 +461,7 @@ def _watchdog_pings(sock: socket.socket, seconds: float) -> int:
     return n
 
 
+@pytest.mark.xdist_group("timing")  # asserts wall-clock bounds: runs alone in its group (README "Layout")
 def test_watchdog_stops_while_the_collector_is_stalled(tmp_path: Path, pki, channel: str,
                                                        notify_socket: socket.socket) -> None:
     """A quiet bus is legal (pings go on); a collector stuck in one iteration is not (pings stop, status says

@@ -151,6 +151,7 @@ def test_kill9_fifty_times(tmp_path, pki, auth):
     print("kill -9 x50:", json.dumps(totals))
 
 
+@pytest.mark.xdist_group("timing")  # asserts wall-clock bounds: runs alone in its group (README "Layout")
 def test_sigterm_flushes_open_batch_publishes_offline_and_exits_0(tmp_path, pki, broker, cloud, auth):
     trace = record_trace(tmp_path, 30.0)
     # Batches would close only after 60 s: whatever reaches the cloud was flushed by the SIGTERM handler.

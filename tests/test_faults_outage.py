@@ -41,6 +41,7 @@ def _rows(runner: AgentThread, gid: str) -> int:
     return runner.agent.outbox.stats().get(gid, {}).get("rows", 0)
 
 
+@pytest.mark.xdist_group("timing")  # asserts wall-clock bounds: runs alone in its group (README "Layout")
 def test_outage_within_quota_loses_nothing_and_drains_oldest_first_at_bounded_rate(tmp_path, pki, auth):
     grants = {"g-speed": ["read_speedometer"], "g-fleet": ["read_odometer", "read_fuel"]}
     drain_rate, inflight = 10.0, 5

@@ -134,6 +134,7 @@ def test_answers_from_the_whole_response_range(channel: str, transport: IsoTpTra
     assert answers == {0x7EF: b"\x41\x0d\x21", 0x7EC: b"\x41\x00\xbe\x3f\xa8\x13\x0d\x22"}
 
 
+@pytest.mark.xdist_group("timing")  # asserts wall-clock bounds: runs alone in its group (README "Layout")
 def test_no_answer_is_empty_not_an_error(transport: IsoTpTransport) -> None:
     start = time.monotonic()
     assert transport.query(build_request(0x01, [0x0D], scopes=NONE)) == {}

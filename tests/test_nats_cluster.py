@@ -1,8 +1,15 @@
 """A fleet on a real 3-node NATS cluster: the harness, the deploy/ definitions, the cloud's durable JetStream
 workers, and the agent moving between nodes when the one it uses dies (README "Fleet", docs/fleet.md).
 
-Three nats-server processes on loopback (routes, clustered JetStream, MQTT over mutual TLS on every node).
-Skipped, with the reason, only where nats-server is not installed.
+Three nats-server processes on loopback (routes, clustered JetStream, MQTT over mutual TLS on every node),
+one cluster for the whole module (starting one costs seconds). Each test gets it whole and clean from the
+``cluster`` fixture: nodes a test killed are started again and the fixture waits until the cluster is
+healthy (every node current with the JetStream metadata leader, every stream's replicas current); the
+telemetry stream is deleted (its durable consumer with it, as a test that makes them finds them on a fresh
+cluster: the cloud user may only use the one stream ``VGW``, so names per test are no option), the retained
+consent and status messages are cleared and the persistent MQTT sessions dropped. The module runs as one
+xdist group, so one worker holds the cluster. Skipped, with the reason, only where nats-server is not
+installed.
 """
 
 from __future__ import annotations
@@ -14,9 +21,10 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as mqtt
+import psutil
 import pytest
 from vgw.cloud.jetstream import telemetry_consumer_config, telemetry_stream_config
 from vgw.cloud.mqttclient import make_client
@@ -28,40 +36,108 @@ from vgw_sim.pki import TestPKI
 
 from tests.agentkit import ROOT, vgw, wait_until
 
+if TYPE_CHECKING:
+    from tests.conftest import SharedProcesses
+
 try:
     find_nats_server()
 except NatsNotFound:
     pytest.skip("nats-server is not installed (apt-get install nats-server)", allow_module_level=True)
 
+pytestmark = pytest.mark.xdist_group("nats-cluster")  # one worker runs the module: one cluster
+
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "nats"
+# The persistent MQTT sessions the tests make: devices (bare clients and agents) and the consent pusher.
+SESSIONS = ("cloud-consent",)
+RETAINED = ("consent", "status")
 
 
 _open_clients: list[Client] = []
 
 
-@pytest.fixture
-def cluster(pki: TestPKI) -> Iterator[NatsCluster]:
+class ModuleCluster:
+    """The module's cluster and the empty directory that was the current one while it started."""
+
+    def __init__(self, cluster: NatsCluster, start_cwd: Path) -> None:
+        self.cluster, self.start_cwd = cluster, start_cwd
+
+
+@pytest.fixture(scope="module")
+def module_cluster(pki: TestPKI, tmp_path_factory: pytest.TempPathFactory,
+                   shared_processes: SharedProcesses) -> Iterator[ModuleCluster]:
+    """One 3-node cluster for the module, started from an empty current directory (a server that writes by a
+    relative path would write there: test_servers_run_and_write_in_their_own_work_dirs looks)."""
+    start_cwd = tmp_path_factory.mktemp("nats-cwd")
     c = NatsCluster.from_pki(pki, ack_wait="2s")
+    unregister = shared_processes.add(lambda: [n.pid for n in c.nodes])
     try:
-        c.start()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.chdir(start_cwd)
+            c.start()
+        yield ModuleCluster(c, start_cwd)
+    finally:
+        c.close()
+        unregister()
+
+
+@pytest.fixture
+def cluster(module_cluster: ModuleCluster, pki: TestPKI) -> Iterator[NatsCluster]:
+    """The module's cluster, whole (killed nodes started again, every node healthy) and clean (no telemetry
+    stream, no retained consent or status, no persistent session)."""
+    c = module_cluster.cluster
+    _whole_and_clean(c, pki)
+    try:
         yield c
     finally:
         while _open_clients:
             _open_clients.pop().close()
-        c.close()
+
+
+def _whole_and_clean(c: NatsCluster, pki: TestPKI) -> None:
+    """Start what a test killed, clean what it left, and wait until every node is healthy again (dropping
+    the stream and the sessions changes what each node holds)."""
+    c.restore()
+    _clean(c, pki)
+    c.wait_healthy(60)
+
+
+def _clean(c: NatsCluster, pki: TestPKI) -> None:
+    """What one test leaves that another could see: the stream (and its consumers), retained messages,
+    persistent sessions (their subscriptions and queued QoS 1 messages)."""
+    from nats.js.errors import NotFoundError
+
+    async def drop_stream(js: Any) -> None:
+        try:
+            await js.delete_stream("VGW")
+        except NotFoundError:
+            pass
+
+    _on_cluster(pki, c, drop_stream)
+    port = c.nodes[0].port
+    cloud = Client(pki, "cloud", port, persistent=False, client_id="cloud-clean")
+    for device in pki.devices:
+        for leaf in RETAINED:  # an empty retained message removes the retained one (MQTT 3.1.1, 3.3.1.3)
+            info = cloud.c.publish(f"vgw/{device}/{leaf}", b"", qos=1, retain=True)
+            info.wait_for_publish(30)
+            assert info.is_published(), f"retained vgw/{device}/{leaf} not cleared"
+    cloud.close()
+    for name in (*pki.devices, *SESSIONS):  # a clean-session CONNECT discards the stored session (3.1.2.4)
+        Client(pki, name if name in pki.devices else "cloud", port, persistent=False, client_id=name).close()
 
 
 class Client:
     """A bare MQTT 3.1.1 client on one node (its callbacks only record)."""
 
-    def __init__(self, pki: TestPKI, name: str, port: int, *, persistent: bool = True) -> None:
+    def __init__(self, pki: TestPKI, name: str, port: int, *, persistent: bool = True,
+                 client_id: str | None = None) -> None:
         paths = pki.cloud if name == "cloud" else pki.device(name)
         self.messages: list[tuple[str, bytes]] = []
         self.connected = threading.Event()
         self._lock = threading.Lock()
-        self.c = make_client(name if name != "cloud" else "cloud-bare", "3.1.1",
+        self.c = make_client(client_id or (name if name != "cloud" else "cloud-bare"), "3.1.1",
                              client_context(pki.ca.cert, paths.cert, paths.key), persistent)
-        self.c.on_connect = lambda *a: self.connected.set()
+        self.session_present: bool | None = None
+        self.c.on_connect = self._on_connect
         self.c.on_message = self._on_message
         self.c.reconnect_delay_set(0.2, 1)
         self.c.connect("localhost", port, keepalive=10)
@@ -70,6 +146,10 @@ class Client:
         # The first MQTT client on a node after a node was killed waits for JetStream to elect new leaders
         # for the MQTT streams (seconds); paho retries the connection meanwhile.
         assert self.connected.wait(45), f"{name} did not connect to port {port}"
+
+    def _on_connect(self, _c: Any, _u: Any, flags: Any, *_rest: Any) -> None:
+        self.session_present = bool(flags.session_present)
+        self.connected.set()
 
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
         with self._lock:
@@ -121,6 +201,97 @@ def test_cluster_has_mqtt_on_every_node_and_survives_kill_and_restart(cluster: N
     late = Client(pki, "dev-0002", port, persistent=False)
     assert late.subscribe_until("vgw/dev-0002/consent", ("vgw/dev-0002/consent", b"doc-v2")), late.messages
     for c in (late, other, pub):
+        c.close()
+
+
+def test_servers_run_and_write_in_their_own_work_dirs(
+    module_cluster: ModuleCluster, cluster: NatsCluster, pki: TestPKI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full run once left JetStream metadata files (meta.inf, meta.sum) in the repository root, where the
+    tests run: each node runs in its own work directory, and a cluster's life (a stream made, filled, deleted
+    while a node is down, the node started again) leaves nothing in the directory it was started from."""
+    from nats.js import api
+
+    for node in cluster.nodes:
+        assert node.pid is not None and Path(psutil.Process(node.pid).cwd()) == node.workdir.resolve()
+    monkeypatch.chdir(module_cluster.start_cwd)
+
+    async def fill(js: Any) -> None:
+        await js.add_stream(api.StreamConfig.from_response(telemetry_stream_config()))
+        for seq in range(1, 6):
+            await js.publish("vgw-stored.dev-0001.data.g-1", f"m{seq}".encode(), stream="VGW")
+
+    async def delete(js: Any) -> None:
+        import asyncio
+
+        from nats.errors import TimeoutError as NatsTimeout
+        from nats.js.errors import NotFoundError, ServiceUnavailableError
+
+        deadline = time.monotonic() + 45
+        while True:  # until JetStream has re-elected the leaders the dead node held
+            try:
+                await js.delete_stream("VGW")
+                return
+            except NotFoundError:
+                return  # a try that timed out did delete it
+            except (NatsTimeout, ServiceUnavailableError):
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+
+    _on_cluster(pki, cluster, fill)
+    cluster.kill(1)
+    _on_cluster(pki, cluster, delete)  # the node that is down learns of it when it comes back
+    cluster.restore()
+    assert Path(psutil.Process(cluster.nodes[1].pid).cwd()) == cluster.nodes[1].workdir.resolve()
+    assert sorted(p.name for p in module_cluster.start_cwd.iterdir()) == []
+
+
+def test_the_fixture_gives_each_test_the_cluster_whole_and_clean(cluster: NatsCluster, pki: TestPKI) -> None:
+    """What one test leaves (a killed node, the stream, a retained message, a persistent session with its
+    subscription) is gone when the fixture hands the module's cluster to the next."""
+    from nats.js import api
+    from nats.js.errors import NotFoundError
+
+    topic = "vgw/dev-0001/consent"
+    pub = Client(pki, "cloud", cluster.nodes[0].port, persistent=False)
+    dev = Client(pki, "dev-0001", cluster.nodes[1].port)
+    dev.c.subscribe(topic, qos=1)
+    info = pub.c.publish(topic, b"left-over", qos=1, retain=True)
+    info.wait_for_publish(30)
+    assert info.is_published() and dev.subscribe_until(topic, (topic, b"left-over")), dev.messages
+
+    async def make_stream(js: Any) -> None:
+        await js.add_stream(api.StreamConfig.from_response(telemetry_stream_config()))
+
+    _on_cluster(pki, cluster, make_stream)
+    dev.close()
+    pub.close()
+    cluster.kill(2)
+
+    _whole_and_clean(cluster, pki)  # what the fixture does before each test
+
+    assert all(n.running for n in cluster.nodes) and cluster.problems() == []
+
+    async def no_stream(js: Any) -> bool:
+        try:
+            await js.stream_info("VGW")
+        except NotFoundError:
+            return True
+        return False
+
+    assert _on_cluster(pki, cluster, no_stream)
+    again = Client(pki, "dev-0001", cluster.nodes[2].port)
+    assert again.session_present is False  # the persistent session (and its subscription) was dropped
+    # The retained messages matching a new subscription go out together as the server sets it up: once a
+    # retained marker has come, a left-over would have come with it.
+    pub = Client(pki, "cloud", cluster.nodes[0].port, persistent=False)
+    info = pub.c.publish("vgw/dev-0002/consent", b"marker", qos=1, retain=True)
+    info.wait_for_publish(30)
+    assert info.is_published()
+    assert pub.subscribe_until("vgw/+/consent", ("vgw/dev-0002/consent", b"marker")), pub.messages
+    assert not wait_until(lambda: (topic, b"left-over") in pub.messages, 2), pub.messages
+    for c in (again, pub):
         c.close()
 
 

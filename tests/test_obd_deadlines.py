@@ -76,6 +76,7 @@ def timed(fn: Callable[[], Any], limit: float, on_overrun: Callable[[], None]) -
 
 @pytest.mark.parametrize(("scenario", "tcp"), [("endless", False), ("endless", True), ("drip", False)],
                          ids=["endless-pty", "endless-tcp", "drip-pty"])
+@pytest.mark.xdist_group("timing")  # asserts wall-clock bounds: runs alone in its group (README "Layout")
 def test_query_returns_by_its_deadline_while_bytes_keep_arriving(make_sim: Any, scenario: str, tcp: bool) -> None:
     sim, port = make_sim(tcp=tcp)
     elm = Elm327(port, timeout_s=0.6)
@@ -90,6 +91,7 @@ def test_query_returns_by_its_deadline_while_bytes_keep_arriving(make_sim: Any, 
         elm.close()
 
 
+@pytest.mark.xdist_group("timing")  # asserts wall-clock bounds: runs alone in its group (README "Layout")
 def test_a_20_mb_answer_is_cut_off_at_the_cap_in_bounded_time_and_memory(make_sim: Any) -> None:
     sim, port = make_sim()
     elm = Elm327(port, timeout_s=5.0)
@@ -217,6 +219,7 @@ class ChatteringEcus:
         self.bus.shutdown()
 
 
+@pytest.mark.xdist_group("timing")  # asserts wall-clock bounds: runs alone in its group (README "Layout")
 def test_isotp_repeated_first_frames_cannot_move_the_deadline_or_flood_flow_controls(channel: str) -> None:
     ecus = ChatteringEcus(channel, (0x7E8, 0x7E9))
     transport = IsoTpTransport("virtual", channel, timeout_s=0.5)
@@ -233,6 +236,7 @@ def test_isotp_repeated_first_frames_cannot_move_the_deadline_or_flood_flow_cont
         ecus.close()
 
 
+@pytest.mark.xdist_group("timing")  # asserts wall-clock bounds: runs alone in its group (README "Layout")
 def test_isotp_a_chattering_ecu_does_not_stop_the_others_answering(channel: str) -> None:
     """0x7EA floods first frames; the real ECU on 0x7E8 still answers within the same deadline."""
     ecus = ChatteringEcus(channel, (0x7EA,))

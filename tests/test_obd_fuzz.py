@@ -103,6 +103,7 @@ def test_parse_answer_truncated_real_answers_long(data: st.DataObject) -> None:
     check_parse(*truncate(data))
 
 
+@pytest.mark.xdist_group("timing")  # asserts wall-clock bounds: runs alone in its group (README "Layout")
 def test_parse_answer_time_is_linear_in_a_huge_line() -> None:
     """A line as long as the client's answer cap, and 30 times that: time grows linearly, not worse."""
     def took(n: int) -> float:

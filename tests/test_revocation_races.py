@@ -88,6 +88,7 @@ def test_version_floor_binds_after_cache_damage_over_mqtt_and_at_the_console(tmp
 # -- the end-of-trace drain honours SIGTERM and consent (docs/guarantees.md "Revocation wins every race") -----
 
 
+@pytest.mark.xdist_group("timing")  # asserts wall-clock bounds: runs alone in its group (README "Layout")
 def test_end_of_trace_drain_takes_consent_and_ends_promptly_on_sigterm(tmp_path: Path, pki) -> None:
     auth = Authority(tmp_path)
     trace = record_trace(tmp_path, 3.0)

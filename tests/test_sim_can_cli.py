@@ -162,6 +162,7 @@ def test_play_waits_for_a_reader_of_the_pty(tmp_path: Path, procs: list[subproce
     assert got == wanted and len(got) == n
 
 
+@pytest.mark.xdist_group("timing")  # asserts wall-clock bounds: runs alone in its group (README "Layout")
 def test_play_fast_ignores_timestamps(tmp_path: Path) -> None:
     trace, n = _trace(tmp_path, 30.0)
     started = time.monotonic()

@@ -297,6 +297,7 @@ def test_virtual_bus_is_received_by_another_bus(db: Database, channel: str) -> N
         db.decode_message(msg.arbitration_id, msg.data)
 
 
+@pytest.mark.xdist_group("timing")  # asserts wall-clock bounds: runs alone in its group (README "Layout")
 def test_realtime_run_stops_on_event(channel: str) -> None:
     sim = CanSimulator(model=VehicleModel(seed=2))
     stop = threading.Event()
@@ -414,6 +415,7 @@ def _vgw(*args: str) -> list[str]:
     return [sys.executable, "-m", "vgw", *args]
 
 
+@pytest.mark.xdist_group("timing")  # asserts wall-clock bounds: runs alone in its group (README "Layout")
 def test_slcan_pty_from_a_separate_process(db: Database, sim_process: list[subprocess.Popen[str]]) -> None:
     proc = subprocess.Popen(
         _vgw("sim", "can", "--interface", "slcan", "--duration", "15"),

@@ -36,9 +36,11 @@ import shutil
 import signal
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from vgw.cloud.jetstream import STREAM, stored_prefix
 
@@ -152,6 +154,7 @@ def nats_config(
     ack_wait: str = "5s",
     cluster: str = "",
     stream_replicas: int = 1,
+    http_listen: str = "",
     extra: str = "",
 ) -> str:
     """A nats-server config (text) for vgw: JetStream, MQTT over mutual TLS, one user per device certificate.
@@ -159,6 +162,8 @@ def nats_config(
     ``ack_wait`` is how long the server waits for an MQTT PUBACK before it redelivers a QoS 1 message.
     ``cluster`` is a ``cluster { ... }`` block (see :func:`cluster_block`); ``stream_replicas`` the replica
     count of the MQTT session, retained and QoS 1 streams (3 on a 3-node cluster, so they survive a node).
+    ``http_listen`` (``host:port``) opens the monitoring listener, whose ``/healthz`` says whether the node's
+    JetStream is current (see :meth:`NatsMqtt.healthz`).
     Raises ``ValueError`` for an invalid device id or prefix.
     """
     _check_id(prefix)
@@ -175,6 +180,7 @@ def nats_config(
             tls,
             f'jetstream {{ store_dir: "{store_dir}", max_memory_store: 268435456, max_file_store: 4294967296 }}',
             "max_payload: 1048576",
+            f"http: {http_listen}" if http_listen else "",
             cluster,
             authorization_block(devices, prefix=prefix, cloud_users=cloud_users).rstrip("\n"),
             "mqtt {",
@@ -195,7 +201,8 @@ class NatsMqtt(ServerProcess):
     :meth:`add_devices` adds more (config reload, no restart). ``port`` is the MQTT port (fixed, or a free
     one picked at the first start and kept for restarts). The JetStream store lives in the work directory,
     so retained messages and sessions survive :meth:`restart`. Raises :class:`NatsNotFound` at
-    construction if nats-server is missing.
+    construction if nats-server is missing. ``http_port`` (fixed) opens the monitoring listener for
+    :meth:`healthz`.
     """
 
     kind = "nats-server"
@@ -218,6 +225,7 @@ class NatsMqtt(ServerProcess):
         client_port: int | None = None,
         cluster: str = "",
         stream_replicas: int = 1,
+        http_port: int | None = None,
     ) -> None:
         self._binary = binary or find_nats_server()
         self.host = HOST
@@ -234,6 +242,7 @@ class NatsMqtt(ServerProcess):
         self.server_name = server_name
         self._cluster = cluster
         self._stream_replicas = stream_replicas
+        self.http_port = http_port
         self._own_workdir = workdir is None
         self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="vgw-nats-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -289,10 +298,49 @@ class NatsMqtt(ServerProcess):
             server_name=self.server_name,
             cluster=self._cluster,
             stream_replicas=self._stream_replicas,
+            http_listen=f"{self.host}:{self.http_port}" if self.http_port is not None else "",
         )
         tmp = self.conf_path.with_suffix(".tmp")
         tmp.write_text(text)
         os.replace(tmp, self.conf_path)
+
+    def _monitor(self, query: str, timeout: float) -> tuple[dict[str, Any] | None, str]:
+        """GET ``/<query>`` of the monitoring listener: (answer, "") or (None, why not)."""
+        if self.http_port is None:
+            raise RuntimeError(f"{self.server_name}: no monitoring listener (http_port)")
+        if not self.running:
+            return None, "not running"
+        try:
+            with urllib.request.urlopen(f"http://{self.host}:{self.http_port}/{query}", timeout=timeout) as resp:
+                body = resp.read()
+        except urllib.error.HTTPError as exc:  # healthz: 503 while not current, the reason in the body
+            body = exc.read()
+        except OSError as exc:
+            return None, f"monitoring listener: {exc}"
+        try:
+            answer = json.loads(body)
+        except ValueError:
+            return None, f"/{query} answered {body[:200]!r}"
+        return (answer, "") if isinstance(answer, dict) else (None, f"/{query} answered {body[:200]!r}")
+
+    def healthz(self, timeout: float = 2.0) -> str | None:
+        """None if the running server is healthy as a JetStream server (``/healthz?js-server-only=true``:
+        accepting connections, in contact and current with the metadata leader), else why not. The streams
+        are :meth:`streams`' business. Raises ``RuntimeError`` without ``http_port``."""
+        answer, why = self._monitor("healthz?js-server-only=true", timeout)
+        if answer is None:
+            return why
+        return None if answer.get("status") == "ok" else str(answer.get("error") or answer)
+
+    def streams(self, timeout: float = 2.0) -> list[dict[str, Any]] | str:
+        """The JetStream streams this server holds (``/jsz``), each ``{"account", "name", "cluster"}`` where
+        ``cluster`` has ``leader`` and ``replicas`` (``name``, ``current``, ``offline``; exact only on the
+        leader), or why they cannot be read. Raises ``RuntimeError`` without ``http_port``."""
+        answer, why = self._monitor("jsz?accounts=true&streams=true&config=false", timeout)
+        if answer is None:
+            return why
+        return [{"account": acc.get("name"), "name": st.get("name"), "cluster": st.get("cluster") or {}}
+                for acc in answer.get("account_details") or [] for st in acc.get("stream_detail") or []]
 
     def add_devices(self, devices: Iterable[str]) -> None:
         """Give more device ids a user; a running server reloads its config (SIGHUP). Raises ``ValueError``."""

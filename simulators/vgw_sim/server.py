@@ -1,5 +1,6 @@
-"""What every private test server (mosquitto, nats-server) shares: a child process in its own work directory,
-its log file, and an idempotent stop / kill / restart / close lifecycle.
+"""What every private test server (mosquitto, nats-server) shares: a child process in its own work directory
+(also its current directory, so nothing it writes by a relative path lands where the tests run), its log file,
+and an idempotent stop / kill / restart / close lifecycle.
 
 A subclass sets ``workdir``, ``log_path`` and ``_port`` in its constructor (after calling
 :meth:`_init_process`) and implements :meth:`start`.
@@ -78,7 +79,8 @@ class ServerProcess:
     # -- process helpers ------------------------------------------------------------------------------
 
     def _launch(self, argv: list[str], ready: Callable[[str], bool], timeout: float) -> tuple[bool, str]:
-        """Start the process (output appended to the log) and wait until ``ready(log since start)``.
+        """Start the process in its work directory (output appended to the log) and wait until
+        ``ready(log since start)``.
 
         Returns (True, "") once ready, or (False, why) if it exited or was not ready within ``timeout``
         (then it is stopped).
@@ -86,7 +88,7 @@ class ServerProcess:
         self._log_fh = open(self.log_path, "ab")
         offset = self._log_fh.tell()
         proc = self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._log_fh,
-                                             stderr=subprocess.STDOUT, close_fds=True)
+                                             stderr=subprocess.STDOUT, close_fds=True, cwd=self.workdir)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if proc.poll() is not None:

@@ -123,8 +123,12 @@ def build(arch: str, out: Path, *, cache: Path | None = None, extra_wheels: Path
         stage = Path(tmp) / name
         wheels = stage / "wheels"
         wheels.mkdir(parents=True)
-        # the car's distribution: the agent without the simulators (agent/pyproject.toml)
-        _pip(["wheel", "--quiet", "--no-deps", "--wheel-dir", str(wheels), str(ROOT / "agent")],
+        # the car's distribution: the agent without the simulators (agent/pyproject.toml), built from a copy so
+        # that no build folder is left in the checkout and two builds at once do not share one
+        src = Path(tmp) / "src"
+        shutil.copytree(ROOT / "agent", src, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "build",
+                                                                           "*.egg-info"))
+        _pip(["wheel", "--quiet", "--no-deps", "--wheel-dir", str(wheels), str(src)],
              env=env)
         own = next(wheels.glob("vgw-*.whl"))
         fetch = ["download", "--only-binary=:all:", "--dest", str(wheels)]

@@ -32,7 +32,9 @@ import paho.mqtt.client as mqtt
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
-from vgw.cloud.mqttclient import make_client
+from vgw.cloud.mqttclient import make_client, tls_context
+from vgw.contract.backoff import ENROLL_RESEND_S as RESEND_S  # the same rule as `vgw enroll`
+from vgw.contract.topics import PREFIX
 from vgw.contract.certs import cert_device_id
 from vgw.contract.enrollment import (
     Kind,
@@ -51,9 +53,6 @@ from vgw_sim.fleet_device import pump
 __all__ = ["RESEND_S", "EnrollReport", "EnrollService", "enroll_fleet"]
 
 log = logging.getLogger("vgw.fleet")
-
-PREFIX = "vgw"
-RESEND_S = 5.0  # as `vgw enroll`
 
 
 @dataclass
@@ -238,10 +237,7 @@ def enroll_fleet(tokens: dict[str, str], *, host: str, port: int, protocol: str,
                  claim_key: Path, out: Path, lanes: int = 4, window: int = 64, timeout_s: float = 300.0
                  ) -> EnrollReport:
     """Enroll every device of ``tokens`` (id -> token); each enrolled pair is written to ``out/<id>.crt|key``."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_verify_locations(cafile=os.fspath(ca))
-    ctx.load_cert_chain(os.fspath(claim_cert), os.fspath(claim_key))
+    ctx = tls_context(ca, claim_cert, claim_key)  # the claim identity's connection
     anchors = x509.load_pem_x509_certificates(ca.read_bytes())
     out.mkdir(parents=True, exist_ok=True)
     report = EnrollReport()

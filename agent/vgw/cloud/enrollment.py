@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from vgw.cloud.cloudlink import BrokerOptions, CloudLink
 from vgw.base.config import DEVICE_ID_PATTERN
+from vgw.contract.topics import request_filters
 from vgw.contract.enrollment import (
     ENROLL_SEGMENT,
     Kind,
@@ -309,7 +310,7 @@ class EnrollService:
         prefix = self.opts.prefix
         self._link.connect()
         try:
-            self._link.subscribe([(f"{prefix}/{ENROLL_SEGMENT}/+/request", 1), (f"{prefix}/+/cert/request", 1)])
+            self._link.subscribe([(topic, 1) for topic in request_filters(prefix)])
             self.ready.set()
             while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
                 try:

@@ -31,6 +31,7 @@ from cryptography import x509
 from paho.mqtt.enums import CallbackAPIVersion
 from vgw.state.audit import AuditLog
 from vgw.base.config import Config, load_config
+from vgw.contract.backoff import ENROLL_RESEND_S as RESEND_S  # no answer this long: publish the request again
 from vgw.state.credentials import device_credentials, ensure_key, install_chain, load_key
 from vgw.contract.enrollment import (
     Kind,
@@ -58,7 +59,6 @@ __all__ = ["RESEND_S", "Enrolled", "enroll", "enrolled_already"]
 
 log = logging.getLogger(__name__)
 
-RESEND_S = 5.0  # no answer this long: publish the same request again (the service answers a repeat the same)
 CONNECT_WAIT_S = 10.0
 
 

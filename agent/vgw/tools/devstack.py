@@ -42,6 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from vgw.contract.topics import PREFIX, consent_topic
 from vgw.base.errors import ConfigError, VgwError
 from vgw.base.fsutil import Account, acting_for, atomic_write
 
@@ -507,7 +508,7 @@ def _push_consent(stack: Stack, device: str, broker_opts: list[str]) -> _Pushed:
     link = CloudLink(BrokerOptions(host=host, port=port, ca_file=Path(opts["--ca"]), cert_file=Path(opts["--cert"]),
                                    key_file=Path(opts["--tls-key"]), client_id=f"vgw-dev-up-{os.getpid()}")).connect()
     try:
-        link.publish(f"vgw/{device}/consent", current.read_text().strip().encode())
+        link.publish(consent_topic(PREFIX, device), current.read_text().strip().encode())
     finally:
         link.close()
     return _Pushed(ver if isinstance(ver, int) else None, signed=signed)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import can
-from vgw.base.config import Config, load_config
+from vgw.config.settings import Config, load_config
 from vgw.daemon.agent import Agent
 from vgw.daemon.timing import DEFAULT_TIMING, Timing
 from vgw_sim.broker import Mosquitto

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vgw.base.config import BatchConfig
 from vgw.cloud.envelopes import open_envelope
+from vgw.config.settings import BatchConfig
 from vgw.daemon.counters import Counters
 from vgw.daemon.locked_pipeline import PipelineGuard
 from vgw.daemon.writer import BatchWriter

@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from vgw.base.config import load_config
 from vgw.base.errors import ConfigError
+from vgw.config.settings import load_config
 from vgw.pipeline.catalogue import MAX_DBC_BYTES, MAX_DBC_MESSAGES, MAX_DBC_SIGNALS, MAX_DBC_WORDS, load_catalogue
 from vgw.pipeline.router import Pipeline
 from vgw_sim.broker import free_port

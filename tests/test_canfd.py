@@ -12,8 +12,8 @@ import cantools
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from vgw.base.config import load_config
 from vgw.base.errors import ConfigError
+from vgw.config.settings import load_config
 from vgw.ops.doctor import FAIL, PASS, WARN, Probes, check_can_interface
 from vgw.pipeline.catalogue import load_catalogue
 from vgw.pipeline.decoder import MessageDecoder

@@ -242,7 +242,7 @@ def test_a_consent_with_an_impossible_time_is_rejected(tmp_path: Path, pki, clai
 
 
 def _status_file(cfg: Path) -> Path:
-    from vgw.base.config import load_config
+    from vgw.config.settings import load_config
     from vgw.daemon.agent import STATUS_FILE
 
     state_dir = load_config(cfg).state_dir
@@ -280,7 +280,7 @@ def test_show_status_report_survive_a_cached_document_with_an_impossible_expiry(
     """A cache written before the date check (or by hand) must not crash the commands that print it."""
     import time
 
-    from vgw.base.config import load_config
+    from vgw.config.settings import load_config
     from vgw.state.consent.store import ConsentStore
 
     auth = Authority(tmp_path)
@@ -302,7 +302,7 @@ def test_show_status_report_survive_a_cached_document_with_an_impossible_expiry(
 def test_report_and_audit_survive_a_damaged_audit_log(tmp_path: Path, pki, damage_bytes: bytes) -> None:
     import time
 
-    from vgw.base.config import load_config
+    from vgw.config.settings import load_config
 
     auth = Authority(tmp_path)
     cfg = write_config(tmp_path, pki, 1, auth.trust, device=DEV, can={"channel": "unused"})

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-from vgw.base.config import load_config
 from vgw.cloud.cloudkit import load_grants
+from vgw.config.settings import load_config
 
 from tests.agentkit import ROOT, vgw, wait_until
 

@@ -355,7 +355,7 @@ def test_serial_adapter_behind_a_link_is_checked(tmp_path: Path) -> None:
     whether the simulator ran or not."""
     import pty as ptymod
 
-    from vgw.base.config import CanConfig
+    from vgw.config.settings import CanConfig
     from vgw.ops.doctor import _can
 
     link = tmp_path / "run" / "can0"

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from vgw.base.config import ObdConfig
 from vgw.base.errors import SourceOpenError
+from vgw.config.settings import ObdConfig
 from vgw.contract.scopes import SCOPES
 from vgw.pipeline.obd.pids import PIDS
 from vgw.pipeline.obd.request import ForbiddenRequest, ObdRequest, build_request
@@ -440,7 +440,7 @@ def test_sim_elm327_says_which_obd_lines_make_the_agent_read_it(tcp: bool) -> No
     import sys
     import tomllib
 
-    from vgw.base.config import ObdConfig
+    from vgw.config.settings import ObdConfig
 
     proc = subprocess.Popen([sys.executable, "-m", "vgw", "sim", "elm327", *(["--tcp"] if tcp else [])],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

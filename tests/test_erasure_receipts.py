@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 import vgw.ops.install as inst
-from vgw.base.config import load_config
 from vgw.base.errors import StorageError
 from vgw.base.fsutil import acting_for_owner
 from vgw.cli import main
+from vgw.config.settings import load_config
 from vgw.daemon.agent import open_state
 from vgw_sim.cloud import RecipientKey, consent_claims, grant, sign_consent
 from vgw_sim.pki import TestPKI

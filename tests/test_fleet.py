@@ -39,6 +39,8 @@ def test_fleet_short_run(engine: str) -> None:
     assert report["grant_to_applied_ms"]["n"] >= 1
     assert 0 < report["e2e_latency_ms"]["p50"] < 1000
     assert report["ingress_msgs_per_s"] > 0 and report["egress_msgs_per_s"] > 0
+    # the devices speak the agent's contract (tests/test_fleet_device.py): v2 envelopes, every document verified
+    assert report["envelope_version"] == 2 and report["consent_rejected"] == {}
 
 
 def test_fleet_cli_json_and_bad_input() -> None:

@@ -12,9 +12,9 @@ from pathlib import Path
 import can
 import cantools
 import pytest
-from vgw.base.config import load_config
 from vgw.base.errors import ConfigError
 from vgw.cli import main
+from vgw.config.settings import load_config
 from vgw.pipeline.catalogue import MAX_DBC_BYTES, MAX_DBC_MESSAGES, MAX_DBC_WORDS, load_catalogue, load_dbc
 from vgw_sim.broker import Mosquitto, free_port
 from vgw_sim.can_sim import CanSimulator

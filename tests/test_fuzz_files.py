@@ -18,10 +18,10 @@ import can
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from vgw.base.config import load_config
 from vgw.base.errors import ConfigError
 from vgw.base.fsutil import MAX_CONFIG_BYTES
 from vgw.base.timefmt import LATEST_TIME
+from vgw.config.settings import load_config
 from vgw.sources.candump import MAX_LINE_BYTES, DamagedLine, LineError, parse_line, read_frames
 from vgw.sources.replay import ReplaySource
 from vgw_sim.paths import default_dbc, default_signal_map

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 import vgw.ops.install as inst
-from vgw.base.config import load_config
 from vgw.base.fsutil import acting_for_owner
 from vgw.cli import main
+from vgw.config.settings import load_config
 from vgw.daemon.agent import AgentLock, open_state
 from vgw_sim.broker import Mosquitto
 from vgw_sim.cloud import CloudPeer, RecipientKey, SigningKey, consent_claims, grant, sign_consent

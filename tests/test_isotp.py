@@ -9,7 +9,7 @@ from typing import Any
 
 import can
 import pytest
-from vgw.base.config import ObdConfig
+from vgw.config.settings import ObdConfig
 from vgw.pipeline.obd.request import build_request
 from vgw.sources.obd.isotp import IsoTpTransport
 from vgw.sources.obd.poller import ObdPoller, decode_vin

@@ -15,8 +15,8 @@ import cantools
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from vgw.base.config import load_config
 from vgw.base.errors import ConfigError
+from vgw.config.settings import load_config
 from vgw.contract.consent.model import Grant, Recipient
 from vgw.pipeline.catalogue import catalogue_from_map, load_catalogue, load_dbc
 from vgw.pipeline.j1939 import ids

@@ -628,8 +628,8 @@ def _sealer_for_test(tmp_path: Path) -> Any:
 
 
 def test_config_hosts_parses_and_refuses_both_forms(tmp_path: Path, pki: TestPKI) -> None:
-    from vgw.base.config import load_config
     from vgw.base.errors import ConfigError
+    from vgw.config.settings import load_config
 
     from tests.agentkit import Authority, write_config
 

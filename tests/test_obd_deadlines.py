@@ -17,7 +17,7 @@ from typing import Any
 import can
 import psutil
 import pytest
-from vgw.base.config import ObdConfig
+from vgw.config.settings import ObdConfig
 from vgw.pipeline.obd.request import build_request
 from vgw.sources.obd.elm327 import MAX_ANSWER_BYTES, AnswerTimeout, AnswerTooLong, Elm327, baud_matters
 from vgw.sources.obd.isotp import IsoTpTransport

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from vgw.base.config import load_config
+from vgw.config.settings import load_config
 
 from tests.agentkit import ROOT, vgw
 

@@ -13,9 +13,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from vgw.base.config import load_config
 from vgw.base.errors import ConfigError
 from vgw.cli import main
+from vgw.config.settings import load_config
 from vgw.ops.provisioning import parse_broker
 from vgw.pipeline.catalogue import load_catalogue
 from vgw_sim.cloud import SigningKey

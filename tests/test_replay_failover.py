@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from vgw.base.config import DEFAULT_REPLAY_WINDOW_S, load_config
+from vgw.config.settings import DEFAULT_REPLAY_WINDOW_S, load_config
 from vgw.state.keys import new_data_key
 from vgw.state.outbox import GrantTerms, Outbox, read_figures
 from vgw_sim.broker import Mosquitto

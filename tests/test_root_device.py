@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from vgw.base.config import load_config
 from vgw.cli import main
+from vgw.config.settings import load_config
 from vgw_sim.cloud import RecipientKey, SigningKey, consent_claims, grant, sign_consent
 from vgw_sim.pki import TestPKI
 

@@ -25,7 +25,7 @@ NOT_FOR_A_RUN = ("vgw.ops.provisioning", "vgw_sim", "vgw.tools", "vgw.cloud", "v
 def test_vgw_run_imports_only_its_own_subcommand() -> None:
     mods = _imported("from vgw.cli import build_parser, command_of\n"
                      "build_parser(command_of(['--log-level', 'info', 'run', '--config', 'x']))\n"
-                     "import vgw.base.config, vgw.daemon.agent")
+                     "import vgw.config.settings, vgw.daemon.agent")
     assert "vgw.cli.run" in mods and "vgw.daemon.agent" in mods
     assert not mods & {f"vgw.cli.{name}" for name in _COMMANDS if name != "run"}
     assert not [m for m in mods if m.startswith(NOT_FOR_A_RUN)]

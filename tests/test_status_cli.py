@@ -7,8 +7,8 @@ import logging
 from pathlib import Path
 
 import pytest
-from vgw.base.config import load_config
 from vgw.cli.status import SCHEMA_VERSION, human_bytes, structured_counters
+from vgw.config.settings import load_config
 from vgw.daemon.agent import open_state
 from vgw_sim.broker import free_port
 from vgw_sim.pki import TestPKI

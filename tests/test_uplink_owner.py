@@ -16,8 +16,8 @@ import pytest
 import vgw.uplink.link
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
-from vgw.base.config import load_config
 from vgw.base.errors import CloudKitError, ConfigError
+from vgw.config.settings import load_config
 from vgw.transport.mqttversion import UNSUPPORTED_PROTOCOL_VERSION, refuses_mqtt5
 from vgw.transport.tlsctx import client_context
 from vgw.uplink.link import ConsentSync

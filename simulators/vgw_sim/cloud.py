@@ -55,7 +55,6 @@ from vgw.cloud.envelopes import (
     RECEIPT_LEEWAY_S,
     EnvelopeError,
     ReceiptError,
-    envelope_info,
     open_envelope,
     seal_envelope,
     verify_receipt,
@@ -69,6 +68,7 @@ from vgw.cloud.records import (
     ReceivedSample,
     RejectedMessage,
 )
+from vgw.contract.topics import consent_topic, device_filters
 from vgw.transport.tlsctx import client_context
 
 if TYPE_CHECKING:
@@ -96,7 +96,6 @@ __all__ = [
     "b64url",
     "b64url_decode",
     "consent_claims",
-    "envelope_info",
     "grant",
     "open_envelope",
     "recipient_public_key",
@@ -270,11 +269,11 @@ class CloudPeer(CloudRecorder):
         Raises :class:`~vgw.base.errors.UplinkError` if not acknowledged in ``timeout`` or refused.
         """
         payload = jws.encode("ascii") if isinstance(jws, str) else jws
-        self._publish(f"{self.prefix}/{device}/consent", payload, timeout)
+        self._publish(consent_topic(self.prefix, device), payload, timeout)
 
     def clear_consent(self, device: str, *, timeout: float = 10.0) -> None:
         """Remove the retained consent of ``device`` (empty retained message). Raises like publish_consent."""
-        self._publish(f"{self.prefix}/{device}/consent", b"", timeout)
+        self._publish(consent_topic(self.prefix, device), b"", timeout)
 
     # ------------------------------------------------------------ paho callbacks (paho's thread)
 
@@ -294,10 +293,7 @@ class CloudPeer(CloudRecorder):
 
     def _subscriptions(self) -> list[str]:
         """The topic filters subscribed on every connect (a subclass that hears more adds to them)."""
-        data = f"{self.prefix}/+/data/+"
-        if self._share_group:
-            data = f"$share/{self._share_group}/{data}"
-        return [data, f"{self.prefix}/+/receipt", f"{self.prefix}/+/status"]
+        return device_filters(self.prefix, self._share_group)
 
     def _on_subscribe(self, client: Any, userdata: Any, mid: int, reason_codes: Any, properties: Any) -> None:
         with self._cond:

@@ -1,10 +1,11 @@
 """Fleet load simulator: N lightweight devices in one process against a real broker.
 
 Each simulated device has its own client id and certificate (from a throwaway CA), a real mutual-TLS MQTT connection,
-verifies consent documents (EdDSA JWS) exactly like the contract says, seals real HPKE envelopes (README "Telemetry
-envelope") at ``rate_hz`` per grant and signs real ES256 receipts (README "Receipts"). A cloud side pushes consent
-(retained), changes it at ``churn_hz`` across the fleet (revoke a grant / grant a new one), and consumes
-everything: it opens every envelope and verifies every receipt.
+and speaks the contract through the agent's own code (:mod:`vgw_sim.fleet_device`): it verifies consent
+documents with the agent's verifier, seals version 2 HPKE envelopes (README "Telemetry envelope") with the agent's
+sealer at ``rate_hz`` per grant and signs ES256 receipts (README "Receipts") with the agent's receipt signer. A
+cloud side pushes consent (retained), changes it at ``churn_hz`` across the fleet (revoke a grant / grant a new
+one), and consumes everything with the cloud kit: it opens every envelope and verifies every receipt.
 
 Threads, not per device: ``threads`` workers (:mod:`vgw_sim.fleet_device`) each own a slice of the
 devices and drive their paho clients with one :mod:`selectors` loop (``loop_read`` / ``loop_write`` /
@@ -28,6 +29,7 @@ Errors: ``ValueError`` for bad parameters, :class:`vgw_sim.broker.BrokerError` i
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import random
@@ -45,6 +47,9 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec
 from vgw.base.errors import UplinkError
 from vgw.contract.certs import device_public_key_from_cert, load_private_key
+from vgw.contract.receipt_types import ReceiptType
+from vgw.contract.sealing import SENT_VERSION
+from vgw.contract.topics import PREFIX, Stream, consent_topic, data_filter, parse_device_topic, receipt_filter
 from vgw.transport.tlsctx import client_context
 
 from vgw_sim.broker import CLAIM_USER
@@ -57,7 +62,7 @@ from vgw_sim.cloud import (
     sign_consent,
     verify_receipt,
 )
-from vgw_sim.fleet_device import PREFIX, SimDevice, Worker, connect_client, make_client
+from vgw_sim.fleet_device import SimDevice, Worker, connect_client, make_client
 from vgw_sim.fleet_enroll import EnrollService, enroll_fleet
 from vgw_sim.pki import CertPaths, TestPKI
 
@@ -174,10 +179,12 @@ class _Cloud:
 
     def on_message(self, c: Any, u: Any, msg: Any) -> None:
         arrived = time.time()
-        parts = msg.topic.split("/")
+        topic = parse_device_topic(PREFIX, msg.topic)
         payload = bytes(msg.payload)
-        if len(parts) == 4 and parts[2] == "data":
-            device, gid = parts[1], parts[3]
+        if topic is None:
+            return
+        if topic.stream is Stream.DATA and topic.grant is not None:
+            device, gid = topic.device, topic.grant
             try:
                 batch = open_envelope(payload, self.recipient, device, gid)
             except Exception:
@@ -196,18 +203,18 @@ class _Cloud:
                     self.delivered += 1
                     self.delivered_bytes += len(payload)
                     self.latencies.append(arrived - batch["samples"][0]["t"] if batch["samples"] else 0.0)
-        elif len(parts) == 3 and parts[2] == "receipt":
-            key = self.device_keys.get(parts[1])
+        elif topic.stream is Stream.RECEIPT:
+            key = self.device_keys.get(topic.device)
             try:
                 if key is None:
                     raise ValueError("unknown device")
-                claims = verify_receipt(payload.decode("ascii"), key, device=parts[1])
+                claims = verify_receipt(payload.decode("ascii"), key, device=topic.device)
             except Exception:
                 with self.lock:
                     self.bad_receipts += 1
                 return
             with self.lock:
-                self.receipts.append((parts[1], claims, arrived))
+                self.receipts.append((topic.device, claims, arrived))
 
 
 class FleetSim:
@@ -316,7 +323,7 @@ class FleetSim:
                 consumer = make_client(f"fleet-consumer-{os.getpid()}", protocol, cloud_ctx, False)
                 consumer.on_message = cloud.on_message
                 consumer.on_connect = lambda c, u, f, rc, p: c.subscribe(
-                    [(f"{PREFIX}/+/data/+", 1), (f"{PREFIX}/+/receipt", 1)])
+                    [(data_filter(PREFIX), 1), (receipt_filter(PREFIX), 1)])
                 consumer.on_subscribe = lambda *a: sub_ok.set()
                 connect_client(consumer, host, port, protocol, False)
                 consumer.loop_start()
@@ -342,7 +349,7 @@ class FleetSim:
                     if with_grant else []
                 token = sign_consent(consent_claims(device, vers[device], gs), signer)
                 pushed_at[(device, vers[device])] = time.time()
-                pusher.publish(f"{PREFIX}/{device}/consent", token, qos=1, retain=True)
+                pusher.publish(consent_topic(PREFIX, device), token, qos=1, retain=True)
 
             self.progress(f"pushing consent to {cfg.devices} devices (retained)")
             for d in ids:
@@ -449,7 +456,7 @@ class FleetSim:
                 with cloud.lock:
                     got = cloud.delivered
                     erasures = len({(d, c.get("grant"), c.get("ver")) for d, c, _a in cloud.receipts[receipts_before:]
-                                    if c.get("typ") == "erasure"})  # distinct: a receipt may come twice
+                                    if c.get("typ") == ReceiptType.ERASURE})  # distinct: a receipt may come twice
                 if got >= expected and erasures >= revoked:  # data and the erasure receipts of the run
                     break
                 if group is not None and time.monotonic() >= next_state:
@@ -498,15 +505,15 @@ class FleetSim:
                 if at is None or receipt_key in counted:
                     continue
                 counted.add(receipt_key)
-                if claims.get("typ") == "erasure":
+                if claims.get("typ") == ReceiptType.ERASURE:
                     rev_lat.append(arrived - at)
-                elif claims.get("typ") == "consent-applied" and (d, int(claims["ver"])) in {
+                elif claims.get("typ") == ReceiptType.CONSENT_APPLIED and (d, int(claims["ver"])) in {
                         (e[1], e[2]) for e in churn_events if e[0] == "grant"}:
                     grant_lat.append(arrived - at)
             revokes = sum(1 for e in churn_events if e[0] == "revoke")
             # A grant pushed while its device was away and revoked again before it came back was never in force
             # there (the retained consent holds only the newest document): nothing to erase, no receipt owed.
-            applied = {(d, int(c["ver"])) for d, c, _a in receipts if c.get("typ") == "consent-applied"}
+            applied = {(d, int(c["ver"])) for d, c, _a in receipts if c.get("typ") == ReceiptType.CONSENT_APPLIED}
             granted = {(e[1], e[2]) for e in churn_events if e[0] == "grant"}
             never_in_force = sum(1 for e in churn_events if e[0] == "revoke" and (e[1], e[2] - 1) in granted
                                  and (e[1], e[2] - 1) not in applied)
@@ -542,6 +549,9 @@ class FleetSim:
                 "device_disconnects": sum(dev.disconnects for dev in all_devs),
                 "device_failovers": sum(dev.failovers for dev in all_devs),
                 "consent_subscribe_refused": sum(dev.subscribe_refused for dev in all_devs),
+                # documents the agent's verifier refused, by reason (none expected: the fleet signs only valid ones)
+                "consent_rejected": dict(sum((dev.rejected for dev in all_devs), collections.Counter())),
+                "envelope_version": SENT_VERSION,
                 "consumers": cfg.consumers if group is not None else 1,
                 "consumer_kind": "durable JetStream consumer (vgw cloud listen --nats processes)"
                 if group is not None else "one MQTT subscriber (in process)",

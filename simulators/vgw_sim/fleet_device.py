@@ -4,6 +4,15 @@ A :class:`SimDevice` is a device's protocol logic (README "Consent document", "T
 around a paho client it does not run itself; a :class:`Worker` owns a slice of the fleet and drives all of
 its clients from one :mod:`selectors` loop (``loop_read`` / ``loop_write`` / ``loop_misc`` plus paho's
 write-interest hooks), publishing each device's batches on its own schedule.
+
+A simulated device speaks the contract through the agent's own code, never a copy of it: consent documents are
+judged by the agent's verifier (:func:`vgw.contract.consent.verifier.verify_consent`, every rule: signature, type, this
+device, rising version and the highest version accepted, validity window, scopes, recipients), batches are
+version 2 plaintexts sealed by :mod:`vgw.contract.envelope`, receipts are signed by
+:class:`vgw.contract.receipts.ReceiptSigner`, and topics, receipt types, the replay after a failover and the consent
+subscription's backoff come from :mod:`vgw.contract`. What it leaves out is storage: no outbox (a batch is sealed
+and published at once, kept in memory for the replay window only), no audit log (its receipts carry no ``audit``
+anchor), and a rejected document is counted, not answered with a ``consent-rejected`` receipt.
 """
 
 from __future__ import annotations
@@ -19,18 +28,23 @@ import threading
 import time
 from typing import Any
 
-import jwt
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from vgw.base.errors import ConsentError
 from vgw.cloud.mqttclient import make_client
-
-from vgw_sim.cloud import recipient_public_key, seal_envelope
+from vgw.contract.backoff import Resubscribe
+from vgw.contract.consent.model import Consent
+from vgw.contract.consent.verifier import verify_consent
+from vgw.contract.envelope import RecipientKey, columnar_plaintext, load_recipient_key, seal, to_us
+from vgw.contract.receipt_types import ErasureReason, ReceiptType
+from vgw.contract.receipts import ReceiptSigner
+from vgw.contract.replay import second_pass_delay
+from vgw.contract.topics import PREFIX, consent_topic, data_topic, receipt_topic
 
 log = logging.getLogger("vgw.fleet")
 
 __all__ = ["PREFIX", "SimDevice", "Worker", "connect_client", "make_client"]
 
-PREFIX = "vgw"
 _PATHS = ("Vehicle.Speed", "Vehicle.TraveledDistance", "Vehicle.Powertrain.FuelSystem.RelativeLevel",
           "Vehicle.Cabin.HVAC.AmbientAirTemperature", "Vehicle.Powertrain.CombustionEngine.Speed")
 
@@ -51,23 +65,25 @@ def connect_client(c: mqtt.Client, host: str, port: int, protocol: str, persiste
 
 
 class SimDevice:
-    """A device's protocol logic; its paho client is driven by the worker that owns it."""
+    """A device's protocol logic; its paho client is driven by the worker that owns it (that thread owns every
+    attribute; the fleet's main thread only reads counters and flags)."""
 
     def __init__(self, device_id: str, key: ec.EllipticCurvePrivateKey, trust: ed25519.Ed25519PublicKey,
                  worker: Worker, client: mqtt.Client) -> None:
         self.id = device_id
-        self.key = key
-        self.trust = trust
+        self.signer = ReceiptSigner(device_id, key)
+        self.trust = (trust,)
         self.worker = worker
         self.client = client
-        self.ver = 0
-        self.grants: dict[str, Any] = {}  # grant id -> HPKE public key
+        self.consent: Consent | None = None  # the document in force, as the verifier returned it
+        self.ver = 0  # the highest version accepted (the verifier's floor: no rollback past it)
+        self.grants: dict[str, tuple[str, RecipientKey]] = {}  # grant id -> (KEM, HPKE recipient key)
         self.seq: dict[str, int] = {}
         self.epoch = secrets.token_hex(8)  # the simulated outbox's epoch (README "Telemetry envelope")
         self.acked: dict[str, int] = {}
         self.mids: dict[int, tuple[str, int, bytes]] = {}
         # Replay after failover (README "Replay after failover"), as the agent does it: PUBACKed envelopes kept
-        # replay_window seconds, re-published at a reconnect and once more a third of the window later.
+        # replay_window seconds, re-published at a reconnect and once more (vgw.contract.replay) later.
         self.replay_window = 0.0
         self.kept: collections.deque[tuple[float, str, bytes]] = collections.deque()  # (monotonic acked, grant, env)
         self.replay_again: tuple[float, float] | None = None  # (monotonic due, acked since)
@@ -84,11 +100,11 @@ class SimDevice:
         self.retry_at = 0.0
         self.failovers = 0
         self.disconnects = 0
-        self.rejected = 0
+        self.rejected: collections.Counter[str] = collections.Counter()  # verifier reason -> documents
         # A refused consent subscription (a loaded NATS cluster cannot always create its consumer in time) is
-        # asked for again, backing off, as the agent's uplink does.
+        # asked for again, backing off, by the agent's rule (vgw.contract.backoff).
         self.sub_mid: int | None = None
-        self.resubscribe_at: float | None = None
+        self.resubscribe = Resubscribe()
         self.subscribe_refused = 0
         self.rng = random.Random(device_id)
         client.on_connect = self._on_connect
@@ -103,23 +119,24 @@ class SimDevice:
         if rc.is_failure:
             return
         self.connected = True
+        self.resubscribe = Resubscribe()  # a new connection (maybe another node) starts the backoff afresh
         self.subscribe()
         if self.ever_connected:
             unacked, self.receipt_mids = list(self.receipt_mids.values()), {}
             for token in unacked:
                 self._publish_receipt(token)
         if self.ever_connected and self.replay_window > 0:
-            since = time.monotonic() - self.replay_window
+            now = time.monotonic()
+            since = now - self.replay_window
             self._replay(since)
-            self.replay_again = (time.monotonic() + self.replay_window / 3, since)
+            self.replay_again = (now + second_pass_delay(self.replay_window), since)
         self.ever_connected = True
 
     def subscribe(self) -> None:
         """Subscribe to this device's consent topic (again)."""
-        rc, mid = self.client.subscribe(f"{PREFIX}/{self.id}/consent", 1)
+        rc, mid = self.client.subscribe(consent_topic(PREFIX, self.id), 1)
         self.sub_mid = mid if rc == 0 else None
-        # asked again if no SUBACK comes, or at once on the next round if it could not even be sent
-        self.resubscribe_at = time.monotonic() + (30.0 if self.sub_mid is not None else 1.0)
+        self.resubscribe.sent(time.monotonic(), queued=self.sub_mid is not None)
 
     def _on_subscribe(self, c: Any, u: Any, mid: int, reason_codes: Any, props: Any) -> None:
         if mid != self.sub_mid:
@@ -127,22 +144,22 @@ class SimDevice:
         self.sub_mid = None
         if any(getattr(rc, "is_failure", False) for rc in reason_codes):
             self.subscribe_refused += 1
-            self.resubscribe_at = time.monotonic() + min(30.0, 2.0 ** min(self.subscribe_refused - 1, 5))
+            self.resubscribe.refused(time.monotonic())
         else:
-            self.resubscribe_at = None
+            self.resubscribe.granted()
 
     def _replay(self, since: float) -> None:
         while self.kept and self.kept[0][0] < time.monotonic() - self.replay_window:
             self.kept.popleft()
         for acked, gid, env in list(self.kept):
             if acked >= since and gid in self.grants:
-                self.client.publish(f"{PREFIX}/{self.id}/data/{gid}", env, qos=1)
+                self.client.publish(data_topic(PREFIX, self.id, gid), env, qos=1)
                 self.worker.stats["replayed"] += 1
         while self.kept_receipts and self.kept_receipts[0][0] < time.monotonic() - self.replay_window:
             self.kept_receipts.popleft()
         for acked, token in list(self.kept_receipts):
             if acked >= since:
-                self.client.publish(f"{PREFIX}/{self.id}/receipt", token, qos=1)
+                self.client.publish(receipt_topic(PREFIX, self.id), token, qos=1)
 
     def _on_disconnect(self, c: Any, u: Any, flags: Any, rc: Any, props: Any) -> None:
         if self.connected:
@@ -166,55 +183,56 @@ class SimDevice:
         if not msg.payload:
             return
         try:
-            # README "Consent document", the rules a device applies: EdDSA only, trusted key, our sub, rising ver, not
-            # expired.
-            claims = jwt.decode(bytes(msg.payload), self.trust, algorithms=["EdDSA"], leeway=300,
-                                options={"require": ["sub", "ver", "iat", "exp"]})
-            if claims["sub"] != self.id:
-                raise jwt.InvalidTokenError("sub is not this device")
-        except jwt.PyJWTError:
-            self.rejected += 1
+            # README "Consent document": every rule, by the agent's own verifier.
+            consent = verify_consent(bytes(msg.payload), trust_keys=self.trust, device=self.id, now=time.time(),
+                                     in_force=self.consent, floor_ver=self.ver)
+        except ConsentError as exc:
+            self.rejected[str(exc.reason)] += 1
             return
-        ver = int(claims["ver"])
-        if ver <= self.ver:
-            return  # equal: idempotent re-delivery; lower: rollback refused
-        new = {g["id"]: recipient_public_key(g["recipient"]) for g in claims.get("grants", [])}
+        if consent is self.consent:
+            return  # the document in force again (a retained copy, a QoS 1 re-delivery)
+        new = {g.id: (g.recipient.kem, load_recipient_key(g.recipient.kem, g.recipient.pk)) for g in consent.grants}
         revoked = [gid for gid in self.grants if gid not in new]
-        self.ver = ver
+        self.consent = consent
+        self.ver = max(self.ver, consent.ver)
         self.grants = new
         for gid in new:
             self.seq.setdefault(gid, 0)
-        self._receipt({"typ": "consent-applied", "ver": ver})
+        self._receipt(ReceiptType.CONSENT_APPLIED, ver=consent.ver)
         for gid in revoked:
-            self._receipt({"typ": "erasure", "grant": gid, "ver": ver, "batches_deleted": 0, "key_destroyed": True})
+            # What the device still holds of the grant is its kept envelopes (the replay window): gone first.
+            deleted = sum(1 for _a, g, _e in self.kept if g == gid)
+            if deleted:
+                self.kept = collections.deque(k for k in self.kept if k[1] != gid)
+            self._receipt(ReceiptType.ERASURE, grant=gid, ver=consent.ver, batches_deleted=deleted,
+                          key_destroyed=True, reason=ErasureReason.REVOKED)
 
-    def _receipt(self, claims: dict[str, Any]) -> None:
-        token = jwt.encode({**claims, "sub": self.id, "iat": int(time.time())}, self.key, algorithm="ES256",
-                           headers={"typ": "vgw-receipt+jwt"})
-        self._publish_receipt(token)
+    def _receipt(self, typ: ReceiptType, **claims: Any) -> None:
+        self._publish_receipt(self.signer.sign(typ, **claims))
 
     def _publish_receipt(self, token: str) -> None:
-        info = self.client.publish(f"{PREFIX}/{self.id}/receipt", token, qos=1)
+        info = self.client.publish(receipt_topic(PREFIX, self.id), token, qos=1)
         self.receipt_mids[info.mid] = token
 
     def tick(self, n_samples: int) -> int:
-        """Publish one batch per grant in force; returns how many."""
+        """Publish one batch per grant in force (a version 2 envelope, as the agent sends); returns how many."""
         if not self.connected:
             return 0
         if self.replay_again is not None and time.monotonic() >= self.replay_again[0]:
             self._replay(self.replay_again[1])
             self.replay_again = None
         sent = 0
-        now = time.time()
-        for gid, pk in self.grants.items():
+        now_us = to_us([time.time()])
+        for gid, (kem, pk) in self.grants.items():
             self.seq[gid] += 1
             seq = self.seq[gid]
-            samples = [{"t": now, "path": _PATHS[i % len(_PATHS)], "value": round(self.rng.uniform(0, 100), 2)}
-                       for i in range(n_samples)]
-            env = seal_envelope({"v": 1, "device": self.id, "grant": gid, "seq": seq, "epoch": self.epoch,
-                                 "samples": samples}, pk,
-                                self.id, gid)
-            info = self.client.publish(f"{PREFIX}/{self.id}/data/{gid}", env, qos=1)
+            series: dict[str, tuple[list[int], list[Any]]] = {}
+            for i in range(n_samples):
+                times, values = series.setdefault(_PATHS[i % len(_PATHS)], ([], []))
+                times.append(now_us[0])
+                values.append(round(self.rng.uniform(0, 100), 2))
+            env = seal(kem, pk, self.id, gid, columnar_plaintext(self.id, gid, seq, series, epoch=self.epoch))
+            info = self.client.publish(data_topic(PREFIX, self.id, gid), env, qos=1)
             self.mids[info.mid] = (gid, seq, env)
             sent += 1
         return sent
@@ -331,7 +349,7 @@ class Worker:
                         dev.client.loop_misc()
                 self._reconnect_lost(now)
                 for dev in self.devices:
-                    if dev.connected and dev.resubscribe_at is not None and now >= dev.resubscribe_at:
+                    if dev.connected and dev.resubscribe.is_due(now):
                         dev.subscribe()
         for dev in self.devices:
             try:

@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from vgw.base.errors import EnrollmentError
 from vgw.cloud.mqttclient import make_client
+from vgw.contract.backoff import ENROLL_RESEND_S as RESEND_S  # the same rule as `vgw enroll`
 from vgw.contract.certs import cert_device_id
 from vgw.contract.enrollment import (
     Kind,
@@ -46,6 +47,7 @@ from vgw.contract.enrollment import (
     request_topic,
     response_topic,
 )
+from vgw.contract.topics import PREFIX
 from vgw.transport.tlsctx import client_context
 
 from vgw_sim.fleet_device import pump
@@ -53,9 +55,6 @@ from vgw_sim.fleet_device import pump
 __all__ = ["RESEND_S", "EnrollReport", "EnrollService", "enroll_fleet"]
 
 log = logging.getLogger("vgw.fleet")
-
-PREFIX = "vgw"
-RESEND_S = 5.0  # as `vgw enroll`
 
 
 @dataclass

@@ -50,7 +50,7 @@ def _open(args: argparse.Namespace) -> Any:
         if not path.exists():
             raise ConfigError(f"{path}: audit log not found")
         return AuditLog(path.parent, file=path)
-    from vgw.base.config import load_config
+    from vgw.config.settings import load_config
 
     return AuditLog(load_config(args.config).state_dir)
 

@@ -36,6 +36,7 @@ import jwt
 
 from vgw.cli import cloud_enroll, cloud_service
 from vgw.contract.consent.model import version_text
+from vgw.contract.topics import consent_topic
 
 EXIT_REJECTED = 3
 
@@ -263,7 +264,7 @@ def run_push(args: argparse.Namespace) -> int:
     try:
         for claims, path in docs:
             token = read_token_file(path, what="consent document")
-            link.publish(f"{args.prefix}/{claims['sub']}/consent", token.encode())
+            link.publish(consent_topic(args.prefix, claims["sub"]), token.encode())
             print(f"pushed {version_text(claims['ver'])} to {claims['sub']} "
                   f"({len(claims.get('grants', []))} grant(s))")
     finally:
@@ -293,7 +294,7 @@ def run_revoke(args: argparse.Namespace) -> int:
     if _broker_address(args) is not None:
         link = CloudLink(_opts(args)).connect()
         try:
-            link.publish(f"{args.prefix}/{current['sub']}/consent", token.encode())
+            link.publish(consent_topic(args.prefix, current["sub"]), token.encode())
         finally:
             link.close()
         print(f"pushed {what}")

@@ -16,7 +16,7 @@ from vgw.contract.consent.model import version_text
 from vgw.state.consent.store import ConsentStore
 
 if TYPE_CHECKING:
-    from vgw.base.config import Config
+    from vgw.config.settings import Config
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -52,8 +52,8 @@ def _read_doc(path: str) -> bytes:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    from vgw.base.config import load_config
     from vgw.base.fsutil import acting_for_owner
+    from vgw.config.settings import load_config
 
     cfg = load_config(args.config)
     token = _read_doc(args.doc)
@@ -161,8 +161,8 @@ def _wait_for_agent(store: ConsentStore, state_dir: Path, ver: int, timeout: flo
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from vgw.base.config import load_config
     from vgw.cli.status import pending_consent
+    from vgw.config.settings import load_config
     from vgw.contract.rules.describe import describe_grant
     from vgw.ops.stateview import read_state
 

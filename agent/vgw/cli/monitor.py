@@ -32,8 +32,8 @@ def register(subparsers: Any) -> None:
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:
-    from vgw.base.config import load_config
     from vgw.base.errors import ConfigError
+    from vgw.config.settings import load_config
     from vgw.ops.monitor import run_monitor
 
     if args.interval is not None and args.interval <= 0:

@@ -14,8 +14,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from vgw.base.config import load_config
     from vgw.cli import RUN_SIGNALS
+    from vgw.config.settings import load_config
     from vgw.daemon.agent import run_agent
 
     return run_agent(load_config(args.config), RUN_SIGNALS)

@@ -20,7 +20,8 @@ from vgw.base.errors import ConfigError
 def register(sim_subparsers: Any) -> None:
     """Add ``fleet`` to ``vgw sim``."""
     p = sim_subparsers.add_parser(
-        "fleet", help="fleet load simulator: N mTLS devices, HPKE envelopes, receipts, consent churn",
+        "fleet", help="fleet load simulator: N mTLS devices speaking the agent's contract (its verifier, v2 "
+                      "envelopes, receipt signer), consent churn",
         description=__doc__.split("\n\n")[0])
     p.add_argument("--devices", type=int, default=100, help="simulated devices (default 100)")
     p.add_argument("--rate", type=float, default=1.0, help="batches per second per device (default 1)")
@@ -62,7 +63,7 @@ def register(sim_subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from vgw_sim.fleet import FleetConfig, FleetSim, format_report, make_pki
 
-    from vgw.base.config import DEFAULT_REPLAY_WINDOW_S
+    from vgw.contract.replay import DEFAULT_REPLAY_WINDOW_S
 
     if args.make_pki is not None:
         pki = make_pki(args.make_pki, args.devices)

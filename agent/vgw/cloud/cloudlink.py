@@ -29,6 +29,7 @@ from vgw.cloud.consent_authority import HpkePrivateKey
 from vgw.cloud.envelopes import EnvelopeError, ReceiptError, open_envelope, verify_receipt
 from vgw.cloud.mqttclient import make_client
 from vgw.contract.consent.verifier import MAX_GRANTS
+from vgw.contract.topics import Stream, data_topic, device_filters, parse_device_topic
 from vgw.transport.mqttversion import refuses_mqtt5
 from vgw.transport.tlsctx import client_context
 
@@ -325,22 +326,21 @@ class Listener:
         self.counts: dict[str, int] = {}
 
     def topics(self, share: str | None = None) -> list[tuple[str, int]]:
-        data = f"{self.prefix}/+/data/+"
-        if share:
-            data = f"$share/{share}/{data}"
-        return [(data, 1), (f"{self.prefix}/+/receipt", 1), (f"{self.prefix}/+/status", 1)]
+        return [(topic, 1) for topic in device_filters(self.prefix, share)]
 
     def handle(self, topic: str, payload: bytes) -> None:
         """Classify one message and emit its event(s). Never raises (a listener must not die on input)."""
         arrived = time.time()
-        parts = topic.split("/")
+        parsed = parse_device_topic(self.prefix, topic)
         try:
-            if len(parts) == 4 and parts[0] == self.prefix and parts[2] == "data":
-                self._data(parts[1], parts[3], payload, arrived)
-            elif len(parts) == 3 and parts[0] == self.prefix and parts[2] == "receipt":
-                self._receipt(parts[1], payload, arrived)
-            elif len(parts) == 3 and parts[0] == self.prefix and parts[2] == "status":
-                self._status(parts[1], payload, arrived)
+            if parsed is None:
+                pass
+            elif parsed.stream is Stream.DATA and parsed.grant is not None:
+                self._data(parsed.device, parsed.grant, payload, arrived)
+            elif parsed.stream is Stream.RECEIPT:
+                self._receipt(parsed.device, payload, arrived)
+            elif parsed.stream is Stream.STATUS:
+                self._status(parsed.device, payload, arrived)
         except Exception as exc:
             self._out({"type": "rejected", "topic": topic, "reason": "internal", "detail": repr(exc),
                        "arrived": arrived})
@@ -369,7 +369,7 @@ class Listener:
             break
         if batch is None:
             reason = last.reason if last else "no-key"
-            self._out({"type": "rejected", "topic": f"{self.prefix}/{device}/data/{grant}", "reason": reason,
+            self._out({"type": "rejected", "topic": data_topic(self.prefix, device, grant), "reason": reason,
                        "detail": str(last) if last else "no recipient key", "arrived": arrived})
             return
         seq: int = batch["seq"]

@@ -33,9 +33,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from vgw.base.config import DEVICE_ID_PATTERN
 from vgw.base.errors import CloudKitError, EnrollmentError, EnrollReason, UplinkError
 from vgw.cloud.cloudlink import BrokerOptions, CloudLink
+from vgw.config.settings import DEVICE_ID_PATTERN
 from vgw.contract.enrollment import (
     ENROLL_SEGMENT,
     Kind,
@@ -47,6 +47,7 @@ from vgw.contract.enrollment import (
     parse_request_topic,
     response_topic,
 )
+from vgw.contract.topics import request_filters
 
 __all__ = ["AllowList", "EnrollService", "Issuer", "Ledger", "revoke"]
 
@@ -310,7 +311,7 @@ class EnrollService:
         prefix = self.opts.prefix
         self._link.connect()
         try:
-            self._link.subscribe([(f"{prefix}/{ENROLL_SEGMENT}/+/request", 1), (f"{prefix}/+/cert/request", 1)])
+            self._link.subscribe([(topic, 1) for topic in request_filters(prefix)])
             self.ready.set()
             while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
                 try:

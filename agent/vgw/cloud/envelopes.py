@@ -1,7 +1,9 @@
 """Telemetry envelopes (README "Telemetry envelope") and receipts (README "Receipts") on the cloud side. No I/O.
 
 - :func:`seal_envelope` / :func:`open_envelope`: ``0x01 || enc || ct``, HPKE base mode to a grant's
-  :class:`~vgw.cloud.consent_authority.RecipientKey`, ``info`` bound to device and grant;
+  :class:`~vgw.cloud.consent_authority.RecipientKey`, ``info`` bound to device and grant; the version byte,
+  suites and ``info`` are :mod:`vgw.contract.sealing`'s and sealing is the agent's own
+  :func:`vgw.contract.envelope.seal`;
 - :func:`verify_receipt`: a receipt is an ES256 compact JWS under the device certificate's key.
 
 Errors (defined in :mod:`vgw.base.errors`)::
@@ -22,11 +24,19 @@ from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, x25519
-from cryptography.hazmat.primitives.hpke import AEAD, KDF, KEM, Suite
 
 from vgw.base.errors import EnvelopeError, ReceiptError
 from vgw.cloud.consent_authority import HpkePrivateKey, HpkePublicKey, RecipientKey
-from vgw.contract.envelope import loads, plaintext_samples
+from vgw.contract.envelope import loads, plaintext_samples, seal
+from vgw.contract.sealing import (
+    ENC_LENGTH,
+    ENVELOPE_VERSION,
+    KEM_MLKEM768_X25519,
+    KEM_X25519,
+    READ_VERSIONS,
+    SUITES,
+    hpke_info,
+)
 
 __all__ = [
     "ENVELOPE_VERSION",
@@ -34,36 +44,24 @@ __all__ = [
     "RECEIPT_LEEWAY_S",
     "EnvelopeError",
     "ReceiptError",
-    "envelope_info",
     "open_envelope",
     "seal_envelope",
     "verify_receipt",
 ]
 
-ENVELOPE_VERSION = 0x01
 MAX_PLAINTEXT = 4 * 1024 * 1024  # decompression bound: a hostile zlib stream must not exhaust memory
 RECEIPT_LEEWAY_S = 300
 # the epoch is a short random string (README "Telemetry envelope"); a receiver keys its de-duplication on it
 MAX_EPOCH = 64
-_SUITES = {
-    "X25519": Suite(KEM.X25519, KDF.HKDF_SHA256, AEAD.AES_256_GCM),
-    "MLKEM768-X25519": Suite(KEM.MLKEM768_X25519, KDF.HKDF_SHA256, AEAD.AES_256_GCM),
-}
-_ENC_LEN = {"X25519": 32, "MLKEM768-X25519": 1088 + 32}
 
 
 # ---------------------------------------------------------------- envelopes and receipts
 
 
-def envelope_info(device: str, grant_id: str) -> bytes:
-    """The HPKE ``info`` of a grant's envelopes: ``b"vgw/1 " + device + b"/" + grant`` (UTF-8)."""
-    return b"vgw/1 " + device.encode() + b"/" + grant_id.encode()
-
-
 def _kem_of(key: HpkePrivateKey | HpkePublicKey) -> str:
     if isinstance(key, x25519.X25519PrivateKey | x25519.X25519PublicKey):
-        return "X25519"
-    return "MLKEM768-X25519"
+        return KEM_X25519
+    return KEM_MLKEM768_X25519
 
 
 def seal_envelope(
@@ -71,13 +69,13 @@ def seal_envelope(
 ) -> bytes:
     """Reference sealer: ``0x01 || enc || ct`` of zlib(JSON(batch)) to ``recipient`` (README "Telemetry envelope").
 
-    For simulators and tests; the agent has its own. Raises ``TypeError``/``ValueError`` for unserialisable
+    For tests that need a batch the agent would not write (any ``v``, a hand-made sample list); sealed by the
+    agent's own :func:`vgw.contract.envelope.seal`. Raises ``TypeError``/``ValueError`` for unserialisable
     batches.
     """
     pub = recipient.public_key() if isinstance(recipient, RecipientKey) else recipient
     plaintext = zlib.compress(json.dumps(dict(batch), separators=(",", ":")).encode())
-    ct = _SUITES[_kem_of(pub)].encrypt(plaintext, pub, info=envelope_info(device, grant_id))
-    return bytes([ENVELOPE_VERSION]) + ct
+    return seal(_kem_of(pub), pub, device, grant_id, plaintext)
 
 
 def open_envelope(
@@ -96,12 +94,12 @@ def open_envelope(
     sk = recipient_sk.private_key if isinstance(recipient_sk, RecipientKey) else recipient_sk
     kem = _kem_of(sk)
     where = f"envelope {device}/{grant_id}"
-    if len(payload) < 1 + _ENC_LEN[kem] + 16:
+    if len(payload) < 1 + ENC_LENGTH[kem] + 16:
         raise EnvelopeError(f"{where}: {len(payload)} bytes is too short", "length")
     if payload[0] != ENVELOPE_VERSION:
-        raise EnvelopeError(f"{where}: version byte {payload[0]:#04x}, expected 0x01", "version")
+        raise EnvelopeError(f"{where}: version byte {payload[0]:#04x}, expected {ENVELOPE_VERSION:#04x}", "version")
     try:
-        compressed = _SUITES[kem].decrypt(payload[1:], sk, info=envelope_info(device, grant_id))
+        compressed = SUITES[kem].decrypt(payload[1:], sk, info=hpke_info(device, grant_id))
     except Exception as exc:  # cryptography raises InvalidTag or ValueError; both mean "not for us"
         raise EnvelopeError(
             f"{where}: HPKE open failed (wrong key, device, grant or tampered)", "hpke"
@@ -117,7 +115,7 @@ def open_envelope(
         batch = loads(plaintext)
     except ValueError as exc:  # also UnicodeDecodeError and both JSON libraries' decode errors
         raise EnvelopeError(f"{where}: plaintext is not UTF-8 JSON: {exc}", "json") from exc
-    if not isinstance(batch, dict) or batch.get("v") not in (1, 2) or isinstance(batch.get("v"), bool):
+    if not isinstance(batch, dict) or batch.get("v") not in READ_VERSIONS or isinstance(batch.get("v"), bool):
         raise EnvelopeError(f"{where}: batch must be an object with v = 1 or 2", "schema")
     # The topic names device and grant; the sealed copy must agree (blocks re-labelling by a relay).
     if batch.get("device") != device or batch.get("grant") != grant_id:

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from vgw.cloud.consent_authority import HpkePrivateKey, RecipientKey
 from vgw.cloud.envelopes import EnvelopeError, ReceiptError, open_envelope, verify_receipt
 from vgw.contract.certs import device_public_key_from_cert
+from vgw.contract.topics import Stream, parse_device_topic
 
 __all__ = [
     "BadReceipt",
@@ -152,16 +153,15 @@ class CloudRecorder:
         self._handle(topic, payload, time.time() if arrived is None else arrived)
 
     def _handle(self, topic: str, payload: bytes, arrived: float) -> None:
-        head = self.prefix + "/"
-        if not topic.startswith(head):
+        parsed = parse_device_topic(self.prefix, topic)
+        if parsed is None:
             return
-        parts = topic[len(head) :].split("/")
-        if len(parts) == 3 and parts[1] == "data":
-            self._handle_data(topic, parts[0], parts[2], payload, arrived)
-        elif len(parts) == 2 and parts[1] == "receipt":
-            self._handle_receipt(parts[0], payload, arrived)
-        elif len(parts) == 2 and parts[1] == "status":
-            self._handle_status(topic, parts[0], payload, arrived)
+        if parsed.stream is Stream.DATA and parsed.grant is not None:
+            self._handle_data(topic, parsed.device, parsed.grant, payload, arrived)
+        elif parsed.stream is Stream.RECEIPT:
+            self._handle_receipt(parsed.device, payload, arrived)
+        elif parsed.stream is Stream.STATUS:
+            self._handle_status(topic, parsed.device, payload, arrived)
 
     def _handle_data(self, topic: str, device: str, grant_id: str, payload: bytes, arrived: float) -> None:
         with self._lock:

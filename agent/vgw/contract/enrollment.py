@@ -11,6 +11,7 @@ Topics (prefix ``vgw``)::
     vgw/<device>/cert/request      device, own identity -> service     {"csr": PEM}             (renewal)
     vgw/<device>/cert/response     service -> device                   as the enrollment response
 
+The topic names are :mod:`vgw.contract.topics`' (re-exported here).
 Raises :class:`~vgw.base.errors.EnrollmentError` with an :class:`~vgw.base.errors.EnrollReason`.
 """
 
@@ -19,7 +20,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 
 from cryptography import x509
@@ -30,6 +30,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from vgw.base.errors import EnrollmentError, EnrollReason
 from vgw.contract.certs import DEVICE_URI_PREFIX, cert_device_id
+from vgw.contract.topics import ENROLL_SEGMENT, Kind, parse_request_topic, request_topic, response_topic
 
 __all__ = [
     "ENROLL_SEGMENT",
@@ -57,35 +58,7 @@ __all__ = [
 MAX_REQUEST_BYTES = 16 * 1024  # README "Enrollment": a request over this is refused before it is parsed
 MAX_RESPONSE_BYTES = 64 * 1024  # a leaf and a few intermediates; more is not a certificate chain
 MAX_CHAIN = 4
-ENROLL_SEGMENT = "enroll"  # vgw/enroll/<device>/...: never a device id (the service refuses it in an allow file)
 BACKDATE = dt.timedelta(minutes=5)  # notBefore a little early: a device clock a minute behind still accepts it
-
-
-class Kind(StrEnum):
-    """Which exchange a topic belongs to."""
-
-    ENROLL = "enroll"  # first certificate, over the claim identity, with a one-time token
-    RENEW = "renew"  # next certificate, over the device's own identity
-
-
-def request_topic(prefix: str, kind: Kind, device: str) -> str:
-    return f"{prefix}/{ENROLL_SEGMENT}/{device}/request" if kind is Kind.ENROLL else f"{prefix}/{device}/cert/request"
-
-
-def response_topic(prefix: str, kind: Kind, device: str) -> str:
-    return f"{prefix}/{ENROLL_SEGMENT}/{device}/response" if kind is Kind.ENROLL else f"{prefix}/{device}/cert/response"
-
-
-def parse_request_topic(prefix: str, topic: str) -> tuple[Kind, str] | None:
-    """(kind, device) of a request topic, or None for any other topic."""
-    parts = topic.split("/")
-    if len(parts) != 4 or parts[0] != prefix or not parts[2] or parts[3] != "request":
-        return None
-    if parts[1] == ENROLL_SEGMENT:
-        return Kind.ENROLL, parts[2]
-    if parts[2] == "cert" and parts[1]:
-        return Kind.RENEW, parts[1]
-    return None
 
 
 # ---------------------------------------------------------------- keys and CSRs (device side)

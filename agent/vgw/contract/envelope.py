@@ -5,7 +5,8 @@ suite DHKEM(X25519, HKDF-SHA256) / HKDF-SHA256 / AES-256-GCM (or the MLKEM768-X2
 grant asks for it); ``info = b"vgw/1 " + device + b"/" + grant``; empty aad. The plaintext is zlib
 (RFC 1950) compressed UTF-8 JSON: version 1 (one object per sample) or version 2 (columnar: ``t0_us`` and one
 series of ``dt_us``/``value`` arrays per path), README "Telemetry envelope". The agent sends version 2;
-every receiver reads both through :func:`plaintext_samples`.
+every receiver reads both through :func:`plaintext_samples`. The version byte, the suites and ``info`` are
+:mod:`vgw.contract.sealing`'s, which the cloud's opener reads too.
 
 JSON is written with orjson where it is installed (about 8x cheaper per sample than the stdlib), else the
 stdlib ``json`` (same bytes up to float formatting: both write the shortest round-trip form).
@@ -22,14 +23,13 @@ from typing import Any
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
 
-from vgw.contract.consent.model import KEM_MLKEM768_X25519, KEM_X25519
+from vgw.contract.sealing import ENVELOPE_VERSION, KEM_MLKEM768_X25519, KEM_X25519, SENT_VERSION, SUITES, hpke_info
 
 try:
     import orjson as _orjson
 except ImportError:  # pragma: no cover - a platform without an orjson wheel
     _orjson = None  # type: ignore[assignment]
 
-ENVELOPE_VERSION = 0x01
 #: zlib's level is not on the wire (RFC 1950 streams of every level inflate alike). Measured on 20k-frame
 #: batches (docs/performance.md "Performance v3"): level 4 costs 0.06 µs per sample on the demo vehicle and
 #: 0.22 on random high-entropy values (level 6: 0.12 and 0.58) for 3-7 % more bytes.
@@ -55,10 +55,6 @@ def loads(data: bytes) -> Any:
     if _orjson is not None:
         return _orjson.loads(data)
     return json.loads(data.decode("utf-8"))
-_SUITES = {
-    KEM_X25519: hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM),
-    KEM_MLKEM768_X25519: hpke.Suite(hpke.KEM.MLKEM768_X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM),
-}
 _MLKEM768_PK = 1184
 
 RecipientKey = x25519.X25519PublicKey | hpke.MLKEM768X25519PublicKey
@@ -76,10 +72,6 @@ def load_recipient_key(kem: str, pk: bytes) -> RecipientKey:
             x25519.X25519PublicKey.from_public_bytes(pk[_MLKEM768_PK:]),
         )
     raise ValueError(f"unsupported KEM {kem!r}")
-
-
-def hpke_info(device: str, grant: str) -> bytes:
-    return b"vgw/1 " + device.encode("utf-8") + b"/" + grant.encode("utf-8")
 
 
 def batch_plaintext(device: str, grant: str, seq: int, samples: Sequence[dict[str, Any]], *, epoch: str) -> bytes:
@@ -117,7 +109,7 @@ def columnar_plaintext(device: str, grant: str, seq: int, series: Mapping[str, S
         assert t0_us is not None
         dt.insert(0, first - t0_us)
         out.append({"path": path, "dt_us": dt, "value": values})
-    doc = {"v": 2, "device": device, "grant": grant, "seq": seq, "epoch": epoch, "t0_us": t0_us or 0,
+    doc = {"v": SENT_VERSION, "device": device, "grant": grant, "seq": seq, "epoch": epoch, "t0_us": t0_us or 0,
            "series": out}
     return zlib.compress(dumps(doc), ZLIB_LEVEL)
 
@@ -179,4 +171,4 @@ def _is_int(x: object) -> bool:
 
 def seal(kem: str, recipient: RecipientKey, device: str, grant: str, plaintext: bytes) -> bytes:
     """Seal an already-compressed plaintext into an envelope."""
-    return bytes([ENVELOPE_VERSION]) + _SUITES[kem].encrypt(plaintext, recipient, info=hpke_info(device, grant))
+    return bytes([ENVELOPE_VERSION]) + SUITES[kem].encrypt(plaintext, recipient, info=hpke_info(device, grant))

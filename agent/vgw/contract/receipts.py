@@ -1,4 +1,8 @@
-"""Receipts (README "Receipts"): compact JWS, ES256, signed with the private key of the device's TLS client cert."""
+"""Receipts (README "Receipts"): compact JWS, ES256, signed with the private key of the device's TLS client cert.
+
+The receipt types and erasure reasons are :mod:`vgw.contract.receipt_types`'; the simulated fleet signs with this
+same :class:`ReceiptSigner`.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from vgw.base.errors import ConfigError
 from vgw.base.fsutil import MAX_KEY_BYTES, check_owner, read_small_file
+from vgw.contract.receipt_types import ReceiptType
 
 RECEIPT_TYP = "vgw-receipt+jwt"
 
@@ -43,7 +48,8 @@ class ReceiptSigner:
             raise ValueError("receipts need a P-256 key")
         self._key = key  # one assignment: a receipt is signed with the old key or the new, never a mix
 
-    def sign(self, typ: str, **claims: Any) -> str:
-        body = {"typ": typ, "sub": self.device, "iat": int(time.time()), **claims}
+    def sign(self, typ: ReceiptType, **claims: Any) -> str:
+        """A receipt of type ``typ`` with ``claims``, signed now (``iat``) for this device (``sub``)."""
+        body = {"typ": str(typ), "sub": self.device, "iat": int(time.time()), **claims}
         return jwt.encode(body, self._key, algorithm="ES256", headers={"typ": RECEIPT_TYP})
 

@@ -65,10 +65,10 @@ from typing import Any
 
 import can
 
-from vgw.base.config import Config
 from vgw.base.errors import StorageError, VgwError
 from vgw.base.fsutil import ensure_private_dir
 from vgw.base.logs import apply_config_level
+from vgw.config.settings import Config
 from vgw.contract.consent.model import version_text
 from vgw.daemon.collector import BAD_FRAMES_REOPEN, CHUNK_FRAMES, FRAME_ERROR_LOG_EVERY_S, Collector
 from vgw.daemon.counters import Counters

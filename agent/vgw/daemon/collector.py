@@ -16,8 +16,8 @@ from typing import Any
 
 import can
 
-from vgw.base.config import BatchConfig, CanConfig
 from vgw.base.errors import SourceEndedError, SourceError, SourceFrameError, SourceReadError
+from vgw.config.settings import BatchConfig, CanConfig
 from vgw.daemon.counters import Counters
 from vgw.daemon.locked_pipeline import PipelineGuard
 from vgw.daemon.writer import BatchWriter

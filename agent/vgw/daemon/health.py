@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from vgw.base.config import CanConfig
+from vgw.config.settings import CanConfig
 from vgw.daemon.collector import Collector, source_name
 from vgw.daemon.timing import DEFAULT_TIMING, Timing
 from vgw.daemon.writer import BatchWriter

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from vgw.base.config import BatchConfig
+from vgw.config.settings import BatchConfig
 from vgw.contract.consent.model import Grant
 from vgw.contract.consent.narrowing import terms_digest
 from vgw.contract.envelope import load_recipient_key

@@ -17,9 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vgw.base.config import Config
 from vgw.base.errors import StorageError
 from vgw.base.fsutil import atomic_write
+from vgw.config.settings import Config
 from vgw.daemon.collector import Collector
 from vgw.daemon.counters import Counters
 from vgw.daemon.health import Health

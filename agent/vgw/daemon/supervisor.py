@@ -18,10 +18,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from vgw.base.config import Config, load_config
 from vgw.base.errors import StorageError, VgwError
 from vgw.base.fsutil import MAX_CONFIG_BYTES, read_small_file
 from vgw.base.logs import apply_config_level
+from vgw.config.settings import Config, load_config
 from vgw.daemon.collector import Collector
 from vgw.daemon.counters import Counters
 from vgw.daemon.health import Health

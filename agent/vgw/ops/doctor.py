@@ -40,9 +40,9 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from vgw.base.config import CanConfig, Config, ObdConfig, load_config
 from vgw.base.errors import ConfigError, MissingFileError, VgwError
 from vgw.base.fsutil import MAX_KEY_BYTES, Account, owner_of, read_small_file
+from vgw.config.settings import CanConfig, Config, ObdConfig, load_config
 from vgw.sources.serialport import holders
 from vgw.state.credentials import with_credentials_in_use
 from vgw.transport.tlsctx import client_context

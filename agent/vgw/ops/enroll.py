@@ -30,7 +30,6 @@ import paho.mqtt.client as mqtt
 from cryptography import x509
 from paho.mqtt.enums import CallbackAPIVersion
 
-from vgw.base.config import Config, load_config
 from vgw.base.errors import (
     ConfigError,
     EnrollmentError,
@@ -40,6 +39,8 @@ from vgw.base.errors import (
     StorageError,
 )
 from vgw.base.fsutil import MAX_KEY_BYTES, acting_for_owner, owner_of, read_small_file
+from vgw.config.settings import Config, load_config
+from vgw.contract.backoff import ENROLL_RESEND_S as RESEND_S  # no answer this long: publish the request again
 from vgw.contract.enrollment import (
     Kind,
     build_csr,
@@ -61,7 +62,6 @@ __all__ = ["RESEND_S", "Enrolled", "enroll", "enrolled_already"]
 
 log = logging.getLogger(__name__)
 
-RESEND_S = 5.0  # no answer this long: publish the same request again (the service answers a repeat the same)
 CONNECT_WAIT_S = 10.0
 
 

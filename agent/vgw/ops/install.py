@@ -51,7 +51,7 @@ from vgw.base.fsutil import acting_for_owner
 from vgw.dbc import shipped_dir
 
 if TYPE_CHECKING:
-    from vgw.base.config import Config
+    from vgw.config.settings import Config
     from vgw.state.outbox import Outbox
 
 log = logging.getLogger(__name__)
@@ -417,7 +417,7 @@ def final_erasure(config_path: Path, *, receipt_timeout_s: float = 10.0) -> Eras
     Raises ConfigError if the config cannot be loaded and StorageError if an agent still runs on the state
     dir (stop it first) or the outbox cannot be erased.
     """
-    from vgw.base.config import load_config
+    from vgw.config.settings import load_config
 
     cfg = load_config(config_path)
     # Root erases the service user's state as that user's (fsutil.acting_for): no chown, nothing refused.
@@ -520,7 +520,7 @@ def uninstall(
     if purge:
         cfg_path = config or lay.etc / "vgw.toml"
         if cfg_path.exists():
-            from vgw.base.config import load_config
+            from vgw.config.settings import load_config
 
             if not dry_run:
                 state_dirs = [load_config(cfg_path).state_dir]

@@ -33,8 +33,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
 
-from vgw.base.config import CanConfig, Config
 from vgw.base.errors import ConfigError, SourceError, SourceFrameError
+from vgw.config.settings import CanConfig, Config
 from vgw.contract.consent.model import Consent, version_text
 from vgw.pipeline.catalogue import Catalogue, SignalSpec, load_catalogue
 from vgw.pipeline.decoder import MessageDecoder

@@ -39,7 +39,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from vgw.base.config import DEVICE_ID_PATTERN, load_config
 from vgw.base.errors import ConfigError, StorageError
 from vgw.base.fsutil import (
     MAX_CONFIG_BYTES,
@@ -51,6 +50,7 @@ from vgw.base.fsutil import (
     owner_of,
     read_small_file,
 )
+from vgw.config.settings import DEVICE_ID_PATTERN, load_config
 from vgw.contract.certs import DEVICE_URI_PREFIX, cert_device_id
 from vgw.contract.enrollment import chains_to
 from vgw.dbc import shipped_dir

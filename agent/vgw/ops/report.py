@@ -242,7 +242,7 @@ def _persisted_rule_counts(counters: Mapping[str, int]) -> dict[str, dict[str, d
 
 def collect(config_path: str | Path) -> dict[str, Any]:
     """Read a state directory (works while `vgw run` runs) and build the report. Raises VgwError."""
-    from vgw.base.config import load_config
+    from vgw.config.settings import load_config
     from vgw.ops.stateview import read_state
 
     cfg = load_config(config_path)

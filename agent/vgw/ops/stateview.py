@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vgw.base.config import Config
+from vgw.config.settings import Config
 from vgw.contract.consent.model import Consent, Grant
 from vgw.state.audit import AuditLog
 from vgw.state.consent.manager import load_trust_keys, read_cached

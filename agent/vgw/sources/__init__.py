@@ -11,7 +11,7 @@ from typing import Protocol
 
 import can
 
-from vgw.base.config import CanConfig
+from vgw.config.settings import CanConfig
 from vgw.sources.canmsg import Frame
 
 

@@ -27,9 +27,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from vgw.base.config import Config
 from vgw.base.errors import ConfigError, StorageError
 from vgw.base.fsutil import MAX_KEY_BYTES, atomic_write, read_small_file
+from vgw.config.settings import Config
 from vgw.contract.enrollment import key_pem, new_key
 
 __all__ = ["IDENTITY_DIR", "Staged", "commit_staged", "device_credentials", "discard_staged", "ensure_key",

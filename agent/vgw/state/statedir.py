@@ -12,9 +12,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from vgw.base.config import Config
 from vgw.base.errors import StorageError
 from vgw.base.fsutil import ensure_private_dir, open_state_file, read_state_file
+from vgw.config.settings import Config
 from vgw.contract.receipts import ReceiptSigner
 from vgw.state.audit import AuditLog
 from vgw.state.consent.store import ConsentStore

@@ -27,9 +27,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from vgw.base.config import load_config
 from vgw.base.errors import VgwError
 from vgw.base.logs import quieted
+from vgw.config.settings import load_config
 from vgw.pipeline.catalogue import load_catalogue
 from vgw.tools.demo_consent import DEVICE, REVOKED_APP, LiveGrant, PeerConsent, ServiceConsent
 from vgw.tools.progress import Progress

@@ -136,8 +136,8 @@ def _init(stack: Stack, device: str, trace: Path | None, progress: Callable[[str
     from vgw_sim.paths import default_dbc, default_signal_map
     from vgw_sim.pki import TestPKI
 
-    from vgw.base.config import DEVICE_ID_PATTERN
     from vgw.cloud.cloudkit import keygen, load_grants, load_signing_key, sign_documents
+    from vgw.config.settings import DEVICE_ID_PATTERN
 
     if (stack.dir / STACK_FILE).exists() or stack.config.exists():
         raise ConfigError(f"{stack.dir}: already holds a dev stack (or a vgw.toml); pick another directory")
@@ -546,8 +546,8 @@ def _serve_consent(stack: Stack, info: dict[str, object], owner: Account, was: s
 def _held_versions(stack: Stack) -> list[tuple[int, str]]:
     """(version, token) of the documents this stack's signer made that the car may hold: consent/current.jws and
     the device's own copy (state/consent.jws); unreadable ones are left out."""
-    from vgw.base.config import load_config
     from vgw.cloud.cloudkit import CloudKitError, load_signing_key, read_document
+    from vgw.config.settings import load_config
 
     key = load_signing_key(stack.dir / "consent" / "consent-signer.key")
     out = []
@@ -595,7 +595,6 @@ def _push_consent(stack: Stack, device: str, broker_opts: list[str], *, floor: i
     broker's retained document with an older one, which a device starting afresh would then take (a revoked
     grant back in force). ``force``: sign anew in any case, above ``floor`` and every version the car may hold
     (the consent service gives the car's consent back). Says which of these it did."""
-    from vgw.base.config import load_config
     from vgw.cloud.cloudkit import (
         CloudKitError,
         default_version,
@@ -604,6 +603,7 @@ def _push_consent(stack: Stack, device: str, broker_opts: list[str], *, floor: i
         read_document,
         sign_documents,
     )
+    from vgw.config.settings import load_config
 
     grants, current = stack.dir / "grants.toml", stack.dir / "consent" / "current.jws"
     key = load_signing_key(stack.dir / "consent" / "consent-signer.key")

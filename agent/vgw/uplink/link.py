@@ -82,9 +82,12 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from vgw.base.config import MqttConfig
 from vgw.base.errors import ConfigError, StorageError
+from vgw.config.settings import MqttConfig
+from vgw.contract.backoff import SUBSCRIBE_RETRY_FIRST_S, Resubscribe
 from vgw.contract.consent.verifier import MAX_DOCUMENT_BYTES
+from vgw.contract.replay import second_pass_delay
+from vgw.contract.topics import consent_topic, data_topic, receipt_topic, status_topic
 from vgw.state.outbox import Outbox
 from vgw.transport.mqttversion import refuses_mqtt5
 from vgw.transport.tlsctx import client_context
@@ -99,10 +102,6 @@ log = logging.getLogger(__name__)
 
 SESSION_EXPIRY_S = 24 * 3600
 # The second replay pass after a failover comes this fraction of the window later (README "Replay after failover").
-SECOND_PASS_AFTER = 1 / 3
-SUBSCRIBE_RETRY_FIRST_S = 1.0  # a refused consent subscription is asked for again after this, doubling
-SUBSCRIBE_RETRY_MAX_S = 30.0
-SUBACK_TIMEOUT_S = 30.0  # no answer to the consent SUBSCRIBE this long: subscribe again
 CONNACK_TIMEOUT_S = 10.0
 OFFLINE_WAIT_S = 2.0  # at stop: how long the offline status may wait for its PUBACK
 SETTLE_RECHECK_S = 1.0  # while stored batches wait for the consent: look again at least this often
@@ -178,8 +177,7 @@ class _Link:
     consent_msgs: int = 0  # consent messages handed to the intake
     inflight: dict[int, tuple[str, Any]] = field(default_factory=dict)  # mid -> what it carries
     sub_mid: int | None = None  # the consent SUBSCRIBE awaiting its SUBACK
-    sub_delay: float = SUBSCRIBE_RETRY_FIRST_S
-    resubscribe_at: float | None = None  # monotonic
+    resub: Resubscribe = field(default_factory=Resubscribe)  # when the consent SUBSCRIBE goes again (monotonic)
     msgs_at_suback: int | None = None  # consent_msgs when the subscription was granted
     sync_deadline: float | None = None  # monotonic: stored batches go without a retained document from then
     renew_sub_mid: int | None = None  # SUBACK awaited for the renewal answer topic
@@ -230,11 +228,10 @@ class Uplink:
         self.on_consent = on_consent
         self.status_payload = status_payload
         self.consent_settled = consent_settled
-        base = f"{cfg.topic_prefix}/{device}"
-        self.topic_consent = f"{base}/consent"
-        self.topic_receipt = f"{base}/receipt"
-        self.topic_status = f"{base}/status"
-        self.topic_data = f"{base}/data/"
+        self.topic_consent = consent_topic(cfg.topic_prefix, device)
+        self.topic_receipt = receipt_topic(cfg.topic_prefix, device)
+        self.topic_status = status_topic(cfg.topic_prefix, device)
+        self.topic_data = data_topic(cfg.topic_prefix, device, "")  # + the grant id
         self._bell = Doorbell()
         self._stop = threading.Event()
         self._progress = threading.Event()  # set by the owner after each group of PUBACKs (for drain)
@@ -477,7 +474,7 @@ class Uplink:
             # window later and sends everything acknowledged since the first pass's start once more.
             since = time.time() - window
             self._start_replay(since)
-            self._replay_again = (time.monotonic() + window * SECOND_PASS_AFTER, since)
+            self._replay_again = (time.monotonic() + second_pass_delay(window), since)
         self._ever_connected = True
         if self.renewal is not None:
             self.renewal.connected()  # connected with a renewed pair: swap it in now
@@ -497,7 +494,7 @@ class Uplink:
             if self._status_due:
                 self._status_due = False
                 self._send_status(link)
-            if link.resubscribe_at is not None and now >= link.resubscribe_at:
+            if link.resub.is_due(now):
                 self._subscribe(link)
             self._sweep()
             if self.renewal is not None:
@@ -557,7 +554,7 @@ class Uplink:
 
     def _next_due(self, link: _Link) -> float:
         """The nearest of the owner's timers on this connection (monotonic; the keepalive is the loop's)."""
-        times = [link.resubscribe_at, link.more_at, self._sweep_due()]
+        times = [link.resub.due, link.more_at, self._sweep_due()]
         if self._view.consent_sync is ConsentSync.WAITING and self._view.consent_subscribed:
             deadline = link.sync_deadline or 0.0
             times.append(deadline if deadline > time.monotonic() else time.monotonic() + SETTLE_RECHECK_S)
@@ -582,11 +579,10 @@ class Uplink:
         link.sub_mid = link.loop.subscribe(self.topic_consent)
         self._show(consent_subscribed=False)
         # Asked again if no SUBACK comes (or the subscribe could not even be queued).
-        link.resubscribe_at = time.monotonic() + (SUBACK_TIMEOUT_S if link.sub_mid is not None else link.sub_delay)
+        link.resub.sent(time.monotonic(), queued=link.sub_mid is not None)
 
     def _suback(self, link: _Link, refused: str | None, msgs: int) -> None:
         link.sub_mid = None
-        link.resubscribe_at = None
         if refused is None:
             self._show(consent_subscribed=True)
             # The broker sends the retained document after this SUBACK; without one, stored batches wait at most
@@ -594,18 +590,17 @@ class Uplink:
             if link.msgs_at_suback is None:
                 link.msgs_at_suback = msgs
                 link.sync_deadline = time.monotonic() + self.cfg.consent_wait_s
-            if link.sub_delay > SUBSCRIBE_RETRY_FIRST_S:
+            if link.resub.delay > SUBSCRIBE_RETRY_FIRST_S:
                 log.info("uplink: subscribed to the consent topic after %d refusal(s)", self._view.subscribe_refused)
-            link.sub_delay = SUBSCRIBE_RETRY_FIRST_S
+            link.resub.granted()
             return
         # A cluster node that cannot create the subscription's state in time (nats-server under load: "Unable
         # to add JetStream consumer") refuses it; without the subscription no consent change would reach us on
         # this connection, a revocation included, so ask again, backing off.
         self._count(subscribe_refused=1)
+        wait = link.resub.refused(time.monotonic())
         log.warning("uplink: %s refused the consent subscription (%s); retrying in %g s", self._view.endpoint,
-                    refused, link.sub_delay)
-        link.resubscribe_at = time.monotonic() + link.sub_delay
-        link.sub_delay = min(link.sub_delay * 2, SUBSCRIBE_RETRY_MAX_S)
+                    refused, wait)
 
     def _renew(self, link: _Link, refused: str | None) -> None:
         """The SUBACK of the renewal answer topic (vgw.uplink.renewal): then, and only then, the request goes out."""

@@ -28,9 +28,9 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from vgw.base.config import MqttConfig
 from vgw.base.errors import EnrollmentError, StorageError
 from vgw.base.fsutil import ensure_private_dir
+from vgw.config.settings import MqttConfig
 from vgw.contract.enrollment import (
     Kind,
     build_csr,

@@ -34,6 +34,7 @@ from vgw.cloud.service.config import ServiceConfig
 from vgw.cloud.service.store import Document, Store
 from vgw.contract.consent.model import version_text
 from vgw.contract.consent.verifier import verify_consent
+from vgw.contract.topics import consent_topic, receipt_filter
 
 __all__ = ["ConsentDesk"]
 
@@ -104,7 +105,7 @@ class ConsentDesk:
             self.store.document_pushed(doc.device, doc.ver, acked=False, error="broker not connected")
             return False
         try:
-            link.publish(f"{self.prefix}/{doc.device}/consent", doc.token.encode(), retain=True, timeout=timeout)
+            link.publish(consent_topic(self.prefix, doc.device), doc.token.encode(), retain=True, timeout=timeout)
         except (UplinkError, RuntimeError, OSError) as exc:
             self.store.document_pushed(doc.device, doc.ver, acked=False, error=str(exc))
             log.warning("%s for %s not acknowledged by the broker: %s (retrying)", version_text(doc.ver),
@@ -136,7 +137,7 @@ class ConsentDesk:
         link = CloudLink(opts, on_message=self._on_message)
         try:
             link.connect(timeout=5)
-            link.subscribe([(f"{self.prefix}/+/receipt", 1)])
+            link.subscribe([(receipt_filter(self.prefix), 1)])
         except (UplinkError, OSError) as exc:
             link.close()
             log.warning("broker %s:%d: %s (retrying)", b.host, b.port, exc)

@@ -7,11 +7,9 @@ from dataclasses import dataclass, field
 from vgw.base.timefmt import LATEST_TIME, utc_text
 from vgw.contract.rules.describe import describe_grant
 from vgw.contract.rules.rules import Rule
-
-KEM_X25519 = "X25519"
-KEM_MLKEM768_X25519 = "MLKEM768-X25519"
-# Raw public key sizes: X25519 (RFC 7748); X-Wing style ML-KEM-768 + X25519 (1184 + 32).
-KEM_PK_LENGTH = {KEM_X25519: 32, KEM_MLKEM768_X25519: 1216}
+from vgw.contract.sealing import KEM_MLKEM768_X25519 as KEM_MLKEM768_X25519  # the envelope's KEMs, re-exported
+from vgw.contract.sealing import KEM_PK_LENGTH as KEM_PK_LENGTH
+from vgw.contract.sealing import KEM_X25519 as KEM_X25519
 
 # A version is any rising integer (README "Consent document"); `vgw cloud sign` and the consent service default to
 # the signing time in Unix milliseconds. From 10**12 (2001-09-09 in ms) a version is read as such a time.

@@ -32,8 +32,8 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from vgw.base.config import ObdConfig
 from vgw.base.errors import SourceError
+from vgw.config.settings import ObdConfig
 from vgw.pipeline.obd.pids import (
     BITMAP_PIDS,
     BY_NUMBER,

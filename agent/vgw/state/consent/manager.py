@@ -32,6 +32,7 @@ from vgw.base.fsutil import MAX_KEY_BYTES, check_owner, read_small_file
 from vgw.contract.consent.model import Consent, Grant, version_text
 from vgw.contract.consent.narrowing import NarrowingKind, narrowing, terms_digest
 from vgw.contract.consent.verifier import verify_consent
+from vgw.contract.receipt_types import ErasureReason, ReceiptType
 from vgw.contract.receipts import ReceiptSigner
 from vgw.state.audit import AuditLog
 from vgw.state.consent.pending import PendingApply, from_record, read_record
@@ -41,7 +42,7 @@ from vgw.state.outbox import ERASE_WAIT_S, Erasure, GrantTerms, Outbox, Withdraw
 
 log = logging.getLogger(__name__)
 
-NARROWED = "narrowed"  # the reason of an erasure receipt for stored data a narrowed grant withdrew
+NARROWED = ErasureReason.NARROWED  # the reason of an erasure receipt for stored data a narrowed grant withdrew
 
 # Called with the grant ids that stop, before anything is erased on disk: the runtime stops collecting
 # them and drops their in-memory batches.
@@ -234,7 +235,7 @@ class ConsentManager:
                         ) -> None:
         """Erase (with receipts) the remembered grants not in force that ``keep`` does not grant, and ``also``."""
         for gid in sorted((self._unlisted - set(keep)) | set(also)):
-            self._erase(gid, reason="expired" if self.expired else "not-in-force")
+            self._erase(gid, reason=ErasureReason.EXPIRED if self.expired else ErasureReason.NOT_IN_FORCE)
             self._unlisted.discard(gid)
 
     def _withhold(self, grant_ids: frozenset[str]) -> None:
@@ -452,7 +453,7 @@ class ConsentManager:
         # b. Wipe what was revoked (key first, then rows) before anything else can fail.
         for gid in sorted(p.revoked):
             if gid not in p.wiped:
-                e = self.outbox.erase_grant(gid, reason="revoked", ver=p.regrant.get(gid, consent.ver))
+                e = self.outbox.erase_grant(gid, reason=ErasureReason.REVOKED, ver=p.regrant.get(gid, consent.ver))
                 p.wiped[gid] = (e.batches_deleted, e.key_destroyed)
                 self._journal(p)
         if p.regrant and not p.regranted:  # erasure deactivated them; this version grants them anew
@@ -478,7 +479,7 @@ class ConsentManager:
                                          "purpose": g.purpose, "retention_s": g.retention_s}
                                         for g in consent.grants],
                                 iat=consent.iat, exp=consent.exp, previous=p.previous_ver)
-            self.outbox.queue_receipt(self._sign("consent-applied", entry, ver=consent.ver))
+            self.outbox.queue_receipt(self._sign(ReceiptType.CONSENT_APPLIED, entry, ver=consent.ver))
             p.recorded.add("applied")
             log.info("%s applied from %s: %d grant(s)", version_text(consent.ver), p.source, len(consent.grants))
         erasures = []
@@ -486,7 +487,7 @@ class ConsentManager:
             batches, destroyed = p.wiped[gid]
             done = Erasure(gid, batches, destroyed)
             if f"erasure:{gid}" not in p.recorded:
-                self._erase(gid, reason="revoked", ver=p.regrant.get(gid, consent.ver), done=done)
+                self._erase(gid, reason=ErasureReason.REVOKED, ver=p.regrant.get(gid, consent.ver), done=done)
                 p.recorded.add(f"erasure:{gid}")
             erasures.append(done)
         narrowed = [_withdrawal(d) for d in p.narrowed or []]
@@ -534,9 +535,9 @@ class ConsentManager:
         if count > 1:  # one entry standing for several documents (the last one's ver and detail)
             claims["count"] = fields["count"] = count
         entry = self._audit("consent-rejected", **fields)
-        self.outbox.queue_receipt(self._sign("consent-rejected", entry, **claims))
+        self.outbox.queue_receipt(self._sign(ReceiptType.CONSENT_REJECTED, entry, **claims))
 
-    def _sign(self, typ: str, entry: dict[str, object], **claims: object) -> str:
+    def _sign(self, typ: ReceiptType, entry: dict[str, object], **claims: object) -> str:
         return self.signer.sign(typ, audit=_audit_anchor(entry), **claims)
 
     # -- expiry -------------------------------------------------------------------------------------
@@ -559,7 +560,7 @@ class ConsentManager:
         log.info("%s expired: every grant stops", version_text(self.in_force.ver))
         if self.on_change is not None:
             self.on_change()
-        return [self._erase(gid, reason="expired", ver=self.in_force.ver) for gid in sorted(ids)]
+        return [self._erase(gid, reason=ErasureReason.EXPIRED, ver=self.in_force.ver) for gid in sorted(ids)]
 
     # -- erasure ------------------------------------------------------------------------------------
 
@@ -596,7 +597,7 @@ class ConsentManager:
         entry = self._audit("erasure-done", grant=grant_id, batches_deleted=batches_deleted, reason=reason)
         # Only now, with memory, rows and key gone and no copy found in any file, is the receipt signed and
         # queued (README "Receipts").
-        self.outbox.queue_receipt(self._sign("erasure", entry, grant=grant_id, ver=ver,
+        self.outbox.queue_receipt(self._sign(ReceiptType.ERASURE, entry, grant=grant_id, ver=ver,
                                              batches_deleted=batches_deleted, key_destroyed=True,
                                              reason=reason), ends_erasure=grant_id if ends else None)
         log.info("grant %s %s: %d batch(es) deleted, data key destroyed", grant_id, reason, batches_deleted)
@@ -653,7 +654,7 @@ class ConsentManager:
                           entry: dict[str, object] | None = None) -> None:
         if entry is None:
             entry = self._audit("erasure-done", grant=grant_id, batches_deleted=batches_deleted, reason=NARROWED)
-        self.outbox.queue_receipt(self._sign("erasure", entry, grant=grant_id, ver=ver,
+        self.outbox.queue_receipt(self._sign(ReceiptType.ERASURE, entry, grant=grant_id, ver=ver,
                                              batches_deleted=batches_deleted, key_destroyed=key_destroyed,
                                              reason=NARROWED, narrowing=kinds, scopes=scopes,
                                              samples_deleted=samples_deleted))

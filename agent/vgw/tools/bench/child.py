@@ -56,7 +56,7 @@ def child_main(config: str) -> int:
     """
     import resource
 
-    from vgw.base.config import load_config
+    from vgw.config.settings import load_config
     from vgw.daemon.agent import Agent
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)

@@ -53,7 +53,7 @@ def drive_cycle(seconds: float = 1800.0, *, seed: int = 7, batch_interval_s: flo
     from vgw_sim.paths import default_dbc, default_signal_map
     from vgw_sim.vehicle import VehicleModel
 
-    from vgw.base.config import BatchConfig
+    from vgw.config.settings import BatchConfig
     from vgw.contract.envelope import batch_plaintext, load_recipient_key, seal
     from vgw.pipeline.catalogue import load_catalogue
     from vgw.pipeline.router import Pipeline

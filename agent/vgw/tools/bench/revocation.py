@@ -16,7 +16,7 @@ from vgw.tools.bench.report import Progress
 
 def bench_revocation(cfg_path: Path, docs: tuple[str, str], rows: int, progress: Progress) -> dict[str, Any]:
     """Fill the outbox with ``rows`` rows of one grant, revoke it; time until its key row is gone."""
-    from vgw.base.config import load_config
+    from vgw.config.settings import load_config
     from vgw.contract.envelope import batch_plaintext, load_recipient_key, seal
     from vgw.daemon.agent import Agent
 

@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vgw.base.config import BatchConfig
 from vgw.base.errors import ConfigError, VgwError
 from vgw.base.logs import quieted
+from vgw.config.settings import BatchConfig
 from vgw.tools.bench.child import _config_text, _run_child
 from vgw.tools.bench.decode import bench_decode
 from vgw.tools.bench.latency import _latencies

@@ -15,6 +15,8 @@ from typing import Any
 
 from vgw.base.errors import ConfigError, MissingFileError
 from vgw.base.fsutil import MAX_CONFIG_BYTES, load_toml
+from vgw.contract.replay import DEFAULT_REPLAY_WINDOW_S as DEFAULT_REPLAY_WINDOW_S
+from vgw.contract.replay import MAX_REPLAY_WINDOW_S
 
 DEVICE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _TOPIC_PREFIX = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
@@ -70,11 +72,7 @@ class ObdConfig:
     can_channel: str | None = None
 
 
-# A cluster node can PUBACK a message it then loses (nats-server 2.9 during a stream leader election,
-# docs/fleet.md "PUBACK is not storage"); its election takes seconds, so 30 s covers it with room to spare.
-DEFAULT_REPLAY_WINDOW_S = 30.0
 DEFAULT_RENEW_BEFORE_DAYS = 30.0
-MAX_REPLAY_WINDOW_S = 3600.0
 # After each (re)connect, stored batches wait until the retained consent document is taken, or until this
 # long after the broker granted the consent subscription without one (README "Topics").
 DEFAULT_CONSENT_WAIT_S = 3.0

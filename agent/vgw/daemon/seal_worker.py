@@ -17,8 +17,8 @@ cheap as pickle for the columns); the reply is, per request in order, one status
 and the envelope, length-prefixed. Groups are answered in the order sent; two may be in flight.
 
 :class:`SealWorker` is the agent's end, owned by the writer thread (vgw-writer), so it takes no lock;
-:meth:`SealWorker.close` runs on the thread stopping the agent after the writer thread ended. The worker exits when its stdin closes (the agent
-stopped, or was killed: the pipe's end closes with it).
+:meth:`SealWorker.close` runs on the thread stopping the agent after the writer thread ended. The worker exits
+when its stdin closes (the agent stopped, or was killed: the pipe's end closes with it).
 """
 
 from __future__ import annotations

@@ -158,6 +158,35 @@ def test_a_grant_revoked_while_its_batch_is_at_the_worker_stores_nothing(tmp_pat
     outbox.close()
 
 
+def test_a_grant_granted_again_stores_while_the_worker_stays_busy(tmp_path: Path, monkeypatch) -> None:
+    # Revoked, then granted again under the same id (the explorer's kept schedule 209 does this) while groups
+    # keep the writer busy: only the batches taken before the revocation are discarded, not the new grant's.
+    monkeypatch.setattr(writer_mod, "SealWorker", HeldWorker)
+    monkeypatch.setattr(writer_mod, "GROUP_BATCHES", 1)
+    HeldWorker.instances.clear()
+    outbox = Outbox(tmp_path / "o.sqlite", new_data_key(), DEV)
+    outbox.set_active_grants({"g1", "g2"})
+    keys = {"g1": RecipientKey.generate(), "g2": RecipientKey.generate()}
+    counters = _counters()
+    writer = _writer(outbox, counters)
+    writer.start()
+    [worker] = HeldWorker.instances
+    with outbox.exclusive():  # the writer takes the first group and waits for the outbox (next seq)
+        writer.submit(_job(_grant("g1", keys["g1"]), keys["g1"], [1.0]))
+        assert wait_until(lambda: writer._busy, 5)
+        writer.submit(_job(_grant("g2", keys["g2"]), keys["g2"], [2.0]))  # the next group, taken behind it
+    assert wait_until(lambda: len(worker.sent) == 2, 10)  # both at the worker, the first answer held back
+    writer.drop(frozenset({"g1"}))
+    writer.submit(_job(_grant("g1", keys["g1"]), keys["g1"], [3.0]))  # g1 granted again
+    worker.release.set()
+    assert writer.wait_idle(20)
+    writer.close()
+    assert counters["batches_discarded"] == 1 and counters["batches"] == 2
+    stored = _stored(outbox, keys)
+    assert stored == {"g1": [(1, 3.0)], "g2": [(1, 2.0)]}
+    outbox.close()
+
+
 def test_a_killed_worker_is_replaced_and_no_batch_is_lost(tmp_path: Path) -> None:
     outbox = Outbox(tmp_path / "o.sqlite", new_data_key(), DEV)
     outbox.set_active_grants({"g1"})

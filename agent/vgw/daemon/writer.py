@@ -90,7 +90,10 @@ class BatchWriter:
         self._worker_failed_at: float | None = None
         self._worker_error: str | None = None  # why batches are sealed in-process although a worker was asked for
         self.worker_restarts = 0
-        self._revoked: set[str] = set()  # grants revoked while the group being stored was taken (under _cond)
+        # One set per group taken and not yet stored, oldest first: the grants revoked since it was taken, whose
+        # batches in it are discarded (under _cond). Per group, so a grant granted again under the same id is
+        # not refused in the groups taken after.
+        self._taken: list[set[str]] = []
         self._expected: list[list[int]] = []  # per group at the worker, oldest first: the seqs it was sealed for
 
     # -- any thread ---------------------------------------------------------------------------------
@@ -123,8 +126,8 @@ class BatchWriter:
             keep = [j for j in self._queue if j.grant.id not in grant_ids]
             dropped = len(self._queue) - len(keep)
             self._queue = keep
-            if self._busy:  # a group in the making (maybe at the seal worker): its batches of these grants go
-                self._revoked.update(grant_ids)
+            for revoked in self._taken:  # groups in the making (maybe at the seal worker): these grants' go
+                revoked.update(grant_ids)
             return dropped
 
     def wait_room(self, timeout: float = 5.0) -> None:
@@ -185,8 +188,8 @@ class BatchWriter:
 
     def _run(self) -> None:
         # With a seal worker, two groups are in flight: the worker seals the newer while this thread stores
-        # the older (``held``: the group sent, and the worker it went to). Without one, a group at a time.
-        held: tuple[list[SealJob], SealWorker | None] | None = None
+        # the older (``held``: the group, its revocation set, the worker it went to). Without one, one at a time.
+        held: tuple[list[SealJob], set[str], SealWorker] | None = None
         while True:
             with self._cond:
                 if held is None:
@@ -194,20 +197,26 @@ class BatchWriter:
                     if not self._queue:
                         return
                 group, self._queue = self._queue[:GROUP_BATCHES], self._queue[GROUP_BATCHES:]
+                revoked: set[str] = set()
+                if group:
+                    self._taken.append(revoked)
                 self._busy = True
             try:
                 sent = self._send_to_worker(group, after=held[0] if held is not None else None) if group else None
                 if held is not None:
-                    self._store(held[0], self._sealed_by_worker(held))
-                if self._worker is None or sent is None:
-                    if group:
-                        self._store(group, {})
+                    self._store(held[0], self._sealed_by_worker(held[2]), held[1])
+                    self._done(held[1])
                     held = None
-                else:
-                    held = (group, sent)
+                if sent is not None and sent is self._worker:
+                    held = (group, revoked, sent)
+                elif group:
+                    self._store(group, {}, revoked)
+                    self._done(revoked)
             except Exception:  # a defect must not end the writer: the batches are lost, counted and logged
                 lost = len(group) + (len(held[0]) if held is not None else 0)
                 held = None
+                with self._cond:
+                    self._taken.clear()
                 if self._worker is not None:  # its pipe may hold a reply nobody waits for now: start afresh
                     self._worker_failed("seal worker reset after a failed group")
                 self.counters.add("batches_failed", lost)
@@ -216,21 +225,28 @@ class BatchWriter:
                 if held is None:
                     with self._cond:
                         self._busy = False
-                        self._revoked.clear()
                         self._cond.notify_all()
 
-    def _store(self, jobs: list[SealJob], sealed: dict[int, tuple[int, bytes]] | None = None) -> None:
-        """Seal (unless ``sealed`` holds it: index -> (seq it was sealed for, envelope)) and store ``jobs``."""
+    def _done(self, revoked: set[str]) -> None:
+        """A group was stored: forget its revocation set."""
+        with self._cond:
+            self._taken = [r for r in self._taken if r is not revoked]
+
+    def _store(self, jobs: list[SealJob], sealed: dict[int, tuple[int, bytes]] | None = None,
+               revoked: set[str] | None = None) -> None:
+        """Seal (unless ``sealed`` holds it: index -> (seq it was sealed for, envelope)) and store ``jobs``;
+        a batch of a grant in ``revoked`` (filled by :meth:`drop` meanwhile) is discarded."""
         epoch = self.outbox.epoch
         device = self.device
         sealed = sealed or {}
+        revoked = revoked if revoked is not None else set()
 
         def maker(i: int, job: SealJob) -> Callable[[int], bytes]:
             def make(seq: int) -> bytes:
                 gid = job.grant.id
                 with self._cond:
-                    revoked = gid in self._revoked
-                if revoked:  # revoked while this group was taken: nothing of it is stored
+                    gone = gid in revoked
+                if gone:  # revoked since this group was taken: nothing of it is stored
                     raise GrantNotActive(f"grant {gid!r} revoked; batch discarded")
                 done = sealed.get(i)
                 if done is not None and done[0] == seq:
@@ -328,12 +344,11 @@ class BatchWriter:
         self._expected.append([r[4] for r in requests])
         return worker
 
-    def _sealed_by_worker(self, held: tuple[list[SealJob], SealWorker | None]) -> dict[int, tuple[int, bytes]]:
-        """Index in the held group -> (the seq it was sealed for, envelope), for the batches the worker sealed.
-        Empty if the worker it went to is gone (the group is then sealed in-process)."""
-        worker = held[1]
+    def _sealed_by_worker(self, worker: SealWorker) -> dict[int, tuple[int, bytes]]:
+        """Index in the oldest group sent -> (the seq it was sealed for, envelope), for the batches the worker
+        sealed. Empty if the worker it went to is gone (the group is then sealed in-process)."""
         seqs = self._expected.pop(0) if self._expected else []
-        if worker is None or worker is not self._worker:
+        if worker is not self._worker:
             self._expected.clear()
             return {}
         try:

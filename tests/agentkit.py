@@ -54,6 +54,7 @@ def write_config(
     batch: dict[str, Any] | None = None,
     mqtt_extra: dict[str, Any] | None = None,
     outbox: dict[str, Any] | None = None,
+    agent: dict[str, Any] | None = None,
     state_dir: Path | None = None,
 ) -> Path:
     """Write a complete agent config for ``device`` talking to a broker on 127.0.0.1:``port`` (or, with
@@ -85,6 +86,8 @@ def write_config(
     if obd is not None:
         lines += ["", "[obd]"] + [f"{k} = {_toml(v)}" for k, v in obd.items()]
     lines += ["", "[batch]"] + [f"{k} = {_toml(v)}" for k, v in ({"max_interval_s": 0.2} | (batch or {})).items()]
+    if agent:
+        lines += ["", "[agent]"] + [f"{k} = {_toml(v)}" for k, v in agent.items()]
     if outbox:
         lines += ["", "[outbox]"] + [f"{k} = {_toml(v)}" for k, v in outbox.items()]
     path = tmp / f"{device}.toml"

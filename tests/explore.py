@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import json
 import multiprocessing
+import os
 import shutil
 import signal
 import sys
@@ -34,6 +35,7 @@ from tests.explore_model import ConsentModel, Step, generate
 from tests.explore_oracle import Evidence, check, expected_erasures, read_disk, status_of
 from tests.explore_world import AgentProc, World
 
+SEAL_WORKERS_ENV = "VGW_EXPLORE_SEAL_WORKERS"  # [agent] seal_workers of the agents (--seal-workers)
 SIGTERM_S = 20.0  # a stop must end the process within this (systemd's TimeoutStopSec is 90 s; we ask less)
 CONNECT_S = 40.0
 CONVERGE_S = 40.0
@@ -132,6 +134,7 @@ class _Schedule:
         self.cfg = write_config(self.cfg_dir, world.pki, 0, world.trust, device=device,
                                 can={"replay": str(world.trace), "replay_rate": 2.0, "replay_loop": True},
                                 batch={"max_interval_s": 0.2}, mqtt_extra={"hosts": hosts},
+                                agent={"seal_workers": int(os.environ.get(SEAL_WORKERS_ENV, "0"))},
                                 state_dir=self.state)
         self.agent = AgentProc(self.cfg, world.logs / f"{device}.log")
         self.model = ConsentModel(device, world.signer, world.forger)
@@ -407,9 +410,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--first", type=int, default=1, help="the first seed")
     ap.add_argument("--seed", type=int, help="run this one seed (with --steps: that step list)")
     ap.add_argument("--steps", help="a step list as JSON (as a failing run prints it)")
+    ap.add_argument("--seal-workers", type=int, choices=(0, 1), default=0,
+                    help="[agent] seal_workers of the agents under test (default 0)")
     ap.add_argument("--no-shrink", action="store_true", help="do not shrink failing schedules")
     ap.add_argument("--results", default="build/explore-results.jsonl", help="one JSON line per schedule")
     args = ap.parse_args(argv)
+    os.environ[SEAL_WORKERS_ENV] = str(args.seal_workers)  # read by each worker's Runner (inherited)
     if args.seed is not None:
         world = World("replay")
         try:

@@ -74,6 +74,8 @@ def collect_status(config_path: str) -> dict[str, Any]:
         "obd": live.get("obd") if running else None,
         "bus": live.get("bus") if running else None,
         "health": live.get("health", {"ok": True, "problem": None}) if running else {"ok": True, "problem": None},
+        # where batches are sealed ([agent] seal_workers): only a running agent's own word
+        "seal": live.get("seal") if running and isinstance(live.get("seal"), dict) else None,
         "certificate": certificate_status(cfg, live if running else {}),
         **pending_erasures(ConsentStore(cfg.state_dir)),
     }
@@ -255,6 +257,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     bus = st["bus"]
     if bus and bus.get("silent"):
         print(f"can: SILENT, no frame for {bus['last_frame_age_s']:.0f} s (check [can] channel, cable, simulator)")
+    seal = st["seal"]
+    if seal and seal.get("workers"):
+        print(f"sealing: {seal.get('mode')}" + (f", worker pid {seal['pid']}" if seal.get("pid") else "")
+              + (f", {seal['restarts']} restart(s)" if seal.get("restarts") else "")
+              + (f" ({seal['error']})" if seal.get("error") and seal.get("mode") != "worker" else ""))
     if not st["health"]["ok"]:
         print(f"health: NOT OK ({st['health']['problem']}); the systemd watchdog restarts the agent")
     if st["erasures_pending"]:

@@ -135,6 +135,14 @@ class OutboxConfig:
 
 
 @dataclass(frozen=True)
+class AgentConfig:
+    # Processes that seal batches beside the agent (vgw.daemon.seal_worker): 0 seals in the agent's own process
+    # (a one-core device gains nothing from a second process); 1 uses a second core (docs/performance.md
+    # "A second core").
+    seal_workers: int = 0
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     device: DeviceConfig
@@ -144,6 +152,7 @@ class Config:
     obd: ObdConfig | None = None
     batch: BatchConfig = field(default_factory=BatchConfig)
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
     log_level: str | None = None  # [log] level: debug, info, warning, error (re-read on SIGHUP)
 
     @property
@@ -237,7 +246,7 @@ def _kind_name(kinds: tuple[type, ...]) -> str:
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
-_SECTIONS = {"device", "can", "obd", "mqtt", "consent", "batch", "outbox", "log"}
+_SECTIONS = {"device", "agent", "can", "obd", "mqtt", "consent", "batch", "outbox", "log"}
 
 
 def load_config(path: str | Path, *, enrolling: bool = False) -> Config:
@@ -273,9 +282,19 @@ def config_from_dict(doc: dict[str, Any], path: Path, *, enrolling: bool = False
     obd = _obd(_Section(path, "obd", doc["obd"])) if "obd" in doc else None
     batch = _batch(_Section(path, "batch", doc.get("batch", {})))
     outbox = _outbox(_Section(path, "outbox", doc.get("outbox", {})))
+    agent = _agent(_Section(path, "agent", doc.get("agent", {})))
     log_level = _log_level(_Section(path, "log", doc.get("log", {})))
     return Config(path=path, device=device, mqtt=mqtt, consent=consent, can=can, obd=obd, batch=batch,
-                  outbox=outbox, log_level=log_level)
+                  outbox=outbox, agent=agent, log_level=log_level)
+
+
+def _agent(s: _Section) -> AgentConfig:
+    workers = s.number("seal_workers", AgentConfig.seal_workers, minimum=0, integer=True)
+    if workers > 1:
+        raise ConfigError(f"{s.path}: [agent] seal_workers {workers}: expected 0 or 1 (one worker keeps up with "
+                          "the collector, see docs/performance.md \"A second core\")")
+    s.finish()
+    return AgentConfig(seal_workers=workers)
 
 
 def _log_level(s: _Section) -> str | None:

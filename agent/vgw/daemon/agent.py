@@ -146,7 +146,8 @@ class Agent:
                                   "source_errors", "batches_failed", "error_frames", "remote_frames", "rx_overflow",
                                   "quota_dropped", "frames_malformed", "frames_failed"))
         self.writer = BatchWriter(device=self.device, outbox=self.outbox, counters=self.counters,
-                                  quota_bytes=cfg.outbox.quota_bytes, audit=self._audit, on_stored=self.uplink.wake)
+                                  quota_bytes=cfg.outbox.quota_bytes, audit=self._audit, on_stored=self.uplink.wake,
+                                  seal_workers=cfg.agent.seal_workers, timing=timing)
         self.guard = PipelineGuard(catalogue=self.catalogue, obd=cfg.obd is not None, writer=self.writer,
                                    batch=cfg.batch)
         self.pipeline = self.guard.pipeline

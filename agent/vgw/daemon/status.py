@@ -104,6 +104,7 @@ class StatusView:
             "collect": self.guard.pipeline.rule_counts(),  # collection rules: decoded vs let through, per grant/scope
             "published": {"batches": up.published_batches, "receipts": up.published_receipts},
             "storage": {"ok": storage_error is None, "error": storage_error},
+            "seal": self.writer.seal_status(),  # where batches are sealed ([agent] seal_workers)
             "health": {"ok": problem is None, "problem": problem},
             "quota": self._quota_status(),
             "obd": obd.health() if obd is not None else None,

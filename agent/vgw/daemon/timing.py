@@ -25,6 +25,8 @@ class Timing:
     replay_drain_s: float = 120.0  # replay_exit: how long the end of the trace waits for every acknowledgement
     collector_stall_s: float = 10.0  # no collector loop turn for this long: stalled (health not ok, no watchdog)
     shutdown_send_s: float = 2.0  # on SIGTERM, how long a live link may take to send what was just flushed
+    seal_restart_s: float = 5.0  # a seal worker that failed: batches are sealed in-process this long, then a new one
+    seal_reply_s: float = 30.0  # a seal worker that takes longer than this for a group is hung: stopped, see above
 
     def __post_init__(self) -> None:
         for name in self.__dataclass_fields__:

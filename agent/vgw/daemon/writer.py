@@ -10,6 +10,15 @@ grant's recipient) inside one outbox transaction (:meth:`vgw.state.outbox.Outbox
 one fsync. The outbox judges every batch at commit: a grant revoked meanwhile, or terms narrowed since the
 batch was collected, discards it (counted ``batches_discarded``).
 
+With ``[agent] seal_workers = 1`` the plaintext and the HPKE seal of a group are made by a child process
+(:mod:`vgw.daemon.seal_worker`) while the writer thread waits on its pipe, so the collector has the agent's
+core meanwhile. The writer predicts each batch's seq (the outbox's next seq, counted up within the group); the
+outbox still assigns the seq in its transaction, and a batch whose seq came out otherwise (a batch before it
+refused) is sealed again in-process with the right one. A batch of a grant revoked while its group was at the
+worker is discarded at commit (:meth:`drop` marks it). A worker that dies, hangs or is refused is stopped; its
+group and the following ones are sealed in-process, a new worker is started after ``Timing.seal_restart_s``, and
+``seal`` in status.json says which way batches are sealed now (:meth:`seal_status`).
+
 The storage-fault state (docs/guarantees.md "disk full/read-only") lives here: ``storage_error`` says why
 the outbox cannot store now; :meth:`storage_failed` lets the main loop report a failed write of its own.
 """
@@ -18,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +36,8 @@ from vgw.base.errors import StorageError
 from vgw.contract.consent.model import Grant
 from vgw.contract.envelope import Series, columnar_plaintext, seal
 from vgw.daemon.counters import Counters
+from vgw.daemon.seal_worker import Request, SealWorker, SealWorkerGone
+from vgw.daemon.timing import DEFAULT_TIMING, Timing
 from vgw.state.outbox import GrantNotActive, NewBatch, Outbox, OutboxUnwritable
 
 log = logging.getLogger(__name__)
@@ -52,7 +64,8 @@ class SealJob:
 
 class BatchWriter:
     def __init__(self, *, device: str, outbox: Outbox, counters: Counters, quota_bytes: int,
-                 audit: Callable[..., None], on_stored: Callable[[], None]) -> None:
+                 audit: Callable[..., None], on_stored: Callable[[], None], seal_workers: int = 0,
+                 timing: Timing = DEFAULT_TIMING) -> None:
         self.device = device
         self.outbox = outbox
         self.counters = counters
@@ -69,10 +82,25 @@ class BatchWriter:
         self._store_failures_at_error = 0
         self._stores_since_error = 0
         self._quota_pending: dict[str, int] = {}  # drops not yet in the audit log
+        # The seal worker (module docstring): the writer thread's alone, but for start and close.
+        self.seal_workers = seal_workers
+        self.timing = timing  # seal_restart_s, seal_reply_s
+        self.sealed_by_worker = 0  # batches stored as the worker sealed them (the writer thread adds, status reads)
+        self._worker: SealWorker | None = None
+        self._worker_failed_at: float | None = None
+        self._worker_error: str | None = None  # why batches are sealed in-process although a worker was asked for
+        self.worker_restarts = 0
+        # One set per group taken and not yet stored, oldest first: the grants revoked since it was taken, whose
+        # batches in it are discarded (under _cond). Per group, so a grant granted again under the same id is
+        # not refused in the groups taken after.
+        self._taken: list[set[str]] = []
+        self._expected: list[list[int]] = []  # per group at the worker, oldest first: the seqs it was sealed for
 
     # -- any thread ---------------------------------------------------------------------------------
 
     def start(self) -> None:
+        if self.seal_workers:
+            self._start_worker()
         self._thread = threading.Thread(target=self._run, name="vgw-writer", daemon=True)
         self._thread.start()
 
@@ -98,6 +126,8 @@ class BatchWriter:
             keep = [j for j in self._queue if j.grant.id not in grant_ids]
             dropped = len(self._queue) - len(keep)
             self._queue = keep
+            for revoked in self._taken:  # groups in the making (maybe at the seal worker): these grants' go
+                revoked.update(grant_ids)
             return dropped
 
     def wait_room(self, timeout: float = 5.0) -> None:
@@ -121,6 +151,19 @@ class BatchWriter:
             left, self._queue = self._queue, []
         if left:
             self._store(left)
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
+
+    def seal_status(self) -> dict[str, Any]:
+        """``seal`` in status.json: where batches are sealed ("worker" or "in-process"), the workers asked for,
+        the worker's pid, how often it was restarted, and why batches are sealed in-process if one was asked for."""
+        worker = self._worker  # read from the status thread: one reference, replaced whole by the writer thread
+        alive = worker is not None and worker.alive()
+        return {"workers": self.seal_workers, "mode": "worker" if alive else "in-process",
+                "pid": worker.pid if alive and worker is not None else None, "restarts": self.worker_restarts,
+                "sealed_by_worker": self.sealed_by_worker,
+                "error": self._worker_error if self.seal_workers else None}
 
     def take_quota_drops(self) -> dict[str, int]:
         with self._state:
@@ -144,35 +187,77 @@ class BatchWriter:
     # -- the writer thread --------------------------------------------------------------------------
 
     def _run(self) -> None:
+        # With a seal worker, two groups are in flight: the worker seals the newer while this thread stores
+        # the older (``held``: the group, its revocation set, the worker it went to). Without one, one at a time.
+        held: tuple[list[SealJob], set[str], SealWorker] | None = None
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._queue or self._closing)
-                if not self._queue:
-                    return
+                if held is None:
+                    self._cond.wait_for(lambda: self._queue or self._closing)
+                    if not self._queue:
+                        return
                 group, self._queue = self._queue[:GROUP_BATCHES], self._queue[GROUP_BATCHES:]
+                revoked: set[str] = set()
+                if group:
+                    self._taken.append(revoked)
                 self._busy = True
             try:
-                self._store(group)
+                sent = self._send_to_worker(group, after=held[0] if held is not None else None) if group else None
+                if held is not None:
+                    self._store(held[0], self._sealed_by_worker(held[2]), held[1])
+                    self._done(held[1])
+                    held = None
+                if sent is not None and sent is self._worker:
+                    held = (group, revoked, sent)
+                elif group:
+                    self._store(group, {}, revoked)
+                    self._done(revoked)
             except Exception:  # a defect must not end the writer: the batches are lost, counted and logged
-                self.counters.add("batches_failed", len(group))
-                log.exception("a group of %d batch(es) could not be stored", len(group))
-            finally:
+                lost = len(group) + (len(held[0]) if held is not None else 0)
+                held = None
                 with self._cond:
-                    self._busy = False
-                    self._cond.notify_all()
+                    self._taken.clear()
+                if self._worker is not None:  # its pipe may hold a reply nobody waits for now: start afresh
+                    self._worker_failed("seal worker reset after a failed group")
+                self.counters.add("batches_failed", lost)
+                log.exception("a group of %d batch(es) could not be stored", lost)
+            finally:
+                if held is None:
+                    with self._cond:
+                        self._busy = False
+                        self._cond.notify_all()
 
-    def _store(self, jobs: list[SealJob]) -> None:
+    def _done(self, revoked: set[str]) -> None:
+        """A group was stored: forget its revocation set."""
+        with self._cond:
+            self._taken = [r for r in self._taken if r is not revoked]
+
+    def _store(self, jobs: list[SealJob], sealed: dict[int, tuple[int, bytes]] | None = None,
+               revoked: set[str] | None = None) -> None:
+        """Seal (unless ``sealed`` holds it: index -> (seq it was sealed for, envelope)) and store ``jobs``;
+        a batch of a grant in ``revoked`` (filled by :meth:`drop` meanwhile) is discarded."""
         epoch = self.outbox.epoch
         device = self.device
+        sealed = sealed or {}
+        revoked = revoked if revoked is not None else set()
 
-        def maker(job: SealJob) -> Callable[[int], bytes]:
+        def maker(i: int, job: SealJob) -> Callable[[int], bytes]:
             def make(seq: int) -> bytes:
                 gid = job.grant.id
+                with self._cond:
+                    gone = gid in revoked
+                if gone:  # revoked since this group was taken: nothing of it is stored
+                    raise GrantNotActive(f"grant {gid!r} revoked; batch discarded")
+                done = sealed.get(i)
+                if done is not None and done[0] == seq:
+                    self.sealed_by_worker += 1
+                    return done[1]
                 return seal(job.grant.recipient.kem, job.recipient, device, gid,
                             columnar_plaintext(device, gid, seq, job.series, epoch=epoch))
             return make
 
-        batches = [NewBatch(j.grant.id, maker(j), j.first_t, j.samples, j.scopes, j.terms, j.marks) for j in jobs]
+        batches = [NewBatch(j.grant.id, maker(i, j), j.first_t, j.samples, j.scopes, j.terms, j.marks)
+                   for i, j in enumerate(jobs)]
         try:
             results: list[Any] = self.outbox.commit_batches(batches, quota_bytes=self.quota_bytes)
         except StorageError as exc:
@@ -197,6 +282,82 @@ class BatchWriter:
             self.counters.add("batches", stored)
             self._stored(stored)
             self._on_stored()
+
+    # -- the seal worker (the writer thread; start also from the agent's) ---------------------------------
+
+    def _start_worker(self) -> None:
+        worker = SealWorker(timeout_s=self.timing.seal_reply_s)
+        try:
+            worker.start()
+        except OSError as exc:
+            self._worker_failed(f"seal worker did not start: {exc}")
+            return
+        self._worker = worker
+        self._worker_error = None
+        log.info("seal worker started (pid %d)", worker.pid)
+
+    def _worker_failed(self, why: str) -> None:
+        self._expected.clear()
+        if self._worker is not None:
+            self._worker.close(grace_s=0.0)
+            self._worker = None
+        self._worker_failed_at = time.monotonic()
+        self._worker_error = why
+        log.warning("%s; batches are sealed in-process, a new worker starts in %g s", why, self.timing.seal_restart_s)
+
+    def _send_to_worker(self, jobs: list[SealJob], after: list[SealJob] | None) -> SealWorker | None:
+        """Hand ``jobs`` to the seal worker (started or restarted here if due), each with the seq the outbox will
+        give it if every batch before it, ``after`` included, is stored. The worker it went to, or None: sealed
+        in-process then."""
+        if not self.seal_workers:
+            return None
+        if self._worker is not None and not self._worker.alive():
+            self._worker_failed(f"seal worker exited (code {self._worker.returncode})")
+        if self._worker is None:
+            if self._worker_failed_at is not None:
+                if time.monotonic() - self._worker_failed_at < self.timing.seal_restart_s:
+                    return None
+                self.worker_restarts += 1
+            self._start_worker()
+            if self._worker is None:
+                return None
+        epoch = self.outbox.epoch
+        seqs: dict[str, int] = {}
+        for job in after or ():
+            gid = job.grant.id
+            seqs[gid] = (seqs.get(gid) or self.outbox.next_seq(gid)) + 1
+        requests: list[Request] = []
+        for job in jobs:
+            gid = job.grant.id
+            seq = seqs.get(gid) or self.outbox.next_seq(gid)
+            seqs[gid] = seq + 1
+            requests.append((job.grant.recipient.kem, job.grant.recipient.pk, self.device, gid, seq, epoch,
+                             job.series))
+        worker = self._worker
+        try:
+            worker.send(requests)
+        except ValueError:  # a value the pipe does not carry: this group is sealed in-process
+            return None
+        except SealWorkerGone as exc:
+            self._worker_failed(str(exc))
+            return None
+        self._expected.append([r[4] for r in requests])
+        return worker
+
+    def _sealed_by_worker(self, worker: SealWorker) -> dict[int, tuple[int, bytes]]:
+        """Index in the oldest group sent -> (the seq it was sealed for, envelope), for the batches the worker
+        sealed. Empty if the worker it went to is gone (the group is then sealed in-process)."""
+        seqs = self._expected.pop(0) if self._expected else []
+        if worker is not self._worker:
+            self._expected.clear()
+            return {}
+        try:
+            envelopes = worker.receive()
+        except SealWorkerGone as exc:
+            self._expected.clear()
+            self._worker_failed(str(exc))
+            return {}
+        return {i: (seq, env) for i, (seq, env) in enumerate(zip(seqs, envelopes, strict=True)) if env is not None}
 
     def _stored(self, n: int) -> None:
         with self._state:

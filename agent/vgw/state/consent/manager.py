@@ -584,7 +584,10 @@ class ConsentManager:
                         why="outbox-busy")
             self.store.add_pending_erasure(PendingErasure(grant_id, ver, reason, erasure.batches_deleted,
                                                           since=self.store.now()))
-            self.outbox.end_erasure(grant_id)  # the pending erasure carries it from here (its count included)
+            try:  # the pending erasure carries it from here (its count included)
+                self.outbox.end_erasure(grant_id)
+            except StorageError as exc:  # left in the ledger: the next start sees it pending and drops it there
+                log.warning("erasure of grant %s stays in the outbox's ledger: %s", grant_id, exc)
             return erasure
         self._receipt_erasure(grant_id, ver=ver, reason=reason, batches_deleted=erasure.batches_deleted, ends=True)
         return erasure

@@ -306,6 +306,16 @@ class _Schedule:
 
     # -- the calm end -----------------------------------------------------------------------------------
 
+    def _reports_now(self, ver: int) -> bool:
+        """The agent running now (not the one before the last kill: its retained status may already name ``ver``)
+        holds ``ver`` in force: its own status.json, with its pid."""
+        proc = self.agent.proc
+        try:
+            st = json.loads((self.state / "status.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return proc is not None and st.get("pid") == proc.pid and st.get("consent_version") == ver
+
     def converge(self) -> None:
         """Space back, both brokers up with the newest genuine document retained, the agent running: it must
         reach the newest version and send every erasure receipt it owes."""
@@ -318,7 +328,7 @@ class _Schedule:
         self._start()
         def converged() -> bool:
             self._check_alive()
-            return self.applied(latest.ver)
+            return self.applied(latest.ver) and self._reports_now(latest.ver)
 
         if not wait_until(converged, CONVERGE_S, 0.1):
             st = self.newest_status()

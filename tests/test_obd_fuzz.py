@@ -109,11 +109,11 @@ def test_parse_answer_time_is_linear_in_a_huge_line() -> None:
     def took(n: int) -> float:
         line = "7E8" + "21" * n
         best = float("inf")
-        for _ in range(3):  # the best of three: a busy machine only ever adds time
-            start = time.perf_counter()
+        for _ in range(5):  # CPU time, the best of five: other processes on a busy machine do not count
+            start = time.process_time()
             for proto, headers in (("6", True), ("6", False), (None, True), ("3", True), ("3", False)):
                 parse_answer([line, "0:" + "41" * n, f"{n:03X}"[:3]], protocol=proto, headers=headers)
-            best = min(best, time.perf_counter() - start)
+            best = min(best, time.process_time() - start)
         return best
 
     small, big = took(16 * 1024), took(30 * 16 * 1024)

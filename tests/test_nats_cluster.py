@@ -112,7 +112,17 @@ def _clean(c: NatsCluster, pki: TestPKI) -> None:
         except NotFoundError:
             pass
 
+    async def stream_gone(js: Any) -> bool:
+        try:
+            await js.stream_info("VGW")
+        except NotFoundError:
+            return True
+        return False
+
     _on_cluster(pki, c, drop_stream)
+    # the delete is the meta leader's; a node that answers stream info from before it would hand the next test
+    # the last one's messages
+    assert wait_until(lambda: _on_cluster(pki, c, stream_gone), 30), "stream VGW still there after its delete"
     port = c.nodes[0].port
     cloud = Client(pki, "cloud", port, persistent=False, client_id="cloud-clean")
     for device in pki.devices:

@@ -257,29 +257,48 @@ def pump(c: mqtt.Client, mask: int) -> bool:
     return True
 
 
-class Worker:
-    def __init__(self, name: str, period_s: float, n_samples: int) -> None:
-        self.name = name
-        self.period = period_s
-        self.n_samples = n_samples
-        self.devices: list[SimDevice] = []
+class ClientSelector:
+    """paho clients on one selector, one thread driving them: each socket is read always, and written while paho
+    has bytes queued (its register/unregister-write callbacks call :meth:`want_write`). ``data`` is what the
+    selector hands back for a socket; it has the ``client``."""
+
+    def __init__(self) -> None:
         self.sel = selectors.DefaultSelector()
         self.masks: dict[int, int] = {}
-        self.stop = threading.Event()
-        self.publishing = threading.Event()
-        self.stats = {"sent": 0, "acked": 0, "connect_failures": 0, "replayed": 0}
-        self.thread = threading.Thread(target=self._run, name=f"vgw-fleet-{name}", daemon=True)
-        self.connect_args: tuple[str, int, str, bool] | None = None
 
-    def want_write(self, dev: SimDevice, on: bool) -> None:
-        sock = dev.client.socket()
+    def watch(self, data: Any) -> bool:
+        """Put ``data.client``'s socket on the selector. False when it has none (the connect failed)."""
+        sock = data.client.socket()
+        if sock is None:
+            return False
+        mask = selectors.EVENT_READ | (selectors.EVENT_WRITE if data.client.want_write() else 0)
+        self.sel.register(sock, mask, data)
+        self.masks[sock.fileno()] = mask
+        return True
+
+    def want_write(self, data: Any, on: bool) -> None:
+        sock = data.client.socket()
         if sock is None:
             return
         fd = sock.fileno()
         mask = selectors.EVENT_READ | (selectors.EVENT_WRITE if on else 0)
         if fd in self.masks and self.masks[fd] != mask:
-            self.sel.modify(sock, mask, dev)
+            self.sel.modify(sock, mask, data)
             self.masks[fd] = mask
+
+
+class Worker(ClientSelector):
+    def __init__(self, name: str, period_s: float, n_samples: int) -> None:
+        super().__init__()
+        self.name = name
+        self.period = period_s
+        self.n_samples = n_samples
+        self.devices: list[SimDevice] = []
+        self.stop = threading.Event()
+        self.publishing = threading.Event()
+        self.stats = {"sent": 0, "acked": 0, "connect_failures": 0, "replayed": 0}
+        self.thread = threading.Thread(target=self._run, name=f"vgw-fleet-{name}", daemon=True)
+        self.connect_args: tuple[str, int, str, bool] | None = None
 
     def forget(self, dev: SimDevice) -> None:
         for key in list(self.sel.get_map().values()):
@@ -298,13 +317,7 @@ class Worker:
             self.stats["connect_failures"] += 1
             log.debug("%s: connect failed: %s", dev.id, exc)
             return False
-        sock = dev.client.socket()
-        if sock is None:
-            return False
-        mask = selectors.EVENT_READ | (selectors.EVENT_WRITE if dev.client.want_write() else 0)
-        self.sel.register(sock, mask, dev)
-        self.masks[sock.fileno()] = mask
-        return True
+        return self.watch(dev)
 
     def _reconnect_lost(self, now: float) -> None:
         """Devices whose connection dropped try the next endpoint (once a second each); paho re-sends their

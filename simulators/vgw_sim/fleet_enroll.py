@@ -17,7 +17,6 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
-import selectors
 import ssl
 import subprocess
 import sys
@@ -50,7 +49,7 @@ from vgw.contract.enrollment import (
 from vgw.contract.topics import PREFIX
 from vgw.transport.tlsctx import client_context
 
-from vgw_sim.fleet_device import pump
+from vgw_sim.fleet_device import ClientSelector, pump
 
 __all__ = ["RESEND_S", "EnrollReport", "EnrollService", "enroll_fleet"]
 
@@ -120,7 +119,7 @@ class _Enrollee:
         self.lane.finished(self)
 
 
-class _Lane:
+class _Lane(ClientSelector):
     """One thread driving up to ``window`` enrollments at a time."""
 
     def __init__(self, host: str, port: int, protocol: str, ctx: ssl.SSLContext, anchors: list[x509.Certificate],
@@ -132,20 +131,9 @@ class _Lane:
         self.lock = lock
         self.todo: list[tuple[str, str]] = []
         self.active: list[_Enrollee] = []
-        self.sel = selectors.DefaultSelector()
-        self.masks: dict[int, int] = {}
+        super().__init__()
         self.thread = threading.Thread(target=self._run, name="vgw-fleet-enroll", daemon=True)
         self.deadline = 0.0
-
-    def want_write(self, e: _Enrollee, on: bool) -> None:
-        sock = e.client.socket()
-        if sock is None:
-            return
-        fd = sock.fileno()
-        mask = selectors.EVENT_READ | (selectors.EVENT_WRITE if on else 0)
-        if fd in self.masks and self.masks[fd] != mask:
-            self.sel.modify(sock, mask, e)
-            self.masks[fd] = mask
 
     def _connect(self, e: _Enrollee) -> None:
         e.retry_at = time.monotonic() + 2.0
@@ -155,12 +143,7 @@ class _Lane:
             self.report.connect_failures += 1
             log.debug("%s: enrollment connect failed: %s", e.id, exc)
             return
-        sock = e.client.socket()
-        if sock is None:
-            return
-        mask = selectors.EVENT_READ | (selectors.EVENT_WRITE if e.client.want_write() else 0)
-        self.sel.register(sock, mask, e)
-        self.masks[sock.fileno()] = mask
+        self.watch(e)
 
     def _drop(self, e: _Enrollee) -> None:
         sock = e.client.socket()

@@ -273,7 +273,7 @@ def test_bench_runs_on_a_kcd(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     fd = cantools.database.load_file(str(dbc_dir() / "vehicle_fd.dbc"))
     assert isinstance(fd, cantools.database.can.Database)
     kcd = _as(tmp_path, "vehicle_fd.kcd", fd.as_kcd_string())
-    assert main(["bench", "--json", "--dbc", str(kcd), "--frames", "5000", "--rt-seconds", "1",
+    assert main(["bench", "--stages", "--json", "--dbc", str(kcd), "--frames", "5000", "--rt-seconds", "1",
                  "--revoke-rows", "500"]) == 0
     result = json.loads(capsys.readouterr().out)
     d, fp = result["decode"], result["full_path"]

@@ -18,7 +18,9 @@ from vgw.config.settings import load_config
 
 from tests.agentkit import ROOT, vgw
 
-BENCH = ["bench", "--frames", "5000", "--rt-seconds", "0.5", "--revoke-rows", "200", "--rules-seconds", "2", "--json"]
+# the stages only (their progress phases); the headline's whole-process runs are tests/test_bench_headline.py's
+BENCH = ["bench", "--stages", "--frames", "5000", "--rt-seconds", "0.5", "--revoke-rows", "200", "--rules-seconds", "2",
+         "--json"]
 
 
 def _in_pty(args: list[str], timeout: float = 120.0) -> tuple[int, str, str]:

@@ -85,16 +85,17 @@ def _run(runner: Runner, seed: int, steps: list[Step] | None = None) -> Outcome:
     return runner.run(seed, initial, generated if steps is None else steps)
 
 
-def test_fixed_seeds_keep_every_invariant(world: World) -> None:
-    runner = Runner(world, "t")
-    failed = [out for out in (_run(runner, seed) for seed in SEEDS) if not out.ok]
-    assert not failed, "\n".join(f"{describe(o)}\n  replay: {replay_command(o)}" for o in failed)
+# One test per schedule, so that pytest-xdist spreads them over its workers.
+@pytest.mark.parametrize("seed", SEEDS)
+def test_fixed_seeds_keep_every_invariant(world: World, seed: int) -> None:
+    out = _run(Runner(world, "t"), seed)
+    assert out.ok, f"{describe(out)}\n  replay: {replay_command(out)}"
 
 
-def test_kept_failing_schedules_now_hold(world: World) -> None:
-    runner = Runner(world, "t")
-    failed = [out for out in (_run(runner, seed, steps) for seed, steps, _why in KEPT) if not out.ok]
-    assert not failed, "\n".join(describe(o) for o in failed)
+@pytest.mark.parametrize(("seed", "steps", "why"), KEPT, ids=[str(seed) for seed, _s, _w in KEPT])
+def test_kept_failing_schedules_now_hold(world: World, seed: int, steps: list[Step], why: str) -> None:
+    out = _run(Runner(world, "t"), seed, steps)
+    assert out.ok, f"{describe(out)}\n  (kept because {why})"
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -246,11 +247,9 @@ def test_a_grant_the_damaged_cache_forgot_still_ends_in_an_erasure_receipt(tmp_p
         assert not runner.agent.outbox.active_grants()
 
 
-def test_grants_not_in_force_stay_unpublished_while_the_start_up_erasure_waits_for_the_disk(
-        tmp_path, pki, monkeypatch, broker, cloud) -> None:
-    # Found by the explorer (seed 100063: broker down, disk full, all revoked, cache deleted, broker up): with the
-    # cache gone nothing is in force, but the start-up disk part could not run, so the outbox still listed the
-    # old grants as active, and once the consent at the broker was known their stored batches went out.
+def _g_speed_stored_while_the_broker_was_down(tmp_path, pki, broker, cloud) -> tuple[Authority, Path]:
+    """An agent that collected g-speed while the broker was down, stopped: its batches are stored, none sent;
+    the broker is back and the cloud connected. Returns the authority and the config."""
     auth = Authority(tmp_path)
     trace = record_trace(tmp_path, 20.0)
     cfg = write_config(tmp_path, pki, broker.port, auth.trust,
@@ -262,6 +261,15 @@ def test_grants_not_in_force_stay_unpublished_while_the_start_up_erasure_waits_f
         assert wait_until(lambda: first.agent.outbox.stats().get("g-speed", {}).get("rows", 0) >= 2, 20)
     broker.start()
     assert cloud.wait_connected(15)
+    return auth, cfg
+
+
+def test_grants_not_in_force_stay_unpublished_while_the_start_up_erasure_waits_for_the_disk(
+        tmp_path, pki, monkeypatch, broker, cloud) -> None:
+    # Found by the explorer (seed 100063: broker down, disk full, all revoked, cache deleted, broker up): with the
+    # cache gone nothing is in force, but the start-up disk part could not run, so the outbox still listed the
+    # old grants as active, and once the consent at the broker was known their stored batches went out.
+    auth, cfg = _g_speed_stored_while_the_broker_was_down(tmp_path, pki, broker, cloud)
     cloud.publish_consent(DEV, auth.doc(DEV, {}))  # v2: nothing granted
     (tmp_path / "state" / "consent.jws").unlink()
     opened = use_faulty_outbox(monkeypatch)
@@ -289,17 +297,7 @@ def test_grants_not_in_force_stay_unpublished_while_a_resumed_pending_document_w
     # full, everything revoked): the agent took the pending document up again with nothing in force, the outbox
     # still listed the old grants as active, and their stored batches went out although the retained version
     # revoked them.
-    auth = Authority(tmp_path)
-    trace = record_trace(tmp_path, 20.0)
-    cfg = write_config(tmp_path, pki, broker.port, auth.trust,
-                       can={"replay": str(trace), "replay_rate": 2.0, "replay_loop": True})
-    apply_offline(cfg, auth, {"g-speed": ["read_speedometer"]}, tmp_path)
-    cloud.add_recipient("g-speed", auth.recipient("g-speed"))
-    broker.stop()  # stored, not sent
-    with AgentThread(cfg) as first:
-        assert wait_until(lambda: first.agent.outbox.stats().get("g-speed", {}).get("rows", 0) >= 2, 20)
-    broker.start()
-    assert cloud.wait_connected(15)
+    auth, cfg = _g_speed_stored_while_the_broker_was_down(tmp_path, pki, broker, cloud)
     # v2 keeps g-speed as it is (so it stops nothing) and adds a grant; on the read-only disk it stays pending.
     cloud.publish_consent(DEV, auth.doc(DEV, {"g-speed": ["read_speedometer"], "g-odo": ["read_odometer"]}))
     opened = use_faulty_outbox(monkeypatch)

@@ -7,8 +7,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 from vgw.cli import _COMMANDS, command_of
+from vgw_sim.pki import TestPKI
 
 
 def _imported(code: str) -> set[str]:
@@ -42,3 +45,23 @@ def test_command_of_skips_the_global_options() -> None:
     assert command_of(["--log-level=debug", "run"]) == "run"
     assert command_of(["--help"]) is None and command_of([]) is None
     assert command_of(["runn"]) is None  # a typo: every subcommand is registered, argparse lists them
+
+
+# What the owner's and the installer's quick commands must not load: the agent's daemon, its pipeline and uplink
+# (`vgw status` and `vgw consent apply` imported all of vgw.daemon.agent for its lock: 0.2 s more per call).
+NOT_FOR_A_QUICK_COMMAND = ("vgw.daemon.agent", "vgw.daemon.collector", "vgw.uplink", "vgw.pipeline.router")
+
+
+@pytest.mark.parametrize("argv", [["status"], ["consent", "show"], ["consent", "apply", "DOC"]],
+                         ids=["status", "consent-show", "consent-apply"])
+def test_quick_commands_do_not_load_the_daemon(tmp_path: Path, pki: TestPKI, argv: list[str]) -> None:
+    from tests.agentkit import Authority, write_config
+
+    auth = Authority(tmp_path)
+    cfg = write_config(tmp_path, pki, 1, auth.trust, can={"channel": "unused"}, state_dir=tmp_path / "state")
+    doc = tmp_path / "doc.jws"
+    doc.write_text(auth.doc("dev-0001", {"g-1": ["read_odometer"]}))
+    args = [str(doc) if a == "DOC" else a for a in argv] + ["--config", str(cfg)]
+    mods = _imported(f"import vgw.cli\nassert vgw.cli.main({args!r}) == 0")
+    assert f"vgw.cli.{argv[0]}" in mods
+    assert "can" not in mods and not [m for m in mods if m.startswith(NOT_FOR_A_QUICK_COMMAND)]

@@ -64,7 +64,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 def _apply(cfg: Config, token: bytes) -> int:
     from vgw.base.errors import ConsentError
-    from vgw.daemon.agent import AgentLock, open_state
+    from vgw.state.statedir import AgentLock, open_state
     from vgw.state.consent.manager import ConsentManager, load_trust_keys
 
     outbox, audit, store, signer = open_state(cfg)

@@ -39,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def collect_status(config_path: str) -> dict[str, Any]:
     from vgw.config.settings import load_config
-    from vgw.daemon.agent import AgentLock
+    from vgw.state.statedir import AgentLock
     from vgw.ops.stateview import read_state
     from vgw.state.consent.store import ConsentStore
 

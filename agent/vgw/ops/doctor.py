@@ -320,7 +320,7 @@ def _can(can_cfg: CanConfig, probes: Probes, state_dir: Path | None = None) -> C
 
 
 def _agent_running(cfg: Config) -> bool:
-    from vgw.daemon.agent import AgentLock
+    from vgw.state.statedir import AgentLock
 
     try:
         return AgentLock.held_by_other(cfg.state_dir)

@@ -426,7 +426,7 @@ def final_erasure(config_path: Path, *, receipt_timeout_s: float = 10.0) -> Eras
 
 
 def _final_erasure(cfg: Config, receipt_timeout_s: float) -> ErasureSummary:
-    from vgw.daemon.agent import AgentLock, open_state
+    from vgw.state.statedir import AgentLock, open_state
     from vgw.state.consent.manager import ConsentManager, load_trust_keys
     from vgw.state.outbox.erasure import ERASE_WAIT_S
 

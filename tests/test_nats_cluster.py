@@ -782,7 +782,7 @@ def test_agent_moves_to_another_node_when_its_node_is_killed(
             seqs = rec.seqs(dev, gid)
             assert len(seqs) == len(set(seqs)) and sorted(seqs) == list(range(1, max(seqs) + 1))
         assert [b for b in rec.batches("dev-0001", "g-gone") if b.arrived > erasure.arrived + 1.0] == []
-        assert rec.bad_receipts() == [] and rec.undecryptable == 0
+        assert rec.bad_receipts() == [] and rec.undecryptable == 0, [(r.topic, r.reason, r.detail) for r in rec.rejected()]
     finally:
         peer.close()
         js.close()

@@ -11,6 +11,10 @@ PYTEST_ARGS ?=
 # "nats-cluster" (one shared cluster); README "Layout" says more.
 PYTEST_WORKERS ?= 4
 PYTEST_DIST    := $(if $(filter 0,$(PYTEST_WORKERS)),,--dist loadgroup)
+# Bytecode is kept (under build/, not beside the sources) even where PYTHONDONTWRITEBYTECODE is set: the suite
+# starts `python -m vgw` some 800 times and every xdist worker imports every test module; compiling them all
+# again each time cost more than a minute of CPU.
+PYTEST_ENV     := env -u PYTHONDONTWRITEBYTECODE PYTHONPYCACHEPREFIX=$(CURDIR)/build/pycache
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: all venv deps test-deps demo test test-slow explore lint docs bench bundle install uninstall clean
@@ -56,10 +60,10 @@ demo: deps venv
 	$(BIN)/vgw demo
 
 test: deps test-deps venv
-	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) $(PYTEST_DIST) $(PYTEST_ARGS)
+	$(PYTEST_ENV) $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) $(PYTEST_DIST) $(PYTEST_ARGS)
 
 test-slow: deps test-deps venv
-	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) $(PYTEST_DIST) --runslow $(PYTEST_ARGS)
+	$(PYTEST_ENV) $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) $(PYTEST_DIST) --runslow $(PYTEST_ARGS)
 
 # The fault-schedule explorer (docs/guarantees.md, "The fault-schedule explorer"): N seeded schedules of faults
 # against the real agent on J workers (each with its own two brokers), failing ones shrunk to a minimal step

@@ -7,6 +7,8 @@ message length, shorter and longer, with multiplexer selectors steered to their 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import random
@@ -56,6 +58,26 @@ def fetch_sdist_files(requirement: str, keep: Callable[[str], bool]) -> Path | N
         except OSError:
             pass  # another worker got there first
     return target if (target / "done").exists() else None
+
+
+def loadable(paths: list[str]) -> list[str]:
+    """The DBC files among ``paths`` that cantools loads leniently with at least one decodable message.
+
+    Parsing every file costs seconds and pytest collects in each xdist worker, so the answer is kept on disk,
+    keyed by the files' names, sizes and times and by the cantools version: the first worker parses, the others
+    read (tests that use a file still parse it themselves, through :func:`dbc_messages`)."""
+    stamp = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths]
+    key = hashlib.sha256(json.dumps([cantools.__version__, stamp]).encode()).hexdigest()[:24]
+    memo = Path(tempfile.gettempdir()) / f"vgw-test-loadable-{key}.json"
+    try:
+        return list(json.loads(memo.read_text()))
+    except (OSError, ValueError):
+        pass
+    found = [p for p in paths if dbc_messages(p)]
+    staged = memo.with_suffix(f".{os.getpid()}.tmp")
+    staged.write_text(json.dumps(found))
+    staged.replace(memo)  # atomic: a worker reads the whole list or none
+    return found
 
 
 @cache

@@ -29,6 +29,16 @@ DBCS = ["vehicle.dbc", "multiplex_2.dbc", "issue_184_extended_mux_cascaded.dbc",
 EXAMPLES = int(os.environ.get("VGW_HYPOTHESIS_EXAMPLES", "25"))
 
 
+_CATALOGUES: dict[str, Any] = {}
+
+
+def _shared_catalogue(name: str, tmp_path_factory: Any) -> Any:
+    """One catalogue per DBC for every example of the property (loading vehicle.dbc took most of its time)."""
+    if name not in _CATALOGUES:
+        _CATALOGUES[name] = _catalogue(name, tmp_path_factory.mktemp("map"))
+    return _CATALOGUES[name]
+
+
 def _catalogue(name: str, tmp: Path) -> Any:
     if name == "demo":
         return load_catalogue([default_dbc()], default_signal_map())
@@ -70,7 +80,7 @@ def _state(p: Pipeline) -> Any:
 @given(seed=st.integers(0, 2**32), split=st.integers(0, 3))
 @settings(max_examples=EXAMPLES, deadline=None)
 def test_column_writers_agree_with_the_per_value_path(name: str, seed: int, split: int, tmp_path_factory: Any) -> None:
-    catalogue = _catalogue(name, tmp_path_factory.mktemp("map"))
+    catalogue = _shared_catalogue(name, tmp_path_factory)
     grants = _grants(catalogue, split)
     fast, slow = Pipeline(catalogue), Pipeline(catalogue)
     fast.swap(grants)

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from vgw.pipeline.decoder import MessageDecoder, decode_all
 from vgw_sim.paths import default_dbc
 
-from tests.decoderkit import check_message, dbc_messages
+from tests.decoderkit import check_message, dbc_messages, loadable
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DBC_DIR = SHARED / "dbc" / "cantools"
@@ -37,7 +37,7 @@ _messages = dbc_messages
 # Bounded for CI; raise it for a long run: VGW_DECODER_EXAMPLES=2000 pytest tests/test_decoder.py
 EXAMPLES = int(os.environ.get("VGW_DECODER_EXAMPLES", "25"))
 DBCS = [*sorted(str(p) for p in DBC_DIR.glob("*.dbc")), str(default_dbc())]
-LOADABLE = [p for p in DBCS if _messages(p)]
+LOADABLE = loadable(DBCS)  # kept on disk: collected in every xdist worker
 
 
 def test_enough_dbcs_load() -> None:

@@ -16,7 +16,7 @@ import cantools
 import pytest
 from vgw.pipeline.decoder import MessageDecoder
 
-from tests.decoderkit import dbc_messages, fetch_sdist_files, mismatches, random_payload
+from tests.decoderkit import dbc_messages, fetch_sdist_files, loadable, mismatches, random_payload
 
 OPENDBC = "opendbc==0.3.1"
 FOLDER = fetch_sdist_files(OPENDBC, lambda name: name.endswith(".dbc") and "/opendbc/dbc/" in name)
@@ -28,7 +28,7 @@ DBCS = sorted(str(p) for p in FOLDER.glob("*.dbc"))
 _messages = dbc_messages
 
 
-LOADABLE = [p for p in DBCS if _messages(p)]
+LOADABLE = loadable(DBCS)  # kept on disk: collected in every xdist worker
 PAYLOADS = int(os.environ.get("VGW_DECODER_PAYLOADS", "20"))  # per message; raise it for a long run
 
 

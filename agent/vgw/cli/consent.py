@@ -64,8 +64,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 def _apply(cfg: Config, token: bytes) -> int:
     from vgw.base.errors import ConsentError
-    from vgw.state.statedir import AgentLock, open_state
     from vgw.state.consent.manager import ConsentManager, load_trust_keys
+    from vgw.state.statedir import AgentLock, open_state
 
     outbox, audit, store, signer = open_state(cfg)
     try:

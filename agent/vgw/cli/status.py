@@ -39,9 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def collect_status(config_path: str) -> dict[str, Any]:
     from vgw.config.settings import load_config
-    from vgw.state.statedir import AgentLock
     from vgw.ops.stateview import read_state
     from vgw.state.consent.store import ConsentStore
+    from vgw.state.statedir import AgentLock
 
     cfg = load_config(config_path)
     state = read_state(cfg)

@@ -426,9 +426,9 @@ def final_erasure(config_path: Path, *, receipt_timeout_s: float = 10.0) -> Eras
 
 
 def _final_erasure(cfg: Config, receipt_timeout_s: float) -> ErasureSummary:
-    from vgw.state.statedir import AgentLock, open_state
     from vgw.state.consent.manager import ConsentManager, load_trust_keys
     from vgw.state.outbox.erasure import ERASE_WAIT_S
+    from vgw.state.statedir import AgentLock, open_state
 
     if AgentLock.held_by_other(cfg.state_dir):
         raise StorageError(f"{cfg.state_dir}: the agent is running; stop it first (systemctl stop vgw-agent)")

@@ -18,6 +18,9 @@ from vgw_sim.pki import TestPKI
 
 from tests.test_provision import sign_csr
 
+# one worker: the session fixture builds the bundle once (every worker that ran a test here built its own, ~10 s)
+pytestmark = pytest.mark.xdist_group("bundle")
+
 ROOT = Path(__file__).resolve().parents[1]
 # Any attempt to reach an index during the install goes to a closed local port and fails at once.
 NO_NETWORK = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",

@@ -37,6 +37,8 @@ from tests.servicekit import (
     service_process,
 )
 
+pytestmark = pytest.mark.xdist_group("consent-service")  # one worker: the module's broker and service start once
+
 
 @pytest.fixture(scope="module")
 def mod_broker(pki: TestPKI) -> Iterator[Mosquitto]:

@@ -18,6 +18,8 @@ from tests.agentkit import wait_until
 from tests.pgkit import postgres_server
 from tests.servicekit import Owner, authorize_url, make_service_dir, service_process
 
+pytestmark = pytest.mark.xdist_group("consent-store")  # one worker: the module's PostgreSQL server starts once
+
 
 @pytest.fixture(scope="module")
 def pg_dsn() -> Iterator[str]:

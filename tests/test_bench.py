@@ -9,13 +9,13 @@ import json
 import pytest
 from vgw.cli import main
 
-SHORT = ["--stages", "--frames", "20000", "--rt-seconds", "1", "--revoke-rows", "2000", "--rules-seconds", "2"]
+SHORT = ["--stages", "--frames", "5000", "--rt-seconds", "1", "--revoke-rows", "500", "--rules-seconds", "1"]
 
 
 def test_bench_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "--json", *SHORT]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["trace"]["frames"] == 20000
+    assert result["trace"]["frames"] == 5000
     d, fp = result["decode"], result["full_path"]
     assert d["cantools_decode_fps"] > 0 and d["vgw_decode_fps"] > 0 and d["naive_agent_fps"] > 0
     assert d["signals_vgw"] == d["signals_cantools"]  # the same values decoded, every signal
@@ -26,7 +26,7 @@ def test_bench_json(capsys: pytest.CaptureFixture[str]) -> None:
         assert rt["latency"]["samples"] > 0 and rt["latency"]["p99_ms"] is not None
         assert rt["cpu_pct_one_core"] is not None
     rv = result["revocation"]
-    assert rv["rows"] == 2000 and rv["rows_after"] == 0 and rv["key_destroyed_ms"] is not None
+    assert rv["rows"] == 500 and rv["rows_after"] == 0 and rv["key_destroyed_ms"] is not None
     assert set(result["targets"]) >= {"full_path_ge_2x_naive_agent", "rss_le_60mb", "revocation_le_100ms",
                                       "rules_cpu_le_2x_no_rules", "rules_rss_le_2x_no_rules"}
     rules = result["rules"]
@@ -38,7 +38,7 @@ def test_bench_table_all_signals(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "--consent", "all", *SHORT]) == 0
     out = capsys.readouterr().out
     for text in ("cantools decode_message", "vgw compiled decoders", "full path", "frame->PUBACK p50",
-                 "revocation with 2,000 buffered rows", "collection rules: the costliest documents accepted",
+                 "revocation with 500 buffered rows", "collection rules: the costliest documents accepted",
                  "targets:"):
         assert text in out
 

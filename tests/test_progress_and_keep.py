@@ -19,8 +19,8 @@ from vgw.config.settings import load_config
 from tests.agentkit import ROOT, vgw
 
 # the stages only (their progress phases); the headline's whole-process runs are tests/test_bench_headline.py's
-BENCH = ["bench", "--stages", "--frames", "5000", "--rt-seconds", "0.5", "--revoke-rows", "200", "--rules-seconds", "2",
-         "--json"]
+BENCH = ["bench", "--stages", "--frames", "2000", "--rt-seconds", "0.3", "--revoke-rows", "100", "--rules-seconds",
+         "0.5", "--json"]
 
 
 def _in_pty(args: list[str], timeout: float = 120.0) -> tuple[int, str, str]:

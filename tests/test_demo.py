@@ -67,6 +67,8 @@ def test_demo_json_through_the_consent_service_holds_every_guarantee() -> None:
     assert "code_challenge_method=S256" in r.stderr
     assert "owner presses Withdraw for com.example.insurer" in r.stderr
     assert "not shown" not in r.stderr
+    # the set-up's progress shows on a terminal only (tests/test_progress_and_keep.py), never in a pipe
+    assert "setting up" not in r.stderr and "\x1b" not in r.stderr
 
 
 def test_demo_without_the_service_extra_says_so_in_one_line(tmp_path: Path) -> None:

@@ -63,15 +63,11 @@ def test_bench_progress_on_a_terminal_only() -> None:
 
 
 def test_demo_set_up_progress_on_a_terminal_only() -> None:
+    """On a terminal; that a pipe gets none is checked on test_demo's piped run (a demo takes 10 s)."""
     code, out, tty = _in_pty(["demo", "--duration", "8", "--json"])
     assert code == 0, tty[-2000:]
     assert "setting up: private mosquitto" in tty and "setting up: agent" in tty
     assert json.loads(out)["ok"] is True
-
-    piped = subprocess.run([sys.executable, "-m", "vgw", "demo", "--duration", "8", "--json"], cwd=ROOT,
-                           capture_output=True, text=True, timeout=120)
-    assert piped.returncode == 0
-    assert "setting up" not in piped.stderr and "\x1b" not in piped.stderr
 
 
 def test_demo_keep_keeps_a_working_demo_and_a_dev_stack(tmp_path: Path) -> None:

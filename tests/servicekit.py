@@ -9,7 +9,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ from typing import Any
 import requests
 from authlib.common.security import generate_token
 from authlib.integrations.requests_client import OAuth2Session
+from vgw_sim.nats_cluster import stable_port
 from vgw_sim.pki import TestPKI
 
 from tests.agentkit import ROOT, stop_process, vgw, wait_until
@@ -31,9 +31,10 @@ _CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free loopback port for a server started later (the service, PostgreSQL): below the kernel's ephemeral
+    range, where the local port of some test's outgoing connection cannot take it meanwhile (a port from
+    ``bind(0)`` once was, and the service could not listen: "Address already in use")."""
+    return stable_port()
 
 
 @dataclass

@@ -141,8 +141,12 @@ def _clean(c: NatsCluster, pki: TestPKI) -> None:
 
 
 def _holding(c: NatsCluster, name: str) -> list[int]:
-    """The nodes that list stream ``name`` in their /jsz, or cannot say."""
+    """The nodes that list stream ``name`` in their /jsz (or cannot say), or still have its files. A node
+    killed before it removed a deleted stream's files brings the stream back when it starts (listed there with
+    no leader, and the cluster never healthy again), so no test may begin before every node removed them."""
     def holds(node: Any) -> bool:
+        if any(node.store_dir.glob(f"jetstream/*/streams/{name}")):
+            return True
         streams = node.streams()
         return isinstance(streams, str) or any(st["name"] == name for st in streams)
 

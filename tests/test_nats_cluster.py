@@ -112,17 +112,10 @@ def _clean(c: NatsCluster, pki: TestPKI) -> None:
         except NotFoundError:
             pass
 
-    async def stream_gone(js: Any) -> bool:
-        try:
-            await js.stream_info("VGW")
-        except NotFoundError:
-            return True
-        return False
-
     _on_cluster(pki, c, drop_stream)
     # the delete is the meta leader's; a node that answers stream info from before it would hand the next test
     # the last one's messages
-    assert wait_until(lambda: _on_cluster(pki, c, stream_gone), 30), "stream VGW still there after its delete"
+    assert wait_until(lambda: _on_cluster(pki, c, _stream_gone), 30), "stream VGW still there after its delete"
     # ... and no node holds it any more (/jsz of each): a node that keeps a deleted stream (an orphan, see
     # test_servers_run_and_write_in_their_own_work_dirs) could hand the next test the last one's messages
     assert wait_until(lambda: not _holding(c, "VGW"), 30), \
@@ -138,6 +131,17 @@ def _clean(c: NatsCluster, pki: TestPKI) -> None:
     cloud.close()
     for name in (*pki.devices, *SESSIONS):  # a clean-session CONNECT discards the stored session (3.1.2.4)
         Client(pki, name if name in pki.devices else "cloud", port, persistent=False, client_id=name).close()
+
+
+async def _stream_gone(js: Any) -> bool:
+    """True if the cluster knows no stream VGW."""
+    from nats.js.errors import NotFoundError
+
+    try:
+        await js.stream_info("VGW")
+    except NotFoundError:
+        return True
+    return False
 
 
 def _holding(c: NatsCluster, name: str) -> list[int]:
@@ -297,7 +301,6 @@ def test_the_fixture_gives_each_test_the_cluster_whole_and_clean(cluster: NatsCl
     """What one test leaves (a killed node, the stream, a retained message, a persistent session with its
     subscription) is gone when the fixture hands the module's cluster to the next."""
     from nats.js import api
-    from nats.js.errors import NotFoundError
 
     topic = "vgw/dev-0001/consent"
     pub = Client(pki, "cloud", cluster.nodes[0].port, persistent=False)
@@ -319,14 +322,7 @@ def test_the_fixture_gives_each_test_the_cluster_whole_and_clean(cluster: NatsCl
 
     assert all(n.running for n in cluster.nodes) and cluster.problems() == []
 
-    async def no_stream(js: Any) -> bool:
-        try:
-            await js.stream_info("VGW")
-        except NotFoundError:
-            return True
-        return False
-
-    assert _on_cluster(pki, cluster, no_stream)
+    assert _on_cluster(pki, cluster, _stream_gone)
     again = Client(pki, "dev-0001", cluster.nodes[2].port)
     assert again.session_present is False  # the persistent session (and its subscription) was dropped
     # The retained messages matching a new subscription go out together as the server sets it up: once a

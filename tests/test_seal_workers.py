@@ -23,31 +23,31 @@ import pytest
 import vgw.daemon.writer as writer_mod
 from vgw.base.errors import ConfigError
 from vgw.config.settings import load_config
-from vgw.contract.consent.model import KEM_X25519, Grant, Recipient
-from vgw.contract.envelope import load_recipient_key, to_us
 from vgw.daemon.counters import Counters
 from vgw.daemon.seal_worker import Request, SealWorker
 from vgw.daemon.timing import DEFAULT_TIMING, Timing
-from vgw.daemon.writer import BatchWriter, SealJob
+from vgw.daemon.writer import BatchWriter
 from vgw.state.keys import new_data_key
 from vgw.state.outbox import Outbox
 from vgw_sim.cloud import RecipientKey, open_envelope
 
 from tests.agentkit import AgentThread, Authority, agent_process, vgw, wait_until, write_config
 from tests.faultkit import DEV, apply_offline, integrity, live_status, persistent_world, record_trace
+from tests.test_writer import _grant, _job  # the grant and the seal job of the writer's own tests
 
 # ---------------------------------------------------------------- the batch writer with a real worker
 
 
-def _grant(gid: str, key: RecipientKey) -> Grant:
-    return Grant(id=gid, controller="c", purpose="p", scopes=("read_speedometer",),
-                 recipient=Recipient(KEM_X25519, key.public_raw))
-
-
-def _job(grant: Grant, key: RecipientKey, speeds: list[float]) -> SealJob:
-    ts = [1_795_920_000.0 + i * 0.02 for i in range(len(speeds))]
-    return SealJob(grant, load_recipient_key(KEM_X25519, key.public_raw), {"Vehicle.Speed": (to_us(ts), speeds)},
-                   len(speeds), ts[0], {"read_speedometer": len(speeds)}, None)
+def _started_writer(tmp_path: Path, grants: tuple[str, ...] = ("g1", "g2"), timing: Timing = DEFAULT_TIMING
+                    ) -> tuple[Outbox, dict[str, RecipientKey], Counters, BatchWriter]:
+    """An outbox with ``grants`` active, a recipient key per grant, and a started writer with one seal worker."""
+    outbox = Outbox(tmp_path / "o.sqlite", new_data_key(), DEV)
+    outbox.set_active_grants(set(grants))
+    keys = {gid: RecipientKey.generate() for gid in grants}
+    counters = _counters()
+    writer = _writer(outbox, counters, timing)
+    writer.start()
+    return outbox, keys, counters, writer
 
 
 def _writer(outbox: Outbox, counters: Counters, timing: Timing = DEFAULT_TIMING) -> BatchWriter:
@@ -84,12 +84,7 @@ def _worker_pid(writer: BatchWriter) -> int | None:
 
 
 def test_the_worker_seals_every_batch_in_order_with_contiguous_seqs(tmp_path: Path) -> None:
-    outbox = Outbox(tmp_path / "o.sqlite", new_data_key(), DEV)
-    outbox.set_active_grants({"g1", "g2"})
-    keys = {"g1": RecipientKey.generate(), "g2": RecipientKey.generate()}
-    counters = _counters()
-    writer = _writer(outbox, counters)
-    writer.start()
+    outbox, keys, counters, writer = _started_writer(tmp_path)
     pid = _worker_pid(writer)
     assert pid is not None and psutil.Process(pid).ppid() == os.getpid()
     for i in range(60):
@@ -164,12 +159,7 @@ def test_a_grant_granted_again_stores_while_the_worker_stays_busy(tmp_path: Path
     monkeypatch.setattr(writer_mod, "SealWorker", HeldWorker)
     monkeypatch.setattr(writer_mod, "GROUP_BATCHES", 1)
     HeldWorker.instances.clear()
-    outbox = Outbox(tmp_path / "o.sqlite", new_data_key(), DEV)
-    outbox.set_active_grants({"g1", "g2"})
-    keys = {"g1": RecipientKey.generate(), "g2": RecipientKey.generate()}
-    counters = _counters()
-    writer = _writer(outbox, counters)
-    writer.start()
+    outbox, keys, counters, writer = _started_writer(tmp_path)
     [worker] = HeldWorker.instances
     with outbox.exclusive():  # the writer takes the first group and waits for the outbox (next seq)
         writer.submit(_job(_grant("g1", keys["g1"]), keys["g1"], [1.0]))
@@ -188,12 +178,7 @@ def test_a_grant_granted_again_stores_while_the_worker_stays_busy(tmp_path: Path
 
 
 def test_a_killed_worker_is_replaced_and_no_batch_is_lost(tmp_path: Path) -> None:
-    outbox = Outbox(tmp_path / "o.sqlite", new_data_key(), DEV)
-    outbox.set_active_grants({"g1"})
-    keys = {"g1": RecipientKey.generate()}
-    counters = _counters()
-    writer = _writer(outbox, counters, Timing(seal_restart_s=2.0))
-    writer.start()
+    outbox, keys, counters, writer = _started_writer(tmp_path, ("g1",), Timing(seal_restart_s=2.0))
     grant = _grant("g1", keys["g1"])
     n = 0
 
